@@ -1,0 +1,371 @@
+"""Pydantic models of the workflow DSL (everything except the per-``type`` configs).
+
+A component's ``config:`` is validated by the model its ``type`` registers
+(:mod:`dataflare.registry`); after validation ``component.config`` holds that typed model.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from dataflare.config import Duration, Open, Paths, Secret, Strict
+
+ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+class Backoff(Strict):
+    """Exponential backoff between retries."""
+
+    initial: Duration = Field(1.0, description="Delay before the first retry.")
+    multiplier: float = Field(2.0, ge=1.0, description="Factor applied to the delay each retry.")
+    max: Duration = Field(60.0, description="Upper bound of the delay.")
+
+
+class Retry(Strict):
+    """How transient failures (a broken connection, HTTP 5xx) are retried."""
+
+    max_attempts: int = Field(3, ge=1, description="Attempts in all, the first included.")
+    backoff: Backoff = Field(default_factory=Backoff, description="Delay between attempts.")
+
+
+class WorkflowConfig(Strict):
+    """Workflow-wide execution settings."""
+
+    max_concurrency: int | None = Field(None, ge=1, description="Upper bound of workers.")
+    timeout: Duration | None = Field(None, description="A run longer than this is stopped.")
+    retry: Retry = Field(default_factory=Retry, description="Retry policy of transient errors.")
+
+
+class Schedule(Strict):
+    """When the workflow runs (read by schedulers such as the Kubernetes CronJob in k8s/)."""
+
+    type: Literal["cron", "interval", "once", "event"] = Field(description="Kind of schedule.")
+    expression: str | None = Field(None, description="Cron expression (for type cron).")
+    interval: Duration | None = Field(None, description="Period (for type interval).")
+    event: str | None = Field(None, description="Triggering event name (for type event).")
+    timezone: str = Field("UTC", description="IANA time zone of the cron expression.")
+    start_date: datetime | None = Field(None, description="No run before this time.")
+    end_date: datetime | None = Field(None, description="No run after this time.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Schedule:
+        if self.type == "cron":
+            if not self.expression:
+                msg = "a cron schedule needs 'expression'"
+                raise ValueError(msg)
+            if len(self.expression.split()) not in (5, 6):
+                msg = f"cron expression {self.expression!r} must have 5 or 6 fields"
+                raise ValueError(msg)
+        if self.type == "interval" and self.interval is None:
+            msg = "an interval schedule needs 'interval'"
+            raise ValueError(msg)
+        return self
+
+
+class Auth(Strict):
+    """Credentials for an HTTP service."""
+
+    type: Literal["bearer", "basic", "api_key"] = Field(description="Authentication scheme.")
+    token: Secret | None = Field(None, description="Bearer token.")
+    username: str | None = Field(None, description="Basic auth user.")
+    password: Secret | None = Field(None, description="Basic auth password.")
+    key: Secret | None = Field(None, description="API key value.")
+    header: str = Field("X-API-Key", description="Header carrying the API key.")
+    query_param: str | None = Field(None, description="Send the API key as this query parameter.")
+
+
+class PluginConfig(Open):
+    """Plugin settings; keys beyond these are handed to the plugin as its configuration."""
+
+    memory_limit: str | None = Field(None, description="Memory cap, e.g. '256MB'.")
+    timeout: Duration | None = Field(None, description="Time limit of one call.")
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d+\s*(B|KB|MB|GB|KiB|MiB|GiB)", v):
+            msg = f"invalid size {v!r} (expected e.g. '256MB')"
+            raise ValueError(msg)
+        return v
+
+
+class Plugin(Strict):
+    """A registered plugin: a WASM module, a native Python callable or a remote service."""
+
+    type: Literal["wasm", "native", "remote"] = Field(description="Plugin kind.")
+    path: str | None = Field(None, description="Module path (wasm) or 'module:function'.")
+    url: str | None = Field(None, description="Endpoint (remote).")
+    auth: Auth | None = Field(None, description="Credentials of a remote plugin.")
+    config: PluginConfig = Field(default_factory=PluginConfig, description="Plugin settings.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Plugin:
+        if self.type in ("wasm", "native") and not self.path:
+            msg = f"a {self.type} plugin needs 'path'"
+            raise ValueError(msg)
+        if self.type == "remote" and not self.url:
+            msg = "a remote plugin needs 'url'"
+            raise ValueError(msg)
+        return self
+
+
+class ErrorHandling(Strict):
+    """What happens to a record a step cannot handle."""
+
+    strategy: Literal["skip", "fail", "redirect"] = Field(
+        "fail", description="Drop it, stop the run, or send it to `redirect_to`."
+    )
+    redirect_to: str | None = Field(None, description="Destination id of failed records.")
+    max_errors: int | None = Field(
+        None, ge=0, description="Past this many errors (per worker) the step fails."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ErrorHandling:
+        if self.strategy == "redirect" and not self.redirect_to:
+            msg = "strategy 'redirect' needs 'redirect_to'"
+            raise ValueError(msg)
+        return self
+
+
+class Incremental(Strict):
+    """Incremental extraction: only rows past the last cursor value."""
+
+    column: str | None = Field(None, description="Column compared with the cursor.")
+    cursor_field: str | None = Field(None, description="Record field holding the cursor value.")
+    cursor_type: Literal["timestamp", "integer", "string"] | None = Field(
+        None, description="Type of the cursor value."
+    )
+    start_value: Any = Field(None, description="Cursor value of the first run.")
+    interval: Duration = Field(10.0, description="Polling interval.")
+
+
+class Cdc(Strict):
+    """Change data capture settings."""
+
+    slot_name: str | None = Field(None, description="PostgreSQL replication slot.")
+    publication_name: str | None = Field(None, description="PostgreSQL publication.")
+    plugin: Literal["pgoutput"] = Field("pgoutput", description="Logical decoding plugin.")
+    create_publication: bool = Field(True, description="Create the publication when absent.")
+    include_tables: list[str] = Field(default_factory=list, description="schema.table names.")
+    exclude_tables: list[str] = Field(default_factory=list, description="schema.table names.")
+    snapshot_mode: Literal["initial", "never", "always"] = Field(
+        "initial", description="Read the tables before streaming changes."
+    )
+    binlog_position: str = Field(
+        "latest", description="MySQL: 'latest', 'earliest' or 'file:position'."
+    )
+    server_id: int | None = Field(None, description="MySQL replica server id.")
+    poll_interval: Duration = Field(1.0, description="Delay between polls of the change log.")
+
+
+class Streaming(Strict):
+    """Settings of an unbounded source."""
+
+    checkpoint_interval: Duration | None = Field(None, description="Snapshot interval.")
+    watermark_delay: Duration | None = Field(None, description="Event-time lateness bound.")
+    idle_timeout: Duration | None = Field(
+        None, description="Windows fire after this much system time without records."
+    )
+
+
+class Hybrid(Strict):
+    """A snapshot first, then ongoing changes."""
+
+    initial_mode: Literal["full", "incremental"] = Field("full", description="First phase.")
+    ongoing_mode: Literal["cdc", "incremental"] = Field("cdc", description="Second phase.")
+    transition_after: Literal["completion", "timestamp", "never"] = Field(
+        "completion", description="When to switch to the second phase."
+    )
+    transition_timestamp: datetime | None = Field(
+        None, description="Switch time, for transition_after 'timestamp'."
+    )
+
+
+class OutputSchema(Strict):
+    """The shape of a source's records; violations follow the source's error policy."""
+
+    type: Literal["json_schema"] = Field("json_schema", description="Schema language.")
+    definition: dict[str, Any] = Field(description="The JSON Schema.")
+
+
+class MetricSpec(Strict):
+    """A metric a component exports."""
+
+    name: str = Field(description="Metric name.")
+    type: Literal["counter", "gauge", "histogram"] = Field(description="Metric kind.")
+    description: str = Field("", description="Help text.")
+
+
+class Alert(Strict):
+    """An alert rule evaluated by the monitoring system."""
+
+    name: str = Field(description="Alert name.")
+    condition: str = Field(description="Expression over metrics, e.g. 'load_latency.p95 > 10s'.")
+    severity: Literal["info", "warning", "critical"] = Field("warning", description="Severity.")
+
+
+class Monitoring(Strict):
+    """Metrics and alerts of a component."""
+
+    metrics: list[MetricSpec] = Field(default_factory=list, description="Exported metrics.")
+    alerts: list[Alert] = Field(default_factory=list, description="Alert rules.")
+
+
+class WriteMode(Strict):
+    """How a destination combines new records with what it holds."""
+
+    type: Literal["append", "overwrite", "merge"] = Field("append", description="Write mode.")
+    merge_key: Paths | None = Field(None, description="Key path(s) of a merge (upsert).")
+    deduplicate: bool = Field(False, description="Keep the last record per key in a batch.")
+
+    @model_validator(mode="after")
+    def _check(self) -> WriteMode:
+        if self.type == "merge" and not self.merge_key:
+            msg = "write mode 'merge' needs 'merge_key'"
+            raise ValueError(msg)
+        return self
+
+
+class BatchSettings(Strict):
+    """Batching of a destination's writes."""
+
+    size: int = Field(10_000, ge=1, description="Records per write.")
+    flush_interval: Duration = Field(1.0, description="Longest a record waits to be written.")
+
+
+class Component(Strict):
+    """Fields every component has."""
+
+    type: str = Field(description="Registered component type.")
+    description: str = Field("", description="What the component does.")
+    config: Any = Field(default_factory=dict, description="Type-specific settings.")
+    error_handling: ErrorHandling = Field(
+        default_factory=ErrorHandling, description="Policy for records the step cannot handle."
+    )
+    monitoring: Monitoring | None = Field(None, description="Metrics and alerts.")
+
+
+class Source(Component):
+    """A source of records."""
+
+    mode: Literal["full", "incremental", "cdc", "streaming", "hybrid"] | None = Field(
+        None, description="Extraction mode; the connector's default when absent."
+    )
+    incremental: Incremental | None = Field(None, description="Incremental settings.")
+    cdc: Cdc | None = Field(None, description="Change data capture settings.")
+    streaming: Streaming | None = Field(None, description="Streaming settings.")
+    hybrid: Hybrid | None = Field(None, description="Hybrid settings.")
+    output_schema: OutputSchema | None = Field(None, description="Schema checked on records.")
+
+
+class Transformation(Component):
+    """A transformation of one or more input streams."""
+
+    inputs: list[str] = Field(description="Ids of the components feeding this one.")
+    plugin: str | None = Field(None, description="Plugin id (types custom, plugin).")
+
+
+class Destination(Component):
+    """A destination of records."""
+
+    inputs: list[str] = Field(default_factory=list, description="Ids feeding this destination.")
+    write_mode: WriteMode = Field(default_factory=WriteMode, description="Write mode.")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Write batching.")
+    filter: str | None = Field(None, description="Only records where this expression holds.")
+
+
+class PostAction(Strict):
+    """An action after the run: a notification, or triggering another workflow."""
+
+    type: Literal["notification", "trigger", "webhook"] = Field(description="Action kind.")
+    condition: str | None = Field(None, description="Expression over `workflow.status`.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Action settings.")
+
+
+class Role(Strict):
+    """A role of the access-control model."""
+
+    permissions: list[str] = Field(description="'resource:action' grants; '*' is a wildcard.")
+
+    @field_validator("permissions")
+    @classmethod
+    def _perm(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not re.fullmatch(r"[a-z_*]+:[a-z_*]+", p):
+                msg = f"permission {p!r} is not 'resource:action'"
+                raise ValueError(msg)
+        return v
+
+
+class Encryption(Strict):
+    """Encryption requirements."""
+
+    in_transit: bool = Field(False, description="Require TLS to services.")
+    at_rest: bool = Field(False, description="Require encrypted storage.")
+    key_management: str | None = Field(None, description="Key service, e.g. 'aws_kms'.")
+
+
+class MaskingRule(Strict):
+    """Masking applied to a field before any destination writes it."""
+
+    field: str = Field(description="Dotted path of the field.")
+    method: Literal["partial", "full", "hash"] = Field(description="Masking method.")
+    show_chars: int = Field(0, ge=0, description="Leading characters kept by 'partial'.")
+    replacement: str = Field("****", description="Replacement text.")
+
+
+class DataProtection(Strict):
+    """Data protection settings."""
+
+    encryption: Encryption | None = Field(None, description="Encryption requirements.")
+    masking_rules: list[MaskingRule] = Field(default_factory=list, description="Field masking.")
+
+
+class TestCase(Strict):
+    """A workflow test: records in place of sources, expected records per destination."""
+
+    name: str = Field(description="Test name.")
+    inputs: dict[str, list[Any]] = Field(default_factory=dict, description="Records per source.")
+    expect: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Expected records per destination (a multiset)."
+    )
+
+
+class Workflow(Strict):
+    """A workflow: sources, transformations and destinations forming a DAG."""
+
+    id: str | None = Field(None, description="Unique workflow id.")
+    name: str | None = Field(None, description="Workflow name.")
+    description: str = Field("", description="What the workflow does.")
+    version: str | None = Field(None, description="Workflow version.")
+    owner: str | None = Field(None, description="Owning team or person.")
+    tags: list[str] = Field(default_factory=list, description="Labels.")
+    config: WorkflowConfig = Field(default_factory=WorkflowConfig, description="Run settings.")
+    schedule: Schedule | None = Field(None, description="When the workflow runs.")
+    environment: dict[str, str] = Field(
+        default_factory=dict, description="Variables for ${VAR} interpolation."
+    )
+    plugins: dict[str, Plugin] = Field(default_factory=dict, description="Plugins by id.")
+    sources: dict[str, Source] = Field(default_factory=dict, description="Sources by id.")
+    transformations: dict[str, Transformation] = Field(
+        default_factory=dict, description="Transformations by id."
+    )
+    destinations: dict[str, Destination] = Field(
+        default_factory=dict, description="Destinations by id."
+    )
+    post_actions: list[PostAction] = Field(default_factory=list, description="After-run actions.")
+    roles: dict[str, Role] = Field(default_factory=dict, description="Access-control roles.")
+    data_protection: DataProtection | None = Field(None, description="Masking and encryption.")
+    tests: list[TestCase] = Field(default_factory=list, description="Workflow tests.")
+
+
+class WorkflowFile(Strict):
+    """A workflow file: the ``workflow:`` block and optional ``tests:``."""
+
+    workflow: Workflow = Field(description="The workflow.")
+    tests: list[TestCase] = Field(default_factory=list, description="Workflow tests.")

@@ -1,0 +1,196 @@
+"""Records, paths, durations and timestamps: the data model every component shares.
+
+A record is a JSON-like ``dict``. Streams between components carry *batches*
+(``list[dict]``) so that every operator pays one Python call per batch, not per record.
+The reserved key ``_meta`` holds where a record came from (file and line, topic,
+partition and offset, CDC operation...); destinations never write it as a column.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+META = "_meta"
+
+Record = dict[str, Any]
+Batch = list[Any]
+
+_MISSING = object()
+
+
+def get_path(record: Any, path: str, default: Any = None) -> Any:
+    """Value at a dotted ``path`` (``customer.email``); ``default`` when any part is missing."""
+    if "." not in path:
+        if isinstance(record, dict):
+            return record.get(path, default)
+        return default
+    cur = record
+    for part in path.split("."):
+        if isinstance(cur, dict):
+            cur = cur.get(part, _MISSING)
+            if cur is _MISSING:
+                return default
+        else:
+            return default
+    return cur
+
+
+def getter(path: str) -> Callable[[Any], Any]:
+    """A fast reader for one dotted path, resolved once instead of per record."""
+    if "." not in path:
+
+        def get_flat(record: Any) -> Any:
+            return record.get(path) if isinstance(record, dict) else None
+
+        return get_flat
+    parts = tuple(path.split("."))
+
+    def get_nested(record: Any) -> Any:
+        cur = record
+        for part in parts:
+            if not isinstance(cur, dict):
+                return None
+            cur = cur.get(part)
+        return cur
+
+    return get_nested
+
+
+def set_path(record: dict[str, Any], path: str, value: Any) -> None:
+    """Write ``value`` at a dotted ``path``, creating (or copying) the nested dicts on the way.
+
+    Nested dicts on the path are copied before they are changed, so a record that shares
+    sub-dicts with another (a fan-out, a shallow copy) never changes the other.
+    """
+    if "." not in path:
+        record[path] = value
+        return
+    parts = path.split(".")
+    cur = record
+    for part in parts[:-1]:
+        nxt = cur.get(part)
+        nxt = dict(nxt) if isinstance(nxt, dict) else {}
+        cur[part] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def without_meta(record: Any) -> Any:
+    """The record as a destination writes it: without the reserved ``_meta`` key."""
+    if isinstance(record, dict) and META in record:
+        return {k: v for k, v in record.items() if k != META}
+    return record
+
+
+def describe_position(meta: Any) -> str:
+    """Human-readable position of a record from its ``_meta`` (``orders.jsonl:17``)."""
+    if not isinstance(meta, dict):
+        return "unknown position"
+    if "file" in meta:
+        if "line" in meta:
+            return f"{meta['file']}:{meta['line']}"
+        if "index" in meta:
+            return f"{meta['file']} record {meta['index']}"
+        return str(meta["file"])
+    if "topic" in meta:
+        return f"{meta['topic']}[{meta.get('partition')}]@{meta.get('offset')}"
+    if "lsn" in meta:
+        return f"{meta.get('table', '?')} lsn {meta['lsn']}"
+    parts = [f"{k}={v}" for k, v in meta.items() if k not in ("key", "headers")]
+    return ", ".join(parts) if parts else "unknown position"
+
+
+@dataclass(slots=True)
+class Failed:
+    """A record that a step could not handle, on its way to the step's error policy.
+
+    ``record`` is the original record (for an undecodable source record: its raw text);
+    ``meta`` is its position (``_meta``), kept apart because raw text has no ``_meta``.
+    """
+
+    step: str
+    type: str
+    message: str
+    record: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, step: str, exc: BaseException, record: Any) -> Failed:
+        """The failure of ``record`` in ``step`` by the exception ``exc``."""
+        meta = record.get(META, {}) if isinstance(record, dict) else {}
+        return cls(step, type(exc).__name__, str(exc), record, meta)
+
+    def position(self) -> str:
+        """Where the failed record came from."""
+        return describe_position(self.meta)
+
+    def as_record(self) -> Record:
+        """The dead-letter record: ``{"error": {step, type, message}, "record": original}``."""
+        out: Record = {
+            "error": {"step": self.step, "type": self.type, "message": self.message},
+            "record": without_meta(self.record),
+        }
+        if self.meta:
+            out[META] = {**self.meta, "error_position": self.position()}
+        return out
+
+
+class RecordError(ValueError):
+    """A record-level problem (bad value, bad type): handled by the step's error policy."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds in a duration such as ``100ms``, ``30s``, ``5m``, ``2h``, ``7d``."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    m = _DURATION.match(str(text))
+    if not m:
+        msg = f"invalid duration {text!r} (expected e.g. '100ms', '30s', '5m', '2h', '7d')"
+        raise ValueError(msg)
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+
+
+def to_epoch_seconds(value: Any, time_unit: str = "s") -> float:
+    """Event time of ``value`` in epoch seconds.
+
+    ISO-8601 strings (naive means UTC) or epoch numbers, in seconds or, with
+    ``time_unit='ms'``, milliseconds.
+    """
+    if isinstance(value, bool) or value is None:
+        msg = f"timestamp is {value!r}, expected an ISO-8601 string or epoch number"
+        raise RecordError(msg)
+    if isinstance(value, int | float):
+        return value / 1000.0 if time_unit == "ms" else float(value)
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            try:
+                num = float(value)
+            except ValueError:
+                msg = f"timestamp {value!r} is not ISO-8601 nor an epoch number"
+                raise RecordError(msg) from None
+            return num / 1000.0 if time_unit == "ms" else num
+    else:
+        msg = f"timestamp is a {type(value).__name__} ({value!r}), expected a string or number"
+        raise RecordError(msg)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def iso_utc(epoch_seconds: float) -> str:
+    """ISO-8601 UTC text for epoch seconds (``2024-01-01T00:00:00Z``)."""
+    dt = datetime.fromtimestamp(epoch_seconds, tz=UTC)
+    text = dt.isoformat(timespec="milliseconds" if dt.microsecond else "seconds")
+    return text.replace("+00:00", "Z")

@@ -1,0 +1,216 @@
+"""The component registry: every source, transformation and destination, by ``type:`` name.
+
+A component module declares its name, its config model and its builder in one place::
+
+    @source("file", config=FileSourceConfig, description="Files: jsonl, csv, json, parquet.")
+    def build_file_source(ctx: BuildContext) -> bytewax.inputs.Source: ...
+
+The compiler only looks names up here. Builders receive a :class:`BuildContext`:
+
+- a **source** builder returns a bytewax ``Source`` whose items are batches
+  (``list``) of records and :class:`~dataflare.records.Failed` entries (undecodable input);
+- a **transformation** builder receives its input streams (of batches) and returns
+  :class:`Outputs`;
+- a **destination** builder receives its input stream and adds the bytewax output step;
+  it may return a stream of ``list[Failed]`` for records it could not prepare.
+
+Third-party packages add components through the ``dataflare.components`` entry-point
+group: each entry names a module that registers components when imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Literal
+
+from bytewax.dataflow import Stream
+from pydantic import BaseModel
+
+Kind = Literal["source", "transformation", "destination"]
+KINDS: tuple[Kind, ...] = ("source", "transformation", "destination")
+SECTION: dict[Kind, str] = {
+    "source": "sources",
+    "transformation": "transformations",
+    "destination": "destinations",
+}
+
+BUILTIN_MODULES = (
+    "dataflare.connectors.file",
+    "dataflare.connectors.stdout",
+    "dataflare.connectors.generator",
+    "dataflare.connectors.kafka",
+    "dataflare.connectors.postgres",
+    "dataflare.connectors.mysql",
+    "dataflare.connectors.rest_api",
+    "dataflare.connectors.duckdb",
+    "dataflare.connectors.redis",
+    "dataflare.connectors.http",
+    "dataflare.connectors.planned",
+    "dataflare.operators.mapping",
+    "dataflare.operators.filter",
+    "dataflare.operators.route",
+    "dataflare.operators.window",
+    "dataflare.operators.aggregation",
+    "dataflare.operators.join",
+    "dataflare.operators.dedupe",
+    "dataflare.operators.planned",
+)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a transformation builder returns: its main stream, named outputs and errors."""
+
+    down: Stream[Any] | None = None
+    errs: Stream[Any] | None = None
+    named: Mapping[str, Stream[Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Everything a builder may use: its component, typed config and the workflow."""
+
+    step_id: str
+    kind: Kind
+    component: Any
+    config: Any
+    workflow: Any
+    base_dir: Path
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def path(self, value: str | Path) -> Path:
+        """A path from the workflow, resolved against the workflow file's directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A registered component type."""
+
+    kind: Kind
+    type: str
+    config: type[BaseModel]
+    build: Callable[..., Any] | None
+    description: str
+    inputs: tuple[int, int | None] = (1, None)
+    stateful: bool = False
+    named_outputs: Callable[[Any], list[str]] | None = None
+    planned: str = ""
+
+    @property
+    def available(self) -> bool:
+        """Whether this type can run (some types are declared for validation only)."""
+        return self.build is not None
+
+
+_REGISTRY: dict[tuple[Kind, str], ComponentSpec] = {}
+_loaded = False
+
+
+def register(spec: ComponentSpec) -> ComponentSpec:
+    """Add (or replace) a component type."""
+    _REGISTRY[(spec.kind, spec.type)] = spec
+    return spec
+
+
+def _decorator(kind: Kind, type_name: str, **kw: Any) -> Callable[[Callable[..., Any]], Any]:
+    def deco(build: Callable[..., Any]) -> Callable[..., Any]:
+        register(ComponentSpec(kind=kind, type=type_name, build=build, **kw))
+        return build
+
+    return deco
+
+
+def source(type_name: str, *, config: type[BaseModel], description: str) -> Callable[..., Any]:
+    """Register a source builder under ``type_name``."""
+    return _decorator("source", type_name, config=config, description=description, inputs=(0, 0))
+
+
+def transformation(
+    type_name: str,
+    *,
+    config: type[BaseModel],
+    description: str,
+    inputs: tuple[int, int | None] = (1, None),
+    stateful: bool = False,
+    named_outputs: Callable[[Any], list[str]] | None = None,
+) -> Callable[..., Any]:
+    """Register a transformation builder under ``type_name``."""
+    return _decorator(
+        "transformation",
+        type_name,
+        config=config,
+        description=description,
+        inputs=inputs,
+        stateful=stateful,
+        named_outputs=named_outputs,
+    )
+
+
+def destination(
+    type_name: str, *, config: type[BaseModel], description: str
+) -> Callable[..., Any]:
+    """Register a destination builder under ``type_name``."""
+    return _decorator("destination", type_name, config=config, description=description)
+
+
+def planned(
+    kind: Kind,
+    type_name: str,
+    *,
+    config: type[BaseModel],
+    description: str,
+    inputs: tuple[int, int | None] = (1, None),
+    note: str = "not available yet",
+) -> None:
+    """Declare a type whose config validates but which cannot run yet."""
+    register(
+        ComponentSpec(
+            kind=kind,
+            type=type_name,
+            config=config,
+            build=None,
+            description=description,
+            inputs=(0, 0) if kind == "source" else inputs,
+            planned=note,
+        )
+    )
+
+
+def load() -> None:
+    """Import the built-in component modules and the ``dataflare.components`` entry points."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name in BUILTIN_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    for ep in entry_points(group="dataflare.components"):
+        ep.load()
+
+
+def lookup(kind: Kind, type_name: str) -> ComponentSpec | None:
+    """The registered component ``type_name`` of ``kind``, if any."""
+    load()
+    return _REGISTRY.get((kind, type_name))
+
+
+def names(kind: Kind) -> list[str]:
+    """All registered type names of ``kind``, sorted."""
+    load()
+    return sorted(t for (k, t) in _REGISTRY if k == kind)
+
+
+def specs(kind: Kind) -> list[ComponentSpec]:
+    """All registered components of ``kind``, sorted by name."""
+    load()
+    return [_REGISTRY[(kind, t)] for t in names(kind)]

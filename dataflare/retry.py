@@ -1,0 +1,65 @@
+"""Retries with exponential backoff for transient failures (broken connections, HTTP 5xx)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from dataflare.dsl_compiler.models import Retry
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class TransientError(Exception):
+    """A failure worth retrying; ``retry_after`` (seconds) overrides the backoff delay."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def delays(policy: Retry) -> list[float]:
+    """The waits between the attempts of ``policy`` (one fewer than its attempts)."""
+    out, delay = [], policy.backoff.initial
+    for _ in range(policy.max_attempts - 1):
+        out.append(min(delay, policy.backoff.max))
+        delay *= policy.backoff.multiplier
+    return out
+
+
+def call_with_retry(
+    what: str,
+    fn: Callable[[], T],
+    policy: Retry,
+    transient: tuple[type[BaseException], ...] = (TransientError,),
+    on_retry: Callable[[BaseException], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn``; on a ``transient`` exception wait and retry per ``policy``.
+
+    ``on_retry`` runs before each new attempt (e.g. to reconnect). The last exception is
+    raised when every attempt failed; any other exception is raised at once.
+    """
+    waits = delays(policy)
+    for attempt in range(policy.max_attempts):
+        try:
+            return fn()
+        except transient as exc:
+            if attempt >= len(waits):
+                raise
+            wait = waits[attempt]
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after is not None:
+                wait = min(max(wait, float(retry_after)), policy.backoff.max)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1fs",
+                what, type(exc).__name__, exc, attempt + 1, len(waits), wait,
+            )
+            sleep(wait)
+            if on_retry is not None:
+                on_retry(exc)
+    msg = "unreachable"
+    raise AssertionError(msg)
