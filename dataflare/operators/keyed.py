@@ -1,0 +1,344 @@
+"""Keyed state shared by the stateful operators: shards, event time, snapshots.
+
+Stateful operators never pay a bytewax step per record or per key. Each incoming batch
+is split into ``(shard, sub_batch)`` pairs over a fixed number of shards (a stable hash
+of the record's key, so a key always meets its state, in every process and after a
+restart); ``op.stateful_batch`` spreads the shards over the workers, and one
+:class:`ShardLogic` per shard holds all the keys of its shard in plain dicts and handles
+a whole sub-batch per call.
+
+Every shard snapshot carries the step's *definition* (window, keys, aggregates...). A
+resume from a snapshot written by another definition is refused with
+:class:`DefinitionChanged`, which names the step and what changed.
+
+Times are integer microseconds since the Unix epoch inside the operators, so window
+boundaries are exact.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Stream
+from bytewax.operators import StatefulBatchLogic
+from prometheus_client import Counter
+
+from dataflare.records import RecordError, getter, iso_utc, to_epoch_seconds
+
+SHARDS = 16
+"""Shards per stateful step: part of the step's definition (changing it breaks resume)."""
+
+_SHARD_NAMES = tuple(f"{i:03d}" for i in range(1024))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+US = 1_000_000
+"""Microseconds per second."""
+
+DOWN, LATE, ERRS = "down", "late", "errs"
+
+
+_LATE = Counter(
+    "dataflare_late_records", "Records older than the watermark, per step.", ["step"]
+)
+_DROPPED = Counter(
+    "dataflare_duplicates_dropped", "Records dropped as repeats by dedupe, per step.", ["step"]
+)
+
+
+def late_records(step_id: str, count: int) -> None:
+    """Count ``count`` late records of ``step_id`` (metric ``dataflare_late_records_total``)."""
+    _LATE.labels(step_id).inc(count)
+
+
+def duplicates_dropped(step_id: str, count: int) -> None:
+    """Count ``count`` repeats dropped by ``step_id``."""
+    _DROPPED.labels(step_id).inc(count)
+
+
+class DefinitionChanged(RuntimeError):
+    """A resume from state written by a different definition of the step."""
+
+
+def component_id(step_id: str) -> str:
+    """The workflow component id of a (possibly scoped) bytewax step id."""
+    return step_id.rsplit(".", 1)[-1]
+
+
+def key_getter(paths: Sequence[str]) -> Callable[[Any], Any]:
+    """The grouping key of a record: the value at one path, or a tuple for several."""
+    if not paths:
+        return lambda record: None
+    if len(paths) == 1:
+        return getter(paths[0])
+    gets = tuple(getter(p) for p in paths)
+    return lambda record: tuple(g(record) for g in gets)
+
+
+def shard_of(key: Any, shards: int) -> int:
+    """The shard of ``key``: a hash that is the same in every process and run."""
+    return zlib.crc32(repr(key).encode()) % shards
+
+
+def shard_router(
+    keys: Callable[[Any], Any], shards: int, tag: str | None = None
+) -> Callable[[list[Any]], list[tuple[str, Any]]]:
+    """A ``flat_map`` function splitting a batch into ``(shard, sub_batch)`` pairs.
+
+    With ``tag`` (a join's side) each sub-batch is sent as ``(tag, sub_batch)``.
+    Records whose key cannot be hashed go to shard 0, where the logic reports them.
+    """
+    cache: dict[Any, int] = {}
+    names = _SHARD_NAMES[:shards]
+
+    def route(batch: list[Any]) -> list[tuple[str, Any]]:
+        parts: dict[int, list[Any]] = {}
+        for rec in batch:
+            key = keys(rec)
+            try:
+                s = cache.get(key)
+                if s is None:
+                    if len(cache) > 1_000_000:
+                        cache.clear()
+                    s = cache[key] = shard_of(key, shards)
+            except TypeError:
+                s = 0
+            sub = parts.get(s)
+            if sub is None:
+                parts[s] = [rec]
+            else:
+                sub.append(rec)
+        if tag is None:
+            return [(names[s], sub) for s, sub in parts.items()]
+        return [(names[s], (tag, sub)) for s, sub in parts.items()]
+
+    return route
+
+
+def time_reader(path: str, time_unit: str = "s") -> Callable[[Any], int]:
+    """Read a record's event time at ``path`` as integer epoch microseconds.
+
+    ISO-8601 strings (naive means UTC) or epoch numbers (seconds, or milliseconds with
+    ``time_unit='ms'``); anything else raises :class:`RecordError`.
+    """
+    get = getter(path)
+    scale = 1000 if time_unit == "ms" else US
+
+    def read(record: Any) -> int:
+        v = get(record)
+        c = v.__class__
+        if c is int:
+            return v * scale
+        if c is float:
+            return round(v * scale)
+        if c is str:
+            try:
+                dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+            except ValueError:
+                return read_other(v)
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+            return (dt - _EPOCH) // _US
+        if v is None:
+            msg = f"time field {path!r} is missing or null"
+            raise RecordError(msg)
+        return read_other(v)
+
+    def read_other(v: Any) -> int:
+        try:
+            return round(to_epoch_seconds(v, time_unit) * US)
+        except RecordError as exc:
+            msg = f"time field {path!r}: {exc}"
+            raise RecordError(msg) from None
+
+    return read
+
+
+def iso_us(us: int) -> str:
+    """ISO-8601 UTC text of epoch microseconds."""
+    if us % US == 0:
+        return iso_utc(us // US)
+    dt = _EPOCH + timedelta(microseconds=us)
+    text = dt.isoformat(timespec="milliseconds" if us % 1000 == 0 else "microseconds")
+    return text.replace("+00:00", "Z")
+
+
+def to_us(seconds: float) -> int:
+    """A duration in seconds as integer microseconds."""
+    return round(seconds * US)
+
+
+def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What differs between two step definitions (``window.size: 60 -> 120``)."""
+    parts = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            parts.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
+    return "; ".join(parts) or "unknown change"
+
+
+class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, Any], bytes]]):
+    """One shard of a stateful step: all its keys in plain dicts.
+
+    Subclasses set ``self.state`` (any picklable object) and implement
+    :meth:`process` (a list of sub-batches), :meth:`flush` (end of input) and optionally
+    :meth:`idle` (no records for ``idle_timeout`` of system time). Each returns a list
+    of ``(tag, batch)`` items, ``tag`` one of ``down``, ``late``, ``errs`` (or another
+    output name).
+    """
+
+    def __init__(
+        self,
+        step_id: str,
+        definition: dict[str, Any],
+        resume: tuple[dict[str, Any], bytes] | None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.step_id = step_id
+        self.component = component_id(step_id)
+        self.definition = definition
+        self.idle_timeout = None if idle_timeout is None else timedelta(seconds=idle_timeout)
+        self._idle_at: datetime | None = None
+        self.state: Any = None
+        if resume is not None:
+            old, blob = resume
+            if old != definition:
+                msg = (
+                    f"step {self.component!r}: cannot resume from recovery state written by a "
+                    f"different definition of the step ({describe_change(old, definition)}); "
+                    "restore the previous definition or start with a fresh recovery directory"
+                )
+                raise DefinitionChanged(msg)
+            self.state = pickle.loads(blob)  # noqa: S301 - our own snapshot
+
+    def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
+        """Handle the sub-batches that arrived for this shard."""
+        raise NotImplementedError
+
+    def flush(self) -> list[tuple[str, list[Any]]]:
+        """Emit everything still open: the input has ended."""
+        return []
+
+    def idle(self) -> list[tuple[str, list[Any]]]:
+        """Emit what should not wait any longer: no input for ``idle_timeout``."""
+        return self.flush()
+
+    def has_state(self) -> bool:
+        """Whether anything is held that :meth:`idle` would emit."""
+        return True
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[tuple[str, list[Any]]], bool]:
+        """Bytewax entry: a list of sub-batches."""
+        out = self.process(values)
+        if self.idle_timeout is not None:
+            self._idle_at = datetime.now(UTC) + self.idle_timeout
+        return out, False
+
+    def on_notify(self) -> tuple[Iterable[tuple[str, list[Any]]], bool]:
+        """Bytewax entry: the idle timeout passed."""
+        self._idle_at = None
+        return self.idle(), False
+
+    def on_eof(self) -> tuple[Iterable[tuple[str, list[Any]]], bool]:
+        """Bytewax entry: the input ended."""
+        return self.flush(), True
+
+    def notify_at(self) -> datetime | None:
+        """Bytewax entry: when the idle timeout fires."""
+        if self._idle_at is not None and self.has_state():
+            return self._idle_at
+        return None
+
+    def snapshot(self) -> tuple[dict[str, Any], bytes]:
+        """The state with the step's definition; pickled, so it is an immutable copy."""
+        return (self.definition, pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def stateful_shards(
+    step_id: str,
+    keyed: Stream[tuple[str, Any]],
+    build: Callable[[tuple[dict[str, Any], bytes] | None], ShardLogic],
+    outputs: Sequence[str] = (DOWN, LATE, ERRS),
+) -> dict[str, Stream[list[Any]]]:
+    """Run the shard logic and split its ``(tag, batch)`` items into one stream per tag."""
+    tagged = op.stateful_batch(step_id, keyed, build)
+    items = op.key_rm("unkey", tagged)
+
+    def pick(tag: str) -> Callable[[tuple[str, list[Any]]], list[Any] | None]:
+        def select(item: tuple[str, list[Any]]) -> list[Any] | None:
+            return item[1] if item[0] == tag else None
+
+        return select
+
+    return {tag: op.filter_map(tag, items, pick(tag)) for tag in outputs}
+
+
+def route_and_merge(
+    step_id: str,
+    ups: Sequence[tuple[str | None, Stream[list[Any]]]],
+    keys: Sequence[Callable[[Any], Any]],
+    shards: int,
+) -> Stream[tuple[str, Any]]:
+    """Split each input's batches into shards (tagged per input when named) and merge."""
+    routed = [
+        op.flat_map(
+            "shard" if len(ups) == 1 else f"shard_{tag}",
+            up,
+            shard_router(k, shards, tag),
+        )
+        for (tag, up), k in zip(ups, keys, strict=True)
+    ]
+    if len(routed) == 1:
+        return routed[0]
+    return op.merge("merge_sides", *routed)
+
+
+def idle_timeout_of(ctx: Any) -> float | None:
+    """The smallest ``streaming.idle_timeout`` of the sources upstream of ``ctx``'s step."""
+    wf = getattr(ctx, "workflow", None)
+    if wf is None:
+        return None
+    found: list[float] = []
+    seen: set[str] = set()
+    todo = list(getattr(ctx.component, "inputs", []) or [])
+    while todo:
+        ref = todo.pop().split(".", 1)[0]
+        if ref in seen:
+            continue
+        seen.add(ref)
+        src = wf.sources.get(ref)
+        if src is not None:
+            if src.streaming is not None and src.streaming.idle_timeout is not None:
+                found.append(src.streaming.idle_timeout)
+            continue
+        tr = wf.transformations.get(ref)
+        if tr is not None:
+            todo.extend(tr.inputs)
+    return min(found) if found else None
+
+
+def unbounded_upstream(ctx: Any) -> bool:
+    """Whether any source upstream of ``ctx``'s step is unbounded (streaming, cdc, hybrid)."""
+    wf = getattr(ctx, "workflow", None)
+    if wf is None:
+        return False
+    seen: set[str] = set()
+    todo = list(getattr(ctx.component, "inputs", []) or [])
+    while todo:
+        ref = todo.pop().split(".", 1)[0]
+        if ref in seen:
+            continue
+        seen.add(ref)
+        src = wf.sources.get(ref)
+        if src is not None:
+            if src.mode in ("streaming", "cdc", "hybrid") or src.streaming is not None:
+                return True
+            continue
+        tr = wf.transformations.get(ref)
+        if tr is not None:
+            todo.extend(tr.inputs)
+    return False
