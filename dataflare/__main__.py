@@ -1,0 +1,7 @@
+"""``python -m dataflare``: the ``dataflare`` command."""
+
+import sys
+
+from dataflare.cli import main
+
+sys.exit(main())

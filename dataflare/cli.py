@@ -1,0 +1,236 @@
+"""The ``dataflare`` command: validate, run, test and graph workflows."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from dataflare import metrics
+from dataflare.dsl_compiler import StepFailed, WorkflowError, compile_validated, validate_file
+
+
+def _print_problems(problems: Sequence[object], for_run: bool) -> None:
+    for p in problems:
+        print(p.render(for_run), file=sys.stderr)  # type: ignore[attr-defined]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate workflow files; every problem is one line on stderr."""
+    failed = False
+    for path in args.paths:
+        v = validate_file(path)
+        _print_problems(v.problems, for_run=False)
+        if v.errors():
+            failed = True
+        else:
+            warnings = len(v.problems)
+            note = f" ({warnings} warning{'s' * (warnings != 1)})" if warnings else ""
+            print(f"{path}: valid{note}")
+    return 1 if failed else 0
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, StepFailed | WorkflowError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    text = str(exc)
+    for line in text.splitlines():
+        if "StepFailed:" in line:
+            return StepFailed(line.split("StepFailed:", 1)[1].strip())
+    return exc
+
+
+class _Progress:
+    """Records out per step on a terminal, refreshed every second; a summary at the end."""
+
+    def __init__(self, steps: list[str], live: bool) -> None:
+        self.steps, self.live = steps, live
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.started = time.monotonic()
+
+    def counts(self) -> list[tuple[str, int, int]]:
+        out = []
+        for step in self.steps:
+            n = metrics.value(metrics.RECORDS_OUT, step=step) + metrics.value(
+                metrics.RECORDS_WRITTEN, step=step
+            )
+            errors = sum(
+                metrics.value(metrics.ERRORS, step=step, strategy=s)
+                for s in ("skip", "fail", "redirect")
+            )
+            out.append((step, int(n), int(errors)))
+        return out
+
+    def _line(self) -> str:
+        return "  ".join(
+            f"{s}={n}" + (f" (errors {e})" if e else "") for s, n, e in self.counts()
+        )
+
+    def _loop(self) -> None:
+        while not self.stop.wait(1.0):
+            sys.stderr.write("\r\x1b[K" + self._line()[:200])
+            sys.stderr.flush()
+
+    def __enter__(self) -> _Progress:
+        if self.live:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.live:
+            self.thread.join()
+            sys.stderr.write("\r\x1b[K")
+        elapsed = time.monotonic() - self.started
+        print(f"summary ({elapsed:.1f}s): records per step", file=sys.stderr)
+        for step, n, errors in self.counts():
+            extra = f", {errors} failed" if errors else ""
+            print(f"  {step}: {n}{extra}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a workflow with bytewax (bounded inputs run until they end)."""
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.run import cli_main
+
+    if not args.verbose:
+        os.environ["RUST_BACKTRACE"] = "0"
+    v = validate_file(args.path)
+    problems = v.errors(for_run=True)
+    if problems:
+        _print_problems(problems, for_run=True)
+        return 1
+    try:
+        flow = compile_validated(v)
+    except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
+        print(f"error: {_root_cause(exc)}", file=sys.stderr)
+        return 1
+    recovery = None
+    snapshot = timedelta(seconds=args.snapshot_interval)
+    if args.recovery_dir is not None:
+        directory = Path(args.recovery_dir)
+        if not any(directory.glob("*.sqlite3")):
+            directory.mkdir(parents=True, exist_ok=True)
+            init_db_dir(directory, args.recovery_partitions)
+        recovery = RecoveryConfig(str(directory), timedelta(seconds=args.backup_interval))
+    kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
+    if args.addresses:
+        kwargs["addresses"] = args.addresses.split(";")
+        kwargs["process_id"] = args.process_id or 0
+    if args.workers_per_process:
+        kwargs["workers_per_process"] = args.workers_per_process
+    steps = [*v.workflow.sources, *v.workflow.transformations, *v.workflow.destinations]  # type: ignore[union-attr]
+    live = sys.stderr.isatty() and not args.quiet
+    try:
+        with _Progress(steps, live) if not args.quiet else _nullcontext():
+            cli_main(flow, **kwargs)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - reported as one clear line
+        print(f"error: {_root_cause(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _nullcontext:  # noqa: N801
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Run the ``tests:`` blocks of workflow files."""
+    from dataflare.testing import run_workflow_tests
+
+    return run_workflow_tests(args.paths)
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    """Print the workflow DAG (Mermaid or Graphviz dot)."""
+    from dataflare.dsl_compiler.diagram import render
+
+    v = validate_file(args.path)
+    if v.errors():
+        _print_problems(v.errors(), for_run=False)
+        return 1
+    print(render(v, args.format))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of workflow files, or the Markdown DSL reference."""
+    from dataflare.dsl_compiler import reference
+
+    print(reference.markdown() if args.markdown else reference.json_schema_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dataflare`` command."""
+    parser = argparse.ArgumentParser(prog="dataflare", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log more.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="Check workflow files; problems go to stderr.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("run", help="Run a workflow.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("-v", "--verbose", action="store_true", help="Log more.")
+    p.add_argument("-w", "--workers-per-process", type=int, help="Workers in this process.")
+    p.add_argument("-i", "--process-id", type=int, help="This process's id (with -a).")
+    p.add_argument("-a", "--addresses", help="host:port of every process, ';'-separated.")
+    p.add_argument("-r", "--recovery-dir", "--recovery-directory", dest="recovery_dir",
+                   help="Recovery directory; created with its partitions when absent.")
+    p.add_argument("-s", "--snapshot-interval", type=float, default=5.0,
+                   help="Seconds between snapshots (epochs).")
+    p.add_argument("-b", "--backup-interval", type=float, default=0.0,
+                   help="Seconds older snapshots are kept.")
+    p.add_argument("--recovery-partitions", type=int, default=1,
+                   help="Partitions created in a new recovery directory.")
+    p.add_argument("-q", "--quiet", action="store_true", help="No progress or summary.")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("test", help="Run the tests: blocks of workflow files.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(fn=cmd_test)
+
+    p = sub.add_parser("graph", help="Print the workflow DAG.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    p.set_defaults(fn=cmd_graph)
+
+    p = sub.add_parser("schema", help="Print the JSON Schema of workflow files.")
+    p.add_argument("--markdown", action="store_true", help="The DSL reference instead.")
+    p.set_defaults(fn=cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dataflare`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

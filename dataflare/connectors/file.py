@@ -1,0 +1,398 @@
+"""File source and destination: JSON lines, CSV, JSON and Parquet.
+
+The source reads every file its ``path`` glob matches, one bytewax partition per file,
+resuming at the byte offset (or row) of the last snapshot. The destination writes one
+file from one worker; its state is the file's length at the last snapshot, so a resumed
+run truncates what was written after it and writes it again: exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import bytewax.operators as op
+import orjson
+from bytewax.dataflow import Stream
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from pydantic import Field
+
+from dataflare.config import Strict
+from dataflare.records import META, Batch, Failed, RecordError
+from dataflare.registry import BuildContext, destination, source
+
+Format = Literal["jsonl", "csv", "json", "parquet"]
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".json": "json",
+               ".parquet": "parquet"}
+
+
+class CsvOptions(Strict):
+    """CSV dialect settings."""
+
+    delimiter: str = Field(",", min_length=1, max_length=1, description="Field separator.")
+    infer_types: bool = Field(
+        False, description="Read numbers, true/false and empty cells (null) as typed values."
+    )
+
+
+class FileSourceConfig(Strict):
+    """Settings of a ``file`` source."""
+
+    path: str = Field(description="File path or glob, relative to the workflow file.")
+    format: Format | None = Field(None, description="File format; from the extension if absent.")
+    batch_size: int = Field(5000, ge=1, description="Records read per batch.")
+    csv: CsvOptions = Field(default_factory=CsvOptions, description="CSV settings.")
+    records_path: str | None = Field(
+        None, description="JSON: dotted path of the record array inside the document."
+    )
+
+
+class FileDestinationConfig(Strict):
+    """Settings of a ``file`` destination."""
+
+    path: str = Field(description="Output file, relative to the workflow file.")
+    format: Literal["jsonl", "csv", "parquet"] | None = Field(
+        None, description="File format; from the extension if absent."
+    )
+    columns: list[str] | None = Field(
+        None, description="CSV/Parquet column order (default: the first records' fields)."
+    )
+
+
+def file_format(path: str, given: str | None, step: str) -> str:
+    """The format of a file: the configured one, else read from its extension."""
+    if given:
+        return given
+    fmt = _EXTENSIONS.get(Path(path.replace("*", "x")).suffix.lower())
+    if fmt is None:
+        msg = f"step {step!r}: cannot tell the format of {path!r}; set 'format'"
+        raise ValueError(msg)
+    return fmt
+
+
+def _infer(value: str) -> Any:
+    if value == "":
+        return None
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+class _LinesPartition(StatefulSourcePartition[Batch, tuple[int, int]]):
+    """JSON lines, resumable at a byte offset."""
+
+    def __init__(self, step: str, path: Path, shown: str, size: int, state: tuple[int, int] | None):
+        self.step, self.shown, self.size = step, shown, size
+        self.offset, self.line = state or (0, 0)
+        self.f = path.open("rb")
+        self.f.seek(self.offset)
+
+    def next_batch(self) -> Batch:
+        out: Batch = []
+        loads = orjson.loads
+        for raw in self.f.readlines(self.size * 128) or ():
+            self.offset += len(raw)
+            self.line += 1
+            if not raw.strip():
+                continue
+            meta = {"file": self.shown, "line": self.line}
+            try:
+                rec = loads(raw)
+            except orjson.JSONDecodeError as exc:
+                text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                out.append(Failed(self.step, "JSONDecodeError", str(exc), text, meta))
+                continue
+            if not isinstance(rec, dict):
+                text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                what = type(rec).__name__
+                out.append(Failed(self.step, "RecordError", f"expected a JSON object, got {what}",
+                                  text, meta))
+                continue
+            rec[META] = meta
+            out.append(rec)
+        if not out and self.f.tell() >= os.fstat(self.f.fileno()).st_size:
+            raise StopIteration
+        return [out] if out else []
+
+    def snapshot(self) -> tuple[int, int]:
+        return (self.offset, self.line)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _CsvPartition(StatefulSourcePartition[Batch, int]):
+    """CSV rows (the first row names the columns), resumable at a row count."""
+
+    def __init__(self, step: str, path: Path, shown: str, size: int, opts: CsvOptions,
+                 state: int | None):
+        self.step, self.shown, self.size, self.opts = step, shown, size, opts
+        self.f = path.open(newline="", encoding="utf-8")
+        self.reader = csv.reader(self.f, delimiter=opts.delimiter)
+        self.header = next(self.reader, None) or []
+        self.rows = 0
+        for _ in range(state or 0):
+            next(self.reader, None)
+            self.rows += 1
+
+    def next_batch(self) -> Batch:
+        out: Batch = []
+        header, width, infer = self.header, len(self.header), self.opts.infer_types
+        for row in self.reader:
+            self.rows += 1
+            meta = {"file": self.shown, "line": self.reader.line_num}
+            if not row:
+                continue
+            if len(row) != width:
+                text = self.opts.delimiter.join(row)
+                msg = f"row has {len(row)} fields, the header has {width}"
+                out.append(Failed(self.step, "CsvError", msg, text, meta))
+            else:
+                values = [_infer(v) for v in row] if infer else row
+                rec: dict[str, Any] = dict(zip(header, values, strict=True))
+                rec[META] = meta
+                out.append(rec)
+            if len(out) >= self.size:
+                return [out]
+        if not out:
+            raise StopIteration
+        return [out]
+
+    def snapshot(self) -> int:
+        return self.rows
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _ListPartition(StatefulSourcePartition[Batch, int]):
+    """Records of a whole-file format (JSON, Parquet), resumable at a record index."""
+
+    def __init__(self, step: str, rows: Iterable[Any], shown: str, size: int, state: int | None):
+        self.step, self.shown, self.size = step, shown, size
+        self.rows = iter(rows)
+        self.index = 0
+        for _ in range(state or 0):
+            next(self.rows, None)
+            self.index += 1
+
+    def next_batch(self) -> Batch:
+        out: Batch = []
+        for rec in self.rows:
+            meta = {"file": self.shown, "index": self.index}
+            self.index += 1
+            if isinstance(rec, Failed):
+                rec.meta = meta
+                out.append(rec)
+            elif not isinstance(rec, dict):
+                out.append(Failed(self.step, "RecordError",
+                                  f"expected an object, got {type(rec).__name__}", rec, meta))
+            else:
+                rec = {k: (v.isoformat() if isinstance(v, datetime) else v)
+                       for k, v in rec.items()}
+                rec[META] = meta
+                out.append(rec)
+            if len(out) >= self.size:
+                return [out]
+        if not out:
+            raise StopIteration
+        return [out]
+
+    def snapshot(self) -> int:
+        return self.index
+
+    def close(self) -> None:
+        pass
+
+
+def _json_rows(step: str, path: Path, records_path: str | None) -> list[Any]:
+    text = path.read_bytes()
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return [Failed(step, "JSONDecodeError", str(exc), text.decode("utf-8", "replace"))]
+    for part in records_path.split(".") if records_path else []:
+        doc = doc.get(part) if isinstance(doc, dict) else None
+    if doc is None:
+        msg = f"{records_path!r} not found in the document"
+        return [Failed(step, "RecordError", msg, text.decode("utf-8", "replace"))]
+    return doc if isinstance(doc, list) else [doc]
+
+
+def _parquet_rows(path: Path, size: int) -> Iterable[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=size):
+        yield from batch.to_pylist()
+
+
+class FileSource(FixedPartitionedSource[Batch, Any]):
+    """Every file matching a glob, one partition per file."""
+
+    def __init__(self, step: str, pattern: Path, base_dir: Path, config: FileSourceConfig):
+        self.step, self.pattern, self.base_dir, self.config = step, pattern, base_dir, config
+
+    def _files(self) -> dict[str, Path]:
+        matches = sorted(glob.glob(str(self.pattern), recursive=True))
+        if not matches:
+            msg = f"step {self.step!r}: no file matches {self.config.path!r} ({self.pattern})"
+            raise FileNotFoundError(msg)
+        out = {}
+        for m in matches:
+            path = Path(m)
+            try:
+                out[str(path.relative_to(self.base_dir))] = path
+            except ValueError:
+                out[m] = path
+        return out
+
+    def list_parts(self) -> list[str]:
+        return list(self._files())
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Any:
+        path = self._files()[for_part]
+        cfg = self.config
+        fmt = file_format(str(path), cfg.format, self.step)
+        if fmt == "jsonl":
+            return _LinesPartition(self.step, path, for_part, cfg.batch_size, resume_state)
+        if fmt == "csv":
+            return _CsvPartition(self.step, path, for_part, cfg.batch_size, cfg.csv, resume_state)
+        rows: Iterable[Any]
+        if fmt == "json":
+            rows = _json_rows(self.step, path, cfg.records_path)
+        else:
+            rows = _parquet_rows(path, cfg.batch_size)
+        return _ListPartition(self.step, rows, for_part, cfg.batch_size, resume_state)
+
+
+@source("file", config=FileSourceConfig, description="Read JSON lines, CSV, JSON or Parquet files.")
+def build_file_source(ctx: BuildContext) -> FileSource:
+    """Build a file source."""
+    file_format(ctx.config.path, ctx.config.format, ctx.step_id)
+    return FileSource(ctx.step_id, ctx.path(ctx.config.path), ctx.base_dir, ctx.config)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict | list):
+        return orjson.dumps(value).decode()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+class _FilePartition(StatefulSinkPartition[Batch, Any]):
+    def __init__(self, step: str, path: Path, fmt: str, columns: list[str] | None,
+                 truncate: bool, state: Any):
+        self.step, self.path, self.fmt, self.columns = step, path, fmt, columns
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        if fmt == "parquet":
+            self.rows = list(state or [])
+            return
+        if state is not None:
+            offset, self.columns = state
+            self.f = path.open("r+b" if path.exists() else "w+b")
+            self.f.truncate(offset)
+            self.f.seek(offset)
+        else:
+            self.f = path.open("wb" if truncate else "ab")
+            if fmt == "csv" and self.f.tell() > 0 and self.columns is None:
+                with path.open(newline="", encoding="utf-8") as existing:
+                    self.columns = next(csv.reader(existing), None)
+
+    def write_batch(self, values: list[Batch]) -> None:
+        records = [
+            {k: v for k, v in r.items() if k != META} if META in r else r
+            for batch in values for r in batch
+        ]
+        if self.fmt == "parquet":
+            self.rows.extend(records)
+        elif self.fmt == "jsonl":
+            self.f.write(b"".join(orjson.dumps(r, default=str) + b"\n" for r in records))
+        else:
+            self._write_csv(records)
+
+    def _write_csv(self, records: list[dict[str, Any]]) -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        if self.columns is None:
+            self.columns = list(dict.fromkeys(k for r in records for k in r))
+        if self.f.tell() == 0:
+            writer.writerow(self.columns)
+        known = set(self.columns)
+        for r in records:
+            extra = [k for k in r if k not in known]
+            if extra:
+                msg = (
+                    f"step {self.step!r}: field(s) {', '.join(extra)} are not among the CSV "
+                    f"columns ({', '.join(self.columns)}); list every column in 'columns'"
+                )
+                raise RecordError(msg)
+            writer.writerow([_plain(r.get(c)) for c in self.columns])
+        self.f.write(buf.getvalue().encode())
+
+    def snapshot(self) -> Any:
+        if self.fmt == "parquet":
+            return list(self.rows)
+        self.f.flush()
+        return (self.f.tell(), self.columns)
+
+    def close(self) -> None:
+        if self.fmt != "parquet":
+            self.f.close()
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist(self.rows)
+        if self.columns:
+            table = table.select(self.columns)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(self.path)
+
+
+class FileSink(FixedPartitionedSink[Batch, Any]):
+    """One output file, written by the worker that owns its single partition."""
+
+    def __init__(self, step: str, path: Path, fmt: str, columns: list[str] | None, truncate: bool):
+        self.step, self.path, self.fmt = step, path, fmt
+        self.columns, self.truncate = columns, truncate
+
+    def list_parts(self) -> list[str]:
+        return [str(self.path)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _FilePartition:
+        return _FilePartition(self.step, self.path, self.fmt, self.columns, self.truncate,
+                              resume_state)
+
+
+@destination(
+    "file",
+    config=FileDestinationConfig,
+    description="Write JSON lines, CSV or Parquet; without write_mode the file is rewritten.",
+)
+def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> None:
+    """Build a file destination (``write_mode: append`` adds to an existing file)."""
+    cfg = ctx.config
+    fmt = file_format(cfg.path, cfg.format, ctx.step_id)
+    explicit = "write_mode" in ctx.component.model_fields_set
+    truncate = not explicit or ctx.component.write_mode.type != "append"
+    path = ctx.path(cfg.path)
+    keyed = op.key_on("key", up, lambda _batch: str(path))
+    op.output("write", keyed, FileSink(ctx.step_id, path, fmt, cfg.columns, truncate))

@@ -1,0 +1,59 @@
+"""The ``stdout`` destination: one JSON object per line on standard output."""
+
+from __future__ import annotations
+
+import sys
+
+import bytewax.operators as op
+import orjson
+from bytewax.dataflow import Stream
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from pydantic import Field
+
+from dataflare.config import Strict
+from dataflare.records import Batch, without_meta
+from dataflare.registry import BuildContext, destination
+
+
+class StdoutConfig(Strict):
+    """Settings of a ``stdout`` destination."""
+
+    pretty: bool = Field(False, description="Indent each record over several lines.")
+    sort_keys: bool = Field(False, description="Print fields in sorted order.")
+
+
+class _Printer(StatelessSinkPartition[Batch]):
+    def __init__(self, option: int) -> None:
+        self.option = option
+
+    def write_batch(self, items: list[Batch]) -> None:
+        out = sys.stdout.buffer
+        for batch in items:
+            out.write(
+                b"".join(
+                    orjson.dumps(without_meta(r), default=str, option=self.option) + b"\n"
+                    for r in batch
+                )
+            )
+        out.flush()
+
+
+class StdoutSink(DynamicSink[Batch]):
+    """Print records as JSON lines from every worker."""
+
+    def __init__(self, option: int) -> None:
+        self.option = option
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _Printer:
+        return _Printer(self.option)
+
+
+@destination("stdout", config=StdoutConfig, description="Print records as JSON lines.")
+def build_stdout(ctx: BuildContext, up: Stream[Batch]) -> None:
+    """Build a stdout destination."""
+    option = (orjson.OPT_INDENT_2 if ctx.config.pretty else 0) | (
+        orjson.OPT_SORT_KEYS if ctx.config.sort_keys else 0
+    )
+    op.output("print", up, StdoutSink(option))
+
+

@@ -1,0 +1,316 @@
+"""Compiler: a validated workflow -> a bytewax ``Dataflow``.
+
+Every component becomes one bytewax operator whose step id is the component id, so
+recovery state survives recompiles. Builders come from the registry; the compiler only
+wires streams: fan-in, fan-out, named outputs (``router.route``), ``*_to`` redirects and
+each step's error policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow, Stream, _MultiStream, operator
+from bytewax.inputs import Source
+from bytewax.testing import TestingSink, TestingSource
+
+from dataflare import metrics, registry
+from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
+from dataflare.dsl_compiler.problems import WorkflowError
+from dataflare.dsl_compiler.validate import Validated, validate_file
+from dataflare.expr import compile_expression
+from dataflare.operators.records import map_records, separate_failed
+from dataflare.records import META, Batch, Failed, get_path, set_path
+
+log = logging.getLogger(__name__)
+_DEAD = "dead_letter"
+
+
+class StepFailed(RuntimeError):
+    """A step stopped the run under its ``fail`` policy (or past ``max_errors``)."""
+
+
+def compile_file(path: str | Path, env: Mapping[str, str] | None = None) -> Dataflow:
+    """Compile a workflow file into a bytewax dataflow.
+
+    Usable as ``python -m bytewax.run "dataflare.dsl_compiler:compile_file('flow.yaml')"``.
+    Raises :class:`~dataflare.dsl_compiler.problems.WorkflowError` listing every problem.
+    """
+    return compile_validated(validate_file(path, env))
+
+
+def compile_validated(
+    validated: Validated,
+    *,
+    test_inputs: Mapping[str, list[Any]] | None = None,
+    captured: dict[str, list[Any]] | None = None,
+) -> Dataflow:
+    """Compile a validated workflow.
+
+    With ``test_inputs`` every source is replaced by the given records (none when absent)
+    and every destination writes into ``captured[destination id]`` instead of its system.
+    """
+    if validated.errors(for_run=True) or validated.workflow is None or validated.graph is None:
+        raise WorkflowError(validated.problems)
+    return _Compiler(validated, test_inputs, captured).compile()
+
+
+def _flow_id(validated: Validated) -> str:
+    wf = validated.workflow
+    name = (wf.id or wf.name if wf else None) or Path(validated.file).stem
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "workflow"
+
+
+def _count(name: str, counter: Any) -> Callable[[str, Batch], None]:
+    child = counter.labels(name)
+    return lambda _step, batch: child.inc(len(batch))
+
+
+def _policy(name: str, eh: ErrorHandling) -> Callable[[list[Failed]], Batch | None]:
+    errors = metrics.ERRORS.labels(name, eh.strategy)
+    seen = [0]
+
+    def handle(batch: list[Failed]) -> Batch | None:
+        errors.inc(len(batch))
+        first = batch[0]
+        if eh.strategy == "fail":
+            msg = (
+                f"step {first.step!r} failed on the record at {first.position()}: "
+                f"{first.type}: {first.message}"
+            )
+            raise StepFailed(msg)
+        seen[0] += len(batch)
+        if eh.max_errors is not None and seen[0] > eh.max_errors:
+            msg = (
+                f"step {name!r}: {seen[0]} failed records, more than max_errors "
+                f"{eh.max_errors}; last at {batch[-1].position()}: {batch[-1].message}"
+            )
+            raise StepFailed(msg)
+        if seen[0] - len(batch) < 10:
+            log.warning(
+                "step %r: %s record at %s: %s: %s",
+                first.step, "skipped" if eh.strategy == "skip" else "redirected",
+                first.position(), first.type, first.message,
+            )
+        if eh.strategy == "redirect":
+            return [f.as_record() for f in batch]
+        return None
+
+    return handle
+
+
+def _guard(name: str, eh: ErrorHandling, errs: list[Stream[Any]]) -> Stream[Any] | None:
+    """Apply the error policy to a component's failure streams; the dead letters, if any."""
+    if not errs:
+        return None
+    stream = errs[0] if len(errs) == 1 else op.merge("errors", *errs)
+    dead = op.filter_map(f"on_error_{eh.strategy}", stream, _policy(name, eh))
+    return dead if eh.strategy == "redirect" else None
+
+
+def _ports(down: Stream[Any] | None, named: Mapping[str, Stream[Any]], dead: Stream[Any] | None,
+           ) -> _MultiStream[str]:
+    streams: dict[str, Stream[Any]] = {f"port:{k}": v for k, v in named.items()}
+    if down is not None:
+        streams[""] = down
+    if dead is not None:
+        streams[_DEAD] = dead
+    return _MultiStream(streams)
+
+
+@operator
+def source_component(
+    step_id: str, flow: Dataflow, source: Source[Any], name: str, eh: ErrorHandling
+) -> _MultiStream[str]:
+    """A source: read batches, separate undecodable input, apply the error policy."""
+    parts = separate_failed("decode", op.input("read", flow, source))
+    op.inspect("count", parts.down, _count(name, metrics.RECORDS_OUT))
+    return _ports(parts.down, {}, _guard(name, eh, [parts.errs]))
+
+
+@operator
+def transformation_component(
+    step_id: str, build: Callable[..., Any], ctx: registry.BuildContext, *ups: Stream[Any]
+) -> _MultiStream[str]:
+    """A transformation: the registered builder plus counting and the error policy."""
+    out: registry.Outputs = build(ctx, list(ups))
+    if out.down is not None:
+        op.inspect("count", out.down, _count(ctx.step_id, metrics.RECORDS_OUT))
+    for port, stream in out.named.items():
+        op.inspect(f"count_{port}", stream, _count(ctx.step_id, metrics.RECORDS_OUT))
+    dead = _guard(ctx.step_id, ctx.component.error_handling, [out.errs] if out.errs else [])
+    return _ports(out.down, out.named, dead)
+
+
+@operator
+def destination_component(
+    step_id: str,
+    build: Callable[..., Any],
+    ctx: registry.BuildContext,
+    prepare: Callable[[Any], Any] | None,
+    *ups: Stream[Any],
+) -> _MultiStream[str]:
+    """A destination: merge its inputs, filter and mask, then the registered sink."""
+    up = ups[0] if len(ups) == 1 else op.merge("inputs", *ups)
+    errs: list[Stream[Any]] = []
+    if prepare is not None:
+        prepared = map_records("prepare", up, prepare, ctx.step_id)
+        up = prepared.down
+        errs.append(prepared.errs)
+    op.inspect("count", up, _count(ctx.step_id, metrics.RECORDS_WRITTEN))
+    sink_errs = build(ctx, up)
+    if sink_errs is not None:
+        errs.append(sink_errs)
+    return _ports(None, {}, _guard(ctx.step_id, ctx.component.error_handling, errs))
+
+
+def masker(protection: DataProtection | None) -> Callable[[Any], Any] | None:
+    """The masking rules of ``data_protection`` as one per-record function."""
+    if protection is None or not protection.masking_rules:
+        return None
+    rules = protection.masking_rules
+
+    def mask(record: dict[str, Any]) -> dict[str, Any]:
+        out = dict(record)
+        for rule in rules:
+            value = get_path(out, rule.field)
+            if value is None:
+                continue
+            text = str(value)
+            if rule.method == "full":
+                masked = rule.replacement
+            elif rule.method == "partial":
+                masked = text[: rule.show_chars] + rule.replacement
+            else:
+                masked = hashlib.sha256(text.encode()).hexdigest()
+            set_path(out, rule.field, masked)
+        return out
+
+    return mask
+
+
+def _prepare(filter_text: str | None, mask: Callable[[Any], Any] | None) -> Callable[..., Any] | None:
+    test = compile_expression(filter_text).test if filter_text else None
+    if test is None:
+        return mask
+    if mask is None:
+        return lambda r: r if test(r) else None
+    return lambda r: mask(r) if test(r) else None
+
+
+class _Compiler:
+    def __init__(
+        self,
+        validated: Validated,
+        test_inputs: Mapping[str, list[Any]] | None,
+        captured: dict[str, list[Any]] | None,
+    ) -> None:
+        assert validated.workflow is not None and validated.graph is not None
+        self.v = validated
+        self.wf = validated.workflow
+        self.graph = validated.graph
+        self.test_inputs = test_inputs
+        self.captured = captured if captured is not None else {}
+        self.streams: dict[str, Stream[Any]] = {}
+        self.redirected: dict[str, list[Stream[Any]]] = {}
+
+    def ctx(self, kind: registry.Kind, cid: str, comp: Any) -> registry.BuildContext:
+        return registry.BuildContext(
+            step_id=cid,
+            kind=kind,
+            component=comp,
+            config=comp.config,
+            workflow=self.wf,
+            base_dir=self.v.base_dir,
+            options={"test": self.test_inputs is not None},
+        )
+
+    def spec(self, kind: registry.Kind, comp: Any) -> registry.ComponentSpec:
+        spec = registry.lookup(kind, comp.type)
+        assert spec is not None and spec.build is not None, comp.type
+        return spec
+
+    def compile(self) -> Dataflow:
+        flow = Dataflow(_flow_id(self.v))
+        for cid in self.graph.order():
+            section = self.graph.kinds[cid]
+            if section == "sources":
+                self.source(flow, cid)
+            elif section == "transformations":
+                self.transformation(cid)
+        self.destinations()
+        return flow
+
+    def redirect(self, target: str | None, stream: Stream[Any] | None) -> None:
+        if target and stream is not None:
+            self.redirected.setdefault(target, []).append(stream)
+
+    def keep(self, cid: str, ports: _MultiStream[str], eh: ErrorHandling) -> None:
+        for key, stream in ports.streams.items():
+            if key == "":
+                self.streams[cid] = stream
+            elif key.startswith("port:"):
+                self.streams[f"{cid}.{key[5:]}"] = stream
+        self.redirect(eh.redirect_to, ports.streams.get(_DEAD))
+
+    def source(self, flow: Dataflow, cid: str) -> None:
+        comp = self.wf.sources[cid]
+        if self.test_inputs is not None:
+            records = [
+                {**r, META: {"test_input": cid, "index": i}} if isinstance(r, dict) else r
+                for i, r in enumerate(self.test_inputs.get(cid, []))
+            ]
+            source: Source[Any] = TestingSource([records] if records else [])
+        else:
+            source = self.spec("source", comp).build(self.ctx("source", cid, comp))  # type: ignore[misc]
+        ports = source_component(cid, flow, source, cid, comp.error_handling)
+        self.keep(cid, ports, comp.error_handling)
+
+    def transformation(self, cid: str) -> None:
+        comp = self.wf.transformations[cid]
+        spec = self.spec("transformation", comp)
+        ups = [self.streams[ref] for ref in comp.inputs]
+        ctx = self.ctx("transformation", cid, comp)
+        ports = transformation_component(cid, spec.build, ctx, *ups)  # type: ignore[arg-type]
+        self.keep(cid, ports, comp.error_handling)
+        config = comp.config
+        for field in type(config).model_fields:
+            if field.endswith("_to") and f"port:{field[:-3]}" in ports.streams:
+                self.redirect(getattr(config, field), ports.streams[f"port:{field[:-3]}"])
+
+    def destinations(self) -> None:
+        pending = dict(self.wf.destinations)
+        mask = masker(self.wf.data_protection)
+        while pending:
+            ready = [
+                cid for cid in pending
+                if not any(d.error_handling.redirect_to == cid for o, d in pending.items() if o != cid)
+            ]
+            if not ready:
+                cycle = ", ".join(sorted(pending))
+                msg = f"destinations redirect their errors to each other in a cycle: {cycle}"
+                raise ValueError(msg)
+            for cid in ready:
+                self.destination(cid, pending.pop(cid), mask)
+
+    def destination(self, cid: str, comp: Any, mask: Callable[[Any], Any] | None) -> None:
+        ups = [self.streams[ref] for ref in comp.inputs] + self.redirected.get(cid, [])
+        if not ups:
+            return
+        ctx = self.ctx("destination", cid, comp)
+        if self.test_inputs is not None:
+            sink = self.captured.setdefault(cid, [])
+
+            def build(ctx: registry.BuildContext, up: Stream[Any]) -> None:
+                op.output("capture", up, TestingSink(sink))
+        else:
+            build = self.spec("destination", comp).build  # type: ignore[assignment]
+        prepare = _prepare(comp.filter, mask)
+        ports = destination_component(cid, build, ctx, prepare, *ups)
+        self.keep(cid, ports, comp.error_handling)

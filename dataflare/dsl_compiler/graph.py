@@ -1,0 +1,265 @@
+"""Graph checks: inputs that name nothing, cycles, arity, ids and dangling references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dataflare import registry
+from dataflare.dsl_compiler.loader import Document
+from dataflare.dsl_compiler.models import ID_PATTERN
+from dataflare.dsl_compiler.problems import Problem, did_you_mean
+
+SECTIONS = {"sources": "source", "transformations": "transformation", "destinations": "destination"}
+
+
+@dataclass
+class Graph:
+    """The workflow's components and edges, as read from the (normalized) YAML data."""
+
+    kinds: dict[str, str] = field(default_factory=dict)  # id -> section
+    types: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, list[str]] = field(default_factory=dict)
+    configs: dict[str, Any] = field(default_factory=dict)  # typed configs that validated
+
+    def upstream(self, ref: str) -> str:
+        """The component id of an input reference (``router.route`` -> ``router``)."""
+        return ref.split(".", 1)[0]
+
+    def consumers(self) -> dict[str, list[str]]:
+        """For every component id, the ids that read it."""
+        out: dict[str, list[str]] = {cid: [] for cid in self.kinds}
+        for cid, refs in self.inputs.items():
+            for ref in refs:
+                up = self.upstream(ref)
+                if up in out and cid not in out[up]:
+                    out[up].append(cid)
+        return out
+
+    def order(self) -> list[str]:
+        """Component ids in an order where every component comes after its inputs."""
+        seen: set[str] = set()
+        out: list[str] = []
+
+        def visit(cid: str) -> None:
+            if cid in seen:
+                return
+            seen.add(cid)
+            for ref in self.inputs.get(cid, []):
+                up = self.upstream(ref)
+                if up in self.kinds:
+                    visit(up)
+            out.append(cid)
+
+        for cid in self.kinds:
+            visit(cid)
+        return out
+
+
+def redirect_targets(wf: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """Every ``*_to`` reference to a destination: ``error_handling.redirect_to``, ``late_to``."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    for section in SECTIONS:
+        comps = wf.get(section)
+        if not isinstance(comps, dict):
+            continue
+        for cid, comp in comps.items():
+            if not isinstance(comp, dict):
+                continue
+            eh = comp.get("error_handling")
+            if isinstance(eh, dict) and isinstance(eh.get("redirect_to"), str):
+                loc = ("workflow", section, cid, "error_handling", "redirect_to")
+                out.append((loc, eh["redirect_to"]))
+            cfg = comp.get("config")
+            if isinstance(cfg, dict):
+                for key, value in cfg.items():
+                    if key.endswith("_to") and isinstance(value, str):
+                        out.append((("workflow", section, cid, "config", key), value))
+    return out
+
+
+def build_graph(wf: dict[str, Any], configs: dict[str, Any]) -> Graph:
+    """The graph of a workflow's raw data."""
+    g = Graph(configs=configs)
+    for section in SECTIONS:
+        comps = wf.get(section)
+        if not isinstance(comps, dict):
+            continue
+        for cid, comp in comps.items():
+            if cid in g.kinds:
+                continue
+            g.kinds[cid] = section
+            comp = comp if isinstance(comp, dict) else {}
+            g.types[cid] = str(comp.get("type", ""))
+            refs = comp.get("inputs", [])
+            g.inputs[cid] = [r for r in refs if isinstance(r, str)] if isinstance(refs, list) else []
+    return g
+
+
+def check(doc: Document, wf: dict[str, Any], configs: dict[str, Any]) -> tuple[Graph, list[Problem]]:
+    """Check the workflow graph; returns the graph and every problem found."""
+    problems: list[Problem] = []
+    g = build_graph(wf, configs)
+    first_section: dict[str, str] = {}
+    for section in SECTIONS:
+        comps = wf.get(section)
+        if not isinstance(comps, dict):
+            continue
+        for cid in comps:
+            loc = ("workflow", section, cid)
+            if not ID_PATTERN.match(str(cid)):
+                problems.append(
+                    doc.problem(
+                        loc,
+                        f"invalid id {cid!r}: use letters, digits, '_' and '-' "
+                        "(no '.': it separates a router's id from a route name)",
+                        key=True,
+                    )
+                )
+            if cid in first_section:
+                problems.append(
+                    doc.problem(
+                        loc, f"duplicate id {cid!r}: already used in {first_section[cid]}", key=True
+                    )
+                )
+            else:
+                first_section[cid] = section
+
+    readable = [cid for cid, s in g.kinds.items() if s != "destinations"]
+    targets = {ref for _, ref in redirect_targets(wf)}
+    for cid, refs in g.inputs.items():
+        section = g.kinds[cid]
+        if section == "sources":
+            continue
+        for i, ref in enumerate(refs):
+            loc = ("workflow", section, cid, "inputs", i)
+            up, _, port = ref.partition(".")
+            if up not in g.kinds:
+                hint = did_you_mean(up, readable)
+                problems.append(doc.problem(loc, f"input {ref!r} names nothing{hint}"))
+                continue
+            if g.kinds[up] == "destinations":
+                problems.append(
+                    doc.problem(loc, f"input {ref!r} is a destination; inputs are sources or "
+                                "transformations")
+                )
+                continue
+            if port:
+                spec = registry.lookup("transformation", g.types[up]) if g.kinds[up] == (
+                    "transformations") else None
+                if spec is None or spec.named_outputs is None:
+                    problems.append(
+                        doc.problem(loc, f"input {ref!r}: {up!r} has no named outputs")
+                    )
+                elif up in configs:
+                    ports = spec.named_outputs(configs[up])
+                    if port not in ports:
+                        hint = did_you_mean(port, ports)
+                        problems.append(
+                            doc.problem(
+                                loc,
+                                f"input {ref!r}: {up!r} has no output {port!r}{hint} "
+                                f"(outputs: {', '.join(ports)})",
+                            )
+                        )
+        kind = SECTIONS[section]
+        spec = registry.lookup(kind, g.types[cid])  # type: ignore[arg-type]
+        if spec is not None and kind == "transformation":
+            least, most = spec.inputs
+            n = len(refs)
+            if n < least or (most is not None and n > most):
+                want = f"exactly {least}" if least == most else (
+                    f"at least {least}" if most is None else f"{least} to {most}")
+                problems.append(
+                    doc.problem(
+                        ("workflow", section, cid, "inputs"),
+                        f"a {g.types[cid]} takes {want} input(s), got {n}",
+                    )
+                )
+        if section == "destinations" and not refs and cid not in targets:
+            problems.append(
+                doc.problem(("workflow", section, cid), f"destination {cid!r} has no inputs",
+                            key=True)
+            )
+
+    problems.extend(_cycles(doc, g))
+
+    consumers = g.consumers()
+    for cid, section in g.kinds.items():
+        if section != "destinations" and not consumers.get(cid):
+            what = "source" if section == "sources" else "transformation"
+            problems.append(
+                doc.problem(
+                    ("workflow", section, cid),
+                    f"{what} {cid!r} feeds nothing",
+                    key=True,
+                    severity="warning",
+                )
+            )
+
+    for loc, target in redirect_targets(wf):
+        section = g.kinds.get(target)
+        if section is None:
+            hint = did_you_mean(target, [c for c, s in g.kinds.items() if s == "destinations"])
+            problems.append(
+                doc.problem(
+                    loc,
+                    f"{loc[-1]} {target!r} names no destination{hint}",
+                    severity="warning",
+                    at_run=True,
+                )
+            )
+        elif section != "destinations":
+            problems.append(doc.problem(loc, f"{loc[-1]} {target!r} is not a destination"))
+
+    plugins = wf.get("plugins") if isinstance(wf.get("plugins"), dict) else {}
+    comps = wf.get("transformations")
+    for cid, comp in (comps.items() if isinstance(comps, dict) else []):
+        name = comp.get("plugin") if isinstance(comp, dict) else None
+        if isinstance(name, str) and name not in (plugins or {}):
+            hint = did_you_mean(name, list(plugins or {}))
+            problems.append(
+                doc.problem(
+                    ("workflow", "transformations", cid, "plugin"),
+                    f"plugin {name!r} is not defined in 'plugins'{hint}",
+                    severity="warning",
+                    at_run=True,
+                )
+            )
+    return g, problems
+
+
+def _cycles(doc: Document, g: Graph) -> list[Problem]:
+    """One problem per cycle among the components, naming the cycle."""
+    problems: list[Problem] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    reported: set[frozenset[str]] = set()
+
+    def visit(cid: str) -> None:
+        state[cid] = 1
+        stack.append(cid)
+        for ref in g.inputs.get(cid, []):
+            up = g.upstream(ref)
+            if up not in g.kinds:
+                continue
+            if state.get(up) == 1:
+                cycle = [*stack[stack.index(up) :], up]
+                key = frozenset(cycle)
+                if key not in reported:
+                    reported.add(key)
+                    path = " -> ".join(reversed(cycle))
+                    problems.append(
+                        doc.problem(
+                            ("workflow", g.kinds[cid], cid, "inputs"), f"cycle: {path}"
+                        )
+                    )
+            elif state.get(up) is None:
+                visit(up)
+        stack.pop()
+        state[cid] = 2
+
+    for cid in g.kinds:
+        if cid not in state:
+            visit(cid)
+    return problems

@@ -1,0 +1,179 @@
+"""YAML loading with the line and column of every node, and ``${VAR}`` interpolation.
+
+``${VAR}`` and ``${VAR:-default}`` take the process environment first, then the workflow's
+``environment:`` block (whose own values may refer to the process environment); ``$$``
+is a literal ``$``. Interpolated values are remembered by location so that error
+messages show the ``${VAR}`` text, never the (possibly secret) value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from dataflare.dsl_compiler.problems import Loc, Problem, format_loc
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass
+class Document:
+    """A loaded YAML document: plain data plus where each node stands in the file."""
+
+    file: str
+    data: Any
+    positions: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+    key_positions: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+    templates: dict[Loc, str] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def position(self, loc: Loc, key: bool = False) -> tuple[int, int]:
+        """Line and column of the node at ``loc`` (or of its nearest enclosing node)."""
+        table = self.key_positions if key else self.positions
+        for end in range(len(loc), -1, -1):
+            pos = table.get(loc[:end]) or self.positions.get(loc[:end])
+            if pos:
+                return pos
+        return (1, 1)
+
+    def problem(self, loc: Loc, message: str, key: bool = False, **kw: Any) -> Problem:
+        """A problem located at ``loc``; the printed path leaves out the ``workflow`` root."""
+        line, col = self.position(loc, key)
+        shown = loc[1:] if loc[:1] == ("workflow",) else loc
+        return Problem(self.file, line, col, format_loc(shown), message, **kw)
+
+    def move(self, old: Loc, new: Loc) -> None:
+        """Record that the subtree at ``old`` now stands at ``new`` (a normalized placement)."""
+        for table in (self.positions, self.key_positions, self.templates):
+            for loc in [k for k in table if k[: len(old)] == old]:
+                table[new + loc[len(old) :]] = table[loc]  # type: ignore[index]
+
+
+class _Builder:
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.constructor = yaml.SafeLoader("")
+
+    def build(self, node: yaml.Node, loc: Loc) -> Any:
+        self.doc.positions[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    merged = self.build(value_node, loc)
+                    for item in merged if isinstance(merged, list) else [merged]:
+                        if isinstance(item, dict):
+                            for k, v in item.items():
+                                out.setdefault(k, v)
+                    continue
+                key = self.constructor.construct_object(key_node)
+                if not isinstance(key, str | int | float | bool) or key is None:
+                    key = str(key)
+                key = str(key) if not isinstance(key, str) else key
+                child = (*loc, key)
+                key_pos = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                if key in out:
+                    first = self.doc.key_positions[child]
+                    self.doc.key_positions[child] = key_pos
+                    self.doc.problems.append(
+                        self.doc.problem(
+                            child, f"duplicate key {key!r} (first at line {first[0]})", key=True
+                        )
+                    )
+                self.doc.key_positions[child] = key_pos
+                out[key] = self.build(value_node, child)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
+        return self.constructor.construct_object(node)
+
+
+def parse(text: str, file: str) -> Document:
+    """Parse YAML ``text``; syntax errors become problems of the document."""
+    doc = Document(file=file, data=None)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        reason = exc.problem or str(exc)
+        doc.problems.append(Problem(file, line, col, "workflow", f"invalid YAML: {reason}"))
+        return doc
+    except yaml.YAMLError as exc:
+        doc.problems.append(Problem(file, 1, 1, "workflow", f"invalid YAML: {exc}"))
+        return doc
+    doc.data = {} if node is None else _Builder(doc).build(node, ())
+    return doc
+
+
+def interpolate(doc: Document, env: Mapping[str, str] | None = None) -> None:
+    """Replace ``${VAR}`` references in every string of ``doc``, in place.
+
+    An unset variable without a default is a problem that stops a run (``validate``
+    reports it as a warning: the variable may be set where the workflow runs).
+    """
+    process = dict(os.environ if env is None else env)
+    wf = doc.data.get("workflow") if isinstance(doc.data, dict) else None
+    block = wf.get("environment") if isinstance(wf, dict) else None
+    declared: dict[str, str] = {}
+    if isinstance(block, dict):
+        for name, value in block.items():
+            loc: Loc = ("workflow", "environment", name)
+            block[name] = _substitute(doc, value, loc, process)
+            declared[str(name)] = "" if block[name] is None else str(block[name])
+    merged = {**declared, **process}
+    doc.data = _walk(doc, doc.data, (), merged)
+
+
+def _walk(doc: Document, value: Any, loc: Loc, env: Mapping[str, str]) -> Any:
+    if isinstance(value, dict):
+        if loc == ("workflow",):
+            return {
+                k: (v if k == "environment" else _walk(doc, v, (*loc, k), env))
+                for k, v in value.items()
+            }
+        return {k: _walk(doc, v, (*loc, k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_walk(doc, v, (*loc, i), env) for i, v in enumerate(value)]
+    return _substitute(doc, value, loc, env)
+
+
+def _substitute(doc: Document, value: Any, loc: Loc, env: Mapping[str, str]) -> Any:
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        doc.problems.append(
+            doc.problem(
+                loc,
+                f"variable {name} is not set (use ${{{name}:-default}} for a default)",
+                severity="warning",
+                at_run=True,
+            )
+        )
+        return m.group(0)
+
+    out = _VAR.sub(repl, value)
+    if out != value:
+        doc.templates[loc] = value
+    return out
+
+
+def load(text: str, file: str, env: Mapping[str, str] | None = None) -> Document:
+    """Parse and interpolate a workflow file's text."""
+    doc = parse(text, file)
+    if doc.data is not None:
+        interpolate(doc, env)
+    return doc

@@ -1,0 +1,97 @@
+"""The DSL reference, generated from the models: JSON Schema and Markdown."""
+
+from __future__ import annotations
+
+import json
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from dataflare import registry
+from dataflare.dsl_compiler import models
+
+_KIND_DEF = {"source": "Source", "transformation": "Transformation", "destination": "Destination"}
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of a workflow file, each component's ``config`` checked by its ``type``."""
+    schema = models.WorkflowFile.model_json_schema(ref_template="#/$defs/{model}")
+    defs = schema.setdefault("$defs", {})
+    for kind, name in _KIND_DEF.items():
+        rules = []
+        types = []
+        for spec in registry.specs(kind):  # type: ignore[arg-type]
+            ref = f"{kind}.{spec.type}"
+            sub = spec.config.model_json_schema(ref_template=f"#/$defs/{ref}.{{model}}")
+            for sub_name, sub_def in sub.pop("$defs", {}).items():
+                defs[f"{ref}.{sub_name}"] = sub_def
+            defs[ref] = sub
+            types.append(spec.type)
+            rules.append({
+                "if": {"properties": {"type": {"const": spec.type}}},
+                "then": {"properties": {"config": {"$ref": f"#/$defs/{ref}"}}},
+            })
+        defs[name]["properties"]["type"]["enum"] = types
+        defs[name]["allOf"] = rules
+    return schema
+
+
+def json_schema_text() -> str:
+    """The JSON Schema as indented text."""
+    return json.dumps(json_schema(), indent=2, default=str)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " \\| ".join(repr(a) for a in args)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " \\| ".join(_type_name(a) for a in args if a is not type(None))
+    if origin in (list, tuple):
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin is dict:
+        return f"map[{_type_name(args[1])}]" if len(args) > 1 else "map"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        if info.is_required():
+            default = "required"
+        elif info.default_factory is not None:
+            default = "-"
+        elif info.default is PydanticUndefined:
+            default = "-"
+        else:
+            default = f"`{info.default!r}`"
+        desc = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{key}` | {_type_name(info.annotation)} | {default} | {desc} |")
+    return rows
+
+
+def markdown() -> str:
+    """The DSL reference in Markdown."""
+    out = ["# DSL reference", "", "Generated from the models by `dataflare schema --markdown`.", ""]
+    blocks = [models.Workflow, models.Source, models.Transformation, models.Destination,
+              models.ErrorHandling, models.WriteMode, models.BatchSettings, models.Incremental,
+              models.Cdc, models.Streaming, models.Hybrid, models.WorkflowConfig, models.Retry,
+              models.Backoff, models.Schedule, models.Plugin, models.DataProtection,
+              models.MaskingRule, models.TestCase]
+    out += ["## Workflow blocks", ""]
+    for model in blocks:
+        out += [f"### {model.__name__}", "", (model.__doc__ or "").strip(), "", *_fields(model), ""]
+    for kind in registry.KINDS:
+        out += [f"## {registry.SECTION[kind].capitalize()}", ""]
+        for spec in registry.specs(kind):
+            state = "" if spec.available else f" *({spec.planned})*"
+            out += [f"### `{spec.type}`{state}", "", spec.description, "", *_fields(spec.config), ""]
+    return "\n".join(out)

@@ -1,0 +1,230 @@
+"""Validation: loaded YAML -> typed workflow model, with every problem located."""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ValidationError
+
+from dataflare import registry
+from dataflare.dsl_compiler import graph as graph_checks
+from dataflare.dsl_compiler.loader import Document, load
+from dataflare.dsl_compiler.models import TestCase, Workflow, WorkflowFile
+from dataflare.dsl_compiler.problems import Loc, Problem, did_you_mean
+
+SOURCE_BLOCKS = ("incremental", "cdc", "streaming", "hybrid", "output_schema")
+DESTINATION_BLOCKS = ("write_mode", "batch")
+_SECRET_NAME = re.compile(r"password|secret|token|api_key|apikey|credential", re.I)
+
+
+@dataclass
+class Validated:
+    """A validated workflow file: the typed model (when valid) and every problem."""
+
+    file: str
+    base_dir: Path
+    document: Document
+    workflow: Workflow | None = None
+    tests: list[TestCase] = field(default_factory=list)
+    graph: graph_checks.Graph | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+    def errors(self, for_run: bool = False) -> list[Problem]:
+        """The problems that make the file invalid (``for_run``: that stop a run)."""
+        return [p for p in self.problems if p.is_error(for_run)]
+
+
+def validate_file(path: str | Path, env: Mapping[str, str] | None = None) -> Validated:
+    """Load and validate a workflow file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        doc = Document(file=str(path), data=None)
+        problem = Problem(str(path), 1, 1, "workflow", f"cannot read file: {exc.strerror}")
+        return Validated(str(path), p.parent, doc, problems=[problem])
+    return validate_text(text, str(path), env, base_dir=p.resolve().parent)
+
+
+def validate_text(
+    text: str,
+    file: str = "<workflow>",
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Validated:
+    """Validate a workflow given as YAML text."""
+    doc = load(text, file, env)
+    out = Validated(file, base_dir or Path.cwd(), doc, problems=list(doc.problems))
+    if doc.data is None:
+        return _finish(out)
+    if not isinstance(doc.data, dict) or not isinstance(doc.data.get("workflow"), dict):
+        out.problems.append(doc.problem((), "a workflow file needs a top-level 'workflow:' block"))
+        return _finish(out)
+    wf = doc.data["workflow"]
+    out.problems.extend(_normalize(doc, wf))
+
+    generic: WorkflowFile | None = None
+    try:
+        generic = WorkflowFile.model_validate(doc.data)
+    except ValidationError as exc:
+        out.problems.extend(_problems(doc, exc, (), WorkflowFile))
+
+    configs: dict[str, Any] = {}
+    for section, kind in graph_checks.SECTIONS.items():
+        comps = wf.get(section)
+        if not isinstance(comps, dict):
+            continue
+        for cid, comp in comps.items():
+            if not isinstance(comp, dict) or not isinstance(comp.get("type"), str):
+                continue
+            loc: Loc = ("workflow", section, cid)
+            spec = registry.lookup(kind, comp["type"])  # type: ignore[arg-type]
+            if spec is None:
+                known = registry.names(kind)  # type: ignore[arg-type]
+                hint = did_you_mean(comp["type"], known)
+                out.problems.append(
+                    doc.problem(
+                        (*loc, "type"),
+                        f"unknown {kind} type {comp['type']!r}{hint}; known: {', '.join(known)}",
+                    )
+                )
+                continue
+            raw = comp.get("config", {})
+            try:
+                configs[cid] = spec.config.model_validate({} if raw is None else raw)
+            except ValidationError as exc:
+                out.problems.extend(_problems(doc, exc, (*loc, "config"), spec.config))
+            if not spec.available:
+                out.problems.append(
+                    doc.problem(
+                        (*loc, "type"),
+                        f"{kind} type {spec.type!r} is {spec.planned or 'not available yet'}",
+                        severity="warning",
+                        at_run=True,
+                    )
+                )
+
+    out.graph, graph_problems = graph_checks.check(doc, wf, configs)
+    out.problems.extend(graph_problems)
+
+    if generic is not None and not any(p.severity == "error" for p in out.problems):
+        out.workflow = _with_configs(generic.workflow, configs)
+        out.tests = [*generic.tests, *generic.workflow.tests]
+    return _finish(out)
+
+
+def _finish(out: Validated) -> Validated:
+    out.problems = sorted(set(out.problems), key=lambda p: (p.line, p.col, p.path, p.message))
+    return out
+
+
+def _normalize(doc: Document, wf: dict[str, Any]) -> list[Problem]:
+    """Move blocks the DSL allows inside ``config:`` to the component level."""
+    problems: list[Problem] = []
+    for section, blocks in (("sources", SOURCE_BLOCKS), ("destinations", DESTINATION_BLOCKS)):
+        comps = wf.get(section)
+        if not isinstance(comps, dict):
+            continue
+        for cid, comp in comps.items():
+            cfg = comp.get("config") if isinstance(comp, dict) else None
+            if not isinstance(cfg, dict):
+                continue
+            for block in blocks:
+                if block not in cfg:
+                    continue
+                old = ("workflow", section, cid, "config", block)
+                if block in comp:
+                    problems.append(
+                        doc.problem(
+                            old,
+                            f"'{block}' is given both in 'config' and beside it; keep one",
+                            key=True,
+                        )
+                    )
+                    continue
+                comp[block] = cfg.pop(block)
+                doc.move(old, ("workflow", section, cid, block))
+    return problems
+
+
+def _with_configs(wf: Workflow, configs: dict[str, Any]) -> Workflow:
+    update: dict[str, Any] = {}
+    for section in graph_checks.SECTIONS:
+        comps = getattr(wf, section)
+        update[section] = {
+            cid: comp.model_copy(update={"config": configs[cid]}) for cid, comp in comps.items()
+        }
+    return wf.model_copy(update=update)
+
+
+def _field_type(tp: Any, part: str | int) -> Any:
+    """The annotation reached from type ``tp`` by one step ``part`` of a location."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _field_type(args[0], part)
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            if arg is not type(None):
+                found = _field_type(arg, part)
+                if found is not None:
+                    return found
+        return None
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        info = tp.model_fields.get(str(part))
+        return info.annotation if info else None
+    if origin in (list, tuple, set, frozenset) and isinstance(part, int) and args:
+        return args[0]
+    if origin is dict and args:
+        return args[1]
+    return None
+
+
+def _model_fields(model: type[BaseModel], path: Loc) -> list[str]:
+    tp: Any = model
+    for part in path:
+        tp = _field_type(tp, part)
+        if tp is None:
+            return []
+    while typing.get_origin(tp) in (Union, types.UnionType, Annotated):
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), None)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [f.alias or name for name, f in tp.model_fields.items()]
+    return []
+
+
+def _problems(doc: Document, exc: ValidationError, root: Loc, model: type[BaseModel]) -> list[Problem]:
+    out = []
+    for err in exc.errors():
+        loc: Loc = tuple(err["loc"])
+        full = (*root, *loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = loc[-1]
+            known = _model_fields(model, loc[:-1])
+            hint = did_you_mean(str(key), known)
+            tail = f"; known: {', '.join(known)}" if known else ""
+            out.append(doc.problem(full, f"unknown key {key!r}{hint}{tail}", key=True))
+            continue
+        if kind == "missing":
+            out.append(doc.problem(full[:-1], f"missing required key {loc[-1]!r}"))
+            continue
+        message = re.sub(r"^(Value error|Assertion failed), ", "", err["msg"])
+        message = message[:1].lower() + message[1:]
+        value = err.get("input")
+        if kind == "literal_error":
+            known = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
+            hint = did_you_mean(str(value), known)
+            message = f"unknown value {value!r}{hint}; expected one of: {', '.join(known)}"
+        elif isinstance(value, str | int | float | bool) and "got" not in message:
+            if full in doc.templates:
+                message += f" (got {doc.templates[full]!r})"
+            elif not any(_SECRET_NAME.search(str(p)) for p in full if isinstance(p, str)):
+                message += f" (got {value!r})"
+        out.append(doc.problem(full, message))
+    return out

@@ -1,0 +1,41 @@
+"""The ``filter`` transformation: keep the records where a condition holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Stream
+from pydantic import Field, field_validator
+
+from dataflare.config import Strict
+from dataflare.expr import compile_expression
+from dataflare.operators.records import map_records
+from dataflare.registry import BuildContext, Outputs, transformation
+
+
+def check_expression(value: str) -> str:
+    """Validate an expression setting (raises ``ValueError`` naming the column)."""
+    try:
+        compile_expression(value)
+    except ValueError as exc:
+        msg = f"invalid expression {value!r}: {exc}"
+        raise ValueError(msg) from None
+    return value
+
+
+class FilterConfig(Strict):
+    """Settings of a ``filter`` transformation."""
+
+    condition: str = Field(description="Expression; records where it is true pass.")
+
+    _check = field_validator("condition")(classmethod(lambda cls, v: check_expression(v)))
+
+
+@transformation("filter", config=FilterConfig, description="Keep records matching a condition.")
+def build_filter(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
+    """Build a filter step."""
+    up = ups[0] if len(ups) == 1 else op.merge("inputs", *ups)
+    test = compile_expression(ctx.config.condition).test
+    out = map_records("filter", up, lambda r: r if test(r) else None, ctx.step_id)
+    return Outputs(down=out.down, errs=out.errs)

@@ -1,0 +1,100 @@
+"""The ``mapping`` transformation: build records field by field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bytewax.dataflow import Stream
+from pydantic import Field, field_validator, model_validator
+
+import bytewax.operators as op
+from dataflare.config import Strict
+from dataflare.dsl_compiler.problems import did_you_mean
+from dataflare.expr import compile_expression
+from dataflare.operators.records import map_records
+from dataflare.operators.transforms import TRANSFORMS, chain
+from dataflare.records import META, getter, set_path
+from dataflare.registry import BuildContext, Outputs, transformation
+
+
+class FieldMapping(Strict):
+    """One output field: from a source path or an expression, through transforms."""
+
+    source: str | None = Field(None, description="Dotted path read from the input record.")
+    expression: str | None = Field(None, description="Expression computing the value instead.")
+    destination: str = Field(description="Dotted path written in the output record.")
+    transform: list[str] = Field(
+        default_factory=list,
+        description=f"Transform name or list applied in order: {', '.join(TRANSFORMS)}.",
+    )
+    default: Any = Field(None, description="Value used when the source is missing or null.")
+
+    @field_validator("transform", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        names = [v] if isinstance(v, str) else v
+        for name in names if isinstance(names, list) else []:
+            if name not in TRANSFORMS:
+                hint = did_you_mean(str(name), list(TRANSFORMS))
+                msg = f"unknown transform {name!r}{hint}; known: {', '.join(TRANSFORMS)}"
+                raise ValueError(msg)
+        return names
+
+    @field_validator("expression")
+    @classmethod
+    def _expr(cls, v: str | None) -> str | None:
+        if v is not None:
+            compile_expression(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_input(self) -> FieldMapping:
+        if (self.source is None) == (self.expression is None):
+            msg = "give exactly one of 'source' and 'expression'"
+            raise ValueError(msg)
+        return self
+
+
+class MappingConfig(Strict):
+    """Settings of a ``mapping`` transformation."""
+
+    mappings: list[FieldMapping] = Field(description="Output fields, written in order.")
+    keep_unmapped: bool = Field(
+        False, description="Keep the input's other fields too (default: only mapped fields)."
+    )
+    drop: list[str] = Field(default_factory=list, description="Top-level fields removed.")
+
+
+def mapper(config: MappingConfig) -> Any:
+    """The per-record function of a mapping."""
+    steps = []
+    for m in config.mappings:
+        read = getter(m.source) if m.source is not None else compile_expression(m.expression or "")
+        steps.append((read, chain(m.transform), m.destination, m.default))
+    keep, drop = config.keep_unmapped, tuple(config.drop)
+
+    def apply(record: dict[str, Any]) -> dict[str, Any]:
+        if keep:
+            out = {k: v for k, v in record.items() if k not in drop}
+        else:
+            out = {META: record[META]} if META in record else {}
+        for read, transform, dest, default in steps:
+            value = read(record)
+            if value is None:
+                value = default
+            set_path(out, dest, transform(value))
+        return out
+
+    return apply
+
+
+@transformation(
+    "mapping",
+    config=MappingConfig,
+    description="Rename, restructure and convert fields (`source` -> `destination`).",
+)
+def build_mapping(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
+    """Build a mapping step."""
+    up = ups[0] if len(ups) == 1 else op.merge("inputs", *ups)
+    out = map_records("map", up, mapper(ctx.config), ctx.step_id)
+    return Outputs(down=out.down, errs=out.errs)

@@ -1,0 +1,93 @@
+"""``dataflare test``: run a workflow's ``tests:`` blocks and compare outputs as multisets."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from bytewax.testing import run_main
+
+from dataflare.dsl_compiler import compile_validated, validate_file
+from dataflare.dsl_compiler.models import TestCase
+from dataflare.dsl_compiler.validate import Validated
+from dataflare.records import without_meta
+
+
+def canonical(value: Any) -> Any:
+    """A comparable form of a record: no ``_meta``, whole floats as ints, floats rounded."""
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in without_meta(value).items()}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else round(value, 9)
+    return value
+
+
+def _key(record: Any) -> str:
+    return orjson.dumps(canonical(record), option=orjson.OPT_SORT_KEYS, default=str).decode()
+
+
+def run_case(validated: Validated, case: TestCase) -> dict[str, list[Any]]:
+    """Run one test case; the records each destination received."""
+    captured: dict[str, list[Any]] = {}
+    flow = compile_validated(validated, test_inputs=case.inputs, captured=captured)
+    run_main(flow)
+    return {dest: [r for batch in batches for r in batch] for dest, batches in captured.items()}
+
+
+def diff(expected: Iterable[Any], actual: Iterable[Any]) -> list[str]:
+    """Lines describing how two multisets of records differ (empty when equal)."""
+    want, got = Counter(map(_key, expected)), Counter(map(_key, actual))
+    lines = []
+    for rec, n in sorted((want - got).items()):
+        lines.append(f"    - missing{f' x{n}' if n > 1 else ''}: {rec}")
+    for rec, n in sorted((got - want).items()):
+        lines.append(f"    + unexpected{f' x{n}' if n > 1 else ''}: {rec}")
+    return lines
+
+
+def run_workflow_tests(paths: Iterable[str]) -> int:
+    """Run every test of every file; prints PASS/FAIL per test, returns the exit code."""
+    failures = passes = 0
+    for path in paths:
+        v = validate_file(path)
+        if v.errors():
+            for p in v.errors():
+                print(p.render(), file=sys.stderr)
+            failures += 1
+            continue
+        if not v.tests:
+            print(f"{path}: no tests")
+            continue
+        for case in v.tests:
+            unknown = [s for s in case.inputs if v.workflow and s not in v.workflow.sources]
+            unknown += [d for d in case.expect if v.workflow and d not in v.workflow.destinations]
+            if unknown:
+                print(f"FAIL {path}: {case.name}: unknown component(s): {', '.join(unknown)}")
+                failures += 1
+                continue
+            try:
+                outputs = run_case(v, case)
+            except Exception as exc:  # noqa: BLE001 - a failing test, reported
+                print(f"FAIL {path}: {case.name}: the run failed: {exc}")
+                failures += 1
+                continue
+            problems = []
+            for dest, expected in case.expect.items():
+                lines = diff(expected, outputs.get(dest, []))
+                if lines:
+                    problems.append(f"  {dest}:")
+                    problems.extend(lines)
+            if problems:
+                failures += 1
+                print(f"FAIL {path}: {case.name}")
+                print("\n".join(problems))
+            else:
+                passes += 1
+                print(f"PASS {path}: {case.name}")
+    print(f"{passes} passed, {failures} failed")
+    return 1 if failures else 0
