@@ -42,9 +42,7 @@ US = 1_000_000
 DOWN, LATE, ERRS = "down", "late", "errs"
 
 
-_LATE = Counter(
-    "dataflare_late_records", "Records older than the watermark, per step.", ["step"]
-)
+_LATE = Counter("dataflare_late_records", "Records older than the watermark, per step.", ["step"])
 _DROPPED = Counter(
     "dataflare_duplicates_dropped", "Records dropped as repeats by dedupe, per step.", ["step"]
 )

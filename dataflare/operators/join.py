@@ -1,0 +1,535 @@
+"""The ``join`` transformation: the first input is left, the second right.
+
+Three ways to join:
+
+- **relational** (no ``window``): every left and right record is kept per key and the
+  join is emitted when both inputs end (bounded inputs).
+- **windowed** (``window``: tumbling, sliding or session, on ``time_field``): a relational
+  join per key and window, emitted when the window closes. The watermark is kept per
+  key over both sides (largest event time minus ``allowed_lateness``); older records
+  are late and go to the ``late`` output.
+- **lookup** (``mode: lookup``): a stream-table join. The right input is a table holding
+  the latest record per key (forgotten ``ttl`` of system time after it arrived); each
+  left record is emitted as it arrives, joined with the current right record.
+
+A null key matches nothing. The output is ``{L: left, R: right}`` with ``output_prefix``
+(a missing side is ``null``), else the merged record ``{**right, **left}``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from bytewax.dataflow import Stream, operator
+from pydantic import Field, model_validator
+
+from dataflare.config import Duration, Paths, Strict
+from dataflare.operators.keyed import (
+    DOWN,
+    ERRS,
+    LATE,
+    SHARDS,
+    ShardLogic,
+    component_id,
+    key_getter,
+    late_records,
+    route_and_merge,
+    stateful_shards,
+    time_reader,
+    to_us,
+)
+from dataflare.operators.window import WindowSpec
+from dataflare.records import META, Failed, RecordError
+from dataflare.registry import BuildContext, Outputs, transformation
+
+JoinType = Literal["inner", "left", "right", "full"]
+_NEVER = 1 << 62
+LEFT, RIGHT = "left", "right"
+
+
+class OutputPrefix(Strict):
+    """Where the two sides go in the output record."""
+
+    left: str = Field("left", description="Field holding the left record.")
+    right: str = Field("right", description="Field holding the right record.")
+
+
+class JoinConfig(Strict):
+    """Config of the ``join`` transformation."""
+
+    join_type: JoinType = Field("inner", description="inner, left, right or full (outer).")
+    join_key: Paths | None = Field(None, description="Key path(s), the same on both sides.")
+    left_key: Paths | None = Field(None, description="Key path(s) of the left records.")
+    right_key: Paths | None = Field(None, description="Key path(s) of the right records.")
+    mode: Literal["relational", "lookup"] = Field(
+        "relational",
+        description="'relational': join all records (per window with `window`); 'lookup': "
+        "each left record meets the latest right record of its key.",
+    )
+    window: WindowSpec | None = Field(
+        None,
+        description="Join per key and event-time window (a sliding `slide` defaults to `size`).",
+    )
+    time_field: str = Field("timestamp", description="Dotted path of the event time.")
+    left_time_field: str | None = Field(None, description="Event time of left records.")
+    right_time_field: str | None = Field(None, description="Event time of right records.")
+    time_unit: Literal["s", "ms"] = Field(
+        "s", description="Unit of numeric event times: epoch seconds or milliseconds."
+    )
+    allowed_lateness: Duration = Field(
+        0.0, description="How far behind the key's latest event time a record may arrive."
+    )
+    ttl: Duration | None = Field(
+        None, description="Lookup mode: forget a right record this long after it arrived."
+    )
+    output_prefix: OutputPrefix | None = Field(
+        None, description="Nest the sides as {left: ..., right: ...} instead of merging."
+    )
+    late_to: str | None = Field(None, description="Destination id receiving late records.")
+
+    @model_validator(mode="after")
+    def _check(self) -> JoinConfig:
+        if self.join_key is not None and (self.left_key or self.right_key):
+            msg = "set either 'join_key' or 'left_key' and 'right_key', not both"
+            raise ValueError(msg)
+        if self.join_key is None and not (self.left_key and self.right_key):
+            msg = "a join needs 'join_key', or both 'left_key' and 'right_key'"
+            raise ValueError(msg)
+        lk, rk = self.keys()
+        if len(lk) != len(rk):
+            msg = f"'left_key' has {len(lk)} paths but 'right_key' has {len(rk)}"
+            raise ValueError(msg)
+        if self.mode == "lookup":
+            if self.join_type not in ("inner", "left"):
+                msg = f"a lookup join is 'inner' or 'left' (got {self.join_type!r})"
+                raise ValueError(msg)
+            if self.window is not None:
+                msg = "a lookup join takes 'ttl', not 'window'"
+                raise ValueError(msg)
+        elif self.ttl is not None:
+            msg = "'ttl' applies to mode 'lookup' only"
+            raise ValueError(msg)
+        return self
+
+    def keys(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Left and right key paths."""
+        if self.join_key is not None:
+            return self.join_key, self.join_key
+        return self.left_key or (), self.right_key or ()
+
+
+@dataclass(frozen=True)
+class JoinOut:
+    """Outputs of :func:`join`."""
+
+    down: Stream[list[dict[str, Any]]]
+    """Joined records, in batches."""
+    late: Stream[list[dict[str, Any]]]
+    """Late records (windowed joins), unchanged, in batches."""
+    errs: Stream[list[Failed]]
+    """Records that could not be joined (bad key or time)."""
+
+
+def _combiner(cfg: JoinConfig) -> Callable[[Any, Any], dict[str, Any]]:
+    prefix = cfg.output_prefix
+    if prefix is None:
+
+        def merged(left: Any, right: Any) -> dict[str, Any]:
+            if right is None:
+                return dict(left)
+            if left is None:
+                return dict(right)
+            return {**right, **left}
+
+        return merged
+    lp, rp = prefix.left, prefix.right
+
+    def strip(rec: Any) -> Any:
+        if isinstance(rec, dict) and META in rec:
+            return {k: v for k, v in rec.items() if k != META}
+        return rec
+
+    def nested(left: Any, right: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {lp: strip(left), rp: strip(right)}
+        side = left if left is not None else right
+        if isinstance(side, dict) and META in side:
+            out[META] = side[META]
+        return out
+
+    return nested
+
+
+def _null_key(key: Any) -> bool:
+    return key is None or (isinstance(key, tuple) and any(k is None for k in key))
+
+
+class _JoinOp:
+    """The compiled settings of one join step, shared by its shards."""
+
+    def __init__(self, step_id: str, cfg: JoinConfig, shards: int) -> None:
+        self.step_id = component_id(step_id)
+        lk, rk = cfg.keys()
+        self.keys = {LEFT: key_getter(lk), RIGHT: key_getter(rk)}
+        self.combine = _combiner(cfg)
+        jt = cfg.join_type
+        self.keep_left = jt in ("left", "full")
+        self.keep_right = jt in ("right", "full")
+        self.mode = cfg.mode
+        self.window = cfg.window
+        self.times = {
+            LEFT: time_reader(cfg.left_time_field or cfg.time_field, cfg.time_unit),
+            RIGHT: time_reader(cfg.right_time_field or cfg.time_field, cfg.time_unit),
+        }
+        self.lateness = to_us(cfg.allowed_lateness)
+        self.ttl = cfg.ttl
+        w = cfg.window
+        self.size = to_us(w.size or 0) if w is not None and w.type != "session" else 0
+        self.slide = to_us(w.slide or w.size or 0) if w is not None and self.size else 0
+        self.gap = to_us(w.gap or 0) if w is not None and w.type == "session" else 0
+        self.definition: dict[str, Any] = {
+            "left_key": list(lk),
+            "right_key": list(rk),
+            "join_type": jt,
+            "mode": cfg.mode,
+            "shards": shards,
+        }
+        if w is not None:
+            self.definition.update(w.definition())
+            self.definition["time_field"] = [
+                cfg.left_time_field or cfg.time_field,
+                cfg.right_time_field or cfg.time_field,
+            ]
+            self.definition["time_unit"] = cfg.time_unit
+
+    def pairs(self, lefts: list[Any], rights: list[Any], out: list[dict[str, Any]]) -> None:
+        """The relational join of one key's records."""
+        combine = self.combine
+        if lefts and rights:
+            for r in rights:
+                for left in lefts:
+                    out.append(combine(left, r))
+        elif lefts and self.keep_left:
+            out.extend(combine(left, None) for left in lefts)
+        elif rights and self.keep_right:
+            out.extend(combine(None, r) for r in rights)
+
+    def unmatched(self, side: str, rec: Any, out: list[dict[str, Any]]) -> None:
+        """A record that can match nothing (a null key)."""
+        if side == LEFT and self.keep_left:
+            out.append(self.combine(rec, None))
+        elif side == RIGHT and self.keep_right:
+            out.append(self.combine(None, rec))
+
+    def build(self, resume: Any) -> ShardLogic:
+        if self.mode == "lookup":
+            return _LookupShard(self, resume)
+        if self.window is None:
+            return _RelationalShard(self, resume)
+        if self.gap:
+            return _SessionJoinShard(self, resume)
+        return _WindowJoinShard(self, resume)
+
+
+class _RelationalShard(ShardLogic):
+    """Every record per key; the join at the end of both inputs."""
+
+    def __init__(self, op: _JoinOp, resume: Any) -> None:
+        super().__init__(op.step_id, op.definition, resume)
+        self.op = op
+        if self.state is None:
+            self.state = {}
+
+    def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
+        o = self.op
+        keys: dict[Any, list[list[Any]]] = self.state
+        down: list[dict[str, Any]] = []
+        errs: list[Failed] = []
+        for side, batch in batches:
+            keyf = o.keys[side]
+            i = 0 if side == LEFT else 1
+            for rec in batch:
+                key = keyf(rec)
+                if _null_key(key):
+                    o.unmatched(side, rec, down)
+                    continue
+                try:
+                    entry = keys.get(key)
+                except TypeError as exc:
+                    errs.append(Failed.of(o.step_id, _unhashable(exc), rec))
+                    continue
+                if entry is None:
+                    entry = keys[key] = [[], []]
+                entry[i].append(rec)
+        out: list[tuple[str, list[Any]]] = []
+        if down:
+            out.append((DOWN, down))
+        if errs:
+            out.append((ERRS, errs))
+        return out
+
+    def flush(self) -> list[tuple[str, list[Any]]]:
+        down: list[dict[str, Any]] = []
+        for lefts, rights in self.state.values():
+            self.op.pairs(lefts, rights, down)
+        self.state = {}
+        return [(DOWN, down)] if down else []
+
+
+def _unhashable(exc: BaseException) -> RecordError:
+    return RecordError(f"join key cannot be hashed ({exc})")
+
+
+# Key state: [max_t, late_before, windows, next_end].
+class _WindowJoinShard(ShardLogic):
+    """Tumbling and sliding windowed joins: per key, window start -> [lefts, rights]."""
+
+    def __init__(self, op: _JoinOp, resume: Any) -> None:
+        super().__init__(op.step_id, op.definition, resume)
+        self.op = op
+        if self.state is None:
+            self.state = {}
+
+    def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
+        o = self.op
+        keys: dict[Any, list[Any]] = self.state
+        size, slide, lateness = o.size, o.slide, o.lateness
+        down: list[dict[str, Any]] = []
+        late: list[Any] = []
+        errs: list[Failed] = []
+        due: set[Any] = set()
+        for side, batch in batches:
+            keyf, timef = o.keys[side], o.times[side]
+            i = 0 if side == LEFT else 1
+            for rec in batch:
+                try:
+                    t = timef(rec)
+                    key = keyf(rec)
+                    if _null_key(key):
+                        o.unmatched(side, rec, down)
+                        continue
+                    try:
+                        g = keys.get(key)
+                    except TypeError as exc:
+                        raise _unhashable(exc) from None
+                except RecordError as exc:
+                    errs.append(Failed.of(o.step_id, exc, rec))
+                    continue
+                if g is None:
+                    g = keys[key] = [t, t - lateness, {}, _NEVER]
+                elif t < g[1]:
+                    late.append(rec)
+                    continue
+                wins = g[2]
+                for k in range((t - size) // slide + 1, t // slide + 1):
+                    start = k * slide
+                    w = wins.get(start)
+                    if w is None:
+                        w = wins[start] = [[], []]
+                        if start + size < g[3]:
+                            g[3] = start + size
+                    w[i].append(rec)
+                if t > g[0]:
+                    g[0] = t
+                    if t - lateness > g[1]:
+                        g[1] = t - lateness
+                        if g[1] >= g[3]:
+                            due.add(key)
+        for key in due:
+            g = keys[key]
+            wins = g[2]
+            for start in [s for s in wins if s + size <= g[1]]:
+                lefts, rights = wins.pop(start)
+                o.pairs(lefts, rights, down)
+            g[3] = min(wins, default=_NEVER - size) + size
+        return _tagged(o.step_id, down, late, errs)
+
+    def flush(self) -> list[tuple[str, list[Any]]]:
+        down: list[dict[str, Any]] = []
+        for g in self.state.values():
+            for lefts, rights in g[2].values():
+                self.op.pairs(lefts, rights, down)
+        self.state = {}
+        return [(DOWN, down)] if down else []
+
+
+class _SessionJoinShard(ShardLogic):
+    """Session joins: per key a list of [start, last, lefts, rights], by start."""
+
+    def __init__(self, op: _JoinOp, resume: Any) -> None:
+        super().__init__(op.step_id, op.definition, resume)
+        self.op = op
+        if self.state is None:
+            self.state = {}
+
+    def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
+        o = self.op
+        keys: dict[Any, list[Any]] = self.state
+        gap, lateness = o.gap, o.lateness
+        down: list[dict[str, Any]] = []
+        late: list[Any] = []
+        errs: list[Failed] = []
+        due: set[Any] = set()
+        for side, batch in batches:
+            keyf, timef = o.keys[side], o.times[side]
+            i = 2 if side == LEFT else 3
+            for rec in batch:
+                try:
+                    t = timef(rec)
+                    key = keyf(rec)
+                    if _null_key(key):
+                        o.unmatched(side, rec, down)
+                        continue
+                    try:
+                        g = keys.get(key)
+                    except TypeError as exc:
+                        raise _unhashable(exc) from None
+                except RecordError as exc:
+                    errs.append(Failed.of(o.step_id, exc, rec))
+                    continue
+                if g is None:
+                    g = keys[key] = [t, t - lateness, [], _NEVER]
+                elif t < g[1]:
+                    late.append(rec)
+                    continue
+                ss: list[list[Any]] = g[2]
+                near = [s for s in ss if s[0] - gap < t < s[1] + gap]
+                s: list[Any]
+                if not near:
+                    s = [t, t, [], []]
+                    ss.append(s)
+                    ss.sort(key=lambda s: s[0])
+                else:
+                    s = near[0]
+                    for other in near[1:]:
+                        s[1] = max(s[1], other[1])
+                        s[2].extend(other[2])
+                        s[3].extend(other[3])
+                        ss.remove(other)
+                    s[0] = min(s[0], t)
+                    s[1] = max(s[1], t)
+                s[i].append(rec)
+                g[3] = ss[0][1] + gap
+                if t > g[0]:
+                    g[0] = t
+                    g[1] = max(g[1], t - lateness)
+                if g[1] >= g[3]:
+                    due.add(key)
+        for key in due:
+            g = keys[key]
+            keep = []
+            for s in g[2]:
+                if s[1] + gap <= g[1]:
+                    o.pairs(s[2], s[3], down)
+                else:
+                    keep.append(s)
+            g[2] = keep
+            g[3] = keep[0][1] + gap if keep else _NEVER
+        return _tagged(o.step_id, down, late, errs)
+
+    def flush(self) -> list[tuple[str, list[Any]]]:
+        down: list[dict[str, Any]] = []
+        for g in self.state.values():
+            for s in g[2]:
+                self.op.pairs(s[2], s[3], down)
+        self.state = {}
+        return [(DOWN, down)] if down else []
+
+
+class _LookupShard(ShardLogic):
+    """Stream-table join: key -> (latest right record, arrival time)."""
+
+    def __init__(self, op: _JoinOp, resume: Any) -> None:
+        super().__init__(op.step_id, op.definition, resume)
+        self.op = op
+        self.clock: Callable[[], float] = time.time
+        if self.state is None:
+            self.state = {}
+
+    def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
+        o = self.op
+        table: dict[Any, tuple[Any, float]] = self.state
+        ttl = o.ttl
+        now = self.clock()
+        down: list[dict[str, Any]] = []
+        errs: list[Failed] = []
+        for side, batch in batches:
+            keyf = o.keys[side]
+            for rec in batch:
+                key = keyf(rec)
+                try:
+                    if side == RIGHT:
+                        if not _null_key(key):
+                            table[key] = (rec, now)
+                        continue
+                    hit = None if _null_key(key) else table.get(key)
+                except TypeError as exc:
+                    errs.append(Failed.of(o.step_id, _unhashable(exc), rec))
+                    continue
+                if hit is not None and ttl is not None and now - hit[1] >= ttl:
+                    del table[key]
+                    hit = None
+                if hit is not None:
+                    down.append(o.combine(rec, hit[0]))
+                elif o.keep_left:
+                    down.append(o.combine(rec, None))
+        return _tagged(o.step_id, down, [], errs)
+
+    def flush(self) -> list[tuple[str, list[Any]]]:
+        self.state = {}
+        return []
+
+
+def _tagged(
+    step_id: str, down: list[Any], late: list[Any], errs: list[Failed]
+) -> list[tuple[str, list[Any]]]:
+    out: list[tuple[str, list[Any]]] = []
+    if down:
+        out.append((DOWN, down))
+    if late:
+        late_records(step_id, len(late))
+        out.append((LATE, late))
+    if errs:
+        out.append((ERRS, errs))
+    return out
+
+
+@operator
+def join(
+    step_id: str,
+    left: Stream[list[dict[str, Any]]],
+    right: Stream[list[dict[str, Any]]],
+    config: JoinConfig,
+    shards: int = SHARDS,
+) -> JoinOut:
+    """Join batches of left and right records by key.
+
+    :arg step_id: Unique step id (the workflow component id).
+    :arg left: Stream of left record batches.
+    :arg right: Stream of right record batches.
+    :arg config: Keys, join type, window or lookup mode, output shape.
+    :arg shards: State shards spread over the workers (part of the recovery state).
+    :returns: Joined records, late records and errors, each as batches.
+    """
+    jop = _JoinOp(step_id, config, shards)
+    keyed = route_and_merge(
+        step_id, [(LEFT, left), (RIGHT, right)], [jop.keys[LEFT], jop.keys[RIGHT]], shards
+    )
+    outs = stateful_shards("joins", keyed, jop.build)
+    return JoinOut(down=outs[DOWN], late=outs[LATE], errs=outs[ERRS])
+
+
+@transformation(
+    "join",
+    config=JoinConfig,
+    description="Join two inputs by key: relational, per event-time window, or as a lookup.",
+    inputs=(2, 2),
+    stateful=True,
+    named_outputs=lambda cfg: ["late"],
+)
+def build_join(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
+    """Build the ``join`` step."""
+    out = join(ctx.step_id, ups[0], ups[1], ctx.config)
+    return Outputs(down=out.down, errs=out.errs, named={"late": out.late})
