@@ -144,9 +144,16 @@ def check(doc: Document, wf: dict[str, Any], configs: dict[str, Any]) -> tuple[G
                                 "transformations")
                 )
                 continue
+            up_spec = registry.lookup("transformation", g.types[up]) if g.kinds[up] == (
+                "transformations") else None
+            if not port and up_spec is not None and up_spec.named_outputs and up in configs:
+                ports = ", ".join(f"{up}.{p}" for p in up_spec.named_outputs(configs[up]))
+                problems.append(
+                    doc.problem(loc, f"input {ref!r} is a {g.types[up]}; read one of its "
+                                f"outputs: {ports}")
+                )
             if port:
-                spec = registry.lookup("transformation", g.types[up]) if g.kinds[up] == (
-                    "transformations") else None
+                spec = up_spec
                 if spec is None or spec.named_outputs is None:
                     problems.append(
                         doc.problem(loc, f"input {ref!r}: {up!r} has no named outputs")

@@ -1,0 +1,62 @@
+"""Graph checks: all problems of a workflow reported together."""
+
+from dataflare.dsl_compiler import validate_text
+
+BASE = """\
+workflow:
+  sources:
+    a: {type: generator, config: {preset: orders, count: 1}}
+    unused: {type: generator, config: {preset: orders, count: 1}}
+  transformations:
+    f1: {type: filter, inputs: [f2], config: {condition: "total > 1"}}
+    f2: {type: filter, inputs: [f1, a], config: {condition: "total > 2"}}
+    r: {type: route, inputs: [a], config: {routes: [{name: big, condition: "total > 100"}]}}
+    m: {type: mapping, inputs: [r.bog, nowhere], config: {mappings: [{source: x, destination: y}]}}
+    j: {type: join, inputs: [a], config: {join_key: user_id}}
+  destinations:
+    a: {type: stdout, inputs: [m]}
+    lonely: {type: stdout}
+    d: {type: stdout, inputs: [f2, r._unmatched, r]}
+"""
+
+
+def test_all_graph_problems_at_once():
+    v = validate_text(BASE, "g.yaml")
+    msgs = {(p.path, p.message) for p in v.errors()}
+    assert ("destinations.a", "duplicate id 'a': already used in sources") in msgs
+    assert ("transformations.m.inputs[0]",
+            "input 'r.bog': 'r' has no output 'bog' (did you mean 'big'?) "
+            "(outputs: big, _unmatched)") in msgs
+    assert ("transformations.m.inputs[1]", "input 'nowhere' names nothing") in msgs
+    assert ("transformations.j.inputs", "a join takes exactly 2 input(s), got 1") in msgs
+    assert ("destinations.lonely", "destination 'lonely' has no inputs") in msgs
+    assert ("destinations.d.inputs[2]",
+            "input 'r' is a route; read one of its outputs: r.big, r._unmatched") in msgs
+    cycles = [m for p, m in msgs if m.startswith("cycle:")]
+    assert cycles in (["cycle: f1 -> f2 -> f1"], ["cycle: f2 -> f1 -> f2"])
+    warnings = {p.message for p in v.problems if p.severity == "warning"}
+    assert "source 'unused' feeds nothing" in warnings
+
+
+def test_destination_as_input_and_redirect_targets():
+    text = """\
+workflow:
+  sources:
+    s:
+      type: generator
+      config: {preset: orders, count: 1}
+      error_handling: {strategy: redirect, redirect_to: dead}
+  transformations:
+    t: {type: filter, inputs: [out], config: {condition: "true"},
+        error_handling: {strategy: redirect, redirect_to: s}}
+  destinations:
+    out: {type: stdout, inputs: [s]}
+    dead: {type: stdout}
+"""
+    v = validate_text(text)
+    msgs = {(p.path, p.message) for p in v.errors()}
+    assert ("transformations.t.inputs[0]",
+            "input 'out' is a destination; inputs are sources or transformations") in msgs
+    assert ("transformations.t.error_handling.redirect_to",
+            "redirect_to 's' is not a destination") in msgs
+    assert not any(p.path == "destinations.dead" for p in v.errors())

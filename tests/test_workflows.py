@@ -1,0 +1,214 @@
+"""Workflows end to end: file -> mapping -> filter -> route -> file, error policies, flows/."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.workflows import ROOT, read_jsonl, run_cli
+
+FLOWS = sorted((ROOT / "flows").glob("*.yaml"))
+
+PIPELINE = """\
+workflow:
+  id: pipeline
+  sources:
+    orders:
+      type: file
+      config: {path: orders.jsonl}
+      error_handling: {strategy: STRATEGY, redirect_to: dead_letter, max_errors: MAX}
+  transformations:
+    clean:
+      inputs: [orders]
+      type: mapping
+      config:
+        mappings:
+          - {source: id, destination: id, transform: to_int}
+          - {source: email, destination: contact.email, transform: [trim, lowercase]}
+          - {source: amount, destination: amount, transform: to_float}
+      error_handling: {strategy: STRATEGY, redirect_to: dead_letter, max_errors: MAX}
+    positive:
+      inputs: [clean]
+      type: filter
+      config: {condition: "amount > 0"}
+    by_size:
+      inputs: [positive]
+      type: route
+      config:
+        routes:
+          - {name: big, condition: "amount >= 100"}
+          - {name: even, condition: "id % 2 == 0"}
+  destinations:
+    big: {type: file, inputs: [by_size.big], config: {path: out/big.jsonl}}
+    even: {type: file, inputs: [by_size.even], config: {path: out/even.jsonl}}
+    rest: {type: file, inputs: [by_size._unmatched], config: {path: out/rest.jsonl}}
+    dead_letter: {type: file, config: {path: out/dead.jsonl}}
+"""
+
+GOOD = [
+    '{"id": "1", "email": " A@X.COM ", "amount": "150"}',
+    '{"id": "2", "email": "b@x.com", "amount": "20.5"}',
+    '{"id": "3", "email": "c@x.com", "amount": "7"}',
+    '{"id": "4", "email": "d@x.com", "amount": "400"}',
+    '{"id": "5", "email": "e@x.com", "amount": "-1"}',
+]
+BAD_JSON = '{"id": "6", "email": '
+BAD_VALUE = '{"id": "seven", "email": "g@x.com", "amount": "1"}'
+
+
+def write_pipeline(tmp_path: Path, strategy: str = "skip", max_errors: str = "null",
+                   lines: list[str] | None = None) -> Path:
+    text = PIPELINE.replace("STRATEGY", strategy).replace("MAX", max_errors)
+    if strategy != "redirect":
+        text = text.replace("redirect_to: dead_letter, ", "").replace(
+            "    dead_letter: {type: file, config: {path: out/dead.jsonl}}\n", "")
+    (tmp_path / "flow.yaml").write_text(text)
+    (tmp_path / "orders.jsonl").write_text("\n".join(lines or GOOD) + "\n")
+    return tmp_path / "flow.yaml"
+
+
+def outputs(tmp_path: Path) -> dict[str, list[dict]]:
+    return {p.stem: read_jsonl(p) for p in sorted((tmp_path / "out").glob("*.jsonl"))}
+
+
+EXPECTED = {
+    "big": [{"id": 1, "contact": {"email": "a@x.com"}, "amount": 150.0},
+            {"id": 4, "contact": {"email": "d@x.com"}, "amount": 400.0}],
+    "even": [{"id": 2, "contact": {"email": "b@x.com"}, "amount": 20.5},
+             {"id": 4, "contact": {"email": "d@x.com"}, "amount": 400.0}],
+    "rest": [{"id": 3, "contact": {"email": "c@x.com"}, "amount": 7.0}],
+}
+
+
+def test_pipeline_through_dataflare_run(tmp_path):
+    flow = write_pipeline(tmp_path)
+    result = run_cli("run", str(flow))
+    assert result.code == 0, result.stderr
+    assert outputs(tmp_path) == EXPECTED
+    assert "summary" in result.stderr and "big: 2" in result.stderr
+
+
+def test_pipeline_through_bytewax_run_with_two_workers(tmp_path):
+    flow = write_pipeline(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_BACKTRACE": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bytewax.run",
+         f"dataflare.dsl_compiler:compile_file('{flow}')", "-w", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = outputs(tmp_path)
+    assert {k: sorted(v, key=lambda r: r["id"]) for k, v in got.items()} == EXPECTED
+
+
+def test_pipeline_through_dataflare_test(tmp_path):
+    flow = write_pipeline(tmp_path)
+    text = flow.read_text() + """
+tests:
+  - name: routes by amount and parity
+    inputs:
+      orders:
+        - {id: "10", email: "X@Y.Z", amount: "100"}
+        - {id: "11", email: "q@y.z", amount: "1"}
+        - {id: "13", email: "n@y.z", amount: "-5"}
+    expect:
+      big: [{id: 10, contact: {email: x@y.z}, amount: 100.0}]
+      even: [{id: 10, contact: {email: x@y.z}, amount: 100.0}]
+      rest: [{id: 11, contact: {email: q@y.z}, amount: 1.0}]
+  - name: a wrong expectation fails with a diff
+    inputs:
+      orders: [{id: "2", email: "a@b.c", amount: "3"}]
+    expect:
+      even: [{id: 2, contact: {email: a@b.c}, amount: 4.0}]
+"""
+    flow.write_text(text)
+    result = run_cli("test", str(flow))
+    assert result.code == 1
+    assert f"PASS {flow}: routes by amount and parity" in result.stdout
+    assert f"FAIL {flow}: a wrong expectation fails with a diff" in result.stdout
+    assert '- missing: {"amount":4,"contact":{"email":"a@b.c"},"id":2}' in result.stdout
+    assert '+ unexpected: {"amount":3,"contact":{"email":"a@b.c"},"id":2}' in result.stdout
+    assert "1 passed, 1 failed" in result.stdout
+
+
+def test_skip_drops_bad_records_and_keeps_the_rest(tmp_path):
+    flow = write_pipeline(tmp_path, "skip", lines=[*GOOD[:2], BAD_JSON, *GOOD[2:], BAD_VALUE])
+    result = run_cli("run", str(flow))
+    assert result.code == 0, result.stderr
+    assert outputs(tmp_path) == EXPECTED
+    assert "orders: 6, 1 failed" in result.stderr and "clean: 5, 1 failed" in result.stderr
+
+
+def test_fail_stops_naming_the_step_and_position(tmp_path):
+    flow = write_pipeline(tmp_path, "fail", lines=[*GOOD[:2], BAD_JSON, *GOOD[2:]])
+    result = run_cli("run", str(flow))
+    assert result.code == 1
+    assert "step 'orders' failed on the record at orders.jsonl:3: JSONDecodeError" in result.stderr
+    flow = write_pipeline(tmp_path, "fail", lines=[*GOOD[:3], BAD_VALUE])
+    result = run_cli("run", str(flow))
+    assert result.code == 1
+    assert ("step 'clean' failed on the record at orders.jsonl:4: RecordError: "
+            "to_int: 'seven' is not a number") in result.stderr
+
+
+def test_redirect_sends_failures_to_the_dead_letter_destination(tmp_path):
+    flow = write_pipeline(tmp_path, "redirect", lines=[*GOOD[:2], BAD_JSON, *GOOD[2:], BAD_VALUE])
+    result = run_cli("run", str(flow))
+    assert result.code == 0, result.stderr
+    got = outputs(tmp_path)
+    dead = got.pop("dead")
+    assert got == EXPECTED
+    assert sorted(dead, key=lambda r: r["error"]["step"]) == [
+        {"error": {"step": "clean", "type": "RecordError",
+                   "message": "to_int: 'seven' is not a number"},
+         "record": {"id": "seven", "email": "g@x.com", "amount": "1"}},
+        {"error": {"step": "orders", "type": "JSONDecodeError", "message": dead[0]["error"][
+            "message"] if dead[0]["error"]["step"] == "orders" else dead[1]["error"]["message"]},
+         "record": BAD_JSON},
+    ]
+
+
+def test_max_errors_stops_the_run(tmp_path):
+    flow = write_pipeline(tmp_path, "skip", "1", lines=[BAD_JSON, *GOOD, BAD_JSON])
+    result = run_cli("run", str(flow))
+    assert result.code == 1
+    assert "step 'orders': 2 failed records, more than max_errors 1" in result.stderr
+
+
+def test_unavailable_types_and_unset_variables_stop_run_before_starting(tmp_path):
+    flow = tmp_path / "f.yaml"
+    flow.write_text("""\
+workflow:
+  sources:
+    s: {type: file, config: {path: "${INPUT_FILE}"}}
+  destinations:
+    w: {type: snowflake, inputs: [s], config: {table: t}}
+""")
+    result = run_cli("run", str(flow))
+    assert result.code == 1
+    assert "sources.s.config.path: variable INPUT_FILE is not set" in result.stderr
+    assert "destinations.w.type: destination type 'snowflake' is planned" in result.stderr
+    assert run_cli("validate", str(flow)).code == 0
+
+
+@pytest.mark.parametrize("flow", FLOWS, ids=[f.stem for f in FLOWS])
+def test_every_example_flow_validates_and_passes_its_tests(flow, tmp_path):
+    result = run_cli("validate", str(flow))
+    assert result.code == 0, result.stderr
+    result = run_cli("test", str(flow))
+    assert result.code == 0, result.stdout + result.stderr
+    assert "0 failed" in result.stdout
+
+
+def test_quickstart_runs_and_graph_prints(tmp_path):
+    work = tmp_path / "flows"
+    shutil.copytree(ROOT / "flows", work, ignore=shutil.ignore_patterns("out"))
+    result = run_cli("run", str(work / "quickstart.yaml"))
+    assert result.code == 0, result.stderr
+    assert len(read_jsonl(work / "out" / "large_orders.jsonl")) == 2
+    graph = run_cli("graph", str(work / "quickstart.yaml"))
+    assert graph.code == 0
+    assert "by_size -->|large| large_orders" in graph.stdout
