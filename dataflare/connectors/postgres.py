@@ -1,0 +1,1054 @@
+"""PostgreSQL source (``type: postgres``): full snapshots, incremental polling and CDC.
+
+Modes (``mode:`` of the source; ``incremental`` when incremental settings are given,
+``full`` otherwise):
+
+- ``full``: one consistent read (``REPEATABLE READ``, server-side cursor) per partition,
+  in batches; a large table is split into key ranges (``partitions``), read in parallel
+  by the workers. The last key read is the partition's resume state.
+- ``incremental``: polls rows past the last ``(cursor, key)`` tuple every
+  ``incremental.interval``; comparing tuples, rows sharing a cursor value are never lost
+  between two batches. The cursor lives in the partition state.
+- ``cdc``: logical decoding with ``pgoutput`` through
+  ``pg_logical_slot_peek_binary_changes`` (psycopg has no replication protocol), decoded
+  by :mod:`dataflare.connectors.pgoutput`. The slot (and the publication) are created when
+  absent, *before* the initial snapshot (``cdc.snapshot_mode``), so no change is lost.
+  Records carry ``_meta`` (``op``, ``table``, ``lsn``, ``commit_ts``).
+- ``hybrid``: the initial phase, then the ongoing one (``cdc`` or ``incremental``).
+
+Delivery and the slot. Changes are *peeked*, never consumed on read: the partition state
+holds the end LSN of the last transaction it emitted, and the slot is advanced
+(``pg_replication_slot_advance``) only to the LSN of the *previous* snapshot. bytewax
+calls ``snapshot()`` for epoch ``e`` only once everything of epoch ``e - 1`` went through
+the dataflow and its snapshots were written, so the previous snapshot is durable: after a
+crash the dataflow resumes from it or a later one, and everything after it is still in
+the slot. A resumed partition skips transactions ending at or below its state LSN, so
+nothing is emitted twice. Without recovery ``snapshot()`` is never called and the slot is
+not advanced (every run re-reads from the slot's position): run CDC with recovery.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar, cast
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from pydantic import Field, model_validator
+
+from dataflare.config import Duration, Secret, Strict
+from dataflare.connectors.pgoutput import ChangeDecoder, ValueDecoder, int_to_lsn, lsn_to_int
+from dataflare.connectors.schema import (
+    OutputSchemaCheck,
+    checked,
+    discoverer,
+    json_value,
+    table_json_schema,
+)
+from dataflare.records import META
+from dataflare.registry import BuildContext, source
+from dataflare.retry import TransientError, call_with_retry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PSYCOPG_MISSING = "the postgres source needs psycopg: pip install 'psycopg[binary]'"
+
+
+class PostgresSourceConfig(Strict):
+    """Connection and read settings of a PostgreSQL source."""
+
+    dsn: Secret | None = Field(
+        None, description="libpq connection string or URL; the fields below override it."
+    )
+    host: str = Field("localhost", description="Server host.")
+    port: int = Field(5432, ge=1, le=65535, description="Server port.")
+    database: str | None = Field(None, description="Database name.")
+    username: str | None = Field(None, description="User name.")
+    password: Secret | None = Field(None, description="Password.")
+    db_schema: str = Field("public", alias="schema", description="Schema of `table`.")
+    table: str | None = Field(None, description="Table to read ('name' or 'schema.name').")
+    key_columns: list[str] = Field(
+        default_factory=list,
+        description="Columns ordering reads and resumes (default: the primary key).",
+    )
+    batch_size: int = Field(1000, ge=1, description="Rows per batch.")
+    partitions: int | None = Field(
+        None,
+        ge=1,
+        description="Key ranges a full read is split into (default: one per "
+        "`partition_rows` estimated rows; needs a single integer key).",
+    )
+    partition_rows: int = Field(
+        1_000_000, ge=1, description="Estimated rows per key range when `partitions` is unset."
+    )
+    incremental_column: str | None = Field(
+        None, description="Shorthand of `incremental.column` (selects mode incremental)."
+    )
+    stop_at_end: bool = Field(
+        False,
+        description="CDC: end the input once every pending change was read "
+        "(a catch-up run) instead of polling forever.",
+    )
+    connect_timeout: Duration = Field(10.0, description="Connection timeout.")
+    lag_report_interval: Duration = Field(
+        30.0, description="CDC: how often the slot lag is measured and logged."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PostgresSourceConfig:
+        if self.table is not None and self.table.count(".") > 1:
+            msg = f"table {self.table!r} must be 'name' or 'schema.name'"
+            raise ValueError(msg)
+        return self
+
+    def conninfo(self) -> str:
+        """The libpq connection string."""
+        from psycopg.conninfo import make_conninfo
+
+        given = self.model_fields_set
+        kw: dict[str, Any] = {}
+        if self.dsn is None or "host" in given:
+            kw["host"] = self.host
+        if self.dsn is None or "port" in given:
+            kw["port"] = self.port
+        if self.database:
+            kw["dbname"] = self.database
+        if self.username:
+            kw["user"] = self.username
+        if self.password is not None:
+            kw["password"] = self.password.get_secret_value()
+        kw["connect_timeout"] = max(1, int(self.connect_timeout))
+        base = self.dsn.get_secret_value() if self.dsn is not None else ""
+        return make_conninfo(base, **kw)
+
+    def qualified(self, name: str | None = None) -> tuple[str, str]:
+        """``(schema, table)`` of ``name`` (default: ``table``)."""
+        name = name or self.table
+        if not name:
+            msg = "config.table is required"
+            raise ValueError(msg)
+        if "." in name:
+            schema, _, table = name.partition(".")
+            return schema, table
+        return self.db_schema, name
+
+
+# -- plumbing --------------------------------------------------------------------------------
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ModuleNotFoundError as exc:  # pragma: no cover - psycopg is a dependency
+        raise ModuleNotFoundError(PSYCOPG_MISSING) from exc
+    return psycopg
+
+
+class Database:
+    """A lazily opened connection; operations retried per the workflow's retry policy.
+
+    A broken connection (``OperationalError``) is transient: the connection is dropped
+    and the operation retried on a new one. Other errors (bad SQL, missing table,
+    permissions) are terminal.
+    """
+
+    def __init__(self, step_id: str, conninfo: str, retry: Any, autocommit: bool = True) -> None:
+        self.step_id = step_id
+        self.conninfo = conninfo
+        self.retry = retry
+        self.autocommit = autocommit
+        self.conn: Any = None
+        self.on_reconnect: list[Callable[[], None]] = []
+
+    def connection(self) -> Any:
+        """The open connection (opened on first use)."""
+        if self.conn is None or self.conn.closed:
+            psycopg = _psycopg()
+            self.conn = psycopg.connect(self.conninfo, autocommit=self.autocommit)
+            self.conn.execute("SET TIME ZONE 'UTC'")
+            if not self.autocommit:
+                self.conn.commit()
+        return self.conn
+
+    def run(self, what: str, fn: Callable[[Any], T]) -> T:
+        """``fn(connection)``, retried on connection failures."""
+        psycopg = _psycopg()
+
+        def attempt() -> T:
+            return fn(self.connection())
+
+        def reset(_exc: BaseException) -> None:
+            self.close()
+            for cb in self.on_reconnect:
+                cb()
+
+        try:
+            return call_with_retry(
+                f"step '{self.step_id}': {what}",
+                attempt,
+                self.retry,
+                transient=(psycopg.OperationalError, TransientError),
+                on_retry=reset,
+            )
+        except psycopg.Error as exc:
+            self.close()
+            for cb in self.on_reconnect:
+                cb()
+            msg = f"step '{self.step_id}': {what} failed: {type(exc).__name__}: {exc}".rstrip()
+            raise RuntimeError(msg) from exc
+
+    def close(self) -> None:
+        """Close the connection (if open)."""
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail
+                log.debug("closing connection failed", exc_info=True)
+        self.conn = None
+
+
+def _ident(*parts: str) -> Any:
+    from psycopg import sql
+
+    return sql.Identifier(*parts)
+
+
+def _columns_sql(names: Sequence[str]) -> Any:
+    from psycopg import sql
+
+    return sql.SQL(", ").join(sql.Identifier(n) for n in names)
+
+
+def primary_key(conn: Any, schema: str, table: str) -> list[str]:
+    """The primary key columns of ``schema.table``, in key order (empty without one)."""
+    rows = conn.execute(
+        """
+        SELECT a.attname
+          FROM pg_index i
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+         WHERE i.indrelid = format('%%I.%%I', %s::text, %s::text)::regclass AND i.indisprimary
+         ORDER BY array_position(i.indkey::int2[], a.attnum)
+        """,
+        (schema, table),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def table_exists(conn: Any, schema: str, table: str) -> bool:
+    """Whether ``schema.table`` exists."""
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL", (schema, table)
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _records(
+    names: Sequence[str], rows: Iterable[Sequence[Any]], meta: dict[str, Any]
+) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        rec = {n: json_value(v) for n, v in zip(names, row, strict=True)}
+        rec[META] = dict(meta)
+        out.append(rec)
+    return out
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- table reads (full mode and the snapshots of cdc/hybrid) ----------------------------------
+
+
+class TableRead:
+    """One consistent read of a table (or of one key range of it) in key order.
+
+    A ``REPEATABLE READ`` transaction with a server-side cursor; ``after`` (the last key
+    read) is where a resumed read starts again. Without a key a resumed read starts over.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        schema: str,
+        table: str,
+        key: list[str],
+        batch_size: int,
+        after: list[Any] | None = None,
+        lower: Any = None,
+        upper: Any = None,
+        op: str | None = None,
+    ) -> None:
+        self.db, self.schema, self.table, self.key = db, schema, table, key
+        self.batch_size = batch_size
+        self.after = after
+        self.lower, self.upper = lower, upper
+        self.meta: dict[str, Any] = {"table": f"{schema}.{table}"}
+        if op:
+            self.meta["op"] = op
+        self.cursor: Any = None
+        self.names: list[str] = []
+        self.done = False
+        db.on_reconnect.append(self._lost)
+
+    def _lost(self) -> None:
+        self.cursor = None
+
+    def _open(self, conn: Any) -> None:
+        from psycopg import sql
+
+        conds, params = [], []
+        if self.after is not None and self.key:
+            conds.append(
+                sql.SQL("({}) > ({})").format(
+                    _columns_sql(self.key), sql.SQL(", ").join(sql.Placeholder() * len(self.key))
+                )
+            )
+            params.extend(self.after)
+        if self.lower is not None:
+            conds.append(sql.SQL("{} >= %s").format(_ident(self.key[0])))
+            params.append(self.lower)
+        if self.upper is not None:
+            conds.append(sql.SQL("{} < %s").format(_ident(self.key[0])))
+            params.append(self.upper)
+        query = sql.SQL("SELECT * FROM {}").format(_ident(self.schema, self.table))
+        if conds:
+            query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
+        if self.key:
+            query += sql.SQL(" ORDER BY ") + _columns_sql(self.key)
+        from psycopg import IsolationLevel
+
+        if conn.isolation_level != IsolationLevel.REPEATABLE_READ:
+            conn.rollback()
+            conn.isolation_level = IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+        cur = conn.cursor(name=f"dataflare_{id(self):x}")
+        cur.itersize = self.batch_size
+        cur.execute(query, params)
+        self.cursor = cur
+
+    def _fetch(self, conn: Any) -> list[Sequence[Any]]:
+        if self.cursor is None:
+            self._open(conn)
+        rows: list[Sequence[Any]] = self.cursor.fetchmany(self.batch_size)
+        if not self.names and self.cursor.description:
+            self.names = [d.name for d in self.cursor.description]
+        if len(rows) < self.batch_size:
+            self.cursor.close()
+            self.cursor = None
+            conn.commit()
+            self.done = True
+        return rows
+
+    def read(self) -> list[dict[str, Any]]:
+        """The next batch of records (empty and ``done`` at the end)."""
+        if self.done:
+            return []
+        rows = self.db.run(f"reading {self.schema}.{self.table}", self._fetch)
+        if rows and self.key:
+            idx = [self.names.index(k) for k in self.key]
+            self.after = [rows[-1][i] for i in idx]
+        return _records(self.names, rows, self.meta)
+
+
+def _key_or_configured(
+    db: Database, cfg: PostgresSourceConfig, schema: str, table: str
+) -> list[str]:
+    if cfg.key_columns:
+        return list(cfg.key_columns)
+
+    def find(conn: Any) -> list[str]:
+        if not table_exists(conn, schema, table):
+            msg = f"table {schema}.{table} does not exist"
+            raise LookupError(msg)
+        return primary_key(conn, schema, table)
+
+    try:
+        return db.run(f"looking up the key of {schema}.{table}", find)
+    except LookupError as exc:
+        msg = f"step '{db.step_id}': {exc}"
+        raise RuntimeError(msg) from None
+
+
+# -- full mode -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Range:
+    lower: int | None
+    upper: int | None
+
+    def name(self, table: str) -> str:
+        lo = "" if self.lower is None else str(self.lower)
+        hi = "" if self.upper is None else str(self.upper)
+        return f"{table}[{lo}:{hi})"
+
+    @staticmethod
+    def parse(name: str) -> _Range:
+        inner = name[name.rindex("[") + 1 : -1]
+        lo, _, hi = inner.partition(":")
+        return _Range(int(lo) if lo else None, int(hi) if hi else None)
+
+
+class FullPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
+    """One key range of a full read; state: the last key read and whether it is done."""
+
+    def __init__(self, src: PostgresSource, rng: _Range, state: dict[str, Any] | None) -> None:
+        self.src = src
+        cfg = src.cfg
+        schema, table = cfg.qualified()
+        self.db = Database(src.step_id, cfg.conninfo(), src.retry, autocommit=False)
+        state = state or {}
+        self.done = bool(state.get("done"))
+        key = _key_or_configured(self.db, cfg, schema, table) if not self.done else []
+        self.read = TableRead(
+            self.db,
+            schema,
+            table,
+            key,
+            cfg.batch_size,
+            state.get("after") if key else None,
+            rng.lower,
+            rng.upper,
+        )
+        self.check = OutputSchemaCheck.of(src.step_id, src.component)
+
+    def next_batch(self) -> list[list[Any]]:
+        """The next batches of records (see the class docs)."""
+        if self.done:
+            raise StopIteration
+        batch = self.read.read()
+        if self.read.done:
+            self.done = True
+        return [checked(self.check, batch)] if batch else []
+
+    def snapshot(self) -> dict[str, Any]:
+        """The resume state."""
+        return {"after": self.read.after, "done": self.done}
+
+    def close(self) -> None:
+        """Close the connections."""
+        self.db.close()
+
+
+# -- incremental mode ------------------------------------------------------------------------
+
+
+class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
+    """Polls rows past the last ``(cursor, key...)`` tuple of one table."""
+
+    def __init__(self, src: PostgresSource, state: dict[str, Any] | None) -> None:
+        self.src = src
+        cfg = src.cfg
+        self.schema, self.table = cfg.qualified()
+        self.db = Database(src.step_id, cfg.conninfo(), src.retry)
+        self.column, self.field, self.start = src.incremental_settings()
+        self.interval = timedelta(seconds=src.poll_interval())
+        self.key = [
+            k for k in _key_or_configured(self.db, cfg, self.schema, self.table) if k != self.column
+        ]
+        state = state or {}
+        self.cursor: Any = state.get("cursor")
+        self.after_key: list[Any] | None = state.get("key")
+        self.awake: datetime | None = None
+        self.check = OutputSchemaCheck.of(src.step_id, src.component)
+        self.meta = {"table": f"{self.schema}.{self.table}"}
+
+    def _query(self, conn: Any) -> tuple[list[str], list[Sequence[Any]]]:
+        from psycopg import sql
+
+        order = [self.column, *self.key]
+        params: list[Any] = []
+        cond = sql.SQL("{} IS NOT NULL").format(_ident(self.column))
+        if self.cursor is not None:
+            if self.key:
+                cond += sql.SQL(" AND ({}) > ({})").format(
+                    _columns_sql(order), sql.SQL(", ").join(sql.Placeholder() * len(order))
+                )
+                params.extend([self.cursor, *(self.after_key or [None] * len(self.key))])
+                if self.after_key is None:
+                    # Only the cursor is known (a migrated state): rows after that value.
+                    cond = sql.SQL("{} > %s").format(_ident(self.column))
+                    params = [self.cursor]
+            else:
+                cond += sql.SQL(" AND {} > %s").format(_ident(self.column))
+                params.append(self.cursor)
+        elif self.start is not None:
+            cond += sql.SQL(" AND {} >= %s").format(_ident(self.column))
+            params.append(self.start)
+        query = sql.SQL("SELECT * FROM {} WHERE {} ORDER BY {} LIMIT {}").format(
+            _ident(self.schema, self.table),
+            cond,
+            _columns_sql(order),
+            sql.Literal(self.src.cfg.batch_size),
+        )
+        cur = conn.execute(query, params)
+        names = [d.name for d in cur.description]
+        rows = cur.fetchall()
+        if not self.key and len(rows) == self.src.cfg.batch_size:
+            # Without a key, a batch ends between rows sharing a cursor value: read that
+            # value's rows whole so the next `>` comparison loses none of them.
+            col = names.index(self.column)
+            last = rows[-1][col]
+            rows = [r for r in rows if r[col] != last]
+            ties = conn.execute(
+                sql.SQL("SELECT * FROM {} WHERE {} = %s").format(
+                    _ident(self.schema, self.table), _ident(self.column)
+                ),
+                [last],
+            ).fetchall()
+            rows.extend(ties)
+        return names, rows
+
+    def next_batch(self) -> list[list[Any]]:
+        """The next batches of records (see the class docs)."""
+        names, rows = self.db.run(f"polling {self.schema}.{self.table}", self._query)
+        if len(rows) < self.src.cfg.batch_size:
+            self.awake = _now() + self.interval
+        else:
+            self.awake = None
+        if not rows:
+            return []
+        last = rows[-1]
+        self.cursor = last[names.index(self.column)]
+        self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
+        return [checked(self.check, _records(names, rows, self.meta))]
+
+    def next_awake(self) -> datetime | None:
+        """When to poll next."""
+        return self.awake
+
+    def snapshot(self) -> dict[str, Any]:
+        """The resume state."""
+        return {"cursor": self.cursor, "key": self.after_key}
+
+    def close(self) -> None:
+        """Close the connections."""
+        self.db.close()
+
+
+# -- cdc and hybrid --------------------------------------------------------------------------
+
+_LAG_GAUGE: Any = None
+
+
+def slot_lag_gauge() -> Any:
+    """The Prometheus gauge of replication slot lag (bytes of WAL not yet acknowledged)."""
+    global _LAG_GAUGE
+    if _LAG_GAUGE is None:
+        from prometheus_client import Gauge
+
+        _LAG_GAUGE = Gauge(
+            "dataflare_postgres_slot_lag_bytes",
+            "WAL bytes between the server's current position and the slot's confirmed one.",
+            ["step", "slot"],
+        )
+    return _LAG_GAUGE
+
+
+class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
+    """The change stream of one replication slot, after an optional snapshot of the tables.
+
+    State: ``phase`` (``snapshot``/``stream``), ``lsn`` (end of the last emitted
+    transaction; the slot's position before a snapshot), and during a snapshot the table
+    being read and its last key.
+    """
+
+    def __init__(self, src: PostgresSource, state: dict[str, Any] | None) -> None:
+        self.src = src
+        cfg, cdc = src.cfg, src.cdc_settings()
+        self.slot = cdc.slot_name or f"dataflare_{src.step_id}".lower().replace("-", "_")
+        self.publication = cdc.publication_name or f"dataflare_{src.step_id}".lower().replace(
+            "-", "_"
+        )
+        self.batch_size = cfg.batch_size
+        self.poll = timedelta(seconds=cdc.poll_interval)
+        self.db = Database(src.step_id, cfg.conninfo(), src.retry)
+        self.tables = src.cdc_tables()
+        self.check = OutputSchemaCheck.of(src.step_id, src.component)
+        start_lsn = self.db.run("preparing the replication slot", self._prepare)
+        self.decoder = ChangeDecoder(
+            src.step_id, ValueDecoder(self.db.connection()), self.tables or None
+        )
+        snapshot_mode, streams = src.snapshot_plan()
+        self.streams = streams
+        self.not_before = src.stream_not_before()
+        if state is None:
+            self.lsn = start_lsn
+            self.phase = "snapshot" if snapshot_mode in ("initial", "always") else "stream"
+            self.table_index, self.after = 0, None
+        else:
+            self.lsn = int(state["lsn"])
+            self.phase = state["phase"]
+            self.table_index, self.after = state.get("table_index", 0), state.get("after")
+            if snapshot_mode == "always" and self.phase == "stream":
+                self.phase, self.table_index, self.after = "snapshot", 0, None
+        # The state we resumed from is durable: the slot may move up to it at once.
+        self.durable_lsn: int | None = self.lsn if state is not None else None
+        self.advanced = 0
+        self.read: TableRead | None = None
+        self.read_db: Database | None = None
+        self.skip_rows = 0
+        self.awake: datetime | None = None
+        self.ended = False
+        self.last_lag_report: datetime | None = None
+        if self.durable_lsn is not None:
+            self._advance(self.durable_lsn)
+
+    # set-up
+
+    def _prepare(self, conn: Any) -> int:
+        cdc = self.src.cdc_settings()
+        row = conn.execute(
+            "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,)
+        ).fetchone()
+        if row is None:
+            if not cdc.create_publication:
+                msg = (
+                    f"step '{self.src.step_id}': publication '{self.publication}' does not "
+                    "exist (create it or set cdc.create_publication: true)"
+                )
+                raise LookupError(msg)
+            from psycopg import sql
+
+            if self.tables:
+                targets = sql.SQL(", ").join(_ident(*t.split(".", 1)) for t in sorted(self.tables))
+                conn.execute(
+                    sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                        _ident(self.publication), targets
+                    )
+                )
+            else:
+                conn.execute(
+                    sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(_ident(self.publication))
+                )
+            log.info("step '%s': created publication %s", self.src.step_id, self.publication)
+        row = conn.execute(
+            "SELECT plugin, confirmed_flush_lsn::text FROM pg_replication_slots "
+            "WHERE slot_name = %s",
+            (self.slot,),
+        ).fetchone()
+        if row is None:
+            row = conn.execute(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
+                (self.slot,),
+            ).fetchone()
+            log.info(
+                "step '%s': created replication slot %s at %s", self.src.step_id, self.slot, row[0]
+            )
+            return lsn_to_int(row[0])
+        if row[0] != "pgoutput":
+            msg = (
+                f"step '{self.src.step_id}': replication slot '{self.slot}' uses plugin "
+                f"'{row[0]}', expected 'pgoutput'"
+            )
+            raise ValueError(msg)
+        return lsn_to_int(row[1])
+
+    # snapshot phase
+
+    def _snapshot_batch(self) -> list[dict[str, Any]]:
+        tables = self.src.snapshot_tables()
+        while self.table_index < len(tables):
+            if self.read is None:
+                schema, table = tables[self.table_index].split(".", 1)
+                self.read_db = Database(
+                    self.src.step_id, self.src.cfg.conninfo(), self.src.retry, autocommit=False
+                )
+                key = _key_or_configured(self.read_db, self.src.cfg, schema, table)
+                self.read = TableRead(
+                    self.read_db, schema, table, key, self.batch_size, self.after, op="read"
+                )
+            batch = self.read.read()
+            self.after = self.read.after
+            if self.read.done:
+                assert self.read_db is not None
+                self.read_db.close()
+                self.read, self.read_db = None, None
+                self.table_index, self.after = self.table_index + 1, None
+            if batch:
+                return batch
+        self.phase = "stream" if self.streams else "done"
+        return []
+
+    # stream phase
+
+    def _peek(self, conn: Any) -> list[tuple[str, bytes]]:
+        rows = conn.execute(
+            "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
+            "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s)",
+            (self.slot, self.skip_rows + self.batch_size, self.publication),
+        ).fetchall()
+        return [(r[0], bytes(r[1])) for r in rows]
+
+    def _stream_batch(self) -> list[Any]:
+        requested = self.skip_rows + self.batch_size
+        rows = self.db.run(f"reading changes of slot '{self.slot}'", self._peek)
+        records: list[Any] = []
+        skipped = 0
+        in_tx = 0
+        for lsn_text, data in rows:
+            in_tx += 1
+            self.decoder.skip_below = self.lsn
+            tx = self.decoder.feed(data, lsn_to_int(lsn_text))
+            if tx is None:
+                continue
+            if tx.end_lsn <= self.lsn:
+                skipped += in_tx
+            else:
+                records.extend(tx.records)
+                self.lsn = tx.end_lsn
+            in_tx = 0
+        self.skip_rows = skipped
+        if len(rows) < requested:
+            if self.src.cfg.stop_at_end:
+                self.ended = True
+            self.awake = _now() + self.poll
+        else:
+            self.awake = None
+        return records
+
+    def next_batch(self) -> list[list[Any]]:
+        """The next batches of records (see the class docs)."""
+        if self.phase == "done" or (self.ended and self.phase == "stream"):
+            raise StopIteration
+        if self.phase == "snapshot":
+            batch = self._snapshot_batch()
+            self.awake = None
+            return [checked(self.check, batch)] if batch else []
+        if self.not_before is not None and _now() < self.not_before:
+            self.awake = self.not_before
+            return []
+        records = self._stream_batch()
+        self._report_lag()
+        return [checked(self.check, chunk) for chunk in _chunks(records, self.batch_size)]
+
+    def next_awake(self) -> datetime | None:
+        """When to poll next."""
+        return self.awake
+
+    # acknowledgement
+
+    def _advance(self, lsn: int) -> None:
+        if lsn <= self.advanced:
+            return
+
+        def advance(conn: Any) -> None:
+            conn.execute(
+                "SELECT pg_replication_slot_advance(slot_name, %s::pg_lsn) "
+                "FROM pg_replication_slots WHERE slot_name = %s "
+                "AND confirmed_flush_lsn < %s::pg_lsn",
+                (int_to_lsn(lsn), self.slot, int_to_lsn(lsn)),
+            )
+
+        try:
+            self.db.run(f"advancing slot '{self.slot}' to {int_to_lsn(lsn)}", advance)
+        except RuntimeError:
+            # Not advancing only keeps WAL longer; the next snapshot tries again.
+            log.warning(
+                "step '%s': could not advance slot %s", self.src.step_id, self.slot, exc_info=True
+            )
+            return
+        self.advanced = lsn
+        self._report_lag(force=True)
+
+    def _report_lag(self, force: bool = False) -> None:
+        now = _now()
+        every = timedelta(seconds=self.src.cfg.lag_report_interval)
+        if not force and self.last_lag_report is not None and now - self.last_lag_report < every:
+            return
+        self.last_lag_report = now
+
+        def lag(conn: Any) -> int | None:
+            row = conn.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+                "FROM pg_replication_slots WHERE slot_name = %s",
+                (self.slot,),
+            ).fetchone()
+            return None if row is None or row[0] is None else int(row[0])
+
+        try:
+            value = self.db.run(f"measuring the lag of slot '{self.slot}'", lag)
+        except RuntimeError:
+            log.warning("step '%s': could not measure slot lag", self.src.step_id, exc_info=True)
+            return
+        if value is not None:
+            slot_lag_gauge().labels(step=self.src.step_id, slot=self.slot).set(value)
+            log.info(
+                "step '%s': replication slot %s lag %d bytes", self.src.step_id, self.slot, value
+            )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The resume state."""
+        # Everything up to the previous snapshot is durable now (see the module docs).
+        if self.durable_lsn is not None:
+            self._advance(self.durable_lsn)
+        state = {
+            "phase": self.phase,
+            "lsn": self.lsn,
+            "table_index": self.table_index,
+            "after": self.after,
+        }
+        self.durable_lsn = self.lsn
+        return state
+
+    def close(self) -> None:
+        """Close the connections."""
+        if self.read_db is not None:
+            self.read_db.close()
+        self.db.close()
+
+
+# -- the source ------------------------------------------------------------------------------
+
+
+class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
+    """A bytewax source reading one PostgreSQL table or change stream (see module docs)."""
+
+    def __init__(self, ctx: BuildContext) -> None:
+        self.step_id = ctx.step_id
+        self.cfg: PostgresSourceConfig = ctx.config
+        self.component = ctx.component
+        self.retry = ctx.workflow.config.retry
+        self.mode = effective_mode(ctx.component, self.cfg)
+
+    # settings
+
+    def incremental_settings(self) -> tuple[str, str, Any]:
+        """``(column, cursor_field, start_value)`` of incremental reads."""
+        inc = self.component.incremental
+        column = (inc and (inc.column or inc.cursor_field)) or self.cfg.incremental_column
+        if not column:
+            msg = (
+                f"source '{self.step_id}': mode incremental needs incremental.column "
+                "(or config.incremental_column)"
+            )
+            raise ValueError(msg)
+        field = (inc and inc.cursor_field) or column
+        start = inc.start_value if inc else None
+        if start is not None and inc is not None and inc.cursor_type == "integer":
+            start = int(start)
+        return column, field, start
+
+    def poll_interval(self) -> float:
+        """Seconds between incremental polls."""
+        inc = self.component.incremental
+        return float(inc.interval) if inc is not None else 10.0
+
+    def cdc_settings(self) -> Any:
+        """The component's ``cdc`` block (defaults when absent)."""
+        from dataflare.dsl_compiler.models import Cdc
+
+        return self.component.cdc or Cdc()
+
+    def cdc_tables(self) -> list[str]:
+        """``schema.table`` names whose changes are read."""
+        cdc = self.cdc_settings()
+        tables = list(cdc.include_tables)
+        if not tables and self.cfg.table:
+            tables = [".".join(self.cfg.qualified())]
+        tables = [t if "." in t else f"{self.cfg.db_schema}.{t}" for t in tables]
+        excluded = {t if "." in t else f"{self.cfg.db_schema}.{t}" for t in cdc.exclude_tables}
+        return [t for t in tables if t not in excluded]
+
+    def snapshot_tables(self) -> list[str]:
+        """Tables read by the initial snapshot."""
+        return self.cdc_tables()
+
+    def snapshot_plan(self) -> tuple[str, bool]:
+        """``(snapshot_mode, streams)``: the snapshot policy and whether changes follow."""
+        if self.mode == "hybrid":
+            hybrid = self.component.hybrid
+            never = hybrid is not None and hybrid.transition_after == "never"
+            return "initial", not never
+        return self.cdc_settings().snapshot_mode, True
+
+    def stream_not_before(self) -> datetime | None:
+        """The time a hybrid source switches to changes (``transition_after: timestamp``)."""
+        hybrid = self.component.hybrid
+        if self.mode != "hybrid" or hybrid is None or hybrid.transition_after != "timestamp":
+            return None
+        ts = hybrid.transition_timestamp
+        if ts is None:
+            msg = (
+                f"source '{self.step_id}': transition_after 'timestamp' needs transition_timestamp"
+            )
+            raise ValueError(msg)
+        return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+    def ongoing_mode(self) -> str:
+        """The mode after the initial phase: cdc, incremental or full."""
+        if self.mode == "hybrid":
+            hybrid = self.component.hybrid
+            return hybrid.ongoing_mode if hybrid is not None else "cdc"
+        return self.mode
+
+    # bytewax
+
+    def list_parts(self) -> list[str]:
+        """Partitions: key ranges (full), the table (incremental) or the slot (cdc)."""
+        mode = self.ongoing_mode()
+        if mode == "cdc":
+            return [f"cdc:{self.cdc_settings().slot_name or self.step_id}"]
+        schema, table = self.cfg.qualified()
+        if mode == "incremental":
+            return [f"incremental:{schema}.{table}"]
+        return [r.name(f"{schema}.{table}") for r in self._ranges(schema, table)]
+
+    def _ranges(self, schema: str, table: str) -> list[_Range]:
+        if self.cfg.partitions == 1:
+            return [_Range(None, None)]
+        db = Database(self.step_id, self.cfg.conninfo(), self.retry)
+        try:
+            key = _key_or_configured(db, self.cfg, schema, table)
+
+            def bounds(conn: Any) -> tuple[Any, Any, float]:
+                from psycopg import sql
+
+                row = conn.execute(
+                    sql.SQL("SELECT min({k}), max({k}) FROM {t}").format(
+                        k=_ident(key[0]), t=_ident(schema, table)
+                    )
+                ).fetchone()
+                est = conn.execute(
+                    "SELECT reltuples FROM pg_class WHERE oid = "
+                    "format('%%I.%%I', %s::text, %s::text)::regclass",
+                    (schema, table),
+                ).fetchone()
+                return row[0], row[1], float(est[0] if est else 0)
+
+            if len(key) != 1:
+                return [_Range(None, None)]
+            lo, hi, est = db.run(f"measuring {schema}.{table}", bounds)
+        finally:
+            db.close()
+        if not isinstance(lo, int) or not isinstance(hi, int) or hi <= lo:
+            return [_Range(None, None)]
+        n = self.cfg.partitions or max(1, min(64, math.ceil(est / self.cfg.partition_rows)))
+        n = min(n, hi - lo + 1)
+        if n <= 1:
+            return [_Range(None, None)]
+        step = (hi - lo + 1) / n
+        cuts = [lo + int(step * i) for i in range(1, n)]
+        edges: list[int | None] = [None, *cuts, None]
+        return [_Range(edges[i], edges[i + 1]) for i in range(n)]
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: dict[str, Any] | None
+    ) -> StatefulSourcePartition[list[Any], dict[str, Any]]:
+        """Build (or resume) one partition."""
+        if for_part.startswith("cdc:"):
+            return ChangePartition(self, resume_state)
+        if for_part.startswith("incremental:"):
+            return IncrementalPartition(self, resume_state)
+        return FullPartition(self, _Range.parse(for_part), resume_state)
+
+
+Mode = Literal["full", "incremental", "cdc", "hybrid"]
+
+
+def effective_mode(component: Any, cfg: Any) -> Mode:
+    """The source's mode: as written, else incremental with incremental settings, else full."""
+    mode = getattr(component, "mode", None)
+    if mode is None:
+        inc = getattr(component, "incremental", None)
+        return "incremental" if (inc is not None or cfg.incremental_column) else "full"
+    if mode == "streaming":
+        msg = (
+            f"mode 'streaming' is not supported by type '{component.type}' "
+            "(use 'cdc' for a change stream, or 'incremental')"
+        )
+        raise ValueError(msg)
+    return cast(Mode, mode)
+
+
+@source(
+    "postgres",
+    config=PostgresSourceConfig,
+    description="PostgreSQL table: full snapshot, incremental polling, or CDC (pgoutput).",
+)
+def build_postgres_source(ctx: BuildContext) -> PostgresSource:
+    """Build the PostgreSQL source of ``ctx``."""
+    src = PostgresSource(ctx)
+    if src.ongoing_mode() != "cdc" and not ctx.config.table:
+        msg = f"source '{ctx.step_id}': config.table is required for mode '{src.mode}'"
+        raise ValueError(msg)
+    if src.ongoing_mode() == "incremental":
+        src.incremental_settings()
+    return src
+
+
+# -- discovery -------------------------------------------------------------------------------
+
+
+@discoverer("postgres")
+def discover_postgres(ctx: BuildContext) -> dict[str, Any]:
+    """Columns, types and keys of the source's tables.
+
+    Without a table or CDC table list: every table of the configured schema.
+    """
+    cfg: PostgresSourceConfig = ctx.config
+    db = Database(ctx.step_id, cfg.conninfo(), ctx.workflow.config.retry)
+    try:
+        cdc = getattr(ctx.component, "cdc", None)
+        names = list(cdc.include_tables) if cdc is not None and cdc.include_tables else []
+        if cfg.table:
+            names.append(".".join(cfg.qualified()))
+
+        def describe(conn: Any) -> list[dict[str, Any]]:
+            tables = [tuple(n.split(".", 1)) if "." in n else (cfg.db_schema, n) for n in names]
+            if not tables:
+                tables = [
+                    (r[0], r[1])
+                    for r in conn.execute(
+                        "SELECT table_schema, table_name FROM information_schema.tables "
+                        "WHERE table_schema = %s AND table_type = 'BASE TABLE' "
+                        "ORDER BY table_name",
+                        (cfg.db_schema,),
+                    ).fetchall()
+                ]
+            out = []
+            for schema, table in dict.fromkeys(tables):
+                cols = [
+                    {"name": r[0], "type": r[1], "nullable": r[2] == "YES"}
+                    for r in conn.execute(
+                        "SELECT column_name, format_type(a.atttypid, a.atttypmod), is_nullable "
+                        "FROM information_schema.columns c "
+                        "JOIN pg_attribute a ON a.attrelid = "
+                        "format('%%I.%%I', c.table_schema, c.table_name)::regclass "
+                        "AND a.attname = c.column_name "
+                        "WHERE c.table_schema = %s AND c.table_name = %s "
+                        "ORDER BY c.ordinal_position",
+                        (schema, table),
+                    ).fetchall()
+                ]
+                if not cols:
+                    msg = f"table {schema}.{table} does not exist"
+                    raise LookupError(msg)
+                out.append(
+                    {
+                        "schema": schema,
+                        "name": table,
+                        "primary_key": primary_key(conn, schema, table),
+                        "columns": cols,
+                        "json_schema": table_json_schema(cols),
+                    }
+                )
+            return out
+
+        try:
+            tables = db.run("discovering tables", describe)
+        except LookupError as exc:
+            msg = f"source '{ctx.step_id}': {exc}"
+            raise ValueError(msg) from None
+        return {"type": "postgres", "tables": tables}
+    finally:
+        db.close()

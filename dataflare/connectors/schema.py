@@ -1,0 +1,319 @@
+"""Schema helpers of the database and API sources: discovery, JSON values and output checks.
+
+- :func:`json_value` turns what a database driver returns (``datetime``, ``Decimal``,
+  ``UUID``, ``bytes``...) into the JSON-like values records carry, the same way for a
+  snapshot read and for a decoded change, so a row looks alike whichever path it took.
+- :func:`infer_schema` infers a JSON Schema from sample records (REST APIs);
+  :func:`column_schema` maps database column types to JSON Schema.
+- :class:`OutputSchemaCheck` checks records against a source's ``output_schema`` and turns
+  violations into :class:`~dataflare.records.Failed` entries (the source's error policy
+  then applies).
+- :func:`discover` is the entry point of ``dataflare discover``: for a built source
+  context it returns the tables/columns (databases) or the inferred record schema (APIs).
+  Connector modules register their discovery function with :func:`discoverer`.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from dataflare.records import META, Failed
+
+DiscoverFn = Callable[[Any], dict[str, Any]]
+_DISCOVERERS: dict[str, DiscoverFn] = {}
+
+
+def discoverer(type_name: str) -> Callable[[DiscoverFn], DiscoverFn]:
+    """Register the schema discovery function of the source type ``type_name``."""
+
+    def deco(fn: DiscoverFn) -> DiscoverFn:
+        _DISCOVERERS[type_name] = fn
+        return fn
+
+    return deco
+
+
+def discoverable() -> list[str]:
+    """Source types that support discovery."""
+    from dataflare import registry
+
+    registry.load()
+    return sorted(_DISCOVERERS)
+
+
+def discover(ctx: Any) -> dict[str, Any]:
+    """Describe what the source of ``ctx`` (a ``BuildContext``) would read.
+
+    Databases answer ``{"type", "tables": [{"schema", "name", "primary_key", "columns":
+    [{"name", "type", "nullable"}], "json_schema"}]}``; APIs answer ``{"type", "url",
+    "sampled", "json_schema"}``. Raises ``ValueError`` for a type without discovery.
+    """
+    from dataflare import registry
+
+    registry.load()
+    type_name = ctx.component.type
+    fn = _DISCOVERERS.get(type_name)
+    if fn is None:
+        msg = (
+            f"source '{ctx.step_id}': type '{type_name}' does not support discovery "
+            f"(supported: {', '.join(sorted(_DISCOVERERS)) or 'none'})"
+        )
+        raise ValueError(msg)
+    return fn(ctx)
+
+
+def json_value(value: Any) -> Any:
+    """A driver value as a JSON-like value (timestamps as ISO-8601 text, bytes as hex)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, Decimal):
+        if value.is_nan() or value.is_infinite():
+            return float(value)
+        exponent = value.as_tuple().exponent
+        if isinstance(exponent, int) and exponent >= 0:
+            return int(value)
+        return float(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, date | time):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted(json_value(v) for v in value)
+    return str(value)
+
+
+def b64(value: bytes) -> str:
+    """Bytes as base64 text."""
+    return base64.b64encode(value).decode("ascii")
+
+
+# -- JSON Schema of database columns and sample records ------------------------------------
+
+_SQL_TYPES: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("bool", "boolean"), {"type": "boolean"}),
+    (
+        (
+            "smallint",
+            "integer",
+            "bigint",
+            "int",
+            "int2",
+            "int4",
+            "int8",
+            "tinyint",
+            "mediumint",
+            "serial",
+            "bigserial",
+            "smallserial",
+            "year",
+        ),
+        {"type": "integer"},
+    ),
+    (
+        ("real", "double", "float", "float4", "float8", "numeric", "decimal", "money"),
+        {"type": "number"},
+    ),
+    (("timestamp", "timestamptz", "datetime"), {"type": "string", "format": "date-time"}),
+    (("date",), {"type": "string", "format": "date"}),
+    (("time",), {"type": "string", "format": "time"}),
+    (("uuid",), {"type": "string", "format": "uuid"}),
+    (("json", "jsonb"), {}),
+    (("interval",), {"type": "number"}),
+)
+
+
+def column_schema(sql_type: str) -> dict[str, Any]:
+    """The JSON Schema of the values a column of ``sql_type`` produces in records."""
+    t = sql_type.lower().strip()
+    if t.endswith("[]") or t.startswith("_") or t == "array":
+        return {"type": "array"}
+    if t in ("bit(1)", "tinyint(1)"):
+        return {"type": "boolean"}
+    base = t.split("(")[0].strip()
+    for names, schema in _SQL_TYPES:
+        for name in names:
+            if base == name or base.startswith(name + " "):
+                return dict(schema)
+    return {"type": "string"}
+
+
+def table_json_schema(columns: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """A JSON Schema of a table's records from its discovered columns."""
+    props: dict[str, Any] = {}
+    required = []
+    for col in columns:
+        schema = column_schema(col["type"])
+        if col.get("nullable", True) and "type" in schema:
+            schema["type"] = [schema["type"], "null"]
+        elif not col.get("nullable", True):
+            required.append(col["name"])
+        props[col["name"]] = schema
+    out: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        out["required"] = required
+    return out
+
+
+def _value_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "string"
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    types_a = a.get("type", [])
+    types_b = b.get("type", [])
+    types = sorted(
+        set(types_a if isinstance(types_a, list) else [types_a])
+        | set(types_b if isinstance(types_b, list) else [types_b])
+    )
+    if "integer" in types and "number" in types:
+        types.remove("integer")
+    out: dict[str, Any] = {"type": types[0] if len(types) == 1 else types}
+    if "object" in types:
+        props = dict(a.get("properties", {}))
+        for k, v in b.get("properties", {}).items():
+            props[k] = _merge(props[k], v) if k in props else v
+        out["properties"] = props
+    if "array" in types:
+        items_a, items_b = a.get("items"), b.get("items")
+        if items_a and items_b:
+            out["items"] = _merge(items_a, items_b)
+        elif items_a or items_b:
+            out["items"] = items_a or items_b
+    return out
+
+
+def infer_value_schema(value: Any) -> dict[str, Any]:
+    """The JSON Schema of one value (objects and arrays recursively)."""
+    t = _value_type(value)
+    out: dict[str, Any] = {"type": t}
+    if t == "object":
+        out["properties"] = {str(k): infer_value_schema(v) for k, v in value.items()}
+    elif t == "array" and value:
+        items = infer_value_schema(value[0])
+        for v in value[1:]:
+            items = _merge(items, infer_value_schema(v))
+        out["items"] = items
+    return out
+
+
+def infer_schema(records: Iterable[Any]) -> dict[str, Any]:
+    """A JSON Schema covering every sample record; fields missing somewhere become optional."""
+    schema: dict[str, Any] | None = None
+    seen: dict[str, int] = {}
+    count = 0
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        count += 1
+        body = {k: v for k, v in record.items() if k != META}
+        for k in body:
+            seen[k] = seen.get(k, 0) + 1
+        s = infer_value_schema(body)
+        schema = s if schema is None else _merge(schema, s)
+    if schema is None:
+        return {"type": "object", "properties": {}}
+    required = sorted(k for k, n in seen.items() if n == count)
+    if required:
+        schema["required"] = required
+    return schema
+
+
+# -- output_schema checks -------------------------------------------------------------------
+
+
+class OutputSchemaCheck:
+    """Checks records against a source's ``output_schema`` (JSON Schema).
+
+    Built inside a partition (not in a source's constructor). Records that violate the
+    schema become :class:`Failed` entries of the step; ``_meta`` is not checked.
+    """
+
+    def __init__(self, step_id: str, definition: dict[str, Any]) -> None:
+        try:
+            import jsonschema
+        except ModuleNotFoundError as exc:  # pragma: no cover - jsonschema is a dependency
+            msg = "output_schema needs the 'jsonschema' package: pip install jsonschema"
+            raise ModuleNotFoundError(msg) from exc
+        cls = jsonschema.validators.validator_for(definition)
+        try:
+            cls.check_schema(definition)
+        except jsonschema.SchemaError as exc:
+            msg = (
+                f"source '{step_id}': output_schema.definition is not a valid JSON Schema: "
+                f"{exc.message}"
+            )
+            raise ValueError(msg) from None
+        self.step_id = step_id
+        self._validator = cls(definition, format_checker=cls.FORMAT_CHECKER)
+
+    @classmethod
+    def of(cls, step_id: str, component: Any) -> OutputSchemaCheck | None:
+        """The check of a source component, or ``None`` when it declares no output_schema."""
+        schema = getattr(component, "output_schema", None)
+        if schema is None:
+            return None
+        return cls(step_id, schema.definition)
+
+    def violation(self, record: dict[str, Any]) -> str | None:
+        """The first violation of ``record`` as text, or ``None`` when it conforms."""
+        body = {k: v for k, v in record.items() if k != META}
+        errors = sorted(self._validator.iter_errors(body), key=lambda e: list(e.absolute_path))
+        if not errors:
+            return None
+        err = errors[0]
+        where = ".".join(str(p) for p in err.absolute_path) or "record"
+        return f"{where}: {err.message}"
+
+    def check(self, batch: list[Any]) -> list[Any]:
+        """The batch with every non-conforming record replaced by a ``Failed`` entry."""
+        out: list[Any] = []
+        for item in batch:
+            if isinstance(item, dict):
+                problem = self.violation(item)
+                if problem is not None:
+                    meta = item.get(META, {})
+                    item = Failed(
+                        self.step_id,
+                        "SchemaViolation",
+                        f"source '{self.step_id}': record does not match output_schema: {problem}",
+                        item,
+                        dict(meta) if isinstance(meta, dict) else {},
+                    )
+            out.append(item)
+        return out
+
+
+def checked(check: OutputSchemaCheck | None, batch: list[Any]) -> list[Any]:
+    """``batch`` after the output_schema ``check`` (unchanged when there is none)."""
+    return batch if check is None else check.check(batch)
