@@ -66,28 +66,57 @@ def plain(records: list[Any]) -> list[dict[str, Any]]:
 
 
 def conn_cfg(pg: Any, **extra: Any) -> dict[str, Any]:
-    return {"host": pg.host, "port": pg.port, "database": pg.database, "username": pg.user,
-            **extra}
+    return {"host": pg.host, "port": pg.port, "database": pg.database, "username": pg.user, **extra}
 
 
 # -- config ----------------------------------------------------------------------------------
 
 SEED_SNIPPETS = [
-    {"type": "postgres", "mode": "incremental",
-     "config": {"host": "db", "port": 5432, "database": "production", "username": "u",
-                "password": "p", "schema": "public", "table": "customers"},
-     "incremental": {"column": "updated_at", "cursor_field": "updated_at"},
-     "cdc": {"slot_name": "etl_replication_slot", "publication_name": "etl_publication",
-             "plugin": "pgoutput"}},
+    {
+        "type": "postgres",
+        "mode": "incremental",
+        "config": {
+            "host": "db",
+            "port": 5432,
+            "database": "production",
+            "username": "u",
+            "password": "p",
+            "schema": "public",
+            "table": "customers",
+        },
+        "incremental": {"column": "updated_at", "cursor_field": "updated_at"},
+        "cdc": {
+            "slot_name": "etl_replication_slot",
+            "publication_name": "etl_publication",
+            "plugin": "pgoutput",
+        },
+    },
     {"type": "postgres", "mode": "full", "config": {"table": "customers"}},
-    {"type": "postgres", "mode": "cdc", "config": {"table": "products"},
-     "cdc": {"slot_name": "replication_slot", "publication_name": "etl_publication",
-             "plugin": "pgoutput", "include_tables": ["public.products", "public.inventory"],
-             "exclude_tables": ["public.product_archive"], "snapshot_mode": "initial"}},
-    {"type": "postgres", "mode": "hybrid", "config": {"table": "transactions"},
-     "hybrid": {"initial_mode": "full", "ongoing_mode": "cdc", "transition_after": "completion"}},
-    {"type": "postgres", "mode": "incremental", "config": {"table": "users"},
-     "incremental": {"column": "updated_at"}},
+    {
+        "type": "postgres",
+        "mode": "cdc",
+        "config": {"table": "products"},
+        "cdc": {
+            "slot_name": "replication_slot",
+            "publication_name": "etl_publication",
+            "plugin": "pgoutput",
+            "include_tables": ["public.products", "public.inventory"],
+            "exclude_tables": ["public.product_archive"],
+            "snapshot_mode": "initial",
+        },
+    },
+    {
+        "type": "postgres",
+        "mode": "hybrid",
+        "config": {"table": "transactions"},
+        "hybrid": {"initial_mode": "full", "ongoing_mode": "cdc", "transition_after": "completion"},
+    },
+    {
+        "type": "postgres",
+        "mode": "incremental",
+        "config": {"table": "users"},
+        "incremental": {"column": "updated_at"},
+    },
     {"type": "postgres", "config": {"table": "customers", "incremental_column": "updated_at"}},
 ]
 
@@ -128,22 +157,32 @@ def people(pg_private: Any) -> str:
 
 
 def test_full_reads_every_row_in_batches(pg_private: Any, people: str) -> None:
-    ctx = make_ctx("people_full", conn_cfg(pg_private, table=people, batch_size=300),
-                   mode="full")
+    ctx = make_ctx("people_full", conn_cfg(pg_private, table=people, batch_size=300), mode="full")
     records = run_source(ctx)
     assert sorted(r["id"] for r in records) == list(range(1, 2501))
     first = next(r for r in records if r["id"] == 2)
-    assert plain([first]) == [{"id": 2, "name": "p2", "score": 0.5, "born": "2000-01-03",
-                               "tags": ["a", "b"], "extra": {"n": 2},
-                               "seen": "2024-01-01T00:02:00+00:00"}]
+    assert plain([first]) == [
+        {
+            "id": 2,
+            "name": "p2",
+            "score": 0.5,
+            "born": "2000-01-03",
+            "tags": ["a", "b"],
+            "extra": {"n": 2},
+            "seen": "2024-01-01T00:02:00+00:00",
+        }
+    ]
     assert first[META] == {"table": "public.people"}
 
 
 def test_full_split_into_key_ranges_across_two_workers(pg_private: Any, people: str) -> None:
     from bytewax.testing import cluster_main
 
-    ctx = make_ctx("people_ranges",
-                   conn_cfg(pg_private, table=people, batch_size=200, partitions=4), mode="full")
+    ctx = make_ctx(
+        "people_ranges",
+        conn_cfg(pg_private, table=people, batch_size=200, partitions=4),
+        mode="full",
+    )
     src = build_postgres_source(ctx)
     parts = src.list_parts()
     assert len(parts) == 4 and parts[0].endswith("[:626)") and parts[-1].endswith("[1876:)")
@@ -156,8 +195,9 @@ def test_full_split_into_key_ranges_across_two_workers(pg_private: Any, people: 
 
 
 def test_full_resumes_after_the_last_key(pg_private: Any, people: str, tmp_path: Path) -> None:
-    ctx = make_ctx("people_resume", conn_cfg(pg_private, table=people, batch_size=1000),
-                   mode="full")
+    ctx = make_ctx(
+        "people_resume", conn_cfg(pg_private, table=people, batch_size=1000), mode="full"
+    )
     src = build_postgres_source(ctx)
     (part_name,) = src.list_parts()
     part = src.build_part("people_resume", part_name, None)
@@ -217,9 +257,13 @@ def test_incremental_keeps_ties_and_resumes_from_its_cursor(
         "events_inc",
         conn_cfg(pg_private, table="events_inc", batch_size=3),
         mode="incremental",
-        incremental={"column": "updated_at", "cursor_field": "updated_at",
-                     "cursor_type": "timestamp", "start_value": "2024-01-01T00:00:00Z",
-                     "interval": "1h"},
+        incremental={
+            "column": "updated_at",
+            "cursor_field": "updated_at",
+            "cursor_type": "timestamp",
+            "start_value": "2024-01-01T00:00:00Z",
+            "interval": "1h",
+        },
     )
     src = build_postgres_source(ctx)
     (name,) = src.list_parts()
@@ -241,8 +285,7 @@ def test_incremental_keeps_ties_and_resumes_from_its_cursor(
     resumed.close()
     pg_private.execute(
         "INSERT INTO events_inc VALUES (12, '2025-01-01 00:00:00+00', 'new')",
-        "UPDATE events_inc SET updated_at = '2025-01-02 00:00:00+00', v = 'changed' "
-        "WHERE id = 1",
+        "UPDATE events_inc SET updated_at = '2025-01-02 00:00:00+00', v = 'changed' WHERE id = 1",
     )
     again = src.build_part("events_inc", name, state)
     later = [r for b in again.next_batch() for r in b]
@@ -281,7 +324,9 @@ def test_incremental_runs_with_recovery_and_resumes(pg_private: Any, tmp_path: P
         s = op.map("take", op.input("orders_inc", flow, build_postgres_source(ctx)), take)
         op.output("out", s, TestingSink([]))
         with pytest.raises(Exception) as info:
-            run_main(flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(str(tmp_path)))
+            run_main(
+                flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(str(tmp_path))
+            )
         assert "Stop" in chain(info.value)
         return got
 
@@ -311,7 +356,9 @@ def drop_slot(pg: Any, slot: str, publication: str) -> None:
     with pg.connect() as conn:
         conn.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-            "WHERE slot_name = %s", (slot,))
+            "WHERE slot_name = %s",
+            (slot,),
+        )
         conn.execute(f"DROP PUBLICATION IF EXISTS {publication}")
 
 
@@ -320,8 +367,14 @@ def cdc_ctx(pg: Any, step: str, slot: str, tables: list[str], **cdc: Any) -> Bui
         step,
         conn_cfg(pg, table=tables[0].split(".")[1], batch_size=50, stop_at_end=True),
         mode="cdc",
-        cdc={"slot_name": slot, "publication_name": f"{slot}_pub", "include_tables": tables,
-             "snapshot_mode": "never", "poll_interval": "10ms", **cdc},
+        cdc={
+            "slot_name": slot,
+            "publication_name": f"{slot}_pub",
+            "include_tables": tables,
+            "snapshot_mode": "never",
+            "poll_interval": "10ms",
+            **cdc,
+        },
     )
 
 
@@ -335,14 +388,20 @@ def test_cdc_inserts_updates_deletes_and_truncate(pg_private: Any, tmp_path: Pat
         "CREATE TABLE inventory (sku text, wh int, qty int, PRIMARY KEY (sku, wh))",
         "CREATE TABLE product_archive (id int PRIMARY KEY)",
     )
-    ctx = cdc_ctx(pg_private, "products_cdc", slot,
-                  ["public.products", "public.inventory", "public.product_archive"],
-                  exclude_tables=["public.product_archive"])
+    ctx = cdc_ctx(
+        pg_private,
+        "products_cdc",
+        slot,
+        ["public.products", "public.inventory", "public.product_archive"],
+        exclude_tables=["public.product_archive"],
+    )
     init_db_dir(tmp_path, 1)
     assert run_source(ctx, tmp_path) == []  # creates slot and publication
     with pg_private.connect(autocommit=False) as conn:  # one multi-statement transaction
-        conn.execute("INSERT INTO products VALUES (1, 'apple', 1.25, '2024-05-01 10:00+00'), "
-                     "(2, 'pear', 2.00, NULL)")
+        conn.execute(
+            "INSERT INTO products VALUES (1, 'apple', 1.25, '2024-05-01 10:00+00'), "
+            "(2, 'pear', 2.00, NULL)"
+        )
         conn.execute("INSERT INTO inventory VALUES ('a-1', 1, 10), ('a-1', 2, 5)")
         conn.execute("INSERT INTO product_archive VALUES (99)")
         conn.commit()
@@ -356,13 +415,19 @@ def test_cdc_inserts_updates_deletes_and_truncate(pg_private: Any, tmp_path: Pat
     records = run_source(ctx, tmp_path)
     got = [(r[META]["op"], r[META]["table"], plain([r])[0]) for r in records]
     assert got == [
-        ("insert", "public.products",
-         {"id": 1, "name": "apple", "price": 1.25, "updated": "2024-05-01T10:00:00+00:00"}),
+        (
+            "insert",
+            "public.products",
+            {"id": 1, "name": "apple", "price": 1.25, "updated": "2024-05-01T10:00:00+00:00"},
+        ),
         ("insert", "public.products", {"id": 2, "name": "pear", "price": 2, "updated": None}),
         ("insert", "public.inventory", {"sku": "a-1", "wh": 1, "qty": 10}),
         ("insert", "public.inventory", {"sku": "a-1", "wh": 2, "qty": 5}),
-        ("update", "public.products",
-         {"id": 1, "name": "apple", "price": 1.5, "updated": "2024-05-01T10:00:00+00:00"}),
+        (
+            "update",
+            "public.products",
+            {"id": 1, "name": "apple", "price": 1.5, "updated": "2024-05-01T10:00:00+00:00"},
+        ),
         ("delete", "public.inventory", {"sku": "a-1", "wh": 2}),  # the key only
         ("delete", "public.products", {"id": 2}),
         ("truncate", "public.products", {}),
@@ -396,8 +461,12 @@ def test_cdc_initial_snapshot_then_changes_and_failed_values(
         mode="hybrid",
         hybrid={"initial_mode": "full", "ongoing_mode": "cdc", "transition_after": "completion"},
         cdc={"slot_name": slot, "publication_name": f"{slot}_pub", "poll_interval": "10ms"},
-        output_schema={"definition": {"type": "object", "properties": {
-            "label": {"type": "string", "pattern": "^l"}}}},
+        output_schema={
+            "definition": {
+                "type": "object",
+                "properties": {"label": {"type": "string", "pattern": "^l"}},
+            }
+        },
     )
     init_db_dir(tmp_path, 1)
     first = run_source(ctx, tmp_path)
@@ -465,13 +534,25 @@ def test_cdc_resumes_after_sigkill_without_loss(pg_private: Any, tmp_path: Path)
     rec.mkdir()
     init_db_dir(rec, 1)
     cfg = conn_cfg(pg_private, table="crash_rows", batch_size=10, stop_at_end=True)
-    component = {"mode": "cdc", "cdc": {"slot_name": slot, "publication_name": f"{slot}_pub",
-                                        "snapshot_mode": "never", "poll_interval": "10ms"}}
+    component = {
+        "mode": "cdc",
+        "cdc": {
+            "slot_name": slot,
+            "publication_name": f"{slot}_pub",
+            "snapshot_mode": "never",
+            "poll_interval": "10ms",
+        },
+    }
 
     def run(kill_after: int) -> int:
         args = json.dumps([cfg, component, str(out), str(rec), kill_after])
-        proc = subprocess.run([sys.executable, str(script), args], cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, str(script), args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if proc.returncode not in (0, -signal.SIGKILL):
             raise AssertionError(proc.stderr[-3000:])
         return proc.returncode
@@ -494,7 +575,7 @@ def test_cdc_resumes_after_sigkill_without_loss(pg_private: Any, tmp_path: Path)
     first_undelivered = max(r["id"] for r in crashed) + 1
     lsn_of = {r["id"]: lsn_to_int(r["lsn"]) for r in rows}
     assert moved <= lsn_of[first_undelivered]
-    resumed = ids[len(crashed):]
+    resumed = ids[len(crashed) :]
     # The rerun starts at the last committed snapshot, not at the beginning: only the
     # batches of the epochs in flight at the kill come again.
     assert len(resumed) < 100 and resumed == sorted(resumed)
@@ -511,13 +592,15 @@ def test_cdc_reports_slot_lag(pg_private: Any, tmp_path: Path) -> None:
 
     slot = "cdc_lag"
     drop_slot(pg_private, slot, f"{slot}_pub")
-    pg_private.execute("DROP TABLE IF EXISTS lag_rows",
-                       "CREATE TABLE lag_rows (id int PRIMARY KEY)")
+    pg_private.execute(
+        "DROP TABLE IF EXISTS lag_rows", "CREATE TABLE lag_rows (id int PRIMARY KEY)"
+    )
     ctx = cdc_ctx(pg_private, "lag_rows", slot, ["public.lag_rows"])
     init_db_dir(tmp_path, 1)
     run_source(ctx, tmp_path)
-    value = REGISTRY.get_sample_value("dataflare_postgres_slot_lag_bytes",
-                                      {"step": "lag_rows", "slot": slot})
+    value = REGISTRY.get_sample_value(
+        "dataflare_postgres_slot_lag_bytes", {"step": "lag_rows", "slot": slot}
+    )
     assert value is not None and value >= 0
 
 
@@ -531,4 +614,3 @@ def test_discover_lists_columns_keys_and_json_schema(pg_private: Any, people: st
     props = table["json_schema"]["properties"]
     assert props["id"] == {"type": "integer"} and props["tags"] == {"type": ["array", "null"]}
     assert props["seen"] == {"type": ["string", "null"], "format": "date-time"}
-
