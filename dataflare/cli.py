@@ -37,18 +37,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _root_cause(exc: BaseException) -> BaseException:
+    """The exception that explains a failed run: ours if present, else the innermost cause."""
     seen: set[int] = set()
     cur: BaseException | None = exc
+    last = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, StepFailed | WorkflowError):
             return cur
+        last = cur
         cur = cur.__cause__ or cur.__context__
-    text = str(exc)
-    for line in text.splitlines():
+    for line in str(exc).splitlines():
         if "StepFailed:" in line:
             return StepFailed(line.split("StepFailed:", 1)[1].strip())
-    return exc
+    return last
 
 
 class _Progress:

@@ -1,0 +1,126 @@
+"""File source and destination: formats, globs, CSV columns, exactly-once resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.fixtures.workflows import ROOT, read_jsonl, run_cli
+
+
+def flow(tmp_path, source: str, destination: str, extra: str = "") -> str:
+    text = f"""\
+workflow:
+  sources:
+    src:
+{source}
+  destinations:
+    out:
+      inputs: [src]
+{destination}
+{extra}"""
+    path = tmp_path / "flow.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_csv_to_jsonl_with_type_inference_and_bad_rows(tmp_path):
+    (tmp_path / "in.csv").write_text("id,name,score\n1,ann,1.5\n2,bob\n3,cy,\n")
+    path = flow(
+        tmp_path,
+        "      type: file\n      config: {path: in.csv, csv: {infer_types: true}}\n"
+        "      error_handling: {strategy: redirect, redirect_to: bad}",
+        "      type: file\n      config: {path: out.jsonl}",
+        "    bad: {type: file, config: {path: bad.jsonl}}",
+    )
+    path_text = open(path).read().replace("{path: out.jsonl}\n", "{path: out.jsonl}\n")
+    open(path, "w").write(path_text.replace("\n    bad:", "\n    bad:"))
+    result = run_cli("run", path)
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "out.jsonl") == [
+        {"id": 1, "name": "ann", "score": 1.5}, {"id": 3, "name": "cy", "score": None}]
+    [bad] = read_jsonl(tmp_path / "bad.jsonl")
+    assert bad == {"error": {"step": "src", "type": "CsvError",
+                             "message": "row has 2 fields, the header has 3"}, "record": "2,bob"}
+
+
+def test_glob_of_json_and_parquet_files_to_csv_and_parquet(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.json").write_bytes(orjson.dumps({"data": [{"k": 1, "v": "x"}]}))
+    (tmp_path / "in" / "b.json").write_bytes(orjson.dumps({"data": [{"k": 2, "v": "y,z"}]}))
+    path = flow(
+        tmp_path,
+        "      type: file\n      config: {path: 'in/*.json', records_path: data}",
+        "      type: file\n      config: {path: out.csv, columns: [k, v]}",
+        "    pq: {type: file, inputs: [src], config: {path: out.parquet}}",
+    )
+    result = run_cli("run", path)
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "out.csv").read_text() == 'k,v\n1,x\n2,"y,z"\n'
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert sorted(table.to_pylist(), key=lambda r: r["k"]) == [
+        {"k": 1, "v": "x"}, {"k": 2, "v": "y,z"}]
+    pq.write_table(pa.Table.from_pylist([{"k": i} for i in range(5)]), tmp_path / "in.parquet")
+    path = flow(tmp_path, "      type: file\n      config: {path: in.parquet}",
+                "      type: file\n      config: {path: out2.jsonl}")
+    assert run_cli("run", path).code == 0
+    assert read_jsonl(tmp_path / "out2.jsonl") == [{"k": i} for i in range(5)]
+
+
+def test_csv_destination_rejects_fields_outside_its_columns(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n{"a": 2, "b": 3}\n')
+    path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",
+                "      type: file\n      config: {path: out.csv, columns: [a]}")
+    result = run_cli("run", path)
+    assert result.code == 1
+    assert "field(s) b are not among the CSV columns (a)" in result.stderr
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path):
+    path = flow(tmp_path, "      type: file\n      config: {path: 'nothing/*.jsonl'}",
+                "      type: stdout")
+    result = run_cli("run", path)
+    assert result.code == 1
+    assert "step 'src': no file matches 'nothing/*.jsonl'" in result.stderr
+
+
+def test_append_mode_adds_to_the_file_and_default_rewrites_it(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n')
+    path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",
+                "      type: file\n      config: {path: out.jsonl}")
+    assert run_cli("run", path).code == 0
+    assert run_cli("run", path).code == 0
+    assert read_jsonl(tmp_path / "out.jsonl") == [{"a": 1}]
+    path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",
+                "      type: file\n      write_mode: {type: append}\n"
+                "      config: {path: out.jsonl}")
+    assert run_cli("run", path).code == 0
+    assert read_jsonl(tmp_path / "out.jsonl") == [{"a": 1}, {"a": 1}]
+
+
+def test_killed_run_resumes_from_snapshot_and_writes_each_record_once(tmp_path):
+    count = 3000
+    path = flow(
+        tmp_path,
+        f"      type: generator\n      config: {{preset: orders, count: {count}, rate: 600,"
+        " batch_size: 50, partitions: 2}",
+        "      type: file\n      config: {path: out.jsonl}",
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_BACKTRACE": "0"}
+    cmd = [sys.executable, "-m", "dataflare", "run", path, "--recovery-dir",
+           str(tmp_path / "recovery"), "-s", "0.2", "-q"]
+    for delay in (1.0, 1.5):
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path)
+        time.sleep(delay + 1.5)  # interpreter start-up, then part of the stream
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    partial = read_jsonl(tmp_path / "out.jsonl")
+    assert 0 < len(partial) < count
+    assert subprocess.run(cmd, env=env, cwd=tmp_path, timeout=120).returncode == 0
+    ids = [r["order_id"] for r in read_jsonl(tmp_path / "out.jsonl")]
+    assert sorted(ids) == list(range(count))

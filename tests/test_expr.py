@@ -1,0 +1,59 @@
+"""The expression language: values, null semantics, errors with columns."""
+
+import pytest
+
+from dataflare.expr import ExpressionError, compile_expression
+from dataflare.records import RecordError
+
+RECORD = {"a": 5, "s": "Hi", "c": {"d": 0.8}, "e": "click", "tags": ["x", "y"], "z": None}
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("a > 3 and s == 'Hi'", True),
+    ('c.d >= 0.8', True),
+    ("e in ['click', 'view']", True),
+    ("e not in ['click']", False),
+    ("'x' in tags", True),
+    ("missing == null", True),
+    ("z != null", False),
+    ("missing > 1", False),
+    ("missing + 1", None),
+    ("a * 2 + 1 - 3 / 3", 10.0),
+    ("a % 2", 1),
+    ("-a", -5),
+    ("not (a < 1) or false", True),
+    ("lower(s) == 'hi' and upper(e) == 'CLICK'", True),
+    ("coalesce(missing, z, 7)", 7),
+    ("len(tags) == 2 and starts_with(s, 'H')", True),
+    ("round(c.d * 10)", 8),
+    ("5m == 300 and 100ms < 1s and 2h > 1d", False),
+    ("\"quoted \\\" text\"", 'quoted " text'),
+])
+def test_values(text, value):
+    assert compile_expression(text)(RECORD) == value
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("a >", "unexpected end of expression at column 4"),
+    ("a b", "expected end of expression, found 'b' at column 3"),
+    ("lowr(s)", "unknown function 'lowr' (did you mean 'lower'?) at column 1"),
+    ("a == 'x", "unexpected character \"'\" at column 6"),
+    ("(a", "expected ')', found end of expression at column 3"),
+    ("lower(a, b)", "lower() takes 1-1 arguments, got 2 at column 1"),
+])
+def test_parse_errors_name_the_column(text, message):
+    with pytest.raises(ExpressionError) as info:
+        compile_expression(text)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("s > 1", "cannot compare str ('Hi') > int (1)"),
+    ("s - 1", "cannot apply - to str ('Hi') and int (1)"),
+    ("a / 0", "division by zero (5 / 0)"),
+    ("lower(a)", "lower() expects a string, got int (5)"),
+])
+def test_record_errors(text, message):
+    with pytest.raises(RecordError) as info:
+        compile_expression(text)(RECORD)
+    assert str(info.value) == message
