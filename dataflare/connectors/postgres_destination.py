@@ -1,0 +1,265 @@
+"""PostgreSQL destination: COPY into the table or a staging table, one transaction per batch.
+
+``append`` and ``overwrite`` COPY straight into the table; ``merge`` COPYs into a
+temporary staging table and runs one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (and
+one ``DELETE ... USING`` for CDC deletes) per batch. Shape, widening, replay safety and
+retries are described in :mod:`dataflare.connectors.sql_writer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bytewax.dataflow import Stream
+from pydantic import Field, model_validator
+
+from dataflare.config import Secret, Strict
+from dataflare.connectors.sql_writer import (
+    BOOL,
+    FLOAT,
+    INT,
+    JSON,
+    POSITIONS_TABLE,
+    TEXT,
+    Dialect,
+    TableWriter,
+    iter_rows,
+    table_output,
+    write_settings,
+)
+from dataflare.records import Failed
+from dataflare.registry import BuildContext, destination
+
+SQL_TYPES = {
+    BOOL: "boolean",
+    INT: "bigint",
+    FLOAT: "double precision",
+    TEXT: "text",
+    JSON: "jsonb",
+}
+LOGICAL = {
+    "boolean": BOOL,
+    "bigint": INT,
+    "integer": INT,
+    "smallint": INT,
+    "double precision": FLOAT,
+    "real": FLOAT,
+    "numeric": FLOAT,
+    "jsonb": JSON,
+    "json": JSON,
+}
+
+
+class PostgresDestinationConfig(Strict):
+    """Write records to a PostgreSQL table."""
+
+    dsn: Secret | None = Field(
+        None, description="libpq connection string or URL (instead of host/port/...)."
+    )
+    host: str = Field("localhost", description="Server host.")
+    port: int = Field(5432, description="Server port.")
+    database: str = Field("postgres", description="Database name.")
+    username: str = Field("postgres", description="User name.")
+    password: Secret | None = Field(None, description="Password.")
+    schema_: str = Field("public", alias="schema", description="Schema of the table.")
+    table: str = Field(description="Table to write (created from the records when absent).")
+    connect_timeout: int = Field(10, ge=1, description="Seconds to wait for a connection.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PostgresDestinationConfig:
+        if not self.table:
+            msg = "a postgres destination needs 'table'"
+            raise ValueError(msg)
+        return self
+
+    def conninfo(self) -> str:
+        """The libpq connection string."""
+        from psycopg.conninfo import make_conninfo
+
+        if self.dsn is not None:
+            return make_conninfo(self.dsn.get_secret_value(), connect_timeout=self.connect_timeout)
+        return make_conninfo(
+            host=self.host,
+            port=self.port,
+            dbname=self.database,
+            user=self.username,
+            password=self.password.get_secret_value() if self.password else None,
+            connect_timeout=self.connect_timeout,
+        )
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class PostgresDialect(Dialect):
+    """psycopg 3: COPY, staging tables and ON CONFLICT."""
+
+    def __init__(self, cfg: PostgresDestinationConfig) -> None:
+        import psycopg
+
+        self.cfg = cfg
+        self.transient = (psycopg.OperationalError, psycopg.InterfaceError)
+        self.conn: Any = None
+        self.schema = cfg.schema_
+        self.table = cfg.table
+        self.target = f"{_ident(self.schema)}.{_ident(self.table)}"
+        self.positions = f"{_ident(self.schema)}.{_ident(POSITIONS_TABLE)}"
+        self._staged: tuple[str, ...] | None = None
+
+    def describe(self) -> str:
+        """``postgres table schema.table``."""
+        return f"postgres table {self.schema}.{self.table}"
+
+    def connect(self) -> None:
+        """Connect (autocommit off: every write is one explicit transaction)."""
+        import psycopg
+
+        self.conn = psycopg.connect(self.cfg.conninfo(), autocommit=True)
+        self._staged = None
+
+    def close(self) -> None:
+        """Close, ignoring a broken connection."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - the connection may already be gone
+                pass
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """One transaction on the connection."""
+        with self.conn.transaction():
+            yield self.conn
+
+    def columns(self) -> dict[str, str] | None:
+        """Columns of the table, ``None`` when it does not exist."""
+        rows = self.conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+            (self.schema, self.table),
+        ).fetchall()
+        if not rows:
+            return None
+        return {name: LOGICAL.get(dtype, TEXT) for name, dtype in rows}
+
+    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
+        """CREATE TABLE IF NOT EXISTS, with the merge key as primary key."""
+        cols = [f"{_ident(n)} {SQL_TYPES[t]}" for n, t in columns.items()]
+        if key:
+            cols.append(f"PRIMARY KEY ({', '.join(_ident(k) for k in key)})")
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
+
+    def add_columns(self, columns: dict[str, str]) -> None:
+        """ALTER TABLE ... ADD COLUMN IF NOT EXISTS."""
+        adds = ", ".join(
+            f"ADD COLUMN IF NOT EXISTS {_ident(n)} {SQL_TYPES[t]}" for n, t in columns.items()
+        )
+        self.conn.execute(f"ALTER TABLE {self.target} {adds}")
+        self._staged = None
+
+    def ensure_positions(self) -> None:
+        """The high-water mark table of this schema."""
+        self.conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.positions} (destination text NOT NULL, "
+            "target text NOT NULL, stream text NOT NULL, position bigint NOT NULL, "
+            "PRIMARY KEY (destination, target, stream))"
+        )
+
+    def load_positions(self, destination: str) -> dict[str, int]:
+        """Marks of ``destination`` for this table."""
+        rows = self.conn.execute(
+            f"SELECT stream, position FROM {self.positions} "
+            "WHERE destination = %s AND target = %s",
+            (destination, self.table),
+        ).fetchall()
+        return {s: int(p) for s, p in rows}
+
+    def save_positions(self, destination: str, marks: dict[str, int]) -> None:
+        """Advance marks (never backwards)."""
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {self.positions} AS p (destination, target, stream, position) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (destination, target, stream) "
+                "DO UPDATE SET position = GREATEST(p.position, EXCLUDED.position)",
+                [(destination, self.table, s, p) for s, p in marks.items()],
+            )
+
+    def truncate(self) -> None:
+        """DELETE every row (transactional, unlike a concurrent-unsafe TRUNCATE)."""
+        self.conn.execute(f"DELETE FROM {self.target}")
+
+    def _copy(self, table: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        from psycopg.types.json import Jsonb
+
+        collist = ", ".join(_ident(c) for c in columns)
+        with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp:
+            write = cp.write_row
+            for row in iter_rows(columns, rows, Jsonb):
+                write(row)
+
+    def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        """COPY the rows into the table."""
+        self._copy(self.target, columns, rows)
+
+    def _stage(self) -> str:
+        if self._staged is None:
+            self.conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS _dataflare_stage "
+                f"(LIKE {self.target} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            self._staged = ()
+        return "_dataflare_stage"
+
+    def merge(
+        self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
+        deletes: list[dict[str, Any]],
+    ) -> None:
+        """Stage by COPY, then one DELETE ... USING and one INSERT ... ON CONFLICT."""
+        # The staging table mirrors the target; it is recreated after the target widens.
+        if self._staged is None:
+            self.conn.execute("DROP TABLE IF EXISTS _dataflare_stage")
+        stage = self._stage()
+        keycols = ", ".join(_ident(k) for k in key)
+        if deletes:
+            self._copy(stage, list(key), deletes)
+            match = " AND ".join(f"t.{_ident(k)} = s.{_ident(k)}" for k in key)
+            self.conn.execute(f"DELETE FROM {self.target} AS t USING {stage} AS s WHERE {match}")
+            self.conn.execute(f"DELETE FROM {stage}")
+        if upserts:
+            self._copy(stage, columns, upserts)
+            collist = ", ".join(_ident(c) for c in columns)
+            updates = [c for c in columns if c not in key]
+            action = (
+                "DO UPDATE SET " + ", ".join(f"{_ident(c)} = EXCLUDED.{_ident(c)}" for c in updates)
+                if updates
+                else "DO NOTHING"
+            )
+            self.conn.execute(
+                f"INSERT INTO {self.target} ({collist}) SELECT {collist} FROM {stage} "
+                f"ON CONFLICT ({keycols}) {action}"
+            )
+            self.conn.execute(f"DELETE FROM {stage}")
+
+
+@destination(
+    "postgres",
+    config=PostgresDestinationConfig,
+    description="A PostgreSQL table: append, overwrite or merge; COPY-based, replay-safe.",
+)
+def build_postgres_destination(
+    ctx: BuildContext, up: Stream[list[Any]]
+) -> Stream[list[Failed]]:
+    """The output steps of a ``postgres`` destination (scoped under its id)."""
+    cfg: PostgresDestinationConfig = ctx.config
+    mode, key, dedupe = write_settings(ctx)
+    retry = ctx.workflow.config.retry
+    step = ctx.step_id
+
+    def make_writer() -> TableWriter:
+        return TableWriter(step, PostgresDialect(cfg), mode, key, dedupe, retry)
+
+    return table_output(step, up, step, key, ctx.component.batch, make_writer)

@@ -1,0 +1,398 @@
+"""What the PostgreSQL and DuckDB destinations share: table shape, write modes, replay safety.
+
+A write is one transaction per flushed batch:
+
+- the table is created from the records' shape when absent (``bool`` -> boolean,
+  ``int`` -> bigint, ``float`` -> double, ``str`` -> text, dicts and lists -> JSON) and
+  widened with ``ADD COLUMN`` when new fields appear; ``_meta`` is never a column;
+- ``append`` copies the rows in; ``overwrite`` empties the table in the transaction of the
+  destination's first write, then appends; ``merge`` deduplicates the batch on
+  ``merge_key`` (the last record wins), deletes the keys whose last record is a CDC delete
+  (``_meta.op == "delete"``) and upserts the rest with one set-based statement;
+- **replay safety of appends**: records that carry a source position (Kafka
+  topic/partition/offset, file/line) are filtered against a per-stream high-water mark
+  kept in the ``_dataflare_positions`` table and advanced in the same transaction. After
+  a crash, bytewax replays from the last snapshot and the rows already committed are
+  skipped, so appends are exactly-once for positioned records (records of one source
+  partition reach the destination in order). Records without a position (aggregates,
+  generated records) are appended at-least-once. Merges are idempotent by nature.
+
+Transient failures (a lost connection) roll the transaction back, reconnect and retry the
+whole batch per the workflow's ``retry`` policy; other database errors are terminal and
+name the step.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from bytewax.dataflow import Stream, operator
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from dataflare.connectors.batching import Flush, buffer
+from dataflare.records import META, Failed, getter
+from dataflare.retry import call_with_retry
+
+log = logging.getLogger(__name__)
+
+POSITIONS_TABLE = "_dataflare_positions"
+
+# Logical column types; each dialect maps them to its own SQL types.
+BOOL, INT, FLOAT, TEXT, JSON = "bool", "int", "float", "text", "json"
+
+
+def logical_type(value: Any) -> str | None:
+    """The column type a value calls for (``None`` for a null: undecided)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return BOOL
+    if isinstance(value, int):
+        return INT
+    if isinstance(value, float):
+        return FLOAT
+    if isinstance(value, dict | list | tuple):
+        return JSON
+    return TEXT
+
+
+@dataclass(slots=True)
+class Item:
+    """A record ready to write: its columns, whether it deletes, and its source position."""
+
+    row: dict[str, Any]
+    delete: bool
+    stream: str | None
+    position: int | None
+
+
+def position_of(meta: Any) -> tuple[str | None, int | None]:
+    """``(stream, position)`` of a record from its ``_meta``, if it has a numeric one."""
+    if not isinstance(meta, dict):
+        return None, None
+    if "topic" in meta and isinstance(meta.get("offset"), int):
+        return f"kafka:{meta['topic']}/{meta.get('partition')}", meta["offset"]
+    if "file" in meta:
+        for name in ("line", "index"):
+            if isinstance(meta.get(name), int):
+                return f"file:{meta['file']}", meta[name]
+    return None, None
+
+
+def prepare(
+    batch: list[Any], step: str, merge_key: tuple[str, ...]
+) -> tuple[list[Item], list[Failed]]:
+    """Strip ``_meta``, extract dotted merge keys as columns, note positions and deletes."""
+    items: list[Item] = []
+    errs: list[Failed] = []
+    dotted = [(k, getter(k)) for k in merge_key if "." in k]
+    for rec in batch:
+        if not isinstance(rec, dict):
+            msg = f"step {step!r}: expected a record (dict), got {type(rec).__name__}: {rec!r}"
+            errs.append(Failed(step, "RecordError", msg, rec))
+            continue
+        meta = rec.get(META)
+        row = {k: v for k, v in rec.items() if k != META} if meta is not None else dict(rec)
+        for name, get in dotted:
+            row[name] = get(rec)
+        missing = [k for k in merge_key if row.get(k) is None]
+        if missing:
+            msg = f"step {step!r}: merge key {', '.join(missing)} missing in record {row!r}"
+            errs.append(Failed(step, "RecordError", msg, rec, meta or {}))
+            continue
+        stream, pos = position_of(meta)
+        delete = isinstance(meta, dict) and meta.get("op") == "delete"
+        items.append(Item(row, delete, stream, pos))
+    return items, errs
+
+
+class Dialect(ABC):
+    """One database: connection, catalog, and the statements of a write."""
+
+    transient: tuple[type[BaseException], ...] = ()
+
+    @abstractmethod
+    def connect(self) -> None:
+        """Open (or reopen) the connection."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the connection, ignoring errors."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Any]:
+        """A transaction: committed on exit, rolled back on an exception."""
+
+    @abstractmethod
+    def columns(self) -> dict[str, str] | None:
+        """Columns of the target table and their logical types; ``None`` if absent."""
+
+    @abstractmethod
+    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
+        """Create the target table (``key`` as primary key when given)."""
+
+    @abstractmethod
+    def add_columns(self, columns: dict[str, str]) -> None:
+        """Widen the target table."""
+
+    @abstractmethod
+    def ensure_positions(self) -> None:
+        """Create the positions table when absent."""
+
+    @abstractmethod
+    def load_positions(self, destination: str) -> dict[str, int]:
+        """High-water marks of ``destination`` per stream."""
+
+    @abstractmethod
+    def save_positions(self, destination: str, marks: dict[str, int]) -> None:
+        """Upsert high-water marks."""
+
+    @abstractmethod
+    def truncate(self) -> None:
+        """Delete every row of the target table."""
+
+    @abstractmethod
+    def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        """Insert rows (values of ``columns``)."""
+
+    @abstractmethod
+    def merge(
+        self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
+        deletes: list[dict[str, Any]],
+    ) -> None:
+        """Delete ``deletes`` by key, then upsert ``upserts`` on ``key``."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The target for messages (``postgres table public.orders``)."""
+
+
+class TableWriter:
+    """Writes flushed batches to one table with one dialect, per ``write_mode``."""
+
+    def __init__(
+        self,
+        step: str,
+        dialect: Dialect,
+        mode: str,
+        merge_key: tuple[str, ...],
+        deduplicate: bool,
+        retry: Any,
+    ) -> None:
+        self.step = step
+        self.db = dialect
+        self.mode = mode
+        self.key = merge_key
+        self.deduplicate = deduplicate
+        self.retry = retry
+        self.cols: dict[str, str] | None = None
+        self.marks: dict[str, int] | None = None
+        self.connected = False
+
+    # -- connection ---------------------------------------------------------------
+    def _reconnect(self, _exc: BaseException | None = None) -> None:
+        self.db.close()
+        self.connected = False
+        self.cols = None
+        self.marks = None
+
+    def _ensure_connected(self) -> None:
+        if not self.connected:
+            self.db.connect()
+            self.connected = True
+
+    # -- writes -------------------------------------------------------------------
+    def write(self, items: list[Item], first: bool) -> int:
+        """Write one flushed batch in one transaction (retrying transient failures)."""
+        if not items and not (first and self.mode == "overwrite"):
+            return 0
+        what = f"step {self.step!r}: write to {self.db.describe()}"
+        return call_with_retry(
+            what,
+            lambda: self._write_once(items, first),
+            self.retry,
+            transient=self.db.transient,
+            on_retry=self._reconnect,
+        )
+
+    def _write_once(self, items: list[Item], first: bool) -> int:
+        self._ensure_connected()
+        if self.mode == "merge":
+            # The last record per key wins; this also keeps one upsert per key.
+            last: dict[tuple[Any, ...], Item] = {}
+            getters = [getter(k) for k in self.key]
+            for it in items:
+                last[tuple(_hashable(g(it.row)) for g in getters)] = it
+            items = list(last.values())
+        elif self.deduplicate and self.key:
+            seen: dict[tuple[Any, ...], Item] = {}
+            for it in items:
+                seen[tuple(_hashable(it.row.get(k)) for k in self.key)] = it
+            items = list(seen.values())
+        try:
+            with self.db.transaction():
+                self._shape(items)
+                if self.mode == "merge":
+                    written = self._merge(items)
+                else:
+                    if first and self.mode == "overwrite":
+                        self.db.truncate()
+                    written = self._append(items)
+        except self.db.transient:
+            raise
+        except Exception as exc:
+            self.cols = None
+            self.marks = None
+            msg = f"step {self.step!r}: writing {len(items)} record(s) to {self.db.describe()} " \
+                  f"failed: {type(exc).__name__}: {exc}".strip()
+            raise RuntimeError(msg) from exc
+        return written
+
+    def _shape(self, items: list[Item]) -> None:
+        if self.cols is None:
+            self.cols = self.db.columns()
+        wanted: dict[str, str | None] = {}
+        for it in items:
+            for name, value in it.row.items():
+                if wanted.get(name) is None:
+                    wanted[name] = logical_type(value)
+        if self.cols is None:
+            cols = {k: (t or TEXT) for k, t in wanted.items()}
+            for k in self.key:
+                cols.setdefault(k, TEXT)
+            self.db.create_table(cols, self.key if self.mode == "merge" else ())
+            self.cols = dict(cols)
+            return
+        new = {k: (t or TEXT) for k, t in wanted.items() if k not in self.cols}
+        if new:
+            log.info("step %r: adding column(s) %s to %s", self.step, new, self.db.describe())
+            self.db.add_columns(new)
+            self.cols.update(new)
+
+    def _append(self, items: list[Item]) -> int:
+        positioned = any(it.stream is not None for it in items)
+        if positioned:
+            if self.marks is None:
+                self.db.ensure_positions()
+                self.marks = self.db.load_positions(self.step)
+            marks = self.marks
+            keep: list[Item] = []
+            advanced: dict[str, int] = {}
+            for it in items:
+                if it.stream is not None and it.position is not None:
+                    hw = advanced.get(it.stream, marks.get(it.stream, -1))
+                    if it.position <= marks.get(it.stream, -1):
+                        continue  # already committed before a replay
+                    if it.position > hw:
+                        advanced[it.stream] = it.position
+                keep.append(it)
+            skipped = len(items) - len(keep)
+            if skipped:
+                log.info("step %r: skipped %d replayed record(s)", self.step, skipped)
+            items = keep
+        rows = [it.row for it in items]
+        if rows:
+            self.db.append(self._columns_of(rows), rows)
+        if positioned and advanced:
+            self.db.save_positions(self.step, advanced)
+            # Only after the commit would the marks be durable; a failed transaction
+            # resets the cache (see _write_once / _reconnect).
+            assert self.marks is not None
+            self.marks.update(advanced)
+        return len(rows)
+
+    def _merge(self, items: list[Item]) -> int:
+        upserts = [it.row for it in items if not it.delete]
+        deletes = [it.row for it in items if it.delete]
+        cols = self._columns_of(upserts) if upserts else list(self.key)
+        for k in self.key:
+            if k not in cols:
+                cols.append(k)
+        self.db.merge(cols, self.key, upserts, deletes)
+        return len(items)
+
+    @staticmethod
+    def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
+        seen: dict[str, None] = {}
+        for row in rows:
+            for k in row:
+                seen.setdefault(k, None)
+        return list(seen)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+        self.connected = False
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, dict | list):
+        import json
+
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
+def iter_rows(columns: list[str], rows: list[dict[str, Any]],
+              encode: Callable[[Any], Any]) -> Iterator[tuple[Any, ...]]:
+    """Rows as tuples in ``columns`` order; nested values through ``encode``."""
+    for row in rows:
+        yield tuple(
+            encode(v) if isinstance(v, dict | list | tuple) else v
+            for v in (row.get(c) for c in columns)
+        )
+
+
+class _TableSinkPartition(StatelessSinkPartition[Flush]):
+    def __init__(self, writer: TableWriter) -> None:
+        self.writer = writer
+
+    def write_batch(self, items: list[Flush]) -> None:
+        for flush in items:
+            self.writer.write(flush.items, first=flush.seq == 0)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class TableSink(DynamicSink[Flush]):
+    """A bytewax sink writing flushed batches with a :class:`TableWriter` per worker."""
+
+    def __init__(self, make_writer: Callable[[], TableWriter]) -> None:
+        self.make_writer = make_writer
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _TableSinkPartition:
+        """A writer for this worker (it connects on its first write)."""
+        return _TableSinkPartition(self.make_writer())
+
+
+@operator
+def table_output(
+    step_id: str,
+    up: Stream[list[Any]],
+    name: str,
+    merge_key: tuple[str, ...],
+    batch: Any,
+    make_writer: Callable[[], TableWriter],
+) -> Stream[list[Failed]]:
+    """Prepare records, buffer them per ``batch`` settings and write them; return rejects."""
+    import bytewax.operators as op
+
+    prepared = op.map("prepare", up, lambda b: prepare(b, name, merge_key))
+    items = op.filter_map("records", prepared, lambda p: p[0] or None)
+    flushed = buffer("batch", items, batch.size, batch.flush_interval)
+    op.output("write", flushed, TableSink(make_writer))
+    return op.filter_map("errors", prepared, lambda p: p[1] or None)
+
+
+def write_settings(ctx: Any) -> tuple[str, tuple[str, ...], bool]:
+    """``(mode, merge_key, deduplicate)`` of a destination component."""
+    wm = getattr(ctx.component, "write_mode", None)
+    if wm is None:
+        return "append", (), False
+    return wm.type, tuple(wm.merge_key or ()), bool(wm.deduplicate)

@@ -1,0 +1,157 @@
+"""PostgreSQL destination against the shared PostgreSQL server (a fresh schema per test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+from dataflare.connectors.batching import buffer
+from dataflare.connectors.postgres_destination import (
+    PostgresDestinationConfig,
+    PostgresDialect,
+    build_postgres_destination,
+)
+from dataflare.connectors.sql_writer import TableWriter, prepare
+from dataflare.dsl_compiler import models
+from dataflare.registry import BuildContext
+
+FAST_RETRY = models.Retry(max_attempts=3, backoff=models.Backoff(initial=0.05, max=0.2))
+
+
+def ctx_for(pg: Any, table: str = "orders", write_mode: dict[str, Any] | None = None,
+            batch: dict[str, Any] | None = None, step: str = "warehouse") -> BuildContext:
+    config = {"dsn": pg.dsn, "schema": pg.schema, "table": table}
+    cfg = PostgresDestinationConfig(**config)
+    component = models.Destination(type="postgres", config=config,
+                                   write_mode=models.WriteMode(**(write_mode or {})),
+                                   batch=models.BatchSettings(**(batch or {})))
+    workflow = models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY))
+    return BuildContext(step, "destination", component, cfg, workflow, Path("."))
+
+
+def run(ctx: BuildContext, batches: list[list[Any]]) -> list[Any]:
+    flow = Dataflow("pg")
+    up = op.input("in", flow, TestingSource(batches))
+    errors: list[Any] = []
+    op.output("failed", build_postgres_destination(ctx, up), TestingSink(errors))
+    run_main(flow)
+    return [f for batch in errors for f in batch]
+
+
+def test_config_forms() -> None:
+    PostgresDestinationConfig(host="db", port=5433, database="dw", username="etl",
+                              password="pw", schema="analytics", table="t")
+    cfg = PostgresDestinationConfig(dsn="postgresql://u:secret@h/db", table="t")
+    assert "secret" not in repr(cfg)
+    with pytest.raises(ValueError):
+        PostgresDestinationConfig(table="t", tabel="x")
+
+
+def test_append_creates_and_widens_the_table(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema)
+    errors = run(ctx, [
+        [{"id": 1, "name": "a", "amount": 1.5, "vip": True, "_meta": {"file": "x", "line": 1}}],
+        [{"id": 2, "name": "b", "amount": None, "address": {"city": "Oslo"}, "tags": ["x"]}],
+    ])
+    assert errors == []
+    cols = pg_schema.rows(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = 'orders' ORDER BY ordinal_position",
+        pg_schema.schema)
+    assert cols == [("id", "bigint"), ("name", "text"), ("amount", "double precision"),
+                    ("vip", "boolean"), ("address", "jsonb"), ("tags", "jsonb")]
+    rows = pg_schema.rows(f'SELECT id, name, amount, vip, address, tags FROM '
+                          f'"{pg_schema.schema}".orders ORDER BY id')
+    assert rows == [(1, "a", 1.5, True, None, None), (2, "b", None, None, {"city": "Oslo"}, ["x"])]
+
+
+def test_merge_upserts_deletes_and_keeps_the_last_record_per_key(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": "customer.id"})
+    run(ctx, [[
+        {"customer": {"id": "c1"}, "total": 10},
+        {"customer": {"id": "c2"}, "total": 20},
+        {"customer": {"id": "c3"}, "total": 30},
+        {"customer": {"id": "c1"}, "total": 11},  # last one wins within the batch
+    ]])
+    run(ctx, [[
+        {"customer": {"id": "c2"}, "total": 21, "segment": "gold"},
+        {"customer": {"id": "c3"}, "_meta": {"op": "delete", "lsn": 5}},
+        {"customer": {"id": "c4"}, "total": 40},
+    ]])
+    rows = pg_schema.rows(f'SELECT "customer.id", total, segment FROM '
+                          f'"{pg_schema.schema}".orders ORDER BY 1')
+    assert rows == [("c1", 11, None), ("c2", 21, "gold"), ("c4", 40, None)]
+
+
+def test_merge_rejects_records_without_the_key(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": ["id"]})
+    errors = run(ctx, [[{"id": 1, "v": "a"}, {"v": "no key", "_meta": {"file": "f", "line": 9}}]])
+    assert len(errors) == 1 and "merge key id missing" in errors[0].message
+    assert errors[0].position() == "f:9"
+    assert pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".orders') == [(1, "a")]
+
+
+def test_overwrite_replaces_the_previous_contents(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema, write_mode={"type": "overwrite"}, batch={"size": 2})
+    run(ctx, [[{"id": i} for i in range(5)]])
+    run(ctx, [[{"id": 10}, {"id": 11}], [{"id": 12}]])  # several flushes, one truncation
+    assert pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders ORDER BY id') == [
+        (10,), (11,), (12,)]
+
+
+def test_replayed_appends_are_skipped_by_position(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema)
+
+    def records(lo: int, hi: int, part: int) -> list[dict[str, Any]]:
+        return [{"id": f"{part}-{o}", "_meta": {"topic": "t", "partition": part, "offset": o}}
+                for o in range(lo, hi)]
+
+    run(ctx, [records(0, 10, 0), records(0, 4, 1)])
+    # A replay from an older snapshot re-sends offsets 5..9 of partition 0 and 2..3 of 1.
+    run(ctx, [records(5, 14, 0), records(2, 6, 1), [{"id": "no-position"}]])
+    ids = {r[0] for r in pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders')}
+    count = pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".orders')[0][0]
+    assert count == 14 + 6 + 1 == len(ids)
+    marks = pg_schema.rows(f'SELECT stream, position FROM "{pg_schema.schema}"'
+                           '._dataflare_positions ORDER BY stream')
+    assert marks == [("kafka:t/0", 13), ("kafka:t/1", 5)]
+
+
+def test_reconnects_after_the_backend_is_killed(pg_schema: Any) -> None:
+    cfg = PostgresDestinationConfig(dsn=pg_schema.dsn, schema=pg_schema.schema, table="orders")
+    writer = TableWriter("warehouse", PostgresDialect(cfg), "merge", ("id",), False, FAST_RETRY)
+    items, _ = prepare([{"id": i, "v": "a"} for i in range(3)], "warehouse", ("id",))
+    writer.write(items, first=True)
+    pid = writer.db.conn.info.backend_pid
+    with pg_schema.connect() as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    items, _ = prepare([{"id": i, "v": "b"} for i in range(2, 5)], "warehouse", ("id",))
+    writer.write(items, first=False)  # the broken connection is replaced, the batch kept
+    assert writer.db.conn.info.backend_pid != pid
+    writer.close()
+    rows = pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".orders ORDER BY id')
+    assert rows == [(0, "a"), (1, "a"), (2, "b"), (3, "b"), (4, "b")]
+
+
+def test_a_bad_value_is_a_terminal_error_naming_the_step(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema, step="dw")
+    run(ctx, [[{"id": 1}]])
+    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run(ctx, [[{"id": "not a number"}]])
+    text = str(info.value.__cause__)
+    assert "step 'dw'" in text and "orders" in text
+
+
+def test_buffer_groups_batches_by_size_and_flushes_at_the_end() -> None:
+    flow = Dataflow("buf")
+    up = op.input("in", flow, TestingSource([[1, 2], [3], [4, 5, 6, 7], [], [8]]))
+    out: list[Any] = []
+    op.output("out", buffer("batch", up, 3, 60.0), TestingSink(out))
+    run_main(flow)
+    assert [(f.seq, f.items) for f in out] == [(0, [1, 2, 3]), (1, [4, 5, 6, 7]), (2, [8])]
+
