@@ -153,10 +153,12 @@ class Accumulators:
     kinds: tuple[int, ...]
     outputs: tuple[_Output, ...]
     update: Callable[[list[Any], Any, int], None]
-
-    def new(self) -> list[Any]:
-        """An empty accumulator."""
-        return [_empty(k) for k in self.kinds]
+    new: Callable[[], list[Any]]
+    finish: Callable[[list[Any], dict[str, Any]], None]
+    update_code: str
+    """The body of ``update`` (4-space indented; names ``acc``, ``rec``, ``t``), to inline."""
+    update_env: dict[str, Any]
+    """The globals ``update_code`` needs."""
 
     def merge(self, into: list[Any], other: list[Any]) -> None:
         """Add ``other`` into ``into``."""
@@ -185,32 +187,10 @@ class Accumulators:
         """A copy of ``acc`` that can be merged into without changing ``acc``."""
         return [set(v) if k == _SET else v for k, v in zip(self.kinds, acc, strict=True)]
 
-    def finish(self, acc: list[Any], out: dict[str, Any]) -> None:
-        """Write the aggregates of ``acc`` into ``out``."""
-        for o in self.outputs:
-            s = o.slots
-            if o.op == "count":
-                value: Any = acc[s[0]]
-            elif o.op == "sum":
-                value = acc[s[1]] if acc[s[0]] else None
-            elif o.op == "avg":
-                value = acc[s[1]] / acc[s[0]] if acc[s[0]] else None
-            elif o.op == "count_distinct":
-                value = len(acc[s[0]])
-            elif o.op in ("first", "last"):
-                pair = acc[s[0]]
-                value = None if pair is None else pair[1]
-            else:
-                value = acc[s[0]]
-            set_path(out, o.path, value)
 
-
-def _empty(kind: int) -> Any:
-    if kind in (_N, _SUM, _ALL):
-        return 0
-    if kind == _SET:
-        return set()
-    return None
+_EMPTY_CODE = {_N: "0", _SUM: "0", _ALL: "0", _SET: "set()"}
+for _k in (_MIN, _MAX, _FIRST, _LAST):
+    _EMPTY_CODE[_k] = "None"
 
 
 def compile_aggregates(aggs: Sequence[Aggregate]) -> Accumulators:
@@ -258,9 +238,12 @@ def compile_aggregates(aggs: Sequence[Aggregate]) -> Accumulators:
 
     lines = ["def update(acc, rec, t):", "    acc[0] += 1"]
     for fld, var in var_of.items():
-        g = f"g_{var}"
-        env[g] = getter(fld)
-        lines.append(f"    {var} = {g}(rec)")
+        if "." in fld:
+            g = f"g_{var}"
+            env[g] = getter(fld)
+            lines.append(f"    {var} = {g}(rec)")
+        else:
+            lines.append(f"    {var} = rec.get({fld!r})")
         table = by_field[fld]
         p = repr(fld)
         if str(_SUM) in table:
@@ -305,7 +288,37 @@ def compile_aggregates(aggs: Sequence[Aggregate]) -> Accumulators:
         updates.append(f"    if {var} is not None:\n" + "\n".join(body))
     # Checks first: a record that does not fit changes nothing but the record count,
     # which is incremented last.
-    lines = [lines[0], *lines[2:], *checks, *updates, "    acc[0] += 1"]
+    body = [*lines[2:], *checks, *updates, "    acc[0] += 1"]
+    lines = [lines[0], *body]
+    lines.append("def new():")
+    lines.append("    return [" + ", ".join(_EMPTY_CODE[k] for k in kinds) + "]")
+    lines.append("def finish(acc, out):")
+    lines.append("    pass")
+    for o in outputs:
+        s0 = o.slots[0]
+        if o.op == "sum":
+            expr = f"acc[{o.slots[1]}] if acc[{s0}] else None"
+        elif o.op == "avg":
+            expr = f"acc[{o.slots[1]}] / acc[{s0}] if acc[{s0}] else None"
+        elif o.op == "count_distinct":
+            expr = f"len(acc[{s0}])"
+        elif o.op in ("first", "last"):
+            expr = f"None if acc[{s0}] is None else acc[{s0}][1]"
+        else:
+            expr = f"acc[{s0}]"
+        if "." in o.path:
+            lines.append(f"    _set_path(out, {o.path!r}, {expr})")
+        else:
+            lines.append(f"    out[{o.path!r}] = {expr}")
+    env["_set_path"] = set_path
     code = "\n".join(lines)
     exec(compile(code, "<dataflare aggregates>", "exec"), env)  # noqa: S102
-    return Accumulators(tuple(kinds), tuple(outputs), env["update"])
+    return Accumulators(
+        tuple(kinds),
+        tuple(outputs),
+        env["update"],
+        env["new"],
+        env["finish"],
+        "\n".join(body),
+        {k: v for k, v in env.items() if k in ("_bad", "_set_path") or k.startswith("g_")},
+    )

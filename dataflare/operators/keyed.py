@@ -156,6 +156,45 @@ def time_reader(path: str, time_unit: str = "s") -> Callable[[Any], int]:
     return read
 
 
+def extraction_code(
+    key_paths: Sequence[str],
+    time_path: str | None,
+    time_unit: str,
+    env: dict[str, Any],
+    indent: str,
+) -> list[str]:
+    """Source lines setting ``key`` (and ``t``, epoch microseconds) from ``rec``.
+
+    For code generated per step: flat paths become ``rec.get(...)`` and integer times
+    are scaled inline; anything else calls :func:`key_getter` / :func:`time_reader`.
+    """
+    lines = []
+    if time_path is not None:
+        env["_time"] = time_reader(time_path, time_unit)
+        scale = 1000 if time_unit == "ms" else US
+        if "." in time_path:
+            lines.append("t = _time(rec)")
+        else:
+            lines += [
+                f"t = rec.get({time_path!r})",
+                f"t = t * {scale} if t.__class__ is int else _time(rec)",
+            ]
+    if not key_paths:
+        lines.append("key = None")
+    elif all("." not in k for k in key_paths):
+        gets = [f"rec.get({k!r})" for k in key_paths]
+        lines.append("key = " + (gets[0] if len(gets) == 1 else f"({', '.join(gets)})"))
+    else:
+        env["_key"] = key_getter(key_paths)
+        lines.append("key = _key(rec)")
+    return [indent + line for line in lines]
+
+
+def indent_code(code: str, indent: str) -> list[str]:
+    """The lines of generated ``code`` (4-space indented) re-indented by ``indent``."""
+    return [indent + line[4:] for line in code.split("\n")]
+
+
 def iso_us(us: int) -> str:
     """ISO-8601 UTC text of epoch microseconds."""
     if us % US == 0:

@@ -43,7 +43,9 @@ from dataflare.operators.keyed import (
     SHARDS,
     ShardLogic,
     component_id,
+    extraction_code,
     idle_timeout_of,
+    indent_code,
     iso_us,
     key_getter,
     late_records,
@@ -162,18 +164,41 @@ class _Output:
 
     def __init__(self, group_by: tuple[str, ...], accs: Accumulators) -> None:
         self.group_by = group_by
-        self.accs = accs
+        self.flat = len(group_by) == 1 and "." not in group_by[0]
+        self.finish = accs.finish
+        self.iso_cache: dict[int, str] = {}
 
-    def record(self, key: Any, start: int, end: int, acc: list[Any]) -> dict[str, Any]:
+    def iso(self, us: int) -> str:
+        """ISO text of a window boundary (boundaries repeat across groups: cached)."""
+        text = self.iso_cache.get(us)
+        if text is None:
+            if len(self.iso_cache) > 100_000:
+                self.iso_cache.clear()
+            text = self.iso_cache[us] = iso_us(us)
+        return text
+
+    def head(self, key: Any, start: int, end: int) -> dict[str, Any]:
+        """The output record without its aggregates."""
+        if self.flat:
+            return {
+                self.group_by[0]: key,
+                "window_start": self.iso(start),
+                "window_end": self.iso(end),
+            }
         out: dict[str, Any] = {}
         if len(self.group_by) == 1:
             set_path(out, self.group_by[0], key)
         else:
             for path, value in zip(self.group_by, key, strict=True):
                 set_path(out, path, value)
-        out["window_start"] = iso_us(start)
-        out["window_end"] = iso_us(end)
-        self.accs.finish(acc, out)
+        out["window_start"] = self.iso(start)
+        out["window_end"] = self.iso(end)
+        return out
+
+    def record(self, key: Any, start: int, end: int, acc: list[Any]) -> dict[str, Any]:
+        """The output record of a window."""
+        out = self.head(key, start, end)
+        self.finish(acc, out)
         return out
 
 
@@ -196,50 +221,16 @@ class _PaneShard(ShardLogic):
     def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
         o = self.op
         groups: dict[Any, list[Any]] = self.state
-        keyf, timef, new, update = o.key, o.time, o.accs.new, o.accs.update
-        lateness, pane, size, slide = o.lateness, o.pane, o.size, o.slide
         late: list[Any] = []
         errs: list[Failed] = []
         due: list[Any] = []
-        for batch in batches:
-            for rec in batch:
-                try:
-                    t = timef(rec)
-                    key = keyf(rec)
-                    g = groups.get(key)
-                    if g is None:
-                        g = groups[key] = [-_NEVER, -_NEVER, {}, _NEVER, -_NEVER]
-                    elif t < g[1]:
-                        late.append(rec)
-                        continue
-                    panes = g[2]
-                    p = t // pane
-                    acc = panes.get(p)
-                    if acc is None:
-                        acc = new()
-                        update(acc, rec, t)
-                        panes[p] = acc
-                        end = -((size - (p + 1) * pane) // slide) * slide + size
-                        if end < g[3]:
-                            g[3] = end
-                    else:
-                        update(acc, rec, t)
-                    if t > g[0]:
-                        g[0] = t
-                        lb = t - lateness
-                        if lb > g[1]:
-                            g[1] = lb
-                            if lb >= g[3]:
-                                due.append(key)
-                except (RecordError, TypeError) as exc:
-                    errs.append(Failed.of(o.step_id, _explain(exc, o.step_id), rec))
+        down: list[dict[str, Any]] = []
+        o.ingest(groups, batches, late, errs, due, down)
         out: list[tuple[str, list[Any]]] = []
-        if due:
-            down: list[dict[str, Any]] = []
-            for key in set(due):
-                self._close(key, groups[key], groups[key][1], down)
-            if down:
-                out.append((DOWN, down))
+        for key in set(due):
+            self._close(key, groups[key], groups[key][1], down)
+        if down:
+            out.append((DOWN, down))
         if late:
             late_records(o.step_id, len(late))
             out.append((LATE, late))
@@ -285,6 +276,14 @@ class _PaneShard(ShardLogic):
 
     def _close(self, key: Any, g: list[Any], wm: int, down: list[dict[str, Any]]) -> None:
         o = self.op
+        if o.tumbling:
+            panes = g[2]
+            size = o.size
+            for p in [p for p in panes if (p + 1) * size <= wm]:
+                down.append(o.output.record(key, p * size, (p + 1) * size, panes.pop(p)))
+            g[3] = (min(panes) + 1) * size if panes else _NEVER
+            g[4] = wm
+            return
         self._emit(key, g, wm, down)
         g[4] = wm
         # Panes no open window needs: before the start of the first window ending after wm.
@@ -432,6 +431,98 @@ class _SessionShard(ShardLogic):
         return [(DOWN, down)] if down else []
 
 
+_PANE_INGEST = """
+def ingest(groups, batches, late, errs, due, down):
+    for batch in batches:
+        for rec in batch:
+            try:
+{extract}
+                g = groups.get(key)
+                if g is None:
+                    g = groups[key] = [-_NEVER, -_NEVER, {{}}, _NEVER, -_NEVER]
+                elif t < g[1]:
+                    late.append(rec)
+                    continue
+                panes = g[2]
+                p = t // {pane}
+                acc = panes.get(p)
+                if acc is None:
+                    acc = _new()
+{update}
+                    panes[p] = acc
+                    end = {first_end}
+                    if end < g[3]:
+                        g[3] = end
+                else:
+{update}
+                if t > g[0]:
+                    g[0] = t
+                    lb = t - {lateness}
+                    if lb > g[1]:
+                        g[1] = lb
+                        if lb >= g[3]:
+{close}
+            except (RecordError, TypeError, AttributeError) as exc:
+                errs.append(_failed(_step, _explain(exc, _step), rec))
+"""
+
+# Tumbling windows close inline: the panes are the windows.
+_TUMBLING_CLOSE = """
+for q in [q for q in panes if (q + 1) * {size} <= lb]:
+    a = panes.pop(q)
+    row = {row}
+    _finish(a, row)
+    down.append(row)
+g[3] = (min(panes) + 1) * {size} if panes else _NEVER
+g[4] = lb
+"""
+
+
+def _compile_pane_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
+    """The per-step loop adding sub-batches to panes (key, time and aggregates inlined)."""
+    env: dict[str, Any] = dict(o.accs.update_env)
+    extract = extraction_code(cfg.group_by, cfg.time_field, cfg.time_unit, env, " " * 16)
+    cache = o.output.iso_cache
+    env.update(
+        _NEVER=_NEVER,
+        _new=o.accs.new,
+        _finish=o.accs.finish,
+        _head=o.output.head,
+        _iso=o.output.iso,
+        _isoc=cache,
+        _failed=Failed.of,
+        _step=o.step_id,
+        _explain=_explain,
+        RecordError=RecordError,
+    )
+    size, slide, pane = o.size, o.slide, o.pane
+    if o.tumbling:
+        first_end = f"(p + 1) * {size}"
+        start, end = f"q * {size}", f"(q + 1) * {size}"
+        if o.output.flat:
+            row = (
+                f"{{{cfg.group_by[0]!r}: key, "
+                f"'window_start': _isoc.get({start}) or _iso({start}), "
+                f"'window_end': _isoc.get({end}) or _iso({end})}}"
+            )
+        else:
+            row = f"_head(key, {start}, {end})"
+        close = _TUMBLING_CLOSE.format(size=size, row=row)
+    else:
+        first_end = f"-(({size} - (p + 1) * {pane}) // {slide}) * {slide} + {size}"
+        close = "due.append(key)"
+    code = _PANE_INGEST.format(
+        extract="\n".join(extract),
+        update="\n".join(indent_code(o.accs.update_code, " " * 20)),
+        pane=pane,
+        first_end=first_end,
+        lateness=o.lateness,
+        close="\n".join(" " * 28 + line for line in close.strip().split("\n")),
+    )
+    exec(compile(code, f"<window {o.step_id}>", "exec"), env)  # noqa: S102
+    return env["ingest"]
+
+
 def _explain(exc: BaseException, step_id: str) -> BaseException:
     if isinstance(exc, TypeError):
         return BadValue(f"step {step_id!r}: group key cannot be hashed ({exc})")
@@ -462,6 +553,8 @@ class _WindowOp:
             self.pane = math.gcd(self.size, self.slide)
             self.gap = 0
         self.session = spec.type == "session"
+        self.tumbling = not self.session and self.slide == self.size
+        self.ingest = None if self.session else _compile_pane_ingest(self, cfg)
 
     def build(self, resume: Any) -> ShardLogic:
         if self.session:
