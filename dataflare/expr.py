@@ -340,6 +340,7 @@ class Expression:
     paths: tuple[str, ...]
 
     def __call__(self, record: Any) -> Any:
+        """The expression's value for ``record``."""
         return self.fn(record)
 
     def test(self, record: Any) -> bool:

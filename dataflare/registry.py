@@ -20,6 +20,7 @@ group: each entry names a module that registers components when imported.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -94,12 +95,13 @@ class ComponentSpec:
 
     kind: Kind
     type: str
-    config: type[BaseModel]
+    config: builtins.type[BaseModel]
     build: Callable[..., Any] | None
     description: str
     inputs: tuple[int, int | None] = (1, None)
     stateful: bool = False
     named_outputs: Callable[[Any], list[str]] | None = None
+    main_output: bool = True
     planned: str = ""
 
     @property
@@ -139,8 +141,13 @@ def transformation(
     inputs: tuple[int, int | None] = (1, None),
     stateful: bool = False,
     named_outputs: Callable[[Any], list[str]] | None = None,
+    main_output: bool = True,
 ) -> Callable[..., Any]:
-    """Register a transformation builder under ``type_name``."""
+    """Register a transformation builder under ``type_name``.
+
+    ``named_outputs`` lists the outputs read as ``<id>.<name>``; a type without a main
+    output (``main_output=False``, like ``route``) can only be read that way.
+    """
     return _decorator(
         "transformation",
         type_name,
@@ -149,6 +156,7 @@ def transformation(
         inputs=inputs,
         stateful=stateful,
         named_outputs=named_outputs,
+        main_output=main_output,
     )
 
 

@@ -144,7 +144,7 @@ class _CsvPartition(StatefulSourcePartition[Batch, int]):
         self.step, self.shown, self.size, self.opts = step, shown, size, opts
         self.f = path.open(newline="", encoding="utf-8")
         self.reader = csv.reader(self.f, delimiter=opts.delimiter)
-        self.header = next(self.reader, None) or []
+        self.header: list[str] = next(self.reader, [])
         self.rows = 0
         for _ in range(state or 0):
             next(self.reader, None)
@@ -262,9 +262,11 @@ class FileSource(FixedPartitionedSource[Batch, Any]):
         return out
 
     def list_parts(self) -> list[str]:
+        """One partition per matching file."""
         return list(self._files())
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Any:
+        """A reader of one file, resuming at ``resume_state``."""
         path = self._files()[for_part]
         cfg = self.config
         fmt = file_format(str(path), cfg.format, self.step)
@@ -304,6 +306,7 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
         if fmt == "parquet":
             self.rows = list(state or [])
             return
+        self.f: Any
         if state is not None:
             offset, self.columns = state
             self.f = path.open("r+b" if path.exists() else "w+b")
@@ -375,9 +378,11 @@ class FileSink(FixedPartitionedSink[Batch, Any]):
         self.columns, self.truncate = columns, truncate
 
     def list_parts(self) -> list[str]:
+        """The single partition: the output file."""
         return [str(self.path)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _FilePartition:
+        """The writer, truncating to the resumed length."""
         return _FilePartition(self.step, self.path, self.fmt, self.columns, self.truncate,
                               resume_state)
 

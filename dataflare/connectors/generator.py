@@ -151,7 +151,7 @@ BLOCK = 1024
 def make_records(make: Callable[[int, random.Random], dict[str, Any]], seed: int, start: int,
                  n: int) -> list[dict[str, Any]]:
     """Records ``start`` to ``start + n``; each block of 1024 has its own seeded generator."""
-    out = []
+    out: list[dict[str, Any]] = []
     i, stop = start, start + n
     while i < stop:
         block = i // BLOCK
@@ -210,9 +210,11 @@ class GeneratorSource(FixedPartitionedSource[Batch, int]):
         self.step, self.config = step, config
 
     def list_parts(self) -> list[str]:
+        """Partition names ``0`` to ``partitions - 1``."""
         return [str(i) for i in range(self.config.partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> Any:
+        """The generator of one index range, resuming at ``resume_state``."""
         return _GeneratorPartition(self.step, self.config, int(for_part), resume_state)
 
 

@@ -45,6 +45,7 @@ class StdoutSink(DynamicSink[Batch]):
         self.option = option
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _Printer:
+        """A printer for one worker."""
         return _Printer(self.option)
 
 

@@ -195,7 +195,9 @@ def masker(protection: DataProtection | None) -> Callable[[Any], Any] | None:
     return mask
 
 
-def _prepare(filter_text: str | None, mask: Callable[[Any], Any] | None) -> Callable[..., Any] | None:
+def _prepare(
+    filter_text: str | None, mask: Callable[[Any], Any] | None
+) -> Callable[..., Any] | None:
     test = compile_expression(filter_text).test if filter_text else None
     if test is None:
         return mask
@@ -290,7 +292,8 @@ class _Compiler:
         while pending:
             ready = [
                 cid for cid in pending
-                if not any(d.error_handling.redirect_to == cid for o, d in pending.items() if o != cid)
+                if not any(d.error_handling.redirect_to == cid
+                           for other, d in pending.items() if other != cid)
             ]
             if not ready:
                 cycle = ", ".join(sorted(pending))

@@ -92,11 +92,14 @@ def build_graph(wf: dict[str, Any], configs: dict[str, Any]) -> Graph:
             comp = comp if isinstance(comp, dict) else {}
             g.types[cid] = str(comp.get("type", ""))
             refs = comp.get("inputs", [])
-            g.inputs[cid] = [r for r in refs if isinstance(r, str)] if isinstance(refs, list) else []
+            refs = refs if isinstance(refs, list) else []
+            g.inputs[cid] = [r for r in refs if isinstance(r, str)]
     return g
 
 
-def check(doc: Document, wf: dict[str, Any], configs: dict[str, Any]) -> tuple[Graph, list[Problem]]:
+def check(
+    doc: Document, wf: dict[str, Any], configs: dict[str, Any]
+) -> tuple[Graph, list[Problem]]:
     """Check the workflow graph; returns the graph and every problem found."""
     problems: list[Problem] = []
     g = build_graph(wf, configs)
@@ -106,7 +109,7 @@ def check(doc: Document, wf: dict[str, Any], configs: dict[str, Any]) -> tuple[G
         if not isinstance(comps, dict):
             continue
         for cid in comps:
-            loc = ("workflow", section, cid)
+            loc: tuple[str | int, ...] = ("workflow", section, cid)
             if not ID_PATTERN.match(str(cid)):
                 problems.append(
                     doc.problem(
@@ -146,11 +149,12 @@ def check(doc: Document, wf: dict[str, Any], configs: dict[str, Any]) -> tuple[G
                 continue
             up_spec = registry.lookup("transformation", g.types[up]) if g.kinds[up] == (
                 "transformations") else None
-            if not port and up_spec is not None and up_spec.named_outputs and up in configs:
-                ports = ", ".join(f"{up}.{p}" for p in up_spec.named_outputs(configs[up]))
+            if (not port and up_spec is not None and not up_spec.main_output
+                    and up_spec.named_outputs and up in configs):
+                listed = ", ".join(f"{up}.{p}" for p in up_spec.named_outputs(configs[up]))
                 problems.append(
                     doc.problem(loc, f"input {ref!r} is a {g.types[up]}; read one of its "
-                                f"outputs: {ports}")
+                                f"outputs: {listed}")
                 )
             if port:
                 spec = up_spec
@@ -204,20 +208,22 @@ def check(doc: Document, wf: dict[str, Any], configs: dict[str, Any]) -> tuple[G
                 )
             )
 
-    for loc, target in redirect_targets(wf):
-        section = g.kinds.get(target)
-        if section is None:
+    for ref_loc, target in redirect_targets(wf):
+        target_section = g.kinds.get(target)
+        if target_section is None:
             hint = did_you_mean(target, [c for c, s in g.kinds.items() if s == "destinations"])
             problems.append(
                 doc.problem(
-                    loc,
-                    f"{loc[-1]} {target!r} names no destination{hint}",
+                    ref_loc,
+                    f"{ref_loc[-1]} {target!r} names no destination{hint}",
                     severity="warning",
                     at_run=True,
                 )
             )
-        elif section != "destinations":
-            problems.append(doc.problem(loc, f"{loc[-1]} {target!r} is not a destination"))
+        elif target_section != "destinations":
+            problems.append(
+                doc.problem(ref_loc, f"{ref_loc[-1]} {target!r} is not a destination")
+            )
 
     plugins = wf.get("plugins") if isinstance(wf.get("plugins"), dict) else {}
     comps = wf.get("transformations")

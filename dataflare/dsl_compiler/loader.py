@@ -49,9 +49,10 @@ class Document:
 
     def move(self, old: Loc, new: Loc) -> None:
         """Record that the subtree at ``old`` now stands at ``new`` (a normalized placement)."""
-        for table in (self.positions, self.key_positions, self.templates):
+        tables: tuple[dict[Loc, Any], ...] = (self.positions, self.key_positions, self.templates)
+        for table in tables:
             for loc in [k for k in table if k[: len(old)] == old]:
-                table[new + loc[len(old) :]] = table[loc]  # type: ignore[index]
+                table[new + loc[len(old) :]] = table[loc]
 
 
 class _Builder:

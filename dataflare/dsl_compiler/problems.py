@@ -10,7 +10,7 @@ Loc = tuple[str | int, ...]
 
 
 def format_loc(loc: Loc) -> str:
-    """``('transformations', 'clean', 'config', 'mappings', 0)`` -> ``transformations.clean...[0]``."""
+    """A location as text: ``('sources', 'db', 'cdc', 0)`` -> ``sources.db.cdc[0]``."""
     out = ""
     for part in loc:
         if isinstance(part, int):

@@ -80,8 +80,10 @@ def _fields(model: type[BaseModel]) -> list[str]:
 
 def markdown() -> str:
     """The DSL reference in Markdown."""
-    out = ["# DSL reference", "", "Generated from the models by `dataflare schema --markdown`.", ""]
-    blocks = [models.Workflow, models.Source, models.Transformation, models.Destination,
+    out = ["# DSL reference", ""]
+    out += ["Generated from the models by `dataflare schema --markdown`.", ""]
+    blocks: list[type[BaseModel]] = [
+              models.Workflow, models.Source, models.Transformation, models.Destination,
               models.ErrorHandling, models.WriteMode, models.BatchSettings, models.Incremental,
               models.Cdc, models.Streaming, models.Hybrid, models.WorkflowConfig, models.Retry,
               models.Backoff, models.Schedule, models.Plugin, models.DataProtection,
@@ -93,5 +95,6 @@ def markdown() -> str:
         out += [f"## {registry.SECTION[kind].capitalize()}", ""]
         for spec in registry.specs(kind):
             state = "" if spec.available else f" *({spec.planned})*"
-            out += [f"### `{spec.type}`{state}", "", spec.description, "", *_fields(spec.config), ""]
+            out += [f"### `{spec.type}`{state}", "", spec.description, ""]
+            out += [*_fields(spec.config), ""]
     return "\n".join(out)

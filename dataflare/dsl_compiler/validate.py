@@ -198,7 +198,9 @@ def _model_fields(model: type[BaseModel], path: Loc) -> list[str]:
     return []
 
 
-def _problems(doc: Document, exc: ValidationError, root: Loc, model: type[BaseModel]) -> list[Problem]:
+def _problems(
+    doc: Document, exc: ValidationError, root: Loc, model: type[BaseModel]
+) -> list[Problem]:
     out = []
     for err in exc.errors():
         loc: Loc = tuple(err["loc"])
@@ -221,7 +223,7 @@ def _problems(doc: Document, exc: ValidationError, root: Loc, model: type[BaseMo
             known = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
             hint = did_you_mean(str(value), known)
             message = f"unknown value {value!r}{hint}; expected one of: {', '.join(known)}"
-        elif isinstance(value, str | int | float | bool) and "got" not in message:
+        elif isinstance(value, str | int | float | bool) and str(value) not in message:
             if full in doc.templates:
                 message += f" (got {doc.templates[full]!r})"
             elif not any(_SECRET_NAME.search(str(p)) for p in full if isinstance(p, str)):

@@ -6,6 +6,7 @@ A record goes to every route whose condition holds; one that matches none goes t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import bytewax.operators as op
@@ -24,7 +25,9 @@ UNMATCHED = "_unmatched"
 class Route(Strict):
     """One named output and its condition."""
 
-    name: str = Field(description="Route name, read as '<router id>.<name>'.", pattern=r"^[A-Za-z][\w-]*$")
+    name: str = Field(
+        description="Route name, read as '<router id>.<name>'.", pattern=r"^[A-Za-z][\w-]*$"
+    )
     condition: str = Field(description="Expression; matching records take this route.")
 
     _check = field_validator("condition")(classmethod(lambda cls, v: check_expression(v)))
@@ -52,11 +55,16 @@ def route_names(config: RouteConfig) -> list[str]:
     return [r.name for r in config.routes] + [UNMATCHED]
 
 
+def _port(name: str) -> Callable[[tuple[dict[str, Batch], list[Failed]]], Batch | None]:
+    return lambda pair: pair[0][name] or None
+
+
 @transformation(
     "route",
     config=RouteConfig,
     description="Send each record to every route whose condition holds.",
     named_outputs=route_names,
+    main_output=False,
 )
 def build_route(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build a router."""
@@ -81,9 +89,7 @@ def build_route(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
         return parts, bad
 
     pairs = op.map("split", up, split)
-    named = {
-        name: op.filter_map(f"to_{name}", pairs, lambda p, n=name: p[0][n] or None)
-        for name in route_names(ctx.config)
-    }
+    named = {name: op.filter_map(f"to_{name}", pairs, _port(name))
+             for name in route_names(ctx.config)}
     errs = op.filter_map("errs", pairs, lambda p: p[1] or None)
     return Outputs(errs=errs, named=named)
