@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import bytewax.operators as op
 from bytewax.dataflow import Stream
 from pydantic import Field, field_validator, model_validator
 
-import bytewax.operators as op
 from dataflare.config import Strict
 from dataflare.dsl_compiler.problems import did_you_mean
 from dataflare.expr import compile_expression

@@ -2,10 +2,10 @@
 
 import random
 
+import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, cluster_main, run_main
 
-import bytewax.operators as op
 from dataflare.connectors.generator import (
     GeneratorConfig,
     GeneratorSource,
