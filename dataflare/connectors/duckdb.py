@@ -1,0 +1,250 @@
+"""DuckDB destination: an embedded warehouse file, written through Arrow batches.
+
+Each flushed batch becomes one Arrow table registered as a view and inserted with one
+``INSERT ... SELECT`` (``ON CONFLICT DO UPDATE`` for ``merge``, after one ``DELETE ...
+USING`` for CDC deletes), in one transaction. Shape, widening, replay safety and retries
+are described in :mod:`dataflare.connectors.sql_writer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bytewax.dataflow import Stream
+from pydantic import Field
+
+from dataflare.config import Strict
+from dataflare.connectors.sql_writer import (
+    BOOL,
+    FLOAT,
+    INT,
+    JSON,
+    POSITIONS_TABLE,
+    TEXT,
+    Dialect,
+    TableWriter,
+    table_output,
+    write_settings,
+)
+from dataflare.records import Failed
+from dataflare.registry import BuildContext, destination
+
+SQL_TYPES = {BOOL: "BOOLEAN", INT: "BIGINT", FLOAT: "DOUBLE", TEXT: "VARCHAR", JSON: "JSON"}
+LOGICAL = {
+    "BOOLEAN": BOOL,
+    "BIGINT": INT,
+    "INTEGER": INT,
+    "SMALLINT": INT,
+    "HUGEINT": INT,
+    "DOUBLE": FLOAT,
+    "FLOAT": FLOAT,
+    "REAL": FLOAT,
+    "JSON": JSON,
+}
+
+
+class DuckDBDestinationConfig(Strict):
+    """Write records to a DuckDB database file."""
+
+    path: str = Field(
+        "warehouse.duckdb",
+        description="Database file, relative to the workflow file; created when absent.",
+    )
+    schema_: str = Field("main", alias="schema", description="Schema of the table.")
+    table: str = Field(description="Table to write (created from the records when absent).")
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class DuckDBDialect(Dialect):
+    """duckdb's Python API with Arrow staging."""
+
+    def __init__(self, path: Path, cfg: DuckDBDestinationConfig) -> None:
+        import duckdb
+
+        self.path = path
+        self.cfg = cfg
+        self.transient = (duckdb.IOException, duckdb.ConnectionException)
+        self.conn: Any = None
+        self.schema = cfg.schema_
+        self.table = cfg.table
+        self.target = f"{_ident(self.schema)}.{_ident(self.table)}"
+        self.positions = f"{_ident(self.schema)}.{_ident(POSITIONS_TABLE)}"
+        self.types: dict[str, str] = {}
+
+    def describe(self) -> str:
+        """``duckdb table path:schema.table``."""
+        return f"duckdb table {self.path}:{self.schema}.{self.table}"
+
+    def connect(self) -> None:
+        """Open the database file (creating its directory)."""
+        import duckdb
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = duckdb.connect(str(self.path))
+        self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(self.schema)}")
+
+    def close(self) -> None:
+        """Close the database."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken handle
+                pass
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """BEGIN ... COMMIT, ROLLBACK on an exception."""
+        self.conn.begin()
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.rollback()
+            raise
+        self.conn.commit()
+
+    def columns(self) -> dict[str, str] | None:
+        """Columns of the table, ``None`` when it does not exist."""
+        rows = self.conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+            [self.schema, self.table],
+        ).fetchall()
+        if not rows:
+            return None
+        self.types = {name: LOGICAL.get(str(dtype).upper(), TEXT) for name, dtype in rows}
+        return dict(self.types)
+
+    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
+        """CREATE TABLE IF NOT EXISTS, with the merge key as primary key."""
+        cols = [f"{_ident(n)} {SQL_TYPES[t]}" for n, t in columns.items()]
+        if key:
+            cols.append(f"PRIMARY KEY ({', '.join(_ident(k) for k in key)})")
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
+        self.types = dict(columns)
+
+    def add_columns(self, columns: dict[str, str]) -> None:
+        """ALTER TABLE ... ADD COLUMN, one per statement."""
+        for n, t in columns.items():
+            self.conn.execute(
+                f"ALTER TABLE {self.target} ADD COLUMN IF NOT EXISTS {_ident(n)} {SQL_TYPES[t]}"
+            )
+            self.types[n] = t
+
+    def ensure_positions(self) -> None:
+        """The high-water mark table of this schema."""
+        self.conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.positions} (destination VARCHAR NOT NULL, "
+            "target VARCHAR NOT NULL, stream VARCHAR NOT NULL, position BIGINT NOT NULL, "
+            "PRIMARY KEY (destination, target, stream))"
+        )
+
+    def load_positions(self, destination: str) -> dict[str, int]:
+        """Marks of ``destination`` for this table."""
+        rows = self.conn.execute(
+            f"SELECT stream, position FROM {self.positions} WHERE destination = ? AND target = ?",
+            [destination, self.table],
+        ).fetchall()
+        return {s: int(p) for s, p in rows}
+
+    def save_positions(self, destination: str, marks: dict[str, int]) -> None:
+        """Advance marks (never backwards)."""
+        for stream, pos in marks.items():
+            self.conn.execute(
+                f"INSERT INTO {self.positions} (destination, target, stream, position) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (destination, target, stream) "
+                "DO UPDATE SET position = greatest(position, EXCLUDED.position)",
+                [destination, self.table, stream, pos],
+            )
+
+    def truncate(self) -> None:
+        """DELETE every row."""
+        self.conn.execute(f"DELETE FROM {self.target}")
+
+    def _arrow(self, columns: list[str], rows: list[dict[str, Any]]) -> Any:
+        import orjson
+        import pyarrow as pa
+
+        arrays = []
+        for c in columns:
+            kind = self.types.get(c, TEXT)
+            values = [row.get(c) for row in rows]
+            if kind == JSON:
+                values = [None if v is None else orjson.dumps(v, default=str).decode()
+                          for v in values]
+                arrays.append(pa.array(values, pa.string()))
+            elif kind == TEXT:
+                values = [v if v is None or isinstance(v, str) else
+                          (orjson.dumps(v, default=str).decode()
+                           if isinstance(v, dict | list) else str(v)) for v in values]
+                arrays.append(pa.array(values, pa.string()))
+            else:
+                arrow_type = {INT: pa.int64(), FLOAT: pa.float64(), BOOL: pa.bool_()}[kind]
+                arrays.append(pa.array(values, arrow_type))
+        return pa.Table.from_arrays(arrays, names=columns)
+
+    def _insert(self, columns: list[str], rows: list[dict[str, Any]], suffix: str = "") -> None:
+        stage = self._arrow(columns, rows)
+        collist = ", ".join(_ident(c) for c in columns)
+        self.conn.register("_dataflare_stage", stage)
+        try:
+            self.conn.execute(
+                f"INSERT INTO {self.target} ({collist}) SELECT {collist} "
+                f"FROM _dataflare_stage {suffix}"
+            )
+        finally:
+            self.conn.unregister("_dataflare_stage")
+
+    def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        """Insert the rows from one Arrow table."""
+        self._insert(columns, rows)
+
+    def merge(
+        self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
+        deletes: list[dict[str, Any]],
+    ) -> None:
+        """One DELETE ... USING for deletes, one INSERT ... ON CONFLICT for the rest."""
+        if deletes:
+            stage = self._arrow(list(key), deletes)
+            self.conn.register("_dataflare_deletes", stage)
+            try:
+                match = " AND ".join(f"t.{_ident(k)} = d.{_ident(k)}" for k in key)
+                self.conn.execute(
+                    f"DELETE FROM {self.target} AS t USING _dataflare_deletes AS d WHERE {match}"
+                )
+            finally:
+                self.conn.unregister("_dataflare_deletes")
+        if upserts:
+            keycols = ", ".join(_ident(k) for k in key)
+            updates = [c for c in columns if c not in key]
+            action = (
+                "DO UPDATE SET " + ", ".join(f"{_ident(c)} = EXCLUDED.{_ident(c)}" for c in updates)
+                if updates
+                else "DO NOTHING"
+            )
+            self._insert(columns, upserts, f"ON CONFLICT ({keycols}) {action}")
+
+
+@destination(
+    "duckdb",
+    config=DuckDBDestinationConfig,
+    description="A DuckDB database file: append, overwrite or merge; replay-safe appends.",
+)
+def build_duckdb_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
+    """The output steps of a ``duckdb`` destination (scoped under its id)."""
+    cfg: DuckDBDestinationConfig = ctx.config
+    mode, key, dedupe = write_settings(ctx)
+    retry = ctx.workflow.config.retry
+    step = ctx.step_id
+    path = ctx.path(cfg.path)
+
+    def make_writer() -> TableWriter:
+        return TableWriter(step, DuckDBDialect(path, cfg), mode, key, dedupe, retry)
+
+    return table_output(step, up, step, key, ctx.component.batch, make_writer)

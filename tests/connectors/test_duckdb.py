@@ -1,0 +1,102 @@
+"""DuckDB destination on a database file in a temporary directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+import duckdb
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+from dataflare.connectors.duckdb import (
+    DuckDBDestinationConfig,
+    DuckDBDialect,
+    build_duckdb_destination,
+)
+from dataflare.connectors.sql_writer import TableWriter, prepare
+from dataflare.dsl_compiler import models
+from dataflare.registry import BuildContext
+
+FAST_RETRY = models.Retry(max_attempts=3, backoff=models.Backoff(initial=0.01, max=0.05))
+
+
+def ctx_for(base: Path, write_mode: dict[str, Any] | None = None,
+            batch: dict[str, Any] | None = None) -> BuildContext:
+    config = {"path": "dw/warehouse.duckdb", "table": "events"}
+    component = models.Destination(type="duckdb", config=config,
+                                   write_mode=models.WriteMode(**(write_mode or {})),
+                                   batch=models.BatchSettings(**(batch or {})))
+    workflow = models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY))
+    return BuildContext("dw", "destination", component, DuckDBDestinationConfig(**config),
+                        workflow, base)
+
+
+def run(ctx: BuildContext, batches: list[list[Any]]) -> list[Any]:
+    flow = Dataflow("duck")
+    up = op.input("in", flow, TestingSource(batches))
+    errors: list[Any] = []
+    op.output("failed", build_duckdb_destination(ctx, up), TestingSink(errors))
+    run_main(flow)
+    return [f for batch in errors for f in batch]
+
+
+def query(base: Path, sql: str) -> list[tuple[Any, ...]]:
+    with duckdb.connect(str(base / "dw" / "warehouse.duckdb"), read_only=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_append_creates_widens_and_resolves_the_path(tmp_path: Path) -> None:
+    ctx = ctx_for(tmp_path, batch={"size": 2})
+    run(ctx, [[{"id": 1, "user": {"id": "u1"}, "amount": 2.5}, {"id": 2, "amount": 3}],
+              [{"id": 3, "ok": True, "_meta": {"file": "a", "line": 1}}]])
+    assert query(tmp_path, "SELECT column_name, data_type FROM information_schema.columns "
+                 "WHERE table_name = 'events' ORDER BY ordinal_position") == [
+        ("id", "BIGINT"), ("user", "JSON"), ("amount", "DOUBLE"), ("ok", "BOOLEAN")]
+    assert query(tmp_path, "SELECT id, user->>'$.id', amount, ok FROM events ORDER BY id") == [
+        (1, "u1", 2.5, None), (2, None, 3.0, None), (3, None, None, True)]
+
+
+def test_merge_with_cdc_deletes(tmp_path: Path) -> None:
+    ctx = ctx_for(tmp_path, write_mode={"type": "merge", "merge_key": ["user_id", "window"]})
+    run(ctx, [[{"user_id": "a", "window": 1, "n": 1}, {"user_id": "b", "window": 1, "n": 2},
+               {"user_id": "a", "window": 1, "n": 3}]])
+    run(ctx, [[{"user_id": "b", "window": 1, "_meta": {"op": "delete"}},
+               {"user_id": "a", "window": 2, "n": 9}]])
+    assert query(tmp_path, "SELECT user_id, \"window\", n FROM events ORDER BY 1, 2") == [
+        ("a", 1, 3), ("a", 2, 9)]
+
+
+def test_overwrite_and_replay_safety(tmp_path: Path) -> None:
+    ctx = ctx_for(tmp_path, write_mode={"type": "overwrite"})
+    run(ctx, [[{"id": 0}]])
+    recs = [{"id": i, "_meta": {"topic": "t", "partition": 0, "offset": i}} for i in range(6)]
+    run(ctx, [recs[:4]])
+    assert query(tmp_path, "SELECT count(*) FROM events") == [(4,)]
+    append = ctx_for(tmp_path)
+    run(append, [recs[2:]])  # a replay of offsets 2..3 plus new offsets 4..5
+    assert query(tmp_path, "SELECT id FROM events ORDER BY id") == [(i,) for i in range(6)]
+
+
+def test_reopens_a_closed_connection_without_losing_the_batch(tmp_path: Path) -> None:
+    cfg = DuckDBDestinationConfig(path="x.duckdb", table="events")
+    writer = TableWriter("dw", DuckDBDialect(tmp_path / "x.duckdb", cfg), "append", (), False,
+                         FAST_RETRY)
+    items, _ = prepare([{"id": 1}], "dw", ())
+    writer.write(items, first=True)
+    writer.db.conn.close()  # type: ignore[attr-defined]
+    items, _ = prepare([{"id": 2}], "dw", ())
+    writer.write(items, first=False)
+    writer.close()
+    with duckdb.connect(str(tmp_path / "x.duckdb")) as conn:
+        assert conn.execute("SELECT id FROM events ORDER BY id").fetchall() == [(1,), (2,)]
+
+
+def test_type_conflict_is_terminal(tmp_path: Path) -> None:
+    ctx = ctx_for(tmp_path)
+    run(ctx, [[{"id": 1}]])
+    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run(ctx, [[{"id": "x1"}]])
+    assert "step 'dw'" in str(info.value.__cause__)
