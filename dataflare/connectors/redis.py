@@ -1,0 +1,289 @@
+"""Redis destination: hashes, strings, lists, sets, sorted sets or streams, pipelined.
+
+Every record becomes one command on the key rendered from ``key_template``; a flushed
+batch (``batch: {size, flush_interval}``) is sent as one pipeline. With ``fields`` only
+the mapped fields are written, otherwise the whole record without ``_meta``.
+
+Replays after a crash (bytewax resumes from the last snapshot) are harmless for
+``hash``, ``string``, ``set`` and ``sorted_set``: writing the same value again changes
+nothing, so these are effectively exactly-once. ``list`` and ``stream`` append, so a
+replay appends again: they are **at-least-once**. A record whose ``_meta.op`` is
+``delete`` (CDC) deletes its key for ``hash`` and ``string``, and removes its member for
+``set`` and ``sorted_set``.
+
+Lost connections are retried with backoff per the workflow's ``retry`` policy, sending
+the whole pipeline again.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal
+
+from bytewax.dataflow import Stream, operator
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from pydantic import Field, model_validator
+
+from dataflare.config import Duration, Secret, Strict
+from dataflare.connectors.batching import Flush, buffer
+from dataflare.records import META, Failed, getter
+from dataflare.registry import BuildContext, destination
+from dataflare.retry import call_with_retry
+from dataflare.template import compile_template
+
+
+class FieldMapping(Strict):
+    """One field written to Redis."""
+
+    source: str = Field(description="Dotted path in the record.")
+    destination: str = Field(description="Hash field (or key in the JSON value) to write.")
+
+
+class RedisDestinationConfig(Strict):
+    """Write records to Redis."""
+
+    url: Secret | None = Field(
+        None, description="redis://[user:password@]host:port/db (instead of host/port/db)."
+    )
+    host: str = Field("localhost", description="Server host.")
+    port: int = Field(6379, description="Server port.")
+    db: int = Field(0, ge=0, description="Database number.")
+    username: str | None = Field(None, description="ACL user name.")
+    password: Secret | None = Field(None, description="Password.")
+    data_structure: Literal["hash", "string", "list", "set", "sorted_set", "stream"] = Field(
+        "hash", description="Redis type written per record."
+    )
+    key_template: str = Field(description="Key of each record, e.g. 'customer:{{user.id}}'.")
+    fields: list[FieldMapping] = Field(
+        default_factory=list, description="Fields to write; the whole record when empty."
+    )
+    value_field: str | None = Field(
+        None,
+        description="string/list/set/sorted_set: path of the value to write; the JSON of "
+        "the (mapped) record when absent.",
+    )
+    score_field: str | None = Field(None, description="sorted_set: path of the numeric score.")
+    ttl: Duration | None = Field(None, description="Expiry set on every written key.")
+    stream_max_length: int | None = Field(
+        None, ge=1, description="stream: approximate cap of entries (XADD MAXLEN ~)."
+    )
+    socket_timeout: Duration = Field(10.0, description="Timeout of one network operation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RedisDestinationConfig:
+        if self.data_structure == "sorted_set" and not self.score_field:
+            msg = "data_structure 'sorted_set' needs 'score_field'"
+            raise ValueError(msg)
+        return self
+
+    def client(self) -> Any:
+        """A ``redis.Redis`` client (it connects lazily)."""
+        import redis
+
+        common: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_timeout,
+        }
+        if self.url is not None:
+            return redis.Redis.from_url(self.url.get_secret_value(), **common)
+        return redis.Redis(
+            host=self.host,
+            port=self.port,
+            db=self.db,
+            username=self.username,
+            password=self.password.get_secret_value() if self.password else None,
+            **common,
+        )
+
+
+Command = tuple[str, str, Any]
+"""``(operation, key, argument)``: one Redis write prepared from a record."""
+
+
+class _Commands:
+    """Turns records into commands; rejects records that cannot be written."""
+
+    def __init__(self, step: str, cfg: RedisDestinationConfig) -> None:
+        import orjson
+
+        self.step = step
+        self.cfg = cfg
+        self.dumps = orjson.dumps
+        self.key = compile_template(cfg.key_template)
+        self.fields = [(getter(f.source), f.destination) for f in cfg.fields]
+        self.value = getter(cfg.value_field) if cfg.value_field else None
+        self.score = getter(cfg.score_field) if cfg.score_field else None
+
+    def _mapped(self, rec: dict[str, Any]) -> dict[str, Any]:
+        if self.fields:
+            return {dest: get(rec) for get, dest in self.fields}
+        return {k: v for k, v in rec.items() if k != META}
+
+    def _scalar(self, value: Any) -> str | bytes | int | float:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str | bytes | int | float):
+            return value
+        return self.dumps(value, default=str)
+
+    def _member(self, rec: dict[str, Any]) -> str | bytes | int | float:
+        if self.value is not None:
+            return self._scalar(self.value(rec))
+        return self.dumps(self._mapped(rec))
+
+    def command(self, rec: dict[str, Any]) -> Command:
+        kind = self.cfg.data_structure
+        key = self.key(rec)
+        meta = rec.get(META)
+        delete = isinstance(meta, dict) and meta.get("op") == "delete"
+        if kind == "hash":
+            if delete:
+                return ("del", key, None)
+            mapping = {k: self._scalar(v) for k, v in self._mapped(rec).items() if v is not None}
+            return ("hset", key, mapping)
+        if kind == "string":
+            return ("del", key, None) if delete else ("set", key, self._member(rec))
+        if kind == "list":
+            return ("rpush", key, self._member(rec))
+        if kind == "set":
+            return ("srem" if delete else "sadd", key, self._member(rec))
+        if kind == "sorted_set":
+            assert self.score is not None
+            member = self._member(rec)
+            if delete:
+                return ("zrem", key, member)
+            score = self.score(rec)
+            if isinstance(score, bool) or not isinstance(score, int | float):
+                msg = (
+                    f"step {self.step!r}: score field {self.cfg.score_field!r} is "
+                    f"{type(score).__name__} ({score!r}), expected a number"
+                )
+                raise ValueError(msg)
+            return ("zadd", key, {member: score})
+        fields = {k: self._scalar(v) for k, v in self._mapped(rec).items() if v is not None}
+        return ("xadd", key, fields)
+
+    def prepare(self, batch: list[Any]) -> tuple[list[Command], list[Failed]]:
+        out: list[Command] = []
+        errs: list[Failed] = []
+        for rec in batch:
+            try:
+                out.append(self.command(rec))
+            except (TypeError, ValueError) as exc:
+                message = str(exc) if str(exc).startswith("step ") else (
+                    f"step {self.step!r}: cannot write record to redis: {exc}"
+                )
+                meta = rec.get(META, {}) if isinstance(rec, dict) else {}
+                errs.append(Failed(self.step, type(exc).__name__, message, rec, meta))
+        return out, errs
+
+
+class _RedisWriter(StatelessSinkPartition[Flush]):
+    def __init__(self, step: str, cfg: RedisDestinationConfig, retry: Any) -> None:
+        self.step = step
+        self.cfg = cfg
+        self.retry = retry
+        self.client: Any = None
+
+    def _send(self, commands: list[Command]) -> None:
+        if self.client is None:
+            self.client = self.cfg.client()
+        pipe = self.client.pipeline(transaction=False)
+        ttl = self.cfg.ttl
+        maxlen = self.cfg.stream_max_length
+        expire = int(ttl * 1000) if ttl else None
+        for op, key, arg in commands:
+            if op == "hset":
+                if arg:
+                    pipe.hset(key, mapping=arg)
+            elif op == "set":
+                pipe.set(key, arg, px=expire)
+                continue
+            elif op == "del":
+                pipe.delete(key)
+                continue
+            elif op == "rpush":
+                pipe.rpush(key, arg)
+            elif op == "sadd":
+                pipe.sadd(key, arg)
+            elif op == "srem":
+                pipe.srem(key, arg)
+            elif op == "zadd":
+                pipe.zadd(key, arg)
+            elif op == "zrem":
+                pipe.zrem(key, arg)
+            elif op == "xadd":
+                pipe.xadd(key, arg or {"_": ""}, maxlen=maxlen, approximate=True)
+            if expire:
+                pipe.pexpire(key, expire)
+        pipe.execute()
+
+    def _reset(self, _exc: BaseException) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+
+    def write_batch(self, items: list[Flush]) -> None:
+        import redis
+
+        transient = (redis.ConnectionError, redis.TimeoutError)
+        for flush in items:
+            what = f"step {self.step!r}: write {len(flush.items)} record(s) to redis"
+            try:
+                call_with_retry(
+                    what, partial(self._send, flush.items), self.retry,
+                    transient=transient, on_retry=self._reset,
+                )
+            except redis.RedisError as exc:
+                msg = f"{what} failed: {type(exc).__name__}: {exc}"
+                raise RuntimeError(msg) from exc
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+class RedisSink(DynamicSink[Flush]):
+    """Pipelined writes of flushed batches."""
+
+    def __init__(self, step: str, cfg: RedisDestinationConfig, retry: Any) -> None:
+        self.step = step
+        self.cfg = cfg
+        self.retry = retry
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _RedisWriter:
+        """A writer for this worker (it connects on its first write)."""
+        return _RedisWriter(self.step, self.cfg, self.retry)
+
+
+@operator
+def redis_output(
+    step_id: str,
+    up: Stream[list[Any]],
+    name: str,
+    cfg: RedisDestinationConfig,
+    batch: Any,
+    retry: Any,
+) -> Stream[list[Failed]]:
+    """Prepare commands, buffer them per ``batch`` and send them; return the rejects."""
+    import bytewax.operators as op
+
+    commands = _Commands(name, cfg)
+    prepared = op.map("prepare", up, commands.prepare)
+    items = op.filter_map("commands", prepared, lambda p: p[0] or None)
+    flushed = buffer("batch", items, batch.size, batch.flush_interval)
+    op.output("write", flushed, RedisSink(name, cfg, retry))
+    return op.filter_map("errors", prepared, lambda p: p[1] or None)
+
+
+@destination(
+    "redis",
+    config=RedisDestinationConfig,
+    description="Redis keys (hash, string, list, set, sorted_set, stream), pipelined.",
+)
+def build_redis_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
+    """The output steps of a ``redis`` destination (scoped under its id)."""
+    return redis_output(
+        ctx.step_id, up, ctx.step_id, ctx.config, ctx.component.batch, ctx.workflow.config.retry
+    )
+

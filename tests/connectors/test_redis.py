@@ -1,0 +1,123 @@
+"""Redis destination against the local Redis server (a dedicated, emptied database)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+import pytest
+import redis
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+from dataflare.connectors.batching import Flush
+from dataflare.connectors.redis import (
+    RedisDestinationConfig,
+    _Commands,
+    _RedisWriter,
+    build_redis_destination,
+)
+from dataflare.dsl_compiler import models
+from dataflare.registry import BuildContext
+
+FAST_RETRY = models.Retry(max_attempts=3, backoff=models.Backoff(initial=0.01, max=0.05))
+
+
+def run(url: str, batches: list[list[Any]], batch_size: int = 10_000, **config: Any) -> list[Any]:
+    config = {"url": url, **config}
+    component = models.Destination(type="redis", config=config,
+                                   batch=models.BatchSettings(size=batch_size))
+    workflow = models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY))
+    ctx = BuildContext("cache", "destination", component, RedisDestinationConfig(**config),
+                       workflow, Path("."))
+    flow = Dataflow("redis")
+    up = op.input("in", flow, TestingSource(batches))
+    errors: list[Any] = []
+    op.output("failed", build_redis_destination(ctx, up), TestingSink(errors))
+    run_main(flow)
+    return [f for b in errors for f in b]
+
+
+def test_seed_snippets_validate() -> None:
+    RedisDestinationConfig(data_structure="hash", key_template="customer:{{user.id}}", fields=[
+        {"source": "user.email", "destination": "email"},
+        {"source": "user.customerValue", "destination": "value"},
+        {"source": "user.segment", "destination": "segment"}])
+    RedisDestinationConfig(data_structure="hash", key_template="customer:{{customer_id}}")
+    with pytest.raises(ValueError, match="needs 'score_field'"):
+        RedisDestinationConfig(data_structure="sorted_set", key_template="k")
+
+
+def test_hash_with_field_mapping_and_ttl(redis_url: str) -> None:
+    users = [{"user": {"id": i, "email": f"u{i}@x.io", "customerValue": i * 1.5,
+                       "segment": None if i == 2 else "gold"}, "_meta": {"offset": i}}
+             for i in range(1, 4)]
+    errors = run(redis_url, [users[:2], users[2:]], batch_size=2, data_structure="hash",
+                 key_template="customer:{{user.id}}", ttl="1h", fields=[
+                     {"source": "user.email", "destination": "email"},
+                     {"source": "user.customerValue", "destination": "value"},
+                     {"source": "user.segment", "destination": "segment"}])
+    assert errors == []
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert r.hgetall("customer:1") == {"email": "u1@x.io", "value": "1.5", "segment": "gold"}
+    assert r.hgetall("customer:2") == {"email": "u2@x.io", "value": "3.0"}
+    assert 0 < r.pttl("customer:3") <= 3_600_000
+
+
+def test_whole_record_hash_replay_is_idempotent_and_cdc_deletes(redis_url: str) -> None:
+    recs = [{"customer_id": "c1", "total": 5, "tags": ["a"]}, {"customer_id": "c2", "total": 7}]
+    cfg = {"data_structure": "hash", "key_template": "customer:{{customer_id}}"}
+    run(redis_url, [recs], **cfg)
+    run(redis_url, [recs], **cfg)  # a replay writes the same fields again
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert r.hgetall("customer:c1") == {"customer_id": "c1", "total": "5", "tags": '["a"]'}
+    run(redis_url, [[{"customer_id": "c2", "_meta": {"op": "delete"}}]], **cfg)
+    assert sorted(r.keys()) == ["customer:c1"]
+
+
+def test_string_list_set_sorted_set_and_stream(redis_url: str) -> None:
+    recs = [{"user": "u1", "page": "/a", "score": 3}, {"user": "u1", "page": "/b", "score": 1},
+            {"user": "u2", "page": "/a", "score": 2}]
+    run(redis_url, [recs], data_structure="string", key_template="last:{{user}}",
+        value_field="page")
+    run(redis_url, [recs], data_structure="list", key_template="pages:{{user}}")
+    run(redis_url, [recs, recs], data_structure="set", key_template="seen:{{user}}",
+        value_field="page")
+    errors = run(redis_url, [recs + [{"user": "u3", "page": "/c", "score": "high"}]],
+                 data_structure="sorted_set", key_template="top", value_field="page",
+                 score_field="score")
+    run(redis_url, [recs], data_structure="stream", key_template="events",
+        stream_max_length=1000)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert r.get("last:u1") == "/b"
+    assert [json.loads(x)["page"] for x in r.lrange("pages:u1", 0, -1)] == ["/a", "/b"]
+    assert r.smembers("seen:u1") == {"/a", "/b"}
+    assert r.zrange("top", 0, -1, withscores=True) == [("/b", 1.0), ("/a", 2.0)]
+    assert len(errors) == 1 and "expected a number" in errors[0].message
+    entries = r.xrange("events")
+    assert [e[1] for e in entries] == [{"user": "u1", "page": "/a", "score": "3"},
+                                       {"user": "u1", "page": "/b", "score": "1"},
+                                       {"user": "u2", "page": "/a", "score": "2"}]
+
+
+def test_reconnects_after_the_connection_is_killed(redis_url: str) -> None:
+    cfg = RedisDestinationConfig(url=redis_url, key_template="k:{{id}}", data_structure="string",
+                                 value_field="v")
+    writer = _RedisWriter("cache", cfg, FAST_RETRY)
+    cmds = _Commands("cache", cfg)
+
+    def flush(recs: list[dict[str, Any]]) -> Flush:
+        ok, bad = cmds.prepare(recs)
+        assert bad == []
+        return Flush(0, ok)
+
+    writer.write_batch([flush([{"id": 1, "v": "a"}])])
+    admin = redis.Redis.from_url(redis_url)
+    me = writer.client.client_id()
+    admin.client_kill_filter(_id=me)
+    writer.write_batch([flush([{"id": 2, "v": "b"}])])
+    assert writer.client.client_id() != me
+    writer.close()
+    assert admin.mget("k:1", "k:2") == [b"a", b"b"]
