@@ -110,6 +110,13 @@ def validate_text(
                     )
                 )
 
+    actions = wf.get("post_actions")
+    for i, _ in enumerate(actions if isinstance(actions, list) else []):
+        out.problems.append(
+            doc.problem(("workflow", "post_actions", i),
+                        "post actions are validated but not executed yet", severity="warning")
+        )
+
     out.graph, graph_problems = graph_checks.check(doc, wf, configs)
     out.problems.extend(graph_problems)
 
