@@ -1,0 +1,237 @@
+"""HTTP destination: one request per record (webhooks, notification APIs), with retries.
+
+The body is ``body_template`` rendered with JSON-escaped values (so
+``{"email": "{{email}}"}`` stays valid JSON for any value), or the record as JSON
+without ``_meta``. ``url`` may hold ``{{path}}`` placeholders too (values URL-escaped).
+
+Answers 429 and 5xx and network failures are transient: retried with backoff per the
+workflow's ``retry`` policy, honouring ``Retry-After``. Other 4xx answers are terminal:
+the run stops with the step, the status, the answer and the record's position. Requests
+are sent again when bytewax replays after a crash, so delivery is **at-least-once**;
+receivers that must not act twice can deduplicate on a key sent in the body or in a
+header such as ``Idempotency-Key: {{id}}`` (header values are templates too).
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from functools import partial
+from typing import Any, Literal
+from urllib.parse import quote
+
+from bytewax.dataflow import Stream, operator
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from pydantic import Field
+
+from dataflare.config import Duration, Strict
+from dataflare.connectors.batching import Flush, buffer
+from dataflare.records import META, Failed, describe_position
+from dataflare.registry import BuildContext, destination
+from dataflare.retry import TransientError, call_with_retry
+from dataflare.template import compile_template, placeholders
+
+
+class HttpDestinationConfig(Strict):
+    """Send each record to an HTTP endpoint."""
+
+    url: str = Field(description="Endpoint; may hold {{path}} placeholders (URL-escaped).")
+    method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field(
+        "POST", description="HTTP method."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Request headers; values may hold {{path}} templates."
+    )
+    body_template: str | None = Field(
+        None,
+        description="Body with {{path}} placeholders, values JSON-escaped; the record as "
+        "JSON when absent.",
+    )
+    timeout: Duration = Field(30.0, description="Timeout of one request.")
+    concurrency: int = Field(1, ge=1, le=64, description="Requests in flight at once.")
+
+
+Request = tuple[str, dict[str, str], bytes, dict[str, Any]]
+"""``(url, headers, body, position)`` of one record."""
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class _Requests:
+    """Renders records into requests; rejects those whose JSON body does not parse."""
+
+    def __init__(self, step: str, cfg: HttpDestinationConfig) -> None:
+        import orjson
+
+        self.step = step
+        self.dumps = orjson.dumps
+        self.url = self._url_template(cfg.url)
+        self.headers = [(k, compile_template(v)) for k, v in cfg.headers.items()]
+        self.body = compile_template(cfg.body_template, json_escape=True) \
+            if cfg.body_template else None
+        content_type = {k.lower(): v for k, v in cfg.headers.items()}.get("content-type", "")
+        self.check_json = cfg.body_template is not None and (
+            "json" in content_type or not content_type
+        )
+        self.default_json = not content_type
+
+    @staticmethod
+    def _url_template(text: str) -> Any:
+        if not placeholders(text):
+            return lambda rec: text
+        escaped = compile_template(text.replace("{{", "\x00{{").replace("}}", "}}\x00"))
+
+        def url(rec: Any) -> str:
+            # Escape the rendered values only, not the literal parts of the URL.
+            parts = escaped(rec).split("\x00")
+            return "".join(quote(p, safe="") if i % 2 else p for i, p in enumerate(parts))
+
+        return url
+
+    def prepare(self, batch: list[Any]) -> tuple[list[Request], list[Failed]]:
+        out: list[Request] = []
+        errs: list[Failed] = []
+        for rec in batch:
+            meta = rec.get(META, {}) if isinstance(rec, dict) else {}
+            try:
+                if self.body is not None:
+                    body = self.body(rec).encode()
+                    if self.check_json:
+                        json.loads(body)
+                else:
+                    clean = {k: v for k, v in rec.items() if k != META}
+                    body = self.dumps(clean, default=str)
+                headers = {k: fn(rec) for k, fn in self.headers}
+                if self.default_json:
+                    headers.setdefault("Content-Type", "application/json")
+                out.append((self.url(rec), headers, body, meta))
+            except (TypeError, ValueError) as exc:
+                message = f"step {self.step!r}: cannot render the request body: {exc}"
+                errs.append(Failed(self.step, type(exc).__name__, message, rec, meta))
+        return out, errs
+
+
+class _HttpWriter(StatelessSinkPartition[Flush]):
+    def __init__(self, step: str, cfg: HttpDestinationConfig, retry: Any) -> None:
+        self.step = step
+        self.cfg = cfg
+        self.retry = retry
+        self.client: Any = None
+        self.pool: ThreadPoolExecutor | None = None
+
+    def _send_once(self, req: Request) -> None:
+        import httpx
+
+        url, headers, body, meta = req
+        try:
+            resp = self.client.request(self.cfg.method, url, headers=headers, content=body)
+        except httpx.TransportError as exc:
+            msg = f"{self.cfg.method} {url}: {type(exc).__name__}: {exc}"
+            raise TransientError(msg) from exc
+        status = resp.status_code
+        if status < 300:
+            return
+        text = resp.text[:300]
+        if status == 429 or status >= 500 or status == 408:
+            msg = f"{self.cfg.method} {url} answered {status}: {text}"
+            raise TransientError(msg, retry_after_seconds(resp.headers.get("retry-after")))
+        msg = (
+            f"step {self.step!r}: {self.cfg.method} {url} answered {status}: {text!r} "
+            f"(record at {describe_position(meta)})"
+        )
+        raise RuntimeError(msg)
+
+    def _send(self, req: Request) -> None:
+        what = f"step {self.step!r}: {self.cfg.method} {req[0]}"
+        try:
+            call_with_retry(what, partial(self._send_once, req), self.retry)
+        except TransientError as exc:
+            msg = (
+                f"step {self.step!r}: giving up after {self.retry.max_attempts} attempt(s): "
+                f"{exc} (record at {describe_position(req[3])})"
+            )
+            raise RuntimeError(msg) from exc
+
+    def write_batch(self, items: list[Flush]) -> None:
+        import httpx
+
+        if self.client is None:
+            self.client = httpx.Client(timeout=self.cfg.timeout)
+        for flush in items:
+            if self.cfg.concurrency > 1:
+                if self.pool is None:
+                    self.pool = ThreadPoolExecutor(self.cfg.concurrency)
+                for _ in self.pool.map(self._send, flush.items):
+                    pass
+            else:
+                for req in flush.items:
+                    self._send(req)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.client is not None:
+            self.client.close()
+
+
+class HttpSink(DynamicSink[Flush]):
+    """Requests of flushed batches, one per record."""
+
+    def __init__(self, step: str, cfg: HttpDestinationConfig, retry: Any) -> None:
+        self.step = step
+        self.cfg = cfg
+        self.retry = retry
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _HttpWriter:
+        """A client for this worker."""
+        return _HttpWriter(self.step, self.cfg, self.retry)
+
+
+@operator
+def http_output(
+    step_id: str,
+    up: Stream[list[Any]],
+    name: str,
+    cfg: HttpDestinationConfig,
+    batch: Any,
+    retry: Any,
+) -> Stream[list[Failed]]:
+    """Render requests, buffer them per ``batch`` and send them; return the rejects."""
+    import bytewax.operators as op
+
+    requests = _Requests(name, cfg)
+    prepared = op.map("prepare", up, requests.prepare)
+    items = op.filter_map("requests", prepared, lambda p: p[0] or None)
+    flushed = buffer("batch", items, batch.size, batch.flush_interval)
+    op.output("send", flushed, HttpSink(name, cfg, retry))
+    return op.filter_map("errors", prepared, lambda p: p[1] or None)
+
+
+@destination(
+    "http",
+    config=HttpDestinationConfig,
+    description="An HTTP endpoint: one templated request per record, retries on 429/5xx.",
+)
+def build_http_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
+    """The output steps of an ``http`` destination (scoped under its id)."""
+    return http_output(
+        ctx.step_id, up, ctx.step_id, ctx.config, ctx.component.batch, ctx.workflow.config.retry
+    )

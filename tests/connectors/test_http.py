@@ -1,0 +1,167 @@
+"""HTTP destination against a local HTTP server that records requests and injects faults."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+from dataflare.connectors.http import (
+    HttpDestinationConfig,
+    build_http_destination,
+    retry_after_seconds,
+)
+from dataflare.dsl_compiler import models
+from dataflare.registry import BuildContext
+
+FAST_RETRY = models.Retry(max_attempts=4, backoff=models.Backoff(initial=0.01, max=0.5))
+
+
+@dataclass
+class Receiver:
+    url: str = ""
+    received: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
+    faults: deque[tuple[int, str | None]] = field(default_factory=deque)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            with state.lock:
+                fault = state.faults.popleft() if state.faults else None
+                if fault is None:
+                    state.received.append((self.command, self.path, dict(self.headers), body))
+            status, retry_after = fault or (200, None)
+            self.send_response(status)
+            if retry_after is not None:
+                self.send_header("Retry-After", retry_after)
+            payload = b'{"ok": true}' if status < 300 else b'{"error": "nope"}'
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_POST = do_PUT = do_GET = _handle
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def run(batches: list[list[Any]], step: str = "notify", **config: Any) -> list[Any]:
+    component = models.Destination(type="http", config=config)
+    workflow = models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY))
+    ctx = BuildContext(step, "destination", component, HttpDestinationConfig(**config),
+                       workflow, Path("."))
+    flow = Dataflow("http")
+    up = op.input("in", flow, TestingSource(batches))
+    errors: list[Any] = []
+    op.output("failed", build_http_destination(ctx, up), TestingSink(errors))
+    run_main(flow)
+    return [f for b in errors for f in b]
+
+
+SEED_BODY = '{\n "customer_id": "{{customer.id}}",\n "note": "{{customer.note}}"\n}'
+
+
+def test_seed_snippet_validates() -> None:
+    HttpDestinationConfig(url="https://notification.example.com/api/alerts", method="POST",
+                          headers={"Content-Type": "application/json",
+                                   "Authorization": "Bearer token"},
+                          body_template=SEED_BODY)
+
+
+def test_templated_bodies_are_valid_json_for_any_value(receiver: Receiver) -> None:
+    recs = [{"customer": {"id": 1, "note": 'says "hi"\nand \\ leaves'}, "_meta": {"line": 1}},
+            {"customer": {"id": 2}}]
+    errors = run([recs], url=receiver.url + "/alerts/{{customer.id}}", body_template=SEED_BODY,
+                 headers={"Content-Type": "application/json", "Authorization": "Bearer t",
+                          "Idempotency-Key": "alert-{{customer.id}}"})
+    assert errors == []
+    got = sorted(receiver.received, key=lambda r: r[1])
+    assert [(m, p) for m, p, _, _ in got] == [("POST", "/alerts/1"), ("POST", "/alerts/2")]
+    assert json.loads(got[0][3]) == {"customer_id": "1", "note": 'says "hi"\nand \\ leaves'}
+    assert json.loads(got[1][3]) == {"customer_id": "2", "note": ""}
+    assert got[0][2]["Authorization"] == "Bearer t"
+    assert got[0][2]["Idempotency-Key"] == "alert-1"
+
+
+def test_record_as_json_without_template(receiver: Receiver) -> None:
+    run([[{"id": 1, "nested": {"a": [1, 2]}, "_meta": {"offset": 3}}]], url=receiver.url,
+        method="PUT")
+    ((method, _, headers, body),) = receiver.received
+    assert method == "PUT" and json.loads(body) == {"id": 1, "nested": {"a": [1, 2]}}
+    assert headers["Content-Type"] == "application/json"
+
+
+def test_retries_429_and_5xx_honouring_retry_after(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.faults.extend([(503, None), (429, "0.3"), (500, None)])
+    with caplog.at_level("WARNING", logger="dataflare.retry"):
+        errors = run([[{"id": 1}, {"id": 2}]], url=receiver.url)
+    assert errors == []
+    assert sorted(json.loads(b)["id"] for *_, b in receiver.received) == [1, 2]
+    assert not receiver.faults
+    waits = [r.getMessage().rsplit(" in ", 1)[1] for r in caplog.records]
+    assert waits == ["0.0s", "0.3s", "0.0s"]  # backoff 0.01s, then the Retry-After of 429
+
+
+def test_gives_up_after_the_retry_policy(receiver: Receiver) -> None:
+    receiver.faults.extend([(503, None)] * 4)
+    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run([[{"id": 1, "_meta": {"file": "in.jsonl", "line": 7}}]], url=receiver.url)
+    text = str(info.value.__cause__)
+    assert "step 'notify'" in text and "4 attempt(s)" in text and "in.jsonl:7" in text
+
+
+def test_client_errors_are_terminal(receiver: Receiver) -> None:
+    receiver.faults.append((400, None))
+    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run([[{"id": 1}]], url=receiver.url)
+    assert "answered 400" in str(info.value.__cause__)
+
+
+def test_unreachable_endpoint_is_retried_then_fails() -> None:
+    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run([[{"id": 1}]], url="http://127.0.0.1:9/nothing", timeout=1)
+    assert "ConnectError" in str(info.value.__cause__)
+
+
+def test_invalid_rendered_json_is_rejected_not_sent(receiver: Receiver) -> None:
+    errors = run([[{"n": 1}]], url=receiver.url, body_template='{"n": {{n}}, }')
+    assert len(errors) == 1 and "cannot render" in errors[0].message
+    assert receiver.received == []
+
+
+def test_concurrent_requests(receiver: Receiver) -> None:
+    run([[{"id": i} for i in range(40)]], url=receiver.url, concurrency=8)
+    assert sorted(json.loads(b)["id"] for *_, b in receiver.received) == list(range(40))
+
+
+def test_retry_after_forms() -> None:
+    assert retry_after_seconds("3") == 3.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
