@@ -45,6 +45,7 @@ BUILTIN_MODULES = (
     "dataflare.connectors.generator",
     "dataflare.connectors.kafka",
     "dataflare.connectors.postgres",
+    "dataflare.connectors.postgres_destination",
     "dataflare.connectors.mysql",
     "dataflare.connectors.rest_api",
     "dataflare.connectors.duckdb",
