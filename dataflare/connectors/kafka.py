@@ -203,7 +203,13 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         if resume_offset is None:
             resume_offset = low if cfg.auto_offset_reset == "earliest" else high
         self.offset = max(resume_offset, low)
-        self.end = high if stop_at_end else None
+        # With stop_at_end, the end is the high watermark of the first fetch answer (some
+        # brokers, e.g. Tansu, answer ListOffsets with the start of the last batch, so the
+        # ListOffsets value is only a lower bound).
+        self.stop_at_end = stop_at_end
+        self._end_hint = high
+        self.end: int | None = None
+        self._tp = tp
         self._to_commit: int | None = None
         self.consumer.assign([TopicPartition(topic, partition, self.offset)])
         self._decode = self._decoder()
@@ -251,6 +257,10 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         if self.end is not None and self.offset >= self.end:
             raise StopIteration
         msgs = self.consumer.consume(self.batch_size, 0)
+        if self.stop_at_end and self.end is None:
+            _low, high = self.consumer.get_watermark_offsets(self._tp, cached=True)
+            if high >= 0:
+                self.end = max(high, self._end_hint)
         if not msgs:
             self._awake = datetime.now(UTC) + self.idle
             return []
@@ -260,13 +270,17 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         decode = self._decode
         step, topic, part = self.step_id, self.topic, self.partition
         last = self.offset - 1
+        end = self.end
         for msg in msgs:
             err = msg.error()
             if err is not None:
                 code = err.code()
                 if code == KafkaError._PARTITION_EOF:
                     # The end of the readable log: past any trailing transaction markers.
-                    last = max(last, msg.offset() - 1)
+                    eof = msg.offset()
+                    if self.stop_at_end and self.end is None:
+                        self.end = end = max(eof, self._end_hint)
+                    last = max(last, (eof if end is None else min(eof, end)) - 1)
                     continue
                 if err.fatal() or code in (
                     KafkaError.UNKNOWN_TOPIC_OR_PART,
@@ -281,6 +295,8 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
                 log.warning("step %r: kafka %s[%d]: %s (retrying)", step, topic, part, err.str())
                 continue
             offset = msg.offset()
+            if end is not None and offset >= end:
+                break  # past the end seen at start: left for a later run
             last = offset
             value = msg.value()
             if value is None:

@@ -293,7 +293,10 @@ class TableWriter:
                 keep.append(it)
             skipped = len(items) - len(keep)
             if skipped:
-                log.info("step %r: skipped %d replayed record(s)", self.step, skipped)
+                log.warning(
+                    "step %r: skipped %d record(s) already written to %s (a replay after "
+                    "a restart)", self.step, skipped, self.db.describe(),
+                )
             items = keep
         rows = [it.row for it in items]
         if rows:

@@ -87,10 +87,13 @@ def test_bounded_read_of_every_partition(kafka_broker: LocalBroker, kafka_topic:
     produce_records(kafka_broker.bootstrap_servers, topic,
                     ({"id": i, "user": {"id": f"u{i % 7}"}} for i in range(300)), partitions=3,
                     key=lambda i: f"k{i}".encode())
+    # A second producer batch, and small polls: the end must be the true end of the log.
+    produce_records(kafka_broker.bootstrap_servers, topic,
+                    ({"id": i} for i in range(300, 330)), partitions=3)
     out: list[Any] = []
     run_main(read_flow(source_ctx(bootstrap_servers=kafka_broker.bootstrap_servers,
-                                  topic=topic, stop_at_end=True), out))
-    assert sorted(r["id"] for r in out) == list(range(300))
+                                  topic=topic, stop_at_end=True, batch_size=7), out))
+    assert sorted(r["id"] for r in out) == list(range(330))
     by_id = {r["id"]: r for r in out}
     meta = by_id[4]["_meta"]
     assert meta["topic"] == topic and meta["partition"] == 1 and meta["key"] == "k4"
@@ -98,7 +101,7 @@ def test_bounded_read_of_every_partition(kafka_broker: LocalBroker, kafka_topic:
     # Offsets increase within each partition.
     for p in range(3):
         offs = [r["_meta"]["offset"] for r in out if r["_meta"]["partition"] == p]
-        assert offs == list(range(100))
+        assert offs == list(range(110))
 
 
 def test_mode_full_stops_and_mode_streaming_tails(

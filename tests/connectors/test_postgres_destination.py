@@ -155,3 +155,92 @@ def test_buffer_groups_batches_by_size_and_flushes_at_the_end() -> None:
     run_main(flow)
     assert [(f.seq, f.items) for f in out] == [(0, [1, 2, 3]), (1, [4, 5, 6, 7]), (2, [8])]
 
+
+
+CRASH_FLOW = """
+workflow:
+  id: crash_resume
+  config: {retry: {max_attempts: 3, backoff: {initial: 100ms}}}
+  sources:
+    events:
+      type: kafka
+      mode: streaming
+      config:
+        bootstrap_servers: "${SERVERS}"
+        topic: "${TOPIC}"
+        stop_at_end: ${STOP_AT_END}
+        batch_size: 50
+  transformations:
+    shaped:
+      inputs: [events]
+      type: mapping
+      config:
+        mappings:
+          - {source: id, destination: id}
+          - {source: user, destination: user.name}
+  destinations:
+    warehouse:
+      inputs: [shaped]
+      type: postgres
+      config: {dsn: "${DSN}", schema: "${SCHEMA}", table: events}
+      batch: {size: 40, flush_interval: 20ms}
+"""
+
+
+def test_kafka_to_postgres_appends_exactly_once_across_a_crash(
+    pg_schema: Any, kafka_broker: Any, kafka_topic: Any, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bytewax.recovery import init_db_dir
+
+    from dataflare.connectors.kafka import produce_records
+
+    topic = kafka_topic(partitions=2)
+    produce_records(kafka_broker.bootstrap_servers, topic,
+                    ({"id": i, "user": f"u{i % 5}"} for i in range(3000)), partitions=2)
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(CRASH_FLOW)
+    recovery = tmp_path / "recovery"
+    recovery.mkdir()
+    init_db_dir(recovery, 1)
+    env = {**os.environ, "SERVERS": kafka_broker.bootstrap_servers, "TOPIC": topic,
+           "DSN": pg_schema.dsn, "SCHEMA": pg_schema.schema, "RUST_BACKTRACE": "0"}
+    cmd = [sys.executable, "-m", "bytewax.run",
+           f"dataflare.dsl_compiler:compile_file({str(flow)!r})",
+           "-r", str(recovery), "-s", "1", "-b", "0"]
+
+    def count() -> int:
+        try:
+            return int(pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".events')[0][0])
+        except Exception:  # noqa: BLE001 - the table may not exist yet
+            return 0
+
+    # First run tails the topic; it is killed (no clean shutdown) while writing.
+    proc = subprocess.Popen(cmd, env={**env, "STOP_AT_END": "false"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if count() >= 200 or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    written_before_crash = count()
+    assert written_before_crash >= 200
+
+    # The rerun resumes from the last snapshot, replays what followed it, and stops at
+    # the end of the topic; replayed rows that were already committed are skipped.
+    done = subprocess.run(cmd, env={**env, "STOP_AT_END": "true"}, capture_output=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert b"already written to postgres table" in done.stderr  # the replay happened
+    rows = pg_schema.rows(f'SELECT id, "user" FROM "{pg_schema.schema}".events')
+    ids = [r[0] for r in rows]
+    assert len(ids) == 3000 and set(ids) == set(range(3000))
+    assert {r[1]["name"] for r in rows} == {f"u{i}" for i in range(5)}
