@@ -188,7 +188,7 @@ class _Output:
         out: dict[str, Any] = {}
         if len(self.group_by) == 1:
             set_path(out, self.group_by[0], key)
-        else:
+        elif self.group_by:
             for path, value in zip(self.group_by, key, strict=True):
                 set_path(out, path, value)
         out["window_start"] = self.iso(start)
