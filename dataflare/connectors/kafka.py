@@ -313,12 +313,14 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
                 append(Failed(step, "DecodeError", message, _raw_text(value), meta))
                 continue
             ts_type, ts = msg.timestamp()
+            key = msg.key()
+            headers = msg.headers()
             rec[META] = {
                 "topic": topic,
                 "partition": part,
                 "offset": offset,
-                "key": _decode_key(msg.key()),
-                "headers": _headers(msg.headers()),
+                "key": None if key is None else _decode_key(key),
+                "headers": _headers(headers) if headers else {},
                 "timestamp": ts if ts_type else None,
             }
             append(rec)
@@ -460,18 +462,20 @@ class _Encoder:
         dumps = self.dumps
         key_of = self.key
         header_fns = self.headers
+        append = out.append
         for rec in batch:
             try:
-                if is_dead_letter(rec):
-                    out.append(self.dead_letter(rec))
+                if "error" in rec and is_dead_letter(rec):
+                    append(self.dead_letter(rec))
                     continue
                 if META in rec:
-                    body = {k: v for k, v in rec.items() if k != META}
+                    body = dict(rec)
+                    del body[META]
                 else:
                     body = rec
                 key = key_of(rec).encode() if key_of is not None else None
-                headers = [(n, fn(rec).encode()) for n, fn in header_fns]
-                out.append((key, dumps(body), headers))
+                headers = [(n, fn(rec).encode()) for n, fn in header_fns] if header_fns else []
+                append((key, dumps(body), headers))
             except (TypeError, ValueError) as exc:
                 message = f"step {self.step_id!r}: cannot encode record as JSON: {exc}"
                 errs.append(Failed(self.step_id, type(exc).__name__, message, rec,

@@ -238,9 +238,10 @@ class PostgresDialect(Dialect):
                 if updates
                 else "DO NOTHING"
             )
+            # Inserting in key order keeps the primary key index's pages hot.
             self.conn.execute(
                 f"INSERT INTO {self.target} ({collist}) SELECT {collist} FROM {stage} "
-                f"ON CONFLICT ({keycols}) {action}"
+                f"ORDER BY {keycols} ON CONFLICT ({keycols}) {action}"
             )
             self.conn.execute(f"DELETE FROM {stage}")
 

@@ -29,6 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from bytewax.dataflow import Stream, operator
@@ -90,6 +91,7 @@ def prepare(
     """Strip ``_meta``, extract dotted merge keys as columns, note positions and deletes."""
     items: list[Item] = []
     errs: list[Failed] = []
+    append = items.append
     dotted = [(k, getter(k)) for k in merge_key if "." in k]
     for rec in batch:
         if not isinstance(rec, dict):
@@ -97,18 +99,50 @@ def prepare(
             errs.append(Failed(step, "RecordError", msg, rec))
             continue
         meta = rec.get(META)
-        row = {k: v for k, v in rec.items() if k != META} if meta is not None else dict(rec)
+        if meta is not None:
+            row = dict(rec)
+            del row[META]
+        elif dotted:
+            row = dict(rec)
+        else:
+            row = rec  # never changed below: no copy needed
         for name, get in dotted:
             row[name] = get(rec)
-        missing = [k for k in merge_key if row.get(k) is None]
-        if missing:
-            msg = f"step {step!r}: merge key {', '.join(missing)} missing in record {row!r}"
-            errs.append(Failed(step, "RecordError", msg, rec, meta or {}))
+        if merge_key:
+            missing = [k for k in merge_key if row.get(k) is None]
+            if missing:
+                msg = f"step {step!r}: merge key {', '.join(missing)} missing in record {row!r}"
+                errs.append(Failed(step, "RecordError", msg, rec, meta or {}))
+                continue
+        if meta is None:
+            append(Item(row, False, None, None))
             continue
         stream, pos = position_of(meta)
-        delete = isinstance(meta, dict) and meta.get("op") == "delete"
-        items.append(Item(row, delete, stream, pos))
+        append(Item(row, meta.get("op") == "delete" if isinstance(meta, dict) else False,
+                    stream, pos))
     return items, errs
+
+
+def last_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
+    """The last item of each key value (keys are top-level columns of the rows)."""
+    last: dict[Any, Item] = {}
+    if len(key) == 1:
+        (k,) = key
+        for it in items:
+            value = it.row.get(k)
+            try:
+                last[value] = it
+            except TypeError:  # a dict or list as key value
+                last[_hashable(value)] = it
+        return list(last.values())
+    for it in items:
+        row = it.row
+        value = tuple([row.get(k) for k in key])
+        try:
+            last[value] = it
+        except TypeError:
+            last[tuple(_hashable(v) for v in value)] = it
+    return list(last.values())
 
 
 class Dialect(ABC):
@@ -222,18 +256,9 @@ class TableWriter:
 
     def _write_once(self, items: list[Item], first: bool) -> int:
         self._ensure_connected()
-        if self.mode == "merge":
-            # The last record per key wins; this also keeps one upsert per key.
-            last: dict[tuple[Any, ...], Item] = {}
-            getters = [getter(k) for k in self.key]
-            for it in items:
-                last[tuple(_hashable(g(it.row)) for g in getters)] = it
-            items = list(last.values())
-        elif self.deduplicate and self.key:
-            seen: dict[tuple[Any, ...], Item] = {}
-            for it in items:
-                seen[tuple(_hashable(it.row.get(k)) for k in self.key)] = it
-            items = list(seen.values())
+        if self.mode == "merge" or (self.deduplicate and self.key):
+            # The last record per key wins; a merge needs one upsert per key anyway.
+            items = last_per_key(items, self.key)
         try:
             with self.db.transaction():
                 self._shape(items)
@@ -256,11 +281,18 @@ class TableWriter:
     def _shape(self, items: list[Item]) -> None:
         if self.cols is None:
             self.cols = self.db.columns()
+        names = self._columns_of([it.row for it in items])
+        known = self.cols or {}
         wanted: dict[str, str | None] = {}
-        for it in items:
-            for name, value in it.row.items():
-                if wanted.get(name) is None:
-                    wanted[name] = logical_type(value)
+        for name in names:
+            if name in known:
+                continue
+            kind = None
+            for it in items:  # the first non-null value decides a new column's type
+                kind = logical_type(it.row.get(name))
+                if kind is not None:
+                    break
+            wanted[name] = kind
         if self.cols is None:
             cols = {k: (t or TEXT) for k, t in wanted.items()}
             for k in self.key:
@@ -321,11 +353,7 @@ class TableWriter:
 
     @staticmethod
     def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
-        seen: dict[str, None] = {}
-        for row in rows:
-            for k in row:
-                seen.setdefault(k, None)
-        return list(seen)
+        return list(dict.fromkeys(chain.from_iterable(rows)))
 
     def close(self) -> None:
         """Close the connection."""
@@ -342,13 +370,15 @@ def _hashable(value: Any) -> Any:
 
 
 def iter_rows(columns: list[str], rows: list[dict[str, Any]],
-              encode: Callable[[Any], Any]) -> Iterator[tuple[Any, ...]]:
-    """Rows as tuples in ``columns`` order; nested values through ``encode``."""
+              encode: Callable[[Any], Any]) -> Iterator[list[Any]]:
+    """Rows as lists in ``columns`` order; nested values (dicts, lists) through ``encode``."""
+    nested = (dict, list, tuple)
     for row in rows:
-        yield tuple(
-            encode(v) if isinstance(v, dict | list | tuple) else v
-            for v in (row.get(c) for c in columns)
-        )
+        values = [row.get(c) for c in columns]
+        for i, v in enumerate(values):
+            if isinstance(v, nested):
+                values[i] = encode(v)
+        yield values
 
 
 class _TableSinkPartition(StatelessSinkPartition[Flush]):

@@ -1,0 +1,414 @@
+"""Benchmarks W1 (stateless Kafka -> Kafka) and W5 (warehouse merge) of BENCHMARKS.md.
+
+    .venv/bin/python bench/sinks.py                 # 1,000,000 events, 3 runs each
+    .venv/bin/python bench/sinks.py --events 100000 --runs 1 --only w1
+
+W1  parse JSON, drop ``view``, map to a nested record, serialize, write to Kafka:
+    - raw: one thread, ``Consumer.consume(10000)`` + orjson + ``Producer.produce``
+    - dataflare: the same pipeline as a workflow (kafka -> filter -> mapping -> kafka)
+    - bytewax: by hand with bytewax's own Kafka connector, one map per message
+W5  W2's output (count and sum per user and 60 s window, computed here from the same
+    events) written to PostgreSQL:
+    - copy: a bare ``COPY`` of the rows into an empty table without index (the reference)
+    - copy-pk: the same into a table whose primary key is the merge key
+    - merge (insert): the DataFlare postgres destination, merge on (user_id, window_start),
+      into an empty table
+    - merge (update): the same rows merged again, every row a conflict
+
+Every system runs in its own process on the same data; each reports the wall and CPU
+seconds of its pipeline (imports and set-up excluded) and its peak RSS. Medians of
+``--runs`` runs are printed, then the ratios to the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+EVENTS = ("view", "click", "add_to_cart", "purchase")
+PG_DSN = os.environ.get("BENCH_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def events(n: int, seed: int = 42) -> Iterator[dict[str, Any]]:
+    """The benchmark events: fixed seed, ~100 bytes each, +10 ms per event."""
+    rng = random.Random(seed)
+    t0 = 1_704_067_200_000
+    for i in range(n):
+        yield {
+            "id": i,
+            "user_id": f"u{rng.randrange(10_000)}",
+            "event": EVENTS[rng.randrange(4)],
+            "amount": round(rng.random() * 100, 2),
+            "ts": t0 + 10 * i,
+        }
+
+
+def w2_rows(n: int) -> list[dict[str, Any]]:
+    """W2's output for the first ``n`` events: per user and 60 s window, count and sum."""
+    from dataflare.records import iso_utc
+
+    acc: dict[tuple[str, int], list[float]] = {}
+    for e in events(n):
+        if e["event"] == "view":
+            continue
+        w = e["ts"] // 60_000
+        slot = acc.get((e["user_id"], w))
+        if slot is None:
+            acc[(e["user_id"], w)] = [1, e["amount"]]
+        else:
+            slot[0] += 1
+            slot[1] += e["amount"]
+    return [
+        {
+            "user_id": user,
+            "window_start": iso_utc(w * 60),
+            "window_end": iso_utc(w * 60 + 60),
+            "events": int(c),
+            "amount_sum": round(s, 2),
+        }
+        for (user, w), (c, s) in acc.items()
+    ]
+
+
+def measure(fn: Callable[[], int]) -> dict[str, Any]:
+    """Wall and CPU seconds of ``fn`` (all threads), its item count, and peak RSS."""
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    count = fn()
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"wall": wall, "cpu": cpu, "count": count, "rss_mb": r1.ru_maxrss / 1024}
+
+
+# --------------------------------------------------------------------------------- W1
+
+
+def w1_transform(e: dict[str, Any]) -> dict[str, Any]:
+    """The W1 map: a nested record."""
+    return {
+        "id": e["id"],
+        "user": {"id": e["user_id"]},
+        "event": {"type": e["event"], "amount": e["amount"]},
+        "ts": e["ts"],
+    }
+
+
+def w1_raw(servers: str, src: str, dst: str) -> int:
+    """The floor: one consume/parse/filter/map/produce loop."""
+    import orjson
+    from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": servers, "group.id": f"raw-{uuid.uuid4()}",
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    parts = consumer.list_topics(src, timeout=10).topics[src].partitions
+    consumer.assign([TopicPartition(src, p, 0) for p in parts])
+    producer = Producer({"bootstrap.servers": servers, "linger.ms": 5,
+                         "enable.idempotence": True})
+    loads, dumps, produce = orjson.loads, orjson.dumps, producer.produce
+    done: set[int] = set()
+    written = 0
+    while len(done) < len(parts):
+        for msg in consumer.consume(10_000, 0.5):
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    done.add(msg.partition())
+                continue
+            e = loads(msg.value())
+            if e["event"] == "view":
+                continue
+            while True:
+                try:
+                    produce(dst, dumps(w1_transform(e)))
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            written += 1
+        producer.poll(0)
+    producer.flush(60)
+    consumer.close()
+    return written
+
+
+W1_FLOW = """
+workflow:
+  id: w1
+  sources:
+    events:
+      type: kafka
+      config: {{bootstrap_servers: "{servers}", topic: "{src}", stop_at_end: true}}
+  transformations:
+    engaged:
+      inputs: [events]
+      type: filter
+      config: {{condition: "event != 'view'"}}
+    shaped:
+      inputs: [engaged]
+      type: mapping
+      config:
+        mappings:
+          - {{source: id, destination: id}}
+          - {{source: user_id, destination: user.id}}
+          - {{source: event, destination: event.type}}
+          - {{source: amount, destination: event.amount}}
+          - {{source: ts, destination: ts}}
+  destinations:
+    out:
+      inputs: [shaped]
+      type: kafka
+      config: {{bootstrap_servers: "{servers}", topic: "{dst}"}}
+"""
+
+
+def w1_dataflare(servers: str, src: str, dst: str) -> int:
+    """The workflow, compiled and run in this process (one worker)."""
+    from bytewax.testing import run_main
+
+    from dataflare.dsl_compiler import compile_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w1.yaml"
+        path.write_text(W1_FLOW.format(servers=servers, src=src, dst=dst))
+        flow = compile_file(path)
+
+        def run() -> int:
+            run_main(flow)
+            return -1
+
+        return run()
+
+
+def w1_bytewax(servers: str, src: str, dst: str) -> int:
+    """By hand with bytewax's Kafka connector: one Python call per message per step."""
+    import bytewax.operators as op
+    import orjson
+    from bytewax.connectors.kafka import KafkaSinkMessage
+    from bytewax.connectors.kafka import operators as kop
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import run_main
+
+    flow = Dataflow("w1_bytewax")
+    kin = kop.input("in", flow, brokers=[servers], topics=[src], tail=False)
+
+    def shape(msg: Any) -> Any:
+        e = orjson.loads(msg.value)
+        if e["event"] == "view":
+            return None
+        return KafkaSinkMessage(None, orjson.dumps(w1_transform(e)))
+
+    out = op.filter_map("shape", kin.oks, shape)
+    kop.output("out", out, brokers=[servers], topic=dst)
+    run_main(flow)
+    return -1
+
+
+# --------------------------------------------------------------------------------- W5
+
+
+def w5_copy(schema: str, rows: list[dict[str, Any]], keyed: bool = False) -> int:
+    """A bare COPY into an empty table of the right shape (with the merge key as PK)."""
+    import psycopg
+
+    cols = ["user_id", "window_start", "window_end", "events", "amount_sum"]
+    pk = ", PRIMARY KEY (user_id, window_start)" if keyed else ""
+    with psycopg.connect(PG_DSN) as conn:
+        conn.execute(f'CREATE TABLE "{schema}".copy_ref (user_id text, window_start text, '
+                     f"window_end text, events bigint, amount_sum double precision{pk})")
+        conn.commit()
+
+        def run() -> int:
+            with conn.cursor() as cur, cur.copy(
+                f'COPY "{schema}".copy_ref ({", ".join(cols)}) FROM STDIN'
+            ) as cp:
+                for r in rows:
+                    cp.write_row((r["user_id"], r["window_start"], r["window_end"],
+                                  r["events"], r["amount_sum"]))
+            conn.commit()
+            return len(rows)
+
+        return run()
+
+
+def w5_merge(schema: str, rows: list[dict[str, Any]], table: str = "merged") -> int:
+    """The DataFlare postgres destination, merge on (user_id, window_start)."""
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink, TestingSource, run_main
+
+    from dataflare.connectors.postgres_destination import (
+        PostgresDestinationConfig,
+        build_postgres_destination,
+    )
+    from dataflare.dsl_compiler import models
+    from dataflare.registry import BuildContext
+
+    config = {"dsn": PG_DSN, "schema": schema, "table": table}
+    component = models.Destination(
+        type="postgres", config=config,
+        write_mode=models.WriteMode(type="merge", merge_key=["user_id", "window_start"]),
+    )
+    ctx = BuildContext("warehouse", "destination", component,
+                       PostgresDestinationConfig(**config), models.Workflow(), ROOT)
+    batches = [rows[i:i + 10_000] for i in range(0, len(rows), 10_000)]
+    flow = Dataflow("w5")
+    up = op.input("windows", flow, TestingSource(batches))
+    op.output("failed", build_postgres_destination(ctx, up), TestingSink([]))
+    run_main(flow)
+    return len(rows)
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one system in this process and print its measurement as JSON."""
+    name = args.child
+    if name.startswith("w1-"):
+        fn = {"w1-raw": w1_raw, "w1-dataflare": w1_dataflare, "w1-bytewax": w1_bytewax}[name]
+        result = measure(lambda: fn(args.servers, args.src, args.dst))
+    else:
+        rows = w2_rows(args.events)
+        if name == "w5-copy":
+            result = measure(lambda: w5_copy(args.schema, rows))
+        elif name == "w5-copy-pk":
+            result = measure(lambda: w5_copy(args.schema, rows, keyed=True))
+        elif name == "w5-merge-insert":
+            result = measure(lambda: w5_merge(args.schema, rows))
+        else:  # w5-merge-update: the table holds every key already
+            w5_merge(args.schema, rows)
+            result = measure(lambda: w5_merge(args.schema, rows))
+    print(json.dumps(result))
+
+
+def spawn(name: str, **kw: Any) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", name]
+    for k, v in kw.items():
+        cmd += [f"--{k}", str(v)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
+                                                                    "RUST_BACKTRACE": "0"})
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def count_topic(servers: str, topic: str) -> int:
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": servers, "group.id": f"count-{uuid.uuid4()}",
+                         "enable.partition.eof": True})
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+    done: set[int] = set()
+    n = 0
+    while len(done) < len(parts):
+        for msg in consumer.consume(10_000, 0.5):
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    done.add(msg.partition())
+            else:
+                n += 1
+    consumer.close()
+    return n
+
+
+def report(title: str, results: dict[str, list[dict[str, Any]]], ref: str, items: str) -> None:
+    print(f"\n{title}")
+    med: dict[str, dict[str, float]] = {}
+    for name, runs in results.items():
+        med[name] = {k: statistics.median(r[k] for r in runs) for k in ("wall", "cpu", "rss_mb")}
+        m = med[name]
+        n = runs[0]["count"]
+        rate = f"{n / m['wall']:>11,.0f} {items}/s" if n > 0 else ""
+        print(f"  {name:<22} wall {m['wall']:7.2f} s   cpu {m['cpu']:7.2f} s   "
+              f"rss {m['rss_mb']:7.0f} MB   {rate}")
+    base = med[ref]
+    for name, m in med.items():
+        if name != ref:
+            print(f"  {name} / {ref}: wall {m['wall'] / base['wall']:.2f}x, "
+                  f"cpu {m['cpu'] / base['cpu']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="events to generate")
+    parser.add_argument("--runs", type=int, default=3, help="runs per system (median)")
+    parser.add_argument("--only", choices=["w1", "w5"], help="one workload")
+    parser.add_argument("--no-bytewax", action="store_true", help="skip the bytewax reference")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    for hidden in ("servers", "src", "dst", "schema"):
+        parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    print(f"events: {args.events:,}, runs: {args.runs}, cpus: {os.cpu_count()}")
+    if args.only in (None, "w1"):
+        from dataflare.broker import LocalBroker
+        from dataflare.connectors.kafka import produce_records
+
+        with LocalBroker() as broker:
+            servers = broker.bootstrap_servers
+            broker.create_topic("events", partitions=3)
+            t0 = time.perf_counter()
+            produce_records(servers, "events", events(args.events), partitions=3)
+            print(f"produced {args.events:,} events in {time.perf_counter() - t0:.1f} s")
+            systems = ["w1-raw", "w1-dataflare"] + ([] if args.no_bytewax else ["w1-bytewax"])
+            results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+            for run in range(args.runs):
+                for name in systems:
+                    dst = f"out-{name}-{run}"
+                    broker.create_topic(dst, partitions=3)
+                    res = spawn(name, servers=servers, src="events", dst=dst)
+                    res["count"] = count_topic(servers, dst)
+                    results[name].append(res)
+            counts = {name: {r["count"] for r in runs} for name, runs in results.items()}
+            if len({c for cs in counts.values() for c in cs}) != 1:
+                raise SystemExit(f"W1 output counts differ: {counts}")
+            report("W1 stateless Kafka -> Kafka (items: messages written)", results,
+                   "w1-raw", "msg")
+
+    if args.only in (None, "w5"):
+        import psycopg
+
+        systems = ["w5-copy", "w5-copy-pk", "w5-merge-insert", "w5-merge-update"]
+        results = {s: [] for s in systems}
+        for _run in range(args.runs):
+            for name in systems:
+                schema = f"bench_{uuid.uuid4().hex[:10]}"
+                with psycopg.connect(PG_DSN, autocommit=True) as conn:
+                    conn.execute(f'CREATE SCHEMA "{schema}"')
+                try:
+                    results[name].append(spawn(name, events=args.events, schema=schema))
+                finally:
+                    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+                        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        report("W5 warehouse sink: W2 output into PostgreSQL (items: rows)", results,
+               "w5-copy", "row")
+        for ref in ("w5-copy", "w5-copy-pk"):
+            ref_rate = statistics.median(r["count"] / r["wall"] for r in results[ref])
+            for name in ("w5-merge-insert", "w5-merge-update"):
+                rate = statistics.median(r["count"] / r["wall"] for r in results[name])
+                print(f"  {name} rate = {rate / ref_rate:.0%} of {ref} (target >= 50%)")
+
+
+if __name__ == "__main__":
+    main()
