@@ -17,8 +17,11 @@ Destination
     at the snapshot: ``read_committed`` consumers never see records of an epoch that a
     crash interrupted (the transaction is aborted when the writer restarts). The one
     window left is a crash after the commit but before bytewax persisted that epoch's
-    snapshot; the epoch is then replayed and written again, so the guarantee is
-    effectively-once, documented as at-least-once for that narrow window.
+    snapshot; the epoch is then replayed and written again. The guarantee is therefore
+    **at-least-once**, with transactions making duplicates rare (one epoch, one narrow
+    window) and fencing a zombie writer. Caveat: Tansu 0.6 (the test broker) does not
+    report aborted transactions in fetch answers, so there even ``read_committed``
+    consumers see aborted epochs; Apache Kafka and Redpanda hide them.
 
 Dead letters
     A record redirected by an error policy (``{"error": ..., "record": original}``) is

@@ -29,7 +29,7 @@ from dataflare.connectors.batching import Flush, buffer
 from dataflare.records import META, Failed, getter
 from dataflare.registry import BuildContext, destination
 from dataflare.retry import call_with_retry
-from dataflare.template import compile_template
+from dataflare.template import compile_template, placeholders
 
 
 class FieldMapping(Strict):
@@ -110,6 +110,7 @@ class _Commands:
         self.cfg = cfg
         self.dumps = orjson.dumps
         self.key = compile_template(cfg.key_template)
+        self.key_parts = [(path, getter(path)) for path in placeholders(cfg.key_template)]
         self.fields = [(getter(f.source), f.destination) for f in cfg.fields]
         self.value = getter(cfg.value_field) if cfg.value_field else None
         self.score = getter(cfg.score_field) if cfg.score_field else None
@@ -133,6 +134,13 @@ class _Commands:
 
     def command(self, rec: dict[str, Any]) -> Command:
         kind = self.cfg.data_structure
+        for path, get in self.key_parts:
+            if get(rec) in (None, ""):
+                msg = (
+                    f"step {self.step!r}: key_template {self.cfg.key_template!r} needs "
+                    f"'{path}', which the record lacks"
+                )
+                raise ValueError(msg)
         key = self.key(rec)
         meta = rec.get(META)
         delete = isinstance(meta, dict) and meta.get("op") == "delete"

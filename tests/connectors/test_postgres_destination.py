@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
 import pytest
 from bytewax.dataflow import Dataflow
-from bytewax.testing import TestingSink, TestingSource, run_main
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
-from dataflare.connectors.batching import buffer
+from dataflare.connectors.batching import _BufferLogic, buffer
 from dataflare.connectors.postgres_destination import (
     PostgresDestinationConfig,
     PostgresDialect,
@@ -145,6 +146,33 @@ def test_a_bad_value_is_a_terminal_error_naming_the_step(pg_schema: Any) -> None
         run(ctx, [[{"id": "not a number"}]])
     text = str(info.value.__cause__)
     assert "step 'dw'" in text and "orders" in text
+
+
+def test_two_workers_write_every_record_once(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema, batch={"size": 7})
+    flow = Dataflow("pg2")
+    up = op.input("in", flow, TestingSource([[{"id": i * 10 + j} for j in range(10)]
+                                             for i in range(20)]))
+    op.output("failed", build_postgres_destination(ctx, up), TestingSink([]))
+    cluster_main(flow, [], 0, worker_count_per_proc=2)
+    ids = [r[0] for r in pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders')]
+    assert sorted(ids) == list(range(200))
+
+
+def test_buffer_logic_flushes_on_size_interval_and_keeps_its_state() -> None:
+    logic = _BufferLogic(3, timedelta(seconds=5), None)
+    assert logic.notify_at() is None
+    assert logic.on_batch([[1], [2]]) == ([], False)
+    due = logic.notify_at()
+    assert due is not None
+    restored = _BufferLogic(3, timedelta(seconds=5), logic.snapshot())  # after a restart
+    assert restored.notify_at() == due
+    out, _ = restored.on_notify()  # the interval passed: a flush of what waits
+    assert [(f.seq, f.items) for f in out] == [(0, [1, 2])]
+    assert restored.notify_at() is None
+    out, _ = restored.on_batch([[3, 4, 5, 6]])
+    assert [(f.seq, f.items) for f in out] == [(1, [3, 4, 5, 6])]
+    assert restored.on_eof() == ([], False)
 
 
 def test_buffer_groups_batches_by_size_and_flushes_at_the_end() -> None:

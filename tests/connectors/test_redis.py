@@ -121,3 +121,10 @@ def test_reconnects_after_the_connection_is_killed(redis_url: str) -> None:
     assert writer.client.client_id() != me
     writer.close()
     assert admin.mget("k:1", "k:2") == [b"a", b"b"]
+
+
+def test_a_record_without_its_key_is_rejected(redis_url: str) -> None:
+    errors = run(redis_url, [[{"user": {"id": 1}}, {"user": {}, "_meta": {"line": 4}}]],
+                 key_template="customer:{{user.id}}")
+    assert len(errors) == 1 and "needs 'user.id'" in errors[0].message
+    assert redis.Redis.from_url(redis_url).keys() == [b"customer:1"]
