@@ -1,0 +1,342 @@
+"""REST API source against a local HTTP server (tests/fixtures/http_server.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSink, run_main
+from pydantic import ValidationError
+
+from dataflare.connectors.rest_api import (
+    RestApiSourceConfig,
+    TokenBucket,
+    build_rest_api_source,
+    retry_after_seconds,
+)
+from dataflare.connectors.schema import discover
+from dataflare.dsl_compiler.models import Source, Workflow
+from dataflare.records import META, Failed
+from dataflare.registry import BuildContext, lookup
+
+RETRY = {"max_attempts": 4, "backoff": {"initial": "1ms", "max": "20ms"}}
+
+
+def make_ctx(
+    step: str, config: dict[str, Any], retry: dict[str, Any] | None = None, **component: Any
+) -> BuildContext:
+    cfg = RestApiSourceConfig.model_validate(config)
+    comp = Source.model_validate({"type": "rest_api", "config": cfg, **component})
+    wf = Workflow.model_validate({"config": {"retry": retry or RETRY}})
+    return BuildContext(step, "source", comp, cfg, wf, Path("."))
+
+
+def run(ctx: BuildContext, recovery: Path | None = None) -> list[Any]:
+    out: list[Any] = []
+    flow = Dataflow("rest")
+    op.output("out", op.input(ctx.step_id, flow, build_rest_api_source(ctx)), TestingSink(out))
+    rc = RecoveryConfig(str(recovery)) if recovery else None
+    run_main(flow, epoch_interval=timedelta(0), recovery_config=rc)
+    assert all(isinstance(b, list) and b for b in out)
+    return [r for b in out for r in b]
+
+
+def chain(exc: BaseException | None) -> str:
+    parts = []
+    while exc is not None:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def test_seed_snippet_validates() -> None:
+    spec = lookup("source", "rest_api")
+    assert spec is not None and spec.config is RestApiSourceConfig
+    raw = {
+        "url": "https://api.example.com/products",
+        "method": "GET",
+        "pagination": {
+            "type": "page_number",
+            "page_param": "page",
+            "size_param": "size",
+            "size": 100,
+        },
+    }
+    cfg = RestApiSourceConfig.model_validate(raw)
+    Source.model_validate({"type": "rest_api", "mode": "full", "config": cfg})
+    with pytest.raises(ValidationError, match="must start with http"):
+        RestApiSourceConfig.model_validate({"url": "ftp://x"})
+    with pytest.raises(ValidationError, match="pagenation"):
+        RestApiSourceConfig.model_validate({"url": "http://x", "pagenation": {}})
+    secret = RestApiSourceConfig.model_validate(
+        {"url": "http://x", "auth": {"type": "bearer", "token": "tok-123"}}
+    )
+    assert "tok-123" not in repr(secret) and "tok-123" not in str(secret.model_dump())
+
+
+STYLES = [
+    (
+        "page_number",
+        {
+            "url": "/page",
+            "records_path": "data.items",
+            "pagination": {"type": "page_number", "size_param": "size", "size": 7},
+        },
+    ),
+    (
+        "offset",
+        {"url": "/offset", "records_path": "results", "pagination": {"type": "offset", "size": 6}},
+    ),
+    (
+        "cursor",
+        {
+            "url": "/cursor",
+            "records_path": "items",
+            "pagination": {"type": "cursor", "cursor_path": "meta.next", "size": 8},
+        },
+    ),
+    ("link_header", {"url": "/link", "pagination": {"type": "link_header"}}),
+]
+
+
+@pytest.mark.parametrize(("style", "config"), STYLES, ids=[s for s, _ in STYLES])
+def test_every_pagination_style_through_429s_and_500s(
+    api: Any, style: str, config: dict[str, Any]
+) -> None:
+    api.reset(43)
+    api.faults.extend([(429, "0"), (500, None), (503, None)])
+    ctx = make_ctx(f"api_{style}", {**config, "url": api.url + config["url"]}, mode="full")
+    records = run(ctx)
+    assert [r["id"] for r in records] == list(range(1, 44))
+    assert records[0][META]["page"] == 0 and records[0][META]["url"].startswith(api.url)
+    # three failed answers, then the pages (plus, for page/offset, the empty last one)
+    statuses_left = len(api.faults)
+    assert statuses_left == 0 and len(api.requests) >= 3 + 43 // 10
+
+
+def test_too_many_failures_fail_the_step(api: Any) -> None:
+    api.reset(5)
+    api.faults.extend([(500, None)] * 4)
+    ctx = make_ctx("api_down", {"url": api.url + "/link"}, mode="full")
+    with pytest.raises(Exception) as info:
+        run(ctx)
+    assert "TransientError: GET " + api.url + "/link returned 500" in chain(info.value)
+
+
+def test_client_errors_are_terminal_and_name_the_step(api: Any) -> None:
+    ctx = make_ctx("api_404", {"url": api.url + "/missing"}, mode="full")
+    with pytest.raises(Exception) as info:
+        run(ctx)
+    assert f"step 'api_404': GET {api.url}/missing returned 404" in chain(info.value)
+    assert len(api.requests) == 1  # not retried
+
+
+def test_retry_after_is_honoured_as_the_wait() -> None:
+    assert retry_after_seconds("3") == 3.0
+    later = (datetime.now(UTC) + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    wait = retry_after_seconds(later)
+    assert wait is not None and 25 <= wait <= 30
+    assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+
+
+def test_retry_after_drives_the_backoff(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataflare.retry as retry
+
+    waits: list[float] = []
+    real = retry.call_with_retry
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        return real(*args, **kw, sleep=waits.append)
+
+    monkeypatch.setattr("dataflare.connectors.rest_api.call_with_retry", spy)
+    api.reset(3)
+    api.faults.extend([(429, "7"), (502, None)])
+    slow = {"max_attempts": 3, "backoff": {"initial": "1s", "max": "10s"}}
+    ctx = make_ctx("api_wait", {"url": api.url + "/link"}, retry=slow, mode="full")
+    assert [r["id"] for r in run(ctx)] == [1, 2, 3]
+    assert waits == [7.0, 2.0]  # Retry-After: 7 beats the 1s backoff; then 2s
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        ({"type": "bearer", "token": "s3cret"}, "bearer"),
+        ({"type": "basic", "username": "ann", "password": "pw"}, "basic"),
+        ({"type": "api_key", "key": "k1", "header": "X-Key"}, "key"),
+        ({"type": "api_key", "key": "k2", "query_param": "api_key"}, "key_query"),
+    ],
+    ids=["bearer", "basic", "api_key_header", "api_key_query"],
+)
+def test_auth_schemes(api: Any, auth: tuple[dict[str, Any], str]) -> None:
+    settings, mode = auth
+    ctx = make_ctx(
+        "api_auth",
+        {"url": api.url + "/secure", "params": {"mode": mode}, "auth": settings},
+        mode="full",
+    )
+    assert [(r["id"], r["auth"]) for r in run(ctx)] == [(1, mode)]
+    wrong = make_ctx(
+        "api_auth", {"url": api.url + "/secure", "params": {"mode": mode}}, mode="full"
+    )
+    with pytest.raises(Exception) as info:
+        run(wrong)
+    assert "returned 401" in chain(info.value)
+
+
+def test_post_with_headers_and_body(api: Any) -> None:
+    ctx = make_ctx(
+        "api_post",
+        {
+            "url": api.url + "/echo",
+            "method": "POST",
+            "headers": {"X-Trace": "t1"},
+            "body": {"q": [1, 2]},
+        },
+        mode="full",
+    )
+    assert [{k: v for k, v in r.items() if k != META} for r in run(ctx)] == [
+        {"method": "POST", "body": {"q": [1, 2]}}
+    ]
+    assert api.requests[0][2]["X-Trace"] == "t1"
+
+
+def test_undecodable_and_missing_records_become_failed_entries(api: Any) -> None:
+    bad = run(make_ctx("api_text", {"url": api.url + "/text"}, mode="full"))
+    assert len(bad) == 1 and isinstance(bad[0], Failed)
+    assert bad[0].record == "<html>not json</html>" and "is not JSON" in bad[0].message
+    assert bad[0].step == "api_text" and bad[0].meta["url"] == api.url + "/text"
+    api.reset(2)
+    missing = run(
+        make_ctx(
+            "api_path",
+            {
+                "url": api.url + "/offset",
+                "records_path": "data",
+                "pagination": {"type": "offset", "size": 5},
+            },
+            mode="full",
+        )
+    )
+    assert isinstance(missing[0], Failed) and "has no 'data' (records_path)" in missing[0].message
+
+
+def test_output_schema_violations_are_failed(api: Any) -> None:
+    api.reset(3)
+    api.items[1]["name"] = 42
+    ctx = make_ctx(
+        "api_schema",
+        {"url": api.url + "/link"},
+        mode="full",
+        output_schema={
+            "definition": {
+                "type": "object",
+                "required": ["id", "name"],
+                "properties": {"name": {"type": "string"}},
+            }
+        },
+    )
+    out = run(ctx)
+    assert [type(r).__name__ for r in out] == ["dict", "Failed", "dict"]
+    assert "name: 42 is not of type 'string'" in out[1].message
+    assert out[1].type == "SchemaViolation" and out[1].meta["page"] == 0
+
+
+def test_incremental_polls_by_cursor_without_duplicates(api: Any, tmp_path: Path) -> None:
+    api.reset(25)
+    init_db_dir(tmp_path, 1)
+    ctx = make_ctx(
+        "api_inc",
+        {
+            "url": api.url + "/since",
+            "incremental_param": "updated_since",
+            "stop_at_end": True,
+            "pagination": {"type": "page_number", "size_param": "size", "size": 10},
+        },
+        mode="incremental",
+        incremental={
+            "cursor_field": "updated_at",
+            "start_value": "2024-01-01T00:00:05Z",
+            "interval": "10ms",
+        },
+    )
+    first = run(ctx, tmp_path)
+    assert [r["id"] for r in first] == list(range(5, 26))
+    # The server answers `>=` the cursor: the records at the cursor come back and are dropped;
+    # a new record sharing the cursor value is kept, as are newer ones.
+    with api.lock:
+        api.items.append({"id": 26, "name": "tie", "updated_at": "2024-01-01T00:00:25Z"})
+        api.items.append({"id": 27, "name": "new", "updated_at": "2024-01-01T00:00:40Z"})
+    api.requests.clear()
+    second = run(ctx, tmp_path)
+    assert [r["id"] for r in second] == [26, 27]
+    assert api.requests[0][1]["updated_since"] == "2024-01-01T00:00:25Z"
+    assert run(ctx, tmp_path) == []
+
+
+def test_full_walk_resumes_mid_way_from_its_state(api: Any) -> None:
+    api.reset(30)
+    ctx = make_ctx(
+        "api_resume",
+        {
+            "url": api.url + "/cursor",
+            "records_path": "items",
+            "pagination": {"type": "cursor", "cursor_path": "meta.next", "size": 10},
+        },
+        mode="full",
+    )
+    src = build_rest_api_source(ctx)
+    (name,) = src.list_parts()
+    part = src.build_part("api_resume", name, None)
+    first = [r["id"] for b in part.next_batch() for r in b]
+    state = part.snapshot()
+    part.close()
+    resumed = src.build_part("api_resume", name, state)
+    rest: list[int] = []
+    with pytest.raises(StopIteration):
+        while True:
+            rest.extend(r["id"] for b in resumed.next_batch() for r in b)
+    assert first == list(range(1, 11)) and rest == list(range(11, 31))
+    assert api.requests[1][1]["cursor"] == "10"
+
+
+def test_token_bucket_spaces_requests_with_next_awake(api: Any) -> None:
+    bucket = TokenBucket(rate=2.0, burst=2)
+    t0 = bucket.stamp
+    assert bucket.take(t0) is None and bucket.take(t0) is None
+    wait = bucket.take(t0)
+    assert wait is not None and abs((wait - t0).total_seconds() - 0.5) < 1e-6
+    assert bucket.take(t0 + timedelta(seconds=0.5)) is None
+
+    api.reset(30)
+    ctx = make_ctx(
+        "api_rate",
+        {
+            "url": api.url + "/link",
+            "pagination": {"type": "link_header"},
+            "rate_limit": {"requests_per_second": 0.01, "burst": 1},
+        },
+        mode="full",
+    )
+    src = build_rest_api_source(ctx)
+    part = src.build_part("api_rate", src.list_parts()[0], None)
+    assert part.next_batch()  # the one token
+    assert part.next_batch() == [] and part.next_awake() is not None  # waits, no sleep
+    assert len(api.requests) == 1
+    part.close()
+
+
+def test_discover_infers_a_schema(api: Any) -> None:
+    api.reset(3)
+    api.items[2]["tags"] = ["x"]
+    ctx = make_ctx("api_disc", {"url": api.url + "/link"}, mode="full")
+    found = discover(ctx)
+    assert found["sampled"] == 3 and found["type"] == "rest_api"
+    schema = found["json_schema"]
+    assert schema["properties"]["id"] == {"type": "integer"}
+    assert schema["properties"]["tags"] == {"type": "array", "items": {"type": "string"}}
+    assert schema["required"] == ["id", "name", "updated_at"]
