@@ -1,0 +1,343 @@
+"""The join operator against a plain Python reference, single- and multi-worker.
+
+Both sides come from one source of ``(side, batch)`` items, each its own epoch, so the
+order in which the join sees the two sides is the order of the list, on any number of
+workers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+import bytewax.operators as op
+import pytest
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSource
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from dataflare import registry
+from dataflare.operators.join import JoinConfig, join
+from tests.operators.test_window import FAST, canon, run_flow
+
+EPOCHS = {"epoch_interval": timedelta(0)}
+
+
+def join_flow(cfg: JoinConfig) -> Any:
+    def build(flow: Any, src: Any) -> dict[str, Any]:
+        left = op.filter_map("left", src, lambda item: item[1] if item[0] == "L" else None)
+        right = op.filter_map("right", src, lambda item: item[1] if item[0] == "R" else None)
+        j = join("jn", left, right, cfg)
+        return {"down": j.down, "late": j.late, "errs": j.errs}
+
+    return build
+
+
+def combine(left: Any, right: Any, prefix: dict[str, str] | None) -> dict[str, Any]:
+    if prefix:
+
+        def strip(r):
+            return None if r is None else {k: v for k, v in r.items() if k != "_meta"}
+
+        out = {prefix["left"]: strip(left), prefix["right"]: strip(right)}
+        meta = (left or right).get("_meta")
+        if meta is not None:
+            out["_meta"] = meta
+        return out
+    return {**(right or {}), **(left or {})}
+
+
+def ref_join(
+    items: list[tuple[str, list[dict[str, Any]]]],
+    join_type: str,
+    window: dict[str, Any] | None,
+    lateness: int,
+    prefix: dict[str, str] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(joined records, late records); key ``k``, time ``ts`` (seconds)."""
+    keep_left = join_type in ("left", "full")
+    keep_right = join_type in ("right", "full")
+    out: list[dict[str, Any]] = []
+    late: list[dict[str, Any]] = []
+    latest: dict[Any, int] = {}
+    kept: dict[Any, list[tuple[str, int, dict]]] = defaultdict(list)
+    for side, batch in items:
+        for r in batch:
+            key = r.get("k")
+            if key is None:
+                if side == "L" and keep_left:
+                    out.append(combine(r, None, prefix))
+                if side == "R" and keep_right:
+                    out.append(combine(None, r, prefix))
+                continue
+            if window is not None:
+                t = r["ts"]
+                if key in latest and t < latest[key] - lateness:
+                    late.append(r)
+                    continue
+                latest[key] = max(latest.get(key, t), t)
+            kept[key].append((side, r.get("ts", 0), r))
+
+    def relational(group: list[tuple[str, int, dict]]) -> None:
+        lefts = [r for s, _, r in group if s == "L"]
+        rights = [r for s, _, r in group if s == "R"]
+        if lefts and rights:
+            out.extend(combine(lf, rt, prefix) for rt in rights for lf in lefts)
+        elif lefts and keep_left:
+            out.extend(combine(lf, None, prefix) for lf in lefts)
+        elif rights and keep_right:
+            out.extend(combine(None, rt, prefix) for rt in rights)
+
+    for group in kept.values():
+        if window is None:
+            relational(group)
+        elif window["type"] == "session":
+            ordered = sorted(group, key=lambda x: x[1])
+            sessions: list[list] = []
+            for x in ordered:
+                if sessions and x[1] - sessions[-1][-1][1] < window["gap"]:
+                    sessions[-1].append(x)
+                else:
+                    sessions.append([x])
+            for s in sessions:
+                relational(s)
+        else:
+            size = window["size"]
+            slide = window.get("slide", size)
+            by_start: dict[int, list] = defaultdict(list)
+            for x in group:
+                start = (x[1] // slide) * slide
+                while start > x[1] - size:
+                    by_start[start].append(x)
+                    start -= slide
+            for g in by_start.values():
+                relational(g)
+    return out, late
+
+
+@st.composite
+def sides(draw: Any) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Batches of left and right records: a few keys, times with jitter, null keys."""
+    items = []
+    t = 0
+    n = 0
+    for _ in range(draw(st.integers(0, 12))):
+        side = draw(st.sampled_from("LR"))
+        batch = []
+        for _ in range(draw(st.integers(1, 4))):
+            t += draw(st.integers(0, 3))
+            rec: dict[str, Any] = {"ts": max(0, t + draw(st.sampled_from([0, 0, -2, -9])))}
+            key = draw(st.sampled_from([1, 2, 3, None, "missing"]))
+            if key != "missing":
+                rec["k"] = key
+            rec["lid" if side == "L" else "rid"] = n
+            rec["_meta"] = {"line": n}
+            n += 1
+            batch.append(rec)
+        items.append((side, batch))
+    return items
+
+
+join_windows = st.one_of(
+    st.none(),
+    st.builds(lambda s: {"type": "tumbling", "size": s}, st.integers(1, 10)),
+    st.builds(lambda s: {"type": "sliding", "size": 2 * s, "slide": s}, st.integers(1, 5)),
+    st.builds(lambda g: {"type": "session", "gap": g}, st.integers(1, 6)),
+)
+join_types = st.sampled_from(["inner", "left", "right", "full"])
+
+
+def check_join(items, join_type, window, lateness, workers, prefix=None):
+    cfg = JoinConfig.model_validate(
+        {
+            "join_key": "k",
+            "join_type": join_type,
+            "window": window,
+            "time_field": "ts",
+            "allowed_lateness": f"{lateness}s",
+            "output_prefix": prefix,
+        }
+    )
+    got = run_flow(join_flow(cfg), items, workers=workers, **EPOCHS)
+    want, late = ref_join(items, join_type, window, lateness, prefix)
+    assert canon(got["down"]) == canon(want)
+    assert canon(got["late"]) == canon(late)
+    assert got["errs"] == []
+
+
+@FAST
+@given(sides(), join_types, join_windows, st.sampled_from([0, 3]))
+def test_join_matches_reference_single_worker(items, join_type, window, lateness):
+    check_join(items, join_type, window, lateness, workers=1)
+
+
+@settings(FAST, max_examples=10)
+@given(sides(), join_types, join_windows, st.sampled_from([0, 3]))
+def test_join_matches_reference_two_workers(items, join_type, window, lateness):
+    check_join(items, join_type, window, lateness, workers=2)
+
+
+@settings(FAST, max_examples=8)
+@given(sides(), join_types, join_windows)
+def test_join_with_output_prefix(items, join_type, window):
+    check_join(items, join_type, window, 2, workers=1, prefix={"left": "user", "right": "orders"})
+
+
+def test_composite_keys_and_different_paths():
+    cfg = JoinConfig.model_validate(
+        {"left_key": ["a.x", "b"], "right_key": ["x", "y.b"], "join_type": "inner"}
+    )
+    items = [
+        ("L", [{"a": {"x": 1}, "b": 2, "l": 1}, {"a": {"x": 1}, "b": 3, "l": 2}]),
+        ("R", [{"x": 1, "y": {"b": 2}, "r": 1}, {"x": 1, "y": {"b": None}, "r": 2}]),
+    ]
+    got = run_flow(join_flow(cfg), items, **EPOCHS)["down"]
+    assert got == [{"x": 1, "y": {"b": 2}, "r": 1, "a": {"x": 1}, "b": 2, "l": 1}]
+
+
+def test_unhashable_key_is_an_error():
+    cfg = JoinConfig.model_validate({"join_key": "k"})
+    got = run_flow(join_flow(cfg), [("L", [{"k": {"nested": 1}}])], **EPOCHS)
+    assert [f.step for f in got["errs"]] == ["jn"]
+    assert "join key cannot be hashed" in got["errs"][0].message
+
+
+def lookup_flow(cfg: JoinConfig) -> Any:
+    return join_flow(cfg)
+
+
+@pytest.mark.parametrize("join_type", ["inner", "left"])
+def test_lookup_join_uses_the_latest_right_record(join_type):
+    cfg = JoinConfig.model_validate(
+        {"mode": "lookup", "left_key": "user_id", "right_key": "id", "join_type": join_type}
+    )
+    items = [
+        ("L", [{"user_id": 1, "o": "early"}]),
+        ("R", [{"id": 1, "name": "ann"}, {"id": 2, "name": "bob"}]),
+        ("L", [{"user_id": 1, "o": "a"}, {"user_id": 2, "o": "b"}, {"user_id": 3, "o": "c"}]),
+        ("R", [{"id": 1, "name": "ann v2"}]),
+        ("L", [{"user_id": 1, "o": "d"}, {"user_id": None, "o": "e"}]),
+    ]
+    got = run_flow(lookup_flow(cfg), items, **EPOCHS)["down"]
+    expected = [
+        {"id": 1, "name": "ann", "user_id": 1, "o": "a"},
+        {"id": 2, "name": "bob", "user_id": 2, "o": "b"},
+        {"id": 1, "name": "ann v2", "user_id": 1, "o": "d"},
+    ]
+    if join_type == "left":
+        expected += [{"user_id": 1, "o": "early"}, {"user_id": 3, "o": "c"}]
+        expected += [{"user_id": None, "o": "e"}]
+    assert canon(got) == canon(expected)
+
+
+def test_lookup_ttl_forgets_old_right_records():
+    def run(ttl: str) -> list[Any]:
+        cfg = JoinConfig.model_validate(
+            {"mode": "lookup", "join_key": "k", "join_type": "left", "ttl": ttl}
+        )
+        items = [
+            ("R", [{"k": 1, "r": 1}]),
+            TestingSource.PAUSE(timedelta(milliseconds=300)),
+            ("L", [{"k": 1, "l": 1}]),
+        ]
+        return run_flow(lookup_flow(cfg), items, **EPOCHS)["down"]
+
+    assert run("100ms") == [{"k": 1, "l": 1}]
+    assert run("1h") == [{"k": 1, "r": 1, "l": 1}]
+
+
+@pytest.mark.parametrize("abort_at", [0, 1, 3, 5])
+def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, abort_at):
+    items = []
+    for i in range(8):
+        side = "L" if i % 3 else "R"
+        items.append(
+            (side, [{"k": (i + j) % 3, "ts": i * 4 + j, "n": i * 10 + j} for j in range(3)])
+        )
+    cfg = JoinConfig.model_validate(
+        {
+            "join_key": "k",
+            "join_type": "full",
+            "window": {"type": "tumbling", "size": "6s"},
+            "time_field": "ts",
+            "allowed_lateness": "3s",
+        }
+    )
+    full = run_flow(join_flow(cfg), items, **EPOCHS)
+    init_db_dir(tmp_path, 1)
+    rc = RecoveryConfig(str(tmp_path))
+    aborted = [*items[:abort_at], TestingSource.ABORT(), *items[abort_at:]]
+    first = run_flow(join_flow(cfg), aborted, recovery_config=rc, **EPOCHS)
+    second = run_flow(join_flow(cfg), aborted, recovery_config=rc, **EPOCHS)
+    for name in ("down", "late"):
+        assert canon(first[name] + second[name]) == canon(full[name])
+
+
+def test_resume_with_changed_window_is_refused(tmp_path):
+    def cfg(size: str) -> JoinConfig:
+        return JoinConfig.model_validate(
+            {"join_key": "k", "window": {"type": "tumbling", "size": size}, "time_field": "ts"}
+        )
+
+    items = [("L", [{"k": 1, "ts": i}]) for i in range(5)]
+    init_db_dir(tmp_path, 1)
+    rc = RecoveryConfig(str(tmp_path))
+    aborted = [*items[:3], TestingSource.ABORT(), *items[3:]]
+    run_flow(join_flow(cfg("10s")), aborted, recovery_config=rc, **EPOCHS)
+    with pytest.raises(Exception, match=r"step 'jn'.*window\.size: 10\.0 -> 30\.0"):
+        run_flow(join_flow(cfg("30s")), aborted, recovery_config=rc, **EPOCHS)
+
+
+SEED_VARIANTS = [
+    {
+        "join_type": "left",
+        "left_key": "customer.email",
+        "right_key": "user_email",
+        "window": {"type": "sliding", "size": "7d"},
+    },
+    {
+        "join_type": "left",
+        "left_key": "user.email",
+        "right_key": "order.userId",
+        "output_prefix": {"left": "user", "right": "orders"},
+    },
+    {"join_type": "inner", "left_key": "order.productId", "right_key": "product.id"},
+    {
+        "join_type": "left",
+        "left_key": "user.id",
+        "right_key": "user_id",
+        "window": {"type": "session", "gap": "30m"},
+    },
+    {"join_key": "customer_id", "join_type": "left"},
+]
+
+
+@pytest.mark.parametrize("seed", SEED_VARIANTS)
+def test_seed_configs_validate(seed):
+    cfg = JoinConfig.model_validate(seed)
+    if cfg.window is not None and cfg.window.type == "sliding":
+        assert cfg.window.definition()["window.slide"] == 7 * 86400  # slide defaults to size
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"join_key": "k", "join_type": "outer"}, "'inner', 'left', 'right' or 'full'"),
+        ({"join_type": "left"}, "needs 'join_key', or both 'left_key' and 'right_key'"),
+        ({"join_key": "k", "left_key": "a", "right_key": "b"}, "not both"),
+        ({"left_key": ["a", "b"], "right_key": "c"}, "'left_key' has 2 paths"),
+        ({"join_key": "k", "mode": "lookup", "join_type": "full"}, "'inner' or 'left'"),
+        ({"join_key": "k", "ttl": "5m"}, "mode 'lookup' only"),
+    ],
+)
+def test_bad_configs(config, message):
+    with pytest.raises(ValidationError, match=message):
+        JoinConfig.model_validate(config)
+
+
+def test_registered_with_two_inputs():
+    spec = registry.lookup("transformation", "join")
+    assert spec is not None and spec.inputs == (2, 2) and spec.stateful
