@@ -174,6 +174,35 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    """Print what each source would read: tables and columns, or inferred record schemas."""
+    import json
+
+    from dataflare.connectors.schema import discover
+    from dataflare.dsl_compiler.compiler import component_context
+
+    v = validate_file(args.path)
+    if v.errors(for_run=True) or v.workflow is None:
+        _print_problems(v.errors(for_run=True), for_run=True)
+        return 1
+    names = [args.source] if args.source else list(v.workflow.sources)
+    unknown = [n for n in names if n not in v.workflow.sources]
+    if unknown:
+        known = ", ".join(v.workflow.sources)
+        print(f"error: no source {unknown[0]!r} in {args.path} (sources: {known})",
+              file=sys.stderr)
+        return 1
+    catalog, code = {}, 0
+    for name in names:
+        try:
+            catalog[name] = discover(component_context(v, name))
+        except Exception as exc:  # noqa: BLE001 - one line per source that cannot be read
+            print(f"error: source {name!r}: {_root_cause(exc)}", file=sys.stderr)
+            code = 1
+    print(json.dumps(catalog, indent=2, default=str))
+    return code
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     """Print the JSON Schema of workflow files, or the Markdown DSL reference."""
     from dataflare.dsl_compiler import reference
@@ -217,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
     p.set_defaults(fn=cmd_graph)
+
+    p = sub.add_parser("discover", help="Print the fields and types each source reads.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("source", nargs="?", help="Only this source.")
+    p.set_defaults(fn=cmd_discover)
 
     p = sub.add_parser("schema", help="Print the JSON Schema of workflow files.")
     p.add_argument("--markdown", action="store_true", help="The DSL reference instead.")

@@ -25,6 +25,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from pydantic import Field
 
 from dataflare.config import Strict
+from dataflare.connectors.schema import discoverer, infer_schema
 from dataflare.records import META, Batch, Failed, RecordError
 from dataflare.registry import BuildContext, destination, source
 
@@ -401,3 +402,25 @@ def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> None:
     path = ctx.path(cfg.path)
     keyed = op.key_on("key", up, lambda _batch: str(path))
     op.output("write", keyed, FileSink(ctx.step_id, path, fmt, cfg.columns, truncate))
+
+
+@discoverer("file")
+def discover_files(ctx: BuildContext, sample: int = 200) -> dict[str, Any]:
+    """The matched files and a JSON Schema inferred from their first records."""
+    src = build_file_source(ctx)
+    files = src.list_parts()
+    records: list[Any] = []
+    for name in files:
+        part = src.build_part(ctx.step_id, name, None)
+        try:
+            while len(records) < sample:
+                for batch in part.next_batch():
+                    records.extend(r for r in batch if isinstance(r, dict))
+        except StopIteration:
+            pass
+        finally:
+            part.close()
+        if len(records) >= sample:
+            break
+    return {"type": "file", "files": files, "sampled": len(records[:sample]),
+            "json_schema": infer_schema(records[:sample])}

@@ -16,6 +16,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Strict
+from dataflare.connectors.schema import discoverer, infer_schema
 from dataflare.records import META, Batch, iso_utc, to_epoch_seconds
 from dataflare.registry import BuildContext, source
 
@@ -226,3 +227,10 @@ class GeneratorSource(FixedPartitionedSource[Batch, int]):
 def build_generator(ctx: BuildContext) -> GeneratorSource:
     """Build a generator source."""
     return GeneratorSource(ctx.step_id, ctx.config)
+
+
+@discoverer("generator")
+def discover_generator(ctx: BuildContext, sample: int = 100) -> dict[str, Any]:
+    """A JSON Schema inferred from the first generated records."""
+    records = make_records(record_maker(ctx.config), ctx.config.seed, 0, sample)
+    return {"type": "generator", "sampled": sample, "json_schema": infer_schema(records)}

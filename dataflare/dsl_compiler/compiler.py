@@ -61,6 +61,19 @@ def compile_validated(
     return _Compiler(validated, test_inputs, captured).compile()
 
 
+def component_context(validated: Validated, cid: str) -> registry.BuildContext:
+    """The build context of component ``cid`` of a valid workflow (e.g. for discovery)."""
+    wf = validated.workflow
+    assert wf is not None
+    for kind in registry.KINDS:
+        comps = getattr(wf, registry.SECTION[kind])
+        if cid in comps:
+            comp = comps[cid]
+            return registry.BuildContext(cid, kind, comp, comp.config, wf, validated.base_dir)
+    msg = f"no component {cid!r}"
+    raise KeyError(msg)
+
+
 def _flow_id(validated: Validated) -> str:
     wf = validated.workflow
     name = (wf.id or wf.name if wf else None) or Path(validated.file).stem

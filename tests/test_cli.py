@@ -1,0 +1,49 @@
+"""The command line: discover, graph formats, schema."""
+
+import json
+
+from tests.fixtures.workflows import ROOT, run_cli
+
+
+def test_discover_infers_file_and_generator_schemas(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"id": 1, "tags": ["x"], "n": {"v": 1.5}}\n{"id": 2}\n')
+    flow = tmp_path / "f.yaml"
+    flow.write_text("""\
+workflow:
+  sources:
+    files: {type: file, config: {path: "*.jsonl"}}
+    gen: {type: generator, config: {preset: orders}}
+  destinations:
+    out: {type: stdout, inputs: [files, gen]}
+""")
+    result = run_cli("discover", str(flow))
+    assert result.code == 0, result.stderr
+    catalog = json.loads(result.stdout)
+    files = catalog["files"]
+    assert files["files"] == ["a.jsonl"] and files["sampled"] == 2
+    schema = files["json_schema"]
+    assert schema["required"] == ["id"]
+    assert schema["properties"]["id"]["type"] == "integer"
+    assert schema["properties"]["n"]["properties"]["v"]["type"] == "number"
+    assert set(catalog["gen"]["json_schema"]["properties"]) == {
+        "order_id", "user_id", "total", "items", "ts"}
+    only = run_cli("discover", str(flow), "gen")
+    assert list(json.loads(only.stdout)) == ["gen"]
+    missing = run_cli("discover", str(flow), "nope")
+    assert missing.code == 1 and "no source 'nope'" in missing.stderr
+
+
+def test_graph_as_dot_and_schema_as_json():
+    dot = run_cli("graph", "--format", "dot", str(ROOT / "flows" / "quickstart.yaml"))
+    assert dot.code == 0 and '"by_size" -> "large_orders" [label="large"];' in dot.stdout
+    schema = run_cli("schema")
+    assert schema.code == 0 and "Workflow" in json.loads(schema.stdout)["$defs"]
+
+
+def test_validate_reports_several_files_and_fails_if_any_is_invalid(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workflow:\n  sources: {s: {type: nope}}\n")
+    result = run_cli("validate", str(ROOT / "flows" / "quickstart.yaml"), str(bad))
+    assert result.code == 1
+    assert "quickstart.yaml: valid" in result.stdout
+    assert f"{bad}:2:23: sources.s.type: unknown source type 'nope'" in result.stderr
