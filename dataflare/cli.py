@@ -133,6 +133,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         kwargs["process_id"] = args.process_id or 0
     if args.workers_per_process:
         kwargs["workers_per_process"] = args.workers_per_process
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr="127.0.0.1")
     steps = [*v.workflow.sources, *v.workflow.transformations, *v.workflow.destinations]  # type: ignore[union-attr]
     live = sys.stderr.isatty() and not args.quiet
     try:
@@ -223,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="Run a workflow.")
     p.add_argument("path", metavar="PATH")
-    p.add_argument("-v", "--verbose", action="store_true", help="Log more.")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="Log more.")
+    p.add_argument("--metrics-port", type=int,
+                   help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics while running.")
     p.add_argument("-w", "--workers-per-process", type=int, help="Workers in this process.")
     p.add_argument("-i", "--process-id", type=int, help="This process's id (with -a).")
     p.add_argument("-a", "--addresses", help="host:port of every process, ';'-separated.")

@@ -47,3 +47,42 @@ def test_validate_reports_several_files_and_fails_if_any_is_invalid(tmp_path):
     assert result.code == 1
     assert "quickstart.yaml: valid" in result.stdout
     assert f"{bad}:2:23: sources.s.type: unknown source type 'nope'" in result.stderr
+
+
+def test_metrics_endpoint_serves_per_step_counts(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from dataflare.broker import free_port
+
+    flow = tmp_path / "f.yaml"
+    flow.write_text("""\
+workflow:
+  sources:
+    gen: {type: generator, config: {preset: orders, count: 400, rate: 100, batch_size: 10}}
+  transformations:
+    big: {type: filter, inputs: [gen], config: {condition: "total > 250"}}
+  destinations:
+    out: {type: file, inputs: [big], config: {path: out.jsonl}}
+""")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "dataflare", "run", str(flow), "-q",
+                             "--metrics-port", str(port)], env=env, cwd=tmp_path)
+    try:
+        deadline, text = time.monotonic() + 30, ""
+        while time.monotonic() < deadline and 'dataflare_records_out_total{step="big"}' not in text:
+            time.sleep(0.3)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+                    text = resp.read().decode()
+            except OSError:
+                continue
+        line = next(ln for ln in text.splitlines()
+                    if ln.startswith('dataflare_records_out_total{step="gen"}'))
+        assert float(line.split()[-1]) > 0
+    finally:
+        assert proc.wait(timeout=60) == 0
