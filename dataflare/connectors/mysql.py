@@ -1,0 +1,806 @@
+"""MySQL / MariaDB source (``type: mysql``): full reads, incremental polling, binlog CDC.
+
+- ``full``: one consistent read (``START TRANSACTION WITH CONSISTENT SNAPSHOT``, an
+  unbuffered cursor) in key order, in batches; the last key read is the resume state.
+- ``incremental``: polls rows past the last ``(cursor, key...)`` tuple every
+  ``incremental.interval``; ties on the cursor value are never lost.
+- ``cdc``: the row-based binlog (``binlog_format=ROW``, ``binlog_row_image=FULL``) read
+  with ``mysql-replication``. Rows are emitted per committed transaction; the partition
+  state holds the binlog file and position *after* the last emitted commit, so a resumed
+  partition starts on a transaction boundary and emits nothing twice. With
+  ``cdc.binlog_position: latest`` (the default) and ``cdc.snapshot_mode`` ``initial`` or
+  ``always``, the tables are read first; on MariaDB the stream then starts at the binlog
+  position of the snapshot itself (``binlog_snapshot_file/position``), on MySQL at the
+  position taken just before it (changes in between may come twice, never lost).
+  Records carry ``_meta``: ``op`` (insert/update/delete/truncate), ``table``
+  (``db.table``), ``position`` (``file:pos`` of the commit), ``commit_ts``; an update
+  carries the previous row in ``_meta.old``. Column names come from the binlog's row
+  metadata (``binlog_row_metadata=FULL``) or else from ``information_schema``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from pydantic import Field
+
+from dataflare.config import Duration, Secret, Strict
+from dataflare.connectors.postgres import effective_mode
+from dataflare.connectors.schema import (
+    OutputSchemaCheck,
+    checked,
+    discoverer,
+    json_value,
+    table_json_schema,
+)
+from dataflare.records import META
+from dataflare.registry import BuildContext, source
+from dataflare.retry import TransientError, call_with_retry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Connection-level failures worth a retry: cannot connect, server gone, lost connection,
+# lock wait timeout, deadlock.
+TRANSIENT_CODES = frozenset({2002, 2003, 2006, 2013, 2055, 1205, 1213})
+
+
+class MySqlSourceConfig(Strict):
+    """Connection and read settings of a MySQL / MariaDB source."""
+
+    dsn: Secret | None = Field(
+        None, description="URL 'mysql://user:password@host:port/database'; fields override it."
+    )
+    host: str = Field("localhost", description="Server host.")
+    port: int = Field(3306, ge=1, le=65535, description="Server port.")
+    database: str | None = Field(None, description="Database (schema) name.")
+    username: str | None = Field(None, description="User name.")
+    password: Secret | None = Field(None, description="Password.")
+    db_schema: str | None = Field(
+        None, alias="schema", description="Database of `table` (MySQL calls databases schemas)."
+    )
+    table: str | None = Field(None, description="Table to read ('name' or 'database.name').")
+    key_columns: list[str] = Field(
+        default_factory=list,
+        description="Columns ordering reads and resumes (default: the primary key).",
+    )
+    batch_size: int = Field(1000, ge=1, description="Rows per batch.")
+    incremental_column: str | None = Field(
+        None, description="Shorthand of `incremental.column` (selects mode incremental)."
+    )
+    stop_at_end: bool = Field(
+        False,
+        description="CDC: end the input once the binlog has no further events "
+        "(a catch-up run) instead of polling forever.",
+    )
+    charset: str = Field("utf8mb4", description="Connection character set.")
+    connect_timeout: Duration = Field(10.0, description="Connection timeout.")
+
+    def settings(self) -> dict[str, Any]:
+        """Keyword arguments of `pymysql.connect`."""
+        from urllib.parse import unquote, urlparse
+
+        out: dict[str, Any] = {}
+        if self.dsn is not None:
+            url = urlparse(self.dsn.get_secret_value())
+            if url.hostname:
+                out["host"] = url.hostname
+            if url.port:
+                out["port"] = url.port
+            if url.username:
+                out["user"] = unquote(url.username)
+            if url.password:
+                out["password"] = unquote(url.password)
+            if url.path.strip("/"):
+                out["database"] = url.path.strip("/")
+        given = self.model_fields_set
+        if self.dsn is None or "host" in given:
+            out["host"] = self.host
+        if self.dsn is None or "port" in given:
+            out["port"] = self.port
+        if self.username:
+            out["user"] = self.username
+        if self.password is not None:
+            out["password"] = self.password.get_secret_value()
+        database = self.database or self.db_schema
+        if database:
+            out["database"] = database
+        out.setdefault("user", "root")
+        out.setdefault("password", "")
+        out["charset"] = self.charset
+        out["connect_timeout"] = max(1, int(self.connect_timeout))
+        return out
+
+    def qualified(self, name: str | None = None) -> tuple[str, str]:
+        """``(database, table)`` of ``name`` (default: ``table``)."""
+        name = name or self.table
+        if not name:
+            msg = "config.table is required"
+            raise ValueError(msg)
+        if "." in name:
+            db, _, table = name.partition(".")
+            return db, table
+        database = self.db_schema or self.database or self.settings().get("database")
+        if not database:
+            msg = f"table {name!r} needs a database: set config.database or 'database.table'"
+            raise ValueError(msg)
+        return database, name
+
+
+def _pymysql() -> Any:
+    try:
+        import pymysql
+    except ModuleNotFoundError as exc:
+        msg = "the mysql source needs pymysql: pip install pymysql mysql-replication"
+        raise ModuleNotFoundError(msg) from exc
+    return pymysql
+
+
+def q(name: str) -> str:
+    """A quoted MySQL identifier."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+class MySqlDatabase:
+    """A lazily opened connection; connection failures retried per the retry policy."""
+
+    def __init__(self, step_id: str, settings: dict[str, Any], retry: Any) -> None:
+        self.step_id, self.settings, self.retry = step_id, settings, retry
+        self.conn: Any = None
+        self.on_reconnect: list[Callable[[], None]] = []
+
+    def connection(self) -> Any:
+        """The open connection (opened on first use)."""
+        if self.conn is None:
+            pymysql = _pymysql()
+            self.conn = pymysql.connect(**self.settings, autocommit=True)
+            with self.conn.cursor() as cur:
+                cur.execute("SET time_zone = '+00:00'")
+        return self.conn
+
+    def run(self, what: str, fn: Callable[[Any], T]) -> T:
+        """``fn(connection)``, retried on transient failures."""
+        pymysql = _pymysql()
+
+        def attempt() -> T:
+            try:
+                return fn(self.connection())
+            except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
+                code = exc.args[0] if exc.args else None
+                if isinstance(exc, pymysql.err.InterfaceError) or code in TRANSIENT_CODES:
+                    msg = f"{what}: {type(exc).__name__}: {exc}"
+                    raise TransientError(msg) from exc
+                raise
+
+        def reset(_exc: BaseException) -> None:
+            self.close()
+            for cb in self.on_reconnect:
+                cb()
+
+        try:
+            return call_with_retry(
+                f"step '{self.step_id}': {what}", attempt, self.retry, on_retry=reset
+            )
+        except (pymysql.err.Error, TransientError) as exc:
+            reset(exc)
+            msg = f"step '{self.step_id}': {what} failed: {type(exc).__name__}: {exc}"
+            raise RuntimeError(msg) from exc
+
+    def close(self) -> None:
+        """Close the connection (if open)."""
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail
+                log.debug("closing connection failed", exc_info=True)
+        self.conn = None
+
+
+def primary_key(conn: Any, database: str, table: str) -> list[str]:
+    """Primary key columns of ``database.table`` in key order."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT COUNT(*) FROM information_schema.TABLES "
+            "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+            (database, table),
+        )
+        if cur.fetchone()[0] == 0:
+            msg = f"table {database}.{table} does not exist"
+            raise LookupError(msg)
+        cur.execute(
+            "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE "
+            "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s AND CONSTRAINT_NAME = 'PRIMARY' "
+            "ORDER BY ORDINAL_POSITION",
+            (database, table),
+        )
+        return [r[0] for r in cur.fetchall()]
+
+
+def _key(db: MySqlDatabase, cfg: MySqlSourceConfig, database: str, table: str) -> list[str]:
+    if cfg.key_columns:
+        return list(cfg.key_columns)
+    try:
+        return db.run(
+            f"looking up the key of {database}.{table}",
+            lambda conn: primary_key(conn, database, table),
+        )
+    except LookupError as exc:
+        msg = f"step '{db.step_id}': {exc}"
+        raise RuntimeError(msg) from None
+
+
+def _records(
+    names: Sequence[str], rows: Sequence[Sequence[Any]], meta: dict[str, Any]
+) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        rec = {n: json_value(v) for n, v in zip(names, row, strict=True)}
+        rec[META] = dict(meta)
+        out.append(rec)
+    return out
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SnapshotRead:
+    """A consistent read of tables in key order, resumable by (table index, last key)."""
+
+    def __init__(
+        self,
+        src: MySqlSource,
+        tables: list[str],
+        index: int,
+        after: list[Any] | None,
+        op: str | None,
+    ) -> None:
+        self.src, self.tables, self.index, self.after, self.op = src, tables, index, after, op
+        self.db = MySqlDatabase(src.step_id, src.cfg.settings(), src.retry)
+        self.db.on_reconnect.append(self._lost)
+        self.cursor: Any = None
+        self.names: list[str] = []
+        self.key: list[str] = []
+        self.position: tuple[str, int] | None = None
+        self.in_transaction = False
+        self.done_table = False
+
+    def _lost(self) -> None:
+        self.cursor = None
+        self.in_transaction = False
+
+    def _open(self, conn: Any) -> None:
+        pymysql = _pymysql()
+        database, table = self.tables[self.index].split(".", 1)
+        self.key = (
+            list(self.src.cfg.key_columns)
+            if self.src.cfg.key_columns
+            else primary_key(conn, database, table)
+        )
+        if not self.in_transaction:
+            with conn.cursor() as cur:
+                cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+                cur.execute("SHOW STATUS LIKE 'binlog_snapshot_%%'")
+                status = dict(cur.fetchall())
+            self.in_transaction = True
+            if status.get("Binlog_snapshot_file"):
+                self.position = (
+                    status["Binlog_snapshot_file"],
+                    int(status["Binlog_snapshot_position"]),
+                )
+        sql = f"SELECT * FROM {q(database)}.{q(table)}"
+        params: list[Any] = []
+        if self.key:
+            if self.after is not None:
+                cols = ", ".join(q(k) for k in self.key)
+                sql += f" WHERE ({cols}) > ({', '.join(['%s'] * len(self.key))})"
+                params = list(self.after)
+            sql += " ORDER BY " + ", ".join(q(k) for k in self.key)
+        cur = conn.cursor(pymysql.cursors.SSCursor)
+        cur.execute(sql, params)
+        self.names = [d[0] for d in cur.description]
+        self.cursor = cur
+
+    def _fetch(self, conn: Any) -> list[Sequence[Any]]:
+        if self.cursor is None:
+            self._open(conn)
+        rows: list[Sequence[Any]] = list(self.cursor.fetchmany(self.src.cfg.batch_size))
+        if len(rows) < self.src.cfg.batch_size:
+            self.cursor.close()
+            self.cursor = None
+            self.index, self.done_table = self.index + 1, True
+            if self.done:  # one transaction reads every table: one consistent view
+                conn.commit()
+                self.in_transaction = False
+        else:
+            self.done_table = False
+        return rows
+
+    @property
+    def done(self) -> bool:
+        """Whether every table was read."""
+        return self.index >= len(self.tables)
+
+    def read(self) -> list[dict[str, Any]]:
+        """The next batch of records (empty once ``done``)."""
+        while not self.done:
+            table = self.tables[self.index]
+            rows = self.db.run(f"reading {table}", self._fetch)
+            meta: dict[str, Any] = {"table": table}
+            if self.op:
+                meta["op"] = self.op
+            batch = _records(self.names, rows, meta)
+            if self.done_table:
+                self.after = None
+            elif rows and self.key:
+                idx = [self.names.index(k) for k in self.key]
+                self.after = [rows[-1][i] for i in idx]
+            if batch:
+                return batch
+        return []
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+
+class FullPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
+    """A full read of the table; state: the last key read and whether it is done."""
+
+    def __init__(self, src: MySqlSource, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        table = ".".join(src.cfg.qualified())
+        self.read = SnapshotRead(
+            src, [table], 1 if state.get("done") else 0, state.get("after"), None
+        )
+        self.check = OutputSchemaCheck.of(src.step_id, src.component)
+
+    def next_batch(self) -> list[list[Any]]:
+        """The next batch of rows."""
+        if self.read.done:
+            raise StopIteration
+        batch = self.read.read()
+        return [checked(self.check, batch)] if batch else []
+
+    def snapshot(self) -> dict[str, Any]:
+        """Last key read and whether the read is done."""
+        return {"after": self.read.after, "done": self.read.done}
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.read.close()
+
+
+class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
+    """Polls rows past the last ``(cursor, key...)`` tuple."""
+
+    def __init__(self, src: MySqlSource, state: dict[str, Any] | None) -> None:
+        self.src = src
+        self.database, self.table = src.cfg.qualified()
+        self.db = MySqlDatabase(src.step_id, src.cfg.settings(), src.retry)
+        self.column, self.start, interval = src.incremental_settings()
+        self.interval = timedelta(seconds=interval)
+        self.key = [
+            k for k in _key(self.db, src.cfg, self.database, self.table) if k != self.column
+        ]
+        state = state or {}
+        self.cursor: Any = state.get("cursor")
+        self.after_key: list[Any] | None = state.get("key")
+        self.awake: datetime | None = None
+        self.check = OutputSchemaCheck.of(src.step_id, src.component)
+
+    def _query(self, conn: Any) -> tuple[list[str], list[Sequence[Any]]]:
+        order = [self.column, *self.key]
+        cols = ", ".join(q(c) for c in order)
+        where = f"{q(self.column)} IS NOT NULL"
+        params: list[Any] = []
+        if self.cursor is not None:
+            if self.key and self.after_key is not None:
+                where += f" AND ({cols}) > ({', '.join(['%s'] * len(order))})"
+                params = [self.cursor, *self.after_key]
+            else:
+                where += f" AND {q(self.column)} > %s"
+                params = [self.cursor]
+        elif self.start is not None:
+            where += f" AND {q(self.column)} >= %s"
+            params = [self.start]
+        size = self.src.cfg.batch_size
+        sql = (
+            f"SELECT * FROM {q(self.database)}.{q(self.table)} WHERE {where} "
+            f"ORDER BY {cols} LIMIT {int(size)}"
+        )
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            names = [d[0] for d in cur.description]
+            rows = list(cur.fetchall())
+            if not self.key and len(rows) == size:
+                col = names.index(self.column)
+                last = rows[-1][col]
+                rows = [r for r in rows if r[col] != last]
+                cur.execute(
+                    f"SELECT * FROM {q(self.database)}.{q(self.table)} WHERE {q(self.column)} = %s",
+                    [last],
+                )
+                rows.extend(cur.fetchall())
+        return names, rows
+
+    def next_batch(self) -> list[list[Any]]:
+        """Rows past the cursor."""
+        names, rows = self.db.run(f"polling {self.database}.{self.table}", self._query)
+        self.awake = _now() + self.interval if len(rows) < self.src.cfg.batch_size else None
+        if not rows:
+            return []
+        last = rows[-1]
+        self.cursor = last[names.index(self.column)]
+        self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
+        meta = {"table": f"{self.database}.{self.table}"}
+        return [checked(self.check, _records(names, rows, meta))]
+
+    def next_awake(self) -> datetime | None:
+        """When to poll next."""
+        return self.awake
+
+    def snapshot(self) -> dict[str, Any]:
+        """The cursor and key of the last row emitted."""
+        return {"cursor": self.cursor, "key": self.after_key}
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+
+_TRUNCATE = re.compile(r"^\s*truncate\s+(?:table\s+)?([`\w.]+)", re.IGNORECASE)
+
+
+class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
+    """Row changes from the binlog; state: file and position after the last commit."""
+
+    def __init__(self, src: MySqlSource, state: dict[str, Any] | None) -> None:
+        self.src = src
+        cdc = src.cdc_settings()
+        self.tables = src.cdc_tables()
+        self.poll = timedelta(seconds=cdc.poll_interval)
+        self.check = OutputSchemaCheck.of(src.step_id, src.component)
+        self.db = MySqlDatabase(src.step_id, src.cfg.settings(), src.retry)
+        self.server_id = cdc.server_id or 1000 + zlib.crc32(src.step_id.encode()) % 100000
+        self.awake: datetime | None = None
+        self.ended = False
+        self.snap: SnapshotRead | None = None
+        self.mariadb = "mariadb" in self.db.run("reading the server version", _version).lower()
+        snapshot = cdc.binlog_position == "latest" and (
+            cdc.snapshot_mode == "always" or (cdc.snapshot_mode == "initial" and state is None)
+        )
+        if state is not None and state.get("phase") == "snapshot":
+            snapshot = True
+        if state is not None:
+            self.file, self.pos = state["file"], int(state["pos"])
+        else:
+            self.file, self.pos = self.db.run("finding the binlog position", self._start)
+        self.fresh_snapshot = snapshot and (state is None or state.get("phase") != "snapshot")
+        if snapshot:
+            s = state if state is not None and state.get("phase") == "snapshot" else {}
+            self.snap = SnapshotRead(
+                src, self.tables, s.get("table_index", 0), s.get("after"), "read"
+            )
+
+    def _start(self, conn: Any) -> tuple[str, int]:
+        where = self.src.cdc_settings().binlog_position
+        with conn.cursor() as cur:
+            if where == "earliest":
+                cur.execute("SHOW BINARY LOGS")
+                rows = cur.fetchall()
+                if not rows:
+                    msg = f"step '{self.src.step_id}': the server has no binary logs (log_bin off?)"
+                    raise LookupError(msg)
+                return rows[0][0], 4
+            if where != "latest":
+                file, _, pos = where.rpartition(":")
+                if not file or not pos.isdigit():
+                    msg = (
+                        f"step '{self.src.step_id}': cdc.binlog_position {where!r} is not "
+                        "'latest', 'earliest' or 'file:position'"
+                    )
+                    raise ValueError(msg)
+                return file, int(pos)
+            cur.execute("SHOW MASTER STATUS")
+            row = cur.fetchone()
+            if row is None:
+                msg = f"step '{self.src.step_id}': binary logging is off (SHOW MASTER STATUS)"
+                raise LookupError(msg)
+            return row[0], int(row[1])
+
+    def _stream(self) -> list[Any]:
+        from pymysqlreplication import BinLogStreamReader
+        from pymysqlreplication.event import QueryEvent, RotateEvent, XidEvent
+        from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+
+        settings = self.src.cfg.settings()
+        conn_settings = {
+            k: settings[k] for k in ("host", "port", "user", "password") if k in settings
+        }
+        schemas = sorted({t.split(".", 1)[0] for t in self.tables}) or None
+        names = sorted({t.split(".", 1)[1] for t in self.tables}) or None
+        reader = BinLogStreamReader(
+            connection_settings=conn_settings,
+            server_id=self.server_id,
+            blocking=False,
+            resume_stream=True,
+            log_file=self.file,
+            log_pos=self.pos,
+            only_events=[
+                WriteRowsEvent,
+                UpdateRowsEvent,
+                DeleteRowsEvent,
+                XidEvent,
+                QueryEvent,
+                RotateEvent,
+            ],
+            only_schemas=schemas,
+            only_tables=names,
+            is_mariadb=self.mariadb,
+            use_column_name_cache=True,
+            enable_logging=False,
+        )
+        out: list[Any] = []
+        pending: list[dict[str, Any]] = []
+        limit = self.src.cfg.batch_size
+        try:
+            for event in reader:
+                if isinstance(event, RotateEvent):
+                    continue
+                if isinstance(event, WriteRowsEvent | UpdateRowsEvent | DeleteRowsEvent):
+                    table = f"{event.schema}.{event.table}"
+                    if self.tables and table not in self.tables:
+                        continue
+                    for row in event.rows:
+                        pending.append(_row_record(event, row, table))
+                    continue
+                commit = isinstance(event, XidEvent)
+                if isinstance(event, QueryEvent):
+                    text = event.query.decode() if isinstance(event.query, bytes) else event.query
+                    if text.strip().upper() == "BEGIN":
+                        continue
+                    commit = True
+                    m = _TRUNCATE.match(text)
+                    if m:
+                        name = m.group(1).replace("`", "")
+                        schema = (
+                            event.schema.decode()
+                            if isinstance(event.schema, bytes)
+                            else (event.schema)
+                        )
+                        table = name if "." in name else f"{schema}.{name}"
+                        if not self.tables or table in self.tables:
+                            pending.append({META: {"op": "truncate", "table": table}})
+                if commit:
+                    position = f"{reader.log_file}:{reader.log_pos}"
+                    ts = datetime.fromtimestamp(event.timestamp, UTC).isoformat()
+                    for rec in pending:
+                        rec[META]["position"] = position
+                        rec[META]["commit_ts"] = ts
+                    out.extend(pending)
+                    pending = []
+                    self.file, self.pos = reader.log_file, int(reader.log_pos)
+                    if len(out) >= limit:
+                        return out
+        finally:
+            reader.close()
+        # The binlog ended: caught up (a transaction not yet whole is read again next time).
+        if self.src.cfg.stop_at_end:
+            self.ended = True
+        self.awake = _now() + self.poll
+        return out
+
+    def next_batch(self) -> list[list[Any]]:
+        """A snapshot batch, or the changes committed since the state position."""
+        if self.snap is not None:
+            batch = self.snap.read()
+            if self.fresh_snapshot and self.snap.position is not None:
+                # MariaDB: the binlog position of the snapshot itself, exactly.
+                self.file, self.pos = self.snap.position
+                self.fresh_snapshot = False
+            if self.snap.done:
+                self.snap.close()
+                self.snap = None
+            self.awake = None
+            return [checked(self.check, batch)] if batch else []
+        if self.ended:
+            raise StopIteration
+        self.awake = None
+        pymysql = _pymysql()
+        try:
+            records = call_with_retry(
+                f"step '{self.src.step_id}': reading the binlog at {self.file}:{self.pos}",
+                self._stream,
+                self.src.retry,
+                transient=(pymysql.err.OperationalError, TransientError),
+            )
+        except pymysql.err.Error as exc:
+            msg = (
+                f"step '{self.src.step_id}': reading the binlog at {self.file}:{self.pos} "
+                f"failed: {type(exc).__name__}: {exc}"
+            )
+            raise RuntimeError(msg) from exc
+        size = self.src.cfg.batch_size
+        return [checked(self.check, records[i : i + size]) for i in range(0, len(records), size)]
+
+    def next_awake(self) -> datetime | None:
+        """When to read the binlog next."""
+        return self.awake
+
+    def snapshot(self) -> dict[str, Any]:
+        """Binlog position after the last emitted commit (and the snapshot's progress)."""
+        state: dict[str, Any] = {"file": self.file, "pos": self.pos, "phase": "stream"}
+        if self.snap is not None:
+            state.update(phase="snapshot", table_index=self.snap.index, after=self.snap.after)
+        return state
+
+    def close(self) -> None:
+        """Close the connections."""
+        if self.snap is not None:
+            self.snap.close()
+        self.db.close()
+
+
+def _version(conn: Any) -> str:
+    with conn.cursor() as cur:
+        cur.execute("SELECT VERSION()")
+        return str(cur.fetchone()[0])
+
+
+def _row_record(event: Any, row: dict[str, Any], table: str) -> dict[str, Any]:
+    from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent
+
+    if isinstance(event, UpdateRowsEvent):
+        rec = {k: json_value(v) for k, v in row["after_values"].items()}
+        meta = {
+            "op": "update",
+            "table": table,
+            "old": {k: json_value(v) for k, v in row["before_values"].items()},
+        }
+    else:
+        rec = {k: json_value(v) for k, v in row["values"].items()}
+        meta = {"op": "delete" if isinstance(event, DeleteRowsEvent) else "insert", "table": table}
+    rec[META] = meta
+    return rec
+
+
+class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
+    """A bytewax source reading one MySQL / MariaDB table or its binlog (see module docs)."""
+
+    def __init__(self, ctx: BuildContext) -> None:
+        self.step_id = ctx.step_id
+        self.cfg: MySqlSourceConfig = ctx.config
+        self.component = ctx.component
+        self.retry = ctx.workflow.config.retry
+        self.mode = effective_mode(ctx.component, self.cfg)
+        if self.mode == "hybrid":
+            msg = f"source '{ctx.step_id}': type 'mysql' supports modes full, incremental, cdc"
+            raise ValueError(msg)
+
+    def incremental_settings(self) -> tuple[str, Any, float]:
+        """``(column, start_value, interval)`` of incremental reads."""
+        inc = self.component.incremental
+        column = (inc and (inc.column or inc.cursor_field)) or self.cfg.incremental_column
+        if not column:
+            msg = (
+                f"source '{self.step_id}': mode incremental needs incremental.column "
+                "(or config.incremental_column)"
+            )
+            raise ValueError(msg)
+        start = inc.start_value if inc else None
+        if start is not None and inc is not None:
+            if inc.cursor_type == "integer":
+                start = int(start)
+            elif inc.cursor_type == "timestamp" and isinstance(start, str):
+                parsed = datetime.fromisoformat(start.replace("Z", "+00:00"))
+                if parsed.tzinfo is not None:
+                    parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+                start = parsed
+        return column, start, float(inc.interval) if inc else 10.0
+
+    def cdc_settings(self) -> Any:
+        """The component's ``cdc`` block (defaults when absent)."""
+        from dataflare.dsl_compiler.models import Cdc
+
+        return self.component.cdc or Cdc()
+
+    def cdc_tables(self) -> list[str]:
+        """``database.table`` names whose changes are read."""
+        cdc = self.cdc_settings()
+        tables = list(cdc.include_tables)
+        if not tables and self.cfg.table:
+            tables = [".".join(self.cfg.qualified())]
+        tables = [t if "." in t else ".".join(self.cfg.qualified(t)) for t in tables]
+        excluded = {t if "." in t else ".".join(self.cfg.qualified(t)) for t in cdc.exclude_tables}
+        return [t for t in tables if t not in excluded]
+
+    def list_parts(self) -> list[str]:
+        """One partition: the table, or the binlog."""
+        if self.mode == "cdc":
+            return ["binlog"]
+        return [f"{self.mode}:{'.'.join(self.cfg.qualified())}"]
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: dict[str, Any] | None
+    ) -> StatefulSourcePartition[list[Any], dict[str, Any]]:
+        """Build (or resume) the partition."""
+        if for_part == "binlog":
+            return BinlogPartition(self, resume_state)
+        if for_part.startswith("incremental:"):
+            return IncrementalPartition(self, resume_state)
+        return FullPartition(self, resume_state)
+
+
+@source(
+    "mysql",
+    config=MySqlSourceConfig,
+    description="MySQL / MariaDB table: full read, incremental polling, or binlog CDC.",
+)
+def build_mysql_source(ctx: BuildContext) -> MySqlSource:
+    """Build the MySQL source of ``ctx``."""
+    src = MySqlSource(ctx)
+    if src.mode != "cdc" and not ctx.config.table:
+        msg = f"source '{ctx.step_id}': config.table is required for mode '{src.mode}'"
+        raise ValueError(msg)
+    if src.mode == "incremental":
+        src.incremental_settings()
+    return src
+
+
+@discoverer("mysql")
+def discover_mysql(ctx: BuildContext) -> dict[str, Any]:
+    """Columns, types and keys of the source's tables (all tables of the database if none)."""
+    cfg: MySqlSourceConfig = ctx.config
+    db = MySqlDatabase(ctx.step_id, cfg.settings(), ctx.workflow.config.retry)
+    cdc = getattr(ctx.component, "cdc", None)
+    names = list(cdc.include_tables) if cdc is not None and cdc.include_tables else []
+    if cfg.table:
+        names.append(cfg.table)
+
+    def describe(conn: Any) -> list[dict[str, Any]]:
+        tables = [cfg.qualified(n) for n in names]
+        with conn.cursor() as cur:
+            if not tables:
+                database = cfg.settings().get("database")
+                cur.execute(
+                    "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.TABLES "
+                    "WHERE TABLE_SCHEMA = %s AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
+                    (database,),
+                )
+                tables = [(r[0], r[1]) for r in cur.fetchall()]
+            out = []
+            for database, table in dict.fromkeys(tables):
+                cur.execute(
+                    "SELECT COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE FROM information_schema.COLUMNS "
+                    "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+                    (database, table),
+                )
+                cols = [
+                    {"name": r[0], "type": r[1], "nullable": r[2] == "YES"} for r in cur.fetchall()
+                ]
+                out.append(
+                    {
+                        "schema": database,
+                        "name": table,
+                        "primary_key": primary_key(conn, database, table),
+                        "columns": cols,
+                        "json_schema": table_json_schema(cols),
+                    }
+                )
+        return out
+
+    try:
+        return {"type": "mysql", "tables": db.run("discovering tables", describe)}
+    except LookupError as exc:
+        msg = f"source '{ctx.step_id}': {exc}"
+        raise ValueError(msg) from None
+    finally:
+        db.close()
