@@ -347,7 +347,13 @@ class SnapshotRead:
         return []
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the cursor and the connection."""
+        if self.cursor is not None:
+            try:
+                self.cursor.close()
+            except Exception:  # noqa: BLE001 - an unread result may fail to drain
+                log.debug("closing the snapshot cursor failed", exc_info=True)
+            self.cursor = None
         self.db.close()
 
 
@@ -473,7 +479,6 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.awake: datetime | None = None
         self.ended = False
         self.snap: SnapshotRead | None = None
-        self.mariadb = "mariadb" in self.db.run("reading the server version", _version).lower()
         snapshot = cdc.binlog_position == "latest" and (
             cdc.snapshot_mode == "always" or (cdc.snapshot_mode == "initial" and state is None)
         )
@@ -544,7 +549,9 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             ],
             only_schemas=schemas,
             only_tables=names,
-            is_mariadb=self.mariadb,
+            # File and position on MariaDB too: the library's MariaDB mode streams by GTID
+            # and would ignore the position.
+            is_mariadb=False,
             use_column_name_cache=True,
             enable_logging=False,
         )
@@ -647,12 +654,6 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         if self.snap is not None:
             self.snap.close()
         self.db.close()
-
-
-def _version(conn: Any) -> str:
-    with conn.cursor() as cur:
-        cur.execute("SELECT VERSION()")
-        return str(cur.fetchone()[0])
 
 
 def _row_record(event: Any, row: dict[str, Any], table: str) -> dict[str, Any]:

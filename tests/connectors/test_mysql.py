@@ -1,0 +1,321 @@
+"""MySQL source against a private MariaDB 10.11 with a row-based binlog."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSink, run_main
+from pydantic import ValidationError
+
+from dataflare.connectors.mysql import MySqlSourceConfig, build_mysql_source
+from dataflare.connectors.schema import discover
+from dataflare.dsl_compiler.models import Source, Workflow
+from dataflare.records import META, Failed
+from dataflare.registry import BuildContext, lookup
+
+RETRY = {"max_attempts": 2, "backoff": {"initial": "10ms", "max": "50ms"}}
+
+
+def make_ctx(step: str, config: dict[str, Any], **component: Any) -> BuildContext:
+    cfg = MySqlSourceConfig.model_validate(config)
+    comp = Source.model_validate({"type": "mysql", "config": cfg, **component})
+    wf = Workflow.model_validate({"config": {"retry": RETRY}})
+    return BuildContext(step, "source", comp, cfg, wf, Path("."))
+
+
+def conn_cfg(db: Any, **extra: Any) -> dict[str, Any]:
+    return {"host": db.host, "port": db.port, "username": db.user, "database": db.database, **extra}
+
+
+def run(ctx: BuildContext, recovery: Path | None = None) -> list[Any]:
+    out: list[Any] = []
+    flow = Dataflow("mysql")
+    op.output("out", op.input(ctx.step_id, flow, build_mysql_source(ctx)), TestingSink(out))
+    rc = RecoveryConfig(str(recovery)) if recovery else None
+    run_main(flow, epoch_interval=timedelta(0), recovery_config=rc)
+    assert all(isinstance(b, list) for b in out)
+    return [r for b in out for r in b]
+
+
+def plain(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r.items() if k != META}
+
+
+def chain(exc: BaseException | None) -> str:
+    parts = []
+    while exc is not None:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+SEEDS = [
+    {
+        "type": "mysql",
+        "mode": "incremental",
+        "config": {"table": "orders"},
+        "incremental": {
+            "column": "created_at",
+            "cursor_field": "created_at",
+            "cursor_type": "timestamp",
+            "start_value": "2023-01-01T00:00:00Z",
+        },
+    },
+    {
+        "type": "mysql",
+        "mode": "cdc",
+        "config": {"table": "orders"},
+        "cdc": {"binlog_position": "latest"},
+    },
+    {"type": "mysql", "config": {"table": "orders"}},
+]
+
+
+@pytest.mark.parametrize("snippet", SEEDS)
+def test_seed_snippets_validate(snippet: dict[str, Any]) -> None:
+    spec = lookup("source", "mysql")
+    assert spec is not None and spec.config is MySqlSourceConfig
+    cfg = MySqlSourceConfig.model_validate(snippet["config"])
+    Source.model_validate({**snippet, "config": cfg})
+
+
+def test_config_settings_and_secrets() -> None:
+    cfg = MySqlSourceConfig.model_validate(
+        {"dsn": "mysql://ann:p%40ss@db.example:3307/shop", "table": "orders"}
+    )
+    s = cfg.settings()
+    assert (s["host"], s["port"], s["user"], s["password"], s["database"]) == (
+        "db.example",
+        3307,
+        "ann",
+        "p@ss",
+        "shop",
+    )
+    assert cfg.qualified() == ("shop", "orders") and "p@ss" not in repr(cfg)
+    with pytest.raises(ValidationError, match="tabel"):
+        MySqlSourceConfig.model_validate({"tabel": "x"})
+
+
+@pytest.fixture(scope="module")
+def orders(mariadb_private: Any) -> str:
+    rows = ", ".join(
+        f"({i}, 'c{i % 7}', {i * 1.5}, '2024-01-01 00:00:00' + INTERVAL {i // 3} HOUR)"
+        for i in range(1, 251)
+    )
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS orders",
+        "CREATE TABLE orders (id INT PRIMARY KEY, customer VARCHAR(20), "
+        "amount DECIMAL(10,2), created_at DATETIME, note JSON)",
+        f"INSERT INTO orders (id, customer, amount, created_at) VALUES {rows}",
+    )
+    return "orders"
+
+
+def test_full_read_in_batches_and_resume(mariadb_private: Any, orders: str) -> None:
+    ctx = make_ctx(
+        "orders_full", conn_cfg(mariadb_private, table=orders, batch_size=60), mode="full"
+    )
+    records = run(ctx)
+    assert [r["id"] for r in records] == list(range(1, 251))
+    assert plain(records[1]) == {
+        "id": 2,
+        "customer": "c2",
+        "amount": 3,
+        "created_at": "2024-01-01T00:00:00",
+        "note": None,
+    }
+    assert records[0][META] == {"table": "dataflare.orders"}
+    src = build_mysql_source(ctx)
+    (name,) = src.list_parts()
+    part = src.build_part("orders_full", name, None)
+    part.next_batch()
+    state = part.snapshot()
+    part.close()
+    assert state == {"after": [60], "done": False}
+    resumed = src.build_part("orders_full", name, state)
+    assert [r["id"] for r in resumed.next_batch()[0]][:2] == [61, 62]
+    resumed.close()
+
+
+def test_incremental_ties_and_start_value(mariadb_private: Any, orders: str) -> None:
+    ctx = make_ctx(
+        "orders_inc",
+        conn_cfg(mariadb_private, table=orders, batch_size=4),
+        mode="incremental",
+        incremental={
+            "column": "created_at",
+            "cursor_type": "timestamp",
+            "start_value": "2024-01-04T10:00:00Z",
+            "interval": "1h",
+        },
+    )
+    src = build_mysql_source(ctx)
+    (name,) = src.list_parts()
+    part = src.build_part("orders_inc", name, None)
+    got = [r["id"] for r in part.next_batch()[0]]
+    # created_at is hour id // 3: hour 82 (the start) holds 246..248, hour 83 249 and 250;
+    # the batch of 4 ends inside hour 83.
+    assert got == [246, 247, 248, 249]
+    state = part.snapshot()
+    part.close()
+    mariadb_private.execute(
+        "INSERT INTO orders (id, customer, amount, created_at) VALUES "
+        "(251, 'late', 1, '2024-01-04 11:00:00'), (252, 'new', 1, '2024-02-01 00:00:00')"
+    )
+    resumed = src.build_part("orders_inc", name, state)
+    later = [r["id"] for r in resumed.next_batch()[0]]
+    resumed.close()
+    assert later == [250, 251, 252]  # (11:00, 251) sorts after (11:00, 249): kept
+    mariadb_private.execute("DELETE FROM orders WHERE id > 250")
+
+
+def test_binlog_cdc_changes_truncate_and_resume(mariadb_private: Any, tmp_path: Path) -> None:
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS cdc_items",
+        "DROP TABLE IF EXISTS cdc_other",
+        "CREATE TABLE cdc_items (id INT PRIMARY KEY, name VARCHAR(40), price DECIMAL(8,2), "
+        "at DATETIME(3), doc JSON)",
+        "CREATE TABLE cdc_other (id INT PRIMARY KEY)",
+        "INSERT INTO cdc_items VALUES (1, 'before', 1.00, NULL, NULL)",
+    )
+    ctx = make_ctx(
+        "items_cdc",
+        conn_cfg(mariadb_private, table="cdc_items", batch_size=100, stop_at_end=True),
+        mode="cdc",
+        cdc={"binlog_position": "latest", "snapshot_mode": "initial", "poll_interval": "10ms"},
+    )
+    init_db_dir(tmp_path, 1)
+    snap = run(ctx, tmp_path)
+    assert [(r[META]["op"], r["id"]) for r in snap] == [("read", 1)]
+    conn = mariadb_private.connect()
+    conn.autocommit(False)
+    with conn.cursor() as cur:  # one multi-statement transaction
+        cur.execute(
+            "INSERT INTO cdc_items VALUES (2, 'two', 2.50, '2024-05-01 10:00:00.250', "
+            "'{\"k\": [1, 2]}')"
+        )
+        cur.execute("INSERT INTO cdc_other VALUES (9)")
+        cur.execute("UPDATE cdc_items SET name = 'one' WHERE id = 1")
+    conn.commit()
+    conn.autocommit(True)
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM cdc_items WHERE id = 2")
+        cur.execute("TRUNCATE TABLE cdc_items")
+    conn.close()
+    changes = run(ctx, tmp_path)
+    got = [(r[META]["op"], plain(r)) for r in changes]
+    assert got == [
+        (
+            "insert",
+            {
+                "id": 2,
+                "name": "two",
+                "price": 2.5,
+                "at": "2024-05-01T10:00:00.250000",
+                "doc": '{"k": [1, 2]}',
+            },
+        ),
+        ("update", {"id": 1, "name": "one", "price": 1, "at": None, "doc": None}),
+        (
+            "delete",
+            {
+                "id": 2,
+                "name": "two",
+                "price": 2.5,
+                "at": "2024-05-01T10:00:00.250000",
+                "doc": '{"k": [1, 2]}',
+            },
+        ),  # MariaDB's JSON is text
+        ("truncate", {}),
+    ]
+    assert changes[1][META]["old"]["name"] == "before"
+    assert all(r[META]["table"] == "dataflare.cdc_items" for r in changes)
+    assert changes[0][META]["position"] == changes[1][META]["position"]  # one transaction
+    file, _, pos = changes[-1][META]["position"].rpartition(":")
+    assert file.startswith("binlog.") and int(pos) > 4
+    assert all(r[META]["commit_ts"].endswith("+00:00") for r in changes)
+    # Resumed from the recovery state: nothing again; then only what is new.
+    assert run(ctx, tmp_path) == []
+    mariadb_private.execute("INSERT INTO cdc_items VALUES (3, 'three', 3, NULL, NULL)")
+    assert [(r[META]["op"], r["id"]) for r in run(ctx, tmp_path)] == [("insert", 3)]
+
+
+def test_binlog_state_is_a_transaction_boundary(mariadb_private: Any) -> None:
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS cdc_many",
+        "CREATE TABLE cdc_many (id INT PRIMARY KEY)",
+    )
+    ctx = make_ctx(
+        "many_cdc",
+        conn_cfg(mariadb_private, table="cdc_many", batch_size=5),
+        mode="cdc",
+        cdc={"snapshot_mode": "never", "poll_interval": "10ms"},
+    )
+    src = build_mysql_source(ctx)
+    part = src.build_part("many_cdc", "binlog", None)
+    assert part.next_batch() == []
+    for i in range(1, 13):
+        mariadb_private.execute(f"INSERT INTO cdc_many VALUES ({i})")
+    first = [r["id"] for b in part.next_batch() for r in b]
+    assert first == [1, 2, 3, 4, 5]  # stops at a commit once a batch is full
+    state = part.snapshot()
+    part.close()
+    resumed = src.build_part("many_cdc", "binlog", state)
+    rest: list[int] = []
+    for _ in range(3):
+        rest.extend(r["id"] for b in resumed.next_batch() for r in b)
+    resumed.close()
+    assert rest == list(range(6, 13))
+
+
+def test_binlog_output_schema_failures(mariadb_private: Any) -> None:
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS cdc_schema", "CREATE TABLE cdc_schema (id INT PRIMARY KEY, qty INT)"
+    )
+    ctx = make_ctx(
+        "schema_cdc",
+        conn_cfg(mariadb_private, table="cdc_schema"),
+        mode="cdc",
+        cdc={"snapshot_mode": "never", "poll_interval": "10ms"},
+        output_schema={"definition": {"properties": {"qty": {"minimum": 0}}}},
+    )
+    src = build_mysql_source(ctx)
+    part = src.build_part("schema_cdc", "binlog", None)
+    part.next_batch()
+    mariadb_private.execute("INSERT INTO cdc_schema VALUES (1, 5), (2, -1)")
+    (batch,) = part.next_batch()
+    part.close()
+    assert isinstance(batch[0], dict) and isinstance(batch[1], Failed)
+    assert batch[1].meta["op"] == "insert" and "qty: -1 is less than the minimum" in (
+        batch[1].message
+    )
+
+
+def test_missing_table_and_bad_position_are_clear_errors(mariadb_private: Any) -> None:
+    ctx = make_ctx("nope", conn_cfg(mariadb_private, table="no_such"), mode="full")
+    with pytest.raises(Exception) as info:
+        run(ctx)
+    assert "table dataflare.no_such does not exist" in chain(info.value)
+    bad = make_ctx(
+        "badpos",
+        conn_cfg(mariadb_private, table="orders"),
+        mode="cdc",
+        cdc={"binlog_position": "somewhere"},
+    )
+    with pytest.raises(Exception) as info:
+        run(bad)
+    assert "cdc.binlog_position 'somewhere' is not 'latest', 'earliest'" in chain(info.value)
+
+
+def test_discover(mariadb_private: Any, orders: str) -> None:
+    ctx = make_ctx("orders_disc", conn_cfg(mariadb_private, table=orders), mode="full")
+    (table,) = discover(ctx)["tables"]
+    assert table["primary_key"] == ["id"]
+    assert [c["type"] for c in table["columns"]][:3] == ["int(11)", "varchar(20)", "decimal(10,2)"]
+    assert table["json_schema"]["properties"]["amount"] == {"type": ["number", "null"]}
