@@ -693,21 +693,19 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         requested = self.skip_rows + self.batch_size
         rows = self.db.run(f"reading changes of slot '{self.slot}'", self._peek)
         records: list[Any] = []
-        skipped = 0
-        in_tx = 0
-        for lsn_text, data in rows:
-            in_tx += 1
-            self.decoder.skip_below = self.lsn
+        self.decoder.skip_below = self.lsn
+        # Rows of whole transactions read: until the slot moves, the next peek returns
+        # them first again (and skips them), so it asks for that many more.
+        consumed = 0
+        for n, (lsn_text, data) in enumerate(rows, 1):
             tx = self.decoder.feed(data, lsn_to_int(lsn_text))
             if tx is None:
                 continue
-            if tx.end_lsn <= self.lsn:
-                skipped += in_tx
-            else:
+            consumed = n
+            if tx.end_lsn > self.lsn:
                 records.extend(tx.records)
                 self.lsn = tx.end_lsn
-            in_tx = 0
-        self.skip_rows = skipped
+        self.skip_rows = consumed
         if len(rows) < requested:
             if self.src.cfg.stop_at_end:
                 self.ended = True
