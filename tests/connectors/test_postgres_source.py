@@ -616,6 +616,97 @@ def test_discover_lists_columns_keys_and_json_schema(pg_private: Any, people: st
     assert props["seen"] == {"type": ["string", "null"], "format": "date-time"}
 
 
+def test_snapshot_modes_and_hybrid_variants(pg_private: Any, tmp_path: Path) -> None:
+    pg_private.execute(
+        "DROP TABLE IF EXISTS modes_a, modes_b",
+        "CREATE TABLE modes_a (id int PRIMARY KEY, ts int NOT NULL)",
+        "CREATE TABLE modes_b (id int PRIMARY KEY)",
+        "INSERT INTO modes_a VALUES (1, 10), (2, 20)",
+        "INSERT INTO modes_b VALUES (7)",
+    )
+    for slot in ("modes_always", "modes_never", "modes_hnever"):
+        drop_slot(pg_private, slot, f"{slot}_pub")
+    base = conn_cfg(pg_private, batch_size=10, stop_at_end=True)
+
+    # always: every start reads the tables again (here two, no config.table), then changes
+    always = make_ctx(
+        "modes_always",
+        base,
+        mode="cdc",
+        cdc={
+            "slot_name": "modes_always",
+            "publication_name": "modes_always_pub",
+            "include_tables": ["modes_a", "public.modes_b"],
+            "snapshot_mode": "always",
+            "poll_interval": "10ms",
+        },
+    )
+    rec_always = tmp_path / "always"
+    rec_always.mkdir()
+    init_db_dir(rec_always, 1)
+    first = run_source(always, rec_always)
+    assert sorted((r[META]["table"], r["id"]) for r in first) == [
+        ("public.modes_a", 1),
+        ("public.modes_a", 2),
+        ("public.modes_b", 7),
+    ]
+    pg_private.execute("INSERT INTO modes_b VALUES (8)")
+    second = run_source(always, rec_always)
+    assert [r[META]["op"] for r in second] == ["read", "read", "read", "read", "insert"]
+
+    # never: changes only
+    never = make_ctx(
+        "modes_never",
+        {**base, "table": "modes_a"},
+        mode="cdc",
+        cdc={
+            "slot_name": "modes_never",
+            "publication_name": "modes_never_pub",
+            "snapshot_mode": "never",
+            "poll_interval": "10ms",
+        },
+    )
+    assert run_source(never) == []
+
+    # hybrid that never switches: the snapshot alone, a bounded read
+    hnever = make_ctx(
+        "modes_hnever",
+        {**base, "table": "modes_a"},
+        mode="hybrid",
+        hybrid={"transition_after": "never"},
+        cdc={"slot_name": "modes_hnever", "publication_name": "modes_hnever_pub"},
+    )
+    assert sorted(r["id"] for r in run_source(hnever)) == [1, 2]
+
+    # hybrid full -> incremental: the whole table first, then rows past the cursor
+    hinc = make_ctx(
+        "modes_hinc",
+        {**base, "table": "modes_a"},
+        mode="hybrid",
+        hybrid={"initial_mode": "full", "ongoing_mode": "incremental"},
+        incremental={"column": "ts", "interval": "1h"},
+    )
+    src = build_postgres_source(hinc)
+    (name,) = src.list_parts()
+    assert name == "incremental:public.modes_a"
+    part = src.build_part("modes_hinc", name, None)
+    assert [r["id"] for b in part.next_batch() for r in b] == [1, 2]
+    pg_private.execute("INSERT INTO modes_a VALUES (3, 30)")
+    assert [r["id"] for b in part.next_batch() for r in b] == [3]
+    part.close()
+
+
+def test_streaming_mode_and_missing_settings_are_rejected(pg_private: Any) -> None:
+    with pytest.raises(ValueError, match="mode 'streaming' is not supported by type 'postgres'"):
+        build_postgres_source(make_ctx("s", {"table": "t"}, mode="streaming"))
+    with pytest.raises(ValueError, match="mode incremental needs incremental.column"):
+        build_postgres_source(make_ctx("s", {"table": "t"}, mode="incremental"))
+    with pytest.raises(ValueError, match="config.table is required for mode 'full'"):
+        build_postgres_source(make_ctx("s", {}, mode="full"))
+    shorthand = build_postgres_source(make_ctx("s", {"table": "t", "incremental_column": "u"}))
+    assert shorthand.mode == "incremental" and shorthand.incremental_settings()[0] == "u"
+
+
 # -- end to end through YAML -----------------------------------------------------------------
 
 E2E_FLOW = """
