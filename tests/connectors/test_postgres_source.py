@@ -707,6 +707,81 @@ def test_streaming_mode_and_missing_settings_are_rejected(pg_private: Any) -> No
     assert shorthand.mode == "incremental" and shorthand.incremental_settings()[0] == "u"
 
 
+def _terminate(pg: Any, application_name_like: str = "%") -> int:
+    with pg.connect() as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            (pg.database,),
+        ).fetchall()
+    return len(rows)
+
+
+def test_full_read_reconnects_and_continues_after_its_key(pg_private: Any, people: str) -> None:
+    ctx = make_ctx(
+        "people_reconnect", conn_cfg(pg_private, table=people, batch_size=500), mode="full"
+    )
+    src = build_postgres_source(ctx)
+    (name,) = src.list_parts()
+    part = src.build_part("people_reconnect", name, None)
+    ids = [r["id"] for b in part.next_batch() for r in b]
+    assert _terminate(pg_private) >= 1  # the server drops the reading connection
+    with pytest.raises(StopIteration):
+        while True:
+            ids.extend(r["id"] for b in part.next_batch() for r in b)
+    part.close()
+    assert ids == list(range(1, 2501))  # retried on a new connection from the last key
+
+
+def test_cdc_reconnects_between_polls_and_runs_on_two_workers(
+    pg_private: Any, tmp_path: Path
+) -> None:
+    from bytewax.testing import cluster_main
+
+    slot = "cdc_reconnect"
+    drop_slot(pg_private, slot, f"{slot}_pub")
+    pg_private.execute("DROP TABLE IF EXISTS rc_rows", "CREATE TABLE rc_rows (id int PRIMARY KEY)")
+    ctx = cdc_ctx(pg_private, "rc_rows", slot, ["public.rc_rows"])
+    polling = make_ctx(
+        "rc_rows",
+        conn_cfg(pg_private, table="rc_rows"),
+        mode="cdc",
+        cdc={
+            "slot_name": slot,
+            "publication_name": f"{slot}_pub",
+            "snapshot_mode": "never",
+            "poll_interval": "10ms",
+        },
+    )
+    src = build_postgres_source(polling)
+    (name,) = src.list_parts()
+    part = src.build_part("rc_rows", name, None)
+    assert part.next_batch() == []
+    pg_private.execute("INSERT INTO rc_rows VALUES (1)")
+    assert _terminate(pg_private) >= 1
+    pg_private.execute("INSERT INTO rc_rows VALUES (2)")
+    got = [r["id"] for b in part.next_batch() for r in b]
+    state = part.snapshot()
+    part.close()
+    assert got == [1, 2]
+    # the same stream on two workers: one of them owns the slot's partition
+    pg_private.execute("INSERT INTO rc_rows VALUES (3)")
+    init_db_dir(tmp_path, 2)
+    out: list[Any] = []
+    flow = Dataflow("two")
+    op.output("out", op.input("rc_rows", flow, build_postgres_source(ctx)), TestingSink(out))
+    cluster_main(
+        flow,
+        [],
+        0,
+        worker_count_per_proc=2,
+        epoch_interval=timedelta(0),
+        recovery_config=RecoveryConfig(str(tmp_path)),
+    )
+    assert [r["id"] for b in out for r in b] == [1, 2, 3]  # no state given: from the slot
+    assert state["lsn"] > 0
+
+
 # -- end to end through YAML -----------------------------------------------------------------
 
 E2E_FLOW = """
