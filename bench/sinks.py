@@ -281,6 +281,10 @@ def w5_merge(schema: str, rows: list[dict[str, Any]], table: str = "merged") -> 
 def child(args: argparse.Namespace) -> None:
     """Run one system in this process and print its measurement as JSON."""
     name = args.child
+    if args.gc_threshold:
+        import gc
+
+        gc.set_threshold(args.gc_threshold, 50, 100)
     if name.startswith("w1-"):
         fn = {"w1-raw": w1_raw, "w1-dataflare": w1_dataflare, "w1-bytewax": w1_bytewax}[name]
         result = measure(lambda: fn(args.servers, args.src, args.dst))
@@ -298,8 +302,11 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+GC_THRESHOLD = 0
+
+
 def spawn(name: str, **kw: Any) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", name]
+    cmd = [sys.executable, __file__, "--child", name, "--gc-threshold", str(GC_THRESHOLD)]
     for k, v in kw.items():
         cmd += [f"--{k}", str(v)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
@@ -352,6 +359,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per system (median)")
     parser.add_argument("--only", choices=["w1", "w5"], help="one workload")
     parser.add_argument("--no-bytewax", action="store_true", help="skip the bytewax reference")
+    parser.add_argument(
+        "--gc-threshold", type=int, default=0,
+        help="set gc.set_threshold(N, 50, 100) in every system's process (0: Python's default)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     for hidden in ("servers", "src", "dst", "schema"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
@@ -360,7 +371,10 @@ def main() -> None:
         child(args)
         return
 
-    print(f"events: {args.events:,}, runs: {args.runs}, cpus: {os.cpu_count()}")
+    global GC_THRESHOLD
+    GC_THRESHOLD = args.gc_threshold
+    gc_text = f"gc threshold {args.gc_threshold}" if args.gc_threshold else "default gc"
+    print(f"events: {args.events:,}, runs: {args.runs}, cpus: {os.cpu_count()}, {gc_text}")
     if args.only in (None, "w1"):
         from dataflare.broker import LocalBroker
         from dataflare.connectors.kafka import produce_records
