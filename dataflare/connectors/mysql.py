@@ -312,15 +312,16 @@ class SnapshotRead:
         if self.cursor is None:
             self._open(conn)
         rows: list[Sequence[Any]] = list(self.cursor.fetchmany(self.src.cfg.batch_size))
-        if len(rows) < self.src.cfg.batch_size:
+        self.done_table = len(rows) < self.src.cfg.batch_size
+        if self.done_table:
             self.cursor.close()
             self.cursor = None
-            self.index, self.done_table = self.index + 1, True
-            if self.done:  # one transaction reads every table: one consistent view
+            if self.index + 1 >= len(self.tables):  # one transaction reads every table
                 conn.commit()
                 self.in_transaction = False
-        else:
-            self.done_table = False
+            # Only now, with nothing left to fail: a retry reads the table again from
+            # `after` instead of skipping it.
+            self.index += 1
         return rows
 
     @property

@@ -319,3 +319,52 @@ def test_discover(mariadb_private: Any, orders: str) -> None:
     assert table["primary_key"] == ["id"]
     assert [c["type"] for c in table["columns"]][:3] == ["int(11)", "varchar(20)", "decimal(10,2)"]
     assert table["json_schema"]["properties"]["amount"] == {"type": ["number", "null"]}
+
+
+def test_reconnects_after_the_server_kills_its_connections(mariadb_private: Any) -> None:
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS rc_items",
+        "CREATE TABLE rc_items (id INT PRIMARY KEY)",
+        "INSERT INTO rc_items VALUES " + ", ".join(f"({i})" for i in range(1, 101)),
+    )
+
+    def kill_others() -> int:
+        conn = mariadb_private.connect()
+        killed = 0
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT ID FROM information_schema.PROCESSLIST "
+                "WHERE USER = 'dataflare' AND ID <> CONNECTION_ID()"
+            )
+            for (pid,) in cur.fetchall():
+                cur.execute(f"KILL CONNECTION {int(pid)}")
+                killed += 1
+        conn.close()
+        return killed
+
+    full = make_ctx(
+        "rc_full", conn_cfg(mariadb_private, table="rc_items", batch_size=30), mode="full"
+    )
+    src = build_mysql_source(full)
+    part = src.build_part("rc_full", src.list_parts()[0], None)
+    ids = [r["id"] for b in part.next_batch() for r in b]
+    assert kill_others() >= 1
+    with pytest.raises(StopIteration):
+        while True:
+            ids.extend(r["id"] for b in part.next_batch() for r in b)
+    part.close()
+    assert ids == list(range(1, 101))
+
+    inc = make_ctx(
+        "rc_inc",
+        conn_cfg(mariadb_private, table="rc_items", batch_size=60),
+        mode="incremental",
+        incremental={"column": "id", "interval": "1h"},
+    )
+    src = build_mysql_source(inc)
+    part = src.build_part("rc_inc", src.list_parts()[0], None)
+    got = [r["id"] for b in part.next_batch() for r in b]
+    assert kill_others() >= 1
+    got.extend(r["id"] for b in part.next_batch() for r in b)
+    part.close()
+    assert got == list(range(1, 101))
