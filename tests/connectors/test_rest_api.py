@@ -340,3 +340,16 @@ def test_discover_infers_a_schema(api: Any) -> None:
     assert schema["properties"]["id"] == {"type": "integer"}
     assert schema["properties"]["tags"] == {"type": "array", "items": {"type": "string"}}
     assert schema["required"] == ["id", "name", "updated_at"]
+
+
+def test_connection_failures_are_retried_then_fail(api: Any) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = make_ctx("api_refused", {"url": f"http://127.0.0.1:{port}/x"}, mode="full")
+    with pytest.raises(Exception) as info:
+        run(ctx)
+    text = chain(info.value)
+    assert f"TransientError: GET http://127.0.0.1:{port}/x: ConnectError" in text
