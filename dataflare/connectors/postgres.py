@@ -681,21 +681,26 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
 
     # stream phase
 
+    def _requested(self) -> int:
+        # The rows already read come first again until the slot moves at the next
+        # snapshot; asking for as many new rows as old ones (up to 100 batches) keeps the
+        # re-decoding of a long epoch linear rather than quadratic.
+        return self.skip_rows + min(max(self.batch_size, self.skip_rows), 100 * self.batch_size)
+
     def _peek(self, conn: Any) -> list[tuple[str, bytes]]:
         rows = conn.execute(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
             "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s)",
-            (self.slot, self.skip_rows + self.batch_size, self.publication),
+            (self.slot, self._requested(), self.publication),
         ).fetchall()
         return [(r[0], bytes(r[1])) for r in rows]
 
     def _stream_batch(self) -> list[Any]:
-        requested = self.skip_rows + self.batch_size
+        requested = self._requested()
         rows = self.db.run(f"reading changes of slot '{self.slot}'", self._peek)
         records: list[Any] = []
         self.decoder.skip_below = self.lsn
-        # Rows of whole transactions read: until the slot moves, the next peek returns
-        # them first again (and skips them), so it asks for that many more.
+        # Rows of the whole transactions read: the next peek returns them first again.
         consumed = 0
         for n, (lsn_text, data) in enumerate(rows, 1):
             tx = self.decoder.feed(data, lsn_to_int(lsn_text))
