@@ -631,6 +631,24 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                     sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(_ident(self.publication))
                 )
             log.info("step '%s': created publication %s", self.src.step_id, self.publication)
+        elif self.tables:
+            published = {
+                f"{r[0]}.{r[1]}"
+                for r in conn.execute(
+                    "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+                    (self.publication,),
+                ).fetchall()
+            }
+            missing = sorted(set(self.tables) - published)
+            if missing:
+                log.warning(
+                    "step '%s': publication '%s' does not publish %s: their changes are not "
+                    "read (ALTER PUBLICATION %s ADD TABLE ...)",
+                    self.src.step_id,
+                    self.publication,
+                    ", ".join(missing),
+                    self.publication,
+                )
         row = conn.execute(
             "SELECT plugin, confirmed_flush_lsn::text FROM pg_replication_slots "
             "WHERE slot_name = %s",

@@ -604,6 +604,28 @@ def test_cdc_reports_slot_lag(pg_private: Any, tmp_path: Path) -> None:
     assert value is not None and value >= 0
 
 
+def test_cdc_warns_when_an_existing_publication_misses_a_table(
+    pg_private: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    drop_slot(pg_private, "warn_slot", "warn_pub")
+    pg_private.execute(
+        "DROP TABLE IF EXISTS warn_rows",
+        "CREATE TABLE warn_rows (id int PRIMARY KEY)",
+        "CREATE PUBLICATION warn_pub",
+    )
+    ctx = make_ctx(
+        "warn_rows",
+        conn_cfg(pg_private, table="warn_rows"),
+        mode="cdc",
+        cdc={"slot_name": "warn_slot", "publication_name": "warn_pub", "snapshot_mode": "never"},
+    )
+    src = build_postgres_source(ctx)
+    with caplog.at_level("WARNING"):
+        src.build_part("warn_rows", src.list_parts()[0], None).close()
+    assert "publication 'warn_pub' does not publish public.warn_rows" in caplog.text
+    drop_slot(pg_private, "warn_slot", "warn_pub")
+
+
 def test_discover_lists_columns_keys_and_json_schema(pg_private: Any, people: str) -> None:
     ctx = make_ctx("people_disc", conn_cfg(pg_private, table=people), mode="full")
     found = discover(ctx)
