@@ -179,7 +179,13 @@ class Database:
         psycopg = _psycopg()
 
         def attempt() -> T:
-            return fn(self.connection())
+            try:
+                return fn(self.connection())
+            except psycopg.Error as exc:
+                if is_transient(exc):
+                    msg = f"{what}: {type(exc).__name__}: {exc}".rstrip()
+                    raise TransientError(msg) from exc
+                raise
 
         def reset(_exc: BaseException) -> None:
             self.close()
@@ -188,18 +194,13 @@ class Database:
 
         try:
             return call_with_retry(
-                f"step '{self.step_id}': {what}",
-                attempt,
-                self.retry,
-                transient=(psycopg.OperationalError, TransientError),
-                on_retry=reset,
+                f"step '{self.step_id}': {what}", attempt, self.retry, on_retry=reset
             )
-        except psycopg.Error as exc:
-            self.close()
-            for cb in self.on_reconnect:
-                cb()
-            msg = f"step '{self.step_id}': {what} failed: {type(exc).__name__}: {exc}".rstrip()
-            raise RuntimeError(msg) from exc
+        except (psycopg.Error, TransientError) as exc:
+            reset(exc)
+            cause = exc.__cause__ if isinstance(exc, TransientError) and exc.__cause__ else exc
+            msg = f"step '{self.step_id}': {what} failed: {type(cause).__name__}: {cause}"
+            raise RuntimeError(msg.rstrip()) from exc
 
     def close(self) -> None:
         """Close the connection (if open)."""
@@ -209,6 +210,31 @@ class Database:
             except Exception:  # noqa: BLE001 - closing a broken connection may fail
                 log.debug("closing connection failed", exc_info=True)
         self.conn = None
+
+
+# SQLSTATE classes worth a retry: connection exceptions, operator intervention (a
+# terminated backend, a restarting server), insufficient resources, serialization
+# failures and deadlocks.
+_TRANSIENT_SQLSTATES = ("08", "57P", "53", "40001", "40P01")
+_TERMINAL_CONNECT = (
+    "password authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "permission denied",
+    "role ",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a psycopg error is worth a retry (a broken connection, a deadlock...)."""
+    psycopg = _psycopg()
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith(_TRANSIENT_SQLSTATES)
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        text = str(exc)
+        return not any(marker in text for marker in _TERMINAL_CONNECT)
+    return False
 
 
 def _ident(*parts: str) -> Any:

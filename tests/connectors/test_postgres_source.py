@@ -238,6 +238,18 @@ def test_unreachable_server_is_retried_then_fails(pg_private: Any) -> None:
     )
 
 
+def test_a_missing_database_is_terminal_not_retried(
+    pg_private: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = make_ctx(
+        "nodb", {**conn_cfg(pg_private, table="people"), "database": "nope_db"}, mode="full"
+    )
+    with caplog.at_level("WARNING"), pytest.raises(Exception) as info:
+        run_source(ctx)
+    assert 'database "nope_db" does not exist' in chain(info.value)
+    assert "retry" not in caplog.text
+
+
 # -- incremental -----------------------------------------------------------------------------
 
 
