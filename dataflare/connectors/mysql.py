@@ -46,9 +46,9 @@ from dataflare.retry import TransientError, call_with_retry
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Connection-level failures worth a retry: cannot connect, server gone, lost connection,
-# lock wait timeout, deadlock.
-TRANSIENT_CODES = frozenset({2002, 2003, 2006, 2013, 2055, 1205, 1213})
+# Failures worth a retry: cannot connect, server gone, lost connection, connection killed,
+# server shutting down, lock wait timeout, deadlock.
+TRANSIENT_CODES = frozenset({2002, 2003, 2006, 2013, 2055, 1927, 1053, 4031, 1205, 1213})
 
 
 class MySqlSourceConfig(Strict):
@@ -147,6 +147,17 @@ def q(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether a pymysql error is worth a retry (lost connection, deadlock, lock timeout)."""
+    pymysql = _pymysql()
+    if isinstance(exc, pymysql.err.InterfaceError):
+        return True
+    if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InternalError):
+        code = exc.args[0] if exc.args else None
+        return code in TRANSIENT_CODES
+    return False
+
+
 class MySqlDatabase:
     """A lazily opened connection; connection failures retried per the retry policy."""
 
@@ -171,9 +182,8 @@ class MySqlDatabase:
         def attempt() -> T:
             try:
                 return fn(self.connection())
-            except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
-                code = exc.args[0] if exc.args else None
-                if isinstance(exc, pymysql.err.InterfaceError) or code in TRANSIENT_CODES:
+            except pymysql.err.Error as exc:
+                if is_transient(exc):
                     msg = f"{what}: {type(exc).__name__}: {exc}"
                     raise TransientError(msg) from exc
                 raise
@@ -189,7 +199,8 @@ class MySqlDatabase:
             )
         except (pymysql.err.Error, TransientError) as exc:
             reset(exc)
-            msg = f"step '{self.step_id}': {what} failed: {type(exc).__name__}: {exc}"
+            cause = exc.__cause__ if isinstance(exc, TransientError) and exc.__cause__ else exc
+            msg = f"step '{self.step_id}': {what} failed: {type(cause).__name__}: {cause}"
             raise RuntimeError(msg) from exc
 
     def close(self) -> None:
@@ -522,7 +533,11 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 raise LookupError(msg)
             return row[0], int(row[1])
 
-    def _stream(self) -> list[Any]:
+    def _stream(self) -> tuple[list[Any], str, int, bool]:
+        """Read committed changes: ``(records, file, pos after them, caught up)``.
+
+        Touches no partition state, so a failed attempt is retried from the same position.
+        """
         from pymysqlreplication import BinLogStreamReader
         from pymysqlreplication.event import QueryEvent, RotateEvent, XidEvent
         from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
@@ -559,6 +574,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         out: list[Any] = []
         pending: list[dict[str, Any]] = []
         limit = self.src.cfg.batch_size
+        file, pos = self.file, self.pos
         try:
             for event in reader:
                 if isinstance(event, RotateEvent):
@@ -595,16 +611,13 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                         rec[META]["commit_ts"] = ts
                     out.extend(pending)
                     pending = []
-                    self.file, self.pos = reader.log_file, int(reader.log_pos)
+                    file, pos = reader.log_file, int(reader.log_pos)
                     if len(out) >= limit:
-                        return out
+                        return out, file, pos, False
         finally:
             reader.close()
         # The binlog ended: caught up (a transaction not yet whole is read again next time).
-        if self.src.cfg.stop_at_end:
-            self.ended = True
-        self.awake = _now() + self.poll
-        return out
+        return out, file, pos, True
 
     def next_batch(self) -> list[list[Any]]:
         """A snapshot batch, or the changes committed since the state position."""
@@ -623,19 +636,29 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             raise StopIteration
         self.awake = None
         pymysql = _pymysql()
+        what = f"reading the binlog at {self.file}:{self.pos}"
+
+        def attempt() -> tuple[list[Any], str, int, bool]:
+            try:
+                return self._stream()
+            except pymysql.err.Error as exc:
+                if is_transient(exc):
+                    msg = f"{what}: {type(exc).__name__}: {exc}"
+                    raise TransientError(msg) from exc
+                raise
+
         try:
-            records = call_with_retry(
-                f"step '{self.src.step_id}': reading the binlog at {self.file}:{self.pos}",
-                self._stream,
-                self.src.retry,
-                transient=(pymysql.err.OperationalError, TransientError),
+            records, self.file, self.pos, caught_up = call_with_retry(
+                f"step '{self.src.step_id}': {what}", attempt, self.src.retry
             )
-        except pymysql.err.Error as exc:
-            msg = (
-                f"step '{self.src.step_id}': reading the binlog at {self.file}:{self.pos} "
-                f"failed: {type(exc).__name__}: {exc}"
-            )
+        except (pymysql.err.Error, TransientError) as exc:
+            cause = exc.__cause__ if isinstance(exc, TransientError) and exc.__cause__ else exc
+            msg = f"step '{self.src.step_id}': {what} failed: {type(cause).__name__}: {cause}"
             raise RuntimeError(msg) from exc
+        if caught_up:
+            if self.src.cfg.stop_at_end:
+                self.ended = True
+            self.awake = _now() + self.poll
         size = self.src.cfg.batch_size
         return [checked(self.check, records[i : i + size]) for i in range(0, len(records), size)]
 
