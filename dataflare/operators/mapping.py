@@ -65,12 +65,18 @@ class MappingConfig(Strict):
     drop: list[str] = Field(default_factory=list, description="Top-level fields removed.")
 
 
+def _reader(m: FieldMapping) -> Any:
+    return getter(m.source) if m.source is not None else compile_expression(m.expression or "")
+
+
 def mapper(config: MappingConfig) -> Any:
     """The per-record function of a mapping."""
-    steps = []
-    for m in config.mappings:
-        read = getter(m.source) if m.source is not None else compile_expression(m.expression or "")
-        steps.append((read, chain(m.transform), m.destination, m.default))
+    return _generated(config) or _interpreted(config)
+
+
+def _interpreted(config: MappingConfig) -> Any:
+    """The general mapper: ``set_path`` per field, in order."""
+    steps = [(_reader(m), chain(m.transform), m.destination, m.default) for m in config.mappings]
     keep, drop = config.keep_unmapped, tuple(config.drop)
 
     def apply(record: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +92,53 @@ def mapper(config: MappingConfig) -> Any:
         return out
 
     return apply
+
+
+def _generated(config: MappingConfig) -> Any:
+    """A mapper specialised to ``config`` (about 5x faster), when the output is a fresh record.
+
+    The generated code only reads fields, calls the prepared readers and transforms, and
+    builds one dict literal; the only text taken from the workflow is field names, written
+    as ``repr`` string literals. Returns ``None`` when the general mapper is needed
+    (``keep_unmapped``, or a destination inside another destination's value).
+    """
+    if config.keep_unmapped:
+        return None
+    tree: dict[str, Any] = {}
+    for i, m in enumerate(config.mappings):
+        node, parts = tree, m.destination.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                return None
+            node = child
+        if isinstance(node.get(parts[-1]), dict):
+            return None
+        node[parts[-1]] = i
+
+    def literal(node: dict[str, Any]) -> str:
+        items = (f"{k!r}: {literal(v) if isinstance(v, dict) else f'v{v}'}"
+                 for k, v in node.items())
+        return "{" + ", ".join(items) + "}"
+
+    env: dict[str, Any] = {"META": META}
+    lines = ["def apply(r):"]
+    for i, m in enumerate(config.mappings):
+        if m.source is not None and "." not in m.source:
+            lines.append(f"    v{i} = r.get({m.source!r})")
+        else:
+            env[f"read{i}"] = _reader(m)
+            lines.append(f"    v{i} = read{i}(r)")
+        if m.default is not None:
+            env[f"default{i}"] = m.default
+            lines.append(f"    if v{i} is None: v{i} = default{i}")
+        if m.transform:
+            env[f"transform{i}"] = chain(m.transform)
+            lines.append(f"    if v{i} is not None: v{i} = transform{i}(v{i})")
+    lines += [f"    out = {literal(tree)}", "    if META in r: out[META] = r[META]",
+              "    return out"]
+    exec("\n".join(lines), env)  # noqa: S102 - generated from field names only, see above
+    return env["apply"]
 
 
 @transformation(

@@ -65,3 +65,35 @@ def test_config_errors():
                                                     "transform": "trimm"}]})
     with pytest.raises(ValidationError, match="exactly one of 'source' and 'expression'"):
         MappingConfig.model_validate({"mappings": [{"destination": "b"}]})
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dataflare.operators.mapping import _generated, _interpreted  # noqa: E402
+
+PATHS = st.sampled_from(["a", "b", "a.x", "c.d.e", "c.d.f", "z"])
+VALUES = st.one_of(st.none(), st.integers(-5, 5), st.text(max_size=3), st.booleans())
+RECORDS = st.recursive(
+    st.dictionaries(st.sampled_from(["a", "b", "c", "d", "x", "z", "_meta"]), VALUES, max_size=5),
+    lambda inner: st.dictionaries(st.sampled_from(["a", "c", "d", "x"]), inner, max_size=3),
+    max_leaves=8,
+)
+RULES = st.lists(
+    st.fixed_dictionaries(
+        {"source": PATHS, "destination": PATHS},
+        optional={"transform": st.sampled_from(["to_string", ["to_string", "uppercase"]]),
+                  "default": st.integers(0, 3)},
+    ),
+    min_size=1, max_size=5,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(RULES, RECORDS)
+def test_generated_mapper_equals_the_general_one(rules, record):
+    config = MappingConfig.model_validate({"mappings": rules})
+    fast = _generated(config)
+    if fast is None:
+        return
+    assert fast(record) == _interpreted(config)(record)
