@@ -497,6 +497,45 @@ def test_cdc_initial_snapshot_then_changes_and_failed_values(
     assert "label" in failed[0].message
 
 
+def test_cdc_snapshot_phase_resumes_after_its_last_key(pg_private: Any) -> None:
+    slot = "cdc_snap_resume"
+    drop_slot(pg_private, slot, f"{slot}_pub")
+    pg_private.execute(
+        "DROP TABLE IF EXISTS snap_resume",
+        "CREATE TABLE snap_resume (id int PRIMARY KEY)",
+        "INSERT INTO snap_resume SELECT g FROM generate_series(1, 120) g",
+    )
+    ctx = make_ctx(
+        "snap_resume",
+        conn_cfg(pg_private, table="snap_resume", batch_size=50),
+        mode="cdc",
+        cdc={
+            "slot_name": slot,
+            "publication_name": f"{slot}_pub",
+            "snapshot_mode": "initial",
+            "poll_interval": "10ms",
+        },
+    )
+    src = build_postgres_source(ctx)
+    (name,) = src.list_parts()
+    part = src.build_part("snap_resume", name, None)
+    first = [r["id"] for b in part.next_batch() for r in b]
+    state = part.snapshot()
+    part.close()
+    assert first == list(range(1, 51))
+    assert state["phase"] == "snapshot" and state["after"] == [50]
+    pg_private.execute("INSERT INTO snap_resume VALUES (121)")  # after the slot: a change
+    resumed = src.build_part("snap_resume", name, state)
+    rest: list[tuple[str, int]] = []
+    for _ in range(4):
+        rest.extend((r[META]["op"], r["id"]) for b in resumed.next_batch() for r in b)
+    resumed.close()
+    reads = [i for op_, i in rest if op_ == "read"]
+    # the resumed snapshot reads a new view (121 included), then the change comes again
+    assert reads == list(range(51, 122))
+    assert [i for op_, i in rest if op_ == "insert"] == [121]
+
+
 CRASH_SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys
