@@ -421,7 +421,15 @@ class ChangeDecoder:
         if isinstance(msg, Insert):
             self._change(tx, "insert", msg.relation_oid, msg.new, None, change_lsn)
         elif isinstance(msg, Update):
-            self._change(tx, "update", msg.relation_oid, msg.new, msg.old, change_lsn)
+            self._change(
+                tx,
+                "update",
+                msg.relation_oid,
+                msg.new,
+                msg.old,
+                change_lsn,
+                old_key_only=msg.old_kind == "K",
+            )
         elif isinstance(msg, Delete):
             self._change(
                 tx,
@@ -462,6 +470,7 @@ class ChangeDecoder:
         old: tuple[TupleValue, ...] | None,
         lsn: str,
         key_only: bool = False,
+        old_key_only: bool = False,
     ) -> None:
         rel = self._relation(oid)
         if not self._wanted(rel):
@@ -485,6 +494,8 @@ class ChangeDecoder:
                 old_values: dict[str, Any] = {}
                 for col, raw in zip(rel.columns, old, strict=False):
                     current = col.name
+                    if old_key_only and not col.key:
+                        continue
                     if raw is None or not isinstance(raw, str):
                         old_values[col.name] = (
                             None if raw is None else self.values.decode(col.type_oid, raw)

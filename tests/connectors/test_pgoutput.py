@@ -176,10 +176,20 @@ def test_change_decoder_builds_records_per_transaction() -> None:
         + tuple_data("1", None, None, None, None, None, None),
         0x4A0,
     )
+    dec.feed(  # the key changed: the old key comes along ('K'), only key columns
+        b"U"
+        + struct.pack("!I", 16400)
+        + b"K"
+        + tuple_data("1", None, None, None, None, None, None)
+        + b"N"
+        + tuple_data("9", "apple", "1.50", None, None, None, "f"),
+        0x4A8,
+    )
     dec.feed(b"T" + struct.pack("!ibI", 1, 0, 16400), 0x4B0)
     tx = dec.feed(commit(0x500, 0x530), 0x500)
     assert tx is not None and (tx.xid, tx.commit_lsn, tx.end_lsn) == (42, 0x500, 0x530)
-    ins, upd, dele, trunc = tx.records
+    ins, upd, dele, rekey, trunc = tx.records
+    assert rekey["id"] == 9 and rekey[META]["old"] == {"id": 1}
     assert {k: v for k, v in ins.items() if k != META} == {
         "id": 1,
         "name": "apple",
