@@ -4,16 +4,23 @@ Modes (``mode:`` of the source; ``incremental`` when incremental settings are gi
 ``full`` otherwise):
 
 - ``full``: one consistent read (``REPEATABLE READ``, server-side cursor) per partition,
-  in batches; a large table is split into key ranges (``partitions``), read in parallel
-  by the workers. The last key read is the partition's resume state.
+  in batches; a large table is split into key ranges (``partitions``, or one range per
+  ``partition_rows`` estimated rows; a single integer key is needed), read in parallel
+  by the workers, each range in its own snapshot. The ranges are named by their bounds
+  (``public.t[1000:2000)``), so a rerun on a table whose key span changed reads it
+  again rather than skip rows. The last key read is the partition's resume state.
 - ``incremental``: polls rows past the last ``(cursor, key)`` tuple every
   ``incremental.interval``; comparing tuples, rows sharing a cursor value are never lost
   between two batches. The cursor lives in the partition state.
 - ``cdc``: logical decoding with ``pgoutput`` through
   ``pg_logical_slot_peek_binary_changes`` (psycopg has no replication protocol), decoded
   by :mod:`dataflare.connectors.pgoutput`. The slot (and the publication) are created when
-  absent, *before* the initial snapshot (``cdc.snapshot_mode``), so no change is lost.
-  Records carry ``_meta`` (``op``, ``table``, ``lsn``, ``commit_ts``).
+  absent, *before* the initial snapshot (``cdc.snapshot_mode``), so no change is lost
+  (one made while the snapshot runs may come twice: as ``read`` and as its change).
+  Records carry ``_meta`` (``op``: read/insert/update/delete/truncate, ``table``, ``lsn``,
+  ``commit_ts``, ``xid``); a delete carries the REPLICA IDENTITY columns (the key), an
+  update ``_meta.old`` when the server sends the old row or key. The slot's lag is a
+  Prometheus gauge (``dataflare_postgres_slot_lag_bytes``) and a log line.
 - ``hybrid``: the initial phase, then the ongoing one (``cdc`` or ``incremental``).
 
 Delivery and the slot. Changes are *peeked*, never consumed on read: the partition state
@@ -25,6 +32,11 @@ crash the dataflow resumes from it or a later one, and everything after it is st
 the slot. A resumed partition skips transactions ending at or below its state LSN, so
 nothing is emitted twice. Without recovery ``snapshot()`` is never called and the slot is
 not advanced (every run re-reads from the slot's position): run CDC with recovery.
+
+Values: as psycopg loads them, made JSON-like (timestamps ISO-8601, ``numeric`` as int or
+float, ``bytea`` in PostgreSQL's hex text form, arrays as lists, json as objects). A
+broken connection, a terminated backend, a deadlock are retried
+(``workflow.config.retry``); authentication errors, missing tables, bad SQL are terminal.
 """
 
 from __future__ import annotations
