@@ -10,6 +10,7 @@ free of write-write conflicts between workers.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,21 +20,33 @@ from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
 
 
+def _new_run() -> str:
+    return uuid.uuid4().hex
+
+
 @dataclass
 class BufferState:
-    """Buffered items, when the oldest arrived, and how many flushes went out before."""
+    """Buffered items, when the oldest arrived, flushes so far, and the run's id.
+
+    ``run`` is drawn when the step starts without state and then travels in the
+    snapshots, so it names one recovery lineage: a resumed execution keeps it, a fresh
+    start gets a new one. Destinations use it to recognise records they wrote before a
+    crash (see :mod:`dataflare.connectors.sql_writer`).
+    """
 
     items: list[Any] = field(default_factory=list)
     since: datetime | None = None
     flushes: int = 0
+    run: str = field(default_factory=_new_run)
 
 
 @dataclass(frozen=True)
 class Flush:
-    """One write: the items and its sequence number in this destination's life."""
+    """One write: its sequence number in the run, the items, and the run's id."""
 
     seq: int
     items: list[Any]
+    run: str = ""
 
 
 class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
@@ -46,7 +59,7 @@ class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
         st = self.state
         if not st.items:
             return []
-        out = Flush(st.flushes, st.items)
+        out = Flush(st.flushes, st.items, st.run)
         st.items = []
         st.since = None
         st.flushes += 1
@@ -77,7 +90,7 @@ class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
 
     def snapshot(self) -> BufferState:
         st = self.state
-        return BufferState(list(st.items), st.since, st.flushes)
+        return BufferState(list(st.items), st.since, st.flushes, st.run)
 
 
 @operator

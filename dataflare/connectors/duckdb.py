@@ -25,6 +25,7 @@ from dataflare.connectors.sql_writer import (
     POSITIONS_TABLE,
     TEXT,
     Dialect,
+    Mark,
     TableWriter,
     table_output,
     write_settings,
@@ -138,29 +139,33 @@ class DuckDBDialect(Dialect):
             self.types[n] = t
 
     def ensure_positions(self) -> None:
-        """The high-water mark table of this schema."""
+        """The mark table of this schema."""
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {self.positions} (destination VARCHAR NOT NULL, "
-            "target VARCHAR NOT NULL, stream VARCHAR NOT NULL, position BIGINT NOT NULL, "
+            "target VARCHAR NOT NULL, stream VARCHAR NOT NULL, run VARCHAR NOT NULL, "
+            "position BIGINT NOT NULL, ordered BOOLEAN NOT NULL, "
             "PRIMARY KEY (destination, target, stream))"
         )
 
-    def load_positions(self, destination: str) -> dict[str, int]:
+    def load_positions(self, destination: str) -> dict[str, Mark]:
         """Marks of ``destination`` for this table."""
         rows = self.conn.execute(
-            f"SELECT stream, position FROM {self.positions} WHERE destination = ? AND target = ?",
+            f"SELECT stream, run, position, ordered FROM {self.positions} "
+            "WHERE destination = ? AND target = ?",
             [destination, self.table],
         ).fetchall()
-        return {s: int(p) for s, p in rows}
+        return {s: Mark(r, int(p), bool(o)) for s, r, p, o in rows}
 
-    def save_positions(self, destination: str, marks: dict[str, int]) -> None:
-        """Advance marks (never backwards)."""
-        for stream, pos in marks.items():
+    def save_positions(self, destination: str, marks: dict[str, Mark]) -> None:
+        """Upsert marks."""
+        for stream, m in marks.items():
             self.conn.execute(
-                f"INSERT INTO {self.positions} (destination, target, stream, position) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (destination, target, stream) "
-                "DO UPDATE SET position = greatest(position, EXCLUDED.position)",
-                [destination, self.table, stream, pos],
+                f"INSERT INTO {self.positions} "
+                "(destination, target, stream, run, position, ordered) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (destination, target, stream) "
+                "DO UPDATE SET run = EXCLUDED.run, position = EXCLUDED.position, "
+                "ordered = EXCLUDED.ordered",
+                [destination, self.table, stream, m.run, m.position, m.ordered],
             )
 
     def truncate(self) -> None:

@@ -24,6 +24,7 @@ from dataflare.connectors.sql_writer import (
     POSITIONS_TABLE,
     TEXT,
     Dialect,
+    Mark,
     TableWriter,
     iter_rows,
     table_output,
@@ -162,30 +163,34 @@ class PostgresDialect(Dialect):
         self._staged = None
 
     def ensure_positions(self) -> None:
-        """The high-water mark table of this schema."""
+        """The mark table of this schema."""
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {self.positions} (destination text NOT NULL, "
-            "target text NOT NULL, stream text NOT NULL, position bigint NOT NULL, "
+            "target text NOT NULL, stream text NOT NULL, run text NOT NULL, "
+            "position bigint NOT NULL, ordered boolean NOT NULL, "
             "PRIMARY KEY (destination, target, stream))"
         )
 
-    def load_positions(self, destination: str) -> dict[str, int]:
+    def load_positions(self, destination: str) -> dict[str, Mark]:
         """Marks of ``destination`` for this table."""
         rows = self.conn.execute(
-            f"SELECT stream, position FROM {self.positions} "
+            f"SELECT stream, run, position, ordered FROM {self.positions} "
             "WHERE destination = %s AND target = %s",
             (destination, self.table),
         ).fetchall()
-        return {s: int(p) for s, p in rows}
+        return {s: Mark(r, int(p), bool(o)) for s, r, p, o in rows}
 
-    def save_positions(self, destination: str, marks: dict[str, int]) -> None:
-        """Advance marks (never backwards)."""
+    def save_positions(self, destination: str, marks: dict[str, Mark]) -> None:
+        """Upsert marks."""
         with self.conn.cursor() as cur:
             cur.executemany(
-                f"INSERT INTO {self.positions} AS p (destination, target, stream, position) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (destination, target, stream) "
-                "DO UPDATE SET position = GREATEST(p.position, EXCLUDED.position)",
-                [(destination, self.table, s, p) for s, p in marks.items()],
+                f"INSERT INTO {self.positions} "
+                "(destination, target, stream, run, position, ordered) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (destination, target, stream) "
+                "DO UPDATE SET run = EXCLUDED.run, position = EXCLUDED.position, "
+                "ordered = EXCLUDED.ordered",
+                [(destination, self.table, s, m.run, m.position, m.ordered)
+                 for s, m in marks.items()],
             )
 
     def truncate(self) -> None:

@@ -10,11 +10,17 @@ A write is one transaction per flushed batch:
   ``merge_key`` (the last record wins), deletes the keys whose last record is a CDC delete
   (``_meta.op == "delete"``) and upserts the rest with one set-based statement;
 - **replay safety of appends**: records that carry a source position (Kafka
-  topic/partition/offset, file/line) are filtered against a per-stream high-water mark
-  kept in the ``_dataflare_positions`` table and advanced in the same transaction. After
-  a crash, bytewax replays from the last snapshot and the rows already committed are
-  skipped, so appends are exactly-once for positioned records (records of one source
-  partition reach the destination in order). Records without a position (aggregates,
+  topic/partition/offset, file/line) leave a per-stream mark in the
+  ``_dataflare_positions`` table, written in the same transaction as the rows, together
+  with the id of the run (the recovery lineage, carried in the batching step's
+  snapshots). When bytewax resumes a run after a crash it replays from the last
+  snapshot; records of that run at or below a stream's mark were committed before the
+  crash and are skipped, so appends are exactly-once. This needs positions that grow
+  along each stream as the destination receives them, which holds for sources followed
+  by stateless steps. When the destination sees a stream's positions repeat or go back
+  within one execution (a join fanning one record out, two routes merged again), it
+  marks that stream unordered and writes it at-least-once from then on. A fresh run
+  (no recovery state) never skips anything. Records without a position (aggregates,
   generated records) are appended at-least-once. Merges are idempotent by nature.
 
 Transient failures (a lost connection) roll the transaction back, reconnect and retry the
@@ -70,6 +76,15 @@ class Item:
     delete: bool
     stream: str | None
     position: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """How far a run wrote one stream, and whether its positions arrived in order."""
+
+    run: str
+    position: int
+    ordered: bool = True
 
 
 def position_of(meta: Any) -> tuple[str | None, int | None]:
@@ -179,12 +194,12 @@ class Dialect(ABC):
         """Create the positions table when absent."""
 
     @abstractmethod
-    def load_positions(self, destination: str) -> dict[str, int]:
-        """High-water marks of ``destination`` per stream."""
+    def load_positions(self, destination: str) -> dict[str, Mark]:
+        """Marks of ``destination`` per stream."""
 
     @abstractmethod
-    def save_positions(self, destination: str, marks: dict[str, int]) -> None:
-        """Upsert high-water marks."""
+    def save_positions(self, destination: str, marks: dict[str, Mark]) -> None:
+        """Upsert marks."""
 
     @abstractmethod
     def truncate(self) -> None:
@@ -225,7 +240,8 @@ class TableWriter:
         self.deduplicate = deduplicate
         self.retry = retry
         self.cols: dict[str, str] | None = None
-        self.marks: dict[str, int] | None = None
+        self.marks: dict[str, Mark] | None = None
+        self.live: set[str] = set()  # streams this execution has written
         self.connected = False
 
     # -- connection ---------------------------------------------------------------
@@ -241,24 +257,29 @@ class TableWriter:
             self.connected = True
 
     # -- writes -------------------------------------------------------------------
-    def write(self, items: list[Item], first: bool) -> int:
-        """Write one flushed batch in one transaction (retrying transient failures)."""
+    def write(self, items: list[Item], first: bool, run: str = "") -> int:
+        """Write one flushed batch in one transaction (retrying transient failures).
+
+        ``first`` marks the run's first flush (``overwrite`` empties the table then);
+        ``run`` is the run's id, which scopes the skipping of replayed appends.
+        """
         if not items and not (first and self.mode == "overwrite"):
             return 0
         what = f"step {self.step!r}: write to {self.db.describe()}"
         return call_with_retry(
             what,
-            lambda: self._write_once(items, first),
+            lambda: self._write_once(items, first, run),
             self.retry,
             transient=self.db.transient,
             on_retry=self._reconnect,
         )
 
-    def _write_once(self, items: list[Item], first: bool) -> int:
+    def _write_once(self, items: list[Item], first: bool, run: str) -> int:
         self._ensure_connected()
         if self.mode == "merge" or (self.deduplicate and self.key):
             # The last record per key wins; a merge needs one upsert per key anyway.
             items = last_per_key(items, self.key)
+        changed: dict[str, Mark] = {}
         try:
             with self.db.transaction():
                 self._shape(items)
@@ -267,14 +288,20 @@ class TableWriter:
                 else:
                     if first and self.mode == "overwrite":
                         self.db.truncate()
-                    written = self._append(items)
+                    written, changed = self._append(items, run)
+            if changed:  # committed: the marks and live streams may move on
+                assert self.marks is not None
+                self.marks.update(changed)
+                self.live.update(s for s, m in changed.items() if m.ordered)
         except self.db.transient:
             raise
         except Exception as exc:
             self.cols = None
             self.marks = None
-            msg = f"step {self.step!r}: writing {len(items)} record(s) to {self.db.describe()} " \
-                  f"failed: {type(exc).__name__}: {exc}".strip()
+            msg = (
+                f"step {self.step!r}: writing {len(items)} record(s) to {self.db.describe()} "
+                f"failed: {type(exc).__name__}: {exc}"
+            )
             raise RuntimeError(msg) from exc
         return written
 
@@ -306,22 +333,39 @@ class TableWriter:
             self.db.add_columns(new)
             self.cols.update(new)
 
-    def _append(self, items: list[Item]) -> int:
-        positioned = any(it.stream is not None for it in items)
+    def _append(self, items: list[Item], run: str) -> tuple[int, dict[str, Mark]]:
+        positioned = bool(run) and any(it.stream is not None for it in items)
+        changed: dict[str, Mark] = {}
         if positioned:
             if self.marks is None:
                 self.db.ensure_positions()
                 self.marks = self.db.load_positions(self.step)
             marks = self.marks
+            live = set(self.live)
             keep: list[Item] = []
-            advanced: dict[str, int] = {}
             for it in items:
-                if it.stream is not None and it.position is not None:
-                    hw = advanced.get(it.stream, marks.get(it.stream, -1))
-                    if it.position <= marks.get(it.stream, -1):
-                        continue  # already committed before a replay
-                    if it.position > hw:
-                        advanced[it.stream] = it.position
+                stream, pos = it.stream, it.position
+                if stream is None or pos is None:
+                    keep.append(it)
+                    continue
+                mark = changed.get(stream) or marks.get(stream)
+                if mark is None or mark.run != run:
+                    changed[stream] = Mark(run, pos)  # a new stream, or a new run
+                    live.add(stream)
+                elif not mark.ordered:
+                    pass  # at-least-once for this stream
+                elif pos > mark.position:
+                    changed[stream] = Mark(run, pos)
+                    live.add(stream)
+                elif stream not in live:
+                    continue  # written by this run before the restart: a replay
+                else:
+                    log.warning(
+                        "step %r: positions of %s repeat or go back (%d after %d); "
+                        "writing it at-least-once from now on",
+                        self.step, stream, pos, mark.position,
+                    )
+                    changed[stream] = Mark(run, mark.position, ordered=False)
                 keep.append(it)
             skipped = len(items) - len(keep)
             if skipped:
@@ -333,13 +377,9 @@ class TableWriter:
         rows = [it.row for it in items]
         if rows:
             self.db.append(self._columns_of(rows), rows)
-        if positioned and advanced:
-            self.db.save_positions(self.step, advanced)
-            # Only after the commit would the marks be durable; a failed transaction
-            # resets the cache (see _write_once / _reconnect).
-            assert self.marks is not None
-            self.marks.update(advanced)
-        return len(rows)
+        if changed:
+            self.db.save_positions(self.step, changed)
+        return len(rows), changed
 
     def _merge(self, items: list[Item]) -> int:
         upserts = [it.row for it in items if not it.delete]
@@ -387,7 +427,7 @@ class _TableSinkPartition(StatelessSinkPartition[Flush]):
 
     def write_batch(self, items: list[Flush]) -> None:
         for flush in items:
-            self.writer.write(flush.items, first=flush.seq == 0)
+            self.writer.write(flush.items, first=flush.seq == 0, run=flush.run)
 
     def close(self) -> None:
         self.writer.close()

@@ -69,15 +69,27 @@ def test_merge_with_cdc_deletes(tmp_path: Path) -> None:
         ("a", 1, 3), ("a", 2, 9)]
 
 
-def test_overwrite_and_replay_safety(tmp_path: Path) -> None:
-    ctx = ctx_for(tmp_path, write_mode={"type": "overwrite"})
+def test_overwrite_empties_the_table_once_per_run(tmp_path: Path) -> None:
+    ctx = ctx_for(tmp_path, write_mode={"type": "overwrite"}, batch={"size": 2})
     run(ctx, [[{"id": 0}]])
-    recs = [{"id": i, "_meta": {"topic": "t", "partition": 0, "offset": i}} for i in range(6)]
-    run(ctx, [recs[:4]])
-    assert query(tmp_path, "SELECT count(*) FROM events") == [(4,)]
-    append = ctx_for(tmp_path)
-    run(append, [recs[2:]])  # a replay of offsets 2..3 plus new offsets 4..5
-    assert query(tmp_path, "SELECT id FROM events ORDER BY id") == [(i,) for i in range(6)]
+    run(ctx, [[{"id": i} for i in range(1, 6)]])
+    assert query(tmp_path, "SELECT id FROM events ORDER BY id") == [(i,) for i in range(1, 6)]
+
+
+def test_a_resumed_run_skips_replayed_appends(tmp_path: Path) -> None:
+    cfg = DuckDBDestinationConfig(path="x.duckdb", table="events")
+    recs = [{"id": i, "_meta": {"file": "in.jsonl", "line": i}} for i in range(1, 7)]
+    writer = TableWriter("dw", DuckDBDialect(tmp_path / "x.duckdb", cfg), "append", (), False,
+                         FAST_RETRY)
+    writer.write(prepare(recs[:4], "dw", ())[0], True, "run-1")
+    writer.close()
+    resumed = TableWriter("dw", DuckDBDialect(tmp_path / "x.duckdb", cfg), "append", (),
+                          False, FAST_RETRY)
+    assert resumed.write(prepare(recs[2:], "dw", ())[0], False, "run-1") == 2
+    resumed.close()
+    with duckdb.connect(str(tmp_path / "x.duckdb")) as conn:
+        assert conn.execute("SELECT id FROM events ORDER BY id").fetchall() == [
+            (i,) for i in range(1, 7)]
 
 
 def test_reopens_a_closed_connection_without_losing_the_batch(tmp_path: Path) -> None:
@@ -85,10 +97,10 @@ def test_reopens_a_closed_connection_without_losing_the_batch(tmp_path: Path) ->
     writer = TableWriter("dw", DuckDBDialect(tmp_path / "x.duckdb", cfg), "append", (), False,
                          FAST_RETRY)
     items, _ = prepare([{"id": 1}], "dw", ())
-    writer.write(items, first=True)
+    writer.write(items, first=True, run="r")
     writer.db.conn.close()  # type: ignore[attr-defined]
     items, _ = prepare([{"id": 2}], "dw", ())
-    writer.write(items, first=False)
+    writer.write(items, first=False, run="r")
     writer.close()
     with duckdb.connect(str(tmp_path / "x.duckdb")) as conn:
         assert conn.execute("SELECT id FROM events ORDER BY id").fetchall() == [(1,), (2,)]

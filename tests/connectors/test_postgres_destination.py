@@ -105,34 +105,61 @@ def test_overwrite_replaces_the_previous_contents(pg_schema: Any) -> None:
         (10,), (11,), (12,)]
 
 
-def test_replayed_appends_are_skipped_by_position(pg_schema: Any) -> None:
-    ctx = ctx_for(pg_schema)
+def positioned(lo: int, hi: int, part: int = 0) -> list[dict[str, Any]]:
+    return [{"id": f"{part}-{o}", "_meta": {"topic": "t", "partition": part, "offset": o}}
+            for o in range(lo, hi)]
 
-    def records(lo: int, hi: int, part: int) -> list[dict[str, Any]]:
-        return [{"id": f"{part}-{o}", "_meta": {"topic": "t", "partition": part, "offset": o}}
-                for o in range(lo, hi)]
 
-    run(ctx, [records(0, 10, 0), records(0, 4, 1)])
-    # A replay from an older snapshot re-sends offsets 5..9 of partition 0 and 2..3 of 1.
-    run(ctx, [records(5, 14, 0), records(2, 6, 1), [{"id": "no-position"}]])
-    ids = {r[0] for r in pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders')}
-    count = pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".orders')[0][0]
-    assert count == 14 + 6 + 1 == len(ids)
-    marks = pg_schema.rows(f'SELECT stream, position FROM "{pg_schema.schema}"'
+def pg_writer(pg: Any) -> TableWriter:
+    cfg = PostgresDestinationConfig(dsn=pg.dsn, schema=pg.schema, table="orders")
+    return TableWriter("warehouse", PostgresDialect(cfg), "append", (), False, FAST_RETRY)
+
+
+def test_a_resumed_run_skips_what_it_wrote_before_the_crash(pg_schema: Any) -> None:
+    first = pg_writer(pg_schema)
+    first.write(prepare(positioned(0, 10) + positioned(0, 4, 1), "w", ())[0], True, "run-1")
+    first.close()  # the crash; bytewax resumes run-1 from an older snapshot:
+    resumed = pg_writer(pg_schema)
+    replay = positioned(5, 14) + positioned(2, 6, 1) + [{"id": "no-position"}]
+    assert resumed.write(prepare(replay, "w", ())[0], False, "run-1") == 4 + 2 + 1
+    resumed.close()
+    ids = [r[0] for r in pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders')]
+    assert len(ids) == 14 + 6 + 1 == len(set(ids))
+    marks = pg_schema.rows(f'SELECT stream, run, position, ordered FROM "{pg_schema.schema}"'
                            '._dataflare_positions ORDER BY stream')
-    assert marks == [("kafka:t/0", 13), ("kafka:t/1", 5)]
+    assert marks == [("kafka:t/0", "run-1", 13, True), ("kafka:t/1", "run-1", 5, True)]
+    # A fresh run (no recovery state, a new run id) writes everything again.
+    fresh = pg_writer(pg_schema)
+    assert fresh.write(prepare(positioned(0, 3), "w", ())[0], True, "run-2") == 3
+    fresh.close()
+
+
+def test_out_of_order_positions_fall_back_to_at_least_once(pg_schema: Any) -> None:
+    writer = pg_writer(pg_schema)
+    evens = [r for r in positioned(0, 10) if int(r["id"][2:]) % 2 == 0]
+    odds = [r for r in positioned(0, 10) if int(r["id"][2:]) % 2 == 1]
+    writer.write(prepare(evens, "w", ())[0], True, "run-1")
+    # Two routes merged again: the odd offsets arrive after the even ones; none is lost.
+    assert writer.write(prepare(odds, "w", ())[0], False, "run-1") == 5
+    writer.close()
+    resumed = pg_writer(pg_schema)  # after a restart the stream is no longer filtered
+    assert resumed.write(prepare(positioned(9, 11), "w", ())[0], False, "run-1") == 2
+    resumed.close()
+    assert pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".orders') == [(12,)]
+    assert pg_schema.rows(f'SELECT ordered FROM "{pg_schema.schema}"._dataflare_positions') \
+        == [(False,)]
 
 
 def test_reconnects_after_the_backend_is_killed(pg_schema: Any) -> None:
     cfg = PostgresDestinationConfig(dsn=pg_schema.dsn, schema=pg_schema.schema, table="orders")
     writer = TableWriter("warehouse", PostgresDialect(cfg), "merge", ("id",), False, FAST_RETRY)
     items, _ = prepare([{"id": i, "v": "a"} for i in range(3)], "warehouse", ("id",))
-    writer.write(items, first=True)
+    writer.write(items, first=True, run="r")
     pid = writer.db.conn.info.backend_pid
     with pg_schema.connect() as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     items, _ = prepare([{"id": i, "v": "b"} for i in range(2, 5)], "warehouse", ("id",))
-    writer.write(items, first=False)  # the broken connection is replaced, the batch kept
+    writer.write(items, first=False, run="r")  # the connection is replaced, the batch kept
     assert writer.db.conn.info.backend_pid != pid
     writer.close()
     rows = pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".orders ORDER BY id')
@@ -167,6 +194,7 @@ def test_buffer_logic_flushes_on_size_interval_and_keeps_its_state() -> None:
     assert due is not None
     restored = _BufferLogic(3, timedelta(seconds=5), logic.snapshot())  # after a restart
     assert restored.notify_at() == due
+    assert restored.state.run == logic.state.run  # the run id survives a restart
     out, _ = restored.on_notify()  # the interval passed: a flush of what waits
     assert [(f.seq, f.items) for f in out] == [(0, [1, 2])]
     assert restored.notify_at() is None
@@ -182,9 +210,11 @@ def test_buffer_groups_batches_by_size_and_flushes_at_the_end() -> None:
     op.output("out", buffer("batch", up, 3, 60.0), TestingSink(out))
     run_main(flow)
     assert [(f.seq, f.items) for f in out] == [(0, [1, 2, 3]), (1, [4, 5, 6, 7]), (2, [8])]
+    assert len({f.run for f in out}) == 1 and out[0].run
 
 
 
+N = 40_000
 CRASH_FLOW = """
 workflow:
   id: crash_resume
@@ -230,7 +260,7 @@ def test_kafka_to_postgres_appends_exactly_once_across_a_crash(
 
     topic = kafka_topic(partitions=2)
     produce_records(kafka_broker.bootstrap_servers, topic,
-                    ({"id": i, "user": f"u{i % 5}"} for i in range(3000)), partitions=2)
+                    ({"id": i, "user": f"u{i % 5}"} for i in range(N)), partitions=2)
     flow = tmp_path / "flow.yaml"
     flow.write_text(CRASH_FLOW)
     recovery = tmp_path / "recovery"
@@ -248,19 +278,36 @@ def test_kafka_to_postgres_appends_exactly_once_across_a_crash(
         except Exception:  # noqa: BLE001 - the table may not exist yet
             return 0
 
-    # First run tails the topic; it is killed (no clean shutdown) while writing.
+    def snapshotted() -> bool:
+        import sqlite3
+
+        try:
+            with sqlite3.connect(recovery / "part-0.sqlite3", timeout=5) as db:
+                found = db.execute("SELECT count(*) FROM snaps WHERE step_id LIKE "
+                                   "'%warehouse.batch.buffer'").fetchone()
+            return bool(found and found[0])
+        except sqlite3.Error:
+            return False
+
+    # First run tails the topic; right after its destination's first snapshot it is
+    # killed (no clean shutdown) while still writing.
     proc = subprocess.Popen(cmd, env={**env, "STOP_AT_END": "false"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            if count() >= 200 or proc.poll() is not None:
+        for _ in range(1200):
+            if (snapshotted() and count() > 0) or proc.poll() is not None:
                 break
             time.sleep(0.05)
+        after_snapshot = count()
+        for _ in range(1200):  # rows committed after that snapshot will be replayed
+            if count() >= after_snapshot + 1500 or proc.poll() is not None:
+                break
+            time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     written_before_crash = count()
-    assert written_before_crash >= 200
+    assert 0 < written_before_crash < N
 
     # The rerun resumes from the last snapshot, replays what followed it, and stops at
     # the end of the topic; replayed rows that were already committed are skipped.
@@ -270,5 +317,5 @@ def test_kafka_to_postgres_appends_exactly_once_across_a_crash(
     assert b"already written to postgres table" in done.stderr  # the replay happened
     rows = pg_schema.rows(f'SELECT id, "user" FROM "{pg_schema.schema}".events')
     ids = [r[0] for r in rows]
-    assert len(ids) == 3000 and set(ids) == set(range(3000))
+    assert len(ids) == N and set(ids) == set(range(N))
     assert {r[1]["name"] for r in rows} == {f"u{i}" for i in range(5)}
