@@ -638,6 +638,9 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.awake: datetime | None = None
         self.ended = False
         self.last_lag_report: datetime | None = None
+        self.snapshots_seen = state is not None
+        self.first_emit: datetime | None = None
+        self.warned_no_recovery = False
         if self.durable_lsn is not None:
             self._advance(self.durable_lsn)
 
@@ -788,7 +791,23 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             return []
         records = self._stream_batch()
         self._report_lag()
+        self._warn_without_recovery(bool(records))
         return [checked(self.check, chunk) for chunk in _chunks(records, self.batch_size)]
+
+    def _warn_without_recovery(self, emitted: bool) -> None:
+        if self.snapshots_seen or self.warned_no_recovery:
+            return
+        now = _now()
+        if emitted and self.first_emit is None:
+            self.first_emit = now
+        if self.first_emit is not None and now - self.first_emit > timedelta(minutes=2):
+            self.warned_no_recovery = True
+            log.warning(
+                "step '%s': no snapshot yet: replication slot %s only moves with recovery "
+                "on (dataflare run --recovery-dir DIR); until then the server keeps its WAL",
+                self.src.step_id,
+                self.slot,
+            )
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
@@ -847,6 +866,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
 
     def snapshot(self) -> dict[str, Any]:
         """The resume state."""
+        self.snapshots_seen = True
         # Everything up to the previous snapshot is durable now (see the module docs).
         if self.durable_lsn is not None:
             self._advance(self.durable_lsn)
