@@ -138,6 +138,13 @@ class DuckDBDialect(Dialect):
             )
             self.types[n] = t
 
+    def widen(self, column: str, kind: str) -> None:
+        """ALTER ... TYPE."""
+        self.conn.execute(
+            f"ALTER TABLE {self.target} ALTER {_ident(column)} TYPE {SQL_TYPES[kind]}"
+        )
+        self.types[column] = kind
+
     def ensure_positions(self) -> None:
         """The mark table of this schema."""
         self.conn.execute(

@@ -42,7 +42,9 @@ class HttpDestinationConfig(Strict):
         "POST", description="HTTP method."
     )
     headers: dict[str, str] = Field(
-        default_factory=dict, description="Request headers; values may hold {{path}} templates."
+        default_factory=dict,
+        repr=False,  # they often carry credentials
+        description="Request headers; values may hold {{path}} templates.",
     )
     body_template: str | None = Field(
         None,

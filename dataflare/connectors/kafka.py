@@ -84,6 +84,7 @@ class KafkaSourceConfig(Strict):
     )
     properties: dict[str, PropertyValue] = Field(
         default_factory=dict,
+        repr=False,  # may carry sasl.password and other credentials
         description="librdkafka consumer settings passed through as they are "
         "(security.protocol, sasl.*, ssl.*, fetch sizes...).",
     )
@@ -134,6 +135,7 @@ class KafkaDestinationConfig(Strict):
     )
     properties: dict[str, PropertyValue] = Field(
         default_factory=dict,
+        repr=False,  # may carry sasl.password and other credentials
         description="librdkafka producer settings passed through as they are "
         "(compression.type, linger.ms, security.protocol, sasl.*, ssl.*...).",
     )

@@ -109,6 +109,7 @@ class PostgresDialect(Dialect):
         self.target = f"{_ident(self.schema)}.{_ident(self.table)}"
         self.positions = f"{_ident(self.schema)}.{_ident(POSITIONS_TABLE)}"
         self._staged: tuple[str, ...] | None = None
+        self.types: dict[str, str] = {}
 
     def describe(self) -> str:
         """``postgres table schema.table``."""
@@ -145,7 +146,8 @@ class PostgresDialect(Dialect):
         ).fetchall()
         if not rows:
             return None
-        return {name: LOGICAL.get(dtype, TEXT) for name, dtype in rows}
+        self.types = {name: LOGICAL.get(dtype, TEXT) for name, dtype in rows}
+        return dict(self.types)
 
     def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
         """CREATE TABLE IF NOT EXISTS, with the merge key as primary key."""
@@ -153,6 +155,7 @@ class PostgresDialect(Dialect):
         if key:
             cols.append(f"PRIMARY KEY ({', '.join(_ident(k) for k in key)})")
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
+        self.types = dict(columns)
 
     def add_columns(self, columns: dict[str, str]) -> None:
         """ALTER TABLE ... ADD COLUMN IF NOT EXISTS."""
@@ -160,6 +163,15 @@ class PostgresDialect(Dialect):
             f"ADD COLUMN IF NOT EXISTS {_ident(n)} {SQL_TYPES[t]}" for n, t in columns.items()
         )
         self.conn.execute(f"ALTER TABLE {self.target} {adds}")
+        self.types.update(columns)
+        self._staged = None
+
+    def widen(self, column: str, kind: str) -> None:
+        """ALTER COLUMN ... TYPE."""
+        self.conn.execute(
+            f"ALTER TABLE {self.target} ALTER COLUMN {_ident(column)} TYPE {SQL_TYPES[kind]}"
+        )
+        self.types[column] = kind
         self._staged = None
 
     def ensure_positions(self) -> None:
@@ -201,9 +213,15 @@ class PostgresDialect(Dialect):
         from psycopg.types.json import Jsonb
 
         collist = ", ".join(_ident(c) for c in columns)
+        # Every value of a JSON column is sent as JSON (a string too, as a JSON string).
+        json_cols = [i for i, c in enumerate(columns) if self.types.get(c) == JSON]
         with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp:
             write = cp.write_row
             for row in iter_rows(columns, rows, Jsonb):
+                for i in json_cols:
+                    v = row[i]
+                    if v is not None and not isinstance(v, Jsonb):
+                        row[i] = Jsonb(v)
                 write(row)
 
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:

@@ -190,6 +190,10 @@ class Dialect(ABC):
         """Widen the target table."""
 
     @abstractmethod
+    def widen(self, column: str, kind: str) -> None:
+        """Change the type of ``column`` to the wider logical type ``kind``."""
+
+    @abstractmethod
     def ensure_positions(self) -> None:
         """Create the positions table when absent."""
 
@@ -332,6 +336,15 @@ class TableWriter:
             log.info("step %r: adding column(s) %s to %s", self.step, new, self.db.describe())
             self.db.add_columns(new)
             self.cols.update(new)
+        # An integer column that receives a fractional number becomes a double.
+        for name in names:
+            if self.cols.get(name) == INT and any(
+                type(it.row.get(name)) is float for it in items
+            ):
+                log.info("step %r: widening column %r of %s to a double", self.step, name,
+                         self.db.describe())
+                self.db.widen(name, FLOAT)
+                self.cols[name] = FLOAT
 
     def _append(self, items: list[Item], run: str) -> tuple[int, dict[str, Mark]]:
         positioned = bool(run) and any(it.stream is not None for it in items)

@@ -59,6 +59,13 @@ def test_append_creates_widens_and_resolves_the_path(tmp_path: Path) -> None:
         (1, "u1", 2.5, None), (2, None, 3.0, None), (3, None, None, True)]
 
 
+def test_integer_columns_widen(tmp_path: Path) -> None:
+    ctx = ctx_for(tmp_path)
+    run(ctx, [[{"id": 1, "amount": 3}]])
+    run(ctx, [[{"id": 2, "amount": 2.5}]])
+    assert query(tmp_path, "SELECT id, amount FROM events ORDER BY id") == [(1, 3.0), (2, 2.5)]
+
+
 def test_merge_with_cdc_deletes(tmp_path: Path) -> None:
     ctx = ctx_for(tmp_path, write_mode={"type": "merge", "merge_key": ["user_id", "window"]})
     run(ctx, [[{"user_id": "a", "window": 1, "n": 1}, {"user_id": "b", "window": 1, "n": 2},

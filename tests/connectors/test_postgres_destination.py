@@ -71,6 +71,15 @@ def test_append_creates_and_widens_the_table(pg_schema: Any) -> None:
     assert rows == [(1, "a", 1.5, True, None, None), (2, "b", None, None, {"city": "Oslo"}, ["x"])]
 
 
+def test_integer_columns_widen_and_json_columns_take_any_value(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema)
+    run(ctx, [[{"id": 1, "amount": 3, "attrs": {"a": 1}}]])
+    run(ctx, [[{"id": 2, "amount": 2.5, "attrs": "plain text"}, {"id": 3, "attrs": [1]}]])
+    rows = pg_schema.rows(f'SELECT id, amount, attrs FROM "{pg_schema.schema}".orders '
+                          "ORDER BY id")
+    assert rows == [(1, 3.0, {"a": 1}), (2, 2.5, "plain text"), (3, None, [1])]
+
+
 def test_merge_upserts_deletes_and_keeps_the_last_record_per_key(pg_schema: Any) -> None:
     ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": "customer.id"})
     run(ctx, [[
