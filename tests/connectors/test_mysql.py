@@ -368,3 +368,82 @@ def test_reconnects_after_the_server_kills_its_connections(mariadb_private: Any)
     got.extend(r["id"] for b in part.next_batch() for r in b)
     part.close()
     assert got == list(range(1, 101))
+
+
+CRASH_SCRIPT = """
+import json, os, signal, sys
+from datetime import timedelta
+sys.path.insert(0, {repo!r})
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig
+from bytewax.testing import TestingSink, run_main
+from tests.connectors.test_mysql import make_ctx
+from dataflare.connectors.mysql import build_mysql_source
+
+cfg, component, out_path, recovery, kill_after = json.loads(sys.argv[1])
+ctx = make_ctx("crash_binlog", cfg, **component)
+seen = 0
+
+def write(batch):
+    global seen
+    with open(out_path, "a") as f:
+        for r in batch:
+            f.write(json.dumps({{"id": r["id"], "position": r["_meta"]["position"]}}) + "\\n")
+    seen += len(batch)
+    if kill_after and seen >= kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return batch
+
+flow = Dataflow("crash")
+s = op.map("write", op.input("crash_binlog", flow, build_mysql_source(ctx)), write)
+op.output("out", s, TestingSink([]))
+run_main(flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(recovery))
+"""
+
+
+def test_binlog_resumes_after_sigkill_without_loss(mariadb_private: Any, tmp_path: Path) -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS crash_rows", "CREATE TABLE crash_rows (id INT PRIMARY KEY)"
+    )
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT.format(repo=str(repo)))
+    out = tmp_path / "out.jsonl"
+    rec = tmp_path / "recovery"
+    rec.mkdir()
+    init_db_dir(rec, 1)
+    cfg = conn_cfg(mariadb_private, table="crash_rows", batch_size=7, stop_at_end=True)
+    component = {"mode": "cdc", "cdc": {"snapshot_mode": "never", "poll_interval": "10ms"}}
+
+    def run_script(kill_after: int) -> int:
+        args = json.dumps([cfg, component, str(out), str(rec), kill_after])
+        proc = subprocess.run(
+            [sys.executable, str(script), args],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if proc.returncode not in (0, -signal.SIGKILL):
+            raise AssertionError(proc.stderr[-3000:])
+        return proc.returncode
+
+    assert run_script(0) == 0  # takes the current binlog position
+    for i in range(1, 61):
+        mariadb_private.execute(f"INSERT INTO crash_rows VALUES ({i})")
+    assert run_script(25) == -signal.SIGKILL
+    crashed = len(out.read_text().splitlines())
+    assert 25 <= crashed < 60
+    assert run_script(0) == 0
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert set(ids) == set(range(1, 61))  # nothing lost
+    assert len(ids) - 60 <= 14  # at most the batches of the epochs in flight again
+    lines = len(ids)
+    assert run_script(0) == 0  # resumed at the end: nothing again
+    assert len(out.read_text().splitlines()) == lines
