@@ -1,0 +1,693 @@
+"""Benchmarks W2, W3 and W4 (stateful) of BENCHMARKS.md.
+
+    .venv/bin/python bench/stateful.py                          # 1,000,000 events over Kafka
+    .venv/bin/python bench/stateful.py --events 100000 --runs 1 --only w2
+    .venv/bin/python bench/stateful.py --source memory          # no broker: JSON in memory
+
+W2  drop ``view``; 60 s tumbling window per ``user_id``: count and sum of ``amount``
+W3  5 min / 1 min sliding count per user, and 30 s gap sessions per user (one flow)
+W4  events joined to orders (200,000, keyed by user) per user in 5 min tumbling windows
+
+Systems, each in its own process on the same data:
+
+- raw: a hand-written single-threaded loop (``Consumer.consume(10000)`` + orjson + a dict
+  of windows), the floor for Python;
+- bytewax: the pipeline by hand with bytewax's own operators (``fold_window`` /
+  ``join_window`` with ``EventClock`` and the tumbling, sliding and session windowers),
+  one message per item as bytewax's Kafka connector delivers them;
+- quix: Quix Streams (W2 only; Kafka source only). Quix closes a window when a later
+  message of its partition arrives and never at the end of the input, so only the
+  windows it closed are compared;
+- dataflare: DataFlare's Kafka source and ``window`` / ``join`` operators.
+
+Each system reports wall and CPU seconds of its pipeline (imports, set-up and the output
+check excluded) and peak RSS; medians of ``--runs`` runs are printed with the ratios to
+the raw loop, and every system's output is checked against the raw loop's.
+Events are keyed by user, so each user's events are in time order within a partition
+and no system sees late events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+EVENTS = ("view", "click", "add_to_cart", "purchase")
+T0 = 1_704_067_200_000
+MIN = 60_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# ------------------------------------------------------------------------------- data
+
+
+def events(n: int, seed: int = 42) -> Iterator[dict[str, Any]]:
+    """The benchmark events: fixed seed, ~100 bytes each, +10 ms per event."""
+    rng = random.Random(seed)
+    for i in range(n):
+        yield {
+            "id": i,
+            "user_id": f"u{rng.randrange(10_000)}",
+            "event": EVENTS[rng.randrange(4)],
+            "amount": round(rng.random() * 100, 2),
+            "ts": T0 + 10 * i,
+        }
+
+
+def orders(n_events: int, seed: int = 7) -> Iterator[dict[str, Any]]:
+    """Orders over the same time span: one per five events (200,000 for 1M events)."""
+    rng = random.Random(seed)
+    n = n_events // 5
+    for j in range(n):
+        yield {
+            "order_id": j,
+            "user_id": f"u{rng.randrange(10_000)}",
+            "total": round(rng.random() * 500, 2),
+            "ts": T0 + 50 * j,
+        }
+
+
+def user_key(i: int, rec: dict[str, Any]) -> bytes:
+    return rec["user_id"].encode()
+
+
+# --------------------------------------------------------------------------- inputs
+# Every system reads JSON bytes: from Kafka, or (``--source memory``) from a list made
+# before the clock starts.
+
+
+PRELOADED: dict[str, list[bytes]] = {}
+
+
+def preload(n: int) -> None:
+    """Make the in-memory messages before the clock starts."""
+    import orjson
+
+    # bytes() copies: orjson leaves each result in an oversized allocation.
+    PRELOADED["events"] = [bytes(bytearray(orjson.dumps(e))) for e in events(n)]
+    PRELOADED["orders"] = [bytes(bytearray(orjson.dumps(o))) for o in orders(n)]
+
+
+def memory_messages(topic: str, n: int) -> list[bytes]:
+    return PRELOADED[topic]
+
+
+def raw_consume(args: argparse.Namespace, topic: str) -> Iterator[list[bytes]]:
+    """Chunks of message values, as ``Consumer.consume(10000)`` returns them."""
+    if args.source == "memory":
+        data = memory_messages(topic, args.events)
+        for i in range(0, len(data), 10_000):
+            yield data[i : i + 10_000]
+        return
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": args.servers,
+            "group.id": f"raw-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+    done: set[int] = set()
+    while len(done) < len(parts):
+        chunk = []
+        for msg in consumer.consume(10_000, 0.5):
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    done.add(msg.partition())
+                continue
+            chunk.append(msg.value())
+        if chunk:
+            yield chunk
+    consumer.close()
+
+
+def bytewax_input(args: argparse.Namespace, flow: Any, topic: str) -> Any:
+    """A stream of single parsed events, as bytewax users write it."""
+    import bytewax.operators as op
+    import orjson
+
+    if args.source == "memory":
+        from bytewax.testing import TestingSource
+
+        data = memory_messages(topic, args.events)
+        raw = op.input(f"in_{topic}", flow, TestingSource(data, batch_size=10_000))
+        return op.map(f"parse_{topic}", raw, orjson.loads)
+    from bytewax.connectors.kafka import operators as kop
+
+    kin = kop.input(f"in_{topic}", flow, brokers=[args.servers], topics=[topic], tail=False)
+    return op.map(f"parse_{topic}", kin.oks, lambda m: orjson.loads(m.value))
+
+
+def dataflare_input(args: argparse.Namespace, flow: Any, topic: str) -> Any:
+    """A stream of record batches: DataFlare's Kafka source (or batches from memory)."""
+    import bytewax.operators as op
+    import orjson
+
+    if args.source == "memory":
+        from bytewax.testing import TestingSource
+
+        data = memory_messages(topic, args.events)
+        chunks = [data[i : i + 10_000] for i in range(0, len(data), 10_000)]
+        raw = op.input(f"in_{topic}", flow, TestingSource(chunks))
+        loads = orjson.loads
+        return op.map(f"parse_{topic}", raw, lambda chunk: [loads(b) for b in chunk])
+    from dataflare.connectors.kafka import KafkaSource, KafkaSourceConfig
+
+    cfg = KafkaSourceConfig(bootstrap_servers=args.servers, topic=topic, stop_at_end=True)
+    return op.input(topic, flow, KafkaSource(cfg, stop_at_end=True, step=topic))
+
+
+def run_flow(flow: Any) -> None:
+    from bytewax.testing import run_main
+
+    run_main(flow)
+
+
+def iso_ms(text: str) -> int:
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+# ------------------------------------------------------------------------------- W2
+
+
+def w2_raw(args: argparse.Namespace) -> list[tuple]:
+    import orjson
+
+    loads = orjson.loads
+    acc: dict[tuple[str, int], list[Any]] = {}
+    for chunk in raw_consume(args, "events"):
+        for value in chunk:
+            e = loads(value)
+            if e["event"] == "view":
+                continue
+            k = (e["user_id"], e["ts"] // MIN)
+            slot = acc.get(k)
+            if slot is None:
+                acc[k] = [1, e["amount"]]
+            else:
+                slot[0] += 1
+                slot[1] += e["amount"]
+    return [(u, w * MIN, c, s) for (u, w), (c, s) in acc.items()]
+
+
+def w2_bytewax(args: argparse.Namespace) -> list[tuple]:
+    import bytewax.operators as op
+    import bytewax.operators.windowing as win
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink
+
+    flow = Dataflow("w2_bytewax")
+    evs = op.filter("engaged", bytewax_input(args, flow, "events"), lambda e: e["event"] != "view")
+    keyed = op.key_on("user", evs, lambda e: e["user_id"])
+    clock = win.EventClock(
+        lambda e: EPOCH + timedelta(milliseconds=e["ts"]), wait_for_system_duration=timedelta(0)
+    )
+    windower = win.TumblingWindower(length=timedelta(seconds=60), align_to=EPOCH)
+    out = win.fold_window(
+        "w2",
+        keyed,
+        clock,
+        windower,
+        lambda: [0, 0.0],
+        lambda a, e: [a[0] + 1, a[1] + e["amount"]],
+        lambda a, b: [a[0] + b[0], a[1] + b[1]],
+    )
+    got: list[Any] = []
+    op.output("out", out.down, TestingSink(got))
+    run_flow(flow)
+    return [(u, wid * MIN, a[0], a[1]) for u, (wid, a) in got]
+
+
+def w2_dataflare(args: argparse.Namespace) -> list[tuple]:
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink
+
+    from dataflare.operators.window import WindowConfig, window
+
+    cfg = WindowConfig.model_validate(
+        {
+            "window": {"type": "tumbling", "size": "60s"},
+            "time_field": "ts",
+            "time_unit": "ms",
+            "group_by": ["user_id"],
+            "aggregations": [{"operations": ["count"]}, {"field": "amount", "operations": ["sum"]}],
+        }
+    )
+    flow = Dataflow("w2_dataflare")
+    batches = dataflare_input(args, flow, "events")
+    engaged = op.map("engaged", batches, lambda b: [e for e in b if e["event"] != "view"])
+    got: list[Any] = []
+    op.output("out", window("w2", engaged, cfg).down, TestingSink(got))
+    run_flow(flow)
+    return got
+
+
+def w2_dataflare_rows(got: list[Any]) -> list[tuple]:
+    return [
+        (r["user_id"], iso_ms(r["window_start"]), r["count"], r["amount_sum"])
+        for b in got
+        for r in b
+    ]
+
+
+def w2_quix(args: argparse.Namespace) -> list[tuple]:
+    import logging
+
+    from quixstreams import Application
+    from quixstreams.dataframe.windows import Count, Sum
+
+    logging.getLogger("quixstreams").setLevel(logging.ERROR)
+    app = Application(
+        broker_address=args.servers,
+        consumer_group=f"quix-{uuid.uuid4()}",
+        auto_offset_reset="earliest",
+        loglevel="ERROR",
+        use_changelog_topics=False,
+        state_dir=f"/tmp/quix-state-{uuid.uuid4()}",
+    )
+    topic = app.topic(
+        "events",
+        value_deserializer="json",
+        timestamp_extractor=lambda value, headers, ts, ttype: value["ts"],
+    )
+    sdf = app.dataframe(topic)
+    sdf = sdf.filter(lambda e: e["event"] != "view")
+    sdf = sdf.tumbling_window(timedelta(seconds=60)).agg(count=Count(), amount_sum=Sum("amount"))
+    sdf = sdf.final()
+    rows = app.run(sdf, timeout=3.0, metadata=True)
+    return [
+        (
+            r["_key"].decode() if isinstance(r["_key"], bytes) else r["_key"],
+            r["start"],
+            r["count"],
+            r["amount_sum"],
+        )
+        for r in rows
+    ]
+
+
+# ------------------------------------------------------------------------------- W3
+
+
+def w3_raw(args: argparse.Namespace) -> list[tuple]:
+    import orjson
+
+    loads = orjson.loads
+    sliding: dict[tuple[str, int], int] = {}
+    sessions: dict[str, list[list[int]]] = {}
+    gap = 30_000
+    for chunk in raw_consume(args, "events"):
+        for value in chunk:
+            e = loads(value)
+            u, t = e["user_id"], e["ts"]
+            k = t // MIN
+            for start in range(k - 4, k + 1):
+                sk = (u, start)
+                sliding[sk] = sliding.get(sk, 0) + 1
+            ss = sessions.get(u)
+            if ss is None:
+                sessions[u] = [[t, t, 1]]
+            else:
+                last = ss[-1]
+                if t - last[1] < gap:
+                    last[1] = t
+                    last[2] += 1
+                else:
+                    ss.append([t, t, 1])
+    out = [("slide", u, s * MIN, c) for (u, s), c in sliding.items()]
+    out += [("session", u, a, b, c) for u, ss in sessions.items() for a, b, c in ss]
+    return out
+
+
+def w3_bytewax(args: argparse.Namespace) -> list[tuple]:
+    import bytewax.operators as op
+    import bytewax.operators.windowing as win
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink
+
+    flow = Dataflow("w3_bytewax")
+    keyed = op.key_on("user", bytewax_input(args, flow, "events"), lambda e: e["user_id"])
+    clock = win.EventClock(
+        lambda e: EPOCH + timedelta(milliseconds=e["ts"]), wait_for_system_duration=timedelta(0)
+    )
+    sliding = win.SlidingWindower(
+        length=timedelta(minutes=5), offset=timedelta(minutes=1), align_to=EPOCH
+    )
+    # bytewax joins items at most `gap` apart; the benchmark's sessions need less than
+    # 30 s (times are whole milliseconds).
+    session = win.SessionWindower(gap=timedelta(seconds=30) - timedelta(milliseconds=1))
+
+    def counter(step: str, windower: Any) -> Any:
+        return win.fold_window(
+            step, keyed, clock, windower, lambda: 0, lambda a, e: a + 1, lambda a, b: a + b
+        )
+
+    s_out, x_out = counter("sliding", sliding), counter("sessions", session)
+    got_s: list[Any] = []
+    got_x: list[Any] = []
+    got_meta: list[Any] = []
+    op.output("out_s", s_out.down, TestingSink(got_s))
+    op.output("out_x", x_out.down, TestingSink(got_x))
+    op.output("meta_x", x_out.meta, TestingSink(got_meta))
+    run_flow(flow)
+    out = [("slide", u, wid * MIN - 4 * MIN, c) for u, (wid, c) in got_s]
+    meta = {(u, wid): m for u, (wid, m) in got_meta}
+    for u, (wid, c) in got_x:
+        m = meta[(u, wid)]
+        out.append(
+            (
+                "session",
+                u,
+                (m.open_time - EPOCH) // timedelta(milliseconds=1),
+                (m.close_time - EPOCH) // timedelta(milliseconds=1),
+                c,
+            )
+        )
+    return out
+
+
+def w3_dataflare(args: argparse.Namespace) -> list[Any]:
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink
+
+    from dataflare.operators.window import WindowConfig, window
+
+    def cfg(spec: dict[str, Any]) -> WindowConfig:
+        return WindowConfig.model_validate(
+            {"window": spec, "time_field": "ts", "time_unit": "ms", "group_by": ["user_id"]}
+        )
+
+    flow = Dataflow("w3_dataflare")
+    batches = dataflare_input(args, flow, "events")
+    got_s: list[Any] = []
+    got_x: list[Any] = []
+    sliding = window("sliding", batches, cfg({"type": "sliding", "size": "5m", "slide": "1m"}))
+    sessions = window("sessions", batches, cfg({"type": "session", "gap": "30s"}))
+    op.output("out_s", sliding.down, TestingSink(got_s))
+    op.output("out_x", sessions.down, TestingSink(got_x))
+    run_flow(flow)
+    return [got_s, got_x]
+
+
+def w3_dataflare_rows(got: list[Any]) -> list[tuple]:
+    got_s, got_x = got
+    out = [("slide", r["user_id"], iso_ms(r["window_start"]), r["count"]) for b in got_s for r in b]
+    out += [
+        ("session", r["user_id"], iso_ms(r["window_start"]), iso_ms(r["window_end"]), r["count"])
+        for b in got_x
+        for r in b
+    ]
+    return out
+
+
+# ------------------------------------------------------------------------------- W4
+
+WIN4 = 5 * MIN
+# The two topics are read side by side at their own pace: a user's orders can trail its
+# events by any amount, so both systems wait for the whole input (no side is late).
+W4_LATENESS = timedelta(days=1)
+
+
+def w4_raw(args: argparse.Namespace) -> list[tuple]:
+    import orjson
+
+    loads = orjson.loads
+    sides: dict[tuple[str, int], list[list[int]]] = {}
+    for topic, i in (("events", 0), ("orders", 1)):
+        ident = "id" if topic == "events" else "order_id"
+        for chunk in raw_consume(args, topic):
+            for value in chunk:
+                r = loads(value)
+                k = (r["user_id"], r["ts"] // WIN4)
+                slot = sides.get(k)
+                if slot is None:
+                    slot = sides[k] = [[], []]
+                slot[i].append(r[ident])
+    return [(e, o) for lefts, rights in sides.values() for e in lefts for o in rights]
+
+
+def w4_bytewax(args: argparse.Namespace) -> list[tuple]:
+    import bytewax.operators as op
+    import bytewax.operators.windowing as win
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink
+
+    flow = Dataflow("w4_bytewax")
+    evs = op.key_on("ev_user", bytewax_input(args, flow, "events"), lambda e: e["user_id"])
+    ords = op.key_on("or_user", bytewax_input(args, flow, "orders"), lambda o: o["user_id"])
+    clock = win.EventClock(
+        lambda r: EPOCH + timedelta(milliseconds=r["ts"]), wait_for_system_duration=W4_LATENESS
+    )
+    windower = win.TumblingWindower(length=timedelta(minutes=5), align_to=EPOCH)
+    joined = win.join_window("w4", clock, windower, evs, ords, insert_mode="product")
+    got: list[Any] = []
+    op.output("out", joined.down, TestingSink(got))
+    run_flow(flow)
+    return [(e["id"], o["order_id"]) for _u, (_wid, (e, o)) in got if e and o]
+
+
+def w4_dataflare(args: argparse.Namespace) -> list[Any]:
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink
+
+    from dataflare.operators.join import JoinConfig, join
+
+    cfg = JoinConfig.model_validate(
+        {
+            "join_key": "user_id",
+            "join_type": "inner",
+            "window": {"type": "tumbling", "size": "5m"},
+            "time_field": "ts",
+            "time_unit": "ms",
+            "allowed_lateness": "1d",
+        }
+    )
+    flow = Dataflow("w4_dataflare")
+    joined = join(
+        "w4", dataflare_input(args, flow, "events"), dataflare_input(args, flow, "orders"), cfg
+    )
+    got: list[Any] = []
+    op.output("out", joined.down, TestingSink(got))
+    run_flow(flow)
+    return got
+
+
+def w4_dataflare_rows(got: list[Any]) -> list[tuple]:
+    return [(r["id"], r["order_id"]) for b in got for r in b]
+
+
+# ------------------------------------------------------------------------------ driver
+
+SYSTEMS: dict[str, dict[str, Callable[[argparse.Namespace], Any]]] = {
+    "w2": {"raw": w2_raw, "bytewax": w2_bytewax, "quix": w2_quix, "dataflare": w2_dataflare},
+    "w3": {"raw": w3_raw, "bytewax": w3_bytewax, "dataflare": w3_dataflare},
+    "w4": {"raw": w4_raw, "bytewax": w4_bytewax, "dataflare": w4_dataflare},
+}
+ROWS: dict[str, Callable[[Any], list[tuple]]] = {
+    "w2-dataflare": w2_dataflare_rows,
+    "w3-dataflare": w3_dataflare_rows,
+    "w4-dataflare": w4_dataflare_rows,
+}
+
+
+def measure(fn: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
+    """Wall and CPU seconds of ``fn`` (all threads) and peak RSS; and its result."""
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    result = fn()
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"wall": wall, "cpu": cpu, "rss_mb": r1.ru_maxrss / 1024}, result
+
+
+def canonical(rows: list[tuple]) -> list[str]:
+    def fix(v: Any) -> Any:
+        return round(v, 2) if isinstance(v, float) else v
+
+    return sorted(json.dumps([fix(v) for v in row]) for row in rows)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one system in this process; print its measurement and output digest as JSON."""
+    workload, system = args.child.split("-", 1)
+    if args.source == "memory":
+        preload(args.events)
+    result, got = measure(lambda: SYSTEMS[workload][system](args))
+    rows = ROWS.get(args.child, lambda g: g)(got)
+    lines = canonical(rows)
+    result["count"] = len(lines)
+    result["digest"] = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    if args.dump:
+        Path(args.dump).write_text("\n".join(lines))
+    print(json.dumps(result))
+
+
+def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", name, "--events", str(args.events)]
+    cmd += ["--source", args.source, "--dump", dump]
+    if args.servers:
+        cmd += ["--servers", args.servers]
+    env = {**os.environ, "RUST_BACKTRACE": "0"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        msg = f"{name} failed:\n{out.stderr[-3000:]}"
+        raise RuntimeError(msg)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) -> None:
+    print(f"\n{title}")
+    med: dict[str, dict[str, float]] = {}
+    for name, runs in results.items():
+        med[name] = {k: statistics.median(r[k] for r in runs) for k in ("wall", "cpu", "rss_mb")}
+        m = med[name]
+        print(
+            f"  {name:<10} wall {m['wall']:7.2f} s   cpu {m['cpu']:7.2f} s   "
+            f"rss {m['rss_mb']:6.0f} MB   {n_events / m['wall']:>10,.0f} events/s   "
+            f"{runs[0]['count']:>9,} output rows   {runs[0]['check']}"
+        )
+    base = med["raw"]
+    for name, m in med.items():
+        if name != "raw":
+            print(
+                f"  {name} / raw: wall {m['wall'] / base['wall']:.2f}x, "
+                f"cpu {m['cpu'] / base['cpu']:.2f}x"
+            )
+    if "dataflare" in med:
+        d = med["dataflare"]
+        for ref in ("bytewax", "quix"):
+            if ref in med:
+                r = med[ref]
+                print(
+                    f"  dataflare is {r['wall'] / d['wall']:.1f}x faster than {ref} (wall), "
+                    f"{r['cpu'] / d['cpu']:.1f}x (cpu)"
+                )
+
+
+def check(name: str, res: dict[str, Any], raw: dict[str, Any], raw_dump: Path, dump: Path) -> str:
+    if res["digest"] == raw["digest"]:
+        return "same output as raw"
+    if name.endswith("quix") and dump.exists():
+        # Quix never closes the windows still open at the end of its partitions.
+        want = set(raw_dump.read_text().splitlines())
+        got = dump.read_text().splitlines()
+        extra = [g for g in got if g not in want]
+        if not extra:
+            return f"its {len(got):,} closed windows match raw ({len(want) - len(got):,} open)"
+        return f"DIFFERS from raw ({len(extra):,} rows not in raw)"
+    return "DIFFERS from raw"
+
+
+def produce(servers: str, n: int) -> None:
+    t0 = time.perf_counter()
+    for topic, gen in (("events", events(n)), ("orders", orders(n))):
+        produce_keyed(servers, topic, gen)
+    print(f"produced {n:,} events and {n // 5:,} orders in {time.perf_counter() - t0:.1f} s")
+
+
+def produce_keyed(servers: str, topic: str, gen: Iterator[dict[str, Any]]) -> None:
+    """Write ``gen`` keyed by user (the default partitioner keeps a user's events in order)."""
+    import orjson
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": servers, "linger.ms": 20})
+    for rec in gen:
+        while True:
+            try:
+                producer.produce(topic, orjson.dumps(rec), rec["user_id"].encode())
+                break
+            except BufferError:
+                producer.poll(0.1)
+    if producer.flush(60):
+        msg = f"messages to {topic!r} not acknowledged"
+        raise RuntimeError(msg)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="events to generate")
+    parser.add_argument("--runs", type=int, default=3, help="runs per system (median)")
+    parser.add_argument("--only", choices=sorted(SYSTEMS), action="append", help="workload(s)")
+    parser.add_argument("--source", choices=["kafka", "memory"], default="kafka")
+    parser.add_argument(
+        "--skip", action="append", default=[], help="system(s) to skip: bytewax, quix"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the output dumps in /tmp")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--servers", help=argparse.SUPPRESS)
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    print(
+        f"events: {args.events:,}, runs: {args.runs}, source: {args.source}, cpus: {os.cpu_count()}"
+    )
+    broker = None
+    if args.source == "kafka":
+        from dataflare.broker import LocalBroker
+
+        broker = LocalBroker().start()
+        args.servers = broker.bootstrap_servers
+        broker.create_topic("events", partitions=3)
+        broker.create_topic("orders", partitions=3)
+        produce(args.servers, args.events)
+    tmp = Path(f"/tmp/dataflare-bench-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        for workload in args.only or sorted(SYSTEMS):
+            names = [
+                s
+                for s in SYSTEMS[workload]
+                if s not in args.skip and not (s == "quix" and args.source != "kafka")
+            ]
+            results: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
+            for _ in range(args.runs):
+                for system in names:
+                    dump = tmp / f"{workload}-{system}.txt"
+                    results[system].append(spawn(f"{workload}-{system}", args, str(dump)))
+            raw = results["raw"][0]
+            for system, runs in results.items():
+                for r in runs:
+                    r["check"] = check(
+                        system,
+                        r,
+                        raw,
+                        tmp / f"{workload}-raw.txt",
+                        tmp / f"{workload}-{system}.txt",
+                    )
+            report(f"{workload.upper()} ({args.events:,} events)", results, args.events)
+    finally:
+        if broker is not None:
+            broker.stop()
+        if not args.keep:
+            for p in tmp.iterdir():
+                p.unlink()
+            tmp.rmdir()
+
+
+if __name__ == "__main__":
+    main()
