@@ -212,3 +212,31 @@ def test_quickstart_runs_and_graph_prints(tmp_path):
     graph = run_cli("graph", str(work / "quickstart.yaml"))
     assert graph.code == 0
     assert "by_size -->|large| large_orders" in graph.stdout
+
+
+def test_output_schema_violations_follow_the_source_policy(tmp_path):
+    (tmp_path / "in.jsonl").write_text(
+        '{"id": 1, "qty": 5}\n{"id": 2, "qty": -1}\n{"id": "3", "qty": 1}\n')
+    (tmp_path / "flow.yaml").write_text("""\
+workflow:
+  sources:
+    items:
+      type: file
+      config: {path: in.jsonl}
+      output_schema:
+        definition:
+          type: object
+          required: [id, qty]
+          properties: {id: {type: integer}, qty: {type: integer, minimum: 0}}
+      error_handling: {strategy: redirect, redirect_to: bad}
+  destinations:
+    good: {type: file, inputs: [items], config: {path: good.jsonl}}
+    bad: {type: file, config: {path: bad.jsonl}}
+""")
+    result = run_cli("run", str(tmp_path / "flow.yaml"))
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "good.jsonl") == [{"id": 1, "qty": 5}]
+    bad = read_jsonl(tmp_path / "bad.jsonl")
+    assert [(b["record"]["id"], b["error"]["type"]) for b in bad] == [
+        (2, "SchemaViolation"), ("3", "SchemaViolation")]
+    assert "qty: -1 is less than the minimum of 0" in bad[0]["error"]["message"]

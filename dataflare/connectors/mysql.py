@@ -33,8 +33,6 @@ from pydantic import Field
 from dataflare.config import Duration, Secret, Strict
 from dataflare.connectors.postgres import effective_mode
 from dataflare.connectors.schema import (
-    OutputSchemaCheck,
-    checked,
     discoverer,
     json_value,
     table_json_schema,
@@ -378,14 +376,13 @@ class FullPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.read = SnapshotRead(
             src, [table], 1 if state.get("done") else 0, state.get("after"), None
         )
-        self.check = OutputSchemaCheck.of(src.step_id, src.component)
 
     def next_batch(self) -> list[list[Any]]:
         """The next batch of rows."""
         if self.read.done:
             raise StopIteration
         batch = self.read.read()
-        return [checked(self.check, batch)] if batch else []
+        return [batch] if batch else []
 
     def snapshot(self) -> dict[str, Any]:
         """Last key read and whether the read is done."""
@@ -412,7 +409,6 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.cursor: Any = state.get("cursor")
         self.after_key: list[Any] | None = state.get("key")
         self.awake: datetime | None = None
-        self.check = OutputSchemaCheck.of(src.step_id, src.component)
 
     def _query(self, conn: Any) -> tuple[list[str], list[Sequence[Any]]]:
         order = [self.column, *self.key]
@@ -459,7 +455,7 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.cursor = last[names.index(self.column)]
         self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
         meta = {"table": f"{self.database}.{self.table}"}
-        return [checked(self.check, _records(names, rows, meta))]
+        return [_records(names, rows, meta)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
@@ -485,7 +481,6 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         cdc = src.cdc_settings()
         self.tables = src.cdc_tables()
         self.poll = timedelta(seconds=cdc.poll_interval)
-        self.check = OutputSchemaCheck.of(src.step_id, src.component)
         self.db = MySqlDatabase(src.step_id, src.cfg.settings(), src.retry)
         self.server_id = cdc.server_id or 1000 + zlib.crc32(src.step_id.encode()) % 100000
         self.awake: datetime | None = None
@@ -631,7 +626,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 self.snap.close()
                 self.snap = None
             self.awake = None
-            return [checked(self.check, batch)] if batch else []
+            return [batch] if batch else []
         if self.ended:
             raise StopIteration
         self.awake = None
@@ -660,7 +655,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 self.ended = True
             self.awake = _now() + self.poll
         size = self.src.cfg.batch_size
-        return [checked(self.check, records[i : i + size]) for i in range(0, len(records), size)]
+        return [records[i : i + size] for i in range(0, len(records), size)]
 
     def next_awake(self) -> datetime | None:
         """When to read the binlog next."""

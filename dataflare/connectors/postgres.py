@@ -54,8 +54,6 @@ from pydantic import Field, model_validator
 from dataflare.config import Duration, Secret, Strict
 from dataflare.connectors.pgoutput import ChangeDecoder, ValueDecoder, int_to_lsn, lsn_to_int
 from dataflare.connectors.schema import (
-    OutputSchemaCheck,
-    checked,
     discoverer,
     json_value,
     table_json_schema,
@@ -457,7 +455,6 @@ class FullPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             rng.lower,
             rng.upper,
         )
-        self.check = OutputSchemaCheck.of(src.step_id, src.component)
 
     def next_batch(self) -> list[list[Any]]:
         """The next batches of records (see the class docs)."""
@@ -466,7 +463,7 @@ class FullPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         batch = self.read.read()
         if self.read.done:
             self.done = True
-        return [checked(self.check, batch)] if batch else []
+        return [batch] if batch else []
 
     def snapshot(self) -> dict[str, Any]:
         """The resume state."""
@@ -497,7 +494,6 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.cursor: Any = state.get("cursor")
         self.after_key: list[Any] | None = state.get("key")
         self.awake: datetime | None = None
-        self.check = OutputSchemaCheck.of(src.step_id, src.component)
         self.meta = {"table": f"{self.schema}.{self.table}"}
 
     def _query(self, conn: Any) -> tuple[list[str], list[Sequence[Any]]]:
@@ -558,7 +554,7 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         last = rows[-1]
         self.cursor = last[names.index(self.column)]
         self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
-        return [checked(self.check, _records(names, rows, self.meta))]
+        return [_records(names, rows, self.meta)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
@@ -611,7 +607,6 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.poll = timedelta(seconds=cdc.poll_interval)
         self.db = Database(src.step_id, cfg.conninfo(), src.retry)
         self.tables = src.cdc_tables()
-        self.check = OutputSchemaCheck.of(src.step_id, src.component)
         start_lsn = self.db.run("preparing the replication slot", self._prepare)
         self.decoder = ChangeDecoder(
             src.step_id, ValueDecoder(self.db.connection()), self.tables or None
@@ -785,14 +780,14 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         if self.phase == "snapshot":
             batch = self._snapshot_batch()
             self.awake = None
-            return [checked(self.check, batch)] if batch else []
+            return [batch] if batch else []
         if self.not_before is not None and _now() < self.not_before:
             self.awake = self.not_before
             return []
         records = self._stream_batch()
         self._report_lag()
         self._warn_without_recovery(bool(records))
-        return [checked(self.check, chunk) for chunk in _chunks(records, self.batch_size)]
+        return [chunk for chunk in _chunks(records, self.batch_size)]
 
     def _warn_without_recovery(self, emitted: bool) -> None:
         if self.snapshots_seen or self.warned_no_recovery:

@@ -28,7 +28,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Strict
-from dataflare.connectors.schema import OutputSchemaCheck, checked, discoverer, infer_schema
+from dataflare.connectors.schema import discoverer, infer_schema
 from dataflare.dsl_compiler.models import Auth
 from dataflare.records import META, Failed, get_path
 from dataflare.registry import BuildContext, source
@@ -171,7 +171,6 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             if self.cfg.rate_limit
             else None
         )
-        self.check = OutputSchemaCheck.of(src.step_id, src.component)
 
     # http
 
@@ -376,7 +375,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 self.awake = now + timedelta(seconds=self.src.interval)
             else:
                 self.done = True
-        return [checked(self.check, fresh)] if fresh else []
+        return [fresh] if fresh else []
 
     def next_awake(self) -> datetime | None:
         """When the next request may go."""

@@ -255,7 +255,7 @@ def infer_schema(records: Iterable[Any]) -> dict[str, Any]:
 class OutputSchemaCheck:
     """Checks records against a source's ``output_schema`` (JSON Schema).
 
-    Built inside a partition (not in a source's constructor). Records that violate the
+    The compiler applies it to every source that declares one. Records that violate the
     schema become :class:`Failed` entries of the step; ``_meta`` is not checked.
     """
 
@@ -312,8 +312,3 @@ class OutputSchemaCheck:
                     )
             out.append(item)
         return out
-
-
-def checked(check: OutputSchemaCheck | None, batch: list[Any]) -> list[Any]:
-    """``batch`` after the output_schema ``check`` (unchanged when there is none)."""
-    return batch if check is None else check.check(batch)

@@ -21,6 +21,7 @@ from bytewax.inputs import Source
 from bytewax.testing import TestingSink, TestingSource
 
 from dataflare import metrics, registry
+from dataflare.connectors.schema import OutputSchemaCheck
 from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.dsl_compiler.validate import Validated, validate_file
@@ -139,10 +140,18 @@ def _ports(down: Stream[Any] | None, named: Mapping[str, Stream[Any]], dead: Str
 
 @operator
 def source_component(
-    step_id: str, flow: Dataflow, source: Source[Any], name: str, eh: ErrorHandling
+    step_id: str,
+    flow: Dataflow,
+    source: Source[Any],
+    name: str,
+    eh: ErrorHandling,
+    check: OutputSchemaCheck | None,
 ) -> _MultiStream[str]:
-    """A source: read batches, separate undecodable input, apply the error policy."""
-    parts = separate_failed("decode", op.input("read", flow, source))
+    """A source: read batches, check ``output_schema``, separate failures, apply the policy."""
+    items = op.input("read", flow, source)
+    if check is not None:
+        items = op.map("output_schema", items, check.check)
+    parts = separate_failed("decode", items)
     op.inspect("count", parts.down, _count(name, metrics.RECORDS_OUT))
     return _ports(parts.down, {}, _guard(name, eh, [parts.errs]))
 
@@ -284,7 +293,8 @@ class _Compiler:
             source: Source[Any] = TestingSource([records] if records else [])
         else:
             source = self.spec("source", comp).build(self.ctx("source", cid, comp))  # type: ignore[misc]
-        ports = source_component(cid, flow, source, cid, comp.error_handling)
+        check = OutputSchemaCheck.of(cid, comp)
+        ports = source_component(cid, flow, source, cid, comp.error_handling, check)
         self.keep(cid, ports, comp.error_handling)
 
     def transformation(self, cid: str) -> None:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from dataflare.connectors.mysql import MySqlSourceConfig, build_mysql_source
 from dataflare.connectors.schema import discover
 from dataflare.dsl_compiler.models import Source, Workflow
-from dataflare.records import META, Failed
+from dataflare.records import META
 from dataflare.registry import BuildContext, lookup
 
 RETRY = {"max_attempts": 2, "backoff": {"initial": "10ms", "max": "50ms"}}
@@ -272,29 +272,6 @@ def test_binlog_state_is_a_transaction_boundary(mariadb_private: Any) -> None:
         rest.extend(r["id"] for b in resumed.next_batch() for r in b)
     resumed.close()
     assert rest == list(range(6, 13))
-
-
-def test_binlog_output_schema_failures(mariadb_private: Any) -> None:
-    mariadb_private.execute(
-        "DROP TABLE IF EXISTS cdc_schema", "CREATE TABLE cdc_schema (id INT PRIMARY KEY, qty INT)"
-    )
-    ctx = make_ctx(
-        "schema_cdc",
-        conn_cfg(mariadb_private, table="cdc_schema"),
-        mode="cdc",
-        cdc={"snapshot_mode": "never", "poll_interval": "10ms"},
-        output_schema={"definition": {"properties": {"qty": {"minimum": 0}}}},
-    )
-    src = build_mysql_source(ctx)
-    part = src.build_part("schema_cdc", "binlog", None)
-    part.next_batch()
-    mariadb_private.execute("INSERT INTO cdc_schema VALUES (1, 5), (2, -1)")
-    (batch,) = part.next_batch()
-    part.close()
-    assert isinstance(batch[0], dict) and isinstance(batch[1], Failed)
-    assert batch[1].meta["op"] == "insert" and "qty: -1 is less than the minimum" in (
-        batch[1].message
-    )
 
 
 def test_missing_table_and_bad_position_are_clear_errors(mariadb_private: Any) -> None:

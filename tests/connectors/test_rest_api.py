@@ -225,27 +225,6 @@ def test_undecodable_and_missing_records_become_failed_entries(api: Any) -> None
     assert isinstance(missing[0], Failed) and "has no 'data' (records_path)" in missing[0].message
 
 
-def test_output_schema_violations_are_failed(api: Any) -> None:
-    api.reset(3)
-    api.items[1]["name"] = 42
-    ctx = make_ctx(
-        "api_schema",
-        {"url": api.url + "/link"},
-        mode="full",
-        output_schema={
-            "definition": {
-                "type": "object",
-                "required": ["id", "name"],
-                "properties": {"name": {"type": "string"}},
-            }
-        },
-    )
-    out = run(ctx)
-    assert [type(r).__name__ for r in out] == ["dict", "Failed", "dict"]
-    assert "name: 42 is not of type 'string'" in out[1].message
-    assert out[1].type == "SchemaViolation" and out[1].meta["page"] == 0
-
-
 def test_incremental_polls_by_cursor_without_duplicates(api: Any, tmp_path: Path) -> None:
     api.reset(25)
     init_db_dir(tmp_path, 1)
