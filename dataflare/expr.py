@@ -348,6 +348,17 @@ class Expression:
         return bool(self.fn(record))
 
 
+def check_expression(value: str | None) -> str | None:
+    """Validate an expression setting; ``ValueError`` (for pydantic) names the column."""
+    if value is not None:
+        try:
+            compile_expression(value)
+        except ExpressionError as exc:
+            msg = f"invalid expression {value!r}: {exc}"
+            raise ValueError(msg) from None
+    return value
+
+
 def compile_expression(text: str) -> Expression:
     """Parse ``text``; raises :class:`ExpressionError` with the column of the problem."""
     parser = _Parser(str(text))

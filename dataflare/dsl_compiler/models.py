@@ -13,19 +13,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from dataflare.config import Duration, Open, Paths, Secret, Strict
-from dataflare.expr import compile_expression
+from dataflare.expr import check_expression
 
 ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
-
-def _expression(value: str | None) -> str | None:
-    if value is not None:
-        try:
-            compile_expression(value)
-        except ValueError as exc:
-            msg = f"invalid expression {value!r}: {exc}"
-            raise ValueError(msg) from None
-    return value
 
 
 class Backoff(Strict):
@@ -219,7 +210,7 @@ class Alert(Strict):
     condition: str = Field(description="Expression over metrics, e.g. 'load_latency.p95 > 10s'.")
     severity: Literal["info", "warning", "critical"] = Field("warning", description="Severity.")
 
-    _check = field_validator("condition")(classmethod(lambda cls, v: _expression(v)))
+    _check = field_validator("condition")(classmethod(lambda cls, v: check_expression(v)))
 
 
 class Monitoring(Strict):
@@ -291,7 +282,7 @@ class Destination(Component):
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Write batching.")
     filter: str | None = Field(None, description="Only records where this expression holds.")
 
-    _check = field_validator("filter")(classmethod(lambda cls, v: _expression(v)))
+    _check = field_validator("filter")(classmethod(lambda cls, v: check_expression(v)))
 
 
 class PostAction(Strict):
@@ -301,7 +292,7 @@ class PostAction(Strict):
     condition: str | None = Field(None, description="Expression over `workflow.status`.")
     config: dict[str, Any] = Field(default_factory=dict, description="Action settings.")
 
-    _check = field_validator("condition")(classmethod(lambda cls, v: _expression(v)))
+    _check = field_validator("condition")(classmethod(lambda cls, v: check_expression(v)))
 
 
 class Role(Strict):

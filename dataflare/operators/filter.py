@@ -9,19 +9,9 @@ from bytewax.dataflow import Stream
 from pydantic import Field, field_validator
 
 from dataflare.config import Strict
-from dataflare.expr import compile_expression
+from dataflare.expr import check_expression, compile_expression
 from dataflare.operators.records import map_records
 from dataflare.registry import BuildContext, Outputs, transformation
-
-
-def check_expression(value: str) -> str:
-    """Validate an expression setting (raises ``ValueError`` naming the column)."""
-    try:
-        compile_expression(value)
-    except ValueError as exc:
-        msg = f"invalid expression {value!r}: {exc}"
-        raise ValueError(msg) from None
-    return value
 
 
 class FilterConfig(Strict):

@@ -14,8 +14,7 @@ from bytewax.dataflow import Stream
 from pydantic import Field, field_validator
 
 from dataflare.config import Strict
-from dataflare.expr import compile_expression
-from dataflare.operators.filter import check_expression
+from dataflare.expr import check_expression, compile_expression
 from dataflare.records import Batch, Failed
 from dataflare.registry import BuildContext, Outputs, transformation
 
