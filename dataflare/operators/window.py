@@ -15,13 +15,12 @@ bounded input every open window is emitted; with an idle timeout, every open win
 shard is emitted after that much system time without records (and later records for
 those windows count as late).
 
-Sliding windows are computed from *panes* of ``gcd(size, slide)``: a record updates
-one pane, and a window merges its panes once when it closes.
+Each record updates its windows in a loop generated for the step (key, time and aggregates
+inlined), so it costs no Python call per record in the common case.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +40,7 @@ from dataflare.operators.keyed import (
     ERRS,
     LATE,
     SHARDS,
+    US,
     ShardLogic,
     component_id,
     extraction_code,
@@ -51,7 +51,6 @@ from dataflare.operators.keyed import (
     late_records,
     route_and_merge,
     stateful_shards,
-    time_reader,
     to_us,
 )
 from dataflare.records import Failed, RecordError, set_path
@@ -167,6 +166,7 @@ class _Output:
         self.flat = len(group_by) == 1 and "." not in group_by[0]
         self.finish = accs.finish
         self.iso_cache: dict[int, str] = {}
+        self._seconds: dict[int, str] = {}
 
     def iso(self, us: int) -> str:
         """ISO text of a window boundary (boundaries repeat across groups: cached)."""
@@ -174,7 +174,18 @@ class _Output:
         if text is None:
             if len(self.iso_cache) > 100_000:
                 self.iso_cache.clear()
-            text = self.iso_cache[us] = iso_us(us)
+                self._seconds.clear()
+            sec, rem = divmod(us, US)
+            prefix = self._seconds.get(sec)
+            if prefix is None:
+                prefix = self._seconds[sec] = iso_us(sec * US)[:-1]
+            if rem == 0:
+                text = prefix + "Z"
+            elif rem % 1000 == 0:
+                text = f"{prefix}.{rem // 1000:03d}Z"
+            else:
+                text = f"{prefix}.{rem:06d}Z"
+            self.iso_cache[us] = text
         return text
 
     def head(self, key: Any, start: int, end: int) -> dict[str, Any]:
@@ -202,12 +213,14 @@ class _Output:
         return out
 
 
-# Group state (a list, for speed): [max_t, late_before, panes_or_sessions, next_end, done].
-_MAX, _LB, _W, _NEXT, _DONE = range(5)
+# Group state (a list, for speed): [max_t, late_before, windows, next_end]. ``windows`` is
+# {start: accumulator} for tumbling and sliding windows, a list of [start, last,
+# accumulator] ordered by start for sessions; ``next_end`` is when the first one closes.
+_MAX, _LB, _W, _NEXT = range(4)
 
 
-class _PaneShard(ShardLogic):
-    """Tumbling and sliding windows of one shard, kept as panes of gcd(size, slide)."""
+class _WindowShard(ShardLogic):
+    """One shard of a window step: every group of the shard with its open windows."""
 
     def __init__(self, op: _WindowOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume, op.idle_timeout)
@@ -220,15 +233,11 @@ class _PaneShard(ShardLogic):
 
     def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
         o = self.op
-        groups: dict[Any, list[Any]] = self.state
         late: list[Any] = []
         errs: list[Failed] = []
-        due: list[Any] = []
         down: list[dict[str, Any]] = []
-        o.ingest(groups, batches, late, errs, due, down)
+        o.ingest(self.state, batches, late, errs, down)
         out: list[tuple[str, list[Any]]] = []
-        for key in set(due):
-            self._close(key, groups[key], groups[key][1], down)
         if down:
             out.append((DOWN, down))
         if late:
@@ -238,295 +247,204 @@ class _PaneShard(ShardLogic):
             out.append((ERRS, errs))
         return out
 
-    def _windows(self, panes: dict[int, list[Any]], lo: int, hi: int) -> list[int]:
-        """Starts of windows holding any pane, with end in (lo, hi]."""
+    def _spans(self, g: list[Any]) -> list[tuple[int, int, list[Any]]]:
         o = self.op
-        pane, size, slide = o.pane, o.size, o.slide
-        starts: set[int] = set()
-        for p in panes:
-            first = -((size - (p + 1) * pane) // slide)
-            last = (p * pane) // slide
-            for k in range(first, last + 1):
-                end = k * slide + size
-                if lo < end <= hi:
-                    starts.add(k * slide)
-        return sorted(starts)
-
-    def _emit(self, key: Any, g: list[Any], hi: int, down: list[dict[str, Any]]) -> int:
-        """Emit the windows of ``g`` ending in (done, hi]; the largest end emitted."""
-        o = self.op
-        panes = g[2]
-        pane, size = o.pane, o.size
-        top = g[4]
-        for start in self._windows(panes, g[4], hi):
-            end = start + size
-            acc: list[Any] | None = None
-            for p in range(start // pane, end // pane):
-                part = panes.get(p)
-                if part is None:
-                    continue
-                if acc is None:
-                    acc = o.accs.copy(part)
-                else:
-                    o.accs.merge(acc, part)
-            if acc is not None and acc[0]:
-                down.append(o.output.record(key, start, end, acc))
-            top = max(top, end)
-        return top
-
-    def _close(self, key: Any, g: list[Any], wm: int, down: list[dict[str, Any]]) -> None:
-        o = self.op
-        if o.tumbling:
-            panes = g[2]
-            size = o.size
-            for p in [p for p in panes if (p + 1) * size <= wm]:
-                down.append(o.output.record(key, p * size, (p + 1) * size, panes.pop(p)))
-            g[3] = (min(panes) + 1) * size if panes else _NEVER
-            g[4] = wm
-            return
-        self._emit(key, g, wm, down)
-        g[4] = wm
-        # Panes no open window needs: before the start of the first window ending after wm.
-        first_open = ((wm - o.size) // o.slide + 1) * o.slide
-        panes = g[2]
-        for p in [p for p in panes if (p + 1) * o.pane <= first_open]:
-            del panes[p]
-        g[3] = _NEVER
-        for p in panes:
-            end = -((o.size - (p + 1) * o.pane) // o.slide) * o.slide + o.size
-            while end <= wm:
-                end += o.slide
-            if end < g[3]:
-                g[3] = end
+        if o.session:
+            return [(s[0], s[1], s[2]) for s in g[_W]]
+        return [(start, start + o.size, acc) for start, acc in g[_W].items()]
 
     def flush(self) -> list[tuple[str, list[Any]]]:
-        down: list[dict[str, Any]] = []
-        for key, g in self.state.items():
-            if g[2]:
-                self._emit(key, g, _NEVER, down)
+        record = self.op.output.record
+        down = [
+            record(key, start, end, acc)
+            for key, g in self.state.items()
+            for start, end, acc in self._spans(g)
+        ]
         self.state = {}
         return [(DOWN, down)] if down else []
 
     def idle(self) -> list[tuple[str, list[Any]]]:
+        record = self.op.output.record
         down: list[dict[str, Any]] = []
         for key, g in self.state.items():
-            if g[2]:
-                top = self._emit(key, g, _NEVER, down)
-                g[2] = {}
-                g[3] = _NEVER
-                g[4] = top
-                g[1] = max(g[1], top)
+            for start, end, acc in self._spans(g):
+                down.append(record(key, start, end, acc))
+                # Records for a window that fired are late from now on.
+                g[_LB] = max(g[_LB], end)
+            g[_W] = [] if self.op.session else {}
+            g[_NEXT] = _NEVER
         return [(DOWN, down)] if down else []
-
-
-class _SessionShard(ShardLogic):
-    """Session windows of one shard: per group a list of [start, last, acc], by start."""
-
-    def __init__(self, op: _WindowOp, resume: Any) -> None:
-        super().__init__(op.step_id, op.definition, resume, op.idle_timeout)
-        self.op = op
-        if self.state is None:
-            self.state = {}
-
-    def has_state(self) -> bool:
-        return any(g[_W] for g in self.state.values())
-
-    def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
-        o = self.op
-        groups: dict[Any, list[Any]] = self.state
-        keyf, timef, new, update, merge = o.key, o.time, o.accs.new, o.accs.update, o.accs.merge
-        lateness, gap = o.lateness, o.gap
-        late: list[Any] = []
-        errs: list[Failed] = []
-        due: list[Any] = []
-        for batch in batches:
-            for rec in batch:
-                try:
-                    t = timef(rec)
-                    key = keyf(rec)
-                    g = groups.get(key)
-                    if g is None:
-                        g = groups[key] = [-_NEVER, -_NEVER, [], _NEVER, -_NEVER]
-                    elif t < g[1]:
-                        late.append(rec)
-                        continue
-                    ss: list[list[Any]] = g[2]
-                    last = ss[-1] if ss else None
-                    if last is not None and last[0] <= t and t - last[1] < gap:
-                        update(last[2], rec, t)
-                        if t > last[1]:
-                            last[1] = t
-                    elif last is None or t - last[1] >= gap and t > last[0]:
-                        acc = new()
-                        update(acc, rec, t)
-                        ss.append([t, t, acc])
-                    else:
-                        # Out of order: join (and maybe bridge) the sessions within gap.
-                        near = [s for s in ss if s[0] - gap < t < s[1] + gap]
-                        if not near:
-                            acc = new()
-                            update(acc, rec, t)
-                            ss.append([t, t, acc])
-                            ss.sort(key=lambda s: s[0])
-                        else:
-                            head = near[0]
-                            update(head[2], rec, t)
-                            for s in near[1:]:
-                                merge(head[2], s[2])
-                                head[1] = max(head[1], s[1])
-                                ss.remove(s)
-                            head[0] = min(head[0], t)
-                            head[1] = max(head[1], t)
-                    g[3] = ss[0][1] + gap
-                    if t > g[0]:
-                        g[0] = t
-                        lb = t - lateness
-                        if lb > g[1]:
-                            g[1] = lb
-                    if g[1] >= g[3]:
-                        due.append(key)
-                except (RecordError, TypeError) as exc:
-                    errs.append(Failed.of(o.step_id, _explain(exc, o.step_id), rec))
-        out: list[tuple[str, list[Any]]] = []
-        if due:
-            down: list[dict[str, Any]] = []
-            for key in set(due):
-                self._close(key, groups[key], groups[key][1], down)
-            if down:
-                out.append((DOWN, down))
-        if late:
-            late_records(o.step_id, len(late))
-            out.append((LATE, late))
-        if errs:
-            out.append((ERRS, errs))
-        return out
-
-    def _close(self, key: Any, g: list[Any], wm: int, down: list[dict[str, Any]]) -> None:
-        gap = self.op.gap
-        keep = []
-        for s in g[2]:
-            if s[1] + gap <= wm:
-                down.append(self.op.output.record(key, s[0], s[1], s[2]))
-            else:
-                keep.append(s)
-        g[2] = keep
-        g[3] = min((s[1] + gap for s in keep), default=_NEVER)
-
-    def flush(self) -> list[tuple[str, list[Any]]]:
-        down: list[dict[str, Any]] = []
-        for key, g in self.state.items():
-            for s in g[2]:
-                down.append(self.op.output.record(key, s[0], s[1], s[2]))
-        self.state = {}
-        return [(DOWN, down)] if down else []
-
-    def idle(self) -> list[tuple[str, list[Any]]]:
-        down: list[dict[str, Any]] = []
-        for key, g in self.state.items():
-            for s in g[2]:
-                down.append(self.op.output.record(key, s[0], s[1], s[2]))
-                g[1] = max(g[1], s[1])
-            g[2] = []
-            g[3] = _NEVER
-        return [(DOWN, down)] if down else []
-
-
-_PANE_INGEST = """
-def ingest(groups, batches, late, errs, due, down):
-    for batch in batches:
-        for rec in batch:
-            try:
-{extract}
-                g = groups.get(key)
-                if g is None:
-                    g = groups[key] = [-_NEVER, -_NEVER, {{}}, _NEVER, -_NEVER]
-                elif t < g[1]:
-                    late.append(rec)
-                    continue
-                panes = g[2]
-                p = t // {pane}
-                acc = panes.get(p)
-                if acc is None:
-                    acc = _new()
-{update}
-                    panes[p] = acc
-                    end = {first_end}
-                    if end < g[3]:
-                        g[3] = end
-                else:
-{update}
-                if t > g[0]:
-                    g[0] = t
-                    lb = t - {lateness}
-                    if lb > g[1]:
-                        g[1] = lb
-                        if lb >= g[3]:
-{close}
-            except (RecordError, TypeError, AttributeError) as exc:
-                errs.append(_failed(_step, _explain(exc, _step), rec))
-"""
-
-# Tumbling windows close inline: the panes are the windows.
-_TUMBLING_CLOSE = """
-for q in [q for q in panes if (q + 1) * {size} <= lb]:
-    a = panes.pop(q)
-    row = {row}
-    _finish(a, row)
-    down.append(row)
-g[3] = (min(panes) + 1) * {size} if panes else _NEVER
-g[4] = lb
-"""
-
-
-def _compile_pane_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
-    """The per-step loop adding sub-batches to panes (key, time and aggregates inlined)."""
-    env: dict[str, Any] = dict(o.accs.update_env)
-    extract = extraction_code(cfg.group_by, cfg.time_field, cfg.time_unit, env, " " * 16)
-    cache = o.output.iso_cache
-    env.update(
-        _NEVER=_NEVER,
-        _new=o.accs.new,
-        _finish=o.accs.finish,
-        _head=o.output.head,
-        _iso=o.output.iso,
-        _isoc=cache,
-        _failed=Failed.of,
-        _step=o.step_id,
-        _explain=_explain,
-        RecordError=RecordError,
-    )
-    size, slide, pane = o.size, o.slide, o.pane
-    if o.tumbling:
-        first_end = f"(p + 1) * {size}"
-        start, end = f"q * {size}", f"(q + 1) * {size}"
-        if o.output.flat:
-            row = (
-                f"{{{cfg.group_by[0]!r}: key, "
-                f"'window_start': _isoc.get({start}) or _iso({start}), "
-                f"'window_end': _isoc.get({end}) or _iso({end})}}"
-            )
-        else:
-            row = f"_head(key, {start}, {end})"
-        close = _TUMBLING_CLOSE.format(size=size, row=row)
-    else:
-        first_end = f"-(({size} - (p + 1) * {pane}) // {slide}) * {slide} + {size}"
-        close = "due.append(key)"
-    code = _PANE_INGEST.format(
-        extract="\n".join(extract),
-        update="\n".join(indent_code(o.accs.update_code, " " * 20)),
-        pane=pane,
-        first_end=first_end,
-        lateness=o.lateness,
-        close="\n".join(" " * 28 + line for line in close.strip().split("\n")),
-    )
-    exec(compile(code, f"<window {o.step_id}>", "exec"), env)  # noqa: S102
-    return env["ingest"]
 
 
 def _explain(exc: BaseException, step_id: str) -> BaseException:
     if isinstance(exc, TypeError):
         return BadValue(f"step {step_id!r}: group key cannot be hashed ({exc})")
     return exc
+
+
+# The per-step loops below are generated once per step: key and time extraction and the
+# aggregate updates are inlined, so a record costs no Python call in the common case.
+_WINDOWS_INGEST = """
+def ingest(groups, batches, late, errs, down):
+    for batch in batches:
+        for rec in batch:
+            try:
+{extract}
+                g = groups.get(key)
+                if g is None:
+                    g = groups[key] = [-_NEVER, -_NEVER, {{}}, _NEVER]
+                elif t < g[1]:
+                    late.append(rec)
+                    continue
+                wins = g[2]
+{place}
+                if t > g[0]:
+                    g[0] = t
+                    lb = t - {lateness}
+                    if lb > g[1]:
+                        g[1] = lb
+                        if lb >= g[3]:
+                            for s in [s for s in wins if s + {size} <= lb]:
+                                acc = wins.pop(s)
+                                row = {row}
+                                _finish(acc, row)
+                                down.append(row)
+                            g[3] = min(wins) + {size} if wins else _NEVER
+            except (RecordError, TypeError, AttributeError) as exc:
+                errs.append(_failed(_step, _explain(exc, _step), rec))
+"""
+
+# A tumbling window holds each record once...
+_TUMBLING_PLACE = """
+s = t - t % {size}
+acc = wins.get(s)
+if acc is None:
+    acc = _new()
+{update}
+    wins[s] = acc
+    if s + {size} < g[3]:
+        g[3] = s + {size}
+else:
+{update}
+"""
+
+# ...a sliding window every window with start <= t < start + size. A record that does
+# not fit raises in the first update, before anything changed.
+_SLIDING_PLACE = """
+last = t - t % {slide}
+for s in range(last - (last - t + {size} - 1) // {slide} * {slide}, last + 1, {slide}):
+    acc = wins.get(s)
+    if acc is None:
+        acc = _new()
+{update}
+        wins[s] = acc
+        if s + {size} < g[3]:
+            g[3] = s + {size}
+    else:
+{update}
+"""
+
+_SESSIONS_INGEST = """
+def ingest(groups, batches, late, errs, down):
+    for batch in batches:
+        for rec in batch:
+            try:
+{extract}
+                g = groups.get(key)
+                if g is None:
+                    g = groups[key] = [-_NEVER, -_NEVER, [], _NEVER]
+                elif t < g[1]:
+                    late.append(rec)
+                    continue
+                ss = g[2]
+                if not ss or t - ss[-1][1] >= {gap}:
+                    acc = _new()
+{update_new}
+                    ss.append([t, t, acc])
+                elif t >= ss[-1][0]:
+                    s = ss[-1]
+                    acc = s[2]
+{update_new}
+                    if t > s[1]:
+                        s[1] = t
+                else:
+                    _place(ss, rec, t)
+                g[3] = ss[0][1] + {gap}
+                if t > g[0]:
+                    g[0] = t
+                    lb = t - {lateness}
+                    if lb > g[1]:
+                        g[1] = lb
+                if g[1] >= g[3]:
+                    keep = []
+                    for s in ss:
+                        if s[1] + {gap} <= g[1]:
+                            row = {row}
+                            _finish(s[2], row)
+                            down.append(row)
+                        else:
+                            keep.append(s)
+                    g[2] = keep
+                    g[3] = keep[0][1] + {gap} if keep else _NEVER
+            except (RecordError, TypeError, AttributeError) as exc:
+                errs.append(_failed(_step, _explain(exc, _step), rec))
+"""
+
+
+def _block(code: str, indent: int) -> str:
+    return "\n".join(" " * indent + line if line else line for line in code.strip("\n").split("\n"))
+
+
+def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
+    """The generated ingest loop of a window step."""
+    env: dict[str, Any] = dict(o.accs.update_env)
+    extract = "\n".join(extraction_code(cfg.group_by, cfg.time_field, cfg.time_unit, env, " " * 16))
+    env.update(
+        _NEVER=_NEVER,
+        _new=o.accs.new,
+        _finish=o.accs.finish,
+        _head=o.output.head,
+        _iso=o.output.iso,
+        _isoc=o.output.iso_cache,
+        _failed=Failed.of,
+        _step=o.step_id,
+        _explain=_explain,
+        _place=o.place_out_of_order,
+        RecordError=RecordError,
+    )
+
+    def row(start: str, end: str) -> str:
+        if o.output.flat:
+            return (
+                f"{{{cfg.group_by[0]!r}: key, "
+                f"'window_start': _isoc.get({start}) or _iso({start}), "
+                f"'window_end': _isoc.get({end}) or _iso({end})}}"
+            )
+        return f"_head(key, {start}, {end})"
+
+    if o.session:
+        update = "\n".join(indent_code(o.accs.update_code, " " * 20))
+        code = _SESSIONS_INGEST.format(
+            extract=extract,
+            update_new=update,
+            gap=o.gap,
+            lateness=o.lateness,
+            row=row("s[0]", "s[1]"),
+        )
+    else:
+        place = _TUMBLING_PLACE if o.tumbling else _SLIDING_PLACE
+        depth = 4 if o.tumbling else 8
+        update = "\n".join(indent_code(o.accs.update_code, " " * depth))
+        body = place.format(size=o.size, slide=o.slide, update=update)
+        code = _WINDOWS_INGEST.format(
+            extract=extract,
+            place=_block(body, 16),
+            lateness=o.lateness,
+            size=o.size,
+            row=row("s", f"s + {o.size}"),
+        )
+    exec(compile(code, f"<window {o.step_id}>", "exec"), env)  # noqa: S102
+    return env["ingest"]
 
 
 class _WindowOp:
@@ -539,27 +457,38 @@ class _WindowOp:
         self.definition = _definition(cfg, shards)
         self.idle_timeout = idle_timeout
         self.key = key_getter(cfg.group_by)
-        self.time = time_reader(cfg.time_field, cfg.time_unit)
         self.accs = compile_aggregates(cfg.aggregations)
         self.output = _Output(tuple(cfg.group_by), self.accs)
         self.lateness = to_us(cfg.allowed_lateness)
         spec = cfg.window
-        if spec.type == "session":
-            self.gap = to_us(spec.gap or 0)
-            self.size = self.slide = self.pane = 0
-        else:
-            self.size = to_us(spec.size or 0)
-            self.slide = to_us(spec.slide or spec.size or 0)
-            self.pane = math.gcd(self.size, self.slide)
-            self.gap = 0
         self.session = spec.type == "session"
+        self.gap = to_us(spec.gap or 0) if self.session else 0
+        self.size = 0 if self.session else to_us(spec.size or 0)
+        self.slide = 0 if self.session else to_us(spec.slide or spec.size or 0)
         self.tumbling = not self.session and self.slide == self.size
-        self.ingest = None if self.session else _compile_pane_ingest(self, cfg)
+        self.ingest = _compile_ingest(self, cfg)
+
+    def place_out_of_order(self, ss: list[list[Any]], rec: Any, t: int) -> None:
+        """Add a record older than the group's last session: join or bridge sessions."""
+        accs, gap = self.accs, self.gap
+        near = [s for s in ss if s[0] - gap < t < s[1] + gap]
+        if not near:
+            acc = accs.new()
+            accs.update(acc, rec, t)
+            ss.append([t, t, acc])
+            ss.sort(key=lambda s: s[0])
+            return
+        head = near[0]
+        accs.update(head[2], rec, t)
+        for s in near[1:]:
+            accs.merge(head[2], s[2])
+            head[1] = max(head[1], s[1])
+            ss.remove(s)
+        head[0] = min(head[0], t)
+        head[1] = max(head[1], t)
 
     def build(self, resume: Any) -> ShardLogic:
-        if self.session:
-            return _SessionShard(self, resume)
-        return _PaneShard(self, resume)
+        return _WindowShard(self, resume)
 
 
 @operator
