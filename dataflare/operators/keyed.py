@@ -21,6 +21,7 @@ import pickle
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from operator import methodcaller
 from typing import Any
 
 import bytewax.operators as op
@@ -68,10 +69,15 @@ def component_id(step_id: str) -> str:
 
 
 def key_getter(paths: Sequence[str]) -> Callable[[Any], Any]:
-    """The grouping key of a record: the value at one path, or a tuple for several."""
+    """The grouping key of a record: the value at one path, or a tuple for several.
+
+    Records are dicts; a top-level field is read by ``methodcaller`` (no Python frame).
+    """
     if not paths:
         return lambda record: None
     if len(paths) == 1:
+        if "." not in paths[0]:
+            return methodcaller("get", paths[0])
         return getter(paths[0])
     gets = tuple(getter(p) for p in paths)
     return lambda record: tuple(g(record) for g in gets)
@@ -91,28 +97,25 @@ def shard_router(
     Records whose key cannot be hashed go to shard 0, where the logic reports them.
     """
     cache: dict[Any, int] = {}
+    cached = cache.get
     names = _SHARD_NAMES[:shards]
 
     def route(batch: list[Any]) -> list[tuple[str, Any]]:
-        parts: dict[int, list[Any]] = {}
+        parts: list[list[Any]] = [[] for _ in range(shards)]
         for rec in batch:
-            key = keys(rec)
             try:
-                s = cache.get(key)
+                key = keys(rec)
+                s = cached(key)
                 if s is None:
                     if len(cache) > 1_000_000:
                         cache.clear()
                     s = cache[key] = shard_of(key, shards)
-            except TypeError:
+            except (TypeError, AttributeError):
                 s = 0
-            sub = parts.get(s)
-            if sub is None:
-                parts[s] = [rec]
-            else:
-                sub.append(rec)
+            parts[s].append(rec)
         if tag is None:
-            return [(names[s], sub) for s, sub in parts.items()]
-        return [(names[s], (tag, sub)) for s, sub in parts.items()]
+            return [(names[s], sub) for s, sub in enumerate(parts) if sub]
+        return [(names[s], (tag, sub)) for s, sub in enumerate(parts) if sub]
 
     return route
 
