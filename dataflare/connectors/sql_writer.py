@@ -33,13 +33,14 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
 from bytewax.dataflow import Stream, operator
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from dataflare.connectors.batching import Flush, buffer
 from dataflare.records import META, Failed, getter
@@ -434,26 +435,56 @@ def iter_rows(columns: list[str], rows: list[dict[str, Any]],
         yield values
 
 
-class _TableSinkPartition(StatelessSinkPartition[Flush]):
+class _TableSinkPartition(StatefulSinkPartition[Flush, None]):
+    """Writes flushes on a thread of its own, one at a time and in order.
+
+    While the database works on one flush, the dataflow prepares the next. A snapshot
+    waits for the write in flight, so every flush of a snapshotted epoch is committed;
+    a failed write raises at the next flush or snapshot.
+    """
+
     def __init__(self, writer: TableWriter) -> None:
         self.writer = writer
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"dataflare-{writer.step}")
+        self.pending: Future[int] | None = None
 
-    def write_batch(self, items: list[Flush]) -> None:
-        for flush in items:
-            self.writer.write(flush.items, first=flush.seq == 0, run=flush.run)
+    def _wait(self) -> None:
+        fut, self.pending = self.pending, None
+        if fut is not None:
+            fut.result()
+
+    def write_batch(self, values: list[Flush]) -> None:
+        for flush in values:
+            self._wait()
+            self.pending = self.pool.submit(
+                self.writer.write, flush.items, flush.seq == 0, flush.run
+            )
+
+    def snapshot(self) -> None:
+        self._wait()
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self._wait()
+        finally:
+            self.pool.shutdown()
+            self.writer.close()
 
 
-class TableSink(DynamicSink[Flush]):
-    """A bytewax sink writing flushed batches with a :class:`TableWriter` per worker."""
+class TableSink(FixedPartitionedSink[Flush, None]):
+    """A bytewax sink writing flushed batches with one :class:`TableWriter`."""
 
     def __init__(self, make_writer: Callable[[], TableWriter]) -> None:
         self.make_writer = make_writer
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _TableSinkPartition:
-        """A writer for this worker (it connects on its first write)."""
+    def list_parts(self) -> list[str]:
+        """One partition: one writer per destination."""
+        return ["0"]
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: None
+    ) -> _TableSinkPartition:
+        """The writer (it connects on its first write)."""
         return _TableSinkPartition(self.make_writer())
 
 
@@ -472,7 +503,8 @@ def table_output(
     prepared = op.map("prepare", up, lambda b: prepare(b, name, merge_key))
     items = op.filter_map("records", prepared, lambda p: p[0] or None)
     flushed = buffer("batch", items, batch.size, batch.flush_interval)
-    op.output("write", flushed, TableSink(make_writer))
+    keyed = op.map("writer", flushed, lambda flush: ("0", flush))
+    op.output("write", keyed, TableSink(make_writer))
     return op.filter_map("errors", prepared, lambda p: p[1] or None)
 
 
