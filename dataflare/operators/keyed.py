@@ -337,12 +337,12 @@ def route_and_merge(
     return op.merge("merge_sides", *routed)
 
 
-def idle_timeout_of(ctx: Any) -> float | None:
-    """The smallest ``streaming.idle_timeout`` of the sources upstream of ``ctx``'s step."""
+def upstream_sources(ctx: Any) -> list[Any]:
+    """The source components feeding ``ctx``'s step, directly or through transformations."""
     wf = getattr(ctx, "workflow", None)
     if wf is None:
-        return None
-    found: list[float] = []
+        return []
+    found: list[Any] = []
     seen: set[str] = set()
     todo = list(getattr(ctx.component, "inputs", []) or [])
     while todo:
@@ -350,35 +350,26 @@ def idle_timeout_of(ctx: Any) -> float | None:
         if ref in seen:
             continue
         seen.add(ref)
-        src = wf.sources.get(ref)
-        if src is not None:
-            if src.streaming is not None and src.streaming.idle_timeout is not None:
-                found.append(src.streaming.idle_timeout)
-            continue
-        tr = wf.transformations.get(ref)
-        if tr is not None:
-            todo.extend(tr.inputs)
-    return min(found) if found else None
+        if ref in wf.sources:
+            found.append(wf.sources[ref])
+        elif ref in wf.transformations:
+            todo.extend(wf.transformations[ref].inputs)
+    return found
+
+
+def idle_timeout_of(ctx: Any) -> float | None:
+    """The smallest ``streaming.idle_timeout`` of the sources upstream of ``ctx``'s step."""
+    timeouts = [
+        src.streaming.idle_timeout
+        for src in upstream_sources(ctx)
+        if src.streaming is not None and src.streaming.idle_timeout is not None
+    ]
+    return min(timeouts) if timeouts else None
 
 
 def unbounded_upstream(ctx: Any) -> bool:
-    """Whether any source upstream of ``ctx``'s step is unbounded (streaming, cdc, hybrid)."""
-    wf = getattr(ctx, "workflow", None)
-    if wf is None:
-        return False
-    seen: set[str] = set()
-    todo = list(getattr(ctx.component, "inputs", []) or [])
-    while todo:
-        ref = todo.pop().split(".", 1)[0]
-        if ref in seen:
-            continue
-        seen.add(ref)
-        src = wf.sources.get(ref)
-        if src is not None:
-            if src.mode in ("streaming", "cdc", "hybrid") or src.streaming is not None:
-                return True
-            continue
-        tr = wf.transformations.get(ref)
-        if tr is not None:
-            todo.extend(tr.inputs)
-    return False
+    """Whether a source upstream of ``ctx``'s step is unbounded (streaming, cdc, hybrid)."""
+    return any(
+        src.mode in ("streaming", "cdc", "hybrid") or src.streaming is not None
+        for src in upstream_sources(ctx)
+    )

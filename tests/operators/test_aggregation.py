@@ -208,3 +208,40 @@ def test_unknown_operation_lists_the_known_ones():
 def test_registered():
     spec = registry.lookup("transformation", "aggregation")
     assert spec is not None and spec.stateful and spec.config is AggregationConfig
+
+
+def test_builder_emits_updates_for_unbounded_sources():
+    from pathlib import Path
+
+    from dataflare.dsl_compiler import models
+    from dataflare.operators.keyed import idle_timeout_of, unbounded_upstream
+    from dataflare.registry import BuildContext
+
+    def workflow(mode: str) -> models.Workflow:
+        return models.Workflow.model_validate(
+            {
+                "sources": {
+                    "s": {"type": "kafka", "mode": mode, "streaming": {"idle_timeout": "5s"}}
+                    if mode == "streaming"
+                    else {"type": "file", "mode": mode}
+                },
+                "transformations": {
+                    "m": {"type": "filter", "inputs": ["s"]},
+                    "agg": {"type": "aggregation", "inputs": ["m"]},
+                },
+            }
+        )
+
+    cfg = AggregationConfig.model_validate({"group_by": "k"})
+    spec = registry.lookup("transformation", "aggregation")
+    for mode, emits in (("streaming", 3), ("full", 2)):
+        wf = workflow(mode)
+        ctx = BuildContext("agg", "transformation", wf.transformations["agg"], cfg, wf, Path("."))
+        assert unbounded_upstream(ctx) is (mode == "streaming")
+        assert idle_timeout_of(ctx) == (5.0 if mode == "streaming" else None)
+        got = run_flow(
+            lambda flow, src, ctx=ctx: {"down": spec.build(ctx, [src]).down},
+            [[{"k": 1}, {"k": 2}], [{"k": 1}]],
+        )["down"]
+        assert len(got) == emits
+        assert {(r["k"], r["count"]) for r in got} >= {(1, 2), (2, 1)}
