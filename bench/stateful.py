@@ -7,6 +7,7 @@
 W2  drop ``view``; 60 s tumbling window per ``user_id``: count and sum of ``amount``
 W3  5 min / 1 min sliding count per user, and 30 s gap sessions per user (one flow)
 W4  events joined to orders (200,000, keyed by user) per user in 5 min tumbling windows
+W7  W2 by DataFlare on one process and on two (one worker each; Kafka only)
 
 Systems, each in its own process on the same data:
 
@@ -242,14 +243,10 @@ def w2_bytewax(args: argparse.Namespace) -> list[tuple]:
     return [(u, wid * MIN, a[0], a[1]) for u, (wid, a) in got]
 
 
-def w2_dataflare(args: argparse.Namespace) -> list[tuple]:
-    import bytewax.operators as op
-    from bytewax.dataflow import Dataflow
-    from bytewax.testing import TestingSink
+def w2_config() -> Any:
+    from dataflare.operators.window import WindowConfig
 
-    from dataflare.operators.window import WindowConfig, window
-
-    cfg = WindowConfig.model_validate(
+    return WindowConfig.model_validate(
         {
             "window": {"type": "tumbling", "size": "60s"},
             "time_field": "ts",
@@ -258,6 +255,16 @@ def w2_dataflare(args: argparse.Namespace) -> list[tuple]:
             "aggregations": [{"operations": ["count"]}, {"field": "amount", "operations": ["sum"]}],
         }
     )
+
+
+def w2_dataflare(args: argparse.Namespace) -> list[tuple]:
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink
+
+    from dataflare.operators.window import window
+
+    cfg = w2_config()
     flow = Dataflow("w2_dataflare")
     batches = dataflare_input(args, flow, "events")
     engaged = op.map("engaged", batches, lambda b: [e for e in b if e["event"] != "view"])
@@ -505,29 +512,78 @@ def w4_dataflare_rows(got: list[Any]) -> list[tuple]:
     return [(r["id"], r["order_id"]) for b in got for r in b]
 
 
+# ------------------------------------------------------------------------------- W7
+# W2 on one process and on two (bytewax's -i/-a: one worker per process, Kafka only).
+
+
+def w7_worker(args: argparse.Namespace) -> None:
+    """One process of the two-process W2 run: write its window rows to ``--dump``."""
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink, cluster_main
+
+    from dataflare.operators.window import window
+
+    flow = Dataflow("w7_dataflare")
+    batches = dataflare_input(args, flow, "events")
+    engaged = op.map("engaged", batches, lambda b: [e for e in b if e["event"] != "view"])
+    got: list[Any] = []
+    op.output("out", window("w2", engaged, w2_config()).down, TestingSink(got))
+    cluster_main(flow, args.addresses.split(";"), args.proc)
+    Path(args.dump).write_text(json.dumps(w2_dataflare_rows(got)))
+
+
+def w7_two_processes(args: argparse.Namespace) -> list[tuple]:
+    from dataflare.broker import free_port
+
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(2))
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, __file__, "--child", "w7-worker", "--source", args.source]
+        cmd += ["--servers", args.servers, "--addresses", addresses, "--proc", str(i)]
+        cmd += ["--events", str(args.events), "--dump", f"{args.dump}.{i}"]
+        procs.append(subprocess.Popen(cmd, env={**os.environ, "RUST_BACKTRACE": "0"}))
+    for p in procs:
+        if p.wait() != 0:
+            msg = "a W7 worker process failed"
+            raise RuntimeError(msg)
+    rows: list[tuple] = []
+    for i in range(2):
+        part = Path(f"{args.dump}.{i}")
+        rows += [tuple(r) for r in json.loads(part.read_text())]
+        part.unlink()
+    return rows
+
+
 # ------------------------------------------------------------------------------ driver
 
 SYSTEMS: dict[str, dict[str, Callable[[argparse.Namespace], Any]]] = {
     "w2": {"raw": w2_raw, "bytewax": w2_bytewax, "quix": w2_quix, "dataflare": w2_dataflare},
     "w3": {"raw": w3_raw, "bytewax": w3_bytewax, "dataflare": w3_dataflare},
     "w4": {"raw": w4_raw, "bytewax": w4_bytewax, "dataflare": w4_dataflare},
+    "w7": {"raw": w2_raw, "1proc": w2_dataflare, "2proc": w7_two_processes},
 }
 ROWS: dict[str, Callable[[Any], list[tuple]]] = {
     "w2-dataflare": w2_dataflare_rows,
     "w3-dataflare": w3_dataflare_rows,
     "w4-dataflare": w4_dataflare_rows,
+    "w7-1proc": w2_dataflare_rows,
 }
 
 
 def measure(fn: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
     """Wall and CPU seconds of ``fn`` (all threads) and peak RSS; and its result."""
     r0 = resource.getrusage(resource.RUSAGE_SELF)
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     result = fn()
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    return {"wall": wall, "cpu": cpu, "rss_mb": r1.ru_maxrss / 1024}, result
+    cpu += (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    rss = max(r1.ru_maxrss, c1.ru_maxrss) / 1024
+    return {"wall": wall, "cpu": cpu, "rss_mb": rss}, result
 
 
 def canonical(rows: list[tuple]) -> list[str]:
@@ -539,6 +595,9 @@ def canonical(rows: list[tuple]) -> list[str]:
 
 def child(args: argparse.Namespace) -> None:
     """Run one system in this process; print its measurement and output digest as JSON."""
+    if args.child == "w7-worker":
+        w7_worker(args)
+        return
     workload, system = args.child.split("-", 1)
     if args.source == "memory":
         preload(args.events)
@@ -583,6 +642,9 @@ def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) 
                 f"  {name} / raw: wall {m['wall'] / base['wall']:.2f}x, "
                 f"cpu {m['cpu'] / base['cpu']:.2f}x"
             )
+    if "2proc" in med:
+        one, two = med["1proc"], med["2proc"]
+        print(f"  2 processes: {one['wall'] / two['wall']:.2f}x the throughput of 1 (wall)")
     if "dataflare" in med:
         d = med["dataflare"]
         for ref in ("bytewax", "quix"):
@@ -646,6 +708,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--servers", help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
+    parser.add_argument("--addresses", help=argparse.SUPPRESS)
+    parser.add_argument("--proc", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -671,6 +735,8 @@ def main() -> None:
                 for s in SYSTEMS[workload]
                 if s not in args.skip and not (s == "quix" and args.source != "kafka")
             ]
+            if workload == "w7" and args.source != "kafka":
+                continue
             results: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
             for _ in range(args.runs):
                 for system in names:
