@@ -159,6 +159,10 @@ class Accumulators:
     """The body of ``update`` (4-space indented; names ``acc``, ``rec``, ``t``), to inline."""
     update_env: dict[str, Any]
     """The globals ``update_code`` needs."""
+    new_code: str
+    """An expression making an empty accumulator, to inline."""
+    finish_items: tuple[tuple[str, str], ...]
+    """(output path, expression over ``acc``) of each aggregate, to inline."""
 
     def merge(self, into: list[Any], other: list[Any]) -> None:
         """Add ``other`` into ``into``."""
@@ -290,10 +294,12 @@ def compile_aggregates(aggs: Sequence[Aggregate]) -> Accumulators:
     # which is incremented last.
     body = [*lines[2:], *checks, *updates, "    acc[0] += 1"]
     lines = [lines[0], *body]
+    new_code = "[" + ", ".join(_EMPTY_CODE[k] for k in kinds) + "]"
     lines.append("def new():")
-    lines.append("    return [" + ", ".join(_EMPTY_CODE[k] for k in kinds) + "]")
+    lines.append(f"    return {new_code}")
     lines.append("def finish(acc, out):")
     lines.append("    pass")
+    items: list[tuple[str, str]] = []
     for o in outputs:
         s0 = o.slots[0]
         if o.op == "sum":
@@ -306,6 +312,7 @@ def compile_aggregates(aggs: Sequence[Aggregate]) -> Accumulators:
             expr = f"None if acc[{s0}] is None else acc[{s0}][1]"
         else:
             expr = f"acc[{s0}]"
+        items.append((o.path, expr))
         if "." in o.path:
             lines.append(f"    _set_path(out, {o.path!r}, {expr})")
         else:
@@ -321,4 +328,6 @@ def compile_aggregates(aggs: Sequence[Aggregate]) -> Accumulators:
         env["finish"],
         "\n".join(body),
         {k: v for k, v in env.items() if k in ("_bad", "_set_path") or k.startswith("g_")},
+        new_code,
+        tuple(items),
     )

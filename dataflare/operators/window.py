@@ -303,12 +303,10 @@ def ingest(groups, batches, late, errs, down):
                     lb = t - {lateness}
                     if lb > g[1]:
                         g[1] = lb
-                        if lb >= g[3]:
-                            for s in [s for s in wins if s + {size} <= lb]:
-                                acc = wins.pop(s)
-                                row = {row}
-                                _finish(acc, row)
-                                down.append(row)
+                        while lb >= g[3]:
+                            s = g[3] - {size}
+                            acc = wins.pop(s)
+{emit}
                             g[3] = min(wins) + {size} if wins else _NEVER
             except (RecordError, TypeError, AttributeError) as exc:
                 errs.append(_failed(_step, _explain(exc, _step), rec))
@@ -319,7 +317,7 @@ _TUMBLING_PLACE = """
 s = t - t % {size}
 acc = wins.get(s)
 if acc is None:
-    acc = _new()
+    acc = {new}
 {update}
     wins[s] = acc
     if s + {size} < g[3]:
@@ -335,7 +333,7 @@ last = t - t % {slide}
 for s in range(last - (last - t + {size} - 1) // {slide} * {slide}, last + 1, {slide}):
     acc = wins.get(s)
     if acc is None:
-        acc = _new()
+        acc = {new}
 {update}
         wins[s] = acc
         if s + {size} < g[3]:
@@ -358,7 +356,7 @@ def ingest(groups, batches, late, errs, down):
                     continue
                 ss = g[2]
                 if not ss or t - ss[-1][1] >= {gap}:
-                    acc = _new()
+                    acc = {new}
 {update_new}
                     ss.append([t, t, acc])
                 elif t >= ss[-1][0]:
@@ -379,9 +377,8 @@ def ingest(groups, batches, late, errs, down):
                     keep = []
                     for s in ss:
                         if s[1] + {gap} <= g[1]:
-                            row = {row}
-                            _finish(s[2], row)
-                            down.append(row)
+                            acc = s[2]
+{emit}
                         else:
                             keep.append(s)
                     g[2] = keep
@@ -422,6 +419,16 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
             )
         return f"_head(key, {start}, {end})"
 
+    def emit(start: str, end: str, indent: int) -> str:
+        """Append the output record of the window in ``acc`` to ``down``."""
+        items = o.accs.finish_items
+        if o.output.flat and all("." not in path for path, _ in items):
+            fields = "".join(f", {path!r}: {expr}" for path, expr in items)
+            code = f"down.append({row(start, end)[:-1]}{fields}}})"
+        else:
+            code = f"row = {row(start, end)}\n_finish(acc, row)\ndown.append(row)"
+        return _block(code, indent)
+
     if o.session:
         update = "\n".join(indent_code(o.accs.update_code, " " * 20))
         code = _SESSIONS_INGEST.format(
@@ -429,19 +436,20 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
             update_new=update,
             gap=o.gap,
             lateness=o.lateness,
-            row=row("s[0]", "s[1]"),
+            emit=emit("s[0]", "s[1]", 28),
+            new=o.accs.new_code,
         )
     else:
         place = _TUMBLING_PLACE if o.tumbling else _SLIDING_PLACE
         depth = 4 if o.tumbling else 8
         update = "\n".join(indent_code(o.accs.update_code, " " * depth))
-        body = place.format(size=o.size, slide=o.slide, update=update)
+        body = place.format(size=o.size, slide=o.slide, update=update, new=o.accs.new_code)
         code = _WINDOWS_INGEST.format(
             extract=extract,
             place=_block(body, 16),
             lateness=o.lateness,
             size=o.size,
-            row=row("s", f"s + {o.size}"),
+            emit=emit("s", f"s + {o.size}", 28),
         )
     exec(compile(code, f"<window {o.step_id}>", "exec"), env)  # noqa: S102
     return env["ingest"]
