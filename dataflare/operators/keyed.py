@@ -43,20 +43,22 @@ US = 1_000_000
 DOWN, LATE, ERRS = "down", "late", "errs"
 
 
-_LATE = Counter("dataflare_late_records", "Records older than the watermark, per step.", ["step"])
-_DROPPED = Counter(
+LATE_RECORDS = Counter(
+    "dataflare_late_records", "Records older than the watermark, per step.", ["step"]
+)
+DUPLICATES_DROPPED = Counter(
     "dataflare_duplicates_dropped", "Records dropped as repeats by dedupe, per step.", ["step"]
 )
 
 
 def late_records(step_id: str, count: int) -> None:
     """Count ``count`` late records of ``step_id`` (metric ``dataflare_late_records_total``)."""
-    _LATE.labels(step_id).inc(count)
+    LATE_RECORDS.labels(step_id).inc(count)
 
 
 def duplicates_dropped(step_id: str, count: int) -> None:
     """Count ``count`` repeats dropped by ``step_id``."""
-    _DROPPED.labels(step_id).inc(count)
+    DUPLICATES_DROPPED.labels(step_id).inc(count)
 
 
 class DefinitionChanged(RuntimeError):

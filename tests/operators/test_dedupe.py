@@ -133,3 +133,13 @@ def test_resume_with_changed_keys_is_refused(tmp_path):
 def test_registered():
     spec = registry.lookup("transformation", "dedupe")
     assert spec is not None and spec.stateful and spec.config is DedupeConfig
+
+
+def test_dropped_repeats_are_counted_in_a_metric():
+    from dataflare.metrics import value
+    from dataflare.operators.keyed import DUPLICATES_DROPPED
+
+    before = value(DUPLICATES_DROPPED, step="dd")
+    cfg = DedupeConfig.model_validate({"keys": "a"})
+    assert len(run_flow(dedupe_flow(cfg), [[{"a": 1}, {"a": 1}, {"a": 1}]])["down"]) == 1
+    assert value(DUPLICATES_DROPPED, step="dd") == before + 2

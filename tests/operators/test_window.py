@@ -522,3 +522,16 @@ def test_registered_as_stateful_transformation():
     spec = registry.lookup("transformation", "window")
     assert spec is not None and spec.stateful and spec.config is WindowConfig
     assert spec.named_outputs is not None and spec.named_outputs(None) == ["late"]
+
+
+def test_late_records_are_counted_in_a_metric():
+    from dataflare.metrics import value
+    from dataflare.operators.keyed import LATE_RECORDS
+
+    before = value(LATE_RECORDS, step="win")
+    cfg = WindowConfig.model_validate(
+        {"window": {"type": "tumbling", "size": "10s"}, "time_field": "ts"}
+    )
+    got = run_flow(window_flow(cfg), [[{"ts": 30}, {"ts": 1}, {"ts": 2}, {"ts": 31}]])
+    assert len(got["late"]) == 2
+    assert value(LATE_RECORDS, step="win") == before + 2
