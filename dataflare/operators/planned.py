@@ -6,12 +6,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from dataflare.config import Duration, Open, Strict
+from dataflare.config import Duration, Strict
 from dataflare.registry import planned
-
-
-class PluginCallConfig(Open):
-    """Settings handed to a plugin (``custom`` and ``plugin`` types): passed through as is."""
 
 
 class MlConfig(Strict):
@@ -80,10 +76,6 @@ class EnrichConfig(Strict):
 
 
 _NOTE = "planned (not available yet)"
-planned("transformation", "custom", config=PluginCallConfig,
-        description="A transformation implemented by a plugin.", note=_NOTE)
-planned("transformation", "plugin", config=PluginCallConfig,
-        description="Call a plugin (WASM, native or remote) per record.", note=_NOTE)
 planned("transformation", "ml", config=MlConfig, description="Apply a model.", note=_NOTE)
 planned("transformation", "data_quality", config=DataQualityConfig,
         description="Validate and standardize fields.", note=_NOTE)
