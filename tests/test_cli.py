@@ -73,16 +73,17 @@ workflow:
     proc = subprocess.Popen([sys.executable, "-m", "dataflare", "run", str(flow), "-q",
                              "--metrics-port", str(port)], env=env, cwd=tmp_path)
     try:
-        deadline, text = time.monotonic() + 30, ""
-        while time.monotonic() < deadline and 'dataflare_records_out_total{step="big"}' not in text:
+        deadline, seen = time.monotonic() + 30, 0.0
+        while time.monotonic() < deadline and seen == 0:
             time.sleep(0.3)
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
                     text = resp.read().decode()
             except OSError:
                 continue
-        line = next(ln for ln in text.splitlines()
-                    if ln.startswith('dataflare_records_out_total{step="gen"}'))
-        assert float(line.split()[-1]) > 0
+            lines = [ln for ln in text.splitlines()
+                     if ln.startswith('dataflare_records_out_total{step="gen"}')]
+            seen = float(lines[0].split()[-1]) if lines else 0.0
+        assert seen > 0
     finally:
         assert proc.wait(timeout=60) == 0
