@@ -15,6 +15,10 @@ W5  W2's output (count and sum per user and 60 s window, computed here from the 
       into an empty table
     - merge (update): the same rows merged again, every row a conflict
 
+W6  the cost of exactly-once: W2 + W5 as one workflow (kafka -> filter -> 60 s tumbling
+    window per user -> postgres merge), run by ``python -m bytewax.run`` without and
+    with recovery (``-r DIR -s 1``); the ratio of throughputs is the cost.
+
 Every system runs in its own process on the same data; each reports the wall and CPU
 seconds of its pipeline (imports and set-up excluded) and its peak RSS. Medians of
 ``--runs`` runs are printed, then the ratios to the reference.
@@ -279,6 +283,83 @@ def w5_merge(schema: str, rows: list[dict[str, Any]], table: str = "merged") -> 
     return len(rows)
 
 
+# --------------------------------------------------------------------------------- W6
+
+W6_FLOW = """
+workflow:
+  id: w6
+  sources:
+    events:
+      type: kafka
+      config: {{bootstrap_servers: "{servers}", topic: "{src}", stop_at_end: true}}
+  transformations:
+    engaged:
+      inputs: [events]
+      type: filter
+      config: {{condition: "event != 'view'"}}
+    per_minute:
+      inputs: [engaged]
+      type: window
+      config:
+        window: {{type: tumbling, size: 60s}}
+        time_field: ts
+        time_unit: ms
+        group_by: [user_id]
+        aggregations:
+          - {{field: event, operations: [count], as: events}}
+          - {{field: amount, operations: [sum], as: amount_sum}}
+  destinations:
+    warehouse:
+      inputs: [per_minute]
+      type: postgres
+      config: {{dsn: "{dsn}", schema: "{schema}", table: per_minute}}
+      write_mode: {{type: merge, merge_key: [user_id, window_start]}}
+"""
+
+
+def w6_run(servers: str, src: str, recovery: bool, gc_threshold: int) -> dict[str, Any]:
+    """One run of the W6 workflow in a child process; wall, CPU, RSS and rows written."""
+    import psycopg
+    from bytewax.recovery import init_db_dir
+
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            flow = Path(tmp) / "w6.yaml"
+            flow.write_text(W6_FLOW.format(servers=servers, src=src, dsn=PG_DSN, schema=schema))
+            prelude = f"import gc; gc.set_threshold({gc_threshold}, 50, 100); " \
+                if gc_threshold else ""
+            cmd = [sys.executable, "-c",
+                   f"{prelude}import runpy, sys; sys.argv = ['bytewax.run'] + sys.argv[1:]; "
+                   "runpy.run_module('bytewax.run', run_name='__main__')",
+                   f"dataflare.dsl_compiler:compile_file({str(flow)!r})"]
+            if recovery:
+                rec = Path(tmp) / "recovery"
+                rec.mkdir()
+                init_db_dir(rec, 1)
+                cmd += ["-r", str(rec), "-s", "1", "-b", "0"]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    env={**os.environ, "RUST_BACKTRACE": "0",
+                                         "PYTHONPATH": str(ROOT)})
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+            if status != 0:
+                raise RuntimeError(f"w6 run failed:\n{err.decode()[-3000:]}")
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            row = conn.execute(f'SELECT count(*) FROM "{schema}".per_minute').fetchone()
+            rows = int(row[0]) if row else 0
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
+            "rss_mb": usage.ru_maxrss / 1024, "count": rows}
+
+
 # ------------------------------------------------------------------------------ driver
 
 
@@ -360,11 +441,47 @@ def report(title: str, results: dict[str, list[dict[str, Any]]], ref: str, items
                   f"cpu {m['cpu'] / base['cpu']:.2f}x")
 
 
+def run_w1(args: argparse.Namespace, broker: Any) -> None:
+    """W1: every system on the events topic, output counts compared."""
+    servers = broker.bootstrap_servers
+    systems = ["w1-raw", "w1-dataflare"] + ([] if args.no_bytewax else ["w1-bytewax"])
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    for run in range(args.runs):
+        for name in systems:
+            dst = f"out-{name}-{run}"
+            broker.create_topic(dst, partitions=3)
+            res = spawn(name, servers=servers, src="events", dst=dst)
+            res["count"] = count_topic(servers, dst)
+            results[name].append(res)
+    counts = {name: {r["count"] for r in runs} for name, runs in results.items()}
+    if len({c for cs in counts.values() for c in cs}) != 1:
+        raise SystemExit(f"W1 output counts differ: {counts}")
+    report("W1 stateless Kafka -> Kafka (items: messages written)", results,
+           "w1-raw", "msg")
+
+
+def run_w6(args: argparse.Namespace, servers: str) -> None:
+    """W6: the same workflow without and with recovery."""
+    results: dict[str, list[dict[str, Any]]] = {"w6-recovery-off": [], "w6-recovery-on": []}
+    for _run in range(args.runs):
+        for name in results:
+            results[name].append(w6_run(servers, "events", name.endswith("-on"),
+                                        args.gc_threshold))
+    counts = {r["count"] for runs in results.values() for r in runs}
+    if len(counts) != 1:
+        raise SystemExit(f"W6 row counts differ: {counts}")
+    report("W6 exactly-once cost: W2 + W5 workflow, whole process (items: rows)", results,
+           "w6-recovery-off", "row")
+    off = statistics.median(r["wall"] for r in results["w6-recovery-off"])
+    on = statistics.median(r["wall"] for r in results["w6-recovery-on"])
+    print(f"  recovery on costs {1 - off / on:.0%} of throughput (target <= 30%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="events to generate")
     parser.add_argument("--runs", type=int, default=3, help="runs per system (median)")
-    parser.add_argument("--only", choices=["w1", "w5"], help="one workload")
+    parser.add_argument("--only", choices=["w1", "w5", "w6"], help="one workload")
     parser.add_argument("--no-bytewax", action="store_true", help="skip the bytewax reference")
     parser.add_argument(
         "--gc-threshold", type=int, default=0,
@@ -382,7 +499,7 @@ def main() -> None:
     GC_THRESHOLD = args.gc_threshold
     gc_text = f"gc threshold {args.gc_threshold}" if args.gc_threshold else "default gc"
     print(f"events: {args.events:,}, runs: {args.runs}, cpus: {os.cpu_count()}, {gc_text}")
-    if args.only in (None, "w1"):
+    if args.only in (None, "w1", "w6"):
         from dataflare.broker import LocalBroker
         from dataflare.connectors.kafka import produce_records
 
@@ -392,26 +509,16 @@ def main() -> None:
             t0 = time.perf_counter()
             produce_records(servers, "events", events(args.events), partitions=3)
             print(f"produced {args.events:,} events in {time.perf_counter() - t0:.1f} s")
-            systems = ["w1-raw", "w1-dataflare"] + ([] if args.no_bytewax else ["w1-bytewax"])
-            results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
-            for run in range(args.runs):
-                for name in systems:
-                    dst = f"out-{name}-{run}"
-                    broker.create_topic(dst, partitions=3)
-                    res = spawn(name, servers=servers, src="events", dst=dst)
-                    res["count"] = count_topic(servers, dst)
-                    results[name].append(res)
-            counts = {name: {r["count"] for r in runs} for name, runs in results.items()}
-            if len({c for cs in counts.values() for c in cs}) != 1:
-                raise SystemExit(f"W1 output counts differ: {counts}")
-            report("W1 stateless Kafka -> Kafka (items: messages written)", results,
-                   "w1-raw", "msg")
+            if args.only in (None, "w1"):
+                run_w1(args, broker)
+            if args.only in (None, "w6"):
+                run_w6(args, servers)
 
     if args.only in (None, "w5"):
         import psycopg
 
         systems = ["w5-copy", "w5-copy-pk", "w5-merge-insert", "w5-merge-update"]
-        results = {s: [] for s in systems}
+        results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
         for _run in range(args.runs):
             for name in systems:
                 schema = f"bench_{uuid.uuid4().hex[:10]}"
