@@ -433,3 +433,43 @@ def test_raw_producer_is_unaffected(kafka_broker: LocalBroker) -> None:
     # Sanity check that the session broker is usable by a plain client after restarts.
     p = Producer({"bootstrap.servers": kafka_broker.bootstrap_servers})
     assert p.list_topics(timeout=10) is not None
+
+
+DLQ_FLOW = """
+workflow:
+  id: dead_letters
+  sources:
+    clicks:
+      type: kafka
+      config: {bootstrap_servers: "${SERVERS}", topic: "${SRC}", stop_at_end: true}
+      error_handling: {strategy: redirect, redirect_to: dlq}
+  destinations:
+    good:
+      inputs: [clicks]
+      type: kafka
+      config: {bootstrap_servers: "${SERVERS}", topic: "${GOOD}", key_template: "{{id}}"}
+    dlq:
+      type: kafka
+      config: {bootstrap_servers: "${SERVERS}", topic: "${DLQ}"}
+"""
+
+
+def test_workflow_redirects_undecodable_messages_to_a_kafka_dead_letter_topic(
+    kafka_broker: LocalBroker, kafka_topic: Any, tmp_path: Path
+) -> None:
+    from dataflare.dsl_compiler import compile_file
+
+    src, good, dlq = kafka_topic(), kafka_topic(), kafka_topic()
+    servers = kafka_broker.bootstrap_servers
+    produce_records(servers, src, [b'{"id": 1}', b"\x00not json", b'{"id": 2}'])
+    flow_file = tmp_path / "flow.yaml"
+    flow_file.write_text(DLQ_FLOW)
+    env = {"SERVERS": servers, "SRC": src, "GOOD": good, "DLQ": dlq}
+    run_main(compile_file(flow_file, env=env))
+    assert sorted(m.key() for m in consume_all(servers, good, 2)) == [b"1", b"2"]
+    (dead,) = consume_all(servers, dlq, 1)
+    assert dead.value() == b"\x00not json"
+    headers = dict(dead.headers())
+    assert headers["dataflare.error.step"] == b"clicks"
+    assert headers["dataflare.source.topic"] == src.encode()
+    assert headers["dataflare.source.offset"] == b"1"
