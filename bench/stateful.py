@@ -55,9 +55,10 @@ MIN = 60_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # bytewax's EventClock also advances its watermark with system time: with no wait, a
 # user's event that reaches the window a little later than its predecessor (Kafka
-# partitions are read side by side) is dropped as late. The by-hand pipelines wait so
-# that, like the other systems, they drop nothing.
-BYTEWAX_WAIT = timedelta(minutes=10)
+# partitions are read side by side) can be dropped as late. The by-hand pipelines wait a
+# few seconds so that, like the other systems, they drop nothing; a long wait would keep
+# every window open and slow bytewax down (its windows cost more the more are open).
+BYTEWAX_WAIT = timedelta(seconds=5)
 
 # ------------------------------------------------------------------------------- data
 
