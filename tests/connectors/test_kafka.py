@@ -340,7 +340,7 @@ def test_dead_letters_carry_original_bytes_and_position(
 
 def transactional_writer(servers: str, topic: str) -> _KafkaWriter:
     cfg = KafkaDestinationConfig(bootstrap_servers=servers, topic=topic, exactly_once=True,
-                                 transactional_id=f"tx-{topic}", flush_timeout=5)
+                                 transactional_id=f"tx-{topic}", flush_timeout=2)
     return _KafkaWriter("out", cfg, "0")
 
 
