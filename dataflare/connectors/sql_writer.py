@@ -8,7 +8,9 @@ A write is one transaction per flushed batch:
 - ``append`` copies the rows in; ``overwrite`` empties the table in the transaction of the
   destination's first write, then appends; ``merge`` deduplicates the batch on
   ``merge_key`` (the last record wins), deletes the keys whose last record is a CDC delete
-  (``_meta.op == "delete"``) and upserts the rest with one set-based statement;
+  (``_meta.op == "delete"``) and upserts the rest with one set-based statement; a CDC
+  truncate (``_meta.op == "truncate"``) empties the table first (append and overwrite
+  ignore it: the rows they wrote stay);
 - **replay safety of appends**: records that carry a source position (Kafka
   topic/partition/offset, file/line) leave a per-stream mark in the
   ``_dataflare_positions`` table, written in the same transaction as the rows, together
@@ -77,6 +79,7 @@ class Item:
     delete: bool
     stream: str | None
     position: int | None
+    truncate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,10 @@ def prepare(
             errs.append(Failed(step, "RecordError", msg, rec))
             continue
         meta = rec.get(META)
+        if isinstance(meta, dict) and meta.get("op") == "truncate":
+            stream, pos = position_of(meta)
+            append(Item({}, False, stream, pos, truncate=True))
+            continue
         if meta is not None:
             row = dict(rec)
             del row[META]
@@ -281,6 +288,13 @@ class TableWriter:
 
     def _write_once(self, items: list[Item], first: bool, run: str) -> int:
         self._ensure_connected()
+        truncate = False
+        if any(it.truncate for it in items):
+            # A CDC TRUNCATE empties a merged mirror: only what follows the last one counts.
+            # Append and overwrite keep what they wrote (the source's truncate is not data).
+            last = max(i for i, it in enumerate(items) if it.truncate)
+            truncate = self.mode == "merge"
+            items = [it for it in (items[last + 1:] if truncate else items) if not it.truncate]
         if self.mode == "merge" or (self.deduplicate and self.key):
             # The last record per key wins; a merge needs one upsert per key anyway.
             items = last_per_key(items, self.key)
@@ -288,6 +302,8 @@ class TableWriter:
         try:
             with self.db.transaction():
                 self._shape(items)
+                if truncate:
+                    self.db.truncate()
                 if self.mode == "merge":
                     written = self._merge(items)
                 else:

@@ -98,6 +98,22 @@ def test_merge_upserts_deletes_and_keeps_the_last_record_per_key(pg_schema: Any)
     assert rows == [("c1", 11, None), ("c2", 21, "gold"), ("c4", 40, None)]
 
 
+def test_cdc_truncate_empties_a_merged_mirror_but_not_an_append_log(pg_schema: Any) -> None:
+    truncate = {"_meta": {"op": "truncate", "table": "public.items", "lsn": "0/1"}}
+    merged = ctx_for(pg_schema, "mirror", {"type": "merge", "merge_key": "id"})
+    log = ctx_for(pg_schema, "log", step="log")
+    for ctx in (merged, log):
+        errors = run(ctx, [
+            [{"id": 1, "v": "a"}, {"id": 2, "v": "b"}],
+            [{"id": 3, "v": "c"}, truncate, {"id": 4, "v": "d"}],
+        ])
+        assert errors == []
+    mirror = pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".mirror ORDER BY id')
+    assert mirror == [(4, "d")]
+    kept = pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".log ORDER BY id')
+    assert kept == [(1,), (2,), (3,), (4,)]
+
+
 def test_merge_rejects_records_without_the_key(pg_schema: Any) -> None:
     ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": ["id"]})
     errors = run(ctx, [[{"id": 1, "v": "a"}, {"v": "no key", "_meta": {"file": "f", "line": 9}}]])
