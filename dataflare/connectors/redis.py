@@ -9,7 +9,7 @@ Replays after a crash (bytewax resumes from the last snapshot) are harmless for
 nothing, so these are effectively exactly-once. ``list`` and ``stream`` append, so a
 replay appends again: they are **at-least-once**. A record whose ``_meta.op`` is
 ``delete`` (CDC) deletes its key for ``hash`` and ``string``, and removes its member for
-``set`` and ``sorted_set``.
+``set`` and ``sorted_set``; a CDC ``truncate`` is ignored (it names no key).
 
 Lost connections are retried with backoff per the workflow's ``retry`` policy, sending
 the whole pipeline again.
@@ -175,6 +175,9 @@ class _Commands:
         out: list[Command] = []
         errs: list[Failed] = []
         for rec in batch:
+            meta = rec.get(META) if isinstance(rec, dict) else None
+            if isinstance(meta, dict) and meta.get("op") == "truncate":
+                continue  # a CDC truncate names no key: keys are only removed by deletes
             try:
                 out.append(self.command(rec))
             except (TypeError, ValueError) as exc:
