@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ from dataflare.connectors.schema import (
     json_value,
     table_json_schema,
 )
+from dataflare.connectors.sql_source import Connection, now, row_records, selected_tables
 from dataflare.records import META
 from dataflare.registry import BuildContext, source
 from dataflare.retry import TransientError, call_with_retry
@@ -156,59 +157,18 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-class MySqlDatabase:
-    """A lazily opened connection; connection failures retried per the retry policy."""
+class MySqlDatabase(Connection):
+    """A MySQL/MariaDB connection in UTC; lost connections and deadlocks are transient."""
 
     def __init__(self, step_id: str, settings: dict[str, Any], retry: Any) -> None:
-        self.step_id, self.settings, self.retry = step_id, settings, retry
-        self.conn: Any = None
-        self.on_reconnect: list[Callable[[], None]] = []
+        self.settings = settings
+        super().__init__(step_id, retry, self._connect, _pymysql().err.Error, is_transient)
 
-    def connection(self) -> Any:
-        """The open connection (opened on first use)."""
-        if self.conn is None:
-            pymysql = _pymysql()
-            self.conn = pymysql.connect(**self.settings, autocommit=True)
-            with self.conn.cursor() as cur:
-                cur.execute("SET time_zone = '+00:00'")
-        return self.conn
-
-    def run(self, what: str, fn: Callable[[Any], T]) -> T:
-        """``fn(connection)``, retried on transient failures."""
-        pymysql = _pymysql()
-
-        def attempt() -> T:
-            try:
-                return fn(self.connection())
-            except pymysql.err.Error as exc:
-                if is_transient(exc):
-                    msg = f"{what}: {type(exc).__name__}: {exc}"
-                    raise TransientError(msg) from exc
-                raise
-
-        def reset(_exc: BaseException) -> None:
-            self.close()
-            for cb in self.on_reconnect:
-                cb()
-
-        try:
-            return call_with_retry(
-                f"step '{self.step_id}': {what}", attempt, self.retry, on_retry=reset
-            )
-        except (pymysql.err.Error, TransientError) as exc:
-            reset(exc)
-            cause = exc.__cause__ if isinstance(exc, TransientError) and exc.__cause__ else exc
-            msg = f"step '{self.step_id}': {what} failed: {type(cause).__name__}: {cause}"
-            raise RuntimeError(msg) from exc
-
-    def close(self) -> None:
-        """Close the connection (if open)."""
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail
-                log.debug("closing connection failed", exc_info=True)
-        self.conn = None
+    def _connect(self) -> Any:
+        conn = _pymysql().connect(**self.settings, autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute("SET time_zone = '+00:00'")
+        return conn
 
 
 def primary_key(conn: Any, database: str, table: str) -> list[str]:
@@ -242,21 +202,6 @@ def _key(db: MySqlDatabase, cfg: MySqlSourceConfig, database: str, table: str) -
     except LookupError as exc:
         msg = f"step '{db.step_id}': {exc}"
         raise RuntimeError(msg) from None
-
-
-def _records(
-    names: Sequence[str], rows: Sequence[Sequence[Any]], meta: dict[str, Any]
-) -> list[dict[str, Any]]:
-    out = []
-    for row in rows:
-        rec = {n: json_value(v) for n, v in zip(names, row, strict=True)}
-        rec[META] = dict(meta)
-        out.append(rec)
-    return out
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class SnapshotRead:
@@ -346,7 +291,7 @@ class SnapshotRead:
             meta: dict[str, Any] = {"table": table}
             if self.op:
                 meta["op"] = self.op
-            batch = _records(self.names, rows, meta)
+            batch = row_records(self.names, rows, meta)
             if self.done_table:
                 self.after = None
             elif rows and self.key:
@@ -448,14 +393,14 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
     def next_batch(self) -> list[list[Any]]:
         """Rows past the cursor."""
         names, rows = self.db.run(f"polling {self.database}.{self.table}", self._query)
-        self.awake = _now() + self.interval if len(rows) < self.src.cfg.batch_size else None
+        self.awake = now() + self.interval if len(rows) < self.src.cfg.batch_size else None
         if not rows:
             return []
         last = rows[-1]
         self.cursor = last[names.index(self.column)]
         self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
         meta = {"table": f"{self.database}.{self.table}"}
-        return [_records(names, rows, meta)]
+        return [row_records(names, rows, meta)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
@@ -653,7 +598,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         if caught_up:
             if self.src.cfg.stop_at_end:
                 self.ended = True
-            self.awake = _now() + self.poll
+            self.awake = now() + self.poll
         size = self.src.cfg.batch_size
         return [records[i : i + size] for i in range(0, len(records), size)]
 
@@ -735,12 +680,8 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
     def cdc_tables(self) -> list[str]:
         """``database.table`` names whose changes are read."""
         cdc = self.cdc_settings()
-        tables = list(cdc.include_tables)
-        if not tables and self.cfg.table:
-            tables = [".".join(self.cfg.qualified())]
-        tables = [t if "." in t else ".".join(self.cfg.qualified(t)) for t in tables]
-        excluded = {t if "." in t else ".".join(self.cfg.qualified(t)) for t in cdc.exclude_tables}
-        return [t for t in tables if t not in excluded]
+        return selected_tables(cdc.include_tables, cdc.exclude_tables, self.cfg.table,
+                               lambda t: ".".join(self.cfg.qualified(t)))
 
     def list_parts(self) -> list[str]:
         """One partition: the table, or the binlog."""

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar, cast
@@ -55,12 +55,10 @@ from dataflare.config import Duration, Secret, Strict
 from dataflare.connectors.pgoutput import ChangeDecoder, ValueDecoder, int_to_lsn, lsn_to_int
 from dataflare.connectors.schema import (
     discoverer,
-    json_value,
     table_json_schema,
 )
-from dataflare.records import META
+from dataflare.connectors.sql_source import Connection, now, row_records, selected_tables
 from dataflare.registry import BuildContext, source
-from dataflare.retry import TransientError, call_with_retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,68 +156,20 @@ def _psycopg() -> Any:
     return psycopg
 
 
-class Database:
-    """A lazily opened connection; operations retried per the workflow's retry policy.
-
-    A broken connection (``OperationalError``) is transient: the connection is dropped
-    and the operation retried on a new one. Other errors (bad SQL, missing table,
-    permissions) are terminal.
-    """
+class Database(Connection):
+    """A PostgreSQL connection in UTC; connection failures (by SQLSTATE) are transient."""
 
     def __init__(self, step_id: str, conninfo: str, retry: Any, autocommit: bool = True) -> None:
-        self.step_id = step_id
-        self.conninfo = conninfo
-        self.retry = retry
-        self.autocommit = autocommit
-        self.conn: Any = None
-        self.on_reconnect: list[Callable[[], None]] = []
+        self.conninfo, self.autocommit = conninfo, autocommit
+        super().__init__(step_id, retry, self._connect, _psycopg().Error, is_transient,
+                         is_closed=lambda conn: bool(conn.closed))
 
-    def connection(self) -> Any:
-        """The open connection (opened on first use)."""
-        if self.conn is None or self.conn.closed:
-            psycopg = _psycopg()
-            self.conn = psycopg.connect(self.conninfo, autocommit=self.autocommit)
-            self.conn.execute("SET TIME ZONE 'UTC'")
-            if not self.autocommit:
-                self.conn.commit()
-        return self.conn
-
-    def run(self, what: str, fn: Callable[[Any], T]) -> T:
-        """``fn(connection)``, retried on connection failures."""
-        psycopg = _psycopg()
-
-        def attempt() -> T:
-            try:
-                return fn(self.connection())
-            except psycopg.Error as exc:
-                if is_transient(exc):
-                    msg = f"{what}: {type(exc).__name__}: {exc}".rstrip()
-                    raise TransientError(msg) from exc
-                raise
-
-        def reset(_exc: BaseException) -> None:
-            self.close()
-            for cb in self.on_reconnect:
-                cb()
-
-        try:
-            return call_with_retry(
-                f"step '{self.step_id}': {what}", attempt, self.retry, on_retry=reset
-            )
-        except (psycopg.Error, TransientError) as exc:
-            reset(exc)
-            cause = exc.__cause__ if isinstance(exc, TransientError) and exc.__cause__ else exc
-            msg = f"step '{self.step_id}': {what} failed: {type(cause).__name__}: {cause}"
-            raise RuntimeError(msg.rstrip()) from exc
-
-    def close(self) -> None:
-        """Close the connection (if open)."""
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail
-                log.debug("closing connection failed", exc_info=True)
-        self.conn = None
+    def _connect(self) -> Any:
+        conn = _psycopg().connect(self.conninfo, autocommit=self.autocommit)
+        conn.execute("SET TIME ZONE 'UTC'")
+        if not self.autocommit:
+            conn.commit()
+        return conn
 
 
 # SQLSTATE classes worth a retry: connection exceptions, operator intervention (a
@@ -282,23 +232,8 @@ def table_exists(conn: Any, schema: str, table: str) -> bool:
     return bool(row and row[0])
 
 
-def _records(
-    names: Sequence[str], rows: Iterable[Sequence[Any]], meta: dict[str, Any]
-) -> list[dict[str, Any]]:
-    out = []
-    for row in rows:
-        rec = {n: json_value(v) for n, v in zip(names, row, strict=True)}
-        rec[META] = dict(meta)
-        out.append(rec)
-    return out
-
-
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 # -- table reads (full mode and the snapshots of cdc/hybrid) ----------------------------------
@@ -392,7 +327,7 @@ class TableRead:
         if rows and self.key:
             idx = [self.names.index(k) for k in self.key]
             self.after = [rows[-1][i] for i in idx]
-        return _records(self.names, rows, self.meta)
+        return row_records(self.names, rows, self.meta)
 
 
 def _key_or_configured(
@@ -546,7 +481,7 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         """The next batches of records (see the class docs)."""
         names, rows = self.db.run(f"polling {self.schema}.{self.table}", self._query)
         if len(rows) < self.src.cfg.batch_size:
-            self.awake = _now() + self.interval
+            self.awake = now() + self.interval
         else:
             self.awake = None
         if not rows:
@@ -554,7 +489,7 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         last = rows[-1]
         self.cursor = last[names.index(self.column)]
         self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
-        return [_records(names, rows, self.meta)]
+        return [row_records(names, rows, self.meta)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
@@ -768,7 +703,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         if len(rows) < requested:
             if self.src.cfg.stop_at_end:
                 self.ended = True
-            self.awake = _now() + self.poll
+            self.awake = now() + self.poll
         else:
             self.awake = None
         return records
@@ -781,7 +716,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             batch = self._snapshot_batch()
             self.awake = None
             return [batch] if batch else []
-        if self.not_before is not None and _now() < self.not_before:
+        if self.not_before is not None and now() < self.not_before:
             self.awake = self.not_before
             return []
         records = self._stream_batch()
@@ -792,10 +727,10 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
     def _warn_without_recovery(self, emitted: bool) -> None:
         if self.snapshots_seen or self.warned_no_recovery:
             return
-        now = _now()
+        current = now()
         if emitted and self.first_emit is None:
-            self.first_emit = now
-        if self.first_emit is not None and now - self.first_emit > timedelta(minutes=2):
+            self.first_emit = current
+        if self.first_emit is not None and current - self.first_emit > timedelta(minutes=2):
             self.warned_no_recovery = True
             log.warning(
                 "step '%s': no snapshot yet: replication slot %s only moves with recovery "
@@ -834,11 +769,12 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self._report_lag(force=True)
 
     def _report_lag(self, force: bool = False) -> None:
-        now = _now()
+        current = now()
         every = timedelta(seconds=self.src.cfg.lag_report_interval)
-        if not force and self.last_lag_report is not None and now - self.last_lag_report < every:
+        if (not force and self.last_lag_report is not None
+                and current - self.last_lag_report < every):
             return
-        self.last_lag_report = now
+        self.last_lag_report = current
 
         def lag(conn: Any) -> int | None:
             row = conn.execute(
@@ -926,12 +862,8 @@ class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
     def cdc_tables(self) -> list[str]:
         """``schema.table`` names whose changes are read."""
         cdc = self.cdc_settings()
-        tables = list(cdc.include_tables)
-        if not tables and self.cfg.table:
-            tables = [".".join(self.cfg.qualified())]
-        tables = [t if "." in t else f"{self.cfg.db_schema}.{t}" for t in tables]
-        excluded = {t if "." in t else f"{self.cfg.db_schema}.{t}" for t in cdc.exclude_tables}
-        return [t for t in tables if t not in excluded]
+        return selected_tables(cdc.include_tables, cdc.exclude_tables, self.cfg.table,
+                               lambda t: ".".join(self.cfg.qualified(t)))
 
     def snapshot_tables(self) -> list[str]:
         """Tables read by the initial snapshot."""
