@@ -11,6 +11,7 @@ free of write-write conflicts between workers.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,6 +19,9 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import Sink
+
+from dataflare.records import Failed
 
 
 def _new_run() -> str:
@@ -104,3 +108,28 @@ def buffer(
         "buffer", keyed, lambda state: _BufferLogic(size, interval, state)
     )
     return op.map("unkey", flushed, lambda kv: kv[1])
+
+
+@operator
+def buffered_output(
+    step_id: str,
+    up: Stream[list[Any]],
+    prepare: Callable[[list[Any]], tuple[list[Any], list[Failed]]],
+    batch: Any,
+    sink: Sink[Any],
+    keyed: bool = False,
+) -> Stream[list[Failed]]:
+    """The output of a batching destination; returns the records it rejected.
+
+    ``prepare`` turns each incoming batch into writable items and rejects; the items are
+    regrouped per the ``batch`` settings (``size``, ``flush_interval``) and written by
+    ``sink`` (as ``("0", flush)`` pairs when ``keyed``, for a one-partition sink).
+    """
+    prepared = op.map("prepare", up, prepare)
+    items = op.filter_map("items", prepared, lambda p: p[0] or None)
+    flushed: Stream[Any] = buffer("batch", items, batch.size, batch.flush_interval)
+    if keyed:
+        flushed = op.map("writer", flushed, lambda flush: ("0", flush))
+    op.output("write", flushed, sink)
+    return op.filter_map("errors", prepared, lambda p: p[1] or None)
+

@@ -22,12 +22,12 @@ from functools import partial
 from typing import Any, Literal
 from urllib.parse import quote
 
-from bytewax.dataflow import Stream, operator
+from bytewax.dataflow import Stream
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from pydantic import Field
 
 from dataflare.config import Duration, Strict
-from dataflare.connectors.batching import Flush, buffer
+from dataflare.connectors.batching import Flush, buffered_output
 from dataflare.records import META, Failed, describe_position
 from dataflare.registry import BuildContext, destination
 from dataflare.retry import TransientError, call_with_retry
@@ -207,26 +207,6 @@ class HttpSink(DynamicSink[Flush]):
         return _HttpWriter(self.step, self.cfg, self.retry)
 
 
-@operator
-def http_output(
-    step_id: str,
-    up: Stream[list[Any]],
-    name: str,
-    cfg: HttpDestinationConfig,
-    batch: Any,
-    retry: Any,
-) -> Stream[list[Failed]]:
-    """Render requests, buffer them per ``batch`` and send them; return the rejects."""
-    import bytewax.operators as op
-
-    requests = _Requests(name, cfg)
-    prepared = op.map("prepare", up, requests.prepare)
-    items = op.filter_map("requests", prepared, lambda p: p[0] or None)
-    flushed = buffer("batch", items, batch.size, batch.flush_interval)
-    op.output("send", flushed, HttpSink(name, cfg, retry))
-    return op.filter_map("errors", prepared, lambda p: p[1] or None)
-
-
 @destination(
     "http",
     config=HttpDestinationConfig,
@@ -234,6 +214,6 @@ def http_output(
 )
 def build_http_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of an ``http`` destination (scoped under its id)."""
-    return http_output(
-        ctx.step_id, up, ctx.step_id, ctx.config, ctx.component.batch, ctx.workflow.config.retry
-    )
+    requests = _Requests(ctx.step_id, ctx.config)
+    sink = HttpSink(ctx.step_id, ctx.config, ctx.workflow.config.retry)
+    return buffered_output("send", up, requests.prepare, ctx.component.batch, sink)

@@ -286,4 +286,4 @@ def build_postgres_destination(
     def make_writer() -> TableWriter:
         return TableWriter(step, PostgresDialect(cfg), mode, key, dedupe, retry)
 
-    return table_output(step, up, step, key, ctx.component.batch, make_writer)
+    return table_output(up, step, key, ctx.component.batch, make_writer)

@@ -20,12 +20,12 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Literal
 
-from bytewax.dataflow import Stream, operator
+from bytewax.dataflow import Stream
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Secret, Strict
-from dataflare.connectors.batching import Flush, buffer
+from dataflare.connectors.batching import Flush, buffered_output
 from dataflare.records import META, Failed, getter
 from dataflare.registry import BuildContext, destination
 from dataflare.retry import call_with_retry
@@ -267,26 +267,6 @@ class RedisSink(DynamicSink[Flush]):
         return _RedisWriter(self.step, self.cfg, self.retry)
 
 
-@operator
-def redis_output(
-    step_id: str,
-    up: Stream[list[Any]],
-    name: str,
-    cfg: RedisDestinationConfig,
-    batch: Any,
-    retry: Any,
-) -> Stream[list[Failed]]:
-    """Prepare commands, buffer them per ``batch`` and send them; return the rejects."""
-    import bytewax.operators as op
-
-    commands = _Commands(name, cfg)
-    prepared = op.map("prepare", up, commands.prepare)
-    items = op.filter_map("commands", prepared, lambda p: p[0] or None)
-    flushed = buffer("batch", items, batch.size, batch.flush_interval)
-    op.output("write", flushed, RedisSink(name, cfg, retry))
-    return op.filter_map("errors", prepared, lambda p: p[1] or None)
-
-
 @destination(
     "redis",
     config=RedisDestinationConfig,
@@ -294,7 +274,7 @@ def redis_output(
 )
 def build_redis_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of a ``redis`` destination (scoped under its id)."""
-    return redis_output(
-        ctx.step_id, up, ctx.step_id, ctx.config, ctx.component.batch, ctx.workflow.config.retry
-    )
+    commands = _Commands(ctx.step_id, ctx.config)
+    sink = RedisSink(ctx.step_id, ctx.config, ctx.workflow.config.retry)
+    return buffered_output("write", up, commands.prepare, ctx.component.batch, sink)
 

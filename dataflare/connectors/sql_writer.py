@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
-from bytewax.dataflow import Stream, operator
+from bytewax.dataflow import Stream
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
-from dataflare.connectors.batching import Flush, buffer
+from dataflare.connectors.batching import Flush, buffered_output
 from dataflare.records import META, Failed, getter
 from dataflare.retry import call_with_retry
 
@@ -504,9 +504,7 @@ class TableSink(FixedPartitionedSink[Flush, None]):
         return _TableSinkPartition(self.make_writer())
 
 
-@operator
 def table_output(
-    step_id: str,
     up: Stream[list[Any]],
     name: str,
     merge_key: tuple[str, ...],
@@ -514,14 +512,8 @@ def table_output(
     make_writer: Callable[[], TableWriter],
 ) -> Stream[list[Failed]]:
     """Prepare records, buffer them per ``batch`` settings and write them; return rejects."""
-    import bytewax.operators as op
-
-    prepared = op.map("prepare", up, lambda b: prepare(b, name, merge_key))
-    items = op.filter_map("records", prepared, lambda p: p[0] or None)
-    flushed = buffer("batch", items, batch.size, batch.flush_interval)
-    keyed = op.map("writer", flushed, lambda flush: ("0", flush))
-    op.output("write", keyed, TableSink(make_writer))
-    return op.filter_map("errors", prepared, lambda p: p[1] or None)
+    return buffered_output("write", up, lambda b: prepare(b, name, merge_key), batch,
+                           TableSink(make_writer), keyed=True)
 
 
 def write_settings(ctx: Any) -> tuple[str, tuple[str, ...], bool]:

@@ -309,7 +309,7 @@ def test_kafka_to_postgres_appends_exactly_once_across_a_crash(
         try:
             with sqlite3.connect(recovery / "part-0.sqlite3", timeout=5) as db:
                 found = db.execute("SELECT count(*) FROM snaps WHERE step_id LIKE "
-                                   "'%warehouse.batch.buffer'").fetchone()
+                                   "'%warehouse.write.batch.buffer'").fetchone()
             return bool(found and found[0])
         except sqlite3.Error:
             return False
