@@ -1,4 +1,4 @@
-"""Prometheus metrics of a run: records out per step, records written, errors."""
+"""Prometheus metrics of a run: records per step, errors, late and duplicate records."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ RECORDS_WRITTEN = Counter(
 )
 ERRORS = Counter(
     "dataflare_errors", "Records a step failed on, by error strategy.", ["step", "strategy"]
+)
+
+LATE_RECORDS = Counter(
+    "dataflare_late_records", "Records older than the watermark, per step.", ["step"]
+)
+DUPLICATES_DROPPED = Counter(
+    "dataflare_duplicates_dropped", "Records dropped as repeats by dedupe, per step.", ["step"]
 )
 
 

@@ -9,8 +9,8 @@ The compiler only looks names up here. Builders receive a :class:`BuildContext`:
 
 - a **source** builder returns a bytewax ``Source`` whose items are batches
   (``list``) of records and :class:`~dataflare.records.Failed` entries (undecodable input);
-- a **transformation** builder receives its input streams (of batches) and returns
-  :class:`Outputs`;
+- a **transformation** builder receives its input streams (of batches; one merged
+  stream unless it registered ``merge_inputs=False``) and returns :class:`Outputs`;
 - a **destination** builder receives its input stream and adds the bytewax output step;
   it may return a stream of ``list[Failed]`` for records it could not prepare.
 
@@ -104,6 +104,7 @@ class ComponentSpec:
     stateful: bool = False
     named_outputs: Callable[[Any], list[str]] | None = None
     main_output: bool = True
+    merge_inputs: bool = True
     planned: str = ""
 
     @property
@@ -144,11 +145,14 @@ def transformation(
     stateful: bool = False,
     named_outputs: Callable[[Any], list[str]] | None = None,
     main_output: bool = True,
+    merge_inputs: bool = True,
 ) -> Callable[..., Any]:
     """Register a transformation builder under ``type_name``.
 
     ``named_outputs`` lists the outputs read as ``<id>.<name>``; a type without a main
-    output (``main_output=False``, like ``route``) can only be read that way.
+    output (``main_output=False``, like ``route``) can only be read that way. Several
+    inputs reach the builder merged into one stream, unless ``merge_inputs=False`` (a join
+    takes its inputs apart).
     """
     return _decorator(
         "transformation",
@@ -159,6 +163,7 @@ def transformation(
         stateful=stateful,
         named_outputs=named_outputs,
         main_output=main_output,
+        merge_inputs=merge_inputs,
     )
 
 

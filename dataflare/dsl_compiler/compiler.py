@@ -174,10 +174,14 @@ def source_component(
 
 @operator
 def transformation_component(
-    step_id: str, build: Callable[..., Any], ctx: registry.BuildContext, *ups: Stream[Any]
+    step_id: str, spec: registry.ComponentSpec, ctx: registry.BuildContext, *ups: Stream[Any]
 ) -> _MultiStream[str]:
-    """A transformation: the registered builder plus counting and the error policy."""
-    out: registry.Outputs = build(ctx, list(ups))
+    """A transformation: its inputs (merged), the registered builder, counts, error policy."""
+    streams = list(ups)
+    if spec.merge_inputs and len(streams) > 1:
+        streams = [op.merge("inputs", *streams)]
+    assert spec.build is not None
+    out: registry.Outputs = spec.build(ctx, streams)
     if out.down is not None:
         op.inspect("count", out.down, _count(ctx.step_id, metrics.RECORDS_OUT))
     for port, stream in out.named.items():
@@ -318,7 +322,7 @@ class _Compiler:
         spec = self.spec("transformation", comp)
         ups = [self.streams[ref] for ref in comp.inputs]
         ctx = self.ctx("transformation", cid, comp)
-        ports = transformation_component(cid, spec.build, ctx, *ups)  # type: ignore[arg-type]
+        ports = transformation_component(cid, spec, ctx, *ups)
         self.keep(cid, ports, comp.error_handling)
         config = comp.config
         for field in type(config).model_fields:

@@ -232,12 +232,10 @@ def aggregation(
 )
 def build_aggregation(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``aggregation`` step."""
-    import bytewax.operators as op
-
     cfg: AggregationConfig = ctx.config
     emit = cfg.emit
     if emit == "auto":
         emit = "updates" if unbounded_upstream(ctx) else "final"
-    up = ups[0] if len(ups) == 1 else op.merge(f"{ctx.step_id}_inputs", *ups)
+    up = ups[0]
     out = aggregation(ctx.step_id, up, cfg, emit=emit)
     return Outputs(down=out.down, errs=out.errs)

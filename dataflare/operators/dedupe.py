@@ -174,8 +174,6 @@ def dedupe(
 )
 def build_dedupe(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``dedupe`` step."""
-    import bytewax.operators as op
-
-    up = ups[0] if len(ups) == 1 else op.merge(f"{ctx.step_id}_inputs", *ups)
+    up = ups[0]
     out = dedupe(ctx.step_id, up, ctx.config)
     return Outputs(down=out.down, errs=out.errs)

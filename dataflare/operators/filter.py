@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import bytewax.operators as op
 from bytewax.dataflow import Stream
 from pydantic import Field, field_validator
 
@@ -25,7 +24,7 @@ class FilterConfig(Strict):
 @transformation("filter", config=FilterConfig, description="Keep records matching a condition.")
 def build_filter(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build a filter step."""
-    up = ups[0] if len(ups) == 1 else op.merge("inputs", *ups)
+    up = ups[0]
     test = compile_expression(ctx.config.condition).test
     out = map_records("filter", up, lambda r: r if test(r) else None, ctx.step_id)
     return Outputs(down=out.down, errs=out.errs)

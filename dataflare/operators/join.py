@@ -528,6 +528,7 @@ def join(
     inputs=(2, 2),
     stateful=True,
     named_outputs=lambda cfg: ["late"],
+    merge_inputs=False,
 )
 def build_join(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``join`` step."""

@@ -27,8 +27,8 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Stream
 from bytewax.operators import StatefulBatchLogic
-from prometheus_client import Counter
 
+from dataflare import metrics
 from dataflare.records import RecordError, getter, iso_utc, to_epoch_seconds
 
 SHARDS = 16
@@ -43,22 +43,16 @@ US = 1_000_000
 DOWN, LATE, ERRS = "down", "late", "errs"
 
 
-LATE_RECORDS = Counter(
-    "dataflare_late_records", "Records older than the watermark, per step.", ["step"]
-)
-DUPLICATES_DROPPED = Counter(
-    "dataflare_duplicates_dropped", "Records dropped as repeats by dedupe, per step.", ["step"]
-)
 
 
 def late_records(step_id: str, count: int) -> None:
     """Count ``count`` late records of ``step_id`` (metric ``dataflare_late_records_total``)."""
-    LATE_RECORDS.labels(step_id).inc(count)
+    metrics.LATE_RECORDS.labels(step_id).inc(count)
 
 
 def duplicates_dropped(step_id: str, count: int) -> None:
     """Count ``count`` repeats dropped by ``step_id``."""
-    DUPLICATES_DROPPED.labels(step_id).inc(count)
+    metrics.DUPLICATES_DROPPED.labels(step_id).inc(count)
 
 
 class DefinitionChanged(RuntimeError):

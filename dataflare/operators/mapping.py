@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import bytewax.operators as op
 from bytewax.dataflow import Stream
 from pydantic import Field, field_validator, model_validator
 
@@ -148,6 +147,6 @@ def _generated(config: MappingConfig) -> Any:
 )
 def build_mapping(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build a mapping step."""
-    up = ups[0] if len(ups) == 1 else op.merge("inputs", *ups)
+    up = ups[0]
     out = map_records("map", up, mapper(ctx.config), ctx.step_id)
     return Outputs(down=out.down, errs=out.errs)

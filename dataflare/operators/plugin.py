@@ -270,7 +270,7 @@ def build_plugin_step(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     if plugin is None:
         msg = f"step {ctx.step_id!r}: plugin {name!r} is not defined in 'plugins'"
         raise PluginSetupError(msg)
-    up = ups[0] if len(ups) == 1 else op.merge("inputs", *ups)
+    up = ups[0]
     settings = _settings(plugin, ctx.config)
     if plugin.type == "native":
         fn = native_function(name, plugin.path or "")

@@ -67,7 +67,7 @@ def _port(name: str) -> Callable[[tuple[dict[str, Batch], list[Failed]]], Batch 
 )
 def build_route(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build a router."""
-    up = ups[0] if len(ups) == 1 else op.merge("inputs", *ups)
+    up = ups[0]
     tests = [(r.name, compile_expression(r.condition).test) for r in ctx.config.routes]
     step = ctx.step_id
 

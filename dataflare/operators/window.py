@@ -533,8 +533,6 @@ def window(
 )
 def build_window(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``window`` step."""
-    import bytewax.operators as op
-
-    up = ups[0] if len(ups) == 1 else op.merge(f"{ctx.step_id}_inputs", *ups)
+    up = ups[0]
     out = window(ctx.step_id, up, ctx.config, idle_timeout=idle_timeout_of(ctx))
     return Outputs(down=out.down, errs=out.errs, named={"late": out.late})

@@ -136,8 +136,7 @@ def test_registered():
 
 
 def test_dropped_repeats_are_counted_in_a_metric():
-    from dataflare.metrics import value
-    from dataflare.operators.keyed import DUPLICATES_DROPPED
+    from dataflare.metrics import DUPLICATES_DROPPED, value
 
     before = value(DUPLICATES_DROPPED, step="dd")
     cfg = DedupeConfig.model_validate({"keys": "a"})

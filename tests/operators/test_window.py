@@ -525,8 +525,7 @@ def test_registered_as_stateful_transformation():
 
 
 def test_late_records_are_counted_in_a_metric():
-    from dataflare.metrics import value
-    from dataflare.operators.keyed import LATE_RECORDS
+    from dataflare.metrics import LATE_RECORDS, value
 
     before = value(LATE_RECORDS, step="win")
     cfg = WindowConfig.model_validate(
