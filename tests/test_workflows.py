@@ -240,3 +240,34 @@ workflow:
     assert [(b["record"]["id"], b["error"]["type"]) for b in bad] == [
         (2, "SchemaViolation"), ("3", "SchemaViolation")]
     assert "qty: -1 is less than the minimum of 0" in bad[0]["error"]["message"]
+
+
+def test_windows_take_the_time_unit_of_their_source():
+    from dataflare.dsl_compiler import validate_text
+    from dataflare.testing import run_case
+
+    text = """\
+workflow:
+  sources:
+    clicks: {type: generator, time_unit: ms, config: {preset: clickstream}}
+  transformations:
+    per_minute:
+      inputs: [clicks]
+      type: window
+      config:
+        window: {type: tumbling, size: 1m}
+        time_field: ts
+        aggregations: [{field: amount, operations: [count]}]
+  destinations:
+    out: {type: stdout, inputs: [per_minute]}
+tests:
+  - name: ms
+    inputs:
+      clicks: [{amount: 1, ts: 1700000000000}, {amount: 2, ts: 1700000030000}]
+"""
+    v = validate_text(text)
+    out = run_case(v, v.tests[0])["out"]
+    assert [(r["window_start"], r["amount_count"]) for r in out] == [("2023-11-14T22:13:00Z", 2)]
+    seconds = validate_text(text.replace("time_unit: ms, ", ""))  # read as seconds: year 55,800
+    with pytest.raises(Exception):  # noqa: B017 - out of the datetime range, whatever the type
+        run_case(seconds, seconds.tests[0])

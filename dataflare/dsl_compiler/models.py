@@ -265,6 +265,11 @@ class Source(Component):
     streaming: Streaming | None = Field(None, description="Streaming settings.")
     hybrid: Hybrid | None = Field(None, description="Hybrid settings.")
     output_schema: OutputSchema | None = Field(None, description="Schema checked on records.")
+    time_unit: Literal["s", "ms"] | None = Field(
+        None,
+        description="Unit of numeric event times in this source's records (epoch seconds or "
+        "milliseconds), for the windows, joins and dedupes downstream that do not set theirs.",
+    )
 
 
 class Transformation(Component):
