@@ -105,6 +105,7 @@ class ComponentSpec:
     named_outputs: Callable[[Any], list[str]] | None = None
     main_output: bool = True
     merge_inputs: bool = True
+    advise: Callable[[Any, set[str]], list[str]] | None = None
     planned: str = ""
 
     @property
@@ -146,13 +147,15 @@ def transformation(
     named_outputs: Callable[[Any], list[str]] | None = None,
     main_output: bool = True,
     merge_inputs: bool = True,
+    advise: Callable[[Any, set[str]], list[str]] | None = None,
 ) -> Callable[..., Any]:
     """Register a transformation builder under ``type_name``.
 
     ``named_outputs`` lists the outputs read as ``<id>.<name>``; a type without a main
     output (``main_output=False``, like ``route``) can only be read that way. Several
     inputs reach the builder merged into one stream, unless ``merge_inputs=False`` (a join
-    takes its inputs apart).
+    takes its inputs apart). ``advise(config, upstream_modes)`` returns warnings about a
+    configuration that is valid but unlikely to do what the user wants.
     """
     return _decorator(
         "transformation",
@@ -164,6 +167,7 @@ def transformation(
         named_outputs=named_outputs,
         main_output=main_output,
         merge_inputs=merge_inputs,
+        advise=advise,
     )
 
 

@@ -194,6 +194,7 @@ def check(
             )
 
     problems.extend(_cycles(doc, g))
+    problems.extend(_advice(doc, wf, g))
 
     consumers = g.consumers()
     for cid, section in g.kinds.items():
@@ -276,3 +277,37 @@ def _cycles(doc: Document, g: Graph) -> list[Problem]:
         if cid not in state:
             visit(cid)
     return problems
+
+
+def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> set[str]:
+    """Extraction modes of the sources feeding ``cid`` (``''`` for a source without one)."""
+    modes: set[str] = set()
+    seen: set[str] = set()
+    todo = list(g.inputs.get(cid, []))
+    while todo:
+        up = g.upstream(todo.pop())
+        if up in seen or up not in g.kinds:
+            continue
+        seen.add(up)
+        if g.kinds[up] == "sources":
+            src = wf["sources"].get(up)
+            modes.add(str(src.get("mode") or "") if isinstance(src, dict) else "")
+        else:
+            todo.extend(g.inputs.get(up, []))
+    return modes
+
+
+def _advice(doc: Document, wf: dict[str, Any], g: Graph) -> list[Problem]:
+    """Warnings of component types about valid but doubtful configurations."""
+    out = []
+    for cid, section in g.kinds.items():
+        if section != "transformations" or cid not in g.configs:
+            continue
+        spec = registry.lookup("transformation", g.types[cid])
+        if spec is None or spec.advise is None:
+            continue
+        for message in spec.advise(g.configs[cid], _upstream_modes(wf, g, cid)):
+            out.append(doc.problem(("workflow", section, cid, "config"), message,
+                                   severity="warning"))
+    return out
+

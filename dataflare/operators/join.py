@@ -529,6 +529,11 @@ def join(
     stateful=True,
     named_outputs=lambda cfg: ["late"],
     merge_inputs=False,
+    advise=lambda cfg, modes: [
+        "a join without 'window' emits only when both inputs end, and an input here is "
+        "unbounded (streaming, cdc or hybrid): add a window or use mode: lookup"
+    ] if cfg.window is None and cfg.mode == "relational"
+    and modes & {"streaming", "cdc", "hybrid"} else [],
 )
 def build_join(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``join`` step."""

@@ -60,3 +60,23 @@ workflow:
     assert ("transformations.t.error_handling.redirect_to",
             "redirect_to 's' is not a destination") in msgs
     assert not any(p.path == "destinations.dead" for p in v.errors())
+
+
+def test_a_join_without_window_on_an_unbounded_input_is_a_warning():
+    text = """\
+workflow:
+  sources:
+    events: {type: kafka, mode: streaming, config: {topic: e}}
+    users: {type: file, config: {path: users.jsonl}}
+  transformations:
+    j: {type: join, inputs: [events, users], config: {join_key: user_id}}
+    w: {type: join, inputs: [events, users],
+        config: {join_key: user_id, window: {type: tumbling, size: 1m}}}
+    bounded: {type: join, inputs: [users, users], config: {join_key: user_id}}
+  destinations:
+    out: {type: stdout, inputs: [j, w, bounded]}
+"""
+    v = validate_text(text)
+    assert not v.errors()
+    advice = [p.path for p in v.problems if "join without 'window'" in p.message]
+    assert advice == ["transformations.j.config"]
