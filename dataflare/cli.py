@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
 import os
@@ -133,21 +134,43 @@ def cmd_run(args: argparse.Namespace) -> int:
         kwargs["process_id"] = args.process_id or 0
     if args.workers_per_process:
         kwargs["workers_per_process"] = args.workers_per_process
+    wf = v.workflow
+    assert wf is not None
+    workers = (args.workers_per_process or 1) * (len(args.addresses.split(";"))
+                                                  if args.addresses else 1)
+    limit = wf.config.max_concurrency
+    if limit is not None and workers > limit:
+        print(f"error: config.max_concurrency is {limit}, this run asks for {workers} workers",
+              file=sys.stderr)
+        return 1
     if args.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr="127.0.0.1")
-    steps = [*v.workflow.sources, *v.workflow.transformations, *v.workflow.destinations]  # type: ignore[union-attr]
+    timer = None
+    if wf.config.timeout is not None:
+        timer = threading.Timer(wf.config.timeout, _thread.interrupt_main)
+        timer.daemon = True
+        timer.start()
+    steps = [*wf.sources, *wf.transformations, *wf.destinations]
     live = sys.stderr.isatty() and not args.quiet
     try:
         with _Progress(steps, live) if not args.quiet else _nullcontext():
             cli_main(flow, **kwargs)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - reported as one clear line
-        print(f"error: {_root_cause(exc)}", file=sys.stderr)
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
+        cause = _root_cause(exc)
+        if timer is not None and timer.finished.is_set():
+            print(f"error: the workflow ran longer than its config.timeout "
+                  f"({wf.config.timeout:g}s) and was stopped", file=sys.stderr)
+            return 124
+        if isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        print(f"error: {cause}", file=sys.stderr)
         return 1
+    finally:
+        if timer is not None:
+            timer.cancel()
     return 0
 
 

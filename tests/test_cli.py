@@ -87,3 +87,22 @@ workflow:
         assert seen > 0
     finally:
         assert proc.wait(timeout=60) == 0
+
+
+def test_workflow_timeout_and_max_concurrency_are_enforced(tmp_path):
+    flow = tmp_path / "f.yaml"
+    flow.write_text("""\
+workflow:
+  config: {timeout: 2s, max_concurrency: 2}
+  sources:
+    g: {type: generator, config: {preset: orders, count: null, rate: 50}}
+  destinations:
+    o: {type: file, inputs: [g], config: {path: out.jsonl}}
+""")
+    result = run_cli("run", str(flow), "-q")
+    assert result.code == 124
+    assert "ran longer than its config.timeout (2s) and was stopped" in result.stderr
+    assert (tmp_path / "out.jsonl").read_text().count("\n") > 0
+    result = run_cli("run", str(flow), "-q", "-w", "3")
+    assert result.code == 1
+    assert "config.max_concurrency is 2, this run asks for 3 workers" in result.stderr
