@@ -6,6 +6,7 @@ import _thread
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -149,6 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         start_http_server(args.metrics_port, addr="127.0.0.1")
     timer = None
     if wf.config.timeout is not None:
+        # The timeout interrupts the run like Ctrl-C, even where SIGINT was inherited ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         timer = threading.Timer(wf.config.timeout, _thread.interrupt_main)
         timer.daemon = True
         timer.start()
