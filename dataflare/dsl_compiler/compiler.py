@@ -307,7 +307,8 @@ class _Compiler:
         comp = self.wf.sources[cid]
         if self.test_inputs is not None:
             records = [
-                {**r, META: {"test_input": cid, "index": i}} if isinstance(r, dict) else r
+                {**r, META: {"test_input": cid, "index": i, **(r.get(META) or {})}}
+                if isinstance(r, dict) else r
                 for i, r in enumerate(self.test_inputs.get(cid, []))
             ]
             source: Source[Any] = TestingSource([records] if records else [])
