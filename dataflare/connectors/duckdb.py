@@ -27,6 +27,7 @@ from dataflare.connectors.sql_writer import (
     Dialect,
     Mark,
     TableWriter,
+    quote_ident,
     table_output,
     write_settings,
 )
@@ -58,12 +59,10 @@ class DuckDBDestinationConfig(Strict):
     table: str = Field(description="Table to write (created from the records when absent).")
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 class DuckDBDialect(Dialect):
     """duckdb's Python API with Arrow staging."""
+
+    sql_types = SQL_TYPES
 
     def __init__(self, path: Path, cfg: DuckDBDestinationConfig) -> None:
         import duckdb
@@ -74,8 +73,8 @@ class DuckDBDialect(Dialect):
         self.conn: Any = None
         self.schema = cfg.schema_
         self.table = cfg.table
-        self.target = f"{_ident(self.schema)}.{_ident(self.table)}"
-        self.positions = f"{_ident(self.schema)}.{_ident(POSITIONS_TABLE)}"
+        self.target = f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
+        self.positions = f"{quote_ident(self.schema)}.{quote_ident(POSITIONS_TABLE)}"
         self.types: dict[str, str] = {}
 
     def describe(self) -> str:
@@ -88,7 +87,7 @@ class DuckDBDialect(Dialect):
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = duckdb.connect(str(self.path))
-        self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(self.schema)}")
+        self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
 
     def close(self) -> None:
         """Close the database."""
@@ -122,26 +121,17 @@ class DuckDBDialect(Dialect):
         self.types = {name: LOGICAL.get(str(dtype).upper(), TEXT) for name, dtype in rows}
         return dict(self.types)
 
-    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
-        """CREATE TABLE IF NOT EXISTS, with the merge key as primary key."""
-        cols = [f"{_ident(n)} {SQL_TYPES[t]}" for n, t in columns.items()]
-        if key:
-            cols.append(f"PRIMARY KEY ({', '.join(_ident(k) for k in key)})")
-        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
-        self.types = dict(columns)
-
     def add_columns(self, columns: dict[str, str]) -> None:
         """ALTER TABLE ... ADD COLUMN, one per statement."""
         for n, t in columns.items():
-            self.conn.execute(
-                f"ALTER TABLE {self.target} ADD COLUMN IF NOT EXISTS {_ident(n)} {SQL_TYPES[t]}"
-            )
+            column = f"{quote_ident(n)} {SQL_TYPES[t]}"
+            self.conn.execute(f"ALTER TABLE {self.target} ADD COLUMN IF NOT EXISTS {column}")
             self.types[n] = t
 
     def widen(self, column: str, kind: str) -> None:
         """ALTER ... TYPE."""
         self.conn.execute(
-            f"ALTER TABLE {self.target} ALTER {_ident(column)} TYPE {SQL_TYPES[kind]}"
+            f"ALTER TABLE {self.target} ALTER {quote_ident(column)} TYPE {SQL_TYPES[kind]}"
         )
         self.types[column] = kind
 
@@ -203,7 +193,7 @@ class DuckDBDialect(Dialect):
 
     def _insert(self, columns: list[str], rows: list[dict[str, Any]], suffix: str = "") -> None:
         stage = self._arrow(columns, rows)
-        collist = ", ".join(_ident(c) for c in columns)
+        collist = ", ".join(quote_ident(c) for c in columns)
         self.conn.register("_dataflare_stage", stage)
         try:
             self.conn.execute(
@@ -226,17 +216,18 @@ class DuckDBDialect(Dialect):
             stage = self._arrow(list(key), deletes)
             self.conn.register("_dataflare_deletes", stage)
             try:
-                match = " AND ".join(f"t.{_ident(k)} = d.{_ident(k)}" for k in key)
+                match = " AND ".join(f"t.{quote_ident(k)} = d.{quote_ident(k)}" for k in key)
                 self.conn.execute(
                     f"DELETE FROM {self.target} AS t USING _dataflare_deletes AS d WHERE {match}"
                 )
             finally:
                 self.conn.unregister("_dataflare_deletes")
         if upserts:
-            keycols = ", ".join(_ident(k) for k in key)
+            keycols = ", ".join(quote_ident(k) for k in key)
             updates = [c for c in columns if c not in key]
             action = (
-                "DO UPDATE SET " + ", ".join(f"{_ident(c)} = EXCLUDED.{_ident(c)}" for c in updates)
+                "DO UPDATE SET "
+                + ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in updates)
                 if updates
                 else "DO NOTHING"
             )

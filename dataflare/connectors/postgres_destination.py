@@ -27,6 +27,7 @@ from dataflare.connectors.sql_writer import (
     Mark,
     TableWriter,
     iter_rows,
+    quote_ident,
     table_output,
     write_settings,
 )
@@ -91,12 +92,10 @@ class PostgresDestinationConfig(Strict):
         )
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 class PostgresDialect(Dialect):
     """psycopg 3: COPY, staging tables and ON CONFLICT."""
+
+    sql_types = SQL_TYPES
 
     def __init__(self, cfg: PostgresDestinationConfig) -> None:
         import psycopg
@@ -106,8 +105,8 @@ class PostgresDialect(Dialect):
         self.conn: Any = None
         self.schema = cfg.schema_
         self.table = cfg.table
-        self.target = f"{_ident(self.schema)}.{_ident(self.table)}"
-        self.positions = f"{_ident(self.schema)}.{_ident(POSITIONS_TABLE)}"
+        self.target = f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
+        self.positions = f"{quote_ident(self.schema)}.{quote_ident(POSITIONS_TABLE)}"
         self._staged: tuple[str, ...] | None = None
         self.types: dict[str, str] = {}
 
@@ -149,18 +148,10 @@ class PostgresDialect(Dialect):
         self.types = {name: LOGICAL.get(dtype, TEXT) for name, dtype in rows}
         return dict(self.types)
 
-    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
-        """CREATE TABLE IF NOT EXISTS, with the merge key as primary key."""
-        cols = [f"{_ident(n)} {SQL_TYPES[t]}" for n, t in columns.items()]
-        if key:
-            cols.append(f"PRIMARY KEY ({', '.join(_ident(k) for k in key)})")
-        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
-        self.types = dict(columns)
-
     def add_columns(self, columns: dict[str, str]) -> None:
         """ALTER TABLE ... ADD COLUMN IF NOT EXISTS."""
         adds = ", ".join(
-            f"ADD COLUMN IF NOT EXISTS {_ident(n)} {SQL_TYPES[t]}" for n, t in columns.items()
+            f"ADD COLUMN IF NOT EXISTS {quote_ident(n)} {SQL_TYPES[t]}" for n, t in columns.items()
         )
         self.conn.execute(f"ALTER TABLE {self.target} {adds}")
         self.types.update(columns)
@@ -169,7 +160,7 @@ class PostgresDialect(Dialect):
     def widen(self, column: str, kind: str) -> None:
         """ALTER COLUMN ... TYPE."""
         self.conn.execute(
-            f"ALTER TABLE {self.target} ALTER COLUMN {_ident(column)} TYPE {SQL_TYPES[kind]}"
+            f"ALTER TABLE {self.target} ALTER COLUMN {quote_ident(column)} TYPE {SQL_TYPES[kind]}"
         )
         self.types[column] = kind
         self._staged = None
@@ -212,7 +203,7 @@ class PostgresDialect(Dialect):
     def _copy(self, table: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
         from psycopg.types.json import Jsonb
 
-        collist = ", ".join(_ident(c) for c in columns)
+        collist = ", ".join(quote_ident(c) for c in columns)
         # Every value of a JSON column is sent as JSON (a string too, as a JSON string).
         json_cols = [i for i, c in enumerate(columns) if self.types.get(c) == JSON]
         with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp:
@@ -246,18 +237,19 @@ class PostgresDialect(Dialect):
         if self._staged is None:
             self.conn.execute("DROP TABLE IF EXISTS _dataflare_stage")
         stage = self._stage()
-        keycols = ", ".join(_ident(k) for k in key)
+        keycols = ", ".join(quote_ident(k) for k in key)
         if deletes:
             self._copy(stage, list(key), deletes)
-            match = " AND ".join(f"t.{_ident(k)} = s.{_ident(k)}" for k in key)
+            match = " AND ".join(f"t.{quote_ident(k)} = s.{quote_ident(k)}" for k in key)
             self.conn.execute(f"DELETE FROM {self.target} AS t USING {stage} AS s WHERE {match}")
             self.conn.execute(f"DELETE FROM {stage}")
         if upserts:
             self._copy(stage, columns, upserts)
-            collist = ", ".join(_ident(c) for c in columns)
+            collist = ", ".join(quote_ident(c) for c in columns)
             updates = [c for c in columns if c not in key]
             action = (
-                "DO UPDATE SET " + ", ".join(f"{_ident(c)} = EXCLUDED.{_ident(c)}" for c in updates)
+                "DO UPDATE SET "
+                + ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in updates)
                 if updates
                 else "DO NOTHING"
             )

@@ -168,10 +168,20 @@ def last_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
     return list(last.values())
 
 
+def quote_ident(name: str) -> str:
+    """A SQL identifier in double quotes (PostgreSQL and DuckDB)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 class Dialect(ABC):
     """One database: connection, catalog, and the statements of a write."""
 
     transient: tuple[type[BaseException], ...] = ()
+    sql_types: dict[str, str] = {}
+    """The column type of each logical type."""
+    conn: Any
+    target: str
+    types: dict[str, str]
 
     @abstractmethod
     def connect(self) -> None:
@@ -189,9 +199,13 @@ class Dialect(ABC):
     def columns(self) -> dict[str, str] | None:
         """Columns of the target table and their logical types; ``None`` if absent."""
 
-    @abstractmethod
     def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
-        """Create the target table (``key`` as primary key when given)."""
+        """CREATE TABLE IF NOT EXISTS, with ``key`` (when given) as primary key."""
+        cols = [f"{quote_ident(n)} {self.sql_types[t]}" for n, t in columns.items()]
+        if key:
+            cols.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in key)})")
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
+        self.types = dict(columns)
 
     @abstractmethod
     def add_columns(self, columns: dict[str, str]) -> None:
