@@ -37,7 +37,13 @@ from dataflare.connectors.schema import (
     json_value,
     table_json_schema,
 )
-from dataflare.connectors.sql_source import Connection, now, row_records, selected_tables
+from dataflare.connectors.sql_source import (
+    Connection,
+    cdc_block,
+    now,
+    row_records,
+    selected_tables,
+)
 from dataflare.records import META
 from dataflare.registry import BuildContext, source
 from dataflare.retry import TransientError, call_with_retry
@@ -673,9 +679,7 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
 
     def cdc_settings(self) -> Any:
         """The component's ``cdc`` block (defaults when absent)."""
-        from dataflare.dsl_compiler.models import Cdc
-
-        return self.component.cdc or Cdc()
+        return cdc_block(self.component)
 
     def cdc_tables(self) -> list[str]:
         """``database.table`` names whose changes are read."""

@@ -57,7 +57,13 @@ from dataflare.connectors.schema import (
     discoverer,
     table_json_schema,
 )
-from dataflare.connectors.sql_source import Connection, now, row_records, selected_tables
+from dataflare.connectors.sql_source import (
+    Connection,
+    cdc_block,
+    now,
+    row_records,
+    selected_tables,
+)
 from dataflare.registry import BuildContext, source
 
 log = logging.getLogger(__name__)
@@ -855,9 +861,7 @@ class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
 
     def cdc_settings(self) -> Any:
         """The component's ``cdc`` block (defaults when absent)."""
-        from dataflare.dsl_compiler.models import Cdc
-
-        return self.component.cdc or Cdc()
+        return cdc_block(self.component)
 
     def cdc_tables(self) -> list[str]:
         """``schema.table`` names whose changes are read."""

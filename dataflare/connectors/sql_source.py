@@ -111,3 +111,11 @@ def selected_tables(
     tables = [t if "." in t else qualify(t) for t in tables]
     excluded = {t if "." in t else qualify(t) for t in exclude}
     return [t for t in tables if t not in excluded]
+
+
+def cdc_block(component: Any) -> Any:
+    """A source component's ``cdc`` block, with the defaults when absent."""
+    from dataflare.dsl_compiler.models import Cdc
+
+    return component.cdc or Cdc()
+

@@ -318,33 +318,20 @@ class _Compiler:
         ports = source_component(cid, flow, source, cid, comp.error_handling, check)
         self.keep(cid, ports, comp.error_handling)
 
-    def upstream_sources(self, cid: str) -> list[str]:
-        """The sources feeding ``cid``, directly or through transformations."""
-        found, seen, todo = [], set(), list(self.graph.inputs.get(cid, []))
-        while todo:
-            up = self.graph.upstream(todo.pop())
-            if up in seen:
-                continue
-            seen.add(up)
-            if self.graph.kinds.get(up) == "sources":
-                found.append(up)
-            else:
-                todo.extend(self.graph.inputs.get(up, []))
-        return found
-
-    def with_source_time_unit(self, cid: str, comp: Any) -> Any:
+    def with_source_time_unit(self, comp: Any) -> Any:
         """``comp`` whose unset ``time_unit`` comes from its sources' (when they agree)."""
         config = comp.config
         if "time_unit" not in type(config).model_fields or "time_unit" in config.model_fields_set:
             return comp
-        units = {self.wf.sources[s].time_unit for s in self.upstream_sources(cid)} - {None}
+        sources = self.wf.upstream_sources(comp.inputs)
+        units = {self.wf.sources[s].time_unit for s in sources} - {None}
         if len(units) != 1:
             return comp
         config = config.model_copy(update={"time_unit": units.pop()})
         return comp.model_copy(update={"config": config})
 
     def transformation(self, cid: str) -> None:
-        comp = self.with_source_time_unit(cid, self.wf.transformations[cid])
+        comp = self.with_source_time_unit(self.wf.transformations[cid])
         spec = self.spec("transformation", comp)
         ups = [self.streams[ref] for ref in comp.inputs]
         ctx = self.ctx("transformation", cid, comp)

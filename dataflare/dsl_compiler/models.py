@@ -376,6 +376,22 @@ class Workflow(Strict):
     data_protection: DataProtection | None = Field(None, description="Masking and encryption.")
     tests: list[TestCase] = Field(default_factory=list, description="Workflow tests.")
 
+    def upstream_sources(self, inputs: list[str]) -> list[str]:
+        """Ids of the sources feeding ``inputs``, directly or through transformations."""
+        found: list[str] = []
+        seen: set[str] = set()
+        todo = list(inputs)
+        while todo:
+            ref = todo.pop().split(".", 1)[0]
+            if ref in seen:
+                continue
+            seen.add(ref)
+            if ref in self.sources:
+                found.append(ref)
+            elif ref in self.transformations:
+                todo.extend(self.transformations[ref].inputs)
+        return found
+
 
 class WorkflowFile(Strict):
     """A workflow file: the ``workflow:`` block and optional ``tests:``."""

@@ -338,19 +338,8 @@ def upstream_sources(ctx: Any) -> list[Any]:
     wf = getattr(ctx, "workflow", None)
     if wf is None:
         return []
-    found: list[Any] = []
-    seen: set[str] = set()
-    todo = list(getattr(ctx.component, "inputs", []) or [])
-    while todo:
-        ref = todo.pop().split(".", 1)[0]
-        if ref in seen:
-            continue
-        seen.add(ref)
-        if ref in wf.sources:
-            found.append(wf.sources[ref])
-        elif ref in wf.transformations:
-            todo.extend(wf.transformations[ref].inputs)
-    return found
+    inputs = list(getattr(ctx.component, "inputs", []) or [])
+    return [wf.sources[s] for s in wf.upstream_sources(inputs)]
 
 
 def idle_timeout_of(ctx: Any) -> float | None:
