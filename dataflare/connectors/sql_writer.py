@@ -315,7 +315,8 @@ class TableWriter:
         changed: dict[str, Mark] = {}
         try:
             with self.db.transaction():
-                self._shape(items)
+                if not self._shape(items):
+                    return 0  # no table yet, and nothing to write: emptying it is moot
                 if truncate:
                     self.db.truncate()
                 if self.mode == "merge":
@@ -340,10 +341,14 @@ class TableWriter:
             raise RuntimeError(msg) from exc
         return written
 
-    def _shape(self, items: list[Item]) -> None:
+    def _shape(self, items: list[Item]) -> bool:
+        """Create or widen the table for ``items``; ``False`` when it does not exist yet
+        and ``items`` hold no values to decide its column types by."""
         if self.cols is None:
             self.cols = self.db.columns()
         names = self._columns_of([it.row for it in items])
+        if self.cols is None and not names:
+            return False
         known = self.cols or {}
         wanted: dict[str, str | None] = {}
         for name in names:
@@ -361,7 +366,7 @@ class TableWriter:
                 cols.setdefault(k, TEXT)
             self.db.create_table(cols, self.key if self.mode == "merge" else ())
             self.cols = dict(cols)
-            return
+            return True
         new = {k: (t or TEXT) for k, t in wanted.items() if k not in self.cols}
         if new:
             log.info("step %r: adding column(s) %s to %s", self.step, new, self.db.describe())
@@ -376,6 +381,7 @@ class TableWriter:
                          self.db.describe())
                 self.db.widen(name, FLOAT)
                 self.cols[name] = FLOAT
+        return True
 
     def _append(self, items: list[Item], run: str) -> tuple[int, dict[str, Mark]]:
         positioned = bool(run) and any(it.stream is not None for it in items)

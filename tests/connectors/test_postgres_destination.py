@@ -114,6 +114,21 @@ def test_cdc_truncate_empties_a_merged_mirror_but_not_an_append_log(pg_schema: A
     assert kept == [(1,), (2,), (3,), (4,)]
 
 
+def test_a_table_is_created_only_once_values_give_its_column_types(pg_schema: Any) -> None:
+    # A CDC mirror's first flush can end with a truncate: nothing to write, no types known.
+    truncate = {"_meta": {"op": "truncate", "table": "public.items", "lsn": "0/1"}}
+    ctx = ctx_for(pg_schema, "mirror", {"type": "merge", "merge_key": "id"})
+    assert run(ctx, [[{"id": 1, "v": "a"}, truncate]]) == []
+    assert pg_schema.rows("SELECT 1 FROM information_schema.tables WHERE table_schema = %s",
+                          pg_schema.schema) == []
+    assert run(ctx, [[{"id": 2, "v": "b"}]]) == []
+    cols = pg_schema.rows(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = 'mirror' ORDER BY ordinal_position",
+        pg_schema.schema)
+    assert cols == [("id", "bigint"), ("v", "text")]
+
+
 def test_merge_rejects_records_without_the_key(pg_schema: Any) -> None:
     ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": ["id"]})
     errors = run(ctx, [[{"id": 1, "v": "a"}, {"v": "no key", "_meta": {"file": "f", "line": 9}}]])
