@@ -342,8 +342,11 @@ class TableWriter:
         return written
 
     def _shape(self, items: list[Item]) -> bool:
-        """Create or widen the table for ``items``; ``False`` when it does not exist yet
-        and ``items`` hold no values to decide its column types by."""
+        """Create or widen the table for ``items``.
+
+        ``False`` when the table does not exist yet and ``items`` hold no values to decide
+        its column types by.
+        """
         if self.cols is None:
             self.cols = self.db.columns()
         names = self._columns_of([it.row for it in items])
