@@ -8,6 +8,8 @@ W2  drop ``view``; 60 s tumbling window per ``user_id``: count and sum of ``amou
 W3  5 min / 1 min sliding count per user, and 30 s gap sessions per user (one flow)
 W4  events joined to orders (200,000, keyed by user) per user in 5 min tumbling windows
 W7  W2 by DataFlare on one process and on two (one worker each; Kafka only)
+WM  memory: one event for each of ``--events`` users in the same hour, so that many
+    tumbling windows are open at once (events made as they are read, no broker)
 
 Systems, each in its own process on the same data:
 
@@ -52,6 +54,8 @@ sys.path.insert(0, str(ROOT))
 EVENTS = ("view", "click", "add_to_cart", "purchase")
 T0 = 1_704_067_200_000
 MIN = 60_000
+HOUR = 60 * MIN
+WM_BYTEWAX_MAX = 2_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # bytewax's EventClock also advances its watermark with system time: with no wait, a
 # user's event that reaches the window a little later than its predecessor (Kafka
@@ -558,17 +562,104 @@ def w7_two_processes(args: argparse.Namespace) -> list[tuple]:
 
 # ------------------------------------------------------------------------------ driver
 
+# ------------------------------------------------------------------ WM: open windows
+
+
+def wm_events(n: int) -> Iterator[dict[str, Any]]:
+    """``n`` users with one event each, all in the same hour: ``n`` windows stay open."""
+    for i in range(n):
+        yield {"user_id": f"u{i}", "amount": float(i % 1000) / 10, "ts": T0 + i // 1000}
+
+
+def wm_raw(args: argparse.Namespace) -> list[tuple]:
+    acc: dict[tuple[str, int], list[Any]] = {}
+    for e in wm_events(args.events):
+        k = (e["user_id"], e["ts"] // HOUR)
+        slot = acc.get(k)
+        if slot is None:
+            acc[k] = [1, e["amount"]]
+        else:
+            slot[0] += 1
+            slot[1] += e["amount"]
+    return [(u, w * HOUR, c, s) for (u, w), (c, s) in acc.items()]
+
+
+def wm_bytewax(args: argparse.Namespace) -> list[tuple]:
+    import bytewax.operators as op
+    import bytewax.operators.windowing as win
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink, TestingSource
+
+    flow = Dataflow("wm_bytewax")
+    evs = op.input("in", flow, TestingSource(wm_events(args.events)))
+    keyed = op.key_on("user", evs, lambda e: e["user_id"])
+    clock = win.EventClock(
+        lambda e: EPOCH + timedelta(milliseconds=e["ts"]), wait_for_system_duration=BYTEWAX_WAIT
+    )
+    windower = win.TumblingWindower(length=timedelta(hours=1), align_to=EPOCH)
+    out = win.fold_window(
+        "wm",
+        keyed,
+        clock,
+        windower,
+        lambda: [0, 0.0],
+        lambda a, e: [a[0] + 1, a[1] + e["amount"]],
+        lambda a, b: [a[0] + b[0], a[1] + b[1]],
+    )
+    got: list[Any] = []
+    op.output("out", out.down, TestingSink(got))
+    run_flow(flow)
+    return [(u, wid * HOUR, a[0], a[1]) for u, (wid, a) in got]
+
+
+def wm_dataflare(args: argparse.Namespace) -> list[Any]:
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink, TestingSource
+
+    from dataflare.operators.window import WindowConfig, window
+
+    cfg = WindowConfig.model_validate(
+        {
+            "window": {"type": "tumbling", "size": "1h"},
+            "time_field": "ts",
+            "time_unit": "ms",
+            "group_by": ["user_id"],
+            "aggregations": [{"operations": ["count"]}, {"field": "amount", "operations": ["sum"]}],
+        }
+    )
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        batch: list[dict[str, Any]] = []
+        for e in wm_events(args.events):
+            batch.append(e)
+            if len(batch) == 10_000:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    flow = Dataflow("wm_dataflare")
+    got: list[Any] = []
+    up = op.input("in", flow, TestingSource(batches()))
+    op.output("out", window("wm", up, cfg).down, TestingSink(got))
+    run_flow(flow)
+    return got
+
+
 SYSTEMS: dict[str, dict[str, Callable[[argparse.Namespace], Any]]] = {
     "w2": {"raw": w2_raw, "bytewax": w2_bytewax, "quix": w2_quix, "dataflare": w2_dataflare},
     "w3": {"raw": w3_raw, "bytewax": w3_bytewax, "dataflare": w3_dataflare},
     "w4": {"raw": w4_raw, "bytewax": w4_bytewax, "dataflare": w4_dataflare},
     "w7": {"raw": w2_raw, "1proc": w2_dataflare, "2proc": w7_two_processes},
+    "wm": {"raw": wm_raw, "bytewax": wm_bytewax, "dataflare": wm_dataflare},
 }
 ROWS: dict[str, Callable[[Any], list[tuple]]] = {
     "w2-dataflare": w2_dataflare_rows,
     "w3-dataflare": w3_dataflare_rows,
     "w4-dataflare": w4_dataflare_rows,
     "w7-1proc": w2_dataflare_rows,
+    "wm-dataflare": w2_dataflare_rows,
 }
 
 
@@ -600,7 +691,7 @@ def child(args: argparse.Namespace) -> None:
         w7_worker(args)
         return
     workload, system = args.child.split("-", 1)
-    if args.source == "memory":
+    if args.source == "memory" and workload != "wm":  # WM makes its events as it goes
         preload(args.events)
     result, got = measure(lambda: SYSTEMS[workload][system](args))
     rows = ROWS.get(args.child, lambda g: g)(got)
@@ -646,6 +737,12 @@ def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) 
     if "2proc" in med:
         one, two = med["1proc"], med["2proc"]
         print(f"  2 processes: {one['wall'] / two['wall']:.2f}x the throughput of 1 (wall)")
+    if title.startswith("WM") and "dataflare" in med:
+        windows = results["dataflare"][0]["count"]
+        print(
+            f"  dataflare: peak RSS {med['dataflare']['rss_mb']:.0f} MB with {windows:,} open "
+            f"windows, raw {base['rss_mb']:.0f} MB (target: under 1 GB for 1,000,000)"
+        )
     if "dataflare" in med:
         d = med["dataflare"]
         for ref in ("bytewax", "quix"):
@@ -738,6 +835,11 @@ def main() -> None:
             ]
             if workload == "w7" and args.source != "kafka":
                 continue
+            if workload == "wm" and args.events > WM_BYTEWAX_MAX and "bytewax" in names:
+                # Every item makes bytewax visit each open window: 1,000 take 3.5 s.
+                print(f"\nWM: bytewax skipped above {WM_BYTEWAX_MAX:,} open windows "
+                      "(its time grows with the square of their number)")
+                names.remove("bytewax")
             results: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
             for _ in range(args.runs):
                 for system in names:
