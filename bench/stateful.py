@@ -56,6 +56,7 @@ T0 = 1_704_067_200_000
 MIN = 60_000
 HOUR = 60 * MIN
 WM_BYTEWAX_MAX = 2_000
+TIMED: dict[str, float] = {}
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # bytewax's EventClock also advances its watermark with system time: with no wait, a
 # user's event that reaches the window a little later than its predecessor (Kafka
@@ -534,8 +535,14 @@ def w7_worker(args: argparse.Namespace) -> None:
     engaged = op.map("engaged", batches, lambda b: [e for e in b if e["event"] != "view"])
     got: list[Any] = []
     op.output("out", window("w2", engaged, w2_config()).down, TestingSink(got))
+    # Like the one-process run, only the pipeline is timed (not start-up and imports).
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.time()
     cluster_main(flow, args.addresses.split(";"), args.proc)
-    Path(args.dump).write_text(json.dumps(w2_dataflare_rows(got)))
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.time()
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    Path(args.dump).write_text(
+        json.dumps({"rows": w2_dataflare_rows(got), "t0": t0, "t1": t1, "cpu": cpu})
+    )
 
 
 def w7_two_processes(args: argparse.Namespace) -> list[tuple]:
@@ -553,14 +560,16 @@ def w7_two_processes(args: argparse.Namespace) -> list[tuple]:
             msg = "a W7 worker process failed"
             raise RuntimeError(msg)
     rows: list[tuple] = []
+    parts = []
     for i in range(2):
-        part = Path(f"{args.dump}.{i}")
-        rows += [tuple(r) for r in json.loads(part.read_text())]
-        part.unlink()
+        path = Path(f"{args.dump}.{i}")
+        parts.append(json.loads(path.read_text()))
+        path.unlink()
+        rows += [tuple(r) for r in parts[-1]["rows"]]
+    TIMED["wall"] = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
+    TIMED["cpu"] = sum(p["cpu"] for p in parts)
     return rows
 
-
-# ------------------------------------------------------------------------------ driver
 
 # ------------------------------------------------------------------ WM: open windows
 
@@ -647,6 +656,8 @@ def wm_dataflare(args: argparse.Namespace) -> list[Any]:
     return got
 
 
+# ------------------------------------------------------------------------------ driver
+
 SYSTEMS: dict[str, dict[str, Callable[[argparse.Namespace], Any]]] = {
     "w2": {"raw": w2_raw, "bytewax": w2_bytewax, "quix": w2_quix, "dataflare": w2_dataflare},
     "w3": {"raw": w3_raw, "bytewax": w3_bytewax, "dataflare": w3_dataflare},
@@ -694,6 +705,7 @@ def child(args: argparse.Namespace) -> None:
     if args.source == "memory" and workload != "wm":  # WM makes its events as it goes
         preload(args.events)
     result, got = measure(lambda: SYSTEMS[workload][system](args))
+    result.update(TIMED)  # a system that times itself (W7's two processes)
     rows = ROWS.get(args.child, lambda g: g)(got)
     lines = canonical(rows)
     result["count"] = len(lines)
