@@ -15,13 +15,13 @@ Destination
     snapshotted epoch is acknowledged by the broker (at-least-once). With
     ``exactly_once: true`` each writer wraps an epoch in a Kafka transaction committed
     at the snapshot: ``read_committed`` consumers never see records of an epoch that a
-    crash interrupted (the transaction is aborted when the writer restarts). The one
-    window left is a crash after the commit but before bytewax persisted that epoch's
-    snapshot; the epoch is then replayed and written again. The guarantee is therefore
-    **at-least-once**, with transactions making duplicates rare (one epoch, one narrow
-    window) and fencing a zombie writer. Caveat: Tansu 0.6 (the test broker) does not
-    report aborted transactions in fetch answers, so there even ``read_committed``
-    consumers see aborted epochs; Apache Kafka and Redpanda hide them.
+    crash interrupted (the transaction is aborted when the writer closes or restarts).
+    The one window left is a crash after the commit but before bytewax persisted that
+    epoch's snapshot; the epoch is then replayed and written again. The guarantee is
+    therefore **at-least-once**, with transactions making duplicates rare (one epoch,
+    one narrow window) and fencing a zombie writer. Caveat: Tansu 0.6 (the test broker)
+    does not report aborted transactions in fetch answers, so there even
+    ``read_committed`` consumers see aborted epochs; Apache Kafka and Redpanda hide them.
 
 Dead letters
     A record redirected by an error policy (``{"error": ..., "record": original}``) is
@@ -507,9 +507,11 @@ class _KafkaWriter(StatefulSinkPartition[list[Message], None]):
 
         self.step_id = step_id
         self.topic = cfg.topic
+        self.servers = cfg.bootstrap_servers
         self.flush_timeout = cfg.flush_timeout
         self.transactional = cfg.exactly_once
         self.errors: list[str] = []
+        self.last_warning: str | None = None
         settings = _client_config(cfg.bootstrap_servers, cfg.properties)
         settings.setdefault("enable.idempotence", True)
         settings.setdefault("linger.ms", 5)
@@ -524,10 +526,14 @@ class _KafkaWriter(StatefulSinkPartition[list[Message], None]):
             self.producer.init_transactions(self.flush_timeout)
 
     def _on_error(self, err: Any) -> None:
+        from confluent_kafka import KafkaError
+
         if err.fatal():
             self.errors.append(err.str())
-        else:
-            log.warning("step %r: kafka producer: %s", self.step_id, err.str())
+            return
+        if err.code() != KafkaError._ALL_BROKERS_DOWN:  # "n/m brokers are down" says less
+            self.last_warning = err.str()
+        log.warning("step %r: kafka producer: %s", self.step_id, err.str())
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
@@ -571,15 +577,29 @@ class _KafkaWriter(StatefulSinkPartition[list[Message], None]):
         else:
             remaining = self.producer.flush(self.flush_timeout)
             if remaining:
+                last = f" (last error: {self.last_warning})" if self.last_warning else ""
                 msg = (
                     f"step {self.step_id!r}: {remaining} message(s) to kafka topic "
-                    f"{self.topic!r} not acknowledged within {self.flush_timeout}s"
+                    f"{self.topic!r} not acknowledged by {self.servers} within "
+                    f"{self.flush_timeout:g}s{last}"
                 )
                 raise RuntimeError(msg)
         self._check()
 
     def close(self) -> None:
-        self.snapshot()
+        # Bytewax calls this when it drops the partition: after the last snapshot of a run
+        # that ends, or while unwinding a failure, where an exception aborts the process.
+        # What is still pending belongs to an epoch that was never snapshotted (replayed on
+        # recovery), so it is not committed here: an open transaction is aborted.
+        if not self.in_txn:
+            return
+        from confluent_kafka import KafkaException
+
+        try:
+            self.producer.abort_transaction(self.flush_timeout)
+        except KafkaException as exc:
+            log.warning("step %r: aborting the open transaction failed: %s", self.step_id, exc)
+        self.in_txn = False
 
 
 class KafkaSink(FixedPartitionedSink[list[Message], None]):

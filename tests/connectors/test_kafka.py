@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from dataflare.connectors.kafka import (
 from dataflare.dsl_compiler import models
 from dataflare.records import Failed
 from dataflare.registry import BuildContext
+from tests.fixtures.workflows import run_cli
 
 
 def source_ctx(step: str = "events", mode: str | None = None, **config: Any) -> BuildContext:
@@ -357,6 +359,7 @@ def test_transactions_commit_per_epoch_and_fence_a_restarted_writer(
     with pytest.raises(Exception):  # noqa: B017, PT011 - librdkafka's fencing error
         writer.snapshot()
     restarted.write_batch([[(None, orjson.dumps({"id": i}), []) for i in range(5, 9)]])
+    restarted.snapshot()
     restarted.close()
     committed = consume_all(servers, topic, 9, **{"isolation.level": "read_committed"})
     assert {json.loads(m.value())["id"] for m in committed} == set(range(9))
@@ -379,6 +382,7 @@ def test_read_committed_consumers_do_not_see_an_interrupted_epoch(
     writer.producer.flush(10)  # the epoch reaches the broker, then the worker crashes
     restarted = transactional_writer(servers, topic)  # aborts the open transaction
     restarted.write_batch([[(None, orjson.dumps({"id": i}), []) for i in range(5, 9)]])
+    restarted.snapshot()
     restarted.close()
     committed = consume_all(servers, topic, 9, **{"isolation.level": "read_committed"})
     assert sorted(json.loads(m.value())["id"] for m in committed) == list(range(9))
@@ -403,6 +407,31 @@ def test_destination_reconnects_after_broker_restart(
     writer.close()
     msgs = consume_all(servers, topic, 3)
     assert sorted(json.loads(m.value())["id"] for m in msgs) == [3, 4, 5]
+
+
+def test_unreachable_broker_fails_the_run_once_with_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "in.jsonl").write_text('{"id": 1}\n{"id": 2}\n')
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(f"""
+workflow:
+  id: unreachable
+  sources:
+    f: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    out:
+      type: kafka
+      inputs: [f]
+      config: {{bootstrap_servers: "127.0.0.1:{port}", topic: t, flush_timeout: 1}}
+""")
+    result = run_cli("run", str(flow))
+    assert result.code == 1, result.stderr  # was 134: the sink's close() raised again
+    assert "panic in a destructor" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: step 'out': 2 message(s) to kafka topic 't' not "
+                            f"acknowledged by 127.0.0.1:{port} within 1s")
 
 
 def test_kafka_to_kafka_pipeline(kafka_broker: LocalBroker, kafka_topic: Any) -> None:
