@@ -2,10 +2,11 @@
 
 Records wait in the step's state (snapshotted with the rest of the dataflow) until
 ``size`` records are buffered or the oldest has waited ``flush_interval``; at the end of
-a bounded input everything left is flushed. Because the buffer is recovery state, a
-crash never loses buffered records and never lets the source's snapshot run ahead of
-them. All batches of one destination go to one worker (one writer), which keeps merges
-free of write-write conflicts between workers.
+a bounded input everything left is flushed (a destination that must write even when
+no record comes, like an ``overwrite`` table, gets one empty flush then). Because the
+buffer is recovery state, a crash never loses buffered records and never lets the
+source's snapshot run ahead of them. All batches of one destination go to one worker
+(one writer), which keeps merges free of write-write conflicts between workers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
+from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
@@ -54,14 +56,17 @@ class Flush:
 
 
 class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
-    def __init__(self, size: int, interval: timedelta, state: BufferState | None) -> None:
+    def __init__(
+        self, size: int, interval: timedelta, state: BufferState | None, always: bool = False
+    ) -> None:
         self.size = size
         self.interval = interval
         self.state = state or BufferState()
+        self.always = always
 
-    def _flush(self) -> list[Flush]:
+    def _flush(self, eof: bool = False) -> list[Flush]:
         st = self.state
-        if not st.items:
+        if not st.items and not (eof and self.always and st.flushes == 0):
             return []
         out = Flush(st.flushes, st.items, st.run)
         st.items = []
@@ -86,7 +91,7 @@ class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
         return self._flush(), False
 
     def on_eof(self) -> tuple[list[Flush], bool]:
-        return self._flush(), False
+        return self._flush(eof=True), False
 
     def notify_at(self) -> datetime | None:
         since = self.state.since
@@ -97,15 +102,38 @@ class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
         return BufferState(list(st.items), st.since, st.flushes, st.run)
 
 
+class _Once(DynamicSource[list[Any]]):
+    """One empty batch per worker: it starts the buffer of a run that gets no record."""
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _OncePartition:
+        return _OncePartition()
+
+
+class _OncePartition(StatelessSourcePartition[list[Any]]):
+    def __init__(self) -> None:
+        self.done = False
+
+    def next_batch(self) -> list[list[Any]]:
+        if self.done:
+            raise StopIteration
+        self.done = True
+        return [[]]
+
+
 @operator
 def buffer(
-    step_id: str, up: Stream[list[Any]], size: int, flush_interval: float
+    step_id: str, up: Stream[list[Any]], size: int, flush_interval: float, always: bool = False
 ) -> Stream[Flush]:
-    """Regroup batches into writes of ``size`` items, or fewer after ``flush_interval``."""
+    """Regroup batches into writes of ``size`` items, or fewer after ``flush_interval``.
+
+    ``always``: a run that buffers nothing still flushes once (empty) at the end.
+    """
     interval = timedelta(seconds=flush_interval)
+    if always:
+        up = op.merge("started", up, op.input("start", up.flow(), _Once()))
     keyed = op.key_on("key", up, lambda _batch: "0")
     flushed = op.stateful_batch(
-        "buffer", keyed, lambda state: _BufferLogic(size, interval, state)
+        "buffer", keyed, lambda state: _BufferLogic(size, interval, state, always)
     )
     return op.map("unkey", flushed, lambda kv: kv[1])
 
@@ -118,16 +146,18 @@ def buffered_output(
     batch: Any,
     sink: Sink[Any],
     keyed: bool = False,
+    always: bool = False,
 ) -> Stream[list[Failed]]:
     """The output of a batching destination; returns the records it rejected.
 
     ``prepare`` turns each incoming batch into writable items and rejects; the items are
     regrouped per the ``batch`` settings (``size``, ``flush_interval``) and written by
-    ``sink`` (as ``("0", flush)`` pairs when ``keyed``, for a one-partition sink).
+    ``sink`` (as ``("0", flush)`` pairs when ``keyed``, for a one-partition sink);
+    ``always``: one empty flush when the run writes nothing.
     """
     prepared = op.map("prepare", up, prepare)
     items = op.filter_map("items", prepared, lambda p: p[0] or None)
-    flushed: Stream[Any] = buffer("batch", items, batch.size, batch.flush_interval)
+    flushed: Stream[Any] = buffer("batch", items, batch.size, batch.flush_interval, always)
     if keyed:
         flushed = op.map("writer", flushed, lambda flush: ("0", flush))
     op.output("write", flushed, sink)

@@ -250,4 +250,4 @@ def build_duckdb_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream
     def make_writer() -> TableWriter:
         return TableWriter(step, DuckDBDialect(path, cfg), mode, key, dedupe, retry)
 
-    return table_output(up, step, key, ctx.component.batch, make_writer)
+    return table_output(up, step, mode, key, ctx.component.batch, make_writer)

@@ -136,6 +136,11 @@ class PostgresDialect(Dialect):
         with self.conn.transaction():
             yield self.conn
 
+    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
+        """CREATE SCHEMA and TABLE IF NOT EXISTS."""
+        self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
+        super().create_table(columns, key)
+
     def columns(self) -> dict[str, str] | None:
         """Columns of the table, ``None`` when it does not exist."""
         rows = self.conn.execute(
@@ -221,9 +226,10 @@ class PostgresDialect(Dialect):
 
     def _stage(self) -> str:
         if self._staged is None:
+            # The target's columns without its constraints: deletes stage only the key.
             self.conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS _dataflare_stage "
-                f"(LIKE {self.target} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                "CREATE TEMP TABLE IF NOT EXISTS _dataflare_stage ON COMMIT DELETE ROWS "
+                f"AS SELECT * FROM {self.target} WITH NO DATA"
             )
             self._staged = ()
         return "_dataflare_stage"
@@ -233,6 +239,8 @@ class PostgresDialect(Dialect):
         deletes: list[dict[str, Any]],
     ) -> None:
         """Stage by COPY, then one DELETE ... USING and one INSERT ... ON CONFLICT."""
+        import psycopg
+
         # The staging table mirrors the target; it is recreated after the target widens.
         if self._staged is None:
             self.conn.execute("DROP TABLE IF EXISTS _dataflare_stage")
@@ -254,10 +262,15 @@ class PostgresDialect(Dialect):
                 else "DO NOTHING"
             )
             # Inserting in key order keeps the primary key index's pages hot.
-            self.conn.execute(
-                f"INSERT INTO {self.target} ({collist}) SELECT {collist} FROM {stage} "
-                f"ORDER BY {keycols} ON CONFLICT ({keycols}) {action}"
-            )
+            try:
+                self.conn.execute(
+                    f"INSERT INTO {self.target} ({collist}) SELECT {collist} FROM {stage} "
+                    f"ORDER BY {keycols} ON CONFLICT ({keycols}) {action}"
+                )
+            except psycopg.errors.InvalidColumnReference as exc:
+                msg = (f"{self.describe()} has no primary key or unique index on "
+                       f"({', '.join(key)}), which merge_key needs")
+                raise RuntimeError(msg) from exc
             self.conn.execute(f"DELETE FROM {stage}")
 
 
@@ -278,4 +291,4 @@ def build_postgres_destination(
     def make_writer() -> TableWriter:
         return TableWriter(step, PostgresDialect(cfg), mode, key, dedupe, retry)
 
-    return table_output(up, step, key, ctx.component.batch, make_writer)
+    return table_output(up, step, mode, key, ctx.component.batch, make_writer)

@@ -5,12 +5,18 @@ A write is one transaction per flushed batch:
 - the table is created from the records' shape when absent (``bool`` -> boolean,
   ``int`` -> bigint, ``float`` -> double, ``str`` -> text, dicts and lists -> JSON) and
   widened with ``ADD COLUMN`` when new fields appear; ``_meta`` is never a column;
+- a new column's type is decided by the batch's values: integers and fractional numbers
+  make a double, other mixtures JSON; an integer column that later receives a
+  fractional number becomes a double;
 - ``append`` copies the rows in; ``overwrite`` empties the table in the transaction of the
-  destination's first write, then appends; ``merge`` deduplicates the batch on
-  ``merge_key`` (the last record wins), deletes the keys whose last record is a CDC delete
-  (``_meta.op == "delete"``) and upserts the rest with one set-based statement; a CDC
-  truncate (``_meta.op == "truncate"``) empties the table first (append and overwrite
-  ignore it: the rows they wrote stay);
+  destination's first write (also when the run writes nothing), then appends; ``merge``
+  upserts on ``merge_key`` and sets the fields a record has: fields it lacks keep their
+  stored values (a CDC update leaves out unchanged TOASTed columns). Within a batch the
+  records of a key are folded in order: a CDC delete (``_meta.op == "delete"``) deletes
+  the row, later records set their fields. A CDC update that changes the key
+  (``_meta.old`` holds the old key) deletes the old row. Rows are written with one
+  set-based statement per set of fields. A CDC truncate (``_meta.op == "truncate"``)
+  empties the table first (append and overwrite ignore it: the rows they wrote stay);
 - **replay safety of appends**: records that carry a source position (Kafka
   topic/partition/offset, file/line) leave a per-stream mark in the
   ``_dataflare_positions`` table, written in the same transaction as the rows, together
@@ -54,6 +60,14 @@ POSITIONS_TABLE = "_dataflare_positions"
 
 # Logical column types; each dialect maps them to its own SQL types.
 BOOL, INT, FLOAT, TEXT, JSON = "bool", "int", "float", "text", "json"
+
+
+def column_type(kinds: set[str | None]) -> str | None:
+    """The type of a new column holding values of ``kinds`` (``None``: undecided)."""
+    kinds = kinds - {None}
+    if len(kinds) <= 1:
+        return next(iter(kinds), None)
+    return FLOAT if kinds == {INT, FLOAT} else JSON
 
 
 def logical_type(value: Any) -> str | None:
@@ -111,7 +125,8 @@ def prepare(
     items: list[Item] = []
     errs: list[Failed] = []
     append = items.append
-    dotted = [(k, getter(k)) for k in merge_key if "." in k]
+    keys = [(k, getter(k)) for k in merge_key]
+    dotted = [(k, get) for k, get in keys if "." in k]
     for rec in batch:
         if not isinstance(rec, dict):
             msg = f"step {step!r}: expected a record (dict), got {type(rec).__name__}: {rec!r}"
@@ -141,31 +156,70 @@ def prepare(
             append(Item(row, False, None, None))
             continue
         stream, pos = position_of(meta)
-        append(Item(row, meta.get("op") == "delete" if isinstance(meta, dict) else False,
-                    stream, pos))
+        if not isinstance(meta, dict):
+            append(Item(row, False, stream, pos))
+            continue
+        op = meta.get("op")
+        old = meta.get("old")
+        if op == "update" and merge_key and isinstance(old, dict):
+            # A changed key: the row under the old key goes (the old key has every part).
+            before = {k: get(old) for k, get in keys}
+            if None not in before.values() and any(before[k] != row[k] for k in merge_key):
+                append(Item(before, True, stream, pos))
+        append(Item(row, op == "delete", stream, pos))
     return items, errs
+
+
+def _key_of(key: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
+    """The key value of a row (a tuple for a composite key)."""
+    if len(key) == 1:
+        (k,) = key
+        return lambda row: row.get(k)
+    return lambda row: tuple([row.get(k) for k in key])
+
+
+def _hashable_key(value: Any) -> Any:
+    """A key value with its dicts and lists made hashable."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, tuple) else _hashable(value)
 
 
 def last_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
     """The last item of each key value (keys are top-level columns of the rows)."""
+    get = _key_of(key)
     last: dict[Any, Item] = {}
-    if len(key) == 1:
-        (k,) = key
-        for it in items:
-            value = it.row.get(k)
-            try:
-                last[value] = it
-            except TypeError:  # a dict or list as key value
-                last[_hashable(value)] = it
-        return list(last.values())
     for it in items:
-        row = it.row
-        value = tuple([row.get(k) for k in key])
+        k = get(it.row)
         try:
-            last[value] = it
+            last[k] = it
         except TypeError:
-            last[tuple(_hashable(v) for v in value)] = it
+            last[_hashable_key(k)] = it
     return list(last.values())
+
+
+def fold_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
+    """What a batch leaves of each key value, in order.
+
+    A delete when the key was deleted, then an upsert of the fields set after it (later
+    values over earlier ones).
+    """
+    get = _key_of(key)
+    folded: dict[Any, list[Item | None]] = {}
+    for it in items:
+        k = get(it.row)
+        try:
+            slot = folded.get(k)
+        except TypeError:
+            k = _hashable_key(k)
+            slot = folded.get(k)
+        if it.delete:
+            folded[k] = [it, None]
+        elif slot is None:
+            folded[k] = [None, it]
+        elif slot[1] is None:
+            slot[1] = it
+        else:
+            slot[1] = Item({**slot[1].row, **it.row}, False, it.stream, it.position)
+    return [it for slot in folded.values() for it in slot if it is not None]
 
 
 def quote_ident(name: str) -> str:
@@ -309,8 +363,9 @@ class TableWriter:
             last = max(i for i, it in enumerate(items) if it.truncate)
             truncate = self.mode == "merge"
             items = [it for it in (items[last + 1:] if truncate else items) if not it.truncate]
-        if self.mode == "merge" or (self.deduplicate and self.key):
-            # The last record per key wins; a merge needs one upsert per key anyway.
+        if self.mode == "merge":
+            items = fold_per_key(items, self.key)
+        elif self.deduplicate and self.key:
             items = last_per_key(items, self.key)
         changed: dict[str, Mark] = {}
         try:
@@ -357,12 +412,7 @@ class TableWriter:
         for name in names:
             if name in known:
                 continue
-            kind = None
-            for it in items:  # the first non-null value decides a new column's type
-                kind = logical_type(it.row.get(name))
-                if kind is not None:
-                    break
-            wanted[name] = kind
+            wanted[name] = column_type({logical_type(it.row.get(name)) for it in items})
         if self.cols is None:
             cols = {k: (t or TEXT) for k, t in wanted.items()}
             for k in self.key:
@@ -435,13 +485,16 @@ class TableWriter:
         return len(rows), changed
 
     def _merge(self, items: list[Item]) -> int:
-        upserts = [it.row for it in items if not it.delete]
         deletes = [it.row for it in items if it.delete]
-        cols = self._columns_of(upserts) if upserts else list(self.key)
-        for k in self.key:
-            if k not in cols:
-                cols.append(k)
-        self.db.merge(cols, self.key, upserts, deletes)
+        by_fields: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for it in items:
+            if not it.delete:
+                by_fields.setdefault(tuple(it.row), []).append(it.row)
+        if not by_fields:
+            self.db.merge(list(self.key), self.key, [], deletes)
+        for cols, rows in by_fields.items():  # deletes go first, with the first statement
+            self.db.merge(list(cols), self.key, rows, deletes)
+            deletes = []
         return len(items)
 
     @staticmethod
@@ -530,13 +583,14 @@ class TableSink(FixedPartitionedSink[Flush, None]):
 def table_output(
     up: Stream[list[Any]],
     name: str,
+    mode: str,
     merge_key: tuple[str, ...],
     batch: Any,
     make_writer: Callable[[], TableWriter],
 ) -> Stream[list[Failed]]:
     """Prepare records, buffer them per ``batch`` settings and write them; return rejects."""
     return buffered_output("write", up, lambda b: prepare(b, name, merge_key), batch,
-                           TableSink(make_writer), keyed=True)
+                           TableSink(make_writer), keyed=True, always=mode == "overwrite")
 
 
 def write_settings(ctx: Any) -> tuple[str, tuple[str, ...], bool]:

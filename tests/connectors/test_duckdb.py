@@ -119,3 +119,18 @@ def test_type_conflict_is_terminal(tmp_path: Path) -> None:
     with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
         run(ctx, [[{"id": "x1"}]])
     assert "step 'dw'" in str(info.value.__cause__)
+
+
+def test_merge_sets_only_the_fields_a_record_has(tmp_path: Path) -> None:
+    ctx = ctx_for(tmp_path, write_mode={"type": "merge", "merge_key": "id"})
+    run(ctx, [[{"id": 1, "a": 1, "b": 1}, {"id": 2, "a": 1, "b": 1}]])
+    run(ctx, [[{"id": 2, "a": 2}, {"id": 3, "b": 5}],
+              [{"id": 4, "v": 1.5, "_meta": {"op": "update", "old": {"id": 1}}}]])
+    assert query(tmp_path, "SELECT id, a, b, v FROM events ORDER BY id") == [
+        (2, 2, 1, None), (3, None, 5, None), (4, None, None, 1.5)]
+
+
+def test_a_new_column_of_integers_and_fractions_is_a_double(tmp_path: Path) -> None:
+    ctx = ctx_for(tmp_path)
+    run(ctx, [[{"id": 1, "price": 10}, {"id": 2, "price": 10.5}]])
+    assert query(tmp_path, "SELECT price FROM events ORDER BY id") == [(10.0,), (10.5,)]

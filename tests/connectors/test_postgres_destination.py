@@ -359,3 +359,92 @@ def test_kafka_to_postgres_appends_exactly_once_across_a_crash(
     ids = [r[0] for r in rows]
     assert len(ids) == N and set(ids) == set(range(N))
     assert {r[1]["name"] for r in rows} == {f"u{i}" for i in range(5)}
+
+
+def test_merge_sets_the_fields_a_record_has_whatever_else_is_in_the_batch(
+    pg_schema: Any,
+) -> None:
+    ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": "id"})
+    run(ctx, [[{"id": 1, "a": 1, "b": 1}, {"id": 2, "a": 1, "b": 1}]])
+    run(ctx, [[{"id": 1, "a": 2}]])
+    # A CDC update leaves out unchanged TOASTed columns; a record in the same batch has them.
+    update = {"id": 2, "a": 2, "_meta": {"op": "update", "unchanged": ["b"]}}
+    run(ctx, [[update, {"id": 3, "b": 5}]])
+    # Within a batch a key's records fold in order; a delete forgets what came before.
+    run(ctx, [[{"id": 4, "a": 7, "b": 7}, {"id": 4, "a": 8},
+               {"id": 5, "a": 1, "b": 1}, {"id": 5, "_meta": {"op": "delete"}}, {"id": 5, "a": 2}]])
+    rows = pg_schema.rows(f'SELECT id, a, b FROM "{pg_schema.schema}".orders ORDER BY id')
+    assert rows == [(1, 2, 1), (2, 2, 1), (3, None, 5), (4, 8, 7), (5, 2, None)]
+
+
+def test_a_cdc_update_that_changes_the_key_deletes_the_old_row(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema, "mirror", {"type": "merge", "merge_key": "id"})
+    run(ctx, [[{"id": 3, "v": "x"}, {"id": 9, "v": "y"}]])
+    moved = {"id": 4, "v": "x", "_meta": {"op": "update", "old": {"id": 3}}}
+    same = {"id": 9, "v": "z", "_meta": {"op": "update", "old": {"id": 9, "v": "y"}}}
+    assert run(ctx, [[moved, same]]) == []
+    assert pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".mirror ORDER BY id') == [
+        (4, "x"), (9, "z")]
+
+
+def test_merge_deletes_from_a_table_with_not_null_columns(pg_schema: Any) -> None:
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".nn '
+                     "(id bigint PRIMARY KEY, name text NOT NULL)")
+        conn.execute(f"INSERT INTO \"{pg_schema.schema}\".nn VALUES (1, 'a'), (2, 'b')")
+    ctx = ctx_for(pg_schema, "nn", {"type": "merge", "merge_key": "id"})
+    assert run(ctx, [[{"id": 1, "_meta": {"op": "delete"}}, {"id": 3, "name": "c"}]]) == []
+    assert pg_schema.rows(f'SELECT id, name FROM "{pg_schema.schema}".nn ORDER BY id') == [
+        (2, "b"), (3, "c")]
+
+
+def test_new_columns_take_the_type_all_their_values_fit(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema)
+    run(ctx, [[{"id": 1, "price": 10, "tag": 1}, {"id": 2, "price": 10.5, "tag": "x"}]])
+    cols = pg_schema.rows(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = 'orders' ORDER BY ordinal_position",
+        pg_schema.schema)
+    assert cols == [("id", "bigint"), ("price", "double precision"), ("tag", "jsonb")]
+    assert pg_schema.rows(f'SELECT price, tag FROM "{pg_schema.schema}".orders ORDER BY id') == [
+        (10.0, 1), (10.5, "x")]
+
+
+def test_an_overwrite_run_that_writes_nothing_empties_the_table(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema, write_mode={"type": "overwrite"})
+    run(ctx, [[{"id": 1}, {"id": 2}]])
+    assert run(ctx, [[]]) == []
+    assert pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders') == []
+    # append keeps the rows of earlier runs
+    append = ctx_for(pg_schema, "log", step="log")
+    run(append, [[{"id": 1}]])
+    run(append, [[]])
+    assert pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".log') == [(1,)]
+
+
+def test_merge_into_a_table_without_the_key_index_says_so(pg_schema: Any) -> None:
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".nokey (id bigint, v text)')
+    ctx = ctx_for(pg_schema, "nokey", {"type": "merge", "merge_key": "id"})
+    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run(ctx, [[{"id": 1, "v": "a"}]])
+    causes = []
+    exc: BaseException | None = info.value
+    while exc is not None:
+        causes.append(str(exc))
+        exc = exc.__cause__
+    assert any("has no primary key or unique index on (id)" in c for c in causes), causes
+
+
+def test_a_missing_schema_is_created(pg_schema: Any) -> None:
+    schema = f"{pg_schema.schema}_new"
+    config = {"dsn": pg_schema.dsn, "schema": schema, "table": "t"}
+    ctx = BuildContext("w", "destination", models.Destination(type="postgres", config=config),
+                       PostgresDestinationConfig(**config),
+                       models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY)), Path("."))
+    try:
+        assert run(ctx, [[{"id": 1}]]) == []
+        assert pg_schema.rows(f'SELECT id FROM "{schema}".t') == [(1,)]
+    finally:
+        with pg_schema.connect() as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
