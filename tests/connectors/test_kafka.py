@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from dataflare.broker import LocalBroker
+from dataflare.broker import LocalBroker, free_port
 from dataflare.connectors.kafka import (
     KafkaDestinationConfig,
     KafkaSourceConfig,
@@ -410,9 +409,7 @@ def test_destination_reconnects_after_broker_restart(
 
 
 def test_unreachable_broker_fails_the_run_once_with_a_clear_error(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it
     (tmp_path / "in.jsonl").write_text('{"id": 1}\n{"id": 2}\n')
     flow = tmp_path / "flow.yaml"
     flow.write_text(f"""
