@@ -1,9 +1,13 @@
-"""File source and destination: JSON lines, CSV, JSON and Parquet.
+r"""File source and destination: JSON lines, CSV, JSON and Parquet.
 
 The source reads every file its ``path`` glob matches, one bytewax partition per file,
 resuming at the byte offset (or row) of the last snapshot. The destination writes one
 file from one worker; its state is the file's length at the last snapshot, so a resumed
 run truncates what was written after it and writes it again: exactly once.
+
+JSON lines and CSV write bytes values (a Kafka ``format: bytes`` message, a Parquet
+binary column) as ``\x`` and hex digits, the text form the database sources give binary
+columns (:func:`~dataflare.connectors.schema.json_value`); Parquet keeps them binary.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from pydantic import Field
 
 from dataflare.config import Strict
-from dataflare.connectors.schema import discoverer, infer_schema
+from dataflare.connectors.schema import discoverer, infer_schema, json_value
 from dataflare.records import META, Batch, Failed, RecordError
 from dataflare.registry import BuildContext, destination, source
 
@@ -291,6 +295,7 @@ def build_file_source(ctx: BuildContext) -> FileSource:
 
 
 def _plain(value: Any) -> Any:
+    value = json_value(value)
     if isinstance(value, dict | list):
         return orjson.dumps(value).decode()
     if isinstance(value, bool):
@@ -327,7 +332,7 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
         if self.fmt == "parquet":
             self.rows.extend(records)
         elif self.fmt == "jsonl":
-            self.f.write(b"".join(orjson.dumps(r, default=str) + b"\n" for r in records))
+            self.f.write(b"".join(orjson.dumps(r, default=json_value) + b"\n" for r in records))
         else:
             self._write_csv(records)
 

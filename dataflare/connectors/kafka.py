@@ -71,7 +71,8 @@ class KafkaSourceConfig(Strict):
     format: Literal["json", "string", "bytes"] = Field(
         "json",
         description="Message value encoding: a JSON object per message, UTF-8 text "
-        "(record {'value': text}) or raw bytes (record {'value': bytes}).",
+        "(record {'value': text}) or raw bytes (record {'value': bytes}; JSON lines and CSV "
+        "files write bytes as '\\x' and hex digits).",
     )
     stop_at_end: bool | None = Field(
         None,

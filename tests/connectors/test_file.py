@@ -72,6 +72,24 @@ def test_glob_of_json_and_parquet_files_to_csv_and_parquet(tmp_path):
     assert read_jsonl(tmp_path / "out2.jsonl") == [{"k": i} for i in range(5)]
 
 
+def test_bytes_are_written_as_hex_text_to_jsonl_and_csv_and_stay_binary_in_parquet(tmp_path):
+    table = pa.table({"id": [1, 2], "raw": [b"\x00\xff", b'{"a": 1}']})
+    pq.write_table(table, tmp_path / "in.parquet")
+    path = flow(
+        tmp_path,
+        "      type: file\n      config: {path: in.parquet}",
+        "      type: file\n      config: {path: out.jsonl}",
+        "    csv: {type: file, inputs: [src], config: {path: out.csv}}\n"
+        "    pq: {type: file, inputs: [src], config: {path: out.parquet}}",
+    )
+    result = run_cli("run", path)
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "out.jsonl") == [
+        {"id": 1, "raw": "\\x00ff"}, {"id": 2, "raw": "\\x7b2261223a20317d"}]
+    assert (tmp_path / "out.csv").read_text() == "id,raw\n1,\\x00ff\n2,\\x7b2261223a20317d\n"
+    assert pq.read_table(tmp_path / "out.parquet").equals(table)
+
+
 def test_csv_destination_rejects_fields_outside_its_columns(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"a": 1}\n{"a": 2, "b": 3}\n')
     path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",
