@@ -224,7 +224,10 @@ class WriteMode(Strict):
     """How a destination combines new records with what it holds."""
 
     type: Literal["append", "overwrite", "merge"] = Field("append", description="Write mode.")
-    merge_key: Paths | None = Field(None, description="Key path(s) of a merge (upsert).")
+    merge_key: Paths | None = Field(
+        None, description="Key path(s) of a merge (upsert): a record sets the fields it "
+        "has, fields it lacks keep their stored values."
+    )
     deduplicate: bool = Field(False, description="Keep the last record per key in a batch.")
 
     @model_validator(mode="after")
