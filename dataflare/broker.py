@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -72,6 +73,7 @@ class LocalBroker:
         self.startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._home: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -103,7 +105,10 @@ class LocalBroker:
             out: Any = self._log
         else:
             out = subprocess.DEVNULL
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        # Tansu writes its pid file into its working directory: give it one of its own.
+        self._home = tempfile.TemporaryDirectory(prefix="dataflare-tansu-")
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                      cwd=self._home.name)
         self._wait_ready()
         return self
 
@@ -145,6 +150,9 @@ class LocalBroker:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._home is not None:
+            self._home.cleanup()
+            self._home = None
 
     def restart(self) -> None:
         """Stop and start again on the same port (in-memory data is lost)."""
