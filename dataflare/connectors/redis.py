@@ -2,7 +2,10 @@
 
 Every record becomes one command on the key rendered from ``key_template``; a flushed
 batch (``batch: {size, flush_interval}``) is sent as one pipeline. With ``fields`` only
-the mapped fields are written, otherwise the whole record without ``_meta``.
+the mapped fields are written, otherwise the whole record without ``_meta``. In a
+``hash``, a field whose value is null is removed (HDEL, in the same pipeline) and a field
+the record lacks is left as it is, so partial records (a CDC update without its unchanged
+TOAST columns) update only what they carry.
 
 Replays after a crash (bytewax resumes from the last snapshot) are harmless for
 ``hash``, ``string``, ``set`` and ``sorted_set``: writing the same value again changes
@@ -26,7 +29,7 @@ from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Secret, Strict
 from dataflare.connectors.batching import Flush, buffered_output
-from dataflare.records import META, Failed, getter
+from dataflare.records import META, Failed, get_path, getter
 from dataflare.registry import BuildContext, destination
 from dataflare.retry import call_with_retry
 from dataflare.template import compile_template, placeholders
@@ -99,6 +102,8 @@ class RedisDestinationConfig(Strict):
 Command = tuple[str, str, Any]
 """``(operation, key, argument)``: one Redis write prepared from a record."""
 
+_ABSENT = object()
+
 
 class _Commands:
     """Turns records into commands; rejects records that cannot be written."""
@@ -111,14 +116,23 @@ class _Commands:
         self.dumps = orjson.dumps
         self.key = compile_template(cfg.key_template)
         self.key_parts = [(path, getter(path)) for path in placeholders(cfg.key_template)]
-        self.fields = [(getter(f.source), f.destination) for f in cfg.fields]
+        self.fields = [(f.source, getter(f.source), f.destination) for f in cfg.fields]
         self.value = getter(cfg.value_field) if cfg.value_field else None
         self.score = getter(cfg.score_field) if cfg.score_field else None
 
     def _mapped(self, rec: dict[str, Any]) -> dict[str, Any]:
         if self.fields:
-            return {dest: get(rec) for get, dest in self.fields}
+            return {dest: get(rec) for _, get, dest in self.fields}
         return {k: v for k, v in rec.items() if k != META}
+
+    def _hash_fields(self, rec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Fields to set and null fields to remove; a field the record lacks is neither."""
+        if self.fields:
+            pairs = [(dest, get_path(rec, path, _ABSENT)) for path, _, dest in self.fields]
+        else:
+            pairs = [(k, v) for k, v in rec.items() if k != META]
+        values = {k: self._scalar(v) for k, v in pairs if v is not None and v is not _ABSENT}
+        return values, [k for k, v in pairs if v is None]
 
     def _scalar(self, value: Any) -> str | bytes | int | float:
         if isinstance(value, bool):
@@ -145,10 +159,7 @@ class _Commands:
         meta = rec.get(META)
         delete = isinstance(meta, dict) and meta.get("op") == "delete"
         if kind == "hash":
-            if delete:
-                return ("del", key, None)
-            mapping = {k: self._scalar(v) for k, v in self._mapped(rec).items() if v is not None}
-            return ("hset", key, mapping)
+            return ("del", key, None) if delete else ("hset", key, self._hash_fields(rec))
         if kind == "string":
             return ("del", key, None) if delete else ("set", key, self._member(rec))
         if kind == "list":
@@ -205,8 +216,11 @@ class _RedisWriter(StatelessSinkPartition[Flush]):
         expire = int(ttl * 1000) if ttl else None
         for op, key, arg in commands:
             if op == "hset":
-                if arg:
-                    pipe.hset(key, mapping=arg)
+                values, nulls = arg
+                if values:
+                    pipe.hset(key, mapping=values)
+                if nulls:
+                    pipe.hdel(key, *nulls)
             elif op == "set":
                 pipe.set(key, arg, px=expire)
                 continue

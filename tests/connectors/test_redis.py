@@ -79,6 +79,21 @@ def test_whole_record_hash_replay_is_idempotent_and_cdc_deletes(redis_url: str) 
     assert sorted(r.keys()) == ["customer:c1"]
 
 
+def test_a_null_field_is_removed_from_the_hash_and_a_missing_one_kept(redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    cfg = {"data_structure": "hash", "key_template": "customer:{{id}}"}
+    run(redis_url, [[{"id": 1, "name": "a", "status": "x", "tier": "gold"}]], **cfg)
+    # One batch, one pipeline: the HDEL follows the HSET of the same field.
+    run(redis_url, [[{"id": 1, "name": "a2", "status": "y"}, {"id": 1, "status": None}]], **cfg)
+    assert r.hgetall("customer:1") == {"id": "1", "name": "a2", "tier": "gold"}
+    fields = [{"source": "user.status", "destination": "status"},
+              {"source": "user.tier", "destination": "tier"}]
+    cfg = {"data_structure": "hash", "key_template": "user:{{user.id}}", "fields": fields}
+    run(redis_url, [[{"user": {"id": 2, "status": "x", "tier": "gold"}}]], **cfg)
+    run(redis_url, [[{"user": {"id": 2, "status": None}}]], **cfg)
+    assert r.hgetall("user:2") == {"tier": "gold"}
+
+
 def test_string_list_set_sorted_set_and_stream(redis_url: str) -> None:
     recs = [{"user": "u1", "page": "/a", "score": 3}, {"user": "u1", "page": "/b", "score": 1},
             {"user": "u2", "page": "/a", "score": 2}]
