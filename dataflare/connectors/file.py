@@ -3,7 +3,11 @@ r"""File source and destination: JSON lines, CSV, JSON and Parquet.
 The source reads every file its ``path`` glob matches, one bytewax partition per file,
 resuming at the byte offset (or row) of the last snapshot. The destination writes one
 file from one worker; its state is the file's length at the last snapshot, so a resumed
-run truncates what was written after it and writes it again: exactly once.
+run truncates what was written after it and writes it again: exactly once. Parquet
+cannot be written in pieces: its rows are the state and the file is written when the run
+ends (a temporary file, then renamed). ``write_mode: append`` writes the rows the file
+had when the run started first (their count is in the state, so a resumed run does not
+repeat them); a column only one side has is null on the other.
 
 JSON lines and CSV write bytes values (a Kafka ``format: bytes`` message, a Parquet
 binary column) as ``\x`` and hex digits, the text form the database sources give binary
@@ -310,7 +314,13 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         if fmt == "parquet":
-            self.rows = list(state or [])
+            import pyarrow.parquet as pq
+
+            if state is None:
+                append = not truncate and path.exists()
+                state = (pq.read_metadata(path).num_rows if append else 0, [])
+            self.kept, rows = state  # rows of the existing file kept before this run's
+            self.rows = list(rows)
             return
         self.f: Any
         if state is not None:
@@ -357,7 +367,7 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
 
     def snapshot(self) -> Any:
         if self.fmt == "parquet":
-            return list(self.rows)
+            return (self.kept, list(self.rows))
         self.f.flush()
         return (self.f.tell(), self.columns)
 
@@ -369,6 +379,16 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pylist(self.rows)
+        if self.kept:
+            kept = pq.read_table(self.path).slice(0, self.kept)
+            try:
+                table = pa.concat_tables([kept, table], promote_options="permissive")
+                problem = None
+            except pa.ArrowException as exc:
+                problem = str(exc)
+            if problem:  # raised outside the handler: the run reports this message, not arrow's
+                msg = f"step {self.step!r}: cannot append to {self.path}: {problem}"
+                raise RecordError(msg)
         if self.columns:
             table = table.select(self.columns)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")

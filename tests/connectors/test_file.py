@@ -10,6 +10,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dataflare.connectors.file import FileSink
 from tests.fixtures.workflows import ROOT, read_jsonl, run_cli
 
 
@@ -119,6 +120,39 @@ def test_append_mode_adds_to_the_file_and_default_rewrites_it(tmp_path):
                 "      config: {path: out.jsonl}")
     assert run_cli("run", path).code == 0
     assert read_jsonl(tmp_path / "out.jsonl") == [{"a": 1}, {"a": 1}]
+
+
+def test_parquet_append_keeps_the_existing_rows_and_unites_the_columns(tmp_path):
+    (tmp_path / "p1.jsonl").write_text('{"id": 1, "a": "x"}\n{"id": 2, "a": "y"}\n')
+    (tmp_path / "p2.jsonl").write_text('{"id": 3, "b": true}\n')
+    (tmp_path / "p3.jsonl").write_text('{"id": "four"}\n')
+    out = tmp_path / "out.parquet"
+    results = [
+        run_cli("run", flow(tmp_path, f"      type: file\n      config: {{path: {name}}}",
+                            "      type: file\n      write_mode: {type: append}\n"
+                            "      config: {path: out.parquet}"))
+        for name in ("p1.jsonl", "p2.jsonl", "p3.jsonl")
+    ]
+    assert [r.code for r in results] == [0, 0, 1], results[-1].stderr
+    assert f"step 'out': cannot append to {out}: Unable to merge" in results[-1].stderr
+    assert pq.read_table(out).to_pylist() == [  # the failed run left the file as it was
+        {"id": 1, "a": "x", "b": None}, {"id": 2, "a": "y", "b": None},
+        {"id": 3, "a": None, "b": True}]
+
+
+def test_parquet_append_resumed_from_a_snapshot_keeps_the_existing_rows_once(tmp_path):
+    out = tmp_path / "out.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": 1}]), out)
+    sink = FileSink("out", out, "parquet", None, truncate=False)
+    first = sink.build_part("write", str(out), None)
+    first.write_batch([[{"id": 2}]])
+    state = first.snapshot()
+    first.write_batch([[{"id": 3}]])  # an epoch that a failure interrupts: bytewax drops
+    first.close()  # the partition, which writes the file with it
+    resumed = sink.build_part("write", str(out), state)
+    resumed.write_batch([[{"id": 3}], [{"id": 4}]])
+    resumed.close()
+    assert [r["id"] for r in pq.read_table(out).to_pylist()] == [1, 2, 3, 4]
 
 
 def test_killed_run_resumes_from_snapshot_and_writes_each_record_once(tmp_path):
