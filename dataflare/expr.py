@@ -86,6 +86,9 @@ def _order(op: str) -> Callable[[Any, Any], bool]:
     def compare(a: Any, b: Any) -> bool:
         if a is None or b is None:
             return False
+        if (type(a) is bool) != (type(b) is bool):
+            msg = f"cannot compare {_describe(a)} {op} {_describe(b)}"
+            raise RecordError(msg)
         try:
             return bool(cmp(a, b))
         except TypeError:
@@ -93,6 +96,9 @@ def _order(op: str) -> Callable[[Any, Any], bool]:
             raise RecordError(msg) from None
 
     return compare
+
+
+_NUMBERS = (int, float)
 
 
 def _arith(op: str) -> Callable[[Any, Any], Any]:
@@ -103,7 +109,10 @@ def _arith(op: str) -> Callable[[Any, Any], Any]:
     def apply(a: Any, b: Any) -> Any:
         if a is None or b is None:
             return None
-        if isinstance(a, bool) or isinstance(b, bool):
+        # Numbers only (not booleans); + also joins two strings or two lists.
+        ta, tb = type(a), type(b)
+        joins = op == "+" and ta is tb and ta in (str, list)
+        if not ((ta in _NUMBERS and tb in _NUMBERS) or joins):
             msg = f"cannot apply {op} to {_describe(a)} and {_describe(b)}"
             raise RecordError(msg)
         try:

@@ -9,7 +9,7 @@ partition and offset, CDC operation...); destinations never write it as a column
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -128,15 +128,33 @@ class Failed:
         """Where the failed record came from."""
         return describe_position(self.meta)
 
-    def as_record(self) -> Record:
-        """The dead-letter record: ``{"error": {step, type, message}, "record": original}``."""
+    def as_record(self, mask: Callable[[Any], Any] | None = None) -> Record:
+        """The dead-letter record: ``{"error": {step, type, message}, "record": original}``.
+
+        ``mask`` (masking rules) applies to an original that is a record.
+        """
+        record, message = without_meta(self.record), self.message
+        if mask is not None and isinstance(record, dict):
+            masked = mask(record)
+            for before, after in _changed(record, masked):  # the message may quote a value
+                message = message.replace(str(before), str(after))
+            record = masked
         out: Record = {
-            "error": {"step": self.step, "type": self.type, "message": self.message},
-            "record": without_meta(self.record),
+            "error": {"step": self.step, "type": self.type, "message": message},
+            "record": record,
         }
         if self.meta:
             out[META] = {**self.meta, "error_position": self.position()}
         return out
+
+
+def _changed(before: Any, after: Any) -> Iterator[tuple[Any, Any]]:
+    """The ``(old, new)`` leaf values that differ between two records."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        for k, v in before.items():
+            yield from _changed(v, after.get(k))
+    elif before != after and before not in (None, ""):
+        yield before, after
 
 
 class RecordError(ValueError):

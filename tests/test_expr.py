@@ -57,3 +57,22 @@ def test_record_errors(text, message):
     with pytest.raises(RecordError) as info:
         compile_expression(text)(RECORD)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("text", "record"), [
+    ("a * 2", {"a": "150"}),        # no string repetition
+    ("a % 2", {"a": "v=%d"}),       # no printf formatting
+    ("a * 3", {"a": [1]}),
+    ("a + 1", {"a": "1"}),
+    ("a - 1", {"a": True}),
+    ("a > 0", {"a": True}),         # booleans are not numbers
+])
+def test_arithmetic_and_ordering_take_numbers_only(text, record):
+    with pytest.raises(RecordError, match="cannot"):
+        compile_expression(text)(record)
+
+
+def test_plus_joins_strings_and_lists():
+    assert compile_expression("a + b")({"a": "x", "b": "y"}) == "xy"
+    assert compile_expression("a + a")({"a": [1]}) == [1, 1]
+    assert compile_expression("a * 2 + 0.5")({"a": 3}) == 6.5

@@ -271,3 +271,39 @@ tests:
     seconds = validate_text(text.replace("time_unit: ms, ", ""))  # read as seconds: year 55,800
     with pytest.raises(Exception):  # noqa: B017 - out of the datetime range, whatever the type
         run_case(seconds, seconds.tests[0])
+
+
+def test_dead_letters_carry_their_records_masked(tmp_path):
+    (tmp_path / "in.jsonl").write_text(
+        '{"email": "alice@example.com", "card": "4111111111111111"}\n'
+        '{"email": "bob@example.com", "card": "4222 2222 2222 2222"}\n')
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("""\
+workflow:
+  id: masked
+  data_protection:
+    masking_rules:
+      - {field: email, method: hash}
+      - {field: card, method: partial, show_chars: 4}
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  transformations:
+    m:
+      inputs: [src]
+      type: mapping
+      config:
+        keep_unmapped: true
+        mappings: [{source: card, destination: card, transform: to_int}]
+      error_handling: {strategy: redirect, redirect_to: errs}
+  destinations:
+    o: {type: file, inputs: [m], config: {path: o.jsonl}}
+    errs: {type: file, config: {path: errs.jsonl}}
+""")
+    result = run_cli("run", str(flow), cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    text = (tmp_path / "errs.jsonl").read_text() + (tmp_path / "o.jsonl").read_text()
+    for secret in ("alice@example.com", "bob@example.com", "4111111111111111", "4222 2222"):
+        assert secret not in text
+    (dead,) = read_jsonl(tmp_path / "errs.jsonl")
+    assert dead["record"]["card"] == "4222****" and len(dead["record"]["email"]) == 64
+    assert "'4222****'" in dead["error"]["message"]  # the message quoted the value

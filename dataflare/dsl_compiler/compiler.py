@@ -102,7 +102,9 @@ def _count(name: str, counter: Any) -> Callable[[str, Batch], None]:
     return lambda _step, batch: child.inc(len(batch))
 
 
-def _policy(name: str, eh: ErrorHandling) -> Callable[[list[Failed]], Batch | None]:
+def _policy(
+    name: str, eh: ErrorHandling, mask: Callable[[Any], Any] | None
+) -> Callable[[list[Failed]], Batch | None]:
     errors = metrics.ERRORS.labels(name, eh.strategy)
     seen = [0]
 
@@ -129,18 +131,23 @@ def _policy(name: str, eh: ErrorHandling) -> Callable[[list[Failed]], Batch | No
                 first.position(), first.type, first.message,
             )
         if eh.strategy == "redirect":
-            return [f.as_record() for f in batch]
+            return [f.as_record(mask) for f in batch]
         return None
 
     return handle
 
 
-def _guard(name: str, eh: ErrorHandling, errs: list[Stream[Any]]) -> Stream[Any] | None:
-    """Apply the error policy to a component's failure streams; the dead letters, if any."""
+def _guard(
+    name: str, eh: ErrorHandling, errs: list[Stream[Any]], mask: Callable[[Any], Any] | None
+) -> Stream[Any] | None:
+    """Apply the error policy to a component's failure streams; the dead letters, if any.
+
+    ``mask`` (the workflow's masking rules) applies to the records dead letters carry.
+    """
     if not errs:
         return None
     stream = errs[0] if len(errs) == 1 else op.merge("errors", *errs)
-    dead = op.filter_map(f"on_error_{eh.strategy}", stream, _policy(name, eh))
+    dead = op.filter_map(f"on_error_{eh.strategy}", stream, _policy(name, eh, mask))
     return dead if eh.strategy == "redirect" else None
 
 
@@ -162,6 +169,7 @@ def source_component(
     name: str,
     eh: ErrorHandling,
     check: OutputSchemaCheck | None,
+    mask: Callable[[Any], Any] | None,
 ) -> _MultiStream[str]:
     """A source: read batches, check ``output_schema``, separate failures, apply the policy."""
     items = op.input("read", flow, source)
@@ -169,7 +177,7 @@ def source_component(
         items = op.map("output_schema", items, check.check)
     parts = separate_failed("decode", items)
     op.inspect("count", parts.down, _count(name, metrics.RECORDS_OUT))
-    return _ports(parts.down, {}, _guard(name, eh, [parts.errs]))
+    return _ports(parts.down, {}, _guard(name, eh, [parts.errs], mask))
 
 
 @operator
@@ -186,7 +194,8 @@ def transformation_component(
         op.inspect("count", out.down, _count(ctx.step_id, metrics.RECORDS_OUT))
     for port, stream in out.named.items():
         op.inspect(f"count_{port}", stream, _count(ctx.step_id, metrics.RECORDS_OUT))
-    dead = _guard(ctx.step_id, ctx.component.error_handling, [out.errs] if out.errs else [])
+    dead = _guard(ctx.step_id, ctx.component.error_handling, [out.errs] if out.errs else [],
+                  masker(ctx.workflow.data_protection))
     return _ports(out.down, out.named, dead)
 
 
@@ -209,7 +218,8 @@ def destination_component(
     sink_errs = build(ctx, up)
     if sink_errs is not None:
         errs.append(sink_errs)
-    return _ports(None, {}, _guard(ctx.step_id, ctx.component.error_handling, errs))
+    return _ports(None, {}, _guard(ctx.step_id, ctx.component.error_handling, errs,
+                                   masker(ctx.workflow.data_protection)))
 
 
 def masker(protection: DataProtection | None) -> Callable[[Any], Any] | None:
@@ -315,7 +325,8 @@ class _Compiler:
         else:
             source = self.spec("source", comp).build(self.ctx("source", cid, comp))  # type: ignore[misc]
         check = OutputSchemaCheck.of(cid, comp)
-        ports = source_component(cid, flow, source, cid, comp.error_handling, check)
+        ports = source_component(cid, flow, source, cid, comp.error_handling, check,
+                                 masker(self.wf.data_protection))
         self.keep(cid, ports, comp.error_handling)
 
     def with_source_time_unit(self, comp: Any) -> Any:
