@@ -378,7 +378,9 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist(self.rows)
+        # Every field of any record is a column (from_pylist takes the first record's).
+        names = dict.fromkeys(k for r in self.rows for k in r)
+        table = pa.Table.from_pydict({n: [r.get(n) for r in self.rows] for n in names})
         if self.kept:
             kept = pq.read_table(self.path).slice(0, self.kept)
             try:

@@ -11,6 +11,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from pydantic import Field
 
 from dataflare.config import Strict
+from dataflare.connectors.schema import json_value
 from dataflare.records import Batch, without_meta
 from dataflare.registry import BuildContext, destination
 
@@ -31,7 +32,7 @@ class _Printer(StatelessSinkPartition[Batch]):
         for batch in items:
             out.write(
                 b"".join(
-                    orjson.dumps(without_meta(r), default=str, option=self.option) + b"\n"
+                    orjson.dumps(without_meta(r), default=json_value, option=self.option) + b"\n"
                     for r in batch
                 )
             )

@@ -89,6 +89,21 @@ def test_bytes_are_written_as_hex_text_to_jsonl_and_csv_and_stay_binary_in_parqu
         {"id": 1, "raw": "\\x00ff"}, {"id": 2, "raw": "\\x7b2261223a20317d"}]
     assert (tmp_path / "out.csv").read_text() == "id,raw\n1,\\x00ff\n2,\\x7b2261223a20317d\n"
     assert pq.read_table(tmp_path / "out.parquet").equals(table)
+    path = flow(tmp_path, "      type: file\n      config: {path: in.parquet}",
+                "      type: stdout")
+    result = run_cli("run", "-q", path)
+    assert result.code == 0, result.stderr
+    assert [orjson.loads(line)["raw"] for line in result.stdout.splitlines()] == [
+        "\\x00ff", "\\x7b2261223a20317d"]
+
+
+def test_parquet_columns_are_every_field_of_any_record(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"id": 1}\n{"id": 2, "email": "b@x"}\n')
+    path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",
+                "      type: file\n      config: {path: out.parquet}")
+    assert run_cli("run", path).code == 0
+    assert pq.read_table(tmp_path / "out.parquet").to_pylist() == [
+        {"id": 1, "email": None}, {"id": 2, "email": "b@x"}]
 
 
 def test_csv_destination_rejects_fields_outside_its_columns(tmp_path):
