@@ -521,6 +521,25 @@ def join(
     return JoinOut(down=outs[DOWN], late=outs[LATE], errs=outs[ERRS])
 
 
+def _advice(cfg: JoinConfig, modes: set[str]) -> list[str]:
+    """Warnings for ``validate`` about a join's settings and its inputs."""
+    if cfg.mode != "relational":
+        return []
+    if cfg.window is None:
+        if modes & {"streaming", "cdc", "hybrid"}:
+            return ["a join without 'window' emits only when both inputs end, and an input "
+                    "here is unbounded (streaming, cdc or hybrid): add a window or use "
+                    "mode: lookup"]
+        return []
+    if not cfg.allowed_lateness:
+        return ["a windowed join reads its two inputs side by side, each at its own pace, "
+                "and a record older than its key's newest record on either input is late "
+                "(dropped unless 'late_to' is set): set 'allowed_lateness' to how far one "
+                "input may run ahead of the other (for bounded inputs, their time span), or "
+                "join bounded inputs without 'window'"]
+    return []
+
+
 @transformation(
     "join",
     config=JoinConfig,
@@ -529,11 +548,7 @@ def join(
     stateful=True,
     named_outputs=lambda cfg: ["late"],
     merge_inputs=False,
-    advise=lambda cfg, modes: [
-        "a join without 'window' emits only when both inputs end, and an input here is "
-        "unbounded (streaming, cdc or hybrid): add a window or use mode: lookup"
-    ] if cfg.window is None and cfg.mode == "relational"
-    and modes & {"streaming", "cdc", "hybrid"} else [],
+    advise=lambda cfg, modes: _advice(cfg, modes),
 )
 def build_join(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``join`` step."""
