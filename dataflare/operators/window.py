@@ -8,8 +8,11 @@ UTC; a session ends at its last record) and the aggregates.
 
 The watermark is kept per group: the group's largest event time minus
 ``allowed_lateness`` (like bytewax's ``EventClock`` per key), so results do not depend on
-how records are spread over workers. A window is emitted when the watermark reaches its
-end; a record older than the watermark is late: it is not aggregated, it is counted
+how keys are spread over workers. A group's records that come from several source
+partitions (or inputs) arrive in the order those are read, which varies from run to run:
+``allowed_lateness`` must cover how far one partition may run ahead of another. A
+window is emitted when the watermark reaches its end; a record older than the watermark
+is late: it is not aggregated, it is counted
 (``dataflare_late_records_total``) and goes to the ``late`` output. At the end of a
 bounded input every open window is emitted; with an idle timeout, every open window of a
 shard is emitted after that much system time without records (and later records for
