@@ -31,6 +31,8 @@ class Document:
     key_positions: dict[Loc, tuple[int, int]] = field(default_factory=dict)
     templates: dict[Loc, str] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    substituted: dict[str, str] = field(default_factory=dict)
+    """Each variable's value and its ``${NAME}``: messages show the name, never the value."""
 
     def position(self, loc: Loc, key: bool = False) -> tuple[int, int]:
         """Line and column of the node at ``loc`` (or of its nearest enclosing node)."""
@@ -45,6 +47,8 @@ class Document:
         """A problem located at ``loc``; the printed path leaves out the ``workflow`` root."""
         line, col = self.position(loc, key)
         shown = loc[1:] if loc[:1] == ("workflow",) else loc
+        for value, name in self.substituted.items():
+            message = message.replace(value, name)
         return Problem(self.file, line, col, format_loc(shown), message, **kw)
 
     def move(self, old: Loc, new: Loc) -> None:
@@ -153,6 +157,8 @@ def _substitute(doc: Document, value: Any, loc: Loc, env: Mapping[str, str]) -> 
             return "$"
         name, default = m.group(1), m.group(2)
         if name in env:
+            if len(env[name]) >= 4:  # shorter values would blot out ordinary text
+                doc.substituted[env[name]] = f"${{{name}}}"
             return env[name]
         if default is not None:
             return default

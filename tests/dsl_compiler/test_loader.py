@@ -89,3 +89,17 @@ workflow:
 """
     v = validate_text(auth)
     assert v.errors() and "[1, 2]" not in str(v.errors()[0])
+
+
+def test_messages_quoting_an_interpolated_text_show_the_variable():
+    text = """\
+workflow:
+  sources:
+    src: {type: file, config: {path: x.jsonl}}
+  transformations:
+    f: {inputs: [src], type: filter, config: {condition: "token == '${API_TOKEN}"}}
+  destinations:
+    out: {type: stdout, inputs: [f]}
+"""
+    [p] = validate_text(text, env={"API_TOKEN": "s3cr3t-xyz"}).errors()
+    assert "s3cr3t" not in str(p) and "token == '${API_TOKEN}" in str(p)
