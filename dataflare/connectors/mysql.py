@@ -297,7 +297,7 @@ class SnapshotRead:
             meta: dict[str, Any] = {"table": table}
             if self.op:
                 meta["op"] = self.op
-            batch = row_records(self.names, rows, meta)
+            batch = row_records(self.src.step_id, self.names, rows, meta)
             if self.done_table:
                 self.after = None
             elif rows and self.key:
@@ -406,7 +406,7 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.cursor = last[names.index(self.column)]
         self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
         meta = {"table": f"{self.database}.{self.table}"}
-        return [row_records(names, rows, meta)]
+        return [row_records(self.src.step_id, names, rows, meta)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""

@@ -9,11 +9,12 @@ about and turns each committed transaction into records::
      "lsn": "0/16B3748", "commit_ts": "2024-05-01T10:00:00.123456+00:00", "xid": 750}}
 
 Column values arrive as text and are converted by their type OID with psycopg's loaders
-(the same conversion a query result gets), then made JSON-like by
-:func:`dataflare.connectors.schema.json_value`. A delete carries the key columns of the
-relation's REPLICA IDENTITY (all columns with ``REPLICA IDENTITY FULL``); a truncate
-yields one record per table holding only ``_meta``. A value that cannot be converted
-turns the change into a :class:`~dataflare.records.Failed` entry holding the raw text.
+(the same conversion a query result gets, see :func:`register_loaders`), then made
+JSON-like by :func:`dataflare.connectors.schema.json_value`. A delete carries the key
+columns of the relation's REPLICA IDENTITY (all columns with ``REPLICA IDENTITY FULL``);
+a truncate yields one record per table holding only ``_meta``. A value that cannot be
+converted turns the change into a :class:`~dataflare.records.Failed` entry naming the
+column (see :func:`~dataflare.connectors.sql_source.change_record`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dataflare.connectors.schema import json_value
+from dataflare.connectors.schema import UnconvertibleValue, json_value
+from dataflare.connectors.sql_source import change_record
 from dataflare.records import META, Failed
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -314,21 +316,71 @@ def decode_message(data: bytes) -> Message:
 # -- values ----------------------------------------------------------------------------------
 
 
+_INFINITE = (b"infinity", b"-infinity")
+_INFINITE_LOADERS: dict[type, type] = {}
+
+
+def _infinite_loader(base: type) -> type:
+    """A loader of ``base``'s type that loads ``infinity`` and ``-infinity`` as text."""
+    if base not in _INFINITE_LOADERS:
+        from psycopg.adapt import Loader
+
+        class Infinite(Loader):
+            def __init__(self, oid: int, context: Any = None) -> None:
+                super().__init__(oid, context)
+                self._load = base(oid, context).load
+
+            def load(self, data: Any) -> Any:
+                if data == _INFINITE[0] or data == _INFINITE[1]:
+                    return bytes(data).decode()
+                return self._load(data)
+
+        _INFINITE_LOADERS[base] = Infinite
+    return _INFINITE_LOADERS[base]
+
+
+def register_loaders(adapters: Any) -> None:
+    """Make ``adapters`` (a psycopg ``AdaptersMap``) load every value the sources read.
+
+    PostgreSQL's ``infinity`` and ``-infinity`` dates and timestamps have no Python
+    equivalent (psycopg fails on them): they load as the strings ``"infinity"`` and
+    ``"-infinity"``, which PostgreSQL reads back as the same values.
+    """
+    from psycopg.pq import Format
+
+    for name in ("date", "timestamp", "timestamptz"):
+        oid = adapters.types[name].oid
+        base = adapters.get_loader(oid, Format.TEXT)
+        if base is not None and base not in _INFINITE_LOADERS.values():
+            adapters.register_loader(oid, _infinite_loader(base))
+
+
 class ValueDecoder:
     """Converts text column values by type OID with psycopg's loaders.
 
     Pass a psycopg connection to use the types it knows (enums, domains, registered
     composites); without one the built-in types are converted and unknown types stay text.
+    Either way the loaders of :func:`register_loaders` apply.
     """
 
     def __init__(self, connection: Any = None) -> None:
-        from psycopg.adapt import Transformer
+        import psycopg
+        from psycopg.adapt import AdaptersMap, Transformer
 
-        self._tx = Transformer(connection)
+        self.adapters = AdaptersMap(
+            connection.adapters if connection is not None else psycopg.adapters
+        )
+        register_loaders(self.adapters)
+        self.connection = connection
+        self._tx = Transformer(self)  # the context: these adapters, that connection
         self._loaders: dict[int, Any] = {}
 
-    def decode(self, type_oid: int, raw: bytes | Binary) -> Any:
-        """The JSON-like value of one column value."""
+    def load(self, type_oid: int, raw: bytes | Binary) -> Any:
+        """The Python value of one column value, as psycopg loads it.
+
+        An :class:`~dataflare.connectors.schema.UnconvertibleValue` holding the text when
+        it cannot be converted (its row alone fails).
+        """
         from psycopg.pq import Format
 
         if isinstance(raw, Binary):
@@ -340,7 +392,14 @@ class ValueDecoder:
         if loader is None:
             loader = self._tx.get_loader(type_oid, fmt)
             self._loaders[key] = loader
-        return json_value(loader.load(data))
+        try:
+            return loader.load(data)
+        except Exception as exc:  # noqa: BLE001 - a conversion failure belongs to its row
+            return UnconvertibleValue(bytes(data).decode("utf-8", "replace"), exc)
+
+    def decode(self, type_oid: int, raw: bytes | Binary) -> Any:
+        """The JSON-like value of one column value."""
+        return json_value(self.load(type_oid, raw))
 
 
 # -- transactions ----------------------------------------------------------------------------
@@ -476,55 +535,26 @@ class ChangeDecoder:
         if not self._wanted(rel):
             return
         meta = self._meta(op, rel, lsn, tx)
-        record: dict[str, Any] = {}
-        unchanged: list[str] = []
-        current = ""
-        try:
-            for col, raw in zip(rel.columns, values, strict=False):
-                current = col.name
-                if key_only and not col.key:
-                    continue
-                if raw is None:
-                    record[col.name] = None
-                elif isinstance(raw, str):  # UNCHANGED: an unchanged TOASTed value
-                    unchanged.append(col.name)
-                else:
-                    record[col.name] = self.values.decode(col.type_oid, raw)
-            if old is not None:
-                old_values: dict[str, Any] = {}
-                for col, raw in zip(rel.columns, old, strict=False):
-                    current = col.name
-                    if old_key_only and not col.key:
-                        continue
-                    if raw is None or not isinstance(raw, str):
-                        old_values[col.name] = (
-                            None if raw is None else self.values.decode(col.type_oid, raw)
-                        )
-                meta["old"] = old_values
-        except Exception as exc:  # noqa: BLE001 - a conversion failure belongs to the record
-            tx.records.append(
-                Failed(
-                    self.step_id,
-                    type(exc).__name__,
-                    f"source '{self.step_id}': cannot convert column '{current}' of "
-                    f"{rel.qualified_name} ({op} at lsn {lsn}): {exc}",
-                    _raw_text(rel, values),
-                    meta,
-                )
-            )
-            return
+        record, unchanged = self._values(rel, values, key_only)
         if unchanged:
             meta["unchanged"] = unchanged
-        record[META] = meta
-        tx.records.append(record)
+        previous = None if old is None else self._values(rel, old, old_key_only)[0]
+        where = f"{op} at lsn {lsn}"
+        tx.records.append(change_record(self.step_id, record, previous, meta, where))
 
-
-def _raw_text(rel: Relation, values: tuple[TupleValue, ...]) -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for col, raw in zip(rel.columns, values, strict=False):
-        if raw is None or isinstance(raw, str):
-            out[col.name] = None
-        else:
-            data = raw.data if isinstance(raw, Binary) else raw
-            out[col.name] = data.decode("utf-8", "replace")
-    return out
+    def _values(
+        self, rel: Relation, values: tuple[TupleValue, ...], key_only: bool
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The loaded column values (see :meth:`ValueDecoder.load`), and the unchanged ones."""
+        out: dict[str, Any] = {}
+        unchanged: list[str] = []
+        for col, raw in zip(rel.columns, values, strict=False):
+            if key_only and not col.key:
+                continue
+            if raw is None:
+                out[col.name] = None
+            elif isinstance(raw, str):  # UNCHANGED: an unchanged TOASTed value
+                unchanged.append(col.name)
+            else:
+                out[col.name] = self.values.load(col.type_oid, raw)
+        return out, unchanged

@@ -34,8 +34,11 @@ nothing is emitted twice. Without recovery ``snapshot()`` is never called and th
 not advanced (every run re-reads from the slot's position): run CDC with recovery.
 
 Values: as psycopg loads them, made JSON-like (timestamps ISO-8601, ``numeric`` as int or
-float, ``bytea`` in PostgreSQL's hex text form, arrays as lists, json as objects). A
-broken connection, a terminated backend, a deadlock are retried
+float, ``bytea`` in PostgreSQL's hex text form, arrays as lists, json as objects);
+infinite dates and timestamps as the strings ``"infinity"`` and
+``"-infinity"``. A value that cannot be converted (a date before year 1 or after 9999)
+fails its row alone: a ``Failed`` entry naming the column and the row, under the step's
+error policy. A broken connection, a terminated backend, a deadlock are retried
 (``workflow.config.retry``); authentication errors, missing tables, bad SQL are terminal.
 """
 
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar, cast
@@ -52,7 +55,13 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Secret, Strict
-from dataflare.connectors.pgoutput import ChangeDecoder, ValueDecoder, int_to_lsn, lsn_to_int
+from dataflare.connectors.pgoutput import (
+    ChangeDecoder,
+    ValueDecoder,
+    int_to_lsn,
+    lsn_to_int,
+    register_loaders,
+)
 from dataflare.connectors.schema import (
     discoverer,
     table_json_schema,
@@ -61,6 +70,7 @@ from dataflare.connectors.sql_source import (
     Connection,
     cdc_block,
     now,
+    query_value,
     row_records,
     selected_tables,
 )
@@ -172,6 +182,7 @@ class Database(Connection):
 
     def _connect(self) -> Any:
         conn = _psycopg().connect(self.conninfo, autocommit=self.autocommit)
+        register_loaders(conn.adapters)
         conn.execute("SET TIME ZONE 'UTC'")
         if not self.autocommit:
             conn.commit()
@@ -238,6 +249,35 @@ def table_exists(conn: Any, schema: str, table: str) -> bool:
     return bool(row and row[0])
 
 
+def load_rows(cur: Any, fetch: Callable[[], list[Sequence[Any]]]) -> list[Sequence[Any]]:
+    """The rows ``fetch()`` returns from the cursor ``cur``.
+
+    psycopg fails the whole fetch on one value it cannot convert: then the fetched result
+    is converted again value by value, each such value an ``UnconvertibleValue`` (its row
+    alone fails, see :func:`~dataflare.connectors.sql_source.row_records`).
+    """
+    psycopg = _psycopg()
+    try:
+        return fetch()
+    except Exception as exc:
+        # psycopg's own DataError (no SQLSTATE) is a value it could not convert; its other
+        # errors come from the server or the connection.
+        if isinstance(exc, psycopg.Error) and not (
+            isinstance(exc, psycopg.DataError) and exc.sqlstate is None
+        ):
+            raise
+    res = cur.pgresult
+    values = ValueDecoder(cur.connection)
+    types = [res.ftype(j) for j in range(res.nfields)]
+    return [
+        tuple(
+            None if (raw := res.get_value(i, j)) is None else values.load(types[j], raw)
+            for j in range(res.nfields)
+        )
+        for i in range(res.ntuples)
+    ]
+
+
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -267,6 +307,7 @@ class TableRead:
         self.db, self.schema, self.table, self.key = db, schema, table, key
         self.batch_size = batch_size
         self.after = after
+        self.rows_read = 0
         self.lower, self.upper = lower, upper
         self.meta: dict[str, Any] = {"table": f"{schema}.{table}"}
         if op:
@@ -315,25 +356,27 @@ class TableRead:
     def _fetch(self, conn: Any) -> list[Sequence[Any]]:
         if self.cursor is None:
             self._open(conn)
-        rows: list[Sequence[Any]] = self.cursor.fetchmany(self.batch_size)
-        if not self.names and self.cursor.description:
-            self.names = [d.name for d in self.cursor.description]
+        cur = self.cursor
+        rows = load_rows(cur, lambda: cur.fetchmany(self.batch_size))
+        if not self.names and cur.description:
+            self.names = [d.name for d in cur.description]
         if len(rows) < self.batch_size:
-            self.cursor.close()
+            cur.close()
             self.cursor = None
             conn.commit()
             self.done = True
         return rows
 
-    def read(self) -> list[dict[str, Any]]:
-        """The next batch of records (empty and ``done`` at the end)."""
+    def read(self) -> list[Any]:
+        """The next batch of records and failed rows (empty and ``done`` at the end)."""
         if self.done:
             return []
         rows = self.db.run(f"reading {self.schema}.{self.table}", self._fetch)
         if rows and self.key:
             idx = [self.names.index(k) for k in self.key]
-            self.after = [rows[-1][i] for i in idx]
-        return row_records(self.names, rows, self.meta)
+            self.after = [query_value(rows[-1][i]) for i in idx]
+        first, self.rows_read = self.rows_read + 1, self.rows_read + len(rows)
+        return row_records(self.db.step_id, self.names, rows, self.meta, first)
 
 
 def _key_or_configured(
@@ -436,6 +479,7 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.after_key: list[Any] | None = state.get("key")
         self.awake: datetime | None = None
         self.meta = {"table": f"{self.schema}.{self.table}"}
+        self.rows_read = 0
 
     def _query(self, conn: Any) -> tuple[list[str], list[Sequence[Any]]]:
         from psycopg import sql
@@ -467,20 +511,20 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         )
         cur = conn.execute(query, params)
         names = [d.name for d in cur.description]
-        rows = cur.fetchall()
+        rows = load_rows(cur, cur.fetchall)
         if not self.key and len(rows) == self.src.cfg.batch_size:
             # Without a key, a batch ends between rows sharing a cursor value: read that
             # value's rows whole so the next `>` comparison loses none of them.
             col = names.index(self.column)
             last = rows[-1][col]
             rows = [r for r in rows if r[col] != last]
-            ties = conn.execute(
+            cur = conn.execute(
                 sql.SQL("SELECT * FROM {} WHERE {} = %s").format(
                     _ident(self.schema, self.table), _ident(self.column)
                 ),
-                [last],
-            ).fetchall()
-            rows.extend(ties)
+                [query_value(last)],
+            )
+            rows.extend(load_rows(cur, cur.fetchall))
         return names, rows
 
     def next_batch(self) -> list[list[Any]]:
@@ -493,9 +537,10 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         if not rows:
             return []
         last = rows[-1]
-        self.cursor = last[names.index(self.column)]
-        self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
-        return [row_records(names, rows, self.meta)]
+        self.cursor = query_value(last[names.index(self.column)])
+        self.after_key = [query_value(last[names.index(k)]) for k in self.key] if self.key else None
+        first, self.rows_read = self.rows_read + 1, self.rows_read + len(rows)
+        return [row_records(self.src.step_id, names, rows, self.meta, first)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
@@ -650,7 +695,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
 
     # snapshot phase
 
-    def _snapshot_batch(self) -> list[dict[str, Any]]:
+    def _snapshot_batch(self) -> list[Any]:
         tables = self.src.snapshot_tables()
         while self.table_index < len(tables):
             if self.read is None:

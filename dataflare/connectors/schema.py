@@ -67,8 +67,23 @@ def discover(ctx: Any) -> dict[str, Any]:
     return fn(ctx)
 
 
+class UnconvertibleValue(ValueError):
+    """A value the database driver could not convert, standing in a row for that value.
+
+    ``text`` is the value as the server sent it. :func:`json_value` raises it, so only the
+    record it belongs to fails.
+    """
+
+    def __init__(self, text: str, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.text, self.cause = text, cause
+
+
 def json_value(value: Any) -> Any:
-    """A driver value as a JSON-like value (timestamps as ISO-8601 text, bytes as hex)."""
+    """A driver value as a JSON-like value (timestamps as ISO-8601 text, bytes as hex).
+
+    Raises :class:`UnconvertibleValue` when it meets one.
+    """
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -96,6 +111,8 @@ def json_value(value: Any) -> Any:
         return [json_value(v) for v in value]
     if isinstance(value, set | frozenset):
         return sorted(json_value(v) for v in value)
+    if isinstance(value, UnconvertibleValue):
+        raise value
     return str(value)
 
 

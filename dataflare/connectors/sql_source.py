@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from dataflare.connectors.schema import json_value
-from dataflare.records import META
+from dataflare.connectors.schema import UnconvertibleValue, json_value
+from dataflare.records import META, Failed
 from dataflare.retry import TransientError, call_with_retry
 
 T = TypeVar("T")
@@ -83,15 +83,80 @@ class Connection:
 
 
 def row_records(
-    names: Sequence[str], rows: Iterable[Sequence[Any]], meta: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Records of database rows, each with its own copy of ``meta`` as ``_meta``."""
-    out = []
-    for row in rows:
-        rec = {n: json_value(v) for n, v in zip(names, row, strict=True)}
+    step_id: str,
+    names: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    meta: dict[str, Any],
+    first_row: int = 1,
+) -> list[Any]:
+    """Records of database rows, each with its own copy of ``meta`` as ``_meta``.
+
+    A row holding an :class:`UnconvertibleValue` becomes a :class:`Failed` entry instead
+    (see :func:`failed_row`), its position ``_meta.row`` (``first_row`` is the position of
+    the first of ``rows`` in the read), so the source's error policy applies to it alone.
+    """
+    out: list[Any] = []
+    for n, row in enumerate(rows, first_row):
+        try:
+            rec = {c: json_value(v) for c, v in zip(names, row, strict=True)}
+        except UnconvertibleValue:
+            values = dict(zip(names, row, strict=True))
+            out.append(failed_row(step_id, values, {**meta, "row": n}, f"row {n}"))
+            continue
         rec[META] = dict(meta)
         out.append(rec)
     return out
+
+
+def change_record(
+    step_id: str,
+    values: dict[str, Any],
+    old: dict[str, Any] | None,
+    meta: dict[str, Any],
+    where: str,
+) -> Any:
+    """The record of a changed row (``old``: its previous values, kept as ``_meta.old``).
+
+    A :class:`Failed` entry instead when a value cannot be converted (see
+    :func:`failed_row`; ``where``: the change).
+    """
+    try:
+        rec = {c: json_value(v) for c, v in values.items()}
+        if old is not None:
+            meta["old"] = {c: json_value(v) for c, v in old.items()}
+    except UnconvertibleValue:
+        new_ok = not any(isinstance(v, UnconvertibleValue) for v in values.values())
+        return failed_row(step_id, old if new_ok and old else values, meta, where)
+    rec[META] = meta
+    return rec
+
+
+def failed_row(
+    step_id: str,
+    values: dict[str, Any],
+    meta: dict[str, Any],
+    where: str,
+) -> Failed:
+    """The failure of a row holding an :class:`UnconvertibleValue` (``where``: the row).
+
+    The message names the step, the table, the column and the row; the failed record
+    holds the row, each unconvertible value as the text the server sent.
+    """
+    column, bad = next((c, v) for c, v in values.items() if isinstance(v, UnconvertibleValue))
+    raw = {
+        c: v.text if isinstance(v, UnconvertibleValue) else json_value(v)
+        for c, v in values.items()
+    }
+    msg = (
+        f"source '{step_id}': cannot convert column '{column}' of {meta.get('table')} "
+        f"({where}): {bad}"
+    )
+    return Failed(step_id, type(bad.cause).__name__, msg, raw, meta)
+
+
+def query_value(value: Any) -> Any:
+    """A value read back as a query parameter (a resume key): unconvertible ones as text."""
+    return value.text if isinstance(value, UnconvertibleValue) else value
 
 
 def now() -> datetime:

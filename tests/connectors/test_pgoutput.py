@@ -28,7 +28,7 @@ from dataflare.connectors.pgoutput import (
     int_to_lsn,
     lsn_to_int,
 )
-from dataflare.connectors.schema import json_value
+from dataflare.connectors.schema import UnconvertibleValue, json_value
 from dataflare.records import META, Failed
 
 TS = datetime(2024, 5, 1, 10, 0, 0, 123456, tzinfo=UTC)
@@ -250,6 +250,16 @@ def test_change_decoder_filters_tables_skips_delivered_and_fails_bad_values() ->
     with pytest.raises(ProtocolError, match="relation oid 1 before its relation message"):
         dec.feed(begin(0x800, 3))
         dec.feed(b"I" + struct.pack("!I", 1) + b"N" + tuple_data("1"))
+
+
+def test_infinite_dates_load_as_text_and_a_bad_value_as_unconvertible() -> None:
+    values = ValueDecoder()
+    assert values.decode(1184, b"infinity") == "infinity"  # timestamptz
+    assert values.decode(1114, b"-infinity") == "-infinity"  # timestamp
+    assert values.decode(1182, b"{infinity,2024-01-02}") == ["infinity", "2024-01-02"]  # date[]
+    bad = values.load(1082, b"0100-01-01 BC")
+    assert isinstance(bad, UnconvertibleValue) and bad.text == "0100-01-01 BC"
+    assert "date too small" in str(bad) and type(bad.cause).__name__ == "DataError"
 
 
 def test_insert_outside_a_transaction_is_a_protocol_error() -> None:

@@ -7,6 +7,7 @@ made from the DSL models, as the compiler would.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -936,3 +937,111 @@ def test_yaml_cdc_into_postgres_resumes_after_a_failed_run(pg_private: Any, tmp_
         src = conn.execute("SELECT id, v FROM e2e_src ORDER BY id").fetchall()
         dst = conn.execute("SELECT id, v FROM e2e_dst ORDER BY id").fetchall()
     assert dst == src
+
+
+# -- values Python cannot hold ---------------------------------------------------------------
+
+ODD_TIMES = (
+    "CREATE TABLE {t} (id int PRIMARY KEY, tz timestamptz, ts timestamp, d date, ds date[])",
+    "INSERT INTO {t} VALUES "
+    "(1, 'infinity', '-infinity', 'infinity', '{{-infinity,2024-01-01}}'), "
+    "(2, '2024-01-01 00:00+00', '2024-01-01', '0100-01-01 BC', NULL), "  # before year 1
+    "(3, '-infinity', '10000-01-01', '2024-01-02', NULL), "  # after year 9999
+    "(4, NULL, NULL, NULL, NULL)",
+)
+ODD_RECORDS = [
+    {"id": 1, "tz": "infinity", "ts": "-infinity", "d": "infinity",
+     "ds": ["-infinity", "2024-01-01"]},
+    {"id": 4, "tz": None, "ts": None, "d": None, "ds": None},
+]
+
+
+def check_odd_failures(items: list[Any], step: str, table: str, where: list[str]) -> None:
+    """Rows 1 and 4 as records; rows 2 and 3 each a failure naming step, table, column, row."""
+    from dataflare.records import Failed
+
+    assert plain([r for r in items if not isinstance(r, Failed)]) == ODD_RECORDS
+    failed = [f for f in items if isinstance(f, Failed)]
+    assert [(f.step, f.type) for f in failed] == [(step, "DataError")] * 2
+    first, second = (f.message for f in failed)
+    assert f"source '{step}': cannot convert column 'd' of {table} ({where[0]}" in first
+    assert "date too small (before year 1): '0100-01-01 BC'" in first
+    assert f"source '{step}': cannot convert column 'ts' of {table} ({where[1]}" in second
+    assert "timestamp too large (after year 10K)" in second
+    assert failed[0].record == {"id": 2, "tz": "2024-01-01T00:00:00+00:00",
+                                "ts": "2024-01-01T00:00:00", "d": "0100-01-01 BC", "ds": None}
+    assert failed[1].record["ts"] == "10000-01-01 00:00:00"
+
+
+def test_infinite_dates_come_as_text_and_a_bad_value_fails_its_row_alone(
+    pg_private: Any, tmp_path: Path
+) -> None:
+    pg_private.execute(
+        "DROP TABLE IF EXISTS odd_times", *(q.format(t="odd_times") for q in ODD_TIMES)
+    )
+    full = make_ctx("odd", conn_cfg(pg_private, table="odd_times", batch_size=2), mode="full")
+    items = run_source(full)
+    check_odd_failures(items, "odd", "public.odd_times", ["row 2", "row 3"])
+    assert [f.meta for f in items if not isinstance(f, dict)] == [
+        {"table": "public.odd_times", "row": 2}, {"table": "public.odd_times", "row": 3}]
+
+    inc = make_ctx("odd_inc", conn_cfg(pg_private, table="odd_times", batch_size=3),
+                   mode="incremental", incremental={"column": "tz", "interval": "1h"})
+    src = build_postgres_source(inc)
+    part = src.build_part("odd_inc", src.list_parts()[0], None)
+    polled = [r for _ in range(3) for b in part.next_batch() for r in b]
+    part.close()
+    # Ordered by tz: -infinity (3), 2024-01-01 (2), infinity (1); null cursors are not read.
+    assert [r["id"] if isinstance(r, dict) else r.record["id"] for r in polled] == [3, 2, 1]
+    assert part.snapshot() == {"cursor": "infinity", "key": [1]}
+
+    # The error policy applies per row: skip keeps the others, fail names the row.
+    flow = tmp_path / "flow.yaml"
+    for strategy in ("skip", "fail"):
+        flow.write_text(textwrap.dedent(f"""\
+            workflow:
+              sources:
+                pg:
+                  type: postgres
+                  error_handling: {{strategy: {strategy}}}
+                  config: {{host: {pg_private.host}, port: {pg_private.port},
+                            database: {pg_private.database}, username: postgres,
+                            table: odd_times}}
+              destinations:
+                out: {{type: file, inputs: [pg], config: {{path: out.jsonl}}}}
+            """))
+        result = subprocess.run(
+            [sys.executable, "-m", "dataflare", "run", str(flow), "-q"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        if strategy == "skip":
+            assert result.returncode == 0, result.stderr
+            lines = (tmp_path / "out.jsonl").read_text().splitlines()
+            assert [json.loads(line) for line in lines] == ODD_RECORDS
+        else:
+            assert result.returncode == 1
+            assert (
+                "step 'pg' failed on the record at table=public.odd_times, row=2: DataError: "
+                "source 'pg': cannot convert column 'd' of public.odd_times (row 2)"
+            ) in result.stderr
+
+
+def test_cdc_snapshot_and_changes_carry_infinite_dates_and_fail_bad_rows_alone(
+    pg_private: Any,
+) -> None:
+    slot = "cdc_odd"
+    drop_slot(pg_private, slot, f"{slot}_pub")
+    pg_private.execute(
+        "DROP TABLE IF EXISTS odd_snap, odd_changes",
+        *(q.format(t="odd_snap") for q in ODD_TIMES),
+        ODD_TIMES[0].format(t="odd_changes"),
+    )
+    ctx = cdc_ctx(pg_private, "odd_cdc", slot, ["public.odd_snap", "public.odd_changes"],
+                  snapshot_mode="initial")
+    snapshot = run_source(ctx)  # creates the slot, then reads odd_snap
+    check_odd_failures(snapshot, "odd_cdc", "public.odd_snap", ["row 2", "row 3"])
+    pg_private.execute(ODD_TIMES[1].format(t="odd_changes"))
+    changes = run_source(cdc_ctx(pg_private, "odd_cdc", slot, ["public.odd_changes"]))
+    check_odd_failures(changes, "odd_cdc", "public.odd_changes", ["insert at lsn"] * 2)
+
