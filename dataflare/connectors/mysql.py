@@ -33,6 +33,8 @@ from pydantic import Field
 from dataflare.config import Duration, Secret, Strict
 from dataflare.connectors.postgres import effective_mode
 from dataflare.connectors.schema import (
+    DECIMAL_HANDLING,
+    DecimalHandling,
     discoverer,
     json_value,
     table_json_schema,
@@ -85,6 +87,7 @@ class MySqlSourceConfig(Strict):
         "(a catch-up run) instead of polling forever.",
     )
     charset: str = Field("utf8mb4", description="Connection character set.")
+    decimal_handling: DecimalHandling = Field("number", description=DECIMAL_HANDLING)
     connect_timeout: Duration = Field(10.0, description="Connection timeout.")
 
     def settings(self) -> dict[str, Any]:
@@ -297,7 +300,9 @@ class SnapshotRead:
             meta: dict[str, Any] = {"table": table}
             if self.op:
                 meta["op"] = self.op
-            batch = row_records(self.src.step_id, self.names, rows, meta)
+            batch = row_records(
+                self.src.step_id, self.names, rows, meta, self.src.cfg.decimal_handling
+            )
             if self.done_table:
                 self.after = None
             elif rows and self.key:
@@ -406,7 +411,8 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.cursor = last[names.index(self.column)]
         self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
         meta = {"table": f"{self.database}.{self.table}"}
-        return [row_records(self.src.step_id, names, rows, meta)]
+        decimals = self.src.cfg.decimal_handling
+        return [row_records(self.src.step_id, names, rows, meta, decimals)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
@@ -519,7 +525,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         )
         out: list[Any] = []
         pending: list[dict[str, Any]] = []
-        limit = self.src.cfg.batch_size
+        limit, decimals = self.src.cfg.batch_size, self.src.cfg.decimal_handling
         file, pos = self.file, self.pos
         try:
             for event in reader:
@@ -530,7 +536,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                     if self.tables and table not in self.tables:
                         continue
                     for row in event.rows:
-                        pending.append(_row_record(event, row, table))
+                        pending.append(_row_record(event, row, table, decimals))
                     continue
                 commit = isinstance(event, XidEvent)
                 if isinstance(event, QueryEvent):
@@ -626,18 +632,20 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.db.close()
 
 
-def _row_record(event: Any, row: dict[str, Any], table: str) -> dict[str, Any]:
+def _row_record(
+    event: Any, row: dict[str, Any], table: str, decimals: DecimalHandling
+) -> dict[str, Any]:
     from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent
 
     if isinstance(event, UpdateRowsEvent):
-        rec = {k: json_value(v) for k, v in row["after_values"].items()}
+        rec = {k: json_value(v, decimals) for k, v in row["after_values"].items()}
         meta = {
             "op": "update",
             "table": table,
-            "old": {k: json_value(v) for k, v in row["before_values"].items()},
+            "old": {k: json_value(v, decimals) for k, v in row["before_values"].items()},
         }
     else:
-        rec = {k: json_value(v) for k, v in row["values"].items()}
+        rec = {k: json_value(v, decimals) for k, v in row["values"].items()}
         meta = {"op": "delete" if isinstance(event, DeleteRowsEvent) else "insert", "table": table}
     rec[META] = meta
     return rec
@@ -757,7 +765,7 @@ def discover_mysql(ctx: BuildContext) -> dict[str, Any]:
                         "name": table,
                         "primary_key": primary_key(conn, database, table),
                         "columns": cols,
-                        "json_schema": table_json_schema(cols),
+                        "json_schema": table_json_schema(cols, cfg.decimal_handling),
                     }
                 )
         return out

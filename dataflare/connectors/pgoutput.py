@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dataflare.connectors.schema import UnconvertibleValue, json_value
+from dataflare.connectors.schema import DecimalHandling, UnconvertibleValue, json_value
 from dataflare.connectors.sql_source import change_record
 from dataflare.records import META, Failed
 
@@ -360,10 +360,11 @@ class ValueDecoder:
 
     Pass a psycopg connection to use the types it knows (enums, domains, registered
     composites); without one the built-in types are converted and unknown types stay text.
-    Either way the loaders of :func:`register_loaders` apply.
+    Either way the loaders of :func:`register_loaders` apply. ``decimals``: how
+    ``numeric`` values come (see :func:`~dataflare.connectors.schema.json_value`).
     """
 
-    def __init__(self, connection: Any = None) -> None:
+    def __init__(self, connection: Any = None, decimals: DecimalHandling = "number") -> None:
         import psycopg
         from psycopg.adapt import AdaptersMap, Transformer
 
@@ -374,6 +375,7 @@ class ValueDecoder:
         self.connection = connection
         self._tx = Transformer(self)  # the context: these adapters, that connection
         self._loaders: dict[int, Any] = {}
+        self.decimals = decimals
 
     def load(self, type_oid: int, raw: bytes | Binary) -> Any:
         """The Python value of one column value, as psycopg loads it.
@@ -399,7 +401,7 @@ class ValueDecoder:
 
     def decode(self, type_oid: int, raw: bytes | Binary) -> Any:
         """The JSON-like value of one column value."""
-        return json_value(self.load(type_oid, raw))
+        return json_value(self.load(type_oid, raw), self.decimals)
 
 
 # -- transactions ----------------------------------------------------------------------------
@@ -540,7 +542,8 @@ class ChangeDecoder:
             meta["unchanged"] = unchanged
         previous = None if old is None else self._values(rel, old, old_key_only)[0]
         where = f"{op} at lsn {lsn}"
-        tx.records.append(change_record(self.step_id, record, previous, meta, where))
+        decimals = self.values.decimals
+        tx.records.append(change_record(self.step_id, record, previous, meta, where, decimals))
 
     def _values(
         self, rel: Relation, values: tuple[TupleValue, ...], key_only: bool

@@ -33,9 +33,9 @@ the slot. A resumed partition skips transactions ending at or below its state LS
 nothing is emitted twice. Without recovery ``snapshot()`` is never called and the slot is
 not advanced (every run re-reads from the slot's position): run CDC with recovery.
 
-Values: as psycopg loads them, made JSON-like (timestamps ISO-8601, ``numeric`` as int or
-float, ``bytea`` in PostgreSQL's hex text form, arrays as lists, json as objects);
-infinite dates and timestamps as the strings ``"infinity"`` and
+Values: as psycopg loads them, made JSON-like (timestamps ISO-8601, ``numeric`` per
+``decimal_handling``, ``bytea`` in PostgreSQL's hex text form, arrays as lists, json as
+objects); infinite dates and timestamps as the strings ``"infinity"`` and
 ``"-infinity"``. A value that cannot be converted (a date before year 1 or after 9999)
 fails its row alone: a ``Failed`` entry naming the column and the row, under the step's
 error policy. A broken connection, a terminated backend, a deadlock are retried
@@ -63,6 +63,8 @@ from dataflare.connectors.pgoutput import (
     register_loaders,
 )
 from dataflare.connectors.schema import (
+    DECIMAL_HANDLING,
+    DecimalHandling,
     discoverer,
     table_json_schema,
 )
@@ -117,6 +119,7 @@ class PostgresSourceConfig(Strict):
         description="CDC: end the input once every pending change was read "
         "(a catch-up run) instead of polling forever.",
     )
+    decimal_handling: DecimalHandling = Field("number", description=DECIMAL_HANDLING)
     connect_timeout: Duration = Field(10.0, description="Connection timeout.")
     lag_report_interval: Duration = Field(
         30.0, description="CDC: how often the slot lag is measured and logged."
@@ -303,9 +306,10 @@ class TableRead:
         lower: Any = None,
         upper: Any = None,
         op: str | None = None,
+        decimals: DecimalHandling = "number",
     ) -> None:
         self.db, self.schema, self.table, self.key = db, schema, table, key
-        self.batch_size = batch_size
+        self.batch_size, self.decimals = batch_size, decimals
         self.after = after
         self.rows_read = 0
         self.lower, self.upper = lower, upper
@@ -376,7 +380,7 @@ class TableRead:
             idx = [self.names.index(k) for k in self.key]
             self.after = [query_value(rows[-1][i]) for i in idx]
         first, self.rows_read = self.rows_read + 1, self.rows_read + len(rows)
-        return row_records(self.db.step_id, self.names, rows, self.meta, first)
+        return row_records(self.db.step_id, self.names, rows, self.meta, self.decimals, first)
 
 
 def _key_or_configured(
@@ -438,6 +442,7 @@ class FullPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             state.get("after") if key else None,
             rng.lower,
             rng.upper,
+            decimals=cfg.decimal_handling,
         )
 
     def next_batch(self) -> list[list[Any]]:
@@ -540,7 +545,8 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.cursor = query_value(last[names.index(self.column)])
         self.after_key = [query_value(last[names.index(k)]) for k in self.key] if self.key else None
         first, self.rows_read = self.rows_read + 1, self.rows_read + len(rows)
-        return [row_records(self.src.step_id, names, rows, self.meta, first)]
+        decimals = self.src.cfg.decimal_handling
+        return [row_records(self.src.step_id, names, rows, self.meta, decimals, first)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
@@ -595,7 +601,9 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.tables = src.cdc_tables()
         start_lsn = self.db.run("preparing the replication slot", self._prepare)
         self.decoder = ChangeDecoder(
-            src.step_id, ValueDecoder(self.db.connection()), self.tables or None
+            src.step_id,
+            ValueDecoder(self.db.connection(), cfg.decimal_handling),
+            self.tables or None,
         )
         snapshot_mode, streams = src.snapshot_plan()
         self.streams = streams
@@ -705,7 +713,8 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 )
                 key = _key_or_configured(self.read_db, self.src.cfg, schema, table)
                 self.read = TableRead(
-                    self.read_db, schema, table, key, self.batch_size, self.after, op="read"
+                    self.read_db, schema, table, key, self.batch_size, self.after, op="read",
+                    decimals=self.src.cfg.decimal_handling,
                 )
             batch = self.read.read()
             self.after = self.read.after
@@ -1094,7 +1103,7 @@ def discover_postgres(ctx: BuildContext) -> dict[str, Any]:
                         "name": table,
                         "primary_key": primary_key(conn, schema, table),
                         "columns": cols,
-                        "json_schema": table_json_schema(cols),
+                        "json_schema": table_json_schema(cols, cfg.decimal_handling),
                     }
                 )
             return out

@@ -3,6 +3,7 @@
 - :func:`json_value` turns what a database driver returns (``datetime``, ``Decimal``,
   ``UUID``, ``bytes``...) into the JSON-like values records carry, the same way for a
   snapshot read and for a decoded change, so a row looks alike whichever path it took.
+  Every value it returns is one the JSON encoders take (no integer beyond 64 bits).
 - :func:`infer_schema` infers a JSON Schema from sample records (REST APIs);
   :func:`column_schema` maps database column types to JSON Schema.
 - :class:`OutputSchemaCheck` checks records against a source's ``output_schema`` and turns
@@ -16,11 +17,12 @@
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from dataflare.records import META, Failed
 
@@ -67,6 +69,19 @@ def discover(ctx: Any) -> dict[str, Any]:
     return fn(ctx)
 
 
+DecimalHandling = Literal["number", "string", "float"]
+DECIMAL_HANDLING = (
+    "How `numeric`/`decimal` values come. `number`: an integer when written without "
+    "decimals and within 64 bits, else a float when its shortest text is the exact value, "
+    "else the exact decimal text (nothing is rounded, but a column may mix numbers and "
+    "strings; NaN and Infinity come as text). `string`: always the exact decimal text "
+    "('12.50'). `float`: always a float (may round)."
+)
+
+_INT64 = range(-(2**63), 2**63)
+_JSON_INTS = range(-(2**63), 2**64)  # what the JSON encoders (orjson) take
+
+
 class UnconvertibleValue(ValueError):
     """A value the database driver could not convert, standing in a row for that value.
 
@@ -79,22 +94,35 @@ class UnconvertibleValue(ValueError):
         self.text, self.cause = text, cause
 
 
-def json_value(value: Any) -> Any:
+def decimal_value(value: Decimal, handling: DecimalHandling = "number") -> int | float | str:
+    """A ``numeric``/``decimal`` value as ``handling`` says (see ``DECIMAL_HANDLING``)."""
+    if handling == "float":
+        return float(value)
+    if handling == "number" and value.is_finite():
+        if int(value.as_tuple().exponent) >= 0:
+            n = int(value)
+            if n in _INT64:
+                return n
+        else:
+            f = float(value)
+            if Decimal(repr(f)) == value:
+                return f
+    return format(value, "f")
+
+
+def json_value(value: Any, decimals: DecimalHandling = "number") -> Any:
     """A driver value as a JSON-like value (timestamps as ISO-8601 text, bytes as hex).
 
-    Raises :class:`UnconvertibleValue` when it meets one.
+    ``decimals`` is how ``Decimal`` values come (see ``DECIMAL_HANDLING``); an integer
+    beyond what JSON encoders take comes as its text. Raises :class:`UnconvertibleValue`
+    when it meets one.
     """
-    if value is None or isinstance(value, bool | int | str):
+    if value is None or isinstance(value, bool | str | float):
         return value
-    if isinstance(value, float):
-        return value
+    if isinstance(value, int):
+        return value if value in _JSON_INTS else str(value)
     if isinstance(value, Decimal):
-        if value.is_nan() or value.is_infinite():
-            return float(value)
-        exponent = value.as_tuple().exponent
-        if isinstance(exponent, int) and exponent >= 0:
-            return int(value)
-        return float(value)
+        return decimal_value(value, decimals)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, date | time):
@@ -106,11 +134,11 @@ def json_value(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return "\\x" + bytes(value).hex()
     if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
+        return {str(k): json_value(v, decimals) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [json_value(v) for v in value]
+        return [json_value(v, decimals) for v in value]
     if isinstance(value, set | frozenset):
-        return sorted(json_value(v) for v in value)
+        return sorted(json_value(v, decimals) for v in value)
     if isinstance(value, UnconvertibleValue):
         raise value
     return str(value)
@@ -143,10 +171,7 @@ _SQL_TYPES: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
         ),
         {"type": "integer"},
     ),
-    (
-        ("real", "double", "float", "float4", "float8", "numeric", "decimal", "money"),
-        {"type": "number"},
-    ),
+    (("real", "double", "float", "float4", "float8"), {"type": "number"}),
     (("timestamp", "timestamptz", "datetime"), {"type": "string", "format": "date-time"}),
     (("date",), {"type": "string", "format": "date"}),
     (("time",), {"type": "string", "format": "time"}),
@@ -156,7 +181,25 @@ _SQL_TYPES: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
 )
 
 
-def column_schema(sql_type: str) -> dict[str, Any]:
+_DECIMAL_TYPES = ("numeric", "decimal", "money")
+_PRECISION = re.compile(r"\(\s*(\d+)\s*(?:,\s*(\d+)\s*)?\)")
+
+
+def _decimal_schema(sql_type: str, handling: DecimalHandling) -> dict[str, Any]:
+    if handling == "string":
+        return {"type": "string"}
+    if handling == "float":
+        return {"type": "number"}
+    m = _PRECISION.search(sql_type)
+    precision, scale = (int(m[1]), int(m[2] or 0)) if m else (None, None)
+    if precision is not None and scale == 0 and precision <= 18:
+        return {"type": "integer"}
+    if precision is not None and precision <= 15:  # a double keeps 15 digits exactly
+        return {"type": "number"}
+    return {"type": ["number", "string"]}
+
+
+def column_schema(sql_type: str, decimals: DecimalHandling = "number") -> dict[str, Any]:
     """The JSON Schema of the values a column of ``sql_type`` produces in records."""
     t = sql_type.lower().strip()
     if t.endswith("[]") or t.startswith("_") or t == "array":
@@ -164,6 +207,8 @@ def column_schema(sql_type: str) -> dict[str, Any]:
     if t in ("bit(1)", "tinyint(1)"):
         return {"type": "boolean"}
     base = t.split("(")[0].strip()
+    if base.split(" ")[0] in _DECIMAL_TYPES:
+        return _decimal_schema(t, decimals)
     for names, schema in _SQL_TYPES:
         for name in names:
             if base == name or base.startswith(name + " "):
@@ -171,14 +216,17 @@ def column_schema(sql_type: str) -> dict[str, Any]:
     return {"type": "string"}
 
 
-def table_json_schema(columns: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def table_json_schema(
+    columns: Iterable[dict[str, Any]], decimals: DecimalHandling = "number"
+) -> dict[str, Any]:
     """A JSON Schema of a table's records from its discovered columns."""
     props: dict[str, Any] = {}
     required = []
     for col in columns:
-        schema = column_schema(col["type"])
+        schema = column_schema(col["type"], decimals)
         if col.get("nullable", True) and "type" in schema:
-            schema["type"] = [schema["type"], "null"]
+            types = schema["type"]
+            schema["type"] = [*(types if isinstance(types, list) else [types]), "null"]
         elif not col.get("nullable", True):
             required.append(col["name"])
         props[col["name"]] = schema

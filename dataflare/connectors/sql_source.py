@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from dataflare.connectors.schema import UnconvertibleValue, json_value
+from dataflare.connectors.schema import DecimalHandling, UnconvertibleValue, json_value
 from dataflare.records import META, Failed
 from dataflare.retry import TransientError, call_with_retry
 
@@ -87,6 +87,7 @@ def row_records(
     names: Sequence[str],
     rows: Iterable[Sequence[Any]],
     meta: dict[str, Any],
+    decimals: DecimalHandling = "number",
     first_row: int = 1,
 ) -> list[Any]:
     """Records of database rows, each with its own copy of ``meta`` as ``_meta``.
@@ -98,10 +99,10 @@ def row_records(
     out: list[Any] = []
     for n, row in enumerate(rows, first_row):
         try:
-            rec = {c: json_value(v) for c, v in zip(names, row, strict=True)}
+            rec = {c: json_value(v, decimals) for c, v in zip(names, row, strict=True)}
         except UnconvertibleValue:
             values = dict(zip(names, row, strict=True))
-            out.append(failed_row(step_id, values, {**meta, "row": n}, f"row {n}"))
+            out.append(failed_row(step_id, values, {**meta, "row": n}, f"row {n}", decimals))
             continue
         rec[META] = dict(meta)
         out.append(rec)
@@ -114,6 +115,7 @@ def change_record(
     old: dict[str, Any] | None,
     meta: dict[str, Any],
     where: str,
+    decimals: DecimalHandling = "number",
 ) -> Any:
     """The record of a changed row (``old``: its previous values, kept as ``_meta.old``).
 
@@ -121,12 +123,12 @@ def change_record(
     :func:`failed_row`; ``where``: the change).
     """
     try:
-        rec = {c: json_value(v) for c, v in values.items()}
+        rec = {c: json_value(v, decimals) for c, v in values.items()}
         if old is not None:
-            meta["old"] = {c: json_value(v) for c, v in old.items()}
+            meta["old"] = {c: json_value(v, decimals) for c, v in old.items()}
     except UnconvertibleValue:
         new_ok = not any(isinstance(v, UnconvertibleValue) for v in values.values())
-        return failed_row(step_id, old if new_ok and old else values, meta, where)
+        return failed_row(step_id, old if new_ok and old else values, meta, where, decimals)
     rec[META] = meta
     return rec
 
@@ -136,6 +138,7 @@ def failed_row(
     values: dict[str, Any],
     meta: dict[str, Any],
     where: str,
+    decimals: DecimalHandling = "number",
 ) -> Failed:
     """The failure of a row holding an :class:`UnconvertibleValue` (``where``: the row).
 
@@ -144,7 +147,7 @@ def failed_row(
     """
     column, bad = next((c, v) for c, v in values.items() if isinstance(v, UnconvertibleValue))
     raw = {
-        c: v.text if isinstance(v, UnconvertibleValue) else json_value(v)
+        c: v.text if isinstance(v, UnconvertibleValue) else json_value(v, decimals)
         for c, v in values.items()
     }
     msg = (

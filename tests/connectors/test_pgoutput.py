@@ -262,6 +262,16 @@ def test_infinite_dates_load_as_text_and_a_bad_value_as_unconvertible() -> None:
     assert "date too small" in str(bad) and type(bad.cause).__name__ == "DataError"
 
 
+def test_numeric_values_per_decimal_handling() -> None:
+    values = ValueDecoder()
+    assert values.decode(1700, b"123456789012345678901234567890") == (
+        "123456789012345678901234567890"
+    )
+    assert values.decode(1700, b"1.5") == 1.5 and values.decode(1700, b"NaN") == "NaN"
+    assert ValueDecoder(decimals="string").decode(1700, b"2.50") == "2.50"
+    assert ValueDecoder(decimals="float").decode(1700, b"2.50") == 2.5
+
+
 def test_insert_outside_a_transaction_is_a_protocol_error() -> None:
     dec = ChangeDecoder("s")
     dec.feed(ITEMS)

@@ -1045,3 +1045,46 @@ def test_cdc_snapshot_and_changes_carry_infinite_dates_and_fail_bad_rows_alone(
     changes = run_source(cdc_ctx(pg_private, "odd_cdc", slot, ["public.odd_changes"]))
     check_odd_failures(changes, "odd_cdc", "public.odd_changes", ["insert at lsn"] * 2)
 
+
+def test_numeric_values_stay_exact_and_encodable(pg_private: Any) -> None:
+    import orjson
+
+    pg_private.execute(
+        "DROP TABLE IF EXISTS nums",
+        "CREATE TABLE nums (id int PRIMARY KEY, big numeric(30,0), free numeric, "
+        "price numeric(6,2), whole numeric(10,0))",
+        "INSERT INTO nums VALUES "
+        "(1, 123456789012345678901234567890, 1234567890123.000001, 10.00, 7), "
+        "(2, -9223372036854775808, 0.1, 2.50, NULL), "
+        "(3, 9223372036854775808, 'NaN', NULL, NULL), (4, 5, '-Infinity', NULL, NULL)",
+    )
+
+    def read(handling: str) -> list[dict[str, Any]]:
+        cfg = conn_cfg(pg_private, table="nums", decimal_handling=handling)
+        records = plain(run_source(make_ctx("nums", cfg, mode="full")))
+        orjson.dumps(records)  # every value is one the JSON encoders take
+        return records
+
+    assert read("number") == [
+        {"id": 1, "big": "123456789012345678901234567890", "free": "1234567890123.000001",
+         "price": 10.0, "whole": 7},
+        {"id": 2, "big": -9223372036854775808, "free": 0.1, "price": 2.5, "whole": None},
+        {"id": 3, "big": "9223372036854775808", "free": "NaN", "price": None, "whole": None},
+        {"id": 4, "big": 5, "free": "-Infinity", "price": None, "whole": None},
+    ]
+    strings = read("string")
+    assert [r["price"] for r in strings] == ["10.00", "2.50", None, None]
+    assert strings[0]["free"] == "1234567890123.000001" and strings[3]["big"] == "5"
+    floats = read("float")
+    assert floats[0]["big"] == 1.2345678901234568e29 and floats[0]["free"] == 1234567890123.0
+    assert floats[3]["big"] == 5.0
+
+    ctx = make_ctx("nums", conn_cfg(pg_private, table="nums"), mode="full")
+    props = discover(ctx)["tables"][0]["json_schema"]["properties"]
+    assert props["big"] == {"type": ["number", "string", "null"]}
+    assert props["free"] == {"type": ["number", "string", "null"]}
+    assert props["price"] == {"type": ["number", "null"]}
+    assert props["whole"] == {"type": ["integer", "null"]}
+    ctx = make_ctx("nums", conn_cfg(pg_private, table="nums", decimal_handling="string"))
+    assert discover(ctx)["tables"][0]["json_schema"]["properties"]["price"] == {
+        "type": ["string", "null"]}
