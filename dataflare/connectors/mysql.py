@@ -16,14 +16,21 @@
   (``db.table``), ``position`` (``file:pos`` of the commit), ``commit_ts``; an update
   carries the previous row in ``_meta.old``. Column names come from the binlog's row
   metadata (``binlog_row_metadata=FULL``) or else from ``information_schema``.
+
+Values look as ``dataflare discover`` describes them, in every mode: ``tinyint(1)`` and
+``bit(1)`` as booleans, ``time`` as ``'[-]HH:MM:SS[.ffffff]'`` text, ``json`` columns
+(MariaDB's too: ``longtext`` checked by ``json_valid``) parsed, ``decimal`` per
+``decimal_handling``, the rest JSON-like as for PostgreSQL. A value that cannot be
+converted (invalid JSON) fails its row alone, under the step's error policy.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -35,18 +42,20 @@ from dataflare.connectors.postgres import effective_mode
 from dataflare.connectors.schema import (
     DECIMAL_HANDLING,
     DecimalHandling,
+    UnconvertibleValue,
+    column_schema,
     discoverer,
-    json_value,
     table_json_schema,
 )
 from dataflare.connectors.sql_source import (
     Connection,
     cdc_block,
+    change_record,
     now,
     row_records,
     selected_tables,
 )
-from dataflare.records import META
+from dataflare.records import META, Failed
 from dataflare.registry import BuildContext, source
 from dataflare.retry import TransientError, call_with_retry
 
@@ -200,6 +209,104 @@ def primary_key(conn: Any, database: str, table: str) -> list[str]:
         return [r[0] for r in cur.fetchall()]
 
 
+_JSON_CHECK = re.compile(r"json_valid\(`((?:[^`]|``)+)`\)", re.IGNORECASE)
+
+
+def table_columns(conn: Any, database: str, table: str) -> list[dict[str, Any]]:
+    """``{"name", "type", "nullable"}`` of each column of ``database.table``, in order.
+
+    MariaDB's ``json`` is ``longtext`` with a ``json_valid`` check: such columns are ``json``.
+    """
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+            (database, table),
+        )
+        cols = [{"name": r[0], "type": r[1], "nullable": r[2] == "YES"} for r in cur.fetchall()]
+        if "mariadb" in conn.get_server_info().lower():
+            cur.execute(
+                "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS "
+                "WHERE CONSTRAINT_SCHEMA = %s AND TABLE_NAME = %s",
+                (database, table),
+            )
+            checked = {
+                m[1].replace("``", "`") for (clause,) in cur.fetchall()
+                if (m := _JSON_CHECK.fullmatch(clause.strip()))
+            }
+            for col in cols:
+                if col["name"] in checked and col["type"].endswith("text"):
+                    col["type"] = "json"
+    return cols
+
+
+Converters = dict[str, Callable[[Any], Any]]
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bytes):  # bit(1) as a query returns it
+        return any(value)
+    if isinstance(value, str):  # bit(1) from the binlog: '0' or '1'
+        return "1" in value
+    return bool(value)
+
+
+def _time_text(value: Any) -> Any:
+    if not isinstance(value, timedelta):
+        return value
+    micros = value // timedelta(microseconds=1)
+    seconds, fraction = divmod(abs(micros), 1_000_000)
+    text = f"{'-' if micros < 0 else ''}{seconds // 3600:02d}:{seconds // 60 % 60:02d}:"
+    text += f"{seconds % 60:02d}"
+    return f"{text}.{fraction:06d}" if fraction else text
+
+
+def _parsed_json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def converters(columns: list[dict[str, Any]]) -> Converters:
+    """Per column needing one, what turns a driver value into the value discovery promises."""
+    out: Converters = {}
+    for col in columns:
+        schema = column_schema(col["type"])
+        if col["type"] == "json":
+            out[col["name"]] = _parsed_json
+        elif schema.get("type") == "boolean":
+            out[col["name"]] = _boolean
+        elif schema.get("format") == "time":
+            out[col["name"]] = _time_text
+    return out
+
+
+def _convert(fn: Callable[[Any], Any] | None, value: Any) -> Any:
+    if fn is None or value is None:
+        return value
+    try:
+        return fn(value)
+    except ValueError as exc:  # its row fails alone (see row_records)
+        return UnconvertibleValue(str(value), exc)
+
+
+def converted_rows(
+    names: Sequence[str], rows: list[Sequence[Any]], convert: Converters
+) -> list[Sequence[Any]]:
+    """Rows of a query with the values of ``convert``'s columns converted."""
+    if not convert:
+        return rows
+    fns = [convert.get(n) for n in names]
+    return [tuple(_convert(f, v) for f, v in zip(fns, row, strict=True)) for row in rows]
+
+
+def _table_converters(db: MySqlDatabase, database: str, table: str) -> Converters:
+    return converters(
+        db.run(
+            f"reading the columns of {database}.{table}",
+            lambda conn: table_columns(conn, database, table),
+        )
+    )
+
+
 def _key(db: MySqlDatabase, cfg: MySqlSourceConfig, database: str, table: str) -> list[str]:
     if cfg.key_columns:
         return list(cfg.key_columns)
@@ -230,6 +337,8 @@ class SnapshotRead:
         self.cursor: Any = None
         self.names: list[str] = []
         self.key: list[str] = []
+        self.convert: Converters = {}
+        self.rows_read = 0
         self.position: tuple[str, int] | None = None
         self.in_transaction = False
         self.done_table = False
@@ -246,6 +355,7 @@ class SnapshotRead:
             if self.src.cfg.key_columns
             else primary_key(conn, database, table)
         )
+        self.convert = converters(table_columns(conn, database, table))
         if not self.in_transaction:
             with conn.cursor() as cur:
                 cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -292,8 +402,8 @@ class SnapshotRead:
         """Whether every table was read."""
         return self.index >= len(self.tables)
 
-    def read(self) -> list[dict[str, Any]]:
-        """The next batch of records (empty once ``done``)."""
+    def read(self) -> list[Any]:
+        """The next batch of records and failed rows (empty once ``done``)."""
         while not self.done:
             table = self.tables[self.index]
             rows = self.db.run(f"reading {table}", self._fetch)
@@ -301,10 +411,16 @@ class SnapshotRead:
             if self.op:
                 meta["op"] = self.op
             batch = row_records(
-                self.src.step_id, self.names, rows, meta, self.src.cfg.decimal_handling
+                self.src.step_id,
+                self.names,
+                converted_rows(self.names, rows, self.convert),
+                meta,
+                self.src.cfg.decimal_handling,
+                self.rows_read + 1,
             )
+            self.rows_read += len(rows)
             if self.done_table:
-                self.after = None
+                self.after, self.rows_read = None, 0
             elif rows and self.key:
                 idx = [self.names.index(k) for k in self.key]
                 self.after = [rows[-1][i] for i in idx]
@@ -361,10 +477,12 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.key = [
             k for k in _key(self.db, src.cfg, self.database, self.table) if k != self.column
         ]
+        self.convert = _table_converters(self.db, self.database, self.table)
         state = state or {}
         self.cursor: Any = state.get("cursor")
         self.after_key: list[Any] | None = state.get("key")
         self.awake: datetime | None = None
+        self.rows_read = 0
 
     def _query(self, conn: Any) -> tuple[list[str], list[Sequence[Any]]]:
         order = [self.column, *self.key]
@@ -411,8 +529,10 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.cursor = last[names.index(self.column)]
         self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
         meta = {"table": f"{self.database}.{self.table}"}
+        first, self.rows_read = self.rows_read + 1, self.rows_read + len(rows)
+        rows = converted_rows(names, rows, self.convert)
         decimals = self.src.cfg.decimal_handling
-        return [row_records(self.src.step_id, names, rows, meta, decimals)]
+        return [row_records(self.src.step_id, names, rows, meta, decimals, first)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
@@ -443,6 +563,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.awake: datetime | None = None
         self.ended = False
         self.snap: SnapshotRead | None = None
+        self.convert: dict[str, Converters] = {}
         snapshot = cdc.binlog_position == "latest" and (
             cdc.snapshot_mode == "always" or (cdc.snapshot_mode == "initial" and state is None)
         )
@@ -525,7 +646,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         )
         out: list[Any] = []
         pending: list[dict[str, Any]] = []
-        limit, decimals = self.src.cfg.batch_size, self.src.cfg.decimal_handling
+        limit = self.src.cfg.batch_size
         file, pos = self.file, self.pos
         try:
             for event in reader:
@@ -536,7 +657,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                     if self.tables and table not in self.tables:
                         continue
                     for row in event.rows:
-                        pending.append(_row_record(event, row, table, decimals))
+                        pending.append(self._record(event, row, table))
                     continue
                 commit = isinstance(event, XidEvent)
                 if isinstance(event, QueryEvent):
@@ -544,6 +665,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                     if text.strip().upper() == "BEGIN":
                         continue
                     commit = True
+                    self.convert.clear()  # the statement may have changed a table's columns
                     m = _TRUNCATE.match(text)
                     if m:
                         name = m.group(1).replace("`", "")
@@ -559,8 +681,8 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                     position = f"{reader.log_file}:{reader.log_pos}"
                     ts = datetime.fromtimestamp(event.timestamp, UTC).isoformat()
                     for rec in pending:
-                        rec[META]["position"] = position
-                        rec[META]["commit_ts"] = ts
+                        meta = rec.meta if isinstance(rec, Failed) else rec[META]
+                        meta["position"], meta["commit_ts"] = position, ts
                     out.extend(pending)
                     pending = []
                     file, pos = reader.log_file, int(reader.log_pos)
@@ -570,6 +692,22 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             reader.close()
         # The binlog ended: caught up (a transaction not yet whole is read again next time).
         return out, file, pos, True
+
+    def _record(self, event: Any, row: dict[str, Any], table: str) -> Any:
+        """The record of one row change, or its failure when a value cannot be converted."""
+        from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent
+
+        if table not in self.convert:
+            self.convert[table] = _table_converters(self.db, *table.split(".", 1))
+        convert, decimals = self.convert[table], self.src.cfg.decimal_handling
+        if isinstance(event, UpdateRowsEvent):
+            op, images = "update", [row["after_values"], row["before_values"]]
+        else:
+            op = "delete" if isinstance(event, DeleteRowsEvent) else "insert"
+            images = [row["values"]]
+        new, *old = [{k: _convert(convert.get(k), v) for k, v in i.items()} for i in images]
+        meta: dict[str, Any] = {"op": op, "table": table}
+        return change_record(self.src.step_id, new, old[0] if old else None, meta, op, decimals)
 
     def next_batch(self) -> list[list[Any]]:
         """A snapshot batch, or the changes committed since the state position."""
@@ -630,25 +768,6 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         if self.snap is not None:
             self.snap.close()
         self.db.close()
-
-
-def _row_record(
-    event: Any, row: dict[str, Any], table: str, decimals: DecimalHandling
-) -> dict[str, Any]:
-    from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent
-
-    if isinstance(event, UpdateRowsEvent):
-        rec = {k: json_value(v, decimals) for k, v in row["after_values"].items()}
-        meta = {
-            "op": "update",
-            "table": table,
-            "old": {k: json_value(v, decimals) for k, v in row["before_values"].items()},
-        }
-    else:
-        rec = {k: json_value(v, decimals) for k, v in row["values"].items()}
-        meta = {"op": "delete" if isinstance(event, DeleteRowsEvent) else "insert", "table": table}
-    rec[META] = meta
-    return rec
 
 
 class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
@@ -751,14 +870,7 @@ def discover_mysql(ctx: BuildContext) -> dict[str, Any]:
                 tables = [(r[0], r[1]) for r in cur.fetchall()]
             out = []
             for database, table in dict.fromkeys(tables):
-                cur.execute(
-                    "SELECT COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE FROM information_schema.COLUMNS "
-                    "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
-                    (database, table),
-                )
-                cols = [
-                    {"name": r[0], "type": r[1], "nullable": r[2] == "YES"} for r in cur.fetchall()
-                ]
+                cols = table_columns(conn, database, table)
                 out.append(
                     {
                         "schema": database,

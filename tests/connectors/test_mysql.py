@@ -218,7 +218,7 @@ def test_binlog_cdc_changes_truncate_and_resume(mariadb_private: Any, tmp_path: 
                 "name": "two",
                 "price": 2.5,
                 "at": "2024-05-01T10:00:00.250000",
-                "doc": '{"k": [1, 2]}',
+                "doc": {"k": [1, 2]},
             },
         ),
         ("update", {"id": 1, "name": "one", "price": 1, "at": None, "doc": None}),
@@ -229,9 +229,9 @@ def test_binlog_cdc_changes_truncate_and_resume(mariadb_private: Any, tmp_path: 
                 "name": "two",
                 "price": 2.5,
                 "at": "2024-05-01T10:00:00.250000",
-                "doc": '{"k": [1, 2]}',
+                "doc": {"k": [1, 2]},
             },
-        ),  # MariaDB's JSON is text
+        ),  # MariaDB's JSON is text with a json_valid check: parsed all the same
         ("truncate", {}),
     ]
     assert changes[1][META]["old"]["name"] == "before"
@@ -424,3 +424,72 @@ def test_binlog_resumes_after_sigkill_without_loss(mariadb_private: Any, tmp_pat
     lines = len(ids)
     assert run_script(0) == 0  # resumed at the end: nothing again
     assert len(out.read_text().splitlines()) == lines
+
+
+SHAPES = (
+    "CREATE TABLE {t} (id INT PRIMARY KEY, flag TINYINT(1), small TINYINT, bit1 BIT(1), "
+    "tm TIME, tm6 TIME(6), doc JSON, big DECIMAL(30,0), changed DATETIME)",
+    "SET SESSION check_constraint_checks = 0",  # lets row 4 hold a document that is no JSON
+    "INSERT INTO {t} VALUES "
+    "(1, 1, 5, b'1', '-838:59:59', '12:34:56.789', '{{\"a\": [1, 2]}}', "
+    "123456789012345678901234567890, '2024-01-01 00:00:00'), "
+    "(2, 0, -1, b'0', '01:02:03', '00:00:00', '[1]', 7, '2024-01-02 00:00:00'), "
+    "(3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '2024-01-03 00:00:00'), "
+    "(4, 1, 1, b'1', '00:00:01', '00:00:01', '{{oops', 1, '2024-01-04 00:00:00')",
+)
+SHAPED = [
+    {"id": 1, "flag": True, "small": 5, "bit1": True, "tm": "-838:59:59",
+     "tm6": "12:34:56.789000", "doc": {"a": [1, 2]}, "big": "123456789012345678901234567890",
+     "changed": "2024-01-01T00:00:00"},
+    {"id": 2, "flag": False, "small": -1, "bit1": False, "tm": "01:02:03", "tm6": "00:00:00",
+     "doc": [1], "big": 7, "changed": "2024-01-02T00:00:00"},
+    {"id": 3, "flag": None, "small": None, "bit1": None, "tm": None, "tm6": None, "doc": None,
+     "big": None, "changed": "2024-01-03T00:00:00"},
+]
+
+
+def check_shapes(items: list[Any], schema: dict[str, Any], where: str) -> None:
+    """Rows 1-3 as discovery describes them; row 4 (no JSON in a json column) fails alone."""
+    import jsonschema
+
+    from dataflare.records import Failed
+
+    *records, failed = items
+    assert [plain(r) for r in records] == SHAPED
+    for r in records:
+        jsonschema.validate(plain(r), schema)
+    assert isinstance(failed, Failed) and failed.type == "JSONDecodeError"
+    assert failed.message.startswith(
+        f"source 'shapes': cannot convert column 'doc' of dataflare.shapes ({where}): "
+    )
+    assert failed.record["doc"] == "{oops" and failed.record["flag"] is True
+
+
+def test_records_match_what_discover_reports(mariadb_private: Any) -> None:
+    mariadb_private.execute("DROP TABLE IF EXISTS shapes")
+    cdc = make_ctx(
+        "shapes",
+        conn_cfg(mariadb_private, table="shapes"),
+        mode="cdc",
+        cdc={"snapshot_mode": "never", "poll_interval": "10ms"},
+    )
+    src = build_mysql_source(cdc)
+    stream = src.build_part("shapes", "binlog", None)
+    mariadb_private.execute(*(q.format(t="shapes") for q in SHAPES))
+    ctx = make_ctx("shapes", conn_cfg(mariadb_private, table="shapes"), mode="full")
+    (table,) = discover(ctx)["tables"]
+    assert {c["name"]: c["type"] for c in table["columns"]}["doc"] == "json"
+    schema = table["json_schema"]
+    assert schema["properties"]["doc"] == {} and schema["properties"]["tm"]["format"] == "time"
+
+    check_shapes(run(ctx), schema, "row 4")
+    inc = make_ctx("shapes", conn_cfg(mariadb_private, table="shapes"),
+                   mode="incremental", incremental={"column": "changed", "interval": "1h"})
+    inc_src = build_mysql_source(inc)
+    part = inc_src.build_part("shapes", inc_src.list_parts()[0], None)
+    check_shapes([r for b in part.next_batch() for r in b], schema, "row 4")
+    part.close()
+    changes = [r for _ in range(2) for b in stream.next_batch() for r in b]
+    stream.close()
+    check_shapes(changes, schema, "insert")
+    assert changes[-1].meta["position"] == changes[0][META]["position"]  # the same commit
