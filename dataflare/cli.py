@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from dataflare import metrics
-from dataflare.dsl_compiler import StepFailed, WorkflowError, compile_validated, validate_file
+from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 
 
 def _print_problems(problems: Sequence[object], for_run: bool) -> None:
@@ -38,14 +38,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The exception that explains a failed run: ours if present, else the innermost cause."""
+def _is_wrapper(exc: BaseException) -> bool:
+    """Whether ``exc`` is bytewax's wrapping of an error raised in a step (or a Rust panic)."""
+    package = type(exc).__module__.split(".")[0]
+    return package in ("bytewax", "pyo3_runtime") or str(exc).startswith("(src/")
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The exception that explains a failed run: the outermost one bytewax did not wrap.
+
+    That is DataFlare's own when there is one (it names the step and the target).
+    """
     seen: set[int] = set()
     cur: BaseException | None = exc
     last = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, StepFailed | WorkflowError):
+        if not _is_wrapper(cur):
             return cur
         last = cur
         cur = cur.__cause__ or cur.__context__
@@ -55,11 +64,32 @@ def _root_cause(exc: BaseException) -> BaseException:
     return last
 
 
-class _Progress:
-    """Records out per step on a terminal, refreshed every second; a summary at the end."""
+def _error_text(exc: BaseException) -> str:
+    """The message of a failed run, printed after ``error:``.
 
-    def __init__(self, steps: list[str], live: bool) -> None:
-        self.steps, self.live = steps, live
+    The message of :func:`_unwrapped`, then the innermost error it was raised from when
+    the message does not already say it (a driver's error under ours).
+    """
+    cause = _unwrapped(exc)
+    inner, seen = cause, {id(cause)}
+    while inner.__cause__ is not None and id(inner.__cause__) not in seen:
+        inner = inner.__cause__
+        seen.add(id(inner))
+    text = str(cause)
+    if inner is not cause and str(inner) not in text:
+        text += f" ({type(inner).__name__}: {inner})"
+    return text
+
+
+class _Progress:
+    """Records out per step on a terminal, refreshed every second; a summary at the end.
+
+    A destination's count is of the records it received: once the run ended, all are
+    written (or counted failed), but after a failed run some may not be.
+    """
+
+    def __init__(self, steps: list[str], destinations: list[str], live: bool) -> None:
+        self.steps, self.destinations, self.live = steps, set(destinations), live
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.started = time.monotonic()
@@ -92,15 +122,18 @@ class _Progress:
             self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, failure: type[BaseException] | None, *exc: object) -> None:
         self.stop.set()
         if self.live:
             self.thread.join()
             sys.stderr.write("\r\x1b[K")
         elapsed = time.monotonic() - self.started
-        print(f"summary ({elapsed:.1f}s): records per step", file=sys.stderr)
+        state = ", run failed" if failure else ""
+        print(f"summary ({elapsed:.1f}s{state}): records per step", file=sys.stderr)
         for step, n, errors in self.counts():
-            extra = f", {errors} failed" if errors else ""
+            unsure = failure is not None and step in self.destinations and n > 0
+            extra = " received, not all confirmed written" if unsure else ""
+            extra += f", {errors} failed" if errors else ""
             print(f"  {step}: {n}{extra}", file=sys.stderr)
 
 
@@ -119,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         flow = compile_validated(v)
     except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
-        print(f"error: {_root_cause(exc)}", file=sys.stderr)
+        print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 1
     recovery = None
     snapshot = timedelta(seconds=args.snapshot_interval)
@@ -158,10 +191,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     steps = [*wf.sources, *wf.transformations, *wf.destinations]
     live = sys.stderr.isatty() and not args.quiet
     try:
-        with _Progress(steps, live) if not args.quiet else _nullcontext():
+        with _Progress(steps, list(wf.destinations), live) if not args.quiet else _nullcontext():
             cli_main(flow, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
-        cause = _root_cause(exc)
+        cause = _unwrapped(exc)
         if timer is not None and timer.finished.is_set():
             print(f"error: the workflow ran longer than its config.timeout "
                   f"({wf.config.timeout:g}s) and was stopped", file=sys.stderr)
@@ -169,7 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 1
     finally:
         if timer is not None:
@@ -227,7 +260,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         try:
             catalog[name] = discover(component_context(v, name))
         except Exception as exc:  # noqa: BLE001 - one line per source that cannot be read
-            print(f"error: source {name!r}: {_root_cause(exc)}", file=sys.stderr)
+            print(f"error: source {name!r}: {_error_text(exc)}", file=sys.stderr)
             code = 1
     print(json.dumps(catalog, indent=2, default=str))
     return code

@@ -106,3 +106,77 @@ workflow:
     result = run_cli("run", str(flow), "-q", "-w", "3")
     assert result.code == 1
     assert "config.max_concurrency is 2, this run asks for 3 workers" in result.stderr
+
+
+
+def test_a_failed_run_names_the_step_and_keeps_the_driver_error(tmp_path, mariadb_private):
+    flow = tmp_path / "f.yaml"
+    sources = {
+        "pg": "type: postgres, config: {host: 127.0.0.1, database: no_such_db, "
+        "username: postgres, table: t}",
+        "my": f"type: mysql, config: {{host: 127.0.0.1, port: {mariadb_private.port}, "
+        "username: nobody, database: dataflare, table: t}",
+    }
+    errors = {}
+    for name, source in sources.items():
+        flow.write_text(f"""\
+workflow:
+  config: {{retry: {{max_attempts: 1}}}}
+  sources:
+    {name}: {{{source}}}
+  destinations:
+    out: {{type: stdout, inputs: [{name}]}}
+""")
+        result = run_cli("run", str(flow), cwd=tmp_path)
+        assert result.code == 1
+        (errors[name],) = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+        assert "(src/" not in errors[name]  # no bytewax wrapper text
+    assert errors["pg"].startswith("error: step 'pg': looking up the key of public.t failed: ")
+    assert 'database "no_such_db" does not exist' in errors["pg"]
+    assert errors["my"].startswith("error: step 'my': ")
+    assert "Access denied for user 'nobody'" in errors["my"]
+
+
+def test_error_text_keeps_our_message_and_adds_the_driver_error_it_lacks():
+    from bytewax.errors import BytewaxRuntimeError
+
+    from dataflare.cli import _error_text
+
+    def raised(exc, cause):
+        try:
+            raise exc from cause
+        except BaseException as e:  # noqa: BLE001
+            return e
+
+    try:  # a driver's error raised while handling the socket's, as redis-py does
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except OSError:
+            raise ConnectionError("Error 111 connecting to h:1.")  # noqa: B904
+    except ConnectionError as exc:
+        refused = exc
+    ours = raised(RuntimeError("step 'r': write 1 record(s) to redis failed"), refused)
+    wrapped = raised(BytewaxRuntimeError("(src/outputs.rs:554:34): error writing output batch"),
+                     ours)
+    assert _error_text(wrapped) == (
+        "step 'r': write 1 record(s) to redis failed "
+        "(ConnectionError: Error 111 connecting to h:1.)")
+    said = raised(RuntimeError("step 'r': write failed: ConnectionError: Error 111 connecting "
+                               "to h:1."), refused)
+    assert _error_text(said) == str(said)  # the driver's error is already in the message
+
+
+def test_summary_does_not_count_records_of_a_failed_run_as_written(capsys):
+    from dataflare import metrics
+    from dataflare.cli import _Progress
+
+    metrics.RECORDS_OUT.labels("summary_src").inc(3)
+    metrics.RECORDS_WRITTEN.labels("summary_dst").inc(3)
+    with _Progress(["summary_src", "summary_dst"], ["summary_dst"], live=False):
+        pass
+    assert "  summary_dst: 3\n" in capsys.readouterr().err
+    progress = _Progress(["summary_src", "summary_dst"], ["summary_dst"], live=False)
+    progress.__exit__(RuntimeError, RuntimeError("write failed"), None)
+    err = capsys.readouterr().err
+    assert ", run failed): records per step" in err and "  summary_src: 3\n" in err
+    assert "  summary_dst: 3 received, not all confirmed written\n" in err

@@ -406,7 +406,11 @@ class SnapshotRead:
         """The next batch of records and failed rows (empty once ``done``)."""
         while not self.done:
             table = self.tables[self.index]
-            rows = self.db.run(f"reading {table}", self._fetch)
+            try:
+                rows = self.db.run(f"reading {table}", self._fetch)
+            except LookupError as exc:  # a missing table
+                msg = f"step '{self.src.step_id}': {exc}"
+                raise RuntimeError(msg) from None
             meta: dict[str, Any] = {"table": table}
             if self.op:
                 meta["op"] = self.op

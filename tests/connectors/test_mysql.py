@@ -278,7 +278,7 @@ def test_missing_table_and_bad_position_are_clear_errors(mariadb_private: Any) -
     ctx = make_ctx("nope", conn_cfg(mariadb_private, table="no_such"), mode="full")
     with pytest.raises(Exception) as info:
         run(ctx)
-    assert "table dataflare.no_such does not exist" in chain(info.value)
+    assert "step 'nope': table dataflare.no_such does not exist" in chain(info.value)
     bad = make_ctx(
         "badpos",
         conn_cfg(mariadb_private, table="orders"),
