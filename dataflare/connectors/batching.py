@@ -21,7 +21,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import StatefulBatchLogic
-from bytewax.outputs import Sink
+from bytewax.outputs import DynamicSink, Sink, StatelessSinkPartition
 
 from dataflare.records import Failed
 
@@ -102,6 +102,18 @@ class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
         return BufferState(list(st.items), st.since, st.flushes, st.run)
 
 
+class _Done(DynamicSink[Any]):
+    """The end of a destination that writes in a step of its own: drops what it gets."""
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DonePartition:
+        return _DonePartition()
+
+
+class _DonePartition(StatelessSinkPartition[Any]):
+    def write_batch(self, items: list[Any]) -> None:
+        pass
+
+
 class _Once(DynamicSource[list[Any]]):
     """One empty batch per worker: it starts the buffer of a run that gets no record."""
 
@@ -144,22 +156,27 @@ def buffered_output(
     up: Stream[list[Any]],
     prepare: Callable[[list[Any]], tuple[list[Any], list[Failed]]],
     batch: Any,
-    sink: Sink[Any],
-    keyed: bool = False,
+    sink: Sink[Any] | None = None,
+    write: Callable[[Stream[Flush]], Stream[list[Failed]]] | None = None,
     always: bool = False,
 ) -> Stream[list[Failed]]:
     """The output of a batching destination; returns the records it rejected.
 
     ``prepare`` turns each incoming batch into writable items and rejects; the items are
     regrouped per the ``batch`` settings (``size``, ``flush_interval``) and written by
-    ``sink`` (as ``("0", flush)`` pairs when ``keyed``, for a one-partition sink);
-    ``always``: one empty flush when the run writes nothing.
+    ``sink``, or by the steps ``write`` adds, which return the records the destination
+    refused; ``always``: one empty flush when the run writes nothing.
     """
     prepared = op.map("prepare", up, prepare)
     items = op.filter_map("items", prepared, lambda p: p[0] or None)
     flushed: Stream[Any] = buffer("batch", items, batch.size, batch.flush_interval, always)
-    if keyed:
-        flushed = op.map("writer", flushed, lambda flush: ("0", flush))
+    rejected = op.filter_map("errors", prepared, lambda p: p[1] or None)
+    if write is not None:
+        refused = write(flushed)
+        # bytewax runs a dataflow until its outputs are done: the write steps end in one.
+        op.output("done", refused, _Done())
+        return op.merge("failed", rejected, refused)
+    assert sink is not None
     op.output("write", flushed, sink)
-    return op.filter_map("errors", prepared, lambda p: p[1] or None)
+    return rejected
 

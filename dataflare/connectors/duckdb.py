@@ -66,10 +66,14 @@ class DuckDBDialect(Dialect):
 
     def __init__(self, path: Path, cfg: DuckDBDestinationConfig) -> None:
         import duckdb
+        import pyarrow as pa
 
         self.path = path
         self.cfg = cfg
         self.transient = (duckdb.IOException, duckdb.ConnectionException)
+        # Values that do not fit their columns: in the Arrow staging or in DuckDB.
+        self.refusals = (duckdb.DataError, duckdb.IntegrityError, pa.ArrowInvalid,
+                         pa.ArrowTypeError)
         self.conn: Any = None
         self.schema = cfg.schema_
         self.table = cfg.table

@@ -102,6 +102,7 @@ class PostgresDialect(Dialect):
 
         self.cfg = cfg
         self.transient = (psycopg.OperationalError, psycopg.InterfaceError)
+        self.refusals = (psycopg.DataError, psycopg.IntegrityError)  # SQLSTATE 22, 23
         self.conn: Any = None
         self.schema = cfg.schema_
         self.table = cfg.table

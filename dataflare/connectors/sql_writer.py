@@ -32,8 +32,11 @@ A write is one transaction per flushed batch:
   generated records) are appended at-least-once. Merges are idempotent by nature.
 
 Transient failures (a lost connection) roll the transaction back, reconnect and retry the
-whole batch per the workflow's ``retry`` policy; other database errors are terminal and
-name the step.
+whole batch per the workflow's ``retry`` policy. Records whose values the database refuses
+(a value that does not fit its column, a violated constraint) fail alone: the batch is
+written in halves until they stand alone, and they follow the destination's
+``error_handling`` (skip, redirect to a dead-letter destination, or fail naming the
+record's position). Other database errors stop the run and name the step.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import Any
 
+import bytewax.operators as op
 from bytewax.dataflow import Stream
-from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from bytewax.operators import StatefulBatchLogic
 
 from dataflare.connectors.batching import Flush, buffered_output
 from dataflare.records import META, Failed, getter
@@ -94,6 +99,11 @@ class Item:
     stream: str | None
     position: int | None
     truncate: bool = False
+    meta: Any = None
+
+    def refused(self, step: str, exc: BaseException) -> Failed:
+        """The failure of this record, refused by the database with ``exc``."""
+        return Failed(step, type(exc).__name__, str(exc), self.row, self.meta or {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +167,7 @@ def prepare(
             continue
         stream, pos = position_of(meta)
         if not isinstance(meta, dict):
-            append(Item(row, False, stream, pos))
+            append(Item(row, False, stream, pos, meta=meta))
             continue
         op = meta.get("op")
         old = meta.get("old")
@@ -165,8 +175,8 @@ def prepare(
             # A changed key: the row under the old key goes (the old key has every part).
             before = {k: get(old) for k, get in keys}
             if None not in before.values() and any(before[k] != row[k] for k in merge_key):
-                append(Item(before, True, stream, pos))
-        append(Item(row, op == "delete", stream, pos))
+                append(Item(before, True, stream, pos, meta=meta))
+        append(Item(row, op == "delete", stream, pos, meta=meta))
     return items, errs
 
 
@@ -218,7 +228,8 @@ def fold_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
         elif slot[1] is None:
             slot[1] = it
         else:
-            slot[1] = Item({**slot[1].row, **it.row}, False, it.stream, it.position)
+            slot[1] = Item({**slot[1].row, **it.row}, False, it.stream, it.position,
+                           meta=it.meta)
     return [it for slot in folded.values() for it in slot if it is not None]
 
 
@@ -231,6 +242,9 @@ class Dialect(ABC):
     """One database: connection, catalog, and the statements of a write."""
 
     transient: tuple[type[BaseException], ...] = ()
+    """Errors worth a retry (a lost connection)."""
+    refusals: tuple[type[BaseException], ...] = ()
+    """Errors a record's values cause (bad value, constraint): the record fails alone."""
     sql_types: dict[str, str] = {}
     """The column type of each logical type."""
     conn: Any
@@ -337,48 +351,64 @@ class TableWriter:
             self.connected = True
 
     # -- writes -------------------------------------------------------------------
-    def write(self, items: list[Item], first: bool, run: str = "") -> int:
+    def write(self, items: list[Item], first: bool, run: str = "") -> tuple[int, list[Failed]]:
         """Write one flushed batch in one transaction (retrying transient failures).
 
         ``first`` marks the run's first flush (``overwrite`` empties the table then);
-        ``run`` is the run's id, which scopes the skipping of replayed appends.
+        ``run`` is the run's id, which scopes the skipping of replayed appends. When the
+        database refuses a record's values, the batch is written in halves until the
+        records it refuses stand alone: those come back as failures, the rest is written.
+        Returns how many records were written, and the failures.
         """
         if not items and not (first and self.mode == "overwrite"):
-            return 0
-        what = f"step {self.step!r}: write to {self.db.describe()}"
-        return call_with_retry(
-            what,
-            lambda: self._write_once(items, first, run),
-            self.retry,
-            transient=self.db.transient,
-            on_retry=self._reconnect,
-        )
-
-    def _write_once(self, items: list[Item], first: bool, run: str) -> int:
-        self._ensure_connected()
-        truncate = False
+            return 0, []
+        empty = first and self.mode == "overwrite"
         if any(it.truncate for it in items):
             # A CDC TRUNCATE empties a merged mirror: only what follows the last one counts.
             # Append and overwrite keep what they wrote (the source's truncate is not data).
             last = max(i for i, it in enumerate(items) if it.truncate)
-            truncate = self.mode == "merge"
-            items = [it for it in (items[last + 1:] if truncate else items) if not it.truncate]
+            empty = empty or self.mode == "merge"
+            items = [it for it in (items[last + 1:] if self.mode == "merge" else items)
+                     if not it.truncate]
         if self.mode == "merge":
             items = fold_per_key(items, self.key)
         elif self.deduplicate and self.key:
             items = last_per_key(items, self.key)
+        return self._write_or_split(items, empty, run)
+
+    def _write_or_split(
+        self, items: list[Item], empty: bool, run: str
+    ) -> tuple[int, list[Failed]]:
+        what = f"step {self.step!r}: write to {self.db.describe()}"
+        try:
+            written = call_with_retry(what, lambda: self._commit(items, empty, run),
+                                      self.retry, transient=self.db.transient,
+                                      on_retry=self._reconnect)
+        except _Refused as exc:
+            if len(items) == 1:
+                return 0, [items[0].refused(self.step, exc.__cause__ or exc)]
+            if not items:
+                raise
+            mid = len(items) // 2
+            n1, failed1 = self._write_or_split(items[:mid], empty, run)
+            emptied = len(failed1) < mid  # a part of the first half was written
+            n2, failed2 = self._write_or_split(items[mid:], empty and not emptied, run)
+            return n1 + n2, failed1 + failed2
+        return written, []
+
+    def _commit(self, items: list[Item], empty: bool, run: str) -> int:
+        """One transaction: shape the table, empty it when ``empty``, write ``items``."""
+        self._ensure_connected()
         changed: dict[str, Mark] = {}
         try:
             with self.db.transaction():
                 if not self._shape(items):
                     return 0  # no table yet, and nothing to write: emptying it is moot
-                if truncate:
+                if empty:
                     self.db.truncate()
                 if self.mode == "merge":
                     written = self._merge(items)
                 else:
-                    if first and self.mode == "overwrite":
-                        self.db.truncate()
                     written, changed = self._append(items, run)
             if changed:  # committed: the marks and live streams may move on
                 assert self.marks is not None
@@ -389,6 +419,8 @@ class TableWriter:
         except Exception as exc:
             self.cols = None
             self.marks = None
+            if isinstance(exc, self.db.refusals):
+                raise _Refused(str(exc)) from exc
             msg = (
                 f"step {self.step!r}: writing {len(items)} record(s) to {self.db.describe()} "
                 f"failed: {type(exc).__name__}: {exc}"
@@ -527,57 +559,66 @@ def iter_rows(columns: list[str], rows: list[dict[str, Any]],
         yield values
 
 
-class _TableSinkPartition(StatefulSinkPartition[Flush, None]):
+class _Refused(Exception):
+    """The database refused a record's values (see ``Dialect.refusals``)."""
+
+
+class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
     """Writes flushes on a thread of its own, one at a time and in order.
 
     While the database works on one flush, the dataflow prepares the next. A snapshot
     waits for the write in flight, so every flush of a snapshotted epoch is committed;
-    a failed write raises at the next flush or snapshot.
+    the records the database refused are emitted (or kept in the snapshot until they
+    are). A failed write raises at the next flush, notification or snapshot.
     """
 
-    def __init__(self, writer: TableWriter) -> None:
+    def __init__(self, writer: TableWriter, refused: list[Failed] | None) -> None:
         self.writer = writer
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"dataflare-{writer.step}")
-        self.pending: Future[int] | None = None
+        self.pending: Future[tuple[int, list[Failed]]] | None = None
+        self.refused: list[Failed] = list(refused or [])
 
-    def _wait(self) -> None:
-        fut, self.pending = self.pending, None
-        if fut is not None:
-            fut.result()
+    def _collect(self, wait: bool) -> None:
+        fut = self.pending
+        if fut is not None and (wait or fut.done()):
+            self.pending = None
+            self.refused.extend(fut.result()[1])
 
-    def write_batch(self, values: list[Flush]) -> None:
+    def _emit(self) -> list[list[Failed]]:
+        out, self.refused = self.refused, []
+        return [out] if out else []
+
+    def on_batch(self, values: list[Flush]) -> tuple[list[list[Failed]], bool]:
         for flush in values:
-            self._wait()
+            self._collect(wait=True)
             self.pending = self.pool.submit(
                 self.writer.write, flush.items, flush.seq == 0, flush.run
             )
+        return self._emit(), False
 
-    def snapshot(self) -> None:
-        self._wait()
+    def on_notify(self) -> tuple[list[list[Failed]], bool]:
+        self._collect(wait=False)
+        return self._emit(), False
 
-    def close(self) -> None:
+    def notify_at(self) -> datetime | None:
+        if self.refused:
+            return datetime.now(UTC)
+        return None if self.pending is None else datetime.now(UTC) + _POLL
+
+    def on_eof(self) -> tuple[list[list[Failed]], bool]:
         try:
-            self._wait()
+            self._collect(wait=True)
         finally:
             self.pool.shutdown()
             self.writer.close()
+        return self._emit(), True
+
+    def snapshot(self) -> list[Failed]:
+        self._collect(wait=True)
+        return list(self.refused)
 
 
-class TableSink(FixedPartitionedSink[Flush, None]):
-    """A bytewax sink writing flushed batches with one :class:`TableWriter`."""
-
-    def __init__(self, make_writer: Callable[[], TableWriter]) -> None:
-        self.make_writer = make_writer
-
-    def list_parts(self) -> list[str]:
-        """One partition: one writer per destination."""
-        return ["0"]
-
-    def build_part(
-        self, step_id: str, for_part: str, resume_state: None
-    ) -> _TableSinkPartition:
-        """The writer (it connects on its first write)."""
-        return _TableSinkPartition(self.make_writer())
+_POLL = timedelta(milliseconds=200)
 
 
 def table_output(
@@ -588,9 +629,17 @@ def table_output(
     batch: Any,
     make_writer: Callable[[], TableWriter],
 ) -> Stream[list[Failed]]:
-    """Prepare records, buffer them per ``batch`` settings and write them; return rejects."""
+    """Prepare, buffer and write records; return those rejected or refused."""
+
+    def write(flushed: Stream[Flush]) -> Stream[list[Failed]]:
+        keyed = op.key_on("writer", flushed, lambda _flush: "0")  # one writer
+        refused = op.stateful_batch(
+            "write", keyed, lambda state: _WriteLogic(make_writer(), state)
+        )
+        return op.map("refused", refused, lambda kv: kv[1])
+
     return buffered_output("write", up, lambda b: prepare(b, name, merge_key), batch,
-                           TableSink(make_writer), keyed=True, always=mode == "overwrite")
+                           write=write, always=mode == "overwrite")
 
 
 def write_settings(ctx: Any) -> tuple[str, tuple[str, ...], bool]:

@@ -161,7 +161,7 @@ def test_a_resumed_run_skips_what_it_wrote_before_the_crash(pg_schema: Any) -> N
     first.close()  # the crash; bytewax resumes run-1 from an older snapshot:
     resumed = pg_writer(pg_schema)
     replay = positioned(5, 14) + positioned(2, 6, 1) + [{"id": "no-position"}]
-    assert resumed.write(prepare(replay, "w", ())[0], False, "run-1") == 4 + 2 + 1
+    assert resumed.write(prepare(replay, "w", ())[0], False, "run-1") == (4 + 2 + 1, [])
     resumed.close()
     ids = [r[0] for r in pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders')]
     assert len(ids) == 14 + 6 + 1 == len(set(ids))
@@ -170,7 +170,7 @@ def test_a_resumed_run_skips_what_it_wrote_before_the_crash(pg_schema: Any) -> N
     assert marks == [("kafka:t/0", "run-1", 13, True), ("kafka:t/1", "run-1", 5, True)]
     # A fresh run (no recovery state, a new run id) writes everything again.
     fresh = pg_writer(pg_schema)
-    assert fresh.write(prepare(positioned(0, 3), "w", ())[0], True, "run-2") == 3
+    assert fresh.write(prepare(positioned(0, 3), "w", ())[0], True, "run-2") == (3, [])
     fresh.close()
 
 
@@ -180,10 +180,10 @@ def test_out_of_order_positions_fall_back_to_at_least_once(pg_schema: Any) -> No
     odds = [r for r in positioned(0, 10) if int(r["id"][2:]) % 2 == 1]
     writer.write(prepare(evens, "w", ())[0], True, "run-1")
     # Two routes merged again: the odd offsets arrive after the even ones; none is lost.
-    assert writer.write(prepare(odds, "w", ())[0], False, "run-1") == 5
+    assert writer.write(prepare(odds, "w", ())[0], False, "run-1") == (5, [])
     writer.close()
     resumed = pg_writer(pg_schema)  # after a restart the stream is no longer filtered
-    assert resumed.write(prepare(positioned(9, 11), "w", ())[0], False, "run-1") == 2
+    assert resumed.write(prepare(positioned(9, 11), "w", ())[0], False, "run-1") == (2, [])
     resumed.close()
     assert pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".orders') == [(12,)]
     assert pg_schema.rows(f'SELECT ordered FROM "{pg_schema.schema}"._dataflare_positions') \
@@ -206,13 +206,30 @@ def test_reconnects_after_the_backend_is_killed(pg_schema: Any) -> None:
     assert rows == [(0, "a"), (1, "a"), (2, "b"), (3, "b"), (4, "b")]
 
 
-def test_a_bad_value_is_a_terminal_error_naming_the_step(pg_schema: Any) -> None:
+def test_records_the_database_refuses_fail_alone_and_the_rest_is_written(
+    pg_schema: Any,
+) -> None:
     ctx = ctx_for(pg_schema, step="dw")
-    run(ctx, [[{"id": 1}]])
+    run(ctx, [[{"id": 1, "v": "a"}]])
+    bad = [{"id": "not a number", "_meta": {"topic": "t", "partition": 0, "offset": 3}},
+           {"id": 5, "v": "nul \x00 byte", "_meta": {"file": "in.jsonl", "line": 9}}]
+    good = [{"id": i, "v": "ok"} for i in range(2, 5)]
+    errors = run(ctx, [[good[0], bad[0], *good[1:], bad[1]]])
+    assert [(e.step, e.type, e.position()) for e in errors] == [
+        ("dw", "InvalidTextRepresentation", "t[0]@3"), ("dw", "DataError", "in.jsonl:9")]
+    assert "not a number" in errors[0].message and errors[0].record == {"id": "not a number"}
+    rows = pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders ORDER BY id')
+    assert rows == [(1,), (2,), (3,), (4,)]
+
+
+def test_a_step_level_write_error_stops_the_run_naming_the_step(pg_schema: Any) -> None:
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE VIEW "{pg_schema.schema}".v AS SELECT 1 AS id')
+    ctx = ctx_for(pg_schema, "v", step="dw")  # a view takes no COPY: not the records' fault
     with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
-        run(ctx, [[{"id": "not a number"}]])
+        run(ctx, [[{"id": 1}]])
     text = str(info.value.__cause__)
-    assert "step 'dw'" in text and "orders" in text
+    assert "step 'dw'" in text and ".v failed" in text
 
 
 def test_two_workers_write_every_record_once(pg_schema: Any) -> None:
@@ -448,3 +465,32 @@ def test_a_missing_schema_is_created(pg_schema: Any) -> None:
     finally:
         with pg_schema.connect() as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def test_refused_records_follow_the_destination_error_policy(pg_schema: Any,
+                                                             tmp_path: Path) -> None:
+    from tests.fixtures.workflows import read_jsonl, run_cli
+
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".t (id bigint)')
+    (tmp_path / "in.jsonl").write_text('{"id": 1}\n{"id": "two"}\n{"id": 3}\n{"id": 4}\n')
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  id: refusals
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    pg:
+      type: postgres
+      inputs: [src]
+      config: {{dsn: "{pg_schema.dsn}", schema: {pg_schema.schema}, table: t}}
+      error_handling: {{strategy: redirect, redirect_to: rejects}}
+    rejects: {{type: file, config: {{path: rejects.jsonl}}}}
+""")
+    result = run_cli("run", "flow.yaml", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".t ORDER BY id') == [
+        (1,), (3,), (4,)]
+    [dead] = read_jsonl(tmp_path / "rejects.jsonl")
+    assert dead["record"] == {"id": "two"} and dead["error"]["step"] == "pg"
+    assert "invalid input syntax for type bigint" in dead["error"]["message"]
