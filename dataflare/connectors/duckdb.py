@@ -211,6 +211,9 @@ class DuckDBDialect(Dialect):
         """Insert the rows from one Arrow table."""
         self._insert(columns, rows)
 
+    def rolled_back(self) -> None:
+        """Nothing to forget: the staging data is registered per statement."""
+
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
         deletes: list[dict[str, Any]],
@@ -248,10 +251,11 @@ def build_duckdb_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream
     cfg: DuckDBDestinationConfig = ctx.config
     mode, key, dedupe = write_settings(ctx)
     retry = ctx.workflow.config.retry
+    split = ctx.component.error_handling.strategy != "fail"  # see sql_writer
     step = ctx.step_id
     path = ctx.path(cfg.path)
 
     def make_writer() -> TableWriter:
-        return TableWriter(step, DuckDBDialect(path, cfg), mode, key, dedupe, retry)
+        return TableWriter(step, DuckDBDialect(path, cfg), mode, key, dedupe, retry, split)
 
     return table_output(up, step, mode, key, ctx.component.batch, make_writer)

@@ -137,6 +137,10 @@ class PostgresDialect(Dialect):
         with self.conn.transaction():
             yield self.conn
 
+    def rolled_back(self) -> None:
+        """The staging table may have gone with the transaction."""
+        self._staged = None
+
     def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
         """CREATE SCHEMA and TABLE IF NOT EXISTS."""
         self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
@@ -287,9 +291,10 @@ def build_postgres_destination(
     cfg: PostgresDestinationConfig = ctx.config
     mode, key, dedupe = write_settings(ctx)
     retry = ctx.workflow.config.retry
+    split = ctx.component.error_handling.strategy != "fail"  # see sql_writer
     step = ctx.step_id
 
     def make_writer() -> TableWriter:
-        return TableWriter(step, PostgresDialect(cfg), mode, key, dedupe, retry)
+        return TableWriter(step, PostgresDialect(cfg), mode, key, dedupe, retry, split)
 
     return table_output(up, step, mode, key, ctx.component.batch, make_writer)

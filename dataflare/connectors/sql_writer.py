@@ -33,10 +33,10 @@ A write is one transaction per flushed batch:
 
 Transient failures (a lost connection) roll the transaction back, reconnect and retry the
 whole batch per the workflow's ``retry`` policy. Records whose values the database refuses
-(a value that does not fit its column, a violated constraint) fail alone: the batch is
-written in halves until they stand alone, and they follow the destination's
-``error_handling`` (skip, redirect to a dead-letter destination, or fail naming the
-record's position). Other database errors stop the run and name the step.
+(a value that does not fit its column, a violated constraint) fail alone when the
+destination's ``error_handling`` skips or redirects them: the batch is written in halves
+until they stand alone. With ``fail`` (the default), like other database errors, the
+batch is rolled back and the run stops naming the step: a resume writes it again.
 """
 
 from __future__ import annotations
@@ -264,6 +264,10 @@ class Dialect(ABC):
         """A transaction: committed on exit, rolled back on an exception."""
 
     @abstractmethod
+    def rolled_back(self) -> None:
+        """Forget what a rolled-back transaction created (a staging table)."""
+
+    @abstractmethod
     def columns(self) -> dict[str, str] | None:
         """Columns of the target table and their logical types; ``None`` if absent."""
 
@@ -326,8 +330,10 @@ class TableWriter:
         merge_key: tuple[str, ...],
         deduplicate: bool,
         retry: Any,
+        split_refusals: bool = True,
     ) -> None:
         self.step = step
+        self.split_refusals = split_refusals
         self.db = dialect
         self.mode = mode
         self.key = merge_key
@@ -385,6 +391,8 @@ class TableWriter:
                                       self.retry, transient=self.db.transient,
                                       on_retry=self._reconnect)
         except _Refused as exc:
+            if not self.split_refusals:  # the run stops: the batch waits for the resume
+                raise RuntimeError(str(exc)) from exc.__cause__
             if len(items) == 1:
                 return 0, [items[0].refused(self.step, exc.__cause__ or exc)]
             if not items:
@@ -419,12 +427,13 @@ class TableWriter:
         except Exception as exc:
             self.cols = None
             self.marks = None
-            if isinstance(exc, self.db.refusals):
-                raise _Refused(str(exc)) from exc
+            self.db.rolled_back()
             msg = (
                 f"step {self.step!r}: writing {len(items)} record(s) to {self.db.describe()} "
                 f"failed: {type(exc).__name__}: {exc}"
             )
+            if isinstance(exc, self.db.refusals):
+                raise _Refused(msg) from exc
             raise RuntimeError(msg) from exc
         return written
 

@@ -23,11 +23,12 @@ FAST_RETRY = models.Retry(max_attempts=3, backoff=models.Backoff(initial=0.01, m
 
 
 def ctx_for(base: Path, write_mode: dict[str, Any] | None = None,
-            batch: dict[str, Any] | None = None) -> BuildContext:
+            batch: dict[str, Any] | None = None, on_error: str = "fail") -> BuildContext:
     config = {"path": "dw/warehouse.duckdb", "table": "events"}
     component = models.Destination(type="duckdb", config=config,
                                    write_mode=models.WriteMode(**(write_mode or {})),
-                                   batch=models.BatchSettings(**(batch or {})))
+                                   batch=models.BatchSettings(**(batch or {})),
+                                   error_handling=models.ErrorHandling(strategy=on_error))
     workflow = models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY))
     return BuildContext("dw", "destination", component, DuckDBDestinationConfig(**config),
                         workflow, base)
@@ -113,7 +114,7 @@ def test_reopens_a_closed_connection_without_losing_the_batch(tmp_path: Path) ->
 
 
 def test_a_value_that_does_not_fit_its_column_fails_alone(tmp_path: Path) -> None:
-    ctx = ctx_for(tmp_path)
+    ctx = ctx_for(tmp_path, on_error="skip")
     run(ctx, [[{"id": 1}]])
     errors = run(ctx, [[{"id": 2}, {"id": "x1", "_meta": {"file": "in.jsonl", "line": 7}},
                         {"id": 3}]])

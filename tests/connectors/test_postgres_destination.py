@@ -25,12 +25,14 @@ FAST_RETRY = models.Retry(max_attempts=3, backoff=models.Backoff(initial=0.05, m
 
 
 def ctx_for(pg: Any, table: str = "orders", write_mode: dict[str, Any] | None = None,
-            batch: dict[str, Any] | None = None, step: str = "warehouse") -> BuildContext:
+            batch: dict[str, Any] | None = None, step: str = "warehouse",
+            on_error: str = "fail") -> BuildContext:
     config = {"dsn": pg.dsn, "schema": pg.schema, "table": table}
     cfg = PostgresDestinationConfig(**config)
     component = models.Destination(type="postgres", config=config,
                                    write_mode=models.WriteMode(**(write_mode or {})),
-                                   batch=models.BatchSettings(**(batch or {})))
+                                   batch=models.BatchSettings(**(batch or {})),
+                                   error_handling=models.ErrorHandling(strategy=on_error))
     workflow = models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY))
     return BuildContext(step, "destination", component, cfg, workflow, Path("."))
 
@@ -209,7 +211,7 @@ def test_reconnects_after_the_backend_is_killed(pg_schema: Any) -> None:
 def test_records_the_database_refuses_fail_alone_and_the_rest_is_written(
     pg_schema: Any,
 ) -> None:
-    ctx = ctx_for(pg_schema, step="dw")
+    ctx = ctx_for(pg_schema, step="dw", on_error="skip")
     run(ctx, [[{"id": 1, "v": "a"}]])
     bad = [{"id": "not a number", "_meta": {"topic": "t", "partition": 0, "offset": 3}},
            {"id": 5, "v": "nul \x00 byte", "_meta": {"file": "in.jsonl", "line": 9}}]
@@ -220,6 +222,18 @@ def test_records_the_database_refuses_fail_alone_and_the_rest_is_written(
     assert "not a number" in errors[0].message and errors[0].record == {"id": "not a number"}
     rows = pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders ORDER BY id')
     assert rows == [(1,), (2,), (3,), (4,)]
+
+
+def test_with_fail_a_refused_record_rolls_its_batch_back_and_stops_the_run(
+    pg_schema: Any,
+) -> None:
+    ctx = ctx_for(pg_schema, step="dw")
+    run(ctx, [[{"id": 1}]])
+    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run(ctx, [[{"id": 2}, {"id": "not a number"}, {"id": 3}]])
+    text = str(info.value.__cause__)
+    assert "step 'dw'" in text and "not a number" in text
+    assert pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders') == [(1,)]
 
 
 def test_a_step_level_write_error_stops_the_run_naming_the_step(pg_schema: Any) -> None:
