@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 from dataflare.records import RecordError, iso_utc, to_epoch_seconds
 
@@ -17,6 +20,17 @@ def _text(name: str, fn: Callable[[str], str]) -> Callable[[Any], Any]:
         return fn(value)
 
     return apply
+
+
+def _parse(text: str, kind: type[int] | type[float]) -> int | float | None:
+    """``text`` as a finite number of ``kind``, else ``None`` (``1_000`` is not one)."""
+    if "_" in text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def to_int(value: Any) -> int:
@@ -33,15 +47,13 @@ def to_int(value: Any) -> int:
         raise RecordError(msg)
     if isinstance(value, str):
         text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                num = float(text)
-            except ValueError:
+        num = _parse(text, int)
+        if num is None:
+            num = _parse(text, float)
+            if num is None:
                 msg = f"to_int: {value!r} is not a number"
-                raise RecordError(msg) from None
-            return to_int(num)
+                raise RecordError(msg)
+        return to_int(num)
     msg = f"to_int: got a {type(value).__name__} ({value!r})"
     raise RecordError(msg)
 
@@ -52,15 +64,20 @@ def to_float(value: Any) -> float:
         msg = f"to_float: got a bool ({value!r})"
         raise RecordError(msg)
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            msg = f"to_float: {value!r} is not a number"
-            raise RecordError(msg) from None
-    msg = f"to_float: got a {type(value).__name__} ({value!r})"
-    raise RecordError(msg)
+        out = float(value)
+    elif isinstance(value, str):
+        num = _parse(value.strip(), float)
+        if num is None:
+            msg = f"to_float: {value!r} is not a finite number"
+            raise RecordError(msg)
+        out = float(num)
+    else:
+        msg = f"to_float: got a {type(value).__name__} ({value!r})"
+        raise RecordError(msg)
+    if not math.isfinite(out):  # NaN and infinities have no JSON form
+        msg = f"to_float: {value!r} is not a finite number"
+        raise RecordError(msg)
+    return out
 
 
 _TRUE = {"true", "yes", "y", "1", "on", "t"}
@@ -84,15 +101,23 @@ def to_bool(value: Any) -> bool:
 
 
 def to_string(value: Any) -> str:
-    """Text of a value (``true``/``false`` for booleans)."""
+    """Text of a value (``true``/``false`` for booleans, JSON for objects and lists)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return orjson.dumps(value, default=str).decode()
     return str(value)
 
 
 def to_timestamp(value: Any) -> str:
     """ISO-8601 UTC text of an ISO-8601 string or epoch seconds."""
-    return iso_utc(to_epoch_seconds(value))
+    seconds = to_epoch_seconds(value)
+    try:
+        return iso_utc(seconds)
+    except (ValueError, OverflowError, OSError):
+        msg = (f"to_timestamp: {value!r} is out of range as epoch seconds (epoch "
+               "milliseconds need dividing by 1000, e.g. an expression 'ts / 1000')")
+        raise RecordError(msg) from None
 
 
 def _digest(name: str) -> Callable[[Any], str]:

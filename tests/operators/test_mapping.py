@@ -38,7 +38,7 @@ def test_keep_unmapped_copies_instead_of_mutating_shared_records():
     ("to_string", True, "true"), ("to_bool", "Yes", True), ("to_bool", 0, False),
     ("to_timestamp", 0, "1970-01-01T00:00:00Z"),
     ("to_timestamp", "2024-05-01T12:00:00+02:00", "2024-05-01T10:00:00Z"),
-    ("uppercase", "ab", "AB"),
+    ("uppercase", "ab", "AB"), ("to_string", {"a": [1, "x"]}, '{"a":[1,"x"]}'),
     ("sha256", "a", "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"),
 ])
 def test_transforms(name, value, expected):
@@ -48,6 +48,8 @@ def test_transforms(name, value, expected):
 @pytest.mark.parametrize(("name", "value"), [
     ("to_int", "1.5"), ("to_int", "x"), ("to_int", True), ("to_float", "x"),
     ("to_bool", "maybe"), ("trim", 5), ("to_timestamp", "yesterday"),
+    ("to_int", "1_000"), ("to_float", "1_000"), ("to_float", "NaN"), ("to_float", "inf"),
+    ("to_float", float("nan")), ("to_timestamp", 1_700_000_000_000_000),
 ])
 def test_bad_values_are_record_errors(name, value):
     with pytest.raises(RecordError):
