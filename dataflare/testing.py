@@ -64,12 +64,6 @@ def run_workflow_tests(paths: Iterable[str]) -> int:
             print(f"{path}: no tests")
             continue
         for case in v.tests:
-            unknown = [s for s in case.inputs if v.workflow and s not in v.workflow.sources]
-            unknown += [d for d in case.expect if v.workflow and d not in v.workflow.destinations]
-            if unknown:
-                print(f"FAIL {path}: {case.name}: unknown component(s): {', '.join(unknown)}")
-                failures += 1
-                continue
             try:
                 outputs = run_case(v, case)
             except Exception as exc:  # noqa: BLE001 - a failing test, reported

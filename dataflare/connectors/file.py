@@ -30,7 +30,7 @@ import orjson
 from bytewax.dataflow import Stream
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dataflare.config import Strict
 from dataflare.connectors.schema import discoverer, infer_schema, json_value
@@ -51,7 +51,21 @@ class CsvOptions(Strict):
     )
 
 
-class FileSourceConfig(Strict):
+class _FileConfig(Strict):
+    path: str
+    format: str | None
+
+    @model_validator(mode="after")
+    def _format_known(self) -> _FileConfig:
+        unset = "${" in self.path  # a variable validate was not given: checked by run
+        if self.format is None and not unset and _extension_format(self.path) is None:
+            known = ", ".join(sorted(set(_EXTENSIONS.values())))
+            msg = f"cannot tell the format of {self.path!r}: set 'format' ({known})"
+            raise ValueError(msg)
+        return self
+
+
+class FileSourceConfig(_FileConfig):
     """Settings of a ``file`` source."""
 
     path: str = Field(description="File path or glob, relative to the workflow file.")
@@ -63,7 +77,7 @@ class FileSourceConfig(Strict):
     )
 
 
-class FileDestinationConfig(Strict):
+class FileDestinationConfig(_FileConfig):
     """Settings of a ``file`` destination."""
 
     path: str = Field(description="Output file, relative to the workflow file.")
@@ -75,11 +89,15 @@ class FileDestinationConfig(Strict):
     )
 
 
+def _extension_format(path: str) -> str | None:
+    return _EXTENSIONS.get(Path(path.replace("*", "x")).suffix.lower())
+
+
 def file_format(path: str, given: str | None, step: str) -> str:
     """The format of a file: the configured one, else read from its extension."""
     if given:
         return given
-    fmt = _EXTENSIONS.get(Path(path.replace("*", "x")).suffix.lower())
+    fmt = _extension_format(path)
     if fmt is None:
         msg = f"step {step!r}: cannot tell the format of {path!r}; set 'format'"
         raise ValueError(msg)

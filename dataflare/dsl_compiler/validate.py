@@ -128,11 +128,31 @@ def validate_text(
 
     out.graph, graph_problems = graph_checks.check(doc, wf, configs)
     out.problems.extend(graph_problems)
+    out.problems.extend(_test_problems(doc, wf))
 
     if generic is not None and not any(p.severity == "error" for p in out.problems):
         out.workflow = _with_configs(generic.workflow, configs)
         out.tests = [*generic.tests, *generic.workflow.tests]
     return _finish(out)
+
+
+def _test_problems(doc: Document, wf: dict[str, Any]) -> list[Problem]:
+    """Tests whose inputs name no source, or whose expectations name no destination."""
+    out = []
+    roots: list[tuple[Loc, Any]] = [(("tests",), doc.data.get("tests")),
+                                    (("workflow", "tests"), wf.get("tests"))]
+    for root, cases in roots:
+        for i, case in enumerate(cases if isinstance(cases, list) else []):
+            if not isinstance(case, dict):
+                continue
+            for part, section in (("inputs", "sources"), ("expect", "destinations")):
+                known = list(wf.get(section) or {}) if isinstance(wf.get(section), dict) else []
+                names = case.get(part)
+                for name in names if isinstance(names, dict) else {}:
+                    if name not in known:
+                        message = f"no {section[:-1]} named {name!r}{did_you_mean(name, known)}"
+                        out.append(doc.problem((*root, i, part, name), message, key=True))
+    return out
 
 
 def _finish(out: Validated) -> Validated:

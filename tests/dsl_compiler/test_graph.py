@@ -80,3 +80,24 @@ workflow:
     assert not v.errors()
     advice = [p.path for p in v.problems if "join without 'window'" in p.message]
     assert advice == ["transformations.j.config"]
+
+
+def test_tests_name_sources_and_destinations_and_files_have_a_format():
+    text = """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.txt}}
+  destinations:
+    out: {type: stdout, inputs: [src]}
+tests:
+  - name: t
+    inputs: {srcx: []}
+    expect: {out: [], o9: []}
+"""
+    got = {(p.line, p.path, p.message) for p in validate_text(text, "t.yaml").errors()}
+    assert got == {
+        (3, "sources.src.config",
+         "cannot tell the format of 'in.txt': set 'format' (csv, json, jsonl, parquet)"),
+        (8, "tests[0].inputs.srcx", "no source named 'srcx' (did you mean 'src'?)"),
+        (9, "tests[0].expect.o9", "no destination named 'o9'"),
+    }
