@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
@@ -102,6 +103,74 @@ class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
         return BufferState(list(st.items), st.since, st.flushes, st.run)
 
 
+class Writer(Protocol):
+    """What a write step drives: one flush at a time, in order."""
+
+    step: str
+
+    def write_flush(self, flush: Flush) -> list[Failed]:
+        """Write ``flush``; the records the destination refused."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
+    """Writes flushes on a thread of its own, one at a time and in order.
+
+    While the destination works on one flush, the dataflow prepares the next. A snapshot
+    waits for the write in flight, so every flush of a snapshotted epoch is written; the
+    records the destination refused are emitted (or kept in the snapshot until they
+    are). A failed write raises at the next flush, notification or snapshot.
+    """
+
+    def __init__(self, writer: Writer, refused: list[Failed] | None) -> None:
+        self.writer = writer
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"dataflare-{writer.step}")
+        self.pending: Future[list[Failed]] | None = None
+        self.refused: list[Failed] = list(refused or [])
+
+    def _collect(self, wait: bool) -> None:
+        fut = self.pending
+        if fut is not None and (wait or fut.done()):
+            self.pending = None
+            self.refused.extend(fut.result())
+
+    def _emit(self) -> list[list[Failed]]:
+        out, self.refused = self.refused, []
+        return [out] if out else []
+
+    def on_batch(self, values: list[Flush]) -> tuple[list[list[Failed]], bool]:
+        for flush in values:
+            self._collect(wait=True)
+            self.pending = self.pool.submit(self.writer.write_flush, flush)
+        return self._emit(), False
+
+    def on_notify(self) -> tuple[list[list[Failed]], bool]:
+        self._collect(wait=False)
+        return self._emit(), False
+
+    def notify_at(self) -> datetime | None:
+        if self.refused:
+            return datetime.now(UTC)
+        return None if self.pending is None else datetime.now(UTC) + _POLL
+
+    def on_eof(self) -> tuple[list[list[Failed]], bool]:
+        try:
+            self._collect(wait=True)
+        finally:
+            self.pool.shutdown()
+            self.writer.close()
+        return self._emit(), True
+
+    def snapshot(self) -> list[Failed]:
+        self._collect(wait=True)
+        return list(self.refused)
+
+
+_POLL = timedelta(milliseconds=200)
+
+
 class _Done(DynamicSink[Any]):
     """The end of a destination that writes in a step of its own: drops what it gets."""
 
@@ -157,23 +226,26 @@ def buffered_output(
     prepare: Callable[[list[Any]], tuple[list[Any], list[Failed]]],
     batch: Any,
     sink: Sink[Any] | None = None,
-    write: Callable[[Stream[Flush]], Stream[list[Failed]]] | None = None,
+    writer: Callable[[], Writer] | None = None,
     always: bool = False,
 ) -> Stream[list[Failed]]:
     """The output of a batching destination; returns the records it rejected.
 
     ``prepare`` turns each incoming batch into writable items and rejects; the items are
     regrouped per the ``batch`` settings (``size``, ``flush_interval``) and written by
-    ``sink``, or by the steps ``write`` adds, which return the records the destination
-    refused; ``always``: one empty flush when the run writes nothing.
+    ``sink``, or by a write step with the :class:`Writer` ``writer`` makes, which also
+    returns the records the destination refused; ``always``: one empty flush when the run
+    writes nothing.
     """
     prepared = op.map("prepare", up, prepare)
     items = op.filter_map("items", prepared, lambda p: p[0] or None)
     flushed: Stream[Any] = buffer("batch", items, batch.size, batch.flush_interval, always)
     rejected = op.filter_map("errors", prepared, lambda p: p[1] or None)
-    if write is not None:
-        refused = write(flushed)
-        # bytewax runs a dataflow until its outputs are done: the write steps end in one.
+    if writer is not None:
+        keyed = op.key_on("writer", flushed, lambda _flush: "0")  # one writer
+        written = op.stateful_batch("write", keyed, lambda state: _WriteLogic(writer(), state))
+        refused = op.map("refused", written, lambda kv: kv[1])
+        # bytewax runs a dataflow until its outputs are done: the write step ends in one.
         op.output("done", refused, _Done())
         return op.merge("failed", rejected, refused)
     assert sink is not None

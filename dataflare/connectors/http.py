@@ -5,8 +5,9 @@ The body is ``body_template`` rendered with JSON-escaped values (so
 without ``_meta``. ``url`` may hold ``{{path}}`` placeholders too (values URL-escaped).
 
 Answers 429 and 5xx and network failures are transient: retried with backoff per the
-workflow's ``retry`` policy, honouring ``Retry-After``. Other 4xx answers are terminal:
-the run stops with the step, the status, the answer and the record's position. Requests
+workflow's ``retry`` policy, honouring ``Retry-After``; when the retries run out the run
+stops, naming the step and the record's position. Other 4xx answers refuse the record:
+it follows the destination's ``error_handling`` (with the answer as its error). Requests
 are sent again when bytewax replays after a crash, so delivery is **at-least-once**;
 receivers that must not act twice can deduplicate on a key sent in the body or in a
 header such as ``Idempotency-Key: {{id}}`` (header values are templates too).
@@ -23,7 +24,6 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from bytewax.dataflow import Stream
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from pydantic import Field
 
 from dataflare.config import Duration, Strict
@@ -57,6 +57,14 @@ class HttpDestinationConfig(Strict):
 
 Request = tuple[str, dict[str, str], bytes, dict[str, Any]]
 """``(url, headers, body, position)`` of one record."""
+
+
+def _body_record(body: bytes) -> Any:
+    """The record a request carried: its JSON body, else its text."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -131,7 +139,17 @@ class _Requests:
         return out, errs
 
 
-class _HttpWriter(StatelessSinkPartition[Flush]):
+class _Refused(Exception):
+    """The endpoint refused a request (a 4xx answer other than 408 and 429)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _HttpWriter:
+    """Sends the requests of each flush (see :class:`dataflare.connectors.batching.Writer`)."""
+
     def __init__(self, step: str, cfg: HttpDestinationConfig, retry: Any) -> None:
         self.step = step
         self.cfg = cfg
@@ -155,56 +173,43 @@ class _HttpWriter(StatelessSinkPartition[Flush]):
         if status == 429 or status >= 500 or status == 408:
             msg = f"{self.cfg.method} {url} answered {status}: {text}"
             raise TransientError(msg, retry_after_seconds(resp.headers.get("retry-after")))
-        msg = (
-            f"step {self.step!r}: {self.cfg.method} {url} answered {status}: {text!r} "
-            f"(record at {describe_position(meta)})"
-        )
-        raise RuntimeError(msg)
+        msg = f"{self.cfg.method} {url} answered {status}: {text!r}"
+        raise _Refused(msg, status)
 
-    def _send(self, req: Request) -> None:
+    def _send(self, req: Request) -> Failed | None:
         what = f"step {self.step!r}: {self.cfg.method} {req[0]}"
         try:
             call_with_retry(what, partial(self._send_once, req), self.retry)
+        except _Refused as exc:
+            record = _body_record(req[2])
+            return Failed(self.step, f"HTTP {exc.status}", str(exc), record, req[3])
         except TransientError as exc:
             msg = (
                 f"step {self.step!r}: giving up after {self.retry.max_attempts} attempt(s): "
                 f"{exc} (record at {describe_position(req[3])})"
             )
             raise RuntimeError(msg) from exc
+        return None
 
-    def write_batch(self, items: list[Flush]) -> None:
+    def write_flush(self, flush: Flush) -> list[Failed]:
+        """Send a flush's requests; the records the endpoint refused."""
         import httpx
 
         if self.client is None:
             self.client = httpx.Client(timeout=self.cfg.timeout)
-        for flush in items:
-            if self.cfg.concurrency > 1:
-                if self.pool is None:
-                    self.pool = ThreadPoolExecutor(self.cfg.concurrency)
-                for _ in self.pool.map(self._send, flush.items):
-                    pass
-            else:
-                for req in flush.items:
-                    self._send(req)
+        if self.cfg.concurrency > 1:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(self.cfg.concurrency)
+            results = list(self.pool.map(self._send, flush.items))
+        else:
+            results = [self._send(req) for req in flush.items]
+        return [f for f in results if f is not None]
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
         if self.client is not None:
             self.client.close()
-
-
-class HttpSink(DynamicSink[Flush]):
-    """Requests of flushed batches, one per record."""
-
-    def __init__(self, step: str, cfg: HttpDestinationConfig, retry: Any) -> None:
-        self.step = step
-        self.cfg = cfg
-        self.retry = retry
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _HttpWriter:
-        """A client for this worker."""
-        return _HttpWriter(self.step, self.cfg, self.retry)
 
 
 @destination(
@@ -215,5 +220,6 @@ class HttpSink(DynamicSink[Flush]):
 def build_http_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of an ``http`` destination (scoped under its id)."""
     requests = _Requests(ctx.step_id, ctx.config)
-    sink = HttpSink(ctx.step_id, ctx.config, ctx.workflow.config.retry)
-    return buffered_output("send", up, requests.prepare, ctx.component.batch, sink)
+    retry = ctx.workflow.config.retry
+    return buffered_output("send", up, requests.prepare, ctx.component.batch,
+                           writer=lambda: _HttpWriter(ctx.step_id, ctx.config, retry))

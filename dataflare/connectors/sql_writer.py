@@ -44,16 +44,12 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import Any
 
-import bytewax.operators as op
 from bytewax.dataflow import Stream
-from bytewax.operators import StatefulBatchLogic
 
 from dataflare.connectors.batching import Flush, buffered_output
 from dataflare.records import META, Failed, getter
@@ -542,6 +538,10 @@ class TableWriter:
     def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
         return list(dict.fromkeys(chain.from_iterable(rows)))
 
+    def write_flush(self, flush: Flush) -> list[Failed]:
+        """Write a flush of the buffer; the records the database refused."""
+        return self.write(flush.items, flush.seq == 0, flush.run)[1]
+
     def close(self) -> None:
         """Close the connection."""
         self.db.close()
@@ -572,64 +572,6 @@ class _Refused(Exception):
     """The database refused a record's values (see ``Dialect.refusals``)."""
 
 
-class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
-    """Writes flushes on a thread of its own, one at a time and in order.
-
-    While the database works on one flush, the dataflow prepares the next. A snapshot
-    waits for the write in flight, so every flush of a snapshotted epoch is committed;
-    the records the database refused are emitted (or kept in the snapshot until they
-    are). A failed write raises at the next flush, notification or snapshot.
-    """
-
-    def __init__(self, writer: TableWriter, refused: list[Failed] | None) -> None:
-        self.writer = writer
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"dataflare-{writer.step}")
-        self.pending: Future[tuple[int, list[Failed]]] | None = None
-        self.refused: list[Failed] = list(refused or [])
-
-    def _collect(self, wait: bool) -> None:
-        fut = self.pending
-        if fut is not None and (wait or fut.done()):
-            self.pending = None
-            self.refused.extend(fut.result()[1])
-
-    def _emit(self) -> list[list[Failed]]:
-        out, self.refused = self.refused, []
-        return [out] if out else []
-
-    def on_batch(self, values: list[Flush]) -> tuple[list[list[Failed]], bool]:
-        for flush in values:
-            self._collect(wait=True)
-            self.pending = self.pool.submit(
-                self.writer.write, flush.items, flush.seq == 0, flush.run
-            )
-        return self._emit(), False
-
-    def on_notify(self) -> tuple[list[list[Failed]], bool]:
-        self._collect(wait=False)
-        return self._emit(), False
-
-    def notify_at(self) -> datetime | None:
-        if self.refused:
-            return datetime.now(UTC)
-        return None if self.pending is None else datetime.now(UTC) + _POLL
-
-    def on_eof(self) -> tuple[list[list[Failed]], bool]:
-        try:
-            self._collect(wait=True)
-        finally:
-            self.pool.shutdown()
-            self.writer.close()
-        return self._emit(), True
-
-    def snapshot(self) -> list[Failed]:
-        self._collect(wait=True)
-        return list(self.refused)
-
-
-_POLL = timedelta(milliseconds=200)
-
-
 def table_output(
     up: Stream[list[Any]],
     name: str,
@@ -639,16 +581,8 @@ def table_output(
     make_writer: Callable[[], TableWriter],
 ) -> Stream[list[Failed]]:
     """Prepare, buffer and write records; return those rejected or refused."""
-
-    def write(flushed: Stream[Flush]) -> Stream[list[Failed]]:
-        keyed = op.key_on("writer", flushed, lambda _flush: "0")  # one writer
-        refused = op.stateful_batch(
-            "write", keyed, lambda state: _WriteLogic(make_writer(), state)
-        )
-        return op.map("refused", refused, lambda kv: kv[1])
-
     return buffered_output("write", up, lambda b: prepare(b, name, merge_key), batch,
-                           write=write, always=mode == "overwrite")
+                           writer=make_writer, always=mode == "overwrite")
 
 
 def write_settings(ctx: Any) -> tuple[str, tuple[str, ...], bool]:

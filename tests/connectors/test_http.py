@@ -138,11 +138,46 @@ def test_gives_up_after_the_retry_policy(receiver: Receiver) -> None:
     assert "step 'notify'" in text and "4 attempt(s)" in text and "in.jsonl:7" in text
 
 
-def test_client_errors_are_terminal(receiver: Receiver) -> None:
+def test_a_refused_request_fails_its_record_alone(receiver: Receiver) -> None:
     receiver.faults.append((400, None))
-    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
-        run([[{"id": 1}]], url=receiver.url)
-    assert "answered 400" in str(info.value.__cause__)
+    recs = [{"id": 1, "_meta": {"file": "in.jsonl", "line": 1}}, {"id": 2}]
+    errors = run([recs], url=receiver.url)
+    assert [(e.step, e.type, e.record, e.position()) for e in errors] == [
+        ("notify", "HTTP 400", {"id": 1}, "in.jsonl:1")]
+    assert "answered 400" in errors[0].message
+    assert [json.loads(r[3]) for r in receiver.received] == [{"id": 2}]
+
+
+def test_a_refused_request_follows_the_error_policy(receiver: Receiver, tmp_path: Path) -> None:
+    from tests.fixtures.workflows import read_jsonl, run_cli
+
+    receiver.faults.append((422, None))
+    (tmp_path / "in.jsonl").write_text('{"id": 1}\n{"id": 2}\n')
+    flow = """\
+workflow:
+  id: hooks
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    hook:
+      type: http
+      inputs: [src]
+      config: {{url: "{url}"}}
+      error_handling: {{strategy: {strategy}}}
+    dead: {{type: file, config: {{path: dead.jsonl}}}}
+"""
+    (tmp_path / "f.yaml").write_text(flow.format(url=receiver.url,
+                                                 strategy="redirect, redirect_to: dead"))
+    result = run_cli("run", "f.yaml", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    [dead] = read_jsonl(tmp_path / "dead.jsonl")
+    assert dead["record"] == {"id": 1} and "answered 422" in dead["error"]["message"]
+    receiver.faults.append((400, None))
+    failing = flow.replace("    dead: {{type: file, config: {{path: dead.jsonl}}}}\n", "")
+    (tmp_path / "f.yaml").write_text(failing.format(url=receiver.url, strategy="fail"))
+    result = run_cli("run", "f.yaml", cwd=tmp_path)
+    assert result.code == 1
+    assert "step 'hook' failed on the record at in.jsonl:1: HTTP 400" in result.stderr
 
 
 def test_unreachable_endpoint_is_retried_then_fails() -> None:
