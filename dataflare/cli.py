@@ -6,11 +6,13 @@ import _thread
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -191,7 +193,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     steps = [*wf.sources, *wf.transformations, *wf.destinations]
     live = sys.stderr.isatty() and not args.quiet
     try:
-        with _Progress(steps, list(wf.destinations), live) if not args.quiet else _nullcontext():
+        with (_Progress(steps, list(wf.destinations), live) if not args.quiet
+              else _nullcontext()), _without_worker_panics():
             cli_main(flow, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
         cause = _unwrapped(exc)
@@ -208,6 +211,49 @@ def cmd_run(args: argparse.Namespace) -> int:
         if timer is not None:
             timer.cancel()
     return 0
+
+
+_PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")
+_PANIC_TAIL = (b"Box<dyn Any>", b"note: run with `RUST_BACKTRACE=1`")
+
+
+@contextmanager
+def _without_worker_panics() -> Iterator[None]:
+    """Drop the notice bytewax's worker prints on stderr when a step raises.
+
+    The step's exception still ends the run and is printed as one ``error:`` line. With
+    ``RUST_BACKTRACE`` set, stderr is left alone.
+    """
+    if os.environ.get("RUST_BACKTRACE", "0") not in ("", "0"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    pump = threading.Thread(target=_pump, args=(read, os.dup(saved)), daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe: the pump reads to its end and stops
+        os.close(saved)
+        pump.join(timeout=5)
+
+
+def _pump(read: int, out: int) -> None:
+    """Copy stderr lines from ``read`` to ``out``, without worker panic notices."""
+    panic = False
+    with os.fdopen(read, "rb") as src, os.fdopen(out, "wb", buffering=0) as dst:
+        for line in src:
+            text = line.rstrip(b"\n")
+            if _PANIC.match(text) or (panic and text.startswith(_PANIC_TAIL)):
+                panic = True
+                continue
+            panic = False
+            dst.write(line)
 
 
 class _nullcontext:  # noqa: N801

@@ -23,14 +23,13 @@ def _text(name: str, fn: Callable[[str], str]) -> Callable[[Any], Any]:
 
 
 def _parse(text: str, kind: type[int] | type[float]) -> int | float | None:
-    """``text`` as a finite number of ``kind``, else ``None`` (``1_000`` is not one)."""
+    """``text`` as a number of ``kind``, else ``None`` (``1_000`` is not one)."""
     if "_" in text:
         return None
     try:
-        value = kind(text)
+        return kind(text)
     except ValueError:
         return None
-    return value if math.isfinite(value) else None
 
 
 def to_int(value: Any) -> int:
@@ -50,7 +49,7 @@ def to_int(value: Any) -> int:
         num = _parse(text, int)
         if num is None:
             num = _parse(text, float)
-            if num is None:
+            if num is None or not math.isfinite(num):
                 msg = f"to_int: {value!r} is not a number"
                 raise RecordError(msg)
         return to_int(num)
@@ -68,7 +67,7 @@ def to_float(value: Any) -> float:
     elif isinstance(value, str):
         num = _parse(value.strip(), float)
         if num is None:
-            msg = f"to_float: {value!r} is not a finite number"
+            msg = f"to_float: {value!r} is not a number"
             raise RecordError(msg)
         out = float(num)
     else:
