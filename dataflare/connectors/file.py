@@ -429,8 +429,12 @@ class FileSink(FixedPartitionedSink[Batch, Any]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _FilePartition:
         """The writer, truncating to the resumed length."""
-        return _FilePartition(self.step, self.path, self.fmt, self.columns, self.truncate,
-                              resume_state)
+        try:
+            return _FilePartition(self.step, self.path, self.fmt, self.columns, self.truncate,
+                                  resume_state)
+        except OSError as exc:
+            msg = f"step {self.step!r}: cannot write {self.path}: {exc.strerror or exc}"
+            raise RuntimeError(msg) from exc
 
 
 @destination(

@@ -234,6 +234,10 @@ def _model_fields(model: type[BaseModel], path: Loc) -> list[str]:
     return []
 
 
+_EXPECTED = {"tuple_type": "a list", "list_type": "a list", "dict_type": "a mapping",
+             "model_type": "a mapping", "model_attributes_type": "a mapping"}
+
+
 def _problems(
     doc: Document, exc: ValidationError, root: Loc, model: type[BaseModel]
 ) -> list[Problem]:
@@ -255,6 +259,8 @@ def _problems(
         message = re.sub(r"^(Value error|Assertion failed), ", "", err["msg"])
         message = message[:1].lower() + message[1:]
         value = err.get("input")
+        if value is None and kind in _EXPECTED:  # a key written with nothing after it
+            message = f"no value given: expected {_EXPECTED[kind]}"
         if kind == "literal_error":
             known = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
             hint = did_you_mean(str(value), known)

@@ -60,7 +60,8 @@ class AggregationConfig(Strict):
     emit: Literal["auto", "final", "updates"] = Field(
         "auto",
         description="'final': one record per group at the end of input; 'updates': the "
-        "group's aggregates after every change; 'auto': 'updates' for unbounded sources.",
+        "group's aggregates after each batch that changed them; 'auto': 'updates' for "
+        "unbounded sources.",
     )
 
     @model_validator(mode="after")

@@ -191,3 +191,13 @@ def test_killed_run_resumes_from_snapshot_and_writes_each_record_once(tmp_path):
     assert subprocess.run(cmd, env=env, cwd=tmp_path, timeout=120).returncode == 0
     ids = [r["order_id"] for r in read_jsonl(tmp_path / "out.jsonl")]
     assert sorted(ids) == list(range(count))
+
+
+def test_an_output_path_that_cannot_be_written_names_the_step(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n')
+    (tmp_path / "taken").write_text("a file, not a directory")
+    path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",
+                "      type: file\n      config: {path: taken/out.jsonl}")
+    result = run_cli("run", path)
+    assert result.code == 1
+    assert "error: step 'out': cannot write " in result.stderr, result.stderr

@@ -101,3 +101,21 @@ tests:
         (8, "tests[0].inputs.srcx", "no source named 'srcx' (did you mean 'src'?)"),
         (9, "tests[0].expect.o9", "no destination named 'o9'"),
     }
+
+
+def test_a_key_without_a_value_says_what_it_expects():
+    text = """\
+workflow:
+  sources:
+    src: {type: generator, config: {preset: orders, count: 1}}
+  transformations:
+    w:
+      inputs: [src]
+      type: window
+      config: {window: {type: tumbling, size: 1m}, time_field: ts, aggregations: }
+  destinations:
+    out: {type: stdout, inputs: [w]}
+"""
+    [p] = validate_text(text).errors()
+    assert (p.path, p.message) == ("transformations.w.config.aggregations",
+                                   "no value given: expected a list")
