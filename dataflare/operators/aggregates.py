@@ -281,8 +281,9 @@ def compile_aggregates(aggs: Sequence[Aggregate]) -> Accumulators:
         if str(_MAX) in table:
             i = table[str(_MAX)]
             body.append(f"        if acc[{i}] is None or {var} > acc[{i}]: acc[{i}] = {var}")
-        if str(_SET) in table:
-            body.append(f"        acc[{table[str(_SET)]}].add({var})")
+        if str(_SET) in table:  # true and 1 are two values (Python's sets take them as one)
+            body.append(f"        acc[{table[str(_SET)]}].add(({var},) if {var}.__class__ "
+                        f"is bool else {var})")
         if str(_FIRST) in table:
             i = table[str(_FIRST)]
             body.append(f"        if acc[{i}] is None or t < acc[{i}][0]: acc[{i}] = (t, {var})")

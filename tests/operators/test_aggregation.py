@@ -170,6 +170,14 @@ def test_errors_name_the_field_and_value():
     assert {f.step for f in got["errs"]} == {"agg"}
 
 
+def test_count_distinct_tells_true_from_one():
+    cfg = AggregationConfig.model_validate(
+        {"aggregations": [{"field": "v", "operations": ["count_distinct"]}]}
+    )
+    recs = [{"v": v} for v in (1, True, 1.0, False, 0, "1", None)]
+    assert run_flow(agg_flow(cfg), [recs])["down"] == [{"v_count_distinct": 5}]
+
+
 @pytest.mark.parametrize("abort_at", [0, 1, 3, 6])
 def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, abort_at):
     recs = [{"k": i % 4, "v": i, "ts": i} for i in range(40)]

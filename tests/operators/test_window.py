@@ -63,7 +63,7 @@ def ref_aggregate(aggs: list[dict[str, Any]], items: list[tuple[int, dict[str, A
             elif o == "max":
                 out[name] = max(xs) if xs else None
             elif o == "count_distinct":
-                out[name] = len(set(xs))
+                out[name] = len({(x,) if isinstance(x, bool) else x for x in xs})
             elif o == "first":
                 out[name] = (
                     min(enumerate(vals), key=lambda iv: (iv[1][0], iv[0]))[1][1] if xs else None
