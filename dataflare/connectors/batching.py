@@ -22,7 +22,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import StatefulBatchLogic
-from bytewax.outputs import DynamicSink, Sink, StatelessSinkPartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflare.records import Failed
 
@@ -225,30 +225,24 @@ def buffered_output(
     up: Stream[list[Any]],
     prepare: Callable[[list[Any]], tuple[list[Any], list[Failed]]],
     batch: Any,
-    sink: Sink[Any] | None = None,
-    writer: Callable[[], Writer] | None = None,
+    writer: Callable[[], Writer],
     always: bool = False,
 ) -> Stream[list[Failed]]:
-    """The output of a batching destination; returns the records it rejected.
+    """The output of a batching destination; returns the records it rejected or refused.
 
     ``prepare`` turns each incoming batch into writable items and rejects; the items are
-    regrouped per the ``batch`` settings (``size``, ``flush_interval``) and written by
-    ``sink``, or by a write step with the :class:`Writer` ``writer`` makes, which also
-    returns the records the destination refused; ``always``: one empty flush when the run
-    writes nothing.
+    regrouped per the ``batch`` settings (``size``, ``flush_interval``) and written, one
+    flush at a time, by the :class:`Writer` that ``writer`` makes, which returns the
+    records the target refused; ``always``: one empty flush when the run writes nothing.
     """
     prepared = op.map("prepare", up, prepare)
     items = op.filter_map("items", prepared, lambda p: p[0] or None)
     flushed: Stream[Any] = buffer("batch", items, batch.size, batch.flush_interval, always)
     rejected = op.filter_map("errors", prepared, lambda p: p[1] or None)
-    if writer is not None:
-        keyed = op.key_on("writer", flushed, lambda _flush: "0")  # one writer
-        written = op.stateful_batch("write", keyed, lambda state: _WriteLogic(writer(), state))
-        refused = op.map("refused", written, lambda kv: kv[1])
-        # bytewax runs a dataflow until its outputs are done: the write step ends in one.
-        op.output("done", refused, _Done())
-        return op.merge("failed", rejected, refused)
-    assert sink is not None
-    op.output("write", flushed, sink)
-    return rejected
+    keyed = op.key_on("writer", flushed, lambda _flush: "0")  # one writer
+    written = op.stateful_batch("write", keyed, lambda state: _WriteLogic(writer(), state))
+    refused = op.map("refused", written, lambda kv: kv[1])
+    # bytewax runs a dataflow until its outputs are done: the write step ends in one.
+    op.output("done", refused, _Done())
+    return op.merge("failed", rejected, refused)
 

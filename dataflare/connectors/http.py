@@ -222,4 +222,4 @@ def build_http_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[l
     requests = _Requests(ctx.step_id, ctx.config)
     retry = ctx.workflow.config.retry
     return buffered_output("send", up, requests.prepare, ctx.component.batch,
-                           writer=lambda: _HttpWriter(ctx.step_id, ctx.config, retry))
+                           lambda: _HttpWriter(ctx.step_id, ctx.config, retry))

@@ -15,7 +15,8 @@ replay appends again: they are **at-least-once**. A record whose ``_meta.op`` is
 ``set`` and ``sorted_set``; a CDC ``truncate`` is ignored (it names no key).
 
 Lost connections are retried with backoff per the workflow's ``retry`` policy, sending
-the whole pipeline again.
+the whole pipeline again. A command Redis refuses (``WRONGTYPE``: the key holds another
+structure) fails its record alone, which follows the destination's ``error_handling``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from functools import partial
 from typing import Any, Literal
 
 from bytewax.dataflow import Stream
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Secret, Strict
@@ -182,15 +182,16 @@ class _Commands:
         fields = {k: self._scalar(v) for k, v in self._mapped(rec).items() if v is not None}
         return ("xadd", key, fields)
 
-    def prepare(self, batch: list[Any]) -> tuple[list[Command], list[Failed]]:
-        out: list[Command] = []
+    def prepare(self, batch: list[Any]) -> tuple[list[tuple[Any, Command]], list[Failed]]:
+        """``(record, command)`` pairs, and the records no command can be made of."""
+        out: list[tuple[Any, Command]] = []
         errs: list[Failed] = []
         for rec in batch:
             meta = rec.get(META) if isinstance(rec, dict) else None
             if isinstance(meta, dict) and meta.get("op") == "truncate":
                 continue  # a CDC truncate names no key: keys are only removed by deletes
             try:
-                out.append(self.command(rec))
+                out.append((rec, self.command(rec)))
             except (TypeError, ValueError) as exc:
                 message = str(exc) if str(exc).startswith("step ") else (
                     f"step {self.step!r}: cannot write record to redis: {exc}"
@@ -200,21 +201,27 @@ class _Commands:
         return out, errs
 
 
-class _RedisWriter(StatelessSinkPartition[Flush]):
+class _RedisWriter:
+    """Sends each flush as one pipeline (see :class:`dataflare.connectors.batching.Writer`)."""
+
     def __init__(self, step: str, cfg: RedisDestinationConfig, retry: Any) -> None:
         self.step = step
         self.cfg = cfg
         self.retry = retry
         self.client: Any = None
 
-    def _send(self, commands: list[Command]) -> None:
+    def _send(self, items: list[tuple[Any, Command]]) -> list[Failed]:
+        import redis
+
         if self.client is None:
             self.client = self.cfg.client()
         pipe = self.client.pipeline(transaction=False)
         ttl = self.cfg.ttl
         maxlen = self.cfg.stream_max_length
         expire = int(ttl * 1000) if ttl else None
-        for op, key, arg in commands:
+        owners: list[int] = []  # the item of each command in the pipeline
+        for i, (_rec, (op, key, arg)) in enumerate(items):
+            owners.extend([i - 1] * (len(pipe) - len(owners)))  # the previous item's
             if op == "hset":
                 values, nulls = arg
                 if values:
@@ -241,44 +248,39 @@ class _RedisWriter(StatelessSinkPartition[Flush]):
                 pipe.xadd(key, arg or {"_": ""}, maxlen=maxlen, approximate=True)
             if expire:
                 pipe.pexpire(key, expire)
-        pipe.execute()
+        owners.extend([len(items) - 1] * (len(pipe) - len(owners)))
+        refused: dict[int, Failed] = {}
+        for i, result in zip(owners, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(result, redis.ResponseError) and i not in refused:
+                rec = items[i][0]
+                meta = rec.get(META, {}) if isinstance(rec, dict) else {}
+                message = f"step {self.step!r}: redis refused {items[i][1][0]}: {result}"
+                refused[i] = Failed(self.step, type(result).__name__, message, rec, meta)
+        return list(refused.values())
 
     def _reset(self, _exc: BaseException) -> None:
         if self.client is not None:
             self.client.close()
         self.client = None
 
-    def write_batch(self, items: list[Flush]) -> None:
+    def write_flush(self, flush: Flush) -> list[Failed]:
+        """Send a flush as one pipeline; the records whose commands Redis refused."""
         import redis
 
         transient = (redis.ConnectionError, redis.TimeoutError)
-        for flush in items:
-            what = f"step {self.step!r}: write {len(flush.items)} record(s) to redis"
-            try:
-                call_with_retry(
-                    what, partial(self._send, flush.items), self.retry,
-                    transient=transient, on_retry=self._reset,
-                )
-            except redis.RedisError as exc:
-                msg = f"{what} failed: {type(exc).__name__}: {exc}"
-                raise RuntimeError(msg) from exc
+        what = f"step {self.step!r}: write {len(flush.items)} record(s) to redis"
+        try:
+            return call_with_retry(
+                what, partial(self._send, flush.items), self.retry,
+                transient=transient, on_retry=self._reset,
+            )
+        except redis.RedisError as exc:
+            msg = f"{what} failed: {type(exc).__name__}: {exc}"
+            raise RuntimeError(msg) from exc
 
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
-
-
-class RedisSink(DynamicSink[Flush]):
-    """Pipelined writes of flushed batches."""
-
-    def __init__(self, step: str, cfg: RedisDestinationConfig, retry: Any) -> None:
-        self.step = step
-        self.cfg = cfg
-        self.retry = retry
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _RedisWriter:
-        """A writer for this worker (it connects on its first write)."""
-        return _RedisWriter(self.step, self.cfg, self.retry)
 
 
 @destination(
@@ -289,6 +291,7 @@ class RedisSink(DynamicSink[Flush]):
 def build_redis_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of a ``redis`` destination (scoped under its id)."""
     commands = _Commands(ctx.step_id, ctx.config)
-    sink = RedisSink(ctx.step_id, ctx.config, ctx.workflow.config.retry)
-    return buffered_output("write", up, commands.prepare, ctx.component.batch, sink)
+    retry = ctx.workflow.config.retry
+    return buffered_output("write", up, commands.prepare, ctx.component.batch,
+                           lambda: _RedisWriter(ctx.step_id, ctx.config, retry))
 

@@ -582,7 +582,7 @@ def table_output(
 ) -> Stream[list[Failed]]:
     """Prepare, buffer and write records; return those rejected or refused."""
     return buffered_output("write", up, lambda b: prepare(b, name, merge_key), batch,
-                           writer=make_writer, always=mode == "overwrite")
+                           make_writer, always=mode == "overwrite")
 
 
 def write_settings(ctx: Any) -> tuple[str, tuple[str, ...], bool]:

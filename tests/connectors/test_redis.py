@@ -130,11 +130,11 @@ def test_reconnects_after_the_connection_is_killed(redis_url: str) -> None:
         assert bad == []
         return Flush(0, ok)
 
-    writer.write_batch([flush([{"id": 1, "v": "a"}])])
+    assert writer.write_flush(flush([{"id": 1, "v": "a"}])) == []
     admin = redis.Redis.from_url(redis_url)
     me = writer.client.client_id()
     admin.client_kill_filter(_id=me)
-    writer.write_batch([flush([{"id": 2, "v": "b"}])])
+    assert writer.write_flush(flush([{"id": 2, "v": "b"}])) == []
     assert writer.client.client_id() != me
     writer.close()
     assert admin.mget("k:1", "k:2") == [b"a", b"b"]
@@ -145,3 +145,17 @@ def test_a_record_without_its_key_is_rejected(redis_url: str) -> None:
                  key_template="customer:{{user.id}}")
     assert len(errors) == 1 and "needs 'user.id'" in errors[0].message
     assert redis.Redis.from_url(redis_url).keys() == [b"customer:1"]
+
+
+def test_a_command_redis_refuses_fails_its_record_alone(redis_url: str) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    admin.set("user:2", "a string, not a hash")
+    recs = [{"id": 1, "n": 1}, {"id": 2, "n": 2, "_meta": {"file": "in.jsonl", "line": 2}},
+            {"id": 3, "n": None}, {"id": 4, "n": 4}]
+    errors = run(redis_url, [recs], key_template="user:{{id}}", ttl=60)
+    assert [(e.type, e.position(), e.record["id"]) for e in errors] == [
+        ("ResponseError", "in.jsonl:2", 2)]
+    assert "WRONGTYPE" in errors[0].message
+    assert admin.hgetall("user:1") == {b"id": b"1", b"n": b"1"}
+    assert admin.hgetall("user:4") == {b"id": b"4", b"n": b"4"}
+    assert admin.get("user:2") == b"a string, not a hash"
