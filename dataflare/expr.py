@@ -127,6 +127,11 @@ def _arith(op: str) -> Callable[[Any, Any], Any]:
     return apply
 
 
+def _equal(a: Any, b: Any) -> bool:
+    """JSON equality: ``true`` is not ``1`` (Python's ``==`` says it is)."""
+    return a == b and (type(a) is bool) == (type(b) is bool)
+
+
 def _contains(item: Any, container: Any) -> bool:
     if container is None:
         return False
@@ -236,9 +241,9 @@ class _Parser:
             right = self.additive()
             a, b = left, right
             if op == "==":
-                return lambda r: a(r) == b(r)
+                return lambda r: _equal(a(r), b(r))
             if op == "!=":
-                return lambda r: a(r) != b(r)
+                return lambda r: not _equal(a(r), b(r))
             cmp = _order(op)
             return lambda r: cmp(a(r), b(r))
         if self.at("in"):

@@ -76,3 +76,10 @@ def test_plus_joins_strings_and_lists():
     assert compile_expression("a + b")({"a": "x", "b": "y"}) == "xy"
     assert compile_expression("a + a")({"a": [1]}) == [1, 1]
     assert compile_expression("a * 2 + 0.5")({"a": 3}) == 6.5
+
+
+def test_true_is_not_one():
+    assert compile_expression("a == 1")({"a": True}) is False
+    assert compile_expression("a != 1")({"a": True}) is True
+    assert compile_expression("a == true")({"a": True}) is True
+    assert compile_expression("a == 1")({"a": 1.0}) is True
