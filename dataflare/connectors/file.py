@@ -33,7 +33,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Strict
-from dataflare.connectors.schema import discoverer, infer_schema, json_value
+from dataflare.connectors.schema import discoverer, infer_schema, json_line, json_value
 from dataflare.records import META, Batch, Failed, RecordError
 from dataflare.registry import BuildContext, destination, source
 
@@ -360,7 +360,7 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
         if self.fmt == "parquet":
             self.rows.extend(records)
         elif self.fmt == "jsonl":
-            self.f.write(b"".join(orjson.dumps(r, default=json_value) + b"\n" for r in records))
+            self.f.write(b"".join(json_line(r) for r in records))
         else:
             self._write_csv(records)
 

@@ -110,6 +110,20 @@ def decimal_value(value: Decimal, handling: DecimalHandling = "number") -> int |
     return format(value, "f")
 
 
+def json_line(record: Any, option: int = 0) -> bytes:
+    """A record as one line of JSON.
+
+    Values JSON has no form for go through :func:`json_value` (bytes, dates, integers
+    beyond 64 bits).
+    """
+    import orjson
+
+    try:
+        return orjson.dumps(record, default=json_value, option=option) + b"\n"
+    except orjson.JSONEncodeError:  # a big integer: orjson raises before asking default
+        return orjson.dumps(json_value(record), default=str, option=option) + b"\n"
+
+
 def json_value(value: Any, decimals: DecimalHandling = "number") -> Any:
     """A driver value as a JSON-like value (timestamps as ISO-8601 text, bytes as hex).
 

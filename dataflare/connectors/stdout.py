@@ -11,7 +11,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from pydantic import Field
 
 from dataflare.config import Strict
-from dataflare.connectors.schema import json_value
+from dataflare.connectors.schema import json_line
 from dataflare.records import Batch, without_meta
 from dataflare.registry import BuildContext, destination
 
@@ -30,12 +30,7 @@ class _Printer(StatelessSinkPartition[Batch]):
     def write_batch(self, items: list[Batch]) -> None:
         out = sys.stdout.buffer
         for batch in items:
-            out.write(
-                b"".join(
-                    orjson.dumps(without_meta(r), default=json_value, option=self.option) + b"\n"
-                    for r in batch
-                )
-            )
+            out.write(b"".join(json_line(without_meta(r), self.option) for r in batch))
         out.flush()
 
 

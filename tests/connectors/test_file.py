@@ -201,3 +201,16 @@ def test_an_output_path_that_cannot_be_written_names_the_step(tmp_path):
     result = run_cli("run", path)
     assert result.code == 1
     assert "error: step 'out': cannot write " in result.stderr, result.stderr
+
+
+def test_integers_beyond_64_bits_are_written_as_text(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"a": 10000000000}\n')
+    path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",
+                "      type: file\n      config: {path: out.jsonl}",
+                "  transformations:\n    sq:\n      inputs: [src]\n      type: mapping\n"
+                "      config: {mappings: [{expression: 'a * a', destination: big}]}\n")
+    text = open(path).read().replace("out:\n      inputs: [src]", "out:\n      inputs: [sq]")
+    open(path, "w").write(text)
+    result = run_cli("run", path)
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "out.jsonl") == [{"big": "100000000000000000000"}]
