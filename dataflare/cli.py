@@ -11,12 +11,14 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 from dataflare import metrics
+from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 
 
@@ -163,6 +165,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not any(directory.glob("*.sqlite3")):
             directory.mkdir(parents=True, exist_ok=True)
             init_db_dir(directory, args.recovery_partitions)
+        # The run's id outlives a crash before the first snapshot (see connectors.batching).
+        run_id = directory / "dataflare-run-id"
+        if not run_id.exists():
+            run_id.write_text(uuid.uuid4().hex + "\n")
+        os.environ[RUN_ID_ENV] = run_id.read_text().strip()
         recovery = RecoveryConfig(str(directory), timedelta(seconds=args.backup_interval))
     kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
     if args.addresses:

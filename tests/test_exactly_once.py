@@ -178,3 +178,32 @@ def test_sigkill_and_restart_lose_and_double_nothing(tmp_path, kafka_broker, kaf
                      - time.timezone) // 60
         value = client.hgetall(key)
         assert (int(value["count"]), round(float(value["sum"]), 6)) == want[(user, minute)]
+
+
+def test_a_crash_before_the_first_snapshot_doubles_nothing(tmp_path, kafka_broker, kafka_topic,
+                                                            pg_schema, redis_url):
+    # No snapshot is taken before the kill (-s 60): the restart reads from the start again,
+    # and the append destination must still recognise what the first execution wrote.
+    topic = kafka_topic(partitions=3)
+    records = events()
+    produce(kafka_broker.bootstrap_servers, topic, records)
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(FLOW.format(servers=kafka_broker.bootstrap_servers, topic=topic,
+                                dsn=pg_schema.dsn, schema=pg_schema.schema, redis_url=redis_url))
+    cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "--quiet",
+           "--recovery-dir", str(tmp_path / "recovery"), "-s", "60"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_BACKTRACE": "0"}
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while _count(pg_schema, "raw_events") < 10_000 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = _count(pg_schema, "raw_events")
+    assert 0 < written < EVENTS
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    ids = pg_schema.rows(f'SELECT event_id FROM "{pg_schema.schema}".raw_events')
+    assert sorted(i for (i,) in ids) == sorted(r["id"] for r in records)

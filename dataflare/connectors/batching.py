@@ -11,6 +11,7 @@ source's snapshot run ahead of them. All batches of one destination go to one wo
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,19 +27,23 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflare.records import Failed
 
+RUN_ID_ENV = "DATAFLARE_RUN_ID"
+"""Where ``dataflare run --recovery-dir`` puts the id it keeps in the recovery directory."""
+
 
 def _new_run() -> str:
-    return uuid.uuid4().hex
+    return os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex
 
 
 @dataclass
 class BufferState:
     """Buffered items, when the oldest arrived, flushes so far, and the run's id.
 
-    ``run`` is drawn when the step starts without state and then travels in the
-    snapshots, so it names one recovery lineage: a resumed execution keeps it, a fresh
-    start gets a new one. Destinations use it to recognise records they wrote before a
-    crash (see :mod:`dataflare.connectors.sql_writer`).
+    ``run`` names one recovery lineage: a resumed execution keeps it (it travels in the
+    snapshots), a fresh start gets a new one. ``dataflare run --recovery-dir`` takes it
+    from the recovery directory, so that a restart after a crash that came before the
+    first snapshot is the same run too. Destinations use it to recognise records they
+    wrote before a crash (see :mod:`dataflare.connectors.sql_writer`).
     """
 
     items: list[Any] = field(default_factory=list)

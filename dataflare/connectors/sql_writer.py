@@ -21,14 +21,15 @@ A write is one transaction per flushed batch:
   topic/partition/offset, file/line) leave a per-stream mark in the
   ``_dataflare_positions`` table, written in the same transaction as the rows, together
   with the id of the run (the recovery lineage, carried in the batching step's
-  snapshots). When bytewax resumes a run after a crash it replays from the last
-  snapshot; records of that run at or below a stream's mark were committed before the
-  crash and are skipped, so appends are exactly-once. This needs positions that grow
+  snapshots and kept in the recovery directory). When bytewax resumes a run after a
+  crash it replays from the last snapshot (or from the start, when the crash came before
+  the first one); records of that run at or below a stream's mark were committed before
+  the crash and are skipped, so appends are exactly-once. This needs positions that grow
   along each stream as the destination receives them, which holds for sources followed
   by stateless steps. When the destination sees a stream's positions repeat or go back
   within one execution (a join fanning one record out, two routes merged again), it
   marks that stream unordered and writes it at-least-once from then on. A fresh run
-  (no recovery state) never skips anything. Records without a position (aggregates,
+  (a new recovery directory, or none) never skips anything. Records without a position (aggregates,
   generated records) are appended at-least-once. Merges are idempotent by nature.
 
 Transient failures (a lost connection) roll the transaction back, reconnect and retry the
