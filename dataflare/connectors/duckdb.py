@@ -9,7 +9,7 @@ are described in :mod:`dataflare.connectors.sql_writer`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -196,23 +196,29 @@ class DuckDBDialect(Dialect):
         return pa.Table.from_arrays(arrays, names=columns)
 
     def _insert(self, columns: list[str], rows: list[dict[str, Any]], suffix: str = "") -> None:
-        stage = self._arrow(columns, rows)
         collist = ", ".join(quote_ident(c) for c in columns)
-        self.conn.register("_dataflare_stage", stage)
-        try:
+        with self._staged("_dataflare_stage", self._arrow(columns, rows)):
             self.conn.execute(
                 f"INSERT INTO {self.target} ({collist}) SELECT {collist} "
                 f"FROM _dataflare_stage {suffix}"
             )
-        finally:
-            self.conn.unregister("_dataflare_stage")
+
+    @contextmanager
+    def _staged(self, name: str, table: Any) -> Iterator[None]:
+        """``table`` readable as ``name`` for one statement."""
+        self.conn.register(name, table)
+        yield  # on an error the transaction is aborted: rolled_back() unregisters
+        self.conn.unregister(name)
 
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
         """Insert the rows from one Arrow table."""
         self._insert(columns, rows)
 
     def rolled_back(self) -> None:
-        """Nothing to forget: the staging data is registered per statement."""
+        """Unregister the staging data of the failed statement."""
+        for name in ("_dataflare_stage", "_dataflare_deletes"):
+            with suppress(Exception):  # not registered
+                self.conn.unregister(name)
 
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
@@ -220,15 +226,11 @@ class DuckDBDialect(Dialect):
     ) -> None:
         """One DELETE ... USING for deletes, one INSERT ... ON CONFLICT for the rest."""
         if deletes:
-            stage = self._arrow(list(key), deletes)
-            self.conn.register("_dataflare_deletes", stage)
-            try:
-                match = " AND ".join(f"t.{quote_ident(k)} = d.{quote_ident(k)}" for k in key)
+            match = " AND ".join(f"t.{quote_ident(k)} = d.{quote_ident(k)}" for k in key)
+            with self._staged("_dataflare_deletes", self._arrow(list(key), deletes)):
                 self.conn.execute(
                     f"DELETE FROM {self.target} AS t USING _dataflare_deletes AS d WHERE {match}"
                 )
-            finally:
-                self.conn.unregister("_dataflare_deletes")
         if upserts:
             keycols = ", ".join(quote_ident(k) for k in key)
             updates = [c for c in columns if c not in key]

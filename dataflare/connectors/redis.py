@@ -220,6 +220,7 @@ class _RedisWriter:
         maxlen = self.cfg.stream_max_length
         expire = int(ttl * 1000) if ttl else None
         owners: list[int] = []  # the item of each command in the pipeline
+        expiring: list[tuple[int, str]] = []  # keys whose TTL is set once they are written
         for i, (_rec, (op, key, arg)) in enumerate(items):
             owners.extend([i - 1] * (len(pipe) - len(owners)))  # the previous item's
             if op == "hset":
@@ -247,7 +248,7 @@ class _RedisWriter:
             elif op == "xadd":
                 pipe.xadd(key, arg or {"_": ""}, maxlen=maxlen, approximate=True)
             if expire:
-                pipe.pexpire(key, expire)
+                expiring.append((i, key))
         owners.extend([len(items) - 1] * (len(pipe) - len(owners)))
         refused: dict[int, Failed] = {}
         for i, result in zip(owners, pipe.execute(raise_on_error=False), strict=True):
@@ -256,6 +257,12 @@ class _RedisWriter:
                 meta = rec.get(META, {}) if isinstance(rec, dict) else {}
                 message = f"step {self.step!r}: redis refused {items[i][1][0]}: {result}"
                 refused[i] = Failed(self.step, type(result).__name__, message, rec, meta)
+        if expiring:  # not on a key whose write was refused: it holds something else
+            ttl_pipe = self.client.pipeline(transaction=False)
+            for i, key in expiring:
+                if i not in refused:
+                    ttl_pipe.pexpire(key, expire)
+            ttl_pipe.execute()
         return list(refused.values())
 
     def _reset(self, _exc: BaseException) -> None:

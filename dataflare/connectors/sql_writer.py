@@ -178,11 +178,20 @@ def prepare(
 
 
 def _key_of(key: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
-    """The key value of a row (a tuple for a composite key)."""
+    """The key value of a row (a tuple for a composite key).
+
+    An integer and its text are one key (the database casts both to the column's type).
+    """
     if len(key) == 1:
         (k,) = key
-        return lambda row: row.get(k)
-    return lambda row: tuple([row.get(k) for k in key])
+
+        def one(row: dict[str, Any]) -> Any:
+            v = row.get(k)
+            return str(v) if v.__class__ is int else v
+
+        return one
+    return lambda row: tuple([str(v) if v.__class__ is int else v
+                              for v in [row.get(k) for k in key]])
 
 
 def _hashable_key(value: Any) -> Any:
@@ -391,6 +400,8 @@ class TableWriter:
             if not self.split_refusals:  # the run stops: the batch waits for the resume
                 raise RuntimeError(str(exc)) from exc.__cause__
             if len(items) == 1:
+                if empty:  # the table is emptied even when nothing of the batch is written
+                    self._commit([], True, run)
                 return 0, [items[0].refused(self.step, exc.__cause__ or exc)]
             if not items:
                 raise

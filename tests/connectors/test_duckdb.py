@@ -136,3 +136,19 @@ def test_a_new_column_of_integers_and_fractions_is_a_double(tmp_path: Path) -> N
     ctx = ctx_for(tmp_path)
     run(ctx, [[{"id": 1, "price": 10}, {"id": 2, "price": 10.5}]])
     assert query(tmp_path, "SELECT price FROM events ORDER BY id") == [(10.0,), (10.5,)]
+
+
+def test_a_constraint_violation_fails_its_record_alone(tmp_path: Path) -> None:
+    (tmp_path / "dw").mkdir()
+    with duckdb.connect(str(tmp_path / "dw" / "warehouse.duckdb")) as conn:
+        conn.execute("CREATE TABLE events (id BIGINT PRIMARY KEY, qty INT CHECK (qty >= 0))")
+    for mode in ({"type": "append"}, {"type": "merge", "merge_key": "id"}):
+        ctx = ctx_for(tmp_path, write_mode=mode, on_error="skip")
+        errors = run(ctx, [[{"id": 1, "qty": 1}, {"id": 2, "qty": -2}, {"id": 3, "qty": 3}]])
+        assert [(e.type, e.record["id"]) for e in errors] == [("ConstraintException", 2)]
+        if mode["type"] == "append":
+            query_rows = query(tmp_path, "SELECT id, qty FROM events ORDER BY id")
+            assert query_rows == [(1, 1), (3, 3)]
+            with duckdb.connect(str(tmp_path / "dw" / "warehouse.duckdb")) as conn:
+                conn.execute("DELETE FROM events")
+    assert query(tmp_path, "SELECT id, qty FROM events ORDER BY id") == [(1, 1), (3, 3)]

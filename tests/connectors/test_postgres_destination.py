@@ -224,6 +224,16 @@ def test_records_the_database_refuses_fail_alone_and_the_rest_is_written(
     assert rows == [(1,), (2,), (3,), (4,)]
 
 
+def test_an_overwrite_whose_every_record_is_refused_still_empties_the_table(
+    pg_schema: Any,
+) -> None:
+    ctx = ctx_for(pg_schema, write_mode={"type": "overwrite"}, on_error="skip")
+    run(ctx, [[{"id": 100}, {"id": 101}]])
+    errors = run(ctx, [[{"id": "x"}, {"id": "y"}]])
+    assert len(errors) == 2
+    assert pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders') == []
+
+
 def test_with_fail_a_refused_record_rolls_its_batch_back_and_stops_the_run(
     pg_schema: Any,
 ) -> None:
@@ -508,3 +518,12 @@ workflow:
     [dead] = read_jsonl(tmp_path / "rejects.jsonl")
     assert dead["record"] == {"id": "two"} and dead["error"]["step"] == "pg"
     assert "invalid input syntax for type bigint" in dead["error"]["message"]
+
+
+def test_a_key_given_as_a_number_and_as_text_is_one_key(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema, "m", {"type": "merge", "merge_key": "id"})
+    run(ctx, [[{"id": 5, "name": "a"}]])
+    batch = [{"id": 5, "name": "b"}, {"id": "5", "name": "c"}, {"id": 6, "name": "d"}]
+    assert run(ctx, [batch]) == []
+    assert pg_schema.rows(f'SELECT id, name FROM "{pg_schema.schema}".m ORDER BY id') == [
+        (5, "c"), (6, "d")]

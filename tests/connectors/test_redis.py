@@ -159,3 +159,4 @@ def test_a_command_redis_refuses_fails_its_record_alone(redis_url: str) -> None:
     assert admin.hgetall("user:1") == {b"id": b"1", b"n": b"1"}
     assert admin.hgetall("user:4") == {b"id": b"4", b"n": b"4"}
     assert admin.get("user:2") == b"a string, not a hash"
+    assert admin.ttl("user:2") == -1 and 0 < admin.ttl("user:1") <= 60  # no TTL on it
