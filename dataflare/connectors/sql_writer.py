@@ -97,6 +97,8 @@ class Item:
     position: int | None
     truncate: bool = False
     meta: Any = None
+    parts: list[Item] | None = None
+    """The records a merge folded into this one, in order."""
 
     def refused(self, step: str, exc: BaseException) -> Failed:
         """The failure of this record, refused by the database with ``exc``."""
@@ -234,8 +236,9 @@ def fold_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
         elif slot[1] is None:
             slot[1] = it
         else:
-            slot[1] = Item({**slot[1].row, **it.row}, False, it.stream, it.position,
-                           meta=it.meta)
+            prev = slot[1]
+            slot[1] = Item({**prev.row, **it.row}, False, it.stream, it.position,
+                           meta=it.meta, parts=[*(prev.parts or [prev]), it])
     return [it for slot in folded.values() for it in slot if it is not None]
 
 
@@ -400,6 +403,9 @@ class TableWriter:
             if not self.split_refusals:  # the run stops: the batch waits for the resume
                 raise RuntimeError(str(exc)) from exc.__cause__
             if len(items) == 1:
+                parts = items[0].parts
+                if parts:  # folded records: each alone, in order, so only the bad one fails
+                    return self._write_each(parts, empty, run)
                 if empty:  # the table is emptied even when nothing of the batch is written
                     self._commit([], True, run)
                 return 0, [items[0].refused(self.step, exc.__cause__ or exc)]
@@ -411,6 +417,14 @@ class TableWriter:
             n2, failed2 = self._write_or_split(items[mid:], empty and not emptied, run)
             return n1 + n2, failed1 + failed2
         return written, []
+
+    def _write_each(self, items: list[Item], empty: bool, run: str) -> tuple[int, list[Failed]]:
+        written = 0
+        failed: list[Failed] = []
+        for it in items:
+            n, f = self._write_or_split([it], empty and not written, run)
+            written, failed = written + n, failed + f
+        return written, failed
 
     def _commit(self, items: list[Item], empty: bool, run: str) -> int:
         """One transaction: shape the table, empty it when ``empty``, write ``items``."""

@@ -527,3 +527,15 @@ def test_a_key_given_as_a_number_and_as_text_is_one_key(pg_schema: Any) -> None:
     assert run(ctx, [batch]) == []
     assert pg_schema.rows(f'SELECT id, name FROM "{pg_schema.schema}".m ORDER BY id') == [
         (5, "c"), (6, "d")]
+
+
+def test_a_refused_record_folded_with_good_ones_fails_alone(pg_schema: Any) -> None:
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".m '
+                     "(id bigint PRIMARY KEY, name text, qty int CHECK (qty >= 0))")
+        conn.execute(f"INSERT INTO \"{pg_schema.schema}\".m VALUES (1, 'one', 1)")
+    ctx = ctx_for(pg_schema, "m", {"type": "merge", "merge_key": "id"}, on_error="skip")
+    errors = run(ctx, [[{"id": 1, "name": "ONE"}, {"id": 1, "qty": -5}, {"id": 2, "qty": 2}]])
+    assert [e.record for e in errors] == [{"id": 1, "qty": -5}]
+    assert pg_schema.rows(f'SELECT id, name, qty FROM "{pg_schema.schema}".m ORDER BY id') == [
+        (1, "ONE", 1), (2, None, 2)]
