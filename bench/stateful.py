@@ -223,19 +223,26 @@ def w2_raw(args: argparse.Namespace) -> list[tuple]:
 
 def w2_bytewax(args: argparse.Namespace) -> list[tuple]:
     import bytewax.operators as op
-    import bytewax.operators.windowing as win
     from bytewax.dataflow import Dataflow
-    from bytewax.testing import TestingSink
 
     flow = Dataflow("w2_bytewax")
     evs = op.filter("engaged", bytewax_input(args, flow, "events"), lambda e: e["event"] != "view")
+    return bytewax_count_sum(flow, evs, MIN)
+
+
+def bytewax_count_sum(flow: Any, evs: Any, size_ms: int) -> list[tuple]:
+    """Count and sum of ``amount`` per user in tumbling windows of ``size_ms``, by hand."""
+    import bytewax.operators as op
+    import bytewax.operators.windowing as win
+    from bytewax.testing import TestingSink
+
     keyed = op.key_on("user", evs, lambda e: e["user_id"])
     clock = win.EventClock(
         lambda e: EPOCH + timedelta(milliseconds=e["ts"]), wait_for_system_duration=BYTEWAX_WAIT
     )
-    windower = win.TumblingWindower(length=timedelta(seconds=60), align_to=EPOCH)
+    windower = win.TumblingWindower(length=timedelta(milliseconds=size_ms), align_to=EPOCH)
     out = win.fold_window(
-        "w2",
+        "count_sum",
         keyed,
         clock,
         windower,
@@ -246,15 +253,16 @@ def w2_bytewax(args: argparse.Namespace) -> list[tuple]:
     got: list[Any] = []
     op.output("out", out.down, TestingSink(got))
     run_flow(flow)
-    return [(u, wid * MIN, a[0], a[1]) for u, (wid, a) in got]
+    return [(u, wid * size_ms, a[0], a[1]) for u, (wid, a) in got]
 
 
-def w2_config() -> Any:
+def w2_config(size: str = "60s") -> Any:
+    """DataFlare's window step of W2: count and sum of ``amount`` per user."""
     from dataflare.operators.window import WindowConfig
 
     return WindowConfig.model_validate(
         {
-            "window": {"type": "tumbling", "size": "60s"},
+            "window": {"type": "tumbling", "size": size},
             "time_field": "ts",
             "time_unit": "ms",
             "group_by": ["user_id"],
@@ -595,30 +603,12 @@ def wm_raw(args: argparse.Namespace) -> list[tuple]:
 
 def wm_bytewax(args: argparse.Namespace) -> list[tuple]:
     import bytewax.operators as op
-    import bytewax.operators.windowing as win
     from bytewax.dataflow import Dataflow
-    from bytewax.testing import TestingSink, TestingSource
+    from bytewax.testing import TestingSource
 
     flow = Dataflow("wm_bytewax")
-    evs = op.input("in", flow, TestingSource(wm_events(args.events)))
-    keyed = op.key_on("user", evs, lambda e: e["user_id"])
-    clock = win.EventClock(
-        lambda e: EPOCH + timedelta(milliseconds=e["ts"]), wait_for_system_duration=BYTEWAX_WAIT
-    )
-    windower = win.TumblingWindower(length=timedelta(hours=1), align_to=EPOCH)
-    out = win.fold_window(
-        "wm",
-        keyed,
-        clock,
-        windower,
-        lambda: [0, 0.0],
-        lambda a, e: [a[0] + 1, a[1] + e["amount"]],
-        lambda a, b: [a[0] + b[0], a[1] + b[1]],
-    )
-    got: list[Any] = []
-    op.output("out", out.down, TestingSink(got))
-    run_flow(flow)
-    return [(u, wid * HOUR, a[0], a[1]) for u, (wid, a) in got]
+    return bytewax_count_sum(flow, op.input("in", flow, TestingSource(wm_events(args.events))),
+                             HOUR)
 
 
 def wm_dataflare(args: argparse.Namespace) -> list[Any]:
@@ -626,17 +616,9 @@ def wm_dataflare(args: argparse.Namespace) -> list[Any]:
     from bytewax.dataflow import Dataflow
     from bytewax.testing import TestingSink, TestingSource
 
-    from dataflare.operators.window import WindowConfig, window
+    from dataflare.operators.window import window
 
-    cfg = WindowConfig.model_validate(
-        {
-            "window": {"type": "tumbling", "size": "1h"},
-            "time_field": "ts",
-            "time_unit": "ms",
-            "group_by": ["user_id"],
-            "aggregations": [{"operations": ["count"]}, {"field": "amount", "operations": ["sum"]}],
-        }
-    )
+    cfg = w2_config("1h")
 
     def batches() -> Iterator[list[dict[str, Any]]]:
         batch: list[dict[str, Any]] = []
