@@ -117,36 +117,56 @@ def _count(pg_schema, table: str) -> int:
         return 0
 
 
+class Crashable:
+    """The crash-test workflow over 100,000 events, run as ``dataflare run`` subprocesses."""
+
+    def __init__(self, tmp_path, kafka_broker, kafka_topic, pg_schema, redis_url,
+                 snapshot_seconds: float) -> None:
+        topic = kafka_topic(partitions=3)
+        self.records = events()
+        produce(kafka_broker.bootstrap_servers, topic, self.records)
+        flow = tmp_path / "flow.yaml"
+        flow.write_text(FLOW.format(servers=kafka_broker.bootstrap_servers, topic=topic,
+                                    dsn=pg_schema.dsn, schema=pg_schema.schema,
+                                    redis_url=redis_url))
+        self.cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "--quiet",
+                    "--recovery-dir", str(tmp_path / "recovery"), "-s", str(snapshot_seconds)]
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_BACKTRACE": "0"}
+        self.cwd, self.pg = tmp_path, pg_schema
+
+    def kill_after(self, rows: int, extra_seconds: float = 0.0) -> int:
+        """Start a run, SIGKILL it once ``raw_events`` holds ``rows``; the rows then."""
+        proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 60
+        while _count(self.pg, "raw_events") < rows and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        time.sleep(extra_seconds)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return _count(self.pg, "raw_events")
+
+    def finish(self) -> None:
+        """Run to the end (resuming)."""
+        done = subprocess.run(self.cmd, env=self.env, cwd=self.cwd, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.slow
 def test_sigkill_and_restart_lose_and_double_nothing(tmp_path, kafka_broker, kafka_topic,
                                                       pg_schema, redis_url):
-    topic = kafka_topic(partitions=3)
-    records = events()
-    produce(kafka_broker.bootstrap_servers, topic, records)
-    flow = tmp_path / "flow.yaml"
-    flow.write_text(FLOW.format(servers=kafka_broker.bootstrap_servers, topic=topic,
-                                dsn=pg_schema.dsn, schema=pg_schema.schema, redis_url=redis_url))
-    cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "--quiet",
-           "--recovery-dir", str(tmp_path / "recovery"), "-s", "0.3"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_BACKTRACE": "0"}
+    run = Crashable(tmp_path, kafka_broker, kafka_topic, pg_schema, redis_url, 0.3)
+    records = run.records
     rng = random.Random(20261122)
     progress: list[int] = []
     for _ in range(5):
         # kill at a random moment once the run is writing: after a random number of new rows
         target = _count(pg_schema, "raw_events") + rng.randint(1_000, 8_000)
-        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while _count(pg_schema, "raw_events") < target and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0, 0.4))
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        progress.append(_count(pg_schema, "raw_events"))
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
+        progress.append(run.kill_after(target, rng.uniform(0, 0.4)))
+    run.finish()
     # the kills interrupted real work: rows had been written, and not yet all of them
     print("raw_events rows when killed:", progress)
     assert all(0 < n < EVENTS for n in progress), progress
@@ -184,26 +204,8 @@ def test_a_crash_before_the_first_snapshot_doubles_nothing(tmp_path, kafka_broke
                                                             pg_schema, redis_url):
     # No snapshot is taken before the kill (-s 60): the restart reads from the start again,
     # and the append destination must still recognise what the first execution wrote.
-    topic = kafka_topic(partitions=3)
-    records = events()
-    produce(kafka_broker.bootstrap_servers, topic, records)
-    flow = tmp_path / "flow.yaml"
-    flow.write_text(FLOW.format(servers=kafka_broker.bootstrap_servers, topic=topic,
-                                dsn=pg_schema.dsn, schema=pg_schema.schema, redis_url=redis_url))
-    cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "--quiet",
-           "--recovery-dir", str(tmp_path / "recovery"), "-s", "60"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_BACKTRACE": "0"}
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while _count(pg_schema, "raw_events") < 10_000 and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = _count(pg_schema, "raw_events")
-    assert 0 < written < EVENTS
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    run = Crashable(tmp_path, kafka_broker, kafka_topic, pg_schema, redis_url, 60)
+    assert 0 < run.kill_after(10_000) < EVENTS
+    run.finish()
     ids = pg_schema.rows(f'SELECT event_id FROM "{pg_schema.schema}".raw_events')
-    assert sorted(i for (i,) in ids) == sorted(r["id"] for r in records)
+    assert sorted(i for (i,) in ids) == sorted(r["id"] for r in run.records)
