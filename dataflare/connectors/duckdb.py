@@ -26,10 +26,8 @@ from dataflare.connectors.sql_writer import (
     TEXT,
     Dialect,
     Mark,
-    TableWriter,
     quote_ident,
-    table_output,
-    write_settings,
+    table_destination,
 )
 from dataflare.records import Failed
 from dataflare.registry import BuildContext, destination
@@ -251,13 +249,5 @@ class DuckDBDialect(Dialect):
 def build_duckdb_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of a ``duckdb`` destination (scoped under its id)."""
     cfg: DuckDBDestinationConfig = ctx.config
-    mode, key, dedupe = write_settings(ctx)
-    retry = ctx.workflow.config.retry
-    split = ctx.component.error_handling.strategy != "fail"  # see sql_writer
-    step = ctx.step_id
     path = ctx.path(cfg.path)
-
-    def make_writer() -> TableWriter:
-        return TableWriter(step, DuckDBDialect(path, cfg), mode, key, dedupe, retry, split)
-
-    return table_output(up, step, mode, key, ctx.component.batch, make_writer)
+    return table_destination(ctx, up, lambda: DuckDBDialect(path, cfg))

@@ -25,11 +25,9 @@ from dataflare.connectors.sql_writer import (
     TEXT,
     Dialect,
     Mark,
-    TableWriter,
     iter_rows,
     quote_ident,
-    table_output,
-    write_settings,
+    table_destination,
 )
 from dataflare.records import Failed
 from dataflare.registry import BuildContext, destination
@@ -289,12 +287,4 @@ def build_postgres_destination(
 ) -> Stream[list[Failed]]:
     """The output steps of a ``postgres`` destination (scoped under its id)."""
     cfg: PostgresDestinationConfig = ctx.config
-    mode, key, dedupe = write_settings(ctx)
-    retry = ctx.workflow.config.retry
-    split = ctx.component.error_handling.strategy != "fail"  # see sql_writer
-    step = ctx.step_id
-
-    def make_writer() -> TableWriter:
-        return TableWriter(step, PostgresDialect(cfg), mode, key, dedupe, retry, split)
-
-    return table_output(up, step, mode, key, ctx.component.batch, make_writer)
+    return table_destination(ctx, up, lambda: PostgresDialect(cfg))

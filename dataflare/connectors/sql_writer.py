@@ -598,22 +598,23 @@ class _Refused(Exception):
     """The database refused a record's values (see ``Dialect.refusals``)."""
 
 
-def table_output(
-    up: Stream[list[Any]],
-    name: str,
-    mode: str,
-    merge_key: tuple[str, ...],
-    batch: Any,
-    make_writer: Callable[[], TableWriter],
+def table_destination(
+    ctx: Any, up: Stream[list[Any]], make_dialect: Callable[[], Dialect]
 ) -> Stream[list[Failed]]:
-    """Prepare, buffer and write records; return those rejected or refused."""
-    return buffered_output("write", up, lambda b: prepare(b, name, merge_key), batch,
+    """The steps of a SQL table destination; returns the records rejected or refused.
+
+    Records are prepared, buffered and written per the component's ``write_mode``,
+    ``batch`` and ``error_handling``.
+    """
+    wm = ctx.component.write_mode
+    mode, key, dedupe = wm.type, tuple(wm.merge_key or ()), bool(wm.deduplicate)
+    retry = ctx.workflow.config.retry
+    # Refused records fail alone only when they are skipped or redirected (module docs).
+    split = ctx.component.error_handling.strategy != "fail"
+    step = ctx.step_id
+
+    def make_writer() -> TableWriter:
+        return TableWriter(step, make_dialect(), mode, key, dedupe, retry, split)
+
+    return buffered_output("write", up, lambda b: prepare(b, step, key), ctx.component.batch,
                            make_writer, always=mode == "overwrite")
-
-
-def write_settings(ctx: Any) -> tuple[str, tuple[str, ...], bool]:
-    """``(mode, merge_key, deduplicate)`` of a destination component."""
-    wm = getattr(ctx.component, "write_mode", None)
-    if wm is None:
-        return "append", (), False
-    return wm.type, tuple(wm.merge_key or ()), bool(wm.deduplicate)
