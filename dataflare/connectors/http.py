@@ -55,16 +55,8 @@ class HttpDestinationConfig(Strict):
     concurrency: int = Field(1, ge=1, le=64, description="Requests in flight at once.")
 
 
-Request = tuple[str, dict[str, str], bytes, dict[str, Any]]
-"""``(url, headers, body, position)`` of one record."""
-
-
-def _body_record(body: bytes) -> Any:
-    """The record a request carried: its JSON body, else its text."""
-    try:
-        return json.loads(body)
-    except ValueError:
-        return body.decode(errors="replace")
+Request = tuple[str, dict[str, str], bytes, dict[str, Any], Any]
+"""``(url, headers, body, position, record)`` of one record."""
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -132,7 +124,7 @@ class _Requests:
                 headers = {k: fn(rec) for k, fn in self.headers}
                 if self.default_json:
                     headers.setdefault("Content-Type", "application/json")
-                out.append((self.url(rec), headers, body, meta))
+                out.append((self.url(rec), headers, body, meta, rec))
             except (TypeError, ValueError) as exc:
                 message = f"step {self.step!r}: cannot render the request body: {exc}"
                 errs.append(Failed(self.step, type(exc).__name__, message, rec, meta))
@@ -160,7 +152,7 @@ class _HttpWriter:
     def _send_once(self, req: Request) -> None:
         import httpx
 
-        url, headers, body, meta = req
+        url, headers, body = req[:3]
         try:
             resp = self.client.request(self.cfg.method, url, headers=headers, content=body)
         except httpx.TransportError as exc:
@@ -181,8 +173,7 @@ class _HttpWriter:
         try:
             call_with_retry(what, partial(self._send_once, req), self.retry)
         except _Refused as exc:
-            record = _body_record(req[2])
-            return Failed(self.step, f"HTTP {exc.status}", str(exc), record, req[3])
+            return Failed(self.step, f"HTTP {exc.status}", str(exc), req[4], req[3])
         except TransientError as exc:
             msg = (
                 f"step {self.step!r}: giving up after {self.retry.max_attempts} attempt(s): "

@@ -142,7 +142,7 @@ def test_a_refused_request_fails_its_record_alone(receiver: Receiver) -> None:
     receiver.faults.append((400, None))
     recs = [{"id": 1, "_meta": {"file": "in.jsonl", "line": 1}}, {"id": 2}]
     errors = run([recs], url=receiver.url)
-    assert [(e.step, e.type, e.record, e.position()) for e in errors] == [
+    assert [(e.step, e.type, e.as_record()["record"], e.position()) for e in errors] == [
         ("notify", "HTTP 400", {"id": 1}, "in.jsonl:1")]
     assert "answered 400" in errors[0].message
     assert [json.loads(r[3]) for r in receiver.received] == [{"id": 2}]
