@@ -216,40 +216,11 @@ class _RedisWriter:
         if self.client is None:
             self.client = self.cfg.client()
         pipe = self.client.pipeline(transaction=False)
-        ttl = self.cfg.ttl
-        maxlen = self.cfg.stream_max_length
-        expire = int(ttl * 1000) if ttl else None
+        expire = int(self.cfg.ttl * 1000) if self.cfg.ttl else None
         owners: list[int] = []  # the item of each command in the pipeline
-        expiring: list[tuple[int, str]] = []  # keys whose TTL is set once they are written
-        for i, (_rec, (op, key, arg)) in enumerate(items):
-            owners.extend([i - 1] * (len(pipe) - len(owners)))  # the previous item's
-            if op == "hset":
-                values, nulls = arg
-                if values:
-                    pipe.hset(key, mapping=values)
-                if nulls:
-                    pipe.hdel(key, *nulls)
-            elif op == "set":
-                pipe.set(key, arg, px=expire)
-                continue
-            elif op == "del":
-                pipe.delete(key)
-                continue
-            elif op == "rpush":
-                pipe.rpush(key, arg)
-            elif op == "sadd":
-                pipe.sadd(key, arg)
-            elif op == "srem":
-                pipe.srem(key, arg)
-            elif op == "zadd":
-                pipe.zadd(key, arg)
-            elif op == "zrem":
-                pipe.zrem(key, arg)
-            elif op == "xadd":
-                pipe.xadd(key, arg or {"_": ""}, maxlen=maxlen, approximate=True)
-            if expire:
-                expiring.append((i, key))
-        owners.extend([len(items) - 1] * (len(pipe) - len(owners)))
+        for i, (_rec, command) in enumerate(items):
+            self._queue(pipe, command, expire)
+            owners.extend([i] * (len(pipe) - len(owners)))
         refused: dict[int, Failed] = {}
         for i, result in zip(owners, pipe.execute(raise_on_error=False), strict=True):
             if isinstance(result, redis.ResponseError) and i not in refused:
@@ -257,13 +228,43 @@ class _RedisWriter:
                 meta = rec.get(META, {}) if isinstance(rec, dict) else {}
                 message = f"step {self.step!r}: redis refused {items[i][1][0]}: {result}"
                 refused[i] = Failed(self.step, type(result).__name__, message, rec, meta)
-        if expiring:  # not on a key whose write was refused: it holds something else
+        # A TTL once written (SET carries its own), not on a key whose write was refused:
+        # that key holds something else.
+        expiring = [cmd[1] for i, (_rec, cmd) in enumerate(items)
+                    if i not in refused and cmd[0] not in ("set", "del")]
+        if expire and expiring:
             ttl_pipe = self.client.pipeline(transaction=False)
-            for i, key in expiring:
-                if i not in refused:
-                    ttl_pipe.pexpire(key, expire)
+            for key in expiring:
+                ttl_pipe.pexpire(key, expire)
             ttl_pipe.execute()
         return list(refused.values())
+
+    def _queue(self, pipe: Any, command: Command, expire: int | None) -> None:
+        """Add the pipeline command(s) of one record."""
+        op, key, arg = command
+        if op == "hset":
+            values, nulls = arg
+            if values:
+                pipe.hset(key, mapping=values)
+            if nulls:
+                pipe.hdel(key, *nulls)
+        elif op == "set":
+            pipe.set(key, arg, px=expire)
+        elif op == "del":
+            pipe.delete(key)
+        elif op == "rpush":
+            pipe.rpush(key, arg)
+        elif op == "sadd":
+            pipe.sadd(key, arg)
+        elif op == "srem":
+            pipe.srem(key, arg)
+        elif op == "zadd":
+            pipe.zadd(key, arg)
+        elif op == "zrem":
+            pipe.zrem(key, arg)
+        elif op == "xadd":
+            maxlen = self.cfg.stream_max_length
+            pipe.xadd(key, arg or {"_": ""}, maxlen=maxlen, approximate=True)
 
     def _reset(self, _exc: BaseException) -> None:
         if self.client is not None:
