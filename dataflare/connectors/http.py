@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any, Literal
 from urllib.parse import quote
@@ -30,7 +28,7 @@ from dataflare.config import Duration, Strict
 from dataflare.connectors.batching import Flush, buffered_output
 from dataflare.records import META, Failed, describe_position
 from dataflare.registry import BuildContext, destination
-from dataflare.retry import TransientError, call_with_retry
+from dataflare.retry import TransientError, call_with_retry, retry_after_seconds
 from dataflare.template import compile_template, placeholders
 
 
@@ -57,24 +55,6 @@ class HttpDestinationConfig(Strict):
 
 Request = tuple[str, dict[str, str], bytes, dict[str, Any], Any]
 """``(url, headers, body, position, record)`` of one record."""
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class _Requests:

@@ -17,7 +17,6 @@ lacks ``records_path``, becomes a ``Failed`` entry and ends the walk.
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ from dataflare.connectors.schema import discoverer, infer_schema
 from dataflare.dsl_compiler.models import Auth
 from dataflare.records import META, Failed, get_path
 from dataflare.registry import BuildContext, source
-from dataflare.retry import TransientError, call_with_retry
+from dataflare.retry import TransientError, call_with_retry, retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -105,24 +104,6 @@ class RestApiSourceConfig(Strict):
             msg = "pagination type 'offset' needs 'size'"
             raise ValueError(msg)
         return self
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class TokenBucket:

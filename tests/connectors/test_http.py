@@ -19,10 +19,10 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from dataflare.connectors.http import (
     HttpDestinationConfig,
     build_http_destination,
-    retry_after_seconds,
 )
 from dataflare.dsl_compiler import models
 from dataflare.registry import BuildContext
+from dataflare.retry import retry_after_seconds
 
 FAST_RETRY = models.Retry(max_attempts=4, backoff=models.Backoff(initial=0.01, max=0.5))
 

@@ -17,12 +17,12 @@ from dataflare.connectors.rest_api import (
     RestApiSourceConfig,
     TokenBucket,
     build_rest_api_source,
-    retry_after_seconds,
 )
 from dataflare.connectors.schema import discover
 from dataflare.dsl_compiler.models import Source, Workflow
 from dataflare.records import META, Failed
 from dataflare.registry import BuildContext, lookup
+from dataflare.retry import retry_after_seconds
 
 RETRY = {"max_attempts": 4, "backoff": {"initial": "1ms", "max": "20ms"}}
 
