@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -143,7 +144,7 @@ class _Progress:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a workflow with bytewax (bounded inputs run until they end)."""
-    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.recovery import RecoveryConfig
     from bytewax.run import cli_main
 
     if not args.verbose:
@@ -158,17 +159,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
         print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 1
+    if not args.addresses:
+        from dataflare.k8s import cluster_from_env
+
+        try:
+            cluster = cluster_from_env()
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if cluster is not None:  # a pod of a StatefulSet or an Indexed Job (dataflare k8s)
+            args.process_id, args.addresses = cluster.process_id, ";".join(cluster.addresses)
     recovery = None
     snapshot = timedelta(seconds=args.snapshot_interval)
     if args.recovery_dir is not None:
         directory = Path(args.recovery_dir)
-        if not any(directory.glob("*.sqlite3")):
-            directory.mkdir(parents=True, exist_ok=True)
-            init_db_dir(directory, args.recovery_partitions)
+        directory.mkdir(parents=True, exist_ok=True)
+        _init_partitions(directory, args)
         # The run's id outlives a crash before the first snapshot (see connectors.batching).
         run_id = directory / "dataflare-run-id"
         if not run_id.exists():
-            run_id.write_text(uuid.uuid4().hex + "\n")
+            run_id.write_text((os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex) + "\n")
         os.environ[RUN_ID_ENV] = run_id.read_text().strip()
         recovery = RecoveryConfig(str(directory), timedelta(seconds=args.backup_interval))
     kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
@@ -189,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, addr="127.0.0.1")
+        start_http_server(args.metrics_port, addr=args.metrics_host)
     timer = None
     if wf.config.timeout is not None:
         # The timeout interrupts the run like Ctrl-C, even where SIGINT was inherited ignored.
@@ -218,6 +228,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         if timer is not None:
             timer.cancel()
     return 0
+
+
+def _init_partitions(directory: Path, args: argparse.Namespace) -> None:
+    """Create the recovery partitions of a new recovery directory.
+
+    A single process creates ``--recovery-partitions`` of them. A process of a
+    multi-process run creates only its own (``part-<id>`` of one per process), so each
+    process (a pod with its own volume) may keep its partition in a directory of its own;
+    when the processes share a directory, together they create the full set.
+    """
+    from bytewax.recovery import init_db_dir
+
+    if not args.addresses:
+        if not any(directory.glob("*.sqlite3")):
+            init_db_dir(directory, args.recovery_partitions)
+        return
+    own = directory / f"part-{args.process_id or 0}.sqlite3"
+    if own.exists() or (not args.process_id and any(directory.glob("*.sqlite3"))):
+        return
+    count = len(args.addresses.split(";"))
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        init_db_dir(Path(tmp), count)
+        os.replace(Path(tmp) / own.name, own)
 
 
 _PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")
@@ -319,6 +352,28 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_k8s(args: argparse.Namespace) -> int:
+    """Print (or write) the Kubernetes manifests that run a workflow."""
+    from dataflare import k8s
+
+    try:
+        objects = k8s.render(args.path, k8s.Options(
+            image=args.image, replicas=args.replicas, name=args.name, namespace=args.namespace))
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.out is None:
+        print(k8s.dump(objects), end="")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for obj in objects:
+        kind, name = obj["kind"].lower(), obj["metadata"]["name"]
+        (out / f"{name}.{kind}.yaml").write_text(k8s.dump([obj]))
+    print(f"wrote {len(objects)} manifests to {out}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     """Print the JSON Schema of workflow files, or the Markdown DSL reference."""
     from dataflare.dsl_compiler import reference
@@ -342,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="Log more.")
     p.add_argument("--metrics-port", type=int,
-                   help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics while running.")
+                   help="Serve Prometheus metrics on HOST:PORT/metrics while running.")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="Address the metrics server binds (0.0.0.0 in a pod).")
     p.add_argument("-w", "--workers-per-process", type=int, help="Workers in this process.")
     p.add_argument("-i", "--process-id", type=int, help="This process's id (with -a).")
     p.add_argument("-a", "--addresses", help="host:port of every process, ';'-separated.")
@@ -370,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("source", nargs="?", help="Only this source.")
     p.set_defaults(fn=cmd_discover)
+
+    p = sub.add_parser("k8s", help="Print the Kubernetes manifests of a workflow.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--image", default="dataflare:latest", help="Container image of the pods.")
+    p.add_argument("--replicas", type=int, default=1, help="Processes (pods).")
+    p.add_argument("--name", help="Name of the objects (default: the workflow id).")
+    p.add_argument("--namespace", help="Namespace of the objects.")
+    p.add_argument("--out", help="Write one file per object into this directory.")
+    p.set_defaults(fn=cmd_k8s)
 
     p = sub.add_parser("schema", help="Print the JSON Schema of workflow files.")
     p.add_argument("--markdown", action="store_true", help="The DSL reference instead.")
