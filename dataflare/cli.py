@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import json
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from dataflare import metrics
 from dataflare.connectors.batching import RUN_ID_ENV
@@ -93,11 +95,28 @@ class _Progress:
     written (or counted failed), but after a failed run some may not be.
     """
 
-    def __init__(self, steps: list[str], destinations: list[str], live: bool) -> None:
+    def __init__(self, steps: list[str], destinations: list[str], live: bool,
+                 quiet: bool = False) -> None:
         self.steps, self.destinations, self.live = steps, set(destinations), live
+        self.quiet = quiet
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.started = time.monotonic()
+        self.elapsed = 0.0
+
+    def summary(self, sources: list[str], status: str, error: str | None) -> dict[str, object]:
+        """The run's result: status, totals (read, written, failed), per-step counts."""
+        counts = self.counts()
+        steps = {s: {"records": n, "failed": e} for s, n, e in counts}
+        return {
+            "status": status,
+            "duration_s": round(self.elapsed or time.monotonic() - self.started, 3),
+            "total": sum(steps[s]["records"] for s in sources if s in steps),
+            "succeeded": sum(steps[s]["records"] for s in self.destinations if s in steps),
+            "failed": sum(e for _, _, e in counts),
+            "steps": steps,
+            "error": error,
+        }
 
     def counts(self) -> list[tuple[str, int, int]]:
         out = []
@@ -132,7 +151,9 @@ class _Progress:
         if self.live:
             self.thread.join()
             sys.stderr.write("\r\x1b[K")
-        elapsed = time.monotonic() - self.started
+        elapsed = self.elapsed = time.monotonic() - self.started
+        if self.quiet:
+            return
         state = ", run failed" if failure else ""
         print(f"summary ({elapsed:.1f}s{state}): records per step", file=sys.stderr)
         for step, n, errors in self.counts():
@@ -209,25 +230,53 @@ def cmd_run(args: argparse.Namespace) -> int:
         timer.start()
     steps = [*wf.sources, *wf.transformations, *wf.destinations]
     live = sys.stderr.isatty() and not args.quiet
+    progress = _Progress(steps, list(wf.destinations), live, quiet=args.quiet)
+    code, status, error = 0, "succeeded", None
     try:
-        with (_Progress(steps, list(wf.destinations), live) if not args.quiet
-              else _nullcontext()), _without_worker_panics():
+        with progress, _without_worker_panics():
             cli_main(flow, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
         cause = _unwrapped(exc)
         if timer is not None and timer.finished.is_set():
-            print(f"error: the workflow ran longer than its config.timeout "
-                  f"({wf.config.timeout:g}s) and was stopped", file=sys.stderr)
-            return 124
-        if isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
-            print("interrupted", file=sys.stderr)
-            return 130
-        print(f"error: {_error_text(exc)}", file=sys.stderr)
-        return 1
+            error = (f"the workflow ran longer than its config.timeout "
+                     f"({wf.config.timeout:g}s) and was stopped")
+            code, status = 124, "failed"
+        elif isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
+            code, status = 130, "stopped"
+        else:
+            code, status, error = 1, "failed", _error_text(exc)
+        print(f"error: {error}" if error else "interrupted", file=sys.stderr)
     finally:
         if timer is not None:
             timer.cancel()
-    return 0
+    summary = progress.summary(list(wf.sources), status, error)
+    if wf.post_actions and not args.no_post_actions:
+        summary["post_actions"] = _post_actions(args, wf, status, summary)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    return code
+
+
+def _post_actions(args: argparse.Namespace, wf: Any, status: str,
+                  summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run the workflow's post-actions; each outcome is printed on stderr."""
+    from dataflare.post_actions import run_post_actions
+
+    trigger = None
+    if args.server:
+        from dataflare.server.client import Client
+
+        trigger = Client(args.server, args.token).trigger_for_post_action
+    results = run_post_actions(wf, status, os.environ.get(RUN_ID_ENV), summary, trigger)
+    for r in results:
+        what = f"post-action {r['index']} ({r['type']})"
+        if r.get("done"):
+            print(f"{what}: done", file=sys.stderr)
+        elif r.get("reason"):
+            continue
+        else:
+            print(f"{what}: failed: {r.get('error') or r.get('result')}", file=sys.stderr)
+    return results
 
 
 def _init_partitions(directory: Path, args: argparse.Namespace) -> None:
@@ -296,14 +345,6 @@ def _pump(read: int, out: int) -> None:
             dst.write(line)
 
 
-class _nullcontext:  # noqa: N801
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def cmd_test(args: argparse.Namespace) -> int:
     """Run the ``tests:`` blocks of workflow files."""
     from dataflare.testing import run_workflow_tests
@@ -350,6 +391,42 @@ def cmd_discover(args: argparse.Namespace) -> int:
             code = 1
     print(json.dumps(catalog, indent=2, default=str))
     return code
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Run the platform server's roles."""
+    from dataflare.server import serve
+
+    return serve(args.store, args.role, args.host, args.port, args.config,
+                 Path(args.data_dir), args.workers)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    """``push``, ``runs``, ``trigger`` and ``stop`` against a server."""
+    from dataflare.server.client import ApiError, Client
+
+    client = Client(args.server, args.token)
+    try:
+        if args.action == "push":
+            out = client.push(args.target)
+            print(f"{out['id']}: revision {out['revision']}")
+        elif args.action == "runs":
+            for r in client.runs(args.target, args.status):
+                print(f"{r['id']}  {r['workflow']}  {r['status']:<9}  {r['trigger']:<8}  "
+                      f"{r['started_at'] or '-'}")
+        elif args.action == "trigger":
+            run = client.trigger(args.target)
+            print(run["id"])
+            if args.wait:
+                run = client.wait(run["id"])
+                print(run["status"] + (f": {run['error']}" if run.get("error") else ""))
+                return 0 if run["status"] == "succeeded" else 1
+        else:
+            print(client.stop(args.target)["status"])
+    except (ApiError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
@@ -412,6 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-partitions", type=int, default=1,
                    help="Partitions created in a new recovery directory.")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress or summary.")
+    p.add_argument("--summary-json", metavar="FILE",
+                   help="Write the run's result (status, totals, per-step counts) as JSON.")
+    p.add_argument("--no-post-actions", action="store_true",
+                   help="Leave the post-actions to the caller (the server's workers).")
+    p.add_argument("--server", default=os.environ.get("DATAFLARE_SERVER"),
+                   help="DataFlare server URL: post-action triggers start workflows there.")
+    p.add_argument("--token", default=os.environ.get("DATAFLARE_TOKEN"),
+                   help="API token for --server (or DATAFLARE_TOKEN).")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("test", help="Run the tests: blocks of workflow files.")
@@ -420,13 +505,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("graph", help="Print the workflow DAG.")
     p.add_argument("path", metavar="PATH")
-    p.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    p.add_argument("--format", choices=["mermaid", "dot", "svg"], default="mermaid")
     p.set_defaults(fn=cmd_graph)
 
     p = sub.add_parser("discover", help="Print the fields and types each source reads.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("source", nargs="?", help="Only this source.")
     p.set_defaults(fn=cmd_discover)
+
+    p = sub.add_parser("server", help="Run the platform server (API, scheduler, workers).")
+    p.add_argument("--store", help="Store URL: sqlite:///FILE or postgresql://... "
+                   "(default: a SQLite file under --data-dir).")
+    p.add_argument("--role", choices=["all", "api", "scheduler", "worker"], default="all")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--config", help="Users, tokens and roles (YAML).")
+    p.add_argument("--data-dir", default=".dataflare",
+                   help="Runs' working and recovery directories, the default store.")
+    p.add_argument("--workers", type=int, default=1, help="Runs carried out at once.")
+    p.set_defaults(fn=cmd_server)
+
+    for name, help_text in (("push", "Store a workflow file on a server (a new revision)."),
+                            ("runs", "List a server's runs."),
+                            ("trigger", "Start a run of a stored workflow."),
+                            ("stop", "Stop a run.")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("target", nargs="?" if name == "runs" else None,
+                       metavar={"push": "FILE", "runs": "WORKFLOW", "trigger": "WORKFLOW",
+                                "stop": "RUN"}[name])
+        p.add_argument("--server", default=os.environ.get("DATAFLARE_SERVER",
+                                                          "http://127.0.0.1:8080"))
+        p.add_argument("--token", default=os.environ.get("DATAFLARE_TOKEN"),
+                       help="API token (or DATAFLARE_TOKEN).")
+        if name == "runs":
+            p.add_argument("--status", help="Only runs in this status.")
+        if name == "trigger":
+            p.add_argument("--wait", action="store_true", help="Wait for the run to end.")
+        p.set_defaults(fn=cmd_client, action=name)
 
     p = sub.add_parser("k8s", help="Print the Kubernetes manifests of a workflow.")
     p.add_argument("path", metavar="PATH")

@@ -52,6 +52,9 @@ class Schedule(Strict):
     timezone: str = Field("UTC", description="IANA time zone of the cron expression.")
     start_date: datetime | None = Field(None, description="No run before this time.")
     end_date: datetime | None = Field(None, description="No run after this time.")
+    catchup: Literal["latest", "all", "none"] = Field(
+        "latest", description="Instants missed while no scheduler ran: run the latest one, "
+        "every one, or none.")
 
     @model_validator(mode="after")
     def _check(self) -> Schedule:
