@@ -8,6 +8,7 @@ the workers that run it. Every endpoint but the probes and the console page need
 """
 
 
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -21,7 +22,6 @@ from pydantic import BaseModel, Field
 
 from dataflare import registry
 from dataflare.dsl_compiler import Validated, validate_text
-from dataflare.k8s import variables
 from dataflare.server.auth import Access, User
 from dataflare.server.scheduler import Scheduler, next_instants, schedule_of
 from dataflare.server.store import Conflict, NotFound, Store
@@ -48,8 +48,8 @@ class Backfill(BaseModel):
 
 
 def _validated(text: str, name: str) -> Validated:
-    # Values of ${VAR} come at run time, on the worker: validate the shape only.
-    return validate_text(text, name, {n: "placeholder" for n in variables(text)})
+    # A variable the server's environment lacks is a warning: workers may have it.
+    return validate_text(text, name, dict(os.environ))
 
 
 def _problems(v: Validated) -> list[dict[str, Any]]:
@@ -220,8 +220,6 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
     @app.get("/api/v1/workflows/{wid}/discover/{source}")
     def discover(wid: str, source: str, _user: Connectors) -> Any:
         """What a source of a stored workflow reads (tables and columns, or a schema)."""
-        import os
-
         from dataflare.connectors.schema import discover as run_discover
         from dataflare.dsl_compiler.compiler import component_context
 
