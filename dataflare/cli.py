@@ -398,7 +398,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from dataflare.server import serve
 
     return serve(args.store, args.role, args.host, args.port, args.config,
-                 Path(args.data_dir), args.workers)
+                 Path(args.data_dir), args.workers, args.lease)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -523,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=".dataflare",
                    help="Runs' working and recovery directories, the default store.")
     p.add_argument("--workers", type=int, default=1, help="Runs carried out at once.")
+    p.add_argument("--lease", type=float, default=30.0,
+                   help="Seconds a worker holds a run without a heartbeat before another "
+                   "worker takes it over.")
     p.set_defaults(fn=cmd_server)
 
     for name, help_text in (("push", "Store a workflow file on a server (a new revision)."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,12 @@ ROLES = ("all", "api", "scheduler", "worker")
 
 
 def serve(store_url: str | None, role: str, host: str, port: int, config: str | None,
-          data_dir: Path, workers: int = 1) -> int:
+          data_dir: Path, workers: int = 1, lease: float = 30.0) -> int:
     """Run the server's roles until SIGTERM or SIGINT."""
     from dataflare.server import auth
     from dataflare.server.scheduler import Scheduler
     from dataflare.server.store import Store, default_url, migrate
-    from dataflare.server.worker import Worker
+    from dataflare.server.worker import Worker, WorkerSettings
 
     url = store_url or default_url(data_dir)
     migrate(url)
@@ -35,7 +36,9 @@ def serve(store_url: str | None, role: str, host: str, port: int, config: str | 
                                         name="scheduler", daemon=True))
     if role in ("all", "worker"):
         for i in range(workers):
-            w = Worker(store, data_dir)
+            settings = WorkerSettings(lease=timedelta(seconds=lease),
+                                      heartbeat=max(0.2, min(2.0, lease / 5)))
+            w = Worker(store, data_dir, settings)
             threads.append(threading.Thread(target=w.run_forever, args=(stop,),
                                             name=f"worker-{i}", daemon=True))
     for t in threads:
