@@ -122,7 +122,8 @@ def test_the_server_runs_post_actions_and_a_trigger_that_waits(
     headers = {"Authorization": f"Bearer {token}", "content-type": "text/yaml"}
     down = flow(tmp_path, f"""
     - type: notification
-      config: {{channel: webhook, url: "{webhook.url}", message: "{{{{workflow.id}}}} {{{{workflow.status}}}}"}}
+      config: {{channel: webhook, url: "{webhook.url}",
+               message: "{{{{workflow.id}}}} {{{{workflow.status}}}}"}}
 """).read_text().replace("id: nightly", "id: downstream").replace("in.jsonl", "/nope.jsonl")
     assert client.post("/api/v1/workflows", content=down, headers=headers).status_code == 201
     up = flow(tmp_path, """
