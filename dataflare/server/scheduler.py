@@ -107,6 +107,7 @@ class Scheduler:
     def __init__(self, store: Store, clock: Callable[[], datetime] = now) -> None:
         self.store, self.clock = store, clock
         self._cache: dict[tuple[str, int], Schedule | None] = {}
+        self.next_due: datetime | None = None  # the earliest instant after the last tick
 
     def schedule(self, wid: str, revision: int, text: str) -> Schedule | None:
         """The schedule of a workflow revision (parsed once)."""
@@ -119,6 +120,7 @@ class Scheduler:
         """Create the runs due now; their ids."""
         at = self.clock()
         started: list[str] = []
+        self.next_due = None
         for wid, revision, text, until, created in self.store.scheduled():
             sched = self.schedule(wid, revision, text)
             if sched is None or sched.type == "event":
@@ -129,6 +131,9 @@ class Scheduler:
                 due.append(t)
                 if len(due) >= MAX_CATCHUP:
                     break
+            upcoming = next(instants(sched, max(at, after), at + timedelta(minutes=1)), None)
+            if upcoming is not None and (self.next_due is None or upcoming < self.next_due):
+                self.next_due = upcoming
             if not due:
                 continue
             if sched.catchup == "latest":
@@ -165,10 +170,13 @@ class Scheduler:
         return ids
 
     def run_forever(self, stop: threading.Event, interval: float = 1.0) -> None:
-        """Tick every ``interval`` seconds until ``stop`` is set."""
+        """Tick until ``stop`` is set: every ``interval`` seconds, or at the next instant due."""
         while not stop.is_set():
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - a failed tick is logged and retried
                 log.exception("scheduler tick failed")
-            stop.wait(interval)
+            wait = interval
+            if self.next_due is not None:
+                wait = min(interval, max(0.01, (self.next_due - self.clock()).total_seconds()))
+            stop.wait(wait)

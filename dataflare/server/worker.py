@@ -44,7 +44,7 @@ class WorkerSettings:
 
     lease: timedelta = timedelta(seconds=30)
     heartbeat: float = 2.0
-    poll: float = 0.5
+    poll: float = 0.2
     stop_grace: float = 30.0
 
 
