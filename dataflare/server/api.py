@@ -24,7 +24,7 @@ from dataflare import registry
 from dataflare.dsl_compiler import Validated, validate_text
 from dataflare.server.auth import Access, User
 from dataflare.server.scheduler import Scheduler, next_instants, schedule_of
-from dataflare.server.store import Conflict, NotFound, Store
+from dataflare.server.store import Conflict, NotFound, Store, now
 
 REQUESTS = Counter("dataflare_api_requests", "API requests.", ["method", "status"])
 LATENCY = Histogram("dataflare_api_seconds", "API request latency.", ["method"])
@@ -132,6 +132,12 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
                 "message": f"the text's id {wf.id!r} is not the workflow's id {wid!r}"}]})
         target = wid or wf.id
         assert target is not None
+        if wf.schedule is not None and wf.schedule.type in ("cron", "interval") and not \
+                next_instants(wf.schedule, 1, max(now(), wf.schedule.start_date or now())):
+            raise HTTPException(422, {"problems": [{
+                "line": 1, "column": 1, "path": "workflow.schedule", "severity": "error",
+                "message": "the schedule never fires (no instant in the next ten years"
+                + (" before its end_date)" if wf.schedule.end_date else ")")}]})
         _check_trigger_cycle(store, target, wf)
         return target, wf.name
 

@@ -69,7 +69,7 @@ def instants(schedule: Schedule, after: datetime, until: datetime) -> Iterator[d
             t += step
         return
     if schedule.type == "cron":
-        from croniter import croniter
+        from croniter import CroniterBadDateError, croniter
 
         zone = ZoneInfo(schedule.timezone)
         base = max(after, start - timedelta(microseconds=1)) if start else after
@@ -81,7 +81,10 @@ def instants(schedule: Schedule, after: datetime, until: datetime) -> Iterator[d
             len(fields) >= 5 and fields[1].split("/")[0] in ("*", "0-23"))
         wall = None
         while True:
-            t = it.get_next(datetime)
+            try:
+                t = it.get_next(datetime)
+            except CroniterBadDateError:  # an expression with no date (Feb 30)
+                return
             if t > until:
                 return
             if hourly or t.replace(tzinfo=None) != wall:

@@ -90,6 +90,16 @@ def test_every_change_is_a_revision_and_an_audit_record(client: TestClient) -> N
     assert client.get("/api/v1/workflows/orders", headers=h("admin")).status_code == 404
 
 
+def test_a_schedule_that_never_fires_is_refused(client: TestClient) -> None:
+    never = flow(extra="  schedule: {type: cron, expression: '0 0 30 2 *'}\n")
+    r = post_yaml(client, never)
+    assert r.status_code == 422
+    assert "never fires" in r.json()["detail"]["problems"][0]["message"]
+    ended = flow(extra="  schedule: {type: interval, interval: 1h, "
+                 "end_date: '2020-01-01T00:00:00Z'}\n")
+    assert "before its end_date" in str(post_yaml(client, ended).json())
+
+
 def test_a_trigger_cycle_is_refused(client: TestClient) -> None:
     trig = "  post_actions:\n    - {{type: trigger, config: {{workflow: {0}}}}}\n"
     assert post_yaml(client, flow("a", trig.format("b"))).status_code == 201
