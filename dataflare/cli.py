@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import json
 import logging
@@ -20,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dataflare import metrics
+from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 
@@ -221,11 +220,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=args.metrics_host)
+    # SIGTERM / SIGINT stop gracefully (dataflare.stopping); so does config.timeout, which
+    # stops at once if the graceful stop takes longer than STOP_GRACE.
+    stopping.install()
     timer = None
+    timeout_error = None
     if wf.config.timeout is not None:
-        # The timeout interrupts the run like Ctrl-C, even where SIGINT was inherited ignored.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        timer = threading.Timer(wf.config.timeout, _thread.interrupt_main)
+        timeout_error = (f"the workflow ran longer than its config.timeout "
+                         f"({wf.config.timeout:g}s) and was stopped")
+        timer = threading.Timer(wf.config.timeout, _time_out, args=(timeout_error,))
         timer.daemon = True
         timer.start()
     steps = [*wf.sources, *wf.transformations, *wf.destinations]
@@ -237,11 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cli_main(flow, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
         cause = _unwrapped(exc)
-        if timer is not None and timer.finished.is_set():
-            error = (f"the workflow ran longer than its config.timeout "
-                     f"({wf.config.timeout:g}s) and was stopped")
-            code, status = 124, "failed"
-        elif isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
+        if isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
             code, status = 130, "stopped"
         else:
             code, status, error = 1, "failed", _error_text(exc)
@@ -249,12 +248,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if timer is not None:
             timer.cancel()
+    if status == "succeeded" and stopping.requested():
+        if timer is not None and timer.finished.is_set():
+            code, status, error = 124, "failed", timeout_error
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            signum = stopping.SIGNAL[0] if stopping.SIGNAL else signal.SIGTERM
+            code, status = 128 + signum, "stopped"
+            kept = " (state kept in the final snapshot)" if recovery is not None else ""
+            print(f"stopped cleanly on {signal.Signals(signum).name}{kept}", file=sys.stderr)
     summary = progress.summary(list(wf.sources), status, error)
     if wf.post_actions and not args.no_post_actions:
         summary["post_actions"] = _post_actions(args, wf, status, summary)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return code
+
+
+STOP_GRACE = 30.0  # seconds a timed-out run may take to stop gracefully
+
+
+def _time_out(message: str) -> None:
+    """``config.timeout`` passed: stop gracefully, and at once after STOP_GRACE."""
+    stopping.REQUESTED.set()
+    hard = threading.Timer(STOP_GRACE, _hard_stop, args=(message,))
+    hard.daemon = True
+    hard.start()
+
+
+def _hard_stop(message: str) -> None:
+    print(f"error: {message} (it did not stop within {STOP_GRACE:g}s)", file=sys.stderr,
+          flush=True)
+    os._exit(124)
 
 
 def _post_actions(args: argparse.Namespace, wf: Any, status: str,

@@ -30,6 +30,7 @@ from dataflare.dsl_compiler.validate import Validated, validate_file
 from dataflare.expr import compile_expression
 from dataflare.operators.records import map_records, separate_failed
 from dataflare.records import META, Batch, Failed, get_path, set_path
+from dataflare.stopping import stoppable
 
 log = logging.getLogger(__name__)
 _DEAD = "dead_letter"
@@ -172,7 +173,7 @@ def source_component(
     mask: Callable[[Any], Any] | None,
 ) -> _MultiStream[str]:
     """A source: read batches, check ``output_schema``, separate failures, apply the policy."""
-    items = op.input("read", flow, source)
+    items = op.input("read", flow, stoppable(source))
     if check is not None:
         items = op.map("output_schema", items, check.check)
     parts = separate_failed("decode", items)

@@ -28,7 +28,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Stream
 from bytewax.operators import StatefulBatchLogic
 
-from dataflare import metrics
+from dataflare import metrics, stopping
 from dataflare.records import RecordError, getter, iso_utc, to_epoch_seconds
 
 SHARDS = 16
@@ -280,7 +280,9 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         return self.idle(), False
 
     def on_eof(self) -> tuple[Iterable[tuple[str, list[Any]]], bool]:
-        """Bytewax entry: the input ended."""
+        """Bytewax entry: the input ended; on a graceful stop, open state is kept instead."""
+        if stopping.requested():
+            return [], False
         return self.flush(), True
 
     def notify_at(self) -> datetime | None:
