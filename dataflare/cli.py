@@ -6,22 +6,11 @@ import argparse
 import json
 import logging
 import os
-import re
-import signal
 import sys
-import tempfile
-import threading
-import time
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from datetime import timedelta
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from dataflare import metrics, stopping
-from dataflare.connectors.batching import RUN_ID_ENV
-from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
+from dataflare.dsl_compiler import validate_file
 
 
 def _print_problems(problems: Sequence[object], for_run: bool) -> None:
@@ -44,330 +33,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _is_wrapper(exc: BaseException) -> bool:
-    """Whether ``exc`` is bytewax's wrapping of an error raised in a step (or a Rust panic)."""
-    package = type(exc).__module__.split(".")[0]
-    return package in ("bytewax", "pyo3_runtime") or str(exc).startswith("(src/")
-
-
-def _unwrapped(exc: BaseException) -> BaseException:
-    """The exception that explains a failed run: the outermost one bytewax did not wrap.
-
-    That is DataFlare's own when there is one (it names the step and the target).
-    """
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    last = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if not _is_wrapper(cur):
-            return cur
-        last = cur
-        cur = cur.__cause__ or cur.__context__
-    for line in str(exc).splitlines():
-        if "StepFailed:" in line:
-            return StepFailed(line.split("StepFailed:", 1)[1].strip())
-    return last
-
-
-def _error_text(exc: BaseException) -> str:
-    """The message of a failed run, printed after ``error:``.
-
-    The message of :func:`_unwrapped`, then the innermost error it was raised from when
-    the message does not already say it (a driver's error under ours).
-    """
-    cause = _unwrapped(exc)
-    inner, seen = cause, {id(cause)}
-    while inner.__cause__ is not None and id(inner.__cause__) not in seen:
-        inner = inner.__cause__
-        seen.add(id(inner))
-    text = str(cause)
-    if inner is not cause and str(inner) not in text:
-        text += f" ({type(inner).__name__}: {inner})"
-    return text
-
-
-class _Progress:
-    """Records out per step on a terminal, refreshed every second; a summary at the end.
-
-    A destination's count is of the records it received: once the run ended, all are
-    written (or counted failed), but after a failed run some may not be.
-    """
-
-    def __init__(self, steps: list[str], destinations: list[str], live: bool,
-                 quiet: bool = False) -> None:
-        self.steps, self.destinations, self.live = steps, set(destinations), live
-        self.quiet = quiet
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.started = time.monotonic()
-        self.elapsed = 0.0
-
-    def summary(self, sources: list[str], status: str, error: str | None) -> dict[str, object]:
-        """The run's result: status, totals (read, written, failed), per-step counts."""
-        counts = self.counts()
-        steps = {s: {"records": n, "failed": e} for s, n, e in counts}
-        return {
-            "status": status,
-            "duration_s": round(self.elapsed or time.monotonic() - self.started, 3),
-            "total": sum(steps[s]["records"] for s in sources if s in steps),
-            "succeeded": sum(steps[s]["records"] for s in self.destinations if s in steps),
-            "failed": sum(e for _, _, e in counts),
-            "steps": steps,
-            "error": error,
-        }
-
-    def counts(self) -> list[tuple[str, int, int]]:
-        out = []
-        for step in self.steps:
-            n = metrics.value(metrics.RECORDS_OUT, step=step) + metrics.value(
-                metrics.RECORDS_WRITTEN, step=step
-            )
-            errors = sum(
-                metrics.value(metrics.ERRORS, step=step, strategy=s)
-                for s in ("skip", "fail", "redirect")
-            )
-            out.append((step, int(n), int(errors)))
-        return out
-
-    def _line(self) -> str:
-        return "  ".join(
-            f"{s}={n}" + (f" (errors {e})" if e else "") for s, n, e in self.counts()
-        )
-
-    def _loop(self) -> None:
-        while not self.stop.wait(1.0):
-            sys.stderr.write("\r\x1b[K" + self._line()[:200])
-            sys.stderr.flush()
-
-    def __enter__(self) -> _Progress:
-        if self.live:
-            self.thread.start()
-        return self
-
-    def __exit__(self, failure: type[BaseException] | None, *exc: object) -> None:
-        self.stop.set()
-        if self.live:
-            self.thread.join()
-            sys.stderr.write("\r\x1b[K")
-        elapsed = self.elapsed = time.monotonic() - self.started
-        if self.quiet:
-            return
-        state = ", run failed" if failure else ""
-        print(f"summary ({elapsed:.1f}s{state}): records per step", file=sys.stderr)
-        for step, n, errors in self.counts():
-            unsure = failure is not None and step in self.destinations and n > 0
-            extra = " received, not all confirmed written" if unsure else ""
-            extra += f", {errors} failed" if errors else ""
-            print(f"  {step}: {n}{extra}", file=sys.stderr)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a workflow with bytewax (bounded inputs run until they end)."""
-    from bytewax.recovery import RecoveryConfig
-    from bytewax.run import cli_main
+    from dataclasses import fields
 
-    if not args.verbose:
-        os.environ["RUST_BACKTRACE"] = "0"
-    v = validate_file(args.path)
-    problems = v.errors(for_run=True)
-    if problems:
-        _print_problems(problems, for_run=True)
-        return 1
-    try:
-        flow = compile_validated(v)
-    except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
-        print(f"error: {_error_text(exc)}", file=sys.stderr)
-        return 1
-    if not args.addresses:
-        from dataflare.k8s import cluster_from_env
+    from dataflare.runner import RunOptions, run_with
 
-        try:
-            cluster = cluster_from_env()
-        except (ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        if cluster is not None:  # a pod of a StatefulSet or an Indexed Job (dataflare k8s)
-            args.process_id, args.addresses = cluster.process_id, ";".join(cluster.addresses)
-    recovery = None
-    snapshot = timedelta(seconds=args.snapshot_interval)
-    if args.recovery_dir is not None:
-        directory = Path(args.recovery_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        _init_partitions(directory, args)
-        # The run's id outlives a crash before the first snapshot (see connectors.batching).
-        run_id = directory / "dataflare-run-id"
-        if not run_id.exists():
-            run_id.write_text((os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex) + "\n")
-        os.environ[RUN_ID_ENV] = run_id.read_text().strip()
-        recovery = RecoveryConfig(str(directory), timedelta(seconds=args.backup_interval))
-    kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
-    if args.addresses:
-        kwargs["addresses"] = args.addresses.split(";")
-        kwargs["process_id"] = args.process_id or 0
-    if args.workers_per_process:
-        kwargs["workers_per_process"] = args.workers_per_process
-    wf = v.workflow
-    assert wf is not None
-    workers = (args.workers_per_process or 1) * (len(args.addresses.split(";"))
-                                                  if args.addresses else 1)
-    limit = wf.config.max_concurrency
-    if limit is not None and workers > limit:
-        print(f"error: config.max_concurrency is {limit}, this run asks for {workers} workers",
-              file=sys.stderr)
-        return 1
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port, addr=args.metrics_host)
-    # SIGTERM / SIGINT stop gracefully (dataflare.stopping); so does config.timeout, which
-    # stops at once if the graceful stop takes longer than STOP_GRACE.
-    stopping.install()
-    timer = None
-    timeout_error = None
-    if wf.config.timeout is not None:
-        timeout_error = (f"the workflow ran longer than its config.timeout "
-                         f"({wf.config.timeout:g}s) and was stopped")
-        timer = threading.Timer(wf.config.timeout, _time_out, args=(timeout_error,))
-        timer.daemon = True
-        timer.start()
-    steps = [*wf.sources, *wf.transformations, *wf.destinations]
-    live = sys.stderr.isatty() and not args.quiet
-    progress = _Progress(steps, list(wf.destinations), live, quiet=args.quiet)
-    code, status, error = 0, "succeeded", None
-    try:
-        with progress, _without_worker_panics():
-            cli_main(flow, **kwargs)
-    except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
-        cause = _unwrapped(exc)
-        if isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
-            code, status = 130, "stopped"
-        else:
-            code, status, error = 1, "failed", _error_text(exc)
-        print(f"error: {error}" if error else "interrupted", file=sys.stderr)
-    finally:
-        if timer is not None:
-            timer.cancel()
-    if status == "succeeded" and stopping.requested():
-        if timer is not None and timer.finished.is_set():
-            code, status, error = 124, "failed", timeout_error
-            print(f"error: {error}", file=sys.stderr)
-        else:
-            signum = stopping.SIGNAL[0] if stopping.SIGNAL else signal.SIGTERM
-            code, status = 128 + signum, "stopped"
-            kept = " (state kept in the final snapshot)" if recovery is not None else ""
-            print(f"stopped cleanly on {signal.Signals(signum).name}{kept}", file=sys.stderr)
-    summary = progress.summary(list(wf.sources), status, error)
-    if wf.post_actions and not args.no_post_actions:
-        summary["post_actions"] = _post_actions(args, wf, status, summary)
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
-    return code
-
-
-STOP_GRACE = 30.0  # seconds a timed-out run may take to stop gracefully
-
-
-def _time_out(message: str) -> None:
-    """``config.timeout`` passed: stop gracefully, and at once after STOP_GRACE."""
-    stopping.REQUESTED.set()
-    hard = threading.Timer(STOP_GRACE, _hard_stop, args=(message,))
-    hard.daemon = True
-    hard.start()
-
-
-def _hard_stop(message: str) -> None:
-    print(f"error: {message} (it did not stop within {STOP_GRACE:g}s)", file=sys.stderr,
-          flush=True)
-    os._exit(124)
-
-
-def _post_actions(args: argparse.Namespace, wf: Any, status: str,
-                  summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run the workflow's post-actions; each outcome is printed on stderr."""
-    from dataflare.post_actions import run_post_actions
-
-    trigger = None
-    if args.server:
-        from dataflare.server.client import Client
-
-        trigger = Client(args.server, args.token).trigger_for_post_action
-    results = run_post_actions(wf, status, os.environ.get(RUN_ID_ENV), summary, trigger)
-    for r in results:
-        what = f"post-action {r['index']} ({r['type']})"
-        if r.get("done"):
-            print(f"{what}: done", file=sys.stderr)
-        elif r.get("reason"):
-            continue
-        else:
-            print(f"{what}: failed: {r.get('error') or r.get('result')}", file=sys.stderr)
-    return results
-
-
-def _init_partitions(directory: Path, args: argparse.Namespace) -> None:
-    """Create the recovery partitions of a new recovery directory.
-
-    A single process creates ``--recovery-partitions`` of them. A process of a
-    multi-process run creates only its own (``part-<id>`` of one per process), so each
-    process (a pod with its own volume) may keep its partition in a directory of its own;
-    when the processes share a directory, together they create the full set.
-    """
-    from bytewax.recovery import init_db_dir
-
-    if not args.addresses:
-        if not any(directory.glob("*.sqlite3")):
-            init_db_dir(directory, args.recovery_partitions)
-        return
-    own = directory / f"part-{args.process_id or 0}.sqlite3"
-    if own.exists() or (not args.process_id and any(directory.glob("*.sqlite3"))):
-        return
-    count = len(args.addresses.split(";"))
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        init_db_dir(Path(tmp), count)
-        os.replace(Path(tmp) / own.name, own)
-
-
-_PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")
-_PANIC_TAIL = (b"Box<dyn Any>", b"note: run with `RUST_BACKTRACE=1`")
-
-
-@contextmanager
-def _without_worker_panics() -> Iterator[None]:
-    """Drop the notice bytewax's worker prints on stderr when a step raises.
-
-    The step's exception still ends the run and is printed as one ``error:`` line. With
-    ``RUST_BACKTRACE`` set, stderr is left alone.
-    """
-    if os.environ.get("RUST_BACKTRACE", "0") not in ("", "0"):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    read, write = os.pipe()
-    os.dup2(write, 2)
-    os.close(write)
-    pump = threading.Thread(target=_pump, args=(read, os.dup(saved)), daemon=True)
-    pump.start()
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # closes the pipe: the pump reads to its end and stops
-        os.close(saved)
-        pump.join(timeout=5)
-
-
-def _pump(read: int, out: int) -> None:
-    """Copy stderr lines from ``read`` to ``out``, without worker panic notices."""
-    panic = False
-    with os.fdopen(read, "rb") as src, os.fdopen(out, "wb", buffering=0) as dst:
-        for line in src:
-            text = line.rstrip(b"\n")
-            if _PANIC.match(text) or (panic and text.startswith(_PANIC_TAIL)):
-                panic = True
-                continue
-            panic = False
-            dst.write(line)
+    names = {f.name for f in fields(RunOptions)}
+    return run_with(RunOptions(**{k: v for k, v in vars(args).items() if k in names})).exit_code
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -391,10 +64,9 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 def cmd_discover(args: argparse.Namespace) -> int:
     """Print what each source would read: tables and columns, or inferred record schemas."""
-    import json
-
     from dataflare.connectors.schema import discover
     from dataflare.dsl_compiler.compiler import component_context
+    from dataflare.runner import error_text
 
     v = validate_file(args.path)
     if v.errors(for_run=True) or v.workflow is None:
@@ -412,7 +84,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         try:
             catalog[name] = discover(component_context(v, name))
         except Exception as exc:  # noqa: BLE001 - one line per source that cannot be read
-            print(f"error: source {name!r}: {_error_text(exc)}", file=sys.stderr)
+            print(f"error: source {name!r}: {error_text(exc)}", file=sys.stderr)
             code = 1
     print(json.dumps(catalog, indent=2, default=str))
     return code

@@ -1,4 +1,4 @@
-"""SIGTERM stops a run gracefully: writes finish, open windows stay in the snapshot, a resume is exact."""
+"""SIGTERM stops a run gracefully: writes finish, open windows stay in the snapshot."""
 
 from __future__ import annotations
 
