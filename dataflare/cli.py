@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dataflare import logs
 from dataflare.dsl_compiler import validate_file
 
 
@@ -126,6 +126,54 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tap(args: argparse.Namespace) -> int:
+    """Print the records leaving a step of a running workflow, one JSON object per line."""
+    import httpx
+
+    url = f"{args.url.rstrip('/')}/tap/{args.step}"
+    try:
+        with httpx.stream("GET", url, params={"limit": args.limit}, timeout=None) as r:
+            if r.status_code != 200:
+                r.read()
+                print(f"error: {r.json().get('error', r.text)}", file=sys.stderr)
+                return 1
+            for line in r.iter_lines():
+                print(line, flush=True)
+    except (httpx.HTTPError, KeyboardInterrupt) as exc:
+        if isinstance(exc, httpx.HTTPError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """Show per-step records, rates and errors of a running workflow, refreshed."""
+    import time
+
+    import httpx
+
+    try:
+        while True:
+            status = httpx.get(f"{args.url.rstrip('/')}/status", timeout=5).json()
+            lines = [f"{status['workflow']}  run {status['run_id'] or '-'}  "
+                     f"up {status['uptime_s']}s",
+                     f"{'step':<24}{'kind':<16}{'records':>12}{'rate/s':>10}{'errors':>8}"]
+            for step, s in status["steps"].items():
+                lines.append(f"{step:<24}{s['kind']:<16}{s['records']:>12}{s['rate']:>10}"
+                             f"{s['failed']:>8}")
+            if sys.stdout.isatty() and not args.once:
+                print("\x1b[H\x1b[2J", end="")
+            print("\n".join(lines), flush=True)
+            if args.once:
+                return 0
+            time.sleep(args.interval)
+    except httpx.HTTPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_k8s(args: argparse.Namespace) -> int:
     """Print (or write) the Kubernetes manifests that run a workflow."""
     from dataflare import k8s
@@ -160,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dataflare`` command."""
     parser = argparse.ArgumentParser(prog="dataflare", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log more.")
+    parser.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="Log lines as text or JSON objects (default: "
+                        "$DATAFLARE_LOG_FORMAT, else text).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="Check workflow files; problems go to stderr.")
@@ -174,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Serve Prometheus metrics on HOST:PORT/metrics while running.")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="Address the metrics server binds (0.0.0.0 in a pod).")
+    p.add_argument("--http-port", type=int,
+                   help="Serve /health, /ready, /metrics, /status and the tap on this port.")
+    p.add_argument("--http-host", default="127.0.0.1",
+                   help="Address --http-port binds (0.0.0.0 in a pod).")
     p.add_argument("-w", "--workers-per-process", type=int, help="Workers in this process.")
     p.add_argument("-i", "--process-id", type=int, help="This process's id (with -a).")
     p.add_argument("-a", "--addresses", help="host:port of every process, ';'-separated.")
@@ -243,6 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--wait", action="store_true", help="Wait for the run to end.")
         p.set_defaults(fn=cmd_client, action=name)
 
+    p = sub.add_parser("tap", help="Print records as they leave a step of a running workflow.")
+    p.add_argument("url", metavar="URL", help="The run's --http-port address, e.g. "
+                   "http://127.0.0.1:8686")
+    p.add_argument("step", metavar="STEP")
+    p.add_argument("--limit", type=int, default=0, help="Stop after N records (0: never).")
+    p.set_defaults(fn=cmd_tap)
+
+    p = sub.add_parser("top", help="Per-step records, rates and errors of a running workflow.")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--once", action="store_true", help="Print once and exit.")
+    p.set_defaults(fn=cmd_top)
+
     p = sub.add_parser("k8s", help="Print the Kubernetes manifests of a workflow.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--image", default="dataflare:latest", help="Container image of the pods.")
@@ -261,10 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dataflare`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(args.verbose, args.log_format)
     return int(args.fn(args))
 
 

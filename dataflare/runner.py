@@ -29,6 +29,7 @@ from typing import Any
 from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
+from dataflare.logs import CONTEXT, json_mode, say
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class RunOptions:
     recovery_partitions: int = 1
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
     quiet: bool = False
     verbose: bool = False
     summary_json: str | None = None
@@ -96,7 +99,7 @@ def run(path: str | Path, *, workers: int | None = None, process_id: int | None 
 
 
 def _refused(message: str) -> RunResult:
-    print(f"error: {message}", file=sys.stderr)
+    say(message, "error")
     return RunResult("failed", 1, None, message)
 
 
@@ -210,6 +213,13 @@ class _Progress:
         if self.quiet:
             return
         state = ", run failed" if failure else ""
+        if json_mode():
+            counts = {s: {"records": n, "failed": e} for s, n, e in self.counts()}
+            say("summary", records_count=sum(n for s, n, _ in self.counts()
+                                             if s in self.destinations),
+                duration_ms=round(elapsed * 1000), steps=counts,
+                status="failed" if failure else "done")
+            return
         print(f"summary ({elapsed:.1f}s{state}): records per step", file=sys.stderr)
         for step, n, errors in self.counts():
             unsure = failure is not None and step in self.destinations and n > 0
@@ -219,7 +229,25 @@ class _Progress:
 
 
 def run_with(opts: RunOptions) -> RunResult:
-    """Run a workflow as ``dataflare run`` does; messages go to stderr."""
+    """Run a workflow as ``dataflare run`` does; messages go to stderr.
+
+    The run id (``DATAFLARE_RUN_ID``: the recovery directory's, the caller's, or a new one)
+    is this run's alone: the environment is restored afterwards, so a second run in the
+    same process is a run of its own.
+    """
+    saved = os.environ.get(RUN_ID_ENV)
+    try:
+        return _run(opts)
+    finally:
+        stopping.REQUESTED.clear()
+        stopping.SIGNAL.clear()
+        if saved is None:
+            os.environ.pop(RUN_ID_ENV, None)
+        else:
+            os.environ[RUN_ID_ENV] = saved
+
+
+def _run(opts: RunOptions) -> RunResult:
     from bytewax.recovery import RecoveryConfig
     from bytewax.run import cli_main
 
@@ -265,6 +293,9 @@ def run_with(opts: RunOptions) -> RunResult:
         kwargs["workers_per_process"] = opts.workers_per_process
     wf = v.workflow
     assert wf is not None
+    os.environ.setdefault(RUN_ID_ENV, uuid.uuid4().hex)
+    CONTEXT.update(workflow_id=wf.id or wf.name or Path(opts.path).stem,
+                   run_id=os.environ[RUN_ID_ENV])
     workers = (opts.workers_per_process or 1) * (len(opts.addresses.split(";"))
                                                   if opts.addresses else 1)
     limit = wf.config.max_concurrency
@@ -275,6 +306,15 @@ def run_with(opts: RunOptions) -> RunResult:
         from prometheus_client import start_http_server
 
         start_http_server(opts.metrics_port, addr=opts.metrics_host)
+    live = None
+    if opts.http_port is not None:
+        from dataflare.live import Live
+
+        live = Live(wf, os.environ.get(RUN_ID_ENV))
+        try:
+            live.start(opts.http_host, opts.http_port)
+        except OSError as exc:
+            return _refused(f"cannot serve --http-port {opts.http_port}: {exc.strerror}")
     # SIGTERM / SIGINT stop gracefully (dataflare.stopping); so does config.timeout, which
     # stops at once if the graceful stop takes longer than STOP_GRACE.
     stopping.install()
@@ -287,8 +327,8 @@ def run_with(opts: RunOptions) -> RunResult:
         timer.daemon = True
         timer.start()
     steps = [*wf.sources, *wf.transformations, *wf.destinations]
-    live = sys.stderr.isatty() and not opts.quiet
-    progress = _Progress(steps, list(wf.destinations), live, quiet=opts.quiet)
+    on_terminal = sys.stderr.isatty() and not opts.quiet
+    progress = _Progress(steps, list(wf.destinations), on_terminal, quiet=opts.quiet)
     code, status, error = 0, "succeeded", None
     try:
         with progress, _without_worker_panics():
@@ -299,19 +339,21 @@ def run_with(opts: RunOptions) -> RunResult:
             code, status = 130, "stopped"
         else:
             code, status, error = 1, "failed", error_text(exc)
-        print(f"error: {error}" if error else "interrupted", file=sys.stderr)
+        say(error or "interrupted", "error" if error else "warning")
     finally:
         if timer is not None:
             timer.cancel()
     if status == "succeeded" and stopping.requested():
         if timer is not None and timer.finished.is_set():
             code, status, error = 124, "failed", timeout_error
-            print(f"error: {error}", file=sys.stderr)
+            say(str(error), "error")
         else:
             signum = stopping.SIGNAL[0] if stopping.SIGNAL else signal.SIGTERM
             code, status = 128 + signum, "stopped"
             kept = " (state kept in the final snapshot)" if recovery is not None else ""
-            print(f"stopped cleanly on {signal.Signals(signum).name}{kept}", file=sys.stderr)
+            say(f"stopped cleanly on {signal.Signals(signum).name}{kept}", status="stopped")
+    if live is not None:
+        live.stop()
     summary = progress.summary(list(wf.sources), status, error)
     if wf.post_actions and not opts.no_post_actions:
         summary["post_actions"] = _post_actions(opts, wf, status, summary)
@@ -351,11 +393,11 @@ def _post_actions(opts: RunOptions, wf: Any, status: str,
     for r in results:
         what = f"post-action {r['index']} ({r['type']})"
         if r.get("done"):
-            print(f"{what}: done", file=sys.stderr)
+            say(f"{what}: done")
         elif r.get("reason"):
             continue
         else:
-            print(f"{what}: failed: {r.get('error') or r.get('result')}", file=sys.stderr)
+            say(f"{what}: failed: {r.get('error') or r.get('result')}", "warning")
     return results
 
 
@@ -413,15 +455,27 @@ def _without_worker_panics() -> Iterator[None]:
 
 
 def _pump(read: int, out: int) -> None:
-    """Copy stderr lines from ``read`` to ``out``, without worker panic notices."""
+    """Copy stderr from ``read`` to ``out``, without worker panic notices.
+
+    Whole lines are checked; the unfinished end of the output (the progress line, redrawn
+    in place) is copied at once unless it may be the start of a panic notice.
+    """
     panic = False
-    with os.fdopen(read, "rb") as src, os.fdopen(out, "wb", buffering=0) as dst:
-        for line in src:
-            text = line.rstrip(b"\n")
-            if _PANIC.match(text) or (panic and text.startswith(_PANIC_TAIL)):
-                panic = True
-                continue
-            panic = False
-            dst.write(line)
+    pending = b""
+    with os.fdopen(out, "wb", buffering=0) as dst:
+        while chunk := os.read(read, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for text in lines:
+                if _PANIC.match(text) or (panic and text.startswith(_PANIC_TAIL)):
+                    panic = True
+                    continue
+                panic = False
+                dst.write(text + b"\n")
+            if pending and not panic and not b"thread '".startswith(pending[:8]):
+                dst.write(pending)
+                pending = b""
+        if pending:
+            dst.write(pending)
+    os.close(read)
 
 

@@ -137,3 +137,28 @@ workflow:
     assert "stopped cleanly on SIGINT" in err and "summary" in err
     lines = out.read_text().splitlines()
     assert all(json.loads(line)["order_id"] is not None for line in lines)  # whole lines
+
+
+def test_the_progress_line_is_drawn_while_the_run_goes_on(tmp_path: Path) -> None:
+    import pty
+
+    flow = tmp_path / "wf.yaml"
+    flow.write_text("""
+workflow:
+  sources: {g: {type: generator, config: {preset: orders, count: null, rate: 100}}}
+  destinations: {out: {type: file, inputs: [g], config: {path: out.jsonl}}}
+""")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dataflare", "run", str(flow)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=follower)
+    os.close(follower)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"\r\x1b[Kg=" not in seen:  # the line redrawn in place, with the source's count
+        assert time.monotonic() < deadline and proc.poll() is None, seen
+        seen += os.read(leader, 4096)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    os.close(leader)
+    assert proc.returncode == 128 + signal.SIGTERM

@@ -28,6 +28,7 @@ from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.dsl_compiler.validate import Validated, validate_file
 from dataflare.expr import compile_expression
+from dataflare.live import tapper
 from dataflare.operators.records import map_records, separate_failed
 from dataflare.records import META, Batch, Failed, get_path, set_path
 from dataflare.stopping import stoppable
@@ -130,6 +131,7 @@ def _policy(
                 "step %r: %s record at %s: %s: %s",
                 first.step, "skipped" if eh.strategy == "skip" else "redirected",
                 first.position(), first.type, first.message,
+                extra={"component": first.step, "position": first.position()},
             )
         if eh.strategy == "redirect":
             return [f.as_record(mask) for f in batch]
@@ -178,6 +180,7 @@ def source_component(
         items = op.map("output_schema", items, check.check)
     parts = separate_failed("decode", items)
     op.inspect("count", parts.down, _count(name, metrics.RECORDS_OUT))
+    op.inspect("tap", parts.down, tapper(name, mask))
     return _ports(parts.down, {}, _guard(name, eh, [parts.errs], mask))
 
 
@@ -191,10 +194,13 @@ def transformation_component(
         streams = [op.merge("inputs", *streams)]
     assert spec.build is not None
     out: registry.Outputs = spec.build(ctx, streams)
+    mask = masker(ctx.workflow.data_protection)
     if out.down is not None:
         op.inspect("count", out.down, _count(ctx.step_id, metrics.RECORDS_OUT))
+        op.inspect("tap", out.down, tapper(ctx.step_id, mask))
     for port, stream in out.named.items():
         op.inspect(f"count_{port}", stream, _count(ctx.step_id, metrics.RECORDS_OUT))
+        op.inspect(f"tap_{port}", stream, tapper(f"{ctx.step_id}.{port}", mask))
     dead = _guard(ctx.step_id, ctx.component.error_handling, [out.errs] if out.errs else [],
                   masker(ctx.workflow.data_protection))
     return _ports(out.down, out.named, dead)
@@ -216,6 +222,7 @@ def destination_component(
         up = prepared.down
         errs.append(prepared.errs)
     op.inspect("count", up, _count(ctx.step_id, metrics.RECORDS_WRITTEN))
+    op.inspect("tap", up, tapper(ctx.step_id, None))  # already masked by ``prepare``
     sink_errs = build(ctx, up)
     if sink_errs is not None:
         errs.append(sink_errs)
