@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="No progress or summary.")
     p.add_argument("--summary-json", metavar="FILE",
                    help="Write the run's result (status, totals, per-step counts) as JSON.")
+    p.add_argument("--progress-json", metavar="FILE",
+                   help="Rewrite FILE every second with the per-step counts so far.")
     p.add_argument("--no-post-actions", action="store_true",
                    help="Leave the post-actions to the caller (the server's workers).")
     p.add_argument("--server", default=os.environ.get("DATAFLARE_SERVER"),

@@ -51,6 +51,7 @@ class RunOptions:
     quiet: bool = False
     verbose: bool = False
     summary_json: str | None = None
+    progress_json: str | None = None
     no_post_actions: bool = False
     server: str | None = None
     token: str | None = None
@@ -154,13 +155,15 @@ class _Progress:
     """
 
     def __init__(self, steps: list[str], destinations: list[str], live: bool,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, progress_file: str | None = None) -> None:
         self.steps, self.destinations, self.live = steps, set(destinations), live
-        self.quiet = quiet
+        self.quiet, self.progress_file = quiet, progress_file
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.started = time.monotonic()
         self.elapsed = 0.0
+        # Counters are process-wide: a second run in one process counts from here.
+        self.baseline = {s: (n, e) for s, n, e in self._totals()}
 
     def summary(self, sources: list[str], status: str, error: str | None) -> dict[str, object]:
         """The run's result: status, totals (read, written, failed), per-step counts."""
@@ -177,6 +180,11 @@ class _Progress:
         }
 
     def counts(self) -> list[tuple[str, int, int]]:
+        """(step, records, failed records) of this run."""
+        return [(s, n - self.baseline.get(s, (0, 0))[0], e - self.baseline.get(s, (0, 0))[1])
+                for s, n, e in self._totals()]
+
+    def _totals(self) -> list[tuple[str, int, int]]:
         out = []
         for step in self.steps:
             n = metrics.value(metrics.RECORDS_OUT, step=step) + metrics.value(
@@ -196,18 +204,24 @@ class _Progress:
 
     def _loop(self) -> None:
         while not self.stop.wait(1.0):
-            sys.stderr.write("\r\x1b[K" + self._line()[:200])
-            sys.stderr.flush()
+            if self.live:
+                sys.stderr.write("\r\x1b[K" + self._line()[:200])
+                sys.stderr.flush()
+            if self.progress_file:  # read by the server's worker while the run goes on
+                tmp = self.progress_file + ".tmp"
+                Path(tmp).write_text(json.dumps(self.summary([], "running", None)))
+                os.replace(tmp, self.progress_file)
 
     def __enter__(self) -> _Progress:
-        if self.live:
+        if self.live or self.progress_file:
             self.thread.start()
         return self
 
     def __exit__(self, failure: type[BaseException] | None, *exc: object) -> None:
         self.stop.set()
-        if self.live:
+        if self.live or self.progress_file:
             self.thread.join()
+        if self.live:
             sys.stderr.write("\r\x1b[K")
         elapsed = self.elapsed = time.monotonic() - self.started
         if self.quiet:
@@ -328,7 +342,8 @@ def _run(opts: RunOptions) -> RunResult:
         timer.start()
     steps = [*wf.sources, *wf.transformations, *wf.destinations]
     on_terminal = sys.stderr.isatty() and not opts.quiet
-    progress = _Progress(steps, list(wf.destinations), on_terminal, quiet=opts.quiet)
+    progress = _Progress(steps, list(wf.destinations), on_terminal, quiet=opts.quiet,
+                         progress_file=opts.progress_json)
     code, status, error = 0, "succeeded", None
     try:
         with progress, _without_worker_panics():

@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator, model_validator
 
 from dataflare.config import Duration, Open, Paths, Secret, Strict
 from dataflare.expr import check_expression
+from dataflare.records import parse_duration
 
 ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
@@ -46,7 +48,9 @@ class Schedule(Strict):
     """When the workflow runs (read by schedulers such as the Kubernetes CronJob in k8s/)."""
 
     type: Literal["cron", "interval", "once", "event"] = Field(description="Kind of schedule.")
-    expression: str | None = Field(None, description="Cron expression (for type cron).")
+    expression: str | None = Field(
+        None, description="Cron expression: 5 fields or a nickname such as '@daily' (type "
+        "cron); or the period of an interval schedule ('15m').")
     interval: Duration | None = Field(None, description="Period (for type interval).")
     event: str | None = Field(None, description="Triggering event name (for type event).")
     timezone: str = Field("UTC", description="IANA time zone of the cron expression.")
@@ -62,12 +66,32 @@ class Schedule(Strict):
             if not self.expression:
                 msg = "a cron schedule needs 'expression'"
                 raise ValueError(msg)
-            if len(self.expression.split()) not in (5, 6):
+            from croniter import croniter
+
+            if len(self.expression.split()) not in (5, 6) and not self.expression.startswith(
+                    "@"):
                 msg = f"cron expression {self.expression!r} must have 5 or 6 fields"
                 raise ValueError(msg)
+            if not croniter.is_valid(self.expression):
+                msg = f"invalid cron expression {self.expression!r}"
+                raise ValueError(msg)
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            msg = f"unknown time zone {self.timezone!r} (an IANA name such as 'Europe/Paris')"
+            raise ValueError(msg) from None
         if self.type == "interval" and self.interval is None:
-            msg = "an interval schedule needs 'interval'"
-            raise ValueError(msg)
+            if self.expression:  # the seed writes an interval's period in `expression`
+                try:
+                    period = parse_duration(self.expression)
+                except ValueError:
+                    msg = (f"an interval schedule's expression {self.expression!r} is not a "
+                           "duration (e.g. '15m')")
+                    raise ValueError(msg) from None
+                object.__setattr__(self, "interval", period)
+            else:
+                msg = "an interval schedule needs 'interval' (or a duration in 'expression')"
+                raise ValueError(msg)
         return self
 
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
@@ -190,7 +190,8 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
         return store.revisions(wid)
 
     @app.get("/api/v1/workflows/{wid}/revisions/{number}")
-    def get_revision(wid: str, number: int, _user: Read) -> dict[str, Any]:
+    def get_revision(wid: str, number: Annotated[int, Path(ge=1, le=2**31 - 1)],
+                     _user: Read) -> dict[str, Any]:
         """The YAML of one revision."""
         return {"id": wid, "revision": number, "yaml": store.revision(wid, number)}
 
@@ -241,7 +242,7 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
 
     @app.get("/api/v1/runs")
     def list_runs(_user: Read, workflow: str | None = None, status: str | None = None,
-                  limit: int = 100) -> list[dict[str, Any]]:
+                  limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
         """Runs, newest first (filters: workflow, status)."""
         return [r.as_json() for r in store.runs(workflow, status, max(1, min(limit, 1000)))]
 
@@ -268,8 +269,8 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
                 for kind in registry.KINDS for s in registry.specs(kind)]
 
     @app.get("/api/v1/audit")
-    def audit(_user: Audit, target: str | None = None, limit: int = 200
-              ) -> list[dict[str, Any]]:
+    def audit(_user: Audit, target: str | None = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
         """Audit records (who, when, what, which revision), newest first."""
         return store.audit(max(1, min(limit, 1000)), target)
 

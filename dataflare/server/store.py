@@ -414,11 +414,15 @@ class Store:
                 & (revisions.c.number == row.revision))).scalar()
             return _run(row), str(text)
 
-    def heartbeat(self, rid: str, worker: str, lease: timedelta, log: str) -> bool:
-        """Renew a run's lease and store its output so far; whether a stop was asked."""
+    def heartbeat(self, rid: str, worker: str, lease: timedelta, log: str,
+                  progress: dict[str, Any] | None = None) -> bool:
+        """Renew a run's lease, store its output and counts so far; whether a stop was asked."""
+        values: dict[str, Any] = {"lease_until": now() + lease, "log": log}
+        if progress is not None:
+            values["summary"] = json.dumps(progress)
         with self.tx() as c:
             c.execute(runs.update().where((runs.c.id == rid) & (runs.c.worker == worker))
-                      .values(lease_until=now() + lease, log=log))
+                      .values(**values))
             return bool(c.execute(sa.select(runs.c.stop_requested)
                                   .where(runs.c.id == rid)).scalar())
 

@@ -93,9 +93,11 @@ class Worker:
         recovery.mkdir(parents=True, exist_ok=True)
         (recovery / "dataflare-run-id").write_text(run.id + "\n")
         summary_file = work / f"{run.id}.summary.json"
+        progress_file = work / f"{run.id}.progress.json"
         out_file = work / f"{run.id}.log"
         cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "--recovery-dir",
-               str(recovery), "--summary-json", str(summary_file), "--no-post-actions"]
+               str(recovery), "--summary-json", str(summary_file), "--no-post-actions",
+               "--progress-json", str(progress_file)]
         env[RUN_ID_ENV] = run.id
         with out_file.open("ab") as out:
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out,
@@ -108,7 +110,7 @@ class Worker:
                 except subprocess.TimeoutExpired:
                     pass
                 stop = self.store.heartbeat(run.id, self.name, self.settings.lease,
-                                            _tail(out_file))
+                                            _tail(out_file), _read_json(progress_file))
                 if self.shutdown.is_set() and stopping_since is None:
                     stopping_since = time.monotonic()  # the server stops: leave the run
                     os.killpg(proc.pid, signal.SIGINT)

@@ -125,6 +125,10 @@ def test_a_run_whose_worker_is_killed_resumes_on_another_worker(cluster: Any) ->
     wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 60, 120,
              "the first worker to write some records")
     wait_for(lambda: any((c.data / "recovery/slow" / rid).glob("*.sqlite3")), 30, "recovery")
+    # While it runs, the run's per-step counts are live in the store (API and console).
+    live = wait_for(lambda: (s := store.run(rid).summary) and s["steps"]["g"]["records"] and s,
+                    30, "live counts")
+    assert live["status"] == "running" and live["steps"]["out"]["records"] > 0
     c.kill(first)
     assert store.run(rid).status == "running"
     c.start("worker")

@@ -112,3 +112,23 @@ def test_backfill_creates_one_run_per_instant_once(store: Store) -> None:
     again = s.backfill("wf", start, start + timedelta(hours=3), "ops")
     assert again == []
     assert {r.trigger for r in store.runs("wf")} == {"backfill"}
+
+
+@pytest.mark.parametrize(("schedule", "message"), [
+    ({"type": "cron", "expression": "61 * * * *"}, "invalid cron expression"),
+    ({"type": "cron", "expression": "* * * *"}, "must have 5 or 6 fields"),
+    ({"type": "cron", "expression": "0 0 * * *", "timezone": "Mars/Base"},
+     "unknown time zone 'Mars/Base'"),
+    ({"type": "interval", "expression": "soon"}, "is not a duration"),
+    ({"type": "interval"}, "needs 'interval'"),
+])
+def test_schedules_are_checked_at_validate(schedule: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Schedule.model_validate(schedule)
+
+
+def test_nicknames_and_the_seeds_interval_expression_are_accepted() -> None:
+    daily = Schedule(type="cron", expression="@daily", timezone="America/New_York")
+    assert iso(list(instants(daily, utc(2026, 3, 7), utc(2026, 3, 10)))) == [
+        "03-07 05:00", "03-08 05:00", "03-09 04:00"]  # EST, then EDT
+    assert Schedule(type="interval", expression="15m").interval == 900
