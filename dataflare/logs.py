@@ -16,6 +16,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from dataflare import secrets
+
 FORMAT_ENV = "DATAFLARE_LOG_FORMAT"
 CONTEXT: dict[str, Any] = {"workflow_id": None, "run_id": None}
 _FIELDS = ("component", "connector", "position", "records_count", "bytes", "duration_ms",
@@ -47,6 +49,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def _scrub_record(record: logging.LogRecord) -> bool:
+    """Keep secret values out of a log record (its message, arguments and traceback)."""
+    record.msg = secrets.scrub(record.getMessage())
+    record.args = None
+    if record.exc_info:
+        record.exc_text = secrets.scrub(logging.Formatter().formatException(record.exc_info))
+        record.exc_info = None
+    for name in ("position",):
+        if isinstance(getattr(record, name, None), str):
+            setattr(record, name, secrets.scrub(getattr(record, name)))
+    return True
+
+
 def json_mode() -> bool:
     """Whether log lines are JSON."""
     return os.environ.get(FORMAT_ENV, "text") == "json"
@@ -57,6 +72,7 @@ def setup(verbose: bool, fmt: str | None = None) -> None:
     if fmt is not None:
         os.environ[FORMAT_ENV] = fmt  # child processes (workers of a server) follow
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_scrub_record)
     if json_mode():
         handler.setFormatter(JsonFormatter())
     else:
@@ -69,6 +85,7 @@ def setup(verbose: bool, fmt: str | None = None) -> None:
 
 def say(message: str, level: str = "info", **fields: Any) -> None:
     """Report a line of the run: plain text (``error: `` before errors), or a JSON log line."""
+    message = secrets.scrub(message)
     if json_mode():
         _log.log(getattr(logging, level.upper()), message, extra=fields)
         return

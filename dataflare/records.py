@@ -8,11 +8,16 @@ partition and offset, CDC operation...); destinations never write it as a column
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+RUN_ID_ENV = "DATAFLARE_RUN_ID"
+"""The run's id: kept in the recovery directory by ``dataflare run``; in dead letters."""
 
 META = "_meta"
 
@@ -100,7 +105,7 @@ def describe_position(meta: Any) -> str:
         return f"{meta['topic']}[{meta.get('partition')}]@{meta.get('offset')}"
     if "lsn" in meta:
         return f"{meta.get('table', '?')} lsn {meta['lsn']}"
-    parts = [f"{k}={v}" for k, v in meta.items() if k not in ("key", "headers")]
+    parts = [f"{k}={v}" for k, v in meta.items() if k not in ("key", "headers", "source")]
     return ", ".join(parts) if parts else "unknown position"
 
 
@@ -129,18 +134,38 @@ class Failed:
         return describe_position(self.meta)
 
     def as_record(self, mask: Callable[[Any], Any] | None = None) -> Record:
-        """The dead-letter record: ``{"error": {step, type, message}, "record": original}``.
+        """The dead letter of the record: error, source and the original record.
 
-        ``mask`` (masking rules) applies to an original that is a record.
+        ``{"error": {step, type, message, at, run_id}, "source": {component, position},
+        "record": original}``: ``position`` is the record's ``_meta`` where it entered
+        (file and line, topic, partition, offset and key, table and LSN). An original that
+        is not a record (an undecodable line) is kept as text, or as ``{"base64": ...}``
+        when it is not UTF-8.
+        ``mask`` (masking rules) applies to an original that is a record; no secret value
+        reaches the message.
         """
+        from dataflare.secrets import scrub, scrub_value
+
         record, message = without_meta(self.record), self.message
         if mask is not None and isinstance(record, dict):
             masked = mask(record)
             for before, after in _changed(record, masked):  # the message may quote a value
                 message = message.replace(str(before), str(after))
             record = masked
+        if isinstance(record, bytes | bytearray):
+            try:
+                record = bytes(record).decode("utf-8")
+            except UnicodeDecodeError:
+                record = {"base64": base64.b64encode(record).decode("ascii")}
+        meta = dict(self.meta or {})
+        component = meta.pop("source", None)
+        position = scrub_value(meta) if meta else None
         out: Record = {
-            "error": {"step": self.step, "type": self.type, "message": message},
+            "error": {"step": self.step, "type": self.type, "message": scrub(message),
+                      "at": datetime.now(UTC).isoformat(timespec="milliseconds")
+                      .replace("+00:00", "Z"),
+                      "run_id": os.environ.get(RUN_ID_ENV)},
+            "source": {"component": component, "position": position},
             "record": record,
         }
         if self.meta:

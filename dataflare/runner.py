@@ -30,6 +30,7 @@ from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 from dataflare.logs import CONTEXT, json_mode, say
+from dataflare.secrets import scrub, scrub_bytes
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def run(path: str | Path, *, workers: int | None = None, process_id: int | None 
 
 
 def _refused(message: str) -> RunResult:
+    message = scrub(message)
     say(message, "error")
     return RunResult("failed", 1, None, message)
 
@@ -369,6 +371,7 @@ def _run(opts: RunOptions) -> RunResult:
             say(f"stopped cleanly on {signal.Signals(signum).name}{kept}", status="stopped")
     if live is not None:
         live.stop()
+    error = scrub(error) if error else error
     summary = progress.summary(list(wf.sources), status, error)
     if wf.post_actions and not opts.no_post_actions:
         summary["post_actions"] = _post_actions(opts, wf, status, summary)
@@ -485,12 +488,12 @@ def _pump(read: int, out: int) -> None:
                     panic = True
                     continue
                 panic = False
-                dst.write(text + b"\n")
+                dst.write(scrub_bytes(text) + b"\n")
             if pending and not panic and not b"thread '".startswith(pending[:8]):
-                dst.write(pending)
+                dst.write(scrub_bytes(pending))
                 pending = b""
         if pending:
-            dst.write(pending)
+            dst.write(scrub_bytes(pending))
     os.close(read)
 
 

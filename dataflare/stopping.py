@@ -70,8 +70,10 @@ class _Partition(StatefulSourcePartition[Any, Any]):
         return batch
 
     def next_awake(self) -> datetime | None:
+        if self.awake is None:
+            return None  # the source is ready at once (and looks for a stop each batch)
         soon = datetime.now(UTC) + _POLL
-        return soon if self.awake is None or self.awake > soon else self.awake
+        return min(self.awake, soon)
 
     def snapshot(self) -> Any:
         return self.inner.snapshot()
@@ -95,8 +97,10 @@ class _StatelessPartition(StatelessSourcePartition[Any]):
         return batch
 
     def next_awake(self) -> datetime | None:
+        if self.awake is None:
+            return None  # the source is ready at once (and looks for a stop each batch)
         soon = datetime.now(UTC) + _POLL
-        return soon if self.awake is None or self.awake > soon else self.awake
+        return min(self.awake, soon)
 
     def close(self) -> None:
         self.inner.close()

@@ -162,6 +162,8 @@ def test_redirect_sends_failures_to_the_dead_letter_destination(tmp_path):
     got = outputs(tmp_path)
     dead = got.pop("dead")
     assert got == EXPECTED
+    for d in dead:  # the envelope's time, run id and source are checked in test_file
+        assert d.pop("source")["position"] and d["error"].pop("at") and d["error"].pop("run_id")
     assert sorted(dead, key=lambda r: r["error"]["step"]) == [
         {"error": {"step": "clean", "type": "RecordError",
                    "message": "to_int: 'seven' is not a number"},

@@ -25,10 +25,7 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from dataflare.records import Failed
-
-RUN_ID_ENV = "DATAFLARE_RUN_ID"
-"""Where ``dataflare run --recovery-dir`` puts the id it keeps in the recovery directory."""
+from dataflare.records import RUN_ID_ENV, Failed
 
 
 def _new_run() -> str:

@@ -31,6 +31,7 @@ Dead letters
 
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -429,8 +430,7 @@ def is_dead_letter(record: Any) -> bool:
         and "record" in record
         and isinstance(record["error"], dict)
         and "step" in record["error"]
-        and len(record) <= 3
-        and (len(record) == 2 or META in record)
+        and set(record) <= {"error", "source", "record", META}
     )
 
 
@@ -450,7 +450,9 @@ class _Encoder:
 
     def dead_letter(self, rec: dict[str, Any]) -> Message:
         original = rec["record"]
-        meta = rec.get(META) or {}
+        meta = (rec.get("source") or {}).get("position") or rec.get(META) or {}
+        if isinstance(original, dict) and set(original) == {"base64"}:
+            original = base64.b64decode(original["base64"])
         if isinstance(original, bytes):
             value = original
         elif isinstance(original, str):
@@ -462,7 +464,12 @@ class _Encoder:
             ("dataflare.error.step", str(err.get("step", "")).encode()),
             ("dataflare.error.type", str(err.get("type", "")).encode()),
             ("dataflare.error.message", str(err.get("message", "")).encode()),
+            ("dataflare.error.at", str(err.get("at", "")).encode()),
+            ("dataflare.error.run_id", str(err.get("run_id", "")).encode()),
         ]
+        component = (rec.get("source") or {}).get("component")
+        if component:
+            headers.append(("dataflare.source.component", str(component).encode()))
         for name in ("topic", "partition", "offset", "file", "line", "index", "lsn"):
             if name in meta:
                 headers.append((f"dataflare.source.{name}", str(meta[name]).encode()))

@@ -8,6 +8,7 @@ each step's error policy.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import logging
@@ -181,7 +182,10 @@ def source_component(
     parts = separate_failed("decode", items)
     op.inspect("count", parts.down, _count(name, metrics.RECORDS_OUT))
     op.inspect("tap", parts.down, tapper(name, mask))
-    return _ports(parts.down, {}, _guard(name, eh, [parts.errs], mask))
+    # A source's failures name it as the dead letter's source component.
+    errs = op.map("source_component", parts.errs, lambda batch: [
+        dataclasses.replace(f, meta={**f.meta, "source": name}) for f in batch])
+    return _ports(parts.down, {}, _guard(name, eh, [errs], mask))
 
 
 @operator

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ValidationError
 
-from dataflare import registry
+from dataflare import registry, secrets
 from dataflare.dsl_compiler import graph as graph_checks
 from dataflare.dsl_compiler.loader import Document, load
 from dataflare.dsl_compiler.models import TestCase, Workflow, WorkflowFile
@@ -60,6 +60,7 @@ def validate_text(
 ) -> Validated:
     """Validate a workflow given as YAML text."""
     doc = load(text, file, env)
+    secrets.register_workflow(doc.data, doc.substituted)
     out = Validated(file, base_dir or Path.cwd(), doc, problems=list(doc.problems))
     if doc.data is None:
         return _finish(out)
