@@ -26,7 +26,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.paths:
         v = validate_file(path)
         _print_problems(v.problems, for_run=False)
-        if v.errors():
+        if v.errors() or (args.strict and v.problems):
             failed = True
         else:
             warnings = len(v.problems)
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="Check workflow files; problems go to stderr.")
     p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--strict", action="store_true",
+                   help="Warnings are errors too (exit 1), for CI.")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("run", help="Run a workflow.")
@@ -236,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--addresses", help="host:port of every process, ';'-separated.")
     p.add_argument("-r", "--recovery-dir", "--recovery-directory", dest="recovery_dir",
                    help="Recovery directory; created with its partitions when absent.")
-    p.add_argument("-s", "--snapshot-interval", type=float, default=5.0,
-                   help="Seconds between snapshots (epochs).")
+    p.add_argument("-s", "--snapshot-interval", type=float, default=None,
+                   help="Seconds between snapshots (epochs); default: the smallest "
+                   "streaming.checkpoint_interval of the sources, else 5.")
     p.add_argument("-b", "--backup-interval", type=float, default=0.0,
                    help="Seconds older snapshots are kept.")
     p.add_argument("--recovery-partitions", type=int, default=1,

@@ -42,7 +42,7 @@ class RunOptions:
     process_id: int | None = None
     addresses: str | None = None
     recovery_dir: str | None = None
-    snapshot_interval: float = 5.0
+    snapshot_interval: float | None = None
     backup_interval: float = 0.0
     recovery_partitions: int = 1
     metrics_port: int | None = None
@@ -80,7 +80,7 @@ class RunResult:
 
 def run(path: str | Path, *, workers: int | None = None, process_id: int | None = None,
         addresses: list[str] | None = None, recovery_dir: str | Path | None = None,
-        snapshot_interval: float = 5.0, **options: Any) -> RunResult:
+        snapshot_interval: float | None = None, **options: Any) -> RunResult:
     """Run the workflow at ``path`` until its inputs end (or it is stopped).
 
     ``workers`` per process; ``process_id`` and ``addresses`` for one process of a
@@ -271,6 +271,9 @@ def _run(opts: RunOptions) -> RunResult:
         os.environ["RUST_BACKTRACE"] = "0"
     v = validate_file(opts.path)
     problems = v.errors(for_run=True)
+    for p in v.problems:  # the warnings of validate are shown by run too
+        if p not in problems:
+            print(p.render(True), file=sys.stderr)
     if problems:
         for p in problems:
             print(p.render(True), file=sys.stderr)
@@ -290,7 +293,13 @@ def _run(opts: RunOptions) -> RunResult:
             opts = replace(opts, process_id=cluster.process_id,
                            addresses=";".join(cluster.addresses))
     recovery = None
-    snapshot = timedelta(seconds=opts.snapshot_interval)
+    interval = opts.snapshot_interval
+    if interval is None:  # the sources' streaming.checkpoint_interval, else 5 s
+        wanted = [s.streaming.checkpoint_interval for s in v.workflow.sources.values()
+                  if s.streaming is not None and s.streaming.checkpoint_interval is not None] \
+            if v.workflow is not None else []
+        interval = min(wanted) if wanted else 5.0
+    snapshot = timedelta(seconds=interval)
     if opts.recovery_dir is not None:
         directory = Path(opts.recovery_dir)
         directory.mkdir(parents=True, exist_ok=True)

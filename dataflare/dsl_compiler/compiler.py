@@ -341,20 +341,32 @@ class _Compiler:
                                  masker(self.wf.data_protection))
         self.keep(cid, ports, comp.error_handling)
 
-    def with_source_time_unit(self, comp: Any) -> Any:
-        """``comp`` whose unset ``time_unit`` comes from its sources' (when they agree)."""
+    def with_source_defaults(self, comp: Any) -> Any:
+        """``comp`` whose unset ``time_unit`` and ``allowed_lateness`` come from its sources.
+
+        A source's ``time_unit`` and ``streaming.watermark_delay`` are the defaults of the
+        windows, joins and dedupes downstream (used when every upstream source agrees, or
+        the largest delay).
+        """
         config = comp.config
-        if "time_unit" not in type(config).model_fields or "time_unit" in config.model_fields_set:
+        fields = type(config).model_fields
+        sources = [self.wf.sources[s] for s in self.wf.upstream_sources(comp.inputs)]
+        update: dict[str, Any] = {}
+        if "time_unit" in fields and "time_unit" not in config.model_fields_set:
+            units = {s.time_unit for s in sources} - {None}
+            if len(units) == 1:
+                update["time_unit"] = units.pop()
+        if "allowed_lateness" in fields and "allowed_lateness" not in config.model_fields_set:
+            delays = [s.streaming.watermark_delay for s in sources
+                      if s.streaming is not None and s.streaming.watermark_delay is not None]
+            if delays:
+                update["allowed_lateness"] = max(delays)
+        if not update:
             return comp
-        sources = self.wf.upstream_sources(comp.inputs)
-        units = {self.wf.sources[s].time_unit for s in sources} - {None}
-        if len(units) != 1:
-            return comp
-        config = config.model_copy(update={"time_unit": units.pop()})
-        return comp.model_copy(update={"config": config})
+        return comp.model_copy(update={"config": config.model_copy(update=update)})
 
     def transformation(self, cid: str) -> None:
-        comp = self.with_source_time_unit(self.wf.transformations[cid])
+        comp = self.with_source_defaults(self.wf.transformations[cid])
         spec = self.spec("transformation", comp)
         ups = [self.streams[ref] for ref in comp.inputs]
         ctx = self.ctx("transformation", cid, comp)

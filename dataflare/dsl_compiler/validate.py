@@ -120,12 +120,7 @@ def validate_text(
                             severity="warning", at_run=True)
             )
 
-    actions = wf.get("post_actions")
-    for i, _ in enumerate(actions if isinstance(actions, list) else []):
-        out.problems.append(
-            doc.problem(("workflow", "post_actions", i),
-                        "post actions are validated but not executed yet", severity="warning")
-        )
+    out.problems.extend(_not_effective(doc, wf))
 
     out.graph, graph_problems = graph_checks.check(doc, wf, configs)
     out.problems.extend(graph_problems)
@@ -135,6 +130,36 @@ def validate_text(
         out.workflow = _with_configs(generic.workflow, configs)
         out.tests = [*generic.tests, *generic.workflow.tests]
     return _finish(out)
+
+
+# Settings the DSL accepts that nothing carries out yet: warned at validate and at run
+# (``validate --strict`` fails on them), never ignored in silence.
+_NOT_EFFECTIVE = {
+    "monitoring": "monitoring metrics and alerts are not evaluated yet (the run's /metrics "
+                  "has the built-in per-step metrics)",
+    "encryption": "data_protection.encryption is not carried out yet: connections use the "
+                  "TLS settings of each component, and no field is encrypted",
+    "roles": "roles in a workflow file are not used: the server's --config file holds users, "
+             "tokens and roles",
+}
+
+
+def _not_effective(doc: Document, wf: dict[str, Any]) -> list[Problem]:
+    out = []
+    for section in graph_checks.SECTIONS:
+        comps = wf.get(section)
+        for cid, comp in (comps.items() if isinstance(comps, dict) else []):
+            if isinstance(comp, dict) and comp.get("monitoring"):
+                out.append(doc.problem(("workflow", section, cid, "monitoring"),
+                                       _NOT_EFFECTIVE["monitoring"], severity="warning"))
+    protection = wf.get("data_protection")
+    if isinstance(protection, dict) and protection.get("encryption"):
+        out.append(doc.problem(("workflow", "data_protection", "encryption"),
+                               _NOT_EFFECTIVE["encryption"], severity="warning"))
+    if wf.get("roles"):
+        out.append(doc.problem(("workflow", "roles"), _NOT_EFFECTIVE["roles"],
+                               severity="warning"))
+    return out
 
 
 def _test_problems(doc: Document, wf: dict[str, Any]) -> list[Problem]:
