@@ -201,6 +201,19 @@ def parse_duration(text: str | int | float) -> float:
     return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
 
 
+EPOCH_MIN, EPOCH_MAX = -62135596800, 253402300799  # epoch seconds of the years 1 to 9999
+
+
+def _in_range(seconds: float, value: Any) -> float:
+    """``seconds``, if it is a time a date can hold; a record error otherwise."""
+    if not EPOCH_MIN <= seconds <= EPOCH_MAX:  # also NaN
+        hint = " (epoch milliseconds? set time_unit: ms)" if seconds == seconds and \
+            EPOCH_MAX < seconds <= EPOCH_MAX * 1000 else ""
+        msg = f"timestamp {value!r} is out of range: not between the years 1 and 9999{hint}"
+        raise RecordError(msg)
+    return seconds
+
+
 def to_epoch_seconds(value: Any, time_unit: str = "s") -> float:
     """Event time of ``value`` in epoch seconds.
 
@@ -211,7 +224,7 @@ def to_epoch_seconds(value: Any, time_unit: str = "s") -> float:
         msg = f"timestamp is {value!r}, expected an ISO-8601 string or epoch number"
         raise RecordError(msg)
     if isinstance(value, int | float):
-        return value / 1000.0 if time_unit == "ms" else float(value)
+        return _in_range(value / 1000.0 if time_unit == "ms" else float(value), value)
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, str):
@@ -223,7 +236,7 @@ def to_epoch_seconds(value: Any, time_unit: str = "s") -> float:
             except ValueError:
                 msg = f"timestamp {value!r} is not ISO-8601 nor an epoch number"
                 raise RecordError(msg) from None
-            return num / 1000.0 if time_unit == "ms" else num
+            return _in_range(num / 1000.0 if time_unit == "ms" else num, value)
     else:
         msg = f"timestamp is a {type(value).__name__} ({value!r}), expected a string or number"
         raise RecordError(msg)
