@@ -152,6 +152,8 @@ class Failed:
             for before, after in _changed(record, masked):  # the message may quote a value
                 message = message.replace(str(before), str(after))
             record = masked
+        elif mask is not None and isinstance(record, str):
+            record = mask(record)
         if isinstance(record, bytes | bytearray):
             try:
                 record = bytes(record).decode("utf-8")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import hmac
 import logging
 import os
 import re
@@ -114,29 +115,31 @@ def _policy(
     def handle(batch: list[Failed]) -> Batch | None:
         errors.inc(len(batch))
         first = batch[0]
+        # Messages quote values: they are shown as the dead letter has them (masked).
+        dead = [f.as_record(mask) for f in batch]
+        message = dead[0]["error"]["message"]
         if eh.strategy == "fail":
             msg = (
                 f"step {first.step!r} failed on the record at {first.position()}: "
-                f"{first.type}: {first.message}"
+                f"{first.type}: {message}"
             )
             raise StepFailed(msg)
         seen[0] += len(batch)
         if eh.max_errors is not None and seen[0] > eh.max_errors:
             msg = (
                 f"step {name!r}: {seen[0]} failed records, more than max_errors "
-                f"{eh.max_errors}; last at {batch[-1].position()}: {batch[-1].message}"
+                f"{eh.max_errors}; last at {batch[-1].position()}: "
+                f"{dead[-1]['error']['message']}"
             )
             raise StepFailed(msg)
         if seen[0] - len(batch) < 10:
             log.warning(
                 "step %r: %s record at %s: %s: %s",
                 first.step, "skipped" if eh.strategy == "skip" else "redirected",
-                first.position(), first.type, first.message,
+                first.position(), first.type, message,
                 extra={"component": first.step, "position": first.position()},
             )
-        if eh.strategy == "redirect":
-            return [f.as_record(mask) for f in batch]
-        return None
+        return dead if eh.strategy == "redirect" else None
 
     return handle
 
@@ -239,8 +242,11 @@ def masker(protection: DataProtection | None) -> Callable[[Any], Any] | None:
     if protection is None or not protection.masking_rules:
         return None
     rules = protection.masking_rules
+    key = protection.hash_key.get_secret_value().encode() if protection.hash_key else b""
 
-    def mask(record: dict[str, Any]) -> dict[str, Any]:
+    def mask(record: Any) -> Any:
+        if isinstance(record, str):  # raw input of a dead letter
+            return mask_raw_text(record, protection)
         out = dict(record)
         for rule in rules:
             value = get_path(out, rule.field)
@@ -252,11 +258,27 @@ def masker(protection: DataProtection | None) -> Callable[[Any], Any] | None:
             elif rule.method == "partial":
                 masked = text[: rule.show_chars] + rule.replacement
             else:
-                masked = hashlib.sha256(text.encode()).hexdigest()
+                masked = hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
             set_path(out, rule.field, masked)
         return out
 
     return mask
+
+
+def mask_raw_text(text: str, protection: DataProtection | None) -> str:
+    """Raw input kept in a dead letter (an undecodable line) with masked fields hidden.
+
+    The text cannot be parsed, so each masked field's value is found by its name
+    (``"email": "..."``, ``email=...``, ``email: ...``) and replaced by the rule's replacement.
+    """
+    if protection is None or not protection.masking_rules:
+        return text
+    for rule in protection.masking_rules:
+        name = re.escape(rule.field.rsplit(".", 1)[-1])
+        text = re.sub(rf'("{name}"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}}\s]+)',
+                      lambda m: m.group(1) + '"****"', text)
+        text = re.sub(rf"(\b{name}\s*[=:]\s*)([^,;&\s]+)", lambda m: m.group(1) + "****", text)
+    return text
 
 
 def _prepare(

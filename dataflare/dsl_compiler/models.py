@@ -357,7 +357,9 @@ class MaskingRule(Strict):
     """Masking applied to a field before any destination writes it."""
 
     field: str = Field(description="Dotted path of the field.")
-    method: Literal["partial", "full", "hash"] = Field(description="Masking method.")
+    method: Literal["partial", "full", "hash"] = Field(
+        description="partial: the first show_chars characters and the replacement; full: the "
+        "replacement; hash: the HMAC-SHA256 (hex) under data_protection.hash_key.")
     show_chars: int = Field(0, ge=0, description="Leading characters kept by 'partial'.")
     replacement: str = Field("****", description="Replacement text.")
 
@@ -367,6 +369,17 @@ class DataProtection(Strict):
 
     encryption: Encryption | None = Field(None, description="Encryption requirements.")
     masking_rules: list[MaskingRule] = Field(default_factory=list, description="Field masking.")
+    hash_key: Secret | None = Field(
+        None, description="Key of masking method 'hash' (HMAC-SHA256), e.g. '${MASK_KEY}': a "
+        "bare hash of an e-mail or card number is reversed by a dictionary.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataProtection:
+        if any(r.method == "hash" for r in self.masking_rules) and self.hash_key is None:
+            msg = ("masking method 'hash' needs 'hash_key' (a secret, e.g. '${MASK_KEY}'): "
+                   "the hash is a keyed HMAC-SHA256")
+            raise ValueError(msg)
+        return self
 
 
 class TestCase(Strict):
