@@ -331,6 +331,10 @@ def _run(opts: RunOptions) -> RunResult:
         from prometheus_client import start_http_server
 
         start_http_server(opts.metrics_port, addr=opts.metrics_host)
+    from dataflare.monitoring import Monitor
+
+    monitor = Monitor(wf)
+    monitor.start()
     live = None
     if opts.http_port is not None:
         from dataflare.live import Live
@@ -378,6 +382,7 @@ def _run(opts: RunOptions) -> RunResult:
             code, status = 128 + signum, "stopped"
             kept = " (state kept in the final snapshot)" if recovery is not None else ""
             say(f"stopped cleanly on {signal.Signals(signum).name}{kept}", status="stopped")
+    monitor.close()
     if live is not None:
         live.stop()
     error = scrub(error) if error else error

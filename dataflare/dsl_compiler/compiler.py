@@ -103,7 +103,14 @@ def _flow_id(validated: Validated) -> str:
 
 def _count(name: str, counter: Any) -> Callable[[str, Batch], None]:
     child = counter.labels(name)
-    return lambda _step, batch: child.inc(len(batch))
+    last = metrics.LAST_RECORD.labels(name)
+
+    def count(_step: str, batch: Batch) -> None:
+        if batch:
+            child.inc(len(batch))
+            metrics.touch(name, last)
+
+    return count
 
 
 def _policy(

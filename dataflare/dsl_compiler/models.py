@@ -223,19 +223,43 @@ class OutputSchema(Strict):
 
 
 class MetricSpec(Strict):
-    """A metric a component exports."""
+    """A metric a component exports, under this name, with the label ``step``.
 
-    name: str = Field(description="Metric name.")
+    A ``counter`` is the component's records (read by a source, emitted by a
+    transformation, written by a destination); a ``histogram`` the seconds each write of a
+    destination took (each batch a transformation or source handled: not measured); a
+    ``gauge`` the seconds since the component's last record.
+    """
+
+    name: str = Field(description="Metric name (Prometheus conventions: snake_case).")
     type: Literal["counter", "gauge", "histogram"] = Field(description="Metric kind.")
     description: str = Field("", description="Help text.")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", v):
+            msg = f"metric name {v!r} must be letters, digits and '_'"
+            raise ValueError(msg)
+        return v
+
 
 class Alert(Strict):
-    """An alert rule evaluated by the monitoring system."""
+    """An alert rule, evaluated every second while the workflow runs.
+
+    The condition sees the component's ``records``, ``errors``, ``error_rate`` (errors per
+    record), ``time_since_last_record`` (seconds) and each of its metrics by name (a
+    histogram as ``<name>.p50``, ``.p95``, ``.p99``, ``.max`` over the last 5 minutes).
+    """
 
     name: str = Field(description="Alert name.")
     condition: str = Field(description="Expression over metrics, e.g. 'load_latency.p95 > 10s'.")
     severity: Literal["info", "warning", "critical"] = Field("warning", description="Severity.")
+    notify: list[dict[str, Any]] = Field(
+        default_factory=list, description="Notification channels, as a post-action "
+        "notification's config: {channel: webhook | slack | email, ...}.")
+    repeat_interval: Duration = Field(
+        3600.0, description="While firing, notify again after this long.")
 
     _check = field_validator("condition")(classmethod(lambda cls, v: check_expression(v)))
 

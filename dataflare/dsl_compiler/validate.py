@@ -135,8 +135,6 @@ def validate_text(
 # Settings the DSL accepts that nothing carries out yet: warned at validate and at run
 # (``validate --strict`` fails on them), never ignored in silence.
 _NOT_EFFECTIVE = {
-    "monitoring": "monitoring metrics and alerts are not evaluated yet (the run's /metrics "
-                  "has the built-in per-step metrics)",
     "encryption": "data_protection.encryption is not carried out yet: connections use the "
                   "TLS settings of each component, and no field is encrypted",
     "roles": "roles in a workflow file are not used: the server's --config file holds users, "
@@ -146,12 +144,6 @@ _NOT_EFFECTIVE = {
 
 def _not_effective(doc: Document, wf: dict[str, Any]) -> list[Problem]:
     out = []
-    for section in graph_checks.SECTIONS:
-        comps = wf.get(section)
-        for cid, comp in (comps.items() if isinstance(comps, dict) else []):
-            if isinstance(comp, dict) and comp.get("monitoring"):
-                out.append(doc.problem(("workflow", section, cid, "monitoring"),
-                                       _NOT_EFFECTIVE["monitoring"], severity="warning"))
     protection = wf.get("data_protection")
     if isinstance(protection, dict) and protection.get("encryption"):
         out.append(doc.problem(("workflow", "data_protection", "encryption"),
