@@ -46,6 +46,10 @@ LAST_RECORD = Gauge(
     "dataflare_last_record_timestamp_seconds", "When the step last handled a record (epoch).",
     ["step"],
 )
+KAFKA_LAG = Gauge(
+    "dataflare_kafka_consumer_lag", "Messages of a partition not read yet (high watermark - "
+    "position).", ["step", "topic", "partition"],
+)
 _STARTED = time.time()
 _last: dict[str, float] = {}
 _recent: dict[str, deque[tuple[float, float]]] = {}

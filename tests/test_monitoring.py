@@ -82,6 +82,8 @@ def test_an_idle_source_fires_an_alert_that_resolves_when_records_come(
             return -1
 
         wait(lambda: metric('records_loaded_total{step="cache"}') == 50, "50 records loaded")
+        assert metric(f'dataflare_kafka_consumer_lag{{partition="0",step="events",topic="{topic}"}}'
+                      ) == 0
         assert metric('records_extracted_total{step="events"}') == 50
         assert metric('load_latency_count{step="cache"}') >= 1
         # The source goes quiet: the alert fires once, to the webhook.
