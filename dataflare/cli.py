@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Serve /health, /ready, /metrics, /status and the tap on this port.")
     p.add_argument("--http-host", default="127.0.0.1",
                    help="Address --http-port binds (0.0.0.0 in a pod).")
+    p.add_argument("--otlp-url", default=os.environ.get("DATAFLARE_OTLP_URL"),
+                   help="Send bytewax's traces (spans per step) to this OpenTelemetry "
+                   "collector over gRPC, e.g. http://127.0.0.1:4317.")
     p.add_argument("-w", "--workers-per-process", type=int, help="Workers in this process.")
     p.add_argument("-i", "--process-id", type=int, help="This process's id (with -a).")
     p.add_argument("-a", "--addresses", help="host:port of every process, ';'-separated.")

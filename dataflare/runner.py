@@ -49,6 +49,7 @@ class RunOptions:
     metrics_host: str = "127.0.0.1"
     http_port: int | None = None
     http_host: str = "127.0.0.1"
+    otlp_url: str | None = None
     quiet: bool = False
     verbose: bool = False
     summary_json: str | None = None
@@ -331,6 +332,12 @@ def _run(opts: RunOptions) -> RunResult:
         from prometheus_client import start_http_server
 
         start_http_server(opts.metrics_port, addr=opts.metrics_host)
+    tracer = None
+    if opts.otlp_url:  # bytewax's own spans, exported over OTLP/gRPC
+        from bytewax.tracing import OtlpTracingConfig, setup_tracing
+
+        service = str(CONTEXT["workflow_id"])
+        tracer = setup_tracing(OtlpTracingConfig(service, opts.otlp_url), "INFO")
     from dataflare.monitoring import Monitor
 
     monitor = Monitor(wf)
@@ -385,6 +392,7 @@ def _run(opts: RunOptions) -> RunResult:
     monitor.close()
     if live is not None:
         live.stop()
+    del tracer  # flushes the spans still buffered
     error = scrub(error) if error else error
     summary = progress.summary(list(wf.sources), status, error)
     if wf.post_actions and not opts.no_post_actions:
