@@ -107,6 +107,14 @@ class ComponentSpec:
     merge_inputs: bool = True
     advise: Callable[[Any, set[str]], list[str]] | None = None
     planned: str = ""
+    requires: tuple[str, ...] = ()  # import names of the packages it needs
+    extra: str = ""  # the dataflare extra that installs them
+
+    def missing(self) -> list[str]:
+        """The packages this type needs that are not installed."""
+        import importlib.util
+
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
     @property
     def available(self) -> bool:
@@ -132,9 +140,15 @@ def _decorator(kind: Kind, type_name: str, **kw: Any) -> Callable[[Callable[...,
     return deco
 
 
-def source(type_name: str, *, config: type[BaseModel], description: str) -> Callable[..., Any]:
-    """Register a source builder under ``type_name``."""
-    return _decorator("source", type_name, config=config, description=description, inputs=(0, 0))
+def source(type_name: str, *, config: type[BaseModel], description: str,
+           requires: tuple[str, ...] = (), extra: str = "") -> Callable[..., Any]:
+    """Register a source builder under ``type_name``.
+
+    ``requires`` names the packages it imports (``extra`` installs them): a workflow using
+    the type without them fails at validate with the ``pip install`` line to run.
+    """
+    return _decorator("source", type_name, config=config, description=description, inputs=(0, 0),
+                      requires=requires, extra=extra)
 
 
 def transformation(
@@ -172,10 +186,12 @@ def transformation(
 
 
 def destination(
-    type_name: str, *, config: type[BaseModel], description: str
+    type_name: str, *, config: type[BaseModel], description: str,
+    requires: tuple[str, ...] = (), extra: str = "",
 ) -> Callable[..., Any]:
-    """Register a destination builder under ``type_name``."""
-    return _decorator("destination", type_name, config=config, description=description)
+    """Register a destination builder under ``type_name`` (``requires`` as for sources)."""
+    return _decorator("destination", type_name, config=config, description=description,
+                      requires=requires, extra=extra)
 
 
 def planned(

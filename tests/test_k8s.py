@@ -281,3 +281,15 @@ workflow:
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(lines, key=lambda r: r["id"]) == [{"id": 1, "amount": 12.5},
                                                    {"id": 2, "amount": 0}]
+    # A component whose extra is missing is refused at validate, with what to install.
+    kafka = _write(tmp_path, "kafka.yaml", """
+workflow:
+  sources: {events: {type: kafka, config: {topic: t}}}
+  destinations: {out: {type: duckdb, inputs: [events], config: {path: x.db, table: t}}}
+""")
+    refused = subprocess.run([str(venv / "bin" / entry[0]), "validate", str(kafka)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert "source type 'kafka' needs confluent_kafka, not installed: pip install " \
+           "'dataflare[kafka]'" in refused.stderr
+    assert "pip install 'dataflare[duckdb]'" in refused.stderr

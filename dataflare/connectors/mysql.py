@@ -839,6 +839,7 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
     "mysql",
     config=MySqlSourceConfig,
     description="MySQL / MariaDB table: full read, incremental polling, or binlog CDC.",
+    requires=("pymysql", "pymysqlreplication"), extra="mysql",
 )
 def build_mysql_source(ctx: BuildContext) -> MySqlSource:
     """Build the MySQL source of ``ctx``."""

@@ -101,6 +101,12 @@ def validate_text(
                 configs[cid] = spec.config.model_validate({} if raw is None else raw)
             except ValidationError as exc:
                 out.problems.extend(_problems(doc, exc, (*loc, "config"), spec.config))
+            missing = spec.missing()
+            if missing:
+                out.problems.append(doc.problem(
+                    (*loc, "type"),
+                    f"{kind} type {spec.type!r} needs {', '.join(missing)}, not installed: "
+                    f"pip install 'dataflare[{spec.extra}]'"))
             if not spec.available:
                 out.problems.append(
                     doc.problem(
