@@ -50,6 +50,13 @@ KAFKA_LAG = Gauge(
     "dataflare_kafka_consumer_lag", "Messages of a partition not read yet (high watermark - "
     "position).", ["step", "topic", "partition"],
 )
+RETRIES = Counter(
+    "dataflare_retries", "Transient failures retried (a connection, HTTP 429/5xx), per step.",
+    ["step"],
+)
+ERRORS_BY_TYPE = Counter(
+    "dataflare_errors_by_type", "Records a step failed on, by error type.", ["step", "type"],
+)
 _STARTED = time.time()
 _last: dict[str, float] = {}
 _recent: dict[str, deque[tuple[float, float]]] = {}

@@ -121,6 +121,8 @@ def _policy(
 
     def handle(batch: list[Failed]) -> Batch | None:
         errors.inc(len(batch))
+        for f in batch:
+            metrics.ERRORS_BY_TYPE.labels(name, f.type).inc()
         first = batch[0]
         # Messages quote values: they are shown as the dead letter has them (masked).
         dead = [f.as_record(mask) for f in batch]
