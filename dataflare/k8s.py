@@ -8,7 +8,8 @@
 - a **StatefulSet** for a streaming workflow (one bytewax process per pod; each pod's
   recovery partition on its own volume from ``volumeClaimTemplates``), an **Indexed Job**
   for a bounded one, or a **CronJob** of that Job for ``schedule.type: cron``;
-- a PodMonitor scraping ``/metrics``.
+- a PodMonitor scraping ``/metrics``; liveness and readiness probes on the run's
+  ``/health`` and ``/ready`` (``dataflare run --http-port``).
 
 Pods run ``dataflare run`` (so a run keeps its id, its timeout and its summary), which reads
 its place in the cluster from the environment as bytewax's Helm chart sets it:
@@ -219,7 +220,7 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
 
 def _pod(name: str, options: Options, streaming: bool, snapshot: bool) -> dict[str, Any]:
     run = ["dataflare", "run", f"{WORKFLOW_MOUNT}/workflow.yaml",
-           "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0"]
+           "--http-port", str(METRICS_PORT), "--http-host", "0.0.0.0"]
     mounts = [{"name": "workflow", "mountPath": WORKFLOW_MOUNT, "readOnly": True}]
     volumes: list[dict[str, Any]] = [
         {"name": "workflow", "configMap": {"name": f"{name}-workflow"}}]
@@ -243,7 +244,9 @@ def _pod(name: str, options: Options, streaming: bool, snapshot: bool) -> dict[s
                 {"name": "BYTEWAX_STATEFULSET_NAME", "value": name}]
     else:
         env.append({"name": "DATAFLARE_JOB_NAME", "value": name})
-    probe = {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 10}
+    def probe(path: str) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10}
+
     return {
         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                             "seccompProfile": {"type": "RuntimeDefault"}},
@@ -256,8 +259,9 @@ def _pod(name: str, options: Options, streaming: bool, snapshot: bool) -> dict[s
             "envFrom": [{"secretRef": {"name": f"{name}-env"}}],
             "ports": [{"name": "bytewax", "containerPort": PORT},
                       {"name": "metrics", "containerPort": METRICS_PORT}],
-            "livenessProbe": {**probe, "initialDelaySeconds": 30},
-            "readinessProbe": probe,
+            # /health: the process is alive; /ready: its sources and destinations answer.
+            "livenessProbe": {**probe("/health"), "initialDelaySeconds": 30},
+            "readinessProbe": probe("/ready"),
             "resources": {"requests": {"cpu": options.cpu, "memory": options.memory},
                           "limits": {"memory": options.memory}},
             "securityContext": {"allowPrivilegeEscalation": False,

@@ -456,7 +456,7 @@ def _init_partitions(directory: Path, opts: RunOptions) -> None:
             init_db_dir(directory, opts.recovery_partitions)
         return
     own = directory / f"part-{opts.process_id or 0}.sqlite3"
-    if own.exists() or (not opts.process_id and any(directory.glob("*.sqlite3"))):
+    if own.exists():
         return
     count = len(opts.addresses.split(";"))
     with tempfile.TemporaryDirectory(dir=directory) as tmp:

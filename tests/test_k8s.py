@@ -82,6 +82,9 @@ def test_a_streaming_workflow_is_a_statefulset_with_a_volume_per_pod() -> None:
     assert container["command"][:3] == ["dataflare", "run", "/etc/dataflare/workflow.yaml"]
     assert "--recovery-dir" in container["command"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["command"][container["command"].index("--http-host") + 1] == "0.0.0.0"
     assert pod["securityContext"]["runAsNonRoot"] is True
     env = {e["name"]: e for e in container["env"]}
     assert env["BYTEWAX_REPLICAS"]["value"] == "3"
@@ -198,7 +201,7 @@ workflow:
         env = _pod_env(sts, f"pods-{i}", secrets)
         env["BYTEWAX_ADDRESSES"] = addresses
         cmd = _pod_command(sts, flow, tmp_path / f"recovery-{i}")
-        cmd[cmd.index("--metrics-port") + 1] = str(free_port())
+        cmd[cmd.index("--http-port") + 1] = str(free_port())
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=180) for p in procs]

@@ -101,14 +101,17 @@ def _flow_id(validated: Validated) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "workflow"
 
 
-def _count(name: str, counter: Any) -> Callable[[str, Batch], None]:
+def _count(name: str, counter: Any, tap: Callable[[str, Batch], None]
+           ) -> Callable[[str, Batch], None]:
+    """Count a step's batches (records, last-record time) and publish them to its taps."""
     child = counter.labels(name)
     last = metrics.LAST_RECORD.labels(name)
 
-    def count(_step: str, batch: Batch) -> None:
+    def count(step: str, batch: Batch) -> None:
         if batch:
             child.inc(len(batch))
             metrics.touch(name, last)
+            tap(step, batch)
 
     return count
 
@@ -192,8 +195,7 @@ def source_component(
     if check is not None:
         items = op.map("output_schema", items, check.check)
     parts = separate_failed("decode", items)
-    op.inspect("count", parts.down, _count(name, metrics.RECORDS_OUT))
-    op.inspect("tap", parts.down, tapper(name, mask))
+    op.inspect("count", parts.down, _count(name, metrics.RECORDS_OUT, tapper(name, mask)))
     # A source's failures name it as the dead letter's source component.
     errs = op.map("source_component", parts.errs, lambda batch: [
         dataclasses.replace(f, meta={**f.meta, "source": name}) for f in batch])
@@ -212,11 +214,11 @@ def transformation_component(
     out: registry.Outputs = spec.build(ctx, streams)
     mask = masker(ctx.workflow.data_protection)
     if out.down is not None:
-        op.inspect("count", out.down, _count(ctx.step_id, metrics.RECORDS_OUT))
-        op.inspect("tap", out.down, tapper(ctx.step_id, mask))
+        op.inspect("count", out.down, _count(ctx.step_id, metrics.RECORDS_OUT,
+                                             tapper(ctx.step_id, mask)))
     for port, stream in out.named.items():
-        op.inspect(f"count_{port}", stream, _count(ctx.step_id, metrics.RECORDS_OUT))
-        op.inspect(f"tap_{port}", stream, tapper(f"{ctx.step_id}.{port}", mask))
+        op.inspect(f"count_{port}", stream, _count(ctx.step_id, metrics.RECORDS_OUT,
+                                                   tapper(f"{ctx.step_id}.{port}", mask)))
     dead = _guard(ctx.step_id, ctx.component.error_handling, [out.errs] if out.errs else [],
                   masker(ctx.workflow.data_protection))
     return _ports(out.down, out.named, dead)
@@ -237,8 +239,9 @@ def destination_component(
         prepared = map_records("prepare", up, prepare, ctx.step_id)
         up = prepared.down
         errs.append(prepared.errs)
-    op.inspect("count", up, _count(ctx.step_id, metrics.RECORDS_WRITTEN))
-    op.inspect("tap", up, tapper(ctx.step_id, None))  # already masked by ``prepare``
+    # A destination's tap shows what it writes: already masked by ``prepare``.
+    op.inspect("count", up, _count(ctx.step_id, metrics.RECORDS_WRITTEN,
+                                   tapper(ctx.step_id, None)))
     sink_errs = build(ctx, up)
     if sink_errs is not None:
         errs.append(sink_errs)
