@@ -133,6 +133,7 @@ def hosts() -> Iterator[Hosts]:
         redis_bin = shutil.which("redis-server")
         assert redis_bin is not None
         procs.append(h.run("svc", redis_bin, "--bind", h.addr["svc"], "--port", "6379",
+                           "--protected-mode", "no",
                            "--save", "", "--dir", str(root), stdout=subprocess.DEVNULL))
         url = f"tcp://{h.addr['svc']}:9092"
         procs.append(h.run("svc", str(find_tansu()), "broker", "--listener-url", url,
