@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from bytewax.dataflow import Stream
 from pydantic import BaseModel
@@ -73,14 +73,20 @@ class Outputs:
     named: Mapping[str, Stream[Any]] = field(default_factory=dict)
 
 
+C = TypeVar("C")
+
+
 @dataclass(frozen=True)
-class BuildContext:
-    """Everything a builder may use: its component, typed config and the workflow."""
+class BuildContext(Generic[C]):
+    """Everything a builder may use: its component, typed config and the workflow.
+
+    ``BuildContext[MyConfig]`` types ``ctx.config`` as the component's config model.
+    """
 
     step_id: str
     kind: Kind
     component: Any
-    config: Any
+    config: C
     workflow: Any
     base_dir: Path
     options: Mapping[str, Any] = field(default_factory=dict)

@@ -12,7 +12,7 @@ from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
 from dataflare import metrics
-from dataflare.dsl_compiler.models import Retry
+from dataflare.config import Retry
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -13,27 +13,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator, model_validator
 
-from dataflare.config import Duration, Open, Paths, Secret, Strict
+from dataflare.config import Auth, Duration, Open, Paths, Retry, Secret, Strict
 from dataflare.expr import check_expression
 from dataflare.records import parse_duration
 
 ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
-
-
-class Backoff(Strict):
-    """Exponential backoff between retries."""
-
-    initial: Duration = Field(1.0, description="Delay before the first retry.")
-    multiplier: float = Field(2.0, ge=1.0, description="Factor applied to the delay each retry.")
-    max: Duration = Field(60.0, description="Upper bound of the delay.")
-
-
-class Retry(Strict):
-    """How transient failures (a broken connection, HTTP 5xx) are retried."""
-
-    max_attempts: int = Field(3, ge=1, description="Attempts in all, the first included.")
-    backoff: Backoff = Field(default_factory=Backoff, description="Delay between attempts.")
 
 
 class WorkflowConfig(Strict):
@@ -93,18 +78,6 @@ class Schedule(Strict):
                 msg = "an interval schedule needs 'interval' (or a duration in 'expression')"
                 raise ValueError(msg)
         return self
-
-
-class Auth(Strict):
-    """Credentials for an HTTP service."""
-
-    type: Literal["bearer", "basic", "api_key"] = Field(description="Authentication scheme.")
-    token: Secret | None = Field(None, description="Bearer token.")
-    username: str | None = Field(None, description="Basic auth user.")
-    password: Secret | None = Field(None, description="Basic auth password.")
-    key: Secret | None = Field(None, description="API key value.")
-    header: str = Field("X-API-Key", description="Header carrying the API key.")
-    query_param: str | None = Field(None, description="Send the API key as this query parameter.")
 
 
 class PluginConfig(Open):

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from dataflare import registry
+from dataflare import config, registry
 from dataflare.dsl_compiler import models
 
 _KIND_DEF = {"source": "Source", "transformation": "Transformation", "destination": "Destination"}
@@ -86,7 +86,7 @@ def markdown() -> str:
               models.Workflow, models.Source, models.Transformation, models.Destination,
               models.ErrorHandling, models.WriteMode, models.BatchSettings, models.Incremental,
               models.Cdc, models.Streaming, models.Hybrid, models.WorkflowConfig, models.Retry,
-              models.Backoff, models.Schedule, models.Plugin, models.DataProtection,
+              config.Backoff, models.Schedule, models.Plugin, models.DataProtection,
               models.MaskingRule, models.TestCase]
     out += ["## Workflow blocks", ""]
     for model in blocks:
