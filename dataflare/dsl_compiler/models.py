@@ -144,6 +144,10 @@ class Incremental(Strict):
     )
     start_value: Any = Field(None, description="Cursor value of the first run.")
     interval: Duration = Field(10.0, description="Polling interval.")
+    lookback: Duration = Field(
+        0.0, description="Each poll also re-reads this far behind the last cursor value (rows "
+        "already read are not emitted again): rows that commit late, with an earlier cursor "
+        "value, are still read. Ties on the last value are always re-read.")
 
 
 class Cdc(Strict):
