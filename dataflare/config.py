@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, WithJsonSchema
 
 from dataflare.records import parse_duration
 
@@ -31,9 +31,15 @@ def _duration(value: Any) -> Any:
     return value
 
 
+_DURATION_SCHEMA = {"anyOf": [
+    {"type": "number", "minimum": 0},
+    {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d|w)?\s*$"},
+]}
+
 Duration = Annotated[
     float,
     BeforeValidator(_duration),
+    WithJsonSchema(_DURATION_SCHEMA),
     Field(description="A duration: '100ms', '30s', '5m', '2h', '7d' (stored as seconds)."),
 ]
 """A duration in seconds, written in the DSL as ``100ms``, ``30s``, ``5m``, ``2h``, ``7d``."""
@@ -43,7 +49,10 @@ def _paths(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-Paths = Annotated[tuple[str, ...], BeforeValidator(_paths)]
+Paths = Annotated[
+    tuple[str, ...], BeforeValidator(_paths),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+]
 """One dotted path or a list of them."""
 
 Secret = SecretStr

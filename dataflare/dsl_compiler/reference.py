@@ -11,6 +11,7 @@ from pydantic_core import PydanticUndefined
 
 from dataflare import config, registry
 from dataflare.dsl_compiler import models
+from dataflare.dsl_compiler.validate import DESTINATION_BLOCKS, SOURCE_BLOCKS
 
 _KIND_DEF = {"source": "Source", "transformation": "Transformation", "destination": "Destination"}
 
@@ -35,6 +36,12 @@ def json_schema() -> dict[str, Any]:
             })
         defs[name]["properties"]["type"]["enum"] = types
         defs[name]["allOf"] = rules
+    # Blocks the DSL also accepts inside `config:` (the seed writes them both ways).
+    for name, blocks in (("Source", SOURCE_BLOCKS), ("Destination", DESTINATION_BLOCKS)):
+        for ref in [k for k in defs if k.startswith(f"{name.lower()}.") and k.count(".") == 1]:
+            props = defs[ref].setdefault("properties", {})
+            for block in blocks:
+                props.setdefault(block, defs[name]["properties"][block])
     return schema
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from bytewax.dataflow import Stream
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from dataflare.config import Strict
 from dataflare.dsl_compiler.problems import did_you_mean
@@ -22,7 +22,8 @@ class FieldMapping(Strict):
     source: str | None = Field(None, description="Dotted path read from the input record.")
     expression: str | None = Field(None, description="Expression computing the value instead.")
     destination: str = Field(description="Dotted path written in the output record.")
-    transform: list[str] = Field(
+    transform: Annotated[list[str], WithJsonSchema({"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}}]})] = Field(
         default_factory=list,
         description=f"Transform name or list applied in order: {', '.join(TRANSFORMS)}.",
     )
