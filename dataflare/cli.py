@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-from dataflare import metrics
+from dataflare import metrics, secrets
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 
@@ -260,7 +260,7 @@ def _pump(read: int, out: int) -> None:
                 panic = True
                 continue
             panic = False
-            dst.write(line)
+            dst.write(secrets.scrub_bytes(line))
 
 
 class _nullcontext:  # noqa: N801
@@ -380,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dataflare`` console script."""
     args = build_parser().parse_args(argv)
+    secrets.install()  # before the log handler takes hold of stderr
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

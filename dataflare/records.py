@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from dataflare import secrets
+
 META = "_meta"
 
 Record = dict[str, Any]
@@ -140,7 +142,7 @@ class Failed:
                 message = message.replace(str(before), str(after))
             record = masked
         out: Record = {
-            "error": {"step": self.step, "type": self.type, "message": message},
+            "error": {"step": self.step, "type": self.type, "message": secrets.scrub(message)},
             "record": record,
         }
         if self.meta:

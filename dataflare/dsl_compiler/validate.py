@@ -12,7 +12,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ValidationError
 
-from dataflare import registry
+from dataflare import registry, secrets
 from dataflare.dsl_compiler import graph as graph_checks
 from dataflare.dsl_compiler.loader import Document, load
 from dataflare.dsl_compiler.models import TestCase, Workflow, WorkflowFile
@@ -63,6 +63,7 @@ def validate_text(
     out = Validated(file, base_dir or Path.cwd(), doc, problems=list(doc.problems))
     if doc.data is None:
         return _finish(out)
+    secrets.collect(doc.data)  # before any message can quote a value
     if not isinstance(doc.data, dict) or not isinstance(doc.data.get("workflow"), dict):
         out.problems.append(doc.problem((), "a workflow file needs a top-level 'workflow:' block"))
         return _finish(out)
@@ -98,6 +99,7 @@ def validate_text(
             raw = comp.get("config", {})
             try:
                 configs[cid] = spec.config.model_validate({} if raw is None else raw)
+                secrets.collect(configs[cid])  # SecretStr fields whatever their names
             except ValidationError as exc:
                 out.problems.extend(_problems(doc, exc, (*loc, "config"), spec.config))
             if not spec.available:

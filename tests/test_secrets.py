@@ -1,0 +1,165 @@
+"""No secret in any output: every connector path run with distinctive secrets, all bytes grepped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataflare import secrets
+
+PG_PASSWORD = "Fl7-Pa55 w0rd#Secret"
+REDIS_PASSWORD = "Rd5-Pa55 w0rd#Hidden"
+TOKEN = "tok-9Zq7Xw3Vv1Lp"
+API_KEY = "key-4Hh8Jj2Kk6Mm"
+FILE_SECRET = "Fs9-Gq2 fr0m#File"
+SECRETS = [PG_PASSWORD, REDIS_PASSWORD, TOKEN, API_KEY, FILE_SECRET]
+
+
+def _fragments(value: str) -> list[str]:
+    """The value and the pieces a driver may quote: words split at spaces and '#'."""
+    parts = {value, *value.replace("#", " ").split(), *value.split("#"), *value.split(" ")}
+    return sorted(p for p in parts if len(p) >= 6)
+
+
+@pytest.fixture
+def api() -> Iterator[str]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _answer(self, status: int, body: Any) -> None:
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._answer(200, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer(400, {"error": "refused"})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _flow(tmp: Path, name: str, body: str) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(f"workflow:\n  id: {name}\n{body}")
+    return path
+
+
+def _cases(tmp: Path, api: str) -> dict[str, str]:
+    records = tmp / "in.jsonl"
+    records.write_text('{"id": 1}\n{"id": 2}\n')
+    pg_table = "sources:\n    db:\n      type: postgres\n      config:\n"
+    sink = (f"  destinations:\n    out:\n      type: file\n      inputs: [db]\n"
+            f"      config: {{path: {tmp}/out.jsonl, format: jsonl}}\n")
+    return {
+        "pg_kv_dsn": "  " + pg_table
+        + "        dsn: \"host=127.0.0.1 port=5432 dbname=test user=postgres"
+          " password=${PG_PASSWORD}\"\n        table: nowhere\n" + sink,
+        "pg_url_dsn": "  " + pg_table
+        + "        dsn: \"postgresql://postgres:${PG_PASSWORD}@127.0.0.1:5432/test\"\n"
+          "        table: nowhere\n" + sink,
+        "pg_unreachable": "  " + pg_table
+        + "        host: 127.0.0.1\n        port: 9\n        database: test\n"
+          "        username: postgres\n        password: ${PG_PASSWORD}\n"
+          "        connect_timeout: 5s\n        table: nowhere\n" + sink,
+        "pg_file_secret": "  " + pg_table
+        + f"        dsn: \"host=127.0.0.1 port=9 dbname=test user=postgres"
+          f" password=${{file:{tmp}/pg_secret}} connect_timeout=5\"\n"
+          "        table: nowhere\n" + sink,
+        "mysql_wrong_password": "  sources:\n    db:\n      type: mysql\n      config:\n"
+        "        host: 127.0.0.1\n        port: 3306\n        database: test\n"
+        "        username: root\n        password: ${PG_PASSWORD}\n        table: nowhere\n"
+        + sink,
+        "redis_url": f"  sources:\n    in:\n      type: file\n"
+        f"      config: {{path: {records}, format: jsonl}}\n"
+        "  destinations:\n    cache:\n      type: redis\n      inputs: [in]\n"
+        "      config:\n        url: \"redis://:${REDIS_PASSWORD}@127.0.0.1:6379/0\"\n"
+        "        key_template: \"secrets-test:{{id}}\"\n",
+        "http_refused": f"  sources:\n    in:\n      type: file\n"
+        f"      config: {{path: {records}, format: jsonl}}\n"
+        "  destinations:\n    hook:\n      type: http\n      inputs: [in]\n"
+        f"      config:\n        url: \"{api}/hook?token=${{TOKEN}}\"\n"
+        "        headers: {Authorization: \"Bearer ${TOKEN}\"}\n"
+        "      error_handling: {strategy: redirect, redirect_to: dead}\n"
+        f"    dead:\n      type: file\n      inputs: []\n"
+        f"      config: {{path: {tmp}/dead.jsonl, format: jsonl}}\n",
+        "http_failed": f"  sources:\n    in:\n      type: file\n"
+        f"      config: {{path: {records}, format: jsonl}}\n"
+        "  destinations:\n    hook:\n      type: http\n      inputs: [in]\n"
+        f"      config:\n        url: \"{api}/hook?token=${{TOKEN}}\"\n",
+        "rest_api_key": "  sources:\n    api:\n      type: rest_api\n      config:\n"
+        f"        url: \"{api}/items\"\n"
+        "        auth: {type: api_key, key: \"${API_KEY}\", query_param: api_key}\n"
+        "  destinations:\n    out:\n      type: file\n      inputs: [api]\n"
+        f"      config: {{path: {tmp}/items.jsonl, format: jsonl}}\n",
+    }
+
+
+def test_no_secret_in_any_output(tmp_path: Path, api: str) -> None:
+    (tmp_path / "pg_secret").write_text(FILE_SECRET + "\n")
+    env = {**os.environ, "PG_PASSWORD": PG_PASSWORD, "REDIS_PASSWORD": REDIS_PASSWORD,
+           "TOKEN": TOKEN, "API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
+    outputs: dict[str, bytes] = {}
+    codes: dict[str, int] = {}
+    for name, body in _cases(tmp_path, api).items():
+        path = _flow(tmp_path, name, body)
+        for command in (["validate"], ["run"], ["-v", "run"], ["graph"], ["discover"]):
+            proc = subprocess.run(
+                [sys.executable, "-m", "dataflare", *command, str(path)],
+                capture_output=True, env=env, timeout=180, cwd=tmp_path, check=False,
+            )
+            key = f"{name} {' '.join(command)}"
+            outputs[key] = proc.stdout + proc.stderr
+            codes[key] = proc.returncode
+    for written in tmp_path.glob("*.jsonl"):
+        outputs[written.name] = written.read_bytes()
+
+    # The paths really ran: failures failed, successes succeeded, dead letters were written.
+    assert codes["pg_kv_dsn run"] == 1 and codes["pg_url_dsn run"] == 1
+    assert codes["pg_unreachable run"] == 1 and codes["mysql_wrong_password run"] == 1
+    assert codes["redis_url run"] == 1 and codes["http_failed run"] == 1
+    assert codes["rest_api_key run"] == 0 and codes["http_refused run"] == 0
+    assert b"HTTP Request" in outputs["rest_api_key -v run"]  # httpx's request log, with -v
+    dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert len(dead) == 2 and all(d["error"]["step"] == "hook" for d in dead)
+    assert (tmp_path / "items.jsonl").read_text().count("\n") == 2
+
+    leaks = [
+        (key, fragment)
+        for key, data in outputs.items()
+        for secret in SECRETS
+        for fragment in _fragments(secret)
+        if fragment.encode() in data
+    ]
+    assert not leaks, leaks[:5]
+
+
+def test_scrub_replaces_values_fragments_and_url_forms() -> None:
+    secrets.register(PG_PASSWORD)
+    secrets.register_credentials("https://u:p%40ssw0rd-long@h.example/x?access_token=abcdef123")
+    text = ("missing \"=\" after \"w0rd#Secret\"; port 'Fl7-Pa55 w0rd'; "
+            "Fl7-Pa55%20w0rd%23Secret; p@ssw0rd-long; access_token=abcdef123 stays readable")
+    clean = secrets.scrub(text)
+    assert "w0rd" not in clean and "Fl7-Pa55" not in clean
+    assert "ssw0rd-long" not in clean and "abcdef123" not in clean
+    assert "stays readable" in clean and "missing" in clean and "port" in clean
