@@ -9,10 +9,10 @@ partition and offset, CDC operation...); destinations never write it as a column
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from dataflare import secrets
 
@@ -130,33 +130,44 @@ class Failed:
         """Where the failed record came from."""
         return describe_position(self.meta)
 
-    def as_record(self, mask: Callable[[Any], Any] | None = None) -> Record:
+    def as_record(self, mask: Mask | None = None) -> Record:
         """The dead-letter record: ``{"error": {step, type, message}, "record": original}``.
 
-        ``mask`` (masking rules) applies to an original that is a record.
+        ``mask`` (masking rules) applies to the original, a record or raw text, and to the
+        values the message quotes.
         """
-        record, message = without_meta(self.record), self.message
+        record, message = without_meta(self.record), self.message_masked(mask)
         if mask is not None and isinstance(record, dict):
-            masked = mask(record)
-            for before, after in _changed(record, masked):  # the message may quote a value
-                message = message.replace(str(before), str(after))
-            record = masked
+            record = mask(record)
+        elif mask is not None and isinstance(record, str):
+            record = mask.text(record)
         out: Record = {
-            "error": {"step": self.step, "type": self.type, "message": secrets.scrub(message)},
+            "error": {"step": self.step, "type": self.type, "message": message},
             "record": record,
         }
         if self.meta:
             out[META] = {**self.meta, "error_position": self.position()}
         return out
 
+    def message_masked(self, mask: Mask | None) -> str:
+        """The message, without secrets nor the clear values the masking rules hide."""
+        message = self.message
+        if mask is not None:
+            message = mask.message(message, without_meta(self.record))
+        return secrets.scrub(message)
 
-def _changed(before: Any, after: Any) -> Iterator[tuple[Any, Any]]:
-    """The ``(old, new)`` leaf values that differ between two records."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        for k, v in before.items():
-            yield from _changed(v, after.get(k))
-    elif before != after and before not in (None, ""):
-        yield before, after
+
+class Mask(Protocol):
+    """Masking rules (``dataflare.masking.Masker``)."""
+
+    def __call__(self, record: Record) -> Record:
+        """A masked copy of ``record``."""
+
+    def text(self, raw: str) -> str:
+        """Masked raw text."""
+
+    def message(self, message: str, record: Any) -> str:
+        """``message`` without the clear values of ``record``."""
 
 
 class RecordError(ValueError):

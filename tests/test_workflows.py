@@ -283,6 +283,7 @@ def test_dead_letters_carry_their_records_masked(tmp_path):
 workflow:
   id: masked
   data_protection:
+    hash_key: "k3y-for-hmac"
     masking_rules:
       - {field: email, method: hash}
       - {field: card, method: partial, show_chars: 4}

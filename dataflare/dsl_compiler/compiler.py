@@ -9,7 +9,6 @@ each step's error policy.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import re
@@ -28,8 +27,9 @@ from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.dsl_compiler.validate import Validated, validate_file
 from dataflare.expr import compile_expression
+from dataflare.masking import Masker
 from dataflare.operators.records import map_records, separate_failed
-from dataflare.records import META, Batch, Failed, get_path, set_path
+from dataflare.records import META, Batch, Failed
 
 log = logging.getLogger(__name__)
 _DEAD = "dead_letter"
@@ -103,7 +103,7 @@ def _count(name: str, counter: Any) -> Callable[[str, Batch], None]:
 
 
 def _policy(
-    name: str, eh: ErrorHandling, mask: Callable[[Any], Any] | None
+    name: str, eh: ErrorHandling, mask: Masker | None
 ) -> Callable[[list[Failed]], Batch | None]:
     errors = metrics.ERRORS.labels(name, eh.strategy)
     seen = [0]
@@ -114,21 +114,21 @@ def _policy(
         if eh.strategy == "fail":
             msg = (
                 f"step {first.step!r} failed on the record at {first.position()}: "
-                f"{first.type}: {first.message}"
+                f"{first.type}: {first.message_masked(mask)}"
             )
             raise StepFailed(msg)
         seen[0] += len(batch)
         if eh.max_errors is not None and seen[0] > eh.max_errors:
             msg = (
                 f"step {name!r}: {seen[0]} failed records, more than max_errors "
-                f"{eh.max_errors}; last at {batch[-1].position()}: {batch[-1].message}"
+                f"{eh.max_errors}; last at {batch[-1].position()}: {batch[-1].message_masked(mask)}"
             )
             raise StepFailed(msg)
         if seen[0] - len(batch) < 10:
             log.warning(
                 "step %r: %s record at %s: %s: %s",
                 first.step, "skipped" if eh.strategy == "skip" else "redirected",
-                first.position(), first.type, first.message,
+                first.position(), first.type, first.message_masked(mask),
             )
         if eh.strategy == "redirect":
             return [f.as_record(mask) for f in batch]
@@ -138,7 +138,7 @@ def _policy(
 
 
 def _guard(
-    name: str, eh: ErrorHandling, errs: list[Stream[Any]], mask: Callable[[Any], Any] | None
+    name: str, eh: ErrorHandling, errs: list[Stream[Any]], mask: Masker | None
 ) -> Stream[Any] | None:
     """Apply the error policy to a component's failure streams; the dead letters, if any.
 
@@ -169,7 +169,7 @@ def source_component(
     name: str,
     eh: ErrorHandling,
     check: OutputSchemaCheck | None,
-    mask: Callable[[Any], Any] | None,
+    mask: Masker | None,
 ) -> _MultiStream[str]:
     """A source: read batches, check ``output_schema``, separate failures, apply the policy."""
     items = op.input("read", flow, source)
@@ -222,33 +222,16 @@ def destination_component(
                                    masker(ctx.workflow.data_protection)))
 
 
-def masker(protection: DataProtection | None) -> Callable[[Any], Any] | None:
-    """The masking rules of ``data_protection`` as one per-record function."""
+def masker(protection: DataProtection | None) -> Masker | None:
+    """The masking rules of ``data_protection`` as one :class:`~dataflare.masking.Masker`."""
     if protection is None or not protection.masking_rules:
         return None
-    rules = protection.masking_rules
-
-    def mask(record: dict[str, Any]) -> dict[str, Any]:
-        out = dict(record)
-        for rule in rules:
-            value = get_path(out, rule.field)
-            if value is None:
-                continue
-            text = str(value)
-            if rule.method == "full":
-                masked = rule.replacement
-            elif rule.method == "partial":
-                masked = text[: rule.show_chars] + rule.replacement
-            else:
-                masked = hashlib.sha256(text.encode()).hexdigest()
-            set_path(out, rule.field, masked)
-        return out
-
-    return mask
+    key = protection.hash_key.get_secret_value().encode() if protection.hash_key else None
+    return Masker(protection.masking_rules, key)
 
 
 def _prepare(
-    filter_text: str | None, mask: Callable[[Any], Any] | None
+    filter_text: str | None, mask: Masker | None
 ) -> Callable[..., Any] | None:
     test = compile_expression(filter_text).test if filter_text else None
     if test is None:
@@ -369,7 +352,7 @@ class _Compiler:
             for cid in ready:
                 self.destination(cid, pending.pop(cid), mask)
 
-    def destination(self, cid: str, comp: Any, mask: Callable[[Any], Any] | None) -> None:
+    def destination(self, cid: str, comp: Any, mask: Masker | None) -> None:
         ups = [self.streams[ref] for ref in comp.inputs] + self.redirected.get(cid, [])
         if not ups:
             return

@@ -340,6 +340,17 @@ class DataProtection(Strict):
 
     encryption: Encryption | None = Field(None, description="Encryption requirements.")
     masking_rules: list[MaskingRule] = Field(default_factory=list, description="Field masking.")
+    hash_key: Secret | None = Field(
+        None, description="Key of masking method 'hash' (HMAC-SHA256), e.g. '${MASK_KEY}'."
+    )
+
+    @model_validator(mode="after")
+    def _hash_needs_key(self) -> DataProtection:
+        if self.hash_key is None and any(r.method == "hash" for r in self.masking_rules):
+            msg = ("masking method 'hash' needs data_protection.hash_key: a bare sha-256 of "
+                   "a known value is reversed by a dictionary")
+            raise ValueError(msg)
+        return self
 
 
 class TestCase(Strict):
