@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-from dataflare import metrics, secrets
+from dataflare import encryption, metrics, secrets
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 
@@ -153,6 +153,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problems:
         _print_problems(problems, for_run=True)
         return 1
+    protection = v.workflow.data_protection if v.workflow else None
+    if protection and protection.encryption and protection.encryption.in_transit:
+        if os.environ.get(encryption.PG_SSLMODE_ENV) not in encryption.TLS_SSLMODES:
+            os.environ[encryption.PG_SSLMODE_ENV] = "require"  # libpq: TLS or no connection
     try:
         flow = compile_validated(v)
     except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly

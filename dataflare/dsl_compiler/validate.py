@@ -12,7 +12,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ValidationError
 
-from dataflare import registry, secrets
+from dataflare import encryption, registry, secrets
 from dataflare.dsl_compiler import graph as graph_checks
 from dataflare.dsl_compiler.loader import Document, load
 from dataflare.dsl_compiler.models import TestCase, Workflow, WorkflowFile
@@ -128,6 +128,7 @@ def validate_text(
                         "post actions are validated but not executed yet", severity="warning")
         )
 
+    out.problems.extend(_protection_problems(doc, wf, configs))
     out.graph, graph_problems = graph_checks.check(doc, wf, configs)
     out.problems.extend(graph_problems)
     out.problems.extend(_test_problems(doc, wf))
@@ -136,6 +137,37 @@ def validate_text(
         out.workflow = _with_configs(generic.workflow, configs)
         out.tests = [*generic.tests, *generic.workflow.tests]
     return _finish(out)
+
+
+def _protection_problems(
+    doc: Document, wf: dict[str, Any], configs: dict[str, Any]
+) -> list[Problem]:
+    """Encryption settings that cannot hold: warnings of ``validate``, errors of ``run``."""
+    protection = wf.get("data_protection")
+    enc = protection.get("encryption") if isinstance(protection, dict) else None
+    if not isinstance(enc, dict):
+        return []
+    at: Loc = ("workflow", "data_protection", "encryption")
+    out: list[Problem] = []
+    if enc.get("key_management") not in (None, "", "local"):
+        out.append(doc.problem((*at, "key_management"),
+                               f"key service {enc['key_management']!r} is not available "
+                               "(no external key service is supported)",
+                               severity="warning", at_run=True))
+    if enc.get("at_rest") is True:
+        out.append(doc.problem((*at, "at_rest"),
+                               "field-level encryption at rest is not available yet",
+                               severity="warning", at_run=True))
+    if enc.get("in_transit") is True:
+        sections = {cid: section for section in ("sources", "destinations")
+                    for cid in (wf.get(section) or {})}
+        for cid, message in encryption.in_transit_problems(
+            {cid: cfg for cid, cfg in configs.items() if cid in sections}
+        ):
+            out.append(doc.problem(("workflow", sections[cid], cid, "config"),
+                                   f"{sections[cid][:-1]} {cid!r}: {message}",
+                                   severity="warning", at_run=True))
+    return out
 
 
 def _test_problems(doc: Document, wf: dict[str, Any]) -> list[Problem]:
