@@ -1,4 +1,4 @@
-"""``data_protection.encryption``: which connections of a workflow would travel in clear.
+"""``data_protection.encryption``: TLS in transit, and field encryption at rest.
 
 ``in_transit: true`` requires TLS on every connection: PostgreSQL ``sslmode`` at least
 ``require`` (a DSN without ``sslmode``, or the host/port form, gets ``require`` through
@@ -7,16 +7,25 @@ libpq's ``PGSSLMODE`` at run), ``rediss://``, Kafka ``security.protocol`` ``SSL`
 and an error of ``run``, naming the component. The connection settings are read from each
 component's validated config by their field names (``dsn``, ``url``, ``bootstrap_servers``
 with ``properties``, ``host``), the same for every connector.
+
+``at_rest: true`` with ``fields`` and ``key`` encrypts the named fields before every
+destination (:class:`FieldCipher`, AES-GCM); ``dataflare decrypt`` reads them back.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, SecretStr
+
+from dataflare.records import get_path, set_path
 
 PG_SSLMODE_ENV = "PGSSLMODE"
 TLS_SSLMODES = ("require", "verify-ca", "verify-full")
@@ -97,3 +106,80 @@ def in_transit_problems(configs: dict[str, Any]) -> Iterator[tuple[str, str]]:
     for cid, config in configs.items():
         for reason in clear_connections(config):
             yield cid, f"data_protection.encryption.in_transit requires TLS: {reason}"
+
+
+ENCRYPTED_PREFIX = "enc:v1:"
+"""Start of an encrypted value: ``enc:v1:`` + base64 of the 12-byte nonce and the ciphertext."""
+
+
+class FieldCipher:
+    """AES-GCM encryption of named fields (``at_rest: true``, ``fields: [...]``).
+
+    A value is encrypted as its JSON text, with the field's path as associated data (a
+    value moved to another field does not decrypt), under a fresh random nonce.
+    """
+
+    def __init__(self, key: str, fields: Sequence[str]) -> None:
+        """``key``: base64 of 16, 24 or 32 bytes (AES-128/192/256)."""
+        try:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        except ModuleNotFoundError as exc:  # pragma: no cover - an extra
+            msg = "field encryption needs cryptography: pip install 'dataflare[security]'"
+            raise ModuleNotFoundError(msg) from exc
+        try:
+            raw = base64.b64decode(key.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) not in (16, 24, 32):
+            msg = ("data_protection.encryption.key must be base64 of 16, 24 or 32 bytes "
+                   "(e.g. `openssl rand -base64 32`)")
+            raise ValueError(msg)
+        self.aead = AESGCM(raw)
+        self.fields = list(fields)
+
+    def encrypt(self, field: str, value: Any) -> str:
+        """``value`` of ``field`` encrypted (text)."""
+        nonce = os.urandom(12)
+        data = self.aead.encrypt(nonce, json.dumps(value).encode(), field.encode())
+        return ENCRYPTED_PREFIX + base64.b64encode(nonce + data).decode()
+
+    def decrypt(self, field: str, text: str) -> Any:
+        """The original value of ``field`` from its encrypted text."""
+        from cryptography.exceptions import InvalidTag
+
+        if not isinstance(text, str) or not text.startswith(ENCRYPTED_PREFIX):
+            msg = f"field {field!r} is not an encrypted value"
+            raise ValueError(msg)
+        blob = base64.b64decode(text[len(ENCRYPTED_PREFIX) :])
+        try:
+            plain = self.aead.decrypt(blob[:12], blob[12:], field.encode())
+        except InvalidTag:
+            msg = f"field {field!r} does not decrypt with this key"
+            raise ValueError(msg) from None
+        return json.loads(plain)
+
+    def encrypt_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A copy of ``record`` with its named fields encrypted."""
+        out = dict(record)
+        for field in self.fields:
+            value = get_path(out, field)
+            if value is not None:
+                set_path(out, field, self.encrypt(field, value))
+        return out
+
+    def decrypt_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A copy of ``record`` with its named fields decrypted."""
+        out = dict(record)
+        for field in self.fields:
+            value = get_path(out, field)
+            if value is not None:
+                set_path(out, field, self.decrypt(field, value))
+        return out
+
+
+def field_cipher(protection: Any) -> FieldCipher | None:
+    """The cipher of ``data_protection`` (a validated model) when fields are encrypted."""
+    enc = getattr(protection, "encryption", None)
+    if enc is None or not enc.at_rest or not enc.fields or enc.key is None:
+        return None
+    return FieldCipher(enc.key.get_secret_value(), enc.fields)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
+from dataflare.encryption import FieldCipher
 from dataflare.records import get_path, set_path
 
 
@@ -41,20 +42,21 @@ class Rule(Protocol):
 class Masker:
     """Masking rules applied to records, to raw text and to messages that quote values."""
 
-    def __init__(self, rules: Sequence[Rule], hash_key: bytes | None) -> None:
-        """Mask with ``rules``; ``hash_key`` keys ``method: hash`` (required by it)."""
+    def __init__(
+        self, rules: Sequence[Rule], hash_key: bytes | None, cipher: FieldCipher | None = None
+    ) -> None:
+        """Mask with ``rules``; ``hash_key`` keys ``method: hash`` (required by it).
+
+        ``cipher`` then encrypts its fields (``data_protection.encryption.at_rest``).
+        """
         self.rules = list(rules)
         self.hash_key = hash_key
+        self.cipher = cipher
         if hash_key is None and any(r.method == "hash" for r in self.rules):
             msg = "masking method 'hash' needs data_protection.hash_key (an HMAC key)"
             raise ValueError(msg)
-        self._raw = [
-            (rule, re.compile(
-                r'("' + re.escape(rule.field.rsplit(".", 1)[-1])
-                + r'"\s*:\s*)("(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*)'
-            ))
-            for rule in self.rules
-        ]
+        self._raw = [(rule, _quoted(rule.field)) for rule in self.rules]
+        self._raw_encrypted = [(f, _quoted(f)) for f in (cipher.fields if cipher else [])]
 
     def value(self, rule: Rule, value: Any) -> str:
         """The masked form of one value."""
@@ -73,7 +75,7 @@ class Masker:
             value = get_path(out, rule.field)
             if value is not None:
                 set_path(out, rule.field, self.value(rule, value))
-        return out
+        return self.cipher.encrypt_record(out) if self.cipher else out
 
     def text(self, raw: str) -> str:
         """Undecodable input (a broken JSON line) with the ruled fields it holds masked."""
@@ -88,6 +90,18 @@ class Masker:
                 return m.group(1) + json.dumps(self.value(rule, value))
 
             raw = pattern.sub(repl, raw)
+        for field, pattern in self._raw_encrypted:
+            assert self.cipher is not None
+
+            def encrypt(m: re.Match[str], field: str = field) -> str:
+                assert self.cipher is not None
+                try:
+                    value = json.loads(m.group(2))
+                except ValueError:
+                    value = m.group(2).strip('"')
+                return m.group(1) + json.dumps(self.cipher.encrypt(field, value))
+
+            raw = pattern.sub(encrypt, raw)
         return raw
 
     def message(self, message: str, record: Any) -> str:
@@ -101,6 +115,12 @@ class Masker:
                 for before, after in _changed_text(record, masked):
                     message = message.replace(before, after)
         return message
+
+
+def _quoted(field: str) -> re.Pattern[str]:
+    """``"<last key of field>": <JSON string or number>`` in raw (undecodable) JSON text."""
+    key = re.escape(field.rsplit(".", 1)[-1])
+    return re.compile(r'("' + key + r'"\s*:\s*)("(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*)')
 
 
 def _changed(before: Any, after: Any) -> Iterator[tuple[Any, Any]]:

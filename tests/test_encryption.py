@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import pytest
 
+from dataflare.encryption import ENCRYPTED_PREFIX, FieldCipher
 from tests.fixtures.pg_private import PgServer
 from tests.fixtures.workflows import read_jsonl, run_cli
 
@@ -114,3 +117,73 @@ workflow:
     result = run_cli("run", str(flow), cwd=tmp_path)
     assert result.code == 1 and "'aws_kms' is not available" in result.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+OTHER_KEY = base64.b64encode(bytes(range(1, 33))).decode()
+SSN, EMAIL = "078-05-1120", "carol@example.com"
+
+
+def test_at_rest_fields_are_encrypted_in_postgres_and_files(
+    pg_tls: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "key").write_text(KEY + "\n")
+    (tmp_path / "in.jsonl").write_text(
+        json.dumps({"id": 1, "ssn": SSN, "contact": {"email": EMAIL}, "n": 7}) + "\n"
+        '{"id": 2, "ssn": "999-99-9999", oops\n'
+    )
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(f"""\
+workflow:
+  id: at_rest
+  data_protection:
+    encryption:
+      in_transit: true
+      at_rest: true
+      fields: [ssn, contact.email, n]
+      key: "${{file:{tmp_path}/key}}"
+  sources:
+    s:
+      type: file
+      config: {{path: in.jsonl}}
+      error_handling: {{strategy: redirect, redirect_to: dead}}
+  destinations:
+    db:
+      type: postgres
+      inputs: [s]
+      config:
+        dsn: "host=127.0.0.1 port={pg_tls.port} dbname=dataflare user=postgres"
+        table: enc_out
+    file: {{type: file, inputs: [s], config: {{path: out.jsonl}}}}
+    dead: {{type: file, config: {{path: dead.jsonl}}}}
+""")
+    pg_tls.execute("DROP TABLE IF EXISTS enc_out")
+    result = run_cli("run", str(flow), cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    written = (tmp_path / "out.jsonl").read_text() + (tmp_path / "dead.jsonl").read_text()
+    assert SSN not in written and EMAIL not in written and KEY not in result.stderr
+
+    import psycopg
+
+    with psycopg.connect(pg_tls.dsn + " sslmode=require") as conn:
+        (row,) = conn.execute("SELECT id, ssn, contact, n FROM enc_out").fetchall()
+    assert SSN not in str(row) and EMAIL not in str(row)
+    stored = {"ssn": row[1], "contact": row[2], "n": row[3]}
+    if isinstance(stored["contact"], str):
+        stored["contact"] = json.loads(stored["contact"])
+
+    cipher = FieldCipher(KEY, ["ssn", "contact.email", "n"])
+    assert cipher.decrypt_record(stored) == {"ssn": SSN, "contact": {"email": EMAIL}, "n": 7}
+    with pytest.raises(ValueError, match="does not decrypt"):
+        FieldCipher(OTHER_KEY, ["ssn"]).decrypt_record(stored)
+
+    (file_record,) = read_jsonl(tmp_path / "out.jsonl")
+    back = run_cli("decrypt", str(flow), str(tmp_path / "out.jsonl"), cwd=tmp_path)
+    assert back.code == 0, back.stderr
+    assert json.loads(back.stdout) == {"id": 1, "ssn": SSN, "contact": {"email": EMAIL}, "n": 7}
+    (dead,) = read_jsonl(tmp_path / "dead.jsonl")  # undecodable input: its fields encrypted
+    assert "999-99-9999" not in dead["record"] and ENCRYPTED_PREFIX in dead["record"]
+    (tmp_path / "key").write_text(OTHER_KEY)
+    wrong = run_cli("decrypt", str(flow), str(tmp_path / "out.jsonl"), cwd=tmp_path)
+    assert wrong.code == 1 and "does not decrypt with this key" in wrong.stderr
+    assert SSN not in wrong.stdout + wrong.stderr and file_record["ssn"] != SSN

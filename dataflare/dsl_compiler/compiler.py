@@ -26,6 +26,7 @@ from dataflare.connectors.schema import OutputSchemaCheck
 from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.dsl_compiler.validate import Validated, validate_file
+from dataflare.encryption import field_cipher
 from dataflare.expr import compile_expression
 from dataflare.masking import Masker
 from dataflare.operators.records import map_records, separate_failed
@@ -224,10 +225,11 @@ def destination_component(
 
 def masker(protection: DataProtection | None) -> Masker | None:
     """The masking rules of ``data_protection`` as one :class:`~dataflare.masking.Masker`."""
-    if protection is None or not protection.masking_rules:
+    cipher = field_cipher(protection)
+    if protection is None or not (protection.masking_rules or cipher):
         return None
     key = protection.hash_key.get_secret_value().encode() if protection.hash_key else None
-    return Masker(protection.masking_rules, key)
+    return Masker(protection.masking_rules, key, cipher)
 
 
 def _prepare(

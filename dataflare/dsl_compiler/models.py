@@ -324,6 +324,13 @@ class Encryption(Strict):
     in_transit: bool = Field(False, description="Require TLS to services.")
     at_rest: bool = Field(False, description="Require encrypted storage.")
     key_management: str | None = Field(None, description="Key service, e.g. 'aws_kms'.")
+    fields: list[str] = Field(
+        default_factory=list,
+        description="With at_rest: fields encrypted (AES-GCM) before every destination.",
+    )
+    key: Secret | None = Field(
+        None, description="With at_rest: AES key, base64 of 32 bytes ('${file:/run/secrets/k}')."
+    )
 
 
 class MaskingRule(Strict):

@@ -73,6 +73,7 @@ def validate_text(
     generic: WorkflowFile | None = None
     try:
         generic = WorkflowFile.model_validate(doc.data)
+        secrets.collect(generic)  # SecretStr settings: keys, tokens, passwords
     except ValidationError as exc:
         out.problems.extend(_problems(doc, exc, (), WorkflowFile))
 
@@ -154,9 +155,13 @@ def _protection_problems(
                                f"key service {enc['key_management']!r} is not available "
                                "(no external key service is supported)",
                                severity="warning", at_run=True))
-    if enc.get("at_rest") is True:
+    if enc.get("at_rest") is True and not (enc.get("fields") and enc.get("key")):
         out.append(doc.problem((*at, "at_rest"),
-                               "field-level encryption at rest is not available yet",
+                               "at_rest encrypts the listed 'fields' under 'key'; "
+                               "whole-store encryption is not available",
+                               severity="warning", at_run=True))
+    elif enc.get("fields") and enc.get("at_rest") is not True:
+        out.append(doc.problem((*at, "fields"), "fields are encrypted only with at_rest: true",
                                severity="warning", at_run=True))
     if enc.get("in_transit") is True:
         sections = {cid: section for section in ("sources", "destinations")
