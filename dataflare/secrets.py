@@ -176,15 +176,15 @@ class ScrubbedStream:
         return getattr(self.stream, name)
 
 
-_installed = False
+_logging_installed = False
 
 
-def install() -> None:
-    """Scrub every log record and the process's stdout and stderr from now on."""
-    global _installed
-    if _installed:
+def install_logging() -> None:
+    """Scrub every log record from now on (any handler, any format, any level)."""
+    global _logging_installed
+    if _logging_installed:
         return
-    _installed = True
+    _logging_installed = True
     previous = logging.getLogRecordFactory()
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
@@ -194,6 +194,11 @@ def install() -> None:
         return record
 
     logging.setLogRecordFactory(factory)
+
+
+def install() -> None:
+    """Scrub every log record and the process's stdout and stderr (the command line)."""
+    install_logging()
     if not isinstance(sys.stderr, ScrubbedStream):
         sys.stderr = ScrubbedStream(sys.stderr)
     if not isinstance(sys.stdout, ScrubbedStream):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -163,3 +164,10 @@ def test_scrub_replaces_values_fragments_and_url_forms() -> None:
     assert "w0rd" not in clean and "Fl7-Pa55" not in clean
     assert "ssw0rd-long" not in clean and "abcdef123" not in clean
     assert "stays readable" in clean and "missing" in clean and "port" in clean
+
+
+def test_log_records_are_scrubbed_in_process(caplog: pytest.LogCaptureFixture) -> None:
+    secrets.install_logging()
+    secrets.register_field("password", "In-Pr0cess-S3cret")
+    logging.getLogger("dataflare.test").warning("failed with %s", "In-Pr0cess-S3cret")
+    assert "In-Pr0cess" not in caplog.text and "failed with ***" in caplog.text

@@ -21,7 +21,7 @@ from bytewax.dataflow import Dataflow, Stream, _MultiStream, operator
 from bytewax.inputs import Source
 from bytewax.testing import TestingSink, TestingSource
 
-from dataflare import metrics, registry
+from dataflare import metrics, registry, secrets
 from dataflare.connectors.schema import OutputSchemaCheck
 from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
@@ -62,6 +62,7 @@ def compile_validated(
     """
     if validated.errors(for_run=True) or validated.workflow is None or validated.graph is None:
         raise WorkflowError(validated.problems)
+    secrets.install_logging()  # no secret of this workflow in any log line
     flow = _Compiler(validated, test_inputs, captured).compile()
     tune_gc()
     return flow
