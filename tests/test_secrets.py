@@ -171,3 +171,32 @@ def test_log_records_are_scrubbed_in_process(caplog: pytest.LogCaptureFixture) -
     secrets.register_field("password", "In-Pr0cess-S3cret")
     logging.getLogger("dataflare.test").warning("failed with %s", "In-Pr0cess-S3cret")
     assert "In-Pr0cess" not in caplog.text and "failed with ***" in caplog.text
+
+
+def test_file_secrets_are_read_and_a_missing_file_stops_a_run(tmp_path: Path) -> None:
+    from dataflare.dsl_compiler import validate_text
+
+    (tmp_path / "token").write_text("f1le-T0ken-value\n")
+    text = f"""\
+workflow:
+  sources: {{s: {{type: file, config: {{path: in.jsonl}}}}}}
+  destinations:
+    h:
+      type: http
+      inputs: [s]
+      config:
+        url: "https://127.0.0.1:9/x"
+        headers: {{Authorization: "Bearer ${{file:{tmp_path}/token}}"}}
+    g:
+      type: http
+      inputs: [s]
+      config: {{url: "https://127.0.0.1:9/y?token=${{file:{tmp_path}/absent}}"}}
+"""
+    v = validate_text(text)
+    assert v.document.data["workflow"]["destinations"]["h"]["config"]["headers"] == {
+        "Authorization": "Bearer f1le-T0ken-value"
+    }
+    assert "f1le-T0ken-value" in secrets.values()
+    (missing,) = [p for p in v.problems if "cannot read secret file" in p.message]
+    assert missing.is_error(for_run=True) and not missing.is_error(for_run=False)
+    assert "f1le-T0ken" not in secrets.scrub("header Bearer f1le-T0ken-value sent")
