@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from dataflare.encryption import ENCRYPTED_PREFIX, FieldCipher
-from tests.fixtures.pg_private import PgServer
+from tests.fixtures.pg_private import PgServer, free_port
 from tests.fixtures.workflows import read_jsonl, run_cli
 
 
@@ -187,3 +191,67 @@ workflow:
     wrong = run_cli("decrypt", str(flow), str(tmp_path / "out.jsonl"), cwd=tmp_path)
     assert wrong.code == 1 and "does not decrypt with this key" in wrong.stderr
     assert SSN not in wrong.stdout + wrong.stderr and file_record["ssn"] != SSN
+
+
+@pytest.fixture
+def redis_tls(tmp_path: Path) -> Iterator[int]:
+    """A private redis-server listening only with TLS (self-signed certificate)."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(tmp_path / "r.key"),
+         "-out", str(tmp_path / "r.crt")],
+        check=True, capture_output=True,
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(tmp_path / "r.crt"), "--tls-key-file", str(tmp_path / "r.key"),
+         "--tls-ca-cert-file", str(tmp_path / "r.crt"), "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_cert_reqs="none")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # waiting for the server to listen, not for a result
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_in_transit_writes_redis_over_tls(redis_tls: int, tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "name": "a"}\n{"id": 2, "name": "b"}\n')
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(f"""\
+workflow:
+  data_protection:
+    encryption: {{in_transit: true}}
+  sources: {{s: {{type: file, config: {{path: in.jsonl}}}}}}
+  destinations:
+    cache:
+      type: redis
+      inputs: [s]
+      config:
+        url: "rediss://127.0.0.1:{redis_tls}/0?ssl_cert_reqs=none"
+        key_template: "tls:{{{{id}}}}"
+""")
+    checked = run_cli("validate", str(flow), cwd=tmp_path)
+    assert checked.code == 0 and "warning" not in checked.stderr, checked.stderr
+    result = run_cli("run", str(flow), cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    client = redis.Redis(host="127.0.0.1", port=redis_tls, ssl=True, ssl_cert_reqs="none",
+                         decode_responses=True)
+    assert client.hgetall("tls:2") == {"id": "2", "name": "b"}
+    clear = flow.read_text().replace("rediss://", "redis://").replace("?ssl_cert_reqs=none", "")
+    flow.write_text(clear)
+    refused = run_cli("run", str(flow), cwd=tmp_path)
+    assert refused.code == 1 and "'cache': data_protection.encryption.in_transit" in (
+        refused.stderr)
