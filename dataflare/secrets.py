@@ -33,6 +33,8 @@ SECRET_KEY = re.compile(
 )
 """Names of fields, headers and query parameters whose values are secrets."""
 _KV_PASSWORD = re.compile(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", re.I)
+_KV_PAIR = re.compile(r"^\s*[A-Za-z_]+\s*=")
+"""The start of a key/value DSN (``host=... dbname=...``)."""
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 _lock = threading.Lock()
@@ -86,7 +88,7 @@ def register_field(name: str, value: Any) -> None:
         return
     register_credentials(text)
     if isinstance(value, SecretStr) or SECRET_KEY.search(name):
-        if _URL.match(text) or _KV_PASSWORD.search(text):
+        if _URL.match(text) or _KV_PAIR.match(text):
             return  # a DSN: its password only (host names are not secrets)
         register(text.removeprefix("Bearer ").removeprefix("Basic "))
         register(text)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from dataflare import secrets
 
@@ -200,3 +201,10 @@ workflow:
     (missing,) = [p for p in v.problems if "cannot read secret file" in p.message]
     assert missing.is_error(for_run=True) and not missing.is_error(for_run=False)
     assert "f1le-T0ken" not in secrets.scrub("header Bearer f1le-T0ken-value sent")
+
+
+def test_a_dsn_without_password_blots_out_nothing() -> None:
+    secrets.register_field("dsn", SecretStr("host=127.0.0.1 port=5432 user=postgres dbname=x"))
+    secrets.register_field("dsn", SecretStr("postgresql://postgres@127.0.0.1:5432/x"))
+    text = "written to postgres table x on 127.0.0.1"
+    assert secrets.scrub(text) == text
