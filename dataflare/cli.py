@@ -208,6 +208,39 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    """Print JSON-lines records with the workflow's encrypted fields read back."""
+    import json
+
+    from dataflare.encryption import field_cipher
+
+    v = validate_file(args.workflow)
+    if v.errors(for_run=True) or v.workflow is None:
+        _print_problems(v.errors(for_run=True), for_run=True)
+        return 1
+    try:
+        cipher = field_cipher(v.workflow.data_protection)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if cipher is None:
+        print(f"error: {args.workflow} encrypts no fields (data_protection.encryption.at_rest, "
+              "fields, key)", file=sys.stderr)
+        return 1
+    with open(args.path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = cipher.decrypt_record(json.loads(line))
+            except ValueError as exc:
+                print(f"error: {args.path}:{number}: {exc}", file=sys.stderr)
+                return 1
+            print(json.dumps(record))
+    return 0
+
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     """Print the JSON Schema of workflow files, or the Markdown DSL reference."""
     from dataflare.dsl_compiler import reference
@@ -351,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="Write one file per object into this directory.")
     p.set_defaults(fn=cmd_k8s)
 
+    p = sub.add_parser("decrypt", help="Read back the encrypted fields of JSON-lines records.")
+    p.add_argument("workflow", metavar="WORKFLOW", help="The workflow that encrypted them.")
+    p.add_argument("path", metavar="PATH", help="A JSON-lines file.")
+    p.set_defaults(fn=cmd_decrypt)
+
     p = sub.add_parser("schema", help="Print the JSON Schema of workflow files.")
     p.add_argument("--markdown", action="store_true", help="The DSL reference instead.")
     p.set_defaults(fn=cmd_schema)
@@ -360,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dataflare`` console script."""
     args = build_parser().parse_args(argv)
+    from dataflare import secrets
+
+    secrets.install_logging()  # every log record, whatever its handler, is scrubbed
     logs.setup(args.verbose, args.log_format)
     # Everything the command prints passes the secret scrubber (dataflare.secrets).
     out, err = sys.stdout, sys.stderr

@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
+
+from dataflare import secrets
 
 RUN_ID_ENV = "DATAFLARE_RUN_ID"
 """The run's id: kept in the recovery directory by ``dataflare run``; in dead letters."""
@@ -133,27 +135,21 @@ class Failed:
         """Where the failed record came from."""
         return describe_position(self.meta)
 
-    def as_record(self, mask: Callable[[Any], Any] | None = None) -> Record:
+    def as_record(self, mask: Mask | None = None) -> Record:
         """The dead letter of the record: error, source and the original record.
 
         ``{"error": {step, type, message, at, run_id}, "source": {component, position},
         "record": original}``: ``position`` is the record's ``_meta`` where it entered
         (file and line, topic, partition, offset and key, table and LSN). An original that
         is not a record (an undecodable line) is kept as text, or as ``{"base64": ...}``
-        when it is not UTF-8.
-        ``mask`` (masking rules) applies to an original that is a record; no secret value
-        reaches the message.
+        when it is not UTF-8. ``mask`` (masking rules) applies to the original, a record or
+        raw text, and to the values the message quotes; no secret reaches the message.
         """
-        from dataflare.secrets import scrub, scrub_value
-
-        record, message = without_meta(self.record), self.message
+        record, message = without_meta(self.record), self.message_masked(mask)
         if mask is not None and isinstance(record, dict):
-            masked = mask(record)
-            for before, after in _changed(record, masked):  # the message may quote a value
-                message = message.replace(str(before), str(after))
-            record = masked
-        elif mask is not None and isinstance(record, str):
             record = mask(record)
+        elif mask is not None and isinstance(record, str):
+            record = mask.text(record)
         if isinstance(record, bytes | bytearray):
             try:
                 record = bytes(record).decode("utf-8")
@@ -161,9 +157,9 @@ class Failed:
                 record = {"base64": base64.b64encode(record).decode("ascii")}
         meta = dict(self.meta or {})
         component = meta.pop("source", None)
-        position = scrub_value(meta) if meta else None
+        position = _scrubbed(meta) if meta else None
         out: Record = {
-            "error": {"step": self.step, "type": self.type, "message": scrub(message),
+            "error": {"step": self.step, "type": self.type, "message": message,
                       "at": datetime.now(UTC).isoformat(timespec="milliseconds")
                       .replace("+00:00", "Z"),
                       "run_id": os.environ.get(RUN_ID_ENV)},
@@ -174,14 +170,36 @@ class Failed:
             out[META] = {**self.meta, "error_position": self.position()}
         return out
 
+    def message_masked(self, mask: Mask | None) -> str:
+        """The message, without secrets nor the clear values the masking rules hide."""
+        message = self.message
+        if mask is not None:
+            message = mask.message(message, without_meta(self.record))
+        return secrets.scrub(message)
 
-def _changed(before: Any, after: Any) -> Iterator[tuple[Any, Any]]:
-    """The ``(old, new)`` leaf values that differ between two records."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        for k, v in before.items():
-            yield from _changed(v, after.get(k))
-    elif before != after and before not in (None, ""):
-        yield before, after
+
+def _scrubbed(value: Any) -> Any:
+    """A JSON-like value with every string passed through the secret scrubber."""
+    if isinstance(value, str):
+        return secrets.scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
+class Mask(Protocol):
+    """Masking rules (``dataflare.masking.Masker``)."""
+
+    def __call__(self, record: Record) -> Record:
+        """A masked copy of ``record``."""
+
+    def text(self, raw: str) -> str:
+        """Masked raw text."""
+
+    def message(self, message: str, record: Any) -> str:
+        """``message`` without the clear values of ``record``."""
 
 
 class RecordError(ValueError):

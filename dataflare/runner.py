@@ -295,6 +295,12 @@ def _run(opts: RunOptions) -> RunResult:
             say(f"not replayed: {problem}", "warning")
         replayed = (step, replay_source(records))
         say(f"replaying {len(records)} dead letters of {letters} into step {step!r}")
+    protection = v.workflow.data_protection if v.workflow else None
+    if protection and protection.encryption and protection.encryption.in_transit:
+        from dataflare import encryption
+
+        if os.environ.get(encryption.PG_SSLMODE_ENV) not in encryption.TLS_SSLMODES:
+            os.environ[encryption.PG_SSLMODE_ENV] = "require"  # libpq: TLS or no connection
     try:
         flow = compile_validated(v, replay=replayed)
     except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly

@@ -1,152 +1,222 @@
-"""Secret values are kept out of every output, by value, where output leaves the process.
+"""Secret values of the running workflows, and the scrubber that keeps them out of every output.
 
-Validation registers what must not be shown: the value of every interpolated ``${VAR}``
-(shown as ``${VAR}``), every secret field (``password``, ``token``... shown as ``***``),
-the password and credential query parameters of DSNs and URLs, and credential headers.
-Each value is registered with its URL-encoded form and its pieces around spaces and
-``#`` (a driver's parse error may quote only a piece). :func:`scrub` then replaces them in
-log records, the runner's messages and summary, dead letters, and everything the
-``dataflare`` command writes to stdout and stderr (also what bytewax's workers print).
+Secrets are collected once, when a workflow is loaded and validated (:func:`collect`): the
+values of secret fields (passwords, tokens, keys, ``Authorization``-like headers), the
+variables interpolated into them, the passwords and credential query parameters of every
+DSN or URL, and every ``${file:...}`` secret. :func:`scrub` replaces each of them, and any
+fragment of six characters or more of one (drivers quote parts of a DSN they cannot
+parse), by ``***``. It is applied where messages leave the process: log records
+(:func:`install`), the command's stdout and stderr, and dead-letter messages.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 import threading
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 from pydantic import BaseModel, SecretStr
 
-MIN_LENGTH = 4  # shorter values would blot out ordinary text
-_CREDENTIAL = re.compile(r"pass|secret|token|key|auth|credential|signature|sig$|session",
-                         re.IGNORECASE)
-_known: dict[str, str] = {}
-_pattern: re.Pattern[str] | None = None
-_bpattern: re.Pattern[bytes] | None = None
+MASK = "***"
+_MIN = 4
+"""Shorter values are not registered: they would blot out ordinary text."""
+_SHINGLE = 6
+"""A fragment of a secret this long or longer is scrubbed too."""
+
+SECRET_KEY = re.compile(
+    r"password|passwd|secret|token|api_?key|credential|authorization|private_key"
+    r"|access_key|hash_key|encryption_key|signature|^sig$",
+    re.I,
+)
+"""Names of fields, headers and query parameters whose values are secrets."""
+_KV_PASSWORD = re.compile(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", re.I)
+_KV_PAIR = re.compile(r"^\s*[A-Za-z_]+\s*=")
+"""The start of a key/value DSN (``host=... dbname=...``)."""
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
 _lock = threading.Lock()
+_values: set[str] = set()
+_shingles: set[str] = set()
 
 
-def register(value: str, shown: str = "***") -> None:
-    """Keep ``value`` (and its encoded forms and pieces) out of every output."""
-    global _pattern, _bpattern
-    if not isinstance(value, str) or len(value) < MIN_LENGTH:
+def register(value: Any) -> None:
+    """Remember ``value`` (and its URL-encoded forms) as a secret."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
         return
-    forms = {value, quote(value, safe=""), quote_plus(value), unquote(value)}
-    for separators in (r"\s+", r"#+", r"[\s#]+"):  # a parse error may quote any piece
-        forms.update(re.split(separators, value))
+    value = value.strip()
+    if len(value) < _MIN:
+        return
     with _lock:
-        added = False
-        for form in forms:
-            if len(form) >= MIN_LENGTH and form not in _known:
-                _known[form] = shown if form == value else "***"
-                added = True
-        if added:
-            alternation = "|".join(re.escape(k) for k in sorted(_known, key=len, reverse=True))
-            _pattern = re.compile(alternation)
-            _bpattern = re.compile(alternation.encode())
+        for form in {value, quote(value, safe=""), quote_plus(value), unquote(value)}:
+            if len(form) < _MIN or form in _values:
+                continue
+            _values.add(form)
+            for i in range(len(form) - _SHINGLE + 1):
+                _shingles.add(form[i : i + _SHINGLE])
+
+
+def register_credentials(text: Any) -> None:
+    """Register the secrets inside a DSN or URL: its password and credential query params."""
+    if isinstance(text, SecretStr):
+        text = text.get_secret_value()
+    if not isinstance(text, str):
+        return
+    if _URL.match(text):
+        rest = text.split("://", 1)[1]
+        authority = rest.rsplit("@", 1)[0] if "@" in rest else ""
+        if ":" in authority:  # up to the last '@': a password may hold '#', '/' or '?'
+            register(authority.split(":", 1)[1])
+        query = urlsplit(text).query
+        for name, val in parse_qsl(query, keep_blank_values=False):
+            if SECRET_KEY.search(name):
+                register(val)
+        return
+    for m in _KV_PASSWORD.finditer(text):
+        raw = m.group(1)
+        register(raw[1:-1].replace("\\'", "'") if raw.startswith("'") else raw)
+
+
+def register_field(name: str, value: Any) -> None:
+    """Register the value of a field called ``name``: whole if a secret, its credentials always."""
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if not isinstance(text, str):
+        return
+    register_credentials(text)
+    if isinstance(value, SecretStr) or SECRET_KEY.search(name):
+        if _URL.match(text) or _KV_PAIR.match(text):
+            return  # a DSN: its password only (host names are not secrets)
+        register(text.removeprefix("Bearer ").removeprefix("Basic "))
+        register(text)
+
+
+def collect(data: Any, key: str = "") -> None:
+    """Register every secret in a loaded workflow (plain data) or a validated model."""
+    if isinstance(data, BaseModel):
+        for name in type(data).model_fields:
+            collect(getattr(data, name, None), name)
+        for name, val in (data.model_extra or {}).items():
+            collect(val, name)
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            collect(v, str(k))
+    elif isinstance(data, list | tuple):
+        for v in data:
+            collect(v, key)
+    elif isinstance(data, str | SecretStr):
+        register_field(key, data)
+
+
+def values() -> frozenset[str]:
+    """The registered secret values."""
+    with _lock:
+        return frozenset(_values)
+
+
+def clear() -> None:
+    """Forget every registered secret (tests)."""
+    with _lock:
+        _values.clear()
+        _shingles.clear()
 
 
 def scrub(text: str) -> str:
-    """``text`` with every registered value replaced."""
-    pattern = _pattern
-    if pattern is None or not text:
+    """``text`` with every secret, and every fragment of one, replaced by ``***``."""
+    if not _values or not text:
         return text
-    return pattern.sub(lambda m: _known.get(m.group(0), "***"), text)
+    with _lock:
+        secrets, shingles = sorted(_values, key=len, reverse=True), set(_shingles)
+    for value in secrets:
+        if value in text:
+            text = text.replace(value, MASK)
+    n = len(text)
+    if n < _SHINGLE or not shingles:
+        return text
+    hidden = bytearray(n)
+    found = False
+    for i in range(n - _SHINGLE + 1):
+        if text[i : i + _SHINGLE] in shingles:
+            hidden[i : i + _SHINGLE] = b"\x01" * _SHINGLE
+            found = True
+    if not found:
+        return text
+    out, i = [], 0
+    while i < n:
+        if hidden[i]:
+            while i < n and hidden[i]:
+                i += 1
+            out.append(MASK)
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def scrub_bytes(data: bytes) -> bytes:
-    """``data`` (UTF-8) with every registered value replaced."""
-    pattern = _bpattern
-    if pattern is None or not data:
+    """:func:`scrub` for bytes (a pipe of the process's own stderr)."""
+    if not _values:
         return data
-    return pattern.sub(lambda m: _known.get(m.group(0).decode(), "***").encode(), data)
+    return scrub(data.decode("utf-8", "replace")).encode("utf-8")
 
 
-def scrub_value(value: Any) -> Any:
-    """A JSON-like value with every string scrubbed."""
-    if isinstance(value, str):
-        return scrub(value)
-    if isinstance(value, dict):
-        return {k: scrub_value(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub_value(v) for v in value]
-    return value
+class ScrubbedStream:
+    """A text stream that scrubs secrets from everything written to it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        """Write ``text`` without its secrets."""
+        self.stream.write(scrub(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
-def register_workflow(data: Any, substituted: dict[str, str]) -> None:
-    """The secrets of a workflow (its parsed, interpolated data).
-
-    Secret settings and headers (``password``, ``token``, ``Authorization``...), URL and
-    DSN passwords and credential query parameters, the values of variables named like
-    secrets (``*PASSWORD*``, ``*TOKEN*``, ``*SECRET*``, ``*KEY*``) and of ``${file:...}``.
-    A value that came from a variable is shown as its ``${VAR}``.
-    """
-    for value, name in substituted.items():
-        if name.startswith("${file:") or is_credential_key(name[2:-1]) or \
-                name[2:-1].upper().endswith(("_KEY", "KEY")):
-            register(value, name)
-
-    def reg(value: str) -> None:
-        register(value, substituted.get(value, "***"))
-
-    for key, value in _leaves(data):
-        if isinstance(value, SecretStr):
-            reg(value.get_secret_value())
-        elif isinstance(value, str):
-            if is_credential_key(key):
-                reg(value)
-                if " " in value:  # "Bearer <token>"
-                    reg(value.split(" ", 1)[1])
-            for credential in url_credentials(value):
-                reg(credential)
+_logging_installed = False
 
 
-_CREDENTIAL_KEYS = {"authorization", "x_api_key", "api_key", "apikey", "access_key",
-                    "access_key_id", "private_key", "client_secret", "passwd"}
+def install_logging() -> None:
+    """Scrub every log record from now on (any handler, any format, any level)."""
+    global _logging_installed
+    if _logging_installed:
+        return
+    _logging_installed = True
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if _values:
+            _scrub_record(record)
+        return record
+
+    logging.setLogRecordFactory(factory)
 
 
-def is_credential_key(key: str) -> bool:
-    """Whether a setting or header of this name holds a credential."""
-    k = key.lower().replace("-", "_")
-    if k.endswith(("_template", "_field", "_header", "_file")):
-        return False
-    return k in _CREDENTIAL_KEYS or any(w in k for w in ("password", "secret", "token"))
+def install() -> None:
+    """Scrub every log record and the process's stdout and stderr (the command line)."""
+    install_logging()
+    if not isinstance(sys.stderr, ScrubbedStream):
+        sys.stderr = ScrubbedStream(sys.stderr)
+    if not isinstance(sys.stdout, ScrubbedStream):
+        sys.stdout = ScrubbedStream(sys.stdout)
 
 
-def url_credentials(text: str) -> list[str]:
-    """Passwords and credential query parameters of a URL or a key/value DSN."""
-    found: list[str] = []
-    if "://" in text:
-        try:
-            parts = urlsplit(text)
-            if parts.password:
-                found.append(unquote(parts.password))
-            found.extend(unquote(v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-                         if _CREDENTIAL.search(k))
-        except ValueError:  # a URL too broken to parse: its password field is guessed
-            m = re.search(r"://[^:/@]*:(.*)@", text)
-            if m:
-                found.append(m.group(1))
-    else:
-        for m in re.finditer(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", text):
-            raw = m.group(1)
-            found.append(raw[1:-1] if raw.startswith("'") else raw)
-    return found
-
-
-def _leaves(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(value, BaseModel):
-        for name in type(value).model_fields:
-            yield from _leaves(getattr(value, name), name)
-        for name, extra in (value.model_extra or {}).items():
-            yield from _leaves(extra, name)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _leaves(v, str(k))
-    elif isinstance(value, list | tuple):
-        for v in value:
-            yield from _leaves(v, key)
-    else:
-        yield key, value
+def _scrub_record(record: logging.LogRecord) -> None:
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a bad format string is logging's own report
+        return
+    clean = scrub(message)
+    if clean != message:
+        record.msg, record.args = clean, None
+    if record.exc_info:
+        text = logging.Formatter().formatException(record.exc_info)
+        record.exc_text, record.exc_info = scrub(text), None
+    if record.stack_info:
+        record.stack_info = scrub(record.stack_info)

@@ -1,13 +1,9 @@
-"""No secret value reaches any output: stderr, -v logs, dead letters, the summary.
-
-Each run uses distinctive secret values in every place a workflow can hold one, fails or
-succeeds through a real service (PostgreSQL, Redis, HTTP servers on loopback), and every
-byte it wrote is searched for the values and for the pieces a driver may quote.
-"""
+"""No secret in any output: every connector path run with distinctive secrets, all bytes grepped."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,140 +14,197 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from dataflare import secrets
 
-PASSWORD = "Fl7-Pa55 w0rd#Secret"
-TOKEN = "tok-3e8c1f9a77b2"
-API_KEY = "key-51ab9cc0de"
-FILE_SECRET = "fromfile-9d8e7f6a"
-FORBIDDEN = [PASSWORD, "Fl7-Pa55", "w0rd#Secret", "w0rd", "Secret", "Fl7-Pa55%20w0rd",
-             TOKEN, API_KEY, FILE_SECRET]
+PG_PASSWORD = "Fl7-Pa55 w0rd#Secret"
+REDIS_PASSWORD = "Rd5-Pa55 w0rd#Hidden"
+TOKEN = "tok-9Zq7Xw3Vv1Lp"
+API_KEY = "key-4Hh8Jj2Kk6Mm"
+FILE_SECRET = "Fs9-Gq2 fr0m#File"
+SECRETS = [PG_PASSWORD, REDIS_PASSWORD, TOKEN, API_KEY, FILE_SECRET]
 
 
-class Refusing:
-    """A local HTTP server answering every request with ``status``."""
-
-    def __init__(self, status: int) -> None:
-        self.status = status
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _answer(self) -> None:
-                length = int(self.headers.get("content-length", 0) or 0)
-                self.rfile.read(length)
-                self.send_response(outer.status)
-                self.send_header("content-type", "application/json")
-                self.end_headers()
-                self.wfile.write(b'{"error": "no"}')
-
-            do_GET = do_POST = _answer  # noqa: N815
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+def _fragments(value: str) -> list[str]:
+    """The value and the pieces a driver may quote: words split at spaces and '#'."""
+    parts = {value, *value.replace("#", " ").split(), *value.split("#"), *value.split(" ")}
+    return sorted(p for p in parts if len(p) >= 6)
 
 
 @pytest.fixture
-def refusing() -> Iterator[tuple[Refusing, Refusing]]:
-    bad_request, server_error = Refusing(400), Refusing(500)
-    yield bad_request, server_error
-    bad_request.server.shutdown()
-    server_error.server.shutdown()
+def api() -> Iterator[str]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _answer(self, status: int, body: Any) -> None:
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._answer(200, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer(400, {"error": "refused"})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
 
 
-def run(tmp_path: Path, flow: str, name: str) -> str:
-    """Run ``flow`` with -v; everything it wrote (output, logs, files) as one text."""
-    (tmp_path / "secret.txt").write_text(FILE_SECRET + "\n")
-    (tmp_path / "in.jsonl").write_text('{"id": 1, "email": "a@b.c"}\n{"id": 2}\n')
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(flow)
-    env = {**os.environ, "PG_PASSWORD": PASSWORD, "API_TOKEN": TOKEN, "API_KEY": API_KEY}
-    out = subprocess.run([sys.executable, "-m", "dataflare", "-v", "run", str(path),
-                          "--summary-json", str(tmp_path / f"{name}.summary.json")],
-                         capture_output=True, text=True, timeout=180, env=env)
-    written = [out.stdout, out.stderr]
-    for f in tmp_path.rglob("*"):
-        if f.is_file() and f.suffix in (".jsonl", ".json") and f.name != "in.jsonl":
-            written.append(f.read_text(errors="replace"))
-    return "\n".join(written)
+def _flow(tmp: Path, name: str, body: str) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(f"workflow:\n  id: {name}\n{body}")
+    return path
 
 
-def assert_clean(text: str) -> None:
-    for value in FORBIDDEN:
-        assert value not in text, f"{value!r} was printed:\n{text[:3000]}"
+def _cases(tmp: Path, api: str) -> dict[str, str]:
+    records = tmp / "in.jsonl"
+    records.write_text('{"id": 1}\n{"id": 2}\n')
+    pg_table = "sources:\n    db:\n      type: postgres\n      config:\n"
+    sink = (f"  destinations:\n    out:\n      type: file\n      inputs: [db]\n"
+            f"      config: {{path: {tmp}/out.jsonl, format: jsonl}}\n")
+    return {
+        "pg_kv_dsn": "  " + pg_table
+        + "        dsn: \"host=127.0.0.1 port=5432 dbname=test user=postgres"
+          " password=${PG_PASSWORD}\"\n        table: nowhere\n" + sink,
+        "pg_url_dsn": "  " + pg_table
+        + "        dsn: \"postgresql://postgres:${PG_PASSWORD}@127.0.0.1:5432/test\"\n"
+          "        table: nowhere\n" + sink,
+        "pg_unreachable": "  " + pg_table
+        + "        host: 127.0.0.1\n        port: 9\n        database: test\n"
+          "        username: postgres\n        password: ${PG_PASSWORD}\n"
+          "        connect_timeout: 5s\n        table: nowhere\n" + sink,
+        "pg_file_secret": "  " + pg_table
+        + f"        dsn: \"host=127.0.0.1 port=9 dbname=test user=postgres"
+          f" password=${{file:{tmp}/pg_secret}} connect_timeout=5\"\n"
+          "        table: nowhere\n" + sink,
+        "mysql_wrong_password": "  sources:\n    db:\n      type: mysql\n      config:\n"
+        "        host: 127.0.0.1\n        port: 3306\n        database: test\n"
+        "        username: root\n        password: ${PG_PASSWORD}\n        table: nowhere\n"
+        + sink,
+        "redis_url": f"  sources:\n    in:\n      type: file\n"
+        f"      config: {{path: {records}, format: jsonl}}\n"
+        "  destinations:\n    cache:\n      type: redis\n      inputs: [in]\n"
+        "      config:\n        url: \"redis://:${REDIS_PASSWORD}@127.0.0.1:6379/0\"\n"
+        "        key_template: \"secrets-test:{{id}}\"\n",
+        "http_refused": f"  sources:\n    in:\n      type: file\n"
+        f"      config: {{path: {records}, format: jsonl}}\n"
+        "  destinations:\n    hook:\n      type: http\n      inputs: [in]\n"
+        f"      config:\n        url: \"{api}/hook?token=${{TOKEN}}\"\n"
+        "        headers: {Authorization: \"Bearer ${TOKEN}\"}\n"
+        "      error_handling: {strategy: redirect, redirect_to: dead}\n"
+        f"    dead:\n      type: file\n      inputs: []\n"
+        f"      config: {{path: {tmp}/dead.jsonl, format: jsonl}}\n",
+        "http_failed": f"  sources:\n    in:\n      type: file\n"
+        f"      config: {{path: {records}, format: jsonl}}\n"
+        "  destinations:\n    hook:\n      type: http\n      inputs: [in]\n"
+        f"      config:\n        url: \"{api}/hook?token=${{TOKEN}}\"\n",
+        "rest_api_key": "  sources:\n    api:\n      type: rest_api\n      config:\n"
+        f"        url: \"{api}/items\"\n"
+        "        auth: {type: api_key, key: \"${API_KEY}\", query_param: api_key}\n"
+        "  destinations:\n    out:\n      type: file\n      inputs: [api]\n"
+        f"      config: {{path: {tmp}/items.jsonl, format: jsonl}}\n",
+    }
 
 
-SOURCE = "  sources: {orders: {type: file, config: {path: in.jsonl}}}\n"
+def test_no_secret_in_any_output(tmp_path: Path, api: str) -> None:
+    (tmp_path / "pg_secret").write_text(FILE_SECRET + "\n")
+    env = {**os.environ, "PG_PASSWORD": PG_PASSWORD, "REDIS_PASSWORD": REDIS_PASSWORD,
+           "TOKEN": TOKEN, "API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
+    outputs: dict[str, bytes] = {}
+    codes: dict[str, int] = {}
+    for name, body in _cases(tmp_path, api).items():
+        path = _flow(tmp_path, name, body)
+        for command in (["validate"], ["run"], ["-v", "run"], ["graph"], ["discover"]):
+            proc = subprocess.run(
+                [sys.executable, "-m", "dataflare", *command, str(path)],
+                capture_output=True, env=env, timeout=180, cwd=tmp_path, check=False,
+            )
+            key = f"{name} {' '.join(command)}"
+            outputs[key] = proc.stdout + proc.stderr
+            codes[key] = proc.returncode
+    for written in tmp_path.glob("*.jsonl"):
+        outputs[written.name] = written.read_bytes()
+
+    # The paths really ran: failures failed, successes succeeded, dead letters were written.
+    assert codes["pg_kv_dsn run"] == 1 and codes["pg_url_dsn run"] == 1
+    assert codes["pg_unreachable run"] == 1 and codes["mysql_wrong_password run"] == 1
+    assert codes["redis_url run"] == 1 and codes["http_failed run"] == 1
+    assert codes["rest_api_key run"] == 0 and codes["http_refused run"] == 0
+    assert b"HTTP Request" in outputs["rest_api_key -v run"]  # httpx's request log, with -v
+    dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert len(dead) == 2 and all(d["error"]["step"] == "hook" for d in dead)
+    assert (tmp_path / "items.jsonl").read_text().count("\n") == 2
+
+    leaks = [
+        (key, fragment)
+        for key, data in outputs.items()
+        for secret in SECRETS
+        for fragment in _fragments(secret)
+        if fragment.encode() in data
+    ]
+    assert not leaks, leaks[:5]
 
 
-@pytest.mark.parametrize(("name", "destination", "expect"), [
-    ("kv_dsn", 'type: postgres, config: {dsn: "host=127.0.0.1 port=5432 user=postgres '
-     'password=${PG_PASSWORD} dbname=test", table: t}', "connection info string"),
-    ("url_dsn", 'type: postgres, config: {dsn: "postgresql://postgres:${PG_PASSWORD}'
-     '@127.0.0.1:5432/test", table: t}', "error"),
-    ("unreachable", 'type: postgres, config: {host: 127.0.0.1, port: 1, username: postgres, '
-     'password: "${PG_PASSWORD}", database: test, table: t}', "error"),
-    ("redis_url", 'type: redis, config: {url: "redis://:${PG_PASSWORD}@127.0.0.1:1/0", '
-     'key_template: "k:{{id}}"}', "error"),
-    ("file_secret", 'type: postgres, config: {host: 127.0.0.1, port: 1, username: postgres, '
-     'password: "${file:secret.txt}", database: test, table: t}', "error"),
-])
-def test_connection_failures_never_print_a_password(tmp_path: Path, name: str,
-                                                    destination: str, expect: str) -> None:
-    flow = f"workflow:\n{SOURCE}  destinations: {{out: {{inputs: [orders], {destination}}}}}\n"
-    text = run(tmp_path, flow.replace("${file:secret.txt}",
-                                      f"${{file:{tmp_path / 'secret.txt'}}}"), name)
-    assert expect in text
-    assert_clean(text)
+def test_scrub_replaces_values_fragments_and_url_forms() -> None:
+    secrets.register(PG_PASSWORD)
+    secrets.register_credentials("https://u:p%40ssw0rd-long@h.example/x?access_token=abcdef123")
+    text = ("missing \"=\" after \"w0rd#Secret\"; port 'Fl7-Pa55 w0rd'; "
+            "Fl7-Pa55%20w0rd%23Secret; p@ssw0rd-long; access_token=abcdef123 stays readable")
+    clean = secrets.scrub(text)
+    assert "w0rd" not in clean and "Fl7-Pa55" not in clean
+    assert "ssw0rd-long" not in clean and "abcdef123" not in clean
+    assert "stays readable" in clean and "missing" in clean and "port" in clean
 
 
-def test_http_credentials_stay_out_of_warnings_errors_dead_letters_and_debug_logs(
-        tmp_path: Path, refusing: tuple[Refusing, Refusing]) -> None:
-    bad_request, server_error = refusing
-    source = f"""
+def test_log_records_are_scrubbed_in_process(caplog: pytest.LogCaptureFixture) -> None:
+    secrets.install_logging()
+    secrets.register_field("password", "In-Pr0cess-S3cret")
+    logging.getLogger("dataflare.test").warning("failed with %s", "In-Pr0cess-S3cret")
+    assert "In-Pr0cess" not in caplog.text and "failed with ***" in caplog.text
+
+
+def test_file_secrets_are_read_and_a_missing_file_stops_a_run(tmp_path: Path) -> None:
+    from dataflare.dsl_compiler import validate_text
+
+    (tmp_path / "token").write_text("f1le-T0ken-value\n")
+    text = f"""\
 workflow:
-  sources:
-    api:
-      type: rest_api
-      config:
-        url: "{server_error.url}/items"
-        auth: {{type: api_key, key: "${{API_KEY}}", query_param: api_key}}
-  destinations: {{out: {{type: file, inputs: [api], config: {{path: out.jsonl}}}}}}
-  config: {{retry: {{max_attempts: 2, backoff: {{initial: 0s}}}}}}
-"""
-    text = run(tmp_path, source, "rest")
-    assert "returned 500" in text
-    assert_clean(text)
-    destination = f"""
-workflow:
-  sources: {{orders: {{type: file, config: {{path: in.jsonl}}}}}}
+  sources: {{s: {{type: file, config: {{path: in.jsonl}}}}}}
   destinations:
-    hook:
-      inputs: [orders]
+    h:
       type: http
+      inputs: [s]
       config:
-        url: "{bad_request.url}/hook?token=${{API_TOKEN}}&id={{{{id}}}}"
-        headers: {{Authorization: "Bearer ${{API_TOKEN}}"}}
-      error_handling: {{strategy: redirect, redirect_to: dead}}
-    dead: {{type: file, config: {{path: dead.jsonl}}}}
+        url: "https://127.0.0.1:9/x"
+        headers: {{Authorization: "Bearer ${{file:{tmp_path}/token}}"}}
+    g:
+      type: http
+      inputs: [s]
+      config: {{url: "https://127.0.0.1:9/y?token=${{file:{tmp_path}/absent}}"}}
 """
-    text = run(tmp_path, destination, "http")
-    dead = [json.loads(x) for x in (tmp_path / "dead.jsonl").read_text().splitlines()]
-    assert [d["error"]["step"] for d in dead] == ["hook", "hook"]
-    assert "${API_TOKEN}" in text  # shown by name
-    assert_clean(text)
+    v = validate_text(text)
+    assert v.document.data["workflow"]["destinations"]["h"]["config"]["headers"] == {
+        "Authorization": "Bearer f1le-T0ken-value"
+    }
+    assert "f1le-T0ken-value" in secrets.values()
+    (missing,) = [p for p in v.problems if "cannot read secret file" in p.message]
+    assert missing.is_error(for_run=True) and not missing.is_error(for_run=False)
+    assert "f1le-T0ken" not in secrets.scrub("header Bearer f1le-T0ken-value sent")
 
 
-def test_scrub_covers_encoded_forms_and_pieces() -> None:
-    secrets.register("p@ss w0rd#x1", "${DB_PASSWORD}")
-    assert secrets.scrub("x p@ss w0rd#x1 y") == "x ${DB_PASSWORD} y"
-    assert secrets.scrub("after 'w0rd#x1'") == "after '***'"
-    assert secrets.scrub("p%40ss%20w0rd%23x1") == "***"
-    assert secrets.scrub_bytes(b"p@ss w0rd#x1") == b"${DB_PASSWORD}"
-    assert secrets.url_credentials("postgresql://u:s3cr%20t@h/db?sslmode=require&api_key=zz") == [
-        "s3cr t", "zz"]
-    assert secrets.url_credentials("host=h password='a b' user=u") == ["a b"]
+def test_a_dsn_without_password_blots_out_nothing() -> None:
+    secrets.register_field("dsn", SecretStr("host=127.0.0.1 port=5432 user=postgres dbname=x"))
+    secrets.register_field("dsn", SecretStr("postgresql://postgres@127.0.0.1:5432/x"))
+    text = "written to postgres table x on 127.0.0.1"
+    assert secrets.scrub(text) == text

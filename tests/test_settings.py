@@ -30,9 +30,10 @@ def test_settings_without_effect_are_warned_and_strict_refuses_them(tmp_path: Pa
                           "\n".join("  " + line for line in
                                     (SEEDS / "data_protection.yaml").read_text().splitlines()))
     out = dataflare("validate", str(protection))
-    assert "data_protection.encryption: warning" in out.stderr, out.stderr
-    run = dataflare("run", str(protection))  # run shows validate's warnings too
-    assert run.returncode == 0 and "data_protection.encryption: warning" in run.stderr
+    assert "data_protection.encryption.key_management: warning: key service 'aws_kms' is " \
+           "not available" in out.stderr, out.stderr
+    run = dataflare("run", str(protection))  # what cannot hold stops the run
+    assert run.returncode == 1 and "key service 'aws_kms'" in run.stderr
 
 
 def test_watermark_delay_is_the_default_lateness_of_windows_downstream(tmp_path: Path) -> None:

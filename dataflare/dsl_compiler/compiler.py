@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
-import hmac
 import logging
 import os
 import re
@@ -24,15 +22,17 @@ from bytewax.dataflow import Dataflow, Stream, _MultiStream, operator
 from bytewax.inputs import Source
 from bytewax.testing import TestingSink, TestingSource
 
-from dataflare import metrics, registry
+from dataflare import metrics, registry, secrets
 from dataflare.connectors.schema import OutputSchemaCheck
 from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.dsl_compiler.validate import Validated, validate_file
+from dataflare.encryption import field_cipher
 from dataflare.expr import compile_expression
 from dataflare.live import tapper
+from dataflare.masking import Masker
 from dataflare.operators.records import map_records, separate_failed
-from dataflare.records import META, Batch, Failed, get_path, set_path
+from dataflare.records import META, Batch, Failed
 from dataflare.stopping import stoppable
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def compile_validated(
     """
     if validated.errors(for_run=True) or validated.workflow is None or validated.graph is None:
         raise WorkflowError(validated.problems)
+    secrets.install_logging()  # no secret of this workflow in any log line
     flow = _Compiler(validated, test_inputs, captured, replay).compile()
     tune_gc()
     return flow
@@ -121,7 +122,7 @@ def _count(name: str, counter: Any, tap: Callable[[str, Batch], None]
 
 
 def _policy(
-    name: str, eh: ErrorHandling, mask: Callable[[Any], Any] | None
+    name: str, eh: ErrorHandling, mask: Masker | None
 ) -> Callable[[list[Failed]], Batch | None]:
     errors = metrics.ERRORS.labels(name, eh.strategy)
     seen = [0]
@@ -161,7 +162,7 @@ def _policy(
 
 
 def _guard(
-    name: str, eh: ErrorHandling, errs: list[Stream[Any]], mask: Callable[[Any], Any] | None
+    name: str, eh: ErrorHandling, errs: list[Stream[Any]], mask: Masker | None
 ) -> Stream[Any] | None:
     """Apply the error policy to a component's failure streams; the dead letters, if any.
 
@@ -192,7 +193,7 @@ def source_component(
     name: str,
     eh: ErrorHandling,
     check: OutputSchemaCheck | None,
-    mask: Callable[[Any], Any] | None,
+    mask: Masker | None,
 ) -> _MultiStream[str]:
     """A source: read batches, check ``output_schema``, separate failures, apply the policy."""
     items = op.input("read", flow, stoppable(source))
@@ -253,52 +254,17 @@ def destination_component(
                                    masker(ctx.workflow.data_protection)))
 
 
-def masker(protection: DataProtection | None) -> Callable[[Any], Any] | None:
-    """The masking rules of ``data_protection`` as one per-record function."""
-    if protection is None or not protection.masking_rules:
+def masker(protection: DataProtection | None) -> Masker | None:
+    """The masking rules of ``data_protection`` as one :class:`~dataflare.masking.Masker`."""
+    cipher = field_cipher(protection)
+    if protection is None or not (protection.masking_rules or cipher):
         return None
-    rules = protection.masking_rules
-    key = protection.hash_key.get_secret_value().encode() if protection.hash_key else b""
-
-    def mask(record: Any) -> Any:
-        if isinstance(record, str):  # raw input of a dead letter
-            return mask_raw_text(record, protection)
-        out = dict(record)
-        for rule in rules:
-            value = get_path(out, rule.field)
-            if value is None:
-                continue
-            text = str(value)
-            if rule.method == "full":
-                masked = rule.replacement
-            elif rule.method == "partial":
-                masked = text[: rule.show_chars] + rule.replacement
-            else:
-                masked = hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
-            set_path(out, rule.field, masked)
-        return out
-
-    return mask
-
-
-def mask_raw_text(text: str, protection: DataProtection | None) -> str:
-    """Raw input kept in a dead letter (an undecodable line) with masked fields hidden.
-
-    The text cannot be parsed, so each masked field's value is found by its name
-    (``"email": "..."``, ``email=...``, ``email: ...``) and replaced by the rule's replacement.
-    """
-    if protection is None or not protection.masking_rules:
-        return text
-    for rule in protection.masking_rules:
-        name = re.escape(rule.field.rsplit(".", 1)[-1])
-        text = re.sub(rf'("{name}"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}}\s]+)',
-                      lambda m: m.group(1) + '"****"', text)
-        text = re.sub(rf"(\b{name}\s*[=:]\s*)([^,;&\s]+)", lambda m: m.group(1) + "****", text)
-    return text
+    key = protection.hash_key.get_secret_value().encode() if protection.hash_key else None
+    return Masker(protection.masking_rules, key, cipher)
 
 
 def _prepare(
-    filter_text: str | None, mask: Callable[[Any], Any] | None
+    filter_text: str | None, mask: Masker | None
 ) -> Callable[..., Any] | None:
     test = compile_expression(filter_text).test if filter_text else None
     if test is None:
@@ -455,7 +421,7 @@ class _Compiler:
             for cid in ready:
                 self.destination(cid, pending.pop(cid), mask)
 
-    def destination(self, cid: str, comp: Any, mask: Callable[[Any], Any] | None) -> None:
+    def destination(self, cid: str, comp: Any, mask: Masker | None) -> None:
         ups = [self.streams[ref] for ref in comp.inputs] + self.redirected.get(cid, [])
         if not ups:
             return

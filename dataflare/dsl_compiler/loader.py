@@ -1,9 +1,10 @@
 """YAML loading with the line and column of every node, and ``${VAR}`` interpolation.
 
 ``${VAR}`` and ``${VAR:-default}`` take the process environment first, then the workflow's
-``environment:`` block (whose own values may refer to the process environment); ``$$``
-is a literal ``$``. Interpolated values are remembered by location so that error
-messages show the ``${VAR}`` text, never the (possibly secret) value.
+``environment:`` block (whose own values may refer to the process environment);
+``${file:/run/secrets/pg}`` is the content of a file (a Kubernetes or Docker secret, always
+treated as a secret); ``$$`` is a literal ``$``. Interpolated values are remembered by
+location so that error messages show the ``${VAR}`` text, never the (possibly secret) value.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 
 import yaml
 
+from dataflare import secrets
 from dataflare.dsl_compiler.problems import Loc, Problem, format_loc
 
-_VAR = re.compile(r"\$\$|\$\{(file:[^}]+|[A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR = re.compile(r"\$\$|\$\{(?:file:([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?)\}")
 
 
 @dataclass
@@ -156,20 +158,14 @@ def _substitute(doc: Document, value: Any, loc: Loc, env: Mapping[str, str]) -> 
     def repl(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
-        name, default = m.group(1), m.group(2)
-        if name.startswith("file:"):  # a secret mounted as a file (Kubernetes, Docker)
-            try:
-                secret = Path(name[5:]).expanduser().read_text(encoding="utf-8").rstrip("\n")
-            except OSError as exc:
-                doc.problems.append(doc.problem(
-                    loc, f"cannot read the secret file of ${{{name}}}: {exc.strerror}",
-                    severity="warning", at_run=True))
-                return m.group(0)
-            doc.substituted[secret] = f"${{{name}}}"
-            return secret
+        if m.group(1) is not None:
+            return _file_secret(doc, m.group(1), m.group(0), loc)
+        name, default = m.group(2), m.group(3)
         if name in env:
             if len(env[name]) >= 4:  # shorter values would blot out ordinary text
                 doc.substituted[env[name]] = f"${{{name}}}"
+            if secrets.SECRET_KEY.search(name):
+                secrets.register_field(name, env[name])
             return env[name]
         if default is not None:
             return default
@@ -187,6 +183,22 @@ def _substitute(doc: Document, value: Any, loc: Loc, env: Mapping[str, str]) -> 
     if out != value:
         doc.templates[loc] = value
     return out
+
+
+def _file_secret(doc: Document, path: str, text: str, loc: Loc) -> str:
+    """The content of a secret file (``${file:/run/secrets/pg}``), without its final newline."""
+    try:
+        value = Path(path.strip()).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        doc.problems.append(
+            doc.problem(loc, f"cannot read secret file {path.strip()!r}: {exc.strerror}",
+                        severity="warning", at_run=True)
+        )
+        return text
+    secrets.register(value)
+    if len(value) >= 4:
+        doc.substituted[value] = text
+    return value
 
 
 def load(text: str, file: str, env: Mapping[str, str] | None = None) -> Document:

@@ -353,6 +353,13 @@ class Encryption(Strict):
     in_transit: bool = Field(False, description="Require TLS to services.")
     at_rest: bool = Field(False, description="Require encrypted storage.")
     key_management: str | None = Field(None, description="Key service, e.g. 'aws_kms'.")
+    fields: list[str] = Field(
+        default_factory=list,
+        description="With at_rest: fields encrypted (AES-GCM) before every destination.",
+    )
+    key: Secret | None = Field(
+        None, description="With at_rest: AES key, base64 of 32 bytes ('${file:/run/secrets/k}')."
+    )
 
 
 class MaskingRule(Strict):
@@ -372,14 +379,14 @@ class DataProtection(Strict):
     encryption: Encryption | None = Field(None, description="Encryption requirements.")
     masking_rules: list[MaskingRule] = Field(default_factory=list, description="Field masking.")
     hash_key: Secret | None = Field(
-        None, description="Key of masking method 'hash' (HMAC-SHA256), e.g. '${MASK_KEY}': a "
-        "bare hash of an e-mail or card number is reversed by a dictionary.")
+        None, description="Key of masking method 'hash' (HMAC-SHA256), e.g. '${MASK_KEY}'."
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> DataProtection:
-        if any(r.method == "hash" for r in self.masking_rules) and self.hash_key is None:
-            msg = ("masking method 'hash' needs 'hash_key' (a secret, e.g. '${MASK_KEY}'): "
-                   "the hash is a keyed HMAC-SHA256")
+    def _hash_needs_key(self) -> DataProtection:
+        if self.hash_key is None and any(r.method == "hash" for r in self.masking_rules):
+            msg = ("masking method 'hash' needs data_protection.hash_key: a bare sha-256 of "
+                   "a known value is reversed by a dictionary")
             raise ValueError(msg)
         return self
 

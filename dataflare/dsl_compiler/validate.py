@@ -12,7 +12,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ValidationError
 
-from dataflare import registry, secrets
+from dataflare import encryption, registry, secrets
 from dataflare.dsl_compiler import graph as graph_checks
 from dataflare.dsl_compiler.loader import Document, load
 from dataflare.dsl_compiler.models import TestCase, Workflow, WorkflowFile
@@ -60,10 +60,10 @@ def validate_text(
 ) -> Validated:
     """Validate a workflow given as YAML text."""
     doc = load(text, file, env)
-    secrets.register_workflow(doc.data, doc.substituted)
     out = Validated(file, base_dir or Path.cwd(), doc, problems=list(doc.problems))
     if doc.data is None:
         return _finish(out)
+    secrets.collect(doc.data)  # before any message can quote a value
     if not isinstance(doc.data, dict) or not isinstance(doc.data.get("workflow"), dict):
         out.problems.append(doc.problem((), "a workflow file needs a top-level 'workflow:' block"))
         return _finish(out)
@@ -73,6 +73,7 @@ def validate_text(
     generic: WorkflowFile | None = None
     try:
         generic = WorkflowFile.model_validate(doc.data)
+        secrets.collect(generic)  # SecretStr settings: keys, tokens, passwords
     except ValidationError as exc:
         out.problems.extend(_problems(doc, exc, (), WorkflowFile))
 
@@ -99,6 +100,7 @@ def validate_text(
             raw = comp.get("config", {})
             try:
                 configs[cid] = spec.config.model_validate({} if raw is None else raw)
+                secrets.collect(configs[cid])  # SecretStr fields whatever their names
             except ValidationError as exc:
                 out.problems.extend(_problems(doc, exc, (*loc, "config"), spec.config))
             missing = spec.missing()
@@ -128,6 +130,7 @@ def validate_text(
 
     out.problems.extend(_not_effective(doc, wf))
 
+    out.problems.extend(_protection_problems(doc, wf, configs))
     out.graph, graph_problems = graph_checks.check(doc, wf, configs)
     out.problems.extend(graph_problems)
     out.problems.extend(_test_problems(doc, wf))
@@ -141,8 +144,6 @@ def validate_text(
 # Settings the DSL accepts that nothing carries out yet: warned at validate and at run
 # (``validate --strict`` fails on them), never ignored in silence.
 _NOT_EFFECTIVE = {
-    "encryption": "data_protection.encryption is not carried out yet: connections use the "
-                  "TLS settings of each component, and no field is encrypted",
     "roles": "roles in a workflow file are not used: the server's --config file holds users, "
              "tokens and roles",
 }
@@ -150,13 +151,44 @@ _NOT_EFFECTIVE = {
 
 def _not_effective(doc: Document, wf: dict[str, Any]) -> list[Problem]:
     out = []
-    protection = wf.get("data_protection")
-    if isinstance(protection, dict) and protection.get("encryption"):
-        out.append(doc.problem(("workflow", "data_protection", "encryption"),
-                               _NOT_EFFECTIVE["encryption"], severity="warning"))
     if wf.get("roles"):
         out.append(doc.problem(("workflow", "roles"), _NOT_EFFECTIVE["roles"],
                                severity="warning"))
+    return out
+
+
+def _protection_problems(
+    doc: Document, wf: dict[str, Any], configs: dict[str, Any]
+) -> list[Problem]:
+    """Encryption settings that cannot hold: warnings of ``validate``, errors of ``run``."""
+    protection = wf.get("data_protection")
+    enc = protection.get("encryption") if isinstance(protection, dict) else None
+    if not isinstance(enc, dict):
+        return []
+    at: Loc = ("workflow", "data_protection", "encryption")
+    out: list[Problem] = []
+    if enc.get("key_management") not in (None, "", "local"):
+        out.append(doc.problem((*at, "key_management"),
+                               f"key service {enc['key_management']!r} is not available "
+                               "(no external key service is supported)",
+                               severity="warning", at_run=True))
+    if enc.get("at_rest") is True and not (enc.get("fields") and enc.get("key")):
+        out.append(doc.problem((*at, "at_rest"),
+                               "at_rest encrypts the listed 'fields' under 'key'; "
+                               "whole-store encryption is not available",
+                               severity="warning", at_run=True))
+    elif enc.get("fields") and enc.get("at_rest") is not True:
+        out.append(doc.problem((*at, "fields"), "fields are encrypted only with at_rest: true",
+                               severity="warning", at_run=True))
+    if enc.get("in_transit") is True:
+        sections = {cid: section for section in ("sources", "destinations")
+                    for cid in (wf.get(section) or {})}
+        for cid, message in encryption.in_transit_problems(
+            {cid: cfg for cid, cfg in configs.items() if cid in sections}
+        ):
+            out.append(doc.problem(("workflow", sections[cid], cid, "config"),
+                                   f"{sections[cid][:-1]} {cid!r}: {message}",
+                                   severity="warning", at_run=True))
     return out
 
 
