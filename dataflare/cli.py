@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -20,6 +21,9 @@ from pathlib import Path
 from dataflare import metrics
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
+from dataflare.dsl_compiler.validate import Validated
+
+DEFAULT_SNAPSHOT_INTERVAL = 5.0
 
 
 def _print_problems(problems: Sequence[object], for_run: bool) -> None:
@@ -32,6 +36,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     failed = False
     for path in args.paths:
         v = validate_file(path)
+        if args.strict:  # every warning is an error (for CI)
+            v.problems = [dataclasses.replace(p, severity="error") for p in v.problems]
         _print_problems(v.problems, for_run=False)
         if v.errors():
             failed = True
@@ -141,6 +147,19 @@ class _Progress:
             print(f"  {step}: {n}{extra}", file=sys.stderr)
 
 
+def _snapshot_interval(given: float | None, v: Validated) -> float:
+    """Seconds between snapshots: ``-s``, else the sources' smallest checkpoint_interval."""
+    if given is not None:
+        return given
+    wf = v.workflow
+    intervals = [
+        src.streaming.checkpoint_interval
+        for src in (wf.sources.values() if wf else [])
+        if src.streaming is not None and src.streaming.checkpoint_interval is not None
+    ]
+    return min(intervals, default=DEFAULT_SNAPSHOT_INTERVAL)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a workflow with bytewax (bounded inputs run until they end)."""
     from bytewax.recovery import RecoveryConfig, init_db_dir
@@ -149,9 +168,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.verbose:
         os.environ["RUST_BACKTRACE"] = "0"
     v = validate_file(args.path)
-    problems = v.errors(for_run=True)
-    if problems:
-        _print_problems(problems, for_run=True)
+    _print_problems(v.problems, for_run=True)  # the warnings too: settings without effect
+    if v.errors(for_run=True):
         return 1
     try:
         flow = compile_validated(v)
@@ -159,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 1
     recovery = None
-    snapshot = timedelta(seconds=args.snapshot_interval)
+    snapshot = timedelta(seconds=_snapshot_interval(args.snapshot_interval, v))
     if args.recovery_dir is not None:
         directory = Path(args.recovery_dir)
         if not any(directory.glob("*.sqlite3")):
@@ -335,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="Check workflow files; problems go to stderr.")
     p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--strict", action="store_true",
+                   help="Treat every warning as an error (exit 1), e.g. in CI.")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("run", help="Run a workflow.")
@@ -348,8 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--addresses", help="host:port of every process, ';'-separated.")
     p.add_argument("-r", "--recovery-dir", "--recovery-directory", dest="recovery_dir",
                    help="Recovery directory; created with its partitions when absent.")
-    p.add_argument("-s", "--snapshot-interval", type=float, default=5.0,
-                   help="Seconds between snapshots (epochs).")
+    p.add_argument("-s", "--snapshot-interval", type=float, default=None,
+                   help="Seconds between snapshots (epochs); default: the smallest "
+                   "streaming.checkpoint_interval of the sources, else "
+                   f"{DEFAULT_SNAPSHOT_INTERVAL:g}.")
     p.add_argument("-b", "--backup-interval", type=float, default=0.0,
                    help="Seconds older snapshots are kept.")
     p.add_argument("--recovery-partitions", type=int, default=1,

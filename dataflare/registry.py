@@ -107,6 +107,7 @@ class ComponentSpec:
     merge_inputs: bool = True
     advise: Callable[[Any, set[str]], list[str]] | None = None
     planned: str = ""
+    blocks: frozenset[str] | None = None
 
     @property
     def available(self) -> bool:
@@ -132,9 +133,28 @@ def _decorator(kind: Kind, type_name: str, **kw: Any) -> Callable[[Callable[...,
     return deco
 
 
-def source(type_name: str, *, config: type[BaseModel], description: str) -> Callable[..., Any]:
-    """Register a source builder under ``type_name``."""
-    return _decorator("source", type_name, config=config, description=description, inputs=(0, 0))
+# The component-level blocks that only some types act on; a type declares the ones it acts
+# on (``blocks=``), and ``validate`` warns about the others given (they would have no effect).
+TYPE_BLOCKS: dict[str, tuple[str, ...]] = {
+    "source": ("mode", "incremental", "cdc", "hybrid"),
+    "destination": ("write_mode", "batch"),
+}
+
+
+def source(
+    type_name: str,
+    *,
+    config: type[BaseModel],
+    description: str,
+    blocks: tuple[str, ...] | None = None,
+) -> Callable[..., Any]:
+    """Register a source builder under ``type_name``.
+
+    ``blocks`` lists the blocks of :data:`TYPE_BLOCKS` the type acts on (``None``: not
+    declared, nothing is checked).
+    """
+    return _decorator("source", type_name, config=config, description=description, inputs=(0, 0),
+                      blocks=None if blocks is None else frozenset(blocks))
 
 
 def transformation(
@@ -172,10 +192,15 @@ def transformation(
 
 
 def destination(
-    type_name: str, *, config: type[BaseModel], description: str
+    type_name: str,
+    *,
+    config: type[BaseModel],
+    description: str,
+    blocks: tuple[str, ...] | None = None,
 ) -> Callable[..., Any]:
-    """Register a destination builder under ``type_name``."""
-    return _decorator("destination", type_name, config=config, description=description)
+    """Register a destination builder under ``type_name`` (``blocks``: as for sources)."""
+    return _decorator("destination", type_name, config=config, description=description,
+                      blocks=None if blocks is None else frozenset(blocks))
 
 
 def planned(

@@ -245,6 +245,7 @@ class DuckDBDialect(Dialect):
     "duckdb",
     config=DuckDBDestinationConfig,
     description="A DuckDB database file: append, overwrite or merge; replay-safe appends.",
+    blocks=("write_mode", "batch"),
 )
 def build_duckdb_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of a ``duckdb`` destination (scoped under its id)."""

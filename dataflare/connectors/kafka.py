@@ -407,6 +407,7 @@ class KafkaSource(FixedPartitionedSource[list[Any], int]):
     "kafka",
     config=KafkaSourceConfig,
     description="Kafka topics: one partition per topic-partition, offsets in recovery state.",
+    blocks=("mode",),
 )
 def build_kafka_source(ctx: BuildContext) -> KafkaSource:
     """The bytewax source of a ``kafka`` source component."""
@@ -652,6 +653,7 @@ def kafka_output(
     "kafka",
     config=KafkaDestinationConfig,
     description="A Kafka topic: JSON values, templated keys and headers, optional transactions.",
+    blocks=(),
 )
 def build_kafka_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of a ``kafka`` destination component (scoped under its id)."""

@@ -839,6 +839,7 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
     "mysql",
     config=MySqlSourceConfig,
     description="MySQL / MariaDB table: full read, incremental polling, or binlog CDC.",
+    blocks=("mode", "incremental", "cdc"),
 )
 def build_mysql_source(ctx: BuildContext) -> MySqlSource:
     """Build the MySQL source of ``ctx``."""

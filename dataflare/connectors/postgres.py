@@ -1038,6 +1038,7 @@ def effective_mode(component: Any, cfg: Any) -> Mode:
     "postgres",
     config=PostgresSourceConfig,
     description="PostgreSQL table: full snapshot, incremental polling, or CDC (pgoutput).",
+    blocks=("mode", "incremental", "cdc", "hybrid"),
 )
 def build_postgres_source(ctx: BuildContext) -> PostgresSource:
     """Build the PostgreSQL source of ``ctx``."""

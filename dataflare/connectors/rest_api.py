@@ -433,6 +433,7 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
     "rest_api",
     config=RestApiSourceConfig,
     description="REST API: paginated JSON pages, once (full) or polled by a cursor.",
+    blocks=("mode", "incremental"),
 )
 def build_rest_api_source(ctx: BuildContext) -> RestApiSource:
     """Build the REST API source of ``ctx``."""

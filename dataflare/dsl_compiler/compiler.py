@@ -258,6 +258,13 @@ def _prepare(
     return lambda r: mask(r) if test(r) else None
 
 
+# Settings of a source that are the defaults of the steps downstream (config field: reader).
+_SOURCE_DEFAULTS: dict[str, Callable[[Any], Any]] = {
+    "time_unit": lambda src: src.time_unit,
+    "allowed_lateness": lambda src: src.streaming and src.streaming.watermark_delay,
+}
+
+
 class _Compiler:
     def __init__(
         self,
@@ -329,20 +336,27 @@ class _Compiler:
                                  masker(self.wf.data_protection))
         self.keep(cid, ports, comp.error_handling)
 
-    def with_source_time_unit(self, comp: Any) -> Any:
-        """``comp`` whose unset ``time_unit`` comes from its sources' (when they agree)."""
+    def with_source_defaults(self, comp: Any) -> Any:
+        """``comp`` whose unset ``time_unit`` and ``allowed_lateness`` come from its sources.
+
+        A source's ``time_unit`` and ``streaming.watermark_delay`` are the defaults of the
+        stateful steps downstream that set none, when all their sources agree.
+        """
         config = comp.config
-        if "time_unit" not in type(config).model_fields or "time_unit" in config.model_fields_set:
+        sources = [self.wf.sources[s] for s in self.wf.upstream_sources(comp.inputs)]
+        update: dict[str, Any] = {}
+        for field, read in _SOURCE_DEFAULTS.items():
+            if field not in type(config).model_fields or field in config.model_fields_set:
+                continue
+            values = {read(src) for src in sources} - {None}
+            if len(values) == 1:
+                update[field] = values.pop()
+        if not update:
             return comp
-        sources = self.wf.upstream_sources(comp.inputs)
-        units = {self.wf.sources[s].time_unit for s in sources} - {None}
-        if len(units) != 1:
-            return comp
-        config = config.model_copy(update={"time_unit": units.pop()})
-        return comp.model_copy(update={"config": config})
+        return comp.model_copy(update={"config": config.model_copy(update=update)})
 
     def transformation(self, cid: str) -> None:
-        comp = self.with_source_time_unit(self.wf.transformations[cid])
+        comp = self.with_source_defaults(self.wf.transformations[cid])
         spec = self.spec("transformation", comp)
         ups = [self.streams[ref] for ref in comp.inputs]
         ctx = self.ctx("transformation", cid, comp)

@@ -168,8 +168,14 @@ class Cdc(Strict):
 class Streaming(Strict):
     """Settings of an unbounded source."""
 
-    checkpoint_interval: Duration | None = Field(None, description="Snapshot interval.")
-    watermark_delay: Duration | None = Field(None, description="Event-time lateness bound.")
+    checkpoint_interval: Duration | None = Field(
+        None, description="Snapshot interval of `run` when `-s` is not given (the smallest of "
+        "the sources')."
+    )
+    watermark_delay: Duration | None = Field(
+        None, description="Event-time lateness bound: the `allowed_lateness` of the windows "
+        "and joins downstream that set none."
+    )
     idle_timeout: Duration | None = Field(
         None, description="Windows fire after this much system time without records."
     )

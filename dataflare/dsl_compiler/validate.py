@@ -100,6 +100,13 @@ def validate_text(
                 configs[cid] = spec.config.model_validate({} if raw is None else raw)
             except ValidationError as exc:
                 out.problems.extend(_problems(doc, exc, (*loc, "config"), spec.config))
+            for block in registry.TYPE_BLOCKS.get(kind, ()):
+                if spec.blocks is not None and block not in spec.blocks and block in comp:
+                    out.problems.append(
+                        doc.problem((*loc, block),
+                                    f"{block!r} has no effect on a {kind} of type {spec.type!r}",
+                                    key=True, severity="warning")
+                    )
             if not spec.available:
                 out.problems.append(
                     doc.problem(
@@ -119,12 +126,7 @@ def validate_text(
                             severity="warning", at_run=True)
             )
 
-    actions = wf.get("post_actions")
-    for i, _ in enumerate(actions if isinstance(actions, list) else []):
-        out.problems.append(
-            doc.problem(("workflow", "post_actions", i),
-                        "post actions are validated but not executed yet", severity="warning")
-        )
+    out.problems.extend(_not_effective(doc, wf))
 
     out.graph, graph_problems = graph_checks.check(doc, wf, configs)
     out.problems.extend(graph_problems)
@@ -134,6 +136,40 @@ def validate_text(
         out.workflow = _with_configs(generic.workflow, configs)
         out.tests = [*generic.tests, *generic.workflow.tests]
     return _finish(out)
+
+
+# Settings the DSL accepts whose effect is not implemented yet: ``validate`` and ``run``
+# both warn about each one given (``validate --strict`` refuses them). ``*`` stands for any
+# component id. Remove an entry when its setting takes effect.
+NOT_EFFECTIVE: tuple[tuple[Loc, str], ...] = (
+    (("schedule",), "the schedule has no effect yet: no scheduler runs it ('run' starts at "
+                    "once)"),
+    (("roles",), "roles have no effect yet: no server enforces them"),
+    (("post_actions",), "post actions have no effect yet: they are not executed after a run"),
+    *(
+        ((section, "*", "monitoring", part), f"monitoring {part} have no effect yet: "
+         f"{'nothing exports them' if part == 'metrics' else 'nothing evaluates them'}")
+        for section in graph_checks.SECTIONS
+        for part in ("metrics", "alerts")
+    ),
+)
+
+
+def _not_effective(doc: Document, wf: dict[str, Any]) -> list[Problem]:
+    """A warning for each setting given that has no effect yet (:data:`NOT_EFFECTIVE`)."""
+    out = []
+    for pattern, message in NOT_EFFECTIVE:
+        found: list[tuple[Loc, Any]] = [(("workflow",), wf)]
+        for part in pattern:
+            found = [
+                ((*loc, key), node[key])
+                for loc, node in found if isinstance(node, dict)
+                for key in (node if part == "*" else [part] if part in node else [])
+            ]
+        for loc, value in found:
+            if value not in (None, [], {}):
+                out.append(doc.problem(loc, message, key=True, severity="warning"))
+    return out
 
 
 def _test_problems(doc: Document, wf: dict[str, Any]) -> list[Problem]:
