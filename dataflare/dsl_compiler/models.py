@@ -7,13 +7,16 @@ A component's ``config:`` is validated by the model its ``type`` registers
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from dataflare.config import Duration, Open, Paths, Secret, Strict
+from dataflare.dsl_compiler.problems import did_you_mean
 from dataflare.expr import check_expression
+from dataflare.records import parse_duration
 
 ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
@@ -46,26 +49,116 @@ class Schedule(Strict):
     """When the workflow runs (read by schedulers such as the Kubernetes CronJob in k8s/)."""
 
     type: Literal["cron", "interval", "once", "event"] = Field(description="Kind of schedule.")
-    expression: str | None = Field(None, description="Cron expression (for type cron).")
+    expression: str | None = Field(
+        None, description="Cron expression (type cron, e.g. '0 0 * * *'), or the period of "
+        "an interval schedule (e.g. '15m', like `interval`)."
+    )
     interval: Duration | None = Field(None, description="Period (for type interval).")
     event: str | None = Field(None, description="Triggering event name (for type event).")
     timezone: str = Field("UTC", description="IANA time zone of the cron expression.")
-    start_date: datetime | None = Field(None, description="No run before this time.")
+    start_date: datetime | None = Field(
+        None, description="No run before this time (the run time of type once)."
+    )
     end_date: datetime | None = Field(None, description="No run after this time.")
+    catchup: Literal["latest", "all", "none"] = Field(
+        "latest", description="Runs missed while the scheduler was down: the latest one, all "
+        "of them, or none."
+    )
+
+    @field_validator("expression")
+    @classmethod
+    def _cron(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("type") == "cron":
+            check_cron(v)
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            hint = did_you_mean(v, sorted(available_timezones()))
+            msg = f"unknown time zone {v!r}: not in the IANA database{hint}"
+            raise ValueError(msg) from None
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _period(cls, data: Any) -> Any:
+        """An interval schedule may give its period as ``expression`` (the seed's form)."""
+        if isinstance(data, dict) and data.get("type") == "interval" and data.get("expression"):
+            if data.get("interval") is not None:
+                msg = "an interval schedule gives its period once: 'interval' or 'expression'"
+                raise ValueError(msg)
+            try:
+                period = parse_duration(data["expression"])
+            except ValueError:
+                msg = (f"interval expression {data['expression']!r} is not a duration "
+                       "(e.g. '15m', '2h')")
+                raise ValueError(msg) from None
+            data = {**data, "interval": period}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Schedule:
-        if self.type == "cron":
-            if not self.expression:
-                msg = "a cron schedule needs 'expression'"
+        if self.type == "cron" and not self.expression:
+            msg = "a cron schedule needs 'expression'"
+            raise ValueError(msg)
+        if self.type == "interval":
+            if self.interval is None:
+                msg = "an interval schedule needs 'interval' (or 'expression', e.g. '15m')"
                 raise ValueError(msg)
-            if len(self.expression.split()) not in (5, 6):
-                msg = f"cron expression {self.expression!r} must have 5 or 6 fields"
+            if self.interval <= 0:
+                msg = "an interval schedule needs a period above 0"
                 raise ValueError(msg)
-        if self.type == "interval" and self.interval is None:
-            msg = "an interval schedule needs 'interval'"
+        if self.type == "once" and self.start_date is None:
+            msg = "a once schedule needs 'start_date'"
+            raise ValueError(msg)
+        if self.start_date and self.end_date and _utc(self.end_date) <= _utc(self.start_date):
+            msg = "'end_date' must be after 'start_date'"
             raise ValueError(msg)
         return self
+
+
+_CRON_FIELDS = ("minute", "hour", "day of month", "month", "day of week", "second")
+
+
+def check_cron(expression: str) -> None:
+    """Raise :class:`ValueError` unless ``expression`` is a valid cron expression that fires.
+
+    Five fields (minute hour day-of-month month day-of-week), optionally a sixth (seconds, last),
+    checked by croniter; the message names the first field croniter refuses.
+    """
+    from croniter import CroniterBadDateError, croniter
+
+    fields = expression.split()
+    if len(fields) not in (5, 6):
+        msg = (f"cron expression {expression!r} has {len(fields)} fields, expected 5 "
+               "(minute hour day-of-month month day-of-week) or 6 (seconds last)")
+        raise ValueError(msg)
+    try:
+        times = croniter(expression, datetime(2000, 1, 1, tzinfo=UTC))
+    except (ValueError, KeyError):  # croniter's errors are ValueErrors
+        for i, part in enumerate(fields):
+            alone = " ".join(part if j == i else "*" for j in range(len(fields)))
+            try:
+                croniter(alone)
+            except (ValueError, KeyError):
+                msg = (f"invalid cron expression {expression!r}: its {_CRON_FIELDS[i]} field "
+                       f"{part!r} is not valid")
+                raise ValueError(msg) from None
+        msg = f"invalid cron expression {expression!r}"
+        raise ValueError(msg) from None
+    try:
+        times.get_next(datetime)
+    except CroniterBadDateError:
+        msg = f"cron expression {expression!r} never fires (e.g. February 30th)"
+        raise ValueError(msg) from None
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class Auth(Strict):

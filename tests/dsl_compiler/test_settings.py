@@ -182,3 +182,76 @@ workflow:
     assert main(["run", str(flow), "-q", *args]) == 0
     assert seen["epoch_interval"] == timedelta(seconds=expected)
     assert (tmp_path / "out.jsonl").read_text().count("\n") == 2
+
+
+SCHEDULED = """\
+workflow:
+  schedule: SCHEDULE
+  sources:
+    g: {type: generator, config: {preset: orders, count: 1}}
+  destinations:
+    o: {type: stdout, inputs: [g]}
+"""
+
+
+def _schedule_errors(schedule):
+    v = validate_text(SCHEDULED.replace("SCHEDULE", schedule))
+    return v, [f"{p.path}: {p.message}" for p in v.errors()]
+
+
+@pytest.mark.parametrize(("schedule", "error"), [
+    ('{type: cron, expression: "61 * * * *"}',
+     "schedule.expression: invalid cron expression '61 * * * *': its minute field '61' is not "
+     "valid"),
+    ('{type: cron, expression: "0 0 * 13 *"}',
+     "schedule.expression: invalid cron expression '0 0 * 13 *': its month field '13' is not "
+     "valid"),
+    ('{type: cron, expression: "0 0 * * mon-xyz"}',
+     "schedule.expression: invalid cron expression '0 0 * * mon-xyz': its day of week field "
+     "'mon-xyz' is not valid"),
+    ('{type: cron, expression: "0 0 30 2 *"}',
+     "schedule.expression: cron expression '0 0 30 2 *' never fires (e.g. February 30th)"),
+    ('{type: cron, expression: "0 0 * *"}',
+     "schedule.expression: cron expression '0 0 * *' has 4 fields, expected 5 (minute hour "
+     "day-of-month month day-of-week) or 6 (seconds last)"),
+    ('{type: cron, expression: "0 0 * * *", timezone: Europe/Pari}',
+     "schedule.timezone: unknown time zone 'Europe/Pari': not in the IANA database (did you "
+     "mean 'Europe/Paris'?)"),
+    ('{type: cron, expression: "0 0 * * *", timezone: "+08:00"}',
+     "schedule.timezone: unknown time zone '+08:00': not in the IANA database"),
+    ('{type: interval, expression: often}',
+     "schedule: interval expression 'often' is not a duration (e.g. '15m', '2h')"),
+    ('{type: interval, expression: 15m, interval: 15m}',
+     "schedule: an interval schedule gives its period once: 'interval' or 'expression'"),
+    ("{type: interval}",
+     "schedule: an interval schedule needs 'interval' (or 'expression', e.g. '15m')"),
+    ("{type: once}", "schedule: a once schedule needs 'start_date'"),
+    ('{type: once, start_date: "2024-02-01T00:00:00Z", end_date: "2024-01-01T00:00:00Z"}',
+     "schedule: 'end_date' must be after 'start_date'"),
+])
+def test_bad_schedules_are_refused_with_their_location(schedule, error):
+    _, errors = _schedule_errors(schedule)
+    assert errors == [error]
+
+
+@pytest.mark.parametrize("schedule", [
+    '{type: cron, expression: "*/15 9-17 * * mon-fri", timezone: Asia/Shanghai}',
+    '{type: cron, expression: "0 0 1 * *", timezone: America/Argentina/Buenos_Aires}',
+    '{type: cron, expression: "0 0 29 2 *"}',  # fires in leap years
+    '{type: cron, expression: "0 0 * * * 30"}',  # six fields: seconds last
+    '{type: once, start_date: "2024-01-01T00:00:00Z", catchup: none}',
+    "{type: event, event: orders_loaded}",
+])
+def test_good_schedules_validate(schedule):
+    v, errors = _schedule_errors(schedule)
+    assert errors == []
+    assert v.workflow is not None and v.workflow.schedule is not None
+
+
+def test_an_interval_schedule_takes_its_period_as_expression_or_interval():
+    periods = []
+    for schedule in ('{type: interval, expression: "15m"}', "{type: interval, interval: 15m}"):
+        v, errors = _schedule_errors(schedule)
+        assert errors == []
+        periods.append(v.workflow.schedule.interval)
+    assert periods == [900.0, 900.0]
