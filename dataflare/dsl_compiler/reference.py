@@ -91,6 +91,7 @@ def markdown() -> str:
     out += ["## Workflow blocks", ""]
     for model in blocks:
         out += [f"### {model.__name__}", "", (model.__doc__ or "").strip(), "", *_fields(model), ""]
+    out += _expressions()
     for kind in registry.KINDS:
         out += [f"## {registry.SECTION[kind].capitalize()}", ""]
         for spec in registry.specs(kind):
@@ -98,3 +99,25 @@ def markdown() -> str:
             out += [f"### `{spec.type}`{state}", "", spec.description, ""]
             out += [*_fields(spec.config), ""]
     return "\n".join(out)
+
+
+def _expressions() -> list[str]:
+    """The expression language's functions, each with an example."""
+    from dataflare.expr import FUNCTIONS
+    from dataflare.expr_functions import EXAMPLES
+
+    out = ["## Expressions", "", (expr_doc() or "").strip(), ""]
+    out += ["| function | arguments | example | result |", "|---|---|---|---|"]
+    for name, (_fn, least, most) in sorted(FUNCTIONS.items()):
+        example, result = EXAMPLES[name]
+        arity = str(least) if least == most else f"{least}-{most}"
+        cells = [f"`{name}`", arity, f"`{example}`", result.replace("|", "\\|")]
+        out.append("| " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def expr_doc() -> str | None:
+    """The module documentation of the expression language."""
+    from dataflare import expr, expr_functions
+
+    return f"{expr.__doc__}\n{expr_functions.__doc__}"
