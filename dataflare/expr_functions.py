@@ -4,7 +4,8 @@ Text (``substring``, ``slice``, ``replace``, ``split``, ``join``), regular expre
 (``regex_match``, ``regex_extract``, ``regex_replace``: a literal pattern is compiled once,
 when the expression is), time (``parse_timestamp``, ``format_timestamp``, ``to_timezone``,
 ``days_between``), JSON (``parse_json``, ``to_json``), digests (``sha256``, ``hmac``),
-lists (``first``, ``last``, ``sum``) and casts (``int``, ``float``, ``string``, ``bool``).
+lists (``first``, ``last``, ``sum``), casts (``int``, ``float``, ``string``, ``bool``) and
+geography (``haversine``).
 
 Every function returns ``null`` when its first argument is ``null``; a value of the wrong
 kind is a record error (handled by the step's error policy).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac as hmac_lib
+import math
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -261,6 +263,28 @@ def _sum(value: Any) -> Any:
     return total
 
 
+_EARTH_RADIUS = {"km": 6371.0088, "m": 6_371_008.8, "mi": 3958.7613}
+
+
+def _haversine(lat1: Any, lon1: Any, lat2: Any, lon2: Any, unit: Any = "km") -> Any:
+    """Great-circle distance between two points given in decimal degrees."""
+    coords = (lat1, lon1, lat2, lon2)
+    if any(c is None for c in coords):
+        return None
+    for c in coords:
+        _need("haversine", c, (int, float), "coordinates in decimal degrees")
+    if unit not in _EARTH_RADIUS:
+        msg = f"haversine(): unknown unit {unit!r}; known: {', '.join(_EARTH_RADIUS)}"
+        raise RecordError(msg)
+    if not (-90 <= lat1 <= 90 and -90 <= lat2 <= 90):
+        msg = f"haversine(): latitude out of range [-90, 90] ({lat1!r}, {lat2!r})"
+        raise RecordError(msg)
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * _EARTH_RADIUS[unit] * math.asin(min(1.0, math.sqrt(h)))
+
+
 MORE_FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int]] = {
     "substring": (_nullable(_substring), 2, 3),
     "slice": (_nullable(_slice), 2, 3),
@@ -285,6 +309,7 @@ MORE_FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int]] = {
     "float": (_nullable(to_float), 1, 1),
     "string": (_nullable(to_string), 1, 1),
     "bool": (_nullable(to_bool), 1, 1),
+    "haversine": (_haversine, 4, 5),
 }
 """Functions added to :data:`dataflare.expr.FUNCTIONS`: name -> (function, arguments)."""
 
@@ -336,5 +361,7 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "float": ("float('2.5')", "2.5"),
     "string": ("string(42)", "'42' (JSON text for lists and objects)"),
     "bool": ("bool('yes')", "true (yes/no, true/false, 1/0, on/off)"),
+    "haversine": ("haversine(from.lat, from.lon, to.lat, to.lon, 'km')",
+                  "great-circle distance (units km, m, mi); 343.6 from Paris to London"),
 }
 """An example of each function, for the reference docs."""
