@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, WithJsonSchema
 
 from dataflare.records import parse_duration
 
@@ -27,9 +27,18 @@ def _duration(value: Any) -> Any:
     return value
 
 
+DURATION_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d|w)\s*$"},
+    ],
+}
+"""JSON Schema of a duration as written in the DSL: seconds, or text such as '5m'."""
+
 Duration = Annotated[
     float,
     BeforeValidator(_duration),
+    WithJsonSchema(DURATION_SCHEMA),
     Field(description="A duration: '100ms', '30s', '5m', '2h', '7d' (stored as seconds)."),
 ]
 """A duration in seconds, written in the DSL as ``100ms``, ``30s``, ``5m``, ``2h``, ``7d``."""
@@ -39,7 +48,11 @@ def _paths(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-Paths = Annotated[tuple[str, ...], BeforeValidator(_paths)]
+Paths = Annotated[
+    tuple[str, ...],
+    BeforeValidator(_paths),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+]
 """One dotted path or a list of them."""
 
 Secret = SecretStr

@@ -11,7 +11,9 @@ from pydantic_core import PydanticUndefined
 
 from dataflare import registry
 from dataflare.dsl_compiler import models
+from dataflare.dsl_compiler.validate import DESTINATION_BLOCKS, SOURCE_BLOCKS
 
+_CONFIG_BLOCKS = {"source": SOURCE_BLOCKS, "destination": DESTINATION_BLOCKS}
 _KIND_DEF = {"source": "Source", "transformation": "Transformation", "destination": "Destination"}
 
 
@@ -27,6 +29,10 @@ def json_schema() -> dict[str, Any]:
             sub = spec.config.model_json_schema(ref_template=f"#/$defs/{ref}.{{model}}")
             for sub_name, sub_def in sub.pop("$defs", {}).items():
                 defs[f"{ref}.{sub_name}"] = sub_def
+            # the blocks the DSL also allows inside `config:` (moved out by validate)
+            for block in _CONFIG_BLOCKS.get(kind, ()):
+                if "properties" in sub and block not in sub["properties"]:
+                    sub["properties"][block] = defs[name]["properties"][block]
             defs[ref] = sub
             types.append(spec.type)
             rules.append({

@@ -98,6 +98,7 @@ class TrailingAggregate(Aggregate):
         None,
         description="Only records within this range before the group's latest event time "
         "('last_90_days', 'last_7d', '90d'); needs `time_field`.",
+        json_schema_extra={"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "null"}]},
     )
 
     @model_validator(mode="before")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from bytewax.dataflow import Stream
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from dataflare.config import Strict
 from dataflare.expr import compile_expression
@@ -20,6 +20,10 @@ from dataflare.operators.transforms import (
 from dataflare.records import META, getter, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 
+_ONE_TRANSFORM = {"anyOf": [{"type": "string"}, {"type": "object", "minProperties": 1,
+                                                  "maxProperties": 1}]}
+_TRANSFORMS_SCHEMA = {"anyOf": [_ONE_TRANSFORM, {"type": "array", "items": _ONE_TRANSFORM}]}
+
 
 class FieldMapping(Strict):
     """One output field: from a source path or an expression, through transforms."""
@@ -27,7 +31,7 @@ class FieldMapping(Strict):
     source: str | None = Field(None, description="Dotted path read from the input record.")
     expression: str | None = Field(None, description="Expression computing the value instead.")
     destination: str = Field(description="Dotted path written in the output record.")
-    transform: list[TransformSpec] = Field(
+    transform: Annotated[list[TransformSpec], WithJsonSchema(_TRANSFORMS_SCHEMA)] = Field(
         default_factory=list,
         description=f"Transform name or list applied in order: {', '.join(TRANSFORMS)}; or "
         f"with settings, `{{name: {{...}}}}`: {', '.join(PARAMETERISED)}.",
