@@ -255,3 +255,33 @@ def test_an_interval_schedule_takes_its_period_as_expression_or_interval():
         assert errors == []
         periods.append(v.workflow.schedule.interval)
     assert periods == [900.0, 900.0]
+
+
+def test_a_windowed_join_under_a_watermark_delay_gets_no_lateness_advice():
+    flow = """\
+workflow:
+  sources:
+    a: {type: file, config: {path: a.jsonl}, STREAMING}
+    b: {type: file, config: {path: b.jsonl}, STREAMING}
+  transformations:
+    j:
+      type: join
+      inputs: [a, b]
+      config: {join_key: k, time_field: ts, window: {type: tumbling, size: 1m}}
+  destinations:
+    o: {type: stdout, inputs: [j]}
+"""
+    advice = "a windowed join reads its two inputs side by side"
+    bare = validate_text(flow.replace(", STREAMING", ""))
+    assert any(advice in m for _, m in _warnings(bare))
+    delayed = validate_text(flow.replace("STREAMING", 'streaming: {watermark_delay: "10m"}'))
+    assert not any(advice in m for _, m in _warnings(delayed))
+
+
+def test_compile_file_logs_the_warnings_for_bytewax_run(tmp_path, caplog):
+    from dataflare.dsl_compiler import compile_file
+
+    flow = tmp_path / "f.yaml"
+    flow.write_text(SCHEDULED.replace("SCHEDULE", "{type: interval, interval: 1h}"))
+    compile_file(flow)
+    assert f"{flow}:2:3: schedule: warning: the schedule has no effect yet" in caplog.text
