@@ -138,6 +138,7 @@ def _decorator(kind: Kind, type_name: str, **kw: Any) -> Callable[[Callable[...,
 TYPE_BLOCKS: dict[str, tuple[str, ...]] = {
     "source": ("mode", "incremental", "cdc", "hybrid"),
     "destination": ("write_mode", "batch"),
+    "transformation": ("plugin",),
 }
 
 
@@ -168,6 +169,7 @@ def transformation(
     main_output: bool = True,
     merge_inputs: bool = True,
     advise: Callable[[Any, set[str]], list[str]] | None = None,
+    blocks: tuple[str, ...] = (),
 ) -> Callable[..., Any]:
     """Register a transformation builder under ``type_name``.
 
@@ -175,7 +177,8 @@ def transformation(
     output (``main_output=False``, like ``route``) can only be read that way. Several
     inputs reach the builder merged into one stream, unless ``merge_inputs=False`` (a join
     takes its inputs apart). ``advise(config, upstream_modes)`` returns warnings about a
-    configuration that is valid but unlikely to do what the user wants.
+    configuration that is valid but unlikely to do what the user wants. ``blocks`` lists
+    the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``).
     """
     return _decorator(
         "transformation",
@@ -188,6 +191,7 @@ def transformation(
         main_output=main_output,
         merge_inputs=merge_inputs,
         advise=advise,
+        blocks=frozenset(blocks),
     )
 
 

@@ -67,10 +67,16 @@ workflow:
       mode: cdc
       config: {dsn: "postgresql://localhost/test", table: t}
       cdc: {slot_name: s}
+  transformations:
+    m:
+      type: mapping
+      inputs: [f]
+      plugin: shout
+      config: {mappings: [{source: id, destination: id}]}
   destinations:
     o:
       type: stdout
-      inputs: [f, pg]
+      inputs: [m, pg]
       write_mode: {type: merge, merge_key: id}
       batch: {size: 10}
     d:
@@ -87,6 +93,8 @@ workflow:
         ("destinations.o.write_mode",
          "'write_mode' has no effect on a destination of type 'stdout'"),
         ("destinations.o.batch", "'batch' has no effect on a destination of type 'stdout'"),
+        ("transformations.m.plugin",
+         "'plugin' has no effect on a transformation of type 'mapping'"),
     }
 
 
