@@ -152,7 +152,8 @@ def source(
     """Register a source builder under ``type_name``.
 
     ``blocks`` lists the blocks of :data:`TYPE_BLOCKS` the type acts on (``None``: not
-    declared, nothing is checked).
+    declared, nothing is checked); ``name=type`` when it acts on those of one type only
+    (``write_mode=append``).
     """
     return _decorator("source", type_name, config=config, description=description, inputs=(0, 0),
                       blocks=None if blocks is None else frozenset(blocks))

@@ -442,7 +442,7 @@ class FileSink(FixedPartitionedSink[Batch, Any]):
     "file",
     config=FileDestinationConfig,
     description="Write JSON lines, CSV or Parquet; without write_mode the file is rewritten.",
-    blocks=("write_mode",),
+    blocks=("write_mode=append", "write_mode=overwrite"),
 )
 def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> None:
     """Build a file destination (``write_mode: append`` adds to an existing file)."""

@@ -100,13 +100,7 @@ def validate_text(
                 configs[cid] = spec.config.model_validate({} if raw is None else raw)
             except ValidationError as exc:
                 out.problems.extend(_problems(doc, exc, (*loc, "config"), spec.config))
-            for block in registry.TYPE_BLOCKS.get(kind, ()):
-                if spec.blocks is not None and block not in spec.blocks and block in comp:
-                    out.problems.append(
-                        doc.problem((*loc, block),
-                                    f"{block!r} has no effect on a {kind} of type {spec.type!r}",
-                                    key=True, severity="warning")
-                    )
+            out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp))
             if not spec.available:
                 out.problems.append(
                     doc.problem(
@@ -169,6 +163,31 @@ def _not_effective(doc: Document, wf: dict[str, Any]) -> list[Problem]:
         for loc, value in found:
             if value not in (None, [], {}):
                 out.append(doc.problem(loc, message, key=True, severity="warning"))
+    return out
+
+
+def _blocks_without_effect(
+    doc: Document, loc: Loc, kind: str, spec: registry.ComponentSpec, comp: dict[str, Any]
+) -> list[Problem]:
+    """Warnings for the blocks (or block types) given that the component's type ignores.
+
+    A type lists in ``blocks`` the blocks it acts on, a block as ``name=type`` when it acts
+    on those of its types only (a file destination: ``write_mode=append``).
+    """
+    out = []
+    for block in registry.TYPE_BLOCKS.get(kind, ()):
+        if spec.blocks is None or block not in comp or block in spec.blocks:
+            continue
+        types = sorted(b.split("=", 1)[1] for b in spec.blocks if b.startswith(f"{block}="))
+        given = comp[block].get("type") if isinstance(comp[block], dict) else None
+        if not types:
+            message = f"{block!r} has no effect on a {kind} of type {spec.type!r}"
+        elif given is None or given in types:
+            continue
+        else:
+            message = (f"{block} {given!r} has no effect on a {kind} of type {spec.type!r} "
+                       f"(it acts on: {', '.join(types)})")
+        out.append(doc.problem((*loc, block), message, key=True, severity="warning"))
     return out
 
 

@@ -79,6 +79,16 @@ workflow:
       inputs: [m, pg]
       write_mode: {type: merge, merge_key: id}
       batch: {size: 10}
+    fm:
+      type: file
+      inputs: [f]
+      config: {path: out.jsonl}
+      write_mode: {type: merge, merge_key: id}
+    fa:
+      type: file
+      inputs: [f]
+      config: {path: out2.jsonl}
+      write_mode: {type: append}
     d:
       type: duckdb
       inputs: [f]
@@ -93,6 +103,8 @@ workflow:
         ("destinations.o.write_mode",
          "'write_mode' has no effect on a destination of type 'stdout'"),
         ("destinations.o.batch", "'batch' has no effect on a destination of type 'stdout'"),
+        ("destinations.fm.write_mode", "write_mode 'merge' has no effect on a destination "
+         "of type 'file' (it acts on: append, overwrite)"),
         ("transformations.m.plugin",
          "'plugin' has no effect on a transformation of type 'mapping'"),
     }
