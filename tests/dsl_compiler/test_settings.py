@@ -305,3 +305,19 @@ def test_compile_file_logs_the_warnings_for_bytewax_run(tmp_path, caplog):
     flow.write_text(SCHEDULED.replace("SCHEDULE", "{type: interval, interval: 1h}"))
     compile_file(flow)
     assert f"{flow}:2:3: schedule: warning: the schedule has no effect yet" in caplog.text
+
+
+@pytest.mark.parametrize(("plugin", "error"), [
+    ('{type: native, path: "m:f", config: {memory_limit: 64MB}}',
+     "'memory_limit' has no effect on a native plugin"),
+    ('{type: native, path: "m:f", config: {timeout: 2s}}',
+     "'timeout' has no effect on a native plugin"),
+    ('{type: wasm, path: x.wasm, url: "http://127.0.0.1/"}',
+     "'url' has no effect on a wasm plugin"),
+    ('{type: remote, url: "http://127.0.0.1/", path: x.wasm}',
+     "'path' has no effect on a remote plugin"),
+    ('{type: wasm, path: x.wasm, config: {memory_limit: 64MB, timeout: 2s}}', None),
+])
+def test_plugin_settings_the_plugin_type_ignores_are_refused(plugin, error):
+    v = validate_text(SCHEDULED.replace("  schedule: SCHEDULE", f"  plugins:\n    p: {plugin}"))
+    assert [p.message for p in v.errors()] == ([error] if error else [])
