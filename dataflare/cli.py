@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import _thread
 import argparse
-import dataclasses
-import logging
+import io
+import json
 import os
-import re
-import signal
 import sys
-import threading
-import time
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from datetime import timedelta
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from dataflare import metrics
-from dataflare.connectors.batching import RUN_ID_ENV
-from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
-from dataflare.dsl_compiler.validate import Validated
-
-DEFAULT_SNAPSHOT_INTERVAL = 5.0
+from dataflare import logs
+from dataflare.dsl_compiler import validate_file
 
 
 def _print_problems(problems: Sequence[object], for_run: bool) -> None:
@@ -36,10 +25,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     failed = False
     for path in args.paths:
         v = validate_file(path)
-        if args.strict:  # every warning is an error (for CI)
-            v.problems = [dataclasses.replace(p, severity="error") for p in v.problems]
         _print_problems(v.problems, for_run=False)
-        if v.errors():
+        if v.errors() or (args.strict and v.problems):
             failed = True
         else:
             warnings = len(v.problems)
@@ -48,245 +35,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _is_wrapper(exc: BaseException) -> bool:
-    """Whether ``exc`` is bytewax's wrapping of an error raised in a step (or a Rust panic)."""
-    package = type(exc).__module__.split(".")[0]
-    return package in ("bytewax", "pyo3_runtime") or str(exc).startswith("(src/")
-
-
-def _unwrapped(exc: BaseException) -> BaseException:
-    """The exception that explains a failed run: the outermost one bytewax did not wrap.
-
-    That is DataFlare's own when there is one (it names the step and the target).
-    """
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    last = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if not _is_wrapper(cur):
-            return cur
-        last = cur
-        cur = cur.__cause__ or cur.__context__
-    for line in str(exc).splitlines():
-        if "StepFailed:" in line:
-            return StepFailed(line.split("StepFailed:", 1)[1].strip())
-    return last
-
-
-def _error_text(exc: BaseException) -> str:
-    """The message of a failed run, printed after ``error:``.
-
-    The message of :func:`_unwrapped`, then the innermost error it was raised from when
-    the message does not already say it (a driver's error under ours).
-    """
-    cause = _unwrapped(exc)
-    inner, seen = cause, {id(cause)}
-    while inner.__cause__ is not None and id(inner.__cause__) not in seen:
-        inner = inner.__cause__
-        seen.add(id(inner))
-    text = str(cause)
-    if inner is not cause and str(inner) not in text:
-        text += f" ({type(inner).__name__}: {inner})"
-    return text
-
-
-class _Progress:
-    """Records out per step on a terminal, refreshed every second; a summary at the end.
-
-    A destination's count is of the records it received: once the run ended, all are
-    written (or counted failed), but after a failed run some may not be.
-    """
-
-    def __init__(self, steps: list[str], destinations: list[str], live: bool) -> None:
-        self.steps, self.destinations, self.live = steps, set(destinations), live
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.started = time.monotonic()
-
-    def counts(self) -> list[tuple[str, int, int]]:
-        out = []
-        for step in self.steps:
-            n = metrics.value(metrics.RECORDS_OUT, step=step) + metrics.value(
-                metrics.RECORDS_WRITTEN, step=step
-            )
-            errors = sum(
-                metrics.value(metrics.ERRORS, step=step, strategy=s)
-                for s in ("skip", "fail", "redirect")
-            )
-            out.append((step, int(n), int(errors)))
-        return out
-
-    def _line(self) -> str:
-        return "  ".join(
-            f"{s}={n}" + (f" (errors {e})" if e else "") for s, n, e in self.counts()
-        )
-
-    def _loop(self) -> None:
-        while not self.stop.wait(1.0):
-            sys.stderr.write("\r\x1b[K" + self._line()[:200])
-            sys.stderr.flush()
-
-    def __enter__(self) -> _Progress:
-        if self.live:
-            self.thread.start()
-        return self
-
-    def __exit__(self, failure: type[BaseException] | None, *exc: object) -> None:
-        self.stop.set()
-        if self.live:
-            self.thread.join()
-            sys.stderr.write("\r\x1b[K")
-        elapsed = time.monotonic() - self.started
-        state = ", run failed" if failure else ""
-        print(f"summary ({elapsed:.1f}s{state}): records per step", file=sys.stderr)
-        for step, n, errors in self.counts():
-            unsure = failure is not None and step in self.destinations and n > 0
-            extra = " received, not all confirmed written" if unsure else ""
-            extra += f", {errors} failed" if errors else ""
-            print(f"  {step}: {n}{extra}", file=sys.stderr)
-
-
-def _snapshot_interval(given: float | None, v: Validated) -> float:
-    """Seconds between snapshots: ``-s``, else the sources' smallest checkpoint_interval."""
-    if given is not None:
-        return given
-    wf = v.workflow
-    intervals = [
-        src.streaming.checkpoint_interval
-        for src in (wf.sources.values() if wf else [])
-        if src.streaming is not None and src.streaming.checkpoint_interval is not None
-    ]
-    return min(intervals, default=DEFAULT_SNAPSHOT_INTERVAL)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a workflow with bytewax (bounded inputs run until they end)."""
-    from bytewax.recovery import RecoveryConfig, init_db_dir
-    from bytewax.run import cli_main
+    from dataclasses import fields
 
-    if not args.verbose:
-        os.environ["RUST_BACKTRACE"] = "0"
-    v = validate_file(args.path)
-    _print_problems(v.problems, for_run=True)  # the warnings too: settings without effect
-    if v.errors(for_run=True):
-        return 1
-    try:
-        flow = compile_validated(v)
-    except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
-        print(f"error: {_error_text(exc)}", file=sys.stderr)
-        return 1
-    recovery = None
-    snapshot = timedelta(seconds=_snapshot_interval(args.snapshot_interval, v))
-    if args.recovery_dir is not None:
-        directory = Path(args.recovery_dir)
-        if not any(directory.glob("*.sqlite3")):
-            directory.mkdir(parents=True, exist_ok=True)
-            init_db_dir(directory, args.recovery_partitions)
-        # The run's id outlives a crash before the first snapshot (see connectors.batching).
-        run_id = directory / "dataflare-run-id"
-        if not run_id.exists():
-            run_id.write_text(uuid.uuid4().hex + "\n")
-        os.environ[RUN_ID_ENV] = run_id.read_text().strip()
-        recovery = RecoveryConfig(str(directory), timedelta(seconds=args.backup_interval))
-    kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
-    if args.addresses:
-        kwargs["addresses"] = args.addresses.split(";")
-        kwargs["process_id"] = args.process_id or 0
-    if args.workers_per_process:
-        kwargs["workers_per_process"] = args.workers_per_process
-    wf = v.workflow
-    assert wf is not None
-    workers = (args.workers_per_process or 1) * (len(args.addresses.split(";"))
-                                                  if args.addresses else 1)
-    limit = wf.config.max_concurrency
-    if limit is not None and workers > limit:
-        print(f"error: config.max_concurrency is {limit}, this run asks for {workers} workers",
-              file=sys.stderr)
-        return 1
-    if args.metrics_port:
-        from prometheus_client import start_http_server
+    from dataflare.runner import RunOptions, run_with
 
-        start_http_server(args.metrics_port, addr="127.0.0.1")
-    timer = None
-    if wf.config.timeout is not None:
-        # The timeout interrupts the run like Ctrl-C, even where SIGINT was inherited ignored.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        timer = threading.Timer(wf.config.timeout, _thread.interrupt_main)
-        timer.daemon = True
-        timer.start()
-    steps = [*wf.sources, *wf.transformations, *wf.destinations]
-    live = sys.stderr.isatty() and not args.quiet
-    try:
-        with (_Progress(steps, list(wf.destinations), live) if not args.quiet
-              else _nullcontext()), _without_worker_panics():
-            cli_main(flow, **kwargs)
-    except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
-        cause = _unwrapped(exc)
-        if timer is not None and timer.finished.is_set():
-            print(f"error: the workflow ran longer than its config.timeout "
-                  f"({wf.config.timeout:g}s) and was stopped", file=sys.stderr)
-            return 124
-        if isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
-            print("interrupted", file=sys.stderr)
-            return 130
-        print(f"error: {_error_text(exc)}", file=sys.stderr)
-        return 1
-    finally:
-        if timer is not None:
-            timer.cancel()
-    return 0
-
-
-_PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")
-_PANIC_TAIL = (b"Box<dyn Any>", b"note: run with `RUST_BACKTRACE=1`")
-
-
-@contextmanager
-def _without_worker_panics() -> Iterator[None]:
-    """Drop the notice bytewax's worker prints on stderr when a step raises.
-
-    The step's exception still ends the run and is printed as one ``error:`` line. With
-    ``RUST_BACKTRACE`` set, stderr is left alone.
-    """
-    if os.environ.get("RUST_BACKTRACE", "0") not in ("", "0"):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    read, write = os.pipe()
-    os.dup2(write, 2)
-    os.close(write)
-    pump = threading.Thread(target=_pump, args=(read, os.dup(saved)), daemon=True)
-    pump.start()
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # closes the pipe: the pump reads to its end and stops
-        os.close(saved)
-        pump.join(timeout=5)
-
-
-def _pump(read: int, out: int) -> None:
-    """Copy stderr lines from ``read`` to ``out``, without worker panic notices."""
-    panic = False
-    with os.fdopen(read, "rb") as src, os.fdopen(out, "wb", buffering=0) as dst:
-        for line in src:
-            text = line.rstrip(b"\n")
-            if _PANIC.match(text) or (panic and text.startswith(_PANIC_TAIL)):
-                panic = True
-                continue
-            panic = False
-            dst.write(line)
-
-
-class _nullcontext:  # noqa: N801
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    names = {f.name for f in fields(RunOptions)}
+    return run_with(RunOptions(**{k: v for k, v in vars(args).items() if k in names})).exit_code
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -310,10 +66,9 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 def cmd_discover(args: argparse.Namespace) -> int:
     """Print what each source would read: tables and columns, or inferred record schemas."""
-    import json
-
     from dataflare.connectors.schema import discover
     from dataflare.dsl_compiler.compiler import component_context
+    from dataflare.runner import error_text
 
     v = validate_file(args.path)
     if v.errors(for_run=True) or v.workflow is None:
@@ -331,10 +86,116 @@ def cmd_discover(args: argparse.Namespace) -> int:
         try:
             catalog[name] = discover(component_context(v, name))
         except Exception as exc:  # noqa: BLE001 - one line per source that cannot be read
-            print(f"error: source {name!r}: {_error_text(exc)}", file=sys.stderr)
+            print(f"error: source {name!r}: {error_text(exc)}", file=sys.stderr)
             code = 1
     print(json.dumps(catalog, indent=2, default=str))
     return code
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Run the platform server's roles."""
+    from dataflare.server import serve
+
+    return serve(args.store, args.role, args.host, args.port, args.config,
+                 Path(args.data_dir), args.workers, args.lease)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    """``push``, ``runs``, ``trigger`` and ``stop`` against a server."""
+    from dataflare.server.client import ApiError, Client
+
+    client = Client(args.server, args.token)
+    try:
+        if args.action == "push":
+            out = client.push(args.target)
+            print(f"{out['id']}: revision {out['revision']}")
+        elif args.action == "runs":
+            for r in client.runs(args.target, args.status):
+                print(f"{r['id']}  {r['workflow']}  {r['status']:<9}  {r['trigger']:<8}  "
+                      f"{r['started_at'] or '-'}")
+        elif args.action == "trigger":
+            run = client.trigger(args.target)
+            print(run["id"])
+            if args.wait:
+                run = client.wait(run["id"])
+                print(run["status"] + (f": {run['error']}" if run.get("error") else ""))
+                return 0 if run["status"] == "succeeded" else 1
+        else:
+            print(client.stop(args.target)["status"])
+    except (ApiError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    """Print the records leaving a step of a running workflow, one JSON object per line."""
+    import httpx
+
+    url = f"{args.url.rstrip('/')}/tap/{args.step}"
+    try:
+        with httpx.stream("GET", url, params={"limit": args.limit}, timeout=None) as r:
+            if r.status_code != 200:
+                r.read()
+                print(f"error: {r.json().get('error', r.text)}", file=sys.stderr)
+                return 1
+            for line in r.iter_lines():
+                print(line, flush=True)
+    except (httpx.HTTPError, KeyboardInterrupt) as exc:
+        if isinstance(exc, httpx.HTTPError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """Show per-step records, rates and errors of a running workflow, refreshed."""
+    import time
+
+    import httpx
+
+    try:
+        while True:
+            status = httpx.get(f"{args.url.rstrip('/')}/status", timeout=5).json()
+            lines = [f"{status['workflow']}  run {status['run_id'] or '-'}  "
+                     f"up {status['uptime_s']}s",
+                     f"{'step':<24}{'kind':<16}{'records':>12}{'rate/s':>10}{'errors':>8}"]
+            for step, s in status["steps"].items():
+                lines.append(f"{step:<24}{s['kind']:<16}{s['records']:>12}{s['rate']:>10}"
+                             f"{s['failed']:>8}")
+            if sys.stdout.isatty() and not args.once:
+                print("\x1b[H\x1b[2J", end="")
+            print("\n".join(lines), flush=True)
+            if args.once:
+                return 0
+            time.sleep(args.interval)
+    except httpx.HTTPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_k8s(args: argparse.Namespace) -> int:
+    """Print (or write) the Kubernetes manifests that run a workflow."""
+    from dataflare import k8s
+
+    try:
+        objects = k8s.render(args.path, k8s.Options(
+            image=args.image, replicas=args.replicas, name=args.name, namespace=args.namespace))
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.out is None:
+        print(k8s.dump(objects), end="")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for obj in objects:
+        kind, name = obj["kind"].lower(), obj["metadata"]["name"]
+        (out / f"{name}.{kind}.yaml").write_text(k8s.dump([obj]))
+    print(f"wrote {len(objects)} manifests to {out}")
+    return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -349,12 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dataflare`` command."""
     parser = argparse.ArgumentParser(prog="dataflare", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log more.")
+    parser.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="Log lines as text or JSON objects (default: "
+                        "$DATAFLARE_LOG_FORMAT, else text).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="Check workflow files; problems go to stderr.")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--strict", action="store_true",
-                   help="Treat every warning as an error (exit 1), e.g. in CI.")
+                   help="Warnings are errors too (exit 1), for CI.")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("run", help="Run a workflow.")
@@ -362,7 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="Log more.")
     p.add_argument("--metrics-port", type=int,
-                   help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics while running.")
+                   help="Serve Prometheus metrics on HOST:PORT/metrics while running.")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="Address the metrics server binds (0.0.0.0 in a pod).")
+    p.add_argument("--http-port", type=int,
+                   help="Serve /health, /ready, /metrics, /status and the tap on this port.")
+    p.add_argument("--http-host", default="127.0.0.1",
+                   help="Address --http-port binds (0.0.0.0 in a pod).")
+    p.add_argument("--otlp-url", default=os.environ.get("DATAFLARE_OTLP_URL"),
+                   help="Send bytewax's traces (spans per step) to this OpenTelemetry "
+                   "collector over gRPC, e.g. http://127.0.0.1:4317.")
     p.add_argument("-w", "--workers-per-process", type=int, help="Workers in this process.")
     p.add_argument("-i", "--process-id", type=int, help="This process's id (with -a).")
     p.add_argument("-a", "--addresses", help="host:port of every process, ';'-separated.")
@@ -370,13 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Recovery directory; created with its partitions when absent.")
     p.add_argument("-s", "--snapshot-interval", type=float, default=None,
                    help="Seconds between snapshots (epochs); default: the smallest "
-                   "streaming.checkpoint_interval of the sources, else "
-                   f"{DEFAULT_SNAPSHOT_INTERVAL:g}.")
+                   "streaming.checkpoint_interval of the sources, else 5.")
     p.add_argument("-b", "--backup-interval", type=float, default=0.0,
                    help="Seconds older snapshots are kept.")
     p.add_argument("--recovery-partitions", type=int, default=1,
                    help="Partitions created in a new recovery directory.")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress or summary.")
+    p.add_argument("--summary-json", metavar="FILE",
+                   help="Write the run's result (status, totals, per-step counts) as JSON.")
+    p.add_argument("--progress-json", metavar="FILE",
+                   help="Rewrite FILE every second with the per-step counts so far.")
+    p.add_argument("--no-post-actions", action="store_true",
+                   help="Leave the post-actions to the caller (the server's workers).")
+    p.add_argument("--server", default=os.environ.get("DATAFLARE_SERVER"),
+                   help="DataFlare server URL: post-action triggers start workflows there.")
+    p.add_argument("--token", default=os.environ.get("DATAFLARE_TOKEN"),
+                   help="API token for --server (or DATAFLARE_TOKEN).")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("test", help="Run the tests: blocks of workflow files.")
@@ -385,13 +267,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("graph", help="Print the workflow DAG.")
     p.add_argument("path", metavar="PATH")
-    p.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    p.add_argument("--format", choices=["mermaid", "dot", "svg"], default="mermaid")
     p.set_defaults(fn=cmd_graph)
 
     p = sub.add_parser("discover", help="Print the fields and types each source reads.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("source", nargs="?", help="Only this source.")
     p.set_defaults(fn=cmd_discover)
+
+    p = sub.add_parser("server", help="Run the platform server (API, scheduler, workers).")
+    p.add_argument("--store", help="Store URL: sqlite:///FILE or postgresql://... "
+                   "(default: a SQLite file under --data-dir).")
+    p.add_argument("--role", choices=["all", "api", "scheduler", "worker"], default="all")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--config", help="Users, tokens and roles (YAML).")
+    p.add_argument("--data-dir", default=".dataflare",
+                   help="Runs' working and recovery directories, the default store.")
+    p.add_argument("--workers", type=int, default=1, help="Runs carried out at once.")
+    p.add_argument("--lease", type=float, default=30.0,
+                   help="Seconds a worker holds a run without a heartbeat before another "
+                   "worker takes it over.")
+    p.set_defaults(fn=cmd_server)
+
+    for name, help_text in (("push", "Store a workflow file on a server (a new revision)."),
+                            ("runs", "List a server's runs."),
+                            ("trigger", "Start a run of a stored workflow."),
+                            ("stop", "Stop a run.")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("target", nargs="?" if name == "runs" else None,
+                       metavar={"push": "FILE", "runs": "WORKFLOW", "trigger": "WORKFLOW",
+                                "stop": "RUN"}[name])
+        p.add_argument("--server", default=os.environ.get("DATAFLARE_SERVER",
+                                                          "http://127.0.0.1:8080"))
+        p.add_argument("--token", default=os.environ.get("DATAFLARE_TOKEN"),
+                       help="API token (or DATAFLARE_TOKEN).")
+        if name == "runs":
+            p.add_argument("--status", help="Only runs in this status.")
+        if name == "trigger":
+            p.add_argument("--wait", action="store_true", help="Wait for the run to end.")
+        p.set_defaults(fn=cmd_client, action=name)
+
+    p = sub.add_parser("tap", help="Print records as they leave a step of a running workflow.")
+    p.add_argument("url", metavar="URL", help="The run's --http-port address, e.g. "
+                   "http://127.0.0.1:8686")
+    p.add_argument("step", metavar="STEP")
+    p.add_argument("--limit", type=int, default=0, help="Stop after N records (0: never).")
+    p.set_defaults(fn=cmd_tap)
+
+    p = sub.add_parser("top", help="Per-step records, rates and errors of a running workflow.")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--once", action="store_true", help="Print once and exit.")
+    p.set_defaults(fn=cmd_top)
+
+    p = sub.add_parser("k8s", help="Print the Kubernetes manifests of a workflow.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--image", default="dataflare:latest", help="Container image of the pods.")
+    p.add_argument("--replicas", type=int, default=1, help="Processes (pods).")
+    p.add_argument("--name", help="Name of the objects (default: the workflow id).")
+    p.add_argument("--namespace", help="Namespace of the objects.")
+    p.add_argument("--out", help="Write one file per object into this directory.")
+    p.set_defaults(fn=cmd_k8s)
 
     p = sub.add_parser("schema", help="Print the JSON Schema of workflow files.")
     p.add_argument("--markdown", action="store_true", help="The DSL reference instead.")
@@ -402,11 +339,49 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dataflare`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    return int(args.fn(args))
+    logs.setup(args.verbose, args.log_format)
+    # Everything the command prints passes the secret scrubber (dataflare.secrets).
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Scrubbed(out), Scrubbed(err)
+    try:
+        return int(args.fn(args))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = out, err
+
+
+class Scrubbed(io.TextIOBase):
+    """A text stream whose writes pass :func:`dataflare.secrets.scrub`."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        """Write ``text`` without secret values."""
+        from dataflare.secrets import scrub
+
+        return int(self._stream.write(scrub(text)))
+
+    def flush(self) -> None:
+        """Flush the stream underneath."""
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        """Whether the stream underneath is a terminal."""
+        return bool(self._stream.isatty())
+
+    def fileno(self) -> int:
+        """The file descriptor underneath."""
+        return int(self._stream.fileno())
+
+    @property
+    def buffer(self) -> Any:
+        """The binary stream underneath (bytes written there are not scrubbed)."""
+        return self._stream.buffer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""Base classes for every configuration model of the DSL."""
+"""Base classes and shared blocks of every configuration model of the DSL.
+
+Components import what they need from here (or from :mod:`dataflare.components`), never
+from the compiler: retry policies and HTTP credentials are shared by many connectors.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, WithJsonSchema
 
@@ -27,18 +31,15 @@ def _duration(value: Any) -> Any:
     return value
 
 
-DURATION_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {"type": "number", "minimum": 0},
-        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d|w)\s*$"},
-    ],
-}
-"""JSON Schema of a duration as written in the DSL: seconds, or text such as '5m'."""
+_DURATION_SCHEMA = {"anyOf": [
+    {"type": "number", "minimum": 0},
+    {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d|w)?\s*$"},
+]}
 
 Duration = Annotated[
     float,
     BeforeValidator(_duration),
-    WithJsonSchema(DURATION_SCHEMA),
+    WithJsonSchema(_DURATION_SCHEMA),
     Field(description="A duration: '100ms', '30s', '5m', '2h', '7d' (stored as seconds)."),
 ]
 """A duration in seconds, written in the DSL as ``100ms``, ``30s``, ``5m``, ``2h``, ``7d``."""
@@ -49,11 +50,37 @@ def _paths(value: Any) -> Any:
 
 
 Paths = Annotated[
-    tuple[str, ...],
-    BeforeValidator(_paths),
+    tuple[str, ...], BeforeValidator(_paths),
     WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
 ]
 """One dotted path or a list of them."""
 
 Secret = SecretStr
 """A secret value: masked as ``**********`` whenever a model is printed or dumped."""
+
+
+class Backoff(Strict):
+    """Exponential backoff between retries."""
+
+    initial: Duration = Field(1.0, description="Delay before the first retry.")
+    multiplier: float = Field(2.0, ge=1.0, description="Factor applied to the delay each retry.")
+    max: Duration = Field(60.0, description="Upper bound of the delay.")
+
+
+class Retry(Strict):
+    """How transient failures (a broken connection, HTTP 5xx) are retried."""
+
+    max_attempts: int = Field(3, ge=1, description="Attempts in all, the first included.")
+    backoff: Backoff = Field(default_factory=Backoff, description="Delay between attempts.")
+
+
+class Auth(Strict):
+    """Credentials for an HTTP service."""
+
+    type: Literal["bearer", "basic", "api_key"] = Field(description="Authentication scheme.")
+    token: Secret | None = Field(None, description="Bearer token.")
+    username: str | None = Field(None, description="Basic auth user.")
+    password: Secret | None = Field(None, description="Basic auth password.")
+    key: Secret | None = Field(None, description="API key value.")
+    header: str = Field("X-API-Key", description="Header carrying the API key.")
+    query_param: str | None = Field(None, description="Send the API key as this query parameter.")

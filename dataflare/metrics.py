@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+import time
+from collections import deque
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
 
 RECORDS_OUT = Counter(
     "dataflare_records_out", "Records a step emitted.", ["step"]
@@ -29,3 +33,69 @@ def value(counter: Counter, **labels: str) -> float:
             if sample.name.endswith("_total") and sample.labels == labels:
                 return float(sample.value)
     return 0.0
+
+WRITE_SECONDS = Histogram(
+    "dataflare_write_seconds", "Seconds a destination took to write one batch.", ["step"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+BATCH_RECORDS = Histogram(
+    "dataflare_batch_records", "Records per batch a destination wrote.", ["step"],
+    buckets=(1, 10, 100, 1000, 10_000, 100_000),
+)
+LAST_RECORD = Gauge(
+    "dataflare_last_record_timestamp_seconds", "When the step last handled a record (epoch).",
+    ["step"],
+)
+KAFKA_LAG = Gauge(
+    "dataflare_kafka_consumer_lag", "Messages of a partition not read yet (high watermark - "
+    "position).", ["step", "topic", "partition"],
+)
+RETRIES = Counter(
+    "dataflare_retries", "Transient failures retried (a connection, HTTP 429/5xx), per step.",
+    ["step"],
+)
+ERRORS_BY_TYPE = Counter(
+    "dataflare_errors_by_type", "Records a step failed on, by error type.", ["step", "type"],
+)
+_STARTED = time.time()
+_last: dict[str, float] = {}
+_recent: dict[str, deque[tuple[float, float]]] = {}
+_totals: dict[str, list[float]] = {}
+RECENT = 300.0  # seconds of write latencies kept for alert percentiles
+
+
+def touch(step: str, gauge: Any = None) -> None:
+    """``step`` handled records now."""
+    now = time.time()
+    _last[step] = now
+    (gauge or LAST_RECORD.labels(step)).set(now)
+
+
+def last_record(step: str) -> float:
+    """When ``step`` last handled a record (the process start when it never did)."""
+    return _last.get(step, _STARTED)
+
+
+def observe_write(step: str, seconds: float, records: int) -> None:
+    """A destination wrote a batch of ``records`` in ``seconds``."""
+    WRITE_SECONDS.labels(step).observe(seconds)
+    BATCH_RECORDS.labels(step).observe(records)
+    now = time.monotonic()
+    recent = _recent.setdefault(step, deque())
+    recent.append((now, seconds))
+    while recent and recent[0][0] < now - RECENT:
+        recent.popleft()
+    total = _totals.setdefault(step, [0.0, 0.0])
+    total[0] += 1
+    total[1] += seconds
+
+
+def recent_write_seconds(step: str) -> list[float]:
+    """The write times of ``step`` over the last :data:`RECENT` seconds."""
+    return [s for _, s in _recent.get(step, ())]
+
+
+def write_seconds_totals(step: str) -> tuple[float, float]:
+    """(writes, seconds) of ``step`` since the start."""
+    count, total = _totals.get(step, (0.0, 0.0))
+    return count, total

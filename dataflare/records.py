@@ -8,11 +8,16 @@ partition and offset, CDC operation...); destinations never write it as a column
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+RUN_ID_ENV = "DATAFLARE_RUN_ID"
+"""The run's id: kept in the recovery directory by ``dataflare run``; in dead letters."""
 
 META = "_meta"
 
@@ -100,7 +105,7 @@ def describe_position(meta: Any) -> str:
         return f"{meta['topic']}[{meta.get('partition')}]@{meta.get('offset')}"
     if "lsn" in meta:
         return f"{meta.get('table', '?')} lsn {meta['lsn']}"
-    parts = [f"{k}={v}" for k, v in meta.items() if k not in ("key", "headers")]
+    parts = [f"{k}={v}" for k, v in meta.items() if k not in ("key", "headers", "source")]
     return ", ".join(parts) if parts else "unknown position"
 
 
@@ -129,18 +134,40 @@ class Failed:
         return describe_position(self.meta)
 
     def as_record(self, mask: Callable[[Any], Any] | None = None) -> Record:
-        """The dead-letter record: ``{"error": {step, type, message}, "record": original}``.
+        """The dead letter of the record: error, source and the original record.
 
-        ``mask`` (masking rules) applies to an original that is a record.
+        ``{"error": {step, type, message, at, run_id}, "source": {component, position},
+        "record": original}``: ``position`` is the record's ``_meta`` where it entered
+        (file and line, topic, partition, offset and key, table and LSN). An original that
+        is not a record (an undecodable line) is kept as text, or as ``{"base64": ...}``
+        when it is not UTF-8.
+        ``mask`` (masking rules) applies to an original that is a record; no secret value
+        reaches the message.
         """
+        from dataflare.secrets import scrub, scrub_value
+
         record, message = without_meta(self.record), self.message
         if mask is not None and isinstance(record, dict):
             masked = mask(record)
             for before, after in _changed(record, masked):  # the message may quote a value
                 message = message.replace(str(before), str(after))
             record = masked
+        elif mask is not None and isinstance(record, str):
+            record = mask(record)
+        if isinstance(record, bytes | bytearray):
+            try:
+                record = bytes(record).decode("utf-8")
+            except UnicodeDecodeError:
+                record = {"base64": base64.b64encode(record).decode("ascii")}
+        meta = dict(self.meta or {})
+        component = meta.pop("source", None)
+        position = scrub_value(meta) if meta else None
         out: Record = {
-            "error": {"step": self.step, "type": self.type, "message": message},
+            "error": {"step": self.step, "type": self.type, "message": scrub(message),
+                      "at": datetime.now(UTC).isoformat(timespec="milliseconds")
+                      .replace("+00:00", "Z"),
+                      "run_id": os.environ.get(RUN_ID_ENV)},
+            "source": {"component": component, "position": position},
             "record": record,
         }
         if self.meta:
@@ -176,6 +203,19 @@ def parse_duration(text: str | int | float) -> float:
     return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
 
 
+EPOCH_MIN, EPOCH_MAX = -62135596800, 253402300799  # epoch seconds of the years 1 to 9999
+
+
+def _in_range(seconds: float, value: Any) -> float:
+    """``seconds``, if it is a time a date can hold; a record error otherwise."""
+    if not EPOCH_MIN <= seconds <= EPOCH_MAX:  # also NaN
+        hint = " (epoch milliseconds? set time_unit: ms)" if seconds == seconds and \
+            EPOCH_MAX < seconds <= EPOCH_MAX * 1000 else ""
+        msg = f"timestamp {value!r} is out of range: not between the years 1 and 9999{hint}"
+        raise RecordError(msg)
+    return seconds
+
+
 def to_epoch_seconds(value: Any, time_unit: str = "s") -> float:
     """Event time of ``value`` in epoch seconds.
 
@@ -186,7 +226,7 @@ def to_epoch_seconds(value: Any, time_unit: str = "s") -> float:
         msg = f"timestamp is {value!r}, expected an ISO-8601 string or epoch number"
         raise RecordError(msg)
     if isinstance(value, int | float):
-        return value / 1000.0 if time_unit == "ms" else float(value)
+        return _in_range(value / 1000.0 if time_unit == "ms" else float(value), value)
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, str):
@@ -198,7 +238,7 @@ def to_epoch_seconds(value: Any, time_unit: str = "s") -> float:
             except ValueError:
                 msg = f"timestamp {value!r} is not ISO-8601 nor an epoch number"
                 raise RecordError(msg) from None
-            return num / 1000.0 if time_unit == "ms" else num
+            return _in_range(num / 1000.0 if time_unit == "ms" else num, value)
     else:
         msg = f"timestamp is a {type(value).__name__} ({value!r}), expected a string or number"
         raise RecordError(msg)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from bytewax.dataflow import Stream
 from pydantic import BaseModel
@@ -73,14 +73,20 @@ class Outputs:
     named: Mapping[str, Stream[Any]] = field(default_factory=dict)
 
 
+C = TypeVar("C")
+
+
 @dataclass(frozen=True)
-class BuildContext:
-    """Everything a builder may use: its component, typed config and the workflow."""
+class BuildContext(Generic[C]):
+    """Everything a builder may use: its component, typed config and the workflow.
+
+    ``BuildContext[MyConfig]`` types ``ctx.config`` as the component's config model.
+    """
 
     step_id: str
     kind: Kind
     component: Any
-    config: Any
+    config: C
     workflow: Any
     base_dir: Path
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -108,6 +114,14 @@ class ComponentSpec:
     advise: Callable[[Any, set[str]], list[str]] | None = None
     planned: str = ""
     blocks: frozenset[str] | None = None
+    requires: tuple[str, ...] = ()  # import names of the packages it needs
+    extra: str = ""  # the dataflare extra that installs them
+
+    def missing(self) -> list[str]:
+        """The packages this type needs that are not installed."""
+        import importlib.util
+
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
     @property
     def available(self) -> bool:
@@ -147,15 +161,20 @@ def source(
     *,
     config: type[BaseModel],
     description: str,
+    requires: tuple[str, ...] = (),
+    extra: str = "",
     blocks: tuple[str, ...] | None = None,
 ) -> Callable[..., Any]:
     """Register a source builder under ``type_name``.
 
+    ``requires`` names the packages it imports (``extra`` installs them): a workflow using
+    the type without them fails at validate with the ``pip install`` line to run.
     ``blocks`` lists the blocks of :data:`TYPE_BLOCKS` the type acts on (``None``: not
     declared, nothing is checked); ``name=type`` when it acts on those of one type only
     (``write_mode=append``).
     """
     return _decorator("source", type_name, config=config, description=description, inputs=(0, 0),
+                      requires=requires, extra=extra,
                       blocks=None if blocks is None else frozenset(blocks))
 
 
@@ -201,10 +220,13 @@ def destination(
     *,
     config: type[BaseModel],
     description: str,
+    requires: tuple[str, ...] = (),
+    extra: str = "",
     blocks: tuple[str, ...] | None = None,
 ) -> Callable[..., Any]:
-    """Register a destination builder under ``type_name`` (``blocks``: as for sources)."""
+    """Register a destination builder (``requires`` and ``blocks`` as for sources)."""
     return _decorator("destination", type_name, config=config, description=description,
+                      requires=requires, extra=extra,
                       blocks=None if blocks is None else frozenset(blocks))
 
 

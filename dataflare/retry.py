@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import random
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
-from dataflare.dsl_compiler.models import Retry
+from dataflare import metrics
+from dataflare.config import Retry
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+_STEP = re.compile(r"step '([^']+)'")
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -74,6 +78,10 @@ def call_with_retry(
             retry_after = getattr(exc, "retry_after", None)
             if retry_after is not None:
                 wait = min(max(wait, float(retry_after)), policy.backoff.max)
+            else:  # jitter: workers that failed together do not retry in lockstep
+                wait *= random.uniform(0.8, 1.2)  # noqa: S311 - not cryptography
+            step = _STEP.search(what)
+            metrics.RETRIES.labels(step.group(1) if step else "").inc()
             log.warning(
                 "%s failed (%s: %s); retry %d/%d in %.1fs",
                 what, type(exc).__name__, exc, attempt + 1, len(waits), wait,

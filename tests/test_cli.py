@@ -140,7 +140,7 @@ workflow:
 def test_error_text_keeps_our_message_and_adds_the_driver_error_it_lacks():
     from bytewax.errors import BytewaxRuntimeError
 
-    from dataflare.cli import _error_text
+    from dataflare.runner import error_text as _error_text
 
     def raised(exc, cause):
         try:
@@ -168,14 +168,16 @@ def test_error_text_keeps_our_message_and_adds_the_driver_error_it_lacks():
 
 def test_summary_does_not_count_records_of_a_failed_run_as_written(capsys):
     from dataflare import metrics
-    from dataflare.cli import _Progress
+    from dataflare.runner import _Progress
 
-    metrics.RECORDS_OUT.labels("summary_src").inc(3)
-    metrics.RECORDS_WRITTEN.labels("summary_dst").inc(3)
+    metrics.RECORDS_OUT.labels("summary_src").inc(5)  # an earlier run in this process
     with _Progress(["summary_src", "summary_dst"], ["summary_dst"], live=False):
-        pass
+        metrics.RECORDS_OUT.labels("summary_src").inc(3)
+        metrics.RECORDS_WRITTEN.labels("summary_dst").inc(3)
     assert "  summary_dst: 3\n" in capsys.readouterr().err
     progress = _Progress(["summary_src", "summary_dst"], ["summary_dst"], live=False)
+    metrics.RECORDS_OUT.labels("summary_src").inc(3)
+    metrics.RECORDS_WRITTEN.labels("summary_dst").inc(3)
     progress.__exit__(RuntimeError, RuntimeError("write failed"), None)
     err = capsys.readouterr().err
     assert ", run failed): records per step" in err and "  summary_src: 3\n" in err

@@ -162,6 +162,8 @@ def test_redirect_sends_failures_to_the_dead_letter_destination(tmp_path):
     got = outputs(tmp_path)
     dead = got.pop("dead")
     assert got == EXPECTED
+    for d in dead:  # the envelope's time, run id and source are checked in test_file
+        assert d.pop("source")["position"] and d["error"].pop("at") and d["error"].pop("run_id")
     assert sorted(dead, key=lambda r: r["error"]["step"]) == [
         {"error": {"step": "clean", "type": "RecordError",
                    "message": "to_int: 'seven' is not a number"},
@@ -277,17 +279,20 @@ tests:
 def test_dead_letters_carry_their_records_masked(tmp_path):
     (tmp_path / "in.jsonl").write_text(
         '{"email": "alice@example.com", "card": "4111111111111111"}\n'
-        '{"email": "bob@example.com", "card": "4222 2222 2222 2222"}\n')
+        '{"email": "bob@example.com", "card": "4222 2222 2222 2222"}\n'
+        '{"email": "carol@example.com", "card": "4333333333333333", broken\n')
     flow = tmp_path / "flow.yaml"
     flow.write_text("""\
 workflow:
   id: masked
   data_protection:
+    hash_key: "${MASK_KEY:-k3y-for-the-tests}"
     masking_rules:
       - {field: email, method: hash}
       - {field: card, method: partial, show_chars: 4}
   sources:
-    src: {type: file, config: {path: in.jsonl}}
+    src: {type: file, config: {path: in.jsonl}, error_handling: {strategy: redirect,
+                                                                 redirect_to: errs}}
   transformations:
     m:
       inputs: [src]
@@ -303,8 +308,16 @@ workflow:
     result = run_cli("run", str(flow), cwd=tmp_path)
     assert result.code == 0, result.stderr
     text = (tmp_path / "errs.jsonl").read_text() + (tmp_path / "o.jsonl").read_text()
-    for secret in ("alice@example.com", "bob@example.com", "4111111111111111", "4222 2222"):
+    text += result.stderr  # the warning lines quote records too
+    for secret in ("alice@example.com", "bob@example.com", "4111111111111111", "4222 2222",
+                   "carol@example.com", "4333333333333333"):
         assert secret not in text
-    (dead,) = read_jsonl(tmp_path / "errs.jsonl")
-    assert dead["record"]["card"] == "4222****" and len(dead["record"]["email"]) == 64
+    by_step = {d["error"]["step"]: d for d in read_jsonl(tmp_path / "errs.jsonl")}
+    raw, dead = by_step["src"], by_step["m"]
+    assert raw["record"] == '{"email": "****", "card": "****", broken'  # undecodable input
+    import hashlib
+    import hmac
+    assert dead["record"]["email"] == hmac.new(b"k3y-for-the-tests", b"bob@example.com",
+                                               hashlib.sha256).hexdigest()
+    assert dead["record"]["card"] == "4222****"
     assert "'4222****'" in dead["error"]["message"]  # the message quoted the value

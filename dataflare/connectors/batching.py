@@ -12,6 +12,7 @@ source's snapshot run ahead of them. All batches of one destination go to one wo
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,10 +26,8 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from dataflare.records import Failed
-
-RUN_ID_ENV = "DATAFLARE_RUN_ID"
-"""Where ``dataflare run --recovery-dir`` puts the id it keeps in the recovery directory."""
+from dataflare import metrics
+from dataflare.records import RUN_ID_ENV, Failed
 
 
 def _new_run() -> str:
@@ -148,8 +147,14 @@ class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
     def on_batch(self, values: list[Flush]) -> tuple[list[list[Failed]], bool]:
         for flush in values:
             self._collect(wait=True)
-            self.pending = self.pool.submit(self.writer.write_flush, flush)
+            self.pending = self.pool.submit(self._timed, flush)
         return self._emit(), False
+
+    def _timed(self, flush: Flush) -> list[Failed]:
+        start = time.perf_counter()
+        refused = self.writer.write_flush(flush)
+        metrics.observe_write(self.writer.step, time.perf_counter() - start, len(flush.items))
+        return refused
 
     def on_notify(self) -> tuple[list[list[Failed]], bool]:
         self._collect(wait=False)

@@ -34,7 +34,8 @@ from pydantic import Field, model_validator
 
 from dataflare.config import Strict
 from dataflare.connectors.schema import discoverer, infer_schema, json_line, json_value
-from dataflare.records import META, Batch, Failed, RecordError
+from dataflare.operators.records import map_records
+from dataflare.records import META, Batch, Failed, RecordError, without_meta
 from dataflare.registry import BuildContext, destination, source
 
 Format = Literal["jsonl", "csv", "json", "parquet"]
@@ -127,6 +128,8 @@ class _LinesPartition(StatefulSourcePartition[Batch, tuple[int, int]]):
         self.step, self.shown, self.size = step, shown, size
         self.offset, self.line = state or (0, 0)
         self.f = path.open("rb")
+        if self.offset == 0 and self.f.read(3) == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark
+            self.offset = 3
         self.f.seek(self.offset)
 
     def next_batch(self) -> Batch:
@@ -169,7 +172,7 @@ class _CsvPartition(StatefulSourcePartition[Batch, int]):
     def __init__(self, step: str, path: Path, shown: str, size: int, opts: CsvOptions,
                  state: int | None):
         self.step, self.shown, self.size, self.opts = step, shown, size, opts
-        self.f = path.open(newline="", encoding="utf-8")
+        self.f = path.open(newline="", encoding="utf-8-sig")  # a byte-order mark is dropped
         self.reader = csv.reader(self.f, delimiter=opts.delimiter)
         self.header: list[str] = next(self.reader, [])
         self.rows = 0
@@ -354,14 +357,15 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
                     self.columns = next(csv.reader(existing), None)
 
     def write_batch(self, values: list[Batch]) -> None:
+        if self.fmt == "jsonl":  # lines encoded by the destination's "encode" step
+            self.f.write(b"".join(line for batch in values for line in batch))
+            return
         records = [
             {k: v for k, v in r.items() if k != META} if META in r else r
             for batch in values for r in batch
         ]
         if self.fmt == "parquet":
             self.rows.extend(records)
-        elif self.fmt == "jsonl":
-            self.f.write(b"".join(json_line(r) for r in records))
         else:
             self._write_csv(records)
 
@@ -444,15 +448,24 @@ class FileSink(FixedPartitionedSink[Batch, Any]):
     description="Write JSON lines, CSV or Parquet; without write_mode the file is rewritten.",
     blocks=("write_mode=append", "write_mode=overwrite"),
 )
-def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> None:
-    """Build a file destination (``write_mode: append`` adds to an existing file)."""
+def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] | None:
+    """Build a file destination (``write_mode: append`` adds to an existing file).
+
+    JSON lines are encoded record by record first: a record that cannot be written (nested
+    too deeply) is refused alone and follows the destination's ``error_handling``.
+    """
     cfg = ctx.config
     fmt = file_format(cfg.path, cfg.format, ctx.step_id)
     explicit = "write_mode" in ctx.component.model_fields_set
     truncate = not explicit or ctx.component.write_mode.type != "append"
     path = ctx.path(cfg.path)
+    errs = None
+    if fmt == "jsonl":
+        encoded = map_records("encode", up, lambda r: json_line(without_meta(r)), ctx.step_id)
+        up, errs = encoded.down, encoded.errs
     keyed = op.key_on("key", up, lambda _batch: str(path))
     op.output("write", keyed, FileSink(ctx.step_id, path, fmt, cfg.columns, truncate))
+    return errs
 
 
 @discoverer("file")

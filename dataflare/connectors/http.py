@@ -188,6 +188,7 @@ class _HttpWriter:
     config=HttpDestinationConfig,
     description="An HTTP endpoint: one templated request per record, retries on 429/5xx.",
     blocks=("batch",),
+    requires=("httpx",), extra="http",
 )
 def build_http_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of an ``http`` destination (scoped under its id)."""

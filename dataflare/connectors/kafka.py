@@ -31,6 +31,7 @@ Dead letters
 
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from pydantic import Field, model_validator
 
+from dataflare import metrics
 from dataflare.config import Duration, Strict
 from dataflare.records import META, Failed, describe_position
 from dataflare.registry import BuildContext, destination, source
@@ -65,6 +67,10 @@ class KafkaSourceConfig(Strict):
         description="Consumer group: its committed offsets are the starting point when "
         "there is no recovery state, and progress is committed to it after each snapshot.",
     )
+    offset_out_of_range: Literal["fail", "earliest", "latest"] = Field(
+        "fail", description="What to do when a saved offset (recovery state or the group's) "
+        "is no longer in the partition (the topic was recreated or truncated): stop with a "
+        "message, or go on from the partition's first or last offset (said in a warning).")
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a partition without state or committed offset starts."
     )
@@ -200,14 +206,22 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         settings.setdefault("group.id", cfg.consumer_group or f"dataflare-{step_id}")
         settings["enable.auto.commit"] = False
         settings["enable.auto.offset.store"] = False
-        settings["enable.partition.eof"] = stop_at_end
+        # End-of-partition events end a bounded read, and show a resumed position that lies
+        # beyond the partition's end (a recreated topic).
+        settings["enable.partition.eof"] = True
+        # A fetch at an offset the partition no longer has is reported, never skipped.
+        settings["auto.offset.reset"] = "error"
         self.consumer = Consumer(settings)
         tp = TopicPartition(topic, partition)
         low, high = self.consumer.get_watermark_offsets(tp, timeout=30.0, cached=False)
         if resume_offset is None:
             resume_offset = self._committed(tp)
-        if resume_offset is None:
-            resume_offset = low if cfg.auto_offset_reset == "earliest" else high
+            if resume_offset is None:
+                resume_offset = low if cfg.auto_offset_reset == "earliest" else high
+            else:
+                resume_offset = self._in_range(resume_offset, low, None)
+        else:
+            resume_offset = self._in_range(resume_offset, low, None)
         self.offset = max(resume_offset, low)
         # With stop_at_end, the end is the high watermark of the first fetch answer (some
         # brokers, e.g. Tansu, answer ListOffsets with the start of the last batch, so the
@@ -217,6 +231,9 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         self.end: int | None = None
         self._tp = tp
         self._to_commit: int | None = None
+        self._lag = metrics.KAFKA_LAG.labels(step_id, topic, str(partition))
+        if self.offset > high:  # ListOffsets may answer low (Tansu): ask a fetch
+            self.offset = self._check_beyond(self.offset, low)
         self.consumer.assign([TopicPartition(topic, partition, self.offset)])
         self._decode = self._decoder()
         self._loads: Callable[[bytes], Any] | None = None
@@ -224,6 +241,66 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
             import orjson
 
             self._loads = orjson.loads
+
+    def _in_range(self, offset: int, low: int, high: int | None) -> int:
+        """``offset``, or where ``offset_out_of_range`` says to go on when it is gone."""
+        if offset >= low and (high is None or offset <= high):
+            return offset
+        return self._out_of_range(offset, low, high)
+
+    def _out_of_range(self, offset: int, low: int, high: int | None) -> int:
+        """Where to go on from a saved ``offset`` the partition does not have."""
+        where = f"{self.topic}[{self.partition}]"
+        span = f"{low}..{high}" if high is not None else f"from {low}"
+        policy = self.cfg.offset_out_of_range
+        if policy == "fail":
+            msg = (f"step {self.step_id!r}: the saved offset {offset} of {where} is not in the "
+                   f"partition (offsets {span}): was the topic recreated or truncated? Set "
+                   "offset_out_of_range: earliest or latest to go on from there")
+            raise RuntimeError(msg)
+        if high is None:
+            _, high = self.consumer.get_watermark_offsets(self._tp_of(), timeout=30.0,
+                                                          cached=False)
+        target = low if policy == "earliest" else high
+        log.warning("step %r: the saved offset %d of %s is not in the partition (offsets "
+                    "%s): going on from the %s offset %d", self.step_id, offset, where, span,
+                    policy, target)
+        return int(target)
+
+    def _check_beyond(self, offset: int, low: int) -> int:
+        """A saved ``offset`` past the listed end: a fetch there says whether it exists.
+
+        The high watermark of a fetch answer is exact where ListOffsets may answer low.
+        """
+        from confluent_kafka import KafkaError
+
+        self.consumer.assign([self._tp_of_offset(offset)])
+        tp = self._tp_of()
+        try:
+            for _ in range(300):  # up to ~30 s for the first fetch answer
+                for msg in self.consumer.consume(1, 0.1):
+                    err = msg.error()
+                    if err is None:
+                        return offset  # a record at the saved offset: it is in the partition
+                    if err.code() in (KafkaError._AUTO_OFFSET_RESET,
+                                      KafkaError.OFFSET_OUT_OF_RANGE):
+                        return self._out_of_range(offset, low, None)
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0:
+                    return offset if offset <= high else self._out_of_range(offset, low, high)
+            return offset
+        finally:
+            self.consumer.unassign()
+
+    def _tp_of(self) -> Any:
+        from confluent_kafka import TopicPartition
+
+        return TopicPartition(self.topic, self.partition)
+
+    def _tp_of_offset(self, offset: int) -> Any:
+        from confluent_kafka import TopicPartition
+
+        return TopicPartition(self.topic, self.partition, offset)
 
     def _committed(self, tp: Any) -> int | None:
         if not self.cfg.consumer_group:
@@ -287,6 +364,21 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
             err = msg.error()
             if err is not None:
                 code = err.code()
+                gone = code in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE)
+                if gone or (code == KafkaError._PARTITION_EOF and msg.offset() < self.offset
+                            and last < self.offset):
+                    # The partition ends before (or starts after) the saved position.
+                    low, high = self.consumer.get_watermark_offsets(self._tp, timeout=30.0,
+                                                                    cached=False)
+                    if not gone:
+                        high = msg.offset()
+                    target = self._out_of_range(self.offset, low, high)
+                    self.consumer.assign([self._tp_of_offset(target)])
+                    self.offset = target
+                    self.end = None
+                    return [out] if out else []
+                if code == KafkaError._PARTITION_EOF and not self.stop_at_end:
+                    continue
                 if code == KafkaError._PARTITION_EOF:
                     # The end of the readable log: past any trailing transaction markers.
                     eof = msg.offset()
@@ -342,6 +434,9 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
             }
             append(rec)
         self.offset = max(self.offset, last + 1)
+        _low, high = self.consumer.get_watermark_offsets(self._tp, cached=True)
+        if high >= 0:
+            self._lag.set(max(0, high - self.offset))
         if self.end is not None and self.offset >= self.end:
             self._awake = None
         return [out] if out else []
@@ -408,6 +503,7 @@ class KafkaSource(FixedPartitionedSource[list[Any], int]):
     config=KafkaSourceConfig,
     description="Kafka topics: one partition per topic-partition, offsets in recovery state.",
     blocks=("mode",),
+    requires=("confluent_kafka",), extra="kafka",
 )
 def build_kafka_source(ctx: BuildContext) -> KafkaSource:
     """The bytewax source of a ``kafka`` source component."""
@@ -430,8 +526,7 @@ def is_dead_letter(record: Any) -> bool:
         and "record" in record
         and isinstance(record["error"], dict)
         and "step" in record["error"]
-        and len(record) <= 3
-        and (len(record) == 2 or META in record)
+        and set(record) <= {"error", "source", "record", META}
     )
 
 
@@ -451,7 +546,9 @@ class _Encoder:
 
     def dead_letter(self, rec: dict[str, Any]) -> Message:
         original = rec["record"]
-        meta = rec.get(META) or {}
+        meta = (rec.get("source") or {}).get("position") or rec.get(META) or {}
+        if isinstance(original, dict) and set(original) == {"base64"}:
+            original = base64.b64decode(original["base64"])
         if isinstance(original, bytes):
             value = original
         elif isinstance(original, str):
@@ -463,7 +560,12 @@ class _Encoder:
             ("dataflare.error.step", str(err.get("step", "")).encode()),
             ("dataflare.error.type", str(err.get("type", "")).encode()),
             ("dataflare.error.message", str(err.get("message", "")).encode()),
+            ("dataflare.error.at", str(err.get("at", "")).encode()),
+            ("dataflare.error.run_id", str(err.get("run_id", "")).encode()),
         ]
+        component = (rec.get("source") or {}).get("component")
+        if component:
+            headers.append(("dataflare.source.component", str(component).encode()))
         for name in ("topic", "partition", "offset", "file", "line", "index", "lsn"):
             if name in meta:
                 headers.append((f"dataflare.source.{name}", str(meta[name]).encode()))
@@ -654,6 +756,7 @@ def kafka_output(
     config=KafkaDestinationConfig,
     description="A Kafka topic: JSON values, templated keys and headers, optional transactions.",
     blocks=(),
+    requires=("confluent_kafka",), extra="kafka",
 )
 def build_kafka_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of a ``kafka`` destination component (scoped under its id)."""

@@ -38,6 +38,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field
 
 from dataflare.config import Duration, Secret, Strict
+from dataflare.connectors.incremental import IncrementalCursor
 from dataflare.connectors.postgres import effective_mode
 from dataflare.connectors.schema import (
     DECIMAL_HANDLING,
@@ -92,8 +93,9 @@ class MySqlSourceConfig(Strict):
     )
     stop_at_end: bool = Field(
         False,
-        description="CDC: end the input once the binlog has no further events "
-        "(a catch-up run) instead of polling forever.",
+        description="End the input instead of polling forever: CDC once the binlog has no "
+        "further events (a catch-up run); incremental after the rows up to the highest "
+        "cursor value seen at start (a scheduled sync; the next run goes on from there).",
     )
     charset: str = Field("utf8mb4", description="Connection character set.")
     decimal_handling: DecimalHandling = Field("number", description=DECIMAL_HANDLING)
@@ -469,82 +471,95 @@ class FullPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.read.close()
 
 
-class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
-    """Polls rows past the last ``(cursor, key...)`` tuple."""
+class IncrementalPartition(StatefulSourcePartition[list[Any], Any]):
+    """Polls the table's rows by an incremental cursor (see ``connectors.incremental``)."""
 
-    def __init__(self, src: MySqlSource, state: dict[str, Any] | None) -> None:
+    def __init__(self, src: MySqlSource, state: Any) -> None:
         self.src = src
         self.database, self.table = src.cfg.qualified()
         self.db = MySqlDatabase(src.step_id, src.cfg.settings(), src.retry)
-        self.column, self.start, interval = src.incremental_settings()
+        self.column, start, interval = src.incremental_settings()
         self.interval = timedelta(seconds=interval)
-        self.key = [
-            k for k in _key(self.db, src.cfg, self.database, self.table) if k != self.column
-        ]
+        key = [k for k in _key(self.db, src.cfg, self.database, self.table) if k != self.column]
         self.convert = _table_converters(self.db, self.database, self.table)
-        state = state or {}
-        self.cursor: Any = state.get("cursor")
-        self.after_key: list[Any] | None = state.get("key")
+        inc = src.component.incremental
+        self.reader = IncrementalCursor(self.column, key, start,
+                                        float(inc.lookback) if inc else 0.0,
+                                        src.cfg.batch_size, state)
         self.awake: datetime | None = None
         self.rows_read = 0
+        self.bounded = src.cfg.stop_at_end
+        self.done = False
 
     def _query(self, conn: Any) -> tuple[list[str], list[Sequence[Any]]]:
-        order = [self.column, *self.key]
-        cols = ", ".join(q(c) for c in order)
+        page = self.reader.page()
+        key = self.reader.key
+        order = [self.column, *key]
         where = f"{q(self.column)} IS NOT NULL"
         params: list[Any] = []
-        if self.cursor is not None:
-            if self.key and self.after_key is not None:
-                where += f" AND ({cols}) > ({', '.join(['%s'] * len(order))})"
-                params = [self.cursor, *self.after_key]
-            else:
-                where += f" AND {q(self.column)} > %s"
-                params = [self.cursor]
-        elif self.start is not None:
+        if page.lower is not None:
             where += f" AND {q(self.column)} >= %s"
-            params = [self.start]
+            params.append(page.lower)
+        if page.after is not None:
+            cols = order[: len(page.after)]
+            where += (f" AND ({', '.join(q(c) for c in cols)}) > "
+                      f"({', '.join(['%s'] * len(cols))})")
+            params.extend(page.after)
+        if page.upper is not None:
+            where += f" AND {q(self.column)} <= %s"
+            params.append(page.upper)
         size = self.src.cfg.batch_size
-        sql = (
-            f"SELECT * FROM {q(self.database)}.{q(self.table)} WHERE {where} "
-            f"ORDER BY {cols} LIMIT {int(size)}"
-        )
+        table = f"{q(self.database)}.{q(self.table)}"
+        sql = (f"SELECT * FROM {table} WHERE {where} "
+               f"ORDER BY {', '.join(q(c) for c in order)} LIMIT {int(size)}")
         with conn.cursor() as cur:
             cur.execute(sql, params)
             names = [d[0] for d in cur.description]
             rows = list(cur.fetchall())
-            if not self.key and len(rows) == size:
+            if not key and len(rows) == size:
+                # Without a key, read the last cursor value's rows whole (see postgres).
                 col = names.index(self.column)
                 last = rows[-1][col]
                 rows = [r for r in rows if r[col] != last]
-                cur.execute(
-                    f"SELECT * FROM {q(self.database)}.{q(self.table)} WHERE {q(self.column)} = %s",
-                    [last],
-                )
+                cur.execute(f"SELECT * FROM {table} WHERE {q(self.column)} = %s", [last])
                 rows.extend(cur.fetchall())
         return names, rows
 
+    def _high_water(self, conn: Any) -> Any:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT max({q(self.column)}) FROM {q(self.database)}.{q(self.table)}")
+            return cur.fetchone()[0]
+
     def next_batch(self) -> list[list[Any]]:
-        """Rows past the cursor."""
+        """The next page's new records; the input ends after a bounded sync's last pass."""
+        if self.done:
+            raise StopIteration
+        if self.bounded and self.reader.upper is None:
+            top = self.db.run(f"reading the end of {self.database}.{self.table}",
+                              self._high_water)
+            if top is None:
+                raise StopIteration
+            self.reader.upper = top
         names, rows = self.db.run(f"polling {self.database}.{self.table}", self._query)
-        self.awake = now() + self.interval if len(rows) < self.src.cfg.batch_size else None
-        if not rows:
+        fresh, ended = self.reader.accept(names, rows)
+        self.awake = now() + self.interval if ended else None
+        if ended and self.bounded:
+            self.done, self.awake = True, None
+        if not fresh:
             return []
-        last = rows[-1]
-        self.cursor = last[names.index(self.column)]
-        self.after_key = [last[names.index(k)] for k in self.key] if self.key else None
         meta = {"table": f"{self.database}.{self.table}"}
-        first, self.rows_read = self.rows_read + 1, self.rows_read + len(rows)
-        rows = converted_rows(names, rows, self.convert)
+        first, self.rows_read = self.rows_read + 1, self.rows_read + len(fresh)
+        fresh = converted_rows(names, fresh, self.convert)
         decimals = self.src.cfg.decimal_handling
-        return [row_records(self.src.step_id, names, rows, meta, decimals, first)]
+        return [row_records(self.src.step_id, names, fresh, meta, decimals, first)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
         return self.awake
 
-    def snapshot(self) -> dict[str, Any]:
-        """The cursor and key of the last row emitted."""
-        return {"cursor": self.cursor, "key": self.after_key}
+    def snapshot(self) -> Any:
+        """The resume state."""
+        return self.reader.snapshot()
 
     def close(self) -> None:
         """Close the connection."""
@@ -840,6 +855,7 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
     config=MySqlSourceConfig,
     description="MySQL / MariaDB table: full read, incremental polling, or binlog CDC.",
     blocks=("mode", "incremental", "cdc"),
+    requires=("pymysql", "pymysqlreplication"), extra="mysql",
 )
 def build_mysql_source(ctx: BuildContext) -> MySqlSource:
     """Build the MySQL source of ``ctx``."""

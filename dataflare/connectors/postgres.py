@@ -55,6 +55,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Secret, Strict
+from dataflare.connectors.incremental import IncrementalCursor
 from dataflare.connectors.pgoutput import (
     ChangeDecoder,
     ValueDecoder,
@@ -116,8 +117,9 @@ class PostgresSourceConfig(Strict):
     )
     stop_at_end: bool = Field(
         False,
-        description="CDC: end the input once every pending change was read "
-        "(a catch-up run) instead of polling forever.",
+        description="End the input instead of polling forever: CDC once every pending "
+        "change was read (a catch-up run); incremental after the rows up to the highest "
+        "cursor value seen at start (a scheduled sync; the next run goes on from there).",
     )
     decimal_handling: DecimalHandling = Field("number", description=DECIMAL_HANDLING)
     connect_timeout: Duration = Field(10.0, description="Connection timeout.")
@@ -466,60 +468,56 @@ class FullPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
 # -- incremental mode ------------------------------------------------------------------------
 
 
-class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
-    """Polls rows past the last ``(cursor, key...)`` tuple of one table."""
+class IncrementalPartition(StatefulSourcePartition[list[Any], Any]):
+    """Polls one table's rows by an incremental cursor (see ``connectors.incremental``)."""
 
-    def __init__(self, src: PostgresSource, state: dict[str, Any] | None) -> None:
+    def __init__(self, src: PostgresSource, state: Any) -> None:
         self.src = src
         cfg = src.cfg
         self.schema, self.table = cfg.qualified()
         self.db = Database(src.step_id, cfg.conninfo(), src.retry)
-        self.column, self.field, self.start = src.incremental_settings()
+        self.column, self.field, start = src.incremental_settings()
         self.interval = timedelta(seconds=src.poll_interval())
-        self.key = [
+        key = [
             k for k in _key_or_configured(self.db, cfg, self.schema, self.table) if k != self.column
         ]
-        state = state or {}
-        self.cursor: Any = state.get("cursor")
-        self.after_key: list[Any] | None = state.get("key")
+        self.reader = IncrementalCursor(self.column, key, start, src.lookback(),
+                                        cfg.batch_size, state)
         self.awake: datetime | None = None
         self.meta = {"table": f"{self.schema}.{self.table}"}
         self.rows_read = 0
+        self.bounded = cfg.stop_at_end
+        self.done = False
 
     def _query(self, conn: Any) -> tuple[list[str], list[Sequence[Any]]]:
         from psycopg import sql
 
-        order = [self.column, *self.key]
+        page = self.reader.page()
+        key = self.reader.key
+        order = [self.column, *key]
         params: list[Any] = []
         cond = sql.SQL("{} IS NOT NULL").format(_ident(self.column))
-        if self.cursor is not None:
-            if self.key:
-                cond += sql.SQL(" AND ({}) > ({})").format(
-                    _columns_sql(order), sql.SQL(", ").join(sql.Placeholder() * len(order))
-                )
-                params.extend([self.cursor, *(self.after_key or [None] * len(self.key))])
-                if self.after_key is None:
-                    # Only the cursor is known (a migrated state): rows after that value.
-                    cond = sql.SQL("{} > %s").format(_ident(self.column))
-                    params = [self.cursor]
-            else:
-                cond += sql.SQL(" AND {} > %s").format(_ident(self.column))
-                params.append(self.cursor)
-        elif self.start is not None:
+        if page.lower is not None:
             cond += sql.SQL(" AND {} >= %s").format(_ident(self.column))
-            params.append(self.start)
+            params.append(page.lower)
+        if page.after is not None:
+            cols = order[: len(page.after)]
+            cond += sql.SQL(" AND ({}) > ({})").format(
+                _columns_sql(cols), sql.SQL(", ").join(sql.Placeholder() * len(cols)))
+            params.extend(page.after)
+        if page.upper is not None:
+            cond += sql.SQL(" AND {} <= %s").format(_ident(self.column))
+            params.append(page.upper)
         query = sql.SQL("SELECT * FROM {} WHERE {} ORDER BY {} LIMIT {}").format(
-            _ident(self.schema, self.table),
-            cond,
-            _columns_sql(order),
+            _ident(self.schema, self.table), cond, _columns_sql(order),
             sql.Literal(self.src.cfg.batch_size),
         )
         cur = conn.execute(query, params)
         names = [d.name for d in cur.description]
         rows = load_rows(cur, cur.fetchall)
-        if not self.key and len(rows) == self.src.cfg.batch_size:
-            # Without a key, a batch ends between rows sharing a cursor value: read that
-            # value's rows whole so the next `>` comparison loses none of them.
+        if not key and len(rows) == self.src.cfg.batch_size:
+            # Without a key, a page ends between rows sharing a cursor value: read that
+            # value's rows whole, so the next page (cursor > that value) loses none.
             col = names.index(self.column)
             last = rows[-1][col]
             rows = [r for r in rows if r[col] != last]
@@ -532,29 +530,40 @@ class IncrementalPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             rows.extend(load_rows(cur, cur.fetchall))
         return names, rows
 
+    def _high_water(self, conn: Any) -> Any:
+        from psycopg import sql
+
+        return conn.execute(sql.SQL("SELECT max({}) FROM {}").format(
+            _ident(self.column), _ident(self.schema, self.table))).fetchone()[0]
+
     def next_batch(self) -> list[list[Any]]:
-        """The next batches of records (see the class docs)."""
+        """The next page's new records; the input ends after a bounded sync's last pass."""
+        if self.done:
+            raise StopIteration
+        if self.bounded and self.reader.upper is None:
+            top = self.db.run(f"reading the end of {self.schema}.{self.table}",
+                              self._high_water)
+            if top is None:
+                raise StopIteration  # an empty table: nothing to sync
+            self.reader.upper = query_value(top)
         names, rows = self.db.run(f"polling {self.schema}.{self.table}", self._query)
-        if len(rows) < self.src.cfg.batch_size:
-            self.awake = now() + self.interval
-        else:
-            self.awake = None
-        if not rows:
+        fresh, ended = self.reader.accept(names, rows, query_value)
+        self.awake = now() + self.interval if ended else None
+        if ended and self.bounded:
+            self.done, self.awake = True, None
+        if not fresh:
             return []
-        last = rows[-1]
-        self.cursor = query_value(last[names.index(self.column)])
-        self.after_key = [query_value(last[names.index(k)]) for k in self.key] if self.key else None
-        first, self.rows_read = self.rows_read + 1, self.rows_read + len(rows)
+        first, self.rows_read = self.rows_read + 1, self.rows_read + len(fresh)
         decimals = self.src.cfg.decimal_handling
-        return [row_records(self.src.step_id, names, rows, self.meta, decimals, first)]
+        return [row_records(self.src.step_id, names, fresh, self.meta, decimals, first)]
 
     def next_awake(self) -> datetime | None:
         """When to poll next."""
         return self.awake
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Any:
         """The resume state."""
-        return {"cursor": self.cursor, "key": self.after_key}
+        return self.reader.snapshot()
 
     def close(self) -> None:
         """Close the connections."""
@@ -913,6 +922,11 @@ class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         inc = self.component.incremental
         return float(inc.interval) if inc is not None else 10.0
 
+    def lookback(self) -> float:
+        """Seconds each incremental pass re-reads behind the last cursor value."""
+        inc = self.component.incremental
+        return float(inc.lookback) if inc is not None else 0.0
+
     def cdc_settings(self) -> Any:
         """The component's ``cdc`` block (defaults when absent)."""
         return cdc_block(self.component)
@@ -1039,6 +1053,7 @@ def effective_mode(component: Any, cfg: Any) -> Mode:
     config=PostgresSourceConfig,
     description="PostgreSQL table: full snapshot, incremental polling, or CDC (pgoutput).",
     blocks=("mode", "incremental", "cdc", "hybrid"),
+    requires=("psycopg",), extra="postgres",
 )
 def build_postgres_source(ctx: BuildContext) -> PostgresSource:
     """Build the PostgreSQL source of ``ctx``."""

@@ -282,6 +282,7 @@ class PostgresDialect(Dialect):
     config=PostgresDestinationConfig,
     description="A PostgreSQL table: append, overwrite or merge; COPY-based, replay-safe.",
     blocks=("write_mode", "batch"),
+    requires=("psycopg",), extra="postgres",
 )
 def build_postgres_destination(
     ctx: BuildContext, up: Stream[list[Any]]

@@ -296,6 +296,7 @@ class _RedisWriter:
     config=RedisDestinationConfig,
     description="Redis keys (hash, string, list, set, sorted_set, stream), pipelined.",
     blocks=("batch",),
+    requires=("redis",), extra="redis",
 )
 def build_redis_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of a ``redis`` destination (scoped under its id)."""

@@ -26,9 +26,8 @@ from typing import Any, Literal
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, model_validator
 
-from dataflare.config import Duration, Strict
+from dataflare.config import Auth, Duration, Strict
 from dataflare.connectors.schema import discoverer, infer_schema
-from dataflare.dsl_compiler.models import Auth
 from dataflare.records import META, Failed, get_path
 from dataflare.registry import BuildContext, source
 from dataflare.retry import TransientError, call_with_retry, retry_after_seconds
@@ -434,6 +433,7 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
     config=RestApiSourceConfig,
     description="REST API: paginated JSON pages, once (full) or polled by a cursor.",
     blocks=("mode", "incremental"),
+    requires=("httpx",), extra="http",
 )
 def build_rest_api_source(ctx: BuildContext) -> RestApiSource:
     """Build the REST API source of ``ctx``."""

@@ -24,7 +24,7 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from dataflare.records import META, Failed
+from dataflare.records import META, Failed, RecordError
 
 DiscoverFn = Callable[[Any], dict[str, Any]]
 _DISCOVERERS: dict[str, DiscoverFn] = {}
@@ -121,7 +121,16 @@ def json_line(record: Any, option: int = 0) -> bytes:
     try:
         return orjson.dumps(record, default=json_value, option=option) + b"\n"
     except orjson.JSONEncodeError:  # a big integer: orjson raises before asking default
-        return orjson.dumps(json_value(record), default=str, option=option) + b"\n"
+        try:
+            return orjson.dumps(json_value(record), default=str, option=option) + b"\n"
+        except (orjson.JSONEncodeError, RecursionError) as exc:
+            if isinstance(record, dict) and "error" in record and "record" in record:
+                # A dead letter of such a record keeps the record as text (a repr).
+                return json_line({**record, "record": repr(record["record"])[:100_000]}, option)
+            msg = f"the record cannot be written as JSON: {exc}"
+            if "Recursion" in str(exc) or isinstance(exc, RecursionError):
+                msg = "the record is nested too deeply to be written as JSON (over 254 levels)"
+            raise RecordError(msg) from None
 
 
 def json_value(value: Any, decimals: DecimalHandling = "number") -> Any:

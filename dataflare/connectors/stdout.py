@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import bytewax.operators as op
 import orjson
@@ -12,6 +13,7 @@ from pydantic import Field
 
 from dataflare.config import Strict
 from dataflare.connectors.schema import json_line
+from dataflare.operators.records import map_records
 from dataflare.records import Batch, without_meta
 from dataflare.registry import BuildContext, destination
 
@@ -29,8 +31,8 @@ class _Printer(StatelessSinkPartition[Batch]):
 
     def write_batch(self, items: list[Batch]) -> None:
         out = sys.stdout.buffer
-        for batch in items:
-            out.write(b"".join(json_line(without_meta(r), self.option) for r in batch))
+        for batch in items:  # lines encoded by the destination's "encode" step
+            out.write(b"".join(batch))
         out.flush()
 
 
@@ -47,11 +49,14 @@ class StdoutSink(DynamicSink[Batch]):
 
 @destination("stdout", config=StdoutConfig, description="Print records as JSON lines.",
              blocks=())
-def build_stdout(ctx: BuildContext, up: Stream[Batch]) -> None:
+def build_stdout(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any]:
     """Build a stdout destination."""
     option = (orjson.OPT_INDENT_2 if ctx.config.pretty else 0) | (
         orjson.OPT_SORT_KEYS if ctx.config.sort_keys else 0
     )
-    op.output("print", up, StdoutSink(option))
+    encoded = map_records("encode", up, lambda r: json_line(without_meta(r), option),
+                          ctx.step_id)
+    op.output("print", encoded.down, StdoutSink(option))
+    return encoded.errs
 
 

@@ -8,8 +8,10 @@ each step's error policy.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
+import hmac
 import logging
 import os
 import re
@@ -28,8 +30,10 @@ from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.dsl_compiler.validate import Validated, validate_file
 from dataflare.expr import compile_expression
+from dataflare.live import tapper
 from dataflare.operators.records import map_records, separate_failed
 from dataflare.records import META, Batch, Failed, get_path, set_path
+from dataflare.stopping import stoppable
 
 log = logging.getLogger(__name__)
 _DEAD = "dead_letter"
@@ -102,9 +106,19 @@ def _flow_id(validated: Validated) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "workflow"
 
 
-def _count(name: str, counter: Any) -> Callable[[str, Batch], None]:
+def _count(name: str, counter: Any, tap: Callable[[str, Batch], None]
+           ) -> Callable[[str, Batch], None]:
+    """Count a step's batches (records, last-record time) and publish them to its taps."""
     child = counter.labels(name)
-    return lambda _step, batch: child.inc(len(batch))
+    last = metrics.LAST_RECORD.labels(name)
+
+    def count(step: str, batch: Batch) -> None:
+        if batch:
+            child.inc(len(batch))
+            metrics.touch(name, last)
+            tap(step, batch)
+
+    return count
 
 
 def _policy(
@@ -115,29 +129,34 @@ def _policy(
 
     def handle(batch: list[Failed]) -> Batch | None:
         errors.inc(len(batch))
+        for f in batch:
+            metrics.ERRORS_BY_TYPE.labels(name, f.type).inc()
         first = batch[0]
+        # Messages quote values: they are shown as the dead letter has them (masked).
+        dead = [f.as_record(mask) for f in batch]
+        message = dead[0]["error"]["message"]
         if eh.strategy == "fail":
             msg = (
                 f"step {first.step!r} failed on the record at {first.position()}: "
-                f"{first.type}: {first.message}"
+                f"{first.type}: {message}"
             )
             raise StepFailed(msg)
         seen[0] += len(batch)
         if eh.max_errors is not None and seen[0] > eh.max_errors:
             msg = (
                 f"step {name!r}: {seen[0]} failed records, more than max_errors "
-                f"{eh.max_errors}; last at {batch[-1].position()}: {batch[-1].message}"
+                f"{eh.max_errors}; last at {batch[-1].position()}: "
+                f"{dead[-1]['error']['message']}"
             )
             raise StepFailed(msg)
         if seen[0] - len(batch) < 10:
             log.warning(
                 "step %r: %s record at %s: %s: %s",
                 first.step, "skipped" if eh.strategy == "skip" else "redirected",
-                first.position(), first.type, first.message,
+                first.position(), first.type, message,
+                extra={"component": first.step, "position": first.position()},
             )
-        if eh.strategy == "redirect":
-            return [f.as_record(mask) for f in batch]
-        return None
+        return dead if eh.strategy == "redirect" else None
 
     return handle
 
@@ -177,12 +196,15 @@ def source_component(
     mask: Callable[[Any], Any] | None,
 ) -> _MultiStream[str]:
     """A source: read batches, check ``output_schema``, separate failures, apply the policy."""
-    items = op.input("read", flow, source)
+    items = op.input("read", flow, stoppable(source))
     if check is not None:
         items = op.map("output_schema", items, check.check)
     parts = separate_failed("decode", items)
-    op.inspect("count", parts.down, _count(name, metrics.RECORDS_OUT))
-    return _ports(parts.down, {}, _guard(name, eh, [parts.errs], mask))
+    op.inspect("count", parts.down, _count(name, metrics.RECORDS_OUT, tapper(name, mask)))
+    # A source's failures name it as the dead letter's source component.
+    errs = op.map("source_component", parts.errs, lambda batch: [
+        dataclasses.replace(f, meta={**f.meta, "source": name}) for f in batch])
+    return _ports(parts.down, {}, _guard(name, eh, [errs], mask))
 
 
 @operator
@@ -195,10 +217,13 @@ def transformation_component(
         streams = [op.merge("inputs", *streams)]
     assert spec.build is not None
     out: registry.Outputs = spec.build(ctx, streams)
+    mask = masker(ctx.workflow.data_protection)
     if out.down is not None:
-        op.inspect("count", out.down, _count(ctx.step_id, metrics.RECORDS_OUT))
+        op.inspect("count", out.down, _count(ctx.step_id, metrics.RECORDS_OUT,
+                                             tapper(ctx.step_id, mask)))
     for port, stream in out.named.items():
-        op.inspect(f"count_{port}", stream, _count(ctx.step_id, metrics.RECORDS_OUT))
+        op.inspect(f"count_{port}", stream, _count(ctx.step_id, metrics.RECORDS_OUT,
+                                                   tapper(f"{ctx.step_id}.{port}", mask)))
     dead = _guard(ctx.step_id, ctx.component.error_handling, [out.errs] if out.errs else [],
                   masker(ctx.workflow.data_protection))
     return _ports(out.down, out.named, dead)
@@ -219,7 +244,9 @@ def destination_component(
         prepared = map_records("prepare", up, prepare, ctx.step_id)
         up = prepared.down
         errs.append(prepared.errs)
-    op.inspect("count", up, _count(ctx.step_id, metrics.RECORDS_WRITTEN))
+    # A destination's tap shows what it writes: already masked by ``prepare``.
+    op.inspect("count", up, _count(ctx.step_id, metrics.RECORDS_WRITTEN,
+                                   tapper(ctx.step_id, None)))
     sink_errs = build(ctx, up)
     if sink_errs is not None:
         errs.append(sink_errs)
@@ -232,8 +259,11 @@ def masker(protection: DataProtection | None) -> Callable[[Any], Any] | None:
     if protection is None or not protection.masking_rules:
         return None
     rules = protection.masking_rules
+    key = protection.hash_key.get_secret_value().encode() if protection.hash_key else b""
 
-    def mask(record: dict[str, Any]) -> dict[str, Any]:
+    def mask(record: Any) -> Any:
+        if isinstance(record, str):  # raw input of a dead letter
+            return mask_raw_text(record, protection)
         out = dict(record)
         for rule in rules:
             value = get_path(out, rule.field)
@@ -245,11 +275,27 @@ def masker(protection: DataProtection | None) -> Callable[[Any], Any] | None:
             elif rule.method == "partial":
                 masked = text[: rule.show_chars] + rule.replacement
             else:
-                masked = hashlib.sha256(text.encode()).hexdigest()
+                masked = hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
             set_path(out, rule.field, masked)
         return out
 
     return mask
+
+
+def mask_raw_text(text: str, protection: DataProtection | None) -> str:
+    """Raw input kept in a dead letter (an undecodable line) with masked fields hidden.
+
+    The text cannot be parsed, so each masked field's value is found by its name
+    (``"email": "..."``, ``email=...``, ``email: ...``) and replaced by the rule's replacement.
+    """
+    if protection is None or not protection.masking_rules:
+        return text
+    for rule in protection.masking_rules:
+        name = re.escape(rule.field.rsplit(".", 1)[-1])
+        text = re.sub(rf'("{name}"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}}\s]+)',
+                      lambda m: m.group(1) + '"****"', text)
+        text = re.sub(rf"(\b{name}\s*[=:]\s*)([^,;&\s]+)", lambda m: m.group(1) + "****", text)
+    return text
 
 
 def _prepare(
@@ -261,13 +307,6 @@ def _prepare(
     if mask is None:
         return lambda r: r if test(r) else None
     return lambda r: mask(r) if test(r) else None
-
-
-# Settings of a source that are the defaults of the steps downstream (config field: reader).
-_SOURCE_DEFAULTS: dict[str, Callable[[Any], Any]] = {
-    "time_unit": lambda src: src.time_unit,
-    "allowed_lateness": lambda src: src.streaming and src.streaming.watermark_delay,
-}
 
 
 class _Compiler:
@@ -345,17 +384,22 @@ class _Compiler:
         """``comp`` whose unset ``time_unit`` and ``allowed_lateness`` come from its sources.
 
         A source's ``time_unit`` and ``streaming.watermark_delay`` are the defaults of the
-        stateful steps downstream that set none, when all their sources agree.
+        windows, joins and dedupes downstream (used when every upstream source agrees, or
+        the largest delay).
         """
         config = comp.config
+        fields = type(config).model_fields
         sources = [self.wf.sources[s] for s in self.wf.upstream_sources(comp.inputs)]
         update: dict[str, Any] = {}
-        for field, read in _SOURCE_DEFAULTS.items():
-            if field not in type(config).model_fields or field in config.model_fields_set:
-                continue
-            values = {read(src) for src in sources} - {None}
-            if len(values) == 1:
-                update[field] = values.pop()
+        if "time_unit" in fields and "time_unit" not in config.model_fields_set:
+            units = {s.time_unit for s in sources} - {None}
+            if len(units) == 1:
+                update["time_unit"] = units.pop()
+        if "allowed_lateness" in fields and "allowed_lateness" not in config.model_fields_set:
+            delays = [s.streaming.watermark_delay for s in sources
+                      if s.streaming is not None and s.streaming.watermark_delay is not None]
+            if delays:
+                update["allowed_lateness"] = max(delays)
         if not update:
             return comp
         return comp.model_copy(update={"config": config.model_copy(update=update)})

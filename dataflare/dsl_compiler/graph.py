@@ -306,24 +306,23 @@ def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> set[str]:
 def _with_source_lateness(wf: dict[str, Any], g: Graph, cid: str, config: Any) -> Any:
     """``config`` as the compiler builds it (its unset ``allowed_lateness`` from the sources).
 
-    The sources' ``streaming.watermark_delay``, when they agree, so that advice about the
-    lateness judges the value the step will run with.
+    The largest ``streaming.watermark_delay`` of the sources (as the compiler does), so that
+    advice about the lateness judges the value the step will run with.
     """
     if "allowed_lateness" not in type(config).model_fields or (
             "allowed_lateness" in config.model_fields_set):
         return config
-    delays = set()
+    delays: list[float] = []
     for src in _upstream_sources(wf, g, cid):
         streaming = src.get("streaming") if isinstance(src, dict) else None
         delay = streaming.get("watermark_delay") if isinstance(streaming, dict) else None
         try:
-            delays.add(None if delay is None else parse_duration(delay))
+            delays += [] if delay is None else [parse_duration(delay)]
         except ValueError:
             return config
-    delays.discard(None)
-    if len(delays) != 1:
+    if not delays:
         return config
-    return config.model_copy(update={"allowed_lateness": delays.pop()})
+    return config.model_copy(update={"allowed_lateness": max(delays)})
 
 
 def _advice(doc: Document, wf: dict[str, Any], g: Graph) -> list[Problem]:

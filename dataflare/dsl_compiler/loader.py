@@ -12,13 +12,14 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dataflare.dsl_compiler.problems import Loc, Problem, format_loc
 
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR = re.compile(r"\$\$|\$\{(file:[^}]+|[A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 @dataclass
@@ -156,6 +157,16 @@ def _substitute(doc: Document, value: Any, loc: Loc, env: Mapping[str, str]) -> 
         if m.group(0) == "$$":
             return "$"
         name, default = m.group(1), m.group(2)
+        if name.startswith("file:"):  # a secret mounted as a file (Kubernetes, Docker)
+            try:
+                secret = Path(name[5:]).expanduser().read_text(encoding="utf-8").rstrip("\n")
+            except OSError as exc:
+                doc.problems.append(doc.problem(
+                    loc, f"cannot read the secret file of ${{{name}}}: {exc.strerror}",
+                    severity="warning", at_run=True))
+                return m.group(0)
+            doc.substituted[secret] = f"${{{name}}}"
+            return secret
         if name in env:
             if len(env[name]) >= 4:  # shorter values would blot out ordinary text
                 doc.substituted[env[name]] = f"${{{name}}}"

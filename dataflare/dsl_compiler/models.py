@@ -7,34 +7,18 @@ A component's ``config:`` is validated by the model its ``type`` registers
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from dataflare.config import Duration, Open, Paths, Secret, Strict
-from dataflare.dsl_compiler.problems import did_you_mean
+from dataflare.config import Auth, Duration, Open, Paths, Retry, Secret, Strict
 from dataflare.expr import check_expression
 from dataflare.records import parse_duration
 
 ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
-
-
-class Backoff(Strict):
-    """Exponential backoff between retries."""
-
-    initial: Duration = Field(1.0, description="Delay before the first retry.")
-    multiplier: float = Field(2.0, ge=1.0, description="Factor applied to the delay each retry.")
-    max: Duration = Field(60.0, description="Upper bound of the delay.")
-
-
-class Retry(Strict):
-    """How transient failures (a broken connection, HTTP 5xx) are retried."""
-
-    max_attempts: int = Field(3, ge=1, description="Attempts in all, the first included.")
-    backoff: Backoff = Field(default_factory=Backoff, description="Delay between attempts.")
 
 
 class WorkflowConfig(Strict):
@@ -50,127 +34,50 @@ class Schedule(Strict):
 
     type: Literal["cron", "interval", "once", "event"] = Field(description="Kind of schedule.")
     expression: str | None = Field(
-        None, description="Cron expression (type cron, e.g. '0 0 * * *'), or the period of "
-        "an interval schedule (e.g. '15m', like `interval`)."
-    )
+        None, description="Cron expression: 5 fields or a nickname such as '@daily' (type "
+        "cron); or the period of an interval schedule ('15m').")
     interval: Duration | None = Field(None, description="Period (for type interval).")
     event: str | None = Field(None, description="Triggering event name (for type event).")
     timezone: str = Field("UTC", description="IANA time zone of the cron expression.")
-    start_date: datetime | None = Field(
-        None, description="No run before this time (the run time of type once)."
-    )
+    start_date: datetime | None = Field(None, description="No run before this time.")
     end_date: datetime | None = Field(None, description="No run after this time.")
     catchup: Literal["latest", "all", "none"] = Field(
-        "latest", description="Runs missed while the scheduler was down: the latest one, all "
-        "of them, or none."
-    )
-
-    @field_validator("expression")
-    @classmethod
-    def _cron(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is not None and info.data.get("type") == "cron":
-            check_cron(v)
-        return v
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            hint = did_you_mean(v, sorted(available_timezones()))
-            msg = f"unknown time zone {v!r}: not in the IANA database{hint}"
-            raise ValueError(msg) from None
-        return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _period(cls, data: Any) -> Any:
-        """An interval schedule may give its period as ``expression`` (the seed's form)."""
-        if isinstance(data, dict) and data.get("type") == "interval" and data.get("expression"):
-            if data.get("interval") is not None:
-                msg = "an interval schedule gives its period once: 'interval' or 'expression'"
-                raise ValueError(msg)
-            try:
-                period = parse_duration(data["expression"])
-            except ValueError:
-                msg = (f"interval expression {data['expression']!r} is not a duration "
-                       "(e.g. '15m', '2h')")
-                raise ValueError(msg) from None
-            data = {**data, "interval": period}
-        return data
+        "latest", description="Instants missed while no scheduler ran: run the latest one, "
+        "every one, or none.")
 
     @model_validator(mode="after")
     def _check(self) -> Schedule:
-        if self.type == "cron" and not self.expression:
-            msg = "a cron schedule needs 'expression'"
-            raise ValueError(msg)
-        if self.type == "interval":
-            if self.interval is None:
-                msg = "an interval schedule needs 'interval' (or 'expression', e.g. '15m')"
+        if self.type == "cron":
+            if not self.expression:
+                msg = "a cron schedule needs 'expression'"
                 raise ValueError(msg)
-            if self.interval <= 0:
-                msg = "an interval schedule needs a period above 0"
+            from croniter import croniter
+
+            if len(self.expression.split()) not in (5, 6) and not self.expression.startswith(
+                    "@"):
+                msg = f"cron expression {self.expression!r} must have 5 or 6 fields"
                 raise ValueError(msg)
-        if self.type == "once" and self.start_date is None:
-            msg = "a once schedule needs 'start_date'"
-            raise ValueError(msg)
-        if self.start_date and self.end_date and _utc(self.end_date) <= _utc(self.start_date):
-            msg = "'end_date' must be after 'start_date'"
-            raise ValueError(msg)
+            if not croniter.is_valid(self.expression):
+                msg = f"invalid cron expression {self.expression!r}"
+                raise ValueError(msg)
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            msg = f"unknown time zone {self.timezone!r} (an IANA name such as 'Europe/Paris')"
+            raise ValueError(msg) from None
+        if self.type == "interval" and self.interval is None:
+            if self.expression:  # the seed writes an interval's period in `expression`
+                try:
+                    period = parse_duration(self.expression)
+                except ValueError:
+                    msg = (f"an interval schedule's expression {self.expression!r} is not a "
+                           "duration (e.g. '15m')")
+                    raise ValueError(msg) from None
+                object.__setattr__(self, "interval", period)
+            else:
+                msg = "an interval schedule needs 'interval' (or a duration in 'expression')"
+                raise ValueError(msg)
         return self
-
-
-_CRON_FIELDS = ("minute", "hour", "day of month", "month", "day of week", "second")
-
-
-def check_cron(expression: str) -> None:
-    """Raise :class:`ValueError` unless ``expression`` is a valid cron expression that fires.
-
-    Five fields (minute hour day-of-month month day-of-week), optionally a sixth (seconds, last),
-    checked by croniter; the message names the first field croniter refuses.
-    """
-    from croniter import CroniterBadDateError, croniter
-
-    fields = expression.split()
-    if len(fields) not in (5, 6):
-        msg = (f"cron expression {expression!r} has {len(fields)} fields, expected 5 "
-               "(minute hour day-of-month month day-of-week) or 6 (seconds last)")
-        raise ValueError(msg)
-    try:
-        times = croniter(expression, datetime(2000, 1, 1, tzinfo=UTC))
-    except (ValueError, KeyError):  # croniter's errors are ValueErrors
-        for i, part in enumerate(fields):
-            alone = " ".join(part if j == i else "*" for j in range(len(fields)))
-            try:
-                croniter(alone)
-            except (ValueError, KeyError):
-                msg = (f"invalid cron expression {expression!r}: its {_CRON_FIELDS[i]} field "
-                       f"{part!r} is not valid")
-                raise ValueError(msg) from None
-        msg = f"invalid cron expression {expression!r}"
-        raise ValueError(msg) from None
-    try:
-        times.get_next(datetime)
-    except CroniterBadDateError:
-        msg = f"cron expression {expression!r} never fires (e.g. February 30th)"
-        raise ValueError(msg) from None
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-class Auth(Strict):
-    """Credentials for an HTTP service."""
-
-    type: Literal["bearer", "basic", "api_key"] = Field(description="Authentication scheme.")
-    token: Secret | None = Field(None, description="Bearer token.")
-    username: str | None = Field(None, description="Basic auth user.")
-    password: Secret | None = Field(None, description="Basic auth password.")
-    key: Secret | None = Field(None, description="API key value.")
-    header: str = Field("X-API-Key", description="Header carrying the API key.")
-    query_param: str | None = Field(None, description="Send the API key as this query parameter.")
 
 
 class PluginConfig(Open):
@@ -248,6 +155,10 @@ class Incremental(Strict):
     )
     start_value: Any = Field(None, description="Cursor value of the first run.")
     interval: Duration = Field(10.0, description="Polling interval.")
+    lookback: Duration = Field(
+        0.0, description="Each poll also re-reads this far behind the last cursor value (rows "
+        "already read are not emitted again): rows that commit late, with an earlier cursor "
+        "value, are still read. Ties on the last value are always re-read.")
 
 
 class Cdc(Strict):
@@ -272,14 +183,8 @@ class Cdc(Strict):
 class Streaming(Strict):
     """Settings of an unbounded source."""
 
-    checkpoint_interval: Duration | None = Field(
-        None, description="Snapshot interval of `run` when `-s` is not given (the smallest of "
-        "the sources')."
-    )
-    watermark_delay: Duration | None = Field(
-        None, description="Event-time lateness bound: the `allowed_lateness` of the windows "
-        "and joins downstream that set none."
-    )
+    checkpoint_interval: Duration | None = Field(None, description="Snapshot interval.")
+    watermark_delay: Duration | None = Field(None, description="Event-time lateness bound.")
     idle_timeout: Duration | None = Field(
         None, description="Windows fire after this much system time without records."
     )
@@ -306,19 +211,43 @@ class OutputSchema(Strict):
 
 
 class MetricSpec(Strict):
-    """A metric a component exports."""
+    """A metric a component exports, under this name, with the label ``step``.
 
-    name: str = Field(description="Metric name.")
+    A ``counter`` is the component's records (read by a source, emitted by a
+    transformation, written by a destination); a ``histogram`` the seconds each write of a
+    destination took (each batch a transformation or source handled: not measured); a
+    ``gauge`` the seconds since the component's last record.
+    """
+
+    name: str = Field(description="Metric name (Prometheus conventions: snake_case).")
     type: Literal["counter", "gauge", "histogram"] = Field(description="Metric kind.")
     description: str = Field("", description="Help text.")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", v):
+            msg = f"metric name {v!r} must be letters, digits and '_'"
+            raise ValueError(msg)
+        return v
+
 
 class Alert(Strict):
-    """An alert rule evaluated by the monitoring system."""
+    """An alert rule, evaluated every second while the workflow runs.
+
+    The condition sees the component's ``records``, ``errors``, ``error_rate`` (errors per
+    record), ``time_since_last_record`` (seconds) and each of its metrics by name (a
+    histogram as ``<name>.p50``, ``.p95``, ``.p99``, ``.max`` over the last 5 minutes).
+    """
 
     name: str = Field(description="Alert name.")
     condition: str = Field(description="Expression over metrics, e.g. 'load_latency.p95 > 10s'.")
     severity: Literal["info", "warning", "critical"] = Field("warning", description="Severity.")
+    notify: list[dict[str, Any]] = Field(
+        default_factory=list, description="Notification channels, as a post-action "
+        "notification's config: {channel: webhook | slack | email, ...}.")
+    repeat_interval: Duration = Field(
+        3600.0, description="While firing, notify again after this long.")
 
     _check = field_validator("condition")(classmethod(lambda cls, v: check_expression(v)))
 
@@ -440,7 +369,9 @@ class MaskingRule(Strict):
     """Masking applied to a field before any destination writes it."""
 
     field: str = Field(description="Dotted path of the field.")
-    method: Literal["partial", "full", "hash"] = Field(description="Masking method.")
+    method: Literal["partial", "full", "hash"] = Field(
+        description="partial: the first show_chars characters and the replacement; full: the "
+        "replacement; hash: the HMAC-SHA256 (hex) under data_protection.hash_key.")
     show_chars: int = Field(0, ge=0, description="Leading characters kept by 'partial'.")
     replacement: str = Field("****", description="Replacement text.")
 
@@ -450,6 +381,17 @@ class DataProtection(Strict):
 
     encryption: Encryption | None = Field(None, description="Encryption requirements.")
     masking_rules: list[MaskingRule] = Field(default_factory=list, description="Field masking.")
+    hash_key: Secret | None = Field(
+        None, description="Key of masking method 'hash' (HMAC-SHA256), e.g. '${MASK_KEY}': a "
+        "bare hash of an e-mail or card number is reversed by a dictionary.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataProtection:
+        if any(r.method == "hash" for r in self.masking_rules) and self.hash_key is None:
+            msg = ("masking method 'hash' needs 'hash_key' (a secret, e.g. '${MASK_KEY}'): "
+                   "the hash is a keyed HMAC-SHA256")
+            raise ValueError(msg)
+        return self
 
 
 class TestCase(Strict):

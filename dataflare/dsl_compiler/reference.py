@@ -9,11 +9,10 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from dataflare import registry
+from dataflare import config, registry
 from dataflare.dsl_compiler import models
 from dataflare.dsl_compiler.validate import DESTINATION_BLOCKS, SOURCE_BLOCKS
 
-_CONFIG_BLOCKS = {"source": SOURCE_BLOCKS, "destination": DESTINATION_BLOCKS}
 _KIND_DEF = {"source": "Source", "transformation": "Transformation", "destination": "Destination"}
 
 
@@ -29,10 +28,6 @@ def json_schema() -> dict[str, Any]:
             sub = spec.config.model_json_schema(ref_template=f"#/$defs/{ref}.{{model}}")
             for sub_name, sub_def in sub.pop("$defs", {}).items():
                 defs[f"{ref}.{sub_name}"] = sub_def
-            # the blocks the DSL also allows inside `config:` (moved out by validate)
-            for block in _CONFIG_BLOCKS.get(kind, ()):
-                if "properties" in sub and block not in sub["properties"]:
-                    sub["properties"][block] = defs[name]["properties"][block]
             defs[ref] = sub
             types.append(spec.type)
             rules.append({
@@ -41,6 +36,12 @@ def json_schema() -> dict[str, Any]:
             })
         defs[name]["properties"]["type"]["enum"] = types
         defs[name]["allOf"] = rules
+    # Blocks the DSL also accepts inside `config:` (the seed writes them both ways).
+    for name, blocks in (("Source", SOURCE_BLOCKS), ("Destination", DESTINATION_BLOCKS)):
+        for ref in [k for k in defs if k.startswith(f"{name.lower()}.") and k.count(".") == 1]:
+            props = defs[ref].setdefault("properties", {})
+            for block in blocks:
+                props.setdefault(block, defs[name]["properties"][block])
     return schema
 
 
@@ -103,7 +104,7 @@ def markdown() -> str:
               models.Workflow, models.Source, models.Transformation, models.Destination,
               models.ErrorHandling, models.WriteMode, models.BatchSettings, models.Incremental,
               models.Cdc, models.Streaming, models.Hybrid, models.WorkflowConfig, models.Retry,
-              models.Backoff, models.Schedule, models.Plugin, models.DataProtection,
+              config.Backoff, models.Schedule, models.Plugin, models.DataProtection,
               models.MaskingRule, models.TestCase]
     out += ["## Workflow blocks", ""]
     shown: set[type[BaseModel]] = set(blocks)

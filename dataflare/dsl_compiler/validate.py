@@ -12,7 +12,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ValidationError
 
-from dataflare import registry
+from dataflare import registry, secrets
 from dataflare.dsl_compiler import graph as graph_checks
 from dataflare.dsl_compiler.loader import Document, load
 from dataflare.dsl_compiler.models import TestCase, Workflow, WorkflowFile
@@ -60,6 +60,7 @@ def validate_text(
 ) -> Validated:
     """Validate a workflow given as YAML text."""
     doc = load(text, file, env)
+    secrets.register_workflow(doc.data, doc.substituted)
     out = Validated(file, base_dir or Path.cwd(), doc, problems=list(doc.problems))
     if doc.data is None:
         return _finish(out)
@@ -100,6 +101,12 @@ def validate_text(
                 configs[cid] = spec.config.model_validate({} if raw is None else raw)
             except ValidationError as exc:
                 out.problems.extend(_problems(doc, exc, (*loc, "config"), spec.config))
+            missing = spec.missing()
+            if missing:
+                out.problems.append(doc.problem(
+                    (*loc, "type"),
+                    f"{kind} type {spec.type!r} needs {', '.join(missing)}, not installed: "
+                    f"pip install 'dataflare[{spec.extra}]'"))
             out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp))
             if not spec.available:
                 out.problems.append(
@@ -132,37 +139,25 @@ def validate_text(
     return _finish(out)
 
 
-# Settings the DSL accepts whose effect is not implemented yet: ``validate`` and ``run``
-# both warn about each one given (``validate --strict`` refuses them). ``*`` stands for any
-# component id. Remove an entry when its setting takes effect.
-NOT_EFFECTIVE: tuple[tuple[Loc, str], ...] = (
-    (("schedule",), "the schedule has no effect yet: no scheduler runs it ('run' starts at "
-                    "once)"),
-    (("roles",), "roles have no effect yet: no server enforces them"),
-    (("post_actions",), "post actions have no effect yet: they are not executed after a run"),
-    *(
-        ((section, "*", "monitoring", part), f"monitoring {part} have no effect yet: "
-         f"{'nothing exports them' if part == 'metrics' else 'nothing evaluates them'}")
-        for section in graph_checks.SECTIONS
-        for part in ("metrics", "alerts")
-    ),
-)
+# Settings the DSL accepts that nothing carries out yet: warned at validate and at run
+# (``validate --strict`` fails on them), never ignored in silence.
+_NOT_EFFECTIVE = {
+    "encryption": "data_protection.encryption is not carried out yet: connections use the "
+                  "TLS settings of each component, and no field is encrypted",
+    "roles": "roles in a workflow file are not used: the server's --config file holds users, "
+             "tokens and roles",
+}
 
 
 def _not_effective(doc: Document, wf: dict[str, Any]) -> list[Problem]:
-    """A warning for each setting given that has no effect yet (:data:`NOT_EFFECTIVE`)."""
     out = []
-    for pattern, message in NOT_EFFECTIVE:
-        found: list[tuple[Loc, Any]] = [(("workflow",), wf)]
-        for part in pattern:
-            found = [
-                ((*loc, key), node[key])
-                for loc, node in found if isinstance(node, dict)
-                for key in (node if part == "*" else [part] if part in node else [])
-            ]
-        for loc, value in found:
-            if value not in (None, [], {}):
-                out.append(doc.problem(loc, message, key=True, severity="warning"))
+    protection = wf.get("data_protection")
+    if isinstance(protection, dict) and protection.get("encryption"):
+        out.append(doc.problem(("workflow", "data_protection", "encryption"),
+                               _NOT_EFFECTIVE["encryption"], severity="warning"))
+    if wf.get("roles"):
+        out.append(doc.problem(("workflow", "roles"), _NOT_EFFECTIVE["roles"],
+                               severity="warning"))
     return out
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, WithJsonSchema, model_validator
 
 from dataflare.config import Strict
 from dataflare.records import RecordError, getter, parse_duration, set_path
@@ -94,11 +94,11 @@ def parse_trailing(text: str | float) -> float:
 class TrailingAggregate(Aggregate):
     """An aggregate of the ``aggregation`` step, optionally over a trailing time range."""
 
-    window: float | None = Field(
+    window: Annotated[float | None, WithJsonSchema({"anyOf": [
+        {"type": "number"}, {"type": "string"}, {"type": "null"}]})] = Field(
         None,
         description="Only records within this range before the group's latest event time "
         "('last_90_days', 'last_7d', '90d'); needs `time_field`.",
-        json_schema_extra={"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "null"}]},
     )
 
     @model_validator(mode="before")

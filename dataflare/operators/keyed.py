@@ -28,8 +28,15 @@ import bytewax.operators as op
 from bytewax.dataflow import Stream
 from bytewax.operators import StatefulBatchLogic
 
-from dataflare import metrics
-from dataflare.records import RecordError, getter, iso_utc, to_epoch_seconds
+from dataflare import metrics, stopping
+from dataflare.records import (
+    EPOCH_MAX,
+    EPOCH_MIN,
+    RecordError,
+    getter,
+    iso_utc,
+    to_epoch_seconds,
+)
 
 SHARDS = 16
 """Shards per stateful step: part of the step's definition (changing it breaks resume)."""
@@ -116,6 +123,12 @@ def shard_router(
     return route
 
 
+def epoch_bounds(time_unit: str) -> tuple[int, int]:
+    """The epoch numbers (in ``time_unit``) of the years 1 to 9999: a date can hold them."""
+    factor = 1000 if time_unit == "ms" else 1
+    return EPOCH_MIN * factor, EPOCH_MAX * factor
+
+
 def time_reader(path: str, time_unit: str = "s") -> Callable[[Any], int]:
     """Read a record's event time at ``path`` as integer epoch microseconds.
 
@@ -124,14 +137,13 @@ def time_reader(path: str, time_unit: str = "s") -> Callable[[Any], int]:
     """
     get = getter(path)
     scale = 1000 if time_unit == "ms" else US
+    lo, hi = epoch_bounds(time_unit)
 
     def read(record: Any) -> int:
         v = get(record)
         c = v.__class__
-        if c is int:
-            return v * scale
-        if c is float:
-            return round(v * scale)
+        if (c is int or c is float) and lo <= v <= hi:
+            return v * scale if c is int else round(v * scale)
         if c is str:
             try:
                 dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
@@ -171,12 +183,13 @@ def extraction_code(
     if time_path is not None:
         env["_time"] = time_reader(time_path, time_unit)
         scale = 1000 if time_unit == "ms" else US
+        lo, hi = epoch_bounds(time_unit)
         if "." in time_path:
             lines.append("t = _time(rec)")
         else:
             lines += [
                 f"t = rec.get({time_path!r})",
-                f"t = t * {scale} if t.__class__ is int else _time(rec)",
+                f"t = t * {scale} if t.__class__ is int and {lo} <= t <= {hi} else _time(rec)",
             ]
     if not key_paths:
         lines.append("key = None")
@@ -280,7 +293,9 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         return self.idle(), False
 
     def on_eof(self) -> tuple[Iterable[tuple[str, list[Any]]], bool]:
-        """Bytewax entry: the input ended."""
+        """Bytewax entry: the input ended; on a graceful stop, open state is kept instead."""
+        if stopping.requested():
+            return [], False
         return self.flush(), True
 
     def notify_at(self) -> datetime | None:

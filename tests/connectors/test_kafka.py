@@ -499,3 +499,53 @@ def test_workflow_redirects_undecodable_messages_to_a_kafka_dead_letter_topic(
     assert headers["dataflare.error.step"] == b"clicks"
     assert headers["dataflare.source.topic"] == src.encode()
     assert headers["dataflare.source.offset"] == b"1"
+
+
+RECREATED_FLOW = """
+workflow:
+  sources:
+    events:
+      type: kafka
+      config: {bootstrap_servers: "${SERVERS}", topic: recreated, stop_at_end: true,
+               offset_out_of_range: "${POLICY:-fail}"}
+  destinations:
+    out: {type: file, inputs: [events], config: {path: out.jsonl}}
+"""
+
+
+def test_a_saved_offset_the_recreated_topic_lacks_is_reported_not_skipped(
+    tmp_path: Path,
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(RECREATED_FLOW)
+    # A broker of its own: it is restarted (memory only: the topic is gone) and recreated.
+    with LocalBroker(log_path=tmp_path / "tansu.log") as broker:
+        env = {**os.environ, "SERVERS": broker.bootstrap_servers}
+        cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "-r", str(tmp_path / "rec")]
+
+        def run(**extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True,
+                                  timeout=120)
+
+        broker.create_topic("recreated", partitions=1)
+        produce_records(broker.bootstrap_servers, "recreated",
+                        [json.dumps({"id": i}).encode() for i in range(100)])
+        first = run()
+        assert first.returncode == 0, first.stderr
+        broker.restart()
+        broker.create_topic("recreated", partitions=1)
+        produce_records(broker.bootstrap_servers, "recreated",
+                        [json.dumps({"id": 1000 + i}).encode() for i in range(30)])
+        refused = run()
+        assert refused.returncode == 1
+        assert "step 'events': the saved offset 100 of recreated[0] is not in the partition" \
+            in refused.stderr and "offset_out_of_range" in refused.stderr
+        resumed = run(POLICY="earliest")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "going on from the earliest offset 0" in resumed.stderr
+    ids = [json.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert ids == [*range(100), *range(1000, 1030)]

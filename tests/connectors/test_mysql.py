@@ -493,3 +493,49 @@ def test_records_match_what_discover_reports(mariadb_private: Any) -> None:
     stream.close()
     check_shapes(changes, schema, "insert")
     assert changes[-1].meta["position"] == changes[0][META]["position"]  # the same commit
+
+
+def test_incremental_reads_a_tie_below_the_last_key_once_and_a_bounded_sync_ends(
+    mariadb_private: Any,
+) -> None:
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS ties",
+        "CREATE TABLE ties (id INT PRIMARY KEY, updated_at DATETIME NOT NULL, v VARCHAR(8))",
+        "INSERT INTO ties VALUES " + ", ".join(
+            f"({i}, '2024-01-01 00:00:{min(i, 5):02d}', 'a')" for i in range(1, 12)),
+    )
+    ctx = make_ctx("ties", conn_cfg(mariadb_private, table="ties", batch_size=4),
+                   mode="incremental", incremental={"column": "updated_at", "interval": "1h"})
+    src = build_mysql_source(ctx)
+    (name,) = src.list_parts()
+
+    def drain(part: Any) -> list[tuple[int, str]]:
+        got: list[tuple[int, str]] = []
+        while True:
+            got.extend((r["id"], r["v"]) for b in part.next_batch() for r in b)
+            if part.next_awake() is not None:
+                return got
+
+    part = src.build_part("ties", name, None)
+    assert sorted(i for i, _ in drain(part)) == list(range(1, 12))
+    # The cursor is at (00:00:05, 11); id 4 moves to the same second: a lower key.
+    mariadb_private.execute("UPDATE ties SET updated_at = '2024-01-01 00:00:05', v = 'b' "
+                            "WHERE id = 4")
+    assert drain(part) == [(4, "b")]
+    state = part.snapshot()
+    part.close()
+    resumed = src.build_part("ties", name, state)
+    assert drain(resumed) == []  # read once, also after a resume
+    resumed.close()
+    # A bounded sync: up to the end seen at start, then the input ends.
+    bounded = make_ctx("ties", conn_cfg(mariadb_private, table="ties", batch_size=4,
+                                        stop_at_end=True),
+                       mode="incremental", incremental={"column": "updated_at"})
+    src = build_mysql_source(bounded)
+    part = src.build_part("ties", name, None)
+    got: list[int] = []
+    with pytest.raises(StopIteration):
+        for _ in range(20):
+            got.extend(r["id"] for b in part.next_batch() for r in b)
+    assert sorted(got) == list(range(1, 12))
+    part.close()

@@ -745,7 +745,7 @@ def test_snapshot_modes_and_hybrid_variants(pg_private: Any, tmp_path: Path) -> 
     # hybrid full -> incremental: the whole table first, then rows past the cursor
     hinc = make_ctx(
         "modes_hinc",
-        {**base, "table": "modes_a"},
+        {**base, "table": "modes_a", "stop_at_end": False},  # polls on
         mode="hybrid",
         hybrid={"initial_mode": "full", "ongoing_mode": "incremental"},
         incremental={"column": "ts", "interval": "1h"},
@@ -993,7 +993,7 @@ def test_infinite_dates_come_as_text_and_a_bad_value_fails_its_row_alone(
     part.close()
     # Ordered by tz: -infinity (3), 2024-01-01 (2), infinity (1); null cursors are not read.
     assert [r["id"] if isinstance(r, dict) else r.record["id"] for r in polled] == [3, 2, 1]
-    assert part.snapshot() == {"cursor": "infinity", "key": [1]}
+    assert part.snapshot().cursor == "infinity"  # the text resumes the cursor
 
     # The error policy applies per row: skip keeps the others, fail names the row.
     flow = tmp_path / "flow.yaml"
@@ -1088,3 +1088,93 @@ def test_numeric_values_stay_exact_and_encodable(pg_private: Any) -> None:
     ctx = make_ctx("nums", conn_cfg(pg_private, table="nums", decimal_handling="string"))
     assert discover(ctx)["tables"][0]["json_schema"]["properties"]["price"] == {
         "type": ["string", "null"]}
+
+
+def test_incremental_reads_a_tie_below_the_last_key_once_even_after_a_resume(
+    pg_private: Any,
+) -> None:
+    pg_private.execute(
+        "DROP TABLE IF EXISTS ties",
+        "CREATE TABLE ties (id int PRIMARY KEY, updated_at timestamptz NOT NULL, v text)",
+        "INSERT INTO ties SELECT g, timestamptz '2024-01-01 00:00:00+00' + g * interval '1 s'"
+        " / 2, 'a' FROM generate_series(1, 11) g",  # id 11 at 00:00:05.5, id 10 at 00:00:05
+        "UPDATE ties SET updated_at = '2024-01-01 00:00:05+00' WHERE id = 11",
+    )
+    ctx = make_ctx("ties", conn_cfg(pg_private, table="ties", batch_size=4),
+                   incremental={"column": "updated_at", "interval": "1h"})
+    src = build_postgres_source(ctx)
+    (name,) = src.list_parts()
+
+    def drain(part: Any) -> list[tuple[int, str]]:
+        got: list[tuple[int, str]] = []
+        while True:
+            got.extend((r["id"], r["v"]) for b in part.next_batch() for r in b)
+            if part.next_awake() is not None:  # the pass ended: caught up
+                return got
+
+    part = src.build_part("ties", name, None)
+    assert sorted(i for i, _ in drain(part)) == list(range(1, 12))
+    # The cursor is at (00:00:05, 11): a row updated to the same second, with a lower key.
+    pg_private.execute("UPDATE ties SET updated_at = '2024-01-01 00:00:05+00', v = 'b' "
+                       "WHERE id = 4")
+    assert drain(part) == [(4, "b")]
+    assert drain(part) == []  # read once
+    state = part.snapshot()
+    part.close()
+    pg_private.execute("UPDATE ties SET v = 'c' WHERE id = 4")  # same second, new content
+    resumed = src.build_part("ties", name, state)
+    assert drain(resumed) == [(4, "c")]
+    assert drain(resumed) == []
+    resumed.close()
+
+
+def test_incremental_lookback_reads_a_late_commit(pg_private: Any) -> None:
+    pg_private.execute(
+        "DROP TABLE IF EXISTS late",
+        "CREATE TABLE late (id int PRIMARY KEY, ts bigint NOT NULL)",
+        "INSERT INTO late VALUES (1, 100), (2, 200)",
+    )
+    cfg = conn_cfg(pg_private, table="late")
+    src = build_postgres_source(make_ctx("late", cfg, incremental={
+        "column": "ts", "interval": "1h", "lookback": "60s"}))
+    (name,) = src.list_parts()
+    part = src.build_part("late", name, None)
+    assert [r["id"] for b in part.next_batch() for r in b] == [1, 2]
+    # A transaction that took its cursor value earlier commits now: 150 < 200.
+    pg_private.execute("INSERT INTO late VALUES (3, 150), (4, 120)")
+    assert [r["id"] for b in part.next_batch() for r in b] == [3]  # 120 is beyond 60 back
+    assert [r["id"] for b in part.next_batch() for r in b] == []
+    part.close()
+
+
+def test_a_bounded_incremental_sync_ends_and_the_next_run_goes_on(
+    pg_private: Any, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    pg_private.execute(
+        "DROP TABLE IF EXISTS sync_src",
+        "CREATE TABLE sync_src (id int PRIMARY KEY, seq int NOT NULL)",
+        "INSERT INTO sync_src SELECT g, g FROM generate_series(1, 25) g",
+    )
+    flow = tmp_path / "sync.yaml"
+    flow.write_text(f"""
+workflow:
+  sources:
+    rows:
+      type: postgres
+      mode: incremental
+      incremental: {{column: seq, interval: 1h}}
+      config: {{dsn: "{pg_private.dsn}", table: sync_src, batch_size: 10, stop_at_end: true}}
+  destinations: {{out: {{type: file, inputs: [rows], config: {{path: out.jsonl}}}}}}
+""")
+    cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "-r", str(tmp_path / "rec")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr  # ended by itself: no timeout
+    pg_private.execute("INSERT INTO sync_src SELECT g, g FROM generate_series(26, 30) g")
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    ids = [json.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert ids == list(range(1, 31))  # the file resumed too: every row once
+    assert "rows: 5" in second.stderr  # the second run read only what came since

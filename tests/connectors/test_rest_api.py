@@ -159,7 +159,8 @@ def test_retry_after_drives_the_backoff(api: Any, monkeypatch: pytest.MonkeyPatc
     slow = {"max_attempts": 3, "backoff": {"initial": "1s", "max": "10s"}}
     ctx = make_ctx("api_wait", {"url": api.url + "/link"}, retry=slow, mode="full")
     assert [r["id"] for r in run(ctx)] == [1, 2, 3]
-    assert waits == [7.0, 2.0]  # Retry-After: 7 beats the 1s backoff; then 2s
+    assert waits[0] == 7.0  # Retry-After: 7 beats the 1s backoff
+    assert 1.6 <= waits[1] <= 2.4  # then 2s, with jitter of +-20%
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,293 @@
+"""Kubernetes: the manifests of a workflow, and the entry point bytewax's own tooling runs.
+
+``dataflare k8s WORKFLOW`` renders, for one workflow file:
+
+- a ConfigMap holding the workflow, and a Secret with a key per ``${VAR}`` it reads (values
+  to fill in; the pods take them as environment variables);
+- a headless Service giving every pod a stable address for bytewax's process mesh;
+- a **StatefulSet** for a streaming workflow (one bytewax process per pod; each pod's
+  recovery partition on its own volume from ``volumeClaimTemplates``), an **Indexed Job**
+  for a bounded one, or a **CronJob** of that Job for ``schedule.type: cron``;
+- a PodMonitor scraping ``/metrics``; liveness and readiness probes on the run's
+  ``/health`` and ``/ready`` (``dataflare run --http-port``).
+
+Pods run ``dataflare run`` (so a run keeps its id, its timeout and its summary), which reads
+its place in the cluster from the environment as bytewax's Helm chart sets it:
+``BYTEWAX_POD_NAME`` + ``BYTEWAX_STATEFULSET_NAME`` (or ``JOB_COMPLETION_INDEX`` in a Job) give
+the process id, ``BYTEWAX_REPLICAS`` + ``DATAFLARE_PEER_DOMAIN`` the address of every process
+(see :func:`cluster_from_env`).
+
+``python -m bytewax.run dataflare.k8s:flow`` runs the workflow named by
+``DATAFLARE_WORKFLOW`` unchanged under waxctl or the official bytewax chart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dataflare.dsl_compiler import Validated, compile_file, validate_file
+
+PORT = 9999
+METRICS_PORT = 9090
+RECOVERY_MOUNT = "/var/lib/dataflare"
+WORKFLOW_MOUNT = "/etc/dataflare"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
+
+
+def __getattr__(name: str) -> Any:
+    """``dataflare.k8s:flow``: the workflow named by ``DATAFLARE_WORKFLOW``, compiled."""
+    if name != "flow":
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    path = os.environ.get("DATAFLARE_WORKFLOW")
+    if not path:
+        msg = "DATAFLARE_WORKFLOW must name the workflow file to run"
+        raise RuntimeError(msg)
+    return compile_file(path)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where this process stands in a multi-process run."""
+
+    process_id: int
+    addresses: list[str]
+
+
+def cluster_from_env(env: Mapping[str, str] = os.environ) -> Cluster | None:
+    """The pod's process id and every process's address, from the environment.
+
+    The process id comes from ``BYTEWAX_PROCESS_ID``, ``JOB_COMPLETION_INDEX`` (an Indexed
+    Job) or the ordinal of ``BYTEWAX_POD_NAME`` in ``BYTEWAX_STATEFULSET_NAME``. The addresses
+    come from ``BYTEWAX_ADDRESSES`` (``;``-separated), the file ``BYTEWAX_HOSTFILE_PATH``, or are
+    generated from ``BYTEWAX_REPLICAS`` as ``<name>-<i>.<DATAFLARE_PEER_DOMAIN>:<port>``, like
+    the host list bytewax's chart writes at start. None when nothing says it is a cluster.
+    """
+    pid: int | None = None
+    if env.get("BYTEWAX_PROCESS_ID"):
+        pid = int(env["BYTEWAX_PROCESS_ID"])
+    elif env.get("JOB_COMPLETION_INDEX"):
+        pid = int(env["JOB_COMPLETION_INDEX"])
+    elif env.get("BYTEWAX_POD_NAME") and env.get("BYTEWAX_STATEFULSET_NAME"):
+        pid = int(env["BYTEWAX_POD_NAME"].removeprefix(env["BYTEWAX_STATEFULSET_NAME"] + "-"))
+    if pid is None:
+        return None
+    if env.get("BYTEWAX_ADDRESSES"):
+        addresses = [a for a in env["BYTEWAX_ADDRESSES"].split(";") if a]
+    elif env.get("BYTEWAX_HOSTFILE_PATH"):
+        text = Path(env["BYTEWAX_HOSTFILE_PATH"]).read_text()
+        addresses = [line.strip() for line in text.splitlines() if line.strip()]
+    elif env.get("BYTEWAX_REPLICAS"):
+        name = env.get("BYTEWAX_STATEFULSET_NAME") or env.get("DATAFLARE_JOB_NAME", "")
+        domain = env.get("DATAFLARE_PEER_DOMAIN", name)
+        port = env.get("DATAFLARE_PEER_PORT", str(PORT))
+        addresses = [f"{name}-{i}.{domain}:{port}" for i in range(int(env["BYTEWAX_REPLICAS"]))]
+    else:
+        msg = "a process id is set but no addresses (BYTEWAX_ADDRESSES, BYTEWAX_HOSTFILE_PATH "
+        msg += "or BYTEWAX_REPLICAS)"
+        raise ValueError(msg)
+    if not 0 <= pid < len(addresses):
+        msg = f"process id {pid} is outside the {len(addresses)} addresses"
+        raise ValueError(msg)
+    return Cluster(pid, addresses)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``dataflare k8s`` renders: image, size and names."""
+
+    image: str = "dataflare:latest"
+    replicas: int = 1
+    name: str | None = None
+    namespace: str | None = None
+    snapshot_interval: float = 10.0
+    storage: str = "1Gi"
+    cpu: str = "500m"
+    memory: str = "1Gi"
+
+
+def variables(text: str, with_defaults: bool = True) -> list[str]:
+    """The ``${VAR}`` names a workflow text reads, sorted (``${VAR:-x}`` unless not wanted)."""
+    return sorted({m.group(1) for m in _VAR.finditer(text) if with_defaults or not m.group(2)})
+
+
+def is_streaming(v: Validated) -> bool:
+    """Whether any source of the workflow is unbounded (it never ends by itself)."""
+    wf = v.workflow
+    assert wf is not None
+    for src in wf.sources.values():
+        if src.mode in ("streaming", "cdc", "hybrid") or src.streaming is not None:
+            return True
+        if getattr(src.config, "stop_at_end", None) is False:
+            return True
+    return False
+
+
+def _name(v: Validated, options: Options) -> str:
+    wf = v.workflow
+    assert wf is not None
+    raw = options.name or wf.id or wf.name or Path(v.file).stem
+    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")[:52]
+    return name or "dataflare"
+
+
+def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
+    """The Kubernetes objects running the workflow at ``path``, in apply order."""
+    text = Path(path).read_text(encoding="utf-8")
+    # Rendering needs no secret: unset variables validate as placeholders.
+    v = validate_file(path, {n: os.environ.get(n, "placeholder") for n in variables(text)})
+    errors = v.errors(for_run=True)
+    if errors or v.workflow is None:
+        msg = "the workflow is not valid:\n" + "\n".join(p.render(True) for p in errors)
+        raise ValueError(msg)
+    wf = v.workflow
+    # The Secret holds the variables the workflow needs from outside: neither defaulted
+    # in the text nor set in its `environment:` block.
+    names = [n for n in variables(text, with_defaults=False) if n not in wf.environment]
+    name = _name(v, options)
+    meta = {"labels": {"app.kubernetes.io/name": "dataflare", "dataflare.io/workflow": name}}
+    if options.namespace:
+        meta["namespace"] = options.namespace  # type: ignore[assignment]
+
+    def md(suffix: str = "") -> dict[str, Any]:
+        return {"name": name + suffix, **meta}
+
+    streaming = is_streaming(v)
+    cron = wf.schedule is not None and wf.schedule.type == "cron"
+    objects: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": md("-workflow"),
+         "data": {"workflow.yaml": text}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": md("-env"), "type": "Opaque",
+         "stringData": {n: "" for n in names}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": md(),
+         "spec": {"clusterIP": "None", "selector": {"dataflare.io/workflow": name},
+                  "publishNotReadyAddresses": True,
+                  "ports": [{"name": "bytewax", "port": PORT},
+                            {"name": "metrics", "port": METRICS_PORT}]}},
+    ]
+    pod = _pod(name, options, streaming, snapshot=streaming)
+    if streaming:
+        objects.append({
+            "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": md(),
+            "spec": {
+                "serviceName": name, "replicas": options.replicas,
+                "podManagementPolicy": "Parallel",
+                "selector": {"matchLabels": {"dataflare.io/workflow": name}},
+                "template": {"metadata": {"labels": meta["labels"]}, "spec": pod},
+                "volumeClaimTemplates": [{
+                    "metadata": {"name": "recovery"},
+                    "spec": {"accessModes": ["ReadWriteOnce"],
+                             "resources": {"requests": {"storage": options.storage}}},
+                }],
+            },
+        })
+    else:
+        job = {
+            "completions": options.replicas, "parallelism": options.replicas,
+            "completionMode": "Indexed", "backoffLimit": wf.config.retry.max_attempts - 1,
+            "template": {"metadata": {"labels": meta["labels"]},
+                         "spec": {**pod, "subdomain": name, "restartPolicy": "Never"}},
+        }
+        if wf.config.timeout is not None:
+            job["activeDeadlineSeconds"] = int(wf.config.timeout) + 60
+        if cron:
+            assert wf.schedule is not None
+            spec: dict[str, Any] = {"schedule": wf.schedule.expression,
+                                    "concurrencyPolicy": "Forbid",
+                                    "jobTemplate": {"spec": job}}
+            if wf.schedule.timezone != "UTC":
+                spec["timeZone"] = wf.schedule.timezone
+            objects.append({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": md(),
+                            "spec": spec})
+        else:
+            objects.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": md(),
+                            "spec": job})
+    objects.append({
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": md(),
+        "spec": {"selector": {"matchLabels": {"dataflare.io/workflow": name}},
+                 "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"}]},
+    })
+    return objects
+
+
+def _pod(name: str, options: Options, streaming: bool, snapshot: bool) -> dict[str, Any]:
+    run = ["dataflare", "run", f"{WORKFLOW_MOUNT}/workflow.yaml",
+           "--http-port", str(METRICS_PORT), "--http-host", "0.0.0.0"]
+    mounts = [{"name": "workflow", "mountPath": WORKFLOW_MOUNT, "readOnly": True}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "workflow", "configMap": {"name": f"{name}-workflow"}}]
+    if snapshot:
+        run += ["--recovery-dir", f"{RECOVERY_MOUNT}/recovery",
+                "-s", f"{options.snapshot_interval:g}"]
+        mounts.append({"name": "recovery", "mountPath": RECOVERY_MOUNT})
+    volumes.append({"name": "tmp", "emptyDir": {}})
+    mounts.append({"name": "tmp", "mountPath": "/tmp"})  # the root filesystem is read-only
+    env: list[dict[str, Any]] = [
+        {"name": "BYTEWAX_REPLICAS", "value": str(options.replicas)},
+        {"name": "DATAFLARE_PEER_DOMAIN", "value": name},
+        {"name": "DATAFLARE_PEER_PORT", "value": str(PORT)},
+        # One id per deployment: appends stay exactly once across pod restarts.
+        {"name": "DATAFLARE_RUN_ID", "value": uuid.uuid4().hex},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if streaming:
+        env += [{"name": "BYTEWAX_POD_NAME",
+                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "BYTEWAX_STATEFULSET_NAME", "value": name}]
+    else:
+        env.append({"name": "DATAFLARE_JOB_NAME", "value": name})
+    def probe(path: str) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10}
+
+    return {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "terminationGracePeriodSeconds": 30,
+        "containers": [{
+            "name": "dataflare",
+            "image": options.image,
+            "command": run,
+            "env": env,
+            "envFrom": [{"secretRef": {"name": f"{name}-env"}}],
+            "ports": [{"name": "bytewax", "containerPort": PORT},
+                      {"name": "metrics", "containerPort": METRICS_PORT}],
+            # /health: the process is alive; /ready: its sources and destinations answer.
+            "livenessProbe": {**probe("/health"), "initialDelaySeconds": 30},
+            "readinessProbe": probe("/ready"),
+            "resources": {"requests": {"cpu": options.cpu, "memory": options.memory},
+                          "limits": {"memory": options.memory}},
+            "securityContext": {"allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]}},
+            "volumeMounts": mounts,
+        }],
+        "volumes": volumes,
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block text for multi-line strings (the workflow reads as itself), no anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _text)
+
+
+def dump(objects: list[dict[str, Any]]) -> str:
+    """The objects as one multi-document YAML text."""
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, width=100)

@@ -1,0 +1,217 @@
+"""A run's live HTTP endpoints (``dataflare run --http-port``) and the tap.
+
+- ``/health``: the process is alive.
+- ``/ready``: every source and destination endpoint (database, broker, HTTP service) accepts
+  a connection; 503 naming each that does not, as Redpanda Connect's ``/ready``.
+- ``/metrics``: Prometheus metrics (DataFlare's and bytewax's own).
+- ``/status``: per-step records, failures and rates (records/s over the last seconds).
+- ``/tap/<step>?limit=N``: records as they leave a step, masked by the workflow's
+  ``masking_rules``, one JSON object per line (``dataflare tap``), like ``vector tap``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from dataflare import metrics
+
+_TAPS: dict[str, list[queue.Queue[list[Any]]]] = {}
+_TAPS_LOCK = threading.Lock()
+_DEFAULT_PORTS = {"postgres": 5432, "postgresql": 5432, "mysql": 3306, "redis": 6379,
+                  "rediss": 6379, "http": 80, "https": 443, "kafka": 9092}
+
+
+def tapper(step: str, mask: Callable[[Any], Any] | None) -> Callable[[str, list[Any]], None]:
+    """An ``op.inspect`` function publishing a step's batches to its taps (if any)."""
+
+    def publish(_step_id: str, batch: list[Any]) -> None:
+        subscribers = _TAPS.get(step)
+        if not subscribers:
+            return
+        records = [mask(r) if mask is not None and isinstance(r, dict) else r for r in batch]
+        for q in list(subscribers):
+            try:
+                q.put_nowait(records)
+            except queue.Full:  # a slow reader misses batches rather than slow the run
+                pass
+
+    return publish
+
+
+def _subscribe(step: str) -> queue.Queue[list[Any]]:
+    q: queue.Queue[list[Any]] = queue.Queue(maxsize=100)
+    with _TAPS_LOCK:
+        _TAPS.setdefault(step, []).append(q)
+    return q
+
+
+def _unsubscribe(step: str, q: queue.Queue[list[Any]]) -> None:
+    with _TAPS_LOCK:
+        if q in _TAPS.get(step, []):
+            _TAPS[step].remove(q)
+
+
+def endpoints(config: Any) -> list[tuple[str, int]]:
+    """The host:port pairs a component's config connects to (for ``/ready``)."""
+    found: list[tuple[str, int]] = []
+    data = config.model_dump() if hasattr(config, "model_dump") else dict(config or {})
+    for key in ("url", "endpoint_url", "dsn"):
+        value: Any = data.get(key)
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if not isinstance(value, str) or not value:
+            continue
+        if "://" in value:
+            u = urlparse(value)
+            if u.hostname:
+                found.append((u.hostname, u.port or _DEFAULT_PORTS.get(u.scheme, 80)))
+        else:  # a key/value DSN
+            host = re.search(r"(?:^|\s)host=(\S+)", value)
+            port = re.search(r"(?:^|\s)port=(\d+)", value)
+            if host and not host.group(1).startswith("/"):
+                found.append((host.group(1), int(port.group(1)) if port else 5432))
+    servers = data.get("bootstrap_servers")
+    if isinstance(servers, str):
+        for s in servers.split(","):
+            name, _, number = s.strip().rpartition(":")
+            if name and number.isdigit():
+                found.append((name, int(number)))
+    h, p = data.get("host"), data.get("port")
+    if isinstance(h, str) and h and isinstance(p, int):
+        found.append((h, p))
+    return list(dict.fromkeys(found))
+
+
+class Live:
+    """The endpoints of one run."""
+
+    def __init__(self, workflow: Any, run_id: str | None) -> None:
+        self.workflow, self.run_id = workflow, run_id
+        self.started = time.monotonic()
+        self.steps = [*workflow.sources, *workflow.transformations, *workflow.destinations]
+        self.components = {**workflow.sources, **workflow.destinations}
+        self._rates: dict[str, tuple[float, float]] = {}
+        self._server: ThreadingHTTPServer | None = None
+
+    def ready(self) -> tuple[bool, list[dict[str, Any]]]:
+        """Whether every endpoint accepts a connection, and those that do not."""
+        failing = []
+        for cid, comp in self.components.items():
+            for host, port in endpoints(comp.config):
+                try:
+                    with socket.create_connection((host, port), timeout=1.0):
+                        pass
+                except OSError as exc:
+                    failing.append({"component": cid, "endpoint": f"{host}:{port}",
+                                    "error": exc.strerror or type(exc).__name__})
+        return not failing, failing
+
+    def status(self) -> dict[str, Any]:
+        """Per-step records, failures and rates."""
+        now = time.monotonic()
+        steps = {}
+        for step in self.steps:
+            n = metrics.value(metrics.RECORDS_OUT, step=step) + metrics.value(
+                metrics.RECORDS_WRITTEN, step=step)
+            failed = sum(metrics.value(metrics.ERRORS, step=step, strategy=s)
+                         for s in ("skip", "fail", "redirect"))
+            last_n, last_t = self._rates.get(step, (0.0, self.started))
+            rate = (n - last_n) / (now - last_t) if now > last_t else 0.0
+            if now - last_t >= 1.0:
+                self._rates[step] = (n, now)
+            kind = ("source" if step in self.workflow.sources else
+                    "destination" if step in self.workflow.destinations else "transformation")
+            steps[step] = {"kind": kind, "records": int(n), "failed": int(failed),
+                           "rate": round(rate, 1)}
+        return {"workflow": self.workflow.id or self.workflow.name, "run_id": self.run_id,
+                "uptime_s": round(now - self.started, 1), "steps": steps}
+
+    def start(self, host: str, port: int) -> int:
+        """Serve in a daemon thread; the port bound (``port`` 0 picks a free one)."""
+        live = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _json(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                url = urlparse(self.path)
+                if url.path == "/health":
+                    self._json(200, {"status": "alive"})
+                elif url.path == "/ready":
+                    ok, failing = live.ready()
+                    self._json(200 if ok else 503,
+                               {"status": "ready"} if ok else
+                               {"status": "not ready", "not_ready": failing})
+                elif url.path == "/metrics":
+                    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+                    data = generate_latest()
+                    self.send_response(200)
+                    self.send_header("content-type", CONTENT_TYPE_LATEST)
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                elif url.path == "/status":
+                    self._json(200, live.status())
+                elif url.path.startswith("/tap/"):
+                    self._tap(url.path[5:], parse_qs(url.query))
+                else:
+                    self._json(404, {"error": f"no endpoint {url.path}"})
+
+            def _tap(self, step: str, query: dict[str, list[str]]) -> None:
+                if step not in live.steps:
+                    self._json(404, {"error": f"no step {step!r}",
+                                     "steps": live.steps})
+                    return
+                limit = int(query.get("limit", ["0"])[0] or 0)
+                q = _subscribe(step)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-ndjson")
+                self.end_headers()
+                sent = 0
+                try:
+                    while not limit or sent < limit:
+                        try:
+                            batch = q.get(timeout=1.0)
+                        except queue.Empty:
+                            continue
+                        for record in batch:
+                            self.wfile.write(json.dumps(record, default=str).encode() + b"\n")
+                            sent += 1
+                            if limit and sent >= limit:
+                                break
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                finally:
+                    _unsubscribe(step, q)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True,
+                         name="dataflare-live").start()
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop serving."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

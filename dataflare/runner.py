@@ -1,0 +1,521 @@
+"""The runner: everything ``dataflare run`` does around a bytewax run, as a Python API.
+
+:func:`run` validates and compiles a workflow, prepares the recovery directory (and the
+run id that keeps appends exactly once across crashes), takes its place in a cluster (from
+arguments or a pod's environment), enforces ``config.max_concurrency`` and
+``config.timeout``, serves metrics, stops gracefully on SIGTERM/SIGINT, runs the
+post-actions and returns a :class:`RunResult` with the summary. The CLI, the server's
+workers and the Kubernetes entry point all run workflows through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from dataflare import metrics, stopping
+from dataflare.connectors.batching import RUN_ID_ENV
+from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
+from dataflare.logs import CONTEXT, json_mode, say
+from dataflare.secrets import scrub, scrub_bytes
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a workflow; the fields are ``dataflare run``'s options."""
+
+    path: str
+    workers_per_process: int | None = None
+    process_id: int | None = None
+    addresses: str | None = None
+    recovery_dir: str | None = None
+    snapshot_interval: float | None = None
+    backup_interval: float = 0.0
+    recovery_partitions: int = 1
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
+    otlp_url: str | None = None
+    quiet: bool = False
+    verbose: bool = False
+    summary_json: str | None = None
+    progress_json: str | None = None
+    no_post_actions: bool = False
+    server: str | None = None
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended.
+
+    ``status`` is succeeded, failed or stopped; ``exit_code`` the process exit code of
+    ``dataflare run``; ``summary`` the totals and per-step counts (None when the run could not
+    start); ``error`` what stopped it.
+    """
+
+    status: str
+    exit_code: int
+    summary: dict[str, Any] | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run succeeded."""
+        return self.status == "succeeded"
+
+
+def run(path: str | Path, *, workers: int | None = None, process_id: int | None = None,
+        addresses: list[str] | None = None, recovery_dir: str | Path | None = None,
+        snapshot_interval: float | None = None, **options: Any) -> RunResult:
+    """Run the workflow at ``path`` until its inputs end (or it is stopped).
+
+    ``workers`` per process; ``process_id`` and ``addresses`` for one process of a
+    multi-process run; ``recovery_dir`` turns recovery on (created when absent). Further
+    keyword arguments are the fields of :class:`RunOptions`.
+    """
+    known = {f.name for f in fields(RunOptions)}
+    unknown = set(options) - known
+    if unknown:
+        msg = f"unknown run options: {', '.join(sorted(unknown))}"
+        raise TypeError(msg)
+    opts = RunOptions(
+        path=str(path), workers_per_process=workers, process_id=process_id,
+        addresses=";".join(addresses) if addresses else None,
+        recovery_dir=str(recovery_dir) if recovery_dir is not None else None,
+        snapshot_interval=snapshot_interval, **options)
+    return run_with(opts)
+
+
+def _refused(message: str) -> RunResult:
+    message = scrub(message)
+    say(message, "error")
+    return RunResult("failed", 1, None, message)
+
+
+def _is_wrapper(exc: BaseException) -> bool:
+    """Whether ``exc`` is bytewax's wrapping of an error raised in a step (or a Rust panic)."""
+    package = type(exc).__module__.split(".")[0]
+    return package in ("bytewax", "pyo3_runtime") or str(exc).startswith("(src/")
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The exception that explains a failed run: the outermost one bytewax did not wrap.
+
+    That is DataFlare's own when there is one (it names the step and the target).
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    last = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if not _is_wrapper(cur):
+            return cur
+        last = cur
+        cur = cur.__cause__ or cur.__context__
+    for line in str(exc).splitlines():
+        if "StepFailed:" in line:
+            return StepFailed(line.split("StepFailed:", 1)[1].strip())
+    return last
+
+
+def error_text(exc: BaseException) -> str:
+    """The message of a failed run, printed after ``error:``.
+
+    The message of :func:`_unwrapped`, then the innermost error it was raised from when
+    the message does not already say it (a driver's error under ours).
+    """
+    cause = _unwrapped(exc)
+    inner, seen = cause, {id(cause)}
+    while inner.__cause__ is not None and id(inner.__cause__) not in seen:
+        inner = inner.__cause__
+        seen.add(id(inner))
+    text = str(cause)
+    if inner is not cause and str(inner) not in text:
+        text += f" ({type(inner).__name__}: {inner})"
+    return text
+
+
+class _Progress:
+    """Records out per step on a terminal, refreshed every second; a summary at the end.
+
+    A destination's count is of the records it received: once the run ended, all are
+    written (or counted failed), but after a failed run some may not be.
+    """
+
+    def __init__(self, steps: list[str], destinations: list[str], live: bool,
+                 quiet: bool = False, progress_file: str | None = None) -> None:
+        self.steps, self.destinations, self.live = steps, set(destinations), live
+        self.quiet, self.progress_file = quiet, progress_file
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.started = time.monotonic()
+        self.elapsed = 0.0
+        # Counters are process-wide: a second run in one process counts from here.
+        self.baseline = {s: (n, e) for s, n, e in self._totals()}
+
+    def summary(self, sources: list[str], status: str, error: str | None) -> dict[str, object]:
+        """The run's result: status, totals (read, written, failed), per-step counts."""
+        counts = self.counts()
+        steps = {s: {"records": n, "failed": e} for s, n, e in counts}
+        return {
+            "status": status,
+            "duration_s": round(self.elapsed or time.monotonic() - self.started, 3),
+            "total": sum(steps[s]["records"] for s in sources if s in steps),
+            "succeeded": sum(steps[s]["records"] for s in self.destinations if s in steps),
+            "failed": sum(e for _, _, e in counts),
+            "steps": steps,
+            "error": error,
+        }
+
+    def counts(self) -> list[tuple[str, int, int]]:
+        """(step, records, failed records) of this run."""
+        return [(s, n - self.baseline.get(s, (0, 0))[0], e - self.baseline.get(s, (0, 0))[1])
+                for s, n, e in self._totals()]
+
+    def _totals(self) -> list[tuple[str, int, int]]:
+        out = []
+        for step in self.steps:
+            n = metrics.value(metrics.RECORDS_OUT, step=step) + metrics.value(
+                metrics.RECORDS_WRITTEN, step=step
+            )
+            errors = sum(
+                metrics.value(metrics.ERRORS, step=step, strategy=s)
+                for s in ("skip", "fail", "redirect")
+            )
+            out.append((step, int(n), int(errors)))
+        return out
+
+    def _line(self) -> str:
+        return "  ".join(
+            f"{s}={n}" + (f" (errors {e})" if e else "") for s, n, e in self.counts()
+        )
+
+    def _loop(self) -> None:
+        while not self.stop.wait(1.0):
+            if self.live:
+                sys.stderr.write("\r\x1b[K" + self._line()[:200])
+                sys.stderr.flush()
+            if self.progress_file:  # read by the server's worker while the run goes on
+                tmp = self.progress_file + ".tmp"
+                Path(tmp).write_text(json.dumps(self.summary([], "running", None)))
+                os.replace(tmp, self.progress_file)
+
+    def __enter__(self) -> _Progress:
+        if self.live or self.progress_file:
+            self.thread.start()
+        return self
+
+    def __exit__(self, failure: type[BaseException] | None, *exc: object) -> None:
+        self.stop.set()
+        if self.live or self.progress_file:
+            self.thread.join()
+        if self.live:
+            sys.stderr.write("\r\x1b[K")
+        elapsed = self.elapsed = time.monotonic() - self.started
+        if self.quiet:
+            return
+        state = ", run failed" if failure else ""
+        if json_mode():
+            counts = {s: {"records": n, "failed": e} for s, n, e in self.counts()}
+            say("summary", records_count=sum(n for s, n, _ in self.counts()
+                                             if s in self.destinations),
+                duration_ms=round(elapsed * 1000), steps=counts,
+                status="failed" if failure else "done")
+            return
+        print(f"summary ({elapsed:.1f}s{state}): records per step", file=sys.stderr)
+        for step, n, errors in self.counts():
+            unsure = failure is not None and step in self.destinations and n > 0
+            extra = " received, not all confirmed written" if unsure else ""
+            extra += f", {errors} failed" if errors else ""
+            print(f"  {step}: {n}{extra}", file=sys.stderr)
+
+
+def run_with(opts: RunOptions) -> RunResult:
+    """Run a workflow as ``dataflare run`` does; messages go to stderr.
+
+    The run id (``DATAFLARE_RUN_ID``: the recovery directory's, the caller's, or a new one)
+    is this run's alone: the environment is restored afterwards, so a second run in the
+    same process is a run of its own.
+    """
+    saved = os.environ.get(RUN_ID_ENV)
+    try:
+        return _run(opts)
+    finally:
+        stopping.REQUESTED.clear()
+        stopping.SIGNAL.clear()
+        if saved is None:
+            os.environ.pop(RUN_ID_ENV, None)
+        else:
+            os.environ[RUN_ID_ENV] = saved
+
+
+def _run(opts: RunOptions) -> RunResult:
+    from bytewax.recovery import RecoveryConfig
+    from bytewax.run import cli_main
+
+    if not opts.verbose:
+        os.environ["RUST_BACKTRACE"] = "0"
+    v = validate_file(opts.path)
+    problems = v.errors(for_run=True)
+    for p in v.problems:  # the warnings of validate are shown by run too
+        if p not in problems:
+            print(p.render(True), file=sys.stderr)
+    if problems:
+        for p in problems:
+            print(p.render(True), file=sys.stderr)
+        return RunResult("failed", 1, None, "invalid workflow")
+    try:
+        flow = compile_validated(v)
+    except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
+        return _refused(error_text(exc))
+    if not opts.addresses:
+        from dataflare.k8s import cluster_from_env
+
+        try:
+            cluster = cluster_from_env()
+        except (ValueError, OSError) as exc:
+            return _refused(str(exc))
+        if cluster is not None:  # a pod of a StatefulSet or an Indexed Job (dataflare k8s)
+            opts = replace(opts, process_id=cluster.process_id,
+                           addresses=";".join(cluster.addresses))
+    recovery = None
+    interval = opts.snapshot_interval
+    if interval is None:  # the sources' streaming.checkpoint_interval, else 5 s
+        wanted = [s.streaming.checkpoint_interval for s in v.workflow.sources.values()
+                  if s.streaming is not None and s.streaming.checkpoint_interval is not None] \
+            if v.workflow is not None else []
+        interval = min(wanted) if wanted else 5.0
+    snapshot = timedelta(seconds=interval)
+    if opts.recovery_dir is not None:
+        directory = Path(opts.recovery_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        _init_partitions(directory, opts)
+        # The run's id outlives a crash before the first snapshot (see connectors.batching).
+        run_id = directory / "dataflare-run-id"
+        if not run_id.exists():
+            run_id.write_text((os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex) + "\n")
+        os.environ[RUN_ID_ENV] = run_id.read_text().strip()
+        recovery = RecoveryConfig(str(directory), timedelta(seconds=opts.backup_interval))
+    kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
+    if opts.addresses:
+        kwargs["addresses"] = opts.addresses.split(";")
+        kwargs["process_id"] = opts.process_id or 0
+    if opts.workers_per_process:
+        kwargs["workers_per_process"] = opts.workers_per_process
+    wf = v.workflow
+    assert wf is not None
+    os.environ.setdefault(RUN_ID_ENV, uuid.uuid4().hex)
+    CONTEXT.update(workflow_id=wf.id or wf.name or Path(opts.path).stem,
+                   run_id=os.environ[RUN_ID_ENV])
+    workers = (opts.workers_per_process or 1) * (len(opts.addresses.split(";"))
+                                                  if opts.addresses else 1)
+    limit = wf.config.max_concurrency
+    if limit is not None and workers > limit:
+        return _refused(f"config.max_concurrency is {limit}, this run asks for {workers} "
+                        "workers")
+    if opts.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(opts.metrics_port, addr=opts.metrics_host)
+    tracer = None
+    if opts.otlp_url:  # bytewax's own spans, exported over OTLP/gRPC
+        from bytewax.tracing import OtlpTracingConfig, setup_tracing
+
+        service = str(CONTEXT["workflow_id"])
+        tracer = setup_tracing(OtlpTracingConfig(service, opts.otlp_url), "INFO")
+    from dataflare.monitoring import Monitor
+
+    monitor = Monitor(wf)
+    monitor.start()
+    live = None
+    if opts.http_port is not None:
+        from dataflare.live import Live
+
+        live = Live(wf, os.environ.get(RUN_ID_ENV))
+        try:
+            live.start(opts.http_host, opts.http_port)
+        except OSError as exc:
+            return _refused(f"cannot serve --http-port {opts.http_port}: {exc.strerror}")
+    # SIGTERM / SIGINT stop gracefully (dataflare.stopping); so does config.timeout, which
+    # stops at once if the graceful stop takes longer than STOP_GRACE.
+    stopping.install()
+    timer = None
+    timeout_error = None
+    if wf.config.timeout is not None:
+        timeout_error = (f"the workflow ran longer than its config.timeout "
+                         f"({wf.config.timeout:g}s) and was stopped")
+        timer = threading.Timer(wf.config.timeout, _time_out, args=(timeout_error,))
+        timer.daemon = True
+        timer.start()
+    steps = [*wf.sources, *wf.transformations, *wf.destinations]
+    on_terminal = sys.stderr.isatty() and not opts.quiet
+    progress = _Progress(steps, list(wf.destinations), on_terminal, quiet=opts.quiet,
+                         progress_file=opts.progress_json)
+    code, status, error = 0, "succeeded", None
+    try:
+        with progress, _without_worker_panics():
+            cli_main(flow, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
+        cause = _unwrapped(exc)
+        if isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
+            code, status = 130, "stopped"
+        else:
+            code, status, error = 1, "failed", error_text(exc)
+        say(error or "interrupted", "error" if error else "warning")
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if status == "succeeded" and stopping.requested():
+        if timer is not None and timer.finished.is_set():
+            code, status, error = 124, "failed", timeout_error
+            say(str(error), "error")
+        else:
+            signum = stopping.SIGNAL[0] if stopping.SIGNAL else signal.SIGTERM
+            code, status = 128 + signum, "stopped"
+            kept = " (state kept in the final snapshot)" if recovery is not None else ""
+            say(f"stopped cleanly on {signal.Signals(signum).name}{kept}", status="stopped")
+    monitor.close()
+    if live is not None:
+        live.stop()
+    del tracer  # flushes the spans still buffered
+    error = scrub(error) if error else error
+    summary = progress.summary(list(wf.sources), status, error)
+    if wf.post_actions and not opts.no_post_actions:
+        summary["post_actions"] = _post_actions(opts, wf, status, summary)
+    if opts.summary_json:
+        Path(opts.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    return RunResult(status, code, summary, error)
+
+
+STOP_GRACE = 30.0  # seconds a timed-out run may take to stop gracefully
+
+
+def _time_out(message: str) -> None:
+    """``config.timeout`` passed: stop gracefully, and at once after STOP_GRACE."""
+    stopping.REQUESTED.set()
+    hard = threading.Timer(STOP_GRACE, _hard_stop, args=(message,))
+    hard.daemon = True
+    hard.start()
+
+
+def _hard_stop(message: str) -> None:
+    print(f"error: {message} (it did not stop within {STOP_GRACE:g}s)", file=sys.stderr,
+          flush=True)
+    os._exit(124)
+
+
+def _post_actions(opts: RunOptions, wf: Any, status: str,
+                  summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run the workflow's post-actions; each outcome is printed on stderr."""
+    from dataflare.post_actions import run_post_actions
+
+    trigger = None
+    if opts.server:
+        from dataflare.server.client import Client
+
+        trigger = Client(opts.server, opts.token).trigger_for_post_action
+    results = run_post_actions(wf, status, os.environ.get(RUN_ID_ENV), summary, trigger)
+    for r in results:
+        what = f"post-action {r['index']} ({r['type']})"
+        if r.get("done"):
+            say(f"{what}: done")
+        elif r.get("reason"):
+            continue
+        else:
+            say(f"{what}: failed: {r.get('error') or r.get('result')}", "warning")
+    return results
+
+
+def _init_partitions(directory: Path, opts: RunOptions) -> None:
+    """Create the recovery partitions of a new recovery directory.
+
+    A single process creates ``--recovery-partitions`` of them. A process of a
+    multi-process run creates only its own (``part-<id>`` of one per process), so each
+    process (a pod with its own volume) may keep its partition in a directory of its own;
+    when the processes share a directory, together they create the full set.
+    """
+    from bytewax.recovery import init_db_dir
+
+    if not opts.addresses:
+        if not any(directory.glob("*.sqlite3")):
+            init_db_dir(directory, opts.recovery_partitions)
+        return
+    own = directory / f"part-{opts.process_id or 0}.sqlite3"
+    if own.exists():
+        return
+    count = len(opts.addresses.split(";"))
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        init_db_dir(Path(tmp), count)
+        os.replace(Path(tmp) / own.name, own)
+
+
+_PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")
+_PANIC_TAIL = (b"Box<dyn Any>", b"note: run with `RUST_BACKTRACE=1`")
+
+
+@contextmanager
+def _without_worker_panics() -> Iterator[None]:
+    """Drop the notice bytewax's worker prints on stderr when a step raises.
+
+    The step's exception still ends the run and is printed as one ``error:`` line. With
+    ``RUST_BACKTRACE`` set, stderr is left alone.
+    """
+    if os.environ.get("RUST_BACKTRACE", "0") not in ("", "0"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    pump = threading.Thread(target=_pump, args=(read, os.dup(saved)), daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe: the pump reads to its end and stops
+        os.close(saved)
+        pump.join(timeout=5)
+
+
+def _pump(read: int, out: int) -> None:
+    """Copy stderr from ``read`` to ``out``, without worker panic notices.
+
+    Whole lines are checked; the unfinished end of the output (the progress line, redrawn
+    in place) is copied at once unless it may be the start of a panic notice.
+    """
+    panic = False
+    pending = b""
+    with os.fdopen(out, "wb", buffering=0) as dst:
+        while chunk := os.read(read, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for text in lines:
+                if _PANIC.match(text) or (panic and text.startswith(_PANIC_TAIL)):
+                    panic = True
+                    continue
+                panic = False
+                dst.write(scrub_bytes(text) + b"\n")
+            if pending and not panic and not b"thread '".startswith(pending[:8]):
+                dst.write(scrub_bytes(pending))
+                pending = b""
+        if pending:
+            dst.write(scrub_bytes(pending))
+    os.close(read)
+
+

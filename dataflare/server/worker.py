@@ -1,0 +1,188 @@
+"""The worker role: claim queued runs, run each as a ``dataflare run`` process, record it.
+
+A run's process gets the workflow's revision as a file in the workflow's working directory
+(relative paths of the workflow resolve there) and a recovery directory: one per workflow
+for a streaming workflow (a new run resumes from the last snapshot), one per run for a
+bounded one (removed when it succeeds). The server's run id is the process's run id, so a
+run taken over after its worker died resumes as the same run. The worker renews the run's
+lease while it runs, stores its output, stops it (SIGINT, then SIGKILL after a grace
+period) when a stop is asked, retries a failed run per ``config.retry`` with backoff, and
+runs the post-actions of every finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from dataflare.connectors.batching import RUN_ID_ENV
+from dataflare.dsl_compiler import validate_text
+from dataflare.k8s import is_streaming
+from dataflare.post_actions import run_post_actions
+from dataflare.server.store import NotFound, Run, Store, now
+
+log = logging.getLogger(__name__)
+LOG_LIMIT = 256 * 1024  # characters of a run's output kept in the store (the tail)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Timing of a worker (short in tests)."""
+
+    lease: timedelta = timedelta(seconds=30)
+    heartbeat: float = 2.0
+    poll: float = 0.2
+    stop_grace: float = 30.0
+
+
+class Worker:
+    """Runs claimed runs one at a time until ``stop`` is set."""
+
+    def __init__(self, store: Store, data_dir: Path, settings: WorkerSettings | None = None,
+                 name: str | None = None) -> None:
+        self.store, self.data_dir = store, Path(data_dir)
+        self.settings = settings or WorkerSettings()
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.shutdown = threading.Event()
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Claim and run until ``stop``; a run in progress is stopped and put back in the queue."""
+        self.shutdown = stop
+        while not stop.is_set():
+            try:
+                if not self.run_one():
+                    stop.wait(self.settings.poll)
+            except Exception:  # noqa: BLE001 - the worker outlives a failed run
+                log.exception("worker %s: run failed", self.name)
+                stop.wait(self.settings.poll)
+
+    def run_one(self) -> bool:
+        """Claim one run and carry it out; False when none was runnable."""
+        claimed = self.store.claim(self.name, self.settings.lease)
+        if claimed is None:
+            return False
+        run, text = claimed
+        self.execute(run, text)
+        return True
+
+    def execute(self, run: Run, text: str) -> None:
+        """Run ``run`` (workflow text ``text``) to its end and record the outcome."""
+        env = dict(os.environ)
+        v = validate_text(text, f"{run.workflow}.yaml", env)
+        work = self.data_dir / "work" / run.workflow
+        work.mkdir(parents=True, exist_ok=True)
+        flow = work / f"{run.workflow}.r{run.revision}.yaml"
+        flow.write_text(text)
+        streaming = v.workflow is not None and is_streaming(v)
+        recovery = self.data_dir / "recovery" / run.workflow
+        if not streaming:
+            recovery = recovery / run.id
+        recovery.mkdir(parents=True, exist_ok=True)
+        (recovery / "dataflare-run-id").write_text(run.id + "\n")
+        summary_file = work / f"{run.id}.summary.json"
+        progress_file = work / f"{run.id}.progress.json"
+        out_file = work / f"{run.id}.log"
+        cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "--recovery-dir",
+               str(recovery), "--summary-json", str(summary_file), "--no-post-actions",
+               "--progress-json", str(progress_file)]
+        env[RUN_ID_ENV] = run.id
+        with out_file.open("ab") as out:
+            proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            stopping_since: float | None = None
+            while True:
+                try:
+                    code = proc.wait(timeout=self.settings.heartbeat)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                stop = self.store.heartbeat(run.id, self.name, self.settings.lease,
+                                            _tail(out_file), _read_json(progress_file))
+                if self.shutdown.is_set() and stopping_since is None:
+                    stopping_since = time.monotonic()  # the server stops: leave the run
+                    os.killpg(proc.pid, signal.SIGINT)
+                elif stop and stopping_since is None:
+                    stopping_since = time.monotonic()
+                    os.killpg(proc.pid, signal.SIGINT)
+                elif (stopping_since is not None
+                      and time.monotonic() - stopping_since > self.settings.stop_grace):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        output = _tail(out_file)
+        if self.shutdown.is_set() and code != 0:
+            self.store.release(run.id, self.name, output)  # another worker resumes it
+            return
+        summary = _read_json(summary_file)
+        status = "succeeded" if code == 0 else "stopped" if stopping_since else "failed"
+        error = None if code == 0 else (summary or {}).get("error") or _last_error(output)
+        if status == "stopped":
+            error = None
+        wf = v.workflow
+        retry_at = None
+        if status == "failed" and wf is not None and run.attempt < wf.config.retry.max_attempts:
+            b = wf.config.retry.backoff
+            delay = min(b.max, b.initial * b.multiplier ** (run.attempt - 1))
+            retry_at = now() + timedelta(seconds=delay)
+        self.store.finish(run.id, self.name, status, summary, error, output, retry_at)
+        if retry_at is None and status == "succeeded" and not streaming:
+            shutil.rmtree(recovery, ignore_errors=True)
+        if retry_at is None and wf is not None and wf.post_actions:
+            results = run_post_actions(wf, status, run.id, summary, self._trigger(run))
+            self.store.record_actions(run.id, results)
+
+    def _trigger(self, run: Run) -> Any:
+        def trigger(target: str, wait: bool) -> tuple[bool, str]:
+            try:
+                rid = self.store.start_run(target, f"workflow:{run.workflow}", "trigger",
+                                           parent_run=run.id)
+            except NotFound:
+                return False, f"no workflow {target!r}"
+            if not wait or rid is None:
+                return True, f"run {rid} queued"
+            while True:  # the triggered run is carried out by any worker (this one too)
+                child = self.store.run(rid)
+                if child.status in ("succeeded", "failed", "stopped"):
+                    return child.status == "succeeded", f"run {rid} {child.status}"
+                if not self.run_one():
+                    time.sleep(self.settings.poll)
+
+        return trigger
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - LOG_LIMIT))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _last_error(output: str) -> str | None:
+    for line in reversed(output.splitlines()):
+        if line.startswith("error: "):
+            return line[len("error: "):]
+    lines = [x for x in output.splitlines() if x.strip()]
+    return lines[-1] if lines else "the run's process ended without a word"

@@ -1,0 +1,134 @@
+"""Graceful stop: a signal ends every source's input; nothing open is lost.
+
+``dataflare run`` installs :func:`install` for SIGTERM (how Docker and Kubernetes stop a
+process) and SIGINT. The first signal sets :data:`REQUESTED`: every source (wrapped by
+:func:`stoppable` in the compiler) ends its input at its next poll, so the dataflow drains:
+batches in flight are written, destinations flush their buffers, and stateful steps keep
+their open windows, joins and aggregates in the final snapshot instead of emitting them
+(:func:`requested` is what they ask). With recovery on, the next run resumes from there.
+A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bytewax.inputs import (
+    DynamicSource,
+    FixedPartitionedSource,
+    Source,
+    StatefulSourcePartition,
+    StatelessSourcePartition,
+)
+
+REQUESTED = threading.Event()
+SIGNAL: list[int] = []  # the signal that asked for the stop
+_POLL = timedelta(milliseconds=500)  # how soon an idle source notices a stop
+
+
+def requested() -> bool:
+    """Whether a graceful stop was asked: input ends, open state is kept, not emitted."""
+    return REQUESTED.is_set()
+
+
+def install(on_first: Callable[[int], None] | None = None) -> None:
+    """Handle SIGTERM and SIGINT (also when SIGINT was inherited as ignored)."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        if REQUESTED.is_set():
+            print("\nstopping at once (second signal)", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        SIGNAL.append(signum)
+        REQUESTED.set()
+        if on_first is not None:
+            on_first(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class _Partition(StatefulSourcePartition[Any, Any]):
+    """A partition whose input ends when a stop is asked; its position is kept."""
+
+    def __init__(self, inner: StatefulSourcePartition[Any, Any]) -> None:
+        self.inner = inner
+        self.awake: datetime | None = None
+
+    def next_batch(self) -> Any:
+        if REQUESTED.is_set():
+            raise StopIteration
+        if self.awake is not None and datetime.now(UTC) < self.awake:
+            return []  # woken early to look for a stop: the source is not due yet
+        batch = self.inner.next_batch()
+        self.awake = self.inner.next_awake()
+        return batch
+
+    def next_awake(self) -> datetime | None:
+        if self.awake is None:
+            return None  # the source is ready at once (and looks for a stop each batch)
+        soon = datetime.now(UTC) + _POLL
+        return min(self.awake, soon)
+
+    def snapshot(self) -> Any:
+        return self.inner.snapshot()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _StatelessPartition(StatelessSourcePartition[Any]):
+    def __init__(self, inner: StatelessSourcePartition[Any]) -> None:
+        self.inner = inner
+        self.awake: datetime | None = None
+
+    def next_batch(self) -> Any:
+        if REQUESTED.is_set():
+            raise StopIteration
+        if self.awake is not None and datetime.now(UTC) < self.awake:
+            return []
+        batch = self.inner.next_batch()
+        self.awake = self.inner.next_awake()
+        return batch
+
+    def next_awake(self) -> datetime | None:
+        if self.awake is None:
+            return None  # the source is ready at once (and looks for a stop each batch)
+        soon = datetime.now(UTC) + _POLL
+        return min(self.awake, soon)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _Fixed(FixedPartitionedSource[Any, Any]):
+    def __init__(self, inner: FixedPartitionedSource[Any, Any]) -> None:
+        self.inner = inner
+
+    def list_parts(self) -> list[str]:
+        return self.inner.list_parts()
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _Partition:
+        return _Partition(self.inner.build_part(step_id, for_part, resume_state))
+
+
+class _Dynamic(DynamicSource[Any]):
+    def __init__(self, inner: DynamicSource[Any]) -> None:
+        self.inner = inner
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _StatelessPartition:
+        return _StatelessPartition(self.inner.build(step_id, worker_index, worker_count))
+
+
+def stoppable(source: Source[Any]) -> Source[Any]:
+    """``source`` whose input ends when a graceful stop is asked."""
+    if isinstance(source, FixedPartitionedSource):
+        return _Fixed(source)
+    if isinstance(source, DynamicSource):
+        return _Dynamic(source)
+    return source

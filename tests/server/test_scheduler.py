@@ -1,0 +1,134 @@
+"""The scheduler: instants (cron across DST, interval, once), catchup, never an instant twice."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from dataflare.dsl_compiler.models import Schedule
+from dataflare.server.scheduler import Scheduler, instants
+from dataflare.server.store import Store
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def iso(ts: list[datetime]) -> list[str]:
+    return [t.strftime("%m-%d %H:%M") for t in ts]
+
+
+def test_a_daily_cron_fires_at_local_time_across_both_dst_changes() -> None:
+    s = Schedule(type="cron", expression="30 2 * * *", timezone="Europe/Berlin")
+    # Spring: 02:30 does not exist on 03-29 (02:00 -> 03:00): it fires at 03:00 local.
+    assert iso(list(instants(s, utc(2026, 3, 27), utc(2026, 3, 31)))) == [
+        "03-27 01:30", "03-28 01:30", "03-29 01:00", "03-30 00:30"]
+    # Autumn: 02:30 happens twice on 10-25; a daily job fires once.
+    assert iso(list(instants(s, utc(2026, 10, 23), utc(2026, 10, 27)))) == [
+        "10-23 00:30", "10-24 00:30", "10-25 00:30", "10-26 01:30"]
+
+
+def test_an_hourly_cron_fires_every_real_hour_when_the_clock_goes_back() -> None:
+    s = Schedule(type="cron", expression="0 * * * *", timezone="Europe/Berlin")
+    assert iso(list(instants(s, utc(2026, 10, 24, 23, 30), utc(2026, 10, 25, 3, 1)))) == [
+        "10-25 00:00", "10-25 01:00", "10-25 02:00", "10-25 03:00"]
+
+
+def test_interval_once_and_date_bounds() -> None:
+    s = Schedule(type="interval", interval=900, start_date=utc(2026, 1, 1),
+                 end_date=utc(2026, 1, 1, 1))
+    assert iso(list(instants(s, utc(2026, 1, 1, 0, 7), utc(2026, 1, 2)))) == [
+        "01-01 00:15", "01-01 00:30", "01-01 00:45", "01-01 01:00"]
+    once = Schedule(type="once", start_date=utc(2026, 5, 1, 12))
+    assert list(instants(once, utc(2026, 1, 1), utc(2026, 6, 1))) == [utc(2026, 5, 1, 12)]
+    assert list(instants(once, utc(2026, 5, 2), utc(2026, 6, 1))) == []
+
+
+HOURLY = """
+workflow:
+  id: {wid}
+  schedule: {{type: interval, interval: 1h, catchup: {catchup}}}
+  sources: {{g: {{type: generator, config: {{preset: orders, count: 1}}}}}}
+  destinations: {{o: {{type: stdout, inputs: [g]}}}}
+"""
+
+
+def _put(store: Store, wid: str, catchup: str = "latest") -> datetime:
+    store.put_workflow(wid, None, HOURLY.format(wid=wid, catchup=catchup), "t", create=True)
+    created = store.scheduled()[0][4] if len(store.scheduled()) == 1 else None
+    for w, _, _, _, c in store.scheduled():
+        if w == wid:
+            created = c
+    assert created is not None
+    return created
+
+
+@pytest.mark.parametrize(("catchup", "expected"), [("latest", 1), ("all", 5), ("none", 0)])
+def test_instants_missed_while_down_follow_catchup(sqlite_store: Store, catchup: str,
+                                                   expected: int) -> None:
+    created = _put(sqlite_store, "wf", catchup)
+    hour = created.replace(minute=0, second=0, microsecond=0)
+    clock = [hour + timedelta(hours=5, minutes=3)]
+    Scheduler(sqlite_store, clock=lambda: clock[0]).tick()
+    runs = sqlite_store.runs("wf")
+    assert len(runs) == expected
+    if catchup == "latest":
+        assert runs[0].scheduled_for == hour + timedelta(hours=5)
+    # The position moved past every missed instant: the next tick adds only new ones.
+    clock[0] += timedelta(hours=1)
+    Scheduler(sqlite_store, clock=lambda: clock[0]).tick()
+    assert len(sqlite_store.runs("wf")) == expected + (1 if catchup != "none" else 0)
+
+
+def test_two_schedulers_and_restarts_never_fire_an_instant_twice(store: Store) -> None:
+    created = _put(store, "wf", "all").replace(minute=0, second=0, microsecond=0)
+    clock = [created]
+    schedulers = [Scheduler(store, clock=lambda: clock[0]) for _ in range(2)]
+    for hour in range(1, 13):
+        clock[0] = created + timedelta(hours=hour, seconds=1)
+        threads = [threading.Thread(target=s.tick) for s in schedulers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if hour % 4 == 0:  # a restart: new scheduler objects, nothing kept in memory
+            schedulers = [Scheduler(store, clock=lambda: clock[0]) for _ in range(2)]
+    instants_fired = sorted(r.scheduled_for for r in store.runs("wf", limit=1000))
+    assert instants_fired == [created + timedelta(hours=h) for h in range(1, 13)]
+    starts = [a for a in store.audit(1000) if a["action"] == "run.start"]
+    assert len(starts) == 12  # an instant another scheduler took leaves no audit record
+
+
+def test_backfill_creates_one_run_per_instant_once(store: Store) -> None:
+    created = _put(store, "wf", "none")
+    s = Scheduler(store)
+    start = created.replace(minute=0, second=0, microsecond=0) - timedelta(hours=10)
+    ids = s.backfill("wf", start, start + timedelta(hours=3), "ops")
+    assert len(ids) == 4  # hourly instants (aligned to the epoch), both ends included
+    assert sorted(r.scheduled_for for r in store.runs("wf")) == [
+        start + timedelta(hours=h) for h in range(4)]
+    again = s.backfill("wf", start, start + timedelta(hours=3), "ops")
+    assert again == []
+    assert {r.trigger for r in store.runs("wf")} == {"backfill"}
+
+
+@pytest.mark.parametrize(("schedule", "message"), [
+    ({"type": "cron", "expression": "61 * * * *"}, "invalid cron expression"),
+    ({"type": "cron", "expression": "* * * *"}, "must have 5 or 6 fields"),
+    ({"type": "cron", "expression": "0 0 * * *", "timezone": "Mars/Base"},
+     "unknown time zone 'Mars/Base'"),
+    ({"type": "interval", "expression": "soon"}, "is not a duration"),
+    ({"type": "interval"}, "needs 'interval'"),
+])
+def test_schedules_are_checked_at_validate(schedule: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Schedule.model_validate(schedule)
+
+
+def test_nicknames_and_the_seeds_interval_expression_are_accepted() -> None:
+    daily = Schedule(type="cron", expression="@daily", timezone="America/New_York")
+    assert iso(list(instants(daily, utc(2026, 3, 7), utc(2026, 3, 10)))) == [
+        "03-07 05:00", "03-08 05:00", "03-09 04:00"]  # EST, then EDT
+    assert Schedule(type="interval", expression="15m").interval == 900

@@ -1,0 +1,85 @@
+"""One bad record never stops a run: it follows its step's error_handling, with its position."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run(tmp_path: Path, flow: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "wf.yaml"
+    path.write_text(flow)
+    return subprocess.run([sys.executable, "-m", "dataflare", "run", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_window_time_out_of_range_is_an_error_of_its_record(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text(
+        '{"u": "a", "ts": 600}\n{"u": "a", "ts": 99999999999999}\n{"u": "a", "ts": 700}\n'
+        '{"u": "b", "ts": -1e300}\n')
+    out = run(tmp_path, """
+workflow:
+  sources: {events: {type: file, config: {path: in.jsonl}}}
+  transformations:
+    w:
+      type: window
+      inputs: [events]
+      config: {window: {type: tumbling, size: 60s}, time_field: ts, group_by: [u],
+               aggregations: [{field: u, operations: [count], as: n}]}
+      error_handling: {strategy: redirect, redirect_to: dead}
+  destinations:
+    out: {type: file, inputs: [w], config: {path: out.jsonl}}
+    dead: {type: file, config: {path: dead.jsonl}}
+""")
+    assert out.returncode == 0, out.stderr
+    assert [r["n"] for r in lines(tmp_path / "out.jsonl")] == [1, 1]
+    dead = lines(tmp_path / "dead.jsonl")
+    dead.sort(key=lambda d: d["source"]["position"]["line"])
+    assert [d["source"]["position"]["line"] for d in dead] == [2, 4]
+    assert "out of range" in dead[0]["error"]["message"]
+    assert "epoch milliseconds? set time_unit: ms" in dead[0]["error"]["message"]
+
+
+def test_a_record_too_deep_for_json_is_refused_alone(tmp_path: Path) -> None:
+    deep: dict = {"id": 2}
+    for _ in range(300):
+        deep = {"n": deep}
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"id": 1}, {"id": 2, "deep": deep}, {"id": 3})) + "\n")
+    out = run(tmp_path, """
+workflow:
+  sources: {events: {type: file, config: {path: in.jsonl}}}
+  destinations:
+    out: {type: file, inputs: [events], config: {path: out.jsonl},
+          error_handling: {strategy: redirect, redirect_to: dead}}
+    screen: {type: stdout, inputs: [events], error_handling: {strategy: skip}}
+    dead: {type: file, config: {path: dead.jsonl}}
+""")
+    assert out.returncode == 0, out.stderr
+    assert [r["id"] for r in lines(tmp_path / "out.jsonl")] == [1, 3]
+    assert [json.loads(x)["id"] for x in out.stdout.splitlines()] == [1, 3]
+    [dead] = lines(tmp_path / "dead.jsonl")
+    assert dead["error"]["step"] == "out" and "nested too deeply" in dead["error"]["message"]
+    assert dead["source"]["position"]["line"] == 2
+    assert dead["record"].startswith("{'id': 2")  # kept as text: JSON cannot hold it
+
+
+def test_a_byte_order_mark_is_dropped(tmp_path: Path) -> None:
+    (tmp_path / "in.csv").write_bytes(b"\xef\xbb\xbfid,name\n1,ann\n")
+    (tmp_path / "in.jsonl").write_bytes(b'\xef\xbb\xbf{"id": 2}\n')
+    out = run(tmp_path, """
+workflow:
+  sources:
+    people: {type: file, config: {path: in.csv}}
+    more: {type: file, config: {path: in.jsonl}}
+  destinations: {out: {type: file, inputs: [people, more], config: {path: out.jsonl}}}
+""")
+    assert out.returncode == 0, out.stderr
+    got = sorted(lines(tmp_path / "out.jsonl"), key=lambda r: str(r["id"]))
+    assert got == [{"id": "1", "name": "ann"}, {"id": 2}]  # "id", not "\ufeffid"

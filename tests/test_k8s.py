@@ -1,0 +1,298 @@
+"""Kubernetes manifests (validated offline), the pods' command run locally, and the image."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataflare import k8s
+from tests.fixtures.pg_private import free_port
+from tests.test_exactly_once import produce
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOWS = sorted((ROOT / "flows").glob("*.yaml"))
+K8S_VERSION = "1.30"
+
+
+def _validate(obj: dict[str, Any]) -> None:
+    import kubernetes_validate
+
+    if obj["kind"] == "PodMonitor":  # a Prometheus-operator resource: no schema offline
+        assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+        assert obj["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics"}]
+        return
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def _by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in objects}
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("flow", FLOWS, ids=lambda p: p.stem)
+def test_every_flow_renders_manifests_that_validate_offline(flow: Path) -> None:
+    objects = k8s.render(flow, k8s.Options(image="registry.local/dataflare:1", replicas=3))
+    for obj in objects:
+        _validate(obj)
+    kinds = _by_kind(objects)
+    assert {"ConfigMap", "Secret", "Service", "PodMonitor"} <= set(kinds)
+    assert kinds["ConfigMap"]["data"]["workflow.yaml"] == flow.read_text()
+    pods = kinds.get("StatefulSet") or kinds.get("Job") or kinds["CronJob"]
+    assert "registry.local/dataflare:1" in json.dumps(pods)
+    # The text dumped is the same objects (one multi-document YAML).
+    import yaml
+
+    assert list(yaml.safe_load_all(k8s.dump(objects))) == objects
+
+
+def test_the_offline_validation_is_strict() -> None:
+    import kubernetes_validate
+
+    sts = _by_kind(k8s.render(ROOT / "flows/kafka_to_warehouse.yaml", k8s.Options()))
+    bad = json.loads(json.dumps(sts["StatefulSet"]))
+    bad["spec"]["template"]["spec"]["containers"][0]["comand"] = ["x"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_a_streaming_workflow_is_a_statefulset_with_a_volume_per_pod() -> None:
+    kinds = _by_kind(k8s.render(ROOT / "flows/postgres_cdc_mirror.yaml",
+                                k8s.Options(replicas=3, name="Mirror")))
+    sts = kinds["StatefulSet"]
+    assert sts["metadata"]["name"] == "mirror" and sts["spec"]["replicas"] == 3
+    assert sts["spec"]["serviceName"] == kinds["Service"]["metadata"]["name"] == "mirror"
+    assert kinds["Service"]["spec"]["clusterIP"] == "None"
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    pod = sts["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"][:3] == ["dataflare", "run", "/etc/dataflare/workflow.yaml"]
+    assert "--recovery-dir" in container["command"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["command"][container["command"].index("--http-host") + 1] == "0.0.0.0"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    env = {e["name"]: e for e in container["env"]}
+    assert env["BYTEWAX_REPLICAS"]["value"] == "3"
+    assert env["BYTEWAX_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert container["envFrom"] == [{"secretRef": {"name": "mirror-env"}}]
+    # The mirror reads its connection settings from variables without defaults.
+    assert set(kinds["Secret"]["stringData"]) == set(
+        k8s.variables((ROOT / "flows/postgres_cdc_mirror.yaml").read_text(),
+                      with_defaults=False)) - set(_workflow_env(ROOT /
+                                                                "flows/postgres_cdc_mirror.yaml"))
+
+
+def _workflow_env(path: Path) -> dict[str, str]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["workflow"].get("environment", {})
+
+
+def test_a_bounded_workflow_is_an_indexed_job_and_a_cron_schedule_a_cronjob(
+        tmp_path: Path) -> None:
+    kinds = _by_kind(k8s.render(ROOT / "flows/quickstart.yaml", k8s.Options(replicas=2)))
+    job = kinds["Job"]["spec"]
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 2
+    assert job["template"]["spec"]["subdomain"] == kinds["Service"]["metadata"]["name"]
+    assert "--recovery-dir" not in job["template"]["spec"]["containers"][0]["command"]
+
+    text = (ROOT / "flows/quickstart.yaml").read_text().replace(
+        "workflow:\n", "workflow:\n  schedule: {type: cron, expression: '15 2 * * *', "
+        "timezone: Europe/Paris}\n  config: {timeout: 10m}\n", 1)
+    flow = _write(ROOT / "flows", f".k8s-test-{os.getpid()}.yaml", text)
+    try:
+        objects = k8s.render(flow, k8s.Options(replicas=2))
+    finally:
+        flow.unlink()
+    for obj in objects:
+        _validate(obj)
+    cron = _by_kind(objects)["CronJob"]["spec"]
+    assert cron["schedule"] == "15 2 * * *" and cron["timeZone"] == "Europe/Paris"
+    assert cron["concurrencyPolicy"] == "Forbid"
+    assert cron["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 660
+
+
+def test_an_invalid_workflow_renders_nothing(tmp_path: Path) -> None:
+    flow = _write(tmp_path, "bad.yaml", "workflow:\n  sources: {a: {type: nope}}\n")
+    out = subprocess.run([sys.executable, "-m", "dataflare", "k8s", str(flow)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "bad.yaml:2" in out.stderr and not out.stdout
+
+
+def test_cluster_from_env_follows_bytewax_conventions(tmp_path: Path) -> None:
+    assert k8s.cluster_from_env({}) is None
+    c = k8s.cluster_from_env({"BYTEWAX_POD_NAME": "wf-2", "BYTEWAX_STATEFULSET_NAME": "wf",
+                              "BYTEWAX_REPLICAS": "3", "DATAFLARE_PEER_DOMAIN": "wf.ns"})
+    assert c == k8s.Cluster(2, ["wf-0.wf.ns:9999", "wf-1.wf.ns:9999", "wf-2.wf.ns:9999"])
+    c = k8s.cluster_from_env({"JOB_COMPLETION_INDEX": "1", "DATAFLARE_JOB_NAME": "j",
+                              "BYTEWAX_REPLICAS": "2"})
+    assert c == k8s.Cluster(1, ["j-0.j:9999", "j-1.j:9999"])
+    hosts = _write(tmp_path, "hosts.txt", "a:1\nb:2\n\n")
+    c = k8s.cluster_from_env({"BYTEWAX_PROCESS_ID": "0", "BYTEWAX_HOSTFILE_PATH": str(hosts)})
+    assert c == k8s.Cluster(0, ["a:1", "b:2"])
+    with pytest.raises(ValueError, match="outside"):
+        k8s.cluster_from_env({"BYTEWAX_PROCESS_ID": "5", "BYTEWAX_ADDRESSES": "a:1;b:2"})
+
+
+def _pod_command(sts: dict[str, Any], workflow: Path, recovery: Path) -> list[str]:
+    """The container's command with the pod's mounts replaced by local paths."""
+    cmd = list(sts["spec"]["template"]["spec"]["containers"][0]["command"])
+    cmd = [str(workflow) if a == f"{k8s.WORKFLOW_MOUNT}/workflow.yaml" else
+           str(recovery) if a == f"{k8s.RECOVERY_MOUNT}/recovery" else a for a in cmd]
+    assert cmd[0] == "dataflare"
+    return [str(Path(sys.executable).with_name("dataflare")), *cmd[1:]]
+
+
+def _pod_env(sts: dict[str, Any], pod: str, secrets: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            assert e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            env[e["name"]] = pod
+    env.update(secrets)
+    return env
+
+
+def test_the_statefulset_command_runs_the_workflow_as_two_pods(
+        tmp_path: Path, kafka_broker: Any, kafka_topic: Any, pg_schema: Any) -> None:
+    topic = kafka_topic(partitions=4)
+    produce(kafka_broker.bootstrap_servers, topic,
+            [{"id": i, "v": i * 2, "user_id": f"u{i % 7}"} for i in range(2000)])
+    flow = _write(tmp_path, "wf.yaml", f"""
+workflow:
+  id: pods
+  sources:
+    events:
+      type: kafka
+      mode: streaming
+      config: {{bootstrap_servers: "${{KAFKA}}", topic: {topic}, stop_at_end: true,
+               consumer_group: pods}}
+  destinations:
+    table:
+      type: postgres
+      inputs: [events]
+      config: {{dsn: "${{PG_DSN}}", schema: {pg_schema.schema}, table: events}}
+""")
+    objects = _by_kind(k8s.render(flow, k8s.Options(replicas=2)))
+    sts = objects["StatefulSet"]
+    assert set(objects["Secret"]["stringData"]) == {"KAFKA", "PG_DSN"}
+    secrets = {"KAFKA": kafka_broker.bootstrap_servers, "PG_DSN": pg_schema.dsn}
+    # Pods reach each other by DNS name; here both "pods" share loopback, on two ports.
+    addresses = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
+    procs = []
+    for i in range(2):
+        env = _pod_env(sts, f"pods-{i}", secrets)
+        env["BYTEWAX_ADDRESSES"] = addresses
+        cmd = _pod_command(sts, flow, tmp_path / f"recovery-{i}")
+        cmd[cmd.index("--http-port") + 1] = str(free_port())
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    # Each pod created its own recovery partition in its own directory.
+    assert sorted(p.name for p in (tmp_path / "recovery-0").glob("*.sqlite3")) == [
+        "part-0.sqlite3"]
+    assert sorted(p.name for p in (tmp_path / "recovery-1").glob("*.sqlite3")) == [
+        "part-1.sqlite3"]
+    rows = pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".events ORDER BY id')
+    assert rows == [(i, i * 2) for i in range(2000)]
+
+
+def test_bytewax_run_takes_the_workflow_from_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"n": {i}}}\n' for i in range(5)))
+    flow = _write(tmp_path, "wf.yaml", """
+workflow:
+  sources: {numbers: {type: file, config: {path: in.jsonl}}}
+  transformations:
+    big: {type: filter, inputs: [numbers], config: {condition: "n >= 2"}}
+  destinations: {out: {type: file, inputs: [big], config: {path: out.jsonl}}}
+""")
+    env = {**os.environ, "DATAFLARE_WORKFLOW": str(flow)}
+    out = subprocess.run([sys.executable, "-m", "bytewax.run", "dataflare.k8s:flow"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line)["n"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(got) == [2, 3, 4]
+    env.pop("DATAFLARE_WORKFLOW")
+    out = subprocess.run([sys.executable, "-m", "bytewax.run", "dataflare.k8s:flow"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "DATAFLARE_WORKFLOW" in out.stderr
+
+
+def _dockerfile() -> tuple[dict[str, str], list[str]]:
+    """The Dockerfile's build arguments (with defaults) and its entry point."""
+    text = (ROOT / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, re.M))
+    entry = re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M)
+    assert entry is not None
+    return args, json.loads(entry.group(1))
+
+
+def test_the_image_entry_point_runs_a_workflow_with_the_core_only(tmp_path: Path) -> None:
+    """What the image's build stage does, in a venv: install the checkout, run the entry point.
+
+    Installed with no extra, as a core-only install: file -> mapping -> file needs none.
+    """
+    args, entry = _dockerfile()
+    assert args["EXTRAS"] == "all" and entry == ["dataflare"]
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001$", text, re.M), "the image runs as a non-root user"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    install = subprocess.run(
+        [str(venv / "bin/pip"), "install", "--quiet", "--disable-pip-version-check", str(ROOT)],
+        capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    missing = subprocess.run([str(venv / "bin/python"), "-c", "import confluent_kafka"],
+                             capture_output=True)
+    assert missing.returncode != 0, "the core install must not bring the Kafka client"
+    (tmp_path / "in.jsonl").write_text('{"id": "1", "amount": "12.5"}\n{"id": "2"}\n')
+    flow = _write(tmp_path, "wf.yaml", """
+workflow:
+  sources: {orders: {type: file, config: {path: in.jsonl}}}
+  transformations:
+    clean:
+      type: mapping
+      inputs: [orders]
+      config:
+        mappings:
+          - {source: id, destination: id, transform: to_int}
+          - {source: amount, destination: amount, transform: to_float, default: 0}
+  destinations: {out: {type: file, inputs: [clean], config: {path: out.jsonl}}}
+""")
+    run = subprocess.run([str(venv / "bin" / entry[0]), *shlex.split("run -q"), str(flow)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(lines, key=lambda r: r["id"]) == [{"id": 1, "amount": 12.5},
+                                                   {"id": 2, "amount": 0}]
+    # A component whose extra is missing is refused at validate, with what to install.
+    kafka = _write(tmp_path, "kafka.yaml", """
+workflow:
+  sources: {events: {type: kafka, config: {topic: t}}}
+  destinations: {out: {type: duckdb, inputs: [events], config: {path: x.db, table: t}}}
+""")
+    refused = subprocess.run([str(venv / "bin" / entry[0]), "validate", str(kafka)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert "source type 'kafka' needs confluent_kafka, not installed: pip install " \
+           "'dataflare[kafka]'" in refused.stderr
+    assert "pip install 'dataflare[duckdb]'" in refused.stderr
