@@ -45,6 +45,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_with(RunOptions(**{k: v for k, v in vars(args).items() if k in names})).exit_code
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Run a workflow from one of its steps, on dead letters."""
+    from dataflare.runner import RunOptions, run_with
+
+    return run_with(RunOptions(
+        path=args.path, recovery_dir=args.recovery_dir, quiet=args.quiet,
+        summary_json=args.summary_json, no_post_actions=True,
+        replay=(args.step, args.letters), verbose=args.verbose)).exit_code
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     """Run the ``tests:`` blocks of workflow files."""
     from dataflare.testing import run_workflow_tests
@@ -260,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("DATAFLARE_TOKEN"),
                    help="API token for --server (or DATAFLARE_TOKEN).")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("replay", help="Feed dead letters back into a step of a workflow.")
+    p.add_argument("letters", metavar="DEAD_LETTERS", help="A JSON-lines file of dead letters.")
+    p.add_argument("--to", required=True, dest="step", metavar="STEP",
+                   help="The source or transformation that receives them.")
+    p.add_argument("path", metavar="WORKFLOW")
+    p.add_argument("-r", "--recovery-dir", dest="recovery_dir",
+                   help="Recovery directory of the replay (not the workflow's own).")
+    p.add_argument("-q", "--quiet", action="store_true", help="No progress or summary.")
+    p.add_argument("--summary-json", metavar="FILE")
+    p.set_defaults(fn=cmd_replay)
 
     p = sub.add_parser("test", help="Run the tests: blocks of workflow files.")
     p.add_argument("paths", nargs="+", metavar="PATH")

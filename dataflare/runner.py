@@ -50,6 +50,7 @@ class RunOptions:
     http_port: int | None = None
     http_host: str = "127.0.0.1"
     otlp_url: str | None = None
+    replay: tuple[str, str] | None = None  # (step, dead-letter file): ``dataflare replay``
     quiet: bool = False
     verbose: bool = False
     summary_json: str | None = None
@@ -279,8 +280,23 @@ def _run(opts: RunOptions) -> RunResult:
         for p in problems:
             print(p.render(True), file=sys.stderr)
         return RunResult("failed", 1, None, "invalid workflow")
+    replayed = None
+    if opts.replay is not None:
+        from dataflare.replay import read_dead_letters, replay_source
+
+        step, letters = opts.replay
+        if v.graph is None or step not in v.graph.kinds or v.graph.kinds[step] == "destinations":
+            return _refused(f"no source or transformation {step!r} in {opts.path} to replay into")
+        try:
+            records, unusable = read_dead_letters(Path(letters))
+        except OSError as exc:
+            return _refused(f"cannot read {letters}: {exc.strerror}")
+        for problem in unusable:
+            say(f"not replayed: {problem}", "warning")
+        replayed = (step, replay_source(records))
+        say(f"replaying {len(records)} dead letters of {letters} into step {step!r}")
     try:
-        flow = compile_validated(v)
+        flow = compile_validated(v, replay=replayed)
     except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
         return _refused(error_text(exc))
     if not opts.addresses:
@@ -397,6 +413,10 @@ def _run(opts: RunOptions) -> RunResult:
     summary = progress.summary(list(wf.sources), status, error)
     if wf.post_actions and not opts.no_post_actions:
         summary["post_actions"] = _post_actions(opts, wf, status, summary)
+    if replayed is not None:
+        failed = int(summary["failed"])  # type: ignore[call-overload]
+        say(f"replayed into {replayed[0]!r}: {failed} failed again"
+            + (" (they followed the steps' error_handling)" if failed else ""))
     if opts.summary_json:
         Path(opts.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return RunResult(status, code, summary, error)

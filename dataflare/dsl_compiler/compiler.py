@@ -37,6 +37,7 @@ from dataflare.stopping import stoppable
 
 log = logging.getLogger(__name__)
 _DEAD = "dead_letter"
+_REPLAY = "<replay>"  # the stream of replayed records into a transformation
 
 
 class StepFailed(RuntimeError):
@@ -62,15 +63,18 @@ def compile_validated(
     *,
     test_inputs: Mapping[str, list[Any]] | None = None,
     captured: dict[str, list[Any]] | None = None,
+    replay: tuple[str, Source[Any]] | None = None,
 ) -> Dataflow:
     """Compile a validated workflow.
 
     With ``test_inputs`` every source is replaced by the given records (none when absent)
     and every destination writes into ``captured[destination id]`` instead of its system.
+    With ``replay=(step, source)`` only ``step`` and what is downstream of it run, ``step``
+    reading ``source`` (dead letters, unwrapped) instead of its inputs.
     """
     if validated.errors(for_run=True) or validated.workflow is None or validated.graph is None:
         raise WorkflowError(validated.problems)
-    flow = _Compiler(validated, test_inputs, captured).compile()
+    flow = _Compiler(validated, test_inputs, captured, replay).compile()
     tune_gc()
     return flow
 
@@ -315,6 +319,7 @@ class _Compiler:
         validated: Validated,
         test_inputs: Mapping[str, list[Any]] | None,
         captured: dict[str, list[Any]] | None,
+        replay: tuple[str, Source[Any]] | None = None,
     ) -> None:
         assert validated.workflow is not None and validated.graph is not None
         self.v = validated
@@ -324,6 +329,20 @@ class _Compiler:
         self.captured = captured if captured is not None else {}
         self.streams: dict[str, Stream[Any]] = {}
         self.redirected: dict[str, list[Stream[Any]]] = {}
+        self.replay = replay
+        self.running = self._downstream(replay[0]) if replay else set(self.graph.kinds)
+
+    def _downstream(self, step: str) -> set[str]:
+        """``step`` and every component fed by it, directly or not."""
+        out = {step}
+        changed = True
+        while changed:
+            changed = False
+            for cid, refs in self.graph.inputs.items():
+                if cid not in out and any(r.split(".", 1)[0] in out for r in refs):
+                    out.add(cid)
+                    changed = True
+        return out
 
     def ctx(self, kind: registry.Kind, cid: str, comp: Any) -> registry.BuildContext:
         return registry.BuildContext(
@@ -343,7 +362,11 @@ class _Compiler:
 
     def compile(self) -> Dataflow:
         flow = Dataflow(_flow_id(self.v))
+        if self.replay is not None and self.graph.kinds[self.replay[0]] == "transformations":
+            self.streams[_REPLAY] = op.input("replay", flow, self.replay[1])
         for cid in self.graph.order():
+            if cid not in self.running:
+                continue
             section = self.graph.kinds[cid]
             if section == "sources":
                 self.source(flow, cid)
@@ -366,13 +389,15 @@ class _Compiler:
 
     def source(self, flow: Dataflow, cid: str) -> None:
         comp = self.wf.sources[cid]
-        if self.test_inputs is not None:
+        if self.replay is not None and cid == self.replay[0]:
+            source: Source[Any] = self.replay[1]
+        elif self.test_inputs is not None:
             records = [
                 {**r, META: {"test_input": cid, "index": i, **(r.get(META) or {})}}
                 if isinstance(r, dict) else r
                 for i, r in enumerate(self.test_inputs.get(cid, []))
             ]
-            source: Source[Any] = TestingSource([records] if records else [])
+            source = TestingSource([records] if records else [])
         else:
             source = self.spec("source", comp).build(self.ctx("source", cid, comp))  # type: ignore[misc]
         check = OutputSchemaCheck.of(cid, comp)
@@ -407,7 +432,10 @@ class _Compiler:
     def transformation(self, cid: str) -> None:
         comp = self.with_source_defaults(self.wf.transformations[cid])
         spec = self.spec("transformation", comp)
-        ups = [self.streams[ref] for ref in comp.inputs]
+        if self.replay is not None and cid == self.replay[0]:
+            ups = [self.streams[_REPLAY]]
+        else:  # in a replay, inputs that are not downstream of the replayed step are left out
+            ups = [self.streams[ref] for ref in comp.inputs if ref in self.streams]
         ctx = self.ctx("transformation", cid, comp)
         ports = transformation_component(cid, spec, ctx, *ups)
         self.keep(cid, ports, comp.error_handling)

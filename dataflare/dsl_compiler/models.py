@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, field_validator, model_validator
 
 from dataflare.config import Auth, Duration, Open, Paths, Retry, Secret, Strict
+from dataflare.config import Backoff as Backoff  # re-exported: the models of the DSL
 from dataflare.expr import check_expression
 from dataflare.records import parse_duration
 

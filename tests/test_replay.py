@@ -1,0 +1,59 @@
+"""``dataflare replay``: dead letters fed back into a step once the cause is fixed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+FLOW = """
+workflow:
+  sources:
+    orders: {{type: file, config: {{path: in.jsonl}},
+              error_handling: {{strategy: redirect, redirect_to: dead}}}}
+  transformations:
+    clean:
+      type: mapping
+      inputs: [orders]
+      config:
+        mappings:
+          - {{source: id, destination: id}}
+          - {{source: amount, destination: amount, transform: {transform}}}
+      error_handling: {{strategy: redirect, redirect_to: dead}}
+  destinations:
+    out: {{type: file, inputs: [clean], config: {{path: out.jsonl}}, write_mode: {{type: append}}}}
+    dead: {{type: file, config: {{path: {dead}}}}}
+"""
+
+
+def dataflare(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dataflare", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dead_letters_replayed_into_the_fixed_step(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text(
+        '{"id": 1, "amount": "3"}\n{"id": 2, "amount": "7.5"}\n{broken\n'
+        '{"id": 4, "amount": "2.25"}\n{"id": 5, "amount": "lots"}\n')
+    flow = tmp_path / "wf.yaml"
+    flow.write_text(FLOW.format(transform="to_int", dead="dead.jsonl"))
+    first = dataflare("run", str(flow), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    dead = [json.loads(x) for x in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert sorted(d["error"]["step"] for d in dead) == ["clean", "clean", "clean", "orders"]
+    # The cause is fixed (amounts are decimals); the replay's own failures go elsewhere.
+    flow.write_text(FLOW.format(transform="to_float", dead="dead-again.jsonl"))
+    replay = dataflare("replay", "dead.jsonl", "--to", "clean", str(flow), cwd=tmp_path)
+    assert replay.returncode == 0, replay.stderr
+    assert "replaying 3 dead letters of dead.jsonl into step 'clean'" in replay.stderr
+    assert "not replayed: dead.jsonl:" in replay.stderr  # the raw '{broken' line
+    assert "replayed into 'clean': 1 failed again" in replay.stderr
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["amount"]) for r in out) == [(1, 3), (2, 7.5), (4, 2.25)]
+    [again] = [json.loads(x) for x in (tmp_path / "dead-again.jsonl").read_text().splitlines()]
+    assert again["record"]["id"] == 5
+    position = again["source"]["position"]
+    assert position["line"] == 5 and position["replay"].startswith("dead.jsonl:")
+    missing = dataflare("replay", "dead.jsonl", "--to", "nope", str(flow), cwd=tmp_path)
+    assert missing.returncode == 1 and "no source or transformation 'nope'" in missing.stderr
