@@ -7,7 +7,9 @@ A small, safe language (no Python ``eval``), compiled once into closures::
 
 Literals (numbers, 'strings', "strings", true, false, null, durations such as ``30s``
 read as seconds, lists), dotted paths (a missing path is ``null``), ``== != < <= > >=``,
-``in``, ``not in``, ``and or not``, ``+ - * / %``, parentheses and a few functions.
+``in``, ``not in``, ``and or not``, ``+ - * / %``, parentheses, ``if c then a else b``
+and functions (:data:`FUNCTIONS`; the text, regex, time, JSON, digest, list and cast
+functions live in :mod:`dataflare.expr_functions`).
 Ordering against ``null`` is false and arithmetic with ``null`` is ``null``; comparing a
 string with a number is a record error (handled by the step's error policy).
 """
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dataflare.expr_functions import MORE_FUNCTIONS, REGEX_ARGUMENT, ZONE_ARGUMENT, regex, zone
 from dataflare.records import RecordError, getter, parse_duration
 
 Fn = Callable[[Any], Any]
@@ -45,7 +48,7 @@ _TOKEN = re.compile(
     """,
     re.VERBOSE,
 )
-_KEYWORDS = {"and", "or", "not", "in", "true", "false", "null"}
+_KEYWORDS = {"and", "or", "not", "in", "true", "false", "null", "if", "then", "else"}
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,7 @@ FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int]] = {
     "ends_with": (lambda s, p: isinstance(s, str) and s.endswith(p), 2, 2),
     "now": (time.time, 0, 0),
 }
+FUNCTIONS.update(MORE_FUNCTIONS)
 """Functions callable in expressions: name -> (function, least and most arguments)."""
 
 
@@ -300,6 +304,8 @@ class _Parser:
                 return self.call(tok)
             self.paths.append(tok.text)
             return getter(tok.text)
+        if tok.kind == "if":
+            return self.conditional()
         if tok.text == "(":
             inner = self.or_()
             self.take(")")
@@ -317,6 +323,34 @@ class _Parser:
         msg = f"unexpected {got}"
         raise ExpressionError(msg, tok.col)
 
+    def conditional(self) -> Fn:
+        """``if c then a else b`` (``else`` optional: ``null``); one branch is evaluated."""
+        cond = self.or_()
+        self.take("then")
+        then = self.or_()
+        otherwise: Fn = lambda r: None  # noqa: E731
+        if self.at("else"):
+            self.take()
+            otherwise = self.or_()
+        return lambda r: then(r) if cond(r) else otherwise(r)
+
+    def argument(self, function: str, index: int) -> Fn:
+        """One argument; a literal pattern or time zone is checked and prepared here, once."""
+        first = self.peek()
+        fn = self.or_()
+        if first.kind != "string" or self.toks[self.i - 1] is not first:
+            return fn
+        text = _unquote(first.text)
+        try:
+            if REGEX_ARGUMENT.get(function) == index:
+                pattern = regex(text)
+                return lambda r: pattern
+            if ZONE_ARGUMENT.get(function) == index:
+                zone(text)
+        except ValueError as exc:
+            raise ExpressionError(str(exc), first.col) from None
+        return fn
+
     def call(self, name_tok: _Tok) -> Fn:
         from dataflare.dsl_compiler.problems import did_you_mean
 
@@ -329,10 +363,10 @@ class _Parser:
         self.take("(")
         args: list[Fn] = []
         if not self.at(")"):
-            args.append(self.or_())
+            args.append(self.argument(name_tok.text, 0))
             while self.at(","):
                 self.take()
-                args.append(self.or_())
+                args.append(self.argument(name_tok.text, len(args)))
         self.take(")")
         if not least <= len(args) <= most:
             msg = f"{name_tok.text}() takes {least}-{most} arguments, got {len(args)}"
@@ -342,7 +376,12 @@ class _Parser:
 
 def _unquote(text: str) -> str:
     body = text[1:-1]
-    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), body)
+    # \n and \t are control characters, \\ \' \" the character; any other backslash stays
+    # (a regex such as '\d+' needs no doubling).
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group()), body)
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", "'": "'", '"': '"'}
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ class ComponentSpec:
     merge_inputs: bool = True
     advise: Callable[[Any, set[str]], list[str]] | None = None
     planned: str = ""
+    blocks: frozenset[str] | None = None
     requires: tuple[str, ...] = ()  # import names of the packages it needs
     extra: str = ""  # the dataflare extra that installs them
 
@@ -146,15 +147,35 @@ def _decorator(kind: Kind, type_name: str, **kw: Any) -> Callable[[Callable[...,
     return deco
 
 
-def source(type_name: str, *, config: type[BaseModel], description: str,
-           requires: tuple[str, ...] = (), extra: str = "") -> Callable[..., Any]:
+# The component-level blocks that only some types act on; a type declares the ones it acts
+# on (``blocks=``), and ``validate`` warns about the others given (they would have no effect).
+TYPE_BLOCKS: dict[str, tuple[str, ...]] = {
+    "source": ("mode", "incremental", "cdc", "hybrid"),
+    "destination": ("write_mode", "batch"),
+    "transformation": ("plugin",),
+}
+
+
+def source(
+    type_name: str,
+    *,
+    config: type[BaseModel],
+    description: str,
+    requires: tuple[str, ...] = (),
+    extra: str = "",
+    blocks: tuple[str, ...] | None = None,
+) -> Callable[..., Any]:
     """Register a source builder under ``type_name``.
 
     ``requires`` names the packages it imports (``extra`` installs them): a workflow using
     the type without them fails at validate with the ``pip install`` line to run.
+    ``blocks`` lists the blocks of :data:`TYPE_BLOCKS` the type acts on (``None``: not
+    declared, nothing is checked); ``name=type`` when it acts on those of one type only
+    (``write_mode=append``).
     """
     return _decorator("source", type_name, config=config, description=description, inputs=(0, 0),
-                      requires=requires, extra=extra)
+                      requires=requires, extra=extra,
+                      blocks=None if blocks is None else frozenset(blocks))
 
 
 def transformation(
@@ -168,6 +189,7 @@ def transformation(
     main_output: bool = True,
     merge_inputs: bool = True,
     advise: Callable[[Any, set[str]], list[str]] | None = None,
+    blocks: tuple[str, ...] = (),
 ) -> Callable[..., Any]:
     """Register a transformation builder under ``type_name``.
 
@@ -175,7 +197,8 @@ def transformation(
     output (``main_output=False``, like ``route``) can only be read that way. Several
     inputs reach the builder merged into one stream, unless ``merge_inputs=False`` (a join
     takes its inputs apart). ``advise(config, upstream_modes)`` returns warnings about a
-    configuration that is valid but unlikely to do what the user wants.
+    configuration that is valid but unlikely to do what the user wants. ``blocks`` lists
+    the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``).
     """
     return _decorator(
         "transformation",
@@ -188,16 +211,23 @@ def transformation(
         main_output=main_output,
         merge_inputs=merge_inputs,
         advise=advise,
+        blocks=frozenset(blocks),
     )
 
 
 def destination(
-    type_name: str, *, config: type[BaseModel], description: str,
-    requires: tuple[str, ...] = (), extra: str = "",
+    type_name: str,
+    *,
+    config: type[BaseModel],
+    description: str,
+    requires: tuple[str, ...] = (),
+    extra: str = "",
+    blocks: tuple[str, ...] | None = None,
 ) -> Callable[..., Any]:
-    """Register a destination builder under ``type_name`` (``requires`` as for sources)."""
+    """Register a destination builder (``requires`` and ``blocks`` as for sources)."""
     return _decorator("destination", type_name, config=config, description=description,
-                      requires=requires, extra=extra)
+                      requires=requires, extra=extra,
+                      blocks=None if blocks is None else frozenset(blocks))
 
 
 def planned(

@@ -245,6 +245,7 @@ class DuckDBDialect(Dialect):
     "duckdb",
     config=DuckDBDestinationConfig,
     description="A DuckDB database file: append, overwrite or merge; replay-safe appends.",
+    blocks=("write_mode", "batch"),
     requires=("duckdb", "pyarrow"), extra="duckdb",
 )
 def build_duckdb_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:

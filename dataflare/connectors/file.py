@@ -312,7 +312,8 @@ class FileSource(FixedPartitionedSource[Batch, Any]):
         return _ListPartition(self.step, rows, for_part, cfg.batch_size, resume_state)
 
 
-@source("file", config=FileSourceConfig, description="Read JSON lines, CSV, JSON or Parquet files.")
+@source("file", config=FileSourceConfig, description="Read JSON lines, CSV, JSON or Parquet files.",
+        blocks=())
 def build_file_source(ctx: BuildContext) -> FileSource:
     """Build a file source."""
     file_format(ctx.config.path, ctx.config.format, ctx.step_id)
@@ -445,6 +446,7 @@ class FileSink(FixedPartitionedSink[Batch, Any]):
     "file",
     config=FileDestinationConfig,
     description="Write JSON lines, CSV or Parquet; without write_mode the file is rewritten.",
+    blocks=("write_mode=append", "write_mode=overwrite"),
 )
 def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] | None:
     """Build a file destination (``write_mode: append`` adds to an existing file).

@@ -223,6 +223,7 @@ class GeneratorSource(FixedPartitionedSource[Batch, int]):
     "generator",
     config=GeneratorConfig,
     description="Seeded synthetic records (presets clickstream and orders), by count or rate.",
+    blocks=(),
 )
 def build_generator(ctx: BuildContext) -> GeneratorSource:
     """Build a generator source."""

@@ -187,6 +187,7 @@ class _HttpWriter:
     "http",
     config=HttpDestinationConfig,
     description="An HTTP endpoint: one templated request per record, retries on 429/5xx.",
+    blocks=("batch",),
     requires=("httpx",), extra="http",
 )
 def build_http_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:

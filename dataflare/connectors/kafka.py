@@ -502,6 +502,7 @@ class KafkaSource(FixedPartitionedSource[list[Any], int]):
     "kafka",
     config=KafkaSourceConfig,
     description="Kafka topics: one partition per topic-partition, offsets in recovery state.",
+    blocks=("mode",),
     requires=("confluent_kafka",), extra="kafka",
 )
 def build_kafka_source(ctx: BuildContext) -> KafkaSource:
@@ -754,6 +755,7 @@ def kafka_output(
     "kafka",
     config=KafkaDestinationConfig,
     description="A Kafka topic: JSON values, templated keys and headers, optional transactions.",
+    blocks=(),
     requires=("confluent_kafka",), extra="kafka",
 )
 def build_kafka_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:

@@ -854,6 +854,7 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
     "mysql",
     config=MySqlSourceConfig,
     description="MySQL / MariaDB table: full read, incremental polling, or binlog CDC.",
+    blocks=("mode", "incremental", "cdc"),
     requires=("pymysql", "pymysqlreplication"), extra="mysql",
 )
 def build_mysql_source(ctx: BuildContext) -> MySqlSource:

@@ -1052,6 +1052,7 @@ def effective_mode(component: Any, cfg: Any) -> Mode:
     "postgres",
     config=PostgresSourceConfig,
     description="PostgreSQL table: full snapshot, incremental polling, or CDC (pgoutput).",
+    blocks=("mode", "incremental", "cdc", "hybrid"),
     requires=("psycopg",), extra="postgres",
 )
 def build_postgres_source(ctx: BuildContext) -> PostgresSource:

@@ -281,6 +281,7 @@ class PostgresDialect(Dialect):
     "postgres",
     config=PostgresDestinationConfig,
     description="A PostgreSQL table: append, overwrite or merge; COPY-based, replay-safe.",
+    blocks=("write_mode", "batch"),
     requires=("psycopg",), extra="postgres",
 )
 def build_postgres_destination(

@@ -295,6 +295,7 @@ class _RedisWriter:
     "redis",
     config=RedisDestinationConfig,
     description="Redis keys (hash, string, list, set, sorted_set, stream), pipelined.",
+    blocks=("batch",),
     requires=("redis",), extra="redis",
 )
 def build_redis_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:

@@ -432,6 +432,7 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
     "rest_api",
     config=RestApiSourceConfig,
     description="REST API: paginated JSON pages, once (full) or polled by a cursor.",
+    blocks=("mode", "incremental"),
     requires=("httpx",), extra="http",
 )
 def build_rest_api_source(ctx: BuildContext) -> RestApiSource:

@@ -47,7 +47,8 @@ class StdoutSink(DynamicSink[Batch]):
         return _Printer(self.option)
 
 
-@destination("stdout", config=StdoutConfig, description="Print records as JSON lines.")
+@destination("stdout", config=StdoutConfig, description="Print records as JSON lines.",
+             blocks=())
 def build_stdout(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any]:
     """Build a stdout destination."""
     option = (orjson.OPT_INDENT_2 if ctx.config.pretty else 0) | (

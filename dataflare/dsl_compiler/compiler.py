@@ -48,9 +48,14 @@ def compile_file(path: str | Path, env: Mapping[str, str] | None = None) -> Data
     """Compile a workflow file into a bytewax dataflow.
 
     Usable as ``python -m bytewax.run "dataflare.dsl_compiler:compile_file('flow.yaml')"``.
-    Raises :class:`~dataflare.dsl_compiler.problems.WorkflowError` listing every problem.
+    Raises :class:`~dataflare.dsl_compiler.problems.WorkflowError` listing every problem;
+    the warnings (e.g. settings without effect yet) are logged.
     """
-    return compile_validated(validate_file(path, env))
+    validated = validate_file(path, env)
+    for problem in validated.problems:
+        if not problem.is_error(for_run=True):
+            log.warning("%s", problem.render(for_run=True))
+    return compile_validated(validated)
 
 
 def compile_validated(

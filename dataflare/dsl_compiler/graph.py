@@ -9,6 +9,7 @@ from dataflare import registry
 from dataflare.dsl_compiler.loader import Document
 from dataflare.dsl_compiler.models import ID_PATTERN
 from dataflare.dsl_compiler.problems import Problem, did_you_mean
+from dataflare.records import parse_duration
 
 SECTIONS = {"sources": "source", "transformations": "transformation", "destinations": "destination"}
 
@@ -279,9 +280,9 @@ def _cycles(doc: Document, g: Graph) -> list[Problem]:
     return problems
 
 
-def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> set[str]:
-    """Extraction modes of the sources feeding ``cid`` (``''`` for a source without one)."""
-    modes: set[str] = set()
+def _upstream_sources(wf: dict[str, Any], g: Graph, cid: str) -> list[Any]:
+    """The (raw) sources feeding ``cid``, directly or through transformations."""
+    found: list[Any] = []
     seen: set[str] = set()
     todo = list(g.inputs.get(cid, []))
     while todo:
@@ -290,11 +291,38 @@ def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> set[str]:
             continue
         seen.add(up)
         if g.kinds[up] == "sources":
-            src = wf["sources"].get(up)
-            modes.add(str(src.get("mode") or "") if isinstance(src, dict) else "")
+            found.append(wf["sources"].get(up))
         else:
             todo.extend(g.inputs.get(up, []))
-    return modes
+    return found
+
+
+def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> set[str]:
+    """Extraction modes of the sources feeding ``cid`` (``''`` for a source without one)."""
+    return {str(src.get("mode") or "") if isinstance(src, dict) else ""
+            for src in _upstream_sources(wf, g, cid)}
+
+
+def _with_source_lateness(wf: dict[str, Any], g: Graph, cid: str, config: Any) -> Any:
+    """``config`` as the compiler builds it (its unset ``allowed_lateness`` from the sources).
+
+    The largest ``streaming.watermark_delay`` of the sources (as the compiler does), so that
+    advice about the lateness judges the value the step will run with.
+    """
+    if "allowed_lateness" not in type(config).model_fields or (
+            "allowed_lateness" in config.model_fields_set):
+        return config
+    delays: list[float] = []
+    for src in _upstream_sources(wf, g, cid):
+        streaming = src.get("streaming") if isinstance(src, dict) else None
+        delay = streaming.get("watermark_delay") if isinstance(streaming, dict) else None
+        try:
+            delays += [] if delay is None else [parse_duration(delay)]
+        except ValueError:
+            return config
+    if not delays:
+        return config
+    return config.model_copy(update={"allowed_lateness": max(delays)})
 
 
 def _advice(doc: Document, wf: dict[str, Any], g: Graph) -> list[Problem]:
@@ -306,7 +334,8 @@ def _advice(doc: Document, wf: dict[str, Any], g: Graph) -> list[Problem]:
         spec = registry.lookup("transformation", g.types[cid])
         if spec is None or spec.advise is None:
             continue
-        for message in spec.advise(g.configs[cid], _upstream_modes(wf, g, cid)):
+        config = _with_source_lateness(wf, g, cid, g.configs[cid])
+        for message in spec.advise(config, _upstream_modes(wf, g, cid)):
             out.append(doc.problem(("workflow", section, cid, "config"), message,
                                    severity="warning"))
     return out

@@ -113,6 +113,17 @@ class Plugin(Strict):
         if self.type == "remote" and not self.url:
             msg = "a remote plugin needs 'url'"
             raise ValueError(msg)
+        # settings another plugin type would ignore
+        ignored = {"url": self.type != "remote", "auth": self.type != "remote",
+                   "path": self.type == "remote"}
+        if self.type == "native":
+            ignored |= {"memory_limit": self.config.memory_limit is not None,
+                        "timeout": self.config.timeout is not None}
+        given = [k for k, v in ignored.items()
+                 if v and (k in self.model_fields_set or k in ("memory_limit", "timeout"))]
+        if given:
+            msg = f"{', '.join(map(repr, given))} has no effect on a {self.type} plugin"
+            raise ValueError(msg)
         return self
 
 

@@ -68,6 +68,14 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
+def _is_duration(annotation: Any, metadata: list[Any]) -> bool:
+    """Whether a field holds a :data:`~dataflare.config.Duration` (written '30s', '5m'...)."""
+    marks = [*metadata, *(m for a in typing.get_args(annotation)
+                          if typing.get_origin(a) is typing.Annotated
+                          for m in typing.get_args(a)[1:])]
+    return any(getattr(getattr(m, "func", None), "__name__", "") == "_duration" for m in marks)
+
+
 def _fields(model: type[BaseModel]) -> list[str]:
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     for name, info in model.model_fields.items():
@@ -81,7 +89,10 @@ def _fields(model: type[BaseModel]) -> list[str]:
         else:
             default = f"`{info.default!r}`"
         desc = (info.description or "").replace("|", "\\|")
-        rows.append(f"| `{key}` | {_type_name(info.annotation)} | {default} | {desc} |")
+        kind = _type_name(info.annotation)
+        if _is_duration(info.annotation, info.metadata):
+            kind = kind.replace("float", "duration")
+        rows.append(f"| `{key}` | {kind} | {default} | {desc} |")
     return rows
 
 
@@ -96,12 +107,80 @@ def markdown() -> str:
               config.Backoff, models.Schedule, models.Plugin, models.DataProtection,
               models.MaskingRule, models.TestCase]
     out += ["## Workflow blocks", ""]
+    shown: set[type[BaseModel]] = set(blocks)
     for model in blocks:
         out += [f"### {model.__name__}", "", (model.__doc__ or "").strip(), "", *_fields(model), ""]
+        out += _nested_blocks(model, shown, "####")
+    out += _expressions()
     for kind in registry.KINDS:
         out += [f"## {registry.SECTION[kind].capitalize()}", ""]
         for spec in registry.specs(kind):
             state = "" if spec.available else f" *({spec.planned})*"
             out += [f"### `{spec.type}`{state}", "", spec.description, ""]
             out += [*_fields(spec.config), ""]
+            out += _nested_blocks(spec.config, {spec.config}, "####", f"`{spec.type}` ")
+            out += _extra_blocks(spec.type)
     return "\n".join(out)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation holds (through lists, maps, unions and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found += [m for m in _models_in(arg) if m not in found]
+    return found
+
+
+def _nested_blocks(
+    model: type[BaseModel], shown: set[type[BaseModel]], level: str, prefix: str = ""
+) -> list[str]:
+    """A section for every block nested in ``model`` (depth first), each shown once."""
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        for sub in _models_in(info.annotation):
+            if sub in shown:
+                continue
+            shown.add(sub)
+            doc = (sub.__doc__ or "").strip()
+            out += [f"{level} {prefix}`{info.alias or name}`: {sub.__name__}", "", doc, ""]
+            out += [*_fields(sub), ""]
+            out += _nested_blocks(sub, shown, level, prefix)
+    return out
+
+
+def _extra_blocks(type_name: str) -> list[str]:
+    """Settings a type reads that no annotation reaches (the mapping's transform settings)."""
+    if type_name != "mapping":
+        return []
+    from dataflare.operators.transforms import PARAMETERISED
+
+    out = ["#### `mapping` transforms with settings", "",
+           "Written `{name: {settings}}` in a `transform` list, e.g. "
+           "`transform: [trim, {regex_extract: {pattern: 'id=(\\d+)'}}, to_int]`.", ""]
+    for name, model in PARAMETERISED.items():
+        out += [f"##### `{name}`", "", (model.__doc__ or "").strip(), "", *_fields(model), ""]
+    return out
+
+
+def _expressions() -> list[str]:
+    """The expression language's functions, each with an example."""
+    from dataflare.expr import FUNCTIONS
+    from dataflare.expr_functions import EXAMPLES
+
+    out = ["## Expressions", "", (expr_doc() or "").strip(), ""]
+    out += ["| function | arguments | example | result |", "|---|---|---|---|"]
+    for name, (_fn, least, most) in sorted(FUNCTIONS.items()):
+        example, result = EXAMPLES[name]
+        arity = str(least) if least == most else f"{least}-{most}"
+        cells = [f"`{name}`", arity, f"`{example}`", result.replace("|", "\\|")]
+        out.append("| " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def expr_doc() -> str | None:
+    """The module documentation of the expression language."""
+    from dataflare import expr, expr_functions
+
+    return f"{expr.__doc__}\n{expr_functions.__doc__}"

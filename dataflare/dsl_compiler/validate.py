@@ -109,6 +109,7 @@ def validate_text(
                     (*loc, "type"),
                     f"{kind} type {spec.type!r} needs {', '.join(missing)}, not installed: "
                     f"pip install 'dataflare[{spec.extra}]'"))
+            out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp))
             if not spec.available:
                 out.problems.append(
                     doc.problem(
@@ -189,6 +190,31 @@ def _protection_problems(
             out.append(doc.problem(("workflow", sections[cid], cid, "config"),
                                    f"{sections[cid][:-1]} {cid!r}: {message}",
                                    severity="warning", at_run=True))
+    return out
+
+
+def _blocks_without_effect(
+    doc: Document, loc: Loc, kind: str, spec: registry.ComponentSpec, comp: dict[str, Any]
+) -> list[Problem]:
+    """Warnings for the blocks (or block types) given that the component's type ignores.
+
+    A type lists in ``blocks`` the blocks it acts on, a block as ``name=type`` when it acts
+    on those of its types only (a file destination: ``write_mode=append``).
+    """
+    out = []
+    for block in registry.TYPE_BLOCKS.get(kind, ()):
+        if spec.blocks is None or block not in comp or block in spec.blocks:
+            continue
+        types = sorted(b.split("=", 1)[1] for b in spec.blocks if b.startswith(f"{block}="))
+        given = comp[block].get("type") if isinstance(comp[block], dict) else None
+        if not types:
+            message = f"{block!r} has no effect on a {kind} of type {spec.type!r}"
+        elif given is None or given in types:
+            continue
+        else:
+            message = (f"{block} {given!r} has no effect on a {kind} of type {spec.type!r} "
+                       f"(it acts on: {', '.join(types)})")
+        out.append(doc.problem((*loc, block), message, key=True, severity="warning"))
     return out
 
 

@@ -8,12 +8,21 @@ from bytewax.dataflow import Stream
 from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from dataflare.config import Strict
-from dataflare.dsl_compiler.problems import did_you_mean
 from dataflare.expr import compile_expression
 from dataflare.operators.records import map_records
-from dataflare.operators.transforms import TRANSFORMS, chain
+from dataflare.operators.transforms import (
+    PARAMETERISED,
+    TRANSFORMS,
+    TransformSpec,
+    chain,
+    check_transform,
+)
 from dataflare.records import META, getter, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
+
+_ONE_TRANSFORM = {"anyOf": [{"type": "string"}, {"type": "object", "minProperties": 1,
+                                                  "maxProperties": 1}]}
+_TRANSFORMS_SCHEMA = {"anyOf": [_ONE_TRANSFORM, {"type": "array", "items": _ONE_TRANSFORM}]}
 
 
 class FieldMapping(Strict):
@@ -22,22 +31,19 @@ class FieldMapping(Strict):
     source: str | None = Field(None, description="Dotted path read from the input record.")
     expression: str | None = Field(None, description="Expression computing the value instead.")
     destination: str = Field(description="Dotted path written in the output record.")
-    transform: Annotated[list[str], WithJsonSchema({"anyOf": [
-        {"type": "string"}, {"type": "array", "items": {"type": "string"}}]})] = Field(
+    transform: Annotated[list[TransformSpec], WithJsonSchema(_TRANSFORMS_SCHEMA)] = Field(
         default_factory=list,
-        description=f"Transform name or list applied in order: {', '.join(TRANSFORMS)}.",
+        description=f"Transform name or list applied in order: {', '.join(TRANSFORMS)}; or "
+        f"with settings, `{{name: {{...}}}}`: {', '.join(PARAMETERISED)}.",
     )
     default: Any = Field(None, description="Value used when the source is missing or null.")
 
     @field_validator("transform", mode="before")
     @classmethod
     def _names(cls, v: Any) -> Any:
-        names = [v] if isinstance(v, str) else v
+        names = [v] if isinstance(v, str | dict) else v
         for name in names if isinstance(names, list) else []:
-            if name not in TRANSFORMS:
-                hint = did_you_mean(str(name), list(TRANSFORMS))
-                msg = f"unknown transform {name!r}{hint}; known: {', '.join(TRANSFORMS)}"
-                raise ValueError(msg)
+            check_transform(name)
         return names
 
     @field_validator("expression")

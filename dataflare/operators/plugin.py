@@ -294,5 +294,7 @@ def build_plugin_step(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
 
 for _type, _what in (("plugin", "Call a plugin (WASM or native Python) on each record."),
                      ("custom", "A transformation implemented by a plugin.")):
-    transformation(_type, config=PluginCallConfig, description=_what)(build_plugin_step)
+    transformation(_type, config=PluginCallConfig, description=_what, blocks=("plugin",))(
+        build_plugin_step
+    )
 

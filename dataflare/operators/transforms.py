@@ -8,7 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from dataflare.config import Strict
 from dataflare.records import RecordError, iso_utc, to_epoch_seconds
 
 
@@ -142,9 +144,130 @@ TRANSFORMS: dict[str, Callable[[Any], Any]] = {
 """Transforms by name. ``null`` passes through every transform unchanged."""
 
 
-def chain(names: list[str]) -> Callable[[Any], Any]:
-    """One function applying the named transforms in order (``null`` stays ``null``)."""
-    fns = [TRANSFORMS[n] for n in names]
+class RegexExtract(Strict):
+    """``regex_extract``: the first match of ``pattern`` (``null`` when none)."""
+
+    pattern: str = Field(description="Regular expression (Python syntax), searched in the text.")
+    group: int | str | None = Field(
+        None, description="Group returned: a number or name (default: the first group if the "
+        "pattern has one, else the whole match)."
+    )
+
+    _check = field_validator("pattern")(classmethod(lambda cls, v: _regex(v)))
+
+
+class RegexReplace(Strict):
+    """``regex_replace``: every match of ``pattern`` replaced."""
+
+    pattern: str = Field(description="Regular expression (Python syntax).")
+    replacement: str = Field(
+        "", description="Replacement text; `\\1` or `\\g<name>` insert a group."
+    )
+
+    _check = field_validator("pattern")(classmethod(lambda cls, v: _regex(v)))
+
+
+class ToTimezone(Strict):
+    """``to_timezone``: a timestamp as ISO-8601 local time with its offset in ``timezone``."""
+
+    timezone: str = Field(description="IANA time zone, e.g. 'Asia/Shanghai'.")
+
+    _check = field_validator("timezone")(classmethod(lambda cls, v: _zone(v)))
+
+
+class ParseTimestamp(Strict):
+    """``parse_timestamp``: text read with a strptime ``format``, as ISO-8601 UTC."""
+
+    format: str = Field(description="strptime format, e.g. '%d/%m/%Y %H:%M'.")
+    timezone: str = Field("UTC", description="IANA time zone of a text without an offset.")
+
+    _check = field_validator("timezone")(classmethod(lambda cls, v: _zone(v)))
+
+
+def _regex(pattern: str) -> str:
+    from dataflare.expr_functions import regex
+
+    regex(pattern)  # ValueError names the problem
+    return pattern
+
+
+def _zone(name: str) -> str:
+    from dataflare.expr_functions import zone
+
+    zone(name)
+    return name
+
+
+def _with_params(name: str, params: BaseModel) -> Callable[[Any], Any]:
+    from dataflare import expr_functions as f
+
+    if isinstance(params, RegexExtract):
+        pattern = f.regex(params.pattern)
+        return lambda v: f.MORE_FUNCTIONS["regex_extract"][0](v, pattern, params.group)
+    if isinstance(params, RegexReplace):
+        pattern, repl = f.regex(params.pattern), params.replacement
+        return lambda v: f.MORE_FUNCTIONS["regex_replace"][0](v, pattern, repl)
+    if isinstance(params, ToTimezone):
+        return lambda v: f.MORE_FUNCTIONS["to_timezone"][0](v, params.timezone)
+    assert isinstance(params, ParseTimestamp), name
+    return lambda v: f.MORE_FUNCTIONS["parse_timestamp"][0](v, params.format, params.timezone)
+
+
+PARAMETERISED: dict[str, type[BaseModel]] = {
+    "regex_extract": RegexExtract,
+    "regex_replace": RegexReplace,
+    "to_timezone": ToTimezone,
+    "parse_timestamp": ParseTimestamp,
+}
+"""Transforms written ``{name: {params}}`` in a transform list, with their settings models."""
+
+TransformSpec = str | dict[str, Any]
+"""A transform in a list: a name, or ``{name: {params}}`` for :data:`PARAMETERISED`."""
+
+
+def check_transform(spec: Any) -> Any:
+    """Validate one transform of a list; ``ValueError`` says what is wrong."""
+    from dataflare.dsl_compiler.problems import did_you_mean
+
+    known = [*TRANSFORMS, *PARAMETERISED]
+    if isinstance(spec, dict):
+        if len(spec) != 1:
+            msg = f"a transform with settings is one '{{name: {{settings}}}}', got {len(spec)} keys"
+            raise ValueError(msg)
+        [(name, params)] = spec.items()
+        if name not in PARAMETERISED:
+            hint = did_you_mean(str(name), list(PARAMETERISED))
+            msg = (f"unknown transform with settings {name!r}{hint}; known: "
+                   f"{', '.join(PARAMETERISED)}")
+            raise ValueError(msg)
+        try:
+            model = PARAMETERISED[name].model_validate(params or {})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            msg = f"transform {name!r}: {where + ': ' if where else ''}{err['msg']}"
+            raise ValueError(msg) from None
+        return {name: model}
+    if spec not in TRANSFORMS:
+        hint = did_you_mean(str(spec), known)
+        if spec in PARAMETERISED:
+            msg = f"transform {spec!r} needs settings: {{{spec}: {{...}}}}"
+        else:
+            msg = f"unknown transform {spec!r}{hint}; known: {', '.join(known)}"
+        raise ValueError(msg)
+    return spec
+
+
+def chain(names: list[Any]) -> Callable[[Any], Any]:
+    """One function applying the transforms in order (``null`` stays ``null``).
+
+    Each is a name of :data:`TRANSFORMS` or ``{name: settings}`` of :data:`PARAMETERISED`.
+    """
+    fns = [
+        TRANSFORMS[n] if isinstance(n, str)
+        else _with_params(*next(iter(check_transform(n).items())))
+        for n in names
+    ]
 
     def apply(value: Any) -> Any:
         for fn in fns:

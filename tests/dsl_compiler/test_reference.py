@@ -68,3 +68,24 @@ def test_every_flow_names_the_schema_for_editors():
     for path in sorted((ROOT / "flows").glob("*.yaml")):
         first = path.read_text().splitlines()[0]
         assert first == "# yaml-language-server: $schema=../docs/workflow.schema.json", path
+
+
+def test_reference_shows_every_nested_option():
+    doc = DOC.read_text()
+    for heading, option in [
+        ("#### `rest_api` `pagination`: Pagination", "| `cursor_path` |"),
+        ("#### `rest_api` `rate_limit`: RateLimit", "| `requests_per_second` |"),
+        ("#### `rest_api` `auth`: Auth", "| `query_param` |"),
+        ("#### `file` `csv`: CsvOptions", "| `delimiter` |"),
+        ("#### `window` `window`: WindowSpec", "| `gap` |"),
+        ("#### `window` `aggregations`: Aggregate", "'count_distinct'"),
+        ("#### `mapping` `mappings`: FieldMapping", "| `transform` |"),
+        ("##### `regex_extract`", "| `group` |"),
+        ("##### `parse_timestamp`", "| `format` |"),
+        ("#### `post_actions`: PostAction", "| `condition` |"),
+        ("#### `metrics`: MetricSpec", "| `name` |"),
+    ]:
+        assert heading in doc, heading
+        section = doc.split(heading, 1)[1].split("\n#", 1)[0]
+        assert option in section, (heading, option)
+    assert "| `watermark_delay` | duration |" in doc

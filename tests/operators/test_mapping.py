@@ -1,8 +1,10 @@
 """Mapping: transforms, nested destinations, keep_unmapped, copy-on-write."""
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
+from dataflare.dsl_compiler import validate_text
 from dataflare.operators.mapping import MappingConfig, mapper
 from dataflare.operators.transforms import TRANSFORMS
 from dataflare.records import RecordError
@@ -99,3 +101,74 @@ def test_generated_mapper_equals_the_general_one(rules, record):
     if fast is None:
         return
     assert fast(record) == _interpreted(config)(record)
+
+
+def test_transforms_with_settings():
+    mapper_ = m(mappings=[
+        {"source": "url", "destination": "id",
+         "transform": [{"regex_extract": {"pattern": r"id=(\d+)"}}, "to_int"]},
+        {"source": "url", "destination": "page",
+         "transform": {"regex_extract": {"pattern": r"/(?P<page>\w+)\?", "group": "page"}}},
+        {"source": "phone", "destination": "phone",
+         "transform": [{"regex_replace": {"pattern": r"\D", "replacement": ""}}]},
+        {"source": "ts", "destination": "local",
+         "transform": {"to_timezone": {"timezone": "Asia/Shanghai"}}},
+        {"source": "day", "destination": "day",
+         "transform": [{"parse_timestamp": {"format": "%d/%m/%Y %H:%M",
+                                            "timezone": "Europe/Paris"}}]},
+        {"expression": "round(haversine(a.lat, a.lon, b.lat, b.lon), 1)", "destination": "km"},
+    ])
+    record = {"url": "/cart?id=42", "phone": "+1 (555) 010-9999", "ts": "2024-01-01T00:00:00Z",
+              "day": "01/07/2024 10:30", "a": {"lat": 48.8566, "lon": 2.3522},
+              "b": {"lat": 51.5074, "lon": -0.1278}}
+    assert mapper_(record) == {
+        "id": 42, "page": "cart", "phone": "15550109999", "local": "2024-01-01T08:00:00+08:00",
+        "day": "2024-07-01T08:30:00Z", "km": 343.6,
+    }
+    assert mapper_({"url": "/x", "day": None})["id"] is None  # no match: null
+
+
+@pytest.mark.parametrize(("transform", "message"), [
+    ({"regex_extract": {"pattern": "(a"}},
+     "transform 'regex_extract': pattern: value error, invalid regular expression '(a'"),
+    ({"to_timezone": {"timezone": "Mars/Base"}},
+     "transform 'to_timezone': timezone: value error, unknown time zone 'Mars/Base'"),
+    ({"parse_timestamp": {}}, "transform 'parse_timestamp': format: field required"),
+    ({"regex_extrakt": {"pattern": "a"}},
+     "unknown transform with settings 'regex_extrakt' (did you mean 'regex_extract'?)"),
+    ("to_timezone", "transform 'to_timezone' needs settings: {to_timezone: {...}}"),
+])
+def test_bad_transform_settings_are_located_at_validate(transform, message):
+    v = validate_text(yaml.safe_dump({"workflow": {
+        "sources": {"g": {"type": "generator", "config": {"preset": "orders", "count": 1}}},
+        "transformations": {"t": {"type": "mapping", "inputs": ["g"], "config": {
+            "mappings": [{"source": "id", "destination": "id", "transform": [transform]}]}}},
+        "destinations": {"o": {"type": "stdout", "inputs": ["t"]}},
+    }}))
+    [problem] = v.errors()
+    assert problem.path == "transformations.t.config.mappings[0].transform"
+    assert message.lower() in problem.message.lower(), problem.message
+
+
+def test_haversine_against_a_reference():
+    import math
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from dataflare.expr import compile_expression
+
+    fn = compile_expression("haversine(lat1, lon1, lat2, lon2, 'm')")
+    lat, lon = st.floats(-90, 90), st.floats(-180, 180)
+
+    @settings(max_examples=100, deadline=None)
+    @given(lat1=lat, lon1=lon, lat2=lat, lon2=lon)
+    def check(lat1, lon1, lat2, lon2):
+        # the spherical law of cosines, another formula for the same distance
+        p1, p2, dl = math.radians(lat1), math.radians(lat2), math.radians(lon2 - lon1)
+        cos = math.sin(p1) * math.sin(p2) + math.cos(p1) * math.cos(p2) * math.cos(dl)
+        want = 6_371_008.8 * math.acos(max(-1.0, min(1.0, cos)))
+        got = fn({"lat1": lat1, "lon1": lon1, "lat2": lat2, "lon2": lon2})
+        assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1.0)
+
+    check()

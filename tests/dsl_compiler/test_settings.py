@@ -1,0 +1,169 @@
+"""No setting accepted without effect: blocks a type ignores, plugin settings, lateness."""
+
+from pathlib import Path
+
+import pytest
+
+from dataflare.dsl_compiler import validate_text
+from dataflare.testing import run_case
+
+SEEDS = Path(__file__).parent / "seeds"
+FLOWS = Path(__file__).parents[2] / "flows"
+
+
+def _warnings(v):
+    return {(p.path, p.message) for p in v.problems if p.severity == "warning"}
+
+
+def test_blocks_a_type_does_not_act_on_are_warned():
+    v = validate_text("""\
+workflow:
+  sources:
+    f:
+      type: file
+      mode: cdc
+      config: {path: in.jsonl, format: jsonl}
+      incremental: {column: id}
+    pg:
+      type: postgres
+      mode: cdc
+      config: {dsn: "postgresql://localhost/test", table: t}
+      cdc: {slot_name: s}
+  transformations:
+    m:
+      type: mapping
+      inputs: [f]
+      plugin: shout
+      config: {mappings: [{source: id, destination: id}]}
+  destinations:
+    o:
+      type: stdout
+      inputs: [m, pg]
+      write_mode: {type: merge, merge_key: id}
+      batch: {size: 10}
+    fm:
+      type: file
+      inputs: [f]
+      config: {path: out.jsonl}
+      write_mode: {type: merge, merge_key: id}
+    fa:
+      type: file
+      inputs: [f]
+      config: {path: out2.jsonl}
+      write_mode: {type: append}
+    d:
+      type: duckdb
+      inputs: [f]
+      config: {path: x.duckdb, table: t}
+      write_mode: {type: merge, merge_key: id}
+      batch: {size: 10}
+""")
+    found = {(p.path, p.message) for p in v.problems if "has no effect on" in p.message}
+    assert found == {
+        ("sources.f.mode", "'mode' has no effect on a source of type 'file'"),
+        ("sources.f.incremental", "'incremental' has no effect on a source of type 'file'"),
+        ("destinations.o.write_mode",
+         "'write_mode' has no effect on a destination of type 'stdout'"),
+        ("destinations.o.batch", "'batch' has no effect on a destination of type 'stdout'"),
+        ("destinations.fm.write_mode", "write_mode 'merge' has no effect on a destination "
+         "of type 'file' (it acts on: append, overwrite)"),
+        ("transformations.m.plugin",
+         "'plugin' has no effect on a transformation of type 'mapping'"),
+    }
+
+
+WINDOWED = """\
+workflow:
+  sources:
+    events:
+      type: file
+      config: {path: events.jsonl, format: jsonl}
+      STREAMING
+  transformations:
+    per_minute:
+      type: window
+      inputs: [events]
+      config:
+        window: {type: tumbling, size: 1m}
+        time_field: ts
+        aggregations: [{field: ts, operations: [count], as: n}]
+        LATENESS
+  destinations:
+    out: {type: stdout, inputs: [per_minute]}
+tests:
+  - name: late
+    inputs:
+      events: [{ts: 0}, {ts: 130}, {ts: 20}]
+"""
+
+
+@pytest.mark.parametrize(("streaming", "lateness", "first_window"), [
+    ("", "", 1),  # no lateness: the record at 20 s is behind the watermark (130 s)
+    ('streaming: {watermark_delay: "2m"}', "", 2),  # the source's delay is the default
+    ('streaming: {watermark_delay: "2m"}', "allowed_lateness: 0s", 1),  # the step's own wins
+])
+def test_watermark_delay_is_the_default_allowed_lateness_downstream(streaming, lateness,
+                                                                     first_window):
+    v = validate_text(WINDOWED.replace("STREAMING", streaming).replace("LATENESS", lateness))
+    assert not v.errors(), [str(p) for p in v.errors()]
+    out = run_case(v, v.tests[0])["out"]
+    counts = {r["window_start"]: r["n"] for r in out}
+    assert counts == {"1970-01-01T00:00:00Z": first_window, "1970-01-01T00:02:00Z": 1}
+
+
+SCHEDULED = """\
+workflow:
+  schedule: SCHEDULE
+  sources:
+    g: {type: generator, config: {preset: orders, count: 1}}
+  destinations:
+    o: {type: stdout, inputs: [g]}
+"""
+
+
+def test_a_windowed_join_under_a_watermark_delay_gets_no_lateness_advice():
+    flow = """\
+workflow:
+  sources:
+    a: {type: file, config: {path: a.jsonl}, STREAMING}
+    b: {type: file, config: {path: b.jsonl}, STREAMING}
+  transformations:
+    j:
+      type: join
+      inputs: [a, b]
+      config: {join_key: k, time_field: ts, window: {type: tumbling, size: 1m}}
+  destinations:
+    o: {type: stdout, inputs: [j]}
+"""
+    advice = "a windowed join reads its two inputs side by side"
+    bare = validate_text(flow.replace(", STREAMING", ""))
+    assert any(advice in m for _, m in _warnings(bare))
+    delayed = validate_text(flow.replace("STREAMING", 'streaming: {watermark_delay: "10m"}'))
+    assert not any(advice in m for _, m in _warnings(delayed))
+
+
+def test_compile_file_logs_the_warnings_for_bytewax_run(tmp_path, caplog):
+    from dataflare.dsl_compiler import compile_file
+
+    flow = tmp_path / "f.yaml"
+    flow.write_text(SCHEDULED.replace("  schedule: SCHEDULE\n", "").replace(
+        "inputs: [g]}", "inputs: [g], batch: {size: 5}}"))
+    compile_file(flow)
+    assert (f"{flow}:5:36: destinations.o.batch: warning: 'batch' has no effect on a "
+            "destination of type 'stdout'") in caplog.text
+
+
+@pytest.mark.parametrize(("plugin", "error"), [
+    ('{type: native, path: "m:f", config: {memory_limit: 64MB}}',
+     "'memory_limit' has no effect on a native plugin"),
+    ('{type: native, path: "m:f", config: {timeout: 2s}}',
+     "'timeout' has no effect on a native plugin"),
+    ('{type: wasm, path: x.wasm, url: "http://127.0.0.1/"}',
+     "'url' has no effect on a wasm plugin"),
+    ('{type: remote, url: "http://127.0.0.1/", path: x.wasm}',
+     "'path' has no effect on a remote plugin"),
+    ('{type: wasm, path: x.wasm, config: {memory_limit: 64MB, timeout: 2s}}', None),
+])
+def test_plugin_settings_the_plugin_type_ignores_are_refused(plugin, error):
+    v = validate_text(SCHEDULED.replace("  schedule: SCHEDULE", f"  plugins:\n    p: {plugin}"))
+    assert [p.message for p in v.errors()] == ([error] if error else [])
