@@ -60,6 +60,7 @@ BUILTIN_MODULES = (
     "dataflare.operators.join",
     "dataflare.operators.dedupe",
     "dataflare.operators.plugin",
+    "dataflare.operators.sql",
     "dataflare.operators.planned",
 )
 
