@@ -61,6 +61,7 @@ BUILTIN_MODULES = (
     "dataflare.operators.dedupe",
     "dataflare.operators.plugin",
     "dataflare.operators.sql",
+    "dataflare.operators.window_analytics",
     "dataflare.operators.planned",
 )
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from dataflare.config import Duration, Strict
+from dataflare.config import Strict
 from dataflare.registry import planned
 
 
@@ -37,23 +37,6 @@ class DataQualityConfig(Strict):
     validations: list[Validation] = Field(description="Checks per field.")
 
 
-class Calculation(Strict):
-    """An analytic computed per session."""
-
-    type: Literal["funnel_analysis", "count", "duration"] = Field(description="Calculation.")
-    steps: list[str] = Field(default_factory=list, description="Funnel steps, in order.")
-    as_: str | None = Field(None, alias="as", description="Output field.")
-
-
-class WindowAnalyticsConfig(Strict):
-    """Settings of a ``window_analytics`` transformation."""
-
-    group_by: list[str] = Field(default_factory=list, description="Key paths.")
-    window: Literal["session", "tumbling", "sliding"] = Field(description="Window kind.")
-    session_gap: Duration | None = Field(None, description="Session gap.")
-    calculations: list[Calculation] = Field(default_factory=list, description="Analytics.")
-
-
 class Enrichment(Strict):
     """One enrichment step."""
 
@@ -79,7 +62,5 @@ _NOTE = "planned (not available yet)"
 planned("transformation", "ml", config=MlConfig, description="Apply a model.", note=_NOTE)
 planned("transformation", "data_quality", config=DataQualityConfig,
         description="Validate and standardize fields.", note=_NOTE)
-planned("transformation", "window_analytics", config=WindowAnalyticsConfig,
-        description="Session analytics such as funnels.", note=_NOTE)
 planned("transformation", "enrich", config=EnrichConfig,
         description="Add data from models and services.", note=_NOTE)
