@@ -62,6 +62,7 @@ BUILTIN_MODULES = (
     "dataflare.operators.plugin",
     "dataflare.operators.sql",
     "dataflare.operators.window_analytics",
+    "dataflare.operators.ml",
     "dataflare.operators.planned",
 )
 

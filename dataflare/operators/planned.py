@@ -10,17 +10,6 @@ from dataflare.config import Strict
 from dataflare.registry import planned
 
 
-class MlConfig(Strict):
-    """Settings of an ``ml`` transformation."""
-
-    algorithm: Literal["kmeans", "isolation_forest", "linear_regression"] = Field(
-        description="Model family."
-    )
-    features: list[str] = Field(description="Input field paths.")
-    clusters: int | None = Field(None, ge=1, description="kmeans: number of clusters.")
-    output_field: str = Field(description="Path written with the model's output.")
-
-
 class Validation(Strict):
     """Rules checked on one field."""
 
@@ -59,7 +48,6 @@ class EnrichConfig(Strict):
 
 
 _NOTE = "planned (not available yet)"
-planned("transformation", "ml", config=MlConfig, description="Apply a model.", note=_NOTE)
 planned("transformation", "data_quality", config=DataQualityConfig,
         description="Validate and standardize fields.", note=_NOTE)
 planned("transformation", "enrich", config=EnrichConfig,
