@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import string
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import wasmtime
 
 from tests.fixtures.workflows import ROOT, read_jsonl, run_cli
@@ -60,6 +63,26 @@ def test_example_built_from_source_matches_an_independent_computation(tmp_path):
     got = [json.loads(line) for line in result.stdout.splitlines()]
     assert got == [masked(r) for r in records]
     assert any("#" in r["card"] for r in got)
+
+
+def test_assemblyscript_example_built_with_npm_matches_the_same_computation(tmp_path):
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("npm is not installed (the AssemblyScript toolchain comes from npm)")
+    src = tmp_path / "as"
+    shutil.copytree(PLUGINS / "redact_digits_as", src,
+                    ignore=shutil.ignore_patterns("node_modules", "build"))
+    for step in (["install", "--no-audit", "--no-fund"], ["run", "build"]):
+        done = subprocess.run([npm, *step], cwd=src, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    records = random_records()
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_cli("plugin", "test", str(src / "build" / "redact_digits.wasm"),
+                     "--input", str(tmp_path / "in.jsonl"), "--memory-limit", "16MiB")
+    assert result.code == 0, result.stderr
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        masked(r) for r in records]
 
 
 def test_template_returns_records_unchanged(tmp_path):
