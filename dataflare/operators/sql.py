@@ -266,6 +266,14 @@ def _input_names(ctx: BuildContext) -> list[str]:
     return [str(i) for i in (getattr(ctx.component, "inputs", None) or ["input"])]
 
 
+def _advice(cfg: SqlConfig, modes: set[str]) -> list[str]:
+    """Warnings for ``validate``: ``over: all`` on an input that never ends."""
+    if cfg.over == "all" and modes & {"streaming", "cdc", "hybrid"}:
+        return ["'over: all' runs the query when the inputs end, and an input here is "
+                "unbounded (streaming, cdc or hybrid): use a 'window' instead"]
+    return []
+
+
 @transformation(
     "sql",
     config=SqlConfig,
@@ -275,6 +283,7 @@ def _input_names(ctx: BuildContext) -> list[str]:
     stateful=True,
     named_outputs=lambda cfg: ["late"] if cfg.window is not None else [],
     merge_inputs=False,
+    advise=_advice,
 )
 def build_sql(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``sql`` step."""

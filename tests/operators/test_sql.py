@@ -269,3 +269,22 @@ workflow:
     assert bad.code == 1
     assert "f.yaml:9:16:" in bad.stderr and "transformations.q.config.query" in bad.stderr
     assert "syntax error at or near" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_over_all_on_an_unbounded_input_is_warned(tmp_path):
+    flow = tmp_path / "f.yaml"
+    flow.write_text("""\
+workflow:
+  sources:
+    src:
+      type: kafka
+      mode: streaming
+      config: {bootstrap_servers: "127.0.0.1:1", topic: t}
+  transformations:
+    q: {inputs: [src], type: sql, config: {query: "select count(*) as n from input", over: all}}
+  destinations:
+    out: {type: stdout, inputs: [q]}
+""")
+    result = run_cli("validate", str(flow))
+    assert "transformations.q.config: warning: 'over: all' runs the query when the inputs" in (
+        result.stderr), result.stderr
