@@ -1,7 +1,8 @@
 """The ``sql`` transformation: a DuckDB query over records.
 
-The query reads the relation ``input`` (with several inputs: one relation per input id,
-and ``over: all``). It runs:
+The query reads the relation ``input``: per batch and per window, several inputs are
+merged into it; with ``over: all`` and several inputs, each input is a relation named by
+its id. It runs:
 
 - once per batch (no ``window``, no ``over``): stateless;
 - once per closed window with ``window`` and ``time_field``: the ``window`` operator
@@ -290,12 +291,6 @@ def build_sql(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     cfg: SqlConfig = ctx.config
     step = component_id(ctx.step_id)
     query = Query(step, cfg.query)
-    if len(ups) > 1 and cfg.over != "all":
-        msg = (
-            f"step {step!r}: a sql step with several inputs needs 'over: all' "
-            "(each input is then a relation named by its id)"
-        )
-        raise ValueError(msg)
     if cfg.over == "all":
         names = _input_names(ctx) if len(ups) > 1 else ["input"]
         definition = {"query": cfg.query, "over": "all", "inputs": names}
@@ -309,12 +304,14 @@ def build_sql(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
             (DOWN, ERRS),
         )
         return Outputs(down=outs[DOWN], errs=outs[ERRS])
+    # Per batch or per window, several inputs are one relation, as for other steps.
+    up = ups[0] if len(ups) == 1 else op.merge("merge_inputs", *ups)
     if cfg.window is None:
-        down, errs = _split("sql", op.map("query", ups[0], _per_batch(query)))
+        down, errs = _split("sql", op.map("query", up, _per_batch(query)))
         return Outputs(down=down, errs=errs)
     win = window(
         ctx.step_id,
-        ups[0],
+        up,
         cfg.window_config(),
         idle_timeout=idle_timeout_of(ctx),
         accs=collect_records(),

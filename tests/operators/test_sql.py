@@ -288,3 +288,14 @@ workflow:
     result = run_cli("validate", str(flow))
     assert "transformations.q.config: warning: 'over: all' runs the query when the inputs" in (
         result.stderr), result.stderr
+
+
+def test_per_batch_with_two_inputs_reads_them_as_one_relation():
+    flow = Dataflow("t")
+    a = op.input("a", flow, TestingSource([[{"v": 1}, {"v": 2}], [{"v": 3}]]))
+    b = op.input("b", flow, TestingSource([[{"v": 10}]]))
+    out = build_sql(ctx({"query": "select v * 2 as w from input"}, ["a", "b"]), [a, b])
+    got: list[Any] = []
+    op.output("o", out.down, TestingSink(got))
+    run_main(flow)
+    assert sorted(r["w"] for b in got for r in b) == [2, 4, 6, 20]
