@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="Print the JSON Schema of workflow files.")
     p.add_argument("--markdown", action="store_true", help="The DSL reference instead.")
     p.set_defaults(fn=cmd_schema)
+
+    from dataflare import plugin_sdk  # its module imports wasmtime only when a plugin runs
+
+    plugin_sdk.add_parser(sub)
     return parser
 
 

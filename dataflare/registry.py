@@ -60,6 +60,9 @@ BUILTIN_MODULES = (
     "dataflare.operators.join",
     "dataflare.operators.dedupe",
     "dataflare.operators.plugin",
+    "dataflare.operators.sql",
+    "dataflare.operators.window_analytics",
+    "dataflare.operators.ml",
     "dataflare.operators.planned",
 )
 

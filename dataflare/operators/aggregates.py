@@ -333,3 +333,30 @@ def compile_aggregates(aggs: Sequence[Aggregate]) -> Accumulators:
         new_code,
         tuple(items),
     )
+
+
+def collect_records() -> Accumulators:
+    """An accumulator keeping a window's records themselves, in arrival order.
+
+    For steps that compute over all the records of a window at once (``sql``): the
+    window operator's assignment, watermark and late rules apply unchanged, and the
+    output field ``_records`` holds the window's records.
+    """
+    env: dict[str, Any] = {}
+    code = (
+        "def update(acc, rec, t):\n    acc[1].append(rec)\n    acc[0] += 1\n"
+        "def new():\n    return [0, []]\n"
+        "def finish(acc, out):\n    out['_records'] = acc[1]\n"
+    )
+    exec(compile(code, "<dataflare collect>", "exec"), env)  # noqa: S102
+    return Accumulators(
+        (_ALL, _SUM),  # merging adds the slots: lists of records concatenate
+        (),
+        env["update"],
+        env["new"],
+        env["finish"],
+        "    acc[1].append(rec)\n    acc[0] += 1",
+        {},
+        "[0, []]",
+        (("_records", "acc[1]"),),
+    )

@@ -462,13 +462,19 @@ class _WindowOp:
     """The compiled settings of one window step, shared by its shards."""
 
     def __init__(
-        self, step_id: str, cfg: WindowConfig, shards: int, idle_timeout: float | None
+        self,
+        step_id: str,
+        cfg: WindowConfig,
+        shards: int,
+        idle_timeout: float | None,
+        accs: Accumulators | None = None,
+        definition: dict[str, Any] | None = None,
     ) -> None:
         self.step_id = component_id(step_id)
-        self.definition = _definition(cfg, shards)
+        self.definition = {**_definition(cfg, shards), **(definition or {})}
         self.idle_timeout = idle_timeout
         self.key = key_getter(cfg.group_by)
-        self.accs = compile_aggregates(cfg.aggregations)
+        self.accs = accs or compile_aggregates(cfg.aggregations)
         self.output = _Output(tuple(cfg.group_by), self.accs)
         self.lateness = to_us(cfg.allowed_lateness)
         spec = cfg.window
@@ -509,6 +515,8 @@ def window(
     config: WindowConfig,
     idle_timeout: float | None = None,
     shards: int = SHARDS,
+    accs: Accumulators | None = None,
+    definition: dict[str, Any] | None = None,
 ) -> WindowOut:
     """Aggregate batches of records per group and event-time window.
 
@@ -518,9 +526,12 @@ def window(
     :arg idle_timeout: Emit a shard's open windows after this many seconds of system time
         without records (``None``: only at the watermark and the end of input).
     :arg shards: State shards spread over the workers (part of the recovery state).
+    :arg accs: What each window accumulates, instead of ``config.aggregations`` (e.g.
+        :func:`~dataflare.operators.aggregates.collect_records` for ``sql``).
+    :arg definition: More settings the recovery state depends on (checked on resume).
     :returns: Window records, late records and errors, each as batches.
     """
-    wop = _WindowOp(step_id, config, shards, idle_timeout)
+    wop = _WindowOp(step_id, config, shards, idle_timeout, accs, definition)
     keyed = route_and_merge(step_id, [(None, up)], [wop.key], shards)
     outs = stateful_shards("windows", keyed, wop.build)
     return WindowOut(down=outs[DOWN], late=outs[LATE], errs=outs[ERRS])

@@ -1,0 +1,323 @@
+"""The ``sql`` transformation: a DuckDB query over records.
+
+The query reads the relation ``input``: per batch and per window, several inputs are
+merged into it; with ``over: all`` and several inputs, each input is a relation named by
+its id. It runs:
+
+- once per batch (no ``window``, no ``over``): stateless;
+- once per closed window with ``window`` and ``time_field``: the ``window`` operator
+  collects each (group, window)'s records (same assignment, watermark, late rules and
+  recovery state as ``window``) and the query runs over them when the window closes;
+  each output row carries the group-by fields, ``window_start`` and ``window_end``;
+- once over the whole input at the end with ``over: all`` (bounded inputs): the records
+  are kept in one shard's recovery state until the inputs end.
+
+Records go to DuckDB as Arrow tables and come back from Arrow: no Python per record
+beyond pyarrow's own conversion. A query that fails on a batch or a window sends that
+batch's records (or the window) to the step's error policy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import bytewax.operators as op
+from bytewax.dataflow import Stream
+from pydantic import Field, field_validator, model_validator
+
+from dataflare.config import Duration, Paths, Strict
+from dataflare.operators.aggregates import collect_records
+from dataflare.operators.keyed import (
+    DOWN,
+    ERRS,
+    ShardLogic,
+    component_id,
+    idle_timeout_of,
+    route_and_merge,
+    stateful_shards,
+)
+from dataflare.operators.window import WindowConfig, WindowSpec, window
+from dataflare.records import META, Failed, without_meta
+from dataflare.registry import BuildContext, Outputs, transformation
+
+_WINDOWED = ("time_field", "time_unit", "allowed_lateness", "group_by", "late_to")
+
+
+def _duckdb() -> Any:
+    try:
+        import duckdb
+    except ImportError:  # pragma: no cover - the extra is part of the default install
+        msg = "the 'sql' transformation needs duckdb: pip install 'dataflare[sql]'"
+        raise ImportError(msg) from None
+    return duckdb
+
+
+def check_query(query: str) -> str:
+    """Parse ``query`` with DuckDB: one SELECT (or WITH ... SELECT) statement."""
+    duckdb = _duckdb()
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"invalid sql query: {first}"
+        raise ValueError(msg) from None
+    if len(statements) != 1:
+        msg = f"'query' must be one statement (got {len(statements)})"
+        raise ValueError(msg)
+    if statements[0].type != duckdb.StatementType.SELECT:
+        msg = f"'query' must be a SELECT query (got {statements[0].type.name.lower()})"
+        raise ValueError(msg)
+    return query
+
+
+class SqlConfig(Strict):
+    """Settings of a ``sql`` transformation."""
+
+    query: str = Field(
+        description="DuckDB SELECT over the relation `input` (with several inputs and "
+        "`over: all`, one relation per input id)."
+    )
+    over: Literal["batch", "all"] = Field(
+        "batch",
+        description="`batch`: once per batch (stateless); `all`: once over the whole input "
+        "at its end (bounded inputs).",
+    )
+    window: WindowSpec | None = Field(
+        None, description="Run once per closed (group, window) instead (see `window`)."
+    )
+    time_field: str = Field("timestamp", description="With `window`: path of the event time.")
+    time_unit: Literal["s", "ms"] = Field(
+        "s", description="With `window`: unit of numeric event times."
+    )
+    allowed_lateness: Duration = Field(
+        0.0, description="With `window`: how far behind the group's latest time a record may be."
+    )
+    group_by: Paths = Field((), description="With `window`: one query per group and window.")
+    late_to: str | None = Field(None, description="With `window`: destination of late records.")
+
+    _check_query = field_validator("query")(classmethod(lambda cls, v: check_query(v)))
+
+    @model_validator(mode="after")
+    def _check(self) -> SqlConfig:
+        if self.window is not None and self.over == "all":
+            msg = "'window' and 'over: all' exclude each other"
+            raise ValueError(msg)
+        if self.window is None:
+            extra = [k for k in _WINDOWED if k in self.model_fields_set]
+            if extra:
+                msg = f"{', '.join(repr(k) for k in extra)} only apply with 'window'"
+                raise ValueError(msg)
+        return self
+
+    def window_config(self) -> WindowConfig:
+        """The ``window`` operator settings that collect each window's records."""
+        assert self.window is not None  # noqa: S101 - callers check
+        return WindowConfig.model_validate(
+            {
+                "window": self.window,
+                "time_field": self.time_field,
+                "time_unit": self.time_unit,
+                "allowed_lateness": self.allowed_lateness,
+                "group_by": list(self.group_by),
+                "late_to": self.late_to,
+            }
+        )
+
+
+class Query:
+    """A compiled query: runs over Arrow tables, one DuckDB connection per thread."""
+
+    def __init__(self, step: str, query: str) -> None:
+        self.step = step
+        self.query = query
+        self._local = threading.local()
+
+    def _connection(self) -> Any:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = _duckdb().connect(":memory:")
+        return con
+
+    def run(self, relations: dict[str, list[Any]]) -> list[dict[str, Any]]:
+        """The query's rows over ``relations`` (name -> records)."""
+        con = self._connection()
+        names = []
+        try:
+            for name, records in relations.items():
+                con.register(name, to_arrow(records))
+                names.append(name)
+            rel = con.sql(self.query)
+            # duckdb >= 1.4 names it to_arrow_table; older versions arrow().
+            table = (getattr(rel, "to_arrow_table", None) or rel.arrow)()
+        finally:
+            for name in names:
+                con.unregister(name)
+        return from_arrow(table)
+
+
+def to_arrow(records: Sequence[Any]) -> Any:
+    """Records as an Arrow table (nested dicts as structs), without ``_meta``."""
+    import pyarrow as pa
+
+    if not records:
+        return pa.table({})
+    table = pa.Table.from_struct_array(pa.array(records))
+    if META in table.column_names:
+        table = table.drop_columns([META])
+    return table
+
+
+def from_arrow(table: Any) -> list[dict[str, Any]]:
+    """Rows of an Arrow table as JSON-like records (decimals as int or float)."""
+    import pyarrow as pa
+
+    cols = []
+    for f in table.schema:
+        col = table.column(f.name)
+        if pa.types.is_decimal(f.type):
+            col = col.cast(pa.int64() if f.type.scale == 0 else pa.float64())
+        cols.append(col)
+    return pa.table(cols, names=table.column_names).to_pylist()
+
+
+def _message(step: str, exc: BaseException, what: str) -> str:
+    return f"step {step!r}: sql query failed on {what}: {exc}"
+
+
+def _per_batch(query: Query) -> Any:
+    def apply(batch: list[Any]) -> tuple[list[Any], list[Failed]]:
+        try:
+            return query.run({"input": batch}), []
+        except Exception as exc:  # noqa: BLE001 - the batch goes to the error policy
+            msg = _message(query.step, exc, "a batch")
+            return [], [Failed(query.step, type(exc).__name__, msg, r, r.get(META, {}))
+                        for r in batch]
+
+    return apply
+
+
+def _per_window(query: Query) -> Any:
+    def apply(windows: list[dict[str, Any]]) -> tuple[list[Any], list[Failed]]:
+        down: list[Any] = []
+        errs: list[Failed] = []
+        for w in windows:
+            head = dict(w)
+            records = head.pop("_records")
+            try:
+                rows = query.run({"input": records})
+            except Exception as exc:  # noqa: BLE001 - the window goes to the error policy
+                bound = f"window {head['window_start']}..{head['window_end']}"
+                failed = {**head, "records": [without_meta(r) for r in records]}
+                meta = records[0].get(META, {}) if records else {}
+                msg = _message(query.step, exc, bound)
+                errs.append(Failed(query.step, type(exc).__name__, msg, failed, meta))
+                continue
+            down.extend({**head, **row} for row in rows)
+        return down, errs
+
+    return apply
+
+
+class _OverAll(ShardLogic):
+    """The one shard of an ``over: all`` step: every input's records until the end."""
+
+    def __init__(self, query: Query, names: list[str], definition: dict[str, Any],
+                 resume: Any) -> None:
+        super().__init__(query.step, definition, resume)
+        self.query = query
+        self.names = names
+        if self.state is None:
+            self.state = {name: [] for name in names}
+
+    def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
+        for name, sub in batches:
+            self.state[name].extend(sub)
+        return []
+
+    def has_state(self) -> bool:
+        return False
+
+    def idle(self) -> list[tuple[str, list[Any]]]:
+        return []
+
+    def flush(self) -> list[tuple[str, list[Any]]]:
+        relations = self.state
+        self.state = {name: [] for name in self.names}
+        try:
+            rows = self.query.run(relations)
+        except Exception as exc:  # noqa: BLE001 - the input goes to the error policy
+            records = [r for name in self.names for r in relations[name]]
+            msg = _message(self.query.step, exc, "the whole input")
+            meta = records[0].get(META, {}) if records else {}
+            failed = {name: [without_meta(r) for r in relations[name]] for name in self.names}
+            return [(ERRS, [Failed(self.query.step, type(exc).__name__, msg, failed, meta)])]
+        return [(DOWN, rows)] if rows else []
+
+
+def _split(step: str, pairs: Stream[Any]) -> tuple[Stream[Any], Stream[Any]]:
+    return (
+        op.filter_map(f"{step}_down", pairs, lambda p: p[0] or None),
+        op.filter_map(f"{step}_errs", pairs, lambda p: p[1] or None),
+    )
+
+
+def _input_names(ctx: BuildContext) -> list[str]:
+    return [str(i) for i in (getattr(ctx.component, "inputs", None) or ["input"])]
+
+
+def _advice(cfg: SqlConfig, modes: set[str]) -> list[str]:
+    """Warnings for ``validate``: ``over: all`` on an input that never ends."""
+    if cfg.over == "all" and modes & {"streaming", "cdc", "hybrid"}:
+        return ["'over: all' runs the query when the inputs end, and an input here is "
+                "unbounded (streaming, cdc or hybrid): use a 'window' instead"]
+    return []
+
+
+@transformation(
+    "sql",
+    config=SqlConfig,
+    description="Run a DuckDB SQL query over records: per batch, per closed window, or once "
+    "over the whole input.",
+    inputs=(1, None),
+    stateful=True,
+    named_outputs=lambda cfg: ["late"] if cfg.window is not None else [],
+    merge_inputs=False,
+    advise=_advice,
+)
+def build_sql(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
+    """Build the ``sql`` step."""
+    cfg: SqlConfig = ctx.config
+    step = component_id(ctx.step_id)
+    query = Query(step, cfg.query)
+    if cfg.over == "all":
+        names = _input_names(ctx) if len(ups) > 1 else ["input"]
+        definition = {"query": cfg.query, "over": "all", "inputs": names}
+        keyed = route_and_merge(
+            "collect", list(zip(names, ups, strict=True)), [lambda r: None] * len(ups), 1
+        )
+        outs = stateful_shards(
+            "over_all",
+            keyed,
+            lambda resume: _OverAll(query, names, definition, resume),
+            (DOWN, ERRS),
+        )
+        return Outputs(down=outs[DOWN], errs=outs[ERRS])
+    # Per batch or per window, several inputs are one relation, as for other steps.
+    up = ups[0] if len(ups) == 1 else op.merge("merge_inputs", *ups)
+    if cfg.window is None:
+        down, errs = _split("sql", op.map("query", up, _per_batch(query)))
+        return Outputs(down=down, errs=errs)
+    win = window(
+        ctx.step_id,
+        up,
+        cfg.window_config(),
+        idle_timeout=idle_timeout_of(ctx),
+        accs=collect_records(),
+        definition={"query": cfg.query},
+    )
+    down, errs = _split("sql", op.map("query", win.down, _per_window(query)))
+    return Outputs(
+        down=down, errs=op.merge("errors", win.errs, errs), named={"late": win.late}
+    )
