@@ -139,6 +139,13 @@ class _Progress:
             extra = " received, not all confirmed written" if unsure else ""
             extra += f", {errors} failed" if errors else ""
             print(f"  {step}: {n}{extra}", file=sys.stderr)
+        for step in self.steps:
+            rows = metrics.quality_table(step)
+            if rows:
+                print(f"quality of {step}: field rule checked failed pass-rate", file=sys.stderr)
+            for fld, rule, checked, failed in rows:
+                rate = 100.0 * (checked - failed) / checked if checked else 100.0
+                print(f"  {fld} {rule} {checked} {failed} {rate:.1f}%", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -59,6 +59,7 @@ BUILTIN_MODULES = (
     "dataflare.operators.aggregation",
     "dataflare.operators.join",
     "dataflare.operators.dedupe",
+    "dataflare.operators.quality",
     "dataflare.operators.plugin",
     "dataflare.operators.planned",
 )

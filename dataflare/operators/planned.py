@@ -21,22 +21,6 @@ class MlConfig(Strict):
     output_field: str = Field(description="Path written with the model's output.")
 
 
-class Validation(Strict):
-    """Rules checked on one field."""
-
-    field: str = Field(description="Field path.")
-    rules: list[Literal["not_null", "not_empty", "is_email", "is_phone_number",
-                        "standardize_format", "is_number", "is_date"]] = Field(
-        description="Rules, checked in order."
-    )
-
-
-class DataQualityConfig(Strict):
-    """Settings of a ``data_quality`` transformation."""
-
-    validations: list[Validation] = Field(description="Checks per field.")
-
-
 class Calculation(Strict):
     """An analytic computed per session."""
 
@@ -77,8 +61,6 @@ class EnrichConfig(Strict):
 
 _NOTE = "planned (not available yet)"
 planned("transformation", "ml", config=MlConfig, description="Apply a model.", note=_NOTE)
-planned("transformation", "data_quality", config=DataQualityConfig,
-        description="Validate and standardize fields.", note=_NOTE)
 planned("transformation", "window_analytics", config=WindowAnalyticsConfig,
         description="Session analytics such as funnels.", note=_NOTE)
 planned("transformation", "enrich", config=EnrichConfig,
