@@ -27,6 +27,12 @@ QUALITY_CHECKS = Counter(
     ["step", "field", "rule", "result"],
 )
 
+ENRICH_CALLS = Counter(
+    "dataflare_enrich_calls",
+    "Enrichment lookups of enrich steps, by kind and result (ok, cached, failed).",
+    ["step", "kind", "result"],
+)
+
 
 def value(counter: Counter, **labels: str) -> float:
     """Current value of one labelled counter (0 when never incremented)."""

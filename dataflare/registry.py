@@ -60,6 +60,7 @@ BUILTIN_MODULES = (
     "dataflare.operators.join",
     "dataflare.operators.dedupe",
     "dataflare.operators.quality",
+    "dataflare.operators.enrich",
     "dataflare.operators.plugin",
     "dataflare.operators.planned",
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
@@ -38,30 +38,7 @@ class WindowAnalyticsConfig(Strict):
     calculations: list[Calculation] = Field(default_factory=list, description="Analytics.")
 
 
-class Enrichment(Strict):
-    """One enrichment step."""
-
-    type: Literal["ml_scoring", "http_api", "lookup"] = Field(description="Enrichment kind.")
-    model: str | None = Field(None, description="ml_scoring: model name.")
-    inputs: dict[str, Any] = Field(default_factory=dict, description="Model inputs.")
-    output_field: str | None = Field(None, description="Path of the result.")
-    url: str | None = Field(None, description="http_api: endpoint.")
-    method: str = Field("GET", description="http_api: method.")
-    body_template: str | None = Field(None, description="http_api: body.")
-    response_mapping: list[dict[str, str]] = Field(
-        default_factory=list, description="http_api: response paths to record paths."
-    )
-
-
-class EnrichConfig(Strict):
-    """Settings of an ``enrich`` transformation."""
-
-    enrichments: list[Enrichment] = Field(description="Steps, applied in order.")
-
-
 _NOTE = "planned (not available yet)"
 planned("transformation", "ml", config=MlConfig, description="Apply a model.", note=_NOTE)
 planned("transformation", "window_analytics", config=WindowAnalyticsConfig,
         description="Session analytics such as funnels.", note=_NOTE)
-planned("transformation", "enrich", config=EnrichConfig,
-        description="Add data from models and services.", note=_NOTE)
