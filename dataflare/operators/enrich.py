@@ -8,6 +8,12 @@ retries 429 and 5xx answers and broken connections per the workflow's ``config.r
 honouring ``Retry-After``. ``response_mapping`` copies ``response.<path>`` into the record.
 A request that still fails is an error of the record, handled by ``error_handling``.
 
+``lookup`` copies ``fields`` (default: every column) of the row whose ``lookup_key`` equals
+the record's ``key`` from a ``connection``: ``{type: postgres, table, ...}`` (as a source's
+config) or ``{type: file, path}`` (.jsonl or .csv). The table is loaded before the first
+batch is enriched and again each ``refresh``; keys compare as text; an unknown key sets the
+fields to null.
+
 ``ml_scoring`` runs an ONNX model (``model``: file path) once per batch: each input is an
 expression over the record (``"{{orders.count}} / 90"``: the braces are optional), fed as
 one float32 column; the model's first output (or ``output``) goes to ``output_field``. A
@@ -23,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from bytewax.dataflow import Stream
@@ -102,8 +109,10 @@ class Enrichment(Strict):
             msg = "ml_scoring needs 'model', 'inputs' and 'output_field'"
             raise ValueError(msg)
         if self.type == "lookup":
-            msg = "lookup enrichment is not available yet"
-            raise ValueError(msg)
+            if not (self.connection and self.key and self.lookup_key):
+                msg = "lookup needs 'connection', 'key' and 'lookup_key'"
+                raise ValueError(msg)
+            _lookup_connection(self.connection)
         for m in self.response_mapping:
             if m.source != "response" and not m.source.startswith("response."):
                 msg = f"response_mapping source {m.source!r} must start with 'response.'"
@@ -265,6 +274,97 @@ class HttpStage:
             records[i] = out
 
 
+def _lookup_connection(conn: dict[str, Any]) -> Any:
+    """The typed config of a lookup's connection (``postgres`` table or ``file``)."""
+    from dataflare.connectors.postgres import PostgresSourceConfig
+
+    kind = conn.get("type")
+    rest = {k: v for k, v in conn.items() if k != "type"}
+    if kind == "postgres":
+        cfg = PostgresSourceConfig.model_validate(rest)
+        if not cfg.table:
+            msg = "lookup connection of type postgres needs 'table'"
+            raise ValueError(msg)
+        return cfg
+    if kind == "file":
+        path = rest.pop("path", None)
+        if not isinstance(path, str) or not path.endswith((".jsonl", ".csv")) or rest:
+            msg = "lookup connection of type file takes only 'path' (a .jsonl or .csv file)"
+            raise ValueError(msg)
+        return path
+    msg = f"lookup connection type {kind!r} is not supported (postgres, file)"
+    raise ValueError(msg)
+
+
+class LookupStage:
+    """A ``lookup`` enrichment: a table by key, loaded before the first batch, refreshed."""
+
+    def __init__(self, step: str, cfg: Enrichment, base: Callable[[str], Any]) -> None:
+        self.step, self.cfg = step, cfg
+        self.conn = _lookup_connection(cfg.connection or {})
+        if isinstance(self.conn, str):
+            self.conn = base(self.conn)
+        self.key = cfg.key or ""
+        self.table: dict[Any, dict[str, Any]] = {}
+        self.loaded_at: float | None = None
+
+    def _rows(self) -> list[dict[str, Any]]:
+        if not isinstance(self.conn, Path):
+            import psycopg
+            from psycopg import sql
+            from psycopg.rows import dict_row
+
+            schema, table = self.conn.qualified()
+            cols = [self.cfg.lookup_key or "", *self.cfg.fields]
+            what = sql.SQL(", ").join(map(sql.Identifier, cols)) if self.cfg.fields else (
+                sql.SQL("*"))
+            query = sql.SQL("SELECT {} FROM {}.{}").format(
+                what, sql.Identifier(schema), sql.Identifier(table))
+            with psycopg.connect(self.conn.conninfo(), row_factory=dict_row) as conn:
+                return list(conn.execute(query).fetchall())
+        text = self.conn.read_text(encoding="utf-8-sig")
+        if self.conn.suffix == ".csv":
+            import csv
+            import io
+
+            return list(csv.DictReader(io.StringIO(text)))
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def _load(self) -> None:
+        table: dict[Any, dict[str, Any]] = {}
+        lk = self.cfg.lookup_key or ""
+        for row in self._rows():
+            fields = self.cfg.fields or [k for k in row if k != lk]
+            table[_norm(row.get(lk))] = {f: row.get(f) for f in fields}
+        self.table, self.loaded_at = table, time.monotonic()
+
+    def __call__(self, records: list[Any], errors: list[BaseException | None]) -> None:
+        """Copy the looked-up fields into each record (``null`` when the key is unknown)."""
+        refresh = self.cfg.refresh
+        if self.loaded_at is None or (
+            refresh is not None and time.monotonic() - self.loaded_at >= refresh
+        ):
+            self._load()
+        empty = dict.fromkeys(self.cfg.fields)
+        hits = misses = 0
+        for i, rec in enumerate(records):
+            if errors[i] is not None:
+                continue
+            row = self.table.get(_norm(get_path(rec, self.key)))
+            hits, misses = (hits + 1, misses) if row is not None else (hits, misses + 1)
+            out = dict(rec)
+            for f, v in (row if row is not None else empty).items():
+                set_path(out, f, v)
+            records[i] = out
+        ENRICH_CALLS.labels(self.step, "lookup", "ok").inc(hits)
+        ENRICH_CALLS.labels(self.step, "lookup", "missing").inc(misses)
+
+
+def _norm(key: Any) -> Any:
+    """Keys compare as text, so that 7 from a record finds '7' from a CSV file."""
+    return None if key is None else str(key)
+
+
 _BRACES = re.compile(r"\{\{\s*(.*?)\s*\}\}")
 
 
@@ -335,6 +435,8 @@ def build_enrich(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     for e in ctx.config.enrichments:
         if e.type == "http_api":
             stages.append(HttpStage(ctx.step_id, e, ctx.workflow.config.retry))
+        elif e.type == "lookup":
+            stages.append(LookupStage(ctx.step_id, e, ctx.path))
         else:
             stages.append(ScoreStage(ctx.step_id, e, str(ctx.path(e.model))))
     step = ctx.step_id

@@ -268,3 +268,93 @@ def test_ml_scoring_refuses_unknown_model_inputs(tmp_path):
 def test_bad_enrichments_refused(enrichment, error):
     with pytest.raises(ValueError, match=error):
         EnrichConfig.model_validate({"enrichments": [enrichment]})
+
+
+LOOKUP_FLOW = """\
+workflow:
+  id: enrich_lookup
+  sources:
+    orders: {type: file, config: {path: orders.jsonl}}
+  transformations:
+    with_customer:
+      inputs: [orders]
+      type: enrich
+      config:
+        enrichments:
+          - type: lookup
+            connection: CONNECTION
+            key: customer.id
+            lookup_key: id
+            fields: [name, tier]
+  destinations:
+    out: {type: file, inputs: [with_customer], config: {path: out/out.jsonl}}
+"""
+
+
+def lookup_run(tmp_path: Path, connection: str) -> dict[int, dict[str, Any]]:
+    orders = [{"order": i, "customer": {"id": c}} for i, c in enumerate([1, 2, 1, 9])]
+    (tmp_path / "orders.jsonl").write_text(
+        "\n".join(orjson.dumps(r).decode() for r in orders) + "\n")
+    (tmp_path / "flow.yaml").write_text(LOOKUP_FLOW.replace("CONNECTION", connection))
+    result = run_cli("run", str(tmp_path / "flow.yaml"))
+    assert result.code == 0, result.stderr
+    return {r["order"]: r for r in read_jsonl(tmp_path / "out" / "out.jsonl")}
+
+
+def check_lookup(out: dict[int, dict[str, Any]]) -> None:
+    assert {k: (r.get("name"), r.get("tier")) for k, r in out.items()} == {
+        0: ("ann", "gold"), 1: ("bob", "silver"), 2: ("ann", "gold"), 3: (None, None)}
+
+
+def test_lookup_from_postgres(tmp_path, pg_schema):
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".customers '
+                     "(id int primary key, name text, tier text, secret text)")
+        conn.execute(f'INSERT INTO "{pg_schema.schema}".customers VALUES '
+                     "(1, 'ann', 'gold', 'x'), (2, 'bob', 'silver', 'y')")
+    out = lookup_run(tmp_path, f'{{type: postgres, dsn: "{pg_schema.dsn}", '
+                               f'schema: {pg_schema.schema}, table: customers}}')
+    check_lookup(out)
+    assert "secret" not in out[0]
+
+
+def test_lookup_from_csv_file(tmp_path):
+    (tmp_path / "customers.csv").write_text("id,name,tier\n1,ann,gold\n2,bob,silver\n")
+    check_lookup(lookup_run(tmp_path, "{type: file, path: customers.csv}"))
+
+
+def test_lookup_refreshes(tmp_path, pg_schema):
+    from dataflare.operators.enrich import Enrichment, LookupStage
+
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".c (id int, name text)')
+        conn.execute(f"INSERT INTO \"{pg_schema.schema}\".c VALUES (1, 'ann')")
+    cfg = Enrichment.model_validate({
+        "type": "lookup", "key": "id", "lookup_key": "id", "fields": ["name"], "refresh": 0,
+        "connection": {"type": "postgres", "dsn": pg_schema.dsn, "schema": pg_schema.schema,
+                       "table": "c"},
+    })
+    stage = LookupStage("s", cfg, Path)
+    batch: list[Any] = [{"id": 1}, {"id": 2}]
+    stage(batch, [None, None])
+    assert batch == [{"id": 1, "name": "ann"}, {"id": 2, "name": None}]
+    with pg_schema.connect() as conn:
+        conn.execute(f"INSERT INTO \"{pg_schema.schema}\".c VALUES (2, 'bob')")
+    batch = [{"id": 2}]
+    stage(batch, [None])
+    assert batch == [{"id": 2, "name": "bob"}]
+    # without refresh, the table loaded first stays
+    stage2 = LookupStage("s", cfg.model_copy(update={"refresh": None}), Path)
+    batch = [{"id": 3}]
+    stage2(batch, [None])
+    with pg_schema.connect() as conn:
+        conn.execute(f"INSERT INTO \"{pg_schema.schema}\".c VALUES (3, 'cy')")
+    batch = [{"id": 3}]
+    stage2(batch, [None])
+    assert batch == [{"id": 3, "name": None}]
+
+
+def test_lookup_connection_refused():
+    with pytest.raises(ValueError, match="lookup connection type 'mongo' is not supported"):
+        EnrichConfig.model_validate({"enrichments": [{
+            "type": "lookup", "key": "k", "lookup_key": "k", "connection": {"type": "mongo"}}]})
