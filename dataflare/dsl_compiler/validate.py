@@ -110,15 +110,6 @@ def validate_text(
                     )
                 )
 
-    plugins = wf.get("plugins")
-    for pid, plugin in (plugins.items() if isinstance(plugins, dict) else []):
-        if isinstance(plugin, dict) and plugin.get("type") == "remote":
-            out.problems.append(
-                doc.problem(("workflow", "plugins", pid, "type"),
-                            "remote plugins are planned (not available yet)",
-                            severity="warning", at_run=True)
-            )
-
     actions = wf.get("post_actions")
     for i, _ in enumerate(actions if isinstance(actions, list) else []):
         out.problems.append(

@@ -276,6 +276,10 @@ def build_plugin_step(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
         fn = native_function(name, plugin.path or "")
         out = map_records("call", up, lambda r: fn(r, settings), ctx.step_id)
         return Outputs(down=out.down, errs=out.errs)
+    if plugin.type == "remote":
+        from dataflare.operators.remote_plugin import build_remote_step
+
+        return build_remote_step(ctx, ups, name, plugin, settings, _result)
     if plugin.type != "wasm":
         msg = f"step {ctx.step_id!r}: {plugin.type} plugins are not available yet"
         raise PluginSetupError(msg)
