@@ -72,3 +72,12 @@ def test_aggregates():
     assert compile_formula("avg(nothing)")(rec) is None
     with pytest.raises(RecordError, match="not a number"):
         compile_formula("sum(a)")({"a": [True]})
+
+
+def test_undefined_plugin_without_formula_stops_run(tmp_path):
+    flow = write(tmp_path)
+    flow.write_text(flow.read_text().replace('formula: "', 'expression: "'))
+    result = run_cli("validate", str(flow))
+    assert result.code == 0, result.stderr
+    assert "plugin 'value_calculator' is not defined in 'plugins'" in result.stderr
+    assert run_cli("run", str(flow)).code != 0
