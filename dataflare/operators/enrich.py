@@ -10,7 +10,8 @@ A request that still fails is an error of the record, handled by ``error_handlin
 
 ``lookup`` copies ``fields`` (default: every column) of the row whose ``lookup_key`` equals
 the record's ``key`` from a ``connection``: ``{type: postgres, table, ...}`` (as a source's
-config) or ``{type: file, path}`` (.jsonl or .csv). The table is loaded before the first
+config), ``{type: redis, url, pattern}`` (the hashes of the keys matching ``pattern``) or
+``{type: file, path}`` (.jsonl or .csv). The table is loaded before the first
 batch is enriched and again each ``refresh``; keys compare as text; an unknown key sets the
 fields to null.
 
@@ -292,8 +293,35 @@ def _lookup_connection(conn: dict[str, Any]) -> Any:
             msg = "lookup connection of type file takes only 'path' (a .jsonl or .csv file)"
             raise ValueError(msg)
         return path
-    msg = f"lookup connection type {kind!r} is not supported (postgres, file)"
+    if kind == "redis":
+        url, pattern = rest.pop("url", None), rest.pop("pattern", None)
+        if not isinstance(url, str) or not isinstance(pattern, str) or rest:
+            msg = ("lookup connection of type redis takes only 'url' and 'pattern' "
+                   "(the keys of the hashes read, e.g. 'customer:*')")
+            raise ValueError(msg)
+        return _RedisTable(url, pattern)
+    msg = f"lookup connection type {kind!r} is not supported (postgres, redis, file)"
     raise ValueError(msg)
+
+
+class _RedisTable:
+    """The hashes of the Redis keys matching ``pattern``, one row each."""
+
+    def __init__(self, url: str, pattern: str) -> None:
+        self.url, self.pattern = url, pattern
+
+    def rows(self) -> list[dict[str, Any]]:
+        import redis
+
+        client = redis.Redis.from_url(self.url, decode_responses=True)
+        try:
+            keys = list(client.scan_iter(match=self.pattern, count=1000))
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            return [dict(row) for row in pipe.execute()]
+        finally:
+            client.close()
 
 
 class LookupStage:
@@ -309,6 +337,8 @@ class LookupStage:
         self.loaded_at: float | None = None
 
     def _rows(self) -> list[dict[str, Any]]:
+        if isinstance(self.conn, _RedisTable):
+            return self.conn.rows()
         if not isinstance(self.conn, Path):
             import psycopg
             from psycopg import sql

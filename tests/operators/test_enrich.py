@@ -358,3 +358,15 @@ def test_lookup_connection_refused():
     with pytest.raises(ValueError, match="lookup connection type 'mongo' is not supported"):
         EnrichConfig.model_validate({"enrichments": [{
             "type": "lookup", "key": "k", "lookup_key": "k", "connection": {"type": "mongo"}}]})
+
+
+def test_lookup_from_redis_hashes(tmp_path, redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.hset("customer:1", mapping={"id": 1, "name": "ann", "tier": "gold"})
+    client.hset("customer:2", mapping={"id": 2, "name": "bob", "tier": "silver"})
+    client.hset("other:1", mapping={"id": 1, "name": "wrong", "tier": "wrong"})
+    client.close()
+    check_lookup(lookup_run(tmp_path, f'{{type: redis, url: "{redis_url}", '
+                                      'pattern: "customer:*"}'))
