@@ -26,6 +26,7 @@ class Server:
         self.inflight = 0
         self.max_inflight = 0
         self.faults: list[tuple[int, str | None]] = []
+        self.times: list[float] = []
         self.url = ""
 
 
@@ -41,6 +42,7 @@ def server() -> Iterator[Server]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
             with state.lock:
                 state.requests.append((self.path, body, dict(self.headers.items())))
+                state.times.append(time.monotonic())
                 fault = state.faults.pop(0) if state.faults else None
                 state.inflight += 1
                 state.max_inflight = max(state.max_inflight, state.inflight)
@@ -370,3 +372,14 @@ def test_lookup_from_redis_hashes(tmp_path, redis_url):
     client.close()
     check_lookup(lookup_run(tmp_path, f'{{type: redis, url: "{redis_url}", '
                                       'pattern: "customer:*"}'))
+
+
+def test_http_api_rate_limit_spaces_requests(tmp_path, server):
+    flow = http_flow(tmp_path, server, [str(i) for i in range(1, 7)])
+    flow.write_text(flow.read_text().replace("concurrency: 4", "concurrency: 4\n"
+                                             "            rate_limit: 5"))
+    result = run_cli("run", str(flow))
+    assert result.code == 0, result.stderr
+    assert len(read_jsonl(tmp_path / "out" / "out.jsonl")) == 6
+    # 6 requests at 5 per second: the last starts at least 1 s after the first
+    assert server.times[-1] - server.times[0] >= 0.95
