@@ -25,6 +25,18 @@ DUPLICATES_DROPPED = Counter(
     "dataflare_duplicates_dropped", "Records dropped as repeats by dedupe, per step.", ["step"]
 )
 
+QUALITY_CHECKS = Counter(
+    "dataflare_quality_checks",
+    "Rule checks of data_quality steps, by field, rule and result (passed or failed).",
+    ["step", "field", "rule", "result"],
+)
+
+ENRICH_CALLS = Counter(
+    "dataflare_enrich_calls",
+    "Enrichment lookups of enrich steps, by kind and result (ok, cached, failed).",
+    ["step", "kind", "result"],
+)
+
 
 def value(counter: Counter, **labels: str) -> float:
     """Current value of one labelled counter (0 when never incremented)."""
@@ -99,3 +111,17 @@ def write_seconds_totals(step: str) -> tuple[float, float]:
     """(writes, seconds) of ``step`` since the start."""
     count, total = _totals.get(step, (0.0, 0.0))
     return count, total
+
+def quality_table(step: str) -> list[tuple[str, str, int, int]]:
+    """``(field, rule, checked, failed)`` of one data_quality step, in first-seen order."""
+    rows: dict[tuple[str, str], list[int]] = {}
+    for metric in QUALITY_CHECKS.collect():
+        for sample in metric.samples:
+            labels = sample.labels
+            if not sample.name.endswith("_total") or labels.get("step") != step:
+                continue
+            row = rows.setdefault((labels["field"], labels["rule"]), [0, 0])
+            row[0] += int(sample.value)
+            if labels["result"] == "failed":
+                row[1] += int(sample.value)
+    return [(f, r, checked, failed) for (f, r), (checked, failed) in rows.items()]

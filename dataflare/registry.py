@@ -59,11 +59,12 @@ BUILTIN_MODULES = (
     "dataflare.operators.aggregation",
     "dataflare.operators.join",
     "dataflare.operators.dedupe",
+    "dataflare.operators.quality",
+    "dataflare.operators.enrich",
     "dataflare.operators.plugin",
     "dataflare.operators.sql",
     "dataflare.operators.window_analytics",
     "dataflare.operators.ml",
-    "dataflare.operators.planned",
 )
 
 

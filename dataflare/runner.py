@@ -180,6 +180,9 @@ class _Progress:
             "succeeded": sum(steps[s]["records"] for s in self.destinations if s in steps),
             "failed": sum(e for _, _, e in counts),
             "steps": steps,
+            "quality": {s: [{"field": f, "rule": r, "checked": c, "failed": x}
+                            for f, r, c, x in metrics.quality_table(s)]
+                        for s in self.steps if metrics.quality_table(s)},
             "error": error,
         }
 
@@ -244,6 +247,13 @@ class _Progress:
             extra = " received, not all confirmed written" if unsure else ""
             extra += f", {errors} failed" if errors else ""
             print(f"  {step}: {n}{extra}", file=sys.stderr)
+        for step in self.steps:  # data_quality steps: checks per field and rule
+            rows = metrics.quality_table(step)
+            if rows:
+                print(f"quality of {step}: field rule checked failed pass-rate", file=sys.stderr)
+            for fld, rule, checked, failed in rows:
+                rate = 100.0 * (checked - failed) / checked if checked else 100.0
+                print(f"  {fld} {rule} {checked} {failed} {rate:.1f}%", file=sys.stderr)
 
 
 def run_with(opts: RunOptions) -> RunResult:

@@ -231,7 +231,8 @@ def check(
     comps = wf.get("transformations")
     for cid, comp in (comps.items() if isinstance(comps, dict) else []):
         name = comp.get("plugin") if isinstance(comp, dict) else None
-        if isinstance(name, str) and name not in (plugins or {}):
+        formula = isinstance(comp.get("config"), dict) and "formula" in comp["config"]
+        if isinstance(name, str) and name not in (plugins or {}) and not formula:
             hint = did_you_mean(name, list(plugins or {}))
             problems.append(
                 doc.problem(

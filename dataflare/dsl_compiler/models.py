@@ -103,6 +103,9 @@ class Plugin(Strict):
     path: str | None = Field(None, description="Module path (wasm) or 'module:function'.")
     url: str | None = Field(None, description="Endpoint (remote).")
     auth: Auth | None = Field(None, description="Credentials of a remote plugin.")
+    timeout: Duration | None = Field(
+        None, description="Remote: time limit of one request (else config.timeout, else 30s)."
+    )
     config: PluginConfig = Field(default_factory=PluginConfig, description="Plugin settings.")
 
     @model_validator(mode="after")

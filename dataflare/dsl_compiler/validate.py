@@ -120,15 +120,6 @@ def validate_text(
                     )
                 )
 
-    plugins = wf.get("plugins")
-    for pid, plugin in (plugins.items() if isinstance(plugins, dict) else []):
-        if isinstance(plugin, dict) and plugin.get("type") == "remote":
-            out.problems.append(
-                doc.problem(("workflow", "plugins", pid, "type"),
-                            "remote plugins are planned (not available yet)",
-                            severity="warning", at_run=True)
-            )
-
     out.problems.extend(_not_effective(doc, wf))
 
     out.problems.extend(_protection_problems(doc, wf, configs))

@@ -33,6 +33,7 @@ from typing import Any
 import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Stream
+from pydantic import model_validator
 
 from dataflare.config import Open
 from dataflare.dsl_compiler.models import Plugin
@@ -45,7 +46,23 @@ _SIZES = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 
 
 
 class PluginCallConfig(Open):
-    """Settings handed to the plugin (merged over the plugin's own extra settings)."""
+    """Settings handed to the plugin (merged over the plugin's own extra settings).
+
+    Without a defined plugin, ``formula`` and ``output_field`` make a built-in formula step
+    (see :mod:`dataflare.operators.formula`).
+    """
+
+    @model_validator(mode="after")
+    def _formula(self) -> PluginCallConfig:
+        formula = (self.model_extra or {}).get("formula")
+        if formula is not None:
+            from dataflare.operators.formula import compile_formula
+
+            if not isinstance(formula, str):
+                msg = f"formula must be a string, got {formula!r}"
+                raise ValueError(msg)
+            compile_formula(formula)
+        return self
 
 
 class PluginError(RuntimeError):
@@ -267,6 +284,10 @@ def build_plugin_step(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build a ``plugin`` / ``custom`` step around the plugin its ``plugin:`` names."""
     name = ctx.component.plugin
     plugin = ctx.workflow.plugins.get(name) if name else None
+    if plugin is None and "formula" in (ctx.config.model_extra or {}):
+        from dataflare.operators.formula import build_formula_step
+
+        return build_formula_step(ctx, ups, dict(ctx.config.model_extra or {}))
     if plugin is None:
         msg = f"step {ctx.step_id!r}: plugin {name!r} is not defined in 'plugins'"
         raise PluginSetupError(msg)
@@ -276,6 +297,10 @@ def build_plugin_step(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
         fn = native_function(name, plugin.path or "")
         out = map_records("call", up, lambda r: fn(r, settings), ctx.step_id)
         return Outputs(down=out.down, errs=out.errs)
+    if plugin.type == "remote":
+        from dataflare.operators.remote_plugin import build_remote_step
+
+        return build_remote_step(ctx, ups, name, plugin, settings, _result)
     if plugin.type != "wasm":
         msg = f"step {ctx.step_id!r}: {plugin.type} plugins are not available yet"
         raise PluginSetupError(msg)

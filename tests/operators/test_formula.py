@@ -1,0 +1,83 @@
+"""Built-in formula steps (the seed's customer_value) through ``dataflare run``/``validate``."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from dataflare.operators.formula import compile_formula
+from dataflare.records import RecordError
+from tests.fixtures.workflows import read_jsonl, run_cli
+
+FLOW = """\
+workflow:
+  id: formula
+  sources:
+    users: {type: file, config: {path: users.jsonl}}
+  transformations:
+    customer_value:
+      inputs: [users]
+      type: custom
+      PLUGIN
+      config:
+        formula: "FORMULA"
+        output_field: user.customerValue
+      error_handling: {strategy: redirect, redirect_to: dead}
+  destinations:
+    out: {type: file, inputs: [customer_value], config: {path: out/out.jsonl}}
+    dead: {type: file, config: {path: out/dead.jsonl}}
+"""
+
+ROWS = [
+    {"id": 1, "orders": [{"total": 10}, {"total": 20.5}], "click_count": 7},
+    {"id": 2, "orders": [], "click_count": 1},
+    {"id": 3, "orders": [{"total": "lots"}], "click_count": 1},
+]
+
+
+def write(tmp_path, formula="sum(orders.total) * 0.7 + click_count * 0.3",
+          plugin='plugin: "value_calculator"'):
+    (tmp_path / "users.jsonl").write_text(
+        "\n".join(orjson.dumps(r).decode() for r in ROWS) + "\n")
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(FLOW.replace("FORMULA", formula).replace("PLUGIN", plugin))
+    return flow
+
+
+@pytest.mark.parametrize("plugin", ['plugin: "value_calculator"', ""])
+def test_seed_customer_value(tmp_path, plugin):
+    result = run_cli("run", str(write(tmp_path, plugin=plugin)))
+    assert result.code == 0, result.stderr
+    out = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "out.jsonl")}
+    assert out[1]["user"]["customerValue"] == pytest.approx(30.5 * 0.7 + 7 * 0.3)
+    assert out[2]["user"]["customerValue"] == pytest.approx(0.3)
+    dead = read_jsonl(tmp_path / "out" / "dead.jsonl")
+    assert [d["record"]["id"] for d in dead] == [3]
+    assert dead[0]["error"]["step"] == "customer_value"
+    assert "sum(orders.total): 'lots' is not a number" in dead[0]["error"]["message"]
+
+
+def test_bad_formula_refused_at_validate(tmp_path):
+    result = run_cli("validate", str(write(tmp_path, formula="sum(orders.total) *")))
+    assert result.code != 0
+    assert "customer_value" in result.stderr
+
+
+def test_aggregates():
+    rec = {"a": [{"b": [{"c": 1}, {"c": 5}]}, {"b": {"c": 3}}, {"b": [{"c": None}]}], "k": 2}
+    assert compile_formula("sum(a.b.c)")(rec) == 9
+    assert compile_formula("avg(a.b.c) * k")(rec) == 6
+    assert compile_formula("max(a.b.c) - min(a.b.c)")(rec) == 4
+    assert compile_formula("count(a.b.c) + count(nothing)")(rec) == 3
+    assert compile_formula("avg(nothing)")(rec) is None
+    with pytest.raises(RecordError, match="not a number"):
+        compile_formula("sum(a)")({"a": [True]})
+
+
+def test_undefined_plugin_without_formula_stops_run(tmp_path):
+    flow = write(tmp_path)
+    flow.write_text(flow.read_text().replace('formula: "', 'expression: "'))
+    result = run_cli("validate", str(flow))
+    assert result.code == 0, result.stderr
+    assert "plugin 'value_calculator' is not defined in 'plugins'" in result.stderr
+    assert run_cli("run", str(flow)).code != 0
