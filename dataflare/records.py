@@ -8,6 +8,7 @@ partition and offset, CDC operation...); destinations never write it as a column
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -128,10 +129,22 @@ class Failed:
         """Where the failed record came from."""
         return describe_position(self.meta)
 
-    def as_record(self, mask: Callable[[Any], Any] | None = None) -> Record:
-        """The dead-letter record: ``{"error": {step, type, message}, "record": original}``.
+    def as_record(
+        self,
+        mask: Callable[[Any], Any] | None = None,
+        *,
+        component: str | None = None,
+        run_id: str | None = None,
+        at: str | None = None,
+    ) -> Record:
+        """The dead letter: ``{"error": {...}, "source": {component, position}, "record"}``.
 
-        ``mask`` (masking rules) applies to an original that is a record.
+        ``error`` holds ``step, type, message, at, run_id``; ``source.position`` is the
+        record's ``_meta`` where it entered (``component``, the source step, when known).
+        ``mask`` (masking rules) applies to an original that is a record. Undecodable input
+        stays text, or base64 of its bytes (then ``record_encoding: base64``); bytes nested
+        in the record or its position become base64 text, so every destination can write
+        the dead letter as JSON.
         """
         record, message = without_meta(self.record), self.message
         if mask is not None and isinstance(record, dict):
@@ -140,12 +153,32 @@ class Failed:
                 message = message.replace(str(before), str(after))
             record = masked
         out: Record = {
-            "error": {"step": self.step, "type": self.type, "message": message},
-            "record": record,
+            "error": {
+                "step": self.step,
+                "type": self.type,
+                "message": message,
+                "at": at or datetime.now(UTC).isoformat(),
+                "run_id": run_id,
+            },
+            "source": {"component": component, "position": _json_safe(self.meta or None)},
+            "record": _json_safe(record),
         }
-        if self.meta:
-            out[META] = {**self.meta, "error_position": self.position()}
+        if isinstance(record, bytes | bytearray | memoryview):
+            out["record_encoding"] = "base64"
         return out
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with bytes (at any depth) as base64 text; copies only what changes."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        out = {k: _json_safe(v) for k, v in value.items()}
+        return value if all(out[k] is v for k, v in value.items()) else out
+    if isinstance(value, list | tuple):
+        items = [_json_safe(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    return value
 
 
 def _changed(before: Any, after: Any) -> Iterator[tuple[Any, Any]]:

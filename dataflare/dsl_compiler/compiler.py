@@ -13,7 +13,10 @@ import hashlib
 import logging
 import os
 import re
+import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from bytewax.inputs import Source
 from bytewax.testing import TestingSink, TestingSource
 
 from dataflare import metrics, registry
+from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.connectors.schema import OutputSchemaCheck
 from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
@@ -33,6 +37,14 @@ from dataflare.records import META, Batch, Failed, get_path, set_path
 
 log = logging.getLogger(__name__)
 _DEAD = "dead_letter"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a step's dead letters say of their origin: the run, and the source if only one."""
+
+    run_id: str
+    source: str | None = None
 
 
 class StepFailed(RuntimeError):
@@ -103,7 +115,7 @@ def _count(name: str, counter: Any) -> Callable[[str, Batch], None]:
 
 
 def _policy(
-    name: str, eh: ErrorHandling, mask: Callable[[Any], Any] | None
+    name: str, eh: ErrorHandling, mask: Callable[[Any], Any] | None, origin: Provenance
 ) -> Callable[[list[Failed]], Batch | None]:
     errors = metrics.ERRORS.labels(name, eh.strategy)
     seen = [0]
@@ -131,23 +143,30 @@ def _policy(
                 first.position(), first.type, first.message,
             )
         if eh.strategy == "redirect":
-            return [f.as_record(mask) for f in batch]
+            at = datetime.now(UTC).isoformat()
+            return [f.as_record(mask, component=origin.source, run_id=origin.run_id, at=at)
+                    for f in batch]
         return None
 
     return handle
 
 
 def _guard(
-    name: str, eh: ErrorHandling, errs: list[Stream[Any]], mask: Callable[[Any], Any] | None
+    name: str,
+    eh: ErrorHandling,
+    errs: list[Stream[Any]],
+    mask: Callable[[Any], Any] | None,
+    origin: Provenance,
 ) -> Stream[Any] | None:
     """Apply the error policy to a component's failure streams; the dead letters, if any.
 
-    ``mask`` (the workflow's masking rules) applies to the records dead letters carry.
+    ``mask`` (the workflow's masking rules) applies to the records dead letters carry;
+    ``origin`` is the run's id and the source the failed records entered by, if known.
     """
     if not errs:
         return None
     stream = errs[0] if len(errs) == 1 else op.merge("errors", *errs)
-    dead = op.filter_map(f"on_error_{eh.strategy}", stream, _policy(name, eh, mask))
+    dead = op.filter_map(f"on_error_{eh.strategy}", stream, _policy(name, eh, mask, origin))
     return dead if eh.strategy == "redirect" else None
 
 
@@ -170,6 +189,7 @@ def source_component(
     eh: ErrorHandling,
     check: OutputSchemaCheck | None,
     mask: Callable[[Any], Any] | None,
+    run_id: str,
 ) -> _MultiStream[str]:
     """A source: read batches, check ``output_schema``, separate failures, apply the policy."""
     items = op.input("read", flow, source)
@@ -177,12 +197,17 @@ def source_component(
         items = op.map("output_schema", items, check.check)
     parts = separate_failed("decode", items)
     op.inspect("count", parts.down, _count(name, metrics.RECORDS_OUT))
-    return _ports(parts.down, {}, _guard(name, eh, [parts.errs], mask))
+    return _ports(parts.down, {}, _guard(name, eh, [parts.errs], mask,
+                                                Provenance(run_id, name)))
 
 
 @operator
 def transformation_component(
-    step_id: str, spec: registry.ComponentSpec, ctx: registry.BuildContext, *ups: Stream[Any]
+    step_id: str,
+    spec: registry.ComponentSpec,
+    ctx: registry.BuildContext,
+    origin: Provenance,
+    *ups: Stream[Any],
 ) -> _MultiStream[str]:
     """A transformation: its inputs (merged), the registered builder, counts, error policy."""
     streams = list(ups)
@@ -195,7 +220,7 @@ def transformation_component(
     for port, stream in out.named.items():
         op.inspect(f"count_{port}", stream, _count(ctx.step_id, metrics.RECORDS_OUT))
     dead = _guard(ctx.step_id, ctx.component.error_handling, [out.errs] if out.errs else [],
-                  masker(ctx.workflow.data_protection))
+                  masker(ctx.workflow.data_protection), origin)
     return _ports(out.down, out.named, dead)
 
 
@@ -205,6 +230,7 @@ def destination_component(
     build: Callable[..., Any],
     ctx: registry.BuildContext,
     prepare: Callable[[Any], Any] | None,
+    origin: Provenance,
     *ups: Stream[Any],
 ) -> _MultiStream[str]:
     """A destination: merge its inputs, filter and mask, then the registered sink."""
@@ -219,7 +245,7 @@ def destination_component(
     if sink_errs is not None:
         errs.append(sink_errs)
     return _ports(None, {}, _guard(ctx.step_id, ctx.component.error_handling, errs,
-                                   masker(ctx.workflow.data_protection)))
+                                   masker(ctx.workflow.data_protection), origin))
 
 
 def masker(protection: DataProtection | None) -> Callable[[Any], Any] | None:
@@ -273,6 +299,8 @@ class _Compiler:
         self.captured = captured if captured is not None else {}
         self.streams: dict[str, Stream[Any]] = {}
         self.redirected: dict[str, list[Stream[Any]]] = {}
+        # The run dead letters belong to: the recovery lineage's id, else this execution's.
+        self.run_id = os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex
 
     def ctx(self, kind: registry.Kind, cid: str, comp: Any) -> registry.BuildContext:
         return registry.BuildContext(
@@ -284,6 +312,22 @@ class _Compiler:
             base_dir=self.v.base_dir,
             options={"test": self.test_inputs is not None},
         )
+
+    def _origin(self, cid: str) -> Provenance:
+        """The run's id, and the one source whose records reach ``cid`` (if only one does)."""
+        found: set[str] = set()
+        todo, seen = [cid], {cid}
+        while todo:
+            for ref in self.graph.inputs.get(todo.pop(), []):
+                up = self.graph.upstream(ref)
+                if up in seen:
+                    continue
+                seen.add(up)
+                if self.graph.kinds.get(up) == "sources":
+                    found.add(up)
+                else:
+                    todo.append(up)
+        return Provenance(self.run_id, found.pop() if len(found) == 1 else None)
 
     def spec(self, kind: registry.Kind, comp: Any) -> registry.ComponentSpec:
         spec = registry.lookup(kind, comp.type)
@@ -326,7 +370,7 @@ class _Compiler:
             source = self.spec("source", comp).build(self.ctx("source", cid, comp))  # type: ignore[misc]
         check = OutputSchemaCheck.of(cid, comp)
         ports = source_component(cid, flow, source, cid, comp.error_handling, check,
-                                 masker(self.wf.data_protection))
+                                 masker(self.wf.data_protection), self.run_id)
         self.keep(cid, ports, comp.error_handling)
 
     def with_source_time_unit(self, comp: Any) -> Any:
@@ -346,7 +390,7 @@ class _Compiler:
         spec = self.spec("transformation", comp)
         ups = [self.streams[ref] for ref in comp.inputs]
         ctx = self.ctx("transformation", cid, comp)
-        ports = transformation_component(cid, spec, ctx, *ups)
+        ports = transformation_component(cid, spec, ctx, self._origin(cid), *ups)
         self.keep(cid, ports, comp.error_handling)
         config = comp.config
         for field in type(config).model_fields:
@@ -382,5 +426,5 @@ class _Compiler:
         else:
             build = self.spec("destination", comp).build  # type: ignore[assignment]
         prepare = _prepare(comp.filter, mask)
-        ports = destination_component(cid, build, ctx, prepare, *ups)
+        ports = destination_component(cid, build, ctx, prepare, self._origin(cid), *ups)
         self.keep(cid, ports, comp.error_handling)
