@@ -1,0 +1,145 @@
+"""Dead letters: one envelope, with the record's position and raw input, in every destination."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from dataflare.broker import LocalBroker
+from tests.connectors.test_kafka import consume_all
+from tests.fixtures.workflows import read_jsonl, run_cli
+
+BAD_BYTES = b"\xff\xfe not utf-8"
+BAD_JSON = b'{"id": 2, broken'
+
+
+def bad_input(servers: str, topic: str) -> None:
+    """Offsets 0 good, 1 invalid UTF-8, 2 bad JSON, 3 a tombstone keyed k9, 4 good."""
+    producer = Producer({"bootstrap.servers": servers})
+    producer.produce(topic, b'{"id": 1}', b"k1")
+    producer.produce(topic, BAD_BYTES, b"k2")
+    producer.produce(topic, BAD_JSON, b"k3")
+    producer.produce(topic, None, b"k9")
+    producer.produce(topic, b'{"id": 5}', b"k5")
+    assert producer.flush(30) == 0
+
+
+def run_flow(tmp_path: Path, servers: str, topic: str, dead: str) -> None:
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  id: dead_letters
+  sources:
+    events:
+      type: kafka
+      config: {{bootstrap_servers: "{servers}", topic: {topic}, stop_at_end: true}}
+      error_handling: {{strategy: redirect, redirect_to: dead}}
+  destinations:
+    out: {{type: file, inputs: [events], config: {{path: out.jsonl}}}}
+    dead: {dead}
+""")
+    result = run_cli("run", "flow.yaml", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "out.jsonl") == [{"id": 1}, {"id": 5}]
+
+
+def check_envelopes(letters: list[dict[str, Any]], topic: str) -> None:
+    """The three dead letters, by offset: raw bytes, raw text, a keyed tombstone."""
+    letters = sorted(letters, key=lambda d: d["source"]["position"]["offset"])
+    assert len(letters) == 3
+    assert len({d["error"]["run_id"] for d in letters}) == 1
+    for d, offset, key in zip(letters, [1, 2, 3], ["k2", "k3", "k9"], strict=True):
+        assert d["error"]["step"] == "events"
+        assert datetime.fromisoformat(d["error"]["at"]).tzinfo is not None
+        assert d["source"]["component"] == "events"
+        position = d["source"]["position"]
+        assert (position["topic"], position["partition"], position["offset"], position["key"]) == (
+            topic, 0, offset, key)
+    undecodable, bad_json, tombstone = letters
+    assert undecodable["record_encoding"] == "base64"
+    assert base64.b64decode(undecodable["record"]) == BAD_BYTES
+    assert bad_json["record"] == BAD_JSON.decode() and "record_encoding" not in bad_json
+    assert tombstone["error"]["type"] == "Tombstone" and tombstone["record"] is None
+
+
+@pytest.fixture
+def kafka_input(kafka_broker: LocalBroker, kafka_topic: Any) -> tuple[str, str]:
+    topic = kafka_topic()
+    bad_input(kafka_broker.bootstrap_servers, topic)
+    return kafka_broker.bootstrap_servers, topic
+
+
+def test_file_dead_letters(tmp_path: Path, kafka_input: tuple[str, str]) -> None:
+    servers, topic = kafka_input
+    run_flow(tmp_path, servers, topic, "{type: file, config: {path: dead.jsonl}}")
+    check_envelopes(read_jsonl(tmp_path / "dead.jsonl"), topic)
+
+
+def test_postgres_dead_letters(tmp_path: Path, kafka_input: tuple[str, str],
+                               pg_schema: Any) -> None:
+    servers, topic = kafka_input
+    run_flow(tmp_path, servers, topic, f'{{type: postgres, config: {{dsn: "{pg_schema.dsn}", '
+             f"schema: {pg_schema.schema}, table: dead}}}}")
+    rows = pg_schema.rows(
+        f'SELECT error, source, record, record_encoding FROM "{pg_schema.schema}".dead')
+    letters = [{"error": e, "source": s, "record": r, **({"record_encoding": enc} if enc else {})}
+               for e, s, r, enc in rows]
+    check_envelopes(letters, topic)
+
+
+def test_duckdb_dead_letters(tmp_path: Path, kafka_input: tuple[str, str]) -> None:
+    import duckdb
+
+    servers, topic = kafka_input
+    run_flow(tmp_path, servers, topic, "{type: duckdb, config: {path: dead.duckdb, table: dead}}")
+    with duckdb.connect(str(tmp_path / "dead.duckdb"), read_only=True) as db:
+        rows = db.execute("SELECT error, source, record, record_encoding FROM dead").fetchall()
+    letters = [{"error": json.loads(e), "source": json.loads(s), "record": r,  # all text
+                **({"record_encoding": enc} if enc else {})} for e, s, r, enc in rows]
+    check_envelopes(letters, topic)
+
+
+def test_redis_dead_letters(tmp_path: Path, kafka_input: tuple[str, str], redis_url: str) -> None:
+    import redis
+
+    servers, topic = kafka_input
+    run_flow(tmp_path, servers, topic, f'{{type: redis, config: {{url: "{redis_url}", '
+             f'data_structure: string, key_template: "dead:{{{{source.position.offset}}}}"}}}}')
+    client = redis.Redis.from_url(redis_url)
+    check_envelopes([json.loads(client.get(f"dead:{i}")) for i in (1, 2, 3)], topic)
+
+
+def test_kafka_dead_letters_keep_the_raw_value_key_and_envelope(
+    tmp_path: Path, kafka_input: tuple[str, str], kafka_topic: Any
+) -> None:
+    servers, topic = kafka_input
+    dead_topic = kafka_topic()
+    run_flow(tmp_path, servers, topic,
+             f'{{type: kafka, config: {{bootstrap_servers: "{servers}", topic: {dead_topic}}}}}')
+    msgs = sorted(consume_all(servers, dead_topic, 3), key=lambda m: m.offset())
+    assert [(m.key(), m.value()) for m in msgs] == [
+        (b"k2", BAD_BYTES), (b"k3", BAD_JSON), (b"k9", None)]  # the tombstone stays one
+    headers = [dict(m.headers()) for m in msgs]
+    assert [h["dataflare.source.offset"] for h in headers] == [b"1", b"2", b"3"]
+    assert {h["dataflare.source.component"] for h in headers} == {b"events"}
+    assert len({h["dataflare.error.run_id"] for h in headers}) == 1
+    assert all(datetime.fromisoformat(h["dataflare.error.at"].decode()) for h in headers)
+    assert json.loads(headers[2]["dataflare.source.meta"])["key"] == "k9"
+
+
+def test_bytes_nested_in_a_record_or_its_position_become_base64_text() -> None:
+    from dataflare.records import Failed
+
+    failed = Failed("pg", "DataError", "refused", {"id": 1, "blob": [b"\xff\x00"]},
+                    {"topic": "t", "partition": 0, "offset": 4, "key": b"\xfe"})
+    letter = failed.as_record(component="events", run_id="r1")
+    json.dumps(letter)  # JSON as it is: every destination can write it
+    assert letter["record"] == {"id": 1, "blob": ["/wA="]} and "record_encoding" not in letter
+    assert letter["source"] == {"component": "events", "position": {
+        "topic": "t", "partition": 0, "offset": 4, "key": "/g=="}}
+    assert failed.record == {"id": 1, "blob": [b"\xff\x00"]}  # the original is left as it was
