@@ -143,3 +143,34 @@ def test_bytes_nested_in_a_record_or_its_position_become_base64_text() -> None:
     assert letter["source"] == {"component": "events", "position": {
         "topic": "t", "partition": 0, "offset": 4, "key": "/g=="}}
     assert failed.record == {"id": 1, "blob": [b"\xff\x00"]}  # the original is left as it was
+
+
+def test_a_replay_after_a_crash_refuses_again_what_was_refused_before(pg_schema: Any) -> None:
+    from dataflare.connectors.postgres_destination import (
+        PostgresDestinationConfig,
+        PostgresDialect,
+    )
+    from dataflare.connectors.sql_writer import TableWriter, prepare
+    from tests.connectors.test_postgres_destination import FAST_RETRY
+
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".orders (id bigint)')
+    cfg = PostgresDestinationConfig(dsn=pg_schema.dsn, schema=pg_schema.schema, table="orders")
+    batch = [{"id": "four" if o == 4 else o, "_meta": {"topic": "t", "partition": 0, "offset": o}}
+             for o in range(10)]
+
+    def write() -> tuple[int, list[Any]]:
+        writer = TableWriter("warehouse", PostgresDialect(cfg), "append", (), False, FAST_RETRY)
+        try:
+            return writer.write(prepare(batch, "warehouse", ())[0], False, "run-1")
+        finally:
+            writer.close()
+
+    written, refused = write()
+    assert written == 9 and [f.meta["offset"] for f in refused] == [4]
+    # The crash came before the snapshot: the replay skips the rows written, not the refusal.
+    written, refused = write()
+    assert written == 0 and [(f.meta["offset"], f.record) for f in refused] == [(4, {"id": "four"})]
+    assert "invalid input syntax for type bigint" in refused[0].message
+    ids = pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders ORDER BY id')
+    assert ids == [(o,) for o in range(10) if o != 4]

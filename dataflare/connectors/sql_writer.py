@@ -24,7 +24,10 @@ A write is one transaction per flushed batch:
   snapshots and kept in the recovery directory). When bytewax resumes a run after a
   crash it replays from the last snapshot (or from the start, when the crash came before
   the first one); records of that run at or below a stream's mark were committed before
-  the crash and are skipped, so appends are exactly-once. This needs positions that grow
+  the crash and are skipped, so appends are exactly-once. A record the database refused
+  leaves a row of its own there (committed before the mark passes it): a replay tries it
+  again rather than skip it, so its dead letter is sent at least once across crashes.
+  This needs positions that grow
   along each stream as the destination receives them, which holds for sources followed
   by stateless steps. When the destination sees a stream's positions repeat or go back
   within one execution (a join fanning one record out, two routes merged again), it
@@ -125,6 +128,11 @@ def position_of(meta: Any) -> tuple[str | None, int | None]:
             if isinstance(meta.get(name), int):
                 return f"file:{meta['file']}", meta[name]
     return None, None
+
+
+def refusal_stream(stream: str, position: int) -> str:
+    """The positions-table row noting that the record at ``position`` was refused."""
+    return f"{stream}#refused@{position}"
 
 
 def prepare(
@@ -408,6 +416,7 @@ class TableWriter:
                     return self._write_each(parts, empty, run)
                 if empty:  # the table is emptied even when nothing of the batch is written
                     self._commit([], True, run)
+                self._note_refusal(items[0], run)
                 return 0, [items[0].refused(self.step, exc.__cause__ or exc)]
             if not items:
                 raise
@@ -417,6 +426,28 @@ class TableWriter:
             n2, failed2 = self._write_or_split(items[mid:], empty and not emptied, run)
             return n1 + n2, failed1 + failed2
         return written, []
+
+    def _note_refusal(self, item: Item, run: str) -> None:
+        """Record a refused record's position before any mark can pass it.
+
+        A replay after a crash skips what a mark covers; a refused position among them is
+        tried again (and refused again), so its dead letter arrives at least once.
+        """
+        if not run or item.stream is None or item.position is None or self.mode == "merge":
+            return
+        refused = {refusal_stream(item.stream, item.position): Mark(run, item.position)}
+
+        def save() -> None:
+            self._ensure_connected()
+            with self.db.transaction():
+                self.db.ensure_positions()
+                self.db.save_positions(self.step, refused)
+
+        what = f"step {self.step!r}: note a refused record in {self.db.describe()}"
+        call_with_retry(what, save, self.retry, transient=self.db.transient,
+                        on_retry=self._reconnect)
+        if self.marks is not None:
+            self.marks.update(refused)
 
     def _write_each(self, items: list[Item], empty: bool, run: str) -> tuple[int, list[Failed]]:
         written = 0
@@ -524,7 +555,12 @@ class TableWriter:
                     changed[stream] = Mark(run, pos)
                     live.add(stream)
                 elif stream not in live:
-                    continue  # written by this run before the restart: a replay
+                    refusal = marks.get(refusal_stream(stream, pos))
+                    if refusal is None or refusal.run != run:
+                        continue  # written by this run before the restart: a replay
+                    # refused before the restart: tried again, its dead letter sent again
+                    keep.append(it)
+                    continue
                 else:
                     log.warning(
                         "step %r: positions of %s repeat or go back (%d after %d); "
