@@ -16,10 +16,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dataflare import metrics
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
+
+if TYPE_CHECKING:
+    from bytewax.dataflow import Dataflow
+
+    from dataflare.dsl_compiler.validate import Validated
 
 
 def _print_problems(problems: Sequence[object], for_run: bool) -> None:
@@ -143,9 +149,6 @@ class _Progress:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a workflow with bytewax (bounded inputs run until they end)."""
-    from bytewax.recovery import RecoveryConfig, init_db_dir
-    from bytewax.run import cli_main
-
     if not args.verbose:
         os.environ["RUST_BACKTRACE"] = "0"
     v = validate_file(args.path)
@@ -158,6 +161,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
         print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 1
+    return _execute(args, v, flow)
+
+
+def _execute(args: argparse.Namespace, v: Validated, flow: Dataflow) -> int:
+    """Run a compiled workflow with the ``run`` flags (recovery, workers, timeout...)."""
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.run import cli_main
+
     recovery = None
     snapshot = timedelta(seconds=args.snapshot_interval)
     if args.recovery_dir is not None:
@@ -271,6 +282,47 @@ class _nullcontext:  # noqa: N801
         return None
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Feed dead letters, unwrapped, into a step of a workflow; report what failed again."""
+    from dataflare.replay import read_dead_letters
+
+    if not args.verbose:
+        os.environ["RUST_BACKTRACE"] = "0"
+    v = validate_file(args.path)
+    problems = v.errors(for_run=True)
+    if problems:
+        _print_problems(problems, for_run=True)
+        return 1
+    try:
+        letters = read_dead_letters(args.dead_letters)
+        flow = compile_validated(v, replay=(args.to, letters.records))
+    except Exception as exc:  # noqa: BLE001 - a bad path or step, shown plainly
+        print(f"error: {_error_text(exc)}", file=sys.stderr)
+        return 1
+    for line in letters.unusable:
+        print(f"replay: skipped {line}", file=sys.stderr)
+
+    def failures() -> dict[str, float]:
+        counts: dict[str, float] = {}
+        for family in metrics.ERRORS.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    step = sample.labels.get("step", "")
+                    counts[step] = counts.get(step, 0) + sample.value
+        return counts
+
+    before = failures()
+    code = _execute(args, v, flow)
+    failed = {step: int(n - before.get(step, 0)) for step, n in failures().items()
+              if n - before.get(step, 0) > 0}
+    again = ", ".join(f"{n} in step {step!r}" for step, n in sorted(failed.items()))
+    print(f"replayed {len(letters.records)} record(s) into step {args.to!r}"
+          + (f"; failed again: {again}" if again else "; none failed again")
+          + (f"; {len(letters.unusable)} dead letter(s) not replayable" if letters.unusable
+             else ""), file=sys.stderr)
+    return code
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     """Run the ``tests:`` blocks of workflow files."""
     from dataflare.testing import run_workflow_tests
@@ -327,18 +379,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``dataflare`` command."""
-    parser = argparse.ArgumentParser(prog="dataflare", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log more.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("validate", help="Check workflow files; problems go to stderr.")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.set_defaults(fn=cmd_validate)
-
-    p = sub.add_parser("run", help="Run a workflow.")
-    p.add_argument("path", metavar="PATH")
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``run`` (and ``replay``): bytewax's, recovery, metrics, quiet."""
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="Log more.")
     p.add_argument("--metrics-port", type=int,
@@ -355,7 +397,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-partitions", type=int, default=1,
                    help="Partitions created in a new recovery directory.")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress or summary.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dataflare`` command."""
+    parser = argparse.ArgumentParser(prog="dataflare", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log more.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="Check workflow files; problems go to stderr.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("run", help="Run a workflow.")
+    p.add_argument("path", metavar="PATH")
+    _run_flags(p)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("replay", help="Feed dead letters, unwrapped, into a step of a workflow.")
+    p.add_argument("dead_letters", metavar="PATH",
+                   help="Dead letters: a .jsonl file, or postgresql://...#schema.table.")
+    p.add_argument("--to", required=True, metavar="STEP", help="The step that receives them.")
+    p.add_argument("path", metavar="WORKFLOW")
+    _run_flags(p)
+    p.set_defaults(fn=cmd_replay)
 
     p = sub.add_parser("test", help="Run the tests: blocks of workflow files.")
     p.add_argument("paths", nargs="+", metavar="PATH")

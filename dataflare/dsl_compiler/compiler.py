@@ -65,15 +65,18 @@ def compile_validated(
     *,
     test_inputs: Mapping[str, list[Any]] | None = None,
     captured: dict[str, list[Any]] | None = None,
+    replay: tuple[str, list[Any]] | None = None,
 ) -> Dataflow:
     """Compile a validated workflow.
 
     With ``test_inputs`` every source is replaced by the given records (none when absent)
     and every destination writes into ``captured[destination id]`` instead of its system.
+    With ``replay = (step, records)`` only ``step`` and what follows it run: ``records``
+    are its input (its output, for a source), the rest as in a normal run.
     """
     if validated.errors(for_run=True) or validated.workflow is None or validated.graph is None:
         raise WorkflowError(validated.problems)
-    flow = _Compiler(validated, test_inputs, captured).compile()
+    flow = _Compiler(validated, test_inputs, captured, replay).compile()
     tune_gc()
     return flow
 
@@ -290,6 +293,7 @@ class _Compiler:
         validated: Validated,
         test_inputs: Mapping[str, list[Any]] | None,
         captured: dict[str, list[Any]] | None,
+        replay: tuple[str, list[Any]] | None = None,
     ) -> None:
         assert validated.workflow is not None and validated.graph is not None
         self.v = validated
@@ -301,6 +305,13 @@ class _Compiler:
         self.redirected: dict[str, list[Stream[Any]]] = {}
         # The run dead letters belong to: the recovery lineage's id, else this execution's.
         self.run_id = os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex
+        self.replay = replay
+        self.replayed: set[str] | None = None  # with replay: the steps that run
+        if replay is not None:
+            if replay[0] not in self.graph.kinds:
+                msg = f"no step {replay[0]!r} in the workflow"
+                raise KeyError(msg)
+            self.replayed = self.downstream(replay[0])
 
     def ctx(self, kind: registry.Kind, cid: str, comp: Any) -> registry.BuildContext:
         return registry.BuildContext(
@@ -334,10 +345,38 @@ class _Compiler:
         assert spec is not None and spec.build is not None, comp.type
         return spec
 
+    def downstream(self, cid: str) -> set[str]:
+        """``cid``, the steps that read it, directly or not, and where they redirect to."""
+        consumers = self.graph.consumers()
+        redirects: dict[str, set[str]] = {}
+        for section in ("sources", "transformations", "destinations"):
+            for other, comp in getattr(self.wf, section).items():
+                targets = {v for f, v in comp.config if f.endswith("_to") and isinstance(v, str)}
+                if comp.error_handling.redirect_to:
+                    targets.add(comp.error_handling.redirect_to)
+                redirects[other] = targets
+        out, todo = {cid}, [cid]
+        while todo:
+            step = todo.pop()
+            for nxt in [*consumers.get(step, []), *redirects.get(step, set())]:
+                if nxt not in out:
+                    out.add(nxt)
+                    todo.append(nxt)
+        return out
+
+    def replay_input(self, cid: str) -> list[Stream[Any]] | None:
+        """The replayed records as the input of ``cid``, if it is the replayed step."""
+        if self.replay is None or self.replay[0] != cid:
+            return None
+        records = self.replay[1]
+        return [op.input("replay", self.flow, TestingSource([records] if records else []))]
+
     def compile(self) -> Dataflow:
-        flow = Dataflow(_flow_id(self.v))
+        flow = self.flow = Dataflow(_flow_id(self.v))
         for cid in self.graph.order():
             section = self.graph.kinds[cid]
+            if self.replayed is not None and cid not in self.replayed:
+                continue
             if section == "sources":
                 self.source(flow, cid)
             elif section == "transformations":
@@ -359,13 +398,15 @@ class _Compiler:
 
     def source(self, flow: Dataflow, cid: str) -> None:
         comp = self.wf.sources[cid]
-        if self.test_inputs is not None:
+        if self.replay is not None:
+            source: Source[Any] = TestingSource([self.replay[1]] if self.replay[1] else [])
+        elif self.test_inputs is not None:
             records = [
                 {**r, META: {"test_input": cid, "index": i, **(r.get(META) or {})}}
                 if isinstance(r, dict) else r
                 for i, r in enumerate(self.test_inputs.get(cid, []))
             ]
-            source: Source[Any] = TestingSource([records] if records else [])
+            source = TestingSource([records] if records else [])
         else:
             source = self.spec("source", comp).build(self.ctx("source", cid, comp))  # type: ignore[misc]
         check = OutputSchemaCheck.of(cid, comp)
@@ -388,7 +429,7 @@ class _Compiler:
     def transformation(self, cid: str) -> None:
         comp = self.with_source_time_unit(self.wf.transformations[cid])
         spec = self.spec("transformation", comp)
-        ups = [self.streams[ref] for ref in comp.inputs]
+        ups = self.replay_input(cid) or [self.streams[r] for r in comp.inputs if r in self.streams]
         ctx = self.ctx("transformation", cid, comp)
         ports = transformation_component(cid, spec, ctx, self._origin(cid), *ups)
         self.keep(cid, ports, comp.error_handling)
@@ -414,7 +455,10 @@ class _Compiler:
                 self.destination(cid, pending.pop(cid), mask)
 
     def destination(self, cid: str, comp: Any, mask: Callable[[Any], Any] | None) -> None:
-        ups = [self.streams[ref] for ref in comp.inputs] + self.redirected.get(cid, [])
+        if self.replayed is not None and cid not in self.replayed:
+            return
+        ups = self.replay_input(cid) or [self.streams[r] for r in comp.inputs if r in self.streams]
+        ups += self.redirected.get(cid, [])
         if not ups:
             return
         ctx = self.ctx("destination", cid, comp)

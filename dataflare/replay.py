@@ -1,0 +1,96 @@
+"""Dead letters fed back into a step: ``dataflare replay PATH --to STEP WORKFLOW``.
+
+``PATH`` holds dead letters (``{"error", "source", "record"}``, see
+:meth:`dataflare.records.Failed.as_record`): a JSON lines file, or a PostgreSQL table
+given as ``postgresql://user@host:port/db#schema.table``. Each dead letter is unwrapped:
+its ``record``, with its original position as ``_meta``, goes into the step.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from dataflare.records import META
+
+
+@dataclass
+class DeadLetters:
+    """The records to replay, and the dead letters that cannot be (with the reason)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    unusable: list[str] = field(default_factory=list)
+
+
+def read_dead_letters(path: str) -> DeadLetters:
+    """The dead letters at ``path`` (a JSON lines file or a PostgreSQL table), unwrapped."""
+    out = DeadLetters()
+    scheme = urlsplit(path).scheme
+    if scheme in ("postgres", "postgresql"):
+        letters = _from_postgres(path)
+    elif scheme in ("", "file"):
+        letters = _from_jsonl(Path(urlsplit(path).path if scheme else path))
+    else:
+        msg = f"replay: cannot read dead letters from {scheme!r} (a .jsonl file or postgresql://)"
+        raise ValueError(msg)
+    for where, letter in letters:
+        record = _unwrap(letter)
+        if isinstance(record, str):
+            out.unusable.append(f"{where}: {record}")
+        else:
+            out.records.append(record)
+    return out
+
+
+def _unwrap(letter: Any) -> dict[str, Any] | str:
+    """The original record of a dead letter, with its position; else why it is not one."""
+    if isinstance(letter, str):
+        return letter
+    if not isinstance(letter, dict) or "record" not in letter or "error" not in letter:
+        return "not a dead letter (no 'error' and 'record')"
+    record = letter["record"]
+    if isinstance(record, str) and letter.get("record_encoding") == "base64":
+        record = base64.b64decode(record)
+    if not isinstance(record, dict):
+        what = "no record" if record is None else f"undecodable input ({type(record).__name__})"
+        return f"{what}: only records can be replayed"
+    position = (letter.get("source") or {}).get("position")
+    if isinstance(position, dict):
+        return {**record, META: position}
+    return dict(record)
+
+
+def _from_jsonl(path: Path) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"{path}:{n}", orjson.loads(line)))
+            except orjson.JSONDecodeError as exc:
+                out.append((f"{path}:{n}", f"not JSON: {exc}"))
+    return out
+
+
+def _from_postgres(url: str) -> list[tuple[str, Any]]:
+    import psycopg
+    from psycopg import sql
+
+    dsn, _, target = url.partition("#")
+    schema, _, table = target.rpartition(".")
+    if not table:
+        msg = f"replay: name the table after '#' in {dsn.split('@')[-1]}#schema.table"
+        raise ValueError(msg)
+    ident = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT * FROM {}").format(ident))
+        names = [d.name for d in cur.description or []]
+        rows = cur.fetchall()
+    return [(f"{target} row {n}", dict(zip(names, row, strict=True)))
+            for n, row in enumerate(rows, 1)]
