@@ -174,3 +174,43 @@ def test_a_replay_after_a_crash_refuses_again_what_was_refused_before(pg_schema:
     assert "invalid input syntax for type bigint" in refused[0].message
     ids = pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders ORDER BY id')
     assert ids == [(o,) for o in range(10) if o != 4]
+
+
+def test_two_thousand_refused_rows_are_found_in_one_pass(pg_schema: Any) -> None:
+    from dataflare.connectors.postgres_destination import (
+        PostgresDestinationConfig,
+        PostgresDialect,
+    )
+    from dataflare.connectors.sql_writer import TableWriter, prepare
+    from tests.connectors.test_postgres_destination import FAST_RETRY
+
+    class Counted(PostgresDialect):
+        copies = 0
+
+        def _copy(self, table: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
+            Counted.copies += 1
+            super()._copy(table, columns, rows)
+
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".orders (id bigint CHECK (id % 5 <> 1), '
+                     "note text, tags jsonb, ok boolean)")
+    cfg = PostgresDestinationConfig(dsn=pg_schema.dsn, schema=pg_schema.schema, table="orders")
+    batch = [{"id": "x" if o % 5 == 3 else o, "note": f"n{o}", "tags": {"o": [o]}, "ok": o % 2 == 0,
+              "_meta": {"topic": "t", "partition": 0, "offset": o}} for o in range(5_000)]
+    writer = TableWriter("warehouse", Counted(cfg), "append", (), False, FAST_RETRY)
+    written, refused = writer.write(prepare(batch, "warehouse", ())[0], True, "run-1")
+    writer.close()
+    assert Counted.copies == 2  # the batch, refused; then its rows staged once (no halving)
+    assert written == 3_000 and len(refused) == 2_000
+    assert {f.meta["offset"] for f in refused} == {o for o in range(5_000) if o % 5 in (1, 3)}
+    kinds = {f.meta["offset"] % 5: (f.type, f.message.split(":")[0]) for f in refused}
+    assert kinds == {1: ("CheckViolation", 'new row for relation "orders" violates check '
+                                           'constraint "orders_id_check"'),
+                     3: ("InvalidTextRepresentation", 'invalid input syntax for type bigint')}
+    rows = pg_schema.rows(f'SELECT id, note, tags, ok FROM "{pg_schema.schema}".orders ORDER BY id')
+    assert rows == [(o, f"n{o}", {"o": [o]}, o % 2 == 0)
+                    for o in range(5_000) if o % 5 in (0, 2, 4)]
+    # the refusals were noted with the marks, in the same transaction
+    noted = pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}"._dataflare_positions '
+                           "WHERE stream LIKE '%#refused@%'")
+    assert noted == [(2_000,)]

@@ -324,6 +324,16 @@ class Dialect(ABC):
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
         """Insert rows (values of ``columns``)."""
 
+    def append_sifting(
+        self, columns: list[str], rows: list[dict[str, Any]]
+    ) -> list[tuple[int, str, str]] | None:
+        """Insert the rows the table accepts, each alone, in a constant number of round trips.
+
+        The indexes of the rows it refuses, with the error's type and message; ``None``
+        when the database cannot (the writer then writes the batch in halves).
+        """
+        return None
+
     @abstractmethod
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
@@ -410,6 +420,10 @@ class TableWriter:
         except _Refused as exc:
             if not self.split_refusals:  # the run stops: the batch waits for the resume
                 raise RuntimeError(str(exc)) from exc.__cause__
+            if len(items) > 1 and self.mode != "merge":
+                sifted = self._sift(items, empty, run)
+                if sifted is not None:
+                    return sifted
             if len(items) == 1:
                 parts = items[0].parts
                 if parts:  # folded records: each alone, in order, so only the bad one fails
@@ -426,6 +440,24 @@ class TableWriter:
             n2, failed2 = self._write_or_split(items[mid:], empty and not emptied, run)
             return n1 + n2, failed1 + failed2
         return written, []
+
+    def _sift(self, items: list[Item], empty: bool, run: str
+              ) -> tuple[int, list[Failed]] | None:
+        """Write ``items`` but those the database refuses, found each alone in one pass.
+
+        ``None`` when the dialect cannot (then the batch is written in halves).
+        """
+        refused: list[Failed] = []
+        what = f"step {self.step!r}: write to {self.db.describe()}"
+        try:
+            written = call_with_retry(
+                what, lambda: self._commit(items, empty, run, refused), self.retry,
+                transient=self.db.transient, on_retry=self._reconnect)
+        except _Refused:
+            return None  # refused as a whole (a deferred constraint): halves find it
+        if written < 0:
+            return None
+        return written, refused
 
     def _note_refusal(self, item: Item, run: str) -> None:
         """Record a refused record's position before any mark can pass it.
@@ -457,10 +489,18 @@ class TableWriter:
             written, failed = written + n, failed + f
         return written, failed
 
-    def _commit(self, items: list[Item], empty: bool, run: str) -> int:
-        """One transaction: shape the table, empty it when ``empty``, write ``items``."""
+    def _commit(self, items: list[Item], empty: bool, run: str,
+                refused: list[Failed] | None = None) -> int:
+        """One transaction: shape the table, empty it when ``empty``, write ``items``.
+
+        With ``refused`` (appends), each record is written alone in one pass and those
+        the database refuses are added to it, their positions noted with the marks;
+        ``-1`` when the dialect cannot.
+        """
         self._ensure_connected()
         changed: dict[str, Mark] = {}
+        if refused is not None:
+            refused.clear()  # a retried transaction starts over
         try:
             with self.db.transaction():
                 if not self._shape(items):
@@ -470,7 +510,9 @@ class TableWriter:
                 if self.mode == "merge":
                     written = self._merge(items)
                 else:
-                    written, changed = self._append(items, run)
+                    written, changed = self._append(items, run, refused)
+                    if written < 0:
+                        return -1
             if changed:  # committed: the marks and live streams may move on
                 assert self.marks is not None
                 self.marks.update(changed)
@@ -530,7 +572,8 @@ class TableWriter:
                 self.cols[name] = FLOAT
         return True
 
-    def _append(self, items: list[Item], run: str) -> tuple[int, dict[str, Mark]]:
+    def _append(self, items: list[Item], run: str, refused: list[Failed] | None = None
+                ) -> tuple[int, dict[str, Mark]]:
         positioned = bool(run) and any(it.stream is not None for it in items)
         changed: dict[str, Mark] = {}
         if positioned:
@@ -577,11 +620,23 @@ class TableWriter:
                 )
             items = keep
         rows = [it.row for it in items]
-        if rows:
+        written = len(rows)
+        if rows and refused is not None:
+            sifted = self.db.append_sifting(self._columns_of(rows), rows)
+            if sifted is None:
+                return -1, {}
+            for i, kind, message in sifted:
+                it = items[i]
+                refused.append(Failed(self.step, kind, message, it.row, it.meta or {}))
+                if run and it.stream is not None and it.position is not None:
+                    changed[refusal_stream(it.stream, it.position)] = Mark(run, it.position)
+            rows = []
+            written = len(items) - len(sifted)
+        elif rows:
             self.db.append(self._columns_of(rows), rows)
         if changed:
             self.db.save_positions(self.step, changed)
-        return len(rows), changed
+        return written, changed
 
     def _merge(self, items: list[Item]) -> int:
         deletes = [it.row for it in items if it.delete]
