@@ -205,7 +205,7 @@ def _execute(args: argparse.Namespace, v: Validated, flow: Dataflow) -> int:
     if wf.config.timeout is not None:
         # The timeout interrupts the run like Ctrl-C, even where SIGINT was inherited ignored.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        timer = threading.Timer(wf.config.timeout, _thread.interrupt_main)
+        timer = threading.Timer(wf.config.timeout, _stop_now)
         timer.daemon = True
         timer.start()
     steps = [*wf.sources, *wf.transformations, *wf.destinations]
@@ -229,6 +229,14 @@ def _execute(args: argparse.Namespace, v: Validated, flow: Dataflow) -> int:
         if timer is not None:
             timer.cancel()
     return 0
+
+
+def _stop_now() -> None:
+    """Stop the run at once: writes in flight give up, the main thread is interrupted."""
+    from dataflare.connectors.batching import STOP
+
+    STOP.set()
+    _thread.interrupt_main()
 
 
 _PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")

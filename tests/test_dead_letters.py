@@ -214,3 +214,29 @@ def test_two_thousand_refused_rows_are_found_in_one_pass(pg_schema: Any) -> None
     noted = pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}"._dataflare_positions '
                            "WHERE stream LIKE '%#refused@%'")
     assert noted == [(2_000,)]
+
+
+def test_config_timeout_stops_a_long_search_for_refused_rows(tmp_path: Path,
+                                                             pg_schema: Any) -> None:
+    # NUL bytes cannot be staged: these refusals are found by halving the batch, which for
+    # 8,000 of 20,000 rows takes minutes; the 3 s timeout must stop it within the minute.
+    rows = [{"id": o, "note": "bad \u0000" if o % 5 < 2 else "ok"} for o in range(20_000)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  id: slow_refusals
+  config: {{timeout: 3s}}
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    pg:
+      type: postgres
+      inputs: [src]
+      config: {{dsn: "{pg_schema.dsn}", schema: {pg_schema.schema}, table: t}}
+      batch: {{size: 20000, flush_interval: 10s}}
+      error_handling: {{strategy: redirect, redirect_to: rejects}}
+    rejects: {{type: file, config: {{path: rejects.jsonl}}}}
+""")
+    result = run_cli("run", "flow.yaml", cwd=tmp_path, timeout=60)
+    assert result.code == 124, result.stderr
+    assert "ran longer than its config.timeout (3s)" in result.stderr

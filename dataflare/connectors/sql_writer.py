@@ -46,6 +46,7 @@ batch is rolled back and the run stops naming the step: a resume writes it again
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -370,6 +371,8 @@ class TableWriter:
         self.marks: dict[str, Mark] | None = None
         self.live: set[str] = set()  # streams this execution has written
         self.connected = False
+        self.stop = threading.Event()
+        """Set when the run stops: a search for refused records ends at its next write."""
 
     # -- connection ---------------------------------------------------------------
     def _reconnect(self, _exc: BaseException | None = None) -> None:
@@ -413,6 +416,9 @@ class TableWriter:
         self, items: list[Item], empty: bool, run: str
     ) -> tuple[int, list[Failed]]:
         what = f"step {self.step!r}: write to {self.db.describe()}"
+        if self.stop.is_set():
+            msg = f"step {self.step!r}: stopped while writing to {self.db.describe()}"
+            raise RuntimeError(msg)
         try:
             written = call_with_retry(what, lambda: self._commit(items, empty, run),
                                       self.retry, transient=self.db.transient,
