@@ -38,9 +38,13 @@ A write is one transaction per flushed batch:
 Transient failures (a lost connection) roll the transaction back, reconnect and retry the
 whole batch per the workflow's ``retry`` policy. Records whose values the database refuses
 (a value that does not fit its column, a violated constraint) fail alone when the
-destination's ``error_handling`` skips or redirects them: the batch is written in halves
-until they stand alone. With ``fail`` (the default), like other database errors, the
-batch is rolled back and the run stops naming the step: a resume writes it again.
+destination's ``error_handling`` skips or redirects them. An append finds them in one
+pass where the dialect can (``Dialect.append_sifting``: PostgreSQL stages the rows as
+text and inserts each in a subtransaction of one server-side loop); otherwise, and for
+merges, the batch is written in halves until they stand alone. A run that must stop
+(``config.timeout``) ends the search at its next write. With ``fail`` (the default),
+like other database errors, the batch is rolled back and the run stops naming the step:
+a resume writes it again.
 """
 
 from __future__ import annotations
