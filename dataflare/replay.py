@@ -1,8 +1,10 @@
 """Dead letters fed back into a step: ``dataflare replay PATH --to STEP WORKFLOW``.
 
 ``PATH`` holds dead letters (``{"error", "source", "record"}``, see
-:meth:`dataflare.records.Failed.as_record`): a JSON lines file, or a PostgreSQL table
-given as ``postgresql://user@host:port/db#schema.table``. Each dead letter is unwrapped:
+:meth:`dataflare.records.Failed.as_record`): a JSON lines file, a PostgreSQL table
+given as ``postgresql://user@host:port/db#schema.table``, or a Kafka topic given as
+``kafka://host:port/topic`` (read from its start to its end; a dead letter there is the
+original value with the envelope in ``dataflare.*`` headers). Each dead letter is unwrapped:
 its ``record``, with its original position as ``_meta``, goes into the step.
 """
 
@@ -33,10 +35,13 @@ def read_dead_letters(path: str) -> DeadLetters:
     scheme = urlsplit(path).scheme
     if scheme in ("postgres", "postgresql"):
         letters = _from_postgres(path)
+    elif scheme == "kafka":
+        letters = _from_kafka(path)
     elif scheme in ("", "file"):
         letters = _from_jsonl(Path(urlsplit(path).path if scheme else path))
     else:
-        msg = f"replay: cannot read dead letters from {scheme!r} (a .jsonl file or postgresql://)"
+        msg = (f"replay: cannot read dead letters from {scheme!r} (a .jsonl file, "
+               "postgresql://...#schema.table or kafka://host:port/topic)")
         raise ValueError(msg)
     for where, letter in letters:
         record = _unwrap(letter)
@@ -94,3 +99,56 @@ def _from_postgres(url: str) -> list[tuple[str, Any]]:
         rows = cur.fetchall()
     return [(f"{target} row {n}", dict(zip(names, row, strict=True)))
             for n, row in enumerate(rows, 1)]
+
+
+def _from_kafka(url: str, timeout: float = 30.0) -> list[tuple[str, Any]]:
+    """The dead letters of a topic, from its start to the end of each partition."""
+    import time
+
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    parts = urlsplit(url)
+    topic = parts.path.strip("/")
+    consumer = Consumer({"bootstrap.servers": parts.netloc, "group.id": "dataflare-replay",
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    out: list[tuple[str, Any]] = []
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if meta is None or meta.error is not None:
+            msg = f"replay: kafka topic {topic!r} not found at {parts.netloc}"
+            raise KafkaException(msg)
+        # The end is where each partition reports EOF (what was written before the call).
+        todo = set(meta.partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in todo])
+        deadline = time.monotonic() + timeout
+        while todo and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.5):
+                if msg.error():
+                    todo.discard(msg.partition())  # _PARTITION_EOF
+                    continue
+                where = f"{topic}[{msg.partition()}]@{msg.offset()}"
+                out.append((where, _kafka_letter(msg)))
+        if todo:
+            msg = f"replay: kafka topic {topic!r} not read to its end within {timeout:g}s"
+            raise KafkaException(msg)
+    finally:
+        consumer.close()
+    return out
+
+
+def _kafka_letter(msg: Any) -> dict[str, Any]:
+    """A Kafka dead letter (value plus ``dataflare.*`` headers) as an envelope."""
+    headers = {k: v.decode("utf-8", "replace") for k, v in msg.headers() or [] if v is not None}
+    error = {k.removeprefix("dataflare.error."): v for k, v in headers.items()
+             if k.startswith("dataflare.error.")}
+    position = orjson.loads(headers["dataflare.source.meta"]) \
+        if "dataflare.source.meta" in headers else None
+    value = msg.value()
+    record: Any = None
+    if value is not None:
+        try:
+            record = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            record = value.decode("utf-8", "replace")
+    return {"error": error, "source": {"component": headers.get("dataflare.source.component"),
+                                       "position": position}, "record": record}

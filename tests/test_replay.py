@@ -78,3 +78,22 @@ def test_replay_names_an_unknown_step(tmp_path: Path) -> None:
                       "{type: file, config: {path: dead.jsonl}}")
     result = run_cli("replay", "dead.jsonl", "--to", "cleen", flow, cwd=tmp_path)
     assert result.code == 1 and "no step 'cleen' in the workflow" in result.stderr
+
+
+def test_replay_from_a_kafka_dead_letter_topic(tmp_path: Path, kafka_broker: Any,
+                                               kafka_topic: Any) -> None:
+    (tmp_path / "orders.jsonl").write_text(ORDERS)
+    servers, topic = kafka_broker.bootstrap_servers, kafka_topic()
+    dead = f'{{type: kafka, config: {{bootstrap_servers: "{servers}", topic: {topic}}}}}'
+    first = write_flow(tmp_path, "flow.yaml", "to_int", "out.jsonl", dead)
+    assert run_cli("run", first, cwd=tmp_path).code == 0
+    fixed = write_flow(tmp_path, "fixed.yaml", "to_float", "replayed.jsonl",
+                       "{type: file, config: {path: dead_again.jsonl}}")
+    result = run_cli("replay", f"kafka://{servers}/{topic}", "--to", "clean", fixed,
+                     cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert "replayed 2 record(s) into step 'clean'; failed again: 1 in step 'clean'" \
+        in result.stderr
+    assert read_jsonl(tmp_path / "replayed.jsonl") == [{"id": 2, "amount": 7.5}]
+    [again] = read_jsonl(tmp_path / "dead_again.jsonl")
+    assert again["source"]["position"] == {"file": "orders.jsonl", "line": 3}
