@@ -135,39 +135,48 @@ class Failed:
         """Where the failed record came from."""
         return describe_position(self.meta)
 
-    def as_record(self, mask: Mask | None = None) -> Record:
-        """The dead letter of the record: error, source and the original record.
+    def as_record(
+        self,
+        mask: Mask | None = None,
+        *,
+        component: str | None = None,
+        run_id: str | None = None,
+        at: str | None = None,
+    ) -> Record:
+        """The dead letter: ``{"error": {...}, "source": {component, position}, "record"}``.
 
-        ``{"error": {step, type, message, at, run_id}, "source": {component, position},
-        "record": original}``: ``position`` is the record's ``_meta`` where it entered
-        (file and line, topic, partition, offset and key, table and LSN). An original that
-        is not a record (an undecodable line) is kept as text, or as ``{"base64": ...}``
-        when it is not UTF-8. ``mask`` (masking rules) applies to the original, a record or
-        raw text, and to the values the message quotes; no secret reaches the message.
+        ``error`` holds ``step, type, message, at, run_id``; ``source.position`` is the
+        record's ``_meta`` where it entered (file and line, topic, partition, offset and
+        key, table and LSN), ``source.component`` the source step when known. ``mask``
+        (masking rules) applies to the original, a record or raw text, and to the values
+        the message quotes; no secret reaches the message or the position. Undecodable
+        input stays text, or base64 of its bytes (then ``record_encoding: base64``); bytes
+        nested in the record or its position become base64 text, so every destination can
+        write the dead letter as JSON.
         """
         record, message = without_meta(self.record), self.message_masked(mask)
         if mask is not None and isinstance(record, dict):
             record = mask(record)
         elif mask is not None and isinstance(record, str):
             record = mask.text(record)
-        if isinstance(record, bytes | bytearray):
-            try:
-                record = bytes(record).decode("utf-8")
-            except UnicodeDecodeError:
-                record = {"base64": base64.b64encode(record).decode("ascii")}
         meta = dict(self.meta or {})
-        component = meta.pop("source", None)
-        position = _scrubbed(meta) if meta else None
+        component = component or meta.pop("source", None)
+        meta.pop("source", None)
         out: Record = {
-            "error": {"step": self.step, "type": self.type, "message": message,
-                      "at": datetime.now(UTC).isoformat(timespec="milliseconds")
-                      .replace("+00:00", "Z"),
-                      "run_id": os.environ.get(RUN_ID_ENV)},
-            "source": {"component": component, "position": position},
-            "record": record,
+            "error": {
+                "step": self.step,
+                "type": self.type,
+                "message": message,
+                "at": at or datetime.now(UTC).isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z"),
+                "run_id": run_id or os.environ.get(RUN_ID_ENV),
+            },
+            "source": {"component": component,
+                       "position": _json_safe(_scrubbed(meta)) if meta else None},
+            "record": _json_safe(record),
         }
-        if self.meta:
-            out[META] = {**self.meta, "error_position": self.position()}
+        if isinstance(record, bytes | bytearray | memoryview):
+            out["record_encoding"] = "base64"
         return out
 
     def message_masked(self, mask: Mask | None) -> str:
@@ -186,6 +195,19 @@ def _scrubbed(value: Any) -> Any:
         return {k: _scrubbed(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrubbed(v) for v in value]
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with bytes (at any depth) as base64 text; copies only what changes."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        out = {k: _json_safe(v) for k, v in value.items()}
+        return value if all(out[k] is v for k, v in value.items()) else out
+    if isinstance(value, list | tuple):
+        items = [_json_safe(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     return value
 
 

@@ -1,62 +1,154 @@
-"""``dataflare replay``: dead letters, unwrapped, fed back into a step of the workflow.
+"""Dead letters fed back into a step: ``dataflare replay PATH --to STEP WORKFLOW``.
 
-After the cause of a failure is fixed (a constraint relaxed, a mapping corrected), the
-records in a dead-letter file go back into step STEP: STEP and everything downstream of it
-run as in a normal run (with recovery, error handling and dead letters of their own), and
-nothing upstream of it does. A dead letter's ``record`` is replayed as it was; one kept as
-raw text (undecodable input) is replayed when it now parses as a JSON object.
+``PATH`` holds dead letters (``{"error", "source", "record"}``, see
+:meth:`dataflare.records.Failed.as_record`): a JSON lines file, a PostgreSQL table
+given as ``postgresql://user@host:port/db#schema.table``, or a Kafka topic given as
+``kafka://host:port/topic`` (read from its start to its end; a dead letter there is the
+original value with the envelope in ``dataflare.*`` headers). Each dead letter is unwrapped:
+its ``record``, with its original position as ``_meta``, goes into the step.
 """
 
 from __future__ import annotations
 
 import base64
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from bytewax.testing import TestingSource
+import orjson
 
 from dataflare.records import META
 
 
-def read_dead_letters(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The records of a JSON-lines dead-letter file, and why others cannot be replayed."""
-    records: list[dict[str, Any]] = []
-    problems: list[str] = []
-    with path.open(encoding="utf-8") as f:
+@dataclass
+class DeadLetters:
+    """The records to replay, and the dead letters that cannot be (with the reason)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    unusable: list[str] = field(default_factory=list)
+
+
+def read_dead_letters(path: str) -> DeadLetters:
+    """The dead letters at ``path`` (a JSON lines file or a PostgreSQL table), unwrapped."""
+    out = DeadLetters()
+    scheme = urlsplit(path).scheme
+    if scheme in ("postgres", "postgresql"):
+        letters = _from_postgres(path)
+    elif scheme == "kafka":
+        letters = _from_kafka(path)
+    elif scheme in ("", "file"):
+        letters = _from_jsonl(Path(urlsplit(path).path if scheme else path))
+    else:
+        msg = (f"replay: cannot read dead letters from {scheme!r} (a .jsonl file, "
+               "postgresql://...#schema.table or kafka://host:port/topic)")
+        raise ValueError(msg)
+    for where, letter in letters:
+        record = _unwrap(letter)
+        if isinstance(record, str):
+            out.unusable.append(f"{where}: {record}")
+        else:
+            out.records.append(record)
+    return out
+
+
+def _unwrap(letter: Any) -> dict[str, Any] | str:
+    """The original record of a dead letter, with its position; else why it is not one."""
+    if isinstance(letter, str):
+        return letter
+    if not isinstance(letter, dict) or "record" not in letter or "error" not in letter:
+        return "not a dead letter (no 'error' and 'record')"
+    record = letter["record"]
+    if isinstance(record, str) and letter.get("record_encoding") == "base64":
+        record = base64.b64decode(record)
+    if not isinstance(record, dict):
+        what = "no record" if record is None else f"undecodable input ({type(record).__name__})"
+        return f"{what}: only records can be replayed"
+    position = (letter.get("source") or {}).get("position")
+    if isinstance(position, dict):
+        return {**record, META: position}
+    return dict(record)
+
+
+def _from_jsonl(path: Path) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    with path.open("rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path.name}:{n}"
             try:
-                letter = json.loads(line)
-            except ValueError:
-                problems.append(f"{where}: not JSON")
-                continue
-            if not isinstance(letter, dict) or "record" not in letter or "error" not in letter:
-                problems.append(f"{where}: not a dead letter (no 'error' and 'record')")
-                continue
-            record = letter["record"]
-            if isinstance(record, dict) and set(record) == {"base64"}:
-                record = base64.b64decode(record["base64"]).decode("utf-8", "replace")
-            if isinstance(record, str):  # raw input: replayable once it parses
-                try:
-                    record = json.loads(record)
-                except ValueError:
-                    problems.append(f"{where}: the record is raw text that is not JSON")
+                out.append((f"{path}:{n}", orjson.loads(line)))
+            except orjson.JSONDecodeError as exc:
+                out.append((f"{path}:{n}", f"not JSON: {exc}"))
+    return out
+
+
+def _from_postgres(url: str) -> list[tuple[str, Any]]:
+    import psycopg
+    from psycopg import sql
+
+    dsn, _, target = url.partition("#")
+    schema, _, table = target.rpartition(".")
+    if not table:
+        msg = f"replay: name the table after '#' in {dsn.split('@')[-1]}#schema.table"
+        raise ValueError(msg)
+    ident = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT * FROM {}").format(ident))
+        names = [d.name for d in cur.description or []]
+        rows = cur.fetchall()
+    return [(f"{target} row {n}", dict(zip(names, row, strict=True)))
+            for n, row in enumerate(rows, 1)]
+
+
+def _from_kafka(url: str, timeout: float = 30.0) -> list[tuple[str, Any]]:
+    """The dead letters of a topic, from its start to the end of each partition."""
+    import time
+
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    parts = urlsplit(url)
+    topic = parts.path.strip("/")
+    consumer = Consumer({"bootstrap.servers": parts.netloc, "group.id": "dataflare-replay",
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    out: list[tuple[str, Any]] = []
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if meta is None or meta.error is not None:
+            msg = f"replay: kafka topic {topic!r} not found at {parts.netloc}"
+            raise KafkaException(msg)
+        # The end is where each partition reports EOF (what was written before the call).
+        todo = set(meta.partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in todo])
+        deadline = time.monotonic() + timeout
+        while todo and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.5):
+                if msg.error():
+                    todo.discard(msg.partition())  # _PARTITION_EOF
                     continue
-            if not isinstance(record, dict):
-                problems.append(f"{where}: the record is not a JSON object")
-                continue
-            # Where it first came from, and which dead letter brought it back.
-            source = (letter.get("source") or {}).get("position") or {"file": path.name,
-                                                                      "line": n}
-            record[META] = {**source, "replay": where}
-            records.append(record)
-    return records, problems
+                where = f"{topic}[{msg.partition()}]@{msg.offset()}"
+                out.append((where, _kafka_letter(msg)))
+        if todo:
+            msg = f"replay: kafka topic {topic!r} not read to its end within {timeout:g}s"
+            raise KafkaException(msg)
+    finally:
+        consumer.close()
+    return out
 
 
-def replay_source(records: list[dict[str, Any]]) -> TestingSource[list[dict[str, Any]]]:
-    """A source of the replayed records, in batches."""
-    batches = [records[i:i + 1000] for i in range(0, len(records), 1000)]
-    return TestingSource(batches)
+def _kafka_letter(msg: Any) -> dict[str, Any]:
+    """A Kafka dead letter (value plus ``dataflare.*`` headers) as an envelope."""
+    headers = {k: v.decode("utf-8", "replace") for k, v in msg.headers() or [] if v is not None}
+    error = {k.removeprefix("dataflare.error."): v for k, v in headers.items()
+             if k.startswith("dataflare.error.")}
+    position = orjson.loads(headers["dataflare.source.meta"]) \
+        if "dataflare.source.meta" in headers else None
+    value = msg.value()
+    record: Any = None
+    if value is not None:
+        try:
+            record = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            record = value.decode("utf-8", "replace")
+    return {"error": error, "source": {"component": headers.get("dataflare.source.component"),
+                                       "position": position}, "record": record}

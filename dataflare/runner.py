@@ -267,6 +267,9 @@ def run_with(opts: RunOptions) -> RunResult:
     try:
         return _run(opts)
     finally:
+        from dataflare.connectors.batching import STOP
+
+        STOP.clear()
         stopping.REQUESTED.clear()
         stopping.SIGNAL.clear()
         if saved is None:
@@ -292,18 +295,22 @@ def _run(opts: RunOptions) -> RunResult:
         return RunResult("failed", 1, None, "invalid workflow")
     replayed = None
     if opts.replay is not None:
-        from dataflare.replay import read_dead_letters, replay_source
+        from bytewax.testing import TestingSource
+
+        from dataflare.replay import read_dead_letters
 
         step, letters = opts.replay
         if v.graph is None or step not in v.graph.kinds or v.graph.kinds[step] == "destinations":
             return _refused(f"no source or transformation {step!r} in {opts.path} to replay into")
         try:
-            records, unusable = read_dead_letters(Path(letters))
-        except OSError as exc:
-            return _refused(f"cannot read {letters}: {exc.strerror}")
-        for problem in unusable:
+            read = read_dead_letters(letters)
+        except (OSError, ValueError) as exc:
+            return _refused(f"cannot read {letters}: {getattr(exc, 'strerror', None) or exc}")
+        for problem in read.unusable:
             say(f"not replayed: {problem}", "warning")
-        replayed = (step, replay_source(records))
+        records = read.records
+        replayed = (step, TestingSource([records[i:i + 1000]
+                                         for i in range(0, len(records), 1000)]))
         say(f"replaying {len(records)} dead letters of {letters} into step {step!r}")
     protection = v.workflow.data_protection if v.workflow else None
     if protection and protection.encryption and protection.encryption.in_transit:
@@ -404,7 +411,9 @@ def _run(opts: RunOptions) -> RunResult:
             cli_main(flow, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
         cause = _unwrapped(exc)
-        if isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
+        if timer is not None and timer.finished.is_set():  # a write given up at the timeout
+            code, status, error = 124, "failed", timeout_error
+        elif isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
             code, status = 130, "stopped"
         else:
             code, status, error = 1, "failed", error_text(exc)
@@ -442,8 +451,11 @@ STOP_GRACE = 30.0  # seconds a timed-out run may take to stop gracefully
 
 
 def _time_out(message: str) -> None:
-    """``config.timeout`` passed: stop gracefully, and at once after STOP_GRACE."""
+    """``config.timeout`` passed: sources end, writes in flight give up; hard after STOP_GRACE."""
+    from dataflare.connectors.batching import STOP
+
     stopping.REQUESTED.set()
+    STOP.set()
     hard = threading.Timer(STOP_GRACE, _hard_stop, args=(message,))
     hard.daemon = True
     hard.start()

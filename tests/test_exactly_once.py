@@ -2,7 +2,9 @@
 
 The run is killed with SIGKILL at random moments and restarted with the same recovery
 directory; in the end every table and hash equals what one clean pass computes: nothing
-lost, nothing doubled.
+lost, nothing doubled. With refusals, the append tables refuse some records (a CHECK
+constraint) and redirect them to a file and a PostgreSQL dead-letter destination: every
+dead letter arrives at least once.
 """
 
 import os
@@ -83,6 +85,23 @@ workflow:
 """
 
 
+REFUSALS = """\
+    raw_copy:
+      inputs: [shaped]
+      type: postgres
+      config: {{dsn: "{dsn}", schema: "{schema}", table: raw_copy}}
+      write_mode: {{type: append}}
+      batch: {{size: 5000, flush_interval: 200ms}}
+      error_handling: {{strategy: redirect, redirect_to: refused_pg}}
+    refused_file: {{type: file, config: {{path: refused.jsonl}}}}
+    refused_pg:
+      type: postgres
+      config: {{dsn: "{dsn}", schema: "{schema}", table: refused}}
+"""
+
+REFUSED = 7  # the append tables refuse the events whose id % 500 is this
+
+
 def events() -> list[dict]:
     config = GeneratorConfig.model_validate(
         {"preset": "clickstream", "count": EVENTS, "seed": 3,
@@ -121,12 +140,24 @@ class Crashable:
     """The crash-test workflow over 100,000 events, run as ``dataflare run`` subprocesses."""
 
     def __init__(self, tmp_path, kafka_broker, kafka_topic, pg_schema, redis_url,
-                 snapshot_seconds: float) -> None:
+                 snapshot_seconds: float, refusals: bool = False) -> None:
         topic = kafka_topic(partitions=3)
         self.records = events()
         produce(kafka_broker.bootstrap_servers, topic, self.records)
         flow = tmp_path / "flow.yaml"
-        flow.write_text(FLOW.format(servers=kafka_broker.bootstrap_servers, topic=topic,
+        text = FLOW
+        if refusals:  # raw redirects to a file, raw_copy to a table
+            raw = "table: raw_events}}\n"
+            text = FLOW.replace(raw, raw + "      error_handling: {{strategy: redirect, "
+                                "redirect_to: refused_file}}\n") + REFUSALS
+        if refusals:
+            with pg_schema.connect() as conn:
+                for table in ("raw_events", "raw_copy"):
+                    conn.execute(
+                        f'CREATE TABLE "{pg_schema.schema}".{table} (event_id bigint CHECK '
+                        f"(event_id % 500 <> {REFUSED}), user_id text, kind text, "
+                        "amount double precision, ts bigint)")
+        flow.write_text(text.format(servers=kafka_broker.bootstrap_servers, topic=topic,
                                     dsn=pg_schema.dsn, schema=pg_schema.schema,
                                     redis_url=redis_url))
         self.cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "--quiet",
@@ -209,3 +240,37 @@ def test_a_crash_before_the_first_snapshot_doubles_nothing(tmp_path, kafka_broke
     run.finish()
     ids = pg_schema.rows(f'SELECT event_id FROM "{pg_schema.schema}".raw_events')
     assert sorted(i for (i,) in ids) == sorted(r["id"] for r in run.records)
+
+
+@pytest.mark.slow
+def test_dead_letters_of_refused_records_survive_sigkills(tmp_path, kafka_broker, kafka_topic,
+                                                          pg_schema, redis_url):
+    run = Crashable(tmp_path, kafka_broker, kafka_topic, pg_schema, redis_url, 0.3,
+                    refusals=True)
+    rng = random.Random(20261204)
+    progress: list[int] = []
+    for _ in range(10):
+        target = _count(pg_schema, "raw_events") + rng.randint(1_000, 6_000)
+        if target >= EVENTS * 0.95:
+            break
+        progress.append(run.kill_after(target, rng.uniform(0, 0.4)))
+    run.finish()
+    print("raw_events rows when killed:", progress)
+    assert len(progress) >= 10 and all(0 < n < EVENTS for n in progress), progress
+
+    refused = {r["id"] for r in run.records if r["id"] % 500 == REFUSED}
+    good = sorted((r["id"], r["user_id"], r["event"], float(r["amount"]), r["ts"])
+                  for r in run.records if r["id"] not in refused)
+    for table in ("raw_events", "raw_copy"):  # the good rows: exactly once
+        rows = pg_schema.rows(
+            f'SELECT event_id, user_id, kind, amount, ts FROM "{pg_schema.schema}".{table}')
+        assert sorted(rows) == good, table
+    # every refused record's dead letter, at least once, with its position
+    letters = [orjson.loads(line) for line in
+               (tmp_path / "refused.jsonl").read_text().splitlines()]
+    assert {d["record"]["event_id"] for d in letters} == refused
+    assert all(d["error"]["step"] == "raw" and d["source"]["position"]["topic"]
+               for d in letters)
+    rows = pg_schema.rows(f'SELECT error, record FROM "{pg_schema.schema}".refused')
+    assert {record["event_id"] for _, record in rows} == refused
+    assert {error["step"] for error, _ in rows} == {"raw_copy"}

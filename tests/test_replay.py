@@ -54,6 +54,6 @@ def test_dead_letters_replayed_into_the_fixed_step(tmp_path: Path) -> None:
     [again] = [json.loads(x) for x in (tmp_path / "dead-again.jsonl").read_text().splitlines()]
     assert again["record"]["id"] == 5
     position = again["source"]["position"]
-    assert position["line"] == 5 and position["replay"].startswith("dead.jsonl:")
+    assert position["line"] == 5 and position["file"].endswith("in.jsonl")  # where it began
     missing = dataflare("replay", "dead.jsonl", "--to", "nope", str(flow), cwd=tmp_path)
     assert missing.returncode == 1 and "no source or transformation 'nope'" in missing.stderr

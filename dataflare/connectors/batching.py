@@ -12,10 +12,12 @@ source's snapshot run ahead of them. All batches of one destination go to one wo
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -28,6 +30,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflare import metrics
 from dataflare.records import RUN_ID_ENV, Failed
+
+STOP = threading.Event()
+"""Set when the run must stop now (``config.timeout``): writes in flight give up."""
 
 
 def _new_run() -> str:
@@ -137,6 +142,18 @@ class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
     def _collect(self, wait: bool) -> None:
         fut = self.pending
         if fut is not None and (wait or fut.done()):
+            try:
+                # In slices: a stop (config.timeout, Ctrl-C) is noticed while a write runs.
+                while not fut.done():
+                    futures_wait([fut], timeout=_POLL.total_seconds())
+                    if STOP.is_set():
+                        msg = f"step {self.writer.step!r}: stopped while a write was running"
+                        raise RuntimeError(msg)
+            except BaseException:
+                stop = getattr(self.writer, "stop", None)
+                if stop is not None:
+                    stop.set()  # the write in flight gives up at its next step
+                raise
             self.pending = None
             self.refused.extend(fut.result())
 

@@ -519,18 +519,21 @@ def build_kafka_source(ctx: BuildContext) -> KafkaSource:
 
 
 def is_dead_letter(record: Any) -> bool:
-    """Whether ``record`` is a redirected error record ``{"error": ..., "record": ...}``."""
+    """Whether ``record`` is a dead letter ``{"error": ..., "source": ..., "record": ...}``."""
     return (
         isinstance(record, dict)
         and "error" in record
         and "record" in record
         and isinstance(record["error"], dict)
         and "step" in record["error"]
-        and set(record) <= {"error", "source", "record", META}
+        and isinstance(record.get("source", {}), dict)
+        and set(record) <= _DEAD_LETTER_KEYS
     )
 
 
-Message = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
+_DEAD_LETTER_KEYS = {"error", "source", "record", "record_encoding", META}
+
+Message = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
 
 class _Encoder:
@@ -545,32 +548,39 @@ class _Encoder:
         self.headers = [(name, compile_template(text)) for name, text in cfg.headers.items()]
 
     def dead_letter(self, rec: dict[str, Any]) -> Message:
+        """A dead letter as a message: the original, its key, the envelope in headers.
+
+        The value is the original bytes, text or JSON (a tombstone stays one); the rest of
+        the envelope travels in ``dataflare.error.*`` and ``dataflare.source.*`` headers.
+        """
         original = rec["record"]
-        meta = (rec.get("source") or {}).get("position") or rec.get(META) or {}
-        if isinstance(original, dict) and set(original) == {"base64"}:
-            original = base64.b64decode(original["base64"])
-        if isinstance(original, bytes):
+        source = rec.get("source") or {}
+        meta = source.get("position") or rec.get(META) or {}
+        value: bytes | None
+        if rec.get("record_encoding") == "base64" and isinstance(original, str):
+            value = base64.b64decode(original)
+        elif isinstance(original, bytes):
             value = original
         elif isinstance(original, str):
             value = original.encode()
+        elif original is None:
+            value = None
         else:
             value = self.dumps(original, default=str)
         err = rec["error"]
         headers = [
-            ("dataflare.error.step", str(err.get("step", "")).encode()),
-            ("dataflare.error.type", str(err.get("type", "")).encode()),
-            ("dataflare.error.message", str(err.get("message", "")).encode()),
-            ("dataflare.error.at", str(err.get("at", "")).encode()),
-            ("dataflare.error.run_id", str(err.get("run_id", "")).encode()),
+            (f"dataflare.error.{name}", str(err[name]).encode())
+            for name in ("step", "type", "message", "at", "run_id")
+            if err.get(name) is not None
         ]
-        component = (rec.get("source") or {}).get("component")
-        if component:
-            headers.append(("dataflare.source.component", str(component).encode()))
-        for name in ("topic", "partition", "offset", "file", "line", "index", "lsn"):
+        if source.get("component"):
+            headers.append(("dataflare.source.component", str(source["component"]).encode()))
+        for name in ("topic", "partition", "offset", "file", "line", "index", "table", "lsn"):
             if name in meta:
                 headers.append((f"dataflare.source.{name}", str(meta[name]).encode()))
         if meta:
             headers.append(("dataflare.source.position", describe_position(meta).encode()))
+            headers.append(("dataflare.source.meta", self.dumps(meta, default=str)))
         key = meta.get("key")
         if isinstance(key, str):
             key = key.encode()

@@ -24,7 +24,10 @@ A write is one transaction per flushed batch:
   snapshots and kept in the recovery directory). When bytewax resumes a run after a
   crash it replays from the last snapshot (or from the start, when the crash came before
   the first one); records of that run at or below a stream's mark were committed before
-  the crash and are skipped, so appends are exactly-once. This needs positions that grow
+  the crash and are skipped, so appends are exactly-once. A record the database refused
+  leaves a row of its own there (committed before the mark passes it): a replay tries it
+  again rather than skip it, so its dead letter is sent at least once across crashes.
+  This needs positions that grow
   along each stream as the destination receives them, which holds for sources followed
   by stateless steps. When the destination sees a stream's positions repeat or go back
   within one execution (a join fanning one record out, two routes merged again), it
@@ -35,14 +38,19 @@ A write is one transaction per flushed batch:
 Transient failures (a lost connection) roll the transaction back, reconnect and retry the
 whole batch per the workflow's ``retry`` policy. Records whose values the database refuses
 (a value that does not fit its column, a violated constraint) fail alone when the
-destination's ``error_handling`` skips or redirects them: the batch is written in halves
-until they stand alone. With ``fail`` (the default), like other database errors, the
-batch is rolled back and the run stops naming the step: a resume writes it again.
+destination's ``error_handling`` skips or redirects them. An append finds them in one
+pass where the dialect can (``Dialect.append_sifting``: PostgreSQL stages the rows as
+text and inserts each in a subtransaction of one server-side loop); otherwise, and for
+merges, the batch is written in halves until they stand alone. A run that must stop
+(``config.timeout``) ends the search at its next write. With ``fail`` (the default),
+like other database errors, the batch is rolled back and the run stops naming the step:
+a resume writes it again.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -125,6 +133,11 @@ def position_of(meta: Any) -> tuple[str | None, int | None]:
             if isinstance(meta.get(name), int):
                 return f"file:{meta['file']}", meta[name]
     return None, None
+
+
+def refusal_stream(stream: str, position: int) -> str:
+    """The positions-table row noting that the record at ``position`` was refused."""
+    return f"{stream}#refused@{position}"
 
 
 def prepare(
@@ -316,6 +329,16 @@ class Dialect(ABC):
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
         """Insert rows (values of ``columns``)."""
 
+    def append_sifting(
+        self, columns: list[str], rows: list[dict[str, Any]]
+    ) -> list[tuple[int, str, str]] | None:
+        """Insert the rows the table accepts, each alone, in a constant number of round trips.
+
+        The indexes of the rows it refuses, with the error's type and message; ``None``
+        when the database cannot (the writer then writes the batch in halves).
+        """
+        return None
+
     @abstractmethod
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
@@ -352,6 +375,8 @@ class TableWriter:
         self.marks: dict[str, Mark] | None = None
         self.live: set[str] = set()  # streams this execution has written
         self.connected = False
+        self.stop = threading.Event()
+        """Set when the run stops: a search for refused records ends at its next write."""
 
     # -- connection ---------------------------------------------------------------
     def _reconnect(self, _exc: BaseException | None = None) -> None:
@@ -395,6 +420,9 @@ class TableWriter:
         self, items: list[Item], empty: bool, run: str
     ) -> tuple[int, list[Failed]]:
         what = f"step {self.step!r}: write to {self.db.describe()}"
+        if self.stop.is_set():
+            msg = f"step {self.step!r}: stopped while writing to {self.db.describe()}"
+            raise RuntimeError(msg)
         try:
             written = call_with_retry(what, lambda: self._commit(items, empty, run),
                                       self.retry, transient=self.db.transient,
@@ -402,12 +430,17 @@ class TableWriter:
         except _Refused as exc:
             if not self.split_refusals:  # the run stops: the batch waits for the resume
                 raise RuntimeError(str(exc)) from exc.__cause__
+            if len(items) > 1 and self.mode != "merge":
+                sifted = self._sift(items, empty, run)
+                if sifted is not None:
+                    return sifted
             if len(items) == 1:
                 parts = items[0].parts
                 if parts:  # folded records: each alone, in order, so only the bad one fails
                     return self._write_each(parts, empty, run)
                 if empty:  # the table is emptied even when nothing of the batch is written
                     self._commit([], True, run)
+                self._note_refusal(items[0], run)
                 return 0, [items[0].refused(self.step, exc.__cause__ or exc)]
             if not items:
                 raise
@@ -418,6 +451,46 @@ class TableWriter:
             return n1 + n2, failed1 + failed2
         return written, []
 
+    def _sift(self, items: list[Item], empty: bool, run: str
+              ) -> tuple[int, list[Failed]] | None:
+        """Write ``items`` but those the database refuses, found each alone in one pass.
+
+        ``None`` when the dialect cannot (then the batch is written in halves).
+        """
+        refused: list[Failed] = []
+        what = f"step {self.step!r}: write to {self.db.describe()}"
+        try:
+            written = call_with_retry(
+                what, lambda: self._commit(items, empty, run, refused), self.retry,
+                transient=self.db.transient, on_retry=self._reconnect)
+        except _Refused:
+            return None  # refused as a whole (a deferred constraint): halves find it
+        if written < 0:
+            return None
+        return written, refused
+
+    def _note_refusal(self, item: Item, run: str) -> None:
+        """Record a refused record's position before any mark can pass it.
+
+        A replay after a crash skips what a mark covers; a refused position among them is
+        tried again (and refused again), so its dead letter arrives at least once.
+        """
+        if not run or item.stream is None or item.position is None or self.mode == "merge":
+            return
+        refused = {refusal_stream(item.stream, item.position): Mark(run, item.position)}
+
+        def save() -> None:
+            self._ensure_connected()
+            with self.db.transaction():
+                self.db.ensure_positions()
+                self.db.save_positions(self.step, refused)
+
+        what = f"step {self.step!r}: note a refused record in {self.db.describe()}"
+        call_with_retry(what, save, self.retry, transient=self.db.transient,
+                        on_retry=self._reconnect)
+        if self.marks is not None:
+            self.marks.update(refused)
+
     def _write_each(self, items: list[Item], empty: bool, run: str) -> tuple[int, list[Failed]]:
         written = 0
         failed: list[Failed] = []
@@ -426,10 +499,18 @@ class TableWriter:
             written, failed = written + n, failed + f
         return written, failed
 
-    def _commit(self, items: list[Item], empty: bool, run: str) -> int:
-        """One transaction: shape the table, empty it when ``empty``, write ``items``."""
+    def _commit(self, items: list[Item], empty: bool, run: str,
+                refused: list[Failed] | None = None) -> int:
+        """One transaction: shape the table, empty it when ``empty``, write ``items``.
+
+        With ``refused`` (appends), each record is written alone in one pass and those
+        the database refuses are added to it, their positions noted with the marks;
+        ``-1`` when the dialect cannot.
+        """
         self._ensure_connected()
         changed: dict[str, Mark] = {}
+        if refused is not None:
+            refused.clear()  # a retried transaction starts over
         try:
             with self.db.transaction():
                 if not self._shape(items):
@@ -439,7 +520,9 @@ class TableWriter:
                 if self.mode == "merge":
                     written = self._merge(items)
                 else:
-                    written, changed = self._append(items, run)
+                    written, changed = self._append(items, run, refused)
+                    if written < 0:
+                        return -1
             if changed:  # committed: the marks and live streams may move on
                 assert self.marks is not None
                 self.marks.update(changed)
@@ -499,7 +582,8 @@ class TableWriter:
                 self.cols[name] = FLOAT
         return True
 
-    def _append(self, items: list[Item], run: str) -> tuple[int, dict[str, Mark]]:
+    def _append(self, items: list[Item], run: str, refused: list[Failed] | None = None
+                ) -> tuple[int, dict[str, Mark]]:
         positioned = bool(run) and any(it.stream is not None for it in items)
         changed: dict[str, Mark] = {}
         if positioned:
@@ -524,7 +608,12 @@ class TableWriter:
                     changed[stream] = Mark(run, pos)
                     live.add(stream)
                 elif stream not in live:
-                    continue  # written by this run before the restart: a replay
+                    refusal = marks.get(refusal_stream(stream, pos))
+                    if refusal is None or refusal.run != run:
+                        continue  # written by this run before the restart: a replay
+                    # refused before the restart: tried again, its dead letter sent again
+                    keep.append(it)
+                    continue
                 else:
                     log.warning(
                         "step %r: positions of %s repeat or go back (%d after %d); "
@@ -541,11 +630,23 @@ class TableWriter:
                 )
             items = keep
         rows = [it.row for it in items]
-        if rows:
+        written = len(rows)
+        if rows and refused is not None:
+            sifted = self.db.append_sifting(self._columns_of(rows), rows)
+            if sifted is None:
+                return -1, {}
+            for i, kind, message in sifted:
+                it = items[i]
+                refused.append(Failed(self.step, kind, message, it.row, it.meta or {}))
+                if run and it.stream is not None and it.position is not None:
+                    changed[refusal_stream(it.stream, it.position)] = Mark(run, it.position)
+            rows = []
+            written = len(items) - len(sifted)
+        elif rows:
             self.db.append(self._columns_of(rows), rows)
         if changed:
             self.db.save_positions(self.step, changed)
-        return len(rows), changed
+        return written, changed
 
     def _merge(self, items: list[Item]) -> int:
         deletes = [it.row for it in items if it.delete]

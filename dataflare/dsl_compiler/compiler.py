@@ -127,7 +127,7 @@ def _count(name: str, counter: Any, tap: Callable[[str, Batch], None]
 
 
 def _policy(
-    name: str, eh: ErrorHandling, mask: Masker | None
+    name: str, eh: ErrorHandling, mask: Masker | None, source: str | None = None
 ) -> Callable[[list[Failed]], Batch | None]:
     errors = metrics.ERRORS.labels(name, eh.strategy)
     seen = [0]
@@ -138,7 +138,7 @@ def _policy(
             metrics.ERRORS_BY_TYPE.labels(name, f.type).inc()
         first = batch[0]
         # Messages quote values: they are shown as the dead letter has them (masked).
-        dead = [f.as_record(mask) for f in batch]
+        dead = [f.as_record(mask, component=source) for f in batch]
         message = dead[0]["error"]["message"]
         if eh.strategy == "fail":
             msg = (
@@ -167,16 +167,18 @@ def _policy(
 
 
 def _guard(
-    name: str, eh: ErrorHandling, errs: list[Stream[Any]], mask: Masker | None
+    name: str, eh: ErrorHandling, errs: list[Stream[Any]], mask: Masker | None,
+    source: str | None = None,
 ) -> Stream[Any] | None:
     """Apply the error policy to a component's failure streams; the dead letters, if any.
 
-    ``mask`` (the workflow's masking rules) applies to the records dead letters carry.
+    ``mask`` (the workflow's masking rules) applies to the records dead letters carry;
+    ``source`` is the one source feeding the component, when only one does.
     """
     if not errs:
         return None
     stream = errs[0] if len(errs) == 1 else op.merge("errors", *errs)
-    dead = op.filter_map(f"on_error_{eh.strategy}", stream, _policy(name, eh, mask))
+    dead = op.filter_map(f"on_error_{eh.strategy}", stream, _policy(name, eh, mask, source))
     return dead if eh.strategy == "redirect" else None
 
 
@@ -230,8 +232,14 @@ def transformation_component(
         op.inspect(f"count_{port}", stream, _count(ctx.step_id, metrics.RECORDS_OUT,
                                                    tapper(f"{ctx.step_id}.{port}", mask)))
     dead = _guard(ctx.step_id, ctx.component.error_handling, [out.errs] if out.errs else [],
-                  masker(ctx.workflow.data_protection))
+                  masker(ctx.workflow.data_protection), _single_source(ctx))
     return _ports(out.down, out.named, dead)
+
+
+def _single_source(ctx: registry.BuildContext) -> str | None:
+    """The source feeding a component, when exactly one does (a dead letter's origin)."""
+    sources = ctx.workflow.upstream_sources(list(getattr(ctx.component, "inputs", [])))
+    return sources[0] if len(sources) == 1 else None
 
 
 @operator
@@ -256,7 +264,7 @@ def destination_component(
     if sink_errs is not None:
         errs.append(sink_errs)
     return _ports(None, {}, _guard(ctx.step_id, ctx.component.error_handling, errs,
-                                   masker(ctx.workflow.data_protection)))
+                                   masker(ctx.workflow.data_protection), _single_source(ctx)))
 
 
 def masker(protection: DataProtection | None) -> Masker | None:

@@ -52,9 +52,9 @@ class QualityFailed(Failed):
 
     rules: list[dict[str, str]] = field(default_factory=list)
 
-    def as_record(self, mask: Mask | None = None) -> Record:
+    def as_record(self, mask: Mask | None = None, **envelope: Any) -> Record:
         """The dead letter, with ``error.rules``."""
-        out = Failed.as_record(self, mask)
+        out = Failed.as_record(self, mask, **envelope)
         out["error"]["rules"] = self.rules
         return out
 

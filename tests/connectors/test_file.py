@@ -46,13 +46,11 @@ def test_csv_to_jsonl_with_type_inference_and_bad_rows(tmp_path):
     assert read_jsonl(tmp_path / "out.jsonl") == [
         {"id": 1, "name": "ann", "score": 1.5}, {"id": 3, "name": "cy", "score": None}]
     [bad] = read_jsonl(tmp_path / "bad.jsonl")
-    assert bad["record"] == "2,bob"
-    assert {k: bad["error"][k] for k in ("step", "type", "message")} == {
-        "step": "src", "type": "CsvError", "message": "row has 2 fields, the header has 3"}
-    assert bad["error"]["at"].endswith("Z") and len(bad["error"]["run_id"]) == 32
-    assert bad["source"] == {"component": "src",
-                             "position": {"file": bad["source"]["position"]["file"], "line": 3}}
-    assert bad["source"]["position"]["file"].endswith("in.csv")
+    del bad["error"]["at"], bad["error"]["run_id"]
+    assert bad == {"error": {"step": "src", "type": "CsvError",
+                             "message": "row has 2 fields, the header has 3"},
+                   "source": {"component": "src", "position": {"file": "in.csv", "line": 3}},
+                   "record": "2,bob"}
 
 
 def test_glob_of_json_and_parquet_files_to_csv_and_parquet(tmp_path):
