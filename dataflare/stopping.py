@@ -53,12 +53,11 @@ def install(on_first: Callable[[int], None] | None = None) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-class _Partition(StatefulSourcePartition[Any, Any]):
-    """A partition whose input ends when a stop is asked; its position is kept."""
+class _Stoppable:
+    """A partition's input that ends when a stop is asked; polled at least every 0.5 s."""
 
-    def __init__(self, inner: StatefulSourcePartition[Any, Any]) -> None:
-        self.inner = inner
-        self.awake: datetime | None = None
+    inner: Any
+    awake: datetime | None
 
     def next_batch(self) -> Any:
         if REQUESTED.is_set():
@@ -72,38 +71,25 @@ class _Partition(StatefulSourcePartition[Any, Any]):
     def next_awake(self) -> datetime | None:
         if self.awake is None:
             return None  # the source is ready at once (and looks for a stop each batch)
-        soon = datetime.now(UTC) + _POLL
-        return min(self.awake, soon)
+        return min(self.awake, datetime.now(UTC) + _POLL)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _Partition(_Stoppable, StatefulSourcePartition[Any, Any]):
+    """A resumable partition whose input ends when a stop is asked; its position is kept."""
+
+    def __init__(self, inner: StatefulSourcePartition[Any, Any]) -> None:
+        self.inner, self.awake = inner, None
 
     def snapshot(self) -> Any:
         return self.inner.snapshot()
 
-    def close(self) -> None:
-        self.inner.close()
 
-
-class _StatelessPartition(StatelessSourcePartition[Any]):
+class _StatelessPartition(_Stoppable, StatelessSourcePartition[Any]):
     def __init__(self, inner: StatelessSourcePartition[Any]) -> None:
-        self.inner = inner
-        self.awake: datetime | None = None
-
-    def next_batch(self) -> Any:
-        if REQUESTED.is_set():
-            raise StopIteration
-        if self.awake is not None and datetime.now(UTC) < self.awake:
-            return []
-        batch = self.inner.next_batch()
-        self.awake = self.inner.next_awake()
-        return batch
-
-    def next_awake(self) -> datetime | None:
-        if self.awake is None:
-            return None  # the source is ready at once (and looks for a stop each batch)
-        soon = datetime.now(UTC) + _POLL
-        return min(self.awake, soon)
-
-    def close(self) -> None:
-        self.inner.close()
+        self.inner, self.awake = inner, None
 
 
 class _Fixed(FixedPartitionedSource[Any, Any]):
