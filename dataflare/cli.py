@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from dataflare import logs
 from dataflare.dsl_compiler import validate_file
@@ -408,46 +406,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(args.verbose, args.log_format)
     # Everything the command prints passes the secret scrubber (dataflare.secrets).
     out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = Scrubbed(out), Scrubbed(err)
+    sys.stdout, sys.stderr = secrets.ScrubbedStream(out), secrets.ScrubbedStream(err)
     try:
         return int(args.fn(args))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = out, err
-
-
-class Scrubbed(io.TextIOBase):
-    """A text stream whose writes pass :func:`dataflare.secrets.scrub`."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        """Write ``text`` without secret values."""
-        from dataflare.secrets import scrub
-
-        return int(self._stream.write(scrub(text)))
-
-    def flush(self) -> None:
-        """Flush the stream underneath."""
-        self._stream.flush()
-
-    def isatty(self) -> bool:
-        """Whether the stream underneath is a terminal."""
-        return bool(self._stream.isatty())
-
-    def fileno(self) -> int:
-        """The file descriptor underneath."""
-        return int(self._stream.fileno())
-
-    @property
-    def buffer(self) -> Any:
-        """The binary stream underneath (bytes written there are not scrubbed)."""
-        return self._stream.buffer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 if __name__ == "__main__":

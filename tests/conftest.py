@@ -2,8 +2,19 @@
 
 from pathlib import Path
 
+import pytest
+
 pytest_plugins = sorted(
     f"tests.fixtures.{p.stem}"
     for p in (Path(__file__).parent / "fixtures").glob("*.py")
     if p.stem != "__init__"
 )
+
+
+@pytest.fixture(autouse=True)
+def _forget_secrets():
+    """Each test starts with no secret registered (the registry is process-wide)."""
+    yield
+    from dataflare import secrets
+
+    secrets.clear()
