@@ -51,6 +51,7 @@ BUILTIN_MODULES = (
     "dataflare.connectors.duckdb",
     "dataflare.connectors.redis",
     "dataflare.connectors.http",
+    "dataflare.connectors.s3",
     "dataflare.connectors.planned",
     "dataflare.operators.mapping",
     "dataflare.operators.filter",

@@ -338,18 +338,27 @@ class FileSource(FixedPartitionedSource[Batch, Any]):
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Any:
         """A reader of one file, resuming at ``resume_state``."""
         path = self._files()[for_part]
-        cfg = self.config
-        fmt = file_format(str(path), cfg.format, self.step)
-        if fmt == "jsonl":
-            return _LinesPartition(self.step, path, for_part, cfg.batch_size, resume_state)
-        if fmt == "csv":
-            return _CsvPartition(self.step, path, for_part, cfg.batch_size, cfg.csv, resume_state)
-        rows: Iterable[Any]
-        if fmt == "json":
-            rows = _json_rows(self.step, path, cfg.records_path)
-        else:
-            rows = _parquet_rows(path, cfg.batch_size)
-        return _ListPartition(self.step, rows, for_part, cfg.batch_size, resume_state)
+        fmt = file_format(str(path), self.config.format, self.step)
+        return file_reader(self.step, path, for_part, fmt, self.config, resume_state)
+
+
+def file_reader(step: str, path: Path, shown: str, fmt: str, cfg: Any,
+                resume_state: Any) -> StatefulSourcePartition[Batch, Any]:
+    """A resumable reader of one local file of format ``fmt``.
+
+    Records' ``_meta.file`` is ``shown``; ``cfg`` holds ``batch_size``, ``csv`` and
+    ``records_path`` (a file or s3 source's settings).
+    """
+    if fmt == "jsonl":
+        return _LinesPartition(step, path, shown, cfg.batch_size, resume_state)
+    if fmt == "csv":
+        return _CsvPartition(step, path, shown, cfg.batch_size, cfg.csv, resume_state)
+    rows: Iterable[Any]
+    if fmt == "json":
+        rows = _json_rows(step, path, cfg.records_path)
+    else:
+        rows = _parquet_rows(path, cfg.batch_size)
+    return _ListPartition(step, rows, shown, cfg.batch_size, resume_state)
 
 
 @source("file", config=FileSourceConfig, description="Read JSON lines, CSV, JSON or Parquet files.",
@@ -510,7 +519,9 @@ def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] 
             msg = (f"step {ctx.step_id!r}: partitioned files are only added to (write_mode "
                    f"append), not {ctx.component.write_mode.type}")
             raise ValueError(msg)
-        template = PathTemplate(str(ctx.path(cfg.target())), fmt, cfg)
+        target = cfg.target()
+        resolved = str(ctx.path(target)) + ("/" if target.endswith("/") else "")
+        template = PathTemplate(resolved, fmt, cfg)
         return lake_output("lake", up, LakeOutput(ctx.step_id, fmt, template, cfg,
                                                   LocalStorage))
     truncate = not explicit or ctx.component.write_mode.type != "append"

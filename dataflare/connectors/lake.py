@@ -514,7 +514,7 @@ class _Parquet(_Open):
 
     def fits(self, rows: list[dict[str, Any]]) -> bool:
         """Whether ``rows`` need no field this file lacks."""
-        names = set(self.file_schema.names)
+        names = {*self.file_schema.names, META}
         return self.schema.columns is not None or all(k in names for r in rows for k in r)
 
     def add(self, records: list[dict[str, Any]], max_bytes: int | None) -> tuple[int, list[Failed]]:
