@@ -66,7 +66,8 @@ workflow:
       inputs: [web, app]
       type: file
       config:
-        path_template: "out/{{source}}/year={{year}}/month={{month}}/day={{day}}/h{{hour}}-{{region}}.jsonl"
+        path_template: >-
+          out/{{source}}/year={{year}}/month={{month}}/day={{day}}/h{{hour}}-{{region}}.jsonl
         time_field: ts
         partition_by: [year, kind]
 """)
