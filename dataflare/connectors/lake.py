@@ -33,7 +33,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -148,6 +148,7 @@ class Target:
     directory: str
     stem: str
     suffix: str
+    dataset: str | None = None  # the input, when the paths name it: its own columns
 
 
 class PathTemplate:
@@ -194,11 +195,13 @@ class PathTemplate:
                 when = datetime.fromtimestamp(to_epoch_seconds(raw, self.time_unit), UTC)
             values.update(year=f"{when.year:04d}", month=f"{when.month:02d}",
                           day=f"{when.day:02d}", hour=f"{when.hour:02d}")
+        dataset = None
         if self.needs_input:
             meta = record.get(META)
-            values["source"] = path_value(meta.get(INPUT) if isinstance(meta, dict) else None)
+            dataset = meta.get(INPUT) if isinstance(meta, dict) else None
+            values["source"] = path_value(dataset)
         return Target(self.dir_render(record, values), self.stem_render(record, values),
-                      self.suffix)
+                      self.suffix, dataset)
 
 
 def _fixed_prefix(template: str) -> str:
@@ -451,11 +454,10 @@ class ParquetSchema:
             self.schema = pa.schema([(n, known[n]) for n in order])
         return changed
 
-    def table(self, rows: list[dict[str, Any]]) -> tuple[Any, list[int]]:
-        """``rows`` as an Arrow table of the schema, and the indexes of the rows refused."""
+    def table(self, rows: list[dict[str, Any]], schema: Any) -> tuple[Any, list[int]]:
+        """``rows`` as an Arrow table of ``schema``, and the indexes of the rows refused."""
         import pyarrow as pa
 
-        schema = self.schema
         try:
             return pa.Table.from_pylist(rows, schema=schema), []
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
@@ -470,11 +472,11 @@ class ParquetSchema:
                 good.append(r)
         return pa.Table.from_pylist(good, schema=schema), bad
 
-    def problem(self, record: dict[str, Any]) -> str:
-        """Which field of ``record`` does not convert to the schema, and why."""
+    def problem(self, record: dict[str, Any], schema: Any) -> str:
+        """Which field of ``record`` does not convert to ``schema``, and why."""
         import pyarrow as pa
 
-        for f in self.schema or []:
+        for f in schema:
             value = record.get(f.name)
             try:
                 pa.array([value], type=f.type)
@@ -513,13 +515,24 @@ class _Parquet(_Open):
         self.written = 0
 
     def fits(self, rows: list[dict[str, Any]]) -> bool:
-        """Whether ``rows`` need no field this file lacks."""
-        names = {*self.file_schema.names, META}
-        return self.schema.columns is not None or all(k in names for r in rows for k in r)
+        """Whether ``rows`` need no column this file lacks (or has as always null)."""
+        import pyarrow as pa
+
+        names = set(self.file_schema.names)
+        nulls = {f.name for f in self.file_schema if pa.types.is_null(f.type)}
+        limited = self.schema.columns is not None
+        for r in rows:
+            for k, v in r.items():
+                if k == META or (limited and k not in names):
+                    continue
+                if k not in names or (v is not None and k in nulls):
+                    return False
+        return True
 
     def add(self, records: list[dict[str, Any]], max_bytes: int | None) -> tuple[int, list[Failed]]:
-        table, bad = self.schema.table(records)  # the schema leaves _meta out
-        refused = [Failed(self.schema.step, "ParquetTypeError", self.schema.problem(records[i]),
+        table, bad = self.schema.table(records, self.file_schema)  # without _meta
+        refused = [Failed(self.schema.step, "ParquetTypeError", self.schema.problem(records[i],
+                                                                          self.file_schema),
                           records[i], records[i].get(META) or {}) for i in bad]
         if table.num_rows:
             self.waiting.append(table)
@@ -556,8 +569,8 @@ class LakeState:
 
     run: str
     next_file: int = 0
-    columns: list[str] | None = None
-    schema: Any = None
+    columns: dict[str | None, list[str]] = field(default_factory=dict)
+    schemas: dict[str | None, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -582,7 +595,8 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         if not fresh or os.environ.get(RUN_ID_ENV):
             self._undo_after(self.state.next_file)
         self.open: dict[Target, _Open] = {}
-        self.schema = ParquetSchema(out.step, out.options.columns, self.state.schema)
+        self.schemas = {k: ParquetSchema(out.step, out.options.columns, v)
+                        for k, v in self.state.schemas.items()}
         self.refused: list[Failed] = []
 
     def _undo_after(self, number: int) -> None:
@@ -602,9 +616,16 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
 
     def _file(self, target: Target, rows: list[dict[str, Any]]) -> _Open:
         f = self.open.get(target)
-        if isinstance(f, _Parquet) and (self.schema.widen(rows) or not f.fits(rows)):
-            self._roll(f)
-            f = None
+        schema = None
+        if self.out.fmt == "parquet":
+            schema = self.schemas.get(target.dataset)
+            if schema is None:
+                schema = ParquetSchema(self.out.step, self.out.options.columns)
+                self.schemas[target.dataset] = schema
+            schema.widen(rows)
+            if isinstance(f, _Parquet) and not f.fits(rows):
+                self._roll(f)
+                f = None
         if f is None:
             if len(self.open) >= _MAX_OPEN:  # bounded: the file open longest completes
                 self._roll(min(self.open.values(), key=lambda o: o.opened))
@@ -613,13 +634,15 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
             if self.out.fmt == "jsonl":
                 f = _Lines(target, tmp, now, self.out.step)
             elif self.out.fmt == "csv":
-                if self.state.columns is None:
-                    self.state.columns = self.out.options.columns or list(
+                columns = self.state.columns.get(target.dataset)
+                if columns is None:
+                    columns = self.out.options.columns or list(
                         dict.fromkeys(k for r in rows for k in r if k != META))
-                f = _Csv(target, tmp, now, self.out.step, self.state.columns)
+                    self.state.columns[target.dataset] = columns
+                f = _Csv(target, tmp, now, self.out.step, columns)
             else:
-                self.schema.widen([without_meta(r) for r in rows])
-                f = _Parquet(target, tmp, now, self.schema)
+                assert schema is not None
+                f = _Parquet(target, tmp, now, schema)
             self.open[target] = f
             self.state.next_file += 1
         return f
@@ -695,7 +718,8 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
     def snapshot(self) -> LakeState:
         self._roll_all()
         st = self.state
-        return LakeState(st.run, st.next_file, st.columns, self.schema.schema)
+        return LakeState(st.run, st.next_file, dict(st.columns),
+                         {k: v.schema for k, v in self.schemas.items()})
 
 
 @operator
