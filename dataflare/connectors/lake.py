@@ -426,9 +426,9 @@ class ParquetSchema:
     It is learned from the first records (the first non-null value of a field sets its
     type), ordered and limited by ``columns`` when given.
 
-    A field seen for the first time, or the first value of a field so far always null,
-    widens the schema (the file rolls: a Parquet file has one schema); a value that does
-    not convert to its field's type refuses its record.
+    A field seen for the first time, the first value of a field so far always null, or a
+    fraction in an integer field widens the schema (the file rolls: a Parquet file has one
+    schema); a value that does not convert to its field's type refuses its record.
     """
 
     def __init__(self, step: str, columns: list[str] | None, schema: Any = None) -> None:
@@ -443,7 +443,12 @@ class ParquetSchema:
                                  if k != META]
         changed = self.schema is None
         for name in names:
-            if name in known and not pa.types.is_null(known[name]):
+            have = known.get(name)
+            if have is not None and pa.types.is_integer(have):
+                if any(type(r.get(name)) is float for r in rows):  # integers become doubles
+                    known[name], changed = pa.float64(), True
+                continue
+            if have is not None and not pa.types.is_null(have):
                 continue
             typ = _type_of(r.get(name) for r in rows)
             if name not in known or not pa.types.is_null(typ):
@@ -514,20 +519,9 @@ class _Parquet(_Open):
         self.waiting_bytes = 0
         self.written = 0
 
-    def fits(self, rows: list[dict[str, Any]]) -> bool:
-        """Whether ``rows`` need no column this file lacks (or has as always null)."""
-        import pyarrow as pa
-
-        names = set(self.file_schema.names)
-        nulls = {f.name for f in self.file_schema if pa.types.is_null(f.type)}
-        limited = self.schema.columns is not None
-        for r in rows:
-            for k, v in r.items():
-                if k == META or (limited and k not in names):
-                    continue
-                if k not in names or (v is not None and k in nulls):
-                    return False
-        return True
+    def current(self) -> bool:
+        """Whether the file's schema is still the output's (it did not widen since)."""
+        return bool(self.file_schema.equals(self.schema.schema))
 
     def add(self, records: list[dict[str, Any]], max_bytes: int | None) -> tuple[int, list[Failed]]:
         table, bad = self.schema.table(records, self.file_schema)  # without _meta
@@ -623,7 +617,7 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
                 schema = ParquetSchema(self.out.step, self.out.options.columns)
                 self.schemas[target.dataset] = schema
             schema.widen(rows)
-            if isinstance(f, _Parquet) and not f.fits(rows):
+            if isinstance(f, _Parquet) and not f.current():
                 self._roll(f)
                 f = None
         if f is None:
@@ -720,6 +714,72 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         st = self.state
         return LakeState(st.run, st.next_file, dict(st.columns),
                          {k: v.schema for k, v in self.schemas.items()})
+
+
+class _ConformLogic(StatefulBatchLogic[Batch, tuple[Batch, list[Failed]], Any]):
+    """Refuses, one at a time, the records a single CSV or Parquet file cannot hold."""
+
+    def __init__(self, step: str, fmt: str, columns: list[str] | None, state: Any) -> None:
+        self.step, self.fmt = step, fmt
+        self.columns = columns
+        self.schema = ParquetSchema(step, columns, None)
+        if fmt == "csv" and state is not None:
+            self.columns = state
+        elif state is not None:
+            self.schema.schema = state
+
+    def on_batch(self, values: list[Batch]) -> tuple[list[tuple[Batch, list[Failed]]], bool]:
+        good: Batch = []
+        bad: list[Failed] = []
+        for batch in values:
+            if self.fmt == "csv":
+                if self.columns is None and batch:
+                    self.columns = list(dict.fromkeys(k for r in batch for k in r if k != META))
+                for r in batch:
+                    problem = csv_problem(self.step, r, self.columns or [])
+                    if problem is None:
+                        good.append(r)
+                    else:
+                        bad.append(Failed(self.step, "RecordError", problem, r,
+                                          r.get(META) or {}))
+                continue
+            self.schema.widen(batch)
+            schema = self.schema.schema
+            _, refused = self.schema.table(batch, schema)
+            skip = set(refused)
+            good.extend(r for i, r in enumerate(batch) if i not in skip)
+            bad.extend(Failed(self.step, "ParquetTypeError", self.schema.problem(batch[i], schema),
+                              batch[i], batch[i].get(META) or {}) for i in refused)
+        return [(good, bad)], False
+
+    def snapshot(self) -> Any:
+        return self.columns if self.fmt == "csv" else self.schema.schema
+
+
+@dataclass(frozen=True)
+class ConformOut:
+    """The records a file can hold, and the others (refused)."""
+
+    down: Stream[Batch]
+    errs: Stream[list[Failed]]
+
+
+@operator
+def conform(step_id: str, up: Stream[Batch], step: str, fmt: str, columns: list[str] | None,
+            schema: Any = None) -> ConformOut:
+    """Refuse the records one CSV or Parquet file cannot hold, so the rest is written.
+
+    Refused: a field without a CSV column, a value of another type than its Parquet column's.
+
+    ``columns``: the file's columns when known (configured, or the header of a file
+    appended to); ``schema``: the Arrow schema of a Parquet file appended to.
+    """
+    keyed = op.key_on("key", up, lambda _batch: "0")
+    checked = op.stateful_batch(
+        "check", keyed, lambda state: _ConformLogic(step, fmt, columns, state or schema))
+    pairs = op.map("unkey", checked, lambda kv: kv[1])
+    return ConformOut(op.filter_map("down", pairs, lambda p: p[0] or None),
+                      op.filter_map("errs", pairs, lambda p: p[1] or None))
 
 
 @operator

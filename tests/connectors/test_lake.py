@@ -250,3 +250,41 @@ def test_a_plain_path_stays_one_file_and_values_cannot_escape_their_directory():
     assert path_value("a/../b") == "a%2F..%2Fb"
     assert path_value(3.0) == "3" and path_value(True) == "true"
     assert Counter(path_value(v) for v in (None, "")) == {"__HIVE_DEFAULT_PARTITION__": 2}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_one_file_refuses_what_it_cannot_hold_record_by_record(tmp_path, fmt):
+    # A string in a float column at record 11,500 (Parquet); a field first seen at record
+    # 25,000 (CSV): each refuses its record alone, and the file holds all the others.
+    rows = [{"id": i, "amount": i * 0.5} for i in range(30_000)]
+    if fmt == "parquet":
+        rows[11_500]["amount"] = "oops"
+        bad_id = 11_500
+    else:
+        rows[25_000]["extra"] = 1
+        bad_id = 25_000
+    rows[3]["amount"] = 7  # an integer among doubles is not a clash
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    path = write_flow(tmp_path, f"""\
+workflow:
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    out:
+      inputs: [src]
+      type: file
+      config: {{path: out.{fmt}}}
+      error_handling: {{strategy: redirect, redirect_to: bad}}
+    bad: {{type: file, config: {{path: bad.jsonl}}}}
+""")
+    result = dataflare.run(path)
+    assert result.ok, result.error
+    if fmt == "parquet":
+        ids = pq.read_table(tmp_path / "out.parquet").column("id").to_pylist()
+    else:
+        ids = [int(ln.split(",")[0]) for ln in (tmp_path / "out.csv").read_text().splitlines()[1:]]
+    assert ids == [i for i in range(30_000) if i != bad_id]
+    [bad] = read_jsonl(tmp_path / "bad.jsonl")
+    assert bad["record"]["id"] == bad_id
+    assert bad["source"]["position"] == {"file": "in.jsonl", "line": bad_id + 1}
+    assert bad["error"]["step"] == "out"
