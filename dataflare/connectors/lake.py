@@ -67,8 +67,8 @@ DEFAULT_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 """The directory of a null partition value, as Hive and Spark name it."""
 JOURNAL = "_dataflare"
 
-_ROW_GROUP_ROWS = 65_536  # a Parquet row group is written once this many rows wait
-_ROW_GROUP_BYTES = 32 << 20  # ... or this many bytes of Arrow data
+_ROW_GROUP_ROWS = 16_384  # a Parquet row group is written once this many rows wait
+_ROW_GROUP_BYTES = 4 << 20  # ... or this many bytes of Arrow data
 _MAX_OPEN = 64  # files open at once per output; past it the oldest rolls
 
 
