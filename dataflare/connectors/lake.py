@@ -68,7 +68,7 @@ DEFAULT_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 JOURNAL = "_dataflare"
 
 _ROW_GROUP_ROWS = 16_384  # a Parquet row group is written once this many rows wait
-_ROW_GROUP_BYTES = 4 << 20  # ... or this many bytes of Arrow data
+_WAITING_BYTES = 4 << 20  # ... or the rows waiting in all open files exceed this (the most)
 _MAX_OPEN = 64  # files open at once per output; past it the oldest rolls
 
 
@@ -533,12 +533,13 @@ class _Parquet(_Open):
             self.waiting_rows += table.num_rows
             self.waiting_bytes += table.nbytes
             self.records += table.num_rows
-            if self.waiting_rows >= _ROW_GROUP_ROWS or self.waiting_bytes >= _ROW_GROUP_BYTES:
-                self._write()
+            if self.waiting_rows >= _ROW_GROUP_ROWS:
+                self.write_row_group()
         self.bytes = self.written + self.waiting_bytes
         return len(records), refused
 
-    def _write(self) -> None:
+    def write_row_group(self) -> None:
+        """Write the rows waiting as one row group."""
         import pyarrow as pa
 
         if self.waiting:
@@ -547,7 +548,7 @@ class _Parquet(_Open):
             self.written = os.path.getsize(self.tmp)
 
     def finish(self) -> None:
-        self._write()
+        self.write_row_group()
         self.writer.close()
 
 
@@ -679,9 +680,21 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
             used, refused = f.add(chunk, opts.max_bytes)
             self.refused.extend(refused)
             rows = rows[used:]
+            if isinstance(f, _Parquet):
+                self._bound_waiting()
             full = opts.max_records is not None and f.records >= opts.max_records
             if full or (opts.max_bytes is not None and f.bytes >= opts.max_bytes):
                 self._roll(f)
+
+    def _bound_waiting(self) -> None:
+        """Write row groups, the largest first, until the rows waiting fit the budget."""
+        waiting = [f for f in self.open.values() if isinstance(f, _Parquet) and f.waiting]
+        total = sum(f.waiting_bytes for f in waiting)
+        for f in sorted(waiting, key=lambda f: -f.waiting_bytes):
+            if total <= _WAITING_BYTES:
+                break
+            total -= f.waiting_bytes
+            f.write_row_group()
 
     def _emit(self) -> list[list[Failed]]:
         out, self.refused = self.refused, []
