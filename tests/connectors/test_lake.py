@@ -288,3 +288,26 @@ workflow:
     assert bad["record"]["id"] == bad_id
     assert bad["source"]["position"] == {"file": "in.jsonl", "line": bad_id + 1}
     assert bad["error"]["step"] == "out"
+
+
+def test_two_workers_write_each_record_once(tmp_path):
+    (tmp_path / "in").mkdir()
+    for part in range(4):  # one source partition per file, spread over the workers
+        (tmp_path / "in" / f"{part}.jsonl").write_bytes(b"".join(
+            orjson.dumps({"id": part * 1000 + i, "k": i % 3}) + b"\n" for i in range(1000)))
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: "in/*.jsonl", batch_size: 100}}
+  destinations:
+    lake:
+      inputs: [src]
+      type: file
+      config: {path_template: "out/", format: parquet, partition_by: [k], max_records: 300}
+""")
+    result = dataflare.run(path, workers=2)
+    assert result.ok, result.error
+    files = outputs(tmp_path / "out", ".parquet")
+    ids = Counter(i for p in files.values() for i in pq.read_table(p).column("id").to_pylist())
+    assert ids == Counter({p * 1000 + i: 1 for p in range(4) for i in range(1000)})
+    assert all(pq.read_metadata(p).num_rows <= 300 for p in files.values())
