@@ -39,8 +39,7 @@ from dataflare.connectors.lake import (
     LocalStorage,
     PathTemplate,
     conform,
-    csv_problem,
-    csv_value,
+    csv_line,
     lake_output,
     template_problems,
 )
@@ -413,18 +412,14 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
             self._write_csv(records)
 
     def _write_csv(self, records: list[dict[str, Any]]) -> None:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
         if self.columns is None:
             self.columns = list(dict.fromkeys(k for r in records for k in r))
         if self.f.tell() == 0:
-            writer.writerow(self.columns)
-        for r in records:
-            problem = csv_problem(self.step, r, self.columns)
-            if problem is not None:  # the conform step refuses these before
-                raise RecordError(problem)
-            writer.writerow([csv_value(r.get(c)) for c in self.columns])
-        self.f.write(buf.getvalue().encode())
+            header = io.StringIO()
+            csv.writer(header, lineterminator="\n").writerow(self.columns)
+            self.f.write(header.getvalue().encode())
+        # csv_line raises on what the conform step refused before: never here
+        self.f.write(b"".join(csv_line(self.step, r, self.columns) for r in records))
 
     def snapshot(self) -> Any:
         if self.fmt == "parquet":

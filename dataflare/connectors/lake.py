@@ -376,6 +376,20 @@ def csv_problem(step: str, record: dict[str, Any], columns: list[str]) -> str | 
             f"({', '.join(columns)}); list every column in 'columns'")
 
 
+def csv_line(step: str, record: dict[str, Any], columns: list[str]) -> bytes:
+    """``record`` as one CSV line under ``columns``; RecordError when CSV cannot hold it."""
+    problem = csv_problem(step, record, columns)
+    if problem is not None:
+        raise RecordError(problem)
+    buf = io.StringIO()
+    try:
+        csv.writer(buf, lineterminator="\n").writerow([csv_value(record.get(c)) for c in columns])
+        return buf.getvalue().encode()
+    except (csv.Error, UnicodeEncodeError) as exc:
+        msg = f"step {step!r}: the record cannot be written as CSV: {exc}"
+        raise RecordError(msg) from None
+
+
 class _Csv(_Open):
     def __init__(self, target: Target, tmp: Path, opened: float, step: str,
                  columns: list[str]) -> None:
@@ -388,32 +402,22 @@ class _Csv(_Open):
 
     def add(self, records: list[dict[str, Any]], max_bytes: int | None) -> tuple[int, list[Failed]]:
         refused: list[Failed] = []
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        limit = (max_bytes or 1 << 62) - self.bytes
+        lines = []
+        limit = max_bytes or 1 << 62
         used = 0
         for r in records:
-            if buf.tell() >= limit:  # characters: bytes for ASCII, an estimate otherwise
-                break
             used += 1
-            problem = csv_problem(self.step, r, self.columns)
-            if problem is not None:
-                refused.append(Failed(self.step, "RecordError", problem, r, r.get(META) or {}))
-                continue
-            mark = buf.tell()
             try:
-                writer.writerow([csv_value(r.get(c)) for c in self.columns])
-            except (csv.Error, ValueError) as exc:
-                buf.seek(mark)
-                buf.truncate()
-                refused.append(Failed(self.step, type(exc).__name__,
-                                      f"the record cannot be written as CSV: {exc}", r,
-                                      r.get(META) or {}))
+                line = csv_line(self.step, r, self.columns)
+            except RecordError as exc:
+                refused.append(Failed.of(self.step, exc, r))
                 continue
+            lines.append(line)
+            self.bytes += len(line)
             self.records += 1
-        data = buf.getvalue().encode()
-        self.bytes += len(data)
-        self.f.write(data)
+            if self.bytes >= limit:
+                break
+        self.f.write(b"".join(lines))
         return used, refused
 
     def finish(self) -> None:
@@ -749,12 +753,12 @@ class _ConformLogic(StatefulBatchLogic[Batch, tuple[Batch, list[Failed]], Any]):
                 if self.columns is None and batch:
                     self.columns = list(dict.fromkeys(k for r in batch for k in r if k != META))
                 for r in batch:
-                    problem = csv_problem(self.step, r, self.columns or [])
-                    if problem is None:
-                        good.append(r)
+                    try:
+                        csv_line(self.step, r, self.columns or [])
+                    except RecordError as exc:
+                        bad.append(Failed.of(self.step, exc, r))
                     else:
-                        bad.append(Failed(self.step, "RecordError", problem, r,
-                                          r.get(META) or {}))
+                        good.append(r)
                 continue
             self.schema.widen(batch)
             schema = self.schema.schema

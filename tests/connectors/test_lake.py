@@ -14,7 +14,14 @@ import pytest
 
 import dataflare
 from dataflare.connectors.file import FileDestinationConfig
-from dataflare.connectors.lake import LakeOutput, LocalStorage, PathTemplate, _LakeLogic, path_value
+from dataflare.connectors.lake import (
+    LakeOutput,
+    LocalStorage,
+    PathTemplate,
+    _ConformLogic,
+    _LakeLogic,
+    path_value,
+)
 from tests.fixtures.workflows import ROOT, read_jsonl
 
 NAME = re.compile(r"^(?P<stem>.+)-(?P<run>[0-9a-f]{12})-(?P<seq>\d{6})(?P<ext>\.\w+)$")
@@ -311,3 +318,22 @@ workflow:
     ids = Counter(i for p in files.values() for i in pq.read_table(p).column("id").to_pylist())
     assert ids == Counter({p * 1000 + i: 1 for p in range(4) for i in range(1000)})
     assert all(pq.read_metadata(p).num_rows <= 300 for p in files.values())
+
+
+def test_a_value_csv_cannot_hold_refuses_its_record_alone(tmp_path):
+    # A lone surrogate (text Python holds and UTF-8 cannot) in a partitioned CSV output and
+    # before a one-file CSV output: refused with its position, the other records written.
+    cfg = FileDestinationConfig.model_validate({"path_template": "out/x.csv"})
+    logic = _LakeLogic(LakeOutput("lake", "csv", PathTemplate(f"{tmp_path}/out/x.csv", "csv",
+                                                              cfg), cfg, LocalStorage), None)
+    meta = {"file": "in.jsonl", "line": 2}
+    rows = [{"id": 1, "t": "ok"}, {"id": 2, "t": "bad \ud800", "_meta": meta}, {"id": 3, "t": ""}]
+    [refused], _ = logic.on_batch([rows])
+    assert [(f.record["id"], f.meta, f.type) for f in refused] == [(2, meta, "RecordError")]
+    assert "cannot be written as CSV" in refused[0].message
+    logic.on_eof()
+    [path] = outputs(tmp_path / "out", ".csv").values()
+    assert path.read_text() == "id,t\n1,ok\n3,\n"
+    conform = _ConformLogic("one", "csv", None, None)
+    [(good, bad)], _ = conform.on_batch([rows])
+    assert [r["id"] for r in good] == [1, 3] and [f.record["id"] for f in bad] == [2]
