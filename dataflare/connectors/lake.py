@@ -592,7 +592,7 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         self.journal = f"{out.template.prefix}{JOURNAL}/{out.step}/{self.state.run[:12]}/"
         self.scratch = self.storage.scratch(self.journal)
         if not fresh or os.environ.get(RUN_ID_ENV):
-            self._undo_after(self.state.next_file)
+            self._storage_call(self.journal, self._undo_after, self.state.next_file)
         self.open: dict[Target, _Open] = {}
         self.schemas = {k: ParquetSchema(out.step, out.options.columns, v)
                         for k, v in self.state.schemas.items()}
@@ -657,8 +657,16 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         t = f.target
         name = f"{t.stem}-{self.state.run[:12]}-{number:06d}{t.suffix}"
         key = f"{t.directory}/{name}" if t.directory else name
-        self.storage.put_text(f"{self.journal}{number:08d}", key)
-        self.storage.publish(f.tmp, key)
+        self._storage_call(key, self.storage.put_text, f"{self.journal}{number:08d}", key)
+        self._storage_call(key, self.storage.publish, f.tmp, key)
+
+    def _storage_call(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; a failure names the step and the file or object."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            msg = f"step {self.out.step!r}: cannot write {self.storage.show(key)}: {exc}"
+            raise RuntimeError(msg) from exc
 
     def on_batch(self, values: list[Batch]) -> tuple[list[list[Failed]], bool]:
         now = datetime.now(UTC)
