@@ -337,3 +337,23 @@ def test_a_value_csv_cannot_hold_refuses_its_record_alone(tmp_path):
     conform = _ConformLogic("one", "csv", None, None)
     [(good, bad)], _ = conform.on_batch([rows])
     assert [r["id"] for r in good] == [1, 3] and [f.record["id"] for f in bad] == [2]
+
+
+def test_partitioned_files_refuse_overwrite_at_run(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n')
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  destinations:
+    lake:
+      inputs: [src]
+      type: file
+      write_mode: {type: overwrite}
+      config: {path_template: "out/{{a}}/x.jsonl"}
+""")
+    result = dataflare.run(path)
+    assert not result.ok
+    assert "step 'lake': partitioned files are only added to (write_mode append)" in (
+        result.error or "")
+    assert not (tmp_path / "out").exists()
