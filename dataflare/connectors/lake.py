@@ -25,6 +25,7 @@ value JSON cannot hold) and follow the destination's ``error_handling``.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import re
@@ -184,6 +185,11 @@ class PathTemplate:
 
     def target(self, record: dict[str, Any], now: datetime) -> Target:
         """The partition and file name of ``record`` (RecordError: no usable event time)."""
+        directory, stem, dataset = self.place(record, now)
+        return Target(directory, stem, self.suffix, dataset)
+
+    def place(self, record: dict[str, Any], now: datetime) -> tuple[str, str, str | None]:
+        """The directory, file stem and dataset of ``record`` (:meth:`target`'s fields)."""
         values: dict[str, str] = {}
         if self.needs_time:
             when = now
@@ -200,8 +206,7 @@ class PathTemplate:
             meta = record.get(META)
             dataset = meta.get(INPUT) if isinstance(meta, dict) else None
             values["source"] = path_value(dataset)
-        return Target(self.dir_render(record, values), self.stem_render(record, values),
-                      self.suffix, dataset)
+        return self.dir_render(record, values), self.stem_render(record, values), dataset
 
 
 def _fixed_prefix(template: str) -> str:
@@ -219,15 +224,28 @@ def _renderer(text: str) -> Callable[[dict[str, Any], dict[str, str]], str]:
     parts = re.split(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}", text)
     literals, names = parts[0::2], parts[1::2]
     getters = [None if n in BUILTINS else getter(n) for n in names]
+    if not names:
+        return lambda record, values: text
 
     def render(record: dict[str, Any], values: dict[str, str]) -> str:
         out = [literals[0]]
         for name, get, lit in zip(names, getters, literals[1:], strict=True):
-            out.append(values[name] if get is None else path_value(get(record)))
+            if get is None:
+                out.append(values[name])
+            else:
+                value = get(record)
+                try:
+                    out.append(_segment(value))
+                except TypeError:  # unhashable (a list, a dict)
+                    out.append(path_value(value))
             out.append(lit)
         return "".join(out)
 
     return render
+
+
+_segment = functools.lru_cache(maxsize=4096, typed=True)(path_value)
+""":func:`path_value` of the values seen last (partition values repeat)."""
 
 
 # -- storage -----------------------------------------------------------------------------
@@ -670,18 +688,23 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
 
     def on_batch(self, values: list[Batch]) -> tuple[list[list[Failed]], bool]:
         now = datetime.now(UTC)
-        groups: dict[Target, list[dict[str, Any]]] = {}
+        groups: dict[tuple[str, str, str | None], list[dict[str, Any]]] = {}
         template = self.out.template
+        place = template.place
         for batch in values:
             for r in batch:
                 try:
-                    target = template.target(r, now)
+                    where = place(r, now)
                 except RecordError as exc:
                     self.refused.append(Failed.of(self.out.step, exc, r))
                     continue
-                groups.setdefault(target, []).append(r)
-        for target, rows in groups.items():
-            self._add(target, rows)
+                rows = groups.get(where)
+                if rows is None:
+                    groups[where] = [r]
+                else:
+                    rows.append(r)
+        for (directory, stem, dataset), rows in groups.items():
+            self._add(Target(directory, stem, template.suffix, dataset), rows)
         return self._emit(), False
 
     def _add(self, target: Target, rows: list[dict[str, Any]]) -> None:
