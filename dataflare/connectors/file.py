@@ -118,7 +118,7 @@ class FileDestinationConfig(LakeOptions):
         target = self.target()
         _check_format(target, self.format)
         if self.partitioned():
-            problems = template_problems(target, self)
+            problems = template_problems(target, self, self.format or _extension_format(target))
             if problems:
                 raise ValueError("; ".join(problems))
         return self

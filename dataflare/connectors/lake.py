@@ -104,9 +104,16 @@ class LakeOptions(Strict):
                                                         "flush_interval", "time_field"})
 
 
-def template_problems(template: str, options: LakeOptions) -> list[str]:
-    """What is wrong with a ``path_template`` (empty when it can be used)."""
+def template_problems(template: str, options: LakeOptions, fmt: str | None = None) -> list[str]:
+    """What is wrong with a ``path_template`` and its settings (empty when they can be used).
+
+    ``fmt``: the output format, when known.
+    """
     out = []
+    if "time_unit" in options.model_fields_set and options.time_field is None:
+        out.append("'time_unit' is set but 'time_field' is not (the processing time is used)")
+    if fmt == "jsonl" and options.columns is not None:
+        out.append("'columns' applies to CSV and Parquet, not JSON lines")
     names = placeholders(template)
     if options.time_field is not None and not any(n in TIME_PARTS for n in names) and not any(
             p in TIME_PARTS for p in options.partition_by):

@@ -88,7 +88,7 @@ class S3DestinationConfig(S3Connection, LakeOptions):
 
     @model_validator(mode="after")
     def _template(self) -> S3DestinationConfig:
-        problems = template_problems(self.path_template, self)
+        problems = template_problems(self.path_template, self, self.format)
         if self.path_template.startswith("/"):
             problems.append("path_template is an object key: it must not start with '/'")
         if problems:

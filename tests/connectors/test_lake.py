@@ -242,6 +242,8 @@ def test_a_field_first_seen_later_starts_a_parquet_file_with_the_wider_schema(tm
     ({"path_template": "out/{{id}}/"}, "cannot tell the format"),
     ({"path_template": "out/x.jsonl", "time_field": "ts"}, "'time_field' is set but"),
     ({"path_template": "../x.jsonl"}, "must not contain '..'"),
+    ({"path_template": "x/", "format": "jsonl", "columns": ["a"]}, "'columns' applies to CSV"),
+    ({"path_template": "x/{{year}}/a.csv", "time_unit": "ms"}, "'time_unit' is set but"),
 ])
 def test_settings_that_cannot_work_are_refused(config, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -7,9 +7,10 @@ import re
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 import dataflare
-from dataflare.connectors.s3 import S3Position, S3Source, S3SourceConfig
+from dataflare.connectors.s3 import S3DestinationConfig, S3Position, S3Source, S3SourceConfig
 from tests.fixtures.s3 import KEY_ID, SECRET
 
 SEED_LAKE = """\
@@ -179,3 +180,20 @@ workflow:
     assert not result.ok
     assert "step 'lake': cannot write s3://no-such-bucket/x/" in (result.error or "")
     assert SECRET not in (result.error or "")
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"path_template": "/abs/"}, "must not start with '/'"),
+    ({"path_template": "x/", "access_key_id": "a"}, "give both 'access_key_id'"),
+    ({"path_template": "x/", "format": "jsonl", "columns": ["a"]}, "'columns' applies"),
+])
+def test_s3_settings_that_cannot_work_are_refused(config, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        S3DestinationConfig.model_validate({"bucket": "b", **config})
+
+
+def test_secrets_are_masked_when_the_config_is_shown():
+    cfg = S3DestinationConfig.model_validate({"bucket": "b", "path_template": "x/",
+                                              "access_key_id": KEY_ID,
+                                              "secret_access_key": SECRET})
+    assert SECRET not in repr(cfg) and SECRET not in str(cfg.model_dump())
