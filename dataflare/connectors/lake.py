@@ -88,7 +88,8 @@ class LakeOptions(Strict):
     time_unit: Literal["s", "ms"] = Field("s", description="Unit of numeric time_field values.")
     max_records: int | None = Field(None, ge=1, description="A file rolls at this many records.")
     max_bytes: int | None = Field(
-        None, ge=1, description="A file rolls once it holds this many bytes."
+        None, ge=1, description="A file rolls once it holds this many bytes (Parquet: the "
+        "row groups written plus the Arrow size of the rows waiting)."
     )
     flush_interval: Duration | None = Field(
         None, gt=0, description="A file rolls once it has been open this long."
@@ -758,6 +759,7 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
 
     def on_eof(self) -> tuple[list[list[Failed]], bool]:
         self._roll_all()
+        shutil.rmtree(self.scratch, ignore_errors=True)  # empty: every file was published
         return self._emit(), False
 
     def _roll_all(self) -> None:
