@@ -211,10 +211,11 @@ class _DiscardPartition(StatelessSinkPartition[Any]):
         pass
 
 
-class _Once(DynamicSource[list[Any]]):
+class Once(DynamicSource[list[Any]]):
     """One empty batch per worker: it starts the buffer of a run that gets no record."""
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _OncePartition:
+        """A partition giving one empty batch."""
         return _OncePartition()
 
 
@@ -239,7 +240,7 @@ def buffer(
     """
     interval = timedelta(seconds=flush_interval)
     if always:
-        up = op.merge("started", up, op.input("start", up.flow(), _Once()))
+        up = op.merge("started", up, op.input("start", up.flow(), Once()))
     keyed = op.key_on("key", up, lambda _batch: "0")
     flushed = op.stateful_batch(
         "buffer", keyed, lambda state: _BufferLogic(size, interval, state, always)

@@ -37,6 +37,7 @@ from dataflare.connectors.lake import (
     LakeOptions,
     LakeOutput,
     LocalStorage,
+    OneFile,
     PathTemplate,
     conform,
     csv_line,
@@ -45,7 +46,7 @@ from dataflare.connectors.lake import (
 )
 from dataflare.connectors.schema import discoverer, infer_schema, json_line
 from dataflare.operators.records import map_records
-from dataflare.records import META, Batch, Failed, RecordError, without_meta
+from dataflare.records import META, Batch, Failed, without_meta
 from dataflare.registry import BuildContext, destination, source
 from dataflare.template import placeholders
 
@@ -376,16 +377,6 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
                  truncate: bool, state: Any):
         self.step, self.path, self.fmt, self.columns = step, path, fmt, columns
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict[str, Any]] = []
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            if state is None:
-                append = not truncate and path.exists()
-                state = (pq.read_metadata(path).num_rows if append else 0, [])
-            self.kept, rows = state  # rows of the existing file kept before this run's
-            self.rows = list(rows)
-            return
         self.f: Any
         if state is not None:
             offset, self.columns = state
@@ -402,14 +393,10 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
         if self.fmt == "jsonl":  # lines encoded by the destination's "encode" step
             self.f.write(b"".join(line for batch in values for line in batch))
             return
-        records = [
+        self._write_csv([
             {k: v for k, v in r.items() if k != META} if META in r else r
             for batch in values for r in batch
-        ]
-        if self.fmt == "parquet":
-            self.rows.extend(records)
-        else:
-            self._write_csv(records)
+        ])
 
     def _write_csv(self, records: list[dict[str, Any]]) -> None:
         if self.columns is None:
@@ -422,36 +409,11 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
         self.f.write(b"".join(csv_line(self.step, r, self.columns) for r in records))
 
     def snapshot(self) -> Any:
-        if self.fmt == "parquet":
-            return (self.kept, list(self.rows))
         self.f.flush()
         return (self.f.tell(), self.columns)
 
     def close(self) -> None:
-        if self.fmt != "parquet":
-            self.f.close()
-            return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        # Every field of any record is a column (from_pylist takes the first record's).
-        names = dict.fromkeys(k for r in self.rows for k in r)
-        table = pa.Table.from_pydict({n: [r.get(n) for r in self.rows] for n in names})
-        if self.kept:
-            kept = pq.read_table(self.path).slice(0, self.kept)
-            try:
-                table = pa.concat_tables([kept, table], promote_options="permissive")
-                problem = None
-            except pa.ArrowException as exc:
-                problem = str(exc)
-            if problem:  # raised outside the handler: the run reports this message, not arrow's
-                msg = f"step {self.step!r}: cannot append to {self.path}: {problem}"
-                raise RecordError(msg)
-        if self.columns:
-            table = table.select(self.columns)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(self.path)
+        self.f.close()
 
 
 class FileSink(FixedPartitionedSink[Batch, Any]):
@@ -510,21 +472,21 @@ def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] 
                                                   LocalStorage))
     truncate = not explicit or ctx.component.write_mode.type != "append"
     path = ctx.path(cfg.path)
+    if fmt == "parquet":  # written through parts (bounded memory), then as one file
+        parts = f"{path.parent}/.{path.name}.parts/part.parquet"
+        one = OneFile(path, append=not truncate)
+        return lake_output("lake", up, LakeOutput(ctx.step_id, fmt, PathTemplate(parts, fmt, cfg),
+                                                  cfg, LocalStorage, one))
     errs = None
     if fmt == "jsonl":
         encoded = map_records("encode", up, lambda r: json_line(without_meta(r)), ctx.step_id)
         up, errs = encoded.down, encoded.errs
-    else:  # what one CSV or Parquet file cannot hold is refused record by record
-        columns, schema = cfg.columns, None
-        if not truncate and path.exists() and path.stat().st_size:
-            if fmt == "csv" and columns is None:
-                with path.open(newline="", encoding="utf-8") as existing:
-                    columns = next(csv.reader(existing), None)
-            elif fmt == "parquet":
-                import pyarrow.parquet as pq
-
-                schema = pq.read_schema(path)
-        conformed = conform("conform", up, ctx.step_id, fmt, columns, schema)
+    else:  # what one CSV file cannot hold is refused record by record
+        columns = cfg.columns
+        if columns is None and not truncate and path.exists() and path.stat().st_size:
+            with path.open(newline="", encoding="utf-8") as existing:
+                columns = next(csv.reader(existing), None)
+        conformed = conform("conform", up, ctx.step_id, columns)
         up, errs = conformed.down, conformed.errs
     keyed = op.key_on("key", up, lambda _batch: str(path))
     op.output("write", keyed, FileSink(ctx.step_id, path, fmt, cfg.columns, truncate))

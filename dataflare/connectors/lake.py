@@ -45,7 +45,7 @@ from bytewax.operators import StatefulBatchLogic
 from pydantic import Field
 
 from dataflare.config import Duration, Strict
-from dataflare.connectors.batching import Discard
+from dataflare.connectors.batching import Discard, Once
 from dataflare.connectors.schema import json_line, json_value
 from dataflare.records import (
     INPUT,
@@ -596,6 +596,18 @@ class LakeState:
     next_file: int = 0
     columns: dict[str | None, list[str]] = field(default_factory=dict)
     schemas: dict[str | None, Any] = field(default_factory=dict)
+    kept: int = 0  # one file appended to: its rows kept from before the run
+    rows: int = 0  # one file: the rows of the parts published so far
+
+
+def _cast(batch: Any, schema: Any) -> Any:
+    """``batch`` with the columns of ``schema`` (missing ones null, types widened)."""
+    import pyarrow as pa
+
+    names = batch.schema.names
+    arrays = [batch.column(names.index(f.name)).cast(f.type) if f.name in names
+              else pa.nulls(batch.num_rows, f.type) for f in schema]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 @dataclass(frozen=True)
@@ -607,6 +619,18 @@ class LakeOutput:
     template: PathTemplate
     options: LakeOptions
     storage: Callable[[], Storage]
+    one_file: OneFile | None = None
+
+
+@dataclass(frozen=True)
+class OneFile:
+    """A one-file Parquet output, written through parts.
+
+    The file, and whether a run adds to it (``write_mode: append``) or rewrites it.
+    """
+
+    path: Path
+    append: bool
 
 
 class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
@@ -617,12 +641,81 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         self.state = state or LakeState(os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex)
         self.journal = f"{out.template.prefix}{JOURNAL}/{out.step}/{self.state.run[:12]}/"
         self.scratch = self.storage.scratch(self.journal)
+        if fresh and out.one_file is not None:
+            self._start_one_file(out.one_file)
         if not fresh or os.environ.get(RUN_ID_ENV):
             self._storage_call(self.journal, self._undo_after, self.state.next_file)
         self.open: dict[Target, _Open] = {}
         self.schemas = {k: ParquetSchema(out.step, out.options.columns, v)
                         for k, v in self.state.schemas.items()}
         self.refused: list[Failed] = []
+
+    def _start_one_file(self, one: OneFile) -> None:
+        """Start a new run of a one-file output.
+
+        Other runs' parts are removed; an appended file's rows and schema are kept.
+        """
+        import pyarrow.parquet as pq
+
+        parts = Path(self.out.template.prefix)
+        mine = f"-{self.state.run[:12]}-"
+        for p in parts.iterdir() if parts.is_dir() else ():
+            if p.name == JOURNAL:
+                for run in (p / self.out.step).glob("*"):
+                    if run.name != self.state.run[:12]:
+                        shutil.rmtree(run, ignore_errors=True)
+            elif p.is_file() and mine not in p.name:
+                p.unlink()
+        if not one.append or not one.path.exists() or not one.path.stat().st_size:
+            return
+        # The count is journaled: a restart of this run before its first snapshot keeps
+        # the same rows, even if the crashed execution had written the file already.
+        kept = self.storage.get_text(f"{self.journal}kept")
+        if kept is None:
+            kept = str(pq.read_metadata(one.path).num_rows)
+            self.storage.put_text(f"{self.journal}kept", kept)
+        self.state.kept = int(kept)
+        self.state.schemas[None] = pq.read_schema(one.path)
+
+    def _one_file(self, one: OneFile) -> None:
+        """Write the one file: the rows kept, then the parts in order; remove the parts.
+
+        A crashed execution may have written the file and removed (in order) parts that
+        the snapshot resumed from counts: their rows are then the file's first rows after
+        the kept ones, and are taken from it.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        mine = f"-{self.state.run[:12]}-"
+        parts = sorted(p for p in Path(self.out.template.prefix).glob(f"*{mine}*")
+                       if p.is_file() and p.name.endswith(self.out.template.suffix))
+        missing = self.state.rows - sum(pq.read_metadata(p).num_rows for p in parts)
+        head_rows = self.state.kept + missing
+        head = pq.ParquetFile(one.path) if head_rows and one.path.exists() else None
+        schemas = ([head.schema_arrow] if head else []) + [pq.read_schema(p) for p in parts]
+        final = (pa.unify_schemas(schemas, promote_options="permissive") if schemas
+                 else pa.schema([]))
+        columns = self.out.options.columns
+        if columns:
+            final = pa.schema([final.field(c) if c in final.names else pa.field(c, pa.null())
+                               for c in columns])
+        tmp = one.path.with_name(f".{one.path.name}.tmp")
+        with pq.ParquetWriter(tmp, final) as writer:
+            left = head_rows
+            for batch in head.iter_batches() if head else ():
+                if left <= 0:
+                    break
+                writer.write_batch(_cast(batch.slice(0, left), final))
+                left -= batch.num_rows
+            for p in parts:
+                for batch in pq.ParquetFile(p).iter_batches():
+                    writer.write_batch(_cast(batch, final))
+        if head is not None:
+            head.close()
+        os.replace(tmp, one.path)
+        for p in parts:  # in order: what a crash leaves is a suffix (see above)
+            p.unlink()
 
     def _undo_after(self, number: int) -> None:
         """Delete what a crashed execution published from file ``number`` on.
@@ -685,6 +778,7 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         key = f"{t.directory}/{name}" if t.directory else name
         self._storage_call(key, self.storage.put_text, f"{self.journal}{number:08d}", key)
         self._storage_call(key, self.storage.publish, f.tmp, key)
+        self.state.rows += f.records
 
     def _storage_call(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``; a failure names the step and the file or object."""
@@ -760,6 +854,8 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
     def on_eof(self) -> tuple[list[list[Failed]], bool]:
         self._roll_all()
         shutil.rmtree(self.scratch, ignore_errors=True)  # empty: every file was published
+        if self.out.one_file is not None:
+            self._storage_call(str(self.out.one_file.path), self._one_file, self.out.one_file)
         return self._emit(), False
 
     def _roll_all(self) -> None:
@@ -770,47 +866,32 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         self._roll_all()
         st = self.state
         return LakeState(st.run, st.next_file, dict(st.columns),
-                         {k: v.schema for k, v in self.schemas.items()})
+                         {k: v.schema for k, v in self.schemas.items()}, st.kept, st.rows)
 
 
 class _ConformLogic(StatefulBatchLogic[Batch, tuple[Batch, list[Failed]], Any]):
-    """Refuses, one at a time, the records a single CSV or Parquet file cannot hold."""
+    """Refuses, one at a time, the records one CSV file cannot hold."""
 
-    def __init__(self, step: str, fmt: str, columns: list[str] | None, state: Any) -> None:
-        self.step, self.fmt = step, fmt
-        self.columns = columns
-        self.schema = ParquetSchema(step, columns, None)
-        if fmt == "csv" and state is not None:
-            self.columns = state
-        elif state is not None:
-            self.schema.schema = state
+    def __init__(self, step: str, columns: list[str] | None) -> None:
+        self.step, self.columns = step, columns
 
     def on_batch(self, values: list[Batch]) -> tuple[list[tuple[Batch, list[Failed]]], bool]:
         good: Batch = []
         bad: list[Failed] = []
         for batch in values:
-            if self.fmt == "csv":
-                if self.columns is None and batch:
-                    self.columns = list(dict.fromkeys(k for r in batch for k in r if k != META))
-                for r in batch:
-                    try:
-                        csv_line(self.step, r, self.columns or [])
-                    except RecordError as exc:
-                        bad.append(Failed.of(self.step, exc, r))
-                    else:
-                        good.append(r)
-                continue
-            self.schema.widen(batch)
-            schema = self.schema.schema
-            _, refused = self.schema.table(batch, schema)
-            skip = set(refused)
-            good.extend(r for i, r in enumerate(batch) if i not in skip)
-            bad.extend(Failed(self.step, "ParquetTypeError", self.schema.problem(batch[i], schema),
-                              batch[i], batch[i].get(META) or {}) for i in refused)
+            if self.columns is None and batch:  # the sink takes the same columns
+                self.columns = list(dict.fromkeys(k for r in batch for k in r if k != META))
+            for r in batch:
+                try:
+                    csv_line(self.step, r, self.columns or [])
+                except RecordError as exc:
+                    bad.append(Failed.of(self.step, exc, r))
+                else:
+                    good.append(r)
         return [(good, bad)], False
 
     def snapshot(self) -> Any:
-        return self.columns if self.fmt == "csv" else self.schema.schema
+        return self.columns
 
 
 @dataclass(frozen=True)
@@ -822,18 +903,17 @@ class ConformOut:
 
 
 @operator
-def conform(step_id: str, up: Stream[Batch], step: str, fmt: str, columns: list[str] | None,
-            schema: Any = None) -> ConformOut:
-    """Refuse the records one CSV or Parquet file cannot hold, so the rest is written.
+def conform(step_id: str, up: Stream[Batch], step: str, columns: list[str] | None) -> ConformOut:
+    """Refuse the records one CSV file cannot hold, so the rest is written.
 
-    Refused: a field without a CSV column, a value of another type than its Parquet column's.
+    Refused: a field without a column, text UTF-8 cannot encode.
 
     ``columns``: the file's columns when known (configured, or the header of a file
-    appended to); ``schema``: the Arrow schema of a Parquet file appended to.
+    appended to); else the first records' fields.
     """
     keyed = op.key_on("key", up, lambda _batch: "0")
     checked = op.stateful_batch(
-        "check", keyed, lambda state: _ConformLogic(step, fmt, columns, state or schema))
+        "check", keyed, lambda state: _ConformLogic(step, state or columns))
     pairs = op.map("unkey", checked, lambda kv: kv[1])
     return ConformOut(op.filter_map("down", pairs, lambda p: p[0] or None),
                       op.filter_map("errs", pairs, lambda p: p[1] or None))
@@ -846,6 +926,8 @@ def lake_output(step_id: str, up: Stream[Batch], out: LakeOutput) -> Stream[list
     One writer (a single key) numbers the files, so their names, and the journal that
     lets a resumed run undo a crashed one, are deterministic.
     """
+    if out.one_file is not None:  # the file is written even when no record comes
+        up = op.merge("started", up, op.input("start", up.flow(), Once()))
     keyed = op.key_on("writer", up, lambda _batch: "0")
     written = op.stateful_batch("write", keyed, lambda state: _LakeLogic(out, state))
     refused = op.map("refused", written, lambda kv: kv[1])

@@ -9,8 +9,10 @@ import time
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from dataflare.connectors.file import FileSink
+from dataflare.connectors.file import FileDestinationConfig
+from dataflare.connectors.lake import LakeOutput, LocalStorage, OneFile, PathTemplate, _LakeLogic
 from tests.fixtures.workflows import ROOT, read_jsonl, run_cli
 
 
@@ -159,19 +161,28 @@ def test_parquet_append_keeps_the_existing_rows_and_unites_the_columns(tmp_path)
         {"id": 3, "a": None, "b": True}]
 
 
-def test_parquet_append_resumed_from_a_snapshot_keeps_the_existing_rows_once(tmp_path):
+@pytest.mark.parametrize("written", [False, True])
+def test_parquet_append_resumed_from_a_snapshot_keeps_the_existing_rows_once(tmp_path, written):
+    # The execution that crashes after the snapshot had (written=True) or had not yet
+    # written the file from its parts when it stopped.
     out = tmp_path / "out.parquet"
     pq.write_table(pa.Table.from_pylist([{"id": 1}]), out)
-    sink = FileSink("out", out, "parquet", None, truncate=False)
-    first = sink.build_part("write", str(out), None)
-    first.write_batch([[{"id": 2}]])
+    cfg = FileDestinationConfig.model_validate({"path": "out.parquet"})
+    parts = f"{tmp_path}/.out.parquet.parts/part.parquet"
+    lake = LakeOutput("out", "parquet", PathTemplate(parts, "parquet", cfg), cfg,
+                      LocalStorage, OneFile(out, append=True))
+    first = _LakeLogic(lake, None)
+    first.on_batch([[{"id": 2}]])
     state = first.snapshot()
-    first.write_batch([[{"id": 3}]])  # an epoch that a failure interrupts: bytewax drops
-    first.close()  # the partition, which writes the file with it
-    resumed = sink.build_part("write", str(out), state)
-    resumed.write_batch([[{"id": 3}], [{"id": 4}]])
-    resumed.close()
+    first.on_batch([[{"id": 3}]])  # an epoch that a failure interrupts
+    if written:
+        first.on_eof()
+        assert [r["id"] for r in pq.read_table(out).to_pylist()] == [1, 2, 3]
+    resumed = _LakeLogic(lake, state)
+    resumed.on_batch([[{"id": 3}], [{"id": 4}]])
+    resumed.on_eof()
     assert [r["id"] for r in pq.read_table(out).to_pylist()] == [1, 2, 3, 4]
+    assert not list((tmp_path / ".out.parquet.parts").glob("*.parquet"))
 
 
 def test_killed_run_resumes_from_snapshot_and_writes_each_record_once(tmp_path):

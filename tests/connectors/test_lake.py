@@ -336,7 +336,7 @@ def test_a_value_csv_cannot_hold_refuses_its_record_alone(tmp_path):
     logic.on_eof()
     [path] = outputs(tmp_path / "out", ".csv").values()
     assert path.read_text() == "id,t\n1,ok\n3,\n"
-    conform = _ConformLogic("one", "csv", None, None)
+    conform = _ConformLogic("one", None)
     [(good, bad)], _ = conform.on_batch([rows])
     assert [r["id"] for r in good] == [1, 3] and [f.record["id"] for f in bad] == [2]
 

@@ -1,6 +1,7 @@
-"""Crash test of the partitioned outputs: a file (Parquet) lake and an s3 (JSON lines) lake
-are killed with SIGKILL at random moments and resumed; in the end their files hold every
-record exactly once, in the right partition, and every refused record has its dead letter."""
+"""Crash test of the partitioned outputs: a file (Parquet) lake, an s3 (JSON lines) lake
+and a one-file Parquet output are killed with SIGKILL at random moments and resumed; in
+the end their files hold every record exactly once, in the right partition, and every
+refused record has its dead letter."""
 
 import os
 import random
@@ -54,6 +55,11 @@ workflow:
       type: s3
       config: {{{s3_bucket.config()}, path_template: "events/", format: jsonl,
                partition_by: [kind], max_records: 1500}}
+    one_parquet:
+      inputs: [events]
+      type: file
+      config: {{path: all.parquet}}
+      error_handling: {{strategy: redirect, redirect_to: refused}}
     refused: {{type: file, config: {{path: refused.jsonl}}}}
 """
 
@@ -117,9 +123,14 @@ def test_sigkills_leave_every_record_once_in_file_and_s3_lakes(tmp_path, s3_buck
             got[rec["id"]] += 1
     assert got == Counter({r["id"]: 1 for r in records})
 
+    # The one-file Parquet output (written through parts): each record once, in order.
+    ids = pq.read_table(tmp_path / "all.parquet").column("id").to_pylist()
+    assert ids == [r["id"] for r in records if r["id"] not in refused]
+    assert not list((tmp_path / ".all.parquet.parts").glob("*.parquet"))
+
     # Every refused record has its dead letter (at least once), with its position.
     letters = read_jsonl(tmp_path / "refused.jsonl")
-    assert {d["record"]["id"] for d in letters} == refused
-    assert all(d["error"]["step"] == "parquet_lake" and d["error"]["type"] == "ParquetTypeError"
-               for d in letters)
+    for step in ("parquet_lake", "one_parquet"):
+        assert {d["record"]["id"] for d in letters if d["error"]["step"] == step} == refused
+    assert {d["error"]["type"] for d in letters} == {"ParquetTypeError"}
     assert not any(Path(tmp_path, "lake", "_dataflare").rglob("*.part"))
