@@ -1,13 +1,16 @@
 r"""File source and destination: JSON lines, CSV, JSON and Parquet.
 
 The source reads every file its ``path`` glob matches, one bytewax partition per file,
-resuming at the byte offset (or row) of the last snapshot. The destination writes one
-file from one worker; its state is the file's length at the last snapshot, so a resumed
-run truncates what was written after it and writes it again: exactly once. Parquet
-cannot be written in pieces: its rows are the state and the file is written when the run
-ends (a temporary file, then renamed). ``write_mode: append`` writes the rows the file
-had when the run started first (their count is in the state, so a resumed run does not
-repeat them); a column only one side has is null on the other.
+resuming at the byte offset (or row) of the last snapshot. A JSON lines or CSV
+destination writes one file from one worker; its state is the file's length at the last
+snapshot, so a resumed run truncates what was written after it and writes it again:
+exactly once. A Parquet file cannot be written in pieces: it is written through parts
+(the partitioned output of :mod:`dataflare.connectors.lake`, in ``.<name>.parts/``),
+assembled into the file when the run ends (a temporary file, then renamed), so neither
+memory nor snapshots hold its rows. ``write_mode: append`` writes the rows the file had
+when the run started first (their count is in the state, so a resumed run does not
+repeat them); a column only one side has is null on the other. With ``path_template``
+(or a ``path`` holding ``{{...}}``), the output is partitioned rolling files.
 
 JSON lines and CSV write bytes values (a Kafka ``format: bytes`` message, a Parquet
 binary column) as ``\x`` and hex digits, the text form the database sources give binary
@@ -417,7 +420,7 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
 
 
 class FileSink(FixedPartitionedSink[Batch, Any]):
-    """One output file, written by the worker that owns its single partition."""
+    """One JSON lines or CSV file, written by the worker that owns its single partition."""
 
     def __init__(self, step: str, path: Path, fmt: str, columns: list[str] | None, truncate: bool):
         self.step, self.path, self.fmt = step, path, fmt
