@@ -600,14 +600,14 @@ class LakeState:
     rows: int = 0  # one file: the rows of the parts published so far
 
 
-def _cast(batch: Any, schema: Any) -> Any:
-    """``batch`` with the columns of ``schema`` (missing ones null, types widened)."""
+def _cast(table: Any, schema: Any) -> Any:
+    """``table`` with the columns of ``schema`` (missing ones null, types widened)."""
     import pyarrow as pa
 
-    names = batch.schema.names
-    arrays = [batch.column(names.index(f.name)).cast(f.type) if f.name in names
-              else pa.nulls(batch.num_rows, f.type) for f in schema]
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+    names = table.schema.names
+    arrays = [table.column(f.name).cast(f.type) if f.name in names
+              else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 @dataclass(frozen=True)
@@ -700,17 +700,23 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         if columns:
             final = pa.schema([final.field(c) if c in final.names else pa.field(c, pa.null())
                                for c in columns])
+        if head is None and len(parts) == 1 and pq.read_schema(parts[0]).equals(final):
+            os.replace(parts[0], one.path)  # the whole run in one part (no snapshot came)
+            return
         tmp = one.path.with_name(f".{one.path.name}.tmp")
-        with pq.ParquetWriter(tmp, final) as writer:
+        with pq.ParquetWriter(tmp, final) as writer:  # a row group at a time: the least memory
             left = head_rows
-            for batch in head.iter_batches() if head else ():
-                if left <= 0:
+            for i in range(head.num_row_groups if head is not None else 0):
+                if left <= 0 or head is None:
                     break
-                writer.write_batch(_cast(batch.slice(0, left), final))
-                left -= batch.num_rows
+                group = head.read_row_group(i)
+                writer.write_table(_cast(group.slice(0, left), final))
+                left -= group.num_rows
             for p in parts:
-                for batch in pq.ParquetFile(p).iter_batches():
-                    writer.write_batch(_cast(batch, final))
+                part = pq.ParquetFile(p)
+                for i in range(part.num_row_groups):
+                    writer.write_table(_cast(part.read_row_group(i), final))
+                part.close()
         if head is not None:
             head.close()
         os.replace(tmp, one.path)
