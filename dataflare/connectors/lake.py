@@ -60,7 +60,6 @@ from dataflare.records import (
 )
 from dataflare.template import placeholders
 
-LakeFormat = Literal["jsonl", "csv", "parquet"]
 EXTENSIONS = {"jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
 TIME_PARTS = ("year", "month", "day", "hour")
 BUILTINS = (*TIME_PARTS, "source")
