@@ -189,8 +189,17 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     from dataflare import k8s
 
     try:
+        scale = None
+        if args.autoscale:
+            try:
+                low, _, high = args.autoscale.partition(":")
+                scale = (int(low), int(high or low))
+            except ValueError:
+                msg = f"--autoscale {args.autoscale!r}: expected MIN:MAX, e.g. 2:10"
+                raise ValueError(msg) from None
         objects = k8s.render(args.path, k8s.Options(
-            image=args.image, replicas=args.replicas, name=args.name, namespace=args.namespace))
+            image=args.image, replicas=args.replicas, name=args.name, namespace=args.namespace,
+            autoscale=scale, cpu_target=args.cpu_target))
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -380,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="Name of the objects (default: the workflow id).")
     p.add_argument("--namespace", help="Namespace of the objects.")
     p.add_argument("--out", help="Write one file per object into this directory.")
+    p.add_argument("--autoscale", metavar="MIN:MAX",
+                   help="Add a HorizontalPodAutoscaler (streaming workflows; every rescale "
+                   "stops at a snapshot and restarts with the new pod count).")
+    p.add_argument("--cpu-target", type=int, default=70,
+                   help="The autoscaler's average CPU utilisation target, percent.")
     p.set_defaults(fn=cmd_k8s)
 
     p = sub.add_parser("decrypt", help="Read back the encrypted fields of JSON-lines records.")

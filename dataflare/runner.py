@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -322,16 +322,26 @@ def _run(opts: RunOptions) -> RunResult:
         flow = compile_validated(v, replay=replayed)
     except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
         return _refused(error_text(exc))
+    rescaled: list[int] = []  # the process count an autoscaled StatefulSet asks for now
+    watching = None
     if not opts.addresses:
-        from dataflare.k8s import cluster_from_env
+        from dataflare import k8s
 
         try:
-            cluster = cluster_from_env()
+            cluster = k8s.cluster_from_env()
         except (ValueError, OSError) as exc:
             return _refused(str(exc))
         if cluster is not None:  # a pod of a StatefulSet or an Indexed Job (dataflare k8s)
             opts = replace(opts, process_id=cluster.process_id,
                            addresses=";".join(cluster.addresses))
+            if os.environ.get("DATAFLARE_REPLICAS_FROM") == "statefulset":
+                def rescale(wanted: int) -> None:
+                    say(f"the StatefulSet now has {wanted} replicas (this run "
+                        f"{len(cluster.addresses)}): stopping at a snapshot to restart")
+                    rescaled.append(wanted)
+                    stopping.REQUESTED.set()
+
+                watching = k8s.watch_rescale(len(cluster.addresses), rescale)
     recovery = None
     interval = opts.snapshot_interval
     if interval is None:  # the sources' streaming.checkpoint_interval, else 5 s
@@ -421,10 +431,18 @@ def _run(opts: RunOptions) -> RunResult:
     finally:
         if timer is not None:
             timer.cancel()
+    if watching is not None:
+        watching.set()
     if status == "succeeded" and stopping.requested():
         if timer is not None and timer.finished.is_set():
             code, status, error = 124, "failed", timeout_error
             say(str(error), "error")
+        elif rescaled and not stopping.SIGNAL:
+            from dataflare.k8s import RESCALE_EXIT
+
+            code, status = RESCALE_EXIT, "stopped"
+            say(f"stopped cleanly to restart as {rescaled[0]} processes (state kept in the "
+                "final snapshot)", status="stopped")
         else:
             signum = stopping.SIGNAL[0] if stopping.SIGNAL else signal.SIGTERM
             code, status = 128 + signum, "stopped"
@@ -495,7 +513,10 @@ def _init_partitions(directory: Path, opts: RunOptions) -> None:
     A single process creates ``--recovery-partitions`` of them. A process of a
     multi-process run creates only its own (``part-<id>`` of one per process), so each
     process (a pod with its own volume) may keep its partition in a directory of its own;
-    when the processes share a directory, together they create the full set.
+    when the processes share a directory, together they create the full set. With more
+    ``--recovery-partitions`` than processes (an autoscaled StatefulSet sharing one volume),
+    every process creates the missing ones of that many, so any later process count up to
+    it resumes from the same set.
     """
     from bytewax.recovery import init_db_dir
 
@@ -503,13 +524,18 @@ def _init_partitions(directory: Path, opts: RunOptions) -> None:
         if not any(directory.glob("*.sqlite3")):
             init_db_dir(directory, opts.recovery_partitions)
         return
-    own = directory / f"part-{opts.process_id or 0}.sqlite3"
-    if own.exists():
+    processes = len(opts.addresses.split(";"))
+    count = max(processes, opts.recovery_partitions)
+    wanted = range(count) if opts.recovery_partitions > processes else [opts.process_id or 0]
+    missing = [f"part-{i}.sqlite3" for i in wanted
+               if not (directory / f"part-{i}.sqlite3").exists()]
+    if not missing:
         return
-    count = len(opts.addresses.split(";"))
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         init_db_dir(Path(tmp), count)
-        os.replace(Path(tmp) / own.name, own)
+        for name in missing:  # processes starting together: the first link of a name wins
+            with suppress(FileExistsError):
+                os.link(Path(tmp) / name, directory / name)
 
 
 _PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")
