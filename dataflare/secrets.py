@@ -192,7 +192,7 @@ def install_logging() -> None:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
         if _values:
-            _scrub_record(record)
+            scrub_record(record)
         return record
 
     logging.setLogRecordFactory(factory)
@@ -207,7 +207,8 @@ def install() -> None:
         sys.stdout = ScrubbedStream(sys.stdout)
 
 
-def _scrub_record(record: logging.LogRecord) -> None:
+def scrub_record(record: logging.LogRecord) -> None:
+    """Keep secret values out of a log record: its message, arguments and traceback."""
     try:
         message = record.getMessage()
     except Exception:  # noqa: BLE001 - a bad format string is logging's own report
