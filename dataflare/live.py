@@ -7,6 +7,9 @@
 - ``/status``: per-step records, failures and rates (records/s over the last seconds).
 - ``/tap/<step>?limit=N``: records as they leave a step, masked by the workflow's
   ``masking_rules``, one JSON object per line (``dataflare tap``), like ``vector tap``.
+- ``/views/<step>?key=K&where=EXPR&limit=N``: the state of a step with ``serve: true``
+  (:mod:`dataflare.views`), masked: ``{"step", "rows"}``; with ``key`` that key's rows (404
+  when it holds none).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from dataflare import metrics
+from dataflare import metrics, views
 
 _TAPS: dict[str, list[queue.Queue[list[Any]]]] = {}
 _TAPS_LOCK = threading.Lock()
@@ -102,6 +105,11 @@ class Live:
         self._rates: dict[str, tuple[float, float]] = {}
         self._server: ThreadingHTTPServer | None = None
 
+    def served(self) -> list[str]:
+        """The steps with ``serve: true`` (``/views/<step>``)."""
+        return [cid for cid, t in self.workflow.transformations.items()
+                if getattr(t, "serve", False)]
+
     def ready(self) -> tuple[bool, list[dict[str, Any]]]:
         """Whether every endpoint accepts a connection, and those that do not."""
         failing = []
@@ -144,7 +152,7 @@ class Live:
                 pass
 
             def _json(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode()
+                data = json.dumps(body, default=str).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
@@ -173,8 +181,36 @@ class Live:
                     self._json(200, live.status())
                 elif url.path.startswith("/tap/"):
                     self._tap(url.path[5:], parse_qs(url.query))
+                elif url.path.startswith("/views/"):
+                    self._view(url.path[7:], parse_qs(url.query))
                 else:
                     self._json(404, {"error": f"no endpoint {url.path}"})
+
+            def _view(self, step: str, query: dict[str, list[str]]) -> None:
+                served = live.served()
+                view = views.VIEWS.get(step) if step in served else None
+                if view is None:
+                    self._json(404, {"error": f"no served step {step!r} (a stateful step "
+                                     "with serve: true)", "views": served})
+                    return
+                key = query.get("key", [None])[0]
+                limit = query.get("limit", [""])[0]
+                if limit and not limit.isdigit():
+                    self._json(400, {"error": f"limit {limit!r} is not a number"})
+                    return
+                try:
+                    rows = view.query(key, query.get("where", [None])[0],
+                                      int(limit) if limit else None)
+                except ValueError as exc:
+                    self._json(400, {"error": f"where: {exc}"})
+                    return
+                if key is not None and not rows:
+                    self._json(404, {"error": f"no key {key!r} in the state of {step!r}"})
+                    return
+                body: dict[str, Any] = {"step": step, "rows": rows}
+                if key is not None:
+                    body["key"] = key
+                self._json(200, body)
 
             def _tap(self, step: str, query: dict[str, list[str]]) -> None:
                 if step not in live.steps:

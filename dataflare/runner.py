@@ -390,6 +390,11 @@ def _run(opts: RunOptions) -> RunResult:
             live.start(opts.http_host, opts.http_port)
         except OSError as exc:
             return _refused(f"cannot serve --http-port {opts.http_port}: {exc.strerror}")
+    else:
+        served = [cid for cid, t in wf.transformations.items() if t.serve]
+        if served:
+            say(f"serve: true on {', '.join(map(repr, served))} has no effect without "
+                "--http-port (the views are read at GET /views/<step>)", "warning")
     # SIGTERM / SIGINT stop gracefully (dataflare.stopping); so does config.timeout, which
     # stops at once if the graceful stop takes longer than STOP_GRACE.
     stopping.install()

@@ -1,0 +1,92 @@
+"""Live views: the state of stateful steps with ``serve: true``, readable during a run.
+
+A served step's shards publish their state as rows (what the step would emit per key:
+current aggregates, open windows, keys seen, pending join sides) each time bytewax
+snapshots them, at the end of every epoch that changed them (:mod:`dataflare.operators.keyed`).
+A key lives in one shard, so the rows of a key are always the state at the end of one
+epoch, never half a batch. The run's HTTP server (:mod:`dataflare.live`) reads them at
+``GET /views/<step>``.
+
+The workers of a process are threads: they publish into the same :data:`VIEWS`, and one
+server sees every shard of the process. In a multi-process run each process serves the
+shards its workers hold (a key's shard is fixed, so a key is always served by the same
+process).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+Row = tuple[Any, dict[str, Any]]
+
+
+def key_text(key: Any) -> str:
+    """A key as the ``key`` query parameter names it: ``alice``, ``eu,alice`` for a tuple."""
+    if isinstance(key, tuple):
+        return ",".join(key_text(k) for k in key)
+    if key is None:
+        return "null"
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, bytes):
+        return key.decode(errors="replace")
+    return str(key)
+
+
+class View:
+    """The served state of one step: the rows each shard published last."""
+
+    def __init__(self, step: str, mask: Callable[[dict[str, Any]], dict[str, Any]] | None
+                 ) -> None:
+        self.step = step
+        self.mask = mask
+        self._slots: dict[int, list[Row]] = {}
+        self._lock = threading.Lock()
+
+    def publish(self, slot: int, rows: list[Row]) -> None:
+        """Replace the rows of one shard (``slot``) at once; no rows removes it."""
+        with self._lock:
+            if rows:
+                self._slots[slot] = rows
+            else:
+                self._slots.pop(slot, None)
+
+    def rows(self) -> list[Row]:
+        """Every row, ordered by key."""
+        with self._lock:
+            rows = [row for slot in self._slots.values() for row in slot]
+        return sorted(rows, key=lambda r: key_text(r[0]))
+
+    def query(self, key: str | None = None, where: str | None = None,
+              limit: int | None = None) -> list[dict[str, Any]]:
+        """The rows of ``key`` (as :func:`key_text` writes it), or all; masked.
+
+        ``where`` is an expression of the DSL (``amount_sum > 100``) over the masked row;
+        ``limit`` caps the number of rows. Raises ``ValueError`` on an invalid ``where``.
+        """
+        from dataflare.expr import compile_expression
+
+        test = compile_expression(where).test if where else None
+        out: list[dict[str, Any]] = []
+        for k, row in self.rows():
+            if key is not None and key_text(k) != key:
+                continue
+            shown = self.mask(row) if self.mask is not None else row
+            if test is not None and not test(shown):
+                continue
+            out.append(shown)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+
+VIEWS: dict[str, View] = {}
+"""The views of the steps served by this process, by step id (the last compiled run's)."""
+
+
+def serve(step: str, mask: Callable[[dict[str, Any]], dict[str, Any]] | None) -> View:
+    """A new, empty view of ``step`` (replacing one of an earlier run in this process)."""
+    view = VIEWS[step] = View(step, mask)
+    return view
