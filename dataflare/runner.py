@@ -30,8 +30,7 @@ from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 from dataflare.logs import CONTEXT, json_mode, say
-from dataflare.operators.keyed import DefinitionChanged
-from dataflare.plan import record_workflow, restore_record
+from dataflare.plan import committed_epoch, record_workflow, restore_record
 from dataflare.secrets import scrub, scrub_bytes
 
 
@@ -335,7 +334,7 @@ def _run(opts: RunOptions) -> RunResult:
             opts = replace(opts, process_id=cluster.process_id,
                            addresses=";".join(cluster.addresses))
     recovery = None
-    recorded: tuple[Path, str | None] | None = None
+    recorded: tuple[Path, str | None, int | None] | None = None
     interval = opts.snapshot_interval
     if interval is None:  # the sources' streaming.checkpoint_interval, else 5 s
         wanted = [s.streaming.checkpoint_interval for s in v.workflow.sources.values()
@@ -352,7 +351,8 @@ def _run(opts: RunOptions) -> RunResult:
         if not run_id.exists():
             run_id.write_text((os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex) + "\n")
         os.environ[RUN_ID_ENV] = run_id.read_text().strip()
-        recorded = (directory, record_workflow(directory, opts.path))  # for dataflare plan
+        # The workflow the state will belong to, for ``dataflare plan``.
+        recorded = (directory, record_workflow(directory, opts.path), committed_epoch(directory))
         recovery = RecoveryConfig(str(directory), timedelta(seconds=opts.backup_interval))
     kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
     if opts.addresses:
@@ -426,13 +426,13 @@ def _run(opts: RunOptions) -> RunResult:
             code, status = 130, "stopped"
         else:
             code, status, error = 1, "failed", error_text(exc)
-            if recorded is not None and (isinstance(cause, DefinitionChanged)
-                                         or "cannot resume from recovery state" in error):
-                restore_record(*recorded)  # the state is still the previous workflow's
         say(error or "interrupted", "error" if error else "warning")
     finally:
         if timer is not None:
             timer.cancel()
+        if recorded is not None and committed_epoch(recorded[0]) == recorded[2]:
+            # Nothing was committed (a refused resume): the state is the previous workflow's.
+            restore_record(recorded[0], recorded[1])
     if status == "succeeded" and stopping.requested():
         if timer is not None and timer.finished.is_set():
             code, status, error = 124, "failed", timeout_error
