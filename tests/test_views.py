@@ -1,0 +1,184 @@
+"""Live views: ``serve: true`` steps read at ``GET /views/<step>`` during a Kafka run.
+
+The values read while windows are open must be what the destination receives when they
+close; with one worker and with two (the shards of a step spread over both).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dataflare.dsl_compiler import validate_text
+from tests.fixtures.pg_private import free_port
+from tests.test_exactly_once import produce
+from tests.test_live import wait
+
+FLOW = """
+workflow:
+  id: views
+  sources:
+    events:
+      type: kafka
+      mode: streaming
+      config: {{bootstrap_servers: "{servers}", topic: {topic}}}
+  transformations:
+    per_minute:
+      type: window
+      inputs: [events]
+      serve: true
+      config:
+        window: {{type: tumbling, size: 60s}}
+        time_field: ts
+        time_unit: ms
+        group_by: [user_id]
+        aggregations:
+          - {{field: amount, operations: [count, sum], as: amount}}
+          - {{field: email, operations: [last], as: email}}
+    totals:
+      type: aggregation
+      inputs: [events]
+      serve: true
+      config:
+        group_by: [user_id]
+        aggregations: [{{field: amount, operations: [count, sum], as: amount}}]
+    plain:
+      type: filter
+      inputs: [events]
+      config: {{condition: "amount >= 0"}}
+  destinations:
+    windows: {{type: file, inputs: [per_minute], config: {{path: windows.jsonl}}}}
+    updates: {{type: file, inputs: [totals], config: {{path: totals.jsonl}}}}
+    rest: {{type: file, inputs: [plain], config: {{path: rest.jsonl}}}}
+  data_protection:
+    masking_rules: [{{field: email, method: partial, show_chars: 3}}]
+"""
+
+T0 = 1_700_000_040_000  # the start of a minute, in ms
+
+
+def events(start: int, n: int, t0: int) -> list[dict[str, Any]]:
+    return [{"id": i, "user_id": f"u{i % 4}", "amount": i % 10, "ts": t0 + (i - start) * 10,
+             "email": f"user{i}@example.org"} for i in range(start, start + n)]
+
+
+def expected(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = defaultdict(lambda: {"amount_count": 0, "amount_sum": 0})
+    for r in records:
+        g = out[r["user_id"]]
+        g["amount_count"] += 1
+        g["amount_sum"] += r["amount"]
+        g["email"] = r["email"][:3] + "****"
+    return dict(out)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_views_during_a_kafka_run_equal_what_the_destination_receives(
+        tmp_path: Path, kafka_broker: Any, kafka_topic: Any, workers: int) -> None:
+    topic = kafka_topic(partitions=2)
+    flow = tmp_path / "wf.yaml"
+    flow.write_text(FLOW.format(servers=kafka_broker.bootstrap_servers, topic=topic))
+    first = events(0, 400, T0)  # all in the minute starting at T0
+    produce(kafka_broker.bootstrap_servers, topic, first)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dataflare", "run", str(flow), "--http-port", str(port),
+         "-w", str(workers), "-s", "0.3"], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+    def view(step: str, **query: Any) -> httpx.Response:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            return httpx.get(f"{url}/views/{step}", params=query, timeout=10)
+        except httpx.HTTPError:
+            return httpx.Response(599)
+
+    def counted(step: str, n: int) -> list[dict[str, Any]] | None:
+        r = view(step)
+        if r.status_code != 200:
+            return None
+        rows = r.json()["rows"]
+        return rows if sum(row["amount_count"] for row in rows) == n else None
+
+    try:
+        # While the minute is open: the window's state is every record read so far.
+        rows = wait(lambda: counted("per_minute", len(first)), "the window's view", 120)
+        want = expected(first)
+        window_start = "2023-11-14T22:14:00Z"
+        assert {r["user_id"]: {k: r[k] for k in ("amount_count", "amount_sum", "email")}
+                for r in rows} == want
+        assert all(r["window_start"] == window_start for r in rows)
+        totals = wait(lambda: counted("totals", len(first)), "the aggregation's view", 60)
+        assert {r["user_id"]: r["amount_sum"] for r in totals} == \
+            {u: g["amount_sum"] for u, g in want.items()}
+        # One key, a filter over the rows, a limit.
+        one = view("totals", key="u1").json()
+        assert one["key"] == "u1" and [r["user_id"] for r in one["rows"]] == ["u1"]
+        where = view("totals", where="user_id in ['u1', 'u3'] and amount_count > 0").json()
+        assert where["rows"] == [r for r in totals if r["user_id"] in ("u1", "u3")]
+        assert len(view("per_minute", limit=2).json()["rows"]) == 2
+        assert view("totals", key="nobody").status_code == 404
+        missing = view("plain")
+        assert missing.status_code == 404
+        assert missing.json()["views"] == ["per_minute", "totals"]
+        assert view("totals", where="amount_sum >").status_code == 400
+
+        # Records ten minutes later close the minute: the destination receives the window
+        # as the view showed it.
+        later = events(400, 8, T0 + 600_000)
+        produce(kafka_broker.bootstrap_servers, topic, later)
+        out = tmp_path / "windows.jsonl"
+        closed = wait(lambda: len(read_jsonl(out)) >= len(want) and read_jsonl(out),
+                      "the closed windows", 120)
+        assert sorted(closed, key=lambda r: r["user_id"]) == rows
+        # The view now holds the next minute's windows only.
+        after = wait(lambda: counted("per_minute", len(later)), "the next minute", 60)
+        assert {r["window_start"] for r in after} == {"2023-11-14T22:24:00Z"}
+        totals = wait(lambda: counted("totals", len(first) + len(later)), "totals", 60)
+        # The aggregation's last update per group is its state.
+        last: dict[str, dict[str, Any]] = {}
+        wait(lambda: [last.update({r["user_id"]: r}) for r in read_jsonl(
+            tmp_path / "totals.jsonl")] and {u: r["amount_count"] for u, r in last.items()}
+            == {r["user_id"]: r["amount_count"] for r in totals}, "the last updates", 60)
+        assert sorted(last.values(), key=lambda r: r["user_id"]) == totals
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+
+
+def test_serve_on_a_step_without_state_is_refused_and_without_a_port_warned(
+        tmp_path: Path) -> None:
+    text = """
+workflow:
+  sources: {s: {type: file, config: {path: in.jsonl}}}
+  transformations:
+    f: {type: filter, inputs: [s], serve: true, config: {condition: "true"}}
+  destinations: {out: {type: file, inputs: [f], config: {path: out.jsonl}}}
+"""
+    v = validate_text(text, "wf.yaml")
+    assert [p.render(False) for p in v.errors()] == [
+        "wf.yaml:5:36: transformations.f.serve: a filter step has no state to serve; "
+        "'serve' works on: aggregation, dedupe, join, window"]
+    (tmp_path / "in.jsonl").write_text('{"k": "a"}\n')
+    flow = tmp_path / "wf.yaml"
+    flow.write_text(text.replace("type: filter", "type: dedupe").replace(
+        'config: {condition: "true"}', "config: {keys: [k]}"))
+    out = subprocess.run([sys.executable, "-m", "dataflare", "run", str(flow)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "serve: true on 'f' has no effect without --http-port" in out.stderr
