@@ -13,8 +13,9 @@ runs record it there, the workflow of that run. It reports
   widen (integer to double, as the table writers do) or clash, from what the workflow
   states (a mapping's fields and transforms, a window's or aggregation's outputs, a
   source's ``output_schema``);
-- sources whose position resets: a changed topic, table, query or path, whose saved
-  positions no longer apply.
+- sources whose saved positions block the resume (a partition the source no longer lists:
+  another topic, another file) or would be applied to something else (another consumer
+  group, query or server).
 
 Exit codes: 0 no change, 2 safe change, 3 unsafe change (state that cannot resume, or a
 source position that resets).
