@@ -289,3 +289,25 @@ workflow:
     assert "new column(s) j" in changes(p, "destination")["counts"]["detail"]
     code, p = plan(text.replace("path: in.jsonl", "path: other.jsonl"))
     assert code == 3 and changes(p, "source")["s"]["verdict"] == "resets"
+    counts = "    counts: {type: file, inputs: [agg], config: {path: counts.jsonl}}\n"
+    code, p = plan(text.replace(counts, ""))
+    assert code == 2  # a removed stateless step: safe (the aggregation now feeds nothing)
+    assert changes(p, "step")["counts"]["verdict"] == "removed"
+
+
+def test_a_plan_shows_no_secret(tmp_path: Path) -> None:
+    text = """
+workflow:
+  sources: {s: {type: file, config: {path: in.jsonl}}}
+  destinations:
+    db: {type: postgres, inputs: [s], config: {host: db.internal, password: "%s",
+         table: t}}
+"""
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(text % "s3cret-Old-pw")
+    new.write_text(text % "s3cret-New-pw")
+    out = subprocess.run([sys.executable, "-m", "dataflare", "plan", str(new), "--against",
+                          str(old)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "~ step 'db' changed: config.password: a secret changed" in out.stdout
+    assert "s3cret" not in out.stdout + out.stderr
