@@ -24,6 +24,7 @@ source position that resets).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sqlite3
 from collections.abc import Iterable
@@ -162,7 +163,7 @@ def record_workflow(directory: Path, path: str) -> str | None:
     file = directory / WORKFLOW_RECORD
     previous = file.read_text() if file.exists() else None
     p = Path(path).resolve()
-    tmp = file.with_suffix(".tmp")
+    tmp = file.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"path": str(p), "text": p.read_text(encoding="utf-8")}))
     tmp.replace(file)
     return previous

@@ -334,7 +334,6 @@ def _run(opts: RunOptions) -> RunResult:
             opts = replace(opts, process_id=cluster.process_id,
                            addresses=";".join(cluster.addresses))
     recovery = None
-    recorded: tuple[Path, str | None, int | None] | None = None
     interval = opts.snapshot_interval
     if interval is None:  # the sources' streaming.checkpoint_interval, else 5 s
         wanted = [s.streaming.checkpoint_interval for s in v.workflow.sources.values()
@@ -351,8 +350,6 @@ def _run(opts: RunOptions) -> RunResult:
         if not run_id.exists():
             run_id.write_text((os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex) + "\n")
         os.environ[RUN_ID_ENV] = run_id.read_text().strip()
-        # The workflow the state will belong to, for ``dataflare plan``.
-        recorded = (directory, record_workflow(directory, opts.path), committed_epoch(directory))
         recovery = RecoveryConfig(str(directory), timedelta(seconds=opts.backup_interval))
     kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
     if opts.addresses:
@@ -415,6 +412,10 @@ def _run(opts: RunOptions) -> RunResult:
     progress = _Progress(steps, list(wf.destinations), on_terminal, quiet=opts.quiet,
                          progress_file=opts.progress_json)
     code, status, error = 0, "succeeded", None
+    recorded = None  # the workflow the saved state belongs to, for ``dataflare plan``
+    if opts.recovery_dir is not None:
+        directory = Path(opts.recovery_dir)
+        recorded = (directory, record_workflow(directory, opts.path), committed_epoch(directory))
     try:
         with progress, _without_worker_panics():
             cli_main(flow, **kwargs)
