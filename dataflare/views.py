@@ -1,10 +1,11 @@
 """Live views: the state of stateful steps with ``serve: true``, readable during a run.
 
-A served step's shards publish their state as rows (what the step would emit per key:
-current aggregates, open windows, keys seen, pending join sides) each time bytewax
-snapshots them, at the end of every epoch that changed them (:mod:`dataflare.operators.keyed`).
-A key lives in one shard, so the rows of a key are always the state at the end of one
-epoch, never half a batch. The run's HTTP server (:mod:`dataflare.live`) reads them at
+A served step's shards publish their snapshot (the pickled copy bytewax takes at the end
+of every epoch that changed a shard, :mod:`dataflare.operators.keyed`) to the step's view;
+when the view is read, each snapshot becomes rows, what the step would emit per key
+(current aggregates, open windows, keys seen, joined records), once per snapshot. A key
+lives in one shard, so the rows of a key are always the state at the end of one epoch,
+never half a batch. The run's HTTP server (:mod:`dataflare.live`) reads them at
 ``GET /views/<step>``.
 
 The workers of a process are threads: they publish into the same :data:`VIEWS`, and one
@@ -15,11 +16,14 @@ process).
 
 from __future__ import annotations
 
+import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
 
 Row = tuple[Any, dict[str, Any]]
+RowsOf = Callable[[Any], list[Row]]
+"""Turns a shard's state into rows (``ShardLogic.view_rows``)."""
 
 
 def key_text(key: Any) -> str:
@@ -42,21 +46,31 @@ class View:
                  ) -> None:
         self.step = step
         self.mask = mask
-        self._slots: dict[int, list[Row]] = {}
+        # slot (a shard's logic) -> [pickled state, its rows function, its rows once made]
+        self._slots: dict[int, list[Any]] = {}
         self._lock = threading.Lock()
 
-    def publish(self, slot: int, rows: list[Row]) -> None:
-        """Replace the rows of one shard (``slot``) at once; no rows removes it."""
+    def publish(self, slot: int, snapshot: bytes | None, rows_of: RowsOf) -> None:
+        """Replace the state of one shard (``slot``) at once; ``None`` removes it."""
         with self._lock:
-            if rows:
-                self._slots[slot] = rows
-            else:
+            if snapshot is None:
                 self._slots.pop(slot, None)
+            else:
+                self._slots[slot] = [snapshot, rows_of, None]
 
     def rows(self) -> list[Row]:
         """Every row, ordered by key."""
         with self._lock:
-            rows = [row for slot in self._slots.values() for row in slot]
+            slots = [(slot, list(entry)) for slot, entry in self._slots.items()]
+        rows: list[Row] = []
+        for slot, (snapshot, rows_of, made) in slots:
+            if made is None:
+                made = rows_of(pickle.loads(snapshot))  # noqa: S301 - the run's own state
+                with self._lock:
+                    entry = self._slots.get(slot)
+                    if entry is not None and entry[0] is snapshot:
+                        entry[2] = made
+            rows.extend(made)
         return sorted(rows, key=lambda r: key_text(r[0]))
 
     def query(self, key: str | None = None, where: str | None = None,

@@ -182,3 +182,40 @@ workflow:
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "serve: true on 'f' has no effect without --http-port" in out.stderr
+
+
+def test_join_and_dedupe_views_show_their_state_as_of_the_last_snapshot() -> None:
+    from dataflare.operators.dedupe import DedupeConfig, _DedupeOp
+    from dataflare.operators.join import LEFT, RIGHT, JoinConfig, _JoinOp
+    from dataflare.views import View
+
+    def masked(row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, "email": "***"} if "email" in row else row
+
+    join = _JoinOp("orders_users", JoinConfig.model_validate(
+        {"join_key": ["region", "user"], "join_type": "left"}), 4).build(None)
+    view = View("orders_users", masked)
+    join.view = view
+    join.process([(LEFT, [{"region": "eu", "user": "a", "order": 1},
+                          {"region": "us", "user": "b", "order": 2}]),
+                  (RIGHT, [{"region": "eu", "user": "a", "email": "a@x.org"}])])
+    assert view.query() == []  # nothing before the epoch's end
+    join.snapshot()
+    join.process([(LEFT, [{"region": "eu", "user": "a", "order": 3}])])
+    assert view.query(key="eu,a") == [  # a tuple key; as of the snapshot: one order
+        {"region": "eu", "user": "a", "order": 1, "email": "***"}]
+    assert view.query(key="us,b") == [{"region": "us", "user": "b", "order": 2}]
+    join.snapshot()
+    assert [r["order"] for r in view.query(key="eu,a")] == [1, 3]
+    assert view.query(where="order > 1", limit=1) == [
+        {"region": "eu", "user": "a", "order": 3, "email": "***"}]
+    join.on_eof()  # the end of input: the shard is emitted and discarded
+    assert view.query() == []
+
+    dedupe = _DedupeOp("once", DedupeConfig.model_validate(
+        {"keys": ["id"], "time_field": "ts"}), 4).build(None)
+    dedupe.view = seen = View("once", None)
+    dedupe.process([[{"id": 7, "ts": 60}, {"id": 7, "ts": 61}, {"id": 8, "ts": 120}]])
+    dedupe.snapshot()
+    assert seen.query() == [{"id": 7, "first_seen": "1970-01-01T00:01:00Z"},
+                            {"id": 8, "first_seen": "1970-01-01T00:02:00Z"}]

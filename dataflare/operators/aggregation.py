@@ -192,9 +192,9 @@ class _AggregationShard(ShardLogic):
             out.append((ERRS, errs))
         return out
 
-    def view_rows(self) -> list[tuple[Any, dict[str, Any]]]:
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Each group's current aggregates, as the step emits them."""
-        return [(k, self.op.record(k, g)) for k, g in self.state["groups"].items()]
+        return [(k, self.op.record(k, g)) for k, g in state["groups"].items()]
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         if self.op.updates:

@@ -103,11 +103,11 @@ class _DedupeShard(ShardLogic):
         if self.state is None:
             self.state = {"seen": {}, "latest": -(1 << 62), "prune_at": -(1 << 62)}
 
-    def view_rows(self) -> list[tuple[Any, dict[str, Any]]]:
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Each key seen, with the start of its period (ISO-8601)."""
         paths = self.op.keys
         rows = []
-        for k, t0 in self.state["seen"].items():
+        for k, t0 in state["seen"].items():
             row: dict[str, Any] = {}
             if not paths:  # the whole record is the key
                 row["record"] = orjson.loads(k) if isinstance(k, bytes) else k

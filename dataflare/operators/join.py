@@ -270,10 +270,10 @@ class _RelationalShard(ShardLogic):
             out.append((ERRS, errs))
         return out
 
-    def view_rows(self) -> list[tuple[Any, dict[str, Any]]]:
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Per key, the joined records its records so far give."""
         rows: list[tuple[Any, dict[str, Any]]] = []
-        for key, (lefts, rights) in self.state.items():
+        for key, (lefts, rights) in state.items():
             joined: list[dict[str, Any]] = []
             self.op.pairs(lefts, rights, joined)
             rows.extend((key, r) for r in joined)
@@ -355,10 +355,10 @@ class _WindowJoinShard(ShardLogic):
             g[3] = min(wins, default=_NEVER - size) + size
         return _tagged(o.step_id, down, late, errs)
 
-    def view_rows(self) -> list[tuple[Any, dict[str, Any]]]:
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Per key, the joined records of its open windows so far."""
         rows: list[tuple[Any, dict[str, Any]]] = []
-        for key, g in self.state.items():
+        for key, g in state.items():
             for lefts, rights in g[2].values():
                 joined: list[dict[str, Any]] = []
                 self.op.pairs(lefts, rights, joined)
@@ -448,10 +448,10 @@ class _SessionJoinShard(ShardLogic):
             g[3] = keep[0][1] + gap if keep else _NEVER
         return _tagged(o.step_id, down, late, errs)
 
-    def view_rows(self) -> list[tuple[Any, dict[str, Any]]]:
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Per key, the joined records of its open sessions so far."""
         rows: list[tuple[Any, dict[str, Any]]] = []
-        for key, g in self.state.items():
+        for key, g in state.items():
             for s in g[2]:
                 joined: list[dict[str, Any]] = []
                 self.op.pairs(s[2], s[3], joined)
@@ -506,9 +506,9 @@ class _LookupShard(ShardLogic):
                     down.append(o.combine(rec, None))
         return _tagged(o.step_id, down, [], errs)
 
-    def view_rows(self) -> list[tuple[Any, dict[str, Any]]]:
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """The table: per key, its latest right record."""
-        return [(key, rec) for key, (rec, _) in self.state.items()]
+        return [(key, rec) for key, (rec, _) in state.items()]
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         self.state = {}

@@ -11,8 +11,8 @@ Every shard snapshot carries the step's *definition* (window, keys, aggregates..
 resume from a snapshot written by another definition is refused with
 :class:`DefinitionChanged`, which names the step and what changed.
 
-A step with ``serve: true`` publishes its state as rows to a :class:`~dataflare.views.View`
-each time bytewax snapshots a shard, i.e. at the end of every epoch that changed it, so a
+A step with ``serve: true`` publishes each shard's snapshot to a :class:`~dataflare.views.View`
+when bytewax takes it, at the end of every epoch that changed the shard, so a
 ``/views/<step>`` reader sees each key as of the end of an epoch (:meth:`ShardLogic.view_rows`).
 :class:`ShardBuilder` is what ``op.stateful_batch`` receives: it names the definition a fresh
 shard would snapshot, which ``dataflare plan`` compares with the recovery state.
@@ -288,18 +288,15 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         """Whether anything is held that :meth:`idle` would emit."""
         return True
 
-    def view_rows(self) -> list[tuple[Any, dict[str, Any]]]:
-        """The state as ``(key, row)`` pairs for ``serve: true`` (several rows may share a key).
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """A shard ``state`` as ``(key, row)`` pairs for ``serve: true`` (keys may repeat).
 
-        A row looks like what the step emits for the key (its current aggregates); steps
-        that cannot be served do not override this.
+        A row looks like what the step emits for the key (its current aggregates). Called
+        when a view is read, on a copy of the state of an epoch's end; steps that cannot be
+        served do not override this.
         """
         msg = f"step {self.component!r} cannot serve its state"
         raise NotImplementedError(msg)
-
-    def _publish(self) -> None:
-        if self.view is not None:
-            self.view.publish(id(self), self.view_rows())
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[tuple[str, list[Any]]], bool]:
         """Bytewax entry: a list of sub-batches."""
@@ -318,7 +315,8 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         if stopping.requested():
             return [], False
         out = self.flush()
-        self._publish()  # the shard is discarded: no snapshot follows
+        if self.view is not None:  # the shard is discarded: no snapshot follows
+            self.view.publish(id(self), None, self.view_rows)
         return out, True
 
     def notify_at(self) -> datetime | None:
@@ -331,10 +329,13 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         """The state with the step's definition; pickled, so it is an immutable copy.
 
         Bytewax asks at the end of each epoch that touched the shard: a served step's view
-        is refreshed here, so it shows the state as of that epoch's end.
+        receives the same copy, so it shows the state as of that epoch's end (its rows are
+        made from it only when the view is read).
         """
-        self._publish()
-        return (self.definition, pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL))
+        blob = pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        if self.view is not None:
+            self.view.publish(id(self), blob, self.view_rows)
+        return (self.definition, blob)
 
 
 class ShardBuilder:
