@@ -13,9 +13,9 @@ runs record it there, the workflow of that run. It reports
   widen (integer to double, as the table writers do) or clash, from what the workflow
   states (a mapping's fields and transforms, a window's or aggregation's outputs, a
   source's ``output_schema``);
-- sources whose saved positions block the resume (a partition the source no longer lists:
-  another topic, another file) or would be applied to something else (another consumer
-  group, query or server).
+- sources and destinations whose saved partitions block the resume (a partition the new
+  source or sink no longer lists: another topic, another file), and sources whose saved
+  positions would be applied to something else (another consumer group, query or server).
 
 Exit codes: 0 no change, 2 safe change, 3 unsafe change (state that cannot resume, or a
 source position that resets).
@@ -128,9 +128,12 @@ class PlanError(ValueError):
 
 def plan_against_file(new: Validated, old: Validated) -> Plan:
     """The plan of replacing the workflow ``old`` by ``new`` (both valid)."""
-    changes = [*_step_changes(old, new), *_state_changes(_definitions(old), _definitions(new),
-                                                        None)]
-    changes += _source_changes(old, new, None)
+    before, after = _definitions(compile_validated(old)), _definitions(compile_validated(new))
+    changes = [*_step_changes(old, new), *_state_changes(before, after, None)]
+    for cid, what in _moved_sources(old, new).items():
+        changes.append(Change("source", cid, "resets",
+                              f"{what}: the positions it has reached do not apply to what it "
+                              "now reads", unsafe=True))
     changes += _destination_changes(old, new)
     return Plan(new.file, old.file, tuple(_ordered(changes)))
 
@@ -139,19 +142,24 @@ def plan_against_recovery(new: Validated, directory: str | Path) -> Plan:
     """The plan of resuming the run saved in ``directory`` with the workflow ``new``."""
     directory = Path(directory)
     saved = read_snapshots(directory)
-    old_definitions = {step: d for step, d in _saved_definitions(saved).items()}
-    positions = {step: keys for step, keys in _saved_positions(saved).items()}
-    notes: list[str] = []
     old = recorded_workflow(directory)
+    flow = compile_validated(new)
+    # The stateful steps of the recorded workflow, with the definitions their saved shards
+    # carry (those are what the resume checks).
+    before = _definitions(compile_validated(old)) if old is not None else {}
+    before.update(_saved_definitions(saved))
+    notes: list[str] = []
     changes: list[Change] = []
+    moved: dict[str, str] = {}
     if old is None:
         notes.append(f"{directory} does not name the workflow of its run (runs record it in "
-                     f"{WORKFLOW_RECORD}): only the saved state is compared")
+                     f"{WORKFLOW_RECORD}): steps and shapes are not compared")
     else:
         changes += _step_changes(old, new)
-        changes += _source_changes(old, new, positions)
+        moved = _moved_sources(old, new)
         changes += _destination_changes(old, new)
-    changes += _state_changes(old_definitions, _definitions(new), saved)
+    changes += _state_changes(before, _definitions(flow), saved)
+    changes += _partition_changes(flow, saved, moved, notes)
     return Plan(new.file, f"recovery directory {directory}", tuple(_ordered(changes)),
                 tuple(notes))
 
@@ -249,19 +257,8 @@ def _saved_definitions(saved: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     return out
 
 
-def _saved_positions(saved: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
-    """Per source component, the partitions whose positions are saved (``topic#0``)."""
-    out: dict[str, list[str]] = {}
-    for step, states in saved.items():
-        parts = step.split(".")
-        if len(parts) >= 3 and parts[-1] == "read":
-            out.setdefault(parts[1], []).extend(sorted(states))
-    return out
-
-
-def _definitions(v: Validated) -> dict[str, dict[str, Any]]:
-    """The definition of each stateful step of ``v`` by bytewax step id, as a fresh shard has it."""
-    flow = compile_validated(v)
+def _definitions(flow: Any) -> dict[str, dict[str, Any]]:
+    """The definition of each stateful step of a compiled dataflow, by bytewax step id."""
     return {step: b.definition() for step, b in shard_builders(flow).items()}
 
 
@@ -283,12 +280,13 @@ def _state_changes(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]
         comp = _component(step)
         held = saved is None or bool(saved.get(step))
         shards = len(saved.get(step, {})) if saved is not None else None
-        holding = f" ({shards} shard(s) saved)" if shards else ""
+        holding = "" if shards is None else f" ({shards} shard(s) saved)" if shards else \
+            " (nothing saved)"
         if step not in old:
             out.append(Change("state", comp, "new", "starts empty"))
         elif step not in new:
             out.append(Change("state", comp, "dropped",
-                              f"the step is gone: its saved state{holding} is never resumed",
+                              f"the step is gone: its state{holding} is never resumed",
                               unsafe=held))
         elif old[step] == new[step]:
             out.append(Change("state", comp, "resumes", f"same definition{holding}",
@@ -365,78 +363,87 @@ def _step_changes(old: Validated, new: Validated) -> list[Change]:
     return out
 
 
-def _source_changes(old: Validated, new: Validated,
-                    positions: dict[str, list[str]] | None) -> list[Change]:
-    """Sources whose saved positions block the resume or no longer mean what they meant.
-
-    ``positions`` (from a recovery directory) names the partitions each source saved. A
-    resume loads each saved partition into the source's partition of that name: one the
-    source no longer lists (another topic, another file) makes bytewax refuse the resume,
-    so the new source's partitions are listed (connecting to its system, as a run would).
-    Without a recovery directory, a changed position setting means the running workflow's
-    positions do not apply.
-    """
+def _moved_sources(old: Validated, new: Validated) -> dict[str, str]:
+    """Sources whose settings of what they read changed, with the changes (no secret)."""
     wa, wb = old.workflow, new.workflow
     assert wa is not None and wb is not None
-    out = []
+    out = {}
     for cid in sorted(set(wa.sources) & set(wb.sources)):
         keys, _ = _differences(wa.sources[cid], wb.sources[cid])
         moved = [k for k in keys if any(k == s or k.startswith(s + ".")
                                         for s in POSITION_SETTINGS)]
-        shown_old, shown_new = _settings(wa.sources[cid])[1], _settings(wb.sources[cid])[1]
-        what = "; ".join(f"{k}: {shown_old.get(k)!r} -> {shown_new.get(k)!r}"
-                         if shown_old.get(k) != shown_new.get(k) else f"{k}: a secret changed"
-                         for k in moved)
-        if positions is None:
-            if moved:
-                out.append(Change("source", cid, "resets",
-                                  f"{what}: the positions it has reached do not apply to what "
-                                  "it now reads", unsafe=True))
-            continue
-        saved = positions.get(cid, [])
-        if not saved:
-            if moved:
-                out.append(Change("source", cid, "resets", f"{what}; no position is saved"))
-            continue
-        try:
-            parts = source_partitions(new, cid)
-        except Exception as exc:  # noqa: BLE001 - an unreachable system: said, not fatal
-            if moved:
-                out.append(Change("source", cid, "resets",
-                                  f"{what}: its saved positions ({', '.join(saved)}) may not "
-                                  f"apply (its partitions could not be listed: {exc})",
-                                  unsafe=True))
-            continue
-        lost = [k for k in saved if parts is not None and k not in parts]
-        prefix = f"{what}: " if what else ""
-        if lost:
-            out.append(Change("source", cid, "blocks",
-                              f"{prefix}the saved positions of {', '.join(lost)} belong to "
-                              f"partitions it no longer has ({', '.join(parts or []) or 'none'})"
-                              ": the resume is refused; start with a fresh recovery directory "
-                              "(it then reads from where a new run starts)", unsafe=True))
-        elif moved:
-            out.append(Change("source", cid, "reused",
-                              f"{what}: the saved positions of {', '.join(saved)} are applied "
-                              "to what it now reads", unsafe=True))
+        if moved:
+            a, b = _settings(wa.sources[cid])[1], _settings(wb.sources[cid])[1]
+            out[cid] = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" if a.get(k) != b.get(k)
+                                 else f"{k}: a secret changed" for k in moved)
     return out
 
 
-def source_partitions(v: Validated, cid: str) -> list[str] | None:
-    """The partitions source ``cid`` lists (bytewax's ``list_parts``), None if it has none."""
+def _partitioned_steps(flow: Any) -> dict[str, tuple[str, Any]]:
+    """The partitioned inputs and outputs of a dataflow: step id -> (kind, source or sink)."""
     from bytewax.inputs import FixedPartitionedSource
+    from bytewax.outputs import FixedPartitionedSink
 
-    from dataflare import registry
-    from dataflare.dsl_compiler.compiler import component_context
+    found: dict[str, tuple[str, Any]] = {}
+    todo: list[Any] = list(flow.substeps)
+    while todo:
+        step = todo.pop()
+        source, sink = getattr(step, "source", None), getattr(step, "sink", None)
+        if isinstance(source, FixedPartitionedSource):
+            found[step.step_id] = ("source", source)
+        elif isinstance(sink, FixedPartitionedSink):
+            found[step.step_id] = ("destination", sink)
+        todo.extend(step.substeps)
+    return found
 
-    ctx = component_context(v, cid)
-    spec = registry.lookup("source", ctx.component.type)
-    if spec is None or spec.build is None:
-        return None
-    source = spec.build(ctx)
-    if not isinstance(source, FixedPartitionedSource):
-        return None
-    return list(source.list_parts())
+
+def _partition_changes(flow: Any, saved: dict[str, dict[str, Any]], moved: dict[str, str],
+                       notes: list[str]) -> list[Change]:
+    """Sources and destinations whose saved partitions block the resume or mean another thing.
+
+    A resume hands each saved partition's state to the source's (or sink's) partition of
+    that name; bytewax refuses one it no longer lists (another topic, another file). The
+    partitions are listed as the run lists them (``list_parts``: a source may connect to its
+    system). ``moved`` names the sources whose settings of what they read changed.
+    """
+    out = []
+    seen: set[str] = set()
+    for step, (kind, part) in sorted(_partitioned_steps(flow).items()):
+        cid = _component(step)
+        seen.add(cid)
+        what = moved.get(cid, "") if kind == "source" else ""
+        held = sorted(saved.get(step, {}))
+        if not held:
+            if what:
+                out.append(Change(kind, cid, "resets", f"{what}; no position is saved"))
+            continue
+        try:
+            parts = list(part.list_parts())
+        except Exception as exc:  # noqa: BLE001 - an unreachable system: said, not fatal
+            if what:
+                out.append(Change(kind, cid, "resets",
+                                  f"{what}: its saved positions ({', '.join(held)}) may not "
+                                  f"apply (its partitions could not be listed: {exc})",
+                                  unsafe=True))
+            else:
+                notes.append(f"the partitions of {kind} {cid!r} could not be listed: {exc}")
+            continue
+        lost = [k for k in held if k not in parts]
+        prefix = f"{what}: " if what else ""
+        if lost:
+            out.append(Change(kind, cid, "blocks",
+                              f"{prefix}the saved state of {', '.join(lost)} belongs to "
+                              f"partitions it no longer has ({', '.join(parts) or 'none'}): "
+                              "the resume is refused; start with a fresh recovery directory "
+                              "(a new run then starts from the beginning)", unsafe=True))
+        elif what:
+            out.append(Change(kind, cid, "reused",
+                              f"{what}: the saved positions of {', '.join(held)} are applied "
+                              "to what it now reads", unsafe=True))
+    for cid, what in moved.items():
+        if cid not in seen:  # a source without partitions keeps no position
+            out.append(Change("source", cid, "resets", f"{what}; it keeps no position"))
+    return out
 
 
 def destination_columns(wf: Any, cid: str) -> dict[str, str | None] | None:

@@ -391,6 +391,9 @@ def _run(opts: RunOptions) -> RunResult:
             live.start(opts.http_host, opts.http_port)
         except OSError as exc:
             return _refused(f"cannot serve --http-port {opts.http_port}: {exc.strerror}")
+        if opts.addresses and live.served():
+            say(f"process {opts.process_id or 0} serves the views of the keys its workers hold "
+                "(each process of a cluster serves its own part)", "warning")
     else:
         served = [cid for cid, t in wf.transformations.items() if t.serve]
         if served:

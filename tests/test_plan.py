@@ -225,8 +225,8 @@ def test_a_changed_source_topic_blocks_the_resume(case: Case, kafka_topic: Any) 
     source = changes(plan, "source")["events"]
     assert source["verdict"] == "blocks" and source["unsafe"]
     assert source["detail"].startswith(f"config.topic: '{case.topic}' -> '{other}': the saved "
-                                        f"positions of {case.topic}#0 belong to partitions it "
-                                        f"no longer has ({other}#0)")
+                                        f"state of {case.topic}#0 belongs to partitions it no "
+                                        f"longer has ({other}#0)")
     assert changes(plan, "state")["per_minute"]["verdict"] == "resumes"
 
     result = case.resume()  # what the plan said: bytewax refuses the saved partition
@@ -311,3 +311,26 @@ workflow:
     assert out.returncode == 2, out.stderr
     assert "~ step 'db' changed: config.password: a secret changed" in out.stdout
     assert "s3cret" not in out.stdout + out.stderr
+
+
+def test_a_changed_output_file_blocks_the_resume(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text('{"k": "a"}\n{"k": "b"}\n')
+    flow = tmp_path / "wf.yaml"
+    text = """
+workflow:
+  id: files
+  sources: {s: {type: file, config: {path: in.jsonl}}}
+  destinations: {out: {type: file, inputs: [s], config: {path: out.jsonl}}}
+"""
+    flow.write_text(text)
+    rec = tmp_path / "rec"
+    assert dataflare.run(flow, recovery_dir=rec, quiet=True).ok
+    flow.write_text(text.replace("out.jsonl", "out2.jsonl"))
+    out = subprocess.run([sys.executable, "-m", "dataflare", "plan", str(flow),
+                          "--recovery-dir", str(rec)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert (f"! destination 'out' blocks: the saved state of {tmp_path}/out.jsonl belongs "
+            f"to partitions it no longer has ({tmp_path}/out2.jsonl)") in out.stdout
+    result = dataflare.run(flow, recovery_dir=rec, quiet=True)
+    assert result.status == "failed" and "out.jsonl" in str(result.error)
