@@ -88,6 +88,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except (PlanError, OSError) as exc:
         print(f"error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
+        from dataflare.runner import error_text
+
+        print(f"error: cannot compile the workflow: {error_text(exc)}", file=sys.stderr)
+        return 1
     if args.format == "json":
         print(json.dumps(plan.as_dict(), indent=2))
     else:

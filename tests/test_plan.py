@@ -334,3 +334,28 @@ workflow:
             f"to partitions it no longer has ({tmp_path}/out2.jsonl)") in out.stdout
     result = dataflare.run(flow, recovery_dir=rec, quiet=True)
     assert result.status == "failed" and "out.jsonl" in str(result.error)
+
+
+def test_a_plan_that_cannot_be_made_says_why(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("""
+workflow:
+  sources: {s: {type: file, config: {path: in.jsonl}}}
+  transformations:
+    a: {type: aggregation, inputs: [s], config: {group_by: [k]}}
+  destinations: {out: {type: file, inputs: [a], config: {path: out.jsonl}}}
+""")
+    new = tmp_path / "new.yaml"
+    new.write_text(old.read_text().replace(
+        "group_by: [k]", "group_by: [k], aggregations: [{field: v, operations: [sum], "
+        "window: last_7d}]"))
+    out = subprocess.run([sys.executable, "-m", "dataflare", "plan", str(new), "--against",
+                          str(old)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("error: cannot compile the workflow: step 'a': aggregations "
+                                  "of 'v' have a trailing 'window' but config.time_field is "
+                                  "not set")
+    out = subprocess.run([sys.executable, "-m", "dataflare", "plan", str(new),
+                          "--recovery-dir", str(tmp_path / "none")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and "is not a recovery directory" in out.stderr
