@@ -97,8 +97,11 @@ def endpoints(config: Any) -> list[tuple[str, int]]:
 class Live:
     """The endpoints of one run."""
 
-    def __init__(self, workflow: Any, run_id: str | None) -> None:
+    def __init__(self, workflow: Any, run_id: str | None, peers: list[str] | None = None
+                 ) -> None:
+        """Endpoints of ``workflow``'s run; ``peers``: the URLs of its other processes."""
         self.workflow, self.run_id = workflow, run_id
+        self.peers = peers or []
         self.started = time.monotonic()
         self.steps = [*workflow.sources, *workflow.transformations, *workflow.destinations]
         self.components = {**workflow.sources, **workflow.destinations}
@@ -109,6 +112,32 @@ class Live:
         """The steps with ``serve: true`` (``/views/<step>``)."""
         return [cid for cid, t in self.workflow.transformations.items()
                 if getattr(t, "serve", False)]
+
+    def gathered(self, step: str, found: list[tuple[str, dict[str, Any]]], key: str | None,
+                 where: str | None, limit: str) -> list[tuple[str, dict[str, Any]]]:
+        """``found`` (this process's rows) with the other processes' rows, in key order.
+
+        Each process holds the keys of its workers' shards; a process that does not answer
+        is an ``OSError`` naming it (a view is never silently partial).
+        """
+        if not self.peers:
+            return found
+        import urllib.request
+        from urllib.parse import urlencode
+
+        params = {"local": "1", **{k: v for k, v in (("key", key), ("where", where),
+                                                     ("limit", limit)) if v}}
+        merged = list(found)
+        for peer in self.peers:
+            url = f"{peer}/views/{step}?{urlencode(params)}"
+            try:
+                with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - http
+                    body = json.loads(answer.read())
+            except (OSError, ValueError) as exc:
+                msg = f"the process at {peer} did not answer for view {step!r}: {exc}"
+                raise OSError(msg) from None
+            merged.extend(zip(body["keys"], body["rows"], strict=True))
+        return sorted(merged, key=lambda kr: kr[0])
 
     def ready(self) -> tuple[bool, list[dict[str, Any]]]:
         """Whether every endpoint accepts a connection, and those that do not."""
@@ -194,16 +223,27 @@ class Live:
                                      "with serve: true)", "views": served})
                     return
                 key = query.get("key", [None])[0]
+                where = query.get("where", [None])[0]
                 limit = query.get("limit", [""])[0]
                 if limit and not limit.isdigit():
                     self._json(400, {"error": f"limit {limit!r} is not a number"})
                     return
+                n = int(limit) if limit else None
                 try:
-                    rows = view.query(key, query.get("where", [None])[0],
-                                      int(limit) if limit else None)
+                    found = view.matches(key, where, n)
                 except ValueError as exc:
                     self._json(400, {"error": f"where: {exc}"})
                     return
+                if "local" in query:  # asked by another process of the run
+                    self._json(200, {"step": step, "keys": [k for k, _ in found],
+                                     "rows": [r for _, r in found]})
+                    return
+                try:
+                    found = live.gathered(step, found, key, where, limit)
+                except OSError as exc:
+                    self._json(502, {"error": str(exc)})
+                    return
+                rows = [r for _, r in found][:n]
                 if key is not None and not rows:
                     self._json(404, {"error": f"no key {key!r} in the state of {step!r}"})
                     return

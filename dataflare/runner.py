@@ -386,14 +386,11 @@ def _run(opts: RunOptions) -> RunResult:
     if opts.http_port is not None:
         from dataflare.live import Live
 
-        live = Live(wf, os.environ.get(RUN_ID_ENV))
+        live = Live(wf, os.environ.get(RUN_ID_ENV), _peers(opts))
         try:
             live.start(opts.http_host, opts.http_port)
         except OSError as exc:
             return _refused(f"cannot serve --http-port {opts.http_port}: {exc.strerror}")
-        if opts.addresses and live.served():
-            say(f"process {opts.process_id or 0} serves the views of the keys its workers hold "
-                "(each process of a cluster serves its own part)", "warning")
     else:
         served = [cid for cid, t in wf.transformations.items() if t.serve]
         if served:
@@ -461,6 +458,19 @@ def _run(opts: RunOptions) -> RunResult:
     if opts.summary_json:
         Path(opts.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return RunResult(status, code, summary, error)
+
+
+def _peers(opts: RunOptions) -> list[str]:
+    """The live endpoints of the other processes of a cluster run (``/views`` gathers there).
+
+    Each process's host (from the cluster addresses) with the same ``--http-port``, as the
+    pods of a StatefulSet have.
+    """
+    if not opts.addresses or not opts.http_port:
+        return []
+    me = opts.process_id or 0
+    return [f"http://{address.rsplit(':', 1)[0]}:{opts.http_port}"
+            for i, address in enumerate(opts.addresses.split(";")) if i != me]
 
 
 STOP_GRACE = 30.0  # seconds a timed-out run may take to stop gracefully

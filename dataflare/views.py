@@ -9,9 +9,9 @@ never half a batch. The run's HTTP server (:mod:`dataflare.live`) reads them at
 ``GET /views/<step>``.
 
 The workers of a process are threads: they publish into the same :data:`VIEWS`, and one
-server sees every shard of the process. In a multi-process run each process serves the
-shards its workers hold (a key's shard is fixed, so a key is always served by the same
-process).
+server sees every shard of the process. In a multi-process run each process holds the
+shards of its workers; the process asked gathers the others' rows from their servers
+(the same ``--http-port`` on each process's host, :mod:`dataflare.live`).
 """
 
 from __future__ import annotations
@@ -80,17 +80,23 @@ class View:
         ``where`` is an expression of the DSL (``amount_sum > 100``) over the masked row;
         ``limit`` caps the number of rows. Raises ``ValueError`` on an invalid ``where``.
         """
+        return [row for _, row in self.matches(key, where, limit)]
+
+    def matches(self, key: str | None = None, where: str | None = None,
+                limit: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """:meth:`query`'s rows with their keys' text, in key order (to merge with others)."""
         from dataflare.expr import compile_expression
 
         test = compile_expression(where).test if where else None
-        out: list[dict[str, Any]] = []
+        out: list[tuple[str, dict[str, Any]]] = []
         for k, row in self.rows():
-            if key is not None and key_text(k) != key:
+            text = key_text(k)
+            if key is not None and text != key:
                 continue
             shown = self.mask(row) if self.mask is not None else row
             if test is not None and not test(shown):
                 continue
-            out.append(shown)
+            out.append((text, shown))
             if limit is not None and len(out) >= limit:
                 break
         return out

@@ -66,7 +66,7 @@ T0 = 1_700_000_040_000  # the start of a minute, in ms
 
 
 def events(start: int, n: int, t0: int) -> list[dict[str, Any]]:
-    return [{"id": i, "user_id": f"u{i % 4}", "amount": i % 10, "ts": t0 + (i - start) * 10,
+    return [{"id": i, "user_id": f"u{i % 8}", "amount": i % 10, "ts": t0 + (i - start) * 10,
              "email": f"user{i}@example.org"} for i in range(start, start + n)]
 
 
@@ -86,24 +86,38 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+def start(flow: Path, port: int, layout: str) -> list[subprocess.Popen[str]]:
+    """One process with 1 or 2 workers, or two processes (on 127.0.0.1 and 127.0.0.2)."""
+    cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "--http-port", str(port),
+           "-s", "0.3"]
+    if layout != "2 processes":
+        workers = layout.split()[0]
+        return [subprocess.Popen([*cmd, "-w", workers], stderr=subprocess.PIPE, text=True,
+                                 cwd=flow.parent)]
+    hosts = ["127.0.0.1", "127.0.0.2"]
+    addresses = ";".join(f"{h}:{free_port()}" for h in hosts)
+    return [subprocess.Popen([*cmd, "-i", str(i), "-a", addresses, "--http-host", host],
+                             stderr=subprocess.PIPE, text=True, cwd=flow.parent)
+            for i, host in enumerate(hosts)]
+
+
+@pytest.mark.parametrize("layout", ["1 worker", "2 workers", "2 processes"])
 def test_views_during_a_kafka_run_equal_what_the_destination_receives(
-        tmp_path: Path, kafka_broker: Any, kafka_topic: Any, workers: int) -> None:
+        tmp_path: Path, kafka_broker: Any, kafka_topic: Any, layout: str) -> None:
     topic = kafka_topic(partitions=2)
     flow = tmp_path / "wf.yaml"
     flow.write_text(FLOW.format(servers=kafka_broker.bootstrap_servers, topic=topic))
     first = events(0, 400, T0)  # all in the minute starting at T0
     produce(kafka_broker.bootstrap_servers, topic, first)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dataflare", "run", str(flow), "--http-port", str(port),
-         "-w", str(workers), "-s", "0.3"], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    procs = start(flow, port, layout)
+    urls = [f"http://127.0.0.{i + 1}:{port}" for i in range(len(procs))]
 
-    def view(step: str, **query: Any) -> httpx.Response:
-        assert proc.poll() is None, proc.communicate()[1]
+    def view(step: str, at: int = 0, **query: Any) -> httpx.Response:
+        for proc in procs:
+            assert proc.poll() is None, proc.communicate()[1]
         try:
-            return httpx.get(f"{url}/views/{step}", params=query, timeout=10)
+            return httpx.get(f"{urls[at]}/views/{step}", params=query, timeout=10)
         except httpx.HTTPError:
             return httpx.Response(599)
 
@@ -125,6 +139,13 @@ def test_views_during_a_kafka_run_equal_what_the_destination_receives(
         totals = wait(lambda: counted("totals", len(first)), "the aggregation's view", 60)
         assert {r["user_id"]: r["amount_sum"] for r in totals} == \
             {u: g["amount_sum"] for u, g in want.items()}
+        # Every process answers for the whole run (the others' keys gathered from them).
+        assert [view("per_minute", at).json()["rows"] for at in range(len(procs))] == \
+            [rows] * len(procs)
+        if len(procs) > 1:  # each process holds some of the keys
+            held = [view("per_minute", at, local=1).json()["rows"] for at in range(len(procs))]
+            assert all(held) and sorted(r["user_id"] for part in held for r in part) == \
+                [r["user_id"] for r in rows]
         # One key, a filter over the rows, a limit.
         one = view("totals", key="u1").json()
         assert one["key"] == "u1" and [r["user_id"] for r in one["rows"]] == ["u1"]
@@ -156,9 +177,11 @@ def test_views_during_a_kafka_run_equal_what_the_destination_receives(
             == {r["user_id"]: r["amount_count"] for r in totals}, "the last updates", 60)
         assert sorted(last.values(), key=lambda r: r["user_id"]) == totals
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        errs = [proc.communicate(timeout=120)[1] for proc in procs]
+    for proc, err in zip(procs, errs, strict=True):
+        assert proc.returncode == 128 + signal.SIGTERM, err
 
 
 def test_serve_on_a_step_without_state_is_refused_and_without_a_port_warned(
@@ -219,3 +242,20 @@ def test_join_and_dedupe_views_show_their_state_as_of_the_last_snapshot() -> Non
     dedupe.snapshot()
     assert seen.query() == [{"id": 7, "first_seen": "1970-01-01T00:01:00Z"},
                             {"id": 8, "first_seen": "1970-01-01T00:02:00Z"}]
+
+
+def test_a_process_that_does_not_answer_is_named_not_left_out() -> None:
+    from dataflare.live import Live
+
+    v = validate_text("""
+workflow:
+  sources: {s: {type: file, config: {path: in.jsonl}}}
+  transformations: {a: {type: aggregation, inputs: [s], serve: true, config: {group_by: [k]}}}
+  destinations: {out: {type: file, inputs: [a], config: {path: out.jsonl}}}
+""", "wf.yaml")
+    peer = f"http://127.0.0.1:{free_port()}"
+    live = Live(v.workflow, None, [peer])
+    mine = [("a", {"k": "a", "count": 1})]
+    with pytest.raises(OSError, match=f"the process at {peer} did not answer for view 'a'"):
+        live.gathered("a", mine, None, None, "")
+    assert Live(v.workflow, None).gathered("a", mine, None, None, "") == mine
