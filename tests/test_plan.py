@@ -7,12 +7,13 @@ resumes: the plan's verdict and exit code must match what the resume does.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 
 import dataflare
 from dataflare import stopping
+from dataflare.cli import main
 from tests.test_exactly_once import produce
 
 FLOW = """
@@ -122,15 +124,21 @@ class Case:
         assert self.count("windows") == 0  # every window is still open, in the snapshot
 
     def plan(self, *extra: str) -> tuple[int, dict[str, Any]]:
-        out = subprocess.run(
-            [sys.executable, "-m", "dataflare", "plan", str(self.flow), "--recovery-dir",
-             str(self.rec), "--format", "json", *extra],
-            capture_output=True, text=True, timeout=120)
+        out = plan_cli(str(self.flow), "--recovery-dir", str(self.rec), "--format", "json", *extra)
         assert out.returncode in (0, 2, 3), out.stderr
         return out.returncode, json.loads(out.stdout)
 
     def resume(self) -> dataflare.RunResult:
         return dataflare.run(self.flow, recovery_dir=self.rec, quiet=True)
+
+
+def plan_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``dataflare plan ARGS`` run in this process, as the console script runs it."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["plan", *args])
+    return subprocess.CompletedProcess(["dataflare", "plan", *args], code, out.getvalue(),
+                                       err.getvalue())
 
 
 def changes(plan: dict[str, Any], what: str) -> dict[str, dict[str, Any]]:
@@ -158,9 +166,7 @@ def test_a_changed_window_size_blocks_the_resume(case: Case) -> None:
     assert "window.size: 60.0 -> 120.0" in state["detail"]
     assert changes(plan, "step")["per_minute"]["detail"] == \
         "config.window.size: 60.0 -> 120.0"
-    human = subprocess.run([sys.executable, "-m", "dataflare", "plan", str(case.flow),
-                            "--recovery-dir", str(case.rec)], capture_output=True, text=True,
-                           timeout=120)
+    human = plan_cli(str(case.flow), "--recovery-dir", str(case.rec))
     assert human.returncode == 3
     assert "! state 'per_minute' blocks" in human.stdout
     assert human.stdout.rstrip().endswith("unsafe change (exit 3)")
@@ -271,9 +277,7 @@ workflow:
 
     def plan(text: str) -> tuple[int, dict[str, Any]]:
         new.write_text(text)
-        out = subprocess.run([sys.executable, "-m", "dataflare", "plan", str(new), "--against",
-                              str(old), "--format", "json"], capture_output=True, text=True,
-                             timeout=120)
+        out = plan_cli(str(new), "--against", str(old), "--format", "json")
         return out.returncode, json.loads(out.stdout)
 
     text = old.read_text()
@@ -306,8 +310,7 @@ workflow:
     old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
     old.write_text(text % "s3cret-Old-pw")
     new.write_text(text % "s3cret-New-pw")
-    out = subprocess.run([sys.executable, "-m", "dataflare", "plan", str(new), "--against",
-                          str(old)], capture_output=True, text=True, timeout=120)
+    out = plan_cli(str(new), "--against", str(old))
     assert out.returncode == 2, out.stderr
     assert "~ step 'db' changed: config.password: a secret changed" in out.stdout
     assert "s3cret" not in out.stdout + out.stderr
@@ -326,9 +329,7 @@ workflow:
     rec = tmp_path / "rec"
     assert dataflare.run(flow, recovery_dir=rec, quiet=True).ok
     flow.write_text(text.replace("out.jsonl", "out2.jsonl"))
-    out = subprocess.run([sys.executable, "-m", "dataflare", "plan", str(flow),
-                          "--recovery-dir", str(rec)], capture_output=True, text=True,
-                         timeout=120)
+    out = plan_cli(str(flow), "--recovery-dir", str(rec))
     assert out.returncode == 3, out.stdout + out.stderr
     assert (f"! destination 'out' blocks: the saved state of {tmp_path}/out.jsonl belongs "
             f"to partitions it no longer has ({tmp_path}/out2.jsonl)") in out.stdout
@@ -349,13 +350,10 @@ workflow:
     new.write_text(old.read_text().replace(
         "group_by: [k]", "group_by: [k], aggregations: [{field: v, operations: [sum], "
         "window: last_7d}]"))
-    out = subprocess.run([sys.executable, "-m", "dataflare", "plan", str(new), "--against",
-                          str(old)], capture_output=True, text=True, timeout=120)
+    out = plan_cli(str(new), "--against", str(old))
     assert out.returncode == 1
     assert out.stderr.strip() == ("error: cannot compile the workflow: step 'a': aggregations "
                                   "of 'v' have a trailing 'window' but config.time_field is "
                                   "not set")
-    out = subprocess.run([sys.executable, "-m", "dataflare", "plan", str(new),
-                          "--recovery-dir", str(tmp_path / "none")], capture_output=True,
-                         text=True, timeout=120)
+    out = plan_cli(str(new), "--recovery-dir", str(tmp_path / "none"))
     assert out.returncode == 1 and "is not a recovery directory" in out.stderr
