@@ -72,6 +72,34 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What a changed workflow does to a run's state: exit 0 none, 2 safe, 3 unsafe."""
+    from dataflare.plan import PlanError, plan_against_file, plan_against_recovery
+
+    new = validate_file(args.path)
+    old = validate_file(args.against) if args.against else None
+    invalid = [p for v in (new, old) if v is not None for p in v.errors(for_run=True)]
+    if invalid:
+        _print_problems(invalid, for_run=True)
+        return 1
+    try:
+        plan = (plan_against_file(new, old) if old is not None
+                else plan_against_recovery(new, args.recovery_dir))
+    except (PlanError, OSError) as exc:
+        print(f"error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
+        from dataflare.runner import error_text
+
+        print(f"error: cannot compile the workflow: {error_text(exc)}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print(plan.text())
+    return plan.exit_code
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     """Print what each source would read: tables and columns, or inferred record schemas."""
     from dataflare.connectors.schema import discover
@@ -330,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--format", choices=["mermaid", "dot", "svg"], default="mermaid")
     p.set_defaults(fn=cmd_graph)
+
+    p = sub.add_parser("plan", help="What a changed workflow does before it runs: steps, "
+                       "saved state, source positions, destination shapes (exit 0 no change, "
+                       "2 safe change, 3 unsafe change).")
+    p.add_argument("path", metavar="WORKFLOW")
+    against = p.add_mutually_exclusive_group(required=True)
+    against.add_argument("--recovery-dir", metavar="DIR",
+                         help="The recovery directory of the run to resume.")
+    against.add_argument("--against", metavar="OLD", help="The workflow file it replaces.")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("discover", help="Print the fields and types each source reads.")
     p.add_argument("path", metavar="PATH")

@@ -112,6 +112,7 @@ class ComponentSpec:
     description: str
     inputs: tuple[int, int | None] = (1, None)
     stateful: bool = False
+    serves: bool = False  # a stateful step whose state ``serve: true`` makes readable
     named_outputs: Callable[[Any], list[str]] | None = None
     main_output: bool = True
     merge_inputs: bool = True
@@ -189,6 +190,7 @@ def transformation(
     description: str,
     inputs: tuple[int, int | None] = (1, None),
     stateful: bool = False,
+    serves: bool = False,
     named_outputs: Callable[[Any], list[str]] | None = None,
     main_output: bool = True,
     merge_inputs: bool = True,
@@ -202,7 +204,8 @@ def transformation(
     inputs reach the builder merged into one stream, unless ``merge_inputs=False`` (a join
     takes its inputs apart). ``advise(config, upstream_modes)`` returns warnings about a
     configuration that is valid but unlikely to do what the user wants. ``blocks`` lists
-    the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``).
+    the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``). ``serves``: its state
+    can be read during a run (``serve: true``, :mod:`dataflare.views`).
     """
     return _decorator(
         "transformation",
@@ -211,6 +214,7 @@ def transformation(
         description=description,
         inputs=inputs,
         stateful=stateful,
+        serves=serves,
         named_outputs=named_outputs,
         main_output=main_output,
         merge_inputs=merge_inputs,

@@ -30,6 +30,7 @@ from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 from dataflare.logs import CONTEXT, json_mode, say
+from dataflare.plan import committed_epoch, record_workflow, restore_record
 from dataflare.secrets import scrub, scrub_bytes
 
 
@@ -395,11 +396,16 @@ def _run(opts: RunOptions) -> RunResult:
     if opts.http_port is not None:
         from dataflare.live import Live
 
-        live = Live(wf, os.environ.get(RUN_ID_ENV))
+        live = Live(wf, os.environ.get(RUN_ID_ENV), _peers(opts))
         try:
             live.start(opts.http_host, opts.http_port)
         except OSError as exc:
             return _refused(f"cannot serve --http-port {opts.http_port}: {exc.strerror}")
+    else:
+        served = [cid for cid, t in wf.transformations.items() if t.serve]
+        if served:
+            say(f"serve: true on {', '.join(map(repr, served))} has no effect without "
+                "--http-port (the views are read at GET /views/<step>)", "warning")
     # SIGTERM / SIGINT stop gracefully (dataflare.stopping); so does config.timeout, which
     # stops at once if the graceful stop takes longer than STOP_GRACE.
     stopping.install()
@@ -416,6 +422,10 @@ def _run(opts: RunOptions) -> RunResult:
     progress = _Progress(steps, list(wf.destinations), on_terminal, quiet=opts.quiet,
                          progress_file=opts.progress_json)
     code, status, error = 0, "succeeded", None
+    recorded = None  # the workflow the saved state belongs to, for ``dataflare plan``
+    if opts.recovery_dir is not None:
+        directory = Path(opts.recovery_dir)
+        recorded = (directory, record_workflow(directory, opts.path), committed_epoch(directory))
     try:
         with progress, _without_worker_panics():
             cli_main(flow, **kwargs)
@@ -431,6 +441,9 @@ def _run(opts: RunOptions) -> RunResult:
     finally:
         if timer is not None:
             timer.cancel()
+        if recorded is not None and committed_epoch(recorded[0]) == recorded[2]:
+            # Nothing was committed (a refused resume): the state is the previous workflow's.
+            restore_record(recorded[0], recorded[1])
     if watching is not None:
         watching.set()
     if status == "succeeded" and stopping.requested():
@@ -463,6 +476,19 @@ def _run(opts: RunOptions) -> RunResult:
     if opts.summary_json:
         Path(opts.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return RunResult(status, code, summary, error)
+
+
+def _peers(opts: RunOptions) -> list[str]:
+    """The live endpoints of the other processes of a cluster run (``/views`` gathers there).
+
+    Each process's host (from the cluster addresses) with the same ``--http-port``, as the
+    pods of a StatefulSet have.
+    """
+    if not opts.addresses or not opts.http_port:
+        return []
+    me = opts.process_id or 0
+    return [f"http://{address.rsplit(':', 1)[0]}:{opts.http_port}"
+            for i, address in enumerate(opts.addresses.split(";")) if i != me]
 
 
 STOP_GRACE = 30.0  # seconds a timed-out run may take to stop gracefully

@@ -22,7 +22,7 @@ from bytewax.dataflow import Dataflow, Stream, _MultiStream, operator
 from bytewax.inputs import Source
 from bytewax.testing import TestingSink, TestingSource
 
-from dataflare import metrics, registry, secrets
+from dataflare import metrics, registry, secrets, views
 from dataflare.connectors.schema import OutputSchemaCheck
 from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
@@ -31,6 +31,7 @@ from dataflare.encryption import field_cipher
 from dataflare.expr import compile_expression
 from dataflare.live import tapper
 from dataflare.masking import Masker
+from dataflare.operators.keyed import shard_builders
 from dataflare.operators.records import map_records, separate_failed
 from dataflare.records import META, Batch, Failed
 from dataflare.stopping import stoppable
@@ -335,7 +336,7 @@ class _Compiler:
         return spec
 
     def compile(self) -> Dataflow:
-        flow = Dataflow(_flow_id(self.v))
+        flow = self.flow = Dataflow(_flow_id(self.v))
         if self.replay is not None and self.graph.kinds[self.replay[0]] == "transformations":
             self.streams[_REPLAY] = op.input("replay", flow, self.replay[1])
         for cid in self.graph.order():
@@ -413,10 +414,18 @@ class _Compiler:
         ctx = self.ctx("transformation", cid, comp)
         ports = transformation_component(cid, spec, ctx, *ups)
         self.keep(cid, ports, comp.error_handling)
+        if comp.serve:
+            self.serve(cid)
         config = comp.config
         for field in type(config).model_fields:
             if field.endswith("_to") and f"port:{field[:-3]}" in ports.streams:
                 self.redirect(getattr(config, field), ports.streams[f"port:{field[:-3]}"])
+
+    def serve(self, cid: str) -> None:
+        """Publish the state of step ``cid`` to its live view (``serve: true``)."""
+        view = views.serve(cid, masker(self.wf.data_protection))
+        for builder in shard_builders(self.flow, f"{self.flow.flow_id}.{cid}.").values():
+            builder.view = view
 
     def destinations(self) -> None:
         pending = dict(self.wf.destinations)

@@ -110,6 +110,11 @@ def validate_text(
                     f"{kind} type {spec.type!r} needs {', '.join(missing)}, not installed: "
                     f"pip install 'dataflare[{spec.extra}]'"))
             out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp))
+            if comp.get("serve") is True and not spec.serves:
+                servable = sorted(s.type for s in registry.specs("transformation") if s.serves)
+                out.problems.append(doc.problem(
+                    (*loc, "serve"), f"a {spec.type} step has no state to serve; 'serve' "
+                    f"works on: {', '.join(servable)}", key=True))
             if not spec.available:
                 out.problems.append(
                     doc.problem(

@@ -192,6 +192,10 @@ class _AggregationShard(ShardLogic):
             out.append((ERRS, errs))
         return out
 
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Each group's current aggregates, as the step emits them."""
+        return [(k, self.op.record(k, g)) for k, g in state["groups"].items()]
+
     def flush(self) -> list[tuple[str, list[Any]]]:
         if self.op.updates:
             return []
@@ -230,6 +234,7 @@ def aggregation(
     description="Aggregate records per group (count, sum, avg, min, max, count_distinct...).",
     inputs=(1, None),
     stateful=True,
+    serves=True,
 )
 def build_aggregation(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``aggregation`` step."""

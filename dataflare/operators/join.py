@@ -270,6 +270,15 @@ class _RelationalShard(ShardLogic):
             out.append((ERRS, errs))
         return out
 
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Per key, the joined records its records so far give."""
+        rows: list[tuple[Any, dict[str, Any]]] = []
+        for key, (lefts, rights) in state.items():
+            joined: list[dict[str, Any]] = []
+            self.op.pairs(lefts, rights, joined)
+            rows.extend((key, r) for r in joined)
+        return rows
+
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
         for lefts, rights in self.state.values():
@@ -345,6 +354,16 @@ class _WindowJoinShard(ShardLogic):
                 o.pairs(lefts, rights, down)
             g[3] = min(wins, default=_NEVER - size) + size
         return _tagged(o.step_id, down, late, errs)
+
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Per key, the joined records of its open windows so far."""
+        rows: list[tuple[Any, dict[str, Any]]] = []
+        for key, g in state.items():
+            for lefts, rights in g[2].values():
+                joined: list[dict[str, Any]] = []
+                self.op.pairs(lefts, rights, joined)
+                rows.extend((key, r) for r in joined)
+        return rows
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
@@ -429,6 +448,16 @@ class _SessionJoinShard(ShardLogic):
             g[3] = keep[0][1] + gap if keep else _NEVER
         return _tagged(o.step_id, down, late, errs)
 
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Per key, the joined records of its open sessions so far."""
+        rows: list[tuple[Any, dict[str, Any]]] = []
+        for key, g in state.items():
+            for s in g[2]:
+                joined: list[dict[str, Any]] = []
+                self.op.pairs(s[2], s[3], joined)
+                rows.extend((key, r) for r in joined)
+        return rows
+
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
         for g in self.state.values():
@@ -476,6 +505,10 @@ class _LookupShard(ShardLogic):
                 elif o.keep_left:
                     down.append(o.combine(rec, None))
         return _tagged(o.step_id, down, [], errs)
+
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """The table: per key, its latest right record."""
+        return [(key, rec) for key, (rec, _) in state.items()]
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         self.state = {}
@@ -546,6 +579,7 @@ def _advice(cfg: JoinConfig, modes: set[str]) -> list[str]:
     description="Join two inputs by key: relational, per event-time window, or as a lookup.",
     inputs=(2, 2),
     stateful=True,
+    serves=True,
     named_outputs=lambda cfg: ["late"],
     merge_inputs=False,
     advise=lambda cfg, modes: _advice(cfg, modes),

@@ -256,6 +256,12 @@ class _WindowShard(ShardLogic):
             return [(s[0], s[1], s[2]) for s in g[_W]]
         return [(start, start + o.size, acc) for start, acc in g[_W].items()]
 
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Each open window of each group with its aggregates so far."""
+        record = self.op.output.record
+        return [(key, record(key, start, end, acc))
+                for key, g in state.items() for start, end, acc in self._spans(g)]
+
     def flush(self) -> list[tuple[str, list[Any]]]:
         record = self.op.output.record
         down = [
@@ -543,6 +549,7 @@ def window(
     description="Aggregate records per group in event-time tumbling, sliding or session windows.",
     inputs=(1, None),
     stateful=True,
+    serves=True,
     named_outputs=lambda cfg: ["late"],
 )
 def build_window(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
