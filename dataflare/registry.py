@@ -31,6 +31,8 @@ from typing import Any, Generic, Literal, TypeVar
 from bytewax.dataflow import Stream
 from pydantic import BaseModel
 
+from dataflare.record_schema import SchemaHook
+
 Kind = Literal["source", "transformation", "destination"]
 KINDS: tuple[Kind, ...] = ("source", "transformation", "destination")
 SECTION: dict[Kind, str] = {
@@ -120,6 +122,7 @@ class ComponentSpec:
     blocks: frozenset[str] | None = None
     requires: tuple[str, ...] = ()  # import names of the packages it needs
     extra: str = ""  # the dataflare extra that installs them
+    schema: SchemaHook | None = None  # its reads and output schema (record_schema)
 
     def missing(self) -> list[str]:
         """The packages this type needs that are not installed."""
@@ -168,6 +171,7 @@ def source(
     requires: tuple[str, ...] = (),
     extra: str = "",
     blocks: tuple[str, ...] | None = None,
+    schema: SchemaHook | None = None,
 ) -> Callable[..., Any]:
     """Register a source builder under ``type_name``.
 
@@ -175,10 +179,11 @@ def source(
     the type without them fails at validate with the ``pip install`` line to run.
     ``blocks`` lists the blocks of :data:`TYPE_BLOCKS` the type acts on (``None``: not
     declared, nothing is checked); ``name=type`` when it acts on those of one type only
-    (``write_mode=append``).
+    (``write_mode=append``). ``schema`` is the hook giving the schema of its records when
+    the config says it (:mod:`dataflare.record_schema`).
     """
     return _decorator("source", type_name, config=config, description=description, inputs=(0, 0),
-                      requires=requires, extra=extra,
+                      requires=requires, extra=extra, schema=schema,
                       blocks=None if blocks is None else frozenset(blocks))
 
 
@@ -194,6 +199,7 @@ def transformation(
     merge_inputs: bool = True,
     advise: Callable[[Any, set[str]], list[str]] | None = None,
     blocks: tuple[str, ...] = (),
+    schema: SchemaHook | None = None,
 ) -> Callable[..., Any]:
     """Register a transformation builder under ``type_name``.
 
@@ -202,7 +208,9 @@ def transformation(
     inputs reach the builder merged into one stream, unless ``merge_inputs=False`` (a join
     takes its inputs apart). ``advise(config, upstream_modes)`` returns warnings about a
     configuration that is valid but unlikely to do what the user wants. ``blocks`` lists
-    the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``).
+    the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``). ``schema`` is the hook
+    naming the fields the step reads and deriving its output schema from its inputs'
+    (:mod:`dataflare.record_schema`); without it the output schema is unknown.
     """
     return _decorator(
         "transformation",
@@ -216,6 +224,7 @@ def transformation(
         merge_inputs=merge_inputs,
         advise=advise,
         blocks=frozenset(blocks),
+        schema=schema,
     )
 
 
@@ -227,10 +236,14 @@ def destination(
     requires: tuple[str, ...] = (),
     extra: str = "",
     blocks: tuple[str, ...] | None = None,
+    schema: SchemaHook | None = None,
 ) -> Callable[..., Any]:
-    """Register a destination builder (``requires`` and ``blocks`` as for sources)."""
+    """Register a destination builder (``requires`` and ``blocks`` as for sources).
+
+    ``schema`` names the fields its config reads (templates, keys); its return is unused.
+    """
     return _decorator("destination", type_name, config=config, description=description,
-                      requires=requires, extra=extra,
+                      requires=requires, extra=extra, schema=schema,
                       blocks=None if blocks is None else frozenset(blocks))
 
 

@@ -37,6 +37,7 @@ from dataflare.operators.keyed import (
     time_reader,
     to_us,
 )
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, RecordError
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -165,12 +166,21 @@ def dedupe(
     return DedupeOut(down=outs[DOWN], errs=outs[ERRS])
 
 
+def dedupe_schema(ctx: SchemaContext[DedupeConfig]) -> FieldType:
+    """The records pass unchanged; the keys and the time field are read."""
+    for i, key in enumerate(ctx.config.keys):
+        ctx.read(("keys", i), key)
+    ctx.read(("time_field",), ctx.config.time_field, want="time")
+    return ctx.input
+
+
 @transformation(
     "dedupe",
     config=DedupeConfig,
     description="Drop records whose key was already seen (within a time-to-live).",
     inputs=(1, None),
     stateful=True,
+    schema=dedupe_schema,
 )
 def build_dedupe(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``dedupe`` step."""
