@@ -142,14 +142,18 @@ def _check_reads(doc: Document, loc: Loc, ctx: SchemaContext[Any]) -> list[Probl
         found = base.get(read.path)
         refs = ctx.input_ids if read.input is None else ctx.input_ids[read.input:read.input + 1]
         origin = _records_of(refs)
+        at = (*loc, *read.loc)
         if found is None:
             known = base.paths()
             hint = did_you_mean(read.path, known)
-            has = f"; they have: {', '.join(known)}" if known else ""
+            shown = [p for p in known if "." not in p] if len(known) > _SHOWN else known
+            more = ", ..." if len(shown) > _SHOWN else ""
+            has = f"; they have: {', '.join(shown[:_SHOWN])}{more}" if known else ""
+            given = at in doc.positions or (isinstance(at[-1], int) and at[:-1] in doc.positions)
+            default = "" if given else f" ({read.loc[-1]} not set: its default)"
             out.append(doc.problem(
-                (*loc, *read.loc),
-                f"{read.what} {read.path!r} is not in the records {origin}{hint}{has}",
-                severity="warning"))
+                at, f"{read.what} {read.path!r}{default} is not in the records {origin}{hint}"
+                f"{has}", severity="warning"))
         elif clashes(found, read.want):
             out.append(doc.problem(
                 (*loc, *read.loc),
@@ -157,6 +161,9 @@ def _check_reads(doc: Document, loc: Loc, ctx: SchemaContext[Any]) -> list[Probl
                 f"{read.loc[-1] if isinstance(read.loc[-1], str) else read.loc[-2]} needs "
                 f"{WANTS[read.want or '']}"))
     return out
+
+
+_SHOWN = 12  # fields listed in a message at most
 
 
 def _records_of(refs: list[str]) -> str:

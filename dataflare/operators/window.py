@@ -541,8 +541,9 @@ def window(
 def window_schema(ctx: SchemaContext[WindowConfig]) -> FieldType:
     """One record per group and window: group-by fields, window bounds, aggregates."""
     cfg = ctx.config
-    ctx.read(("time_field",), cfg.time_field, want="time")
-    bounds = {"window_start": FieldType.of("string"), "window_end": FieldType.of("string")}
+    when = ctx.read(("time_field",), cfg.time_field, want="time").all_origins()
+    bounds = {"window_start": FieldType.of("string", when),
+              "window_end": FieldType.of("string", when)}
     return window_output(ctx, cfg.group_by, {**bounds, **aggregate_fields(ctx, cfg.aggregations)})
 
 

@@ -179,8 +179,9 @@ class _Analytics:
 def window_analytics_schema(ctx: SchemaContext[WindowAnalyticsConfig]) -> FieldType:
     """One record per group and window: group-by fields, window bounds, calculations."""
     cfg = ctx.config
-    ctx.read(("time_field",), cfg.time_field, want="time")
-    fields = {"window_start": FieldType.of("string"), "window_end": FieldType.of("string")}
+    when = ctx.read(("time_field",), cfg.time_field, want="time").all_origins()
+    fields = {"window_start": FieldType.of("string", when),
+              "window_end": FieldType.of("string", when)}
     for i, calc in enumerate(cfg.calculations):
         if calc.type == "count":
             fields[calc.name] = FieldType.of("integer")
