@@ -166,7 +166,8 @@ def _wf(transformations: str, sources: str | None = None, dests: str = "") -> st
 
 
 @pytest.mark.parametrize(("step", "message"), [
-    ("{type: aggregation, inputs: [ev], config: {aggregations: [{field: name, operations: [sum]}]}}",
+    ("{type: aggregation, inputs: [ev], config: {aggregations: "
+     "[{field: name, operations: [sum]}]}}",
      "field 'name' is a string in the records from 'ev', field needs a number"),
     ("{type: window, inputs: [ev], config: {time_field: flag, window: {size: 1m}}}",
      "field 'flag' is a boolean in the records from 'ev', time_field needs a time"),
