@@ -31,6 +31,7 @@ from typing import Any, Generic, Literal, TypeVar
 from bytewax.dataflow import Stream
 from pydantic import BaseModel
 
+from dataflare.lineage import DatasetsHook
 from dataflare.record_schema import SchemaHook
 
 Kind = Literal["source", "transformation", "destination"]
@@ -123,6 +124,7 @@ class ComponentSpec:
     requires: tuple[str, ...] = ()  # import names of the packages it needs
     extra: str = ""  # the dataflare extra that installs them
     schema: SchemaHook | None = None  # its reads and output schema (record_schema)
+    datasets: DatasetsHook | None = None  # the datasets it reads or writes (lineage)
 
     def missing(self) -> list[str]:
         """The packages this type needs that are not installed."""
@@ -172,6 +174,7 @@ def source(
     extra: str = "",
     blocks: tuple[str, ...] | None = None,
     schema: SchemaHook | None = None,
+    datasets: DatasetsHook | None = None,
 ) -> Callable[..., Any]:
     """Register a source builder under ``type_name``.
 
@@ -180,10 +183,11 @@ def source(
     ``blocks`` lists the blocks of :data:`TYPE_BLOCKS` the type acts on (``None``: not
     declared, nothing is checked); ``name=type`` when it acts on those of one type only
     (``write_mode=append``). ``schema`` is the hook giving the schema of its records when
-    the config says it (:mod:`dataflare.record_schema`).
+    the config says it (:mod:`dataflare.record_schema`); ``datasets`` the hook naming the
+    datasets it reads (:mod:`dataflare.lineage`).
     """
     return _decorator("source", type_name, config=config, description=description, inputs=(0, 0),
-                      requires=requires, extra=extra, schema=schema,
+                      requires=requires, extra=extra, schema=schema, datasets=datasets,
                       blocks=None if blocks is None else frozenset(blocks))
 
 
@@ -237,13 +241,14 @@ def destination(
     extra: str = "",
     blocks: tuple[str, ...] | None = None,
     schema: SchemaHook | None = None,
+    datasets: DatasetsHook | None = None,
 ) -> Callable[..., Any]:
-    """Register a destination builder (``requires`` and ``blocks`` as for sources).
+    """Register a destination builder (``requires``, ``blocks``, ``datasets`` as for sources).
 
     ``schema`` names the fields its config reads (templates, keys); its return is unused.
     """
     return _decorator("destination", type_name, config=config, description=description,
-                      requires=requires, extra=extra, schema=schema,
+                      requires=requires, extra=extra, schema=schema, datasets=datasets,
                       blocks=None if blocks is None else frozenset(blocks))
 
 
@@ -255,6 +260,7 @@ def planned(
     description: str,
     inputs: tuple[int, int | None] = (1, None),
     note: str = "not available yet",
+    datasets: DatasetsHook | None = None,
 ) -> None:
     """Declare a type whose config validates but which cannot run yet."""
     register(
@@ -266,6 +272,7 @@ def planned(
             description=description,
             inputs=(0, 0) if kind == "source" else inputs,
             planned=note,
+            datasets=datasets,
         )
     )
 

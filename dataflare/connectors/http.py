@@ -26,6 +26,7 @@ from pydantic import Field
 
 from dataflare.config import Duration, Strict
 from dataflare.connectors.batching import Flush, buffered_output
+from dataflare.lineage import url_dataset
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, describe_position
 from dataflare.registry import BuildContext, destination
@@ -196,6 +197,7 @@ def http_destination_schema(ctx: SchemaContext[HttpDestinationConfig]) -> FieldT
 @destination(
     "http",
     config=HttpDestinationConfig,
+    datasets=lambda cfg, base: url_dataset(cfg.url),
     description="An HTTP endpoint: one templated request per record, retries on 429/5xx.",
     blocks=("batch",),
     requires=("httpx",), extra="http",

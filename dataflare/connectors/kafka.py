@@ -45,6 +45,7 @@ from pydantic import Field, model_validator
 
 from dataflare import metrics
 from dataflare.config import Duration, Strict
+from dataflare.lineage import topic_datasets
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, describe_position
 from dataflare.registry import BuildContext, destination, source
@@ -502,6 +503,7 @@ class KafkaSource(FixedPartitionedSource[list[Any], int]):
 @source(
     "kafka",
     config=KafkaSourceConfig,
+    datasets=lambda cfg, base: topic_datasets(cfg.bootstrap_servers, cfg.topic_names()),
     description="Kafka topics: one partition per topic-partition, offsets in recovery state.",
     blocks=("mode",),
     requires=("confluent_kafka",), extra="kafka",
@@ -773,6 +775,7 @@ def kafka_destination_schema(ctx: SchemaContext[KafkaDestinationConfig]) -> Fiel
 @destination(
     "kafka",
     config=KafkaDestinationConfig,
+    datasets=lambda cfg, base: topic_datasets(cfg.bootstrap_servers, [cfg.topic]),
     description="A Kafka topic: JSON values, templated keys and headers, optional transactions.",
     blocks=(),
     requires=("confluent_kafka",), extra="kafka",

@@ -84,6 +84,8 @@ def check(doc: Document, wf: dict[str, Any], g: Graph) -> tuple[TypeFlow, list[P
         kind = SECTIONS[section]
         spec = registry.lookup(kind, g.types[cid])  # type: ignore[arg-type]
         config = g.configs.get(cid)
+        if spec is None or not isinstance(config, spec.config):
+            config = None  # invalid, or an id used twice (reported by the graph checks)
         refs = g.inputs.get(cid, []) if section != "sources" else []
         inputs = [flow.of_ref(ref) for ref in refs]
         if cid in dead_letters:  # also receives dead letters: {error, source, record}
