@@ -43,8 +43,10 @@ class Dataset:
 
     @property
     def id(self) -> str:
-        """``namespace/name``, the dataset's key in the lineage output."""
-        return f"{self.namespace}/{self.name}"
+        """``namespace/name`` (``file:/path``), the dataset's key in the lineage output."""
+        if "://" not in self.namespace:  # file:/abs/path
+            return f"{self.namespace}:{self.name}"
+        return f"{self.namespace}{'' if self.name.startswith('/') else '/'}{self.name}"
 
 
 DatasetsHook = Callable[[Any, Path], list[Dataset]]
