@@ -271,7 +271,11 @@ class RunEvents:
 
         transports: list[Any] = []
         if url:
-            transports.append(HttpTransport(HttpConfig(url=url, timeout=10.0)))
+            # two retries (about 1.5 s) before a warning: a catalog down delays no run long
+            retry = {"total": 2, "connect": 2, "read": 2, "backoff_factor": 0.5,
+                     "status_forcelist": [429, 500, 502, 503, 504],
+                     "allowed_methods": ["HEAD", "POST"]}
+            transports.append(HttpTransport(HttpConfig(url=url, timeout=10.0, retry=retry)))
         if file:
             transports.append(FileTransport(FileConfig(log_file_path=file, append=True)))
         transport = transports[0] if len(transports) == 1 else CompositeTransport(
