@@ -423,8 +423,8 @@ _NUMERIC_OPS = {"<", "<=", ">", ">=", "+", "-", "*", "/", "%"}
 _TEXT_FUNCTIONS = {"lower", "upper", "trim"}
 
 
-def expression_reads(text: str) -> list[tuple[str, str | None]]:
-    """The paths an expression reads, each with the kind of value it needs (or ``None``).
+def expression_reads(text: str) -> list[tuple[str, str | None, int]]:
+    """The paths an expression reads: each with the kind it needs (or ``None``), its column.
 
     A path next to an arithmetic or ordering operator whose other operand is a number
     literal (``amount > 10``, ``2 * qty``) needs a number; the one argument of ``lower``,
@@ -432,7 +432,7 @@ def expression_reads(text: str) -> list[tuple[str, str | None]]:
     """
     compile_expression(text)
     toks = _tokenize(str(text))
-    out: list[tuple[str, str | None]] = []
+    out: list[tuple[str, str | None, int]] = []
     for i, tok in enumerate(toks):
         if tok.kind != "name" or toks[i + 1].text == "(":
             continue
@@ -448,5 +448,5 @@ def expression_reads(text: str) -> list[tuple[str, str | None]]:
         elif (i >= 2 and before is not None and before.text == "("
               and toks[i - 2].text in _TEXT_FUNCTIONS and after.text == ")"):
             want = "string"
-        out.append((tok.text, want))
+        out.append((tok.text, want, tok.col))
     return out

@@ -269,6 +269,7 @@ class Read:
     want: str | None = None
     what: str = "field"
     schema: FieldType | None = None  # read from these records instead of the input's
+    column: int | None = None  # where the path starts in the setting's text (1-based)
 
 
 @dataclass(frozen=True)
@@ -322,7 +323,7 @@ class SchemaContext(Generic[C]):
 
     def read(self, loc: Loc, path: str | None, *, input: int | None = None,  # noqa: A002
              want: str | None = None, config: bool = True,
-             schema: FieldType | None = None) -> FieldType:
+             schema: FieldType | None = None, column: int | None = None) -> FieldType:
         """Record that the step reads ``path`` (set at ``loc`` of its config); its type.
 
         ``schema``: the records read, when the step reads its own intermediate records
@@ -331,7 +332,7 @@ class SchemaContext(Generic[C]):
         if not path:
             return ANY
         loc = ("config", *loc) if config else loc
-        self.reads.append(Read(loc, path, input, want, schema=schema))
+        self.reads.append(Read(loc, path, input, want, schema=schema, column=column))
         return self.type_of(path, input, schema)
 
     def read_expression(self, loc: Loc, text: str | None, *, input: int | None = None,  # noqa: A002
@@ -350,8 +351,9 @@ class SchemaContext(Generic[C]):
         except ExpressionError:
             return ANY  # reported by the config's own validation
         origins: set[Origin] = set()
-        for path, want in reads:
-            t = self.read(loc, path, input=input, want=want, config=config, schema=schema)
+        for path, want, column in reads:
+            t = self.read(loc, path, input=input, want=want, config=config, schema=schema,
+                          column=column)
             origins |= t.all_origins()
         return FieldType(origins=frozenset(origins))
 

@@ -19,7 +19,7 @@ reports nothing. :func:`schemas` is the public entry: ``step id -> schema``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from dataflare import registry
@@ -137,6 +137,12 @@ def _destination_reads(ctx: SchemaContext[Any], comp: Mapping[str, Any]) -> None
             ctx.read(loc, key, config=False)
 
 
+def _at_column(doc: Document, loc: Loc, read: Read, problem: Problem) -> Problem:
+    """The problem at the column of the path in an expression, when it can be told."""
+    col = None if read.column is None else doc.column_of(loc, read.column)
+    return problem if col is None else replace(problem, col=col)
+
+
 def _check_reads(doc: Document, loc: Loc, ctx: SchemaContext[Any]) -> list[Problem]:
     out: list[Problem] = []
     for read in ctx.reads:
@@ -153,15 +159,15 @@ def _check_reads(doc: Document, loc: Loc, ctx: SchemaContext[Any]) -> list[Probl
             has = f"; they have: {', '.join(shown[:_SHOWN])}{more}" if known else ""
             given = at in doc.positions or (isinstance(at[-1], int) and at[:-1] in doc.positions)
             default = "" if given else f" ({read.loc[-1]} not set: its default)"
-            out.append(doc.problem(
+            out.append(_at_column(doc, at, read, doc.problem(
                 at, f"{read.what} {read.path!r}{default} is not in the records {origin}{hint}"
-                f"{has}", severity="warning"))
+                f"{has}", severity="warning")))
         elif clashes(found, read.want):
-            out.append(doc.problem(
-                (*loc, *read.loc),
+            out.append(_at_column(doc, at, read, doc.problem(
+                at,
                 f"{read.what} {read.path!r} is a {found.kind} in the records {origin}, "
                 f"{read.loc[-1] if isinstance(read.loc[-1], str) else read.loc[-2]} needs "
-                f"{WANTS[read.want or '']}"))
+                f"{WANTS[read.want or '']}")))
     return out
 
 

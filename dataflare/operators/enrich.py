@@ -479,8 +479,8 @@ def enrich_schema(ctx: SchemaContext[EnrichConfig]) -> FieldType:
         else:
             origins: set[tuple[str, str]] = set()
             for name, text in e.inputs.items():
-                t = ctx.read_expression((*at, "inputs", name), _BRACES.sub(r"\1", text),
-                                        schema=out)
+                plain = text.replace("{{", "  ").replace("}}", "  ")  # columns kept
+                t = ctx.read_expression((*at, "inputs", name), plain, schema=out)
                 origins |= t.all_origins()
             out = out.with_path(e.output_field or "", FieldType.of("number", origins))
     return out

@@ -117,7 +117,8 @@ def formula_schema(ctx: SchemaContext[Any], config: dict[str, Any]) -> FieldType
     for m in _AGG.finditer(cfg.formula):  # paths through lists: sum(orders.total)
         want = None if m.group(1) == "count" else "number"
         origins |= ctx.read(("formula",), m.group(2), want=want).all_origins()
-    rest = ctx.read_expression(("formula",), _AGG.sub("0", cfg.formula))
+    numbers = _AGG.sub(lambda m: "0".ljust(len(m.group(0))), cfg.formula)  # columns kept
+    rest = ctx.read_expression(("formula",), numbers)
     origins |= rest.all_origins()
     return ctx.input.with_path(cfg.output_field, FieldType.of("number", origins))
 

@@ -1,5 +1,6 @@
 """The type flow at validate: schemas through the DAG, fields read checked where known."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -69,14 +70,14 @@ def test_issue_example_is_located_and_strict_fails(tmp_path, capsys):
     assert not v.errors()
     found = {(p.line, p.col, p.path, p.message) for p in v.problems}
     assert found == {
-        (17, 20, "transformations.big.config.condition",
+        (17, 21, "transformations.big.config.condition",
          "field 'amount' is not in the records from 'keep_id'; they have: id"),
         (22, 20, "transformations.per_field.config.group_by[0]",
          "field 'nonexistent.field' is not in the records from 'big'; they have: id"),
     }
     assert main(["validate", str(path)]) == 0
     err = capsys.readouterr().err
-    assert f"{path}:17:20: transformations.big.config.condition: warning: field 'amount'" in err
+    assert f"{path}:17:21: transformations.big.config.condition: warning: field 'amount'" in err
     assert main(["validate", "--strict", str(path)]) == 1
 
 
@@ -118,7 +119,10 @@ def test_planted_wrong_field_is_located(tmp_path, name, old, new, where, hint):
     assert found, "no problem reported"
     assert all(p.severity == "warning" for p in found)
     line = broken[: broken.index(new)].count("\n") + 1
-    assert {p.line for p in found} == {line}
+    wrong = next(w for w in re.findall(r"[A-Za-z_][\w.]*", new)
+                 if w not in re.findall(r"[A-Za-z_][\w.]*", old))
+    col = broken.splitlines()[line - 1].index(wrong) + 1
+    assert {(p.line, p.col) for p in found} == {(line, col)}  # at the wrong name itself
     if where is not None:
         assert where in {p.path for p in found}
     if hint is not None:
