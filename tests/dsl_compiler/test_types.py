@@ -7,7 +7,7 @@ import pytest
 
 from dataflare.cli import main
 from dataflare.dsl_compiler import validate_file, validate_text
-from dataflare.dsl_compiler.types import schemas
+from dataflare.dsl_compiler import schemas
 
 ROOT = Path(__file__).parents[2]
 FLOWS = sorted((ROOT / "flows").glob("*.yaml")) + sorted((ROOT / "flows").glob("seed/*.yaml"))
@@ -352,6 +352,34 @@ def test_enrichments_read_what_earlier_ones_wrote():
     assert [(p.path, p.message[:45]) for p in _type_problems(v)] == [
         ("transformations.last.config.enrichments[1].url",
          "field 'nme' is not in the records from 'ev' (")]
+
+
+def test_destination_templates_and_keys_are_read():
+    v = validate_text(_wf("    last: {type: filter, inputs: [ev], config: {condition: 'id > 0'}}\n",
+                          dests="""\
+    topic:
+      type: kafka
+      inputs: [last]
+      config: {topic: t, key_template: "{{nme}}-{{id}}", headers: {h: "{{flg}}"}}
+    hook:
+      type: http
+      inputs: [last]
+      config: {url: "http://127.0.0.1:1/{{id}}", body_template: '{"a": "{{amout}}"}'}
+    kv:
+      type: redis
+      inputs: [last]
+      config: {key_template: "k:{{id}}", fields: [{source: nam, destination: n}],
+               data_structure: sorted_set, score_field: name}
+"""), "t.yaml")
+    found = {(p.path, p.message.split(" is ")[0]) for p in _type_problems(v)}
+    assert found == {
+        ("destinations.topic.config.key_template", "field 'nme'"),
+        ("destinations.topic.config.headers.h", "field 'flg'"),
+        ("destinations.hook.config.body_template", "field 'amout'"),
+        ("destinations.kv.config.fields[0].source", "field 'nam'"),
+        ("destinations.kv.config.score_field", "field 'name'"),  # a string, not a score
+    }
+    assert [p.path for p in v.errors()] == ["destinations.kv.config.score_field"]
 
 
 def test_masking_field_no_destination_has():
