@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from dataflare.cli import main
-from dataflare.dsl_compiler import validate_file, validate_text
-from dataflare.dsl_compiler import schemas
+from dataflare.dsl_compiler import schemas, validate_file, validate_text
 
 ROOT = Path(__file__).parents[2]
 FLOWS = sorted((ROOT / "flows").glob("*.yaml")) + sorted((ROOT / "flows").glob("seed/*.yaml"))
