@@ -163,13 +163,6 @@ class FieldType:
 
     # description -------------------------------------------------------------------------
 
-    def describe(self) -> str:
-        """A short text: ``string``, ``object {a, b}``, ``any``."""
-        if self.kind == "object" and self.fields:
-            more = ", ..." if self.open else ""
-            return f"object {{{', '.join(self.fields)}{more}}}"
-        return self.kind
-
     def to_json(self) -> dict[str, Any]:
         """A JSON-able description (kind, fields, open, origins as ``source.path``)."""
         out: dict[str, Any] = {"type": self.kind}
@@ -375,10 +368,6 @@ class SchemaContext(Generic[C]):
     def error(self, loc: Loc, message: str, *, config: bool = True) -> None:
         """Report a problem of this step's config found while deriving its schema."""
         self.notes.append(Note(("config", *loc) if config else loc, message))
-
-    def warn(self, loc: Loc, message: str, *, config: bool = True) -> None:
-        """Report a doubtful setting of this step's config (a warning)."""
-        self.notes.append(Note(("config", *loc) if config else loc, message, "warning"))
 
 
 SchemaHook = Callable[[SchemaContext[Any]], FieldType | None]

@@ -230,6 +230,8 @@ def test_fields_followed_through_window_and_join_with_prefix():
     assert both.get("w.spend_sum").origins == {("ev", "amount")}
     assert both.get("e.flag").kind == "boolean"
     assert both.get("w.window_start").origins == {("ev", "at")}
+    assert both.to_json()["fields"]["w"]["fields"]["spend_avg"] == {
+        "type": "number", "from": ["ev.amount"]}
 
 
 UNKNOWN = """\
