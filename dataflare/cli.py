@@ -100,6 +100,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return plan.exit_code
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """Print the datasets the workflows read and write (Mermaid, DOT or JSON)."""
+    from dataflare.lineage import lineage, render
+
+    validated = []
+    for path in args.paths:
+        v = validate_file(path)
+        if v.errors() or v.workflow is None:
+            _print_problems(v.errors(), for_run=False)
+            return 1
+        validated.append(v)
+    print(render(lineage(validated), args.format))
+    return 0
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     """Print what each source would read: tables and columns, or inferred record schemas."""
     from dataflare.connectors.schema import discover
@@ -314,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--otlp-url", default=os.environ.get("DATAFLARE_OTLP_URL"),
                    help="Send bytewax's traces (spans per step) to this OpenTelemetry "
                    "collector over gRPC, e.g. http://127.0.0.1:4317.")
+    p.add_argument("--openlineage-url", default=os.environ.get("DATAFLARE_OPENLINEAGE_URL"),
+                   help="Send OpenLineage run events (START, COMPLETE/FAIL) to this endpoint "
+                   "(e.g. Marquez: http://host:5000; posted to /api/v1/lineage).")
+    p.add_argument("--openlineage-file", metavar="FILE",
+                   help="Append OpenLineage run events to FILE, one JSON object per line.")
     p.add_argument("-w", "--workers-per-process", type=int, help="Workers in this process.")
     p.add_argument("-i", "--process-id", type=int, help="This process's id (with -a).")
     p.add_argument("-a", "--addresses", help="host:port of every process, ';'-separated.")
@@ -369,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     against.add_argument("--against", metavar="OLD", help="The workflow file it replaces.")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(fn=cmd_plan)
+
+
+    p = sub.add_parser("lineage", help="Print the datasets workflows read and write, with "
+                       "column lineage.")
+    p.add_argument("paths", nargs="+", metavar="WORKFLOW")
+    p.add_argument("--format", choices=["mermaid", "dot", "json"], default="mermaid")
+    p.set_defaults(fn=cmd_lineage)
 
     p = sub.add_parser("discover", help="Print the fields and types each source reads.")
     p.add_argument("path", metavar="PATH")

@@ -31,6 +31,9 @@ from typing import Any, Generic, Literal, TypeVar
 from bytewax.dataflow import Stream
 from pydantic import BaseModel
 
+from dataflare.lineage import DatasetsHook
+from dataflare.record_schema import SchemaHook
+
 Kind = Literal["source", "transformation", "destination"]
 KINDS: tuple[Kind, ...] = ("source", "transformation", "destination")
 SECTION: dict[Kind, str] = {
@@ -121,6 +124,8 @@ class ComponentSpec:
     blocks: frozenset[str] | None = None
     requires: tuple[str, ...] = ()  # import names of the packages it needs
     extra: str = ""  # the dataflare extra that installs them
+    schema: SchemaHook | None = None  # its reads and output schema (record_schema)
+    datasets: DatasetsHook | None = None  # the datasets it reads or writes (lineage)
 
     def missing(self) -> list[str]:
         """The packages this type needs that are not installed."""
@@ -169,6 +174,8 @@ def source(
     requires: tuple[str, ...] = (),
     extra: str = "",
     blocks: tuple[str, ...] | None = None,
+    schema: SchemaHook | None = None,
+    datasets: DatasetsHook | None = None,
 ) -> Callable[..., Any]:
     """Register a source builder under ``type_name``.
 
@@ -176,10 +183,12 @@ def source(
     the type without them fails at validate with the ``pip install`` line to run.
     ``blocks`` lists the blocks of :data:`TYPE_BLOCKS` the type acts on (``None``: not
     declared, nothing is checked); ``name=type`` when it acts on those of one type only
-    (``write_mode=append``).
+    (``write_mode=append``). ``schema`` is the hook giving the schema of its records when
+    the config says it (:mod:`dataflare.record_schema`); ``datasets`` the hook naming the
+    datasets it reads (:mod:`dataflare.lineage`).
     """
     return _decorator("source", type_name, config=config, description=description, inputs=(0, 0),
-                      requires=requires, extra=extra,
+                      requires=requires, extra=extra, schema=schema, datasets=datasets,
                       blocks=None if blocks is None else frozenset(blocks))
 
 
@@ -196,6 +205,7 @@ def transformation(
     merge_inputs: bool = True,
     advise: Callable[[Any, set[str]], list[str]] | None = None,
     blocks: tuple[str, ...] = (),
+    schema: SchemaHook | None = None,
 ) -> Callable[..., Any]:
     """Register a transformation builder under ``type_name``.
 
@@ -205,7 +215,9 @@ def transformation(
     takes its inputs apart). ``advise(config, upstream_modes)`` returns warnings about a
     configuration that is valid but unlikely to do what the user wants. ``blocks`` lists
     the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``). ``serves``: its state
-    can be read during a run (``serve: true``, :mod:`dataflare.views`).
+    can be read during a run (``serve: true``, :mod:`dataflare.views`). ``schema`` is the hook
+    naming the fields the step reads and deriving its output schema from its inputs'
+    (:mod:`dataflare.record_schema`); without it the output schema is unknown.
     """
     return _decorator(
         "transformation",
@@ -220,6 +232,7 @@ def transformation(
         merge_inputs=merge_inputs,
         advise=advise,
         blocks=frozenset(blocks),
+        schema=schema,
     )
 
 
@@ -231,10 +244,15 @@ def destination(
     requires: tuple[str, ...] = (),
     extra: str = "",
     blocks: tuple[str, ...] | None = None,
+    schema: SchemaHook | None = None,
+    datasets: DatasetsHook | None = None,
 ) -> Callable[..., Any]:
-    """Register a destination builder (``requires`` and ``blocks`` as for sources)."""
+    """Register a destination builder (``requires``, ``blocks``, ``datasets`` as for sources).
+
+    ``schema`` names the fields its config reads (templates, keys); its return is unused.
+    """
     return _decorator("destination", type_name, config=config, description=description,
-                      requires=requires, extra=extra,
+                      requires=requires, extra=extra, schema=schema, datasets=datasets,
                       blocks=None if blocks is None else frozenset(blocks))
 
 
@@ -246,6 +264,7 @@ def planned(
     description: str,
     inputs: tuple[int, int | None] = (1, None),
     note: str = "not available yet",
+    datasets: DatasetsHook | None = None,
 ) -> None:
     """Declare a type whose config validates but which cannot run yet."""
     register(
@@ -257,6 +276,7 @@ def planned(
             description=description,
             inputs=(0, 0) if kind == "source" else inputs,
             planned=note,
+            datasets=datasets,
         )
     )
 

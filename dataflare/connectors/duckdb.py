@@ -29,6 +29,7 @@ from dataflare.connectors.sql_writer import (
     quote_ident,
     table_destination,
 )
+from dataflare.lineage import Dataset, file_dataset
 from dataflare.records import Failed
 from dataflare.registry import BuildContext, destination
 
@@ -244,6 +245,8 @@ class DuckDBDialect(Dialect):
 @destination(
     "duckdb",
     config=DuckDBDestinationConfig,
+    datasets=lambda cfg, base: [Dataset(f"duckdb://{file_dataset(cfg.path, base)[0].name}",
+                                        f"{cfg.schema_}.{cfg.table}")],
     description="A DuckDB database file: append, overwrite or merge; replay-safe appends.",
     blocks=("write_mode", "batch"),
     requires=("duckdb", "pyarrow"), extra="duckdb",

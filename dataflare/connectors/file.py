@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 
 from dataflare.config import Strict
 from dataflare.connectors.schema import discoverer, infer_schema, json_line, json_value
+from dataflare.lineage import file_dataset
 from dataflare.operators.records import map_records
 from dataflare.records import META, Batch, Failed, RecordError, without_meta
 from dataflare.registry import BuildContext, destination, source
@@ -313,7 +314,7 @@ class FileSource(FixedPartitionedSource[Batch, Any]):
 
 
 @source("file", config=FileSourceConfig, description="Read JSON lines, CSV, JSON or Parquet files.",
-        blocks=())
+        blocks=(), datasets=lambda cfg, base: file_dataset(cfg.path, base))
 def build_file_source(ctx: BuildContext) -> FileSource:
     """Build a file source."""
     file_format(ctx.config.path, ctx.config.format, ctx.step_id)
@@ -445,6 +446,7 @@ class FileSink(FixedPartitionedSink[Batch, Any]):
 @destination(
     "file",
     config=FileDestinationConfig,
+    datasets=lambda cfg, base: file_dataset(cfg.path, base),
     description="Write JSON lines, CSV or Parquet; without write_mode the file is rewritten.",
     blocks=("write_mode=append", "write_mode=overwrite"),
 )

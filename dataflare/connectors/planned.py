@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from dataflare.config import Secret, Strict
+from dataflare.lineage import Dataset, table_dataset
 from dataflare.registry import planned
 
 
@@ -34,7 +35,14 @@ class S3Config(Strict):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
 
 
+def _snowflake(cfg: SnowflakeConfig, base: Any) -> list[Dataset]:
+    return [Dataset(f"snowflake://{cfg.account or 'account'}", d.name)
+            for d in table_dataset("snowflake", cfg)]
+
+
 planned("destination", "snowflake", config=SnowflakeConfig,
-        description="Snowflake warehouse tables.", note="planned (not available yet)")
+        description="Snowflake warehouse tables.", note="planned (not available yet)",
+        datasets=_snowflake)
 planned("destination", "s3", config=S3Config,
-        description="Objects in S3-compatible storage.", note="planned (not available yet)")
+        description="Objects in S3-compatible storage.", note="planned (not available yet)",
+        datasets=lambda cfg, base: [Dataset(f"s3://{cfg.bucket}", cfg.path_template)])

@@ -38,6 +38,7 @@ from dataflare.operators.keyed import (
     time_reader,
     to_us,
 )
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, RecordError, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -184,6 +185,14 @@ def dedupe(
     return DedupeOut(down=outs[DOWN], errs=outs[ERRS])
 
 
+def dedupe_schema(ctx: SchemaContext[DedupeConfig]) -> FieldType:
+    """The records pass unchanged; the keys and the time field are read."""
+    for i, key in enumerate(ctx.config.keys):
+        ctx.read(("keys", i), key)
+    ctx.read(("time_field",), ctx.config.time_field, want="time")
+    return ctx.input
+
+
 @transformation(
     "dedupe",
     config=DedupeConfig,
@@ -191,6 +200,7 @@ def dedupe(
     inputs=(1, None),
     stateful=True,
     serves=True,
+    schema=dedupe_schema,
 )
 def build_dedupe(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``dedupe`` step."""

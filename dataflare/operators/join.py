@@ -42,6 +42,7 @@ from dataflare.operators.keyed import (
     to_us,
 )
 from dataflare.operators.window import WindowSpec
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, RecordError
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -573,6 +574,40 @@ def _advice(cfg: JoinConfig, modes: set[str]) -> list[str]:
     return []
 
 
+def join_schema(ctx: SchemaContext[JoinConfig]) -> FieldType:
+    """``{left prefix: left, right prefix: right}``, else the merged ``{**right, **left}``.
+
+    The left key is read from the first input, the right key from the second; keys of two
+    different known kinds never match (an error).
+    """
+    cfg = ctx.config
+    lk, rk = cfg.keys()
+    lname, rname = ("join_key", "join_key") if cfg.join_key is not None else (
+        "left_key", "right_key")
+    for i, (lpath, rpath) in enumerate(zip(lk, rk, strict=True)):
+        lt = ctx.read((lname, i), lpath, input=0)
+        rt = ctx.read((rname, i), rpath, input=1)
+        kinds = {lt.kind, rt.kind}
+        if lt.known and rt.known and len(kinds) == 2 and kinds != {"integer", "number"} and (
+                "null" not in kinds):
+            ctx.error((rname, i), f"join keys never match: left {lpath!r} is a {lt.kind}, "
+                      f"right {rpath!r} is a {rt.kind}")
+    if cfg.window is not None:
+        ctx.read(("left_time_field",) if cfg.left_time_field else ("time_field",),
+                 cfg.left_time_field or cfg.time_field, input=0, want="time")
+        ctx.read(("right_time_field",) if cfg.right_time_field else ("time_field",),
+                 cfg.right_time_field or cfg.time_field, input=1, want="time")
+    left, right = ctx.at(0), ctx.at(1)
+    if cfg.output_prefix is not None:
+        return FieldType.record({cfg.output_prefix.left: left, cfg.output_prefix.right: right})
+    if left.kind != "object" or right.kind != "object":
+        listed = {**(right.fields or {}), **(left.fields or {})}
+        return FieldType("object", listed, True, left.origins | right.origins)
+    fields = {**(right.fields or {}), **(left.fields or {})}
+    return FieldType("object", fields, left.open or right.open or left.fields is None
+                     or right.fields is None, left.origins | right.origins)
+
+
 @transformation(
     "join",
     config=JoinConfig,
@@ -581,6 +616,7 @@ def _advice(cfg: JoinConfig, modes: set[str]) -> list[str]:
     stateful=True,
     serves=True,
     named_outputs=lambda cfg: ["late"],
+    schema=join_schema,
     merge_inputs=False,
     advise=lambda cfg, modes: _advice(cfg, modes),
 )

@@ -34,6 +34,7 @@ from dataflare.operators.keyed import (
     route_and_merge,
     stateful_shards,
 )
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import Failed, RecordError, getter, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -166,12 +167,26 @@ class _MlShard(ShardLogic):
         return []
 
 
+def ml_schema(ctx: SchemaContext[MlConfig]) -> FieldType:
+    """The input's fields plus ``output_field`` (a cluster number or a score)."""
+    cfg = ctx.config
+    origins: set[tuple[str, str]] = set()
+    for i, path in enumerate(cfg.features):
+        origins |= ctx.read(("features", i), path, want="number").all_origins()
+    ctx.read(("target",), cfg.target, want="number")
+    for i, path in enumerate(cfg.partition_by):
+        ctx.read(("partition_by", i), path)
+    score = FieldType.of("integer" if cfg.algorithm == "kmeans" else "number", origins)
+    return ctx.input.with_path(cfg.output_field, score)
+
+
 @transformation(
     "ml",
     config=MlConfig,
     description="Online learning with river (kmeans, isolation_forest, linear_regression); "
     "each record is scored, then learned from.",
     stateful=True,
+    schema=ml_schema,
 )
 def build_ml(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``ml`` step."""

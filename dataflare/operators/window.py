@@ -56,6 +56,7 @@ from dataflare.operators.keyed import (
     stateful_shards,
     to_us,
 )
+from dataflare.record_schema import FieldType, SchemaContext, aggregate_fields, window_output
 from dataflare.records import Failed, RecordError, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -543,6 +544,15 @@ def window(
     return WindowOut(down=outs[DOWN], late=outs[LATE], errs=outs[ERRS])
 
 
+def window_schema(ctx: SchemaContext[WindowConfig]) -> FieldType:
+    """One record per group and window: group-by fields, window bounds, aggregates."""
+    cfg = ctx.config
+    when = ctx.read(("time_field",), cfg.time_field, want="time").all_origins()
+    bounds = {"window_start": FieldType.of("string", when),
+              "window_end": FieldType.of("string", when)}
+    return window_output(ctx, cfg.group_by, {**bounds, **aggregate_fields(ctx, cfg.aggregations)})
+
+
 @transformation(
     "window",
     config=WindowConfig,
@@ -551,6 +561,7 @@ def window(
     stateful=True,
     serves=True,
     named_outputs=lambda cfg: ["late"],
+    schema=window_schema,
 )
 def build_window(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``window`` step."""
