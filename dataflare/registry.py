@@ -51,6 +51,7 @@ BUILTIN_MODULES = (
     "dataflare.connectors.duckdb",
     "dataflare.connectors.redis",
     "dataflare.connectors.http",
+    "dataflare.connectors.snowflake",
     "dataflare.connectors.planned",
     "dataflare.operators.mapping",
     "dataflare.operators.filter",
@@ -125,7 +126,13 @@ class ComponentSpec:
         """The packages this type needs that are not installed."""
         import importlib.util
 
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        def absent(name: str) -> bool:
+            try:
+                return importlib.util.find_spec(name) is None
+            except ModuleNotFoundError:  # a dotted name whose parent package is absent
+                return True
+
+        return [m for m in self.requires if absent(m)]
 
     @property
     def available(self) -> bool:

@@ -193,12 +193,12 @@ workflow:
   sources:
     s: {type: file, config: {path: "${INPUT_FILE}"}}
   destinations:
-    w: {type: snowflake, inputs: [s], config: {table: t}}
+    w: {type: s3, inputs: [s], config: {bucket: b, path_template: x.parquet}}
 """)
     result = run_cli("run", str(flow))
     assert result.code == 1
     assert "sources.s.config.path: variable INPUT_FILE is not set" in result.stderr
-    assert "destinations.w.type: destination type 'snowflake' is planned" in result.stderr
+    assert "destinations.w.type: destination type 's3' is planned" in result.stderr
     assert run_cli("validate", str(flow)).code == 0
 
 

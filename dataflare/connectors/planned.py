@@ -6,21 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from dataflare.config import Secret, Strict
+from dataflare.config import Strict
 from dataflare.registry import planned
-
-
-class SnowflakeConfig(Strict):
-    """Settings of a ``snowflake`` destination."""
-
-    account: str | None = Field(None, description="Account identifier.")
-    warehouse: str | None = Field(None, description="Virtual warehouse.")
-    database: str | None = Field(None, description="Database.")
-    schema_: str | None = Field(None, alias="schema", description="Schema.")
-    table: str = Field(description="Table.")
-    role: str | None = Field(None, description="Role.")
-    username: str | None = Field(None, description="User.")
-    password: Secret | None = Field(None, description="Password.")
 
 
 class S3Config(Strict):
@@ -34,7 +21,5 @@ class S3Config(Strict):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
 
 
-planned("destination", "snowflake", config=SnowflakeConfig,
-        description="Snowflake warehouse tables.", note="planned (not available yet)")
 planned("destination", "s3", config=S3Config,
         description="Objects in S3-compatible storage.", note="planned (not available yet)")

@@ -255,6 +255,17 @@ def fold_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
     return [it for slot in folded.values() for it in slot if it is not None]
 
 
+def text_value(value: Any) -> str:
+    """A non-null value as the text of a text column (dicts and lists as JSON)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list):
+        import orjson
+
+        return orjson.dumps(value, default=str).decode()
+    return str(value)
+
+
 def quote_ident(name: str) -> str:
     """A SQL identifier in double quotes (PostgreSQL and DuckDB)."""
     return '"' + name.replace('"', '""') + '"'
