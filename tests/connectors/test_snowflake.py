@@ -183,3 +183,30 @@ def test_missing_connection_settings_are_named(fake_snowflake: FakeSnowflake) ->
     with pytest.raises(ValueError, match="needs 'account', 'database', 'username'") as exc:
         SnowflakeDialect(cfg, "dw").connect()
     assert "hunter2" not in str(exc.value)
+
+
+def test_column_types_come_from_the_source_schema_before_the_values(
+        fake_snowflake: FakeSnowflake) -> None:
+    sf = fake_snowflake
+    schema = {"type": "object", "properties": {
+        "amount": {"type": "number"}, "code": {"type": ["string", "null"]},
+        "tags": {"type": "array"}, "n": {"type": "integer"}}}
+    workflow = models.Workflow(
+        config=models.WorkflowConfig(retry=FAST_RETRY),
+        sources={"orders": models.Source(type="file", config={"path": "x"},
+                                         output_schema=models.OutputSchema(definition=schema))},
+        transformations={"big": models.Transformation(type="filter", inputs=["orders"],
+                                                      config={"condition": "amount > 1"})},
+    )
+    config = sf.config(schema="PUBLIC", table="EVENTS")
+    component = models.Destination(type="snowflake", inputs=["big"], config=config)
+    ctx = BuildContext("dw", "destination", component, SnowflakeConfig(**config), workflow,
+                       Path("."))
+    run(ctx, [[{"amount": 5, "code": 7, "tags": None, "n": 1, "extra": 2}]])
+    assert q(sf, "SELECT column_name, data_type FROM information_schema.columns "
+             "WHERE table_name = 'EVENTS' ORDER BY ordinal_position") == [
+        ("amount", "FLOAT"), ("code", "TEXT"), ("tags", "VARIANT"), ("n", "NUMBER"),
+        ("extra", "NUMBER")]
+    run(ctx, [[{"amount": 2.5, "code": "A1", "tags": ["x"], "n": 2}]])
+    assert q(sf, 'SELECT "amount", "code", "tags"[0]::VARCHAR FROM "EVENTS" ORDER BY 1') == [
+        (2.5, "A1", "x"), (5.0, "7", None)]
