@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 INPUTS = ("purchase_frequency", "avg_order_value", "days_since_last_order")
-WEIGHTS = (-20.0, -0.01, 0.0005)
-BIAS = 1.0
+WEIGHTS = (-20.0, -0.01, 0.01)
+BIAS = -2.0
 
 
 def churn_score(purchase_frequency: float, avg_order_value: float,
