@@ -1,0 +1,168 @@
+"""The seed's example workflows (flows/seed/) end to end against real services.
+
+PostgreSQL (a schema of the test's own) and MariaDB (a database of its own), the Tansu
+broker, fakesnow, a private Redis server, the HTTP stand-ins of
+``dataflare.demo_services`` and the churn model's ONNX file. Each destination's output is
+checked against values computed here from the inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataflare.broker import LocalBroker
+from dataflare.demo_services import SeedServices, churn_probability, credit_score, seed_services
+from tests.fixtures.mariadb_private import MariaDbServer
+from tests.fixtures.services import PgSchema
+from tests.fixtures.snowflake import FakeSnowflake
+from tests.fixtures.workflows import ROOT, run_cli
+
+SEED = ROOT / "flows" / "seed"
+FLOWS = sorted(SEED.glob("*.yaml"))
+
+
+@pytest.fixture
+def services() -> Iterator[SeedServices]:
+    with seed_services() as svc:
+        yield svc
+
+
+def produce(broker: LocalBroker, topic: str, records: list[dict[str, Any]]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
+    for rec in records:
+        producer.produce(topic, json.dumps(rec).encode())
+    producer.flush(30)
+
+
+def snowflake_env(monkeypatch: pytest.MonkeyPatch, sf: FakeSnowflake, schema: str) -> None:
+    for name, value in {"SF_ACCOUNT": "fakesnow", "SF_HOST": sf.host, "SF_PORT": str(sf.port),
+                        "SF_PROTOCOL": "http", "SF_DATABASE": sf.database, "SF_SCHEMA": schema,
+                        "SF_USER": "fake", "SF_PASSWORD": "snow"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def mysql_database(server: MariaDbServer, prefix: str) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    server.execute(f"CREATE DATABASE {name}")
+    return name
+
+
+@pytest.mark.parametrize("flow", FLOWS, ids=[f.stem for f in FLOWS])
+def test_seed_flow_validates(flow: Path) -> None:
+    result = run_cli("validate", str(flow))
+    assert result.code == 0, result.stderr
+    assert not [line for line in result.stderr.splitlines() if ": warning: " not in line]
+
+
+def test_customer_360_profile_end_to_end(
+    pg_schema: PgSchema, mariadb_private: MariaDbServer, kafka_broker: LocalBroker,
+    kafka_topic: Callable[..., str], fake_snowflake: FakeSnowflake, redis_url: str,
+    services: SeedServices, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import redis
+
+    from flows.seed.churn_model import churn_score
+
+    n = 12
+    customers = [(i, f"Customer {i}", f" User{i}@Example.com", f"(202) 555-01{i:02d}",
+                  f"2026-11-{i:02d}T08:00:00+00:00") for i in range(1, n + 1)]
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".customers (customer_id int PRIMARY KEY, '
+                     "name text, email text, phone text, updated_at timestamptz)")
+        with conn.cursor() as cur:
+            cur.executemany(f'INSERT INTO "{pg_schema.schema}".customers '
+                            "VALUES (%s, %s, %s, %s, %s)", customers)
+    # Orders for customers 1..8 only (the others meet the left join with nothing); one
+    # order of each customer is older than 90 days before that customer's latest order.
+    orders = []
+    for cid in range(1, 9):
+        for k in range(cid % 3 + 1):
+            orders.append((len(orders) + 1, cid, 10.0 * cid + k, f"p{(cid + k) % 4}",
+                           f"2026-{6 + k:02d}-{cid:02d} 12:00:00"))
+        orders.append((len(orders) + 1, cid, 999.0, "p9", "2025-01-01 00:00:00"))
+    db = mysql_database(mariadb_private, "c360")
+    mariadb_private.execute(
+        f"CREATE TABLE {db}.orders (id INT PRIMARY KEY, customer_id INT, amount DOUBLE, "
+        "product_id VARCHAR(10), created_at DATETIME)",
+        *[f"INSERT INTO {db}.orders VALUES ({o[0]}, {o[1]}, {o[2]}, '{o[3]}', '{o[4]}')"
+          for o in orders],
+    )
+    topic = kafka_topic(prefix="web")
+    funnel = ["view_product", "add_to_cart", "checkout", "purchase"]
+    events = []
+    for uid in (2, 3, 5):  # user 2 completes the funnel; 3 reaches two steps; 5 one
+        for step, name in enumerate(funnel[: {2: 4, 3: 2, 5: 1}[uid]]):
+            events.append({"user_id": uid, "event": name,
+                           "timestamp": f"2026-11-20T10:{step * 5:02d}:00Z"})
+    produce(kafka_broker, topic, events)
+
+    env = {"CUSTOMERS_DSN": pg_schema.dsn, "CUSTOMERS_SCHEMA": pg_schema.schema,
+           "ORDERS_DSN": f"mysql://{mariadb_private.user}@127.0.0.1:{mariadb_private.port}/{db}",
+           "KAFKA_SERVERS": kafka_broker.bootstrap_servers, "WEB_EVENTS_TOPIC": topic,
+           "CREDIT_SCORE_URL": f"{services.url}/credit-score", "REDIS_URL": redis_url}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    snowflake_env(monkeypatch, fake_snowflake, "CUSTOMERS")
+    result = run_cli("run", str(SEED / "customer_360_profile.yaml"), timeout=240)
+    assert result.code == 0, result.stderr[-3000:]
+
+    # What each profile must hold, computed from the inputs.
+    def expected(cid: int) -> dict[str, Any]:
+        mine = [o for o in orders if o[1] == cid]
+        out: dict[str, Any] = {"credit_score": credit_score(cid), "order_count": len(mine)}
+        if mine:
+            latest = max(datetime.fromisoformat(o[4]) for o in mine)
+            recent = [o[2] for o in mine if (latest - datetime.fromisoformat(o[4])).days < 90]
+            days = (datetime.now(UTC) - latest.replace(tzinfo=UTC)).total_seconds() / 86400
+            out.update(amount_sum=sum(recent), amount_max=max(recent),
+                       amount_avg=sum(recent) / len(recent),
+                       churn=churn_score(len(mine) / 90, sum(recent) / len(recent), days))
+        else:
+            out.update(amount_sum=None, churn=churn_score(0, 0, 365))
+        return out
+
+    rows = fake_snowflake.rows(
+        'SELECT "customer_id", "email", "phone", "credit_score", "order_count", "amount_sum", '
+        '"amount_max", "churn_risk_score", "conversion_funnel" FROM "customer_360_profiles" '
+        'ORDER BY "customer_id"', schema="CUSTOMERS")
+    assert [r[0] for r in rows] == list(range(1, n + 1))
+    for cid, email, phone, score, count, total, top, churn, funnel_json in rows:
+        want = expected(cid)
+        assert email == f" User{cid}@Example.com"
+        assert phone == f"+1202555{cid + 100:04d}"
+        assert score == want["credit_score"]
+        if want["amount_sum"] is None:
+            assert (count, total) == (None, None)
+        else:
+            assert (count, total, top) == (want["order_count"], want["amount_sum"],
+                                           want["amount_max"])
+        assert math.isclose(churn, want["churn"], abs_tol=2e-3), (cid, churn, want)
+        if cid in (2, 3, 5):
+            reached = json.loads(funnel_json)["reached"]
+            assert reached == funnel[: {2: 4, 3: 2, 5: 1}[cid]]
+        else:
+            assert funnel_json is None
+    assert services.requests.count("POST /credit-score") == n
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    keys = sorted(client.scan_iter("customer:*"))
+    assert len(keys) == n
+    profile = client.hgetall("customer:3")
+    assert profile["credit_score"] == str(credit_score(3))
+    assert profile["email"] == " User3@Example.com"
+    assert float(profile["amount_sum"]) == expected(3)["amount_sum"]
+    client.close()
+
+    tested = run_cli("test", str(SEED / "customer_360_profile.yaml"))
+    assert tested.code == 0, tested.stdout + tested.stderr
+    assert "1 passed, 0 failed" in tested.stdout
