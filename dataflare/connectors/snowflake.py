@@ -165,7 +165,7 @@ class SnowflakeDialect(Dialect):
         for name, value in (("password", cfg.password and cfg.password.get_secret_value()),
                             ("warehouse", cfg.warehouse), ("role", cfg.role),
                             ("schema", self.schema), ("host", cfg.host), ("port", cfg.port)):
-            if value is not None:
+            if value is not None and value != "":  # "${SF_HOST:-}": the account's default
                 kwargs[name] = value
         self.conn = snowflake.connector.connect(**kwargs)
         cur = self.conn.cursor()
