@@ -9,7 +9,8 @@ One threaded HTTP server on a loopback port answers:
 - ``POST /predict``: a remote plugin (``{"config", "records"}`` -> ``{"records"}``) that sets
   ``config.output_field`` of each record to :func:`churn_probability` of its
   ``customer.email``;
-- ``POST /alerts``: an alert receiver; the bodies it got are in ``alerts``.
+- ``POST /alerts``: an alert receiver; the bodies it got are in ``alerts``;
+- ``POST /slack``: a Slack incoming webhook; the bodies it got are in ``slack``.
 
 The answers are deterministic functions of the request, so a test computes them itself.
 """
@@ -47,6 +48,7 @@ class SeedServices:
     url: str = ""
     products: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[Any] = field(default_factory=list)
+    slack: list[Any] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -92,9 +94,9 @@ class _Handler(BaseHTTPRequestHandler):
                 set_path(rec, out_field, churn_probability(get_path(rec, "customer.email")))
                 records.append(rec)
             self._send(200, {"records": records})
-        elif path == "/alerts":
+        elif path in ("/alerts", "/slack"):
             with self.services.lock:
-                self.services.alerts.append(body)
+                getattr(self.services, path[1:]).append(body)
             self._send(200, {"ok": True})
         else:
             self._send(404, {"error": f"no route {path}"})

@@ -166,3 +166,66 @@ def test_customer_360_profile_end_to_end(
     tested = run_cli("test", str(SEED / "customer_360_profile.yaml"))
     assert tested.code == 0, tested.stdout + tested.stderr
     assert "1 passed, 0 failed" in tested.stdout
+
+
+def test_dsl_reference_end_to_end(
+    pg_schema: PgSchema, kafka_broker: LocalBroker, kafka_topic: Callable[..., str],
+    fake_snowflake: FakeSnowflake, services: SeedServices, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    n = 15
+    customers = [(i, f"  Customer {i} ", f"User{i}@Example.COM",
+                  f"2026-11-{10 + i % 5:02d}T0{i % 9}:00:00+00:00") for i in range(1, n + 1)]
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".customers (id int PRIMARY KEY, '
+                     "name text, email text, updated_at timestamptz)")
+        with conn.cursor() as cur:
+            cur.executemany(f'INSERT INTO "{pg_schema.schema}".customers '
+                            "VALUES (%s, %s, %s, %s)", customers)
+    topic = kafka_topic(prefix="user-events")
+    # Events of every third customer, an hour after the customer row (the same 7-day window).
+    events = [{"user_email": f"user{i}@example.com", "event": "login",
+               "timestamp": f"2026-11-{10 + i % 5:02d}T1{i % 9}:00:00Z"}
+              for i in range(3, n + 1, 3)]
+    produce(kafka_broker, topic, events)
+
+    pg = conninfo_to_dict(pg_schema.dsn)
+    errors = tmp_path / "errors.jsonl"
+    env = {"DB_HOST": str(pg.get("host", "127.0.0.1")), "DB_USER": str(pg.get("user", "postgres")),
+           "DB_PASSWORD": str(pg.get("password", "")), "DB_NAME": str(pg.get("dbname", "postgres")),
+           "DB_SCHEMA": pg_schema.schema, "KAFKA_SERVERS": kafka_broker.bootstrap_servers,
+           "EVENTS_TOPIC": topic, "ML_URL": f"{services.url}/predict",
+           "ML_API_TOKEN": "ml-token", "NOTIFY_URL": f"{services.url}/alerts",
+           "NOTIFICATION_TOKEN": "notify-token", "SLACK_WEBHOOK_URL": f"{services.url}/slack",
+           "SECRET_VAR": "s", "ERROR_RECORDS_PATH": str(errors)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    snowflake_env(monkeypatch, fake_snowflake, "CUSTOMERS")
+    result = run_cli("run", str(SEED / "dsl_reference.yaml"), timeout=240)
+    assert result.code == 0, result.stderr[-3000:]
+
+    emails = {i: f"user{i}@example.com" for i in range(1, n + 1)}
+    rows = fake_snowflake.rows('SELECT "customer.email", "customer":id::NUMBER, '
+                               '"customer":fullName::VARCHAR, '
+                               '"customer":churn_probability::FLOAT, "event" '
+                               'FROM "CUSTOMER_360" ORDER BY 2', schema="CUSTOMERS")
+    assert [r[0] for r in rows] == [emails[i] for i in range(1, n + 1)]
+    for email, cid, name, churn, event in rows:
+        assert name == f"Customer {cid}"
+        assert churn == churn_probability(email)
+        assert event == ("login" if cid % 3 == 0 else None)
+
+    risky = sorted(i for i, e in emails.items() if churn_probability(e) > 0.7)
+    assert risky and len(risky) < n
+    got = [json.loads(a) if isinstance(a, str) else a for a in services.alerts]
+    assert sorted(int(a["customer_id"]) for a in got) == risky
+    assert all(a["alert_type"] == "high_churn_risk" and float(a["churn_risk"]) > 0.7
+               for a in got)
+    assert [m["text"] for m in services.slack] == ["Workflow workflow-name completed successfully"]
+    assert not errors.exists() or errors.read_text() == ""
+    assert "ml-token" not in result.stderr and "notify-token" not in result.stderr
+
+    tested = run_cli("test", str(SEED / "dsl_reference.yaml"))
+    assert tested.code == 0, tested.stdout + tested.stderr
