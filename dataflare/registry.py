@@ -52,7 +52,7 @@ BUILTIN_MODULES = (
     "dataflare.connectors.redis",
     "dataflare.connectors.http",
     "dataflare.connectors.snowflake",
-    "dataflare.connectors.planned",
+    "dataflare.connectors.s3",
     "dataflare.operators.mapping",
     "dataflare.operators.filter",
     "dataflare.operators.route",
@@ -121,6 +121,8 @@ class ComponentSpec:
     blocks: frozenset[str] | None = None
     requires: tuple[str, ...] = ()  # import names of the packages it needs
     extra: str = ""  # the dataflare extra that installs them
+    # A destination's records carry ``_meta.input`` (their input) when this says so.
+    input_names: Callable[[Any], bool] | None = None
 
     def missing(self) -> list[str]:
         """The packages this type needs that are not installed."""
@@ -234,10 +236,15 @@ def destination(
     requires: tuple[str, ...] = (),
     extra: str = "",
     blocks: tuple[str, ...] | None = None,
+    input_names: Callable[[Any], bool] | None = None,
 ) -> Callable[..., Any]:
-    """Register a destination builder (``requires`` and ``blocks`` as for sources)."""
+    """Register a destination builder (``requires`` and ``blocks`` as for sources).
+
+    ``input_names(config)``: whether records reach the builder with ``_meta.input`` naming
+    the input they come from (an id of ``inputs``, or the step that redirected them).
+    """
     return _decorator("destination", type_name, config=config, description=description,
-                      requires=requires, extra=extra,
+                      requires=requires, extra=extra, input_names=input_names,
                       blocks=None if blocks is None else frozenset(blocks))
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from dataflare.expr import compile_expression
 from dataflare.live import tapper
 from dataflare.masking import Masker
 from dataflare.operators.records import map_records, separate_failed
-from dataflare.records import META, Batch, Failed
+from dataflare.records import INPUT, META, Batch, Failed
 from dataflare.stopping import stoppable
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,17 @@ def destination_component(
                                    masker(ctx.workflow.data_protection), _single_source(ctx)))
 
 
+def _tag_input(name: str, batch: Batch) -> Batch:
+    """``batch`` with ``_meta.input`` naming the input component it comes from."""
+    out: Batch = []
+    for r in batch:
+        if isinstance(r, dict):
+            meta = r.get(META)
+            r = {**r, META: {**meta, INPUT: name} if isinstance(meta, dict) else {INPUT: name}}
+        out.append(r)
+    return out
+
+
 def masker(protection: DataProtection | None) -> Masker | None:
     """The masking rules of ``data_protection`` as one :class:`~dataflare.masking.Masker`."""
     cipher = field_cipher(protection)
@@ -302,7 +314,7 @@ class _Compiler:
         self.test_inputs = test_inputs
         self.captured = captured if captured is not None else {}
         self.streams: dict[str, Stream[Any]] = {}
-        self.redirected: dict[str, list[Stream[Any]]] = {}
+        self.redirected: dict[str, list[tuple[str, Stream[Any]]]] = {}  # (from step, stream)
         self.replay = replay
         self.running = self._downstream(replay[0]) if replay else set(self.graph.kinds)
 
@@ -349,9 +361,9 @@ class _Compiler:
         self.destinations()
         return flow
 
-    def redirect(self, target: str | None, stream: Stream[Any] | None) -> None:
+    def redirect(self, target: str | None, stream: Stream[Any] | None, origin: str) -> None:
         if target and stream is not None:
-            self.redirected.setdefault(target, []).append(stream)
+            self.redirected.setdefault(target, []).append((origin, stream))
 
     def keep(self, cid: str, ports: _MultiStream[str], eh: ErrorHandling) -> None:
         for key, stream in ports.streams.items():
@@ -359,7 +371,7 @@ class _Compiler:
                 self.streams[cid] = stream
             elif key.startswith("port:"):
                 self.streams[f"{cid}.{key[5:]}"] = stream
-        self.redirect(eh.redirect_to, ports.streams.get(_DEAD))
+        self.redirect(eh.redirect_to, ports.streams.get(_DEAD), cid)
 
     def source(self, flow: Dataflow, cid: str) -> None:
         comp = self.wf.sources[cid]
@@ -416,7 +428,7 @@ class _Compiler:
         config = comp.config
         for field in type(config).model_fields:
             if field.endswith("_to") and f"port:{field[:-3]}" in ports.streams:
-                self.redirect(getattr(config, field), ports.streams[f"port:{field[:-3]}"])
+                self.redirect(getattr(config, field), ports.streams[f"port:{field[:-3]}"], cid)
 
     def destinations(self) -> None:
         pending = dict(self.wf.destinations)
@@ -435,10 +447,17 @@ class _Compiler:
                 self.destination(cid, pending.pop(cid), mask)
 
     def destination(self, cid: str, comp: Any, mask: Masker | None) -> None:
-        ups = [self.streams[ref] for ref in comp.inputs] + self.redirected.get(cid, [])
-        if not ups:
+        named = [(ref, self.streams[ref]) for ref in comp.inputs] + self.redirected.get(cid, [])
+        if not named:
             return
         ctx = self.ctx("destination", cid, comp)
+        spec = registry.lookup("destination", comp.type)
+        if spec is not None and spec.input_names is not None and spec.input_names(comp.config):
+            # The records say which input they came from (``{{source}}`` of a path template).
+            ups = [op.map(f"input_{i}", s, partial(_tag_input, name))
+                   for i, (name, s) in enumerate(named)]
+        else:
+            ups = [s for _, s in named]
         if self.test_inputs is not None:
             sink = self.captured.setdefault(cid, [])
 

@@ -26,7 +26,6 @@ def test_seed_undefined_references_are_warnings_then_run_errors():
     run_errors = [p.render(for_run=True) for p in v.errors(for_run=True)]
     # customer_value has a formula: without a defined plugin it is a built-in formula step
     assert not any("plugin 'value_calculator' is not defined" in e for e in run_errors)
-    assert any("'s3' is planned" in e for e in run_errors)
     v = validate_file(SEEDS / "dsl_reference.yaml")
     assert any("redirect_to 'error_records' names no destination" in p.message
                for p in v.errors(for_run=True))
