@@ -229,3 +229,95 @@ def test_dsl_reference_end_to_end(
 
     tested = run_cli("test", str(SEED / "dsl_reference.yaml"))
     assert tested.code == 0, tested.stdout + tested.stderr
+
+
+def test_multi_source_analytics_end_to_end(
+    pg_schema: PgSchema, mariadb_private: MariaDbServer, kafka_broker: LocalBroker,
+    kafka_topic: Callable[..., str], fake_snowflake: FakeSnowflake, redis_url: str,
+    s3_bucket: Any, services: SeedServices, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+    import redis
+
+    from tests.fixtures.s3 import KEY_ID, SECRET
+
+    n = 8
+    users = [(u, f"First{u}", f"Last{u}", f"user{u}@example.com",
+              f"2026-11-20T{10 + u:02d}:05:00+00:00") for u in range(1, n + 1)]
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".users (id int PRIMARY KEY, '
+                     "first_name text, last_name text, email text, updated_at timestamptz)")
+        with conn.cursor() as cur:
+            cur.executemany(f'INSERT INTO "{pg_schema.schema}".users VALUES (%s, %s, %s, %s, %s)',
+                            users)
+    totals = {u: 10.0 * u + 0.5 for u in range(1, n + 1)}
+    db = mysql_database(mariadb_private, "msa")
+    mariadb_private.execute(
+        f"CREATE TABLE {db}.orders (id INT PRIMARY KEY, user_id INT, total DOUBLE, "
+        "created_at VARCHAR(30))",
+        *[f"INSERT INTO {db}.orders VALUES ({100 + u}, {u}, {t}, '2026-11-19T09:00:00Z')"
+          for u, t in totals.items()],
+    )
+    services.products[:] = [{"id": f"p{i}", "name": f"Product {i}", "price": i + 0.99,
+                             "category": "home" if i % 2 else "garden"} for i in range(7)]
+    topic = kafka_topic(prefix="clicks")
+    clicks = {u: u % 3 + 1 for u in range(1, n + 1)}  # all of a user's clicks in one minute
+    produce(kafka_broker, topic, [
+        {"user_id": u, "event": "click", "timestamp": f"2026-11-20T{10 + u:02d}:00:{10 + j:02d}Z"}
+        for u, k in clicks.items() for j in range(k)])
+
+    env = {"USERS_DSN": pg_schema.dsn, "USERS_SCHEMA": pg_schema.schema,
+           "ORDERS_DSN": f"mysql://{mariadb_private.user}@127.0.0.1:{mariadb_private.port}/{db}",
+           "PRODUCTS_URL": f"{services.url}/products",
+           "KAFKA_SERVERS": kafka_broker.bootstrap_servers, "CLICKS_TOPIC": topic,
+           "REDIS_URL": redis_url, "LAKE_BUCKET": s3_bucket.name,
+           "AWS_ENDPOINT_URL": s3_bucket.endpoint_url, "AWS_ACCESS_KEY_ID": KEY_ID,
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    snowflake_env(monkeypatch, fake_snowflake, "PUBLIC")
+    result = run_cli("run", str(SEED / "multi_source_analytics.yaml"), timeout=300)
+    assert result.code == 0, result.stderr[-3000:]
+
+    def value(u: int) -> float:
+        return totals[u] * 0.7 + clicks[u] * 0.3
+
+    rows = fake_snowflake.rows(
+        'SELECT "user.email", "user":id::NUMBER, "user":customerValue::FLOAT, '
+        '"user":segment::NUMBER, "click_count", "orders":total::FLOAT '
+        'FROM "customer_segments" ORDER BY 2', schema="PUBLIC")
+    assert [r[1] for r in rows] == list(range(1, n + 1))
+    for email, u, customer_value, segment, click_count, total in rows:
+        assert email == f"user{u}@example.com"
+        assert math.isclose(customer_value, value(u))
+        assert (click_count, total) == (clicks[u], totals[u])
+        assert segment in range(5)
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert len(list(client.scan_iter("customer:*"))) == n
+    for u in (1, n):
+        stored = client.hgetall(f"customer:{u}")
+        assert stored["email"] == f"user{u}@example.com"
+        assert math.isclose(float(stored["value"]), value(u))
+    client.close()
+
+    s3 = s3_bucket.client()
+    per_source: dict[str, list[dict[str, Any]]] = {}
+    for key in s3_bucket.keys():
+        if key.startswith("_dataflare/"):
+            continue  # the lake's journal of published objects
+        assert key.startswith("year=") and "/month=" in key and "/day=" in key, key
+        source = key.rsplit("/", 1)[-1].split("_data")[0]
+        table = pq.read_table(io.BytesIO(s3.get_object(Bucket=s3_bucket.name,
+                                                       Key=key)["Body"].read()))
+        per_source.setdefault(source, []).extend(table.to_pylist())
+    assert sorted(per_source) == ["order_transform", "product_transform", "user_transform"]
+    assert sorted(r["email"] for r in per_source["user_transform"]) == sorted(
+        u[3] for u in users)
+    assert sorted(r["total"] for r in per_source["order_transform"]) == sorted(totals.values())
+    assert len(per_source["product_transform"]) == 7
+
+    tested = run_cli("test", str(SEED / "multi_source_analytics.yaml"))
+    assert tested.code == 0, tested.stdout + tested.stderr
