@@ -65,18 +65,21 @@ def compile_validated(
     test_inputs: Mapping[str, list[Any]] | None = None,
     captured: dict[str, list[Any]] | None = None,
     replay: tuple[str, Source[Any]] | None = None,
+    source_records: Mapping[str, list[Any]] | None = None,
 ) -> Dataflow:
     """Compile a validated workflow.
 
     With ``test_inputs`` every source is replaced by the given records (none when absent)
     and every destination writes into ``captured[destination id]`` instead of its system.
+    With ``source_records`` only the sources it names read its records instead of their
+    systems (a demo's stand-in for a database it cannot start); destinations write as usual.
     With ``replay=(step, source)`` only ``step`` and what is downstream of it run, ``step``
     reading ``source`` (dead letters, unwrapped) instead of its inputs.
     """
     if validated.errors(for_run=True) or validated.workflow is None or validated.graph is None:
         raise WorkflowError(validated.problems)
     secrets.install_logging()  # no secret of this workflow in any log line
-    flow = _Compiler(validated, test_inputs, captured, replay).compile()
+    flow = _Compiler(validated, test_inputs, captured, replay, source_records).compile()
     tune_gc()
     return flow
 
@@ -306,12 +309,14 @@ class _Compiler:
         test_inputs: Mapping[str, list[Any]] | None,
         captured: dict[str, list[Any]] | None,
         replay: tuple[str, Source[Any]] | None = None,
+        source_records: Mapping[str, list[Any]] | None = None,
     ) -> None:
         assert validated.workflow is not None and validated.graph is not None
         self.v = validated
         self.wf = validated.workflow
         self.graph = validated.graph
         self.test_inputs = test_inputs
+        self.source_records = source_records or {}
         self.captured = captured if captured is not None else {}
         self.streams: dict[str, Stream[Any]] = {}
         self.redirected: dict[str, list[tuple[str, Stream[Any]]]] = {}  # (from step, stream)
@@ -377,11 +382,12 @@ class _Compiler:
         comp = self.wf.sources[cid]
         if self.replay is not None and cid == self.replay[0]:
             source: Source[Any] = self.replay[1]
-        elif self.test_inputs is not None:
+        elif self.test_inputs is not None or cid in self.source_records:
+            given = (self.test_inputs or {}).get(cid) or self.source_records.get(cid, [])
             records = [
                 {**r, META: {"test_input": cid, "index": i, **(r.get(META) or {})}}
                 if isinstance(r, dict) else r
-                for i, r in enumerate(self.test_inputs.get(cid, []))
+                for i, r in enumerate(given)
             ]
             source = TestingSource([records] if records else [])
         else:
