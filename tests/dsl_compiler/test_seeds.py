@@ -104,3 +104,25 @@ def test_broken_variants_report_every_problem_with_location(tmp_path, capsys):
         match = [ln for ln in lines if ln.startswith(prefix)]
         assert match, (prefix, lines)
         assert message in match[0], match[0]
+
+
+def test_a_source_that_stops_at_its_end_is_bounded_for_join_advice():
+    text = """\
+workflow:
+  sources:
+    a: {type: kafka, mode: streaming, config: {bootstrap_servers: "h:1", topic: a, STOP}}
+    b: {type: generator, config: {preset: orders, count: 1}}
+  transformations:
+    j: {type: join, inputs: [a, b], config: {join_key: id}}
+  destinations:
+    out: {type: stdout, inputs: [j]}
+"""
+    unbounded = "a join without 'window' emits only when both inputs end"
+
+    def warnings(stop: str) -> list[str]:
+        v = validate_text(text.replace("STOP", stop))
+        assert not v.errors(), [p.render() for p in v.errors()]
+        return [p.message for p in v.problems]
+
+    assert any(unbounded in w for w in warnings("stop_at_end: false"))
+    assert not any(unbounded in w for w in warnings("stop_at_end: true"))
