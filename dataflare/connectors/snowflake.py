@@ -7,8 +7,7 @@ Connection: ``snowflake-connector-python`` with the seed's fields (``account``,
 A write is one transaction per flushed batch (``AUTOCOMMIT`` off):
 
 - the records of a batch go, as one JSON document each, into a temporary staging table
-  of the session (``executemany`` with server-side binding: the connector uploads large
-  batches to a stage by itself);
+  of the session (``executemany`` with array binding, 2,000 documents per round trip);
 - ``append`` and ``overwrite`` load them with one ``INSERT INTO ... SELECT`` that casts
   each field to its column's type (``PARSE_JSON(doc)['field']::NUMBER``); ``merge`` runs
   one ``DELETE ... USING`` for CDC deletes and one ``MERGE INTO ... USING`` per set of
@@ -34,8 +33,8 @@ refused records stand alone); lost connections are retried per the workflow's ``
 
 Verified only against ``fakesnow`` (the connector's HTTP protocol served by DuckDB): the
 SQL above is Snowflake's documented syntax, but no Snowflake account was reachable, so
-its behaviour on Snowflake itself (error codes of refused values, the connector's
-stage upload for large ``executemany`` batches, DDL commit points) is untested here.
+its behaviour on Snowflake itself (the SQLSTATE of refused values, array binding, DDL
+commit points, quoted identifiers in ``information_schema``) is untested here.
 """
 
 from __future__ import annotations
