@@ -95,6 +95,16 @@ class SnowflakeConfig(Strict):
     login_timeout: int = Field(60, ge=1, description="Seconds to wait for a login.")
 
 
+def check_connection(cfg: SnowflakeConfig, step: str) -> None:
+    """Refuse a config that lacks what a login needs (the seed's examples give only tables)."""
+    missing = [name for name, value in (("account", cfg.account), ("database", cfg.database),
+                                         ("username", cfg.username)) if not value]
+    if missing:
+        msg = (f"step {step!r}: a snowflake destination needs "
+               f"{', '.join(repr(m) for m in missing)} in its config")
+        raise ValueError(msg)
+
+
 class SnowflakeDataError(Exception):
     """Snowflake refused a record's values (SQLSTATE class 22 or 23)."""
 
@@ -149,12 +159,7 @@ class SnowflakeDialect(Dialect):
         import snowflake.connector
 
         cfg = self.cfg
-        missing = [name for name, value in (("account", cfg.account), ("database", cfg.database),
-                                             ("username", cfg.username)) if not value]
-        if missing:
-            msg = (f"step {self.step!r}: a snowflake destination needs "
-                   f"{', '.join(repr(m) for m in missing)} in its config")
-            raise ValueError(msg)
+        check_connection(cfg, self.step)
         kwargs: dict[str, Any] = {
             "account": cfg.account, "user": cfg.username, "database": cfg.database,
             "autocommit": False, "paramstyle": "qmark", "login_timeout": cfg.login_timeout,
@@ -369,4 +374,5 @@ def build_snowflake_destination(
     """The output steps of a ``snowflake`` destination (scoped under its id)."""
     cfg = ctx.config
     step = ctx.step_id
+    check_connection(cfg, step)  # before the run starts, not at its first write
     return table_destination(ctx, up, lambda: SnowflakeDialect(cfg, step))

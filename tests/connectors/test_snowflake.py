@@ -210,3 +210,21 @@ def test_column_types_come_from_the_source_schema_before_the_values(
     run(ctx, [[{"amount": 2.5, "code": "A1", "tags": ["x"], "n": 2}]])
     assert q(sf, 'SELECT "amount", "code", "tags"[0]::VARCHAR FROM "EVENTS" ORDER BY 1') == [
         (2.5, "A1", "x"), (5.0, "7", None)]
+
+
+def test_a_workflow_without_connection_settings_stops_before_running(tmp_path: Path) -> None:
+    from tests.fixtures.workflows import run_cli
+
+    flow = tmp_path / "f.yaml"
+    flow.write_text("""\
+workflow:
+  sources:
+    s: {type: generator, config: {preset: orders, count: 3}}
+  destinations:
+    w: {type: snowflake, inputs: [s], config: {table: customer_segments, password: s3cr3t!}}
+""")
+    result = run_cli("run", str(flow))
+    assert result.code == 1
+    assert "step 'w': a snowflake destination needs 'account', 'database', 'username'" in (
+        result.stderr)
+    assert "s3cr3t!" not in result.stderr
