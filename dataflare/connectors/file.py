@@ -38,10 +38,12 @@ from dataflare.connectors.lake import (
     LakeOutput,
     LocalStorage,
     PathTemplate,
+    conform,
+    csv_line,
     lake_output,
     template_problems,
 )
-from dataflare.connectors.schema import discoverer, infer_schema, json_line, json_value
+from dataflare.connectors.schema import discoverer, infer_schema, json_line
 from dataflare.operators.records import map_records
 from dataflare.records import META, Batch, Failed, RecordError, without_meta
 from dataflare.registry import BuildContext, destination, source
@@ -369,15 +371,6 @@ def build_file_source(ctx: BuildContext) -> FileSource:
     return FileSource(ctx.step_id, ctx.path(ctx.config.path), ctx.base_dir, ctx.config)
 
 
-def _plain(value: Any) -> Any:
-    value = json_value(value)
-    if isinstance(value, dict | list):
-        return orjson.dumps(value).decode()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value
-
-
 class _FilePartition(StatefulSinkPartition[Batch, Any]):
     def __init__(self, step: str, path: Path, fmt: str, columns: list[str] | None,
                  truncate: bool, state: Any):
@@ -419,23 +412,14 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
             self._write_csv(records)
 
     def _write_csv(self, records: list[dict[str, Any]]) -> None:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
         if self.columns is None:
             self.columns = list(dict.fromkeys(k for r in records for k in r))
         if self.f.tell() == 0:
-            writer.writerow(self.columns)
-        known = set(self.columns)
-        for r in records:
-            extra = [k for k in r if k not in known]
-            if extra:
-                msg = (
-                    f"step {self.step!r}: field(s) {', '.join(extra)} are not among the CSV "
-                    f"columns ({', '.join(self.columns)}); list every column in 'columns'"
-                )
-                raise RecordError(msg)
-            writer.writerow([_plain(r.get(c)) for c in self.columns])
-        self.f.write(buf.getvalue().encode())
+            header = io.StringIO()
+            csv.writer(header, lineterminator="\n").writerow(self.columns)
+            self.f.write(header.getvalue().encode())
+        # csv_line raises on what the conform step refused before: never here
+        self.f.write(b"".join(csv_line(self.step, r, self.columns) for r in records))
 
     def snapshot(self) -> Any:
         if self.fmt == "parquet":
@@ -530,6 +514,18 @@ def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] 
     if fmt == "jsonl":
         encoded = map_records("encode", up, lambda r: json_line(without_meta(r)), ctx.step_id)
         up, errs = encoded.down, encoded.errs
+    else:  # what one CSV or Parquet file cannot hold is refused record by record
+        columns, schema = cfg.columns, None
+        if not truncate and path.exists() and path.stat().st_size:
+            if fmt == "csv" and columns is None:
+                with path.open(newline="", encoding="utf-8") as existing:
+                    columns = next(csv.reader(existing), None)
+            elif fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                schema = pq.read_schema(path)
+        conformed = conform("conform", up, ctx.step_id, fmt, columns, schema)
+        up, errs = conformed.down, conformed.errs
     keyed = op.key_on("key", up, lambda _batch: str(path))
     op.output("write", keyed, FileSink(ctx.step_id, path, fmt, cfg.columns, truncate))
     return errs

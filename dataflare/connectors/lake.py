@@ -25,6 +25,7 @@ value JSON cannot hold) and follow the destination's ``error_handling``.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import re
@@ -67,8 +68,8 @@ DEFAULT_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 """The directory of a null partition value, as Hive and Spark name it."""
 JOURNAL = "_dataflare"
 
-_ROW_GROUP_ROWS = 65_536  # a Parquet row group is written once this many rows wait
-_ROW_GROUP_BYTES = 32 << 20  # ... or this many bytes of Arrow data
+_ROW_GROUP_ROWS = 16_384  # a Parquet row group is written once this many rows wait
+_WAITING_BYTES = 4 << 20  # ... or the rows waiting in all open files exceed this (the most)
 _MAX_OPEN = 64  # files open at once per output; past it the oldest rolls
 
 
@@ -184,6 +185,11 @@ class PathTemplate:
 
     def target(self, record: dict[str, Any], now: datetime) -> Target:
         """The partition and file name of ``record`` (RecordError: no usable event time)."""
+        directory, stem, dataset = self.place(record, now)
+        return Target(directory, stem, self.suffix, dataset)
+
+    def place(self, record: dict[str, Any], now: datetime) -> tuple[str, str, str | None]:
+        """The directory, file stem and dataset of ``record`` (:meth:`target`'s fields)."""
         values: dict[str, str] = {}
         if self.needs_time:
             when = now
@@ -200,8 +206,7 @@ class PathTemplate:
             meta = record.get(META)
             dataset = meta.get(INPUT) if isinstance(meta, dict) else None
             values["source"] = path_value(dataset)
-        return Target(self.dir_render(record, values), self.stem_render(record, values),
-                      self.suffix, dataset)
+        return self.dir_render(record, values), self.stem_render(record, values), dataset
 
 
 def _fixed_prefix(template: str) -> str:
@@ -219,15 +224,28 @@ def _renderer(text: str) -> Callable[[dict[str, Any], dict[str, str]], str]:
     parts = re.split(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}", text)
     literals, names = parts[0::2], parts[1::2]
     getters = [None if n in BUILTINS else getter(n) for n in names]
+    if not names:
+        return lambda record, values: text
 
     def render(record: dict[str, Any], values: dict[str, str]) -> str:
         out = [literals[0]]
         for name, get, lit in zip(names, getters, literals[1:], strict=True):
-            out.append(values[name] if get is None else path_value(get(record)))
+            if get is None:
+                out.append(values[name])
+            else:
+                value = get(record)
+                try:
+                    out.append(_segment(value))
+                except TypeError:  # unhashable (a list, a dict)
+                    out.append(path_value(value))
             out.append(lit)
         return "".join(out)
 
     return render
+
+
+_segment = functools.lru_cache(maxsize=4096, typed=True)(path_value)
+""":func:`path_value` of the values seen last (partition values repeat)."""
 
 
 # -- storage -----------------------------------------------------------------------------
@@ -376,6 +394,20 @@ def csv_problem(step: str, record: dict[str, Any], columns: list[str]) -> str | 
             f"({', '.join(columns)}); list every column in 'columns'")
 
 
+def csv_line(step: str, record: dict[str, Any], columns: list[str]) -> bytes:
+    """``record`` as one CSV line under ``columns``; RecordError when CSV cannot hold it."""
+    problem = csv_problem(step, record, columns)
+    if problem is not None:
+        raise RecordError(problem)
+    buf = io.StringIO()
+    try:
+        csv.writer(buf, lineterminator="\n").writerow([csv_value(record.get(c)) for c in columns])
+        return buf.getvalue().encode()
+    except (csv.Error, UnicodeEncodeError) as exc:
+        msg = f"step {step!r}: the record cannot be written as CSV: {exc}"
+        raise RecordError(msg) from None
+
+
 class _Csv(_Open):
     def __init__(self, target: Target, tmp: Path, opened: float, step: str,
                  columns: list[str]) -> None:
@@ -388,32 +420,22 @@ class _Csv(_Open):
 
     def add(self, records: list[dict[str, Any]], max_bytes: int | None) -> tuple[int, list[Failed]]:
         refused: list[Failed] = []
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        limit = (max_bytes or 1 << 62) - self.bytes
+        lines = []
+        limit = max_bytes or 1 << 62
         used = 0
         for r in records:
-            if buf.tell() >= limit:  # characters: bytes for ASCII, an estimate otherwise
-                break
             used += 1
-            problem = csv_problem(self.step, r, self.columns)
-            if problem is not None:
-                refused.append(Failed(self.step, "RecordError", problem, r, r.get(META) or {}))
-                continue
-            mark = buf.tell()
             try:
-                writer.writerow([csv_value(r.get(c)) for c in self.columns])
-            except (csv.Error, ValueError) as exc:
-                buf.seek(mark)
-                buf.truncate()
-                refused.append(Failed(self.step, type(exc).__name__,
-                                      f"the record cannot be written as CSV: {exc}", r,
-                                      r.get(META) or {}))
+                line = csv_line(self.step, r, self.columns)
+            except RecordError as exc:
+                refused.append(Failed.of(self.step, exc, r))
                 continue
+            lines.append(line)
+            self.bytes += len(line)
             self.records += 1
-        data = buf.getvalue().encode()
-        self.bytes += len(data)
-        self.f.write(data)
+            if self.bytes >= limit:
+                break
+        self.f.write(b"".join(lines))
         return used, refused
 
     def finish(self) -> None:
@@ -426,9 +448,9 @@ class ParquetSchema:
     It is learned from the first records (the first non-null value of a field sets its
     type), ordered and limited by ``columns`` when given.
 
-    A field seen for the first time, or the first value of a field so far always null,
-    widens the schema (the file rolls: a Parquet file has one schema); a value that does
-    not convert to its field's type refuses its record.
+    A field seen for the first time, the first value of a field so far always null, or a
+    fraction in an integer field widens the schema (the file rolls: a Parquet file has one
+    schema); a value that does not convert to its field's type refuses its record.
     """
 
     def __init__(self, step: str, columns: list[str] | None, schema: Any = None) -> None:
@@ -443,7 +465,12 @@ class ParquetSchema:
                                  if k != META]
         changed = self.schema is None
         for name in names:
-            if name in known and not pa.types.is_null(known[name]):
+            have = known.get(name)
+            if have is not None and pa.types.is_integer(have):
+                if any(type(r.get(name)) is float for r in rows):  # integers become doubles
+                    known[name], changed = pa.float64(), True
+                continue
+            if have is not None and not pa.types.is_null(have):
                 continue
             typ = _type_of(r.get(name) for r in rows)
             if name not in known or not pa.types.is_null(typ):
@@ -514,20 +541,9 @@ class _Parquet(_Open):
         self.waiting_bytes = 0
         self.written = 0
 
-    def fits(self, rows: list[dict[str, Any]]) -> bool:
-        """Whether ``rows`` need no column this file lacks (or has as always null)."""
-        import pyarrow as pa
-
-        names = set(self.file_schema.names)
-        nulls = {f.name for f in self.file_schema if pa.types.is_null(f.type)}
-        limited = self.schema.columns is not None
-        for r in rows:
-            for k, v in r.items():
-                if k == META or (limited and k not in names):
-                    continue
-                if k not in names or (v is not None and k in nulls):
-                    return False
-        return True
+    def current(self) -> bool:
+        """Whether the file's schema is still the output's (it did not widen since)."""
+        return bool(self.file_schema.equals(self.schema.schema))
 
     def add(self, records: list[dict[str, Any]], max_bytes: int | None) -> tuple[int, list[Failed]]:
         table, bad = self.schema.table(records, self.file_schema)  # without _meta
@@ -539,12 +555,13 @@ class _Parquet(_Open):
             self.waiting_rows += table.num_rows
             self.waiting_bytes += table.nbytes
             self.records += table.num_rows
-            if self.waiting_rows >= _ROW_GROUP_ROWS or self.waiting_bytes >= _ROW_GROUP_BYTES:
-                self._write()
+            if self.waiting_rows >= _ROW_GROUP_ROWS:
+                self.write_row_group()
         self.bytes = self.written + self.waiting_bytes
         return len(records), refused
 
-    def _write(self) -> None:
+    def write_row_group(self) -> None:
+        """Write the rows waiting as one row group."""
         import pyarrow as pa
 
         if self.waiting:
@@ -553,7 +570,7 @@ class _Parquet(_Open):
             self.written = os.path.getsize(self.tmp)
 
     def finish(self) -> None:
-        self._write()
+        self.write_row_group()
         self.writer.close()
 
 
@@ -593,7 +610,7 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         self.journal = f"{out.template.prefix}{JOURNAL}/{out.step}/{self.state.run[:12]}/"
         self.scratch = self.storage.scratch(self.journal)
         if not fresh or os.environ.get(RUN_ID_ENV):
-            self._undo_after(self.state.next_file)
+            self._storage_call(self.journal, self._undo_after, self.state.next_file)
         self.open: dict[Target, _Open] = {}
         self.schemas = {k: ParquetSchema(out.step, out.options.columns, v)
                         for k, v in self.state.schemas.items()}
@@ -623,7 +640,7 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
                 schema = ParquetSchema(self.out.step, self.out.options.columns)
                 self.schemas[target.dataset] = schema
             schema.widen(rows)
-            if isinstance(f, _Parquet) and not f.fits(rows):
+            if isinstance(f, _Parquet) and not f.current():
                 self._roll(f)
                 f = None
         if f is None:
@@ -658,23 +675,36 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         t = f.target
         name = f"{t.stem}-{self.state.run[:12]}-{number:06d}{t.suffix}"
         key = f"{t.directory}/{name}" if t.directory else name
-        self.storage.put_text(f"{self.journal}{number:08d}", key)
-        self.storage.publish(f.tmp, key)
+        self._storage_call(key, self.storage.put_text, f"{self.journal}{number:08d}", key)
+        self._storage_call(key, self.storage.publish, f.tmp, key)
+
+    def _storage_call(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; a failure names the step and the file or object."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            msg = f"step {self.out.step!r}: cannot write {self.storage.show(key)}: {exc}"
+            raise RuntimeError(msg) from exc
 
     def on_batch(self, values: list[Batch]) -> tuple[list[list[Failed]], bool]:
         now = datetime.now(UTC)
-        groups: dict[Target, list[dict[str, Any]]] = {}
+        groups: dict[tuple[str, str, str | None], list[dict[str, Any]]] = {}
         template = self.out.template
+        place = template.place
         for batch in values:
             for r in batch:
                 try:
-                    target = template.target(r, now)
+                    where = place(r, now)
                 except RecordError as exc:
                     self.refused.append(Failed.of(self.out.step, exc, r))
                     continue
-                groups.setdefault(target, []).append(r)
-        for target, rows in groups.items():
-            self._add(target, rows)
+                rows = groups.get(where)
+                if rows is None:
+                    groups[where] = [r]
+                else:
+                    rows.append(r)
+        for (directory, stem, dataset), rows in groups.items():
+            self._add(Target(directory, stem, template.suffix, dataset), rows)
         return self._emit(), False
 
     def _add(self, target: Target, rows: list[dict[str, Any]]) -> None:
@@ -685,9 +715,21 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
             used, refused = f.add(chunk, opts.max_bytes)
             self.refused.extend(refused)
             rows = rows[used:]
+            if isinstance(f, _Parquet):
+                self._bound_waiting()
             full = opts.max_records is not None and f.records >= opts.max_records
             if full or (opts.max_bytes is not None and f.bytes >= opts.max_bytes):
                 self._roll(f)
+
+    def _bound_waiting(self) -> None:
+        """Write row groups, the largest first, until the rows waiting fit the budget."""
+        waiting = [f for f in self.open.values() if isinstance(f, _Parquet) and f.waiting]
+        total = sum(f.waiting_bytes for f in waiting)
+        for f in sorted(waiting, key=lambda f: -f.waiting_bytes):
+            if total <= _WAITING_BYTES:
+                break
+            total -= f.waiting_bytes
+            f.write_row_group()
 
     def _emit(self) -> list[list[Failed]]:
         out, self.refused = self.refused, []
@@ -720,6 +762,72 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         st = self.state
         return LakeState(st.run, st.next_file, dict(st.columns),
                          {k: v.schema for k, v in self.schemas.items()})
+
+
+class _ConformLogic(StatefulBatchLogic[Batch, tuple[Batch, list[Failed]], Any]):
+    """Refuses, one at a time, the records a single CSV or Parquet file cannot hold."""
+
+    def __init__(self, step: str, fmt: str, columns: list[str] | None, state: Any) -> None:
+        self.step, self.fmt = step, fmt
+        self.columns = columns
+        self.schema = ParquetSchema(step, columns, None)
+        if fmt == "csv" and state is not None:
+            self.columns = state
+        elif state is not None:
+            self.schema.schema = state
+
+    def on_batch(self, values: list[Batch]) -> tuple[list[tuple[Batch, list[Failed]]], bool]:
+        good: Batch = []
+        bad: list[Failed] = []
+        for batch in values:
+            if self.fmt == "csv":
+                if self.columns is None and batch:
+                    self.columns = list(dict.fromkeys(k for r in batch for k in r if k != META))
+                for r in batch:
+                    try:
+                        csv_line(self.step, r, self.columns or [])
+                    except RecordError as exc:
+                        bad.append(Failed.of(self.step, exc, r))
+                    else:
+                        good.append(r)
+                continue
+            self.schema.widen(batch)
+            schema = self.schema.schema
+            _, refused = self.schema.table(batch, schema)
+            skip = set(refused)
+            good.extend(r for i, r in enumerate(batch) if i not in skip)
+            bad.extend(Failed(self.step, "ParquetTypeError", self.schema.problem(batch[i], schema),
+                              batch[i], batch[i].get(META) or {}) for i in refused)
+        return [(good, bad)], False
+
+    def snapshot(self) -> Any:
+        return self.columns if self.fmt == "csv" else self.schema.schema
+
+
+@dataclass(frozen=True)
+class ConformOut:
+    """The records a file can hold, and the others (refused)."""
+
+    down: Stream[Batch]
+    errs: Stream[list[Failed]]
+
+
+@operator
+def conform(step_id: str, up: Stream[Batch], step: str, fmt: str, columns: list[str] | None,
+            schema: Any = None) -> ConformOut:
+    """Refuse the records one CSV or Parquet file cannot hold, so the rest is written.
+
+    Refused: a field without a CSV column, a value of another type than its Parquet column's.
+
+    ``columns``: the file's columns when known (configured, or the header of a file
+    appended to); ``schema``: the Arrow schema of a Parquet file appended to.
+    """
+    keyed = op.key_on("key", up, lambda _batch: "0")
+    checked = op.stateful_batch(
+        "check", keyed, lambda state: _ConformLogic(step, fmt, columns, state or schema))
+    pairs = op.map("unkey", checked, lambda kv: kv[1])
+    return ConformOut(op.filter_map("down", pairs, lambda p: p[0] or None),
+                      op.filter_map("errs", pairs, lambda p: p[1] or None))
 
 
 @operator

@@ -193,8 +193,13 @@ class _ObjectsPartition(StatefulSourcePartition[Batch, S3Position | None]):
     def __init__(self, step: str, config: S3SourceConfig, state: S3Position | None) -> None:
         self.step, self.config = step, config
         self.client = config.client()
-        keys = [k for k in list_keys(self.client, config.bucket, config.prefix)
-                if f"/{JOURNAL}/" not in f"/{k}" and not k.endswith("/")]
+        where = f"s3://{config.bucket}/{config.prefix}"
+        try:
+            listed = list_keys(self.client, config.bucket, config.prefix)
+        except Exception as exc:
+            msg = f"step {step!r}: cannot list {where}: {exc}"
+            raise RuntimeError(msg) from exc
+        keys = [k for k in listed if f"/{JOURNAL}/" not in f"/{k}" and not k.endswith("/")]
         self.state = state
         if state is not None:  # resume: the key read then, unless it was done, and later ones
             keys = [k for k in keys if k > state.key or (k == state.key and not state.done)]
@@ -207,8 +212,12 @@ class _ObjectsPartition(StatefulSourcePartition[Batch, S3Position | None]):
         fd, name = tempfile.mkstemp(prefix="dataflare-s3-", suffix=Path(key).suffix)
         os.close(fd)
         self.local = Path(name)
-        self.client.download_file(self.config.bucket, key, name)
         shown = f"s3://{self.config.bucket}/{key}"
+        try:
+            self.client.download_file(self.config.bucket, key, name)
+        except Exception as exc:
+            msg = f"step {self.step!r}: cannot read {shown}: {exc}"
+            raise RuntimeError(msg) from exc
         self.reader = file_reader(self.step, self.local, shown, fmt, self.config, position)
         self.state = S3Position(key, position)
 

@@ -14,7 +14,14 @@ import pytest
 
 import dataflare
 from dataflare.connectors.file import FileDestinationConfig
-from dataflare.connectors.lake import LakeOutput, LocalStorage, PathTemplate, _LakeLogic, path_value
+from dataflare.connectors.lake import (
+    LakeOutput,
+    LocalStorage,
+    PathTemplate,
+    _ConformLogic,
+    _LakeLogic,
+    path_value,
+)
 from tests.fixtures.workflows import ROOT, read_jsonl
 
 NAME = re.compile(r"^(?P<stem>.+)-(?P<run>[0-9a-f]{12})-(?P<seq>\d{6})(?P<ext>\.\w+)$")
@@ -250,3 +257,103 @@ def test_a_plain_path_stays_one_file_and_values_cannot_escape_their_directory():
     assert path_value("a/../b") == "a%2F..%2Fb"
     assert path_value(3.0) == "3" and path_value(True) == "true"
     assert Counter(path_value(v) for v in (None, "")) == {"__HIVE_DEFAULT_PARTITION__": 2}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_one_file_refuses_what_it_cannot_hold_record_by_record(tmp_path, fmt):
+    # A string in a float column at record 11,500 (Parquet); a field first seen at record
+    # 25,000 (CSV): each refuses its record alone, and the file holds all the others.
+    rows = [{"id": i, "amount": i * 0.5} for i in range(30_000)]
+    if fmt == "parquet":
+        rows[11_500]["amount"] = "oops"
+        bad_id = 11_500
+    else:
+        rows[25_000]["extra"] = 1
+        bad_id = 25_000
+    rows[3]["amount"] = 7  # an integer among doubles is not a clash
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    path = write_flow(tmp_path, f"""\
+workflow:
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    out:
+      inputs: [src]
+      type: file
+      config: {{path: out.{fmt}}}
+      error_handling: {{strategy: redirect, redirect_to: bad}}
+    bad: {{type: file, config: {{path: bad.jsonl}}}}
+""")
+    result = dataflare.run(path)
+    assert result.ok, result.error
+    if fmt == "parquet":
+        ids = pq.read_table(tmp_path / "out.parquet").column("id").to_pylist()
+    else:
+        ids = [int(ln.split(",")[0]) for ln in (tmp_path / "out.csv").read_text().splitlines()[1:]]
+    assert ids == [i for i in range(30_000) if i != bad_id]
+    [bad] = read_jsonl(tmp_path / "bad.jsonl")
+    assert bad["record"]["id"] == bad_id
+    assert bad["source"]["position"] == {"file": "in.jsonl", "line": bad_id + 1}
+    assert bad["error"]["step"] == "out"
+
+
+def test_two_workers_write_each_record_once(tmp_path):
+    (tmp_path / "in").mkdir()
+    for part in range(4):  # one source partition per file, spread over the workers
+        (tmp_path / "in" / f"{part}.jsonl").write_bytes(b"".join(
+            orjson.dumps({"id": part * 1000 + i, "k": i % 3}) + b"\n" for i in range(1000)))
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: "in/*.jsonl", batch_size: 100}}
+  destinations:
+    lake:
+      inputs: [src]
+      type: file
+      config: {path_template: "out/", format: parquet, partition_by: [k], max_records: 300}
+""")
+    result = dataflare.run(path, workers=2)
+    assert result.ok, result.error
+    files = outputs(tmp_path / "out", ".parquet")
+    ids = Counter(i for p in files.values() for i in pq.read_table(p).column("id").to_pylist())
+    assert ids == Counter({p * 1000 + i: 1 for p in range(4) for i in range(1000)})
+    assert all(pq.read_metadata(p).num_rows <= 300 for p in files.values())
+
+
+def test_a_value_csv_cannot_hold_refuses_its_record_alone(tmp_path):
+    # A lone surrogate (text Python holds and UTF-8 cannot) in a partitioned CSV output and
+    # before a one-file CSV output: refused with its position, the other records written.
+    cfg = FileDestinationConfig.model_validate({"path_template": "out/x.csv"})
+    logic = _LakeLogic(LakeOutput("lake", "csv", PathTemplate(f"{tmp_path}/out/x.csv", "csv",
+                                                              cfg), cfg, LocalStorage), None)
+    meta = {"file": "in.jsonl", "line": 2}
+    rows = [{"id": 1, "t": "ok"}, {"id": 2, "t": "bad \ud800", "_meta": meta}, {"id": 3, "t": ""}]
+    [refused], _ = logic.on_batch([rows])
+    assert [(f.record["id"], f.meta, f.type) for f in refused] == [(2, meta, "RecordError")]
+    assert "cannot be written as CSV" in refused[0].message
+    logic.on_eof()
+    [path] = outputs(tmp_path / "out", ".csv").values()
+    assert path.read_text() == "id,t\n1,ok\n3,\n"
+    conform = _ConformLogic("one", "csv", None, None)
+    [(good, bad)], _ = conform.on_batch([rows])
+    assert [r["id"] for r in good] == [1, 3] and [f.record["id"] for f in bad] == [2]
+
+
+def test_partitioned_files_refuse_overwrite_at_run(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n')
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  destinations:
+    lake:
+      inputs: [src]
+      type: file
+      write_mode: {type: overwrite}
+      config: {path_template: "out/{{a}}/x.jsonl"}
+""")
+    result = dataflare.run(path)
+    assert not result.ok
+    assert "step 'lake': partitioned files are only added to (write_mode append)" in (
+        result.error or "")
+    assert not (tmp_path / "out").exists()

@@ -163,3 +163,19 @@ workflow:
 """)
     assert dataflare.run(tmp_path / "flow.yaml").ok
     assert (tmp_path / "out.jsonl").read_text() == '{"n":1}\n{"n":2}\n'
+
+
+def test_a_bucket_that_does_not_exist_is_an_error_naming_the_step(tmp_path, s3_bucket):
+    (tmp_path / "in.jsonl").write_text('{"n": 1}\n')
+    config = s3_bucket.config().replace(f"bucket: {s3_bucket.name}", "bucket: no-such-bucket")
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    lake: {{inputs: [src], type: s3, config: {{{config}, path_template: "x/"}}}}
+""")
+    result = dataflare.run(tmp_path / "flow.yaml")
+    assert not result.ok
+    assert "step 'lake': cannot write s3://no-such-bucket/x/" in (result.error or "")
+    assert SECRET not in (result.error or "")
