@@ -228,3 +228,12 @@ workflow:
     assert "step 'w': a snowflake destination needs 'account', 'database', 'username'" in (
         result.stderr)
     assert "s3cr3t!" not in result.stderr
+
+
+def test_a_cdc_truncate_empties_a_merged_table_before_what_follows(
+        fake_snowflake: FakeSnowflake) -> None:
+    sf = fake_snowflake
+    ctx = ctx_for(sf, write_mode={"type": "merge", "merge_key": "id"})
+    run(ctx, [[{"id": 1, "v": "a"}, {"id": 2, "v": "b"}]])
+    run(ctx, [[{"id": 3, "v": "c"}, {"_meta": {"op": "truncate"}}, {"id": 4, "v": "d"}]])
+    assert q(sf, 'SELECT "id", "v" FROM "EVENTS" ORDER BY 1') == [(4, "d")]
