@@ -54,7 +54,8 @@ BUILTIN_MODULES = (
     "dataflare.connectors.duckdb",
     "dataflare.connectors.redis",
     "dataflare.connectors.http",
-    "dataflare.connectors.planned",
+    "dataflare.connectors.snowflake",
+    "dataflare.connectors.s3",
     "dataflare.operators.mapping",
     "dataflare.operators.filter",
     "dataflare.operators.route",
@@ -126,12 +127,20 @@ class ComponentSpec:
     extra: str = ""  # the dataflare extra that installs them
     schema: SchemaHook | None = None  # its reads and output schema (record_schema)
     datasets: DatasetsHook | None = None  # the datasets it reads or writes (lineage)
+    # A destination's records carry ``_meta.input`` (their input) when this says so.
+    input_names: Callable[[Any], bool] | None = None
 
     def missing(self) -> list[str]:
         """The packages this type needs that are not installed."""
         import importlib.util
 
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        def absent(name: str) -> bool:
+            try:
+                return importlib.util.find_spec(name) is None
+            except ModuleNotFoundError:  # a dotted name whose parent package is absent
+                return True
+
+        return [m for m in self.requires if absent(m)]
 
     @property
     def available(self) -> bool:
@@ -246,13 +255,17 @@ def destination(
     blocks: tuple[str, ...] | None = None,
     schema: SchemaHook | None = None,
     datasets: DatasetsHook | None = None,
+    input_names: Callable[[Any], bool] | None = None,
 ) -> Callable[..., Any]:
     """Register a destination builder (``requires``, ``blocks``, ``datasets`` as for sources).
 
     ``schema`` names the fields its config reads (templates, keys); its return is unused.
+    ``input_names(config)``: whether records reach the builder with ``_meta.input`` naming
+    the input they come from (an id of ``inputs``, or the step that redirected them).
     """
     return _decorator("destination", type_name, config=config, description=description,
                       requires=requires, extra=extra, schema=schema, datasets=datasets,
+                      input_names=input_names,
                       blocks=None if blocks is None else frozenset(blocks))
 
 

@@ -37,6 +37,7 @@ _KV_PAIR = re.compile(r"^\s*[A-Za-z_]+\s*=")
 """The start of a key/value DSN (``host=... dbname=...``)."""
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
+_UNRESOLVED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
 _lock = threading.Lock()
 _values: set[str] = set()
 _shingles: set[str] = set()
@@ -49,8 +50,8 @@ def register(value: Any) -> None:
     if not isinstance(value, str):
         return
     value = value.strip()
-    if len(value) < _MIN:
-        return
+    if len(value) < _MIN or _UNRESOLVED.search(value):
+        return  # a ``${VAR}`` left unset is no secret: its name must stay readable
     with _lock:
         for form in {value, quote(value, safe=""), quote_plus(value), unquote(value)}:
             if len(form) < _MIN or form in _values:

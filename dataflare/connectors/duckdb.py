@@ -28,6 +28,7 @@ from dataflare.connectors.sql_writer import (
     Mark,
     quote_ident,
     table_destination,
+    text_value,
 )
 from dataflare.lineage import Dataset, file_dataset
 from dataflare.records import Failed
@@ -185,9 +186,7 @@ class DuckDBDialect(Dialect):
                           for v in values]
                 arrays.append(pa.array(values, pa.string()))
             elif kind == TEXT:
-                values = [v if v is None or isinstance(v, str) else
-                          (orjson.dumps(v, default=str).decode()
-                           if isinstance(v, dict | list) else str(v)) for v in values]
+                values = [None if v is None else text_value(v) for v in values]
                 arrays.append(pa.array(values, pa.string()))
             else:
                 arrow_type = {INT: pa.int64(), FLOAT: pa.float64(), BOOL: pa.bool_()}[kind]

@@ -85,7 +85,14 @@ def new_model(cfg: MlConfig) -> Any:
     """A fresh model for ``cfg``."""
     river = _river()
     if cfg.algorithm == "kmeans":
-        return river.cluster.KMeans(n_clusters=cfg.clusters, seed=cfg.seed)
+        model = river.cluster.KMeans(n_clusters=cfg.clusters, seed=cfg.seed)
+        # Its centers draw a random start per feature when first read, and its distance
+        # reads the features in set order, which string hashing varies between processes:
+        # drawing them here, in the features' order, makes the seed reproduce the clusters.
+        for center in model.centers.values():
+            for feature in cfg.features:
+                center[feature]  # noqa: B018 - the defaultdict draws the start value
+        return model
     if cfg.algorithm == "isolation_forest":
         return river.preprocessing.MinMaxScaler() | river.anomaly.HalfSpaceTrees(seed=cfg.seed)
     return river.preprocessing.StandardScaler() | river.linear_model.LinearRegression()
