@@ -48,6 +48,7 @@ from dataflare.connectors.lake import (
     template_problems,
 )
 from dataflare.connectors.schema import discoverer, infer_schema, json_line
+from dataflare.lineage import file_dataset
 from dataflare.operators.records import map_records
 from dataflare.records import META, Batch, Failed, without_meta
 from dataflare.registry import BuildContext, destination, source
@@ -368,7 +369,7 @@ def file_reader(step: str, path: Path, shown: str, fmt: str, cfg: Any,
 
 
 @source("file", config=FileSourceConfig, description="Read JSON lines, CSV, JSON or Parquet files.",
-        blocks=())
+        blocks=(), datasets=lambda cfg, base: file_dataset(cfg.path, base))
 def build_file_source(ctx: BuildContext) -> FileSource:
     """Build a file source."""
     file_format(ctx.config.path, ctx.config.format, ctx.step_id)
@@ -449,6 +450,7 @@ def uses_source(config: Any) -> bool:
 @destination(
     "file",
     config=FileDestinationConfig,
+    datasets=lambda cfg, base: file_dataset(cfg.path, base),
     description="Write JSON lines, CSV or Parquet: one file (rewritten without write_mode), "
     "or partitioned rolling files (path_template).",
     blocks=("write_mode=append", "write_mode=overwrite"),

@@ -38,6 +38,7 @@ from dataflare.connectors.lake import (
     lake_output,
     template_problems,
 )
+from dataflare.lineage import Dataset
 from dataflare.records import Batch
 from dataflare.registry import BuildContext, destination, source
 
@@ -154,6 +155,7 @@ def list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
     extra="s3",
     blocks=("write_mode=append",),
     input_names=uses_source,
+    datasets=lambda cfg, base: [Dataset(f"s3://{cfg.bucket}", cfg.path_template)],
 )
 def build_s3_destination(ctx: BuildContext[S3DestinationConfig],
                          up: Stream[Batch]) -> Stream[Any]:
@@ -271,7 +273,8 @@ class S3Source(FixedPartitionedSource[Batch, S3Position | None]):
 
 @source("s3", config=S3SourceConfig,
         description="Read the objects under a prefix (JSON lines, CSV, JSON, Parquet).",
-        requires=("boto3",), extra="s3", blocks=())
+        requires=("boto3",), extra="s3", blocks=(),
+        datasets=lambda cfg, base: [Dataset(f"s3://{cfg.bucket}", cfg.prefix or "/")])
 def build_s3_source(ctx: BuildContext[S3SourceConfig]) -> S3Source:
     """Build an s3 source."""
     return S3Source(ctx.step_id, ctx.config)
