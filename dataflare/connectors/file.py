@@ -450,7 +450,7 @@ def uses_source(config: Any) -> bool:
 @destination(
     "file",
     config=FileDestinationConfig,
-    datasets=lambda cfg, base: file_dataset(cfg.path, base),
+    datasets=lambda cfg, base: file_dataset(cfg.target(), base),
     description="Write JSON lines, CSV or Parquet: one file (rewritten without write_mode), "
     "or partitioned rolling files (path_template).",
     blocks=("write_mode=append", "write_mode=overwrite"),

@@ -359,3 +359,13 @@ workflow:
     assert "step 'lake': partitioned files are only added to (write_mode append)" in (
         result.error or "")
     assert not (tmp_path / "out").exists()
+
+
+def test_lineage_names_a_partitioned_output_by_its_template(tmp_path):
+    from dataflare import registry
+
+    spec = registry.lookup("destination", "file")
+    assert spec is not None and spec.datasets is not None
+    cfg = FileDestinationConfig.model_validate({"path_template": "out/{{k}}/x.jsonl"})
+    [dataset] = spec.datasets(cfg, tmp_path)
+    assert dataset.name == str(tmp_path / "out/{{k}}/x.jsonl")
