@@ -123,6 +123,8 @@ class ComponentSpec:
     advise: Callable[[Any, set[str]], list[str]] | None = None
     planned: str = ""
     blocks: frozenset[str] | None = None
+    # The blocks acted on under a given config, when they depend on it (overrides blocks).
+    blocks_for: Callable[[Any], frozenset[str]] | None = None
     requires: tuple[str, ...] = ()  # import names of the packages it needs
     extra: str = ""  # the dataflare extra that installs them
     schema: SchemaHook | None = None  # its reads and output schema (record_schema)
@@ -256,16 +258,20 @@ def destination(
     schema: SchemaHook | None = None,
     datasets: DatasetsHook | None = None,
     input_names: Callable[[Any], bool] | None = None,
+    blocks_for: Callable[[Any], tuple[str, ...]] | None = None,
 ) -> Callable[..., Any]:
     """Register a destination builder (``requires``, ``blocks``, ``datasets`` as for sources).
 
     ``schema`` names the fields its config reads (templates, keys); its return is unused.
     ``input_names(config)``: whether records reach the builder with ``_meta.input`` naming
     the input they come from (an id of ``inputs``, or the step that redirected them).
+    ``blocks_for(config)``: the blocks it acts on when they depend on its config.
     """
     return _decorator("destination", type_name, config=config, description=description,
                       requires=requires, extra=extra, schema=schema, datasets=datasets,
                       input_names=input_names,
+                      blocks_for=None if blocks_for is None else (
+                          lambda cfg: frozenset(blocks_for(cfg))),
                       blocks=None if blocks is None else frozenset(blocks))
 
 

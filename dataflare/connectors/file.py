@@ -454,6 +454,8 @@ def uses_source(config: Any) -> bool:
     description="Write JSON lines, CSV or Parquet: one file (rewritten without write_mode), "
     "or partitioned rolling files (path_template).",
     blocks=("write_mode=append", "write_mode=overwrite"),
+    blocks_for=lambda cfg: ("write_mode=append",) if cfg.partitioned() else (
+        "write_mode=append", "write_mode=overwrite"),
     input_names=uses_source,
 )
 def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] | None:

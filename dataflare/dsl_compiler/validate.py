@@ -111,7 +111,8 @@ def validate_text(
                     (*loc, "type"),
                     f"{kind} type {spec.type!r} needs {', '.join(missing)}, not installed: "
                     f"pip install 'dataflare[{spec.extra}]'"))
-            out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp))
+            out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp,
+                                                       configs.get(cid)))
             if comp.get("serve") is True and not spec.serves:
                 servable = sorted(s.type for s in registry.specs("transformation") if s.serves)
                 out.problems.append(doc.problem(
@@ -194,18 +195,23 @@ def _protection_problems(
 
 
 def _blocks_without_effect(
-    doc: Document, loc: Loc, kind: str, spec: registry.ComponentSpec, comp: dict[str, Any]
+    doc: Document, loc: Loc, kind: str, spec: registry.ComponentSpec, comp: dict[str, Any],
+    config: Any = None,
 ) -> list[Problem]:
     """Warnings for the blocks (or block types) given that the component's type ignores.
 
     A type lists in ``blocks`` the blocks it acts on, a block as ``name=type`` when it acts
-    on those of its types only (a file destination: ``write_mode=append``).
+    on those of its types only (a file destination: ``write_mode=append``); ``blocks_for``
+    when they depend on its (valid) ``config``.
     """
     out = []
+    acts = spec.blocks
+    if spec.blocks_for is not None and config is not None:
+        acts = spec.blocks_for(config)
     for block in registry.TYPE_BLOCKS.get(kind, ()):
-        if spec.blocks is None or block not in comp or block in spec.blocks:
+        if acts is None or block not in comp or block in acts:
             continue
-        types = sorted(b.split("=", 1)[1] for b in spec.blocks if b.startswith(f"{block}="))
+        types = sorted(b.split("=", 1)[1] for b in acts if b.startswith(f"{block}="))
         given = comp[block].get("type") if isinstance(comp[block], dict) else None
         if not types:
             message = f"{block!r} has no effect on a {kind} of type {spec.type!r}"

@@ -369,3 +369,28 @@ def test_lineage_names_a_partitioned_output_by_its_template(tmp_path):
     cfg = FileDestinationConfig.model_validate({"path_template": "out/{{k}}/x.jsonl"})
     [dataset] = spec.datasets(cfg, tmp_path)
     assert dataset.name == str(tmp_path / "out/{{k}}/x.jsonl")
+
+
+def test_validate_warns_that_overwrite_has_no_effect_on_partitioned_files(tmp_path):
+    from dataflare.dsl_compiler import validate_file
+
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  destinations:
+    lake:
+      inputs: [src]
+      type: file
+      write_mode: {type: overwrite}
+      config: {path_template: "out/{{a}}/x.jsonl"}
+    one:
+      inputs: [src]
+      type: file
+      write_mode: {type: overwrite}
+      config: {path: out.jsonl}
+""")
+    problems = [str(p) for p in validate_file(path).problems]
+    assert [p for p in problems if "has no effect" in p] == [
+        f"{path}:8:7: destinations.lake.write_mode: warning: write_mode 'overwrite' has no "
+        "effect on a destination of type 'file' (it acts on: append)"]
