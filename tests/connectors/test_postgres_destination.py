@@ -340,8 +340,13 @@ def test_kafka_to_postgres_appends_exactly_once_across_a_crash(
     from dataflare.connectors.kafka import produce_records
 
     topic = kafka_topic(partitions=2)
-    produce_records(kafka_broker.bootstrap_servers, topic,
-                    ({"id": i, "user": f"u{i % 5}"} for i in range(N)), partitions=2)
+
+    def produce(start: int, stop: int) -> None:
+        produce_records(kafka_broker.bootstrap_servers, topic,
+                        ({"id": i, "user": f"u{i % 5}"} for i in range(start, stop)),
+                        partitions=2)
+
+    produce(0, N // 2)  # the second half comes while the first run writes
     flow = tmp_path / "flow.yaml"
     flow.write_text(CRASH_FLOW)
     recovery = tmp_path / "recovery"
@@ -380,6 +385,7 @@ def test_kafka_to_postgres_appends_exactly_once_across_a_crash(
                 break
             time.sleep(0.05)
         after_snapshot = count()
+        produce(N // 2, N)  # the run cannot have written these yet: it is killed mid-way
         for _ in range(1200):  # rows committed after that snapshot will be replayed
             if count() >= after_snapshot + 1500 or proc.poll() is not None:
                 break
