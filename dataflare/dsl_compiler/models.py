@@ -85,7 +85,10 @@ class PluginConfig(Open):
     """Plugin settings; keys beyond these are handed to the plugin as its configuration."""
 
     memory_limit: str | None = Field(None, description="Memory cap, e.g. '256MB'.")
-    timeout: Duration | None = Field(None, description="Time limit of one call.")
+    timeout: Duration | None = Field(
+        None, description="Time limit of one call (WASM: default 10s; a timed-out batch fails "
+        "as a whole)."
+    )
 
     @field_validator("memory_limit")
     @classmethod
