@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from time import monotonic
 from typing import TypeVar
 
 from dataflare import metrics
@@ -54,6 +55,30 @@ def delays(policy: Retry) -> list[float]:
     return out
 
 
+def next_wait(policy: Retry, waits: list[float], attempt: int, exc: BaseException,
+              first_failure: float) -> float | None:
+    """Seconds to wait before retrying after failed attempt ``attempt`` (0-based).
+
+    ``waits`` is ``delays(policy)``; ``first_failure`` the ``monotonic()`` of the first
+    failure. None when the failure stands: the attempts are used up or ``max_elapsed``
+    has passed. A ``retry_after`` on ``exc`` (seconds) replaces the jitter.
+    """
+    if attempt >= len(waits):
+        return None
+    wait = waits[attempt]
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        wait = min(max(wait, float(retry_after)), policy.backoff.max)
+    else:  # jitter: workers that failed together do not retry in lockstep
+        wait *= random.uniform(0.8, 1.2)  # noqa: S311 - not cryptography
+    if policy.max_elapsed is not None:
+        left = first_failure + policy.max_elapsed - monotonic()
+        if left <= 0:
+            return None
+        wait = min(wait, left)  # the last attempt lands on the deadline
+    return wait
+
+
 def call_with_retry(
     what: str,
     fn: Callable[[], T],
@@ -65,21 +90,20 @@ def call_with_retry(
     """Call ``fn``; on a ``transient`` exception wait and retry per ``policy``.
 
     ``on_retry`` runs before each new attempt (e.g. to reconnect). The last exception is
-    raised when every attempt failed; any other exception is raised at once.
+    raised when every attempt failed or ``policy.max_elapsed`` has passed since the first
+    failure; any other exception is raised at once.
     """
     waits = delays(policy)
+    first_failure: float | None = None
     for attempt in range(policy.max_attempts):
         try:
             return fn()
         except transient as exc:
-            if attempt >= len(waits):
+            if first_failure is None:
+                first_failure = monotonic()
+            wait = next_wait(policy, waits, attempt, exc, first_failure)
+            if wait is None:
                 raise
-            wait = waits[attempt]
-            retry_after = getattr(exc, "retry_after", None)
-            if retry_after is not None:
-                wait = min(max(wait, float(retry_after)), policy.backoff.max)
-            else:  # jitter: workers that failed together do not retry in lockstep
-                wait *= random.uniform(0.8, 1.2)  # noqa: S311 - not cryptography
             step = _STEP.search(what)
             metrics.RETRIES.labels(step.group(1) if step else "").inc()
             log.warning(

@@ -41,7 +41,7 @@ from dataflare.expr import compile_expression
 from dataflare.metrics import ENRICH_CALLS
 from dataflare.records import Batch, Failed, RecordError, get_path, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
-from dataflare.retry import delays, retry_after_seconds
+from dataflare.retry import delays, next_wait, retry_after_seconds
 from dataflare.template import compile_template
 
 
@@ -154,7 +154,7 @@ class HttpStage:
     def __init__(self, step: str, cfg: Enrichment, retry: Any) -> None:
         import httpx
 
-        self.step, self.cfg, self.waits = step, cfg, delays(retry)
+        self.step, self.cfg, self.retry, self.waits = step, cfg, retry, delays(retry)
         self.url = compile_template(cfg.url or "")
         self.headers = {k: compile_template(v) for k, v in cfg.headers.items()}
         self.body = compile_template(cfg.body_template, json_escape=True) if (
@@ -206,16 +206,17 @@ class HttpStage:
 
     async def _fetch(self, req: tuple[str, dict[str, str], str | None], sem: Any) -> Any:
         async with sem:
+            first_failure: float | None = None
             for attempt in range(len(self.waits) + 1):
                 try:
                     return await self._once(req)
                 except _Transient as exc:
-                    if attempt >= len(self.waits):
+                    if first_failure is None:
+                        first_failure = time.monotonic()
+                    wait = next_wait(self.retry, self.waits, attempt, exc, first_failure)
+                    if wait is None:
                         msg = f"giving up after {attempt + 1} attempt(s): {exc}"
                         raise RecordError(msg) from None
-                    wait = self.waits[attempt]
-                    if exc.retry_after is not None:
-                        wait = max(wait, exc.retry_after)
                     await asyncio.sleep(wait)
         msg = "unreachable"
         raise AssertionError(msg)
