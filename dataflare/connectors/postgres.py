@@ -155,12 +155,16 @@ class PostgresSourceConfig(Strict):
         return make_conninfo(base, **kw)
 
     def qualified(self, name: str | None = None) -> tuple[str, str]:
-        """``(schema, table)`` of ``name`` (default: ``table``)."""
+        """``(schema, table)`` of ``name`` (default: ``table``).
+
+        ``schema.table`` is split when ``schema`` is not given; with ``schema`` given, a
+        dot belongs to the table's name.
+        """
         name = name or self.table
         if not name:
             msg = "config.table is required"
             raise ValueError(msg)
-        if "." in name:
+        if "." in name and "db_schema" not in self.model_fields_set:
             schema, _, table = name.partition(".")
             return schema, table
         return self.db_schema, name
@@ -1084,7 +1088,7 @@ def discover_postgres(ctx: BuildContext) -> dict[str, Any]:
             names.append(".".join(cfg.qualified()))
 
         def describe(conn: Any) -> list[dict[str, Any]]:
-            tables = [tuple(n.split(".", 1)) if "." in n else (cfg.db_schema, n) for n in names]
+            tables = [cfg.qualified(n) for n in names]
             if not tables:
                 tables = [
                     (r[0], r[1])

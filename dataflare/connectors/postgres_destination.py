@@ -64,7 +64,10 @@ class PostgresDestinationConfig(Strict):
     username: str = Field("postgres", description="User name.")
     password: Secret | None = Field(None, description="Password.")
     schema_: str = Field("public", alias="schema", description="Schema of the table.")
-    table: str = Field(description="Table to write (created from the records when absent).")
+    table: str = Field(
+        description="Table to write (created from the records when absent); 'schema.table' "
+        "when `schema` is not given (with `schema`, a dot is part of the table's name)."
+    )
     connect_timeout: int = Field(10, ge=1, description="Seconds to wait for a connection.")
 
     @model_validator(mode="after")
@@ -73,6 +76,13 @@ class PostgresDestinationConfig(Strict):
             msg = "a postgres destination needs 'table'"
             raise ValueError(msg)
         return self
+
+    def qualified(self) -> tuple[str, str]:
+        """``(schema, table)``: ``table`` split at its first dot unless ``schema`` is given."""
+        if "." in self.table and "schema_" not in self.model_fields_set:
+            schema, _, table = self.table.partition(".")
+            return schema, table
+        return self.schema_, self.table
 
     def conninfo(self) -> str:
         """The libpq connection string."""
@@ -102,8 +112,7 @@ class PostgresDialect(Dialect):
         self.transient = (psycopg.OperationalError, psycopg.InterfaceError)
         self.refusals = (psycopg.DataError, psycopg.IntegrityError)  # SQLSTATE 22, 23
         self.conn: Any = None
-        self.schema = cfg.schema_
-        self.table = cfg.table
+        self.schema, self.table = cfg.qualified()
         self.target = f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
         self.positions = f"{quote_ident(self.schema)}.{quote_ident(POSITIONS_TABLE)}"
         self._staged: tuple[str, ...] | None = None

@@ -539,3 +539,24 @@ def test_a_refused_record_folded_with_good_ones_fails_alone(pg_schema: Any) -> N
     assert [e.record for e in errors] == [{"id": 1, "qty": -5}]
     assert pg_schema.rows(f'SELECT id, name, qty FROM "{pg_schema.schema}".m ORDER BY id') == [
         (1, "ONE", 1), (2, None, 2)]
+
+
+def test_dotted_table_names_and_a_merge_key_naming_a_dotted_column(pg_schema: Any) -> None:
+    # 'schema.table' without 'schema': the table 'orders' in that schema
+    config = {"dsn": pg_schema.dsn, "table": f"{pg_schema.schema}.orders"}
+    component = models.Destination(type="postgres", config=config)
+    workflow = models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY))
+    ctx = BuildContext("split", "destination", component, PostgresDestinationConfig(**config),
+                       workflow, Path("."))
+    assert run(ctx, [[{"id": 1}]]) == []
+    assert pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders') == [(1,)]
+
+    # with 'schema' given, the dot belongs to the name; a merge key 'order.id' that is a
+    # field of the records (a column named with a dot) is that column, not a path
+    ctx = ctx_for(pg_schema, table="orders.v2",
+                  write_mode={"type": "merge", "merge_key": "order.id"})
+    assert run(ctx, [[{"order.id": 1, "v": "a"}, {"order.id": 2, "v": "b"}],
+                     [{"order.id": 1, "v": "c"}]]) == []
+    rows = pg_schema.rows(f'SELECT "order.id", v FROM "{pg_schema.schema}"."orders.v2" '
+                          'ORDER BY 1')
+    assert rows == [(1, "c"), (2, "b")]

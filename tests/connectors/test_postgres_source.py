@@ -1178,3 +1178,19 @@ workflow:
     ids = [json.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert ids == list(range(1, 31))  # the file resumed too: every row once
     assert "rows: 5" in second.stderr  # the second run read only what came since
+
+
+def test_dotted_table_names_split_only_without_schema(pg_schema: Any) -> None:
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}"."people.v2" (id int PRIMARY KEY, '
+                     "what text)")
+        conn.execute(f'INSERT INTO "{pg_schema.schema}"."people.v2" VALUES (1, %s)',
+                     ["literal name"])
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".v2 (id int PRIMARY KEY, what text)')
+        conn.execute(f'INSERT INTO "{pg_schema.schema}".v2 VALUES (1, %s)', ["schema.table"])
+    given = {"dsn": pg_schema.dsn, "schema": pg_schema.schema, "table": "people.v2"}
+    assert plain(run_source(make_ctx("literal", given, mode="full"))) == [
+        {"id": 1, "what": "literal name"}]
+    split = {"dsn": pg_schema.dsn, "table": f"{pg_schema.schema}.v2"}
+    assert plain(run_source(make_ctx("split", split, mode="full"))) == [
+        {"id": 1, "what": "schema.table"}]
