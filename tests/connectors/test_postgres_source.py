@@ -1239,7 +1239,8 @@ def test_an_idle_slot_follows_the_wal_others_write(pg_private: Any, tmp_path: Pa
                        "CREATE TABLE idle_rows (id int PRIMARY KEY)",
                        "INSERT INTO idle_rows VALUES (1)")
     with pg_private.connect() as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = 'idle_other'").fetchone() is None:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'idle_other'")
+        if exists.fetchone() is None:
             conn.execute("CREATE DATABASE idle_other")
     other = pg_private.dsn.replace(f"dbname={pg_private.database}", "dbname=idle_other")
     out = tmp_path / "out.jsonl"
