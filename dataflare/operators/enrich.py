@@ -30,13 +30,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 from bytewax.dataflow import Stream
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Strict
+from dataflare.connectors.schema import json_value
 from dataflare.expr import compile_expression
 from dataflare.metrics import ENRICH_CALLS
 from dataflare.records import Batch, Failed, RecordError, get_path, set_path
@@ -277,15 +277,20 @@ class HttpStage:
 
 
 def _lookup_connection(conn: dict[str, Any]) -> Any:
-    """The typed config of a lookup's connection (``postgres`` table or ``file``)."""
+    """The typed config of a lookup's connection.
+
+    A ``postgres`` or ``mysql`` table, a ``redis`` key pattern or a ``file``.
+    """
+    from dataflare.connectors.mysql import MySqlSourceConfig
     from dataflare.connectors.postgres import PostgresSourceConfig
 
     kind = conn.get("type")
     rest = {k: v for k, v in conn.items() if k != "type"}
-    if kind == "postgres":
-        cfg = PostgresSourceConfig.model_validate(rest)
+    if kind in ("postgres", "mysql"):
+        model = PostgresSourceConfig if kind == "postgres" else MySqlSourceConfig
+        cfg = model.model_validate(rest)
         if not cfg.table:
-            msg = "lookup connection of type postgres needs 'table'"
+            msg = f"lookup connection of type {kind} needs 'table'"
             raise ValueError(msg)
         return cfg
     if kind == "file":
@@ -301,7 +306,7 @@ def _lookup_connection(conn: dict[str, Any]) -> Any:
                    "(the keys of the hashes read, e.g. 'customer:*')")
             raise ValueError(msg)
         return _RedisTable(url, pattern)
-    msg = f"lookup connection type {kind!r} is not supported (postgres, redis, file)"
+    msg = f"lookup connection type {kind!r} is not supported (postgres, mysql, redis, file)"
     raise ValueError(msg)
 
 
@@ -338,21 +343,17 @@ class LookupStage:
         self.loaded_at: float | None = None
 
     def _rows(self) -> list[dict[str, Any]]:
+        from dataflare.connectors.mysql import MySqlSourceConfig
+        from dataflare.connectors.postgres import PostgresSourceConfig
+
         if isinstance(self.conn, _RedisTable):
             return self.conn.rows()
-        if not isinstance(self.conn, Path):
-            import psycopg
-            from psycopg import sql
-            from psycopg.rows import dict_row
-
-            schema, table = self.conn.qualified()
-            cols = [self.cfg.lookup_key or "", *self.cfg.fields]
-            what = sql.SQL(", ").join(map(sql.Identifier, cols)) if self.cfg.fields else (
-                sql.SQL("*"))
-            query = sql.SQL("SELECT {} FROM {}.{}").format(
-                what, sql.Identifier(schema), sql.Identifier(table))
-            with psycopg.connect(self.conn.conninfo(), row_factory=dict_row) as conn:
-                return list(conn.execute(query).fetchall())
+        if isinstance(self.conn, PostgresSourceConfig | MySqlSourceConfig):
+            rows = (self._postgres_rows(self.conn) if isinstance(self.conn, PostgresSourceConfig)
+                    else self._mysql_rows(self.conn))
+            # as the sources emit them: dates as ISO text, decimals per decimal_handling
+            decimals = self.conn.decimal_handling
+            return [{k: json_value(v, decimals) for k, v in row.items()} for row in rows]
         text = self.conn.read_text(encoding="utf-8-sig")
         if self.conn.suffix == ".csv":
             import csv
@@ -360,6 +361,39 @@ class LookupStage:
 
             return list(csv.DictReader(io.StringIO(text)))
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def _columns(self) -> list[str] | None:
+        return [self.cfg.lookup_key or "", *self.cfg.fields] if self.cfg.fields else None
+
+    def _postgres_rows(self, cfg: Any) -> list[dict[str, Any]]:
+        import psycopg
+        from psycopg import sql
+        from psycopg.rows import dict_row
+
+        schema, table = cfg.qualified()
+        cols = self._columns()
+        what = sql.SQL(", ").join(map(sql.Identifier, cols)) if cols else sql.SQL("*")
+        query = sql.SQL("SELECT {} FROM {}.{}").format(
+            what, sql.Identifier(schema), sql.Identifier(table))
+        with psycopg.connect(cfg.conninfo(), row_factory=dict_row) as conn:
+            return list(conn.execute(query).fetchall())
+
+    def _mysql_rows(self, cfg: Any) -> list[dict[str, Any]]:
+        import pymysql
+        from pymysql.cursors import DictCursor
+
+        from dataflare.connectors.mysql import q
+
+        database, table = cfg.qualified()
+        cols = self._columns()
+        what = ", ".join(q(c) for c in cols) if cols else "*"
+        conn = pymysql.connect(**cfg.settings(), cursorclass=DictCursor)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT {what} FROM {q(database)}.{q(table)}")  # noqa: S608
+                return list(cur.fetchall())
+        finally:
+            conn.close()
 
     def _load(self) -> None:
         table: dict[Any, dict[str, Any]] = {}
