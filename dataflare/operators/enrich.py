@@ -9,8 +9,9 @@ honouring ``Retry-After``. ``response_mapping`` copies ``response.<path>`` into 
 A request that still fails is an error of the record, handled by ``error_handling``.
 
 ``lookup`` copies ``fields`` (default: every column) of the row whose ``lookup_key`` equals
-the record's ``key`` from a ``connection``: ``{type: postgres, table, ...}`` (as a source's
-config), ``{type: redis, url, pattern}`` (the hashes of the keys matching ``pattern``) or
+the record's ``key`` from a ``connection``: ``{type: postgres | mysql, table, ...}`` (as a
+source's config; values as that source emits them), ``{type: redis, url, pattern}`` (the
+hashes of the keys matching ``pattern``) or
 ``{type: file, path}`` (.jsonl or .csv). The table is loaded before the first
 batch is enriched and again each ``refresh``; keys compare as text; an unknown key sets the
 fields to null.
@@ -24,6 +25,7 @@ record whose inputs are not numbers is an error of the record.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import re
 import threading
@@ -152,7 +154,7 @@ class HttpStage:
     """An ``http_api`` enrichment."""
 
     def __init__(self, step: str, cfg: Enrichment, retry: Any) -> None:
-        import httpx
+        import aiohttp
 
         self.step, self.cfg, self.retry, self.waits = step, cfg, retry, delays(retry)
         self.url = compile_template(cfg.url or "")
@@ -164,7 +166,7 @@ class HttpStage:
         self.cache: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self.loop = _Loop()
         self.client: Any = None
-        self.httpx = httpx
+        self.aiohttp = aiohttp
         self.next_slot = 0.0
         self.calls = ENRICH_CALLS
 
@@ -185,21 +187,23 @@ class HttpStage:
         url, headers, body = req
         await self._slot()
         try:
-            resp = await self.client.request(
+            async with self.client.request(
                 self.cfg.method, url, headers=headers,
-                content=body.encode() if body is not None else None,
-            )
-        except self.httpx.TransportError as exc:
-            msg = f"{type(exc).__name__}: {exc}"
+                data=body.encode() if body is not None else None,
+            ) as resp:
+                status, retry_after = resp.status, resp.headers.get("retry-after")
+                raw = await resp.read()
+        except (self.aiohttp.ClientError, TimeoutError) as exc:
+            msg = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise _Transient(msg) from None
-        if resp.status_code == 429 or resp.status_code >= 500:  # noqa: PLR2004
-            msg = f"HTTP {resp.status_code}"
-            raise _Transient(msg, retry_after_seconds(resp.headers.get("retry-after")))
-        if resp.status_code >= 400:  # noqa: PLR2004
-            msg = f"HTTP {resp.status_code} from {url.split('?')[0]}"
+        if status == 429 or status >= 500:  # noqa: PLR2004
+            msg = f"HTTP {status}"
+            raise _Transient(msg, retry_after_seconds(retry_after))
+        if status >= 400:  # noqa: PLR2004
+            msg = f"HTTP {status} from {url.split('?')[0]}"
             raise RecordError(msg)
         try:
-            return resp.json()
+            return json.loads(raw)
         except ValueError:
             msg = f"answer of {url.split('?')[0]} is not JSON"
             raise RecordError(msg) from None
@@ -223,14 +227,24 @@ class HttpStage:
 
     async def _batch(self, reqs: dict[str, tuple[str, dict[str, str], str | None]]) -> list[Any]:
         if self.client is None:
-            self.client = self.httpx.AsyncClient(
-                timeout=self.cfg.timeout,
-                limits=self.httpx.Limits(max_connections=self.cfg.concurrency),
+            # aiohttp, not httpx: httpx's pool assigns every queued request to every
+            # connection on each event, ~10 ms of CPU per request at 50 in flight; 1,000
+            # requests took 10 s against a 20 ms server, where aiohttp takes well under 1 s.
+            self.client = self.aiohttp.ClientSession(
+                connector=self.aiohttp.TCPConnector(limit=self.cfg.concurrency),
+                timeout=self.aiohttp.ClientTimeout(total=self.cfg.timeout),
             )
+            atexit.register(self.close)
         sem = asyncio.Semaphore(self.cfg.concurrency)
         return await asyncio.gather(
             *(self._fetch(r, sem) for r in reqs.values()), return_exceptions=True
         )
+
+    def close(self) -> None:
+        """Close the connections (at exit: the stage lives as long as its worker)."""
+        client, self.client = self.client, None
+        if client is not None:
+            self.loop.run(client.close())
 
     def __call__(self, records: list[Any], errors: list[BaseException | None]) -> None:
         """Enrich the records of one batch that have no error yet."""
