@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import random
 import re
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from time import monotonic
 from typing import TypeVar
 
-from dataflare import metrics
+from dataflare import metrics, stopping
 from dataflare.config import Retry
 
 T = TypeVar("T")
@@ -85,13 +84,15 @@ def call_with_retry(
     policy: Retry,
     transient: tuple[type[BaseException], ...] = (TransientError,),
     on_retry: Callable[[BaseException], None] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
 ) -> T:
     """Call ``fn``; on a ``transient`` exception wait and retry per ``policy``.
 
     ``on_retry`` runs before each new attempt (e.g. to reconnect). The last exception is
     raised when every attempt failed or ``policy.max_elapsed`` has passed since the first
-    failure; any other exception is raised at once.
+    failure; any other exception is raised at once. A graceful stop (SIGTERM, SIGINT)
+    ends the wait and raises the last exception: a run asked to stop does not wait a
+    minute for a service to come back (with recovery, the next run resumes).
     """
     waits = delays(policy)
     first_failure: float | None = None
@@ -110,7 +111,11 @@ def call_with_retry(
                 "%s failed (%s: %s); retry %d/%d in %.1fs",
                 what, type(exc).__name__, exc, attempt + 1, len(waits), wait,
             )
-            sleep(wait)
+            if sleep is not None:
+                sleep(wait)
+            elif stopping.REQUESTED.wait(wait):
+                log.warning("%s: not retried, the run is stopping", what)
+                raise
             if on_retry is not None:
                 on_retry(exc)
     msg = "unreachable"

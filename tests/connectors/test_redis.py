@@ -214,3 +214,21 @@ def test_retries_are_bounded_by_max_elapsed(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(retry.TransientError):
         retry.call_with_retry("step 'x': write", down, unbounded, sleep=sleep)
     assert len(calls) == 4
+
+
+def test_a_graceful_stop_ends_the_retry_wait() -> None:
+    import time
+
+    from dataflare import retry, stopping
+
+    def down() -> None:
+        raise retry.TransientError("connection refused")
+
+    threading.Timer(0.3, stopping.REQUESTED.set).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(retry.TransientError):
+            retry.call_with_retry("step 'x': write", down, models.Retry())  # ~60 s of retries
+        assert time.monotonic() - started < 10
+    finally:
+        stopping.REQUESTED.clear()
