@@ -584,3 +584,11 @@ def test_a_message_over_the_size_limit_is_a_dead_letter_not_a_failed_run(
     assert dead["error"]["step"] == "topic" and dead["error"]["type"] == "MessageTooLarge"
     assert "exceeds the limit of 1000000 bytes" in dead["error"]["message"]
     assert dead["source"]["position"]["line"] == 2
+
+    # a smaller producer limit set in properties is the limit
+    errors: list[Any] = []
+    run_main(write_flow(dest_ctx(bootstrap_servers=servers, topic=topic,
+                                 properties={"message.max.bytes": 2000}),
+                        [[{"id": 4, "text": "y" * 3000}, {"id": 5}]], errors))
+    [[refused]] = errors
+    assert refused.record["id"] == 4 and "limit of 2000 bytes" in refused.message
