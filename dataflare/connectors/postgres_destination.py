@@ -8,6 +8,7 @@ retries are described in :mod:`dataflare.connectors.sql_writer`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -53,6 +54,10 @@ LOGICAL = {
 }
 
 
+_SQL_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_ ]*(\(\s*\d+\s*(,\s*\d+\s*)?\))?[A-Za-z ]*"
+                       r"(\[\])*")
+
+
 class PostgresDestinationConfig(Strict):
     """Write records to a PostgreSQL table."""
 
@@ -83,6 +88,10 @@ class PostgresDestinationConfig(Strict):
         if not self.table:
             msg = "a postgres destination needs 'table'"
             raise ValueError(msg)
+        for name, sql_type in self.columns.items():
+            if not _SQL_TYPE.fullmatch(sql_type):
+                msg = f"columns.{name}: {sql_type!r} is not a SQL type (e.g. 'numeric(12,2)')"
+                raise ValueError(msg)
         return self
 
     def qualified(self) -> tuple[str, str]:
@@ -200,6 +209,8 @@ class PostgresDialect(Dialect):
         """CREATE SCHEMA and TABLE IF NOT EXISTS, typed and keyed as the class docs say."""
         self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
         self.types = {}
+        # every column the configuration types is created, present in the records or not
+        columns = {**columns, **{n: TEXT for n in self.cfg.columns if n not in columns}}
         cols = self._declare(columns)
         carried = self.carried()
         if not key and carried is not None and carried.primary_key and not carried.unbounded \

@@ -53,6 +53,8 @@ def test_config_forms() -> None:
     assert "secret" not in repr(cfg)
     with pytest.raises(ValueError):
         PostgresDestinationConfig(table="t", tabel="x")
+    with pytest.raises(ValueError, match="not a SQL type"):
+        PostgresDestinationConfig(table="t", columns={"a": "int); DROP TABLE t; --"})
 
 
 def test_append_creates_and_widens_the_table(pg_schema: Any) -> None:
@@ -574,7 +576,7 @@ workflow:
     copy:
       inputs: [src]
       type: postgres
-      config: {dsn: "${DSN}", schema: "${SCHEMA}", table: copied, columns: {note: "varchar(40)"}}
+      config: {dsn: "${DSN}", schema: "${SCHEMA}", table: copied, columns: {note: "varchar(40)", extra: jsonb}}
 """
 
 
@@ -628,6 +630,7 @@ def test_a_postgres_to_postgres_copy_keeps_types_key_and_arrays(
         "seen": "timestamp with time zone", "day": "date", "ref": "uuid", "blob": "bytea",
         "tags": "text[]", "doc": "jsonb", "flag": "boolean",
         "note": "character varying(40)",  # the destination's columns hint wins
+        "extra": "jsonb",  # a hinted column no record has is created too
     }
     assert primary_key_of(pg_schema, "copied") == ["id"]
     cols = "id, amount, big, seen, day, ref, blob, tags, doc, flag, note"
@@ -652,7 +655,7 @@ def test_a_mysql_to_postgres_copy_maps_the_types(
     assert column_types(pg_schema, "copied") == {
         "id": "bigint", "amount": "numeric(10,2)", "seen": "timestamp without time zone",
         "doc": "jsonb", "bin": "bytea", "flag": "boolean", "name": "character varying(20)",
-        "note": "character varying(40)",
+        "note": "character varying(40)", "extra": "jsonb",
     }
     assert primary_key_of(pg_schema, "copied") == ["id"]
     from datetime import datetime
