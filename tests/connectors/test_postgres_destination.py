@@ -576,7 +576,8 @@ workflow:
     copy:
       inputs: [src]
       type: postgres
-      config: {dsn: "${DSN}", schema: "${SCHEMA}", table: copied, columns: {note: "varchar(40)", extra: jsonb}}
+      config: {dsn: "${DSN}", schema: "${SCHEMA}", table: copied,
+               columns: {note: "varchar(40)", extra: jsonb}}
 """
 
 
