@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint types unit bench clean browser
+.PHONY: install demo demo-seed test lint types unit bench clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m dataflare.demo
+
+# The seed's DSL reference workflow on embedded stand-ins (broker, fakesnow, HTTP services).
+demo-seed: $(STAMP)
+	$(BIN)/python -m dataflare.demo_seed
 
 lint: $(STAMP)
 	$(BIN)/ruff check dataflare tests bench

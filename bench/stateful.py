@@ -556,11 +556,16 @@ def w7_worker(args: argparse.Namespace) -> None:
 def w7_two_processes(args: argparse.Namespace) -> list[tuple]:
     from dataflare.broker import free_port
 
-    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(2))
+    return w7_processes(args, [f"127.0.0.1:{free_port()}" for _ in range(2)])
+
+
+def w7_processes(args: argparse.Namespace, addresses: list[str],
+                 host: Callable[[int], list[str]] = lambda i: []) -> list[tuple]:
+    """W2 on one process per address; ``host(i)`` prefixes process i's command."""
     procs = []
-    for i in range(2):
-        cmd = [sys.executable, __file__, "--child", "w7-worker", "--source", args.source]
-        cmd += ["--servers", args.servers, "--addresses", addresses, "--proc", str(i)]
+    for i in range(len(addresses)):
+        cmd = [*host(i), sys.executable, __file__, "--child", "w7-worker", "--source", args.source]
+        cmd += ["--servers", args.servers, "--addresses", ";".join(addresses), "--proc", str(i)]
         cmd += ["--events", str(args.events), "--dump", f"{args.dump}.{i}"]
         procs.append(subprocess.Popen(cmd, env={**os.environ, "RUST_BACKTRACE": "0"}))
     for p in procs:
@@ -569,7 +574,7 @@ def w7_two_processes(args: argparse.Namespace) -> list[tuple]:
             raise RuntimeError(msg)
     rows: list[tuple] = []
     parts = []
-    for i in range(2):
+    for i in range(len(addresses)):
         path = Path(f"{args.dump}.{i}")
         parts.append(json.loads(path.read_text()))
         path.unlink()

@@ -11,9 +11,15 @@
 :mod:`dataflare.components`, which needs none of these (they load on first use).
 """
 
+import os
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
+
+# Arrow's default allocator (mimalloc) keeps the memory a Parquet output frees: a Parquet
+# destination peaked at 2.7x the memory of JSON lines with it, 2x with the system's
+# (bench/lake.py). Set before pyarrow loads; a value the user set wins.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 try:
     __version__ = version("dataflare")

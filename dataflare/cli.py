@@ -72,6 +72,49 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What a changed workflow does to a run's state: exit 0 none, 2 safe, 3 unsafe."""
+    from dataflare.plan import PlanError, plan_against_file, plan_against_recovery
+
+    new = validate_file(args.path)
+    old = validate_file(args.against) if args.against else None
+    invalid = [p for v in (new, old) if v is not None for p in v.errors(for_run=True)]
+    if invalid:
+        _print_problems(invalid, for_run=True)
+        return 1
+    try:
+        plan = (plan_against_file(new, old) if old is not None
+                else plan_against_recovery(new, args.recovery_dir))
+    except (PlanError, OSError) as exc:
+        print(f"error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
+        from dataflare.runner import error_text
+
+        print(f"error: cannot compile the workflow: {error_text(exc)}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print(plan.text())
+    return plan.exit_code
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """Print the datasets the workflows read and write (Mermaid, DOT or JSON)."""
+    from dataflare.lineage import lineage, render
+
+    validated = []
+    for path in args.paths:
+        v = validate_file(path)
+        if v.errors() or v.workflow is None:
+            _print_problems(v.errors(), for_run=False)
+            return 1
+        validated.append(v)
+    print(render(lineage(validated), args.format))
+    return 0
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     """Print what each source would read: tables and columns, or inferred record schemas."""
     from dataflare.connectors.schema import discover
@@ -189,8 +232,17 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     from dataflare import k8s
 
     try:
+        scale = None
+        if args.autoscale:
+            try:
+                low, _, high = args.autoscale.partition(":")
+                scale = (int(low), int(high or low))
+            except ValueError:
+                msg = f"--autoscale {args.autoscale!r}: expected MIN:MAX, e.g. 2:10"
+                raise ValueError(msg) from None
         objects = k8s.render(args.path, k8s.Options(
-            image=args.image, replicas=args.replicas, name=args.name, namespace=args.namespace))
+            image=args.image, replicas=args.replicas, name=args.name, namespace=args.namespace,
+            autoscale=scale, cpu_target=args.cpu_target))
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -277,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--otlp-url", default=os.environ.get("DATAFLARE_OTLP_URL"),
                    help="Send bytewax's traces (spans per step) to this OpenTelemetry "
                    "collector over gRPC, e.g. http://127.0.0.1:4317.")
+    p.add_argument("--openlineage-url", default=os.environ.get("DATAFLARE_OPENLINEAGE_URL"),
+                   help="Send OpenLineage run events (START, COMPLETE/FAIL) to this endpoint "
+                   "(e.g. Marquez: http://host:5000; posted to /api/v1/lineage).")
+    p.add_argument("--openlineage-file", metavar="FILE",
+                   help="Append OpenLineage run events to FILE, one JSON object per line.")
     p.add_argument("-w", "--workers-per-process", type=int, help="Workers in this process.")
     p.add_argument("-i", "--process-id", type=int, help="This process's id (with -a).")
     p.add_argument("-a", "--addresses", help="host:port of every process, ';'-separated.")
@@ -321,6 +378,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--format", choices=["mermaid", "dot", "svg"], default="mermaid")
     p.set_defaults(fn=cmd_graph)
+
+    p = sub.add_parser("plan", help="What a changed workflow does before it runs: steps, "
+                       "saved state, source positions, destination shapes (exit 0 no change, "
+                       "2 safe change, 3 unsafe change).")
+    p.add_argument("path", metavar="WORKFLOW")
+    against = p.add_mutually_exclusive_group(required=True)
+    against.add_argument("--recovery-dir", metavar="DIR",
+                         help="The recovery directory of the run to resume.")
+    against.add_argument("--against", metavar="OLD", help="The workflow file it replaces.")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(fn=cmd_plan)
+
+
+    p = sub.add_parser("lineage", help="Print the datasets workflows read and write, with "
+                       "column lineage.")
+    p.add_argument("paths", nargs="+", metavar="WORKFLOW")
+    p.add_argument("--format", choices=["mermaid", "dot", "json"], default="mermaid")
+    p.set_defaults(fn=cmd_lineage)
 
     p = sub.add_parser("discover", help="Print the fields and types each source reads.")
     p.add_argument("path", metavar="PATH")
@@ -380,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="Name of the objects (default: the workflow id).")
     p.add_argument("--namespace", help="Namespace of the objects.")
     p.add_argument("--out", help="Write one file per object into this directory.")
+    p.add_argument("--autoscale", metavar="MIN:MAX",
+                   help="Add a HorizontalPodAutoscaler (streaming workflows; every rescale "
+                   "stops at a snapshot and restarts with the new pod count).")
+    p.add_argument("--cpu-target", type=int, default=70,
+                   help="The autoscaler's average CPU utilisation target, percent.")
     p.set_defaults(fn=cmd_k8s)
 
     p = sub.add_parser("decrypt", help="Read back the encrypted fields of JSON-lines records.")

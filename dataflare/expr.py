@@ -417,3 +417,36 @@ def compile_expression(text: str) -> Expression:
     parser = _Parser(str(text))
     fn = parser.parse()
     return Expression(str(text), fn, tuple(parser.paths))
+
+
+_NUMERIC_OPS = {"<", "<=", ">", ">=", "+", "-", "*", "/", "%"}
+_TEXT_FUNCTIONS = {"lower", "upper", "trim"}
+
+
+def expression_reads(text: str) -> list[tuple[str, str | None, int]]:
+    """The paths an expression reads: each with the kind it needs (or ``None``), its column.
+
+    A path next to an arithmetic or ordering operator whose other operand is a number
+    literal (``amount > 10``, ``2 * qty``) needs a number; the one argument of ``lower``,
+    ``upper`` or ``trim`` a string. Raises :class:`ExpressionError` when it does not parse.
+    """
+    compile_expression(text)
+    toks = _tokenize(str(text))
+    out: list[tuple[str, str | None, int]] = []
+    for i, tok in enumerate(toks):
+        if tok.kind != "name" or toks[i + 1].text == "(":
+            continue
+        want: str | None = None
+        before = toks[i - 1] if i else None
+        after = toks[i + 1]
+        if after.kind == "op" and after.text in _NUMERIC_OPS and toks[i + 2].kind in (
+                "number", "duration"):
+            want = "number"
+        elif (before is not None and before.kind == "op" and before.text in _NUMERIC_OPS
+              and i >= 2 and toks[i - 2].kind in ("number", "duration")):
+            want = "number"
+        elif (i >= 2 and before is not None and before.text == "("
+              and toks[i - 2].text in _TEXT_FUNCTIONS and after.text == ")"):
+            want = "string"
+        out.append((tok.text, want, tok.col))
+    return out

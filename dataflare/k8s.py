@@ -9,7 +9,13 @@
   recovery partition on its own volume from ``volumeClaimTemplates``), an **Indexed Job**
   for a bounded one, or a **CronJob** of that Job for ``schedule.type: cron``;
 - a PodMonitor scraping ``/metrics``; liveness and readiness probes on the run's
-  ``/health`` and ``/ready`` (``dataflare run --http-port``).
+  ``/health`` and ``/ready`` (``dataflare run --http-port``);
+- with ``--autoscale MIN:MAX``, a HorizontalPodAutoscaler on CPU. A bytewax dataflow cannot
+  add a process while it runs, so rescaling is stop-and-start: the pods read the replica
+  count from the StatefulSet's ``scale`` (a ServiceAccount may read it), and when it changes
+  every pod stops at a snapshot and exits (:data:`RESCALE_EXIT`); Kubernetes restarts it and
+  the run resumes with the new count. All pods share one ``ReadWriteMany`` recovery volume
+  holding MAX partitions, so every process count up to MAX resumes the same state.
 
 Pods run ``dataflare run`` (so a run keeps its id, its timeout and its summary), which reads
 its place in the cluster from the environment as bytewax's Helm chart sets it:
@@ -23,8 +29,12 @@ the process id, ``BYTEWAX_REPLICAS`` + ``DATAFLARE_PEER_DOMAIN`` the address of 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import ssl
+import threading
+import urllib.request
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,11 +44,14 @@ from typing import Any
 import yaml
 
 from dataflare.dsl_compiler import Validated, compile_file, validate_file
+from dataflare.logs import say
 
 PORT = 9999
 METRICS_PORT = 9090
 RECOVERY_MOUNT = "/var/lib/dataflare"
 WORKFLOW_MOUNT = "/etc/dataflare"
+RESCALE_EXIT = 75  # stopped at a snapshot to restart with another process count
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
 
 
@@ -80,24 +93,99 @@ def cluster_from_env(env: Mapping[str, str] = os.environ) -> Cluster | None:
         pid = int(env["BYTEWAX_POD_NAME"].removeprefix(env["BYTEWAX_STATEFULSET_NAME"] + "-"))
     if pid is None:
         return None
+    replicas = None
+    if env.get("DATAFLARE_REPLICAS_FROM") == "statefulset":
+        replicas = statefulset_replicas(env)
+    elif env.get("BYTEWAX_REPLICAS"):
+        replicas = int(env["BYTEWAX_REPLICAS"])
     if env.get("BYTEWAX_ADDRESSES"):
         addresses = [a for a in env["BYTEWAX_ADDRESSES"].split(";") if a]
     elif env.get("BYTEWAX_HOSTFILE_PATH"):
         text = Path(env["BYTEWAX_HOSTFILE_PATH"]).read_text()
         addresses = [line.strip() for line in text.splitlines() if line.strip()]
-    elif env.get("BYTEWAX_REPLICAS"):
+    elif replicas is not None:
         name = env.get("BYTEWAX_STATEFULSET_NAME") or env.get("DATAFLARE_JOB_NAME", "")
         domain = env.get("DATAFLARE_PEER_DOMAIN", name)
         port = env.get("DATAFLARE_PEER_PORT", str(PORT))
-        addresses = [f"{name}-{i}.{domain}:{port}" for i in range(int(env["BYTEWAX_REPLICAS"]))]
+        addresses = [f"{name}-{i}.{domain}:{port}" for i in range(replicas)]
     else:
         msg = "a process id is set but no addresses (BYTEWAX_ADDRESSES, BYTEWAX_HOSTFILE_PATH "
         msg += "or BYTEWAX_REPLICAS)"
         raise ValueError(msg)
+    if env.get("DATAFLARE_REPLICAS_FROM") == "statefulset" and replicas is not None:
+        if len(addresses) < replicas:
+            msg = f"the StatefulSet asks for {replicas} processes; {len(addresses)} addresses"
+            raise ValueError(msg)
+        addresses = addresses[:replicas]  # a listed address per possible pod: the first N run
     if not 0 <= pid < len(addresses):
         msg = f"process id {pid} is outside the {len(addresses)} addresses"
         raise ValueError(msg)
     return Cluster(pid, addresses)
+
+
+def statefulset_replicas(env: Mapping[str, str] = os.environ) -> int:
+    """The replica count the pod's StatefulSet asks for, read from its ``scale``.
+
+    The API server is the in-cluster one (``KUBERNETES_SERVICE_HOST``, the ServiceAccount's
+    token and CA), or ``DATAFLARE_KUBE_API`` (e.g. ``http://127.0.0.1:8001`` of ``kubectl
+    proxy``). The namespace is ``DATAFLARE_NAMESPACE`` or the ServiceAccount's.
+    """
+    accounts = Path(env.get("DATAFLARE_SERVICE_ACCOUNT_DIR", str(SERVICE_ACCOUNT)))
+    base = env.get("DATAFLARE_KUBE_API")
+    if not base:
+        host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+        if not host:
+            msg = "DATAFLARE_REPLICAS_FROM=statefulset needs the Kubernetes API: not in a pod "
+            msg += "(no KUBERNETES_SERVICE_HOST) and no DATAFLARE_KUBE_API"
+            raise ValueError(msg)
+        base = f"https://{host}:{port or 443}"
+    namespace = env.get("DATAFLARE_NAMESPACE")
+    if not namespace and (accounts / "namespace").exists():
+        namespace = (accounts / "namespace").read_text().strip()
+    name = env.get("BYTEWAX_STATEFULSET_NAME")
+    if not namespace or not name:
+        msg = "DATAFLARE_REPLICAS_FROM=statefulset needs BYTEWAX_STATEFULSET_NAME and a namespace"
+        raise ValueError(msg)
+    url = f"{base.rstrip('/')}/apis/apps/v1/namespaces/{namespace}/statefulsets/{name}/scale"
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if (accounts / "token").exists():
+        token = (accounts / "token").read_text().strip()
+        request.add_header("Authorization", f"Bearer {token}")
+    context = None
+    if url.startswith("https:") and (accounts / "ca.crt").exists():
+        context = ssl.create_default_context(cafile=str(accounts / "ca.crt"))
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as answer:
+            scale = json.load(answer)
+    except OSError as exc:
+        msg = f"cannot read the replica count of StatefulSet {name!r}: {exc}"
+        raise ValueError(msg) from exc
+    return int(scale["spec"].get("replicas", 0))
+
+
+def watch_rescale(processes: int, on_change: Any, every: float | None = None,
+                  env: Mapping[str, str] = os.environ) -> threading.Event:
+    """Call ``on_change(new_count)`` once the StatefulSet's replicas differ from ``processes``.
+
+    Checked every ``DATAFLARE_RESCALE_CHECK`` seconds (15); an API error is said and
+    retried. Returns the event that ends the watch.
+    """
+    every = every if every is not None else float(env.get("DATAFLARE_RESCALE_CHECK", "15"))
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every):
+            try:
+                wanted = statefulset_replicas(env)
+            except ValueError as exc:
+                say(str(exc), "warning")
+                continue
+            if wanted != processes:
+                done.set()
+                on_change(wanted)
+
+    threading.Thread(target=watch, name="dataflare-rescale", daemon=True).start()
+    return done
 
 
 @dataclass(frozen=True)
@@ -112,6 +200,8 @@ class Options:
     storage: str = "1Gi"
     cpu: str = "500m"
     memory: str = "1Gi"
+    autoscale: tuple[int, int] | None = None  # HPA min and max replicas
+    cpu_target: int = 70  # the HPA's average CPU utilisation, percent
 
 
 def variables(text: str, with_defaults: bool = True) -> list[str]:
@@ -162,6 +252,13 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
 
     streaming = is_streaming(v)
     cron = wf.schedule is not None and wf.schedule.type == "cron"
+    scale = options.autoscale
+    if scale is not None and not streaming:
+        msg = "--autoscale needs a streaming workflow (a bounded one runs as a Job)"
+        raise ValueError(msg)
+    if scale is not None and not 1 <= scale[0] <= scale[1]:
+        msg = f"--autoscale {scale[0]}:{scale[1]}: expected 1 <= MIN <= MAX"
+        raise ValueError(msg)
     objects: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": md("-workflow"),
          "data": {"workflow.yaml": text}},
@@ -173,22 +270,24 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
                   "ports": [{"name": "bytewax", "port": PORT},
                             {"name": "metrics", "port": METRICS_PORT}]}},
     ]
-    pod = _pod(name, options, streaming, snapshot=streaming)
+    pod = _pod(name, options, streaming)
     if streaming:
-        objects.append({
-            "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": md(),
-            "spec": {
-                "serviceName": name, "replicas": options.replicas,
-                "podManagementPolicy": "Parallel",
-                "selector": {"matchLabels": {"dataflare.io/workflow": name}},
-                "template": {"metadata": {"labels": meta["labels"]}, "spec": pod},
-                "volumeClaimTemplates": [{
-                    "metadata": {"name": "recovery"},
-                    "spec": {"accessModes": ["ReadWriteOnce"],
-                             "resources": {"requests": {"storage": options.storage}}},
-                }],
-            },
-        })
+        claim = {"accessModes": ["ReadWriteMany" if scale else "ReadWriteOnce"],
+                 "resources": {"requests": {"storage": options.storage}}}
+        sts: dict[str, Any] = {
+            "serviceName": name, "replicas": scale[0] if scale else options.replicas,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": {"dataflare.io/workflow": name}},
+            "template": {"metadata": {"labels": meta["labels"]}, "spec": pod},
+        }
+        if scale is None:  # a recovery partition per pod, on the pod's own volume
+            sts["volumeClaimTemplates"] = [{"metadata": {"name": "recovery"}, "spec": claim}]
+        else:  # every partition on one shared volume: any pod count resumes the same state
+            objects += _scale_access(name, md, claim)
+        objects.append({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": md(),
+                        "spec": sts})
+        if scale is not None:
+            objects.append(_autoscaler(name, md, scale, options.cpu_target))
     else:
         job = {
             "completions": options.replicas, "parallelism": options.replicas,
@@ -218,20 +317,65 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
     return objects
 
 
-def _pod(name: str, options: Options, streaming: bool, snapshot: bool) -> dict[str, Any]:
+def _scale_access(name: str, md: Any, claim: dict[str, Any]) -> list[dict[str, Any]]:
+    """An autoscaled workflow's shared recovery claim, and its pods' right to read their scale."""
+    rbac = "rbac.authorization.k8s.io"
+    return [
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": md("-recovery"),
+         "spec": claim},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": md()},
+        {"apiVersion": f"{rbac}/v1", "kind": "Role", "metadata": md(),
+         "rules": [{"apiGroups": ["apps"], "resources": ["statefulsets/scale"],
+                    "resourceNames": [name], "verbs": ["get"]}]},
+        {"apiVersion": f"{rbac}/v1", "kind": "RoleBinding", "metadata": md(),
+         "roleRef": {"apiGroup": rbac, "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name}]},
+    ]
+
+
+def _autoscaler(name: str, md: Any, scale: tuple[int, int], cpu_target: int) -> dict[str, Any]:
+    """The seed's HPA (CPU), slow to change size: every rescale restarts from a snapshot."""
+    return {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": md(),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name},
+            "minReplicas": scale[0], "maxReplicas": scale[1],
+            "metrics": [{"type": "Resource", "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": cpu_target}}}],
+            "behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": 120,
+                            "policies": [{"type": "Pods", "value": 2, "periodSeconds": 300}]},
+                "scaleDown": {"stabilizationWindowSeconds": 600,
+                              "policies": [{"type": "Pods", "value": 1, "periodSeconds": 600}]},
+            },
+        },
+    }
+
+
+def _pod(name: str, options: Options, streaming: bool) -> dict[str, Any]:
     run = ["dataflare", "run", f"{WORKFLOW_MOUNT}/workflow.yaml",
            "--http-port", str(METRICS_PORT), "--http-host", "0.0.0.0"]
     mounts = [{"name": "workflow", "mountPath": WORKFLOW_MOUNT, "readOnly": True}]
     volumes: list[dict[str, Any]] = [
         {"name": "workflow", "configMap": {"name": f"{name}-workflow"}}]
-    if snapshot:
+    if streaming:  # bounded runs start over: no snapshots
         run += ["--recovery-dir", f"{RECOVERY_MOUNT}/recovery",
                 "-s", f"{options.snapshot_interval:g}"]
         mounts.append({"name": "recovery", "mountPath": RECOVERY_MOUNT})
+    if options.autoscale:
+        run += ["--recovery-partitions", str(options.autoscale[1])]
+        volumes.append({"name": "recovery",
+                        "persistentVolumeClaim": {"claimName": f"{name}-recovery"}})
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})  # the root filesystem is read-only
+    replicas: list[dict[str, Any]] = [
+        {"name": "DATAFLARE_REPLICAS_FROM", "value": "statefulset"},
+        {"name": "DATAFLARE_NAMESPACE",
+         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ] if options.autoscale else [{"name": "BYTEWAX_REPLICAS", "value": str(options.replicas)}]
     env: list[dict[str, Any]] = [
-        {"name": "BYTEWAX_REPLICAS", "value": str(options.replicas)},
+        *replicas,
         {"name": "DATAFLARE_PEER_DOMAIN", "value": name},
         {"name": "DATAFLARE_PEER_PORT", "value": str(PORT)},
         # One id per deployment: appends stay exactly once across pod restarts.
@@ -247,7 +391,11 @@ def _pod(name: str, options: Options, streaming: bool, snapshot: bool) -> dict[s
     def probe(path: str) -> dict[str, Any]:
         return {"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10}
 
+    account: dict[str, Any] = {"serviceAccountName": name} if options.autoscale else {}
     return {
+        **account,
+        # Only an autoscaled pod talks to the API server (to read its scale).
+        "automountServiceAccountToken": bool(options.autoscale),
         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "terminationGracePeriodSeconds": 30,

@@ -7,6 +7,9 @@
 - ``/status``: per-step records, failures and rates (records/s over the last seconds).
 - ``/tap/<step>?limit=N``: records as they leave a step, masked by the workflow's
   ``masking_rules``, one JSON object per line (``dataflare tap``), like ``vector tap``.
+- ``/views/<step>?key=K&where=EXPR&limit=N``: the state of a step with ``serve: true``
+  (:mod:`dataflare.views`), masked: ``{"step", "rows"}``; with ``key`` that key's rows (404
+  when it holds none).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from dataflare import metrics
+from dataflare import metrics, views
 
 _TAPS: dict[str, list[queue.Queue[list[Any]]]] = {}
 _TAPS_LOCK = threading.Lock()
@@ -94,13 +97,47 @@ def endpoints(config: Any) -> list[tuple[str, int]]:
 class Live:
     """The endpoints of one run."""
 
-    def __init__(self, workflow: Any, run_id: str | None) -> None:
+    def __init__(self, workflow: Any, run_id: str | None, peers: list[str] | None = None
+                 ) -> None:
+        """Endpoints of ``workflow``'s run; ``peers``: the URLs of its other processes."""
         self.workflow, self.run_id = workflow, run_id
+        self.peers = peers or []
         self.started = time.monotonic()
         self.steps = [*workflow.sources, *workflow.transformations, *workflow.destinations]
         self.components = {**workflow.sources, **workflow.destinations}
         self._rates: dict[str, tuple[float, float]] = {}
         self._server: ThreadingHTTPServer | None = None
+
+    def served(self) -> list[str]:
+        """The steps with ``serve: true`` (``/views/<step>``)."""
+        return [cid for cid, t in self.workflow.transformations.items()
+                if getattr(t, "serve", False)]
+
+    def gathered(self, step: str, found: list[tuple[str, dict[str, Any]]], key: str | None,
+                 where: str | None, limit: str) -> list[tuple[str, dict[str, Any]]]:
+        """``found`` (this process's rows) with the other processes' rows, in key order.
+
+        Each process holds the keys of its workers' shards; a process that does not answer
+        is an ``OSError`` naming it (a view is never silently partial).
+        """
+        if not self.peers:
+            return found
+        import urllib.request
+        from urllib.parse import urlencode
+
+        params = {"local": "1", **{k: v for k, v in (("key", key), ("where", where),
+                                                     ("limit", limit)) if v}}
+        merged = list(found)
+        for peer in self.peers:
+            url = f"{peer}/views/{step}?{urlencode(params)}"
+            try:
+                with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - http
+                    body = json.loads(answer.read())
+            except (OSError, ValueError) as exc:
+                msg = f"the process at {peer} did not answer for view {step!r}: {exc}"
+                raise OSError(msg) from None
+            merged.extend(zip(body["keys"], body["rows"], strict=True))
+        return sorted(merged, key=lambda kr: kr[0])
 
     def ready(self) -> tuple[bool, list[dict[str, Any]]]:
         """Whether every endpoint accepts a connection, and those that do not."""
@@ -144,7 +181,7 @@ class Live:
                 pass
 
             def _json(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode()
+                data = json.dumps(body, default=str).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
@@ -173,8 +210,47 @@ class Live:
                     self._json(200, live.status())
                 elif url.path.startswith("/tap/"):
                     self._tap(url.path[5:], parse_qs(url.query))
+                elif url.path.startswith("/views/"):
+                    self._view(url.path[7:], parse_qs(url.query))
                 else:
                     self._json(404, {"error": f"no endpoint {url.path}"})
+
+            def _view(self, step: str, query: dict[str, list[str]]) -> None:
+                served = live.served()
+                view = views.VIEWS.get(step) if step in served else None
+                if view is None:
+                    self._json(404, {"error": f"no served step {step!r} (a stateful step "
+                                     "with serve: true)", "views": served})
+                    return
+                key = query.get("key", [None])[0]
+                where = query.get("where", [None])[0]
+                limit = query.get("limit", [""])[0]
+                if limit and not limit.isdigit():
+                    self._json(400, {"error": f"limit {limit!r} is not a number"})
+                    return
+                n = int(limit) if limit else None
+                try:
+                    found = view.matches(key, where, n)
+                except ValueError as exc:
+                    self._json(400, {"error": f"where: {exc}"})
+                    return
+                if "local" in query:  # asked by another process of the run
+                    self._json(200, {"step": step, "keys": [k for k, _ in found],
+                                     "rows": [r for _, r in found]})
+                    return
+                try:
+                    found = live.gathered(step, found, key, where, limit)
+                except OSError as exc:
+                    self._json(502, {"error": str(exc)})
+                    return
+                rows = [r for _, r in found][:n]
+                if key is not None and not rows:
+                    self._json(404, {"error": f"no key {key!r} in the state of {step!r}"})
+                    return
+                body: dict[str, Any] = {"step": step, "rows": rows}
+                if key is not None:
+                    body["key"] = key
+                self._json(200, body)
 
             def _tap(self, step: str, query: dict[str, list[str]]) -> None:
                 if step not in live.steps:

@@ -50,12 +50,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def _scrub_record(record: logging.LogRecord) -> bool:
-    """Keep secret values out of a log record (its message, arguments and traceback)."""
-    record.msg = secrets.scrub(record.getMessage())
-    record.args = None
-    if record.exc_info:
-        record.exc_text = secrets.scrub(logging.Formatter().formatException(record.exc_info))
-        record.exc_info = None
+    """Keep secret values out of a log record, and out of the fields given as ``extra``.
+
+    The record factory of :func:`dataflare.secrets.install_logging` scrubs a record when it
+    is made; the ``extra`` fields are set later, and secrets may be registered in between.
+    """
+    secrets.scrub_record(record)
     for name in ("position",):
         if isinstance(getattr(record, name, None), str):
             setattr(record, name, secrets.scrub(getattr(record, name)))

@@ -22,6 +22,9 @@ RUN_ID_ENV = "DATAFLARE_RUN_ID"
 """The run's id: kept in the recovery directory by ``dataflare run``; in dead letters."""
 
 META = "_meta"
+INPUT = "input"
+"""The ``_meta`` key naming the input component a record reached a destination from
+(set for destinations that ask for it, such as a ``{{source}}`` path template)."""
 
 Record = dict[str, Any]
 Batch = list[Any]

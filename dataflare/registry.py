@@ -31,6 +31,9 @@ from typing import Any, Generic, Literal, TypeVar
 from bytewax.dataflow import Stream
 from pydantic import BaseModel
 
+from dataflare.lineage import DatasetsHook
+from dataflare.record_schema import SchemaHook
+
 Kind = Literal["source", "transformation", "destination"]
 KINDS: tuple[Kind, ...] = ("source", "transformation", "destination")
 SECTION: dict[Kind, str] = {
@@ -51,7 +54,8 @@ BUILTIN_MODULES = (
     "dataflare.connectors.duckdb",
     "dataflare.connectors.redis",
     "dataflare.connectors.http",
-    "dataflare.connectors.planned",
+    "dataflare.connectors.snowflake",
+    "dataflare.connectors.s3",
     "dataflare.operators.mapping",
     "dataflare.operators.filter",
     "dataflare.operators.route",
@@ -112,6 +116,7 @@ class ComponentSpec:
     description: str
     inputs: tuple[int, int | None] = (1, None)
     stateful: bool = False
+    serves: bool = False  # a stateful step whose state ``serve: true`` makes readable
     named_outputs: Callable[[Any], list[str]] | None = None
     main_output: bool = True
     merge_inputs: bool = True
@@ -120,12 +125,22 @@ class ComponentSpec:
     blocks: frozenset[str] | None = None
     requires: tuple[str, ...] = ()  # import names of the packages it needs
     extra: str = ""  # the dataflare extra that installs them
+    schema: SchemaHook | None = None  # its reads and output schema (record_schema)
+    datasets: DatasetsHook | None = None  # the datasets it reads or writes (lineage)
+    # A destination's records carry ``_meta.input`` (their input) when this says so.
+    input_names: Callable[[Any], bool] | None = None
 
     def missing(self) -> list[str]:
         """The packages this type needs that are not installed."""
         import importlib.util
 
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        def absent(name: str) -> bool:
+            try:
+                return importlib.util.find_spec(name) is None
+            except ModuleNotFoundError:  # a dotted name whose parent package is absent
+                return True
+
+        return [m for m in self.requires if absent(m)]
 
     @property
     def available(self) -> bool:
@@ -168,6 +183,8 @@ def source(
     requires: tuple[str, ...] = (),
     extra: str = "",
     blocks: tuple[str, ...] | None = None,
+    schema: SchemaHook | None = None,
+    datasets: DatasetsHook | None = None,
 ) -> Callable[..., Any]:
     """Register a source builder under ``type_name``.
 
@@ -175,10 +192,12 @@ def source(
     the type without them fails at validate with the ``pip install`` line to run.
     ``blocks`` lists the blocks of :data:`TYPE_BLOCKS` the type acts on (``None``: not
     declared, nothing is checked); ``name=type`` when it acts on those of one type only
-    (``write_mode=append``).
+    (``write_mode=append``). ``schema`` is the hook giving the schema of its records when
+    the config says it (:mod:`dataflare.record_schema`); ``datasets`` the hook naming the
+    datasets it reads (:mod:`dataflare.lineage`).
     """
     return _decorator("source", type_name, config=config, description=description, inputs=(0, 0),
-                      requires=requires, extra=extra,
+                      requires=requires, extra=extra, schema=schema, datasets=datasets,
                       blocks=None if blocks is None else frozenset(blocks))
 
 
@@ -189,11 +208,13 @@ def transformation(
     description: str,
     inputs: tuple[int, int | None] = (1, None),
     stateful: bool = False,
+    serves: bool = False,
     named_outputs: Callable[[Any], list[str]] | None = None,
     main_output: bool = True,
     merge_inputs: bool = True,
     advise: Callable[[Any, set[str]], list[str]] | None = None,
     blocks: tuple[str, ...] = (),
+    schema: SchemaHook | None = None,
 ) -> Callable[..., Any]:
     """Register a transformation builder under ``type_name``.
 
@@ -202,7 +223,10 @@ def transformation(
     inputs reach the builder merged into one stream, unless ``merge_inputs=False`` (a join
     takes its inputs apart). ``advise(config, upstream_modes)`` returns warnings about a
     configuration that is valid but unlikely to do what the user wants. ``blocks`` lists
-    the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``).
+    the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``). ``serves``: its state
+    can be read during a run (``serve: true``, :mod:`dataflare.views`). ``schema`` is the hook
+    naming the fields the step reads and deriving its output schema from its inputs'
+    (:mod:`dataflare.record_schema`); without it the output schema is unknown.
     """
     return _decorator(
         "transformation",
@@ -211,11 +235,13 @@ def transformation(
         description=description,
         inputs=inputs,
         stateful=stateful,
+        serves=serves,
         named_outputs=named_outputs,
         main_output=main_output,
         merge_inputs=merge_inputs,
         advise=advise,
         blocks=frozenset(blocks),
+        schema=schema,
     )
 
 
@@ -227,10 +253,19 @@ def destination(
     requires: tuple[str, ...] = (),
     extra: str = "",
     blocks: tuple[str, ...] | None = None,
+    schema: SchemaHook | None = None,
+    datasets: DatasetsHook | None = None,
+    input_names: Callable[[Any], bool] | None = None,
 ) -> Callable[..., Any]:
-    """Register a destination builder (``requires`` and ``blocks`` as for sources)."""
+    """Register a destination builder (``requires``, ``blocks``, ``datasets`` as for sources).
+
+    ``schema`` names the fields its config reads (templates, keys); its return is unused.
+    ``input_names(config)``: whether records reach the builder with ``_meta.input`` naming
+    the input they come from (an id of ``inputs``, or the step that redirected them).
+    """
     return _decorator("destination", type_name, config=config, description=description,
-                      requires=requires, extra=extra,
+                      requires=requires, extra=extra, schema=schema, datasets=datasets,
+                      input_names=input_names,
                       blocks=None if blocks is None else frozenset(blocks))
 
 
@@ -242,6 +277,7 @@ def planned(
     description: str,
     inputs: tuple[int, int | None] = (1, None),
     note: str = "not available yet",
+    datasets: DatasetsHook | None = None,
 ) -> None:
     """Declare a type whose config validates but which cannot run yet."""
     register(
@@ -253,6 +289,7 @@ def planned(
             description=description,
             inputs=(0, 0) if kind == "source" else inputs,
             planned=note,
+            datasets=datasets,
         )
     )
 

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +30,7 @@ from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 from dataflare.logs import CONTEXT, json_mode, say
+from dataflare.plan import committed_epoch, record_workflow, restore_record
 from dataflare.secrets import scrub, scrub_bytes
 
 
@@ -50,6 +51,8 @@ class RunOptions:
     http_port: int | None = None
     http_host: str = "127.0.0.1"
     otlp_url: str | None = None
+    openlineage_url: str | None = None  # OpenLineage run events to this endpoint
+    openlineage_file: str | None = None  # ... and/or appended to this file (JSON lines)
     replay: tuple[str, str] | None = None  # (step, dead-letter file): ``dataflare replay``
     quiet: bool = False
     verbose: bool = False
@@ -322,16 +325,26 @@ def _run(opts: RunOptions) -> RunResult:
         flow = compile_validated(v, replay=replayed)
     except Exception as exc:  # noqa: BLE001 - a builder's configuration error, shown plainly
         return _refused(error_text(exc))
+    rescaled: list[int] = []  # the process count an autoscaled StatefulSet asks for now
+    watching = None
     if not opts.addresses:
-        from dataflare.k8s import cluster_from_env
+        from dataflare import k8s
 
         try:
-            cluster = cluster_from_env()
+            cluster = k8s.cluster_from_env()
         except (ValueError, OSError) as exc:
             return _refused(str(exc))
         if cluster is not None:  # a pod of a StatefulSet or an Indexed Job (dataflare k8s)
             opts = replace(opts, process_id=cluster.process_id,
                            addresses=";".join(cluster.addresses))
+            if os.environ.get("DATAFLARE_REPLICAS_FROM") == "statefulset":
+                def rescale(wanted: int) -> None:
+                    say(f"the StatefulSet now has {wanted} replicas (this run "
+                        f"{len(cluster.addresses)}): stopping at a snapshot to restart")
+                    rescaled.append(wanted)
+                    stopping.REQUESTED.set()
+
+                watching = k8s.watch_rescale(len(cluster.addresses), rescale)
     recovery = None
     interval = opts.snapshot_interval
     if interval is None:  # the sources' streaming.checkpoint_interval, else 5 s
@@ -377,6 +390,16 @@ def _run(opts: RunOptions) -> RunResult:
 
         service = str(CONTEXT["workflow_id"])
         tracer = setup_tracing(OtlpTracingConfig(service, opts.otlp_url), "INFO")
+    lineage = None
+    if opts.openlineage_url or opts.openlineage_file:
+        from dataflare.lineage import RunEvents
+
+        try:
+            lineage = RunEvents(v, os.environ[RUN_ID_ENV], opts.openlineage_url,
+                                opts.openlineage_file)
+        except ImportError as exc:
+            return _refused(str(exc))
+        _emit(lineage, "START")
     from dataflare.monitoring import Monitor
 
     monitor = Monitor(wf)
@@ -385,11 +408,16 @@ def _run(opts: RunOptions) -> RunResult:
     if opts.http_port is not None:
         from dataflare.live import Live
 
-        live = Live(wf, os.environ.get(RUN_ID_ENV))
+        live = Live(wf, os.environ.get(RUN_ID_ENV), _peers(opts))
         try:
             live.start(opts.http_host, opts.http_port)
         except OSError as exc:
             return _refused(f"cannot serve --http-port {opts.http_port}: {exc.strerror}")
+    else:
+        served = [cid for cid, t in wf.transformations.items() if t.serve]
+        if served:
+            say(f"serve: true on {', '.join(map(repr, served))} has no effect without "
+                "--http-port (the views are read at GET /views/<step>)", "warning")
     # SIGTERM / SIGINT stop gracefully (dataflare.stopping); so does config.timeout, which
     # stops at once if the graceful stop takes longer than STOP_GRACE.
     stopping.install()
@@ -406,6 +434,10 @@ def _run(opts: RunOptions) -> RunResult:
     progress = _Progress(steps, list(wf.destinations), on_terminal, quiet=opts.quiet,
                          progress_file=opts.progress_json)
     code, status, error = 0, "succeeded", None
+    recorded = None  # the workflow the saved state belongs to, for ``dataflare plan``
+    if opts.recovery_dir is not None:
+        directory = Path(opts.recovery_dir)
+        recorded = (directory, record_workflow(directory, opts.path), committed_epoch(directory))
     try:
         with progress, _without_worker_panics():
             cli_main(flow, **kwargs)
@@ -421,10 +453,21 @@ def _run(opts: RunOptions) -> RunResult:
     finally:
         if timer is not None:
             timer.cancel()
+        if recorded is not None and committed_epoch(recorded[0]) == recorded[2]:
+            # Nothing was committed (a refused resume): the state is the previous workflow's.
+            restore_record(recorded[0], recorded[1])
+    if watching is not None:
+        watching.set()
     if status == "succeeded" and stopping.requested():
         if timer is not None and timer.finished.is_set():
             code, status, error = 124, "failed", timeout_error
             say(str(error), "error")
+        elif rescaled and not stopping.SIGNAL:
+            from dataflare.k8s import RESCALE_EXIT
+
+            code, status = RESCALE_EXIT, "stopped"
+            say(f"stopped cleanly to restart as {rescaled[0]} processes (state kept in the "
+                "final snapshot)", status="stopped")
         else:
             signum = stopping.SIGNAL[0] if stopping.SIGNAL else signal.SIGTERM
             code, status = 128 + signum, "stopped"
@@ -435,6 +478,8 @@ def _run(opts: RunOptions) -> RunResult:
         live.stop()
     del tracer  # flushes the spans still buffered
     error = scrub(error) if error else error
+    if lineage is not None:
+        _emit(lineage, {"succeeded": "COMPLETE", "failed": "FAIL"}.get(status, "ABORT"), error)
     summary = progress.summary(list(wf.sources), status, error)
     if wf.post_actions and not opts.no_post_actions:
         summary["post_actions"] = _post_actions(opts, wf, status, summary)
@@ -445,6 +490,27 @@ def _run(opts: RunOptions) -> RunResult:
     if opts.summary_json:
         Path(opts.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return RunResult(status, code, summary, error)
+
+
+def _peers(opts: RunOptions) -> list[str]:
+    """The live endpoints of the other processes of a cluster run (``/views`` gathers there).
+
+    Each process's host (from the cluster addresses) with the same ``--http-port``, as the
+    pods of a StatefulSet have.
+    """
+    if not opts.addresses or not opts.http_port:
+        return []
+    me = opts.process_id or 0
+    return [f"http://{address.rsplit(':', 1)[0]}:{opts.http_port}"
+            for i, address in enumerate(opts.addresses.split(";")) if i != me]
+
+
+def _emit(events: Any, state: str, error: str | None = None) -> None:
+    """Send one OpenLineage run event; a catalog that cannot be reached is a warning."""
+    try:
+        events.emit(state, error)
+    except Exception as exc:  # noqa: BLE001 - lineage never stops a run; said, not hidden
+        say(f"openlineage {state} event not sent: {scrub(error_text(exc))}", "warning")
 
 
 STOP_GRACE = 30.0  # seconds a timed-out run may take to stop gracefully
@@ -495,7 +561,10 @@ def _init_partitions(directory: Path, opts: RunOptions) -> None:
     A single process creates ``--recovery-partitions`` of them. A process of a
     multi-process run creates only its own (``part-<id>`` of one per process), so each
     process (a pod with its own volume) may keep its partition in a directory of its own;
-    when the processes share a directory, together they create the full set.
+    when the processes share a directory, together they create the full set. With more
+    ``--recovery-partitions`` than processes (an autoscaled StatefulSet sharing one volume),
+    every process creates the missing ones of that many, so any later process count up to
+    it resumes from the same set.
     """
     from bytewax.recovery import init_db_dir
 
@@ -503,13 +572,18 @@ def _init_partitions(directory: Path, opts: RunOptions) -> None:
         if not any(directory.glob("*.sqlite3")):
             init_db_dir(directory, opts.recovery_partitions)
         return
-    own = directory / f"part-{opts.process_id or 0}.sqlite3"
-    if own.exists():
+    processes = len(opts.addresses.split(";"))
+    count = max(processes, opts.recovery_partitions)
+    wanted = range(count) if opts.recovery_partitions > processes else [opts.process_id or 0]
+    missing = [f"part-{i}.sqlite3" for i in wanted
+               if not (directory / f"part-{i}.sqlite3").exists()]
+    if not missing:
         return
-    count = len(opts.addresses.split(";"))
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         init_db_dir(Path(tmp), count)
-        os.replace(Path(tmp) / own.name, own)
+        for name in missing:  # processes starting together: the first link of a name wins
+            with suppress(FileExistsError):
+                os.link(Path(tmp) / name, directory / name)
 
 
 _PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")

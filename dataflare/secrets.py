@@ -37,6 +37,7 @@ _KV_PAIR = re.compile(r"^\s*[A-Za-z_]+\s*=")
 """The start of a key/value DSN (``host=... dbname=...``)."""
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
+_UNRESOLVED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
 _lock = threading.Lock()
 _values: set[str] = set()
 _shingles: set[str] = set()
@@ -49,8 +50,8 @@ def register(value: Any) -> None:
     if not isinstance(value, str):
         return
     value = value.strip()
-    if len(value) < _MIN:
-        return
+    if len(value) < _MIN or _UNRESOLVED.search(value):
+        return  # a ``${VAR}`` left unset is no secret: its name must stay readable
     with _lock:
         for form in {value, quote(value, safe=""), quote_plus(value), unquote(value)}:
             if len(form) < _MIN or form in _values:
@@ -192,7 +193,7 @@ def install_logging() -> None:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
         if _values:
-            _scrub_record(record)
+            scrub_record(record)
         return record
 
     logging.setLogRecordFactory(factory)
@@ -207,7 +208,8 @@ def install() -> None:
         sys.stdout = ScrubbedStream(sys.stdout)
 
 
-def _scrub_record(record: logging.LogRecord) -> None:
+def scrub_record(record: logging.LogRecord) -> None:
+    """Keep secret values out of a log record: its message, arguments and traceback."""
     try:
         message = record.getMessage()
     except Exception:  # noqa: BLE001 - a bad format string is logging's own report

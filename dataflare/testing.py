@@ -67,7 +67,9 @@ def run_workflow_tests(paths: Iterable[str]) -> int:
             try:
                 outputs = run_case(v, case)
             except Exception as exc:  # noqa: BLE001 - a failing test, reported
-                print(f"FAIL {path}: {case.name}: the run failed: {exc}")
+                from dataflare.runner import error_text
+
+                print(f"FAIL {path}: {case.name}: the run failed: {error_text(exc)}")
                 failures += 1
                 continue
             problems = []

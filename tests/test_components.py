@@ -53,3 +53,27 @@ workflow:
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert sorted((tmp_path / "out.txt").read_text().split()) == ["ANN", "BOB"]
+
+
+def test_a_planned_type_validates_with_a_warning_and_stops_run() -> None:
+    from pydantic import Field
+
+    from dataflare.config import Strict
+    from dataflare.dsl_compiler import validate_text
+    from dataflare.registry import planned
+
+    class FutureConfig(Strict):
+        table: str = Field(description="Table.")
+
+    planned("destination", "future_warehouse", config=FutureConfig,
+            description="Not built yet.", note="planned (not available yet)")
+    v = validate_text("""\
+workflow:
+  sources:
+    s: {type: generator, config: {preset: orders, count: 1}}
+  destinations:
+    w: {type: future_warehouse, inputs: [s], config: {table: t}}
+""")
+    assert not v.errors()
+    assert any("destination type 'future_warehouse' is planned" in p.render(for_run=True)
+               for p in v.errors(for_run=True))

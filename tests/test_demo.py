@@ -50,3 +50,19 @@ def test_demo_fills_the_warehouse_with_the_expected_rows(tmp_path):
                            "FROM user_activity").fetchall()
     got = {(u, str(w), e, round(s, 2), o, round(r, 2)) for u, w, e, s, o, r in rows}
     assert got == expected(9000, 1500, 25)
+
+
+def test_demo_seed_runs_the_dsl_reference_workflow_on_stand_ins():
+    from dataflare.demo_seed import customers
+    from dataflare.demo_services import churn_probability
+
+    proc = subprocess.run([sys.executable, "-m", "dataflare.demo_seed"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    emails = [c["email"].lower() for c in customers(20)]
+    assert "CUSTOMER_360 (20 rows, merged on customer.email)" in proc.stdout
+    table = [line.split() for line in proc.stdout.splitlines() if "@example.com" in line]
+    assert [row[1] for row in table] == emails
+    assert [float(row[2]) for row in table] == [round(churn_probability(e), 3) for e in emails]
+    risky = sum(churn_probability(e) > 0.7 for e in emails)
+    assert f"{risky} high churn alerts sent" in proc.stdout

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -158,14 +163,15 @@ def _pod_command(sts: dict[str, Any], workflow: Path, recovery: Path) -> list[st
     return [str(Path(sys.executable).with_name("dataflare")), *cmd[1:]]
 
 
-def _pod_env(sts: dict[str, Any], pod: str, secrets: dict[str, str]) -> dict[str, str]:
+def _pod_env(sts: dict[str, Any], pod: str, secrets: dict[str, str],
+             namespace: str = "default") -> dict[str, str]:
     env = dict(os.environ)
+    fields = {"metadata.name": pod, "metadata.namespace": namespace}
     for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]:
         if "value" in e:
             env[e["name"]] = e["value"]
         else:
-            assert e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-            env[e["name"]] = pod
+            env[e["name"]] = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
     env.update(secrets)
     return env
 
@@ -214,6 +220,147 @@ workflow:
         "part-1.sqlite3"]
     rows = pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".events ORDER BY id')
     assert rows == [(i, i * 2) for i in range(2000)]
+
+
+def test_autoscaling_renders_an_hpa_a_shared_volume_and_the_right_to_read_the_scale() -> None:
+    objects = k8s.render(ROOT / "flows/postgres_cdc_mirror.yaml",
+                         k8s.Options(name="mirror", autoscale=(2, 6), cpu_target=70))
+    for obj in objects:
+        _validate(obj)
+    kinds = _by_kind(objects)
+    assert [o["kind"] for o in objects].index("HorizontalPodAutoscaler") > \
+        [o["kind"] for o in objects].index("StatefulSet")
+    hpa = kinds["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                     "name": "mirror"}
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
+    assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == 70
+    sts = kinds["StatefulSet"]["spec"]
+    assert sts["replicas"] == 2 and "volumeClaimTemplates" not in sts
+    assert kinds["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    pod = sts["template"]["spec"]
+    assert pod["serviceAccountName"] == "mirror" and pod["automountServiceAccountToken"]
+    assert {"name": "recovery", "persistentVolumeClaim": {"claimName": "mirror-recovery"}} \
+        in pod["volumes"]
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--recovery-partitions") + 1] == "6"
+    env = {e["name"] for e in pod["containers"][0]["env"]}
+    assert "DATAFLARE_REPLICAS_FROM" in env and "BYTEWAX_REPLICAS" not in env
+    assert kinds["Role"]["rules"] == [{"apiGroups": ["apps"], "resources": ["statefulsets/scale"],
+                                       "resourceNames": ["mirror"], "verbs": ["get"]}]
+    assert kinds["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": "mirror"}]
+    # Without autoscaling a pod gets no API token at all.
+    plain = _by_kind(k8s.render(ROOT / "flows/postgres_cdc_mirror.yaml", k8s.Options()))
+    assert plain["StatefulSet"]["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert "HorizontalPodAutoscaler" not in plain
+    with pytest.raises(ValueError, match="streaming"):
+        k8s.render(ROOT / "flows/quickstart.yaml", k8s.Options(autoscale=(1, 3)))
+    with pytest.raises(ValueError, match="MIN <= MAX"):
+        k8s.render(ROOT / "flows/postgres_cdc_mirror.yaml", k8s.Options(autoscale=(3, 2)))
+
+
+class _KubeApi(BaseHTTPRequestHandler):
+    """The one API call a pod makes: its StatefulSet's ``scale``."""
+
+    replicas = 0
+    path_expected = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        ok = self.path == self.path_expected
+        body = json.dumps({"kind": "Scale", "spec": {"replicas": type(self).replicas}} if ok
+                          else {"kind": "Status", "code": 404}).encode()
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _events(start: int, stop: int) -> list[dict[str, Any]]:
+    return [{"id": i, "user_id": f"u{i % 7}"} for i in range(start, stop)]
+
+
+def _wait_rows(pg_schema: Any, table: str, n: int, procs: list[Any]) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".{table}')[0][0] >= n:
+                return
+        for p in procs:
+            assert p.poll() is None, p.communicate()[1]
+        time.sleep(0.5)
+    pytest.fail(f"{n} rows did not arrive")
+
+
+def test_an_autoscaled_statefulset_rescales_by_stop_and_start_with_exact_output(
+        tmp_path: Path, kafka_broker: Any, kafka_topic: Any, pg_schema: Any) -> None:
+    topic = kafka_topic(partitions=4)
+    flow = _write(tmp_path, "wf.yaml", f"""
+workflow:
+  id: scaled
+  sources:
+    events:
+      type: kafka
+      mode: streaming
+      config: {{bootstrap_servers: "${{KAFKA}}", topic: {topic}, consumer_group: scaled}}
+  destinations:
+    table:
+      type: postgres
+      inputs: [events]
+      config: {{dsn: "${{PG_DSN}}", schema: {pg_schema.schema}, table: events}}
+""")
+    sts = _by_kind(k8s.render(flow, k8s.Options(autoscale=(1, 3), snapshot_interval=1)))[
+        "StatefulSet"]
+    api = type("Api", (_KubeApi,), {
+        "replicas": 2, "path_expected": "/apis/apps/v1/namespaces/ns/statefulsets/scaled/scale"})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secrets = {"KAFKA": kafka_broker.bootstrap_servers, "PG_DSN": pg_schema.dsn}
+    # A listed address per possible pod (DNS names in a cluster); the scale says how many run.
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(3))
+    recovery = tmp_path / "recovery"  # the shared ReadWriteMany volume
+
+    def start(n: int) -> list[subprocess.Popen[str]]:
+        procs = []
+        for i in range(n):
+            env = _pod_env(sts, f"scaled-{i}", secrets, namespace="ns")
+            env.update(BYTEWAX_ADDRESSES=addresses, DATAFLARE_RESCALE_CHECK="0.5",
+                       DATAFLARE_KUBE_API=f"http://127.0.0.1:{server.server_port}")
+            cmd = _pod_command(sts, flow, recovery)
+            cmd[cmd.index("--http-port") + 1] = str(free_port())
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        return procs
+
+    try:
+        pods = start(2)
+        produce(kafka_broker.bootstrap_servers, topic, _events(0, 1000))
+        _wait_rows(pg_schema, "events", 1000, pods)
+        api.replicas = 3  # the autoscaler adds a pod: the running two stop at a snapshot
+        for p in pods:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == k8s.RESCALE_EXIT, err
+            assert "restart as 3 processes" in err
+        assert sorted(f.name for f in recovery.glob("*.sqlite3")) == [
+            "part-0.sqlite3", "part-1.sqlite3", "part-2.sqlite3"]  # MAX partitions, shared
+        produce(kafka_broker.bootstrap_servers, topic, _events(1000, 2000))
+        pods = start(3)  # Kubernetes restarts the two and starts the third
+        _wait_rows(pg_schema, "events", 2000, pods)
+        for p in pods:
+            p.send_signal(signal.SIGTERM)
+        for p in pods:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 128 + signal.SIGTERM, err
+    finally:
+        for p in pods:
+            if p.poll() is None:
+                p.kill()
+        server.shutdown()
+    rows = pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".events ORDER BY id')
+    assert rows == [(i,) for i in range(2000)]
 
 
 def test_bytewax_run_takes_the_workflow_from_the_environment(tmp_path: Path) -> None:

@@ -16,13 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from bench.netns import Hosts, sh, unavailable
 from dataflare.broker import find_tansu
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -47,61 +46,11 @@ workflow:
 """
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=check)
-
-
-class Hosts:
-    """Network namespaces ``svc``, ``p0``..``p2`` on one bridge, with their own addresses."""
-
-    def __init__(self) -> None:
-        self.tag = uuid.uuid4().hex[:4]
-        self.subnet = f"10.213.{int(self.tag, 16) % 200 + 20}"
-        self.names = {n: f"df{self.tag}{n}" for n in ("svc", "p0", "p1", "p2")}
-        self.addr = {"svc": f"{self.subnet}.1", "p0": f"{self.subnet}.10",
-                     "p1": f"{self.subnet}.11", "p2": f"{self.subnet}.12"}
-        self.bridge = f"dfbr{self.tag}"
-
-    def up(self) -> None:
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        sh("ip", "link", "set", self.bridge, "up")
-        for host, ns in self.names.items():
-            outer, inner = f"v{self.tag}{host}", f"i{self.tag}{host}"
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
-            sh("ip", "link", "set", inner, "netns", ns)
-            sh("ip", "link", "set", outer, "master", self.bridge)
-            sh("ip", "link", "set", outer, "up")
-            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.addr[host]}/24",
-               "dev", inner)
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", inner, "up")
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-
-    def down(self) -> None:
-        for ns in self.names.values():
-            sh("ip", "netns", "del", ns, check=False)
-        sh("ip", "link", "del", self.bridge, check=False)
-
-    def run(self, host: str, *args: str, **kw: Any) -> subprocess.Popen[str]:
-        return subprocess.Popen(["ip", "netns", "exec", self.names[host], *args], **kw)
-
-    def python(self, host: str, code: str) -> str:
-        out = subprocess.run(["ip", "netns", "exec", self.names[host], sys.executable, "-c",
-                              code], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
-
-
 def _netns_available() -> str | None:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return "network namespaces need root and iproute2"
-    probe = f"dfprobe{uuid.uuid4().hex[:4]}"
-    if sh("ip", "netns", "add", probe, check=False).returncode != 0:
-        return "ip netns add is not permitted here"
-    sh("ip", "netns", "del", probe, check=False)
-    if not (PG_BIN / "initdb").exists():
+    reason = unavailable()
+    if reason is None and not (PG_BIN / "initdb").exists():
         return "postgresql 15 binaries not found"
-    return None
+    return reason
 
 
 @pytest.fixture
@@ -237,14 +186,17 @@ def test_three_pods_survive_a_kill_and_rescale_3_2_3_with_exact_output(
             p.kill()
             p.wait()
     pods = start(3)  # the cluster restarts from the last snapshot
-    wait_rows(30_000, pods)
+    # The two survivors may have written everything before they stopped: new input shows
+    # the restarted cluster runs (and can be stopped gracefully).
+    produce(h, 30_000, 5_000)
+    wait_rows(35_000, pods)
     stop(pods)
-    produce(h, 30_000, 10_000)
+    produce(h, 35_000, 10_000)
     pods = start(2)  # rescaled down: 6 Kafka partitions and 3 recovery partitions, 2 pods
-    wait_rows(40_000, pods)
+    wait_rows(45_000, pods)
     stop(pods)
-    produce(h, 40_000, 10_000)
+    produce(h, 45_000, 10_000)
     pods = start(3)
-    wait_rows(50_000, pods)
+    wait_rows(55_000, pods)
     stop(pods)
-    assert counts(h) == (50_000, 50_000, 50_000)
+    assert counts(h) == (55_000, 55_000, 55_000)

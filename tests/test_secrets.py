@@ -210,3 +210,24 @@ def test_a_dsn_without_password_blots_out_nothing() -> None:
     secrets.register_field("dsn", SecretStr("postgresql://postgres@127.0.0.1:5432/x"))
     text = "written to postgres table x on 127.0.0.1"
     assert secrets.scrub(text) == text
+
+
+def test_an_unset_variable_in_a_secret_field_is_named_not_masked():
+    from dataflare.dsl_compiler import validate_text
+
+    v = validate_text("""\
+workflow:
+  sources:
+    s: {type: generator, config: {preset: orders, count: 1}}
+  destinations:
+    out:
+      type: http
+      inputs: [s]
+      config:
+        url: "https://example.com/hook"
+        headers: {Authorization: "Bearer ${HOOK_TOKEN}"}
+""")
+    from dataflare import secrets
+
+    rendered = [secrets.scrub(p.render()) for p in v.problems]
+    assert any("variable HOOK_TOKEN is not set" in r for r in rendered), rendered

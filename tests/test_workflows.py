@@ -186,19 +186,18 @@ def test_max_errors_stops_the_run(tmp_path):
     assert "step 'orders': 2 failed records, more than max_errors 1" in result.stderr
 
 
-def test_unavailable_types_and_unset_variables_stop_run_before_starting(tmp_path):
+def test_unset_variables_stop_run_before_starting(tmp_path):
     flow = tmp_path / "f.yaml"
     flow.write_text("""\
 workflow:
   sources:
     s: {type: file, config: {path: "${INPUT_FILE}"}}
   destinations:
-    w: {type: snowflake, inputs: [s], config: {table: t}}
+    w: {type: file, inputs: [s], config: {path: out.jsonl}}
 """)
     result = run_cli("run", str(flow))
     assert result.code == 1
     assert "sources.s.config.path: variable INPUT_FILE is not set" in result.stderr
-    assert "destinations.w.type: destination type 'snowflake' is planned" in result.stderr
     assert run_cli("validate", str(flow)).code == 0
 
 

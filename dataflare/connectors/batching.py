@@ -198,14 +198,15 @@ class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
 _POLL = timedelta(milliseconds=200)
 
 
-class _Done(DynamicSink[Any]):
+class Discard(DynamicSink[Any]):
     """The end of a destination that writes in a step of its own: drops what it gets."""
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DonePartition:
-        return _DonePartition()
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DiscardPartition:
+        """A partition that drops what it gets."""
+        return _DiscardPartition()
 
 
-class _DonePartition(StatelessSinkPartition[Any]):
+class _DiscardPartition(StatelessSinkPartition[Any]):
     def write_batch(self, items: list[Any]) -> None:
         pass
 
@@ -270,6 +271,6 @@ def buffered_output(
     written = op.stateful_batch("write", keyed, lambda state: _WriteLogic(writer(), state))
     refused = op.map("refused", written, lambda kv: kv[1])
     # bytewax runs a dataflow until its outputs are done: the write step ends in one.
-    op.output("done", refused, _Done())
+    op.output("done", refused, Discard())
     return op.merge("failed", rejected, refused)
 

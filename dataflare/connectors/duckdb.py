@@ -28,7 +28,9 @@ from dataflare.connectors.sql_writer import (
     Mark,
     quote_ident,
     table_destination,
+    text_value,
 )
+from dataflare.lineage import Dataset, file_dataset
 from dataflare.records import Failed
 from dataflare.registry import BuildContext, destination
 
@@ -184,9 +186,7 @@ class DuckDBDialect(Dialect):
                           for v in values]
                 arrays.append(pa.array(values, pa.string()))
             elif kind == TEXT:
-                values = [v if v is None or isinstance(v, str) else
-                          (orjson.dumps(v, default=str).decode()
-                           if isinstance(v, dict | list) else str(v)) for v in values]
+                values = [None if v is None else text_value(v) for v in values]
                 arrays.append(pa.array(values, pa.string()))
             else:
                 arrow_type = {INT: pa.int64(), FLOAT: pa.float64(), BOOL: pa.bool_()}[kind]
@@ -244,6 +244,8 @@ class DuckDBDialect(Dialect):
 @destination(
     "duckdb",
     config=DuckDBDestinationConfig,
+    datasets=lambda cfg, base: [Dataset(f"duckdb://{file_dataset(cfg.path, base)[0].name}",
+                                        f"{cfg.schema_}.{cfg.table}")],
     description="A DuckDB database file: append, overwrite or merge; replay-safe appends.",
     blocks=("write_mode", "batch"),
     requires=("duckdb", "pyarrow"), extra="duckdb",

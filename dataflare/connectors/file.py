@@ -33,10 +33,22 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Strict
-from dataflare.connectors.schema import discoverer, infer_schema, json_line, json_value
+from dataflare.connectors.lake import (
+    LakeOptions,
+    LakeOutput,
+    LocalStorage,
+    PathTemplate,
+    conform,
+    csv_line,
+    lake_output,
+    template_problems,
+)
+from dataflare.connectors.schema import discoverer, infer_schema, json_line
+from dataflare.lineage import file_dataset
 from dataflare.operators.records import map_records
 from dataflare.records import META, Batch, Failed, RecordError, without_meta
 from dataflare.registry import BuildContext, destination, source
+from dataflare.template import placeholders
 
 Format = Literal["jsonl", "csv", "json", "parquet"]
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".json": "json",
@@ -52,17 +64,21 @@ class CsvOptions(Strict):
     )
 
 
+def _check_format(path: str, fmt: str | None) -> None:
+    unset = "${" in path  # a variable validate was not given: checked by run
+    if fmt is None and not unset and _extension_format(path) is None:
+        known = ", ".join(sorted(set(_EXTENSIONS.values())))
+        msg = f"cannot tell the format of {path!r}: set 'format' ({known})"
+        raise ValueError(msg)
+
+
 class _FileConfig(Strict):
     path: str
     format: str | None
 
     @model_validator(mode="after")
     def _format_known(self) -> _FileConfig:
-        unset = "${" in self.path  # a variable validate was not given: checked by run
-        if self.format is None and not unset and _extension_format(self.path) is None:
-            known = ", ".join(sorted(set(_EXTENSIONS.values())))
-            msg = f"cannot tell the format of {self.path!r}: set 'format' ({known})"
-            raise ValueError(msg)
+        _check_format(self.path, self.format)
         return self
 
 
@@ -78,16 +94,43 @@ class FileSourceConfig(_FileConfig):
     )
 
 
-class FileDestinationConfig(_FileConfig):
-    """Settings of a ``file`` destination."""
+class FileDestinationConfig(LakeOptions):
+    """Settings of a ``file`` destination.
 
-    path: str = Field(description="Output file, relative to the workflow file.")
+    ``path`` names one file. ``path_template`` (or a ``path`` holding ``{{...}}``), or any
+    of ``partition_by``, ``max_records``, ``max_bytes``, ``flush_interval``, ``time_field``,
+    makes it a partitioned output of rolling files (see :mod:`dataflare.connectors.lake`).
+    """
+
+    path: str | None = Field(None, description="Output file, relative to the workflow file.")
+    path_template: str | None = Field(
+        None, description="Output files: a template of their paths, relative to the workflow "
+        "file ({{field}}, {{year}} {{month}} {{day}} {{hour}}, {{source}}); the files roll."
+    )
     format: Literal["jsonl", "csv", "parquet"] | None = Field(
         None, description="File format; from the extension if absent."
     )
-    columns: list[str] | None = Field(
-        None, description="CSV/Parquet column order (default: the first records' fields)."
-    )
+
+    @model_validator(mode="after")
+    def _one_path(self) -> FileDestinationConfig:
+        if (self.path is None) == (self.path_template is None):
+            msg = "give one of 'path' (one file) or 'path_template' (partitioned files)"
+            raise ValueError(msg)
+        target = self.target()
+        _check_format(target, self.format)
+        if self.partitioned():
+            problems = template_problems(target, self)
+            if problems:
+                raise ValueError("; ".join(problems))
+        return self
+
+    def target(self) -> str:
+        """The output path or path template."""
+        return self.path_template or self.path or ""
+
+    def partitioned(self) -> bool:
+        """Whether this writes partitioned, rolling files rather than one file."""
+        return self.path_template is not None or "{{" in self.target() or self.rolling()
 
 
 def _extension_format(path: str) -> str | None:
@@ -298,35 +341,35 @@ class FileSource(FixedPartitionedSource[Batch, Any]):
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Any:
         """A reader of one file, resuming at ``resume_state``."""
         path = self._files()[for_part]
-        cfg = self.config
-        fmt = file_format(str(path), cfg.format, self.step)
-        if fmt == "jsonl":
-            return _LinesPartition(self.step, path, for_part, cfg.batch_size, resume_state)
-        if fmt == "csv":
-            return _CsvPartition(self.step, path, for_part, cfg.batch_size, cfg.csv, resume_state)
-        rows: Iterable[Any]
-        if fmt == "json":
-            rows = _json_rows(self.step, path, cfg.records_path)
-        else:
-            rows = _parquet_rows(path, cfg.batch_size)
-        return _ListPartition(self.step, rows, for_part, cfg.batch_size, resume_state)
+        fmt = file_format(str(path), self.config.format, self.step)
+        return file_reader(self.step, path, for_part, fmt, self.config, resume_state)
+
+
+def file_reader(step: str, path: Path, shown: str, fmt: str, cfg: Any,
+                resume_state: Any) -> StatefulSourcePartition[Batch, Any]:
+    """A resumable reader of one local file of format ``fmt``.
+
+    Records' ``_meta.file`` is ``shown``; ``cfg`` holds ``batch_size``, ``csv`` and
+    ``records_path`` (a file or s3 source's settings).
+    """
+    if fmt == "jsonl":
+        return _LinesPartition(step, path, shown, cfg.batch_size, resume_state)
+    if fmt == "csv":
+        return _CsvPartition(step, path, shown, cfg.batch_size, cfg.csv, resume_state)
+    rows: Iterable[Any]
+    if fmt == "json":
+        rows = _json_rows(step, path, cfg.records_path)
+    else:
+        rows = _parquet_rows(path, cfg.batch_size)
+    return _ListPartition(step, rows, shown, cfg.batch_size, resume_state)
 
 
 @source("file", config=FileSourceConfig, description="Read JSON lines, CSV, JSON or Parquet files.",
-        blocks=())
+        blocks=(), datasets=lambda cfg, base: file_dataset(cfg.path, base))
 def build_file_source(ctx: BuildContext) -> FileSource:
     """Build a file source."""
     file_format(ctx.config.path, ctx.config.format, ctx.step_id)
     return FileSource(ctx.step_id, ctx.path(ctx.config.path), ctx.base_dir, ctx.config)
-
-
-def _plain(value: Any) -> Any:
-    value = json_value(value)
-    if isinstance(value, dict | list):
-        return orjson.dumps(value).decode()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value
 
 
 class _FilePartition(StatefulSinkPartition[Batch, Any]):
@@ -370,23 +413,14 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
             self._write_csv(records)
 
     def _write_csv(self, records: list[dict[str, Any]]) -> None:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
         if self.columns is None:
             self.columns = list(dict.fromkeys(k for r in records for k in r))
         if self.f.tell() == 0:
-            writer.writerow(self.columns)
-        known = set(self.columns)
-        for r in records:
-            extra = [k for k in r if k not in known]
-            if extra:
-                msg = (
-                    f"step {self.step!r}: field(s) {', '.join(extra)} are not among the CSV "
-                    f"columns ({', '.join(self.columns)}); list every column in 'columns'"
-                )
-                raise RecordError(msg)
-            writer.writerow([_plain(r.get(c)) for c in self.columns])
-        self.f.write(buf.getvalue().encode())
+            header = io.StringIO()
+            csv.writer(header, lineterminator="\n").writerow(self.columns)
+            self.f.write(header.getvalue().encode())
+        # csv_line raises on what the conform step refused before: never here
+        self.f.write(b"".join(csv_line(self.step, r, self.columns) for r in records))
 
     def snapshot(self) -> Any:
         if self.fmt == "parquet":
@@ -442,11 +476,20 @@ class FileSink(FixedPartitionedSink[Batch, Any]):
             raise RuntimeError(msg) from exc
 
 
+def uses_source(config: Any) -> bool:
+    """Whether a file or s3 output's paths name the input (``{{source}}``)."""
+    template = config.target() if hasattr(config, "target") else config.path_template
+    return "source" in placeholders(template) or "source" in config.partition_by
+
+
 @destination(
     "file",
     config=FileDestinationConfig,
-    description="Write JSON lines, CSV or Parquet; without write_mode the file is rewritten.",
+    datasets=lambda cfg, base: file_dataset(cfg.path, base),
+    description="Write JSON lines, CSV or Parquet: one file (rewritten without write_mode), "
+    "or partitioned rolling files (path_template).",
     blocks=("write_mode=append", "write_mode=overwrite"),
+    input_names=uses_source,
 )
 def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] | None:
     """Build a file destination (``write_mode: append`` adds to an existing file).
@@ -455,14 +498,36 @@ def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] 
     too deeply) is refused alone and follows the destination's ``error_handling``.
     """
     cfg = ctx.config
-    fmt = file_format(cfg.path, cfg.format, ctx.step_id)
+    fmt = file_format(cfg.target(), cfg.format, ctx.step_id)
     explicit = "write_mode" in ctx.component.model_fields_set
+    if cfg.partitioned():
+        if explicit and ctx.component.write_mode.type != "append":
+            msg = (f"step {ctx.step_id!r}: partitioned files are only added to (write_mode "
+                   f"append), not {ctx.component.write_mode.type}")
+            raise ValueError(msg)
+        target = cfg.target()
+        resolved = str(ctx.path(target)) + ("/" if target.endswith("/") else "")
+        template = PathTemplate(resolved, fmt, cfg)
+        return lake_output("lake", up, LakeOutput(ctx.step_id, fmt, template, cfg,
+                                                  LocalStorage))
     truncate = not explicit or ctx.component.write_mode.type != "append"
     path = ctx.path(cfg.path)
     errs = None
     if fmt == "jsonl":
         encoded = map_records("encode", up, lambda r: json_line(without_meta(r)), ctx.step_id)
         up, errs = encoded.down, encoded.errs
+    else:  # what one CSV or Parquet file cannot hold is refused record by record
+        columns, schema = cfg.columns, None
+        if not truncate and path.exists() and path.stat().st_size:
+            if fmt == "csv" and columns is None:
+                with path.open(newline="", encoding="utf-8") as existing:
+                    columns = next(csv.reader(existing), None)
+            elif fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                schema = pq.read_schema(path)
+        conformed = conform("conform", up, ctx.step_id, fmt, columns, schema)
+        up, errs = conformed.down, conformed.errs
     keyed = op.key_on("key", up, lambda _batch: str(path))
     op.output("write", keyed, FileSink(ctx.step_id, path, fmt, cfg.columns, truncate))
     return errs

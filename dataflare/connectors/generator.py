@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Strict
 from dataflare.connectors.schema import discoverer, infer_schema
+from dataflare.record_schema import FieldType, SchemaContext, from_json_schema
 from dataflare.records import META, Batch, iso_utc, to_epoch_seconds
 from dataflare.registry import BuildContext, source
 
@@ -219,11 +220,23 @@ class GeneratorSource(FixedPartitionedSource[Batch, int]):
         return _GeneratorPartition(self.step, self.config, int(for_part), resume_state)
 
 
+def generator_schema(ctx: SchemaContext[GeneratorConfig]) -> FieldType:
+    """The fields of the generated records, each typed by a value it makes."""
+    from dataflare.connectors.schema import infer_value_schema
+
+    cfg = ctx.config
+    fields = {**PRESETS.get(cfg.preset or "", {}), **cfg.fields}
+    sample = {name: _maker(spec.model_copy(update={"null_rate": 0.0}))(0, random.Random(0))
+              for name, spec in fields.items()}
+    return from_json_schema(infer_value_schema(sample))
+
+
 @source(
     "generator",
     config=GeneratorConfig,
     description="Seeded synthetic records (presets clickstream and orders), by count or rate.",
     blocks=(),
+    schema=generator_schema,
 )
 def build_generator(ctx: BuildContext) -> GeneratorSource:
     """Build a generator source."""

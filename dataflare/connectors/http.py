@@ -26,6 +26,8 @@ from pydantic import Field
 
 from dataflare.config import Duration, Strict
 from dataflare.connectors.batching import Flush, buffered_output
+from dataflare.lineage import url_dataset
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, describe_position
 from dataflare.registry import BuildContext, destination
 from dataflare.retry import TransientError, call_with_retry, retry_after_seconds
@@ -183,12 +185,23 @@ class _HttpWriter:
             self.client.close()
 
 
+def http_destination_schema(ctx: SchemaContext[HttpDestinationConfig]) -> FieldType | None:
+    """The fields the url, header and body templates read."""
+    ctx.read_template(("url",), ctx.config.url)
+    ctx.read_template(("body_template",), ctx.config.body_template)
+    for name, value in ctx.config.headers.items():
+        ctx.read_template(("headers", name), value)
+    return None
+
+
 @destination(
     "http",
     config=HttpDestinationConfig,
+    datasets=lambda cfg, base: url_dataset(cfg.url),
     description="An HTTP endpoint: one templated request per record, retries on 429/5xx.",
     blocks=("batch",),
     requires=("httpx",), extra="http",
+    schema=http_destination_schema,
 )
 def build_http_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of an ``http`` destination (scoped under its id)."""

@@ -45,6 +45,8 @@ from pydantic import Field, model_validator
 
 from dataflare import metrics
 from dataflare.config import Duration, Strict
+from dataflare.lineage import topic_datasets
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, describe_position
 from dataflare.registry import BuildContext, destination, source
 from dataflare.template import compile_template
@@ -501,6 +503,7 @@ class KafkaSource(FixedPartitionedSource[list[Any], int]):
 @source(
     "kafka",
     config=KafkaSourceConfig,
+    datasets=lambda cfg, base: topic_datasets(cfg.bootstrap_servers, cfg.topic_names()),
     description="Kafka topics: one partition per topic-partition, offsets in recovery state.",
     blocks=("mode",),
     requires=("confluent_kafka",), extra="kafka",
@@ -832,12 +835,22 @@ def kafka_output(
     return op.filter_map("errors", encoded, lambda kv: kv[1][1] or None)
 
 
+def kafka_destination_schema(ctx: SchemaContext[KafkaDestinationConfig]) -> FieldType | None:
+    """The fields the key and header templates read."""
+    ctx.read_template(("key_template",), ctx.config.key_template)
+    for name, value in ctx.config.headers.items():
+        ctx.read_template(("headers", name), value)
+    return None
+
+
 @destination(
     "kafka",
     config=KafkaDestinationConfig,
+    datasets=lambda cfg, base: topic_datasets(cfg.bootstrap_servers, [cfg.topic]),
     description="A Kafka topic: JSON values, templated keys and headers, optional transactions.",
     blocks=(),
     requires=("confluent_kafka",), extra="kafka",
+    schema=kafka_destination_schema,
 )
 def build_kafka_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of a ``kafka`` destination component (scoped under its id)."""

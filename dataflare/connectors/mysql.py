@@ -56,6 +56,7 @@ from dataflare.connectors.sql_source import (
     row_records,
     selected_tables,
 )
+from dataflare.lineage import table_dataset
 from dataflare.records import META, Failed
 from dataflare.registry import BuildContext, source
 from dataflare.retry import TransientError, call_with_retry
@@ -857,6 +858,7 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
 @source(
     "mysql",
     config=MySqlSourceConfig,
+    datasets=lambda cfg, base: table_dataset("mysql", cfg, 3306),
     description="MySQL / MariaDB table: full read, incremental polling, or binlog CDC.",
     blocks=("mode", "incremental", "cdc"),
     requires=("pymysql", "pymysqlreplication"), extra="mysql",

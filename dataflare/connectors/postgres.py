@@ -77,6 +77,7 @@ from dataflare.connectors.sql_source import (
     row_records,
     selected_tables,
 )
+from dataflare.lineage import table_dataset
 from dataflare.registry import BuildContext, source
 
 log = logging.getLogger(__name__)
@@ -1080,6 +1081,7 @@ def effective_mode(component: Any, cfg: Any) -> Mode:
 @source(
     "postgres",
     config=PostgresSourceConfig,
+    datasets=lambda cfg, base: table_dataset("postgres", cfg, 5432),
     description="PostgreSQL table: full snapshot, incremental polling, or CDC (pgoutput).",
     blocks=("mode", "incremental", "cdc", "hybrid"),
     requires=("psycopg",), extra="postgres",

@@ -31,6 +31,7 @@ from dataflare.connectors.sql_writer import (
     quote_ident,
     table_destination,
 )
+from dataflare.lineage import table_dataset
 from dataflare.records import Failed
 from dataflare.registry import BuildContext, destination
 
@@ -403,6 +404,7 @@ class PostgresDialect(Dialect):
 @destination(
     "postgres",
     config=PostgresDestinationConfig,
+    datasets=lambda cfg, base: table_dataset("postgres", cfg, 5432),
     description="A PostgreSQL table: append, overwrite or merge; COPY-based, replay-safe.",
     blocks=("write_mode", "batch"),
     requires=("psycopg",), extra="postgres",

@@ -29,6 +29,8 @@ from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Secret, Strict
 from dataflare.connectors.batching import Flush, buffered_output
+from dataflare.lineage import Dataset
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, get_path, getter
 from dataflare.registry import BuildContext, destination
 from dataflare.retry import call_with_retry
@@ -291,12 +293,37 @@ class _RedisWriter:
             self.client.close()
 
 
+def redis_datasets(cfg: RedisDestinationConfig, base: Any) -> list[Dataset]:
+    """The keys written: namespace ``redis://host:port/db``, name the key template."""
+    from urllib.parse import urlsplit
+
+    host, port, db = cfg.host, cfg.port, cfg.db
+    if cfg.url is not None:
+        parts = urlsplit(cfg.url.get_secret_value())
+        host, port = parts.hostname or host, parts.port or port
+        db = int(parts.path.lstrip("/") or db)
+    return [Dataset(f"redis://{host}:{port}/{db}", cfg.key_template)]
+
+
+def redis_schema(ctx: SchemaContext[RedisDestinationConfig]) -> FieldType | None:
+    """The fields the key template, the field mappings and the value and score read."""
+    cfg = ctx.config
+    ctx.read_template(("key_template",), cfg.key_template)
+    for i, m in enumerate(cfg.fields):
+        ctx.read(("fields", i, "source"), m.source)
+    ctx.read(("value_field",), cfg.value_field)
+    ctx.read(("score_field",), cfg.score_field, want="number")
+    return None
+
+
 @destination(
     "redis",
     config=RedisDestinationConfig,
+    datasets=redis_datasets,
     description="Redis keys (hash, string, list, set, sorted_set, stream), pipelined.",
     blocks=("batch",),
     requires=("redis",), extra="redis",
+    schema=redis_schema,
 )
 def build_redis_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[list[Failed]]:
     """The output steps of a ``redis`` destination (scoped under its id)."""

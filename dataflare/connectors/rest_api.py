@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from dataflare.config import Auth, Duration, Strict
 from dataflare.connectors.schema import discoverer, infer_schema
+from dataflare.lineage import url_dataset
 from dataflare.records import META, Failed, get_path
 from dataflare.registry import BuildContext, source
 from dataflare.retry import TransientError, call_with_retry, retry_after_seconds
@@ -431,6 +432,7 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
 @source(
     "rest_api",
     config=RestApiSourceConfig,
+    datasets=lambda cfg, base: url_dataset(cfg.url),
     description="REST API: paginated JSON pages, once (full) or polled by a cursor.",
     blocks=("mode", "incremental"),
     requires=("httpx",), extra="http",

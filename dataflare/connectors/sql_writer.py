@@ -267,6 +267,17 @@ def fold_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
     return [it for slot in folded.values() for it in slot if it is not None]
 
 
+def text_value(value: Any) -> str:
+    """A non-null value as the text of a text column (dicts and lists as JSON)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list):
+        import orjson
+
+        return orjson.dumps(value, default=str).decode()
+    return str(value)
+
+
 def quote_ident(name: str) -> str:
     """A SQL identifier in double quotes (PostgreSQL and DuckDB)."""
     return '"' + name.replace('"', '""') + '"'
@@ -375,6 +386,7 @@ class TableWriter:
         deduplicate: bool,
         retry: Any,
         split_refusals: bool = True,
+        declared: dict[str, str] | None = None,
     ) -> None:
         self.step = step
         self.split_refusals = split_refusals
@@ -384,6 +396,8 @@ class TableWriter:
         self.deduplicate = deduplicate
         self.retry = retry
         self.cols: dict[str, str] | None = None
+        self.declared = declared or {}
+        """Logical types the workflow declares for columns (:func:`declared_types`)."""
         self.marks: dict[str, Mark] | None = None
         self.live: set[str] = set()  # streams this execution has written
         self.connected = False
@@ -570,7 +584,8 @@ class TableWriter:
         for name in names:
             if name in known:
                 continue
-            wanted[name] = column_type({logical_type(it.row.get(name)) for it in items})
+            wanted[name] = self.declared.get(name) or column_type(
+                {logical_type(it.row.get(name)) for it in items})
         if self.cols is None:
             cols = {k: (t or TEXT) for k, t in wanted.items()}
             for k in self.key:
@@ -707,6 +722,45 @@ def iter_rows(columns: list[str], rows: list[dict[str, Any]],
         yield values
 
 
+SCHEMA_TYPES = {"integer": INT, "number": FLOAT, "boolean": BOOL, "string": TEXT,
+                "object": JSON, "array": JSON}
+PASS_THROUGH = frozenset({"filter", "route", "dedupe"})
+"""Transformations whose records keep the fields and types they received."""
+
+
+def declared_types(workflow: Any, inputs: list[str]) -> dict[str, str]:
+    """Column types the sources feeding a destination declare in their ``output_schema``.
+
+    Followed from the destination's inputs through steps that pass records on unchanged
+    (filter, route, dedupe) to sources with a JSON Schema whose ``properties`` give a
+    ``type`` (``["string", "null"]`` counts as ``string``). A field two sources declare
+    differently is left to its values. A new column takes the declared type before the
+    type its values call for.
+    """
+    found: dict[str, set[str]] = {}
+    seen: set[str] = set()
+    todo = [i.split(".", 1)[0] for i in inputs]
+    while todo:
+        cid = todo.pop()
+        if cid in seen:
+            continue
+        seen.add(cid)
+        step = workflow.transformations.get(cid)
+        if step is not None:
+            if step.type in PASS_THROUGH:
+                todo.extend(i.split(".", 1)[0] for i in step.inputs)
+            continue
+        source = workflow.sources.get(cid)
+        schema = source.output_schema if source is not None else None
+        props = schema.definition.get("properties") if schema is not None else None
+        for name, spec in (props or {}).items():
+            kinds = spec.get("type") if isinstance(spec, dict) else None
+            kinds = [kinds] if isinstance(kinds, str) else kinds or []
+            known = {SCHEMA_TYPES[k] for k in kinds if k in SCHEMA_TYPES}
+            found.setdefault(name, set()).update(known if len(known) == 1 else {""})
+    return {name: next(iter(k)) for name, k in found.items() if len(k) == 1 and "" not in k}
+
+
 class _Refused(Exception):
     """The database refused a record's values (see ``Dialect.refusals``)."""
 
@@ -725,9 +779,10 @@ def table_destination(
     # Refused records fail alone only when they are skipped or redirected (module docs).
     split = ctx.component.error_handling.strategy != "fail"
     step = ctx.step_id
+    declared = declared_types(ctx.workflow, ctx.component.inputs)
 
     def make_writer() -> TableWriter:
-        return TableWriter(step, make_dialect(), mode, key, dedupe, retry, split)
+        return TableWriter(step, make_dialect(), mode, key, dedupe, retry, split, declared)
 
     return buffered_output("write", up, lambda b: prepare(b, step, key), ctx.component.batch,
                            make_writer, always=mode == "overwrite")

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from bytewax.dataflow import Dataflow, Stream, _MultiStream, operator
 from bytewax.inputs import Source
 from bytewax.testing import TestingSink, TestingSource
 
-from dataflare import metrics, registry, secrets
+from dataflare import metrics, registry, secrets, views
 from dataflare.connectors.schema import OutputSchemaCheck
 from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
@@ -31,8 +32,9 @@ from dataflare.encryption import field_cipher
 from dataflare.expr import compile_expression
 from dataflare.live import tapper
 from dataflare.masking import Masker
+from dataflare.operators.keyed import shard_builders
 from dataflare.operators.records import map_records, separate_failed
-from dataflare.records import META, Batch, Failed
+from dataflare.records import INPUT, META, Batch, Failed
 from dataflare.stopping import stoppable
 
 log = logging.getLogger(__name__)
@@ -64,18 +66,21 @@ def compile_validated(
     test_inputs: Mapping[str, list[Any]] | None = None,
     captured: dict[str, list[Any]] | None = None,
     replay: tuple[str, Source[Any]] | None = None,
+    source_records: Mapping[str, list[Any]] | None = None,
 ) -> Dataflow:
     """Compile a validated workflow.
 
     With ``test_inputs`` every source is replaced by the given records (none when absent)
     and every destination writes into ``captured[destination id]`` instead of its system.
+    With ``source_records`` only the sources it names read its records instead of their
+    systems (a demo's stand-in for a database it cannot start); destinations write as usual.
     With ``replay=(step, source)`` only ``step`` and what is downstream of it run, ``step``
     reading ``source`` (dead letters, unwrapped) instead of its inputs.
     """
     if validated.errors(for_run=True) or validated.workflow is None or validated.graph is None:
         raise WorkflowError(validated.problems)
     secrets.install_logging()  # no secret of this workflow in any log line
-    flow = _Compiler(validated, test_inputs, captured, replay).compile()
+    flow = _Compiler(validated, test_inputs, captured, replay, source_records).compile()
     tune_gc()
     return flow
 
@@ -267,6 +272,17 @@ def destination_component(
                                    masker(ctx.workflow.data_protection), _single_source(ctx)))
 
 
+def _tag_input(name: str, batch: Batch) -> Batch:
+    """``batch`` with ``_meta.input`` naming the input component it comes from."""
+    out: Batch = []
+    for r in batch:
+        if isinstance(r, dict):
+            meta = r.get(META)
+            r = {**r, META: {**meta, INPUT: name} if isinstance(meta, dict) else {INPUT: name}}
+        out.append(r)
+    return out
+
+
 def masker(protection: DataProtection | None) -> Masker | None:
     """The masking rules of ``data_protection`` as one :class:`~dataflare.masking.Masker`."""
     cipher = field_cipher(protection)
@@ -294,15 +310,17 @@ class _Compiler:
         test_inputs: Mapping[str, list[Any]] | None,
         captured: dict[str, list[Any]] | None,
         replay: tuple[str, Source[Any]] | None = None,
+        source_records: Mapping[str, list[Any]] | None = None,
     ) -> None:
         assert validated.workflow is not None and validated.graph is not None
         self.v = validated
         self.wf = validated.workflow
         self.graph = validated.graph
         self.test_inputs = test_inputs
+        self.source_records = source_records or {}
         self.captured = captured if captured is not None else {}
         self.streams: dict[str, Stream[Any]] = {}
-        self.redirected: dict[str, list[Stream[Any]]] = {}
+        self.redirected: dict[str, list[tuple[str, Stream[Any]]]] = {}  # (from step, stream)
         self.replay = replay
         self.running = self._downstream(replay[0]) if replay else set(self.graph.kinds)
 
@@ -335,7 +353,7 @@ class _Compiler:
         return spec
 
     def compile(self) -> Dataflow:
-        flow = Dataflow(_flow_id(self.v))
+        flow = self.flow = Dataflow(_flow_id(self.v))
         if self.replay is not None and self.graph.kinds[self.replay[0]] == "transformations":
             self.streams[_REPLAY] = op.input("replay", flow, self.replay[1])
         for cid in self.graph.order():
@@ -349,9 +367,9 @@ class _Compiler:
         self.destinations()
         return flow
 
-    def redirect(self, target: str | None, stream: Stream[Any] | None) -> None:
+    def redirect(self, target: str | None, stream: Stream[Any] | None, origin: str) -> None:
         if target and stream is not None:
-            self.redirected.setdefault(target, []).append(stream)
+            self.redirected.setdefault(target, []).append((origin, stream))
 
     def keep(self, cid: str, ports: _MultiStream[str], eh: ErrorHandling) -> None:
         for key, stream in ports.streams.items():
@@ -359,17 +377,18 @@ class _Compiler:
                 self.streams[cid] = stream
             elif key.startswith("port:"):
                 self.streams[f"{cid}.{key[5:]}"] = stream
-        self.redirect(eh.redirect_to, ports.streams.get(_DEAD))
+        self.redirect(eh.redirect_to, ports.streams.get(_DEAD), cid)
 
     def source(self, flow: Dataflow, cid: str) -> None:
         comp = self.wf.sources[cid]
         if self.replay is not None and cid == self.replay[0]:
             source: Source[Any] = self.replay[1]
-        elif self.test_inputs is not None:
+        elif self.test_inputs is not None or cid in self.source_records:
+            given = (self.test_inputs or {}).get(cid) or self.source_records.get(cid, [])
             records = [
                 {**r, META: {"test_input": cid, "index": i, **(r.get(META) or {})}}
                 if isinstance(r, dict) else r
-                for i, r in enumerate(self.test_inputs.get(cid, []))
+                for i, r in enumerate(given)
             ]
             source = TestingSource([records] if records else [])
         else:
@@ -413,10 +432,18 @@ class _Compiler:
         ctx = self.ctx("transformation", cid, comp)
         ports = transformation_component(cid, spec, ctx, *ups)
         self.keep(cid, ports, comp.error_handling)
+        if comp.serve:
+            self.serve(cid)
         config = comp.config
         for field in type(config).model_fields:
             if field.endswith("_to") and f"port:{field[:-3]}" in ports.streams:
-                self.redirect(getattr(config, field), ports.streams[f"port:{field[:-3]}"])
+                self.redirect(getattr(config, field), ports.streams[f"port:{field[:-3]}"], cid)
+
+    def serve(self, cid: str) -> None:
+        """Publish the state of step ``cid`` to its live view (``serve: true``)."""
+        view = views.serve(cid, masker(self.wf.data_protection))
+        for builder in shard_builders(self.flow, f"{self.flow.flow_id}.{cid}.").values():
+            builder.view = view
 
     def destinations(self) -> None:
         pending = dict(self.wf.destinations)
@@ -435,10 +462,17 @@ class _Compiler:
                 self.destination(cid, pending.pop(cid), mask)
 
     def destination(self, cid: str, comp: Any, mask: Masker | None) -> None:
-        ups = [self.streams[ref] for ref in comp.inputs] + self.redirected.get(cid, [])
-        if not ups:
+        named = [(ref, self.streams[ref]) for ref in comp.inputs] + self.redirected.get(cid, [])
+        if not named:
             return
         ctx = self.ctx("destination", cid, comp)
+        spec = registry.lookup("destination", comp.type)
+        if spec is not None and spec.input_names is not None and spec.input_names(comp.config):
+            # The records say which input they came from (``{{source}}`` of a path template).
+            ups = [op.map(f"input_{i}", s, partial(_tag_input, name))
+                   for i, (name, s) in enumerate(named)]
+        else:
+            ups = [s for _, s in named]
         if self.test_inputs is not None:
             sink = self.captured.setdefault(cid, [])
 

@@ -299,9 +299,20 @@ def _upstream_sources(wf: dict[str, Any], g: Graph, cid: str) -> list[Any]:
 
 
 def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> set[str]:
-    """Extraction modes of the sources feeding ``cid`` (``''`` for a source without one)."""
-    return {str(src.get("mode") or "") if isinstance(src, dict) else ""
-            for src in _upstream_sources(wf, g, cid)}
+    """Extraction modes of the sources feeding ``cid`` (``''`` for a source without one).
+
+    A source whose config sets ``stop_at_end: true`` ends by itself: its mode counts as
+    ``full`` whatever it reads (a CDC catch-up, a Kafka topic up to its end offsets).
+    """
+    def mode(src: Any) -> str:
+        if not isinstance(src, dict):
+            return ""
+        config = src.get("config")
+        if isinstance(config, dict) and config.get("stop_at_end") is True:
+            return "full"
+        return str(src.get("mode") or "")
+
+    return {mode(src) for src in _upstream_sources(wf, g, cid)}
 
 
 def _with_source_lateness(wf: dict[str, Any], g: Graph, cid: str, config: Any) -> Any:

@@ -33,6 +33,8 @@ class Document:
     positions: dict[Loc, tuple[int, int]] = field(default_factory=dict)
     key_positions: dict[Loc, tuple[int, int]] = field(default_factory=dict)
     templates: dict[Loc, str] = field(default_factory=dict)
+    styles: dict[Loc, str | None] = field(default_factory=dict)
+    """The style of each scalar: ``None`` plain, ``'`` or ``"`` quoted, ``|`` or ``>`` block."""
     problems: list[Problem] = field(default_factory=list)
     substituted: dict[str, str] = field(default_factory=dict)
     """Each variable's value and its ``${NAME}``: messages show the name, never the value."""
@@ -54,9 +56,31 @@ class Document:
             message = message.replace(value, name)
         return Problem(self.file, line, col, format_loc(shown), message, **kw)
 
+    def column_of(self, loc: Loc, offset: int) -> int | None:
+        """The file column of character ``offset`` (1-based) of the one-line scalar at ``loc``.
+
+        ``None`` when it cannot be told: a block or multi-line scalar, an escape or a
+        ``${VAR}`` before it.
+        """
+        if loc not in self.positions or loc in self.templates:
+            return None
+        value: Any = self.data
+        for part in loc:
+            try:
+                value = value[part]
+            except (KeyError, IndexError, TypeError):
+                return None
+        style = self.styles.get(loc, "|")
+        if (not isinstance(value, str) or "\n" in value or style not in (None, "'", '"')
+                or (style == "'" and "'" in value)
+                or (style == '"' and ('"' in value or "\\" in value))):
+            return None  # the text in the file is not the value character for character
+        return self.positions[loc][1] + offset - 1 + (0 if style is None else 1)
+
     def move(self, old: Loc, new: Loc) -> None:
         """Record that the subtree at ``old`` now stands at ``new`` (a normalized placement)."""
-        tables: tuple[dict[Loc, Any], ...] = (self.positions, self.key_positions, self.templates)
+        tables: tuple[dict[Loc, Any], ...] = (self.positions, self.key_positions, self.templates,
+                                             self.styles)
         for table in tables:
             for loc in [k for k in table if k[: len(old)] == old]:
                 table[new + loc[len(old) :]] = table[loc]
@@ -98,6 +122,8 @@ class _Builder:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
+        if isinstance(node, yaml.ScalarNode):
+            self.doc.styles[loc] = node.style
         return self.constructor.construct_object(node)
 
 

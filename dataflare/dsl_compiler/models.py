@@ -333,6 +333,11 @@ class Transformation(Component):
 
     inputs: list[str] = Field(description="Ids of the components feeding this one.")
     plugin: str | None = Field(None, description="Plugin id (types custom, plugin).")
+    serve: bool = Field(
+        False, description="Stateful steps (aggregation, window, join, dedupe): while the run "
+        "is up, its current state is readable at `GET /views/<id>` on the run's "
+        "`--http-port` (query `key`, `where`, `limit`), as of the end of the last epoch, "
+        "masked by `data_protection.masking_rules`.")
 
 
 class Destination(Component):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from dataflare import encryption, registry, secrets
 from dataflare.dsl_compiler import graph as graph_checks
+from dataflare.dsl_compiler import types as type_flow
 from dataflare.dsl_compiler.loader import Document, load
 from dataflare.dsl_compiler.models import TestCase, Workflow, WorkflowFile
 from dataflare.dsl_compiler.problems import Loc, Problem, did_you_mean
@@ -33,6 +34,7 @@ class Validated:
     workflow: Workflow | None = None
     tests: list[TestCase] = field(default_factory=list)
     graph: graph_checks.Graph | None = None
+    types: type_flow.TypeFlow | None = None
     problems: list[Problem] = field(default_factory=list)
 
     def errors(self, for_run: bool = False) -> list[Problem]:
@@ -110,6 +112,11 @@ def validate_text(
                     f"{kind} type {spec.type!r} needs {', '.join(missing)}, not installed: "
                     f"pip install 'dataflare[{spec.extra}]'"))
             out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp))
+            if comp.get("serve") is True and not spec.serves:
+                servable = sorted(s.type for s in registry.specs("transformation") if s.serves)
+                out.problems.append(doc.problem(
+                    (*loc, "serve"), f"a {spec.type} step has no state to serve; 'serve' "
+                    f"works on: {', '.join(servable)}", key=True))
             if not spec.available:
                 out.problems.append(
                     doc.problem(
@@ -125,6 +132,8 @@ def validate_text(
     out.problems.extend(_protection_problems(doc, wf, configs))
     out.graph, graph_problems = graph_checks.check(doc, wf, configs)
     out.problems.extend(graph_problems)
+    out.types, type_problems = type_flow.check(doc, wf, out.graph)
+    out.problems.extend(type_problems)
     out.problems.extend(_test_problems(doc, wf))
 
     if generic is not None and not any(p.severity == "error" for p in out.problems):

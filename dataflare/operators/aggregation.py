@@ -39,6 +39,7 @@ from dataflare.operators.keyed import (
     to_us,
     unbounded_upstream,
 )
+from dataflare.record_schema import FieldType, SchemaContext, aggregate_fields, window_output
 from dataflare.records import Failed, RecordError, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -192,6 +193,10 @@ class _AggregationShard(ShardLogic):
             out.append((ERRS, errs))
         return out
 
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Each group's current aggregates, as the step emits them."""
+        return [(k, self.op.record(k, g)) for k, g in state["groups"].items()]
+
     def flush(self) -> list[tuple[str, list[Any]]]:
         if self.op.updates:
             return []
@@ -224,12 +229,21 @@ def aggregation(
     return AggregationOut(down=outs[DOWN], errs=outs[ERRS])
 
 
+def aggregation_schema(ctx: SchemaContext[AggregationConfig]) -> FieldType:
+    """One record per group: the group-by fields and the aggregates."""
+    cfg = ctx.config
+    ctx.read(("time_field",), cfg.time_field, want="time")
+    return window_output(ctx, cfg.group_by, aggregate_fields(ctx, cfg.aggregations))
+
+
 @transformation(
     "aggregation",
     config=AggregationConfig,
     description="Aggregate records per group (count, sum, avg, min, max, count_distinct...).",
     inputs=(1, None),
     stateful=True,
+    serves=True,
+    schema=aggregation_schema,
 )
 def build_aggregation(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``aggregation`` step."""

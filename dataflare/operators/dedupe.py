@@ -31,13 +31,15 @@ from dataflare.operators.keyed import (
     ShardLogic,
     component_id,
     duplicates_dropped,
+    iso_us,
     key_getter,
     route_and_merge,
     stateful_shards,
     time_reader,
     to_us,
 )
-from dataflare.records import META, Failed, RecordError
+from dataflare.record_schema import FieldType, SchemaContext
+from dataflare.records import META, Failed, RecordError, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 
 
@@ -78,6 +80,7 @@ def _whole_record(rec: Any) -> Any:
 class _DedupeOp:
     def __init__(self, step_id: str, cfg: DedupeConfig, shards: int) -> None:
         self.step_id = component_id(step_id)
+        self.keys = tuple(cfg.keys)
         self.key: Callable[[Any], Any] = key_getter(cfg.keys) if cfg.keys else _whole_record
         self.time = time_reader(cfg.time_field, cfg.time_unit) if cfg.time_field else None
         self.ttl = None if cfg.ttl is None else to_us(cfg.ttl)
@@ -100,6 +103,23 @@ class _DedupeShard(ShardLogic):
         self.op = op
         if self.state is None:
             self.state = {"seen": {}, "latest": -(1 << 62), "prune_at": -(1 << 62)}
+
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Each key seen, with the start of its period (ISO-8601)."""
+        paths = self.op.keys
+        rows = []
+        for k, t0 in state["seen"].items():
+            row: dict[str, Any] = {}
+            if not paths:  # the whole record is the key
+                row["record"] = orjson.loads(k) if isinstance(k, bytes) else k
+            elif len(paths) == 1:
+                set_path(row, paths[0], k)
+            else:
+                for path, value in zip(paths, k, strict=True):
+                    set_path(row, path, value)
+            row["first_seen"] = iso_us(t0)
+            rows.append((k, row))
+        return rows
 
     def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
         o = self.op
@@ -165,12 +185,22 @@ def dedupe(
     return DedupeOut(down=outs[DOWN], errs=outs[ERRS])
 
 
+def dedupe_schema(ctx: SchemaContext[DedupeConfig]) -> FieldType:
+    """The records pass unchanged; the keys and the time field are read."""
+    for i, key in enumerate(ctx.config.keys):
+        ctx.read(("keys", i), key)
+    ctx.read(("time_field",), ctx.config.time_field, want="time")
+    return ctx.input
+
+
 @transformation(
     "dedupe",
     config=DedupeConfig,
     description="Drop records whose key was already seen (within a time-to-live).",
     inputs=(1, None),
     stateful=True,
+    serves=True,
+    schema=dedupe_schema,
 )
 def build_dedupe(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``dedupe`` step."""

@@ -41,6 +41,7 @@ from dataflare.config import Duration, Strict
 from dataflare.connectors.schema import json_value
 from dataflare.expr import compile_expression
 from dataflare.metrics import ENRICH_CALLS
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import Batch, Failed, RecordError, get_path, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 from dataflare.retry import delays, next_wait, retry_after_seconds
@@ -505,7 +506,37 @@ class ScoreStage:
             records[i] = out
 
 
-@transformation("enrich", config=EnrichConfig, description="Add data from models and services.")
+def enrich_schema(ctx: SchemaContext[EnrichConfig]) -> FieldType:
+    """The input's fields plus what each enrichment writes (each reads the ones before)."""
+    out = ctx.input
+    for i, e in enumerate(ctx.config.enrichments):
+        at = ("enrichments", i)
+        if e.type == "http_api":
+            for key in ("url", "body_template"):
+                ctx.read_template((*at, key), getattr(e, key), schema=out)
+            for name, value in e.headers.items():
+                ctx.read_template((*at, "headers", name), value, schema=out)
+            for m in e.response_mapping:
+                out = out.with_path(m.destination, FieldType.of("any"))
+        elif e.type == "lookup":
+            ctx.read((*at, "key"), e.key, schema=out)
+            if not e.fields:  # every column of the looked-up rows: not known here
+                out = FieldType("object", out.fields, True, out.origins) if (
+                    out.kind == "object") else out
+            for f in e.fields:
+                out = out.with_path(f, FieldType.of("any"))
+        else:
+            origins: set[tuple[str, str]] = set()
+            for name, text in e.inputs.items():
+                plain = text.replace("{{", "  ").replace("}}", "  ")  # columns kept
+                t = ctx.read_expression((*at, "inputs", name), plain, schema=out)
+                origins |= t.all_origins()
+            out = out.with_path(e.output_field or "", FieldType.of("number", origins))
+    return out
+
+
+@transformation("enrich", config=EnrichConfig, description="Add data from models and services.",
+                schema=enrich_schema)
 def build_enrich(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build an enrich step."""
     import bytewax.operators as op

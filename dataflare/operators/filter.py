@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from dataflare.config import Strict
 from dataflare.expr import check_expression, compile_expression
 from dataflare.operators.records import map_records
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.registry import BuildContext, Outputs, transformation
 
 
@@ -21,7 +22,14 @@ class FilterConfig(Strict):
     _check = field_validator("condition")(classmethod(lambda cls, v: check_expression(v)))
 
 
-@transformation("filter", config=FilterConfig, description="Keep records matching a condition.")
+def filter_schema(ctx: SchemaContext[FilterConfig]) -> FieldType:
+    """The records pass unchanged; the condition's fields are read."""
+    ctx.read_expression(("condition",), ctx.config.condition)
+    return ctx.input
+
+
+@transformation("filter", config=FilterConfig, description="Keep records matching a condition.",
+                schema=filter_schema)
 def build_filter(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build a filter step."""
     up = ups[0]

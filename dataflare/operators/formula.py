@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from dataflare.config import Strict
 from dataflare.expr import Expression, compile_expression
 from dataflare.operators.records import map_records
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import RecordError, set_path
 from dataflare.registry import BuildContext, Outputs
 
@@ -107,6 +108,19 @@ def compile_formula(text: str) -> Callable[[Any], Any]:
         return expr(scope)
 
     return evaluate
+
+
+def formula_schema(ctx: SchemaContext[Any], config: dict[str, Any]) -> FieldType:
+    """The input's fields plus ``output_field`` (a number); the formula's paths are read."""
+    cfg = FormulaConfig.model_validate(config)
+    origins: set[tuple[str, str]] = set()
+    for m in _AGG.finditer(cfg.formula):  # paths through lists: sum(orders.total)
+        want = None if m.group(1) == "count" else "number"
+        origins |= ctx.read(("formula",), m.group(2), want=want).all_origins()
+    numbers = _AGG.sub(lambda m: "0".ljust(len(m.group(0))), cfg.formula)  # columns kept
+    rest = ctx.read_expression(("formula",), numbers)
+    origins |= rest.all_origins()
+    return ctx.input.with_path(cfg.output_field, FieldType.of("number", origins))
 
 
 def build_formula_step(ctx: BuildContext, ups: list[Stream[Any]], config: dict[str, Any]

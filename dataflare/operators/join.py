@@ -50,6 +50,7 @@ from dataflare.operators.keyed import (
     to_us,
 )
 from dataflare.operators.window import WindowSpec
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, RecordError
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -286,6 +287,15 @@ class _RelationalShard(ShardLogic):
             out.append((ERRS, errs))
         return out
 
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Per key, the joined records its records so far give."""
+        rows: list[tuple[Any, dict[str, Any]]] = []
+        for key, (lefts, rights) in state.items():
+            joined: list[dict[str, Any]] = []
+            self.op.pairs(lefts, rights, joined)
+            rows.extend((key, r) for r in joined)
+        return rows
+
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
         for lefts, rights in self.state.values():
@@ -361,6 +371,16 @@ class _WindowJoinShard(ShardLogic):
                 o.pairs(lefts, rights, down)
             g[3] = min(wins, default=_NEVER - size) + size
         return _tagged(o.step_id, down, late, errs)
+
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Per key, the joined records of its open windows so far."""
+        rows: list[tuple[Any, dict[str, Any]]] = []
+        for key, g in state.items():
+            for lefts, rights in g[2].values():
+                joined: list[dict[str, Any]] = []
+                self.op.pairs(lefts, rights, joined)
+                rows.extend((key, r) for r in joined)
+        return rows
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
@@ -444,6 +464,16 @@ class _SessionJoinShard(ShardLogic):
             g[2] = keep
             g[3] = keep[0][1] + gap if keep else _NEVER
         return _tagged(o.step_id, down, late, errs)
+
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Per key, the joined records of its open sessions so far."""
+        rows: list[tuple[Any, dict[str, Any]]] = []
+        for key, g in state.items():
+            for s in g[2]:
+                joined: list[dict[str, Any]] = []
+                self.op.pairs(s[2], s[3], joined)
+                rows.extend((key, r) for r in joined)
+        return rows
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
@@ -558,6 +588,11 @@ class _LookupShard(ShardLogic):
         errs: list[Failed] = []
         self._release(down, errs)
         return _tagged(self.op.step_id, down, [], errs), False
+
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """The table: per key, its latest right record."""
+        table = state.table if isinstance(state, _LookupState) else state
+        return [(key, rec) for key, (rec, _) in table.items()]
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
@@ -675,13 +710,49 @@ def _advice(cfg: JoinConfig, modes: set[str]) -> list[str]:
     return []
 
 
+def join_schema(ctx: SchemaContext[JoinConfig]) -> FieldType:
+    """``{left prefix: left, right prefix: right}``, else the merged ``{**right, **left}``.
+
+    The left key is read from the first input, the right key from the second; keys of two
+    different known kinds never match (an error).
+    """
+    cfg = ctx.config
+    lk, rk = cfg.keys()
+    lname, rname = ("join_key", "join_key") if cfg.join_key is not None else (
+        "left_key", "right_key")
+    for i, (lpath, rpath) in enumerate(zip(lk, rk, strict=True)):
+        lt = ctx.read((lname, i), lpath, input=0)
+        rt = ctx.read((rname, i), rpath, input=1)
+        kinds = {lt.kind, rt.kind}
+        if lt.known and rt.known and len(kinds) == 2 and kinds != {"integer", "number"} and (
+                "null" not in kinds):
+            ctx.error((rname, i), f"join keys never match: left {lpath!r} is a {lt.kind}, "
+                      f"right {rpath!r} is a {rt.kind}")
+    if cfg.window is not None:
+        ctx.read(("left_time_field",) if cfg.left_time_field else ("time_field",),
+                 cfg.left_time_field or cfg.time_field, input=0, want="time")
+        ctx.read(("right_time_field",) if cfg.right_time_field else ("time_field",),
+                 cfg.right_time_field or cfg.time_field, input=1, want="time")
+    left, right = ctx.at(0), ctx.at(1)
+    if cfg.output_prefix is not None:
+        return FieldType.record({cfg.output_prefix.left: left, cfg.output_prefix.right: right})
+    if left.kind != "object" or right.kind != "object":
+        listed = {**(right.fields or {}), **(left.fields or {})}
+        return FieldType("object", listed, True, left.origins | right.origins)
+    fields = {**(right.fields or {}), **(left.fields or {})}
+    return FieldType("object", fields, left.open or right.open or left.fields is None
+                     or right.fields is None, left.origins | right.origins)
+
+
 @transformation(
     "join",
     config=JoinConfig,
     description="Join two inputs by key: relational, per event-time window, or as a lookup.",
     inputs=(2, 2),
     stateful=True,
+    serves=True,
     named_outputs=lambda cfg: ["late"],
+    schema=join_schema,
     merge_inputs=False,
     advise=lambda cfg, modes: _advice(cfg, modes),
 )

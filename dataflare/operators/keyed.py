@@ -11,6 +11,12 @@ Every shard snapshot carries the step's *definition* (window, keys, aggregates..
 resume from a snapshot written by another definition is refused with
 :class:`DefinitionChanged`, which names the step and what changed.
 
+A step with ``serve: true`` publishes each shard's snapshot to a :class:`~dataflare.views.View`
+when bytewax takes it, at the end of every epoch that changed the shard, so a
+``/views/<step>`` reader sees each key as of the end of an epoch (:meth:`ShardLogic.view_rows`).
+:class:`ShardBuilder` is what ``op.stateful_batch`` receives: it names the definition a fresh
+shard would snapshot, which ``dataflare plan`` compares with the recovery state.
+
 Times are integer microseconds since the Unix epoch inside the operators, so window
 boundaries are exact.
 """
@@ -25,7 +31,7 @@ from operator import methodcaller
 from typing import Any
 
 import bytewax.operators as op
-from bytewax.dataflow import Stream
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 
 from dataflare import metrics, stopping
@@ -37,6 +43,7 @@ from dataflare.records import (
     iso_utc,
     to_epoch_seconds,
 )
+from dataflare.views import View
 
 SHARDS = 16
 """Shards per stateful step: part of the step's definition (changing it breaks resume)."""
@@ -258,6 +265,7 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         self.idle_timeout = None if idle_timeout is None else timedelta(seconds=idle_timeout)
         self._idle_at: datetime | None = None
         self.state: Any = None
+        self.view: View | None = None
         if resume is not None:
             old, blob = resume
             if old != definition:
@@ -285,6 +293,16 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         """Whether anything is held that :meth:`idle` would emit."""
         return True
 
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """A shard ``state`` as ``(key, row)`` pairs for ``serve: true`` (keys may repeat).
+
+        A row looks like what the step emits for the key (its current aggregates). Called
+        when a view is read, on a copy of the state of an epoch's end; steps that cannot be
+        served do not override this.
+        """
+        msg = f"step {self.component!r} cannot serve its state"
+        raise NotImplementedError(msg)
+
     def on_batch(self, values: list[Any]) -> tuple[Iterable[tuple[str, list[Any]]], bool]:
         """Bytewax entry: a list of sub-batches."""
         out = self.process(values)
@@ -301,7 +319,10 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         """Bytewax entry: the input ended; on a graceful stop, open state is kept instead."""
         if stopping.requested():
             return [], False
-        return self.flush(), True
+        out = self.flush()
+        if self.view is not None:  # the shard is discarded: no snapshot follows
+            self.view.publish(id(self), None, self.view_rows)
+        return out, True
 
     def notify_at(self) -> datetime | None:
         """Bytewax entry: when the idle timeout fires."""
@@ -310,8 +331,55 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         return None
 
     def snapshot(self) -> tuple[dict[str, Any], bytes]:
-        """The state with the step's definition; pickled, so it is an immutable copy."""
-        return (self.definition, pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL))
+        """The state with the step's definition; pickled, so it is an immutable copy.
+
+        Bytewax asks at the end of each epoch that touched the shard: a served step's view
+        receives the same copy, so it shows the state as of that epoch's end (its rows are
+        made from it only when the view is read).
+        """
+        blob = pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        if self.view is not None:
+            self.view.publish(id(self), blob, self.view_rows)
+        return (self.definition, blob)
+
+
+class ShardBuilder:
+    """The builder ``op.stateful_batch`` calls per shard, with what plans and views need.
+
+    :meth:`definition` is the definition a shard of this step snapshots (what a resume is
+    checked against); :attr:`view` is set by the compiler on a step with ``serve: true``.
+    """
+
+    def __init__(self, build: Callable[[tuple[dict[str, Any], bytes] | None], ShardLogic]
+                 ) -> None:
+        self.build = build
+        self.view: View | None = None
+
+    def __call__(self, resume: tuple[dict[str, Any], bytes] | None) -> ShardLogic:
+        """A shard's logic (resumed from ``resume``), publishing to the view if served."""
+        logic = self.build(resume)
+        logic.view = self.view
+        return logic
+
+    def definition(self) -> dict[str, Any]:
+        """The step's definition, as its snapshots carry it."""
+        return self.build(None).definition
+
+
+def shard_builders(flow: Dataflow, prefix: str = "") -> dict[str, ShardBuilder]:
+    """The shard builders of a compiled dataflow by full step id (under ``prefix``).
+
+    Walks bytewax's public operator tree: each ``stateful_batch`` step keeps its builder.
+    """
+    found: dict[str, ShardBuilder] = {}
+    todo: list[Any] = list(flow.substeps)
+    while todo:
+        step = todo.pop()
+        builder = getattr(step, "builder", None)
+        if isinstance(builder, ShardBuilder) and step.step_id.startswith(prefix):
+            found[step.step_id] = builder
+        todo.extend(step.substeps)
+    return found
 
 
 def stateful_shards(
@@ -321,7 +389,7 @@ def stateful_shards(
     outputs: Sequence[str] = (DOWN, LATE, ERRS),
 ) -> dict[str, Stream[list[Any]]]:
     """Run the shard logic and split its ``(tag, batch)`` items into one stream per tag."""
-    tagged = op.stateful_batch(step_id, keyed, build)
+    tagged = op.stateful_batch(step_id, keyed, ShardBuilder(build))
     items = op.key_rm("unkey", tagged)
 
     def pick(tag: str) -> Callable[[tuple[str, list[Any]]], list[Any] | None]:

@@ -11,12 +11,16 @@ from dataflare.config import Strict
 from dataflare.expr import compile_expression
 from dataflare.operators.records import map_records
 from dataflare.operators.transforms import (
+    NEEDS,
     PARAMETERISED,
+    RESULT_KIND,
     TRANSFORMS,
     TransformSpec,
     chain,
     check_transform,
+    transform_name,
 )
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, getter, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -147,10 +151,34 @@ def _generated(config: MappingConfig) -> Any:
     return env["apply"]
 
 
+def mapping_schema(ctx: SchemaContext[MappingConfig]) -> FieldType:
+    """Only the mapped fields (with ``keep_unmapped``: the input's too, less ``drop``)."""
+    cfg = ctx.config
+    out = FieldType.record({})
+    if cfg.keep_unmapped:
+        out = ctx.input
+        for name in cfg.drop:
+            out = out.without(name)
+    for i, m in enumerate(cfg.mappings):
+        first = transform_name(m.transform[0]) if m.transform else ""
+        if m.source is not None:
+            value = ctx.read(("mappings", i, "source"), m.source, want=NEEDS.get(first))
+        else:
+            value = ctx.read_expression(("mappings", i, "expression"), m.expression)
+        if m.transform:
+            kind = RESULT_KIND.get(transform_name(m.transform[-1]), "any")
+            value = FieldType.of(kind, value.all_origins())  # type: ignore[arg-type]
+        elif m.default is not None and value.kind == "null":
+            value = FieldType.of("any", value.all_origins())
+        out = out.with_path(m.destination, value)
+    return out
+
+
 @transformation(
     "mapping",
     config=MappingConfig,
     description="Rename, restructure and convert fields (`source` -> `destination`).",
+    schema=mapping_schema,
 )
 def build_mapping(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build a mapping step."""

@@ -34,6 +34,7 @@ from dataflare.operators.keyed import (
     route_and_merge,
     stateful_shards,
 )
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import Failed, RecordError, getter, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -84,7 +85,14 @@ def new_model(cfg: MlConfig) -> Any:
     """A fresh model for ``cfg``."""
     river = _river()
     if cfg.algorithm == "kmeans":
-        return river.cluster.KMeans(n_clusters=cfg.clusters, seed=cfg.seed)
+        model = river.cluster.KMeans(n_clusters=cfg.clusters, seed=cfg.seed)
+        # Its centers draw a random start per feature when first read, and its distance
+        # reads the features in set order, which string hashing varies between processes:
+        # drawing them here, in the features' order, makes the seed reproduce the clusters.
+        for center in model.centers.values():
+            for feature in cfg.features:
+                center[feature]  # noqa: B018 - the defaultdict draws the start value
+        return model
     if cfg.algorithm == "isolation_forest":
         return river.preprocessing.MinMaxScaler() | river.anomaly.HalfSpaceTrees(seed=cfg.seed)
     return river.preprocessing.StandardScaler() | river.linear_model.LinearRegression()
@@ -166,12 +174,26 @@ class _MlShard(ShardLogic):
         return []
 
 
+def ml_schema(ctx: SchemaContext[MlConfig]) -> FieldType:
+    """The input's fields plus ``output_field`` (a cluster number or a score)."""
+    cfg = ctx.config
+    origins: set[tuple[str, str]] = set()
+    for i, path in enumerate(cfg.features):
+        origins |= ctx.read(("features", i), path, want="number").all_origins()
+    ctx.read(("target",), cfg.target, want="number")
+    for i, path in enumerate(cfg.partition_by):
+        ctx.read(("partition_by", i), path)
+    score = FieldType.of("integer" if cfg.algorithm == "kmeans" else "number", origins)
+    return ctx.input.with_path(cfg.output_field, score)
+
+
 @transformation(
     "ml",
     config=MlConfig,
     description="Online learning with river (kmeans, isolation_forest, linear_regression); "
     "each record is scored, then learned from.",
     stateful=True,
+    schema=ml_schema,
 )
 def build_ml(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``ml`` step."""

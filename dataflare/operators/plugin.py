@@ -41,6 +41,7 @@ from pydantic import model_validator
 from dataflare.config import Open
 from dataflare.dsl_compiler.models import Plugin
 from dataflare.operators.records import map_records
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Batch, Failed, without_meta
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -353,9 +354,20 @@ def build_plugin_step(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     return Outputs(down=down, errs=errs)
 
 
+def plugin_schema(ctx: SchemaContext[PluginCallConfig]) -> FieldType | None:
+    """A formula step's schema; a plugin's output is unknown."""
+    plugins = ctx.workflow.get("plugins")
+    defined = isinstance(plugins, dict) and ctx.component.get("plugin") in plugins
+    extra = dict(ctx.config.model_extra or {})
+    if not defined and "formula" in extra:
+        from dataflare.operators.formula import formula_schema
+
+        return formula_schema(ctx, extra)
+    return None
+
+
 for _type, _what in (("plugin", "Call a plugin (WASM or native Python) on each record."),
                      ("custom", "A transformation implemented by a plugin.")):
-    transformation(_type, config=PluginCallConfig, description=_what, blocks=("plugin",))(
-        build_plugin_step
-    )
+    transformation(_type, config=PluginCallConfig, description=_what, blocks=("plugin",),
+                   schema=plugin_schema)(build_plugin_step)
 

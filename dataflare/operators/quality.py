@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 
 from dataflare import metrics
 from dataflare.config import Strict
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import (
     META,
     Batch,
@@ -348,8 +349,21 @@ def data_quality(
     )
 
 
+def quality_schema(ctx: SchemaContext[DataQualityConfig]) -> FieldType:
+    """The records pass (``standardize_format`` writes text; ``flag`` adds ``_quality``)."""
+    out = ctx.input
+    for i, v in enumerate(ctx.config.validations):
+        t = ctx.read(("validations", i, "field"), v.field)
+        if "standardize_format" in [_rule_name(r) for r in v.rules] and out.kind == "object":
+            out = out.with_path(v.field, FieldType.of("string", t.all_origins()))
+    if ctx.config.on_failure == "flag":
+        out = out.with_path("_quality", FieldType.record(
+            {"passed": FieldType.of("boolean"), "failed": FieldType.of("array")}))
+    return out
+
+
 @transformation("data_quality", config=DataQualityConfig,
-                description="Validate and standardize fields.")
+                description="Validate and standardize fields.", schema=quality_schema)
 def build_data_quality(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build a data_quality step."""
     cfg: DataQualityConfig = ctx.config

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 
 from dataflare.config import Strict
 from dataflare.expr import check_expression, compile_expression
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import Batch, Failed
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -58,12 +59,20 @@ def _port(name: str) -> Callable[[tuple[dict[str, Batch], list[Failed]]], Batch 
     return lambda pair: pair[0][name] or None
 
 
+def route_schema(ctx: SchemaContext[RouteConfig]) -> FieldType:
+    """Every route passes the records unchanged; the conditions' fields are read."""
+    for i, r in enumerate(ctx.config.routes):
+        ctx.read_expression(("routes", i, "condition"), r.condition)
+    return ctx.input
+
+
 @transformation(
     "route",
     config=RouteConfig,
     description="Send each record to every route whose condition holds.",
     named_outputs=route_names,
     main_output=False,
+    schema=route_schema,
 )
 def build_route(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build a router."""

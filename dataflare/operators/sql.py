@@ -19,6 +19,7 @@ batch's records (or the window) to the step's error policy.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -39,6 +40,7 @@ from dataflare.operators.keyed import (
     stateful_shards,
 )
 from dataflare.operators.window import WindowConfig, WindowSpec, window
+from dataflare.record_schema import FieldType, Kind, SchemaContext
 from dataflare.records import META, Failed, without_meta
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -267,6 +269,115 @@ def _input_names(ctx: BuildContext) -> list[str]:
     return [str(i) for i in (getattr(ctx.component, "inputs", None) or ["input"])]
 
 
+_DUCKDB_TYPE: dict[str, str] = {"string": "VARCHAR", "integer": "BIGINT", "number": "DOUBLE",
+                                 "boolean": "BOOLEAN", "null": "VARCHAR", "array": "JSON[]"}
+_FROM_DUCKDB: tuple[tuple[str, Kind], ...] = (
+    ("[]", "array"), ("STRUCT", "object"), ("MAP", "object"), ("JSON", "any"),
+    ("BOOLEAN", "boolean"), ("INT", "integer"), ("DECIMAL", "number"), ("DOUBLE", "number"),
+    ("FLOAT", "number"), ("REAL", "number"), ("VARCHAR", "string"), ("TIMESTAMP", "string"),
+    ("DATE", "string"), ("TIME", "string"), ("UUID", "string"), ("BLOB", "string"),
+)
+
+
+def _column_type(t: FieldType, unknown: str) -> str | None:
+    """The DuckDB type of a column of type ``t`` (``None``: cannot be declared)."""
+    if t.kind == "object":
+        if not t.fields or t.open:
+            return None
+        inner = [f'"{k}" {_column_type(v, unknown)}' for k, v in t.fields.items()]
+        return None if any(" None" in c for c in inner) else f"STRUCT({', '.join(inner)})"
+    return _DUCKDB_TYPE.get(t.kind, unknown)
+
+
+def _field_kind(duck_type: str) -> Kind:
+    upper = duck_type.upper()
+    return next((kind for marker, kind in _FROM_DUCKDB if marker in upper), "any")
+
+
+def _describe(query: str, relations: dict[str, FieldType], unknown: str) -> list[tuple[str, str]]:
+    """DuckDB's ``DESCRIBE`` of ``query`` over empty tables of the relations' columns."""
+    duckdb = _duckdb()
+    con = duckdb.connect(":memory:")
+    try:
+        for name, schema in relations.items():
+            cols = []
+            for col, t in (schema.fields or {}).items():
+                duck = _column_type(t, unknown)
+                if duck is None:
+                    msg = f"column {col!r} has no declarable type"
+                    raise LookupError(msg)
+                cols.append(f'"{col}" {duck}')
+            con.execute(f'CREATE TABLE "{name}" ({", ".join(cols) or "_empty INTEGER"})')
+        return [(str(r[0]), str(r[1])) for r in con.execute(f"DESCRIBE {query}").fetchall()]
+    finally:
+        con.close()
+
+
+def _sql_error(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    keep = []
+    for ln in lines:
+        if ln.startswith("LINE "):
+            break
+        keep.append(ln.strip())
+    return " ".join(keep) or type(exc).__name__
+
+
+def sql_schema(ctx: SchemaContext[SqlConfig]) -> FieldType:
+    """The query's columns, by DuckDB's ``DESCRIBE`` over the input columns (when known).
+
+    A query that does not bind (an unknown column, a sum over text) is an error of
+    ``validate``. Inputs whose fields are not all known leave the output unknown. A column
+    of the input passed under its own name keeps its lineage; another column is taken to
+    come from the input columns the query mentions.
+    """
+    cfg = ctx.config
+    duckdb = _duckdb()
+    if cfg.over == "all" and len(ctx.inputs) > 1:
+        relations = dict(zip(ctx.input_ids, ctx.inputs, strict=False))
+    else:
+        relations = {"input": ctx.input}
+    if cfg.window is not None:
+        ctx.read(("time_field",), cfg.time_field, want="time")
+    if not all(t.closed for t in relations.values()):
+        return FieldType()
+    names = {col for t in relations.values() for col in (t.fields or {})}
+    columns: list[tuple[str, str]] | None = None
+    guessed = any(v.kind in ("any", "null") for t in relations.values()
+                  for v in (t.fields or {}).values())
+    for unknown in (("VARCHAR", "DOUBLE") if guessed else ("VARCHAR",)):
+        try:
+            columns = _describe(cfg.query, relations, unknown)
+            break
+        except LookupError:
+            return FieldType()
+        except duckdb.Error as exc:
+            error = _sql_error(exc)
+            if not guessed or "not found" in error or "does not exist" in error:
+                ctx.error(("query",), f"sql query does not bind on the columns of its input "
+                          f"({', '.join(sorted(names))}): {error}")
+                return FieldType()
+    if columns is None:
+        return FieldType()
+    every = {col: t for r in relations.values() for col, t in (r.fields or {}).items()}
+    mentioned = [t for col, t in every.items() if re.search(rf"\b{re.escape(col)}\b", cfg.query)]
+    out: dict[str, FieldType] = {}
+    for name, duck_type in columns:
+        if name in every:
+            origins = every[name].all_origins()
+        else:
+            origins = frozenset(o for t in mentioned for o in t.all_origins())
+        out[name] = FieldType.of(_field_kind(duck_type), origins)
+    if cfg.window is not None:
+        head: dict[str, FieldType] = {"window_start": FieldType.of("string"),
+                                      "window_end": FieldType.of("string")}
+        result = FieldType.record(head)
+        for i, path in enumerate(cfg.group_by):
+            result = result.with_path(path, ctx.read(("group_by", i), path))
+        return FieldType.record({**(result.fields or {}), **out})
+    return FieldType.record(out)
+
+
 def _advice(cfg: SqlConfig, modes: set[str]) -> list[str]:
     """Warnings for ``validate``: ``over: all`` on an input that never ends."""
     if cfg.over == "all" and modes & {"streaming", "cdc", "hybrid"}:
@@ -285,6 +396,7 @@ def _advice(cfg: SqlConfig, modes: set[str]) -> list[str]:
     named_outputs=lambda cfg: ["late"] if cfg.window is not None else [],
     merge_inputs=False,
     advise=_advice,
+    schema=sql_schema,
 )
 def build_sql(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``sql`` step."""

@@ -143,6 +143,22 @@ TRANSFORMS: dict[str, Callable[[Any], Any]] = {
 }
 """Transforms by name. ``null`` passes through every transform unchanged."""
 
+RESULT_KIND: dict[str, str] = {
+    "to_int": "integer", "to_float": "number", "to_string": "string", "to_bool": "boolean",
+    "to_timestamp": "string", "sha256": "string", "md5": "string", "trim": "string",
+    "lowercase": "string", "uppercase": "string", "regex_extract": "string",
+    "regex_replace": "string", "to_timezone": "string", "parse_timestamp": "string",
+}
+"""The kind of value each transform returns (for the type flow)."""
+
+NEEDS: dict[str, str] = {"trim": "string", "lowercase": "string", "uppercase": "string"}
+"""The kind of value a transform needs, where a value of another kind is a record error."""
+
+
+def transform_name(spec: TransformSpec) -> str:
+    """The name of a transform in a list (``trim`` or ``{regex_extract: {...}}``)."""
+    return spec if isinstance(spec, str) else next(iter(spec), "")
+
 
 class RegexExtract(Strict):
     """``regex_extract``: the first match of ``pattern`` (``null`` when none)."""

@@ -56,6 +56,7 @@ from dataflare.operators.keyed import (
     stateful_shards,
     to_us,
 )
+from dataflare.record_schema import FieldType, SchemaContext, aggregate_fields, window_output
 from dataflare.records import Failed, RecordError, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -255,6 +256,12 @@ class _WindowShard(ShardLogic):
         if o.session:
             return [(s[0], s[1], s[2]) for s in g[_W]]
         return [(start, start + o.size, acc) for start, acc in g[_W].items()]
+
+    def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Each open window of each group with its aggregates so far."""
+        record = self.op.output.record
+        return [(key, record(key, start, end, acc))
+                for key, g in state.items() for start, end, acc in self._spans(g)]
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         record = self.op.output.record
@@ -537,13 +544,24 @@ def window(
     return WindowOut(down=outs[DOWN], late=outs[LATE], errs=outs[ERRS])
 
 
+def window_schema(ctx: SchemaContext[WindowConfig]) -> FieldType:
+    """One record per group and window: group-by fields, window bounds, aggregates."""
+    cfg = ctx.config
+    when = ctx.read(("time_field",), cfg.time_field, want="time").all_origins()
+    bounds = {"window_start": FieldType.of("string", when),
+              "window_end": FieldType.of("string", when)}
+    return window_output(ctx, cfg.group_by, {**bounds, **aggregate_fields(ctx, cfg.aggregations)})
+
+
 @transformation(
     "window",
     config=WindowConfig,
     description="Aggregate records per group in event-time tumbling, sliding or session windows.",
     inputs=(1, None),
     stateful=True,
+    serves=True,
     named_outputs=lambda cfg: ["late"],
+    schema=window_schema,
 )
 def build_window(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``window`` step."""

@@ -33,6 +33,7 @@ from dataflare.operators.keyed import (
     time_reader,
 )
 from dataflare.operators.window import WindowConfig, WindowSpec, window
+from dataflare.record_schema import FieldType, SchemaContext, window_output
 from dataflare.records import META, Failed, RecordError, get_path, without_meta
 from dataflare.registry import BuildContext, Outputs, transformation
 
@@ -175,6 +176,26 @@ class _Analytics:
         return down, errs
 
 
+def window_analytics_schema(ctx: SchemaContext[WindowAnalyticsConfig]) -> FieldType:
+    """One record per group and window: group-by fields, window bounds, calculations."""
+    cfg = ctx.config
+    when = ctx.read(("time_field",), cfg.time_field, want="time").all_origins()
+    fields = {"window_start": FieldType.of("string", when),
+              "window_end": FieldType.of("string", when)}
+    for i, calc in enumerate(cfg.calculations):
+        if calc.type == "count":
+            fields[calc.name] = FieldType.of("integer")
+        elif calc.type == "duration":
+            fields[calc.name] = FieldType.of("number", ctx.type_of(cfg.time_field).origins)
+        else:
+            step = ctx.read(("calculations", i, "field"), calc.field)
+            fields[calc.name] = FieldType.record({
+                "reached": FieldType.of("array", step.origins),
+                "completed": FieldType.of("boolean", step.origins),
+                "step_times": FieldType.of("array")})
+    return window_output(ctx, cfg.group_by, fields)
+
+
 @transformation(
     "window_analytics",
     config=WindowAnalyticsConfig,
@@ -182,6 +203,7 @@ class _Analytics:
     inputs=(1, None),
     stateful=True,
     named_outputs=lambda cfg: ["late"],
+    schema=window_analytics_schema,
 )
 def build_window_analytics(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``window_analytics`` step."""

@@ -152,7 +152,8 @@ def test_parquet_append_keeps_the_existing_rows_and_unites_the_columns(tmp_path)
         for name in ("p1.jsonl", "p2.jsonl", "p3.jsonl")
     ]
     assert [r.code for r in results] == [0, 0, 1], results[-1].stderr
-    assert f"step 'out': cannot append to {out}: Unable to merge" in results[-1].stderr
+    assert ("step 'out' failed on the record at p3.jsonl:1: ParquetTypeError: step 'out': "
+            "field 'id' is a str ('four'), the Parquet column is int64") in results[-1].stderr
     assert pq.read_table(out).to_pylist() == [  # the failed run left the file as it was
         {"id": 1, "a": "x", "b": None}, {"id": 2, "a": "y", "b": None},
         {"id": 3, "a": None, "b": True}]

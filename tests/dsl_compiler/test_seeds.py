@@ -26,7 +26,6 @@ def test_seed_undefined_references_are_warnings_then_run_errors():
     run_errors = [p.render(for_run=True) for p in v.errors(for_run=True)]
     # customer_value has a formula: without a defined plugin it is a built-in formula step
     assert not any("plugin 'value_calculator' is not defined" in e for e in run_errors)
-    assert any("'snowflake' is planned" in e for e in run_errors)
     v = validate_file(SEEDS / "dsl_reference.yaml")
     assert any("redirect_to 'error_records' names no destination" in p.message
                for p in v.errors(for_run=True))
@@ -105,3 +104,25 @@ def test_broken_variants_report_every_problem_with_location(tmp_path, capsys):
         match = [ln for ln in lines if ln.startswith(prefix)]
         assert match, (prefix, lines)
         assert message in match[0], match[0]
+
+
+def test_a_source_that_stops_at_its_end_is_bounded_for_join_advice():
+    text = """\
+workflow:
+  sources:
+    a: {type: kafka, mode: streaming, config: {bootstrap_servers: "h:1", topic: a, STOP}}
+    b: {type: generator, config: {preset: orders, count: 1}}
+  transformations:
+    j: {type: join, inputs: [a, b], config: {join_key: id}}
+  destinations:
+    out: {type: stdout, inputs: [j]}
+"""
+    unbounded = "a join without 'window' emits only when both inputs end"
+
+    def warnings(stop: str) -> list[str]:
+        v = validate_text(text.replace("STOP", stop))
+        assert not v.errors(), [p.render() for p in v.errors()]
+        return [p.message for p in v.problems]
+
+    assert any(unbounded in w for w in warnings("stop_at_end: false"))
+    assert not any(unbounded in w for w in warnings("stop_at_end: true"))

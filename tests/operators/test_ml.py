@@ -135,3 +135,26 @@ def test_bad_feature_fails_alone_with_its_position():
 def test_bad_config_is_refused(change, message):
     with pytest.raises(ValidationError, match=message):
         MlConfig.model_validate({**CONFIGS["kmeans"], **change})
+
+
+def test_kmeans_clusters_do_not_depend_on_string_hashing() -> None:
+    """The same seed gives the same clusters in processes with different hash seeds."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from dataflare.operators.ml import MlConfig, new_model\n"
+        "cfg = MlConfig(algorithm='kmeans', clusters=5, output_field='c', "
+        "features=['user.value', 'clicks', 'orders.total'])\n"
+        "m = new_model(cfg)\n"
+        "out = []\n"
+        "for i in range(30):\n"
+        "    x = {'user.value': i % 7 * 3.0, 'clicks': i % 4, 'orders.total': i * 1.5}\n"
+        "    out.append(m.predict_one(x)); m.learn_one(x)\n"
+        "print(out)\n"
+    )
+    runs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+            for seed in (1, 2, 3, 4)}
+    assert len(runs) == 1, runs

@@ -1,0 +1,359 @@
+"""Partitioned, rolling file outputs: templated paths, partitions, rolling, refusals."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+import dataflare
+from dataflare.connectors.file import FileDestinationConfig
+from dataflare.connectors.lake import (
+    LakeOutput,
+    LocalStorage,
+    PathTemplate,
+    _ConformLogic,
+    _LakeLogic,
+    path_value,
+)
+from tests.fixtures.workflows import ROOT, read_jsonl
+
+NAME = re.compile(r"^(?P<stem>.+)-(?P<run>[0-9a-f]{12})-(?P<seq>\d{6})(?P<ext>\.\w+)$")
+
+
+def write_flow(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "flow.yaml"
+    path.write_text(text)
+    return path
+
+
+def outputs(root: Path, ext: str) -> dict[str, Path]:
+    """The output files under ``root`` by relative path, the run and number taken out."""
+    out = {}
+    for p in sorted(root.rglob(f"*{ext}")):
+        rel = p.relative_to(root)
+        if rel.parts[0] == "_dataflare":
+            continue
+        m = NAME.match(p.name)
+        assert m, p.name
+        out[f"{rel.parent}/{m['stem']}{m['ext']}#{int(m['seq'])}"] = p
+    return out
+
+
+def by_partition(files: dict[str, Path]) -> dict[str, list[dict]]:
+    got: dict[str, list[dict]] = {}
+    for key, path in files.items():
+        got.setdefault(key.split("#")[0], []).extend(read_jsonl(path))
+    return got
+
+
+def test_paths_are_templated_with_fields_time_source_and_hive_partitions(tmp_path):
+    events = [
+        {"id": 1, "region": "eu", "kind": "click", "ts": "2024-03-05T07:30:00Z"},
+        {"id": 2, "region": "eu", "kind": "view", "ts": 1709712000},  # 2024-03-06T08:00Z
+        {"id": 3, "region": "us/west", "kind": None, "ts": "2024-12-31T23:59:59"},
+        {"id": 4, "region": "..", "kind": "click", "ts": "2024-03-05T07:00:00+00:00"},
+    ]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    events: {type: file, config: {path: in.jsonl}}
+  transformations:
+    web: {inputs: [events], type: filter, config: {condition: "id <= 2"}}
+    app: {inputs: [events], type: filter, config: {condition: "id > 2"}}
+  destinations:
+    lake:
+      inputs: [web, app]
+      type: file
+      config:
+        path_template: >-
+          out/{{source}}/year={{year}}/month={{month}}/day={{day}}/h{{hour}}-{{region}}.jsonl
+        time_field: ts
+        partition_by: [year, kind]
+""")
+    result = dataflare.run(path)
+    assert result.ok, result.error
+    got = by_partition(outputs(tmp_path / "out", ".jsonl"))
+    assert got == {
+        "web/year=2024/month=03/day=05/kind=click/h07-eu.jsonl": [events[0]],
+        "web/year=2024/month=03/day=06/kind=view/h08-eu.jsonl": [events[1]],
+        "app/year=2024/month=12/day=31/kind=__HIVE_DEFAULT_PARTITION__/h23-us%2Fwest.jsonl":
+            [events[2]],
+        "app/year=2024/month=03/day=05/kind=click/h07-%2E%2E.jsonl": [events[3]],
+    }
+
+
+def test_processing_time_fills_the_time_parts_when_no_time_field(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n')
+    before = time.gmtime()
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  destinations:
+    lake: {inputs: [src], type: file, config: {path: "out/{{year}}/{{month}}/x.jsonl"}}
+""")
+    assert dataflare.run(path).ok
+    [key] = outputs(tmp_path / "out", ".jsonl")
+    after = time.gmtime()
+    assert key.split("#")[0] in {f"{t.tm_year:04d}/{t.tm_mon:02d}/x.jsonl" for t in (before, after)}
+
+
+def test_files_roll_by_max_records_and_by_max_bytes(tmp_path):
+    (tmp_path / "in.jsonl").write_bytes(b"".join(
+        orjson.dumps({"id": i, "part": i % 2, "pad": "x" * 50}) + b"\n" for i in range(1000)))
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl, batch_size: 64}}
+  destinations:
+    by_count:
+      inputs: [src]
+      type: file
+      config: {path_template: "count/", format: parquet, partition_by: [part], max_records: 120}
+    by_size:
+      inputs: [src]
+      type: file
+      config: {path_template: "size/data.jsonl", max_bytes: 10000}
+""")
+    assert dataflare.run(path).ok
+    counted = outputs(tmp_path / "count", ".parquet")
+    sizes = {k: pq.read_metadata(p).num_rows for k, p in counted.items()}
+    for part in ("part=0", "part=1"):
+        rows = sorted((int(k.split("#")[1]), n) for k, n in sizes.items() if k.startswith(part))
+        assert [n for _, n in rows] == [120, 120, 120, 120, 20]  # 500 records a partition
+    ids = sorted(r for p in counted.values() for r in pq.read_table(p).column("id").to_pylist())
+    assert ids == list(range(1000))
+    sized = outputs(tmp_path / "size", ".jsonl")
+    lengths = [p.stat().st_size for p in sized.values()]
+    line = len(orjson.dumps({"id": 100, "part": 0, "pad": "x" * 50})) + 1
+    assert all(10000 <= n < 10000 + line for n in lengths[:-1]) and lengths[-1] <= 10000 + line
+    assert sorted(r["id"] for p in sized.values() for r in read_jsonl(p)) == list(range(1000))
+
+
+def test_files_appear_while_a_streaming_run_goes(tmp_path):
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    gen:
+      type: generator
+      config: {count: null, rate: 200, batch_size: 20, fields: {n: {type: sequence}}}
+  destinations:
+    lake:
+      inputs: [gen]
+      type: file
+      config: {path_template: "out/data.jsonl", flush_interval: 300ms}
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "dataflare", "run", str(path), "--quiet"],
+                            cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(outputs(tmp_path / "out", ".jsonl")) < 3:  # three files rolled by time
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no file rolled in 60 s"
+            time.sleep(0.1)
+        files = outputs(tmp_path / "out", ".jsonl")
+        numbers = sorted(r["n"] for p in files.values() for r in read_jsonl(p))
+        assert numbers == list(range(len(numbers)))  # complete files, in order, no gap
+        assert proc.poll() is None  # the run still goes: the files came while it ran
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def test_a_parquet_type_clash_refuses_that_record_alone(tmp_path):
+    rows = [{"id": i, "amount": i * 0.5} for i in range(12_000)]
+    rows[11_500]["amount"] = "12,5"
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  destinations:
+    lake:
+      inputs: [src]
+      type: file
+      config: {path_template: "out/", format: parquet}
+      error_handling: {strategy: redirect, redirect_to: bad}
+    bad: {type: file, config: {path: bad.jsonl}}
+""")
+    result = dataflare.run(path)
+    assert result.ok, result.error
+    ids = [i for p in outputs(tmp_path / "out", ".parquet").values()
+           for i in pq.read_table(p).column("id").to_pylist()]
+    assert sorted(ids) == [i for i in range(12_000) if i != 11_500]
+    [bad] = read_jsonl(tmp_path / "bad.jsonl")
+    assert bad["record"] == {"id": 11_500, "amount": "12,5"}
+    assert bad["source"]["position"] == {"file": "in.jsonl", "line": 11_501}
+    assert bad["error"]["message"] == (
+        "step 'lake': field 'amount' is a str ('12,5'), the Parquet column is double")
+
+
+def test_a_csv_field_first_seen_late_refuses_that_record_alone(tmp_path):
+    rows = [{"id": i, "name": f"n{i}"} for i in range(30_000)]
+    rows[25_000]["extra"] = 1
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  destinations:
+    lake:
+      inputs: [src]
+      type: file
+      config: {path_template: "out/part.csv", max_records: 10000}
+      error_handling: {strategy: skip}
+""")
+    result = dataflare.run(path)
+    assert result.ok, result.error
+    files = outputs(tmp_path / "out", ".csv")
+    lines = [ln for p in files.values() for ln in p.read_text().splitlines()]
+    assert lines.count("id,name") == len(files) == 3
+    assert sorted(int(ln.split(",")[0]) for ln in lines if ln != "id,name") == [
+        i for i in range(30_000) if i != 25_000]
+
+
+def test_a_field_first_seen_later_starts_a_parquet_file_with_the_wider_schema(tmp_path):
+    cfg = FileDestinationConfig.model_validate({"path_template": "out/", "format": "parquet"})
+    template = PathTemplate(f"{tmp_path}/out/", "parquet", cfg)
+    logic = _LakeLogic(LakeOutput("lake", "parquet", template, cfg, LocalStorage), None)
+    rows = [{"id": 1, "note": None}, {"id": 2, "note": None}]
+    later = [{"id": 3, "note": "hi", "tag": "t"}]
+    assert logic.on_batch([rows]) == ([], False)
+    assert logic.on_batch([later]) == ([], False)
+    assert logic.on_eof() == ([], False)
+    files = sorted(outputs(tmp_path / "out", ".parquet").items(),
+                   key=lambda kv: int(kv[0].split("#")[1]))
+    tables = [pq.read_table(p) for _, p in files]
+    assert [t.to_pylist() for t in tables] == [rows, later]
+    assert str(tables[1].schema.field("note").type) == "string"
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"path": "a.jsonl", "path_template": "b/"}, "give one of 'path'"),
+    ({"path_template": "out/{{id}}/"}, "cannot tell the format"),
+    ({"path_template": "out/x.jsonl", "time_field": "ts"}, "'time_field' is set but"),
+    ({"path_template": "../x.jsonl"}, "must not contain '..'"),
+])
+def test_settings_that_cannot_work_are_refused(config, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FileDestinationConfig.model_validate(config)
+
+
+def test_a_plain_path_stays_one_file_and_values_cannot_escape_their_directory():
+    assert not FileDestinationConfig.model_validate({"path": "out.jsonl"}).partitioned()
+    cfg = FileDestinationConfig.model_validate({"path": "out/{{k}}/x.jsonl"})
+    assert cfg.partitioned()
+    template = PathTemplate("out/{{k}}/x.jsonl", "jsonl", cfg)
+    assert template.prefix == "out/"
+    assert path_value("a/../b") == "a%2F..%2Fb"
+    assert path_value(3.0) == "3" and path_value(True) == "true"
+    assert Counter(path_value(v) for v in (None, "")) == {"__HIVE_DEFAULT_PARTITION__": 2}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_one_file_refuses_what_it_cannot_hold_record_by_record(tmp_path, fmt):
+    # A string in a float column at record 11,500 (Parquet); a field first seen at record
+    # 25,000 (CSV): each refuses its record alone, and the file holds all the others.
+    rows = [{"id": i, "amount": i * 0.5} for i in range(30_000)]
+    if fmt == "parquet":
+        rows[11_500]["amount"] = "oops"
+        bad_id = 11_500
+    else:
+        rows[25_000]["extra"] = 1
+        bad_id = 25_000
+    rows[3]["amount"] = 7  # an integer among doubles is not a clash
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    path = write_flow(tmp_path, f"""\
+workflow:
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    out:
+      inputs: [src]
+      type: file
+      config: {{path: out.{fmt}}}
+      error_handling: {{strategy: redirect, redirect_to: bad}}
+    bad: {{type: file, config: {{path: bad.jsonl}}}}
+""")
+    result = dataflare.run(path)
+    assert result.ok, result.error
+    if fmt == "parquet":
+        ids = pq.read_table(tmp_path / "out.parquet").column("id").to_pylist()
+    else:
+        ids = [int(ln.split(",")[0]) for ln in (tmp_path / "out.csv").read_text().splitlines()[1:]]
+    assert ids == [i for i in range(30_000) if i != bad_id]
+    [bad] = read_jsonl(tmp_path / "bad.jsonl")
+    assert bad["record"]["id"] == bad_id
+    assert bad["source"]["position"] == {"file": "in.jsonl", "line": bad_id + 1}
+    assert bad["error"]["step"] == "out"
+
+
+def test_two_workers_write_each_record_once(tmp_path):
+    (tmp_path / "in").mkdir()
+    for part in range(4):  # one source partition per file, spread over the workers
+        (tmp_path / "in" / f"{part}.jsonl").write_bytes(b"".join(
+            orjson.dumps({"id": part * 1000 + i, "k": i % 3}) + b"\n" for i in range(1000)))
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: "in/*.jsonl", batch_size: 100}}
+  destinations:
+    lake:
+      inputs: [src]
+      type: file
+      config: {path_template: "out/", format: parquet, partition_by: [k], max_records: 300}
+""")
+    result = dataflare.run(path, workers=2)
+    assert result.ok, result.error
+    files = outputs(tmp_path / "out", ".parquet")
+    ids = Counter(i for p in files.values() for i in pq.read_table(p).column("id").to_pylist())
+    assert ids == Counter({p * 1000 + i: 1 for p in range(4) for i in range(1000)})
+    assert all(pq.read_metadata(p).num_rows <= 300 for p in files.values())
+
+
+def test_a_value_csv_cannot_hold_refuses_its_record_alone(tmp_path):
+    # A lone surrogate (text Python holds and UTF-8 cannot) in a partitioned CSV output and
+    # before a one-file CSV output: refused with its position, the other records written.
+    cfg = FileDestinationConfig.model_validate({"path_template": "out/x.csv"})
+    logic = _LakeLogic(LakeOutput("lake", "csv", PathTemplate(f"{tmp_path}/out/x.csv", "csv",
+                                                              cfg), cfg, LocalStorage), None)
+    meta = {"file": "in.jsonl", "line": 2}
+    rows = [{"id": 1, "t": "ok"}, {"id": 2, "t": "bad \ud800", "_meta": meta}, {"id": 3, "t": ""}]
+    [refused], _ = logic.on_batch([rows])
+    assert [(f.record["id"], f.meta, f.type) for f in refused] == [(2, meta, "RecordError")]
+    assert "cannot be written as CSV" in refused[0].message
+    logic.on_eof()
+    [path] = outputs(tmp_path / "out", ".csv").values()
+    assert path.read_text() == "id,t\n1,ok\n3,\n"
+    conform = _ConformLogic("one", "csv", None, None)
+    [(good, bad)], _ = conform.on_batch([rows])
+    assert [r["id"] for r in good] == [1, 3] and [f.record["id"] for f in bad] == [2]
+
+
+def test_partitioned_files_refuse_overwrite_at_run(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n')
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  destinations:
+    lake:
+      inputs: [src]
+      type: file
+      write_mode: {type: overwrite}
+      config: {path_template: "out/{{a}}/x.jsonl"}
+""")
+    result = dataflare.run(path)
+    assert not result.ok
+    assert "step 'lake': partitioned files are only added to (write_mode append)" in (
+        result.error or "")
+    assert not (tmp_path / "out").exists()

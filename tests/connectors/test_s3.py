@@ -1,0 +1,181 @@
+"""The s3 destination and source against a real S3-protocol server (moto, on loopback)."""
+
+import csv
+import io
+import re
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import dataflare
+from dataflare.connectors.s3 import S3Position, S3Source, S3SourceConfig
+from tests.fixtures.s3 import KEY_ID, SECRET
+
+SEED_LAKE = """\
+workflow:
+  sources:
+    users: {type: file, config: {path: users.jsonl}}
+    orders: {type: file, config: {path: orders.jsonl}}
+  transformations:
+    user_transform: {inputs: [users], type: filter, config: {condition: "id >= 0"}}
+    order_transform: {inputs: [orders], type: filter, config: {condition: "id >= 0"}}
+  destinations:
+    data_lake:
+      inputs: ["user_transform", "order_transform"]
+      type: "s3"
+      config:
+        path_template: "year={{year}}/month={{month}}/day={{day}}/{{source}}_data.parquet"
+        format: "parquet"
+        partition_by: ["year", "month", "day", "source"]
+CONNECTION
+        time_field: ts
+"""
+
+NAME = re.compile(r"-[0-9a-f]{12}-(\d{6})(\.\w+)$")
+
+
+def logical(keys: list[str]) -> dict[str, list[str]]:
+    """Object keys by their templated name (run and number taken out)."""
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        if "_dataflare/" in k:
+            continue
+        m = NAME.search(k)
+        assert m, k
+        out.setdefault(k[: m.start()] + m.group(2), []).append(k)
+    return out
+
+
+def test_seed_data_lake_writes_partitioned_parquet_objects(tmp_path, s3_bucket):
+    users = [{"id": i, "name": f"u{i}", "ts": f"2024-05-0{1 + i % 2}T10:00:00Z"} for i in range(6)]
+    orders = [{"id": 100 + i, "amount": 1.5 * i, "ts": "2024-05-01T23:00:00Z"} for i in range(4)]
+    for name, rows in (("users", users), ("orders", orders)):
+        (tmp_path / f"{name}.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    connection = "\n".join(f"        {item}" for item in s3_bucket.config().split(", "))
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(SEED_LAKE.replace("CONNECTION", connection))
+    result = dataflare.run(flow)
+    assert result.ok, result.error
+    objects = logical(s3_bucket.keys())
+    assert sorted(objects) == [
+        "year=2024/month=05/day=01/source=order_transform/order_transform_data.parquet",
+        "year=2024/month=05/day=01/source=user_transform/user_transform_data.parquet",
+        "year=2024/month=05/day=02/source=user_transform/user_transform_data.parquet",
+    ]
+    def rows(name: str) -> list[dict]:
+        out = []
+        for key in objects[name]:
+            out += pq.read_table(pa.BufferReader(s3_bucket.read(key))).to_pylist()
+        return sorted(out, key=lambda r: r["id"])
+
+    assert rows("year=2024/month=05/day=02/source=user_transform/user_transform_data.parquet") \
+        == [u for u in users if u["id"] % 2 == 1]
+    assert rows("year=2024/month=05/day=01/source=order_transform/order_transform_data.parquet") \
+        == orders
+
+
+def test_jsonl_and_csv_objects_roll_and_credentials_come_from_the_environment(
+        tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    rows = [{"id": i, "city": ["paris", "rome"][i % 2], "tags": {"n": i}} for i in range(250)]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    conn = f"bucket: {s3_bucket.name}, endpoint_url: '{s3_bucket.endpoint_url}', region: us-east-1"
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    as_jsonl:
+      inputs: [src]
+      type: s3
+      config: {{{conn}, path_template: "j/{{{{city}}}}/", format: jsonl, max_records: 50}}
+    as_csv:
+      inputs: [src]
+      type: s3
+      config: {{{conn}, path_template: "c/all.csv", format: csv, partition_by: [city]}}
+""")
+    result = dataflare.run(tmp_path / "flow.yaml")
+    assert result.ok, result.error
+    objects = logical(s3_bucket.keys())
+    assert {k: len(v) for k, v in objects.items()} == {
+        "j/paris/part.jsonl": 3, "j/rome/part.jsonl": 3,
+        "c/city=paris/all.csv": 1, "c/city=rome/all.csv": 1}
+    paris = [orjson.loads(line) for k in objects["j/paris/part.jsonl"]
+             for line in s3_bucket.read(k).splitlines()]
+    assert sorted(paris, key=lambda r: r["id"]) == [r for r in rows if r["city"] == "paris"]
+    [rome_csv] = objects["c/city=rome/all.csv"]
+    table = list(csv.DictReader(io.StringIO(s3_bucket.read(rome_csv).decode())))
+    assert table[0] == {"id": "1", "city": "rome", "tags": '{"n":1}'}
+    assert len(table) == 125
+
+
+def test_s3_source_reads_every_format_under_a_prefix_and_resumes_by_key(tmp_path, s3_bucket):
+    s3_bucket.put("in/a.jsonl", b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')
+    s3_bucket.put("in/b.csv", b"n,s\n4,x\n5,y\n6,z\n")
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"n": [7, 8]}), sink)
+    s3_bucket.put("in/c.parquet", sink.getvalue())
+    s3_bucket.put("in/_dataflare/out/abc/00000001", b"not data")  # a journal is not read
+    s3_bucket.put("other/d.jsonl", b'{"n": 99}\n')
+    config = S3SourceConfig.model_validate({
+        "bucket": s3_bucket.name, "endpoint_url": s3_bucket.endpoint_url, "region": "us-east-1",
+        "access_key_id": KEY_ID, "secret_access_key": SECRET, "prefix": "in/",
+        "batch_size": 2, "csv": {"infer_types": True}})
+    source = S3Source("src", config)
+    [part] = source.list_parts()
+
+    def read(state, batches: int | None = None):
+        reader = source.build_part("src", part, state)
+        out = []
+        try:
+            while batches is None or batches > 0:
+                for batch in reader.next_batch():
+                    out.extend(batch)
+                    if batches is not None:
+                        batches -= 1
+        except StopIteration:
+            pass
+        state = reader.snapshot()
+        reader.close()
+        return out, state
+
+    everything, _ = read(None)
+    assert [r["n"] for r in everything] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert everything[0]["_meta"] == {"file": f"s3://{s3_bucket.name}/in/a.jsonl", "line": 1}
+    assert everything[4]["_meta"] == {"file": f"s3://{s3_bucket.name}/in/b.csv", "line": 3}
+    for batches, key in ((1, "in/a.jsonl"), (2, "in/b.csv"), (3, "in/b.csv")):
+        first, state = read(None, batches=batches)
+        assert isinstance(state, S3Position) and state.key == key and len(first) < 8
+        rest, _ = read(state)
+        assert [r["n"] for r in first + rest] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_s3_source_feeds_a_workflow(tmp_path, s3_bucket):
+    s3_bucket.put("data/x.jsonl", b'{"n": 1}\n{"n": 2}\n')
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  sources:
+    lake: {{type: s3, config: {{{s3_bucket.config()}, prefix: data/}}}}
+  destinations:
+    out: {{inputs: [lake], type: file, config: {{path: out.jsonl}}}}
+""")
+    assert dataflare.run(tmp_path / "flow.yaml").ok
+    assert (tmp_path / "out.jsonl").read_text() == '{"n":1}\n{"n":2}\n'
+
+
+def test_a_bucket_that_does_not_exist_is_an_error_naming_the_step(tmp_path, s3_bucket):
+    (tmp_path / "in.jsonl").write_text('{"n": 1}\n')
+    config = s3_bucket.config().replace(f"bucket: {s3_bucket.name}", "bucket: no-such-bucket")
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    lake: {{inputs: [src], type: s3, config: {{{config}, path_template: "x/"}}}}
+""")
+    result = dataflare.run(tmp_path / "flow.yaml")
+    assert not result.ok
+    assert "step 'lake': cannot write s3://no-such-bucket/x/" in (result.error or "")
+    assert SECRET not in (result.error or "")

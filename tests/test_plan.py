@@ -1,0 +1,359 @@
+"""``dataflare plan``: each verdict checked against what a resume then actually does.
+
+Each test runs a Kafka workflow with recovery, stops it gracefully (open windows stay in
+the snapshot), changes the workflow, plans the change against the recovery directory, and
+resumes: the plan's verdict and exit code must match what the resume does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dataflare
+from dataflare import stopping
+from dataflare.cli import main
+from tests.test_exactly_once import produce
+
+FLOW = """
+workflow:
+  id: planned
+  sources:
+    events:
+      type: kafka
+      mode: streaming
+      config: {{bootstrap_servers: "{servers}", topic: {topic}, stop_at_end: {stop}}}
+  transformations:
+    clean:
+      type: mapping
+      inputs: [events]
+      config:
+        mappings:
+          - {{source: id, destination: id, transform: to_int}}
+          - {{source: user_id, destination: user_id}}
+{extra}
+{window}
+  destinations:
+    raw:
+      type: postgres
+      inputs: [clean]
+      config: {{dsn: "{dsn}", schema: {schema}, table: raw}}
+{windows}
+"""
+
+WINDOW = """
+    per_minute:
+      type: window
+      inputs: [events]
+      config:
+        window: {{type: tumbling, size: {size}}}
+        time_field: ts
+        time_unit: ms
+        group_by: [user_id]
+        aggregations: [{{field: amount, operations: [count, sum], as: amount}}]
+"""
+
+WINDOWS = """
+    windows:
+      type: postgres
+      inputs: [per_minute]
+      config: {{dsn: "{dsn}", schema: {schema}, table: windows}}
+"""
+
+EXTRA = "          - {source: amount, destination: amount, transform: to_float}"
+
+
+def events(start: int, n: int) -> list[dict[str, Any]]:
+    return [{"id": i, "user_id": f"u{i % 5}", "amount": i % 10, "ts": 1_700_000_000_000 + i * 100}
+            for i in range(start, start + n)]
+
+
+class Case:
+    """A workflow file in ``tmp``, its recovery directory and its PostgreSQL schema."""
+
+    def __init__(self, tmp: Path, broker: Any, topic: str, pg: Any) -> None:
+        self.tmp, self.broker, self.topic, self.pg = tmp, broker, topic, pg
+        self.flow = tmp / "wf.yaml"
+        self.rec = tmp / "rec"
+
+    def write(self, *, topic: str | None = None, size: str = "60s", extra: bool = False,
+              window: bool = True, stop: bool = False) -> Path:
+        fmt = {"dsn": self.pg.dsn, "schema": self.pg.schema, "size": size}
+        self.flow.write_text(FLOW.format(
+            servers=self.broker.bootstrap_servers, topic=topic or self.topic,
+            stop="true" if stop else "false", extra=EXTRA if extra else "",
+            window=WINDOW.format(**fmt) if window else "",
+            windows=WINDOWS.format(**fmt) if window else "", **fmt))
+        return self.flow
+
+    def count(self, table: str) -> int:
+        try:
+            return int(self.pg.rows(f'SELECT count(*) FROM "{self.pg.schema}".{table}')[0][0])
+        except Exception:  # noqa: BLE001 - the table appears with the first write
+            return 0
+
+    def run_until(self, done: Callable[[], bool]) -> dataflare.RunResult:
+        """Run in this process; a graceful stop once ``done()`` holds (state kept)."""
+        def watch() -> None:
+            deadline = time.monotonic() + 120
+            while not done() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            stopping.REQUESTED.set()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        result = dataflare.run(self.flow, recovery_dir=self.rec, snapshot_interval=0.5,
+                               quiet=True)
+        watcher.join()
+        return result
+
+    def first_run(self, records: list[dict[str, Any]]) -> None:
+        self.write()
+        produce(self.broker.bootstrap_servers, self.topic, records)
+        result = self.run_until(lambda: self.count("raw") >= len(records))
+        assert result.status == "stopped", result.error
+        assert self.count("windows") == 0  # every window is still open, in the snapshot
+
+    def plan(self, *extra: str) -> tuple[int, dict[str, Any]]:
+        out = plan_cli(str(self.flow), "--recovery-dir", str(self.rec), "--format", "json", *extra)
+        assert out.returncode in (0, 2, 3), out.stderr
+        return out.returncode, json.loads(out.stdout)
+
+    def resume(self) -> dataflare.RunResult:
+        return dataflare.run(self.flow, recovery_dir=self.rec, quiet=True)
+
+
+def plan_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``dataflare plan ARGS`` run in this process, as the console script runs it."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["plan", *args])
+    return subprocess.CompletedProcess(["dataflare", "plan", *args], code, out.getvalue(),
+                                       err.getvalue())
+
+
+def changes(plan: dict[str, Any], what: str) -> dict[str, dict[str, Any]]:
+    return {c["component"]: c for c in plan["changes"] if c["what"] == what}
+
+
+@pytest.fixture
+def case(tmp_path: Path, kafka_broker: Any, kafka_topic: Any, pg_schema: Any) -> Case:
+    return Case(tmp_path, kafka_broker, kafka_topic(), pg_schema)
+
+
+FIRST = events(0, 300)
+
+
+def test_a_changed_window_size_blocks_the_resume(case: Case) -> None:
+    case.first_run(FIRST)
+    code, plan = case.plan()
+    assert code == 0 and plan["verdict"] == "no change"  # the same workflow resumes
+    assert changes(plan, "state")["per_minute"]["verdict"] == "resumes"
+
+    case.write(size="120s", stop=True)
+    code, plan = case.plan()
+    state = changes(plan, "state")["per_minute"]
+    assert (code, plan["verdict"], state["verdict"]) == (3, "unsafe change", "blocks")
+    assert "window.size: 60.0 -> 120.0" in state["detail"]
+    assert changes(plan, "step")["per_minute"]["detail"] == \
+        "config.window.size: 60.0 -> 120.0"
+    human = plan_cli(str(case.flow), "--recovery-dir", str(case.rec))
+    assert human.returncode == 3
+    assert "! state 'per_minute' blocks" in human.stdout
+    assert human.stdout.rstrip().endswith("unsafe change (exit 3)")
+
+    result = case.resume()  # what the plan said: refused, naming the same change
+    assert result.status == "failed"
+    assert "cannot resume from recovery state" in str(result.error)
+    assert "size: 60.0 -> 120.0" in str(result.error)
+    # The refused resume left the record of the state's workflow: the plan is unchanged.
+    assert case.plan()[1]["changes"] == plan["changes"]
+
+
+def test_a_new_destination_column_is_a_safe_change(case: Case) -> None:
+    case.first_run(FIRST)
+    case.write(extra=True, stop=True)
+    code, plan = case.plan()
+    assert (code, plan["verdict"]) == (2, "safe change")
+    shape = changes(plan, "destination")["raw"]
+    assert shape["verdict"] == "shape" and not shape["unsafe"]
+    assert shape["detail"] == "new column(s) amount (double)"
+    assert changes(plan, "state")["per_minute"]["verdict"] == "resumes"
+
+    second = events(300, 200)
+    produce(case.broker.bootstrap_servers, case.topic, second)
+    result = case.resume()
+    assert result.ok, result.error
+    columns = case.pg.rows(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        f"WHERE table_schema = '{case.pg.schema}' AND table_name = 'raw'")
+    assert ("amount", "double precision") in columns
+    assert case.count("raw") == len(FIRST) + len(second)
+    # The windows resumed: the first run's records are in them.
+    total = case.pg.rows(f'SELECT sum(amount_count) FROM "{case.pg.schema}".windows')[0][0]
+    assert total == len(FIRST) + len(second)
+
+
+def test_a_removed_stateful_step_drops_its_state(case: Case) -> None:
+    case.first_run(FIRST)
+    case.write(window=False, stop=True)
+    code, plan = case.plan()
+    assert (code, plan["verdict"]) == (3, "unsafe change")
+    assert changes(plan, "state")["per_minute"]["verdict"] == "dropped"
+    steps = changes(plan, "step")
+    assert steps["per_minute"]["verdict"] == "removed"
+    assert steps["windows"]["verdict"] == "removed"
+
+    second = events(300, 100)
+    produce(case.broker.bootstrap_servers, case.topic, second)
+    result = case.resume()  # not refused: the state is dropped, the rest resumes
+    assert result.ok, result.error
+    assert case.count("raw") == len(FIRST) + len(second)
+    assert case.count("windows") == 0  # the open windows were never emitted
+
+
+def test_a_changed_source_topic_blocks_the_resume(case: Case, kafka_topic: Any) -> None:
+    case.first_run(FIRST)
+    other = kafka_topic()
+    produce(case.broker.bootstrap_servers, other, events(1000, 50))
+    case.write(topic=other, stop=True)
+    code, plan = case.plan()
+    assert (code, plan["verdict"]) == (3, "unsafe change")
+    source = changes(plan, "source")["events"]
+    assert source["verdict"] == "blocks" and source["unsafe"]
+    assert source["detail"].startswith(f"config.topic: '{case.topic}' -> '{other}': the saved "
+                                        f"state of {case.topic}#0 belongs to partitions it no "
+                                        f"longer has ({other}#0)")
+    assert changes(plan, "state")["per_minute"]["verdict"] == "resumes"
+
+    result = case.resume()  # what the plan said: bytewax refuses the saved partition
+    assert result.status == "failed"
+    assert f'Key StateKey("{case.topic}#0") is not in this worker\'s routing map' in str(
+        result.error)
+    assert case.count("raw") == len(FIRST)
+
+
+def test_a_source_setting_that_keeps_its_partitions_reuses_their_positions(
+        case: Case, kafka_broker: Any) -> None:
+    case.first_run(FIRST)
+    text = case.flow.read_text()
+    case.flow.write_text(text.replace("stop_at_end: false",
+                                      "stop_at_end: true, consumer_group: analytics"))
+    code, plan = case.plan()
+    source = changes(plan, "source")["events"]
+    assert (code, source["verdict"]) == (3, "reused")
+    assert source["detail"] == ("config.consumer_group: None -> 'analytics': the saved "
+                                f"positions of {case.topic}#0 are applied to what it now reads")
+    result = case.resume()  # the saved offsets carry over: nothing is read again
+    assert result.ok, result.error
+    assert case.count("raw") == len(FIRST)
+
+
+def test_plan_against_a_workflow_file(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("""
+workflow:
+  id: files
+  sources:
+    s: {type: file, config: {path: in.jsonl}}
+  transformations:
+    m: {type: mapping, inputs: [s], config: {mappings: [{source: n, destination: n,
+        transform: to_int}]}}
+    agg: {type: aggregation, inputs: [s], config: {group_by: [k]}}
+  destinations:
+    out: {type: file, inputs: [m], config: {path: out.jsonl}}
+    counts: {type: file, inputs: [agg], config: {path: counts.jsonl}}
+""")
+    new = tmp_path / "new.yaml"
+
+    def plan(text: str) -> tuple[int, dict[str, Any]]:
+        new.write_text(text)
+        out = plan_cli(str(new), "--against", str(old), "--format", "json")
+        return out.returncode, json.loads(out.stdout)
+
+    text = old.read_text()
+    assert plan(text)[0] == 0
+    code, p = plan(text.replace("transform: to_int", "transform: to_float"))
+    assert code == 2
+    assert changes(p, "destination")["out"]["detail"] == "column n widens integer -> double"
+    code, p = plan(text.replace("transform: to_int", "transform: to_string"))
+    assert code == 3
+    assert "column n changes integer -> text" in changes(p, "destination")["out"]["detail"]
+    code, p = plan(text.replace("group_by: [k]", "group_by: [k, j]"))
+    assert code == 3 and changes(p, "state")["agg"]["verdict"] == "blocks"
+    assert "new column(s) j" in changes(p, "destination")["counts"]["detail"]
+    code, p = plan(text.replace("path: in.jsonl", "path: other.jsonl"))
+    assert code == 3 and changes(p, "source")["s"]["verdict"] == "resets"
+    counts = "    counts: {type: file, inputs: [agg], config: {path: counts.jsonl}}\n"
+    code, p = plan(text.replace(counts, ""))
+    assert code == 2  # a removed stateless step: safe (the aggregation now feeds nothing)
+    assert changes(p, "step")["counts"]["verdict"] == "removed"
+
+
+def test_a_plan_shows_no_secret(tmp_path: Path) -> None:
+    text = """
+workflow:
+  sources: {s: {type: file, config: {path: in.jsonl}}}
+  destinations:
+    db: {type: postgres, inputs: [s], config: {host: db.internal, password: "%s",
+         table: t}}
+"""
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(text % "s3cret-Old-pw")
+    new.write_text(text % "s3cret-New-pw")
+    out = plan_cli(str(new), "--against", str(old))
+    assert out.returncode == 2, out.stderr
+    assert "~ step 'db' changed: config.password: a secret changed" in out.stdout
+    assert "s3cret" not in out.stdout + out.stderr
+
+
+def test_a_changed_output_file_blocks_the_resume(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text('{"k": "a"}\n{"k": "b"}\n')
+    flow = tmp_path / "wf.yaml"
+    text = """
+workflow:
+  id: files
+  sources: {s: {type: file, config: {path: in.jsonl}}}
+  destinations: {out: {type: file, inputs: [s], config: {path: out.jsonl}}}
+"""
+    flow.write_text(text)
+    rec = tmp_path / "rec"
+    assert dataflare.run(flow, recovery_dir=rec, quiet=True).ok
+    flow.write_text(text.replace("out.jsonl", "out2.jsonl"))
+    out = plan_cli(str(flow), "--recovery-dir", str(rec))
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert (f"! destination 'out' blocks: the saved state of {tmp_path}/out.jsonl belongs "
+            f"to partitions it no longer has ({tmp_path}/out2.jsonl)") in out.stdout
+    result = dataflare.run(flow, recovery_dir=rec, quiet=True)
+    assert result.status == "failed" and "out.jsonl" in str(result.error)
+
+
+def test_a_plan_that_cannot_be_made_says_why(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("""
+workflow:
+  sources: {s: {type: file, config: {path: in.jsonl}}}
+  transformations:
+    a: {type: aggregation, inputs: [s], config: {group_by: [k]}}
+  destinations: {out: {type: file, inputs: [a], config: {path: out.jsonl}}}
+""")
+    new = tmp_path / "new.yaml"
+    new.write_text(old.read_text().replace(
+        "group_by: [k]", "group_by: [k], aggregations: [{field: v, operations: [sum], "
+        "window: last_7d}]"))
+    out = plan_cli(str(new), "--against", str(old))
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("error: cannot compile the workflow: step 'a': aggregations "
+                                  "of 'v' have a trailing 'window' but config.time_field is "
+                                  "not set")
+    out = plan_cli(str(new), "--recovery-dir", str(tmp_path / "none"))
+    assert out.returncode == 1 and "is not a recovery directory" in out.stderr
