@@ -328,6 +328,29 @@ def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, abort_at):
         assert canon(first[name] + second[name]) == canon(full[name])
 
 
+@pytest.mark.parametrize("abort_at", [1, 2, 4])
+def test_lookup_records_waiting_for_the_table_survive_an_abort(tmp_path, abort_at):
+    cfg = JoinConfig.model_validate({"mode": "lookup", "join_key": "k", "join_type": "left"})
+    items = [
+        ("L", [{"k": 1, "o": "a"}]),
+        ("L", [{"k": 2, "o": "b"}]),
+        ("R", [{"k": 1, "name": "ann", "_meta": {"op": "read"}}]),
+        ("L", [{"k": 1, "o": "c"}]),
+        ("R", [{"k": 2, "name": "bob", "_meta": {"op": "insert"}}]),  # loaded: snapshot done
+        ("L", [{"k": 2, "o": "d"}]),
+    ]
+    # the waiting records meet the table as it is when it is loaded (with the first change)
+    expected = [{"k": 1, "name": "ann", "o": o, "_meta": {"op": "read"}} for o in "ac"] + [
+        {"k": 2, "name": "bob", "o": o, "_meta": {"op": "insert"}} for o in "bd"]
+    assert canon(run_flow(lookup_flow(cfg), items, **EPOCHS)["down"]) == canon(expected)
+    init_db_dir(tmp_path, 1)
+    rc = RecoveryConfig(str(tmp_path))
+    aborted = [*items[:abort_at], TestingSource.ABORT(), *items[abort_at:]]
+    first = run_flow(lookup_flow(cfg), aborted, recovery_config=rc, **EPOCHS)["down"]
+    second = run_flow(lookup_flow(cfg), aborted, recovery_config=rc, **EPOCHS)["down"]
+    assert canon(first + second) == canon(expected)
+
+
 def test_resume_with_changed_window_is_refused(tmp_path):
     def cfg(size: str) -> JoinConfig:
         return JoinConfig.model_validate(
