@@ -96,11 +96,15 @@ class Writer(threading.Thread):
 
 
 def slot_lsn(server) -> int | None:
-    """The slot's confirmed LSN; None before the run created it."""
+    """The slot's confirmed LSN; None before the run created it.
+
+    While ``pg_create_logical_replication_slot`` runs, the slot is listed with a null
+    ``confirmed_flush_lsn``: that is not created yet either.
+    """
     with server.connect() as conn:
         row = conn.execute("SELECT confirmed_flush_lsn FROM pg_replication_slots "
                            "WHERE slot_name = 'mirror_slot'").fetchone()
-    if row is None:
+    if row is None or row[0] is None:
         return None
     hi, lo = str(row[0]).split("/")
     return (int(hi, 16) << 32) + int(lo, 16)

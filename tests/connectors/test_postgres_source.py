@@ -1217,7 +1217,8 @@ def slot_lag(pg: Any, slot: str) -> int | None:
         row = conn.execute(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
             "FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
-    return None if row is None else int(row[0])
+    # listed with a null position while it is being created
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def wait_for(what: str, check: Any, timeout: float = 90) -> Any:
