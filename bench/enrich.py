@@ -6,6 +6,10 @@ Runs the enrichment stage on batches of ``--batch`` records whose ``customer_id`
 ``--keys`` distinct values: without a cache (one request per distinct request of a batch)
 and with one (one request per distinct key in all). Prints the time and the requests the
 server saw; sequential would take ``records x 20 ms``.
+
+Measured on the shared 2-core machine (load ~5): with httpx's async client, 9.6 s without
+cache and 1.5 s with it (its connection pool spends ~10 ms of CPU per request at 50 in
+flight); with aiohttp, 0.76 s and 0.12 s.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def main() -> None:
             stage(batch, errors)
             failed += sum(e is not None for e in errors)
         elapsed = time.perf_counter() - started
+        stage.close()
         print(f"cache={'on ' if cache else 'off'} records={args.records} "
               f"concurrency={args.concurrency} requests={SERVED[0]} failed={failed} "
               f"time={elapsed:.2f}s ({args.records / elapsed:,.0f} records/s; "

@@ -60,17 +60,26 @@ Secret = SecretStr
 
 
 class Backoff(Strict):
-    """Exponential backoff between retries."""
+    """Exponential backoff between retries (each delay varies by +-20% as jitter)."""
 
     initial: Duration = Field(1.0, description="Delay before the first retry.")
     multiplier: float = Field(2.0, ge=1.0, description="Factor applied to the delay each retry.")
-    max: Duration = Field(60.0, description="Upper bound of the delay.")
+    max: Duration = Field(15.0, description="Upper bound of the delay.")
 
 
 class Retry(Strict):
-    """How transient failures (a broken connection, HTTP 5xx) are retried."""
+    """How transient failures (a broken connection, HTTP 5xx) are retried.
 
-    max_attempts: int = Field(3, ge=1, description="Attempts in all, the first included.")
+    The defaults ride out a restart of a database, broker or service of about a minute:
+    attempts at about 0, 1, 3, 7, 15, 30, 45 and 60 seconds, then the failure stands.
+    """
+
+    max_attempts: int = Field(10, ge=1, description="Attempts in all, the first included.")
+    max_elapsed: Duration | None = Field(
+        60.0,
+        description="Longest time from the first failure to the last attempt; no retry "
+        "starts later (null: only max_attempts bounds the retries).",
+    )
     backoff: Backoff = Field(default_factory=Backoff, description="Delay between attempts.")
 
 

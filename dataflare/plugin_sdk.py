@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from dataflare.operators.plugin import (
+    DEFAULT_WASM_TIMEOUT,
     PluginSetupError,
     WasmPlugin,
     native_function,
@@ -83,7 +84,7 @@ def cmd_plugin_test(args: argparse.Namespace) -> int:
             wasm = WasmPlugin(
                 path.stem, path, config,
                 parse_size(args.memory_limit) if args.memory_limit else None,
-                parse_duration(args.timeout) if args.timeout else None,
+                parse_duration(args.timeout) if args.timeout else DEFAULT_WASM_TIMEOUT,
             )
             wasm.check()
             apply = wasm_batches("plugin", wasm)
@@ -112,6 +113,8 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--input", required=True, help="Records, one JSON object per line.")
     t.add_argument("--config", default="{}", help="The step's config, as a JSON object.")
     t.add_argument("--memory-limit", default=None, help="WASM memory cap, e.g. 64MB.")
-    t.add_argument("--timeout", default=None, help="WASM time per call, e.g. 2s.")
+    t.add_argument("--timeout", default=None,
+                   help="WASM time per call, e.g. 2s (default 10s); a call that runs out fails "
+                   "its whole batch: --batch-size 1 finds the record.")
     t.add_argument("--batch-size", type=int, default=500, help="Records per call.")
     t.set_defaults(fn=cmd_plugin_test)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import random
 import re
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from time import monotonic
 from typing import TypeVar
 
-from dataflare import metrics
+from dataflare import metrics, stopping
 from dataflare.config import Retry
 
 T = TypeVar("T")
@@ -54,39 +54,68 @@ def delays(policy: Retry) -> list[float]:
     return out
 
 
+def next_wait(policy: Retry, waits: list[float], attempt: int, exc: BaseException,
+              first_failure: float) -> float | None:
+    """Seconds to wait before retrying after failed attempt ``attempt`` (0-based).
+
+    ``waits`` is ``delays(policy)``; ``first_failure`` the ``monotonic()`` of the first
+    failure. None when the failure stands: the attempts are used up or ``max_elapsed``
+    has passed. A ``retry_after`` on ``exc`` (seconds) replaces the jitter.
+    """
+    if attempt >= len(waits):
+        return None
+    wait = waits[attempt]
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        wait = min(max(wait, float(retry_after)), policy.backoff.max)
+    else:  # jitter: workers that failed together do not retry in lockstep
+        wait *= random.uniform(0.8, 1.2)  # noqa: S311 - not cryptography
+    if policy.max_elapsed is not None:
+        left = first_failure + policy.max_elapsed - monotonic()
+        if left <= 0:
+            return None
+        wait = min(wait, left)  # the last attempt lands on the deadline
+    return wait
+
+
 def call_with_retry(
     what: str,
     fn: Callable[[], T],
     policy: Retry,
     transient: tuple[type[BaseException], ...] = (TransientError,),
     on_retry: Callable[[BaseException], None] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
 ) -> T:
     """Call ``fn``; on a ``transient`` exception wait and retry per ``policy``.
 
     ``on_retry`` runs before each new attempt (e.g. to reconnect). The last exception is
-    raised when every attempt failed; any other exception is raised at once.
+    raised when every attempt failed or ``policy.max_elapsed`` has passed since the first
+    failure; any other exception is raised at once. A graceful stop (SIGTERM, SIGINT)
+    ends the wait and raises the last exception: a run asked to stop does not wait a
+    minute for a service to come back (with recovery, the next run resumes).
     """
     waits = delays(policy)
+    first_failure: float | None = None
     for attempt in range(policy.max_attempts):
         try:
             return fn()
         except transient as exc:
-            if attempt >= len(waits):
+            if first_failure is None:
+                first_failure = monotonic()
+            wait = next_wait(policy, waits, attempt, exc, first_failure)
+            if wait is None:
                 raise
-            wait = waits[attempt]
-            retry_after = getattr(exc, "retry_after", None)
-            if retry_after is not None:
-                wait = min(max(wait, float(retry_after)), policy.backoff.max)
-            else:  # jitter: workers that failed together do not retry in lockstep
-                wait *= random.uniform(0.8, 1.2)  # noqa: S311 - not cryptography
             step = _STEP.search(what)
             metrics.RETRIES.labels(step.group(1) if step else "").inc()
             log.warning(
                 "%s failed (%s: %s); retry %d/%d in %.1fs",
                 what, type(exc).__name__, exc, attempt + 1, len(waits), wait,
             )
-            sleep(wait)
+            if sleep is not None:
+                sleep(wait)
+            elif stopping.REQUESTED.wait(wait):
+                log.warning("%s: not retried, the run is stopping", what)
+                raise
             if on_retry is not None:
                 on_retry(exc)
     msg = "unreachable"

@@ -95,12 +95,35 @@ class Writer(threading.Thread):
                 time.sleep(0.002)
 
 
-def slot_lsn(server) -> int:
+def slot_lsn(server) -> int | None:
+    """The slot's confirmed LSN; None before the run created it.
+
+    While ``pg_create_logical_replication_slot`` runs, the slot is listed with a null
+    ``confirmed_flush_lsn``: that is not created yet either.
+    """
     with server.connect() as conn:
         row = conn.execute("SELECT confirmed_flush_lsn FROM pg_replication_slots "
                            "WHERE slot_name = 'mirror_slot'").fetchone()
+    if row is None or row[0] is None:
+        return None
     hi, lo = str(row[0]).split("/")
     return (int(hi, 16) << 32) + int(lo, 16)
+
+
+def wait_for_progress(server, proc, since: int | None, timeout: float = 120) -> int:
+    """Wait until the slot exists and moved past ``since`` (a snapshot committed changes).
+
+    Under load a run can take long to start; a fixed sleep then killed it before it had
+    created the slot (or before any snapshot), and the test failed.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        lsn = slot_lsn(server)
+        if lsn is not None and (since is None or lsn > since):
+            return lsn
+        time.sleep(0.1)
+    raise AssertionError(f"the slot did not move past {since} within {timeout:g}s")
 
 
 def test_mirrors_equal_their_sources_after_sigkills(pg_private, pg_schema, tmp_path):
@@ -129,12 +152,14 @@ def test_mirrors_equal_their_sources_after_sigkills(pg_private, pg_schema, tmp_p
         for _ in range(4):
             proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE,
                                     text=True)
-            time.sleep(rng.uniform(2.5, 4.5))
+            # the run is replicating (its slot moved), then it dies at a random moment
+            moved = wait_for_progress(pg_private, proc, slot_lsn(pg_private))
+            time.sleep(rng.uniform(0.2, 1.5))
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             if first_lsn is None:
-                first_lsn = slot_lsn(pg_private)
+                first_lsn = moved
     finally:
         writer.stop.set()
         writer.join()

@@ -63,7 +63,9 @@ def api() -> Iterator[str]:
 
 def _flow(tmp: Path, name: str, body: str) -> Path:
     path = tmp / f"{name}.yaml"
-    path.write_text(f"workflow:\n  id: {name}\n{body}")
+    # quick retries: the failing cases fail in seconds, not after the default minute
+    retry = "  config: {retry: {max_attempts: 3, backoff: {initial: 50ms, max: 200ms}}}\n"
+    path.write_text(f"workflow:\n  id: {name}\n{retry}{body}")
     return path
 
 

@@ -539,16 +539,79 @@ _DEAD_LETTER_KEYS = {"error", "source", "record", "record_encoding", META}
 Message = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
 
+# librdkafka's default ``message.max.bytes`` and an upper bound of what a message adds to
+# its key, value and headers on the wire (record framing, varints, the batch header).
+_DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+_MESSAGE_OVERHEAD = 128
+_HEADER_OVERHEAD = 12
+
+
+def _message_size(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+                  ) -> int:
+    """The bytes ``(key, value, headers)`` takes on the wire, overhead included."""
+    size = _MESSAGE_OVERHEAD + len(key or b"") + len(value or b"")
+    for name, data in headers:
+        size += _HEADER_OVERHEAD + len(name) + len(data or b"")
+    return size
+
+
+def _topic_max_message_bytes(cfg: KafkaDestinationConfig) -> int | None:
+    """The topic's ``max.message.bytes`` as the broker reports it (None: not reported)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient(_client_config(cfg.bootstrap_servers, _admin_properties(cfg)))
+    resource = ConfigResource(ConfigResource.Type.TOPIC, cfg.topic)
+    try:
+        entries = admin.describe_configs([resource], request_timeout=10)[resource].result(15)
+    except (KafkaException, ValueError, TypeError) as exc:
+        log.debug("kafka topic %r: max.message.bytes not reported: %s", cfg.topic, exc)
+        return None
+    entry = entries.get("max.message.bytes")
+    try:
+        return int(entry.value) if entry is not None and entry.value else None
+    except ValueError:
+        return None
+
+
+def _admin_properties(cfg: KafkaDestinationConfig) -> dict[str, PropertyValue]:
+    """The connection settings of ``cfg.properties`` (security, SASL, SSL), not the producer's."""
+    return {k: v for k, v in cfg.properties.items()
+            if k.startswith(("security.", "sasl.", "ssl.", "client.", "socket."))}
+
+
 class _Encoder:
-    """Turns records into (key, value, headers) and Failed entries."""
+    """Turns records into (key, value, headers) and Failed entries.
+
+    A message larger than the producer's ``message.max.bytes`` or the topic's
+    ``max.message.bytes`` is refused here, as a ``Failed`` of its own record, so the
+    step's error policy applies to it instead of the whole epoch failing at the broker.
+    """
 
     def __init__(self, step_id: str, cfg: KafkaDestinationConfig) -> None:
         import orjson
 
         self.step_id = step_id
+        self.cfg = cfg
         self.dumps = orjson.dumps
         self.key = compile_template(cfg.key_template) if cfg.key_template else None
         self.headers = [(name, compile_template(text)) for name, text in cfg.headers.items()]
+        self.max_bytes: int | None = None  # known at the first batch (asks the broker)
+
+    def _limit(self) -> int:
+        if self.max_bytes is None:
+            producer = int(self.cfg.properties.get("message.max.bytes",
+                                                   _DEFAULT_MAX_MESSAGE_BYTES))
+            topic = _topic_max_message_bytes(self.cfg)
+            self.max_bytes = min(producer, topic) if topic else producer
+        return self.max_bytes
+
+    def _too_large(self, rec: Any, size: int, limit: int) -> Failed:
+        text = (f"step {self.step_id!r}: message of {size} bytes exceeds the limit of "
+                f"{limit} bytes of kafka topic {self.cfg.topic!r} (producer message.max.bytes"
+                " / topic max.message.bytes)")
+        meta = rec.get(META, {}) if isinstance(rec, dict) else {}
+        return Failed(self.step_id, "MessageTooLarge", text, rec, meta)
 
     def dead_letter(self, rec: dict[str, Any]) -> Message:
         """A dead letter as a message: the original, its key, the envelope in headers.
@@ -596,23 +659,31 @@ class _Encoder:
         key_of = self.key
         header_fns = self.headers
         append = out.append
+        limit = self._limit()
         for rec in batch:
             try:
                 if "error" in rec and is_dead_letter(rec):
-                    append(self.dead_letter(rec))
-                    continue
-                if META in rec:
-                    body = dict(rec)
-                    del body[META]
+                    message = self.dead_letter(rec)
                 else:
-                    body = rec
-                key = key_of(rec).encode() if key_of is not None else None
-                headers = [(n, fn(rec).encode()) for n, fn in header_fns] if header_fns else []
-                append((key, dumps(body), headers))
+                    if META in rec:
+                        body = dict(rec)
+                        del body[META]
+                    else:
+                        body = rec
+                    key = key_of(rec).encode() if key_of is not None else None
+                    headers = ([(n, fn(rec).encode()) for n, fn in header_fns]
+                               if header_fns else [])
+                    message = (key, dumps(body), headers)
             except (TypeError, ValueError) as exc:
-                message = f"step {self.step_id!r}: cannot encode record as JSON: {exc}"
-                errs.append(Failed(self.step_id, type(exc).__name__, message, rec,
+                text = f"step {self.step_id!r}: cannot encode record as JSON: {exc}"
+                errs.append(Failed(self.step_id, type(exc).__name__, text, rec,
                                    rec.get(META, {}) if isinstance(rec, dict) else {}))
+                continue
+            size = _message_size(*message)
+            if size > limit:
+                errs.append(self._too_large(rec, size, limit))
+                continue
+            append(message)
         return out, errs
 
 

@@ -138,12 +138,16 @@ class MySqlSourceConfig(Strict):
         return out
 
     def qualified(self, name: str | None = None) -> tuple[str, str]:
-        """``(database, table)`` of ``name`` (default: ``table``)."""
+        """``(database, table)`` of ``name`` (default: ``table``).
+
+        ``database.table`` is split when ``schema`` is not given; with ``schema`` given, a
+        dot belongs to the table's name.
+        """
         name = name or self.table
         if not name:
             msg = "config.table is required"
             raise ValueError(msg)
-        if "." in name:
+        if "." in name and "db_schema" not in self.model_fields_set:
             db, _, table = name.partition(".")
             return db, table
         database = self.db_schema or self.database or self.settings().get("database")

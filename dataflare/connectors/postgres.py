@@ -156,12 +156,16 @@ class PostgresSourceConfig(Strict):
         return make_conninfo(base, **kw)
 
     def qualified(self, name: str | None = None) -> tuple[str, str]:
-        """``(schema, table)`` of ``name`` (default: ``table``)."""
+        """``(schema, table)`` of ``name`` (default: ``table``).
+
+        ``schema.table`` is split when ``schema`` is not given; with ``schema`` given, a
+        dot belongs to the table's name.
+        """
         name = name or self.table
         if not name:
             msg = "config.table is required"
             raise ValueError(msg)
-        if "." in name:
+        if "." in name and "db_schema" not in self.model_fields_set:
             schema, _, table = name.partition(".")
             return schema, table
         return self.db_schema, name
@@ -607,6 +611,9 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         )
         self.batch_size = cfg.batch_size
         self.poll = timedelta(seconds=cdc.poll_interval)
+        self.heartbeat = (timedelta(seconds=cdc.heartbeat_interval)
+                          if cdc.heartbeat_interval is not None else None)
+        self.last_heartbeat: datetime | None = None
         self.db = Database(src.step_id, cfg.conninfo(), src.retry)
         self.tables = src.cdc_tables()
         start_lsn = self.db.run("preparing the replication slot", self._prepare)
@@ -746,17 +753,30 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         # re-decoding of a long epoch linear rather than quadratic.
         return self.skip_rows + min(max(self.batch_size, self.skip_rows), 100 * self.batch_size)
 
-    def _peek(self, conn: Any) -> list[tuple[str, bytes]]:
+    def _heartbeat_due(self) -> bool:
+        if self.heartbeat is None:
+            return False
+        return self.last_heartbeat is None or now() - self.last_heartbeat >= self.heartbeat
+
+    def _peek(self, conn: Any) -> tuple[int | None, list[tuple[str, bytes]]]:
+        # The WAL flushed before the peek: when the peek finds nothing pending, nothing up
+        # to there concerns the publication (a transaction committing later has a later
+        # commit LSN and still comes), so the position may move there.
+        flushed = None
+        if self._heartbeat_due():
+            flushed = lsn_to_int(
+                conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
+            )
         rows = conn.execute(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
             "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s)",
             (self.slot, self._requested(), self.publication),
         ).fetchall()
-        return [(r[0], bytes(r[1])) for r in rows]
+        return flushed, [(r[0], bytes(r[1])) for r in rows]
 
     def _stream_batch(self) -> list[Any]:
         requested = self._requested()
-        rows = self.db.run(f"reading changes of slot '{self.slot}'", self._peek)
+        flushed, rows = self.db.run(f"reading changes of slot '{self.slot}'", self._peek)
         records: list[Any] = []
         self.decoder.skip_below = self.lsn
         # Rows of the whole transactions read: the next peek returns them first again.
@@ -770,6 +790,15 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 records.extend(tx.records)
                 self.lsn = tx.end_lsn
         self.skip_rows = consumed
+        if flushed is not None:
+            self.last_heartbeat = now()
+            if len(rows) < requested and consumed == len(rows) and flushed > self.lsn:
+                # Idle: nothing pending up to the flushed WAL. Moving there lets the slot
+                # advance at the next snapshot instead of holding every byte written since
+                # the last change of the published tables (Debezium's heartbeat).
+                log.debug("step '%s': idle, position moves to %s", self.src.step_id,
+                          int_to_lsn(flushed))
+                self.lsn = flushed
         if len(rows) < requested:
             if self.src.cfg.stop_at_end:
                 self.ended = True
@@ -1086,7 +1115,7 @@ def discover_postgres(ctx: BuildContext) -> dict[str, Any]:
             names.append(".".join(cfg.qualified()))
 
         def describe(conn: Any) -> list[dict[str, Any]]:
-            tables = [tuple(n.split(".", 1)) if "." in n else (cfg.db_schema, n) for n in names]
+            tables = [cfg.qualified(n) for n in names]
             if not tables:
                 tables = [
                     (r[0], r[1])

@@ -8,7 +8,8 @@ retries are described in :mod:`dataflare.connectors.sql_writer`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,6 +17,7 @@ from bytewax.dataflow import Stream
 from pydantic import Field, model_validator
 
 from dataflare.config import Secret, Strict
+from dataflare.connectors.column_types import SourceColumns, compatible, source_columns
 from dataflare.connectors.sql_writer import (
     BOOL,
     FLOAT,
@@ -53,6 +55,10 @@ LOGICAL = {
 }
 
 
+_SQL_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_ ]*(\(\s*\d+\s*(,\s*\d+\s*)?\))?[A-Za-z ]*"
+                       r"(\[\])*")
+
+
 class PostgresDestinationConfig(Strict):
     """Write records to a PostgreSQL table."""
 
@@ -65,15 +71,36 @@ class PostgresDestinationConfig(Strict):
     username: str = Field("postgres", description="User name.")
     password: Secret | None = Field(None, description="Password.")
     schema_: str = Field("public", alias="schema", description="Schema of the table.")
-    table: str = Field(description="Table to write (created from the records when absent).")
+    table: str = Field(
+        description="Table to write (created from the records when absent); 'schema.table' "
+        "when `schema` is not given (with `schema`, a dot is part of the table's name)."
+    )
     connect_timeout: int = Field(10, ge=1, description="Seconds to wait for a connection.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="SQL types of columns of the table when it is created or widened, e.g. "
+        "{amount: 'numeric(12,2)', seen: timestamptz}; other columns take the type of the "
+        "upstream database table's column (when the records come from one) or one "
+        "inferred from the values.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PostgresDestinationConfig:
         if not self.table:
             msg = "a postgres destination needs 'table'"
             raise ValueError(msg)
+        for name, sql_type in self.columns.items():
+            if not _SQL_TYPE.fullmatch(sql_type):
+                msg = f"columns.{name}: {sql_type!r} is not a SQL type (e.g. 'numeric(12,2)')"
+                raise ValueError(msg)
         return self
+
+    def qualified(self) -> tuple[str, str]:
+        """``(schema, table)``: ``table`` split at its first dot unless ``schema`` is given."""
+        if "." in self.table and "schema_" not in self.model_fields_set:
+            schema, _, table = self.table.partition(".")
+            return schema, table
+        return self.schema_, self.table
 
     def conninfo(self) -> str:
         """The libpq connection string."""
@@ -92,19 +119,27 @@ class PostgresDestinationConfig(Strict):
 
 
 class PostgresDialect(Dialect):
-    """psycopg 3: COPY, staging tables and ON CONFLICT."""
+    """psycopg 3: COPY, staging tables and ON CONFLICT.
+
+    A created table takes ``config.columns`` types, else the types (and primary key) of
+    the database table upstream (``carried``, asked for when the table is created), else
+    types inferred from the values. Array columns receive lists as arrays.
+    """
 
     sql_types = SQL_TYPES
 
-    def __init__(self, cfg: PostgresDestinationConfig) -> None:
+    def __init__(self, cfg: PostgresDestinationConfig,
+                 carried: Callable[[], SourceColumns | None] | None = None) -> None:
         import psycopg
 
         self.cfg = cfg
+        self._carried_fn = carried
+        self._carried: SourceColumns | None = None
+        self.arrays: set[str] = set()
         self.transient = (psycopg.OperationalError, psycopg.InterfaceError)
         self.refusals = (psycopg.DataError, psycopg.IntegrityError)  # SQLSTATE 22, 23
         self.conn: Any = None
-        self.schema = cfg.schema_
-        self.table = cfg.table
+        self.schema, self.table = cfg.qualified()
         self.target = f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
         self.positions = f"{quote_ident(self.schema)}.{quote_ident(POSITIONS_TABLE)}"
         self._staged: tuple[str, ...] | None = None
@@ -140,10 +175,51 @@ class PostgresDialect(Dialect):
         """The staging table may have gone with the transaction."""
         self._staged = None
 
+    def carried(self) -> SourceColumns | None:
+        """The upstream table's columns (asked once)."""
+        if self._carried_fn is not None:
+            self._carried, self._carried_fn = self._carried_fn(), None
+        return self._carried
+
+    def _sql_type(self, name: str, logical: str) -> str:
+        if name in self.cfg.columns:
+            return self.cfg.columns[name]
+        carried = self.carried()
+        if carried is not None:
+            hint = carried.types.get(name)
+            if hint is not None and compatible(hint, logical):
+                return hint
+        return SQL_TYPES[logical]
+
+    def _declare(self, columns: dict[str, str]) -> list[str]:
+        """``"name" type`` of each column; notes the arrays and JSON columns."""
+        out = []
+        for name, logical in columns.items():
+            sql_type = self._sql_type(name, logical)
+            if sql_type.endswith("[]"):
+                self.arrays.add(name)
+            elif sql_type.lower().startswith("json"):
+                logical = JSON
+            elif logical == JSON:  # numbers and text mixed, for a numeric column
+                logical = TEXT
+            self.types[name] = logical
+            out.append(f"{quote_ident(name)} {sql_type}")
+        return out
+
     def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
-        """CREATE SCHEMA and TABLE IF NOT EXISTS."""
+        """CREATE SCHEMA and TABLE IF NOT EXISTS, typed and keyed as the class docs say."""
         self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
-        super().create_table(columns, key)
+        self.types = {}
+        # every column the configuration types is created, present in the records or not
+        columns = {**columns, **{n: TEXT for n in self.cfg.columns if n not in columns}}
+        cols = self._declare(columns)
+        carried = self.carried()
+        if not key and carried is not None and carried.primary_key and not carried.unbounded \
+                and all(k in columns for k in carried.primary_key):
+            key = carried.primary_key  # a change stream repeats keys: appends keep no key
+        if key:
+            cols.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in key)})")
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
 
     def columns(self) -> dict[str, str] | None:
         """Columns of the table, ``None`` when it does not exist."""
@@ -155,15 +231,13 @@ class PostgresDialect(Dialect):
         if not rows:
             return None
         self.types = {name: LOGICAL.get(dtype, TEXT) for name, dtype in rows}
+        self.arrays = {name for name, dtype in rows if dtype == "ARRAY"}
         return dict(self.types)
 
     def add_columns(self, columns: dict[str, str]) -> None:
         """ALTER TABLE ... ADD COLUMN IF NOT EXISTS."""
-        adds = ", ".join(
-            f"ADD COLUMN IF NOT EXISTS {quote_ident(n)} {SQL_TYPES[t]}" for n, t in columns.items()
-        )
+        adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {decl}" for decl in self._declare(columns))
         self.conn.execute(f"ALTER TABLE {self.target} {adds}")
-        self.types.update(columns)
         self._staged = None
 
     def widen(self, column: str, kind: str) -> None:
@@ -213,8 +287,11 @@ class PostgresDialect(Dialect):
         from psycopg.types.json import Jsonb
 
         collist = ", ".join(quote_ident(c) for c in columns)
-        # Every value of a JSON column is sent as JSON (a string too, as a JSON string).
-        json_cols = [i for i, c in enumerate(columns) if self.types.get(c) == JSON]
+        # Every value of a JSON column is sent as JSON (a string too, as a JSON string);
+        # a list for an array column as an array.
+        json_cols = [i for i, c in enumerate(columns) if self.types.get(c) == JSON
+                     and c not in self.arrays]
+        array_cols = [i for i, c in enumerate(columns) if c in self.arrays]
         with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp:
             write = cp.write_row
             for row in iter_rows(columns, rows, Jsonb):
@@ -222,6 +299,10 @@ class PostgresDialect(Dialect):
                     v = row[i]
                     if v is not None and not isinstance(v, Jsonb):
                         row[i] = Jsonb(v)
+                for i in array_cols:
+                    v = row[i]
+                    if isinstance(v, Jsonb):
+                        row[i] = v.obj
                 write(row)
 
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
@@ -333,7 +414,7 @@ def build_postgres_destination(
 ) -> Stream[list[Failed]]:
     """The output steps of a ``postgres`` destination (scoped under its id)."""
     cfg: PostgresDestinationConfig = ctx.config
-    return table_destination(ctx, up, lambda: PostgresDialect(cfg))
+    return table_destination(ctx, up, lambda: PostgresDialect(cfg, lambda: source_columns(ctx)))
 
 
 def _dollar_quoted(body: str) -> str:

@@ -135,6 +135,14 @@ def position_of(meta: Any) -> tuple[str | None, int | None]:
     return None, None
 
 
+def _key_field(name: str) -> Callable[[dict[str, Any]], Any]:
+    """The reader of merge key ``name``: the field of that name, else the dotted path."""
+    if "." not in name:
+        return getter(name)
+    path = getter(name)
+    return lambda rec: rec[name] if name in rec else path(rec)
+
+
 def refusal_stream(stream: str, position: int) -> str:
     """The positions-table row noting that the record at ``position`` was refused."""
     return f"{stream}#refused@{position}"
@@ -143,11 +151,15 @@ def refusal_stream(stream: str, position: int) -> str:
 def prepare(
     batch: list[Any], step: str, merge_key: tuple[str, ...]
 ) -> tuple[list[Item], list[Failed]]:
-    """Strip ``_meta``, extract dotted merge keys as columns, note positions and deletes."""
+    """Strip ``_meta``, extract dotted merge keys as columns, note positions and deletes.
+
+    A dotted merge key is a path into the record, unless the record has a field of that
+    very name (a column named ``a.b``): then it is that field.
+    """
     items: list[Item] = []
     errs: list[Failed] = []
     append = items.append
-    keys = [(k, getter(k)) for k in merge_key]
+    keys = [(k, _key_field(k)) for k in merge_key]
     dotted = [(k, get) for k, get in keys if "." in k]
     for rec in batch:
         if not isinstance(rec, dict):

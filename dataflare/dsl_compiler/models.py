@@ -85,7 +85,10 @@ class PluginConfig(Open):
     """Plugin settings; keys beyond these are handed to the plugin as its configuration."""
 
     memory_limit: str | None = Field(None, description="Memory cap, e.g. '256MB'.")
-    timeout: Duration | None = Field(None, description="Time limit of one call.")
+    timeout: Duration | None = Field(
+        None, description="Time limit of one call (WASM: default 10s; a timed-out batch fails "
+        "as a whole)."
+    )
 
     @field_validator("memory_limit")
     @classmethod
@@ -182,6 +185,13 @@ class Cdc(Strict):
     )
     server_id: int | None = Field(None, description="MySQL replica server id.")
     poll_interval: Duration = Field(1.0, description="Delay between polls of the change log.")
+    heartbeat_interval: Duration | None = Field(
+        10.0,
+        description="PostgreSQL: while nothing is pending for the publication, move the "
+        "source's position to the server's flushed WAL this often, so the slot advances "
+        "(at the next snapshot) and an idle slot does not keep the WAL others write "
+        "(null: only emitted changes move it).",
+    )
 
 
 class Streaming(Strict):

@@ -9,8 +9,9 @@ honouring ``Retry-After``. ``response_mapping`` copies ``response.<path>`` into 
 A request that still fails is an error of the record, handled by ``error_handling``.
 
 ``lookup`` copies ``fields`` (default: every column) of the row whose ``lookup_key`` equals
-the record's ``key`` from a ``connection``: ``{type: postgres, table, ...}`` (as a source's
-config), ``{type: redis, url, pattern}`` (the hashes of the keys matching ``pattern``) or
+the record's ``key`` from a ``connection``: ``{type: postgres | mysql, table, ...}`` (as a
+source's config; values as that source emits them), ``{type: redis, url, pattern}`` (the
+hashes of the keys matching ``pattern``) or
 ``{type: file, path}`` (.jsonl or .csv). The table is loaded before the first
 batch is enriched and again each ``refresh``; keys compare as text; an unknown key sets the
 fields to null.
@@ -24,25 +25,26 @@ record whose inputs are not numbers is an error of the record.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 from bytewax.dataflow import Stream
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Strict
+from dataflare.connectors.schema import json_value
 from dataflare.expr import compile_expression
 from dataflare.metrics import ENRICH_CALLS
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import Batch, Failed, RecordError, get_path, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
-from dataflare.retry import delays, retry_after_seconds
+from dataflare.retry import delays, next_wait, retry_after_seconds
 from dataflare.template import compile_template
 
 
@@ -153,9 +155,9 @@ class HttpStage:
     """An ``http_api`` enrichment."""
 
     def __init__(self, step: str, cfg: Enrichment, retry: Any) -> None:
-        import httpx
+        import aiohttp
 
-        self.step, self.cfg, self.waits = step, cfg, delays(retry)
+        self.step, self.cfg, self.retry, self.waits = step, cfg, retry, delays(retry)
         self.url = compile_template(cfg.url or "")
         self.headers = {k: compile_template(v) for k, v in cfg.headers.items()}
         self.body = compile_template(cfg.body_template, json_escape=True) if (
@@ -165,7 +167,7 @@ class HttpStage:
         self.cache: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self.loop = _Loop()
         self.client: Any = None
-        self.httpx = httpx
+        self.aiohttp = aiohttp
         self.next_slot = 0.0
         self.calls = ENRICH_CALLS
 
@@ -186,51 +188,64 @@ class HttpStage:
         url, headers, body = req
         await self._slot()
         try:
-            resp = await self.client.request(
+            async with self.client.request(
                 self.cfg.method, url, headers=headers,
-                content=body.encode() if body is not None else None,
-            )
-        except self.httpx.TransportError as exc:
-            msg = f"{type(exc).__name__}: {exc}"
+                data=body.encode() if body is not None else None,
+            ) as resp:
+                status, retry_after = resp.status, resp.headers.get("retry-after")
+                raw = await resp.read()
+        except (self.aiohttp.ClientError, TimeoutError) as exc:
+            msg = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise _Transient(msg) from None
-        if resp.status_code == 429 or resp.status_code >= 500:  # noqa: PLR2004
-            msg = f"HTTP {resp.status_code}"
-            raise _Transient(msg, retry_after_seconds(resp.headers.get("retry-after")))
-        if resp.status_code >= 400:  # noqa: PLR2004
-            msg = f"HTTP {resp.status_code} from {url.split('?')[0]}"
+        if status == 429 or status >= 500:  # noqa: PLR2004
+            msg = f"HTTP {status}"
+            raise _Transient(msg, retry_after_seconds(retry_after))
+        if status >= 400:  # noqa: PLR2004
+            msg = f"HTTP {status} from {url.split('?')[0]}"
             raise RecordError(msg)
         try:
-            return resp.json()
+            return json.loads(raw)
         except ValueError:
             msg = f"answer of {url.split('?')[0]} is not JSON"
             raise RecordError(msg) from None
 
     async def _fetch(self, req: tuple[str, dict[str, str], str | None], sem: Any) -> Any:
         async with sem:
+            first_failure: float | None = None
             for attempt in range(len(self.waits) + 1):
                 try:
                     return await self._once(req)
                 except _Transient as exc:
-                    if attempt >= len(self.waits):
+                    if first_failure is None:
+                        first_failure = time.monotonic()
+                    wait = next_wait(self.retry, self.waits, attempt, exc, first_failure)
+                    if wait is None:
                         msg = f"giving up after {attempt + 1} attempt(s): {exc}"
                         raise RecordError(msg) from None
-                    wait = self.waits[attempt]
-                    if exc.retry_after is not None:
-                        wait = max(wait, exc.retry_after)
                     await asyncio.sleep(wait)
         msg = "unreachable"
         raise AssertionError(msg)
 
     async def _batch(self, reqs: dict[str, tuple[str, dict[str, str], str | None]]) -> list[Any]:
         if self.client is None:
-            self.client = self.httpx.AsyncClient(
-                timeout=self.cfg.timeout,
-                limits=self.httpx.Limits(max_connections=self.cfg.concurrency),
+            # aiohttp, not httpx: httpx's pool assigns every queued request to every
+            # connection on each event, ~10 ms of CPU per request at 50 in flight; 1,000
+            # requests took 10 s against a 20 ms server, where aiohttp takes well under 1 s.
+            self.client = self.aiohttp.ClientSession(
+                connector=self.aiohttp.TCPConnector(limit=self.cfg.concurrency),
+                timeout=self.aiohttp.ClientTimeout(total=self.cfg.timeout),
             )
+            atexit.register(self.close)
         sem = asyncio.Semaphore(self.cfg.concurrency)
         return await asyncio.gather(
             *(self._fetch(r, sem) for r in reqs.values()), return_exceptions=True
         )
+
+    def close(self) -> None:
+        """Close the connections (at exit: the stage lives as long as its worker)."""
+        client, self.client = self.client, None
+        if client is not None:
+            self.loop.run(client.close())
 
     def __call__(self, records: list[Any], errors: list[BaseException | None]) -> None:
         """Enrich the records of one batch that have no error yet."""
@@ -277,15 +292,20 @@ class HttpStage:
 
 
 def _lookup_connection(conn: dict[str, Any]) -> Any:
-    """The typed config of a lookup's connection (``postgres`` table or ``file``)."""
+    """The typed config of a lookup's connection.
+
+    A ``postgres`` or ``mysql`` table, a ``redis`` key pattern or a ``file``.
+    """
+    from dataflare.connectors.mysql import MySqlSourceConfig
     from dataflare.connectors.postgres import PostgresSourceConfig
 
     kind = conn.get("type")
     rest = {k: v for k, v in conn.items() if k != "type"}
-    if kind == "postgres":
-        cfg = PostgresSourceConfig.model_validate(rest)
+    if kind in ("postgres", "mysql"):
+        model = PostgresSourceConfig if kind == "postgres" else MySqlSourceConfig
+        cfg = model.model_validate(rest)
         if not cfg.table:
-            msg = "lookup connection of type postgres needs 'table'"
+            msg = f"lookup connection of type {kind} needs 'table'"
             raise ValueError(msg)
         return cfg
     if kind == "file":
@@ -301,7 +321,7 @@ def _lookup_connection(conn: dict[str, Any]) -> Any:
                    "(the keys of the hashes read, e.g. 'customer:*')")
             raise ValueError(msg)
         return _RedisTable(url, pattern)
-    msg = f"lookup connection type {kind!r} is not supported (postgres, redis, file)"
+    msg = f"lookup connection type {kind!r} is not supported (postgres, mysql, redis, file)"
     raise ValueError(msg)
 
 
@@ -338,21 +358,17 @@ class LookupStage:
         self.loaded_at: float | None = None
 
     def _rows(self) -> list[dict[str, Any]]:
+        from dataflare.connectors.mysql import MySqlSourceConfig
+        from dataflare.connectors.postgres import PostgresSourceConfig
+
         if isinstance(self.conn, _RedisTable):
             return self.conn.rows()
-        if not isinstance(self.conn, Path):
-            import psycopg
-            from psycopg import sql
-            from psycopg.rows import dict_row
-
-            schema, table = self.conn.qualified()
-            cols = [self.cfg.lookup_key or "", *self.cfg.fields]
-            what = sql.SQL(", ").join(map(sql.Identifier, cols)) if self.cfg.fields else (
-                sql.SQL("*"))
-            query = sql.SQL("SELECT {} FROM {}.{}").format(
-                what, sql.Identifier(schema), sql.Identifier(table))
-            with psycopg.connect(self.conn.conninfo(), row_factory=dict_row) as conn:
-                return list(conn.execute(query).fetchall())
+        if isinstance(self.conn, PostgresSourceConfig | MySqlSourceConfig):
+            rows = (self._postgres_rows(self.conn) if isinstance(self.conn, PostgresSourceConfig)
+                    else self._mysql_rows(self.conn))
+            # as the sources emit them: dates as ISO text, decimals per decimal_handling
+            decimals = self.conn.decimal_handling
+            return [{k: json_value(v, decimals) for k, v in row.items()} for row in rows]
         text = self.conn.read_text(encoding="utf-8-sig")
         if self.conn.suffix == ".csv":
             import csv
@@ -360,6 +376,39 @@ class LookupStage:
 
             return list(csv.DictReader(io.StringIO(text)))
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def _columns(self) -> list[str] | None:
+        return [self.cfg.lookup_key or "", *self.cfg.fields] if self.cfg.fields else None
+
+    def _postgres_rows(self, cfg: Any) -> list[dict[str, Any]]:
+        import psycopg
+        from psycopg import sql
+        from psycopg.rows import dict_row
+
+        schema, table = cfg.qualified()
+        cols = self._columns()
+        what = sql.SQL(", ").join(map(sql.Identifier, cols)) if cols else sql.SQL("*")
+        query = sql.SQL("SELECT {} FROM {}.{}").format(
+            what, sql.Identifier(schema), sql.Identifier(table))
+        with psycopg.connect(cfg.conninfo(), row_factory=dict_row) as conn:
+            return list(conn.execute(query).fetchall())
+
+    def _mysql_rows(self, cfg: Any) -> list[dict[str, Any]]:
+        import pymysql
+        from pymysql.cursors import DictCursor
+
+        from dataflare.connectors.mysql import q
+
+        database, table = cfg.qualified()
+        cols = self._columns()
+        what = ", ".join(q(c) for c in cols) if cols else "*"
+        conn = pymysql.connect(**cfg.settings(), cursorclass=DictCursor)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT {what} FROM {q(database)}.{q(table)}")  # noqa: S608
+                return list(cur.fetchall())
+        finally:
+            conn.close()
 
     def _load(self) -> None:
         table: dict[Any, dict[str, Any]] = {}

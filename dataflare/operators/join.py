@@ -9,8 +9,11 @@ Three ways to join:
   key over both sides (largest event time minus ``allowed_lateness``); older records
   are late and go to the ``late`` output.
 - **lookup** (``mode: lookup``): a stream-table join. The right input is a table holding
-  the latest record per key (forgotten ``ttl`` of system time after it arrived); each
-  left record is emitted as it arrives, joined with the current right record.
+  the latest record per key (forgotten ``ttl`` of system time after it arrived; a CDC
+  delete removes it); each left record is emitted as it arrives, joined with the current
+  right record. The table is bootstrapped first: left records wait until the right input
+  has ended (a bounded table read) or finished its snapshot (CDC ``read`` records followed
+  by a change), at most ``bootstrap_timeout`` after the first one waited.
 
 A null key matches nothing. The output is ``{L: left, R: right}`` with ``output_prefix``
 (a missing side is ``null``), else the merged record ``{**right, **left}``.
@@ -18,14 +21,18 @@ A null key matches nothing. The output is ``{L: left, R: right}`` with ``output_
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from bytewax.dataflow import Stream, operator
+from bytewax.operators import StatefulBatchLogic
 from pydantic import Field, model_validator
 
+from dataflare import stopping
 from dataflare.config import Duration, Paths, Strict
 from dataflare.operators.keyed import (
     DOWN,
@@ -37,6 +44,7 @@ from dataflare.operators.keyed import (
     key_getter,
     late_records,
     route_and_merge,
+    shard_names,
     stateful_shards,
     time_reader,
     to_us,
@@ -46,6 +54,7 @@ from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, RecordError
 from dataflare.registry import BuildContext, Outputs, transformation
 
+log = logging.getLogger(__name__)
 JoinType = Literal["inner", "left", "right", "full"]
 _NEVER = 1 << 62
 LEFT, RIGHT = "left", "right"
@@ -86,6 +95,12 @@ class JoinConfig(Strict):
     ttl: Duration | None = Field(
         None, description="Lookup mode: forget a right record this long after it arrived."
     )
+    bootstrap_timeout: Duration = Field(
+        30.0,
+        description="Lookup mode: left records wait until the right input is loaded (it "
+        "ended, or its CDC snapshot finished), at most this long; 0s: join at once with "
+        "what has arrived.",
+    )
     output_prefix: OutputPrefix | None = Field(
         None, description="Nest the sides as {left: ..., right: ...} instead of merging."
     )
@@ -110,8 +125,8 @@ class JoinConfig(Strict):
             if self.window is not None:
                 msg = "a lookup join takes 'ttl', not 'window'"
                 raise ValueError(msg)
-        elif self.ttl is not None:
-            msg = "'ttl' applies to mode 'lookup' only"
+        elif self.ttl is not None or "bootstrap_timeout" in self.model_fields_set:
+            msg = "'ttl' and 'bootstrap_timeout' apply to mode 'lookup' only"
             raise ValueError(msg)
         return self
 
@@ -186,6 +201,7 @@ class _JoinOp:
         }
         self.lateness = to_us(cfg.allowed_lateness)
         self.ttl = cfg.ttl
+        self.bootstrap_timeout = cfg.bootstrap_timeout
         w = cfg.window
         self.size = to_us(w.size or 0) if w is not None and w.type != "session" else 0
         self.slide = to_us(w.slide or w.size or 0) if w is not None and self.size else 0
@@ -468,6 +484,20 @@ class _SessionJoinShard(ShardLogic):
         return [(DOWN, down)] if down else []
 
 
+LOADED = "loaded"
+"""The tag of the marker telling every lookup shard that the right input is loaded."""
+
+
+@dataclass
+class _LookupState:
+    """A lookup shard's table and the left records waiting for it to be loaded."""
+
+    table: dict[Any, tuple[Any, float]]
+    loaded: bool = False
+    waiting: list[Any] | None = None
+    since: float | None = None  # when the first waiting record arrived (wall clock)
+
+
 class _LookupShard(ShardLogic):
     """Stream-table join: key -> (latest right record, arrival time)."""
 
@@ -476,44 +506,146 @@ class _LookupShard(ShardLogic):
         self.op = op
         self.clock: Callable[[], float] = time.time
         if self.state is None:
-            self.state = {}
+            self.state = _LookupState({}, loaded=not op.bootstrap_timeout)
+        elif not isinstance(self.state, _LookupState):  # a snapshot of the table alone
+            self.state = _LookupState(self.state, loaded=True)
 
     def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
         o = self.op
-        table: dict[Any, tuple[Any, float]] = self.state
-        ttl = o.ttl
+        s: _LookupState = self.state
+        table = s.table
         now = self.clock()
         down: list[dict[str, Any]] = []
         errs: list[Failed] = []
         for side, batch in batches:
+            if side == LOADED:
+                self._release(down, errs)
+                continue
             keyf = o.keys[side]
+            if side == LEFT and not s.loaded:
+                if s.waiting is None:
+                    s.waiting, s.since = [], now
+                s.waiting.extend(batch)
+                continue
             for rec in batch:
                 key = keyf(rec)
                 try:
                     if side == RIGHT:
-                        if not _null_key(key):
+                        if _null_key(key):
+                            continue
+                        meta = rec.get(META)
+                        if isinstance(meta, dict) and meta.get("op") == "delete":
+                            table.pop(key, None)
+                        else:
                             table[key] = (rec, now)
                         continue
-                    hit = None if _null_key(key) else table.get(key)
+                    self._match(rec, key, now, down)
                 except TypeError as exc:
                     errs.append(Failed.of(o.step_id, _unhashable(exc), rec))
-                    continue
-                if hit is not None and ttl is not None and now - hit[1] >= ttl:
-                    del table[key]
-                    hit = None
-                if hit is not None:
-                    down.append(o.combine(rec, hit[0]))
-                elif o.keep_left:
-                    down.append(o.combine(rec, None))
         return _tagged(o.step_id, down, [], errs)
+
+    def _match(self, rec: Any, key: Any, now: float, down: list[dict[str, Any]]) -> None:
+        o = self.op
+        table = self.state.table
+        hit = None if _null_key(key) else table.get(key)
+        if hit is not None and o.ttl is not None and now - hit[1] >= o.ttl:
+            del table[key]
+            hit = None
+        if hit is not None:
+            down.append(o.combine(rec, hit[0]))
+        elif o.keep_left:
+            down.append(o.combine(rec, None))
+
+    def _release(self, down: list[dict[str, Any]], errs: list[Failed]) -> None:
+        """The table is loaded: join the records that waited for it, in arrival order."""
+        s: _LookupState = self.state
+        s.loaded = True
+        waiting, s.waiting, s.since = s.waiting or [], None, None
+        keyf, now = self.op.keys[LEFT], self.clock()
+        for rec in waiting:
+            try:
+                self._match(rec, keyf(rec), now, down)
+            except TypeError as exc:
+                errs.append(Failed.of(self.op.step_id, _unhashable(exc), rec))
+
+    def notify_at(self) -> datetime | None:
+        """Bytewax entry: when waiting records stop waiting for the table."""
+        s: _LookupState = self.state
+        if s.loaded or s.since is None:
+            return None
+        return datetime.fromtimestamp(s.since + self.op.bootstrap_timeout, UTC)
+
+    def on_notify(self) -> tuple[list[tuple[str, list[Any]]], bool]:
+        """Bytewax entry: the bootstrap timeout passed; join with what has arrived."""
+        s: _LookupState = self.state
+        if s.loaded or s.since is None:
+            return [], False
+        log.warning(
+            "step %r: the lookup table was not loaded within %gs; %d waiting record(s) are "
+            "joined with what has arrived", self.op.step_id, self.op.bootstrap_timeout,
+            len(s.waiting or []))
+        down: list[dict[str, Any]] = []
+        errs: list[Failed] = []
+        self._release(down, errs)
+        return _tagged(self.op.step_id, down, [], errs), False
 
     def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """The table: per key, its latest right record."""
-        return [(key, rec) for key, (rec, _) in state.items()]
+        table = state.table if isinstance(state, _LookupState) else state
+        return [(key, rec) for key, (rec, _) in table.items()]
 
     def flush(self) -> list[tuple[str, list[Any]]]:
-        self.state = {}
-        return []
+        down: list[dict[str, Any]] = []
+        errs: list[Failed] = []
+        if not self.state.loaded:
+            self._release(down, errs)
+        self.state = _LookupState({}, loaded=not self.op.bootstrap_timeout)
+        return _tagged(self.op.step_id, down, [], errs)
+
+
+class _RightLoaded(StatefulBatchLogic[list[Any], str, dict[str, bool]]):
+    """Watches a lookup's right input (one instance): says once when it is loaded.
+
+    Loaded means the input ended (a bounded read of the table), or it sent snapshot
+    records (``_meta.op: read``) and then a change: its snapshot is complete.
+    """
+
+    def __init__(self, resume: dict[str, bool] | None) -> None:
+        self.state = dict(resume) if resume else {"snapshot": False, "loaded": False}
+
+    def on_batch(self, values: list[list[Any]]) -> tuple[list[str], bool]:
+        if self.state["loaded"]:
+            return [], False
+        for batch in values:
+            for rec in batch:
+                meta = rec.get(META) if isinstance(rec, dict) else None
+                op_ = meta.get("op") if isinstance(meta, dict) else None
+                if op_ == "read":
+                    self.state["snapshot"] = True
+                elif op_ is not None and self.state["snapshot"]:
+                    self.state["loaded"] = True
+                    return [LOADED], False
+        return [], False
+
+    def on_eof(self) -> tuple[list[str], bool]:
+        if stopping.requested():
+            return [], False
+        return ([] if self.state["loaded"] else [LOADED]), True
+
+    def snapshot(self) -> dict[str, bool]:
+        return dict(self.state)
+
+
+def _loaded_markers(right: Stream[list[Any]], shards: int) -> Stream[tuple[str, Any]]:
+    """One ``(shard, (LOADED, []))`` item per shard once the right input is loaded."""
+    import bytewax.operators as op
+
+    keyed = op.key_on("bootstrap_key", right, lambda _batch: "right")
+    marks = op.key_rm("bootstrap_unkey", op.stateful_batch(
+        "bootstrap", keyed, lambda resume: _RightLoaded(resume)))
+    names = shard_names(shards)
+    return op.flat_map("bootstrap_shards", marks,
+                       lambda _mark: [(name, (LOADED, [])) for name in names])
 
 
 def _tagged(
@@ -547,10 +679,14 @@ def join(
     :arg shards: State shards spread over the workers (part of the recovery state).
     :returns: Joined records, late records and errors, each as batches.
     """
+    import bytewax.operators as op
+
     jop = _JoinOp(step_id, config, shards)
     keyed = route_and_merge(
         step_id, [(LEFT, left), (RIGHT, right)], [jop.keys[LEFT], jop.keys[RIGHT]], shards
     )
+    if config.mode == "lookup" and config.bootstrap_timeout:
+        keyed = op.merge("with_loaded", keyed, _loaded_markers(right, shards))
     outs = stateful_shards("joins", keyed, jop.build)
     return JoinOut(down=outs[DOWN], late=outs[LATE], errs=outs[ERRS])
 

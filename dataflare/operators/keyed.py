@@ -98,6 +98,11 @@ def shard_of(key: Any, shards: int) -> int:
     return zlib.crc32(repr(key).encode()) % shards
 
 
+def shard_names(shards: int) -> tuple[str, ...]:
+    """The keys of the ``shards`` shards of a stateful step."""
+    return _SHARD_NAMES[:shards]
+
+
 def shard_router(
     keys: Callable[[Any], Any], shards: int, tag: str | None = None
 ) -> Callable[[list[Any]], list[tuple[str, Any]]]:

@@ -14,8 +14,11 @@ keys merged with the transformation's ``config``. ``process`` receives a JSON ar
 records (without ``_meta``) and returns ``ptr << 32 | len`` of a JSON array of the same
 length: each element is the output record, ``null`` to drop the record, or
 ``{"$error": "message"}`` to fail it. A batch that traps is retried record by record, so
-only the records that make the plugin trap fail. ``memory_limit`` caps the module's
-memory, ``timeout`` one call (by epoch interruption).
+only the records that make the plugin trap fail; a pointer from ``alloc`` or ``process``
+outside the module's memory is such a failure too. ``memory_limit`` caps the module's
+memory, ``timeout`` one call (by epoch interruption; default 10 s, so an endless loop
+fails its records instead of hanging the run). A batch that timed out fails as a whole:
+it is not retried record by record (that would wait the limit once per record).
 
 **native**: ``path: "package.module:function"``, a Python function ``(record, config) ->
 record | None``; an exception fails that record.
@@ -70,6 +73,10 @@ class PluginError(RuntimeError):
     """A call that failed: the records of the call fail (the step's error policy applies)."""
 
 
+class PluginTimeout(PluginError):
+    """A call that ran past the plugin's time limit."""
+
+
 class PluginSetupError(RuntimeError):
     """A plugin that cannot be loaded or configured: the run stops."""
 
@@ -94,6 +101,9 @@ class _Ticker:
     def _run(self) -> None:
         while not self.stop.wait(self.period):
             self.engine.increment_epoch()
+
+
+DEFAULT_WASM_TIMEOUT = 10.0
 
 
 class WasmPlugin:
@@ -166,10 +176,19 @@ class WasmPlugin:
         if self.ticker is not None:
             store.set_epoch_deadline(self.TICKS)
 
+    def _span(self, inst: dict[str, Any], ptr: int, n: int, what: str) -> None:
+        """Refuse a region ``[ptr, ptr + n)`` the module gave that lies outside its memory."""
+        size = inst["memory"].data_len(inst["store"])
+        if ptr < 0 or ptr + n > size:
+            msg = (f"plugin {self.name!r}: {what} returned an out-of-bounds pointer "
+                   f"({ptr} for {n} bytes; its memory has {size} bytes)")
+            raise PluginError(msg)
+
     def _with_bytes(self, inst: dict[str, Any], data: bytes, call: Callable[[int, int], Any]
                     ) -> Any:
         store = inst["store"]
-        ptr = inst["alloc"](store, len(data))
+        ptr = inst["alloc"](store, len(data)) & 0xFFFFFFFF
+        self._span(inst, ptr, len(data), "alloc")
         inst["memory"].write(store, data, ptr)
         try:
             return call(ptr, len(data))
@@ -188,6 +207,7 @@ class WasmPlugin:
         def run(ptr: int, n: int) -> bytes:
             packed = inst["process"](store, ptr, n) & 0xFFFFFFFFFFFFFFFF
             out_ptr, out_len = packed >> 32, packed & 0xFFFFFFFF
+            self._span(inst, out_ptr, out_len, "process")
             data = bytes(inst["memory"].read(store, out_ptr, out_ptr + out_len))
             if "dealloc" in inst:
                 inst["dealloc"](store, out_ptr, out_len)
@@ -195,11 +215,15 @@ class WasmPlugin:
 
         try:
             data = self._with_bytes(inst, orjson.dumps(records, default=str), run)
+        except PluginError:
+            self.local.instance = None  # its allocator may be broken: start anew
+            raise
         except wasmtime.Trap as exc:
             self.local.instance = None  # a trapped instance may be inconsistent: start anew
-            timed_out = exc.trap_code == wasmtime.TrapCode.INTERRUPT
-            what = f"timed out after {self.timeout}s" if timed_out else f"trapped: {exc.message}"
-            msg = f"plugin {self.name!r} {what}"
+            if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+                msg = f"plugin {self.name!r} timed out after {self.timeout:g}s"
+                raise PluginTimeout(msg) from None
+            msg = f"plugin {self.name!r} trapped: {exc.message}"
             raise PluginError(msg) from None
         except wasmtime.WasmtimeError as exc:
             self.local.instance = None
@@ -235,7 +259,17 @@ def _result(step: str, plugin: str, record: Any, out: Any) -> Any:
 
 
 def wasm_batches(step: str, plugin: WasmPlugin) -> Callable[[Batch], tuple[Batch, list[Failed]]]:
-    """The per-batch function: one call per batch, record by record when a batch fails."""
+    """The per-batch function: one call per batch, record by record when a batch fails.
+
+    A batch that timed out is not retried record by record: each record would wait for the
+    time limit again. Its records fail with the timeout (a batch of one record is the
+    record's own timeout).
+    """
+
+    def fail_all(batch: Batch, exc: PluginError) -> list[Failed]:
+        return [Failed(step, "PluginError", str(exc), record,
+                       record.get(META, {}) if isinstance(record, dict) else {})
+                for record in batch]
 
     def apply(batch: Batch) -> tuple[Batch, list[Failed]]:
         good: Batch = []
@@ -243,6 +277,8 @@ def wasm_batches(step: str, plugin: WasmPlugin) -> Callable[[Batch], tuple[Batch
         bodies = [without_meta(r) for r in batch]
         try:
             pairs = list(zip(batch, plugin.call(bodies), strict=True))
+        except PluginTimeout as exc:
+            return [], fail_all(batch, exc)
         except PluginError:
             pairs = []
             for record, body in zip(batch, bodies, strict=True):
@@ -309,7 +345,7 @@ def build_plugin_step(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     wasm = WasmPlugin(
         name, ctx.path(plugin.path or ""), settings,
         parse_size(limits.memory_limit) if limits.memory_limit else None,
-        limits.timeout,
+        limits.timeout if limits.timeout is not None else DEFAULT_WASM_TIMEOUT,
     )
     wasm.check()
     pairs = op.map("call", up, wasm_batches(ctx.step_id, wasm))

@@ -549,3 +549,46 @@ def test_a_saved_offset_the_recreated_topic_lacks_is_reported_not_skipped(
         assert "going on from the earliest offset 0" in resumed.stderr
     ids = [json.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert ids == [*range(100), *range(1000, 1030)]
+
+
+TOO_LARGE_FLOW = """
+workflow:
+  sources:
+    docs: {type: file, config: {path: "${DIR}/in.jsonl"}}
+  destinations:
+    topic:
+      inputs: [docs]
+      type: kafka
+      config: {bootstrap_servers: "${SERVERS}", topic: "${TOPIC}", key_template: "{{id}}"}
+      error_handling: {strategy: redirect, redirect_to: dlq}
+    dlq: {type: file, config: {path: "${DIR}/dlq.jsonl"}}
+"""
+
+
+def test_a_message_over_the_size_limit_is_a_dead_letter_not_a_failed_run(
+    kafka_broker: LocalBroker, kafka_topic: Any, tmp_path: Path
+) -> None:
+    topic = kafka_topic()
+    servers = kafka_broker.bootstrap_servers
+    big = "x" * 1_500_000  # over librdkafka's default message.max.bytes (1,000,000)
+    lines = [{"id": 1, "text": "small"}, {"id": 2, "text": big}, {"id": 3, "text": "also small"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "flow.yaml").write_text(TOO_LARGE_FLOW)
+    from dataflare.dsl_compiler import compile_file
+
+    env = {"SERVERS": servers, "TOPIC": topic, "DIR": str(tmp_path)}
+    run_main(compile_file(tmp_path / "flow.yaml", env=env))  # raised before: MSG_SIZE_TOO_LARGE
+    assert sorted(m.key() for m in consume_all(servers, topic, 2)) == [b"1", b"3"]
+    [dead] = [json.loads(line) for line in (tmp_path / "dlq.jsonl").read_text().splitlines()]
+    assert dead["record"]["id"] == 2 and len(dead["record"]["text"]) == 1_500_000
+    assert dead["error"]["step"] == "topic" and dead["error"]["type"] == "MessageTooLarge"
+    assert "exceeds the limit of 1000000 bytes" in dead["error"]["message"]
+    assert dead["source"]["position"]["line"] == 2
+
+    # a smaller producer limit set in properties is the limit
+    errors: list[Any] = []
+    run_main(write_flow(dest_ctx(bootstrap_servers=servers, topic=topic,
+                                 properties={"message.max.bytes": 2000}),
+                        [[{"id": 4, "text": "y" * 3000}, {"id": 5}]], errors))
+    [[refused]] = errors
+    assert refused.record["id"] == 4 and "limit of 2000 bytes" in refused.message

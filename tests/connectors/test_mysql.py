@@ -539,3 +539,23 @@ def test_incremental_reads_a_tie_below_the_last_key_once_and_a_bounded_sync_ends
             got.extend(r["id"] for b in part.next_batch() for r in b)
     assert sorted(got) == list(range(1, 12))
     part.close()
+
+
+def test_dotted_table_names_split_only_without_schema(mariadb_private: Any) -> None:
+    mariadb_private.execute(
+        "CREATE DATABASE IF NOT EXISTS dotted_other",
+        "DROP TABLE IF EXISTS `orders.v2`",
+        "CREATE TABLE `orders.v2` (id INT PRIMARY KEY, what VARCHAR(20))",
+        "INSERT INTO `orders.v2` VALUES (1, 'literal name')",
+        "DROP TABLE IF EXISTS dotted_other.v2",
+        "CREATE TABLE dotted_other.v2 (id INT PRIMARY KEY, what VARCHAR(20))",
+        "INSERT INTO dotted_other.v2 VALUES (1, 'database.table')",
+    )
+    # with 'schema' given the dot is part of the table's name
+    given = conn_cfg(mariadb_private, schema=mariadb_private.database, table="orders.v2")
+    records = run(make_ctx("literal", given, mode="full"))
+    assert [plain(r) for r in records] == [{"id": 1, "what": "literal name"}]
+    # without it, 'database.table'
+    split = conn_cfg(mariadb_private, table="dotted_other.v2")
+    records = run(make_ctx("split", split, mode="full"))
+    assert [plain(r) for r in records] == [{"id": 1, "what": "database.table"}]

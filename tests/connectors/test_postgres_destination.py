@@ -53,6 +53,8 @@ def test_config_forms() -> None:
     assert "secret" not in repr(cfg)
     with pytest.raises(ValueError):
         PostgresDestinationConfig(table="t", tabel="x")
+    with pytest.raises(ValueError, match="not a SQL type"):
+        PostgresDestinationConfig(table="t", columns={"a": "int); DROP TABLE t; --"})
 
 
 def test_append_creates_and_widens_the_table(pg_schema: Any) -> None:
@@ -545,3 +547,130 @@ def test_a_refused_record_folded_with_good_ones_fails_alone(pg_schema: Any) -> N
     assert [e.record for e in errors] == [{"id": 1, "qty": -5}]
     assert pg_schema.rows(f'SELECT id, name, qty FROM "{pg_schema.schema}".m ORDER BY id') == [
         (1, "ONE", 1), (2, None, 2)]
+
+
+def test_dotted_table_names_and_a_merge_key_naming_a_dotted_column(pg_schema: Any) -> None:
+    # 'schema.table' without 'schema': the table 'orders' in that schema
+    config = {"dsn": pg_schema.dsn, "table": f"{pg_schema.schema}.orders"}
+    component = models.Destination(type="postgres", config=config)
+    workflow = models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY))
+    ctx = BuildContext("split", "destination", component, PostgresDestinationConfig(**config),
+                       workflow, Path("."))
+    assert run(ctx, [[{"id": 1}]]) == []
+    assert pg_schema.rows(f'SELECT id FROM "{pg_schema.schema}".orders') == [(1,)]
+
+    # with 'schema' given, the dot belongs to the name; a merge key 'order.id' that is a
+    # field of the records (a column named with a dot) is that column, not a path
+    ctx = ctx_for(pg_schema, table="orders.v2",
+                  write_mode={"type": "merge", "merge_key": "order.id"})
+    assert run(ctx, [[{"order.id": 1, "v": "a"}, {"order.id": 2, "v": "b"}],
+                     [{"order.id": 1, "v": "c"}]]) == []
+    rows = pg_schema.rows(f'SELECT "order.id", v FROM "{pg_schema.schema}"."orders.v2" '
+                          'ORDER BY 1')
+    assert rows == [(1, "c"), (2, "b")]
+
+
+COPY_FLOW = """
+workflow:
+  sources:
+    src:
+      type: ${KIND}
+      mode: full
+      config: {dsn: "${SRC_DSN}", host: "${HOST}", port: "${PORT}", username: "${USER}",
+               database: "${DB}", table: "${TABLE}"}
+  destinations:
+    copy:
+      inputs: [src]
+      type: postgres
+      config: {dsn: "${DSN}", schema: "${SCHEMA}", table: copied,
+               columns: {note: "varchar(40)", extra: jsonb}}
+"""
+
+
+def copy_table(tmp_path: Path, pg: Any, kind: str, **env: str) -> None:
+    from dataflare.dsl_compiler import compile_file
+
+    flow = tmp_path / "flow.yaml"
+    text = COPY_FLOW
+    if kind == "postgres":  # dsn only
+        text = text.replace(', host: "${HOST}", port: "${PORT}", username: "${USER}",\n'
+                            '               database: "${DB}"', "")
+    else:
+        text = text.replace('dsn: "${SRC_DSN}", ', "")
+    flow.write_text(text)
+    run_main(compile_file(flow, env={"KIND": kind, "DSN": pg.dsn, "SCHEMA": pg.schema, **env}))
+
+
+def column_types(pg: Any, table: str) -> dict[str, str]:
+    return dict(pg.rows(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+        "format('%%I.%%I', %s::text, %s::text)::regclass AND attnum > 0 AND NOT attisdropped",
+        pg.schema, table))
+
+
+def primary_key_of(pg: Any, table: str) -> list[str]:
+    return [r[0] for r in pg.rows(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+        "AND a.attnum = ANY (i.indkey) WHERE i.indrelid = format('%%I.%%I', %s::text, "
+        "%s::text)::regclass AND i.indisprimary", pg.schema, table)]
+
+
+def test_a_postgres_to_postgres_copy_keeps_types_key_and_arrays(
+    pg_schema: Any, tmp_path: Path
+) -> None:
+    s = pg_schema.schema
+    with pg_schema.connect() as conn:
+        conn.execute(
+            f'CREATE TABLE "{s}".source (id integer PRIMARY KEY, amount numeric(12,2), '
+            "big numeric(30,0), seen timestamptz, day date, ref uuid, blob bytea, "
+            "tags text[], doc jsonb, flag boolean, note text)")
+        conn.execute(
+            f'INSERT INTO "{s}".source VALUES '
+            "(1, 12.50, 123456789012345678901234567890, '2024-03-01 12:00:00+02', "
+            "'2024-03-01', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\\x00ff10', "
+            "'{a,\"b c\"}', '{\"k\": [1, 2]}', true, 'x'), "
+            "(2, 0.10, 42, NULL, NULL, NULL, NULL, '{}', NULL, false, NULL)")
+    copy_table(tmp_path, pg_schema, "postgres", SRC_DSN=pg_schema.dsn,
+               TABLE=f"{s}.source")
+    assert column_types(pg_schema, "copied") == {
+        "id": "integer", "amount": "numeric(12,2)", "big": "numeric(30,0)",
+        "seen": "timestamp with time zone", "day": "date", "ref": "uuid", "blob": "bytea",
+        "tags": "text[]", "doc": "jsonb", "flag": "boolean",
+        "note": "character varying(40)",  # the destination's columns hint wins
+        "extra": "jsonb",  # a hinted column no record has is created too
+    }
+    assert primary_key_of(pg_schema, "copied") == ["id"]
+    cols = "id, amount, big, seen, day, ref, blob, tags, doc, flag, note"
+    assert pg_schema.rows(f'SELECT {cols} FROM "{s}".copied ORDER BY id') == pg_schema.rows(
+        f'SELECT {cols} FROM "{s}".source ORDER BY id')
+
+
+def test_a_mysql_to_postgres_copy_maps_the_types(
+    pg_schema: Any, mariadb_private: Any, tmp_path: Path
+) -> None:
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS typed_copy",
+        "CREATE TABLE typed_copy (id INT UNSIGNED PRIMARY KEY, amount DECIMAL(10,2), "
+        "seen DATETIME, doc JSON, bin VARBINARY(8), flag TINYINT(1), name VARCHAR(20), "
+        "note TEXT)",
+        "INSERT INTO typed_copy VALUES (1, 12.50, '2024-03-01 12:00:00', '{\"k\": [1, 2]}', "
+        "X'00FF10', 1, 'ann', 'x'), (2, 0.10, NULL, NULL, NULL, 0, NULL, NULL)",
+    )
+    copy_table(tmp_path, pg_schema, "mysql", HOST=mariadb_private.host,
+               PORT=str(mariadb_private.port), USER=mariadb_private.user,
+               DB=mariadb_private.database, TABLE="typed_copy")
+    assert column_types(pg_schema, "copied") == {
+        "id": "bigint", "amount": "numeric(10,2)", "seen": "timestamp without time zone",
+        "doc": "jsonb", "bin": "bytea", "flag": "boolean", "name": "character varying(20)",
+        "note": "character varying(40)", "extra": "jsonb",
+    }
+    assert primary_key_of(pg_schema, "copied") == ["id"]
+    from datetime import datetime
+    from decimal import Decimal
+
+    assert pg_schema.rows(
+        f'SELECT id, amount, seen, doc, bin, flag, name FROM "{pg_schema.schema}".copied '
+        "ORDER BY id") == [
+        (1, Decimal("12.50"), datetime(2024, 3, 1, 12), {"k": [1, 2]}, b"\x00\xff\x10", True,
+         "ann"),
+        (2, Decimal("0.10"), None, None, None, False, None)]

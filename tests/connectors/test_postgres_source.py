@@ -1178,3 +1178,101 @@ workflow:
     ids = [json.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert ids == list(range(1, 31))  # the file resumed too: every row once
     assert "rows: 5" in second.stderr  # the second run read only what came since
+
+
+def test_dotted_table_names_split_only_without_schema(pg_schema: Any) -> None:
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}"."people.v2" (id int PRIMARY KEY, '
+                     "what text)")
+        conn.execute(f'INSERT INTO "{pg_schema.schema}"."people.v2" VALUES (1, %s)',
+                     ["literal name"])
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".v2 (id int PRIMARY KEY, what text)')
+        conn.execute(f'INSERT INTO "{pg_schema.schema}".v2 VALUES (1, %s)', ["schema.table"])
+    given = {"dsn": pg_schema.dsn, "schema": pg_schema.schema, "table": "people.v2"}
+    assert plain(run_source(make_ctx("literal", given, mode="full"))) == [
+        {"id": 1, "what": "literal name"}]
+    split = {"dsn": pg_schema.dsn, "table": f"{pg_schema.schema}.v2"}
+    assert plain(run_source(make_ctx("split", split, mode="full"))) == [
+        {"id": 1, "what": "schema.table"}]
+
+
+IDLE_FLOW = """\
+workflow:
+  sources:
+    quiet:
+      type: postgres
+      mode: cdc
+      config: {{host: {host}, port: {port}, database: {database}, username: {user},
+               table: idle_rows}}
+      cdc: {{slot_name: cdc_idle, publication_name: cdc_idle_pub, snapshot_mode: never,
+            include_tables: [public.idle_rows], poll_interval: 50ms,
+            heartbeat_interval: 100ms}}
+  destinations:
+    out: {{type: file, inputs: [quiet], config: {{path: {out}}}}}
+"""
+
+
+def slot_lag(pg: Any, slot: str) -> int | None:
+    with pg.connect() as conn:
+        row = conn.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+    # listed with a null position while it is being created
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def wait_for(what: str, check: Any, timeout: float = 90) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_an_idle_slot_follows_the_wal_others_write(pg_private: Any, tmp_path: Path) -> None:
+    slot = "cdc_idle"
+    drop_slot(pg_private, slot, f"{slot}_pub")
+    pg_private.execute("DROP TABLE IF EXISTS idle_rows",
+                       "CREATE TABLE idle_rows (id int PRIMARY KEY)",
+                       "INSERT INTO idle_rows VALUES (1)")
+    with pg_private.connect() as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'idle_other'")
+        if exists.fetchone() is None:
+            conn.execute("CREATE DATABASE idle_other")
+    other = pg_private.dsn.replace(f"dbname={pg_private.database}", "dbname=idle_other")
+    out = tmp_path / "out.jsonl"
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(IDLE_FLOW.format(host=pg_private.host, port=pg_private.port, out=out,
+                                     database=pg_private.database, user=pg_private.user))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RUST_BACKTRACE": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dataflare", "run", str(flow), "-q",
+         "--recovery-dir", str(tmp_path / "recovery"), "-s", "0.2"],
+        env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("the slot", lambda: slot_lag(pg_private, slot) is not None or proc.poll())
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        import psycopg
+
+        for round_ in range(2):  # another database is written; the published table is idle
+            with psycopg.connect(other, autocommit=True) as conn:
+                conn.execute("DROP TABLE IF EXISTS filler")
+                conn.execute("CREATE TABLE filler AS SELECT g, repeat('x', 500) AS pad "
+                             "FROM generate_series(1, 50000) g")
+            lag = slot_lag(pg_private, slot)
+            assert lag is not None and lag > 20_000_000, (round_, lag)  # WAL was written
+            # the slot follows: under 4 MB behind soon after (it held it all before)
+            wait_for(f"the slot to advance (round {round_})",
+                     lambda: (slot_lag(pg_private, slot) or 0) < 4_000_000)
+        # moving the idle position loses no change that comes after it
+        pg_private.execute("INSERT INTO idle_rows VALUES (2)")
+        wait_for("the change", lambda: out.exists() and '"id":2' in out.read_text().replace(
+            " ", ""))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        drop_slot(pg_private, slot, f"{slot}_pub")

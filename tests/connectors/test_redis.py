@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,74 @@ def test_a_command_redis_refuses_fails_its_record_alone(redis_url: str) -> None:
     assert admin.hgetall("user:4") == {b"id": b"4", b"n": b"4"}
     assert admin.get("user:2") == b"a string, not a hash"
     assert admin.ttl("user:2") == -1 and 0 < admin.ttl("user:1") <= 60  # no TTL on it
+
+
+def test_the_default_retry_policy_rides_out_a_server_restart() -> None:
+    from tests.fixtures.services import RedisProcess
+
+    server = RedisProcess()  # its own server: this test stops it
+    server.start()
+    try:
+        cfg = RedisDestinationConfig(url=f"{server.url}/0", key_template="k:{{id}}",
+                                     data_structure="string", value_field="v")
+        writer = _RedisWriter("cache", cfg, models.Retry())  # the defaults
+        cmds = _Commands("cache", cfg)
+        ok, _ = cmds.prepare([{"id": 1, "v": "a"}])
+        assert writer.write_flush(Flush(0, ok)) == []
+        server.stop()
+        # down for longer than the old default policy (3 attempts, ~3 s) waited
+        restart = threading.Timer(6.0, server.start)
+        restart.start()
+        ok, _ = cmds.prepare([{"id": 2, "v": "b"}])
+        assert writer.write_flush(Flush(1, ok)) == []
+        restart.join()
+        writer.close()
+        client = redis.Redis.from_url(f"{server.url}/0")
+        assert client.get("k:2") == b"b"
+        client.close()
+    finally:
+        server.remove()
+
+
+def test_retries_are_bounded_by_max_elapsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataflare import retry
+
+    now = [0.0]
+    monkeypatch.setattr(retry, "monotonic", lambda: now[0])
+    calls: list[float] = []
+
+    def down() -> None:
+        calls.append(now[0])
+        raise retry.TransientError("connection refused")
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(retry.TransientError):
+        retry.call_with_retry("step 'x': write", down, models.Retry(), sleep=sleep)
+    assert calls[-1] == pytest.approx(60.0)  # the last attempt lands on max_elapsed
+    assert 8 <= len(calls) <= 10
+    now[0] = 0.0
+    calls.clear()
+    unbounded = models.Retry(max_elapsed=None, max_attempts=4)
+    with pytest.raises(retry.TransientError):
+        retry.call_with_retry("step 'x': write", down, unbounded, sleep=sleep)
+    assert len(calls) == 4
+
+
+def test_a_graceful_stop_ends_the_retry_wait() -> None:
+    import time
+
+    from dataflare import retry, stopping
+
+    def down() -> None:
+        raise retry.TransientError("connection refused")
+
+    threading.Timer(0.3, stopping.REQUESTED.set).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(retry.TransientError):
+            retry.call_with_retry("step 'x': write", down, models.Retry())  # ~60 s of retries
+        assert time.monotonic() - started < 10
+    finally:
+        stopping.REQUESTED.clear()

@@ -320,6 +320,29 @@ def test_lookup_from_postgres(tmp_path, pg_schema):
     assert "secret" not in out[0]
 
 
+def test_lookup_from_mysql(tmp_path, mariadb_private):
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS lookup_enrich_customers",
+        "CREATE TABLE lookup_enrich_customers (id INT PRIMARY KEY, name VARCHAR(20), "
+        "tier VARCHAR(10), since DATETIME, secret TEXT)",
+        "INSERT INTO lookup_enrich_customers VALUES (1, 'ann', 'gold', '2024-01-02 03:04:05', "
+        "'x'), (2, 'bob', 'silver', NULL, 'y')",
+    )
+    db = mariadb_private
+    connection = (f"{{type: mysql, host: {db.host}, port: {db.port}, username: {db.user}, "
+                  f"database: {db.database}, table: lookup_enrich_customers}}")
+    out = lookup_run(tmp_path, connection)
+    check_lookup(out)
+    assert "secret" not in out[0]
+    # whole rows (no 'fields'), with values as the mysql source gives them
+    (tmp_path / "flow.yaml").write_text(
+        LOOKUP_FLOW.replace("CONNECTION", connection).replace("fields: [name, tier]", ""))
+    result = run_cli("run", str(tmp_path / "flow.yaml"))
+    assert result.code == 0, result.stderr
+    first = read_jsonl(tmp_path / "out" / "out.jsonl")[0]
+    assert first["since"] == "2024-01-02T03:04:05" and first["secret"] == "x"
+
+
 def test_lookup_from_csv_file(tmp_path):
     (tmp_path / "customers.csv").write_text("id,name,tier\n1,ann,gold\n2,bob,silver\n")
     check_lookup(lookup_run(tmp_path, "{type: file, path: customers.csv}"))

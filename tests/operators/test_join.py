@@ -212,7 +212,8 @@ def lookup_flow(cfg: JoinConfig) -> Any:
 @pytest.mark.parametrize("join_type", ["inner", "left"])
 def test_lookup_join_uses_the_latest_right_record(join_type):
     cfg = JoinConfig.model_validate(
-        {"mode": "lookup", "left_key": "user_id", "right_key": "id", "join_type": join_type}
+        {"mode": "lookup", "left_key": "user_id", "right_key": "id", "join_type": join_type,
+         "bootstrap_timeout": "0s"}  # no bootstrap: each record meets the table as it is
     )
     items = [
         ("L", [{"user_id": 1, "o": "early"}]),
@@ -236,7 +237,8 @@ def test_lookup_join_uses_the_latest_right_record(join_type):
 def test_lookup_ttl_forgets_old_right_records():
     def run(ttl: str) -> list[Any]:
         cfg = JoinConfig.model_validate(
-            {"mode": "lookup", "join_key": "k", "join_type": "left", "ttl": ttl}
+            {"mode": "lookup", "join_key": "k", "join_type": "left", "ttl": ttl,
+             "bootstrap_timeout": "0s"}
         )
         items = [
             ("R", [{"k": 1, "r": 1}]),
@@ -247,6 +249,56 @@ def test_lookup_ttl_forgets_old_right_records():
 
     assert run("100ms") == [{"k": 1, "l": 1}]
     assert run("1h") == [{"k": 1, "r": 1, "l": 1}]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_lookup_waits_for_the_table_to_be_loaded(workers):
+    cfg = JoinConfig.model_validate({"mode": "lookup", "join_key": "k", "join_type": "left"})
+    # the stream comes first; the table (a bounded read) ends after it
+    items = [
+        ("L", [{"k": 1, "o": "a"}, {"k": 2, "o": "b"}]),
+        ("R", [{"k": 1, "name": "ann"}]),
+        ("L", [{"k": 2, "o": "c"}, {"k": 3, "o": "d"}]),
+        ("R", [{"k": 2, "name": "bob"}]),
+    ]
+    got = run_flow(lookup_flow(cfg), items, workers=workers, **EPOCHS)["down"]
+    assert canon(got) == canon([
+        {"k": 1, "name": "ann", "o": "a"}, {"k": 2, "name": "bob", "o": "b"},
+        {"k": 2, "name": "bob", "o": "c"}, {"k": 3, "o": "d"},
+    ])
+
+
+def test_lookup_table_from_cdc_is_loaded_after_its_snapshot_and_follows_deletes():
+    cfg = JoinConfig.model_validate({"mode": "lookup", "join_key": "k"})
+    items = [
+        ("L", [{"k": 1, "o": "early"}]),
+        ("R", [{"k": 1, "name": "ann", "_meta": {"op": "read"}}]),
+        ("R", [{"k": 2, "name": "bob", "_meta": {"op": "read"}}]),
+        ("R", [{"k": 2, "name": "bob", "_meta": {"op": "delete"}}]),  # snapshot done
+        ("L", [{"k": 2, "o": "late"}]),
+        ("L", [{"k": 1, "o": "then"}]),
+        TestingSource.PAUSE(timedelta(milliseconds=500)),  # the table is not over yet
+        ("R", [{"k": 1, "name": "ann v2", "_meta": {"op": "update"}}]),
+    ]
+    got = run_flow(lookup_flow(cfg), items, **EPOCHS)["down"]
+    assert canon(got) == canon([
+        {"k": 1, "name": "ann", "o": "early", "_meta": {"op": "read"}},
+        {"k": 1, "name": "ann", "o": "then", "_meta": {"op": "read"}},
+    ])
+
+
+def test_lookup_bootstrap_timeout_releases_waiting_records():
+    cfg = JoinConfig.model_validate(
+        {"mode": "lookup", "join_key": "k", "join_type": "left", "bootstrap_timeout": "100ms"})
+    items = [
+        ("L", [{"k": 1, "o": "waited"}]),
+        TestingSource.PAUSE(timedelta(seconds=1)),
+        ("R", [{"k": 1, "name": "ann"}]),
+        ("L", [{"k": 1, "o": "after"}]),
+    ]
+    got = run_flow(lookup_flow(cfg), items, **EPOCHS)["down"]
+    # released unmatched after 100 ms, before the table's record arrived
+    assert canon(got) == canon([{"k": 1, "o": "waited"}, {"k": 1, "name": "ann", "o": "after"}])
 
 
 @pytest.mark.parametrize("abort_at", [0, 1, 3, 5])
@@ -274,6 +326,29 @@ def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, abort_at):
     second = run_flow(join_flow(cfg), aborted, recovery_config=rc, **EPOCHS)
     for name in ("down", "late"):
         assert canon(first[name] + second[name]) == canon(full[name])
+
+
+@pytest.mark.parametrize("abort_at", [1, 2, 4])
+def test_lookup_records_waiting_for_the_table_survive_an_abort(tmp_path, abort_at):
+    cfg = JoinConfig.model_validate({"mode": "lookup", "join_key": "k", "join_type": "left"})
+    items = [
+        ("L", [{"k": 1, "o": "a"}]),
+        ("L", [{"k": 2, "o": "b"}]),
+        ("R", [{"k": 1, "name": "ann", "_meta": {"op": "read"}}]),
+        ("L", [{"k": 1, "o": "c"}]),
+        ("R", [{"k": 2, "name": "bob", "_meta": {"op": "insert"}}]),  # loaded: snapshot done
+        ("L", [{"k": 2, "o": "d"}]),
+    ]
+    # the waiting records meet the table as it is when it is loaded (with the first change)
+    expected = [{"k": 1, "name": "ann", "o": o, "_meta": {"op": "read"}} for o in "ac"] + [
+        {"k": 2, "name": "bob", "o": o, "_meta": {"op": "insert"}} for o in "bd"]
+    assert canon(run_flow(lookup_flow(cfg), items, **EPOCHS)["down"]) == canon(expected)
+    init_db_dir(tmp_path, 1)
+    rc = RecoveryConfig(str(tmp_path))
+    aborted = [*items[:abort_at], TestingSource.ABORT(), *items[abort_at:]]
+    first = run_flow(lookup_flow(cfg), aborted, recovery_config=rc, **EPOCHS)["down"]
+    second = run_flow(lookup_flow(cfg), aborted, recovery_config=rc, **EPOCHS)["down"]
+    assert canon(first + second) == canon(expected)
 
 
 def test_resume_with_changed_window_is_refused(tmp_path):
@@ -341,3 +416,55 @@ def test_bad_configs(config, message):
 def test_registered_with_two_inputs():
     spec = registry.lookup("transformation", "join")
     assert spec is not None and spec.inputs == (2, 2) and spec.stateful
+
+
+LOOKUP_FLOW = """
+workflow:
+  sources:
+    orders:
+      type: kafka
+      config: {bootstrap_servers: "${SERVERS}", topic: "${TOPIC}", stop_at_end: true}
+    customers:
+      type: mysql
+      mode: full
+      config: {host: 127.0.0.1, port: "${PORT}", username: "${USER}", database: "${DB}",
+               table: lookup_customers, batch_size: 5}
+  transformations:
+    enriched:
+      inputs: [orders, customers]
+      type: join
+      config: {mode: lookup, left_key: customer_id, right_key: id, join_type: left}
+  destinations:
+    out: {type: file, inputs: [enriched], config: {path: "${OUT}"}}
+"""
+
+
+def test_kafka_orders_meet_a_mysql_table_loaded_first(
+    kafka_broker, kafka_topic, mariadb_private, tmp_path
+):
+    from bytewax.testing import run_main
+
+    from dataflare.connectors.kafka import produce_records
+    from dataflare.dsl_compiler import compile_file
+    from tests.fixtures.workflows import read_jsonl
+
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS lookup_customers",
+        "CREATE TABLE lookup_customers (id INT PRIMARY KEY, name VARCHAR(20))",
+        "INSERT INTO lookup_customers VALUES "
+        + ", ".join(f"({i}, 'c{i}')" for i in range(20)),
+    )
+    topic = kafka_topic()
+    produce_records(kafka_broker.bootstrap_servers, topic,
+                    [{"order": n, "customer_id": n % 20} for n in range(40)])
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(LOOKUP_FLOW)
+    out = tmp_path / "out.jsonl"
+    env = {"SERVERS": kafka_broker.bootstrap_servers, "TOPIC": topic, "OUT": str(out),
+           "PORT": str(mariadb_private.port), "USER": mariadb_private.user,
+           "DB": mariadb_private.database}
+    run_main(compile_file(flow, env=env))
+    rows = read_jsonl(out)
+    assert len(rows) == 40
+    assert sorted((r["order"], r.get("name")) for r in rows) == [
+        (n, f"c{n % 20}") for n in range(40)]  # every order enriched (0 of 40 before)

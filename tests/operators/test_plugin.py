@@ -59,9 +59,11 @@ def test_a_trapping_record_fails_alone_with_its_position(tmp_path):
 def test_timeout_and_memory_limit_stop_a_call(tmp_path):
     result = run_flow(tmp_path, ['{"a": "fine"}', '{"a": "spin~"}'])
     assert result.code == 0, result.stderr
-    [reject] = read_jsonl(tmp_path / "rejects.jsonl")
-    assert reject["error"]["message"] == "plugin 'shout' timed out after 0.3s"
-    assert read_jsonl(tmp_path / "out.jsonl") == [{"A": "FINE"}]
+    # the batch timed out: its records fail together (no second wait per record)
+    rejects = read_jsonl(tmp_path / "rejects.jsonl")
+    assert [r["record"] for r in rejects] == [{"a": "fine"}, {"a": "spin~"}]
+    assert {r["error"]["message"] for r in rejects} == {"plugin 'shout' timed out after 0.3s"}
+    assert not (tmp_path / "out.jsonl").exists()
 
     big = '{"a": "' + "x" * 200_000 + '"}'
     result = run_flow(tmp_path, ['{"a": "small"}', big], memory="128KiB")
@@ -110,3 +112,94 @@ workflow:
     [reject] = read_jsonl(tmp_path / "rejects.jsonl")
     assert {k: reject["error"][k] for k in ("step", "type", "message")} == {
         "step": "scored", "type": "ValueError", "message": "negative amount -1"}
+
+
+# alloc hands out a pointer far past the module's one page of memory
+BAD_ALLOC = """(module (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) (i32.const 0x7ffffff0))
+  (func (export "process") (param i32 i32) (result i64) (i64.const 0)))"""
+
+# process answers with a result region past the end of memory, except for '[{}]'
+BAD_RESULT = """(module (memory (export "memory") 1)
+  (data (i32.const 16) "[{}]")
+  (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "process") (param $ptr i32) (param $len i32) (result i64)
+    (if (result i64) (i32.eq (local.get $len) (i32.const 4))
+      (then (i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 4)))
+      (else (i64.or (i64.shl (i64.const 65000) (i64.const 32)) (i64.const 4096))))))"""
+
+
+def test_out_of_bounds_pointers_fail_their_records_not_the_run(tmp_path):
+    module = tmp_path / "bad_alloc.wat"
+    module.write_text(BAD_ALLOC)
+    result = run_flow(tmp_path, ['{"a": 1}', '{"a": 2}'], path=module)
+    assert result.code == 0, result.stderr
+    rejects = read_jsonl(tmp_path / "rejects.jsonl")
+    assert [r["record"] for r in rejects] == [{"a": 1}, {"a": 2}]
+    message = rejects[0]["error"]["message"]
+    assert message.startswith("plugin 'shout': alloc returned an out-of-bounds pointer")
+    assert rejects[1]["source"]["position"]["line"] == 2
+
+    module = tmp_path / "bad_result.wat"
+    module.write_text(BAD_RESULT)
+    result = run_flow(tmp_path, ["{}", '{"a": 2}'], path=module)
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "out.jsonl") == [{}]
+    [reject] = read_jsonl(tmp_path / "rejects.jsonl")
+    assert reject["record"] == {"a": 2}
+    assert "process returned an out-of-bounds pointer (65000 for 4096 bytes" in (
+        reject["error"]["message"])
+
+
+SPIN = """(module (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "process") (param i32 i32) (result i64) (loop $forever (br $forever))
+    (i64.const 0)))"""
+
+
+def test_timeouts_have_a_default_and_fail_the_batch_without_per_record_retries(
+    tmp_path, monkeypatch
+):
+    import threading
+
+    from bytewax.testing import run_main
+
+    from dataflare.dsl_compiler import compile_file
+    from dataflare.operators import plugin as plugin_module
+
+    module = tmp_path / "spin.wat"
+    module.write_text(SPIN)
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"n": {i}}}\n' for i in range(50)))
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  plugins:
+    spin: {{type: wasm, path: "{module}"}}
+  sources:
+    s: {{type: file, config: {{path: "{tmp_path}/in.jsonl"}}}}
+  transformations:
+    p: {{type: plugin, plugin: spin, inputs: [s],
+        error_handling: {{strategy: redirect, redirect_to: rejects}}}}
+  destinations:
+    out: {{type: file, inputs: [p], config: {{path: "{tmp_path}/out.jsonl"}}}}
+    rejects: {{type: file, config: {{path: "{tmp_path}/rejects.jsonl"}}}}
+""")
+    # no 'timeout' given: the default limit (shortened here) stops the endless loop
+    monkeypatch.setattr(plugin_module, "DEFAULT_WASM_TIMEOUT", 0.3)
+    calls: list[int] = []
+    real_call = plugin_module.WasmPlugin.call
+
+    def counted(self, records):
+        calls.append(len(records))
+        return real_call(self, records)
+
+    monkeypatch.setattr(plugin_module.WasmPlugin, "call", counted)
+    flow = compile_file(tmp_path / "flow.yaml")
+    runner = threading.Thread(target=run_main, args=(flow,), daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "the endless loop was not interrupted"
+    rejects = read_jsonl(tmp_path / "rejects.jsonl")
+    assert sorted(r["record"]["n"] for r in rejects) == list(range(50))
+    assert {r["error"]["message"] for r in rejects} == {"plugin 'spin' timed out after 0.3s"}
+    # one call per batch and none per record after a timeout
+    assert sum(calls) == 50
