@@ -1,6 +1,7 @@
 """Incremental reads of a SQL table: tie-safe, resumable, optionally bounded.
 
-Shared by the PostgreSQL and MySQL sources, which only build the page query. A *pass*
+Shared by the PostgreSQL and MySQL sources, which give only a :class:`SqlTable` (how to
+quote a name and run a query). A *pass*
 reads the rows whose cursor column is at least the highest value read so far (less
 ``incremental.lookback``), in ``(cursor, key...)`` order, a page at a time. A row read
 before, with the same key and the same content, is not emitted again; so a row updated
@@ -16,10 +17,16 @@ from the saved cursor.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
+
+from bytewax.inputs import StatefulSourcePartition
+
+from dataflare.connectors.sql_source import Connection, now, row_records
+
+Rows = list[Sequence[Any]]
 
 
 @dataclass(frozen=True)
@@ -128,3 +135,97 @@ class IncrementalCursor:
         """The resume state (a copy)."""
         st = self.state
         return IncrementalState(st.cursor, dict(st.seen), st.after)
+
+
+@dataclass(frozen=True)
+class SqlTable:
+    """What one database adds to an incremental read: names, quoting and fetching."""
+
+    shown: str  # ``schema.table``, in messages and each record's ``_meta.table``
+    quoted: str  # the table as SQL
+    quote: Callable[[str], str]  # a column name as SQL
+    fetch: Callable[[Any, str, list[Any]], tuple[list[str], Rows]]  # (names, rows) of a query
+    value: Callable[[Any], Any] = lambda v: v  # a read value as a query parameter
+    convert: Callable[[list[str], Rows], Rows] = lambda names, rows: rows  # rows as records
+
+
+class IncrementalPartition(StatefulSourcePartition[list[Any], Any]):
+    """Polls one table's rows by an incremental cursor, a page at a time."""
+
+    def __init__(self, db: Connection, table: SqlTable, cursor: IncrementalCursor,
+                 interval: float, bounded: bool, decimals: Any) -> None:
+        self.db, self.table, self.reader = db, table, cursor
+        self.interval = timedelta(seconds=interval)
+        self.bounded, self.decimals = bounded, decimals
+        self.awake: datetime | None = None
+        self.rows_read = 0
+        self.done = False
+
+    def _name(self, name: str) -> str:
+        return self.table.quote(name).replace("%", "%%")  # both drivers format with %
+
+    def _query(self, conn: Any) -> tuple[list[str], Rows]:
+        t, page, size = self.table, self.reader.page(), self.reader.batch_size
+        key, col = self.reader.key, self._name(self.reader.column)
+        order = [self.reader.column, *key]
+        where, params = f"{col} IS NOT NULL", []
+        if page.lower is not None:
+            where += f" AND {col} >= %s"
+            params.append(page.lower)
+        if page.after is not None:
+            cols = order[: len(page.after)]
+            where += (f" AND ({', '.join(self._name(c) for c in cols)}) > "
+                      f"({', '.join(['%s'] * len(cols))})")
+            params.extend(page.after)
+        if page.upper is not None:
+            where += f" AND {col} <= %s"
+            params.append(page.upper)
+        names, rows = t.fetch(conn, f"SELECT * FROM {t.quoted} WHERE {where} ORDER BY "
+                              f"{', '.join(self._name(c) for c in order)} LIMIT {int(size)}",
+                              params)
+        if not key and len(rows) == size:
+            # Without a key, a page ends between rows sharing a cursor value: read that
+            # value's rows whole, so the next page (cursor > that value) loses none.
+            i = names.index(self.reader.column)
+            last = rows[-1][i]
+            rows = [r for r in rows if r[i] != last]
+            rows += t.fetch(conn, f"SELECT * FROM {t.quoted} WHERE {col} = %s",
+                            [t.value(last)])[1]
+        return names, rows
+
+    def _high_water(self, conn: Any) -> Any:
+        col = self._name(self.reader.column)
+        return self.table.fetch(conn, f"SELECT max({col}) FROM {self.table.quoted}", [])[1][0][0]
+
+    def next_batch(self) -> list[list[Any]]:
+        """The next page's new records; the input ends after a bounded sync's last pass."""
+        if self.done:
+            raise StopIteration
+        t = self.table
+        if self.bounded and self.reader.upper is None:
+            top = self.db.run(f"reading the end of {t.shown}", self._high_water)
+            if top is None:
+                raise StopIteration  # an empty table: nothing to sync
+            self.reader.upper = t.value(top)
+        names, rows = self.db.run(f"polling {t.shown}", self._query)
+        fresh, ended = self.reader.accept(names, rows, t.value)
+        self.awake = now() + self.interval if ended else None
+        if ended and self.bounded:
+            self.done, self.awake = True, None
+        if not fresh:
+            return []
+        first, self.rows_read = self.rows_read + 1, self.rows_read + len(fresh)
+        return [row_records(self.db.step_id, names, t.convert(names, fresh),
+                            {"table": t.shown}, self.decimals, first)]
+
+    def next_awake(self) -> datetime | None:
+        """When to poll next."""
+        return self.awake
+
+    def snapshot(self) -> Any:
+        """The resume state."""
+        return self.reader.snapshot()
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()

@@ -38,7 +38,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field
 
 from dataflare.config import Duration, Secret, Strict
-from dataflare.connectors.incremental import IncrementalCursor
+from dataflare.connectors.incremental import IncrementalCursor, IncrementalPartition, SqlTable
 from dataflare.connectors.postgres import effective_mode
 from dataflare.connectors.schema import (
     DECIMAL_HANDLING,
@@ -476,99 +476,26 @@ class FullPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.read.close()
 
 
-class IncrementalPartition(StatefulSourcePartition[list[Any], Any]):
-    """Polls the table's rows by an incremental cursor (see ``connectors.incremental``)."""
+def _fetch_all(conn: Any, query: str, params: list[Any]) -> tuple[list[str], list[Sequence[Any]]]:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        return [d[0] for d in cur.description], list(cur.fetchall())
 
-    def __init__(self, src: MySqlSource, state: Any) -> None:
-        self.src = src
-        self.database, self.table = src.cfg.qualified()
-        self.db = MySqlDatabase(src.step_id, src.cfg.settings(), src.retry)
-        self.column, start, interval = src.incremental_settings()
-        self.interval = timedelta(seconds=interval)
-        key = [k for k in _key(self.db, src.cfg, self.database, self.table) if k != self.column]
-        self.convert = _table_converters(self.db, self.database, self.table)
-        inc = src.component.incremental
-        self.reader = IncrementalCursor(self.column, key, start,
-                                        float(inc.lookback) if inc else 0.0,
-                                        src.cfg.batch_size, state)
-        self.awake: datetime | None = None
-        self.rows_read = 0
-        self.bounded = src.cfg.stop_at_end
-        self.done = False
 
-    def _query(self, conn: Any) -> tuple[list[str], list[Sequence[Any]]]:
-        page = self.reader.page()
-        key = self.reader.key
-        order = [self.column, *key]
-        where = f"{q(self.column)} IS NOT NULL"
-        params: list[Any] = []
-        if page.lower is not None:
-            where += f" AND {q(self.column)} >= %s"
-            params.append(page.lower)
-        if page.after is not None:
-            cols = order[: len(page.after)]
-            where += (f" AND ({', '.join(q(c) for c in cols)}) > "
-                      f"({', '.join(['%s'] * len(cols))})")
-            params.extend(page.after)
-        if page.upper is not None:
-            where += f" AND {q(self.column)} <= %s"
-            params.append(page.upper)
-        size = self.src.cfg.batch_size
-        table = f"{q(self.database)}.{q(self.table)}"
-        sql = (f"SELECT * FROM {table} WHERE {where} "
-               f"ORDER BY {', '.join(q(c) for c in order)} LIMIT {int(size)}")
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            names = [d[0] for d in cur.description]
-            rows = list(cur.fetchall())
-            if not key and len(rows) == size:
-                # Without a key, read the last cursor value's rows whole (see postgres).
-                col = names.index(self.column)
-                last = rows[-1][col]
-                rows = [r for r in rows if r[col] != last]
-                cur.execute(f"SELECT * FROM {table} WHERE {q(self.column)} = %s", [last])
-                rows.extend(cur.fetchall())
-        return names, rows
-
-    def _high_water(self, conn: Any) -> Any:
-        with conn.cursor() as cur:
-            cur.execute(f"SELECT max({q(self.column)}) FROM {q(self.database)}.{q(self.table)}")
-            return cur.fetchone()[0]
-
-    def next_batch(self) -> list[list[Any]]:
-        """The next page's new records; the input ends after a bounded sync's last pass."""
-        if self.done:
-            raise StopIteration
-        if self.bounded and self.reader.upper is None:
-            top = self.db.run(f"reading the end of {self.database}.{self.table}",
-                              self._high_water)
-            if top is None:
-                raise StopIteration
-            self.reader.upper = top
-        names, rows = self.db.run(f"polling {self.database}.{self.table}", self._query)
-        fresh, ended = self.reader.accept(names, rows)
-        self.awake = now() + self.interval if ended else None
-        if ended and self.bounded:
-            self.done, self.awake = True, None
-        if not fresh:
-            return []
-        meta = {"table": f"{self.database}.{self.table}"}
-        first, self.rows_read = self.rows_read + 1, self.rows_read + len(fresh)
-        fresh = converted_rows(names, fresh, self.convert)
-        decimals = self.src.cfg.decimal_handling
-        return [row_records(self.src.step_id, names, fresh, meta, decimals, first)]
-
-    def next_awake(self) -> datetime | None:
-        """When to poll next."""
-        return self.awake
-
-    def snapshot(self) -> Any:
-        """The resume state."""
-        return self.reader.snapshot()
-
-    def close(self) -> None:
-        """Close the connection."""
-        self.db.close()
+def incremental_partition(src: MySqlSource, state: Any) -> IncrementalPartition:
+    """A poll of the table by its incremental cursor (see ``connectors.incremental``)."""
+    database, table = src.cfg.qualified()
+    db = MySqlDatabase(src.step_id, src.cfg.settings(), src.retry)
+    column, start, interval = src.incremental_settings()
+    key = [k for k in _key(db, src.cfg, database, table) if k != column]
+    convert = _table_converters(db, database, table)
+    inc = src.component.incremental
+    cursor = IncrementalCursor(column, key, start, float(inc.lookback) if inc else 0.0,
+                               src.cfg.batch_size, state)
+    sql_table = SqlTable(f"{database}.{table}", f"{q(database)}.{q(table)}", q, _fetch_all,
+                         convert=lambda names, rows: converted_rows(names, rows, convert))
+    return IncrementalPartition(db, sql_table, cursor, interval, src.cfg.stop_at_end,
+                                src.cfg.decimal_handling)
 
 
 _TRUNCATE = re.compile(r"^\s*truncate\s+(?:table\s+)?([`\w.]+)", re.IGNORECASE)
@@ -851,7 +778,7 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         if for_part == "binlog":
             return BinlogPartition(self, resume_state)
         if for_part.startswith("incremental:"):
-            return IncrementalPartition(self, resume_state)
+            return incremental_partition(self, resume_state)
         return FullPartition(self, resume_state)
 
 

@@ -55,7 +55,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Secret, Strict
-from dataflare.connectors.incremental import IncrementalCursor
+from dataflare.connectors.incremental import IncrementalCursor, IncrementalPartition, SqlTable
 from dataflare.connectors.pgoutput import (
     ChangeDecoder,
     ValueDecoder,
@@ -473,106 +473,27 @@ class FullPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
 # -- incremental mode ------------------------------------------------------------------------
 
 
-class IncrementalPartition(StatefulSourcePartition[list[Any], Any]):
-    """Polls one table's rows by an incremental cursor (see ``connectors.incremental``)."""
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
-    def __init__(self, src: PostgresSource, state: Any) -> None:
-        self.src = src
-        cfg = src.cfg
-        self.schema, self.table = cfg.qualified()
-        self.db = Database(src.step_id, cfg.conninfo(), src.retry)
-        self.column, self.field, start = src.incremental_settings()
-        self.interval = timedelta(seconds=src.poll_interval())
-        key = [
-            k for k in _key_or_configured(self.db, cfg, self.schema, self.table) if k != self.column
-        ]
-        self.reader = IncrementalCursor(self.column, key, start, src.lookback(),
-                                        cfg.batch_size, state)
-        self.awake: datetime | None = None
-        self.meta = {"table": f"{self.schema}.{self.table}"}
-        self.rows_read = 0
-        self.bounded = cfg.stop_at_end
-        self.done = False
 
-    def _query(self, conn: Any) -> tuple[list[str], list[Sequence[Any]]]:
-        from psycopg import sql
+def _fetch_all(conn: Any, query: str, params: list[Any]) -> tuple[list[str], list[Sequence[Any]]]:
+    cur = conn.execute(query, params)
+    return [d.name for d in cur.description], load_rows(cur, cur.fetchall)
 
-        page = self.reader.page()
-        key = self.reader.key
-        order = [self.column, *key]
-        params: list[Any] = []
-        cond = sql.SQL("{} IS NOT NULL").format(_ident(self.column))
-        if page.lower is not None:
-            cond += sql.SQL(" AND {} >= %s").format(_ident(self.column))
-            params.append(page.lower)
-        if page.after is not None:
-            cols = order[: len(page.after)]
-            cond += sql.SQL(" AND ({}) > ({})").format(
-                _columns_sql(cols), sql.SQL(", ").join(sql.Placeholder() * len(cols)))
-            params.extend(page.after)
-        if page.upper is not None:
-            cond += sql.SQL(" AND {} <= %s").format(_ident(self.column))
-            params.append(page.upper)
-        query = sql.SQL("SELECT * FROM {} WHERE {} ORDER BY {} LIMIT {}").format(
-            _ident(self.schema, self.table), cond, _columns_sql(order),
-            sql.Literal(self.src.cfg.batch_size),
-        )
-        cur = conn.execute(query, params)
-        names = [d.name for d in cur.description]
-        rows = load_rows(cur, cur.fetchall)
-        if not key and len(rows) == self.src.cfg.batch_size:
-            # Without a key, a page ends between rows sharing a cursor value: read that
-            # value's rows whole, so the next page (cursor > that value) loses none.
-            col = names.index(self.column)
-            last = rows[-1][col]
-            rows = [r for r in rows if r[col] != last]
-            cur = conn.execute(
-                sql.SQL("SELECT * FROM {} WHERE {} = %s").format(
-                    _ident(self.schema, self.table), _ident(self.column)
-                ),
-                [query_value(last)],
-            )
-            rows.extend(load_rows(cur, cur.fetchall))
-        return names, rows
 
-    def _high_water(self, conn: Any) -> Any:
-        from psycopg import sql
-
-        return conn.execute(sql.SQL("SELECT max({}) FROM {}").format(
-            _ident(self.column), _ident(self.schema, self.table))).fetchone()[0]
-
-    def next_batch(self) -> list[list[Any]]:
-        """The next page's new records; the input ends after a bounded sync's last pass."""
-        if self.done:
-            raise StopIteration
-        if self.bounded and self.reader.upper is None:
-            top = self.db.run(f"reading the end of {self.schema}.{self.table}",
-                              self._high_water)
-            if top is None:
-                raise StopIteration  # an empty table: nothing to sync
-            self.reader.upper = query_value(top)
-        names, rows = self.db.run(f"polling {self.schema}.{self.table}", self._query)
-        fresh, ended = self.reader.accept(names, rows, query_value)
-        self.awake = now() + self.interval if ended else None
-        if ended and self.bounded:
-            self.done, self.awake = True, None
-        if not fresh:
-            return []
-        first, self.rows_read = self.rows_read + 1, self.rows_read + len(fresh)
-        decimals = self.src.cfg.decimal_handling
-        return [row_records(self.src.step_id, names, fresh, self.meta, decimals, first)]
-
-    def next_awake(self) -> datetime | None:
-        """When to poll next."""
-        return self.awake
-
-    def snapshot(self) -> Any:
-        """The resume state."""
-        return self.reader.snapshot()
-
-    def close(self) -> None:
-        """Close the connections."""
-        self.db.close()
+def incremental_partition(src: PostgresSource, state: Any) -> IncrementalPartition:
+    """A poll of the table by its incremental cursor (see ``connectors.incremental``)."""
+    cfg = src.cfg
+    schema, table = cfg.qualified()
+    db = Database(src.step_id, cfg.conninfo(), src.retry)
+    column, _, start = src.incremental_settings()
+    key = [k for k in _key_or_configured(db, cfg, schema, table) if k != column]
+    cursor = IncrementalCursor(column, key, start, src.lookback(), cfg.batch_size, state)
+    sql_table = SqlTable(f"{schema}.{table}", f"{_quoted(schema)}.{_quoted(table)}", _quoted,
+                         _fetch_all, query_value)
+    return IncrementalPartition(db, sql_table, cursor, src.poll_interval(), cfg.stop_at_end,
+                                cfg.decimal_handling)
 
 
 # -- cdc and hybrid --------------------------------------------------------------------------
@@ -1056,7 +977,7 @@ class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         if for_part.startswith("cdc:"):
             return ChangePartition(self, resume_state)
         if for_part.startswith("incremental:"):
-            return IncrementalPartition(self, resume_state)
+            return incremental_partition(self, resume_state)
         return FullPartition(self, _Range.parse(for_part), resume_state)
 
 
