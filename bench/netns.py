@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 
@@ -65,6 +66,36 @@ class Hosts:
     def run(self, host: str, *args: str, **kw: Any) -> subprocess.Popen[str]:
         """Start a process in the namespace of ``host``."""
         return subprocess.Popen(["ip", "netns", "exec", self.names[host], *args], **kw)
+
+    def broker(self, cwd: Path) -> subprocess.Popen[str]:
+        """Start a Tansu broker (memory only) in ``svc`` on port 9092; wait until it answers."""
+        from dataflare.broker import find_tansu
+
+        url = f"tcp://{self.addr['svc']}:9092"
+        proc = self.run("svc", str(find_tansu()), "broker", "--listener-url", url,
+                        "--advertised-listener-url", url, "--storage-engine", "memory://tansu/",
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(cwd))
+        self.python("svc", f"""
+import time
+from confluent_kafka.admin import AdminClient
+admin = AdminClient({{"bootstrap.servers": "{self.addr['svc']}:9092"}})
+for _ in range(200):
+    try:
+        admin.list_topics(timeout=1)
+        break
+    except Exception:
+        time.sleep(0.1)
+""")
+        return proc
+
+    def create_topic(self, name: str, partitions: int) -> None:
+        """Create a topic on the broker of :meth:`broker`."""
+        self.python("svc", f"""
+from confluent_kafka.admin import AdminClient, NewTopic
+admin = AdminClient({{"bootstrap.servers": "{self.addr['svc']}:9092"}})
+for f in admin.create_topics([NewTopic({name!r}, {partitions}, 1)]).values():
+    f.result(30)
+""")
 
     def python(self, host: str, code: str, timeout: float = 120) -> str:
         """Run Python code in the namespace of ``host``; its stdout."""

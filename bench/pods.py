@@ -28,8 +28,6 @@ from pathlib import Path
 import stateful
 from netns import Hosts, unavailable
 
-from dataflare.broker import find_tansu
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -46,24 +44,12 @@ def main() -> None:
     try:
         h.up()
         servers = f"{h.addr['svc']}:9092"
-        url = f"tcp://{servers}"
-        broker = h.run("svc", str(find_tansu()), "broker", "--listener-url", url,
-                       "--advertised-listener-url", url, "--storage-engine", "memory://tansu/",
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tmp))
+        broker = h.broker(tmp)
+        h.create_topic("events", args.partitions)
         h.python("svc", f"""
-import sys, time
+import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from confluent_kafka.admin import AdminClient, NewTopic
 import stateful
-admin = AdminClient({{"bootstrap.servers": "{servers}"}})
-for _ in range(200):
-    try:
-        admin.list_topics(timeout=1)
-        break
-    except Exception:
-        time.sleep(0.1)
-for f in admin.create_topics([NewTopic("events", {args.partitions}, 1)]).values():
-    f.result(30)
 stateful.produce_keyed("{servers}", "events", stateful.events({args.events}))
 """, timeout=1800)
         print(f"events: {args.events:,} over {args.partitions} partitions, runs: {args.runs}")

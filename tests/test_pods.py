@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from bench.netns import Hosts, sh, unavailable
-from dataflare.broker import find_tansu
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 FLOW = """
@@ -84,24 +83,8 @@ def hosts() -> Iterator[Hosts]:
         procs.append(h.run("svc", redis_bin, "--bind", h.addr["svc"], "--port", "6379",
                            "--protected-mode", "no",
                            "--save", "", "--dir", str(root), stdout=subprocess.DEVNULL))
-        url = f"tcp://{h.addr['svc']}:9092"
-        procs.append(h.run("svc", str(find_tansu()), "broker", "--listener-url", url,
-                           "--advertised-listener-url", url, "--storage-engine",
-                           "memory://tansu/", stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, cwd=str(root)))
-        h.python("svc", f"""
-import time
-from confluent_kafka.admin import AdminClient, NewTopic
-admin = AdminClient({{"bootstrap.servers": "{h.addr['svc']}:9092"}})
-for _ in range(200):
-    try:
-        admin.list_topics(timeout=1)
-        break
-    except Exception:
-        time.sleep(0.1)
-for f in admin.create_topics([NewTopic("events", 6, 1)]).values():
-    f.result(30)
-""")
+        procs.append(h.broker(root))
+        h.create_topic("events", 6)
         h.root = root  # type: ignore[attr-defined]
         yield h
     finally:

@@ -93,15 +93,6 @@ class DuckDBDialect(Dialect):
         self.conn = duckdb.connect(str(self.path))
         self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
 
-    def close(self) -> None:
-        """Close the database."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - closing a broken handle
-                pass
-
     @contextmanager
     def transaction(self) -> Iterator[Any]:
         """BEGIN ... COMMIT, ROLLBACK on an exception."""

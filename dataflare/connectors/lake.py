@@ -352,10 +352,16 @@ class _Open(ABC):
 
 
 class _Lines(_Open):
+    """JSON lines: one line per record."""
+
     def __init__(self, target: Target, tmp: Path, opened: float, step: str) -> None:
         super().__init__(target, tmp, opened)
         self.step = step
         self.f = tmp.open("wb")
+
+    def line(self, record: dict[str, Any]) -> bytes:
+        """``record`` as its line; RecordError when the format cannot hold it."""
+        return json_line(without_meta(record))
 
     def add(self, records: list[dict[str, Any]], max_bytes: int | None) -> tuple[int, list[Failed]]:
         refused: list[Failed] = []
@@ -365,7 +371,7 @@ class _Lines(_Open):
         for r in records:
             used += 1
             try:
-                line = json_line(without_meta(r))
+                line = self.line(r)
             except RecordError as exc:
                 refused.append(Failed.of(self.step, exc, r))
                 continue
@@ -415,38 +421,20 @@ def csv_line(step: str, record: dict[str, Any], columns: list[str]) -> bytes:
         raise RecordError(msg) from None
 
 
-class _Csv(_Open):
+class _Csv(_Lines):
+    """CSV under fixed columns, after a header line."""
+
     def __init__(self, target: Target, tmp: Path, opened: float, step: str,
                  columns: list[str]) -> None:
-        super().__init__(target, tmp, opened)
-        self.step, self.columns = step, columns
-        self.f = tmp.open("wb")
+        super().__init__(target, tmp, opened, step)
+        self.columns = columns
         header = io.StringIO()
         csv.writer(header, lineterminator="\n").writerow(columns)
         self.f.write(header.getvalue().encode())
 
-    def add(self, records: list[dict[str, Any]], max_bytes: int | None) -> tuple[int, list[Failed]]:
-        refused: list[Failed] = []
-        lines = []
-        limit = max_bytes or 1 << 62
-        used = 0
-        for r in records:
-            used += 1
-            try:
-                line = csv_line(self.step, r, self.columns)
-            except RecordError as exc:
-                refused.append(Failed.of(self.step, exc, r))
-                continue
-            lines.append(line)
-            self.bytes += len(line)
-            self.records += 1
-            if self.bytes >= limit:
-                break
-        self.f.write(b"".join(lines))
-        return used, refused
-
-    def finish(self) -> None:
-        self.f.close()
+    def line(self, record: dict[str, Any]) -> bytes:
+        """``record`` as its CSV line; RecordError when CSV cannot hold it."""
+        return csv_line(self.step, record, self.columns)
 
 
 class ParquetSchema:

@@ -156,15 +156,6 @@ class PostgresDialect(Dialect):
         self.conn = psycopg.connect(self.cfg.conninfo(), autocommit=True)
         self._staged = None
 
-    def close(self) -> None:
-        """Close, ignoring a broken connection."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - the connection may already be gone
-                pass
-
     @contextmanager
     def transaction(self) -> Iterator[Any]:
         """One transaction on the connection."""

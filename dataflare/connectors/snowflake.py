@@ -182,15 +182,6 @@ class SnowflakeDialect(Dialect):
                     '("i" NUMBER(38,0), "del" BOOLEAN, "doc" VARCHAR)')
         self.ensure_positions()
 
-    def close(self) -> None:
-        """Close the session, ignoring a broken connection."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - the connection may already be gone
-                pass
-
     @contextmanager
     def transaction(self) -> Iterator[Any]:
         """The statements up to COMMIT; ROLLBACK on an exception."""

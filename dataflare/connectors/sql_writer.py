@@ -300,9 +300,14 @@ class Dialect(ABC):
     def connect(self) -> None:
         """Open (or reopen) the connection."""
 
-    @abstractmethod
     def close(self) -> None:
-        """Close the connection, ignoring errors."""
+        """Close the connection, ignoring errors (it may already be broken)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - the connection may already be gone
+                log.debug("closing %s failed", self.target, exc_info=True)
 
     @abstractmethod
     def transaction(self) -> AbstractContextManager[Any]:
