@@ -10,9 +10,9 @@ runs record it there, the workflow of that run. It reports
   (:class:`~dataflare.operators.keyed.ShardLogic`), the old ones read from the recovery
   snapshots themselves when a recovery directory is given;
 - destinations whose shape changes: new columns, columns no longer written, types that
-  widen (integer to double, as the table writers do) or clash, from what the workflow
-  states (a mapping's fields and transforms, a window's or aggregation's outputs, a
-  source's ``output_schema``);
+  widen (integer to double, as the table writers do) or clash, from the schemas the type
+  flow of ``validate`` derives (:func:`~dataflare.dsl_compiler.schemas`; nothing is said of
+  a destination whose records' fields are not all known);
 - sources and destinations whose saved partitions block the resume (a partition the new
   source or sink no longer lists: another topic, another file), and sources whose saved
   positions would be applied to something else (another consumer group, query or server).
@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataflare.dsl_compiler import Validated, compile_validated, validate_text
+from dataflare.dsl_compiler import Validated, compile_validated, schemas, validate_text
 from dataflare.operators.keyed import describe_change, shard_builders
 
 WORKFLOW_RECORD = "dataflare-workflow.json"
@@ -52,8 +52,6 @@ POSITION_SETTINGS = (
 )
 
 # Column types as the table writers name them (dataflare.connectors.sql_writer).
-_TRANSFORM_TYPES = {"to_int": "integer", "to_float": "double", "to_bool": "boolean"}
-_OPERATION_TYPES = {"count": "integer", "count_distinct": "integer", "avg": "double"}
 _JSON_TYPES = {"integer": "integer", "number": "double", "boolean": "boolean",
                "string": "text", "object": "json", "array": "json"}
 _WIDENS = {("integer", "double")}
@@ -446,57 +444,15 @@ def _partition_changes(flow: Any, saved: dict[str, dict[str, Any]], moved: dict[
     return out
 
 
-def destination_columns(wf: Any, cid: str) -> dict[str, str | None] | None:
-    """The columns destination ``cid`` writes, with types where the workflow states them.
+def destination_columns(v: Validated, cid: str) -> dict[str, str | None] | None:
+    """The columns destination ``cid`` writes, typed where the type flow knows the type.
 
-    From its inputs: a mapping (without ``keep_unmapped``), a window or an aggregation, a
-    source with an ``output_schema``. ``None`` when an input's fields are not stated.
+    ``None`` when the fields its records may have are not all known (a schemaless input).
     """
-    dest = wf.destinations[cid]
-    columns: dict[str, str | None] = {}
-    for ref in dest.inputs:
-        found = _columns_of(wf, ref.split(".", 1)[0])
-        if found is None:
-            return None
-        for name, kind in found.items():
-            columns[name] = kind if columns.get(name, kind) == kind else None
-    return columns
-
-
-def _columns_of(wf: Any, cid: str) -> dict[str, str | None] | None:
-    if cid in wf.sources:
-        schema = wf.sources[cid].output_schema
-        props = schema.definition.get("properties") if schema is not None else None
-        if not isinstance(props, dict):
-            return None
-        return {k: _JSON_TYPES.get(str(p.get("type"))) if isinstance(p, dict) else None
-                for k, p in props.items()}
-    comp = wf.transformations.get(cid)
-    if comp is None:
+    schema = schemas(v).get(cid)
+    if schema is None or not schema.closed or schema.fields is None:
         return None
-    cfg = comp.config
-    if comp.type == "mapping" and not cfg.keep_unmapped:
-        out: dict[str, str | None] = {}
-        for m in cfg.mappings:
-            top, _, rest = m.destination.partition(".")
-            last = m.transform[-1] if m.transform else None
-            name = last if isinstance(last, str) else next(iter(last), None) if last else None
-            if rest:
-                out[top] = "json"
-            elif name is not None:
-                out[top] = _TRANSFORM_TYPES.get(name, "text")  # the others return text
-            else:
-                out[top] = None  # the type of the value read
-        return out
-    if comp.type in ("window", "aggregation"):
-        out = {p.split(".", 1)[0]: None for p in cfg.group_by}
-        if comp.type == "window":
-            out |= {"window_start": "text", "window_end": "text"}
-        for agg in cfg.aggregations:
-            for op, name in zip(agg.ops, agg.output_names(), strict=True):
-                out[name] = _OPERATION_TYPES.get(op)
-        return out
-    return None
+    return {name: _JSON_TYPES.get(t.kind) for name, t in schema.fields.items()}
 
 
 def _destination_changes(old: Validated, new: Validated) -> list[Change]:
@@ -504,7 +460,7 @@ def _destination_changes(old: Validated, new: Validated) -> list[Change]:
     assert wa is not None and wb is not None
     out = []
     for cid in sorted(set(wa.destinations) & set(wb.destinations)):
-        a, b = destination_columns(wa, cid), destination_columns(wb, cid)
+        a, b = destination_columns(old, cid), destination_columns(new, cid)
         if a is None or b is None:
             continue
         added = [k for k in b if k not in a]
