@@ -12,10 +12,11 @@ files, ``--runs`` times:
   q2 only: the stateful queries by hand are not written);
 - ``dataflare``: ``dataflare.run`` of ``q*.yaml`` (file source to file destination).
 
-Printed per system: medians of wall and CPU seconds (imports excluded, the workflow's
-compilation included), peak RSS, input records per second (the records of the files
-the query reads), the ratio to the raw loop, and whether the output equals DuckDB's
-result of the same query in SQL over the same files.
+Printed per system: medians of wall and CPU seconds (imports excluded: the workflow is
+compiled once before the clock starts; ``dataflare.run`` compiles it again, timed), peak
+RSS, input records per second (the records of the files the query reads), the ratio to
+the raw loop, and whether the output equals DuckDB's result of the same query in SQL
+over the same files.
 """
 
 from __future__ import annotations
@@ -103,6 +104,14 @@ def child(args: argparse.Namespace) -> None:
     fn = {"raw": queries.RAW[query],
           "dataflare": lambda d, o: run_dataflare(query, d, o),
           "bytewax": lambda d, o: run_bytewax(query, d, o)}[system]
+    os.environ["NEXMARK_DATA"], os.environ["NEXMARK_OUT"] = str(data), str(out)
+    if system == "dataflare":  # imports of the components out of the clock
+        from dataflare.dsl_compiler import compile_file
+
+        compile_file(str(queries.workflow(query)))
+    elif system == "bytewax":
+        import bytewax.connectors.files  # noqa: F401
+        import bytewax.testing  # noqa: F401
     try:
         result, rows = measure(lambda: fn(data, out))
     finally:
