@@ -10,7 +10,6 @@ workers and the Kubernetes entry point all run workflows through it.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -408,7 +407,7 @@ def _run(opts: RunOptions) -> RunResult:
                          progress_file=opts.progress_json)
     code, status, error = 0, "succeeded", None
     try:
-        with progress, _without_worker_panics(), tuned_gc():
+        with progress, _without_worker_panics():
             cli_main(flow, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
         cause = _unwrapped(exc)
@@ -515,31 +514,6 @@ def _init_partitions(directory: Path, opts: RunOptions) -> None:
 
 _PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")
 _PANIC_TAIL = (b"Box<dyn Any>", b"note: run with `RUST_BACKTRACE=1`")
-
-
-YOUNG_COLLECTION_EVERY = 100_000
-"""Container allocations between two young collections of the garbage collector in a run."""
-
-
-@contextmanager
-def tuned_gc() -> Iterator[None]:
-    """The cyclic garbage collector set for a dataflow run; restored afterwards.
-
-    Stateful steps hold their windows and records in many small lists and dicts, and
-    every batch allocates more: with CPython's default (a young collection every 700
-    allocations) the collector walked them over and over (half of the CPU of a windowed
-    join, W4). During a run the objects made before it (modules, the compiled flow) are
-    frozen out of the collector's way, and young collections come every
-    ``YOUNG_COLLECTION_EVERY`` allocations; garbage cycles are still collected.
-    """
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(YOUNG_COLLECTION_EVERY, *threshold[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
 
 
 @contextmanager

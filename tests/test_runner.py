@@ -46,24 +46,3 @@ def test_the_package_exports_its_api() -> None:
                                       "__version__"}
     assert dataflare.__version__
     assert (Path(dataflare.__file__).parent / "py.typed").exists()
-
-
-def test_run_tunes_the_garbage_collector_and_restores_it(tmp_path: Path) -> None:
-    import gc
-
-    from dataflare.runner import YOUNG_COLLECTION_EVERY, tuned_gc
-
-    before = gc.get_threshold()
-    with tuned_gc():
-        assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, *before[1:])
-        assert gc.get_freeze_count() > 0  # what existed before the run is out of the way
-    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
-    (tmp_path / "in.jsonl").write_text('{"n": 1}\n')
-    flow = tmp_path / "wf.yaml"
-    flow.write_text("""
-workflow:
-  sources: {numbers: {type: file, config: {path: in.jsonl}}}
-  destinations: {out: {type: file, inputs: [numbers], config: {path: out.jsonl}}}
-""")
-    assert dataflare.run(flow, quiet=True).ok
-    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
