@@ -227,6 +227,7 @@ class _JoinOp:
         lk, rk = cfg.keys()
         self.keys = {LEFT: key_getter(lk), RIGHT: key_getter(rk)}
         self.combine = _combiner(cfg)
+        self.prefix = cfg.output_prefix
         jt = cfg.join_type
         self.keep_left = jt in ("left", "full")
         self.keep_right = jt in ("right", "full")
@@ -260,6 +261,9 @@ class _JoinOp:
 
     def pairs(self, lefts: list[Any], rights: list[Any], out: list[dict[str, Any]]) -> None:
         """The relational join of one key's records (as held: see :class:`_Packer`)."""
+        if self.prefix is not None:
+            self._nested_pairs(lefts, rights, out)
+            return
         combine, unpack = self.combine, _Packer.unpack
         if lefts and rights:
             lefts = [unpack(left) for left in lefts]
@@ -271,6 +275,52 @@ class _JoinOp:
             out.extend(combine(unpack(left), None) for left in lefts)
         elif rights and self.keep_right:
             out.extend(combine(None, unpack(r)) for r in rights)
+
+    def _nested_pairs(self, lefts: list[Any], rights: list[Any], out: list[dict[str, Any]]) -> None:
+        """:meth:`pairs` with ``output_prefix``: each side without its ``_meta``.
+
+        A side unpacked from a held record is a fresh dict, so its ``_meta`` is popped
+        instead of copying the rest; a side met by several pairs is copied per pair (as
+        ``_meta``-stripping did), one met once is not.
+        """
+        assert self.prefix is not None
+        lp, rp = self.prefix.left, self.prefix.right
+
+        def side(held: Any) -> tuple[Any, Any]:
+            rec = _Packer.unpack(held)
+            if rec.__class__ is not dict:
+                return rec, None
+            if rec is held:  # held as it came (an older snapshot): not ours to change
+                if META not in rec:
+                    return rec, None
+                rec = dict(rec)
+            return rec, rec.pop(META, None)
+
+        def row(left: Any, right: Any, meta: Any) -> dict[str, Any]:
+            o = {lp: left, rp: right}
+            if meta is not None:
+                o[META] = meta
+            return o
+
+        if lefts and rights:
+            ls = [side(held) for held in lefts]
+            copy_left, copy_right = len(rights) > 1, len(ls) > 1
+            for held in rights:
+                r, rmeta = side(held)
+                for left, lmeta in ls:
+                    out.append(row(
+                        dict(left) if copy_left and left.__class__ is dict else left,
+                        dict(r) if copy_right and r.__class__ is dict else r,
+                        lmeta,
+                    ))
+        elif lefts and self.keep_left:
+            for held in lefts:
+                left, lmeta = side(held)
+                out.append(row(left, None, lmeta))
+        elif rights and self.keep_right:
+            for held in rights:
+                r, rmeta = side(held)
+                out.append(row(None, r, rmeta))
 
     def unmatched(self, side: str, rec: Any, out: list[dict[str, Any]]) -> None:
         """A record that can match nothing (a null key)."""
