@@ -710,11 +710,14 @@ def child(args: argparse.Namespace) -> None:
 
 
 def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
+    env = {**os.environ, "RUST_BACKTRACE": "0"}
+    if name.endswith("-baseline"):  # DataFlare as of another tree (``--baseline``)
+        name = name.removesuffix("-baseline") + "-dataflare"
+        env["PYTHONPATH"] = args.baseline
     cmd = [sys.executable, __file__, "--child", name, "--events", str(args.events)]
     cmd += ["--source", args.source, "--dump", dump]
     if args.servers:
         cmd += ["--servers", args.servers]
-    env = {**os.environ, "RUST_BACKTRACE": "0"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         msg = f"{name} failed:\n{out.stderr[-3000:]}"
@@ -748,6 +751,12 @@ def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) 
         print(
             f"  dataflare: peak RSS {med['dataflare']['rss_mb']:.0f} MB with {windows:,} open "
             f"windows, raw {base['rss_mb']:.0f} MB (target: under 1 GB for 1,000,000)"
+        )
+    if "dataflare" in med and "baseline" in med:
+        d, b = med["dataflare"], med["baseline"]
+        print(
+            f"  dataflare / baseline: wall {d['wall'] / b['wall']:.2f}x, "
+            f"cpu {d['cpu'] / b['cpu']:.2f}x, peak RSS {d['rss_mb'] / b['rss_mb']:.2f}x"
         )
     if "dataflare" in med:
         d = med["dataflare"]
@@ -809,6 +818,11 @@ def main() -> None:
         "--skip", action="append", default=[], help="system(s) to skip: bytewax, quix"
     )
     parser.add_argument("--keep", action="store_true", help="keep the output dumps in /tmp")
+    parser.add_argument(
+        "--baseline",
+        help="a directory holding another tree's dataflare package (e.g. `git archive` of an "
+        "earlier commit): run as system 'baseline' beside 'dataflare', for before/after",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--servers", help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
@@ -841,6 +855,8 @@ def main() -> None:
             ]
             if workload == "w7" and args.source != "kafka":
                 continue
+            if args.baseline and "dataflare" in names:
+                names.insert(names.index("dataflare"), "baseline")
             if workload == "wm" and args.events > WM_BYTEWAX_MAX and "bytewax" in names:
                 # Every item makes bytewax visit each open window: 1,000 take 3.5 s.
                 print(f"\nWM: bytewax skipped above {WM_BYTEWAX_MAX:,} open windows "
