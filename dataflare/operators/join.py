@@ -378,9 +378,10 @@ class _RelationalShard(ShardLogic):
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
-        for lefts, rights in self.state.values():
+        state, self.state = self.state, {}
+        while state:  # each key's records are freed as its output is made
+            lefts, rights = state.popitem()[1]
             self.op.pairs(lefts, rights, down)
-        self.state = {}
         return [(DOWN, down)] if down else []
 
 
@@ -455,10 +456,10 @@ class _WindowJoinShard(ShardLogic):
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
-        for g in self.state.values():
-            for lefts, rights in g[2].values():
+        state, self.state = self.state, {}
+        while state:  # each key's records are freed as its output is made
+            for lefts, rights in state.popitem()[1][2].values():
                 self.op.pairs(lefts, rights, down)
-        self.state = {}
         return [(DOWN, down)] if down else []
 
 
@@ -538,10 +539,10 @@ class _SessionJoinShard(ShardLogic):
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
-        for g in self.state.values():
-            for s in g[2]:
+        state, self.state = self.state, {}
+        while state:  # each key's records are freed as its output is made
+            for s in state.popitem()[1][2]:
                 self.op.pairs(s[2], s[3], down)
-        self.state = {}
         return [(DOWN, down)] if down else []
 
 
