@@ -195,12 +195,25 @@ def run_flow(flow: Any) -> None:
 
 
 def run_dataflare_flow(flow: Any) -> None:
-    """Run a DataFlare pipeline as a compiled workflow runs: with the GC settings of
-    ``compile_file`` (without them the collector took up to half of W4's CPU)."""
+    """Run a DataFlare pipeline as ``dataflare run`` without recovery runs it: with the GC
+    settings of ``compile_file`` (without them the collector took up to half of W4's CPU)
+    and no snapshot pickled at the epochs' ends (a baseline tree without
+    ``run_recovery`` pickles them)."""
     from dataflare.dsl_compiler.compiler import tune_gc
 
     tune_gc()
-    run_flow(flow)
+    with _unrecovered():
+        run_flow(flow)
+
+
+def _unrecovered() -> Any:
+    import contextlib
+
+    try:
+        from dataflare.operators.keyed import run_recovery
+    except ImportError:  # a tree from before run_recovery (``--baseline``)
+        return contextlib.nullcontext()
+    return run_recovery(False)
 
 
 def iso_ms(text: str) -> int:
@@ -557,7 +570,8 @@ def w7_worker(args: argparse.Namespace) -> None:
 
     tune_gc()
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.time()
-    cluster_main(flow, args.addresses.split(";"), args.proc)
+    with _unrecovered():
+        cluster_main(flow, args.addresses.split(";"), args.proc)
     r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.time()
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     Path(args.dump).write_text(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import timedelta
@@ -603,3 +604,18 @@ def test_late_records_are_counted_in_a_metric():
     got = run_flow(window_flow(cfg), [[{"ts": 30}, {"ts": 1}, {"ts": 2}, {"ts": 31}]])
     assert len(got["late"]) == 2
     assert value(LATE_RECORDS, step="win") == before + 2
+
+
+def test_snapshots_are_skipped_only_while_runs_keep_no_recovery():
+    from dataflare.operators.keyed import run_recovery, skip_snapshots
+
+    cfg = WindowConfig.model_validate({"window": {"type": "tumbling", "size": "10s"},
+                                       "time_field": "ts"})
+    shard = _WindowOp("w", cfg, 16, None).build(None)
+    shard.process([[{"ts": 1}]])
+    assert not skip_snapshots() and pickle.loads(shard.snapshot()[1])  # by default: taken
+    with run_recovery(False):
+        assert skip_snapshots() and shard.snapshot()[1] == b""  # discarded by bytewax anyway
+        with run_recovery(True):  # another run in the process keeps recovery: taken
+            assert not skip_snapshots() and pickle.loads(shard.snapshot()[1])
+    assert not skip_snapshots()
