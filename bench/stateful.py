@@ -194,6 +194,28 @@ def run_flow(flow: Any) -> None:
     run_main(flow)
 
 
+def run_dataflare_flow(flow: Any) -> None:
+    """Run a DataFlare pipeline as ``dataflare run`` without recovery runs it: with the GC
+    settings of ``compile_file`` (without them the collector took up to half of W4's CPU)
+    and no snapshot pickled at the epochs' ends (a baseline tree without
+    ``run_recovery`` pickles them)."""
+    from dataflare.dsl_compiler.compiler import tune_gc
+
+    tune_gc()
+    with _unrecovered():
+        run_flow(flow)
+
+
+def _unrecovered() -> Any:
+    import contextlib
+
+    try:
+        from dataflare.operators.keyed import run_recovery
+    except ImportError:  # a tree from before run_recovery (``--baseline``)
+        return contextlib.nullcontext()
+    return run_recovery(False)
+
+
 def iso_ms(text: str) -> int:
     return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
 
@@ -284,7 +306,7 @@ def w2_dataflare(args: argparse.Namespace) -> list[tuple]:
     engaged = op.map("engaged", batches, lambda b: [e for e in b if e["event"] != "view"])
     got: list[Any] = []
     op.output("out", window("w2", engaged, cfg).down, TestingSink(got))
-    run_flow(flow)
+    run_dataflare_flow(flow)
     return got
 
 
@@ -434,7 +456,7 @@ def w3_dataflare(args: argparse.Namespace) -> list[Any]:
     sessions = window("sessions", batches, cfg({"type": "session", "gap": "30s"}))
     op.output("out_s", sliding.down, TestingSink(got_s))
     op.output("out_x", sessions.down, TestingSink(got_x))
-    run_flow(flow)
+    run_dataflare_flow(flow)
     return [got_s, got_x]
 
 
@@ -518,7 +540,7 @@ def w4_dataflare(args: argparse.Namespace) -> list[Any]:
     )
     got: list[Any] = []
     op.output("out", joined.down, TestingSink(got))
-    run_flow(flow)
+    run_dataflare_flow(flow)
     return got
 
 
@@ -544,8 +566,12 @@ def w7_worker(args: argparse.Namespace) -> None:
     got: list[Any] = []
     op.output("out", window("w2", engaged, w2_config()).down, TestingSink(got))
     # Like the one-process run, only the pipeline is timed (not start-up and imports).
+    from dataflare.dsl_compiler.compiler import tune_gc
+
+    tune_gc()
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.time()
-    cluster_main(flow, args.addresses.split(";"), args.proc)
+    with _unrecovered():
+        cluster_main(flow, args.addresses.split(";"), args.proc)
     r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.time()
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     Path(args.dump).write_text(
@@ -639,7 +665,7 @@ def wm_dataflare(args: argparse.Namespace) -> list[Any]:
     got: list[Any] = []
     up = op.input("in", flow, TestingSource(batches()))
     op.output("out", window("wm", up, cfg).down, TestingSink(got))
-    run_flow(flow)
+    run_dataflare_flow(flow)
     return got
 
 
@@ -703,11 +729,14 @@ def child(args: argparse.Namespace) -> None:
 
 
 def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
+    env = {**os.environ, "RUST_BACKTRACE": "0"}
+    if name.endswith("-baseline"):  # DataFlare as of another tree (``--baseline``)
+        name = name.removesuffix("-baseline") + "-dataflare"
+        env["PYTHONPATH"] = args.baseline
     cmd = [sys.executable, __file__, "--child", name, "--events", str(args.events)]
     cmd += ["--source", args.source, "--dump", dump]
     if args.servers:
         cmd += ["--servers", args.servers]
-    env = {**os.environ, "RUST_BACKTRACE": "0"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         msg = f"{name} failed:\n{out.stderr[-3000:]}"
@@ -741,6 +770,12 @@ def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) 
         print(
             f"  dataflare: peak RSS {med['dataflare']['rss_mb']:.0f} MB with {windows:,} open "
             f"windows, raw {base['rss_mb']:.0f} MB (target: under 1 GB for 1,000,000)"
+        )
+    if "dataflare" in med and "baseline" in med:
+        d, b = med["dataflare"], med["baseline"]
+        print(
+            f"  dataflare / baseline: wall {d['wall'] / b['wall']:.2f}x, "
+            f"cpu {d['cpu'] / b['cpu']:.2f}x, peak RSS {d['rss_mb'] / b['rss_mb']:.2f}x"
         )
     if "dataflare" in med:
         d = med["dataflare"]
@@ -802,6 +837,11 @@ def main() -> None:
         "--skip", action="append", default=[], help="system(s) to skip: bytewax, quix"
     )
     parser.add_argument("--keep", action="store_true", help="keep the output dumps in /tmp")
+    parser.add_argument(
+        "--baseline",
+        help="a directory holding another tree's dataflare package (e.g. `git archive` of an "
+        "earlier commit): run as system 'baseline' beside 'dataflare', for before/after",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--servers", help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
@@ -834,6 +874,8 @@ def main() -> None:
             ]
             if workload == "w7" and args.source != "kafka":
                 continue
+            if args.baseline and "dataflare" in names:
+                names.insert(names.index("dataflare"), "baseline")
             if workload == "wm" and args.events > WM_BYTEWAX_MAX and "bytewax" in names:
                 # Every item makes bytewax visit each open window: 1,000 take 3.5 s.
                 print(f"\nWM: bytewax skipped above {WM_BYTEWAX_MAX:,} open windows "

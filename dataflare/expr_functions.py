@@ -191,11 +191,26 @@ def _parse_timestamp(value: Any, fmt: Any = None, tz: Any = "UTC") -> str:
     return iso_utc(dt.timestamp())
 
 
+_FORMATTED: dict[tuple[Any, ...], str] = {}
+"""Recent ``format_timestamp`` results: records of a window or a minute share the text."""
+
+
 def _format_timestamp(value: Any, fmt: Any, tz: Any = "UTC") -> str:
+    cacheable = value.__class__ in (int, float, str) and value != "now"
+    key = (value.__class__, value, fmt, tz)
+    if cacheable and fmt.__class__ is str and tz.__class__ is str:
+        text = _FORMATTED.get(key)
+        if text is not None:
+            return text
     _need("format_timestamp", fmt, str, "a format string")
-    return _moment("format_timestamp", value).astimezone(_zone("format_timestamp", tz)).strftime(
+    text = _moment("format_timestamp", value).astimezone(_zone("format_timestamp", tz)).strftime(
         fmt
     )
+    if cacheable:
+        if len(_FORMATTED) >= 10_000:
+            _FORMATTED.clear()
+        _FORMATTED[key] = text
+    return text
 
 
 def _to_timezone(value: Any, tz: Any) -> str:

@@ -30,6 +30,7 @@ from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 from dataflare.logs import CONTEXT, json_mode, say
+from dataflare.operators.keyed import run_recovery
 from dataflare.plan import committed_epoch, record_workflow, restore_record
 from dataflare.secrets import scrub, scrub_bytes
 
@@ -439,7 +440,7 @@ def _run(opts: RunOptions) -> RunResult:
         directory = Path(opts.recovery_dir)
         recorded = (directory, record_workflow(directory, opts.path), committed_epoch(directory))
     try:
-        with progress, _without_worker_panics():
+        with progress, _without_worker_panics(), run_recovery(recovery is not None):
             cli_main(flow, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
         cause = _unwrapped(exc)

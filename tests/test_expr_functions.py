@@ -118,6 +118,21 @@ def test_timezones_and_formats(moment, tz):
     assert datetime.fromisoformat(parsed) == want
 
 
+def test_format_timestamp_repeats_give_the_same_text_per_value_type_and_zone():
+    fmt = "'%Y-%m-%d %H:%M:%S %Z'"
+    for _ in range(2):  # the second round is answered from the recent results
+        assert ev(f"format_timestamp(t, {fmt})", t=60) == "1970-01-01 00:01:00 UTC"
+        assert ev(f"format_timestamp(t, {fmt})", t=60.0) == "1970-01-01 00:01:00 UTC"
+        assert ev(f"format_timestamp(t, {fmt}, 'Asia/Tokyo')", t=60) == (
+            "1970-01-01 09:01:00 JST")
+        assert ev(f"format_timestamp(t, {fmt})", t="1970-01-01T00:02:00Z") == (
+            "1970-01-01 00:02:00 UTC")
+        with pytest.raises(RecordError):
+            ev(f"format_timestamp(t, {fmt})", t=True)  # not taken for 1
+    before = ev("format_timestamp('now', '%Y-%m-%dT%H:%M:%S.%f')")
+    assert ev("format_timestamp('now', '%Y-%m-%dT%H:%M:%S.%f')") > before  # never cached
+
+
 @fast
 @given(a=moments, days=st.integers(-3000, 3000), seconds=st.integers(0, 86399))
 def test_days_between(a, days, seconds):

@@ -168,6 +168,9 @@ def _infer(value: str) -> Any:
         return value
 
 
+_BLANK = frozenset(b" \t\r\n\f\v")
+
+
 class _LinesPartition(StatefulSourcePartition[Batch, tuple[int, int]]):
     """JSON lines, resumable at a byte offset."""
 
@@ -182,12 +185,13 @@ class _LinesPartition(StatefulSourcePartition[Batch, tuple[int, int]]):
     def next_batch(self) -> Batch:
         out: Batch = []
         loads = orjson.loads
+        shown = self.shown
         for raw in self.f.readlines(self.size * 128) or ():
             self.offset += len(raw)
             self.line += 1
-            if not raw.strip():
+            if raw[0] in _BLANK and not raw.strip():  # a JSON line starts with no blank
                 continue
-            meta = {"file": self.shown, "line": self.line}
+            meta = {"file": shown, "line": self.line}
             try:
                 rec = loads(raw)
             except orjson.JSONDecodeError as exc:

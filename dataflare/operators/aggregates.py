@@ -164,6 +164,8 @@ class Accumulators:
     """An expression making an empty accumulator, to inline."""
     finish_items: tuple[tuple[str, str], ...]
     """(output path, expression over ``acc``) of each aggregate, to inline."""
+    collects: bool = False
+    """Whether the accumulator keeps the records themselves (in arrival order)."""
 
     def merge(self, into: list[Any], other: list[Any]) -> None:
         """Add ``other`` into ``into``."""
@@ -187,6 +189,31 @@ class Accumulators:
                     into[i] = b if b[0] < a[0] else a
                 elif kind == _LAST:
                     into[i] = b if b[0] >= a[0] else a
+
+    @property
+    def merge_code(self) -> str | None:
+        """Code adding accumulator ``pa`` into ``acc`` (4-space indented), to inline.
+
+        ``None`` when merging cannot stand for adding the records one by one: ``min`` and
+        ``max`` refuse a record of another type than the window's earlier ones (a merge
+        would meet the clash after the record was accepted), and collected records
+        keep their arrival order.
+        """
+        if self.collects or _MIN in self.kinds or _MAX in self.kinds:
+            return None
+        lines = []
+        for i, kind in enumerate(self.kinds):
+            if kind in (_N, _SUM, _ALL):
+                lines.append(f"    acc[{i}] += pa[{i}]")
+            elif kind == _SET:
+                lines.append(f"    acc[{i}] |= pa[{i}]")
+            else:
+                cmp = "<" if kind == _FIRST else ">="
+                lines.append(
+                    f"    if pa[{i}] is not None and (acc[{i}] is None or "
+                    f"pa[{i}][0] {cmp} acc[{i}][0]): acc[{i}] = pa[{i}]"
+                )
+        return "\n".join(lines)
 
     def copy(self, acc: list[Any]) -> list[Any]:
         """A copy of ``acc`` that can be merged into without changing ``acc``."""
@@ -359,4 +386,5 @@ def collect_records() -> Accumulators:
         {},
         "[0, []]",
         (("_records", "acc[1]"),),
+        collects=True,
     )

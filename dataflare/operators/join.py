@@ -178,6 +178,59 @@ def _combiner(cfg: JoinConfig) -> Callable[[Any, Any], dict[str, Any]]:
     return nested
 
 
+class _Packer:
+    """Compact copies of the records a join holds until its window closes.
+
+    A held record is a tuple: its shape (field names, shared by the records of that
+    shape, and where ``_meta`` is), then its values; its ``_meta`` likewise. A record of
+    five fields with a Kafka ``_meta`` takes about 350 bytes less than as two dicts, for
+    a fraction of a microsecond; :meth:`unpack` gives back an equal dict. Anything but a
+    dict (and a dict held by an older snapshot) is kept as it is.
+    """
+
+    def __init__(self) -> None:
+        self.shapes: dict[tuple[str, ...], tuple[tuple[str, ...], int]] = {}
+        self.meta_shapes: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def pack(self, rec: Any) -> Any:
+        """The compact copy of ``rec``."""
+        if rec.__class__ is not dict:
+            return rec
+        keys = tuple(rec)
+        shape = self.shapes.get(keys)
+        if shape is None:
+            if len(self.shapes) > 10_000:
+                self.shapes.clear()
+            at = keys.index(META) + 1 if META in rec else 0
+            shape = self.shapes[keys] = (keys, at)
+        at = shape[1]
+        if not at or rec[META].__class__ is not dict:
+            return (shape, *rec.values())
+        held = [shape, *rec.values()]
+        meta = held[at]
+        mkeys = tuple(meta)
+        mshape = self.meta_shapes.get(mkeys)
+        if mshape is None:
+            if len(self.meta_shapes) > 10_000:
+                self.meta_shapes.clear()
+            mshape = self.meta_shapes[mkeys] = mkeys
+        held[at] = (mshape, *meta.values())
+        return tuple(held)
+
+    @staticmethod
+    def unpack(held: Any) -> Any:
+        """The record of a compact copy."""
+        if held.__class__ is not tuple:
+            return held
+        keys, at = held[0]
+        rec = dict(zip(keys, held[1:], strict=False))
+        if at:
+            meta = held[at]
+            if meta.__class__ is tuple:
+                rec[META] = dict(zip(meta[0], meta[1:], strict=False))
+        return rec
+
+
 def _null_key(key: Any) -> bool:
     return key is None or (isinstance(key, tuple) and any(k is None for k in key))
 
@@ -190,6 +243,7 @@ class _JoinOp:
         lk, rk = cfg.keys()
         self.keys = {LEFT: key_getter(lk), RIGHT: key_getter(rk)}
         self.combine = _combiner(cfg)
+        self.prefix = cfg.output_prefix
         jt = cfg.join_type
         self.keep_left = jt in ("left", "full")
         self.keep_right = jt in ("right", "full")
@@ -202,6 +256,7 @@ class _JoinOp:
         self.lateness = to_us(cfg.allowed_lateness)
         self.ttl = cfg.ttl
         self.bootstrap_timeout = cfg.bootstrap_timeout
+        self.pack = _Packer().pack
         w = cfg.window
         self.size = to_us(w.size or 0) if w is not None and w.type != "session" else 0
         self.slide = to_us(w.slide or w.size or 0) if w is not None and self.size else 0
@@ -222,16 +277,67 @@ class _JoinOp:
             self.definition["time_unit"] = cfg.time_unit
 
     def pairs(self, lefts: list[Any], rights: list[Any], out: list[dict[str, Any]]) -> None:
-        """The relational join of one key's records."""
-        combine = self.combine
+        """The relational join of one key's records (as held: see :class:`_Packer`)."""
+        if self.prefix is not None:
+            self._nested_pairs(lefts, rights, out)
+            return
+        combine, unpack = self.combine, _Packer.unpack
         if lefts and rights:
+            lefts = [unpack(left) for left in lefts]
             for r in rights:
+                r = unpack(r)
                 for left in lefts:
                     out.append(combine(left, r))
         elif lefts and self.keep_left:
-            out.extend(combine(left, None) for left in lefts)
+            out.extend(combine(unpack(left), None) for left in lefts)
         elif rights and self.keep_right:
-            out.extend(combine(None, r) for r in rights)
+            out.extend(combine(None, unpack(r)) for r in rights)
+
+    def _nested_pairs(self, lefts: list[Any], rights: list[Any], out: list[dict[str, Any]]) -> None:
+        """:meth:`pairs` with ``output_prefix``: each side without its ``_meta``.
+
+        A side unpacked from a held record is a fresh dict, so its ``_meta`` is popped
+        instead of copying the rest; a side met by several pairs is copied per pair (as
+        ``_meta``-stripping did), one met once is not.
+        """
+        assert self.prefix is not None
+        lp, rp = self.prefix.left, self.prefix.right
+
+        def side(held: Any) -> tuple[Any, Any]:
+            rec = _Packer.unpack(held)
+            if rec.__class__ is not dict:
+                return rec, None
+            if rec is held:  # held as it came (an older snapshot): not ours to change
+                if META not in rec:
+                    return rec, None
+                rec = dict(rec)
+            return rec, rec.pop(META, None)
+
+        def row(left: Any, right: Any, meta: Any) -> dict[str, Any]:
+            o = {lp: left, rp: right}
+            if meta is not None:
+                o[META] = meta
+            return o
+
+        if lefts and rights:
+            ls = [side(held) for held in lefts]
+            copy_left, copy_right = len(rights) > 1, len(ls) > 1
+            for held in rights:
+                r, rmeta = side(held)
+                for left, lmeta in ls:
+                    out.append(row(
+                        dict(left) if copy_left and left.__class__ is dict else left,
+                        dict(r) if copy_right and r.__class__ is dict else r,
+                        lmeta,
+                    ))
+        elif lefts and self.keep_left:
+            for held in lefts:
+                left, lmeta = side(held)
+                out.append(row(left, None, lmeta))
+        elif rights and self.keep_right:
+            for held in rights:
+                r, rmeta = side(held)
+                out.append(row(None, r, rmeta))
 
     def unmatched(self, side: str, rec: Any, out: list[dict[str, Any]]) -> None:
         """A record that can match nothing (a null key)."""
@@ -279,7 +385,7 @@ class _RelationalShard(ShardLogic):
                     continue
                 if entry is None:
                     entry = keys[key] = [[], []]
-                entry[i].append(rec)
+                entry[i].append(o.pack(rec))
         out: list[tuple[str, list[Any]]] = []
         if down:
             out.append((DOWN, down))
@@ -298,9 +404,10 @@ class _RelationalShard(ShardLogic):
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
-        for lefts, rights in self.state.values():
+        state, self.state = self.state, {}
+        while state:  # each key's records are freed as its output is made
+            lefts, rights = state.popitem()[1]
             self.op.pairs(lefts, rights, down)
-        self.state = {}
         return [(DOWN, down)] if down else []
 
 
@@ -349,6 +456,7 @@ class _WindowJoinShard(ShardLogic):
                     late.append(rec)
                     continue
                 wins = g[2]
+                held = o.pack(rec)
                 for k in range((t - size) // slide + 1, t // slide + 1):
                     start = k * slide
                     w = wins.get(start)
@@ -356,7 +464,7 @@ class _WindowJoinShard(ShardLogic):
                         w = wins[start] = [[], []]
                         if start + size < g[3]:
                             g[3] = start + size
-                    w[i].append(rec)
+                    w[i].append(held)
                 if t > g[0]:
                     g[0] = t
                     if t - lateness > g[1]:
@@ -384,10 +492,10 @@ class _WindowJoinShard(ShardLogic):
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
-        for g in self.state.values():
-            for lefts, rights in g[2].values():
+        state, self.state = self.state, {}
+        while state:  # each key's records are freed as its output is made
+            for lefts, rights in state.popitem()[1][2].values():
                 self.op.pairs(lefts, rights, down)
-        self.state = {}
         return [(DOWN, down)] if down else []
 
 
@@ -446,7 +554,7 @@ class _SessionJoinShard(ShardLogic):
                         ss.remove(other)
                     s[0] = min(s[0], t)
                     s[1] = max(s[1], t)
-                s[i].append(rec)
+                s[i].append(o.pack(rec))
                 g[3] = ss[0][1] + gap
                 if t > g[0]:
                     g[0] = t
@@ -477,10 +585,10 @@ class _SessionJoinShard(ShardLogic):
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
-        for g in self.state.values():
-            for s in g[2]:
+        state, self.state = self.state, {}
+        while state:  # each key's records are freed as its output is made
+            for s in state.popitem()[1][2]:
                 self.op.pairs(s[2], s[3], down)
-        self.state = {}
         return [(DOWN, down)] if down else []
 
 

@@ -24,8 +24,10 @@ boundaries are exact.
 from __future__ import annotations
 
 import pickle
+import threading
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from operator import methodcaller
 from typing import Any
@@ -56,7 +58,30 @@ US = 1_000_000
 
 DOWN, LATE, ERRS = "down", "late", "errs"
 
+_RUNS = {"recovered": 0, "unrecovered": 0}
+_RUNS_LOCK = threading.Lock()
 
+
+def skip_snapshots() -> bool:
+    """Whether stateful steps may skip pickling their state at an epoch's end.
+
+    Only while runs without recovery are under way and none with it (bytewax asks for
+    snapshots with recovery off too, and discards them): by default they are taken.
+    """
+    return _RUNS["unrecovered"] > 0 and _RUNS["recovered"] == 0
+
+
+@contextmanager
+def run_recovery(recovered: bool) -> Iterator[None]:
+    """A run in this block keeps recovery state (``recovered``) or not."""
+    kind = "recovered" if recovered else "unrecovered"
+    with _RUNS_LOCK:
+        _RUNS[kind] += 1
+    try:
+        yield
+    finally:
+        with _RUNS_LOCK:
+            _RUNS[kind] -= 1
 
 
 def late_records(step_id: str, count: int) -> None:
@@ -335,8 +360,12 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
 
         Bytewax asks at the end of each epoch that touched the shard: a served step's view
         receives the same copy, so it shows the state as of that epoch's end (its rows are
-        made from it only when the view is read).
+        made from it only when the view is read). In a run without recovery
+        (:func:`skip_snapshots`) nothing is kept, so an unserved step pickles nothing: the
+        state may be large, and bytewax asks at every epoch's end.
         """
+        if self.view is None and skip_snapshots():
+            return (self.definition, b"")
         blob = pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
         if self.view is not None:
             self.view.publish(id(self), blob, self.view_rows)

@@ -24,6 +24,7 @@ inlined), so it costs no Python call per record in the common case.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -220,7 +221,7 @@ class _Output:
 # Group state (a list, for speed): [max_t, late_before, windows, next_end]. ``windows`` is
 # {start: accumulator} for tumbling and sliding windows, a list of [start, last,
 # accumulator] ordered by start for sessions; ``next_end`` is when the first one closes.
-_MAX, _LB, _W, _NEXT = range(4)
+_MAX, _LB, _W, _NEXT, _PANE_NEXT = range(5)
 
 
 class _WindowShard(ShardLogic):
@@ -255,6 +256,8 @@ class _WindowShard(ShardLogic):
         o = self.op
         if o.session:
             return [(s[0], s[1], s[2]) for s in g[_W]]
+        if o.pane:
+            return o.pane_windows(g[_W], g[_PANE_NEXT])
         return [(start, start + o.size, acc) for start, acc in g[_W].items()]
 
     def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
@@ -283,6 +286,8 @@ class _WindowShard(ShardLogic):
                 g[_LB] = max(g[_LB], end)
             g[_W] = [] if self.op.session else {}
             g[_NEXT] = _NEVER
+            if self.op.pane:
+                g[_PANE_NEXT] = _NEVER
         return [(DOWN, down)] if down else []
 
 
@@ -350,6 +355,67 @@ for s in range(last - (last - t + {size} - 1) // {slide} * {slide}, last + 1, {s
             g[3] = s + {size}
     else:
 {update}
+"""
+
+# ...or, when the aggregates merge (see ``Accumulators.merge_code``), a sliding window is
+# cut into panes of gcd(size, slide): a record updates its one pane, and a window is the
+# merge of its panes when it closes (Flink's slicing). The group state then holds the
+# panes and, in slot 4, the start of the next window to emit.
+_PANES_INGEST = """
+def ingest(groups, batches, late, errs, down):
+    for batch in batches:
+        for rec in batch:
+            try:
+{extract}
+                g = groups.get(key)
+                if g is None:
+                    g = groups[key] = [-_NEVER, -_NEVER, {{}}, _NEVER, _NEVER]
+                elif t < g[1]:
+                    late.append(rec)
+                    continue
+                wins = g[2]
+                p = t - t % {pane}
+                acc = wins.get(p)
+                if acc is None:
+                    acc = {new}
+{update_new}
+                    wins[p] = acc
+                    s = (p - {size}) // {slide} * {slide} + {slide}
+                    if s < g[4]:
+                        g[4] = s
+                        g[3] = s + {size}
+                else:
+{update_new}
+                if t > g[0]:
+                    g[0] = t
+                    lb = t - {lateness}
+                    if lb > g[1]:
+                        g[1] = lb
+                        while lb >= g[3]:
+                            s = g[4]
+                            acc = {new}
+                            nxt = False
+                            for p in range(s, s + {size}, {pane}):
+                                pa = wins.get(p)
+                                if pa is not None:
+{merge}
+                                    if p >= s + {slide}:
+                                        nxt = True
+                            if acc[0]:
+{emit}
+                            for p in range(s, s + {slide}, {pane}):
+                                if p in wins:
+                                    del wins[p]
+                            if nxt:
+                                s += {slide}
+                            elif wins:
+                                s = (min(wins) - {size}) // {slide} * {slide} + {slide}
+                            else:
+                                s = _NEVER - {size}
+                            g[4] = s
+                            g[3] = s + {size}
+            except (RecordError, TypeError, AttributeError) as exc:
+                errs.append(_failed(_step, _explain(exc, _step), rec))
 """
 
 _SESSIONS_INGEST = """
@@ -439,7 +505,20 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
             code = f"row = {row(start, end)}\n_finish(acc, row)\ndown.append(row)"
         return _block(code, indent)
 
-    if o.session:
+    if o.pane:
+        update = "\n".join(indent_code(o.accs.update_code, " " * 20))
+        code = _PANES_INGEST.format(
+            extract=extract,
+            update_new=update,
+            pane=o.pane,
+            size=o.size,
+            slide=o.slide,
+            lateness=o.lateness,
+            new=o.accs.new_code,
+            merge="\n".join(indent_code(o.accs.merge_code or "", " " * 36)),
+            emit=emit("s", f"s + {o.size}", 32),
+        )
+    elif o.session:
         update = "\n".join(indent_code(o.accs.update_code, " " * 20))
         code = _SESSIONS_INGEST.format(
             extract=extract,
@@ -490,7 +569,35 @@ class _WindowOp:
         self.size = 0 if self.session else to_us(spec.size or 0)
         self.slide = 0 if self.session else to_us(spec.slide or spec.size or 0)
         self.tumbling = not self.session and self.slide == self.size
+        # Sliding windows are cut into panes of gcd(size, slide) when the aggregates merge.
+        mergeable = self.accs.merge_code is not None
+        sliding = not self.session and not self.tumbling
+        self.pane = math.gcd(self.size, self.slide) if sliding and mergeable else 0
+        if self.pane:
+            self.definition["window.pane"] = self.pane
         self.ingest = _compile_ingest(self, cfg)
+
+    def pane_windows(
+        self, panes: dict[int, list[Any]], after: int
+    ) -> list[tuple[int, int, list[Any]]]:
+        """The windows from ``after`` on over ``panes`` (start -> accumulator).
+
+        Each as (start, end, merged accumulator); the windows before ``after`` were emitted.
+        """
+        size, slide, pane = self.size, self.slide, self.pane
+        starts: set[int] = set()
+        for p in panes:
+            first = max((p - size) // slide * slide + slide, after)
+            starts.update(range(first, p + 1, slide))
+        out = []
+        for s in sorted(starts):
+            acc = self.accs.new()
+            for p in range(s, s + size, pane):
+                pa = panes.get(p)
+                if pa is not None:
+                    self.accs.merge(acc, pa)
+            out.append((s, s + size, acc))
+        return out
 
     def place_out_of_order(self, ss: list[list[Any]], rec: Any, t: int) -> None:
         """Add a record older than the group's last session: join or bridge sessions."""

@@ -134,7 +134,17 @@ def sides(draw: Any) -> list[tuple[str, list[dict[str, Any]]]]:
             if key != "missing":
                 rec["k"] = key
             rec["lid" if side == "L" else "rid"] = n
-            rec["_meta"] = {"line": n}
+            # Held compactly until the window closes: _meta like Kafka's (empty headers),
+            # nested and empty objects, short and long strings come back unchanged.
+            rec["_meta"] = {"topic": "t", "partition": 0, "offset": n, "key": str(key),
+                            "headers": draw(st.sampled_from([{}, {"h": "v"}]))}
+            extra = draw(st.sampled_from(["none", "empty", "nested", "text"]))
+            if extra == "empty":
+                rec["tags"] = {}
+            elif extra == "nested":
+                rec["geo"] = {"region": "eu", "at": {}}
+            elif extra == "text":
+                rec["name"] = draw(st.sampled_from(["ab", "x" * 40]))
             n += 1
             batch.append(rec)
         items.append((side, batch))

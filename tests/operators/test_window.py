@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 from dataflare import registry
 from dataflare.operators.aggregates import OPERATIONS
 from dataflare.operators.keyed import iso_us
-from dataflare.operators.window import WindowConfig, window
+from dataflare.operators.window import WindowConfig, _WindowOp, window
 from dataflare.records import get_path
 
 US = 1_000_000
@@ -241,20 +242,31 @@ ALL_AGGS = [
 group_bys = st.sampled_from([[], ["user"], ["user", "geo.region"]])
 
 
-def check_window(records, spec, group_by, lateness, sizes, workers):
+# Without min and max the aggregates merge, so sliding windows are cut into panes.
+PANE_AGGS = [
+    {"field": "v", "operations": ["count", "sum", "avg", "first", "last"]},
+    {"type": "count_distinct", "field": "v", "as": "distinct_v"},
+    {"operations": ["count"], "as": "records"},
+]
+sliding_specs = st.tuples(st.integers(1, 12), st.integers(1, 12)).map(
+    lambda ab: {"type": "sliding", "size": max(ab), "slide": min(ab)}
+)
+
+
+def check_window(records, spec, group_by, lateness, sizes, workers, aggs=ALL_AGGS):
     cfg = WindowConfig.model_validate(
         {
             "window": spec,
             "time_field": "ts",
             "group_by": group_by,
             "allowed_lateness": f"{lateness}s",
-            "aggregations": ALL_AGGS,
+            "aggregations": aggs,
         }
     )
     frozen = json.dumps(records, sort_keys=True)
     got = run_flow(window_flow(cfg), chunks(records, sizes), workers=workers)
     assert json.dumps(records, sort_keys=True) == frozen, "input records were changed"
-    want, late, errors = ref_windows(records, spec, group_by, ALL_AGGS, lateness)
+    want, late, errors = ref_windows(records, spec, group_by, aggs, lateness)
     assert canon(got["down"]) == canon(want)
     assert canon(got["late"]) == canon(late)
     assert len(got["errs"]) == errors
@@ -283,6 +295,62 @@ def test_window_matches_reference_single_worker(records, spec, group_by, latenes
 )
 def test_window_matches_reference_two_workers(records, spec, group_by, lateness, sizes):
     check_window(records, spec, group_by, lateness, sizes, workers=2)
+
+
+@FAST
+@given(
+    streams(),
+    sliding_specs,
+    group_bys,
+    st.sampled_from([0, 2, 10]),
+    st.lists(st.integers(1, 7), max_size=4),
+)
+def test_sliding_panes_match_reference_single_worker(records, spec, group_by, lateness, sizes):
+    check_window(records, spec, group_by, lateness, sizes, workers=1, aggs=PANE_AGGS)
+
+
+@settings(FAST, max_examples=8)
+@given(
+    streams(),
+    sliding_specs,
+    group_bys,
+    st.sampled_from([0, 5]),
+    st.lists(st.integers(1, 7), max_size=4),
+)
+def test_sliding_panes_match_reference_two_workers(records, spec, group_by, lateness, sizes):
+    check_window(records, spec, group_by, lateness, sizes, workers=2, aggs=PANE_AGGS)
+
+
+def test_sliding_windows_use_panes_of_the_gcd_when_aggregates_merge():
+    def op_of(aggs):
+        cfg = WindowConfig.model_validate(
+            {"window": {"type": "sliding", "size": "10s", "slide": "4s"}, "aggregations": aggs}
+        )
+        return _WindowOp("w", cfg, 16, None)
+
+    merging = op_of(PANE_AGGS)
+    assert merging.pane == 2 * US and merging.definition["window.pane"] == 2 * US
+    assert op_of(ALL_AGGS).pane == 0  # min/max check types per window: one update each
+
+
+def test_sliding_panes_fire_on_idle_timeout():
+    cfg = WindowConfig.model_validate(
+        {"window": {"type": "sliding", "size": "1h", "slide": "30m"}, "time_field": "ts",
+         "group_by": ["k"]}
+    )
+    items = [
+        [{"k": "a", "ts": 1}],
+        TestingSource.PAUSE(timedelta(milliseconds=400)),
+        [{"k": "a", "ts": 2}, {"k": "a", "ts": 5000}],
+    ]
+    got = run_flow(window_flow(cfg, idle_timeout=0.05), items)
+    assert sorted((r["window_start"], r["count"]) for r in got["down"]) == [
+        ("1969-12-31T23:30:00Z", 1),
+        ("1970-01-01T00:00:00Z", 1),
+        ("1970-01-01T00:30:00Z", 1),
+        ("1970-01-01T01:00:00Z", 1),
+    ]
+    assert got["late"] == [{"k": "a", "ts": 2}]
 
 
 # ---------------------------------------------------------------- specific behaviour
@@ -426,6 +494,8 @@ RECOVERY_BATCHES = [RECOVERY_RECORDS[i : i + 4] for i in range(0, 60, 4)]
 
 def recovery_cfg(size: str = "10s", kind: str = "tumbling") -> WindowConfig:
     spec: dict[str, Any] = {"type": kind, "gap" if kind == "session" else "size": size}
+    if kind == "sliding":
+        spec["slide"] = "4s"  # panes of 2 s
     return WindowConfig.model_validate(
         {
             "window": spec,
@@ -437,10 +507,10 @@ def recovery_cfg(size: str = "10s", kind: str = "tumbling") -> WindowConfig:
     )
 
 
-@pytest.mark.parametrize("kind", ["tumbling", "session"])
+@pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
 @pytest.mark.parametrize("abort_at", [0, 1, 2, 4, 7, 14])
 def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, kind, abort_at):
-    size = "10s" if kind == "tumbling" else "3s"
+    size = "3s" if kind == "session" else "10s"
     full = run_flow(window_flow(recovery_cfg(size, kind)), RECOVERY_BATCHES)
     init_db_dir(tmp_path, 1)
     rc = RecoveryConfig(str(tmp_path))
@@ -534,3 +604,18 @@ def test_late_records_are_counted_in_a_metric():
     got = run_flow(window_flow(cfg), [[{"ts": 30}, {"ts": 1}, {"ts": 2}, {"ts": 31}]])
     assert len(got["late"]) == 2
     assert value(LATE_RECORDS, step="win") == before + 2
+
+
+def test_snapshots_are_skipped_only_while_runs_keep_no_recovery():
+    from dataflare.operators.keyed import run_recovery, skip_snapshots
+
+    cfg = WindowConfig.model_validate({"window": {"type": "tumbling", "size": "10s"},
+                                       "time_field": "ts"})
+    shard = _WindowOp("w", cfg, 16, None).build(None)
+    shard.process([[{"ts": 1}]])
+    assert not skip_snapshots() and pickle.loads(shard.snapshot()[1])  # by default: taken
+    with run_recovery(False):
+        assert skip_snapshots() and shard.snapshot()[1] == b""  # discarded by bytewax anyway
+        with run_recovery(True):  # another run in the process keeps recovery: taken
+            assert not skip_snapshots() and pickle.loads(shard.snapshot()[1])
+    assert not skip_snapshots()
