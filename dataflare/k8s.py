@@ -291,7 +291,7 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
     else:
         job = {
             "completions": options.replicas, "parallelism": options.replicas,
-            "completionMode": "Indexed", "backoffLimit": wf.config.retry.max_attempts - 1,
+            "completionMode": "Indexed", "backoffLimit": wf.config.run_attempts - 1,
             "template": {"metadata": {"labels": meta["labels"]},
                          "spec": {**pod, "subdomain": name, "restartPolicy": "Never"}},
         }

@@ -115,10 +115,11 @@ def test_a_bounded_workflow_is_an_indexed_job_and_a_cron_schedule_a_cronjob(
     assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 2
     assert job["template"]["spec"]["subdomain"] == kinds["Service"]["metadata"]["name"]
     assert "--recovery-dir" not in job["template"]["spec"]["containers"][0]["command"]
+    assert job["backoffLimit"] == 2  # 3 attempts of the run unless config.retry says otherwise
 
     text = (ROOT / "flows/quickstart.yaml").read_text().replace(
         "workflow:\n", "workflow:\n  schedule: {type: cron, expression: '15 2 * * *', "
-        "timezone: Europe/Paris}\n  config: {timeout: 10m}\n", 1)
+        "timezone: Europe/Paris}\n  config: {timeout: 10m, retry: {max_attempts: 5}}\n", 1)
     flow = _write(ROOT / "flows", f".k8s-test-{os.getpid()}.yaml", text)
     try:
         objects = k8s.render(flow, k8s.Options(replicas=2))
@@ -128,6 +129,7 @@ def test_a_bounded_workflow_is_an_indexed_job_and_a_cron_schedule_a_cronjob(
         _validate(obj)
     cron = _by_kind(objects)["CronJob"]["spec"]
     assert cron["schedule"] == "15 2 * * *" and cron["timeZone"] == "Europe/Paris"
+    assert cron["jobTemplate"]["spec"]["backoffLimit"] == 4  # config.retry.max_attempts: 5
     assert cron["concurrencyPolicy"] == "Forbid"
     assert cron["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 660
 

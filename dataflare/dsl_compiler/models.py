@@ -27,7 +27,24 @@ class WorkflowConfig(Strict):
 
     max_concurrency: int | None = Field(None, ge=1, description="Upper bound of workers.")
     timeout: Duration | None = Field(None, description="A run longer than this is stopped.")
-    retry: Retry = Field(default_factory=Retry, description="Retry policy of transient errors.")
+    retry: Retry = Field(default_factory=Retry, description="Retry policy of transient errors; "
+                         "a failed run is attempted max_attempts times when set, else 3 times "
+                         "(server, Kubernetes Job).")
+
+    @property
+    def run_attempts(self) -> int:
+        """Attempts of a whole run that fails (the server's retries, a Job's backoffLimit).
+
+        ``retry.max_attempts`` when the workflow sets it; else :data:`RUN_ATTEMPTS`: the
+        default of ``retry`` rides out a minute's outage inside a run, and a run that still
+        failed is started again less eagerly.
+        """
+        if "max_attempts" in self.retry.model_fields_set:
+            return self.retry.max_attempts
+        return RUN_ATTEMPTS
+
+
+RUN_ATTEMPTS = 3
 
 
 class Schedule(Strict):

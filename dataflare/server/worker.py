@@ -131,7 +131,7 @@ class Worker:
             error = None
         wf = v.workflow
         retry_at = None
-        if status == "failed" and wf is not None and run.attempt < wf.config.retry.max_attempts:
+        if status == "failed" and wf is not None and run.attempt < wf.config.run_attempts:
             b = wf.config.retry.backoff
             delay = min(b.max, b.initial * b.multiplier ** (run.attempt - 1))
             retry_at = now() + timedelta(seconds=delay)
