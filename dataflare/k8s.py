@@ -36,7 +36,7 @@ import ssl
 import threading
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +163,7 @@ def statefulset_replicas(env: Mapping[str, str] = os.environ) -> int:
     return int(scale["spec"].get("replicas", 0))
 
 
-def watch_rescale(processes: int, on_change: Any, every: float | None = None,
+def watch_rescale(processes: int, on_change: Callable[[int], None], every: float | None = None,
                   env: Mapping[str, str] = os.environ) -> threading.Event:
     """Call ``on_change(new_count)`` once the StatefulSet's replicas differ from ``processes``.
 

@@ -35,6 +35,7 @@ from dataflare.operators.keyed import (
     key_getter,
     route_and_merge,
     stateful_shards,
+    tagged,
     time_reader,
     to_us,
 )
@@ -153,12 +154,7 @@ class _DedupeShard(ShardLogic):
             self.state["prune_at"] = latest + ttl
         if dropped:
             duplicates_dropped(o.step_id, dropped)
-        out: list[tuple[str, list[Any]]] = []
-        if down:
-            out.append((DOWN, down))
-        if errs:
-            out.append((ERRS, errs))
-        return out
+        return tagged(o.step_id, down, errs)
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         return []

@@ -42,10 +42,10 @@ from dataflare.operators.keyed import (
     ShardLogic,
     component_id,
     key_getter,
-    late_records,
     route_and_merge,
     shard_names,
     stateful_shards,
+    tagged,
     time_reader,
     to_us,
 )
@@ -386,12 +386,7 @@ class _RelationalShard(ShardLogic):
                 if entry is None:
                     entry = keys[key] = [[], []]
                 entry[i].append(o.pack(rec))
-        out: list[tuple[str, list[Any]]] = []
-        if down:
-            out.append((DOWN, down))
-        if errs:
-            out.append((ERRS, errs))
-        return out
+        return tagged(o.step_id, down, errs)
 
     def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Per key, the joined records its records so far give."""
@@ -478,7 +473,7 @@ class _WindowJoinShard(ShardLogic):
                 lefts, rights = wins.pop(start)
                 o.pairs(lefts, rights, down)
             g[3] = min(wins, default=_NEVER - size) + size
-        return _tagged(o.step_id, down, late, errs)
+        return tagged(o.step_id, down, errs, late)
 
     def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Per key, the joined records of its open windows so far."""
@@ -571,7 +566,7 @@ class _SessionJoinShard(ShardLogic):
                     keep.append(s)
             g[2] = keep
             g[3] = keep[0][1] + gap if keep else _NEVER
-        return _tagged(o.step_id, down, late, errs)
+        return tagged(o.step_id, down, errs, late)
 
     def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Per key, the joined records of its open sessions so far."""
@@ -650,7 +645,7 @@ class _LookupShard(ShardLogic):
                     self._match(rec, key, now, down)
                 except TypeError as exc:
                     errs.append(Failed.of(o.step_id, _unhashable(exc), rec))
-        return _tagged(o.step_id, down, [], errs)
+        return tagged(o.step_id, down, errs)
 
     def _match(self, rec: Any, key: Any, now: float, down: list[dict[str, Any]]) -> None:
         o = self.op
@@ -695,7 +690,7 @@ class _LookupShard(ShardLogic):
         down: list[dict[str, Any]] = []
         errs: list[Failed] = []
         self._release(down, errs)
-        return _tagged(self.op.step_id, down, [], errs), False
+        return tagged(self.op.step_id, down, errs), False
 
     def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """The table: per key, its latest right record."""
@@ -708,7 +703,7 @@ class _LookupShard(ShardLogic):
         if not self.state.loaded:
             self._release(down, errs)
         self.state = _LookupState({}, loaded=not self.op.bootstrap_timeout)
-        return _tagged(self.op.step_id, down, [], errs)
+        return tagged(self.op.step_id, down, errs)
 
 
 class _RightLoaded(StatefulBatchLogic[list[Any], str, dict[str, bool]]):
@@ -754,20 +749,6 @@ def _loaded_markers(right: Stream[list[Any]], shards: int) -> Stream[tuple[str, 
     names = shard_names(shards)
     return op.flat_map("bootstrap_shards", marks,
                        lambda _mark: [(name, (LOADED, [])) for name in names])
-
-
-def _tagged(
-    step_id: str, down: list[Any], late: list[Any], errs: list[Failed]
-) -> list[tuple[str, list[Any]]]:
-    out: list[tuple[str, list[Any]]] = []
-    if down:
-        out.append((DOWN, down))
-    if late:
-        late_records(step_id, len(late))
-        out.append((LATE, late))
-    if errs:
-        out.append((ERRS, errs))
-    return out
 
 
 @operator

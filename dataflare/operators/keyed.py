@@ -40,6 +40,7 @@ from dataflare import metrics, stopping
 from dataflare.records import (
     EPOCH_MAX,
     EPOCH_MIN,
+    Failed,
     RecordError,
     getter,
     iso_utc,
@@ -87,6 +88,20 @@ def run_recovery(recovered: bool) -> Iterator[None]:
 def late_records(step_id: str, count: int) -> None:
     """Count ``count`` late records of ``step_id`` (metric ``dataflare_late_records_total``)."""
     metrics.LATE_RECORDS.labels(step_id).inc(count)
+
+
+def tagged(step_id: str, down: list[Any], errs: list[Failed],
+           late: list[Any] | None = None) -> list[tuple[str, list[Any]]]:
+    """A shard's outputs: the records, the late ones (counted) and the failed ones."""
+    out: list[tuple[str, list[Any]]] = []
+    if down:
+        out.append((DOWN, down))
+    if late:
+        late_records(step_id, len(late))
+        out.append((LATE, late))
+    if errs:
+        out.append((ERRS, errs))
+    return out
 
 
 def duplicates_dropped(step_id: str, count: int) -> None:

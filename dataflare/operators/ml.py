@@ -33,6 +33,7 @@ from dataflare.operators.keyed import (
     key_getter,
     route_and_merge,
     stateful_shards,
+    tagged,
 )
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import Failed, RecordError, getter, set_path
@@ -160,12 +161,7 @@ class _MlShard(ShardLogic):
                     down.append(m.apply(model, rec))
                 except (RecordError, TypeError) as exc:
                     errs.append(Failed.of(m.step, exc, rec))
-        out: list[tuple[str, list[Any]]] = []
-        if down:
-            out.append((DOWN, down))
-        if errs:
-            out.append((ERRS, errs))
-        return out
+        return tagged(m.step, down, errs)
 
     def has_state(self) -> bool:
         return False

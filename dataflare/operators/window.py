@@ -52,9 +52,9 @@ from dataflare.operators.keyed import (
     indent_code,
     iso_us,
     key_getter,
-    late_records,
     route_and_merge,
     stateful_shards,
+    tagged,
     to_us,
 )
 from dataflare.record_schema import FieldType, SchemaContext, aggregate_fields, window_output
@@ -242,15 +242,7 @@ class _WindowShard(ShardLogic):
         errs: list[Failed] = []
         down: list[dict[str, Any]] = []
         o.ingest(self.state, batches, late, errs, down)
-        out: list[tuple[str, list[Any]]] = []
-        if down:
-            out.append((DOWN, down))
-        if late:
-            late_records(o.step_id, len(late))
-            out.append((LATE, late))
-        if errs:
-            out.append((ERRS, errs))
-        return out
+        return tagged(o.step_id, down, errs, late)
 
     def _spans(self, g: list[Any]) -> list[tuple[int, int, list[Any]]]:
         o = self.op
