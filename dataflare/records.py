@@ -58,6 +58,17 @@ def getter(path: str) -> Callable[[Any], Any]:
 
         return get_flat
     parts = tuple(path.split("."))
+    if len(parts) == 2:  # the common case, without a loop
+        outer, inner = parts
+
+        def get_two(record: Any) -> Any:
+            if isinstance(record, dict):
+                record = record.get(outer)
+                if isinstance(record, dict):
+                    return record.get(inner)
+            return None
+
+        return get_two
 
     def get_nested(record: Any) -> Any:
         cur = record

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/nexmark/run.py                       # 1,000,000 events, 3 runs
     .venv/bin/python bench/nexmark/run.py --events 100000 --runs 1 --only q5
+    .venv/bin/python bench/nexmark/run.py --only q4 --baseline /tmp/old   # before/after
 
 The seeded generator (``generator.py``) writes persons, auctions and bids (1:3:46) as
 JSON lines once; then for each query every system runs in its own process on those
@@ -10,7 +11,9 @@ files, ``--runs`` times:
 - ``raw``: a hand-written loop (orjson, plain dicts), writing its result as JSON lines;
 - ``bytewax``: the query by hand with bytewax's operators, one item per record (q0, q1,
   q2 only: the stateful queries by hand are not written);
-- ``dataflare``: ``dataflare.run`` of ``q*.yaml`` (file source to file destination).
+- ``dataflare``: ``dataflare.run`` of ``q*.yaml`` (file source to file destination);
+- ``baseline`` (with ``--baseline DIR``): the same, with the ``dataflare`` package of
+  another tree (``DIR``, e.g. ``git archive OLD dataflare | tar -x -C DIR``).
 
 Printed per system: medians of wall and CPU seconds (imports excluded: the workflow is
 compiled once before the clock starts; ``dataflare.run`` compiles it again, timed), peak
@@ -38,6 +41,9 @@ sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent.parent)]
 import generator  # noqa: E402
 import queries  # noqa: E402
 from stateful import measure  # noqa: E402
+
+if os.environ.get("NEXMARK_BASELINE"):  # ``--baseline``: that tree's dataflare first
+    sys.path.insert(0, os.environ["NEXMARK_BASELINE"])
 
 INPUTS = {
     "q0": ("bids",), "q1": ("bids",), "q2": ("bids",), "q3": ("persons", "auctions"),
@@ -95,6 +101,11 @@ BYTEWAX = ("q0", "q1", "q2")
 def child(args: argparse.Namespace) -> None:
     """Run one system on one query in this process; print measurement and digest."""
     system, query = args.child.split("-", 1)
+    if system == "baseline":
+        system = "dataflare"
+        import dataflare
+
+        assert dataflare.__file__.startswith(os.environ["NEXMARK_BASELINE"]), dataflare.__file__
     if system == "duckdb":  # the oracle, in its own process: the driver stays small
         lines = queries.canonical(queries.duckdb_result(query, Path(args.data)))
         digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
@@ -124,9 +135,11 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def spawn(name: str, data: Path) -> dict[str, Any]:
+def spawn(name: str, data: Path, baseline: str | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", name, "--data", str(data)]
     env = {**os.environ, "RUST_BACKTRACE": "0"}
+    if name.startswith("baseline-"):
+        env["NEXMARK_BASELINE"] = str(Path(baseline or "").resolve())
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         msg = f"{name} failed:\n{done.stderr[-3000:]}"
@@ -140,6 +153,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per system (median)")
     parser.add_argument("--only", choices=queries.QUERIES, action="append", help="query(ies)")
     parser.add_argument("--skip", action="append", default=[], help="system(s) to skip")
+    parser.add_argument("--baseline", help="a directory holding another tree's dataflare "
+                        "package: run as system 'baseline' beside 'dataflare'")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -158,11 +173,13 @@ def main() -> None:
             oracle = spawn(f"duckdb-{query}", data)
             digest = oracle["digest"]
             systems = ["raw", "dataflare"] + (["bytewax"] if query in BYTEWAX else [])
+            if args.baseline:
+                systems.insert(1, "baseline")
             systems = [s for s in systems if s not in args.skip]
             results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
             for _ in range(args.runs):
                 for s in systems:
-                    results[s].append(spawn(f"{s}-{query}", data))
+                    results[s].append(spawn(f"{s}-{query}", data, args.baseline))
             n_in = sum(counts[t[:-1]] for t in INPUTS[query])
             print(f"\n{query} ({n_in:,} input records; DuckDB: {oracle['count']:,} rows)")
             med = {s: {k: statistics.median(r[k] for r in runs) for k in ("wall", "cpu", "rss_mb")}
@@ -176,6 +193,10 @@ def main() -> None:
                       f"rss {m['rss_mb']:5.0f} MB  {n_in / m['wall']:>10,.0f} records/s  "
                       f"{ratio:>10}  {check}")
                 table.append((query, s, m, n_in / m["wall"], ratio, check))
+            if "dataflare" in med and "baseline" in med:
+                d, b = med["dataflare"], med["baseline"]
+                print(f"  dataflare / baseline: wall {d['wall'] / b['wall']:.2f}x, "
+                      f"cpu {d['cpu'] / b['cpu']:.2f}x, rss {d['rss_mb'] / b['rss_mb']:.2f}x")
             if "dataflare" in med and "bytewax" in med:
                 print(f"  bytewax / dataflare: wall "
                       f"{med['bytewax']['wall'] / med['dataflare']['wall']:.2f}x")

@@ -47,10 +47,10 @@ from dataflare.connectors.lake import (
     lake_output,
     template_problems,
 )
-from dataflare.connectors.schema import discoverer, infer_schema, json_line
+from dataflare.connectors.schema import discoverer, infer_schema, record_line
 from dataflare.lineage import file_dataset
 from dataflare.operators.records import map_records
-from dataflare.records import META, Batch, Failed, without_meta
+from dataflare.records import META, Batch, Failed
 from dataflare.registry import BuildContext, destination, source
 from dataflare.template import placeholders
 
@@ -186,12 +186,14 @@ class _LinesPartition(StatefulSourcePartition[Batch, tuple[int, int]]):
         out: Batch = []
         loads = orjson.loads
         shown = self.shown
-        for raw in self.f.readlines(self.size * 128) or ():
-            self.offset += len(raw)
-            self.line += 1
+        raws = self.f.readlines(self.size * 128)
+        first = self.line + 1
+        self.line += len(raws)
+        self.offset += sum(map(len, raws))
+        for line, raw in enumerate(raws, first):
             if raw[0] in _BLANK and not raw.strip():  # a JSON line starts with no blank
                 continue
-            meta = {"file": shown, "line": self.line}
+            meta = {"file": shown, "line": line}
             try:
                 rec = loads(raw)
             except orjson.JSONDecodeError as exc:
@@ -490,7 +492,7 @@ def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] 
                                                   cfg, LocalStorage, one))
     errs = None
     if fmt == "jsonl":
-        encoded = map_records("encode", up, lambda r: json_line(without_meta(r)), ctx.step_id)
+        encoded = map_records("encode", up, record_line, ctx.step_id)
         up, errs = encoded.down, encoded.errs
     else:  # what one CSV file cannot hold is refused record by record
         columns = cfg.columns

@@ -46,7 +46,7 @@ from pydantic import Field
 
 from dataflare.config import Duration, Strict
 from dataflare.connectors.batching import Discard, Once
-from dataflare.connectors.schema import json_line, json_value
+from dataflare.connectors.schema import json_line, json_value, record_line
 from dataflare.records import (
     INPUT,
     META,
@@ -56,7 +56,6 @@ from dataflare.records import (
     RecordError,
     getter,
     to_epoch_seconds,
-    without_meta,
 )
 from dataflare.template import placeholders
 
@@ -361,7 +360,7 @@ class _Lines(_Open):
 
     def line(self, record: dict[str, Any]) -> bytes:
         """``record`` as its line; RecordError when the format cannot hold it."""
-        return json_line(without_meta(record))
+        return record_line(record)
 
     def add(self, records: list[dict[str, Any]], max_bytes: int | None) -> tuple[int, list[Failed]]:
         refused: list[Failed] = []

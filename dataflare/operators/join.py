@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -232,7 +232,7 @@ class _Packer:
 
 
 def _null_key(key: Any) -> bool:
-    return key is None or (isinstance(key, tuple) and any(k is None for k in key))
+    return key is None or (key.__class__ is tuple and None in key)
 
 
 class _JoinOp:
@@ -339,6 +339,41 @@ class _JoinOp:
                 r, rmeta = side(held)
                 out.append(row(None, r, rmeta))
 
+    def probe(self, side: str, rec: Any, held: list[Any], out: list[dict[str, Any]]) -> None:
+        """``rec`` of input ``side`` meets the held records of the other input (not none).
+
+        The output is :meth:`pairs`'; ``rec`` is not held, so it is copied, not unpacked.
+        """
+        unpack = _Packer.unpack
+        if self.prefix is None:
+            combine = self.combine
+            if side == LEFT:
+                out.extend(combine(rec, unpack(h)) for h in held)
+            else:
+                out.extend(combine(unpack(h), rec) for h in held)
+            return
+        lp, rp = self.prefix.left, self.prefix.right
+        meta = None
+        if rec.__class__ is dict and META in rec:
+            rec = rec.copy()
+            meta = rec.pop(META)
+        copy = len(held) > 1 and rec.__class__ is dict
+        for h in held:
+            other = unpack(h)
+            other_meta = None
+            if other.__class__ is dict and META in other:
+                if other is h:  # held as it came (an older snapshot): not ours to change
+                    other = other.copy()
+                other_meta = other.pop(META)
+            mine = rec.copy() if copy else rec
+            if side == LEFT:
+                row, row_meta = {lp: mine, rp: other}, meta
+            else:
+                row, row_meta = {lp: other, rp: mine}, other_meta
+            if row_meta is not None:  # the left side's position
+                row[META] = row_meta
+            out.append(row)
+
     def unmatched(self, side: str, rec: Any, out: list[dict[str, Any]]) -> None:
         """A record that can match nothing (a null key)."""
         if side == LEFT and self.keep_left:
@@ -356,22 +391,52 @@ class _JoinOp:
         return _WindowJoinShard(self, resume)
 
 
+ENDED = {LEFT: "left_ended", RIGHT: "right_ended"}
+"""The tags of the markers telling every relational shard that an input has ended."""
+
+
+@dataclass
+class _RelationalState:
+    """A relational shard's held records, and which inputs have ended.
+
+    ``keys`` maps a key to ``[lefts, rights]`` (held records, see :class:`_Packer`). Once
+    an input has ended (``complete``), the other side's held records are joined and
+    dropped, its later records are joined as they arrive, and only the ended side's
+    records are kept; ``met`` is then the keys whose kept records met the other side (so
+    an outer join does not emit them again, unmatched, at the end).
+    """
+
+    keys: dict[Any, list[list[Any]]]
+    complete: str | None = None
+    met: set[Any] = field(default_factory=set)
+
+
 class _RelationalShard(ShardLogic):
-    """Every record per key; the join at the end of both inputs."""
+    """Every record per key; the join as soon as one input has ended, else at the end."""
 
     def __init__(self, op: _JoinOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume)
         self.op = op
         if self.state is None:
-            self.state = {}
+            self.state = _RelationalState({})
+        elif not isinstance(self.state, _RelationalState):  # a snapshot of the keys alone
+            self.state = _RelationalState(self.state)
 
     def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
         o = self.op
-        keys: dict[Any, list[list[Any]]] = self.state
+        s: _RelationalState = self.state
+        keys = s.keys
         down: list[dict[str, Any]] = []
         errs: list[Failed] = []
+        ended: list[str] = []
         for side, batch in batches:
+            if side not in o.keys:
+                ended.append(side)
+                continue
             keyf = o.keys[side]
+            if s.complete is not None:  # the other input has ended: join at once
+                self._probe(side, batch, down, errs)
+                continue
             i = 0 if side == LEFT else 1
             for rec in batch:
                 key = keyf(rec)
@@ -386,12 +451,61 @@ class _RelationalShard(ShardLogic):
                 if entry is None:
                     entry = keys[key] = [[], []]
                 entry[i].append(o.pack(rec))
+        # The markers come last: an input's records reach the shard no later than (in the
+        # same batches as) the marker saying that it has ended.
+        for tag in ended:
+            if s.complete is None:
+                self._complete(LEFT if tag == ENDED[LEFT] else RIGHT, down)
         return tagged(o.step_id, down, errs)
 
+    def _complete(self, side: str, down: list[dict[str, Any]]) -> None:
+        """Input ``side`` has ended: join what the other side holds, keep ``side``'s records."""
+        o = self.op
+        s: _RelationalState = self.state
+        i = 0 if side == LEFT else 1
+        keep_ended = o.keep_left if side == LEFT else o.keep_right
+        kept: dict[Any, list[list[Any]]] = {}
+        for key, entry in s.keys.items():
+            mine, other = entry[i], entry[1 - i]
+            if other:
+                o.pairs(entry[0], entry[1], down)
+                if mine and keep_ended:
+                    s.met.add(key)
+                entry[1 - i] = []
+            if mine:
+                kept[key] = entry
+        s.keys, s.complete = kept, side
+
+    def _probe(self, side: str, batch: list[Any], down: list[dict[str, Any]],
+               errs: list[Failed]) -> None:
+        """Join records of ``side`` with the ended input's records as they arrive."""
+        o = self.op
+        s: _RelationalState = self.state
+        keyf, keys, met = o.keys[side], s.keys, s.met
+        i = 1 if side == LEFT else 0  # the ended input's records
+        track = o.keep_right if side == LEFT else o.keep_left
+        for rec in batch:
+            key = keyf(rec)
+            try:
+                entry = None if _null_key(key) else keys.get(key)
+            except TypeError as exc:
+                errs.append(Failed.of(o.step_id, _unhashable(exc), rec))
+                continue
+            if entry is None:
+                o.unmatched(side, rec, down)
+                continue
+            held = entry[i]
+            if held[0].__class__ is tuple:  # met for the first time: unpacked once, for good
+                held = entry[i] = [_Packer.unpack(h) for h in held]
+            o.probe(side, rec, held, down)
+            if track:
+                met.add(key)
+
     def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
-        """Per key, the joined records its records so far give."""
+        """Per key, the joined records its held records so far give."""
         rows: list[tuple[Any, dict[str, Any]]] = []
-        for key, (lefts, rights) in state.items():
+        keys = state.keys if isinstance(state, _RelationalState) else state
+        for key, (lefts, rights) in keys.items():
             joined: list[dict[str, Any]] = []
             self.op.pairs(lefts, rights, joined)
             rows.extend((key, r) for r in joined)
@@ -399,10 +513,13 @@ class _RelationalShard(ShardLogic):
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
-        state, self.state = self.state, {}
-        while state:  # each key's records are freed as its output is made
-            lefts, rights = state.popitem()[1]
-            self.op.pairs(lefts, rights, down)
+        s: _RelationalState = self.state
+        keys, met = s.keys, s.met
+        self.state = _RelationalState({})
+        while keys:  # each key's records are freed as its output is made
+            key, (lefts, rights) = keys.popitem()
+            if key not in met:
+                self.op.pairs(lefts, rights, down)
         return [(DOWN, down)] if down else []
 
 
@@ -739,16 +856,42 @@ class _RightLoaded(StatefulBatchLogic[list[Any], str, dict[str, bool]]):
         return dict(self.state)
 
 
-def _loaded_markers(right: Stream[list[Any]], shards: int) -> Stream[tuple[str, Any]]:
-    """One ``(shard, (LOADED, []))`` item per shard once the right input is loaded."""
+class _InputEnded(StatefulBatchLogic[list[Any], str, None]):
+    """Watches one input of a relational join (one instance): says when it has ended."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def on_batch(self, values: list[list[Any]]) -> tuple[list[str], bool]:
+        return [], False
+
+    def on_eof(self) -> tuple[list[str], bool]:
+        if stopping.requested():  # a graceful stop: the input has not ended
+            return [], False
+        return [self.tag], True
+
+    def snapshot(self) -> None:
+        return None
+
+    @staticmethod
+    def builder(tag: str) -> Callable[[Any], _InputEnded]:
+        """What ``op.stateful_batch`` calls (with a resume state it does not need)."""
+        return lambda _resume: _InputEnded(tag)
+
+
+def _shard_markers(name: str, up: Stream[list[Any]], logic: Callable[[Any], Any],
+                   shards: int) -> Stream[tuple[str, Any]]:
+    """One ``(shard, (marker, []))`` item per shard for each marker ``logic`` emits.
+
+    ``logic`` watches the whole of ``up`` in one instance (on one worker).
+    """
     import bytewax.operators as op
 
-    keyed = op.key_on("bootstrap_key", right, lambda _batch: "right")
-    marks = op.key_rm("bootstrap_unkey", op.stateful_batch(
-        "bootstrap", keyed, lambda resume: _RightLoaded(resume)))
+    keyed = op.key_on(f"{name}_key", up, lambda _batch: name)
+    marks = op.key_rm(f"{name}_unkey", op.stateful_batch(name, keyed, logic))
     names = shard_names(shards)
-    return op.flat_map("bootstrap_shards", marks,
-                       lambda _mark: [(name, (LOADED, [])) for name in names])
+    return op.flat_map(f"{name}_shards", marks,
+                       lambda mark: [(shard, (mark, [])) for shard in names])
 
 
 @operator
@@ -775,7 +918,12 @@ def join(
         step_id, [(LEFT, left), (RIGHT, right)], [jop.keys[LEFT], jop.keys[RIGHT]], shards
     )
     if config.mode == "lookup" and config.bootstrap_timeout:
-        keyed = op.merge("with_loaded", keyed, _loaded_markers(right, shards))
+        loaded = _shard_markers("bootstrap", right, _RightLoaded, shards)
+        keyed = op.merge("with_loaded", keyed, loaded)
+    elif config.mode == "relational" and config.window is None:
+        ends = [_shard_markers(f"{side}_end", up, _InputEnded.builder(ENDED[side]), shards)
+                for side, up in ((LEFT, left), (RIGHT, right))]
+        keyed = op.merge("with_ends", keyed, *ends)
     outs = stateful_shards("joins", keyed, jop.build)
     return JoinOut(down=outs[DOWN], late=outs[LATE], errs=outs[ERRS])
 

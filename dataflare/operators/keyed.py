@@ -129,8 +129,17 @@ def key_getter(paths: Sequence[str]) -> Callable[[Any], Any]:
         if "." not in paths[0]:
             return methodcaller("get", paths[0])
         return getter(paths[0])
+    if all("." not in p for p in paths):  # a tuple of top-level fields, built in C
+        return _fields_getter(tuple(paths))
     gets = tuple(getter(p) for p in paths)
     return lambda record: tuple(g(record) for g in gets)
+
+
+def _fields_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """The tuple of the values of top-level fields ``names`` (``None`` when missing)."""
+    env = {f"g{i}": methodcaller("get", name) for i, name in enumerate(names)}
+    body = ", ".join(f"{g}(record)" for g in env)
+    return eval(f"lambda record: ({body},)", env)  # noqa: S307 - our own code, no input
 
 
 def shard_of(key: Any, shards: int) -> int:
