@@ -28,7 +28,7 @@ import orjson
 
 from dataflare.records import META, Failed, RecordError
 
-_dumps, _EncodeError, _NEWLINE = orjson.dumps, orjson.JSONEncodeError, orjson.OPT_APPEND_NEWLINE
+_dumps, _EncodeError = orjson.dumps, orjson.JSONEncodeError
 
 DiscoverFn = Callable[[Any], dict[str, Any]]
 _DISCOVERERS: dict[str, DiscoverFn] = {}
@@ -124,7 +124,7 @@ def record_line(record: Any) -> bytes:
         record = record.copy()  # a C copy and one delete
         del record[META]
     try:
-        return _dumps(record, default=json_value, option=_NEWLINE)
+        return _dumps(record, default=json_value) + b"\n"
     except _EncodeError:
         return json_line(record)
 
@@ -136,7 +136,7 @@ def json_line(record: Any, option: int = 0) -> bytes:
     beyond 64 bits).
     """
     try:
-        return _dumps(record, default=json_value, option=option | _NEWLINE)
+        return _dumps(record, default=json_value, option=option) + b"\n"
     except _EncodeError:  # a big integer: orjson raises before asking default
         try:
             return orjson.dumps(json_value(record), default=str, option=option) + b"\n"
