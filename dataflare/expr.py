@@ -109,13 +109,15 @@ def _arith(op: str) -> Callable[[Any, Any], Any]:
 
     fn = {"+": pyop.add, "-": pyop.sub, "*": pyop.mul, "/": pyop.truediv, "%": pyop.mod}[op]
 
+    plus = op == "+"
+
     def apply(a: Any, b: Any) -> Any:
         if a is None or b is None:
             return None
         # Numbers only (not booleans); + also joins two strings or two lists.
         ta, tb = type(a), type(b)
-        joins = op == "+" and ta is tb and ta in (str, list)
-        if not ((ta in _NUMBERS and tb in _NUMBERS) or joins):
+        if not ((ta in _NUMBERS and tb in _NUMBERS)
+                or (plus and ta is tb and (ta is str or ta is list))):
             msg = f"cannot apply {op} to {_describe(a)} and {_describe(b)}"
             raise RecordError(msg)
         try:
@@ -371,7 +373,23 @@ class _Parser:
         if not least <= len(args) <= most:
             msg = f"{name_tok.text}() takes {least}-{most} arguments, got {len(args)}"
             raise ExpressionError(msg, name_tok.col)
-        return lambda r: fn(*(a(r) for a in args))
+        return _call(fn, args)
+
+
+def _call(fn: Callable[..., Any], args: list[Fn]) -> Fn:
+    """``fn`` of the values of ``args``; up to three arguments without a generator."""
+    if not args:
+        return lambda r: fn()
+    if len(args) == 1:
+        (a,) = args
+        return lambda r: fn(a(r))
+    if len(args) == 2:
+        a, b = args
+        return lambda r: fn(a(r), b(r))
+    if len(args) == 3:
+        a, b, c = args
+        return lambda r: fn(a(r), b(r), c(r))
+    return lambda r: fn(*[a(r) for a in args])
 
 
 def _unquote(text: str) -> str:

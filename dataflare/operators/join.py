@@ -464,17 +464,18 @@ class _RelationalShard(ShardLogic):
         s: _RelationalState = self.state
         i = 0 if side == LEFT else 1
         keep_ended = o.keep_left if side == LEFT else o.keep_right
-        kept: dict[Any, list[list[Any]]] = {}
+        alone = []  # keys of the other side's records only
         for key, entry in s.keys.items():
-            mine, other = entry[i], entry[1 - i]
-            if other:
+            if entry[1 - i]:
                 o.pairs(entry[0], entry[1], down)
-                if mine and keep_ended:
-                    s.met.add(key)
                 entry[1 - i] = []
-            if mine:
-                kept[key] = entry
-        s.keys, s.complete = kept, side
+                if not entry[i]:
+                    alone.append(key)
+                elif keep_ended:
+                    s.met.add(key)
+        for key in alone:
+            del s.keys[key]
+        s.complete = side
 
     def _probe(self, side: str, batch: list[Any], down: list[dict[str, Any]],
                errs: list[Failed]) -> None:
@@ -516,6 +517,9 @@ class _RelationalShard(ShardLogic):
         s: _RelationalState = self.state
         keys, met = s.keys, s.met
         self.state = _RelationalState({})
+        if s.complete is not None and not (self.op.keep_left if s.complete == LEFT
+                                           else self.op.keep_right):
+            return []  # only the ended side's records are left, and none of them is emitted
         while keys:  # each key's records are freed as its output is made
             key, (lefts, rights) = keys.popitem()
             if key not in met:

@@ -13,8 +13,9 @@ from typing import Any
 
 import bytewax.operators as op
 import pytest
+from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
-from bytewax.testing import TestingSource
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -213,6 +214,54 @@ def test_unhashable_key_is_an_error():
     got = run_flow(join_flow(cfg), [("L", [{"k": {"nested": 1}}])], **EPOCHS)
     assert [f.step for f in got["errs"]] == ["jn"]
     assert "join key cannot be hashed" in got["errs"][0].message
+
+
+def run_two_inputs(cfg: JoinConfig, items: list[tuple[str, list[dict[str, Any]]]],
+                   workers: int) -> dict[str, list[Any]]:
+    """The join of two inputs of their own: the one with fewer batches ends first."""
+    flow = Dataflow("test")
+    lefts = [batch for side, batch in items if side == "L"]
+    rights = [batch for side, batch in items if side == "R"]
+    j = join("jn", op.input("left", flow, TestingSource(lefts)),
+             op.input("right", flow, TestingSource(rights)), cfg)
+    outs: dict[str, list[Any]] = {"down": [], "errs": []}
+    op.output("out_down", j.down, TestingSink(outs["down"]))
+    op.output("out_errs", j.errs, TestingSink(outs["errs"]))
+    if workers == 1:
+        run_main(flow, **EPOCHS)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers, **EPOCHS)
+    return {name: [r for b in got for r in b] for name, got in outs.items()}
+
+
+@settings(FAST, max_examples=25)
+@given(sides(), join_types, st.sampled_from([None, {"left": "l", "right": "r"}]),
+       st.sampled_from([1, 2]))
+def test_relational_join_once_one_input_has_ended(items, join_type, prefix, workers):
+    """Records arriving after the other input ended are joined at once, same result."""
+    cfg = JoinConfig.model_validate(
+        {"join_key": "k", "join_type": join_type, "output_prefix": prefix})
+    # One input ends after its first batch, while the other still sends several.
+    short = [{"k": 1, "lid": -1, "rid": -1}, {"k": 9, "lid": -2, "rid": -2}]
+    for side in "LR":
+        both = [(side, short)] + items
+        got = run_two_inputs(cfg, both, workers)
+        want, _ = ref_join(both, join_type, None, 0, prefix)
+        assert canon(got["down"]) == canon(want)
+        assert got["errs"] == []
+
+
+def test_relational_join_after_the_left_input_ended():
+    """The left input (one batch) ends first; the right's later batches join at once."""
+    cfg = JoinConfig.model_validate({"join_key": "k", "join_type": "full",
+                                     "output_prefix": {"left": "l", "right": "r"}})
+    items = [("L", [{"k": 1, "a": 1, "_meta": {"line": 1}}, {"k": 2, "a": 2}])]
+    items += [("R", [{"k": 1, "b": i, "_meta": {"line": 9}}]) for i in range(5)]
+    items += [("R", [{"k": 3, "b": 9}])]
+    got = run_two_inputs(cfg, items, workers=1)
+    want, _ = ref_join(items, "full", None, 0, {"left": "l", "right": "r"})
+    assert canon(got["down"]) == canon(want)
+    assert len(got["down"]) == 7
 
 
 def lookup_flow(cfg: JoinConfig) -> Any:
