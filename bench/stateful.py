@@ -50,6 +50,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if os.environ.get("DATAFLARE_BASELINE"):  # ``--baseline``: that tree's dataflare, not ROOT's
+    sys.path.insert(0, os.environ["DATAFLARE_BASELINE"])
 
 EVENTS = ("view", "click", "add_to_cart", "purchase")
 T0 = 1_704_067_200_000
@@ -732,7 +734,7 @@ def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
     env = {**os.environ, "RUST_BACKTRACE": "0"}
     if name.endswith("-baseline"):  # DataFlare as of another tree (``--baseline``)
         name = name.removesuffix("-baseline") + "-dataflare"
-        env["PYTHONPATH"] = args.baseline
+        env["DATAFLARE_BASELINE"] = str(Path(args.baseline).resolve())
     cmd = [sys.executable, __file__, "--child", name, "--events", str(args.events)]
     cmd += ["--source", args.source, "--dump", dump]
     if args.servers:

@@ -40,10 +40,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent.parent)]
 
 import generator  # noqa: E402
 import queries  # noqa: E402
-from stateful import measure  # noqa: E402
-
-if os.environ.get("NEXMARK_BASELINE"):  # ``--baseline``: that tree's dataflare first
-    sys.path.insert(0, os.environ["NEXMARK_BASELINE"])
+from stateful import measure  # noqa: E402  (puts ``--baseline``'s tree first on sys.path)
 
 INPUTS = {
     "q0": ("bids",), "q1": ("bids",), "q2": ("bids",), "q3": ("persons", "auctions"),
@@ -105,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
         system = "dataflare"
         import dataflare
 
-        assert dataflare.__file__.startswith(os.environ["NEXMARK_BASELINE"]), dataflare.__file__
+        assert dataflare.__file__.startswith(os.environ["DATAFLARE_BASELINE"]), dataflare.__file__
     if system == "duckdb":  # the oracle, in its own process: the driver stays small
         lines = queries.canonical(queries.duckdb_result(query, Path(args.data)))
         digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
@@ -139,7 +136,7 @@ def spawn(name: str, data: Path, baseline: str | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", name, "--data", str(data)]
     env = {**os.environ, "RUST_BACKTRACE": "0"}
     if name.startswith("baseline-"):
-        env["NEXMARK_BASELINE"] = str(Path(baseline or "").resolve())
+        env["DATAFLARE_BASELINE"] = str(Path(baseline or "").resolve())
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         msg = f"{name} failed:\n{done.stderr[-3000:]}"
