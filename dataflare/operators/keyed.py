@@ -58,6 +58,8 @@ US = 1_000_000
 """Microseconds per second."""
 
 DOWN, LATE, ERRS = "down", "late", "errs"
+HELD = "held"
+"""A definition's fields held per record (a projection), when not all of them."""
 
 _RUNS = {"recovered": 0, "unrecovered": 0}
 _RUNS_LOCK = threading.Lock()
@@ -273,6 +275,19 @@ def to_us(seconds: float) -> int:
     return round(seconds * US)
 
 
+def resumable(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether state written under definition ``old`` can be resumed under ``new``.
+
+    Equal definitions, or equal but for the fields held per record, where the new step
+    holds no field the old one did not (records held whole hold every field).
+    """
+    if old == new:
+        return True
+    if {k: v for k, v in old.items() if k != HELD} != {k: v for k, v in new.items() if k != HELD}:
+        return False
+    return HELD not in old or (HELD in new and set(new[HELD]) <= set(old[HELD]))
+
+
 def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     """What differs between two step definitions (``window.size: 60 -> 120``)."""
     parts = []
@@ -308,7 +323,7 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         self.view: View | None = None
         if resume is not None:
             old, blob = resume
-            if old != definition:
+            if not resumable(old, definition):
                 msg = (
                     f"step {self.component!r}: cannot resume from recovery state written by a "
                     f"different definition of the step ({describe_change(old, definition)}); "
