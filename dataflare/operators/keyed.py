@@ -164,7 +164,7 @@ def shard_router(
                 key = keys(rec)
                 s = cached(key)
                 if s is None:
-                    if len(cache) > 1_000_000:
+                    if len(cache) > 100_000:  # many keys: a bounded cache, not a copy
                         cache.clear()
                     s = cache[key] = shard_of(key, shards)
             except (TypeError, AttributeError):

@@ -260,12 +260,11 @@ class _WindowShard(ShardLogic):
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         record = self.op.output.record
-        down = [
-            record(key, start, end, acc)
-            for key, g in self.state.items()
-            for start, end, acc in self._spans(g)
-        ]
-        self.state = {}
+        state, self.state = self.state, {}
+        down: list[dict[str, Any]] = []
+        while state:  # each group's state is freed as its rows are made
+            key, g = state.popitem()
+            down.extend(record(key, start, end, acc) for start, end, acc in self._spans(g))
         return [(DOWN, down)] if down else []
 
     def idle(self) -> list[tuple[str, list[Any]]]:
@@ -307,7 +306,7 @@ def ingest(groups, batches, late, errs, down):
 {place}
                 if t > g[0]:
                     g[0] = t
-                    lb = t - {lateness}
+                    lb = {late_bound}
                     if lb > g[1]:
                         g[1] = lb
                         while lb >= g[3]:
@@ -380,7 +379,7 @@ def ingest(groups, batches, late, errs, down):
 {update_new}
                 if t > g[0]:
                     g[0] = t
-                    lb = t - {lateness}
+                    lb = {late_bound}
                     if lb > g[1]:
                         g[1] = lb
                         while lb >= g[3]:
@@ -438,7 +437,7 @@ def ingest(groups, batches, late, errs, down):
                 g[3] = ss[0][1] + {gap}
                 if t > g[0]:
                     g[0] = t
-                    lb = t - {lateness}
+                    lb = {late_bound}
                     if lb > g[1]:
                         g[1] = lb
                 if g[1] >= g[3]:
@@ -505,7 +504,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
             pane=o.pane,
             size=o.size,
             slide=o.slide,
-            lateness=o.lateness,
+            late_bound=f"t - {o.lateness}" if o.lateness else "t",
             new=o.accs.new_code,
             merge="\n".join(indent_code(o.accs.merge_code or "", " " * 36)),
             emit=emit("s", f"s + {o.size}", 32),
@@ -516,7 +515,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
             extract=extract,
             update_new=update,
             gap=o.gap,
-            lateness=o.lateness,
+            late_bound=f"t - {o.lateness}" if o.lateness else "t",
             emit=emit("s[0]", "s[1]", 28),
             new=o.accs.new_code,
         )
@@ -528,7 +527,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
         code = _WINDOWS_INGEST.format(
             extract=extract,
             place=_block(body, 16),
-            lateness=o.lateness,
+            late_bound=f"t - {o.lateness}" if o.lateness else "t",
             size=o.size,
             emit=emit("s", f"s + {o.size}", 28),
         )
