@@ -105,15 +105,50 @@ def user_key(i: int, rec: dict[str, Any]) -> bytes:
 
 
 PRELOADED: dict[str, list[bytes]] = {}
+PARTS: dict[str, list[list[bytes]]] = {}
 
 
-def preload(n: int) -> None:
-    """Make the in-memory messages before the clock starts."""
+def preload(n: int, partitions: int = 3) -> None:
+    """Make the in-memory messages before the clock starts, also split by user into
+    ``partitions`` like the keyed Kafka topics (each user's events in order)."""
+    import zlib
+
     import orjson
 
-    # bytes() copies: orjson leaves each result in an oversized allocation.
-    PRELOADED["events"] = [bytes(bytearray(orjson.dumps(e))) for e in events(n)]
-    PRELOADED["orders"] = [bytes(bytearray(orjson.dumps(o))) for o in orders(n)]
+    for topic, gen in (("events", events(n)), ("orders", orders(n))):
+        msgs = PRELOADED[topic] = []
+        parts: list[list[bytes]] = [[] for _ in range(partitions)]
+        for rec in gen:
+            # bytes() copies: orjson leaves each result in an oversized allocation.
+            msg = bytes(bytearray(orjson.dumps(rec)))
+            msgs.append(msg)
+            parts[zlib.crc32(rec["user_id"].encode()) % partitions].append(msg)
+        PARTS[topic] = parts
+
+
+def memory_partitions(topic: str) -> Any:
+    """A bytewax source of the preloaded messages of ``topic``: its partitions spread over
+    the workers of every process, 10,000 messages per batch."""
+    from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+
+    class Part(StatefulSourcePartition[list[bytes], None]):
+        def __init__(self, msgs: list[bytes]) -> None:
+            self.chunks = iter([msgs[i : i + 10_000] for i in range(0, len(msgs), 10_000)])
+
+        def next_batch(self) -> list[list[bytes]]:
+            return [next(self.chunks)]  # one item, a chunk; StopIteration: the end
+
+        def snapshot(self) -> None:
+            return None
+
+    class Parts(FixedPartitionedSource[list[bytes], None]):
+        def list_parts(self) -> list[str]:
+            return [str(i) for i in range(len(PARTS[topic]))]
+
+        def build_part(self, step_id: str, for_part: str, resume_state: None) -> Part:
+            return Part(PARTS[topic][int(for_part)])
+
+    return Parts()
 
 
 def memory_messages(topic: str, n: int) -> list[bytes]:
@@ -176,11 +211,7 @@ def dataflare_input(args: argparse.Namespace, flow: Any, topic: str) -> Any:
     import orjson
 
     if args.source == "memory":
-        from bytewax.testing import TestingSource
-
-        data = memory_messages(topic, args.events)
-        chunks = [data[i : i + 10_000] for i in range(0, len(data), 10_000)]
-        raw = op.input(f"in_{topic}", flow, TestingSource(chunks))
+        raw = op.input(f"in_{topic}", flow, memory_partitions(topic))
         loads = orjson.loads
         return op.map(f"parse_{topic}", raw, lambda chunk: [loads(b) for b in chunk])
     from dataflare.connectors.kafka import KafkaSource, KafkaSourceConfig
@@ -567,6 +598,8 @@ def w7_worker(args: argparse.Namespace) -> None:
 
     from dataflare.operators.window import window
 
+    if args.source == "memory":  # every process holds the data, reads its partitions
+        preload(args.events, args.partitions)
     flow = Dataflow("w7_dataflare")
     batches = dataflare_input(args, flow, "events")
     engaged = op.map("engaged", batches, lambda b: [e for e in b if e["event"] != "view"])
@@ -586,6 +619,13 @@ def w7_worker(args: argparse.Namespace) -> None:
     )
 
 
+def w7_one_process(args: argparse.Namespace) -> list[tuple]:
+    """W2 by the W7 worker alone: timed as each of the two processes times itself."""
+    from dataflare.broker import free_port
+
+    return w7_processes(args, [f"127.0.0.1:{free_port()}"])
+
+
 def w7_two_processes(args: argparse.Namespace) -> list[tuple]:
     from dataflare.broker import free_port
 
@@ -597,8 +637,10 @@ def w7_processes(args: argparse.Namespace, addresses: list[str],
     """W2 on one process per address; ``host(i)`` prefixes process i's command."""
     procs = []
     for i in range(len(addresses)):
-        cmd = [*host(i), sys.executable, __file__, "--child", "w7-worker", "--source", args.source]
-        cmd += ["--servers", args.servers, "--addresses", ";".join(addresses), "--proc", str(i)]
+        cmd = [*host(i), sys.executable, __file__, "--child", "w7-worker", "--source", args.source,
+               "--partitions", str(args.partitions)]
+        cmd += ["--addresses", ";".join(addresses), "--proc", str(i)]
+        cmd += ["--servers", args.servers] if args.servers else []
         cmd += ["--events", str(args.events), "--dump", f"{args.dump}.{i}"]
         procs.append(subprocess.Popen(cmd, env={**os.environ, "RUST_BACKTRACE": "0"}))
     for p in procs:
@@ -682,14 +724,13 @@ SYSTEMS: dict[str, dict[str, Callable[[argparse.Namespace], Any]]] = {
     "w2": {"raw": w2_raw, "bytewax": w2_bytewax, "quix": w2_quix, "dataflare": w2_dataflare},
     "w3": {"raw": w3_raw, "bytewax": w3_bytewax, "dataflare": w3_dataflare},
     "w4": {"raw": w4_raw, "bytewax": w4_bytewax, "dataflare": w4_dataflare},
-    "w7": {"raw": w2_raw, "1proc": w2_dataflare, "2proc": w7_two_processes},
+    "w7": {"raw": w2_raw, "1proc": w7_one_process, "2proc": w7_two_processes},
     "wm": {"raw": wm_raw, "bytewax": wm_bytewax, "dataflare": wm_dataflare},
 }
 ROWS: dict[str, Callable[[Any], list[tuple]]] = {
     "w2-dataflare": w2_dataflare_rows,
     "w3-dataflare": w3_dataflare_rows,
     "w4-dataflare": w4_dataflare_rows,
-    "w7-1proc": w2_dataflare_rows,
     "wm-dataflare": w2_dataflare_rows,
 }
 
@@ -723,7 +764,7 @@ def child(args: argparse.Namespace) -> None:
         return
     workload, system = args.child.split("-", 1)
     if args.source == "memory" and workload != "wm":  # WM makes its events as it goes
-        preload(args.events)
+        preload(args.events, args.partitions)
     result, got = measure(lambda: SYSTEMS[workload][system](args))
     result.update(TIMED)  # a system that times itself (W7's two processes)
     rows = ROWS.get(args.child, lambda g: g)(got)
@@ -741,7 +782,7 @@ def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
         name = name.removesuffix("-baseline") + "-dataflare"
         env["PYTHONPATH"] = args.baseline
     cmd = [sys.executable, __file__, "--child", name, "--events", str(args.events)]
-    cmd += ["--source", args.source, "--dump", dump]
+    cmd += ["--source", args.source, "--partitions", str(args.partitions), "--dump", dump]
     if args.servers:
         cmd += ["--servers", args.servers]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -840,6 +881,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per system (median)")
     parser.add_argument("--only", choices=sorted(SYSTEMS), action="append", help="workload(s)")
     parser.add_argument("--source", choices=["kafka", "memory"], default="kafka")
+    parser.add_argument("--partitions", type=int, default=3,
+                        help="partitions of each topic (Kafka) or of the in-memory input")
     parser.add_argument(
         "--skip", action="append", default=[], help="system(s) to skip: bytewax, quix"
     )
@@ -867,8 +910,8 @@ def main() -> None:
 
         broker = LocalBroker().start()
         args.servers = broker.bootstrap_servers
-        broker.create_topic("events", partitions=3)
-        broker.create_topic("orders", partitions=3)
+        broker.create_topic("events", partitions=args.partitions)
+        broker.create_topic("orders", partitions=args.partitions)
         produce(args.servers, args.events)
     tmp = Path(f"/tmp/dataflare-bench-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
@@ -879,8 +922,6 @@ def main() -> None:
                 for s in SYSTEMS[workload]
                 if s not in args.skip and not (s == "quix" and args.source != "kafka")
             ]
-            if workload == "w7" and args.source != "kafka":
-                continue
             if args.baseline and "dataflare" in names:
                 names.insert(names.index("dataflare"), "baseline")
             if workload == "wm" and args.events > WM_BYTEWAX_MAX and "bytewax" in names:
