@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import repeat
 from typing import Any
 
 from bytewax.dataflow import Stream
@@ -27,7 +28,6 @@ from dataflare.connectors.sql_writer import (
     TEXT,
     Dialect,
     Mark,
-    iter_rows,
     quote_ident,
     table_destination,
 )
@@ -275,26 +275,20 @@ class PostgresDialect(Dialect):
         self.conn.execute(f"DELETE FROM {self.target}")
 
     def _copy(self, table: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
-        from psycopg.types.json import Jsonb
+        """COPY ``rows`` into ``table`` as one block of text, formatted column by column."""
+        from psycopg.adapt import Transformer
 
+        tx = Transformer.from_context(self.conn)
+        encoding = self.conn.info.encoding
+        fields = []
+        for c in columns:
+            kind = "array" if c in self.arrays else self.types.get(c)
+            fields.append(copy_column(list(map(dict.get, rows, repeat(c))), kind, tx, encoding))
         collist = ", ".join(quote_ident(c) for c in columns)
-        # Every value of a JSON column is sent as JSON (a string too, as a JSON string);
-        # a list for an array column as an array.
-        json_cols = [i for i, c in enumerate(columns) if self.types.get(c) == JSON
-                     and c not in self.arrays]
-        array_cols = [i for i, c in enumerate(columns) if c in self.arrays]
+        lines = map("\t".join, zip(*fields, strict=True))
         with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp:
-            write = cp.write_row
-            for row in iter_rows(columns, rows, Jsonb):
-                for i in json_cols:
-                    v = row[i]
-                    if v is not None and not isinstance(v, Jsonb):
-                        row[i] = Jsonb(v)
-                for i in array_cols:
-                    v = row[i]
-                    if isinstance(v, Jsonb):
-                        row[i] = v.obj
-                write(row)
+            if rows:
+                cp.write(("\n".join(lines) + "\n").encode(encoding))
 
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
         """COPY the rows into the table."""
@@ -390,6 +384,52 @@ class PostgresDialect(Dialect):
                        f"({', '.join(key)}), which merge_key needs")
                 raise RuntimeError(msg) from exc
             self.conn.execute(f"DELETE FROM {stage}")
+
+
+# COPY's text format: fields split by tabs, rows by newlines, NULL as \N, and these escaped.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                               "\v": "\\v", "\f": "\\f", "\r": "\\r"})
+_COPY_SPECIAL = re.compile("[\\\\\b\t\n\v\f\r]")
+_NULL = "\\N"
+_PLAIN = frozenset({str, int, float, type(None)})
+"""Types whose COPY text is ``str(value)`` (psycopg's text dumpers write the same)."""
+
+
+def copy_column(values: list[Any], kind: str | None, tx: Any, encoding: str) -> list[str]:
+    """The COPY text of each value of one column of logical type ``kind``.
+
+    Text, integers and floats are formatted here in bulk; other values (booleans, dates,
+    decimals, JSON, arrays) through psycopg's dumpers (``tx``), as ``write_row`` would:
+    a JSON column receives every value as JSON, an array column lists as arrays, other
+    columns dicts and lists as JSON. Text holding a NUL goes to psycopg too, which
+    refuses it.
+    """
+    kinds = set(map(type, values))
+    if kind not in (JSON, "array") and kinds <= _PLAIN:
+        if str not in kinds:
+            escape = False
+        else:
+            text = "".join(values) if len(kinds) == 1 else "".join(
+                [v for v in values if v.__class__ is str])
+            escape = _COPY_SPECIAL.search(text) is not None
+            if "\x00" in text:
+                kinds = set()  # to psycopg, which raises a DataError for it
+        if kinds == {str} and not escape:
+            return values
+        if kinds and escape:
+            return [_NULL if v is None else str(v).translate(_COPY_ESCAPES) for v in values]
+        if kinds:
+            return [_NULL if v is None else str(v) for v in values]
+    from psycopg.adapt import PyFormat
+    from psycopg.types.json import Jsonb
+
+    if kind == JSON:
+        values = [None if v is None else Jsonb(v) for v in values]
+    elif kind != "array" and kinds & {dict, list, tuple}:
+        values = [Jsonb(v) if isinstance(v, dict | list | tuple) else v for v in values]
+    dumped = tx.dump_sequence(values, [PyFormat.TEXT] * len(values))
+    return [_NULL if b is None else bytes(b).decode(encoding).translate(_COPY_ESCAPES)
+            for b in dumped]
 
 
 @destination(
