@@ -142,7 +142,8 @@ class PostgresDialect(Dialect):
         self.schema, self.table = cfg.qualified()
         self.target = f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
         self.positions = f"{quote_ident(self.schema)}.{quote_ident(POSITIONS_TABLE)}"
-        self._staged: tuple[str, ...] | None = None
+        self._staged: frozenset[str] | None = None
+        """Once the staging table exists: the target's columns whose equality is identity."""
         self.types: dict[str, str] = {}
 
     def describe(self) -> str:
@@ -336,15 +337,24 @@ class PostgresDialect(Dialect):
         return [(i, psycopg.errors.lookup(state).__name__, message)
                 for i, state, message in refused]
 
-    def _stage(self) -> str:
+    def _stage(self) -> frozenset[str]:
+        """Create the staging table; the columns a merge may leave alone when unchanged."""
         if self._staged is None:
             # The target's columns without its constraints: deletes stage only the key.
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS _dataflare_stage ON COMMIT DELETE ROWS "
                 f"AS SELECT * FROM {self.target} WITH NO DATA"
             )
-            self._staged = ()
-        return "_dataflare_stage"
+            rows = self.conn.execute(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                "LEFT JOIN pg_collation c ON c.oid = a.attcollation WHERE a.attrelid = "
+                "%s::regclass AND a.attnum > 0 AND NOT a.attisdropped "
+                "AND coalesce(c.collisdeterministic, true)",
+                (self.target,),
+            ).fetchall()
+            self._staged = frozenset(name for name, sql_type in rows
+                                     if _IDENTITY_EQUALITY.fullmatch(sql_type))
+        return self._staged
 
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
@@ -356,7 +366,8 @@ class PostgresDialect(Dialect):
         # The staging table mirrors the target; it is recreated after the target widens.
         if self._staged is None:
             self.conn.execute("DROP TABLE IF EXISTS _dataflare_stage")
-        stage = self._stage()
+        comparable = self._stage()
+        stage = "_dataflare_stage"
         keycols = ", ".join(quote_ident(k) for k in key)
         if deletes:
             self._copy(stage, list(key), deletes)
@@ -366,17 +377,21 @@ class PostgresDialect(Dialect):
         if upserts:
             self._copy(stage, columns, upserts)
             collist = ", ".join(quote_ident(c) for c in columns)
-            updates = [c for c in columns if c not in key]
+            updates = [quote_ident(c) for c in columns if c not in key]
             action = (
                 "DO UPDATE SET "
-                + ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in updates)
+                + ", ".join(f"{c} = EXCLUDED.{c}" for c in updates)
                 if updates
                 else "DO NOTHING"
             )
+            if updates and comparable.issuperset(c for c in columns if c not in key):
+                # A row the record leaves as it is stays untouched (no new row version).
+                action += (f" WHERE (t.{', t.'.join(updates)}) IS DISTINCT FROM "
+                           f"(EXCLUDED.{', EXCLUDED.'.join(updates)})")
             # Inserting in key order keeps the primary key index's pages hot.
             try:
                 self.conn.execute(
-                    f"INSERT INTO {self.target} ({collist}) SELECT {collist} FROM {stage} "
+                    f"INSERT INTO {self.target} AS t ({collist}) SELECT {collist} FROM {stage} "
                     f"ORDER BY {keycols} ON CONFLICT ({keycols}) {action}"
                 )
             except psycopg.errors.InvalidColumnReference as exc:
@@ -385,6 +400,16 @@ class PostgresDialect(Dialect):
                 raise RuntimeError(msg) from exc
             self.conn.execute(f"DELETE FROM {stage}")
 
+
+# Types whose equality (IS DISTINCT FROM) holds between identical values only: a merge
+# leaves a row alone when the record would not change it. Floats too, where 0.0 = -0.0
+# is the one exception (a stored 0.0 stays when -0.0 arrives). Not numeric without a
+# scale (1.0 = 1.00), jsonb (its numbers likewise), json (no equality), intervals, arrays.
+_IDENTITY_EQUALITY = re.compile(
+    r"boolean|smallint|integer|bigint|real|double precision|text|uuid|date|bytea"
+    r"|character varying(\(\d+\))?|character\(\d+\)|numeric\(\d+,\d+\)"
+    r"|timestamp(\(\d\))? with(out)? time zone|time(\(\d\))? without time zone"
+)
 
 # COPY's text format: fields split by tabs, rows by newlines, NULL as \N, and these escaped.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
