@@ -144,6 +144,8 @@ class PostgresDialect(Dialect):
         self.positions = f"{quote_ident(self.schema)}.{quote_ident(POSITIONS_TABLE)}"
         self._staged: frozenset[str] | None = None
         """Once the staging table exists: the target's columns whose equality is identity."""
+        self._stage_filled = False
+        """Whether this transaction put rows in the staging table (a commit empties it)."""
         self.types: dict[str, str] = {}
 
     def describe(self) -> str:
@@ -160,8 +162,11 @@ class PostgresDialect(Dialect):
     @contextmanager
     def transaction(self) -> Iterator[Any]:
         """One transaction on the connection."""
-        with self.conn.transaction():
-            yield self.conn
+        try:
+            with self.conn.transaction():
+                yield self.conn
+        finally:
+            self._stage_filled = False  # emptied by the commit, or rolled back
 
     def rolled_back(self) -> None:
         """The staging table may have gone with the transaction."""
@@ -370,12 +375,11 @@ class PostgresDialect(Dialect):
         stage = "_dataflare_stage"
         keycols = ", ".join(quote_ident(k) for k in key)
         if deletes:
-            self._copy(stage, list(key), deletes)
+            self._fill_stage(list(key), deletes)
             match = " AND ".join(f"t.{quote_ident(k)} = s.{quote_ident(k)}" for k in key)
             self.conn.execute(f"DELETE FROM {self.target} AS t USING {stage} AS s WHERE {match}")
-            self.conn.execute(f"DELETE FROM {stage}")
         if upserts:
-            self._copy(stage, columns, upserts)
+            self._fill_stage(columns, upserts)
             collist = ", ".join(quote_ident(c) for c in columns)
             updates = [quote_ident(c) for c in columns if c not in key]
             action = (
@@ -398,7 +402,13 @@ class PostgresDialect(Dialect):
                 msg = (f"{self.describe()} has no primary key or unique index on "
                        f"({', '.join(key)}), which merge_key needs")
                 raise RuntimeError(msg) from exc
-            self.conn.execute(f"DELETE FROM {stage}")
+
+    def _fill_stage(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        """COPY ``rows`` into the staging table, emptied first when this transaction used it."""
+        if self._stage_filled:
+            self.conn.execute("DELETE FROM _dataflare_stage")
+        self._copy("_dataflare_stage", columns, rows)
+        self._stage_filled = True
 
 
 # Types whose equality (IS DISTINCT FROM) holds between identical values only: a merge
