@@ -2,7 +2,10 @@
 
 ``append`` and ``overwrite`` COPY straight into the table; ``merge`` COPYs into a
 temporary staging table and runs one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (and
-one ``DELETE ... USING`` for CDC deletes) per batch. Shape, widening, replay safety and
+one ``DELETE ... USING`` for CDC deletes) per batch; a row the record would not change
+is left as it is (no new row version, no ``UPDATE`` trigger) where the columns' types
+allow the comparison (``_IDENTITY_EQUALITY``). A batch is COPYed as one block of text,
+built column by column (:func:`copy_column`). Shape, widening, replay safety and
 retries are described in :mod:`dataflare.connectors.sql_writer`.
 """
 
