@@ -456,8 +456,10 @@ def copy_column(values: list[Any], kind: str | None, tx: Any, encoding: str) -> 
             return values
         if kinds and escape:
             return [_NULL if v is None else str(v).translate(_COPY_ESCAPES) for v in values]
-        if kinds:
+        if kinds and type(None) in kinds:
             return [_NULL if v is None else str(v) for v in values]
+        if kinds:
+            return list(map(str, values))
     from psycopg.adapt import PyFormat
     from psycopg.types.json import Jsonb
 
