@@ -57,7 +57,6 @@ T0 = 1_704_067_200_000
 MIN = 60_000
 HOUR = 60 * MIN
 WM_BYTEWAX_MAX = 2_000
-WM_EPOCH = timedelta(seconds=1)  # ``-s 1``, with recovery on and off
 TIMED: dict[str, float] = {}
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # bytewax's EventClock also advances its watermark with system time: with no wait, a
@@ -668,7 +667,7 @@ def wm_dataflare(args: argparse.Namespace) -> list[Any]:
     up = op.input("in", flow, TestingSource(batches()))
     op.output("out", window("wm", up, cfg).down, TestingSink(got))
     if not args.recovered:
-        run_dataflare_flow(flow, WM_EPOCH)
+        run_dataflare_flow(flow, timedelta(seconds=args.snapshot_interval))
         return got
     import tempfile
 
@@ -679,12 +678,12 @@ def wm_dataflare(args: argparse.Namespace) -> list[Any]:
     from dataflare.operators.keyed import run_recovery
 
     # As ``dataflare run -r DIR -s 1`` runs it: a recovery partition, a snapshot at the
-    # end of every 1 s epoch, no backup delay.
+    # end of every epoch (1 s by default, ``--snapshot-interval``), no backup delay.
     tune_gc()
     with tempfile.TemporaryDirectory(prefix="wm-recovery-") as tmp:
         init_db_dir(Path(tmp), 1)
         with run_recovery(True):
-            run_main(flow, epoch_interval=WM_EPOCH,
+            run_main(flow, epoch_interval=timedelta(seconds=args.snapshot_interval),
                      recovery_config=RecoveryConfig(tmp, timedelta(0)))
         TIMED["snapshot_mb"] = sum(p.stat().st_size for p in Path(tmp).iterdir()) / 2**20
     return got
@@ -767,6 +766,7 @@ def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
         env["PYTHONPATH"] = args.baseline
     cmd = [sys.executable, __file__, "--child", name, "--events", str(args.events)]
     cmd += ["--source", args.source, "--dump", dump]
+    cmd += ["--snapshot-interval", str(args.snapshot_interval)]
     if args.servers:
         cmd += ["--servers", args.servers]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -776,7 +776,8 @@ def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) -> None:
+def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int,
+           interval: float = 1.0) -> None:
     print(f"\n{title}")
     med: dict[str, dict[str, float]] = {}
     for name, runs in results.items():
@@ -815,7 +816,8 @@ def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) 
             mb = statistics.median(r["snapshot_mb"] for r in results[on])
             cost = 1 - med[off]["wall"] / med[on]["wall"]
             print(
-                f"  {on}: recovery on (-s 1) costs {cost:.0%} of {off}'s throughput (wall), "
+                f"  {on}: recovery on (-s {interval:g}) costs {cost:.0%} of {off}'s "
+                f"throughput (wall), "
                 f"{med[on]['cpu'] / med[off]['cpu'] - 1:.0%} more CPU; recovery store "
                 f"{mb:.0f} MB at the end (target: cost <= 10%)"
             )
@@ -877,6 +879,10 @@ def main() -> None:
     parser.add_argument("--source", choices=["kafka", "memory"], default="kafka")
     parser.add_argument(
         "--skip", action="append", default=[], help="system(s) to skip: bytewax, quix"
+    )
+    parser.add_argument(
+        "--snapshot-interval", type=float, default=1.0,
+        help="WM: seconds per epoch (dataflare run's -s), with recovery on and off",
     )
     parser.add_argument("--keep", action="store_true", help="keep the output dumps in /tmp")
     parser.add_argument(
@@ -941,7 +947,8 @@ def main() -> None:
                         tmp / f"{workload}-raw.txt",
                         tmp / f"{workload}-{system}.txt",
                     )
-            report(f"{workload.upper()} ({args.events:,} events)", results, args.events)
+            report(f"{workload.upper()} ({args.events:,} events)", results, args.events,
+                   args.snapshot_interval)
     finally:
         if broker is not None:
             broker.stop()
