@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# Last on the path: a ``--baseline`` child imports the other tree's package from PYTHONPATH.
+# Last, so that a ``--baseline`` child's PYTHONPATH (another tree's package) comes first.
 sys.path.append(str(ROOT))
 
 EVENTS = ("view", "click", "add_to_cart", "purchase")
@@ -220,13 +220,13 @@ def dataflare_input(args: argparse.Namespace, flow: Any, topic: str) -> Any:
     return op.input(topic, flow, KafkaSource(cfg, stop_at_end=True, step=topic))
 
 
-def run_flow(flow: Any) -> None:
+def run_flow(flow: Any, epoch_interval: timedelta | None = None) -> None:
     from bytewax.testing import run_main
 
-    run_main(flow)
+    run_main(flow, epoch_interval=epoch_interval)
 
 
-def run_dataflare_flow(flow: Any) -> None:
+def run_dataflare_flow(flow: Any, epoch_interval: timedelta | None = None) -> None:
     """Run a DataFlare pipeline as ``dataflare run`` without recovery runs it: with the GC
     settings of ``compile_file`` (without them the collector took up to half of W4's CPU)
     and no snapshot pickled at the epochs' ends (a baseline tree without
@@ -235,7 +235,7 @@ def run_dataflare_flow(flow: Any) -> None:
 
     tune_gc()
     with _unrecovered():
-        run_flow(flow)
+        run_flow(flow, epoch_interval)
 
 
 def _unrecovered() -> Any:
@@ -714,8 +714,33 @@ def wm_dataflare(args: argparse.Namespace) -> list[Any]:
     got: list[Any] = []
     up = op.input("in", flow, TestingSource(batches()))
     op.output("out", window("wm", up, cfg).down, TestingSink(got))
-    run_dataflare_flow(flow)
+    if not args.recovered:
+        run_dataflare_flow(flow, timedelta(seconds=args.snapshot_interval))
+        return got
+    import tempfile
+
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.testing import run_main
+
+    from dataflare.dsl_compiler.compiler import tune_gc
+    from dataflare.operators.keyed import run_recovery
+
+    # As ``dataflare run -r DIR -s 1`` runs it: a recovery partition, a snapshot at the
+    # end of every epoch (1 s by default, ``--snapshot-interval``), no backup delay.
+    tune_gc()
+    with tempfile.TemporaryDirectory(prefix="wm-recovery-") as tmp:
+        init_db_dir(Path(tmp), 1)
+        with run_recovery(True):
+            run_main(flow, epoch_interval=timedelta(seconds=args.snapshot_interval),
+                     recovery_config=RecoveryConfig(tmp, timedelta(0)))
+        TIMED["snapshot_mb"] = sum(p.stat().st_size for p in Path(tmp).iterdir()) / 2**20
     return got
+
+
+def wm_recovered(args: argparse.Namespace) -> list[Any]:
+    """WM by DataFlare with recovery on (``-s 1``): the W6 cost with that many windows."""
+    args.recovered = True
+    return wm_dataflare(args)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -725,14 +750,18 @@ SYSTEMS: dict[str, dict[str, Callable[[argparse.Namespace], Any]]] = {
     "w3": {"raw": w3_raw, "bytewax": w3_bytewax, "dataflare": w3_dataflare},
     "w4": {"raw": w4_raw, "bytewax": w4_bytewax, "dataflare": w4_dataflare},
     "w7": {"raw": w2_raw, "1proc": w7_one_process, "2proc": w7_two_processes},
-    "wm": {"raw": wm_raw, "bytewax": wm_bytewax, "dataflare": wm_dataflare},
+    "wm": {"raw": wm_raw, "bytewax": wm_bytewax, "dataflare": wm_dataflare,
+           "recovered": wm_recovered},
 }
 ROWS: dict[str, Callable[[Any], list[tuple]]] = {
     "w2-dataflare": w2_dataflare_rows,
     "w3-dataflare": w3_dataflare_rows,
     "w4-dataflare": w4_dataflare_rows,
     "wm-dataflare": w2_dataflare_rows,
+    "wm-recovered": w2_dataflare_rows,
 }
+# ``--baseline``: the other tree's systems, and the system of this tree each one runs.
+BASELINES = {"baseline": "dataflare", "baseline_recovered": "recovered"}
 
 
 def measure(fn: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
@@ -778,11 +807,13 @@ def child(args: argparse.Namespace) -> None:
 
 def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
     env = {**os.environ, "RUST_BACKTRACE": "0"}
-    if name.endswith("-baseline"):  # DataFlare as of another tree (``--baseline``)
-        name = name.removesuffix("-baseline") + "-dataflare"
+    workload, system = name.split("-", 1)
+    if system in BASELINES:  # DataFlare as of another tree (``--baseline``)
+        name = f"{workload}-{BASELINES[system]}"
         env["PYTHONPATH"] = args.baseline
     cmd = [sys.executable, __file__, "--child", name, "--events", str(args.events)]
     cmd += ["--source", args.source, "--partitions", str(args.partitions), "--dump", dump]
+    cmd += ["--snapshot-interval", str(args.snapshot_interval)]
     if args.servers:
         cmd += ["--servers", args.servers]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -792,7 +823,8 @@ def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) -> None:
+def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int,
+           interval: float = 1.0) -> None:
     print(f"\n{title}")
     med: dict[str, dict[str, float]] = {}
     for name, runs in results.items():
@@ -819,12 +851,23 @@ def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) 
             f"  dataflare: peak RSS {med['dataflare']['rss_mb']:.0f} MB with {windows:,} open "
             f"windows, raw {base['rss_mb']:.0f} MB (target: under 1 GB for 1,000,000)"
         )
-    if "dataflare" in med and "baseline" in med:
-        d, b = med["dataflare"], med["baseline"]
-        print(
-            f"  dataflare / baseline: wall {d['wall'] / b['wall']:.2f}x, "
-            f"cpu {d['cpu'] / b['cpu']:.2f}x, peak RSS {d['rss_mb'] / b['rss_mb']:.2f}x"
-        )
+    for base, system in BASELINES.items():
+        if system in med and base in med:
+            d, b = med[system], med[base]
+            print(
+                f"  {system} / {base}: wall {d['wall'] / b['wall']:.2f}x, "
+                f"cpu {d['cpu'] / b['cpu']:.2f}x, peak RSS {d['rss_mb'] / b['rss_mb']:.2f}x"
+            )
+    for off, on in (("dataflare", "recovered"), ("baseline", "baseline_recovered")):
+        if off in med and on in med:  # W6 with as many open windows as WM has
+            mb = statistics.median(r["snapshot_mb"] for r in results[on])
+            cost = 1 - med[off]["wall"] / med[on]["wall"]
+            print(
+                f"  {on}: recovery on (-s {interval:g}) costs {cost:.0%} of {off}'s "
+                f"throughput (wall), "
+                f"{med[on]['cpu'] / med[off]['cpu'] - 1:.0%} more CPU; recovery store "
+                f"{mb:.0f} MB at the end (target: cost <= 10%)"
+            )
     if "dataflare" in med:
         d = med["dataflare"]
         for ref in ("bytewax", "quix"):
@@ -886,6 +929,10 @@ def main() -> None:
     parser.add_argument(
         "--skip", action="append", default=[], help="system(s) to skip: bytewax, quix"
     )
+    parser.add_argument(
+        "--snapshot-interval", type=float, default=1.0,
+        help="WM: seconds per epoch (dataflare run's -s), with recovery on and off",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the output dumps in /tmp")
     parser.add_argument(
         "--baseline",
@@ -893,6 +940,7 @@ def main() -> None:
         "earlier commit): run as system 'baseline' beside 'dataflare', for before/after",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--recovered", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--servers", help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     parser.add_argument("--addresses", help=argparse.SUPPRESS)
@@ -922,8 +970,10 @@ def main() -> None:
                 for s in SYSTEMS[workload]
                 if s not in args.skip and not (s == "quix" and args.source != "kafka")
             ]
-            if args.baseline and "dataflare" in names:
-                names.insert(names.index("dataflare"), "baseline")
+            if args.baseline:
+                for base, system in BASELINES.items():
+                    if system in names:
+                        names.insert(names.index(system), base)
             if workload == "wm" and args.events > WM_BYTEWAX_MAX and "bytewax" in names:
                 # Every item makes bytewax visit each open window: 1,000 take 3.5 s.
                 print(f"\nWM: bytewax skipped above {WM_BYTEWAX_MAX:,} open windows "
@@ -944,7 +994,8 @@ def main() -> None:
                         tmp / f"{workload}-raw.txt",
                         tmp / f"{workload}-{system}.txt",
                     )
-            report(f"{workload.upper()} ({args.events:,} events)", results, args.events)
+            report(f"{workload.upper()} ({args.events:,} events)", results, args.events,
+                   args.snapshot_interval)
     finally:
         if broker is not None:
             broker.stop()

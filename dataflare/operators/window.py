@@ -230,6 +230,9 @@ class _WindowShard(ShardLogic):
     def __init__(self, op: _WindowOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume, op.idle_timeout)
         self.op = op
+        # Groups, windows and accumulators are each held once; records collected for
+        # ``sql`` are not (a sliding window's record is in each of its windows).
+        self.tree_state = not op.accs.collects
         if self.state is None:
             self.state = {}
 
