@@ -13,7 +13,14 @@ W5  W2's output (count and sum per user and 60 s window, computed here from the 
     - copy-pk: the same into a table whose primary key is the merge key
     - merge (insert): the DataFlare postgres destination, merge on (user_id, window_start),
       into an empty table
-    - merge (update): the same rows merged again, every row a conflict
+    - merge (update): the same rows merged again, every row a conflict (a replay: no
+      value changes)
+    - merge (change): rows of the same keys with other values merged, every row a
+      conflict and every row changed
+    - duckdb-arrow: by hand, one Arrow table of all rows inserted into a DuckDB table
+    - duckdb-append: the DataFlare duckdb destination appending the same rows
+    ``--baseline DIR`` runs the merges of another tree's ``dataflare`` (in DIR) beside
+    this one's, as ``w5-merge-*-baseline``.
 
 W6  the cost of exactly-once: W2 + W5 as one workflow (kafka -> filter -> 60 s tumbling
     window per user -> postgres merge), run by ``python -m bytewax.run`` without and
@@ -255,32 +262,79 @@ def w5_copy(schema: str, rows: list[dict[str, Any]], keyed: bool = False) -> int
         return run()
 
 
-def w5_merge(schema: str, rows: list[dict[str, Any]], table: str = "merged") -> int:
-    """The DataFlare postgres destination, merge on (user_id, window_start)."""
+def changed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same keys with other values: every merged row is an update that changes it."""
+    return [{**r, "events": r["events"] + 1, "amount_sum": round(r["amount_sum"] + 1, 2)}
+            for r in rows]
+
+
+def w5_destination(kind: str, target: str, rows: list[dict[str, Any]],
+                   merge: bool = True) -> Callable[[], int]:
+    """A DataFlare destination (``postgres`` schema or ``duckdb`` file) writing ``rows``.
+
+    Merges on (user_id, window_start), else appends. The modules are imported here, so
+    only the run is measured.
+    """
     import bytewax.operators as op
     from bytewax.dataflow import Dataflow
     from bytewax.testing import TestingSink, TestingSource, run_main
 
-    from dataflare.connectors.postgres_destination import (
-        PostgresDestinationConfig,
-        build_postgres_destination,
-    )
     from dataflare.dsl_compiler import models
     from dataflare.registry import BuildContext
 
-    config = {"dsn": PG_DSN, "schema": schema, "table": table}
-    component = models.Destination(
-        type="postgres", config=config,
-        write_mode=models.WriteMode(type="merge", merge_key=["user_id", "window_start"]),
-    )
-    ctx = BuildContext("warehouse", "destination", component,
-                       PostgresDestinationConfig(**config), models.Workflow(), ROOT)
-    batches = [rows[i:i + 10_000] for i in range(0, len(rows), 10_000)]
-    flow = Dataflow("w5")
-    up = op.input("windows", flow, TestingSource(batches))
-    op.output("failed", build_postgres_destination(ctx, up), TestingSink([]))
-    run_main(flow)
-    return len(rows)
+    if kind == "postgres":
+        from dataflare.connectors.postgres_destination import (
+            PostgresDestinationConfig as Config,
+        )
+        from dataflare.connectors.postgres_destination import (
+            build_postgres_destination as build,
+        )
+
+        config: dict[str, Any] = {"dsn": PG_DSN, "schema": target, "table": "merged"}
+    else:
+        from dataflare.connectors.duckdb import DuckDBDestinationConfig as Config  # type: ignore[assignment]
+        from dataflare.connectors.duckdb import build_duckdb_destination as build
+
+        config = {"path": target, "table": "appended"}
+    write_mode = models.WriteMode(type="merge", merge_key=["user_id", "window_start"]) \
+        if merge else models.WriteMode()
+    component = models.Destination(type=kind, config=config, write_mode=write_mode)
+    ctx = BuildContext("warehouse", "destination", component, Config(**config),
+                       models.Workflow(), ROOT)
+
+    def run() -> int:
+        batches = [rows[i:i + 10_000] for i in range(0, len(rows), 10_000)]
+        flow = Dataflow("w5")
+        up = op.input("windows", flow, TestingSource(batches))
+        op.output("failed", build(ctx, up), TestingSink([]))
+        run_main(flow)
+        return len(rows)
+
+    return run
+
+
+def w5_duckdb_arrow(path: str, rows: list[dict[str, Any]]) -> Callable[[], int]:
+    """By hand: the rows as one Arrow table, column by column, inserted into DuckDB."""
+    import duckdb
+    import pyarrow as pa
+
+    conn = duckdb.connect(path)
+    conn.execute("CREATE TABLE appended (user_id VARCHAR, window_start VARCHAR, "
+                 "window_end VARCHAR, events BIGINT, amount_sum DOUBLE)")
+    types = {"user_id": pa.string(), "window_start": pa.string(), "window_end": pa.string(),
+             "events": pa.int64(), "amount_sum": pa.float64()}
+
+    def run() -> int:
+        for i in range(0, len(rows), 10_000):
+            part = rows[i:i + 10_000]
+            staged = pa.Table.from_arrays(  # noqa: F841 - read by DuckDB by its name
+                [pa.array([r[c] for r in part], t) for c, t in types.items()],
+                names=list(types))
+            conn.execute("INSERT INTO appended SELECT * FROM staged")
+        conn.close()
+        return len(rows)
+
+    return run
 
 
 # --------------------------------------------------------------------------------- W6
@@ -366,6 +420,8 @@ def w6_run(servers: str, src: str, recovery: bool, gc_threshold: int) -> dict[st
 def child(args: argparse.Namespace) -> None:
     """Run one system in this process and print its measurement as JSON."""
     name = args.child
+    if args.baseline:  # before any dataflare import
+        sys.path.insert(0, args.baseline)
     if args.gc_threshold:
         import gc
 
@@ -382,19 +438,27 @@ def child(args: argparse.Namespace) -> None:
             result = measure(lambda: w5_copy(args.schema, rows))
         elif name == "w5-copy-pk":
             result = measure(lambda: w5_copy(args.schema, rows, keyed=True))
-        elif name == "w5-merge-insert":
-            result = measure(lambda: w5_merge(args.schema, rows))
-        else:  # w5-merge-update: the table holds every key already
-            w5_merge(args.schema, rows)
-            result = measure(lambda: w5_merge(args.schema, rows))
+        elif name == "w5-duckdb-arrow":
+            result = measure(w5_duckdb_arrow(str(Path(args.schema) / "arrow.duckdb"), rows))
+        elif name == "w5-duckdb-append":
+            path = str(Path(args.schema) / "append.duckdb")
+            result = measure(w5_destination("duckdb", path, rows, merge=False))
+        else:  # w5-merge-insert, -update (a replay: the table holds the rows), -change
+            if not name.startswith("w5-merge-insert"):
+                w5_destination("postgres", args.schema, rows)()
+            if name.startswith("w5-merge-change"):
+                rows = changed(rows)
+            result = measure(w5_destination("postgres", args.schema, rows))
     print(json.dumps(result))
 
 
 GC_THRESHOLD = 0
 
 
-def spawn(name: str, **kw: Any) -> dict[str, Any]:
+def spawn(name: str, baseline: str | None = None, **kw: Any) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", name, "--gc-threshold", str(GC_THRESHOLD)]
+    if name.endswith("-baseline"):  # DataFlare as of another tree (``--baseline``)
+        cmd += ["--baseline", str(baseline)]
     for k, v in kw.items():
         cmd += [f"--{k}", str(v)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
@@ -487,6 +551,11 @@ def main() -> None:
         "--gc-threshold", type=int, default=0,
         help="set gc.set_threshold(N, 50, 100) in every system's process (0: Python's default)",
     )
+    parser.add_argument(
+        "--baseline",
+        help="a directory holding another tree's dataflare package (e.g. `git archive` of an "
+        "earlier commit): its W5 merges run beside this tree's, for before/after",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     for hidden in ("servers", "src", "dst", "schema"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
@@ -515,27 +584,48 @@ def main() -> None:
                 run_w6(args, servers)
 
     if args.only in (None, "w5"):
-        import psycopg
+        run_w5(args)
 
-        systems = ["w5-copy", "w5-copy-pk", "w5-merge-insert", "w5-merge-update"]
-        results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
-        for _run in range(args.runs):
-            for name in systems:
-                schema = f"bench_{uuid.uuid4().hex[:10]}"
+
+def run_w5(args: argparse.Namespace) -> None:
+    """W5: references and merges, one of each per run, each into a fresh schema."""
+    import psycopg
+
+    merges = ["w5-merge-insert", "w5-merge-update", "w5-merge-change"]
+    systems = ["w5-copy", "w5-copy-pk"]
+    for m in merges:
+        systems += [f"{m}-baseline", m] if args.baseline else [m]
+    systems += ["w5-duckdb-arrow", "w5-duckdb-append"]
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    for _run in range(args.runs):
+        for name in systems:
+            if name.startswith("w5-duckdb"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    results[name].append(spawn(name, events=args.events, schema=tmp))
+                continue
+            schema = f"bench_{uuid.uuid4().hex[:10]}"
+            with psycopg.connect(PG_DSN, autocommit=True) as conn:
+                conn.execute(f'CREATE SCHEMA "{schema}"')
+            try:
+                results[name].append(spawn(name, args.baseline, events=args.events,
+                                           schema=schema))
+            finally:
                 with psycopg.connect(PG_DSN, autocommit=True) as conn:
-                    conn.execute(f'CREATE SCHEMA "{schema}"')
-                try:
-                    results[name].append(spawn(name, events=args.events, schema=schema))
-                finally:
-                    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-                        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        report("W5 warehouse sink: W2 output into PostgreSQL (items: rows)", results,
-               "w5-copy", "row")
-        for ref in ("w5-copy", "w5-copy-pk"):
-            ref_rate = statistics.median(r["count"] / r["wall"] for r in results[ref])
-            for name in ("w5-merge-insert", "w5-merge-update"):
-                rate = statistics.median(r["count"] / r["wall"] for r in results[name])
-                print(f"  {name} rate = {rate / ref_rate:.0%} of {ref} (target >= 50%)")
+                    conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    report("W5 warehouse sink: W2 output into PostgreSQL and DuckDB (items: rows)", results,
+           "w5-copy", "row")
+
+    def rate(name: str) -> float:
+        return statistics.median(r["count"] / r["wall"] for r in results[name])
+
+    for name in systems[2:-2]:
+        print(f"  {name} rate = {rate(name) / rate('w5-copy'):.0%} of w5-copy, "
+              f"{rate(name) / rate('w5-copy-pk'):.0%} of w5-copy-pk (target >= 50%)")
+    if args.baseline:
+        for m in merges:
+            print(f"  {m} / baseline: rate {rate(m) / rate(m + '-baseline'):.2f}x")
+    print(f"  w5-duckdb-append rate = {rate('w5-duckdb-append') / rate('w5-duckdb-arrow'):.0%}"
+          " of w5-duckdb-arrow")
 
 
 if __name__ == "__main__":

@@ -49,9 +49,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-if os.environ.get("DATAFLARE_BASELINE"):  # ``--baseline``: that tree's dataflare, not ROOT's
-    sys.path.insert(0, os.environ["DATAFLARE_BASELINE"])
+# Last, so that a ``--baseline`` child's PYTHONPATH (another tree's package) comes first.
+sys.path.append(str(ROOT))
 
 EVENTS = ("view", "click", "add_to_cart", "purchase")
 T0 = 1_704_067_200_000
@@ -106,15 +105,50 @@ def user_key(i: int, rec: dict[str, Any]) -> bytes:
 
 
 PRELOADED: dict[str, list[bytes]] = {}
+PARTS: dict[str, list[list[bytes]]] = {}
 
 
-def preload(n: int) -> None:
-    """Make the in-memory messages before the clock starts."""
+def preload(n: int, partitions: int = 3) -> None:
+    """Make the in-memory messages before the clock starts, also split by user into
+    ``partitions`` like the keyed Kafka topics (each user's events in order)."""
+    import zlib
+
     import orjson
 
-    # bytes() copies: orjson leaves each result in an oversized allocation.
-    PRELOADED["events"] = [bytes(bytearray(orjson.dumps(e))) for e in events(n)]
-    PRELOADED["orders"] = [bytes(bytearray(orjson.dumps(o))) for o in orders(n)]
+    for topic, gen in (("events", events(n)), ("orders", orders(n))):
+        msgs = PRELOADED[topic] = []
+        parts: list[list[bytes]] = [[] for _ in range(partitions)]
+        for rec in gen:
+            # bytes() copies: orjson leaves each result in an oversized allocation.
+            msg = bytes(bytearray(orjson.dumps(rec)))
+            msgs.append(msg)
+            parts[zlib.crc32(rec["user_id"].encode()) % partitions].append(msg)
+        PARTS[topic] = parts
+
+
+def memory_partitions(topic: str) -> Any:
+    """A bytewax source of the preloaded messages of ``topic``: its partitions spread over
+    the workers of every process, 10,000 messages per batch."""
+    from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+
+    class Part(StatefulSourcePartition[list[bytes], None]):
+        def __init__(self, msgs: list[bytes]) -> None:
+            self.chunks = iter([msgs[i : i + 10_000] for i in range(0, len(msgs), 10_000)])
+
+        def next_batch(self) -> list[list[bytes]]:
+            return [next(self.chunks)]  # one item, a chunk; StopIteration: the end
+
+        def snapshot(self) -> None:
+            return None
+
+    class Parts(FixedPartitionedSource[list[bytes], None]):
+        def list_parts(self) -> list[str]:
+            return [str(i) for i in range(len(PARTS[topic]))]
+
+        def build_part(self, step_id: str, for_part: str, resume_state: None) -> Part:
+            return Part(PARTS[topic][int(for_part)])
+
+    return Parts()
 
 
 def memory_messages(topic: str, n: int) -> list[bytes]:
@@ -177,11 +211,7 @@ def dataflare_input(args: argparse.Namespace, flow: Any, topic: str) -> Any:
     import orjson
 
     if args.source == "memory":
-        from bytewax.testing import TestingSource
-
-        data = memory_messages(topic, args.events)
-        chunks = [data[i : i + 10_000] for i in range(0, len(data), 10_000)]
-        raw = op.input(f"in_{topic}", flow, TestingSource(chunks))
+        raw = op.input(f"in_{topic}", flow, memory_partitions(topic))
         loads = orjson.loads
         return op.map(f"parse_{topic}", raw, lambda chunk: [loads(b) for b in chunk])
     from dataflare.connectors.kafka import KafkaSource, KafkaSourceConfig
@@ -190,13 +220,13 @@ def dataflare_input(args: argparse.Namespace, flow: Any, topic: str) -> Any:
     return op.input(topic, flow, KafkaSource(cfg, stop_at_end=True, step=topic))
 
 
-def run_flow(flow: Any) -> None:
+def run_flow(flow: Any, epoch_interval: timedelta | None = None) -> None:
     from bytewax.testing import run_main
 
-    run_main(flow)
+    run_main(flow, epoch_interval=epoch_interval)
 
 
-def run_dataflare_flow(flow: Any) -> None:
+def run_dataflare_flow(flow: Any, epoch_interval: timedelta | None = None) -> None:
     """Run a DataFlare pipeline as ``dataflare run`` without recovery runs it: with the GC
     settings of ``compile_file`` (without them the collector took up to half of W4's CPU)
     and no snapshot pickled at the epochs' ends (a baseline tree without
@@ -205,7 +235,7 @@ def run_dataflare_flow(flow: Any) -> None:
 
     tune_gc()
     with _unrecovered():
-        run_flow(flow)
+        run_flow(flow, epoch_interval)
 
 
 def _unrecovered() -> Any:
@@ -537,17 +567,23 @@ def w4_dataflare(args: argparse.Namespace) -> list[Any]:
         }
     )
     flow = Dataflow("w4_dataflare")
-    joined = join(
-        "w4", dataflare_input(args, flow, "events"), dataflare_input(args, flow, "orders"), cfg
-    )
+    # The workflow ``join -> mapping {id, order_id}``: the compiler has the join hold only
+    # the two fields the mapping reads (tests/dsl_compiler/test_projection.py); a
+    # ``--baseline`` tree from before that holds whole records.
+    evs, ords = dataflare_input(args, flow, "events"), dataflare_input(args, flow, "orders")
+    try:
+        joined = join("w4", evs, ords, cfg, fields=frozenset({"id", "order_id"}))
+    except TypeError:
+        joined = join("w4", evs, ords, cfg)
+    pairs = op.map("pairs", joined.down, lambda b: [(r["id"], r["order_id"]) for r in b])
     got: list[Any] = []
-    op.output("out", joined.down, TestingSink(got))
+    op.output("out", pairs, TestingSink(got))
     run_dataflare_flow(flow)
     return got
 
 
 def w4_dataflare_rows(got: list[Any]) -> list[tuple]:
-    return [(r["id"], r["order_id"]) for b in got for r in b]
+    return [pair for b in got for pair in b]
 
 
 # ------------------------------------------------------------------------------- W7
@@ -562,6 +598,8 @@ def w7_worker(args: argparse.Namespace) -> None:
 
     from dataflare.operators.window import window
 
+    if args.source == "memory":  # every process holds the data, reads its partitions
+        preload(args.events, args.partitions)
     flow = Dataflow("w7_dataflare")
     batches = dataflare_input(args, flow, "events")
     engaged = op.map("engaged", batches, lambda b: [e for e in b if e["event"] != "view"])
@@ -581,6 +619,13 @@ def w7_worker(args: argparse.Namespace) -> None:
     )
 
 
+def w7_one_process(args: argparse.Namespace) -> list[tuple]:
+    """W2 by the W7 worker alone: timed as each of the two processes times itself."""
+    from dataflare.broker import free_port
+
+    return w7_processes(args, [f"127.0.0.1:{free_port()}"])
+
+
 def w7_two_processes(args: argparse.Namespace) -> list[tuple]:
     from dataflare.broker import free_port
 
@@ -592,8 +637,10 @@ def w7_processes(args: argparse.Namespace, addresses: list[str],
     """W2 on one process per address; ``host(i)`` prefixes process i's command."""
     procs = []
     for i in range(len(addresses)):
-        cmd = [*host(i), sys.executable, __file__, "--child", "w7-worker", "--source", args.source]
-        cmd += ["--servers", args.servers, "--addresses", ";".join(addresses), "--proc", str(i)]
+        cmd = [*host(i), sys.executable, __file__, "--child", "w7-worker", "--source", args.source,
+               "--partitions", str(args.partitions)]
+        cmd += ["--addresses", ";".join(addresses), "--proc", str(i)]
+        cmd += ["--servers", args.servers] if args.servers else []
         cmd += ["--events", str(args.events), "--dump", f"{args.dump}.{i}"]
         procs.append(subprocess.Popen(cmd, env={**os.environ, "RUST_BACKTRACE": "0"}))
     for p in procs:
@@ -667,8 +714,33 @@ def wm_dataflare(args: argparse.Namespace) -> list[Any]:
     got: list[Any] = []
     up = op.input("in", flow, TestingSource(batches()))
     op.output("out", window("wm", up, cfg).down, TestingSink(got))
-    run_dataflare_flow(flow)
+    if not args.recovered:
+        run_dataflare_flow(flow, timedelta(seconds=args.snapshot_interval))
+        return got
+    import tempfile
+
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.testing import run_main
+
+    from dataflare.dsl_compiler.compiler import tune_gc
+    from dataflare.operators.keyed import run_recovery
+
+    # As ``dataflare run -r DIR -s 1`` runs it: a recovery partition, a snapshot at the
+    # end of every epoch (1 s by default, ``--snapshot-interval``), no backup delay.
+    tune_gc()
+    with tempfile.TemporaryDirectory(prefix="wm-recovery-") as tmp:
+        init_db_dir(Path(tmp), 1)
+        with run_recovery(True):
+            run_main(flow, epoch_interval=timedelta(seconds=args.snapshot_interval),
+                     recovery_config=RecoveryConfig(tmp, timedelta(0)))
+        TIMED["snapshot_mb"] = sum(p.stat().st_size for p in Path(tmp).iterdir()) / 2**20
     return got
+
+
+def wm_recovered(args: argparse.Namespace) -> list[Any]:
+    """WM by DataFlare with recovery on (``-s 1``): the W6 cost with that many windows."""
+    args.recovered = True
+    return wm_dataflare(args)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -677,16 +749,19 @@ SYSTEMS: dict[str, dict[str, Callable[[argparse.Namespace], Any]]] = {
     "w2": {"raw": w2_raw, "bytewax": w2_bytewax, "quix": w2_quix, "dataflare": w2_dataflare},
     "w3": {"raw": w3_raw, "bytewax": w3_bytewax, "dataflare": w3_dataflare},
     "w4": {"raw": w4_raw, "bytewax": w4_bytewax, "dataflare": w4_dataflare},
-    "w7": {"raw": w2_raw, "1proc": w2_dataflare, "2proc": w7_two_processes},
-    "wm": {"raw": wm_raw, "bytewax": wm_bytewax, "dataflare": wm_dataflare},
+    "w7": {"raw": w2_raw, "1proc": w7_one_process, "2proc": w7_two_processes},
+    "wm": {"raw": wm_raw, "bytewax": wm_bytewax, "dataflare": wm_dataflare,
+           "recovered": wm_recovered},
 }
 ROWS: dict[str, Callable[[Any], list[tuple]]] = {
     "w2-dataflare": w2_dataflare_rows,
     "w3-dataflare": w3_dataflare_rows,
     "w4-dataflare": w4_dataflare_rows,
-    "w7-1proc": w2_dataflare_rows,
     "wm-dataflare": w2_dataflare_rows,
+    "wm-recovered": w2_dataflare_rows,
 }
+# ``--baseline``: the other tree's systems, and the system of this tree each one runs.
+BASELINES = {"baseline": "dataflare", "baseline_recovered": "recovered"}
 
 
 def measure(fn: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
@@ -718,7 +793,7 @@ def child(args: argparse.Namespace) -> None:
         return
     workload, system = args.child.split("-", 1)
     if args.source == "memory" and workload != "wm":  # WM makes its events as it goes
-        preload(args.events)
+        preload(args.events, args.partitions)
     result, got = measure(lambda: SYSTEMS[workload][system](args))
     result.update(TIMED)  # a system that times itself (W7's two processes)
     rows = ROWS.get(args.child, lambda g: g)(got)
@@ -732,11 +807,13 @@ def child(args: argparse.Namespace) -> None:
 
 def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
     env = {**os.environ, "RUST_BACKTRACE": "0"}
-    if name.endswith("-baseline"):  # DataFlare as of another tree (``--baseline``)
-        name = name.removesuffix("-baseline") + "-dataflare"
-        env["DATAFLARE_BASELINE"] = str(Path(args.baseline).resolve())
+    workload, system = name.split("-", 1)
+    if system in BASELINES:  # DataFlare as of another tree (``--baseline``)
+        name = f"{workload}-{BASELINES[system]}"
+        env["PYTHONPATH"] = args.baseline
     cmd = [sys.executable, __file__, "--child", name, "--events", str(args.events)]
-    cmd += ["--source", args.source, "--dump", dump]
+    cmd += ["--source", args.source, "--partitions", str(args.partitions), "--dump", dump]
+    cmd += ["--snapshot-interval", str(args.snapshot_interval)]
     if args.servers:
         cmd += ["--servers", args.servers]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -746,7 +823,8 @@ def spawn(name: str, args: argparse.Namespace, dump: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) -> None:
+def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int,
+           interval: float = 1.0) -> None:
     print(f"\n{title}")
     med: dict[str, dict[str, float]] = {}
     for name, runs in results.items():
@@ -773,12 +851,23 @@ def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int) 
             f"  dataflare: peak RSS {med['dataflare']['rss_mb']:.0f} MB with {windows:,} open "
             f"windows, raw {base['rss_mb']:.0f} MB (target: under 1 GB for 1,000,000)"
         )
-    if "dataflare" in med and "baseline" in med:
-        d, b = med["dataflare"], med["baseline"]
-        print(
-            f"  dataflare / baseline: wall {d['wall'] / b['wall']:.2f}x, "
-            f"cpu {d['cpu'] / b['cpu']:.2f}x, peak RSS {d['rss_mb'] / b['rss_mb']:.2f}x"
-        )
+    for base, system in BASELINES.items():
+        if system in med and base in med:
+            d, b = med[system], med[base]
+            print(
+                f"  {system} / {base}: wall {d['wall'] / b['wall']:.2f}x, "
+                f"cpu {d['cpu'] / b['cpu']:.2f}x, peak RSS {d['rss_mb'] / b['rss_mb']:.2f}x"
+            )
+    for off, on in (("dataflare", "recovered"), ("baseline", "baseline_recovered")):
+        if off in med and on in med:  # W6 with as many open windows as WM has
+            mb = statistics.median(r["snapshot_mb"] for r in results[on])
+            cost = 1 - med[off]["wall"] / med[on]["wall"]
+            print(
+                f"  {on}: recovery on (-s {interval:g}) costs {cost:.0%} of {off}'s "
+                f"throughput (wall), "
+                f"{med[on]['cpu'] / med[off]['cpu'] - 1:.0%} more CPU; recovery store "
+                f"{mb:.0f} MB at the end (target: cost <= 10%)"
+            )
     if "dataflare" in med:
         d = med["dataflare"]
         for ref in ("bytewax", "quix"):
@@ -835,8 +924,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per system (median)")
     parser.add_argument("--only", choices=sorted(SYSTEMS), action="append", help="workload(s)")
     parser.add_argument("--source", choices=["kafka", "memory"], default="kafka")
+    parser.add_argument("--partitions", type=int, default=3,
+                        help="partitions of each topic (Kafka) or of the in-memory input")
     parser.add_argument(
         "--skip", action="append", default=[], help="system(s) to skip: bytewax, quix"
+    )
+    parser.add_argument(
+        "--snapshot-interval", type=float, default=1.0,
+        help="WM: seconds per epoch (dataflare run's -s), with recovery on and off",
     )
     parser.add_argument("--keep", action="store_true", help="keep the output dumps in /tmp")
     parser.add_argument(
@@ -845,6 +940,7 @@ def main() -> None:
         "earlier commit): run as system 'baseline' beside 'dataflare', for before/after",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--recovered", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--servers", help=argparse.SUPPRESS)
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     parser.add_argument("--addresses", help=argparse.SUPPRESS)
@@ -862,8 +958,8 @@ def main() -> None:
 
         broker = LocalBroker().start()
         args.servers = broker.bootstrap_servers
-        broker.create_topic("events", partitions=3)
-        broker.create_topic("orders", partitions=3)
+        broker.create_topic("events", partitions=args.partitions)
+        broker.create_topic("orders", partitions=args.partitions)
         produce(args.servers, args.events)
     tmp = Path(f"/tmp/dataflare-bench-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
@@ -874,10 +970,10 @@ def main() -> None:
                 for s in SYSTEMS[workload]
                 if s not in args.skip and not (s == "quix" and args.source != "kafka")
             ]
-            if workload == "w7" and args.source != "kafka":
-                continue
-            if args.baseline and "dataflare" in names:
-                names.insert(names.index("dataflare"), "baseline")
+            if args.baseline:
+                for base, system in BASELINES.items():
+                    if system in names:
+                        names.insert(names.index(system), base)
             if workload == "wm" and args.events > WM_BYTEWAX_MAX and "bytewax" in names:
                 # Every item makes bytewax visit each open window: 1,000 take 3.5 s.
                 print(f"\nWM: bytewax skipped above {WM_BYTEWAX_MAX:,} open windows "
@@ -898,7 +994,8 @@ def main() -> None:
                         tmp / f"{workload}-raw.txt",
                         tmp / f"{workload}-{system}.txt",
                     )
-            report(f"{workload.upper()} ({args.events:,} events)", results, args.events)
+            report(f"{workload.upper()} ({args.events:,} events)", results, args.events,
+                   args.snapshot_interval)
     finally:
         if broker is not None:
             broker.stop()

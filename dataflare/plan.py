@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dataflare.dsl_compiler import Validated, compile_validated, schemas, validate_text
-from dataflare.operators.keyed import describe_change, shard_builders
+from dataflare.operators.keyed import describe_change, resumable, shard_builders
 
 WORKFLOW_RECORD = "dataflare-workflow.json"
 """The file of a recovery directory naming the workflow its state belongs to."""
@@ -289,6 +289,10 @@ def _state_changes(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]
         elif old[step] == new[step]:
             out.append(Change("state", comp, "resumes", f"same definition{holding}",
                               changed=False))
+        elif resumable(old[step], new[step]):
+            change = describe_change(old[step], new[step])
+            out.append(Change("state", comp, "resumes",
+                              f"fewer fields held per record ({change}){holding}"))
         elif not held:
             out.append(Change("state", comp, "none saved",
                               f"definition changed ({describe_change(old[step], new[step])}) "

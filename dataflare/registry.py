@@ -98,6 +98,8 @@ class BuildContext(Generic[C]):
     workflow: Any
     base_dir: Path
     options: Mapping[str, Any] = field(default_factory=dict)
+    read_downstream: frozenset[str] | None = None
+    """The top-level fields of this step's output that later steps read (``None``: all)."""
 
     def path(self, value: str | Path) -> Path:
         """A path from the workflow, resolved against the workflow file's directory."""

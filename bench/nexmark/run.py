@@ -40,7 +40,10 @@ sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent.parent)]
 
 import generator  # noqa: E402
 import queries  # noqa: E402
-from stateful import measure  # noqa: E402  (puts ``--baseline``'s tree first on sys.path)
+from stateful import measure  # noqa: E402
+
+if os.environ.get("DATAFLARE_BASELINE"):  # ``--baseline``: that tree's dataflare, not ours
+    sys.path.insert(0, os.environ["DATAFLARE_BASELINE"])
 
 INPUTS = {
     "q0": ("bids",), "q1": ("bids",), "q2": ("bids",), "q3": ("persons", "auctions"),

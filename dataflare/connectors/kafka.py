@@ -213,6 +213,10 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         settings["enable.partition.eof"] = True
         # A fetch at an offset the partition no longer has is reported, never skipped.
         settings["auto.offset.reset"] = "error"
+        # One consumer per partition: librdkafka's default prefetch (100,000 messages or
+        # 64 MB per consumer) would hold that much for every partition a process reads.
+        settings.setdefault("queued.min.messages", max(2 * cfg.batch_size, 10_000))
+        settings.setdefault("queued.max.messages.kbytes", 16_384)
         self.consumer = Consumer(settings)
         tp = TopicPartition(topic, partition)
         low, high = self.consumer.get_watermark_offsets(tp, timeout=30.0, cached=False)

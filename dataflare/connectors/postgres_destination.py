@@ -2,7 +2,10 @@
 
 ``append`` and ``overwrite`` COPY straight into the table; ``merge`` COPYs into a
 temporary staging table and runs one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (and
-one ``DELETE ... USING`` for CDC deletes) per batch. Shape, widening, replay safety and
+one ``DELETE ... USING`` for CDC deletes) per batch; a row the record would not change
+is left as it is (no new row version, no ``UPDATE`` trigger) where the columns' types
+allow the comparison (``_IDENTITY_EQUALITY``). A batch is COPYed as one block of text,
+built column by column (:func:`copy_column`). Shape, widening, replay safety and
 retries are described in :mod:`dataflare.connectors.sql_writer`.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import repeat
 from typing import Any
 
 from bytewax.dataflow import Stream
@@ -27,7 +31,6 @@ from dataflare.connectors.sql_writer import (
     TEXT,
     Dialect,
     Mark,
-    iter_rows,
     quote_ident,
     table_destination,
 )
@@ -142,7 +145,10 @@ class PostgresDialect(Dialect):
         self.schema, self.table = cfg.qualified()
         self.target = f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
         self.positions = f"{quote_ident(self.schema)}.{quote_ident(POSITIONS_TABLE)}"
-        self._staged: tuple[str, ...] | None = None
+        self._staged: frozenset[str] | None = None
+        """Once the staging table exists: the target's columns whose equality is identity."""
+        self._stage_filled = False
+        """Whether this transaction put rows in the staging table (a commit empties it)."""
         self.types: dict[str, str] = {}
 
     def describe(self) -> str:
@@ -159,8 +165,11 @@ class PostgresDialect(Dialect):
     @contextmanager
     def transaction(self) -> Iterator[Any]:
         """One transaction on the connection."""
-        with self.conn.transaction():
-            yield self.conn
+        try:
+            with self.conn.transaction():
+                yield self.conn
+        finally:
+            self._stage_filled = False  # emptied by the commit, or rolled back
 
     def rolled_back(self) -> None:
         """The staging table may have gone with the transaction."""
@@ -275,26 +284,20 @@ class PostgresDialect(Dialect):
         self.conn.execute(f"DELETE FROM {self.target}")
 
     def _copy(self, table: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
-        from psycopg.types.json import Jsonb
+        """COPY ``rows`` into ``table`` as one block of text, formatted column by column."""
+        from psycopg.adapt import Transformer
 
+        tx = Transformer.from_context(self.conn)
+        encoding = self.conn.info.encoding
+        fields = []
+        for c in columns:
+            kind = "array" if c in self.arrays else self.types.get(c)
+            fields.append(copy_column(list(map(dict.get, rows, repeat(c))), kind, tx, encoding))
         collist = ", ".join(quote_ident(c) for c in columns)
-        # Every value of a JSON column is sent as JSON (a string too, as a JSON string);
-        # a list for an array column as an array.
-        json_cols = [i for i, c in enumerate(columns) if self.types.get(c) == JSON
-                     and c not in self.arrays]
-        array_cols = [i for i, c in enumerate(columns) if c in self.arrays]
+        lines = map("\t".join, zip(*fields, strict=True))
         with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp:
-            write = cp.write_row
-            for row in iter_rows(columns, rows, Jsonb):
-                for i in json_cols:
-                    v = row[i]
-                    if v is not None and not isinstance(v, Jsonb):
-                        row[i] = Jsonb(v)
-                for i in array_cols:
-                    v = row[i]
-                    if isinstance(v, Jsonb):
-                        row[i] = v.obj
-                write(row)
+            if rows:
+                cp.write(("\n".join(lines) + "\n").encode(encoding))
 
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
         """COPY the rows into the table."""
@@ -342,15 +345,24 @@ class PostgresDialect(Dialect):
         return [(i, psycopg.errors.lookup(state).__name__, message)
                 for i, state, message in refused]
 
-    def _stage(self) -> str:
+    def _stage(self) -> frozenset[str]:
+        """Create the staging table; the columns a merge may leave alone when unchanged."""
         if self._staged is None:
             # The target's columns without its constraints: deletes stage only the key.
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS _dataflare_stage ON COMMIT DELETE ROWS "
                 f"AS SELECT * FROM {self.target} WITH NO DATA"
             )
-            self._staged = ()
-        return "_dataflare_stage"
+            rows = self.conn.execute(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                "LEFT JOIN pg_collation c ON c.oid = a.attcollation WHERE a.attrelid = "
+                "%s::regclass AND a.attnum > 0 AND NOT a.attisdropped "
+                "AND coalesce(c.collisdeterministic, true)",
+                (self.target,),
+            ).fetchall()
+            self._staged = frozenset(name for name, sql_type in rows
+                                     if _IDENTITY_EQUALITY.fullmatch(sql_type))
+        return self._staged
 
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
@@ -362,34 +374,102 @@ class PostgresDialect(Dialect):
         # The staging table mirrors the target; it is recreated after the target widens.
         if self._staged is None:
             self.conn.execute("DROP TABLE IF EXISTS _dataflare_stage")
-        stage = self._stage()
+        comparable = self._stage()
+        stage = "_dataflare_stage"
         keycols = ", ".join(quote_ident(k) for k in key)
         if deletes:
-            self._copy(stage, list(key), deletes)
+            self._fill_stage(list(key), deletes)
             match = " AND ".join(f"t.{quote_ident(k)} = s.{quote_ident(k)}" for k in key)
             self.conn.execute(f"DELETE FROM {self.target} AS t USING {stage} AS s WHERE {match}")
-            self.conn.execute(f"DELETE FROM {stage}")
         if upserts:
-            self._copy(stage, columns, upserts)
+            self._fill_stage(columns, upserts)
             collist = ", ".join(quote_ident(c) for c in columns)
-            updates = [c for c in columns if c not in key]
+            updates = [quote_ident(c) for c in columns if c not in key]
             action = (
                 "DO UPDATE SET "
-                + ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in updates)
+                + ", ".join(f"{c} = EXCLUDED.{c}" for c in updates)
                 if updates
                 else "DO NOTHING"
             )
+            if updates and comparable.issuperset(c for c in columns if c not in key):
+                # A row the record leaves as it is stays untouched (no new row version).
+                action += (f" WHERE (t.{', t.'.join(updates)}) IS DISTINCT FROM "
+                           f"(EXCLUDED.{', EXCLUDED.'.join(updates)})")
             # Inserting in key order keeps the primary key index's pages hot.
             try:
                 self.conn.execute(
-                    f"INSERT INTO {self.target} ({collist}) SELECT {collist} FROM {stage} "
+                    f"INSERT INTO {self.target} AS t ({collist}) SELECT {collist} FROM {stage} "
                     f"ORDER BY {keycols} ON CONFLICT ({keycols}) {action}"
                 )
             except psycopg.errors.InvalidColumnReference as exc:
                 msg = (f"{self.describe()} has no primary key or unique index on "
                        f"({', '.join(key)}), which merge_key needs")
                 raise RuntimeError(msg) from exc
-            self.conn.execute(f"DELETE FROM {stage}")
+
+    def _fill_stage(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        """COPY ``rows`` into the staging table, emptied first when this transaction used it."""
+        if self._stage_filled:
+            self.conn.execute("DELETE FROM _dataflare_stage")
+        self._copy("_dataflare_stage", columns, rows)
+        self._stage_filled = True
+
+
+# Types whose equality (IS DISTINCT FROM) holds between identical values only: a merge
+# leaves a row alone when the record would not change it. Floats too, where 0.0 = -0.0
+# is the one exception (a stored 0.0 stays when -0.0 arrives). Not numeric without a
+# scale (1.0 = 1.00), jsonb (its numbers likewise), json (no equality), intervals, arrays.
+_IDENTITY_EQUALITY = re.compile(
+    r"boolean|smallint|integer|bigint|real|double precision|text|uuid|date|bytea"
+    r"|character varying(\(\d+\))?|character\(\d+\)|numeric\(\d+,\d+\)"
+    r"|timestamp(\(\d\))? with(out)? time zone|time(\(\d\))? without time zone"
+)
+
+# COPY's text format: fields split by tabs, rows by newlines, NULL as \N, and these escaped.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                               "\v": "\\v", "\f": "\\f", "\r": "\\r"})
+_COPY_SPECIAL = re.compile("[\\\\\b\t\n\v\f\r]")
+_NULL = "\\N"
+_PLAIN = frozenset({str, int, float, type(None)})
+"""Types whose COPY text is ``str(value)`` (psycopg's text dumpers write the same)."""
+
+
+def copy_column(values: list[Any], kind: str | None, tx: Any, encoding: str) -> list[str]:
+    """The COPY text of each value of one column of logical type ``kind``.
+
+    Text, integers and floats are formatted here in bulk; other values (booleans, dates,
+    decimals, JSON, arrays) through psycopg's dumpers (``tx``), as ``write_row`` would:
+    a JSON column receives every value as JSON, an array column lists as arrays, other
+    columns dicts and lists as JSON. Text holding a NUL goes to psycopg too, which
+    refuses it.
+    """
+    kinds = set(map(type, values))
+    if kind not in (JSON, "array") and kinds <= _PLAIN:
+        if str not in kinds:
+            escape = False
+        else:
+            text = "".join(values) if len(kinds) == 1 else "".join(
+                [v for v in values if v.__class__ is str])
+            escape = _COPY_SPECIAL.search(text) is not None
+            if "\x00" in text:
+                kinds = set()  # to psycopg, which raises a DataError for it
+        if kinds == {str} and not escape:
+            return values
+        if kinds and escape:
+            return [_NULL if v is None else str(v).translate(_COPY_ESCAPES) for v in values]
+        if kinds and type(None) in kinds:
+            return [_NULL if v is None else str(v) for v in values]
+        if kinds:
+            return list(map(str, values))
+    from psycopg.adapt import PyFormat
+    from psycopg.types.json import Jsonb
+
+    if kind == JSON:
+        values = [None if v is None else Jsonb(v) for v in values]
+    elif kind != "array" and kinds & {dict, list, tuple}:
+        values = [Jsonb(v) if isinstance(v, dict | list | tuple) else v for v in values]
+    dumped = tx.dump_sequence(values, [PyFormat.TEXT] * len(values))
+    return [_NULL if b is None else bytes(b).decode(encoding).translate(_COPY_ESCAPES)
+            for b in dumped]
 
 
 @destination(

@@ -55,7 +55,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 from bytewax.dataflow import Stream
@@ -156,6 +156,8 @@ def prepare(
     A dotted merge key is a path into the record, unless the record has a field of that
     very name (a column named ``a.b``): then it is that field.
     """
+    if _plain(batch, merge_key):
+        return list(map(Item, batch, repeat(False), repeat(None), repeat(None))), []
     items: list[Item] = []
     errs: list[Failed] = []
     append = items.append
@@ -204,21 +206,33 @@ def prepare(
     return items, errs
 
 
-def _key_of(key: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
-    """The key value of a row (a tuple for a composite key).
+def _plain(batch: list[Any], merge_key: tuple[str, ...]) -> bool:
+    """Whether every record of ``batch`` is a dict without ``_meta`` with its whole key.
+
+    Such records are written as they are (the common case, checked column-wise).
+    """
+    if not batch or set(map(type, batch)) != {dict}:
+        return False
+    if any(map(dict.__contains__, batch, repeat(META))):
+        return False
+    for k in merge_key:
+        if "." in k or None in map(dict.get, batch, repeat(k)):
+            return False
+    return True
+
+
+def key_values(rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[Any]:
+    """The key value of each row (a tuple for a composite key), computed column-wise.
 
     An integer and its text are one key (the database casts both to the column's type).
     """
-    if len(key) == 1:
-        (k,) = key
-
-        def one(row: dict[str, Any]) -> Any:
-            v = row.get(k)
-            return str(v) if v.__class__ is int else v
-
-        return one
-    return lambda row: tuple([str(v) if v.__class__ is int else v
-                              for v in [row.get(k) for k in key]])
+    cols: list[list[Any]] = []
+    for k in key:
+        col = list(map(dict.get, rows, repeat(k)))
+        if int in set(map(type, col)):
+            col = [str(v) if v.__class__ is int else v for v in col]
+        cols.append(col)
+    return cols[0] if len(cols) == 1 else list(zip(*cols, strict=True))
 
 
 def _hashable_key(value: Any) -> Any:
@@ -226,12 +240,21 @@ def _hashable_key(value: Any) -> Any:
     return tuple(_hashable(v) for v in value) if isinstance(value, tuple) else _hashable(value)
 
 
+def _distinct(keys: list[Any]) -> bool:
+    """Whether no key value repeats (``False`` too when one cannot be hashed as it is)."""
+    try:
+        return len(set(keys)) == len(keys)
+    except TypeError:
+        return False
+
+
 def last_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
     """The last item of each key value (keys are top-level columns of the rows)."""
-    get = _key_of(key)
+    keys = key_values([it.row for it in items], key)
+    if _distinct(keys):
+        return items
     last: dict[Any, Item] = {}
-    for it in items:
-        k = get(it.row)
+    for it, k in zip(items, keys, strict=True):
         try:
             last[k] = it
         except TypeError:
@@ -245,10 +268,11 @@ def fold_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
     A delete when the key was deleted, then an upsert of the fields set after it (later
     values over earlier ones).
     """
-    get = _key_of(key)
+    keys = key_values([it.row for it in items], key)
+    if not any(it.delete for it in items) and _distinct(keys):
+        return items  # nothing to fold
     folded: dict[Any, list[Item | None]] = {}
-    for it in items:
-        k = get(it.row)
+    for it, k in zip(items, keys, strict=True):
         try:
             slot = folded.get(k)
         except TypeError:
@@ -604,10 +628,10 @@ class TableWriter:
             self.db.add_columns(new)
             self.cols.update(new)
         # An integer column that receives a fractional number becomes a double.
+        rows = [it.row for it in items]
         for name in names:
-            if self.cols.get(name) == INT and any(
-                type(it.row.get(name)) is float for it in items
-            ):
+            if self.cols.get(name) == INT and float in set(map(type, map(
+                dict.get, rows, repeat(name)))):
                 log.info("step %r: widening column %r of %s to a double", self.step, name,
                          self.db.describe())
                 self.db.widen(name, FLOAT)
@@ -682,10 +706,14 @@ class TableWriter:
 
     def _merge(self, items: list[Item]) -> int:
         deletes = [it.row for it in items if it.delete]
+        upserts = [it.row for it in items if not it.delete]
+        shapes = list(map(tuple, upserts))
         by_fields: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-        for it in items:
-            if not it.delete:
-                by_fields.setdefault(tuple(it.row), []).append(it.row)
+        if len(set(shapes)) == 1:  # every record sets the same fields
+            by_fields[shapes[0]] = upserts
+        else:
+            for fields, row in zip(shapes, upserts, strict=True):
+                by_fields.setdefault(fields, []).append(row)
         if not by_fields:
             self.db.merge(list(self.key), self.key, [], deletes)
         for cols, rows in by_fields.items():  # deletes go first, with the first statement

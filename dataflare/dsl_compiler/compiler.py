@@ -27,6 +27,7 @@ from dataflare import metrics, registry, secrets, views
 from dataflare.connectors.schema import OutputSchemaCheck
 from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
 from dataflare.dsl_compiler.problems import WorkflowError
+from dataflare.dsl_compiler.projection import read_downstream
 from dataflare.dsl_compiler.validate import Validated, validate_file
 from dataflare.encryption import field_cipher
 from dataflare.expr import compile_expression
@@ -345,7 +346,18 @@ class _Compiler:
             workflow=self.wf,
             base_dir=self.v.base_dir,
             options={"test": self.test_inputs is not None},
+            read_downstream=self._read_downstream(kind, cid, comp),
         )
+
+    def _read_downstream(self, kind: registry.Kind, cid: str, comp: Any) -> frozenset[str] | None:
+        """What later steps read of a transformation's output.
+
+        All of it when its records are looked at whole: a test run comparing them, a view.
+        """
+        if (kind != "transformation" or self.test_inputs is not None
+                or getattr(comp, "serve", False) or self.v.types is None):
+            return None
+        return read_downstream(self.graph, self.v.types, cid)
 
     def spec(self, kind: registry.Kind, comp: Any) -> registry.ComponentSpec:
         spec = registry.lookup(kind, comp.type)

@@ -145,6 +145,7 @@ class _AggregationShard(ShardLogic):
     def __init__(self, op: _AggregationOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume)
         self.op = op
+        self.tree_state = not op.trailing  # the history of trailing ranges keeps records
         if self.state is None:
             self.state = {"groups": {}, "seq": 0}
 

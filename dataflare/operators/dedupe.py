@@ -99,6 +99,8 @@ class _DedupeOp:
 class _DedupeShard(ShardLogic):
     """key -> start of its period; pruned as the shard's latest time moves on."""
 
+    tree_state = True
+
     def __init__(self, op: _DedupeOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume)
         self.op = op

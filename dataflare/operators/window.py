@@ -230,6 +230,9 @@ class _WindowShard(ShardLogic):
     def __init__(self, op: _WindowOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume, op.idle_timeout)
         self.op = op
+        # Groups, windows and accumulators are each held once; records collected for
+        # ``sql`` are not (a sliding window's record is in each of its windows).
+        self.tree_state = not op.accs.collects
         if self.state is None:
             self.state = {}
 
@@ -260,12 +263,11 @@ class _WindowShard(ShardLogic):
 
     def flush(self) -> list[tuple[str, list[Any]]]:
         record = self.op.output.record
-        down = [
-            record(key, start, end, acc)
-            for key, g in self.state.items()
-            for start, end, acc in self._spans(g)
-        ]
-        self.state = {}
+        state, self.state = self.state, {}
+        down: list[dict[str, Any]] = []
+        while state:  # each group's state is freed as its rows are made
+            key, g = state.popitem()
+            down.extend(record(key, start, end, acc) for start, end, acc in self._spans(g))
         return [(DOWN, down)] if down else []
 
     def idle(self) -> list[tuple[str, list[Any]]]:
@@ -307,7 +309,7 @@ def ingest(groups, batches, late, errs, down):
 {place}
                 if t > g[0]:
                     g[0] = t
-                    lb = t - {lateness}
+                    lb = {late_bound}
                     if lb > g[1]:
                         g[1] = lb
                         while lb >= g[3]:
@@ -380,7 +382,7 @@ def ingest(groups, batches, late, errs, down):
 {update_new}
                 if t > g[0]:
                     g[0] = t
-                    lb = t - {lateness}
+                    lb = {late_bound}
                     if lb > g[1]:
                         g[1] = lb
                         while lb >= g[3]:
@@ -438,7 +440,7 @@ def ingest(groups, batches, late, errs, down):
                 g[3] = ss[0][1] + {gap}
                 if t > g[0]:
                     g[0] = t
-                    lb = t - {lateness}
+                    lb = {late_bound}
                     if lb > g[1]:
                         g[1] = lb
                 if g[1] >= g[3]:
@@ -505,7 +507,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
             pane=o.pane,
             size=o.size,
             slide=o.slide,
-            lateness=o.lateness,
+            late_bound=f"t - {o.lateness}" if o.lateness else "t",
             new=o.accs.new_code,
             merge="\n".join(indent_code(o.accs.merge_code or "", " " * 36)),
             emit=emit("s", f"s + {o.size}", 32),
@@ -516,7 +518,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
             extract=extract,
             update_new=update,
             gap=o.gap,
-            lateness=o.lateness,
+            late_bound=f"t - {o.lateness}" if o.lateness else "t",
             emit=emit("s[0]", "s[1]", 28),
             new=o.accs.new_code,
         )
@@ -528,7 +530,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
         code = _WINDOWS_INGEST.format(
             extract=extract,
             place=_block(body, 16),
-            lateness=o.lateness,
+            late_bound=f"t - {o.lateness}" if o.lateness else "t",
             size=o.size,
             emit=emit("s", f"s + {o.size}", 28),
         )

@@ -674,3 +674,34 @@ def test_a_mysql_to_postgres_copy_maps_the_types(
         (1, Decimal("12.50"), datetime(2024, 3, 1, 12), {"k": [1, 2]}, b"\x00\xff\x10", True,
          "ann"),
         (2, Decimal("0.10"), None, None, None, False, None)]
+
+
+def test_copied_values_keep_their_text_nulls_and_types(pg_schema: Any) -> None:
+    awkward = "tab\there\nnew line \\N back\\slash \r\b\f\v é"
+    records = [
+        {"id": 1, "s": awkward, "n": 7, "x": 1.5, "b": True, "j": {"k": [1, "a\tb"]}},
+        {"id": 2, "s": "", "n": None, "x": 1e-05, "b": None, "j": None},
+        {"id": 3, "s": None, "n": -12, "x": None, "b": False, "j": ["\\"]},
+        {"id": 4, "s": "\\N", "n": 3, "x": 2.0, "b": True, "j": "text"},
+    ]
+    assert run(ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": "id"}),
+               [records]) == []
+    rows = pg_schema.rows(f'SELECT id, s, n, x, b, j FROM "{pg_schema.schema}".orders '
+                          "ORDER BY id")
+    assert rows == [(1, awkward, 7, 1.5, True, {"k": [1, "a\tb"]}),
+                    (2, "", None, 1e-05, None, None),
+                    (3, None, -12, None, False, ["\\"]),
+                    (4, "\\N", 3, 2.0, True, "text")]
+
+
+def test_a_merge_leaves_rows_it_would_not_change_untouched(pg_schema: Any) -> None:
+    ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": "id"})
+    run(ctx, [[{"id": 1, "v": "a", "x": 1.5}, {"id": 2, "v": "b", "x": 2.5}]])
+    versions = f'SELECT id, xmin::text FROM "{pg_schema.schema}".orders ORDER BY id'
+    before = dict(pg_schema.rows(versions))
+    run(ctx, [[{"id": 1, "v": "a", "x": 1.5}, {"id": 2, "v": "b", "x": 3.5}]])
+    after = dict(pg_schema.rows(versions))
+    assert after[1] == before[1]  # the same values: the row was not rewritten
+    assert after[2] != before[2]
+    assert pg_schema.rows(f'SELECT id, v, x FROM "{pg_schema.schema}".orders ORDER BY id') \
+        == [(1, "a", 1.5), (2, "b", 3.5)]
