@@ -336,6 +336,24 @@ class _JoinOp:
         elif rights and self.keep_right:
             out.extend({lp: None, rp: unpack(held)} for held in rights)
 
+    def probe(self, side: str, rec: Any, held: list[Any], out: list[dict[str, Any]]) -> None:
+        """:meth:`pairs` of ``rec`` (of input ``side``, not held) and ``held``.
+
+        ``held`` is the other input's records of the key, opened (as :meth:`_Packer.unpack`
+        gives them) and met again by later records: each output row gets its own copies.
+        """
+        r = _Packer.unpack(self.pack(rec))  # what holding it would have given back
+        if self.prefix is None:  # the merged record is a new dict
+            combine = self.combine
+            out.extend(combine(r, h) if side == LEFT else combine(h, r) for h in held)
+            return
+        lp, rp = self.prefix.left, self.prefix.right
+        copy = len(held) > 1 and r.__class__ is dict
+        for h in held:
+            mine = dict(r) if copy else r
+            other = dict(h) if h.__class__ is dict else h
+            out.append({lp: mine, rp: other} if side == LEFT else {lp: other, rp: mine})
+
     def unmatched(self, side: str, rec: Any, out: list[dict[str, Any]]) -> None:
         """A record that can match nothing (a null key), emitted at once without ``_meta``."""
         rec = _Packer.unpack(rec)
@@ -445,6 +463,7 @@ class _RelationalShard(ShardLogic):
         o = self.op
         s: _RelationalState = self.state
         keyf, keys, met = o.keys[side], s.keys, s.met
+        i = 1 if side == LEFT else 0  # the ended input's records
         track = o.keep_right if side == LEFT else o.keep_left
         for rec in batch:
             key = keyf(rec)
@@ -456,11 +475,10 @@ class _RelationalShard(ShardLogic):
             if entry is None:
                 o.unmatched(side, rec, down)
                 continue
-            # Packed and unpacked as if it had been held: the same fields, the same output.
-            if side == LEFT:
-                o.pairs([o.pack(rec)], entry[1], down)
-            else:
-                o.pairs(entry[0], [o.pack(rec)], down)
+            held = entry[i]
+            if held[0].__class__ is tuple:  # met for the first time: unpacked once, for good
+                held = entry[i] = [_Packer.unpack(h) for h in held]
+            o.probe(side, rec, held, down)
             if track:
                 met.add(key)
 
