@@ -35,6 +35,8 @@ from dataflare.lineage import DatasetsHook
 from dataflare.record_schema import SchemaHook
 
 Kind = Literal["source", "transformation", "destination"]
+UNBOUNDED = frozenset({"streaming", "cdc", "hybrid"})
+"""Source modes that never end by themselves (for ``advise`` hooks)."""
 KINDS: tuple[Kind, ...] = ("source", "transformation", "destination")
 SECTION: dict[Kind, str] = {
     "source": "sources",
@@ -122,7 +124,7 @@ class ComponentSpec:
     named_outputs: Callable[[Any], list[str]] | None = None
     main_output: bool = True
     merge_inputs: bool = True
-    advise: Callable[[Any, set[str]], list[str]] | None = None
+    advise: Callable[[Any, list[set[str]]], list[str]] | None = None
     planned: str = ""
     blocks: frozenset[str] | None = None
     # The blocks acted on under a given config, when they depend on it (overrides blocks).
@@ -216,7 +218,7 @@ def transformation(
     named_outputs: Callable[[Any], list[str]] | None = None,
     main_output: bool = True,
     merge_inputs: bool = True,
-    advise: Callable[[Any, set[str]], list[str]] | None = None,
+    advise: Callable[[Any, list[set[str]]], list[str]] | None = None,
     blocks: tuple[str, ...] = (),
     schema: SchemaHook | None = None,
 ) -> Callable[..., Any]:
@@ -225,7 +227,8 @@ def transformation(
     ``named_outputs`` lists the outputs read as ``<id>.<name>``; a type without a main
     output (``main_output=False``, like ``route``) can only be read that way. Several
     inputs reach the builder merged into one stream, unless ``merge_inputs=False`` (a join
-    takes its inputs apart). ``advise(config, upstream_modes)`` returns warnings about a
+    takes its inputs apart). ``advise(config, input_modes)`` (per input, the modes of the sources feeding it)
+    returns warnings about a
     configuration that is valid but unlikely to do what the user wants. ``blocks`` lists
     the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``). ``serves``: its state
     can be read during a run (``serve: true``, :mod:`dataflare.views`). ``schema`` is the hook

@@ -281,11 +281,12 @@ def _cycles(doc: Document, g: Graph) -> list[Problem]:
     return problems
 
 
-def _upstream_sources(wf: dict[str, Any], g: Graph, cid: str) -> list[Any]:
-    """The (raw) sources feeding ``cid``, directly or through transformations."""
+def _upstream_sources(wf: dict[str, Any], g: Graph, cid: str,
+                      refs: list[str] | None = None) -> list[Any]:
+    """The (raw) sources feeding ``cid`` (or only its inputs ``refs``), directly or not."""
     found: list[Any] = []
     seen: set[str] = set()
-    todo = list(g.inputs.get(cid, []))
+    todo = list(g.inputs.get(cid, []) if refs is None else refs)
     while todo:
         up = g.upstream(todo.pop())
         if up in seen or up not in g.kinds:
@@ -298,8 +299,9 @@ def _upstream_sources(wf: dict[str, Any], g: Graph, cid: str) -> list[Any]:
     return found
 
 
-def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> set[str]:
-    """Extraction modes of the sources feeding ``cid`` (``''`` for a source without one).
+def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> list[set[str]]:
+    """Per input of ``cid``, the extraction modes of the sources feeding it (``''`` for a
+    source without one).
 
     A source whose config sets ``stop_at_end: true`` ends by itself: its mode counts as
     ``full`` whatever it reads (a CDC catch-up, a Kafka topic up to its end offsets).
@@ -312,7 +314,8 @@ def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> set[str]:
             return "full"
         return str(src.get("mode") or "")
 
-    return {mode(src) for src in _upstream_sources(wf, g, cid)}
+    return [{mode(src) for src in _upstream_sources(wf, g, cid, [ref])}
+            for ref in g.inputs.get(cid, [])]
 
 
 def _with_source_lateness(wf: dict[str, Any], g: Graph, cid: str, config: Any) -> Any:

@@ -63,7 +63,7 @@ from dataflare.operators.keyed import (
 from dataflare.operators.window import WindowSpec
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, RecordError
-from dataflare.registry import BuildContext, Outputs, transformation
+from dataflare.registry import UNBOUNDED, BuildContext, Outputs, transformation
 
 log = logging.getLogger(__name__)
 JoinType = Literal["inner", "left", "right", "full"]
@@ -915,15 +915,15 @@ def join(
     return JoinOut(down=outs[DOWN], late=outs[LATE], errs=outs[ERRS])
 
 
-def _advice(cfg: JoinConfig, modes: set[str]) -> list[str]:
+def _advice(cfg: JoinConfig, modes: list[set[str]]) -> list[str]:
     """Warnings for ``validate`` about a join's settings and its inputs."""
     if cfg.mode != "relational":
         return []
     if cfg.window is None:
-        if modes & {"streaming", "cdc", "hybrid"}:
-            return ["a join without 'window' emits only when both inputs end, and an input "
-                    "here is unbounded (streaming, cdc or hybrid): add a window or use "
-                    "mode: lookup"]
+        if len(modes) == 2 and all(m & UNBOUNDED for m in modes):
+            return ["a join without 'window' joins when one of its inputs ends, and both "
+                    "inputs here are unbounded (streaming, cdc or hybrid): add a window or "
+                    "use mode: lookup"]
         return []
     if not cfg.allowed_lateness:
         return ["a windowed join reads its two inputs side by side, each at its own pace, "
@@ -978,7 +978,7 @@ def join_schema(ctx: SchemaContext[JoinConfig]) -> FieldType:
     named_outputs=lambda cfg: ["late"],
     schema=join_schema,
     merge_inputs=False,
-    advise=lambda cfg, modes: _advice(cfg, modes),
+    advise=_advice,
 )
 def build_join(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``join`` step."""

@@ -42,7 +42,7 @@ from dataflare.operators.keyed import (
 from dataflare.operators.window import WindowConfig, WindowSpec, window
 from dataflare.record_schema import FieldType, Kind, SchemaContext
 from dataflare.records import META, Failed, without_meta
-from dataflare.registry import BuildContext, Outputs, transformation
+from dataflare.registry import UNBOUNDED, BuildContext, Outputs, transformation
 
 _WINDOWED = ("time_field", "time_unit", "allowed_lateness", "group_by", "late_to")
 
@@ -378,9 +378,9 @@ def sql_schema(ctx: SchemaContext[SqlConfig]) -> FieldType:
     return FieldType.record(out)
 
 
-def _advice(cfg: SqlConfig, modes: set[str]) -> list[str]:
+def _advice(cfg: SqlConfig, modes: list[set[str]]) -> list[str]:
     """Warnings for ``validate``: ``over: all`` on an input that never ends."""
-    if cfg.over == "all" and modes & {"streaming", "cdc", "hybrid"}:
+    if cfg.over == "all" and set().union(*modes) & UNBOUNDED:
         return ["'over: all' runs the query when the inputs end, and an input here is "
                 "unbounded (streaming, cdc or hybrid): use a 'window' instead"]
     return []

@@ -62,19 +62,21 @@ workflow:
     assert not any(p.path == "destinations.dead" for p in v.errors())
 
 
-def test_a_join_without_window_on_an_unbounded_input_is_a_warning():
+def test_a_join_without_window_on_two_unbounded_inputs_is_a_warning():
     text = """\
 workflow:
   sources:
     events: {type: kafka, mode: streaming, config: {topic: e}}
+    clicks: {type: kafka, mode: streaming, config: {topic: c}}
     users: {type: file, config: {path: users.jsonl}}
   transformations:
-    j: {type: join, inputs: [events, users], config: {join_key: user_id}}
+    j: {type: join, inputs: [events, clicks], config: {join_key: user_id}}
+    table: {type: join, inputs: [events, users], config: {join_key: user_id}}
     w: {type: join, inputs: [events, users],
         config: {join_key: user_id, window: {type: tumbling, size: 1m}}}
     bounded: {type: join, inputs: [users, users], config: {join_key: user_id}}
   destinations:
-    out: {type: stdout, inputs: [j, w, bounded]}
+    out: {type: stdout, inputs: [j, table, w, bounded]}
 """
     v = validate_text(text)
     assert not v.errors()

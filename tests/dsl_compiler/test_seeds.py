@@ -111,13 +111,13 @@ def test_a_source_that_stops_at_its_end_is_bounded_for_join_advice():
 workflow:
   sources:
     a: {type: kafka, mode: streaming, config: {bootstrap_servers: "h:1", topic: a, STOP}}
-    b: {type: generator, config: {preset: orders, count: 1}}
+    b: {type: kafka, mode: cdc, config: {bootstrap_servers: "h:1", topic: b}}
   transformations:
     j: {type: join, inputs: [a, b], config: {join_key: id}}
   destinations:
     out: {type: stdout, inputs: [j]}
 """
-    unbounded = "a join without 'window' emits only when both inputs end"
+    unbounded = "a join without 'window' joins when one of its inputs ends"
 
     def warnings(stop: str) -> list[str]:
         v = validate_text(text.replace("STOP", stop))
