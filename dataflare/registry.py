@@ -227,9 +227,9 @@ def transformation(
     ``named_outputs`` lists the outputs read as ``<id>.<name>``; a type without a main
     output (``main_output=False``, like ``route``) can only be read that way. Several
     inputs reach the builder merged into one stream, unless ``merge_inputs=False`` (a join
-    takes its inputs apart). ``advise(config, input_modes)`` (per input, the modes of the sources feeding it)
-    returns warnings about a
-    configuration that is valid but unlikely to do what the user wants. ``blocks`` lists
+    takes its inputs apart). ``advise(config, input_modes)`` (per input, the modes of the
+    sources feeding it) returns warnings about a configuration that is valid but unlikely
+    to do what the user wants. ``blocks`` lists
     the blocks of :data:`TYPE_BLOCKS` the type acts on (``plugin``). ``serves``: its state
     can be read during a run (``serve: true``, :mod:`dataflare.views`). ``schema`` is the hook
     naming the fields the step reads and deriving its output schema from its inputs'

@@ -300,8 +300,9 @@ def _upstream_sources(wf: dict[str, Any], g: Graph, cid: str,
 
 
 def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> list[set[str]]:
-    """Per input of ``cid``, the extraction modes of the sources feeding it (``''`` for a
-    source without one).
+    """Per input of ``cid``, the extraction modes of the sources feeding it.
+
+    ``''`` stands for a source without a mode.
 
     A source whose config sets ``stop_at_end: true`` ends by itself: its mode counts as
     ``full`` whatever it reads (a CDC catch-up, a Kafka topic up to its end offsets).
