@@ -171,25 +171,33 @@ class _Output:
         self.flat = len(group_by) == 1 and "." not in group_by[0]
         self.finish = accs.finish
         self.iso_cache: dict[int, str] = {}
-        self._seconds: dict[int, str] = {}
+        self._days: dict[int, str] = {}
 
     def iso(self, us: int) -> str:
-        """ISO text of a window boundary (boundaries repeat across groups: cached)."""
+        """ISO text of a window boundary (boundaries repeat across groups: cached).
+
+        Session boundaries are event times and seldom repeat: the text is made from the
+        day's date (cached) and the time of day, without a datetime.
+        """
         text = self.iso_cache.get(us)
         if text is None:
             if len(self.iso_cache) > 100_000:
                 self.iso_cache.clear()
-                self._seconds.clear()
-            sec, rem = divmod(us, US)
-            prefix = self._seconds.get(sec)
-            if prefix is None:
-                prefix = self._seconds[sec] = iso_us(sec * US)[:-1]
+            day, of_day = divmod(us, _DAY_US)
+            date = self._days.get(day)
+            if date is None:
+                if len(self._days) > 10_000:
+                    self._days.clear()
+                date = self._days[day] = iso_us(day * _DAY_US)[:11]  # YYYY-MM-DDT
+            sec, rem = divmod(of_day, US)
+            hours, sec = divmod(sec, 3600)
+            minutes, sec = divmod(sec, 60)
             if rem == 0:
-                text = prefix + "Z"
+                text = f"{date}{hours:02d}:{minutes:02d}:{sec:02d}Z"
             elif rem % 1000 == 0:
-                text = f"{prefix}.{rem // 1000:03d}Z"
+                text = f"{date}{hours:02d}:{minutes:02d}:{sec:02d}.{rem // 1000:03d}Z"
             else:
-                text = f"{prefix}.{rem:06d}Z"
+                text = f"{date}{hours:02d}:{minutes:02d}:{sec:02d}.{rem:06d}Z"
             self.iso_cache[us] = text
         return text
 
@@ -222,6 +230,7 @@ class _Output:
 # {start: accumulator} for tumbling and sliding windows, a list of [start, last,
 # accumulator] ordered by start for sessions; ``next_end`` is when the first one closes.
 _MAX, _LB, _W, _NEXT, _PANE_NEXT = range(5)
+_DAY_US = 86_400 * US
 
 
 class _WindowShard(ShardLogic):
