@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -52,7 +51,9 @@ from dataflare.operators.keyed import (
     SHARDS,
     ShardLogic,
     component_id,
+    extraction_code,
     key_getter,
+    not_an_object,
     route_and_merge,
     shard_names,
     stateful_shards,
@@ -203,7 +204,7 @@ class _Packer:
 
     def __init__(self, fields: frozenset[str] | None = None) -> None:
         self.fields = fields
-        self.shapes: dict[tuple[str, ...], tuple[tuple[str, ...], Callable[[Any], Any]]] = {}
+        self.shapes: dict[tuple[str, ...], Shape] = {}
 
     def pack(self, rec: Any) -> Any:
         """The compact copy of ``rec``."""
@@ -212,21 +213,22 @@ class _Packer:
         keys = tuple(rec)
         shape = self.shapes.get(keys)
         if shape is None:
-            shape = self._shape(keys)
+            shape = self.shape(keys)
+        if shape[2] == 1:
+            return (shape, shape[1](rec))
         return (shape, *shape[1](rec))
 
-    def _shape(self, keys: tuple[str, ...]) -> tuple[tuple[str, ...], Callable[[Any], Any]]:
+    def shape(self, keys: tuple[str, ...]) -> Shape:
+        """The shape of records with fields ``keys``.
+
+        The names kept, a C function taking their values from a record (one value, or a
+        tuple of several), and how many.
+        """
         if len(self.shapes) > 10_000:
             self.shapes.clear()
         names = tuple(k for k in keys if k != META and (self.fields is None or k in self.fields))
-        if len(names) > 1:
-            take: Callable[[Any], Any] = itemgetter(*names)
-        elif names:
-            one = names[0]
-            take = partial(_one, one)
-        else:
-            take = _nothing
-        shape = self.shapes[keys] = (names, take)
+        take: Callable[[Any], Any] = itemgetter(*names) if names else _nothing
+        shape = self.shapes[keys] = (names, take, len(names))
         return shape
 
     @staticmethod
@@ -236,14 +238,21 @@ class _Packer:
             if held.__class__ is dict and META in held:  # held whole by an older release
                 return {k: v for k, v in held.items() if k != META}
             return held
-        names, how = held[0]
-        rec = dict(zip(names, held[1:], strict=False))
+        shape = held[0]
+        rec = dict(zip(shape[0], held[1:], strict=False))
+        how = shape[1]
         if how.__class__ is int and how:  # an older release's shape: (keys, _meta's place)
             del rec[META]
         return rec
 
 
+Shape = tuple[tuple[str, ...], Callable[[Any], Any], int]
+"""A held record's shape (:meth:`_Packer.shape`); older snapshots hold 2-tuples (names and
+``take``) that unpack alike."""
+
+
 def _one(name: str, rec: dict[str, Any]) -> tuple[Any]:
+    """An older snapshot's ``take`` of one field (unpickled by name: keep)."""
     return (rec[name],)
 
 
@@ -272,14 +281,16 @@ class _JoinOp:
         self.keep_right = jt in ("right", "full")
         self.mode = cfg.mode
         self.window = cfg.window
+        times = (cfg.left_time_field or cfg.time_field, cfg.right_time_field or cfg.time_field)
         self.times = {
-            LEFT: time_reader(cfg.left_time_field or cfg.time_field, cfg.time_unit),
-            RIGHT: time_reader(cfg.right_time_field or cfg.time_field, cfg.time_unit),
+            LEFT: time_reader(times[0], cfg.time_unit),
+            RIGHT: time_reader(times[1], cfg.time_unit),
         }
         self.lateness = to_us(cfg.allowed_lateness)
         self.ttl = cfg.ttl
         self.bootstrap_timeout = cfg.bootstrap_timeout
-        self.pack = _Packer(fields).pack
+        packer = _Packer(fields)
+        self.pack = packer.pack
         w = cfg.window
         self.size = to_us(w.size or 0) if w is not None and w.type != "session" else 0
         self.slide = to_us(w.slide or w.size or 0) if w is not None and self.size else 0
@@ -295,11 +306,13 @@ class _JoinOp:
             self.definition[HELD] = sorted(fields - {META})
         if w is not None:
             self.definition.update(w.definition())
-            self.definition["time_field"] = [
-                cfg.left_time_field or cfg.time_field,
-                cfg.right_time_field or cfg.time_field,
-            ]
+            self.definition["time_field"] = list(times)
             self.definition["time_unit"] = cfg.time_unit
+        if self.size:
+            self.ingest = {
+                side: _compile_ingest(self, packer, side, paths, time_path, cfg.time_unit)
+                for side, paths, time_path in ((LEFT, lk, times[0]), (RIGHT, rk, times[1]))
+            }
 
     def pairs(self, lefts: list[Any], rights: list[Any], out: list[dict[str, Any]]) -> None:
         """The relational join of one key's records (as held: see :class:`_Packer`)."""
@@ -511,7 +524,91 @@ def _unhashable(exc: BaseException) -> RecordError:
     return RecordError(f"join key cannot be hashed ({exc})")
 
 
-# Key state: [max_t, late_before, windows, next_end].
+# The windowed join's loop over one side's records, generated per step and side (like a
+# window's): key and time extraction and the packing of held records are inlined, and a
+# tumbling window is placed without a loop. Key state: [max_t, late_before, windows,
+# next_end]; a window is [lefts, rights].
+_WINDOW_JOIN_INGEST = """
+def ingest(keys, batch, down, late, errs, due):
+    for rec in batch:
+        try:
+{extract}
+            if key is None or (key.__class__ is tuple and None in key):
+                _unmatched({side!r}, rec, down)
+                continue
+            g = keys.get(key)
+        except TypeError as exc:
+            errs.append(_failed(_step, _unhashable(exc), rec))
+            continue
+        except RecordError as exc:
+            errs.append(_failed(_step, exc, rec))
+            continue
+        except AttributeError as exc:
+            errs.append(_failed(_step, _not_an_object(exc), rec))
+            continue
+        if g is None:
+            g = keys[key] = [t, t - {lateness}, {{}}, _NEVER]
+        elif t < g[1]:
+            late.append(rec)
+            continue
+        wins = g[2]
+        if rec.__class__ is dict:
+            ks = tuple(rec)
+            shape = _shapes.get(ks)
+            if shape is None:
+                shape = _shape(ks)
+            held = (shape, shape[1](rec)) if shape[2] == 1 else (shape, *shape[1](rec))
+        else:
+            held = rec
+{place}
+        if t > g[0]:
+            g[0] = t
+            if t - {lateness} > g[1]:
+                g[1] = t - {lateness}
+                if g[1] >= g[3]:
+                    due.add(key)
+"""
+
+_TUMBLING_JOIN_PLACE = """
+        start = t - t % {size}
+        w = wins.get(start)
+        if w is None:
+            w = wins[start] = [[], []]
+            if start + {size} < g[3]:
+                g[3] = start + {size}
+        w[{i}].append(held)
+"""
+
+_SLIDING_JOIN_PLACE = """
+        for k in range((t - {size}) // {slide} + 1, t // {slide} + 1):
+            start = k * {slide}
+            w = wins.get(start)
+            if w is None:
+                w = wins[start] = [[], []]
+                if start + {size} < g[3]:
+                    g[3] = start + {size}
+            w[{i}].append(held)
+"""
+
+
+def _compile_ingest(o: _JoinOp, packer: _Packer, side: str, key_paths: tuple[str, ...],
+                    time_path: str | None, time_unit: str) -> Callable[..., None]:
+    """The generated loop of a tumbling or sliding join over one side's records."""
+    env: dict[str, Any] = {
+        "_NEVER": _NEVER, "_unmatched": o.unmatched, "_failed": Failed.of, "_step": o.step_id,
+        "_unhashable": _unhashable, "RecordError": RecordError, "_not_an_object": not_an_object,
+        "_shapes": packer.shapes, "_shape": packer.shape,
+    }
+    extract = "\n".join(extraction_code(key_paths, time_path, time_unit, env, " " * 12))
+    place = _TUMBLING_JOIN_PLACE if o.slide == o.size else _SLIDING_JOIN_PLACE
+    code = _WINDOW_JOIN_INGEST.format(
+        extract=extract, side=side, lateness=o.lateness,
+        place=place.format(size=o.size, slide=o.slide, i=0 if side == LEFT else 1).strip("\n"),
+    )
+    exec(compile(code, f"<join {o.step_id} {side}>", "exec"), env)  # noqa: S102
+    return env["ingest"]
+
+
 class _WindowJoinShard(ShardLogic):
     """Tumbling and sliding windowed joins: per key, window start -> [lefts, rights]."""
 
@@ -524,49 +621,13 @@ class _WindowJoinShard(ShardLogic):
     def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
         o = self.op
         keys: dict[Any, list[Any]] = self.state
-        size, slide, lateness = o.size, o.slide, o.lateness
+        size = o.size
         down: list[dict[str, Any]] = []
         late: list[Any] = []
         errs: list[Failed] = []
         due: set[Any] = set()
         for side, batch in batches:
-            keyf, timef = o.keys[side], o.times[side]
-            i = 0 if side == LEFT else 1
-            for rec in batch:
-                try:
-                    t = timef(rec)
-                    key = keyf(rec)
-                    if _null_key(key):
-                        o.unmatched(side, rec, down)
-                        continue
-                    try:
-                        g = keys.get(key)
-                    except TypeError as exc:
-                        raise _unhashable(exc) from None
-                except RecordError as exc:
-                    errs.append(Failed.of(o.step_id, exc, rec))
-                    continue
-                if g is None:
-                    g = keys[key] = [t, t - lateness, {}, _NEVER]
-                elif t < g[1]:
-                    late.append(rec)
-                    continue
-                wins = g[2]
-                held = o.pack(rec)
-                for k in range((t - size) // slide + 1, t // slide + 1):
-                    start = k * slide
-                    w = wins.get(start)
-                    if w is None:
-                        w = wins[start] = [[], []]
-                        if start + size < g[3]:
-                            g[3] = start + size
-                    w[i].append(held)
-                if t > g[0]:
-                    g[0] = t
-                    if t - lateness > g[1]:
-                        g[1] = t - lateness
-                        if g[1] >= g[3]:
-                            due.add(key)
+            o.ingest[side](keys, batch, down, late, errs, due)
         for key in due:
             g = keys[key]
             wins = g[2]

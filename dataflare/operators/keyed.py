@@ -200,11 +200,15 @@ def time_reader(path: str, time_unit: str = "s") -> Callable[[Any], int]:
     ``time_unit='ms'``); anything else raises :class:`RecordError`.
     """
     get = getter(path)
+    flat = "." not in path  # read here: a call less per record
     scale = 1000 if time_unit == "ms" else US
     lo, hi = epoch_bounds(time_unit)
 
     def read(record: Any) -> int:
-        v = get(record)
+        if flat:
+            v = record.get(path) if isinstance(record, dict) else None
+        else:
+            v = get(record)
         c = v.__class__
         if (c is int or c is float) and lo <= v <= hi:
             return v * scale if c is int else round(v * scale)
@@ -264,6 +268,11 @@ def extraction_code(
         env["_key"] = key_getter(key_paths)
         lines.append("key = _key(rec)")
     return [indent + line for line in lines]
+
+
+def not_an_object(exc: AttributeError) -> RecordError:
+    """The error of a record that is not an object where generated code reads its fields."""
+    return RecordError(f"the record is not an object ({exc})")
 
 
 def indent_code(code: str, indent: str) -> list[str]:

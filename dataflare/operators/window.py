@@ -52,6 +52,7 @@ from dataflare.operators.keyed import (
     indent_code,
     iso_us,
     key_getter,
+    not_an_object,
     route_and_merge,
     stateful_shards,
     tagged,
@@ -297,6 +298,8 @@ class _WindowShard(ShardLogic):
 def _explain(exc: BaseException, step_id: str) -> BaseException:
     if isinstance(exc, TypeError):
         return BadValue(f"step {step_id!r}: group key cannot be hashed ({exc})")
+    if isinstance(exc, AttributeError):
+        return not_an_object(exc)
     return exc
 
 

@@ -7,6 +7,7 @@ workers.
 
 from __future__ import annotations
 
+import pickle
 from collections import defaultdict
 from datetime import timedelta
 from typing import Any
@@ -247,6 +248,41 @@ def test_unhashable_key_is_an_error():
     got = run_flow(join_flow(cfg), [("L", [{"k": {"nested": 1}}])], **EPOCHS)
     assert [f.step for f in got["errs"]] == ["jn"]
     assert "join key cannot be hashed" in got["errs"][0].message
+
+
+def test_windowed_join_reports_bad_records_and_goes_on():
+    cfg = JoinConfig.model_validate({"join_key": "k", "window": {"type": "tumbling", "size": 10},
+                                     "time_field": "ts"})
+    items = [("L", [{"k": {"nested": 1}, "ts": 1}, {"k": 1, "ts": "soon"}, ["not", "a", "dict"],
+                    {"k": 1, "ts": 2, "l": 1}]),
+             ("R", [{"k": 1, "ts": 3, "r": 1}])]
+    got = run_flow(join_flow(cfg), items, **EPOCHS)
+    assert got["down"] == [{"k": 1, "ts": 2, "r": 1, "l": 1}]
+    assert {f.step for f in got["errs"]} == {"jn"}
+    assert [f.message.split(" (")[0].split(":")[0] for f in got["errs"]] == [
+        "join key cannot be hashed", "the record is not an object", "time field 'ts'"]
+
+
+def test_held_records_of_earlier_snapshots_unpack():
+    """Held records pickled by earlier releases: 2-tuple shapes, ``_meta`` in the shape."""
+    from functools import partial
+    from operator import itemgetter
+
+    from dataflare.operators.join import _one, _Packer
+
+    packer = _Packer(frozenset({"id", "name"}))
+    rec = {"id": 1, "name": "a", "x": 2, "_meta": {"offset": 3}}
+    for held in (packer.pack(rec), pickle.loads(pickle.dumps(packer.pack(rec)))):
+        assert _Packer.unpack(held) == {"id": 1, "name": "a"}
+    assert _Packer.unpack(_Packer(frozenset({"id"})).pack(rec)) == {"id": 1}
+    assert _Packer.unpack(_Packer(frozenset({"nope"})).pack(rec)) == {}
+    assert _Packer.unpack(_Packer().pack(rec)) == {"id": 1, "name": "a", "x": 2}
+    older = [((("id", "name"), itemgetter("id", "name")), 1, "a"),
+             ((("id",), partial(_one, "id")), 1),
+             ((("id", "_meta"), 2), 1, {"offset": 3})]
+    for held in older:
+        assert _Packer.unpack(pickle.loads(pickle.dumps(held)))["id"] == 1
+    assert _Packer.unpack(older[2]) == {"id": 1}
 
 
 def run_two_inputs(cfg: JoinConfig, items: list[tuple[str, list[dict[str, Any]]]],

@@ -457,6 +457,7 @@ def test_bad_values_go_to_errors_without_touching_the_window():
         {"ts": 1, "amount": 2},
         {"ts": 2, "amount": "12,5"},
         {"ts": "x"},
+        ["not", "an", "object"],
         {"ts": 3, "amount": 1},
     ]
     got = run_flow(window_flow(cfg), [recs])
@@ -465,6 +466,7 @@ def test_bad_values_go_to_errors_without_touching_the_window():
     messages = sorted(f.message for f in got["errs"])
     assert "field 'amount' is a str ('12,5'), sum/avg needs a number" in messages
     assert any("time field 'ts'" in m and "'x'" in m for m in messages)
+    assert any(m.startswith("the record is not an object") for m in messages)
 
 
 def test_idle_timeout_fires_open_windows():
