@@ -214,41 +214,66 @@ class _Packer:
         shape = self.shapes.get(keys)
         if shape is None:
             shape = self.shape(keys)
-        if shape[2] == 1:
-            return (shape, shape[1](rec))
-        return (shape, *shape[1](rec))
+        if shape.n == 1:
+            return (shape, shape.take(rec))
+        return (shape, *shape.take(rec))
 
     def shape(self, keys: tuple[str, ...]) -> Shape:
-        """The shape of records with fields ``keys``.
-
-        The names kept, a C function taking their values from a record (one value, or a
-        tuple of several), and how many.
-        """
+        """The shape of the records with fields ``keys``."""
         if len(self.shapes) > 10_000:
             self.shapes.clear()
         names = tuple(k for k in keys if k != META and (self.fields is None or k in self.fields))
-        take: Callable[[Any], Any] = itemgetter(*names) if names else _nothing
-        shape = self.shapes[keys] = (names, take, len(names))
+        shape = self.shapes[keys] = Shape(names)
         return shape
 
     @staticmethod
     def unpack(held: Any) -> Any:
         """The record of a compact copy."""
         if held.__class__ is not tuple:
-            if held.__class__ is dict and META in held:  # held whole by an older release
+            if held.__class__ is dict:  # held whole by an older release: a copy, no _meta
                 return {k: v for k, v in held.items() if k != META}
             return held
         shape = held[0]
+        if shape.__class__ is Shape:
+            return shape.make(held)
+        # An older release's shape: (names, take), or (keys, _meta's place).
         rec = dict(zip(shape[0], held[1:], strict=False))
         how = shape[1]
-        if how.__class__ is int and how:  # an older release's shape: (keys, _meta's place)
+        if how.__class__ is int and how:
             del rec[META]
         return rec
 
 
-Shape = tuple[tuple[str, ...], Callable[[Any], Any], int]
-"""A held record's shape (:meth:`_Packer.shape`); older snapshots hold 2-tuples (names and
-``take``) that unpack alike."""
+def _records(held: list[Any]) -> list[Any]:
+    """The records of a list of held ones (:meth:`_Packer.unpack`, this release's inline)."""
+    unpack = _Packer.unpack
+    return [h[0].make(h) if h.__class__ is tuple and h[0].__class__ is Shape else unpack(h)
+            for h in held]
+
+
+class Shape:
+    """What held records of the same fields share.
+
+    The names kept, a C function taking their values from a record (one value, or a
+    tuple of several), how many, and ``make``, which makes the record of a held tuple
+    again (a dict display compiled per shape). Pickled as its names.
+    """
+
+    __slots__ = ("make", "n", "names", "take")
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.n = len(names)
+        self.take: Callable[[Any], Any] = itemgetter(*names) if names else _nothing
+        if all(k.__class__ is str for k in names):
+            items = ", ".join(f"{k!r}: h[{i}]" for i, k in enumerate(names, 1))
+            self.make: Callable[[tuple[Any, ...]], dict[str, Any]] = eval(  # noqa: S307
+                f"lambda h: {{{items}}}")  # string literals only
+        else:
+            self.make = lambda h: dict(zip(names, h[1:], strict=False))
+
+    def __reduce__(self) -> tuple[type[Shape], tuple[tuple[str, ...]]]:
+        return (Shape, (self.names,))
 
 
 def _one(name: str, rec: dict[str, Any]) -> tuple[Any]:
@@ -319,17 +344,14 @@ class _JoinOp:
         if self.prefix is not None:
             self._nested_pairs(lefts, rights, out)
             return
-        combine, unpack = self.combine, _Packer.unpack
         if lefts and rights:
-            lefts = [unpack(left) for left in lefts]
-            for r in rights:
-                r = unpack(r)
-                for left in lefts:
-                    out.append(combine(left, r))
+            lefts = _records(lefts)
+            for r in _records(rights):
+                out.extend([{**r, **left} for left in lefts])  # combine(left, r), inline
         elif lefts and self.keep_left:
-            out.extend(combine(unpack(left), None) for left in lefts)
+            out.extend(_records(lefts))
         elif rights and self.keep_right:
-            out.extend(combine(None, unpack(r)) for r in rights)
+            out.extend(_records(rights))
 
     def _nested_pairs(self, lefts: list[Any], rights: list[Any], out: list[dict[str, Any]]) -> None:
         """:meth:`pairs` with ``output_prefix``: a side met by several pairs is copied per pair."""
@@ -337,10 +359,9 @@ class _JoinOp:
         lp, rp = self.prefix.left, self.prefix.right
         unpack = _Packer.unpack
         if lefts and rights:
-            ls = [unpack(held) for held in lefts]
+            ls = _records(lefts)
             copy_left, copy_right = len(rights) > 1, len(ls) > 1
-            for held in rights:
-                r = unpack(held)
+            for r in _records(rights):
                 for left in ls:
                     out.append({lp: dict(left) if copy_left and left.__class__ is dict else left,
                                 rp: dict(r) if copy_right and r.__class__ is dict else r})
@@ -557,7 +578,7 @@ def ingest(keys, batch, down, late, errs, due):
             shape = _shapes.get(ks)
             if shape is None:
                 shape = _shape(ks)
-            held = (shape, shape[1](rec)) if shape[2] == 1 else (shape, *shape[1](rec))
+            held = (shape, shape.take(rec)) if shape.n == 1 else (shape, *shape.take(rec))
         else:
             held = rec
 {place}

@@ -205,6 +205,7 @@ def time_reader(path: str, time_unit: str = "s") -> Callable[[Any], int]:
     lo, hi = epoch_bounds(time_unit)
 
     def read(record: Any) -> int:
+        v: Any
         if flat:
             v = record.get(path) if isinstance(record, dict) else None
         else:

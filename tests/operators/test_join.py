@@ -277,6 +277,8 @@ def test_held_records_of_earlier_snapshots_unpack():
     assert _Packer.unpack(_Packer(frozenset({"id"})).pack(rec)) == {"id": 1}
     assert _Packer.unpack(_Packer(frozenset({"nope"})).pack(rec)) == {}
     assert _Packer.unpack(_Packer().pack(rec)) == {"id": 1, "name": "a", "x": 2}
+    odd = {1: "int key", "it's": "quoted", "\n": None}
+    assert _Packer.unpack(pickle.loads(pickle.dumps(_Packer().pack(odd)))) == odd
     older = [((("id", "name"), itemgetter("id", "name")), 1, "a"),
              ((("id",), partial(_one, "id")), 1),
              ((("id", "_meta"), 2), 1, {"offset": 3})]
