@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -265,15 +266,19 @@ class Shape:
         self.names = names
         self.n = len(names)
         self.take: Callable[[Any], Any] = itemgetter(*names) if names else _nothing
-        if all(k.__class__ is str for k in names):
-            items = ", ".join(f"{k!r}: h[{i}]" for i, k in enumerate(names, 1))
-            self.make: Callable[[tuple[Any, ...]], dict[str, Any]] = eval(  # noqa: S307
-                f"lambda h: {{{items}}}")  # string literals only
-        else:
-            self.make = lambda h: dict(zip(names, h[1:], strict=False))
+        self.make = _maker(names)
 
     def __reduce__(self) -> tuple[type[Shape], tuple[tuple[str, ...]]]:
         return (Shape, (self.names,))
+
+
+@lru_cache(maxsize=4096)
+def _maker(names: tuple[Any, ...]) -> Callable[[tuple[Any, ...]], dict[Any, Any]]:
+    """The function making a record of a held tuple of ``names`` (:class:`Shape`)."""
+    if all(k.__class__ is str for k in names):
+        items = ", ".join(f"{k!r}: h[{i}]" for i, k in enumerate(names, 1))
+        return eval(f"lambda h: {{{items}}}")  # noqa: S307 (literals)
+    return lambda h: dict(zip(names, h[1:], strict=False))
 
 
 def _one(name: str, rec: dict[str, Any]) -> tuple[Any]:
