@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal
 
 from bytewax.dataflow import Stream, operator
@@ -172,33 +173,29 @@ class _Output:
         self.flat = len(group_by) == 1 and "." not in group_by[0]
         self.finish = accs.finish
         self.iso_cache: dict[int, str] = {}
-        self._days: dict[int, str] = {}
+        self._minutes: dict[int, str] = {}
 
     def iso(self, us: int) -> str:
         """ISO text of a window boundary (boundaries repeat across groups: cached).
 
-        Session boundaries are event times and seldom repeat: the text is made from the
-        day's date (cached) and the time of day, without a datetime.
+        Session boundaries are event times and seldom repeat: the text is made of the
+        minute's (cached) and the seconds' (a table of the 60,000 milliseconds of a
+        minute), without a datetime.
         """
         text = self.iso_cache.get(us)
         if text is None:
             if len(self.iso_cache) > 100_000:
                 self.iso_cache.clear()
-            day, of_day = divmod(us, _DAY_US)
-            date = self._days.get(day)
-            if date is None:
-                if len(self._days) > 10_000:
-                    self._days.clear()
-                date = self._days[day] = iso_us(day * _DAY_US)[:11]  # YYYY-MM-DDT
-            sec, rem = divmod(of_day, US)
-            hours, sec = divmod(sec, 3600)
-            minutes, sec = divmod(sec, 60)
-            if rem == 0:
-                text = f"{date}{hours:02d}:{minutes:02d}:{sec:02d}Z"
-            elif rem % 1000 == 0:
-                text = f"{date}{hours:02d}:{minutes:02d}:{sec:02d}.{rem // 1000:03d}Z"
+            minute, rem = divmod(us, _MINUTE_US)
+            head = self._minutes.get(minute)
+            if head is None:
+                if len(self._minutes) > 10_000:
+                    self._minutes.clear()
+                head = self._minutes[minute] = iso_us(minute * _MINUTE_US)[:17]  # ...THH:MM:
+            if rem % 1000:
+                text = f"{head}{rem // US:02d}.{rem % US:06d}Z"
             else:
-                text = f"{date}{hours:02d}:{minutes:02d}:{sec:02d}.{rem:06d}Z"
+                text = head + _seconds()[rem // 1000]
             self.iso_cache[us] = text
         return text
 
@@ -231,7 +228,14 @@ class _Output:
 # {start: accumulator} for tumbling and sliding windows, a list of [start, last,
 # accumulator] ordered by start for sessions; ``next_end`` is when the first one closes.
 _MAX, _LB, _W, _NEXT, _PANE_NEXT = range(5)
-_DAY_US = 86_400 * US
+_MINUTE_US = 60 * US
+
+
+@cache
+def _seconds() -> tuple[str, ...]:
+    """The ISO text of each millisecond of a minute: ``SSZ`` or ``SS.mmmZ``."""
+    return tuple(f"{ms // 1000:02d}Z" if ms % 1000 == 0 else f"{ms // 1000:02d}.{ms % 1000:03d}Z"
+                 for ms in range(60_000))
 
 
 class _WindowShard(ShardLogic):

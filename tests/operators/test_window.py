@@ -659,3 +659,19 @@ def test_state_with_shared_records_keeps_the_memo():
     looped.append(looped)  # a cycle is pickled with the memo rather than failing
     restored = pickle.loads(pickle_tree(looped))  # noqa: S301
     assert restored[1] is restored
+
+
+@settings(FAST, max_examples=300)
+@given(st.one_of(
+    st.integers(-62135596800 * US, 253402300799 * US + US - 1),  # years 1 to 9999
+    st.integers(-62135596800 * 1000, 253402300799 * 1000).map(lambda ms: ms * 1000),
+    st.integers(-62135596800, 253402300799).map(lambda s: s * US),
+))
+def test_window_bounds_text_is_the_iso_text_of_the_instant(us):
+    from types import SimpleNamespace
+
+    from dataflare.operators.window import _Output
+
+    out = _Output(("k",), SimpleNamespace(finish=None))  # type: ignore[arg-type]
+    assert out.iso(us) == iso_us(us)
+    assert out.iso(us) == iso_us(us)  # cached
