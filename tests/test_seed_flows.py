@@ -133,7 +133,8 @@ def test_customer_360_profile_end_to_end(
         if mine:
             latest = max(datetime.fromisoformat(o[4]) for o in mine)
             recent = [o[2] for o in mine if (latest - datetime.fromisoformat(o[4])).days < 90]
-            days = (datetime.now(UTC) - latest.replace(tzinfo=UTC)).total_seconds() / 86400
+            # Whole days, as the flow's days_between(last_order_date, 'now') counts them.
+            days = int((datetime.now(UTC) - latest.replace(tzinfo=UTC)).total_seconds() / 86400)
             out.update(amount_sum=sum(recent), amount_max=max(recent),
                        amount_avg=sum(recent) / len(recent),
                        churn=churn_score(len(mine) / 90, sum(recent) / len(recent), days))
