@@ -849,7 +849,7 @@ def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int,
         windows = results["dataflare"][0]["count"]
         print(
             f"  dataflare: peak RSS {med['dataflare']['rss_mb']:.0f} MB with {windows:,} open "
-            f"windows, raw {base['rss_mb']:.0f} MB (target: under 1 GB for 1,000,000)"
+            f"windows, raw {base['rss_mb']:.0f} MB (target: under 600 MB for 1,000,000)"
         )
     for base, system in BASELINES.items():
         if system in med and base in med:

@@ -224,9 +224,12 @@ class _Output:
         return out
 
 
-# Group state (a list, for speed): [max_t, late_before, windows, next_end]. ``windows`` is
-# {start: accumulator} for tumbling and sliding windows, a list of [start, last,
-# accumulator] ordered by start for sessions; ``next_end`` is when the first one closes.
+# Group state (a list, for speed): [max_t, late_before, windows, next_end]. For tumbling
+# and sliding windows, ``windows`` is None (no open window), the accumulator of the one
+# open window (the common case: it starts at ``next_end - size``) or, while two or more
+# are open, {start: accumulator}; with panes it is {pane start: accumulator}; for
+# sessions a list of [start, last, accumulator] ordered by start. ``next_end`` is when
+# the first window closes.
 _MAX, _LB, _W, _NEXT, _PANE_NEXT = range(5)
 _MINUTE_US = 60 * US
 
@@ -249,9 +252,11 @@ class _WindowShard(ShardLogic):
         self.tree_state = not op.accs.collects
         if self.state is None:
             self.state = {}
+        elif not (op.session or op.pane):
+            _compact(self.state)
 
     def has_state(self) -> bool:
-        return any(g[_W] for g in self.state.values())
+        return any(g[_W] for g in self.state.values())  # None, {} and [] hold no window
 
     def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
         o = self.op
@@ -267,7 +272,10 @@ class _WindowShard(ShardLogic):
             return [(s[0], s[1], s[2]) for s in g[_W]]
         if o.pane:
             return o.pane_windows(g[_W], g[_PANE_NEXT])
-        return [(start, start + o.size, acc) for start, acc in g[_W].items()]
+        wins = g[_W]
+        if wins.__class__ is list:
+            return [(g[_NEXT] - o.size, g[_NEXT], wins)]
+        return [(start, start + o.size, acc) for start, acc in (wins or {}).items()]
 
     def view_rows(self, state: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Each open window of each group with its aggregates so far."""
@@ -292,11 +300,19 @@ class _WindowShard(ShardLogic):
                 down.append(record(key, start, end, acc))
                 # Records for a window that fired are late from now on.
                 g[_LB] = max(g[_LB], end)
-            g[_W] = [] if self.op.session else {}
+            g[_W] = [] if self.op.session else {} if self.op.pane else None
             g[_NEXT] = _NEVER
             if self.op.pane:
                 g[_PANE_NEXT] = _NEVER
         return [(DOWN, down)] if down else []
+
+
+def _compact(groups: dict[Any, list[Any]]) -> None:
+    """Hold a resumed group's one open window inline (older snapshots hold a dict)."""
+    for g in groups.values():
+        wins = g[_W]
+        if wins.__class__ is dict and len(wins) < 2:
+            g[_W] = next(iter(wins.values()), None)
 
 
 def _explain(exc: BaseException, step_id: str) -> BaseException:
@@ -317,11 +333,10 @@ def ingest(groups, batches, late, errs, down):
 {extract}
                 g = groups.get(key)
                 if g is None:
-                    g = groups[key] = [-_NEVER, -_NEVER, {{}}, _NEVER]
+                    g = groups[key] = [-_NEVER, -_NEVER, None, _NEVER]
                 elif t < g[1]:
                     late.append(rec)
                     continue
-                wins = g[2]
 {place}
                 if t > g[0]:
                     g[0] = t
@@ -330,25 +345,46 @@ def ingest(groups, batches, late, errs, down):
                         g[1] = lb
                         while lb >= g[3]:
                             s = g[3] - {size}
-                            acc = wins.pop(s)
+                            wins = g[2]
+                            if wins.__class__ is list:
+                                acc = wins
+                                g[2] = None
+                                g[3] = _NEVER
+                            else:
+                                acc = wins.pop(s)
+                                if len(wins) == 1:  # the last open window goes inline
+                                    ((first, g[2]),) = wins.items()
+                                    g[3] = first + {size}
+                                else:
+                                    g[3] = min(wins) + {size}
 {emit}
-                            g[3] = min(wins) + {size} if wins else _NEVER
             except (RecordError, TypeError, AttributeError) as exc:
                 errs.append(_failed(_step, _explain(exc, _step), rec))
 """
 
-# A tumbling window holds each record once...
+# Adds the record to the window starting at ``s``. A tumbling window holds each record
+# once...
+_PLACE = """
+wins = g[2]
+if wins.__class__ is list and s + {size} == g[3]:
+    acc = wins
+{update}
+else:
+    acc = wins.get(s) if wins.__class__ is dict else None
+    if acc is None:
+        acc = {new}
+{update_in}
+        if wins is None:
+            g[2] = acc
+            g[3] = s + {size}
+        else:
+            _open(g, s, acc)
+    else:
+{update_in}
+"""
 _TUMBLING_PLACE = """
 s = t - t % {size}
-acc = wins.get(s)
-if acc is None:
-    acc = {new}
-{update}
-    wins[s] = acc
-    if s + {size} < g[3]:
-        g[3] = s + {size}
-else:
-{update}
+{place}
 """
 
 # ...a sliding window every window with start <= t < start + size. A record that does
@@ -356,15 +392,7 @@ else:
 _SLIDING_PLACE = """
 last = t - t % {slide}
 for s in range(last - (last - t + {size} - 1) // {slide} * {slide}, last + 1, {slide}):
-    acc = wins.get(s)
-    if acc is None:
-        acc = {new}
-{update}
-        wins[s] = acc
-        if s + {size} < g[3]:
-            g[3] = s + {size}
-    else:
-{update}
+{place}
 """
 
 # ...or, when the aggregates merge (see ``Accumulators.merge_code``), a sliding window is
@@ -493,6 +521,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
         _step=o.step_id,
         _explain=_explain,
         _place=o.place_out_of_order,
+        _open=o.open_window,
         RecordError=RecordError,
     )
 
@@ -539,10 +568,14 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
             new=o.accs.new_code,
         )
     else:
-        place = _TUMBLING_PLACE if o.tumbling else _SLIDING_PLACE
-        depth = 4 if o.tumbling else 8
-        update = "\n".join(indent_code(o.accs.update_code, " " * depth))
-        body = place.format(size=o.size, slide=o.slide, update=update, new=o.accs.new_code)
+        place = _PLACE.format(
+            size=o.size,
+            update="\n".join(indent_code(o.accs.update_code, " " * 4)),
+            update_in="\n".join(indent_code(o.accs.update_code, " " * 8)),
+            new=o.accs.new_code,
+        )
+        outer = _TUMBLING_PLACE if o.tumbling else _SLIDING_PLACE
+        body = outer.format(size=o.size, slide=o.slide, place=_block(place, 0 if o.tumbling else 4))
         code = _WINDOWS_INGEST.format(
             extract=extract,
             place=_block(body, 16),
@@ -608,6 +641,15 @@ class _WindowOp:
                     self.accs.merge(acc, pa)
             out.append((s, s + size, acc))
         return out
+
+    def open_window(self, g: list[Any], start: int, acc: list[Any]) -> None:
+        """Add a second (or later) open window to group ``g``: its windows become a dict."""
+        wins = g[_W]
+        if wins.__class__ is list:
+            wins = g[_W] = {g[_NEXT] - self.size: wins}
+        wins[start] = acc
+        if start + self.size < g[_NEXT]:
+            g[_NEXT] = start + self.size
 
     def place_out_of_order(self, ss: list[list[Any]], rec: Any, t: int) -> None:
         """Add a record older than the group's last session: join or bridge sessions."""

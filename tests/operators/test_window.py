@@ -675,3 +675,65 @@ def test_window_bounds_text_is_the_iso_text_of_the_instant(us):
     out = _Output(("k",), SimpleNamespace(finish=None))  # type: ignore[arg-type]
     assert out.iso(us) == iso_us(us)
     assert out.iso(us) == iso_us(us)  # cached
+
+
+def test_one_open_window_is_held_inline_and_a_dict_only_while_two_are():
+    cfg = WindowConfig.model_validate({
+        "window": {"type": "tumbling", "size": "10s"}, "time_field": "ts", "group_by": ["u"],
+        "allowed_lateness": "5s", "aggregations": [{"field": "v", "operations": ["sum"]}],
+    })
+    shard = _WindowOp("w", cfg, 16, None).build(None)
+
+    def step(*times: int) -> list[tuple[str, int]]:
+        out = shard.process([[{"u": "a", "ts": t, "v": t} for t in times]])
+        return [(r["window_start"], r["v_sum"]) for _, batch in out for r in batch]
+
+    def windows() -> Any:
+        return shard.state["a"][2]
+
+    assert step(1) == []
+    assert windows() == [1, 1, 1]  # one window [0, 10): its accumulator
+    assert step(12, 8) == []  # [10, 20) opens while [0, 10) is open (watermark 7 s)
+    assert windows() == {0: [2, 2, 9], 10 * US: [1, 1, 12]}
+    assert step(16) == [("1970-01-01T00:00:00Z", 9)]  # watermark 11 s: [0, 10) closes
+    assert windows() == [2, 2, 28]  # [10, 20) alone again: inline
+    assert step(26) == [("1970-01-01T00:00:10Z", 28)]  # opens [20, 30), closes [10, 20)
+    assert windows() == [1, 1, 26]
+    assert shard.state["a"][3] == 30 * US
+    assert [(r["window_start"], r["v_sum"]) for r in shard.flush()[0][1]] == [
+        ("1970-01-01T00:00:20Z", 26)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["tumbling", "sliding"])
+def test_snapshot_of_the_dict_layout_resumes_to_the_same_output(kind):
+    # Snapshots taken before the inline layout hold each group's windows as a dict, also
+    # with one window or none: resumed, the shard holds the new layout and goes on as
+    # the shard the snapshot was taken from.
+    cfg = WindowConfig.model_validate({
+        "window": {"type": kind, "size": "10s", **({"slide": "4s"} if kind == "sliding" else {})},
+        "time_field": "ts", "group_by": ["u"], "allowed_lateness": "4s",
+        "aggregations": [{"field": "v", "operations": ["sum", "min", "last"]}],  # no panes
+    })
+    op_ = _WindowOp("w", cfg, 16, None)
+    shard = op_.build(None)
+    shard.process(RECOVERY_BATCHES[:7])
+    layouts = {g[2].__class__ for g in shard.state.values()}
+    # groups with one window and with several (sliding windows overlap)
+    assert layouts == ({list, dict} if kind == "tumbling" else {dict})
+
+    def dict_layout(g: list[Any]) -> dict[int, Any]:
+        wins = g[2]
+        return {g[3] - 10 * US: wins} if isinstance(wins, list) else wins or {}
+
+    old = {key: [g[0], g[1], dict_layout(g), g[3]] for key, g in shard.state.items()}
+    old["idle"] = [5 * US, 5 * US, {}, 1 << 62]  # its windows were emitted by the idle timeout
+    resumed = op_.build((op_.definition, pickle.dumps(old)))
+    assert resumed.state.pop("idle") == [5 * US, 5 * US, None, 1 << 62]
+    assert resumed.state == shard.state
+    rest = RECOVERY_BATCHES[7:]
+
+    def rest_of(s: Any) -> list[Any]:
+        return [rec for _, batch in s.process(rest) + s.flush() for rec in batch]
+
+    assert canon(rest_of(resumed)) == canon(rest_of(shard))
