@@ -53,6 +53,7 @@ from dataflare.operators.keyed import (
     iso_us,
     key_getter,
     route_and_merge,
+    shards_of,
     stateful_shards,
     tagged,
     to_us,
@@ -676,5 +677,6 @@ def window_schema(ctx: SchemaContext[WindowConfig]) -> FieldType:
 def build_window(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``window`` step."""
     up = ups[0]
-    out = window(ctx.step_id, up, ctx.config, idle_timeout=idle_timeout_of(ctx))
+    out = window(ctx.step_id, up, ctx.config, idle_timeout=idle_timeout_of(ctx),
+                 shards=shards_of(ctx))
     return Outputs(down=out.down, errs=out.errs, named={"late": out.late})
