@@ -205,7 +205,7 @@ def test_state_in_16_shards_resumes_as_16_shards_only(case: Case) -> None:
 
     case.write(stop=True, shards=16)
     code, plan = case.plan()
-    assert (code, changes(plan, "state")["per_minute"]["verdict"]) == (0, "resumes")
+    assert (code, changes(plan, "state")["per_minute"]["verdict"]) == (2, "resumes")
     second = events(300, 200)
     produce(case.broker.bootstrap_servers, case.topic, second)
     result = case.resume()
