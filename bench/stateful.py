@@ -669,6 +669,8 @@ def w7_processes(args: argparse.Namespace, addresses: list[str],
     go.unlink()
     TIMED["wall"] = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
     TIMED["cpu"] = sum(p["cpu"] for p in parts)
+    # The window work each process did: its share of the output rows (of the shards it ran).
+    TIMED["busiest"] = max(len(p["rows"]) for p in parts) / max(1, len(rows))
     return rows
 
 
@@ -859,8 +861,10 @@ def report(title: str, results: dict[str, list[dict[str, Any]]], n_events: int,
     for prefix in ("", "baseline_"):
         if f"{prefix}2proc" in med:
             one, two = med[f"{prefix}1proc"], med[f"{prefix}2proc"]
+            busiest = results[f"{prefix}2proc"][0]["busiest"]
             print(f"  {prefix}2proc: {one['wall'] / two['wall']:.2f}x the throughput of "
-                  f"{prefix}1proc (wall), {two['cpu'] / one['cpu']:.2f}x its CPU")
+                  f"{prefix}1proc (wall), {two['cpu'] / one['cpu']:.2f}x its CPU; the busier "
+                  f"process made {busiest:.1%} of the window rows")
     if title.startswith("WM") and "dataflare" in med:
         windows = results["dataflare"][0]["count"]
         print(
@@ -999,7 +1003,9 @@ def main() -> None:
             for _ in range(args.runs):
                 for system in names:
                     dump = tmp / f"{workload}-{system}.txt"
-                    results[system].append(spawn(f"{workload}-{system}", args, str(dump)))
+                    r = spawn(f"{workload}-{system}", args, str(dump))
+                    print(f"  {system}: wall {r['wall']:.2f} s, cpu {r['cpu']:.2f} s", flush=True)
+                    results[system].append(r)
             raw = results["raw"][0]
             for system, runs in results.items():
                 for r in runs:
