@@ -34,7 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from dataflare.dsl_compiler import Validated, compile_validated, schemas, validate_text
-from dataflare.operators.keyed import describe_change, resumable, shard_builders
+from dataflare.operators.keyed import (
+    describe_change,
+    resumable,
+    resume_advice,
+    shard_builders,
+)
 
 WORKFLOW_RECORD = "dataflare-workflow.json"
 """The file of a recovery directory naming the workflow its state belongs to."""
@@ -300,9 +305,8 @@ def _state_changes(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]
         else:
             out.append(Change("state", comp, "blocks",
                               f"the resume is refused: definition changed "
-                              f"({describe_change(old[step], new[step])}){holding}; restore "
-                              "the previous definition or start with a fresh recovery "
-                              "directory", unsafe=True))
+                              f"({describe_change(old[step], new[step])}){holding}; "
+                              f"{resume_advice(old[step], new[step])}", unsafe=True))
     return out
 
 

@@ -22,11 +22,14 @@ import pytest
 import dataflare
 from dataflare import stopping
 from dataflare.cli import main
+from dataflare.operators.keyed import shard_names
+from dataflare.plan import read_snapshots
 from tests.test_exactly_once import produce
 
 FLOW = """
 workflow:
   id: planned
+{config}
   sources:
     events:
       type: kafka
@@ -86,13 +89,14 @@ class Case:
         self.rec = tmp / "rec"
 
     def write(self, *, topic: str | None = None, size: str = "60s", extra: bool = False,
-              window: bool = True, stop: bool = False) -> Path:
+              window: bool = True, stop: bool = False, shards: int | None = None) -> Path:
         fmt = {"dsn": self.pg.dsn, "schema": self.pg.schema, "size": size}
         self.flow.write_text(FLOW.format(
             servers=self.broker.bootstrap_servers, topic=topic or self.topic,
             stop="true" if stop else "false", extra=EXTRA if extra else "",
             window=WINDOW.format(**fmt) if window else "",
-            windows=WINDOWS.format(**fmt) if window else "", **fmt))
+            windows=WINDOWS.format(**fmt) if window else "",
+            config=f"  config: {{state_shards: {shards}}}" if shards else "", **fmt))
         return self.flow
 
     def count(self, table: str) -> int:
@@ -116,8 +120,8 @@ class Case:
         watcher.join()
         return result
 
-    def first_run(self, records: list[dict[str, Any]]) -> None:
-        self.write()
+    def first_run(self, records: list[dict[str, Any]], shards: int | None = None) -> None:
+        self.write(shards=shards)
         produce(self.broker.bootstrap_servers, self.topic, records)
         result = self.run_until(lambda: self.count("raw") >= len(records))
         assert result.status == "stopped", result.error
@@ -177,6 +181,38 @@ def test_a_changed_window_size_blocks_the_resume(case: Case) -> None:
     assert "size: 60.0 -> 120.0" in str(result.error)
     # The refused resume left the record of the state's workflow: the plan is unchanged.
     assert case.plan()[1]["changes"] == plan["changes"]
+
+
+def test_state_in_16_shards_resumes_as_16_shards_only(case: Case) -> None:
+    # config.state_shards: 16 keeps state as DataFlare did before 2026-12-04: shards
+    # "000".."015" holding the keys of crc32 % 16, definitions with "shards": 16.
+    case.first_run(FIRST, shards=16)
+    saved = read_snapshots(case.rec)
+    (step,) = [s for s in saved if s.endswith(".windows")]
+    assert set(saved[step]) <= set(shard_names(16))
+    assert {state[0]["shards"] for state in saved[step].values()} == {16}
+
+    case.write(stop=True)  # state_shards unset: 24 shards
+    code, plan = case.plan()
+    state = changes(plan, "state")["per_minute"]
+    assert (code, state["verdict"]) == (3, "blocks")
+    assert "shards: 16 -> 24" in state["detail"]
+    assert "set config.state_shards: 16 in the workflow to resume it" in state["detail"]
+    result = case.resume()  # what the plan said: refused, saying how to resume
+    assert result.status == "failed"
+    assert "shards: 16 -> 24" in str(result.error)
+    assert "set config.state_shards: 16" in str(result.error)
+
+    case.write(stop=True, shards=16)
+    code, plan = case.plan()
+    assert (code, changes(plan, "state")["per_minute"]["verdict"]) == (2, "resumes")
+    second = events(300, 200)
+    produce(case.broker.bootstrap_servers, case.topic, second)
+    result = case.resume()
+    assert result.ok, result.error
+    # Every key met its state: the first run's records are in the windows.
+    total = case.pg.rows(f'SELECT sum(amount_count) FROM "{case.pg.schema}".windows')[0][0]
+    assert total == len(FIRST) + len(second)
 
 
 def test_a_new_destination_column_is_a_safe_change(case: Case) -> None:

@@ -26,6 +26,12 @@ class WorkflowConfig(Strict):
     """Workflow-wide execution settings."""
 
     max_concurrency: int | None = Field(None, ge=1, description="Upper bound of workers.")
+    state_shards: int | None = Field(
+        None, ge=1, le=1024,
+        description="Shards of each stateful step's state, spread over the workers; part of "
+                    "the saved state. Unset: 24, even over 1, 2, 3, 4, 6, 8, 12 or 24 workers. "
+                    "16 resumes state saved by DataFlare before 2026-12-04 (uneven over "
+                    "2, 3 or 6 workers).")
     timeout: Duration | None = Field(None, description="A run longer than this is stopped.")
     retry: Retry = Field(default_factory=Retry, description="Retry policy of transient errors; "
                          "a failed run is attempted max_attempts times when set, else 3 times "

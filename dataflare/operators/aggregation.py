@@ -34,6 +34,7 @@ from dataflare.operators.keyed import (
     component_id,
     key_getter,
     route_and_merge,
+    shards_of,
     stateful_shards,
     time_reader,
     to_us,
@@ -253,5 +254,5 @@ def build_aggregation(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     if emit == "auto":
         emit = "updates" if unbounded_upstream(ctx) else "final"
     up = ups[0]
-    out = aggregation(ctx.step_id, up, cfg, emit=emit)
+    out = aggregation(ctx.step_id, up, cfg, emit=emit, shards=shards_of(ctx))
     return Outputs(down=out.down, errs=out.errs)

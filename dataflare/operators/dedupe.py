@@ -34,6 +34,7 @@ from dataflare.operators.keyed import (
     iso_us,
     key_getter,
     route_and_merge,
+    shards_of,
     stateful_shards,
     tagged,
     time_reader,
@@ -203,5 +204,5 @@ def dedupe_schema(ctx: SchemaContext[DedupeConfig]) -> FieldType:
 def build_dedupe(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``dedupe`` step."""
     up = ups[0]
-    out = dedupe(ctx.step_id, up, ctx.config)
+    out = dedupe(ctx.step_id, up, ctx.config, shards=shards_of(ctx))
     return Outputs(down=out.down, errs=out.errs)

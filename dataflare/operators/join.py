@@ -57,6 +57,7 @@ from dataflare.operators.keyed import (
     not_an_object,
     route_and_merge,
     shard_names,
+    shards_of,
     stateful_shards,
     tagged,
     time_reader,
@@ -1069,5 +1070,6 @@ def join_schema(ctx: SchemaContext[JoinConfig]) -> FieldType:
 )
 def build_join(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``join`` step."""
-    out = join(ctx.step_id, ups[0], ups[1], ctx.config, fields=ctx.read_downstream)
+    out = join(ctx.step_id, ups[0], ups[1], ctx.config, shards=shards_of(ctx),
+               fields=ctx.read_downstream)
     return Outputs(down=out.down, errs=out.errs, named={"late": out.late})

@@ -49,10 +49,24 @@ from dataflare.records import (
 )
 from dataflare.views import View
 
-SHARDS = 16
-"""Shards per stateful step: part of the step's definition (changing it breaks resume)."""
+SHARDS = 24
+"""Shards per stateful step: part of the step's definition (changing it breaks resume).
 
-_SHARD_NAMES = tuple(f"{i:03d}" for i in range(1024))
+24 shards spread evenly over 1, 2, 3, 4, 6, 8, 12 or 24 workers (processes x workers per
+process), and as evenly as 24 allows over 5 and 7 (:data:`_BALANCED_NAMES`).
+"""
+
+# bytewax routes a state key to worker ``siphash(key) % workers``. Shard i's name is
+# "i.salt", the salt chosen (by running bytewax with 5, 7 and 24 workers) so that the name
+# lands on worker i % 24, hence on worker i % n for every n dividing 24, and so that 5 and
+# 7 workers get 4-5 and 3-4 shards each. Sequential names ("000".."015", the 16 shards of
+# DataFlare before 2026-12-04) went 9:7 over 2 workers. tests/operators/test_keyed.py checks
+# the routing against bytewax itself.
+_BALANCED_NAMES = (
+    "00.24", "01.24", "02.23", "03.4", "04.13", "05.116", "06.69", "07.3",
+    "08.100", "09.61", "10.42", "11.30", "12.68", "13.13", "14.19", "15.40",
+    "16.2", "17.49", "18.100", "19.24", "20.0", "21.12", "22.64", "23.89",
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 US = 1_000_000
@@ -151,8 +165,19 @@ def shard_of(key: Any, shards: int) -> int:
 
 
 def shard_names(shards: int) -> tuple[str, ...]:
-    """The keys of the ``shards`` shards of a stateful step."""
-    return _SHARD_NAMES[:shards]
+    """The state keys of the ``shards`` shards of a stateful step.
+
+    The balanced names for :data:`SHARDS` shards, "000", "001"... for any other count.
+    """
+    if shards == SHARDS:
+        return _BALANCED_NAMES
+    return tuple(f"{i:03d}" for i in range(shards))
+
+
+def shards_of(ctx: Any) -> int:
+    """The shards of ``ctx``'s stateful step: the workflow's ``config.state_shards``."""
+    config = getattr(getattr(ctx, "workflow", None), "config", None)
+    return getattr(config, "state_shards", None) or SHARDS
 
 
 def shard_router(
@@ -165,7 +190,7 @@ def shard_router(
     """
     cache: dict[Any, int] = {}
     cached = cache.get
-    names = _SHARD_NAMES[:shards]
+    names = shard_names(shards)
 
     def route(batch: list[Any]) -> list[tuple[str, Any]]:
         parts: list[list[Any]] = [[] for _ in range(shards)]
@@ -317,6 +342,16 @@ def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "unknown change"
 
 
+def resume_advice(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What to do when state written under ``old`` cannot resume under ``new``."""
+    shards = old.get("shards")
+    if shards is not None and shards != new.get("shards"):
+        return (f"the state is kept in {shards} shards: set config.state_shards: {shards} in "
+                "the workflow to resume it (DataFlare before 2026-12-04 kept 16), or start "
+                "with a fresh recovery directory")
+    return "restore the previous definition or start with a fresh recovery directory"
+
+
 def pickle_tree(obj: Any) -> bytes:
     """``obj`` pickled without pickle's memo: for state that holds no object twice.
 
@@ -373,7 +408,7 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
                 msg = (
                     f"step {self.component!r}: cannot resume from recovery state written by a "
                     f"different definition of the step ({describe_change(old, definition)}); "
-                    "restore the previous definition or start with a fresh recovery directory"
+                    f"{resume_advice(old, definition)}"
                 )
                 raise DefinitionChanged(msg)
             self.state = pickle.loads(blob)  # noqa: S301 - our own snapshot

@@ -27,11 +27,11 @@ from dataflare.config import Paths, Strict
 from dataflare.operators.keyed import (
     DOWN,
     ERRS,
-    SHARDS,
     ShardLogic,
     component_id,
     key_getter,
     route_and_merge,
+    shards_of,
     stateful_shards,
     tagged,
 )
@@ -109,13 +109,13 @@ def _number(path: str, value: Any) -> float:
 class _Model:
     """The compiled settings of one ml step, shared by its shards."""
 
-    def __init__(self, step_id: str, cfg: MlConfig) -> None:
+    def __init__(self, step_id: str, cfg: MlConfig, shards: int) -> None:
         self.step = component_id(step_id)
         self.cfg = cfg
         self.key = key_getter(cfg.partition_by)
         self.features = [(p, getter(p)) for p in cfg.features]
         self.target = getter(cfg.target) if cfg.target else None
-        self.definition = {**cfg.model_dump(), "shards": SHARDS}
+        self.definition = {**cfg.model_dump(), "shards": shards}
 
     def apply(self, model: Any, rec: dict[str, Any]) -> dict[str, Any]:
         """Score ``rec``, learn from it, return it with the output field."""
@@ -193,8 +193,8 @@ def ml_schema(ctx: SchemaContext[MlConfig]) -> FieldType:
 )
 def build_ml(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``ml`` step."""
-    m = _Model(ctx.step_id, ctx.config)
-    shards = SHARDS if ctx.config.partition_by else 1
+    m = _Model(ctx.step_id, ctx.config, shards_of(ctx))
+    shards = m.definition["shards"] if ctx.config.partition_by else 1
     keyed = route_and_merge("partition", [(None, ups[0])], [m.key], shards)
     outs = stateful_shards("models", keyed, lambda resume: _MlShard(m, resume), (DOWN, ERRS))
     return Outputs(down=outs[DOWN], errs=outs[ERRS])

@@ -37,6 +37,7 @@ from dataflare.operators.keyed import (
     component_id,
     idle_timeout_of,
     route_and_merge,
+    shards_of,
     stateful_shards,
 )
 from dataflare.operators.window import WindowConfig, WindowSpec, window
@@ -426,6 +427,7 @@ def build_sql(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
         up,
         cfg.window_config(),
         idle_timeout=idle_timeout_of(ctx),
+        shards=shards_of(ctx),
         accs=collect_records(),
         definition={"query": cfg.query},
     )

@@ -55,6 +55,7 @@ from dataflare.operators.keyed import (
     key_getter,
     not_an_object,
     route_and_merge,
+    shards_of,
     stateful_shards,
     tagged,
     to_us,
@@ -725,5 +726,6 @@ def window_schema(ctx: SchemaContext[WindowConfig]) -> FieldType:
 def build_window(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``window`` step."""
     up = ups[0]
-    out = window(ctx.step_id, up, ctx.config, idle_timeout=idle_timeout_of(ctx))
+    out = window(ctx.step_id, up, ctx.config, idle_timeout=idle_timeout_of(ctx),
+                 shards=shards_of(ctx))
     return Outputs(down=out.down, errs=out.errs, named={"late": out.late})

@@ -30,6 +30,7 @@ from dataflare.operators.keyed import (
     component_id,
     idle_timeout_of,
     iso_us,
+    shards_of,
     time_reader,
 )
 from dataflare.operators.window import WindowConfig, WindowSpec, window
@@ -213,6 +214,7 @@ def build_window_analytics(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs
         ups[0],
         cfg.window_config(),
         idle_timeout=idle_timeout_of(ctx),
+        shards=shards_of(ctx),
         accs=collect_records(),  # calculations run at close: changing them keeps the state
     )
     pairs = op.map("analytics", win.down, _Analytics(component_id(ctx.step_id), cfg))
