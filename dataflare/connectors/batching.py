@@ -63,8 +63,6 @@ class Flush:
     seq: int
     items: list[Any]
     run: str = ""
-    prepared: Any = None
-    """What the writer worked out ahead of the write (``Writer.prepare_flush``), if anything."""
 
 
 class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
@@ -115,11 +113,7 @@ class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
 
 
 class Writer(Protocol):
-    """What a write step drives: one flush at a time, in order.
-
-    A writer may also have ``prepare_flush(flush) -> Flush``: work that needs no connection
-    (folding, encoding), done on the dataflow thread while the previous flush is written.
-    """
+    """What a write step drives: one flush at a time, in order."""
 
     step: str
 
@@ -133,8 +127,7 @@ class Writer(Protocol):
 class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
     """Writes flushes on a thread of its own, one at a time and in order.
 
-    While the destination works on one flush, the dataflow prepares the next (and the
-    writer's ``prepare_flush`` works on it). A snapshot
+    While the destination works on one flush, the dataflow prepares the next. A snapshot
     waits for the write in flight, so every flush of a snapshotted epoch is written; the
     records the destination refused are emitted (or kept in the snapshot until they
     are). A failed write raises at the next flush, notification or snapshot.
@@ -145,8 +138,6 @@ class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"dataflare-{writer.step}")
         self.pending: Future[list[Failed]] | None = None
         self.refused: list[Failed] = list(refused or [])
-        self.prepare_flush: Callable[[Flush], Flush] | None = getattr(
-            writer, "prepare_flush", None)
 
     def _collect(self, wait: bool) -> None:
         fut = self.pending
@@ -172,8 +163,6 @@ class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
 
     def on_batch(self, values: list[Flush]) -> tuple[list[list[Failed]], bool]:
         for flush in values:
-            if self.prepare_flush is not None:  # while the previous flush is being written
-                flush = self.prepare_flush(flush)
             self._collect(wait=True)
             self.pending = self.pool.submit(self._timed, flush)
         return self._emit(), False

@@ -211,7 +211,7 @@ class DuckDBDialect(Dialect):
 
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
-        deletes: list[dict[str, Any]], encoded: Any = None,
+        deletes: list[dict[str, Any]],
     ) -> None:
         """One DELETE ... USING for deletes, one INSERT ... ON CONFLICT for the rest."""
         if deletes:

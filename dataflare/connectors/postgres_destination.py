@@ -283,39 +283,21 @@ class PostgresDialect(Dialect):
         """DELETE every row (transactional, unlike a concurrent-unsafe TRUNCATE)."""
         self.conn.execute(f"DELETE FROM {self.target}")
 
-    def _copy(self, table: str, columns: list[str], rows: list[dict[str, Any]],
-              encoded: str | None = None) -> None:
-        """COPY ``rows`` into ``table`` as one block of text, formatted column by column.
-
-        ``encoded`` is that text made ahead (:meth:`encode`), valid unless a column has
-        become JSON or an array since.
-        """
+    def _copy(self, table: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        """COPY ``rows`` into ``table`` as one block of text, formatted column by column."""
         from psycopg.adapt import Transformer
 
+        tx = Transformer.from_context(self.conn)
         encoding = self.conn.info.encoding
-        if encoded is None or any(c in self.arrays or self.types.get(c) == JSON
-                                  for c in columns):
-            tx = Transformer.from_context(self.conn)
-            fields = []
-            for c in columns:
-                kind = "array" if c in self.arrays else self.types.get(c)
-                values = list(map(dict.get, rows, repeat(c)))
-                fields.append(copy_column(values, kind, tx, encoding))
-            encoded = _copy_text(fields)
-        collist = ", ".join(quote_ident(c) for c in columns)
-        with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp:
-            if rows:
-                cp.write(encoded.encode(encoding))
-
-    def encode(self, columns: list[str], rows: list[dict[str, Any]]) -> str | None:
-        """The COPY text of ``rows`` when every value is text, a number or null."""
         fields = []
         for c in columns:
-            column = plain_column(list(map(dict.get, rows, repeat(c))))
-            if column is None:
-                return None
-            fields.append(column)
-        return _copy_text(fields)
+            kind = "array" if c in self.arrays else self.types.get(c)
+            fields.append(copy_column(list(map(dict.get, rows, repeat(c))), kind, tx, encoding))
+        collist = ", ".join(quote_ident(c) for c in columns)
+        lines = map("\t".join, zip(*fields, strict=True))
+        with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp:
+            if rows:
+                cp.write(("\n".join(lines) + "\n").encode(encoding))
 
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
         """COPY the rows into the table."""
@@ -384,7 +366,7 @@ class PostgresDialect(Dialect):
 
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
-        deletes: list[dict[str, Any]], encoded: Any = None,
+        deletes: list[dict[str, Any]],
     ) -> None:
         """Stage by COPY, then one DELETE ... USING and one INSERT ... ON CONFLICT."""
         import psycopg
@@ -400,7 +382,7 @@ class PostgresDialect(Dialect):
             match = " AND ".join(f"t.{quote_ident(k)} = s.{quote_ident(k)}" for k in key)
             self.conn.execute(f"DELETE FROM {self.target} AS t USING {stage} AS s WHERE {match}")
         if upserts:
-            self._fill_stage(columns, upserts, encoded)
+            self._fill_stage(columns, upserts)
             collist = ", ".join(quote_ident(c) for c in columns)
             updates = [quote_ident(c) for c in columns if c not in key]
             action = (
@@ -424,12 +406,11 @@ class PostgresDialect(Dialect):
                        f"({', '.join(key)}), which merge_key needs")
                 raise RuntimeError(msg) from exc
 
-    def _fill_stage(self, columns: list[str], rows: list[dict[str, Any]],
-                    encoded: str | None = None) -> None:
+    def _fill_stage(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
         """COPY ``rows`` into the staging table, emptied first when this transaction used it."""
         if self._stage_filled:
             self.conn.execute("DELETE FROM _dataflare_stage")
-        self._copy("_dataflare_stage", columns, rows, encoded)
+        self._copy("_dataflare_stage", columns, rows)
         self._stage_filled = True
 
 
@@ -452,37 +433,6 @@ _PLAIN = frozenset({str, int, float, type(None)})
 """Types whose COPY text is ``str(value)`` (psycopg's text dumpers write the same)."""
 
 
-def plain_column(values: list[Any]) -> list[str] | None:
-    """The COPY text of each value of a column of text, numbers and nulls; else ``None``.
-
-    Formatted in bulk (psycopg's text dumpers write the same). Text holding a NUL is left
-    to psycopg, which refuses it.
-    """
-    kinds = set(map(type, values))
-    if not kinds <= _PLAIN:
-        return None
-    if str not in kinds:
-        escape = False
-    else:
-        text = "".join(values) if len(kinds) == 1 else "".join(
-            [v for v in values if v.__class__ is str])
-        escape = _COPY_SPECIAL.search(text) is not None
-        if "\x00" in text:
-            return None
-    if kinds == {str} and not escape:
-        return values
-    if escape:
-        return [_NULL if v is None else str(v).translate(_COPY_ESCAPES) for v in values]
-    if type(None) in kinds:
-        return [_NULL if v is None else str(v) for v in values]
-    return list(map(str, values))
-
-
-def _copy_text(fields: list[list[str]]) -> str:
-    """COPY text of columns of field texts: a line per row."""
-    return "\n".join(map("\t".join, zip(*fields, strict=True))) + "\n"
-
-
 def copy_column(values: list[Any], kind: str | None, tx: Any, encoding: str) -> list[str]:
     """The COPY text of each value of one column of logical type ``kind``.
 
@@ -492,11 +442,24 @@ def copy_column(values: list[Any], kind: str | None, tx: Any, encoding: str) -> 
     columns dicts and lists as JSON. Text holding a NUL goes to psycopg too, which
     refuses it.
     """
-    if kind not in (JSON, "array"):
-        plain = plain_column(values)
-        if plain is not None:
-            return plain
     kinds = set(map(type, values))
+    if kind not in (JSON, "array") and kinds <= _PLAIN:
+        if str not in kinds:
+            escape = False
+        else:
+            text = "".join(values) if len(kinds) == 1 else "".join(
+                [v for v in values if v.__class__ is str])
+            escape = _COPY_SPECIAL.search(text) is not None
+            if "\x00" in text:
+                kinds = set()  # to psycopg, which raises a DataError for it
+        if kinds == {str} and not escape:
+            return values
+        if kinds and escape:
+            return [_NULL if v is None else str(v).translate(_COPY_ESCAPES) for v in values]
+        if kinds and type(None) in kinds:
+            return [_NULL if v is None else str(v) for v in values]
+        if kinds:
+            return list(map(str, values))
     from psycopg.adapt import PyFormat
     from psycopg.types.json import Jsonb
 

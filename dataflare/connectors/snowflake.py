@@ -330,7 +330,7 @@ class SnowflakeDialect(Dialect):
 
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
-        deletes: list[dict[str, Any]], encoded: Any = None,
+        deletes: list[dict[str, Any]],
     ) -> None:
         """Stage, then one DELETE ... USING for deletes and one MERGE for the rest."""
         self._stage_rows(columns, upserts, deletes)

@@ -54,7 +54,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import chain, repeat
 from typing import Any
 
@@ -391,41 +391,16 @@ class Dialect(ABC):
         """
         return None
 
-    def encode(self, columns: list[str], rows: list[dict[str, Any]]) -> Any:
-        """``rows`` (values of ``columns``) encoded for :meth:`merge`, without the connection.
-
-        Called on the dataflow thread while the previous batch is written; ``None`` when
-        the dialect has nothing to do ahead.
-        """
-        return None
-
     @abstractmethod
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
-        deletes: list[dict[str, Any]], encoded: Any = None,
+        deletes: list[dict[str, Any]],
     ) -> None:
-        """Delete ``deletes`` by key, then upsert ``upserts`` on ``key``.
-
-        ``encoded`` is :meth:`encode` of ``columns`` and ``upserts``, when made ahead.
-        """
+        """Delete ``deletes`` by key, then upsert ``upserts`` on ``key``."""
 
     @abstractmethod
     def describe(self) -> str:
         """The target for messages (``postgres table public.orders``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """A merge's flush worked out ahead (:meth:`TableWriter.prepare_flush`).
-
-    The flush's ``source`` items, folded per key (``items``), and, when they all set the
-    same ``columns``, their rows as the dialect encodes them (``encoded``).
-    """
-
-    source: list[Item]
-    items: list[Item]
-    columns: list[str]
-    encoded: Any
 
 
 class TableWriter:
@@ -457,7 +432,6 @@ class TableWriter:
         self.connected = False
         self.stop = threading.Event()
         """Set when the run stops: a search for refused records ends at its next write."""
-        self._prepared: Prepared | None = None  # of the flush being written
 
     # -- connection ---------------------------------------------------------------
     def _reconnect(self, _exc: BaseException | None = None) -> None:
@@ -492,9 +466,7 @@ class TableWriter:
             items = [it for it in (items[last + 1:] if self.mode == "merge" else items)
                      if not it.truncate]
         if self.mode == "merge":
-            pre = self._prepared
-            items = pre.items if pre is not None and pre.source is items else fold_per_key(
-                items, self.key)
+            items = fold_per_key(items, self.key)
         elif self.deduplicate and self.key:
             items = last_per_key(items, self.key)
         return self._write_or_split(items, empty, run)
@@ -744,12 +716,8 @@ class TableWriter:
                 by_fields.setdefault(fields, []).append(row)
         if not by_fields:
             self.db.merge(list(self.key), self.key, [], deletes)
-        pre = self._prepared
         for cols, rows in by_fields.items():  # deletes go first, with the first statement
-            encoded = None
-            if pre is not None and pre.items is items and list(cols) == pre.columns:
-                encoded = pre.encoded  # the rows of every item, encoded by prepare_flush()
-            self.db.merge(list(cols), self.key, rows, deletes, encoded)
+            self.db.merge(list(cols), self.key, rows, deletes)
             deletes = []
         return len(items)
 
@@ -757,32 +725,9 @@ class TableWriter:
     def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
         return list(dict.fromkeys(chain.from_iterable(rows)))
 
-    def prepare_flush(self, flush: Flush) -> Flush:
-        """A merge's flush folded per key and encoded ahead of its write.
-
-        On the dataflow thread, while the previous flush is written (key and columns
-        only: nothing the writer thread changes); the write then mostly waits on the
-        database. Flushes with deletes or truncates, or of several shapes, are left as
-        they are.
-        """
-        items = flush.items
-        if self.mode != "merge" or not items or any(it.delete or it.truncate for it in items):
-            return flush
-        folded = fold_per_key(items, self.key)
-        rows = [it.row for it in folded]
-        columns = list(rows[0])
-        if len(set(map(tuple, rows))) > 1:
-            return replace(flush, prepared=Prepared(items, folded, [], None))
-        return replace(flush, prepared=Prepared(items, folded, columns,
-                                                self.db.encode(columns, rows)))
-
     def write_flush(self, flush: Flush) -> list[Failed]:
         """Write a flush of the buffer; the records the database refused."""
-        self._prepared = flush.prepared
-        try:
-            return self.write(flush.items, flush.seq == 0, flush.run)[1]
-        finally:
-            self._prepared = None
+        return self.write(flush.items, flush.seq == 0, flush.run)[1]
 
     def close(self) -> None:
         """Close the connection."""

@@ -705,31 +705,3 @@ def test_a_merge_leaves_rows_it_would_not_change_untouched(pg_schema: Any) -> No
     assert after[2] != before[2]
     assert pg_schema.rows(f'SELECT id, v, x FROM "{pg_schema.schema}".orders ORDER BY id') \
         == [(1, "a", 1.5), (2, "b", 3.5)]
-
-
-def test_a_merge_batch_is_folded_and_encoded_ahead_of_its_write(pg_schema: Any,
-                                                                  monkeypatch: Any) -> None:
-    """While one batch is written, the next is folded and its COPY text made; the text is
-    used unless a column has become JSON since (then its values go as JSON)."""
-    ahead: list[bool] = []
-    copy = PostgresDialect._copy
-
-    def spy(self: Any, table: str, columns: list[str], rows: list[dict[str, Any]],
-            encoded: str | None = None) -> None:
-        ahead.append(encoded is not None)
-        copy(self, table, columns, rows, encoded)
-
-    monkeypatch.setattr(PostgresDialect, "_copy", spy)
-    ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": "id"},
-                  batch={"size": 2})
-    run(ctx, [[{"id": 1, "v": "a\tb"}, {"id": 2, "v": None}],
-              [{"id": 1, "v": "x"}, {"id": 3, "v": "\\N"}, {"id": 1, "v": "c"}]])
-    assert ahead == [True, True]
-    run(ctx, [[{"id": 4, "v": "d", "j": {"k": 1}}]])  # j: a JSON column
-    run(ctx, [[{"id": 5, "v": "e", "j": "plain text"}, {"id": 6, "v": "f", "j": 7}]])
-    # Dicts are not encoded ahead; plain values are, but j is JSON now: made again as JSON
-    # (COPY would refuse ``plain text`` as JSON).
-    assert ahead[2:] == [False, True]
-    rows = pg_schema.rows(f'SELECT id, v, j FROM "{pg_schema.schema}".orders ORDER BY id')
-    assert rows == [(1, "c", None), (2, None, None), (3, "\\N", None), (4, "d", {"k": 1}),
-                    (5, "e", "plain text"), (6, "f", 7)]
