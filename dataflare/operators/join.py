@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from operator import itemgetter
+from textwrap import indent
 from typing import Any, Literal
 
 from bytewax.dataflow import Stream, operator
@@ -596,25 +597,20 @@ def ingest(keys, batch, down, late, errs, due):
                     due.add(key)
 """
 
-_TUMBLING_JOIN_PLACE = """
-        start = t - t % {size}
-        w = wins.get(start)
-        if w is None:
-            w = wins[start] = [[], []]
-            if start + {size} < g[3]:
-                g[3] = start + {size}
-        w[{i}].append(held)
+# A record goes into the window starting at ``start``: a tumbling window's one, or each
+# of a sliding window's (the same lines in a loop).
+_JOIN_PLACE = """
+w = wins.get(start)
+if w is None:
+    w = wins[start] = [[], []]
+    if start + {size} < g[3]:
+        g[3] = start + {size}
+w[{i}].append(held)
 """
-
-_SLIDING_JOIN_PLACE = """
-        for k in range((t - {size}) // {slide} + 1, t // {slide} + 1):
-            start = k * {slide}
-            w = wins.get(start)
-            if w is None:
-                w = wins[start] = [[], []]
-                if start + {size} < g[3]:
-                    g[3] = start + {size}
-            w[{i}].append(held)
+_TUMBLING_START = "start = t - t % {size}"
+_SLIDING_STARTS = """
+for k in range((t - {size}) // {slide} + 1, t // {slide} + 1):
+    start = k * {slide}
 """
 
 
@@ -627,11 +623,14 @@ def _compile_ingest(o: _JoinOp, packer: _Packer, side: str, key_paths: tuple[str
         "_shapes": packer.shapes, "_shape": packer.shape,
     }
     extract = "\n".join(extraction_code(key_paths, time_path, time_unit, env, " " * 12))
-    place = _TUMBLING_JOIN_PLACE if o.slide == o.size else _SLIDING_JOIN_PLACE
-    code = _WINDOW_JOIN_INGEST.format(
-        extract=extract, side=side, lateness=o.lateness,
-        place=place.format(size=o.size, slide=o.slide, i=0 if side == LEFT else 1).strip("\n"),
-    )
+    body = _JOIN_PLACE.strip("\n")
+    if o.slide == o.size:
+        place = f"{_TUMBLING_START}\n{body}"
+    else:
+        place = _SLIDING_STARTS.strip("\n") + "\n" + indent(body, " " * 4)
+    place = place.format(size=o.size, slide=o.slide, i=0 if side == LEFT else 1)
+    code = _WINDOW_JOIN_INGEST.format(extract=extract, side=side, lateness=o.lateness,
+                                      place=indent(place, " " * 8))
     exec(compile(code, f"<join {o.step_id} {side}>", "exec"), env)  # noqa: S102
     return env["ingest"]
 
