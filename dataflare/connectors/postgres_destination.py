@@ -4,9 +4,14 @@
 temporary staging table and runs one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (and
 one ``DELETE ... USING`` for CDC deletes) per batch; a row the record would not change
 is left as it is (no new row version, no ``UPDATE`` trigger) where the columns' types
-allow the comparison (``_IDENTITY_EQUALITY``). A batch is COPYed as one block of text,
-built column by column (:func:`copy_column`). Shape, widening, replay safety and
-retries are described in :mod:`dataflare.connectors.sql_writer`.
+allow the comparison (``_IDENTITY_EQUALITY``). A merge whose keys are all new (a
+window's results, say) is COPYed straight into the table, at the rate of an append: each
+batch is first tried that way in a savepoint, and on a key already there that COPY is
+rolled back and the batch staged. After such a miss the next ``2**misses`` batches (at
+most 64) are staged without a try, so a stream of updates wastes one COPY in 64 batches
+(ADR 24). A batch is COPYed as one block of text, built column by column
+(:func:`copy_column`). Shape, widening, replay safety and retries are described in
+:mod:`dataflare.connectors.sql_writer`.
 """
 
 from __future__ import annotations
@@ -149,6 +154,12 @@ class PostgresDialect(Dialect):
         """Once the staging table exists: the target's columns whose equality is identity."""
         self._stage_filled = False
         """Whether this transaction put rows in the staging table (a commit empties it)."""
+        self._arbiter = False
+        """Whether the target has an immediate unique index on exactly the merge key."""
+        self._misses = 0
+        """Tries in a row of a COPY straight into the target that met a key already there."""
+        self._staging = 0
+        """Batches to stage before the next try of a COPY straight into the target."""
         self.types: dict[str, str] = {}
 
     def describe(self) -> str:
@@ -345,8 +356,13 @@ class PostgresDialect(Dialect):
         return [(i, psycopg.errors.lookup(state).__name__, message)
                 for i, state, message in refused]
 
-    def _stage(self) -> frozenset[str]:
-        """Create the staging table; the columns a merge may leave alone when unchanged."""
+    def _stage(self, key: tuple[str, ...]) -> frozenset[str]:
+        """Create the staging table; the columns a merge may leave alone when unchanged.
+
+        Also notes whether ``key`` has a unique index that refuses a key already there at
+        once (not deferred, not partial): ``ON CONFLICT`` would use it, and a COPY
+        straight into the table relies on it.
+        """
         if self._staged is None:
             # The target's columns without its constraints: deletes stage only the key.
             self.conn.execute(
@@ -362,26 +378,55 @@ class PostgresDialect(Dialect):
             ).fetchall()
             self._staged = frozenset(name for name, sql_type in rows
                                      if _IDENTITY_EQUALITY.fullmatch(sql_type))
+            self._arbiter = bool(self.conn.execute(
+                "SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass AND i.indisunique "
+                "AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL "
+                "AND i.indexprs IS NULL AND (SELECT array_agg(a.attname::text ORDER BY "
+                "a.attname::text) FROM pg_attribute a WHERE a.attrelid = i.indrelid "
+                "AND a.attnum = ANY(i.indkey)) = %s",
+                (self.target, sorted(key)),
+            ).fetchone())
         return self._staged
+
+    def _copied_straight(self, columns: list[str], rows: list[dict[str, Any]]) -> bool:
+        """Whether ``rows`` went into the target by COPY, none of their keys being there.
+
+        Tried in a savepoint (see the module docs); a refusal other than a key already
+        there is raised, as the staged merge would raise it.
+        """
+        import psycopg
+
+        if not self._arbiter or self._staging:
+            self._staging = max(self._staging - 1, 0)
+            return False
+        try:
+            with self.conn.transaction():
+                self._copy(self.target, columns, rows)
+        except psycopg.errors.UniqueViolation:
+            self._misses = min(self._misses + 1, 6)
+            self._staging = 2 ** self._misses
+            return False
+        self._misses = 0
+        return True
 
     def merge(
         self, columns: list[str], key: tuple[str, ...], upserts: list[dict[str, Any]],
         deletes: list[dict[str, Any]],
     ) -> None:
-        """Stage by COPY, then one DELETE ... USING and one INSERT ... ON CONFLICT."""
+        """One DELETE ... USING, then a COPY of new keys or one INSERT ... ON CONFLICT."""
         import psycopg
 
         # The staging table mirrors the target; it is recreated after the target widens.
         if self._staged is None:
             self.conn.execute("DROP TABLE IF EXISTS _dataflare_stage")
-        comparable = self._stage()
+        comparable = self._stage(key)
         stage = "_dataflare_stage"
         keycols = ", ".join(quote_ident(k) for k in key)
         if deletes:
             self._fill_stage(list(key), deletes)
             match = " AND ".join(f"t.{quote_ident(k)} = s.{quote_ident(k)}" for k in key)
             self.conn.execute(f"DELETE FROM {self.target} AS t USING {stage} AS s WHERE {match}")
-        if upserts:
+        if upserts and not self._copied_straight(columns, upserts):
             self._fill_stage(columns, upserts)
             collist = ", ".join(quote_ident(c) for c in columns)
             updates = [quote_ident(c) for c in columns if c not in key]

@@ -705,3 +705,44 @@ def test_a_merge_leaves_rows_it_would_not_change_untouched(pg_schema: Any) -> No
     assert after[2] != before[2]
     assert pg_schema.rows(f'SELECT id, v, x FROM "{pg_schema.schema}".orders ORDER BY id') \
         == [(1, "a", 1.5), (2, "b", 3.5)]
+
+
+def test_a_merge_of_new_keys_is_copied_straight_and_staged_after_a_miss(
+        pg_schema: Any, monkeypatch: Any) -> None:
+    """New keys go straight into the table; a key already there rolls that COPY back and
+    stages the batch, and the next 2 batches are staged without trying (then 4, ...)."""
+    staged: list[list[int]] = []
+    fill = PostgresDialect._fill_stage
+
+    def spy(self: Any, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        staged.append([r["id"] for r in rows])
+        fill(self, columns, rows)
+
+    monkeypatch.setattr(PostgresDialect, "_fill_stage", spy)
+    ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": "id"},
+                  batch={"size": 2})
+    pairs = [(1, 2), (3, 4), (1, 5), (6, 7), (8, 9), (10, 2), (11, 12), (13, 14), (15, 16),
+             (17, 18), (19, 20), (21, 22)]
+    batches = [[{"id": a, "v": f"{a}@{i}"}, {"id": b, "v": f"{b}@{i}"}]
+               for i, (a, b) in enumerate(pairs)]
+    assert run(ctx, batches) == []
+    # (1, 5) met id 1: 2 batches staged; (10, 2), the next try, met id 2: 4 batches staged;
+    # (19, 20) and (21, 22) went straight in again.
+    assert staged == [[1, 5], [6, 7], [8, 9], [10, 2], [11, 12], [13, 14], [15, 16], [17, 18]]
+    last = {k: f"{k}@{i}" for i, pair in enumerate(pairs) for k in pair}
+    rows = pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".orders ORDER BY id')
+    assert rows == sorted(last.items())
+
+
+def test_a_merge_straight_into_the_table_refuses_what_the_staged_one_would(
+        pg_schema: Any) -> None:
+    """Another unique index refuses a record either way: it fails alone, as before."""
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".users (id bigint PRIMARY KEY, '
+                     "email text UNIQUE)")
+    ctx = ctx_for(pg_schema, "users", {"type": "merge", "merge_key": "id"}, on_error="skip")
+    failed = run(ctx, [[{"id": 1, "email": "a@x"}, {"id": 2, "email": "b@x"}],
+                       [{"id": 3, "email": "c@x"}, {"id": 4, "email": "a@x"}]])
+    assert [(f.record["id"], f.type) for f in failed] == [(4, "UniqueViolation")]
+    rows = pg_schema.rows(f'SELECT id, email FROM "{pg_schema.schema}".users ORDER BY id')
+    assert rows == [(1, "a@x"), (2, "b@x"), (3, "c@x")]
