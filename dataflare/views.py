@@ -1,6 +1,6 @@
 """Live views: the state of stateful steps with ``serve: true``, readable during a run.
 
-A served step's shards publish their snapshot (the pickled copy bytewax takes at the end
+A served step's shards publish their snapshot (the copy bytewax takes at the end
 of every epoch that changed a shard, :mod:`dataflare.operators.keyed`) to the step's view;
 when the view is read, each snapshot becomes rows, what the step would emit per key
 (current aggregates, open windows, keys seen, joined records), once per snapshot. A key
@@ -16,14 +16,13 @@ shards of its workers; the process asked gathers the others' rows from their ser
 
 from __future__ import annotations
 
-import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
 
 Row = tuple[Any, dict[str, Any]]
-RowsOf = Callable[[Any], list[Row]]
-"""Turns a shard's state into rows (``ShardLogic.view_rows``)."""
+RowsOf = Callable[[bytes], list[Row]]
+"""Turns a shard's snapshot into rows (``ShardLogic.snapshot_rows``)."""
 
 
 def key_text(key: Any) -> str:
@@ -46,7 +45,7 @@ class View:
                  ) -> None:
         self.step = step
         self.mask = mask
-        # slot (a shard's logic) -> [pickled state, its rows function, its rows once made]
+        # slot (a shard's logic) -> [its snapshot, its rows function, its rows once made]
         self._slots: dict[int, list[Any]] = {}
         self._lock = threading.Lock()
 
@@ -65,7 +64,7 @@ class View:
         rows: list[Row] = []
         for slot, (snapshot, rows_of, made) in slots:
             if made is None:
-                made = rows_of(pickle.loads(snapshot))  # noqa: S301 - the run's own state
+                made = rows_of(snapshot)
                 with self._lock:
                     entry = self._slots.get(slot)
                     if entry is not None and entry[0] is snapshot:

@@ -352,6 +352,35 @@ def resume_advice(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return "restore the previous definition or start with a fresh recovery directory"
 
 
+_ZSTD_FRAME = b"\x28\xb5\x2f\xfd"
+_codecs = threading.local()
+
+
+def dump_state(state: Any, tree: bool = False) -> bytes:
+    """A shard's state as snapshot bytes: pickled, then compressed with zstd (level 1).
+
+    ``tree``: pickled by :func:`pickle_tree`. Compression costs less than it saves:
+    bytewax copies the bytes and writes them to its SQLite store at every epoch's end,
+    and pickled window state shrinks about 6x.
+    """
+    blob = pickle_tree(state) if tree else pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    compressor = getattr(_codecs, "compressor", None)
+    if compressor is None:  # one per thread: a compressor is not shared between threads
+        import zstandard
+
+        compressor = _codecs.compressor = zstandard.ZstdCompressor(level=1)
+    return bytes(compressor.compress(blob))
+
+
+def load_state(blob: bytes) -> Any:
+    """The state :func:`dump_state` made, or an uncompressed pickle (before 2026-12-04)."""
+    if blob[:4] == _ZSTD_FRAME:  # a pickle starts with its protocol, b"\x80"
+        import zstandard
+
+        blob = zstandard.ZstdDecompressor().decompress(blob)
+    return pickle.loads(blob)  # noqa: S301 - the run's own snapshot
+
+
 def pickle_tree(obj: Any) -> bytes:
     """``obj`` pickled without pickle's memo: for state that holds no object twice.
 
@@ -382,7 +411,8 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
 
     A subclass whose state is a tree (no object in it reached twice: numbers, strings,
     and containers each held in one place) sets ``tree_state``, and its snapshots are
-    pickled without the memo (:func:`pickle_tree`), several times faster.
+    pickled without the memo (:func:`pickle_tree`), several times faster. Snapshots are
+    compressed (:func:`dump_state`).
     """
 
     tree_state = False
@@ -411,7 +441,7 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
                     f"{resume_advice(old, definition)}"
                 )
                 raise DefinitionChanged(msg)
-            self.state = pickle.loads(blob)  # noqa: S301 - our own snapshot
+            self.state = load_state(blob)
 
     def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
         """Handle the sub-batches that arrived for this shard."""
@@ -439,6 +469,10 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         msg = f"step {self.component!r} cannot serve its state"
         raise NotImplementedError(msg)
 
+    def snapshot_rows(self, blob: bytes) -> list[tuple[Any, dict[str, Any]]]:
+        """:meth:`view_rows` of the state a snapshot holds."""
+        return self.view_rows(load_state(blob))
+
     def on_batch(self, values: list[Any]) -> tuple[Iterable[tuple[str, list[Any]]], bool]:
         """Bytewax entry: a list of sub-batches."""
         out = self.process(values)
@@ -457,7 +491,7 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
             return [], False
         out = self.flush()
         if self.view is not None:  # the shard is discarded: no snapshot follows
-            self.view.publish(id(self), None, self.view_rows)
+            self.view.publish(id(self), None, self.snapshot_rows)
         return out, True
 
     def notify_at(self) -> datetime | None:
@@ -477,12 +511,9 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         """
         if self.view is None and skip_snapshots():
             return (self.definition, b"")
-        if self.tree_state:
-            blob = pickle_tree(self.state)
-        else:
-            blob = pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = dump_state(self.state, self.tree_state)
         if self.view is not None:
-            self.view.publish(id(self), blob, self.view_rows)
+            self.view.publish(id(self), blob, self.snapshot_rows)
         return (self.definition, blob)
 
 

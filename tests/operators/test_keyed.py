@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 import zlib
 from collections import Counter
@@ -13,7 +14,14 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.testing import cluster_main
 
-from dataflare.operators.keyed import SHARDS, shard_names, shard_of, shard_router
+from dataflare.operators.keyed import (
+    SHARDS,
+    dump_state,
+    load_state,
+    shard_names,
+    shard_of,
+    shard_router,
+)
 
 
 def shard_workers(names: tuple[str, ...], workers: int) -> dict[str, int]:
@@ -74,3 +82,13 @@ def test_16_shards_are_the_layout_state_was_saved_in_before() -> None:
         for rec in batch:
             assert int(name) == zlib.crc32(repr(rec["k"]).encode()) % 16
             assert shard_of(rec["k"], 16) == int(name)
+
+
+def test_snapshots_are_compressed_and_uncompressed_ones_still_load() -> None:
+    state = {f"user-{i}": [i, i * 1_000_000, [1, 2, 2.5]] for i in range(10_000)}
+    for tree in (True, False):
+        blob = dump_state(state, tree)
+        assert blob[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
+        assert len(blob) < len(pickle.dumps(state)) / 3
+        assert load_state(blob) == state
+    assert load_state(pickle.dumps(state)) == state  # written before 2026-12-04

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from dataflare import registry
 from dataflare.operators.aggregates import OPERATIONS
-from dataflare.operators.keyed import iso_us
+from dataflare.operators.keyed import iso_us, load_state
 from dataflare.operators.window import WindowConfig, _WindowOp, window
 from dataflare.records import get_path
 
@@ -615,11 +615,11 @@ def test_snapshots_are_skipped_only_while_runs_keep_no_recovery():
                                        "time_field": "ts"})
     shard = _WindowOp("w", cfg, 16, None).build(None)
     shard.process([[{"ts": 1}]])
-    assert not skip_snapshots() and pickle.loads(shard.snapshot()[1])  # by default: taken
+    assert not skip_snapshots() and load_state(shard.snapshot()[1])  # by default: taken
     with run_recovery(False):
         assert skip_snapshots() and shard.snapshot()[1] == b""  # discarded by bytewax anyway
         with run_recovery(True):  # another run in the process keeps recovery: taken
-            assert not skip_snapshots() and pickle.loads(shard.snapshot()[1])
+            assert not skip_snapshots() and load_state(shard.snapshot()[1])
     assert not skip_snapshots()
 
 
