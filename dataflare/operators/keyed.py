@@ -353,6 +353,8 @@ def resume_advice(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
 
 
 _ZSTD_FRAME = b"\x28\xb5\x2f\xfd"
+CHAIN_MIN_KEYS = 10_000
+"""Keys of a shard from which its snapshots add the changed keys to the last whole one."""
 _codecs = threading.local()
 
 
@@ -373,12 +375,25 @@ def dump_state(state: Any, tree: bool = False) -> bytes:
 
 
 def load_state(blob: bytes) -> Any:
-    """The state :func:`dump_state` made, or an uncompressed pickle (before 2026-12-04)."""
-    if blob[:4] == _ZSTD_FRAME:  # a pickle starts with its protocol, b"\x80"
-        import zstandard
+    """The state of a snapshot (:func:`dump_state`; a plain pickle before 2026-12-04).
 
-        blob = zstandard.ZstdDecompressor().decompress(blob)
-    return pickle.loads(blob)  # noqa: S301 - the run's own snapshot
+    A snapshot of several zstd frames is a chain (:meth:`ShardLogic._chained`): the first
+    holds a dict of the state's keys, each next one the keys changed since.
+    """
+    if blob[:4] != _ZSTD_FRAME:  # a pickle starts with its protocol, b"\x80"
+        return pickle.loads(blob)  # noqa: S301 - the run's own snapshot
+    import zstandard
+
+    state: Any = None
+    while blob:
+        frame = zstandard.ZstdDecompressor().decompressobj()
+        part = pickle.loads(frame.decompress(blob))  # noqa: S301 - the run's own snapshot
+        blob = frame.unused_data
+        if state is None:
+            state = part
+            continue
+        state.update(part)
+    return state
 
 
 def pickle_tree(obj: Any) -> bytes:
@@ -417,6 +432,9 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
 
     tree_state = False
     """Whether ``state`` holds no object twice (see :func:`pickle_tree`)."""
+    tracks_keys = False
+    """Whether ``state`` is a dict of keys and :meth:`process` puts each key it changes,
+    with its value, in ``touched`` while that is a dict (see :meth:`_chained`)."""
 
     def __init__(
         self,
@@ -432,6 +450,10 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         self._idle_at: datetime | None = None
         self.state: Any = None
         self.view: View | None = None
+        self.touched: dict[Any, Any] | None = None
+        """The keys changed since the last snapshot; ``None``: the next one is whole."""
+        self._chain: list[bytes] = []  # the last whole snapshot, then the changes since
+        self._changes = 0  # bytes of the chain's changes
         if resume is not None:
             old, blob = resume
             if not resumable(old, definition):
@@ -468,6 +490,27 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         """
         msg = f"step {self.component!r} cannot serve its state"
         raise NotImplementedError(msg)
+
+    def _chained(self) -> bytes:
+        """The snapshot's bytes: the whole state, or the last whole one and the changes.
+
+        A large state of a step that :attr:`tracks_keys` is written whole once, then only
+        the keys changed since are added to it at each snapshot (compressed frames one
+        after the other, which :func:`load_state` applies in order), until the changes
+        outgrow the whole. In the store each snapshot still holds all of it, so a resume
+        needs nothing else; only the pickling of keys that did not change is saved.
+        """
+        touched, state = self.touched, self.state
+        if touched is None or not self._chain or self._changes > len(self._chain[0]):
+            self._chain = [dump_state(state, self.tree_state)]
+            self._changes = 0
+        else:
+            part = dump_state(touched, self.tree_state)
+            self._chain.append(part)
+            self._changes += len(part)
+        large = self.tracks_keys and len(state) >= CHAIN_MIN_KEYS
+        self.touched = {} if large else None
+        return self._chain[0] if len(self._chain) == 1 else b"".join(self._chain)
 
     def snapshot_rows(self, blob: bytes) -> list[tuple[Any, dict[str, Any]]]:
         """:meth:`view_rows` of the state a snapshot holds."""
@@ -511,7 +554,7 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         """
         if self.view is None and skip_snapshots():
             return (self.definition, b"")
-        blob = dump_state(self.state, self.tree_state)
+        blob = self._chained()
         if self.view is not None:
             self.view.publish(id(self), blob, self.snapshot_rows)
         return (self.definition, blob)

@@ -245,6 +245,8 @@ def _seconds() -> tuple[str, ...]:
 class _WindowShard(ShardLogic):
     """One shard of a window step: every group of the shard with its open windows."""
 
+    tracks_keys = True
+
     def __init__(self, op: _WindowOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume, op.idle_timeout)
         self.op = op
@@ -264,7 +266,10 @@ class _WindowShard(ShardLogic):
         late: list[Any] = []
         errs: list[Failed] = []
         down: list[dict[str, Any]] = []
-        o.ingest(self.state, batches, late, errs, down)
+        if self.touched is None:
+            o.ingest(self.state, batches, late, errs, down)
+        else:  # the keys changed go to the next snapshot
+            o.ingest_touching(self.state, batches, late, errs, down, self.touched)
         return tagged(o.step_id, down, errs, late)
 
     def _spans(self, g: list[Any]) -> list[tuple[int, int, list[Any]]]:
@@ -287,6 +292,7 @@ class _WindowShard(ShardLogic):
     def flush(self) -> list[tuple[str, list[Any]]]:
         record = self.op.output.record
         state, self.state = self.state, {}
+        self.touched = None
         down: list[dict[str, Any]] = []
         while state:  # each group's state is freed as its rows are made
             key, g = state.popitem()
@@ -296,6 +302,7 @@ class _WindowShard(ShardLogic):
     def idle(self) -> list[tuple[str, list[Any]]]:
         record = self.op.output.record
         down: list[dict[str, Any]] = []
+        self.touched = None  # every group changes
         for key, g in self.state.items():
             for start, end, acc in self._spans(g):
                 down.append(record(key, start, end, acc))
@@ -507,8 +514,12 @@ def _block(code: str, indent: int) -> str:
     return "\n".join(" " * indent + line if line else line for line in code.strip("\n").split("\n"))
 
 
-def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
-    """The generated ingest loop of a window step."""
+def _compile_ingest(o: _WindowOp, cfg: WindowConfig, touching: bool = False) -> Any:
+    """The generated ingest loop of a window step.
+
+    ``touching``: the loop also puts each group it changes in ``touched`` (for
+    :attr:`ShardLogic.tracks_keys`).
+    """
     env: dict[str, Any] = dict(o.accs.update_env)
     extract = "\n".join(extraction_code(cfg.group_by, cfg.time_field, cfg.time_unit, env, " " * 16))
     env.update(
@@ -584,6 +595,15 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig) -> Any:
             size=o.size,
             emit=emit("s", f"s + {o.size}", 28),
         )
+    if touching:
+        parts = code.split("\n                g = groups.get(key)\n")
+        if len(parts) != 2:
+            msg = "a window's ingest loop reads its group once"
+            raise AssertionError(msg)
+        code = (parts[0].replace("down):", "down, touched):")
+                + "\n                g = groups.get(key)\n                if g is not None:\n"
+                + "                    touched[key] = g\n"
+                + parts[1].replace("g = groups[key] = [", "g = groups[key] = touched[key] = [", 1))
     exec(compile(code, f"<window {o.step_id}>", "exec"), env)  # noqa: S102
     return env["ingest"]
 
@@ -620,6 +640,7 @@ class _WindowOp:
         if self.pane:
             self.definition["window.pane"] = self.pane
         self.ingest = _compile_ingest(self, cfg)
+        self.ingest_touching = _compile_ingest(self, cfg, touching=True)
 
     def pane_windows(
         self, panes: dict[int, list[Any]], after: int

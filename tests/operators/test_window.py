@@ -737,3 +737,61 @@ def test_snapshot_of_the_dict_layout_resumes_to_the_same_output(kind):
         return [rec for _, batch in s.process(rest) + s.flush() for rec in batch]
 
     assert canon(rest_of(resumed)) == canon(rest_of(shard))
+
+
+CHAIN_KINDS = [("tumbling", {}), ("sliding", {"slide": "4s"}), ("session", {})]
+
+
+@pytest.mark.parametrize(("kind", "extra"), CHAIN_KINDS)
+@pytest.mark.parametrize("ops", [["sum", "first", "last"], ["sum", "min", "last"]])
+def test_snapshots_of_a_large_state_chain_the_changed_groups(kind, extra, ops, monkeypatch):
+    # From CHAIN_MIN_KEYS groups a snapshot holds the last whole state and the groups
+    # changed since, until those outgrow it: resumed from any snapshot, a shard holds the
+    # state it was taken from and goes on as that shard would. (Panes: sum/first/last.)
+    import dataflare.operators.keyed as keyed
+
+    monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 2)
+    cfg = WindowConfig.model_validate({
+        "window": {"type": kind, "gap" if kind == "session" else "size": "10s", **extra},
+        "time_field": "ts", "group_by": ["u"], "allowed_lateness": "4s",
+        "aggregations": [{"field": "v", "operations": ops}],
+    })
+    op_ = _WindowOp("w", cfg, 16, None)
+    shard = op_.build(None)
+    frames = []
+    for i, batch in enumerate(RECOVERY_BATCHES):
+        shard.process([batch])
+        if i == 9:
+            shard.idle()  # every group changes: the next snapshot is whole
+        snap = shard.snapshot()
+        frames.append(len(shard._chain))
+        resumed = op_.build(snap)
+        assert resumed.state == shard.state, i
+    assert max(frames) > 2  # chains were taken...
+    assert frames[9] == 1  # ...whole after idle()
+    assert 1 in frames[10:]  # and whole again once the changes outgrew the whole
+    more = [[{"u": u, "ts": 200 + t, "v": t} for u in range(5) for t in range(3)]]
+
+    def rest_of(s: Any) -> list[Any]:
+        return [rec for _, batch in s.process(more) + s.flush() for rec in batch]
+
+    assert canon(rest_of(op_.build(shard.snapshot()))) == canon(rest_of(shard))
+
+
+@pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
+@pytest.mark.parametrize("abort_at", [3, 9, 14])
+def test_resume_from_chained_snapshots_gives_the_uninterrupted_output(tmp_path, kind, abort_at,
+                                                                      monkeypatch):
+    import dataflare.operators.keyed as keyed
+
+    monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 1)
+    size = "3s" if kind == "session" else "10s"
+    full = run_flow(window_flow(recovery_cfg(size, kind)), RECOVERY_BATCHES)
+    init_db_dir(tmp_path, 1)
+    rc = RecoveryConfig(str(tmp_path))
+    items = [*RECOVERY_BATCHES[:abort_at], TestingSource.ABORT(), *RECOVERY_BATCHES[abort_at:]]
+    build = window_flow(recovery_cfg(size, kind))
+    first = run_flow(build, items, epoch_interval=timedelta(0), recovery_config=rc)
+    second = run_flow(build, items, epoch_interval=timedelta(0), recovery_config=rc)
+    for name in ("down", "late"):
+        assert canon(first[name] + second[name]) == canon(full[name])
