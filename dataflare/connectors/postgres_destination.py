@@ -295,19 +295,23 @@ class PostgresDialect(Dialect):
         self.conn.execute(f"DELETE FROM {self.target}")
 
     def _copy(self, table: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
-        """COPY ``rows`` into ``table`` as one block of text, formatted column by column."""
+        """COPY ``rows`` into ``table`` as text, formatted column by column.
+
+        The text is made and sent in parts of :data:`COPY_PART` rows, so the server
+        inserts one part while the next is made.
+        """
         from psycopg.adapt import Transformer
 
         tx = Transformer.from_context(self.conn)
         encoding = self.conn.info.encoding
-        fields = []
-        for c in columns:
-            kind = "array" if c in self.arrays else self.types.get(c)
-            fields.append(copy_column(list(map(dict.get, rows, repeat(c))), kind, tx, encoding))
+        kinds = [(c, "array" if c in self.arrays else self.types.get(c)) for c in columns]
         collist = ", ".join(quote_ident(c) for c in columns)
-        lines = map("\t".join, zip(*fields, strict=True))
         with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp:
-            if rows:
+            for i in range(0, len(rows), COPY_PART):
+                part = rows[i:i + COPY_PART]
+                fields = [copy_column(list(map(dict.get, part, repeat(c))), kind, tx, encoding)
+                          for c, kind in kinds]
+                lines = map("\t".join, zip(*fields, strict=True))
                 cp.write(("\n".join(lines) + "\n").encode(encoding))
 
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
@@ -458,6 +462,9 @@ class PostgresDialect(Dialect):
         self._copy("_dataflare_stage", columns, rows)
         self._stage_filled = True
 
+
+COPY_PART = 2_000
+"""Rows of a COPY made and sent at a time (see :meth:`PostgresDialect._copy`)."""
 
 # Types whose equality (IS DISTINCT FROM) holds between identical values only: a merge
 # leaves a row alone when the record would not change it. Floats too, where 0.0 = -0.0

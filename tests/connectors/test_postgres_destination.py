@@ -11,6 +11,7 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
+from dataflare.connectors import postgres_destination
 from dataflare.connectors.batching import _BufferLogic, buffer
 from dataflare.connectors.postgres_destination import (
     PostgresDestinationConfig,
@@ -676,7 +677,10 @@ def test_a_mysql_to_postgres_copy_maps_the_types(
         (2, Decimal("0.10"), None, None, None, False, None)]
 
 
-def test_copied_values_keep_their_text_nulls_and_types(pg_schema: Any) -> None:
+@pytest.mark.parametrize("part", [3, 2_000])
+def test_copied_values_keep_their_text_nulls_and_types(pg_schema: Any, monkeypatch: Any,
+                                                       part: int) -> None:
+    monkeypatch.setattr(postgres_destination, "COPY_PART", part)  # 3: sent in two parts
     awkward = "tab\there\nnew line \\N back\\slash \r\b\f\v é"
     records = [
         {"id": 1, "s": awkward, "n": 7, "x": 1.5, "b": True, "j": {"k": [1, "a\tb"]}},
