@@ -7,7 +7,7 @@ is left as it is (no new row version, no ``UPDATE`` trigger) where the columns' 
 allow the comparison (``_IDENTITY_EQUALITY``). A merge whose keys are all new (a
 window's results, say) is COPYed straight into the table, at the rate of an append: each
 batch is first tried that way in a savepoint, and on a key already there that COPY is
-rolled back and the batch staged. After such a miss the next ``2**misses`` batches (at
+rolled back and the batch staged. After such a miss the next ``4**misses`` batches (at
 most 64) are staged without a try, so a stream of updates wastes one COPY in 64 batches
 (ADR 24). A batch is COPYed as one block of text, built column by column
 (:func:`copy_column`). Shape, widening, replay safety and retries are described in
@@ -407,8 +407,8 @@ class PostgresDialect(Dialect):
             with self.conn.transaction():
                 self._copy(self.target, columns, rows)
         except psycopg.errors.UniqueViolation:
-            self._misses = min(self._misses + 1, 6)
-            self._staging = 2 ** self._misses
+            self._misses = min(self._misses + 1, 3)
+            self._staging = 4 ** self._misses
             return False
         self._misses = 0
         return True

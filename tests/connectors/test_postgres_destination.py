@@ -714,27 +714,27 @@ def test_a_merge_leaves_rows_it_would_not_change_untouched(pg_schema: Any) -> No
 def test_a_merge_of_new_keys_is_copied_straight_and_staged_after_a_miss(
         pg_schema: Any, monkeypatch: Any) -> None:
     """New keys go straight into the table; a key already there rolls that COPY back and
-    stages the batch, and the next 2 batches are staged without trying (then 4, ...)."""
-    staged: list[list[int]] = []
+    stages the batch, and the next 4 batches are staged without trying (then 16, 64)."""
+    staged: list[int] = []
     fill = PostgresDialect._fill_stage
 
     def spy(self: Any, columns: list[str], rows: list[dict[str, Any]]) -> None:
-        staged.append([r["id"] for r in rows])
+        staged.append(rows[0]["batch"])
         fill(self, columns, rows)
 
     monkeypatch.setattr(PostgresDialect, "_fill_stage", spy)
     ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": "id"},
                   batch={"size": 2})
-    pairs = [(1, 2), (3, 4), (1, 5), (6, 7), (8, 9), (10, 2), (11, 12), (13, 14), (15, 16),
-             (17, 18), (19, 20), (21, 22)]
-    batches = [[{"id": a, "v": f"{a}@{i}"}, {"id": b, "v": f"{b}@{i}"}]
-               for i, (a, b) in enumerate(pairs)]
+    keys = [(100 + 2 * i, 101 + 2 * i) for i in range(26)]  # new keys...
+    keys[2] = (100, 5)  # ...but 100, written by batch 0
+    keys[7] = (7, 103)  # ...and 103, written by batch 1
+    batches = [[{"id": a, "batch": i}, {"id": b, "batch": i}] for i, (a, b) in enumerate(keys)]
     assert run(ctx, batches) == []
-    # (1, 5) met id 1: 2 batches staged; (10, 2), the next try, met id 2: 4 batches staged;
-    # (19, 20) and (21, 22) went straight in again.
-    assert staged == [[1, 5], [6, 7], [8, 9], [10, 2], [11, 12], [13, 14], [15, 16], [17, 18]]
-    last = {k: f"{k}@{i}" for i, pair in enumerate(pairs) for k in pair}
-    rows = pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".orders ORDER BY id')
+    # Batch 2 missed: it and the next 4 were staged; batch 7, the next try, missed: it and
+    # the next 16 were staged; batches 24 and 25 went straight in again.
+    assert staged == list(range(2, 7)) + list(range(7, 24))
+    last = {k: i for i, pair in enumerate(keys) for k in pair}
+    rows = pg_schema.rows(f'SELECT id, batch FROM "{pg_schema.schema}".orders ORDER BY id')
     assert rows == sorted(last.items())
 
 
