@@ -9,9 +9,9 @@ window's results, say) is COPYed straight into the table, at the rate of an appe
 batch is first tried that way in a savepoint, and on a key already there that COPY is
 rolled back and the batch staged. After such a miss the next ``4**misses`` batches (at
 most 64) are staged without a try, so a stream of updates wastes one COPY in 64 batches
-(ADR 24). A batch is COPYed as one block of text, built column by column
-(:func:`copy_column`). Shape, widening, replay safety and retries are described in
-:mod:`dataflare.connectors.sql_writer`.
+(ADR 24). A batch is COPYed as text built column by column (:func:`copy_column`), in
+parts of :data:`COPY_PART` rows. Shape, widening, replay safety and retries are
+described in :mod:`dataflare.connectors.sql_writer`.
 """
 
 from __future__ import annotations

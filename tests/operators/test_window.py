@@ -511,7 +511,13 @@ def recovery_cfg(size: str = "10s", kind: str = "tumbling") -> WindowConfig:
 
 @pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
 @pytest.mark.parametrize("abort_at", [0, 1, 2, 4, 7, 14])
-def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, kind, abort_at):
+@pytest.mark.parametrize("chained", [False, True])
+def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, kind, abort_at, chained,
+                                                           monkeypatch):
+    import dataflare.operators.keyed as keyed
+
+    if chained:  # snapshots chain the changed groups from the first group on
+        monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 1)
     size = "3s" if kind == "session" else "10s"
     full = run_flow(window_flow(recovery_cfg(size, kind)), RECOVERY_BATCHES)
     init_db_dir(tmp_path, 1)
@@ -776,22 +782,3 @@ def test_snapshots_of_a_large_state_chain_the_changed_groups(kind, extra, ops, m
         return [rec for _, batch in s.process(more) + s.flush() for rec in batch]
 
     assert canon(rest_of(op_.build(shard.snapshot()))) == canon(rest_of(shard))
-
-
-@pytest.mark.parametrize("kind", ["tumbling", "sliding", "session"])
-@pytest.mark.parametrize("abort_at", [3, 9, 14])
-def test_resume_from_chained_snapshots_gives_the_uninterrupted_output(tmp_path, kind, abort_at,
-                                                                      monkeypatch):
-    import dataflare.operators.keyed as keyed
-
-    monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 1)
-    size = "3s" if kind == "session" else "10s"
-    full = run_flow(window_flow(recovery_cfg(size, kind)), RECOVERY_BATCHES)
-    init_db_dir(tmp_path, 1)
-    rc = RecoveryConfig(str(tmp_path))
-    items = [*RECOVERY_BATCHES[:abort_at], TestingSource.ABORT(), *RECOVERY_BATCHES[abort_at:]]
-    build = window_flow(recovery_cfg(size, kind))
-    first = run_flow(build, items, epoch_interval=timedelta(0), recovery_config=rc)
-    second = run_flow(build, items, epoch_interval=timedelta(0), recovery_config=rc)
-    for name in ("down", "late"):
-        assert canon(first[name] + second[name]) == canon(full[name])
