@@ -365,7 +365,8 @@ class PostgresDialect(Dialect):
 
         Also notes whether ``key`` has a unique index that refuses a key already there at
         once (not deferred, not partial): ``ON CONFLICT`` would use it, and a COPY
-        straight into the table relies on it.
+        straight into the table relies on it (not tried with row-level security, which
+        COPY FROM does not support).
         """
         if self._staged is None:
             # The target's columns without its constraints: deletes stage only the key.
@@ -387,7 +388,9 @@ class PostgresDialect(Dialect):
                 "AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL "
                 "AND i.indexprs IS NULL AND (SELECT array_agg(a.attname::text ORDER BY "
                 "a.attname::text) FROM pg_attribute a WHERE a.attrelid = i.indrelid "
-                "AND a.attnum = ANY(i.indkey)) = %s",
+                "AND a.attnum = ANY(i.indkey)) = %s "
+                # COPY FROM refuses tables with row-level security (INSERT does not)
+                "AND NOT (SELECT c.relrowsecurity FROM pg_class c WHERE c.oid = i.indrelid)",
                 (self.target, sorted(key)),
             ).fetchone())
         return self._staged

@@ -750,3 +750,24 @@ def test_a_merge_straight_into_the_table_refuses_what_the_staged_one_would(
     assert [(f.record["id"], f.type) for f in failed] == [(4, "UniqueViolation")]
     rows = pg_schema.rows(f'SELECT id, email FROM "{pg_schema.schema}".users ORDER BY id')
     assert rows == [(1, "a@x"), (2, "b@x"), (3, "c@x")]
+
+
+def test_a_merge_into_a_table_with_row_level_security_is_staged(pg_schema: Any,
+                                                                 monkeypatch: Any) -> None:
+    """COPY FROM does not support row-level security: such a table is merged by INSERT."""
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".secured (id bigint PRIMARY KEY, v text)')
+        conn.execute(f'ALTER TABLE "{pg_schema.schema}".secured ENABLE ROW LEVEL SECURITY')
+    staged: list[int] = []
+    fill = PostgresDialect._fill_stage
+
+    def spy(self: Any, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        staged.append(len(rows))
+        fill(self, columns, rows)
+
+    monkeypatch.setattr(PostgresDialect, "_fill_stage", spy)
+    ctx = ctx_for(pg_schema, "secured", {"type": "merge", "merge_key": "id"})
+    assert run(ctx, [[{"id": 1, "v": "a"}, {"id": 2, "v": "b"}]]) == []
+    assert staged == [2]
+    assert pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".secured ORDER BY id') \
+        == [(1, "a"), (2, "b")]
