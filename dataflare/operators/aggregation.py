@@ -143,10 +143,13 @@ class _AggregationOp:
 
 # Group state: [acc, latest event time, history of (t, record) for trailing ranges].
 class _AggregationShard(ShardLogic):
+    keyed = "groups"
+
     def __init__(self, op: _AggregationOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume)
         self.op = op
         self.tree_state = not op.trailing  # the history of trailing ranges keeps records
+        self.tracks_keys = not op.trailing  # the history is pruned in every group
         if self.state is None:
             self.state = {"groups": {}, "seq": 0}
 
@@ -156,6 +159,7 @@ class _AggregationShard(ShardLogic):
         seq: int = self.state["seq"]
         keyf, timef, new, update = o.key, o.time, o.accs.new, o.accs.update
         keep_history = bool(o.trailing)
+        touched = self.touched
         errs: list[Failed] = []
         changed: dict[Any, list[Any]] = {}
         for batch in batches:
@@ -180,6 +184,8 @@ class _AggregationShard(ShardLogic):
                         g[2].append((t, rec))
                     if o.updates:
                         changed[key] = g
+                    if touched is not None:
+                        touched[key] = g
                 except (RecordError, TypeError) as exc:
                     errs.append(Failed.of(o.step_id, exc, rec))
         self.state["seq"] = seq
@@ -205,6 +211,7 @@ class _AggregationShard(ShardLogic):
         groups = self.state["groups"]
         down = [self.op.record(k, g) for k, g in groups.items()]
         self.state = {"groups": {}, "seq": 0}
+        self.touched = None
         return [(DOWN, down)] if down else []
 
 

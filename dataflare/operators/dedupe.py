@@ -101,6 +101,8 @@ class _DedupeShard(ShardLogic):
     """key -> start of its period; pruned as the shard's latest time moves on."""
 
     tree_state = True
+    tracks_keys = True
+    keyed = "seen"
 
     def __init__(self, op: _DedupeOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume)
@@ -130,6 +132,7 @@ class _DedupeShard(ShardLogic):
         seen: dict[Any, int] = self.state["seen"]
         latest: int = self.state["latest"]
         ttl, keyf, timef = o.ttl, o.key, o.time
+        touched = self.touched
         now = round(time.time() * US)
         down: list[Any] = []
         errs: list[Failed] = []
@@ -147,6 +150,8 @@ class _DedupeShard(ShardLogic):
                     dropped += 1
                     continue
                 seen[key] = t
+                if touched is not None:
+                    touched[key] = t
                 down.append(rec)
                 if t > latest:
                     latest = t
@@ -155,6 +160,7 @@ class _DedupeShard(ShardLogic):
             horizon = latest - 2 * ttl
             self.state["seen"] = {k: t0 for k, t0 in seen.items() if t0 > horizon}
             self.state["prune_at"] = latest + ttl
+            self.touched = None  # keys went: the next snapshot is whole
         if dropped:
             duplicates_dropped(o.step_id, dropped)
         return tagged(o.step_id, down, errs)

@@ -374,11 +374,13 @@ def dump_state(state: Any, tree: bool = False) -> bytes:
     return bytes(compressor.compress(blob))
 
 
-def load_state(blob: bytes) -> Any:
+def load_state(blob: bytes, keyed: str | None = None) -> Any:
     """The state of a snapshot (:func:`dump_state`; a plain pickle before 2026-12-04).
 
     A snapshot of several zstd frames is a chain (:meth:`ShardLogic._chained`): the first
-    holds a dict of the state's keys, each next one the keys changed since.
+    holds the state, each next one the keys changed since. ``keyed`` names the state's
+    dict of keys (``None``: the state is that dict); then a change is ``(the state's
+    other fields, the keys changed)``.
     """
     if blob[:4] != _ZSTD_FRAME:  # a pickle starts with its protocol, b"\x80"
         return pickle.loads(blob)  # noqa: S301 - the run's own snapshot
@@ -391,8 +393,12 @@ def load_state(blob: bytes) -> Any:
         blob = frame.unused_data
         if state is None:
             state = part
-            continue
-        state.update(part)
+        elif keyed is None:
+            state.update(part)
+        else:
+            fields, changed = part
+            state.update(fields)
+            state[keyed].update(changed)
     return state
 
 
@@ -433,8 +439,10 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
     tree_state = False
     """Whether ``state`` holds no object twice (see :func:`pickle_tree`)."""
     tracks_keys = False
-    """Whether ``state`` is a dict of keys and :meth:`process` puts each key it changes,
-    with its value, in ``touched`` while that is a dict (see :meth:`_chained`)."""
+    """Whether :meth:`process` puts each key it changes, with its value, in ``touched``
+    while that is a dict (see :meth:`_chained`)."""
+    keyed: str | None = None
+    """The field of the state (a dict) holding its dict of keys; ``None``: the state is it."""
 
     def __init__(
         self,
@@ -463,7 +471,7 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
                     f"{resume_advice(old, definition)}"
                 )
                 raise DefinitionChanged(msg)
-            self.state = load_state(blob)
+            self.state = load_state(blob, self.keyed)
 
     def process(self, batches: list[Any]) -> list[tuple[str, list[Any]]]:
         """Handle the sub-batches that arrived for this shard."""
@@ -500,21 +508,24 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         outgrow the whole. In the store each snapshot still holds all of it, so a resume
         needs nothing else; only the pickling of keys that did not change is saved.
         """
-        touched, state = self.touched, self.state
+        touched, state, keyed = self.touched, self.state, self.keyed
         if touched is None or not self._chain or self._changes > len(self._chain[0]):
             self._chain = [dump_state(state, self.tree_state)]
             self._changes = 0
         else:
-            part = dump_state(touched, self.tree_state)
+            change = touched if keyed is None else (
+                {k: v for k, v in state.items() if k != keyed}, touched)
+            part = dump_state(change, self.tree_state)
             self._chain.append(part)
             self._changes += len(part)
-        large = self.tracks_keys and len(state) >= CHAIN_MIN_KEYS
+        keys = state if keyed is None else state[keyed]
+        large = self.tracks_keys and len(keys) >= CHAIN_MIN_KEYS
         self.touched = {} if large else None
         return self._chain[0] if len(self._chain) == 1 else b"".join(self._chain)
 
     def snapshot_rows(self, blob: bytes) -> list[tuple[Any, dict[str, Any]]]:
         """:meth:`view_rows` of the state a snapshot holds."""
-        return self.view_rows(load_state(blob))
+        return self.view_rows(load_state(blob, self.keyed))
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[tuple[str, list[Any]]], bool]:
         """Bytewax entry: a list of sub-batches."""

@@ -179,7 +179,13 @@ def test_count_distinct_tells_true_from_one():
 
 
 @pytest.mark.parametrize("abort_at", [0, 1, 3, 6])
-def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, abort_at):
+@pytest.mark.parametrize("chained", [False, True])
+def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, abort_at, chained,
+                                                           monkeypatch):
+    import dataflare.operators.keyed as keyed
+
+    if chained:  # snapshots chain the changed groups from the first group on
+        monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 1)
     recs = [{"k": i % 4, "v": i, "ts": i} for i in range(40)]
     batches = [recs[i : i + 5] for i in range(0, 40, 5)]
     cfg = AggregationConfig.model_validate({"group_by": "k", "aggregations": AGGS})
@@ -253,3 +259,21 @@ def test_builder_emits_updates_for_unbounded_sources():
         )["down"]
         assert len(got) == emits
         assert {(r["k"], r["count"]) for r in got} >= {(1, 2), (2, 1)}
+
+
+@pytest.mark.parametrize("emit", ["final", "updates"])
+def test_chained_snapshots_resume_to_the_state_they_were_taken_from(emit, monkeypatch):
+    import dataflare.operators.keyed as keyed
+    from dataflare.operators.aggregation import _AggregationOp
+
+    monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 2)
+    cfg = AggregationConfig.model_validate({"group_by": "k", "aggregations": AGGS})
+    op_ = _AggregationOp("agg", cfg, emit, 16)
+    shard = op_.build(None)
+    chains = []
+    for i in range(12):
+        shard.process([[{"k": (i * 3 + j) % 7, "v": i * 10 + j, "ts": i} for j in range(3)]])
+        snap = shard.snapshot()
+        chains.append(len(shard._chain))
+        assert op_.build(snap).state == shard.state, i
+    assert max(chains) > 2

@@ -106,7 +106,13 @@ def test_arrival_time_ttl():
 
 
 @pytest.mark.parametrize("abort_at", [0, 2, 5])
-def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, abort_at):
+@pytest.mark.parametrize("chained", [False, True])
+def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, abort_at, chained,
+                                                           monkeypatch):
+    import dataflare.operators.keyed as keyed
+
+    if chained:  # snapshots chain the changed keys from the first key on
+        monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 1)
     recs = [{"a": i % 5, "ts": i} for i in range(40)]
     batches = [recs[i : i + 4] for i in range(0, 40, 4)]
     cfg = DedupeConfig.model_validate({"keys": "a", "ttl": "12s", "time_field": "ts"})
@@ -142,3 +148,20 @@ def test_dropped_repeats_are_counted_in_a_metric():
     cfg = DedupeConfig.model_validate({"keys": "a"})
     assert len(run_flow(dedupe_flow(cfg), [[{"a": 1}, {"a": 1}, {"a": 1}]])["down"]) == 1
     assert value(DUPLICATES_DROPPED, step="dd") == before + 2
+
+
+def test_chained_snapshots_resume_to_the_state_they_were_taken_from(monkeypatch):
+    import dataflare.operators.keyed as keyed
+    from dataflare.operators.dedupe import _DedupeOp
+
+    monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 2)
+    cfg = DedupeConfig.model_validate({"keys": "a", "ttl": "20s", "time_field": "ts"})
+    op_ = _DedupeOp("dd", cfg, 16)
+    shard = op_.build(None)
+    chains = []
+    for i in range(30):  # keys come back after the ttl, and old ones are pruned
+        shard.process([[{"a": (i * 3 + j) % 11, "ts": i * 4 + j} for j in range(3)]])
+        snap = shard.snapshot()
+        chains.append(len(shard._chain))
+        assert op_.build(snap).state == shard.state, i
+    assert max(chains) > 2 and 1 in chains[5:]  # chained, and whole again after a prune
