@@ -538,7 +538,7 @@ def run_w6(args: argparse.Namespace, servers: str) -> None:
            "w6-recovery-off", "row")
     off = statistics.median(r["wall"] for r in results["w6-recovery-off"])
     on = statistics.median(r["wall"] for r in results["w6-recovery-on"])
-    print(f"  recovery on costs {1 - off / on:.0%} of throughput (target <= 30%)")
+    print(f"  recovery on costs {1 - off / on:.0%} of throughput (target <= 10%)")
 
 
 def main() -> None:
@@ -576,7 +576,10 @@ def main() -> None:
             servers = broker.bootstrap_servers
             broker.create_topic("events", partitions=3)
             t0 = time.perf_counter()
-            produce_records(servers, "events", events(args.events), partitions=3)
+            # Keyed by user: each user's events stay in time order in one partition, so
+            # W6's window sees no late event and every run writes the same rows.
+            evs = list(events(args.events))
+            produce_records(servers, "events", evs, key=lambda i: evs[i]["user_id"].encode())
             print(f"produced {args.events:,} events in {time.perf_counter() - t0:.1f} s")
             if args.only in (None, "w1"):
                 run_w1(args, broker)
