@@ -341,9 +341,15 @@ class _JoinOp:
             self.definition["time_field"] = list(times)
             self.definition["time_unit"] = cfg.time_unit
         if self.size:
+            sides = ((LEFT, lk, times[0]), (RIGHT, rk, times[1]))
             self.ingest = {
                 side: _compile_ingest(self, packer, side, paths, time_path, cfg.time_unit)
-                for side, paths, time_path in ((LEFT, lk, times[0]), (RIGHT, rk, times[1]))
+                for side, paths, time_path in sides
+            }
+            self.ingest_touching = {
+                side: _compile_ingest(self, packer, side, paths, time_path, cfg.time_unit,
+                                      touching=True)
+                for side, paths, time_path in sides
             }
 
     def pairs(self, lefts: list[Any], rights: list[Any], out: list[dict[str, Any]]) -> None:
@@ -615,8 +621,13 @@ for k in range((t - {size}) // {slide} + 1, t // {slide} + 1):
 
 
 def _compile_ingest(o: _JoinOp, packer: _Packer, side: str, key_paths: tuple[str, ...],
-                    time_path: str | None, time_unit: str) -> Callable[..., None]:
-    """The generated loop of a tumbling or sliding join over one side's records."""
+                    time_path: str | None, time_unit: str, touching: bool = False
+                    ) -> Callable[..., None]:
+    """The generated loop of a tumbling or sliding join over one side's records.
+
+    ``touching``: the loop also puts each key it changes in ``touched`` (for
+    :attr:`ShardLogic.tracks_keys`).
+    """
     env: dict[str, Any] = {
         "_NEVER": _NEVER, "_unmatched": o.unmatched, "_failed": Failed.of, "_step": o.step_id,
         "_unhashable": _unhashable, "RecordError": RecordError, "_not_an_object": not_an_object,
@@ -631,12 +642,20 @@ def _compile_ingest(o: _JoinOp, packer: _Packer, side: str, key_paths: tuple[str
     place = place.format(size=o.size, slide=o.slide, i=0 if side == LEFT else 1)
     code = _WINDOW_JOIN_INGEST.format(extract=extract, side=side, lateness=o.lateness,
                                       place=indent(place, " " * 8))
+    if touching:
+        code = code.replace("errs, due):", "errs, due, touched):", 1).replace(
+            "\n        wins = g[2]\n", "\n        touched[key] = g\n        wins = g[2]\n", 1)
+        if "touched[key] = g" not in code:
+            msg = "a join's ingest loop reads a key's windows once"
+            raise AssertionError(msg)
     exec(compile(code, f"<join {o.step_id} {side}>", "exec"), env)  # noqa: S102
     return env["ingest"]
 
 
 class _WindowJoinShard(ShardLogic):
     """Tumbling and sliding windowed joins: per key, window start -> [lefts, rights]."""
+
+    tracks_keys = True  # a key's windows close only when a record of the key arrives
 
     def __init__(self, op: _JoinOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume)
@@ -652,8 +671,12 @@ class _WindowJoinShard(ShardLogic):
         late: list[Any] = []
         errs: list[Failed] = []
         due: set[Any] = set()
+        touched = self.touched
         for side, batch in batches:
-            o.ingest[side](keys, batch, down, late, errs, due)
+            if touched is None:
+                o.ingest[side](keys, batch, down, late, errs, due)
+            else:  # the keys changed go to the next snapshot
+                o.ingest_touching[side](keys, batch, down, late, errs, due, touched)
         for key in due:
             g = keys[key]
             wins = g[2]
@@ -676,6 +699,7 @@ class _WindowJoinShard(ShardLogic):
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
         state, self.state = self.state, {}
+        self.touched = None
         while state:  # each key's records are freed as its output is made
             for lefts, rights in state.popitem()[1][2].values():
                 self.op.pairs(lefts, rights, down)

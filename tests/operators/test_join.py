@@ -432,7 +432,13 @@ def test_lookup_bootstrap_timeout_releases_waiting_records():
 
 
 @pytest.mark.parametrize("abort_at", [0, 1, 3, 5])
-def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, abort_at):
+@pytest.mark.parametrize("chained", [False, True])
+def test_resume_after_abort_gives_the_uninterrupted_output(tmp_path, abort_at, chained,
+                                                           monkeypatch):
+    import dataflare.operators.keyed as keyed
+
+    if chained:  # snapshots chain the changed keys from the first key on
+        monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 1)
     items = []
     for i in range(8):
         side = "L" if i % 3 else "R"
@@ -598,3 +604,37 @@ def test_kafka_orders_meet_a_mysql_table_loaded_first(
     assert len(rows) == 40
     assert sorted((r["order"], r.get("name")) for r in rows) == [
         (n, f"c{n % 20}") for n in range(40)]  # every order enriched (0 of 40 before)
+
+
+@pytest.mark.parametrize("window", [{"type": "tumbling", "size": "6s"},
+                                    {"type": "sliding", "size": "6s", "slide": "2s"}])
+def test_chained_join_snapshots_resume_to_the_state_they_were_taken_from(window, monkeypatch):
+    import dataflare.operators.keyed as keyed
+    from dataflare.operators.join import _JoinOp
+
+    monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 2)
+    cfg = JoinConfig.model_validate({"join_key": "k", "join_type": "full", "window": window,
+                                     "time_field": "ts", "allowed_lateness": "3s"})
+    op_ = _JoinOp("j", cfg, 16, None)
+    shard = op_.build(None)
+    chains = []
+    for i in range(12):
+        side = "left" if i % 3 else "right"
+        shard.process([(side, [{"k": (i + j) % 5, "ts": i * 2 + j, "n": i} for j in range(3)])])
+        snap = shard.snapshot()
+        chains.append(len(shard._chain))
+        assert plain(op_.build(snap).state) == plain(shard.state), i
+    assert max(chains) > 2
+
+
+def plain(state: Any) -> Any:
+    """``state`` with its held records' shapes as their field names (a Shape has no ==)."""
+    from dataflare.operators.join import Shape
+
+    if isinstance(state, Shape):
+        return ("shape", state.names)
+    if isinstance(state, dict):
+        return {k: plain(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return [plain(v) for v in state]
+    return state
