@@ -709,6 +709,8 @@ class _WindowJoinShard(ShardLogic):
 class _SessionJoinShard(ShardLogic):
     """Session joins: per key a list of [start, last, lefts, rights], by start."""
 
+    tracks_keys = True  # a key's sessions close only when a record of the key arrives
+
     def __init__(self, op: _JoinOp, resume: Any) -> None:
         super().__init__(op.step_id, op.definition, resume)
         self.op = op
@@ -723,6 +725,7 @@ class _SessionJoinShard(ShardLogic):
         late: list[Any] = []
         errs: list[Failed] = []
         due: set[Any] = set()
+        touched = self.touched
         for side, batch in batches:
             keyf, timef = o.keys[side], o.times[side]
             i = 2 if side == LEFT else 3
@@ -745,6 +748,8 @@ class _SessionJoinShard(ShardLogic):
                 elif t < g[1]:
                     late.append(rec)
                     continue
+                if touched is not None:
+                    touched[key] = g
                 ss: list[list[Any]] = g[2]
                 near = [s for s in ss if s[0] - gap < t < s[1] + gap]
                 s: list[Any]
@@ -793,6 +798,7 @@ class _SessionJoinShard(ShardLogic):
     def flush(self) -> list[tuple[str, list[Any]]]:
         down: list[dict[str, Any]] = []
         state, self.state = self.state, {}
+        self.touched = None
         while state:  # each key's records are freed as its output is made
             for s in state.popitem()[1][2]:
                 self.op.pairs(s[2], s[3], down)

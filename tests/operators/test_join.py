@@ -607,7 +607,8 @@ def test_kafka_orders_meet_a_mysql_table_loaded_first(
 
 
 @pytest.mark.parametrize("window", [{"type": "tumbling", "size": "6s"},
-                                    {"type": "sliding", "size": "6s", "slide": "2s"}])
+                                    {"type": "sliding", "size": "6s", "slide": "2s"},
+                                    {"type": "session", "gap": "3s"}])
 def test_chained_join_snapshots_resume_to_the_state_they_were_taken_from(window, monkeypatch):
     import dataflare.operators.keyed as keyed
     from dataflare.operators.join import _JoinOp
