@@ -563,7 +563,7 @@ def _unhashable(exc: BaseException) -> RecordError:
 # tumbling window is placed without a loop. Key state: [max_t, late_before, windows,
 # next_end]; a window is [lefts, rights].
 _WINDOW_JOIN_INGEST = """
-def ingest(keys, batch, down, late, errs, due):
+def ingest(keys, batch, down, late, errs, due{touched}):
     for rec in batch:
         try:
 {extract}
@@ -585,6 +585,7 @@ def ingest(keys, batch, down, late, errs, due):
         elif t < g[1]:
             late.append(rec)
             continue
+{touch}
         wins = g[2]
         if rec.__class__ is dict:
             ks = tuple(rec)
@@ -640,14 +641,10 @@ def _compile_ingest(o: _JoinOp, packer: _Packer, side: str, key_paths: tuple[str
     else:
         place = _SLIDING_STARTS.strip("\n") + "\n" + indent(body, " " * 4)
     place = place.format(size=o.size, slide=o.slide, i=0 if side == LEFT else 1)
-    code = _WINDOW_JOIN_INGEST.format(extract=extract, side=side, lateness=o.lateness,
-                                      place=indent(place, " " * 8))
-    if touching:
-        code = code.replace("errs, due):", "errs, due, touched):", 1).replace(
-            "\n        wins = g[2]\n", "\n        touched[key] = g\n        wins = g[2]\n", 1)
-        if "touched[key] = g" not in code:
-            msg = "a join's ingest loop reads a key's windows once"
-            raise AssertionError(msg)
+    code = _WINDOW_JOIN_INGEST.format(
+        extract=extract, side=side, lateness=o.lateness, place=indent(place, " " * 8),
+        touched=", touched" if touching else "",
+        touch=" " * 8 + "touched[key] = g" if touching else "")
     exec(compile(code, f"<join {o.step_id} {side}>", "exec"), env)  # noqa: S102
     return env["ingest"]
 

@@ -334,7 +334,7 @@ def _explain(exc: BaseException, step_id: str) -> BaseException:
 # The per-step loops below are generated once per step: key and time extraction and the
 # aggregate updates are inlined, so a record costs no Python call in the common case.
 _WINDOWS_INGEST = """
-def ingest(groups, batches, late, errs, down):
+def ingest(groups, batches, late, errs, down{touched}):
     for batch in batches:
         for rec in batch:
             try:
@@ -345,6 +345,7 @@ def ingest(groups, batches, late, errs, down):
                 elif t < g[1]:
                     late.append(rec)
                     continue
+{touch}
 {place}
                 if t > g[0]:
                     g[0] = t
@@ -408,7 +409,7 @@ for s in range(last - (last - t + {size} - 1) // {slide} * {slide}, last + 1, {s
 # merge of its panes when it closes (Flink's slicing). The group state then holds the
 # panes and, in slot 4, the start of the next window to emit.
 _PANES_INGEST = """
-def ingest(groups, batches, late, errs, down):
+def ingest(groups, batches, late, errs, down{touched}):
     for batch in batches:
         for rec in batch:
             try:
@@ -419,6 +420,7 @@ def ingest(groups, batches, late, errs, down):
                 elif t < g[1]:
                     late.append(rec)
                     continue
+{touch}
                 wins = g[2]
                 p = t - t % {pane}
                 acc = wins.get(p)
@@ -465,7 +467,7 @@ def ingest(groups, batches, late, errs, down):
 """
 
 _SESSIONS_INGEST = """
-def ingest(groups, batches, late, errs, down):
+def ingest(groups, batches, late, errs, down{touched}):
     for batch in batches:
         for rec in batch:
             try:
@@ -476,6 +478,7 @@ def ingest(groups, batches, late, errs, down):
                 elif t < g[1]:
                     late.append(rec)
                     continue
+{touch}
                 ss = g[2]
                 if not ss or t - ss[-1][1] >= {gap}:
                     acc = {new}
@@ -537,6 +540,10 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig, touching: bool = False) -> 
         RecordError=RecordError,
     )
 
+    # ``touching``: a parameter ``touched`` and a line putting the record's group in it.
+    tracking = {"touched": ", touched" if touching else "",
+                "touch": " " * 16 + "touched[key] = g" if touching else ""}
+
     def row(start: str, end: str) -> str:
         if o.output.flat:
             return (
@@ -568,6 +575,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig, touching: bool = False) -> 
             new=o.accs.new_code,
             merge="\n".join(indent_code(o.accs.merge_code or "", " " * 36)),
             emit=emit("s", f"s + {o.size}", 32),
+            **tracking,
         )
     elif o.session:
         update = "\n".join(indent_code(o.accs.update_code, " " * 20))
@@ -578,6 +586,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig, touching: bool = False) -> 
             late_bound=f"t - {o.lateness}" if o.lateness else "t",
             emit=emit("s[0]", "s[1]", 28),
             new=o.accs.new_code,
+            **tracking,
         )
     else:
         place = _PLACE.format(
@@ -594,16 +603,8 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig, touching: bool = False) -> 
             late_bound=f"t - {o.lateness}" if o.lateness else "t",
             size=o.size,
             emit=emit("s", f"s + {o.size}", 28),
+            **tracking,
         )
-    if touching:
-        parts = code.split("\n                g = groups.get(key)\n")
-        if len(parts) != 2:
-            msg = "a window's ingest loop reads its group once"
-            raise AssertionError(msg)
-        code = (parts[0].replace("down):", "down, touched):")
-                + "\n                g = groups.get(key)\n                if g is not None:\n"
-                + "                    touched[key] = g\n"
-                + parts[1].replace("g = groups[key] = [", "g = groups[key] = touched[key] = [", 1))
     exec(compile(code, f"<window {o.step_id}>", "exec"), env)  # noqa: S102
     return env["ingest"]
 
