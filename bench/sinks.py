@@ -303,10 +303,13 @@ def w5_destination(kind: str, target: str, rows: list[dict[str, Any]],
                        models.Workflow(), ROOT)
 
     def run() -> int:
+        from dataflare.dsl_compiler.compiler import tune_gc
+
         batches = [rows[i:i + 10_000] for i in range(0, len(rows), 10_000)]
         flow = Dataflow("w5")
         up = op.input("windows", flow, TestingSource(batches))
         op.output("failed", build(ctx, up), TestingSink([]))
+        tune_gc()  # as ``dataflare run`` collects (compile_file)
         run_main(flow)
         return len(rows)
 
