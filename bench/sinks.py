@@ -292,6 +292,9 @@ def w5_destination(kind: str, target: str, rows: list[dict[str, Any]],
 
         config: dict[str, Any] = {"dsn": PG_DSN, "schema": target, "table": "merged"}
     else:
+        import duckdb  # noqa: F401 - imported before the run, as the reference's
+        import pyarrow  # noqa: F401
+
         from dataflare.connectors.duckdb import DuckDBDestinationConfig as Config  # type: ignore[assignment]
         from dataflare.connectors.duckdb import build_duckdb_destination as build
 

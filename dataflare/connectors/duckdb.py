@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ LOGICAL = {
     "REAL": FLOAT,
     "JSON": JSON,
 }
+_TEXT_AS_IS = frozenset({str, type(None)})
+"""Types a text column's Arrow array takes as they are (others: :func:`text_value`)."""
 
 
 class DuckDBDestinationConfig(Strict):
@@ -171,13 +174,14 @@ class DuckDBDialect(Dialect):
         arrays = []
         for c in columns:
             kind = self.types.get(c, TEXT)
-            values = [row.get(c) for row in rows]
+            values = list(map(dict.get, rows, repeat(c)))
             if kind == JSON:
                 values = [None if v is None else orjson.dumps(v, default=str).decode()
                           for v in values]
                 arrays.append(pa.array(values, pa.string()))
             elif kind == TEXT:
-                values = [None if v is None else text_value(v) for v in values]
+                if not set(map(type, values)) <= _TEXT_AS_IS:
+                    values = [None if v is None else text_value(v) for v in values]
                 arrays.append(pa.array(values, pa.string()))
             else:
                 arrow_type = {INT: pa.int64(), FLOAT: pa.float64(), BOOL: pa.bool_()}[kind]

@@ -723,6 +723,9 @@ class TableWriter:
 
     @staticmethod
     def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
+        """The fields of ``rows``, in the order they first appear."""
+        if rows and len(set().union(*rows)) == len(rows[0]):
+            return list(rows[0])  # every row has (at most) the first one's fields
         return list(dict.fromkeys(chain.from_iterable(rows)))
 
     def write_flush(self, flush: Flush) -> list[Failed]:

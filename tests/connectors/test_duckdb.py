@@ -152,3 +152,20 @@ def test_a_constraint_violation_fails_its_record_alone(tmp_path: Path) -> None:
             with duckdb.connect(str(tmp_path / "dw" / "warehouse.duckdb")) as conn:
                 conn.execute("DELETE FROM events")
     assert query(tmp_path, "SELECT id, qty FROM events ORDER BY id") == [(1, 1), (3, 3)]
+
+
+def test_a_text_column_takes_other_values_as_text(tmp_path: Path) -> None:
+    ctx = ctx_for(tmp_path)
+    run(ctx, [[{"id": 1, "note": "plain"}]])
+    run(ctx, [[{"id": 2, "note": 5}, {"id": 3, "note": {"a": [1]}}, {"id": 4, "note": None},
+               {"id": 5, "note": True}, {"id": 6}]])
+    assert query(tmp_path, "SELECT id, note FROM events ORDER BY id") == [
+        (1, "plain"), (2, "5"), (3, '{"a":[1]}'), (4, None), (5, "True"), (6, None)]
+
+
+def test_the_columns_of_a_batch_are_its_fields_in_order_of_appearance() -> None:
+    columns = TableWriter._columns_of
+    assert columns([]) == []
+    assert columns([{"a": 1, "b": 2}, {"b": 3}, {}]) == ["a", "b"]
+    assert columns([{"a": 1}, {"b": 2, "a": 1}]) == ["a", "b"]
+    assert columns([{"a": 1, "b": 2}, {"a": 1, "c": 2}]) == ["a", "b", "c"]
