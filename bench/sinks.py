@@ -573,6 +573,7 @@ def main() -> None:
     global GC_THRESHOLD
     GC_THRESHOLD = args.gc_threshold
     gc_text = f"gc threshold {args.gc_threshold}" if args.gc_threshold else "default gc"
+    gc_text += " (W5's DataFlare runs: tune_gc, as dataflare run)"
     print(f"events: {args.events:,}, runs: {args.runs}, cpus: {os.cpu_count()}, {gc_text}")
     if args.only in (None, "w1", "w6"):
         from dataflare.broker import LocalBroker
