@@ -244,6 +244,35 @@ def read_snapshots(directory: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def saved_keys(directory: Path) -> dict[str, set[str]]:
+    """The state keys a resume from ``directory`` hands out, by step id (nothing unpickled)."""
+    resume = committed_epoch(directory)
+    latest: dict[tuple[str, str], tuple[int, bool]] = {}
+    for part in sorted(directory.glob("*.sqlite3")):
+        with closing(sqlite3.connect(f"file:{part}?mode=ro", uri=True)) as db:
+            for step, key, epoch, discarded in db.execute(
+                    "SELECT step_id, state_key, snap_epoch, ser_change IS NULL FROM snaps"):
+                if (resume is None or epoch <= resume) and (
+                        (step, key) not in latest or epoch > latest[(step, key)][0]):
+                    latest[(step, key)] = (epoch, bool(discarded))
+    out: dict[str, set[str]] = {}
+    for (step, key), (_, discarded) in latest.items():
+        if not discarded:
+            out.setdefault(step, set()).add(key)
+    return out
+
+
+def resume_blocks(flow: Any, directory: Path) -> list[str]:
+    """Why ``flow`` cannot resume from ``directory``: partitions whose saved state it lacks.
+
+    Bytewax would stop the run with a panic naming only the state key; this says which
+    source or destination, as ``dataflare plan`` does.
+    """
+    saved = {step: dict.fromkeys(keys) for step, keys in saved_keys(directory).items()}
+    return [f"{c.what} {c.component!r}: {c.detail}"
+            for c in _partition_changes(flow, saved, {}, []) if c.verdict == "blocks"]
+
+
 def _is_shard_state(state: Any) -> bool:
     return (isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict)
             and isinstance(state[1], bytes))
@@ -440,8 +469,9 @@ def _partition_changes(flow: Any, saved: dict[str, dict[str, Any]], moved: dict[
             out.append(Change(kind, cid, "blocks",
                               f"{prefix}the saved state of {', '.join(lost)} belongs to "
                               f"partitions it no longer has ({', '.join(parts) or 'none'}): "
-                              "the resume is refused; start with a fresh recovery directory "
-                              "(a new run then starts from the beginning)", unsafe=True))
+                              "the resume is refused; restore the previous setting, or start "
+                              "with a fresh recovery directory (a new run then starts from "
+                              "the beginning)", unsafe=True))
         elif what:
             out.append(Change(kind, cid, "reused",
                               f"{what}: the saved positions of {', '.join(held)} are applied "

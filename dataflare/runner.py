@@ -31,7 +31,7 @@ from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 from dataflare.logs import CONTEXT, json_mode, say
 from dataflare.operators.keyed import run_recovery
-from dataflare.plan import committed_epoch, record_workflow, restore_record
+from dataflare.plan import committed_epoch, record_workflow, restore_record, resume_blocks
 from dataflare.secrets import scrub, scrub_bytes
 
 
@@ -363,6 +363,10 @@ def _run(opts: RunOptions) -> RunResult:
         if not run_id.exists():
             run_id.write_text((os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex) + "\n")
         os.environ[RUN_ID_ENV] = run_id.read_text().strip()
+        if committed_epoch(directory) is not None:
+            blocks = resume_blocks(flow, directory)
+            if blocks:
+                return _refused(f"cannot resume from {directory}: " + "; ".join(blocks))
         recovery = RecoveryConfig(str(directory), timedelta(seconds=opts.backup_interval))
     kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
     if opts.addresses:

@@ -271,10 +271,11 @@ def test_a_changed_source_topic_blocks_the_resume(case: Case, kafka_topic: Any) 
                                         f"longer has ({other}#0)")
     assert changes(plan, "state")["per_minute"]["verdict"] == "resumes"
 
-    result = case.resume()  # what the plan said: bytewax refuses the saved partition
+    result = case.resume()  # what the plan said, before bytewax would panic on the key
     assert result.status == "failed"
-    assert f'Key StateKey("{case.topic}#0") is not in this worker\'s routing map' in str(
-        result.error)
+    assert f"source 'events': the saved state of {case.topic}#0 belongs to partitions it " \
+        f"no longer has ({other}#0)" in str(result.error)
+    assert "StateKey" not in str(result.error)
     assert case.count("raw") == len(FIRST)
 
 
@@ -370,7 +371,14 @@ workflow:
     assert (f"! destination 'out' blocks: the saved state of {tmp_path}/out.jsonl belongs "
             f"to partitions it no longer has ({tmp_path}/out2.jsonl)") in out.stdout
     result = dataflare.run(flow, recovery_dir=rec, quiet=True)
-    assert result.status == "failed" and "out.jsonl" in str(result.error)
+    assert result.status == "failed"
+    assert str(result.error) == (
+        f"cannot resume from {rec}: destination 'out': the saved state of "
+        f"{tmp_path}/out.jsonl belongs to partitions it no longer has "
+        f"({tmp_path}/out2.jsonl): the resume is refused; restore the previous setting, or "
+        "start with a fresh recovery directory (a new run then starts from the beginning)")
+    flow.write_text(text)  # the previous setting resumes
+    assert dataflare.run(flow, recovery_dir=rec, quiet=True).ok
 
 
 def test_a_plan_that_cannot_be_made_says_why(tmp_path: Path) -> None:

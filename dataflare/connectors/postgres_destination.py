@@ -457,6 +457,12 @@ class PostgresDialect(Dialect):
                 msg = (f"{self.describe()} has no primary key or unique index on "
                        f"({', '.join(key)}), which merge_key needs")
                 raise RuntimeError(msg) from exc
+            except psycopg.errors.ObjectNotInPrerequisiteState as exc:  # not transient
+                msg = (f"{self.describe()}: the unique constraint on ({', '.join(key)}) is "
+                       "DEFERRABLE, which a merge cannot use (PostgreSQL's ON CONFLICT "
+                       "needs an immediate one); make it NOT DEFERRABLE or add a unique "
+                       f"index on ({', '.join(key)})")
+                raise RuntimeError(msg) from exc
 
     def _fill_stage(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
         """COPY ``rows`` into the staging table, emptied first when this transaction used it."""

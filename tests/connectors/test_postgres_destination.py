@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import bytewax.operators as op
 import pytest
@@ -484,6 +485,27 @@ def test_merge_into_a_table_without_the_key_index_says_so(pg_schema: Any) -> Non
         causes.append(str(exc))
         exc = exc.__cause__
     assert any("has no primary key or unique index on (id)" in c for c in causes), causes
+
+
+def test_merge_on_a_deferrable_key_constraint_says_so_at_once(pg_schema: Any) -> None:
+    """ON CONFLICT refuses a deferrable arbiter (SQLSTATE 55000): not retried as transient."""
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".deferred (id bigint, v text, '
+                     "CONSTRAINT deferred_id UNIQUE (id) DEFERRABLE INITIALLY IMMEDIATE)")
+    ctx = ctx_for(pg_schema, "deferred", {"type": "merge", "merge_key": "id"})
+    retries: list[int] = []
+    with patch("dataflare.connectors.sql_writer.TableWriter._reconnect",
+               lambda self, exc=None: retries.append(1)), \
+            pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run(ctx, [[{"id": 1, "v": "a"}]])
+    causes = []
+    exc: BaseException | None = info.value
+    while exc is not None:
+        causes.append(str(exc))
+        exc = exc.__cause__
+    assert any("step 'warehouse'" in c and "unique constraint on (id) is DEFERRABLE" in c
+               for c in causes), causes
+    assert retries == []
 
 
 def test_a_missing_schema_is_created(pg_schema: Any) -> None:
