@@ -482,6 +482,9 @@ class TableWriter:
             written = call_with_retry(what, lambda: self._commit(items, empty, run),
                                       self.retry, transient=self.db.transient,
                                       on_retry=self._reconnect)
+        except self.db.transient as exc:  # every retry failed: the run stops, saying where
+            msg = f"{what} failed: {type(exc).__name__}: {exc}"
+            raise RuntimeError(msg) from exc
         except _Refused as exc:
             if not self.split_refusals:  # the run stops: the batch waits for the resume
                 raise RuntimeError(str(exc)) from exc.__cause__

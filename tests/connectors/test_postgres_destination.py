@@ -508,6 +508,23 @@ def test_merge_on_a_deferrable_key_constraint_says_so_at_once(pg_schema: Any) ->
     assert retries == []
 
 
+def test_a_write_that_fails_after_every_retry_names_the_step_and_table() -> None:
+    config = {"dsn": "postgresql://postgres@127.0.0.1:1/test", "table": "t"}  # nothing listens
+    ctx = BuildContext("warehouse", "destination", models.Destination(type="postgres",
+                                                                      config=config),
+                       PostgresDestinationConfig(**config),
+                       models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY)), Path("."))
+    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run(ctx, [[{"id": 1}]])
+    causes = []
+    exc: BaseException | None = info.value
+    while exc is not None:
+        causes.append(str(exc))
+        exc = exc.__cause__
+    assert any(c.startswith("step 'warehouse': write to postgres table public.t failed: "
+                            "OperationalError: ") for c in causes), causes
+
+
 def test_a_missing_schema_is_created(pg_schema: Any) -> None:
     schema = f"{pg_schema.schema}_new"
     config = {"dsn": pg_schema.dsn, "schema": schema, "table": "t"}
