@@ -1,6 +1,7 @@
 """PostgreSQL destination: COPY into the table or a staging table, one transaction per batch.
 
-``append`` and ``overwrite`` COPY straight into the table; ``merge`` COPYs into a
+``append`` and ``overwrite`` COPY straight into the table (through the staging table
+when it has row-level security, which ``COPY FROM`` does not support); ``merge`` COPYs into a
 temporary staging table and runs one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (and
 one ``DELETE ... USING`` for CDC deletes) per batch; a row the record would not change
 is left as it is (no new row version, no ``UPDATE`` trigger) where the columns' types
@@ -156,11 +157,23 @@ class PostgresDialect(Dialect):
         """Whether this transaction put rows in the staging table (a commit empties it)."""
         self._arbiter = False
         """Whether the target has an immediate unique index on exactly the merge key."""
+        self._secured: bool | None = None
+        """Whether the target has row-level security (``None``: not asked yet)."""
         self._misses = 0
         """Tries in a row of a COPY straight into the target that met a key already there."""
         self._staging = 0
         """Batches to stage before the next try of a COPY straight into the target."""
         self.types: dict[str, str] = {}
+
+    def refuses(self, exc: BaseException) -> bool:
+        """A bad value or violated constraint (SQLSTATE 22, 23), or a row a policy refuses.
+
+        A row-level security policy refuses a row with 42501, as a missing privilege does:
+        told apart by the message, so where the server's messages are not in English such
+        a row stops the run as a missing privilege does.
+        """
+        return super().refuses(exc) or (exc.__class__.__name__ == "InsufficientPrivilege"
+                                        and _ROW_SECURITY in str(exc))
 
     def describe(self) -> str:
         """``postgres table schema.table``."""
@@ -171,7 +184,7 @@ class PostgresDialect(Dialect):
         import psycopg
 
         self.conn = psycopg.connect(self.cfg.conninfo(), autocommit=True)
-        self._staged = None
+        self._staged = self._secured = None
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -184,7 +197,7 @@ class PostgresDialect(Dialect):
 
     def rolled_back(self) -> None:
         """The staging table may have gone with the transaction."""
-        self._staged = None
+        self._staged = self._secured = None
 
     def carried(self) -> SourceColumns | None:
         """The upstream table's columns (asked once)."""
@@ -315,8 +328,23 @@ class PostgresDialect(Dialect):
                 cp.write(("\n".join(lines) + "\n").encode(encoding))
 
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
-        """COPY the rows into the table."""
-        self._copy(self.target, columns, rows)
+        """COPY the rows into the table.
+
+        A table with row-level security is written through the staging table: ``COPY
+        FROM`` refuses it to a role its policies apply to.
+        """
+        if self._secured is None:
+            row = self.conn.execute("SELECT relrowsecurity FROM pg_class WHERE oid = "
+                                    "%s::regclass", (self.target,)).fetchone()
+            self._secured = bool(row and row[0])
+        if not self._secured:
+            self._copy(self.target, columns, rows)
+            return
+        self._stage(())
+        self._fill_stage(columns, rows)
+        collist = ", ".join(quote_ident(c) for c in columns)
+        self.conn.execute(f"INSERT INTO {self.target} ({collist}) SELECT {collist} "
+                          "FROM _dataflare_stage")
 
     def append_sifting(
         self, columns: list[str], rows: list[dict[str, Any]]
@@ -324,7 +352,8 @@ class PostgresDialect(Dialect):
         """COPY the rows as text into a scratch table, then insert each in a subtransaction.
 
         One server-side loop (a ``DO`` block) casts each row as COPY would and catches what
-        the table refuses (SQLSTATE classes 22 and 23), so finding 2,000 refused rows is
+        the table refuses (SQLSTATE classes 22 and 23, and rows a row-level security policy
+        refuses), so finding 2,000 refused rows is
         one pass, not a bisection of COPYs. Returns ``(index, error type, message)`` of
         each refused row.
         """
@@ -351,6 +380,9 @@ class PostgresDialect(Dialect):
             "DECLARE r record; BEGIN FOR r IN SELECT * FROM _dataflare_sift ORDER BY _i LOOP "
             f"BEGIN INSERT INTO {self.target} ({', '.join(names)}) VALUES ({values}); "
             "EXCEPTION WHEN data_exception OR integrity_constraint_violation THEN "
+            "INSERT INTO _dataflare_refused VALUES (r._i, SQLSTATE, SQLERRM); "
+            "WHEN insufficient_privilege THEN "
+            f"IF strpos(SQLERRM, '{_ROW_SECURITY}') = 0 THEN RAISE; END IF; "
             "INSERT INTO _dataflare_refused VALUES (r._i, SQLSTATE, SQLERRM); END; "
             "END LOOP; END"
         )
@@ -369,7 +401,9 @@ class PostgresDialect(Dialect):
         COPY FROM does not support).
         """
         if self._staged is None:
-            # The target's columns without its constraints: deletes stage only the key.
+            # The target's columns without its constraints: deletes stage only the key. It
+            # is made again after the target widens.
+            self.conn.execute("DROP TABLE IF EXISTS _dataflare_stage")
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS _dataflare_stage ON COMMIT DELETE ROWS "
                 f"AS SELECT * FROM {self.target} WITH NO DATA"
@@ -423,9 +457,6 @@ class PostgresDialect(Dialect):
         """One DELETE ... USING, then a COPY of new keys or one INSERT ... ON CONFLICT."""
         import psycopg
 
-        # The staging table mirrors the target; it is recreated after the target widens.
-        if self._staged is None:
-            self.conn.execute("DROP TABLE IF EXISTS _dataflare_stage")
         comparable = self._stage(key)
         stage = "_dataflare_stage"
         keycols = ", ".join(quote_ident(k) for k in key)
@@ -471,6 +502,9 @@ class PostgresDialect(Dialect):
         self._copy("_dataflare_stage", columns, rows)
         self._stage_filled = True
 
+
+_ROW_SECURITY = "row-level security policy"
+"""In PostgreSQL's message for a row a policy refuses (42501, like a missing privilege)."""
 
 COPY_PART = 2_000
 """Rows of a COPY made and sent at a time (see :meth:`PostgresDialect._copy`)."""

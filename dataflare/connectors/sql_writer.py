@@ -320,6 +320,10 @@ class Dialect(ABC):
     target: str
     types: dict[str, str]
 
+    def refuses(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a refusal of a record's values (see :attr:`refusals`)."""
+        return isinstance(exc, self.refusals)
+
     @abstractmethod
     def connect(self) -> None:
         """Open (or reopen) the connection."""
@@ -595,7 +599,7 @@ class TableWriter:
                 f"step {self.step!r}: writing {len(items)} record(s) to {self.db.describe()} "
                 f"failed: {type(exc).__name__}: {exc}"
             )
-            if isinstance(exc, self.db.refusals):
+            if self.db.refuses(exc):
                 raise _Refused(msg) from exc
             raise RuntimeError(msg) from exc
         return written

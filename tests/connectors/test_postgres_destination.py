@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from dataflare.connectors.postgres_destination import (
 from dataflare.connectors.sql_writer import TableWriter, prepare
 from dataflare.dsl_compiler import models
 from dataflare.registry import BuildContext
+from tests.fixtures.services import PgSchema
 
 FAST_RETRY = models.Retry(max_attempts=3, backoff=models.Backoff(initial=0.05, max=0.2))
 
@@ -46,6 +48,15 @@ def run(ctx: BuildContext, batches: list[list[Any]]) -> list[Any]:
     op.output("failed", build_postgres_destination(ctx, up), TestingSink(errors))
     run_main(flow)
     return [f for batch in errors for f in batch]
+
+
+def messages(exc: BaseException | None) -> list[str]:
+    """The messages of ``exc`` and of its causes (bytewax wraps what a step raised)."""
+    out = []
+    while exc is not None:
+        out.append(str(exc))
+        exc = exc.__cause__
+    return out
 
 
 def test_config_forms() -> None:
@@ -479,11 +490,7 @@ def test_merge_into_a_table_without_the_key_index_says_so(pg_schema: Any) -> Non
     ctx = ctx_for(pg_schema, "nokey", {"type": "merge", "merge_key": "id"})
     with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
         run(ctx, [[{"id": 1, "v": "a"}]])
-    causes = []
-    exc: BaseException | None = info.value
-    while exc is not None:
-        causes.append(str(exc))
-        exc = exc.__cause__
+    causes = messages(info.value)
     assert any("has no primary key or unique index on (id)" in c for c in causes), causes
 
 
@@ -498,11 +505,7 @@ def test_merge_on_a_deferrable_key_constraint_says_so_at_once(pg_schema: Any) ->
                lambda self, exc=None: retries.append(1)), \
             pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
         run(ctx, [[{"id": 1, "v": "a"}]])
-    causes = []
-    exc: BaseException | None = info.value
-    while exc is not None:
-        causes.append(str(exc))
-        exc = exc.__cause__
+    causes = messages(info.value)
     assert any("step 'warehouse'" in c and "unique constraint on (id) is DEFERRABLE" in c
                for c in causes), causes
     assert retries == []
@@ -516,11 +519,7 @@ def test_a_write_that_fails_after_every_retry_names_the_step_and_table() -> None
                        models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY)), Path("."))
     with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
         run(ctx, [[{"id": 1}]])
-    causes = []
-    exc: BaseException | None = info.value
-    while exc is not None:
-        causes.append(str(exc))
-        exc = exc.__cause__
+    causes = messages(info.value)
     assert any(c.startswith("step 'warehouse': write to postgres table public.t failed: "
                             "OperationalError: ") for c in causes), causes
 
@@ -810,3 +809,41 @@ def test_a_merge_into_a_table_with_row_level_security_is_staged(pg_schema: Any,
     assert staged == [2]
     assert pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".secured ORDER BY id') \
         == [(1, "a"), (2, "b")]
+
+
+@pytest.mark.parametrize("mode", ["append", "merge"])
+def test_a_table_with_row_level_security_takes_the_rows_its_policy_allows(
+        pg_schema: Any, mode: str) -> None:
+    """As a role the policy applies to: COPY FROM is refused it, and a row the policy refuses
+    fails alone (42501, like a missing privilege, which stops the run)."""
+    role = f"df_rls_{uuid.uuid4().hex[:8]}"
+    table = f'"{pg_schema.schema}".secured'
+    with pg_schema.connect() as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, tenant text)")
+        conn.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+        conn.execute(f"CREATE POLICY tenant_a ON {table} TO {role} USING (tenant = 'a') "
+                     "WITH CHECK (tenant = 'a')")
+        conn.execute(f'GRANT USAGE ON SCHEMA "{pg_schema.schema}" TO {role}')
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE ON {table} TO {role}")
+    try:
+        restricted = PgSchema(f"{pg_schema.dsn} user={role}", pg_schema.schema)
+        write_mode = {"type": "merge", "merge_key": "id"} if mode == "merge" else None
+        ctx = ctx_for(restricted, "secured", write_mode, on_error="skip")
+        failed = run(ctx, [[{"id": 1, "tenant": "a"}, {"id": 2, "tenant": "b"},
+                            {"id": 3, "tenant": "a"}]])
+        assert [(f.record["id"], f.type) for f in failed] == [(2, "InsufficientPrivilege")]
+        assert "row-level security policy" in failed[0].message
+        assert pg_schema.rows(f"SELECT id, tenant FROM {table} ORDER BY id") == [
+            (1, "a"), (3, "a")]
+        with pg_schema.connect() as conn:  # no privilege at all: the run stops
+            conn.execute(f"REVOKE INSERT, UPDATE ON {table} FROM {role}")
+        with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+            run(ctx, [[{"id": 4, "tenant": "a"}]])
+        causes = messages(info.value)
+        assert any("InsufficientPrivilege: permission denied" in c for c in causes), causes
+    finally:
+        with pg_schema.connect() as conn:
+            conn.execute(f"DROP TABLE {table}")
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
