@@ -443,13 +443,15 @@ def _partition_changes(flow: Any, saved: dict[str, dict[str, Any]], moved: dict[
     """
     out = []
     seen: set[str] = set()
-    for step, (kind, part) in sorted(_partitioned_steps(flow).items()):
+    steps = sorted(_partitioned_steps(flow).items())
+    holding = {_component(step) for step, _ in steps if saved.get(step)}
+    for step, (kind, part) in steps:
         cid = _component(step)
         seen.add(cid)
         what = moved.get(cid, "") if kind == "source" else ""
         held = sorted(saved.get(step, {}))
         if not held:
-            if what:
+            if what and cid not in holding:  # else said for the step holding the state
                 out.append(Change(kind, cid, "resets", f"{what}; no position is saved"))
             continue
         try:

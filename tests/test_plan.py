@@ -381,6 +381,29 @@ workflow:
     assert dataflare.run(flow, recovery_dir=rec, quiet=True).ok
 
 
+def test_a_changed_input_file_blocks_the_resume_once(tmp_path: Path) -> None:
+    for name in ("in.jsonl", "in2.jsonl"):
+        (tmp_path / name).write_text('{"k": "a"}\n{"k": "b"}\n')
+    flow = tmp_path / "wf.yaml"
+    text = """
+workflow:
+  id: files
+  sources: {s: {type: file, config: {path: in.jsonl}}}
+  destinations: {out: {type: file, inputs: [s], config: {path: out.jsonl}}}
+"""
+    flow.write_text(text)
+    rec = tmp_path / "rec"
+    assert dataflare.run(flow, recovery_dir=rec, quiet=True).ok
+    flow.write_text(text.replace("in.jsonl", "in2.jsonl"))
+    out = plan_cli(str(flow), "--recovery-dir", str(rec), "--format", "json")
+    plan = json.loads(out.stdout)
+    sources = [c for c in plan["changes"] if c["what"] == "source"]
+    assert [c["verdict"] for c in sources] == ["blocks"], sources  # not also "resets"
+    result = dataflare.run(flow, recovery_dir=rec, quiet=True)
+    assert "source 's': the saved state of in.jsonl belongs to partitions it no longer has " \
+        "(in2.jsonl)" in str(result.error)
+
+
 def test_a_plan_that_cannot_be_made_says_why(tmp_path: Path) -> None:
     old = tmp_path / "old.yaml"
     old.write_text("""
