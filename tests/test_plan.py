@@ -353,19 +353,27 @@ workflow:
     assert "s3cret" not in out.stdout + out.stderr
 
 
-def test_a_changed_output_file_blocks_the_resume(tmp_path: Path) -> None:
-    (tmp_path / "in.jsonl").write_text('{"k": "a"}\n{"k": "b"}\n')
-    flow = tmp_path / "wf.yaml"
-    text = """
+FILES_FLOW = """
 workflow:
   id: files
   sources: {s: {type: file, config: {path: in.jsonl}}}
   destinations: {out: {type: file, inputs: [s], config: {path: out.jsonl}}}
 """
-    flow.write_text(text)
-    rec = tmp_path / "rec"
+
+
+def files_run(tmp_path: Path) -> tuple[Path, Path]:
+    """FILES_FLOW run to its end with a recovery directory: the workflow file and it."""
+    for name in ("in.jsonl", "in2.jsonl"):
+        (tmp_path / name).write_text('{"k": "a"}\n{"k": "b"}\n')
+    flow, rec = tmp_path / "wf.yaml", tmp_path / "rec"
+    flow.write_text(FILES_FLOW)
     assert dataflare.run(flow, recovery_dir=rec, quiet=True).ok
-    flow.write_text(text.replace("out.jsonl", "out2.jsonl"))
+    return flow, rec
+
+
+def test_a_changed_output_file_blocks_the_resume(tmp_path: Path) -> None:
+    flow, rec = files_run(tmp_path)
+    flow.write_text(FILES_FLOW.replace("out.jsonl", "out2.jsonl"))
     out = plan_cli(str(flow), "--recovery-dir", str(rec))
     assert out.returncode == 3, out.stdout + out.stderr
     assert (f"! destination 'out' blocks: the saved state of {tmp_path}/out.jsonl belongs "
@@ -377,24 +385,13 @@ workflow:
         f"{tmp_path}/out.jsonl belongs to partitions it no longer has "
         f"({tmp_path}/out2.jsonl): the resume is refused; restore the previous setting, or "
         "start with a fresh recovery directory (a new run then starts from the beginning)")
-    flow.write_text(text)  # the previous setting resumes
+    flow.write_text(FILES_FLOW)  # the previous setting resumes
     assert dataflare.run(flow, recovery_dir=rec, quiet=True).ok
 
 
 def test_a_changed_input_file_blocks_the_resume_once(tmp_path: Path) -> None:
-    for name in ("in.jsonl", "in2.jsonl"):
-        (tmp_path / name).write_text('{"k": "a"}\n{"k": "b"}\n')
-    flow = tmp_path / "wf.yaml"
-    text = """
-workflow:
-  id: files
-  sources: {s: {type: file, config: {path: in.jsonl}}}
-  destinations: {out: {type: file, inputs: [s], config: {path: out.jsonl}}}
-"""
-    flow.write_text(text)
-    rec = tmp_path / "rec"
-    assert dataflare.run(flow, recovery_dir=rec, quiet=True).ok
-    flow.write_text(text.replace("in.jsonl", "in2.jsonl"))
+    flow, rec = files_run(tmp_path)
+    flow.write_text(FILES_FLOW.replace("in.jsonl", "in2.jsonl"))
     out = plan_cli(str(flow), "--recovery-dir", str(rec), "--format", "json")
     plan = json.loads(out.stdout)
     sources = [c for c in plan["changes"] if c["what"] == "source"]
