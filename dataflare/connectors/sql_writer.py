@@ -61,7 +61,7 @@ from typing import Any
 from bytewax.dataflow import Stream
 
 from dataflare.connectors.batching import Flush, buffered_output
-from dataflare.records import META, Failed, getter
+from dataflare.records import META, Failed, describe_position, getter
 from dataflare.retry import call_with_retry
 
 log = logging.getLogger(__name__)
@@ -491,7 +491,8 @@ class TableWriter:
             raise RuntimeError(msg) from exc
         except _Refused as exc:
             if not self.split_refusals:  # the run stops: the batch waits for the resume
-                raise RuntimeError(str(exc)) from exc.__cause__
+                where = self._first_refused(items, empty, run)
+                raise RuntimeError(str(exc) + where) from exc.__cause__
             if len(items) > 1 and self.mode != "merge":
                 sifted = self._sift(items, empty, run)
                 if sifted is not None:
@@ -531,6 +532,27 @@ class TableWriter:
             return None
         return written, refused
 
+    def _first_refused(self, items: list[Item], empty: bool, run: str) -> str:
+        """``; the first record refused: <position>``, found without writing anything.
+
+        For appends where the dialect sifts (one pass, rolled back); ``""`` otherwise, or
+        when that pass fails: the batch's own error is what the run reports.
+        """
+        if self.mode == "merge" or len(items) < 2:
+            return ""
+        refused: list[Failed] = []
+        try:
+            self._commit(items, empty, run, refused, dry=True)
+        except Exception:  # noqa: BLE001 - only to say where
+            return ""
+        if not refused:
+            return ""
+        first = refused[0]
+        index = next((i for i, it in enumerate(items) if it.row is first.record), -1)
+        where = describe_position(first.meta) if first.meta else \
+            f"record {index + 1} of the {len(items)}"
+        return f"; the first record refused: {where} ({first.type}: {first.message})"
+
     def _note_refusal(self, item: Item, run: str) -> None:
         """Record a refused record's position before any mark can pass it.
 
@@ -562,12 +584,12 @@ class TableWriter:
         return written, failed
 
     def _commit(self, items: list[Item], empty: bool, run: str,
-                refused: list[Failed] | None = None) -> int:
+                refused: list[Failed] | None = None, dry: bool = False) -> int:
         """One transaction: shape the table, empty it when ``empty``, write ``items``.
 
         With ``refused`` (appends), each record is written alone in one pass and those
         the database refuses are added to it, their positions noted with the marks;
-        ``-1`` when the dialect cannot.
+        ``-1`` when the dialect cannot. ``dry``: the transaction is rolled back.
         """
         self._ensure_connected()
         changed: dict[str, Mark] = {}
@@ -585,12 +607,18 @@ class TableWriter:
                     written, changed = self._append(items, run, refused)
                     if written < 0:
                         return -1
+                if dry:
+                    raise _RolledBack
             if changed:  # committed: the marks and live streams may move on
                 assert self.marks is not None
                 self.marks.update(changed)
                 self.live.update(s for s, m in changed.items() if m.ordered)
         except self.db.transient:
             raise
+        except _RolledBack:
+            self.cols = None  # a table created or widened went with the transaction
+            self.db.rolled_back()
+            return 0
         except Exception as exc:
             self.cols = None
             self.marks = None
@@ -802,6 +830,10 @@ def declared_types(workflow: Any, inputs: list[str]) -> dict[str, str]:
             known = {SCHEMA_TYPES[k] for k in kinds if k in SCHEMA_TYPES}
             found.setdefault(name, set()).update(known if len(known) == 1 else {""})
     return {name: next(iter(k)) for name, k in found.items() if len(k) == 1 and "" not in k}
+
+
+class _RolledBack(Exception):
+    """Ends a transaction that only looked (``TableWriter._commit(dry=True)``)."""
 
 
 class _Refused(Exception):

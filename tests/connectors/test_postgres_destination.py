@@ -847,3 +847,23 @@ def test_a_table_with_row_level_security_takes_the_rows_its_policy_allows(
             conn.execute(f"DROP TABLE {table}")
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_refused_batch_under_fail_names_its_first_refused_record(pg_schema: Any) -> None:
+    """The run stops with nothing of the batch written, saying which record it was."""
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".orders (id bigint, amount double '
+                     "precision)")
+    ctx = ctx_for(pg_schema)
+    batch = [{"id": i, "amount": "abc" if i in (3, 4) else i,
+              "_meta": {"file": "orders.jsonl", "line": i}} for i in range(1, 6)]
+    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run(ctx, [batch])
+    assert any(c.startswith("step 'warehouse': writing 5 record(s) to postgres table ")
+               and c.endswith('; the first record refused: orders.jsonl:3 (InvalidTextRepresen'
+                              'tation: invalid input syntax for type double precision: "abc")')
+               for c in messages(info.value)), messages(info.value)
+    assert pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".orders') == [(0,)]
+    with pg_schema.connect() as conn:  # the positions of the rolled-back pass went with it
+        assert conn.execute("SELECT to_regclass(%s)", (f'"{pg_schema.schema}"."_dataflare_'
+                                                       'positions"',)).fetchone() == (None,)
