@@ -159,6 +159,8 @@ class PostgresDialect(Dialect):
         """Whether the target has an immediate unique index on exactly the merge key."""
         self._secured: bool | None = None
         """Whether the target has row-level security (``None``: not asked yet)."""
+        self._may_update = False
+        """Whether the role's privileges on the target were found to allow a merge."""
         self._misses = 0
         """Tries in a row of a COPY straight into the target that met a key already there."""
         self._staging = 0
@@ -185,6 +187,7 @@ class PostgresDialect(Dialect):
 
         self.conn = psycopg.connect(self.cfg.conninfo(), autocommit=True)
         self._staged = self._secured = None
+        self._may_update = False
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -429,6 +432,27 @@ class PostgresDialect(Dialect):
             ).fetchone())
         return self._staged
 
+    def _check_update_privileges(self) -> None:
+        """Refuse a merge the role could only do while every key is new.
+
+        ``ON CONFLICT DO UPDATE`` needs SELECT and UPDATE on the table; a batch of new keys
+        goes in by COPY without them, so a missing grant would show only at the first
+        update, maybe days later. Asked once per connection (column grants count).
+        """
+        if self._may_update:
+            return
+        select, update = self.conn.execute(
+            "SELECT has_any_column_privilege(%s::regclass, 'SELECT'), "
+            "has_any_column_privilege(%s::regclass, 'UPDATE')", (self.target, self.target),
+        ).fetchone()
+        missing = [name for name, held in (("SELECT", select), ("UPDATE", update)) if not held]
+        if missing:
+            msg = (f"{self.describe()}: the role lacks {' and '.join(missing)} on the table, "
+                   "which a merge needs (INSERT ... ON CONFLICT DO UPDATE reads and updates "
+                   f"the rows whose key is already there); grant {', '.join(missing)}")
+            raise RuntimeError(msg)
+        self._may_update = True
+
     def _copied_straight(self, columns: list[str], rows: list[dict[str, Any]]) -> bool:
         """Whether ``rows`` went into the target by COPY, none of their keys being there.
 
@@ -458,6 +482,8 @@ class PostgresDialect(Dialect):
         import psycopg
 
         comparable = self._stage(key)
+        if upserts and any(c not in key for c in columns):
+            self._check_update_privileges()
         stage = "_dataflare_stage"
         keycols = ", ".join(quote_ident(k) for k in key)
         if deletes:

@@ -841,7 +841,9 @@ def test_a_table_with_row_level_security_takes_the_rows_its_policy_allows(
         with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
             run(ctx, [[{"id": 4, "tenant": "a"}]])
         causes = messages(info.value)
-        assert any("InsufficientPrivilege: permission denied" in c for c in causes), causes
+        said = ("lacks UPDATE on the table, which a merge needs" if mode == "merge"
+                else "InsufficientPrivilege: permission denied")
+        assert any(said in c for c in causes), causes
     finally:
         with pg_schema.connect() as conn:
             conn.execute(f"DROP TABLE {table}")
@@ -867,3 +869,33 @@ def test_a_refused_batch_under_fail_names_its_first_refused_record(pg_schema: An
     with pg_schema.connect() as conn:  # the positions of the rolled-back pass went with it
         assert conn.execute("SELECT to_regclass(%s)", (f'"{pg_schema.schema}"."_dataflare_'
                                                        'positions"',)).fetchone() == (None,)
+
+
+def test_a_merge_without_select_on_the_table_is_refused_before_any_key_repeats(
+        pg_schema: Any) -> None:
+    """New keys would go in by COPY with INSERT alone; the first update would then fail."""
+    role = f"df_priv_{uuid.uuid4().hex[:8]}"
+    table = f'"{pg_schema.schema}".orders'
+    with pg_schema.connect() as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, v text)")
+        conn.execute(f'GRANT USAGE ON SCHEMA "{pg_schema.schema}" TO {role}')
+        conn.execute(f"GRANT INSERT, UPDATE ON {table} TO {role}")
+    try:
+        restricted = PgSchema(f"{pg_schema.dsn} user={role}", pg_schema.schema)
+        ctx = ctx_for(restricted, write_mode={"type": "merge", "merge_key": "id"})
+        with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+            run(ctx, [[{"id": 1, "v": "a"}]])
+        assert any(f"postgres table {pg_schema.schema}.orders: the role lacks SELECT on the "
+                   "table, which a merge needs" in c for c in messages(info.value))
+        assert pg_schema.rows(f"SELECT count(*) FROM {table}") == [(0,)]
+        with pg_schema.connect() as conn:
+            conn.execute(f"GRANT SELECT ON {table} TO {role}")
+        assert run(ctx, [[{"id": 1, "v": "a"}]]) == []
+        assert run(ctx, [[{"id": 1, "v": "b"}]]) == []
+        assert pg_schema.rows(f"SELECT id, v FROM {table}") == [(1, "b")]
+    finally:
+        with pg_schema.connect() as conn:
+            conn.execute(f"DROP TABLE {table}")
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
