@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -811,23 +813,39 @@ def test_a_merge_into_a_table_with_row_level_security_is_staged(pg_schema: Any,
         == [(1, "a"), (2, "b")]
 
 
+@contextmanager
+def restricted_role(pg: Any, table: str, *setup: str) -> Iterator[tuple[PgSchema, str]]:
+    """``pg`` as a new login role, and its name, after ``setup`` statements (``{role}``: the
+    name) run as the test's superuser; the role goes afterwards, and ``table`` with it."""
+    role = f"df_role_{uuid.uuid4().hex[:8]}"
+    with pg.connect() as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f'GRANT USAGE ON SCHEMA "{pg.schema}" TO {role}')
+        for sql in setup:
+            conn.execute(sql.format(role=role))
+    try:
+        yield PgSchema(f"{pg.dsn} user={role}", pg.schema), role
+    finally:
+        with pg.connect() as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
 @pytest.mark.parametrize("mode", ["append", "merge"])
 def test_a_table_with_row_level_security_takes_the_rows_its_policy_allows(
         pg_schema: Any, mode: str) -> None:
     """As a role the policy applies to: COPY FROM is refused it, and a row the policy refuses
     fails alone (42501, like a missing privilege, which stops the run)."""
-    role = f"df_rls_{uuid.uuid4().hex[:8]}"
     table = f'"{pg_schema.schema}".secured'
-    with pg_schema.connect() as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN")
-        conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, tenant text)")
-        conn.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
-        conn.execute(f"CREATE POLICY tenant_a ON {table} TO {role} USING (tenant = 'a') "
-                     "WITH CHECK (tenant = 'a')")
-        conn.execute(f'GRANT USAGE ON SCHEMA "{pg_schema.schema}" TO {role}')
-        conn.execute(f"GRANT SELECT, INSERT, UPDATE ON {table} TO {role}")
-    try:
-        restricted = PgSchema(f"{pg_schema.dsn} user={role}", pg_schema.schema)
+    with restricted_role(
+        pg_schema, table,
+        f"CREATE TABLE {table} (id bigint PRIMARY KEY, tenant text)",
+        f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY",
+        f"CREATE POLICY tenant_a ON {table} TO {{role}} USING (tenant = 'a') "
+        "WITH CHECK (tenant = 'a')",
+        f"GRANT SELECT, INSERT, UPDATE ON {table} TO {{role}}",
+    ) as (restricted, role):
         write_mode = {"type": "merge", "merge_key": "id"} if mode == "merge" else None
         ctx = ctx_for(restricted, "secured", write_mode, on_error="skip")
         failed = run(ctx, [[{"id": 1, "tenant": "a"}, {"id": 2, "tenant": "b"},
@@ -844,11 +862,6 @@ def test_a_table_with_row_level_security_takes_the_rows_its_policy_allows(
         said = ("lacks UPDATE on the table, which a merge needs" if mode == "merge"
                 else "InsufficientPrivilege: permission denied")
         assert any(said in c for c in causes), causes
-    finally:
-        with pg_schema.connect() as conn:
-            conn.execute(f"DROP TABLE {table}")
-            conn.execute(f"DROP OWNED BY {role}")
-            conn.execute(f"DROP ROLE {role}")
 
 
 def test_a_refused_batch_under_fail_names_its_first_refused_record(pg_schema: Any) -> None:
@@ -874,15 +887,10 @@ def test_a_refused_batch_under_fail_names_its_first_refused_record(pg_schema: An
 def test_a_merge_without_select_on_the_table_is_refused_before_any_key_repeats(
         pg_schema: Any) -> None:
     """New keys would go in by COPY with INSERT alone; the first update would then fail."""
-    role = f"df_priv_{uuid.uuid4().hex[:8]}"
     table = f'"{pg_schema.schema}".orders'
-    with pg_schema.connect() as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN")
-        conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, v text)")
-        conn.execute(f'GRANT USAGE ON SCHEMA "{pg_schema.schema}" TO {role}')
-        conn.execute(f"GRANT INSERT, UPDATE ON {table} TO {role}")
-    try:
-        restricted = PgSchema(f"{pg_schema.dsn} user={role}", pg_schema.schema)
+    with restricted_role(pg_schema, table,
+                         f"CREATE TABLE {table} (id bigint PRIMARY KEY, v text)",
+                         f"GRANT INSERT, UPDATE ON {table} TO {{role}}") as (restricted, role):
         ctx = ctx_for(restricted, write_mode={"type": "merge", "merge_key": "id"})
         with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
             run(ctx, [[{"id": 1, "v": "a"}]])
@@ -894,8 +902,3 @@ def test_a_merge_without_select_on_the_table_is_refused_before_any_key_repeats(
         assert run(ctx, [[{"id": 1, "v": "a"}]]) == []
         assert run(ctx, [[{"id": 1, "v": "b"}]]) == []
         assert pg_schema.rows(f"SELECT id, v FROM {table}") == [(1, "b")]
-    finally:
-        with pg_schema.connect() as conn:
-            conn.execute(f"DROP TABLE {table}")
-            conn.execute(f"DROP OWNED BY {role}")
-            conn.execute(f"DROP ROLE {role}")
