@@ -219,26 +219,13 @@ def recorded_workflow(directory: Path) -> Validated | None:
 def read_snapshots(directory: Path) -> dict[str, dict[str, Any]]:
     """The snapshots a resume from ``directory`` loads: step id -> state key -> state.
 
-    The latest snapshot of each key at or before the epoch the run resumes from (the
-    smallest committed epoch of the partitions); discarded states (``None``) are left out.
+    Discarded states (``None``) are left out.
     """
-    parts = sorted(directory.glob("*.sqlite3"))
-    if not parts:
+    if not any(directory.glob("*.sqlite3")):
         msg = f"{directory} is not a recovery directory (no *.sqlite3 partitions)"
         raise PlanError(msg)
-    rows: list[tuple[str, str, int, bytes | None]] = []
-    for part in parts:
-        with closing(sqlite3.connect(f"file:{part}?mode=ro", uri=True)) as db:
-            rows += db.execute("SELECT step_id, state_key, snap_epoch, ser_change FROM snaps")
-    resume = committed_epoch(directory)
-    latest: dict[tuple[str, str], tuple[int, bytes | None]] = {}
-    for step, key, epoch, blob in rows:
-        if resume is not None and epoch > resume:
-            continue
-        if (step, key) not in latest or epoch > latest[(step, key)][0]:
-            latest[(step, key)] = (epoch, blob)
     out: dict[str, dict[str, Any]] = {}
-    for (step, key), (_, blob) in latest.items():
+    for (step, key), blob in _latest(directory, "ser_change").items():
         if blob is not None:
             out.setdefault(step, {})[key] = pickle.loads(blob)  # noqa: S301 - the run's own
     return out
@@ -246,20 +233,30 @@ def read_snapshots(directory: Path) -> dict[str, dict[str, Any]]:
 
 def saved_keys(directory: Path) -> dict[str, set[str]]:
     """The state keys a resume from ``directory`` hands out, by step id (nothing unpickled)."""
-    resume = committed_epoch(directory)
-    latest: dict[tuple[str, str], tuple[int, bool]] = {}
-    for part in sorted(directory.glob("*.sqlite3")):
-        with closing(sqlite3.connect(f"file:{part}?mode=ro", uri=True)) as db:
-            for step, key, epoch, discarded in db.execute(
-                    "SELECT step_id, state_key, snap_epoch, ser_change IS NULL FROM snaps"):
-                if (resume is None or epoch <= resume) and (
-                        (step, key) not in latest or epoch > latest[(step, key)][0]):
-                    latest[(step, key)] = (epoch, bool(discarded))
     out: dict[str, set[str]] = {}
-    for (step, key), (_, discarded) in latest.items():
+    for (step, key), discarded in _latest(directory, "ser_change IS NULL").items():
         if not discarded:
             out.setdefault(step, set()).add(key)
     return out
+
+
+def _latest(directory: Path, column: str) -> dict[tuple[str, str], Any]:
+    """``column`` of each state key's snapshot that a resume from ``directory`` loads.
+
+    By (step id, state key): the latest snapshot at or before the epoch the run resumes
+    from (the smallest committed epoch of the partitions).
+    """
+    resume = committed_epoch(directory)
+    latest: dict[tuple[str, str], tuple[int, Any]] = {}
+    for part in sorted(directory.glob("*.sqlite3")):
+        with closing(sqlite3.connect(f"file:{part}?mode=ro", uri=True)) as db:
+            for step, key, epoch, value in db.execute(
+                    f"SELECT step_id, state_key, snap_epoch, {column} FROM snaps"):  # noqa: S608
+                if resume is not None and epoch > resume:
+                    continue
+                if (step, key) not in latest or epoch > latest[(step, key)][0]:
+                    latest[(step, key)] = (epoch, value)
+    return {k: value for k, (_, value) in latest.items()}
 
 
 def resume_blocks(flow: Any, directory: Path) -> list[str]:

@@ -147,6 +147,7 @@ class PostgresDialect(Dialect):
         self.arrays: set[str] = set()
         self.transient = (psycopg.OperationalError, psycopg.InterfaceError)
         self.refusals = (psycopg.DataError, psycopg.IntegrityError)  # SQLSTATE 22, 23
+        self._unprivileged = psycopg.errors.InsufficientPrivilege  # 42501, see refuses()
         self.conn: Any = None
         self.schema, self.table = cfg.qualified()
         self.target = f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
@@ -174,7 +175,7 @@ class PostgresDialect(Dialect):
         told apart by the message, so where the server's messages are not in English such
         a row stops the run as a missing privilege does.
         """
-        return super().refuses(exc) or (exc.__class__.__name__ == "InsufficientPrivilege"
+        return super().refuses(exc) or (isinstance(exc, self._unprivileged)
                                         and _ROW_SECURITY in str(exc))
 
     def describe(self) -> str:
