@@ -337,11 +337,7 @@ class PostgresDialect(Dialect):
         A table with row-level security is written through the staging table: ``COPY
         FROM`` refuses it to a role its policies apply to.
         """
-        if self._secured is None:
-            row = self.conn.execute("SELECT relrowsecurity FROM pg_class WHERE oid = "
-                                    "%s::regclass", (self.target,)).fetchone()
-            self._secured = bool(row and row[0])
-        if not self._secured:
+        if not self._row_security():
             self._copy(self.target, columns, rows)
             return
         self._stage(())
@@ -349,6 +345,14 @@ class PostgresDialect(Dialect):
         collist = ", ".join(quote_ident(c) for c in columns)
         self.conn.execute(f"INSERT INTO {self.target} ({collist}) SELECT {collist} "
                           "FROM _dataflare_stage")
+
+    def _row_security(self) -> bool:
+        """Whether the target has row-level security (asked once per connection)."""
+        if self._secured is None:
+            row = self.conn.execute("SELECT relrowsecurity FROM pg_class WHERE oid = "
+                                    "%s::regclass", (self.target,)).fetchone()
+            self._secured = bool(row and row[0])
+        return self._secured
 
     def append_sifting(
         self, columns: list[str], rows: list[dict[str, Any]]
@@ -426,9 +430,7 @@ class PostgresDialect(Dialect):
                 "AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL "
                 "AND i.indexprs IS NULL AND (SELECT array_agg(a.attname::text ORDER BY "
                 "a.attname::text) FROM pg_attribute a WHERE a.attrelid = i.indrelid "
-                "AND a.attnum = ANY(i.indkey)) = %s "
-                # COPY FROM refuses tables with row-level security (INSERT does not)
-                "AND NOT (SELECT c.relrowsecurity FROM pg_class c WHERE c.oid = i.indrelid)",
+                "AND a.attnum = ANY(i.indkey)) = %s",
                 (self.target, sorted(key)),
             ).fetchone())
         return self._staged
@@ -462,7 +464,8 @@ class PostgresDialect(Dialect):
         """
         import psycopg
 
-        if not self._arbiter or self._staging:
+        # COPY FROM refuses a table with row-level security (INSERT does not).
+        if not self._arbiter or self._row_security() or self._staging:
             self._staging = max(self._staging - 1, 0)
             return False
         try:

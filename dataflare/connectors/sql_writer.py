@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from itertools import chain, repeat
-from typing import Any
+from typing import Any, TypeVar
 
 from bytewax.dataflow import Stream
 
@@ -65,6 +65,7 @@ from dataflare.records import META, Failed, describe_position, getter
 from dataflare.retry import call_with_retry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POSITIONS_TABLE = "_dataflare_positions"
 
@@ -478,17 +479,11 @@ class TableWriter:
     def _write_or_split(
         self, items: list[Item], empty: bool, run: str
     ) -> tuple[int, list[Failed]]:
-        what = f"step {self.step!r}: write to {self.db.describe()}"
         if self.stop.is_set():
             msg = f"step {self.step!r}: stopped while writing to {self.db.describe()}"
             raise RuntimeError(msg)
         try:
-            written = call_with_retry(what, lambda: self._commit(items, empty, run),
-                                      self.retry, transient=self.db.transient,
-                                      on_retry=self._reconnect)
-        except self.db.transient as exc:  # every retry failed: the run stops, saying where
-            msg = f"{what} failed: {type(exc).__name__}: {exc}"
-            raise RuntimeError(msg) from exc
+            written = self._retried("write to", lambda: self._commit(items, empty, run))
         except _Refused as exc:
             if not self.split_refusals:  # the run stops: the batch waits for the resume
                 where = self._first_refused(items, empty, run)
@@ -521,16 +516,27 @@ class TableWriter:
         ``None`` when the dialect cannot (then the batch is written in halves).
         """
         refused: list[Failed] = []
-        what = f"step {self.step!r}: write to {self.db.describe()}"
         try:
-            written = call_with_retry(
-                what, lambda: self._commit(items, empty, run, refused), self.retry,
-                transient=self.db.transient, on_retry=self._reconnect)
+            written = self._retried("write to",
+                                    lambda: self._commit(items, empty, run, refused))
         except _Refused:
             return None  # refused as a whole (a deferred constraint): halves find it
         if written < 0:
             return None
         return written, refused
+
+    def _retried(self, doing: str, fn: Callable[[], T]) -> T:
+        """``fn``, retried on transient failures per the workflow's ``retry`` policy.
+
+        When every try failed, the run stops naming the step and the table: ``doing`` it.
+        """
+        what = f"step {self.step!r}: {doing} {self.db.describe()}"
+        try:
+            return call_with_retry(what, fn, self.retry, transient=self.db.transient,
+                                   on_retry=self._reconnect)
+        except self.db.transient as exc:
+            msg = f"{what} failed: {type(exc).__name__}: {exc}"
+            raise RuntimeError(msg) from exc
 
     def _first_refused(self, items: list[Item], empty: bool, run: str) -> str:
         """``; the first record refused: <position>``, found without writing anything.
@@ -548,9 +554,11 @@ class TableWriter:
         if not refused:
             return ""
         first = refused[0]
-        index = next((i for i, it in enumerate(items) if it.row is first.record), -1)
-        where = describe_position(first.meta) if first.meta else \
-            f"record {index + 1} of the {len(items)}"
+        if first.meta:
+            where = describe_position(first.meta)
+        else:
+            index = next((i for i, it in enumerate(items) if it.row is first.record), None)
+            where = "a record" if index is None else f"record {index + 1} of the {len(items)}"
         return f"; the first record refused: {where} ({first.type}: {first.message})"
 
     def _note_refusal(self, item: Item, run: str) -> None:
@@ -569,9 +577,7 @@ class TableWriter:
                 self.db.ensure_positions()
                 self.db.save_positions(self.step, refused)
 
-        what = f"step {self.step!r}: note a refused record in {self.db.describe()}"
-        call_with_retry(what, save, self.retry, transient=self.db.transient,
-                        on_retry=self._reconnect)
+        self._retried("note a refused record in", save)
         if self.marks is not None:
             self.marks.update(refused)
 

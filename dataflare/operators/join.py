@@ -63,6 +63,7 @@ from dataflare.operators.keyed import (
     tagged,
     time_reader,
     to_us,
+    touch_code,
 )
 from dataflare.operators.window import WindowSpec
 from dataflare.record_schema import FieldType, SchemaContext
@@ -643,8 +644,7 @@ def _compile_ingest(o: _JoinOp, packer: _Packer, side: str, key_paths: tuple[str
     place = place.format(size=o.size, slide=o.slide, i=0 if side == LEFT else 1)
     code = _WINDOW_JOIN_INGEST.format(
         extract=extract, side=side, lateness=o.lateness, place=indent(place, " " * 8),
-        touched=", touched" if touching else "",
-        touch=" " * 8 + "touched[key] = g" if touching else "")
+        **touch_code(touching, 8))
     exec(compile(code, f"<join {o.step_id} {side}>", "exec"), env)  # noqa: S102
     return env["ingest"]
 

@@ -402,6 +402,17 @@ def load_state(blob: bytes, keyed: str | None = None) -> Any:
     return state
 
 
+def touch_code(touching: bool, indent: int) -> dict[str, str]:
+    """The ``{touched}`` and ``{touch}`` placeholders of a generated ingest loop.
+
+    ``touching``: a parameter ``touched`` and a line, at ``indent``, putting the record's
+    key with its value ``g`` in it (for :attr:`ShardLogic.tracks_keys`); else nothing.
+    """
+    if not touching:
+        return {"touched": "", "touch": ""}
+    return {"touched": ", touched", "touch": " " * indent + "touched[key] = g"}
+
+
 def pickle_tree(obj: Any) -> bytes:
     """``obj`` pickled without pickle's memo: for state that holds no object twice.
 

@@ -59,6 +59,7 @@ from dataflare.operators.keyed import (
     stateful_shards,
     tagged,
     to_us,
+    touch_code,
 )
 from dataflare.record_schema import FieldType, SchemaContext, aggregate_fields, window_output
 from dataflare.records import Failed, RecordError, set_path
@@ -540,9 +541,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig, touching: bool = False) -> 
         RecordError=RecordError,
     )
 
-    # ``touching``: a parameter ``touched`` and a line putting the record's group in it.
-    tracking = {"touched": ", touched" if touching else "",
-                "touch": " " * 16 + "touched[key] = g" if touching else ""}
+    tracking = touch_code(touching, 16)
 
     def row(start: str, end: str) -> str:
         if o.output.flat:

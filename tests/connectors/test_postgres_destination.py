@@ -879,6 +879,13 @@ def test_a_refused_batch_under_fail_names_its_first_refused_record(pg_schema: An
                               'tation: invalid input syntax for type double precision: "abc")')
                for c in messages(info.value)), messages(info.value)
     assert pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".orders') == [(0,)]
+    for rec in batch:  # without positions: its place in the batch
+        del rec["_meta"]
+    with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run(ctx, [batch])
+    assert any("; the first record refused: record 3 of the 5 (" in c
+               for c in messages(info.value)), messages(info.value)
+    assert pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".orders') == [(0,)]
     with pg_schema.connect() as conn:  # the positions of the rolled-back pass went with it
         assert conn.execute("SELECT to_regclass(%s)", (f'"{pg_schema.schema}"."_dataflare_'
                                                        'positions"',)).fetchone() == (None,)
