@@ -16,7 +16,9 @@ Modes (``mode:`` of the source; ``incremental`` when incremental settings are gi
   ``pg_logical_slot_peek_binary_changes`` (psycopg has no replication protocol), decoded
   by :mod:`dataflare.connectors.pgoutput`. The slot (and the publication) are created when
   absent, *before* the initial snapshot (``cdc.snapshot_mode``), so no change is lost
-  (one made while the snapshot runs may come twice: as ``read`` and as its change).
+  (one made while the snapshot runs may come twice: as ``read`` and as its change). A
+  publication is not created for a table without a replica identity (PostgreSQL would
+  fail the applications' updates and deletes on it).
   Records carry ``_meta`` (``op``: read/insert/update/delete/truncate, ``table``, ``lsn``,
   ``commit_ts``, ``xid``); a delete carries the REPLICA IDENTITY columns (the key), an
   update ``_meta.old`` when the server sends the old row or key. The slot's lag is a
@@ -30,8 +32,10 @@ calls ``snapshot()`` for epoch ``e`` only once everything of epoch ``e - 1`` wen
 the dataflow and its snapshots were written, so the previous snapshot is durable: after a
 crash the dataflow resumes from it or a later one, and everything after it is still in
 the slot. A resumed partition skips transactions ending at or below its state LSN, so
-nothing is emitted twice. Without recovery ``snapshot()`` is never called and the slot is
-not advanced (every run re-reads from the slot's position): run CDC with recovery.
+nothing is emitted twice. A resume whose slot is gone, invalidated or moved past the
+saved position is refused: the changes since are no longer on the server. Without
+recovery ``snapshot()`` is never called and the slot is not advanced (every run re-reads
+from the slot's position): run CDC with recovery.
 
 Values: as psycopg loads them, made JSON-like (timestamps ISO-8601, ``numeric`` per
 ``decimal_handling``, ``bytea`` in PostgreSQL's hex text form, arrays as lists, json as
@@ -537,7 +541,9 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.last_heartbeat: datetime | None = None
         self.db = Database(src.step_id, cfg.conninfo(), src.retry)
         self.tables = src.cdc_tables()
-        start_lsn = self.db.run("preparing the replication slot", self._prepare)
+        resumed = None if state is None else int(state["lsn"])
+        start_lsn = self.db.run("preparing the replication slot",
+                                lambda conn: self._prepare(conn, resumed))
         self.decoder = ChangeDecoder(
             src.step_id,
             ValueDecoder(self.db.connection(), cfg.decimal_handling),
@@ -573,7 +579,13 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
 
     # set-up
 
-    def _prepare(self, conn: Any) -> int:
+    def _prepare(self, conn: Any, resumed: int | None) -> int:
+        """Check or create the publication and the slot; the slot's position.
+
+        ``resumed``: the position of the state resumed from, which the slot must not
+        have passed (a slot dropped and made again, or moved by another reader, no longer
+        holds the changes since).
+        """
         cdc = self.src.cdc_settings()
         row = conn.execute(
             "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,)
@@ -587,6 +599,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 raise LookupError(msg)
             from psycopg import sql
 
+            self._refuse_unidentified(conn)
             if self.tables:
                 targets = sql.SQL(", ").join(_ident(*t.split(".", 1)) for t in sorted(self.tables))
                 conn.execute(
@@ -617,11 +630,33 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                     ", ".join(missing),
                     self.publication,
                 )
+        lost = "wal_status = 'lost'" if conn.info.server_version >= 130000 else "false"
         row = conn.execute(
-            "SELECT plugin, confirmed_flush_lsn::text FROM pg_replication_slots "
+            f"SELECT plugin, confirmed_flush_lsn::text, {lost} FROM pg_replication_slots "
             "WHERE slot_name = %s",
             (self.slot,),
         ).fetchone()
+        gone = (
+            "the server no longer holds the changes since the saved position "
+            f"{int_to_lsn(resumed or 0)}, so the target would silently miss them; to start "
+            "again from a new snapshot of the tables, run with a fresh recovery directory "
+            "(and cdc.snapshot_mode: initial)"
+        )
+        if row is None and resumed is not None:
+            msg = (f"step '{self.src.step_id}': cannot resume: replication slot "
+                   f"'{self.slot}' no longer exists (dropped, or removed by the server); "
+                   + gone)
+            raise LookupError(msg)
+        if row is not None and row[2]:
+            msg = (f"step '{self.src.step_id}': replication slot '{self.slot}' was "
+                   "invalidated by the server (max_slot_wal_keep_size): it lost changes it "
+                   "had not delivered; drop the slot, then run with a fresh recovery "
+                   "directory (and cdc.snapshot_mode: initial) to start from a new snapshot")
+            raise LookupError(msg)
+        if row is not None and resumed is not None and lsn_to_int(row[1]) > resumed:
+            msg = (f"step '{self.src.step_id}': cannot resume: replication slot "
+                   f"'{self.slot}' was moved to {row[1]} by another reader; " + gone)
+            raise LookupError(msg)
         if row is None:
             row = conn.execute(
                 "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
@@ -638,6 +673,37 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             )
             raise ValueError(msg)
         return lsn_to_int(row[1])
+
+    def _refuse_unidentified(self, conn: Any) -> None:
+        """Refuse to publish a table whose updates and deletes could not be published.
+
+        PostgreSQL fails every UPDATE and DELETE on a published table without a replica
+        identity (no primary key, default identity): a new publication would break the
+        applications writing to it.
+        """
+        rows = conn.execute(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 'p') "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg\\_%%' "
+            "AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS ("
+            "  SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) "
+            "AND (%(all)s OR n.nspname || '.' || c.relname = ANY(%(tables)s)) "
+            "ORDER BY 1",
+            {"all": not self.tables, "tables": sorted(self.tables)},
+        ).fetchall()
+        if rows:
+            names = ", ".join(r[0] for r in rows[:5]) + (" ..." if len(rows) > 5 else "")
+            msg = (
+                f"step '{self.src.step_id}': publication '{self.publication}' is not created: "
+                f"{names} {'has' if len(rows) == 1 else 'have'} no primary key or replica "
+                "identity, and PostgreSQL would fail every UPDATE and DELETE on a published "
+                "table without one, breaking the applications that write to it; run ALTER "
+                f"TABLE {rows[0][0]} REPLICA IDENTITY FULL (or add a primary key), or leave "
+                "it out of cdc.include_tables"
+            )
+            raise ValueError(msg)
 
     # snapshot phase
 

@@ -234,8 +234,24 @@ class PostgresDialect(Dialect):
             out.append(f"{quote_ident(name)} {sql_type}")
         return out
 
-    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
-        """CREATE SCHEMA and TABLE IF NOT EXISTS, typed and keyed as the class docs say."""
+    def _lock_schema(self) -> None:
+        """Hold the schema's DataFlare lock to the transaction's end.
+
+        Two writers' ``CREATE ... IF NOT EXISTS`` of one schema or table at once make the
+        second fail on a unique index of the catalog (both checked before either
+        committed); under the lock the second finds the first's.
+        """
+        self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                          (f"dataflare.schema:{self.schema}",))
+
+    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> bool:
+        """CREATE SCHEMA and TABLE IF NOT EXISTS, typed and keyed as the class docs say.
+
+        ``False``: another writer made the table meanwhile.
+        """
+        self._lock_schema()
+        if self.conn.execute("SELECT to_regclass(%s)", (self.target,)).fetchone()[0]:
+            return False
         self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
         self.types = {}
         # every column the configuration types is created, present in the records or not
@@ -248,6 +264,7 @@ class PostgresDialect(Dialect):
         if key:
             cols.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in key)})")
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
+        return True
 
     def columns(self) -> dict[str, str] | None:
         """Columns of the table, ``None`` when it does not exist."""
@@ -278,6 +295,7 @@ class PostgresDialect(Dialect):
 
     def ensure_positions(self) -> None:
         """The mark table of this schema."""
+        self._lock_schema()
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {self.positions} (destination text NOT NULL, "
             "target text NOT NULL, stream text NOT NULL, run text NOT NULL, "

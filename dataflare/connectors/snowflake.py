@@ -222,7 +222,7 @@ class SnowflakeDialect(Dialect):
         self.types = {name: _logical(str(dtype), scale) for name, dtype, scale in rows}
         return dict(self.types)
 
-    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
+    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> bool:
         """CREATE TABLE IF NOT EXISTS, with ``key`` (when given) as primary key.
 
         Snowflake records the key but does not enforce it: the MERGE keeps keys unique.
@@ -232,6 +232,7 @@ class SnowflakeDialect(Dialect):
             cols.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in key)})")
         self._run(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
         self.types = dict(columns)
+        return True
 
     def add_columns(self, columns: dict[str, str]) -> None:
         """ALTER TABLE ... ADD COLUMN IF NOT EXISTS, one per statement."""

@@ -350,13 +350,17 @@ class Dialect(ABC):
     def columns(self) -> dict[str, str] | None:
         """Columns of the target table and their logical types; ``None`` if absent."""
 
-    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> None:
-        """CREATE TABLE IF NOT EXISTS, with ``key`` (when given) as primary key."""
+    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> bool:
+        """CREATE TABLE IF NOT EXISTS, with ``key`` (when given) as primary key.
+
+        ``False``: another writer made the table meanwhile (its columns are to be read).
+        """
         cols = [f"{quote_ident(n)} {self.sql_types[t]}" for n, t in columns.items()]
         if key:
             cols.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in key)})")
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
         self.types = dict(columns)
+        return True
 
     @abstractmethod
     def add_columns(self, columns: dict[str, str]) -> None:
@@ -660,9 +664,10 @@ class TableWriter:
             cols = {k: (t or TEXT) for k, t in wanted.items()}
             for k in self.key:
                 cols.setdefault(k, TEXT)
-            self.db.create_table(cols, self.key if self.mode == "merge" else ())
-            self.cols = dict(cols)
-            return True
+            if self.db.create_table(cols, self.key if self.mode == "merge" else ()):
+                self.cols = dict(cols)
+                return True
+            self.cols = self.db.columns() or {}  # made meanwhile by another writer
         new = {k: (t or TEXT) for k, t in wanted.items() if k not in self.cols}
         if new:
             log.info("step %r: adding column(s) %s to %s", self.step, new, self.db.describe())

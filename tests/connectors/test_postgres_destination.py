@@ -193,6 +193,53 @@ def test_a_resumed_run_skips_what_it_wrote_before_the_crash(pg_schema: Any) -> N
     fresh.close()
 
 
+def test_writers_creating_one_new_schema_and_table_at_once(pg_schema: Any) -> None:
+    # Two destinations (or workers) making the same new schema and table: without a lock
+    # the second's CREATE ... IF NOT EXISTS fails on the catalog's unique index once the
+    # first commits. The second waits for the first, then widens the first's table.
+    import threading
+
+    from dataflare.connectors.sql_writer import INT
+
+    schema = f"{pg_schema.schema}_new"
+    cfg = PostgresDestinationConfig(dsn=pg_schema.dsn, schema=schema, table="orders")
+    first = PostgresDialect(cfg)
+    first.connect()
+    second = TableWriter("second", PostgresDialect(cfg), "append", (), False, FAST_RETRY)
+    failed: list[BaseException] = []
+
+    def write_second() -> None:
+        try:
+            second.write(prepare([{"id": 2, "v": "b"}], "w", ())[0], True, "")
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failed.append(exc)
+
+    thread = threading.Thread(target=write_second)
+    try:
+        with first.transaction():
+            assert first.create_table({"id": INT}, ())
+            thread.start()
+            for _ in range(600):  # until the second waits on a lock of the first's
+                waiting = pg_schema.rows(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
+                    "(query LIKE '%%pg_advisory_xact_lock%%' OR query LIKE 'CREATE SCHEMA%%')")
+                if waiting or not thread.is_alive():
+                    break
+                threading.Event().wait(0.05)
+            first.conn.execute(f'INSERT INTO "{schema}".orders (id) VALUES (1)')
+        thread.join(60)
+        assert not failed, failed
+        rows = pg_schema.rows(f'SELECT id, v FROM "{schema}".orders ORDER BY id')
+        assert rows == [(1, None), (2, "b")]
+    finally:
+        if thread.is_alive():
+            thread.join(60)
+        second.close()
+        first.conn.close()
+        with pg_schema.connect() as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 def test_out_of_order_positions_fall_back_to_at_least_once(pg_schema: Any) -> None:
     writer = pg_writer(pg_schema)
     evens = [r for r in positioned(0, 10) if int(r["id"][2:]) % 2 == 0]

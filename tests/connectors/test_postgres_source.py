@@ -668,6 +668,58 @@ def test_cdc_warns_when_an_existing_publication_misses_a_table(
     drop_slot(pg_private, "warn_slot", "warn_pub")
 
 
+def test_cdc_resume_is_refused_when_the_slot_lost_changes(pg_private: Any) -> None:
+    # A slot dropped (by a DBA, or by the server) and made again at the current WAL, or
+    # moved on by another reader, no longer holds the changes since the saved position:
+    # resuming would silently skip them.
+    slot = "lost_slot"
+    drop_slot(pg_private, slot, f"{slot}_pub")
+    pg_private.execute("DROP TABLE IF EXISTS lost_rows",
+                       "CREATE TABLE lost_rows (id int PRIMARY KEY)")
+    ctx = cdc_ctx(pg_private, "lost_rows", slot, ["public.lost_rows"])
+    src = build_postgres_source(ctx)
+    part = src.list_parts()[0]
+    src.build_part("lost_rows", part, None).close()  # creates the slot
+    saved = {"phase": "stream", "lsn": slot_confirmed(pg_private, slot)}
+    src.build_part("lost_rows", part, saved).close()  # the slot is where the state is: fine
+    pg_private.execute("INSERT INTO lost_rows VALUES (1)")
+    with pg_private.connect() as conn:  # another reader takes the change
+        conn.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (slot,))
+    with pytest.raises(LookupError, match=f"cannot resume: replication slot '{slot}' was "
+                       "moved to .* by another reader; the server no longer holds the "
+                       "changes since the saved position"):
+        src.build_part("lost_rows", part, saved)
+    drop_slot(pg_private, slot, f"{slot}_pub")
+    with pytest.raises(LookupError, match=f"'{slot}' no longer exists .* fresh recovery"):
+        src.build_part("lost_rows", part, saved)
+    assert slot_confirmed(pg_private, slot) is None  # not made again behind the user's back
+    src.build_part("lost_rows", part, None).close()  # a fresh start makes it
+    assert slot_confirmed(pg_private, slot) is not None
+    drop_slot(pg_private, slot, f"{slot}_pub")
+
+
+def test_cdc_refuses_to_publish_a_table_without_replica_identity(pg_private: Any) -> None:
+    # Publishing a table without a key makes PostgreSQL fail the applications' UPDATE and
+    # DELETE on it: the publication is not created, and the message says what to do.
+    slot = "nokey_slot"
+    drop_slot(pg_private, slot, f"{slot}_pub")
+    pg_private.execute("DROP TABLE IF EXISTS nokey_rows, keyed_rows",
+                       "CREATE TABLE nokey_rows (id int, v text)",
+                       "CREATE TABLE keyed_rows (id int PRIMARY KEY)")
+    ctx = cdc_ctx(pg_private, "nokey", slot, ["public.keyed_rows", "public.nokey_rows"])
+    src = build_postgres_source(ctx)
+    with pytest.raises(ValueError, match="publication 'nokey_slot_pub' is not created: "
+                       "public.nokey_rows has no primary key or replica identity.*ALTER TABLE "
+                       "public.nokey_rows REPLICA IDENTITY FULL"):
+        src.build_part("nokey", src.list_parts()[0], None)
+    pg_private.execute("INSERT INTO nokey_rows VALUES (1, 'a')",
+                       "UPDATE nokey_rows SET v = 'b'")  # the application still writes
+    pg_private.execute("ALTER TABLE nokey_rows REPLICA IDENTITY FULL")
+    src.build_part("nokey", src.list_parts()[0], None).close()
+    pg_private.execute("UPDATE nokey_rows SET v = 'c'", "DELETE FROM nokey_rows")
+    drop_slot(pg_private, slot, f"{slot}_pub")
+
+
 def test_discover_lists_columns_keys_and_json_schema(pg_private: Any, people: str) -> None:
     ctx = make_ctx("people_disc", conn_cfg(pg_private, table=people), mode="full")
     found = discover(ctx)
