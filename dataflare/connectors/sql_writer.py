@@ -33,7 +33,7 @@ A write is one transaction per flushed batch:
   within one execution (a join fanning one record out, two routes merged again), it
   marks that stream unordered and writes it at-least-once from then on. A fresh run
   (a new recovery directory, or none) never skips anything. Records without a position (aggregates,
-  generated records) are appended at-least-once. Merges are idempotent by nature.
+  generated records, CDC changes) are appended at-least-once. Merges are idempotent by nature.
 
 Transient failures (a lost connection) roll the transaction back, reconnect and retry the
 whole batch per the workflow's ``retry`` policy. Records whose values the database refuses
