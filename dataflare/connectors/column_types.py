@@ -4,8 +4,9 @@ A destination that creates its table infers each column's type from the values o
 first records (``bigint``, ``double precision``, ``text``, ``jsonb``...). When the records
 come from a database table, that loses what the source knew: ``numeric(12,2)``,
 ``timestamptz``, ``uuid``, ``bytea``, ``text[]``, the primary key. :func:`source_columns`
-finds the one database table upstream of a destination and describes it in PostgreSQL
-types (a PostgreSQL source's types as they are, a MySQL source's mapped);
+finds the one database table upstream of a destination (a source's ``table``, or the one
+table of a change stream that a batch's records carry in ``_meta.table``) and describes it
+in PostgreSQL types (a PostgreSQL source's types as they are, a MySQL source's mapped);
 :func:`compatible` tells whether the values a batch holds fit such a type (a
 transformation may have changed a field), so a column only takes the source's type when
 its values do.
@@ -101,11 +102,13 @@ class SourceColumns:
     unbounded: bool  # a change stream (cdc, hybrid): the same key comes more than once
 
 
-def source_columns(ctx: Any) -> SourceColumns | None:
-    """The one database table upstream of destination ``ctx`` (None: not exactly one).
+def source_columns(ctx: Any, table: str | None = None) -> SourceColumns | None:
+    """The database table upstream of destination ``ctx`` (None: not exactly one).
 
-    Asks the source's database (its discovery); a failure to reach it only loses the
-    types (a warning), the write itself will report an unreachable database.
+    ``table``: the records' source table (``schema.table``), which picks one of the tables
+    of a change stream; else the source's configured ``table``. Asks the source's database
+    (its discovery); a failure to reach it only loses the types (a warning), the write
+    itself will report an unreachable database.
     """
     from dataflare.connectors.schema import discover
     from dataflare.registry import BuildContext
@@ -116,7 +119,8 @@ def source_columns(ctx: Any) -> SourceColumns | None:
         return None
     sid = ids[0]
     comp = wf.sources[sid]
-    if comp.type not in ("postgres", "mysql") or not getattr(comp.config, "table", None):
+    if comp.type not in ("postgres", "mysql") or not (
+            table or getattr(comp.config, "table", None)):
         return None
     src = BuildContext(sid, "source", comp, comp.config, wf, ctx.base_dir)
     try:
@@ -125,14 +129,16 @@ def source_columns(ctx: Any) -> SourceColumns | None:
         log.warning("step %r: cannot read the column types of source %r (%s); the table's "
                     "columns are typed from the records", ctx.step_id, sid, exc)
         return None
+    if table is not None:
+        tables = [t for t in tables if f"{t['schema']}.{t['name']}" == table]
     if len(tables) != 1:
         return None
-    (table,) = tables
+    (found,) = tables
     types = {}
-    for col in table["columns"]:
+    for col in found["columns"]:
         pg = postgres_type(comp.type, col["type"])
         if pg is not None:
             types[col["name"]] = pg
-    return SourceColumns(sid, f"{table['schema']}.{table['name']}", types,
-                         tuple(table.get("primary_key") or ()),
+    return SourceColumns(sid, f"{found['schema']}.{found['name']}", types,
+                         tuple(found.get("primary_key") or ()),
                          comp.mode in ("cdc", "hybrid"))

@@ -89,7 +89,8 @@ class PostgresDestinationConfig(Strict):
         default_factory=dict,
         description="SQL types of columns of the table when it is created or widened, e.g. "
         "{amount: 'numeric(12,2)', seen: timestamptz}; other columns take the type of the "
-        "upstream database table's column (when the records come from one) or one "
+        "upstream database table's column (when the records come from one: a source's "
+        "table, or the table of a change stream the records carry in _meta.table) or one "
         "inferred from the values.",
     )
 
@@ -138,12 +139,14 @@ class PostgresDialect(Dialect):
     sql_types = SQL_TYPES
 
     def __init__(self, cfg: PostgresDestinationConfig,
-                 carried: Callable[[], SourceColumns | None] | None = None) -> None:
+                 carried: Callable[[str | None], SourceColumns | None] | None = None
+                 ) -> None:
         import psycopg
 
         self.cfg = cfg
         self._carried_fn = carried
-        self._carried: SourceColumns | None = None
+        self._carried: dict[str | None, SourceColumns | None] = {}
+        self._origin: str | None = None
         self.arrays: set[str] = set()
         self.transient = (psycopg.OperationalError, psycopg.InterfaceError)
         self.refusals = (psycopg.DataError, psycopg.IntegrityError)  # SQLSTATE 22, 23
@@ -203,11 +206,21 @@ class PostgresDialect(Dialect):
         """The staging table may have gone with the transaction."""
         self._staged = self._secured = None
 
+    def note_origin(self, table: str | None) -> None:
+        """The source table of the columns made next (see :meth:`carried`)."""
+        self._origin = table
+
     def carried(self) -> SourceColumns | None:
-        """The upstream table's columns (asked once)."""
-        if self._carried_fn is not None:
-            self._carried, self._carried_fn = self._carried_fn(), None
-        return self._carried
+        """The upstream table's columns (asked once per source table).
+
+        The records' source table (:meth:`note_origin`) picks one of a change stream's
+        tables; without one, the source's one configured table.
+        """
+        origin = self._origin
+        if origin not in self._carried:
+            fn = self._carried_fn
+            self._carried[origin] = None if fn is None else fn(origin)
+        return self._carried[origin]
 
     def _sql_type(self, name: str, logical: str) -> str:
         if name in self.cfg.columns:
@@ -628,7 +641,8 @@ def build_postgres_destination(
 ) -> Stream[list[Failed]]:
     """The output steps of a ``postgres`` destination (scoped under its id)."""
     cfg: PostgresDestinationConfig = ctx.config
-    return table_destination(ctx, up, lambda: PostgresDialect(cfg, lambda: source_columns(ctx)))
+    return table_destination(
+        ctx, up, lambda: PostgresDialect(cfg, lambda table: source_columns(ctx, table)))
 
 
 def _dollar_quoted(body: str) -> str:

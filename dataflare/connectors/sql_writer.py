@@ -136,6 +136,12 @@ def position_of(meta: Any) -> tuple[str | None, int | None]:
     return None, None
 
 
+def _origin(items: list[Item]) -> str | None:
+    """The one source table (``_meta.table``, as CDC records carry) of ``items``, if one."""
+    tables = {it.meta.get("table") if isinstance(it.meta, dict) else None for it in items}
+    return tables.pop() if len(tables) == 1 else None
+
+
 def _key_field(name: str) -> Callable[[dict[str, Any]], Any]:
     """The reader of merge key ``name``: the field of that name, else the dotted path."""
     if "." not in name:
@@ -349,6 +355,13 @@ class Dialect(ABC):
     @abstractmethod
     def columns(self) -> dict[str, str] | None:
         """Columns of the target table and their logical types; ``None`` if absent."""
+
+    def note_origin(self, table: str | None) -> None:
+        """The source table (``_meta.table``) of the records whose columns are made next.
+
+        A dialect that types columns after their source table (PostgreSQL) keeps it.
+        """
+        return  # the others type columns by their values alone
 
     def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> bool:
         """CREATE TABLE IF NOT EXISTS, with ``key`` (when given) as primary key.
@@ -653,6 +666,7 @@ class TableWriter:
         names = self._columns_of([it.row for it in items])
         if self.cols is None and not names:
             return False
+        self.db.note_origin(_origin(items))
         known = self.cols or {}
         wanted: dict[str, str | None] = {}
         for name in names:

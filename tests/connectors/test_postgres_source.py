@@ -991,6 +991,94 @@ def test_yaml_cdc_into_postgres_resumes_after_a_failed_run(pg_private: Any, tmp_
     assert dst == src
 
 
+MIRROR_TYPES_FLOW = """
+workflow:
+  name: cdc-mirror-types
+  sources:
+    src:
+      type: postgres
+      mode: cdc
+      config: {{host: 127.0.0.1, port: {port}, database: {db}, username: postgres,
+               stop_at_end: true}}
+      cdc: {{slot_name: types_slot, publication_name: types_pub, snapshot_mode: initial,
+            include_tables: [public.types_a, public.types_b], poll_interval: 10ms}}
+  transformations:
+    by_table:
+      inputs: [src]
+      type: route
+      config:
+        routes:
+          - {{name: a, condition: "_meta.table == 'public.types_a'"}}
+          - {{name: b, condition: "_meta.table == 'public.types_b'"}}
+  destinations:
+    a:
+      type: postgres
+      inputs: [by_table.a]
+      config: {{host: 127.0.0.1, port: {port}, database: {db}, username: postgres,
+               schema: types_mirror, table: a}}
+      write_mode: {{type: merge, merge_key: id}}
+    b:
+      type: postgres
+      inputs: [by_table.b]
+      config: {{host: 127.0.0.1, port: {port}, database: {db}, username: postgres,
+               schema: types_mirror, table: b}}
+      write_mode: {{type: merge, merge_key: id}}
+"""
+
+
+def test_cdc_mirror_tables_take_each_source_tables_column_types(
+    pg_private: Any, tmp_path: Path
+) -> None:
+    # A change stream of several tables: each mirror table is created with the types of
+    # the table its records come from (``_meta.table``), so a numeric(30,6) is not made a
+    # double by its first value (1.5) and a later exact value is not rounded.
+    drop_slot(pg_private, "types_slot", "types_pub")
+    pg_private.execute(
+        "DROP SCHEMA IF EXISTS types_mirror CASCADE",
+        "DROP TABLE IF EXISTS types_a, types_b",
+        "CREATE TABLE types_a (id int PRIMARY KEY, amt numeric(30,6), at timestamptz, u uuid)",
+        "CREATE TABLE types_b (id bigint PRIMARY KEY, n numeric, note varchar(20))",
+        "INSERT INTO types_a VALUES (1, 1.5, '2024-05-01 10:00+02', "
+        "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')",
+        "INSERT INTO types_b VALUES (1, 2.25, 'x')",
+    )
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(MIRROR_TYPES_FLOW.format(port=pg_private.port, db=pg_private.database))
+
+    def run() -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "dataflare", "run", str(flow), "-r", str(tmp_path / "rec"),
+             "-s", "0", "-q"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+    run()
+    pg_private.execute(
+        "INSERT INTO types_a VALUES (2, 12345678901234567.123456, NULL, NULL)",
+        "INSERT INTO types_b VALUES (2, 123456789012345678901234567890.5, 'y')",
+    )
+    run()
+    with pg_private.connect() as conn:
+        types = conn.execute(
+            "SELECT table_name, column_name, format_type(atttypid, atttypmod) "
+            "FROM information_schema.columns c JOIN pg_attribute a ON a.attrelid = "
+            "format('%I.%I', table_schema, table_name)::regclass AND a.attname = column_name "
+            "WHERE table_schema = 'types_mirror' ORDER BY 1, ordinal_position").fetchall()
+        mirrored = conn.execute(
+            "SELECT a.id, a.amt::text, a.at, a.u::text FROM types_mirror.a ORDER BY 1").fetchall()
+        source = conn.execute(
+            "SELECT id, amt::text, at, u::text FROM types_a ORDER BY 1").fetchall()
+        b = conn.execute("SELECT n::text FROM types_mirror.b ORDER BY id").fetchall()
+    assert types == [
+        ("a", "id", "integer"), ("a", "amt", "numeric(30,6)"),
+        ("a", "at", "timestamp with time zone"), ("a", "u", "uuid"),
+        ("b", "id", "bigint"), ("b", "n", "numeric"), ("b", "note", "character varying(20)"),
+    ]
+    assert mirrored == source
+    assert b == [("2.25",), ("123456789012345678901234567890.5",)]
+    drop_slot(pg_private, "types_slot", "types_pub")
+    pg_private.execute("DROP SCHEMA types_mirror CASCADE")
+
+
 # -- values Python cannot hold ---------------------------------------------------------------
 
 ODD_TIMES = (
