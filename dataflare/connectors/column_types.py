@@ -74,6 +74,31 @@ def postgres_type(source_type: str, column_type: str) -> str | None:
     return None
 
 
+_DUCKDB_SAME = {"boolean": "BOOLEAN", "smallint": "SMALLINT", "integer": "INTEGER",
+                "bigint": "BIGINT", "real": "REAL", "double precision": "DOUBLE",
+                "text": "VARCHAR", "date": "DATE", "uuid": "UUID", "json": "JSON",
+                "jsonb": "JSON", "timestamp without time zone": "TIMESTAMP",
+                "timestamp": "TIMESTAMP", "timestamp with time zone": "TIMESTAMPTZ",
+                "time without time zone": "TIME", "time": "TIME"}
+
+
+def duckdb_type(pg_type: str) -> str | None:
+    """The DuckDB type of a PostgreSQL type (:func:`postgres_type`'s), if one is faithful.
+
+    ``numeric(p,s)`` is ``DECIMAL(p,s)`` up to DuckDB's 38 digits; a bare or wider
+    ``numeric``, arrays, ``bytea`` (hex text) and the rest are typed from the values.
+    """
+    t = pg_type.lower()
+    if t in _DUCKDB_SAME:
+        return _DUCKDB_SAME[t]
+    if t.startswith(("character varying", "character")) and not t.endswith("]"):
+        return "VARCHAR"
+    m = re.fullmatch(r"numeric\((\d+)(,(\d+))?\)", t)
+    if m and int(m[1]) <= 38:
+        return f"DECIMAL({m[1]},{m[3] or 0})"
+    return None
+
+
 def compatible(sql_type: str, logical: str | None) -> bool:
     """Whether values of a ``logical`` type (:mod:`sql_writer`'s) fit ``sql_type``."""
     t = sql_type.lower()

@@ -8,8 +8,9 @@ are described in :mod:`dataflare.connectors.sql_writer`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import cache
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,12 @@ from bytewax.dataflow import Stream
 from pydantic import Field
 
 from dataflare.config import Strict
+from dataflare.connectors.column_types import (
+    SourceColumns,
+    compatible,
+    duckdb_type,
+    source_columns,
+)
 from dataflare.connectors.sql_writer import (
     BOOL,
     FLOAT,
@@ -65,14 +72,15 @@ class DuckDBDestinationConfig(Strict):
 class DuckDBDialect(Dialect):
     """duckdb's Python API with Arrow staging."""
 
-    sql_types = SQL_TYPES
-
-    def __init__(self, path: Path, cfg: DuckDBDestinationConfig) -> None:
+    def __init__(self, path: Path, cfg: DuckDBDestinationConfig,
+                 source_types: Callable[[str | None], SourceColumns | None] | None = None
+                 ) -> None:
         import duckdb
         import pyarrow as pa
 
         self.path = path
         self.cfg = cfg
+        self.source_types = None if source_types is None else cache(source_types)
         self.transient = (duckdb.IOException, duckdb.ConnectionException)
         # Values that do not fit their columns: in the Arrow staging or in DuckDB.
         self.refusals = (duckdb.DataError, duckdb.IntegrityError, pa.ArrowInvalid,
@@ -119,12 +127,35 @@ class DuckDBDialect(Dialect):
         self.types = {name: LOGICAL.get(str(dtype).upper(), TEXT) for name, dtype in rows}
         return dict(self.types)
 
+    def _declare(self, name: str, logical: str) -> str:
+        """``"name" TYPE`` of a new column: its source column's type when one fits.
+
+        Values of a column typed after its source go as text unless the type is one of
+        the logical ones: DuckDB casts the text exactly (a decimal, a timestamp, a uuid).
+        """
+        carried = self.carried()
+        hint = None if carried is None else carried.types.get(name)
+        sql_type = duckdb_type(hint) if hint is not None and compatible(hint, logical) else None
+        if sql_type is None:
+            self.types[name] = logical
+            return f"{quote_ident(name)} {SQL_TYPES[logical]}"
+        self.types[name] = LOGICAL.get(sql_type, TEXT)
+        return f"{quote_ident(name)} {sql_type}"
+
+    def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> bool:
+        """CREATE TABLE IF NOT EXISTS, typed as :meth:`_declare` says, keyed by ``key``."""
+        self.types = {}
+        cols = [self._declare(n, t) for n, t in columns.items()]
+        if key:
+            cols.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in key)})")
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
+        return True
+
     def add_columns(self, columns: dict[str, str]) -> None:
         """ALTER TABLE ... ADD COLUMN, one per statement."""
         for n, t in columns.items():
-            column = f"{quote_ident(n)} {SQL_TYPES[t]}"
+            column = self._declare(n, t)
             self.conn.execute(f"ALTER TABLE {self.target} ADD COLUMN IF NOT EXISTS {column}")
-            self.types[n] = t
 
     def widen(self, column: str, kind: str) -> None:
         """ALTER ... TYPE."""
@@ -249,4 +280,5 @@ def build_duckdb_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream
     """The output steps of a ``duckdb`` destination (scoped under its id)."""
     cfg: DuckDBDestinationConfig = ctx.config
     path = ctx.path(cfg.path)
-    return table_destination(ctx, up, lambda: DuckDBDialect(path, cfg))
+    return table_destination(
+        ctx, up, lambda: DuckDBDialect(path, cfg, lambda table: source_columns(ctx, table)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from itertools import repeat
 from typing import Any
 
@@ -136,17 +137,13 @@ class PostgresDialect(Dialect):
     types inferred from the values. Array columns receive lists as arrays.
     """
 
-    sql_types = SQL_TYPES
-
     def __init__(self, cfg: PostgresDestinationConfig,
-                 carried: Callable[[str | None], SourceColumns | None] | None = None
+                 source_types: Callable[[str | None], SourceColumns | None] | None = None
                  ) -> None:
         import psycopg
 
         self.cfg = cfg
-        self._carried_fn = carried
-        self._carried: dict[str | None, SourceColumns | None] = {}
-        self._origin: str | None = None
+        self.source_types = None if source_types is None else cache(source_types)
         self.arrays: set[str] = set()
         self.transient = (psycopg.OperationalError, psycopg.InterfaceError)
         self.refusals = (psycopg.DataError, psycopg.IntegrityError)  # SQLSTATE 22, 23
@@ -205,22 +202,6 @@ class PostgresDialect(Dialect):
     def rolled_back(self) -> None:
         """The staging table may have gone with the transaction."""
         self._staged = self._secured = None
-
-    def note_origin(self, table: str | None) -> None:
-        """The source table of the columns made next (see :meth:`carried`)."""
-        self._origin = table
-
-    def carried(self) -> SourceColumns | None:
-        """The upstream table's columns (asked once per source table).
-
-        The records' source table (:meth:`note_origin`) picks one of a change stream's
-        tables; without one, the source's one configured table.
-        """
-        origin = self._origin
-        if origin not in self._carried:
-            fn = self._carried_fn
-            self._carried[origin] = None if fn is None else fn(origin)
-        return self._carried[origin]
 
     def _sql_type(self, name: str, logical: str) -> str:
         if name in self.cfg.columns:

@@ -131,8 +131,6 @@ def _logical(data_type: str, scale: Any) -> str:
 class SnowflakeDialect(Dialect):
     """snowflake-connector-python: JSON staging, INSERT ... SELECT and MERGE."""
 
-    sql_types = SQL_TYPES
-
     def __init__(self, cfg: SnowflakeConfig, step: str) -> None:
         from snowflake.connector import errors
 

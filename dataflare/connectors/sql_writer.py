@@ -56,13 +56,16 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from itertools import chain, repeat
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bytewax.dataflow import Stream
 
 from dataflare.connectors.batching import Flush, buffered_output
 from dataflare.records import META, Failed, describe_position, getter
 from dataflare.retry import call_with_retry
+
+if TYPE_CHECKING:
+    from dataflare.connectors.column_types import SourceColumns
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -321,11 +324,14 @@ class Dialect(ABC):
     """Errors worth a retry (a lost connection)."""
     refusals: tuple[type[BaseException], ...] = ()
     """Errors a record's values cause (bad value, constraint): the record fails alone."""
-    sql_types: dict[str, str] = {}
-    """The column type of each logical type."""
     conn: Any
     target: str
     types: dict[str, str]
+    source_types: Callable[[str | None], SourceColumns | None] | None = None
+    """The columns of a source table (``None``: the source's one ``table``), for a
+    dialect that types new columns after them (asked once per table)."""
+    origin: str | None = None
+    """The source table of the records whose columns are made next (:meth:`note_origin`)."""
 
     def refuses(self, exc: BaseException) -> bool:
         """Whether ``exc`` is a refusal of a record's values (see :attr:`refusals`)."""
@@ -357,23 +363,19 @@ class Dialect(ABC):
         """Columns of the target table and their logical types; ``None`` if absent."""
 
     def note_origin(self, table: str | None) -> None:
-        """The source table (``_meta.table``) of the records whose columns are made next.
+        """The source table (``_meta.table``) of the records whose columns are made next."""
+        self.origin = table
 
-        A dialect that types columns after their source table (PostgreSQL) keeps it.
-        """
-        return  # the others type columns by their values alone
+    def carried(self) -> SourceColumns | None:
+        """The columns of the records' source table (see :attr:`source_types`)."""
+        return None if self.source_types is None else self.source_types(self.origin)
 
+    @abstractmethod
     def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> bool:
         """CREATE TABLE IF NOT EXISTS, with ``key`` (when given) as primary key.
 
         ``False``: another writer made the table meanwhile (its columns are to be read).
         """
-        cols = [f"{quote_ident(n)} {self.sql_types[t]}" for n, t in columns.items()]
-        if key:
-            cols.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in key)})")
-        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
-        self.types = dict(columns)
-        return True
 
     @abstractmethod
     def add_columns(self, columns: dict[str, str]) -> None:

@@ -1023,6 +1023,11 @@ workflow:
       config: {{host: 127.0.0.1, port: {port}, database: {db}, username: postgres,
                schema: types_mirror, table: b}}
       write_mode: {{type: merge, merge_key: id}}
+    a_duck:
+      type: duckdb
+      inputs: [by_table.a]
+      config: {{path: mirror.duckdb, table: a}}
+      write_mode: {{type: merge, merge_key: id}}
 """
 
 
@@ -1075,6 +1080,17 @@ def test_cdc_mirror_tables_take_each_source_tables_column_types(
     ]
     assert mirrored == source
     assert b == [("2.25",), ("123456789012345678901234567890.5",)]
+    import duckdb  # DuckDB's mirror: the same types where DuckDB has them
+
+    with duckdb.connect(str(tmp_path / "mirror.duckdb"), read_only=True) as duck:
+        assert duck.execute("SELECT column_name, data_type FROM information_schema.columns "
+                            "WHERE table_name = 'a' ORDER BY ordinal_position").fetchall() == [
+            ("id", "INTEGER"), ("amt", "DECIMAL(30,6)"), ("at", "TIMESTAMP WITH TIME ZONE"),
+            ("u", "UUID")]
+        assert duck.execute("SELECT id, amt::VARCHAR, epoch_us(a.at), u::VARCHAR FROM a "
+                            "ORDER BY id").fetchall() == [
+            (1, "1.500000", 1714550400000000, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            (2, "12345678901234567.123456", None, None)]
     drop_slot(pg_private, "types_slot", "types_pub")
     pg_private.execute("DROP SCHEMA types_mirror CASCADE")
 
