@@ -1,27 +1,32 @@
-"""MySQL / MariaDB source (``type: mysql``): full reads, incremental polling, binlog CDC.
+r"""MySQL / MariaDB source (``type: mysql``): full reads, incremental polling, binlog CDC.
 
 - ``full``: one consistent read (``START TRANSACTION WITH CONSISTENT SNAPSHOT``, an
   unbuffered cursor) in key order, in batches; the last key read is the resume state.
 - ``incremental``: polls rows past the last ``(cursor, key...)`` tuple every
   ``incremental.interval``; ties on the cursor value are never lost.
-- ``cdc``: the row-based binlog (``binlog_format=ROW``, ``binlog_row_image=FULL``) read
-  with ``mysql-replication``. Rows are emitted per committed transaction; the partition
-  state holds the binlog file and position *after* the last emitted commit, so a resumed
-  partition starts on a transaction boundary and emits nothing twice. With
+- ``cdc``: the row-based binlog read with ``mysql-replication``. The server must have
+  ``binlog_format=ROW``, ``binlog_row_image=FULL`` and ``binlog_row_metadata=FULL``
+  (MySQL 8.0.14+, MariaDB 10.5+), or the source refuses to start: without the row
+  metadata the binlog does not say a column's name, character set or signedness, so
+  binary, non-UTF-8 text and unsigned values would come wrong or fail. An event written
+  without it (before the setting changed) stops the run with an error naming its table
+  and position. Rows are emitted per committed transaction; the partition state holds
+  the binlog file and position *after* the last emitted commit, so a resumed partition
+  starts on a transaction boundary and emits nothing twice. With
   ``cdc.binlog_position: latest`` (the default) and ``cdc.snapshot_mode`` ``initial`` or
   ``always``, the tables are read first; on MariaDB the stream then starts at the binlog
   position of the snapshot itself (``binlog_snapshot_file/position``), on MySQL at the
   position taken just before it (changes in between may come twice, never lost).
   Records carry ``_meta``: ``op`` (insert/update/delete/truncate), ``table``
   (``db.table``), ``position`` (``file:pos`` of the commit), ``commit_ts``; an update
-  carries the previous row in ``_meta.old``. Column names come from the binlog's row
-  metadata (``binlog_row_metadata=FULL``) or else from ``information_schema``.
+  carries the previous row in ``_meta.old``.
 
 Values look as ``dataflare discover`` describes them, in every mode: ``tinyint(1)`` and
 ``bit(1)`` as booleans, ``time`` as ``'[-]HH:MM:SS[.ffffff]'`` text, ``json`` columns
 (MariaDB's too: ``longtext`` checked by ``json_valid``) parsed, ``decimal`` per
-``decimal_handling``, the rest JSON-like as for PostgreSQL. A value that cannot be
-converted (invalid JSON) fails its row alone, under the step's error policy.
+``decimal_handling``, binary values as ``\x`` and hex (``binary(n)`` padded to ``n``
+bytes), the rest JSON-like as for PostgreSQL. A value that cannot be converted (invalid
+JSON) fails its row alone, under the step's error policy.
 """
 
 from __future__ import annotations
@@ -286,6 +291,33 @@ def converters(columns: list[dict[str, Any]]) -> Converters:
     return out
 
 
+_BINARY = re.compile(r"(var)?binary\((\d+)\)|(tiny|medium|long)?blob")
+
+
+def _binlog_binary(size: int | None) -> Callable[[Any], Any]:
+    """Bytes of a binary column as a query returns them, from the binlog's value.
+
+    The binlog drops the zero padding of ``binary(n)``; and mysql-replication gives an
+    empty value as ``''`` (decoding ``b''`` with the unknown codec 'binary' does not fail).
+    """
+
+    def convert(value: Any) -> Any:
+        data = value.encode() if isinstance(value, str) else value
+        return data.ljust(size, b"\0") if size else data
+
+    return convert
+
+
+def binlog_converters(columns: list[dict[str, Any]]) -> Converters:
+    """:func:`converters`, and what makes binlog values of binary columns as queried."""
+    out = converters(columns)
+    for col in columns:
+        m = _BINARY.fullmatch(col["type"].lower())
+        if m:
+            out[col["name"]] = _binlog_binary(int(m[2]) if m[2] and not m[1] else None)
+    return out
+
+
 def _convert(fn: Callable[[Any], Any] | None, value: Any) -> Any:
     if fn is None or value is None:
         return value
@@ -498,6 +530,38 @@ def incremental_partition(src: MySqlSource, state: Any) -> IncrementalPartition:
                                 src.cfg.decimal_handling)
 
 
+# What the binlog must hold for its rows to be read as the tables hold them.
+BINLOG_SETTINGS = {"binlog_format": "ROW", "binlog_row_image": "FULL",
+                   "binlog_row_metadata": "FULL"}
+
+
+def binlog_settings_problems(conn: Any) -> list[str]:
+    """How the server's binlog settings differ from :data:`BINLOG_SETTINGS` (all of them)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SHOW GLOBAL VARIABLES WHERE Variable_name IN (%s, %s, %s)", tuple(BINLOG_SETTINGS)
+        )
+        have = {str(k).lower(): str(v) for k, v in cur.fetchall()}
+    return [
+        f"{name}={have.get(name, 'unsupported by this server version')}"
+        for name, want in BINLOG_SETTINGS.items()
+        if have.get(name, "").upper() != want
+    ]
+
+
+class _RowMetadataNotice(logging.Filter):
+    """Drops mysql-replication's warning about ``binlog_row_metadata``, logged per reader.
+
+    The source checks the setting itself, once, and refuses to start without it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "BINLOG_ROW_METADATA" not in str(record.msg)
+
+
+_ROW_METADATA_NOTICE = _RowMetadataNotice()
+
+
 _TRUNCATE = re.compile(r"^\s*truncate\s+(?:table\s+)?([`\w.]+)", re.IGNORECASE)
 
 
@@ -513,6 +577,8 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.server_id = cdc.server_id or 1000 + zlib.crc32(src.step_id.encode()) % 100000
         self.awake: datetime | None = None
         self.ended = False
+        logging.getLogger("pymysqlreplication").addFilter(_ROW_METADATA_NOTICE)
+        self.db.run("checking the binlog settings", self._check_settings)
         self.snap: SnapshotRead | None = None
         self.convert: dict[str, Converters] = {}
         snapshot = cdc.binlog_position == "latest" and (
@@ -530,6 +596,23 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             self.snap = SnapshotRead(
                 src, self.tables, s.get("table_index", 0), s.get("after"), "read"
             )
+
+    def _check_settings(self, conn: Any) -> None:
+        problems = binlog_settings_problems(conn)
+        if not problems:
+            return
+        wanted = ", ".join(f"{k}={v}" for k, v in BINLOG_SETTINGS.items())
+        names = [p.split("=")[0] for p in problems]
+        run = "; ".join(f"SET GLOBAL {n} = {BINLOG_SETTINGS[n]}" for n in names)
+        cnf = ", ".join(f"`{n} = {BINLOG_SETTINGS[n]}`" for n in names)
+        msg = (
+            f"step '{self.src.step_id}': binlog CDC needs {wanted}; the server has "
+            f"{', '.join(problems)}. Run `{run}` and add {cnf} under [mysqld] in my.cnf "
+            "so a restart keeps it. Events written before the change still lack it: start "
+            "at a position after it (cdc.binlog_position 'latest' without the recovery "
+            "state; cdc.snapshot_mode 'initial' reads the tables first)"
+        )
+        raise ValueError(msg)
 
     def _start(self, conn: Any) -> tuple[str, int]:
         where = self.src.cdc_settings().binlog_position
@@ -564,7 +647,12 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         """
         from pymysqlreplication import BinLogStreamReader
         from pymysqlreplication.event import QueryEvent, RotateEvent, XidEvent
-        from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+        from pymysqlreplication.row_event import (
+            DeleteRowsEvent,
+            TableMapEvent,
+            UpdateRowsEvent,
+            WriteRowsEvent,
+        )
 
         settings = self.src.cfg.settings()
         conn_settings = {
@@ -586,22 +674,30 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 XidEvent,
                 QueryEvent,
                 RotateEvent,
+                TableMapEvent,
             ],
             only_schemas=schemas,
             only_tables=names,
             # File and position on MariaDB too: the library's MariaDB mode streams by GTID
             # and would ignore the position.
             is_mariadb=False,
-            use_column_name_cache=True,
             enable_logging=False,
         )
         out: list[Any] = []
         pending: list[dict[str, Any]] = []
         limit = self.src.cfg.batch_size
         file, pos = self.file, self.pos
+        table = ""
         try:
             for event in reader:
                 if isinstance(event, RotateEvent):
+                    continue
+                if isinstance(event, TableMapEvent):
+                    table = f"{event.schema}.{event.table}"
+                    if (not self.tables or table in self.tables) and any(
+                        c.name is None for c in event.columns
+                    ):
+                        raise self._unreadable(table, file, pos, "has no row metadata")
                     continue
                 if isinstance(event, WriteRowsEvent | UpdateRowsEvent | DeleteRowsEvent):
                     table = f"{event.schema}.{event.table}"
@@ -639,17 +735,37 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                     file, pos = reader.log_file, int(reader.log_pos)
                     if len(out) >= limit:
                         return out, file, pos, False
+        except UnicodeDecodeError as exc:
+            raise self._unreadable(table, file, pos, f"cannot be decoded ({exc})") from exc
         finally:
             reader.close()
         # The binlog ended: caught up (a transaction not yet whole is read again next time).
         return out, file, pos, True
+
+    def _unreadable(self, table: str, file: str, pos: int, what: str) -> RuntimeError:
+        """The terminal error of a change in the binlog that cannot be read exactly."""
+        msg = (
+            f"step '{self.src.step_id}': the change of {table or 'a table'} in the "
+            f"transaction at binlog {file}:{pos} {what}: it was written while "
+            "binlog_row_metadata was not FULL (or the server's setting changed since the "
+            "start). Set binlog_row_metadata = FULL (SET GLOBAL and my.cnf) and start at a "
+            "position written after that (cdc.binlog_position 'latest' without the "
+            "recovery state, with cdc.snapshot_mode 'initial' to read the tables again)"
+        )
+        return RuntimeError(msg)
 
     def _record(self, event: Any, row: dict[str, Any], table: str) -> Any:
         """The record of one row change, or its failure when a value cannot be converted."""
         from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent
 
         if table not in self.convert:
-            self.convert[table] = _table_converters(self.db, *table.split(".", 1))
+            database, name = table.split(".", 1)
+            self.convert[table] = binlog_converters(
+                self.db.run(
+                    f"reading the columns of {table}",
+                    lambda conn: table_columns(conn, database, name),
+                )
+            )
         convert, decimals = self.convert[table], self.src.cfg.decimal_handling
         if isinstance(event, UpdateRowsEvent):
             op, images = "update", [row["after_values"], row["before_values"]]
