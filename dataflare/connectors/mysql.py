@@ -902,7 +902,8 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
     "mysql",
     config=MySqlSourceConfig,
     datasets=lambda cfg, base: table_dataset("mysql", cfg, 3306),
-    description="MySQL / MariaDB table: full read, incremental polling, or binlog CDC.",
+    description="MySQL / MariaDB table: full read, incremental polling, or binlog CDC "
+    "(the server needs binlog_format=ROW, binlog_row_image=FULL, binlog_row_metadata=FULL).",
     blocks=("mode", "incremental", "cdc"),
     requires=("pymysql", "pymysqlreplication"), extra="mysql",
 )

@@ -1069,7 +1069,8 @@ def effective_mode(component: Any, cfg: Any) -> Mode:
     "postgres",
     config=PostgresSourceConfig,
     datasets=lambda cfg, base: table_dataset("postgres", cfg, 5432),
-    description="PostgreSQL table: full snapshot, incremental polling, or CDC (pgoutput).",
+    description="PostgreSQL table: full snapshot, incremental polling, or CDC (pgoutput; "
+    "wal_level=logical, and published tables need a primary key or replica identity).",
     blocks=("mode", "incremental", "cdc", "hybrid"),
     requires=("psycopg",), extra="postgres",
 )
