@@ -391,6 +391,8 @@ class Store:
         """
         at = now()
         with self.tx() as c:
+            if self.postgres:  # one claim at a time: the next one sees this one's run busy
+                c.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('dataflare.claim'))"))
             # Runs whose worker died: back to the queue, the same run id and attempt.
             c.execute(runs.update().where(
                 (runs.c.status == "running") & (runs.c.lease_until < at)).values(

@@ -53,7 +53,8 @@ class Worker:
 
     def __init__(self, store: Store, data_dir: Path, settings: WorkerSettings | None = None,
                  name: str | None = None) -> None:
-        self.store, self.data_dir = store, Path(data_dir)
+        # absolute: the runs start in their work directory (a relative --data-dir is the cwd's)
+        self.store, self.data_dir = store, Path(data_dir).resolve()
         self.settings = settings or WorkerSettings()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.shutdown = threading.Event()
