@@ -38,17 +38,17 @@ def test_concurrent_claims_never_run_one_workflow_twice(store: Store) -> None:
     store.put_workflow("quick", None, QUICK, "test", create=True)
     for _ in range(6):
         store.start_run("quick", "test")
+
+    def claim(i: int, start: threading.Barrier, claimed: list[object]) -> None:
+        start.wait()
+        got = store.claim(f"worker-{i}", timedelta(minutes=1))
+        if got is not None:
+            claimed.append(got[0])
+
     for _ in range(3):
         start = threading.Barrier(6)
         claimed: list[object] = []
-
-        def claim(i: int) -> None:
-            start.wait()
-            got = store.claim(f"worker-{i}", timedelta(minutes=1))
-            if got is not None:
-                claimed.append(got[0])
-
-        threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+        threads = [threading.Thread(target=claim, args=(i, start, claimed)) for i in range(6)]
         for t in threads:
             t.start()
         for t in threads:
