@@ -153,6 +153,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_client(args: argparse.Namespace) -> int:
     """``push``, ``runs``, ``trigger`` and ``stop`` against a server."""
+    import httpx
+
     from dataflare.server.client import ApiError, Client
 
     client = Client(args.server, args.token)
@@ -175,6 +177,10 @@ def cmd_client(args: argparse.Namespace) -> int:
             print(client.stop(args.target)["status"])
     except (ApiError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:  # the server cannot be reached, or broke off
+        print(f"error: no answer from the server ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
         return 1
     return 0
 

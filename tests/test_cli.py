@@ -182,3 +182,16 @@ def test_summary_does_not_count_records_of_a_failed_run_as_written(capsys):
     err = capsys.readouterr().err
     assert ", run failed): records per step" in err and "  summary_src: 3\n" in err
     assert "  summary_dst: 3 received, not all confirmed written\n" in err
+
+
+def test_server_commands_say_when_the_server_cannot_be_reached():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for args in (["runs"], ["stop", "r1"], ["trigger", "w"]):
+        out = run_cli(*args, "--server", f"http://127.0.0.1:{port}", "--token", "t")
+        assert out.code == 1
+        assert out.stderr.startswith("error: no answer from the server (ConnectError:"), out.stderr
+        assert "Traceback" not in out.stderr

@@ -19,6 +19,7 @@ from dataflare.expr import check_expression
 from dataflare.records import parse_duration
 
 ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+WORKFLOW_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 
@@ -101,6 +102,9 @@ class Schedule(Strict):
             else:
                 msg = "an interval schedule needs 'interval' (or a duration in 'expression')"
                 raise ValueError(msg)
+        if self.type == "interval" and self.interval is not None and self.interval <= 0:
+            msg = f"an interval schedule's period must be positive, not {self.interval:g}s"
+            raise ValueError(msg)
         return self
 
 
@@ -456,9 +460,19 @@ class TestCase(Strict):
 class Workflow(Strict):
     """A workflow: sources, transformations and destinations forming a DAG."""
 
-    id: str | None = Field(None, description="Unique workflow id.")
+    id: str | None = Field(None, description="Unique workflow id: letters, digits, '_', "
+                           "'-' and '.', at most 128 (it names files, URLs and run records).")
     name: str | None = Field(None, description="Workflow name.")
     description: str = Field("", description="What the workflow does.")
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str | None) -> str | None:
+        if value is not None and not WORKFLOW_ID.fullmatch(value):
+            msg = (f"invalid workflow id {value!r}: use letters, digits, '_', '-' and '.', "
+                   "starting with a letter, digit or '_', at most 128")
+            raise ValueError(msg)
+        return value
     version: str | None = Field(None, description="Workflow version.")
     owner: str | None = Field(None, description="Owning team or person.")
     tags: list[str] = Field(default_factory=list, description="Labels.")

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from dataflare import registry
 from dataflare.dsl_compiler import Validated, validate_text
+from dataflare.dsl_compiler.models import WORKFLOW_ID
 from dataflare.server.auth import Access, User
 from dataflare.server.scheduler import Scheduler, next_instants, schedule_of
 from dataflare.server.store import Conflict, NotFound, Store, now
@@ -55,6 +56,14 @@ def _validated(text: str, name: str) -> Validated:
 def _problems(v: Validated) -> list[dict[str, Any]]:
     return [{"line": p.line, "column": p.col, "path": p.path, "message": p.message,
              "severity": "error" if p.is_error(False) else "warning"} for p in v.problems]
+
+
+class Invalid(Exception):  # noqa: N818 - the 422 answer, as NotFound is the 404
+    """A workflow text refused: answered 422 ``{"problems": [...]}`` (CONTRACT §11)."""
+
+    def __init__(self, problems: list[dict[str, Any]]) -> None:
+        super().__init__(problems)
+        self.problems = problems
 
 
 def create_app(store: Store, access: Access, scheduler: Scheduler | None = None) -> FastAPI:
@@ -101,6 +110,10 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
     async def _conflict(_request: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    @app.exception_handler(Invalid)
+    async def _invalid(_request: Request, exc: Invalid) -> JSONResponse:
+        return JSONResponse({"problems": exc.problems}, status_code=422)
+
     async def _yaml(request: Request) -> str:
         body = await request.body()
         if request.headers.get("content-type", "").startswith("application/json"):
@@ -120,24 +133,29 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
         v = _validated(text, f"{wid or 'workflow'}.yaml")
         errors = v.errors()
         if not errors and v.workflow is not None and not (wid or v.workflow.id):
-            raise HTTPException(422, {"problems": [{
+            raise Invalid([{
                 "line": 1, "column": 1, "path": "workflow.id", "severity": "error",
-                "message": "a stored workflow needs 'id'"}]})
+                "message": "a stored workflow needs 'id'"}])
         if errors or v.workflow is None:
-            raise HTTPException(422, {"problems": _problems(v)})
+            raise Invalid(_problems(v))
         wf = v.workflow
         if wid is not None and wf.id and wf.id != wid:
-            raise HTTPException(422, {"problems": [{
+            raise Invalid([{
                 "line": 1, "column": 1, "path": "workflow.id", "severity": "error",
-                "message": f"the text's id {wf.id!r} is not the workflow's id {wid!r}"}]})
+                "message": f"the text's id {wf.id!r} is not the workflow's id {wid!r}"}])
         target = wid or wf.id
         assert target is not None
+        if not WORKFLOW_ID.fullmatch(target):
+            raise Invalid([{
+                "line": 1, "column": 1, "path": "workflow.id", "severity": "error",
+                "message": f"invalid workflow id {target!r}: use letters, digits, '_', '-' "
+                           "and '.', at most 128"}])
         if wf.schedule is not None and wf.schedule.type in ("cron", "interval") and not \
                 next_instants(wf.schedule, 1, max(now(), wf.schedule.start_date or now())):
-            raise HTTPException(422, {"problems": [{
+            raise Invalid([{
                 "line": 1, "column": 1, "path": "workflow.schedule", "severity": "error",
                 "message": "the schedule never fires (no instant in the next ten years"
-                + (" before its end_date)" if wf.schedule.end_date else ")")}]})
+                + (" before its end_date)" if wf.schedule.end_date else ")")}])
         _check_trigger_cycle(store, target, wf)
         return target, wf.name
 
@@ -232,7 +250,7 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
 
         v = validate_text(store.workflow(wid)["yaml"], f"{wid}.yaml", dict(os.environ))
         if v.errors(for_run=True) or v.workflow is None:
-            raise HTTPException(422, {"problems": _problems(v)})
+            raise Invalid(_problems(v))
         if source not in v.workflow.sources:
             raise HTTPException(404, f"no source {source!r} in workflow {wid!r}")
         try:
@@ -319,9 +337,9 @@ def _check_trigger_cycle(store: Store, wid: str, wf: Any) -> None:
         for nxt in graph.get(node, []):
             if nxt == wid:
                 chain = " -> ".join([*path, wid])
-                raise HTTPException(422, {"problems": [{
+                raise Invalid([{
                     "line": 1, "column": 1, "path": "workflow.post_actions",
-                    "severity": "error", "message": f"the triggers form a cycle: {chain}"}]})
+                    "severity": "error", "message": f"the triggers form a cycle: {chain}"}])
             if nxt not in seen:
                 seen.add(nxt)
                 path.append(nxt)

@@ -24,8 +24,9 @@ class Client:
         r = self.http.request(method, path, **kw)
         if r.status_code >= 400:
             try:
-                detail = r.json().get("detail")
-            except ValueError:
+                body = r.json()
+                detail = body if "problems" in body else body.get("detail")
+            except (ValueError, AttributeError):
                 detail = r.text
             if isinstance(detail, dict) and "problems" in detail:
                 detail = "\n".join(f"{p['line']}:{p['column']}: {p['path']}: {p['message']}"

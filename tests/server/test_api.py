@@ -63,7 +63,8 @@ def test_an_invalid_workflow_is_refused_with_located_problems_and_nothing_stored
     bad = flow().replace("type: filter", "type: filtr")
     r = post_yaml(client, bad)
     assert r.status_code == 422
-    problems = r.json()["detail"]["problems"]
+    assert set(r.json()) == {"problems"}  # CONTRACT §11's body
+    problems = r.json()["problems"]
     assert problems[0]["line"] == 8 and "did you mean 'filter'" in problems[0]["message"]
     assert post_yaml(client, "workflow: [").status_code == 422
     assert client.get("/api/v1/workflows", headers=h("admin")).json() == []
@@ -94,10 +95,27 @@ def test_a_schedule_that_never_fires_is_refused(client: TestClient) -> None:
     never = flow(extra="  schedule: {type: cron, expression: '0 0 30 2 *'}\n")
     r = post_yaml(client, never)
     assert r.status_code == 422
-    assert "never fires" in r.json()["detail"]["problems"][0]["message"]
+    assert "never fires" in r.json()["problems"][0]["message"]
     ended = flow(extra="  schedule: {type: interval, interval: 1h, "
                  "end_date: '2020-01-01T00:00:00Z'}\n")
     assert "before its end_date" in str(post_yaml(client, ended).json())
+
+
+def test_ids_and_periods_no_store_can_hold_are_refused(client: TestClient) -> None:
+    # An id with '/' could never be read, run or deleted through its URL (and names a
+    # directory); a zero period divided by zero in the scheduler: 422s, not stored.
+    for wid in ("a/b", "has space", "../up", "x" * 129):
+        r = post_yaml(client, flow(wid=wid.replace('"', '')))
+        assert r.status_code == 422, (wid, r.text)
+        assert "invalid workflow id" in r.json()["problems"][0]["message"]
+    r = client.put("/api/v1/workflows/has%20space", content=flow().replace("  id: orders\n", ""),
+                   headers={**h("admin"), "content-type": "text/yaml"})
+    assert r.status_code == 422 and "invalid workflow id" in r.text
+    zero = flow(extra="  schedule: {type: interval, expression: 0s}\n")
+    r = post_yaml(client, zero)
+    assert r.status_code == 422
+    assert "period must be positive" in r.json()["problems"][0]["message"]
+    assert client.get("/api/v1/workflows", headers=h("admin")).json() == []
 
 
 def test_a_trigger_cycle_is_refused(client: TestClient) -> None:
@@ -106,7 +124,7 @@ def test_a_trigger_cycle_is_refused(client: TestClient) -> None:
     assert post_yaml(client, flow("b", trig.format("c"))).status_code == 201
     r = post_yaml(client, flow("c", trig.format("a")))
     assert r.status_code == 422
-    assert "a cycle: c -> a -> b -> c" in r.json()["detail"]["problems"][0]["message"]
+    assert "a cycle: c -> a -> b -> c" in r.json()["problems"][0]["message"]
 
 
 def test_a_run_is_carried_out_by_a_worker_with_its_summary_and_logs(
