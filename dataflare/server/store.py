@@ -166,6 +166,18 @@ class Run:
         return out
 
 
+def _schedule_block(text: str) -> Any:
+    """The ``schedule`` block of a workflow text as data (``None`` without one)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    wf = data.get("workflow") if isinstance(data, dict) else None
+    return wf.get("schedule") if isinstance(wf, dict) else None
+
+
 def _run(row: Any) -> Run:
     return Run(
         id=row.id, workflow=row.workflow_id, revision=row.revision, trigger=row.trigger,
@@ -220,11 +232,19 @@ class Store:
                     id=wid, name=name, revision=number, created_at=at, updated_at=at,
                     deleted=False))
             else:
-                c.execute(workflows.update().where(workflows.c.id == wid).values(
-                    name=name, revision=number, updated_at=at, deleted=False))
+                values: dict[str, Any] = {"name": name, "revision": number, "updated_at": at,
+                                          "deleted": False}
+                old = c.execute(sa.select(revisions.c.yaml).where(
+                    (revisions.c.workflow_id == wid)
+                    & (revisions.c.number == row.revision))).scalar()
+                if row.deleted or _schedule_block(str(old)) != _schedule_block(text):
+                    # A schedule set (or a workflow made again) now has no missed instants.
+                    values["scheduled_until"] = at
+                c.execute(workflows.update().where(workflows.c.id == wid).values(**values))
             c.execute(revisions.insert().values(workflow_id=wid, number=number, yaml=text,
                                                 author=user, created_at=at))
-            self._audit(c, user, "workflow.create" if number == 1 else "workflow.update",
+            created = row is None or row.deleted
+            self._audit(c, user, "workflow.create" if created else "workflow.update",
                         wid, number)
             return number
 

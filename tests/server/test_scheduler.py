@@ -132,3 +132,28 @@ def test_nicknames_and_the_seeds_interval_expression_are_accepted() -> None:
     assert iso(list(instants(daily, utc(2026, 3, 7), utc(2026, 3, 10)))) == [
         "03-07 05:00", "03-08 05:00", "03-09 04:00"]  # EST, then EDT
     assert Schedule(type="interval", expression="15m").interval == 900
+
+
+def test_no_instant_before_a_schedule_was_set_or_a_workflow_made_again_fires(
+        sqlite_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    t0 = utc(2026, 1, 1)
+    clock = [t0]
+    monkeypatch.setattr("dataflare.server.store.now", lambda: clock[0])
+    scheduled = HOURLY.format(wid="wf", catchup="all")
+    unscheduled = "\n".join(ln for ln in scheduled.splitlines() if "schedule:" not in ln)
+    sqlite_store.put_workflow("wf", None, unscheduled, "t", create=True)
+    clock[0] = t0 + timedelta(hours=10)  # the schedule is set ten hours later
+    sqlite_store.put_workflow("wf", None, scheduled, "t", create=False)
+    Scheduler(sqlite_store, clock=lambda: t0 + timedelta(hours=12, seconds=1)).tick()
+    assert sorted(r.scheduled_for for r in sqlite_store.runs("wf")) == [
+        t0 + timedelta(hours=11), t0 + timedelta(hours=12)]
+    clock[0] = t0 + timedelta(hours=13)  # an edit that keeps the schedule keeps its position
+    sqlite_store.put_workflow("wf", None, scheduled + "\n", "t", create=False)
+    sqlite_store.delete_workflow("wf", "t")
+    clock[0] = t0 + timedelta(hours=20)  # deleted, then made again
+    sqlite_store.put_workflow("wf", None, scheduled, "t", create=True)
+    Scheduler(sqlite_store, clock=lambda: t0 + timedelta(hours=21, seconds=1)).tick()
+    assert sorted(r.scheduled_for for r in sqlite_store.runs("wf"))[2:] == [
+        t0 + timedelta(hours=21)]
+    actions = [a["action"] for a in sqlite_store.audit() if a["action"].startswith("workflow")]
+    assert actions[0] == "workflow.create"  # the newest first: made again, not updated
