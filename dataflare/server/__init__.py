@@ -41,6 +41,13 @@ def serve(store_url: str | None, role: str, host: str, port: int, config: str | 
             w = Worker(store, data_dir, settings)
             threads.append(threading.Thread(target=w.run_forever, args=(stop,),
                                             name=f"worker-{i}", daemon=True))
+    def _stop(*_: Any) -> None:
+        stop.set()
+
+    # uvicorn handles these while it serves, then raises the signal again: to this handler,
+    # so the workers stop their runs and put them back in the queue before the process ends
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     for t in threads:
         t.start()
     try:
@@ -56,11 +63,6 @@ def serve(store_url: str | None, role: str, host: str, port: int, config: str | 
             app = create_app(store, access)
             uvicorn.run(app, host=host, port=port, log_level="warning")
         else:
-            def _stop(*_: Any) -> None:
-                stop.set()
-
-            signal.signal(signal.SIGTERM, _stop)
-            signal.signal(signal.SIGINT, _stop)
             stop.wait()
     finally:
         stop.set()

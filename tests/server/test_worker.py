@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from dataflare.server.store import Store
+from dataflare.server.store import Store, migrate
 from dataflare.server.worker import Worker
 
 QUICK = """
@@ -56,3 +61,49 @@ def test_concurrent_claims_never_run_one_workflow_twice(store: Store) -> None:
         assert len(claimed) == 1, [getattr(r, "id", r) for r in claimed]
         (run,) = claimed
         store.finish(run.id, run.worker, "succeeded", None, None, "")  # type: ignore[attr-defined]
+
+
+SLOW = """
+workflow:
+  id: slow
+  sources: {g: {type: generator, config: {preset: orders, count: 2000, rate: 40, batch_size: 10}}}
+  destinations: {out: {type: file, inputs: [g], config: {path: out.jsonl}}}
+"""
+
+
+def test_sigterm_to_a_server_with_its_api_puts_the_run_back_and_ends_its_process(
+        tmp_path: Path) -> None:
+    # uvicorn re-raises the signal it handled: the process used to die there, leaving the
+    # run's process behind (and the run "running", to be started a second time beside it).
+    data = tmp_path / "data"
+    data.mkdir()
+    url = f"sqlite:///{data / 'store.sqlite3'}"
+    migrate(url)
+    store = Store(url)
+    store.put_workflow("slow", None, SLOW, "test", create=True)
+    rid = store.start_run("slow", "test")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dataflare", "server", "--store", url, "--data-dir", str(data),
+         "--port", str(port)], stdout=log, stderr=log, start_new_session=True)
+    out = data / "work" / "slow" / "out.jsonl"
+    flow = str(data / "work" / "slow" / "slow.r1.yaml")
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.stat().st_size > 0):
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            time.sleep(0.2)
+        assert subprocess.run(["pgrep", "-f", flow], check=False).returncode == 0
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=90) == 0
+        assert store.run(rid).status == "queued"  # another worker, or the restart, resumes it
+        assert subprocess.run(["pgrep", "-f", flow], check=False).returncode == 1
+    finally:
+        if server.poll() is None:
+            server.kill()
+        subprocess.run(["pkill", "-9", "-f", flow], check=False)
+        store.engine.dispose()
