@@ -462,7 +462,7 @@ class Workflow(Strict):
 
     id: str | None = Field(None, description="Unique workflow id: letters, digits, '_', "
                            "'-' and '.', at most 128 (it names files, URLs and run records).")
-    name: str | None = Field(None, description="Workflow name.")
+    name: str | None = Field(None, max_length=400, description="Workflow name.")
     description: str = Field("", description="What the workflow does.")
 
     @field_validator("id")

@@ -120,14 +120,19 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
             import json
 
             try:
-                data = json.loads(body)
-                return str(data["yaml"])
+                text = json.loads(body)["yaml"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise HTTPException(422, 'a JSON body is {"yaml": "<workflow text>"}') from exc
-        try:
-            return body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise HTTPException(422, "the workflow is not UTF-8 text") from exc
+            if not isinstance(text, str):
+                raise HTTPException(422, 'a JSON body is {"yaml": "<workflow text>"}')
+        else:
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise HTTPException(422, "the workflow is not UTF-8 text") from exc
+        if "\x00" in text:  # no store's text column holds it
+            raise HTTPException(422, "the workflow text holds a NUL character")
+        return text
 
     def _check(text: str, wid: str | None) -> tuple[str, str | None]:
         v = _validated(text, f"{wid or 'workflow'}.yaml")
@@ -256,7 +261,9 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
         try:
             return run_discover(component_context(v, source))
         except Exception as exc:  # noqa: BLE001 - the source's own error, as the CLI shows it
-            raise HTTPException(502, f"source {source!r}: {exc}") from exc
+            text = str(exc)  # the connectors' own errors name the source already
+            prefix = f"source '{source}': "
+            raise HTTPException(502, text if text.startswith(prefix) else prefix + text) from exc
 
     @app.get("/api/v1/runs")
     def list_runs(_user: Read, workflow: str | None = None, status: str | None = None,

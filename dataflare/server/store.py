@@ -397,8 +397,8 @@ class Store:
                 msg = f"run {rid} is already {row.status}"
                 raise Conflict(msg)
             values: dict[str, Any] = {"stop_requested": True}
-            if row.status == "queued":
-                values.update(status="stopped", ended_at=now())
+            if row.status == "queued":  # the error of an attempt before a retry goes too
+                values.update(status="stopped", ended_at=now(), error=None)
             c.execute(runs.update().where(runs.c.id == rid).values(**values))
             self._audit(c, user, "run.stop", row.workflow_id, row.revision, {"run": rid})
         return self.run(rid)

@@ -111,6 +111,11 @@ def test_ids_and_periods_no_store_can_hold_are_refused(client: TestClient) -> No
     r = client.put("/api/v1/workflows/has%20space", content=flow().replace("  id: orders\n", ""),
                    headers={**h("admin"), "content-type": "text/yaml"})
     assert r.status_code == 422 and "invalid workflow id" in r.text
+    long_name = flow().replace("name: orders flow", "name: " + "n" * 401)
+    assert post_yaml(client, long_name).status_code == 422
+    for body in ({"yaml": flow().replace("id: orders", "id: \"nu\u0000l\"")}, {"yaml": 5}):
+        r = client.post("/api/v1/workflows", json=body, headers=h("admin"))
+        assert r.status_code == 422, r.text
     zero = flow(extra="  schedule: {type: interval, expression: 0s}\n")
     r = post_yaml(client, zero)
     assert r.status_code == 422
