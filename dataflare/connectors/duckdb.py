@@ -19,12 +19,7 @@ from bytewax.dataflow import Stream
 from pydantic import Field
 
 from dataflare.config import Strict
-from dataflare.connectors.column_types import (
-    SourceColumns,
-    compatible,
-    duckdb_type,
-    source_columns,
-)
+from dataflare.connectors.column_types import SourceColumns, duckdb_type, source_columns
 from dataflare.connectors.sql_writer import (
     BOOL,
     FLOAT,
@@ -133,9 +128,8 @@ class DuckDBDialect(Dialect):
         Values of a column typed after its source go as text unless the type is one of
         the logical ones: DuckDB casts the text exactly (a decimal, a timestamp, a uuid).
         """
-        carried = self.carried()
-        hint = None if carried is None else carried.types.get(name)
-        sql_type = duckdb_type(hint) if hint is not None and compatible(hint, logical) else None
+        hint = self.source_type(name, logical)
+        sql_type = None if hint is None else duckdb_type(hint)
         if sql_type is None:
             self.types[name] = logical
             return f"{quote_ident(name)} {SQL_TYPES[logical]}"

@@ -28,7 +28,7 @@ from bytewax.dataflow import Stream
 from pydantic import Field, model_validator
 
 from dataflare.config import Secret, Strict
-from dataflare.connectors.column_types import SourceColumns, compatible, source_columns
+from dataflare.connectors.column_types import SourceColumns, source_columns
 from dataflare.connectors.sql_writer import (
     BOOL,
     FLOAT,
@@ -206,12 +206,7 @@ class PostgresDialect(Dialect):
     def _sql_type(self, name: str, logical: str) -> str:
         if name in self.cfg.columns:
             return self.cfg.columns[name]
-        carried = self.carried()
-        if carried is not None:
-            hint = carried.types.get(name)
-            if hint is not None and compatible(hint, logical):
-                return hint
-        return SQL_TYPES[logical]
+        return self.source_type(name, logical) or SQL_TYPES[logical]
 
     def _declare(self, columns: dict[str, str]) -> list[str]:
         """``"name" type`` of each column; notes the arrays and JSON columns."""

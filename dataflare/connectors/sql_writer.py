@@ -370,6 +370,18 @@ class Dialect(ABC):
         """The columns of the records' source table (see :attr:`source_types`)."""
         return None if self.source_types is None else self.source_types(self.origin)
 
+    def source_type(self, name: str, logical: str) -> str | None:
+        """Column ``name``'s type in the records' source table (in PostgreSQL's terms).
+
+        ``None`` unless values of type ``logical`` fit it: a transformation may have
+        changed the field.
+        """
+        from dataflare.connectors.column_types import compatible  # it imports this module
+
+        carried = self.carried()
+        hint = None if carried is None else carried.types.get(name)
+        return hint if hint is not None and compatible(hint, logical) else None
+
     @abstractmethod
     def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> bool:
         """CREATE TABLE IF NOT EXISTS, with ``key`` (when given) as primary key.
@@ -668,7 +680,6 @@ class TableWriter:
         names = self._columns_of([it.row for it in items])
         if self.cols is None and not names:
             return False
-        self.db.note_origin(_origin(items))
         known = self.cols or {}
         wanted: dict[str, str | None] = {}
         for name in names:
@@ -676,6 +687,8 @@ class TableWriter:
                 continue
             wanted[name] = self.declared.get(name) or column_type(
                 {logical_type(it.row.get(name)) for it in items})
+        if self.cols is None or wanted:  # columns are made: typed after their source table
+            self.db.note_origin(_origin(items))
         if self.cols is None:
             cols = {k: (t or TEXT) for k, t in wanted.items()}
             for k in self.key:

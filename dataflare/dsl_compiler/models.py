@@ -22,6 +22,14 @@ ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 WORKFLOW_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
+def check_workflow_id(wid: str) -> None:
+    """Refuse an id no URL path segment or directory name holds as it is (ValueError)."""
+    if not WORKFLOW_ID.fullmatch(wid):
+        msg = (f"invalid workflow id {wid!r}: use letters, digits, '_', '-' and '.', "
+               "starting with a letter, digit or '_', at most 128")
+        raise ValueError(msg)
+
+
 
 class WorkflowConfig(Strict):
     """Workflow-wide execution settings."""
@@ -468,10 +476,8 @@ class Workflow(Strict):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str | None) -> str | None:
-        if value is not None and not WORKFLOW_ID.fullmatch(value):
-            msg = (f"invalid workflow id {value!r}: use letters, digits, '_', '-' and '.', "
-                   "starting with a letter, digit or '_', at most 128")
-            raise ValueError(msg)
+        if value is not None:
+            check_workflow_id(value)
         return value
     version: str | None = Field(None, description="Workflow version.")
     owner: str | None = Field(None, description="Owning team or person.")

@@ -41,6 +41,7 @@ def serve(store_url: str | None, role: str, host: str, port: int, config: str | 
             w = Worker(store, data_dir, settings)
             threads.append(threading.Thread(target=w.run_forever, args=(stop,),
                                             name=f"worker-{i}", daemon=True))
+
     def _stop(*_: Any) -> None:
         stop.set()
 

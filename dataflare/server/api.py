@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from dataflare import registry
 from dataflare.dsl_compiler import Validated, validate_text
-from dataflare.dsl_compiler.models import WORKFLOW_ID
+from dataflare.dsl_compiler.models import check_workflow_id
 from dataflare.server.auth import Access, User
 from dataflare.server.scheduler import Scheduler, next_instants, schedule_of
 from dataflare.server.store import Conflict, NotFound, Store, now
@@ -150,11 +150,11 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
                 "message": f"the text's id {wf.id!r} is not the workflow's id {wid!r}"}])
         target = wid or wf.id
         assert target is not None
-        if not WORKFLOW_ID.fullmatch(target):
-            raise Invalid([{
-                "line": 1, "column": 1, "path": "workflow.id", "severity": "error",
-                "message": f"invalid workflow id {target!r}: use letters, digits, '_', '-' "
-                           "and '.', at most 128"}])
+        try:
+            check_workflow_id(target)  # the URL's id (the text's was checked by validation)
+        except ValueError as exc:
+            raise Invalid([{"line": 1, "column": 1, "path": "workflow.id",
+                            "severity": "error", "message": str(exc)}]) from None
         if wf.schedule is not None and wf.schedule.type in ("cron", "interval") and not \
                 next_instants(wf.schedule, 1, max(now(), wf.schedule.start_date or now())):
             raise Invalid([{

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 from dataflare.dsl_compiler.models import Schedule
 from dataflare.records import parse_duration
-from dataflare.server.store import Store, now
+from dataflare.server.store import Store, now, schedule_block
 
 log = logging.getLogger(__name__)
 MAX_CATCHUP = 1000  # instants one tick turns into runs at most (catchup: all)
@@ -28,10 +28,7 @@ GRACE = timedelta(minutes=1)  # catchup none: an instant this recent is not "mis
 
 def schedule_of(text: str) -> Schedule | None:
     """The ``schedule`` of a stored workflow text (validated when it was stored)."""
-    import yaml
-
-    data = yaml.safe_load(text)
-    raw = data.get("workflow", {}).get("schedule") if isinstance(data, dict) else None
+    raw = schedule_block(text)
     if not raw:
         return None
     try:

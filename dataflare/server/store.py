@@ -166,7 +166,7 @@ class Run:
         return out
 
 
-def _schedule_block(text: str) -> Any:
+def schedule_block(text: str) -> Any:
     """The ``schedule`` block of a workflow text as data (``None`` without one)."""
     import yaml
 
@@ -237,7 +237,7 @@ class Store:
                 old = c.execute(sa.select(revisions.c.yaml).where(
                     (revisions.c.workflow_id == wid)
                     & (revisions.c.number == row.revision))).scalar()
-                if row.deleted or _schedule_block(str(old)) != _schedule_block(text):
+                if row.deleted or schedule_block(str(old)) != schedule_block(text):
                     # A schedule set (or a workflow made again) now has no missed instants.
                     values["scheduled_until"] = at
                 c.execute(workflows.update().where(workflows.c.id == wid).values(**values))
