@@ -337,8 +337,10 @@ def converted_rows(
     return [tuple(_convert(f, v) for f, v in zip(fns, row, strict=True)) for row in rows]
 
 
-def _table_converters(db: MySqlDatabase, database: str, table: str) -> Converters:
-    return converters(
+def _table_converters(db: MySqlDatabase, database: str, table: str,
+                      make: Callable[[list[dict[str, Any]]], Converters] = converters
+                      ) -> Converters:
+    return make(
         db.run(
             f"reading the columns of {database}.{table}",
             lambda conn: table_columns(conn, database, table),
@@ -760,12 +762,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
 
         if table not in self.convert:
             database, name = table.split(".", 1)
-            self.convert[table] = binlog_converters(
-                self.db.run(
-                    f"reading the columns of {table}",
-                    lambda conn: table_columns(conn, database, name),
-                )
-            )
+            self.convert[table] = _table_converters(self.db, database, name, binlog_converters)
         convert, decimals = self.convert[table], self.src.cfg.decimal_handling
         if isinstance(event, UpdateRowsEvent):
             op, images = "update", [row["after_values"], row["before_values"]]
