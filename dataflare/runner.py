@@ -426,6 +426,7 @@ def _run(opts: RunOptions) -> RunResult:
     # SIGTERM / SIGINT stop gracefully (dataflare.stopping); so does config.timeout, which
     # stops at once if the graceful stop takes longer than STOP_GRACE.
     stopping.install()
+    stopping.stop_with_parent()
     timer = None
     timeout_error = None
     if wf.config.timeout is not None:

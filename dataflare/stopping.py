@@ -7,6 +7,10 @@ batches in flight are written, destinations flush their buffers, and stateful st
 their open windows, joins and aggregates in the final snapshot instead of emitting them
 (:func:`requested` is what they ask). With recovery on, the next run resumes from there.
 A second signal stops at once.
+
+A run started by a server's worker also stops so when the worker's process dies, even by
+SIGKILL (:func:`stop_with_parent`): its run is then claimed again by another worker, and
+two processes must never run it at once.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from bytewax.inputs import (
     StatelessSourcePartition,
 )
 
+PARENT_ENV = "DATAFLARE_STOP_WITH_PARENT"
+"""Set by a server's worker to its process id: the run stops when that process dies."""
 REQUESTED = threading.Event()
 SIGNAL: list[int] = []  # the signal that asked for the stop
 _POLL = timedelta(milliseconds=500)  # how soon an idle source notices a stop
@@ -51,6 +57,23 @@ def install(on_first: Callable[[int], None] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def stop_with_parent() -> None:
+    """Ask for SIGTERM when the process that started this one dies (``PARENT_ENV``).
+
+    Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``); elsewhere nothing is asked.
+    If that process is already gone (it died before this call), the stop starts now.
+    """
+    parent = os.environ.pop(PARENT_ENV, None)  # not for processes this one starts
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Stoppable:

@@ -6,7 +6,8 @@ for a streaming workflow (a new run resumes from the last snapshot), one per run
 bounded one (removed when it succeeds). The server's run id is the process's run id, so a
 run taken over after its worker died resumes as the same run. The worker renews the run's
 lease while it runs, stores its output, stops it (SIGINT, then SIGKILL after a grace
-period) when a stop is asked, retries a failed run per ``config.retry`` with backoff, and
+period) when a stop is asked (and the run stops by itself if the worker's process dies),
+retries a failed run per ``config.retry`` with backoff, and
 runs the post-actions of every finished run.
 """
 
@@ -28,6 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from dataflare import stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import validate_text
 from dataflare.k8s import is_streaming
@@ -100,6 +102,7 @@ class Worker:
                str(recovery), "--summary-json", str(summary_file), "--no-post-actions",
                "--progress-json", str(progress_file)]
         env[RUN_ID_ENV] = run.id
+        env[stopping.PARENT_ENV] = str(os.getpid())  # a killed server stops its runs
         with out_file.open("ab") as out:
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)

@@ -66,44 +66,76 @@ def test_concurrent_claims_never_run_one_workflow_twice(store: Store) -> None:
 SLOW = """
 workflow:
   id: slow
-  sources: {g: {type: generator, config: {preset: orders, count: 2000, rate: 40, batch_size: 10}}}
+  sources: {g: {type: generator, config: {preset: orders, count: 100000, rate: 40, batch_size: 10}}}
   destinations: {out: {type: file, inputs: [g], config: {path: out.jsonl}}}
 """
+
+
+class _Served:
+    """A ``dataflare server`` process (SQLite store) running workflow SLOW's first run."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        data = tmp_path / "data"
+        data.mkdir()
+        url = f"sqlite:///{data / 'store.sqlite3'}"
+        migrate(url)
+        self.store = Store(url)
+        self.store.put_workflow("slow", None, SLOW, "test", create=True)
+        self.rid = self.store.start_run("slow", "test")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.log = tmp_path / "server.log"
+        with self.log.open("wb") as log:
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "dataflare", "server", "--store", url, "--data-dir",
+                 str(data), "--port", str(port)], stdout=log, stderr=log,
+                start_new_session=True)
+        self.flow = str(data / "work" / "slow" / "slow.r1.yaml")
+        out = data / "work" / "slow" / "out.jsonl"
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.stat().st_size > 0):
+            assert time.monotonic() < deadline, self.log.read_text()
+            assert self.server.poll() is None, self.log.read_text()
+            time.sleep(0.2)
+        assert self.running()
+
+    def running(self) -> bool:
+        """Whether the run's ``dataflare run`` process is there."""
+        return subprocess.run(["pgrep", "-f", self.flow], check=False).returncode == 0
+
+    def close(self) -> None:
+        if self.server.poll() is None:
+            self.server.kill()
+        subprocess.run(["pkill", "-9", "-f", self.flow], check=False)
+        self.store.engine.dispose()
 
 
 def test_sigterm_to_a_server_with_its_api_puts_the_run_back_and_ends_its_process(
         tmp_path: Path) -> None:
     # uvicorn re-raises the signal it handled: the process used to die there, leaving the
     # run's process behind (and the run "running", to be started a second time beside it).
-    data = tmp_path / "data"
-    data.mkdir()
-    url = f"sqlite:///{data / 'store.sqlite3'}"
-    migrate(url)
-    store = Store(url)
-    store.put_workflow("slow", None, SLOW, "test", create=True)
-    rid = store.start_run("slow", "test")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "server.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dataflare", "server", "--store", url, "--data-dir", str(data),
-         "--port", str(port)], stdout=log, stderr=log, start_new_session=True)
-    out = data / "work" / "slow" / "out.jsonl"
-    flow = str(data / "work" / "slow" / "slow.r1.yaml")
+    served = _Served(tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.stat().st_size > 0):
-            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            time.sleep(0.2)
-        assert subprocess.run(["pgrep", "-f", flow], check=False).returncode == 0
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=90) == 0
-        assert store.run(rid).status == "queued"  # another worker, or the restart, resumes it
-        assert subprocess.run(["pgrep", "-f", flow], check=False).returncode == 1
+        served.server.send_signal(signal.SIGTERM)
+        assert served.server.wait(timeout=90) == 0
+        assert served.store.run(served.rid).status == "queued"  # the restart resumes it
+        assert not served.running()
     finally:
-        if server.poll() is None:
-            server.kill()
-        subprocess.run(["pkill", "-9", "-f", flow], check=False)
-        store.engine.dispose()
+        served.close()
+
+
+def test_a_killed_server_leaves_no_run_process_behind(tmp_path: Path) -> None:
+    # SIGKILL gives the server no chance to stop its runs: each run's process stops by
+    # itself when the server's process is gone. Left running, it would run beside the
+    # process another worker starts for the same run once its lease ends.
+    served = _Served(tmp_path)
+    try:
+        served.server.kill()
+        served.server.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while served.running():
+            assert time.monotonic() < deadline, "the run's process outlived its server"
+            time.sleep(0.2)
+    finally:
+        served.close()
