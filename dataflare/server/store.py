@@ -436,6 +436,28 @@ class Store:
                 & (revisions.c.number == row.revision))).scalar()
             return _run(row), str(text)
 
+    def take_stopped(self, worker: str) -> tuple[Run, str] | None:
+        """Take a run stopped while queued (and its YAML), to carry out its post-actions.
+
+        Such a run never reached a worker (``worker`` is empty, as no finished run's is);
+        taking it names the worker, so one worker carries them out.
+        """
+        with self.tx() as c:
+            rid = c.execute(sa.select(runs.c.id).where(
+                (runs.c.status == "stopped") & runs.c.worker.is_(None))
+                .order_by(runs.c.ended_at).limit(1)).scalar()
+            if rid is None:
+                return None
+            took = c.execute(runs.update().where((runs.c.id == rid) & runs.c.worker.is_(None))
+                             .values(worker=worker))
+            if took.rowcount != 1:  # another worker took it first
+                return None
+            row = c.execute(sa.select(runs).where(runs.c.id == rid)).one()
+            text = c.execute(sa.select(revisions.c.yaml).where(
+                (revisions.c.workflow_id == row.workflow_id)
+                & (revisions.c.number == row.revision))).scalar()
+            return _run(row), str(text)
+
     def heartbeat(self, rid: str, worker: str, lease: timedelta, log: str,
                   progress: dict[str, Any] | None = None) -> bool:
         """Renew a run's lease, store its output and counts so far; whether a stop was asked."""

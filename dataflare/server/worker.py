@@ -8,7 +8,7 @@ run taken over after its worker died resumes as the same run. The worker renews 
 lease while it runs, stores its output, stops it (SIGINT, then SIGKILL after a grace
 period) when a stop is asked (and the run stops by itself if the worker's process dies),
 retries a failed run per ``config.retry`` with backoff, and
-runs the post-actions of every finished run.
+runs the post-actions of every finished run, a run stopped while queued included.
 """
 
 from __future__ import annotations
@@ -73,12 +73,22 @@ class Worker:
                 stop.wait(self.settings.poll)
 
     def run_one(self) -> bool:
-        """Claim one run and carry it out; False when none was runnable."""
+        """Claim one run and carry it out; False when none was runnable.
+
+        With no run to claim, a run stopped while queued gets its post-actions.
+        """
         claimed = self.store.claim(self.name, self.settings.lease)
-        if claimed is None:
+        if claimed is not None:
+            self.execute(*claimed)
+            return True
+        stopped = self.store.take_stopped(self.name)
+        if stopped is None:
             return False
-        run, text = claimed
-        self.execute(run, text)
+        run, text = stopped
+        wf = validate_text(text, f"{run.workflow}.yaml", dict(os.environ)).workflow
+        if wf is not None and wf.post_actions:
+            results = run_post_actions(wf, "stopped", run.id, None, self._trigger(run))
+            self.store.record_actions(run.id, results)
         return True
 
     def execute(self, run: Run, text: str) -> None:

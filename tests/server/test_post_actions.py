@@ -153,3 +153,28 @@ def test_run_without_a_server_reports_a_trigger_it_cannot_start(tmp_path: Path) 
 """))
     assert out.returncode == 0
     assert "needs the server" in summary["post_actions"][0]["error"]
+
+
+def test_a_run_stopped_while_queued_gets_its_post_actions_once(
+        tmp_path: Path, sqlite_store: Store, webhook: Receiver) -> None:
+    token = "t" * 32
+    access = auth.Access({token: auth.User("admin", tuple(auth.DEFAULT_ROLES["admin"]))})
+    client = TestClient(create_app(sqlite_store, access))
+    headers = {"Authorization": f"Bearer {token}", "content-type": "text/yaml"}
+    text = flow(tmp_path, f"""
+    - type: notification
+      condition: "workflow.status == 'stopped'"
+      config: {{channel: webhook, url: "{webhook.url}",
+               message: "{{{{workflow.id}}}} {{{{run.id}}}} {{{{workflow.status}}}}"}}
+""").read_text()
+    assert client.post("/api/v1/workflows", content=text, headers=headers).status_code == 201
+    run_id = client.post("/api/v1/workflows/nightly/runs", headers=headers).json()["id"]
+    assert client.post(f"/api/v1/runs/{run_id}/stop", headers=headers).status_code == 200
+    worker = Worker(sqlite_store, tmp_path / "data")
+    assert worker.run_one()
+    got = client.get(f"/api/v1/runs/{run_id}", headers=headers).json()
+    assert got["status"] == "stopped" and got["started_at"] is None  # it never ran
+    assert got["actions"][0]["done"] is True, got["actions"]
+    assert webhook.bodies[-1]["message"] == f"nightly {run_id} stopped"
+    assert not worker.run_one()  # carried out once
+    assert len(webhook.bodies) == 1
