@@ -163,8 +163,10 @@ class _Progress:
     """
 
     def __init__(self, steps: list[str], destinations: list[str], live: bool,
-                 quiet: bool = False, progress_file: str | None = None) -> None:
+                 quiet: bool = False, progress_file: str | None = None,
+                 late_unread: frozenset[str] = frozenset()) -> None:
         self.steps, self.destinations, self.live = steps, set(destinations), live
+        self.late_unread = late_unread
         self.quiet, self.progress_file = quiet, progress_file
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -172,11 +174,24 @@ class _Progress:
         self.elapsed = 0.0
         # Counters are process-wide: a second run in one process counts from here.
         self.baseline = {s: (n, e) for s, n, e in self._totals()}
+        self.late_baseline = {s: metrics.value(metrics.LATE_RECORDS, step=s) for s in steps}
+
+    def late(self) -> dict[str, int]:
+        """Late records of this run per step that had any."""
+        counts = {s: int(metrics.value(metrics.LATE_RECORDS, step=s) - self.late_baseline[s])
+                  for s in self.steps}
+        return {s: n for s, n in counts.items() if n}
+
+    def late_dropped(self) -> dict[str, int]:
+        """Late records of this run that went nowhere (see :func:`late_unread`)."""
+        return {s: n for s, n in self.late().items() if s in self.late_unread}
 
     def summary(self, sources: list[str], status: str, error: str | None) -> dict[str, object]:
         """The run's result: status, totals (read, written, failed), per-step counts."""
         counts = self.counts()
         steps = {s: {"records": n, "failed": e} for s, n, e in counts}
+        for s, n in self.late().items():
+            steps[s]["late"] = n
         return {
             "status": status,
             "duration_s": round(self.elapsed or time.monotonic() - self.started, 3),
@@ -187,6 +202,7 @@ class _Progress:
             "quality": {s: [{"field": f, "rule": r, "checked": c, "failed": x}
                             for f, r, c, x in metrics.quality_table(s)]
                         for s in self.steps if metrics.quality_table(s)},
+            "late_dropped": self.late_dropped(),
             "error": error,
         }
 
@@ -246,10 +262,13 @@ class _Progress:
                 status="failed" if failure else "done")
             return
         print(f"summary ({elapsed:.1f}s{state}): records per step", file=sys.stderr)
+        late, dropped = self.late(), self.late_dropped()
         for step, n, errors in self.counts():
             unsure = failure is not None and step in self.destinations and n > 0
             extra = " received, not all confirmed written" if unsure else ""
             extra += f", {errors} failed" if errors else ""
+            if step in late:
+                extra += f", {late[step]} late" + (" (dropped)" if step in dropped else "")
             print(f"  {step}: {n}{extra}", file=sys.stderr)
         for step in self.steps:  # data_quality steps: checks per field and rule
             rows = metrics.quality_table(step)
@@ -438,7 +457,7 @@ def _run(opts: RunOptions) -> RunResult:
     steps = [*wf.sources, *wf.transformations, *wf.destinations]
     on_terminal = sys.stderr.isatty() and not opts.quiet
     progress = _Progress(steps, list(wf.destinations), on_terminal, quiet=opts.quiet,
-                         progress_file=opts.progress_json)
+                         progress_file=opts.progress_json, late_unread=late_unread(wf))
     code, status, error = 0, "succeeded", None
     recorded = None  # the workflow the saved state belongs to, for ``dataflare plan``
     if opts.recovery_dir is not None:
@@ -486,6 +505,10 @@ def _run(opts: RunOptions) -> RunResult:
     error = scrub(error) if error else error
     if lineage is not None:
         _emit(lineage, {"succeeded": "COMPLETE", "failed": "FAIL"}.get(status, "ABORT"), error)
+    for step, n in progress.late_dropped().items():
+        say(f"step {step!r}: {n} late record(s) dropped: older than the step's "
+            f"allowed_lateness allows, and nothing reads {step + '.late'!r} (send them to a "
+            "destination with late_to, or make it an input)", "warning")
     summary = progress.summary(list(wf.sources), status, error)
     if wf.post_actions and not opts.no_post_actions:
         summary["post_actions"] = _post_actions(opts, wf, status, summary)
@@ -496,6 +519,14 @@ def _run(opts: RunOptions) -> RunResult:
     if opts.summary_json:
         Path(opts.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return RunResult(status, code, summary, error)
+
+
+def late_unread(wf: Any) -> frozenset[str]:
+    """Steps whose late records go nowhere: no ``late_to`` and no input reading ``<step>.late``."""
+    read = {ref for comps in (wf.transformations, wf.destinations)
+            for c in comps.values() for ref in c.inputs}
+    return frozenset(cid for cid, t in wf.transformations.items()
+                     if f"{cid}.late" not in read and not getattr(t.config, "late_to", None))
 
 
 def _peers(opts: RunOptions) -> list[str]:

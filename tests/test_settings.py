@@ -70,3 +70,41 @@ workflow:
         lates = (tmp_path / "late.jsonl").read_text().splitlines() \
             if (tmp_path / "late.jsonl").exists() else []
         assert len(lates) == late, streaming
+
+
+def test_late_records_that_nothing_reads_are_counted_and_warned(tmp_path: Path) -> None:
+    # The second event is 10 minutes behind the first (ms read as such): late, and with no
+    # late_to and no reader of 'win.late' it is dropped; the run says so instead of
+    # counting it among the window's output only.
+    events = [{"c": "fr", "amount": 1, "ts": 1704067200000}, {"c": "fr", "amount": 4,
+                                                             "ts": 1704066600000}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    template = """
+workflow:
+  sources: {{src: {{type: file, config: {{path: in.jsonl}}}}}}
+  transformations:
+    win:
+      inputs: [src]
+      type: window
+      config: {{window: {{type: tumbling, size: 1m}}, time_field: ts, time_unit: ms,
+               group_by: [c], aggregations: [{{field: amount, operations: [count, sum]}}]{late}}}
+  destinations:
+    out: {{type: file, inputs: [win], config: {{path: out.jsonl}}}}
+{late_out}"""
+    late_out = "    late_out: {type: file, config: {path: late.jsonl}}\n"
+    flow = tmp_path / "wf.yaml"
+    for late_to in (False, True):
+        flow.write_text(template.format(late=", late_to: late_out" if late_to else "",
+                                        late_out=late_out if late_to else ""))
+        summary = tmp_path / "summary.json"
+        run = dataflare("run", str(flow), "--summary-json", str(summary))
+        assert run.returncode == 0, run.stderr
+        got = json.loads(summary.read_text())
+        assert got["steps"]["win"]["late"] == 1
+        if late_to:
+            assert got["late_dropped"] == {} and "dropped" not in run.stderr
+            assert len((tmp_path / "late.jsonl").read_text().splitlines()) == 1
+        else:
+            assert got["late_dropped"] == {"win": 1}
+            assert "step 'win': 1 late record(s) dropped" in run.stderr, run.stderr
+            assert "win: 2, 1 late (dropped)" in run.stderr, run.stderr

@@ -461,12 +461,12 @@ class ParquetSchema:
         for name in names:
             have = known.get(name)
             if have is not None and pa.types.is_integer(have):
-                if any(type(r.get(name)) is float for r in rows):  # integers become doubles
+                if _fraction(r.get(name) for r in rows):  # integers become doubles
                     known[name], changed = pa.float64(), True
                 continue
             if have is not None and not pa.types.is_null(have):
                 continue
-            typ = _type_of(r.get(name) for r in rows)
+            typ = _type_of([r.get(name) for r in rows])
             if name not in known or not pa.types.is_null(typ):
                 changed = changed or known.get(name) != typ
                 known[name] = typ
@@ -509,16 +509,25 @@ class ParquetSchema:
         return f"step {self.step!r}: the record does not fit the Parquet schema"
 
 
-def _type_of(values: Iterable[Any]) -> Any:
-    """The Arrow type of a field's values (of the first non-null one when they differ)."""
+def _fraction(values: Iterable[Any]) -> bool:
+    """Whether a value is a float: Arrow would cut it to an integer column without a word."""
+    return any(isinstance(v, float) for v in values)
+
+
+def _type_of(values: list[Any]) -> Any:
+    """The Arrow type of a field's values (of the first non-null one when they differ).
+
+    An integer type becomes a double when a value is a fraction, as in :meth:`widen`.
+    """
     import pyarrow as pa
 
     present = [v for v in values if v is not None]
     for sample in (present, present[:1]):
         try:
-            return pa.array(sample).type
+            typ = pa.array(sample).type
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
             continue
+        return pa.float64() if pa.types.is_integer(typ) and _fraction(present) else typ
     return pa.string()
 
 

@@ -197,6 +197,35 @@ workflow:
         "step 'lake': field 'amount' is a str ('12,5'), the Parquet column is double")
 
 
+@pytest.mark.parametrize("config", [
+    '{path: out.parquet}', '{path_template: "out/", format: parquet}'])
+def test_a_fraction_after_a_refused_record_widens_the_integer_column(tmp_path, config):
+    # 1, then "text" (refused), then 2.5 in one batch: the column's type came from the
+    # first value, and Arrow cut 2.5 to 2 in an integer column without a word.
+    rows = [{"id": 1, "x": 1}, {"id": 2, "x": "text"}, {"id": 3, "x": 2.5}]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    path = write_flow(tmp_path, f"""\
+workflow:
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    out:
+      inputs: [src]
+      type: file
+      config: {config}
+      error_handling: {{strategy: redirect, redirect_to: bad}}
+    bad: {{type: file, config: {{path: bad.jsonl}}}}
+""")
+    result = dataflare.run(path)
+    assert result.ok, result.error
+    files = [tmp_path / "out.parquet"] if "path:" in config else list(
+        outputs(tmp_path / "out", ".parquet").values())
+    got = sorted((r for p in files for r in pq.read_table(p).to_pylist()), key=lambda r: r["id"])
+    assert got == [{"id": 1, "x": 1.0}, {"id": 3, "x": 2.5}]
+    [bad] = read_jsonl(tmp_path / "bad.jsonl")
+    assert bad["record"] == {"id": 2, "x": "text"}
+
+
 def test_a_csv_field_first_seen_late_refuses_that_record_alone(tmp_path):
     rows = [{"id": i, "name": f"n{i}"} for i in range(30_000)]
     rows[25_000]["extra"] = 1
