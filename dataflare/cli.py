@@ -137,7 +137,9 @@ def cmd_discover(args: argparse.Namespace) -> int:
         try:
             catalog[name] = discover(component_context(v, name))
         except Exception as exc:  # noqa: BLE001 - one line per source that cannot be read
-            print(f"error: source {name!r}: {error_text(exc)}", file=sys.stderr)
+            text = error_text(exc)
+            named = text.startswith((f"source {name!r}: ", f"step {name!r}: "))
+            print(f"error: {text if named else f'source {name!r}: {text}'}", file=sys.stderr)
             code = 1
     print(json.dumps(catalog, indent=2, default=str))
     return code

@@ -31,6 +31,11 @@ workflow:
     assert list(json.loads(only.stdout)) == ["gen"]
     missing = run_cli("discover", str(flow), "nope")
     assert missing.code == 1 and "no source 'nope'" in missing.stderr
+    (tmp_path / "f.yaml").write_text(flow.read_text().replace("*.jsonl", "none-*.jsonl"))
+    unread = run_cli("discover", str(flow), "files")
+    assert unread.code == 1
+    (error,) = [ln for ln in unread.stderr.splitlines() if ln.startswith("error: ")]
+    assert error.startswith("error: step 'files': no file matches 'none-*.jsonl'"), error
 
 
 def test_graph_as_dot_and_schema_as_json():

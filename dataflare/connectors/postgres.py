@@ -1099,11 +1099,10 @@ def discover_postgres(ctx: BuildContext) -> dict[str, Any]:
     try:
         cdc = getattr(ctx.component, "cdc", None)
         names = list(cdc.include_tables) if cdc is not None and cdc.include_tables else []
-        if cfg.table:
-            names.append(".".join(cfg.qualified()))
+        wanted = [cfg.qualified(n) for n in names] + ([cfg.qualified()] if cfg.table else [])
 
         def describe(conn: Any) -> list[dict[str, Any]]:
-            tables = [cfg.qualified(n) for n in names]
+            tables = list(wanted)
             if not tables:
                 tables = [
                     (r[0], r[1])

@@ -730,6 +730,9 @@ def test_discover_lists_columns_keys_and_json_schema(pg_private: Any, people: st
     props = table["json_schema"]["properties"]
     assert props["id"] == {"type": "integer"} and props["tags"] == {"type": ["array", "null"]}
     assert props["seen"] == {"type": ["string", "null"], "format": "date-time"}
+    # `schema:` beside `table:` names the same table (it was looked up as public.public.people)
+    ctx = make_ctx("people_disc2", conn_cfg(pg_private, table=people, schema="public"))
+    assert discover(ctx)["tables"][0]["columns"] == table["columns"]
 
 
 def test_snapshot_modes_and_hybrid_variants(pg_private: Any, tmp_path: Path) -> None:
