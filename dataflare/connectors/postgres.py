@@ -493,6 +493,13 @@ def incremental_partition(src: PostgresSource, state: Any) -> IncrementalPartiti
     db = Database(src.step_id, cfg.conninfo(), src.retry)
     column, _, start = src.incremental_settings()
     key = [k for k in _key_or_configured(db, cfg, schema, table) if k != column]
+    if state is None and db.run("reading the cursor column", lambda conn: conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND "
+            "table_name = %s AND column_name = %s AND is_nullable = 'YES'",
+            (schema, table, column)).fetchone()):
+        log.warning("step %r: the incremental column %s of %s.%s may be NULL: rows where it "
+                    "is NULL are never read (make it NOT NULL, or give those rows a value)",
+                    src.step_id, column, schema, table)
     cursor = IncrementalCursor(column, key, start, src.lookback(), cfg.batch_size, state)
     sql_table = SqlTable(f"{schema}.{table}", f"{_quoted(schema)}.{_quoted(table)}", _quoted,
                          _fetch_all, query_value)
