@@ -492,9 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     secrets.install_logging()  # every log record, whatever its handler, is scrubbed
     logs.setup(args.verbose, args.log_format)
-    # Everything the command prints passes the secret scrubber (dataflare.secrets).
+    # Everything the command prints passes the secret scrubber (dataflare.secrets); its
+    # results (stdout) only of whole secrets.
     out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = secrets.ScrubbedStream(out), secrets.ScrubbedStream(err)
+    sys.stdout = secrets.ScrubbedStream(out, fragments=False)
+    sys.stderr = secrets.ScrubbedStream(err)
     try:
         return int(args.fn(args))
     finally:

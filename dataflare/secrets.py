@@ -6,7 +6,10 @@ variables interpolated into them, the passwords and credential query parameters 
 DSN or URL, and every ``${file:...}`` secret. :func:`scrub` replaces each of them, and any
 fragment of six characters or more of one (drivers quote parts of a DSN they cannot
 parse), by ``***``. It is applied where messages leave the process: log records
-(:func:`install`), the command's stdout and stderr, and dead-letter messages.
+(:func:`install`), the command's stderr, and dead-letter messages. The command's stdout
+carries results (a ``stdout`` destination's records, manifests, JSON) and is scrubbed of
+whole secrets only: a fragment of six characters ("Secret" in a token) is ordinary text
+there more often than a leak, and masking it would corrupt the result.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ _KV_PAIR = re.compile(r"^\s*[A-Za-z_]+\s*=")
 """The start of a key/value DSN (``host=... dbname=...``)."""
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
+_SCHEME = re.compile(r"^(?:Bearer|Basic|Token|Bot|ApiKey|Digest)\s+", re.I)
+"""An ``Authorization`` value's scheme, which is no secret."""
 _UNRESOLVED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
 _lock = threading.Lock()
 _values: set[str] = set()
@@ -91,8 +96,7 @@ def register_field(name: str, value: Any) -> None:
     if isinstance(value, SecretStr) or SECRET_KEY.search(name):
         if _URL.match(text) or _KV_PAIR.match(text):
             return  # a DSN: its password only (host names are not secrets)
-        register(text.removeprefix("Bearer ").removeprefix("Basic "))
-        register(text)
+        register(_SCHEME.sub("", text))  # the credential, not the scheme's name before it
 
 
 def collect(data: Any, key: str = "") -> None:
@@ -125,8 +129,11 @@ def clear() -> None:
         _shingles.clear()
 
 
-def scrub(text: str) -> str:
-    """``text`` with every secret, and every fragment of one, replaced by ``***``."""
+def scrub(text: str, fragments: bool = True) -> str:
+    """``text`` with every secret, and every fragment of one, replaced by ``***``.
+
+    ``fragments=False``: whole secrets only (a command's results, see the module docs).
+    """
     if not _values or not text:
         return text
     with _lock:
@@ -135,7 +142,7 @@ def scrub(text: str) -> str:
         if value in text:
             text = text.replace(value, MASK)
     n = len(text)
-    if n < _SHINGLE or not shingles:
+    if n < _SHINGLE or not shingles or not fragments:
         return text
     hidden = bytearray(n)
     found = False
@@ -165,14 +172,14 @@ def scrub_bytes(data: bytes) -> bytes:
 
 
 class ScrubbedStream:
-    """A text stream that scrubs secrets from everything written to it."""
+    """A text stream that scrubs secrets (and fragments of them) from everything written."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
+    def __init__(self, stream: TextIO, fragments: bool = True) -> None:
+        self.stream, self.fragments = stream, fragments
 
     def write(self, text: str) -> int:
         """Write ``text`` without its secrets."""
-        self.stream.write(scrub(text))
+        self.stream.write(scrub(text, self.fragments))
         return len(text)
 
     def __getattr__(self, name: str) -> Any:
@@ -205,7 +212,7 @@ def install() -> None:
     if not isinstance(sys.stderr, ScrubbedStream):
         sys.stderr = ScrubbedStream(sys.stderr)
     if not isinstance(sys.stdout, ScrubbedStream):
-        sys.stdout = ScrubbedStream(sys.stdout)
+        sys.stdout = ScrubbedStream(sys.stdout, fragments=False)
 
 
 def scrub_record(record: logging.LogRecord) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from dataflare import k8s
 from tests.fixtures.pg_private import free_port
@@ -139,6 +140,34 @@ def test_an_invalid_workflow_renders_nothing(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "dataflare", "k8s", str(flow)],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "bad.yaml:2" in out.stderr and not out.stdout
+
+
+def test_printed_manifests_are_the_written_ones_with_a_token_in_the_environment(
+        tmp_path: Path) -> None:
+    # "Secret" is six characters of the token, and "Bearer " was registered with it: the
+    # manifests printed for `| kubectl apply -f -` read `kind: ***` and lost "Bearer ".
+    flow = _write(tmp_path, "hdr.yaml", """\
+workflow:
+  id: hdr
+  sources:
+    items:
+      type: rest_api
+      config:
+        url: http://127.0.0.1:9/page
+        headers: {Authorization: "Bearer ${API_TOKEN}"}
+  destinations: {out: {type: stdout, inputs: [items]}}
+""")
+    env = {**os.environ, "API_TOKEN": "tok_SuperSecret_98765"}
+    cmd = [sys.executable, "-m", "dataflare", "k8s", str(flow), "--image", "x"]
+    printed = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    subprocess.run([*cmd, "--out", str(tmp_path / "out")], env=env, check=True)
+    def canon(texts: list[str]) -> list[str]:  # each rendering draws its own run id
+        return sorted(re.sub(r'"DATAFLARE_RUN_ID", "value": "\w+"', "", json.dumps(
+            o, sort_keys=True)) for t in texts for o in yaml.safe_load_all(t))
+
+    assert canon([printed]) == canon([p.read_text() for p in (tmp_path / "out").iterdir()])
+    assert "kind: Secret" in printed and 'Bearer ${API_TOKEN}' in printed
+    assert "tok_SuperSecret_98765" not in printed
 
 
 def test_cluster_from_env_follows_bytewax_conventions(tmp_path: Path) -> None:
