@@ -44,11 +44,12 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from pydantic import Field, model_validator
 
 from dataflare import metrics
-from dataflare.config import Duration, Strict
+from dataflare.config import Duration, Retry, Strict
 from dataflare.lineage import topic_datasets
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, describe_position
 from dataflare.registry import BuildContext, destination, source
+from dataflare.retry import TransientError, call_with_retry
 from dataflare.template import compile_template
 
 log = logging.getLogger(__name__)
@@ -469,21 +470,41 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         self.consumer.close()
 
 
+_METADATA_TIMEOUT = 10.0
+"""Seconds one attempt to read the topics' partitions waits for a broker's answer."""
+
+
 class KafkaSource(FixedPartitionedSource[list[Any], int]):
     """Every topic-partition of the configured topics; one bytewax partition each."""
 
-    def __init__(self, cfg: KafkaSourceConfig, stop_at_end: bool, step: str) -> None:
+    def __init__(self, cfg: KafkaSourceConfig, stop_at_end: bool, step: str,
+                 retry: Retry | None = None) -> None:
         self.cfg = cfg
         self.stop_at_end = stop_at_end
         self.step = step
+        self.retry = retry or Retry()
 
     def list_parts(self) -> list[str]:
         """``topic#partition`` of every partition of the topics (fails if one is missing)."""
+        from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient(_client_config(self.cfg.bootstrap_servers, self.cfg.properties))
+        servers = self.cfg.bootstrap_servers
+        admin = AdminClient(_client_config(servers, self.cfg.properties))
         names = self.cfg.topic_names()
-        md = admin.list_topics(timeout=30.0).topics
+
+        def topics() -> dict[str, Any]:
+            try:
+                return dict(admin.list_topics(timeout=_METADATA_TIMEOUT).topics)
+            except KafkaException as exc:  # no broker answered (down, wrong address, auth)
+                err = exc.args[0] if exc.args else exc
+                text = err.str() if hasattr(err, "str") else str(err)
+                msg = f"step '{self.step}': kafka {servers}: {text}"
+                raise TransientError(msg) from None
+
+        # A broker restarting is waited for per config.retry, as a write's failure is.
+        md = call_with_retry(f"step '{self.step}': listing the topics on {servers}", topics,
+                             self.retry)
         parts: list[str] = []
         for name in names:
             topic = md.get(name)
@@ -519,7 +540,7 @@ def build_kafka_source(ctx: BuildContext) -> KafkaSource:
     if stop is None:
         mode = getattr(ctx.component, "mode", None)
         stop = mode not in (None, "streaming", "cdc", "hybrid")
-    return KafkaSource(cfg, stop, ctx.step_id)
+    return KafkaSource(cfg, stop, ctx.step_id, ctx.workflow.config.retry)
 
 
 # ---------------------------------------------------------------------- destination

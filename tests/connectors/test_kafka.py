@@ -408,6 +408,20 @@ def test_destination_reconnects_after_broker_restart(
     assert sorted(json.loads(m.value())["id"] for m in msgs) == [3, 4, 5]
 
 
+def test_a_source_without_a_broker_is_retried_per_the_policy_and_named() -> None:
+    from dataflare.config import Retry
+    from dataflare.connectors.kafka import KafkaSource
+    from dataflare.retry import TransientError
+
+    port = free_port()  # nothing listens on it
+    cfg = KafkaSourceConfig.model_validate(
+        {"bootstrap_servers": f"127.0.0.1:{port}", "topic": "t"})
+    source = KafkaSource(cfg, True, "events", Retry(max_attempts=1))
+    with pytest.raises(TransientError) as failed:
+        source.list_parts()
+    assert str(failed.value).startswith(f"step 'events': kafka 127.0.0.1:{port}: ")
+
+
 def test_unreachable_broker_fails_the_run_once_with_a_clear_error(tmp_path: Path) -> None:
     port = free_port()  # nothing listens on it
     (tmp_path / "in.jsonl").write_text('{"id": 1}\n{"id": 2}\n')
