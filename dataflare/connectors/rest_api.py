@@ -2,16 +2,30 @@
 
 One *walk* reads every page of the endpoint (``pagination``: ``page_number``, ``offset``,
 ``cursor`` or ``link_header``); each page's records are found at ``records_path`` and
-emitted as one batch. ``mode: full`` makes one walk; ``mode: incremental`` walks again
-every ``incremental.interval``, sending the largest ``incremental.cursor_field`` value
-seen so far as the ``incremental_param`` query parameter, and drops records it already
-emitted (older than the cursor, or equal to it and seen before).
+emitted as one batch. ``mode: full`` makes one walk (an ``incremental`` block,
+``incremental_param`` or ``stop_at_end`` there is refused, as is a ``body`` with ``GET``);
+``mode: incremental`` walks again every ``incremental.interval``, sending the largest
+``incremental.cursor_field`` value read so far, as it was read, as the ``incremental_param``
+query parameter, and drops the records it already emitted (older than the cursor, or
+emitted before).
+
+``incremental.cursor_type`` says how cursor values compare: ``timestamp`` as instants
+(ISO-8601 text with an offset or ``Z``, naive meaning UTC, or epoch numbers in the
+source's ``time_unit``), ``integer`` as integers (or their text), ``string`` as text;
+unset, as the JSON values are. ``incremental.lookback`` (timestamp cursors only) sends
+the cursor that much earlier (a number stays a number, text becomes ISO-8601 UTC) and
+re-reads that window, as the SQL sources do: a record arriving late with an earlier
+cursor value is emitted, one emitted before is not. A record whose cursor field is
+missing, null or not of the ``cursor_type`` becomes a ``CursorError`` ``Failed`` entry
+for the step's error policy, once (the state remembers it); it does not count as new
+for ``stop_at_end``.
 
 The walk position (next page, offset, cursor token or URL) and the cursor live in the
 partition state, so a resumed run continues where the last snapshot left it. Requests
 are spaced by a token bucket (``rate_limit``) through ``next_awake``; HTTP 429 and 5xx
 and broken connections are transient (retried per the workflow's retry policy, honouring
-``Retry-After``), other 4xx answers are terminal. A page whose body is not JSON, or
+``Retry-After``; when the attempts run out the step fails), other 4xx answers are
+terminal. A page whose body is not JSON, or
 lacks ``records_path``, becomes a ``Failed`` entry and ends the walk.
 """
 
@@ -24,12 +38,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from dataflare.config import Auth, Duration, Strict
 from dataflare.connectors.schema import discoverer, infer_schema
 from dataflare.lineage import url_dataset
-from dataflare.records import META, Failed, get_path
+from dataflare.records import META, Failed, get_path, iso_utc, to_epoch_seconds
 from dataflare.registry import BuildContext, source
 from dataflare.retry import TransientError, call_with_retry, retry_after_seconds
 
@@ -105,6 +119,14 @@ class RestApiSourceConfig(Strict):
             raise ValueError(msg)
         return self
 
+    @field_validator("body")
+    @classmethod
+    def _body_with_post(cls, body: Any, info: ValidationInfo) -> Any:
+        if body is not None and info.data.get("method") == "GET":
+            msg = "body is sent with method POST only, the method is GET"
+            raise ValueError(msg)
+        return body
+
 
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up."""
@@ -131,18 +153,35 @@ def _fingerprint(record: dict[str, Any]) -> str:
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
 
+def _at_least(key: Any, lower: Any) -> bool:
+    """Whether cursor key ``key`` is at least ``lower`` (keys Python cannot compare: no)."""
+    try:
+        return lower is None or bool(key >= lower)
+    except TypeError:
+        return False
+
+
 class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
-    """Walks the endpoint's pages; state: the walk position and the incremental cursor."""
+    """Walks the endpoint's pages; state: the walk position and the incremental cursor.
+
+    The cursor is the largest cursor value read (as read); ``seen`` holds the records
+    emitted at or after the cursor less the lookback (fingerprint -> cursor key), the
+    ones the next walk reads again; ``reported`` the records sent to the error policy.
+    """
 
     def __init__(self, src: RestApiSource, state: dict[str, Any] | None) -> None:
         self.src = src
         self.cfg = src.cfg
         state = state or {}
-        self.cursor: Any = state.get("cursor", src.start_value)
-        self.boundary: set[str] = set(state.get("boundary", []))
+        self.cursor: Any = state.get("cursor")
         self.walk: dict[str, Any] | None = state.get("walk")
         self.walk_max: Any = state.get("walk_max")
-        self.walk_boundary: set[str] = set(state.get("walk_boundary", []))
+        # A state written before the lookback window kept the records at the cursor only.
+        self.seen: dict[str, Any] = state.get("seen") or {
+            fp: src.key(self.cursor) for fp in state.get("boundary", [])}
+        self.walk_seen: dict[str, Any] = state.get("walk_seen") or {
+            fp: src.key(self.walk_max) for fp in state.get("walk_boundary", [])}
+        self.reported: set[str] = set(state.get("reported", []))
         self.walk_new = bool(state.get("walk_new", False))
         self.done = bool(state.get("done", False))
         self.client: Any = None
@@ -212,21 +251,44 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 raise RuntimeError(msg)
             return resp
 
-        return call_with_retry(f"step '{self.src.step_id}': {what}", attempt, self.src.retry)
+        try:
+            return call_with_retry(f"step '{self.src.step_id}': {what}", attempt, self.src.retry)
+        except TransientError as exc:  # the attempts ran out
+            msg = f"step '{self.src.step_id}': {exc}"
+            raise RuntimeError(msg) from exc
 
     # walking
 
     def _start_walk(self) -> dict[str, Any]:
         p = self.cfg.pagination
-        walk: dict[str, Any] = {"url": self.cfg.url, "pages": 0, "since": self.cursor}
+        walk: dict[str, Any] = {"url": self.cfg.url, "pages": 0, "since": self._since()}
         if p.type == "page_number":
             walk["page"] = p.start_page
         elif p.type == "offset":
             walk["offset"] = 0
         elif p.type == "cursor":
             walk["token"] = None
-        self.walk_max, self.walk_boundary, self.walk_new = self.cursor, set(self.boundary), False
+        self.walk_max, self.walk_seen, self.walk_new = self.cursor, dict(self.seen), False
         return walk
+
+    def _since(self) -> Any:
+        """The cursor a walk sends: the largest value read, less the lookback."""
+        src = self.src
+        if self.cursor is None:
+            return src.start_value
+        if not src.lookback:
+            return self.cursor
+        if isinstance(self.cursor, int | float):
+            step = src.lookback * (1000 if src.time_unit == "ms" else 1)
+            return self.cursor - (int(step) if step.is_integer() else step)
+        return iso_utc(src.key(self.cursor) - src.lookback)
+
+    def _lower(self, cursor: Any) -> Any:
+        """The smallest cursor key a walk after ``cursor`` reads (None: no bound)."""
+        src = self.src
+        if cursor is None:
+            return None if src.start_value is None else src.key(src.start_value)
+        return src.key(cursor) - src.lookback if src.lookback else src.key(cursor)
 
     def _params(self, walk: dict[str, Any]) -> dict[str, Any]:
         p = self.cfg.pagination
@@ -299,36 +361,40 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         return records, more
 
     def _keep_new(self, records: list[Any]) -> list[Any]:
+        """The records not emitted before; a ``Failed`` entry for a bad cursor value."""
         if not self.src.incremental:
             return records
-        field = self.src.cursor_field
+        src = self.src
+        lower = self._lower(self.cursor)
+        top = None if self.walk_max is None else src.key(self.walk_max)
         out = []
         for rec in records:
             if isinstance(rec, Failed):
                 out.append(rec)
                 continue
-            value = get_path(rec, field)
-            if value is None:
+            value, fp = get_path(rec, src.cursor_field), _fingerprint(rec)
+            if fp in self.seen or fp in self.reported:
+                continue
+            try:
+                key = src.key(value)
+                if lower is not None and key < lower:
+                    continue
+                if top is None or key > top:
+                    top, self.walk_max = key, value
+            except TypeError:
+                reason = (f"is a {type(value).__name__} ({value!r}), not comparable with the "
+                          f"cursor {self.walk_max!r}")
+            except ValueError as exc:
+                reason = str(exc)
+            else:
+                self.walk_seen[fp] = key
                 out.append(rec)
                 continue
-            fp = _fingerprint(rec)
-            if self.cursor is not None:
-                try:
-                    if value < self.cursor or (value == self.cursor and fp in self.boundary):
-                        continue
-                except TypeError:
-                    msg = (
-                        f"source '{self.src.step_id}': cursor field '{field}' is a "
-                        f"{type(value).__name__} ({value!r}), not comparable with the cursor "
-                        f"{self.cursor!r}"
-                    )
-                    out.append(Failed(self.src.step_id, "CursorError", msg, rec, rec[META]))
-                    continue
-            if self.walk_max is None or value > self.walk_max:
-                self.walk_max, self.walk_boundary = value, {fp}
-            elif value == self.walk_max:
-                self.walk_boundary.add(fp)
-            out.append(rec)
+            self.reported.add(fp)
+            msg = f"source '{src.step_id}': cursor field '{src.cursor_field}' {reason}"
+            out.append(Failed(src.step_id, "CursorError", msg, rec, rec[META]))
+        window = self._lower(self.walk_max)
+        self.walk_seen = {fp: k for fp, k in self.walk_seen.items() if _at_least(k, window)}
         return out
 
     def next_batch(self) -> list[list[Any]]:
@@ -345,12 +411,12 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             self.walk = self._start_walk()
         records, more = self._page(self.walk)
         fresh = self._keep_new(records)
-        self.walk_new = self.walk_new or bool(fresh)
+        self.walk_new = self.walk_new or any(not isinstance(r, Failed) for r in fresh)
         self.awake = None
         if not more:
             self.walk = None
             if self.src.incremental:
-                self.cursor, self.boundary = self.walk_max, set(self.walk_boundary)
+                self.cursor, self.seen = self.walk_max, dict(self.walk_seen)
                 if self.cfg.stop_at_end and not self.walk_new:
                     self.done = True
                 self.awake = now + timedelta(seconds=self.src.interval)
@@ -366,11 +432,12 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         """Walk position and cursor."""
         return {
             "cursor": self.cursor,
-            "boundary": sorted(self.boundary),
+            "seen": dict(self.seen),
             "walk": None if self.walk is None else dict(self.walk),
             "walk_max": self.walk_max,
-            "walk_boundary": sorted(self.walk_boundary),
+            "walk_seen": dict(self.walk_seen),
             "walk_new": self.walk_new,
+            "reported": sorted(self.reported),
             # A finished incremental catch-up run polls again when rerun.
             "done": self.done and not self.src.incremental,
         }
@@ -403,9 +470,22 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         self.incremental = mode == "incremental"
         self.cursor_field = ""
         self.cursor_param = ""
+        self.cursor_type: str | None = None
         self.start_value: Any = None
         self.interval = 10.0
-        if self.incremental:
+        self.lookback = 0.0
+        self.time_unit = getattr(ctx.component, "time_unit", None) or "s"
+        if not self.incremental:
+            given = [name for name, set_ in (
+                ("incremental", inc is not None),
+                ("config.incremental_param", self.cfg.incremental_param is not None),
+                ("config.stop_at_end", "stop_at_end" in self.cfg.model_fields_set),
+            ) if set_]
+            if given:
+                msg = (f"source '{ctx.step_id}': {', '.join(given)} has no effect in mode full, "
+                       "which reads the endpoint once; remove it or set mode: incremental")
+                raise ValueError(msg)
+        else:
             field = inc and (inc.cursor_field or inc.column)
             param = self.cfg.incremental_param or (inc and inc.column)
             if not field or not param:
@@ -415,8 +495,43 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
                 )
                 raise ValueError(msg)
             self.cursor_field, self.cursor_param = field, param
+            self.cursor_type = inc.cursor_type if inc else None
             self.start_value = inc.start_value if inc else None
             self.interval = float(inc.interval) if inc else 10.0
+            self.lookback = float(inc.lookback) if inc else 0.0
+            if self.lookback and self.cursor_type != "timestamp":
+                msg = (f"source '{ctx.step_id}': incremental.lookback needs incremental."
+                       f"cursor_type timestamp, got {self.cursor_type}")
+                raise ValueError(msg)
+            if self.start_value is not None:
+                try:
+                    self.key(self.start_value)
+                except ValueError as exc:
+                    msg = f"source '{ctx.step_id}': incremental.start_value {exc}"
+                    raise ValueError(msg) from None
+
+    def key(self, value: Any) -> Any:
+        """How the cursor compares ``value`` (per ``cursor_type``); a ValueError saying why not."""
+        kind = self.cursor_type
+        if value is None:
+            msg = "is missing or null"
+            raise ValueError(msg)
+        if kind is None or (kind == "string" and isinstance(value, str)):
+            return value
+        if kind == "timestamp":
+            try:
+                return to_epoch_seconds(value, self.time_unit)
+            except ValueError as exc:
+                msg = f"is not a timestamp: {exc}"
+                raise ValueError(msg) from None
+        if kind == "integer" and isinstance(value, int | str) and not isinstance(value, bool):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        expected = "an integer" if kind == "integer" else "text"
+        msg = f"is a {type(value).__name__} ({value!r}), expected {expected}"
+        raise ValueError(msg)
 
     def list_parts(self) -> list[str]:
         """One partition: the endpoint."""

@@ -19,10 +19,12 @@ from dataflare.connectors.rest_api import (
     build_rest_api_source,
 )
 from dataflare.connectors.schema import discover
+from dataflare.dsl_compiler import validate_text
 from dataflare.dsl_compiler.models import Source, Workflow
 from dataflare.records import META, Failed
 from dataflare.registry import BuildContext, lookup
 from dataflare.retry import retry_after_seconds
+from dataflare.runner import error_text
 
 RETRY = {"max_attempts": 4, "backoff": {"initial": "1ms", "max": "20ms"}}
 
@@ -44,6 +46,32 @@ def run(ctx: BuildContext, recovery: Path | None = None) -> list[Any]:
     run_main(flow, epoch_interval=timedelta(0), recovery_config=rc)
     assert all(isinstance(b, list) and b for b in out)
     return [r for b in out for r in b]
+
+
+def drain(ctx: BuildContext, state: dict[str, Any] | None = None,
+          pages: int = 20) -> tuple[list[Any], dict[str, Any]]:
+    """The records of the source's partition until its input ends, and its final state."""
+    src = build_rest_api_source(ctx)
+    part = src.build_part(ctx.step_id, src.list_parts()[0], state)
+    out: list[Any] = []
+    try:
+        for _ in range(pages):
+            out.extend(r for b in part.next_batch() for r in b)
+    except StopIteration:
+        return out, part.snapshot()
+    finally:
+        part.close()
+    pytest.fail(f"the input did not end after {pages} pages: {out}")
+
+
+def polled(api: Any, step: str, records: list[dict[str, Any]], **incremental: Any
+           ) -> BuildContext:
+    """A catch-up run (``stop_at_end``) polling ``records`` (``/page``: not filtered)."""
+    api.items = records
+    config = {"url": api.url + "/page", "records_path": "data.items",
+              "incremental_param": "updated_since", "stop_at_end": True}
+    return make_ctx(step, config, mode="incremental",
+                    incremental={"cursor_field": "updated_at", "interval": "10ms", **incremental})
 
 
 def chain(exc: BaseException | None) -> str:
@@ -126,6 +154,7 @@ def test_too_many_failures_fail_the_step(api: Any) -> None:
     with pytest.raises(Exception) as info:
         run(ctx)
     assert "TransientError: GET " + api.url + "/link returned 500" in chain(info.value)
+    assert error_text(info.value) == f"step 'api_down': GET {api.url}/link returned 500"
 
 
 def test_client_errors_are_terminal_and_name_the_step(api: Any) -> None:
@@ -333,3 +362,109 @@ def test_connection_failures_are_retried_then_fail(api: Any) -> None:
         run(ctx)
     text = chain(info.value)
     assert f"TransientError: GET http://127.0.0.1:{port}/x: ConnectError" in text
+
+
+def test_a_record_without_its_cursor_value_is_a_located_error_once(api: Any) -> None:
+    api.reset(2)
+    ctx = polled(api, "api_nocursor", [*api.items, {"id": 3, "name": "no cursor"},
+                                       {"id": 4, "updated_at": None}])
+    records, state = drain(ctx)  # a second walk finds nothing new: the run ends
+    assert [r["id"] for r in records if not isinstance(r, Failed)] == [1, 2]
+    failed = [r for r in records if isinstance(r, Failed)]
+    assert [(f.record["id"], f.type, f.step) for f in failed] == [
+        (3, "CursorError", "api_nocursor"), (4, "CursorError", "api_nocursor")]
+    assert failed[0].message == (
+        "source 'api_nocursor': cursor field 'updated_at' is missing or null")
+    assert failed[0].meta == {"url": api.url + "/page", "page": 0}  # where it was read
+    assert drain(ctx, state)[0] == []  # reported once, not at every poll
+    api.requests.clear()
+    only_bad, _ = drain(polled(api, "api_nocursor", [{"id": 5}]))
+    assert [type(r) for r in only_bad] == [Failed]
+    assert len(api.requests) == 1  # an error is not news: stop_at_end ends after one walk
+
+
+def test_timestamp_cursors_compare_as_instants(api: Any) -> None:
+    ctx = polled(api, "api_ts", [
+        {"id": 1, "updated_at": "2024-01-01T17:59:59Z"},  # older than the start
+        {"id": 2, "updated_at": "2024-01-01T17:30:00-02:00"},  # 19:30Z
+        {"id": 3, "updated_at": "2024-01-01 20:00:00+00:00"},
+        {"id": 4, "updated_at": "2024-01-01T19:00:00"},  # naive: UTC
+        {"id": 5, "updated_at": 1704133800},  # epoch seconds: 18:30Z
+        {"id": 6, "updated_at": "yesterday"},
+    ], cursor_type="timestamp", start_value="2024-01-01T18:00:00Z")
+    records, _ = drain(ctx)
+    assert [r["id"] for r in records if not isinstance(r, Failed)] == [2, 3, 4, 5]
+    (bad,) = [r for r in records if isinstance(r, Failed)]
+    assert bad.record["id"] == 6 and bad.message.startswith(
+        "source 'api_ts': cursor field 'updated_at' is not a timestamp: timestamp 'yesterday'")
+    sent = [q.get("updated_since") for _, q, _ in api.requests]
+    assert sent == ["2024-01-01T18:00:00Z", "2024-01-01 20:00:00+00:00"]  # as read
+    with pytest.raises(ValueError, match="'api_ts': incremental.start_value is not a timestamp"):
+        build_rest_api_source(polled(api, "api_ts", [], cursor_type="timestamp",
+                                     start_value="soon"))
+
+
+def test_integer_and_string_cursors(api: Any) -> None:
+    ctx = polled(api, "api_int", [{"id": 1, "updated_at": "9"}, {"id": 2, "updated_at": "10"},
+                                  {"id": 3, "updated_at": 12}, {"id": 4, "updated_at": 1.5}],
+                 cursor_type="integer", start_value=9)
+    records, _ = drain(ctx)
+    assert [r["id"] for r in records if not isinstance(r, Failed)] == [1, 2, 3]
+    assert [r.message for r in records if isinstance(r, Failed)] == [
+        "source 'api_int': cursor field 'updated_at' is a float (1.5), expected an integer"]
+    api.requests.clear()
+    text = polled(api, "api_str", [{"id": 1, "updated_at": "b"}, {"id": 2, "updated_at": 5}],
+                  cursor_type="string", start_value="a")
+    records, _ = drain(text)
+    assert [r["id"] for r in records if not isinstance(r, Failed)] == [1]
+    assert [r.message for r in records if isinstance(r, Failed)] == [
+        "source 'api_str': cursor field 'updated_at' is a int (5), expected text"]
+
+
+def test_lookback_re_reads_a_window_and_emits_only_late_records(api: Any) -> None:
+    ctx = polled(api, "api_back", [{"id": 1, "updated_at": "2024-01-01T10:00:00Z"},
+                                   {"id": 2, "updated_at": "2024-01-01T12:00:00Z"}],
+                 cursor_type="timestamp", lookback="1h")
+    first, state = drain(ctx)
+    assert [r["id"] for r in first] == [1, 2]
+    with api.lock:
+        api.items.append({"id": 3, "updated_at": "2024-01-01T11:30:00Z"})  # late, in the window
+        api.items.append({"id": 4, "updated_at": "2024-01-01T10:30:00Z"})  # before the window
+    api.requests.clear()
+    second, _ = drain(ctx, state)
+    assert [r["id"] for r in second] == [3]
+    assert {q["updated_since"] for _, q, _ in api.requests} == {"2024-01-01T11:00:00Z"}
+    api.reset()
+    api.requests.clear()
+    drain(ctx, {"cursor": 1704132000})  # an epoch cursor stays a number
+    assert api.requests[0][1]["updated_since"] == "1704128400"
+    with pytest.raises(ValueError, match="'api_back': incremental.lookback needs incremental."
+                                         "cursor_type timestamp, got None"):
+        build_rest_api_source(polled(api, "api_back", [], lookback="1h"))
+
+
+def test_settings_without_effect_in_mode_full_are_refused(api: Any) -> None:
+    with pytest.raises(ValueError, match="source 'api_full': incremental has no effect in "
+                                         "mode full, which reads the endpoint once"):
+        build_rest_api_source(make_ctx("api_full", {"url": api.url + "/page"}, mode="full",
+                                       incremental={"cursor_field": "updated_at"}))
+    with pytest.raises(ValueError, match="source 'api_full': config.incremental_param, "
+                                         "config.stop_at_end has no effect in mode full"):
+        build_rest_api_source(make_ctx("api_full", {
+            "url": api.url + "/page", "incremental_param": "since", "stop_at_end": True}))
+    v = validate_text("""\
+workflow:
+  sources:
+    api:
+      type: rest_api
+      config:
+        url: http://api.example.com/items
+        body: {q: 1}
+  destinations:
+    out:
+      type: file
+      inputs: [api]
+      config: {path: out.jsonl, format: jsonl}
+""", "flow.yaml")
+    assert [(p.line, p.message) for p in v.errors()] == [
+        (7, "body is sent with method POST only, the method is GET")]
