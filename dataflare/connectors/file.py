@@ -45,6 +45,7 @@ from dataflare.connectors.lake import (
     conform,
     csv_line,
     lake_output,
+    lake_schema,
     template_problems,
 )
 from dataflare.connectors.schema import discoverer, infer_schema, record_line
@@ -463,6 +464,7 @@ def uses_source(config: Any) -> bool:
     blocks_for=lambda cfg: ("write_mode=append",) if cfg.partitioned() else (
         "write_mode=append", "write_mode=overwrite"),
     input_names=uses_source,
+    schema=lake_schema,
 )
 def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] | None:
     """Build a file destination (``write_mode: append`` adds to an existing file).

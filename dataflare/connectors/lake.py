@@ -47,6 +47,7 @@ from pydantic import Field
 from dataflare.config import Duration, Strict
 from dataflare.connectors.batching import Discard, Once
 from dataflare.connectors.schema import json_line, json_value, record_line
+from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import (
     INPUT,
     META,
@@ -121,6 +122,24 @@ def template_problems(template: str, options: LakeOptions, fmt: str | None = Non
     if ".." in Path(template).parts:
         out.append(f"path_template {template!r} must not contain '..'")
     return out
+
+
+def lake_schema(ctx: SchemaContext[Any]) -> FieldType | None:
+    """The fields a partitioned output reads: its template's, ``partition_by``, ``time_field``.
+
+    So that ``validate`` warns of a field the records do not have (every record would go
+    to the default partition), as for any other template.
+    """
+    cfg = ctx.config
+    template = cfg.target() if hasattr(cfg, "target") else cfg.path_template
+    ctx.read_template(("path_template" if "path_template" in cfg.model_fields_set else "path",),
+                      template, skip=BUILTINS)
+    for i, name in enumerate(cfg.partition_by):
+        if name not in BUILTINS:
+            ctx.read(("partition_by", i), name)
+    if cfg.time_field is not None:
+        ctx.read(("time_field",), cfg.time_field)
+    return None
 
 
 # -- paths -------------------------------------------------------------------------------

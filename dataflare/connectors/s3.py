@@ -36,6 +36,7 @@ from dataflare.connectors.lake import (
     LakeOutput,
     PathTemplate,
     lake_output,
+    lake_schema,
     template_problems,
 )
 from dataflare.lineage import Dataset
@@ -155,6 +156,7 @@ def list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
     extra="s3",
     blocks=("write_mode=append",),
     input_names=uses_source,
+    schema=lake_schema,
     datasets=lambda cfg, base: [Dataset(f"s3://{cfg.bucket}", cfg.path_template)],
 )
 def build_s3_destination(ctx: BuildContext[S3DestinationConfig],

@@ -423,3 +423,24 @@ workflow:
     assert [p for p in problems if "has no effect" in p] == [
         f"{path}:8:7: destinations.lake.write_mode: warning: write_mode 'overwrite' has no "
         "effect on a destination of type 'file' (it acts on: append)"]
+
+
+def test_validate_warns_of_template_and_partition_fields_the_records_lack(tmp_path):
+    from dataflare.dsl_compiler import validate_file
+
+    path = write_flow(tmp_path, """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  transformations:
+    m: {type: mapping, inputs: [src], config: {mappings: [{source: kind, destination: kind}]}}
+  destinations:
+    lake:
+      inputs: [m]
+      type: file
+      config: {path_template: "out/{{kindd}}/{{source}}/x.jsonl", partition_by: [kinnd, day]}
+""")
+    problems = [str(p) for p in validate_file(path).problems]
+    assert [p.split(": warning: ")[1] for p in problems if "not in the records" in p] == [
+        "field 'kindd' is not in the records from 'm' (did you mean 'kind'?); they have: kind",
+        "field 'kinnd' is not in the records from 'm' (did you mean 'kind'?); they have: kind"]
