@@ -21,6 +21,8 @@ def test_settings_without_effect_are_warned_and_strict_refuses_them(tmp_path: Pa
     out = dataflare("validate", seed)
     assert out.returncode == 0
     assert "monitoring" not in out.stderr and "post_actions" not in out.stderr  # carried out
+    assert ("transformations.clean_customer_data.error_handling.redirect_to: warning: "
+            "'redirect_to' has no effect with strategy 'skip'") in out.stderr, out.stderr
     strict = dataflare("validate", "--strict", seed)
     assert strict.returncode == 1 and "valid" not in strict.stdout
     protection = tmp_path / "protected.yaml"
@@ -108,3 +110,37 @@ workflow:
             assert got["late_dropped"] == {"win": 1}
             assert "step 'win': 1 late record(s) dropped" in run.stderr, run.stderr
             assert "win: 2, 1 late (dropped)" in run.stderr, run.stderr
+
+
+def test_error_and_write_mode_fields_without_effect_are_warned(tmp_path: Path) -> None:
+    flow = tmp_path / "wf.yaml"
+    flow.write_text("""\
+workflow:
+  sources: {src: {type: file, config: {path: in.jsonl}}}
+  transformations:
+    m:
+      inputs: [src]
+      type: mapping
+      config: {keep_unmapped: true, mappings: [{source: id, destination: id}]}
+      error_handling: {strategy: skip, redirect_to: dlq}
+  destinations:
+    dlq: {type: file, config: {path: dlq.jsonl}}
+    f: {type: file, inputs: [m], write_mode: {type: append, merge_key: [id], deduplicate: true},
+        config: {path: o.jsonl}}
+    d: {type: duckdb, inputs: [m], write_mode: {type: append, deduplicate: true},
+        config: {path: x.duckdb, table: t}}
+    kept: {type: duckdb, inputs: [m], write_mode: {type: append, merge_key: [id],
+           deduplicate: true}, config: {path: x.duckdb, table: t2}}
+""")
+    out = dataflare("validate", str(flow))
+    assert out.returncode == 0, out.stderr
+    warned = [ln.split(": ", 1)[1] for ln in out.stderr.splitlines() if ": warning: " in ln]
+    assert warned == [
+        "transformations.m.error_handling.redirect_to: warning: 'redirect_to' has no effect "
+        "with strategy 'skip' (failed records go there with strategy 'redirect')",
+        "destinations.f.write_mode.merge_key: warning: 'merge_key' has no effect on a "
+        "destination of type 'file'",
+        "destinations.f.write_mode.deduplicate: warning: 'deduplicate' has no effect on a "
+        "destination of type 'file'",
+        "destinations.d.write_mode.deduplicate: warning: 'deduplicate' has no effect without "
+        "'merge_key' (the key whose last record a batch keeps)"], out.stderr

@@ -113,6 +113,15 @@ def validate_text(
                     f"pip install 'dataflare[{spec.extra}]'"))
             out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp,
                                                        configs.get(cid)))
+            out.problems.extend(_write_mode_fields(doc, loc, kind, spec, comp))
+            eh = comp.get("error_handling")
+            if isinstance(eh, dict) and eh.get("redirect_to") and eh.get(
+                    "strategy", "fail") != "redirect":
+                out.problems.append(doc.problem(
+                    (*loc, "error_handling", "redirect_to"),
+                    f"'redirect_to' has no effect with strategy {eh.get('strategy', 'fail')!r}"
+                    " (failed records go there with strategy 'redirect')", key=True,
+                    severity="warning"))
             if comp.get("serve") is True and not spec.serves:
                 servable = sorted(s.type for s in registry.specs("transformation") if s.serves)
                 out.problems.append(doc.problem(
@@ -221,6 +230,34 @@ def _blocks_without_effect(
             message = (f"{block} {given!r} has no effect on a {kind} of type {spec.type!r} "
                        f"(it acts on: {', '.join(types)})")
         out.append(doc.problem((*loc, block), message, key=True, severity="warning"))
+    return out
+
+
+def _write_mode_fields(doc: Document, loc: Loc, kind: str, spec: registry.ComponentSpec,
+                       comp: dict[str, Any]) -> list[Problem]:
+    """Warnings for ``merge_key`` / ``deduplicate`` where they do nothing.
+
+    Only table destinations (whose type acts on the whole ``write_mode`` block) key their
+    writes; ``deduplicate`` there needs a ``merge_key``.
+    """
+    wm = comp.get("write_mode")
+    blocks = spec.blocks or ()
+    if kind != "destination" or not isinstance(wm, dict) or not any(
+            b.split("=", 1)[0] == "write_mode" for b in blocks):
+        return []  # no write_mode block at all is warned as a whole
+    table = "write_mode" in blocks
+    if not table and f"write_mode={wm.get('type', 'append')}" not in blocks:
+        return []  # the write mode itself is warned
+    out = []
+    for name in ("merge_key", "deduplicate"):
+        if wm.get(name) and not table:
+            out.append(doc.problem((*loc, "write_mode", name), f"{name!r} has no effect on a "
+                                   f"destination of type {spec.type!r}", key=True,
+                                   severity="warning"))
+    if table and wm.get("deduplicate") and not wm.get("merge_key"):
+        out.append(doc.problem((*loc, "write_mode", "deduplicate"), "'deduplicate' has no "
+                               "effect without 'merge_key' (the key whose last record a batch "
+                               "keeps)", key=True, severity="warning"))
     return out
 
 
