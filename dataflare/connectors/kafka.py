@@ -329,7 +329,9 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         def decode_json(value: bytes) -> Any:
             rec = loads(value)
             if not isinstance(rec, dict):
-                msg = f"value is a JSON {type(rec).__name__}, expected an object"
+                kind = {type(None): "null", list: "array", str: "string", bool: "boolean"}.get(
+                    type(rec), "number")
+                msg = f"value is a JSON {kind}, expected an object"
                 raise ValueError(msg)
             return rec
 

@@ -127,6 +127,10 @@ class _Builder:
         return self.constructor.construct_object(node)
 
 
+_UNQUOTED_VARIABLE = re.compile(r"""[{\[,]\s*[^'"\s{\[,][^'",{}\[\]]*\$\{|[:{\[,]\s*\$\{""")
+"""A ``${VAR}`` not in quotes after a flow collection's ``{``, ``[``, ``,`` or ``:``."""
+
+
 def parse(text: str, file: str) -> Document:
     """Parse YAML ``text``; syntax errors become problems of the document."""
     doc = Document(file=file, data=None)
@@ -136,6 +140,10 @@ def parse(text: str, file: str) -> Document:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         reason = exc.problem or str(exc)
+        lines = text.splitlines()
+        if mark and mark.line < len(lines) and _UNQUOTED_VARIABLE.search(lines[mark.line]):
+            reason += (" (inside { } or [ ], a ${VAR} must be quoted: "
+                       "\"${VAR}\" or 'out/${VAR}.jsonl')")
         doc.problems.append(Problem(file, line, col, "workflow", f"invalid YAML: {reason}"))
         return doc
     except yaml.YAMLError as exc:

@@ -1,5 +1,7 @@
 """Loader: positions, duplicate keys, ${VAR} interpolation, secrets kept out of messages."""
 
+import pytest
+
 from dataflare.dsl_compiler import validate_text
 from dataflare.dsl_compiler.loader import load
 
@@ -66,6 +68,15 @@ def test_syntax_error_has_location():
     v = validate_text("workflow:\n  sources: [a\n", "f.yaml")
     [p] = v.errors()
     assert p.file == "f.yaml" and p.line >= 2 and "invalid YAML" in p.message
+    assert "must be quoted" not in p.message
+
+
+@pytest.mark.parametrize("value", ["out/${TOPIC}.jsonl", "${TOPIC}"])
+def test_an_unquoted_variable_in_a_flow_mapping_is_hinted(value):
+    text = "workflow:\n  sources: {src: {type: file, config: {path: VALUE}}}\n"
+    v = validate_text(text.replace("VALUE", value), "f.yaml")
+    [p] = v.errors()
+    assert p.line == 2 and "a ${VAR} must be quoted" in p.message, p.message
 
 
 def test_interpolated_secret_values_are_not_printed():
