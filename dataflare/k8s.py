@@ -229,6 +229,19 @@ def _name(v: Validated, options: Options) -> str:
     return name or "dataflare"
 
 
+def secrets_in_clear(path: str | Path) -> list[int]:
+    """Lines of the workflow at ``path`` holding a secret value written out (not ``${VAR}``).
+
+    The workflow goes into a ConfigMap, which anyone who may read the namespace's
+    ConfigMaps reads; call after :func:`render` (its validation registers the secrets).
+    """
+    from dataflare import secrets
+
+    values = [v for v in secrets.values() if len(v) >= 4]
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [n for n, line in enumerate(lines, 1) if any(v in line for v in values)]
+
+
 def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
     """The Kubernetes objects running the workflow at ``path``, in apply order."""
     text = Path(path).read_text(encoding="utf-8")

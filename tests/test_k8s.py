@@ -170,6 +170,24 @@ workflow:
     assert "tok_SuperSecret_98765" not in printed
 
 
+def test_a_secret_written_out_in_the_workflow_is_warned(tmp_path: Path) -> None:
+    flow = _write(tmp_path, "lit.yaml", """\
+workflow:
+  id: lit
+  sources:
+    items:
+      type: rest_api
+      config:
+        url: http://127.0.0.1:9/page
+        auth: {type: bearer, token: "tok_Literal_Value_77"}
+  destinations: {out: {type: stdout, inputs: [items]}}
+""")
+    out = subprocess.run([sys.executable, "-m", "dataflare", "k8s", str(flow), "--image", "x"],
+                         capture_output=True, text=True, check=True)
+    assert f"{flow}:8: warning: a secret value is written out here" in out.stderr
+    assert "tok_Literal_Value_77" not in out.stdout + out.stderr
+
+
 def test_cluster_from_env_follows_bytewax_conventions(tmp_path: Path) -> None:
     assert k8s.cluster_from_env({}) is None
     c = k8s.cluster_from_env({"BYTEWAX_POD_NAME": "wf-2", "BYTEWAX_STATEFULSET_NAME": "wf",
