@@ -45,6 +45,18 @@ class TransientError(Exception):
         self.retry_after = retry_after
 
 
+class Interrupted(TransientError):
+    """A transient failure not retried because the run is stopping (SIGTERM, SIGINT).
+
+    Not a verdict on the record: with recovery on, the next run tries it again.
+    ``attempts`` is how many attempts were made; the failure of the last is the cause.
+    """
+
+    def __init__(self, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
 def delays(policy: Retry) -> list[float]:
     """The waits between the attempts of ``policy`` (one fewer than its attempts)."""
     out, delay = [], policy.backoff.initial
@@ -91,8 +103,9 @@ def call_with_retry(
     ``on_retry`` runs before each new attempt (e.g. to reconnect). The last exception is
     raised when every attempt failed or ``policy.max_elapsed`` has passed since the first
     failure; any other exception is raised at once. A graceful stop (SIGTERM, SIGINT)
-    ends the wait and raises the last exception: a run asked to stop does not wait a
-    minute for a service to come back (with recovery, the next run resumes).
+    ends the wait and raises :class:`Interrupted` (from the last exception), with the
+    attempts made so far: a run asked to stop does not wait a minute for a service to
+    come back, and the caller keeps what it could not do for the next run (recovery).
     """
     waits = delays(policy)
     first_failure: float | None = None
@@ -114,8 +127,10 @@ def call_with_retry(
             if sleep is not None:
                 sleep(wait)
             elif stopping.REQUESTED.wait(wait):
-                log.warning("%s: not retried, the run is stopping", what)
-                raise
+                msg = (f"{what}: not retried after {attempt + 1} attempt(s), the run is "
+                       f"stopping ({type(exc).__name__}: {exc})")
+                log.warning("%s", msg)
+                raise Interrupted(msg, attempt + 1) from exc
             if on_retry is not None:
                 on_retry(exc)
     msg = "unreachable"

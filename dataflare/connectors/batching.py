@@ -6,7 +6,9 @@ a bounded input everything left is flushed (a destination that must write even w
 no record comes, like an ``overwrite`` table, gets one empty flush then). Because the
 buffer is recovery state, a crash never loses buffered records and never lets the
 source's snapshot run ahead of them. All batches of one destination go to one worker
-(one writer), which keeps merges free of write-write conflicts between workers.
+(one writer), which keeps merges free of write-write conflicts between workers. A write
+that a graceful stop cut short (:class:`Unwritten`) is kept in the write step's snapshot
+and done first when the run resumes.
 """
 
 from __future__ import annotations
@@ -112,32 +114,68 @@ class _BufferLogic(StatefulBatchLogic[list[Any], Flush, BufferState]):
         return BufferState(list(st.items), st.since, st.flushes, st.run)
 
 
+class Unwritten(Exception):
+    """Raised by :meth:`Writer.write_flush` when a graceful stop left items unwritten.
+
+    ``flush`` holds those items (same ``seq`` and ``run``), ``refused`` the records of
+    the flush that the destination refused before. The write step keeps ``flush`` in its
+    snapshot, writes no later flush in this run (the order holds), and writes it first
+    when the run resumes.
+    """
+
+    def __init__(self, flush: Flush, refused: list[Failed]) -> None:
+        super().__init__(f"{len(flush.items)} item(s) left unwritten by a graceful stop")
+        self.flush = flush
+        self.refused = refused
+
+
+@dataclass(frozen=True)
+class WriteState:
+    """A write step's snapshot: refused records not emitted yet, flushes not written yet.
+
+    ``unwritten`` are the flushes a graceful stop left (see :class:`Unwritten`), in order:
+    the resumed run writes them before anything else.
+    """
+
+    refused: list[Failed] = field(default_factory=list)
+    unwritten: list[Flush] = field(default_factory=list)
+
+
 class Writer(Protocol):
     """What a write step drives: one flush at a time, in order."""
 
     step: str
 
     def write_flush(self, flush: Flush) -> list[Failed]:
-        """Write ``flush``; the records the destination refused."""
+        """Write ``flush``; the records the destination refused.
+
+        Raises :class:`Unwritten` when a graceful stop left some items unwritten.
+        """
 
     def close(self) -> None:
         """Release connections."""
 
 
-class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
+class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], WriteState]):
     """Writes flushes on a thread of its own, one at a time and in order.
 
     While the destination works on one flush, the dataflow prepares the next. A snapshot
-    waits for the write in flight, so every flush of a snapshotted epoch is written; the
+    waits for the write in flight, so every flush of a snapshotted epoch is written, or
+    kept in the snapshot when a graceful stop cut it short (:class:`Unwritten`); the
     records the destination refused are emitted (or kept in the snapshot until they
     are). A failed write raises at the next flush, notification or snapshot.
     """
 
-    def __init__(self, writer: Writer, refused: list[Failed] | None) -> None:
+    def __init__(self, writer: Writer, state: WriteState | list[Failed] | None) -> None:
+        if isinstance(state, list):  # the snapshot of an earlier version: refused only
+            state = WriteState(state)
+        state = state or WriteState()
         self.writer = writer
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"dataflare-{writer.step}")
         self.pending: Future[list[Failed]] | None = None
-        self.refused: list[Failed] = list(refused or [])
+        self.refused: list[Failed] = list(state.refused)
+        self.resumed: list[Flush] = list(state.unwritten)  # written first by this run
+        self.unwritten: list[Flush] = []  # left by a graceful stop of this run
 
     def _collect(self, wait: bool) -> None:
         fut = self.pending
@@ -155,16 +193,32 @@ class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
                     stop.set()  # the write in flight gives up at its next step
                 raise
             self.pending = None
-            self.refused.extend(fut.result())
+            try:
+                self.refused.extend(fut.result())
+            except Unwritten as exc:
+                self.refused.extend(exc.refused)
+                self.unwritten.append(exc.flush)
+
+    def _write(self, flushes: list[Flush]) -> None:
+        for flush in flushes:
+            self._collect(wait=True)
+            if self.unwritten:  # a stop cut an earlier flush short: keep the order
+                self.unwritten.append(flush)
+            else:
+                self.pending = self.pool.submit(self._timed, flush)
+
+    def _resume(self) -> None:
+        """Write the flushes the stopped run left, before anything else."""
+        resumed, self.resumed = self.resumed, []
+        self._write(resumed)
 
     def _emit(self) -> list[list[Failed]]:
         out, self.refused = self.refused, []
         return [out] if out else []
 
     def on_batch(self, values: list[Flush]) -> tuple[list[list[Failed]], bool]:
-        for flush in values:
-            self._collect(wait=True)
-            self.pending = self.pool.submit(self._timed, flush)
+        self._resume()
+        self._write(values)
         return self._emit(), False
 
     def _timed(self, flush: Flush) -> list[Failed]:
@@ -174,25 +228,28 @@ class _WriteLogic(StatefulBatchLogic[Flush, list[Failed], list[Failed]]):
         return refused
 
     def on_notify(self) -> tuple[list[list[Failed]], bool]:
+        self._resume()
         self._collect(wait=False)
         return self._emit(), False
 
     def notify_at(self) -> datetime | None:
-        if self.refused:
+        if self.refused or self.resumed:
             return datetime.now(UTC)
         return None if self.pending is None else datetime.now(UTC) + _POLL
 
     def on_eof(self) -> tuple[list[list[Failed]], bool]:
         try:
+            self._resume()
             self._collect(wait=True)
         finally:
             self.pool.shutdown()
             self.writer.close()
-        return self._emit(), True
+        # Flushes a graceful stop left unwritten stay in the final snapshot.
+        return self._emit(), not self.unwritten
 
-    def snapshot(self) -> list[Failed]:
+    def snapshot(self) -> WriteState:
         self._collect(wait=True)
-        return list(self.refused)
+        return WriteState(list(self.refused), [*self.resumed, *self.unwritten])
 
 
 _POLL = timedelta(milliseconds=200)

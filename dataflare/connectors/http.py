@@ -11,12 +11,19 @@ it follows the destination's ``error_handling`` (with the answer as its error). 
 are sent again when bytewax replays after a crash, so delivery is **at-least-once**;
 receivers that must not act twice can deduplicate on a key sent in the body or in a
 header such as ``Idempotency-Key: {{id}}`` (header values are templates too).
+
+Records wait in the batch buffer (recovery state) as records: the request (URL, headers,
+body) is rendered when it is sent, so no credential of the configuration is written to
+the recovery directory, and a resumed run sends with its own configuration (a rotated
+token). A graceful stop ends the retries; the records not sent stay in the snapshot and
+the resumed run sends them.
 """
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from typing import Any, Literal
 from urllib.parse import quote
@@ -24,13 +31,14 @@ from urllib.parse import quote
 from bytewax.dataflow import Stream
 from pydantic import Field
 
+from dataflare import secrets
 from dataflare.config import Duration, Strict
-from dataflare.connectors.batching import Flush, buffered_output
+from dataflare.connectors.batching import Flush, Unwritten, buffered_output
 from dataflare.lineage import url_dataset
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, describe_position
 from dataflare.registry import BuildContext, destination
-from dataflare.retry import TransientError, call_with_retry, retry_after_seconds
+from dataflare.retry import Interrupted, TransientError, call_with_retry, retry_after_seconds
 from dataflare.template import compile_template, placeholders
 
 
@@ -56,7 +64,7 @@ class HttpDestinationConfig(Strict):
 
 
 Request = tuple[str, dict[str, str], bytes, dict[str, Any], Any]
-"""``(url, headers, body, position, record)`` of one record."""
+"""``(url, headers, body, position, record)`` of one record, rendered when it is sent."""
 
 
 class _Requests:
@@ -90,26 +98,39 @@ class _Requests:
 
         return url
 
-    def prepare(self, batch: list[Any]) -> tuple[list[Request], list[Failed]]:
-        out: list[Request] = []
+    def render(self, rec: Any) -> Request | Failed:
+        """The request of ``rec``, or its failure when its body does not render."""
+        meta = rec.get(META, {}) if isinstance(rec, dict) else {}
+        try:
+            if self.body is not None:
+                body = self.body(rec).encode()
+                if self.check_json:
+                    json.loads(body)
+            else:
+                clean = {k: v for k, v in rec.items() if k != META}
+                body = self.dumps(clean, default=str)
+            headers = {k: fn(rec) for k, fn in self.headers}
+            if self.default_json:
+                headers.setdefault("Content-Type", "application/json")
+            return self.url(rec), headers, body, meta, rec
+        except (TypeError, ValueError) as exc:
+            message = f"step {self.step!r}: cannot render the request body: {exc}"
+            return Failed(self.step, type(exc).__name__, message, rec, meta)
+
+    def prepare(self, batch: list[Any]) -> tuple[list[Any], list[Failed]]:
+        """The records whose request renders (they are buffered as records), the rest failed.
+
+        Requests are rendered again when sent: headers and URLs often hold credentials,
+        which must not reach the buffer's snapshot (and a resumed run sends its own).
+        """
+        out: list[Any] = []
         errs: list[Failed] = []
         for rec in batch:
-            meta = rec.get(META, {}) if isinstance(rec, dict) else {}
-            try:
-                if self.body is not None:
-                    body = self.body(rec).encode()
-                    if self.check_json:
-                        json.loads(body)
-                else:
-                    clean = {k: v for k, v in rec.items() if k != META}
-                    body = self.dumps(clean, default=str)
-                headers = {k: fn(rec) for k, fn in self.headers}
-                if self.default_json:
-                    headers.setdefault("Content-Type", "application/json")
-                out.append((self.url(rec), headers, body, meta, rec))
-            except (TypeError, ValueError) as exc:
-                message = f"step {self.step!r}: cannot render the request body: {exc}"
-                errs.append(Failed(self.step, type(exc).__name__, message, rec, meta))
+            req = self.render(rec)
+            if isinstance(req, Failed):
+                errs.append(req)
+            else:
+                out.append(rec)
         return out, errs
 
 
@@ -124,8 +145,9 @@ class _Refused(Exception):
 class _HttpWriter:
     """Sends the requests of each flush (see :class:`dataflare.connectors.batching.Writer`)."""
 
-    def __init__(self, step: str, cfg: HttpDestinationConfig, retry: Any) -> None:
-        self.step = step
+    def __init__(self, requests: _Requests, cfg: HttpDestinationConfig, retry: Any) -> None:
+        self.step = requests.step
+        self.requests = requests
         self.cfg = cfg
         self.retry = retry
         self.client: Any = None
@@ -150,12 +172,25 @@ class _HttpWriter:
         msg = f"{self.cfg.method} {url} answered {status}: {text!r}"
         raise _Refused(msg, status)
 
-    def _send(self, req: Request) -> Failed | None:
+    def _send(self, rec: Any) -> Failed | None:
+        """Send the request of ``rec``; its failure if refused.
+
+        Raises :class:`Interrupted` when a graceful stop ended its retries.
+        """
+        if isinstance(rec, tuple) and len(rec) == 5:  # buffered rendered by an older version
+            rec = rec[4]
+        req = self.requests.render(rec)
+        if isinstance(req, Failed):
+            return req
         what = f"step {self.step!r}: {self.cfg.method} {req[0]}"
         try:
             call_with_retry(what, partial(self._send_once, req), self.retry)
         except _Refused as exc:
-            return Failed(self.step, f"HTTP {exc.status}", str(exc), req[4], req[3])
+            # Scrubbed: refused records wait in the write step's snapshot until emitted.
+            message = secrets.scrub(str(exc))
+            return Failed(self.step, f"HTTP {exc.status}", message, req[4], req[3])
+        except Interrupted:
+            raise
         except TransientError as exc:
             msg = (
                 f"step {self.step!r}: giving up after {self.retry.max_attempts} attempt(s): "
@@ -165,18 +200,41 @@ class _HttpWriter:
         return None
 
     def write_flush(self, flush: Flush) -> list[Failed]:
-        """Send a flush's requests; the records the endpoint refused."""
+        """Send a flush's requests; the records the endpoint refused.
+
+        Raises :class:`Unwritten` with the records not sent when a graceful stop ended
+        the retries of one (those after it in the flush are not tried).
+        """
         import httpx
 
         if self.client is None:
             self.client = httpx.Client(timeout=self.cfg.timeout)
+        refused: list[Failed] = []
+        unsent: list[Any] = []
         if self.cfg.concurrency > 1:
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(self.cfg.concurrency)
-            results = list(self.pool.map(self._send, flush.items))
+            sent = [self.pool.submit(self._send, rec) for rec in flush.items]
+            for rec, fut in zip(flush.items, sent, strict=True):
+                try:
+                    failed = fut.result()
+                except Interrupted:
+                    unsent.append(rec)
+                    continue
+                if failed is not None:
+                    refused.append(failed)
         else:
-            results = [self._send(req) for req in flush.items]
-        return [f for f in results if f is not None]
+            for i, rec in enumerate(flush.items):
+                try:
+                    failed = self._send(rec)
+                except Interrupted:
+                    unsent = flush.items[i:]
+                    break
+                if failed is not None:
+                    refused.append(failed)
+        if unsent:
+            raise Unwritten(replace(flush, items=list(unsent)), refused)
+        return refused
 
     def close(self) -> None:
         if self.pool is not None:
@@ -208,4 +266,4 @@ def build_http_destination(ctx: BuildContext, up: Stream[list[Any]]) -> Stream[l
     requests = _Requests(ctx.step_id, ctx.config)
     retry = ctx.workflow.config.retry
     return buffered_output("send", up, requests.prepare, ctx.component.batch,
-                           lambda: _HttpWriter(ctx.step_id, ctx.config, retry))
+                           lambda: _HttpWriter(requests, ctx.config, retry))

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -14,6 +20,7 @@ from typing import Any
 import bytewax.operators as op
 import pytest
 from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from dataflare.connectors.http import (
@@ -32,6 +39,8 @@ class Receiver:
     url: str = ""
     received: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
     faults: deque[tuple[int, str | None]] = field(default_factory=deque)
+    down: int | None = None  # a status answered to every request while set
+    answered: int = 0  # requests answered with ``down``
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -48,6 +57,9 @@ def receiver() -> Iterator[Receiver]:
             body = self.rfile.read(length)
             with state.lock:
                 fault = state.faults.popleft() if state.faults else None
+                if state.down is not None:
+                    fault = (state.down, None)
+                    state.answered += 1
                 if fault is None:
                     state.received.append((self.command, self.path, dict(self.headers), body))
             status, retry_after = fault or (200, None)
@@ -70,8 +82,9 @@ def receiver() -> Iterator[Receiver]:
     server.server_close()
 
 
-def run(batches: list[list[Any]], step: str = "notify", **config: Any) -> list[Any]:
-    component = models.Destination(type="http", config=config)
+def run(batches: list[Any], step: str = "notify", batch: dict[str, Any] | None = None,
+        recovery: Path | None = None, **config: Any) -> list[Any]:
+    component = models.Destination(type="http", config=config, batch=batch or {})
     workflow = models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY))
     ctx = BuildContext(step, "destination", component, HttpDestinationConfig(**config),
                        workflow, Path("."))
@@ -79,7 +92,11 @@ def run(batches: list[list[Any]], step: str = "notify", **config: Any) -> list[A
     up = op.input("in", flow, TestingSource(batches))
     errors: list[Any] = []
     op.output("failed", build_http_destination(ctx, up), TestingSink(errors))
-    run_main(flow)
+    if recovery is None:
+        run_main(flow)
+    else:
+        run_main(flow, epoch_interval=timedelta(0),
+                 recovery_config=RecoveryConfig(str(recovery)))
     return [f for b in errors for f in b]
 
 
@@ -178,6 +195,67 @@ workflow:
     result = run_cli("run", "f.yaml", cwd=tmp_path)
     assert result.code == 1
     assert "step 'hook' failed on the record at in.jsonl:1: HTTP 400" in result.stderr
+
+
+def test_recovery_state_holds_no_credential_and_a_resume_sends_the_current_ones(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    init_db_dir(tmp_path, 1)
+    recs = [{"id": i, "note": f"pending_{i}"} for i in (1, 2, 3)]
+    batches = [[recs[0]], [recs[1]], TestingSource.ABORT(), [recs[2]]]
+    pending = {"size": 100, "flush_interval": 3600}  # buffered until the input ends
+
+    def config(token: str) -> dict[str, Any]:
+        return {"url": receiver.url + f"/hook?api_key=key_{token}",
+                "headers": {"Authorization": f"Bearer {token}", "X-Id": "{{id}}"}}
+
+    # A crash with records 1 and 2 buffered (and in the snapshot), none sent.
+    run(batches, batch=pending, recovery=tmp_path, **config("OLD_token_111111"))
+    assert receiver.received == []
+    state = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert b"pending_2" in state
+    assert b"OLD_token_111111" not in state
+
+    run(batches, batch=pending, recovery=tmp_path, **config("NEW_token_222222"))
+    got = {int(h["X-Id"]): (path, h["Authorization"]) for _, path, h, _ in receiver.received}
+    assert got == {i: ("/hook?api_key=key_NEW_token_222222", "Bearer NEW_token_222222")
+                   for i in (1, 2, 3)}
+
+
+def test_a_graceful_stop_during_retries_keeps_the_records_for_the_resume(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    from tests.fixtures.workflows import ROOT, run_cli
+
+    (tmp_path / "f.yaml").write_text(f"""\
+workflow:
+  id: hooks
+  config: {{retry: {{max_attempts: 10, backoff: {{initial: 0.5, multiplier: 20, max: 30}}}}}}
+  sources:
+    g: {{type: generator, config: {{count: 40, rate: 10, fields: {{n: {{type: sequence}}}}}}}}
+  destinations:
+    api: {{type: http, inputs: [g], config: {{url: "{receiver.url}/x"}}}}
+""")
+    receiver.down = 503
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_BACKTRACE": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "dataflare", "run", "f.yaml", "-r", "rec"],
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while receiver.answered < 2:  # the first record is being retried
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped cleanly on SIGTERM (state kept in the final snapshot)" in err
+    assert "not retried after 2 attempt(s), the run is stopping" in err
+    assert "giving up" not in err and "run failed" not in err
+    assert receiver.received == []
+
+    receiver.down = None
+    result = run_cli("run", "f.yaml", "-r", "rec", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert sorted(json.loads(body)["n"] for *_, body in receiver.received) == list(range(40))
 
 
 def test_unreachable_endpoint_is_retried_then_fails() -> None:
