@@ -6,6 +6,7 @@ import logging
 import random
 import re
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from time import monotonic
@@ -101,8 +102,9 @@ def call_with_retry(
     """Call ``fn``; on a ``transient`` exception wait and retry per ``policy``.
 
     ``on_retry`` runs before each new attempt (e.g. to reconnect). The last exception is
-    raised when every attempt failed or ``policy.max_elapsed`` has passed since the first
-    failure; any other exception is raised at once. A graceful stop (SIGTERM, SIGINT)
+    raised, with the attempts made as its ``attempts``, when every attempt failed or
+    ``policy.max_elapsed`` has passed since the first failure; any other exception is
+    raised at once. A graceful stop (SIGTERM, SIGINT)
     ends the wait and raises :class:`Interrupted` (from the last exception), with the
     attempts made so far: a run asked to stop does not wait a minute for a service to
     come back, and the caller keeps what it could not do for the next run (recovery).
@@ -117,6 +119,8 @@ def call_with_retry(
                 first_failure = monotonic()
             wait = next_wait(policy, waits, attempt, exc, first_failure)
             if wait is None:
+                with suppress(AttributeError):  # what the caller reports: the attempts made
+                    exc.attempts = attempt + 1  # type: ignore[attr-defined]
                 raise
             step = _STEP.search(what)
             metrics.RETRIES.labels(step.group(1) if step else "").inc()

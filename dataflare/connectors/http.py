@@ -193,7 +193,8 @@ class _HttpWriter:
             raise
         except TransientError as exc:
             msg = (
-                f"step {self.step!r}: giving up after {self.retry.max_attempts} attempt(s): "
+                f"step {self.step!r}: giving up after "
+                f"{getattr(exc, 'attempts', self.retry.max_attempts)} attempt(s): "
                 f"{exc} (record at {describe_position(req[3])})"
             )
             raise RuntimeError(msg) from exc

@@ -88,7 +88,7 @@ class RemotePlugin:
             answer = call_with_retry(f"plugin {self.name!r}", lambda: self._once(body),
                                      self.retry)
         except TransientError as exc:
-            msg = f"{exc} (after {self.retry.max_attempts} attempt(s))"
+            msg = f"{exc} (after {getattr(exc, 'attempts', self.retry.max_attempts)} attempt(s))"
             raise RemoteError(msg) from None
         if not isinstance(answer, dict):
             msg = f"plugin {self.name!r}: the answer is not an object"

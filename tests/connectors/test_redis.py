@@ -204,10 +204,11 @@ def test_retries_are_bounded_by_max_elapsed(monkeypatch: pytest.MonkeyPatch) -> 
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    with pytest.raises(retry.TransientError):
+    with pytest.raises(retry.TransientError) as failed:
         retry.call_with_retry("step 'x': write", down, models.Retry(), sleep=sleep)
     assert calls[-1] == pytest.approx(60.0)  # the last attempt lands on max_elapsed
     assert 8 <= len(calls) <= 10
+    assert failed.value.attempts == len(calls)  # type: ignore[attr-defined]  # as reported
     now[0] = 0.0
     calls.clear()
     unbounded = models.Retry(max_elapsed=None, max_attempts=4)
