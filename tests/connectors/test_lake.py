@@ -33,6 +33,24 @@ def write_flow(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def refusing_flow(tmp_path: Path, rows: list[dict], config: str) -> Path:
+    """``rows`` in in.jsonl, written by a file output ``out`` (``config``) whose refused
+    records go to bad.jsonl."""
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return write_flow(tmp_path, f"""\
+workflow:
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    out:
+      inputs: [src]
+      type: file
+      config: {config}
+      error_handling: {{strategy: redirect, redirect_to: bad}}
+    bad: {{type: file, config: {{path: bad.jsonl}}}}
+""")
+
+
 def outputs(root: Path, ext: str) -> dict[str, Path]:
     """The output files under ``root`` by relative path, the run and number taken out."""
     out = {}
@@ -203,19 +221,7 @@ def test_a_fraction_after_a_refused_record_widens_the_integer_column(tmp_path, c
     # 1, then "text" (refused), then 2.5 in one batch: the column's type came from the
     # first value, and Arrow cut 2.5 to 2 in an integer column without a word.
     rows = [{"id": 1, "x": 1}, {"id": 2, "x": "text"}, {"id": 3, "x": 2.5}]
-    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    path = write_flow(tmp_path, f"""\
-workflow:
-  sources:
-    src: {{type: file, config: {{path: in.jsonl}}}}
-  destinations:
-    out:
-      inputs: [src]
-      type: file
-      config: {config}
-      error_handling: {{strategy: redirect, redirect_to: bad}}
-    bad: {{type: file, config: {{path: bad.jsonl}}}}
-""")
+    path = refusing_flow(tmp_path, rows, config)
     result = dataflare.run(path)
     assert result.ok, result.error
     files = [tmp_path / "out.parquet"] if "path:" in config else list(
@@ -302,19 +308,7 @@ def test_one_file_refuses_what_it_cannot_hold_record_by_record(tmp_path, fmt):
         rows[25_000]["extra"] = 1
         bad_id = 25_000
     rows[3]["amount"] = 7  # an integer among doubles is not a clash
-    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    path = write_flow(tmp_path, f"""\
-workflow:
-  sources:
-    src: {{type: file, config: {{path: in.jsonl}}}}
-  destinations:
-    out:
-      inputs: [src]
-      type: file
-      config: {{path: out.{fmt}}}
-      error_handling: {{strategy: redirect, redirect_to: bad}}
-    bad: {{type: file, config: {{path: bad.jsonl}}}}
-""")
+    path = refusing_flow(tmp_path, rows, f"{{path: out.{fmt}}}")
     result = dataflare.run(path)
     assert result.ok, result.error
     if fmt == "parquet":

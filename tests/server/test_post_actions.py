@@ -41,6 +41,14 @@ def smtp() -> Iterator[Any]:
     controller.stop()
 
 
+def admin(store: Store) -> tuple[TestClient, dict[str, str]]:
+    """A client of the server's API, and the headers of an admin's YAML requests."""
+    token = "t" * 32
+    access = auth.Access({token: auth.User("admin", tuple(auth.DEFAULT_ROLES["admin"]))})
+    return TestClient(create_app(store, access)), {"Authorization": f"Bearer {token}",
+                                                   "content-type": "text/yaml"}
+
+
 def flow(tmp_path: Path, actions: str, condition: str = "n >= 0") -> Path:
     (tmp_path / "in.jsonl").write_text("".join(f'{{"n": {i}}}\n' for i in range(4)))
     path = tmp_path / "wf.yaml"
@@ -116,10 +124,7 @@ def test_a_failed_delivery_is_retried_and_reported_not_dropped(
 
 def test_the_server_runs_post_actions_and_a_trigger_that_waits(
         tmp_path: Path, sqlite_store: Store, webhook: Receiver) -> None:
-    token = "t" * 32
-    access = auth.Access({token: auth.User("admin", tuple(auth.DEFAULT_ROLES["admin"]))})
-    client = TestClient(create_app(sqlite_store, access))
-    headers = {"Authorization": f"Bearer {token}", "content-type": "text/yaml"}
+    client, headers = admin(sqlite_store)
     down = flow(tmp_path, f"""
     - type: notification
       config: {{channel: webhook, url: "{webhook.url}",
@@ -157,10 +162,7 @@ def test_run_without_a_server_reports_a_trigger_it_cannot_start(tmp_path: Path) 
 
 def test_a_run_stopped_while_queued_gets_its_post_actions_once(
         tmp_path: Path, sqlite_store: Store, webhook: Receiver) -> None:
-    token = "t" * 32
-    access = auth.Access({token: auth.User("admin", tuple(auth.DEFAULT_ROLES["admin"]))})
-    client = TestClient(create_app(sqlite_store, access))
-    headers = {"Authorization": f"Bearer {token}", "content-type": "text/yaml"}
+    client, headers = admin(sqlite_store)
     text = flow(tmp_path, f"""
     - type: notification
       condition: "workflow.status == 'stopped'"
