@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.pg_private import free_port
 from tests.test_exactly_once import produce
 
 FLOW = """
@@ -162,3 +163,40 @@ workflow:
     proc.wait(timeout=60)
     os.close(leader)
     assert proc.returncode == 128 + signal.SIGTERM
+
+
+def test_a_stop_while_a_database_write_is_retried_keeps_it_for_the_resume(
+        tmp_path: Path, pg_schema: Any) -> None:
+    # The database is down (nothing listens at the first run's DSN): the write is being
+    # retried when SIGTERM comes. The run stops cleanly and the resumed one writes it all.
+    flow = tmp_path / "wf.yaml"
+    flow.write_text(f"""
+workflow:
+  id: retried
+  config: {{retry: {{max_attempts: 10, backoff: {{initial: 0.5, multiplier: 20, max: 30}}}}}}
+  sources:
+    g: {{type: generator, config: {{count: 30, rate: 10, fields: {{n: {{type: sequence}}}}}}}}
+  destinations:
+    pg: {{type: postgres, inputs: [g], write_mode: {{type: merge, merge_key: [n]}},
+         config: {{dsn: "${{PG_DSN}}", schema: {pg_schema.schema}, table: t}}}}
+""")
+    cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "-r", str(tmp_path / "rec")]
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    proc = subprocess.Popen(cmd, env={**os.environ, "PG_DSN": down}, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    seen = ""
+    while "retry 1/9" not in seen:  # the first write failed and waits to be retried
+        line = proc.stderr.readline() if proc.stderr else ""
+        assert line or proc.poll() is None, seen
+        assert time.monotonic() < deadline, seen
+        seen += line
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, seen + err
+    assert "stopped cleanly on SIGTERM" in err and "run failed" not in err
+    out = subprocess.run(cmd, env={**os.environ, "PG_DSN": pg_schema.dsn}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = pg_schema.rows(f'SELECT n FROM "{pg_schema.schema}".t ORDER BY n')
+    assert [r[0] for r in rows] == list(range(30))

@@ -28,12 +28,12 @@ from bytewax.dataflow import Stream
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, Secret, Strict
-from dataflare.connectors.batching import Flush, buffered_output
+from dataflare.connectors.batching import Flush, Unwritten, buffered_output
 from dataflare.lineage import Dataset
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, get_path, getter
 from dataflare.registry import BuildContext, destination
-from dataflare.retry import call_with_retry
+from dataflare.retry import Interrupted, call_with_retry
 from dataflare.template import compile_template, placeholders
 
 
@@ -284,6 +284,8 @@ class _RedisWriter:
                 what, partial(self._send, flush.items), self.retry,
                 transient=transient, on_retry=self._reset,
             )
+        except Interrupted:  # a graceful stop: the resumed run sends the flush again
+            raise Unwritten(flush, []) from None
         except redis.RedisError as exc:
             msg = f"{what} failed: {type(exc).__name__}: {exc}"
             raise RuntimeError(msg) from exc

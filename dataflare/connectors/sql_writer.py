@@ -60,9 +60,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from bytewax.dataflow import Stream
 
-from dataflare.connectors.batching import Flush, buffered_output
+from dataflare.connectors.batching import Flush, Unwritten, buffered_output
 from dataflare.records import META, Failed, describe_position, getter
-from dataflare.retry import call_with_retry
+from dataflare.retry import Interrupted, call_with_retry
 
 if TYPE_CHECKING:
     from dataflare.connectors.column_types import SourceColumns
@@ -804,8 +804,16 @@ class TableWriter:
         return list(dict.fromkeys(chain.from_iterable(rows)))
 
     def write_flush(self, flush: Flush) -> list[Failed]:
-        """Write a flush of the buffer; the records the database refused."""
-        return self.write(flush.items, flush.seq == 0, flush.run)[1]
+        """Write a flush of the buffer; the records the database refused.
+
+        A graceful stop during the retries leaves the flush to the resumed run
+        (:class:`Unwritten`): what a part of it committed is written again, which appends
+        (by their marks) and merges (by their keys) make harmless.
+        """
+        try:
+            return self.write(flush.items, flush.seq == 0, flush.run)[1]
+        except Interrupted:
+            raise Unwritten(flush, []) from None
 
     def close(self) -> None:
         """Close the connection."""
