@@ -215,7 +215,10 @@ class Store:
 
     def put_workflow(self, wid: str, name: str | None, text: str, user: str,
                      create: bool) -> int:
-        """Store a new revision of workflow ``wid`` (creating it when ``create``)."""
+        """Store a new revision of workflow ``wid`` (creating it when ``create``).
+
+        The same text and name again is no new revision: its number is the current one's.
+        """
         at = now()
         with self.tx() as c:
             row = c.execute(sa.select(workflows).where(workflows.c.id == wid)
@@ -237,6 +240,8 @@ class Store:
                 old = c.execute(sa.select(revisions.c.yaml).where(
                     (revisions.c.workflow_id == wid)
                     & (revisions.c.number == row.revision))).scalar()
+                if not row.deleted and old == text and row.name == name:
+                    return int(row.revision)  # unchanged (a deploy applied again)
                 if row.deleted or schedule_block(str(old)) != schedule_block(text):
                     # A schedule set (or a workflow made again) now has no missed instants.
                     values["scheduled_until"] = at

@@ -76,6 +76,8 @@ def test_every_change_is_a_revision_and_an_audit_record(client: TestClient) -> N
     assert post_yaml(client, flow()).status_code == 409  # exists: update with PUT
     changed = flow().replace("total >= 0", "total >= 10")
     assert post_yaml(client, changed, "developer", wid="orders").json()["revision"] == 2
+    # the same text again (a deploy applied twice) is no new revision
+    assert post_yaml(client, changed, "developer", wid="orders").json()["revision"] == 2
     revs = client.get("/api/v1/workflows/orders/revisions", headers=h("viewer")).json()
     assert [(r["number"], r["author"]) for r in revs] == [(1, "admin"), (2, "developer")]
     one = client.get("/api/v1/workflows/orders/revisions/1", headers=h("viewer")).json()
