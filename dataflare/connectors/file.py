@@ -36,6 +36,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Strict
+from dataflare.connectors.batching import Once
 from dataflare.connectors.lake import (
     LakeOptions,
     LakeOutput,
@@ -410,6 +411,8 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
         ])
 
     def _write_csv(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
         if self.columns is None:
             self.columns = list(dict.fromkeys(k for r in records for k in r))
         if self.f.tell() == 0:
@@ -503,6 +506,8 @@ def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] 
                 columns = next(csv.reader(existing), None)
         conformed = conform("conform", up, ctx.step_id, columns)
         up, errs = conformed.down, conformed.errs
+    if truncate:  # the file is rewritten even when no record comes
+        up = op.merge("started", up, op.input("start", up.flow(), Once()))
     keyed = op.key_on("key", up, lambda _batch: str(path))
     op.output("write", keyed, FileSink(ctx.step_id, path, fmt, cfg.columns, truncate))
     return errs

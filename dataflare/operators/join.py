@@ -7,7 +7,9 @@ Three ways to join:
 - **windowed** (``window``: tumbling, sliding or session, on ``time_field``): a relational
   join per key and window, emitted when the window closes. The watermark is kept per
   key over both sides (largest event time minus ``allowed_lateness``); older records
-  are late and go to the ``late`` output.
+  are late and go to the ``late`` output. The records that reach a key's shard together
+  are all judged against the watermark before them (each side passes on its part of a
+  batch in turn), and the watermark then moves.
 - **lookup** (``mode: lookup``): a stream-table join. The right input is a table holding
   the latest record per key (forgotten ``ttl`` of system time after it arrived; a CDC
   delete removes it); each left record is emitted as it arrives, joined with the current
@@ -582,7 +584,8 @@ def ingest(keys, batch, down, late, errs, due{touched}):
             errs.append(_failed(_step, _not_an_object(exc), rec))
             continue
         if g is None:
-            g = keys[key] = [t, t - {lateness}, {{}}, _NEVER]
+            g = keys[key] = [t, -_NEVER, {{}}, _NEVER]
+            due.add(key)
         elif t < g[1]:
             late.append(rec)
             continue
@@ -600,9 +603,7 @@ def ingest(keys, batch, down, late, errs, due{touched}):
         if t > g[0]:
             g[0] = t
             if t - {lateness} > g[1]:
-                g[1] = t - {lateness}
-                if g[1] >= g[3]:
-                    due.add(key)
+                due.add(key)
 """
 
 # A record goes into the window starting at ``start``: a tumbling window's one, or each
@@ -674,8 +675,11 @@ class _WindowJoinShard(ShardLogic):
                 o.ingest[side](keys, batch, down, late, errs, due)
             else:  # the keys changed go to the next snapshot
                 o.ingest_touching[side](keys, batch, down, late, errs, due, touched)
-        for key in due:
+        for key in due:  # the watermark moves once the records that came together are in
             g = keys[key]
+            g[1] = max(g[1], g[0] - o.lateness)
+            if g[1] < g[3]:
+                continue
             wins = g[2]
             for start in [s for s in wins if s + size <= g[1]]:
                 lefts, rights = wins.pop(start)
@@ -741,7 +745,8 @@ class _SessionJoinShard(ShardLogic):
                     errs.append(Failed.of(o.step_id, exc, rec))
                     continue
                 if g is None:
-                    g = keys[key] = [t, t - lateness, [], _NEVER]
+                    g = keys[key] = [t, -_NEVER, [], _NEVER]
+                    due.add(key)
                 elif t < g[1]:
                     late.append(rec)
                     continue
@@ -767,11 +772,13 @@ class _SessionJoinShard(ShardLogic):
                 g[3] = ss[0][1] + gap
                 if t > g[0]:
                     g[0] = t
-                    g[1] = max(g[1], t - lateness)
-                if g[1] >= g[3]:
-                    due.add(key)
-        for key in due:
+                    if t - lateness > g[1]:
+                        due.add(key)
+        for key in due:  # the watermark moves once the records that came together are in
             g = keys[key]
+            g[1] = max(g[1], g[0] - lateness)
+            if g[1] < g[3]:
+                continue
             keep = []
             for s in g[2]:
                 if s[1] + gap <= g[1]:

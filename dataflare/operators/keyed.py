@@ -669,6 +669,32 @@ def upstream_sources(ctx: Any) -> list[Any]:
     return [wf.sources[s] for s in wf.upstream_sources(inputs)]
 
 
+def rejoined_upstream(ctx: Any) -> bool:
+    """Whether ``ctx``'s step, or a transformation upstream of it, has several inputs.
+
+    Branches of one source (two filters, a route's outputs) then meet again: each branch
+    passes on its part of a source batch in turn, so a key's records reach the step out
+    of the order they were read, by up to a batch's time span. Event-time steps take the
+    records that reach them together in event-time order instead (a record is late only
+    when older than the watermark before them).
+    """
+    wf = getattr(ctx, "workflow", None)
+    if wf is None:
+        return False
+    seen: set[str] = set()
+    todo = [ctx.step_id.split(".", 1)[0]]
+    while todo:
+        ref = todo.pop().split(".", 1)[0]
+        if ref in seen or ref not in wf.transformations:
+            continue
+        seen.add(ref)
+        inputs = wf.transformations[ref].inputs
+        if len(inputs) > 1:
+            return True
+        todo.extend(inputs)
+    return False
+
+
 def idle_timeout_of(ctx: Any) -> float | None:
     """The smallest ``streaming.idle_timeout`` of the sources upstream of ``ctx``'s step."""
     timeouts = [

@@ -36,6 +36,7 @@ from dataflare.operators.keyed import (
     ShardLogic,
     component_id,
     idle_timeout_of,
+    rejoined_upstream,
     route_and_merge,
     shards_of,
     stateful_shards,
@@ -428,6 +429,7 @@ def build_sql(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
         cfg.window_config(),
         idle_timeout=idle_timeout_of(ctx),
         shards=shards_of(ctx),
+        in_time_order=rejoined_upstream(ctx),
         accs=collect_records(),
         definition={"query": cfg.query},
     )

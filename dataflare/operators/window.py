@@ -25,6 +25,7 @@ inlined), so it costs no Python call per record in the common case.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -54,10 +55,12 @@ from dataflare.operators.keyed import (
     iso_us,
     key_getter,
     not_an_object,
+    rejoined_upstream,
     route_and_merge,
     shards_of,
     stateful_shards,
     tagged,
+    time_reader,
     to_us,
     touch_code,
 )
@@ -267,6 +270,8 @@ class _WindowShard(ShardLogic):
         late: list[Any] = []
         errs: list[Failed] = []
         down: list[dict[str, Any]] = []
+        if o.time_order is not None:
+            batches = [sorted([r for b in batches for r in b], key=o.time_order)]
         if self.touched is None:
             o.ingest(self.state, batches, late, errs, down)
         else:  # the keys changed go to the next snapshot
@@ -314,6 +319,19 @@ class _WindowShard(ShardLogic):
             if self.op.pane:
                 g[_PANE_NEXT] = _NEVER
         return [(DOWN, down)] if down else []
+
+
+def _event_time(cfg: WindowConfig) -> Callable[[Any], int]:
+    """A sort key: the record's event time; a record without one sorts first (and fails)."""
+    read = time_reader(cfg.time_field, cfg.time_unit)
+
+    def event_time(rec: Any) -> int:
+        try:
+            return read(rec)
+        except (RecordError, TypeError, AttributeError):
+            return -_NEVER
+
+    return event_time
 
 
 def _compact(groups: dict[Any, list[Any]]) -> None:
@@ -619,6 +637,7 @@ class _WindowOp:
         idle_timeout: float | None,
         accs: Accumulators | None = None,
         definition: dict[str, Any] | None = None,
+        in_time_order: bool = False,
     ) -> None:
         self.step_id = component_id(step_id)
         self.definition = {**_definition(cfg, shards), **(definition or {})}
@@ -641,6 +660,7 @@ class _WindowOp:
             self.definition["window.pane"] = self.pane
         self.ingest = _compile_ingest(self, cfg)
         self.ingest_touching = _compile_ingest(self, cfg, touching=True)
+        self.time_order = _event_time(cfg) if in_time_order else None
 
     def pane_windows(
         self, panes: dict[int, list[Any]], after: int
@@ -705,6 +725,7 @@ def window(
     shards: int = SHARDS,
     accs: Accumulators | None = None,
     definition: dict[str, Any] | None = None,
+    in_time_order: bool = False,
 ) -> WindowOut:
     """Aggregate batches of records per group and event-time window.
 
@@ -717,9 +738,11 @@ def window(
     :arg accs: What each window accumulates, instead of ``config.aggregations`` (e.g.
         :func:`~dataflare.operators.aggregates.collect_records` for ``sql``).
     :arg definition: More settings the recovery state depends on (checked on resume).
+    :arg in_time_order: Take the records that reach a shard together in event-time order
+        (see :func:`~dataflare.operators.keyed.rejoined_upstream`).
     :returns: Window records, late records and errors, each as batches.
     """
-    wop = _WindowOp(step_id, config, shards, idle_timeout, accs, definition)
+    wop = _WindowOp(step_id, config, shards, idle_timeout, accs, definition, in_time_order)
     keyed = route_and_merge(step_id, [(None, up)], [wop.key], shards)
     outs = stateful_shards("windows", keyed, wop.build)
     return WindowOut(down=outs[DOWN], late=outs[LATE], errs=outs[ERRS])
@@ -748,5 +771,5 @@ def build_window(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``window`` step."""
     up = ups[0]
     out = window(ctx.step_id, up, ctx.config, idle_timeout=idle_timeout_of(ctx),
-                 shards=shards_of(ctx))
+                 shards=shards_of(ctx), in_time_order=rejoined_upstream(ctx))
     return Outputs(down=out.down, errs=out.errs, named={"late": out.late})

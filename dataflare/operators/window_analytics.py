@@ -30,6 +30,7 @@ from dataflare.operators.keyed import (
     component_id,
     idle_timeout_of,
     iso_us,
+    rejoined_upstream,
     shards_of,
     time_reader,
 )
@@ -215,6 +216,7 @@ def build_window_analytics(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs
         cfg.window_config(),
         idle_timeout=idle_timeout_of(ctx),
         shards=shards_of(ctx),
+        in_time_order=rejoined_upstream(ctx),
         accs=collect_records(),  # calculations run at close: changing them keeps the state
     )
     pairs = op.map("analytics", win.down, _Analytics(component_id(ctx.step_id), cfg))

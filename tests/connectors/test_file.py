@@ -142,6 +142,22 @@ def test_append_mode_adds_to_the_file_and_default_rewrites_it(tmp_path):
     assert read_jsonl(tmp_path / "out.jsonl") == [{"a": 1}, {"a": 1}]
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_a_run_that_writes_nothing_still_rewrites_the_file(tmp_path, fmt):
+    # A file of a previous run was left as it was: its records read as this run's.
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    for keep, want in (("true", 2), ("false", 0)):
+        path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",
+                    f"      type: file\n      config: {{path: out.{fmt}}}\n"
+                    f"      filter: '{keep}'")
+        result = run_cli("run", path)
+        assert result.code == 0, result.stderr
+        out = tmp_path / f"out.{fmt}"
+        rows = (pq.read_table(out).num_rows if fmt == "parquet" else
+                len(out.read_text().splitlines()) - (fmt == "csv" and want > 0))
+        assert rows == want
+
+
 def test_parquet_append_keeps_the_existing_rows_and_unites_the_columns(tmp_path):
     (tmp_path / "p1.jsonl").write_text('{"id": 1, "a": "x"}\n{"id": 2, "a": "y"}\n')
     (tmp_path / "p2.jsonl").write_text('{"id": 3, "b": true}\n')

@@ -64,6 +64,8 @@ def ref_join(
     latest: dict[Any, int] = {}
     kept: dict[Any, list[tuple[str, int, dict]]] = defaultdict(list)
     for side, batch in items:
+        # A batch (one epoch here) is judged against the watermark before it.
+        before = dict(latest)
         for r in batch:
             key = r.get("k")
             if key is None:
@@ -74,7 +76,7 @@ def ref_join(
                 continue
             if window is not None:
                 t = r["ts"]
-                if key in latest and t < latest[key] - lateness:
+                if key in before and t < before[key] - lateness:
                     late.append(r)
                     continue
                 latest[key] = max(latest.get(key, t), t)
