@@ -109,6 +109,15 @@ def without_meta(record: Any) -> Any:
     return record
 
 
+def message_of(exc: BaseException) -> str:
+    """An exception's message as users read it.
+
+    Its ``dataflare_text`` when one was set (a driver's error tied to the record it
+    refused), else ``str(exc)``.
+    """
+    return getattr(exc, "dataflare_text", None) or str(exc)
+
+
 def describe_position(meta: Any) -> str:
     """Human-readable position of a record from its ``_meta`` (``orders.jsonl:17``)."""
     if not isinstance(meta, dict):

@@ -32,6 +32,7 @@ from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 from dataflare.logs import CONTEXT, json_mode, say
 from dataflare.operators.keyed import run_recovery
 from dataflare.plan import committed_epoch, record_workflow, restore_record, resume_blocks
+from dataflare.records import message_of
 from dataflare.secrets import scrub, scrub_bytes
 
 
@@ -150,8 +151,8 @@ def error_text(exc: BaseException) -> str:
         inner = inner.__cause__
         seen.add(id(inner))
     text = str(cause)
-    if inner is not cause and str(inner) not in text:
-        text += f" ({type(inner).__name__}: {inner})"
+    if inner is not cause and message_of(inner) not in text:
+        text += f" ({type(inner).__name__}: {message_of(inner)})"
     return text
 
 

@@ -40,6 +40,7 @@ from dataflare.connectors.sql_writer import (
     Mark,
     quote_ident,
     table_destination,
+    tie_to_row,
 )
 from dataflare.lineage import table_dataset
 from dataflare.records import Failed
@@ -324,19 +325,25 @@ class PostgresDialect(Dialect):
         The text is made and sent in parts of :data:`COPY_PART` rows, so the server
         inserts one part while the next is made.
         """
+        import psycopg
         from psycopg.adapt import Transformer
 
         tx = Transformer.from_context(self.conn)
         encoding = self.conn.info.encoding
         kinds = [(c, "array" if c in self.arrays else self.types.get(c)) for c in columns]
         collist = ", ".join(quote_ident(c) for c in columns)
-        with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp:
-            for i in range(0, len(rows), COPY_PART):
-                part = rows[i:i + COPY_PART]
-                fields = [copy_column(list(map(dict.get, part, repeat(c))), kind, tx, encoding)
-                          for c, kind in kinds]
-                lines = map("\t".join, zip(*fields, strict=True))
-                cp.write(("\n".join(lines) + "\n").encode(encoding))
+        try:
+            with (self.conn.cursor() as cur,
+                  cur.copy(f"COPY {table} ({collist}) FROM STDIN") as cp):
+                for i in range(0, len(rows), COPY_PART):
+                    part = rows[i:i + COPY_PART]
+                    fields = [copy_column(list(map(dict.get, part, repeat(c))), kind, tx,
+                                          encoding) for c, kind in kinds]
+                    lines = map("\t".join, zip(*fields, strict=True))
+                    cp.write(("\n".join(lines) + "\n").encode(encoding))
+        except psycopg.Error as exc:
+            _name_row(exc, rows)
+            raise
 
     def append(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
         """COPY the rows into the table.
@@ -563,6 +570,21 @@ _COPY_SPECIAL = re.compile("[\\\\\b\t\n\v\f\r]")
 _NULL = "\\N"
 _PLAIN = frozenset({str, int, float, type(None)})
 """Types whose COPY text is ``str(value)`` (psycopg's text dumpers write the same)."""
+
+
+_COPY_CONTEXT = re.compile(r"COPY [^,]+, line (\d+)(?:, column ([^:]+))?")
+
+
+def _name_row(exc: Any, rows: list[dict[str, Any]]) -> None:
+    """Tie a refused COPY to its row: PostgreSQL names the COPY's line and column.
+
+    The message then names the column instead of a line number nobody can look up.
+    """
+    m = _COPY_CONTEXT.match(getattr(exc.diag, "context", None) or "")
+    if m is None or not 0 < int(m[1]) <= len(rows):
+        return
+    primary = exc.diag.message_primary or str(exc).split("\n", 1)[0]
+    tie_to_row(exc, rows[int(m[1]) - 1], primary + (f" (column {m[2]})" if m[2] else ""))
 
 
 def copy_column(values: list[Any], kind: str | None, tx: Any, encoding: str) -> list[str]:

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from bytewax.dataflow import Stream
 
 from dataflare.connectors.batching import Flush, Unwritten, buffered_output
-from dataflare.records import META, Failed, describe_position, getter
+from dataflare.records import META, Failed, describe_position, getter, message_of
 from dataflare.retry import Interrupted, call_with_retry
 
 if TYPE_CHECKING:
@@ -114,7 +114,22 @@ class Item:
 
     def refused(self, step: str, exc: BaseException) -> Failed:
         """The failure of this record, refused by the database with ``exc``."""
-        return Failed(step, type(exc).__name__, str(exc), self.row, self.meta or {})
+        return Failed(step, type(exc).__name__, message_of(exc), self.row, self.meta or {})
+
+
+def tie_to_row(exc: BaseException, row: dict[str, Any], text: str) -> None:
+    """Note on a database error the row it refused, and its message for users.
+
+    The message leaves out the statement's own context: a COPY line says nothing to them.
+    """
+    exc.dataflare_row = row  # type: ignore[attr-defined]
+    exc.dataflare_text = text  # type: ignore[attr-defined]
+
+
+def _where(item: Item, index: int, items: list[Item]) -> str:
+    """Where a record of a write came from: its source position, else its place in it."""
+    return (describe_position(item.meta) if item.meta else
+            f"record {index + 1} of the {len(items)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,7 +532,8 @@ class TableWriter:
             written = self._retried("write to", lambda: self._commit(items, empty, run))
         except _Refused as exc:
             if not self.split_refusals:  # the run stops: the batch waits for the resume
-                where = self._first_refused(items, empty, run)
+                tied = hasattr(exc.__cause__, "dataflare_row")  # the record is named
+                where = "" if tied else self._first_refused(items, empty, run)
                 raise RuntimeError(str(exc) + where) from exc.__cause__
             if len(items) > 1 and self.mode != "merge":
                 sifted = self._sift(items, empty, run)
@@ -585,11 +601,10 @@ class TableWriter:
         if not refused:
             return ""
         first = refused[0]
-        if first.meta:
-            where = describe_position(first.meta)
-        else:
-            index = next((i for i, it in enumerate(items) if it.row is first.record), None)
-            where = "a record" if index is None else f"record {index + 1} of the {len(items)}"
+        index = next((i for i, it in enumerate(items) if it.row is first.record), None)
+        where = ("a record" if index is None and not first.meta else
+                 describe_position(first.meta) if index is None else
+                 _where(items[index], index, items))
         return f"; the first record refused: {where} ({first.type}: {first.message})"
 
     def _note_refusal(self, item: Item, run: str) -> None:
@@ -660,9 +675,12 @@ class TableWriter:
             self.cols = None
             self.marks = None
             self.db.rolled_back()
+            row = getattr(exc, "dataflare_row", None)
+            at = next((f" on {_where(it, i, items)}" for i, it in enumerate(items)
+                       if it.row is row), "") if row is not None else ""
             msg = (
                 f"step {self.step!r}: writing {len(items)} record(s) to {self.db.describe()} "
-                f"failed: {type(exc).__name__}: {exc}"
+                f"failed{at}: {type(exc).__name__}: {message_of(exc)}"
             )
             if self.db.refuses(exc):
                 raise _Refused(msg) from exc

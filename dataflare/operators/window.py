@@ -10,7 +10,9 @@ The watermark is kept per group: the group's largest event time minus
 ``allowed_lateness`` (like bytewax's ``EventClock`` per key), so results do not depend on
 how keys are spread over workers. A group's records that come from several source
 partitions (or inputs) arrive in the order those are read, which varies from run to run:
-``allowed_lateness`` must cover how far one partition may run ahead of another. A
+``allowed_lateness`` must cover how far one partition may run ahead of another. Branches
+of one source that meet again (two filters, a route's outputs) are not such inputs: the
+records that reach a shard together are taken in event-time order. A
 window is emitted when the watermark reaches its end; a record older than the watermark
 is late: it is not aggregated, it is counted
 (``dataflare_late_records_total``) and goes to the ``late`` output. At the end of a

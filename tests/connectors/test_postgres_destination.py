@@ -911,26 +911,31 @@ def test_a_table_with_row_level_security_takes_the_rows_its_policy_allows(
         assert any(said in c for c in causes), causes
 
 
-def test_a_refused_batch_under_fail_names_its_first_refused_record(pg_schema: Any) -> None:
-    """The run stops with nothing of the batch written, saying which record it was."""
+@pytest.mark.parametrize("mode", ["append", "merge"])
+def test_a_refused_batch_under_fail_names_its_first_refused_record(
+        pg_schema: Any, mode: str) -> None:
+    """The run stops with nothing of the batch written, saying which record it was (not
+    the line of PostgreSQL's COPY, which nobody can look up)."""
     with pg_schema.connect() as conn:
-        conn.execute(f'CREATE TABLE "{pg_schema.schema}".orders (id bigint, amount double '
-                     "precision)")
-    ctx = ctx_for(pg_schema)
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".orders (id bigint primary key, '
+                     "amount double precision)")
+    ctx = ctx_for(pg_schema, write_mode={"type": mode, "merge_key": ["id"]}
+                  if mode == "merge" else None)
     batch = [{"id": i, "amount": "abc" if i in (3, 4) else i,
               "_meta": {"file": "orders.jsonl", "line": i}} for i in range(1, 6)]
     with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
         run(ctx, [batch])
+    said = messages(info.value)
     assert any(c.startswith("step 'warehouse': writing 5 record(s) to postgres table ")
-               and c.endswith('; the first record refused: orders.jsonl:3 (InvalidTextRepresen'
-                              'tation: invalid input syntax for type double precision: "abc")')
-               for c in messages(info.value)), messages(info.value)
+               and c.endswith(' failed on orders.jsonl:3: InvalidTextRepresentation: invalid '
+                              'input syntax for type double precision: "abc" (column amount)')
+               for c in said), said
     assert pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".orders') == [(0,)]
     for rec in batch:  # without positions: its place in the batch
         del rec["_meta"]
     with pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
         run(ctx, [batch])
-    assert any("; the first record refused: record 3 of the 5 (" in c
+    assert any(" failed on record 3 of the 5: " in c
                for c in messages(info.value)), messages(info.value)
     assert pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".orders') == [(0,)]
     with pg_schema.connect() as conn:  # the positions of the rolled-back pass went with it
