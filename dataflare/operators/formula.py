@@ -9,9 +9,11 @@
 The formula is an expression (see :mod:`dataflare.expr`) that may also call the aggregate
 functions ``sum``, ``avg``, ``min``, ``max`` and ``count`` on one field path. The path goes
 through lists: ``orders.total`` over ``{"orders": [{"total": 3}, {"total": 4}]}`` is
-``[3, 4]``. Null values are skipped; ``sum`` and ``count`` of nothing are 0, ``avg``,
-``min`` and ``max`` of nothing are null. A value that is not a number fails the record
-(the step's ``error_handling`` applies), and so does a result that is not a number.
+``[3, 4]``. Null values are skipped (``count`` counts the others). As the expression
+language's functions of a null argument (``sum(null)``, ``len(null)``), every aggregate of
+a path that is null or missing before any list is null; of an empty list, ``sum`` and
+``count`` are 0, ``avg``, ``min`` and ``max`` null. A value that is not a number fails the
+record (the step's ``error_handling`` applies), and so does a result that is not a number.
 """
 
 from __future__ import annotations
@@ -47,17 +49,20 @@ class FormulaConfig(Strict):
         return v
 
 
-def _collect(value: Any, parts: list[str], out: list[Any]) -> None:
+def _collect(value: Any, parts: list[str], out: list[Any]) -> bool:
+    """Add the values at ``parts`` under ``value`` (through lists, nulls left out) to ``out``.
+
+    False when the path is null or missing before any list.
+    """
     if isinstance(value, list):
         for item in value:
             _collect(item, parts, out)
-        return
+        return True
     if not parts:
         if value is not None:
             out.append(value)
-        return
-    if isinstance(value, dict):
-        _collect(value.get(parts[0]), parts[1:], out)
+        return value is not None
+    return isinstance(value, dict) and _collect(value.get(parts[0]), parts[1:], out)
 
 
 def _numbers(fn: str, path: str, values: list[Any]) -> list[float]:
@@ -73,7 +78,8 @@ def _aggregate(fn: str, path: str) -> Callable[[Any], Any]:
 
     def compute(record: Any) -> Any:
         values: list[Any] = []
-        _collect(record, parts, values)
+        if not _collect(record, parts, values):
+            return None
         if fn == "count":
             return len(values)
         nums = _numbers(fn, path, values)

@@ -13,15 +13,20 @@ its id. It runs:
   are kept in one shard's recovery state until the inputs end.
 
 Records go to DuckDB as Arrow tables and come back from Arrow: no Python per record
-beyond pyarrow's own conversion. A query that fails on a batch or a window sends that
-batch's records (or the window) to the step's error policy.
+beyond pyarrow's own conversion. A column whose values have no common Arrow type (``note``
+an integer in one record, a string in another) is JSON text when the query does not read
+it; when it does, the records whose value does not fit the type the others share go to the
+step's error policy, each named with its column, and the query runs over the rest. A query
+that fails on a batch or a window sends that batch's records (or the window) to the step's
+error policy.
 """
 
 from __future__ import annotations
 
-import re
+import json
 import threading
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import bytewax.operators as op
@@ -43,7 +48,7 @@ from dataflare.operators.keyed import (
 )
 from dataflare.operators.window import WindowConfig, WindowSpec, window
 from dataflare.record_schema import FieldType, Kind, SchemaContext
-from dataflare.records import META, Failed, without_meta
+from dataflare.records import META, Failed, RecordError, without_meta
 from dataflare.registry import UNBOUNDED, BuildContext, Outputs, transformation
 
 _WINDOWED = ("time_field", "time_unit", "allowed_lateness", "group_by", "late_to")
@@ -130,12 +135,61 @@ class SqlConfig(Strict):
         )
 
 
+def columns_read(query: str) -> Callable[[str], bool]:
+    """Whether ``query`` may read an input column, from DuckDB's syntax tree.
+
+    A column is read when the query names it (also as ``input.col`` or ``col.field``), or
+    selects ``*`` without excluding it, ``columns(...)`` or a whole row (``select input``);
+    when the tree cannot be had, every column is.
+    """
+    duckdb = _duckdb()
+    con = duckdb.connect(":memory:")
+    try:
+        tree = json.loads(con.execute("select json_serialize_sql(?)", [query]).fetchone()[0])
+    except duckdb.Error:
+        tree = {"error": True}
+    finally:
+        con.close()
+    named: set[str] = set()
+    rows: set[str] = set()  # a one-part name that may be a relation: its whole row
+    stars: list[set[str]] = []  # the columns each ``*`` leaves out
+    relations: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        kind = node.get("class")
+        if kind == "COLUMN_REF":
+            parts = [str(p).lower() for p in node["column_names"]]
+            named.update(parts)
+            if len(parts) == 1:
+                rows.add(parts[0])
+        elif kind == "STAR":
+            stars.append(set() if node.get("columns") else
+                         {str(c).lower() for c in node.get("exclude_list", ())})
+        elif kind is None:  # a table reference or a CTE: the names rows are read under
+            relations.update(str(node[k]).lower() for k in ("alias", "table_name", "key")
+                             if isinstance(node.get(k), str))
+        for value in node.values():
+            walk(value)
+
+    walk(tree)
+    if tree.get("error") or rows & relations:
+        return lambda name: True
+    return lambda name: name.lower() in named or any(name.lower() not in s for s in stars)
+
+
 class Query:
     """A compiled query: runs over Arrow tables, one DuckDB connection per thread."""
 
     def __init__(self, step: str, query: str) -> None:
         self.step = step
         self.query = query
+        self.reads = columns_read(query)
         self._local = threading.local()
 
     def _connection(self) -> Any:
@@ -144,13 +198,21 @@ class Query:
             con = self._local.con = _duckdb().connect(":memory:")
         return con
 
-    def run(self, relations: dict[str, list[Any]]) -> list[dict[str, Any]]:
-        """The query's rows over ``relations`` (name -> records)."""
+    def run(self, relations: dict[str, list[Any]]) -> tuple[list[dict[str, Any]], list[Failed]]:
+        """The query's rows over ``relations`` (name -> records), and the records left out.
+
+        A record is left out (to the error policy) when a column the query reads holds a
+        value Arrow cannot put with the others; a failing query raises.
+        """
         con = self._connection()
         names = []
+        failed: list[Failed] = []
         try:
             for name, records in relations.items():
-                con.register(name, to_arrow(records))
+                table, faults = to_arrow(records, self.reads)
+                failed.extend(Failed.of(self.step, RecordError(f"step {self.step!r}: {msg}"),
+                                        records[i]) for i, msg in faults.items())
+                con.register(name, table)
                 names.append(name)
             rel = con.sql(self.query)
             # duckdb >= 1.4 names it to_arrow_table; older versions arrow().
@@ -158,19 +220,88 @@ class Query:
         finally:
             for name in names:
                 con.unregister(name)
-        return from_arrow(table)
+        return from_arrow(table), failed
 
 
-def to_arrow(records: Sequence[Any]) -> Any:
-    """Records as an Arrow table (nested dicts as structs), without ``_meta``."""
+def to_arrow(records: Sequence[Any], reads: Callable[[str], bool]) -> tuple[Any, dict[int, str]]:
+    """Records as an Arrow table (nested dicts as structs), without ``_meta``.
+
+    Column by column when the records have no common type: see :func:`arrow_column`. The
+    records left out are returned apart (position -> message).
+    """
     import pyarrow as pa
 
     if not records:
-        return pa.table({})
-    table = pa.Table.from_struct_array(pa.array(records))
-    if META in table.column_names:
-        table = table.drop_columns([META])
-    return table
+        return pa.table({}), {}
+    try:
+        table = pa.Table.from_struct_array(pa.array(records))
+        return (table.drop_columns([META]) if META in table.column_names else table), {}
+    except (pa.ArrowException, OverflowError):
+        pass
+    names = [k for k in dict.fromkeys(k for r in records for k in r) if k != META]
+    faults: dict[int, str] = {}
+    columns = []
+    for name in names:
+        column, bad = arrow_column(name, [r.get(name) for r in records], reads(name))
+        columns.append(column)
+        for i, msg in bad.items():
+            faults.setdefault(i, msg)
+    table = pa.table(columns, names=names)
+    if faults:
+        table = table.filter(pa.array([i not in faults for i in range(len(records))]))
+    return table, faults
+
+
+def _arrow_type(value: Any) -> Any:
+    """The Arrow type of one value (``None``: Arrow cannot hold it)."""
+    import pyarrow as pa
+
+    try:
+        return pa.array([value]).type
+    except (pa.ArrowException, OverflowError):
+        return None
+
+
+def _unified(a: Any, b: Any) -> Any:
+    """A type holding values of types ``a`` and ``b`` (int64 and double: double), or ``None``."""
+    import pyarrow as pa
+
+    try:
+        schema = pa.unify_schemas([pa.schema([("v", a)]), pa.schema([("v", b)])],
+                                  promote_options="permissive")
+    except (pa.ArrowException, OverflowError):
+        return None
+    return schema.field("v").type
+
+
+def arrow_column(name: str, values: list[Any], read: bool) -> tuple[Any, dict[int, str]]:
+    """One column as Arrow, and the positions of the values left out of it (with why).
+
+    Values with no common type are JSON text in a column the query does not ``read``.
+    Else the column takes the type most values share, widened by the types that unify with
+    it (int64 and double: double); a value of another type, or one Arrow cannot hold, is
+    left out (null).
+    """
+    import pyarrow as pa
+
+    try:
+        return pa.array(values), {}
+    except (pa.ArrowException, OverflowError):
+        pass
+    if not read:
+        return pa.array([None if v is None else json.dumps(v, default=str) for v in values],
+                        pa.string()), {}
+    types = {i: _arrow_type(v) for i, v in enumerate(values) if v is not None}
+    target, fits = None, set()
+    for t, _ in Counter(t for t in types.values() if t is not None).most_common():
+        wider = t if target is None else _unified(target, t)
+        if wider is not None:
+            target = wider
+            fits.add(t)
+    expected = "a value Arrow can hold" if target is None else f"{target} like the other records"
+    bad = {i: f"column {name!r} holds {type(values[i]).__name__} {repr(values[i])[:40]}, "
+           f"expected {expected}" for i, t in types.items() if t not in fits}
+    return pa.array([None if i in bad else v for i, v in enumerate(values)], target), bad
 
 
 def from_arrow(table: Any) -> list[dict[str, Any]]:
@@ -193,7 +324,7 @@ def _message(step: str, exc: BaseException, what: str) -> str:
 def _per_batch(query: Query) -> Any:
     def apply(batch: list[Any]) -> tuple[list[Any], list[Failed]]:
         try:
-            return query.run({"input": batch}), []
+            return query.run({"input": batch})
         except Exception as exc:  # noqa: BLE001 - the batch goes to the error policy
             msg = _message(query.step, exc, "a batch")
             return [], [Failed(query.step, type(exc).__name__, msg, r, r.get(META, {}))
@@ -210,14 +341,15 @@ def _per_window(query: Query) -> Any:
             head = dict(w)
             records = head.pop("_records")
             try:
-                rows = query.run({"input": records})
+                rows, failed = query.run({"input": records})
             except Exception as exc:  # noqa: BLE001 - the window goes to the error policy
                 bound = f"window {head['window_start']}..{head['window_end']}"
-                failed = {**head, "records": [without_meta(r) for r in records]}
+                whole = {**head, "records": [without_meta(r) for r in records]}
                 meta = records[0].get(META, {}) if records else {}
                 msg = _message(query.step, exc, bound)
-                errs.append(Failed(query.step, type(exc).__name__, msg, failed, meta))
+                errs.append(Failed(query.step, type(exc).__name__, msg, whole, meta))
                 continue
+            errs.extend(failed)
             down.extend({**head, **row} for row in rows)
         return down, errs
 
@@ -250,14 +382,14 @@ class _OverAll(ShardLogic):
         relations = self.state
         self.state = {name: [] for name in self.names}
         try:
-            rows = self.query.run(relations)
+            rows, failed = self.query.run(relations)
         except Exception as exc:  # noqa: BLE001 - the input goes to the error policy
             records = [r for name in self.names for r in relations[name]]
             msg = _message(self.query.step, exc, "the whole input")
             meta = records[0].get(META, {}) if records else {}
-            failed = {name: [without_meta(r) for r in relations[name]] for name in self.names}
-            return [(ERRS, [Failed(self.query.step, type(exc).__name__, msg, failed, meta)])]
-        return [(DOWN, rows)] if rows else []
+            whole = {name: [without_meta(r) for r in relations[name]] for name in self.names}
+            return [(ERRS, [Failed(self.query.step, type(exc).__name__, msg, whole, meta)])]
+        return [(port, out) for port, out in ((DOWN, rows), (ERRS, failed)) if out]
 
 
 def _split(step: str, pairs: Stream[Any]) -> tuple[Stream[Any], Stream[Any]]:
@@ -331,7 +463,7 @@ def sql_schema(ctx: SchemaContext[SqlConfig]) -> FieldType:
     A query that does not bind (an unknown column, a sum over text) is an error of
     ``validate``. Inputs whose fields are not all known leave the output unknown. A column
     of the input passed under its own name keeps its lineage; another column is taken to
-    come from the input columns the query mentions.
+    come from the input columns the query reads (:func:`columns_read`).
     """
     cfg = ctx.config
     duckdb = _duckdb()
@@ -362,7 +494,8 @@ def sql_schema(ctx: SchemaContext[SqlConfig]) -> FieldType:
     if columns is None:
         return FieldType()
     every = {col: t for r in relations.values() for col, t in (r.fields or {}).items()}
-    mentioned = [t for col, t in every.items() if re.search(rf"\b{re.escape(col)}\b", cfg.query)]
+    reads = columns_read(cfg.query)
+    mentioned = [t for col, t in every.items() if reads(col)]
     out: dict[str, FieldType] = {}
     for name, duck_type in columns:
         if name in every:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from dataflare.expr import compile_expression
 from dataflare.operators.formula import compile_formula
 from dataflare.records import RecordError
 from tests.fixtures.workflows import read_jsonl, run_cli
@@ -32,6 +33,7 @@ ROWS = [
     {"id": 1, "orders": [{"total": 10}, {"total": 20.5}], "click_count": 7},
     {"id": 2, "orders": [], "click_count": 1},
     {"id": 3, "orders": [{"total": "lots"}], "click_count": 1},
+    {"id": 4, "click_count": 2},
 ]
 
 
@@ -51,6 +53,7 @@ def test_seed_customer_value(tmp_path, plugin):
     out = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "out.jsonl")}
     assert out[1]["user"]["customerValue"] == pytest.approx(30.5 * 0.7 + 7 * 0.3)
     assert out[2]["user"]["customerValue"] == pytest.approx(0.3)
+    assert out[4]["user"]["customerValue"] is None  # no orders: sum(orders.total) is null
     dead = read_jsonl(tmp_path / "out" / "dead.jsonl")
     assert [d["record"]["id"] for d in dead] == [3]
     assert dead[0]["error"]["step"] == "customer_value"
@@ -68,10 +71,25 @@ def test_aggregates():
     assert compile_formula("sum(a.b.c)")(rec) == 9
     assert compile_formula("avg(a.b.c) * k")(rec) == 6
     assert compile_formula("max(a.b.c) - min(a.b.c)")(rec) == 4
-    assert compile_formula("count(a.b.c) + count(nothing)")(rec) == 3
-    assert compile_formula("avg(nothing)")(rec) is None
+    assert compile_formula("count(a.b.c) + count(k)")(rec) == 4
+    assert compile_formula("sum(a.x) + count(a.x)")(rec) == 0  # a list, no value: 0
     with pytest.raises(RecordError, match="not a number"):
         compile_formula("sum(a)")({"a": [True]})
+
+
+@pytest.mark.parametrize("rec", [{}, {"xs": None}, {"xs": []}, {"xs": [None]},
+                                 {"xs": [1, None, 2.5]}])
+def test_sum_and_count_as_the_expression_language_sum_and_len(rec):
+    assert compile_formula("sum(xs)")(rec) == compile_expression("sum(xs)")(rec)
+    if None not in (rec.get("xs") or []):  # len() counts nulls, count() does not
+        assert compile_formula("count(xs)")(rec) == compile_expression("len(xs)")(rec)
+
+
+@pytest.mark.parametrize("rec", [{}, {"xs": None}, {"user": {"xs": 1}}, {"xs": {"m": 1}}])
+def test_aggregates_of_a_null_or_missing_path_are_null(rec):
+    for fn in ("sum", "avg", "min", "max", "count"):
+        assert compile_formula(f"{fn}(xs.n)")(rec) is None, fn
+    assert compile_formula("sum(xs.n) * 0.7 + 1")(rec) is None
 
 
 def test_undefined_plugin_without_formula_stops_run(tmp_path):

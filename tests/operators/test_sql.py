@@ -17,10 +17,10 @@ from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from pydantic import ValidationError
 
 from dataflare.operators.keyed import iso_us
-from dataflare.operators.sql import SqlConfig, build_sql
+from dataflare.operators.sql import SqlConfig, build_sql, columns_read
 from dataflare.operators.window import WindowConfig, window
 from dataflare.registry import BuildContext
-from tests.fixtures.workflows import run_cli
+from tests.fixtures.workflows import read_jsonl, run_cli
 from tests.operators.test_window import canon, run_flow
 
 RECORDS = [
@@ -299,3 +299,90 @@ def test_per_batch_with_two_inputs_reads_them_as_one_relation():
     op.output("o", out.down, TestingSink(got))
     run_main(flow)
     assert sorted(r["w"] for b in got for r in b) == [2, 4, 6, 20]
+
+
+MODES = {
+    "batch": {},
+    "window": {"window": {"type": "tumbling", "size": "10s"}, "time_field": "ts",
+               "group_by": ["k"]},
+    "all": {"over": "all"},
+}
+HEAD = {"batch": {}, "all": {},
+        "window": {"k": "a", "window_start": iso_us(0), "window_end": iso_us(10_000_000)}}
+
+
+def mixed(column: str, values: list[Any]) -> list[dict[str, Any]]:
+    """Records of one group and window whose ``column`` takes ``values`` (1 to 4 elsewhere)."""
+    return [
+        {"k": "a", "ts": i, "v": i, "note": i, "_meta": {"file": "x.jsonl", "line": i}}
+        | {column: value}
+        for i, value in enumerate(values, 1)
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_column_of_mixed_types_the_query_does_not_read_does_not_matter(mode):
+    records = mixed("note", [7, "call back", None, {"by": "phone"}])
+    cfg = {"query": "select count(*) as n, sum(v) as total from input", **MODES[mode]}
+    out = run_flow(sql_flow(cfg), [records])
+    assert out["errs"] == []
+    assert out["down"] == [{**HEAD[mode], "n": 4, "total": 10}]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_value_of_another_type_in_a_column_the_query_reads_fails_its_record(mode):
+    records = mixed("v", [1, 2.5, "3", None])
+    cfg = {"query": "select count(*) as n, sum(v) as total from input", **MODES[mode]}
+    out = run_flow(sql_flow(cfg), [records])
+    assert out["down"] == [{**HEAD[mode], "n": 3, "total": 3.5}]
+    [failed] = out["errs"]
+    assert failed.record == records[2] and failed.position() == "x.jsonl:3"
+    assert failed.message == (
+        "step 'q': column 'v' holds str '3', expected double like the other records")
+
+
+@pytest.mark.parametrize(
+    ("query", "read"),
+    [
+        ("select k, sum(v) from input group by k", ["k", "v"]),
+        ("select i.v, NOTE.x from input i", ["v", "note", "x"]),
+        ("select * exclude (note) from input", ["k", "v", "x"]),
+        ("select count(*) as n from input", []),
+        ("select to_json(i) from input i", ["k", "v", "note", "x"]),
+        ("select columns('v.*') from input", ["k", "v", "note", "x"]),
+    ],
+)
+def test_columns_read(query, read):
+    reads = columns_read(query)
+    assert [c for c in ("k", "v", "note", "x") if reads(c)] == read
+
+
+def test_records_with_a_value_of_another_type_go_to_dead_letters(tmp_path):
+    rows = [{"k": 1, "ts": 1, "v": 5, "note": 1}, {"k": 1, "ts": 2, "v": "6", "note": "a"},
+            {"k": 1, "ts": 3, "v": 7, "note": [1]}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flow = tmp_path / "f.yaml"
+    flow.write_text("""\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  transformations:
+    q:
+      inputs: [src]
+      type: sql
+      config:
+        query: "select sum(v) as total from input"
+        window: {type: tumbling, size: 10s}
+        time_field: ts
+      error_handling: {strategy: redirect, redirect_to: dead}
+  destinations:
+    out: {type: file, inputs: [q], config: {path: out.jsonl}}
+    dead: {type: file, config: {path: dead.jsonl}}
+""")
+    result = run_cli("run", str(flow))
+    assert result.code == 0, result.stderr
+    assert [r["total"] for r in read_jsonl(tmp_path / "out.jsonl")] == [12]
+    [dead] = read_jsonl(tmp_path / "dead.jsonl")
+    assert dead["record"] == rows[1] and dead["source"]["position"]["line"] == 2
+    assert dead["error"]["message"] == (
+        "step 'q': column 'v' holds str '6', expected int64 like the other records")
