@@ -999,6 +999,65 @@ def _shard_markers(name: str, up: Stream[list[Any]], logic: Callable[[Any], Any]
                        lambda mark: [(shard, (mark, [])) for shard in names])
 
 
+def _kind(key: Any) -> Any:
+    """What a key is, as far as matching goes: text, a number, a boolean (tuples per part)."""
+    if key.__class__ is tuple:
+        return tuple(map(_kind, key))
+    if isinstance(key, str):
+        return "text"
+    if isinstance(key, bool):
+        return "a boolean"
+    if isinstance(key, int | float):
+        return "a number"
+    return None
+
+
+class _KeyKinds:
+    """Says once when the two sides' keys are of different kinds: they never match.
+
+    Text "1" and the number 1 are different keys, and a join of them is silently empty
+    (a CSV column is text unless ``csv.infer_types``). Only the first record of each batch
+    is looked at.
+    """
+
+    def __init__(self, step_id: str, keys: dict[str, Callable[[Any], Any]],
+                 paths: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
+        self.step_id, self.keys = step_id, keys
+        self.paths = {LEFT: paths[0], RIGHT: paths[1]}
+        self.kinds: dict[str, Any] = {}
+        self.said = False
+
+    def see(self, side: str) -> Callable[[str, list[Any]], None]:
+        """An ``op.inspect`` function noting the kind of ``side``'s keys."""
+        other = RIGHT if side == LEFT else LEFT
+
+        def inspect(_step: str, batch: list[Any]) -> None:
+            if self.said or not batch:
+                return
+            try:
+                kind = _kind(self.keys[side](batch[0]))
+            except Exception:  # noqa: BLE001 - the join reports the record itself
+                return
+            if kind is None or (kind.__class__ is tuple and None in kind):
+                return
+            self.kinds[side] = kind
+            theirs = self.kinds.get(other)
+            if theirs is not None and theirs != kind:
+                self.said = True
+                log.warning(
+                    "step %r: the left key (%s) is %s, the right key (%s) %s: they never "
+                    "match. A CSV column is text unless csv: {infer_types: true}; or convert "
+                    "one side in a mapping", self.step_id, ", ".join(self.paths[LEFT]),
+                    _said(self.kinds[LEFT]), ", ".join(self.paths[RIGHT]),
+                    _said(self.kinds[RIGHT]))
+
+        return inspect
+
+
+def _said(kind: Any) -> str:
+    return kind if isinstance(kind, str) else "(" + ", ".join(map(_said, kind)) + ")"
+
+
 @operator
 def join(
     step_id: str,
@@ -1022,6 +1081,9 @@ def join(
     import bytewax.operators as op
 
     jop = _JoinOp(step_id, config, shards, fields)
+    kinds = _KeyKinds(jop.step_id, jop.keys, config.keys())
+    left = op.inspect("left_keys", left, kinds.see(LEFT))
+    right = op.inspect("right_keys", right, kinds.see(RIGHT))
     keyed = route_and_merge(
         step_id, [(LEFT, left), (RIGHT, right)], [jop.keys[LEFT], jop.keys[RIGHT]], shards
     )

@@ -160,8 +160,20 @@ def _fields_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
 
 
 def shard_of(key: Any, shards: int) -> int:
-    """The shard of ``key``: a hash that is the same in every process and run."""
-    return zlib.crc32(repr(key).encode()) % shards
+    """The shard of ``key``: a hash that is the same in every process and run.
+
+    Keys Python holds equal share a shard: ``1``, ``1.0`` and ``True`` meet in one.
+    """
+    return zlib.crc32(repr(_equal_form(key)).encode()) % shards
+
+
+def _equal_form(key: Any) -> Any:
+    c = key.__class__
+    if c is float and key.is_integer() or c is bool:
+        return int(key)
+    if c is tuple:
+        return tuple(map(_equal_form, key))
+    return key
 
 
 def shard_names(shards: int) -> tuple[str, ...]:

@@ -641,3 +641,22 @@ def plain(state: Any) -> Any:
     if isinstance(state, list | tuple):
         return [plain(v) for v in state]
     return state
+
+
+def test_keys_of_two_kinds_never_match_and_the_join_says_so(caplog: Any) -> None:
+    """Text "1" (a CSV column) and the number 1 are different keys: said once, by name."""
+    items = [("L", [{"uid": 1, "amt": 5}]), ("R", [{"id": "1", "name": "ada"}]),
+             ("L", [{"uid": 2, "amt": 7}]), ("R", [{"id": "2", "name": "bob"}])]
+    cfg = JoinConfig.model_validate({"left_key": "uid", "right_key": "id"})
+    with caplog.at_level("WARNING", logger="dataflare.operators.join"):
+        got = run_flow(join_flow(cfg), items, **EPOCHS)
+    assert got["down"] == []
+    said = [r.getMessage() for r in caplog.records if "never match" in r.getMessage()]
+    assert said == ["step 'jn': the left key (uid) is a number, the right key (id) text: they "
+                    "never match. A CSV column is text unless csv: {infer_types: true}; or "
+                    "convert one side in a mapping"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dataflare.operators.join"):  # same kinds: quiet
+        got = run_flow(join_flow(cfg), [("L", [{"uid": 1}]), ("R", [{"id": 1.0}])], **EPOCHS)
+    assert len(got["down"]) == 1
+    assert not [r for r in caplog.records if "never match" in r.getMessage()]
