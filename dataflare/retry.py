@@ -58,6 +58,18 @@ class Interrupted(TransientError):
         self.attempts = attempts
 
 
+def interrupted(exc: BaseException) -> Interrupted | None:
+    """The :class:`Interrupted` ``exc`` is or was raised from (causes and contexts), if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, Interrupted):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def delays(policy: Retry) -> list[float]:
     """The waits between the attempts of ``policy`` (one fewer than its attempts)."""
     out, delay = [], policy.backoff.initial

@@ -33,6 +33,7 @@ from dataflare.logs import CONTEXT, json_mode, say
 from dataflare.operators.keyed import run_recovery
 from dataflare.plan import committed_epoch, record_workflow, restore_record, resume_blocks
 from dataflare.records import message_of
+from dataflare.retry import interrupted
 from dataflare.secrets import scrub, scrub_bytes
 
 
@@ -473,9 +474,19 @@ def _run(opts: RunOptions) -> RunResult:
             code, status, error = 124, "failed", timeout_error
         elif isinstance(cause, KeyboardInterrupt) or isinstance(exc, KeyboardInterrupt):
             code, status = 130, "stopped"
+        elif stopping.requested() and (cut := interrupted(exc)) is not None:
+            # A step's retries were cut short: its batch was not written or transformed,
+            # and the resumed run reads it again from the last snapshot.
+            signum = stopping.SIGNAL[0] if stopping.SIGNAL else signal.SIGTERM
+            code, status = 128 + signum, "stopped"
+            again = ("the next run reads its records again from the last snapshot"
+                     if recovery is not None else "without --recovery-dir, the next run "
+                     "starts over")
+            error = (f"stopped on {signal.Signals(signum).name} during retries: {cut}; "
+                     f"{again}")
         else:
             code, status, error = 1, "failed", error_text(exc)
-        say(error or "interrupted", "error" if error else "warning")
+        say(error or "interrupted", "error" if status == "failed" else "warning")
     finally:
         if timer is not None:
             timer.cancel()

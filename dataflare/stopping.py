@@ -77,7 +77,11 @@ def stop_with_parent() -> None:
 
 
 class _Stoppable:
-    """A partition's input that ends when a stop is asked; polled at least every 0.5 s."""
+    """A partition's input that ends when a stop is asked; polled at least every 0.5 s.
+
+    A stop that cut a read's retries short (:class:`~dataflare.retry.Interrupted`) ends the
+    input too, the partition's position still before that read.
+    """
 
     inner: Any
     awake: datetime | None
@@ -87,7 +91,14 @@ class _Stoppable:
             raise StopIteration
         if self.awake is not None and datetime.now(UTC) < self.awake:
             return []  # woken early to look for a stop: the source is not due yet
-        batch = self.inner.next_batch()
+        try:
+            batch = self.inner.next_batch()
+        except Exception as exc:
+            from dataflare.retry import interrupted
+
+            if REQUESTED.is_set() and interrupted(exc) is not None:
+                raise StopIteration from None  # the read is left to the resumed run
+            raise
         self.awake = self.inner.next_awake()
         return batch
 

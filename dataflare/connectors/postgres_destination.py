@@ -583,8 +583,10 @@ def _name_row(exc: Any, rows: list[dict[str, Any]]) -> None:
     m = _COPY_CONTEXT.match(getattr(exc.diag, "context", None) or "")
     if m is None or not 0 < int(m[1]) <= len(rows):
         return
-    primary = exc.diag.message_primary or str(exc).split("\n", 1)[0]
-    tie_to_row(exc, rows[int(m[1]) - 1], primary + (f" (column {m[2]})" if m[2] else ""))
+    lines = [line for line in str(exc).splitlines() if not line.startswith("CONTEXT:")]
+    if m[2] and lines:
+        lines[0] += f" (column {m[2]})"
+    tie_to_row(exc, rows[int(m[1]) - 1], "\n".join(lines))
 
 
 def copy_column(values: list[Any], kind: str | None, tx: Any, encoding: str) -> list[str]:

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from bytewax.dataflow import Stream
 from pydantic import Field, model_validator
 
+from dataflare import stopping
 from dataflare.config import Duration, Strict
 from dataflare.connectors.schema import json_value
 from dataflare.expr import compile_expression
@@ -44,7 +45,7 @@ from dataflare.metrics import ENRICH_CALLS
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import Batch, Failed, RecordError, get_path, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
-from dataflare.retry import delays, next_wait, retry_after_seconds
+from dataflare.retry import Interrupted, delays, next_wait, retry_after_seconds
 from dataflare.template import compile_template
 
 
@@ -222,7 +223,10 @@ class HttpStage:
                     if wait is None:
                         msg = f"giving up after {attempt + 1} attempt(s): {exc}"
                         raise RecordError(msg) from None
-                    await asyncio.sleep(wait)
+                    if await _stopped_within(wait):
+                        msg = (f"step {self.step!r}: {req[0].split('?')[0]}: not retried after "
+                               f"{attempt + 1} attempt(s), the run is stopping ({exc})")
+                        raise Interrupted(msg, attempt + 1) from exc
         msg = "unreachable"
         raise AssertionError(msg)
 
@@ -269,6 +273,9 @@ class HttpStage:
                 todo[key] = req
         if todo:
             got = self.loop.run(self._batch(todo))
+            cut = next((a for a in got if isinstance(a, Interrupted)), None)
+            if cut is not None:
+                raise cut  # the run is stopping: no verdict on the records
             for key, answer in zip(todo, got, strict=True):
                 answers[key] = answer
                 ok = not isinstance(answer, BaseException)
@@ -289,6 +296,16 @@ class HttpStage:
             for src, dst in self.mapping:
                 set_path(out, dst, get_path(answer, src) if src else answer)
             records[i] = out
+
+
+async def _stopped_within(seconds: float) -> bool:
+    """Wait ``seconds``, or less if a graceful stop is asked meanwhile (then ``True``)."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if stopping.requested():
+            return True
+        await asyncio.sleep(min(left, 0.2))
+    return stopping.requested()
 
 
 def _lookup_connection(conn: dict[str, Any]) -> Any:

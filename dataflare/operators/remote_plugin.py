@@ -25,7 +25,7 @@ from bytewax.dataflow import Stream
 from dataflare.dsl_compiler.models import Auth, Plugin
 from dataflare.records import META, Batch, Failed, without_meta
 from dataflare.registry import BuildContext, Outputs
-from dataflare.retry import TransientError, call_with_retry, retry_after_seconds
+from dataflare.retry import Interrupted, TransientError, call_with_retry, retry_after_seconds
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -87,6 +87,8 @@ class RemotePlugin:
         try:
             answer = call_with_retry(f"plugin {self.name!r}", lambda: self._once(body),
                                      self.retry)
+        except Interrupted:
+            raise  # the run is stopping: not a verdict on the records
         except TransientError as exc:
             msg = f"{exc} (after {getattr(exc, 'attempts', self.retry.max_attempts)} attempt(s))"
             raise RemoteError(msg) from None

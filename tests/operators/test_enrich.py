@@ -406,3 +406,35 @@ def test_http_api_rate_limit_spaces_requests(tmp_path, server):
     assert len(read_jsonl(tmp_path / "out" / "out.jsonl")) == 6
     # 6 requests at 5 per second: the last starts at least 1 s after the first
     assert server.times[-1] - server.times[0] >= 0.95
+
+
+def test_a_stop_while_a_call_is_retried_leaves_the_records_to_the_resume(tmp_path, server):
+    # The backoff ran out before the stop took effect (minutes), and the records were then
+    # dead-lettered: a stop is no verdict on them, and the resumed run calls again.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    flow = http_flow(tmp_path, server, ["1", "2"])
+    flow.write_text(flow.read_text().replace(
+        "max_attempts: 3, backoff: {initial: 0.01, max: 2, multiplier: 2}",
+        "max_attempts: 10, backoff: {initial: 30, max: 60, multiplier: 2}"))
+    server.faults = [(503, None)] * 1000
+    cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "-r", str(tmp_path / "rec")]
+    env = {**os.environ, "RUST_BACKTRACE": "0"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    with server.lock:  # both calls failed once: their retries wait
+        assert server.lock.wait_for(lambda: len(server.requests) >= 2, timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped on SIGTERM during retries: step 'enriched'" in err, err
+    dead = tmp_path / "out" / "dead.jsonl"
+    assert not dead.exists() or read_jsonl(dead) == []
+    server.faults = []
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert sorted(r["credit_score"] for r in read_jsonl(tmp_path / "out" / "out.jsonl")) == [
+        10, 20]
+    assert read_jsonl(dead) == []

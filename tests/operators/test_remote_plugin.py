@@ -170,3 +170,44 @@ def test_unusable_answers_follow_error_handling(tmp_path, service, path, message
     assert "'predict_churn'" in failed.stderr
     assert "customers.jsonl:1" in failed.stderr
     assert message in failed.stderr
+
+
+def test_a_stop_while_the_plugin_is_retried_leaves_the_batch_to_the_resume(tmp_path, service):
+    # The batch's records were dead-lettered (or the run failed) because SIGTERM cut the
+    # retries short: a stop is no verdict on them, and the resumed run sends them again.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "customers.jsonl").write_text(
+        "\n".join(orjson.dumps(r).decode() for r in ROWS) + "\n")
+    text = FLOW.replace("URL", service.url).replace("PATH", "predict").replace(
+        "STRATEGY", "redirect").replace(
+        "max_attempts: 2, backoff: {initial: 0.01, max: 1, multiplier: 2}",
+        "max_attempts: 10, backoff: {initial: 0.5, max: 30, multiplier: 20}")
+    (tmp_path / "flow.yaml").write_text(text)
+    cmd = [sys.executable, "-m", "dataflare", "run", "flow.yaml", "-r", "rec"]
+    env = {**os.environ, "ML_API_TOKEN": TOKEN, "RUST_BACKTRACE": "0"}
+    service.faults = [503] * 1000
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    seen, deadline = "", time.monotonic() + 60
+    while "retry 1/9" not in seen:  # the first call failed and waits to be retried
+        line = proc.stderr.readline() if proc.stderr else ""
+        assert line or proc.poll() is None, seen
+        assert time.monotonic() < deadline, seen
+        seen += line
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, seen + err
+    assert "stopped on SIGTERM during retries: plugin 'ml_processor'" in err, err
+    assert "the next run reads its records again from the last snapshot" in err
+    assert not (tmp_path / "out" / "dead.jsonl").exists() or read_jsonl(
+        tmp_path / "out" / "dead.jsonl") == []
+    service.faults = []
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert [r["id"] for r in read_jsonl(tmp_path / "out" / "out.jsonl")] == [1, 3]
+    assert [d["record"]["id"] for d in read_jsonl(tmp_path / "out" / "dead.jsonl")] == [2]
