@@ -109,6 +109,11 @@ def without_meta(record: Any) -> Any:
     return record
 
 
+def a_or_an(word: str) -> str:
+    """``word`` after its indefinite article: "an int", "a str"."""
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
 def message_of(exc: BaseException) -> str:
     """An exception's message as users read it.
 
@@ -305,7 +310,8 @@ def to_epoch_seconds(value: Any, time_unit: str = "s") -> float:
                 raise RecordError(msg) from None
             return _in_range(num / 1000.0 if time_unit == "ms" else num, value)
     else:
-        msg = f"timestamp is a {type(value).__name__} ({value!r}), expected a string or number"
+        msg = (f"timestamp is {a_or_an(type(value).__name__)} ({value!r}), expected a string "
+               "or number")
         raise RecordError(msg)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)

@@ -55,6 +55,7 @@ from dataflare.records import (
     Batch,
     Failed,
     RecordError,
+    a_or_an,
     getter,
     to_epoch_seconds,
 )
@@ -523,7 +524,7 @@ class ParquetSchema:
             except (pa.ArrowException, TypeError, ValueError, OverflowError):
                 shown = repr(value)
                 shown = shown if len(shown) <= 60 else shown[:57] + "..."
-                return (f"step {self.step!r}: field {f.name!r} is a {type(value).__name__} "
+                return (f"step {self.step!r}: field {f.name!r} is {a_or_an(type(value).__name__)} "
                         f"({shown}), the Parquet column is {f.type}")
         return f"step {self.step!r}: the record does not fit the Parquet schema"
 

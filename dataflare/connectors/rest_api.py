@@ -43,7 +43,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from dataflare.config import Auth, Duration, Strict
 from dataflare.connectors.schema import discoverer, infer_schema
 from dataflare.lineage import url_dataset
-from dataflare.records import META, Failed, get_path, iso_utc, to_epoch_seconds
+from dataflare.records import META, Failed, a_or_an, get_path, iso_utc, to_epoch_seconds
 from dataflare.registry import BuildContext, source
 from dataflare.retry import TransientError, call_with_retry, retry_after_seconds
 
@@ -382,8 +382,8 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 if top is None or key > top:
                     top, self.walk_max = key, value
             except TypeError:
-                reason = (f"is a {type(value).__name__} ({value!r}), not comparable with the "
-                          f"cursor {self.walk_max!r}")
+                reason = (f"is {a_or_an(type(value).__name__)} ({value!r}), not comparable "
+                          f"with the cursor {self.walk_max!r}")
             except ValueError as exc:
                 reason = str(exc)
             else:
@@ -530,7 +530,7 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
             except ValueError:
                 pass
         expected = "an integer" if kind == "integer" else "text"
-        msg = f"is a {type(value).__name__} ({value!r}), expected {expected}"
+        msg = f"is {a_or_an(type(value).__name__)} ({value!r}), expected {expected}"
         raise ValueError(msg)
 
     def list_parts(self) -> list[str]:

@@ -9,7 +9,7 @@ from dataflare import registry
 from dataflare.dsl_compiler.loader import Document
 from dataflare.dsl_compiler.models import ID_PATTERN
 from dataflare.dsl_compiler.problems import Problem, did_you_mean
-from dataflare.records import parse_duration
+from dataflare.records import a_or_an, parse_duration
 
 SECTIONS = {"sources": "source", "transformations": "transformation", "destinations": "destination"}
 
@@ -154,7 +154,7 @@ def check(
                     and up_spec.named_outputs and up in configs):
                 listed = ", ".join(f"{up}.{p}" for p in up_spec.named_outputs(configs[up]))
                 problems.append(
-                    doc.problem(loc, f"input {ref!r} is a {g.types[up]}; read one of its "
+                    doc.problem(loc, f"input {ref!r} is {a_or_an(g.types[up])}; read one of its "
                                 f"outputs: {listed}")
                 )
             if port:
@@ -348,7 +348,8 @@ def _advice(doc: Document, wf: dict[str, Any], g: Graph) -> list[Problem]:
         if section != "transformations" or cid not in g.configs:
             continue
         spec = registry.lookup("transformation", g.types[cid])
-        if spec is None or spec.advise is None:
+        # An id used twice (reported) may hold another section's config.
+        if spec is None or spec.advise is None or not isinstance(g.configs[cid], spec.config):
             continue
         config = _with_source_lateness(wf, g, cid, g.configs[cid])
         for message in spec.advise(config, _upstream_modes(wf, g, cid)):

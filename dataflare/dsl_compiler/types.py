@@ -36,6 +36,7 @@ from dataflare.record_schema import (
     from_json_schema,
     sourced,
 )
+from dataflare.records import a_or_an
 
 if TYPE_CHECKING:
     from dataflare.dsl_compiler.validate import Validated
@@ -165,7 +166,7 @@ def _check_reads(doc: Document, loc: Loc, ctx: SchemaContext[Any]) -> list[Probl
         elif clashes(found, read.want):
             out.append(_at_column(doc, at, read, doc.problem(
                 at,
-                f"{read.what} {read.path!r} is a {found.kind} in the records {origin}, "
+                f"{read.what} {read.path!r} is {a_or_an(found.kind)} in the records {origin}, "
                 f"{read.loc[-1] if isinstance(read.loc[-1], str) else read.loc[-2]} needs "
                 f"{WANTS[read.want or '']}")))
     return out

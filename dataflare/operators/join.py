@@ -69,7 +69,7 @@ from dataflare.operators.keyed import (
 )
 from dataflare.operators.window import WindowSpec
 from dataflare.record_schema import FieldType, SchemaContext
-from dataflare.records import META, Failed, RecordError
+from dataflare.records import META, Failed, RecordError, a_or_an
 from dataflare.registry import UNBOUNDED, BuildContext, Outputs, transformation
 
 log = logging.getLogger(__name__)
@@ -1133,8 +1133,8 @@ def join_schema(ctx: SchemaContext[JoinConfig]) -> FieldType:
         kinds = {lt.kind, rt.kind}
         if lt.known and rt.known and len(kinds) == 2 and kinds != {"integer", "number"} and (
                 "null" not in kinds):
-            ctx.error((rname, i), f"join keys never match: left {lpath!r} is a {lt.kind}, "
-                      f"right {rpath!r} is a {rt.kind}")
+            ctx.error((rname, i), f"join keys never match: left {lpath!r} is {a_or_an(lt.kind)}, "
+                      f"right {rpath!r} is {a_or_an(rt.kind)}")
     if cfg.window is not None:
         ctx.read(("left_time_field",) if cfg.left_time_field else ("time_field",),
                  cfg.left_time_field or cfg.time_field, input=0, want="time")

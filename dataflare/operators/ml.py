@@ -36,7 +36,7 @@ from dataflare.operators.keyed import (
     tagged,
 )
 from dataflare.record_schema import FieldType, SchemaContext
-from dataflare.records import Failed, RecordError, getter, set_path
+from dataflare.records import Failed, RecordError, a_or_an, getter, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 
 Algorithm = Literal["kmeans", "isolation_forest", "linear_regression"]
@@ -101,7 +101,7 @@ def new_model(cfg: MlConfig) -> Any:
 
 def _number(path: str, value: Any) -> float:
     if value.__class__ is bool or not isinstance(value, int | float):
-        msg = f"feature {path!r} is a {type(value).__name__} ({value!r}), expected a number"
+        msg = f"feature {path!r} is {a_or_an(type(value).__name__)} ({value!r}), expected a number"
         raise RecordError(msg)
     return float(value)
 

@@ -37,6 +37,7 @@ from dataflare.records import (
     Mask,
     Record,
     RecordError,
+    a_or_an,
     getter,
     set_path,
 )
@@ -148,7 +149,8 @@ def _empty(v: Any) -> bool:
 
 def _need_str(step: str, fld: str, rule: str, v: Any) -> str:
     if not isinstance(v, str):
-        msg = f"step {step!r}: field {fld!r} is a {type(v).__name__}, rule {rule} needs a string"
+        msg = (f"step {step!r}: field {fld!r} is {a_or_an(type(v).__name__)}, rule {rule} "
+               "needs a string")
         raise RecordError(msg)
     return v
 

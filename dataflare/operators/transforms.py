@@ -11,7 +11,7 @@ import orjson
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from dataflare.config import Strict
-from dataflare.records import RecordError, iso_utc, to_epoch_seconds
+from dataflare.records import RecordError, a_or_an, iso_utc, to_epoch_seconds
 
 
 def _text(name: str, fn: Callable[[str], str]) -> Callable[[Any], Any]:
@@ -55,7 +55,7 @@ def to_int(value: Any) -> int:
                 msg = f"to_int: {value!r} is not a number"
                 raise RecordError(msg)
         return to_int(num)
-    msg = f"to_int: got a {type(value).__name__} ({value!r})"
+    msg = f"to_int: got {a_or_an(type(value).__name__)} ({value!r})"
     raise RecordError(msg)
 
 
@@ -73,7 +73,7 @@ def to_float(value: Any) -> float:
             raise RecordError(msg)
         out = float(num)
     else:
-        msg = f"to_float: got a {type(value).__name__} ({value!r})"
+        msg = f"to_float: got {a_or_an(type(value).__name__)} ({value!r})"
         raise RecordError(msg)
     if not math.isfinite(out):  # NaN and infinities have no JSON form
         msg = f"to_float: {value!r} is not a finite number"

@@ -418,7 +418,7 @@ def test_integer_and_string_cursors(api: Any) -> None:
     records, _ = drain(text)
     assert [r["id"] for r in records if not isinstance(r, Failed)] == [1]
     assert [r.message for r in records if isinstance(r, Failed)] == [
-        "source 'api_str': cursor field 'updated_at' is a int (5), expected text"]
+        "source 'api_str': cursor field 'updated_at' is an int (5), expected text"]
 
 
 def test_lookback_re_reads_a_window_and_emits_only_late_records(api: Any) -> None:

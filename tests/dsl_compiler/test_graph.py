@@ -121,3 +121,22 @@ workflow:
     [p] = validate_text(text).errors()
     assert (p.path, p.message) == ("transformations.w.config.aggregations",
                                    "no value given: expected a list")
+
+
+def test_a_transformation_and_a_destination_of_one_id_are_reported_not_crashed_on():
+    # The sql step's advice read the destination's config ('no attribute over').
+    v = validate_text("""\
+workflow:
+  sources:
+    src: {type: generator, config: {preset: orders, count: 1}}
+  transformations:
+    q: {type: sql, inputs: [src], config: {query: "select * from input"}}
+    w: {type: window, inputs: [src], config: {window: {type: tumbling, size: 1m},
+        time_field: ts, aggregations: [{field: total, operations: [sum], as: s}]}}
+  destinations:
+    q: {type: stdout, inputs: [q]}
+    w: {type: stdout, inputs: [w]}
+""", "g.yaml")
+    msgs = {(p.path, p.message) for p in v.errors()}
+    assert ("destinations.q", "duplicate id 'q': already used in transformations") in msgs
+    assert ("destinations.w", "duplicate id 'w': already used in transformations") in msgs

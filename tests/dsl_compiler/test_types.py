@@ -198,7 +198,7 @@ def test_join_keys_of_two_kinds_never_match():
       config: {left_key: id, right_key: key}
 """), "t.yaml")
     assert [p.message for p in v.errors()] == [
-        "join keys never match: left 'id' is a integer, right 'key' is a string"]
+        "join keys never match: left 'id' is an integer, right 'key' is a string"]
 
 
 def test_fields_followed_through_window_and_join_with_prefix():

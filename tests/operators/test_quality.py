@@ -162,5 +162,5 @@ def test_rules_directly():
         {"field": "n", "rule": "is_number"}, {"field": "d", "rule": "is_date"},
         {"field": "d", "rule": "not_empty"},
     ]
-    with pytest.raises(RecordError, match="field 'p' is a int"):
+    with pytest.raises(RecordError, match="field 'p' is an int"):
         check({"p": 6502530000})
