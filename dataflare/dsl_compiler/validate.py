@@ -114,6 +114,7 @@ def validate_text(
             out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp,
                                                        configs.get(cid)))
             out.problems.extend(_write_mode_fields(doc, loc, kind, spec, comp))
+            out.problems.extend(_config_without_effect(doc, loc, spec, configs.get(cid)))
             eh = comp.get("error_handling")
             if isinstance(eh, dict) and eh.get("redirect_to") and eh.get(
                     "strategy", "fail") != "redirect":
@@ -166,6 +167,54 @@ def _not_effective(doc: Document, wf: dict[str, Any]) -> list[Problem]:
         out.append(doc.problem(("workflow", "roles"), _NOT_EFFECTIVE["roles"],
                                severity="warning"))
     return out
+
+
+def _config_without_effect(
+    doc: Document, loc: Loc, spec: registry.ComponentSpec, config: Any
+) -> list[Problem]:
+    """Settings a component's other settings make idle: warned, with their lines.
+
+    A trailing aggregate's ``window`` cannot work without ``time_field``: a warning of
+    ``validate`` (the seed's own workflow has one), an error of ``run``.
+    """
+    if config is None:
+        return []
+    given = config.model_fields_set
+    found: list[tuple[str, str, bool]] = []  # (field, message, an error at run)
+    if spec.type == "aggregation" and config.time_field is None:
+        trailing = [repr(a.field) for a in config.aggregations if a.window is not None]
+        if trailing:
+            found.append(("aggregations", f"the trailing 'window' of {', '.join(trailing)} "
+                          "is measured on the event time 'time_field', which is not set", True))
+    elif spec.type == "data_quality" and config.on_failure == "drop" and "quarantine_to" in given:
+        found.append(("quarantine_to", "'quarantine_to' has no effect with on_failure: drop "
+                      "(failed records are dropped; 'quarantine' sends them there)", False))
+    elif spec.type == "join" and config.mode == "relational" and config.window is None:
+        idle = [f for f in ("time_field", "left_time_field", "right_time_field", "time_unit",
+                            "allowed_lateness", "late_to") if f in given]
+        found += [(f, f"{f!r} has no effect on a join without 'window' (it joins when an "
+                   "input ends, whatever the times)", False) for f in idle]
+    elif spec.type == "dedupe" and "time_unit" in given and config.time_field is None:
+        found.append(("time_unit", "'time_unit' has no effect without 'time_field' (times "
+                      "are then arrival times)", False))
+    elif spec.type == "mapping" and config.drop and not config.keep_unmapped:
+        found.append(("drop", "'drop' has no effect without keep_unmapped: true (only the "
+                      "mapped fields are kept anyway)", False))
+    elif spec.type == "file" and spec.kind == "source" and "csv" in given:
+        fmt = config.format or _file_format(config.path)
+        if fmt not in (None, "csv"):
+            found.append(("csv", f"'csv' has no effect on a {fmt} file", False))
+    return [doc.problem((*loc, "config", f), message, key=True, severity="warning",
+                        at_run=at_run) for f, message, at_run in found]
+
+
+def _file_format(path: str) -> str | None:
+    from dataflare.connectors.file import file_format
+
+    try:
+        return file_format(path, None, "")
+    except ValueError:
+        return None
 
 
 def _protection_problems(

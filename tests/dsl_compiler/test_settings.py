@@ -167,3 +167,47 @@ def test_compile_file_logs_the_warnings_for_bytewax_run(tmp_path, caplog):
 def test_plugin_settings_the_plugin_type_ignores_are_refused(plugin, error):
     v = validate_text(SCHEDULED.replace("  schedule: SCHEDULE", f"  plugins:\n    p: {plugin}"))
     assert [p.message for p in v.errors()] == ([error] if error else [])
+
+
+def test_settings_other_settings_make_idle_are_warned_with_their_lines():
+    text = """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl, csv: {delimiter: ";"}}}
+  transformations:
+    agg:
+      type: aggregation
+      inputs: [src]
+      config: {group_by: [a], aggregations: [{field: a, operations: [sum], window: 90d}]}
+    dq:
+      type: data_quality
+      inputs: [src]
+      config: {on_failure: drop, quarantine_to: bad, validations: [{field: a, rules: [not_empty]}]}
+    j: {type: join, inputs: [src, dq], config: {join_key: a, time_field: ts, late_to: bad}}
+    dd: {type: dedupe, inputs: [src], config: {keys: [a], time_unit: ms}}
+    m: {type: mapping, inputs: [src], config: {mappings: [{source: a, destination: b}], drop: [c]}}
+  destinations:
+    out: {type: stdout, inputs: [agg, j, dd, m]}
+    bad: {type: stdout}
+"""
+    v = validate_text(text, "w.yaml")
+    lines = {p.render() for p in v.problems if p.severity == "warning"}
+    for line in [
+        "w.yaml:3:48: sources.src.config.csv: warning: 'csv' has no effect on a jsonl file",
+        "w.yaml:8:31: transformations.agg.config.aggregations: warning: the trailing 'window' "
+        "of 'a' is measured on the event time 'time_field', which is not set",
+        "w.yaml:12:34: transformations.dq.config.quarantine_to: warning: 'quarantine_to' has "
+        "no effect with on_failure: drop (failed records are dropped; 'quarantine' sends them "
+        "there)",
+        "w.yaml:13:62: transformations.j.config.time_field: warning: 'time_field' has no effect "
+        "on a join without 'window' (it joins when an input ends, whatever the times)",
+        "w.yaml:13:78: transformations.j.config.late_to: warning: 'late_to' has no effect on a "
+        "join without 'window' (it joins when an input ends, whatever the times)",
+        "w.yaml:14:59: transformations.dd.config.time_unit: warning: 'time_unit' has no effect "
+        "without 'time_field' (times are then arrival times)",
+        "w.yaml:15:89: transformations.m.config.drop: warning: 'drop' has no effect without "
+        "keep_unmapped: true (only the mapped fields are kept anyway)",
+    ]:
+        assert line in lines, (line, lines)
+    # The trailing window cannot work: a run refuses the workflow, naming it.
+    assert [p.path for p in v.errors(for_run=True)] == ["transformations.agg.config.aggregations"]
