@@ -103,13 +103,14 @@ workflow:
         assert run.returncode == 0, run.stderr
         got = json.loads(summary.read_text())
         assert got["steps"]["win"]["late"] == 1
+        assert got["steps"]["win"]["records"] == 1  # the window's record; late ones apart
         if late_to:
             assert got["late_dropped"] == {} and "dropped" not in run.stderr
             assert len((tmp_path / "late.jsonl").read_text().splitlines()) == 1
         else:
             assert got["late_dropped"] == {"win": 1}
             assert "step 'win': 1 late record(s) dropped" in run.stderr, run.stderr
-            assert "win: 2, 1 late (dropped)" in run.stderr, run.stderr
+            assert "win: 1, 1 late (dropped)" in run.stderr, run.stderr
 
 
 def test_error_and_write_mode_fields_without_effect_are_warned(tmp_path: Path) -> None:

@@ -132,6 +132,16 @@ def _count(name: str, counter: Any, tap: Callable[[str, Batch], None]
     return count
 
 
+def _tapped(tap: Callable[[str, Batch], None]) -> Callable[[str, Batch], None]:
+    """Publish a step's batches to its taps, uncounted."""
+
+    def publish(step: str, batch: Batch) -> None:
+        if batch:
+            tap(step, batch)
+
+    return publish
+
+
 def _policy(
     name: str, eh: ErrorHandling, mask: Masker | None, source: str | None = None
 ) -> Callable[[list[Failed]], Batch | None]:
@@ -235,8 +245,10 @@ def transformation_component(
         op.inspect("count", out.down, _count(ctx.step_id, metrics.RECORDS_OUT,
                                              tapper(ctx.step_id, mask)))
     for port, stream in out.named.items():
-        op.inspect(f"count_{port}", stream, _count(ctx.step_id, metrics.RECORDS_OUT,
-                                                   tapper(f"{ctx.step_id}.{port}", mask)))
+        # Late records are counted apart (dataflare_late_records_total), not as output.
+        tap = tapper(f"{ctx.step_id}.{port}", mask)
+        op.inspect(f"count_{port}", stream, _tapped(tap) if port == "late"
+                   else _count(ctx.step_id, metrics.RECORDS_OUT, tap))
     dead = _guard(ctx.step_id, ctx.component.error_handling, [out.errs] if out.errs else [],
                   masker(ctx.workflow.data_protection), _single_source(ctx))
     return _ports(out.down, out.named, dead)
