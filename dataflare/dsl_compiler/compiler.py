@@ -250,11 +250,11 @@ def transformation_component(
         op.inspect(f"count_{port}", stream, _tapped(tap) if port == "late"
                    else _count(ctx.step_id, metrics.RECORDS_OUT, tap))
     dead = _guard(ctx.step_id, ctx.component.error_handling, [out.errs] if out.errs else [],
-                  masker(ctx.workflow.data_protection), _single_source(ctx))
+                  masker(ctx.workflow.data_protection), single_source(ctx))
     return _ports(out.down, out.named, dead)
 
 
-def _single_source(ctx: registry.BuildContext) -> str | None:
+def single_source(ctx: registry.BuildContext) -> str | None:
     """The source feeding a component, when exactly one does (a dead letter's origin)."""
     sources = ctx.workflow.upstream_sources(list(getattr(ctx.component, "inputs", [])))
     return sources[0] if len(sources) == 1 else None
@@ -282,7 +282,7 @@ def destination_component(
     if sink_errs is not None:
         errs.append(sink_errs)
     return _ports(None, {}, _guard(ctx.step_id, ctx.component.error_handling, errs,
-                                   masker(ctx.workflow.data_protection), _single_source(ctx)))
+                                   masker(ctx.workflow.data_protection), single_source(ctx)))
 
 
 def _tag_input(name: str, batch: Batch) -> Batch:

@@ -373,8 +373,9 @@ def build_data_quality(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     if cfg.quarantine_to is None:
         errs = op.merge("failures", out.errs, out.quarantine)
         return Outputs(down=out.down, errs=errs)
-    from dataflare.dsl_compiler.compiler import masker
+    from dataflare.dsl_compiler.compiler import masker, single_source
 
-    mask = masker(ctx.workflow.data_protection)
-    letters = op.map("dead_letters", out.quarantine, lambda b: [f.as_record(mask) for f in b])
+    mask, source = masker(ctx.workflow.data_protection), single_source(ctx)
+    letters = op.map("dead_letters", out.quarantine,
+                     lambda b: [f.as_record(mask, component=source) for f in b])
     return Outputs(down=out.down, errs=out.errs, named={"quarantine": letters})

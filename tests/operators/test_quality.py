@@ -78,6 +78,7 @@ def test_quarantine_to_destination_standardizes_and_counts(tmp_path):
         {"field": "email", "rule": "is_email"}, {"field": "email", "rule": "standardize_format"},
     ]
     assert quarantined[2]["record"]["email"] == "not-an-email"  # the original record
+    assert quarantined[2]["source"]["component"] == "customers"  # like other dead letters
     assert quarantined[3]["error"]["rules"] == [
         {"field": "phone", "rule": "is_phone_number"},
         {"field": "phone", "rule": "standardize_format"},
