@@ -83,3 +83,27 @@ workflow:
     assert out.returncode == 0, out.stderr
     got = sorted(lines(tmp_path / "out.jsonl"), key=lambda r: str(r["id"]))
     assert got == [{"id": "1", "name": "ann"}, {"id": 2}]  # "id", not "\ufeffid"
+
+
+def test_skip_names_the_first_ten_records_and_says_there_are_more(tmp_path: Path) -> None:
+    # Only the first record of each batch was named: one line for 12 skipped records.
+    (tmp_path / "in.jsonl").write_text("".join(
+        json.dumps({"a": "x" if i < 12 else i}) + "\n" for i in range(15)))
+    out = run(tmp_path, f"""
+workflow:
+  sources: {{src: {{type: file, config: {{path: {tmp_path / 'in.jsonl'}}}}}}}
+  transformations:
+    m:
+      type: mapping
+      inputs: [src]
+      config: {{mappings: [{{source: a, destination: b, transform: to_int}}]}}
+      error_handling: {{strategy: skip}}
+  destinations:
+    out: {{type: file, inputs: [m], config: {{path: {tmp_path / 'out.jsonl'}}}}}
+""")
+    assert out.returncode == 0, out.stderr
+    named = [line.split(" at ")[1].split(":")[:2] for line in out.stderr.splitlines()
+             if "skipped record at" in line]
+    assert named == [["in.jsonl", str(i)] for i in range(1, 11)]
+    assert "step 'm': more records skipped than the first 10 listed" in out.stderr
+    assert "m: 3, 12 failed" in out.stderr

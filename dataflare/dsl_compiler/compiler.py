@@ -142,6 +142,9 @@ def _tapped(tap: Callable[[str, Batch], None]) -> Callable[[str, Batch], None]:
     return publish
 
 
+_LISTED = 10  # failed records named one by one per step (skip, redirect)
+
+
 def _policy(
     name: str, eh: ErrorHandling, mask: Masker | None, source: str | None = None
 ) -> Callable[[list[Failed]], Batch | None]:
@@ -170,13 +173,15 @@ def _policy(
                 f"{dead[-1]['error']['message']}"
             )
             raise StepFailed(msg)
-        if seen[0] - len(batch) < 10:
-            log.warning(
-                "step %r: %s record at %s: %s: %s",
-                first.step, "skipped" if eh.strategy == "skip" else "redirected",
-                first.position(), first.type, message,
-                extra={"component": first.step, "position": first.position()},
-            )
+        before, did = seen[0] - len(batch), "skipped" if eh.strategy == "skip" else "redirected"
+        for f, d in zip(batch[:max(0, _LISTED - before)], dead, strict=False):
+            log.warning("step %r: %s record at %s: %s: %s", f.step, did, f.position(), f.type,
+                        d["error"]["message"],
+                        extra={"component": f.step, "position": f.position()})
+        if before < _LISTED < seen[0]:
+            log.warning("step %r: more records %s than the first %d listed; the run's summary "
+                        "counts them all", first.step, did, _LISTED,
+                        extra={"component": first.step})
         return dead if eh.strategy == "redirect" else None
 
     return handle
