@@ -55,9 +55,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     """Run the ``tests:`` blocks of workflow files."""
+    from dataflare.runner import without_worker_panics
     from dataflare.testing import run_workflow_tests
 
-    return run_workflow_tests(args.paths)
+    with without_worker_panics():
+        return run_workflow_tests(args.paths)
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

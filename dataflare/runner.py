@@ -466,7 +466,7 @@ def _run(opts: RunOptions) -> RunResult:
         directory = Path(opts.recovery_dir)
         recorded = (directory, record_workflow(directory, opts.path), committed_epoch(directory))
     try:
-        with progress, _without_worker_panics(), run_recovery(recovery is not None):
+        with progress, without_worker_panics(), run_recovery(recovery is not None):
             cli_main(flow, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
         cause = _unwrapped(exc)
@@ -636,19 +636,19 @@ def _init_partitions(directory: Path, opts: RunOptions) -> None:
 
 
 _PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")
-_PANIC_TAIL = (b"Box<dyn Any>", b"note: run with `RUST_BACKTRACE=1`")
+# What follows the notice: its payload, the hint, and with RUST_BACKTRACE=1 the frames.
+_PANIC_TAIL = re.compile(rb"^(Box<dyn Any>|note: run with `RUST_BACKTRACE=1`|stack backtrace:"
+                         rb"|\s+\d+: |\s+at |note: Some details are omitted)")
 
 
 @contextmanager
-def _without_worker_panics() -> Iterator[None]:
+def without_worker_panics() -> Iterator[None]:
     """Drop the notice bytewax's worker prints on stderr when a step raises.
 
-    The step's exception still ends the run and is printed as one ``error:`` line. With
-    ``RUST_BACKTRACE`` set, stderr is left alone.
+    The step's exception still ends the run and is printed as one ``error:`` line; the
+    Rust frames of ``RUST_BACKTRACE=1`` (often set for other work) go too. With
+    ``RUST_BACKTRACE=full`` the notice is kept. Either way stderr is scrubbed of secrets.
     """
-    if os.environ.get("RUST_BACKTRACE", "0") not in ("", "0"):
-        yield
-        return
     sys.stderr.flush()
     saved = os.dup(2)
     read, write = os.pipe()
@@ -672,12 +672,13 @@ def _pump(read: int, out: int) -> None:
     in place) is copied at once unless it may be the start of a panic notice.
     """
     panic = False
+    keep = os.environ.get("RUST_BACKTRACE") == "full"
     pending = b""
     with os.fdopen(out, "wb", buffering=0) as dst:
         while chunk := os.read(read, 65536):
             *lines, pending = (pending + chunk).split(b"\n")
             for text in lines:
-                if _PANIC.match(text) or (panic and text.startswith(_PANIC_TAIL)):
+                if not keep and (_PANIC.match(text) or (panic and _PANIC_TAIL.match(text))):
                     panic = True
                     continue
                 panic = False
