@@ -47,6 +47,7 @@ from pydantic import Field
 from dataflare.config import Duration, Strict
 from dataflare.connectors.batching import Discard, Once
 from dataflare.connectors.schema import json_line, json_value, record_line
+from dataflare.operators.keyed import skip_snapshots
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import (
     INPUT,
@@ -877,6 +878,8 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         shutil.rmtree(self.scratch, ignore_errors=True)  # empty: every file was published
         if self.out.one_file is not None:
             self._storage_call(str(self.out.one_file.path), self._one_file, self.out.one_file)
+            if skip_snapshots():  # no resume will read the journal: nothing is left beside
+                shutil.rmtree(self.out.template.prefix, ignore_errors=True)
         return self._emit(), False
 
     def _roll_all(self) -> None:
