@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.pg_private import free_port
+from tests.fixtures.workflows import stop_while_retrying
 from tests.test_exactly_once import produce
 
 FLOW = """
@@ -184,16 +185,7 @@ workflow:
     down = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
     proc = subprocess.Popen(cmd, env={**os.environ, "PG_DSN": down}, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.monotonic() + 60
-    seen = ""
-    while "retry 1/9" not in seen:  # the first write failed and waits to be retried
-        line = proc.stderr.readline() if proc.stderr else ""
-        assert line or proc.poll() is None, seen
-        assert time.monotonic() < deadline, seen
-        seen += line
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, seen + err
+    err = stop_while_retrying(proc)  # the first write failed and waits to be retried
     assert "stopped cleanly on SIGTERM" in err and "run failed" not in err
     out = subprocess.run(cmd, env={**os.environ, "PG_DSN": pg_schema.dsn}, capture_output=True,
                          text=True, timeout=120)

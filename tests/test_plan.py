@@ -416,8 +416,8 @@ workflow:
         "window: last_7d}]"))
     out = plan_cli(str(new), "--against", str(old))
     assert out.returncode == 1
-    assert out.stderr.strip() == ("error: cannot compile the workflow: step 'a': aggregations "
-                                  "of 'v' have a trailing 'window' but config.time_field is "
-                                  "not set")
-    out = plan_cli(str(new), "--recovery-dir", str(tmp_path / "none"))
+    assert out.stderr.strip() == (f"{new}:5:65: transformations.a.config.aggregations: the "
+                                  "trailing 'window' of 'v' is measured on the event time "
+                                  "'time_field', which is not set")
+    out = plan_cli(str(old), "--recovery-dir", str(tmp_path / "none"))
     assert out.returncode == 1 and "is not a recovery directory" in out.stderr

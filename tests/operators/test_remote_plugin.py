@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.fixtures.workflows import read_jsonl, run_cli
+from tests.fixtures.workflows import read_jsonl, run_cli, stop_while_retrying
 
 TOKEN = "s3cr3t-token-value"
 
@@ -176,10 +176,8 @@ def test_a_stop_while_the_plugin_is_retried_leaves_the_batch_to_the_resume(tmp_p
     # The batch's records were dead-lettered (or the run failed) because SIGTERM cut the
     # retries short: a stop is no verdict on them, and the resumed run sends them again.
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     (tmp_path / "customers.jsonl").write_text(
         "\n".join(orjson.dumps(r).decode() for r in ROWS) + "\n")
@@ -192,15 +190,7 @@ def test_a_stop_while_the_plugin_is_retried_leaves_the_batch_to_the_resume(tmp_p
     env = {**os.environ, "ML_API_TOKEN": TOKEN, "RUST_BACKTRACE": "0"}
     service.faults = [503] * 1000
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    seen, deadline = "", time.monotonic() + 60
-    while "retry 1/9" not in seen:  # the first call failed and waits to be retried
-        line = proc.stderr.readline() if proc.stderr else ""
-        assert line or proc.poll() is None, seen
-        assert time.monotonic() < deadline, seen
-        seen += line
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, seen + err
+    err = stop_while_retrying(proc)
     assert "stopped on SIGTERM during retries: plugin 'ml_processor'" in err, err
     assert "the next run reads its records again from the last snapshot" in err
     assert not (tmp_path / "out" / "dead.jsonl").exists() or read_jsonl(
