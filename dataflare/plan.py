@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataflare import secrets
 from dataflare.dsl_compiler import Validated, compile_validated, schemas, validate_text
 from dataflare.operators.keyed import (
     describe_change,
@@ -158,9 +159,10 @@ def plan_against_recovery(new: Validated, directory: str | Path) -> Plan:
         notes.append(f"{directory} does not name the workflow of its run (runs record it in "
                      f"{WORKFLOW_RECORD}): steps and shapes are not compared")
     else:
-        changes += _step_changes(old, new)
-        moved = _moved_sources(old, new)
-        changes += _destination_changes(old, new)
+        seen = _masked(new)  # as recorded: secrets written out in it are not compared
+        changes += _step_changes(old, seen)
+        moved = _moved_sources(old, seen)
+        changes += _destination_changes(old, seen)
     changes += _state_changes(before, _definitions(flow), saved)
     changes += _partition_changes(flow, saved, moved, notes)
     return Plan(new.file, f"recovery directory {directory}", tuple(_ordered(changes)),
@@ -169,13 +171,28 @@ def plan_against_recovery(new: Validated, directory: str | Path) -> Plan:
 
 # -- the workflow a recovery directory belongs to ------------------------------------------
 
+def _masked(v: Validated) -> Validated:
+    """``v`` as :func:`record_workflow` records it: the secrets written out in it masked."""
+    try:
+        text = Path(v.file).read_text(encoding="utf-8")
+    except OSError:
+        return v
+    masked = secrets.scrub(text, fragments=False)
+    if masked == text:
+        return v
+    out = validate_text(masked, v.file, base_dir=v.base_dir)
+    return v if out.workflow is None else out
+
+
 def record_workflow(directory: Path, path: str) -> str | None:
     """Record ``path``'s workflow as the one of ``directory``'s state; the previous record."""
     file = directory / WORKFLOW_RECORD
     previous = file.read_text() if file.exists() else None
     p = Path(path).resolve()
     tmp = file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"path": str(p), "text": p.read_text(encoding="utf-8")}))
+    # Secrets written out in the workflow (a password in a DSN) are not kept: see _masked.
+    text = secrets.scrub(p.read_text(encoding="utf-8"), fragments=False)
+    tmp.write_text(json.dumps({"path": str(p), "text": text}))
     tmp.replace(file)
     return previous
 

@@ -231,3 +231,30 @@ workflow:
 
     rendered = [secrets.scrub(p.render()) for p in v.problems]
     assert any("variable HOOK_TOKEN is not set" in r for r in rendered), rendered
+
+
+def test_a_password_written_in_a_dsn_is_not_copied_into_the_recovery_directory(
+        tmp_path: Path, pg_schema: Any) -> None:
+    # The run records its workflow beside its state (for `plan --recovery-dir`); the text
+    # held the DSN's password as written.
+    password = "TopSecretPw9-x"
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n')
+    dsn = f"postgresql://postgres:{password}@127.0.0.1:5432/test"
+    (tmp_path / "wf.yaml").write_text(f"""\
+workflow:
+  sources: {{src: {{type: file, config: {{path: in.jsonl}}}}}}
+  destinations:
+    pg: {{type: postgres, inputs: [src], config: {{dsn: "{dsn}", schema: {pg_schema.schema},
+         table: t}}}}
+""")
+    env = {**os.environ, "RUST_BACKTRACE": "0"}
+    run = subprocess.run([sys.executable, "-m", "dataflare", "run", "wf.yaml", "-r", "st"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for f in (tmp_path / "st").iterdir():
+        assert password.encode() not in f.read_bytes(), f
+    assert "***@127.0.0.1" in (tmp_path / "st" / "dataflare-workflow.json").read_text()
+    plan = subprocess.run([sys.executable, "-m", "dataflare", "plan", "wf.yaml",
+                           "--recovery-dir", "st"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert plan.returncode == 0 and "nothing differs" in plan.stdout, plan.stdout + plan.stderr
