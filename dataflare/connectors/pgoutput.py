@@ -433,10 +433,12 @@ class ChangeDecoder:
         step_id: str,
         values: ValueDecoder | None = None,
         tables: Iterable[str] | None = None,
+        excluded: Iterable[str] = (),
     ) -> None:
         self.step_id = step_id
         self.values = values or ValueDecoder()
         self.tables = None if tables is None else frozenset(tables)
+        self.excluded = frozenset(excluded)
         self.relations: dict[int, Relation] = {}
         self._tx: Transaction | None = None
         self._begin: Begin | None = None
@@ -511,7 +513,8 @@ class ChangeDecoder:
         return rel
 
     def _wanted(self, rel: Relation) -> bool:
-        return self.tables is None or rel.qualified_name in self.tables
+        name = rel.qualified_name
+        return (self.tables is None or name in self.tables) and name not in self.excluded
 
     def _meta(self, op: str, rel: Relation, lsn: str, tx: Transaction) -> dict[str, Any]:
         return {

@@ -548,6 +548,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.last_heartbeat: datetime | None = None
         self.db = Database(src.step_id, cfg.conninfo(), src.retry)
         self.tables = src.cdc_tables()
+        self.excluded = src.cdc_excluded()
         resumed = None if state is None else int(state["lsn"])
         start_lsn = self.db.run("preparing the replication slot",
                                 lambda conn: self._prepare(conn, resumed))
@@ -555,6 +556,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             src.step_id,
             ValueDecoder(self.db.connection(), cfg.decimal_handling),
             self.tables or None,
+            self.excluded,
         )
         snapshot_mode, streams = src.snapshot_plan()
         self.streams = streams
@@ -614,6 +616,15 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                         _ident(self.publication), targets
                     )
                 )
+            elif self.excluded:  # every table but those: the ones there now
+                targets = sql.SQL(", ").join(_ident(*t.split(".", 1))
+                                             for t in self._user_tables(conn))
+                conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                    _ident(self.publication), targets))
+                log.warning("step '%s': publication %s lists every table but "
+                            "cdc.exclude_tables, as they are now: a table created later is "
+                            "not read (ALTER PUBLICATION %s ADD TABLE ...)", self.src.step_id,
+                            self.publication, self.publication)
             else:
                 conn.execute(
                     sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(_ident(self.publication))
@@ -681,6 +692,21 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             raise ValueError(msg)
         return lsn_to_int(row[1])
 
+    def _user_tables(self, conn: Any) -> list[str]:
+        """The database's tables outside the system schemas, less cdc.exclude_tables."""
+        rows = conn.execute(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg\\_%%' ORDER BY 1").fetchall()
+        tables = [r[0] for r in rows if r[0] not in self.excluded]
+        if not tables:
+            msg = (f"step '{self.src.step_id}': cdc.exclude_tables leaves no table to "
+                   f"publish in '{self.publication}'")
+            raise ValueError(msg)
+        return tables
+
     def _refuse_unidentified(self, conn: Any) -> None:
         """Refuse to publish a table whose updates and deletes could not be published.
 
@@ -697,8 +723,10 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             "AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS ("
             "  SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) "
             "AND (%(all)s OR n.nspname || '.' || c.relname = ANY(%(tables)s)) "
+            "AND NOT n.nspname || '.' || c.relname = ANY(%(excluded)s) "
             "ORDER BY 1",
-            {"all": not self.tables, "tables": sorted(self.tables)},
+            {"all": not self.tables, "tables": sorted(self.tables),
+             "excluded": sorted(self.excluded)},
         ).fetchall()
         if rows:
             names = ", ".join(r[0] for r in rows[:5]) + (" ..." if len(rows) > 5 else "")
@@ -960,6 +988,11 @@ class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         cdc = self.cdc_settings()
         return selected_tables(cdc.include_tables, cdc.exclude_tables, self.cfg.table,
                                lambda t: ".".join(self.cfg.qualified(t)))
+
+    def cdc_excluded(self) -> set[str]:
+        """``schema.table`` names of ``cdc.exclude_tables``: never read nor published."""
+        return {t if "." in t else ".".join(self.cfg.qualified(t))
+                for t in self.cdc_settings().exclude_tables}
 
     def snapshot_tables(self) -> list[str]:
         """Tables read by the initial snapshot."""

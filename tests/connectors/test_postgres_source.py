@@ -1437,3 +1437,35 @@ def test_an_idle_slot_follows_the_wal_others_write(pg_private: Any, tmp_path: Pa
         proc.terminate()
         proc.wait(timeout=60)
         drop_slot(pg_private, slot, f"{slot}_pub")
+
+
+def test_cdc_exclude_tables_are_neither_published_nor_read(pg_private: Any) -> None:
+    # They were both: the publication was FOR ALL TABLES, so their changes came through,
+    # and a table without a key there (excluded or created later) refused the
+    # applications' UPDATE and DELETE.
+    import dataclasses
+
+    db = f"excl_{os.getpid()}"
+    pg_private.execute(f"DROP DATABASE IF EXISTS {db}", f"CREATE DATABASE {db}")
+    pg = dataclasses.replace(pg_private, database=db)
+    pg.execute("CREATE TABLE kept (id int PRIMARY KEY, v text)",
+               "CREATE TABLE skipped (id int PRIMARY KEY, v text)",
+               "CREATE TABLE app_log (a int, b text)")
+    ctx = make_ctx("all_but", conn_cfg(pg, batch_size=50, stop_at_end=True), mode="cdc", cdc={
+        "slot_name": "excl_slot", "publication_name": "excl_pub", "snapshot_mode": "never",
+        "poll_interval": "10ms", "exclude_tables": ["public.skipped", "app_log"]})
+    try:
+        src = build_postgres_source(ctx)
+        src.build_part("all_but", src.list_parts()[0], None).close()
+        with pg.connect() as conn:
+            published = [r[0] for r in conn.execute(
+                "SELECT tablename FROM pg_publication_tables WHERE pubname = 'excl_pub'")]
+        assert published == ["kept"]
+        pg.execute("INSERT INTO kept VALUES (1, 'a')", "INSERT INTO skipped VALUES (1, 'b')",
+                   "INSERT INTO app_log VALUES (1, 'x')",
+                   "UPDATE app_log SET b = 'y'")  # the application still writes
+        got = run_source(ctx)
+        assert [(r["_meta"]["table"], r["id"]) for r in got] == [("public.kept", 1)]
+    finally:
+        drop_slot(pg, "excl_slot", "excl_pub")
+        pg_private.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
