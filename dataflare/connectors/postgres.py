@@ -639,15 +639,12 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 ).fetchall()
             }
             missing = sorted(set(self.tables) - published)
-            if missing:
-                log.warning(
-                    "step '%s': publication '%s' does not publish %s: their changes are not "
-                    "read (ALTER PUBLICATION %s ADD TABLE ...)",
-                    self.src.step_id,
-                    self.publication,
-                    ", ".join(missing),
-                    self.publication,
-                )
+            if missing:  # a snapshot would read them, and then no change would come
+                msg = (f"step '{self.src.step_id}': publication '{self.publication}' does not "
+                       f"publish {', '.join(missing)}, so their changes would never be read: "
+                       f"ALTER PUBLICATION {self.publication} ADD TABLE {', '.join(missing)} "
+                       "(or leave them out of the source's tables)")
+                raise LookupError(msg)
         lost = "wal_status = 'lost'" if conn.info.server_version >= 130000 else "false"
         row = conn.execute(
             f"SELECT plugin, confirmed_flush_lsn::text, {lost} FROM pg_replication_slots "

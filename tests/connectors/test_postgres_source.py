@@ -648,9 +648,8 @@ def test_cdc_reports_slot_lag(pg_private: Any, tmp_path: Path) -> None:
     assert value is not None and value >= 0
 
 
-def test_cdc_warns_when_an_existing_publication_misses_a_table(
-    pg_private: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_cdc_refuses_a_table_an_existing_publication_misses(pg_private: Any) -> None:
+    # It was a warning: the snapshot read the table, then its changes never came.
     drop_slot(pg_private, "warn_slot", "warn_pub")
     pg_private.execute(
         "DROP TABLE IF EXISTS warn_rows",
@@ -664,9 +663,10 @@ def test_cdc_warns_when_an_existing_publication_misses_a_table(
         cdc={"slot_name": "warn_slot", "publication_name": "warn_pub", "snapshot_mode": "never"},
     )
     src = build_postgres_source(ctx)
-    with caplog.at_level("WARNING"):
-        src.build_part("warn_rows", src.list_parts()[0], None).close()
-    assert "publication 'warn_pub' does not publish public.warn_rows" in caplog.text
+    with pytest.raises(LookupError, match="publication 'warn_pub' does not publish "
+                       "public.warn_rows, so their changes would never be read: ALTER "
+                       "PUBLICATION warn_pub ADD TABLE public.warn_rows"):
+        src.build_part("warn_rows", src.list_parts()[0], None)
     drop_slot(pg_private, "warn_slot", "warn_pub")
 
 
