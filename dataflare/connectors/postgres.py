@@ -83,6 +83,7 @@ from dataflare.connectors.sql_source import (
 )
 from dataflare.lineage import table_dataset
 from dataflare.registry import BuildContext, source
+from dataflare.retry import TransientError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -657,6 +658,13 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             "again from a new snapshot of the tables, run with a fresh recovery directory "
             "(and cdc.snapshot_mode: initial)"
         )
+        reader = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s "
+                              "AND active", (self.slot,)).fetchone()
+        if reader is not None:  # retried: a crashed run's reader may take a moment to go
+            msg = (f"replication slot '{self.slot}' is in use by another reader (server "
+                   f"process {reader[0]}): two runs on one slot each miss the changes the "
+                   "other reads; stop the other run, or give this one its own cdc.slot_name")
+            raise TransientError(msg)
         if row is None and resumed is not None:
             msg = (f"step '{self.src.step_id}': cannot resume: replication slot "
                    f"'{self.slot}' no longer exists (dropped, or removed by the server); "

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -1469,3 +1470,44 @@ def test_cdc_exclude_tables_are_neither_published_nor_read(pg_private: Any) -> N
     finally:
         drop_slot(pg, "excl_slot", "excl_pub")
         pg_private.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def test_cdc_refuses_a_slot_another_reader_holds(pg_private: Any) -> None:
+    # A second run on the same slot took a snapshot and then ran beside the first, each
+    # missing the changes the other read, until one died of ObjectInUse.
+    from tests.fixtures.pg_private import PG_BIN
+
+    slot = "held_slot"
+    drop_slot(pg_private, slot, f"{slot}_pub")
+    pg_private.execute("DROP TABLE IF EXISTS held_rows",
+                       "CREATE TABLE held_rows (id int PRIMARY KEY)")
+    ctx = cdc_ctx(pg_private, "held_rows", slot, ["public.held_rows"])
+    src = build_postgres_source(ctx)
+    src.build_part("held_rows", src.list_parts()[0], None).close()  # creates the slot
+    reader = subprocess.Popen(
+        [str(PG_BIN / "pg_recvlogical"), "-d", pg_private.dsn, "--slot", slot, "--start",
+         "-o", "proto_version=1", "-o", f"publication_names={slot}_pub", "-f", os.devnull])
+    try:
+        deadline = time.monotonic() + 30
+        while slot_active(pg_private, slot) is None:
+            assert time.monotonic() < deadline and reader.poll() is None
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match=f"replication slot '{slot}' is in use by "
+                           "another reader .*give this one its own cdc.slot_name"):
+            src.build_part("held_rows", src.list_parts()[0], None)
+    finally:
+        reader.terminate()
+        reader.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while slot_active(pg_private, slot) is not None:  # the reader is gone: the run goes on
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    src.build_part("held_rows", src.list_parts()[0], None).close()
+    drop_slot(pg_private, slot, f"{slot}_pub")
+
+
+def slot_active(pg: Any, slot: str) -> int | None:
+    with pg.connect() as conn:
+        row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s "
+                           "AND active", (slot,)).fetchone()
+    return None if row is None else row[0]
