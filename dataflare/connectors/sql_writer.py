@@ -210,7 +210,10 @@ def prepare(
         if merge_key:
             missing = [k for k in merge_key if row.get(k) is None]
             if missing:
-                msg = f"step {step!r}: merge key {', '.join(missing)} missing in record {row!r}"
+                said = ", ".join(f"{k} is null" if k in row else f"{k} is missing"
+                                 for k in missing)
+                msg = (f"step {step!r}: a merge key cannot be null ({said}) in record "
+                       f"{row!r}")
                 errs.append(Failed(step, "RecordError", msg, rec, meta or {}))
                 continue
         if meta is None:

@@ -169,3 +169,11 @@ def test_the_columns_of_a_batch_are_its_fields_in_order_of_appearance() -> None:
     assert columns([{"a": 1, "b": 2}, {"b": 3}, {}]) == ["a", "b"]
     assert columns([{"a": 1}, {"b": 2, "a": 1}]) == ["a", "b"]
     assert columns([{"a": 1, "b": 2}, {"a": 1, "c": 2}]) == ["a", "b", "c"]
+
+
+def test_a_null_merge_key_is_said_null_not_missing() -> None:
+    _, errs = prepare([{"a": 3, "b": None, "_meta": {"x": 1}}, {"a": 4, "_meta": {"x": 2}}],
+                      "m", ("a", "b"))
+    assert [e.message.split(" in record")[0] for e in errs] == [
+        "step 'm': a merge key cannot be null (b is null)",
+        "step 'm': a merge key cannot be null (b is missing)"]
