@@ -151,7 +151,7 @@ def test_a_table_is_created_only_once_values_give_its_column_types(pg_schema: An
 def test_merge_rejects_records_without_the_key(pg_schema: Any) -> None:
     ctx = ctx_for(pg_schema, write_mode={"type": "merge", "merge_key": ["id"]})
     errors = run(ctx, [[{"id": 1, "v": "a"}, {"v": "no key", "_meta": {"file": "f", "line": 9}}]])
-    assert len(errors) == 1 and "merge key id missing" in errors[0].message
+    assert len(errors) == 1 and "merge key cannot be null (id is missing)" in errors[0].message
     assert errors[0].position() == "f:9"
     assert pg_schema.rows(f'SELECT id, v FROM "{pg_schema.schema}".orders') == [(1, "a")]
 
