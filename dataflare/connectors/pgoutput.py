@@ -316,43 +316,45 @@ def decode_message(data: bytes) -> Message:
 # -- values ----------------------------------------------------------------------------------
 
 
-_INFINITE = (b"infinity", b"-infinity")
-_INFINITE_LOADERS: dict[type, type] = {}
+# Values without a Python equivalent, by the start of their text: loaded as that text.
+_AS_TEXT = {"date": (b"infinity", b"-infinity"), "timestamp": (b"infinity", b"-infinity"),
+            "timestamptz": (b"infinity", b"-infinity"), "time": (b"24:",), "timetz": (b"24:",)}
+_TEXT_LOADERS: dict[type, type] = {}
 
 
-def _infinite_loader(base: type) -> type:
-    """A loader of ``base``'s type that loads ``infinity`` and ``-infinity`` as text."""
-    if base not in _INFINITE_LOADERS:
+def _text_loader(base: type, starts: tuple[bytes, ...]) -> type:
+    """A loader of ``base``'s type that loads the values starting with ``starts`` as text."""
+    if base not in _TEXT_LOADERS:
         from psycopg.adapt import Loader
 
-        class Infinite(Loader):
+        class AsText(Loader):
             def __init__(self, oid: int, context: Any = None) -> None:
                 super().__init__(oid, context)
                 self._load = base(oid, context).load
 
             def load(self, data: Any) -> Any:
-                if data == _INFINITE[0] or data == _INFINITE[1]:
+                if bytes(data[:9]).startswith(starts):
                     return bytes(data).decode()
                 return self._load(data)
 
-        _INFINITE_LOADERS[base] = Infinite
-    return _INFINITE_LOADERS[base]
+        _TEXT_LOADERS[base] = AsText
+    return _TEXT_LOADERS[base]
 
 
 def register_loaders(adapters: Any) -> None:
     """Make ``adapters`` (a psycopg ``AdaptersMap``) load every value the sources read.
 
-    PostgreSQL's ``infinity`` and ``-infinity`` dates and timestamps have no Python
-    equivalent (psycopg fails on them): they load as the strings ``"infinity"`` and
-    ``"-infinity"``, which PostgreSQL reads back as the same values.
+    PostgreSQL's ``infinity`` and ``-infinity`` dates and timestamps, and the time
+    ``24:00:00``, have no Python equivalent (psycopg fails on them): they load as their
+    text (``"infinity"``, ``"24:00:00"``), which PostgreSQL reads back as the same values.
     """
     from psycopg.pq import Format
 
-    for name in ("date", "timestamp", "timestamptz"):
+    for name, starts in _AS_TEXT.items():
         oid = adapters.types[name].oid
         base = adapters.get_loader(oid, Format.TEXT)
-        if base is not None and base not in _INFINITE_LOADERS.values():
-            adapters.register_loader(oid, _infinite_loader(base))
+        if base is not None and base not in _TEXT_LOADERS.values():
+            adapters.register_loader(oid, _text_loader(base, starts))
 
 
 class ValueDecoder:

@@ -1104,17 +1104,18 @@ def test_cdc_mirror_tables_take_each_source_tables_column_types(
 # -- values Python cannot hold ---------------------------------------------------------------
 
 ODD_TIMES = (
-    "CREATE TABLE {t} (id int PRIMARY KEY, tz timestamptz, ts timestamp, d date, ds date[])",
+    "CREATE TABLE {t} (id int PRIMARY KEY, tz timestamptz, ts timestamp, d date, ds date[], "
+    "t time)",
     "INSERT INTO {t} VALUES "
-    "(1, 'infinity', '-infinity', 'infinity', '{{-infinity,2024-01-01}}'), "
-    "(2, '2024-01-01 00:00+00', '2024-01-01', '0100-01-01 BC', NULL), "  # before year 1
-    "(3, '-infinity', '10000-01-01', '2024-01-02', NULL), "  # after year 9999
-    "(4, NULL, NULL, NULL, NULL)",
+    "(1, 'infinity', '-infinity', 'infinity', '{{-infinity,2024-01-01}}', '24:00:00'), "
+    "(2, '2024-01-01 00:00+00', '2024-01-01', '0100-01-01 BC', NULL, '12:00'), "  # year < 1
+    "(3, '-infinity', '10000-01-01', '2024-01-02', NULL, NULL), "  # after year 9999
+    "(4, NULL, NULL, NULL, NULL, NULL)",
 )
 ODD_RECORDS = [
     {"id": 1, "tz": "infinity", "ts": "-infinity", "d": "infinity",
-     "ds": ["-infinity", "2024-01-01"]},
-    {"id": 4, "tz": None, "ts": None, "d": None, "ds": None},
+     "ds": ["-infinity", "2024-01-01"], "t": "24:00:00"},  # a legal time Python lacks
+    {"id": 4, "tz": None, "ts": None, "d": None, "ds": None, "t": None},
 ]
 
 
@@ -1131,7 +1132,8 @@ def check_odd_failures(items: list[Any], step: str, table: str, where: list[str]
     assert f"source '{step}': cannot convert column 'ts' of {table} ({where[1]}" in second
     assert "timestamp too large (after year 10K)" in second
     assert failed[0].record == {"id": 2, "tz": "2024-01-01T00:00:00+00:00",
-                                "ts": "2024-01-01T00:00:00", "d": "0100-01-01 BC", "ds": None}
+                                "ts": "2024-01-01T00:00:00", "d": "0100-01-01 BC", "ds": None,
+                                "t": "12:00:00"}
     assert failed[1].record["ts"] == "10000-01-01 00:00:00"
 
 
