@@ -40,16 +40,18 @@ from the slot's position): run CDC with recovery.
 Values: as psycopg loads them, made JSON-like (timestamps ISO-8601, ``numeric`` per
 ``decimal_handling``, ``bytea`` in PostgreSQL's hex text form, arrays as lists, json as
 objects); infinite dates and timestamps as the strings ``"infinity"`` and
-``"-infinity"``. A value that cannot be converted (a date before year 1 or after 9999)
-fails its row alone: a ``Failed`` entry naming the column and the row, under the step's
-error policy. A broken connection, a terminated backend, a deadlock are retried
-(``workflow.config.retry``); authentication errors, missing tables, bad SQL are terminal.
+``"-infinity"``, the time ``24:00:00`` as that string. A value that cannot be converted
+(a date before year 1 or after 9999) fails its row alone: a ``Failed`` entry naming the
+column and the row, under the step's error policy. A broken connection, a terminated
+backend, a deadlock are retried (``workflow.config.retry``); authentication errors, a
+connection string libpq cannot read, missing tables, bad SQL are terminal.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -214,7 +216,12 @@ _TERMINAL_CONNECT = (
     "no pg_hba.conf entry",
     "permission denied",
     "role ",
+    # A connection string libpq cannot read (a port that is no number, an unknown sslmode,
+    # a password with an unescaped "@" read as part of the host): no retry mends it.
+    "connection is bad: invalid",
+    "invalid connection option",
 )
+_MISREAD_HOST = re.compile(r"failed to resolve host '[^']*@")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -225,7 +232,8 @@ def is_transient(exc: BaseException) -> bool:
         return sqlstate.startswith(_TRANSIENT_SQLSTATES)
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         text = str(exc)
-        return not any(marker in text for marker in _TERMINAL_CONNECT)
+        return not (any(marker in text for marker in _TERMINAL_CONNECT)
+                    or _MISREAD_HOST.search(text))
     return False
 
 

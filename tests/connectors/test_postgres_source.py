@@ -1513,3 +1513,19 @@ def slot_active(pg: Any, slot: str) -> int | None:
         row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s "
                            "AND active", (slot,)).fetchone()
     return None if row is None else row[0]
+
+
+@pytest.mark.parametrize("dsn", [
+    "host=127.0.0.1 port=54x99 dbname=test user=postgres",
+    "host=127.0.0.1 port=5432 dbname=test user=postgres sslmode=bogus",
+    "postgresql://postgres:pa@ss@127.0.0.1:5432/test",  # the "@" of a password unescaped
+])
+def test_a_connection_string_libpq_cannot_read_is_not_retried(dsn: str) -> None:
+    # Each was retried for a minute as if the server were down.
+    import psycopg
+
+    from dataflare.connectors.postgres import is_transient
+
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(dsn, connect_timeout=2)
+    assert not is_transient(info.value)
