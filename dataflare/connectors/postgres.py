@@ -638,6 +638,11 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 conn.execute(
                     sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(_ident(self.publication))
                 )
+                log.warning("step '%s': publication %s publishes every table, also those "
+                            "created later: PostgreSQL refuses UPDATE and DELETE on one "
+                            "without a primary key or replica identity; list the tables "
+                            "(cdc.include_tables) to avoid that", self.src.step_id,
+                            self.publication)
             log.info("step '%s': created publication %s", self.src.step_id, self.publication)
         elif self.tables:
             published = {
