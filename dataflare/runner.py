@@ -28,6 +28,7 @@ from typing import Any
 
 from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
+from dataflare.connectors.lake import remove_one_file_parts
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 from dataflare.logs import CONTEXT, json_mode, say
 from dataflare.operators.keyed import run_recovery
@@ -257,7 +258,10 @@ class _Progress:
             return
         state = ", run failed" if failure else ""
         if json_mode():
-            counts = {s: {"records": n, "failed": e} for s, n, e in self.counts()}
+            counts: dict[str, dict[str, int]] = {s: {"records": n, "failed": e}
+                                                 for s, n, e in self.counts()}
+            for step, n in self.late().items():  # apart from the records the step emitted
+                counts[step]["late"] = n
             say("summary", records_count=sum(n for s, n, _ in self.counts()
                                              if s in self.destinations),
                 duration_ms=round(elapsed * 1000), steps=counts,
@@ -307,8 +311,6 @@ def _run(opts: RunOptions) -> RunResult:
     from bytewax.recovery import RecoveryConfig
     from bytewax.run import cli_main
 
-    if not opts.verbose:
-        os.environ["RUST_BACKTRACE"] = "0"
     v = validate_file(opts.path)
     problems = v.errors(for_run=True)
     for p in v.problems:  # the warnings of validate are shown by run too
@@ -510,6 +512,8 @@ def _run(opts: RunOptions) -> RunResult:
             code, status = 128 + signum, "stopped"
             kept = " (state kept in the final snapshot)" if recovery is not None else ""
             say(f"stopped cleanly on {signal.Signals(signum).name}{kept}", status="stopped")
+    # Its last snapshot is committed: what only a resume of this run would read can go.
+    remove_one_file_parts(os.environ[RUN_ID_ENV], completed=status == "succeeded")
     monitor.close()
     if live is not None:
         live.stop()
@@ -636,9 +640,10 @@ def _init_partitions(directory: Path, opts: RunOptions) -> None:
 
 
 _PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")
-# What follows the notice: its payload, the hint, and with RUST_BACKTRACE=1 the frames.
+# What follows the notice: its payload, the hint, with RUST_BACKTRACE=1 the frames, and the
+# empty line that ends it.
 _PANIC_TAIL = re.compile(rb"^(Box<dyn Any>|note: run with `RUST_BACKTRACE=1`|stack backtrace:"
-                         rb"|\s+\d+: |\s+at |note: Some details are omitted)")
+                         rb"|\s+\d+: |\s+at |note: Some details are omitted|$)")
 
 
 @contextmanager

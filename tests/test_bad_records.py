@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def run(tmp_path: Path, flow: str) -> subprocess.CompletedProcess[str]:
@@ -107,3 +110,28 @@ workflow:
     assert named == [["in.jsonl", str(i)] for i in range(1, 11)]
     assert "step 'm': more records skipped than the first 10 listed" in out.stderr
     assert "m: 3, 12 failed" in out.stderr
+
+
+@pytest.mark.parametrize("batches", [[13], [10, 3], [5, 5, 3], [3, 9, 1], [10], [4, 6]])
+def test_skip_names_ten_records_then_says_once_that_more_followed(
+        batches: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    # Ten failures in the first batches and more after: the "more" line was left out.
+    from dataflare.dsl_compiler.compiler import _policy
+    from dataflare.dsl_compiler.models import ErrorHandling
+    from dataflare.records import Failed
+
+    handle = _policy("m", ErrorHandling(strategy="skip"), None, "src")
+    line = 0
+    with caplog.at_level(logging.WARNING, logger="dataflare.dsl_compiler.compiler"):
+        for size in batches:
+            assert handle([Failed("m", "RecordError", "bad", {"a": line + i},
+                                  {"file": "in.jsonl", "line": line + i + 1})
+                           for i in range(size)]) is None
+            line += size
+    said = [r.getMessage() for r in caplog.records]
+    named = [m for m in said if "skipped record at" in m]
+    assert named == [f"step 'm': skipped record at in.jsonl:{i}: RecordError: bad"
+                     for i in range(1, min(line, 10) + 1)]
+    more = [m for m in said if "more records skipped" in m]
+    assert more == (["step 'm': more records skipped than the first 10 listed; the run's "
+                     "summary counts them all"] if line > 10 else [])

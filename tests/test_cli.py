@@ -1,8 +1,14 @@
 """The command line: discover, graph formats, schema."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from tests.fixtures.workflows import ROOT, run_cli
+import pytest
+
+from tests.fixtures.workflows import ROOT, Result, run_cli
 
 
 def test_discover_infers_file_and_generator_schemas(tmp_path):
@@ -200,3 +206,66 @@ def test_server_commands_say_when_the_server_cannot_be_reached():
         assert out.code == 1
         assert out.stderr.startswith("error: no answer from the server (ConnectError:"), out.stderr
         assert "Traceback" not in out.stderr
+
+
+FAILING_STEP = """\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  transformations:
+    m:
+      type: mapping
+      inputs: [src]
+      config: {mappings: [{source: a, destination: b, transform: to_int}]}
+  destinations:
+    out: {type: file, inputs: [m], config: {path: out.jsonl}}
+tests:
+  - name: bad
+    inputs: {src: [{a: "x"}]}
+    expect: {out: []}
+"""
+
+
+def run_with_backtrace(rust_backtrace: str | None, *args: str, cwd: Path) -> Result:
+    """``dataflare ARGS`` with ``RUST_BACKTRACE`` as a user may have it (unset: None)."""
+    env = {k: v for k, v in os.environ.items() if k != "RUST_BACKTRACE"}
+    env["PYTHONPATH"] = str(ROOT)
+    if rust_backtrace is not None:
+        env["RUST_BACKTRACE"] = rust_backtrace
+    proc = subprocess.run([sys.executable, "-m", "dataflare", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("rust_backtrace", [None, "0", "1"])
+def test_a_failing_step_is_one_message_in_run_run_v_and_test(tmp_path, rust_backtrace):
+    # bytewax's worker prints a panic notice when a step raises: its line, "Box<dyn Any>",
+    # a hint or Rust frames, then an empty line, which was left on stderr.
+    (tmp_path / "in.jsonl").write_text('{"a": "x"}\n')
+    (tmp_path / "wf.yaml").write_text(FAILING_STEP)
+    for args in (["run"], ["run", "-v"], ["-v", "run"]):
+        out = run_with_backtrace(rust_backtrace, *args, "wf.yaml", cwd=tmp_path)
+        assert out.code == 1
+        lines = out.stderr.splitlines()
+        assert ("error: step 'm' failed on the record at in.jsonl:1: RecordError: to_int: "
+                "'x' is not a number") in lines, out.stderr
+        assert "" not in lines, (args, out.stderr)
+        for noise in ("panicked", "Box<dyn Any>", "RUST_BACKTRACE", "stack backtrace"):
+            assert noise not in out.stderr, (args, out.stderr)
+    for args in (["test"], ["-v", "test"]):
+        out = run_with_backtrace(rust_backtrace, *args, "wf.yaml", cwd=tmp_path)
+        assert out.code == 1
+        assert ("FAIL wf.yaml: bad: the run failed: step 'm' failed on the record at "
+                "test_input=src, index=0") in out.stdout, out.stdout
+        assert out.stderr == "", (args, out.stderr)  # the failure is in the test's line
+
+
+def test_rust_backtrace_full_keeps_the_panic_notice_in_run_as_in_test(tmp_path):
+    # RUST_BACKTRACE=full asks for bytewax's own report (its frames): run without -v
+    # dropped it where run -v and test kept it.
+    (tmp_path / "in.jsonl").write_text('{"a": "x"}\n')
+    (tmp_path / "wf.yaml").write_text(FAILING_STEP)
+    for args in (["run"], ["run", "-v"], ["test"]):
+        out = run_with_backtrace("full", *args, "wf.yaml", cwd=tmp_path)
+        assert out.code == 1
+        assert "panicked at" in out.stderr and "stack backtrace:" in out.stderr, args

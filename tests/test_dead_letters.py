@@ -240,3 +240,41 @@ workflow:
     result = run_cli("run", "flow.yaml", cwd=tmp_path, timeout=60)
     assert result.code == 124, result.stderr
     assert "ran longer than its config.timeout (3s)" in result.stderr
+
+
+def test_quarantined_records_name_their_source_like_other_dead_letters(tmp_path: Path) -> None:
+    # A data_quality quarantine's dead letters had source.component null, by either route.
+    (tmp_path / "a.jsonl").write_text('{"email": "a@x.com"}\n{"email": "nope"}\n')
+    (tmp_path / "b.jsonl").write_text('{"email": "bad"}\n')
+    rules = "validations: [{field: email, rules: [is_email]}]"
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  sources:
+    a: {{type: file, config: {{path: a.jsonl}}}}
+    b: {{type: file, config: {{path: b.jsonl}}}}
+  transformations:
+    to_dest: {{type: data_quality, inputs: [a], config: {{{rules}, quarantine_to: q1}}}}
+    by_policy:
+      type: data_quality
+      inputs: [a]
+      config: {{{rules}}}
+      error_handling: {{strategy: redirect, redirect_to: q2}}
+    both: {{type: data_quality, inputs: [a, b], config: {{{rules}, quarantine_to: q3}}}}
+  destinations:
+    out: {{type: file, inputs: [to_dest, by_policy, both], config: {{path: out.jsonl}}}}
+    q1: {{type: file, config: {{path: q1.jsonl}}}}
+    q2: {{type: file, config: {{path: q2.jsonl}}}}
+    q3: {{type: file, config: {{path: q3.jsonl}}}}
+""")
+    result = run_cli("run", "flow.yaml", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    for name in ("q1", "q2"):
+        [letter] = read_jsonl(tmp_path / f"{name}.jsonl")
+        assert letter["error"]["type"] == "quality"
+        assert letter["source"] == {"component": "a",
+                                    "position": {"file": "a.jsonl", "line": 2}}, name
+    # Fed by two sources: the component is not known (the position still says where).
+    letters = sorted(read_jsonl(tmp_path / "q3.jsonl"), key=lambda d: d["record"]["email"])
+    assert [d["source"] for d in letters] == [
+        {"component": None, "position": {"file": "b.jsonl", "line": 1}},
+        {"component": None, "position": {"file": "a.jsonl", "line": 2}}]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import dataflare
+from tests.fixtures.workflows import ROOT
 
 
 def test_run_returns_the_result_with_its_summary(tmp_path: Path) -> None:
@@ -46,3 +50,37 @@ def test_the_package_exports_its_api() -> None:
                                       "__version__"}
     assert dataflare.__version__
     assert (Path(dataflare.__file__).parent / "py.typed").exists()
+
+
+def test_a_window_counts_what_it_emitted_and_its_late_records_apart(tmp_path: Path) -> None:
+    # Six windows of two keys from 60 events, and 6 events 20 minutes behind: late.
+    base, events = 1704067200, []
+    for i in range(60):
+        events.append({"c": "fr" if i % 2 else "de", "n": i, "ts": base + i * 30})
+        if i % 10 == 9:
+            events.append({"c": "fr", "n": -1, "ts": base + i * 30 - 1200})
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    flow = tmp_path / "wf.yaml"
+    flow.write_text("""
+workflow:
+  sources: {src: {type: file, config: {path: in.jsonl}}}
+  transformations:
+    win:
+      type: window
+      inputs: [src]
+      config: {window: {type: tumbling, size: 5m}, time_field: ts, group_by: [c],
+               aggregations: [{field: n, operations: [count]}]}
+  destinations: {out: {type: file, inputs: [win], config: {path: out.jsonl}}}
+""")
+    windows = {"records": 12, "failed": 0, "late": 6}
+    result = dataflare.run(flow, quiet=True)
+    assert result.summary is not None and result.summary["steps"]["win"] == windows
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 12
+    # ... and so says the summary log line with --log-format json (it had no late count)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    text = subprocess.run([sys.executable, "-m", "dataflare", "--log-format", "json", "run",
+                           str(flow)], env=env, capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    [summary] = [line for line in (json.loads(x) for x in text.stderr.splitlines()
+                                   if x.startswith("{")) if line["message"] == "summary"]
+    assert summary["steps"]["win"] == windows and summary["records_count"] == 12

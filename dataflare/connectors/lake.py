@@ -30,6 +30,7 @@ import io
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -649,6 +650,26 @@ class OneFile:
     append: bool
 
 
+# Parts directories of one-file outputs written at the end of their input, by run id: they
+# hold the journal a resume from an earlier snapshot needs until the run has committed its
+# last snapshot, when the runner calls :func:`remove_one_file_parts`.
+_WRITTEN_PARTS: dict[str, set[str]] = {}
+_WRITTEN_LOCK = threading.Lock()
+
+
+def remove_one_file_parts(run: str, completed: bool) -> None:
+    """After run ``run``: remove the parts directories of the one-file outputs it wrote.
+
+    Only a ``completed`` run's: a stopped or failed one keeps them for its resume (the
+    journal says which parts a crashed execution published after the last snapshot, and
+    the rows an appended file held before the run).
+    """
+    with _WRITTEN_LOCK:
+        written = _WRITTEN_PARTS.pop(run, set())
+    for directory in written if completed else ():
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
     def __init__(self, out: LakeOutput, state: LakeState | None) -> None:
         self.out = out
@@ -880,6 +901,10 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
             self._storage_call(str(self.out.one_file.path), self._one_file, self.out.one_file)
             if skip_snapshots():  # no resume will read the journal: nothing is left beside
                 shutil.rmtree(self.out.template.prefix, ignore_errors=True)
+            else:  # kept until the last snapshot is committed (remove_one_file_parts)
+                with _WRITTEN_LOCK:
+                    _WRITTEN_PARTS.setdefault(self.state.run, set()).add(
+                        self.out.template.prefix)
         return self._emit(), False
 
     def _roll_all(self) -> None:

@@ -247,12 +247,12 @@ def test_integers_beyond_64_bits_are_written_as_text(tmp_path):
     assert read_jsonl(tmp_path / "out.jsonl") == [{"big": "100000000000000000000"}]
 
 
-def test_a_one_file_parquet_output_leaves_no_parts_unless_a_resume_may_need_them(tmp_path):
+def test_a_completed_one_file_parquet_output_leaves_no_parts(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
     path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",
                 "      type: file\n      config: {path: out.parquet}")
     assert run_cli("run", path).code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml", "in.jsonl", "out.parquet"]
     assert pq.read_table(tmp_path / "out.parquet").to_pylist() == [{"a": 1}, {"a": 2}]
-    assert run_cli("run", path, "-r", str(tmp_path / "rec")).code == 0  # the journal stays
-    assert (tmp_path / ".out.parquet.parts").is_dir()
+    assert run_cli("run", path, "-r", str(tmp_path / "rec")).code == 0
+    assert not (tmp_path / ".out.parquet.parts").exists()  # completed: nothing to resume

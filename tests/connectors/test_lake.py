@@ -438,3 +438,59 @@ workflow:
     assert [p.split(": warning: ")[1] for p in problems if "not in the records" in p] == [
         "field 'kindd' is not in the records from 'm' (did you mean 'kind'?); they have: kind",
         "field 'kinnd' is not in the records from 'm' (did you mean 'kind'?); they have: kind"]
+
+
+ONE_FILE_FLOW = """\
+workflow:
+  sources:
+    src: {source}
+  destinations:
+    out: {{type: file, inputs: [src], config: {{path: out.parquet}}}}
+"""
+
+
+def test_a_completed_run_with_recovery_leaves_no_parts_beside_its_one_file(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    path = write_flow(tmp_path, ONE_FILE_FLOW.format(
+        source="{type: file, config: {path: in.jsonl}}"))
+    recovery = tmp_path / "rec"
+    assert dataflare.run(path, recovery_dir=recovery).ok
+    assert not (tmp_path / ".out.parquet.parts").exists()  # the journal went with the run
+    with (tmp_path / "in.jsonl").open("a") as f:
+        f.write('{"a": 3}\n')
+    assert dataflare.run(path, recovery_dir=recovery).ok  # resumes: reads the new line
+    assert pq.read_table(tmp_path / "out.parquet").to_pylist() == [{"a": 1}, {"a": 2}, {"a": 3}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml", "in.jsonl",
+                                                          "out.parquet", "rec"]
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "timeout"])
+def test_a_stopped_run_keeps_the_parts_of_its_one_file_for_the_resume(tmp_path, stop):
+    # The one file is written when the input ends, also by a stop (SIGTERM, config.timeout);
+    # the journal beside it stays for the resume.
+    source = ("{type: generator, config: {count: null, rate: 200, batch_size: 20, "
+              "fields: {n: {type: sequence}}}}")
+    text = ONE_FILE_FLOW.format(source=source)
+    if stop == "timeout":
+        text += "  config: {timeout: 1}\n"
+    path = write_flow(tmp_path, text)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dataflare", "run", str(path), "--quiet", "-r", "rec", "-s", "0.2"],
+        cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        stderr=subprocess.PIPE, text=True)
+    try:
+        if stop == "sigterm":  # once a part is published: the run is under way
+            journal = tmp_path / ".out.parquet.parts" / "_dataflare" / "out"
+            deadline = time.monotonic() + 60
+            while not any(p.name.isdigit() for p in journal.glob("*/*")):
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "no part published in 60 s"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == (143 if stop == "sigterm" else 124), err
+    assert pq.read_table(tmp_path / "out.parquet").num_rows >= 0  # written at the stop
+    assert (tmp_path / ".out.parquet.parts" / "_dataflare" / "out").is_dir()
