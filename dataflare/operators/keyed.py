@@ -484,7 +484,7 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         self.touched: dict[Any, Any] | None = None
         """The keys changed since the last snapshot; ``None``: the next one is whole."""
         self._chain: list[bytes] = []  # the last whole snapshot, then the changes since
-        self._changes = 0  # bytes of the chain's changes
+        self._chained_keys = 0  # keys the chain holds: the whole one's, then each change's
         if resume is not None:
             old, blob = resume
             if not resumable(old, definition):
@@ -527,21 +527,23 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
 
         A large state of a step that :attr:`tracks_keys` is written whole once, then only
         the keys changed since are added to it at each snapshot (compressed frames one
-        after the other, which :func:`load_state` applies in order), until the changes
-        outgrow the whole. In the store each snapshot still holds all of it, so a resume
-        needs nothing else; only the pickling of keys that did not change is saved.
+        after the other, which :func:`load_state` applies in order). It is written whole
+        again once the chain holds more than twice as many keys as the state: a key
+        changed at every epoch is then not kept many times over, while a state that grows
+        by new keys (windows opening) is pickled once, not again at each doubling. In the
+        store each snapshot still holds all of it, so a resume needs nothing else.
         """
         touched, state, keyed = self.touched, self.state, self.keyed
-        if touched is None or not self._chain or self._changes > len(self._chain[0]):
+        keys = state if keyed is None else state[keyed]
+        if touched is None or not self._chain \
+                or self._chained_keys + len(touched) > 2 * len(keys):
             self._chain = [dump_state(state, self.tree_state)]
-            self._changes = 0
+            self._chained_keys = len(keys)
         else:
             change = touched if keyed is None else (
                 {k: v for k, v in state.items() if k != keyed}, touched)
-            part = dump_state(change, self.tree_state)
-            self._chain.append(part)
-            self._changes += len(part)
-        keys = state if keyed is None else state[keyed]
+            self._chain.append(dump_state(change, self.tree_state))
+            self._chained_keys += len(touched)
         large = self.tracks_keys and len(keys) >= CHAIN_MIN_KEYS
         self.touched = {} if large else None
         return self._chain[0] if len(self._chain) == 1 else b"".join(self._chain)

@@ -277,3 +277,33 @@ def test_chained_snapshots_resume_to_the_state_they_were_taken_from(emit, monkey
         chains.append(len(shard._chain))
         assert op_.build(snap).state == shard.state, i
     assert max(chains) > 2
+
+
+def test_a_chain_of_snapshots_restarts_by_the_keys_it_holds_not_its_first_size(monkeypatch):
+    """A state that grows by new keys is pickled once; keys changed at every epoch are
+    not kept more than about twice over (the chain is written whole again)."""
+    import dataflare.operators.keyed as keyed
+    from dataflare.operators.aggregation import _AggregationOp
+
+    monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 2)
+    pickled: list[int] = []
+    dump = keyed.dump_state
+    monkeypatch.setattr(keyed, "dump_state", lambda state, tree=False: (
+        pickled.append(len(state["groups"] if isinstance(state, dict) else state[1])),
+        dump(state, tree))[1])
+    cfg = AggregationConfig.model_validate({"group_by": "k", "aggregations": AGGS})
+    op_ = _AggregationOp("agg", cfg, "final", 16)
+    growing = op_.build(None)
+    for i in range(10):  # 5 new keys an epoch
+        growing.process([[{"k": i * 5 + j, "v": j, "ts": i} for j in range(5)]])
+        snap = growing.snapshot()
+    assert op_.build(snap).state == growing.state
+    assert sum(pickled) == 50, pickled  # each key once, though the chain is 10x its head
+    pickled.clear()
+    steady = op_.build(None)
+    for i in range(10):  # the same 5 keys every epoch
+        steady.process([[{"k": j, "v": i, "ts": i} for j in range(5)]])
+        snap = steady.snapshot()
+        assert steady._chained_keys <= 2 * 5, i
+    assert op_.build(snap).state == steady.state
+    assert len(steady._chain) < 3
