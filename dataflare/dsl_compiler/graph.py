@@ -185,7 +185,7 @@ def check(
                 problems.append(
                     doc.problem(
                         ("workflow", section, cid, "inputs"),
-                        f"a {g.types[cid]} takes {want} input(s), got {n}",
+                        f"{a_or_an(g.types[cid])} takes {want} input(s), got {n}",
                     )
                 )
         if section == "destinations" and not refs and cid not in targets:

@@ -18,6 +18,7 @@ from dataflare.dsl_compiler import types as type_flow
 from dataflare.dsl_compiler.loader import Document, load
 from dataflare.dsl_compiler.models import TestCase, Workflow, WorkflowFile
 from dataflare.dsl_compiler.problems import Loc, Problem, did_you_mean
+from dataflare.records import a_or_an
 
 SOURCE_BLOCKS = ("incremental", "cdc", "streaming", "hybrid", "output_schema")
 DESTINATION_BLOCKS = ("write_mode", "batch")
@@ -126,7 +127,7 @@ def validate_text(
             if comp.get("serve") is True and not spec.serves:
                 servable = sorted(s.type for s in registry.specs("transformation") if s.serves)
                 out.problems.append(doc.problem(
-                    (*loc, "serve"), f"a {spec.type} step has no state to serve; 'serve' "
+                    (*loc, "serve"), f"{a_or_an(spec.type)} step has no state to serve; 'serve' "
                     f"works on: {', '.join(servable)}", key=True))
             if not spec.available:
                 out.problems.append(

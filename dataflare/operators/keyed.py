@@ -534,6 +534,8 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
         store each snapshot still holds all of it, so a resume needs nothing else.
         """
         touched, state, keyed = self.touched, self.state, self.keyed
+        if not self.tracks_keys:
+            return dump_state(state, self.tree_state)
         keys = state if keyed is None else state[keyed]
         if touched is None or not self._chain \
                 or self._chained_keys + len(touched) > 2 * len(keys):
@@ -544,8 +546,7 @@ class ShardLogic(StatefulBatchLogic[Any, tuple[str, list[Any]], tuple[dict[str, 
                 {k: v for k, v in state.items() if k != keyed}, touched)
             self._chain.append(dump_state(change, self.tree_state))
             self._chained_keys += len(touched)
-        large = self.tracks_keys and len(keys) >= CHAIN_MIN_KEYS
-        self.touched = {} if large else None
+        self.touched = {} if len(keys) >= CHAIN_MIN_KEYS else None
         return self._chain[0] if len(self._chain) == 1 else b"".join(self._chain)
 
     def snapshot_rows(self, blob: bytes) -> list[tuple[Any, dict[str, Any]]]:

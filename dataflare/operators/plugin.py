@@ -42,7 +42,7 @@ from dataflare.config import Open
 from dataflare.dsl_compiler.models import Plugin
 from dataflare.operators.records import map_records
 from dataflare.record_schema import FieldType, SchemaContext
-from dataflare.records import META, Batch, Failed, without_meta
+from dataflare.records import META, Batch, Failed, a_or_an, without_meta
 from dataflare.registry import BuildContext, Outputs, transformation
 
 _SIZES = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2,
@@ -250,8 +250,8 @@ def _result(step: str, plugin: str, record: Any, out: Any) -> Any:
         return Failed(step, "PluginError", f"plugin {plugin!r}: {out['$error']}", record,
                       meta or {})
     if not isinstance(out, dict):
-        return Failed(step, "PluginError",
-                      f"plugin {plugin!r} returned a {type(out).__name__}, expected an object",
+        got = a_or_an(type(out).__name__)
+        return Failed(step, "PluginError", f"plugin {plugin!r} returned {got}, expected an object",
                       record, meta or {})
     if meta is not None:
         out[META] = meta

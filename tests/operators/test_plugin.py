@@ -203,3 +203,14 @@ workflow:
     assert {r["error"]["message"] for r in rejects} == {"plugin 'spin' timed out after 0.3s"}
     # one call per batch and none per record after a timeout
     assert sum(calls) == 50
+
+
+def test_a_result_that_is_not_an_object_fails_its_record_saying_what_came():
+    from dataflare.operators.plugin import _result
+    from dataflare.records import Failed
+
+    failed = _result("p", "shout", {"x": 1}, 3)
+    assert isinstance(failed, Failed)
+    assert failed.message == "plugin 'shout' returned an int, expected an object"
+    assert _result("p", "shout", {"x": 1}, {"y": 2}) == {"y": 2}
+    assert _result("p", "shout", {"x": 1}, None) is None

@@ -752,8 +752,9 @@ CHAIN_KINDS = [("tumbling", {}), ("sliding", {"slide": "4s"}), ("session", {})]
 @pytest.mark.parametrize("ops", [["sum", "first", "last"], ["sum", "min", "last"]])
 def test_snapshots_of_a_large_state_chain_the_changed_groups(kind, extra, ops, monkeypatch):
     # From CHAIN_MIN_KEYS groups a snapshot holds the last whole state and the groups
-    # changed since, until those outgrow it: resumed from any snapshot, a shard holds the
-    # state it was taken from and goes on as that shard would. (Panes: sum/first/last.)
+    # changed since, until the chain holds twice the state's groups: resumed from any
+    # snapshot, a shard holds the state it was taken from and goes on as that shard would.
+    # (Panes: sum/first/last.) One record per epoch, so an epoch changes one group of three.
     import dataflare.operators.keyed as keyed
 
     monkeypatch.setattr(keyed, "CHAIN_MIN_KEYS", 2)
@@ -765,17 +766,18 @@ def test_snapshots_of_a_large_state_chain_the_changed_groups(kind, extra, ops, m
     op_ = _WindowOp("w", cfg, 16, None)
     shard = op_.build(None)
     frames = []
-    for i, batch in enumerate(RECOVERY_BATCHES):
-        shard.process([batch])
-        if i == 9:
+    for i, record in enumerate(RECOVERY_RECORDS):
+        shard.process([[record]])
+        if i == 30:
             shard.idle()  # every group changes: the next snapshot is whole
         snap = shard.snapshot()
         frames.append(len(shard._chain))
         resumed = op_.build(snap)
         assert resumed.state == shard.state, i
-    assert max(frames) > 2  # chains were taken...
-    assert frames[9] == 1  # ...whole after idle()
-    assert 1 in frames[10:]  # and whole again once the changes outgrew the whole
+    # whole from 2 groups; the third group and 3 changes chained; 7 > 2 x 3: whole again
+    assert frames[:7] == [1, 1, 2, 3, 4, 5, 1]
+    assert frames[30] == 1  # ...whole after idle()
+    assert max(frames[31:]) > 2 and 1 in frames[32:]
     more = [[{"u": u, "ts": 200 + t, "v": t} for u in range(5) for t in range(3)]]
 
     def rest_of(s: Any) -> list[Any]:
