@@ -81,6 +81,7 @@ def validate_text(
         out.problems.extend(_problems(doc, exc, (), WorkflowFile))
 
     configs: dict[str, Any] = {}
+    seen: set[str] = set()
     for section, kind in graph_checks.SECTIONS.items():
         comps = wf.get(section)
         if not isinstance(comps, dict):
@@ -89,6 +90,8 @@ def validate_text(
             if not isinstance(comp, dict) or not isinstance(comp.get("type"), str):
                 continue
             loc: Loc = ("workflow", section, cid)
+            first = cid not in seen
+            seen.add(cid)
             spec = registry.lookup(kind, comp["type"])  # type: ignore[arg-type]
             if spec is None:
                 known = registry.names(kind)  # type: ignore[arg-type]
@@ -101,9 +104,12 @@ def validate_text(
                 )
                 continue
             raw = comp.get("config", {})
+            config = None
             try:
-                configs[cid] = spec.config.model_validate({} if raw is None else raw)
-                secrets.collect(configs[cid])  # SecretStr fields whatever their names
+                config = spec.config.model_validate({} if raw is None else raw)
+                secrets.collect(config)  # SecretStr fields whatever their names
+                if first:  # a duplicate id (refused) keeps the first's, as the graph does
+                    configs[cid] = config
             except ValidationError as exc:
                 out.problems.extend(_problems(doc, exc, (*loc, "config"), spec.config))
             missing = spec.missing()
@@ -112,10 +118,9 @@ def validate_text(
                     (*loc, "type"),
                     f"{kind} type {spec.type!r} needs {', '.join(missing)}, not installed: "
                     f"pip install 'dataflare[{spec.extra}]'"))
-            out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp,
-                                                       configs.get(cid)))
+            out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp, config))
             out.problems.extend(_write_mode_fields(doc, loc, kind, spec, comp))
-            out.problems.extend(_config_without_effect(doc, loc, spec, configs.get(cid)))
+            out.problems.extend(_config_without_effect(doc, loc, spec, config))
             eh = comp.get("error_handling")
             if isinstance(eh, dict) and eh.get("redirect_to") and eh.get(
                     "strategy", "fail") != "redirect":

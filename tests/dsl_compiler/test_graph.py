@@ -140,3 +140,21 @@ workflow:
     msgs = {(p.path, p.message) for p in v.errors()}
     assert ("destinations.q", "duplicate id 'q': already used in transformations") in msgs
     assert ("destinations.w", "duplicate id 'w': already used in transformations") in msgs
+
+
+def test_a_duplicate_id_keeps_the_first_components_config_for_every_check():
+    # A step reading the route's bare id asked the destination's config for its routes.
+    v = validate_text("""\
+workflow:
+  sources:
+    src: {type: generator, config: {preset: orders, count: 1}}
+  transformations:
+    q: {type: route, inputs: [src], config: {routes: [{name: big, condition: "total > 1"}]}}
+    r: {type: filter, inputs: [q], config: {condition: "true"}}
+  destinations:
+    q: {type: file, inputs: [r], config: {path: out.jsonl, format: jsonl}}
+""", "g.yaml")
+    msgs = {(p.path, p.message) for p in v.errors()}
+    assert ("destinations.q", "duplicate id 'q': already used in transformations") in msgs
+    assert ("transformations.r.inputs[0]",
+            "input 'q' is a route; read one of its outputs: q.big, q._unmatched") in msgs
