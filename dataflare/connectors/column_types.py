@@ -79,14 +79,14 @@ _DUCKDB_SAME = {"boolean": "BOOLEAN", "smallint": "SMALLINT", "integer": "INTEGE
                 "text": "VARCHAR", "date": "DATE", "uuid": "UUID", "json": "JSON",
                 "jsonb": "JSON", "timestamp without time zone": "TIMESTAMP",
                 "timestamp": "TIMESTAMP", "timestamp with time zone": "TIMESTAMPTZ",
-                "time without time zone": "TIME", "time": "TIME"}
+                "time without time zone": "TIME", "time": "TIME", "bytea": "BLOB"}
 
 
 def duckdb_type(pg_type: str) -> str | None:
     """The DuckDB type of a PostgreSQL type (:func:`postgres_type`'s), if one is faithful.
 
-    ``numeric(p,s)`` is ``DECIMAL(p,s)`` up to DuckDB's 38 digits; a bare or wider
-    ``numeric``, arrays, ``bytea`` (hex text) and the rest are typed from the values.
+    ``numeric(p,s)`` is ``DECIMAL(p,s)`` up to DuckDB's 38 digits, ``bytea`` a ``BLOB``;
+    a bare or wider ``numeric``, arrays and the rest are typed from the values.
     """
     t = pg_type.lower()
     if t in _DUCKDB_SAME:

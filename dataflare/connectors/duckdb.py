@@ -86,6 +86,7 @@ class DuckDBDialect(Dialect):
         self.target = f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
         self.positions = f"{quote_ident(self.schema)}.{quote_ident(POSITIONS_TABLE)}"
         self.types: dict[str, str] = {}
+        self.blobs: set[str] = set()  # BLOB columns: hex text (``\x...``) goes as bytes
 
     def describe(self) -> str:
         """``duckdb table path:schema.table``."""
@@ -120,6 +121,7 @@ class DuckDBDialect(Dialect):
         if not rows:
             return None
         self.types = {name: LOGICAL.get(str(dtype).upper(), TEXT) for name, dtype in rows}
+        self.blobs = {name for name, dtype in rows if str(dtype).upper() == "BLOB"}
         return dict(self.types)
 
     def _declare(self, name: str, logical: str) -> str:
@@ -134,6 +136,8 @@ class DuckDBDialect(Dialect):
             self.types[name] = logical
             return f"{quote_ident(name)} {SQL_TYPES[logical]}"
         self.types[name] = LOGICAL.get(sql_type, TEXT)
+        if sql_type == "BLOB":
+            self.blobs.add(name)
         return f"{quote_ident(name)} {sql_type}"
 
     def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> bool:
@@ -200,7 +204,10 @@ class DuckDBDialect(Dialect):
         for c in columns:
             kind = self.types.get(c, TEXT)
             values = list(map(dict.get, rows, repeat(c)))
-            if kind == JSON:
+            if c in self.blobs:
+                arrays.append(pa.array([None if v is None else _bytes(v) for v in values],
+                                       pa.binary()))
+            elif kind == JSON:
                 values = [None if v is None else orjson.dumps(v, default=str).decode()
                           for v in values]
                 arrays.append(pa.array(values, pa.string()))
@@ -259,6 +266,25 @@ class DuckDBDialect(Dialect):
                 else "DO NOTHING"
             )
             self._insert(columns, upserts, f"ON CONFLICT ({keycols}) {action}")
+
+
+def _bytes(value: Any) -> bytes:
+    """A BLOB column's value: PostgreSQL's hex text of bytes (as sources give them) decoded.
+
+    Other text is its UTF-8 bytes; hex text that is not hex is refused (its record fails).
+    """
+    import pyarrow as pa
+
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    text = value if isinstance(value, str) else text_value(value)
+    if not text.startswith("\\x"):
+        return text.encode()
+    try:
+        return bytes.fromhex(text[2:])
+    except ValueError:
+        msg = f"{text[:40]!r} is not hex text of bytes (\\x followed by pairs of hex digits)"
+        raise pa.ArrowInvalid(msg) from None
 
 
 @destination(

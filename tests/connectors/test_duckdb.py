@@ -177,3 +177,17 @@ def test_a_null_merge_key_is_said_null_not_missing() -> None:
     assert [e.message.split(" in record")[0] for e in errs] == [
         "step 'm': a merge key cannot be null (b is null)",
         "step 'm': a merge key cannot be null (b is missing)"]
+
+
+def test_a_blob_column_takes_hex_text_as_bytes_and_refuses_bad_hex_alone(tmp_path: Path) -> None:
+    # Database sources give bytea and binary values as PostgreSQL's hex text ('\x...').
+    (tmp_path / "dw").mkdir()
+    with duckdb.connect(str(tmp_path / "dw" / "warehouse.duckdb")) as conn:
+        conn.execute("CREATE TABLE events (id BIGINT, raw BLOB)")
+    errors = run(ctx_for(tmp_path, on_error="skip"), [[
+        {"id": 1, "raw": "\\xdeadbeef"}, {"id": 2, "raw": "\\x"}, {"id": 3, "raw": "plain"},
+        {"id": 4, "raw": "\\xzz"}, {"id": 5, "raw": None}]])
+    assert [(e.record["id"], "not hex text of bytes" in e.message) for e in errors] == [
+        (4, True)]
+    assert query(tmp_path, "SELECT id, raw FROM events ORDER BY id") == [
+        (1, b"\xde\xad\xbe\xef"), (2, b""), (3, b"plain"), (5, None)]

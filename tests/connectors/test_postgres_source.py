@@ -1047,10 +1047,11 @@ def test_cdc_mirror_tables_take_each_source_tables_column_types(
     pg_private.execute(
         "DROP SCHEMA IF EXISTS types_mirror CASCADE",
         "DROP TABLE IF EXISTS types_a, types_b",
-        "CREATE TABLE types_a (id int PRIMARY KEY, amt numeric(30,6), at timestamptz, u uuid)",
+        "CREATE TABLE types_a (id int PRIMARY KEY, amt numeric(30,6), at timestamptz, u uuid, "
+        "raw bytea)",
         "CREATE TABLE types_b (id bigint PRIMARY KEY, n numeric, note varchar(20))",
         "INSERT INTO types_a VALUES (1, 1.5, '2024-05-01 10:00+02', "
-        "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')",
+        "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\\xdeadbeef')",
         "INSERT INTO types_b VALUES (1, 2.25, 'x')",
     )
     flow = tmp_path / "flow.yaml"
@@ -1064,7 +1065,7 @@ def test_cdc_mirror_tables_take_each_source_tables_column_types(
 
     run()
     pg_private.execute(
-        "INSERT INTO types_a VALUES (2, 12345678901234567.123456, NULL, NULL)",
+        "INSERT INTO types_a VALUES (2, 12345678901234567.123456, NULL, NULL, '')",
         "INSERT INTO types_b VALUES (2, 123456789012345678901234567890.5, 'y')",
     )
     run()
@@ -1075,13 +1076,14 @@ def test_cdc_mirror_tables_take_each_source_tables_column_types(
             "format('%I.%I', table_schema, table_name)::regclass AND a.attname = column_name "
             "WHERE table_schema = 'types_mirror' ORDER BY 1, ordinal_position").fetchall()
         mirrored = conn.execute(
-            "SELECT a.id, a.amt::text, a.at, a.u::text FROM types_mirror.a ORDER BY 1").fetchall()
+            "SELECT a.id, a.amt::text, a.at, a.u::text, a.raw FROM types_mirror.a ORDER BY 1"
+        ).fetchall()
         source = conn.execute(
-            "SELECT id, amt::text, at, u::text FROM types_a ORDER BY 1").fetchall()
+            "SELECT id, amt::text, at, u::text, raw FROM types_a ORDER BY 1").fetchall()
         b = conn.execute("SELECT n::text FROM types_mirror.b ORDER BY id").fetchall()
     assert types == [
         ("a", "id", "integer"), ("a", "amt", "numeric(30,6)"),
-        ("a", "at", "timestamp with time zone"), ("a", "u", "uuid"),
+        ("a", "at", "timestamp with time zone"), ("a", "u", "uuid"), ("a", "raw", "bytea"),
         ("b", "id", "bigint"), ("b", "n", "numeric"), ("b", "note", "character varying(20)"),
     ]
     assert mirrored == source
@@ -1092,11 +1094,12 @@ def test_cdc_mirror_tables_take_each_source_tables_column_types(
         assert duck.execute("SELECT column_name, data_type FROM information_schema.columns "
                             "WHERE table_name = 'a' ORDER BY ordinal_position").fetchall() == [
             ("id", "INTEGER"), ("amt", "DECIMAL(30,6)"), ("at", "TIMESTAMP WITH TIME ZONE"),
-            ("u", "UUID")]
-        assert duck.execute("SELECT id, amt::VARCHAR, epoch_us(a.at), u::VARCHAR FROM a "
+            ("u", "UUID"), ("raw", "BLOB")]
+        assert duck.execute("SELECT id, amt::VARCHAR, epoch_us(a.at), u::VARCHAR, raw FROM a "
                             "ORDER BY id").fetchall() == [
-            (1, "1.500000", 1714550400000000, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
-            (2, "12345678901234567.123456", None, None)]
+            (1, "1.500000", 1714550400000000, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+             b"\xde\xad\xbe\xef"),
+            (2, "12345678901234567.123456", None, None, b"")]
     drop_slot(pg_private, "types_slot", "types_pub")
     pg_private.execute("DROP SCHEMA types_mirror CASCADE")
 
