@@ -18,7 +18,8 @@ re-reads that window, as the SQL sources do: a record arriving late with an earl
 cursor value is emitted, one emitted before is not. A record whose cursor field is
 missing, null or not of the ``cursor_type`` becomes a ``CursorError`` ``Failed`` entry
 for the step's error policy, once (the state remembers it); it does not count as new
-for ``stop_at_end``.
+for ``stop_at_end``, under which walks follow each other without waiting for the interval
+and the input ends after the first walk that finds nothing new.
 
 The walk position (next page, offset, cursor token or URL) and the cursor live in the
 partition state, so a resumed run continues where the last snapshot left it. Requests
@@ -105,8 +106,8 @@ class RestApiSourceConfig(Strict):
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
     stop_at_end: bool = Field(
         False,
-        description="Incremental: end after the first walk that finds nothing new "
-        "(a catch-up run) instead of polling forever.",
+        description="Incremental: walk again at once until a walk finds nothing new, "
+        "then end (a catch-up run), instead of polling every incremental.interval.",
     )
 
     @model_validator(mode="after")
@@ -417,9 +418,10 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             self.walk = None
             if self.src.incremental:
                 self.cursor, self.seen = self.walk_max, dict(self.walk_seen)
-                if self.cfg.stop_at_end and not self.walk_new:
-                    self.done = True
-                self.awake = now + timedelta(seconds=self.src.interval)
+                if self.cfg.stop_at_end:  # a catch-up run: walk again at once, or end
+                    self.done = not self.walk_new
+                else:
+                    self.awake = now + timedelta(seconds=self.src.interval)
             else:
                 self.done = True
         return [fresh] if fresh else []

@@ -383,6 +383,22 @@ def test_a_record_without_its_cursor_value_is_a_located_error_once(api: Any) -> 
     assert len(api.requests) == 1  # an error is not news: stop_at_end ends after one walk
 
 
+def test_a_catch_up_run_walks_again_at_once_and_ends_without_waiting(api: Any) -> None:
+    # It waited incremental.interval (10 s by default) between walks and before ending.
+    api.reset(2)
+    ctx = polled(api, "api_catchup", list(api.items), interval="1h")
+    src = build_rest_api_source(ctx)
+    part = src.build_part(ctx.step_id, src.list_parts()[0], None)
+    awakes, records = [], []
+    with pytest.raises(StopIteration):
+        for _ in range(10):
+            records += [r for b in part.next_batch() for r in b]
+            awakes.append(part.next_awake())
+    part.close()
+    assert [r["id"] for r in records] == [1, 2]
+    assert awakes and set(awakes) == {None}
+
+
 def test_timestamp_cursors_compare_as_instants(api: Any) -> None:
     ctx = polled(api, "api_ts", [
         {"id": 1, "updated_at": "2024-01-01T17:59:59Z"},  # older than the start
