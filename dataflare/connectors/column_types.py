@@ -37,7 +37,8 @@ _MYSQL_SIGNED = {"tinyint": "smallint", "smallint": "smallint", "mediumint": "in
                  "int": "integer", "integer": "integer", "bigint": "bigint"}
 _MYSQL_OTHER = {
     "float": "real", "double": "double precision", "real": "double precision",
-    "date": "date", "time": "time", "datetime": "timestamp", "timestamp": "timestamp",
+    # a MySQL TIME is a duration (-838:59:59 to 838:59:59), not a time of day
+    "date": "date", "time": "interval", "datetime": "timestamp", "timestamp": "timestamp",
     "year": "smallint", "json": "jsonb", "bit": "bytea",
     "char": "text", "varchar": "text", "tinytext": "text", "text": "text",
     "mediumtext": "text", "longtext": "text", "enum": "text", "set": "text",

@@ -740,9 +740,10 @@ def test_a_mysql_to_postgres_copy_maps_the_types(
         "DROP TABLE IF EXISTS typed_copy",
         "CREATE TABLE typed_copy (id INT UNSIGNED PRIMARY KEY, amount DECIMAL(10,2), "
         "seen DATETIME, doc JSON, bin VARBINARY(8), flag TINYINT(1), name VARCHAR(20), "
-        "note TEXT)",
+        "note TEXT, took TIME(2))",
         "INSERT INTO typed_copy VALUES (1, 12.50, '2024-03-01 12:00:00', '{\"k\": [1, 2]}', "
-        "X'00FF10', 1, 'ann', 'x'), (2, 0.10, NULL, NULL, NULL, 0, NULL, NULL)",
+        "X'00FF10', 1, 'ann', 'x', '-12:34:56.78'), "
+        "(2, 0.10, NULL, NULL, NULL, 0, NULL, NULL, '838:59:59')",
     )
     copy_table(tmp_path, pg_schema, "mysql", HOST=mariadb_private.host,
                PORT=str(mariadb_private.port), USER=mariadb_private.user,
@@ -750,18 +751,18 @@ def test_a_mysql_to_postgres_copy_maps_the_types(
     assert column_types(pg_schema, "copied") == {
         "id": "bigint", "amount": "numeric(10,2)", "seen": "timestamp without time zone",
         "doc": "jsonb", "bin": "bytea", "flag": "boolean", "name": "character varying(20)",
-        "note": "character varying(40)", "extra": "jsonb",
-    }
+        "note": "character varying(40)", "took": "interval", "extra": "jsonb",
+    }  # a MySQL TIME is a duration: PostgreSQL's time refused -12:34:56.78
     assert primary_key_of(pg_schema, "copied") == ["id"]
     from datetime import datetime
     from decimal import Decimal
 
     assert pg_schema.rows(
-        f'SELECT id, amount, seen, doc, bin, flag, name FROM "{pg_schema.schema}".copied '
-        "ORDER BY id") == [
+        f'SELECT id, amount, seen, doc, bin, flag, name, took::text '
+        f'FROM "{pg_schema.schema}".copied ORDER BY id') == [
         (1, Decimal("12.50"), datetime(2024, 3, 1, 12), {"k": [1, 2]}, b"\x00\xff\x10", True,
-         "ann"),
-        (2, Decimal("0.10"), None, None, None, False, None)]
+         "ann", "-12:34:56.78"),
+        (2, Decimal("0.10"), None, None, None, False, None, "838:59:59")]
 
 
 @pytest.mark.parametrize("part", [3, 2_000])
