@@ -57,3 +57,27 @@ def test_dead_letters_replayed_into_the_fixed_step(tmp_path: Path) -> None:
     assert position["line"] == 5 and position["file"].endswith("in.jsonl")  # where it began
     missing = dataflare("replay", "dead.jsonl", "--to", "nope", str(flow), cwd=tmp_path)
     assert missing.returncode == 1 and "no source or transformation 'nope'" in missing.stderr
+
+
+def test_a_replay_adds_to_destinations_that_a_run_rewrites(tmp_path: Path) -> None:
+    # A file without write_mode and a table with write_mode overwrite are emptied at the
+    # start of a run: a replay emptied them too, leaving only the replayed records.
+    import duckdb
+
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "amount": "3"}\n{"id": 2, "amount": "7.5"}\n')
+    flow = tmp_path / "wf.yaml"
+    rewritten = FLOW.replace(", write_mode: {{type: append}}", "") + (
+        "    table: {{type: duckdb, inputs: [clean], config: {{path: dw.duckdb, table: t}},\n"
+        "            write_mode: {{type: overwrite}}}}\n")
+    flow.write_text(rewritten.format(transform="to_int", dead="dead.jsonl"))
+    assert dataflare("run", str(flow), cwd=tmp_path).returncode == 0
+    flow.write_text(rewritten.format(transform="to_float", dead="dead-again.jsonl"))
+    replay = dataflare("replay", "dead.jsonl", "--to", "clean", str(flow), cwd=tmp_path)
+    assert replay.returncode == 0, replay.stderr
+    assert "replay: destination 'out' adds the replayed records" in replay.stderr
+    assert "replay: destination 'table' adds the replayed records" in replay.stderr
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["amount"]) for r in out) == [(1, 3), (2, 7.5)]
+    with duckdb.connect(str(tmp_path / "dw.duckdb"), read_only=True) as conn:
+        assert conn.execute("SELECT id, amount FROM t ORDER BY id").fetchall() == [
+            (1, 3.0), (2, 7.5)]

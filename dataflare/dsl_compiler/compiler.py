@@ -25,7 +25,7 @@ from bytewax.testing import TestingSink, TestingSource
 
 from dataflare import metrics, registry, secrets, views
 from dataflare.connectors.schema import OutputSchemaCheck
-from dataflare.dsl_compiler.models import DataProtection, ErrorHandling
+from dataflare.dsl_compiler.models import DataProtection, ErrorHandling, WriteMode
 from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.dsl_compiler.projection import read_downstream
 from dataflare.dsl_compiler.validate import Validated, validate_file
@@ -494,6 +494,14 @@ class _Compiler:
         named = [(ref, self.streams[ref]) for ref in comp.inputs] + self.redirected.get(cid, [])
         if not named:
             return
+        if self.replay is not None and comp.write_mode.type != "merge" and (
+                comp.write_mode.type == "overwrite" or "write_mode" not in comp.model_fields_set):
+            # A replay adds its records: a destination that empties its table or file at
+            # the start of a run (overwrite; one file without write_mode) would lose the rest.
+            comp = comp.model_copy(update={"write_mode": WriteMode(type="append")})
+            if self.test_inputs is None:
+                log.warning("replay: destination %r adds the replayed records to what it "
+                            "holds (a run of the workflow rewrites it)", cid)
         ctx = self.ctx("destination", cid, comp)
         spec = registry.lookup("destination", comp.type)
         if spec is not None and spec.input_names is not None and spec.input_names(comp.config):
