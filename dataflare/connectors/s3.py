@@ -7,6 +7,15 @@ first and uploaded in one piece (a multipart upload completes or leaves nothing)
 once across crashes. The source reads the objects under a prefix in key order, in the
 formats of the file source, and resumes at an object key and the position inside it.
 
+With ``mode: incremental`` the source lists the prefix every ``incremental.interval`` and
+reads the objects it has not read, oldest ``LastModified`` first: its cursor is the latest
+``LastModified`` read, and it keeps the keys and ETags read at or after the cursor less
+``incremental.lookback``, so an object is read once, a replaced one (a new ETag) again,
+and one that appears late with an earlier ``LastModified`` (a multipart upload is dated
+when it began) is still read within the lookback. ``incremental.start_value`` (a
+timestamp) skips older objects on the first run; ``stop_at_end`` ends the input after a
+listing that finds nothing new (a catch-up run).
+
 Credentials are ``access_key_id`` / ``secret_access_key`` (secrets), else boto3's usual
 chain (environment, shared config, instance role).
 """
@@ -15,7 +24,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +50,7 @@ from dataflare.connectors.lake import (
     template_problems,
 )
 from dataflare.lineage import Dataset
-from dataflare.records import Batch
+from dataflare.records import Batch, RecordError, to_epoch_seconds
 from dataflare.registry import BuildContext, destination, source
 
 
@@ -180,6 +190,9 @@ class S3SourceConfig(S3Connection):
     records_path: str | None = Field(
         None, description="JSON: dotted path of the record array inside the document."
     )
+    stop_at_end: bool = Field(
+        False, description="Incremental: end after a listing that finds no new object (a "
+        "catch-up run) instead of listing again every incremental.interval.")
 
 
 @dataclass(frozen=True)
@@ -191,47 +204,65 @@ class S3Position:
     done: bool = False
 
 
+class _ObjectReader:
+    """One object, read through a local copy by the file source's reader of its format."""
+
+    def __init__(self, step: str, config: S3SourceConfig, client: Any, key: str,
+                 position: Any) -> None:
+        self.key = key
+        fmt = file_format(key, config.format, step)
+        fd, name = tempfile.mkstemp(prefix="dataflare-s3-", suffix=Path(key).suffix)
+        os.close(fd)
+        self.local = Path(name)
+        shown = f"s3://{config.bucket}/{key}"
+        try:
+            client.download_file(config.bucket, key, name)
+        except Exception as exc:
+            self.local.unlink(missing_ok=True)
+            msg = f"step {step!r}: cannot read {shown}: {exc}"
+            raise RuntimeError(msg) from exc
+        self.reader = file_reader(step, self.local, shown, fmt, config, position)
+
+    def next_batch(self) -> Batch:
+        """The next records; StopIteration at the end of the object."""
+        return list(self.reader.next_batch())
+
+    def position(self) -> Any:
+        """Where the reader is in the object."""
+        return self.reader.snapshot()
+
+    def close(self) -> None:
+        """Close the reader and remove the local copy."""
+        self.reader.close()
+        self.local.unlink(missing_ok=True)
+
+
+def _listing(step: str, config: S3SourceConfig, client: Any) -> list[dict[str, Any]]:
+    """The data objects under the prefix (no journals, no directory markers), in key order."""
+    out: list[dict[str, Any]] = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=config.bucket, Prefix=config.prefix):
+            out.extend(page.get("Contents", ()))
+    except Exception as exc:
+        msg = f"step {step!r}: cannot list s3://{config.bucket}/{config.prefix}: {exc}"
+        raise RuntimeError(msg) from exc
+    out = [o for o in out if f"/{JOURNAL}/" not in f"/{o['Key']}" and not o["Key"].endswith("/")]
+    return sorted(out, key=lambda o: o["Key"])
+
+
 class _ObjectsPartition(StatefulSourcePartition[Batch, S3Position | None]):
     """The objects under a prefix, in key order, each read through a local copy."""
 
     def __init__(self, step: str, config: S3SourceConfig, state: S3Position | None) -> None:
         self.step, self.config = step, config
         self.client = config.client()
-        where = f"s3://{config.bucket}/{config.prefix}"
-        try:
-            listed = list_keys(self.client, config.bucket, config.prefix)
-        except Exception as exc:
-            msg = f"step {step!r}: cannot list {where}: {exc}"
-            raise RuntimeError(msg) from exc
-        keys = [k for k in listed if f"/{JOURNAL}/" not in f"/{k}" and not k.endswith("/")]
+        keys = [o["Key"] for o in _listing(step, config, self.client)]
         self.state = state
         if state is not None:  # resume: the key read then, unless it was done, and later ones
             keys = [k for k in keys if k > state.key or (k == state.key and not state.done)]
         self.keys = keys
-        self.reader: StatefulSourcePartition[Batch, Any] | None = None
-        self.local: Path | None = None
-
-    def _open(self, key: str, position: Any) -> None:
-        fmt = file_format(key, self.config.format, self.step)
-        fd, name = tempfile.mkstemp(prefix="dataflare-s3-", suffix=Path(key).suffix)
-        os.close(fd)
-        self.local = Path(name)
-        shown = f"s3://{self.config.bucket}/{key}"
-        try:
-            self.client.download_file(self.config.bucket, key, name)
-        except Exception as exc:
-            msg = f"step {self.step!r}: cannot read {shown}: {exc}"
-            raise RuntimeError(msg) from exc
-        self.reader = file_reader(self.step, self.local, shown, fmt, self.config, position)
-        self.state = S3Position(key, position)
-
-    def _close_reader(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
-        if self.local is not None:
-            self.local.unlink(missing_ok=True)
-            self.local = None
+        self.reader: _ObjectReader | None = None
 
     def next_batch(self) -> Batch:
         if self.reader is None:
@@ -239,44 +270,164 @@ class _ObjectsPartition(StatefulSourcePartition[Batch, S3Position | None]):
                 raise StopIteration
             key = self.keys.pop(0)
             resumed = self.state is not None and self.state.key == key and not self.state.done
-            self._open(key, self.state.position if resumed and self.state else None)
-        assert self.reader is not None and self.state is not None
+            position = self.state.position if resumed and self.state else None
+            self.reader = _ObjectReader(self.step, self.config, self.client, key, position)
+            self.state = S3Position(key, position)
         try:
-            return list(self.reader.next_batch())
+            return self.reader.next_batch()
         except StopIteration:
-            self._close_reader()
-            self.state = S3Position(self.state.key, None, done=True)
+            self.state = S3Position(self.reader.key, None, done=True)
+            self.close()
             return []
 
     def snapshot(self) -> S3Position | None:
-        if self.reader is not None and self.state is not None:
-            return S3Position(self.state.key, self.reader.snapshot())
+        if self.reader is not None:
+            return S3Position(self.reader.key, self.reader.position())
         return self.state
 
     def close(self) -> None:
-        self._close_reader()
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
 
-class S3Source(FixedPartitionedSource[Batch, S3Position | None]):
-    """One partition reading every object under the prefix, in key order."""
+@dataclass
+class S3Polled:
+    """An incremental s3 source's state (see the module docs)."""
 
-    def __init__(self, step: str, config: S3SourceConfig) -> None:
+    cursor: float | None = None
+    """The latest ``LastModified`` read, in epoch seconds."""
+    seen: dict[str, tuple[float, str]] = field(default_factory=dict)
+    """Key -> (``LastModified``, ETag) of the objects read since the cursor less lookback."""
+    reading: tuple[str, float, str, Any] | None = None
+    """The object being read: key, ``LastModified``, ETag and the position in it."""
+
+
+class _PolledPartition(StatefulSourcePartition[Batch, S3Polled]):
+    """The objects under a prefix not read yet, listed again every interval."""
+
+    def __init__(self, source: S3Source, state: S3Polled | None) -> None:
+        self.source, self.config = source, source.config
+        self.client = self.config.client()
+        self.state = state or S3Polled()
+        self.pending: list[tuple[str, float, str]] = []
+        self.reader: _ObjectReader | None = None
+        self.current: tuple[str, float, str] | None = None
+        self.awake: datetime | None = None
+        if self.state.reading is not None:  # resume inside the object
+            key, modified, etag, position = self.state.reading
+            self._open((key, modified, etag), position)
+
+    def _open(self, obj: tuple[str, float, str], position: Any) -> None:
+        self.reader = _ObjectReader(self.source.step, self.config, self.client, obj[0], position)
+        self.current = obj
+
+    def _poll(self) -> list[tuple[str, float, str]]:
+        """The objects not read yet, oldest first."""
+        st, src = self.state, self.source
+        since = src.start if st.cursor is None else st.cursor - src.lookback
+        new = []
+        for o in _listing(src.step, self.config, self.client):
+            modified, etag = o["LastModified"].timestamp(), str(o.get("ETag", ""))
+            seen = st.seen.get(o["Key"])
+            if (since is None or modified >= since) and (seen is None or seen[1] != etag):
+                new.append((o["Key"], modified, etag))
+        return sorted(new, key=lambda n: (n[1], n[0]))
+
+    def _done(self, obj: tuple[str, float, str]) -> None:
+        """Count ``obj`` as read: the cursor moves, entries older than the lookback go."""
+        st = self.state
+        key, modified, etag = obj
+        st.cursor = modified if st.cursor is None else max(st.cursor, modified)
+        st.seen[key] = (modified, etag)
+        oldest = st.cursor - self.source.lookback
+        st.seen = {k: v for k, v in st.seen.items() if v[0] >= oldest}
+
+    def next_batch(self) -> Batch:
+        if self.reader is None:
+            if not self.pending:
+                self.pending = self._poll()
+                if not self.pending:
+                    if self.config.stop_at_end:
+                        raise StopIteration
+                    self.awake = datetime.now(UTC) + timedelta(seconds=self.source.interval)
+                    return []
+            self.awake = None
+            self._open(self.pending.pop(0), None)
+        assert self.reader is not None and self.current is not None
+        try:
+            return self.reader.next_batch()
+        except StopIteration:
+            self.reader.close()
+            self.reader = None
+            self._done(self.current)
+            return []
+
+    def next_awake(self) -> datetime | None:
+        """When to list the prefix again."""
+        return self.awake
+
+    def snapshot(self) -> S3Polled:
+        reading = None
+        if self.reader is not None and self.current is not None:
+            reading = (*self.current, self.reader.position())
+        return S3Polled(self.state.cursor, dict(self.state.seen), reading)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
+class S3Source(FixedPartitionedSource[Batch, Any]):
+    """One partition reading the objects under the prefix: once in key order, or as polled."""
+
+    def __init__(self, step: str, config: S3SourceConfig, component: Any = None) -> None:
         self.step, self.config = step, config
+        mode = getattr(component, "mode", None)
+        inc = getattr(component, "incremental", None)
+        self.incremental = (mode or ("incremental" if inc is not None else "full")) \
+            == "incremental"
+        if mode not in (None, "full", "incremental"):
+            msg = f"source {step!r}: type 's3' supports modes full and incremental, got {mode!r}"
+            raise ValueError(msg)
+        if not self.incremental and config.stop_at_end:
+            msg = (f"source {step!r}: config.stop_at_end has no effect in mode full, which "
+                   "reads the objects once; remove it or set mode: incremental")
+            raise ValueError(msg)
+        given = [f"incremental.{n}" for n in ("column", "cursor_field", "cursor_type")
+                 if inc is not None and getattr(inc, n) is not None]
+        if given:
+            msg = (f"source {step!r}: {', '.join(given)} has no effect on an s3 source, whose "
+                   "cursor is each object's LastModified")
+            raise ValueError(msg)
+        self.interval = float(inc.interval) if inc is not None else 10.0
+        self.lookback = float(inc.lookback) if inc is not None else 0.0
+        self.start: float | None = None
+        if inc is not None and inc.start_value is not None:
+            try:
+                self.start = to_epoch_seconds(inc.start_value)
+            except RecordError as exc:
+                msg = f"source {step!r}: incremental.start_value: {exc}"
+                raise ValueError(msg) from None
 
     def list_parts(self) -> list[str]:
         """The single partition: the bucket and prefix."""
         return [f"s3://{self.config.bucket}/{self.config.prefix}"]
 
     def build_part(self, step_id: str, for_part: str,
-                   resume_state: S3Position | None) -> _ObjectsPartition:
-        """The reader, resuming at an object key and the position inside it."""
+                   resume_state: Any) -> StatefulSourcePartition[Batch, Any]:
+        """The reader, resuming at an object key (or the cursor) and the position inside it."""
+        if self.incremental:
+            return _PolledPartition(self, resume_state)
         return _ObjectsPartition(self.step, self.config, resume_state)
 
 
 @source("s3", config=S3SourceConfig,
-        description="Read the objects under a prefix (JSON lines, CSV, JSON, Parquet).",
-        requires=("boto3",), extra="s3", blocks=(),
+        description="Read the objects under a prefix (JSON lines, CSV, JSON, Parquet): once, "
+        "or incrementally, the objects not read yet at every listing.",
+        requires=("boto3",), extra="s3", blocks=("mode", "incremental"),
         datasets=lambda cfg, base: [Dataset(f"s3://{cfg.bucket}", cfg.prefix or "/")])
 def build_s3_source(ctx: BuildContext[S3SourceConfig]) -> S3Source:
     """Build an s3 source."""
-    return S3Source(ctx.step_id, ctx.config)
+    return S3Source(ctx.step_id, ctx.config, ctx.component)
