@@ -210,15 +210,15 @@ def variables(text: str, with_defaults: bool = True) -> list[str]:
 
 
 def is_streaming(v: Validated) -> bool:
-    """Whether any source of the workflow is unbounded (it never ends by itself)."""
+    """Whether any source streams: its mode says so, or it never ends by itself.
+
+    A streaming, CDC or hybrid source with ``stop_at_end`` (a catch-up) still makes a
+    StatefulSet: its pods keep their snapshots.
+    """
     wf = v.workflow
     assert wf is not None
-    for src in wf.sources.values():
-        if src.mode in ("streaming", "cdc", "hybrid") or src.streaming is not None:
-            return True
-        if getattr(src.config, "stop_at_end", None) is False:
-            return True
-    return False
+    return any(src.runs_as() in ("streaming", "cdc", "hybrid") or src.streaming is not None
+               or not src.ends() for src in wf.sources.values())
 
 
 def _name(v: Validated, options: Options) -> str:
@@ -264,6 +264,13 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
         return {"name": name + suffix, **meta}
 
     streaming = is_streaming(v)
+    if not streaming:
+        for sid, src in wf.sources.items():
+            if src.runs_as() != "full":
+                say(f"source {sid!r} (mode {src.runs_as()}) keeps its place from run to run, "
+                    "but a Job starts without the last run's snapshot: every run reads from "
+                    "the start. Run it on `dataflare server` (its runs resume) or without "
+                    "stop_at_end (a StatefulSet that keeps its snapshots).", "warning")
     cron = wf.schedule is not None and wf.schedule.type == "cron"
     scale = options.autoscale
     if scale is not None and not streaming:

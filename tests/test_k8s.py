@@ -492,3 +492,24 @@ workflow:
     assert "source type 'kafka' needs confluent_kafka, not installed: pip install " \
            "'dataflare[kafka]'" in refused.stderr
     assert "pip install 'dataflare[duckdb]'" in refused.stderr
+
+
+def test_a_workflow_runs_as_a_job_only_when_its_sources_end(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def kinds(source: str) -> set[str]:
+        flow = _write(tmp_path, "w.yaml", f"workflow:\n  id: w\n  sources:\n    src: {source}\n"
+                      "  destinations: {out: {type: stdout, inputs: [src]}}\n")
+        return set(_by_kind(k8s.render(flow, k8s.Options())))
+
+    api = "{type: rest_api, config: {url: 'http://127.0.0.1:9/x'"
+    assert "Job" in kinds(api + "}}")  # one read of the endpoint (was a StatefulSet)
+    assert "StatefulSet" in kinds(api + "}, mode: incremental, incremental: {column: t}}")
+    assert "StatefulSet" in kinds("{type: kafka, config: {topic: t}}")
+    assert "Job" in kinds("{type: kafka, mode: full, config: {topic: t}}")
+    assert "StatefulSet" in kinds("{type: kafka, mode: full, config: {topic: t, "
+                                  "stop_at_end: false}}")
+    capsys.readouterr()
+    assert "Job" in kinds(api + ", stop_at_end: true}, mode: incremental, "
+                          "incremental: {column: t}}")
+    assert "source 'src' (mode incremental) keeps its place from run to run, but a Job " \
+        "starts without the last run's snapshot" in capsys.readouterr().err

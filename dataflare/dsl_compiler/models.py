@@ -362,6 +362,24 @@ class Source(Component):
         "milliseconds), for the windows, joins and dedupes downstream that do not set theirs.",
     )
 
+    def runs_as(self) -> str:
+        """Its mode: as written, else incremental with incremental settings, else its default.
+
+        The default is streaming for Kafka, full for the other connectors.
+        """
+        if self.mode is not None:
+            return self.mode
+        if self.incremental is not None or getattr(self.config, "incremental_column", None):
+            return "incremental"
+        return "streaming" if self.type == "kafka" else "full"
+
+    def ends(self) -> bool:
+        """Whether its input ends by itself: a full read, or any mode with ``stop_at_end``."""
+        stop = getattr(self.config, "stop_at_end", None)
+        if self.runs_as() == "full":
+            return not (self.type == "kafka" and stop is False)  # Kafka can tail in any mode
+        return stop is True
+
 
 class Transformation(Component):
     """A transformation of one or more input streams."""

@@ -2,13 +2,14 @@
 
 A run's process gets the workflow's revision as a file in the workflow's working directory
 (relative paths of the workflow resolve there) and a recovery directory: one per workflow
-for a streaming workflow (a new run resumes from the last snapshot), one per run for a
-bounded one (removed when it succeeds). The server's run id is the process's run id, so a
-run taken over after its worker died resumes as the same run. The worker renews the run's
-lease while it runs, stores its output, stops it (SIGINT, then SIGKILL after a grace
-period) when a stop is asked (and the run stops by itself if the worker's process dies),
-retries a failed run per ``config.retry`` with backoff, and
-runs the post-actions of every finished run, a run stopped while queued included.
+when a source keeps its place from run to run (streaming, CDC, and incremental syncs,
+bounded ones included: a new run resumes from the last snapshot, where the cursor is), one
+per run for a workflow of full reads (removed when it succeeds). The server's run id is
+the process's run id, so a run taken over after its worker died resumes as the same run.
+The worker renews the run's lease while it runs, stores its output, stops it (SIGINT, then
+SIGKILL after a grace period) when a stop is asked (and the run stops by itself if the
+worker's process dies), retries a failed run per ``config.retry`` with backoff, and runs
+the post-actions of every finished run, a run stopped while queued included.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from typing import Any
 from dataflare import stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.dsl_compiler import validate_text
-from dataflare.k8s import is_streaming
 from dataflare.post_actions import run_post_actions
 from dataflare.server.store import NotFound, Run, Store, now
 
@@ -99,9 +99,10 @@ class Worker:
         work.mkdir(parents=True, exist_ok=True)
         flow = work / f"{run.workflow}.r{run.revision}.yaml"
         flow.write_text(text)
-        streaming = v.workflow is not None and is_streaming(v)
+        resumes = v.workflow is not None and any(
+            src.runs_as() != "full" for src in v.workflow.sources.values())
         recovery = self.data_dir / "recovery" / run.workflow
-        if not streaming:
+        if not resumes:
             recovery = recovery / run.id
         recovery.mkdir(parents=True, exist_ok=True)
         (recovery / "dataflare-run-id").write_text(run.id + "\n")
@@ -150,7 +151,7 @@ class Worker:
             delay = min(b.max, b.initial * b.multiplier ** (run.attempt - 1))
             retry_at = now() + timedelta(seconds=delay)
         self.store.finish(run.id, self.name, status, summary, error, output, retry_at)
-        if retry_at is None and status == "succeeded" and not streaming:
+        if retry_at is None and status == "succeeded" and not resumes:
             shutil.rmtree(recovery, ignore_errors=True)
         if retry_at is None and wf is not None and wf.post_actions:
             results = run_post_actions(wf, status, run.id, summary, self._trigger(run))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +37,40 @@ def test_a_relative_data_dir_runs_workflows(
     run = sqlite_store.run(rid)
     assert run.status == "succeeded", run.error
     assert len((tmp_path / ".dataflare/work/quick/out.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_scheduled_incremental_sync_reads_only_what_is_new_at_each_run(
+        sqlite_store: Store, tmp_path: Path, pg_schema: Any) -> None:
+    # Each run of a bounded workflow had a recovery directory of its own: an incremental
+    # sync lost its cursor and read (and appended) the whole table at every run.
+    table = f'"{pg_schema.schema}".items'
+    with pg_schema.connect() as conn:
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, at int NOT NULL)")
+        conn.execute(f"INSERT INTO {table} VALUES (1, 10), (2, 20)")
+    sqlite_store.put_workflow("sync", None, f"""
+workflow:
+  id: sync
+  sources:
+    db:
+      type: postgres
+      mode: incremental
+      config: {{host: 127.0.0.1, database: test, username: postgres,
+               table: {pg_schema.schema}.items, stop_at_end: true}}
+      incremental: {{column: at}}
+  destinations:
+    out: {{type: file, inputs: [db], config: {{path: out.jsonl}}, write_mode: {{type: append}}}}
+""", "test", create=True)
+    worker = Worker(sqlite_store, tmp_path / "data")
+    out = tmp_path / "data/work/sync/out.jsonl"
+    for new_row in ("(3, 30)", None):
+        rid = sqlite_store.start_run("sync", "test")
+        assert worker.run_one()
+        run = sqlite_store.run(rid)
+        assert run.status == "succeeded", run.error
+        if new_row:
+            with pg_schema.connect() as conn:
+                conn.execute(f"INSERT INTO {table} VALUES {new_row}")
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [1, 2, 3]
 
 
 def test_concurrent_claims_never_run_one_workflow_twice(store: Store) -> None:
