@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json
+import logging
 import re
 import threading
 import time
@@ -43,10 +44,12 @@ from dataflare.connectors.schema import json_value
 from dataflare.expr import compile_expression
 from dataflare.metrics import ENRICH_CALLS
 from dataflare.record_schema import FieldType, SchemaContext
-from dataflare.records import Batch, Failed, RecordError, get_path, set_path
+from dataflare.records import Batch, Failed, RecordError, get_path, message_of, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
 from dataflare.retry import Interrupted, delays, next_wait, retry_after_seconds
 from dataflare.template import compile_template
+
+log = logging.getLogger(__name__)
 
 
 class Cache(Strict):
@@ -98,7 +101,9 @@ class Enrichment(Strict):
     key: str | None = Field(None, description="lookup: record path of the key.")
     lookup_key: str | None = Field(None, description="lookup: column or field matched.")
     fields: list[str] = Field(default_factory=list, description="lookup: fields copied.")
-    refresh: Duration | None = Field(None, description="lookup: reload interval.")
+    refresh: Duration | None = Field(
+        None, description="lookup: reload interval (a failed reload is warned; the table "
+        "read before stays until the next).")
 
     @model_validator(mode="after")
     def _fields_of_type(self) -> Enrichment:
@@ -427,10 +432,33 @@ class LookupStage:
         finally:
             conn.close()
 
+    def _shown(self) -> str:
+        """What the table is read from, for messages (no credentials)."""
+        from dataflare.connectors.mysql import MySqlSourceConfig
+        from dataflare.connectors.postgres import PostgresSourceConfig
+
+        if isinstance(self.conn, _RedisTable):
+            return f"the redis hashes {self.conn.pattern!r}"
+        if isinstance(self.conn, PostgresSourceConfig | MySqlSourceConfig):
+            kind = "mysql" if isinstance(self.conn, MySqlSourceConfig) else "postgres"
+            return f"{kind} table {'.'.join(self.conn.qualified())}"
+        return str(self.conn)
+
     def _load(self) -> None:
+        """Read the table; a failed refresh keeps the last one (warned), tried again later."""
         table: dict[Any, dict[str, Any]] = {}
         lk = self.cfg.lookup_key or ""
-        for row in self._rows():
+        try:
+            rows = self._rows()
+        except Exception as exc:
+            msg = f"step {self.step!r}: lookup: cannot read {self._shown()}: {message_of(exc)}"
+            if self.loaded_at is None:
+                raise RuntimeError(msg) from exc
+            log.warning("%s; the table read %.0f s ago is used until the next refresh", msg,
+                        time.monotonic() - self.loaded_at)
+            self.loaded_at = time.monotonic()
+            return
+        for row in rows:
             fields = self.cfg.fields or [k for k in row if k != lk]
             table[_norm(row.get(lk))] = {f: row.get(f) for f in fields}
         self.table, self.loaded_at = table, time.monotonic()

@@ -379,6 +379,35 @@ def test_lookup_refreshes(tmp_path, pg_schema):
     assert batch == [{"id": 3, "name": None}]
 
 
+def test_a_lookup_that_cannot_be_read_names_the_step_and_a_failed_refresh_keeps_the_table(
+        tmp_path, pg_schema, caplog):
+    from dataflare.operators.enrich import Enrichment, LookupStage
+
+    table = f'"{pg_schema.schema}".c'
+    with pg_schema.connect() as conn:
+        conn.execute(f"CREATE TABLE {table} (id int, name text)")
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'ann')")
+    cfg = Enrichment.model_validate({
+        "type": "lookup", "key": "id", "lookup_key": "id", "fields": ["name"], "refresh": 0,
+        "connection": {"type": "postgres", "dsn": pg_schema.dsn, "schema": pg_schema.schema,
+                       "table": "c"},
+    })
+    stage = LookupStage("s", cfg, Path)
+    batch: list[Any] = [{"id": 1}]
+    stage(batch, [None])
+    with pg_schema.connect() as conn:
+        conn.execute(f"ALTER TABLE {table} RENAME TO c_gone")
+    batch = [{"id": 1}]
+    stage(batch, [None])  # the refresh fails: the table read before goes on
+    assert batch == [{"id": 1, "name": "ann"}]
+    assert f"step 's': lookup: cannot read postgres table {pg_schema.schema}.c: " \
+        "relation" in caplog.text
+    first = LookupStage("s", cfg, Path)
+    with pytest.raises(RuntimeError, match=f"step 's': lookup: cannot read postgres table "
+                       f"{pg_schema.schema}.c: relation"):
+        first([{"id": 1}], [None])
+
+
 def test_lookup_connection_refused():
     with pytest.raises(ValueError, match="lookup connection type 'mongo' is not supported"):
         EnrichConfig.model_validate({"enrichments": [{
