@@ -40,14 +40,51 @@ def run_case(validated: Validated, case: TestCase) -> dict[str, list[Any]]:
 
 
 def diff(expected: Iterable[Any], actual: Iterable[Any]) -> list[str]:
-    """Lines describing how two multisets of records differ (empty when equal)."""
+    """Lines describing how two multisets of records differ (empty when equal).
+
+    A missing record and an unexpected one that agree on most of the expected fields are
+    shown as one pair, with the fields that differ.
+    """
     want, got = Counter(map(_key, expected)), Counter(map(_key, actual))
+    missing, unexpected = want - got, got - want
     lines = []
-    for rec, n in sorted((want - got).items()):
+    for rec in sorted(missing):
+        while missing[rec] and (near := _nearest(rec, unexpected)) is not None:
+            missing[rec] -= 1
+            unexpected[near] -= 1
+            lines += [f"    ~ expected: {rec}", f"      got:      {near}",
+                      f"      ({_differences(orjson.loads(rec), orjson.loads(near))})"]
+    for rec, n in sorted((+missing).items()):
         lines.append(f"    - missing{f' x{n}' if n > 1 else ''}: {rec}")
-    for rec, n in sorted((got - want).items()):
+    for rec, n in sorted((+unexpected).items()):
         lines.append(f"    + unexpected{f' x{n}' if n > 1 else ''}: {rec}")
     return lines
+
+
+def _nearest(key: str, candidates: Counter[str]) -> str | None:
+    """The candidate record agreeing with ``key``'s on the most fields (at least half)."""
+    want = orjson.loads(key)
+    if not isinstance(want, dict) or not want:
+        return None
+    best, score = None, (len(want) + 1) // 2 - 1
+    for cand, n in sorted(candidates.items()):
+        rec = orjson.loads(cand)
+        if n and isinstance(rec, dict):
+            same = sum(1 for k, v in want.items() if k in rec and rec[k] == v)
+            if same > score:
+                best, score = cand, same
+    return best
+
+
+def _differences(want: dict[str, Any], got: dict[str, Any]) -> str:
+    """How ``got`` differs from ``want``, field by field."""
+    out = [f"{k}: {orjson.dumps(got[k]).decode()}, expected {orjson.dumps(v).decode()}"
+           for k, v in want.items() if k in got and got[k] != v]
+    if absent := [k for k in want if k not in got]:
+        out.append(f"no {', '.join(absent)}")
+    if extra := [k for k in got if k not in want]:
+        out.append(f"not expected: {', '.join(extra)}")
+    return "; ".join(out)
 
 
 def run_workflow_tests(paths: Iterable[str]) -> int:

@@ -131,9 +131,28 @@ tests:
     assert result.code == 1
     assert f"PASS {flow}: routes by amount and parity" in result.stdout
     assert f"FAIL {flow}: a wrong expectation fails with a diff" in result.stdout
-    assert '- missing: {"amount":4,"contact":{"email":"a@b.c"},"id":2}' in result.stdout
-    assert '+ unexpected: {"amount":3,"contact":{"email":"a@b.c"},"id":2}' in result.stdout
+    assert ('~ expected: {"amount":4,"contact":{"email":"a@b.c"},"id":2}\n'
+            '      got:      {"amount":3,"contact":{"email":"a@b.c"},"id":2}\n'
+            "      (amount: 3, expected 4)") in result.stdout
     assert "1 passed, 1 failed" in result.stdout
+
+
+def test_a_diff_pairs_records_that_agree_on_most_expected_fields():
+    from dataflare.testing import diff
+
+    expected = [{"user": "a", "n": 1}, {"user": "b", "n": 2}, {"user": "z", "n": 9, "x": 0},
+                {"k": 1}, {"k": 1}]
+    actual = [{"user": "b", "n": 3, "w": "t"}, {"user": "a", "n": 1}, {"q": 5}, {"k": 2}]
+    assert diff(expected, actual) == [
+        '    ~ expected: {"n":2,"user":"b"}',
+        '      got:      {"n":3,"user":"b","w":"t"}',
+        "      (n: 3, expected 2; not expected: w)",
+        '    - missing x2: {"k":1}',  # one field, none the same: not paired
+        '    - missing: {"n":9,"user":"z","x":0}',
+        '    + unexpected: {"k":2}',
+        '    + unexpected: {"q":5}',
+    ]
+    assert diff([{"a": 1}], [{"a": 1.0}]) == []
 
 
 def test_skip_drops_bad_records_and_keeps_the_rest(tmp_path):
