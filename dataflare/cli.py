@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "2 safe change, 3 unsafe change).")
     p.add_argument("path", metavar="WORKFLOW")
     against = p.add_mutually_exclusive_group(required=True)
-    against.add_argument("--recovery-dir", metavar="DIR",
+    against.add_argument("-r", "--recovery-dir", metavar="DIR",
                          help="The recovery directory of the run to resume.")
     against.add_argument("--against", metavar="OLD", help="The workflow file it replaces.")
     p.add_argument("--format", choices=["text", "json"], default="text")

@@ -170,7 +170,7 @@ def test_a_changed_window_size_blocks_the_resume(case: Case) -> None:
     assert "window.size: 60.0 -> 120.0" in state["detail"]
     assert changes(plan, "step")["per_minute"]["detail"] == \
         "config.window.size: 60.0 -> 120.0"
-    human = plan_cli(str(case.flow), "--recovery-dir", str(case.rec))
+    human = plan_cli(str(case.flow), "-r", str(case.rec))  # as `run -r`
     assert human.returncode == 3
     assert "! state 'per_minute' blocks" in human.stdout
     assert human.stdout.rstrip().endswith("unsafe change (exit 3)")
