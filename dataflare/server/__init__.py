@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 log = logging.getLogger(__name__)
 ROLES = ("all", "api", "scheduler", "worker")
@@ -26,6 +29,16 @@ def serve(store_url: str | None, role: str, host: str, port: int, config: str | 
     from dataflare.server.store import Store, default_url, migrate
     from dataflare.server.worker import Worker, WorkerSettings
 
+    access = None
+    if role in ("all", "api"):  # a bad config stops the server before any role starts
+        token_file = data_dir / "admin-token"
+        try:
+            access = auth.load(config, default_token_file=token_file)
+        except (OSError, ValueError, AttributeError, yaml.YAMLError) as exc:
+            print(f"error: --config {config}: {exc}", file=sys.stderr, flush=True)
+            return 1
+        if config is None:
+            print(f"dataflare server: admin token in {token_file}", flush=True)
     url = store_url or default_url(data_dir)
     migrate(url)
     store = Store(url)
@@ -57,10 +70,7 @@ def serve(store_url: str | None, role: str, host: str, port: int, config: str | 
 
             from dataflare.server.api import create_app
 
-            token_file = data_dir / "admin-token"
-            access = auth.load(config, default_token_file=token_file)
-            if config is None:
-                print(f"dataflare server: admin token in {token_file}", flush=True)
+            assert access is not None
             app = create_app(store, access)
             uvicorn.run(app, host=host, port=port, log_level="warning")
         else:

@@ -11,21 +11,21 @@ the workers that run it. Every endpoint but the probes and the console page need
 import os
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from dataflare import registry
 from dataflare.dsl_compiler import Validated, validate_text
 from dataflare.dsl_compiler.models import check_workflow_id
 from dataflare.server.auth import Access, User
 from dataflare.server.scheduler import Scheduler, next_instants, schedule_of
-from dataflare.server.store import Conflict, NotFound, Store, now
+from dataflare.server.store import ACTIVE, FINAL, Conflict, NotFound, Store, now
 
 REQUESTS = Counter("dataflare_api_requests", "API requests.", ["method", "status"])
 LATENCY = Histogram("dataflare_api_seconds", "API request latency.", ["method"])
@@ -42,10 +42,15 @@ class Problem(BaseModel):
 
 
 class Backfill(BaseModel):
-    """A date range to run a workflow's schedule over."""
+    """A date range to run a workflow's schedule over (a time without a zone is UTC)."""
 
     start: datetime = Field(description="First instant (inclusive).")
     end: datetime = Field(description="Last instant (inclusive).")
+
+    @field_validator("start", "end")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _validated(text: str, name: str) -> Validated:
@@ -263,12 +268,16 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
         except Exception as exc:  # noqa: BLE001 - the source's own error, as the CLI shows it
             text = str(exc)  # the connectors' own errors name the source already
             prefix = f"source '{source}': "
-            raise HTTPException(502, text if text.startswith(prefix) else prefix + text) from exc
+            named = text.startswith((prefix, f"step '{source}': "))
+            raise HTTPException(502, text if named else prefix + text) from exc
 
     @app.get("/api/v1/runs")
     def list_runs(_user: Read, workflow: str | None = None, status: str | None = None,
                   limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
         """Runs, newest first (filters: workflow, status)."""
+        if status is not None and status not in (*ACTIVE, *FINAL):
+            raise HTTPException(422, f"status {status!r} is none of "
+                                     f"{', '.join((*ACTIVE, *FINAL))}")
         return [r.as_json() for r in store.runs(workflow, status, max(1, min(limit, 1000)))]
 
     @app.get("/api/v1/runs/{rid}")

@@ -71,11 +71,14 @@ class Access:
 
 def _expand(value: str, env: Mapping[str, str]) -> str:
     if value.startswith("${") and value.endswith("}"):
-        name = value[2:-1]
-        if name not in env:
-            msg = f"variable {name} is not set"
-            raise ValueError(msg)
-        return env[name]
+        # ${VAR} or ${VAR:-default}, as in workflows; the default is a token: never shown
+        name, sep, default = value[2:-1].partition(":-")
+        if name in env:
+            return env[name]
+        if sep:
+            return default
+        msg = f"variable {name} is not set"
+        raise ValueError(msg)
     return value
 
 

@@ -254,13 +254,22 @@ class Store:
             return number
 
     def delete_workflow(self, wid: str, user: str) -> None:
-        """Mark a workflow deleted (its revisions and runs stay, for the record)."""
+        """Mark a workflow deleted (its revisions and runs stay, for the record).
+
+        Its queued runs are stopped and its running one is asked to stop: a deleted
+        workflow runs no more.
+        """
         with self.tx() as c:
             done = c.execute(workflows.update().where(
                 (workflows.c.id == wid) & ~workflows.c.deleted).values(deleted=True)).rowcount
             if not done:
                 msg = f"no workflow {wid!r}"
                 raise NotFound(msg)
+            mine = runs.c.workflow_id == wid
+            c.execute(runs.update().where(mine & (runs.c.status == "queued")).values(
+                status="stopped", stop_requested=True, ended_at=now(), error=None))
+            c.execute(runs.update().where(mine & (runs.c.status == "running"))
+                      .values(stop_requested=True))
             self._audit(c, user, "workflow.delete", wid, None)
 
     def workflows(self) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,51 @@ def test_every_change_is_a_revision_and_an_audit_record(client: TestClient) -> N
         ("workflow.create", "admin", 1), ("workflow.update", "developer", 2)]
     assert client.delete("/api/v1/workflows/orders", headers=h("admin")).status_code == 204
     assert client.get("/api/v1/workflows/orders", headers=h("admin")).status_code == 404
+
+
+def test_deleting_a_workflow_stops_its_queued_and_running_runs(
+        client: TestClient, store: Store) -> None:
+    post_yaml(client, flow())
+    started = [client.post("/api/v1/workflows/orders/runs", headers=h("operator")).json()["id"]
+               for _ in range(3)]
+    claimed = store.claim("w1", timedelta(seconds=30))
+    assert claimed is not None and claimed[0].id == started[0]
+    assert client.delete("/api/v1/workflows/orders", headers=h("admin")).status_code == 204
+    assert [store.run(r).status for r in started[1:]] == ["stopped", "stopped"]
+    assert store.claim("w2", timedelta(seconds=30)) is None  # nothing of it runs any more
+    assert store.heartbeat(started[0], "w1", timedelta(seconds=30), "") is True  # asked to stop
+
+
+def test_a_backfill_range_without_a_zone_is_utc(client: TestClient) -> None:
+    post_yaml(client, flow(extra="  schedule: {type: cron, expression: '0 3 * * *'}\n"))
+    r = client.post("/api/v1/workflows/orders/backfill", headers=h("operator"),
+                    json={"start": "2026-01-01T00:00:00", "end": "2026-01-03T12:00:00"})
+    assert r.status_code == 201, r.text
+    assert len(r.json()["runs"]) == 3
+    runs = client.get("/api/v1/runs?workflow=orders", headers=h("viewer")).json()
+    assert sorted(x["scheduled_for"] for x in runs)[0] == "2026-01-01T03:00:00+00:00"
+
+
+def test_a_discovery_error_names_its_source_once(client: TestClient) -> None:
+    text = """
+workflow:
+  id: pg
+  sources:
+    db: {type: postgres, config: {dsn: "postgresql://postgres@127.0.0.1:5432/no_such_db_x",
+                                  table: t}}
+  destinations: {out: {type: file, inputs: [db], config: {path: out.jsonl}}}
+"""
+    assert post_yaml(client, text).status_code == 201
+    r = client.get("/api/v1/workflows/pg/discover/db", headers=h("viewer"))
+    assert r.status_code == 502
+    detail = r.json()["detail"]
+    assert detail.startswith("step 'db': ") and "'db'" not in detail[len("step 'db'"):], detail
+
+
+def test_an_unknown_status_filter_is_refused(client: TestClient) -> None:
+    r = client.get("/api/v1/runs?status=finished", headers=h("viewer"))
+    assert r.status_code == 422 and "'finished' is none of queued" in r.json()["detail"]
+    assert client.get("/api/v1/runs?status=failed", headers=h("viewer")).json() == []
 
 
 def test_a_schedule_that_never_fires_is_refused(client: TestClient) -> None:
@@ -233,3 +279,28 @@ def test_weak_or_unknown_config_is_refused(tmp_path: Path) -> None:
                                                 "roles": ["operator"]}}}))
     user = auth.load(cfg).authenticate("y" * 32)
     assert user is not None and user.may("workflow:execute") and not user.may("workflow:create")
+
+
+def test_a_config_token_may_have_a_default_which_no_error_shows(tmp_path: Path) -> None:
+    cfg = tmp_path / "server.yaml"
+    default = "d" * 30
+    cfg.write_text(json.dumps({"users": {"bob": {"token": f"${{BOB_TOKEN:-{default}}}",
+                                                 "roles": ["viewer"]}}}))
+    assert auth.load(cfg, env={}).authenticate(default) is not None
+    assert auth.load(cfg, env={"BOB_TOKEN": "e" * 30}).authenticate("e" * 30) is not None
+    cfg.write_text(json.dumps({"users": {"bob": {"token": "${BOB_TOKEN}", "roles": []}}}))
+    with pytest.raises(ValueError, match="variable BOB_TOKEN is not set"):
+        auth.load(cfg, env={})
+
+
+def test_a_bad_config_stops_the_server_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dataflare.server import serve
+
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text(json.dumps({"users": {"bob": {"token": "${NO_SUCH_TOKEN_VAR}",
+                                                 "roles": ["admin"]}}}))
+    assert serve(None, "all", "127.0.0.1", 0, str(cfg), tmp_path) == 1
+    assert capsys.readouterr().err == (
+        f"error: --config {cfg}: variable NO_SUCH_TOKEN_VAR is not set\n")
+    assert not (tmp_path / "server.sqlite3").exists()  # stopped before any role started
