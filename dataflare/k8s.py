@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from dataflare import registry
 from dataflare.dsl_compiler import Validated, compile_file, validate_file
 from dataflare.logs import say
 
@@ -217,7 +218,7 @@ def is_streaming(v: Validated) -> bool:
     """
     wf = v.workflow
     assert wf is not None
-    return any(src.runs_as() in ("streaming", "cdc", "hybrid") or src.streaming is not None
+    return any(src.runs_as() in registry.UNBOUNDED or src.streaming is not None
                or not src.ends() for src in wf.sources.values())
 
 

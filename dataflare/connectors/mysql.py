@@ -842,7 +842,7 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         self.cfg: MySqlSourceConfig = ctx.config
         self.component = ctx.component
         self.retry = ctx.workflow.config.retry
-        self.mode = effective_mode(ctx.component, self.cfg)
+        self.mode = effective_mode(ctx.component)
         if self.mode == "hybrid":
             msg = f"source '{ctx.step_id}': type 'mysql' supports modes full, incremental, cdc"
             raise ValueError(msg)

@@ -967,7 +967,7 @@ class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         self.cfg: PostgresSourceConfig = ctx.config
         self.component = ctx.component
         self.retry = ctx.workflow.config.retry
-        self.mode = effective_mode(ctx.component, self.cfg)
+        self.mode = effective_mode(ctx.component)
 
     # settings
 
@@ -1108,12 +1108,9 @@ class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
 Mode = Literal["full", "incremental", "cdc", "hybrid"]
 
 
-def effective_mode(component: Any, cfg: Any) -> Mode:
+def effective_mode(component: Any) -> Mode:
     """The source's mode: as written, else incremental with incremental settings, else full."""
-    mode = getattr(component, "mode", None)
-    if mode is None:
-        inc = getattr(component, "incremental", None)
-        return "incremental" if (inc is not None or cfg.incremental_column) else "full"
+    mode = component.runs_as()
     if mode == "streaming":
         msg = (
             f"mode 'streaming' is not supported by type '{component.type}' "

@@ -149,12 +149,17 @@ class S3Storage:
         return f"s3://{self.bucket}/{key}"
 
 
+def _objects(client: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
+    """Every object under ``prefix`` in ``bucket`` (key, ``LastModified``, ETag...)."""
+    out: list[dict[str, Any]] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.extend(page.get("Contents", ()))
+    return out
+
+
 def list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
     """Every key under ``prefix`` in ``bucket``, in key order."""
-    out: list[str] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        out.extend(o["Key"] for o in page.get("Contents", ()))
-    return sorted(out)
+    return sorted(o["Key"] for o in _objects(client, bucket, prefix))
 
 
 @destination(
@@ -239,11 +244,8 @@ class _ObjectReader:
 
 def _listing(step: str, config: S3SourceConfig, client: Any) -> list[dict[str, Any]]:
     """The data objects under the prefix (no journals, no directory markers), in key order."""
-    out: list[dict[str, Any]] = []
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(
-                Bucket=config.bucket, Prefix=config.prefix):
-            out.extend(page.get("Contents", ()))
+        out = _objects(client, config.bucket, config.prefix)
     except Exception as exc:
         msg = f"step {step!r}: cannot list s3://{config.bucket}/{config.prefix}: {exc}"
         raise RuntimeError(msg) from exc
@@ -358,8 +360,7 @@ class _PolledPartition(StatefulSourcePartition[Batch, S3Polled]):
         try:
             return self.reader.next_batch()
         except StopIteration:
-            self.reader.close()
-            self.reader = None
+            self.close()
             self._done(self.current)
             return []
 
@@ -384,11 +385,10 @@ class S3Source(FixedPartitionedSource[Batch, Any]):
 
     def __init__(self, step: str, config: S3SourceConfig, component: Any = None) -> None:
         self.step, self.config = step, config
-        mode = getattr(component, "mode", None)
+        mode = "full" if component is None else component.runs_as()
         inc = getattr(component, "incremental", None)
-        self.incremental = (mode or ("incremental" if inc is not None else "full")) \
-            == "incremental"
-        if mode not in (None, "full", "incremental"):
+        self.incremental = mode == "incremental"
+        if mode not in ("full", "incremental"):
             msg = f"source {step!r}: type 's3' supports modes full and incremental, got {mode!r}"
             raise ValueError(msg)
         if not self.incremental and config.stop_at_end:

@@ -494,8 +494,9 @@ class _Compiler:
         named = [(ref, self.streams[ref]) for ref in comp.inputs] + self.redirected.get(cid, [])
         if not named:
             return
-        if self.replay is not None and comp.write_mode.type != "merge" and (
-                comp.write_mode.type == "overwrite" or "write_mode" not in comp.model_fields_set):
+        one_file = comp.type == "file" and not comp.config.partitioned()
+        if self.replay is not None and (comp.write_mode.type == "overwrite" or (
+                one_file and "write_mode" not in comp.model_fields_set)):
             # A replay adds its records: a destination that empties its table or file at
             # the start of a run (overwrite; one file without write_mode) would lose the rest.
             comp = comp.model_copy(update={"write_mode": WriteMode(type="append")})
