@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dataflare.connectors.sql_writer import BOOL, FLOAT, INT, JSON, TEXT
@@ -126,6 +126,9 @@ class SourceColumns:
     types: dict[str, str]
     primary_key: tuple[str, ...]
     unbounded: bool  # a change stream (cdc, hybrid): the same key comes more than once
+    filled: dict[str, str | None] = field(default_factory=dict)
+    """Columns with a default: the value (as text) the rows that predate the column were
+    given when it was added, ``None`` when not known (a volatile default)."""
 
 
 def source_columns(ctx: Any, table: str | None = None) -> SourceColumns | None:
@@ -161,10 +164,13 @@ def source_columns(ctx: Any, table: str | None = None) -> SourceColumns | None:
         return None
     (found,) = tables
     types = {}
+    filled = {}
     for col in found["columns"]:
         pg = postgres_type(comp.type, col["type"])
         if pg is not None:
             types[col["name"]] = pg
+        if "filled_with" in col or "default" in col:
+            filled[col["name"]] = col.get("filled_with")
     return SourceColumns(sid, f"{found['schema']}.{found['name']}", types,
                          tuple(found.get("primary_key") or ()),
-                         comp.mode in ("cdc", "hybrid"))
+                         comp.mode in ("cdc", "hybrid"), filled)

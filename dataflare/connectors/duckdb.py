@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from functools import cache
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,7 @@ class DuckDBDialect(Dialect):
 
         self.path = path
         self.cfg = cfg
-        self.source_types = None if source_types is None else cache(source_types)
+        self.source_types = source_types
         self.transient = (duckdb.IOException, duckdb.ConnectionException)
         # Values that do not fit their columns: in the Arrow staging or in DuckDB.
         self.refusals = (duckdb.DataError, duckdb.IntegrityError, pa.ArrowInvalid,
@@ -149,11 +148,22 @@ class DuckDBDialect(Dialect):
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self.target} ({', '.join(cols)})")
         return True
 
-    def add_columns(self, columns: dict[str, str]) -> None:
-        """ALTER TABLE ... ADD COLUMN, one per statement."""
+    def add_columns(self, columns: dict[str, str], filled: dict[str, str]) -> None:
+        """ALTER TABLE ... ADD COLUMN, one per statement; a filled one typed after its source.
+
+        A filled column is added with a DEFAULT, which DuckDB gives the rows already
+        there, then dropped.
+        """
         for n, t in columns.items():
             column = self._declare(n, t)
-            self.conn.execute(f"ALTER TABLE {self.target} ADD COLUMN IF NOT EXISTS {column}")
+            hint = self.source_type(n, t)
+            if n in filled and hint is not None and duckdb_type(hint) is not None:
+                value = filled[n].replace("'", "''")
+                self.conn.execute(f"ALTER TABLE {self.target} ADD COLUMN IF NOT EXISTS {column} "
+                                  f"DEFAULT '{value}'")
+                self.conn.execute(f"ALTER TABLE {self.target} ALTER {quote_ident(n)} DROP DEFAULT")
+            else:
+                self.conn.execute(f"ALTER TABLE {self.target} ADD COLUMN IF NOT EXISTS {column}")
 
     def widen(self, column: str, kind: str) -> None:
         """ALTER ... TYPE."""

@@ -221,6 +221,55 @@ def primary_key(conn: Any, database: str, table: str) -> list[str]:
         return [r[0] for r in cur.fetchall()]
 
 
+_ESCAPES = {"0": "\0", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a"}
+_QUOTED = re.compile(r"'((?:[^'\\]|''|\\.)*)'")
+
+
+def _with_default(col: dict[str, Any], default: str | None, extra: str,
+                  mariadb: bool) -> dict[str, Any]:
+    """``col`` with its DEFAULT and the value its rows that predate it hold.
+
+    A column added to a table with rows gives them its default (``filled_with``); a NOT
+    NULL column without one gives numbers 0, text '' and an ENUM its first member. An
+    expression (``CURRENT_TIMESTAMP``) was evaluated at the adding: not known here.
+    MariaDB shows a literal default quoted and a DEFAULT NULL as ``NULL``; MySQL shows
+    literals bare and marks expressions ``DEFAULT_GENERATED``.
+    """
+    if default is None or (mariadb and default == "NULL"):
+        if col["nullable"] or "auto_increment" in extra.lower():
+            return col
+        kind = col["type"].lower()
+        if kind.startswith("enum("):
+            member = _QUOTED.search(col["type"])
+            implicit = None if member is None else _unquoted(member[0])
+        elif re.match(r"(tiny|small|medium|big)?int|integer|decimal|numeric|float|double"
+                      r"|bit|year", kind):
+            implicit = "0"
+        elif re.match(r"(var)?char|(tiny|medium|long)?text", kind):
+            implicit = ""
+        else:
+            implicit = None
+        if implicit is not None:
+            col["filled_with"] = implicit
+        return col
+    col["default"] = default
+    if mariadb:
+        if _QUOTED.fullmatch(default):
+            col["filled_with"] = _unquoted(default)
+        elif re.fullmatch(r"-?[\d.]+(e[-+]?\d+)?", default, re.IGNORECASE):
+            col["filled_with"] = default
+    elif "DEFAULT_GENERATED" not in extra.upper() and not default.upper().startswith(
+            "CURRENT_TIMESTAMP"):
+        col["filled_with"] = default
+    return col
+
+
+def _unquoted(literal: str) -> str:
+    r"""The text of a quoted SQL string literal as MariaDB shows it ('it''s', 'a\\b')."""
+    return re.sub(r"''|\\(.)", lambda m: "'" if m[0] == "''" else _ESCAPES.get(m[1], m[1]),
+                  literal[1:-1])
+
+
 _JSON_CHECK = re.compile(r"json_valid\(`((?:[^`]|``)+)`\)", re.IGNORECASE)
 
 
@@ -229,14 +278,17 @@ def table_columns(conn: Any, database: str, table: str) -> list[dict[str, Any]]:
 
     MariaDB's ``json`` is ``longtext`` with a ``json_valid`` check: such columns are ``json``.
     """
+    mariadb = "mariadb" in conn.get_server_info().lower()
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE FROM information_schema.COLUMNS "
+            "SELECT COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, COLUMN_DEFAULT, EXTRA "
+            "FROM information_schema.COLUMNS "
             "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
             (database, table),
         )
-        cols = [{"name": r[0], "type": r[1], "nullable": r[2] == "YES"} for r in cur.fetchall()]
-        if "mariadb" in conn.get_server_info().lower():
+        cols = [_with_default({"name": r[0], "type": r[1], "nullable": r[2] == "YES"},
+                              r[3], r[4] or "", mariadb) for r in cur.fetchall()]
+        if mariadb:
             cur.execute(
                 "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS "
                 "WHERE CONSTRAINT_SCHEMA = %s AND TABLE_NAME = %s",

@@ -22,7 +22,10 @@ Modes (``mode:`` of the source; ``incremental`` when incremental settings are gi
   Records carry ``_meta`` (``op``: read/insert/update/delete/truncate, ``table``, ``lsn``,
   ``commit_ts``, ``xid``); a delete carries the REPLICA IDENTITY columns (the key), an
   update ``_meta.old`` when the server sends the old row or key. The slot's lag is a
-  Prometheus gauge (``dataflare_postgres_slot_lag_bytes``) and a log line.
+  Prometheus gauge (``dataflare_postgres_slot_lag_bytes``) and a log line. A column
+  added to a table comes in the records of its later changes; the value its default gave
+  the rows already there is not in the stream: discovery reports it (``filled_with``)
+  and a merge mirror gives it to its rows when it gains the column.
 - ``hybrid``: the initial phase, then the ongoing one (``cdc`` or ``incremental``).
 
 Delivery and the slot. Changes are *peeked*, never consumed on read: the partition state
@@ -1143,6 +1146,27 @@ def build_postgres_source(ctx: BuildContext) -> PostgresSource:
 # -- discovery -------------------------------------------------------------------------------
 
 
+_PG_LITERAL = re.compile(
+    r"'((?:[^']|'')*)'(::[\w\s\[\](),.\"]+)?|(-?[\d.]+(e[-+]?\d+)?|true|false)")
+
+
+def with_default(col: dict[str, Any], default: str | None, missing: str | None) -> dict[str, Any]:
+    """``col`` with its DEFAULT expression and the value its rows that predate it hold.
+
+    ``filled_with`` is PostgreSQL's "missing value" of a column added with a default to a
+    table that had rows (kept until the table is rewritten), else the default itself when
+    it is a constant; a volatile default (``clock_timestamp()``) gave each row its own.
+    """
+    if default is None:
+        return col
+    col["default"] = default
+    if missing is None and (m := _PG_LITERAL.fullmatch(default)):
+        missing = m[1].replace("''", "'") if m[1] is not None else m[3]
+    if missing is not None:
+        col["filled_with"] = missing
+    return col
+
+
 @discoverer("postgres")
 def discover_postgres(ctx: BuildContext) -> dict[str, Any]:
     """Columns, types and keys of the source's tables.
@@ -1171,13 +1195,17 @@ def discover_postgres(ctx: BuildContext) -> dict[str, Any]:
             out = []
             for schema, table in dict.fromkeys(tables):
                 cols = [
-                    {"name": r[0], "type": r[1], "nullable": r[2] == "YES"}
+                    with_default({"name": r[0], "type": r[1], "nullable": r[2] == "YES"},
+                                 r[3], r[4])
                     for r in conn.execute(
-                        "SELECT column_name, format_type(a.atttypid, a.atttypmod), is_nullable "
+                        "SELECT column_name, format_type(a.atttypid, a.atttypmod), is_nullable, "
+                        "pg_get_expr(d.adbin, d.adrelid), "
+                        "CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END "
                         "FROM information_schema.columns c "
                         "JOIN pg_attribute a ON a.attrelid = "
                         "format('%%I.%%I', c.table_schema, c.table_name)::regclass "
                         "AND a.attname = c.column_name "
+                        "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
                         "WHERE c.table_schema = %s AND c.table_name = %s "
                         "ORDER BY c.ordinal_position",
                         (schema, table),

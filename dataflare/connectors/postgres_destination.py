@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import cache
 from itertools import repeat
 from typing import Any
 
@@ -144,7 +143,7 @@ class PostgresDialect(Dialect):
         import psycopg
 
         self.cfg = cfg
-        self.source_types = None if source_types is None else cache(source_types)
+        self.source_types = source_types
         self.arrays: set[str] = set()
         self.transient = (psycopg.OperationalError, psycopg.InterfaceError)
         self.refusals = (psycopg.DataError, psycopg.IntegrityError)  # SQLSTATE 22, 23
@@ -269,10 +268,21 @@ class PostgresDialect(Dialect):
         self.arrays = {name for name, dtype in rows if dtype == "ARRAY"}
         return dict(self.types)
 
-    def add_columns(self, columns: dict[str, str]) -> None:
-        """ALTER TABLE ... ADD COLUMN IF NOT EXISTS."""
-        adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {decl}" for decl in self._declare(columns))
-        self.conn.execute(f"ALTER TABLE {self.target} {adds}")
+    def add_columns(self, columns: dict[str, str], filled: dict[str, str]) -> None:
+        """ALTER TABLE ... ADD COLUMN IF NOT EXISTS; a filled one with a DEFAULT, then dropped.
+
+        PostgreSQL keeps such a default as the value of the rows already there, without
+        rewriting the table.
+        """
+        from psycopg.sql import SQL, Literal
+
+        adds = [SQL("ADD COLUMN IF NOT EXISTS {} DEFAULT {}").format(SQL(decl), Literal(
+            filled[name])) if name in filled else SQL(f"ADD COLUMN IF NOT EXISTS {decl}")
+            for name, decl in zip(columns, self._declare(columns), strict=True)]
+        self.conn.execute(SQL("ALTER TABLE {} {}").format(SQL(self.target), SQL(", ").join(adds)))
+        if filled:
+            drops = ", ".join(f"ALTER COLUMN {quote_ident(name)} DROP DEFAULT" for name in filled)
+            self.conn.execute(f"ALTER TABLE {self.target} {drops}")
         self._staged = None
 
     def widen(self, column: str, kind: str) -> None:

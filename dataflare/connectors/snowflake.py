@@ -232,8 +232,11 @@ class SnowflakeDialect(Dialect):
         self.types = dict(columns)
         return True
 
-    def add_columns(self, columns: dict[str, str]) -> None:
-        """ALTER TABLE ... ADD COLUMN IF NOT EXISTS, one per statement."""
+    def add_columns(self, columns: dict[str, str], filled: dict[str, str]) -> None:
+        """ALTER TABLE ... ADD COLUMN IF NOT EXISTS, one per statement.
+
+        ``filled`` is empty: Snowflake tables are not typed after a source table.
+        """
         for n, t in columns.items():
             self._run(f"ALTER TABLE {self.target} ADD COLUMN IF NOT EXISTS "
                       f"{quote_ident(n)} {SQL_TYPES[t]}")

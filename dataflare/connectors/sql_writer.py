@@ -7,7 +7,9 @@ A write is one transaction per flushed batch:
   widened with ``ADD COLUMN`` when new fields appear; ``_meta`` is never a column;
 - a new column's type is decided by the batch's values: integers and fractional numbers
   make a double, other mixtures JSON; an integer column that later receives a
-  fractional number becomes a double;
+  fractional number becomes a double; in a ``merge`` table, the rows already there take
+  the value their source table gave its rows that predate a column it gained (its
+  default: a change stream does not carry it, :meth:`Dialect.filled`);
 - ``append`` copies the rows in; ``overwrite`` empties the table in the transaction of the
   destination's first write (also when the run writes nothing), then appends; ``merge``
   upserts on ``merge_key`` and sets the fields a record has: fields it lacks keep their
@@ -347,7 +349,9 @@ class Dialect(ABC):
     types: dict[str, str]
     source_types: Callable[[str | None], SourceColumns | None] | None = None
     """The columns of a source table (``None``: the source's one ``table``), for a
-    dialect that types new columns after them (asked once per table)."""
+    dialect that types new columns after them (asked once per table, and again when a
+    record brings a column the answer lacks)."""
+    _carried: dict[str | None, SourceColumns | None] | None = None
     origin: str | None = None
     """The source table of the records whose columns are made next (:meth:`note_origin`)."""
 
@@ -384,9 +388,46 @@ class Dialect(ABC):
         """The source table (``_meta.table``) of the records whose columns are made next."""
         self.origin = table
 
-    def carried(self) -> SourceColumns | None:
-        """The columns of the records' source table (see :attr:`source_types`)."""
-        return None if self.source_types is None else self.source_types(self.origin)
+    def carried(self, fresh: bool = False) -> SourceColumns | None:
+        """The columns of the records' source table (see :attr:`source_types`).
+
+        ``fresh``: asked again (the source table may have gained columns).
+        """
+        if self.source_types is None:
+            return None
+        if self._carried is None:
+            self._carried = {}
+        if fresh or self.origin not in self._carried:
+            self._carried[self.origin] = self.source_types(self.origin)
+        return self._carried[self.origin]
+
+    def filled(self, columns: dict[str, str]) -> dict[str, str]:
+        """The values (as text) the source table gave its rows that predate new ``columns``.
+
+        ``columns``: name -> logical type of the columns a mirror table is about to gain.
+        Only columns that take their source column's type are filled; a source default
+        whose value for those rows is not known (a volatile one) is warned of.
+        """
+        carried = self.carried()
+        if carried is None:
+            return {}
+        if any(name not in carried.types for name in columns):
+            carried = self.carried(fresh=True)  # added to the source since it was asked
+            if carried is None:
+                return {}
+        out = {}
+        for name, logical in columns.items():
+            if name not in carried.filled or self.source_type(name, logical) is None:
+                continue
+            value = carried.filled[name]
+            if value is None:
+                log.warning("%s gains column %r: its rows stay NULL there, while in the "
+                            "source table %s the rows that predate the column took its "
+                            "default's value when it was added; take a new snapshot of "
+                            "that table to copy them", self.describe(), name, carried.table)
+            else:
+                out[name] = value
+        return out
 
     def source_type(self, name: str, logical: str) -> str | None:
         """Column ``name``'s type in the records' source table (in PostgreSQL's terms).
@@ -408,8 +449,8 @@ class Dialect(ABC):
         """
 
     @abstractmethod
-    def add_columns(self, columns: dict[str, str]) -> None:
-        """Widen the target table."""
+    def add_columns(self, columns: dict[str, str], filled: dict[str, str]) -> None:
+        """Widen the target table; its rows take the ``filled`` columns' values (text)."""
 
     @abstractmethod
     def widen(self, column: str, kind: str) -> None:
@@ -720,8 +761,14 @@ class TableWriter:
             self.cols = self.db.columns() or {}  # made meanwhile by another writer
         new = {k: (t or TEXT) for k, t in wanted.items() if k not in self.cols}
         if new:
-            log.info("step %r: adding column(s) %s to %s", self.step, new, self.db.describe())
-            self.db.add_columns(new)
+            # A mirror's rows are the source's rows: those that predate a column the source
+            # gained take the value the source gave them (a change stream does not carry it).
+            filled = self.db.filled(new) if self.mode == "merge" else {}
+            log.info("step %r: adding column(s) %s to %s%s", self.step, new,
+                     self.db.describe(), "".join(
+                         f"; its rows take {k} = {v!r} as their source rows did"
+                         for k, v in filled.items()))
+            self.db.add_columns(new, filled)
             self.cols.update(new)
         # An integer column that receives a fractional number becomes a double.
         rows = [it.row for it in items]

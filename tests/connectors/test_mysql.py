@@ -678,3 +678,81 @@ def test_binlog_binary_values_match_the_snapshot(mariadb_private: Any) -> None:
     part.close()
     assert [plain(r) for r in changes] == [{**row, "n": 1} for row in snap]
     assert [r[META]["old"] for r in changes] == snap
+
+
+FILL_FLOW = """
+workflow:
+  name: binlog-mirror-fill
+  sources:
+    src:
+      type: mysql
+      mode: cdc
+      config: {{host: 127.0.0.1, port: {port}, username: {user}, database: {db},
+               table: fill_rows, stop_at_end: true}}
+      cdc: {{snapshot_mode: initial, poll_interval: 10ms}}
+  destinations:
+    pg:
+      type: postgres
+      inputs: [src]
+      config: {{dsn: "{dsn}", schema: {schema}, table: fill_rows}}
+      write_mode: {{type: merge, merge_key: id}}
+    duck:
+      type: duckdb
+      inputs: [src]
+      config: {{path: mirror.duckdb, table: fill_rows}}
+      write_mode: {{type: merge, merge_key: id}}
+"""
+
+
+def test_a_column_added_with_a_default_fills_the_mirrors_earlier_rows(
+    mariadb_private: Any, pg_schema: Any, tmp_path: Path
+) -> None:
+    # The binlog carries the ALTER, not the value it gave the rows already there.
+    import subprocess
+    import sys
+
+    import duckdb
+
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS fill_rows",
+        "CREATE TABLE fill_rows (id INT PRIMARY KEY, v VARCHAR(10))",
+        "INSERT INTO fill_rows VALUES (1, 'a'), (2, 'b')",
+    )
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(FILL_FLOW.format(
+        port=mariadb_private.port, user=mariadb_private.user, db=mariadb_private.database,
+        dsn=pg_schema.dsn, schema=pg_schema.schema))
+
+    def run() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "dataflare", "run", str(flow), "-r", str(tmp_path / "rec"),
+             "-s", "0"], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+            text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    run()
+    mariadb_private.execute(
+        "ALTER TABLE fill_rows ADD COLUMN grade INT DEFAULT 7, "
+        "ADD COLUMN note VARCHAR(10) DEFAULT 'it''s\\\\x', ADD COLUMN n INT NOT NULL, "
+        "ADD COLUMN flag TINYINT(1) DEFAULT 1, ADD COLUMN amt DECIMAL(8,2) DEFAULT -1.5, "
+        "ADD COLUMN kind ENUM('p', 'q') NOT NULL, "
+        "ADD COLUMN at TIMESTAMP NULL DEFAULT CURRENT_TIMESTAMP",
+        "INSERT INTO fill_rows (id, v, n, kind, at) VALUES (3, 'c', 5, 'q', NULL)",
+        "UPDATE fill_rows SET v = 'b2' WHERE id = 2",
+    )
+    said = run()
+    assert "gains column 'at'" in said and "take a new snapshot" in said
+    with pg_schema.connect() as conn:
+        mirror = conn.execute(
+            f'SELECT id, v, grade, note, n, flag, amt::text, kind, "at" IS NULL '
+            f'FROM "{pg_schema.schema}".fill_rows ORDER BY id').fetchall()
+    assert mirror == [
+        (1, "a", 7, "it's\\x", 0, True, "-1.50", "p", True),  # warned: "at" unknown
+        (2, "b2", 7, "it's\\x", 0, True, "-1.50", "p", False),
+        (3, "c", 7, "it's\\x", 5, True, "-1.50", "q", True)]
+    with duckdb.connect(str(tmp_path / "mirror.duckdb"), read_only=True) as duck:
+        assert duck.execute("SELECT id, grade, note, n, amt::VARCHAR, kind FROM fill_rows "
+                            "ORDER BY id").fetchall() == [
+            (i, g, note, n, amt, kind) for i, _, g, note, n, _, amt, kind, _ in mirror]
+    mariadb_private.execute("DROP TABLE fill_rows")
