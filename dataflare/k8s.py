@@ -7,7 +7,11 @@
 - a headless Service giving every pod a stable address for bytewax's process mesh;
 - a **StatefulSet** for a streaming workflow (one bytewax process per pod; each pod's
   recovery partition on its own volume from ``volumeClaimTemplates``), an **Indexed Job**
-  for a bounded one, or a **CronJob** of that Job for ``schedule.type: cron``;
+  for a bounded one, or a **CronJob** of that Job for a ``cron`` schedule and for an
+  ``interval`` that a cron expression can say (``15m``: ``*/15 * * * *``, as the server
+  aligns it); ``catchup: none`` is a ``startingDeadlineSeconds`` of a minute. What a
+  CronJob cannot say (``once``, ``event``, other intervals, ``start_date``/``end_date``,
+  ``catchup: all``) is warned of: the Job runs once when applied;
 - a PodMonitor scraping ``/metrics``; liveness and readiness probes on the run's
   ``/health`` and ``/ready`` (``dataflare run --http-port``);
 - with ``--autoscale MIN:MAX``, a HorizontalPodAutoscaler on CPU. A bytewax dataflow cannot
@@ -45,6 +49,7 @@ import yaml
 
 from dataflare import registry
 from dataflare.dsl_compiler import Validated, compile_file, validate_file
+from dataflare.dsl_compiler.models import Schedule
 from dataflare.logs import say
 
 PORT = 9999
@@ -272,7 +277,10 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
                     "but a Job starts without the last run's snapshot: every run reads from "
                     "the start. Run it on `dataflare server` (its runs resume) or without "
                     "stop_at_end (a StatefulSet that keeps its snapshots).", "warning")
-    cron = wf.schedule is not None and wf.schedule.type == "cron"
+    if streaming and wf.schedule is not None:
+        say("a streaming workflow runs as a StatefulSet, without end: its schedule is not "
+            "used", "warning")
+    cron = None if streaming or wf.schedule is None else cron_of(wf.schedule, say)
     scale = options.autoscale
     if scale is not None and not streaming:
         msg = "--autoscale needs a streaming workflow (a bounded one runs as a Job)"
@@ -320,11 +328,12 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
             job["activeDeadlineSeconds"] = int(wf.config.timeout) + 60
         if cron:
             assert wf.schedule is not None
-            spec: dict[str, Any] = {"schedule": wf.schedule.expression,
-                                    "concurrencyPolicy": "Forbid",
+            spec: dict[str, Any] = {"schedule": cron, "concurrencyPolicy": "Forbid",
                                     "jobTemplate": {"spec": job}}
-            if wf.schedule.timezone != "UTC":
+            if wf.schedule.timezone != "UTC" and wf.schedule.type == "cron":
                 spec["timeZone"] = wf.schedule.timezone
+            if wf.schedule.catchup == "none":
+                spec["startingDeadlineSeconds"] = 60
             objects.append({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": md(),
                             "spec": spec})
         else:
@@ -336,6 +345,50 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
                  "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"}]},
     })
     return objects
+
+
+_CRON_MINUTES = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30)
+_CRON_HOURS = (1, 2, 3, 4, 6, 8, 12)
+
+
+def cron_of(schedule: Schedule, say: Callable[[str, str], None]) -> str | None:
+    """The CronJob schedule of a bounded workflow's ``schedule`` (``None``: a plain Job).
+
+    An interval that divides an hour or a day is the cron expression of the same instants
+    (the server aligns intervals to the Unix epoch); what a CronJob cannot say is warned.
+    """
+    kind = schedule.type
+    expression: str | None = None
+    if kind == "cron" and schedule.expression and len(schedule.expression.split()) == 6:
+        say("the schedule's 6-field cron expression (with seconds) is not a Kubernetes "
+            "CronJob schedule: the Job runs once when applied", "warning")
+        return None
+    if kind == "cron":
+        expression = schedule.expression
+    elif kind == "interval" and schedule.start_date is None and schedule.interval:
+        period = int(schedule.interval)
+        if period == schedule.interval and period % 60 == 0:
+            minutes = period // 60
+            if minutes in _CRON_MINUTES:
+                expression = "* * * * *" if minutes == 1 else f"*/{minutes} * * * *"
+            elif minutes % 60 == 0 and minutes // 60 in _CRON_HOURS:
+                hours = minutes // 60
+                expression = "0 * * * *" if hours == 1 else f"0 */{hours} * * *"
+            elif minutes == 24 * 60:
+                expression = "0 0 * * *"
+    if expression is None:
+        what = ("an interval schedule that no cron expression says (one that divides an hour "
+                "or a day, without start_date)" if kind == "interval" else
+                f"a schedule of type {kind}")
+        say(f"{what} is not a Kubernetes CronJob: the Job runs once when applied (run the "
+            "workflow on `dataflare server` to have it scheduled)", "warning")
+        return None
+    unsaid = [k for k in ("start_date", "end_date") if getattr(schedule, k) is not None]
+    if schedule.catchup == "all":
+        unsaid.append("catchup: all")
+    if unsaid:
+        say(f"the CronJob does not honour the schedule's {', '.join(unsaid)}", "warning")
+    return expression
 
 
 def _scale_access(name: str, md: Any, claim: dict[str, Any]) -> list[dict[str, Any]]:

@@ -135,6 +135,38 @@ def test_a_bounded_workflow_is_an_indexed_job_and_a_cron_schedule_a_cronjob(
     assert cron["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 660
 
 
+@pytest.mark.parametrize(("schedule", "cron", "warned"), [
+    ("{type: interval, interval: 15m}", "*/15 * * * *", None),
+    ("{type: interval, expression: 1m}", "* * * * *", None),
+    ("{type: interval, interval: 2h, catchup: none}", "0 */2 * * *", None),
+    ("{type: interval, interval: 1d}", "0 0 * * *", None),
+    ("{type: interval, interval: 7m}", None, "no cron expression says"),
+    ("{type: interval, interval: 1h, start_date: '2026-01-01T00:10:00Z'}", None,
+     "without start_date"),
+    ("{type: once, start_date: '2036-01-01T00:00:00Z'}", None, "a schedule of type once is not"),
+    ("{type: event, event: done}", None, "a schedule of type event is not"),
+    ("{type: cron, expression: '0 3 * * *', end_date: '2036-01-01T00:00:00Z', "
+     "catchup: all}", "0 3 * * *", "does not honour the schedule's end_date, catchup: all"),
+])
+def test_a_schedule_is_a_cronjob_where_cron_can_say_it_and_warned_where_not(
+        schedule: str, cron: str | None, warned: str | None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    text = (ROOT / "flows/quickstart.yaml").read_text().replace(
+        "workflow:\n", f"workflow:\n  schedule: {schedule}\n", 1)
+    flow = _write(ROOT / "flows", f".k8s-test-{os.getpid()}.yaml", text)
+    try:
+        kinds = _by_kind(k8s.render(flow, k8s.Options()))
+    finally:
+        flow.unlink()
+    said = capsys.readouterr().err
+    if cron is None:
+        assert "CronJob" not in kinds and "Job" in kinds
+    else:
+        assert kinds["CronJob"]["spec"]["schedule"] == cron and "Job" not in kinds
+        assert ("startingDeadlineSeconds" in kinds["CronJob"]["spec"]) == ("none" in schedule)
+    assert (warned is None and said == "") or (warned is not None and warned in said), said
+
+
 def test_an_invalid_workflow_renders_nothing(tmp_path: Path) -> None:
     flow = _write(tmp_path, "bad.yaml", "workflow:\n  sources: {a: {type: nope}}\n")
     out = subprocess.run([sys.executable, "-m", "dataflare", "k8s", str(flow)],

@@ -72,7 +72,9 @@ class Schedule(Strict):
     interval: Duration | None = Field(None, description="Period (for type interval).")
     event: str | None = Field(None, description="Triggering event name (for type event).")
     timezone: str = Field("UTC", description="IANA time zone of the cron expression.")
-    start_date: datetime | None = Field(None, description="No run before this time.")
+    start_date: datetime | None = Field(
+        None, description="No run before this time; a once schedule's instant (a time without "
+        "a zone is UTC).")
     end_date: datetime | None = Field(None, description="No run after this time.")
     catchup: Literal["latest", "all", "none"] = Field(
         "latest", description="Instants missed while no scheduler ran: run the latest one, "
@@ -110,6 +112,9 @@ class Schedule(Strict):
             else:
                 msg = "an interval schedule needs 'interval' (or a duration in 'expression')"
                 raise ValueError(msg)
+        if self.type == "once" and self.start_date is None:
+            msg = "a once schedule needs 'start_date' (when it runs)"
+            raise ValueError(msg)
         if self.type == "interval" and self.interval is not None and self.interval <= 0:
             msg = f"an interval schedule's period must be positive, not {self.interval:g}s"
             raise ValueError(msg)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from dataflare import registry
 from dataflare.dsl_compiler import Validated, validate_text
-from dataflare.dsl_compiler.models import check_workflow_id
+from dataflare.dsl_compiler.models import Schedule, check_workflow_id
 from dataflare.server.auth import Access, User
 from dataflare.server.scheduler import Scheduler, next_instants, schedule_of
 from dataflare.server.store import ACTIVE, FINAL, Conflict, NotFound, Store, now
@@ -56,6 +56,15 @@ class Backfill(BaseModel):
 def _validated(text: str, name: str) -> Validated:
     # A variable the server's environment lacks is a warning: workers may have it.
     return validate_text(text, name, dict(os.environ))
+
+
+def _never_fires(schedule: Schedule | None) -> bool:
+    """Whether a time schedule has no instant to come (ten years ahead at most)."""
+    if schedule is None or schedule.type == "event":
+        return False
+    at = now()
+    return not next_instants(schedule, 1, max(at, schedule.start_date or at) if
+                             schedule.type != "once" else at)
 
 
 def _problems(v: Validated) -> list[dict[str, Any]]:
@@ -139,6 +148,13 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
             raise HTTPException(422, "the workflow text holds a NUL character")
         return text
 
+    def _stored_schedule(wid: str) -> Schedule | None:
+        """The schedule of workflow ``wid`` as stored (an unchanged one is kept as it is)."""
+        try:
+            return schedule_of(store.workflow(wid)["yaml"])
+        except NotFound:
+            return None
+
     def _check(text: str, wid: str | None) -> tuple[str, str | None]:
         v = _validated(text, f"{wid or 'workflow'}.yaml")
         errors = v.errors()
@@ -160,12 +176,14 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
         except ValueError as exc:
             raise Invalid([{"line": 1, "column": 1, "path": "workflow.id",
                             "severity": "error", "message": str(exc)}]) from None
-        if wf.schedule is not None and wf.schedule.type in ("cron", "interval") and not \
-                next_instants(wf.schedule, 1, max(now(), wf.schedule.start_date or now())):
+        if _never_fires(wf.schedule) and (wid is None or wf.schedule != _stored_schedule(wid)):
+            assert wf.schedule is not None
+            said = ("its start_date is past" if wf.schedule.type == "once" else
+                    "no instant in the next ten years" + (
+                        " before its end_date" if wf.schedule.end_date else ""))
             raise Invalid([{
                 "line": 1, "column": 1, "path": "workflow.schedule", "severity": "error",
-                "message": "the schedule never fires (no instant in the next ten years"
-                + (" before its end_date)" if wf.schedule.end_date else ")")}])
+                "message": f"the schedule never fires ({said})"}])
         _check_trigger_cycle(store, target, wf)
         return target, wf.name
 

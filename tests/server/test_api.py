@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from dataflare.server import auth
 from dataflare.server.api import create_app
-from dataflare.server.store import Store
+from dataflare.server.store import Store, now
 from dataflare.server.worker import Worker
 
 TOKENS = {name: f"{name}-token-0123456789abcdefghij" for name in
@@ -147,6 +147,26 @@ def test_a_schedule_that_never_fires_is_refused(client: TestClient) -> None:
     ended = flow(extra="  schedule: {type: interval, interval: 1h, "
                  "end_date: '2020-01-01T00:00:00Z'}\n")
     assert "before its end_date" in str(post_yaml(client, ended).json())
+    past = flow(extra="  schedule: {type: once, start_date: '2020-01-01T00:00:00Z'}\n")
+    r = post_yaml(client, past)
+    assert r.status_code == 422 and "its start_date is past" in str(r.json())
+    never_said = flow(extra="  schedule: {type: once}\n")
+    assert "a once schedule needs 'start_date'" in str(post_yaml(client, never_said).json())
+    ahead = (now() + timedelta(days=30)).isoformat()
+    soon = flow(extra=f"  schedule: {{type: once, start_date: '{ahead}'}}\n")
+    assert post_yaml(client, soon).status_code == 201
+
+
+
+def test_a_workflow_whose_once_has_fired_is_still_edited(client: TestClient, store: Store
+                                                          ) -> None:
+    fired = flow(wid="fired", extra="  schedule: {type: once, start_date: "
+                 "'2020-01-01T00:00:00Z'}\n")
+    store.put_workflow("fired", None, fired, "admin", create=True)  # stored when it was ahead
+    edited = fired.replace("total >= 0", "total >= 1")
+    assert post_yaml(client, edited, wid="fired").status_code == 200
+    moved = fired.replace("2020-01-01", "2021-01-01")
+    assert post_yaml(client, moved, wid="fired").status_code == 422
 
 
 def test_ids_and_periods_no_store_can_hold_are_refused(client: TestClient) -> None:
