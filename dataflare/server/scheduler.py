@@ -6,7 +6,10 @@ unique (workflow, instant) key makes a second scheduler's insert of the same ins
 no-op, and the position moves in the same transaction, so neither a restart nor a second
 scheduler fires an instant twice or loses one. Instants missed while no scheduler ran
 follow ``catchup``: ``latest`` (default) runs the newest, ``all`` runs each, ``none``
-runs none.
+runs none. Runs of one workflow never overlap (the workers see to it); outside
+``catchup: all`` an instant that comes while a run of the workflow still waits in the
+queue is skipped (logged), so a run longer than the period leaves at most one run
+waiting rather than a queue that only grows.
 """
 
 from __future__ import annotations
@@ -143,6 +146,11 @@ class Scheduler:
             else:
                 fire = due
             with self.store.tx() as c:
+                if sched.catchup != "all" and fire and (
+                        waiting := self.store.queued_run(wid, conn=c)) is not None:
+                    log.warning("workflow %r: the run of %s is skipped, run %s still waits "
+                                "for its turn", wid, fire[-1].isoformat(), waiting)
+                    fire = []
                 for t in fire:
                     rid = self.store.start_run(wid, "scheduler", "schedule", t, conn=c)
                     if rid is not None:

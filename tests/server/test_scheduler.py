@@ -77,9 +77,40 @@ def test_instants_missed_while_down_follow_catchup(sqlite_store: Store, catchup:
     if catchup == "latest":
         assert runs[0].scheduled_for == hour + timedelta(hours=5)
     # The position moved past every missed instant: the next tick adds only new ones.
+    for _ in sqlite_store.runs("wf", status="queued"):  # a worker carried them out
+        claimed = sqlite_store.claim("w", timedelta(minutes=1))
+        assert claimed is not None
+        sqlite_store.finish(claimed[0].id, "w", "success", None, None, "")
     clock[0] += timedelta(hours=1)
     Scheduler(sqlite_store, clock=lambda: clock[0]).tick()
     assert len(sqlite_store.runs("wf")) == expected + (1 if catchup != "none" else 0)
+
+
+@pytest.mark.parametrize("catchup", ["latest", "all"])
+def test_an_instant_is_skipped_while_a_run_still_waits(sqlite_store: Store, catchup: str
+                                                       ) -> None:
+    # A run longer than the period: the runs of the instants meanwhile do not pile up
+    # behind it (catchup: all asks for every one).
+    created = _put(sqlite_store, "wf", catchup).replace(minute=0, second=0, microsecond=0)
+    clock = [created + timedelta(hours=1, seconds=1)]
+    scheduler = Scheduler(sqlite_store, clock=lambda: clock[0])
+    scheduler.tick()
+    claimed = sqlite_store.claim("w", timedelta(hours=9))  # the first run goes on for hours
+    assert claimed is not None
+    for hour in range(2, 6):
+        clock[0] = created + timedelta(hours=hour, seconds=1)
+        scheduler.tick()
+    waiting = sqlite_store.runs("wf", status="queued", limit=100)
+    assert [r.scheduled_for for r in waiting] == (
+        [created + timedelta(hours=2)] if catchup == "latest"
+        else [created + timedelta(hours=h) for h in range(5, 1, -1)])
+    sqlite_store.finish(claimed[0].id, "w", "success", None, None, "")
+    for _ in waiting:
+        taken = sqlite_store.claim("w", timedelta(minutes=1))
+        assert taken is not None
+        sqlite_store.finish(taken[0].id, "w", "success", None, None, "")
+    clock[0] = created + timedelta(hours=6, seconds=1)
+    assert len(scheduler.tick()) == 1  # nothing waits: the next instant runs
 
 
 def test_two_schedulers_and_restarts_never_fire_an_instant_twice(store: Store) -> None:
