@@ -301,6 +301,28 @@ def test_weak_or_unknown_config_is_refused(tmp_path: Path) -> None:
     assert user is not None and user.may("workflow:execute") and not user.may("workflow:create")
 
 
+@pytest.mark.parametrize(("config", "said"), [
+    ("users:\n  - {name: bob, token: x}\n", "users: should be a mapping of names, not a list"),
+    ("- a\n", "the file: should be a mapping of 'users' and 'roles', not a list"),
+    ("user: {bob: {}}\n", "user: unknown setting (known: users, roles)"),
+    ("users: {bob: {tokn: x, roles: [admin]}}\n",
+     "users.bob.tokn: unknown setting (known: token, token_file, roles)"),
+    ("users: {bob: {roles: [admin]}}\n", "users.bob: give either 'token' or 'token_file'"),
+    ("users: {bob: {token: 123456789012345678901234567, roles: [admin]}}\n",
+     "users.bob.token: should be text, not a number"),
+    ("roles: {ops: {permissions: [workflow]}}\n",
+     "roles.ops.permissions: a permission is 'resource:action' ('workflow:*'), not 'workflow'"),
+])
+def test_a_malformed_config_is_refused_in_its_own_terms(tmp_path: Path, config: str, said: str
+                                                         ) -> None:
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text(config)
+    with pytest.raises(ValueError) as caught:
+        auth.load(cfg)
+    assert str(caught.value) == said
+    assert "123456789" not in str(caught.value)
+
+
 def test_a_config_token_may_have_a_default_which_no_error_shows(tmp_path: Path) -> None:
     cfg = tmp_path / "server.yaml"
     default = "d" * 30
