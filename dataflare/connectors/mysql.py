@@ -991,13 +991,19 @@ def discover_mysql(ctx: BuildContext) -> dict[str, Any]:
             out = []
             for database, table in dict.fromkeys(tables):
                 cols = table_columns(conn, database, table)
+                schema = table_json_schema(cols, cfg.decimal_handling)
+                for col in cols:  # a TIME is a duration, not a time of day
+                    if col["type"].lower().split("(")[0] == "time":
+                        prop = schema["properties"][col["name"]]
+                        prop.pop("format", None)
+                        prop["pattern"] = r"^-?\d{2,3}:\d{2}:\d{2}(\.\d{1,6})?$"
                 out.append(
                     {
                         "schema": database,
                         "name": table,
                         "primary_key": primary_key(conn, database, table),
                         "columns": cols,
-                        "json_schema": table_json_schema(cols, cfg.decimal_handling),
+                        "json_schema": schema,
                     }
                 )
         return out
