@@ -7,7 +7,9 @@
 - a headless Service giving every pod a stable address for bytewax's process mesh;
 - a **StatefulSet** for a streaming workflow (one bytewax process per pod; each pod's
   recovery partition on its own volume from ``volumeClaimTemplates``), an **Indexed Job**
-  for a bounded one, or a **CronJob** of that Job for a ``cron`` schedule and for an
+  for a bounded one (with a recovery volume of its own when its sources keep their place,
+  incremental or CDC catch-up, so each run resumes where the last one ended), or a
+  **CronJob** of that Job for a ``cron`` schedule and for an
   ``interval`` that a cron expression can say (``15m``: ``*/15 * * * *``, as the server
   aligns it); ``catchup: none`` is a ``startingDeadlineSeconds`` of a minute. What a
   CronJob cannot say (``once``, ``event``, other intervals, ``start_date``/``end_date``,
@@ -270,13 +272,9 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
         return {"name": name + suffix, **meta}
 
     streaming = is_streaming(v)
-    if not streaming:
-        for sid, src in wf.sources.items():
-            if src.runs_as() != "full":
-                say(f"source {sid!r} (mode {src.runs_as()}) keeps its place from run to run, "
-                    "but a Job starts without the last run's snapshot: every run reads from "
-                    "the start. Run it on `dataflare server` (its runs resume) or without "
-                    "stop_at_end (a StatefulSet that keeps its snapshots).", "warning")
+    # A bounded run whose sources keep their place (incremental, CDC catch-up) resumes
+    # from the last run's snapshot, kept on a volume of its own.
+    keeps = not streaming and any(src.runs_as() != "full" for src in wf.sources.values())
     if streaming and wf.schedule is not None:
         say("a streaming workflow runs as a StatefulSet, without end: its schedule is not "
             "used", "warning")
@@ -299,7 +297,13 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
                   "ports": [{"name": "bytewax", "port": PORT},
                             {"name": "metrics", "port": METRICS_PORT}]}},
     ]
-    pod = _pod(name, options, streaming)
+    pod = _pod(name, options, streaming, keeps)
+    if keeps:
+        objects.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                        "metadata": md("-recovery"), "spec": {
+                            "accessModes": ["ReadWriteOnce" if options.replicas == 1
+                                            else "ReadWriteMany"],
+                            "resources": {"requests": {"storage": options.storage}}}})
     if streaming:
         claim = {"accessModes": ["ReadWriteMany" if scale else "ReadWriteOnce"],
                  "resources": {"requests": {"storage": options.storage}}}
@@ -427,18 +431,21 @@ def _autoscaler(name: str, md: Any, scale: tuple[int, int], cpu_target: int) -> 
     }
 
 
-def _pod(name: str, options: Options, streaming: bool) -> dict[str, Any]:
+def _pod(name: str, options: Options, streaming: bool, keeps: bool = False
+         ) -> dict[str, Any]:
+    """The pod of a StatefulSet (``streaming``) or Job; ``keeps``: a Job that resumes."""
     run = ["dataflare", "run", f"{WORKFLOW_MOUNT}/workflow.yaml",
            "--http-port", str(METRICS_PORT), "--http-host", "0.0.0.0"]
     mounts = [{"name": "workflow", "mountPath": WORKFLOW_MOUNT, "readOnly": True}]
     volumes: list[dict[str, Any]] = [
         {"name": "workflow", "configMap": {"name": f"{name}-workflow"}}]
-    if streaming:  # bounded runs start over: no snapshots
+    if streaming or keeps:  # other bounded runs start over: no snapshots
         run += ["--recovery-dir", f"{RECOVERY_MOUNT}/recovery",
                 "-s", f"{options.snapshot_interval:g}"]
         mounts.append({"name": "recovery", "mountPath": RECOVERY_MOUNT})
     if options.autoscale:
         run += ["--recovery-partitions", str(options.autoscale[1])]
+    if options.autoscale or keeps:  # one claim that every pod shares
         volumes.append({"name": "recovery",
                         "persistentVolumeClaim": {"claimName": f"{name}-recovery"}})
     volumes.append({"name": "tmp", "emptyDir": {}})
