@@ -710,10 +710,9 @@ def test_a_column_added_with_a_default_fills_the_mirrors_earlier_rows(
     mariadb_private: Any, pg_schema: Any, tmp_path: Path
 ) -> None:
     # The binlog carries the ALTER, not the value it gave the rows already there.
-    import subprocess
-    import sys
-
     import duckdb
+
+    from tests.fixtures.workflows import run_cli
 
     mariadb_private.execute(
         "DROP TABLE IF EXISTS fill_rows",
@@ -726,11 +725,8 @@ def test_a_column_added_with_a_default_fills_the_mirrors_earlier_rows(
         dsn=pg_schema.dsn, schema=pg_schema.schema))
 
     def run() -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "dataflare", "run", str(flow), "-r", str(tmp_path / "rec"),
-             "-s", "0"], cwd=Path(__file__).resolve().parents[2], capture_output=True,
-            text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+        done = run_cli("run", str(flow), "-r", str(tmp_path / "rec"), "-s", "0")
+        assert done.code == 0, done.stderr
         return done.stderr
 
     run()

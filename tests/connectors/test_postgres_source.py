@@ -30,6 +30,7 @@ from dataflare.connectors.schema import discover
 from dataflare.dsl_compiler.models import Source, Workflow
 from dataflare.records import META
 from dataflare.registry import BuildContext, lookup
+from tests.fixtures.workflows import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 RETRY = {"max_attempts": 2, "backoff": {"initial": "10ms", "max": "50ms"}}
@@ -1146,10 +1147,8 @@ def test_a_column_added_with_a_default_fills_the_mirrors_earlier_rows(
     flow.write_text(FILL_FLOW.format(port=pg_private.port, db=pg_private.database))
 
     def run() -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "dataflare", "run", str(flow), "-r", str(tmp_path / "rec"),
-             "-s", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+        done = run_cli("run", str(flow), "-r", str(tmp_path / "rec"), "-s", "0")
+        assert done.code == 0, done.stderr
         return done.stderr
 
     run()
