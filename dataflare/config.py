@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    WithJsonSchema,
+)
 
 from dataflare.records import parse_duration
 
@@ -57,6 +65,27 @@ Paths = Annotated[
 
 Secret = SecretStr
 """A secret value: masked as ``**********`` whenever a model is printed or dumped."""
+
+
+def _libpq(value: SecretStr) -> SecretStr:
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # the component's missing extra is reported on its own
+        return value
+    try:
+        conninfo_to_dict(value.get_secret_value())
+    except Exception as exc:  # noqa: BLE001 - psycopg's ProgrammingError, said as it is
+        text = value.get_secret_value()
+        hint = "" if "://" in text else " (a value holding spaces goes in single quotes: " \
+            "password='...')"
+        msg = f"libpq cannot read this connection string: {str(exc).strip()}{hint}"
+        raise ValueError(msg) from None
+    return value
+
+
+LibpqDsn = Annotated[SecretStr, AfterValidator(_libpq)]
+"""A libpq connection string or URL (a :data:`Secret`), refused at validate if libpq cannot
+read it: its message quotes the string, so it is scrubbed as any secret is."""
 
 
 class Backoff(Strict):

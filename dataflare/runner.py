@@ -533,7 +533,7 @@ def _run(opts: RunOptions) -> RunResult:
         say(f"replayed into {replayed[0]!r}: {failed} failed again"
             + (" (they followed the steps' error_handling)" if failed else ""))
     if opts.summary_json:
-        Path(opts.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+        Path(opts.summary_json).write_text(scrub(json.dumps(summary, indent=2)) + "\n")
     return RunResult(status, code, summary, error)
 
 

@@ -87,6 +87,26 @@ def register_credentials(text: Any) -> None:
         register(raw[1:-1].replace("\\'", "'") if raw.startswith("'") else raw)
 
 
+_NAMED_BEFORE = re.compile(r"([A-Za-z_]+)\s*=\s*'?$")
+
+
+def in_credentials(template: str, at: int) -> bool:
+    """Whether offset ``at`` of a DSN or URL template (``${VAR}`` not yet replaced) is a secret's.
+
+    After ``password=`` or another secret name's ``=``, or in a URL's password: a variable
+    there is a secret whatever its name.
+    """
+    named = _NAMED_BEFORE.search(template, 0, at)
+    if named is not None and SECRET_KEY.search(named[1]):
+        return True
+    if _URL.match(template):
+        start = template.index("://") + 3
+        at_sign = template.rfind("@", start)
+        colon = template.find(":", start)
+        return start <= colon < at < at_sign
+    return False
+
+
 def register_field(name: str, value: Any) -> None:
     """Register the value of a field called ``name``: whole if a secret, its credentials always."""
     text = value.get_secret_value() if isinstance(value, SecretStr) else value

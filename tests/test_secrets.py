@@ -23,7 +23,8 @@ REDIS_PASSWORD = "Rd5-Pa55 w0rd#Hidden"
 TOKEN = "tok-9Zq7Xw3Vv1Lp"
 API_KEY = "key-4Hh8Jj2Kk6Mm"
 FILE_SECRET = "Fs9-Gq2 fr0m#File"
-SECRETS = [PG_PASSWORD, REDIS_PASSWORD, TOKEN, API_KEY, FILE_SECRET]
+PLAIN_NAMED = "Xy9 Kq7mZpLw42"  # in $PGPASS: a name that does not say "secret"
+SECRETS = [PG_PASSWORD, REDIS_PASSWORD, TOKEN, API_KEY, FILE_SECRET, PLAIN_NAMED]
 
 
 def _fragments(value: str) -> list[str]:
@@ -79,6 +80,12 @@ def _cases(tmp: Path, api: str) -> dict[str, str]:
         "pg_kv_dsn": "  " + pg_table
         + "        dsn: \"host=127.0.0.1 port=5432 dbname=test user=postgres"
           " password=${PG_PASSWORD}\"\n        table: nowhere\n" + sink,
+        "pg_kv_dsn_plain_name": "  " + pg_table
+        + "        dsn: \"host=127.0.0.1 port=5432 dbname=test user=postgres"
+          " password=${PGPASS}\"\n        table: nowhere\n" + sink,
+        "pg_url_dsn_plain_name": "  " + pg_table
+        + "        dsn: \"postgresql://postgres:${PGPASS}@127.0.0.1:9/test\"\n"
+          "        table: nowhere\n" + sink,
         "pg_url_dsn": "  " + pg_table
         + "        dsn: \"postgresql://postgres:${PG_PASSWORD}@127.0.0.1:5432/test\"\n"
           "        table: nowhere\n" + sink,
@@ -122,24 +129,31 @@ def _cases(tmp: Path, api: str) -> dict[str, str]:
 def test_no_secret_in_any_output(tmp_path: Path, api: str) -> None:
     (tmp_path / "pg_secret").write_text(FILE_SECRET + "\n")
     env = {**os.environ, "PG_PASSWORD": PG_PASSWORD, "REDIS_PASSWORD": REDIS_PASSWORD,
-           "TOKEN": TOKEN, "API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
+           "TOKEN": TOKEN, "API_KEY": API_KEY, "PGPASS": PLAIN_NAMED, "PYTHONUNBUFFERED": "1"}
     outputs: dict[str, bytes] = {}
     codes: dict[str, int] = {}
     for name, body in _cases(tmp_path, api).items():
         path = _flow(tmp_path, name, body)
+        summary = ["--summary-json", str(tmp_path / f"{name}.summary.json")]
         for command in (["validate"], ["run"], ["-v", "run"], ["graph"], ["discover"]):
             proc = subprocess.run(
-                [sys.executable, "-m", "dataflare", *command, str(path)],
+                [sys.executable, "-m", "dataflare", *command, str(path),
+                 *(summary if command == ["run"] else [])],
                 capture_output=True, env=env, timeout=180, cwd=tmp_path, check=False,
             )
             key = f"{name} {' '.join(command)}"
             outputs[key] = proc.stdout + proc.stderr
             codes[key] = proc.returncode
-    for written in tmp_path.glob("*.jsonl"):
+    for written in [*tmp_path.glob("*.jsonl"), *tmp_path.glob("*.summary.json")]:
         outputs[written.name] = written.read_bytes()
+    assert b"error" in outputs["pg_unreachable.summary.json"]
 
     # The paths really ran: failures failed, successes succeeded, dead letters were written.
     assert codes["pg_kv_dsn run"] == 1 and codes["pg_url_dsn run"] == 1
+    assert codes["pg_kv_dsn_plain_name run"] == 1 and codes["pg_url_dsn_plain_name run"] == 1
+    # refused where it is written, at validate: libpq cannot read it (an unquoted space)
+    assert b'.yaml:8:14: sources.db.config.dsn: libpq cannot read this connection string: ' \
+        b'missing "=" after "***"' in outputs["pg_kv_dsn_plain_name validate"]
     assert codes["pg_unreachable run"] == 1 and codes["mysql_wrong_password run"] == 1
     assert codes["redis_url run"] == 1 and codes["http_failed run"] == 1
     assert codes["rest_api_key run"] == 0 and codes["http_refused run"] == 0

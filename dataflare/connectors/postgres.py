@@ -63,7 +63,7 @@ from typing import Any, Literal, TypeVar, cast
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, model_validator
 
-from dataflare.config import Duration, Secret, Strict
+from dataflare.config import Duration, LibpqDsn, Secret, Strict
 from dataflare.connectors.incremental import IncrementalCursor, IncrementalPartition, SqlTable
 from dataflare.connectors.pgoutput import (
     ChangeDecoder,
@@ -99,7 +99,7 @@ PSYCOPG_MISSING = "the postgres source needs psycopg: pip install 'psycopg[binar
 class PostgresSourceConfig(Strict):
     """Connection and read settings of a PostgreSQL source."""
 
-    dsn: Secret | None = Field(
+    dsn: LibpqDsn | None = Field(
         None, description="libpq connection string or URL; the fields below override it."
     )
     host: str = Field("localhost", description="Server host.")

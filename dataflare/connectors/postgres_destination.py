@@ -26,7 +26,7 @@ from typing import Any
 from bytewax.dataflow import Stream
 from pydantic import Field, model_validator
 
-from dataflare.config import Secret, Strict
+from dataflare.config import LibpqDsn, Secret, Strict
 from dataflare.connectors.column_types import SourceColumns, source_columns
 from dataflare.connectors.sql_writer import (
     BOOL,
@@ -72,7 +72,7 @@ _SQL_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_ ]*(\(\s*\d+\s*(,\s*\d+\s*)?\))?[A-Z
 class PostgresDestinationConfig(Strict):
     """Write records to a PostgreSQL table."""
 
-    dsn: Secret | None = Field(
+    dsn: LibpqDsn | None = Field(
         None, description="libpq connection string or URL (instead of host/port/...)."
     )
     host: str = Field("localhost", description="Server host.")

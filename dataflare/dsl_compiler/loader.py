@@ -200,6 +200,8 @@ def _substitute(doc: Document, value: Any, loc: Loc, env: Mapping[str, str]) -> 
                 doc.substituted[env[name]] = f"${{{name}}}"
             if secrets.SECRET_KEY.search(name):
                 secrets.register_field(name, env[name])
+            elif secrets.in_credentials(value, m.start()):
+                secrets.register(env[name])  # ${PGPASS} in "password=${PGPASS}"
             return env[name]
         if default is not None:
             return default
