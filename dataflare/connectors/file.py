@@ -23,7 +23,7 @@ import csv
 import glob
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +49,16 @@ from dataflare.connectors.lake import (
     lake_schema,
     template_problems,
 )
-from dataflare.connectors.schema import discoverer, infer_schema, record_line
+from dataflare.connectors.schema import (
+    JSON_INTS,
+    JSON_NUMBERS,
+    DecimalHandling,
+    discoverer,
+    exact_float,
+    infer_schema,
+    json_loader,
+    record_line,
+)
 from dataflare.lineage import file_dataset
 from dataflare.operators.records import map_records
 from dataflare.records import META, Batch, Failed
@@ -98,6 +107,9 @@ class FileSourceConfig(_FileConfig):
     records_path: str | None = Field(
         None, description="JSON: dotted path of the record array inside the document."
     )
+    decimal_handling: DecimalHandling = Field(
+        "number", description=f"{JSON_NUMBERS} (JSON and JSON lines; CSV values that are "
+        "numbers come as `number` says)")
 
 
 class FileDestinationConfig(LakeOptions):
@@ -161,11 +173,13 @@ def _infer(value: str) -> Any:
     if low in ("true", "false"):
         return low == "true"
     try:
-        return int(value)
+        n = int(value)
     except ValueError:
         pass
+    else:
+        return n if n in JSON_INTS else value  # beyond 64 bits: the exact text
     try:
-        return float(value)
+        return exact_float(value)  # a float where it is exact, else the text
     except ValueError:
         return value
 
@@ -176,8 +190,9 @@ _BLANK = frozenset(b" \t\r\n\f\v")
 class _LinesPartition(StatefulSourcePartition[Batch, tuple[int, int]]):
     """JSON lines, resumable at a byte offset."""
 
-    def __init__(self, step: str, path: Path, shown: str, size: int, state: tuple[int, int] | None):
-        self.step, self.shown, self.size = step, shown, size
+    def __init__(self, step: str, path: Path, shown: str, size: int, state: tuple[int, int] | None,
+                 loads: Callable[[bytes], Any] = orjson.loads):
+        self.step, self.shown, self.size, self.loads = step, shown, size, loads
         self.offset, self.line = state or (0, 0)
         self.f = path.open("rb")
         if self.offset == 0 and self.f.read(3) == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark
@@ -186,7 +201,7 @@ class _LinesPartition(StatefulSourcePartition[Batch, tuple[int, int]]):
 
     def next_batch(self) -> Batch:
         out: Batch = []
-        loads = orjson.loads
+        loads = self.loads
         shown = self.shown
         raws = self.f.readlines(self.size * 128)
         first = self.line + 1
@@ -305,10 +320,11 @@ class _ListPartition(StatefulSourcePartition[Batch, int]):
         pass
 
 
-def _json_rows(step: str, path: Path, records_path: str | None) -> list[Any]:
+def _json_rows(step: str, path: Path, records_path: str | None,
+               loads: Callable[[bytes], Any]) -> list[Any]:
     text = path.read_bytes()
     try:
-        doc = orjson.loads(text)
+        doc = loads(text)
     except orjson.JSONDecodeError as exc:
         return [Failed(step, "JSONDecodeError", str(exc), text.decode("utf-8", "replace"))]
     for part in records_path.split(".") if records_path else []:
@@ -361,16 +377,17 @@ def file_reader(step: str, path: Path, shown: str, fmt: str, cfg: Any,
                 resume_state: Any) -> StatefulSourcePartition[Batch, Any]:
     """A resumable reader of one local file of format ``fmt``.
 
-    Records' ``_meta.file`` is ``shown``; ``cfg`` holds ``batch_size``, ``csv`` and
-    ``records_path`` (a file or s3 source's settings).
+    Records' ``_meta.file`` is ``shown``; ``cfg`` holds ``batch_size``, ``csv``,
+    ``records_path`` and ``decimal_handling`` (a file or s3 source's settings).
     """
+    loads = json_loader(cfg.decimal_handling)
     if fmt == "jsonl":
-        return _LinesPartition(step, path, shown, cfg.batch_size, resume_state)
+        return _LinesPartition(step, path, shown, cfg.batch_size, resume_state, loads)
     if fmt == "csv":
         return _CsvPartition(step, path, shown, cfg.batch_size, cfg.csv, resume_state)
     rows: Iterable[Any]
     if fmt == "json":
-        rows = _json_rows(step, path, cfg.records_path)
+        rows = _json_rows(step, path, cfg.records_path, loads)
     else:
         rows = _parquet_rows(path, cfg.batch_size)
     return _ListPartition(step, rows, shown, cfg.batch_size, resume_state)

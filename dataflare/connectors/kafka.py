@@ -45,6 +45,7 @@ from pydantic import Field, model_validator
 
 from dataflare import metrics
 from dataflare.config import Duration, Retry, Strict
+from dataflare.connectors.schema import JSON_NUMBERS, DecimalHandling, json_loader
 from dataflare.lineage import topic_datasets
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, describe_position
@@ -83,6 +84,7 @@ class KafkaSourceConfig(Strict):
         "(record {'value': text}) or raw bytes (record {'value': bytes}; JSON lines and CSV "
         "files write bytes as '\\x' and hex digits).",
     )
+    decimal_handling: DecimalHandling = Field("number", description=JSON_NUMBERS)
     stop_at_end: bool | None = Field(
         None,
         description="Stop at the end offsets seen at start. Default: false for "
@@ -106,6 +108,9 @@ class KafkaSourceConfig(Strict):
             raise ValueError(msg)
         if self.topic and self.topic in self.topics:
             msg = f"topic {self.topic!r} is listed in both 'topic' and 'topics'"
+            raise ValueError(msg)
+        if "decimal_handling" in self.model_fields_set and self.format != "json":
+            msg = f"decimal_handling reads JSON numbers: format {self.format!r} has none"
             raise ValueError(msg)
         return self
 
@@ -245,9 +250,7 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         self._decode = self._decoder()
         self._loads: Callable[[bytes], Any] | None = None
         if cfg.format == "json":
-            import orjson
-
-            self._loads = orjson.loads
+            self._loads = json_loader(cfg.decimal_handling)
 
     def _in_range(self, offset: int, low: int, high: int | None) -> int:
         """``offset``, or where ``offset_out_of_range`` says to go on when it is gone."""
@@ -316,15 +319,13 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         return committed.offset if committed.offset >= 0 else None
 
     def _decoder(self) -> Callable[[bytes], Any]:
-        import orjson
-
         fmt = self.cfg.format
         if fmt == "bytes":
             return lambda value: {"value": value}
         if fmt == "string":
             return lambda value: {"value": value.decode()}
 
-        loads = orjson.loads
+        loads = json_loader(self.cfg.decimal_handling)
 
         def decode_json(value: bytes) -> Any:
             rec = loads(value)

@@ -49,6 +49,7 @@ from dataflare.connectors.lake import (
     lake_schema,
     template_problems,
 )
+from dataflare.connectors.schema import JSON_NUMBERS, DecimalHandling
 from dataflare.lineage import Dataset
 from dataflare.records import Batch, RecordError, to_epoch_seconds
 from dataflare.registry import BuildContext, destination, source
@@ -195,6 +196,8 @@ class S3SourceConfig(S3Connection):
     records_path: str | None = Field(
         None, description="JSON: dotted path of the record array inside the document."
     )
+    decimal_handling: DecimalHandling = Field(
+        "number", description=f"{JSON_NUMBERS} (JSON and JSON lines objects)")
     stop_at_end: bool = Field(
         False, description="Incremental: end after a listing that finds no new object (a "
         "catch-up run) instead of listing again every incremental.interval.")

@@ -82,8 +82,78 @@ DECIMAL_HANDLING = (
     "('12.50'). `float`: always a float (may round)."
 )
 
+JSON_NUMBERS = (
+    "How the JSON's numbers come. `number`: as JSON parsers read them, except a number a "
+    "float would round (an integer beyond 64 bits, a fraction of more than 15 digits), "
+    "which comes as its exact text. `string`: every number with a fraction or an exponent "
+    "as its exact text ('12.50'). `float`: as floats, rounded where they must be (no check: "
+    "the fastest)."
+)
+
 _INT64 = range(-(2**63), 2**63)
-_JSON_INTS = range(-(2**63), 2**64)  # what the JSON encoders (orjson) take
+JSON_INTS = range(-(2**63), 2**64)  # what the JSON encoders (orjson) take
+_NUMBERISH = bytes.maketrans(b"0123456789.", b"0" * 11)
+_LONG_RUN = b"0" * 16  # 15 significant digits always survive a float
+_RUN = re.compile(rb"-?[0-9][0-9.]{15,}")
+
+
+def json_loader(handling: DecimalHandling = "number") -> Callable[[bytes | str], Any]:
+    """``orjson.loads`` with the JSON's numbers as ``handling`` says (``JSON_NUMBERS``).
+
+    orjson reads an integer beyond 64 bits and every fraction as a float. With ``number``
+    a text holding a run of 16 digits and dots or more (rare: it costs one ``translate``
+    per text to find) is checked, and read again exactly when a float would round one.
+    """
+    loads = orjson.loads
+    if handling == "float":
+        return loads
+    if handling == "string":
+        return _exact_loads(str)
+
+    exact = _exact_loads(exact_float)
+
+    def load(data: bytes | str) -> Any:
+        doc = loads(data)
+        raw = data.encode() if isinstance(data, str) else data
+        if _LONG_RUN in raw.translate(_NUMBERISH) and _rounds(raw):
+            return exact(raw)
+        return doc
+
+    return load
+
+
+def _exact_loads(parse_float: Callable[[str], Any]) -> Callable[[bytes | str], Any]:
+    import json
+
+    def load(data: bytes | str) -> Any:
+        orjson.loads(data)  # orjson's errors, as on the fast path
+        return json.loads(data, parse_float=parse_float, parse_int=_exact_int)
+
+    return load
+
+
+def _exact_int(text: str) -> int | str:
+    n = int(text)
+    return n if n in JSON_INTS else text
+
+
+def exact_float(text: str) -> float | str:
+    """The float of a decimal ``text`` where it is exact, else ``text`` itself."""
+    f = float(text)
+    return f if f - f == 0 and Decimal(text) == Decimal(repr(f)) else text
+
+
+def _rounds(raw: bytes) -> bool:
+    """Whether a float would round a number of the JSON text ``raw``."""
+    for m in _RUN.finditer(raw):
+        text = m[0].decode()
+        if "." not in text:
+            if int(text) not in JSON_INTS:
+                return True
+        elif text.count(".") == 1 and not text.endswith(".") and isinstance(
+                exact_float(text), str):
+            return True
+    return False
 
 
 class UnconvertibleValue(ValueError):
@@ -160,7 +230,7 @@ def json_value(value: Any, decimals: DecimalHandling = "number") -> Any:
     if value is None or isinstance(value, bool | str | float):
         return value
     if isinstance(value, int):
-        return value if value in _JSON_INTS else str(value)
+        return value if value in JSON_INTS else str(value)
     if isinstance(value, Decimal):
         return decimal_value(value, decimals)
     if isinstance(value, datetime):

@@ -247,6 +247,25 @@ def test_integers_beyond_64_bits_are_written_as_text(tmp_path):
     assert read_jsonl(tmp_path / "out.jsonl") == [{"big": "100000000000000000000"}]
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_numbers_a_float_would_round_are_read_as_their_exact_text(tmp_path, fmt):
+    rows = [("12345678901234567890.12", "123456789012345678901234567890", "0.1")]
+    src = tmp_path / f"in.{fmt}"
+    if fmt == "csv":
+        src.write_text("a,b,c\n" + "".join(",".join(r) + "\n" for r in rows))
+        config = f"{{path: in.{fmt}, csv: {{infer_types: true}}}}"
+    else:
+        lines = [f'{{"a": {a}, "b": {b}, "c": {c}}}' for a, b, c in rows]
+        src.write_text("\n".join(lines) + "\n" if fmt == "jsonl" else f"[{', '.join(lines)}]")
+        config = f"{{path: in.{fmt}}}"
+    path = flow(tmp_path, f"      type: file\n      config: {config}",
+                "      type: file\n      config: {path: out.jsonl}")
+    result = run_cli("run", path)
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "out.jsonl") == [
+        {"a": "12345678901234567890.12", "b": "123456789012345678901234567890", "c": 0.1}]
+
+
 def test_a_completed_one_file_parquet_output_leaves_no_parts(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
     path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",

@@ -606,3 +606,62 @@ def test_a_message_over_the_size_limit_is_a_dead_letter_not_a_failed_run(
                         [[{"id": 4, "text": "y" * 3000}, {"id": 5}]], errors))
     [[refused]] = errors
     assert refused.record["id"] == 4 and "limit of 2000 bytes" in refused.message
+
+
+EXACT_FLOW = """
+workflow:
+  sources:
+    events:
+      type: kafka
+      config: {bootstrap_servers: "${SERVERS}", topic: "${SRC}", stop_at_end: true}
+  destinations:
+    table:
+      inputs: [events]
+      type: postgres
+      config: {dsn: "${DSN}", schema: "${SCHEMA}", table: amounts,
+               columns: {amt: "numeric(38,10)", big: "numeric(40,0)", neg: "numeric(20,0)"}}
+"""
+
+
+def test_numbers_a_float_would_round_arrive_exact(
+    kafka_broker: LocalBroker, kafka_topic: Any, pg_schema: Any, tmp_path: Path
+) -> None:
+    # orjson reads an integer beyond 64 bits and every fraction as a float: these were
+    # stored rounded (12345678901234567000.0000000000), without a word.
+    from dataflare.dsl_compiler import compile_file
+
+    src, servers = kafka_topic(), kafka_broker.bootstrap_servers
+    produce_records(servers, src, [
+        b'{"id": 1, "amt": 12345678901234567890.12, "big": 123456789012345678901234567890,'
+        b' "neg": -9223372036854775809, "ns": 1733400000123456789}',
+        b'{"id": 2, "amt": 12.5, "big": 7, "neg": -1, "ns": 1}'])
+    flow_file = tmp_path / "flow.yaml"
+    flow_file.write_text(EXACT_FLOW)
+    run_main(compile_file(flow_file, env={"SERVERS": servers, "SRC": src, "DSN": pg_schema.dsn,
+                                          "SCHEMA": pg_schema.schema}))
+    with pg_schema.connect() as conn:
+        rows = conn.execute(f'SELECT amt::text, big::text, neg::text, ns FROM '
+                            f'"{pg_schema.schema}".amounts ORDER BY id').fetchall()
+    assert rows == [
+        ("12345678901234567890.1200000000", "123456789012345678901234567890",
+         "-9223372036854775809", 1733400000123456789),
+        ("12.5000000000", "7", "-1", 1)]
+
+
+@pytest.mark.parametrize(("handling", "expected"), [
+    ("number", {"a": "12345678901234567890.12", "b": 12.5, "c": "123456789012345678901",
+                "d": 18446744073709551615, "s": "12345678901234567890.12", "n": [0.1]}),
+    ("string", {"a": "12345678901234567890.12", "b": "12.50", "c": "123456789012345678901",
+                "d": 18446744073709551615, "s": "12345678901234567890.12", "n": ["0.1"]}),
+    ("float", {"a": 1.2345678901234567e19, "b": 12.5, "c": 1.2345678901234568e20,
+               "d": 18446744073709551615, "s": "12345678901234567890.12", "n": [0.1]}),
+])
+def test_decimal_handling_of_json_numbers(handling: str, expected: dict[str, Any]) -> None:
+    from dataflare.connectors.schema import json_loader
+
+    text = (b'{"a": 12345678901234567890.12, "b": 12.50, "c": 123456789012345678901, '
+            b'"d": 18446744073709551615, "s": "12345678901234567890.12", "n": [0.1]}')
+    assert json_loader(handling)(text) == expected  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="decimal_handling reads JSON numbers"):
+        KafkaSourceConfig.model_validate({"topic": "t", "format": "string",
+                                          "decimal_handling": "string"})
