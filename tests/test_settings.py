@@ -132,6 +132,8 @@ workflow:
         config: {path: x.duckdb, table: t}}
     kept: {type: duckdb, inputs: [m], write_mode: {type: append, merge_key: [id],
            deduplicate: true}, config: {path: x.duckdb, table: t2}}
+    unkeyed: {type: duckdb, inputs: [m], write_mode: {type: overwrite, merge_key: [id]},
+              config: {path: x.duckdb, table: t3}}
 """)
     out = dataflare("validate", str(flow))
     assert out.returncode == 0, out.stderr
@@ -144,4 +146,12 @@ workflow:
         "destinations.f.write_mode.deduplicate: warning: 'deduplicate' has no effect on a "
         "destination of type 'file'",
         "destinations.d.write_mode.deduplicate: warning: 'deduplicate' has no effect without "
-        "'merge_key' (the key whose last record a batch keeps)"], out.stderr
+        "'merge_key' (the key whose last record a batch keeps)",
+        "destinations.unkeyed.write_mode.merge_key: warning: 'merge_key' has no effect on an "
+        "overwrite without deduplicate (type: merge upserts on it)"], out.stderr
+    # merge_key without a type: meant as an upsert, it appended every run again
+    flow.write_text(flow.read_text().replace("type: overwrite, merge_key", "merge_key"))
+    out = dataflare("validate", str(flow))
+    assert out.returncode == 1
+    assert "destinations.unkeyed.write_mode: 'merge_key' without 'type' would append: set " \
+        "type: merge to upsert on the key" in out.stderr

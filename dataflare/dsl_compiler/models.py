@@ -328,6 +328,10 @@ class WriteMode(Strict):
         if self.type == "merge" and not self.merge_key:
             msg = "write mode 'merge' needs 'merge_key'"
             raise ValueError(msg)
+        if self.merge_key and "type" not in self.model_fields_set:
+            msg = ("'merge_key' without 'type' would append: set type: merge to upsert on the "
+                   "key (or type: append with deduplicate to drop repeats within a batch)")
+            raise ValueError(msg)
         return self
 
 

@@ -313,6 +313,11 @@ def _write_mode_fields(doc: Document, loc: Loc, kind: str, spec: registry.Compon
         out.append(doc.problem((*loc, "write_mode", "deduplicate"), "'deduplicate' has no "
                                "effect without 'merge_key' (the key whose last record a batch "
                                "keeps)", key=True, severity="warning"))
+    kind_of = wm.get("type", "append")
+    if table and wm.get("merge_key") and kind_of != "merge" and not wm.get("deduplicate"):
+        out.append(doc.problem((*loc, "write_mode", "merge_key"), f"'merge_key' has no "
+                               f"effect on {a_or_an(str(kind_of))} without deduplicate (type: "
+                               "merge upserts on it)", key=True, severity="warning"))
     return out
 
 
