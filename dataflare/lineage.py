@@ -65,6 +65,28 @@ def _secret(value: Any) -> str:
     return str(getter() if getter else value or "")
 
 
+def _dsn_parts(dsn: str) -> dict[str, Any]:
+    """``host``, ``port`` and ``dbname`` of a URL or a libpq ``key=value`` string."""
+    if "://" in dsn:
+        url = urlsplit(dsn)
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        return {"host": url.hostname, "port": port, "dbname": url.path.lstrip("/") or None}
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return {}
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - refused at validate; lineage names what it can
+        return {}
+    given = str(parts.get("port") or "")
+    return {"host": parts.get("host"), "port": int(given) if given.isdigit() else None,
+            "dbname": parts.get("dbname")}
+
+
 def table_dataset(scheme: str, config: Any, default_port: int | None = None) -> list[Dataset]:
     """The table of a database connection (``dsn`` or ``host``/``port``/``database``).
 
@@ -75,11 +97,11 @@ def table_dataset(scheme: str, config: Any, default_port: int | None = None) -> 
     database = getattr(config, "database", None)
     given: set[str] = getattr(config, "model_fields_set", set())
     dsn = getattr(config, "dsn", None)
-    if dsn is not None:
-        parts = urlsplit(_secret(dsn))
-        host = host if "host" in given else parts.hostname or host
-        port = port if "port" in given else parts.port or port
-        database = database or parts.path.lstrip("/") or None
+    if dsn is not None:  # its parts, unless a field given beside it says otherwise
+        parts = _dsn_parts(_secret(dsn))
+        host = host if "host" in given else parts.get("host") or host
+        port = port if "port" in given else parts.get("port") or port
+        database = database if "database" in given else parts.get("dbname") or database
     schema = getattr(config, "schema_", None) or getattr(config, "db_schema", None)
     table = getattr(config, "table", None)
     if not table:

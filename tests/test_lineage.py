@@ -145,6 +145,19 @@ workflow:
     assert "hunter2secret" not in json.dumps(data) and "ann" not in json.dumps(data)
 
 
+def test_a_destination_dsn_names_its_database():
+    # The destination's `database` default ("postgres") named the dataset, not the DSN's.
+    v = validate_text("""workflow:
+  sources: {g: {type: generator, config: {preset: orders, count: 1}}}
+  destinations:
+    url: {type: postgres, inputs: [g], config: {dsn: "postgresql://u@db:5433/shop", table: t}}
+    kv: {type: postgres, inputs: [g], config: {dsn: "host=db2 port=5434 dbname=sales user=u",
+                                               table: t}}
+""", "t.yaml")
+    assert sorted(w["dataset"] for w in workflow_lineage(v)["writes"]) == [
+        "postgres://db2:5434/sales.public.t", "postgres://db:5433/shop.public.t"]
+
+
 # OpenLineage run events -------------------------------------------------------------------
 
 RUN = """\
