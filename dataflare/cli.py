@@ -28,7 +28,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed = True
         else:
             warnings = len(v.problems)
-            note = f" ({warnings} warning{'s' * (warnings != 1)})" if warnings else ""
+            stops = sum(p.at_run for p in v.problems)
+            # A warning `run` takes for an error (an unset variable, an undefined target)
+            stopping = (", which stops a run as it stands" if warnings == 1 else
+                        f"; {stops} stop{'s' * (stops == 1)} a run as it stands") if stops else ""
+            note = f" ({warnings} warning{'s' * (warnings != 1)}{stopping})" if warnings else ""
             print(f"{path}: valid{note}")
     return 1 if failed else 0
 

@@ -60,6 +60,19 @@ def test_validate_reports_several_files_and_fails_if_any_is_invalid(tmp_path):
     assert f"{bad}:2:23: sources.s.type: unknown source type 'nope'" in result.stderr
 
 
+def test_validate_says_which_warnings_stop_a_run(tmp_path):
+    # validate said "valid (1 warning)" and run refused the same file.
+    flow = tmp_path / "f.yaml"
+    flow.write_text("workflow:\n  sources: {s: {type: file, config: {path: in.jsonl},\n"
+                    "    error_handling: {strategy: redirect, redirect_to: nowhere}}}\n"
+                    "  destinations: {o: {type: stdout, inputs: [s]}}\n")
+    result = run_cli("validate", str(flow))
+    assert result.code == 0
+    assert result.stdout == f"{flow}: valid (1 warning, which stops a run as it stands)\n"
+    assert "redirect_to 'nowhere' names no destination" in result.stderr
+    assert run_cli("run", str(flow)).code == 1
+
+
 def test_metrics_endpoint_serves_per_step_counts(tmp_path):
     import os
     import subprocess
