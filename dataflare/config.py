@@ -72,6 +72,8 @@ def _libpq(value: SecretStr) -> SecretStr:
         from psycopg.conninfo import conninfo_to_dict
     except ImportError:  # the component's missing extra is reported on its own
         return value
+    if "${" in value.get_secret_value():
+        return value  # an unset variable, said on its own; the run reads the value
     try:
         conninfo_to_dict(value.get_secret_value())
     except Exception as exc:  # noqa: BLE001 - psycopg's ProgrammingError, said as it is

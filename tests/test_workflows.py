@@ -137,6 +137,32 @@ tests:
     assert "1 passed, 1 failed" in result.stdout
 
 
+def test_a_test_needs_no_secret_of_the_systems_it_replaces(tmp_path):
+    # `dataflare test` in CI without the database's password: it failed with "variable
+    # PGPASS is not set", though a test never connects to the source or destination.
+    flow = tmp_path / "t.yaml"
+    flow.write_text("""
+workflow:
+  sources:
+    db: {type: postgres, config: {dsn: "postgresql://u:${PGPASS_UNSET_X}@db/x", table: t}}
+  transformations:
+    big: {type: filter, inputs: [db], config: {condition: "amount > ${LIMIT_UNSET_X}"}}
+  destinations:
+    out: {type: postgres, inputs: [big], config: {dsn: "${DSN_UNSET_X}", table: t}}
+tests:
+  - name: keeps the big ones
+    inputs: {db: [{amount: 5}, {amount: 50}]}
+    expect: {out: [{amount: 50}]}
+""")
+    result = run_cli("test", str(flow))  # a transformation does need its variable
+    assert result.code == 1 and "LIMIT_UNSET_X" in result.stderr
+    assert "PGPASS_UNSET_X" not in result.stderr and "DSN_UNSET_X" not in result.stderr
+    flow.write_text(flow.read_text().replace("${LIMIT_UNSET_X}", "10"))
+    result = run_cli("test", str(flow))
+    assert result.code == 0, result.stdout + result.stderr
+    assert "1 passed, 0 failed" in result.stdout
+
+
 def test_a_diff_pairs_records_that_agree_on_most_expected_fields():
     from dataflare.testing import diff
 
