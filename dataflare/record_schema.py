@@ -202,11 +202,14 @@ _SCALARS: dict[str, Kind] = {k: k for k in ("string", "integer", "number", "bool
                                              "null")}
 
 
-def from_json_schema(schema: Any, origin: tuple[str, str] | None = None) -> FieldType:
+def from_json_schema(schema: Any, origin: tuple[str, str] | None = None,
+                     closed: bool = True) -> FieldType:
     """The type described by a JSON Schema (``properties``, ``type``, ``items``).
 
-    An object lists its ``properties`` and is closed unless ``additionalProperties`` allows
-    more (a declared record shape says which fields the records have), or it lists none.
+    An object lists its ``properties``; it may have more where it lists none, where
+    ``additionalProperties`` allows them, or, when not ``closed`` (a user's schema, read
+    as JSON Schema reads it), where ``additionalProperties`` is not given. ``closed``:
+    a described shape (a database table, a generator) has exactly the fields it lists.
     """
     if not isinstance(schema, dict):
         return _origin(ANY, origin)
@@ -220,10 +223,10 @@ def from_json_schema(schema: Any, origin: tuple[str, str] | None = None) -> Fiel
         props = schema.get("properties")
         if not isinstance(props, dict):
             return _origin(FieldType("object", None, True), origin)
-        extra = schema.get("additionalProperties", False)
+        extra = schema.get("additionalProperties", not closed)
         fields = {
             str(name): from_json_schema(sub, None if origin is None else (
-                origin[0], f"{origin[1]}.{name}" if origin[1] else str(name)))
+                origin[0], f"{origin[1]}.{name}" if origin[1] else str(name)), closed)
             for name, sub in props.items()
         }
         return FieldType("object", fields, extra is not False, frozenset())

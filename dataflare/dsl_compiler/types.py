@@ -119,7 +119,7 @@ def _source_schema(comp: Mapping[str, Any], spec: registry.ComponentSpec | None,
                    ctx: SchemaContext[Any]) -> FieldType:
     declared = comp.get("output_schema")
     if isinstance(declared, dict) and isinstance(declared.get("definition"), dict):
-        return from_json_schema(declared["definition"])
+        return from_json_schema(declared["definition"], closed=False)
     if spec is not None and spec.schema is not None and ctx.config is not None:
         return spec.schema(ctx) or ANY
     return ANY
@@ -163,6 +163,12 @@ def _check_reads(doc: Document, loc: Loc, ctx: SchemaContext[Any]) -> list[Probl
             out.append(_at_column(doc, at, read, doc.problem(
                 at, f"{read.what} {read.path!r}{default} is not in the records {origin}{hint}"
                 f"{has}", severity="warning")))
+        elif read.path not in (listed := base.paths()) and (
+                hint := did_you_mean(read.path, listed)):
+            # a shape that may have more fields: only a near miss of a listed one is said
+            out.append(_at_column(doc, at, read, doc.problem(
+                at, f"{read.what} {read.path!r} is not in the records {origin} as their "
+                f"schema lists them{hint}", severity="warning")))
         elif clashes(found, read.want):
             out.append(_at_column(doc, at, read, doc.problem(
                 at,
