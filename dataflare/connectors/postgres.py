@@ -224,6 +224,8 @@ _TERMINAL_CONNECT = (
     "connection is bad: invalid",
     "invalid connection option",
 )
+_STALE_ROWS = ("empty the mirror tables first: a snapshot upserts the rows there are, and "
+               "rows deleted meanwhile would stay")
 _MISREAD_HOST = re.compile(r"failed to resolve host '[^']*@")
 
 
@@ -573,6 +575,8 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         snapshot_mode, streams = src.snapshot_plan()
         self.streams = streams
         self.not_before = src.stream_not_before()
+        # The tables a snapshot reads, fixed when it starts (its place is an index in them).
+        self.snapshot_list: list[str] = list((state or {}).get("tables") or [])
         if state is None:
             self.lsn = start_lsn
             self.phase = "snapshot" if snapshot_mode in ("initial", "always") else "stream"
@@ -583,6 +587,10 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             self.table_index, self.after = state.get("table_index", 0), state.get("after")
             if snapshot_mode == "always" and self.phase == "stream":
                 self.phase, self.table_index, self.after = "snapshot", 0, None
+                self.snapshot_list = []
+        if self.phase == "snapshot" and not self.snapshot_list:
+            self.snapshot_list = self.tables or self.db.run(
+                "listing the published tables", self._published)
         # The state we resumed from is durable: the slot may move up to it at once.
         self.durable_lsn: int | None = self.lsn if state is not None else None
         self.advanced = 0
@@ -672,7 +680,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             "the server no longer holds the changes since the saved position "
             f"{int_to_lsn(resumed or 0)}, so the target would silently miss them; to start "
             "again from a new snapshot of the tables, run with a fresh recovery directory "
-            "(and cdc.snapshot_mode: initial)"
+            f"(and cdc.snapshot_mode: initial; {_STALE_ROWS})"
         )
         reader = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s "
                               "AND active", (self.slot,)).fetchone()
@@ -690,7 +698,8 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             msg = (f"step '{self.src.step_id}': replication slot '{self.slot}' was "
                    "invalidated by the server (max_slot_wal_keep_size): it lost changes it "
                    "had not delivered; drop the slot, then run with a fresh recovery "
-                   "directory (and cdc.snapshot_mode: initial) to start from a new snapshot")
+                   "directory (and cdc.snapshot_mode: initial) to start from a new snapshot "
+                   f"({_STALE_ROWS})")
             raise LookupError(msg)
         if row is not None and resumed is not None and lsn_to_int(row[1]) > resumed:
             msg = (f"step '{self.src.step_id}': cannot resume: replication slot "
@@ -712,6 +721,13 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             )
             raise ValueError(msg)
         return lsn_to_int(row[1])
+
+    def _published(self, conn: Any) -> list[str]:
+        """The tables of the publication (all of them, or all but cdc.exclude_tables)."""
+        return [r[0] for r in conn.execute(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables "
+            "WHERE pubname = %s ORDER BY 1", (self.publication,)).fetchall()
+            if r[0] not in self.excluded]
 
     def _user_tables(self, conn: Any) -> list[str]:
         """The database's tables outside the system schemas, less cdc.exclude_tables."""
@@ -764,7 +780,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
     # snapshot phase
 
     def _snapshot_batch(self) -> list[Any]:
-        tables = self.src.snapshot_tables()
+        tables = self.snapshot_list
         while self.table_index < len(tables):
             if self.read is None:
                 schema, table = tables[self.table_index].split(".", 1)
@@ -810,11 +826,24 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             flushed = lsn_to_int(
                 conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
             )
-        rows = conn.execute(
-            "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
-            "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s)",
-            (self.slot, self._requested(), self.publication),
-        ).fetchall()
+        try:
+            rows = conn.execute(
+                "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
+                "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s)",
+                (self.slot, self._requested(), self.publication),
+            ).fetchall()
+        except _psycopg().errors.UndefinedObject as exc:
+            if "publication" not in str(exc):
+                raise
+            # The slot decodes with the catalog as it was at each change: a publication
+            # dropped and made again is missing there for good.
+            msg = (f"step '{self.src.step_id}': slot '{self.slot}' cannot be read: "
+                   f"publication '{self.publication}' was dropped while the slot held "
+                   "changes, and the slot decodes them with the publication as it was; "
+                   f"drop the slot (SELECT pg_drop_replication_slot('{self.slot}')), then "
+                   "run with a fresh recovery directory to start from a new snapshot "
+                   "(" + _STALE_ROWS + ")")
+            raise LookupError(msg) from None
         return flushed, [(r[0], bytes(r[1])) for r in rows]
 
     def _stream_batch(self) -> list[Any]:
@@ -948,6 +977,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             "lsn": self.lsn,
             "table_index": self.table_index,
             "after": self.after,
+            "tables": self.snapshot_list if self.phase == "snapshot" else [],
         }
         self.durable_lsn = self.lsn
         return state
@@ -1014,10 +1044,6 @@ class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         """``schema.table`` names of ``cdc.exclude_tables``: never read nor published."""
         return {t if "." in t else ".".join(self.cfg.qualified(t))
                 for t in self.cdc_settings().exclude_tables}
-
-    def snapshot_tables(self) -> list[str]:
-        """Tables read by the initial snapshot."""
-        return self.cdc_tables()
 
     def snapshot_plan(self) -> tuple[str, bool]:
         """``(snapshot_mode, streams)``: the snapshot policy and whether changes follow."""

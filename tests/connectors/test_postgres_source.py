@@ -1528,6 +1528,58 @@ def test_an_idle_slot_follows_the_wal_others_write(pg_private: Any, tmp_path: Pa
         drop_slot(pg_private, slot, f"{slot}_pub")
 
 
+@pytest.mark.parametrize("tables", [{"exclude_tables": ["public.skipped"]}, {}])
+def test_cdc_snapshot_without_a_table_list_reads_the_published_tables(
+        pg_private: Any, tables: dict[str, Any], tmp_path: Path) -> None:
+    # Without include_tables the initial snapshot read no table: the mirror of an existing
+    # database started empty, without a word.
+    import dataclasses
+
+    db = f"snapall_{os.getpid()}_{len(tables)}"
+    pg_private.execute(f"DROP DATABASE IF EXISTS {db}", f"CREATE DATABASE {db}")
+    pg = dataclasses.replace(pg_private, database=db)
+    pg.execute("CREATE TABLE kept (id int PRIMARY KEY, v text)",
+               "CREATE TABLE skipped (id int PRIMARY KEY, v text)",
+               "INSERT INTO kept VALUES (1, 'a'), (2, 'b')", "INSERT INTO skipped VALUES (1, 'x')")
+    slot = f"snapall_{len(tables)}"
+    ctx = make_ctx("all", conn_cfg(pg, batch_size=1, stop_at_end=True), mode="cdc", cdc={
+        "slot_name": slot, "publication_name": f"{slot}_pub", "snapshot_mode": "initial",
+        "poll_interval": "10ms", **tables})
+    init_db_dir(tmp_path, 1)
+    try:
+        got = run_source(ctx, tmp_path)
+        read = sorted((r["_meta"]["table"], r["id"]) for r in got)
+        expected = [("public.kept", 1), ("public.kept", 2)]
+        assert read == (expected if tables else [*expected, ("public.skipped", 1)])
+        pg.execute("INSERT INTO kept VALUES (3, 'c')")
+        assert [(r["_meta"]["op"], r["id"]) for r in run_source(ctx, tmp_path)] == [
+            ("insert", 3)]  # resumed: the snapshot is not read again
+    finally:
+        drop_slot(pg, slot, f"{slot}_pub")
+        pg_private.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def test_a_publication_dropped_under_its_slot_is_said_with_the_way_out(
+        pg_private: Any, tmp_path: Path) -> None:
+    # Every resume failed with the server's "publication ... does not exist" and no hint.
+    pg_private.execute("DROP TABLE IF EXISTS pubgone", "CREATE TABLE pubgone (id int PRIMARY KEY)")
+    ctx = make_ctx("gone", conn_cfg(pg_private, table="pubgone", stop_at_end=True), mode="cdc",
+                   cdc={"slot_name": "pubgone_slot", "publication_name": "pubgone_pub",
+                        "snapshot_mode": "never", "poll_interval": "10ms"})
+    init_db_dir(tmp_path, 1)
+    try:
+        assert run_source(ctx, tmp_path) == []
+        pg_private.execute("DROP PUBLICATION pubgone_pub", "INSERT INTO pubgone VALUES (1)")
+        with pytest.raises(Exception) as info:
+            run_source(ctx, tmp_path)
+        said = chain(info.value)
+        assert "publication 'pubgone_pub' was dropped while the slot held changes" in said
+        assert "pg_drop_replication_slot('pubgone_slot')" in said and "empty the mirror" in said
+    finally:
+        drop_slot(pg_private, "pubgone_slot", "pubgone_pub")
+        pg_private.execute("DROP TABLE pubgone")
+
+
 def test_cdc_exclude_tables_are_neither_published_nor_read(pg_private: Any) -> None:
     # They were both: the publication was FOR ALL TABLES, so their changes came through,
     # and a table without a key there (excluded or created later) refused the
