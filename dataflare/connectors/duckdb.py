@@ -66,6 +66,8 @@ class DuckDBDestinationConfig(Strict):
 class DuckDBDialect(Dialect):
     """duckdb's Python API with Arrow staging."""
 
+    placeholder = "?"
+
     def __init__(self, path: Path, cfg: DuckDBDestinationConfig,
                  source_types: Callable[[str | None], SourceColumns | None] | None = None
                  ) -> None:

@@ -196,6 +196,12 @@ class SnowflakeDialect(Dialect):
     def rolled_back(self) -> None:
         """Nothing to forget: the staging table is emptied before every use."""
 
+    placeholder = "?"  # qmark
+
+    def statement(self, sql: str, params: list[Any]) -> None:
+        """Execute one statement with ``params``."""
+        self._run(sql, params)
+
     def _run(self, sql: str, params: Any = None) -> Any:
         """Execute one statement; refused values become :class:`SnowflakeDataError`."""
         from snowflake.connector import errors

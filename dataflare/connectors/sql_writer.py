@@ -16,7 +16,8 @@ A write is one transaction per flushed batch:
   stored values (a CDC update leaves out unchanged TOASTed columns). Within a batch the
   records of a key are folded in order: a CDC delete (``_meta.op == "delete"``) deletes
   the row, later records set their fields. A CDC update that changes the key
-  (``_meta.old`` holds the old key) deletes the old row. Rows are written with one
+  (``_meta.old`` holds the old key) deletes the old row, or, when it leaves out unchanged
+  TOASTed columns (``_meta.unchanged``), moves it to the new key. Rows are written with one
   set-based statement per set of fields. A CDC truncate (``_meta.op == "truncate"``)
   empties the table first (append and overwrite ignore it: the rows they wrote stay);
 - **replay safety of appends**: records that carry a source position (Kafka
@@ -56,7 +57,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain, repeat
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -113,6 +114,9 @@ class Item:
     meta: Any = None
     parts: list[Item] | None = None
     """The records a merge folded into this one, in order."""
+    moved_from: dict[str, Any] | None = None
+    """The old key of a CDC update that changed the key and left out unchanged (TOASTed)
+    columns: the stored row is moved to the new key, keeping them."""
 
     def refused(self, step: str, exc: BaseException) -> Failed:
         """The failure of this record, refused by the database with ``exc``."""
@@ -232,6 +236,9 @@ def prepare(
             before = {k: get(old) for k, get in keys}
             if None not in before.values() and any(before[k] != row[k] for k in merge_key):
                 append(Item(before, True, stream, pos, meta=meta))
+                if meta.get("unchanged"):
+                    append(Item(row, False, stream, pos, meta=meta, moved_from=before))
+                    continue
         append(Item(row, op == "delete", stream, pos, meta=meta))
     return items, errs
 
@@ -302,13 +309,24 @@ def fold_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
     if not any(it.delete for it in items) and _distinct(keys):
         return items  # nothing to fold
     folded: dict[Any, list[Item | None]] = {}
+    gone: dict[Any, Item] = {}  # upserts a delete of their key undid, by key
     for it, k in zip(items, keys, strict=True):
         try:
             slot = folded.get(k)
         except TypeError:
             k = _hashable_key(k)
             slot = folded.get(k)
+        if it.moved_from is not None:  # the old key's fields written in this very batch
+            old = key_values([it.moved_from], key)[0]
+            try:
+                undone = gone.get(old)
+            except TypeError:
+                undone = gone.get(_hashable_key(old))
+            if undone is not None:
+                it = replace(it, row={**undone.row, **it.row})
         if it.delete:
+            if slot is not None and slot[1] is not None:
+                gone[k] = slot[1]
             folded[k] = [it, None]
         elif slot is None:
             folded[k] = [None, it]
@@ -317,7 +335,8 @@ def fold_per_key(items: list[Item], key: tuple[str, ...]) -> list[Item]:
         else:
             prev = slot[1]
             slot[1] = Item({**prev.row, **it.row}, False, it.stream, it.position,
-                           meta=it.meta, parts=[*(prev.parts or [prev]), it])
+                           meta=it.meta, parts=[*(prev.parts or [prev]), it],
+                           moved_from=prev.moved_from or it.moved_from)
     return [it for slot in folded.values() for it in slot if it is not None]
 
 
@@ -467,6 +486,22 @@ class Dialect(ABC):
     @abstractmethod
     def save_positions(self, destination: str, marks: dict[str, Mark]) -> None:
         """Upsert marks."""
+
+    placeholder = "%s"
+    """The parameter marker of the driver's statements."""
+
+    def statement(self, sql: str, params: list[Any]) -> None:
+        """Execute one statement with ``params``."""
+        self.conn.execute(sql, params)
+
+    def move(self, key: tuple[str, ...],
+             moves: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        """Give stored rows new keys (``(old, new)`` rows holding the key), keeping the rest."""
+        sets = ", ".join(f"{quote_ident(k)} = {self.placeholder}" for k in key)
+        where = " AND ".join(f"{quote_ident(k)} = {self.placeholder}" for k in key)
+        for old, new in moves:
+            self.statement(f"UPDATE {self.target} SET {sets} WHERE {where}",
+                           [*(new[k] for k in key), *(old[k] for k in key)])
 
     @abstractmethod
     def truncate(self) -> None:
@@ -848,6 +883,9 @@ class TableWriter:
         return written, changed
 
     def _merge(self, items: list[Item]) -> int:
+        moves = [(it.moved_from, it.row) for it in items if it.moved_from is not None]
+        if moves:  # before the old keys' deletes, which then find nothing
+            self.db.move(self.key, moves)
         deletes = [it.row for it in items if it.delete]
         upserts = [it.row for it in items if not it.delete]
         shapes = list(map(tuple, upserts))
