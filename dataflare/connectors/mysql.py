@@ -360,13 +360,45 @@ def _binlog_binary(size: int | None) -> Callable[[Any], Any]:
     return convert
 
 
+def _binlog_bits(size: int) -> Callable[[Any], Any]:
+    """The bytes of a ``bit(n)`` value as a query returns them, from the binlog's '0101'."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, str):
+            return int(value or "0", 2).to_bytes((size + 7) // 8, "big")
+        return value
+
+    return convert
+
+
+def _binlog_set(members: list[str]) -> Callable[[Any], Any]:
+    """A ``set(...)`` value as a query returns it ('a,b' in the definition's order)."""
+    order = {m: i for i, m in enumerate(members)}
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, set | frozenset | list | tuple):
+            return ",".join(sorted(value, key=lambda m: order.get(m, len(order))))
+        return value
+
+    return convert
+
+
 def binlog_converters(columns: list[dict[str, Any]]) -> Converters:
-    """:func:`converters`, and what makes binlog values of binary columns as queried."""
+    """:func:`converters`, and what makes binlog values of binary, bit and set columns as queried.
+
+    The binlog reader gives '0101' for a bit(4) and the members of a set as a set.
+    """
     out = converters(columns)
     for col in columns:
-        m = _BINARY.fullmatch(col["type"].lower())
+        kind = col["type"].lower()
+        m = _BINARY.fullmatch(kind)
         if m:
             out[col["name"]] = _binlog_binary(int(m[2]) if m[2] and not m[1] else None)
+        elif (bits := re.fullmatch(r"bit\((\d+)\)", kind)) and int(bits[1]) > 1:
+            out[col["name"]] = _binlog_bits(int(bits[1]))
+        elif kind.startswith("set("):
+            out[col["name"]] = _binlog_set([_unquoted(q[0]) for q in
+                                            _QUOTED.finditer(col["type"][4:-1])])
     return out
 
 
