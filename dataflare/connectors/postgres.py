@@ -564,15 +564,17 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.tables = src.cdc_tables()
         self.excluded = src.cdc_excluded()
         resumed = None if state is None else int(state["lsn"])
+        snapshot_mode, streams = src.snapshot_plan()
+        # A one-time read (hybrid, transition_after: never) makes no slot: one nobody
+        # reads would keep the server's WAL for ever.
         start_lsn = self.db.run("preparing the replication slot",
-                                lambda conn: self._prepare(conn, resumed))
+                                lambda conn: self._prepare(conn, resumed)) if streams else 0
         self.decoder = ChangeDecoder(
             src.step_id,
             ValueDecoder(self.db.connection(), cfg.decimal_handling),
             self.tables or None,
             self.excluded,
         )
-        snapshot_mode, streams = src.snapshot_plan()
         self.streams = streams
         self.not_before = src.stream_not_before()
         # The tables a snapshot reads, fixed when it starts (its place is an index in them).
@@ -590,7 +592,7 @@ class ChangePartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 self.snapshot_list = []
         if self.phase == "snapshot" and not self.snapshot_list:
             self.snapshot_list = self.tables or self.db.run(
-                "listing the published tables", self._published)
+                "listing the tables", self._published if streams else self._user_tables)
         # The state we resumed from is durable: the slot may move up to it at once.
         self.durable_lsn: int | None = self.lsn if state is not None else None
         self.advanced = 0

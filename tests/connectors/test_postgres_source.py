@@ -800,6 +800,7 @@ def test_snapshot_modes_and_hybrid_variants(pg_private: Any, tmp_path: Path) -> 
         cdc={"slot_name": "modes_hnever", "publication_name": "modes_hnever_pub"},
     )
     assert sorted(r["id"] for r in run_source(hnever)) == [1, 2]
+    assert slot_confirmed(pg_private, "modes_hnever") is None  # no slot keeps the WAL
 
     # hybrid full -> incremental: the whole table first, then rows past the cursor
     hinc = make_ctx(
