@@ -211,8 +211,8 @@ class Database(Connection):
 
 # SQLSTATE classes worth a retry: connection exceptions, operator intervention (a
 # terminated backend, a restarting server), insufficient resources, serialization
-# failures and deadlocks.
-_TRANSIENT_SQLSTATES = ("08", "57P", "53", "40001", "40P01")
+# failures, deadlocks and a lock not available.
+_TRANSIENT_SQLSTATES = ("08", "57P", "53", "40001", "40P01", "55P03")
 _TERMINAL_CONNECT = (
     "password authentication failed",
     "does not exist",

@@ -178,6 +178,12 @@ class PostgresDialect(Dialect):
         return super().refuses(exc) or (isinstance(exc, self._unprivileged)
                                         and _ROW_SECURITY in str(exc))
 
+    def worth_retry(self, exc: BaseException) -> bool:
+        """A lost connection, a restarting server; not a wrong password or database."""
+        from dataflare.connectors.postgres import is_transient
+
+        return is_transient(exc)
+
     def describe(self) -> str:
         """``postgres table schema.table``."""
         return f"postgres table {self.schema}.{self.table}"

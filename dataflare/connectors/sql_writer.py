@@ -378,6 +378,10 @@ class Dialect(ABC):
         """Whether ``exc`` is a refusal of a record's values (see :attr:`refusals`)."""
         return isinstance(exc, self.refusals)
 
+    def worth_retry(self, exc: BaseException) -> bool:
+        """Whether a :attr:`transient` error may pass (not a wrong password, say)."""
+        return True
+
     @abstractmethod
     def connect(self) -> None:
         """Open (or reopen) the connection."""
@@ -657,8 +661,18 @@ class TableWriter:
         When every try failed, the run stops naming the step and the table: ``doing`` it.
         """
         what = f"step {self.step!r}: {doing} {self.db.describe()}"
+
+        def attempt() -> T:
+            try:
+                return fn()
+            except self.db.transient as exc:
+                if self.db.worth_retry(exc):
+                    raise
+                msg = f"{what} failed: {type(exc).__name__}: {exc}"  # a wrong password...
+                raise RuntimeError(msg.rstrip()) from exc
+
         try:
-            return call_with_retry(what, fn, self.retry, transient=self.db.transient,
+            return call_with_retry(what, attempt, self.retry, transient=self.db.transient,
                                    on_retry=self._reconnect)
         except self.db.transient as exc:
             msg = f"{what} failed: {type(exc).__name__}: {exc}"

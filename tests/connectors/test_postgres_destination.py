@@ -573,6 +573,24 @@ def test_a_write_that_fails_after_every_retry_names_the_step_and_table() -> None
                             "OperationalError: ") for c in causes), causes
 
 
+def test_a_missing_database_is_said_at_once_not_retried() -> None:
+    # A wrong password or database was retried for a minute as if the server were down.
+    config = {"dsn": "postgresql://postgres@127.0.0.1:5432/no_such_db_dest", "table": "t"}
+    ctx = BuildContext("warehouse", "destination", models.Destination(type="postgres",
+                                                                      config=config),
+                       PostgresDestinationConfig(**config),
+                       models.Workflow(config=models.WorkflowConfig(retry=FAST_RETRY)), Path("."))
+    retries: list[int] = []
+    with patch("dataflare.connectors.sql_writer.TableWriter._reconnect",
+               lambda self, exc=None: retries.append(1)), \
+            pytest.raises(Exception) as info:  # noqa: PT011 - wrapped by bytewax
+        run(ctx, [[{"id": 1}]])
+    causes = messages(info.value)
+    assert any('database "no_such_db_dest" does not exist' in c and "step 'warehouse'" in c
+               for c in causes), causes
+    assert retries == []
+
+
 def test_a_missing_schema_is_created(pg_schema: Any) -> None:
     schema = f"{pg_schema.schema}_new"
     config = {"dsn": pg_schema.dsn, "schema": schema, "table": "t"}
