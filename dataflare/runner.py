@@ -521,10 +521,14 @@ def _run(opts: RunOptions) -> RunResult:
     error = scrub(error) if error else error
     if lineage is not None:
         _emit(lineage, {"succeeded": "COMPLETE", "failed": "FAIL"}.get(status, "ABORT"), error)
+    idle = any(s.streaming is not None and s.streaming.idle_timeout is not None
+               for s in wf.sources.values())
     for step, n in progress.late_dropped().items():
-        say(f"step {step!r}: {n} late record(s) dropped: older than the step's "
-            f"allowed_lateness allows, and nothing reads {step + '.late'!r} (send them to a "
-            "destination with late_to, or make it an input)", "warning")
+        said = ("allowed_lateness allows, or of a window that streaming.idle_timeout fired"
+                if idle else "allowed_lateness allows")
+        say(f"step {step!r}: {n} late record(s) dropped: older than the step's {said}, and "
+            f"nothing reads {step + '.late'!r} (send them to a destination with late_to, or "
+            "make it an input)", "warning")
     summary = progress.summary(list(wf.sources), status, error)
     if wf.post_actions and not opts.no_post_actions:
         summary["post_actions"] = _post_actions(opts, wf, status, summary)

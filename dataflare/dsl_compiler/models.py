@@ -240,7 +240,9 @@ class Streaming(Strict):
     checkpoint_interval: Duration | None = Field(None, description="Snapshot interval.")
     watermark_delay: Duration | None = Field(None, description="Event-time lateness bound.")
     idle_timeout: Duration | None = Field(
-        None, description="Windows fire after this much system time without records."
+        None, description="Windows fire after this much system time without records; a "
+        "record for a window that fired so is late from then on, whatever its step's "
+        "allowed_lateness."
     )
 
 
