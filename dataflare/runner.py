@@ -269,8 +269,9 @@ class _Progress:
             return
         print(f"summary ({elapsed:.1f}s{state}): records per step", file=sys.stderr)
         late, dropped = self.late(), self.late_dropped()
+        cut = failure is not None or stopping.requested()  # a stop may cut a write short
         for step, n, errors in self.counts():
-            unsure = failure is not None and step in self.destinations and n > 0
+            unsure = cut and step in self.destinations and n > 0
             extra = " received, not all confirmed written" if unsure else ""
             extra += f", {errors} failed" if errors else ""
             if step in late:
