@@ -498,6 +498,11 @@ def _run(opts: RunOptions) -> RunResult:
             restore_record(recorded[0], recorded[1])
     if watching is not None:
         watching.set()
+    if "dataflare.connectors.kafka" in sys.modules:
+        from dataflare.connectors.kafka import commit_ended
+
+        # Everything read was written when the run succeeded: the consumer groups may know.
+        commit_ended(status == "succeeded" and not stopping.requested())
     if status == "succeeded" and stopping.requested():
         if timer is not None and timer.finished.is_set():
             code, status, error = 124, "failed", timeout_error

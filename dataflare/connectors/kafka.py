@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -69,7 +70,9 @@ class KafkaSourceConfig(Strict):
     consumer_group: str | None = Field(
         None,
         description="Consumer group: its committed offsets are the starting point when "
-        "there is no recovery state, and progress is committed to it after each snapshot.",
+        "there is no recovery state, and progress is committed to it at each snapshot, one "
+        "snapshot behind (what the previous snapshot read is written by then), and at the "
+        "end of a `dataflare run` that succeeded.",
     )
     offset_out_of_range: Literal["fail", "earliest", "latest"] = Field(
         "fail", description="What to do when a saved offset (recovery state or the group's) "
@@ -234,7 +237,7 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
                 resume_offset = self._in_range(resume_offset, low, None)
         else:
             resume_offset = self._in_range(resume_offset, low, None)
-        self.offset = max(resume_offset, low)
+        self.offset = self._started = max(resume_offset, low)
         # With stop_at_end, the end is the high watermark of the first fetch answer (some
         # brokers, e.g. Tansu, answer ListOffsets with the start of the last batch, so the
         # ListOffsets value is only a lower bound).
@@ -470,7 +473,43 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         return self.offset
 
     def close(self) -> None:
+        if self.cfg.consumer_group and self.offset > self._started:
+            # Committed by commit_ended() once the run has written everything (snapshot()
+            # commits one snapshot behind: the last one's offset would never be).
+            key = (self.cfg.bootstrap_servers, self.cfg.consumer_group,
+                   tuple(sorted(self.cfg.properties.items())))
+            with _ENDED_LOCK:
+                _ENDED.setdefault(key, {})[(self.topic, self.partition)] = self.offset
         self.consumer.close()
+
+
+_ENDED: dict[tuple[str, str, tuple[tuple[str, Any], ...]], dict[tuple[str, int], int]] = {}
+_ENDED_LOCK = threading.Lock()
+
+
+def commit_ended(commit: bool = True) -> None:
+    """Commit to their consumer groups the offsets the partitions of a run reached.
+
+    Called by ``dataflare run`` at its end: ``commit`` when the run succeeded (everything
+    read was written); else the offsets are forgotten.
+    """
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    with _ENDED_LOCK:
+        ended = dict(_ENDED) if commit else {}
+        _ENDED.clear()
+    for (servers, group, props), offsets in ended.items():
+        settings = {**_client_config(servers, dict(props)), "group.id": group,
+                    "enable.auto.commit": False}
+        consumer = Consumer(settings)
+        try:
+            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                            asynchronous=False)
+        except KafkaException as exc:
+            log.warning("committing the run's offsets to consumer group %r failed: %s",
+                        group, exc)
+        finally:
+            consumer.close()
 
 
 _METADATA_TIMEOUT = 10.0

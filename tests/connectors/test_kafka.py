@@ -665,3 +665,43 @@ def test_decimal_handling_of_json_numbers(handling: str, expected: dict[str, Any
     with pytest.raises(ValueError, match="decimal_handling reads JSON numbers"):
         KafkaSourceConfig.model_validate({"topic": "t", "format": "string",
                                           "decimal_handling": "string"})
+
+
+GROUP_FLOW = """
+workflow:
+  sources:
+    events:
+      type: kafka
+      config: {{bootstrap_servers: "{servers}", topic: {topic}, stop_at_end: true,
+               consumer_group: {group}}}
+  destinations:
+    out: {{type: file, inputs: [events], config: {{path: {out}}},
+           write_mode: {{type: append}}}}
+"""
+
+
+def test_a_run_that_succeeded_commits_where_it_ended_to_its_consumer_group(
+    kafka_broker: LocalBroker, kafka_topic: Any, tmp_path: Path
+) -> None:
+    # The group commit ran one snapshot behind, so the last snapshot's offsets were never
+    # committed: each run without recovery read the whole topic again.
+    from tests.fixtures.workflows import read_jsonl, run_cli
+
+    topic, servers = kafka_topic(partitions=2), kafka_broker.bootstrap_servers
+    produce_records(servers, topic, ({"id": i} for i in range(10)), partitions=2)
+    out = tmp_path / "out.jsonl"
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(GROUP_FLOW.format(servers=servers, topic=topic, group=f"g-{topic}",
+                                      out=out))
+    for new in (range(10, 13), range(13, 13)):
+        done = run_cli("run", str(flow))
+        assert done.code == 0, done.stderr
+        produce_records(servers, topic, ({"id": i} for i in new), partitions=2)
+    assert sorted(r["id"] for r in read_jsonl(out)) == list(range(13))  # each once
+    # A run that failed commits nothing: its records are read again.
+    produce_records(servers, topic, [{"id": 13}], partitions=2)
+    flow.write_text(flow.read_text().replace(f"path: {out}", f"path: {tmp_path}"))  # a dir
+    assert run_cli("run", str(flow)).code == 1
+    flow.write_text(flow.read_text().replace(f"path: {tmp_path}", f"path: {out}"))
+    assert run_cli("run", str(flow)).code == 0
+    assert sorted(r["id"] for r in read_jsonl(out)) == list(range(14))
