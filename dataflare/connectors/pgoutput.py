@@ -19,6 +19,7 @@ column (see :func:`~dataflare.connectors.sql_source.change_record`).
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from typing import Any
 from dataflare.connectors.schema import DecimalHandling, UnconvertibleValue, json_value
 from dataflare.connectors.sql_source import change_record
 from dataflare.records import META, Failed
+
+log = logging.getLogger(__name__)
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -82,6 +85,20 @@ class Origin:
 
     commit_lsn: int
     name: str
+
+
+def _say_changed_columns(step: str, before: Relation, after: Relation) -> None:
+    """Warn of columns a table dropped or renamed: a mirror cannot follow them alone."""
+    old = [c.name for c in before.columns]
+    new = [c.name for c in after.columns]
+    gone = [n for n in old if n not in new]
+    if gone:
+        added = [n for n in new if n not in old]
+        log.warning("step '%s': table %s no longer has column(s) %s%s: a mirror keeps the "
+                    "column(s) it made, with the values they had, and a renamed column is a "
+                    "new one, NULL in the rows not changed since; alter the mirror table to "
+                    "match, or take a new snapshot", step, after.qualified_name,
+                    ", ".join(gone), f" (new: {', '.join(added)})" if added else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,6 +474,9 @@ class ChangeDecoder:
             self._skipping = msg.final_lsn < self.skip_below
             return None
         if isinstance(msg, Relation):
+            before = self.relations.get(msg.oid)
+            if before is not None and not self._skipping and self._wanted(msg):
+                _say_changed_columns(self.step_id, before, msg)
             self.relations[msg.oid] = msg
             return None
         if isinstance(msg, Commit):

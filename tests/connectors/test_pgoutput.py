@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from datetime import UTC, datetime
 from typing import Any
@@ -219,6 +220,21 @@ def test_change_decoder_builds_records_per_transaction() -> None:
             "xid": 42,
         }
     }
+
+
+def test_a_dropped_or_renamed_column_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    # A mirror kept the dropped column's stale values, and a renamed one was NULL in the
+    # rows not changed since, without a word.
+    dec = ChangeDecoder("items_cdc")
+    dec.feed(ITEMS)
+    renamed = relation(16400, "public", "items", [(1, "id", 23), (0, "title", 25),
+                                                 (0, "price", 1700)])
+    with caplog.at_level(logging.WARNING, logger="dataflare.connectors.pgoutput"):
+        dec.feed(ITEMS)  # sent again by a new session: no change
+        dec.feed(renamed)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith("step 'items_cdc': table public.items no longer has column(s) "
+                           "name, at, tags, doc, ok (new: title): a mirror keeps")
 
 
 def test_change_decoder_filters_tables_skips_delivered_and_fails_bad_values() -> None:
