@@ -27,6 +27,8 @@ class DeadLetters:
 
     records: list[dict[str, Any]] = field(default_factory=list)
     unusable: list[str] = field(default_factory=list)
+    repeated: int = 0
+    """Dead letters that repeat an earlier one (written again after a crash): skipped."""
 
 
 def read_dead_letters(path: str) -> DeadLetters:
@@ -43,12 +45,24 @@ def read_dead_letters(path: str) -> DeadLetters:
         msg = (f"replay: cannot read dead letters from {scheme!r} (a .jsonl file, "
                "postgresql://...#schema.table or kafka://host:port/topic)")
         raise ValueError(msg)
+    seen: set[bytes] = set()
     for where, letter in letters:
         record = _unwrap(letter)
         if isinstance(record, str):
             out.unusable.append(f"{where}: {record}")
-        else:
-            out.records.append(record)
+            continue
+        # Dead letters are written at least once: after a crash the same one may come
+        # again (the same step, source position and record), and is replayed once.
+        source = letter.get("source") if isinstance(letter.get("source"), dict) else {}
+        if source.get("position"):
+            same = orjson.dumps([letter["error"].get("step") if isinstance(
+                letter["error"], dict) else None, source, letter["record"]],
+                option=orjson.OPT_SORT_KEYS, default=str)
+            if same in seen:
+                out.repeated += 1
+                continue
+            seen.add(same)
+        out.records.append(record)
     return out
 
 

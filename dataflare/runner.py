@@ -336,6 +336,9 @@ def _run(opts: RunOptions) -> RunResult:
             return _refused(f"cannot read {letters}: {getattr(exc, 'strerror', None) or exc}")
         for problem in read.unusable:
             say(f"not replayed: {problem}", "warning")
+        if read.repeated:
+            say(f"{read.repeated} dead letter(s) repeat an earlier one (written again after "
+                "a crash: dead letters are written at least once) and are replayed once")
         records = read.records
         replayed = (step, TestingSource([records[i:i + 1000]
                                          for i in range(0, len(records), 1000)]))
