@@ -86,17 +86,21 @@ _DUCKDB_SAME = {"boolean": "BOOLEAN", "smallint": "SMALLINT", "integer": "INTEGE
 def duckdb_type(pg_type: str) -> str | None:
     """The DuckDB type of a PostgreSQL type (:func:`postgres_type`'s), if one is faithful.
 
-    ``numeric(p,s)`` is ``DECIMAL(p,s)`` up to DuckDB's 38 digits, ``bytea`` a ``BLOB``;
-    a bare or wider ``numeric``, arrays and the rest are typed from the values.
+    ``numeric(p,s)`` is ``DECIMAL(p,s)`` up to DuckDB's 38 digits, a bare or wider
+    ``numeric`` ``VARCHAR`` (the exact text: its values come as numbers or, where a float
+    would round them, text), ``bytea`` a ``BLOB``; arrays and the rest are typed from the
+    values.
     """
     t = pg_type.lower()
     if t in _DUCKDB_SAME:
         return _DUCKDB_SAME[t]
     if t.startswith(("character varying", "character")) and not t.endswith("]"):
         return "VARCHAR"
-    m = re.fullmatch(r"numeric\((\d+)(,(\d+))?\)", t)
-    if m and int(m[1]) <= 38:
-        return f"DECIMAL({m[1]},{m[3] or 0})"
+    m = re.fullmatch(r"numeric(\((\d+)(,(\d+))?\))?", t)
+    if m and m[2] and int(m[2]) <= 38:
+        return f"DECIMAL({m[2]},{m[4] or 0})"
+    if m:
+        return "VARCHAR"
     return None
 
 

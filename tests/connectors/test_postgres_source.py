@@ -1036,6 +1036,11 @@ workflow:
       inputs: [by_table.a]
       config: {{path: mirror.duckdb, table: a}}
       write_mode: {{type: merge, merge_key: id}}
+    b_duck:
+      type: duckdb
+      inputs: [by_table.b]
+      config: {{path: mirror.duckdb, table: b}}
+      write_mode: {{type: merge, merge_key: id}}
 """
 
 
@@ -1102,6 +1107,11 @@ def test_cdc_mirror_tables_take_each_source_tables_column_types(
             (1, "1.500000", 1714550400000000, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
              b"\xde\xad\xbe\xef"),
             (2, "12345678901234567.123456", None, None, b"")]
+        # a bare numeric: its exact text (was JSON holding a quoted string, or a double)
+        assert duck.execute("SELECT data_type FROM information_schema.columns WHERE "
+                            "table_name = 'b' AND column_name = 'n'").fetchone() == ("VARCHAR",)
+        assert duck.execute("SELECT n FROM b ORDER BY id").fetchall() == [
+            ("2.25",), ("123456789012345678901234567890.5",)]
     drop_slot(pg_private, "types_slot", "types_pub")
     pg_private.execute("DROP SCHEMA types_mirror CASCADE")
 
