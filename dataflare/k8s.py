@@ -254,7 +254,8 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
     """The Kubernetes objects running the workflow at ``path``, in apply order."""
     text = Path(path).read_text(encoding="utf-8")
     # Rendering needs no secret: unset variables validate as placeholders.
-    v = validate_file(path, {n: os.environ.get(n, "placeholder") for n in variables(text)})
+    # (each stays its ``${VAR}``, which no check of a value's form holds against it)
+    v = validate_file(path, {n: os.environ.get(n, f"${{{n}}}") for n in variables(text)})
     errors = v.errors(for_run=True)
     if errors or v.workflow is None:
         msg = "the workflow is not valid:\n" + "\n".join(p.render(True) for p in errors)

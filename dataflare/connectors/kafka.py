@@ -493,11 +493,13 @@ def commit_ended(commit: bool = True) -> None:
     Called by ``dataflare run`` at its end: ``commit`` when the run succeeded (everything
     read was written); else the offsets are forgotten.
     """
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
-
     with _ENDED_LOCK:
         ended = dict(_ENDED) if commit else {}
         _ENDED.clear()
+    if not ended:
+        return  # (a core-only install has no Kafka client)
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
     for (servers, group, props), offsets in ended.items():
         settings = {**_client_config(servers, dict(props)), "group.id": group,
                     "enable.auto.commit": False}
