@@ -1027,5 +1027,23 @@ def table_destination(
     def make_writer() -> TableWriter:
         return TableWriter(step, make_dialect(), mode, key, dedupe, retry, split, declared)
 
-    return buffered_output("write", up, lambda b: prepare(b, step, key), ctx.component.batch,
+    def prepared(batch: list[Any]) -> tuple[list[Item], list[Failed]]:
+        return prepare(batch, step, key)
+
+    if not ctx.component.inputs:  # dead letters only: they must be held, whatever they hold
+        def prepared(batch: list[Any]) -> tuple[list[Item], list[Failed]]:
+            return prepare([_without_nul(r) for r in batch], step, key)
+
+    return buffered_output("write", up, prepared, ctx.component.batch,
                            make_writer, always=mode == "overwrite")
+
+
+def _without_nul(value: Any) -> Any:
+    """``value`` with U+FFFD for each NUL character, which PostgreSQL text never holds."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {k: _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value

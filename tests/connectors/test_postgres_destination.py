@@ -35,7 +35,7 @@ def ctx_for(pg: Any, table: str = "orders", write_mode: dict[str, Any] | None = 
             on_error: str = "fail") -> BuildContext:
     config = {"dsn": pg.dsn, "schema": pg.schema, "table": table}
     cfg = PostgresDestinationConfig(**config)
-    component = models.Destination(type="postgres", config=config,
+    component = models.Destination(type="postgres", config=config, inputs=["src"],
                                    write_mode=models.WriteMode(**(write_mode or {})),
                                    batch=models.BatchSettings(**(batch or {})),
                                    error_handling=models.ErrorHandling(strategy=on_error))
@@ -632,6 +632,35 @@ workflow:
     [dead] = read_jsonl(tmp_path / "rejects.jsonl")
     assert dead["record"] == {"id": "two"} and dead["error"]["step"] == "pg"
     assert "invalid input syntax for type bigint" in dead["error"]["message"]
+
+
+def test_a_dead_letter_holding_a_nul_character_is_kept_in_postgresql(pg_schema: Any,
+                                                                    tmp_path: Path) -> None:
+    # PostgreSQL holds no NUL: the dead-letter table refused the letter and every resume
+    # stopped on it.
+    (tmp_path / "in.jsonl").write_text('{"id": 1}\n{"id": "x\\u0000y"}\n')
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  transformations:
+    typed:
+      type: mapping
+      inputs: [src]
+      config: {{mappings: [{{source: id, destination: id, transform: to_int}}]}}
+      error_handling: {{strategy: redirect, redirect_to: dead}}
+  destinations:
+    out: {{type: postgres, inputs: [typed], config: {{dsn: "{pg_schema.dsn}",
+          schema: {pg_schema.schema}, table: t}}}}
+    dead: {{type: postgres, config: {{dsn: "{pg_schema.dsn}", schema: {pg_schema.schema},
+           table: dead}}}}
+""")
+    from tests.fixtures.workflows import run_cli
+
+    result = run_cli("run", "flow.yaml", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert pg_schema.rows(f'SELECT record, error->>\'step\' FROM "{pg_schema.schema}".dead'
+                          ) == [({"id": "x\ufffdy"}, "typed")]
 
 
 def test_a_key_given_as_a_number_and_as_text_is_one_key(pg_schema: Any) -> None:
