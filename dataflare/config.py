@@ -72,12 +72,12 @@ def _libpq(value: SecretStr) -> SecretStr:
         from psycopg.conninfo import conninfo_to_dict
     except ImportError:  # the component's missing extra is reported on its own
         return value
-    if "${" in value.get_secret_value():
+    text = value.get_secret_value()
+    if "${" in text:
         return value  # an unset variable, said on its own; the run reads the value
     try:
-        conninfo_to_dict(value.get_secret_value())
+        conninfo_to_dict(text)
     except Exception as exc:  # noqa: BLE001 - psycopg's ProgrammingError, said as it is
-        text = value.get_secret_value()
         hint = "" if "://" in text else " (a value holding spaces goes in single quotes: " \
             "password='...')"
         msg = f"libpq cannot read this connection string: {str(exc).strip()}{hint}"

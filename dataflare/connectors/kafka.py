@@ -250,10 +250,10 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         if self.offset > high:  # ListOffsets may answer low (Tansu): ask a fetch
             self.offset = self._check_beyond(self.offset, low)
         self.consumer.assign([TopicPartition(topic, partition, self.offset)])
-        self._decode = self._decoder()
         self._loads: Callable[[bytes], Any] | None = None
         if cfg.format == "json":
             self._loads = json_loader(cfg.decimal_handling)
+        self._decode = self._decoder()
 
     def _in_range(self, offset: int, low: int, high: int | None) -> int:
         """``offset``, or where ``offset_out_of_range`` says to go on when it is gone."""
@@ -328,7 +328,7 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         if fmt == "string":
             return lambda value: {"value": value.decode()}
 
-        loads = json_loader(self.cfg.decimal_handling)
+        loads = self._loads or json_loader(self.cfg.decimal_handling)
 
         def decode_json(value: bytes) -> Any:
             rec = loads(value)

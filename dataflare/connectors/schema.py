@@ -108,28 +108,27 @@ def json_loader(handling: DecimalHandling = "number") -> Callable[[bytes | str],
     if handling == "float":
         return loads
     if handling == "string":
-        return _exact_loads(str)
+        def load_text(data: bytes | str) -> Any:
+            loads(data)  # orjson's errors, as on the fast path
+            return _exact_loads(data, str)
 
-    exact = _exact_loads(exact_float)
+        return load_text
 
     def load(data: bytes | str) -> Any:
         doc = loads(data)
         raw = data.encode() if isinstance(data, str) else data
         if _LONG_RUN in raw.translate(_NUMBERISH) and _rounds(raw):
-            return exact(raw)
+            return _exact_loads(raw, exact_float)
         return doc
 
     return load
 
 
-def _exact_loads(parse_float: Callable[[str], Any]) -> Callable[[bytes | str], Any]:
+def _exact_loads(data: bytes | str, parse_float: Callable[[str], Any]) -> Any:
+    """JSON ``data`` (which orjson read) with exact numbers: ``parse_float`` for fractions."""
     import json
 
-    def load(data: bytes | str) -> Any:
-        orjson.loads(data)  # orjson's errors, as on the fast path
-        return json.loads(data, parse_float=parse_float, parse_int=_exact_int)
-
-    return load
+    return json.loads(data, parse_float=parse_float, parse_int=_exact_int)
 
 
 def _exact_int(text: str) -> int | str:
@@ -147,11 +146,9 @@ def _rounds(raw: bytes) -> bool:
     """Whether a float would round a number of the JSON text ``raw``."""
     for m in _RUN.finditer(raw):
         text = m[0].decode()
-        if "." not in text:
-            if int(text) not in JSON_INTS:
-                return True
-        elif text.count(".") == 1 and not text.endswith(".") and isinstance(
-                exact_float(text), str):
+        if text.count(".") > 1 or text.endswith("."):
+            continue  # no number (a date, a version in a string)
+        if isinstance((exact_float if "." in text else _exact_int)(text), str):
             return True
     return False
 

@@ -662,21 +662,22 @@ class TableWriter:
         """
         what = f"step {self.step!r}: {doing} {self.db.describe()}"
 
+        def failed(exc: BaseException) -> RuntimeError:
+            return RuntimeError(f"{what} failed: {type(exc).__name__}: {exc}")
+
         def attempt() -> T:
             try:
                 return fn()
             except self.db.transient as exc:
                 if self.db.worth_retry(exc):
                     raise
-                msg = f"{what} failed: {type(exc).__name__}: {exc}"  # a wrong password...
-                raise RuntimeError(msg.rstrip()) from exc
+                raise failed(exc) from exc  # not retried: a wrong password...
 
         try:
             return call_with_retry(what, attempt, self.retry, transient=self.db.transient,
                                    on_retry=self._reconnect)
         except self.db.transient as exc:
-            msg = f"{what} failed: {type(exc).__name__}: {exc}"
-            raise RuntimeError(msg) from exc
+            raise failed(exc) from exc
 
     def _first_refused(self, items: list[Item], empty: bool, run: str) -> str:
         """``; the first record refused: <position>``, found without writing anything.
@@ -1027,12 +1028,11 @@ def table_destination(
     def make_writer() -> TableWriter:
         return TableWriter(step, make_dialect(), mode, key, dedupe, retry, split, declared)
 
-    def prepared(batch: list[Any]) -> tuple[list[Item], list[Failed]]:
-        return prepare(batch, step, key)
+    # A table of dead letters only must hold them, whatever they hold.
+    letters_only = not ctx.component.inputs
 
-    if not ctx.component.inputs:  # dead letters only: they must be held, whatever they hold
-        def prepared(batch: list[Any]) -> tuple[list[Item], list[Failed]]:
-            return prepare([_without_nul(r) for r in batch], step, key)
+    def prepared(batch: list[Any]) -> tuple[list[Item], list[Failed]]:
+        return prepare(list(map(_without_nul, batch)) if letters_only else batch, step, key)
 
     return buffered_output("write", up, prepared, ctx.component.batch,
                            make_writer, always=mode == "overwrite")
