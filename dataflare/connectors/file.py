@@ -108,8 +108,20 @@ class FileSourceConfig(_FileConfig):
         None, description="JSON: dotted path of the record array inside the document."
     )
     decimal_handling: DecimalHandling = Field(
-        "number", description=f"{JSON_NUMBERS} (JSON and JSON lines; CSV values that are "
-        "numbers come as `number` says)")
+        "number", description=f"{JSON_NUMBERS} (JSON and JSON lines files; CSV numbers "
+        "always come as `number` says)")
+
+    @model_validator(mode="after")
+    def _json_numbers(self) -> FileSourceConfig:
+        refuse_decimal_handling(self, self.format or _extension_format(self.path))
+        return self
+
+
+def refuse_decimal_handling(cfg: Strict, fmt: str | None) -> None:
+    """Refuse ``decimal_handling`` given for a format without JSON numbers."""
+    if "decimal_handling" in cfg.model_fields_set and fmt in ("csv", "parquet"):
+        msg = f"decimal_handling reads JSON numbers: {fmt} has none"
+        raise ValueError(msg)
 
 
 class FileDestinationConfig(LakeOptions):

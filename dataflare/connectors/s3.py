@@ -38,6 +38,7 @@ from dataflare.connectors.file import (
     CsvOptions,
     file_format,
     file_reader,
+    refuse_decimal_handling,
     uses_source,
 )
 from dataflare.connectors.lake import (
@@ -201,6 +202,11 @@ class S3SourceConfig(S3Connection):
     stop_at_end: bool = Field(
         False, description="Incremental: end after a listing that finds no new object (a "
         "catch-up run) instead of listing again every incremental.interval.")
+
+    @model_validator(mode="after")
+    def _json_numbers(self) -> S3SourceConfig:
+        refuse_decimal_handling(self, self.format)
+        return self
 
 
 @dataclass(frozen=True)

@@ -264,6 +264,13 @@ def test_numbers_a_float_would_round_are_read_as_their_exact_text(tmp_path, fmt)
     assert result.code == 0, result.stderr
     assert read_jsonl(tmp_path / "out.jsonl") == [
         {"a": "12345678901234567890.12", "b": "123456789012345678901234567890", "c": 0.1}]
+    if fmt == "csv":  # CSV numbers are always exact: the setting is refused, not ignored
+        text = open(path).read().replace("infer_types: true}", "infer_types: true}, "
+                                         "decimal_handling: float")
+        open(path, "w").write(text)
+        refused = run_cli("validate", path)
+        assert refused.code == 1 and "decimal_handling reads JSON numbers: csv has none" \
+            in refused.stderr
 
 
 def test_a_completed_one_file_parquet_output_leaves_no_parts(tmp_path):
