@@ -25,7 +25,8 @@ Values look as ``dataflare discover`` describes them, in every mode: ``tinyint(1
 ``bit(1)`` as booleans, ``time`` as ``'[-]HH:MM:SS[.ffffff]'`` text, ``json`` columns
 (MariaDB's too: ``longtext`` checked by ``json_valid``) parsed, ``decimal`` per
 ``decimal_handling``, binary values as ``\x`` and hex (``binary(n)`` padded to ``n``
-bytes), the rest JSON-like as for PostgreSQL. A value that cannot be converted (invalid
+bytes), zero dates (``'0000-00-00'``, ``'2024-00-10'``: no date has them) as null, as
+the binlog gives them, the rest JSON-like as for PostgreSQL. A value that cannot be converted (invalid
 JSON) fails its row alone, under the step's error policy.
 """
 
@@ -325,6 +326,23 @@ def _time_text(value: Any) -> Any:
     return f"{text}.{fraction:06d}" if fraction else text
 
 
+def _zero_date(value: Any) -> Any:
+    """Null for a zero date ('0000-00-00', '2024-00-10'), as the binlog and Debezium give it.
+
+    The driver returns the text of a date it cannot make, and a zero date has no date value.
+    """
+    return None if isinstance(value, str) else value
+
+
+# The binlog gives a zero TIMESTAMP as the epoch, which a TIMESTAMP cannot otherwise hold
+# (its range starts one second later).
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _binlog_timestamp(value: Any) -> Any:
+    return None if value == _EPOCH else value
+
+
 def _parsed_json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str | bytes) else value
 
@@ -340,7 +358,12 @@ def converters(columns: list[dict[str, Any]]) -> Converters:
             out[col["name"]] = _boolean
         elif schema.get("format") == "time":
             out[col["name"]] = _time_text
+        elif col["type"].lower().startswith(_DATES):
+            out[col["name"]] = _zero_date
     return out
+
+
+_DATES = ("date", "datetime", "timestamp")
 
 
 _BINARY = re.compile(r"(var)?binary\((\d+)\)|(tiny|medium|long)?blob")
@@ -399,6 +422,8 @@ def binlog_converters(columns: list[dict[str, Any]]) -> Converters:
         elif kind.startswith("set("):
             out[col["name"]] = _binlog_set([_unquoted(q[0]) for q in
                                             _QUOTED.finditer(col["type"][4:-1])])
+        elif kind.startswith("timestamp"):
+            out[col["name"]] = _binlog_timestamp
     return out
 
 

@@ -775,3 +775,31 @@ def test_a_column_added_with_a_default_fills_the_mirrors_earlier_rows(
                             "ORDER BY id").fetchall() == [
             (i, g, note, n, amt, kind) for i, _, g, note, n, _, amt, kind, _ in mirror]
     mariadb_private.execute("DROP TABLE fill_rows")
+
+
+def test_zero_dates_come_as_null_from_the_snapshot_and_the_binlog(mariadb_private: Any) -> None:
+    # MySQL's zero dates ('0000-00-00', '2024-00-10') have no date value: the snapshot gave
+    # their text, which a PostgreSQL mirror refused, and the binlog gave null (a zero
+    # TIMESTAMP: 1970-01-01, which a TIMESTAMP cannot hold). Both give null now, as Debezium.
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS zero_dates",
+        "SET SESSION sql_mode = ''",
+        "CREATE TABLE zero_dates (id INT PRIMARY KEY, d DATE, dt DATETIME, dt6 DATETIME(6), "
+        "ts TIMESTAMP NULL, dn DATE NOT NULL, n INT)",
+        "INSERT INTO zero_dates VALUES "
+        "(1, '0000-00-00', '0000-00-00 00:00:00', '0000-00-00', '0000-00-00', '0000-00-00', 0),"
+        "(2, '2024-00-10', '2024-01-00 10:00:00', '2024-02-03 04:05:06.5', "
+        "'2024-02-03 04:05:06', '2024-01-01', 0)")
+    ctx = make_ctx("zero_cdc", conn_cfg(mariadb_private, table="zero_dates"), mode="cdc",
+                   cdc={"snapshot_mode": "initial", "poll_interval": "10ms"})
+    src = build_mysql_source(ctx)
+    part = src.build_part("zero_cdc", "binlog", None)
+    snap = [plain(r) for b in part.next_batch() for r in b]
+    assert snap[0] == {"id": 1, "d": None, "dt": None, "dt6": None, "ts": None, "dn": None,
+                       "n": 0}
+    assert snap[1]["d"] is None and snap[1]["dt"] is None and snap[1]["dn"] == "2024-01-01"
+    assert snap[1]["dt6"].startswith("2024-02-03T04:05:06.5") and snap[1]["ts"] is not None
+    mariadb_private.execute("UPDATE zero_dates SET n = 1")
+    changes = [r for _ in range(2) for b in part.next_batch() for r in b]
+    part.close()
+    assert [plain(r) for r in changes] == [{**row, "n": 1} for row in snap]
