@@ -26,8 +26,8 @@ Values look as ``dataflare discover`` describes them, in every mode: ``tinyint(1
 (MariaDB's too: ``longtext`` checked by ``json_valid``) parsed, ``decimal`` per
 ``decimal_handling``, binary values as ``\x`` and hex (``binary(n)`` padded to ``n``
 bytes), zero dates (``'0000-00-00'``, ``'2024-00-10'``: no date has them) as null, as
-the binlog gives them, the rest JSON-like as for PostgreSQL. A value that cannot be converted (invalid
-JSON) fails its row alone, under the step's error policy.
+the binlog gives them, the rest JSON-like as for PostgreSQL. A value that cannot be
+converted (invalid JSON) fails its row alone, under the step's error policy.
 """
 
 from __future__ import annotations

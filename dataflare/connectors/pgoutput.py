@@ -339,9 +339,19 @@ _AS_TEXT = {"date": (b"infinity", b"-infinity"), "timestamp": (b"infinity", b"-i
 _TEXT_LOADERS: dict[type, type] = {}
 
 
+def _beyond_python_years(data: Any) -> bool:
+    """Whether a date or timestamp's text is before year 1 (``... BC``) or after 9999."""
+    text = bytes(data)
+    return text.endswith(b" BC") or text[:5].isdigit()
+
+
 def _text_loader(base: type, starts: tuple[bytes, ...]) -> type:
-    """A loader of ``base``'s type that loads the values starting with ``starts`` as text."""
+    """A loader of ``base``'s type that loads some values as their text.
+
+    Those starting with ``starts``, and dates and timestamps outside Python's years 1-9999.
+    """
     if base not in _TEXT_LOADERS:
+        from psycopg import DataError
         from psycopg.adapt import Loader
 
         class AsText(Loader):
@@ -352,7 +362,12 @@ def _text_loader(base: type, starts: tuple[bytes, ...]) -> type:
             def load(self, data: Any) -> Any:
                 if bytes(data[:9]).startswith(starts):
                     return bytes(data).decode()
-                return self._load(data)
+                try:
+                    return self._load(data)
+                except DataError:
+                    if _beyond_python_years(data):
+                        return bytes(data).decode()
+                    raise
 
         _TEXT_LOADERS[base] = AsText
     return _TEXT_LOADERS[base]
@@ -361,9 +376,10 @@ def _text_loader(base: type, starts: tuple[bytes, ...]) -> type:
 def register_loaders(adapters: Any) -> None:
     """Make ``adapters`` (a psycopg ``AdaptersMap``) load every value the sources read.
 
-    PostgreSQL's ``infinity`` and ``-infinity`` dates and timestamps, and the time
-    ``24:00:00``, have no Python equivalent (psycopg fails on them): they load as their
-    text (``"infinity"``, ``"24:00:00"``), which PostgreSQL reads back as the same values.
+    PostgreSQL's ``infinity`` and ``-infinity`` dates and timestamps, those before year 1
+    or after 9999, and the time ``24:00:00`` have no Python equivalent (psycopg fails on
+    them): they load as their text (``"infinity"``, ``"0044-03-15 BC"``, ``"24:00:00"``),
+    which PostgreSQL reads back as the same values.
     """
     from psycopg.pq import Format
 

@@ -268,14 +268,17 @@ def test_change_decoder_filters_tables_skips_delivered_and_fails_bad_values() ->
         dec.feed(b"I" + struct.pack("!I", 1) + b"N" + tuple_data("1"))
 
 
-def test_infinite_dates_load_as_text_and_a_bad_value_as_unconvertible() -> None:
+def test_dates_python_lacks_load_as_text_and_a_bad_value_as_unconvertible() -> None:
     values = ValueDecoder()
     assert values.decode(1184, b"infinity") == "infinity"  # timestamptz
     assert values.decode(1114, b"-infinity") == "-infinity"  # timestamp
     assert values.decode(1182, b"{infinity,2024-01-02}") == ["infinity", "2024-01-02"]  # date[]
-    bad = values.load(1082, b"0100-01-01 BC")
-    assert isinstance(bad, UnconvertibleValue) and bad.text == "0100-01-01 BC"
-    assert "date too small" in str(bad) and type(bad.cause).__name__ == "DataError"
+    assert values.decode(1082, b"0100-01-01 BC") == "0100-01-01 BC"  # before year 1
+    assert values.decode(1114, b"10000-01-01 00:00:00") == "10000-01-01 00:00:00"
+    assert values.decode(1184, b"0044-03-15 12:00:00+00 BC") == "0044-03-15 12:00:00+00 BC"
+    bad = values.load(1186, b"100000000 years")  # an interval no timedelta holds
+    assert isinstance(bad, UnconvertibleValue) and bad.text == "100000000 years"
+    assert "can't parse interval" in str(bad) and type(bad.cause).__name__ == "DataError"
 
 
 def test_numeric_values_per_decimal_handling() -> None:
