@@ -60,6 +60,7 @@ from dataflare.connectors.sql_source import (
     change_record,
     now,
     row_records,
+    say_changed_columns,
     selected_tables,
 )
 from dataflare.lineage import table_dataset
@@ -692,6 +693,7 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.db.run("checking the binlog settings", self._check_settings)
         self.snap: SnapshotRead | None = None
         self.convert: dict[str, Converters] = {}
+        self.columns: dict[str, list[str]] = {}  # per table, as its last binlog event had them
         snapshot = cdc.binlog_position == "latest" and (
             cdc.snapshot_mode == "always" or (cdc.snapshot_mode == "initial" and state is None)
         )
@@ -805,10 +807,15 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                     continue
                 if isinstance(event, TableMapEvent):
                     table = f"{event.schema}.{event.table}"
-                    if (not self.tables or table in self.tables) and any(
-                        c.name is None for c in event.columns
-                    ):
+                    if self.tables and table not in self.tables:
+                        continue
+                    columns = [c.name for c in event.columns]
+                    if None in columns:
                         raise self._unreadable(table, file, pos, "has no row metadata")
+                    before = self.columns.get(table)
+                    if before is not None and before != columns:
+                        say_changed_columns(self.src.step_id, table, before, columns)
+                    self.columns[table] = columns
                     continue
                 if isinstance(event, WriteRowsEvent | UpdateRowsEvent | DeleteRowsEvent):
                     table = f"{event.schema}.{event.table}"

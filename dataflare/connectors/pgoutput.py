@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dataflare.connectors.schema import DecimalHandling, UnconvertibleValue, json_value
-from dataflare.connectors.sql_source import change_record
+from dataflare.connectors.sql_source import change_record, say_changed_columns
 from dataflare.records import META, Failed
 
 log = logging.getLogger(__name__)
@@ -85,20 +85,6 @@ class Origin:
 
     commit_lsn: int
     name: str
-
-
-def _say_changed_columns(step: str, before: Relation, after: Relation) -> None:
-    """Warn of columns a table dropped or renamed: a mirror cannot follow them alone."""
-    old = [c.name for c in before.columns]
-    new = [c.name for c in after.columns]
-    gone = [n for n in old if n not in new]
-    if gone:
-        added = [n for n in new if n not in old]
-        log.warning("step '%s': table %s no longer has column(s) %s%s: a mirror keeps the "
-                    "column(s) it made, with the values they had, and a renamed column is a "
-                    "new one, NULL in the rows not changed since; alter the mirror table to "
-                    "match, or take a new snapshot", step, after.qualified_name,
-                    ", ".join(gone), f" (new: {', '.join(added)})" if added else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,7 +478,9 @@ class ChangeDecoder:
         if isinstance(msg, Relation):
             before = self.relations.get(msg.oid)
             if before is not None and not self._skipping and self._wanted(msg):
-                _say_changed_columns(self.step_id, before, msg)
+                say_changed_columns(self.step_id, msg.qualified_name,
+                                    [c.name for c in before.columns],
+                                    [c.name for c in msg.columns])
             self.relations[msg.oid] = msg
             return None
         if isinstance(msg, Commit):

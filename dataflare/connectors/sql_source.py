@@ -82,6 +82,18 @@ class Connection:
         self.conn = None
 
 
+def say_changed_columns(step: str, table: str, old: Sequence[str], new: Sequence[str]) -> None:
+    """Warn of columns a CDC source's table dropped or renamed: a mirror cannot follow them."""
+    gone = [n for n in old if n not in new]
+    if gone:
+        added = [n for n in new if n not in old]
+        log.warning("step '%s': table %s no longer has column(s) %s%s: a mirror keeps the "
+                    "column(s) it made, with the values they had, and a renamed column is a "
+                    "new one, NULL in the rows not changed since; alter the mirror table to "
+                    "match, or take a new snapshot", step, table,
+                    ", ".join(gone), f" (new: {', '.join(added)})" if added else "")
+
+
 def row_records(
     step_id: str,
     names: Sequence[str],

@@ -803,3 +803,31 @@ def test_zero_dates_come_as_null_from_the_snapshot_and_the_binlog(mariadb_privat
     changes = [r for _ in range(2) for b in part.next_batch() for r in b]
     part.close()
     assert [plain(r) for r in changes] == [{**row, "n": 1} for row in snap]
+
+
+def test_binlog_warns_of_a_dropped_or_renamed_column(
+    mariadb_private: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A mirror kept a dropped column's stale values, and a renamed one was NULL in the rows
+    # not changed since, without a word (PostgreSQL's CDC warned already).
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS shifting",
+        "CREATE TABLE shifting (id INT PRIMARY KEY, a INT, b INT, c INT)")
+    ctx = make_ctx("shift_cdc", conn_cfg(mariadb_private, table="shifting"), mode="cdc",
+                   cdc={"snapshot_mode": "never", "poll_interval": "10ms"})
+    part = build_mysql_source(ctx).build_part("shift_cdc", "binlog", None)
+    mariadb_private.execute(
+        "INSERT INTO shifting VALUES (1, 1, 1, 1)", "UPDATE shifting SET a = 2",
+        "ALTER TABLE shifting DROP COLUMN b", "ALTER TABLE shifting RENAME COLUMN c TO d",
+        "INSERT INTO shifting VALUES (2, 2, 2)", "ALTER TABLE shifting ADD COLUMN e INT",
+        "INSERT INTO shifting VALUES (3, 3, 3, 3)")
+    with caplog.at_level(logging.WARNING, logger="dataflare.connectors.sql_source"):
+        changes = [plain(r) for _ in range(3) for b in part.next_batch() for r in b]
+    part.close()
+    assert [r["id"] for r in changes] == [1, 1, 2, 3]
+    said = [r.getMessage() for r in caplog.records if "no longer has" in r.getMessage()]
+    assert said == [
+        f"step 'shift_cdc': table {mariadb_private.database}.shifting no longer has column(s) "
+        "b, c (new: d): a mirror keeps the column(s) it made, with the values they had, and a"
+        " renamed column is a new one, NULL in the rows not changed since; alter the mirror "
+        "table to match, or take a new snapshot"]  # an added column alone is not warned

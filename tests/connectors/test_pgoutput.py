@@ -229,7 +229,7 @@ def test_a_dropped_or_renamed_column_is_warned(caplog: pytest.LogCaptureFixture)
     dec.feed(ITEMS)
     renamed = relation(16400, "public", "items", [(1, "id", 23), (0, "title", 25),
                                                  (0, "price", 1700)])
-    with caplog.at_level(logging.WARNING, logger="dataflare.connectors.pgoutput"):
+    with caplog.at_level(logging.WARNING, logger="dataflare.connectors.sql_source"):
         dec.feed(ITEMS)  # sent again by a new session: no change
         dec.feed(renamed)
     (said,) = [r.getMessage() for r in caplog.records]
