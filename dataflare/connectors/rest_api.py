@@ -42,7 +42,13 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from dataflare.config import Auth, Duration, Strict
-from dataflare.connectors.schema import discoverer, infer_schema
+from dataflare.connectors.schema import (
+    JSON_NUMBERS,
+    DecimalHandling,
+    discoverer,
+    infer_schema,
+    json_loader,
+)
 from dataflare.lineage import url_dataset
 from dataflare.records import META, Failed, a_or_an, get_path, iso_utc, to_epoch_seconds
 from dataflare.registry import BuildContext, source
@@ -102,6 +108,7 @@ class RestApiSourceConfig(Strict):
         "(default: incremental.column).",
     )
     rate_limit: RateLimit | None = Field(None, description="Request rate limit.")
+    decimal_handling: DecimalHandling = Field("number", description=JSON_NUMBERS)
     timeout: Duration = Field(30.0, description="Timeout of one request.")
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
     stop_at_end: bool = Field(
@@ -186,6 +193,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.walk_new = bool(state.get("walk_new", False))
         self.done = bool(state.get("done", False))
         self.client: Any = None
+        self.loads = json_loader(self.cfg.decimal_handling)
         self.awake: datetime | None = None
         self.bucket = (
             TokenBucket(self.cfg.rate_limit.requests_per_second, self.cfg.rate_limit.burst)
@@ -319,7 +327,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         meta = {"url": str(resp.url), "page": walk["pages"]}
         walk["pages"] += 1
         try:
-            body = resp.json()
+            body = self.loads(resp.content)
         except ValueError as exc:
             msg = f"source '{self.src.step_id}': response of {url} is not JSON: {exc}"
             return [Failed(self.src.step_id, "JSONDecodeError", msg, resp.text, meta)], False

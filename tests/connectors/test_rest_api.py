@@ -484,3 +484,21 @@ workflow:
 """, "flow.yaml")
     assert [(p.line, p.message) for p in v.errors()] == [
         (7, "body is sent with method POST only, the method is GET")]
+
+
+def test_numbers_a_float_would_round_come_exact_per_decimal_handling(api: Any) -> None:
+    # The response was read with the stdlib's json: 12345678901234567890.12 came as
+    # 1.2345678901234567e19, a different amount, without a word.
+    api.raw = (b'[{"id": 12345678901234567890123, "amount": 12345678901234567890.12, '
+               b'"price": 2.50, "n": 7}]')
+
+    def read(**handling: str) -> dict[str, Any]:
+        (rec,) = run(make_ctx("nums", {"url": api.url + "/raw", **handling}, mode="full"))
+        return {k: v for k, v in rec.items() if k != META}
+
+    assert read() == {"id": "12345678901234567890123", "amount": "12345678901234567890.12",
+                      "price": 2.5, "n": 7}
+    assert read(decimal_handling="string") == {
+        "id": "12345678901234567890123", "amount": "12345678901234567890.12", "price": "2.50",
+        "n": 7}
+    assert read(decimal_handling="float")["amount"] == 1.2345678901234567e19
