@@ -193,7 +193,8 @@ def test_fail_stops_naming_the_step_and_position(tmp_path):
     flow = write_pipeline(tmp_path, "fail", lines=[*GOOD[:2], BAD_JSON, *GOOD[2:]])
     result = run_cli("run", str(flow))
     assert result.code == 1
-    assert "step 'orders' failed on the record at orders.jsonl:3: JSONDecodeError" in result.stderr
+    assert ("step 'orders' failed on the record at orders.jsonl:3: JSONDecodeError: "
+            "unexpected end of data, at the end of the line") in result.stderr
     flow = write_pipeline(tmp_path, "fail", lines=[*GOOD[:3], BAD_VALUE])
     result = run_cli("run", str(flow))
     assert result.code == 1

@@ -56,6 +56,7 @@ from dataflare.connectors.schema import (
     discoverer,
     exact_float,
     infer_schema,
+    json_error,
     json_loader,
     record_line,
 )
@@ -227,7 +228,8 @@ class _LinesPartition(StatefulSourcePartition[Batch, tuple[int, int]]):
                 rec = loads(raw)
             except orjson.JSONDecodeError as exc:
                 text = raw.decode("utf-8", "replace").rstrip("\r\n")
-                out.append(Failed(self.step, "JSONDecodeError", str(exc), text, meta))
+                message = json_error(exc, "the line")
+                out.append(Failed(self.step, "JSONDecodeError", message, text, meta))
                 continue
             if not isinstance(rec, dict):
                 text = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -338,7 +340,8 @@ def _json_rows(step: str, path: Path, records_path: str | None,
     try:
         doc = loads(text)
     except orjson.JSONDecodeError as exc:
-        return [Failed(step, "JSONDecodeError", str(exc), text.decode("utf-8", "replace"))]
+        message = json_error(exc, "the document")
+        return [Failed(step, "JSONDecodeError", message, text.decode("utf-8", "replace"))]
     for part in records_path.split(".") if records_path else []:
         doc = doc.get(part) if isinstance(doc, dict) else None
     if doc is None:

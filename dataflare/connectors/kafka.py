@@ -46,7 +46,7 @@ from pydantic import Field, model_validator
 
 from dataflare import metrics
 from dataflare.config import Duration, Retry, Strict
-from dataflare.connectors.schema import JSON_NUMBERS, DecimalHandling, json_loader
+from dataflare.connectors.schema import JSON_NUMBERS, DecimalHandling, json_error, json_loader
 from dataflare.lineage import topic_datasets
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, describe_position
@@ -431,7 +431,8 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
                     rec = decode(value)
             except ValueError as exc:
                 meta = self._position(msg)
-                message = f"{type(exc).__name__}: {exc} at {describe_position(meta)}"
+                message = (f"{type(exc).__name__}: {json_error(exc, 'the message')} at "
+                           f"{describe_position(meta)}")
                 append(Failed(step, "DecodeError", message, _raw_text(value), meta))
                 continue
             ts_type, ts = msg.timestamp()

@@ -47,6 +47,7 @@ from dataflare.connectors.schema import (
     DecimalHandling,
     discoverer,
     infer_schema,
+    json_error,
     json_loader,
 )
 from dataflare.lineage import url_dataset
@@ -329,7 +330,8 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         try:
             body = self.loads(resp.content)
         except ValueError as exc:
-            msg = f"source '{self.src.step_id}': response of {url} is not JSON: {exc}"
+            msg = (f"source '{self.src.step_id}': response of {url} is not JSON: "
+                   f"{json_error(exc, 'the response')}")
             return [Failed(self.src.step_id, "JSONDecodeError", msg, resp.text, meta)], False
         raw = body if self.cfg.records_path is None else get_path(body, self.cfg.records_path)
         if raw is None and self.cfg.records_path is not None:

@@ -124,6 +124,22 @@ def json_loader(handling: DecimalHandling = "number") -> Callable[[bytes | str],
     return load
 
 
+def json_error(exc: ValueError, text: str) -> str:
+    """A JSON parse error of ``text`` (``"the line"``) placed in it, other errors as they are.
+
+    The parsers say ``line 1 column 10 (char 9)``, which beside a record's own position
+    (a file's line 2) reads as a second, contradicting line number.
+    """
+    import json
+
+    if not isinstance(exc, json.JSONDecodeError):
+        return str(exc)
+    if not exc.doc[exc.pos:].strip():
+        return f"{exc.msg}, at the end of {text}"
+    where = f"line {exc.lineno}, column {exc.colno}" if exc.lineno > 1 else f"column {exc.colno}"
+    return f"{exc.msg}, at {where} of {text}"
+
+
 def _exact_loads(data: bytes | str, parse_float: Callable[[str], Any]) -> Any:
     """JSON ``data`` (which orjson read) with exact numbers: ``parse_float`` for fractions."""
     import json

@@ -165,6 +165,7 @@ def test_poison_pill_messages_become_failed(kafka_broker: LocalBroker, kafka_top
     assert len(bad) == 6
     assert [f.meta["offset"] for f in bad] == [1, 7, 13, 19, 24, 25]
     assert bad[0].record == '{"id": 0, broken' and bad[0].step == "clicks"
+    assert "expected a string key, at column 11 of the message at " in bad[0].message
     assert bad[-2].record == "[1, 2, 3]" and "expected an object" in bad[-2].message
     assert bad[-1].record == b"\xff\xfe not utf-8"
     assert f"{topic}[0]@7" in bad[1].message and bad[1].position() == f"{topic}[0]@7"

@@ -238,7 +238,9 @@ def test_post_with_headers_and_body(api: Any) -> None:
 def test_undecodable_and_missing_records_become_failed_entries(api: Any) -> None:
     bad = run(make_ctx("api_text", {"url": api.url + "/text"}, mode="full"))
     assert len(bad) == 1 and isinstance(bad[0], Failed)
-    assert bad[0].record == "<html>not json</html>" and "is not JSON" in bad[0].message
+    assert bad[0].record == "<html>not json</html>"
+    assert bad[0].message.endswith("is not JSON: unexpected character, expected a JSON value, "
+                                   "at column 1 of the response")
     assert bad[0].step == "api_text" and bad[0].meta["url"] == api.url + "/text"
     api.reset(2)
     missing = run(
