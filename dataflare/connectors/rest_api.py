@@ -1,8 +1,9 @@
 """REST API source (``type: rest_api``): paginated JSON endpoints, once or polled.
 
 One *walk* reads every page of the endpoint (``pagination``: ``page_number``, ``offset``,
-``cursor`` or ``link_header``); each page's records are found at ``records_path`` and
-emitted as one batch. ``mode: full`` makes one walk (an ``incremental`` block,
+``cursor`` or ``link_header``; page numbers and offsets walk until an empty page, as an
+API may return fewer records than ``size`` asks); each page's records are found at
+``records_path`` and emitted as one batch. ``mode: full`` makes one walk (an ``incremental`` block,
 ``incremental_param`` or ``stop_at_end`` there is refused, as is a ``body`` with ``GET``);
 ``mode: incremental`` walks again every ``incremental.interval``, sending the largest
 ``incremental.cursor_field`` value read so far, as it was read, as the ``incremental_param``
@@ -69,7 +70,11 @@ class Pagination(Strict):
     size_param: str | None = Field(
         None, description="page_number: query parameter of the page size."
     )
-    size: int | None = Field(None, ge=1, description="Records per page requested.")
+    size: int | None = Field(
+        None, ge=1, description="Records per page requested. page_number/offset: a page "
+        "with fewer does not end the walk (APIs cap the size they are asked for); an "
+        "empty page does.",
+    )
     offset_param: str = Field("offset", description="offset: query parameter of the offset.")
     limit_param: str = Field("limit", description="offset/cursor: query parameter of the size.")
     cursor_param: str = Field("cursor", description="cursor: query parameter of the token.")
@@ -350,14 +355,22 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             more = False
         if p.type == "none":
             more = False
-        elif p.type == "page_number":
-            walk["page"] += 1
-            if p.size and len(records) < p.size:
-                more = False
-        elif p.type == "offset":
-            walk["offset"] += len(records)
-            if p.size and len(records) < p.size:
-                more = False
+        elif p.type in ("page_number", "offset"):
+            # A short page does not end the walk (APIs cap the page size they are asked
+            # for, GitHub at 100): an empty page does, or one repeating the page before.
+            if p.type == "page_number":
+                walk["page"] += 1
+            else:
+                walk["offset"] += len(records)
+            if records:
+                digest = _fingerprint({"page": items})
+                if digest == walk.get("previous"):
+                    log.warning("step '%s': page %d of %s repeats the page before: the API "
+                                "ignores '%s'; the walk ends there", self.src.step_id,
+                                walk["pages"], self.cfg.url,
+                                p.page_param if p.type == "page_number" else p.offset_param)
+                    return [], False
+                walk["previous"] = digest
         elif p.type == "cursor":
             token = get_path(body, p.cursor_path)
             walk["token"] = token

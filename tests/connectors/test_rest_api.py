@@ -504,3 +504,31 @@ def test_numbers_a_float_would_round_come_exact_per_decimal_handling(api: Any) -
         "id": "12345678901234567890123", "amount": "12345678901234567890.12", "price": "2.50",
         "n": 7}
     assert read(decimal_handling="float")["amount"] == 1.2345678901234567e19
+
+
+@pytest.mark.parametrize(("path", "config"), [
+    ("/page", {"records_path": "data.items",
+               "pagination": {"type": "page_number", "size_param": "size", "size": 4}}),
+    ("/offset", {"records_path": "results", "pagination": {"type": "offset", "size": 4}}),
+], ids=["page_number", "offset"])
+def test_a_page_shorter_than_asked_does_not_end_the_walk(
+    api: Any, path: str, config: dict[str, Any]
+) -> None:
+    # An API capping its pages at 3 records (as GitHub caps per_page at 100) ended the walk
+    # at its first page when `size` asked for 4: 7 of 10 records lost, without a word.
+    api.reset(10)
+    api.cap = 3
+    records = run(make_ctx("capped", {"url": api.url + path, **config}, mode="full"))
+    assert [r["id"] for r in records] == list(range(1, 11))
+
+
+def test_an_api_ignoring_the_page_parameter_ends_the_walk_with_a_warning(
+    api: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.raw = b'[{"id": 1}, {"id": 2}]'  # the same list whatever the page
+    config = {"url": api.url + "/raw", "pagination": {"type": "page_number", "size": 5}}
+    records = run(make_ctx("same", config, mode="full"))
+    assert [r["id"] for r in records] == [1, 2]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"step 'same': page 2 of {api.url}/raw repeats the page before: the API ignores "
+        "'page'; the walk ends there"]
