@@ -42,6 +42,8 @@ class TransientError(Exception):
     """A failure worth retrying; ``retry_after`` (seconds) overrides the backoff delay."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
+        if retry_after is not None:
+            message += f" (Retry-After: {retry_after:.0f} s)"
         super().__init__(message)
         self.retry_after = retry_after
 
@@ -85,19 +87,21 @@ def next_wait(policy: Retry, waits: list[float], attempt: int, exc: BaseExceptio
 
     ``waits`` is ``delays(policy)``; ``first_failure`` the ``monotonic()`` of the first
     failure. None when the failure stands: the attempts are used up or ``max_elapsed``
-    has passed. A ``retry_after`` on ``exc`` (seconds) replaces the jitter.
+    has passed. A ``retry_after`` on ``exc`` (seconds: the server's ``Retry-After``) is
+    the least wait, above ``backoff.max`` too: asking earlier is refused again, and some
+    APIs count it against the client. One that ends beyond ``max_elapsed`` stands.
     """
     if attempt >= len(waits):
         return None
     wait = waits[attempt]
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
-        wait = min(max(wait, float(retry_after)), policy.backoff.max)
+        wait = max(wait, float(retry_after))
     else:  # jitter: workers that failed together do not retry in lockstep
         wait *= random.uniform(0.8, 1.2)  # noqa: S311 - not cryptography
     if policy.max_elapsed is not None:
         left = first_failure + policy.max_elapsed - monotonic()
-        if left <= 0:
+        if left <= 0 or (retry_after is not None and retry_after > left):
             return None
         wait = min(wait, left)  # the last attempt lands on the deadline
     return wait

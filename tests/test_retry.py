@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from time import monotonic
 
 import pytest
 
 from dataflare import retry, stopping
 from dataflare.config import Backoff, Retry
+from dataflare.retry import TransientError, delays, next_wait
 
 
 def test_a_graceful_stop_raises_interrupted_with_the_attempts_made() -> None:
@@ -29,3 +31,19 @@ def test_a_graceful_stop_raises_interrupted_with_the_attempts_made() -> None:
     assert str(info.value) == ("step 'api': POST /x: not retried after 2 attempt(s), the run "
                                "is stopping (TransientError: answered 503)")
     assert isinstance(info.value.__cause__, retry.TransientError)
+
+
+def test_retry_after_is_the_least_wait_and_one_beyond_the_deadline_stands() -> None:
+    # Retry-After: 40 was cut to backoff.max (15 s): the API was asked again too early,
+    # three times, each refused (some APIs count that against the key).
+
+
+    policy = Retry.model_validate({"max_attempts": 5, "backoff": {"max": "15s"},
+                                   "max_elapsed": "60s"})
+    exc = TransientError("GET /x returned 429", 40.0)
+    assert str(exc) == "GET /x returned 429 (Retry-After: 40 s)"
+    assert next_wait(policy, delays(policy), 0, exc, monotonic()) == 40.0
+    assert next_wait(policy, delays(policy), 0, TransientError("429", 90.0), monotonic()) is None
+    unbounded = Retry.model_validate({"max_attempts": 3, "max_elapsed": None})
+    later = TransientError("429", 600.0)
+    assert next_wait(unbounded, delays(unbounded), 0, later, monotonic()) == 600.0

@@ -46,7 +46,13 @@ from dataflare.metrics import ENRICH_CALLS
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import Batch, Failed, RecordError, get_path, message_of, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
-from dataflare.retry import Interrupted, delays, next_wait, retry_after_seconds
+from dataflare.retry import (
+    Interrupted,
+    TransientError,
+    delays,
+    next_wait,
+    retry_after_seconds,
+)
 from dataflare.template import compile_template
 
 log = logging.getLogger(__name__)
@@ -140,10 +146,8 @@ class EnrichConfig(Strict):
 Stage = Callable[[list[Any], list[BaseException | None]], None]
 
 
-class _Transient(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+class _Transient(TransientError):
+    """A failed lookup worth retrying."""
 
 
 class _Loop:
