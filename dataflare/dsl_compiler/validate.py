@@ -455,5 +455,8 @@ def _problems(
                 message += f" (got {doc.templates[full]!r})"
             elif not any(_SECRET_NAME.search(str(p)) for p in full if isinstance(p, str)):
                 message += f" (got {value!r})"
+            if isinstance(value, bool) and kind == "string_type":
+                message += (": YAML reads an unquoted on/off/yes/no/true/false as a boolean; "
+                            "quote it")
         out.append(doc.problem(full, message))
     return out

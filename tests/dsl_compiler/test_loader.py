@@ -79,6 +79,14 @@ def test_an_unquoted_variable_in_a_flow_mapping_is_hinted(value):
     assert p.line == 2 and "a ${VAR} must be quoted" in p.message, p.message
 
 
+def test_a_word_yaml_reads_as_a_boolean_is_hinted():
+    text = "workflow:\n  id: off\n  sources: {src: {type: file, config: {path: x.jsonl}}}\n"
+    [p] = validate_text(text, "f.yaml").errors()
+    assert p.line == 2
+    assert p.message.endswith("(got False): YAML reads an unquoted on/off/yes/no/true/false "
+                              "as a boolean; quote it")
+
+
 def test_interpolated_secret_values_are_not_printed():
     text = FLOW.replace('count: "${COUNT:-3}"', 'count: "${COUNT}"')
     v = validate_text(text, env={"COUNT": "hunter2-secret"})
