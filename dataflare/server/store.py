@@ -504,11 +504,19 @@ class Store:
             c.execute(runs.update().where((runs.c.id == rid) & (runs.c.worker == worker))
                       .values(**values))
 
-    def release(self, rid: str, worker: str, log: str) -> None:
-        """Put a run its worker had to leave (shutdown) back in the queue, as the same run."""
+    def release(self, rid: str, worker: str, log: str,
+                summary: dict[str, Any] | None = None) -> None:
+        """Put a run its worker had to leave (shutdown) back in the queue, as the same run.
+
+        ``summary``: its counts so far, when known (the next part adds to them).
+        """
+        values: dict[str, Any] = {"status": "queued", "worker": None, "lease_until": None,
+                                  "log": log}
+        if summary is not None:
+            values["summary"] = json.dumps(summary)
         with self.tx() as c:
             c.execute(runs.update().where((runs.c.id == rid) & (runs.c.worker == worker))
-                      .values(status="queued", worker=None, lease_until=None, log=log))
+                      .values(**values))
 
     def record_actions(self, rid: str, actions: list[dict[str, Any]]) -> None:
         """Store what a run's post-actions did."""

@@ -9,7 +9,9 @@ the process's run id, so a run taken over after its worker died resumes as the s
 The worker renews the run's lease while it runs, stores its output, stops it (SIGINT, then
 SIGKILL after a grace period) when a stop is asked (and the run stops by itself if the
 worker's process dies), retries a failed run per ``config.retry`` with backoff, and runs
-the post-actions of every finished run, a run stopped while queued included.
+the post-actions of every finished run, a run stopped while queued included. A run
+resumed after its worker left it (a restart, a takeover) or retried adds up the counts of
+its parts (records re-read from the last snapshot count in each).
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ class Worker:
         (recovery / "dataflare-run-id").write_text(run.id + "\n")
         summary_file = work / f"{run.id}.summary.json"
         progress_file = work / f"{run.id}.progress.json"
+        for part_file in (summary_file, progress_file):  # an earlier part's, counted in run
+            part_file.unlink(missing_ok=True)
+        earlier = run.summary  # the counts of the run's earlier parts, if any
         out_file = work / f"{run.id}.log"
         cmd = [sys.executable, "-m", "dataflare", "run", str(flow), "--recovery-dir",
                str(recovery), "--summary-json", str(summary_file), "--no-post-actions",
@@ -125,7 +130,8 @@ class Worker:
                 except subprocess.TimeoutExpired:
                     pass
                 stop = self.store.heartbeat(run.id, self.name, self.settings.lease,
-                                            _tail(out_file), _read_json(progress_file))
+                                            _tail(out_file),
+                                            added(earlier, _read_json(progress_file)))
                 if self.shutdown.is_set() and stopping_since is None:
                     stopping_since = time.monotonic()  # the server stops: leave the run
                     os.killpg(proc.pid, signal.SIGINT)
@@ -136,10 +142,10 @@ class Worker:
                       and time.monotonic() - stopping_since > self.settings.stop_grace):
                     os.killpg(proc.pid, signal.SIGKILL)
         output = _tail(out_file)
+        summary = added(earlier, _read_json(summary_file))
         if self.shutdown.is_set() and code != 0:
-            self.store.release(run.id, self.name, output)  # another worker resumes it
+            self.store.release(run.id, self.name, output, summary)  # another worker resumes it
             return
-        summary = _read_json(summary_file)
         status = "succeeded" if code == 0 else "stopped" if stopping_since else "failed"
         error = None if code == 0 else (summary or {}).get("error") or _last_error(output)
         if status == "stopped":
@@ -174,6 +180,47 @@ class Worker:
                     time.sleep(self.settings.poll)
 
         return trigger
+
+
+def added(earlier: dict[str, Any] | None, part: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A run's summary from its earlier parts' (``earlier``) and its latest part's.
+
+    Counts add up; the status and error are the latest part's; ``parts`` says how many.
+    """
+    if earlier is None or part is None:
+        return part or earlier
+    out = {**part, "parts": earlier.get("parts", 1) + 1}
+    for key in ("duration_s", "total", "succeeded", "failed"):
+        out[key] = _number(earlier.get(key)) + _number(part.get(key))
+    out["duration_s"] = round(out["duration_s"], 3)
+    steps: dict[str, dict[str, Any]] = {}
+    for counts in (earlier.get("steps") or {}, part.get("steps") or {}):
+        for step, these in counts.items():
+            mine = steps.setdefault(step, {})
+            for key, n in these.items():
+                mine[key] = _number(mine.get(key)) + _number(n)
+    out["steps"] = steps
+    late: dict[str, Any] = dict(earlier.get("late_dropped") or {})
+    for step, n in (part.get("late_dropped") or {}).items():
+        late[step] = _number(late.get(step)) + _number(n)
+    out["late_dropped"] = late
+    quality: dict[str, list[dict[str, Any]]] = {}
+    for checks in (earlier.get("quality") or {}, part.get("quality") or {}):
+        for step, rules in checks.items():
+            kept = {(r["field"], r["rule"]): r for r in quality.setdefault(step, [])}
+            for rule in rules:
+                seen = kept.get((rule["field"], rule["rule"]))
+                if seen is None:
+                    quality[step].append(dict(rule))
+                else:
+                    seen["checked"] += rule["checked"]
+                    seen["failed"] += rule["failed"]
+    out["quality"] = quality
+    return out
+
+
+def _number(value: Any) -> float | int:
+    return value if isinstance(value, int | float) else 0
 
 
 def _tail(path: Path) -> str:

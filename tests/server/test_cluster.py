@@ -131,10 +131,18 @@ def test_a_run_whose_worker_is_killed_resumes_on_another_worker(cluster: Any) ->
     assert live["status"] == "running" and live["steps"]["out"]["records"] > 0
     c.kill(first)
     assert store.run(rid).status == "running"
+    before = store.run(rid).summary  # the counts of the first part, as last heard
     c.start("worker")
     run = wait_for(lambda: (r := store.run(rid)).status in ("succeeded", "failed") and r,
                    180, "the run to end on the second worker")
     assert run.status == "succeeded", store.log(rid)
     assert run.attempt == 1
+    # The run's counts are those of both parts (they were the second part's alone).
+    part = json.loads((c.data / f"work/slow/{rid}.summary.json").read_text())
+    assert run.summary is not None and before is not None and run.summary["parts"] == 2
+    for step in ("g", "out"):
+        assert run.summary["steps"][step]["records"] == (
+            before["steps"][step]["records"] + part["steps"][step]["records"])
+    assert run.summary["status"] == "succeeded"
     ids = [json.loads(line)["order_id"] for line in out.read_text().splitlines()]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 400, "records lost or doubled"

@@ -157,6 +157,10 @@ def test_sigterm_to_a_server_with_its_api_puts_the_run_back_and_ends_its_process
         assert served.server.wait(timeout=90) == 0
         assert served.store.run(served.rid).status == "queued"  # the restart resumes it
         assert not served.running()
+        # It keeps the counts of the part that ran, which the next part adds to.
+        part = tmp_path / "data" / "work" / "slow" / f"{served.rid}.summary.json"
+        summary = served.store.run(served.rid).summary
+        assert summary == json.loads(part.read_text()) and summary["steps"]["out"]["records"]
     finally:
         served.close()
 
@@ -175,3 +179,26 @@ def test_a_killed_server_leaves_no_run_process_behind(tmp_path: Path) -> None:
             time.sleep(0.2)
     finally:
         served.close()
+
+
+def test_a_resumed_runs_counts_add_up_its_parts() -> None:
+    from dataflare.server.worker import added
+
+    first = {"status": "stopped", "duration_s": 1.5, "total": 10, "succeeded": 10, "failed": 1,
+             "steps": {"g": {"records": 10, "failed": 1}, "out": {"records": 10, "failed": 0}},
+             "quality": {"q": [{"field": "x", "rule": "not_null", "checked": 10, "failed": 1}]},
+             "late_dropped": {"w": 2}, "error": None}
+    second = {"status": "succeeded", "duration_s": 2.25, "total": 5, "succeeded": 5,
+              "failed": 0, "steps": {"g": {"records": 5, "failed": 0},
+                                     "out": {"records": 5, "failed": 0, "late": 1}},
+              "quality": {"q": [{"field": "x", "rule": "not_null", "checked": 5, "failed": 0}]},
+              "late_dropped": {}, "error": None}
+    both = added(first, second)
+    assert both == {
+        "status": "succeeded", "parts": 2, "duration_s": 3.75, "total": 15, "succeeded": 15,
+        "failed": 1, "steps": {"g": {"records": 15, "failed": 1},
+                               "out": {"records": 15, "failed": 0, "late": 1}},
+        "quality": {"q": [{"field": "x", "rule": "not_null", "checked": 15, "failed": 1}]},
+        "late_dropped": {"w": 2}, "error": None}
+    assert added(both, second)["parts"] == 3  # type: ignore[index]
+    assert added(None, second) == second and added(first, None) == first
