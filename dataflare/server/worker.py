@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -62,17 +63,27 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.shutdown = threading.Event()
+        self.actions: ThreadPoolExecutor | None = None  # where post-actions run (else inline)
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Claim and run until ``stop``; a run in progress is stopped and put back in the queue."""
+        """Claim and run until ``stop``; a run in progress is stopped and put back in the queue.
+
+        Post-actions run on a thread of their own, so a slow or failing webhook (retried)
+        does not hold up the next run; the worker waits for them when it stops.
+        """
         self.shutdown = stop
-        while not stop.is_set():
+        with ThreadPoolExecutor(1, thread_name_prefix="post-actions") as pool:
+            self.actions = pool
             try:
-                if not self.run_one():
-                    stop.wait(self.settings.poll)
-            except Exception:  # noqa: BLE001 - the worker outlives a failed run
-                log.exception("worker %s: run failed", self.name)
-                stop.wait(self.settings.poll)
+                while not stop.is_set():
+                    try:
+                        if not self.run_one():
+                            stop.wait(self.settings.poll)
+                    except Exception:  # noqa: BLE001 - the worker outlives a failed run
+                        log.exception("worker %s: run failed", self.name)
+                        stop.wait(self.settings.poll)
+            finally:
+                self.actions = None
 
     def run_one(self) -> bool:
         """Claim one run and carry it out; False when none was runnable.
@@ -89,8 +100,7 @@ class Worker:
         run, text = stopped
         wf = validate_text(text, f"{run.workflow}.yaml", dict(os.environ)).workflow
         if wf is not None and wf.post_actions:
-            results = run_post_actions(wf, "stopped", run.id, None, self._trigger(run))
-            self.store.record_actions(run.id, results)
+            self._post_actions(wf, "stopped", run, None)
         return True
 
     def execute(self, run: Run, text: str) -> None:
@@ -160,10 +170,29 @@ class Worker:
         if retry_at is None and status == "succeeded" and not resumes:
             shutil.rmtree(recovery, ignore_errors=True)
         if retry_at is None and wf is not None and wf.post_actions:
-            results = run_post_actions(wf, status, run.id, summary, self._trigger(run))
-            self.store.record_actions(run.id, results)
+            self._post_actions(wf, status, run, summary)
 
-    def _trigger(self, run: Run) -> Any:
+    def _post_actions(self, wf: Any, status: str, run: Run, summary: dict[str, Any] | None
+                      ) -> None:
+        """Carry out a finished run's post-actions and record them (on their thread if any)."""
+        inline = self.actions is None
+
+        def act() -> None:
+            try:
+                results = run_post_actions(wf, status, run.id, summary,
+                                           self._trigger(run, inline))
+                self.store.record_actions(run.id, results)
+            except Exception:  # noqa: BLE001 - the worker outlives a failed post-action
+                log.exception("worker %s: post-actions of run %s failed", self.name, run.id)
+
+        if self.actions is None:
+            act()
+        else:
+            self.actions.submit(act)
+
+    def _trigger(self, run: Run, inline: bool) -> Any:
+        """A trigger of another workflow's run; ``inline``: this thread may carry it out."""
+
         def trigger(target: str, wait: bool) -> tuple[bool, str]:
             try:
                 rid = self.store.start_run(target, f"workflow:{run.workflow}", "trigger",
@@ -176,7 +205,9 @@ class Worker:
                 child = self.store.run(rid)
                 if child.status in ("succeeded", "failed", "stopped"):
                     return child.status == "succeeded", f"run {rid} {child.status}"
-                if not self.run_one():
+                if self.shutdown.is_set():  # the server stops: do not hold it up
+                    return False, f"run {rid} {child.status} when the server stopped"
+                if not (inline and self.run_one()):
                     time.sleep(self.settings.poll)
 
         return trigger

@@ -47,6 +47,8 @@ class Receiver:
     def __init__(self) -> None:
         self.bodies: list[Any] = []
         self.status = 200
+        self.answer = threading.Event()  # cleared: POSTs wait for it (a hanging endpoint)
+        self.answer.set()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,6 +58,7 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 receiver.bodies.append(json.loads(body))
+                receiver.answer.wait(60)
                 self.send_response(receiver.status)
                 self.end_headers()
 

@@ -18,6 +18,7 @@ from dataflare.server.store import Store
 from dataflare.server.worker import Worker
 from tests.fixtures.pg_private import free_port
 from tests.server.conftest import Receiver
+from tests.server.test_cluster import wait_for
 
 
 @pytest.fixture
@@ -180,3 +181,39 @@ def test_a_run_stopped_while_queued_gets_its_post_actions_once(
     assert webhook.bodies[-1]["message"] == f"nightly {run_id} stopped"
     assert not worker.run_one()  # carried out once
     assert len(webhook.bodies) == 1
+
+
+def test_a_hanging_webhook_does_not_hold_up_the_next_run(
+        tmp_path: Path, sqlite_store: Store, webhook: Receiver) -> None:
+    # The post-actions ran on the worker's thread: a webhook that hangs (or fails and is
+    # retried) delayed every run queued behind it.
+    import threading
+
+    client, headers = admin(sqlite_store)
+    text = flow(tmp_path, f"""
+    - type: notification
+      config: {{channel: webhook, url: "{webhook.url}", message: "{{{{run.id}}}}"}}
+""").read_text().replace("in.jsonl", str(tmp_path / "in.jsonl"))
+    assert client.post("/api/v1/workflows", content=text, headers=headers).status_code == 201
+    webhook.answer.clear()
+    first = client.post("/api/v1/workflows/nightly/runs", headers=headers).json()["id"]
+    stop = threading.Event()
+    worker = threading.Thread(target=Worker(sqlite_store, tmp_path / "data").run_forever,
+                              args=(stop,))
+    worker.start()
+    try:
+        wait_for(lambda: sqlite_store.run(first).status == "succeeded" and webhook.bodies,
+                 60, "the first run and its webhook call")
+        second = client.post("/api/v1/workflows/nightly/runs", headers=headers).json()["id"]
+        wait_for(lambda: sqlite_store.run(second).status == "succeeded", 60,
+                 "the second run, while the first's webhook hangs")
+        assert not sqlite_store.run(first).actions  # still waiting for its answer
+        webhook.answer.set()
+        wait_for(lambda: sqlite_store.run(second).actions, 60, "the second's post-actions")
+        assert sqlite_store.run(first).actions[0]["done"] is True
+        assert sorted(b["message"] for b in webhook.bodies) == sorted([first, second])
+    finally:
+        webhook.answer.set()
+        stop.set()
+        worker.join(60)
+    assert not worker.is_alive()
