@@ -266,11 +266,16 @@ class Store:
                 msg = f"no workflow {wid!r}"
                 raise NotFound(msg)
             mine = runs.c.workflow_id == wid
+            active = c.execute(sa.select(runs.c.id, runs.c.revision).where(
+                mine & runs.c.status.in_(("queued", "running"))).order_by(runs.c.created_at)).all()
             c.execute(runs.update().where(mine & (runs.c.status == "queued")).values(
                 status="stopped", stop_requested=True, ended_at=now(), error=None))
             c.execute(runs.update().where(mine & (runs.c.status == "running"))
                       .values(stop_requested=True))
             self._audit(c, user, "workflow.delete", wid, None)
+            for rid, revision in active:  # every run stop is an audit record
+                self._audit(c, user, "run.stop", wid, revision,
+                            {"run": rid, "reason": "workflow deleted"})
 
     def workflows(self) -> list[dict[str, Any]]:
         """Every live workflow: id, name, revision, times."""

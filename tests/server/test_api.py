@@ -105,6 +105,11 @@ def test_deleting_a_workflow_stops_its_queued_and_running_runs(
     assert [store.run(r).status for r in started[1:]] == ["stopped", "stopped"]
     assert store.claim("w2", timedelta(seconds=30)) is None  # nothing of it runs any more
     assert store.heartbeat(started[0], "w1", timedelta(seconds=30), "") is True  # asked to stop
+    # Each stop is an audit record, by who deleted the workflow (there were none).
+    stops = [(a["action"], a["user"], a["detail"]) for a in reversed(store.audit())
+             if a["action"] == "run.stop"]
+    assert stops == [("run.stop", "admin", {"run": r, "reason": "workflow deleted"})
+                     for r in started]
 
 
 def test_a_backfill_range_without_a_zone_is_utc(client: TestClient) -> None:
