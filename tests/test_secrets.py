@@ -17,6 +17,7 @@ import pytest
 from pydantic import SecretStr
 
 from dataflare import secrets
+from dataflare.dsl_compiler import validate_text
 
 PG_PASSWORD = "Fl7-Pa55 w0rd#Secret"
 REDIS_PASSWORD = "Rd5-Pa55 w0rd#Hidden"
@@ -227,8 +228,6 @@ def test_a_dsn_without_password_blots_out_nothing() -> None:
 
 
 def test_an_unset_variable_in_a_secret_field_is_named_not_masked():
-    from dataflare.dsl_compiler import validate_text
-
     v = validate_text("""\
 workflow:
   sources:
@@ -272,3 +271,30 @@ workflow:
                            "--recovery-dir", "st"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert plan.returncode == 0 and "nothing differs" in plan.stdout, plan.stdout + plan.stderr
+
+
+def test_a_secret_written_in_the_workflow_is_warned(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A literal password was accepted without a word, and shown to every viewer of the
+    # workflow on the server. A ${VAR}, an unset one, or a DSN without a password is not
+    # warned; a DSN holding one is.
+    monkeypatch.setenv("PW_FOR_TEST", "from-env")
+    text = """workflow:
+  sources:
+    a: {type: postgres, config: {host: h, database: d, username: u, password: hunter2,
+                                 table: t}}
+    b: {type: postgres, config: {host: h, database: d, username: u, password: "${PW_FOR_TEST}",
+                                 table: t}}
+    c: {type: postgres, config: {host: h, database: d, username: u, password: "${UNSET_PW_X}",
+                                 table: t}}
+    d: {type: postgres, config: {dsn: "postgresql://u@h/d", table: t}}
+    e: {type: postgres, config: {dsn: "postgresql://u:pw@h/d", table: t}}
+    f: {type: postgres, config: {dsn: "host=h dbname=d password=pw", table: t}}
+  destinations:
+    out: {type: file, inputs: [a, b, c, d, e, f], config: {path: out.jsonl}}
+"""
+    v = validate_text(text, "f.yaml", dict(os.environ))
+    said = [(p.line, p.path) for p in v.problems if "secret written" in p.message]
+    assert said == [(3, "sources.a.config.password"), (10, "sources.e.config.dsn"),
+                    (11, "sources.f.config.dsn")]
+    assert all(p.severity == "warning" for p in v.problems if "secret written" in p.message)
+    assert not v.errors()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from dataflare import encryption, registry, secrets
 from dataflare.dsl_compiler import graph as graph_checks
@@ -121,6 +121,7 @@ def validate_text(
             out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp, config))
             out.problems.extend(_write_mode_fields(doc, loc, kind, spec, comp))
             out.problems.extend(_config_without_effect(doc, loc, spec, config))
+            out.problems.extend(_written_secrets(doc, (*loc, "config"), config))
             eh = comp.get("error_handling")
             if isinstance(eh, dict) and eh.get("redirect_to") and eh.get(
                     "strategy", "fail") != "redirect":
@@ -212,6 +213,40 @@ def _config_without_effect(
             found.append(("csv", f"'csv' has no effect on a {fmt} file", False))
     return [doc.problem((*loc, "config", f), message, key=True, severity="warning",
                         at_run=at_run) for f, message, at_run in found]
+
+
+# A connection string is a secret for its password only (``user:pw@``, ``password=``).
+_CONNECTION = re.compile(r"(dsn|url|uri|connection_string)$")
+_PASSWORD_IN = re.compile(r"://[^/@:]*:[^/@]+@|password\s*=", re.IGNORECASE)
+
+
+def _secret_paths(value: Any, loc: Loc) -> Iterator[Loc]:
+    """The places of the non-empty secret values in a validated config."""
+    if isinstance(value, SecretStr):
+        text = value.get_secret_value()
+        if (text and "${" not in text  # an unset variable is left as written
+                and (not _CONNECTION.search(str(loc[-1])) or _PASSWORD_IN.search(text))):
+            yield loc
+    elif isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            yield from _secret_paths(getattr(value, name), (*loc, field.alias or name))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _secret_paths(item, (*loc, key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _secret_paths(item, (*loc, i))
+
+
+def _written_secrets(doc: Document, loc: Loc, config: BaseModel | None) -> list[Problem]:
+    """Warn of secrets written in the workflow's text rather than given as ``${VAR}``."""
+    if config is None:
+        return []
+    return [doc.problem(where, "a secret written in the workflow: whoever reads the workflow "
+                        "(its file, its revisions on the server, the server's viewers) reads "
+                        "it; give it as ${VAR}", severity="warning")
+            for where in _secret_paths(config, loc)
+            if where in doc.positions and where not in doc.templates]
 
 
 def _file_format(path: str) -> str | None:
