@@ -407,6 +407,12 @@ def _binlog_set(members: list[str]) -> Callable[[Any], Any]:
     return convert
 
 
+def _with_empty_sets(values: dict[str, Any], nones: dict[str, str] | None) -> dict[str, Any]:
+    """A binlog row image with its empty sets as ``''``, as a query gives them (not null)."""
+    empty = [k for k, why in (nones or {}).items() if why == "empty set"]
+    return {**values, **dict.fromkeys(empty, "")} if empty else values
+
+
 def binlog_converters(columns: list[dict[str, Any]]) -> Converters:
     """:func:`converters`, and what makes binlog values of binary, bit and set columns as queried.
 
@@ -881,10 +887,13 @@ class BinlogPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             self.convert[table] = _table_converters(self.db, database, name, binlog_converters)
         convert, decimals = self.convert[table], self.src.cfg.decimal_handling
         if isinstance(event, UpdateRowsEvent):
-            op, images = "update", [row["after_values"], row["before_values"]]
+            op, images = "update", [_with_empty_sets(row["after_values"],
+                                                     row.get("after_none_sources")),
+                                    _with_empty_sets(row["before_values"],
+                                                     row.get("before_none_sources"))]
         else:
             op = "delete" if isinstance(event, DeleteRowsEvent) else "insert"
-            images = [row["values"]]
+            images = [_with_empty_sets(row["values"], row.get("none_sources"))]
         new, *old = [{k: _convert(convert.get(k), v) for k, v in i.items()} for i in images]
         meta: dict[str, Any] = {"op": op, "table": table}
         return change_record(self.src.step_id, new, old[0] if old else None, meta, op, decimals)

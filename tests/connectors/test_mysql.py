@@ -666,13 +666,14 @@ def test_binlog_bit_and_set_values_match_the_snapshot(mariadb_private: Any) -> N
         "CREATE TABLE bits_rows (id INT PRIMARY KEY, s SET('x', 'y', 'z'), b BIT(4), "
         "w BIT(10), n INT)",
         "INSERT INTO bits_rows VALUES (1, 'z,x', b'0101', b'1000000001', 0), "
-        "(2, 'y', b'0', NULL, 0), (3, NULL, NULL, NULL, 0)")
+        "(2, 'y', b'0', NULL, 0), (3, NULL, NULL, NULL, 0), (4, '', NULL, NULL, 0)")
     ctx = make_ctx("bits_cdc", conn_cfg(mariadb_private, table="bits_rows"), mode="cdc",
                    cdc={"snapshot_mode": "initial", "poll_interval": "10ms"})
     src = build_mysql_source(ctx)
     part = src.build_part("bits_cdc", "binlog", None)
     snap = [plain(r) for b in part.next_batch() for r in b]
     assert snap[0] == {"id": 1, "s": "x,z", "b": "\\x05", "w": "\\x0201", "n": 0}
+    assert snap[3]["s"] == "" and snap[2]["s"] is None  # an empty set is no null
     mariadb_private.execute("UPDATE bits_rows SET n = 1")
     changes = [r for _ in range(2) for b in part.next_batch() for r in b]
     part.close()
