@@ -658,6 +658,19 @@ def test_binlog_logs_no_row_metadata_warning_per_poll(
     assert not [r for r in caplog.records if "BINLOG_ROW_METADATA" in r.getMessage()]
 
 
+def snapshot_then_update(db: Any, table: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """A CDC read of ``table``: its snapshot rows, then the changes of ``SET n = 1``."""
+    ctx = make_ctx(f"{table}_cdc", conn_cfg(db, table=table), mode="cdc",
+                   cdc={"snapshot_mode": "initial", "poll_interval": "10ms"})
+    part = build_mysql_source(ctx).build_part(f"{table}_cdc", "binlog", None)
+    try:
+        snap = [plain(r) for b in part.next_batch() for r in b]
+        db.execute(f"UPDATE {table} SET n = 1")
+        return snap, [r for _ in range(2) for b in part.next_batch() for r in b]
+    finally:
+        part.close()
+
+
 def test_binlog_bit_and_set_values_match_the_snapshot(mariadb_private: Any) -> None:
     # A set came as a list and a bit(4) as the text '0101' from the binlog, as 'x,y' and
     # bytes from the snapshot: a mirror's values changed at the row's first update.
@@ -667,16 +680,9 @@ def test_binlog_bit_and_set_values_match_the_snapshot(mariadb_private: Any) -> N
         "w BIT(10), n INT)",
         "INSERT INTO bits_rows VALUES (1, 'z,x', b'0101', b'1000000001', 0), "
         "(2, 'y', b'0', NULL, 0), (3, NULL, NULL, NULL, 0), (4, '', NULL, NULL, 0)")
-    ctx = make_ctx("bits_cdc", conn_cfg(mariadb_private, table="bits_rows"), mode="cdc",
-                   cdc={"snapshot_mode": "initial", "poll_interval": "10ms"})
-    src = build_mysql_source(ctx)
-    part = src.build_part("bits_cdc", "binlog", None)
-    snap = [plain(r) for b in part.next_batch() for r in b]
+    snap, changes = snapshot_then_update(mariadb_private, "bits_rows")
     assert snap[0] == {"id": 1, "s": "x,z", "b": "\\x05", "w": "\\x0201", "n": 0}
     assert snap[3]["s"] == "" and snap[2]["s"] is None  # an empty set is no null
-    mariadb_private.execute("UPDATE bits_rows SET n = 1")
-    changes = [r for _ in range(2) for b in part.next_batch() for r in b]
-    part.close()
     assert [plain(r) for r in changes] == [{**row, "n": 1} for row in snap]
 
 
@@ -688,18 +694,11 @@ def test_binlog_binary_values_match_the_snapshot(mariadb_private: Any) -> None:
         "INSERT INTO bin_rows VALUES (1, '', '', '', '', 0), "
         "(2, x'00ff', x'41', x'00', x'4100', 0), (3, NULL, x'00000000', NULL, 'a', 0)",
     )
-    ctx = make_ctx("bin_cdc", conn_cfg(mariadb_private, table="bin_rows"), mode="cdc",
-                   cdc={"snapshot_mode": "initial", "poll_interval": "10ms"})
-    src = build_mysql_source(ctx)
-    part = src.build_part("bin_cdc", "binlog", None)
-    snap = [plain(r) for b in part.next_batch() for r in b]
+    snap, changes = snapshot_then_update(mariadb_private, "bin_rows")
     assert snap[0] == {"id": 1, "vb": "\\x", "fixed": "\\x00000000", "bl": "\\x", "tb": "\\x",
                        "n": 0}
     assert snap[1] == {"id": 2, "vb": "\\x00ff", "fixed": "\\x41000000", "bl": "\\x00",
                        "tb": "\\x4100", "n": 0}
-    mariadb_private.execute("UPDATE bin_rows SET n = 1")
-    changes = [r for _ in range(2) for b in part.next_batch() for r in b]
-    part.close()
     assert [plain(r) for r in changes] == [{**row, "n": 1} for row in snap]
     assert [r[META]["old"] for r in changes] == snap
 
@@ -791,18 +790,11 @@ def test_zero_dates_come_as_null_from_the_snapshot_and_the_binlog(mariadb_privat
         "(1, '0000-00-00', '0000-00-00 00:00:00', '0000-00-00', '0000-00-00', '0000-00-00', 0),"
         "(2, '2024-00-10', '2024-01-00 10:00:00', '2024-02-03 04:05:06.5', "
         "'2024-02-03 04:05:06', '2024-01-01', 0)")
-    ctx = make_ctx("zero_cdc", conn_cfg(mariadb_private, table="zero_dates"), mode="cdc",
-                   cdc={"snapshot_mode": "initial", "poll_interval": "10ms"})
-    src = build_mysql_source(ctx)
-    part = src.build_part("zero_cdc", "binlog", None)
-    snap = [plain(r) for b in part.next_batch() for r in b]
+    snap, changes = snapshot_then_update(mariadb_private, "zero_dates")
     assert snap[0] == {"id": 1, "d": None, "dt": None, "dt6": None, "ts": None, "dn": None,
                        "n": 0}
     assert snap[1]["d"] is None and snap[1]["dt"] is None and snap[1]["dn"] == "2024-01-01"
     assert snap[1]["dt6"].startswith("2024-02-03T04:05:06.5") and snap[1]["ts"] is not None
-    mariadb_private.execute("UPDATE zero_dates SET n = 1")
-    changes = [r for _ in range(2) for b in part.next_batch() for r in b]
-    part.close()
     assert [plain(r) for r in changes] == [{**row, "n": 1} for row in snap]
 
 
