@@ -53,6 +53,7 @@ from dataflare.connectors.schema import (
     JSON_INTS,
     JSON_NUMBERS,
     DecimalHandling,
+    batch_loader,
     discoverer,
     exact_float,
     infer_schema,
@@ -214,9 +215,9 @@ class _LinesPartition(StatefulSourcePartition[Batch, tuple[int, int]]):
 
     def next_batch(self) -> Batch:
         out: Batch = []
-        loads = self.loads
         shown = self.shown
         raws = self.f.readlines(self.size * 128)
+        loads = batch_loader(self.loads, raws)
         first = self.line + 1
         self.line += len(raws)
         self.offset += sum(map(len, raws))

@@ -46,7 +46,13 @@ from pydantic import Field, model_validator
 
 from dataflare import metrics
 from dataflare.config import Duration, Retry, Strict
-from dataflare.connectors.schema import JSON_NUMBERS, DecimalHandling, json_error, json_loader
+from dataflare.connectors.schema import (
+    JSON_NUMBERS,
+    DecimalHandling,
+    batch_loader,
+    json_error,
+    json_loader,
+)
 from dataflare.lineage import topic_datasets
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, describe_position
@@ -370,6 +376,8 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         append = out.append
         decode = self._decode
         loads = self._loads
+        if loads is not None:
+            loads = batch_loader(loads, [v for m in msgs if (v := m.value()) is not None])
         step, topic, part = self.step_id, self.topic, self.partition
         last = self.offset - 1
         end = self.end

@@ -121,7 +121,21 @@ def json_loader(handling: DecimalHandling = "number") -> Callable[[bytes | str],
             return _exact_loads(raw, exact_float)
         return doc
 
+    load.fast = loads  # type: ignore[attr-defined] # see batch_loader
     return load
+
+
+def batch_loader(loads: Callable[[bytes], Any], texts: list[bytes]) -> Callable[[bytes], Any]:
+    """The loader of a batch of JSON ``texts``: ``loads`` (a :func:`json_loader`) or orjson's.
+
+    orjson's where ``loads`` is ``number``'s and no text holds a run of 16 digits or more.
+    One scan of the whole batch instead of one per text: the check costs about a third
+    of the parse per text, the scan of a joined batch a tenth.
+    """
+    fast = getattr(loads, "fast", None)
+    if fast is not None and _LONG_RUN not in b"\n".join(texts).translate(_NUMBERISH):
+        return fast
+    return loads
 
 
 def json_error(exc: ValueError, text: str) -> str:

@@ -668,6 +668,22 @@ def test_decimal_handling_of_json_numbers(handling: str, expected: dict[str, Any
                                           "decimal_handling": "string"})
 
 
+def test_a_batch_without_long_numbers_is_read_by_orjson_alone() -> None:
+    import orjson
+
+    from dataflare.connectors.schema import batch_loader, json_loader
+
+    exact = json_loader("number")
+    short = [b'{"a": 123456789012345}', b'{"b": 0.25}']
+    assert batch_loader(exact, short) is orjson.loads
+    # Runs of two texts do not join across them; one long run checks the whole batch.
+    assert batch_loader(exact, [b'{"a": 12345678}', b'{"b": 12345678}']) is orjson.loads
+    assert batch_loader(exact, [*short, b'{"c": 1234567890123456789012}']) is exact
+    assert batch_loader(json_loader("float"), short) is orjson.loads  # no check at all
+    as_text = json_loader("string")
+    assert batch_loader(as_text, short) is as_text  # every fraction as its text
+
+
 GROUP_FLOW = """
 workflow:
   sources:
