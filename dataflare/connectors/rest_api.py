@@ -7,8 +7,8 @@ API may return fewer records than ``size`` asks); each page's records are found 
 ``incremental_param`` or ``stop_at_end`` there is refused, as is a ``body`` with ``GET``);
 ``mode: incremental`` walks again every ``incremental.interval``, sending the largest
 ``incremental.cursor_field`` value read so far, as it was read, as the ``incremental_param``
-query parameter, and drops the records it already emitted (older than the cursor, or
-emitted before).
+query parameter (an API without one is walked whole each time), and drops the records
+it already emitted (older than the cursor, or emitted before).
 
 ``incremental.cursor_type`` says how cursor values compare: ``timestamp`` as instants
 (ISO-8601 text with an offset or ``Z``, naive meaning UTC, or epoch numbers in the
@@ -111,7 +111,8 @@ class RestApiSourceConfig(Strict):
     incremental_param: str | None = Field(
         None,
         description="Query parameter carrying the cursor in mode incremental "
-        "(default: incremental.column).",
+        "(default: incremental.column). Without one, each walk reads the whole endpoint "
+        "and keeps the records past the cursor.",
     )
     rate_limit: RateLimit | None = Field(None, description="Request rate limit.")
     decimal_handling: DecimalHandling = Field("number", description=JSON_NUMBERS)
@@ -322,7 +323,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 params[p.cursor_param] = walk["token"]
             if p.size:
                 params[p.limit_param] = p.size
-        if self.src.incremental and walk["since"] is not None:
+        if self.src.cursor_param and walk["since"] is not None:
             params[self.src.cursor_param] = walk["since"]
         return params
 
@@ -512,12 +513,10 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
                 raise ValueError(msg)
         else:
             field = inc and (inc.cursor_field or inc.column)
-            param = self.cfg.incremental_param or (inc and inc.column)
-            if not field or not param:
-                msg = (
-                    f"source '{ctx.step_id}': mode incremental needs incremental.cursor_field "
-                    "and config.incremental_param (or incremental.column)"
-                )
+            param = self.cfg.incremental_param or (inc and inc.column) or ""
+            if not field:
+                msg = (f"source '{ctx.step_id}': mode incremental needs "
+                       "incremental.cursor_field: the field of the records that orders them")
                 raise ValueError(msg)
             self.cursor_field, self.cursor_param = field, param
             self.cursor_type = inc.cursor_type if inc else None

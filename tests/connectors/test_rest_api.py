@@ -289,6 +289,29 @@ def test_incremental_polls_by_cursor_without_duplicates(api: Any, tmp_path: Path
     assert run(ctx, tmp_path) == []
 
 
+def test_an_api_without_a_since_parameter_is_synced_by_walking_it_whole(
+    api: Any, tmp_path: Path
+) -> None:
+    # mode incremental needed config.incremental_param, so an endpoint without a "since"
+    # parameter (most small APIs) could not be synced at all.
+    api.reset(12)
+    init_db_dir(tmp_path, 1)
+    ctx = make_ctx("api_whole", {"url": api.url + "/link", "stop_at_end": True,
+                                 "pagination": {"type": "link_header"}},
+                   mode="incremental", incremental={"cursor_field": "updated_at"})
+    assert [r["id"] for r in run(ctx, tmp_path)] == list(range(1, 13))
+    with api.lock:
+        api.items[0] = {**api.items[0], "name": "changed", "updated_at": "2024-01-01T00:01:00Z"}
+        api.items.append({"id": 13, "name": "new", "updated_at": "2024-01-01T00:00:50Z"})
+    api.requests.clear()
+    assert [(r["id"], r["name"]) for r in run(ctx, tmp_path)] == [(1, "changed"), (13, "new")]
+    assert all(set(query) <= {"page"} for _, query, _ in api.requests)  # no cursor sent
+    with pytest.raises(ValueError, match="'api_none': mode incremental needs incremental."
+                                         "cursor_field: the field of the records"):
+        build_rest_api_source(make_ctx("api_none", {"url": api.url + "/link"},
+                                       mode="incremental", incremental={"interval": "1m"}))
+
+
 def test_full_walk_resumes_mid_way_from_its_state(api: Any) -> None:
     api.reset(30)
     ctx = make_ctx(
