@@ -243,12 +243,13 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                     headers[a.header] = a.key.get_secret_value()
         what = f"{cfg.method} {url}"
 
+        target = httpx.URL(url).copy_merge_params(params)  # a next link keeps its query
+
         def attempt() -> Any:
             try:
                 resp = self._client().request(
                     cfg.method,
-                    url,
-                    params=params or None,  # an empty mapping would drop the URL's query
+                    target,
                     headers=headers,
                     auth=auth,
                     json=cfg.body if cfg.method == "POST" else None,
@@ -306,6 +307,13 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             return None if src.start_value is None else src.key(src.start_value)
         return src.key(cursor) - src.lookback if src.lookback else src.key(cursor)
 
+    def _public(self, url: Any) -> Any:
+        """``url`` (an ``httpx.URL``) without the API key a query parameter carries."""
+        a = self.cfg.auth
+        if a is not None and a.type == "api_key" and a.query_param:
+            return url.copy_remove_param(a.query_param)
+        return url
+
     def _params(self, walk: dict[str, Any]) -> dict[str, Any]:
         p = self.cfg.pagination
         params: dict[str, Any] = dict(self.cfg.params)
@@ -331,7 +339,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         """One page's items and whether the walk goes on."""
         url = walk["url"]
         resp = self._request(url, self._params(walk))
-        meta = {"url": str(resp.url), "page": walk["pages"]}
+        meta = {"url": str(self._public(resp.url)), "page": walk["pages"]}
         walk["pages"] += 1
         try:
             body = self.loads(resp.content)
@@ -379,8 +387,8 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 more = False
         elif p.type == "link_header":
             nxt = resp.links.get("next", {}).get("url")
-            if nxt:
-                walk["url"] = str(resp.url.join(nxt))
+            if nxt:  # kept in the state, so without the key (each request adds it)
+                walk["url"] = str(self._public(resp.url.join(nxt)))
             else:
                 more = False
         return records, more

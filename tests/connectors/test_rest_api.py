@@ -218,6 +218,29 @@ def test_auth_schemes(api: Any, auth: tuple[dict[str, Any], str]) -> None:
     assert "returned 401" in chain(info.value)
 
 
+def test_next_links_keep_their_query_and_no_key_is_kept(api: Any) -> None:
+    # An API key sent as a query parameter replaced the next link's own query (page=2):
+    # page 1 was read again and again, without end. The key was also in each record's
+    # _meta.url and, echoed by the API in the next link, in the recovery state.
+    api.reset(25)
+    config = {"url": api.url + "/link", "pagination": {"type": "link_header"},
+              "auth": {"type": "api_key", "key": "k2", "query_param": "api_key"}}
+    ctx = make_ctx("api_link", config, mode="full")
+    src = build_rest_api_source(ctx)
+    part = src.build_part("api_link", src.list_parts()[0], None)
+    part.next_batch()
+    state = part.snapshot()
+    part.close()
+    assert state["walk"]["url"] == api.url + "/link?page=2" and "k2" not in repr(state)
+    api.reset(25)
+    records = run(ctx)
+    assert [r["id"] for r in records] == list(range(1, 26))
+    assert [q for _, q, _ in api.requests] == [
+        {"api_key": "k2"}, {"page": "2", "api_key": "k2"}, {"page": "3", "api_key": "k2"}]
+    assert {r[META]["url"] for r in records} == {
+        api.url + "/link", api.url + "/link?page=2", api.url + "/link?page=3"}
+
+
 def test_post_with_headers_and_body(api: Any) -> None:
     ctx = make_ctx(
         "api_post",
