@@ -241,6 +241,18 @@ def test_next_links_keep_their_query_and_no_key_is_kept(api: Any) -> None:
         api.url + "/link", api.url + "/link?page=2", api.url + "/link?page=3"}
 
 
+def test_the_urls_own_query_is_kept_beside_the_page_parameters(api: Any) -> None:
+    # httpx replaces a URL's query with the params given: `url: ...?size=4` lost its
+    # filter as soon as a page number was sent (an API filter lost: every record read).
+    api.reset(10)
+    config = {"url": api.url + "/page?size=4", "records_path": "data.items",
+              "pagination": {"type": "page_number"}}
+    records = run(make_ctx("api_query", config, mode="full"))
+    assert [r["id"] for r in records] == list(range(1, 11))
+    assert [q for _, q, _ in api.requests] == [
+        {"size": "4", "page": str(n)} for n in (1, 2, 3, 4)]
+
+
 def test_post_with_headers_and_body(api: Any) -> None:
     ctx = make_ctx(
         "api_post",
