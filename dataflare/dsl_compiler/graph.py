@@ -227,6 +227,7 @@ def check(
                 doc.problem(ref_loc, f"{ref_loc[-1]} {target!r} is not a destination")
             )
 
+    problems.extend(_unpositioned_appends(doc, wf, g))
     plugins = wf.get("plugins") if isinstance(wf.get("plugins"), dict) else {}
     comps = wf.get("transformations")
     for cid, comp in (comps.items() if isinstance(comps, dict) else []):
@@ -297,6 +298,36 @@ def _upstream_sources(wf: dict[str, Any], g: Graph, cid: str,
         else:
             todo.extend(g.inputs.get(up, []))
     return found
+
+
+# Sources whose records carry a position a SQL table's append records (offset, line).
+_POSITIONED = {"kafka", "file", "s3"}
+_SQL_TABLES = {"postgres", "duckdb", "snowflake"}
+
+
+def _unpositioned_appends(doc: Document, wf: dict[str, Any], g: Graph) -> list[Problem]:
+    """Warn of SQL appends fed by sources without positions: at least once after a crash."""
+    out = []
+    for cid, section in g.kinds.items():
+        comp = wf["destinations"].get(cid) if section == "destinations" else None
+        if not isinstance(comp, dict) or g.types.get(cid) not in _SQL_TABLES:
+            continue
+        mode = comp.get("write_mode")
+        if (mode.get("type", "append") if isinstance(mode, dict) else "append") != "append":
+            continue
+        sources = wf.get("sources") or {}
+        loose = sorted(sid for sid, src in sources.items()
+                       if isinstance(src, dict) and src in _upstream_sources(wf, g, cid)
+                       and src.get("type") not in _POSITIONED)
+        if loose:
+            where = ("workflow", "destinations", cid,
+                     "write_mode" if isinstance(mode, dict) else "type")
+            out.append(doc.problem(where, (
+                f"the records of {', '.join(repr(s) for s in loose)} carry no source position "
+                "(as a Kafka offset or a file line): appended, a crash and resume may write "
+                "some twice; use write_mode {type: merge, merge_key: ...} for exactly once"),
+                severity="warning"))
+    return out
 
 
 def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> list[set[str]]:

@@ -158,3 +158,31 @@ workflow:
     assert ("destinations.q", "duplicate id 'q': already used in transformations") in msgs
     assert ("transformations.r.inputs[0]",
             "input 'q' is a route; read one of its outputs: q.big, q._unmatched") in msgs
+
+
+def test_a_sql_append_of_records_without_positions_is_warned():
+    # A rest_api sync appended to PostgreSQL wrote rows twice after a kill -9 and a resume,
+    # without a word: only records with a source position (offset, line) are appended
+    # exactly once.
+    text = """workflow:
+  sources:
+    api: {type: rest_api, config: {url: "http://127.0.0.1:1/x"}}
+    log: {type: file, config: {path: in.jsonl}}
+  transformations:
+    keep: {type: filter, inputs: [api, log], config: {condition: "true"}}
+  destinations:
+    pg: {type: postgres, inputs: [keep], config: {dsn: "postgresql://u@h/d", table: t}}
+    merged:
+      type: duckdb
+      inputs: [keep]
+      config: {path: x.duckdb, table: t}
+      write_mode: {type: merge, merge_key: id}
+    lines: {type: duckdb, inputs: [log], config: {path: x.duckdb, table: u},
+            write_mode: {type: append}}
+"""
+    v = validate_text(text, "f.yaml")
+    said = [(p.line, p.message) for p in v.problems if "no source position" in p.message]
+    assert said == [(8, "the records of 'api' carry no source position (as a Kafka offset or "
+                        "a file line): appended, a crash and resume may write some twice; use "
+                        "write_mode {type: merge, merge_key: ...} for exactly once")]
+    assert not v.errors()
