@@ -44,6 +44,7 @@ workflow:
       config:
         dsn: "host=127.0.0.1 port={pg_tls.port} dbname=dataflare user=postgres"
         table: tls_out
+      write_mode: {{type: merge, merge_key: id}}
     file: {{type: file, inputs: [db], config: {{path: out.jsonl}}}}
 """)
     checked = run_cli("validate", str(flow), cwd=tmp_path)
