@@ -8,6 +8,7 @@ are described in :mod:`dataflare.connectors.sql_writer`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from itertools import repeat
@@ -98,19 +99,21 @@ class DuckDBDialect(Dialect):
         import duckdb
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = duckdb.connect(str(self.path))
-        self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
+        with _file_lock(self.path):
+            self.conn = duckdb.connect(str(self.path))
+            self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
-        """BEGIN ... COMMIT, ROLLBACK on an exception."""
-        self.conn.begin()
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.rollback()
-            raise
-        self.conn.commit()
+        """BEGIN ... COMMIT, ROLLBACK on an exception; one at a time per database file."""
+        with _file_lock(self.path):
+            self.conn.begin()
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.rollback()
+                raise
+            self.conn.commit()
 
     def columns(self) -> dict[str, str] | None:
         """Columns of the table, ``None`` when it does not exist."""
@@ -278,6 +281,19 @@ class DuckDBDialect(Dialect):
                 else "DO NOTHING"
             )
             self._insert(columns, upserts, f"ON CONFLICT ({keycols}) {action}")
+
+
+# Destinations writing one DuckDB file write on threads of their own (one each): their
+# connections share one database, whose Python scans of registered Arrow tables failed
+# now and then when two wrote at once ("Table Function with name python_arrow_scan does
+# not exist"). DuckDB commits one writer at a time anyway.
+_FILE_LOCKS: dict[Path, threading.RLock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def _file_lock(path: Path) -> threading.RLock:
+    with _LOCKS_LOCK:
+        return _FILE_LOCKS.setdefault(path.resolve(), threading.RLock())
 
 
 def _bytes(value: Any) -> bytes:
