@@ -335,6 +335,7 @@ def _zero_date(value: Any) -> Any:
     return None if isinstance(value, str) else value
 
 
+_DATES = ("date", "datetime", "timestamp")  # column types whose zero dates come as null
 # The binlog gives a zero TIMESTAMP as the epoch, which a TIMESTAMP cannot otherwise hold
 # (its range starts one second later).
 _EPOCH = datetime(1970, 1, 1)
@@ -362,9 +363,6 @@ def converters(columns: list[dict[str, Any]]) -> Converters:
         elif col["type"].lower().startswith(_DATES):
             out[col["name"]] = _zero_date
     return out
-
-
-_DATES = ("date", "datetime", "timestamp")
 
 
 _BINARY = re.compile(r"(var)?binary\((\d+)\)|(tiny|medium|long)?blob")

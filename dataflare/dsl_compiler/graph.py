@@ -308,6 +308,7 @@ _SQL_TABLES = {"postgres", "duckdb", "snowflake"}
 def _unpositioned_appends(doc: Document, wf: dict[str, Any], g: Graph) -> list[Problem]:
     """Warn of SQL appends fed by sources without positions: at least once after a crash."""
     out = []
+    sources = wf.get("sources") or {}
     for cid, section in g.kinds.items():
         comp = wf["destinations"].get(cid) if section == "destinations" else None
         if not isinstance(comp, dict) or g.types.get(cid) not in _SQL_TABLES:
@@ -315,9 +316,9 @@ def _unpositioned_appends(doc: Document, wf: dict[str, Any], g: Graph) -> list[P
         mode = comp.get("write_mode")
         if (mode.get("type", "append") if isinstance(mode, dict) else "append") != "append":
             continue
-        sources = wf.get("sources") or {}
+        feeding = {id(src) for src in _upstream_sources(wf, g, cid)}
         loose = sorted(sid for sid, src in sources.items()
-                       if isinstance(src, dict) and src in _upstream_sources(wf, g, cid)
+                       if id(src) in feeding and isinstance(src, dict)
                        and src.get("type") not in _POSITIONED)
         if loose:
             where = ("workflow", "destinations", cid,

@@ -120,7 +120,7 @@ class Worker:
         (recovery / "dataflare-run-id").write_text(run.id + "\n")
         summary_file = work / f"{run.id}.summary.json"
         progress_file = work / f"{run.id}.progress.json"
-        for part_file in (summary_file, progress_file):  # an earlier part's, counted in run
+        for part_file in (summary_file, progress_file):  # an earlier part's: in run.summary
             part_file.unlink(missing_ok=True)
         earlier = run.summary  # the counts of the run's earlier parts, if any
         out_file = work / f"{run.id}.log"
