@@ -1063,7 +1063,8 @@ class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         ts = hybrid.transition_timestamp
         if ts is None:
             msg = (
-                f"source '{self.step_id}': transition_after 'timestamp' needs transition_timestamp"
+                f"source '{self.step_id}': hybrid.transition_after 'timestamp' needs "
+                "hybrid.transition_timestamp"
             )
             raise ValueError(msg)
         return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
@@ -1168,6 +1169,7 @@ def build_postgres_source(ctx: BuildContext) -> PostgresSource:
         raise ValueError(msg)
     if src.ongoing_mode() == "incremental":
         src.incremental_settings()
+    src.stream_not_before()  # a hybrid's switch time, when it switches at one
     return src
 
 

@@ -155,9 +155,40 @@ def validate_text(
     out.problems.extend(_test_problems(doc, wf))
 
     if generic is not None and not any(p.severity == "error" for p in out.problems):
-        out.workflow = _with_configs(generic.workflow, configs)
-        out.tests = [*generic.tests, *generic.workflow.tests]
+        workflow = _with_configs(generic.workflow, configs)
+        out.problems.extend(_source_settings(doc, workflow, out.base_dir))
+        if not any(p.severity == "error" for p in out.problems):
+            out.workflow = workflow
+            out.tests = [*generic.tests, *generic.workflow.tests]
     return _finish(out)
+
+
+_SOURCE_PREFIX = re.compile(r"^source '[^']*': ")
+_NAMED = re.compile(r"\b(config\.\w+|incremental|cdc|hybrid|mode)\b")  # where a message points
+
+
+def _source_settings(doc: Document, wf: Workflow, base_dir: Path) -> list[Problem]:
+    """The sources' own checks of how their settings combine (a mode and its blocks).
+
+    A source type checks these when it is built, which does not connect to anything: each
+    source is built here so that ``validate`` reports them with the others, at the block
+    they concern (``mode``, ``incremental``...) where the source gives one.
+    """
+    out = []
+    for cid, comp in wf.sources.items():
+        spec = registry.lookup("source", comp.type)
+        if spec is None or spec.build is None or spec.missing():
+            continue
+        try:
+            spec.build(registry.BuildContext(cid, "source", comp, comp.config, wf, base_dir))
+        except ValueError as exc:
+            message = _SOURCE_PREFIX.sub("", str(exc))
+            loc: Loc = ("workflow", "sources", cid)
+            named = [tuple(m.split(".")) for m in _NAMED.findall(message) if (
+                m in comp.model_fields_set if "." not in m
+                else m[7:] in comp.config.model_fields_set)]
+            out.append(doc.problem((*loc, *named[0]) if named else loc, message, key=True))
+    return out
 
 
 # Settings the DSL accepts that nothing carries out yet: warned at validate and at run

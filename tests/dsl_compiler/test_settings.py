@@ -211,3 +211,47 @@ workflow:
         assert line in lines, (line, lines)
     # The trailing window cannot work: a run refuses the workflow, naming it.
     assert [p.path for p in v.errors(for_run=True)] == ["transformations.agg.config.aggregations"]
+
+
+def test_a_sources_mode_and_blocks_are_checked_by_validate_with_their_lines():
+    """Each source type's own checks of its settings come at validate, not at run alone."""
+    v = validate_text("""\
+workflow:
+  sources:
+    api:
+      type: rest_api
+      mode: incremental
+      config: {url: "http://127.0.0.1:9/items"}
+    back:
+      type: rest_api
+      incremental: {cursor_field: ts, lookback: 10}
+      config: {url: "http://127.0.0.1:9/items"}
+    pg:
+      type: postgres
+      mode: incremental
+      config: {dsn: "postgresql://127.0.0.1/test", table: t}
+    files:
+      type: s3
+      config: {bucket: b, stop_at_end: true}
+    mirror:
+      type: postgres
+      mode: hybrid
+      config: {dsn: "postgresql://127.0.0.1/test", table: t}
+      hybrid: {transition_after: timestamp}
+    ok: {type: rest_api, config: {url: "http://127.0.0.1:9/items"}}
+  destinations:
+    out: {type: stdout, inputs: [api, back, pg, files, mirror, ok]}
+""", "w.yaml")
+    assert [p.render() for p in v.errors()] == [
+        "w.yaml:5:7: sources.api.mode: mode incremental needs incremental.cursor_field: the "
+        "field of the records that orders them",
+        "w.yaml:9:7: sources.back.incremental: incremental.lookback needs "
+        "incremental.cursor_type timestamp, got none",
+        "w.yaml:13:7: sources.pg.mode: mode incremental needs incremental.column (or "
+        "config.incremental_column)",
+        "w.yaml:17:27: sources.files.config.stop_at_end: config.stop_at_end has no effect in "
+        "mode full, which reads the objects once; remove it or set mode: incremental",
+        "w.yaml:22:7: sources.mirror.hybrid: hybrid.transition_after 'timestamp' needs "
+        "hybrid.transition_timestamp",
+    ]
+    assert v.workflow is None
