@@ -282,22 +282,25 @@ def _cycles(doc: Document, g: Graph) -> list[Problem]:
     return problems
 
 
+def _upstream(g: Graph, refs: list[str]) -> list[str]:
+    """The components feeding the inputs ``refs``, directly or not (nearest first)."""
+    found: list[str] = []
+    todo = list(refs)
+    while todo:
+        up = g.upstream(todo.pop(0))
+        if up in found or up not in g.kinds:
+            continue
+        found.append(up)
+        if g.kinds[up] != "sources":
+            todo.extend(g.inputs.get(up, []))
+    return found
+
+
 def _upstream_sources(wf: dict[str, Any], g: Graph, cid: str,
                       refs: list[str] | None = None) -> list[Any]:
     """The (raw) sources feeding ``cid`` (or only its inputs ``refs``), directly or not."""
-    found: list[Any] = []
-    seen: set[str] = set()
-    todo = list(g.inputs.get(cid, []) if refs is None else refs)
-    while todo:
-        up = g.upstream(todo.pop())
-        if up in seen or up not in g.kinds:
-            continue
-        seen.add(up)
-        if g.kinds[up] == "sources":
-            found.append(wf["sources"].get(up))
-        else:
-            todo.extend(g.inputs.get(up, []))
-    return found
+    ups = _upstream(g, g.inputs.get(cid, []) if refs is None else refs)
+    return [wf["sources"].get(up) for up in ups if g.kinds[up] == "sources"]
 
 
 # Sources whose records carry a position a SQL table's append records (offset, line).
@@ -306,9 +309,13 @@ _SQL_TABLES = {"postgres", "duckdb", "snowflake"}
 
 
 def _unpositioned_appends(doc: Document, wf: dict[str, Any], g: Graph) -> list[Problem]:
-    """Warn of SQL appends fed by sources without positions: at least once after a crash."""
+    """Warn of SQL appends of records without ordered positions: at least once after a crash.
+
+    Records carry no position from some sources (an API, a database), and none, or none
+    in order, once a stateful step has made them (a window's aggregates, a join's pairs)
+    or reordered them across its shards.
+    """
     out = []
-    sources = wf.get("sources") or {}
     for cid, section in g.kinds.items():
         comp = wf["destinations"].get(cid) if section == "destinations" else None
         if not isinstance(comp, dict) or g.types.get(cid) not in _SQL_TABLES:
@@ -316,19 +323,32 @@ def _unpositioned_appends(doc: Document, wf: dict[str, Any], g: Graph) -> list[P
         mode = comp.get("write_mode")
         if (mode.get("type", "append") if isinstance(mode, dict) else "append") != "append":
             continue
-        feeding = {id(src) for src in _upstream_sources(wf, g, cid)}
-        loose = sorted(sid for sid, src in sources.items()
-                       if id(src) in feeding and isinstance(src, dict)
-                       and src.get("type") not in _POSITIONED)
+        ups = _upstream(g, g.inputs.get(cid, []))
+        loose = sorted(u for u in ups if g.kinds[u] == "sources"
+                       and g.types.get(u) not in _POSITIONED)
+        made = [u for u in ups if g.kinds[u] == "transformations" and _stateful(g.types.get(u))]
+        why = []
         if loose:
+            why.append(f"the records of {', '.join(repr(s) for s in loose)} carry no source "
+                       "position (as a Kafka offset or a file line)")
+        if made:
+            names = ", ".join(repr(s) for s in made)
+            why.append(f"{names} (a stateful step) makes new records or reorders them, so they "
+                       "carry no ordered position" if len(made) == 1 else
+                       f"{names} (stateful steps) make new records or reorder them, so they "
+                       "carry no ordered position")
+        if why:
             where = ("workflow", "destinations", cid,
                      "write_mode" if isinstance(mode, dict) else "type")
             out.append(doc.problem(where, (
-                f"the records of {', '.join(repr(s) for s in loose)} carry no source position "
-                "(as a Kafka offset or a file line): appended, a crash and resume may write "
-                "some twice; use write_mode {type: merge, merge_key: ...} for exactly once"),
-                severity="warning"))
+                f"{'; '.join(why)}: appended, a crash and resume may write some twice; use "
+                "write_mode {type: merge, merge_key: ...} for exactly once"), severity="warning"))
     return out
+
+
+def _stateful(type_name: str | None) -> bool:
+    spec = registry.lookup("transformation", type_name) if type_name else None
+    return spec is not None and spec.stateful
 
 
 def _upstream_modes(wf: dict[str, Any], g: Graph, cid: str) -> list[set[str]]:

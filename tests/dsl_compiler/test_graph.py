@@ -181,8 +181,34 @@ def test_a_sql_append_of_records_without_positions_is_warned():
             write_mode: {type: append}}
 """
     v = validate_text(text, "f.yaml")
-    said = [(p.line, p.message) for p in v.problems if "no source position" in p.message]
+    said = [(p.line, p.message) for p in v.problems if "twice" in p.message]
     assert said == [(8, "the records of 'api' carry no source position (as a Kafka offset or "
                         "a file line): appended, a crash and resume may write some twice; use "
                         "write_mode {type: merge, merge_key: ...} for exactly once")]
     assert not v.errors()
+
+
+def test_a_sql_append_of_records_a_stateful_step_made_is_warned():
+    # A window's aggregates (and a join's pairs, records a keyed step reorders across its
+    # shards) carry no ordered position: appended, they are at least once, like an API's.
+    text = """workflow:
+  sources:
+    log: {type: file, config: {path: in.jsonl}}
+  transformations:
+    per_min:
+      type: window
+      inputs: [log]
+      config: {group_by: [u], time_field: ts, window: {type: tumbling, size: 1m},
+               aggregations: [{field: a, operations: [sum]}]}
+    keep: {type: filter, inputs: [per_min], config: {condition: "true"}}
+  destinations:
+    sums: {type: postgres, inputs: [keep], config: {dsn: "postgresql://u@h/d", table: t}}
+    rows: {type: postgres, inputs: [log], config: {dsn: "postgresql://u@h/d", table: r}}
+"""
+    v = validate_text(text, "f.yaml")
+    assert not v.errors()
+    said = [(p.line, p.message) for p in v.problems if "twice" in p.message]
+    assert said == [(12, "'per_min' (a stateful step) makes new records or reorders them, so "
+                         "they carry no ordered position: appended, a crash and resume may "
+                         "write some twice; use "
+                         "write_mode {type: merge, merge_key: ...} for exactly once")]
