@@ -42,6 +42,7 @@ from typing import Any, Literal
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from dataflare import secrets
 from dataflare.config import Auth, Duration, Strict
 from dataflare.connectors.schema import (
     JSON_NUMBERS,
@@ -308,17 +309,26 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         return src.key(cursor) - src.lookback if src.lookback else src.key(cursor)
 
     def _public(self, url: Any) -> Any:
-        """``url`` (an ``httpx.URL``) without the API key a query parameter carries."""
-        a = self.cfg.auth
-        if a is not None and a.type == "api_key" and a.query_param:
-            return url.copy_remove_param(a.query_param)
+        """``url`` (an ``httpx.URL``) without the credentials its query carries.
+
+        Those are the API key of ``auth`` and the ``params`` named like secrets
+        (``access_token``): records' ``_meta.url`` and a walk's state (the recovery
+        directory) hold the rest, and each request adds them again.
+        """
+        for name in self._secret_params():
+            url = url.copy_remove_param(name)
         return url
+
+    def _secret_params(self) -> list[str]:
+        a = self.cfg.auth
+        keyed = [a.query_param] if a is not None and a.type == "api_key" and a.query_param else []
+        return keyed + [name for name in self.cfg.params if secrets.SECRET_KEY.search(name)]
 
     def _params(self, walk: dict[str, Any]) -> dict[str, Any]:
         p = self.cfg.pagination
         params: dict[str, Any] = dict(self.cfg.params)
-        if walk["url"] != self.cfg.url:  # a next link carries its own query
-            return {}
+        if walk["url"] != self.cfg.url:  # a next link carries its own query, without secrets
+            return {k: v for k, v in params.items() if secrets.SECRET_KEY.search(k)}
         if p.type == "page_number":
             params[p.page_param] = walk["page"]
             if p.size_param and p.size:
@@ -533,7 +543,7 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
             self.lookback = float(inc.lookback) if inc else 0.0
             if self.lookback and self.cursor_type != "timestamp":
                 msg = (f"source '{ctx.step_id}': incremental.lookback needs incremental."
-                       f"cursor_type timestamp, got {self.cursor_type}")
+                       f"cursor_type timestamp, got {self.cursor_type or 'none'}")
                 raise ValueError(msg)
             if self.start_value is not None:
                 try:

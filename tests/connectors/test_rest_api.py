@@ -218,13 +218,17 @@ def test_auth_schemes(api: Any, auth: tuple[dict[str, Any], str]) -> None:
     assert "returned 401" in chain(info.value)
 
 
-def test_next_links_keep_their_query_and_no_key_is_kept(api: Any) -> None:
+@pytest.mark.parametrize("key", [
+    {"auth": {"type": "api_key", "key": "k2", "query_param": "api_key"}},
+    {"params": {"api_key": "k2"}},  # a parameter named like a secret: the same
+])
+def test_next_links_keep_their_query_and_no_key_is_kept(api: Any, key: dict[str, Any]) -> None:
     # An API key sent as a query parameter replaced the next link's own query (page=2):
     # page 1 was read again and again, without end. The key was also in each record's
-    # _meta.url and, echoed by the API in the next link, in the recovery state.
+    # _meta.url and, echoed by the API in the next link, in the recovery state (and so
+    # in an http destination's buffered records there).
     api.reset(25)
-    config = {"url": api.url + "/link", "pagination": {"type": "link_header"},
-              "auth": {"type": "api_key", "key": "k2", "query_param": "api_key"}}
+    config = {"url": api.url + "/link", "pagination": {"type": "link_header"}, **key}
     ctx = make_ctx("api_link", config, mode="full")
     src = build_rest_api_source(ctx)
     part = src.build_part("api_link", src.list_parts()[0], None)
@@ -515,7 +519,7 @@ def test_lookback_re_reads_a_window_and_emits_only_late_records(api: Any) -> Non
     drain(ctx, {"cursor": 1704132000})  # an epoch cursor stays a number
     assert api.requests[0][1]["updated_since"] == "1704128400"
     with pytest.raises(ValueError, match="'api_back': incremental.lookback needs incremental."
-                                         "cursor_type timestamp, got None"):
+                                         "cursor_type timestamp, got none"):
         build_rest_api_source(polled(api, "api_back", [], lookback="1h"))
 
 
