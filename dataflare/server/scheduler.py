@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from dataflare.dsl_compiler.models import Schedule
@@ -79,7 +79,6 @@ def instants(schedule: Schedule, after: datetime, until: datetime) -> Iterator[d
         fields = schedule.expression.split() if schedule.expression else []
         hourly = schedule.expression == "@hourly" or (
             len(fields) >= 5 and fields[1].split("/")[0] in ("*", "0-23"))
-        wall = None
         while True:
             try:
                 t = it.get_next(datetime)
@@ -87,9 +86,19 @@ def instants(schedule: Schedule, after: datetime, until: datetime) -> Iterator[d
                 return
             if t > until:
                 return
-            if hourly or t.replace(tzinfo=None) != wall:
+            if hourly or not _repeated(t, zone):
                 yield t.astimezone(ZoneInfo("UTC"))
-            wall = t.replace(tzinfo=None)
+
+
+def _repeated(t: datetime, zone: ZoneInfo) -> bool:
+    """Whether ``t`` is the second time its wall-clock time happens (the hour DST repeats).
+
+    Told by the instant alone, so a tick that sees only the second time (the first was in
+    the tick before) does not fire it either.
+    """
+    wall = t.replace(tzinfo=None)
+    first, second = wall.replace(tzinfo=zone, fold=0), wall.replace(tzinfo=zone, fold=1)
+    return first.utcoffset() != second.utcoffset() and t.astimezone(UTC) == second.astimezone(UTC)
 
 
 def next_instants(schedule: Schedule, count: int = 5, at: datetime | None = None

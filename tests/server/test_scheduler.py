@@ -30,6 +30,20 @@ def test_a_daily_cron_fires_at_local_time_across_both_dst_changes() -> None:
         "10-23 00:30", "10-24 00:30", "10-25 00:30", "10-26 01:30"]
 
 
+@pytest.mark.parametrize(("expression", "fired"), [
+    ("0,30 2 * * *", ["10-25 00:00", "10-25 00:30"]),
+    ("*/20 2 * * *", ["10-25 00:00", "10-25 00:20", "10-25 00:40"]),
+])
+def test_each_repeated_wall_time_fires_once_also_across_ticks(expression: str,
+                                                              fired: list[str]) -> None:
+    # Several minutes in the repeated hour fired each twice (02:00, 02:30, 02:00, 02:30):
+    # only a wall time equal to the one just before was left out.
+    s = Schedule(type="cron", expression=expression, timezone="Europe/Berlin")
+    assert iso(list(instants(s, utc(2026, 10, 24, 22), utc(2026, 10, 25, 3)))) == fired
+    # A tick that sees only the second 02:00 (the first was in the tick before) skips it.
+    assert list(instants(s, utc(2026, 10, 25, 0, 50), utc(2026, 10, 25, 1, 5))) == []
+
+
 def test_an_hourly_cron_fires_every_real_hour_when_the_clock_goes_back() -> None:
     s = Schedule(type="cron", expression="0 * * * *", timezone="Europe/Berlin")
     assert iso(list(instants(s, utc(2026, 10, 24, 23, 30), utc(2026, 10, 25, 3, 1)))) == [
