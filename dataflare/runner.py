@@ -30,6 +30,7 @@ from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.connectors.lake import remove_one_file_parts
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
+from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.logs import CONTEXT, json_mode, say
 from dataflare.operators.keyed import run_recovery
 from dataflare.plan import committed_epoch, record_workflow, restore_record, resume_blocks
@@ -320,7 +321,7 @@ def _run(opts: RunOptions) -> RunResult:
     if problems:
         for p in problems:
             print(p.render(True), file=sys.stderr)
-        return RunResult("failed", 1, None, "invalid workflow")
+        return RunResult("failed", 1, None, str(WorkflowError(problems)))
     replayed = None
     if opts.replay is not None:
         from bytewax.testing import TestingSource

@@ -328,11 +328,12 @@ def _blocks_without_effect(
     doc: Document, loc: Loc, kind: str, spec: registry.ComponentSpec, comp: dict[str, Any],
     config: Any = None,
 ) -> list[Problem]:
-    """Warnings for the blocks (or block types) given that the component's type ignores.
+    """Warnings for the blocks the component's type ignores; errors for types it refuses.
 
     A type lists in ``blocks`` the blocks it acts on, a block as ``name=type`` when it acts
     on those of its types only (a file destination: ``write_mode=append``); ``blocks_for``
-    when they depend on its (valid) ``config``.
+    when they depend on its (valid) ``config``. An ignored block changes nothing, but a
+    type of it (``write_mode: {type: merge}`` on files) would be done as another one.
     """
     out = []
     acts = spec.blocks
@@ -348,8 +349,11 @@ def _blocks_without_effect(
         elif given is None or given in types:
             continue
         else:
-            message = (f"{block} {given!r} has no effect on a {kind} of type {spec.type!r} "
-                       f"(it acts on: {', '.join(types)})")
+            where = " with this config" if acts != spec.blocks else ""
+            out.append(doc.problem((*loc, block, "type"), (
+                f"{block} {given!r} is not supported by a {kind} of type {spec.type!r}{where}; "
+                f"it supports: {', '.join(types)}")))
+            continue
         out.append(doc.problem((*loc, block), message, key=True, severity="warning"))
     return out
 

@@ -379,8 +379,8 @@ workflow:
 """)
     result = dataflare.run(path)
     assert not result.ok
-    assert "step 'lake': partitioned files are only added to (write_mode append)" in (
-        result.error or "")
+    assert "write_mode 'overwrite' is not supported by a destination of type 'file' with " \
+        "this config; it supports: append" in (result.error or "")
     assert not (tmp_path / "out").exists()
 
 
@@ -414,9 +414,9 @@ workflow:
       config: {path: out.jsonl}
 """)
     problems = [str(p) for p in validate_file(path).problems]
-    assert [p for p in problems if "has no effect" in p] == [
-        f"{path}:8:7: destinations.lake.write_mode: warning: write_mode 'overwrite' has no "
-        "effect on a destination of type 'file' (it acts on: append)"]
+    assert problems == [
+        f"{path}:8:26: destinations.lake.write_mode.type: write_mode 'overwrite' is not "
+        "supported by a destination of type 'file' with this config; it supports: append"]
 
 
 def test_validate_warns_of_template_and_partition_fields_the_records_lack(tmp_path):

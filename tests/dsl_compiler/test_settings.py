@@ -65,11 +65,14 @@ workflow:
         ("destinations.o.write_mode",
          "'write_mode' has no effect on a destination of type 'stdout'"),
         ("destinations.o.batch", "'batch' has no effect on a destination of type 'stdout'"),
-        ("destinations.fm.write_mode", "write_mode 'merge' has no effect on a destination "
-         "of type 'file' (it acts on: append, overwrite)"),
         ("transformations.m.plugin",
          "'plugin' has no effect on a transformation of type 'mapping'"),
     }
+    # A write mode the type does not carry out would be done as another (merge as an
+    # overwrite of the file): refused.
+    assert [(p.path, p.message) for p in v.errors()] == [
+        ("destinations.fm.write_mode.type", "write_mode 'merge' is not supported by a "
+         "destination of type 'file'; it supports: append, overwrite")]
 
 
 WINDOWED = """\
