@@ -7,7 +7,7 @@ A component's ``config:`` is validated by the model its ``type`` registers
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -75,10 +75,16 @@ class Schedule(Strict):
     start_date: datetime | None = Field(
         None, description="No run before this time; a once schedule's instant (a time without "
         "a zone is UTC).")
-    end_date: datetime | None = Field(None, description="No run after this time.")
+    end_date: datetime | None = Field(None, description="No run after this time (a time "
+                                      "without a zone is UTC).")
     catchup: Literal["latest", "all", "none"] = Field(
         "latest", description="Instants missed while no scheduler ran: run the latest one, "
         "every one, or none.")
+
+    @field_validator("start_date", "end_date")
+    @classmethod
+    def _in_utc(cls, value: datetime | None) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
     @model_validator(mode="after")
     def _check(self) -> Schedule:

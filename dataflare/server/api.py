@@ -165,6 +165,11 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
         if errors or v.workflow is None:
             raise Invalid(_problems(v))
         wf = v.workflow
+        if ("workflow", "id") in v.document.templates:
+            raise Invalid([{
+                "line": 1, "column": 1, "path": "workflow.id", "severity": "error",
+                "message": "a stored workflow's id is written out: ${...} in it would take "
+                           "a value of the server's"}])
         if wid is not None and wf.id and wf.id != wid:
             raise Invalid([{
                 "line": 1, "column": 1, "path": "workflow.id", "severity": "error",
@@ -185,7 +190,9 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
                 "line": 1, "column": 1, "path": "workflow.schedule", "severity": "error",
                 "message": f"the schedule never fires ({said})"}])
         _check_trigger_cycle(store, target, wf)
-        return target, wf.name
+        # The name as written: its ${VAR} and ${file:...} are the workers' values, and
+        # the server's would be shown to every viewer.
+        return target, v.document.templates.get(("workflow", "name"), wf.name)
 
     openapi_yaml = {"requestBody": {"required": True, "content": {
         "text/yaml": {"schema": {"type": "string"}},

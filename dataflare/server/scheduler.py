@@ -43,11 +43,7 @@ def schedule_of(text: str) -> Schedule | None:
 
 def instants(schedule: Schedule, after: datetime, until: datetime) -> Iterator[datetime]:
     """The schedule's instants in ``(after, until]``, oldest first (UTC)."""
-    start, end = schedule.start_date, schedule.end_date
-    if start is not None and start.tzinfo is None:
-        start = start.replace(tzinfo=ZoneInfo("UTC"))
-    if end is not None and end.tzinfo is None:
-        end = end.replace(tzinfo=ZoneInfo("UTC"))
+    start, end = schedule.start_date, schedule.end_date  # aware: a naive one is read as UTC
     if end is not None:
         until = min(until, end)
     if schedule.type == "once":

@@ -163,6 +163,40 @@ def test_a_schedule_that_never_fires_is_refused(client: TestClient) -> None:
 
 
 
+def test_a_start_date_without_a_zone_is_utc(client: TestClient) -> None:
+    # A cron or interval schedule with a naive start_date failed the API with a 500
+    # (a naive and an aware time compared).
+    for schedule, first in (
+            ("{type: cron, expression: '0 9 * * *', timezone: Asia/Shanghai, "
+             "start_date: '2030-12-10T00:00:00'}", "2030-12-10T01:00:00+00:00"),
+            ("{type: interval, interval: 1h, start_date: '2030-12-10T00:00:00'}",
+             "2030-12-10T00:00:00+00:00")):
+        r = post_yaml(client, flow(extra=f"  schedule: {schedule}\n"))
+        assert r.status_code == 201, r.text
+        got = client.get("/api/v1/workflows/orders", headers=h("viewer")).json()
+        assert got["next_runs"][0] == first
+        assert client.delete("/api/v1/workflows/orders", headers=h("admin")).status_code == 204
+
+
+def test_a_name_keeps_its_references_and_an_id_has_none(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The stored name was the server's interpolation: a viewer saw the value of
+    # ${API_KEY}, or the content of any file the server could read (${file:...}).
+    monkeypatch.setenv("API_KEY", "sk-live-VERYSECRET-123456")
+    secret = tmp_path / "token.txt"
+    secret.write_text("file-secret-0123456789\n")
+    text = flow().replace("name: orders flow",
+                          f'name: "key ${{API_KEY}} ${{file:{secret}}}"')
+    assert post_yaml(client, text).status_code == 201
+    shown = client.get("/api/v1/workflows/orders", headers=h("viewer")).text
+    assert "VERYSECRET" not in shown and "file-secret" not in shown
+    assert client.get("/api/v1/workflows/orders", headers=h("viewer")).json()["name"] == (
+        f"key ${{API_KEY}} ${{file:{secret}}}")
+    secret.write_text("orders2\n")
+    r = post_yaml(client, flow("x").replace("id: x", f"id: ${{file:{secret}}}"))
+    assert r.status_code == 422 and "id is written out" in r.text
+
+
 def test_a_workflow_whose_once_has_fired_is_still_edited(client: TestClient, store: Store
                                                           ) -> None:
     fired = flow(wid="fired", extra="  schedule: {type: once, start_date: "
