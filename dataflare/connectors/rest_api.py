@@ -144,6 +144,10 @@ class RestApiSourceConfig(Strict):
         return body
 
 
+_BAD_PAGES = 3
+"""Numbered pages in a row without records to read (not JSON...) after which a walk stops."""
+
+
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up."""
 
@@ -356,31 +360,29 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         except ValueError as exc:
             msg = (f"source '{self.src.step_id}': response of {url} is not JSON: "
                    f"{json_error(exc, 'the response')}")
-            return [Failed(self.src.step_id, "JSONDecodeError", msg, resp.text, meta)], False
+            return self._bad_page(walk, Failed(self.src.step_id, "JSONDecodeError", msg,
+                                               resp.text, meta))
         raw = body if self.cfg.records_path is None else get_path(body, self.cfg.records_path)
         if raw is None and self.cfg.records_path is not None:
             msg = (
                 f"source '{self.src.step_id}': response of {url} has no "
                 f"'{self.cfg.records_path}' (records_path)"
             )
-            return [Failed(self.src.step_id, "MissingRecords", msg, resp.text, meta)], False
+            return self._bad_page(walk, Failed(self.src.step_id, "MissingRecords", msg,
+                                               resp.text, meta))
         items = raw if isinstance(raw, list) else [raw]
         records = [
             {**(it if isinstance(it, dict) else {"value": it}), META: dict(meta)} for it in items
         ]
         p = self.cfg.pagination
-        more = bool(records)
-        if p.max_pages is not None and walk["pages"] >= p.max_pages:
-            more = False
+        more = bool(records) and self._below_max_pages(walk)
         if p.type == "none":
             more = False
         elif p.type in ("page_number", "offset"):
             # A short page does not end the walk (APIs cap the page size they are asked
             # for, GitHub at 100): an empty page does, or one repeating the page before.
-            if p.type == "page_number":
-                walk["page"] += 1
-            else:
-                walk["offset"] += len(records)
+            self._turn_page(walk, len(records))
+            walk["bad"] = 0
             if records:
                 digest = _fingerprint({"page": items})
                 if digest == walk.get("previous"):
@@ -403,6 +405,40 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 more = False
         return records, more
 
+    def _below_max_pages(self, walk: dict[str, Any]) -> bool:
+        top = self.cfg.pagination.max_pages
+        return top is None or walk["pages"] < top
+
+    def _turn_page(self, walk: dict[str, Any], read: int) -> None:
+        """Past the page just read (``read`` records) to the next page number or offset."""
+        if self.cfg.pagination.type == "page_number":
+            walk["page"] += 1
+        else:
+            walk["offset"] += read
+
+    def _bad_page(self, walk: dict[str, Any], failed: Failed) -> tuple[list[Any], bool]:
+        """A page without records to read: it follows ``error_handling``, the walk goes on.
+
+        Pages numbered or offset are walked past it. A cursor or next link is in the page:
+        then the run stops, and a resume asks for the page again (the pages after it would
+        be lost in silence).
+        """
+        p = self.cfg.pagination
+        if p.type in ("cursor", "link_header"):
+            msg = (f"{failed.message}; the next page is named in this response ({p.type} "
+                   "pagination), so the walk cannot go on past it")
+            raise RuntimeError(msg)
+        if p.type == "none":
+            return [failed], False
+        walk["bad"] = walk.get("bad", 0) + 1
+        if "skipped_at" not in walk:  # an incremental walk's cursor stops here (next_batch)
+            walk["skipped_at"] = self.walk_max
+        if walk["bad"] >= _BAD_PAGES:
+            msg = f"{failed.message}; {_BAD_PAGES} pages in a row had no records to read"
+            raise RuntimeError(msg)
+        self._turn_page(walk, p.size or 0)
+        return [failed], self._below_max_pages(walk)
+
     def _keep_new(self, records: list[Any]) -> list[Any]:
         """The records not emitted before; a ``Failed`` entry for a bad cursor value."""
         if not self.src.incremental:
@@ -416,8 +452,8 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 out.append(rec)
                 continue
             value, fp = get_path(rec, src.cursor_field), _fingerprint(rec)
-            if fp in self.seen or fp in self.reported:
-                continue
+            if fp in self.seen or fp in self.walk_seen or fp in self.reported:
+                continue  # emitted by a walk before, or on a page before (pages shifted)
             try:
                 key = src.key(value)
                 if lower is not None and key < lower:
@@ -436,7 +472,8 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             self.reported.add(fp)
             msg = f"source '{src.step_id}': cursor field '{src.cursor_field}' {reason}"
             out.append(Failed(src.step_id, "CursorError", msg, rec, rec[META]))
-        window = self._lower(self.walk_max)
+        walk = self.walk or {}
+        window = self._lower(walk["skipped_at"] if "skipped_at" in walk else self.walk_max)
         self.walk_seen = {fp: k for fp, k in self.walk_seen.items() if _at_least(k, window)}
         return out
 
@@ -457,9 +494,12 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.walk_new = self.walk_new or any(not isinstance(r, Failed) for r in fresh)
         self.awake = None
         if not more:
-            self.walk = None
+            walk, self.walk = self.walk, None
             if self.src.incremental:
-                self.cursor, self.seen = self.walk_max, dict(self.walk_seen)
+                # A walk past a page it could not read keeps the cursor it had there: the
+                # next walk reads that page again (and not what this one emitted after it).
+                self.cursor = walk.get("skipped_at", self.walk_max)
+                self.seen = dict(self.walk_seen)
                 if self.cfg.stop_at_end:  # a catch-up run: walk again at once, or end
                     self.done = not self.walk_new
                 else:

@@ -282,18 +282,48 @@ def test_undecodable_and_missing_records_become_failed_entries(api: Any) -> None
                                    "at column 1 of the response")
     assert bad[0].step == "api_text" and bad[0].meta["url"] == api.url + "/text"
     api.reset(2)
-    missing = run(
-        make_ctx(
-            "api_path",
-            {
-                "url": api.url + "/offset",
-                "records_path": "data",
-                "pagination": {"type": "offset", "size": 5},
-            },
-            mode="full",
-        )
-    )
+    missing = run(make_ctx("api_path", {"url": api.url + "/offset", "records_path": "data"},
+                           mode="full"))
     assert isinstance(missing[0], Failed) and "has no 'data' (records_path)" in missing[0].message
+
+
+def test_a_page_that_is_not_json_is_walked_past_or_stops_the_run(api: Any) -> None:
+    # A page answered in HTML (a gateway's hiccup) ended the walk: with skip or redirect
+    # the pages after it were never asked for, and the run succeeded (15 of 25 lost).
+    api.reset(6)
+    api.broken = {2}
+    config = {"url": api.url + "/page", "records_path": "data.items",
+              "pagination": {"type": "page_number", "size_param": "size", "size": 2}}
+    got = run(make_ctx("api_html", config, mode="full"))
+    assert [r["id"] for r in got if not isinstance(r, Failed)] == [1, 2, 5, 6]
+    [failed] = [r for r in got if isinstance(r, Failed)]
+    assert failed.meta["url"] == api.url + "/page?page=2&size=2"
+    assert [q["page"] for _, q, _ in api.requests] == ["1", "2", "3", "4"]
+    api.broken = {2, 3, 4}  # pages in a row: a wrong records_path, or an outage
+    with pytest.raises(Exception) as info:
+        run(make_ctx("api_html", config, mode="full"))
+    assert "3 pages in a row had no records to read" in chain(info.value)
+    # Incremental: the cursor stays where it was, so a later walk reads the page again.
+    api.reset()
+    api.items = [{"id": i, "updated_at": f"2024-01-01T00:00:0{i}Z"} for i in range(1, 7)]
+    api.broken = {2}
+    polled = make_ctx("api_html_inc", {**config, "stop_at_end": True}, mode="incremental",
+                      incremental={"cursor_field": "updated_at", "cursor_type": "timestamp"})
+    first, state = drain(polled)  # a catch-up run: it walks until a walk finds nothing new
+    assert [r["id"] for r in first if not isinstance(r, Failed)] == [1, 2, 5, 6]
+    assert len([r for r in first if isinstance(r, Failed)]) == 2
+    api.broken = set()
+    again, _ = drain(polled, state)
+    assert [r["id"] for r in again] == [3, 4]
+    # A next link is in the page: the walk cannot go past it, so the run stops (and a
+    # resume asks for the page again).
+    api.reset(25)
+    api.broken = {2}
+    link = {"url": api.url + "/link", "pagination": {"type": "link_header"}}
+    with pytest.raises(Exception) as info:
+        run(make_ctx("api_link", link, mode="full"))
+    assert "the next page is named in this response (link_header pagination), so the " \
+        "walk cannot go on past it" in chain(info.value)
 
 
 def test_incremental_polls_by_cursor_without_duplicates(api: Any, tmp_path: Path) -> None:
@@ -499,6 +529,26 @@ def test_integer_and_string_cursors(api: Any) -> None:
     assert [r["id"] for r in records if not isinstance(r, Failed)] == [1]
     assert [r.message for r in records if isinstance(r, Failed)] == [
         "source 'api_str': cursor field 'updated_at' is an int (5), expected text"]
+
+
+def test_a_record_a_shifted_page_repeats_is_emitted_once(api: Any) -> None:
+    # A record inserted before the walk's place pushes the last record of a page onto the
+    # next one: the walk emitted it twice (only records of walks before were dropped).
+    api.items = [{"id": i, "updated_at": f"2024-01-01T00:00:0{i}Z"} for i in range(1, 7)]
+    config = {"url": api.url + "/page", "records_path": "data.items", "stop_at_end": True,
+              "pagination": {"type": "page_number", "size_param": "size", "size": 2}}
+    ctx = make_ctx("api_shift", config, mode="incremental",
+                   incremental={"cursor_field": "updated_at", "cursor_type": "timestamp"})
+    src = build_rest_api_source(ctx)
+    part = src.build_part("api_shift", src.list_parts()[0], None)
+    ids = [r["id"] for b in part.next_batch() for r in b]
+    with api.lock:  # updated while the walk goes on: now first in the API's order
+        api.items.insert(0, {"id": 0, "updated_at": "2024-01-01T00:00:09Z"})
+    with pytest.raises(StopIteration):
+        for _ in range(20):
+            ids += [r["id"] for b in part.next_batch() for r in b]
+    part.close()
+    assert ids == [1, 2, 3, 4, 5, 6, 0]  # the next walk finds 0
 
 
 def test_lookback_re_reads_a_window_and_emits_only_late_records(api: Any) -> None:
