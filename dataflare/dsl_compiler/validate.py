@@ -163,7 +163,7 @@ def validate_text(
     return _finish(out)
 
 
-_SOURCE_PREFIX = re.compile(r"^source '[^']*': ")
+_SOURCE_PREFIX = re.compile(r"^(source|step) '[^']*': ")
 _NAMED = re.compile(r"\b(config\.\w+|incremental|cdc|hybrid|mode)\b")  # where a message points
 
 
@@ -175,10 +175,11 @@ def _source_settings(doc: Document, wf: Workflow, base_dir: Path) -> list[Proble
     they concern (``mode``, ``incremental``...) where the source gives one.
     """
     out = []
+    raw = doc.data["workflow"]["sources"]
     for cid, comp in wf.sources.items():
         spec = registry.lookup("source", comp.type)
-        if spec is None or spec.build is None or spec.missing():
-            continue
+        if spec is None or spec.build is None or spec.missing() or _unresolved(raw.get(cid)):
+            continue  # a variable not set here may be where it runs
         try:
             spec.build(registry.BuildContext(cid, "source", comp, comp.config, wf, base_dir))
         except ValueError as exc:
@@ -278,6 +279,15 @@ def _written_secrets(doc: Document, loc: Loc, config: BaseModel | None) -> list[
                         "it; give it as ${VAR}", severity="warning")
             for where in _secret_paths(config, loc)
             if where in doc.positions and where not in doc.templates]
+
+
+def _unresolved(value: Any) -> bool:
+    """Whether ``value`` holds a ``${...}`` left as written (a variable not set)."""
+    if isinstance(value, dict):
+        return any(_unresolved(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_unresolved(v) for v in value)
+    return isinstance(value, str) and "${" in value
 
 
 def _file_format(path: str) -> str | None:
