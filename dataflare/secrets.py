@@ -30,8 +30,8 @@ _SHINGLE = 6
 """A fragment of a secret this long or longer is scrubbed too."""
 
 SECRET_KEY = re.compile(
-    r"password|passwd|secret|token|api_?key|credential|authorization|private_key"
-    r"|access_key|hash_key|encryption_key|signature|^sig$",
+    r"password|passwd|secret|token|api[-_]?key|credential|authorization|private[-_]key"
+    r"|access[-_]key|hash[-_]key|encryption[-_]key|signature|^sig$",
     re.I,
 )
 """Names of fields, headers and query parameters whose values are secrets."""

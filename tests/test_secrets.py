@@ -184,6 +184,16 @@ def test_scrub_replaces_values_fragments_and_url_forms() -> None:
     assert "stays readable" in clean and "missing" in clean and "port" in clean
 
 
+def test_hyphenated_header_names_hold_secrets() -> None:
+    # X-API-Key (the header of auth: api_key) was no secret's name: an API echoing it in
+    # an error body put the key in errors, warnings and dead letters.
+    secrets.collect({"headers": {"X-API-Key": "zzqqHdrKey777", "Api-Key": "aaHdrKey888",
+                                 "X-Trace": "not-secret-1"}})
+    clean = secrets.scrub('401: {"got": "zzqqHdrKey777", "also": "aaHdrKey888", "t": '
+                          '"not-secret-1"}')
+    assert "HdrKey" not in clean and "not-secret-1" in clean
+
+
 def test_log_records_are_scrubbed_in_process(caplog: pytest.LogCaptureFixture) -> None:
     secrets.install_logging()
     secrets.register_field("password", "In-Pr0cess-S3cret")
@@ -289,12 +299,18 @@ def test_a_secret_written_in_the_workflow_is_warned(monkeypatch: pytest.MonkeyPa
     d: {type: postgres, config: {dsn: "postgresql://u@h/d", table: t}}
     e: {type: postgres, config: {dsn: "postgresql://u:pw@h/d", table: t}}
     f: {type: postgres, config: {dsn: "host=h dbname=d password=pw", table: t}}
+    g:
+      type: rest_api
+      config:
+        url: http://127.0.0.1:9/x
+        headers: {X-API-Key: literalKey123, Authorization: "Bearer {{tok}}", X-Trace: abc}
+        params: {access_token: "${PW_FOR_TEST}", page_size: 10}
   destinations:
-    out: {type: file, inputs: [a, b, c, d, e, f], config: {path: out.jsonl}}
+    out: {type: file, inputs: [a, b, c, d, e, f, g], config: {path: out.jsonl}}
 """
     v = validate_text(text, "f.yaml", dict(os.environ))
     said = [(p.line, p.path) for p in v.problems if "secret written" in p.message]
     assert said == [(3, "sources.a.config.password"), (10, "sources.e.config.dsn"),
-                    (11, "sources.f.config.dsn")]
+                    (11, "sources.f.config.dsn"), (16, "sources.g.config.headers.X-API-Key")]
     assert all(p.severity == "warning" for p in v.problems if "secret written" in p.message)
     assert not v.errors()

@@ -173,6 +173,32 @@ def _fingerprint(record: dict[str, Any]) -> str:
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
 
+def secret_query(cfg: RestApiSourceConfig) -> dict[str, Any]:
+    """The query parameters of ``url`` and ``params`` that are credentials.
+
+    Named like secrets (``access_token``) or holding a secret's value (``key=${API_KEY}``).
+    """
+    import httpx
+
+    known = secrets.values()
+    pairs = [*httpx.URL(cfg.url).params.multi_items(), *cfg.params.items()]
+    return {name: value for name, value in pairs
+            if secrets.SECRET_KEY.search(name) or str(value) in known}
+
+
+def public_url(cfg: RestApiSourceConfig, url: Any) -> Any:
+    """``url`` (an ``httpx.URL``) without the credentials its query carries.
+
+    Those are the API key of ``auth`` and :func:`secret_query`: records' ``_meta.url`` and
+    a walk's state (the recovery directory) hold the rest; each request adds them again.
+    """
+    a = cfg.auth
+    keyed = [a.query_param] if a is not None and a.type == "api_key" and a.query_param else []
+    for name in [*keyed, *secret_query(cfg)]:
+        url = url.copy_remove_param(name)
+    return url
+
+
 def _at_least(key: Any, lower: Any) -> bool:
     """Whether cursor key ``key`` is at least ``lower`` (keys Python cannot compare: no)."""
     try:
@@ -206,6 +232,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.done = bool(state.get("done", False))
         self.client: Any = None
         self.loads = json_loader(self.cfg.decimal_handling)
+        self.start_url = src.list_parts()[0]
         self.awake: datetime | None = None
         self.bucket = (
             TokenBucket(self.cfg.rate_limit.requests_per_second, self.cfg.rate_limit.burst)
@@ -283,7 +310,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
 
     def _start_walk(self) -> dict[str, Any]:
         p = self.cfg.pagination
-        walk: dict[str, Any] = {"url": self.cfg.url, "pages": 0, "since": self._since()}
+        walk: dict[str, Any] = {"url": self.start_url, "pages": 0, "since": self._since()}
         if p.type == "page_number":
             walk["page"] = p.start_page
         elif p.type == "offset":
@@ -313,26 +340,15 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         return src.key(cursor) - src.lookback if src.lookback else src.key(cursor)
 
     def _public(self, url: Any) -> Any:
-        """``url`` (an ``httpx.URL``) without the credentials its query carries.
-
-        Those are the API key of ``auth`` and the ``params`` named like secrets
-        (``access_token``): records' ``_meta.url`` and a walk's state (the recovery
-        directory) hold the rest, and each request adds them again.
-        """
-        for name in self._secret_params():
-            url = url.copy_remove_param(name)
-        return url
-
-    def _secret_params(self) -> list[str]:
-        a = self.cfg.auth
-        keyed = [a.query_param] if a is not None and a.type == "api_key" and a.query_param else []
-        return keyed + [name for name in self.cfg.params if secrets.SECRET_KEY.search(name)]
+        """``url`` without its credentials (:func:`public_url`)."""
+        return public_url(self.cfg, url)
 
     def _params(self, walk: dict[str, Any]) -> dict[str, Any]:
         p = self.cfg.pagination
-        params: dict[str, Any] = dict(self.cfg.params)
-        if walk["url"] != self.cfg.url:  # a next link carries its own query, without secrets
-            return {k: v for k, v in params.items() if secrets.SECRET_KEY.search(k)}
+        hidden = secret_query(self.cfg)  # left out of the walk's URLs: each request adds them
+        if walk["url"] not in (self.start_url, self.cfg.url):  # a next link has its own query
+            return hidden
+        params: dict[str, Any] = {**hidden, **self.cfg.params}
         if p.type == "page_number":
             params[p.page_param] = walk["page"]
             if p.size_param and p.size:
@@ -616,8 +632,10 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         raise ValueError(msg)
 
     def list_parts(self) -> list[str]:
-        """One partition: the endpoint."""
-        return [self.cfg.url]
+        """One partition: the endpoint (without credentials: its name is in the state)."""
+        import httpx
+
+        return [str(public_url(self.cfg, httpx.URL(self.cfg.url)))]
 
     def build_part(
         self, step_id: str, for_part: str, resume_state: dict[str, Any] | None

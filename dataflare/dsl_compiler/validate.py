@@ -22,7 +22,6 @@ from dataflare.records import a_or_an
 
 SOURCE_BLOCKS = ("incremental", "cdc", "streaming", "hybrid", "output_schema")
 DESTINATION_BLOCKS = ("write_mode", "batch")
-_SECRET_NAME = re.compile(r"password|secret|token|api_key|apikey|credential", re.I)
 
 
 @dataclass
@@ -262,9 +261,13 @@ def _secret_paths(value: Any, loc: Loc) -> Iterator[Loc]:
     elif isinstance(value, BaseModel):
         for name, field in type(value).model_fields.items():
             yield from _secret_paths(getattr(value, name), (*loc, field.alias or name))
-    elif isinstance(value, dict):
+    elif isinstance(value, dict):  # headers, query parameters, client properties
         for key, item in value.items():
-            yield from _secret_paths(item, (*loc, key))
+            if (isinstance(item, str) and item and secrets.SECRET_KEY.search(str(key))
+                    and "${" not in item and "{{" not in item):  # not a record's value
+                yield (*loc, key)
+            else:
+                yield from _secret_paths(item, (*loc, key))
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
             yield from _secret_paths(item, (*loc, i))
@@ -533,7 +536,7 @@ def _problems(
         elif isinstance(value, str | int | float | bool) and str(value) not in message:
             if full in doc.templates:
                 message += f" (got {doc.templates[full]!r})"
-            elif not any(_SECRET_NAME.search(str(p)) for p in full if isinstance(p, str)):
+            elif not any(secrets.SECRET_KEY.search(str(p)) for p in full if isinstance(p, str)):
                 message += f" (got {value!r})"
             if isinstance(value, bool) and kind == "string_type":
                 message += (": YAML reads an unquoted on/off/yes/no/true/false as a boolean; "

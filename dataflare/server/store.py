@@ -24,16 +24,36 @@ from sqlalchemy.engine import Connection, Engine
 
 metadata = sa.MetaData()
 
+
+class UtcTime(sa.types.TypeDecorator[datetime]):
+    """A time written in UTC, read back aware.
+
+    SQLite keeps no offset: a time of another offset (a schedule's ``start_date`` at
+    ``+08:00`` and the instants aligned to it) would be read back hours off.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        """The time written: in UTC."""
+        return None if value is None else _utc(value).astimezone(UTC)  # type: ignore[union-attr]
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        """The time read: aware."""
+        return _utc(value)
+
+
 workflows = sa.Table(
     "workflows", metadata,
     sa.Column("id", sa.String(200), primary_key=True),
     sa.Column("name", sa.String(400), nullable=True),
     sa.Column("revision", sa.Integer, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UtcTime(), nullable=False),
+    sa.Column("updated_at", UtcTime(), nullable=False),
     sa.Column("deleted", sa.Boolean, nullable=False, default=False),
     # The last scheduled instant turned into a run (the scheduler's position).
-    sa.Column("scheduled_until", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("scheduled_until", UtcTime(), nullable=True),
 )
 
 revisions = sa.Table(
@@ -42,7 +62,7 @@ revisions = sa.Table(
     sa.Column("number", sa.Integer, primary_key=True),
     sa.Column("yaml", sa.Text, nullable=False),
     sa.Column("author", sa.String(200), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UtcTime(), nullable=False),
 )
 
 runs = sa.Table(
@@ -51,15 +71,15 @@ runs = sa.Table(
     sa.Column("workflow_id", sa.String(200), sa.ForeignKey("workflows.id"), nullable=False),
     sa.Column("revision", sa.Integer, nullable=False),
     sa.Column("trigger", sa.String(20), nullable=False),  # manual|schedule|trigger|backfill
-    sa.Column("scheduled_for", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("scheduled_for", UtcTime(), nullable=True),
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False, default=1),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("not_before", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", UtcTime(), nullable=False),
+    sa.Column("not_before", UtcTime(), nullable=False),
+    sa.Column("started_at", UtcTime(), nullable=True),
+    sa.Column("ended_at", UtcTime(), nullable=True),
     sa.Column("worker", sa.String(200), nullable=True),
-    sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("lease_until", UtcTime(), nullable=True),
     sa.Column("stop_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("summary", sa.Text, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
@@ -74,7 +94,7 @@ sa.Index("runs_by_workflow", runs.c.workflow_id, runs.c.created_at)
 audit = sa.Table(
     "audit", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("at", UtcTime(), nullable=False),
     sa.Column("user", sa.String(200), nullable=False),
     sa.Column("action", sa.String(100), nullable=False),
     sa.Column("target", sa.String(200), nullable=False),

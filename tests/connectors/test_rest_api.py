@@ -13,6 +13,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, run_main
 from pydantic import ValidationError
 
+from dataflare import secrets
 from dataflare.connectors.rest_api import (
     RestApiSourceConfig,
     TokenBucket,
@@ -218,17 +219,23 @@ def test_auth_schemes(api: Any, auth: tuple[dict[str, Any], str]) -> None:
     assert "returned 401" in chain(info.value)
 
 
-@pytest.mark.parametrize("key", [
-    {"auth": {"type": "api_key", "key": "k2", "query_param": "api_key"}},
-    {"params": {"api_key": "k2"}},  # a parameter named like a secret: the same
+@pytest.mark.parametrize(("key", "sent"), [
+    ({"auth": {"type": "api_key", "key": "k2", "query_param": "api_key"}}, "api_key"),
+    ({"params": {"api_key": "k2"}}, "api_key"),  # a parameter named like a secret
+    ({"query": "?api_key=k2"}, "api_key"),  # or written in the URL
+    ({"params": {"key": "k2-registered"}}, "key"),  # or holding a secret's value
 ])
-def test_next_links_keep_their_query_and_no_key_is_kept(api: Any, key: dict[str, Any]) -> None:
+def test_next_links_keep_their_query_and_no_key_is_kept(api: Any, key: dict[str, Any],
+                                                        sent: str) -> None:
     # An API key sent as a query parameter replaced the next link's own query (page=2):
     # page 1 was read again and again, without end. The key was also in each record's
     # _meta.url and, echoed by the API in the next link, in the recovery state (and so
     # in an http destination's buffered records there).
     api.reset(25)
-    config = {"url": api.url + "/link", "pagination": {"type": "link_header"}, **key}
+    secrets.register("k2-registered")  # ${GOOGLE_API_KEY}: a variable named like a secret
+    value = key.get("params", {}).get("key", "k2")
+    config = {"url": api.url + "/link" + key.pop("query", ""),
+              "pagination": {"type": "link_header"}, **key}
     ctx = make_ctx("api_link", config, mode="full")
     src = build_rest_api_source(ctx)
     part = src.build_part("api_link", src.list_parts()[0], None)
@@ -236,11 +243,12 @@ def test_next_links_keep_their_query_and_no_key_is_kept(api: Any, key: dict[str,
     state = part.snapshot()
     part.close()
     assert state["walk"]["url"] == api.url + "/link?page=2" and "k2" not in repr(state)
+    assert "k2" not in src.list_parts()[0]  # the partition's name is in the state too
     api.reset(25)
     records = run(ctx)
     assert [r["id"] for r in records] == list(range(1, 26))
     assert [q for _, q, _ in api.requests] == [
-        {"api_key": "k2"}, {"page": "2", "api_key": "k2"}, {"page": "3", "api_key": "k2"}]
+        {sent: value}, {"page": "2", sent: value}, {"page": "3", sent: value}]
     assert {r[META]["url"] for r in records} == {
         api.url + "/link", api.url + "/link?page=2", api.url + "/link?page=3"}
 

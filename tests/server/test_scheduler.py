@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from dataflare.dsl_compiler.models import Schedule
 from dataflare.server.scheduler import Scheduler, instants
-from dataflare.server.store import Store
+from dataflare.server.store import Store, now
 
 
 def utc(*args: int) -> datetime:
@@ -125,6 +125,24 @@ def test_an_instant_is_skipped_while_a_run_still_waits(sqlite_store: Store, catc
         sqlite_store.finish(taken[0].id, "w", "success", None, None, "")
     clock[0] = created + timedelta(hours=6, seconds=1)
     assert len(scheduler.tick()) == 1  # nothing waits: the next instant runs
+
+
+def test_instants_of_a_start_date_with_an_offset_run_on_time(store: Store) -> None:
+    # SQLite kept no offset: an instant at +08:00 was read back as UTC, 8 hours later, so
+    # the workflow did not run again for 8 hours (or, at -01:00 with catchup: all, ran
+    # every instant of the hour before it existed).
+    start = (now() + timedelta(minutes=1)).astimezone(timezone(timedelta(hours=8))).replace(
+        microsecond=0)
+    store.put_workflow("tz", None, HOURLY.format(wid="tz", catchup="all").replace(
+        "interval: 1h,", f"interval: 90s, start_date: '{start.isoformat()}',"), "t",
+        create=True)
+    clock = [start + timedelta(seconds=91)]
+    scheduler = Scheduler(store, clock=lambda: clock[0])
+    for _ in range(3):
+        scheduler.tick()
+        clock[0] += timedelta(seconds=90)
+    assert [r.scheduled_for for r in store.runs("tz")][::-1] == [
+        start + timedelta(seconds=90 * k) for k in range(4)]
 
 
 def test_two_schedulers_and_restarts_never_fire_an_instant_twice(store: Store) -> None:
