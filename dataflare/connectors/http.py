@@ -109,13 +109,21 @@ class _Requests:
             else:
                 clean = {k: v for k, v in rec.items() if k != META}
                 body = self.dumps(clean, default=str)
-            headers = {k: fn(rec) for k, fn in self.headers}
-            if self.default_json:
-                headers.setdefault("Content-Type", "application/json")
-            return self.url(rec), headers, body, meta, rec
         except (TypeError, ValueError) as exc:
             message = f"step {self.step!r}: cannot render the request body: {exc}"
             return Failed(self.step, type(exc).__name__, message, rec, meta)
+        headers: dict[str, Any] = {}
+        for name, fn in self.headers:
+            value = fn(rec)
+            if "\r" in value or "\n" in value:
+                message = (f"step {self.step!r}: cannot render the request: header {name!r} "
+                           "would hold a line break (a header cannot carry one)")
+                return Failed(self.step, "ValueError", message, rec, meta)
+            # A value beyond ASCII ("José") goes as UTF-8: httpx sends only ASCII text.
+            headers[name] = value if value.isascii() else value.encode()
+        if self.default_json:
+            headers.setdefault("Content-Type", "application/json")
+        return self.url(rec), headers, body, meta, rec
 
     def prepare(self, batch: list[Any]) -> tuple[list[Any], list[Failed]]:
         """The records whose request renders (they are buffered as records), the rest failed.
@@ -135,11 +143,15 @@ class _Requests:
 
 
 class _Refused(Exception):
-    """The endpoint refused a request (a 4xx answer other than 408 and 429)."""
+    """A request the endpoint refused (a 4xx other than 408 and 429), or that cannot be sent.
 
-    def __init__(self, message: str, status: int) -> None:
+    ``kind`` names the failure: ``HTTP 404``, or the error of a request httpx refuses.
+    """
+
+    def __init__(self, message: str, status: int, kind: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.kind = kind or f"HTTP {status}"
 
 
 class _HttpWriter:
@@ -159,6 +171,9 @@ class _HttpWriter:
         url, headers, body = req[:3]
         try:
             resp = self.client.request(self.cfg.method, url, headers=headers, content=body)
+        except httpx.LocalProtocolError as exc:  # the request itself: no retry mends it
+            msg = f"{self.cfg.method} {url} cannot be sent: {exc}"
+            raise _Refused(msg, 0, type(exc).__name__) from exc
         except httpx.TransportError as exc:
             msg = f"{self.cfg.method} {url}: {type(exc).__name__}: {exc}"
             raise TransientError(msg) from exc
@@ -188,7 +203,7 @@ class _HttpWriter:
         except _Refused as exc:
             # Scrubbed: refused records wait in the write step's snapshot until emitted.
             message = secrets.scrub(str(exc))
-            return Failed(self.step, f"HTTP {exc.status}", message, req[4], req[3])
+            return Failed(self.step, exc.kind, message, req[4], req[3])
         except Interrupted:
             raise
         except TransientError as exc:

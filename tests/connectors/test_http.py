@@ -270,6 +270,21 @@ def test_invalid_rendered_json_is_rejected_not_sent(receiver: Receiver) -> None:
     assert receiver.received == []
 
 
+def test_a_header_value_is_sent_as_utf8_or_fails_its_record_alone(receiver: Receiver) -> None:
+    # A value beyond ASCII stopped the run with a bare "'ascii' codec can't encode";
+    # one with a line break was retried as a network failure, then stopped every resume.
+    recs = [{"id": 1, "n": "José"}, {"id": 2, "n": "bad\r\nX-Evil: 1", "_meta": {"line": 2}},
+            {"id": 3, "n": "plain"}, {"id": 4, "n": "nul\x00", "_meta": {"line": 4}}]
+    errors = run([recs], url=receiver.url, headers={"X-Name": "{{n}}"})
+    assert sorted((e.type, e.position(), e.message.split(": ", 1)[-1]) for e in errors) == [
+        ("LocalProtocolError", "line=4", "Illegal header value b'nul\\x00'"),
+        ("ValueError", "line=2", "cannot render the request: header 'X-Name' would hold a "
+         "line break (a header cannot carry one)")]
+    sent = {json.loads(b)["id"]: h["X-Name"] for _, _, h, b in receiver.received}
+    assert sent[3] == "plain" and sent[1].encode("latin-1").decode() == "José"
+    assert 2 not in sent and 4 not in sent
+
+
 def test_concurrent_requests(receiver: Receiver) -> None:
     run([[{"id": i} for i in range(40)]], url=receiver.url, concurrency=8)
     assert sorted(json.loads(b)["id"] for *_, b in receiver.received) == list(range(40))
