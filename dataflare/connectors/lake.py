@@ -45,7 +45,7 @@ from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
 from pydantic import Field
 
-from dataflare.config import Duration, Strict
+from dataflare.config import Duration, Retry, Strict
 from dataflare.connectors.batching import Discard, Once
 from dataflare.connectors.schema import json_line, json_value, record_line
 from dataflare.operators.keyed import skip_snapshots
@@ -61,6 +61,7 @@ from dataflare.records import (
     getter,
     to_epoch_seconds,
 )
+from dataflare.retry import Interrupted, TransientError, call_with_retry
 from dataflare.template import placeholders
 
 EXTENSIONS = {"jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
@@ -302,9 +303,17 @@ class Storage(Protocol):
     def show(self, key: str) -> str:
         """``key`` as users know it (a path, an ``s3://`` URL)."""
 
+    def transient(self, exc: BaseException) -> bool:
+        """Whether a call's failure is worth retrying (a lost connection)."""
+
 
 class LocalStorage:
     """Files on the local file system; keys are paths."""
+
+    @staticmethod
+    def transient(exc: BaseException) -> bool:
+        """No failure of a local file system mends by waiting (a full disk is an error)."""
+        return False
 
     def publish(self, local: Path, key: str) -> None:
         """Rename ``local`` to ``key`` (atomic on one file system)."""
@@ -637,6 +646,8 @@ class LakeOutput:
     options: LakeOptions
     storage: Callable[[], Storage]
     one_file: OneFile | None = None
+    retry: Retry = field(default_factory=Retry)
+    """How the storage's transient failures are retried (the workflow's ``config.retry``)."""
 
 
 @dataclass(frozen=True)
@@ -824,11 +835,26 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         self.state.rows += f.records
 
     def _storage_call(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)``; a failure names the step and the file or object."""
+        """``fn(*args)``, transient failures retried; a failure names the step and the key."""
+        shown = self.storage.show(key)
+
+        def attempt() -> Any:
+            try:
+                return fn(*args)
+            except Exception as exc:
+                if self.storage.transient(exc):
+                    raise TransientError(str(exc)) from exc
+                raise
+
         try:
-            return fn(*args)
+            return call_with_retry(f"step {self.out.step!r}: writing {shown}", attempt,
+                                   self.out.retry)
+        except Interrupted:
+            raise  # a graceful stop: the resume writes it
         except Exception as exc:
-            msg = f"step {self.out.step!r}: cannot write {self.storage.show(key)}: {exc}"
+            tried = getattr(exc, "attempts", None)
+            after = f" (after {tried} attempts)" if tried and tried > 1 else ""
+            msg = f"step {self.out.step!r}: cannot write {shown}{after}: {exc}"
             raise RuntimeError(msg) from exc
 
     def on_batch(self, values: list[Batch]) -> tuple[list[list[Failed]], bool]:

@@ -22,7 +22,9 @@ chain (environment, shared config, instance role).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -110,8 +112,33 @@ class S3DestinationConfig(S3Connection, LakeOptions):
         return self
 
 
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                    "RequestTimeTooSkewed", "Throttling", "ThrottlingException"}
+
+
+def s3_transient(exc: BaseException) -> bool:
+    """Whether an S3 call's failure is worth retrying: the connection, a 5xx, throttling.
+
+    boto3's ``upload_file`` wraps the failure of a part: its cause is looked at.
+    """
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionError | HTTPClientError):
+            return True
+        if isinstance(seen, ClientError):
+            err = seen.response.get("Error", {})
+            status = seen.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return err.get("Code") in _TRANSIENT_CODES or int(status) >= 500
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class S3Storage:
     """Objects of one bucket; files are uploaded from a local scratch directory."""
+
+    transient = staticmethod(s3_transient)
 
     def __init__(self, connection: S3Connection) -> None:
         self.bucket = connection.bucket
@@ -143,8 +170,13 @@ class S3Storage:
         return list_keys(self.client, self.bucket, prefix)
 
     def scratch(self, prefix: str) -> Path:
-        """A new local directory for the files being written."""
-        return Path(tempfile.mkdtemp(prefix="dataflare-s3-"))
+        """A new local directory for the files being written, removed when the process ends.
+
+        Also after a failed run: what it held is written again by the resume.
+        """
+        path = tempfile.mkdtemp(prefix="dataflare-s3-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        return Path(path)
 
     def show(self, key: str) -> str:
         """The ``s3://`` URL of ``key``."""
@@ -181,8 +213,9 @@ def build_s3_destination(ctx: BuildContext[S3DestinationConfig],
     """Build an s3 destination: objects are only added (``write_mode: append``)."""
     cfg = ctx.config
     template = PathTemplate(cfg.path_template, cfg.format, cfg)
-    return lake_output("lake", up, LakeOutput(ctx.step_id, cfg.format, template, cfg,
-                                              lambda: S3Storage(cfg)))
+    out = LakeOutput(ctx.step_id, cfg.format, template, cfg, lambda: S3Storage(cfg),
+                     retry=ctx.workflow.config.retry)
+    return lake_output("lake", up, out)
 
 
 class S3SourceConfig(S3Connection):

@@ -2,7 +2,11 @@
 
 import csv
 import io
+import os
 import re
+import subprocess
+import sys
+import threading
 
 import orjson
 import pyarrow as pa
@@ -11,7 +15,7 @@ import pytest
 
 import dataflare
 from dataflare.connectors.s3 import S3DestinationConfig, S3Position, S3Source, S3SourceConfig
-from tests.fixtures.s3 import KEY_ID, SECRET
+from tests.fixtures.s3 import KEY_ID, SECRET, Outage
 
 SEED_LAKE = """\
 workflow:
@@ -112,6 +116,37 @@ workflow:
     assert len(table) == 125
 
 
+def test_an_s3_outage_is_retried_per_the_workflows_retry_policy(tmp_path, s3_bucket):
+    # S3 calls were not retried: an outage of two seconds (a MinIO restart) stopped the run.
+    rows = [{"id": i, "city": ["paris", "rome"][i % 2]} for i in range(40)]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    outage = Outage(s3_bucket.endpoint_url)
+    conn = s3_bucket.config().replace(s3_bucket.endpoint_url, outage.endpoint_url)
+    (tmp_path / "flow.yaml").write_text(f"""\
+workflow:
+  config: {{retry: {{max_attempts: 50, backoff: {{initial: 50ms, max: 200ms}}}}}}
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    lake:
+      inputs: [src]
+      type: s3
+      config: {{{conn}, path_template: "o/{{{{city}}}}/", format: jsonl, max_records: 10}}
+""")
+    outage.down.set()
+    threading.Timer(1.5, outage.down.clear).start()
+    try:
+        result = dataflare.run(tmp_path / "flow.yaml")
+    finally:
+        outage.down.clear()
+        outage.close()
+    assert result.ok, result.error
+    assert outage.dropped > 0  # the run met the outage
+    got = [orjson.loads(line) for keys in logical(s3_bucket.keys()).values() for k in keys
+           for line in s3_bucket.read(k).splitlines()]
+    assert sorted(got, key=lambda r: r["id"]) == rows
+
+
 def test_s3_source_reads_every_format_under_a_prefix_and_resumes_by_key(tmp_path, s3_bucket):
     s3_bucket.put("in/a.jsonl", b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')
     s3_bucket.put("in/b.csv", b"n,s\n4,x\n5,y\n6,z\n")
@@ -180,6 +215,14 @@ workflow:
     assert not result.ok
     assert "step 'lake': cannot write s3://no-such-bucket/x/" in (result.error or "")
     assert SECRET not in (result.error or "")
+    # A failed run left its local scratch directory (records' copies) in the temp dir.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "dataflare", "run", "flow.yaml", "-q"],
+                          cwd=tmp_path, env={**os.environ, "TMPDIR": str(scratch)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "cannot write s3://no-such-bucket/x/" in proc.stderr
+    assert list(scratch.glob("dataflare-s3-*")) == []
 
 
 @pytest.mark.parametrize(("config", "message"), [
