@@ -168,8 +168,10 @@ class _Progress:
 
     def __init__(self, steps: list[str], destinations: list[str], live: bool,
                  quiet: bool = False, progress_file: str | None = None,
-                 late_unread: frozenset[str] = frozenset()) -> None:
+                 late_unread: frozenset[str] = frozenset(), sources: list[str] | None = None
+                 ) -> None:
         self.steps, self.destinations, self.live = steps, set(destinations), live
+        self.sources = sources or []  # whose records make the summary's total
         self.late_unread = late_unread
         self.quiet, self.progress_file = quiet, progress_file
         self.stop = threading.Event()
@@ -190,7 +192,7 @@ class _Progress:
         """Late records of this run that went nowhere (see :func:`late_unread`)."""
         return {s: n for s, n in self.late().items() if s in self.late_unread}
 
-    def summary(self, sources: list[str], status: str, error: str | None) -> dict[str, object]:
+    def summary(self, status: str, error: str | None) -> dict[str, object]:
         """The run's result: status, totals (read, written, failed), per-step counts."""
         counts = self.counts()
         steps = {s: {"records": n, "failed": e} for s, n, e in counts}
@@ -199,7 +201,7 @@ class _Progress:
         return {
             "status": status,
             "duration_s": round(self.elapsed or time.monotonic() - self.started, 3),
-            "total": sum(steps[s]["records"] for s in sources if s in steps),
+            "total": sum(steps[s]["records"] for s in self.sources if s in steps),
             "succeeded": sum(steps[s]["records"] for s in self.destinations if s in steps),
             "failed": sum(e for _, _, e in counts),
             "steps": steps,
@@ -240,7 +242,7 @@ class _Progress:
                 sys.stderr.flush()
             if self.progress_file:  # read by the server's worker while the run goes on
                 tmp = self.progress_file + ".tmp"
-                Path(tmp).write_text(json.dumps(self.summary([], "running", None)))
+                Path(tmp).write_text(json.dumps(self.summary("running", None)))
                 os.replace(tmp, self.progress_file)
 
     def __enter__(self) -> _Progress:
@@ -466,7 +468,8 @@ def _run(opts: RunOptions) -> RunResult:
     steps = [*wf.sources, *wf.transformations, *wf.destinations]
     on_terminal = sys.stderr.isatty() and not opts.quiet
     progress = _Progress(steps, list(wf.destinations), on_terminal, quiet=opts.quiet,
-                         progress_file=opts.progress_json, late_unread=late_unread(wf))
+                         progress_file=opts.progress_json, late_unread=late_unread(wf),
+                         sources=list(wf.sources))
     code, status, error = 0, "succeeded", None
     recorded = None  # the workflow the saved state belongs to, for ``dataflare plan``
     if opts.recovery_dir is not None:
@@ -539,7 +542,7 @@ def _run(opts: RunOptions) -> RunResult:
         say(f"step {step!r}: {n} late record(s) dropped: older than the step's {said}, and "
             f"nothing reads {step + '.late'!r} (send them to a destination with late_to, or "
             "make it an input)", "warning")
-    summary = progress.summary(list(wf.sources), status, error)
+    summary = progress.summary(status, error)
     if wf.post_actions and not opts.no_post_actions:
         summary["post_actions"] = _post_actions(opts, wf, status, summary)
     if replayed is not None:

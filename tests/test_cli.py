@@ -208,6 +208,27 @@ def test_summary_does_not_count_records_of_a_failed_run_as_written(capsys):
     assert "  summary_dst: 3 received, not all confirmed written\n" in err
 
 
+def test_the_progress_of_a_running_run_counts_its_total(tmp_path):
+    # The progress the server's worker reads said total 0 while the run went on; a run
+    # taken over after a crash then summed that 0 into its final total.
+    import json
+    import time
+
+    from dataflare import metrics
+    from dataflare.runner import _Progress
+
+    path = tmp_path / "progress.json"
+    with _Progress(["progress_src", "progress_dst"], ["progress_dst"], live=False,
+                   progress_file=str(path), sources=["progress_src"]):
+        metrics.RECORDS_OUT.labels("progress_src").inc(7)
+        metrics.RECORDS_WRITTEN.labels("progress_dst").inc(7)
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        running = json.loads(path.read_text())
+    assert (running["status"], running["total"], running["succeeded"]) == ("running", 7, 7)
+
+
 def test_server_commands_say_when_the_server_cannot_be_reached():
     import socket
 

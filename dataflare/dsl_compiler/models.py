@@ -79,7 +79,7 @@ class Schedule(Strict):
                                       "without a zone is UTC).")
     catchup: Literal["latest", "all", "none"] = Field(
         "latest", description="Instants missed while no scheduler ran: run the latest one, "
-        "every one, or none.")
+        "every one, or none (one passed less than a minute ago still runs).")
 
     @field_validator("start_date", "end_date")
     @classmethod

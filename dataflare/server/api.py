@@ -278,8 +278,12 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
         return {"runs": ids}
 
     @app.get("/api/v1/workflows/{wid}/discover/{source}")
-    def discover(wid: str, source: str, _user: Connectors) -> Any:
-        """What a source of a stored workflow reads (tables and columns, or a schema)."""
+    def discover(wid: str, source: str, _user: Execute) -> Any:
+        """What a source of a stored workflow reads (tables and columns, or a schema).
+
+        It reads the source, with the server's credentials and files, as a run does: so
+        it needs ``workflow:execute`` (a file's first line would show a viewer its text).
+        """
         from dataflare.connectors.schema import discover as run_discover
         from dataflare.dsl_compiler.compiler import component_context
 

@@ -180,5 +180,9 @@ def load(path: str | Path | None, env: Mapping[str, str] = os.environ,
             msg = f"user {name!r}: unknown role {unknown[0]!r} (known: {', '.join(roles)})"
             raise ValueError(msg)
         perms = tuple(p for r in spec.roles for p in roles[r])
+        if token in access.users:  # one would act, and be audited, as the other
+            msg = (f"users {access.users[token].name!r} and {name!r} have the same token: "
+                   "give each user a token of its own")
+            raise ValueError(msg)
         access.users[token] = User(str(name), perms)
     return access

@@ -153,8 +153,9 @@ class Scheduler:
             with self.store.tx() as c:
                 if sched.catchup != "all" and fire and (
                         waiting := self.store.queued_run(wid, conn=c)) is not None:
-                    log.warning("workflow %r: the run of %s is skipped, run %s still waits "
-                                "for its turn", wid, fire[-1].isoformat(), waiting)
+                    if waiting[1] != fire[-1]:  # else another scheduler made this very run
+                        log.warning("workflow %r: the run of %s is skipped, run %s still "
+                                    "waits for its turn", wid, fire[-1].isoformat(), waiting[0])
                     fire = []
                 for t in fire:
                     rid = self.store.start_run(wid, "scheduler", "schedule", t, conn=c)

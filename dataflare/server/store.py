@@ -389,10 +389,11 @@ class Store:
                      "scheduled_for": scheduled_for.isoformat() if scheduled_for else None})
         return rid
 
-    def queued_run(self, wid: str, conn: Connection) -> str | None:
-        """The id of a run of workflow ``wid`` waiting in the queue, if any."""
-        return conn.execute(sa.select(runs.c.id).where(
-            (runs.c.workflow_id == wid) & (runs.c.status == "queued")).limit(1)).scalar()
+    def queued_run(self, wid: str, conn: Connection) -> tuple[str, datetime | None] | None:
+        """``(id, scheduled_for)`` of a run of workflow ``wid`` waiting in the queue, if any."""
+        row = conn.execute(sa.select(runs.c.id, runs.c.scheduled_for).where(
+            (runs.c.workflow_id == wid) & (runs.c.status == "queued")).limit(1)).first()
+        return None if row is None else (row.id, row.scheduled_for)
 
     def set_scheduled_until(self, c: Connection, wid: str, until: datetime) -> None:
         """Move the scheduler's position of a workflow forward (never back)."""

@@ -132,7 +132,7 @@ workflow:
   destinations: {out: {type: file, inputs: [db], config: {path: out.jsonl}}}
 """
     assert post_yaml(client, text).status_code == 201
-    r = client.get("/api/v1/workflows/pg/discover/db", headers=h("viewer"))
+    r = client.get("/api/v1/workflows/pg/discover/db", headers=h("operator"))
     assert r.status_code == 502
     detail = r.json()["detail"]
     assert detail.startswith("step 'db': ") and "'db'" not in detail[len("step 'db'"):], detail
@@ -291,6 +291,8 @@ ENDPOINTS = [  # method, path, permission needed
     ("POST", "/api/v1/workflows/orders/runs", "workflow:execute"),
     ("GET", "/api/v1/runs", "workflow:read"),
     ("GET", "/api/v1/connectors", "connector:read"),
+    # Discovery reads the source with the server's credentials and files, as a run does.
+    ("GET", "/api/v1/workflows/orders/discover/g", "workflow:execute"),
     ("GET", "/api/v1/audit", "system:audit"),
     ("DELETE", "/api/v1/workflows/orders", "workflow:delete"),
 ]
@@ -338,6 +340,11 @@ def test_weak_or_unknown_config_is_refused(tmp_path: Path) -> None:
                                                 "roles": ["operator"]}}}))
     user = auth.load(cfg).authenticate("y" * 32)
     assert user is not None and user.may("workflow:execute") and not user.may("workflow:create")
+    # Two users of one token: the second acted as the first, and was audited as such.
+    cfg.write_text(json.dumps({"users": {"alice": {"token": "z" * 30, "roles": ["admin"]},
+                                         "bob": {"token": "z" * 30, "roles": ["viewer"]}}}))
+    with pytest.raises(ValueError, match="users 'alice' and 'bob' have the same token"):
+        auth.load(cfg)
 
 
 @pytest.mark.parametrize(("config", "said"), [

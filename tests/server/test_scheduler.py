@@ -164,6 +164,21 @@ def test_two_schedulers_and_restarts_never_fire_an_instant_twice(store: Store) -
     assert len(starts) == 12  # an instant another scheduler took leaves no audit record
 
 
+def test_a_run_another_scheduler_made_of_the_same_instant_is_no_skip(
+        sqlite_store: Store, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Scheduler B read the workflows before A made the run of an instant, then found that
+    # run queued and warned that the instant was skipped: nothing was.
+    created = _put(sqlite_store, "wf").replace(minute=0, second=0, microsecond=0)
+    clock = [created + timedelta(hours=1, seconds=1)]
+    stale = sqlite_store.scheduled()  # B's read, before A's tick
+    assert len(Scheduler(sqlite_store, clock=lambda: clock[0]).tick()) == 1
+    monkeypatch.setattr(sqlite_store, "scheduled", lambda: stale)
+    assert Scheduler(sqlite_store, clock=lambda: clock[0]).tick() == []
+    assert "skipped" not in caplog.text
+    assert len(sqlite_store.runs("wf")) == 1
+
+
 def test_backfill_creates_one_run_per_instant_once(store: Store) -> None:
     created = _put(store, "wf", "none")
     s = Scheduler(store)
