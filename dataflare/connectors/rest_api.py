@@ -273,9 +273,8 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                     params[a.query_param] = a.key.get_secret_value()
                 else:
                     headers[a.header] = a.key.get_secret_value()
-        what = f"{cfg.method} {url}"
-
         target = httpx.URL(url).copy_merge_params(params)  # a next link keeps its query
+        what = f"{cfg.method} {public_url(cfg, target)}"  # the page asked for, no credential
 
         def attempt() -> Any:
             try:
@@ -290,7 +289,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 msg = f"{what}: {type(exc).__name__}: {exc}"
                 raise TransientError(msg) from exc
             if resp.status_code == 429 or resp.status_code >= 500:
-                msg = f"{what} returned {resp.status_code}"
+                msg = f"{what} returned {resp.status_code}: {resp.text[:200]!r}"
                 raise TransientError(msg, retry_after_seconds(resp.headers.get("Retry-After")))
             if resp.status_code >= 400:
                 msg = (
@@ -303,7 +302,9 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         try:
             return call_with_retry(f"step '{self.src.step_id}': {what}", attempt, self.src.retry)
         except TransientError as exc:  # the attempts ran out
-            msg = f"step '{self.src.step_id}': {exc}"
+            tried = getattr(exc, "attempts", None)
+            after = f"giving up after {tried} attempt(s): " if tried else ""
+            msg = f"step '{self.src.step_id}': {after}{exc}"
             raise RuntimeError(msg) from exc
 
     # walking

@@ -151,11 +151,16 @@ def test_every_pagination_style_through_429s_and_500s(
 def test_too_many_failures_fail_the_step(api: Any) -> None:
     api.reset(5)
     api.faults.extend([(500, None)] * 4)
-    ctx = make_ctx("api_down", {"url": api.url + "/link"}, mode="full")
+    # The error names the page asked for, the attempts and the answer (it said only
+    # "GET <url> returned 503": where the walk stopped was not told).
+    config = {"url": api.url + "/page", "records_path": "data.items",
+              "pagination": {"type": "page_number"}}
     with pytest.raises(Exception) as info:
-        run(ctx)
-    assert "TransientError: GET " + api.url + "/link returned 500" in chain(info.value)
-    assert error_text(info.value) == f"step 'api_down': GET {api.url}/link returned 500"
+        run(make_ctx("api_down", config, mode="full"))
+    assert "TransientError: GET " + api.url + "/page?page=1 returned 500" in chain(info.value)
+    assert error_text(info.value) == (
+        f"step 'api_down': giving up after 4 attempt(s): GET {api.url}/page?page=1 returned "
+        """500: '{"error": "injected"}'""")
 
 
 def test_client_errors_are_terminal_and_name_the_step(api: Any) -> None:
