@@ -14,6 +14,7 @@ there more often than a leak, and masking it would corrupt the result.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import sys
@@ -119,11 +120,21 @@ def register_field(name: str, value: Any) -> None:
         register(_SCHEME.sub("", text))  # the credential, not the scheme's name before it
 
 
+def register_basic(username: Any, password: Any) -> None:
+    """Remember the credential of HTTP Basic auth (``base64(user:password)``) as a secret."""
+    if isinstance(password, SecretStr):
+        password = password.get_secret_value()
+    if password:
+        register(base64.b64encode(f"{username or ''}:{password}".encode()).decode())
+
+
 def collect(data: Any, key: str = "") -> None:
     """Register every secret in a loaded workflow (plain data) or a validated model."""
     if isinstance(data, BaseModel):
         for name in type(data).model_fields:
             collect(getattr(data, name, None), name)
+        if getattr(data, "type", None) == "basic":  # the Authorization header derived from it
+            register_basic(getattr(data, "username", None), getattr(data, "password", None))
         for name, val in (data.model_extra or {}).items():
             collect(val, name)
     elif isinstance(data, dict):

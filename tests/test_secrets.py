@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -192,6 +193,15 @@ def test_hyphenated_header_names_hold_secrets() -> None:
     clean = secrets.scrub('401: {"got": "zzqqHdrKey777", "also": "aaHdrKey888", "t": '
                           '"not-secret-1"}')
     assert "HdrKey" not in clean and "not-secret-1" in clean
+
+
+def test_the_basic_auth_credential_is_a_secret() -> None:
+    # An API echoing the Authorization header showed base64(user:password), which decodes.
+    from dataflare.config import Auth
+
+    secrets.collect(Auth(type="basic", username="svcuser", password="basicPASSvalue777"))
+    echoed = "Basic " + base64.b64encode(b"svcuser:basicPASSvalue777").decode()
+    assert secrets.scrub(f'401: {{"auth": "{echoed}"}}') == '401: {"auth": "Basic ***"}'
 
 
 def test_log_records_are_scrubbed_in_process(caplog: pytest.LogCaptureFixture) -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -324,8 +324,9 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
     def _since(self) -> Any:
         """The cursor a walk sends: the largest value read, less the lookback."""
         src = self.src
-        if self.cursor is None:
-            return src.start_value
+        if self.cursor is None:  # YAML reads an unquoted timestamp as a datetime: sent ISO
+            start = src.start_value
+            return iso_utc(src.key(start)) if isinstance(start, datetime | date) else start
         if not src.lookback:
             return self.cursor
         if isinstance(self.cursor, int | float):

@@ -525,6 +525,11 @@ def test_timestamp_cursors_compare_as_instants(api: Any) -> None:
     with pytest.raises(ValueError, match="'api_ts': incremental.start_value is not a timestamp"):
         build_rest_api_source(polled(api, "api_ts", [], cursor_type="timestamp",
                                      start_value="soon"))
+    # An unquoted YAML timestamp is a datetime: it was sent as "2024-01-01 18:00:00+00:00".
+    api.requests.clear()
+    drain(polled(api, "api_ts", [], cursor_type="timestamp",
+                 start_value=datetime(2024, 1, 1, 18, tzinfo=UTC)))
+    assert api.requests[0][1]["updated_since"] == "2024-01-01T18:00:00Z"
 
 
 def test_integer_and_string_cursors(api: Any) -> None:
