@@ -94,9 +94,12 @@ class Schedule(Strict):
                 raise ValueError(msg)
             from croniter import croniter
 
-            if len(self.expression.split()) not in (5, 6) and not self.expression.startswith(
-                    "@"):
-                msg = f"cron expression {self.expression!r} must have 5 or 6 fields"
+            fields = len(self.expression.split())
+            if fields != 5 and not self.expression.startswith("@"):
+                # croniter reads a 6th field as seconds, last; Quartz's come first: "0 0 1 *
+                # * *" would fire every second of a minute. A Kubernetes CronJob has 5.
+                msg = (f"cron expression {self.expression!r} has {fields} fields: it needs 5 "
+                       "(minute hour day-of-month month day-of-week; no seconds)")
                 raise ValueError(msg)
             if not croniter.is_valid(self.expression):
                 msg = f"invalid cron expression {self.expression!r}"

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from zoneinfo import ZoneInfo
 
 from dataflare.dsl_compiler.models import Schedule
@@ -97,6 +98,23 @@ def _repeated(t: datetime, zone: ZoneInfo) -> bool:
     return first.utcoffset() != second.utcoffset() and t.astimezone(UTC) == second.astimezone(UTC)
 
 
+def latest_instant(schedule: Schedule, after: datetime, until: datetime) -> datetime | None:
+    """The schedule's last instant in ``(after, until]``.
+
+    Looked for in growing spans back from ``until``: an outage of days holds thousands of a
+    cron's instants.
+    """
+    span = timedelta(hours=1)
+    while True:
+        low = max(after, until - span)
+        last = None
+        for last in instants(schedule, low, until):  # noqa: B007 - the last one is kept
+            pass
+        if last is not None or low == after:
+            return last
+        span *= 24
+
+
 def next_instants(schedule: Schedule, count: int = 5, at: datetime | None = None
                   ) -> list[datetime]:
     """The next ``count`` instants of a schedule (for the console and the API)."""
@@ -134,11 +152,11 @@ class Scheduler:
             if sched is None or sched.type == "event":
                 continue
             after = until or created
-            due = []
-            for t in instants(sched, after, at):
-                due.append(t)
-                if len(due) >= MAX_CATCHUP:
-                    break
+            if sched.catchup == "all":  # the oldest first; the rest at the next ticks
+                due = list(islice(instants(sched, after, at), MAX_CATCHUP))
+            else:
+                last = latest_instant(sched, after, at)
+                due = [] if last is None else [last]
             upcoming = next(instants(sched, max(at, after), at + timedelta(minutes=1)), None)
             if upcoming is not None and (self.next_due is None or upcoming < self.next_due):
                 self.next_due = upcoming
@@ -165,7 +183,16 @@ class Scheduler:
         return started
 
     def backfill(self, wid: str, start: datetime, end: datetime, user: str) -> list[str]:
-        """One run per instant of the workflow's schedule in ``[start, end]``."""
+        """One run per instant of the workflow's schedule in ``[start, end]``, all past.
+
+        An instant to come runs at its time: a backfill run of it would start now, before
+        its data, and take the place of the scheduled one (one run per instant).
+        """
+        at = self.clock()
+        if end > at:
+            msg = (f"end {end.isoformat()} is in the future (now {at.isoformat()}): a backfill "
+                   "runs past instants, those to come run at their time")
+            raise ValueError(msg)
         with self.store.engine.connect():
             wf = self.store.workflow(wid)
         sched = schedule_of(wf["yaml"])

@@ -100,6 +100,22 @@ def test_instants_missed_while_down_follow_catchup(sqlite_store: Store, catchup:
     assert len(sqlite_store.runs("wf")) == expected + (1 if catchup != "none" else 0)
 
 
+def test_catchup_latest_after_days_down_runs_the_newest_instant_once(sqlite_store: Store
+                                                                      ) -> None:
+    # Only the 1,000 oldest missed instants were looked at: after two days down an
+    # every-minute cron ran the 1,000th oldest (a day old), then more runs at later ticks.
+    sqlite_store.put_workflow("m", None, HOURLY.format(wid="m", catchup="latest").replace(
+        "type: interval, interval: 1h,", "type: cron, expression: '* * * * *',"), "t",
+        create=True)
+    created = next(c for w, _, _, _, c in sqlite_store.scheduled() if w == "m")
+    down = created.replace(second=0, microsecond=0) + timedelta(days=2, seconds=30)
+    scheduler = Scheduler(sqlite_store, clock=lambda: down)
+    scheduler.tick()
+    scheduler.tick()
+    assert [r.scheduled_for for r in sqlite_store.runs("m")] == [
+        down.replace(second=0)]
+
+
 @pytest.mark.parametrize("catchup", ["latest", "all"])
 def test_an_instant_is_skipped_while_a_run_still_waits(sqlite_store: Store, catchup: str
                                                        ) -> None:
@@ -189,12 +205,18 @@ def test_backfill_creates_one_run_per_instant_once(store: Store) -> None:
         start + timedelta(hours=h) for h in range(4)]
     again = s.backfill("wf", start, start + timedelta(hours=3), "ops")
     assert again == []
+    # An instant to come: its backfill run started at once and took the scheduled one's
+    # place (one run per instant).
+    with pytest.raises(ValueError, match="is in the future"):
+        s.backfill("wf", start, now() + timedelta(hours=1), "ops")
     assert {r.trigger for r in store.runs("wf")} == {"backfill"}
 
 
 @pytest.mark.parametrize(("schedule", "message"), [
     ({"type": "cron", "expression": "61 * * * *"}, "invalid cron expression"),
-    ({"type": "cron", "expression": "* * * *"}, "must have 5 or 6 fields"),
+    ({"type": "cron", "expression": "* * * *"}, "has 4 fields: it needs 5"),
+    # croniter reads a 6th field as seconds: Quartz's "0 0 1 * * *" fired 60 times.
+    ({"type": "cron", "expression": "0 0 1 * * *"}, "has 6 fields: it needs 5 .*no seconds"),
     ({"type": "cron", "expression": "0 0 * * *", "timezone": "Mars/Base"},
      "unknown time zone 'Mars/Base'"),
     ({"type": "interval", "expression": "soon"}, "is not a duration"),
