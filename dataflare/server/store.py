@@ -265,6 +265,8 @@ class Store:
                 if row.deleted or schedule_block(str(old)) != schedule_block(text):
                     # A schedule set (or a workflow made again) now has no missed instants.
                     values["scheduled_until"] = at
+                if row.deleted:  # made again: a new workflow (its runs keep no old state)
+                    values["created_at"] = at
                 c.execute(workflows.update().where(workflows.c.id == wid).values(**values))
             c.execute(revisions.insert().values(workflow_id=wid, number=number, yaml=text,
                                                 author=user, created_at=at))

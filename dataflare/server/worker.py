@@ -103,6 +103,27 @@ class Worker:
             self._post_actions(wf, "stopped", run, None)
         return True
 
+    def _own_state(self, recovery: Path, wid: str) -> None:
+        """Keep ``recovery`` only if it is this workflow's, not a deleted one's of that id.
+
+        A workflow deleted and made again under its id is a new workflow: it would resume
+        the old one's position (a sync into a new table would miss every row read before).
+        The old state is set aside, named so, not removed.
+        """
+        try:
+            created = self.store.workflow(wid)["created_at"]
+        except NotFound:
+            return
+        marker = recovery / "dataflare-workflow-created"
+        if marker.exists() and marker.read_text().strip() != created:
+            aside = recovery.with_name(f"{recovery.name}.deleted-{uuid.uuid4().hex[:8]}")
+            recovery.rename(aside)
+            log.warning("workflow %r was made again: the deleted one's recovery state is "
+                        "set aside in %s, and its runs start afresh", wid, aside)
+        recovery.mkdir(parents=True, exist_ok=True)
+        if not marker.exists():
+            marker.write_text(created + "\n")
+
     def execute(self, run: Run, text: str) -> None:
         """Run ``run`` (workflow text ``text``) to its end and record the outcome."""
         env = dict(os.environ)
@@ -114,7 +135,9 @@ class Worker:
         resumes = v.workflow is not None and any(
             src.runs_as() != "full" for src in v.workflow.sources.values())
         recovery = self.data_dir / "recovery" / run.workflow
-        if not resumes:
+        if resumes:
+            self._own_state(recovery, run.workflow)
+        else:
             recovery = recovery / run.id
         recovery.mkdir(parents=True, exist_ok=True)
         (recovery / "dataflare-run-id").write_text(run.id + "\n")

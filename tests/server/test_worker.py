@@ -71,6 +71,18 @@ workflow:
             with pg_schema.connect() as conn:
                 conn.execute(f"INSERT INTO {table} VALUES {new_row}")
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [1, 2, 3]
+    # Deleted and made again under its id, it is a new workflow: its first run reads the
+    # whole table (it resumed the deleted one's cursor: a new target missed every row).
+    text = sqlite_store.workflow("sync")["yaml"]
+    sqlite_store.delete_workflow("sync", "test")
+    sqlite_store.put_workflow("sync", None, text.replace("out.jsonl", "again.jsonl"), "test",
+                              create=True)
+    rid = sqlite_store.start_run("sync", "test")
+    assert worker.run_one()
+    assert sqlite_store.run(rid).status == "succeeded"
+    again = tmp_path / "data/work/sync/again.jsonl"
+    assert [json.loads(x)["id"] for x in again.read_text().splitlines()] == [1, 2, 3]
+    assert len(list((tmp_path / "data/recovery").glob("sync.deleted-*"))) == 1
 
 
 def test_concurrent_claims_never_run_one_workflow_twice(store: Store) -> None:
