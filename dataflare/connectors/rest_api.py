@@ -115,6 +115,11 @@ class RestApiSourceConfig(Strict):
         "(default: incremental.column). Without one, each walk reads the whole endpoint "
         "and keeps the records past the cursor.",
     )
+    primary_key: list[str] | None = Field(
+        None, description="Incremental: the fields identifying a record. A record read again "
+        "(at the cursor, within lookback) is dropped when one of its key and cursor value "
+        "was emitted; default: when an identical record was (a field the API changes at "
+        "each answer, as a signed link, then makes it new each time).")
     rate_limit: RateLimit | None = Field(None, description="Request rate limit.")
     decimal_handling: DecimalHandling = Field("number", description=JSON_NUMBERS)
     timeout: Duration = Field(30.0, description="Timeout of one request.")
@@ -457,6 +462,12 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self._turn_page(walk, p.size or 0)
         return [failed], self._below_max_pages(walk)
 
+    def _past(self, value: Any, cursor: Any) -> bool:
+        """Whether cursor ``value`` is beyond ``cursor`` (any value is beyond none)."""
+        if value is None:
+            return False
+        return cursor is None or not _at_least(self.src.key(cursor), self.src.key(value))
+
     def _keep_new(self, records: list[Any]) -> list[Any]:
         """The records not emitted before; a ``Failed`` entry for a bad cursor value."""
         if not self.src.incremental:
@@ -469,7 +480,10 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             if isinstance(rec, Failed):
                 out.append(rec)
                 continue
-            value, fp = get_path(rec, src.cursor_field), _fingerprint(rec)
+            value = get_path(rec, src.cursor_field)
+            key = self.cfg.primary_key
+            fp = _fingerprint(rec if key is None else {
+                "key": [get_path(rec, k) for k in key], "cursor": value})
             if fp in self.seen or fp in self.walk_seen or fp in self.reported:
                 continue  # emitted by a walk before, or on a page before (pages shifted)
             try:
@@ -509,7 +523,11 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             self.walk = self._start_walk()
         records, more = self._page(self.walk)
         fresh = self._keep_new(records)
-        self.walk_new = self.walk_new or any(not isinstance(r, Failed) for r in fresh)
+        # A walk finding records past the cursor is followed by another (stop_at_end) at
+        # once; records new at the cursor's own value do not call for one.
+        self.walk_new = self.walk_new or self.src.incremental and any(
+            not isinstance(r, Failed) and self._past(get_path(r, self.src.cursor_field),
+                                                     self.cursor) for r in fresh)
         self.awake = None
         if not more:
             walk, self.walk = self.walk, None
@@ -582,6 +600,7 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
                 ("incremental", inc is not None),
                 ("config.incremental_param", self.cfg.incremental_param is not None),
                 ("config.stop_at_end", "stop_at_end" in self.cfg.model_fields_set),
+                ("config.primary_key", self.cfg.primary_key is not None),
             ) if set_]
             if given:
                 msg = (f"source '{ctx.step_id}': {', '.join(given)} has no effect in mode full, "

@@ -569,6 +569,20 @@ def test_a_record_a_shifted_page_repeats_is_emitted_once(api: Any) -> None:
     assert ids == [1, 2, 3, 4, 5, 6, 0]  # the next walk finds 0
 
 
+@pytest.mark.parametrize(("key", "emitted"), [(None, [1, 2, 3, 3]), (["id"], [1, 2, 3])])
+def test_a_record_changing_at_each_answer_ends_a_catch_up_run(
+        api: Any, key: list[str] | None, emitted: list[int]) -> None:
+    # A field the API changes at each answer (a signed link, a timestamp) made the record
+    # at the cursor new at each walk: stop_at_end never ended, and emitted it each time.
+    api.reset(3)
+    config = {"url": api.url + "/vol", "incremental_param": "updated_since",
+              "stop_at_end": True, **({"primary_key": key} if key else {})}
+    ctx = make_ctx("api_vol", config, mode="incremental",
+                   incremental={"cursor_field": "updated_at", "cursor_type": "timestamp"})
+    records, _ = drain(ctx)
+    assert [r["id"] for r in records] == emitted  # with a key, the record read again is known
+
+
 def test_lookback_re_reads_a_window_and_emits_only_late_records(api: Any) -> None:
     ctx = polled(api, "api_back", [{"id": 1, "updated_at": "2024-01-01T10:00:00Z"},
                                    {"id": 2, "updated_at": "2024-01-01T12:00:00Z"}],
