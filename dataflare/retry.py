@@ -155,3 +155,28 @@ def call_with_retry(
                 on_retry(exc)
     msg = "unreachable"
     raise AssertionError(msg)
+
+
+def call_retrying(what: str, fn: Callable[[], T], policy: Retry,
+                  transient: Callable[[BaseException], bool]) -> T:
+    """:func:`call_with_retry` of a call whose failures ``transient`` tells apart.
+
+    For a client raising its own exceptions (boto3): those ``transient`` accepts are
+    retried per ``policy``; the last one is raised as a :class:`TransientError` (from
+    it) with ``attempts``, any other failure at once, as it is.
+    """
+    def attempt() -> T:
+        try:
+            return fn()
+        except Exception as exc:
+            if transient(exc):
+                raise TransientError(str(exc)) from exc
+            raise
+
+    return call_with_retry(what, attempt, policy)
+
+
+def after_attempts(exc: BaseException) -> str:
+    """`` (after N attempts)`` for a failure :func:`call_with_retry` retried, else ``""``."""
+    tried = getattr(exc, "attempts", None)
+    return f" (after {tried} attempts)" if tried and tried > 1 else ""

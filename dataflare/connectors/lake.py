@@ -61,7 +61,7 @@ from dataflare.records import (
     getter,
     to_epoch_seconds,
 )
-from dataflare.retry import Interrupted, TransientError, call_with_retry
+from dataflare.retry import Interrupted, after_attempts, call_retrying
 from dataflare.template import placeholders
 
 EXTENSIONS = {"jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
@@ -837,24 +837,14 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
     def _storage_call(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, transient failures retried; a failure names the step and the key."""
         shown = self.storage.show(key)
-
-        def attempt() -> Any:
-            try:
-                return fn(*args)
-            except Exception as exc:
-                if self.storage.transient(exc):
-                    raise TransientError(str(exc)) from exc
-                raise
-
         try:
-            return call_with_retry(f"step {self.out.step!r}: writing {shown}", attempt,
-                                   self.out.retry)
+            return call_retrying(f"step {self.out.step!r}: writing {shown}",
+                                 functools.partial(fn, *args), self.out.retry,
+                                 self.storage.transient)
         except Interrupted:
             raise  # a graceful stop: the resume writes it
         except Exception as exc:
-            tried = getattr(exc, "attempts", None)
-            after = f" (after {tried} attempts)" if tried and tried > 1 else ""
-            msg = f"step {self.out.step!r}: cannot write {shown}{after}: {exc}"
+            msg = f"step {self.out.step!r}: cannot write {shown}{after_attempts(exc)}: {exc}"
             raise RuntimeError(msg) from exc
 
     def on_batch(self, values: list[Batch]) -> tuple[list[list[Failed]], bool]:

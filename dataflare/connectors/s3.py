@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +36,7 @@ from bytewax.dataflow import Stream
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, model_validator
 
-from dataflare.config import Secret, Strict
+from dataflare.config import Retry, Secret, Strict
 from dataflare.connectors.file import (
     CsvOptions,
     file_format,
@@ -56,6 +57,7 @@ from dataflare.connectors.schema import JSON_NUMBERS, DecimalHandling
 from dataflare.lineage import Dataset
 from dataflare.records import Batch, RecordError, to_epoch_seconds
 from dataflare.registry import BuildContext, destination, source
+from dataflare.retry import Interrupted, after_attempts, call_retrying
 
 
 class S3Connection(Strict):
@@ -255,7 +257,7 @@ class _ObjectReader:
     """One object, read through a local copy by the file source's reader of its format."""
 
     def __init__(self, step: str, config: S3SourceConfig, client: Any, key: str,
-                 position: Any) -> None:
+                 position: Any, retry: Retry) -> None:
         self.key = key
         fmt = file_format(key, config.format, step)
         fd, name = tempfile.mkstemp(prefix="dataflare-s3-", suffix=Path(key).suffix)
@@ -263,10 +265,14 @@ class _ObjectReader:
         self.local = Path(name)
         shown = f"s3://{config.bucket}/{key}"
         try:
-            client.download_file(config.bucket, key, name)
+            call_retrying(f"step {step!r}: reading {shown}",
+                          partial(client.download_file, config.bucket, key, name), retry,
+                          s3_transient)
         except Exception as exc:
             self.local.unlink(missing_ok=True)
-            msg = f"step {step!r}: cannot read {shown}: {exc}"
+            if isinstance(exc, Interrupted):
+                raise
+            msg = f"step {step!r}: cannot read {shown}{after_attempts(exc)}: {exc}"
             raise RuntimeError(msg) from exc
         self.reader = file_reader(step, self.local, shown, fmt, config, position)
 
@@ -284,12 +290,18 @@ class _ObjectReader:
         self.local.unlink(missing_ok=True)
 
 
-def _listing(step: str, config: S3SourceConfig, client: Any) -> list[dict[str, Any]]:
+def _listing(step: str, config: S3SourceConfig, client: Any, retry: Retry
+             ) -> list[dict[str, Any]]:
     """The data objects under the prefix (no journals, no directory markers), in key order."""
+    shown = f"s3://{config.bucket}/{config.prefix}"
     try:
-        out = _objects(client, config.bucket, config.prefix)
+        out = call_retrying(f"step {step!r}: listing {shown}",
+                            partial(_objects, client, config.bucket, config.prefix), retry,
+                            s3_transient)
+    except Interrupted:
+        raise
     except Exception as exc:
-        msg = f"step {step!r}: cannot list s3://{config.bucket}/{config.prefix}: {exc}"
+        msg = f"step {step!r}: cannot list {shown}{after_attempts(exc)}: {exc}"
         raise RuntimeError(msg) from exc
     out = [o for o in out if f"/{JOURNAL}/" not in f"/{o['Key']}" and not o["Key"].endswith("/")]
     return sorted(out, key=lambda o: o["Key"])
@@ -298,10 +310,11 @@ def _listing(step: str, config: S3SourceConfig, client: Any) -> list[dict[str, A
 class _ObjectsPartition(StatefulSourcePartition[Batch, S3Position | None]):
     """The objects under a prefix, in key order, each read through a local copy."""
 
-    def __init__(self, step: str, config: S3SourceConfig, state: S3Position | None) -> None:
-        self.step, self.config = step, config
+    def __init__(self, step: str, config: S3SourceConfig, state: S3Position | None,
+                 retry: Retry) -> None:
+        self.step, self.config, self.retry = step, config, retry
         self.client = config.client()
-        keys = [o["Key"] for o in _listing(step, config, self.client)]
+        keys = [o["Key"] for o in _listing(step, config, self.client, retry)]
         self.state = state
         if state is not None:  # resume: the key read then, unless it was done, and later ones
             keys = [k for k in keys if k > state.key or (k == state.key and not state.done)]
@@ -315,7 +328,8 @@ class _ObjectsPartition(StatefulSourcePartition[Batch, S3Position | None]):
             key = self.keys.pop(0)
             resumed = self.state is not None and self.state.key == key and not self.state.done
             position = self.state.position if resumed and self.state else None
-            self.reader = _ObjectReader(self.step, self.config, self.client, key, position)
+            self.reader = _ObjectReader(self.step, self.config, self.client, key, position,
+                                        self.retry)
             self.state = S3Position(key, position)
         try:
             return self.reader.next_batch()
@@ -363,7 +377,8 @@ class _PolledPartition(StatefulSourcePartition[Batch, S3Polled]):
             self._open((key, modified, etag), position)
 
     def _open(self, obj: tuple[str, float, str], position: Any) -> None:
-        self.reader = _ObjectReader(self.source.step, self.config, self.client, obj[0], position)
+        self.reader = _ObjectReader(self.source.step, self.config, self.client, obj[0], position,
+                                    self.source.retry)
         self.current = obj
 
     def _poll(self) -> list[tuple[str, float, str]]:
@@ -371,7 +386,7 @@ class _PolledPartition(StatefulSourcePartition[Batch, S3Polled]):
         st, src = self.state, self.source
         since = src.start if st.cursor is None else st.cursor - src.lookback
         new = []
-        for o in _listing(src.step, self.config, self.client):
+        for o in _listing(src.step, self.config, self.client, src.retry):
             modified, etag = o["LastModified"].timestamp(), str(o.get("ETag", ""))
             seen = st.seen.get(o["Key"])
             if (since is None or modified >= since) and (seen is None or seen[1] != etag):
@@ -425,8 +440,10 @@ class _PolledPartition(StatefulSourcePartition[Batch, S3Polled]):
 class S3Source(FixedPartitionedSource[Batch, Any]):
     """One partition reading the objects under the prefix: once in key order, or as polled."""
 
-    def __init__(self, step: str, config: S3SourceConfig, component: Any = None) -> None:
+    def __init__(self, step: str, config: S3SourceConfig, component: Any = None,
+                 retry: Retry | None = None) -> None:
         self.step, self.config = step, config
+        self.retry = retry or Retry()  # of the listings and downloads
         mode = "full" if component is None else component.runs_as()
         inc = getattr(component, "incremental", None)
         self.incremental = mode == "incremental"
@@ -462,7 +479,7 @@ class S3Source(FixedPartitionedSource[Batch, Any]):
         """The reader, resuming at an object key (or the cursor) and the position inside it."""
         if self.incremental:
             return _PolledPartition(self, resume_state)
-        return _ObjectsPartition(self.step, self.config, resume_state)
+        return _ObjectsPartition(self.step, self.config, resume_state, self.retry)
 
 
 @source("s3", config=S3SourceConfig,
@@ -472,4 +489,4 @@ class S3Source(FixedPartitionedSource[Batch, Any]):
         datasets=lambda cfg, base: [Dataset(f"s3://{cfg.bucket}", cfg.prefix or "/")])
 def build_s3_source(ctx: BuildContext[S3SourceConfig]) -> S3Source:
     """Build an s3 source."""
-    return S3Source(ctx.step_id, ctx.config, ctx.component)
+    return S3Source(ctx.step_id, ctx.config, ctx.component, ctx.workflow.config.retry)

@@ -145,6 +145,28 @@ workflow:
     got = [orjson.loads(line) for keys in logical(s3_bucket.keys()).values() for k in keys
            for line in s3_bucket.read(k).splitlines()]
     assert sorted(got, key=lambda r: r["id"]) == rows
+    # The s3 source: listing and downloads are retried too.
+    outage = Outage(s3_bucket.endpoint_url)
+    conn = s3_bucket.config().replace(s3_bucket.endpoint_url, outage.endpoint_url)
+    (tmp_path / "read.yaml").write_text(f"""\
+workflow:
+  config: {{retry: {{max_attempts: 50, backoff: {{initial: 50ms, max: 200ms}}}}}}
+  sources:
+    lake: {{type: s3, config: {{{conn}, prefix: o/, format: jsonl}}}}
+  destinations:
+    copy: {{inputs: [lake], type: file, config: {{path: copy.jsonl}}}}
+""")
+    outage.down.set()
+    threading.Timer(1.5, outage.down.clear).start()
+    try:
+        result = dataflare.run(tmp_path / "read.yaml")
+    finally:
+        outage.down.clear()
+        outage.close()
+    assert result.ok, result.error
+    assert outage.dropped > 0
+    copied = [orjson.loads(line) for line in (tmp_path / "copy.jsonl").read_text().splitlines()]
+    assert sorted(copied, key=lambda r: r["id"]) == rows
 
 
 def test_s3_source_reads_every_format_under_a_prefix_and_resumes_by_key(tmp_path, s3_bucket):
