@@ -98,7 +98,8 @@ class LakeOptions(Strict):
         None, gt=0, description="A file rolls once it has been open this long."
     )
     columns: list[str] | None = Field(
-        None, description="CSV/Parquet column order (default: the first records' fields)."
+        None, description="CSV/Parquet columns, in order (default: the first records' "
+        "fields); a record with a field not among them is refused."
     )
 
     def rolling(self) -> bool:
@@ -427,19 +428,20 @@ def csv_value(value: Any) -> Any:
     return value
 
 
-def csv_problem(step: str, record: dict[str, Any], columns: list[str]) -> str | None:
-    """Why ``record`` has no CSV row under ``columns`` (a field without a column)."""
+def column_problem(step: str, record: dict[str, Any], columns: list[str],
+                   fmt: str = "CSV") -> str | None:
+    """Why ``record`` has no row under ``columns`` (a field without a column)."""
     known = set(columns)
     extra = [k for k in record if k not in known and k != META]
     if not extra:
         return None
-    return (f"step {step!r}: field(s) {', '.join(extra)} are not among the CSV columns "
+    return (f"step {step!r}: field(s) {', '.join(extra)} are not among the {fmt} columns "
             f"({', '.join(columns)}); list every column in 'columns'")
 
 
 def csv_line(step: str, record: dict[str, Any], columns: list[str]) -> bytes:
     """``record`` as one CSV line under ``columns``; RecordError when CSV cannot hold it."""
-    problem = csv_problem(step, record, columns)
+    problem = column_problem(step, record, columns)
     if problem is not None:
         raise RecordError(problem)
     buf = io.StringIO()
@@ -580,10 +582,22 @@ class _Parquet(_Open):
         return bool(self.file_schema.equals(self.schema.schema))
 
     def add(self, records: list[dict[str, Any]], max_bytes: int | None) -> tuple[int, list[Failed]]:
+        taken, refused = len(records), []
+        columns = self.schema.columns
+        if columns:  # a field without a column is refused, as in CSV (not dropped)
+            fits = []
+            for r in records:
+                problem = column_problem(self.schema.step, r, columns, "Parquet")
+                if problem is None:
+                    fits.append(r)
+                else:
+                    refused.append(Failed(self.schema.step, "RecordError", problem, r,
+                                          r.get(META) or {}))
+            records = fits
         table, bad = self.schema.table(records, self.file_schema)  # without _meta
-        refused = [Failed(self.schema.step, "ParquetTypeError", self.schema.problem(records[i],
-                                                                          self.file_schema),
-                          records[i], records[i].get(META) or {}) for i in bad]
+        refused += [Failed(self.schema.step, "ParquetTypeError", self.schema.problem(records[i],
+                                                                           self.file_schema),
+                           records[i], records[i].get(META) or {}) for i in bad]
         if table.num_rows:
             self.waiting.append(table)
             self.waiting_rows += table.num_rows
@@ -592,7 +606,7 @@ class _Parquet(_Open):
             if self.waiting_rows >= _ROW_GROUP_ROWS:
                 self.write_row_group()
         self.bytes = self.written + self.waiting_bytes
-        return len(records), refused
+        return taken, refused
 
     def write_row_group(self) -> None:
         """Write the rows waiting as one row group."""

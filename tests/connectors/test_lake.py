@@ -322,6 +322,21 @@ def test_one_file_refuses_what_it_cannot_hold_record_by_record(tmp_path, fmt):
     assert bad["error"]["step"] == "out"
 
 
+@pytest.mark.parametrize("config", ["{path: out.parquet, columns: [id, cat]}",
+                                    "{path_template: 'o/{{cat}}/p.parquet', columns: [id, cat]}"])
+def test_a_field_outside_the_parquet_columns_refuses_its_record(tmp_path, config):
+    # Parquet with `columns` dropped every other field without a word (CSV refused them).
+    rows = [{"id": 1, "cat": "a"}, {"id": 2, "cat": "b", "amount": 3.5}, {"id": 3, "cat": "a"}]
+    result = dataflare.run(refusing_flow(tmp_path, rows, config))
+    assert result.ok, result.error
+    written = [pq.read_table(p).to_pylist() for p in sorted(tmp_path.rglob("*.parquet"))]
+    assert sorted((r for t in written for r in t), key=lambda r: r["id"]) == [rows[0], rows[2]]
+    [bad] = read_jsonl(tmp_path / "bad.jsonl")
+    assert bad["record"]["id"] == 2 and bad["error"]["message"] == (
+        "step 'out': field(s) amount are not among the Parquet columns (id, cat); list every "
+        "column in 'columns'")
+
+
 def test_two_workers_write_each_record_once(tmp_path):
     (tmp_path / "in").mkdir()
     for part in range(4):  # one source partition per file, spread over the workers
