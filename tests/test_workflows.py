@@ -163,6 +163,41 @@ tests:
     assert "1 passed, 0 failed" in result.stdout
 
 
+def test_a_test_expects_dead_letters_by_the_fields_it_gives(tmp_path):
+    # A dead letter holds the time it was made: an expected one could never match, so a
+    # workflow's redirect path could not be tested.
+    flow = tmp_path / "t.yaml"
+    flow.write_text("""
+workflow:
+  sources:
+    api: {type: file, config: {path: in.jsonl}}
+  transformations:
+    m:
+      type: mapping
+      inputs: [api]
+      config: {mappings: [{source: id, destination: id, transform: to_int}]}
+      error_handling: {strategy: redirect, redirect_to: dead}
+  destinations:
+    out: {type: stdout, inputs: [m]}
+    dead: {type: stdout}
+tests:
+  - name: a bad id is a dead letter
+    inputs: {api: [{id: "x"}, {id: "2"}]}
+    expect:
+      out: [{id: 2}]
+      dead: [{record: {id: "x"}, error: {step: m, type: RecordError}}]
+  - name: a wrong one fails
+    inputs: {api: [{id: "x"}]}
+    expect: {dead: [{record: {id: "y"}}]}
+""")
+    result = run_cli("test", str(flow))
+    assert f"PASS {flow}: a bad id is a dead letter" in result.stdout, result.stdout
+    assert f"FAIL {flow}: a wrong one fails" in result.stdout
+    assert ('    - missing: {"record":{"id":"y"}}\n'
+            '    + unexpected: {"record":{"id":"x"}}') in result.stdout
+    assert "1 passed, 1 failed" in result.stdout
+
+
 def test_a_diff_pairs_records_that_agree_on_most_expected_fields():
     from dataflare.testing import diff
 
