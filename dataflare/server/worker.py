@@ -29,7 +29,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,18 @@ class WorkerSettings:
     stop_grace: float = 30.0
 
 
+def _data_dir_id(data_dir: Path) -> str:
+    """The id of a data directory, made once: workers sharing it share their runs' state."""
+    path = data_dir / "dataflare-data-dir-id"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with path.open("x") as f:
+            f.write(uuid.uuid4().hex[:12] + "\n")
+    except FileExistsError:
+        pass
+    return path.read_text().strip()
+
+
 class Worker:
     """Runs claimed runs one at a time until ``stop`` is set."""
 
@@ -61,7 +73,9 @@ class Worker:
         # absolute: the runs start in their work directory (a relative --data-dir is the cwd's)
         self.store, self.data_dir = store, Path(data_dir).resolve()
         self.settings = settings or WorkerSettings()
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.place = _data_dir_id(self.data_dir)
+        self.name = name or (f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+                             f"@{self.place}")
         self.shutdown = threading.Event()
         self.actions: ThreadPoolExecutor | None = None  # where post-actions run (else inline)
 
@@ -103,17 +117,33 @@ class Worker:
             self._post_actions(wf, "stopped", run, None)
         return True
 
-    def _own_state(self, recovery: Path, wid: str) -> None:
+    def _own_state(self, recovery: Path, run: Run) -> str | None:
         """Keep ``recovery`` only if it is this workflow's, not a deleted one's of that id.
+
+        Why the run cannot go on here, if so: the workflow's position is in another data
+        directory.
 
         A workflow deleted and made again under its id is a new workflow: it would resume
         the old one's position (a sync into a new table would miss every row read before).
-        The old state is set aside, named so, not removed.
+        The old state is set aside, named so, not removed. Server processes that do not
+        share ``--data-dir`` each keep their own positions: a run here, after runs there,
+        would read again what those read.
         """
+        wid = run.workflow
         try:
             created = self.store.workflow(wid)["created_at"]
         except NotFound:
-            return
+            return None
+        since = datetime.fromisoformat(created)  # runs of a deleted one of the id are not
+        last = next((r for r in self.store.runs(wid, limit=50) if r.id != run.id
+                     and r.worker and r.summary is not None  # it ran (it has counts)
+                     and r.created_at >= since), None)
+        if last is not None and "@" in (last.worker or "") and (
+                last.worker or "").rpartition("@")[2] != self.place:
+            return (f"workflow {wid!r} keeps its position (where its sources are) in the "
+                    f"data directory of worker {last.worker!r} (run {last.id}), not in this "
+                    f"one ({self.data_dir}): server processes must share --data-dir, or a "
+                    "run here would read again what runs there read")
         marker = recovery / "dataflare-workflow-created"
         if marker.exists() and marker.read_text().strip() != created:
             aside = recovery.with_name(f"{recovery.name}.deleted-{uuid.uuid4().hex[:8]}")
@@ -123,6 +153,7 @@ class Worker:
         recovery.mkdir(parents=True, exist_ok=True)
         if not marker.exists():
             marker.write_text(created + "\n")
+        return None
 
     def execute(self, run: Run, text: str) -> None:
         """Run ``run`` (workflow text ``text``) to its end and record the outcome."""
@@ -135,9 +166,13 @@ class Worker:
         resumes = v.workflow is not None and any(
             src.runs_as() != "full" for src in v.workflow.sources.values())
         recovery = self.data_dir / "recovery" / run.workflow
-        if resumes:
-            self._own_state(recovery, run.workflow)
-        else:
+        if resumes and (elsewhere := self._own_state(recovery, run)) is not None:
+            log.error("run %s: %s", run.id, elsewhere)
+            self.store.finish(run.id, self.name, "failed", None, elsewhere, elsewhere)
+            if v.workflow is not None and v.workflow.post_actions:
+                self._post_actions(v.workflow, "failed", run, None)
+            return
+        if not resumes:
             recovery = recovery / run.id
         recovery.mkdir(parents=True, exist_ok=True)
         (recovery / "dataflare-run-id").write_text(run.id + "\n")

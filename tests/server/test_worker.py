@@ -85,6 +85,44 @@ workflow:
     assert len(list((tmp_path / "data/recovery").glob("sync.deleted-*"))) == 1
 
 
+def test_a_position_kept_in_another_data_dir_fails_the_run_instead_of_reading_again(
+        sqlite_store: Store, tmp_path: Path, pg_schema: Any) -> None:
+    # Server processes with data directories of their own: a run of an incremental sync
+    # taken by the other one read the whole table again (25 rows for 15).
+    table = f'"{pg_schema.schema}".items'
+    with pg_schema.connect() as conn:
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, at int NOT NULL)")
+        conn.execute(f"INSERT INTO {table} VALUES (1, 10), (2, 20)")
+    sqlite_store.put_workflow("sync", None, f"""
+workflow:
+  id: sync
+  sources:
+    db:
+      type: postgres
+      mode: incremental
+      config: {{host: 127.0.0.1, database: test, username: postgres,
+               table: {pg_schema.schema}.items, stop_at_end: true}}
+      incremental: {{column: at}}
+  destinations:
+    out: {{type: file, inputs: [db], config: {{path: out.jsonl}}, write_mode: {{type: append}}}}
+""", "test", create=True)
+    here, there = Worker(sqlite_store, tmp_path / "a"), Worker(sqlite_store, tmp_path / "b")
+    shared = Worker(sqlite_store, tmp_path / "a")  # another process on the same data dir
+    first = sqlite_store.start_run("sync", "test")
+    assert here.run_one()
+    assert sqlite_store.run(first).status == "succeeded", sqlite_store.run(first).error
+    second = sqlite_store.start_run("sync", "test")
+    assert there.run_one()
+    run = sqlite_store.run(second)
+    assert run.status == "failed" and "server processes must share --data-dir" in (
+        run.error or "")
+    assert not (tmp_path / "b/work/sync/out.jsonl").exists()
+    third = sqlite_store.start_run("sync", "test")
+    assert shared.run_one() and sqlite_store.run(third).status == "succeeded"
+    out = (tmp_path / "a/work/sync/out.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in out] == [1, 2]  # read once
+
+
 def test_concurrent_claims_never_run_one_workflow_twice(store: Store) -> None:
     # Workers of several servers claim at once: of the queued runs of one workflow, one
     # is claimed; the others wait until it ends (runs of one workflow never overlap).
