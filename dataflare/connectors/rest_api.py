@@ -149,6 +149,8 @@ class RestApiSourceConfig(Strict):
         return body
 
 
+_ABSENT = object()  # a records_path the response lacks
+
 _BAD_PAGES = 3
 """Numbered pages in a row without records to read (not JSON...) after which a walk stops."""
 
@@ -236,6 +238,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.walk_new = bool(state.get("walk_new", False))
         self.done = bool(state.get("done", False))
         self.client: Any = None
+        self.warned: set[str] = set()  # hosts told of: credentials are not sent there
         self.loads = json_loader(self.cfg.decimal_handling)
         self.start_url = src.list_parts()[0]
         self.awake: datetime | None = None
@@ -255,9 +258,36 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 msg = "the rest_api source needs httpx: pip install httpx"
                 raise ModuleNotFoundError(msg) from exc
             self.client = httpx.Client(
-                timeout=self.cfg.timeout, verify=self.cfg.verify_tls, follow_redirects=True
+                timeout=self.cfg.timeout, verify=self.cfg.verify_tls, follow_redirects=True,
+                event_hooks={"request": [self._credentials_stay_home]},
             )
         return self.client
+
+    def _credentials_stay_home(self, request: Any) -> None:
+        """Send credentials to the configured API's origin only.
+
+        A next link or a redirect to another host gets no ``Authorization``, no header
+        named like a secret (``X-API-Key``) and no credential in its query: the API's
+        key would go to whoever that host is.
+        """
+        import httpx
+
+        url, home = request.url, httpx.URL(self.cfg.url)
+        if (url.scheme, url.host, url.port) == (home.scheme, home.host, home.port):
+            return
+        a = self.cfg.auth
+        named = {a.header.lower()} if a is not None and a.type == "api_key" else set()
+        dropped = [n for n in request.headers if n.lower() == "authorization"
+                   or n.lower() in named or secrets.SECRET_KEY.search(n)]
+        for name in dropped:
+            del request.headers[name]
+        public = public_url(self.cfg, url)
+        if public != url:
+            request.url = public
+        if (dropped or public != url) and url.host not in self.warned:
+            self.warned.add(url.host)
+            log.warning("step '%s': %s is not the API's host: its credentials are not sent "
+                        "there", self.src.step_id, url.host)
 
     def _request(self, url: str, params: dict[str, Any]) -> Any:
         import httpx
@@ -378,15 +408,18 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         resp = self._request(url, self._params(walk))
         meta = {"url": str(self._public(resp.url)), "page": walk["pages"]}
         walk["pages"] += 1
-        try:
-            body = self.loads(resp.content)
+        try:  # no content (204, an empty body) is a page of no records: the walk's end
+            body = self.loads(resp.content) if resp.content.strip() else []
         except ValueError as exc:
             msg = (f"source '{self.src.step_id}': response of {url} is not JSON: "
                    f"{json_error(exc, 'the response')}")
             return self._bad_page(walk, Failed(self.src.step_id, "JSONDecodeError", msg,
                                                resp.text, meta))
-        raw = body if self.cfg.records_path is None else get_path(body, self.cfg.records_path)
-        if raw is None and self.cfg.records_path is not None:
+        path = self.cfg.records_path
+        raw = body if path is None else get_path(body, path, _ABSENT) if body != [] else []
+        if raw is None:  # {"data": null}: how some APIs write an empty list
+            raw = []
+        if raw is _ABSENT:
             msg = (
                 f"source '{self.src.step_id}': response of {url} has no "
                 f"'{self.cfg.records_path}' (records_path)"
@@ -481,11 +514,19 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 out.append(rec)
                 continue
             value = get_path(rec, src.cursor_field)
-            key = self.cfg.primary_key
-            fp = _fingerprint(rec if key is None else {
-                "key": [get_path(rec, k) for k in key], "cursor": value})
+            names = self.cfg.primary_key or []
+            ident = [get_path(rec, k) for k in names]
+            missing = [k for k, v in zip(names, ident, strict=True) if v is None]
+            fp = _fingerprint({"key": ident, "cursor": value} if names and not missing
+                              else rec)
             if fp in self.seen or fp in self.walk_seen or fp in self.reported:
                 continue  # emitted by a walk before, or on a page before (pages shifted)
+            if missing:  # records without a key would all be one record
+                self.reported.add(fp)
+                msg = (f"source '{src.step_id}': primary_key field {missing[0]!r} is missing "
+                       "or null")
+                out.append(Failed(src.step_id, "KeyError", msg, rec, rec[META]))
+                continue
             try:
                 key = src.key(value)
                 if lower is not None and key < lower:

@@ -258,6 +258,23 @@ def test_next_links_keep_their_query_and_no_key_is_kept(api: Any, key: dict[str,
         api.url + "/link", api.url + "/link?page=2", api.url + "/link?page=3"}
 
 
+def test_credentials_are_not_sent_to_another_host(api: Any) -> None:
+    # A next link (or a redirect) to another host got the API's token and key.
+    api.reset(20)
+    config = {"url": api.url + "/away", "pagination": {"type": "link_header"},
+              "headers": {"X-API-Key": "k2-header", "X-Trace": "t"},
+              "params": {"access_token": "k2-query"},
+              "auth": {"type": "bearer", "token": "k2-bearer"}}
+    records = run(make_ctx("api_away", config, mode="full"))
+    assert [r["id"] for r in records] == list(range(1, 21))
+    (_, home_q, home_h), (_, away_q, away_h) = api.requests
+    assert home_h["Host"].startswith("127.0.0.1") and away_h["Host"].startswith("localhost")
+    assert home_q == {"access_token": "k2-query"} and home_h["X-API-Key"] == "k2-header"
+    assert home_h["Authorization"] == "Bearer k2-bearer"
+    assert away_q == {"page": "2"} and away_h["X-Trace"] == "t"
+    assert "X-API-Key" not in away_h and "Authorization" not in away_h
+
+
 def test_the_urls_own_query_is_kept_beside_the_page_parameters(api: Any) -> None:
     # httpx replaces a URL's query with the params given: `url: ...?size=4` lost its
     # filter as soon as a page number was sent (an API filter lost: every record read).
@@ -298,6 +315,15 @@ def test_undecodable_and_missing_records_become_failed_entries(api: Any) -> None
     missing = run(make_ctx("api_path", {"url": api.url + "/offset", "records_path": "data"},
                            mode="full"))
     assert isinstance(missing[0], Failed) and "has no 'data' (records_path)" in missing[0].message
+
+
+@pytest.mark.parametrize("body", [b'{"data": null}', b"", b"  \n"])
+def test_a_null_list_or_no_content_is_a_page_of_no_records(api: Any, body: bytes) -> None:
+    # {"data": null} (an empty list as Go writes it) and an empty body (204) failed the
+    # walk's last page: "has no 'data'", "is not JSON".
+    api.raw = body
+    assert run(make_ctx("api_null", {"url": api.url + "/raw", "records_path": "data"},
+                        mode="full")) == []
 
 
 def test_a_page_that_is_not_json_is_walked_past_or_stops_the_run(api: Any) -> None:
@@ -581,6 +607,13 @@ def test_a_record_changing_at_each_answer_ends_a_catch_up_run(
                    incremental={"cursor_field": "updated_at", "cursor_type": "timestamp"})
     records, _ = drain(ctx)
     assert [r["id"] for r in records] == emitted  # with a key, the record read again is known
+    if key:  # records without their key were all one record: the first only was emitted
+        api.reset(3)
+        for item in api.items:
+            item.pop("id")
+        records, _ = drain(ctx)
+        assert [r.message for r in records] == [
+            "source 'api_vol': primary_key field 'id' is missing or null"] * 3
 
 
 def test_lookback_re_reads_a_window_and_emits_only_late_records(api: Any) -> None:
