@@ -208,6 +208,7 @@ class PathTemplate:
         self.dir_render = _renderer(self.dir_text)
         self.stem_render = _renderer(self.stem_text)
         used = placeholders(self.dir_text) + placeholders(self.stem_text)
+        self.fields = frozenset(used)  # what the path holds (a file's columns may not)
         self.needs_time = any(n in TIME_PARTS for n in used)
         self.needs_input = "source" in used
         self.time_of = getter(options.time_field) if options.time_field else None
@@ -236,7 +237,20 @@ class PathTemplate:
             meta = record.get(META)
             dataset = meta.get(INPUT) if isinstance(meta, dict) else None
             values["source"] = path_value(dataset)
-        return self.dir_render(record, values), self.stem_render(record, values), dataset
+        directory, stem = self.dir_render(record, values), self.stem_render(record, values)
+        # A segment no file system holds is the record's fault: refused alone (a failed
+        # write would stop the run, and every resume, on it).
+        for segment in (*directory.split("/"), stem + _NAME_ROOM):
+            if len(segment) > _NAME_MAX // 4 and len(segment.encode()) > _NAME_MAX:
+                shown = segment if len(segment) <= 60 else segment[:57] + "..."
+                msg = (f"the path segment {shown!r} made for the record is "
+                       f"{len(segment.encode())} bytes; a file name holds at most {_NAME_MAX}")
+                raise RecordError(msg)
+        return directory, stem, dataset
+
+
+_NAME_MAX = 255  # bytes of a file name (ext4, xfs, apfs; S3 keys: 1024 in all)
+_NAME_ROOM = "-000000000000-000000.parquet"  # what a file's stem gets: run, number, suffix
 
 
 def _fixed_prefix(template: str) -> str:
@@ -480,8 +494,10 @@ class ParquetSchema:
     schema); a value that does not convert to its field's type refuses its record.
     """
 
-    def __init__(self, step: str, columns: list[str] | None, schema: Any = None) -> None:
+    def __init__(self, step: str, columns: list[str] | None, schema: Any = None,
+                 in_path: frozenset[str] = frozenset()) -> None:
         self.step, self.columns, self.schema = step, columns, schema
+        self.in_path = in_path  # fields the path holds: not refused for want of a column
 
     def widen(self, rows: list[dict[str, Any]]) -> bool:
         """Learn the fields of ``rows`` not known yet; whether the schema changed."""
@@ -586,8 +602,11 @@ class _Parquet(_Open):
         columns = self.schema.columns
         if columns:  # a field without a column is refused, as in CSV (not dropped)
             fits = []
+            in_path = self.schema.in_path
             for r in records:
-                problem = column_problem(self.schema.step, r, columns, "Parquet")
+                problem = column_problem(self.schema.step, {
+                    k: v for k, v in r.items() if k not in in_path} if in_path else r,
+                    columns, "Parquet")
                 if problem is None:
                     fits.append(r)
                 else:
@@ -708,7 +727,7 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         if not fresh or os.environ.get(RUN_ID_ENV):
             self._storage_call(self.journal, self._undo_after, self.state.next_file)
         self.open: dict[Target, _Open] = {}
-        self.schemas = {k: ParquetSchema(out.step, out.options.columns, v)
+        self.schemas = {k: ParquetSchema(out.step, out.options.columns, v, out.template.fields)
                         for k, v in self.state.schemas.items()}
         self.refused: list[Failed] = []
 
@@ -806,7 +825,8 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         if self.out.fmt == "parquet":
             schema = self.schemas.get(target.dataset)
             if schema is None:
-                schema = ParquetSchema(self.out.step, self.out.options.columns)
+                schema = ParquetSchema(self.out.step, self.out.options.columns,
+                                       in_path=self.out.template.fields)
                 self.schemas[target.dataset] = schema
             schema.widen(rows)
             if isinstance(f, _Parquet) and not f.current():

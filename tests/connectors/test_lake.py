@@ -337,6 +337,31 @@ def test_a_field_outside_the_parquet_columns_refuses_its_record(tmp_path, config
         "column in 'columns'")
 
 
+def test_a_field_the_path_holds_needs_no_parquet_column(tmp_path):
+    rows = [{"id": 1, "cat": "a"}, {"id": 2, "cat": "b", "amount": 3.5}]
+    config = "{path_template: 'p/', format: parquet, partition_by: [cat], columns: [id]}"
+    result = dataflare.run(refusing_flow(tmp_path, rows, config))
+    assert result.ok, result.error
+    [a] = [pq.read_table(p).to_pylist() for p in (tmp_path / "p").rglob("*.parquet")]
+    assert a == [{"id": 1}]  # cat=a is in its directory
+    [bad] = read_jsonl(tmp_path / "bad.jsonl")
+    assert bad["record"]["id"] == 2 and "field(s) amount are not" in bad["error"]["message"]
+
+
+def test_a_partition_value_too_long_for_a_file_name_refuses_its_record(tmp_path):
+    # "File name too long" stopped the run, and every resume, on that one record.
+    rows = [{"id": 1, "cat": "a"}, {"id": 2, "cat": "x" * 1100}, {"id": 3, "cat": "a"}]
+    config = "{path_template: 'p/', format: jsonl, partition_by: [cat]}"
+    result = dataflare.run(refusing_flow(tmp_path, rows, config))
+    assert result.ok, result.error
+    written = [orjson.loads(line) for p in (tmp_path / "p").rglob("*.jsonl")
+               for line in p.read_text().splitlines()]
+    assert sorted(r["id"] for r in written) == [1, 3]
+    [bad] = read_jsonl(tmp_path / "bad.jsonl")
+    assert bad["record"]["id"] == 2 and bad["error"]["message"].endswith(
+        "is 1104 bytes; a file name holds at most 255")
+
+
 def test_two_workers_write_each_record_once(tmp_path):
     (tmp_path / "in").mkdir()
     for part in range(4):  # one source partition per file, spread over the workers
