@@ -657,6 +657,7 @@ class LakeState:
     schemas: dict[str | None, Any] = field(default_factory=dict)
     kept: int = 0  # one file appended to: its rows kept from before the run
     rows: int = 0  # one file: the rows of the parts published so far
+    journal: str | None = None  # where the run notes what it publishes (under its template)
 
 
 def _cast(table: Any, schema: Any) -> Any:
@@ -725,7 +726,11 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         if fresh and out.one_file is not None:
             self._start_one_file(out.one_file)
         if not fresh or os.environ.get(RUN_ID_ENV):
-            self._storage_call(self.journal, self._undo_after, self.state.next_file)
+            # The journal of the snapshot's run, also when the template has changed since:
+            # what the crashed execution published under the old one is found and undone.
+            noted = self.state.journal or self.journal
+            self._storage_call(noted, self._undo_after, self.state.next_file, noted)
+        self.state.journal = self.journal
         self.open: dict[Target, _Open] = {}
         self.schemas = {k: ParquetSchema(out.step, out.options.columns, v, out.template.fields)
                         for k, v in self.state.schemas.items()}
@@ -804,12 +809,12 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         for p in parts:  # in order: what a crash leaves is a suffix (see above)
             p.unlink()
 
-    def _undo_after(self, number: int) -> None:
-        """Delete what a crashed execution published from file ``number`` on.
+    def _undo_after(self, number: int, journal: str) -> None:
+        """Delete what a crashed execution published from file ``number`` on (``journal``).
 
         The journal entries before it are forgotten: the snapshot resumed from has them.
         """
-        for key in self.storage.list(self.journal):
+        for key in self.storage.list(journal):
             name = key.rsplit("/", 1)[-1]
             if not name.isdigit():
                 continue
@@ -965,7 +970,8 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         self._roll_all()
         st = self.state
         return LakeState(st.run, st.next_file, dict(st.columns),
-                         {k: v.schema for k, v in self.schemas.items()}, st.kept, st.rows)
+                         {k: v.schema for k, v in self.schemas.items()}, st.kept, st.rows,
+                         st.journal)
 
 
 class _ConformLogic(StatefulBatchLogic[Batch, tuple[Batch, list[Failed]], Any]):

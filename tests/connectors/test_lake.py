@@ -272,6 +272,28 @@ def test_a_field_first_seen_later_starts_a_parquet_file_with_the_wider_schema(tm
     assert str(tables[1].schema.field("note").type) == "string"
 
 
+def test_a_resume_under_a_changed_template_undoes_what_the_crash_published(tmp_path):
+    # The journal of what a crashed execution published lived under the old template's
+    # directory: resumed under a new one, those files stayed, and were written again.
+    def logic(directory, state):
+        cfg = FileDestinationConfig.model_validate(
+            {"path_template": f"{directory}/", "format": "jsonl", "max_records": 1})
+        template = PathTemplate(f"{tmp_path}/{directory}/", "jsonl", cfg)
+        return _LakeLogic(LakeOutput("lake", "jsonl", template, cfg, LocalStorage), state)
+
+    first = logic("old", None)
+    first.on_batch([[{"id": 1}]])
+    state = first.snapshot()
+    first.on_batch([[{"id": 2}, {"id": 3}]])  # published, then the crash: no snapshot
+    assert len(outputs(tmp_path / "old", ".jsonl")) == 3
+    resumed = logic("new", state)
+    resumed.on_batch([[{"id": 2}, {"id": 3}]])  # replayed from the snapshot
+    resumed.on_eof()
+    ids = sorted(orjson.loads(p.read_text())["id"] for root in ("old", "new")
+                 for p in outputs(tmp_path / root, ".jsonl").values())
+    assert ids == [1, 2, 3]
+
+
 @pytest.mark.parametrize(("config", "message"), [
     ({"path": "a.jsonl", "path_template": "b/"}, "give one of 'path'"),
     ({"path_template": "out/{{id}}/"}, "cannot tell the format"),
