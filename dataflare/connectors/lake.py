@@ -24,6 +24,7 @@ value JSON cannot hold) and follow the destination's ``error_handling``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -695,24 +696,30 @@ class OneFile:
     append: bool
 
 
-# Parts directories of one-file outputs written at the end of their input, by run id: they
-# hold the journal a resume from an earlier snapshot needs until the run has committed its
-# last snapshot, when the runner calls :func:`remove_one_file_parts`.
-_WRITTEN_PARTS: dict[str, set[str]] = {}
+# What the outputs that reached the end of their input leave for a resume, by run id: the
+# parts directories of one-file outputs and the journals of partitioned ones, needed by a
+# resume from an earlier snapshot until the run has committed its last one, when the runner
+# calls :func:`remove_one_file_parts`.
+_AFTER_RUN: dict[str, dict[str, Callable[[], None]]] = {}
 _WRITTEN_LOCK = threading.Lock()
 
 
 def remove_one_file_parts(run: str, completed: bool) -> None:
-    """After run ``run``: remove the parts directories of the one-file outputs it wrote.
+    """After run ``run``: remove what its outputs kept for a resume (parts, journals).
 
     Only a ``completed`` run's: a stopped or failed one keeps them for its resume (the
-    journal says which parts a crashed execution published after the last snapshot, and
+    journal says which files a crashed execution published after the last snapshot, and
     the rows an appended file held before the run).
     """
     with _WRITTEN_LOCK:
-        written = _WRITTEN_PARTS.pop(run, set())
-    for directory in written if completed else ():
-        shutil.rmtree(directory, ignore_errors=True)
+        kept = _AFTER_RUN.pop(run, {})
+    for remove in kept.values() if completed else ():
+        remove()
+
+
+def _after_run(run: str, what: str, remove: Callable[[], None]) -> None:
+    with _WRITTEN_LOCK:
+        _AFTER_RUN.setdefault(run, {})[what] = remove
 
 
 class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
@@ -823,6 +830,17 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
                 if published:
                     self.storage.delete(published.strip())
             self.storage.delete(key)
+
+    def _forget(self, journal: str) -> None:
+        """Delete the journal of a run whose every file is its output (it completed)."""
+        for key in self.storage.list(journal):
+            if key.rsplit("/", 1)[-1].isdigit():
+                self.storage.delete(key)
+        if isinstance(self.storage, LocalStorage):  # its directories too, when empty
+            path = Path(journal)
+            for directory in (path, path.parent, path.parent.parent):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
 
     def _file(self, target: Target, rows: list[dict[str, Any]]) -> _Open:
         f = self.open.get(target)
@@ -954,12 +972,15 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         shutil.rmtree(self.scratch, ignore_errors=True)  # empty: every file was published
         if self.out.one_file is not None:
             self._storage_call(str(self.out.one_file.path), self._one_file, self.out.one_file)
-            if skip_snapshots():  # no resume will read the journal: nothing is left beside
-                shutil.rmtree(self.out.template.prefix, ignore_errors=True)
-            else:  # kept until the last snapshot is committed (remove_one_file_parts)
-                with _WRITTEN_LOCK:
-                    _WRITTEN_PARTS.setdefault(self.state.run, set()).add(
-                        self.out.template.prefix)
+            prefix = self.out.template.prefix
+            remove = functools.partial(shutil.rmtree, prefix, ignore_errors=True)
+        else:  # the journal: one entry per file published, in the output's directory
+            prefix = self.journal
+            remove = functools.partial(self._forget, self.journal)
+        if skip_snapshots():  # no resume will read it: nothing is left beside
+            remove()
+        else:  # kept until the last snapshot is committed (remove_one_file_parts)
+            _after_run(self.state.run, prefix, remove)
         return self._emit(), False
 
     def _roll_all(self) -> None:

@@ -101,8 +101,11 @@ workflow:
       type: s3
       config: {{{conn}, path_template: "c/all.csv", format: csv, partition_by: [city]}}
 """)
-    result = dataflare.run(tmp_path / "flow.yaml")
+    result = dataflare.run(tmp_path / "flow.yaml", recovery_dir=tmp_path / "rec")
     assert result.ok, result.error
+    # The journal of what the run published is gone once it completed: it stayed beside
+    # the data, one object per object, for good.
+    assert [k for k in s3_bucket.keys() if "_dataflare/" in k] == []
     objects = logical(s3_bucket.keys())
     assert {k: len(v) for k, v in objects.items()} == {
         "j/paris/part.jsonl": 3, "j/rome/part.jsonl": 3,
