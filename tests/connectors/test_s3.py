@@ -119,55 +119,50 @@ workflow:
     assert len(table) == 125
 
 
+def run_through_an_outage(tmp_path, s3_bucket, body: str):
+    """Run a workflow (``body``, with ``CONN`` for the connection) whose S3 server is away
+    for its first 1.5 s, retrying fast; the result."""
+    outage = Outage(s3_bucket.endpoint_url)
+    conn = s3_bucket.config().replace(s3_bucket.endpoint_url, outage.endpoint_url)
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("workflow:\n  config: {retry: {max_attempts: 50, backoff: {initial: 50ms, "
+                    "max: 200ms}}}\n" + body.replace("CONN", conn))
+    outage.down.set()
+    threading.Timer(1.5, outage.down.clear).start()
+    try:
+        result = dataflare.run(flow)
+    finally:
+        outage.down.clear()
+        outage.close()
+    assert outage.dropped > 0  # the run met the outage
+    return result
+
+
 def test_an_s3_outage_is_retried_per_the_workflows_retry_policy(tmp_path, s3_bucket):
     # S3 calls were not retried: an outage of two seconds (a MinIO restart) stopped the run.
     rows = [{"id": i, "city": ["paris", "rome"][i % 2]} for i in range(40)]
     (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    outage = Outage(s3_bucket.endpoint_url)
-    conn = s3_bucket.config().replace(s3_bucket.endpoint_url, outage.endpoint_url)
-    (tmp_path / "flow.yaml").write_text(f"""\
-workflow:
-  config: {{retry: {{max_attempts: 50, backoff: {{initial: 50ms, max: 200ms}}}}}}
+    result = run_through_an_outage(tmp_path, s3_bucket, """\
   sources:
-    src: {{type: file, config: {{path: in.jsonl}}}}
+    src: {type: file, config: {path: in.jsonl}}
   destinations:
     lake:
       inputs: [src]
       type: s3
-      config: {{{conn}, path_template: "o/{{{{city}}}}/", format: jsonl, max_records: 10}}
+      config: {CONN, path_template: "o/{{city}}/", format: jsonl, max_records: 10}
 """)
-    outage.down.set()
-    threading.Timer(1.5, outage.down.clear).start()
-    try:
-        result = dataflare.run(tmp_path / "flow.yaml")
-    finally:
-        outage.down.clear()
-        outage.close()
     assert result.ok, result.error
-    assert outage.dropped > 0  # the run met the outage
     got = [orjson.loads(line) for keys in logical(s3_bucket.keys()).values() for k in keys
            for line in s3_bucket.read(k).splitlines()]
     assert sorted(got, key=lambda r: r["id"]) == rows
     # The s3 source: listing and downloads are retried too.
-    outage = Outage(s3_bucket.endpoint_url)
-    conn = s3_bucket.config().replace(s3_bucket.endpoint_url, outage.endpoint_url)
-    (tmp_path / "read.yaml").write_text(f"""\
-workflow:
-  config: {{retry: {{max_attempts: 50, backoff: {{initial: 50ms, max: 200ms}}}}}}
+    result = run_through_an_outage(tmp_path, s3_bucket, """\
   sources:
-    lake: {{type: s3, config: {{{conn}, prefix: o/, format: jsonl}}}}
+    lake: {type: s3, config: {CONN, prefix: o/, format: jsonl}}
   destinations:
-    copy: {{inputs: [lake], type: file, config: {{path: copy.jsonl}}}}
+    copy: {inputs: [lake], type: file, config: {path: copy.jsonl}}
 """)
-    outage.down.set()
-    threading.Timer(1.5, outage.down.clear).start()
-    try:
-        result = dataflare.run(tmp_path / "read.yaml")
-    finally:
-        outage.down.clear()
-        outage.close()
     assert result.ok, result.error
-    assert outage.dropped > 0
     copied = [orjson.loads(line) for line in (tmp_path / "copy.jsonl").read_text().splitlines()]
     assert sorted(copied, key=lambda r: r["id"]) == rows
 

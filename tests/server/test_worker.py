@@ -39,15 +39,13 @@ def test_a_relative_data_dir_runs_workflows(
     assert len((tmp_path / ".dataflare/work/quick/out.jsonl").read_text().splitlines()) == 3
 
 
-def test_a_scheduled_incremental_sync_reads_only_what_is_new_at_each_run(
-        sqlite_store: Store, tmp_path: Path, pg_schema: Any) -> None:
-    # Each run of a bounded workflow had a recovery directory of its own: an incremental
-    # sync lost its cursor and read (and appended) the whole table at every run.
+def put_sync(store: Store, pg_schema: Any) -> str:
+    """Workflow ``sync``: an incremental read of a table of two rows (its name) into a file."""
     table = f'"{pg_schema.schema}".items'
     with pg_schema.connect() as conn:
         conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, at int NOT NULL)")
         conn.execute(f"INSERT INTO {table} VALUES (1, 10), (2, 20)")
-    sqlite_store.put_workflow("sync", None, f"""
+    store.put_workflow("sync", None, f"""
 workflow:
   id: sync
   sources:
@@ -60,6 +58,14 @@ workflow:
   destinations:
     out: {{type: file, inputs: [db], config: {{path: out.jsonl}}, write_mode: {{type: append}}}}
 """, "test", create=True)
+    return table
+
+
+def test_a_scheduled_incremental_sync_reads_only_what_is_new_at_each_run(
+        sqlite_store: Store, tmp_path: Path, pg_schema: Any) -> None:
+    # Each run of a bounded workflow had a recovery directory of its own: an incremental
+    # sync lost its cursor and read (and appended) the whole table at every run.
+    table = put_sync(sqlite_store, pg_schema)
     worker = Worker(sqlite_store, tmp_path / "data")
     out = tmp_path / "data/work/sync/out.jsonl"
     for new_row in ("(3, 30)", None):
@@ -89,23 +95,7 @@ def test_a_position_kept_in_another_data_dir_fails_the_run_instead_of_reading_ag
         sqlite_store: Store, tmp_path: Path, pg_schema: Any) -> None:
     # Server processes with data directories of their own: a run of an incremental sync
     # taken by the other one read the whole table again (25 rows for 15).
-    table = f'"{pg_schema.schema}".items'
-    with pg_schema.connect() as conn:
-        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, at int NOT NULL)")
-        conn.execute(f"INSERT INTO {table} VALUES (1, 10), (2, 20)")
-    sqlite_store.put_workflow("sync", None, f"""
-workflow:
-  id: sync
-  sources:
-    db:
-      type: postgres
-      mode: incremental
-      config: {{host: 127.0.0.1, database: test, username: postgres,
-               table: {pg_schema.schema}.items, stop_at_end: true}}
-      incremental: {{column: at}}
-  destinations:
-    out: {{type: file, inputs: [db], config: {{path: out.jsonl}}, write_mode: {{type: append}}}}
-""", "test", create=True)
+    put_sync(sqlite_store, pg_schema)
     here, there = Worker(sqlite_store, tmp_path / "a"), Worker(sqlite_store, tmp_path / "b")
     shared = Worker(sqlite_store, tmp_path / "a")  # another process on the same data dir
     first = sqlite_store.start_run("sync", "test")
