@@ -697,7 +697,9 @@ class RestApiSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         """One partition: the endpoint (without credentials: its name is in the state)."""
         import httpx
 
-        return [str(public_url(self.cfg, httpx.URL(self.cfg.url)))]
+        url = httpx.URL(self.cfg.url)
+        public = public_url(self.cfg, url)
+        return [self.cfg.url if public == url else str(public)]  # as before when it has none
 
     def build_part(
         self, step_id: str, for_part: str, resume_state: dict[str, Any] | None
