@@ -174,7 +174,7 @@ def _source_settings(doc: Document, wf: Workflow, base_dir: Path) -> list[Proble
     they concern (``mode``, ``incremental``...) where the source gives one.
     """
     out = []
-    raw = doc.data["workflow"]["sources"]
+    raw = doc.data["workflow"].get("sources") or {}
     for cid, comp in wf.sources.items():
         spec = registry.lookup("source", comp.type)
         if spec is None or spec.build is None or spec.missing() or _unresolved(raw.get(cid)):

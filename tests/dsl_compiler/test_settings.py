@@ -258,3 +258,4 @@ workflow:
         "hybrid.transition_timestamp",
     ]
     assert v.workflow is None
+    assert validate_text("workflow: {transformations: {}, destinations: {}}\n").workflow
