@@ -273,7 +273,10 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         import httpx
 
         url, home = request.url, httpx.URL(self.cfg.url)
-        if (url.scheme, url.host, url.port) == (home.scheme, home.host, home.port):
+        upgrade = (home.scheme, url.scheme) == ("http", "https") and url.port in (None, 443) \
+            and home.port in (None, 80)  # to the same host over TLS, as httpx allows
+        if url.host == home.host and (upgrade or (url.scheme, url.port) == (home.scheme,
+                                                                          home.port)):
             return
         a = self.cfg.auth
         named = {a.header.lower()} if a is not None and a.type == "api_key" else set()
