@@ -40,7 +40,17 @@ def serve(store_url: str | None, role: str, host: str, port: int, config: str | 
         if config is None:
             print(f"dataflare server: admin token in {token_file}", flush=True)
     url = store_url or default_url(data_dir)
-    migrate(url)
+    try:
+        migrate(url)
+    except Exception as exc:  # noqa: BLE001 - a store missing or out of reach, said in one line
+        from dataflare import secrets
+        from dataflare.runner import error_text
+
+        secrets.register_credentials(url)
+        said = error_text(exc).split("\n")[0]  # not SQLAlchemy's "Background on this error"
+        print(f"error: --store: cannot open {secrets.scrub(url)}: {secrets.scrub(said)}",
+              file=sys.stderr, flush=True)
+        return 1
     store = Store(url)
     stop = threading.Event()
     threads: list[threading.Thread] = []

@@ -21,6 +21,8 @@ from datetime import UTC, datetime, timedelta
 from itertools import islice
 from zoneinfo import ZoneInfo
 
+from pydantic import ValidationError
+
 from dataflare.dsl_compiler.models import Schedule
 from dataflare.records import parse_duration
 from dataflare.server.store import Store, now, schedule_block
@@ -30,16 +32,27 @@ MAX_CATCHUP = 1000  # instants one tick turns into runs at most (catchup: all)
 GRACE = timedelta(minutes=1)  # catchup none: an instant this recent is not "missed"
 
 
-def schedule_of(text: str) -> Schedule | None:
-    """The ``schedule`` of a stored workflow text (validated when it was stored)."""
+def schedule_of(text: str, wid: str = "") -> Schedule | None:
+    """The ``schedule`` of a stored workflow text (validated when it was stored).
+
+    One stored by an earlier version may not validate now (a 6-field cron): it is not
+    scheduled, and said so (here, and as ``schedule_error`` by the API).
+    """
     raw = schedule_block(text)
     if not raw:
         return None
     try:
         return Schedule.model_validate(raw)
-    except ValueError:
-        log.warning("a stored workflow's schedule does not validate: %s", raw)
+    except ValueError as exc:
+        log.error("workflow %r is not scheduled: %s", wid, schedule_problem(exc))
         return None
+
+
+def schedule_problem(exc: ValueError) -> str:
+    """Why a stored schedule does not validate, and what to do."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else []
+    said = errors[0]["msg"].removeprefix("Value error, ") if errors else str(exc)
+    return f"its schedule does not validate ({said}); store it again with a valid one"
 
 
 def instants(schedule: Schedule, after: datetime, until: datetime) -> Iterator[datetime]:
@@ -139,7 +152,7 @@ class Scheduler:
         """The schedule of a workflow revision (parsed once)."""
         key = (wid, revision)
         if key not in self._cache:
-            self._cache[key] = schedule_of(text)
+            self._cache[key] = schedule_of(text, wid)
         return self._cache[key]
 
     def tick(self) -> list[str]:

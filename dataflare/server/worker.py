@@ -143,7 +143,9 @@ class Worker:
             return (f"workflow {wid!r} keeps its position (where its sources are) in the "
                     f"data directory of worker {last.worker!r} (run {last.id}), not in this "
                     f"one ({self.data_dir}): server processes must share --data-dir, or a "
-                    "run here would read again what runs there read")
+                    "run here would read again what runs there read. If that directory is "
+                    "lost, make the workflow again (delete it, then create it): it starts "
+                    "afresh")
         marker = recovery / "dataflare-workflow-created"
         if marker.exists() and marker.read_text().strip() != created:
             aside = recovery.with_name(f"{recovery.name}.deleted-{uuid.uuid4().hex[:8]}")

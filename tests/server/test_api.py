@@ -178,6 +178,23 @@ def test_a_start_date_without_a_zone_is_utc(client: TestClient) -> None:
         assert client.delete("/api/v1/workflows/orders", headers=h("admin")).status_code == 204
 
 
+def test_a_stored_schedule_that_no_longer_validates_is_said_not_scheduled(
+        client: TestClient, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    # Stored by an earlier version (a 6-field cron): it stopped being scheduled, and the
+    # API showed only `schedule: null`.
+    from dataflare.server.scheduler import Scheduler
+
+    store.put_workflow("orders", None, flow(
+        extra="  schedule: {type: cron, expression: '0 0 1 * * *'}\n"), "test", create=True)
+    got = client.get("/api/v1/workflows/orders", headers=h("viewer")).json()
+    assert got["schedule"] is None and got["schedule_error"] == (
+        "its schedule does not validate (cron expression '0 0 1 * * *' has 6 fields: it "
+        "needs 5 (minute hour day-of-month month day-of-week; no seconds)); store it again "
+        "with a valid one")
+    Scheduler(store).tick()
+    assert "workflow 'orders' is not scheduled: its schedule does not validate" in caplog.text
+
+
 def test_a_name_keeps_its_references_and_an_id_has_none(
         client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # The stored name was the server's interpolation: a viewer saw the value of
@@ -392,3 +409,10 @@ def test_a_bad_config_stops_the_server_with_one_line(
     assert capsys.readouterr().err == (
         f"error: --config {cfg}: variable NO_SUCH_TOKEN_VAR is not set\n")
     assert not (tmp_path / "server.sqlite3").exists()  # stopped before any role started
+    # A store out of reach: a traceback of some 130 lines.
+    store = "postgresql://postgres:pw-0123456789@127.0.0.1:5432/no_such_db_for_serve"
+    assert serve(store, "all", "127.0.0.1", 0, None, tmp_path) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: --store: cannot open postgresql://postgres:***@127.0.0.1"
+                              ":5432/no_such_db_for_serve: ") and "pw-0123" not in err[-1]
+    assert 'database "no_such_db_for_serve" does not exist' in err[-1]

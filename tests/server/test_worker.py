@@ -111,6 +111,15 @@ def test_a_position_kept_in_another_data_dir_fails_the_run_instead_of_reading_ag
     assert shared.run_one() and sqlite_store.run(third).status == "succeeded"
     out = (tmp_path / "a/work/sync/out.jsonl").read_text().splitlines()
     assert [json.loads(x)["id"] for x in out] == [1, 2]  # read once
+    # A data directory lost for good: the way out the error gives, a workflow made again.
+    assert "make the workflow again (delete it, then create it)" in (run.error or "")
+    text = sqlite_store.workflow("sync")["yaml"]
+    sqlite_store.delete_workflow("sync", "test")
+    sqlite_store.put_workflow("sync", None, text, "test", create=True)
+    fourth = sqlite_store.start_run("sync", "test")
+    assert there.run_one() and sqlite_store.run(fourth).status == "succeeded"
+    out = (tmp_path / "b/work/sync/out.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in out] == [1, 2]
 
 
 def test_concurrent_claims_never_run_one_workflow_twice(store: Store) -> None:
