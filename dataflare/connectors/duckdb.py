@@ -8,6 +8,7 @@ are described in :mod:`dataflare.connectors.sql_writer`.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -89,6 +90,7 @@ class DuckDBDialect(Dialect):
         self.positions = f"{quote_ident(self.schema)}.{quote_ident(POSITIONS_TABLE)}"
         self.types: dict[str, str] = {}
         self.blobs: set[str] = set()  # BLOB columns: hex text (``\x...``) goes as bytes
+        self.dated: set[str] = set()  # DATE and TIMESTAMP columns: a BC text is rewritten
 
     def describe(self) -> str:
         """``duckdb table path:schema.table``."""
@@ -126,6 +128,7 @@ class DuckDBDialect(Dialect):
             return None
         self.types = {name: LOGICAL.get(str(dtype).upper(), TEXT) for name, dtype in rows}
         self.blobs = {name for name, dtype in rows if str(dtype).upper() == "BLOB"}
+        self.dated = {name for name, dtype in rows if str(dtype).upper().startswith(_DATED)}
         return dict(self.types)
 
     def _declare(self, name: str, logical: str) -> str:
@@ -142,6 +145,8 @@ class DuckDBDialect(Dialect):
         self.types[name] = LOGICAL.get(sql_type, TEXT)
         if sql_type == "BLOB":
             self.blobs.add(name)
+        if sql_type.startswith(_DATED):
+            self.dated.add(name)
         return f"{quote_ident(name)} {sql_type}"
 
     def create_table(self, columns: dict[str, str], key: tuple[str, ...]) -> bool:
@@ -229,6 +234,8 @@ class DuckDBDialect(Dialect):
             elif kind == TEXT:
                 if not set(map(type, values)) <= _TEXT_AS_IS:
                     values = [None if v is None else text_value(v) for v in values]
+                if c in self.dated:
+                    values = [_astronomical(v) for v in values]
                 arrays.append(pa.array(values, pa.string()))
             else:
                 arrow_type = {INT: pa.int64(), FLOAT: pa.float64(), BOOL: pa.bool_()}[kind]
@@ -289,6 +296,20 @@ class DuckDBDialect(Dialect):
 # not exist"). DuckDB commits one writer at a time anyway.
 _FILE_LOCKS: dict[Path, threading.RLock] = {}
 _LOCKS_LOCK = threading.Lock()
+
+
+_DATED = ("DATE", "TIMESTAMP")
+_BC = re.compile(r"(\d{4,})(-.*) BC")
+
+
+def _astronomical(value: str | None) -> str | None:
+    """PostgreSQL's text of a BC date or time (``0044-03-15 10:00:00 BC``) as DuckDB reads it.
+
+    DuckDB takes a year before 1 as a negative number (``-0043-03-15``: 1 BC is year 0);
+    the ``BC`` text it refuses as a date and reads, as a timestamp, as the year AD.
+    """
+    m = _BC.fullmatch(value) if value is not None and value.endswith(" BC") else None
+    return value if m is None else f"-{int(m.group(1)) - 1:04d}{m.group(2)}"
 
 
 def _file_lock(path: Path) -> threading.RLock:

@@ -191,3 +191,22 @@ def test_a_blob_column_takes_hex_text_as_bytes_and_refuses_bad_hex_alone(tmp_pat
         (4, True)]
     assert query(tmp_path, "SELECT id, raw FROM events ORDER BY id") == [
         (1, b"\xde\xad\xbe\xef"), (2, b""), (3, b"plain"), (5, None)]
+
+
+def test_a_bc_date_or_time_is_written_before_year_1(tmp_path: Path) -> None:
+    # A PostgreSQL source gives dates before year 1 as its text ('0044-03-15 BC'): DuckDB
+    # refused it as a date and read it, as a timestamp, as the year 44 AD.
+    (tmp_path / "dw").mkdir()
+    with duckdb.connect(str(tmp_path / "dw" / "warehouse.duckdb")) as conn:
+        conn.execute("CREATE TABLE events (id BIGINT, d DATE, ts TIMESTAMP, tz TIMESTAMPTZ, "
+                     "note VARCHAR)")
+    assert run(ctx_for(tmp_path), [[
+        {"id": 1, "d": "0044-03-15 BC", "ts": "0044-03-15 10:00:00 BC",
+         "tz": "0001-01-01 00:00:00+00 BC", "note": "0044 BC"},
+        {"id": 2, "d": "2024-01-02", "ts": "2024-01-02 03:04:05", "tz": None, "note": None}]]) \
+        == []
+    assert query(tmp_path, "SELECT id, d::VARCHAR, ts::VARCHAR, (tz AT TIME ZONE 'UTC')"
+                           "::VARCHAR, note FROM events ORDER BY id") == [
+        (1, "0044-03-15 (BC)", "0044-03-15 (BC) 10:00:00", "0001-01-01 (BC) 00:00:00",
+         "0044 BC"),
+        (2, "2024-01-02", "2024-01-02 03:04:05", None, None)]
