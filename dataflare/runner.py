@@ -36,7 +36,7 @@ from dataflare.operators.keyed import run_recovery
 from dataflare.plan import committed_epoch, record_workflow, restore_record, resume_blocks
 from dataflare.records import message_of
 from dataflare.retry import interrupted
-from dataflare.secrets import scrub, scrub_bytes
+from dataflare.secrets import register_credentials, scrub, scrub_bytes
 
 
 @dataclass(frozen=True)
@@ -333,10 +333,12 @@ def _run(opts: RunOptions) -> RunResult:
         step, letters = opts.replay
         if v.graph is None or step not in v.graph.kinds or v.graph.kinds[step] == "destinations":
             return _refused(f"no source or transformation {step!r} in {opts.path} to replay into")
+        register_credentials(letters)  # a database URL's password
         try:
             read = read_dead_letters(letters)
-        except (OSError, ValueError) as exc:
-            return _refused(f"cannot read {letters}: {getattr(exc, 'strerror', None) or exc}")
+        except Exception as exc:  # noqa: BLE001 - a file, database or broker's error, in a line
+            said = getattr(exc, "strerror", None) or error_text(exc).split("\n")[0]
+            return _refused(scrub(f"cannot read {letters}: {said}"))
         for problem in read.unusable:
             say(f"not replayed: {problem}", "warning")
         if read.repeated:

@@ -57,6 +57,12 @@ def test_dead_letters_replayed_into_the_fixed_step(tmp_path: Path) -> None:
     assert position["line"] == 5 and position["file"].endswith("in.jsonl")  # where it began
     missing = dataflare("replay", "dead.jsonl", "--to", "nope", str(flow), cwd=tmp_path)
     assert missing.returncode == 1 and "no source or transformation 'nope'" in missing.stderr
+    # A table or database that is not there: a traceback, now one line (no password).
+    table = "postgresql://postgres:pw-0123456789@127.0.0.1:5432/test#public.no_such_dlq_x"
+    gone = dataflare("replay", table, "--to", "clean", str(flow), cwd=tmp_path)
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr
+    assert 'relation "public.no_such_dlq_x" does not exist' in gone.stderr
+    assert "pw-0123" not in gone.stderr and "cannot read postgresql://postgres:***@" in gone.stderr
 
 
 def test_a_replay_adds_to_destinations_that_a_run_rewrites(tmp_path: Path) -> None:
