@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from dataflare.records import getter
 
@@ -17,11 +18,14 @@ def placeholders(text: str) -> list[str]:
     return _PLACEHOLDER.findall(text)
 
 
-def compile_template(text: str, json_escape: bool = False) -> Callable[[Any], str]:
+def compile_template(text: str, json_escape: bool = False, url_escape: bool = False
+                     ) -> Callable[[Any], str]:
     """A function rendering ``text`` for a record; a missing value renders as empty text.
 
     With ``json_escape`` values are escaped for use inside a JSON string literal, so a
-    body template such as ``{"email": "{{email}}"}`` stays valid JSON for any value.
+    body template such as ``{"email": "{{email}}"}`` stays valid JSON for any value. With
+    ``url_escape`` they are percent-encoded (``/``, ``?`` and ``#`` too), so a value in a
+    URL's path stays one path segment: ``../admin`` or ``1#x`` cannot name another one.
     """
     parts = _PLACEHOLDER.split(text)
     literals = parts[0::2]
@@ -36,6 +40,8 @@ def compile_template(text: str, json_escape: bool = False) -> Callable[[Any], st
             text = json.dumps(value, separators=(",", ":"), default=str)
         else:
             text = str(value)
+        if url_escape:
+            return quote(text, safe="")
         return json.dumps(text)[1:-1] if json_escape else text
 
     if not getters:

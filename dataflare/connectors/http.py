@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from typing import Any, Literal
-from urllib.parse import quote
 
 from bytewax.dataflow import Stream
 from pydantic import Field
@@ -39,7 +38,7 @@ from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, describe_position
 from dataflare.registry import BuildContext, destination
 from dataflare.retry import Interrupted, TransientError, call_with_retry, retry_after_seconds
-from dataflare.template import compile_template, placeholders
+from dataflare.template import compile_template
 
 
 class HttpDestinationConfig(Strict):
@@ -75,7 +74,7 @@ class _Requests:
 
         self.step = step
         self.dumps = orjson.dumps
-        self.url = self._url_template(cfg.url)
+        self.url = compile_template(cfg.url, url_escape=True)
         self.headers = [(k, compile_template(v)) for k, v in cfg.headers.items()]
         self.body = compile_template(cfg.body_template, json_escape=True) \
             if cfg.body_template else None
@@ -84,19 +83,6 @@ class _Requests:
             "json" in content_type or not content_type
         )
         self.default_json = not content_type
-
-    @staticmethod
-    def _url_template(text: str) -> Any:
-        if not placeholders(text):
-            return lambda rec: text
-        escaped = compile_template(text.replace("{{", "\x00{{").replace("}}", "}}\x00"))
-
-        def url(rec: Any) -> str:
-            # Escape the rendered values only, not the literal parts of the URL.
-            parts = escaped(rec).split("\x00")
-            return "".join(quote(p, safe="") if i % 2 else p for i, p in enumerate(parts))
-
-        return url
 
     def render(self, rec: Any) -> Request | Failed:
         """The request of ``rec``, or its failure when its body does not render."""

@@ -90,7 +90,8 @@ class Enrichment(Strict):
     )
     output_field: str | None = Field(None, description="ml_scoring: path of the score.")
     output: str | None = Field(None, description="ml_scoring: model output (default: first).")
-    url: str | None = Field(None, description="http_api: endpoint ({{path}} templates).")
+    url: str | None = Field(None, description="http_api: endpoint ({{path}} templates, "
+                            "their values URL-escaped).")
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = Field(
         "GET", description="http_api: method."
     )
@@ -168,7 +169,7 @@ class HttpStage:
         import aiohttp
 
         self.step, self.cfg, self.retry, self.waits = step, cfg, retry, delays(retry)
-        self.url = compile_template(cfg.url or "")
+        self.url = compile_template(cfg.url or "", url_escape=True)  # a value: one segment
         self.headers = {k: compile_template(v) for k, v in cfg.headers.items()}
         self.body = compile_template(cfg.body_template, json_escape=True) if (
             cfg.body_template) else None

@@ -55,6 +55,8 @@ def server() -> Iterator[Server]:
                                 {"Retry-After": fault[1]} if fault[1] else {})
                 elif self.path == "/broken":
                     self.answer(500, {"error": "down"})
+                elif self.path.startswith("/seg/"):  # the path as received
+                    self.answer(200, {"score": 0, "band": {"name": self.path}})
                 elif body.get("customer_id") == "404":
                     self.answer(404, {"error": "unknown"})
                 else:
@@ -134,6 +136,17 @@ def test_http_api_maps_answers_in_parallel(tmp_path, server):
     assert len(server.requests) == 20
     assert all(h["X-Customer"] == b["customer_id"] for _, b, h in server.requests)
     assert 2 <= server.max_inflight <= 4
+
+
+def test_http_api_url_values_are_escaped(tmp_path, server):
+    # A value was put in the URL as it was: "1#frag" asked for /user/1, "../user/1" too
+    # (a record enriched with another key's answer).
+    flow = http_flow(tmp_path, server, ["1#frag", "../seg/1", "a b"], path="seg/{{customer_id}}")
+    result = run_cli("run", str(flow), cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    got = {r["customer_id"]: r["credit"]["band"] for r in read_jsonl(tmp_path / "out/out.jsonl")}
+    assert got == {"1#frag": "/seg/1%23frag", "../seg/1": "/seg/..%2Fseg%2F1",
+                   "a b": "/seg/a%20b"}
 
 
 def test_http_api_cache_by_rendered_request(tmp_path, server):
