@@ -336,6 +336,34 @@ workflow:
     assert changes(p, "step")["counts"]["verdict"] == "removed"
 
 
+def test_swapped_join_inputs_block_the_resume(tmp_path: Path) -> None:
+    # Called safe, the resume joined a-records held on the left with new a-records on
+    # the right: wrong pairs, and right pairs lost.
+    from dataflare.operators.keyed import resumable
+
+    old = tmp_path / "old.yaml"
+    old.write_text("""
+workflow:
+  id: pairs
+  sources:
+    a: {type: file, config: {path: a.jsonl}}
+    b: {type: file, config: {path: b.jsonl}}
+  transformations:
+    j: {type: join, inputs: [a, b], config: {join_key: k}}
+  destinations:
+    out: {type: file, inputs: [j], config: {path: out.jsonl}}
+""")
+    new = tmp_path / "new.yaml"
+    new.write_text(old.read_text().replace("inputs: [a, b]", "inputs: [b, a]"))
+    out = plan_cli(str(new), "--against", str(old), "--format", "json")
+    assert out.returncode == 3, out.stdout
+    assert changes(json.loads(out.stdout), "state")["j"]["verdict"] == "blocks"
+    # State written before the inputs were kept in it resumes as before.
+    new_def = {"left_key": ["k"], "inputs": ["b", "a"], "shards": 24}
+    assert resumable({"left_key": ["k"], "shards": 24}, new_def)
+    assert not resumable({"left_key": ["k"], "inputs": ["a", "b"], "shards": 24}, new_def)
+
+
 def test_a_plan_shows_no_secret(tmp_path: Path) -> None:
     text = """
 workflow:

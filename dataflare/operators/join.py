@@ -303,7 +303,7 @@ class _JoinOp:
     """The compiled settings of one join step, shared by its shards."""
 
     def __init__(self, step_id: str, cfg: JoinConfig, shards: int,
-                 fields: frozenset[str] | None = None) -> None:
+                 fields: frozenset[str] | None = None, inputs: tuple[str, ...] = ()) -> None:
         self.step_id = component_id(step_id)
         if cfg.output_prefix is not None or cfg.mode == "lookup":
             fields = None  # held whole: a nested side, or a lookup's table
@@ -337,6 +337,8 @@ class _JoinOp:
             "mode": cfg.mode,
             "shards": shards,
         }
+        if inputs:  # which input is left: its records are held on the left side
+            self.definition["inputs"] = list(inputs)
         if fields is not None:
             self.definition[HELD] = sorted(fields - {META})
         if w is not None:
@@ -1066,6 +1068,7 @@ def join(
     config: JoinConfig,
     shards: int = SHARDS,
     fields: frozenset[str] | None = None,
+    inputs: tuple[str, ...] = (),
 ) -> JoinOut:
     """Join batches of left and right records by key.
 
@@ -1076,11 +1079,13 @@ def join(
     :arg shards: State shards spread over the workers (part of the recovery state).
     :arg fields: The only fields of the joined records read downstream (``None``: all):
         a windowed or relational join holds only these of its records.
+    :arg inputs: The names of the left and right inputs (part of the recovery state: held
+        records belong to a side).
     :returns: Joined records, late records and errors, each as batches.
     """
     import bytewax.operators as op
 
-    jop = _JoinOp(step_id, config, shards, fields)
+    jop = _JoinOp(step_id, config, shards, fields, inputs)
     kinds = _KeyKinds(jop.step_id, jop.keys, config.keys())
     left = op.inspect("left_keys", left, kinds.see(LEFT))
     right = op.inspect("right_keys", right, kinds.see(RIGHT))
@@ -1166,5 +1171,5 @@ def join_schema(ctx: SchemaContext[JoinConfig]) -> FieldType:
 def build_join(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     """Build the ``join`` step."""
     out = join(ctx.step_id, ups[0], ups[1], ctx.config, shards=shards_of(ctx),
-               fields=ctx.read_downstream)
+               fields=ctx.read_downstream, inputs=tuple(ctx.component.inputs))
     return Outputs(down=out.down, errs=out.errs, named={"late": out.late})

@@ -332,6 +332,11 @@ def to_us(seconds: float) -> int:
     return round(seconds * US)
 
 
+_ADDED_LATER = ("inputs",)
+"""Definition fields a step's snapshots have held since 2026-12-05: absent from an older
+snapshot, they are not compared (its state resumes as before)."""
+
+
 def resumable(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     """Whether state written under definition ``old`` can be resumed under ``new``.
 
@@ -340,7 +345,9 @@ def resumable(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     """
     if old == new:
         return True
-    if {k: v for k, v in old.items() if k != HELD} != {k: v for k, v in new.items() if k != HELD}:
+    later = {k for k in _ADDED_LATER if k not in old}  # state written before they were kept
+    if ({k: v for k, v in old.items() if k != HELD}
+            != {k: v for k, v in new.items() if k != HELD and k not in later}):
         return False
     return HELD not in old or (HELD in new and set(new[HELD]) <= set(old[HELD]))
 
