@@ -326,11 +326,34 @@ def _per_batch(query: Query) -> Any:
         try:
             return query.run({"input": batch})
         except Exception as exc:  # noqa: BLE001 - the batch goes to the error policy
+            groups = _by_kinds(batch, query.reads)
+            if len(groups) > 1:  # a column's type is the most records', the others' null:
+                down: list[Any] = []  # the query may bind on one kind of value only, so
+                errs: list[Failed] = []  # each kind runs alone and fails alone
+                for group in groups:
+                    rows, failed = apply(group)
+                    down += rows
+                    errs += failed
+                return down, errs
             msg = _message(query.step, exc, "a batch")
             return [], [Failed(query.step, type(exc).__name__, msg, r, r.get(META, {}))
                         for r in batch]
 
     return apply
+
+
+def _by_kinds(batch: list[Any], reads: Callable[[str], bool]) -> list[list[Any]]:
+    """The records of ``batch`` grouped by the kinds of the values the query reads."""
+    columns = [c for c in dict.fromkeys(k for r in batch for k in r) if c != META and reads(c)]
+    groups: dict[tuple[str, ...], list[Any]] = {}
+    for r in batch:
+        kinds = tuple(_KINDS.get(type(r.get(c)), "other") for c in columns)
+        groups.setdefault(kinds, []).append(r)
+    return list(groups.values())
+
+
+_KINDS = {bool: "bool", int: "number", float: "number", str: "text", type(None): "null",
+          dict: "object", list: "list"}
 
 
 def _per_window(query: Query) -> Any:

@@ -188,6 +188,19 @@ def test_bad_batch_sends_its_records_to_errors():
     assert "sql query failed on a batch" in failed.message
 
 
+def test_a_batch_of_mostly_text_does_not_fail_its_numbers():
+    # The column took the type most records had (text): "amount > 5" then failed to bind,
+    # and every record of the batch went to dead letters, the numbers too.
+    batch = [{"u": "a", "amount": "30"}, {"u": "b", "amount": "40"}, {"u": "c", "amount": 7},
+             {"u": "d", "amount": 8}, {"u": "e", "amount": "x"}]
+    out = run_flow(sql_flow({"query": "select u, amount * 2 as a2 from input "
+                                      "where amount > 5"}), [batch])
+    assert sorted(out["down"], key=lambda r: r["u"]) == [{"u": "c", "a2": 14},
+                                                         {"u": "d", "a2": 16}]
+    assert sorted(f.record["u"] for f in out["errs"]) == ["a", "b", "e"]
+    assert all("sql query failed on a batch" in f.message for f in out["errs"])
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_over_all_joins_two_inputs_at_the_end(workers):
     orders = [{"id": i, "cust": i % 4, "amount": i * 1.5} for i in range(40)]
