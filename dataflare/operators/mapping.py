@@ -74,6 +74,19 @@ class MappingConfig(Strict):
     )
     drop: list[str] = Field(default_factory=list, description="Top-level fields removed.")
 
+    @field_validator("mappings")
+    @classmethod
+    def _apart(cls, mappings: list[FieldMapping]) -> list[FieldMapping]:
+        """Refuse a destination inside another: one would overwrite the other's value."""
+        for i, outer in enumerate(mappings):
+            for j, inner in enumerate(mappings):
+                if inner.destination.startswith(outer.destination + "."):
+                    msg = (f"mappings[{i}] writes {outer.destination!r} and mappings[{j}] "
+                           f"writes {inner.destination!r} inside it: the later one would "
+                           "overwrite the other's value")
+                    raise ValueError(msg)
+        return mappings
+
 
 def _reader(m: FieldMapping) -> Any:
     return getter(m.source) if m.source is not None else compile_expression(m.expression or "")
