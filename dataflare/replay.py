@@ -29,6 +29,8 @@ class DeadLetters:
     unusable: list[str] = field(default_factory=list)
     repeated: int = 0
     """Dead letters that repeat an earlier one (written again after a crash): skipped."""
+    steps: set[str] = field(default_factory=set)
+    """The steps that failed them (a destination's hold what it was to write)."""
 
 
 def read_dead_letters(path: str) -> DeadLetters:
@@ -54,7 +56,9 @@ def read_dead_letters(path: str) -> DeadLetters:
         # Dead letters are written at least once: after a crash the same one may come
         # again (the same step, source position and record), and is replayed once.
         source = letter.get("source") if isinstance(letter.get("source"), dict) else {}
-        if source.get("position"):
+        position = source.get("position")
+        if isinstance(position, dict) and len(position) > 1:  # a table's name alone does
+            # not tell its rows apart: identical rows are distinct dead letters
             same = orjson.dumps([letter["error"].get("step") if isinstance(
                 letter["error"], dict) else None, source, letter["record"]],
                 option=orjson.OPT_SORT_KEYS, default=str)
@@ -62,6 +66,9 @@ def read_dead_letters(path: str) -> DeadLetters:
                 out.repeated += 1
                 continue
             seen.add(same)
+        error = letter.get("error")
+        if isinstance(error, dict) and isinstance(error.get("step"), str):
+            out.steps.add(error["step"])
         out.records.append(record)
     return out
 

@@ -331,8 +331,8 @@ def _run(opts: RunOptions) -> RunResult:
         from dataflare.replay import read_dead_letters
 
         step, letters = opts.replay
-        if v.graph is None or step not in v.graph.kinds or v.graph.kinds[step] == "destinations":
-            return _refused(f"no source or transformation {step!r} in {opts.path} to replay into")
+        if v.graph is None or step not in v.graph.kinds:
+            return _refused(f"no step {step!r} in {opts.path} to replay into")
         register_credentials(letters)  # a database URL's password
         try:
             read = read_dead_letters(letters)
@@ -341,6 +341,10 @@ def _run(opts: RunOptions) -> RunResult:
             return _refused(scrub(f"cannot read {letters}: {said}"))
         for problem in read.unusable:
             say(f"not replayed: {problem}", "warning")
+        for failed_at in sorted(read.steps - {step}):
+            if v.graph.kinds.get(failed_at) == "destinations":  # written, not read, records
+                return _refused(f"dead letters of destination {failed_at!r} hold what it was "
+                                f"to write, not {step!r}'s input: replay them --to {failed_at}")
         if read.repeated:
             say(f"{read.repeated} dead letter(s) repeat an earlier one (written again after "
                 "a crash: dead letters are written at least once) and are replayed once")

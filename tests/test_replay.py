@@ -56,7 +56,7 @@ def test_dead_letters_replayed_into_the_fixed_step(tmp_path: Path) -> None:
     position = again["source"]["position"]
     assert position["line"] == 5 and position["file"].endswith("in.jsonl")  # where it began
     missing = dataflare("replay", "dead.jsonl", "--to", "nope", str(flow), cwd=tmp_path)
-    assert missing.returncode == 1 and "no source or transformation 'nope'" in missing.stderr
+    assert missing.returncode == 1 and "no step 'nope'" in missing.stderr
     # A table or database that is not there: a traceback, now one line (no password).
     table = "postgresql://postgres:pw-0123456789@127.0.0.1:5432/test#public.no_such_dlq_x"
     gone = dataflare("replay", table, "--to", "clean", str(flow), cwd=tmp_path)
@@ -107,3 +107,58 @@ def test_a_dead_letter_written_again_after_a_crash_is_replayed_once(tmp_path: Pa
     assert replay.returncode == 0, replay.stderr
     assert "1 dead letter(s) repeat an earlier one" in replay.stderr
     assert "replaying 3 dead letters" in replay.stderr
+
+
+def test_a_destinations_dead_letters_are_replayed_into_it(tmp_path: Path) -> None:
+    # A destination's dead letters hold what it was to write: replayed into the step
+    # before it, they were mapped again (from fields they no longer have) and written as
+    # nulls; the destination itself could not be named.
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "amount": "3"}\n{"id": 2, "amount": "4", '
+                                       '"note": "late"}\n')
+    flow = tmp_path / "wf.yaml"
+    text = """
+workflow:
+  sources:
+    orders: {type: file, config: {path: in.jsonl}}
+  transformations:
+    clean:
+      type: mapping
+      inputs: [orders]
+      config: {mappings: [{source: amount, destination: amount, transform: to_int}],
+               keep_unmapped: true}
+  destinations:
+    out:
+      type: file
+      inputs: [clean]
+      config: {path: out.csv, columns: COLUMNS}
+      write_mode: {type: append}
+      error_handling: {strategy: redirect, redirect_to: dead}
+    dead: {type: file, config: {path: dead.jsonl}}
+"""
+    flow.write_text(text.replace("COLUMNS", "[id, amount]"))
+    assert dataflare("run", str(flow), cwd=tmp_path).returncode == 0
+    [letter] = [json.loads(x) for x in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert letter["error"]["step"] == "out" and letter["record"]["note"] == "late"
+    refused = dataflare("replay", "dead.jsonl", "--to", "clean", str(flow), cwd=tmp_path)
+    assert refused.returncode == 1 and ("dead letters of destination 'out' hold what it was "
+                                        "to write, not 'clean''s input: replay them --to out"
+                                        ) in refused.stderr
+    flow.write_text(text.replace("COLUMNS", "[id, amount, note]"))  # the cause, fixed
+    assert (tmp_path / "out.csv").read_text().splitlines() == ["id,amount", "1,3"]
+    (tmp_path / "out.csv").write_text("id,amount,note\n1,3,\n")
+    replay = dataflare("replay", "dead.jsonl", "--to", "out", str(flow), cwd=tmp_path)
+    assert replay.returncode == 0, replay.stderr
+    assert (tmp_path / "out.csv").read_text().splitlines() == ["id,amount,note", "1,3,",
+                                                               "2,4,late"]
+
+
+def test_identical_rows_of_a_table_are_distinct_dead_letters(tmp_path: Path) -> None:
+    # A database source's records are placed by their table only: three identical rows
+    # that failed were taken for one dead letter written again after a crash.
+    letter = {"record": {"cust": "a", "v": "bad"}, "source": {"position": {"table": "t"}},
+              "error": {"step": "clean", "type": "RecordError", "message": "x"}}
+    (tmp_path / "dead.jsonl").write_text(f"{json.dumps(letter)}\n{json.dumps(letter)}\n")
+    from dataflare.replay import read_dead_letters
+
+    read = read_dead_letters(str(tmp_path / "dead.jsonl"))
+    assert (len(read.records), read.repeated) == (2, 0)

@@ -40,7 +40,7 @@ from dataflare.stopping import stoppable
 
 log = logging.getLogger(__name__)
 _DEAD = "dead_letter"
-_REPLAY = "<replay>"  # the stream of replayed records into a transformation
+_REPLAY = "<replay>"  # the stream of replayed records into a transformation or destination
 
 
 class StepFailed(RuntimeError):
@@ -388,7 +388,7 @@ class _Compiler:
 
     def compile(self) -> Dataflow:
         flow = self.flow = Dataflow(_flow_id(self.v))
-        if self.replay is not None and self.graph.kinds[self.replay[0]] == "transformations":
+        if self.replay is not None and self.graph.kinds[self.replay[0]] != "sources":
             self.streams[_REPLAY] = op.input("replay", flow, self.replay[1])
         for cid in self.graph.order():
             if cid not in self.running:
@@ -496,7 +496,11 @@ class _Compiler:
                 self.destination(cid, pending.pop(cid), mask)
 
     def destination(self, cid: str, comp: Any, mask: Masker | None) -> None:
-        named = [(ref, self.streams[ref]) for ref in comp.inputs] + self.redirected.get(cid, [])
+        if self.replay is not None and cid == self.replay[0]:  # its own dead letters, again
+            named = [(comp.inputs[0] if comp.inputs else cid, self.streams[_REPLAY])]
+        else:  # in a replay, inputs that are not downstream of the replayed step are left out
+            named = [(ref, self.streams[ref]) for ref in comp.inputs if ref in self.streams]
+        named += self.redirected.get(cid, [])
         if not named:
             return
         one_file = comp.type == "file" and not comp.config.partitioned()
