@@ -315,12 +315,16 @@ def test_a_secret_written_in_the_workflow_is_warned(monkeypatch: pytest.MonkeyPa
         url: http://127.0.0.1:9/x
         headers: {X-API-Key: literalKey123, Authorization: "Bearer {{tok}}", X-Trace: abc}
         params: {access_token: "${PW_FOR_TEST}", page_size: 10}
+    h: {type: rest_api, config: {url: "http://127.0.0.1:9/x?api_key=LiteralKey8&page=1"}}
+    i: {type: rest_api, config: {url: "http://127.0.0.1:9/x?api_key=${PW_FOR_TEST}"}}
   destinations:
-    out: {type: file, inputs: [a, b, c, d, e, f, g], config: {path: out.jsonl}}
+    out: {type: file, inputs: [a, b, c, d, e, f, g, h, i], config: {path: out.jsonl}}
+  environment: {DB_PASSWORD: LiteralPw999, API_TOKEN: "${PW_FOR_TEST}", REGION: eu}
 """
     v = validate_text(text, "f.yaml", dict(os.environ))
     said = [(p.line, p.path) for p in v.problems if "secret written" in p.message]
     assert said == [(3, "sources.a.config.password"), (10, "sources.e.config.dsn"),
-                    (11, "sources.f.config.dsn"), (16, "sources.g.config.headers.X-API-Key")]
+                    (11, "sources.f.config.dsn"), (16, "sources.g.config.headers.X-API-Key"),
+                    (18, "sources.h.config.url"), (22, "environment.DB_PASSWORD")]
     assert all(p.severity == "warning" for p in v.problems if "secret written" in p.message)
     assert not v.errors()

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Union
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, SecretStr, ValidationError
 
@@ -145,6 +146,10 @@ def validate_text(
                 )
 
     out.problems.extend(_not_effective(doc, wf))
+    env_block = wf.get("environment")  # a variable named like a secret, its value written
+    if isinstance(env_block, dict):
+        out.problems.extend(_written_secrets(doc, ("workflow", "environment"), {
+            k: v for k, v in env_block.items() if isinstance(v, str)}))
 
     out.problems.extend(_protection_problems(doc, wf, configs))
     out.graph, graph_problems = graph_checks.check(doc, wf, configs)
@@ -261,6 +266,10 @@ def _secret_paths(value: Any, loc: Loc) -> Iterator[Loc]:
     elif isinstance(value, BaseModel):
         for name, field in type(value).model_fields.items():
             yield from _secret_paths(getattr(value, name), (*loc, field.alias or name))
+    elif isinstance(value, str) and "://" in value and "?" in value and "{{" not in value:
+        query = parse_qs(urlsplit(value).query)  # a URL whose query holds a key
+        if any(secrets.SECRET_KEY.search(k) and "${" not in v[0] for k, v in query.items()):
+            yield loc
     elif isinstance(value, dict):  # headers, query parameters, client properties
         for key, item in value.items():
             if (isinstance(item, str) and item and secrets.SECRET_KEY.search(str(key))
@@ -273,7 +282,7 @@ def _secret_paths(value: Any, loc: Loc) -> Iterator[Loc]:
             yield from _secret_paths(item, (*loc, i))
 
 
-def _written_secrets(doc: Document, loc: Loc, config: BaseModel | None) -> list[Problem]:
+def _written_secrets(doc: Document, loc: Loc, config: Any) -> list[Problem]:
     """Warn of secrets written in the workflow's text rather than given as ``${VAR}``."""
     if config is None:
         return []
