@@ -103,9 +103,14 @@ class FieldType:
         return FieldType("object", fields, base.open, base.origins)
 
     def without(self, name: str) -> FieldType:
-        """The object without its top-level field ``name``."""
+        """The object without its field ``name`` (a dotted path reaches a nested one)."""
         if self.kind != "object" or self.fields is None:
             return self
+        head, _, rest = name.partition(".")
+        if rest:
+            if head not in self.fields:
+                return self
+            return replace(self, fields={**self.fields, head: self.fields[head].without(rest)})
         return replace(self, fields={k: v for k, v in self.fields.items() if k != name})
 
     def paths(self, prefix: str = "") -> list[str]:

@@ -72,7 +72,8 @@ class MappingConfig(Strict):
     keep_unmapped: bool = Field(
         False, description="Keep the input's other fields too (default: only mapped fields)."
     )
-    drop: list[str] = Field(default_factory=list, description="Top-level fields removed.")
+    drop: list[str] = Field(default_factory=list, description="With keep_unmapped: fields "
+                            "of the input left out (dotted paths reach nested fields).")
 
     @field_validator("mappings")
     @classmethod
@@ -100,11 +101,15 @@ def mapper(config: MappingConfig) -> Any:
 def _interpreted(config: MappingConfig) -> Any:
     """The general mapper: ``set_path`` per field, in order."""
     steps = [(_reader(m), chain(m.transform), m.destination, m.default) for m in config.mappings]
-    keep, drop = config.keep_unmapped, tuple(config.drop)
+    keep = config.keep_unmapped
+    drop = tuple(d for d in config.drop if "." not in d)
+    nested = [d.split(".") for d in config.drop if "." in d]
 
     def apply(record: dict[str, Any]) -> dict[str, Any]:
         if keep:
             out = {k: v for k, v in record.items() if k not in drop}
+            for path in nested:
+                _drop_nested(out, path)
         else:
             out = {META: record[META]} if META in record else {}
         for read, transform, dest, default in steps:
@@ -115,6 +120,19 @@ def _interpreted(config: MappingConfig) -> Any:
         return out
 
     return apply
+
+
+def _drop_nested(record: dict[str, Any], path: list[str]) -> None:
+    """Remove ``path`` from ``record``, copying the dicts on the way (the input's are shared)."""
+    head, *rest = path
+    inner = record.get(head)
+    if not isinstance(inner, dict):
+        return
+    if rest[1:]:
+        record[head] = inner = dict(inner)
+        _drop_nested(inner, rest)
+    elif rest[0] in inner:
+        record[head] = {k: v for k, v in inner.items() if k != rest[0]}
 
 
 def _generated(config: MappingConfig) -> Any:

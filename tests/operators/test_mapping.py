@@ -65,6 +65,16 @@ def test_null_passes_through_transforms():
         "y": None}
 
 
+def test_drop_reaches_nested_fields_and_leaves_the_input_alone():
+    # `drop: [customer.email]` did nothing: the (personal) field was written on.
+    mapper_ = m(mappings=[{"source": "a", "destination": "a2"}], keep_unmapped=True,
+                drop=["customer.email", "x", "c.d.e", "nowhere.at.all"])
+    record = {"a": 1, "x": 2, "customer": {"email": "e@x", "id": 3},
+              "c": {"d": {"e": 1, "f": 2}}}
+    assert mapper_(record) == {"a": 1, "a2": 1, "customer": {"id": 3}, "c": {"d": {"f": 2}}}
+    assert record["customer"] == {"email": "e@x", "id": 3} and record["c"]["d"]["e"] == 1
+
+
 def test_config_errors():
     with pytest.raises(ValidationError, match="unknown transform 'trimm' \\(did you mean 'trim'"):
         MappingConfig.model_validate({"mappings": [{"source": "a", "destination": "b",
