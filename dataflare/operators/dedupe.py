@@ -48,7 +48,9 @@ from dataflare.registry import BuildContext, Outputs, transformation
 class DedupeConfig(Strict):
     """Config of the ``dedupe`` transformation."""
 
-    keys: Paths = Field((), description="Key path(s); without them the whole record.")
+    keys: Paths = Field((), description="Key path(s); without them the whole record. A "
+                        "missing key is null, and nulls are one value (as SQL's DISTINCT "
+                        "has them): records without the key are repeats of the first.")
     ttl: Duration | None = Field(
         None, description="A repeat is dropped while less than this after the kept record."
     )

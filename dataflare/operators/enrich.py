@@ -98,7 +98,8 @@ class Enrichment(Strict):
     headers: dict[str, str] = Field(default_factory=dict, description="http_api: headers.")
     body_template: str | None = Field(None, description="http_api: body (a JSON template).")
     response_mapping: list[ResponseMapping] = Field(
-        default_factory=list, description="http_api: response paths to record paths."
+        default_factory=list, description="http_api: response paths to record paths (a path "
+        "the answer lacks leaves the record's field as it is; a null in it is written)."
     )
     cache: Cache | None = Field(None, description="http_api: answer cache.")
     rate_limit: float | None = Field(None, gt=0, description="http_api: requests per second.")
@@ -304,8 +305,13 @@ class HttpStage:
                 continue
             out = dict(records[i])
             for src, dst in self.mapping:
-                set_path(out, dst, get_path(answer, src) if src else answer)
+                value = get_path(answer, src, _ABSENT) if src else answer
+                if value is not _ABSENT:  # a path the answer lacks leaves the field as it is
+                    set_path(out, dst, value)
             records[i] = out
+
+
+_ABSENT = object()
 
 
 async def _stopped_within(seconds: float) -> bool:

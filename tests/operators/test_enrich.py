@@ -57,6 +57,8 @@ def server() -> Iterator[Server]:
                     self.answer(500, {"error": "down"})
                 elif self.path.startswith("/seg/"):  # the path as received
                     self.answer(200, {"score": 0, "band": {"name": self.path}})
+                elif self.path == "/thin":  # no score in the answer
+                    self.answer(200, {"band": {"name": "b"}})
                 elif body.get("customer_id") == "404":
                     self.answer(404, {"error": "unknown"})
                 else:
@@ -147,6 +149,16 @@ def test_http_api_url_values_are_escaped(tmp_path, server):
     got = {r["customer_id"]: r["credit"]["band"] for r in read_jsonl(tmp_path / "out/out.jsonl")}
     assert got == {"1#frag": "/seg/1%23frag", "../seg/1": "/seg/..%2Fseg%2F1",
                    "a b": "/seg/a%20b"}
+
+
+def test_http_api_a_path_the_answer_lacks_leaves_the_field(tmp_path, server):
+    # It wrote null over the record's own value, without a word.
+    flow = http_flow(tmp_path, server, ["1"], path="thin")
+    (tmp_path / "customers.jsonl").write_text('{"customer_id": "1", "credit_score": 5}\n')
+    result = run_cli("run", str(flow), cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "out/out.jsonl") == [
+        {"customer_id": "1", "credit_score": 5, "credit": {"band": "b"}}]
 
 
 def test_http_api_cache_by_rendered_request(tmp_path, server):
