@@ -55,6 +55,7 @@ POSITION_SETTINGS = (
     "config.host", "config.port", "config.url", "config.bootstrap_servers", "config.bucket",
     "config.prefix", "config.key_pattern", "config.stream", "config.consumer_group",
     "incremental.column", "incremental.cursor_field", "cdc.slot_name", "cdc.include_tables",
+    "config.partitions",  # a generator's: each partition then makes other records
 )
 
 # Column types as the table writers name them (dataflare.connectors.sql_writer).
@@ -514,6 +515,9 @@ def _destination_changes(old: Validated, new: Validated) -> list[Change]:
     assert wa is not None and wb is not None
     out = []
     for cid in sorted(set(wa.destinations) & set(wb.destinations)):
+        was, now = _write_mode(wa.destinations[cid]), _write_mode(wb.destinations[cid])
+        if was != now:  # what the next run does to what the destination holds
+            out.append(Change("destination", cid, "write mode", f"{was} -> {now}"))
         a, b = destination_columns(old, cid), destination_columns(new, cid)
         if a is None or b is None:
             continue
@@ -537,6 +541,15 @@ def _destination_changes(old: Validated, new: Validated) -> list[Change]:
         if parts:
             out.append(Change("destination", cid, "shape", "; ".join(parts), unsafe=unsafe))
     return out
+
+
+def _write_mode(comp: Any) -> str:
+    """A destination's write mode as a run carries it out."""
+    if (comp.type == "file" and not comp.config.partitioned()
+            and "write_mode" not in comp.model_fields_set):
+        return "the file rewritten at each run"
+    mode = comp.write_mode
+    return f"{mode.type} on {mode.merge_key}" if mode.type == "merge" else mode.type
 
 
 def _ordered(changes: Iterable[Change]) -> list[Change]:

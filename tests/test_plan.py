@@ -334,6 +334,16 @@ workflow:
     code, p = plan(text.replace(counts, ""))
     assert code == 2  # a removed stateless step: safe (the aggregation now feeds nothing)
     assert changes(p, "step")["counts"]["verdict"] == "removed"
+    # Whether the next run empties the file was "no change".
+    code, p = plan(text.replace("config: {path: out.jsonl}}",
+                                "config: {path: out.jsonl}, write_mode: {type: append}}"))
+    assert code == 2 and changes(p, "destination")["out"]["detail"] == (
+        "the file rewritten at each run -> append")
+    # A generator's partitions: each then makes other records (73 duplicates in a trial).
+    old.write_text(text.replace("{type: file, config: {path: in.jsonl}}",
+                                "{type: generator, config: {preset: orders, count: 9}}"))
+    code, p = plan(old.read_text().replace("count: 9", "count: 9, partitions: 2"))
+    assert code == 3 and changes(p, "source")["s"]["verdict"] == "resets"
 
 
 def test_swapped_join_inputs_block_the_resume(tmp_path: Path) -> None:
