@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dataflare.expr_functions import MORE_FUNCTIONS, REGEX_ARGUMENT, ZONE_ARGUMENT, regex, zone
-from dataflare.records import RecordError, getter, parse_duration
+from dataflare.records import RecordError, exact_number_hint, getter, parse_duration
 
 Fn = Callable[[Any], Any]
 
@@ -95,7 +95,7 @@ def _order(op: str) -> Callable[[Any, Any], bool]:
         try:
             return bool(cmp(a, b))
         except TypeError:
-            msg = f"cannot compare {_describe(a)} {op} {_describe(b)}"
+            msg = f"cannot compare {_describe(a)} {op} {_describe(b)}{exact_number_hint(a, b)}"
             raise RecordError(msg) from None
 
     return compare
@@ -118,7 +118,8 @@ def _arith(op: str) -> Callable[[Any, Any], Any]:
         ta, tb = type(a), type(b)
         if not ((ta in _NUMBERS and tb in _NUMBERS)
                 or (plus and ta is tb and (ta is str or ta is list))):
-            msg = f"cannot apply {op} to {_describe(a)} and {_describe(b)}"
+            msg = (f"cannot apply {op} to {_describe(a)} and {_describe(b)}"
+                   f"{exact_number_hint(a, b)}")
             raise RecordError(msg)
         try:
             return fn(a, b)

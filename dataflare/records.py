@@ -114,6 +114,20 @@ def a_or_an(word: str) -> str:
     return ("an " if word[:1].lower() in "aeiou" else "a ") + word
 
 
+_JSON_NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][-+]?\d+)?")
+
+
+def exact_number_hint(*values: Any) -> str:
+    """A hint for a value a number was expected as, when it is a JSON number's exact text.
+
+    Sources give a number a float would round (17 digits, beyond 64 bits) as its text.
+    """
+    if not any(isinstance(v, str) and _JSON_NUMBER.fullmatch(v) for v in values):
+        return ""
+    return ("; a number's text: convert it (to_float), or, for a JSON number a float would "
+            "round (kept as its exact text), set the source's decimal_handling: float")
+
+
 def message_of(exc: BaseException) -> str:
     """An exception's message as users read it.
 

@@ -1,5 +1,7 @@
 """The expression language: values, null semantics, errors with columns."""
 
+import re
+
 import pytest
 
 from dataflare.expr import ExpressionError, compile_expression
@@ -83,3 +85,19 @@ def test_true_is_not_one():
     assert compile_expression("a != 1")({"a": True}) is True
     assert compile_expression("a == true")({"a": True}) is True
     assert compile_expression("a == 1")({"a": 1.0}) is True
+
+
+def test_a_numbers_exact_text_says_how_to_read_it_as_a_number():
+    # A JSON number a float would round comes as its text: "cannot compare str" said no more.
+    hint = ("a number's text: convert it (to_float), or, for a JSON number a float would "
+            "round (kept as its exact text), set the source's decimal_handling: float")
+    for text in ("v > 1", "v * 2"):
+        with pytest.raises(RecordError, match=re.escape(hint)):
+            compile_expression(text)({"v": "1.12345678901234567"})
+    with pytest.raises(RecordError) as info:
+        compile_expression("v > 1")({"v": "abc"})
+    assert "decimal_handling" not in str(info.value)
+    from dataflare.operators.aggregates import BadValue, _bad
+
+    with pytest.raises(BadValue, match=re.escape(hint)):
+        _bad("v", "12345678901234567890", "sum/avg", "a number")

@@ -17,7 +17,14 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import Field, WithJsonSchema, model_validator
 
 from dataflare.config import Strict
-from dataflare.records import RecordError, a_or_an, getter, parse_duration, set_path
+from dataflare.records import (
+    RecordError,
+    a_or_an,
+    exact_number_hint,
+    getter,
+    parse_duration,
+    set_path,
+)
 
 Operation = Literal["count", "sum", "avg", "min", "max", "count_distinct", "first", "last"]
 OPERATIONS: tuple[str, ...] = get_args(Operation)
@@ -127,6 +134,8 @@ class BadValue(RecordError):
 def _bad(path: str, value: Any, op: str, expected: str) -> None:
     kind = type(value).__name__
     msg = f"field {path!r} is {a_or_an(kind)} ({value!r}), {op} needs {expected}"
+    if expected == "a number":
+        msg += exact_number_hint(value)
     raise BadValue(msg)
 
 
