@@ -16,7 +16,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from dataflare.encryption import FieldCipher
-from dataflare.records import get_path, set_path
+from dataflare.records import META, get_path, set_path
+
+MASKED = "masked"
+"""``_meta`` flag of a record masked already: replayed from a dead letter."""
 
 
 class Rule(Protocol):
@@ -69,7 +72,15 @@ class Masker:
         return hmac.new(self.hash_key, text.encode(), hashlib.sha256).hexdigest()
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-        """``record`` with every rule's field masked (a copy)."""
+        """``record`` with every rule's field masked (a copy).
+
+        A record replayed from a dead letter (``_meta.masked``) was masked when the dead
+        letter was written: it is not masked twice (a hash of a hash, a value encrypted
+        twice).
+        """
+        meta = record.get(META)
+        if isinstance(meta, dict) and meta.get(MASKED):
+            return record
         out = dict(record)
         for rule in self.rules:
             value = get_path(out, rule.field)

@@ -32,9 +32,10 @@ from dataflare.connectors.lake import remove_one_file_parts
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.logs import CONTEXT, json_mode, say
+from dataflare.masking import MASKED
 from dataflare.operators.keyed import run_recovery
 from dataflare.plan import committed_epoch, record_workflow, restore_record, resume_blocks
-from dataflare.records import message_of
+from dataflare.records import META, message_of
 from dataflare.retry import interrupted
 from dataflare.secrets import register_credentials, scrub, scrub_bytes
 
@@ -348,7 +349,8 @@ def _run(opts: RunOptions) -> RunResult:
         if read.repeated:
             say(f"{read.repeated} dead letter(s) repeat an earlier one (written again after "
                 "a crash: dead letters are written at least once) and are replayed once")
-        records = read.records
+        # Dead letters hold records masked by the workflow's data_protection: not again.
+        records = [{**r, META: {**(r.get(META) or {}), MASKED: True}} for r in read.records]
         replayed = (step, TestingSource([records[i:i + 1000]
                                          for i in range(0, len(records), 1000)]))
         say(f"replaying {len(records)} dead letters of {letters} into step {step!r}")

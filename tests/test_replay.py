@@ -162,3 +162,33 @@ def test_identical_rows_of_a_table_are_distinct_dead_letters(tmp_path: Path) -> 
 
     read = read_dead_letters(str(tmp_path / "dead.jsonl"))
     assert (len(read.records), read.repeated) == (2, 0)
+
+
+def test_replayed_records_are_not_masked_twice(tmp_path: Path) -> None:
+    # Dead letters hold masked records: replayed, they were hashed again (hash(hash(e))).
+    import hashlib
+    import hmac
+    import os
+
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "amount": "2.5", "email": "a@b.c"}\n')
+    flow = tmp_path / "wf.yaml"
+    protected = FLOW.replace("workflow:\n", "workflow:\n  data_protection:\n    hash_key: "
+                             "\"${{MASK_KEY_REPLAY}}\"\n    masking_rules: [{{field: email, "
+                             "method: hash}}]\n", 1).replace(
+        "          - {{source: id, destination: id}}\n", "          - {{source: id, "
+        "destination: id}}\n          - {{source: email, destination: email}}\n")
+    flow.write_text(protected.format(transform="to_int", dead="dead.jsonl"))
+    env = {**os.environ, "MASK_KEY_REPLAY": "k" * 32}
+    run = subprocess.run([sys.executable, "-m", "dataflare", "run", str(flow)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    hashed = hmac.new(b"k" * 32, b"a@b.c", hashlib.sha256).hexdigest()
+    [letter] = [json.loads(x) for x in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert letter["record"]["email"] == hashed
+    flow.write_text(protected.format(transform="to_float", dead="dead-again.jsonl"))
+    replay = subprocess.run([sys.executable, "-m", "dataflare", "replay", "dead.jsonl", "--to",
+                             "clean", str(flow)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert replay.returncode == 0, replay.stderr
+    [out] = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert out == {"id": 1, "email": hashed, "amount": 2.5}
