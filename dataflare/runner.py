@@ -701,7 +701,7 @@ def _pump(read: int, out: int) -> None:
     Whole lines are checked; the unfinished end of the output (the progress line, redrawn
     in place) is copied at once unless it may be the start of a panic notice.
     """
-    panic = False
+    panic = seen = False  # in a notice now; one was seen (its frames may come later)
     keep = os.environ.get("RUST_BACKTRACE") == "full"
     pending = b""
     with os.fdopen(out, "wb", buffering=0) as dst:
@@ -709,7 +709,10 @@ def _pump(read: int, out: int) -> None:
             *lines, pending = (pending + chunk).split(b"\n")
             for text in lines:
                 if not keep and (_PANIC.match(text) or (panic and _PANIC_TAIL.match(text))):
-                    panic = True
+                    panic = seen = True
+                    continue
+                if seen and not keep and text and _PANIC_TAIL.match(text):
+                    panic = True  # a notice's frames after another thread's log line
                     continue
                 panic = False
                 dst.write(scrub_bytes(text) + b"\n")

@@ -303,3 +303,32 @@ def test_rust_backtrace_full_keeps_the_panic_notice_in_run_as_in_test(tmp_path):
         out = run_with_backtrace("full", *args, "wf.yaml", cwd=tmp_path)
         assert out.code == 1
         assert "panicked at" in out.stderr and "stack backtrace:" in out.stderr, args
+
+
+def test_a_panic_notice_split_by_another_threads_line_is_dropped_whole():
+    # Two destinations failing: a retry warning came between the notice and its frames,
+    # and 64 lines of Rust frames were printed.
+    import os
+    import threading
+
+    from dataflare.runner import _pump
+
+    text = (b"thread 'main' panicked at src/worker.rs:1:2:\n"
+            b"WARNING dataflare.retry: step 'pg2': retry 2/9\n"
+            b"   0: std::panicking::begin_panic\n"
+            b"             at /x/y.rs:3:4\n"
+            b"  17: cfunction_vectorcall\n"
+            b"note: Some details are omitted, run with `RUST_BACKTRACE=full`\n"
+            b"\n"
+            b"summary (1.0s): records per step\n"
+            b"  s: 9\n")
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    pump = threading.Thread(target=_pump, args=(src_r, dst_w))
+    pump.start()
+    os.write(src_w, text)
+    os.close(src_w)
+    pump.join(10)
+    with os.fdopen(dst_r, "rb") as got:
+        assert got.read() == (b"WARNING dataflare.retry: step 'pg2': retry 2/9\n"
+                              b"summary (1.0s): records per step\n  s: 9\n")
