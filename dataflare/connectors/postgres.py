@@ -223,6 +223,9 @@ _TERMINAL_CONNECT = (
     # a password with an unescaped "@" read as part of the host): no retry mends it.
     "connection is bad: invalid",
     "invalid connection option",
+    # A startup option the server refuses (options='-c statement_timeout=abc').
+    "invalid value for parameter",
+    "unrecognized configuration parameter",
 )
 _STALE_ROWS = ("empty the mirror tables first: a snapshot upserts the rows there are, and "
                "rows deleted meanwhile would stay")

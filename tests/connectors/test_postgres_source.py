@@ -1707,6 +1707,9 @@ def slot_active(pg: Any, slot: str) -> int | None:
     "host=127.0.0.1 port=54x99 dbname=test user=postgres",
     "host=127.0.0.1 port=5432 dbname=test user=postgres sslmode=bogus",
     "postgresql://postgres:pa@ss@127.0.0.1:5432/test",  # the "@" of a password unescaped
+    # Startup options the server refuses with a FATAL.
+    "host=127.0.0.1 port=5432 dbname=test user=postgres options='-c statement_timeout=abc'",
+    "host=127.0.0.1 port=5432 dbname=test user=postgres options='-c no_such_setting_x=1'",
 ])
 def test_a_connection_string_libpq_cannot_read_is_not_retried(dsn: str) -> None:
     # Each was retried for a minute as if the server were down.
