@@ -176,13 +176,15 @@ def _source_settings(doc: Document, wf: Workflow, base_dir: Path) -> list[Proble
 
     A source type checks these when it is built, which does not connect to anything: each
     source is built here so that ``validate`` reports them with the others, at the block
-    they concern (``mode``, ``incremental``...) where the source gives one.
+    they concern (``mode``, ``incremental``...) where the source gives one. Only DataFlare's
+    own types: a third-party one may connect when built.
     """
     out = []
     raw = doc.data["workflow"].get("sources") or {}
     for cid, comp in wf.sources.items():
         spec = registry.lookup("source", comp.type)
-        if spec is None or spec.build is None or spec.missing() or _unresolved(raw.get(cid)):
+        if (spec is None or spec.build is None or spec.missing() or _unresolved(raw.get(cid))
+                or not spec.build.__module__.startswith("dataflare.")):
             continue  # a variable not set here may be where it runs
         try:
             spec.build(registry.BuildContext(cid, "source", comp, comp.config, wf, base_dir))
