@@ -158,12 +158,13 @@ def call_with_retry(
 
 
 def call_retrying(what: str, fn: Callable[[], T], policy: Retry,
-                  transient: Callable[[BaseException], bool]) -> T:
+                  transient: Callable[[BaseException], bool], failed: str) -> T:
     """:func:`call_with_retry` of a call whose failures ``transient`` tells apart.
 
     For a client raising its own exceptions (boto3): those ``transient`` accepts are
-    retried per ``policy``; the last one is raised as a :class:`TransientError` (from
-    it) with ``attempts``, any other failure at once, as it is.
+    retried per ``policy``. The failure that ends it is a ``RuntimeError`` saying
+    ``failed`` (what could not be done), the attempts made and why; a graceful stop's
+    :class:`Interrupted` passes as it is.
     """
     def attempt() -> T:
         try:
@@ -173,10 +174,12 @@ def call_retrying(what: str, fn: Callable[[], T], policy: Retry,
                 raise TransientError(str(exc)) from exc
             raise
 
-    return call_with_retry(what, attempt, policy)
-
-
-def after_attempts(exc: BaseException) -> str:
-    """`` (after N attempts)`` for a failure :func:`call_with_retry` retried, else ``""``."""
-    tried = getattr(exc, "attempts", None)
-    return f" (after {tried} attempts)" if tried and tried > 1 else ""
+    try:
+        return call_with_retry(what, attempt, policy)
+    except Interrupted:
+        raise
+    except Exception as exc:
+        tried = getattr(exc, "attempts", None)
+        after = f" (after {tried} attempts)" if tried and tried > 1 else ""
+        msg = f"{failed}{after}: {exc}"
+        raise RuntimeError(msg) from exc

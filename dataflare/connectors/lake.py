@@ -62,7 +62,7 @@ from dataflare.records import (
     getter,
     to_epoch_seconds,
 )
-from dataflare.retry import Interrupted, after_attempts, call_retrying
+from dataflare.retry import call_retrying
 from dataflare.template import placeholders
 
 EXTENSIONS = {"jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
@@ -893,16 +893,10 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
 
     def _storage_call(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, transient failures retried; a failure names the step and the key."""
-        shown = self.storage.show(key)
-        try:
-            return call_retrying(f"step {self.out.step!r}: writing {shown}",
-                                 functools.partial(fn, *args), self.out.retry,
-                                 self.storage.transient)
-        except Interrupted:
-            raise  # a graceful stop: the resume writes it
-        except Exception as exc:
-            msg = f"step {self.out.step!r}: cannot write {shown}{after_attempts(exc)}: {exc}"
-            raise RuntimeError(msg) from exc
+        shown, step = self.storage.show(key), self.out.step  # a graceful stop passes:
+        return call_retrying(f"step {step!r}: writing {shown}",  # the resume writes it
+                             functools.partial(fn, *args), self.out.retry,
+                             self.storage.transient, f"step {step!r}: cannot write {shown}")
 
     def on_batch(self, values: list[Batch]) -> tuple[list[list[Failed]], bool]:
         now = datetime.now(UTC)

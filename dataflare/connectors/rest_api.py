@@ -193,15 +193,17 @@ def secret_query(cfg: RestApiSourceConfig) -> dict[str, Any]:
             if secrets.SECRET_KEY.search(name) or str(value) in known}
 
 
-def public_url(cfg: RestApiSourceConfig, url: Any) -> Any:
+def public_url(cfg: RestApiSourceConfig, url: Any,
+               hidden: dict[str, Any] | None = None) -> Any:
     """``url`` (an ``httpx.URL``) without the credentials its query carries.
 
-    Those are the API key of ``auth`` and :func:`secret_query`: records' ``_meta.url`` and
-    a walk's state (the recovery directory) hold the rest; each request adds them again.
+    Those are the API key of ``auth`` and :func:`secret_query` (``hidden``, when known):
+    records' ``_meta.url`` and a walk's state (the recovery directory) hold the rest; each
+    request adds them again.
     """
     a = cfg.auth
     keyed = [a.query_param] if a is not None and a.type == "api_key" and a.query_param else []
-    for name in [*keyed, *secret_query(cfg)]:
+    for name in [*keyed, *(secret_query(cfg) if hidden is None else hidden)]:
         url = url.copy_remove_param(name)
     return url
 
@@ -241,6 +243,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         self.warned: set[str] = set()  # hosts told of: credentials are not sent there
         self.loads = json_loader(self.cfg.decimal_handling)
         self.start_url = src.list_parts()[0]
+        self.hidden = secret_query(self.cfg)  # left out of the walk's URLs: requests add them
         self.awake: datetime | None = None
         self.bucket = (
             TokenBucket(self.cfg.rate_limit.requests_per_second, self.cfg.rate_limit.burst)
@@ -284,7 +287,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                    or n.lower() in named or secrets.SECRET_KEY.search(n)]
         for name in dropped:
             del request.headers[name]
-        public = public_url(self.cfg, url)
+        public = public_url(self.cfg, url, self.hidden)
         if public != url:
             request.url = public
         if (dropped or public != url) and url.host not in self.warned:
@@ -312,7 +315,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
                 else:
                     headers[a.header] = a.key.get_secret_value()
         target = httpx.URL(url).copy_merge_params(params)  # a next link keeps its query
-        what = f"{cfg.method} {public_url(cfg, target)}"  # the page asked for, no credential
+        what = f"{cfg.method} {public_url(cfg, target, self.hidden)}"  # the page, no credential
 
         def attempt() -> Any:
             try:
@@ -379,16 +382,11 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             return None if src.start_value is None else src.key(src.start_value)
         return src.key(cursor) - src.lookback if src.lookback else src.key(cursor)
 
-    def _public(self, url: Any) -> Any:
-        """``url`` without its credentials (:func:`public_url`)."""
-        return public_url(self.cfg, url)
-
     def _params(self, walk: dict[str, Any]) -> dict[str, Any]:
         p = self.cfg.pagination
-        hidden = secret_query(self.cfg)  # left out of the walk's URLs: each request adds them
         if walk["url"] not in (self.start_url, self.cfg.url):  # a next link has its own query
-            return hidden
-        params: dict[str, Any] = {**hidden, **self.cfg.params}
+            return dict(self.hidden)
+        params: dict[str, Any] = {**self.hidden, **self.cfg.params}
         if p.type == "page_number":
             params[p.page_param] = walk["page"]
             if p.size_param and p.size:
@@ -409,7 +407,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         """One page's items and whether the walk goes on."""
         url = walk["url"]
         resp = self._request(url, self._params(walk))
-        meta = {"url": str(self._public(resp.url)), "page": walk["pages"]}
+        meta = {"url": str(public_url(self.cfg, resp.url, self.hidden)), "page": walk["pages"]}
         walk["pages"] += 1
         try:  # no content (204, an empty body) is a page of no records: the walk's end
             body = self.loads(resp.content) if resp.content.strip() else []
@@ -459,7 +457,7 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
         elif p.type == "link_header":
             nxt = resp.links.get("next", {}).get("url")
             if nxt:  # kept in the state, so without the key (each request adds it)
-                walk["url"] = str(self._public(resp.url.join(nxt)))
+                walk["url"] = str(public_url(self.cfg, resp.url.join(nxt), self.hidden))
             else:
                 more = False
         return records, more
@@ -567,11 +565,10 @@ class ApiPartition(StatefulSourcePartition[list[Any], dict[str, Any]]):
             self.walk = self._start_walk()
         records, more = self._page(self.walk)
         fresh = self._keep_new(records)
-        # A walk finding records past the cursor is followed by another (stop_at_end) at
-        # once; records new at the cursor's own value do not call for one.
-        self.walk_new = self.walk_new or self.src.incremental and any(
-            not isinstance(r, Failed) and self._past(get_path(r, self.src.cursor_field),
-                                                     self.cursor) for r in fresh)
+        # A walk finding records past the cursor (its largest emitted is) is followed by
+        # another (stop_at_end) at once; records new at the cursor's own value are not.
+        self.walk_new = self.walk_new or self.src.incremental and self._past(self.walk_max,
+                                                                             self.cursor)
         self.awake = None
         if not more:
             walk, self.walk = self.walk, None

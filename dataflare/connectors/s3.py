@@ -57,7 +57,7 @@ from dataflare.connectors.schema import JSON_NUMBERS, DecimalHandling
 from dataflare.lineage import Dataset
 from dataflare.records import Batch, RecordError, to_epoch_seconds
 from dataflare.registry import BuildContext, destination, source
-from dataflare.retry import Interrupted, after_attempts, call_retrying
+from dataflare.retry import call_retrying
 
 
 class S3Connection(Strict):
@@ -267,13 +267,10 @@ class _ObjectReader:
         try:
             call_retrying(f"step {step!r}: reading {shown}",
                           partial(client.download_file, config.bucket, key, name), retry,
-                          s3_transient)
-        except Exception as exc:
+                          s3_transient, f"step {step!r}: cannot read {shown}")
+        except BaseException:
             self.local.unlink(missing_ok=True)
-            if isinstance(exc, Interrupted):
-                raise
-            msg = f"step {step!r}: cannot read {shown}{after_attempts(exc)}: {exc}"
-            raise RuntimeError(msg) from exc
+            raise
         self.reader = file_reader(step, self.local, shown, fmt, config, position)
 
     def next_batch(self) -> Batch:
@@ -294,15 +291,9 @@ def _listing(step: str, config: S3SourceConfig, client: Any, retry: Retry
              ) -> list[dict[str, Any]]:
     """The data objects under the prefix (no journals, no directory markers), in key order."""
     shown = f"s3://{config.bucket}/{config.prefix}"
-    try:
-        out = call_retrying(f"step {step!r}: listing {shown}",
-                            partial(_objects, client, config.bucket, config.prefix), retry,
-                            s3_transient)
-    except Interrupted:
-        raise
-    except Exception as exc:
-        msg = f"step {step!r}: cannot list {shown}{after_attempts(exc)}: {exc}"
-        raise RuntimeError(msg) from exc
+    out = call_retrying(f"step {step!r}: listing {shown}",
+                        partial(_objects, client, config.bucket, config.prefix), retry,
+                        s3_transient, f"step {step!r}: cannot list {shown}")
     out = [o for o in out if f"/{JOURNAL}/" not in f"/{o['Key']}" and not o["Key"].endswith("/")]
     return sorted(out, key=lambda o: o["Key"])
 
