@@ -511,11 +511,7 @@ def build_file_destination(ctx: BuildContext, up: Stream[Batch]) -> Stream[Any] 
     cfg = ctx.config
     fmt = file_format(cfg.target(), cfg.format, ctx.step_id)
     explicit = "write_mode" in ctx.component.model_fields_set
-    if cfg.partitioned():
-        if explicit and ctx.component.write_mode.type != "append":
-            msg = (f"step {ctx.step_id!r}: partitioned files are only added to (write_mode "
-                   f"append), not {ctx.component.write_mode.type}")
-            raise ValueError(msg)
+    if cfg.partitioned():  # only added to: validate refuses another write mode (blocks_for)
         target = cfg.target()
         resolved = str(ctx.path(target)) + ("/" if target.endswith("/") else "")
         template = PathTemplate(resolved, fmt, cfg)

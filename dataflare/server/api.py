@@ -24,8 +24,8 @@ from dataflare import registry
 from dataflare.dsl_compiler import Validated, validate_text
 from dataflare.dsl_compiler.models import Schedule, check_workflow_id
 from dataflare.server.auth import Access, User
-from dataflare.server.scheduler import Scheduler, next_instants, schedule_of, schedule_problem
-from dataflare.server.store import ACTIVE, FINAL, Conflict, NotFound, Store, now, schedule_block
+from dataflare.server.scheduler import Scheduler, next_instants, read_schedule, schedule_of
+from dataflare.server.store import ACTIVE, FINAL, Conflict, NotFound, Store, now
 
 REQUESTS = Counter("dataflare_api_requests", "API requests.", ["method", "status"])
 LATENCY = Histogram("dataflare_api_seconds", "API request latency.", ["method"])
@@ -217,12 +217,9 @@ def create_app(store: Store, access: Access, scheduler: Scheduler | None = None)
     def get_workflow(wid: str, _user: Read) -> dict[str, Any]:
         """One workflow, its current YAML, schedule and next fire times."""
         wf = store.workflow(wid)
-        sched = None
-        try:
-            raw = schedule_block(wf["yaml"])
-            sched = Schedule.model_validate(raw) if raw else None
-        except ValueError as exc:  # stored by an earlier version: not scheduled, said so
-            wf["schedule_error"] = schedule_problem(exc)
+        sched, problem = read_schedule(wf["yaml"])
+        if problem is not None:  # stored by an earlier version: not scheduled, said so
+            wf["schedule_error"] = problem
         wf["schedule"] = sched.model_dump(mode="json") if sched else None
         wf["next_runs"] = ([t.isoformat() for t in next_instants(sched)]
                            if sched and sched.type != "event" else [])

@@ -38,21 +38,22 @@ def schedule_of(text: str, wid: str = "") -> Schedule | None:
     One stored by an earlier version may not validate now (a 6-field cron): it is not
     scheduled, and said so (here, and as ``schedule_error`` by the API).
     """
+    schedule, problem = read_schedule(text)
+    if problem is not None:
+        log.error("workflow %r is not scheduled: %s", wid, problem)
+    return schedule
+
+
+def read_schedule(text: str) -> tuple[Schedule | None, str | None]:
+    """The ``schedule`` of a stored workflow text, or why it does not validate now."""
     raw = schedule_block(text)
     if not raw:
-        return None
+        return None, None
     try:
-        return Schedule.model_validate(raw)
-    except ValueError as exc:
-        log.error("workflow %r is not scheduled: %s", wid, schedule_problem(exc))
-        return None
-
-
-def schedule_problem(exc: ValueError) -> str:
-    """Why a stored schedule does not validate, and what to do."""
-    errors = exc.errors() if isinstance(exc, ValidationError) else []
-    said = errors[0]["msg"].removeprefix("Value error, ") if errors else str(exc)
-    return f"its schedule does not validate ({said}); store it again with a valid one"
+        return Schedule.model_validate(raw), None
+    except ValidationError as exc:
+        said = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        return None, f"its schedule does not validate ({said}); store it again with a valid one"
 
 
 def instants(schedule: Schedule, after: datetime, until: datetime) -> Iterator[datetime]:

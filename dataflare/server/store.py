@@ -201,9 +201,9 @@ def schedule_block(text: str) -> Any:
 def _run(row: Any) -> Run:
     return Run(
         id=row.id, workflow=row.workflow_id, revision=row.revision, trigger=row.trigger,
-        status=row.status, attempt=row.attempt, scheduled_for=_utc(row.scheduled_for),
-        created_at=_utc(row.created_at), started_at=_utc(row.started_at),  # type: ignore[arg-type]
-        ended_at=_utc(row.ended_at), summary=json.loads(row.summary) if row.summary else None,
+        status=row.status, attempt=row.attempt, scheduled_for=row.scheduled_for,
+        created_at=row.created_at, started_at=row.started_at,
+        ended_at=row.ended_at, summary=json.loads(row.summary) if row.summary else None,
         error=row.error, actions=json.loads(row.actions) if row.actions else [],
         worker=row.worker, parent_run=row.parent_run,
     )
@@ -305,8 +305,8 @@ class Store:
             rows = c.execute(sa.select(workflows).where(~workflows.c.deleted)
                              .order_by(workflows.c.id)).all()
         return [{"id": r.id, "name": r.name, "revision": r.revision,
-                 "created_at": _utc(r.created_at).isoformat(),  # type: ignore[union-attr]
-                 "updated_at": _utc(r.updated_at).isoformat()} for r in rows]  # type: ignore[union-attr]
+                 "created_at": r.created_at.isoformat(),
+                 "updated_at": r.updated_at.isoformat()} for r in rows]
 
     def workflow(self, wid: str) -> dict[str, Any]:
         """One live workflow with its current YAML."""
@@ -319,8 +319,8 @@ class Store:
             text = c.execute(sa.select(revisions.c.yaml).where(
                 (revisions.c.workflow_id == wid) & (revisions.c.number == r.revision))).scalar()
         return {"id": r.id, "name": r.name, "revision": r.revision, "yaml": text,
-                "created_at": _utc(r.created_at).isoformat(),  # type: ignore[union-attr]
-                "updated_at": _utc(r.updated_at).isoformat()}  # type: ignore[union-attr]
+                "created_at": r.created_at.isoformat(),
+                "updated_at": r.updated_at.isoformat()}
 
     def revisions(self, wid: str) -> list[dict[str, Any]]:
         """The revisions of a workflow, oldest first."""
@@ -333,7 +333,7 @@ class Store:
             msg = f"no workflow {wid!r}"
             raise NotFound(msg)
         return [{"number": r.number, "author": r.author,
-                 "created_at": _utc(r.created_at).isoformat()} for r in rows]  # type: ignore[union-attr]
+                 "created_at": r.created_at.isoformat()} for r in rows]
 
     def revision(self, wid: str, number: int) -> str:
         """The YAML of one revision."""
@@ -354,8 +354,8 @@ class Store:
                 .join(revisions, (revisions.c.workflow_id == workflows.c.id)
                       & (revisions.c.number == workflows.c.revision))
                 .where(~workflows.c.deleted)).all()
-        return [(r.id, r.revision, r.yaml, _utc(r.scheduled_until),
-                 _utc(r.created_at)) for r in rows]  # type: ignore[misc]
+        return [(r.id, r.revision, r.yaml, r.scheduled_until,
+                 r.created_at) for r in rows]
 
     # -- runs ------------------------------------------------------------------------
 
@@ -566,7 +566,7 @@ class Store:
         if target:
             q = q.where(audit.c.target == target)
         with self.engine.connect() as c:
-            return [{"id": r.id, "at": _utc(r.at).isoformat(),  # type: ignore[union-attr]
+            return [{"id": r.id, "at": r.at.isoformat(),
                      "user": r.user, "action": r.action, "target": r.target,
                      "revision": r.revision,
                      "detail": json.loads(r.detail) if r.detail else None}

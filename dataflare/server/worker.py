@@ -138,10 +138,10 @@ class Worker:
         last = next((r for r in self.store.runs(wid, limit=50) if r.id != run.id
                      and r.worker and r.summary is not None  # it ran (it has counts)
                      and r.created_at >= since), None)
-        if last is not None and "@" in (last.worker or "") and (
-                last.worker or "").rpartition("@")[2] != self.place:
+        holder = last.worker or "" if last is not None else ""
+        if last is not None and "@" in holder and holder.rpartition("@")[2] != self.place:
             return (f"workflow {wid!r} keeps its position (where its sources are) in the "
-                    f"data directory of worker {last.worker!r} (run {last.id}), not in this "
+                    f"data directory of worker {holder!r} (run {last.id}), not in this "
                     f"one ({self.data_dir}): server processes must share --data-dir, or a "
                     "run here would read again what runs there read. If that directory is "
                     "lost, make the workflow again (delete it, then create it): it starts "
