@@ -444,9 +444,12 @@ def csv_value(value: Any) -> Any:
 
 
 def column_problem(step: str, record: dict[str, Any], columns: list[str],
-                   fmt: str = "CSV") -> str | None:
-    """Why ``record`` has no row under ``columns`` (a field without a column)."""
-    known = set(columns)
+                   fmt: str = "CSV", known: frozenset[str] | None = None) -> str | None:
+    """Why ``record`` has no row under ``columns`` (a field without a column).
+
+    ``known``: the fields that need no column (``columns`` and any other), when known.
+    """
+    known = frozenset(columns) if known is None else known
     extra = [k for k in record if k not in known and k != META]
     if not extra:
         return None
@@ -603,11 +606,9 @@ class _Parquet(_Open):
         columns = self.schema.columns
         if columns:  # a field without a column is refused, as in CSV (not dropped)
             fits = []
-            in_path = self.schema.in_path
+            known = frozenset(columns) | self.schema.in_path  # the path holds those
             for r in records:
-                problem = column_problem(self.schema.step, {
-                    k: v for k, v in r.items() if k not in in_path} if in_path else r,
-                    columns, "Parquet")
+                problem = column_problem(self.schema.step, r, columns, "Parquet", known)
                 if problem is None:
                     fits.append(r)
                 else:

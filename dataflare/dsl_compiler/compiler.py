@@ -499,7 +499,8 @@ class _Compiler:
         if self.replay is not None and cid == self.replay[0]:  # its own dead letters, again
             named = [(comp.inputs[0] if comp.inputs else cid, self.streams[_REPLAY])]
         else:  # in a replay, inputs that are not downstream of the replayed step are left out
-            named = [(ref, self.streams[ref]) for ref in comp.inputs if ref in self.streams]
+            named = [(ref, self.streams[ref]) for ref in comp.inputs
+                     if self.replay is None or ref in self.streams]
         named += self.redirected.get(cid, [])
         if not named:
             return
