@@ -258,7 +258,10 @@ class Streaming(Strict):
 class Hybrid(Strict):
     """A snapshot first, then ongoing changes."""
 
-    initial_mode: Literal["full", "incremental"] = Field("full", description="First phase.")
+    initial_mode: Literal["full", "incremental"] = Field(
+        "full", description="First phase: the tables read whole (with ongoing_mode "
+        "incremental, from incremental.start_value: the same read as 'incremental')."
+    )
     ongoing_mode: Literal["cdc", "incremental"] = Field("cdc", description="Second phase.")
     transition_after: Literal["completion", "timestamp", "never"] = Field(
         "completion", description="When to switch to the second phase."
@@ -266,6 +269,18 @@ class Hybrid(Strict):
     transition_timestamp: datetime | None = Field(
         None, description="Switch time, for transition_after 'timestamp'."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> Hybrid:
+        if self.initial_mode == "incremental" and self.ongoing_mode == "cdc":
+            msg = ("initial_mode 'incremental' is not supported before cdc: the change stream "
+                   "starts from a snapshot of the whole tables (initial_mode: full)")
+            raise ValueError(msg)
+        if self.transition_timestamp is not None and self.transition_after != "timestamp":
+            msg = (f"transition_timestamp has no effect with transition_after "
+                   f"{self.transition_after!r}: set transition_after: timestamp")
+            raise ValueError(msg)
+        return self
 
 
 class OutputSchema(Strict):

@@ -259,3 +259,33 @@ workflow:
     ]
     assert v.workflow is None
     assert validate_text("workflow: {transformations: {}, destinations: {}}\n").workflow
+
+
+def test_hybrid_settings_the_source_cannot_act_on_are_refused():
+    v = validate_text("""\
+workflow:
+  sources:
+    a:
+      type: postgres
+      mode: hybrid
+      config: {dsn: "postgresql://127.0.0.1/test", table: t}
+      hybrid: {initial_mode: incremental}
+    b:
+      type: postgres
+      mode: hybrid
+      config: {dsn: "postgresql://127.0.0.1/test", table: t}
+      hybrid: {transition_timestamp: "2026-01-01T00:00:00Z"}
+    c:
+      type: postgres
+      mode: hybrid
+      config: {dsn: "postgresql://127.0.0.1/test", table: t, incremental_column: id}
+      hybrid: {initial_mode: incremental, ongoing_mode: incremental}
+  destinations:
+    out: {type: stdout, inputs: [a, b, c]}
+""", "w.yaml")
+    assert [p.render() for p in v.errors()] == [
+        "w.yaml:7:15: sources.a.hybrid: initial_mode 'incremental' is not supported before "
+        "cdc: the change stream starts from a snapshot of the whole tables (initial_mode: full)",
+        "w.yaml:12:15: sources.b.hybrid: transition_timestamp has no effect with "
+        "transition_after 'completion': set transition_after: timestamp",
+    ]
