@@ -28,7 +28,7 @@ from typing import Any
 
 from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
-from dataflare.connectors.lake import remove_one_file_parts
+from dataflare.connectors.lake import journal_retention, remove_one_file_parts
 from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
 from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.logs import CONTEXT, json_mode, say
@@ -484,7 +484,12 @@ def _run(opts: RunOptions) -> RunResult:
         directory = Path(opts.recovery_dir)
         recorded = (directory, record_workflow(directory, opts.path), committed_epoch(directory))
     try:
-        with progress, without_worker_panics(), run_recovery(recovery is not None):
+        # A resume starts from a snapshot at most the backup interval (and a few epochs)
+        # old; without recovery a restart under the same run id undoes the whole run.
+        retention = (opts.backup_interval + max(10 * interval, 60.0)
+                     if recovery is not None else None)
+        with progress, without_worker_panics(), run_recovery(recovery is not None), \
+                journal_retention(retention):
             cli_main(flow, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as one clear line
         cause = _unwrapped(exc)

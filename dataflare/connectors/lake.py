@@ -24,6 +24,7 @@ value JSON cannot hold) and follow the destination's ``error_handling``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import functools
@@ -35,7 +36,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -705,6 +706,35 @@ _AFTER_RUN: dict[str, dict[str, Callable[[], None]]] = {}
 _WRITTEN_LOCK = threading.Lock()
 
 
+_JOURNAL_KEEP: list[float | None] = []  # the runs under way, each its retention (below)
+
+
+@contextlib.contextmanager
+def journal_retention(seconds: float | None) -> Iterator[None]:
+    """Runs in this block need journal entries ``seconds`` after a snapshot (``None``: all).
+
+    A partitioned output journals each file it publishes, and a resume undoes what was
+    published after the snapshot it resumes from, which the runner knows to be at most its
+    backup interval (and a few epochs) old. Older entries are deleted at each snapshot, so
+    a streaming output's journal stays small. Under ``python -m bytewax.run`` the backup
+    interval is not known: the journal is kept for the whole run there.
+    """
+    with _WRITTEN_LOCK:
+        _JOURNAL_KEEP.append(seconds)
+    try:
+        yield
+    finally:
+        with _WRITTEN_LOCK:
+            _JOURNAL_KEEP.remove(seconds)
+
+
+def _journal_keep() -> float | None:
+    with _WRITTEN_LOCK:
+        if not _JOURNAL_KEEP or None in _JOURNAL_KEEP:
+            return None
+        return max(k for k in _JOURNAL_KEEP if k is not None)
+
+
 def remove_one_file_parts(run: str, completed: bool) -> None:
     """After run ``run``: remove what its outputs kept for a resume (parts, journals).
 
@@ -739,6 +769,10 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
             noted = self.state.journal or self.journal
             self._storage_call(noted, self._undo_after, self.state.next_file, noted)
         self.state.journal = self.journal
+        # Journal entries below ``forgotten`` are gone (undone above, or pruned); the
+        # snapshots taken since, as (time, next file), until they are older than needed.
+        self.forgotten = self.state.next_file if not fresh else 0
+        self.taken: collections.deque[tuple[float, int]] = collections.deque()
         self.open: dict[Target, _Open] = {}
         self.schemas = {k: ParquetSchema(out.step, out.options.columns, v, out.template.fields)
                         for k, v in self.state.schemas.items()}
@@ -982,8 +1016,28 @@ class _LakeLogic(StatefulBatchLogic[Batch, list[Failed], LakeState]):
         for f in list(self.open.values()):
             self._roll(f)
 
+    def _prune_journal(self) -> None:
+        """Delete the journal entries no resume can need.
+
+        Those of files before a snapshot older than the retention (:func:`journal_retention`):
+        every resume starts from that snapshot or a later one.
+        """
+        keep = _journal_keep()
+        if keep is None:
+            return
+        now = time.monotonic()
+        self.taken.append((now, self.state.next_file))
+        floor = self.forgotten
+        while self.taken and self.taken[0][0] <= now - keep:
+            floor = self.taken.popleft()[1]
+        for number in range(self.forgotten, floor):
+            key = f"{self.journal}{number:08d}"
+            self._storage_call(key, self.storage.delete, key)
+        self.forgotten = max(floor, self.forgotten)
+
     def snapshot(self) -> LakeState:
         self._roll_all()
+        self._prune_journal()
         st = self.state
         return LakeState(st.run, st.next_file, dict(st.columns),
                          {k: v.schema for k, v in self.schemas.items()}, st.kept, st.rows,

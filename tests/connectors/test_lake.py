@@ -20,6 +20,7 @@ from dataflare.connectors.lake import (
     PathTemplate,
     _ConformLogic,
     _LakeLogic,
+    journal_retention,
     path_value,
 )
 from tests.fixtures.workflows import ROOT, read_jsonl
@@ -292,6 +293,35 @@ def test_a_resume_under_a_changed_template_undoes_what_the_crash_published(tmp_p
     ids = sorted(orjson.loads(p.read_text())["id"] for root in ("old", "new")
                  for p in outputs(tmp_path / root, ".jsonl").values())
     assert ids == [1, 2, 3]
+
+
+def test_a_streaming_outputs_journal_keeps_only_what_a_resume_can_need(tmp_path):
+    # The journal had an entry per file published for the whole run, so a streaming
+    # output's grew for good. Entries older than the runner's retention are now deleted.
+    def logic(root, state):
+        cfg = FileDestinationConfig.model_validate(
+            {"path_template": f"{root}/", "format": "jsonl", "max_records": 1})
+        template = PathTemplate(f"{tmp_path}/{root}/", "jsonl", cfg)
+        return _LakeLogic(LakeOutput("lake", "jsonl", template, cfg, LocalStorage), state)
+
+    def entries(root):
+        return len([p for p in (tmp_path / root / "_dataflare").rglob("*") if p.name.isdigit()])
+
+    for root, retention, left in (("long", 3600.0, 3), ("short", 0.0, 0)):
+        with journal_retention(retention):
+            out = logic(root, None)
+            for i in range(3):
+                out.on_batch([[{"id": i}]])
+                state = out.snapshot()
+            assert entries(root) == left
+            out.on_batch([[{"id": 9}]])  # published after the last snapshot: the crash
+        assert entries(root) == left + 1
+    resumed = logic("short", state)  # the entry the resume needs was kept: no duplicate
+    resumed.on_batch([[{"id": 9}]])
+    resumed.on_eof()
+    ids = sorted(orjson.loads(p.read_text())["id"]
+                 for p in outputs(tmp_path / "short", ".jsonl").values())
+    assert ids == [0, 1, 2, 9]
 
 
 @pytest.mark.parametrize(("config", "message"), [
