@@ -226,6 +226,11 @@ def record_line(record: Any) -> bytes:
         return json_line(record)
 
 
+def json_bytes(value: Any) -> bytes:
+    """``value`` as JSON, as :func:`json_line` writes it (a big integer as its text)."""
+    return json_line(value)[:-1]
+
+
 def json_line(record: Any, option: int = 0) -> bytes:
     """A record as one line of JSON.
 

@@ -231,18 +231,18 @@ def check(
     plugins = wf.get("plugins") if isinstance(wf.get("plugins"), dict) else {}
     comps = wf.get("transformations")
     for cid, comp in (comps.items() if isinstance(comps, dict) else []):
-        name = comp.get("plugin") if isinstance(comp, dict) else None
+        if not isinstance(comp, dict) or comp.get("type") not in ("plugin", "custom"):
+            continue  # elsewhere `plugin` is warned of as having no effect
+        name = comp.get("plugin")
         formula = isinstance(comp.get("config"), dict) and "formula" in comp["config"]
         if isinstance(name, str) and name not in (plugins or {}) and not formula:
             hint = did_you_mean(name, list(plugins or {}))
-            problems.append(
-                doc.problem(
-                    ("workflow", "transformations", cid, "plugin"),
-                    f"plugin {name!r} is not defined in 'plugins'{hint}",
-                    severity="warning",
-                    at_run=True,
-                )
-            )
+            problems.append(doc.problem(("workflow", "transformations", cid, "plugin"),
+                                        f"plugin {name!r} is not defined in 'plugins'{hint}"))
+        elif name is None and not formula:
+            problems.append(doc.problem(
+                ("workflow", "transformations", cid), f"a {comp['type']} step needs 'plugin' "
+                "(one of 'plugins'), or config.formula and config.output_field", key=True))
     return g, problems
 
 

@@ -156,7 +156,8 @@ class Plugin(Strict):
     url: str | None = Field(None, description="Endpoint (remote).")
     auth: Auth | None = Field(None, description="Credentials of a remote plugin.")
     timeout: Duration | None = Field(
-        None, description="Remote: time limit of one request (else config.timeout, else 30s)."
+        None, description="Time limit of one call (a remote plugin's: of one request), else "
+        "config.timeout, else 10s (wasm) or 30s (remote)."
     )
     config: PluginConfig = Field(default_factory=PluginConfig, description="Plugin settings.")
 
@@ -173,13 +174,24 @@ class Plugin(Strict):
                    "path": self.type == "remote"}
         if self.type == "native":
             ignored |= {"memory_limit": self.config.memory_limit is not None,
-                        "timeout": self.config.timeout is not None}
+                        "config.timeout": self.config.timeout is not None,
+                        "timeout": self.timeout is not None}
         given = [k for k, v in ignored.items()
-                 if v and (k in self.model_fields_set or k in ("memory_limit", "timeout"))]
+                 if v and (k in self.model_fields_set or k in ("memory_limit", "config.timeout"))]
         if given:
             msg = f"{', '.join(map(repr, given))} has no effect on a {self.type} plugin"
             raise ValueError(msg)
+        if self.timeout is not None and self.config.timeout is not None:
+            msg = "give one of 'timeout' and 'config.timeout'"
+            raise ValueError(msg)
         return self
+
+    def call_timeout(self, default: float) -> float:
+        """The time limit of one call: ``timeout``, else ``config.timeout``, else ``default``."""
+        for given in (self.timeout, self.config.timeout):
+            if given is not None:
+                return given
+        return default
 
 
 class ErrorHandling(Strict):

@@ -16,9 +16,10 @@ length: each element is the output record, ``null`` to drop the record, or
 ``{"$error": "message"}`` to fail it. A batch that traps is retried record by record, so
 only the records that make the plugin trap fail; a pointer from ``alloc`` or ``process``
 outside the module's memory is such a failure too. ``memory_limit`` caps the module's
-memory, ``timeout`` one call (by epoch interruption; default 10 s, so an endless loop
-fails its records instead of hanging the run). A batch that timed out fails as a whole:
-it is not retried record by record (that would wait the limit once per record).
+memory, ``timeout`` (or ``config.timeout``) one call (by epoch interruption; default 10 s,
+so an endless loop fails its records instead of hanging the run). A batch that timed out
+fails as a whole: it is not retried record by record (that would wait the limit once per
+record).
 
 **native**: ``path: "package.module:function"``, a Python function ``(record, config) ->
 record | None``; an exception fails that record.
@@ -39,10 +40,11 @@ from bytewax.dataflow import Stream
 from pydantic import model_validator
 
 from dataflare.config import Open
+from dataflare.connectors.schema import json_bytes
 from dataflare.dsl_compiler.models import Plugin
 from dataflare.operators.records import map_records
 from dataflare.record_schema import FieldType, SchemaContext
-from dataflare.records import META, Batch, Failed, a_or_an, without_meta
+from dataflare.records import META, Batch, Failed, RecordError, a_or_an, without_meta
 from dataflare.registry import BuildContext, Outputs, transformation
 
 _SIZES = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2,
@@ -214,7 +216,12 @@ class WasmPlugin:
             return data
 
         try:
-            data = self._with_bytes(inst, orjson.dumps(records, default=str), run)
+            sent = json_bytes(records)
+        except RecordError as exc:  # nested too deeply: retried record by record
+            msg = f"plugin {self.name!r}: {exc}"
+            raise PluginError(msg) from None
+        try:
+            data = self._with_bytes(inst, sent, run)
         except PluginError:
             self.local.instance = None  # its allocator may be broken: start anew
             raise
@@ -345,7 +352,7 @@ def build_plugin_step(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     wasm = WasmPlugin(
         name, ctx.path(plugin.path or ""), settings,
         parse_size(limits.memory_limit) if limits.memory_limit else None,
-        limits.timeout if limits.timeout is not None else DEFAULT_WASM_TIMEOUT,
+        plugin.call_timeout(DEFAULT_WASM_TIMEOUT),
     )
     wasm.check()
     pairs = op.map("call", up, wasm_batches(ctx.step_id, wasm))

@@ -22,8 +22,9 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Stream
 
+from dataflare.connectors.schema import json_bytes
 from dataflare.dsl_compiler.models import Auth, Plugin
-from dataflare.records import META, Batch, Failed, without_meta
+from dataflare.records import META, Batch, Failed, RecordError, without_meta
 from dataflare.registry import BuildContext, Outputs
 from dataflare.retry import Interrupted, TransientError, call_with_retry, retry_after_seconds
 
@@ -58,7 +59,7 @@ class RemotePlugin:
 
         self.name, self.url, self.settings, self.retry = name, plugin.url or "", settings, retry
         headers, params, auth = auth_settings(plugin.auth)
-        timeout = plugin.timeout or plugin.config.timeout or DEFAULT_TIMEOUT
+        timeout = plugin.call_timeout(DEFAULT_TIMEOUT)
         self.httpx = httpx
         self.client = httpx.Client(timeout=timeout, headers={
             **headers, "Content-Type": "application/json"}, params=params, auth=auth)
@@ -83,7 +84,7 @@ class RemotePlugin:
 
     def call(self, records: list[Any]) -> tuple[list[Any], dict[int, str]]:
         """Outputs for ``records`` (same order) and the messages of failed indexes."""
-        body = orjson.dumps({"config": self.settings, "records": records}, default=str)
+        body = json_bytes({"config": self.settings, "records": records})
         try:
             answer = call_with_retry(f"plugin {self.name!r}", lambda: self._once(body),
                                      self.retry)
@@ -99,6 +100,10 @@ class RemotePlugin:
         for e in answer.get("errors") or []:
             if not isinstance(e, dict) or not isinstance(e.get("index"), int):
                 msg = f"plugin {self.name!r}: an error without an integer 'index': {e!r}"
+                raise RemoteError(msg)
+            if not 0 <= e["index"] < len(records):
+                msg = (f"plugin {self.name!r}: an error for index {e['index']}, not in the "
+                       f"batch of {len(records)} records")
                 raise RemoteError(msg)
             errors[e["index"]] = str(e.get("message", "failed"))
         out = answer.get("records")
@@ -121,6 +126,12 @@ def remote_batches(step: str, plugin: RemotePlugin,
         bad: list[Failed] = []
         try:
             outs, errors = plugin.call([without_meta(r) for r in batch])
+        except RecordError:  # a record nested too deeply for JSON: it fails, the rest go
+            bad, sendable = _encodable(step, batch)
+            if not sendable:
+                return [], bad
+            more_good, more_bad = apply(sendable)
+            return more_good, bad + more_bad
         except RemoteError as exc:
             return [], [Failed.of(step, exc, r) for r in batch]
         for i, (record, out) in enumerate(zip(batch, outs, strict=True)):
@@ -137,6 +148,20 @@ def remote_batches(step: str, plugin: RemotePlugin,
         return good, bad
 
     return apply
+
+
+def _encodable(step: str, batch: Batch) -> tuple[list[Failed], Batch]:
+    """The records of ``batch`` JSON cannot carry, as failures, and the others."""
+    bad: list[Failed] = []
+    good: Batch = []
+    for record in batch:
+        try:
+            json_bytes({"records": [without_meta(record)]})  # as deep as it is sent
+        except RecordError as exc:
+            bad.append(Failed.of(step, exc, record))
+        else:
+            good.append(record)
+    return bad, good
 
 
 def build_remote_step(ctx: BuildContext, ups: list[Stream[Any]], name: str, plugin: Plugin,

@@ -160,7 +160,7 @@ def test_compile_file_logs_the_warnings_for_bytewax_run(tmp_path, caplog):
     ('{type: native, path: "m:f", config: {memory_limit: 64MB}}',
      "'memory_limit' has no effect on a native plugin"),
     ('{type: native, path: "m:f", config: {timeout: 2s}}',
-     "'timeout' has no effect on a native plugin"),
+     "'config.timeout' has no effect on a native plugin"),
     ('{type: wasm, path: x.wasm, url: "http://127.0.0.1/"}',
      "'url' has no effect on a wasm plugin"),
     ('{type: remote, url: "http://127.0.0.1/", path: x.wasm}',

@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+import pytest
+
+from dataflare.dsl_compiler import validate_text
 from tests.fixtures.workflows import read_jsonl, run_cli
 
 SHOUT = Path(__file__).parent / "plugins" / "shout.wat"
@@ -214,3 +217,53 @@ def test_a_result_that_is_not_an_object_fails_its_record_saying_what_came():
     assert failed.message == "plugin 'shout' returned an int, expected an object"
     assert _result("p", "shout", {"x": 1}, {"y": 2}) == {"y": 2}
     assert _result("p", "shout", {"x": 1}, None) is None
+
+
+def test_the_plugins_own_timeout_limits_a_wasm_call(tmp_path):
+    # `timeout` beside `path` was read for remote plugins only: a WASM call got 10 s.
+    (tmp_path / "in.jsonl").write_text('{"a": "spin~"}\n')
+    text = FLOW.format(path=SHOUT, memory="8MiB").replace(
+        "config: {memory_limit: \"8MiB\", timeout: 300ms,", "timeout: 300ms\n      config: {")
+    (tmp_path / "flow.yaml").write_text(text)
+    result = run_cli("run", str(tmp_path / "flow.yaml"))
+    assert result.code == 0, result.stderr
+    [reject] = read_jsonl(tmp_path / "rejects.jsonl")
+    assert reject["error"]["message"] == "plugin 'shout' timed out after 0.3s"
+
+
+def test_an_integer_beyond_64_bits_reaches_a_wasm_plugin_as_its_text(tmp_path):
+    # orjson refuses such an integer (to_int makes one) before asking for a fallback: the
+    # run stopped, with no step and no record named.
+    (tmp_path / "in.jsonl").write_text('{"n": "1"}\n{"n": "99999999999999999999999"}\n')
+    text = FLOW.format(path=SHOUT, memory="8MiB").replace("inputs: [notes]", "inputs: [ints]")
+    text = text.replace("  transformations:\n", """  transformations:
+    ints:
+      type: mapping
+      inputs: [notes]
+      config: {mappings: [{source: n, destination: n, transform: to_int}]}
+""")
+    (tmp_path / "flow.yaml").write_text(text)
+    result = run_cli("run", str(tmp_path / "flow.yaml"))
+    assert result.code == 0, result.stderr
+    assert read_jsonl(tmp_path / "out.jsonl") == [{"N": 1}, {"N": "99999999999999999999999"}]
+
+
+@pytest.mark.parametrize(("plugin", "step", "message"), [
+    ("{type: wasm, path: x.wasm}", "{type: plugin, inputs: [src]}",
+     "transformations.p: a plugin step needs 'plugin'"),
+    ("{type: wasm, path: x.wasm}", "{type: plugin, plugin: nope, inputs: [src]}",
+     "transformations.p.plugin: plugin 'nope' is not defined in 'plugins'"),
+    ("{type: wasm, path: x.wasm, timeout: 1s, config: {timeout: 2s}}",
+     "{type: plugin, plugin: x, inputs: [src]}", "give one of 'timeout' and 'config.timeout'"),
+    ("{type: native, path: 'm:f', timeout: 1s}", "{type: plugin, plugin: x, inputs: [src]}",
+     "'timeout' has no effect on a native plugin"),
+])
+def test_plugin_steps_validate_refuses_what_the_run_would(plugin, step, message):
+    v = validate_text(f"""\
+workflow:
+  plugins: {{x: {plugin}}}
+  sources: {{src: {{type: file, config: {{path: in.jsonl}}}}}}
+  transformations: {{p: {step}}}
+  destinations: {{out: {{type: stdout, inputs: [p]}}}}
+""", "w.yaml")
+    assert any(message in p.render() for p in v.errors()), [p.render() for p in v.problems]

@@ -13,6 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
+from dataflare.config import Retry
+from dataflare.dsl_compiler.models import Plugin
+from dataflare.operators.remote_plugin import RemotePlugin
 from tests.fixtures.workflows import read_jsonl, run_cli, stop_while_retrying
 
 TOKEN = "s3cr3t-token-value"
@@ -45,6 +48,10 @@ def service() -> Iterator[Service]:
                 return self.answer(500, {"error": "down"})
             if self.path == "/short":
                 return self.answer(200, {"records": recs[:-1]})
+            if self.path == "/echo":
+                return self.answer(200, {"records": recs})
+            if self.path == "/stray":  # an error for a record the batch does not have
+                return self.answer(200, {"records": recs, "errors": [{"index": len(recs)}]})
             cfg = body["config"]
             out, errors = [], []
             for i, r in enumerate(recs):
@@ -158,6 +165,7 @@ def test_predict_churn_against_a_local_service(tmp_path, service):
 @pytest.mark.parametrize(("path", "message"), [
     ("broken", "HTTP 500 (after 2 attempt(s))"),
     ("short", "answered 2 records for 3"),
+    ("stray", "an error for index 3, not in the batch of 3 records"),
 ])
 def test_unusable_answers_follow_error_handling(tmp_path, service, path, message):
     result = run(tmp_path, service, path)
@@ -201,3 +209,11 @@ def test_a_stop_while_the_plugin_is_retried_leaves_the_batch_to_the_resume(tmp_p
     assert again.returncode == 0, again.stderr
     assert [r["id"] for r in read_jsonl(tmp_path / "out" / "out.jsonl")] == [1, 3]
     assert [d["record"]["id"] for d in read_jsonl(tmp_path / "out" / "dead.jsonl")] == [2]
+
+
+def test_an_integer_beyond_64_bits_goes_to_the_service_as_its_text(service):
+    # orjson refuses such an integer (a mapping's to_int makes one) before asking for a
+    # fallback: the run stopped, with no step and no record named.
+    plugin = RemotePlugin("ml", Plugin(type="remote", url=f"{service.url}/echo", auth={
+        "type": "bearer", "token": TOKEN}), {}, Retry())
+    assert plugin.call([{"n": 10**30}, {"n": 1}]) == ([{"n": str(10**30)}, {"n": 1}], {})
