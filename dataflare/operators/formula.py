@@ -18,12 +18,13 @@ record (the step's ``error_handling`` applies), and so does a result that is not
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
 
 from bytewax.dataflow import Stream
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from dataflare.config import Strict
 from dataflare.expr import Expression, compile_expression
@@ -116,9 +117,20 @@ def compile_formula(text: str) -> Callable[[Any], Any]:
     return evaluate
 
 
-def formula_schema(ctx: SchemaContext[Any], config: dict[str, Any]) -> FieldType:
+def formula_schema(ctx: SchemaContext[Any], config: dict[str, Any]) -> FieldType | None:
     """The input's fields plus ``output_field`` (a number); the formula's paths are read."""
-    cfg = FormulaConfig.model_validate(config)
+    try:
+        cfg = FormulaConfig.model_validate(config)
+    except ValidationError as exc:  # the config of a plugin step without a plugin
+        for e in exc.errors():  # worded as validate words a config's own problems
+            key = str(e["loc"][-1]) if e["loc"] else ""
+            if e["type"] == "missing":
+                ctx.error((), f"missing required key {key!r}")
+            elif e["type"] == "extra_forbidden":
+                ctx.error((key,), f"unknown key {key!r}; known: formula, output_field")
+            else:
+                ctx.error((key,), str(e["msg"]).removeprefix("Value error, "))
+        return None
     origins: set[tuple[str, str]] = set()
     for m in _AGG.finditer(cfg.formula):  # paths through lists: sum(orders.total)
         want = None if m.group(1) == "count" else "number"
@@ -140,6 +152,9 @@ def build_formula_step(ctx: BuildContext, ups: list[Stream[Any]], config: dict[s
         value = compute(record)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             msg = f"formula result {value!r} is not a number"
+            raise RecordError(msg)
+        if isinstance(value, float) and not math.isfinite(value):  # JSON would write null
+            msg = f"formula result is {value!r}: a value is too large for a float"
             raise RecordError(msg)
         out = dict(record)
         set_path(out, out_path, value)

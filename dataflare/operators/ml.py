@@ -10,6 +10,9 @@ depends on itself:
   ``StandardScaler``; the output is the prediction of ``target``, learned when the record
   has a target.
 
+A feature or target that is not a number, or beyond 1e150 (its square would overflow a
+float, and the model would give null ever after), fails its record, which is not learned.
+
 Without ``partition_by`` there is one model for the step, held by one shard (so one worker
 scores every record, in arrival order, whatever the number of workers); with it, one model
 per key, spread over the workers. Models are seeded, so a run is reproducible, and kept in
@@ -99,11 +102,24 @@ def new_model(cfg: MlConfig) -> Any:
     return river.preprocessing.StandardScaler() | river.linear_model.LinearRegression()
 
 
+# The models square their inputs (distances, variances): a larger value would overflow a
+# float and leave the model's numbers infinite, so that every later output is null.
+_LARGEST = 1e150
+
+
 def _number(path: str, value: Any) -> float:
     if value.__class__ is bool or not isinstance(value, int | float):
         msg = f"feature {path!r} is {a_or_an(type(value).__name__)} ({value!r}), expected a number"
         raise RecordError(msg)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = float("inf")
+    if not -_LARGEST <= number <= _LARGEST:
+        msg = (f"{path!r} is {value!r}: the model takes numbers up to {_LARGEST:g} (their "
+               "squares must fit a float); the record is not learned from")
+        raise RecordError(msg)
+    return number
 
 
 class _Model:
@@ -159,7 +175,7 @@ class _MlShard(ShardLogic):
                     if model is None:
                         model = models[key] = new_model(m.cfg)
                     down.append(m.apply(model, rec))
-                except (RecordError, TypeError) as exc:
+                except (RecordError, TypeError, ArithmeticError, ValueError) as exc:
                     errs.append(Failed.of(m.step, exc, rec))
         return tagged(m.step, down, errs)
 

@@ -210,8 +210,9 @@ def _make_check(step: str, fld: str, rule: Any, region: str) -> Check:  # noqa: 
         pattern = re.compile(params)
         return lambda v: (v is None or (isinstance(v, str) and bool(pattern.fullmatch(v))), v)
     if name == "in":
-        allowed = list(params)
-        return lambda v: (v is None or v in allowed, v)
+        # true is not 1, nor false 0, as JSON has them (Python's == says they are)
+        allowed = [(a.__class__ is bool, a) for a in params]
+        return lambda v: (v is None or (v.__class__ is bool, v) in allowed, v)
     limit = int(params)
     return lambda v: (v is None or not hasattr(v, "__len__") or len(v) <= limit, v)
 

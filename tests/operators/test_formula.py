@@ -99,3 +99,38 @@ def test_undefined_plugin_without_formula_is_refused(tmp_path):
     assert result.code != 0, result.stderr
     assert "plugin 'value_calculator' is not defined in 'plugins'" in result.stderr
     assert run_cli("run", str(flow)).code != 0
+
+
+def test_a_formula_step_config_is_checked_by_validate_with_its_line(tmp_path):
+    # FormulaConfig was validated unguarded while deriving the schema: a traceback.
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("""\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  transformations:
+    f1: {type: custom, inputs: [src], config: {formula: "a * b"}}
+    f3: {type: custom, inputs: [src], config: {formula: "a * b", output_field: x, extra: 1}}
+  destinations:
+    out: {type: stdout, inputs: [f1, f3]}
+""")
+    result = run_cli("validate", str(flow))
+    assert result.code != 0
+    assert result.stderr.splitlines() == [
+        f"{flow}:5:47: transformations.f1.config: missing required key 'output_field'",
+        f"{flow}:6:90: transformations.f3.config.extra: unknown key 'extra'; known: formula, "
+        "output_field"]
+
+
+def test_a_result_too_large_for_a_float_fails_its_record(tmp_path):
+    # inf passed the number check and JSON wrote it as null.
+    ROWS.append({"id": 5, "orders": [{"total": 1e308}], "click_count": 1e308})
+    try:
+        result = run_cli("run", str(write(tmp_path, formula="click_count * 10 + 1")))
+    finally:
+        ROWS.pop()
+    assert result.code == 0, result.stderr
+    dead = read_jsonl(tmp_path / "out" / "dead.jsonl")
+    assert [d["record"]["id"] for d in dead] == [5]
+    assert dead[0]["error"]["message"].endswith("formula result is inf: a value is too large "
+                                                "for a float")

@@ -123,6 +123,18 @@ def test_bad_feature_fails_alone_with_its_position():
     assert "feature 'a' is a str ('x'), expected a number" in bad.message
 
 
+@pytest.mark.parametrize("algorithm", list(CONFIGS))
+def test_a_value_too_large_for_the_model_fails_alone_and_is_not_learned(algorithm):
+    # 1e308 overflowed kmeans' distance (the run stopped, naming no step) and left linear
+    # regression's weights infinite: every later prediction was null.
+    huge = {**RECORDS[100], "user": {"value": 1e308}, "_meta": {"line": 101}}
+    out = run_flow(ml_flow(CONFIGS[algorithm]), [RECORDS[:100], [huge], RECORDS[100:]])
+    [bad] = out["errs"]
+    assert bad.meta == {"line": 101}
+    assert "'user.value' is 1e+308: the model takes numbers up to 1e+150" in bad.message
+    assert canon(out["down"]) == canon(by_hand(CONFIGS[algorithm]))  # as if never seen
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

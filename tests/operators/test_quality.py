@@ -165,3 +165,15 @@ def test_rules_directly():
     ]
     with pytest.raises(RecordError, match="field 'p' is an int"):
         check({"p": 6502530000})
+
+
+def test_in_tells_booleans_from_numbers():
+    # Python's True == 1 let true pass {in: [1]} and 0 pass {in: [false]}.
+    cfg = DataQualityConfig.model_validate({"validations": [
+        {"field": "status", "rules": [{"in": [1, "a"]}]},
+        {"field": "flag", "rules": [{"in": [False]}]},
+    ]})
+    check = _Checker("s", cfg).check
+    assert check({"status": 1.0, "flag": False})[1] == []
+    assert check({"status": True, "flag": 0})[1] == [
+        {"field": "status", "rule": "in"}, {"field": "flag", "rule": "in"}]
