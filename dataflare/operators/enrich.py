@@ -13,8 +13,9 @@ the record's ``key`` from a ``connection``: ``{type: postgres | mysql, table, ..
 source's config; values as that source emits them), ``{type: redis, url, pattern}`` (the
 hashes of the keys matching ``pattern``) or
 ``{type: file, path}`` (.jsonl or .csv). The table is loaded before the first
-batch is enriched and again each ``refresh``; keys compare as text; an unknown key sets the
-fields to null.
+batch is enriched and again each ``refresh``; keys compare as text (a number as its value:
+3, 3.0 and a ``numeric`` 3 are one key); an unknown key sets the fields to null. A key read
+twice is warned of (the last row wins), and Redis keys that are not hashes are left out.
 
 ``ml_scoring`` runs an ONNX model (``model``: file path) once per batch: each input is an
 expression over the record (``"{{orders.count}} / 90"``: the braces are optional), fed as
@@ -28,11 +29,13 @@ import asyncio
 import atexit
 import json
 import logging
+import math
 import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, Literal
 
 from bytewax.dataflow import Stream
@@ -373,9 +376,14 @@ class _RedisTable:
             pipe = client.pipeline(transaction=False)
             for key in keys:
                 pipe.hgetall(key)
-            return [dict(row) for row in pipe.execute()]
+            rows = pipe.execute(raise_on_error=False)
         finally:
             client.close()
+        others = [k for k, row in zip(keys, rows, strict=True) if isinstance(row, Exception)]
+        if others:  # a string or a list beside the hashes: not a row
+            log.warning("lookup: %d key(s) matching %r are not hashes and are left out "
+                        "(the first: %r)", len(others), self.pattern, others[0])
+        return [dict(row) for row in rows if not isinstance(row, Exception)]
 
 
 class LookupStage:
@@ -469,9 +477,17 @@ class LookupStage:
                         time.monotonic() - self.loaded_at)
             self.loaded_at = time.monotonic()
             return
+        repeated = []
         for row in rows:
             fields = self.cfg.fields or [k for k in row if k != lk]
-            table[_norm(row.get(lk))] = {f: row.get(f) for f in fields}
+            key = _norm(row.get(lk))
+            if key in table:
+                repeated.append(key)
+            table[key] = {f: row.get(f) for f in fields}
+        if repeated and self.loaded_at is None:  # said at the first load only
+            log.warning("step %r: lookup: %d row(s) of %s repeat a %s already read (the first: "
+                        "%r); the last read of each is used", self.step, len(repeated),
+                        self._shown(), lk, repeated[0])
         self.table, self.loaded_at = table, time.monotonic()
 
     def __call__(self, records: list[Any], errors: list[BaseException | None]) -> None:
@@ -497,8 +513,19 @@ class LookupStage:
 
 
 def _norm(key: Any) -> Any:
-    """Keys compare as text, so that 7 from a record finds '7' from a CSV file."""
-    return None if key is None else str(key)
+    """Keys compare as text, so that 7 from a record finds '7' from a CSV file.
+
+    A number is written as JSON would write its value, so that 3, 3.0 and a ``numeric``
+    3 are one key; booleans as JSON's ``true`` and ``false``.
+    """
+    if key is None or isinstance(key, str):
+        return key
+    if key.__class__ is bool:
+        return "true" if key else "false"
+    if isinstance(key, float | Decimal) and key == key and abs(key) != math.inf \
+            and key == int(key):
+        return str(int(key))
+    return str(key)
 
 
 _BRACES = re.compile(r"\{\{\s*(.*?)\s*\}\}")

@@ -345,6 +345,17 @@ def test_lookup_from_postgres(tmp_path, pg_schema):
     assert "secret" not in out[0]
 
 
+def test_lookup_keys_equal_as_numbers_are_one_key(tmp_path, pg_schema):
+    # Keys compared as Python's text: the record's 1 missed a double precision 1 ('1.0').
+    with pg_schema.connect() as conn:
+        conn.execute(f'CREATE TABLE "{pg_schema.schema}".customers '
+                     "(id double precision, name text, tier text)")
+        conn.execute(f'INSERT INTO "{pg_schema.schema}".customers VALUES '
+                     "(1, 'ann', 'gold'), (2, 'bob', 'silver')")
+    check_lookup(lookup_run(tmp_path, f'{{type: postgres, dsn: "{pg_schema.dsn}", '
+                                      f'schema: {pg_schema.schema}, table: customers}}'))
+
+
 def test_lookup_from_mysql(tmp_path, mariadb_private):
     mariadb_private.execute(
         "DROP TABLE IF EXISTS lookup_enrich_customers",
@@ -446,6 +457,7 @@ def test_lookup_from_redis_hashes(tmp_path, redis_url):
     client.hset("customer:1", mapping={"id": 1, "name": "ann", "tier": "gold"})
     client.hset("customer:2", mapping={"id": 2, "name": "bob", "tier": "silver"})
     client.hset("other:1", mapping={"id": 1, "name": "wrong", "tier": "wrong"})
+    client.set("customer:note", "not a hash")  # stopped the run with WRONGTYPE: left out
     client.close()
     check_lookup(lookup_run(tmp_path, f'{{type: redis, url: "{redis_url}", '
                                       'pattern: "customer:*"}'))
