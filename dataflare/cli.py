@@ -260,10 +260,13 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for line in k8s.secrets_in_clear(args.path):
-        print(f"{args.path}:{line}: warning: a secret value is written out here and goes into "
-              "the ConfigMap as it is: write it as ${VAR}, and VAR goes into the Secret",
+    clear = k8s.secrets_in_clear(args.path)
+    for line in clear:  # a ConfigMap is read by whoever may read the namespace's ConfigMaps
+        print(f"{args.path}:{line}: error: a secret value is written out here and would go "
+              "into the ConfigMap: write it as ${VAR}, and VAR goes into the rendered Secret",
               file=sys.stderr)
+    if clear:
+        return 1
     if args.out is None:
         print(k8s.dump(objects), end="")
         return 0

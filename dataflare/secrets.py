@@ -5,7 +5,8 @@ values of secret fields (passwords, tokens, keys, ``Authorization``-like headers
 variables interpolated into them, the passwords and credential query parameters of every
 DSN or URL, and every ``${file:...}`` secret. :func:`scrub` replaces each of them, and any
 fragment of six characters or more of one (drivers quote parts of a DSN they cannot
-parse), by ``***``. It is applied where messages leave the process: log records
+parse; eight when the fragment is all letters, which is likely a word of the message), by
+``***``. It is applied where messages leave the process: log records
 (:func:`install`), the command's stderr, and dead-letter messages. The command's stdout
 carries results (a ``stdout`` destination's records, manifests, JSON) and is scrubbed of
 whole secrets only: a fragment of six characters ("Secret" in a token) is ordinary text
@@ -28,7 +29,9 @@ MASK = "***"
 _MIN = 4
 """Shorter values are not registered: they would blot out ordinary text."""
 _SHINGLE = 6
-"""A fragment of a secret this long or longer is scrubbed too."""
+"""A fragment of a secret this long or longer is scrubbed too ..."""
+_WORD = 8
+"""... unless it is all letters and shorter than this: a word of the message, likely."""
 
 SECRET_KEY = re.compile(
     r"password|passwd|secret|token|api[-_]?key|credential|authorization|private[-_]key"
@@ -186,9 +189,13 @@ def scrub(text: str, fragments: bool = True) -> str:
     out, i = [], 0
     while i < n:
         if hidden[i]:
+            start = i
             while i < n and hidden[i]:
                 i += 1
-            out.append(MASK)
+            run = text[start:i]
+            # A word of a message ("secret", a file name) may be part of a secret: a run of
+            # letters is masked from _WORD characters on, any other run from _SHINGLE.
+            out.append(MASK if len(run) >= _WORD or not run.isalpha() else run)
         else:
             out.append(text[i])
             i += 1

@@ -202,7 +202,9 @@ workflow:
     assert "tok_SuperSecret_98765" not in printed
 
 
-def test_a_secret_written_out_in_the_workflow_is_warned(tmp_path: Path) -> None:
+def test_a_secret_written_out_in_the_workflow_renders_nothing(tmp_path: Path) -> None:
+    # It was warned of, and then printed masked (a ConfigMap with "***", whose pods cannot
+    # log in) or written in clear with --out.
     flow = _write(tmp_path, "lit.yaml", """\
 workflow:
   id: lit
@@ -214,10 +216,14 @@ workflow:
         auth: {type: bearer, token: "tok_Literal_Value_77"}
   destinations: {out: {type: stdout, inputs: [items]}}
 """)
-    out = subprocess.run([sys.executable, "-m", "dataflare", "k8s", str(flow), "--image", "x"],
-                         capture_output=True, text=True, check=True)
-    assert f"{flow}:8: warning: a secret value is written out here" in out.stderr
-    assert "tok_Literal_Value_77" not in out.stdout + out.stderr
+    for out_dir in ([], ["--out", str(tmp_path / "manifests")]):
+        out = subprocess.run([sys.executable, "-m", "dataflare", "k8s", str(flow), "--image",
+                              "x", *out_dir], capture_output=True, text=True, check=False)
+        assert out.returncode == 1
+        assert f"{flow}:8: error: a secret value is written out here" in out.stderr
+        assert out.stdout == ""
+        assert "tok_Literal_Value_77" not in out.stderr
+    assert not (tmp_path / "manifests").exists()
 
 
 def test_cluster_from_env_follows_bytewax_conventions(tmp_path: Path) -> None:

@@ -185,6 +185,16 @@ def test_scrub_replaces_values_fragments_and_url_forms() -> None:
     assert "stays readable" in clean and "missing" in clean and "port" in clean
 
 
+def test_a_word_of_a_message_that_is_part_of_a_secret_stays() -> None:
+    # "inline" (of inlinepw99) and "secret" (of hunter2-topsecret) were masked in the
+    # file names and words of DataFlare's own warnings: "k8s/***.yaml: a *** written".
+    secrets.register("hunter2-topsecret")
+    secrets.register("inlinepw99")
+    assert secrets.scrub("k8s/inline.yaml:4: a secret written in the workflow") == \
+        "k8s/inline.yaml:4: a secret written in the workflow"
+    assert secrets.scrub("bad 'topsecret', 'hunter2', 'linepw9'") == "bad '***', '***', '***'"
+
+
 def test_hyphenated_header_names_hold_secrets() -> None:
     # X-API-Key (the header of auth: api_key) was no secret's name: an API echoing it in
     # an error body put the key in errors, warnings and dead letters.
