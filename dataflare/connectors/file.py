@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import logging
 import os
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -70,6 +71,8 @@ from dataflare.template import placeholders
 Format = Literal["jsonl", "csv", "json", "parquet"]
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".json": "json",
                ".parquet": "parquet"}
+
+log = logging.getLogger(__name__)
 
 
 class CsvOptions(Strict):
@@ -426,6 +429,12 @@ class _FilePartition(StatefulSinkPartition[Batch, Any]):
         if state is not None:
             offset, self.columns = state
             self.f = path.open("r+b" if path.exists() else "w+b")
+            size = os.fstat(self.f.fileno()).st_size
+            if size < offset:  # moved away or cut since (a consumer took it): not padded
+                log.warning("step %r: %s holds %d bytes, %d at the last snapshot: it was "
+                            "moved or cut since; the run writes on at its end", step, path,
+                            size, offset)
+                offset = size
             self.f.truncate(offset)
             self.f.seek(offset)
         else:

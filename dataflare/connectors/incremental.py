@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from bytewax.inputs import StatefulSourcePartition
@@ -27,6 +27,23 @@ from bytewax.inputs import StatefulSourcePartition
 from dataflare.connectors.sql_source import Connection, now, row_records
 
 Rows = list[Sequence[Any]]
+
+
+def utc_start(value: Any) -> Any:
+    """A ``start_value`` with a UTC offset (``Z``, ``+02:00``) as the naive UTC time.
+
+    Databases read a naive time column's values as UTC here (the sessions are in UTC), and
+    would cast such a text to one with its offset dropped. Anything else is left as it is.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    if parsed.tzinfo is None:
+        return value
+    return parsed.astimezone(UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)

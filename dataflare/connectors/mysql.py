@@ -44,7 +44,12 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field
 
 from dataflare.config import Duration, Secret, Strict
-from dataflare.connectors.incremental import IncrementalCursor, IncrementalPartition, SqlTable
+from dataflare.connectors.incremental import (
+    IncrementalCursor,
+    IncrementalPartition,
+    SqlTable,
+    utc_start,
+)
 from dataflare.connectors.postgres import effective_mode
 from dataflare.connectors.schema import (
     DECIMAL_HANDLING,
@@ -985,10 +990,11 @@ class MySqlSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
             if inc.cursor_type == "integer":
                 start = int(start)
             elif inc.cursor_type == "timestamp" and isinstance(start, str):
-                parsed = datetime.fromisoformat(start.replace("Z", "+00:00"))
-                if parsed.tzinfo is not None:
-                    parsed = parsed.astimezone(UTC).replace(tzinfo=None)
-                start = parsed
+                start = utc_start(start)
+                if isinstance(start, str):  # naive: as written
+                    start = datetime.fromisoformat(start)
+            else:  # a time with an offset is one whatever cursor_type says
+                start = utc_start(start)
         return column, start, float(inc.interval) if inc else 10.0
 
     def cdc_settings(self) -> Any:

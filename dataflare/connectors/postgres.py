@@ -64,7 +64,12 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, model_validator
 
 from dataflare.config import Duration, LibpqDsn, Secret, Strict
-from dataflare.connectors.incremental import IncrementalCursor, IncrementalPartition, SqlTable
+from dataflare.connectors.incremental import (
+    IncrementalCursor,
+    IncrementalPartition,
+    SqlTable,
+    utc_start,
+)
 from dataflare.connectors.pgoutput import (
     ChangeDecoder,
     ValueDecoder,
@@ -1023,7 +1028,8 @@ class PostgresSource(FixedPartitionedSource[list[Any], dict[str, Any]]):
         start = inc.start_value if inc else None
         if start is not None and inc is not None and inc.cursor_type == "integer":
             start = int(start)
-        return column, field, start
+        utc = utc_start(start)  # as text: the server casts it to the column's type
+        return column, field, utc.isoformat() if isinstance(utc, datetime) else utc
 
     def poll_interval(self) -> float:
         """Seconds between incremental polls."""

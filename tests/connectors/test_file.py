@@ -142,6 +142,25 @@ def test_append_mode_adds_to_the_file_and_default_rewrites_it(tmp_path):
     assert read_jsonl(tmp_path / "out.jsonl") == [{"a": 1}, {"a": 1}]
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_resume_after_the_output_was_moved_away_writes_a_fresh_file(tmp_path, fmt):
+    # The resume seeked to the snapshot's length in the new, empty file: NUL bytes.
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    path = flow(tmp_path, "      type: file\n      config: {path: in.jsonl}",
+                "      type: file\n      write_mode: {type: append}\n"
+                f"      config: {{path: out/o.{fmt}}}")
+    recovery = str(tmp_path / "rec")
+    assert run_cli("run", path, "-r", recovery).code == 0
+    (tmp_path / "out" / f"o.{fmt}").rename(tmp_path / f"consumed.{fmt}")
+    with (tmp_path / "in.jsonl").open("a") as f:
+        f.write('{"a": 3}\n')
+    result = run_cli("run", path, "-r", recovery)
+    assert result.code == 0, result.stderr
+    assert "it was moved or cut since; the run writes on at its end" in result.stderr
+    text = (tmp_path / "out" / f"o.{fmt}").read_text()
+    assert text == ('{"a":3}\n' if fmt == "jsonl" else "a\n3\n")
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_a_run_that_writes_nothing_still_rewrites_the_file(tmp_path, fmt):
     # A file of a previous run was left as it was: its records read as this run's.

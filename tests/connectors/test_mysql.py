@@ -178,6 +178,20 @@ def test_incremental_ties_and_start_value(mariadb_private: Any, orders: str) -> 
     mariadb_private.execute("DELETE FROM orders WHERE id > 250")
 
 
+def test_a_start_value_with_a_utc_offset_is_a_time_without_cursor_type(
+        mariadb_private: Any, orders: str) -> None:
+    # Without cursor_type it went to the server as text, which dropped the offset: the
+    # start was read 2 hours late, and those rows were never read.
+    ctx = make_ctx("orders_inc", conn_cfg(mariadb_private, table=orders, batch_size=4),
+                   mode="incremental",
+                   incremental={"column": "created_at", "start_value": "2024-01-04T12:00:00+02:00"})
+    src = build_mysql_source(ctx)
+    (name,) = src.list_parts()
+    part = src.build_part("orders_inc", name, None)
+    assert [r["id"] for r in part.next_batch()[0]] == [246, 247, 248, 249]  # from 10:00 UTC
+    part.close()
+
+
 def test_binlog_cdc_changes_truncate_and_resume(mariadb_private: Any, tmp_path: Path) -> None:
     mariadb_private.execute(
         "DROP TABLE IF EXISTS cdc_items",

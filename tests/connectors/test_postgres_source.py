@@ -310,6 +310,26 @@ def test_incremental_keeps_ties_and_resumes_from_its_cursor(
     assert [(r["id"], r["v"]) for r in later] == [(12, "new"), (1, "changed")]
 
 
+@pytest.mark.parametrize("column", ["timestamp", "timestamptz"])
+def test_a_start_value_with_a_utc_offset_holds_for_a_naive_time_column(
+        pg_private: Any, column: str) -> None:
+    # PostgreSQL casts such a text to `timestamp` with the offset dropped: a start of
+    # 12:00+02:00 read from 12:00 UTC, and the rows of 10:00-12:00 were never read.
+    pg_private.execute(
+        "DROP TABLE IF EXISTS events_off",
+        f"CREATE TABLE events_off (id int PRIMARY KEY, at {column})",
+        "INSERT INTO events_off SELECT g, timestamp '2024-01-01 09:00' + g * interval '1 hour' "
+        "FROM generate_series(0, 4) g",
+    )
+    ctx = make_ctx("events_off", conn_cfg(pg_private, table="events_off"), mode="incremental",
+                   incremental={"column": "at", "start_value": "2024-01-01T12:00:00+02:00"})
+    src = build_postgres_source(ctx)
+    (name,) = src.list_parts()
+    part = src.build_part("events_off", name, None)
+    assert [r["id"] for b in part.next_batch() for r in b] == [1, 2, 3, 4]  # from 10:00 UTC
+    part.close()
+
+
 def test_incremental_runs_with_recovery_and_resumes(pg_private: Any, tmp_path: Path) -> None:
     pg_private.execute(
         "DROP TABLE IF EXISTS orders_inc",
