@@ -143,6 +143,10 @@ def _unwrapped(exc: BaseException) -> BaseException:
     return last
 
 
+_PEER_LOST = re.compile(r"\b(Send|Recv|Receive) thread panic")
+"""How a process of a multi-process run fails when another one dies."""
+
+
 def error_text(exc: BaseException) -> str:
     """The message of a failed run, printed after ``error:``.
 
@@ -408,8 +412,11 @@ def _run(opts: RunOptions) -> RunResult:
         recovery = RecoveryConfig(str(directory), timedelta(seconds=opts.backup_interval))
     kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
     if opts.addresses:
-        kwargs["addresses"] = opts.addresses.split(";")
+        addresses = opts.addresses.split(";")
+        kwargs["addresses"] = addresses
         kwargs["process_id"] = opts.process_id or 0
+        if len(addresses) > 1:
+            stopping.spread(flow, opts.process_id or 0)  # a signal to one stops them all
     if opts.workers_per_process:
         kwargs["workers_per_process"] = opts.workers_per_process
     wf = v.workflow
@@ -509,6 +516,12 @@ def _run(opts: RunOptions) -> RunResult:
                      f"{again}")
         else:
             code, status, error = 1, "failed", error_text(exc)
+            if opts.addresses and _PEER_LOST.search(error):  # timely's words for it
+                again = ("the run resumes from its last snapshot" if recovery is not None
+                         else "without --recovery-dir, the run starts over")
+                error = (f"lost the connection to another process of this run "
+                         f"({opts.addresses}): it stopped or its host went away; start "
+                         f"every process again: {again}")
         say(error or "interrupted", "error" if status == "failed" else "warning")
     finally:
         if timer is not None:
@@ -534,10 +547,11 @@ def _run(opts: RunOptions) -> RunResult:
             say(f"stopped cleanly to restart as {rescaled[0]} processes (state kept in the "
                 "final snapshot)", status="stopped")
         else:
-            signum = stopping.SIGNAL[0] if stopping.SIGNAL else signal.SIGTERM
+            signum = stopping.SIGNAL[0] if stopping.SIGNAL else (
+                stopping.PEER[0][1] if stopping.PEER else signal.SIGTERM)
             code, status = 128 + signum, "stopped"
             kept = " (state kept in the final snapshot)" if recovery is not None else ""
-            say(f"stopped cleanly on {signal.Signals(signum).name}{kept}", status="stopped")
+            say(f"stopped cleanly {stopping.stopped_by()}{kept}", status="stopped")
     # Its last snapshot is committed: what only a resume of this run would read can go.
     remove_one_file_parts(os.environ[RUN_ID_ENV], completed=status == "succeeded")
     monitor.close()

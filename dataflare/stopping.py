@@ -8,6 +8,11 @@ their open windows, joins and aggregates in the final snapshot instead of emitti
 (:func:`requested` is what they ask). With recovery on, the next run resumes from there.
 A second signal stops at once.
 
+A run of several processes stops as one (:func:`spread`): the process that got the signal
+tells every other process through the dataflow, and each stops as if signalled. A
+dataflow cannot end while another process's sources still read, so one signalled process
+alone would wait for the others' input to end (for ever, when it is a stream).
+
 A run started by a server's worker also stops so when the worker's process dies, even by
 SIGKILL (:func:`stop_with_parent`): its run is then claimed again by another worker, and
 two processes must never run it at once.
@@ -35,6 +40,7 @@ PARENT_ENV = "DATAFLARE_STOP_WITH_PARENT"
 """Set by a server's worker to its process id: the run stops when that process dies."""
 REQUESTED = threading.Event()
 SIGNAL: list[int] = []  # the signal that asked for the stop
+PEER: list[tuple[int, int]] = []  # (process, signal) when another process asked for it
 _POLL = timedelta(milliseconds=500)  # how soon an idle source notices a stop
 
 
@@ -76,6 +82,10 @@ def stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+_READING = [0, 0]  # this process's source partitions: built, and still reading
+_READING_LOCK = threading.Lock()
+
+
 class _Stoppable:
     """A partition's input that ends when a stop is asked; polled at least every 0.5 s.
 
@@ -85,8 +95,28 @@ class _Stoppable:
 
     inner: Any
     awake: datetime | None
+    reading = False
+
+    def _started(self) -> None:
+        with _READING_LOCK:
+            _READING[0] += 1
+            _READING[1] += 1
+        self.reading = True
+
+    def _ended(self) -> None:
+        if self.reading:
+            self.reading = False
+            with _READING_LOCK:
+                _READING[1] -= 1
 
     def next_batch(self) -> Any:
+        try:
+            return self._next_batch()
+        except StopIteration:
+            self._ended()
+            raise
+
+    def _next_batch(self) -> Any:
         if REQUESTED.is_set():
             raise StopIteration
         if self.awake is not None and datetime.now(UTC) < self.awake:
@@ -108,6 +138,7 @@ class _Stoppable:
         return min(self.awake, datetime.now(UTC) + _POLL)
 
     def close(self) -> None:
+        self._ended()
         self.inner.close()
 
 
@@ -116,6 +147,7 @@ class _Partition(_Stoppable, StatefulSourcePartition[Any, Any]):
 
     def __init__(self, inner: StatefulSourcePartition[Any, Any]) -> None:
         self.inner, self.awake = inner, None
+        self._started()
 
     def snapshot(self) -> Any:
         return self.inner.snapshot()
@@ -124,6 +156,7 @@ class _Partition(_Stoppable, StatefulSourcePartition[Any, Any]):
 class _StatelessPartition(_Stoppable, StatelessSourcePartition[Any]):
     def __init__(self, inner: StatelessSourcePartition[Any]) -> None:
         self.inner, self.awake = inner, None
+        self._started()
 
 
 class _Fixed(FixedPartitionedSource[Any, Any]):
@@ -152,3 +185,79 @@ def stoppable(source: Source[Any]) -> Source[Any]:
     if isinstance(source, DynamicSource):
         return _Dynamic(source)
     return source
+
+
+# -- one stop for every process of a run ---------------------------------------------------
+
+_FAN_OUT = 64
+"""Keys per worker a stop is sent under: bytewax routes a key to ``hash % workers``, so
+enough keys reach every worker (the chance that one gets none is below 1e-25)."""
+_NO_SOURCE_GRACE = timedelta(seconds=5)
+_TOLD = threading.Event()  # this process told the others of its stop
+
+
+class _StopSignalPartition(StatelessSourcePartition[Any]):
+    """Emits ``(process, signal)`` once this process is asked to stop (not by a peer).
+
+    It ends then, or once this process's sources have all ended (it has nothing left to
+    stop; a process given no partition at all waits :data:`_NO_SOURCE_GRACE` for them).
+    """
+
+    def __init__(self, process: int, keys: int) -> None:
+        self.process, self.keys = process, keys
+        self.built = datetime.now(UTC)
+
+    def next_batch(self) -> list[Any]:
+        if REQUESTED.is_set():
+            with _READING_LOCK:  # one worker of the process tells, once
+                if PEER or _TOLD.is_set():
+                    raise StopIteration
+                _TOLD.set()
+            signum = SIGNAL[0] if SIGNAL else signal.SIGTERM
+            return [(f"stop-{self.process}-{i}", (self.process, signum))
+                    for i in range(self.keys)]
+        with _READING_LOCK:
+            built, reading = _READING
+        if not reading and (built or datetime.now(UTC) - self.built > _NO_SOURCE_GRACE):
+            raise StopIteration
+        return []
+
+    def next_awake(self) -> datetime | None:
+        return datetime.now(UTC) + _POLL
+
+
+class _StopSignal(DynamicSource[Any]):
+    def __init__(self, process: int) -> None:
+        self.process = process
+
+    def build(self, step_id: str, worker_index: int, worker_count: int
+              ) -> _StopSignalPartition:
+        return _StopSignalPartition(self.process, _FAN_OUT * worker_count)
+
+
+def _told(_state: None, told: tuple[int, int]) -> tuple[None, None]:
+    """A process of the run was asked to stop: this one stops too."""
+    if not REQUESTED.is_set():
+        PEER.append(told)
+        REQUESTED.set()
+    return None, None
+
+
+def spread(flow: Any, process: int) -> None:
+    """Add to ``flow`` the steps that make one process's stop every process's stop."""
+    import bytewax.operators as op
+
+    with _READING_LOCK:
+        _READING[:] = [0, 0]
+        _TOLD.clear()
+
+    told = op.input("dataflare_stop", flow, _StopSignal(process))
+    op.stateful_map("dataflare_stop_told", told, _told)
+
+
+def stopped_by() -> str:
+    """What stopped this process: ``on SIGTERM``, ``with process 1, which got SIGTERM``."""
+    if SIGNAL or not PEER:
+        return f"on {signal.Signals(SIGNAL[0] if SIGNAL else signal.SIGTERM).name}"
+    process, signum = PEER[0]
+    return f"with process {process}, which got {signal.Signals(signum).name}"

@@ -1,0 +1,74 @@
+"""A run of several processes stops as one, and says so when one of them dies."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.pg_private import free_port
+
+FLOW = """\
+workflow:
+  id: cluster_stop
+  sources:
+    gen:
+      type: generator
+      config: {count: null, rate: 500, partitions: 2, fields: {n: {type: sequence}}}
+  destinations:
+    out: {type: file, inputs: [gen], config: {path: out/o.jsonl}}
+"""
+
+
+def start(tmp_path: Path) -> list[subprocess.Popen[str]]:
+    (tmp_path / "flow.yaml").write_text(FLOW)
+    addresses = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "dataflare", "run", "flow.yaml", "-i", str(i), "-a", addresses,
+         "-r", "rec", "-s", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    out = tmp_path / "out" / "o.jsonl"
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs]
+        time.sleep(0.2)
+    return procs
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running: {proc.communicate()[1]}")
+    return proc.returncode, err
+
+
+def test_a_signal_to_one_process_stops_every_process_at_a_snapshot(tmp_path: Path) -> None:
+    # The signalled process stopped its own sources only, and waited for the others'
+    # input to end: for ever, with a stream (a pod deleted ended in SIGKILL).
+    procs = start(tmp_path)
+    procs[1].send_signal(signal.SIGTERM)
+    (code0, err0), (code1, err1) = finish(procs[0]), finish(procs[1])
+    assert code1 == 128 + signal.SIGTERM, err1
+    assert "stopped cleanly on SIGTERM (state kept in the final snapshot)" in err1
+    assert code0 == 128 + signal.SIGTERM, err0
+    assert ("stopped cleanly with process 1, which got SIGTERM (state kept in the final "
+            "snapshot)") in err0
+
+
+def test_a_process_whose_peer_died_says_so(tmp_path: Path) -> None:
+    procs = start(tmp_path)
+    procs[1].kill()
+    code, err = finish(procs[0])
+    finish(procs[1])
+    assert code == 1
+    assert err.splitlines()[-1].startswith(
+        "error: lost the connection to another process of this run (127.0.0.1:")
+    assert err.splitlines()[-1].endswith(
+        "it stopped or its host went away; start every process again: the run resumes from "
+        "its last snapshot")
