@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -399,7 +399,9 @@ def _run(opts: RunOptions) -> RunResult:
     if opts.recovery_dir is not None:
         directory = Path(opts.recovery_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        _init_partitions(directory, opts)
+        refused = _init_partitions(directory, opts)
+        if refused is not None:
+            return _refused(refused)
         # The run's id outlives a crash before the first snapshot (see connectors.batching).
         run_id = directory / "dataflare-run-id"
         if not run_id.exists():
@@ -652,7 +654,7 @@ def _post_actions(opts: RunOptions, wf: Any, status: str,
     return results
 
 
-def _init_partitions(directory: Path, opts: RunOptions) -> None:
+def _init_partitions(directory: Path, opts: RunOptions) -> str | None:
     """Create the recovery partitions of a new recovery directory.
 
     A single process creates ``--recovery-partitions`` of them. A process of a
@@ -661,26 +663,55 @@ def _init_partitions(directory: Path, opts: RunOptions) -> None:
     when the processes share a directory, together they create the full set. With more
     ``--recovery-partitions`` than processes (an autoscaled StatefulSet sharing one volume),
     every process creates the missing ones of that many, so any later process count up to
-    it resumes from the same set.
+    it resumes from the same set. A full set of another size is resumed as it is (bytewax
+    spreads its partitions over any number of processes).
+
+    Returns why the run cannot resume from ``directory`` when it holds only one process's
+    partition of a run of another size (a volume per pod, rescaled).
     """
     from bytewax.recovery import init_db_dir
 
     if not opts.addresses:
         if not any(directory.glob("*.sqlite3")):
             init_db_dir(directory, opts.recovery_partitions)
-        return
+        return None
     processes = len(opts.addresses.split(";"))
     count = max(processes, opts.recovery_partitions)
+    made = _partition_count(directory)
+    if made is not None and made != count:
+        if any(not (directory / f"part-{i}.sqlite3").exists() for i in range(made)):
+            return (f"cannot resume from {directory}: it holds the recovery partition of one "
+                    f"process of a run of {made}, not the others, and this run has "
+                    f"{processes} processes. Run {made} processes; to change their number, "
+                    "stop every process and put all the partitions in one directory that "
+                    "every new process reads (or start with --recovery-partitions at least "
+                    "the largest count)")
+        if made < processes:  # bytewax resumes any process count from the full set
+            return None
+        count = made
     wanted = range(count) if opts.recovery_partitions > processes else [opts.process_id or 0]
     missing = [f"part-{i}.sqlite3" for i in wanted
                if not (directory / f"part-{i}.sqlite3").exists()]
     if not missing:
-        return
+        return None
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         init_db_dir(Path(tmp), count)
         for name in missing:  # processes starting together: the first link of a name wins
             with suppress(FileExistsError):
                 os.link(Path(tmp) / name, directory / name)
+    return None
+
+
+def _partition_count(directory: Path) -> int | None:
+    """How many recovery partitions the partitions in ``directory`` belong to (None: none)."""
+    import sqlite3
+
+    for path in sorted(directory.glob("part-*.sqlite3")):
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT part_count FROM parts").fetchone()
+        if row is not None:
+            return int(row[0])
+    return None
 
 
 _PANIC = re.compile(rb"^thread '.*' panicked at src/[\w/]+\.rs:\d+:\d+:$")

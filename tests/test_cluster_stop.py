@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.fixtures.pg_private import free_port
@@ -72,3 +73,65 @@ def test_a_process_whose_peer_died_says_so(tmp_path: Path) -> None:
     assert err.splitlines()[-1].endswith(
         "it stopped or its host went away; start every process again: the run resumes from "
         "its last snapshot")
+
+
+RESCALED = """\
+workflow:
+  id: rescaled
+  sources:
+    gen:
+      type: generator
+      config: {count: 6000, rate: 600, partitions: 6, fields: {n: {type: sequence}}}
+  transformations:
+    per:
+      type: aggregation
+      inputs: [gen]
+      config: {group_by: [n], aggregations: [{field: n, operations: [count], as: c}]}
+  destinations:
+    out: {type: file, inputs: [per], config: {path: out/o.jsonl}}
+"""
+
+
+def run_processes(tmp_path: Path, n: int, shared: bool) -> list[subprocess.Popen[str]]:
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(n))
+    return [subprocess.Popen(
+        [sys.executable, "-m", "dataflare", "run", "flow.yaml", "-i", str(i), "-a", addresses,
+         "-r", "rec" if shared else f"rec{i}", "-s", "0.5"], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(n)]
+
+
+def stopped_after_a_snapshot(tmp_path: Path, shared: bool) -> None:
+    from dataflare.runner import committed_epoch
+
+    (tmp_path / "flow.yaml").write_text(RESCALED)
+    procs = run_processes(tmp_path, 2, shared)
+    deadline = time.monotonic() + 60
+    while committed_epoch(tmp_path / ("rec" if shared else "rec0")) is None:
+        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()
+        time.sleep(0.2)
+    procs[0].send_signal(signal.SIGTERM)
+    assert [finish(p)[0] for p in procs] == [128 + signal.SIGTERM] * 2
+
+
+def test_two_processes_resume_as_three_from_their_shared_directory(tmp_path: Path) -> None:
+    # The third process made its partition as one of 3 beside two of 2: every process died
+    # with "Send thread panic".
+    stopped_after_a_snapshot(tmp_path, shared=True)
+    results = [finish(p) for p in run_processes(tmp_path, 3, shared=True)]
+    assert [code for code, _ in results] == [0, 0, 0], results
+    rows = [orjson.loads(line) for line in (tmp_path / "out" / "o.jsonl").read_bytes().split()]
+    assert sorted(r["n"] for r in rows) == list(range(6000))
+    assert {r["c"] for r in rows} == {1}
+
+
+def test_a_directory_of_one_process_of_two_is_refused_by_a_run_of_three(tmp_path: Path) -> None:
+    stopped_after_a_snapshot(tmp_path, shared=False)
+    procs = run_processes(tmp_path, 3, shared=False)
+    for i in (0, 1):
+        code, err = finish(procs[i])
+        assert code == 1, err
+        assert (f"cannot resume from rec{i}: it holds the recovery partition of one process "
+                "of a run of 2, not the others, and this run has 3 processes. Run 2 "
+                "processes") in err
+    procs[2].kill()
+    finish(procs[2])
