@@ -41,7 +41,6 @@ import re
 import ssl
 import threading
 import urllib.request
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +59,8 @@ RECOVERY_MOUNT = "/var/lib/dataflare"
 WORKFLOW_MOUNT = "/etc/dataflare"
 RESCALE_EXIT = 75  # stopped at a snapshot to restart with another process count
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+JOB_LABEL = "batch.kubernetes.io/"
+"""The prefix of the labels Kubernetes (1.27+) puts on a Job's pods: its name and uid."""
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
 
 
@@ -460,16 +461,20 @@ def _pod(name: str, options: Options, streaming: bool, keeps: bool = False
         *replicas,
         {"name": "DATAFLARE_PEER_DOMAIN", "value": name},
         {"name": "DATAFLARE_PEER_PORT", "value": str(PORT)},
-        # One id per deployment: appends stay exactly once across pod restarts.
-        {"name": "DATAFLARE_RUN_ID", "value": uuid.uuid4().hex},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    if streaming:
+    if streaming:  # the run's id lives in the recovery directory (a new volume: a new run)
         env += [{"name": "BYTEWAX_POD_NAME",
                  "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "BYTEWAX_STATEFULSET_NAME", "value": name}]
     else:
-        env.append({"name": "DATAFLARE_JOB_NAME", "value": name})
+        # A CronJob's Jobs are named <name>-<minutes>: the pods' names come from the Job.
+        # Its uid is the run's id: its pods' restarts are one run (appends stay exactly
+        # once), each Job of a CronJob a new one.
+        env += [{"name": "DATAFLARE_JOB_NAME", "valueFrom": {"fieldRef": {
+                    "fieldPath": f"metadata.labels['{JOB_LABEL}job-name']"}}},
+                {"name": "DATAFLARE_RUN_ID", "valueFrom": {"fieldRef": {
+                    "fieldPath": f"metadata.labels['{JOB_LABEL}controller-uid']"}}}]
     def probe(path: str) -> dict[str, Any]:
         return {"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10}
 

@@ -378,8 +378,9 @@ def _run(opts: RunOptions) -> RunResult:
         except (ValueError, OSError) as exc:
             return _refused(str(exc))
         if cluster is not None:  # a pod of a StatefulSet or an Indexed Job (dataflare k8s)
+            one = len(cluster.addresses) == 1  # no mesh: it would resolve its own name
             opts = replace(opts, process_id=cluster.process_id,
-                           addresses=";".join(cluster.addresses))
+                           addresses=None if one else ";".join(cluster.addresses))
             if os.environ.get("DATAFLARE_REPLICAS_FROM") == "statefulset":
                 def rescale(wanted: int) -> None:
                     say(f"the StatefulSet now has {wanted} replicas (this run "

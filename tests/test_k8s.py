@@ -193,9 +193,8 @@ workflow:
     cmd = [sys.executable, "-m", "dataflare", "k8s", str(flow), "--image", "x"]
     printed = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     subprocess.run([*cmd, "--out", str(tmp_path / "out")], env=env, check=True)
-    def canon(texts: list[str]) -> list[str]:  # each rendering draws its own run id
-        return sorted(re.sub(r'"DATAFLARE_RUN_ID", "value": "\w+"', "", json.dumps(
-            o, sort_keys=True)) for t in texts for o in yaml.safe_load_all(t))
+    def canon(texts: list[str]) -> list[str]:
+        return sorted(json.dumps(o, sort_keys=True) for t in texts for o in yaml.safe_load_all(t))
 
     assert canon([printed]) == canon([p.read_text() for p in (tmp_path / "out").iterdir()])
     assert "kind: Secret" in printed and 'Bearer ${API_TOKEN}' in printed
@@ -253,7 +252,10 @@ def _pod_command(sts: dict[str, Any], workflow: Path, recovery: Path) -> list[st
 def _pod_env(sts: dict[str, Any], pod: str, secrets: dict[str, str],
              namespace: str = "default") -> dict[str, str]:
     env = dict(os.environ)
-    fields = {"metadata.name": pod, "metadata.namespace": namespace}
+    job = pod.rsplit("-", 1)[0]
+    fields = {"metadata.name": pod, "metadata.namespace": namespace,
+              f"metadata.labels['{k8s.JOB_LABEL}job-name']": job,
+              f"metadata.labels['{k8s.JOB_LABEL}controller-uid']": f"uid-of-{job}"}
     for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]:
         if "value" in e:
             env[e["name"]] = e["value"]
@@ -296,6 +298,39 @@ workflow:
             with pg_schema.connect() as conn:
                 conn.execute(f"INSERT INTO {table} VALUES {new_row}")
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_each_job_of_a_cronjob_is_a_new_run_of_one_pod_without_a_mesh(
+        tmp_path: Path, pg_schema: Any) -> None:
+    # The template held one fixed DATAFLARE_RUN_ID: the second night's Job skipped every
+    # line up to the first night's last as "already written". And its pods built their
+    # peers' names from the CronJob's name, not the Job's (<name>-<minutes>): no DNS.
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": {i}}}\n' for i in range(5)))
+    flow = _write(tmp_path, "nightly.yaml", f"""
+workflow:
+  id: nightly
+  schedule: {{type: cron, expression: "0 2 * * *"}}
+  sources:
+    src: {{type: file, config: {{path: {tmp_path / "in.jsonl"}}}}}
+  destinations:
+    out:
+      type: postgres
+      inputs: [src]
+      config: {{dsn: "{pg_schema.dsn}", schema: {pg_schema.schema}, table: orders}}
+      write_mode: {{type: append}}
+""")
+    cron = _by_kind(k8s.render(flow, k8s.Options()))["CronJob"]
+    job = {"spec": cron["spec"]["jobTemplate"]["spec"]}
+    for night in ("nightly-29390520", "nightly-29390521"):
+        env = {**_pod_env(job, f"{night}-0", {}), "JOB_COMPLETION_INDEX": "0"}
+        cmd = _pod_command(job, flow, tmp_path / "unused")
+        cmd[cmd.index("--http-port") + 1] = str(free_port())
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "skipped" not in done.stderr
+    with pg_schema.connect() as conn:
+        rows = conn.execute(f'SELECT count(*) FROM "{pg_schema.schema}".orders').fetchone()
+    assert rows == (10,)  # each night's five
 
 
 def test_the_statefulset_command_runs_the_workflow_as_two_pods(
