@@ -90,3 +90,35 @@ def test_dead_letters_and_log_lines_are_masked(
     assert isinstance(raw["record"], str) and '"card": "4111****"' in raw["record"]
     keyed = hmac.new(KEY.encode(), EMAIL.encode(), hashlib.sha256).hexdigest()
     assert keyed in raw["record"]
+
+
+def test_a_key_read_from_a_field_masking_makes_alike_is_refused() -> None:
+    # alice@ and alfred@ both became 'al****': one overwrote the other in a Redis hash and
+    # in a merge, without a word.
+    v = validate_text("""\
+workflow:
+  data_protection:
+    masking_rules:
+      - {field: email, method: partial, show_chars: 2}
+      - {field: name, method: hash}
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  destinations:
+    r: {type: redis, inputs: [src], config: {key_template: "u:{{email}}"}}
+    l: {type: redis, inputs: [src], config: {key_template: "u:{{email}}", data_structure: list}}
+    m:
+      type: postgres
+      inputs: [src]
+      config: {dsn: "postgresql://127.0.0.1/test", table: t}
+      write_mode: {type: merge, merge_key: [email]}
+    n:
+      type: postgres
+      inputs: [src]
+      config: {dsn: "postgresql://127.0.0.1/test", table: t}
+      write_mode: {type: merge, merge_key: [name]}
+""", "w.yaml")
+    assert [(p.severity, p.path) for p in v.problems if "masked (" in p.message] == [
+        ("error", "destinations.r.config.key_template"),
+        ("warning", "destinations.l.config.key_template"),
+        ("error", "destinations.m.write_mode.merge_key"),
+    ]

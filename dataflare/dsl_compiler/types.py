@@ -198,10 +198,54 @@ def _masking(doc: Document, wf: dict[str, Any], flow: TypeFlow, g: Graph) -> lis
         path = rule.get("field") if isinstance(rule, dict) else None
         if not isinstance(path, str):
             continue
+        if rule.get("method") in ("partial", "full"):
+            out.extend(_masked_keys(doc, wf, i, path, rule["method"]))
         if all(flow.outputs.get(d, ANY).get(path) is None for d in dests):
             known = sorted({p for d in dests for p in flow.outputs.get(d, ANY).paths()})
             out.append(doc.problem(
                 ("workflow", "data_protection", "masking_rules", i, "field"),
                 f"masking field {path!r} is in no destination's records"
                 f"{did_you_mean(path, known)}", severity="warning"))
+    return out
+
+
+def _masked_keys(doc: Document, wf: dict[str, Any], i: int, path: str, method: str
+                 ) -> list[Problem]:
+    """Keys a destination reads from a field masking makes alike (``al****``).
+
+    Masking comes before the write: a merge key made of it merges distinct records into
+    one row, a Redis hash or string key overwrites them (errors); another key template
+    gives them one key (a warning: a compacted Kafka topic keeps one of them).
+    """
+    from dataflare.template import placeholders
+
+    def masked(key: str) -> bool:
+        return key == path or key.startswith(f"{path}.") or path.startswith(f"{key}.")
+
+    out = []
+    for cid, comp in (wf.get("destinations") or {}).items():
+        if not isinstance(comp, dict):
+            continue
+        mode = comp.get("write_mode")
+        keys = mode.get("merge_key") if isinstance(mode, dict) else None
+        for key in [keys] if isinstance(keys, str) else keys or []:
+            if isinstance(key, str) and masked(key):
+                out.append(doc.problem(
+                    ("workflow", "destinations", cid, "write_mode", "merge_key"),
+                    f"merge_key {key!r} is masked ({method}, data_protection.masking_rules"
+                    f"[{i}]) before the write: distinct records would merge into one row; "
+                    "mask it with method: hash, or merge on another field"))
+        config = comp.get("config")
+        template = config.get("key_template") if isinstance(config, dict) else None
+        if isinstance(template, str) and any(masked(k) for k in placeholders(template)):
+            # A Redis hash or string is overwritten: records are lost, not only keyed alike.
+            lost = comp.get("type") == "redis" and config.get("data_structure", "hash") in (
+                "hash", "string")
+            out.append(doc.problem(
+                ("workflow", "destinations", cid, "config", "key_template"),
+                f"key_template reads {path!r}, masked ({method}, data_protection."
+                f"masking_rules[{i}]) before the write: distinct records get one key"
+                f"{' and overwrite each other' if lost else ''}; mask it with method: hash, "
+                "or key on another field", severity="error" if lost else "warning",
+                at_run=not lost))
     return out
