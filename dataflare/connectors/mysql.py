@@ -468,16 +468,54 @@ def _table_converters(db: MySqlDatabase, database: str, table: str,
 
 
 def _key(db: MySqlDatabase, cfg: MySqlSourceConfig, database: str, table: str) -> list[str]:
-    if cfg.key_columns:
-        return list(cfg.key_columns)
     try:
-        return db.run(
-            f"looking up the key of {database}.{table}",
-            lambda conn: primary_key(conn, database, table),
-        )
+        return db.run(f"looking up the key of {database}.{table}",
+                      lambda conn: read_key(conn, db.step_id, cfg, database, table))
     except LookupError as exc:
         msg = f"step '{db.step_id}': {exc}"
         raise RuntimeError(msg) from None
+
+
+_WARNED_KEYS: set[tuple[str, str]] = set()
+
+
+def read_key(conn: Any, step: str, cfg: MySqlSourceConfig, database: str, table: str
+             ) -> list[str]:
+    """The columns a read orders by and resumes after: unique, or said not to be.
+
+    ``key_columns`` that no unique index covers are followed by the primary key's other
+    columns: a resume after ``(g)`` alone would skip the rest of the rows of that ``g``.
+    """
+    primary = primary_key(conn, database, table)
+    wanted = list(cfg.key_columns) or primary
+    if cfg.key_columns and not _unique(conn, database, table, set(wanted)):
+        wanted += [c for c in primary if c not in wanted]
+        if not primary and (step, table) not in _WARNED_KEYS:
+            _WARNED_KEYS.add((step, table))
+            log.warning("step %r: key_columns %s of %s.%s are not known to be unique (no "
+                        "unique index holds them, and it has no primary key): a resume "
+                        "skips the rows that share the last value read", step, wanted,
+                        database, table)
+    if not wanted and (step, table) not in _WARNED_KEYS:
+        _WARNED_KEYS.add((step, table))
+        log.warning("step %r: %s.%s has no primary key and no key_columns are set: a "
+                    "resumed read starts the table again, so the rows read before the "
+                    "snapshot are read twice; set key_columns to resume exactly", step,
+                    database, table)
+    return wanted
+
+
+def _unique(conn: Any, database: str, table: str, columns: set[str]) -> bool:
+    """Whether a unique index (the primary key too) has only columns among ``columns``."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS "
+            "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s AND NON_UNIQUE = 0",
+            (database, table))
+        indexes: dict[str, set[str]] = {}
+        for name, column in cur.fetchall():
+            indexes.setdefault(name, set()).add(column)
+    return any(cols <= columns for cols in indexes.values())
 
 
 class SnapshotRead:
@@ -510,11 +548,7 @@ class SnapshotRead:
     def _open(self, conn: Any) -> None:
         pymysql = _pymysql()
         database, table = self.tables[self.index].split(".", 1)
-        self.key = (
-            list(self.src.cfg.key_columns)
-            if self.src.cfg.key_columns
-            else primary_key(conn, database, table)
-        )
+        self.key = read_key(conn, self.src.step_id, self.src.cfg, database, table)
         self.convert = converters(table_columns(conn, database, table))
         if not self.in_transaction:
             with conn.cursor() as cur:

@@ -236,7 +236,8 @@ def _masked_keys(doc: Document, wf: dict[str, Any], i: int, path: str, method: s
                     f"[{i}]) before the write: distinct records would merge into one row; "
                     "mask it with method: hash, or merge on another field"))
         config = comp.get("config")
-        template = config.get("key_template") if isinstance(config, dict) else None
+        config = config if isinstance(config, dict) else {}
+        template = config.get("key_template")
         if isinstance(template, str) and any(masked(k) for k in placeholders(template)):
             # A Redis hash or string is overwritten: records are lost, not only keyed alike.
             lost = comp.get("type") == "redis" and config.get("data_structure", "hash") in (

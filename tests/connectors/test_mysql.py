@@ -146,6 +146,38 @@ def test_full_read_in_batches_and_resume(mariadb_private: Any, orders: str) -> N
     resumed.close()
 
 
+def test_key_columns_that_repeat_resume_after_the_primary_key_too(
+        mariadb_private: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # A resume after (g) alone skipped the rest of the rows of the last g read.
+    mariadb_private.execute(
+        "DROP TABLE IF EXISTS grp", "DROP TABLE IF EXISTS nopk",
+        "CREATE TABLE grp (id INT PRIMARY KEY, g INT NOT NULL)",
+        "INSERT INTO grp VALUES " + ", ".join(f"({i}, {i % 3})" for i in range(1, 31)),
+        "CREATE TABLE nopk (a INT)", "INSERT INTO nopk VALUES (1), (2)")
+    cfg = conn_cfg(mariadb_private, table="grp", batch_size=4)
+    src = build_mysql_source(make_ctx("grp", {**cfg, "key_columns": ["g"]}, mode="full"))
+    (name,) = src.list_parts()
+    part = src.build_part("grp", name, None)
+    seen = [r["id"] for r in part.next_batch()[0]]
+    state = part.snapshot()
+    part.close()
+    resumed = src.build_part("grp", name, state)
+    while not seen or len(seen) < 30:
+        batch = resumed.next_batch()
+        if not batch:
+            break
+        seen += [r["id"] for r in batch[0]]
+    resumed.close()
+    assert sorted(seen) == list(range(1, 31))
+    nopk = build_mysql_source(make_ctx("nopk", conn_cfg(mariadb_private, table="nopk"),
+                                       mode="full"))
+    (name,) = nopk.list_parts()
+    nopk.build_part("nopk", name, None).next_batch()
+    assert "nopk has no primary key and no key_columns are set: a resumed read starts " \
+        "the table again" in caplog.text
+    mariadb_private.execute("DROP TABLE grp", "DROP TABLE nopk")
+
+
 def test_incremental_ties_and_start_value(mariadb_private: Any, orders: str) -> None:
     ctx = make_ctx(
         "orders_inc",

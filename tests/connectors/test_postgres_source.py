@@ -221,6 +221,36 @@ def test_full_resumes_after_the_last_key(pg_private: Any, people: str, tmp_path:
         done.next_batch()
 
 
+def test_key_columns_that_repeat_resume_after_the_primary_key_too(
+        pg_private: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # A resume after (g) alone skipped the rest of the rows of the last g read.
+    pg_private.execute(
+        "DROP TABLE IF EXISTS grp", "DROP TABLE IF EXISTS nopk",
+        "CREATE TABLE grp (id int PRIMARY KEY, g int NOT NULL)",
+        "INSERT INTO grp SELECT i, i % 3 FROM generate_series(1, 30) i",
+        "CREATE TABLE nopk (a int)", "INSERT INTO nopk VALUES (1), (2)")
+    cfg = {**conn_cfg(pg_private, table="grp", batch_size=4), "key_columns": ["g"]}
+    src = build_postgres_source(make_ctx("grp", cfg, mode="full"))
+    (name,) = src.list_parts()
+    part = src.build_part("grp", name, None)
+    seen = [r["id"] for b in part.next_batch() for r in b]
+    state = part.snapshot()
+    part.close()
+    resumed = src.build_part("grp", name, state)
+    while True:
+        try:
+            seen.extend(r["id"] for b in resumed.next_batch() for r in b)
+        except StopIteration:
+            break
+    assert sorted(seen) == list(range(1, 31))
+    nopk = build_postgres_source(make_ctx("nopk", conn_cfg(pg_private, table="nopk"),
+                                          mode="full"))
+    (name,) = nopk.list_parts()
+    nopk.build_part("nopk", name, None).next_batch()
+    assert "public.nopk has no primary key and no key_columns are set: a resumed read " \
+        "starts the table again" in caplog.text
+
+
 def test_missing_table_is_a_clear_error(pg_private: Any) -> None:
     ctx = make_ctx("nope", conn_cfg(pg_private, table="no_such_table"), mode="full")
     with pytest.raises(Exception) as info:
