@@ -22,6 +22,8 @@ RUN_ID_ENV = "DATAFLARE_RUN_ID"
 """The run's id: kept in the recovery directory by ``dataflare run``; in dead letters."""
 
 META = "_meta"
+DEAD_LETTER = "dead_letter"
+"""The ``_meta`` key marking a dead letter on its way to its destination."""
 INPUT = "input"
 """The ``_meta`` key naming the input component a record reached a destination from
 (set for destinations that ask for it, such as a ``{{source}}`` path template)."""
@@ -221,6 +223,7 @@ class Failed:
         }
         if isinstance(record, bytes | bytearray | memoryview):
             out["record_encoding"] = "base64"
+        out[META] = {DEAD_LETTER: True}  # told from a record of that shape (not written)
         return out
 
     def message_masked(self, mask: Mask | None) -> str:

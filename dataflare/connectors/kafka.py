@@ -55,10 +55,10 @@ from dataflare.connectors.schema import (
 )
 from dataflare.lineage import topic_datasets
 from dataflare.record_schema import FieldType, SchemaContext
-from dataflare.records import META, Failed, describe_position
+from dataflare.records import DEAD_LETTER, META, Failed, describe_position, getter
 from dataflare.registry import BuildContext, destination, source
 from dataflare.retry import TransientError, call_with_retry
-from dataflare.template import compile_template
+from dataflare.template import compile_template, placeholders
 
 log = logging.getLogger(__name__)
 
@@ -600,19 +600,13 @@ def build_kafka_source(ctx: BuildContext) -> KafkaSource:
 
 
 def is_dead_letter(record: Any) -> bool:
-    """Whether ``record`` is a dead letter ``{"error": ..., "source": ..., "record": ...}``."""
-    return (
-        isinstance(record, dict)
-        and "error" in record
-        and "record" in record
-        and isinstance(record["error"], dict)
-        and "step" in record["error"]
-        and isinstance(record.get("source", {}), dict)
-        and set(record) <= _DEAD_LETTER_KEYS
-    )
+    """Whether ``record`` is a dead letter (``error``, ``source``, ``record``) sent here.
 
-
-_DEAD_LETTER_KEYS = {"error", "source", "record", "record_encoding", META}
+    Told by its mark, not its shape: a record of the same shape from ``inputs`` (a
+    business event ``{"error": ..., "record": ...}``) is a record.
+    """
+    meta = record.get(META) if isinstance(record, dict) else None
+    return isinstance(meta, dict) and meta.get(DEAD_LETTER) is True
 
 Message = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
@@ -673,6 +667,7 @@ class _Encoder:
         self.cfg = cfg
         self.dumps = orjson.dumps
         self.key = compile_template(cfg.key_template) if cfg.key_template else None
+        self.key_parts = [(p, getter(p)) for p in placeholders(cfg.key_template or "")]
         self.headers = [(name, compile_template(text)) for name, text in cfg.headers.items()]
         self.max_bytes: int | None = None  # known at the first batch (asks the broker)
 
@@ -730,6 +725,16 @@ class _Encoder:
             key = key.encode()
         return (key if isinstance(key, bytes) else None, value, headers)
 
+    def _key(self, rec: Any) -> bytes:
+        """The message key; a record lacking a field of it is refused (one key for all)."""
+        for path, get in self.key_parts:
+            if get(rec) in (None, ""):
+                msg = (f"step {self.step_id!r}: key_template {self.cfg.key_template!r} needs "
+                       f"'{path}', which the record lacks")
+                raise ValueError(msg)
+        assert self.key is not None  # noqa: S101 - called only with a key template
+        return self.key(rec).encode()
+
     def encode(self, batch: list[Any]) -> tuple[list[Message], list[Failed]]:
         out: list[Message] = []
         errs: list[Failed] = []
@@ -740,7 +745,7 @@ class _Encoder:
         limit = self._limit()
         for rec in batch:
             try:
-                if "error" in rec and is_dead_letter(rec):
+                if META in rec and is_dead_letter(rec):
                     message = self.dead_letter(rec)
                 else:
                     if META in rec:
@@ -748,12 +753,13 @@ class _Encoder:
                         del body[META]
                     else:
                         body = rec
-                    key = key_of(rec).encode() if key_of is not None else None
+                    key = self._key(rec) if key_of is not None else None
                     headers = ([(n, fn(rec).encode()) for n, fn in header_fns]
                                if header_fns else [])
                     message = (key, dumps(body), headers)
             except (TypeError, ValueError) as exc:
-                text = f"step {self.step_id!r}: cannot encode record as JSON: {exc}"
+                text = (str(exc) if str(exc).startswith(f"step {self.step_id!r}") else
+                        f"step {self.step_id!r}: cannot encode record as JSON: {exc}")
                 errs.append(Failed(self.step_id, type(exc).__name__, text, rec,
                                    rec.get(META, {}) if isinstance(rec, dict) else {}))
                 continue

@@ -300,19 +300,28 @@ def test_destination_writes_json_keys_and_headers(
          for i in range(j * 10, j * 10 + 10)]
         for j in range(5)
     ]
-    batches[2].append({"id": 99, "bad": {1, 2}})  # a set is not JSON
+    batches[2].append({"id": 99, "customer": {"id": "c99"}, "bad": {1, 2}})  # a set: no JSON
+    batches[3].append({"id": 98, "customer": {}})  # no key: it was sent under the key ""
+    # A record of a dead letter's shape from `inputs` was taken for one and rewritten.
+    batches[4].append({"id": 97, "customer": {"id": "c97"}, "error": {"step": "checkout"},
+                       "record": {"order": 7}})
     errors: list[Any] = []
     ctx = dest_ctx(bootstrap_servers=servers, topic=topic, key_template="{{customer.id}}",
                    headers={"source": "dataflare", "cid": "{{customer.id}}"}, writers=2)
     run_main(write_flow(ctx, batches, errors))
-    msgs = consume_all(servers, topic, 50)
-    assert len(msgs) == 50
+    msgs = consume_all(servers, topic, 51)
+    assert len(msgs) == 51
     values = sorted((json.loads(m.value()) for m in msgs), key=lambda r: r["id"])
     assert values[3] == {"id": 3, "customer": {"id": "c3"}}  # no _meta
     by_key = {m.key(): dict(m.headers()) for m in msgs}
     assert by_key[b"c7"] == {"source": b"dataflare", "cid": b"c7"}
-    assert len(errors) == 1 and errors[0][0].record["id"] == 99
-    assert "cannot encode" in errors[0][0].message
+    assert by_key[b"c97"] == {"source": b"dataflare", "cid": b"c97"}
+    assert values[-1] == batches[4][-1]
+    failed = sorted((e for batch in errors for e in batch), key=lambda f: f.record["id"])
+    assert [f.record["id"] for f in failed] == [98, 99]
+    assert "key_template '{{customer.id}}' needs 'customer.id', which the record lacks" \
+        in failed[0].message
+    assert "cannot encode" in failed[1].message
 
 
 def test_dead_letters_carry_original_bytes_and_position(
