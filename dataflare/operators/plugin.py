@@ -22,7 +22,8 @@ fails as a whole: it is not retried record by record (that would wait the limit 
 record).
 
 **native**: ``path: "package.module:function"``, a Python function ``(record, config) ->
-record | None``; an exception fails that record.
+record | None``, given the record without ``_meta`` (its position comes back after); an
+exception, or a result that is not an object, fails that record.
 """
 
 from __future__ import annotations
@@ -339,7 +340,15 @@ def build_plugin_step(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
     settings = _settings(plugin, ctx.config)
     if plugin.type == "native":
         fn = native_function(name, plugin.path or "")
-        out = map_records("call", up, lambda r: fn(r, settings), ctx.step_id)
+        step = ctx.step_id
+
+        def call(record: Any) -> Any:  # the contract of every plugin kind (see _result)
+            result = _result(step, name, record, fn(without_meta(record), settings))
+            if isinstance(result, Failed):
+                raise PluginError(result.message)
+            return result
+
+        out = map_records("call", up, call, step)
         return Outputs(down=out.down, errs=out.errs)
     if plugin.type == "remote":
         from dataflare.operators.remote_plugin import build_remote_step

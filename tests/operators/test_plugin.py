@@ -92,7 +92,10 @@ def test_configuration_rejected_or_module_missing_exports(tmp_path):
 
 
 def test_native_plugin(tmp_path):
-    (tmp_path / "in.jsonl").write_text('{"amount": 2}\n{"amount": -1}\n{"amount": 5, "skip": 1}\n')
+    # A result that was not an object was written as a "record"; the plugin saw _meta, and
+    # a new dict it made lost the record's position (dead letters later had none).
+    (tmp_path / "in.jsonl").write_text(
+        '{"amount": 2}\n{"amount": -1}\n{"amount": 5, "skip": 1}\n{"amount": 101}\n')
     (tmp_path / "flow.yaml").write_text("""\
 workflow:
   plugins:
@@ -112,9 +115,12 @@ workflow:
     result = run_cli("run", str(tmp_path / "flow.yaml"))
     assert result.code == 0, result.stderr
     assert read_jsonl(tmp_path / "out.jsonl") == [{"amount": 2, "score": 6}]
-    [reject] = read_jsonl(tmp_path / "rejects.jsonl")
-    assert {k: reject["error"][k] for k in ("step", "type", "message")} == {
-        "step": "scored", "type": "ValueError", "message": "negative amount -1"}
+    rejects = read_jsonl(tmp_path / "rejects.jsonl")
+    assert [{k: r["error"][k] for k in ("step", "type", "message")} for r in rejects] == [
+        {"step": "scored", "type": "ValueError", "message": "negative amount -1"},
+        {"step": "scored", "type": "PluginError",
+         "message": "plugin 'scorer' returned a list, expected an object"}]
+    assert [r["source"]["position"]["line"] for r in rejects] == [2, 4]
 
 
 # alloc hands out a pointer far past the module's one page of memory
