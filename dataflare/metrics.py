@@ -21,6 +21,11 @@ ERRORS = Counter(
 LATE_RECORDS = Counter(
     "dataflare_late_records", "Records older than the watermark, per step.", ["step"]
 )
+ALREADY_WRITTEN = Counter(
+    "dataflare_records_already_written",
+    "Records a destination left out as written before a restart (a replay), per step.",
+    ["step"],
+)
 DUPLICATES_DROPPED = Counter(
     "dataflare_duplicates_dropped", "Records dropped as repeats by dedupe, per step.", ["step"]
 )

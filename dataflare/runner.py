@@ -186,6 +186,14 @@ class _Progress:
         # Counters are process-wide: a second run in one process counts from here.
         self.baseline = {s: (n, e) for s, n, e in self._totals()}
         self.late_baseline = {s: metrics.value(metrics.LATE_RECORDS, step=s) for s in steps}
+        self.written_baseline = {s: metrics.value(metrics.ALREADY_WRITTEN, step=s)
+                                 for s in destinations}
+
+    def already_written(self) -> dict[str, int]:
+        """Records of this run destinations left out as written before a restart."""
+        counts = {s: int(metrics.value(metrics.ALREADY_WRITTEN, step=s) - base)
+                  for s, base in self.written_baseline.items()}
+        return {s: n for s, n in counts.items() if n}
 
     def late(self) -> dict[str, int]:
         """Late records of this run per step that had any."""
@@ -277,10 +285,14 @@ class _Progress:
             return
         print(f"summary ({elapsed:.1f}s{state}): records per step", file=sys.stderr)
         late, dropped = self.late(), self.late_dropped()
+        again = self.already_written()
         cut = failure is not None or stopping.requested()  # a stop may cut a write short
         for step, n, errors in self.counts():
             unsure = cut and step in self.destinations and n > 0
             extra = " received, not all confirmed written" if unsure else ""
+            if step in again:
+                extra = (extra or " received") + (f", {again[step]} of them left out as "
+                                                  "written before a restart")
             extra += f", {errors} failed" if errors else ""
             if step in late:
                 extra += f", {late[step]} late" + (" (dropped)" if step in dropped else "")

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from bytewax.dataflow import Stream
 
+from dataflare import metrics
 from dataflare.connectors.batching import Flush, Unwritten, buffered_output
 from dataflare.records import META, Failed, describe_position, getter, message_of
 from dataflare.retry import Interrupted, call_with_retry
@@ -873,6 +874,7 @@ class TableWriter:
                 keep.append(it)
             skipped = len(items) - len(keep)
             if skipped:
+                metrics.ALREADY_WRITTEN.labels(self.step).inc(skipped)
                 log.warning(
                     "step %r: skipped %d record(s) already written to %s (a replay after "
                     "a restart)", self.step, skipped, self.db.describe(),

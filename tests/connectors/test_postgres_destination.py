@@ -1009,3 +1009,28 @@ def test_a_merge_without_select_on_the_table_is_refused_before_any_key_repeats(
         assert run(ctx, [[{"id": 1, "v": "a"}]]) == []
         assert run(ctx, [[{"id": 1, "v": "b"}]]) == []
         assert pg_schema.rows(f"SELECT id, v FROM {table}") == [(1, "b")]
+
+
+def test_the_summary_counts_what_a_replay_left_out_apart(
+        pg_schema: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The records left out as written before a restart were counted as written.
+    from tests.fixtures.workflows import run_cli
+
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": {i}}}\n' for i in range(5)))
+    (tmp_path / "flow.yaml").write_text(f"""
+workflow:
+  sources:
+    src: {{type: file, config: {{path: in.jsonl}}}}
+  destinations:
+    pg:
+      type: postgres
+      inputs: [src]
+      config: {{dsn: "{pg_schema.dsn}", schema: {pg_schema.schema}, table: t}}
+      write_mode: {{type: append}}
+""")
+    monkeypatch.setenv("DATAFLARE_RUN_ID", uuid.uuid4().hex)  # the same run, restarted
+    assert run_cli("run", str(tmp_path / "flow.yaml")).code == 0
+    again = run_cli("run", str(tmp_path / "flow.yaml"))
+    assert again.code == 0, again.stderr
+    assert "  pg: 5 received, 5 of them left out as written before a restart" in again.stderr
+    assert pg_schema.rows(f'SELECT count(*) FROM "{pg_schema.schema}".t') == [(5,)]
