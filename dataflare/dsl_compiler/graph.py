@@ -8,8 +8,8 @@ from typing import Any
 from dataflare import registry
 from dataflare.dsl_compiler.loader import Document
 from dataflare.dsl_compiler.models import ID_PATTERN
-from dataflare.dsl_compiler.problems import Problem, did_you_mean
-from dataflare.records import a_or_an, parse_duration
+from dataflare.dsl_compiler.problems import Loc, Problem, did_you_mean
+from dataflare.records import META, a_or_an, parse_duration
 
 SECTIONS = {"sources": "source", "transformations": "transformation", "destinations": "destination"}
 
@@ -228,6 +228,7 @@ def check(
             )
 
     problems.extend(_unpositioned_appends(doc, wf, g))
+    problems.extend(_writes_to_meta(doc, wf))
     plugins = wf.get("plugins") if isinstance(wf.get("plugins"), dict) else {}
     comps = wf.get("transformations")
     for cid, comp in (comps.items() if isinstance(comps, dict) else []):
@@ -244,6 +245,36 @@ def check(
                 ("workflow", "transformations", cid), f"a {comp['type']} step needs 'plugin' "
                 "(one of 'plugins'), or config.formula and config.output_field", key=True))
     return g, problems
+
+
+_OUTPUT_KEYS = frozenset({"destination", "output_field", "as"})
+"""Config keys naming the field a transformation writes."""
+
+
+def _writes_to_meta(doc: Document, wf: dict[str, Any]) -> list[Problem]:
+    """Fields a transformation would write under ``_meta``: where a record came from.
+
+    Error messages, dead letters and exactly-once appends read the position there.
+    """
+    out: list[Problem] = []
+
+    def walk(value: Any, loc: Loc) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k in _OUTPUT_KEYS and isinstance(v, str) and v.split(".", 1)[0] == META:
+                    out.append(doc.problem((*loc, k), f"{k} {v!r} is under {META!r}, which "
+                                           "holds where a record came from: write elsewhere"))
+                else:
+                    walk(v, (*loc, k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, (*loc, i))
+
+    comps = wf.get("transformations")
+    for cid, comp in (comps.items() if isinstance(comps, dict) else []):
+        if isinstance(comp, dict):
+            walk(comp.get("config"), ("workflow", "transformations", cid, "config"))
+    return out
 
 
 def _cycles(doc: Document, g: Graph) -> list[Problem]:

@@ -13,6 +13,7 @@ a record arriving more than ``ttl`` out of order may not be recognised as a repe
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ from dataflare.operators.keyed import (
     to_us,
 )
 from dataflare.record_schema import FieldType, SchemaContext
-from dataflare.records import META, Failed, RecordError, set_path
+from dataflare.records import META, Failed, RecordError, describe_position, set_path
 from dataflare.registry import BuildContext, Outputs, transformation
+
+log = logging.getLogger(__name__)
 
 
 class DedupeConfig(Strict):
@@ -98,6 +101,21 @@ class _DedupeOp:
     def build(self, resume: Any) -> ShardLogic:
         return _DedupeShard(self, resume)
 
+    warned_null = False
+
+    def said_null(self, rec: Any) -> None:
+        """Warn, once, that records without the key are dropped as repeats (a typo?)."""
+        self.warned_null = True
+        where = describe_position(rec.get(META) or {}) if isinstance(rec, dict) else ""
+        log.warning("step %r: the record at %s has no %s (or null): records without the key "
+                    "are one key, and each after the first is dropped as a repeat; is the "
+                    "key's path right?", self.step_id, where or "an unknown position",
+                    " / ".join(map(repr, self.keys)))
+
+
+def _null(key: Any) -> bool:
+    return key is None or (key.__class__ is tuple and all(k is None for k in key))
+
 
 class _DedupeShard(ShardLogic):
     """key -> start of its period; pruned as the shard's latest time moves on."""
@@ -150,6 +168,8 @@ class _DedupeShard(ShardLogic):
                     continue
                 if t0 is not None and (ttl is None or t - t0 < ttl):
                     dropped += 1
+                    if not o.warned_null and o.keys and _null(key):
+                        o.said_null(rec)
                     continue
                 seen[key] = t
                 if touched is not None:

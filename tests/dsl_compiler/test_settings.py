@@ -289,3 +289,25 @@ workflow:
         "w.yaml:12:15: sources.b.hybrid: transition_timestamp has no effect with "
         "transition_after 'completion': set transition_after: timestamp",
     ]
+
+
+def test_a_transformation_may_not_write_under_meta():
+    # A formula's output_field _meta.line rewrote positions: dead letters named wrong lines.
+    v = validate_text("""\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  transformations:
+    f: {type: custom, inputs: [src], config: {formula: "a * 2", output_field: _meta.line}}
+    m:
+      type: mapping
+      inputs: [f]
+      config: {mappings: [{source: a, destination: _meta}, {source: a, destination: meta}]}
+  destinations:
+    out: {type: stdout, inputs: [m]}
+""", "w.yaml")
+    assert [p.render() for p in v.errors()] == [
+        "w.yaml:5:79: transformations.f.config.output_field: output_field '_meta.line' is "
+        "under '_meta', which holds where a record came from: write elsewhere",
+        "w.yaml:9:52: transformations.m.config.mappings[0].destination: destination '_meta' "
+        "is under '_meta', which holds where a record came from: write elsewhere"]

@@ -165,3 +165,12 @@ def test_chained_snapshots_resume_to_the_state_they_were_taken_from(monkeypatch)
         chains.append(len(shard._chain))
         assert op_.build(snap).state == shard.state, i
     assert max(chains) > 2 and 1 in chains[5:]  # chained, and whole again after a prune
+
+
+def test_records_without_the_key_dropped_as_repeats_are_warned_of(caplog):
+    # A typo in the key (kk for k) dropped every record but the first, silently.
+    cfg = DedupeConfig.model_validate({"keys": ["kk"]})
+    recs = [{"k": i, "_meta": {"file": "in.jsonl", "line": i + 1}} for i in range(5)]
+    assert len(run_flow(dedupe_flow(cfg), [recs])["down"]) == 1
+    assert caplog.text.count("step 'dd': the record at in.jsonl:2 has no 'kk' (or null): "
+                             "records without the key are one key") == 1
