@@ -343,7 +343,12 @@ def build_plugin_step(ctx: BuildContext, ups: list[Stream[Any]]) -> Outputs:
         step = ctx.step_id
 
         def call(record: Any) -> Any:  # the contract of every plugin kind (see _result)
-            result = _result(step, name, record, fn(without_meta(record), settings))
+            try:
+                out = fn(without_meta(record), settings)
+            except SystemExit as exc:  # a library's sys.exit() ends the record, not the run
+                msg = f"plugin {name!r} called exit({exc.code!r})"
+                raise PluginError(msg) from None
+            result = _result(step, name, record, out)
             if isinstance(result, Failed):
                 raise PluginError(result.message)
             return result

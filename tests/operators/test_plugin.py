@@ -95,7 +95,8 @@ def test_native_plugin(tmp_path):
     # A result that was not an object was written as a "record"; the plugin saw _meta, and
     # a new dict it made lost the record's position (dead letters later had none).
     (tmp_path / "in.jsonl").write_text(
-        '{"amount": 2}\n{"amount": -1}\n{"amount": 5, "skip": 1}\n{"amount": 101}\n')
+        '{"amount": 2}\n{"amount": -1}\n{"amount": 5, "skip": 1}\n{"amount": 101}\n'
+        '{"amount": 99}\n')
     (tmp_path / "flow.yaml").write_text("""\
 workflow:
   plugins:
@@ -119,8 +120,9 @@ workflow:
     assert [{k: r["error"][k] for k in ("step", "type", "message")} for r in rejects] == [
         {"step": "scored", "type": "ValueError", "message": "negative amount -1"},
         {"step": "scored", "type": "PluginError",
-         "message": "plugin 'scorer' returned a list, expected an object"}]
-    assert [r["source"]["position"]["line"] for r in rejects] == [2, 4]
+         "message": "plugin 'scorer' returned a list, expected an object"},
+        {"step": "scored", "type": "PluginError", "message": "plugin 'scorer' called exit(3)"}]
+    assert [r["source"]["position"]["line"] for r in rejects] == [2, 4, 5]
 
 
 # alloc hands out a pointer far past the module's one page of memory

@@ -9,4 +9,6 @@ def score(record: dict, config: dict) -> dict | list | None:
         raise ValueError(f"negative amount {record['amount']}")
     if record["amount"] > 100:
         return [record]  # not an object: its record fails
+    if record["amount"] == 99:
+        raise SystemExit(3)  # as some libraries do: the record fails, not the run
     return {"amount": record["amount"], "score": record["amount"] * config["weight"]}
