@@ -82,7 +82,7 @@ class DuckDBDialect(Dialect):
         self.transient = (duckdb.IOException, duckdb.ConnectionException)
         # Values that do not fit their columns: in the Arrow staging or in DuckDB.
         self.refusals = (duckdb.DataError, duckdb.IntegrityError, pa.ArrowInvalid,
-                         pa.ArrowTypeError)
+                         pa.ArrowTypeError, OverflowError)  # an integer beyond 64 bits
         self.conn: Any = None
         self.schema = cfg.schema_
         self.table = cfg.table

@@ -121,6 +121,10 @@ def test_a_value_that_does_not_fit_its_column_fails_alone(tmp_path: Path) -> Non
     assert [(e.step, e.record, e.position()) for e in errors] == [
         ("dw", {"id": "x1"}, "in.jsonl:7")]
     assert query(tmp_path, "SELECT id FROM events ORDER BY id") == [(1,), (2,), (3,)]
+    # An integer beyond 64 bits (a sum past 2**63) stopped the run with an OverflowError.
+    errors = run(ctx, [[{"id": 4}, {"id": 2**64, "_meta": {"file": "in.jsonl", "line": 9}}]])
+    assert [(e.type, e.position()) for e in errors] == [("OverflowError", "in.jsonl:9")]
+    assert query(tmp_path, "SELECT max(id) FROM events") == [(4,)]
 
 
 def test_merge_sets_only_the_fields_a_record_has(tmp_path: Path) -> None:
