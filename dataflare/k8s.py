@@ -43,7 +43,7 @@ import threading
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -205,12 +205,29 @@ class Options:
     replicas: int = 1
     name: str | None = None
     namespace: str | None = None
-    snapshot_interval: float = 10.0
+    snapshot_interval: float | None = None  # else the workflow's checkpoint_interval, or 5 s
     storage: str = "1Gi"
     cpu: str = "500m"
     memory: str = "1Gi"
     autoscale: tuple[int, int] | None = None  # HPA min and max replicas
     cpu_target: int = 70  # the HPA's average CPU utilisation, percent
+
+
+def _unwritable(wf: Any, say: Callable[..., None]) -> None:
+    """Warn of local outputs the pods cannot write: their filesystem is read-only.
+
+    Relative paths resolve in the workflow's directory, the read-only ConfigMap mount.
+    """
+    for cid, comp in wf.destinations.items():
+        cfg = comp.config
+        path = getattr(cfg, "path", None) or getattr(cfg, "path_template", None)
+        if comp.type not in ("file", "duckdb") or not isinstance(path, str) or "://" in path:
+            continue
+        where = PurePosixPath(WORKFLOW_MOUNT, path)
+        if not where.is_relative_to("/tmp"):
+            say(f"destination {cid!r} writes {where}, which the pods cannot write (the root "
+                "filesystem and the workflow's directory are read-only): write it under a "
+                "volume you add to the pods, or to object storage", "warning")
 
 
 def variables(text: str, with_defaults: bool = True) -> list[str]:
@@ -263,8 +280,19 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
         raise ValueError(msg)
     wf = v.workflow
     # The Secret holds the variables the workflow needs from outside: neither defaulted
-    # in the text nor set in its `environment:` block.
-    names = [n for n in variables(text, with_defaults=False) if n not in wf.environment]
+    # in the text (an empty default is no value: `${PASSWORD:-}`) nor set in its
+    # `environment:` block. A key of the Secret set to "" would override those.
+    defaults: dict[str, set[str]] = {}
+    for m in _VAR.finditer(text):
+        defaults.setdefault(m.group(1), set()).add((m.group(2) or "").removeprefix(":-"))
+    names = [n for n, given in sorted(defaults.items())
+             if given == {""} and n not in wf.environment]
+    _unwritable(wf, say)
+    kept = [n for n in defaults if n not in names]
+    if kept:
+        say(f"the pods take {', '.join(sorted(kept))} from the workflow's defaults or its "
+            "environment: block; to set them in the cluster, add them to the Secret "
+            f"{_name(v, options)}-env (a secret among them belongs there)", "warning")
     name = _name(v, options)
     meta = {"labels": {"app.kubernetes.io/name": "dataflare", "dataflare.io/workflow": name}}
     if options.namespace:
@@ -442,8 +470,9 @@ def _pod(name: str, options: Options, streaming: bool, keeps: bool = False
     volumes: list[dict[str, Any]] = [
         {"name": "workflow", "configMap": {"name": f"{name}-workflow"}}]
     if streaming or keeps:  # other bounded runs start over: no snapshots
-        run += ["--recovery-dir", f"{RECOVERY_MOUNT}/recovery",
-                "-s", f"{options.snapshot_interval:g}"]
+        run += ["--recovery-dir", f"{RECOVERY_MOUNT}/recovery"]
+        if options.snapshot_interval is not None:
+            run += ["-s", f"{options.snapshot_interval:g}"]
         mounts.append({"name": "recovery", "mountPath": RECOVERY_MOUNT})
     if options.autoscale:
         run += ["--recovery-partitions", str(options.autoscale[1])]

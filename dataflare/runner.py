@@ -341,6 +341,13 @@ def _run(opts: RunOptions) -> RunResult:
         for p in problems:
             print(p.render(True), file=sys.stderr)
         return RunResult("failed", 1, None, str(WorkflowError(problems)))
+    if opts.process_id is not None:  # unchecked, it ran alone, or waited for ever
+        count = len(opts.addresses.split(";")) if opts.addresses else 0
+        if not count:
+            return _refused("--process-id needs --addresses: the address of every process")
+        if not 0 <= opts.process_id < count:
+            return _refused(f"--process-id {opts.process_id} is outside the {count} addresses "
+                            f"of --addresses (0 to {count - 1})")
     replayed = None
     if opts.replay is not None:
         from bytewax.testing import TestingSource

@@ -135,3 +135,15 @@ def test_a_directory_of_one_process_of_two_is_refused_by_a_run_of_three(tmp_path
                 "processes") in err
     procs[2].kill()
     finish(procs[2])
+
+
+def test_a_process_id_is_checked_against_the_addresses(tmp_path: Path) -> None:
+    # -i 1 without -a ran the whole workflow alone; -i 5 of 2 waited for ever, unkillable.
+    (tmp_path / "flow.yaml").write_text(RESCALED)
+    for args, said in ((["-i", "1"], "--process-id needs --addresses"),
+                       (["-i", "5", "-a", "127.0.0.1:1;127.0.0.1:2"],
+                        "--process-id 5 is outside the 2 addresses of --addresses (0 to 1)")):
+        done = subprocess.run([sys.executable, "-m", "dataflare", "run", "flow.yaml", *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and said in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
