@@ -3,8 +3,9 @@
 ``in_transit: true`` requires TLS on every connection: PostgreSQL ``sslmode`` at least
 ``require`` (a DSN without ``sslmode``, or the host/port form, gets ``require`` through
 libpq's ``PGSSLMODE`` at run), ``rediss://``, Kafka ``security.protocol`` ``SSL`` or
-``SASL_SSL``, ``https://``. A connection that would go in clear is a warning of ``validate``
-and an error of ``run``, naming the component. The connection settings are read from each
+``SASL_SSL``, ``https://``, also for remote plugins and enrichments (``http_api``, lookups).
+A connection that would go in clear is a warning of ``validate`` and an error of ``run``,
+naming the component. The connection settings are read from each
 component's validated config by their field names (``dsn``, ``url``, ``bootstrap_servers``
 with ``properties``, ``host``), the same for every connector.
 
@@ -99,6 +100,41 @@ def _is_postgres(config: BaseModel) -> bool:
     """Whether ``config`` connects through libpq (its port defaults to 5432)."""
     port = type(config).model_fields["port"].default
     return port == 5432
+
+
+def step_connections(wf: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """``(location, reason)`` of the connections of plugins and enrichments in clear.
+
+    Read from the workflow as written: a remote plugin's ``url``; an ``enrich`` step's
+    ``http_api`` ``url`` and ``lookup`` ``connection`` (Redis URL, PostgreSQL DSN, MySQL).
+    """
+    plugins = wf.get("plugins")
+    for pid, plugin in (plugins.items() if isinstance(plugins, dict) else []):
+        if isinstance(plugin, dict) and plugin.get("type") == "remote":
+            problem = _url_problem("url", str(plugin.get("url") or ""))
+            if problem:
+                yield ("plugins", pid, "url"), f"plugin {pid!r}: {problem}"
+    steps = wf.get("transformations")
+    for cid, comp in (steps.items() if isinstance(steps, dict) else []):
+        config = comp.get("config") if isinstance(comp, dict) else None
+        enrichments = config.get("enrichments") if isinstance(config, dict) else None
+        for i, e in enumerate(enrichments if isinstance(enrichments, list) else []):
+            if not isinstance(e, dict):
+                continue
+            at = ("transformations", cid, "config", "enrichments", i)
+            conn = e.get("connection")
+            problem = None
+            if e.get("type") == "http_api":
+                problem = _url_problem("url", str(e.get("url") or ""))
+            elif isinstance(conn, dict) and conn.get("type") == "redis":
+                problem = _url_problem("url", str(conn.get("url") or ""))
+            elif isinstance(conn, dict) and conn.get("type") == "mysql":
+                problem = "the mysql connection has no TLS setting (in clear)"
+            elif isinstance(conn, dict) and isinstance(conn.get("dsn"), str):
+                problem = _url_problem("dsn", conn["dsn"]) if "://" in conn["dsn"] \
+                    else _sslmode_problem(conn["dsn"])
+            if problem:
+                yield at, f"step {cid!r}: {problem}"
 
 
 def in_transit_problems(configs: dict[str, Any]) -> Iterator[tuple[str, str]]:

@@ -256,3 +256,35 @@ workflow:
     refused = run_cli("run", str(flow), cwd=tmp_path)
     assert refused.code == 1 and "'cache': data_protection.encryption.in_transit" in (
         refused.stderr)
+
+
+def test_in_transit_covers_remote_plugins_and_enrichments(tmp_path: Path) -> None:
+    # Records were POSTed to an http:// plugin and looked up in Redis in clear.
+    (tmp_path / "in.jsonl").write_text('{"cid": 1}\n')
+    (tmp_path / "flow.yaml").write_text("""\
+workflow:
+  data_protection:
+    encryption: {in_transit: true}
+  plugins:
+    svc: {type: remote, url: "http://127.0.0.1:9/ok"}
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  transformations:
+    e:
+      type: enrich
+      inputs: [src]
+      config:
+        enrichments:
+          - {type: lookup, connection: {type: redis, url: "redis://127.0.0.1:9/0",
+             pattern: "c:*"}, key: cid, lookup_key: id, fields: [name]}
+          - {type: http_api, url: "https://127.0.0.1:9/x/{{cid}}", output_field: x}
+    p: {type: plugin, plugin: svc, inputs: [e]}
+  destinations:
+    out: {type: file, inputs: [p], config: {path: out.jsonl}}
+""")
+    result = run_cli("run", str(tmp_path / "flow.yaml"))
+    assert result.code == 1
+    errors = [line for line in result.stderr.splitlines() if "requires TLS" in line]
+    assert [e.split(": ", 1)[1].split(":")[0] for e in errors] == [
+        "plugins.svc.url", "transformations.e.config.enrichments[0]"]
+    assert not (tmp_path / "out.jsonl").exists()

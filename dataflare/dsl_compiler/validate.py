@@ -345,6 +345,9 @@ def _protection_problems(
             out.append(doc.problem(("workflow", sections[cid], cid, "config"),
                                    f"{sections[cid][:-1]} {cid!r}: {message}",
                                    severity="warning", at_run=True))
+        for loc, reason in encryption.step_connections(wf):
+            out.append(doc.problem(("workflow", *loc), "data_protection.encryption.in_transit "
+                                   f"requires TLS: {reason}", severity="warning", at_run=True))
     return out
 
 
