@@ -41,7 +41,7 @@ from bytewax.dataflow import Stream
 from pydantic import model_validator
 
 from dataflare.config import Open
-from dataflare.connectors.schema import json_bytes
+from dataflare.connectors.schema import json_bytes, json_loader
 from dataflare.dsl_compiler.models import Plugin
 from dataflare.operators.records import map_records
 from dataflare.record_schema import FieldType, SchemaContext
@@ -107,6 +107,7 @@ class _Ticker:
 
 
 DEFAULT_WASM_TIMEOUT = 10.0
+_LOADS = json_loader()
 
 
 class WasmPlugin:
@@ -238,7 +239,7 @@ class WasmPlugin:
             msg = f"plugin {self.name!r} failed: {exc}"
             raise PluginError(msg) from None
         try:
-            out = orjson.loads(data)
+            out = _LOADS(data)  # a number a float would round: its text, as sources give
         except orjson.JSONDecodeError as exc:
             msg = f"plugin {self.name!r} returned invalid JSON: {exc}"
             raise PluginError(msg) from None

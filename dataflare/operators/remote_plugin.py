@@ -22,13 +22,14 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Stream
 
-from dataflare.connectors.schema import json_bytes
+from dataflare.connectors.schema import json_bytes, json_loader
 from dataflare.dsl_compiler.models import Auth, Plugin
 from dataflare.records import META, Batch, Failed, RecordError, without_meta
 from dataflare.registry import BuildContext, Outputs
 from dataflare.retry import Interrupted, TransientError, call_with_retry, retry_after_seconds
 
 DEFAULT_TIMEOUT = 30.0
+_LOADS = json_loader()
 
 
 class RemoteError(RuntimeError):
@@ -77,7 +78,7 @@ class RemotePlugin:
             msg = f"plugin {self.name!r}: HTTP {resp.status_code}"
             raise RemoteError(msg)
         try:
-            return orjson.loads(resp.content)
+            return _LOADS(resp.content)  # a number a float would round: its text
         except orjson.JSONDecodeError:
             msg = f"plugin {self.name!r}: the answer is not JSON"
             raise RemoteError(msg) from None

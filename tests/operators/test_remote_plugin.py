@@ -50,6 +50,8 @@ def service() -> Iterator[Service]:
                 return self.answer(200, {"records": recs[:-1]})
             if self.path == "/echo":
                 return self.answer(200, {"records": recs})
+            if self.path == "/bignum":  # numbers a float would round
+                return self.answer(200, {"records": [{"account": 99999999999999999999123}]})
             if self.path == "/stray":  # an error for a record the batch does not have
                 return self.answer(200, {"records": recs, "errors": [{"index": len(recs)}]})
             cfg = body["config"]
@@ -217,3 +219,10 @@ def test_an_integer_beyond_64_bits_goes_to_the_service_as_its_text(service):
     plugin = RemotePlugin("ml", Plugin(type="remote", url=f"{service.url}/echo", auth={
         "type": "bearer", "token": TOKEN}), {}, Retry())
     assert plugin.call([{"n": 10**30}, {"n": 1}]) == ([{"n": str(10**30)}, {"n": 1}], {})
+
+
+def test_numbers_of_the_answer_a_float_would_round_come_as_their_text(service):
+    # They were read as floats: the 23-digit account came back as 1e+23.
+    plugin = RemotePlugin("ml", Plugin(type="remote", url=f"{service.url}/bignum", auth={
+        "type": "bearer", "token": TOKEN}), {}, Retry())
+    assert plugin.call([{"n": 1}]) == ([{"account": "99999999999999999999123"}], {})
