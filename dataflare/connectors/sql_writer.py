@@ -214,6 +214,10 @@ def prepare(
             row = rec  # never changed below: no copy needed
         for name, get in dotted:
             row[name] = get(rec)
+        if "" in row:  # JSON allows it (some APIs send one); no SQL column is named so
+            msg = f"step {step!r}: a field named '' cannot be a column, in record {row!r}"
+            errs.append(Failed(step, "RecordError", msg, rec, meta or {}))
+            continue
         if merge_key:
             missing = [k for k in merge_key if row.get(k) is None]
             if missing:
@@ -251,7 +255,8 @@ def _plain(batch: list[Any], merge_key: tuple[str, ...]) -> bool:
     """
     if not batch or set(map(type, batch)) != {dict}:
         return False
-    if any(map(dict.__contains__, batch, repeat(META))):
+    if any(map(dict.__contains__, batch, repeat(META))) or \
+            any(map(dict.__contains__, batch, repeat(""))):
         return False
     for k in merge_key:
         if "." in k or None in map(dict.get, batch, repeat(k)):

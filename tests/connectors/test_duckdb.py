@@ -125,6 +125,11 @@ def test_a_value_that_does_not_fit_its_column_fails_alone(tmp_path: Path) -> Non
     errors = run(ctx, [[{"id": 4}, {"id": 2**64, "_meta": {"file": "in.jsonl", "line": 9}}]])
     assert [(e.type, e.position()) for e in errors] == [("OverflowError", "in.jsonl:9")]
     assert query(tmp_path, "SELECT max(id) FROM events") == [(4,)]
+    # A field named "" (legal JSON) made the table's DDL fail: the run stopped.
+    errors = run(ctx, [[{"id": 5}, {"id": 6, "": "x", "_meta": {"file": "in.jsonl", "line": 8}}]])
+    assert [(e.message.split(", in")[0], e.position()) for e in errors] == [
+        ("step 'dw': a field named '' cannot be a column", "in.jsonl:8")]
+    assert query(tmp_path, "SELECT max(id) FROM events") == [(5,)]
 
 
 def test_merge_sets_only_the_fields_a_record_has(tmp_path: Path) -> None:
