@@ -304,7 +304,11 @@ class SnowflakeDialect(Dialect):
             v = row.get(c)
             if v is None:
                 continue
-            doc[c] = text_value(v) if self.types.get(c, TEXT) == TEXT else v
+            kind = self.types.get(c, TEXT)
+            if v.__class__ is bool and kind in (INT, FLOAT):  # the cast would make it 1
+                msg = f"column {c!r} is {SQL_TYPES[kind]}: {v!r} is no number"
+                raise SnowflakeDataError(msg)
+            doc[c] = text_value(v) if kind == TEXT else v
         return orjson.dumps(doc, default=str).decode()
 
     def _stage_rows(self, columns: list[str], upserts: list[dict[str, Any]],

@@ -132,6 +132,10 @@ def test_a_value_that_does_not_fit_its_column_fails_alone(
         ("dw", "SnowflakeDataError", {"id": 4, "qty": "many"}, "in.jsonl:7")]
     assert "many" in errors[0].message
     assert q(sf, 'SELECT "id", "qty" FROM "EVENTS" ORDER BY 1') == [(1, 1), (2, 2), (3, 3)]
+    # true was cast to 1 in a NUMBER column (PostgreSQL and DuckDB refuse it)
+    errors = run(ctx, [[{"id": 5, "qty": True}]])
+    assert [(e.type, e.message) for e in errors] == [
+        ("SnowflakeDataError", "column 'qty' is NUMBER(38,0): True is no number")]
 
 
 def test_a_refused_value_stops_the_run_under_fail(fake_snowflake: FakeSnowflake) -> None:
