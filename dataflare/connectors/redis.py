@@ -76,8 +76,23 @@ class RedisDestinationConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RedisDestinationConfig:
-        if self.data_structure == "sorted_set" and not self.score_field:
+        kind, given = self.data_structure, self.model_fields_set
+        if kind == "sorted_set" and not self.score_field:
             msg = "data_structure 'sorted_set' needs 'score_field'"
+            raise ValueError(msg)
+        idle = [name for name, used in (
+            ("value_field", kind in ("string", "list", "set", "sorted_set")),
+            ("score_field", kind == "sorted_set"),
+            ("stream_max_length", kind == "stream")) if name in given and not used]
+        if idle:
+            msg = (f"{', '.join(map(repr, idle))} has no effect with data_structure "
+                   f"{kind!r}")
+            raise ValueError(msg)
+        if self.url is not None and given & {"host", "port", "db", "username", "password"}:
+            msg = "give 'url' or host/port/db/username/password, not both"
+            raise ValueError(msg)
+        if self.ttl is not None and self.ttl < 0.001:
+            msg = "ttl must be at least 1ms (Redis expires keys in milliseconds)"
             raise ValueError(msg)
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,21 @@ def test_seed_snippets_validate() -> None:
     RedisDestinationConfig(data_structure="hash", key_template="customer:{{customer_id}}")
     with pytest.raises(ValueError, match="needs 'score_field'"):
         RedisDestinationConfig(data_structure="sorted_set", key_template="k")
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"value_field": "name", "score_field": "n"}, "'value_field', 'score_field' has no effect "
+     "with data_structure 'hash'"),
+    ({"data_structure": "stream", "value_field": "name"}, "'value_field' has no effect"),
+    ({"data_structure": "list", "stream_max_length": 5}, "'stream_max_length' has no effect"),
+    ({"url": "redis://127.0.0.1:6379/0", "db": 3}, "give 'url' or host/port/db"),
+    ({"ttl": 0}, "ttl must be at least 1ms"),
+])
+def test_settings_the_data_structure_ignores_are_refused(config: dict[str, Any],
+                                                          message: str) -> None:
+    # They were accepted and did nothing (a hash's value_field, a url beside db: 3).
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RedisDestinationConfig(key_template="k", **config)
 
 
 def test_hash_with_field_mapping_and_ttl(redis_url: str) -> None:
