@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any, Literal
 
 from bytewax.dataflow import Stream
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dataflare import secrets
 from dataflare.config import Duration, Strict
@@ -58,8 +58,17 @@ class HttpDestinationConfig(Strict):
         description="Body with {{path}} placeholders, values JSON-escaped; the record as "
         "JSON when absent.",
     )
-    timeout: Duration = Field(30.0, description="Timeout of one request.")
+    timeout: Duration = Field(30.0, gt=0, description="Timeout of one request.")
     concurrency: int = Field(1, ge=1, le=64, description="Requests in flight at once.")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
+        if scheme not in ("http", "https") and not scheme.startswith(("{{", "${")):
+            msg = f"url must start with http:// or https://, got {v.split('/', 1)[0] or v!r}"
+            raise ValueError(msg)
+        return v
 
 
 Request = tuple[str, dict[str, str], bytes, dict[str, Any], Any]
@@ -157,7 +166,7 @@ class _HttpWriter:
         url, headers, body = req[:3]
         try:
             resp = self.client.request(self.cfg.method, url, headers=headers, content=body)
-        except httpx.LocalProtocolError as exc:  # the request itself: no retry mends it
+        except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:  # no retry mends it
             msg = f"{self.cfg.method} {url} cannot be sent: {exc}"
             raise _Refused(msg, 0, type(exc).__name__) from exc
         except httpx.TransportError as exc:

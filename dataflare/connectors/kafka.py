@@ -134,7 +134,7 @@ class KafkaDestinationConfig(Strict):
     bootstrap_servers: str = Field(
         "localhost:9092", description="Comma-separated 'host:port' list of brokers."
     )
-    topic: str = Field(description="Topic to write.")
+    topic: str = Field(min_length=1, description="Topic to write.")
     key_template: str | None = Field(
         None, description="Message key, e.g. '{{customer.id}}'; no key when absent."
     )
@@ -155,7 +155,7 @@ class KafkaDestinationConfig(Strict):
         1, ge=1, description="Parallel producers; keep it fixed across restarts of a run."
     )
     flush_timeout: Duration = Field(
-        60.0, description="Longest wait for the broker to acknowledge an epoch's records."
+        60.0, gt=0, description="Longest wait for the broker to acknowledge an epoch's records."
     )
     properties: dict[str, PropertyValue] = Field(
         default_factory=dict,

@@ -21,7 +21,6 @@ structure) fails its record alone, which follows the destination's ``error_handl
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Literal
 
 from bytewax.dataflow import Stream
@@ -51,7 +50,7 @@ class RedisDestinationConfig(Strict):
         None, description="redis://[user:password@]host:port/db (instead of host/port/db)."
     )
     host: str = Field("localhost", description="Server host.")
-    port: int = Field(6379, description="Server port.")
+    port: int = Field(6379, ge=1, le=65535, description="Server port.")
     db: int = Field(0, ge=0, description="Database number.")
     username: str | None = Field(None, description="ACL user name.")
     password: Secret | None = Field(None, description="Password.")
@@ -72,7 +71,7 @@ class RedisDestinationConfig(Strict):
     stream_max_length: int | None = Field(
         None, ge=1, description="stream: approximate cap of entries (XADD MAXLEN ~)."
     )
-    socket_timeout: Duration = Field(10.0, description="Timeout of one network operation.")
+    socket_timeout: Duration = Field(10.0, gt=0, description="Timeout of one network operation.")
 
     @model_validator(mode="after")
     def _check(self) -> RedisDestinationConfig:
@@ -114,6 +113,10 @@ class RedisDestinationConfig(Strict):
             password=self.password.get_secret_value() if self.password else None,
             **common,
         )
+
+
+class _Refused(Exception):
+    """What Redis refuses whatever the retries (a wrong password)."""
 
 
 Command = tuple[str, str, Any]
@@ -294,11 +297,20 @@ class _RedisWriter:
 
         transient = (redis.ConnectionError, redis.TimeoutError)
         what = f"step {self.step!r}: write {len(flush.items)} record(s) to redis"
+
+        def send() -> list[Failed]:
+            try:
+                return self._send(flush.items)
+            except redis.AuthenticationError as exc:  # a ConnectionError no retry mends
+                said = f"{type(exc).__name__}: {exc}"
+                raise _Refused(said) from None
+
         try:
-            return call_with_retry(
-                what, partial(self._send, flush.items), self.retry,
-                transient=transient, on_retry=self._reset,
-            )
+            return call_with_retry(what, send, self.retry, transient=transient,
+                                   on_retry=self._reset)
+        except _Refused as exc:
+            msg = f"{what} failed: {exc}"
+            raise RuntimeError(msg) from None
         except Interrupted:  # a graceful stop: the resumed run sends the flush again
             raise Unwritten(flush, []) from None
         except redis.RedisError as exc:

@@ -179,6 +179,45 @@ def test_a_command_redis_refuses_fails_its_record_alone(redis_url: str) -> None:
     assert admin.ttl("user:2") == -1 and 0 < admin.ttl("user:1") <= 60  # no TTL on it
 
 
+def test_a_wrong_password_is_not_retried(redis_server: str) -> None:
+    # AuthenticationError is a ConnectionError to redis-py: retried for max_elapsed.
+    host, port = redis_server.removeprefix("redis://").split(":")
+    cfg = RedisDestinationConfig(host=host, port=int(port), password="WrongPassw0rd",
+                                 key_template="k:{{id}}")
+    writer = _RedisWriter("cache", cfg, models.Retry(max_attempts=5))
+    ok, _ = _Commands("cache", cfg).prepare([{"id": 1}])
+    calls: list[int] = []
+    send = writer._send
+    writer._send = lambda items: (calls.append(1), send(items))[1]  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="AuthenticationError"):
+        writer.write_flush(Flush(0, ok))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(("model", "config", "message"), [
+    ("http", {"url": "ftp://127.0.0.1/x"}, "url must start with http:// or https://"),
+    ("http", {"url": "127.0.0.1:8/x"}, "url must start with http:// or https://"),
+    ("http", {"url": "http://127.0.0.1/", "timeout": 0}, "greater than 0"),
+    ("redis", {"key_template": "k", "port": 99999}, "less than or equal to 65535"),
+    ("redis", {"key_template": "k", "socket_timeout": 0}, "greater than 0"),
+    ("kafka", {"topic": ""}, "at least 1 character"),
+    ("kafka", {"topic": "t", "flush_timeout": 0}, "greater than 0"),
+])
+def test_destination_settings_that_cannot_work_are_refused(
+        model: str, config: dict[str, Any], message: str) -> None:
+    # Each was accepted, then failed every write (retried a minute as if transient).
+    from dataflare.connectors.http import HttpDestinationConfig
+    from dataflare.connectors.kafka import KafkaDestinationConfig
+
+    cls = {"http": HttpDestinationConfig, "redis": RedisDestinationConfig,
+           "kafka": KafkaDestinationConfig}[model]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cls.model_validate(config)
+    assert cls.model_validate({**config, **{k: v for k, v in {
+        "url": "http://h/{{id}}", "timeout": 1, "port": 6380, "socket_timeout": 1,
+        "topic": "t", "flush_timeout": 1}.items() if k in config}})
+
+
 def test_the_default_retry_policy_rides_out_a_server_restart() -> None:
     from tests.fixtures.services import RedisProcess
 
