@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     SecretStr,
     WithJsonSchema,
+    model_validator,
 )
 
 from dataflare.records import parse_duration
@@ -124,3 +125,18 @@ class Auth(Strict):
     key: Secret | None = Field(None, description="API key value.")
     header: str = Field("X-API-Key", description="Header carrying the API key.")
     query_param: str | None = Field(None, description="Send the API key as this query parameter.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Auth:
+        needs = {"bearer": ("token",), "basic": ("username",), "api_key": ("key",)}[self.type]
+        missing = [f for f in needs if getattr(self, f) is None]
+        if missing:  # it was sent empty, and refused by the service after every retry
+            msg = f"auth type {self.type!r} needs {', '.join(map(repr, missing))}"
+            raise ValueError(msg)
+        own = {"bearer": {"token"}, "basic": {"username", "password"},
+               "api_key": {"key", "header", "query_param"}}[self.type]
+        idle = sorted(self.model_fields_set - own - {"type"})
+        if idle:
+            msg = f"{', '.join(map(repr, idle))} has no effect with auth type {self.type!r}"
+            raise ValueError(msg)
+        return self

@@ -69,6 +69,9 @@ class AggregationConfig(Strict):
     @model_validator(mode="after")
     def _check(self) -> AggregationConfig:
         check_names(self.aggregations, self.group_by)
+        if "time_unit" in self.model_fields_set and self.time_field is None:
+            msg = "'time_unit' has no effect without 'time_field'"
+            raise ValueError(msg)
         return self
 
 

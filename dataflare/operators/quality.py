@@ -133,8 +133,20 @@ class DataQualityConfig(Strict):
         description="Destination id of quarantined records (else the step's error policy).",
     )
     default_region: str = Field(
-        "US", description="Region of phone numbers written without a country code."
+        "US", description="Region of phone numbers written without a country code (ISO "
+        "3166 two letters)."
     )
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        import phonenumbers
+
+        region = v.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:  # every number failed with it
+            msg = f"unknown phone region {v!r} (ISO 3166 two letters, e.g. US, GB, DE)"
+            raise ValueError(msg)
+        return region
 
 
 def _rule_name(rule: Any) -> str:

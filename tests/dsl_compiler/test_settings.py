@@ -1,5 +1,6 @@
 """No setting accepted without effect: blocks a type ignores, plugin settings, lateness."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,24 @@ workflow:
         "under '_meta', which holds where a record came from: write elsewhere",
         "w.yaml:9:52: transformations.m.config.mappings[0].destination: destination '_meta' "
         "is under '_meta', which holds where a record came from: write elsewhere"]
+
+
+@pytest.mark.parametrize(("model", "config", "message"), [
+    ("auth", {"type": "bearer"}, "auth type 'bearer' needs 'token'"),
+    ("auth", {"type": "api_key", "token": "t", "key": "k"},
+     "'token' has no effect with auth type 'api_key'"),
+    ("quality", {"validations": [], "default_region": "XX"}, "unknown phone region 'XX'"),
+    ("aggregation", {"time_unit": "ms"}, "'time_unit' has no effect without 'time_field'"),
+])
+def test_settings_that_did_nothing_or_broke_every_record_are_refused(model, config, message):
+    # A bearer auth without a token was sent empty and retried a minute; region "XX"
+    # failed every phone number; time_unit without time_field did nothing.
+    from dataflare.config import Auth
+    from dataflare.operators.aggregation import AggregationConfig
+    from dataflare.operators.quality import DataQualityConfig
+
+    cls = {"auth": Auth, "quality": DataQualityConfig, "aggregation": AggregationConfig}[model]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cls.model_validate(config)
+    assert DataQualityConfig.model_validate(
+        {"validations": [], "default_region": "gb"}).default_region == "GB"
