@@ -240,7 +240,15 @@ def check(
             hint = did_you_mean(name, list(plugins or {}))
             problems.append(doc.problem(("workflow", "transformations", cid, "plugin"),
                                         f"plugin {name!r} is not defined in 'plugins'{hint}"))
-        elif name is None and not formula:
+        elif isinstance(name, str) and isinstance(comp.get("config"), dict):
+            limits = sorted({"timeout", "memory_limit"} & set(comp["config"]))
+            if limits and isinstance((plugins or {}).get(name), dict):  # handed over as data
+                problems.append(doc.problem(
+                    ("workflow", "transformations", cid, "config", limits[0]),
+                    f"{', '.join(map(repr, limits))} in a step's config is a setting handed "
+                    f"to the plugin, not a limit of its calls: set it on plugins.{name}",
+                    key=True, severity="warning"))
+        if name is None and not formula:
             problems.append(doc.problem(
                 ("workflow", "transformations", cid), f"a {comp['type']} step needs 'plugin' "
                 "(one of 'plugins'), or config.formula and config.output_field", key=True))

@@ -135,8 +135,8 @@ class PluginConfig(Open):
 
     memory_limit: str | None = Field(None, description="Memory cap, e.g. '256MB'.")
     timeout: Duration | None = Field(
-        None, description="Time limit of one call (WASM: default 10s; a timed-out batch fails "
-        "as a whole)."
+        None, gt=0, description="Time limit of one call (WASM: default 10s; a timed-out batch "
+        "fails as a whole)."
     )
 
     @field_validator("memory_limit")
@@ -156,7 +156,7 @@ class Plugin(Strict):
     url: str | None = Field(None, description="Endpoint (remote).")
     auth: Auth | None = Field(None, description="Credentials of a remote plugin.")
     timeout: Duration | None = Field(
-        None, description="Time limit of one call (a remote plugin's: of one request), else "
+        None, gt=0, description="Time limit of one call (a remote plugin's: of one request), else "
         "config.timeout, else 10s (wasm) or 30s (remote)."
     )
     config: PluginConfig = Field(default_factory=PluginConfig, description="Plugin settings.")

@@ -142,7 +142,20 @@ class WasmPlugin:
 
     def check(self) -> None:
         """Instantiate and configure once, so a bad module or config stops before the run."""
-        self._instantiate()
+        import wasmtime
+
+        try:
+            self._instantiate()
+        except (wasmtime.WasmtimeError, wasmtime.Trap, PluginError) as exc:
+            lines = str(exc).splitlines() or [""]  # a trap: its backtrace, then the cause
+            said = next((x.strip() for x in lines if x.strip().startswith("wasm trap:")),
+                        lines[0])
+            if isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+                said = f"its set-up ran longer than the timeout ({self.timeout:g}s)"
+            msg = f"plugin {self.name!r} cannot start: {said}"
+            if "memory" in said and self.memory_limit is not None:
+                msg += f" (memory_limit is {self.memory_limit} bytes)"
+            raise PluginSetupError(msg) from None
 
     def _instance(self) -> Any:
         inst = getattr(self.local, "instance", None)

@@ -265,6 +265,8 @@ def test_an_integer_beyond_64_bits_reaches_a_wasm_plugin_as_its_text(tmp_path):
      "{type: plugin, plugin: x, inputs: [src]}", "give one of 'timeout' and 'config.timeout'"),
     ("{type: native, path: 'm:f', timeout: 1s}", "{type: plugin, plugin: x, inputs: [src]}",
      "'timeout' has no effect on a native plugin"),
+    ("{type: wasm, path: x.wasm, config: {timeout: 0s}}",
+     "{type: plugin, plugin: x, inputs: [src]}", "input should be greater than 0"),
 ])
 def test_plugin_steps_validate_refuses_what_the_run_would(plugin, step, message):
     v = validate_text(f"""\
@@ -275,3 +277,27 @@ workflow:
   destinations: {{out: {{type: stdout, inputs: [p]}}}}
 """, "w.yaml")
     assert any(message in p.render() for p in v.errors()), [p.render() for p in v.problems]
+
+
+def test_a_limit_in_a_steps_config_is_said_to_be_the_plugins_setting():
+    # It was handed to the plugin as data; the call's limit stayed 10 s.
+    v = validate_text("""\
+workflow:
+  plugins: {x: {type: wasm, path: x.wasm}}
+  sources: {src: {type: file, config: {path: in.jsonl}}}
+  transformations: {p: {type: plugin, plugin: x, inputs: [src], config: {timeout: 1s}}}
+  destinations: {out: {type: stdout, inputs: [p]}}
+""", "w.yaml")
+    assert [p.render() for p in v.problems if "handed" in p.message] == [
+        "w.yaml:4:74: transformations.p.config.timeout: warning: 'timeout' in a step's config "
+        "is a setting handed to the plugin, not a limit of its calls: set it on plugins.x"]
+
+
+def test_a_module_that_cannot_start_names_its_plugin(tmp_path):
+    # wasmtime's own message came alone ("memory minimum size of 1 pages exceeds memory
+    # limits"), naming no plugin and no setting.
+    result = run_flow(tmp_path, ['{"a": 1}'], memory="10KB")
+    assert result.code == 1
+    assert result.stderr.splitlines()[-1] == (
+        "error: plugin 'shout' cannot start: memory minimum size of 1 pages exceeds memory "
+        "limits (memory_limit is 10000 bytes)")
