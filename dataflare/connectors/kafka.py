@@ -172,6 +172,19 @@ def _client_config(servers: str, properties: dict[str, PropertyValue]) -> dict[s
     return {"bootstrap.servers": servers, **properties}
 
 
+def _client(kind: Callable[[dict[str, Any]], Any], step: str, settings: dict[str, Any]) -> Any:
+    """A librdkafka Consumer or Producer; a property it refuses names the step."""
+    from confluent_kafka import KafkaException
+
+    try:
+        return kind(settings)
+    except KafkaException as exc:  # "No such configuration property", a bad value
+        err = exc.args[0] if exc.args else exc
+        said = err.str() if hasattr(err, "str") else str(err)
+        msg = f"step {step!r}: kafka properties: {said}"
+        raise ValueError(msg) from None
+
+
 def _decode_key(key: bytes | None) -> Any:
     if key is None:
         return None
@@ -232,7 +245,7 @@ class _KafkaPartition(StatefulSourcePartition[list[Any], int]):
         # 64 MB per consumer) would hold that much for every partition a process reads.
         settings.setdefault("queued.min.messages", max(2 * cfg.batch_size, 10_000))
         settings.setdefault("queued.max.messages.kbytes", 16_384)
-        self.consumer = Consumer(settings)
+        self.consumer = _client(Consumer, step_id, settings)
         tp = TopicPartition(topic, partition)
         low, high = self.consumer.get_watermark_offsets(tp, timeout=30.0, cached=False)
         if resume_offset is None:
@@ -791,7 +804,7 @@ class _KafkaWriter(StatefulSinkPartition[list[Message], None]):
         if self.transactional:
             prefix = cfg.transactional_id or f"dataflare-{step_id}"
             settings["transactional.id"] = f"{prefix}-{part}"
-        self.producer = Producer(settings)
+        self.producer = _client(Producer, step_id, settings)
         self.in_txn = False
         if self.transactional:
             # Fences an older instance and aborts the transaction a crash left open.

@@ -731,3 +731,14 @@ def test_a_run_that_succeeded_commits_where_it_ended_to_its_consumer_group(
     flow.write_text(flow.read_text().replace(f"path: {tmp_path}", f"path: {out}"))
     assert run_cli("run", str(flow)).code == 0
     assert sorted(r["id"] for r in read_jsonl(out)) == list(range(14))
+
+
+def test_a_property_librdkafka_refuses_names_the_step() -> None:
+    # The run ended with librdkafka's KafkaError{...} alone, naming no step.
+    from confluent_kafka import Producer
+
+    from dataflare.connectors.kafka import _client
+
+    with pytest.raises(ValueError, match=r"^step 'k1': kafka properties: No such "
+                       r"configuration property: \"linger.mss\""):
+        _client(Producer, "k1", {"bootstrap.servers": "127.0.0.1:1", "linger.mss": 5})
