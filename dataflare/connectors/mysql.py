@@ -675,6 +675,13 @@ def incremental_partition(src: MySqlSource, state: Any) -> IncrementalPartition:
     db = MySqlDatabase(src.step_id, src.cfg.settings(), src.retry)
     column, start, interval = src.incremental_settings()
     key = [k for k in _key(db, src.cfg, database, table) if k != column]
+    if state is None and db.run("reading the cursor column", lambda conn: _fetch_all(
+            conn, "SELECT 1 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND "
+            "TABLE_NAME = %s AND COLUMN_NAME = %s AND IS_NULLABLE = 'YES'",
+            [database, table, column])[1]):
+        log.warning("step %r: the incremental column %s of %s.%s may be NULL: rows where it "
+                    "is NULL are never read (make it NOT NULL, or give those rows a value)",
+                    src.step_id, column, database, table)
     convert = _table_converters(db, database, table)
     inc = src.component.incremental
     cursor = IncrementalCursor(column, key, start, float(inc.lookback) if inc else 0.0,
