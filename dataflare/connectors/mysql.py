@@ -68,6 +68,7 @@ from dataflare.connectors.sql_source import (
     say_changed_columns,
     selected_tables,
 )
+from dataflare.connectors.sql_source import read_key as sql_read_key
 from dataflare.lineage import table_dataset
 from dataflare.records import META, Failed
 from dataflare.registry import BuildContext, source
@@ -476,33 +477,12 @@ def _key(db: MySqlDatabase, cfg: MySqlSourceConfig, database: str, table: str) -
         raise RuntimeError(msg) from None
 
 
-_WARNED_KEYS: set[tuple[str, str]] = set()
-
-
 def read_key(conn: Any, step: str, cfg: MySqlSourceConfig, database: str, table: str
              ) -> list[str]:
-    """The columns a read orders by and resumes after: unique, or said not to be.
-
-    ``key_columns`` that no unique index covers are followed by the primary key's other
-    columns: a resume after ``(g)`` alone would skip the rest of the rows of that ``g``.
-    """
-    primary = primary_key(conn, database, table)
-    wanted = list(cfg.key_columns) or primary
-    if cfg.key_columns and not _unique(conn, database, table, set(wanted)):
-        wanted += [c for c in primary if c not in wanted]
-        if not primary and (step, table) not in _WARNED_KEYS:
-            _WARNED_KEYS.add((step, table))
-            log.warning("step %r: key_columns %s of %s.%s are not known to be unique (no "
-                        "unique index holds them, and it has no primary key): a resume "
-                        "skips the rows that share the last value read", step, wanted,
-                        database, table)
-    if not wanted and (step, table) not in _WARNED_KEYS:
-        _WARNED_KEYS.add((step, table))
-        log.warning("step %r: %s.%s has no primary key and no key_columns are set: a "
-                    "resumed read starts the table again, so the rows read before the "
-                    "snapshot are read twice; set key_columns to resume exactly", step,
-                    database, table)
-    return wanted
+    """The columns a read orders by and resumes after (see ``sql_source.read_key``)."""
+    return sql_read_key(step, f"{database}.{table}", cfg.key_columns,
+                        primary_key(conn, database, table),
+                        lambda cols: _unique(conn, database, table, set(cols)))
 
 
 def _unique(conn: Any, database: str, table: str, columns: set[str]) -> bool:

@@ -88,6 +88,7 @@ from dataflare.connectors.sql_source import (
     cdc_block,
     now,
     query_value,
+    read_key,
     row_records,
     selected_tables,
 )
@@ -296,12 +297,6 @@ def _unique(conn: Any, schema: str, table: str, columns: list[str]) -> bool:
     return row is not None
 
 
-def _warn_once(step: str, table: str, message: str) -> None:
-    if (step, table) not in _WARNED_KEYS:
-        _WARNED_KEYS.add((step, table))
-        log.warning("step %r: %s", step, message)
-
-
 def table_exists(conn: Any, schema: str, table: str) -> bool:
     """Whether ``schema.table`` exists."""
     row = conn.execute(
@@ -441,37 +436,18 @@ class TableRead:
         return row_records(self.db.step_id, self.names, rows, self.meta, self.decimals, first)
 
 
-_WARNED_KEYS: set[tuple[str, str]] = set()
-
-
 def _key_or_configured(
     db: Database, cfg: PostgresSourceConfig, schema: str, table: str
 ) -> list[str]:
-    """The columns a read orders by and resumes after: unique, or said not to be.
-
-    ``key_columns`` that no unique index covers are followed by the primary key's other
-    columns: a resume after ``(g)`` alone would skip the rest of the rows of that ``g``.
-    """
+    """The columns a read orders by and resumes after (see ``sql_source.read_key``)."""
 
     def find(conn: Any) -> list[str]:
         if not table_exists(conn, schema, table):
             msg = f"table {schema}.{table} does not exist"
             raise LookupError(msg)
-        primary = primary_key(conn, schema, table)
-        wanted = list(cfg.key_columns) or primary
-        if cfg.key_columns and not _unique(conn, schema, table, wanted):
-            wanted += [c for c in primary if c not in wanted]
-            if not primary:
-                _warn_once(db.step_id, f"{schema}.{table}", (
-                    f"key_columns {wanted} of {schema}.{table} are not known to be unique (no "
-                    "unique index holds them, and it has no primary key): a resume skips the "
-                    "rows that share the last value read"))
-        if not wanted:
-            _warn_once(db.step_id, f"{schema}.{table}", (
-                f"{schema}.{table} has no primary key and no key_columns are set: a resumed "
-                "read starts the table again, so the rows read before the snapshot are read "
-                "twice; set key_columns to resume exactly"))
-        return wanted
+        return read_key(db.step_id, f"{schema}.{table}", cfg.key_columns,
+                        primary_key(conn, schema, table),
+                        lambda cols: _unique(conn, schema, table, cols))
 
     try:
         return db.run(f"looking up the key of {schema}.{table}", find)

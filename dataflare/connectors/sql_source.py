@@ -82,6 +82,36 @@ class Connection:
         self.conn = None
 
 
+_WARNED_KEYS: set[tuple[str, str]] = set()
+
+
+def read_key(step: str, table: str, configured: Sequence[str], primary: list[str],
+             unique: Callable[[list[str]], bool]) -> list[str]:
+    """The columns a table read orders by and resumes after: unique, or said not to be.
+
+    ``configured`` key columns that no unique index covers (``unique``) are followed by
+    the primary key's other columns: a resume after ``(g)`` alone would skip the rest of
+    the rows of that ``g``. A table with no key at all is read again from its start by a
+    resume, which is warned of (once per step and table).
+    """
+    wanted = list(configured) or list(primary)
+    problem = None
+    if configured and not unique(wanted):
+        wanted += [c for c in primary if c not in wanted]
+        if not primary:
+            problem = (f"key_columns {wanted} of {table} are not known to be unique (no unique "
+                       "index holds them, and it has no primary key): a resume skips the "
+                       "rows that share the last value read")
+    if not wanted:
+        problem = (f"{table} has no primary key and no key_columns are set: a resumed read "
+                   "starts the table again, so the rows read before the snapshot are read "
+                   "twice; set key_columns to resume exactly")
+    if problem and (step, table) not in _WARNED_KEYS:
+        _WARNED_KEYS.add((step, table))
+        log.warning("step %r: %s", step, problem)
+    return wanted
+
+
 def say_changed_columns(step: str, table: str, old: Sequence[str], new: Sequence[str]) -> None:
     """Warn of columns a CDC source's table dropped or renamed: a mirror cannot follow them."""
     gone = [n for n in old if n not in new]
