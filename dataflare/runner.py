@@ -29,7 +29,7 @@ from typing import Any
 from dataflare import metrics, stopping
 from dataflare.connectors.batching import RUN_ID_ENV
 from dataflare.connectors.lake import journal_retention, remove_one_file_parts
-from dataflare.dsl_compiler import StepFailed, compile_validated, validate_file
+from dataflare.dsl_compiler import StepFailed, Validated, compile_validated, validate_file
 from dataflare.dsl_compiler.problems import WorkflowError
 from dataflare.logs import CONTEXT, json_mode, say
 from dataflare.masking import MASKED
@@ -432,6 +432,7 @@ def _run(opts: RunOptions) -> RunResult:
             if blocks:
                 return _refused(f"cannot resume from {directory}: " + "; ".join(blocks))
         recovery = RecoveryConfig(str(directory), timedelta(seconds=opts.backup_interval))
+        _say_flushed_at_end(v)
     kwargs: dict[str, object] = {"epoch_interval": snapshot, "recovery_config": recovery}
     if opts.addresses:
         addresses = opts.addresses.split(";")
@@ -672,6 +673,28 @@ def _post_actions(opts: RunOptions, wf: Any, status: str,
         else:
             say(f"{what}: failed: {r.get('error') or r.get('result')}", "warning")
     return results
+
+
+_FLUSHED_AT_END = ("window", "aggregation", "join", "window_analytics")
+"""Transformations that emit their open windows and groups when a bounded input ends."""
+
+
+def _say_flushed_at_end(v: Validated) -> None:
+    """Warn that a resumed bounded run starts the windows the last one emitted afresh.
+
+    Its open windows (aggregates, joins) are emitted at its end and not kept: records of
+    the next run for the same window make a second, partial row, which a merge takes for
+    the whole window. (A graceful stop keeps them instead.)
+    """
+    wf = v.workflow
+    if wf is None or not all(src.ends() for src in wf.sources.values()):
+        return
+    steps = [cid for cid, t in wf.transformations.items() if t.type in _FLUSHED_AT_END]
+    if steps:
+        say(f"{', '.join(map(repr, steps))} emit their open windows and groups when this "
+            "run's input ends; a next run from this recovery directory starts them again "
+            "with its own records only, so a window both runs read is written twice, each "
+            "part alone (a merge keeps the second)", "warning")
 
 
 def _init_partitions(directory: Path, opts: RunOptions) -> str | None:

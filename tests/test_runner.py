@@ -84,3 +84,32 @@ workflow:
     [summary] = [line for line in (json.loads(x) for x in text.stderr.splitlines()
                                    if x.startswith("{")) if line["message"] == "summary"]
     assert summary["steps"]["win"] == windows and summary["records_count"] == 12
+
+
+def test_a_bounded_run_with_recovery_warns_that_its_open_windows_are_emitted(
+        tmp_path: Path) -> None:
+    # A scheduled catch-up (stop_at_end, -r) emitted its open windows at its end, and the
+    # next run a second part of each: a merge kept the second part alone, silently.
+    from tests.fixtures.workflows import run_cli
+
+    (tmp_path / "in.jsonl").write_text('{"k": "a", "ts": 0}\n')
+    (tmp_path / "flow.yaml").write_text("""\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  transformations:
+    per_min:
+      type: window
+      inputs: [src]
+      config:
+        window: {type: tumbling, size: 1m}
+        time_field: ts
+        group_by: [k]
+        aggregations: [{field: ts, operations: [count], as: n}]
+  destinations:
+    out: {type: file, inputs: [per_min], config: {path: out.jsonl}}
+""")
+    said = "'per_min' emit their open windows and groups when this run's input ends"
+    assert said not in run_cli("run", str(tmp_path / "flow.yaml")).stderr
+    again = run_cli("run", str(tmp_path / "flow.yaml"), "-r", str(tmp_path / "rec"))
+    assert again.code == 0 and said in again.stderr
