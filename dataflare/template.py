@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from dataflare.records import getter
+from dataflare.records import RecordError, getter
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
 
@@ -25,7 +25,9 @@ def compile_template(text: str, json_escape: bool = False, url_escape: bool = Fa
     With ``json_escape`` values are escaped for use inside a JSON string literal, so a
     body template such as ``{"email": "{{email}}"}`` stays valid JSON for any value. With
     ``url_escape`` they are percent-encoded (``/``, ``?`` and ``#`` too), so a value in a
-    URL's path stays one path segment: ``../admin`` or ``1#x`` cannot name another one.
+    URL's path stays one path segment: ``../admin`` or ``1#x`` cannot name another one; a
+    value of ``.`` or ``..`` raises :class:`~dataflare.records.RecordError` (clients
+    resolve it as a path segment even escaped).
     """
     parts = _PLACEHOLDER.split(text)
     literals = parts[0::2]
@@ -41,6 +43,9 @@ def compile_template(text: str, json_escape: bool = False, url_escape: bool = Fa
         else:
             text = str(value)
         if url_escape:
+            if text in (".", ".."):  # clients resolve them, escaped or not: another path
+                msg = f"the value {text!r} cannot be put in a URL: it would name another path"
+                raise RecordError(msg)
             return quote(text, safe="")
         return json.dumps(text)[1:-1] if json_escape else text
 

@@ -35,7 +35,7 @@ from dataflare.config import Duration, Strict
 from dataflare.connectors.batching import Flush, Unwritten, buffered_output
 from dataflare.lineage import url_dataset
 from dataflare.record_schema import FieldType, SchemaContext
-from dataflare.records import META, Failed, describe_position
+from dataflare.records import META, Failed, RecordError, describe_position
 from dataflare.registry import BuildContext, destination
 from dataflare.retry import Interrupted, TransientError, call_with_retry, retry_after_seconds
 from dataflare.template import compile_template
@@ -118,7 +118,12 @@ class _Requests:
             headers[name] = value if value.isascii() else value.encode()
         if self.default_json:
             headers.setdefault("Content-Type", "application/json")
-        return self.url(rec), headers, body, meta, rec
+        try:
+            url = self.url(rec)
+        except RecordError as exc:  # a value of "..": another path
+            message = f"step {self.step!r}: cannot render the request URL: {exc}"
+            return Failed(self.step, "RecordError", message, rec, meta)
+        return url, headers, body, meta, rec
 
     def prepare(self, batch: list[Any]) -> tuple[list[Any], list[Failed]]:
         """The records whose request renders (they are buffered as records), the rest failed.

@@ -276,7 +276,11 @@ class HttpStage:
         for i, rec in enumerate(records):
             if errors[i] is not None:
                 continue
-            req = self._render(rec)
+            try:
+                req = self._render(rec)
+            except RecordError as exc:  # a URL value of "..": another path
+                errors[i] = exc
+                continue
             key = json.dumps(req)
             keys[i] = key
             hit = cache.get(key) if self.cfg.cache else None

@@ -285,6 +285,17 @@ def test_a_header_value_is_sent_as_utf8_or_fails_its_record_alone(receiver: Rece
     assert 2 not in sent and 4 not in sent
 
 
+def test_a_dot_segment_value_fails_its_record_instead_of_naming_another_path(
+        receiver: Receiver) -> None:
+    # `/users/{{id}}/delete` with id ".." was sent to /delete: httpx resolves dot segments.
+    recs = [{"id": ".."}, {"id": "."}, {"id": "a.b"}]
+    errors = run([recs], url=f"{receiver.url}/users/{{{{id}}}}/delete")
+    assert sorted(e.record["id"] for e in errors) == [".", ".."]
+    assert "cannot render the request URL: the value '..' cannot be put in a URL" in \
+        max(e.message for e in errors)
+    assert [path for _, path, *_ in receiver.received] == ["/users/a.b/delete"]
+
+
 def test_concurrent_requests(receiver: Receiver) -> None:
     run([[{"id": i} for i in range(40)]], url=receiver.url, concurrency=8)
     assert sorted(json.loads(b)["id"] for *_, b in receiver.received) == list(range(40))

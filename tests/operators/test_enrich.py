@@ -143,12 +143,18 @@ def test_http_api_maps_answers_in_parallel(tmp_path, server):
 def test_http_api_url_values_are_escaped(tmp_path, server):
     # A value was put in the URL as it was: "1#frag" asked for /user/1, "../user/1" too
     # (a record enriched with another key's answer).
-    flow = http_flow(tmp_path, server, ["1#frag", "../seg/1", "a b"], path="seg/{{customer_id}}")
+    # ".." alone was resolved by the client as the parent segment: another endpoint.
+    flow = http_flow(tmp_path, server, ["1#frag", "../seg/1", "a b", ".."],
+                     path="seg/{{customer_id}}/x")
     result = run_cli("run", str(flow), cwd=tmp_path)
     assert result.code == 0, result.stderr
     got = {r["customer_id"]: r["credit"]["band"] for r in read_jsonl(tmp_path / "out/out.jsonl")}
-    assert got == {"1#frag": "/seg/1%23frag", "../seg/1": "/seg/..%2Fseg%2F1",
-                   "a b": "/seg/a%20b"}
+    assert got == {"1#frag": "/seg/1%23frag/x", "../seg/1": "/seg/..%2Fseg%2F1/x",
+                   "a b": "/seg/a%20b/x"}
+    [dead] = read_jsonl(tmp_path / "out/dead.jsonl")
+    assert dead["record"]["customer_id"] == ".."
+    assert "the value '..' cannot be put in a URL: it would name another path" in \
+        dead["error"]["message"]
 
 
 def test_http_api_a_path_the_answer_lacks_leaves_the_field(tmp_path, server):
