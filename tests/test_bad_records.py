@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.workflows import read_jsonl, run_cli
+
 
 def run(tmp_path: Path, flow: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "wf.yaml"
@@ -135,3 +137,36 @@ def test_skip_names_ten_records_then_says_once_that_more_followed(
     more = [m for m in said if "more records skipped" in m]
     assert more == (["step 'm': more records skipped than the first 10 listed; the run's "
                      "summary counts them all"] if line > 10 else [])
+
+
+def test_an_event_time_whose_window_cannot_be_dated_fails_alone(tmp_path: Path) -> None:
+    # 9999-12-31 (a common "no end" date) is a valid time, but its window's end is not: the
+    # run stopped with "year 10000 is out of range", naming no step nor record.
+    (tmp_path / "in.jsonl").write_text(
+        '{"k": "a", "ts": "0001-01-01T00:10:00Z"}\n{"k": "b", "ts": "9999-12-31T23:59:30Z"}\n'
+        '{"k": "c", "ts": "2024-01-01T00:00:00Z"}\n')
+    (tmp_path / "flow.yaml").write_text("""\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  transformations:
+    t:
+      type: window
+      inputs: [src]
+      config:
+        window: {type: sliding, size: 1h, slide: 30m}
+        time_field: ts
+        group_by: [k]
+        aggregations: [{field: ts, operations: [count], as: n}]
+      error_handling: {strategy: redirect, redirect_to: dl}
+  destinations:
+    out: {type: file, inputs: [t], config: {path: out.jsonl}}
+    dl: {type: file, config: {path: dl.jsonl}}
+""")
+    result = run_cli("run", str(tmp_path / "flow.yaml"))
+    assert result.code == 0, result.stderr
+    assert {r["k"] for r in read_jsonl(tmp_path / "out.jsonl")} == {"c"}
+    dead = read_jsonl(tmp_path / "dl.jsonl")
+    assert [d["source"]["position"]["line"] for d in dead] == [1, 2]
+    assert "is within 3601s of the years 1 and 9999: its window cannot be dated" in \
+        dead[1]["error"]["message"]

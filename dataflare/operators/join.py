@@ -67,7 +67,7 @@ from dataflare.operators.keyed import (
     to_us,
     touch_code,
 )
-from dataflare.operators.window import WindowSpec
+from dataflare.operators.window import WindowSpec, margin
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, RecordError, a_or_an
 from dataflare.registry import UNBOUNDED, BuildContext, Outputs, transformation
@@ -317,9 +317,10 @@ class _JoinOp:
         self.mode = cfg.mode
         self.window = cfg.window
         times = (cfg.left_time_field or cfg.time_field, cfg.right_time_field or cfg.time_field)
+        self.margin = margin(cfg.window) if cfg.window is not None else 0
         self.times = {
-            LEFT: time_reader(times[0], cfg.time_unit),
-            RIGHT: time_reader(times[1], cfg.time_unit),
+            LEFT: time_reader(times[0], cfg.time_unit, self.margin),
+            RIGHT: time_reader(times[1], cfg.time_unit, self.margin),
         }
         self.lateness = to_us(cfg.allowed_lateness)
         self.ttl = cfg.ttl
@@ -638,7 +639,8 @@ def _compile_ingest(o: _JoinOp, packer: _Packer, side: str, key_paths: tuple[str
         "_unhashable": _unhashable, "RecordError": RecordError, "_not_an_object": not_an_object,
         "_shapes": packer.shapes, "_shape": packer.shape,
     }
-    extract = "\n".join(extraction_code(key_paths, time_path, time_unit, env, " " * 12))
+    extract = "\n".join(extraction_code(key_paths, time_path, time_unit, env, " " * 12,
+                                        o.margin))
     body = _JOIN_PLACE.strip("\n")
     if o.slide == o.size:
         place = f"{_TUMBLING_START}\n{body}"

@@ -224,22 +224,35 @@ def shard_router(
     return route
 
 
-def epoch_bounds(time_unit: str) -> tuple[int, int]:
-    """The epoch numbers (in ``time_unit``) of the years 1 to 9999: a date can hold them."""
+def epoch_bounds(time_unit: str, margin: int = 0) -> tuple[int, int]:
+    """The epoch numbers (in ``time_unit``) of the years 1 to 9999: a date can hold them.
+
+    ``margin`` (whole seconds) is left on both sides: a window of that size around any
+    time inside can be dated too.
+    """
     factor = 1000 if time_unit == "ms" else 1
-    return EPOCH_MIN * factor, EPOCH_MAX * factor
+    return (EPOCH_MIN + margin) * factor, (EPOCH_MAX - margin) * factor
 
 
-def time_reader(path: str, time_unit: str = "s") -> Callable[[Any], int]:
+def time_reader(path: str, time_unit: str = "s", margin: int = 0) -> Callable[[Any], int]:
     """Read a record's event time at ``path`` as integer epoch microseconds.
 
     ISO-8601 strings (naive means UTC) or epoch numbers (seconds, or milliseconds with
-    ``time_unit='ms'``); anything else raises :class:`RecordError`.
+    ``time_unit='ms'``); anything else raises :class:`RecordError`, as does a time within
+    ``margin`` seconds of the years 1 and 9999 (its window could not be dated).
     """
     get = getter(path)
     flat = "." not in path  # read here: a call less per record
     scale = 1000 if time_unit == "ms" else US
-    lo, hi = epoch_bounds(time_unit)
+    lo, hi = epoch_bounds(time_unit, margin)
+    lo_us, hi_us = (EPOCH_MIN + margin) * US, (EPOCH_MAX - margin) * US
+
+    def dated(us: int) -> int:
+        if lo_us <= us <= hi_us:
+            return us
+        msg = (f"time field {path!r}: {iso_us(us)} is within {margin}s of the years 1 and "
+               "9999: its window cannot be dated")
+        raise RecordError(msg)
 
     def read(record: Any) -> int:
         v: Any
@@ -257,7 +270,7 @@ def time_reader(path: str, time_unit: str = "s") -> Callable[[Any], int]:
                 return read_other(v)
             if dt.tzinfo is None:
                 dt = dt.replace(tzinfo=UTC)
-            return (dt - _EPOCH) // _US
+            return dated((dt - _EPOCH) // _US)
         if v is None:
             msg = f"time field {path!r} is missing or null"
             raise RecordError(msg)
@@ -265,8 +278,10 @@ def time_reader(path: str, time_unit: str = "s") -> Callable[[Any], int]:
 
     def read_other(v: Any) -> int:
         try:
-            return round(to_epoch_seconds(v, time_unit) * US)
+            return dated(round(to_epoch_seconds(v, time_unit) * US))
         except RecordError as exc:
+            if str(exc).startswith("time field"):
+                raise
             msg = f"time field {path!r}: {exc}"
             raise RecordError(msg) from None
 
@@ -279,17 +294,19 @@ def extraction_code(
     time_unit: str,
     env: dict[str, Any],
     indent: str,
+    margin: int = 0,
 ) -> list[str]:
     """Source lines setting ``key`` (and ``t``, epoch microseconds) from ``rec``.
 
     For code generated per step: flat paths become ``rec.get(...)`` and integer times
-    are scaled inline; anything else calls :func:`key_getter` / :func:`time_reader`.
+    are scaled inline; anything else calls :func:`key_getter` / :func:`time_reader`
+    (``margin``: see there).
     """
     lines = []
     if time_path is not None:
-        env["_time"] = time_reader(time_path, time_unit)
+        env["_time"] = time_reader(time_path, time_unit, margin)
         scale = 1000 if time_unit == "ms" else US
-        lo, hi = epoch_bounds(time_unit)
+        lo, hi = epoch_bounds(time_unit, margin)
         if "." in time_path:
             lines.append("t = _time(rec)")
         else:

@@ -323,9 +323,14 @@ class _WindowShard(ShardLogic):
         return [(DOWN, down)] if down else []
 
 
+def margin(window: WindowSpec) -> int:
+    """Whole seconds a window reaches from its records' times (a year-9999 end can't be dated)."""
+    return math.ceil(max(window.size or 0.0, window.gap or 0.0, window.slide or 0.0)) + 1
+
+
 def _event_time(cfg: WindowConfig) -> Callable[[Any], int]:
     """A sort key: the record's event time; a record without one sorts first (and fails)."""
-    read = time_reader(cfg.time_field, cfg.time_unit)
+    read = time_reader(cfg.time_field, cfg.time_unit, margin(cfg.window))
 
     def event_time(rec: Any) -> int:
         try:
@@ -545,7 +550,8 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig, touching: bool = False) -> 
     :attr:`ShardLogic.tracks_keys`).
     """
     env: dict[str, Any] = dict(o.accs.update_env)
-    extract = "\n".join(extraction_code(cfg.group_by, cfg.time_field, cfg.time_unit, env, " " * 16))
+    extract = "\n".join(extraction_code(cfg.group_by, cfg.time_field, cfg.time_unit, env,
+                                        " " * 16, margin(cfg.window)))
     env.update(
         _NEVER=_NEVER,
         _new=o.accs.new,
