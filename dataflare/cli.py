@@ -249,11 +249,16 @@ def cmd_k8s(args: argparse.Namespace) -> int:
         scale = None
         if args.autoscale:
             try:
-                low, _, high = args.autoscale.partition(":")
-                scale = (int(low), int(high or low))
+                low, colon, high = args.autoscale.partition(":")
+                scale = (int(low), int(high)) if colon else None
             except ValueError:
+                scale = None
+            if scale is None:
                 msg = f"--autoscale {args.autoscale!r}: expected MIN:MAX, e.g. 2:10"
-                raise ValueError(msg) from None
+                raise ValueError(msg)
+        if args.replicas < 1:
+            msg = f"--replicas {args.replicas}: expected at least 1"
+            raise ValueError(msg)
         objects = k8s.render(args.path, k8s.Options(
             image=args.image, replicas=args.replicas, name=args.name, namespace=args.namespace,
             autoscale=scale, cpu_target=args.cpu_target))

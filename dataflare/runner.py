@@ -254,9 +254,13 @@ class _Progress:
                 sys.stderr.write("\r\x1b[K" + self._line()[:200])
                 sys.stderr.flush()
             if self.progress_file:  # read by the server's worker while the run goes on
-                tmp = self.progress_file + ".tmp"
-                Path(tmp).write_text(json.dumps(self.summary("running", None)))
-                os.replace(tmp, self.progress_file)
+                self._write_progress("running")
+
+    def _write_progress(self, status: str) -> None:
+        assert self.progress_file is not None  # noqa: S101 - called only with one
+        tmp = self.progress_file + ".tmp"
+        Path(tmp).write_text(json.dumps(self.summary(status, None)))
+        os.replace(tmp, self.progress_file)
 
     def __enter__(self) -> _Progress:
         if self.live or self.progress_file:
@@ -267,6 +271,9 @@ class _Progress:
         self.stop.set()
         if self.live or self.progress_file:
             self.thread.join()
+        if self.progress_file:  # its last word: not "running" for ever
+            self._write_progress("failed" if failure else
+                                 "stopped" if stopping.requested() else "succeeded")
         if self.live:
             sys.stderr.write("\r\x1b[K")
         elapsed = self.elapsed = time.monotonic() - self.started

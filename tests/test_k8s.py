@@ -660,3 +660,15 @@ workflow:
     assert "'tmp'" not in said
     assert "the pods take DB_HOST from the workflow's defaults or its environment: block" \
         in said
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--replicas", "0"], "--replicas 0: expected at least 1"),
+    (["--autoscale", "2"], "--autoscale '2': expected MIN:MAX"),
+])
+def test_counts_that_cannot_be_are_refused(args: list[str], said: str) -> None:
+    # They rendered manifests without a word (--autoscale 2 read as 2:2).
+    done = subprocess.run([sys.executable, "-m", "dataflare", "k8s",
+                           str(ROOT / "flows/postgres_cdc_mirror.yaml"), "--image", "x", *args],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and said in done.stderr and done.stdout == ""

@@ -113,3 +113,21 @@ workflow:
     assert said not in run_cli("run", str(tmp_path / "flow.yaml")).stderr
     again = run_cli("run", str(tmp_path / "flow.yaml"), "-r", str(tmp_path / "rec"))
     assert again.code == 0 and said in again.stderr
+
+
+def test_the_progress_file_ends_with_the_runs_status(tmp_path: Path) -> None:
+    # It was left saying "running", with the counts of the last second, after the run ended.
+    from tests.fixtures.workflows import run_cli
+
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": {i}}}\n' for i in range(3)))
+    (tmp_path / "flow.yaml").write_text("""\
+workflow:
+  sources: {src: {type: file, config: {path: in.jsonl}}}
+  destinations: {out: {type: file, inputs: [src], config: {path: out.jsonl}}}
+""")
+    progress = tmp_path / "progress.json"
+    result = run_cli("run", str(tmp_path / "flow.yaml"), "--progress-json", str(progress))
+    assert result.code == 0, result.stderr
+    said = json.loads(progress.read_text())
+    assert said["status"] == "succeeded"
+    assert said["total"] == 3
