@@ -42,7 +42,7 @@ from typing import Any, Literal
 from bytewax.dataflow import Stream, operator
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from dataflare import metrics
 from dataflare.config import Duration, Retry, Strict
@@ -63,6 +63,15 @@ from dataflare.template import compile_template, placeholders
 log = logging.getLogger(__name__)
 
 PropertyValue = str | int | float | bool
+
+
+def _not_servers(properties: dict[str, PropertyValue]) -> dict[str, PropertyValue]:
+    """``properties`` without the brokers: they overrode ``bootstrap_servers`` silently."""
+    for name in ("bootstrap.servers", "metadata.broker.list"):
+        if name in properties:
+            msg = f"{name!r} in properties: give the brokers as bootstrap_servers"
+            raise ValueError(msg)
+    return properties
 
 
 class KafkaSourceConfig(Strict):
@@ -109,6 +118,11 @@ class KafkaSourceConfig(Strict):
         description="librdkafka consumer settings passed through as they are "
         "(security.protocol, sasl.*, ssl.*, fetch sizes...).",
     )
+
+    @field_validator("properties")
+    @classmethod
+    def _brokers(cls, v: dict[str, PropertyValue]) -> dict[str, PropertyValue]:
+        return _not_servers(v)
 
     @model_validator(mode="after")
     def _check(self) -> KafkaSourceConfig:
@@ -163,6 +177,11 @@ class KafkaDestinationConfig(Strict):
         description="librdkafka producer settings passed through as they are "
         "(compression.type, linger.ms, security.protocol, sasl.*, ssl.*...).",
     )
+
+    @field_validator("properties")
+    @classmethod
+    def _brokers(cls, v: dict[str, PropertyValue]) -> dict[str, PropertyValue]:
+        return _not_servers(v)
 
 
 # ---------------------------------------------------------------------------- source

@@ -202,6 +202,9 @@ def test_a_wrong_password_is_not_retried(redis_server: str) -> None:
     ("redis", {"key_template": "k", "socket_timeout": 0}, "greater than 0"),
     ("kafka", {"topic": ""}, "at least 1 character"),
     ("kafka", {"topic": "t", "flush_timeout": 0}, "greater than 0"),
+    # it overrode bootstrap_servers silently, and errors named the other broker
+    ("kafka", {"topic": "t", "properties": {"bootstrap.servers": "h:1"}},
+     "'bootstrap.servers' in properties: give the brokers as bootstrap_servers"),
 ])
 def test_destination_settings_that_cannot_work_are_refused(
         model: str, config: dict[str, Any], message: str) -> None:
@@ -215,7 +218,7 @@ def test_destination_settings_that_cannot_work_are_refused(
         cls.model_validate(config)
     assert cls.model_validate({**config, **{k: v for k, v in {
         "url": "http://h/{{id}}", "timeout": 1, "port": 6380, "socket_timeout": 1,
-        "topic": "t", "flush_timeout": 1}.items() if k in config}})
+        "topic": "t", "flush_timeout": 1, "properties": {}}.items() if k in config}})
 
 
 def test_the_default_retry_policy_rides_out_a_server_restart() -> None:
