@@ -41,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dataflare.config import Duration, Secret, Strict
 from dataflare.connectors.incremental import (
@@ -69,6 +69,7 @@ from dataflare.connectors.sql_source import (
     selected_tables,
 )
 from dataflare.connectors.sql_source import read_key as sql_read_key
+from dataflare.dsl_compiler.problems import did_you_mean
 from dataflare.lineage import table_dataset
 from dataflare.records import META, Failed
 from dataflare.registry import BuildContext, source
@@ -112,6 +113,16 @@ class MySqlSourceConfig(Strict):
         "cursor value seen at start (a scheduled sync; the next run goes on from there).",
     )
     charset: str = Field("utf8mb4", description="Connection character set.")
+
+    @field_validator("charset")
+    @classmethod
+    def _charset(cls, v: str) -> str:
+        from pymysql.charset import charset_by_name
+
+        if charset_by_name(v) is None:  # the connection failed with a bare AttributeError
+            msg = f"unknown character set {v!r} (e.g. utf8mb4, latin1)"
+            raise ValueError(msg)
+        return v
     decimal_handling: DecimalHandling = Field("number", description=DECIMAL_HANDLING)
     connect_timeout: Duration = Field(10.0, description="Connection timeout.")
 
@@ -480,9 +491,29 @@ def _key(db: MySqlDatabase, cfg: MySqlSourceConfig, database: str, table: str) -
 def read_key(conn: Any, step: str, cfg: MySqlSourceConfig, database: str, table: str
              ) -> list[str]:
     """The columns a read orders by and resumes after (see ``sql_source.read_key``)."""
-    return sql_read_key(step, f"{database}.{table}", cfg.key_columns,
+    configured = column_names(conn, database, table, cfg.key_columns, "key_columns")
+    return sql_read_key(step, f"{database}.{table}", configured,
                         primary_key(conn, database, table),
                         lambda cols: _unique(conn, database, table, set(cols)))
+
+
+def column_names(conn: Any, database: str, table: str, names: Sequence[str], setting: str
+                 ) -> list[str]:
+    """``names`` as the table spells its columns: MySQL compares them without case."""
+    if not names:
+        return []
+    with conn.cursor() as cur:
+        cur.execute("SELECT COLUMN_NAME FROM information_schema.COLUMNS "
+                    "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s", (database, table))
+        spelled = {r[0].lower(): r[0] for r in cur.fetchall()}
+    out = []
+    for name in names:
+        if name.lower() not in spelled:
+            hint = did_you_mean(name, list(spelled.values()))
+            msg = f"{setting} {name!r} is not a column of {database}.{table}{hint}"
+            raise LookupError(msg)
+        out.append(spelled[name.lower()])
+    return out
 
 
 def _unique(conn: Any, database: str, table: str, columns: set[str]) -> bool:
@@ -654,6 +685,12 @@ def incremental_partition(src: MySqlSource, state: Any) -> IncrementalPartition:
     database, table = src.cfg.qualified()
     db = MySqlDatabase(src.step_id, src.cfg.settings(), src.retry)
     column, start, interval = src.incremental_settings()
+    try:
+        column = db.run("reading the cursor column", lambda conn: column_names(
+            conn, database, table, [column], "incremental column")[0])
+    except LookupError as exc:
+        msg = f"step '{src.step_id}': {exc}"
+        raise RuntimeError(msg) from None
     key = [k for k in _key(db, src.cfg, database, table) if k != column]
     if state is None and db.run("reading the cursor column", lambda conn: _fetch_all(
             conn, "SELECT 1 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND "

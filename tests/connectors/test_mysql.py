@@ -155,7 +155,8 @@ def test_key_columns_that_repeat_resume_after_the_primary_key_too(
         "INSERT INTO grp VALUES " + ", ".join(f"({i}, {i % 3})" for i in range(1, 31)),
         "CREATE TABLE nopk (a INT)", "INSERT INTO nopk VALUES (1), (2)")
     cfg = conn_cfg(mariadb_private, table="grp", batch_size=4)
-    src = build_mysql_source(make_ctx("grp", {**cfg, "key_columns": ["g"]}, mode="full"))
+    # "G" for g: MySQL compares column names without case ('G' is not in list, before)
+    src = build_mysql_source(make_ctx("grp", {**cfg, "key_columns": ["G"]}, mode="full"))
     (name,) = src.list_parts()
     part = src.build_part("grp", name, None)
     seen = [r["id"] for r in part.next_batch()[0]]
@@ -872,3 +873,11 @@ def test_binlog_warns_of_a_dropped_or_renamed_column(
         "b, c (new: d): a mirror keeps the column(s) it made, with the values they had, and a"
         " renamed column is a new one, NULL in the rows not changed since; alter the mirror "
         "table to match, or take a new snapshot"]  # an added column alone is not warned
+
+
+def test_an_unknown_charset_is_refused_by_validate() -> None:
+    # The connection failed with "'NoneType' object has no attribute 'encoding'".
+    from dataflare.connectors.mysql import MySqlSourceConfig
+
+    with pytest.raises(ValueError, match="unknown character set 'nosuch'"):
+        MySqlSourceConfig.model_validate({"table": "t", "charset": "nosuch"})
