@@ -316,6 +316,11 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
     if scale is not None and not 1 <= scale[0] <= scale[1]:
         msg = f"--autoscale {scale[0]}:{scale[1]}: expected 1 <= MIN <= MAX"
         raise ValueError(msg)
+    pods, limit = scale[1] if scale else options.replicas, wf.config.max_concurrency
+    if limit is not None and pods > limit:  # each pod would refuse to start
+        msg = (f"config.max_concurrency is {limit}: {pods} pods (one worker each) would "
+               "refuse to start")
+        raise ValueError(msg)
     objects: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": md("-workflow"),
          "data": {"workflow.yaml": text}},

@@ -211,6 +211,8 @@ class _Progress:
         steps = {s: {"records": n, "failed": e} for s, n, e in counts}
         for s, n in self.late().items():
             steps[s]["late"] = n
+        for s, n in self.already_written().items():  # received, not written again
+            steps[s]["already_written"] = n
         return {
             "status": status,
             "duration_s": round(self.elapsed or time.monotonic() - self.started, 3),
@@ -471,7 +473,11 @@ def _run(opts: RunOptions) -> RunResult:
         service = str(CONTEXT["workflow_id"])
         tracer = setup_tracing(OtlpTracingConfig(service, opts.otlp_url), "INFO")
     lineage = None
-    if opts.openlineage_url or opts.openlineage_file:
+    # One process of a multi-process run speaks for the run: the first. The others would
+    # send the same post-actions (a trigger would start the next workflow twice) and
+    # lineage events again.
+    first = not opts.addresses or (opts.process_id or 0) == 0
+    if (opts.openlineage_url or opts.openlineage_file) and first:
         from dataflare.lineage import RunEvents
 
         try:
@@ -600,7 +606,7 @@ def _run(opts: RunOptions) -> RunResult:
             f"nothing reads {step + '.late'!r} (send them to a destination with late_to, or "
             "make it an input)", "warning")
     summary = progress.summary(status, error)
-    if wf.post_actions and not opts.no_post_actions:
+    if wf.post_actions and not opts.no_post_actions and first:
         summary["post_actions"] = _post_actions(opts, wf, status, summary)
     if replayed is not None:
         failed = int(summary["failed"])  # type: ignore[call-overload]

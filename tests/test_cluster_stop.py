@@ -162,3 +162,34 @@ def test_a_process_id_is_checked_against_the_addresses(tmp_path: Path) -> None:
                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert done.returncode == 1 and said in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_first_process_alone_carries_out_the_post_actions(tmp_path: Path) -> None:
+    # Every process sent the webhook (a trigger would start the next workflow twice).
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls: list[str] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "flow.yaml").write_text(RESCALED.replace("rate: 600", "rate: 6000") + f"""\
+  post_actions:
+    - {{type: webhook, config: {{url: "http://127.0.0.1:{server.server_address[1]}/done"}}}}
+""")
+        assert [finish(p)[0] for p in run_processes(tmp_path, 2, shared=True)] == [0, 0]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert calls == ["/done"]

@@ -672,3 +672,17 @@ def test_counts_that_cannot_be_are_refused(args: list[str], said: str) -> None:
                            str(ROOT / "flows/postgres_cdc_mirror.yaml"), "--image", "x", *args],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 1 and said in done.stderr and done.stdout == ""
+
+
+def test_more_pods_than_max_concurrency_are_refused(tmp_path: Path) -> None:
+    # Each pod refused to start ("config.max_concurrency is 2, this run asks for 3").
+    flow = _write(tmp_path, "w.yaml", """\
+workflow:
+  id: w
+  config: {max_concurrency: 2}
+  sources: {src: {type: kafka, config: {bootstrap_servers: "k:9092", topic: t}}}
+  destinations: {out: {type: stdout, inputs: [src]}}
+""")
+    with pytest.raises(ValueError, match="config.max_concurrency is 2: 3 pods"):
+        k8s.render(flow, k8s.Options(replicas=3))
+    assert k8s.render(flow, k8s.Options(replicas=2))
