@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 from dataflare import secrets
 from dataflare.config import Duration, Strict
 from dataflare.connectors.batching import Flush, Unwritten, buffered_output
+from dataflare.connectors.schema import json_bytes
 from dataflare.lineage import url_dataset
 from dataflare.record_schema import FieldType, SchemaContext
 from dataflare.records import META, Failed, RecordError, describe_position
@@ -103,7 +104,7 @@ class _Requests:
                     json.loads(body)
             else:
                 clean = {k: v for k, v in rec.items() if k != META}
-                body = self.dumps(clean, default=str)
+                body = json_bytes(clean)  # bytes as hex, dates as ISO text, as files have
         except (TypeError, ValueError) as exc:
             message = f"step {self.step!r}: cannot render the request body: {exc}"
             return Failed(self.step, type(exc).__name__, message, rec, meta)

@@ -35,6 +35,7 @@ import base64
 import itertools
 import logging
 import threading
+import zlib
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -940,15 +941,20 @@ def kafka_output(
     counter = itertools.count()
     writers = cfg.writers
 
-    def encode(batch: list[Any]) -> tuple[str, tuple[list[Message], list[Failed]]]:
-        return str(next(counter) % writers), encoder.encode(batch)
+    def encode(batch: list[Any]) -> tuple[list[tuple[str, list[Message]]], list[Failed]]:
+        """The messages by writer: a key's always to one, so its order holds."""
+        msgs, errs = encoder.encode(batch)
+        if writers == 1 or not msgs:
+            return ([("0", msgs)] if msgs else []), errs
+        parts: list[list[Message]] = [[] for _ in range(writers)]
+        for m in msgs:
+            parts[(zlib.crc32(m[0]) if m[0] is not None else next(counter)) % writers].append(m)
+        return [(str(i), part) for i, part in enumerate(parts) if part], errs
 
     encoded = op.map("encode", up, encode)
-    msgs = op.filter_map(
-        "messages", encoded, lambda kv: (kv[0], kv[1][0]) if kv[1][0] else None
-    )
+    msgs = op.flat_map("messages", encoded, lambda kv: kv[0])
     op.output("write", msgs, KafkaSink(cfg, name))
-    return op.filter_map("errors", encoded, lambda kv: kv[1][1] or None)
+    return op.filter_map("errors", encoded, lambda kv: kv[1] or None)
 
 
 def kafka_destination_schema(ctx: SchemaContext[KafkaDestinationConfig]) -> FieldType | None:

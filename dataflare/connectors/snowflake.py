@@ -48,6 +48,7 @@ from bytewax.dataflow import Stream
 from pydantic import Field
 
 from dataflare.config import Secret, Strict
+from dataflare.connectors.schema import json_bytes
 from dataflare.connectors.sql_writer import (
     BOOL,
     FLOAT,
@@ -297,8 +298,6 @@ class SnowflakeDialect(Dialect):
     # -- staging ------------------------------------------------------------------------
     def _doc(self, columns: list[str], row: dict[str, Any]) -> str:
         """The JSON document of a row: values of text columns as text, nulls left out."""
-        import orjson
-
         doc: dict[str, Any] = {}
         for c in columns:
             v = row.get(c)
@@ -309,7 +308,7 @@ class SnowflakeDialect(Dialect):
                 msg = f"column {c!r} is {SQL_TYPES[kind]}: {v!r} is no number"
                 raise SnowflakeDataError(msg)
             doc[c] = text_value(v) if kind == TEXT else v
-        return orjson.dumps(doc, default=str).decode()
+        return json_bytes(doc).decode()  # bytes as hex text (not a Python repr)
 
     def _stage_rows(self, columns: list[str], upserts: list[dict[str, Any]],
                     deletes: list[dict[str, Any]]) -> None:

@@ -134,6 +134,13 @@ def test_record_as_json_without_template(receiver: Receiver) -> None:
     assert headers["Content-Type"] == "application/json"
 
 
+def test_bytes_and_big_integers_go_as_files_have_them(receiver: Receiver) -> None:
+    # Bytes (a Kafka `format: bytes` value) went as their Python repr, "b'\\x00\\xff'".
+    run([[{"raw": b"\x00\xff", "n": 10**30}]], url=receiver.url)
+    ((_, _, _, body),) = receiver.received
+    assert json.loads(body) == {"raw": "\\x00ff", "n": str(10**30)}
+
+
 def test_retries_429_and_5xx_honouring_retry_after(
     receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
