@@ -31,8 +31,9 @@ def key_text(key: Any) -> str:
         return ",".join(key_text(k) for k in key)
     if key is None:
         return "null"
-    if isinstance(key, bool):
-        return "true" if key else "false"
+    value = getattr(key, "value", key)  # a BoolKey (dataflare.operators.keyed)
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(key, bytes):
         return key.decode(errors="replace")
     return str(key)

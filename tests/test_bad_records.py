@@ -170,3 +170,42 @@ workflow:
     assert [d["source"]["position"]["line"] for d in dead] == [1, 2]
     assert "is within 3601s of the years 1 and 9999: its window cannot be dated" in \
         dead[1]["error"]["message"]
+
+
+def test_true_and_1_are_two_keys_as_json_has_them(tmp_path: Path) -> None:
+    # Python's True == 1: dedupe dropped {"k": 1} as a repeat of {"k": true}, and groups
+    # of 1 were reported under true.
+    (tmp_path / "in.jsonl").write_text("".join(
+        f'{{"k": {k}, "ts": 0}}\n' for k in ("true", "1", "1.0", "false", "0", "true")))
+    (tmp_path / "flow.yaml").write_text("""\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  transformations:
+    dd: {type: dedupe, inputs: [src], config: {keys: [k]}}
+    agg:
+      type: aggregation
+      inputs: [src]
+      config: {group_by: [k], aggregations: [{field: ts, operations: [count], as: n}]}
+    win:
+      type: window
+      inputs: [src]
+      config:
+        window: {type: tumbling, size: 1m}
+        time_field: ts
+        group_by: [k]
+        aggregations: [{field: ts, operations: [count], as: n}]
+  destinations:
+    d: {type: file, inputs: [dd], config: {path: d.jsonl}}
+    a: {type: file, inputs: [agg], config: {path: a.jsonl}}
+    w: {type: file, inputs: [win], config: {path: w.jsonl}}
+""")
+    result = run_cli("run", str(tmp_path / "flow.yaml"))
+    assert result.code == 0, result.stderr
+    # 1 and 1.0 are one number (as SQL has them); true is not a number
+    assert sorted((type(r["k"]).__name__, r["k"]) for r in read_jsonl(tmp_path / "d.jsonl")
+                  ) == [("bool", False), ("bool", True), ("int", 0), ("int", 1)]
+    for out in ("a.jsonl", "w.jsonl"):
+        got = sorted(((type(r["k"]).__name__, r["k"], r["n"]) for r in read_jsonl(
+            tmp_path / out)), key=repr)
+        assert got == [("bool", False, 1), ("bool", True, 2), ("int", 0, 1), ("int", 1, 2)]

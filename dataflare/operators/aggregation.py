@@ -32,6 +32,7 @@ from dataflare.operators.keyed import (
     SHARDS,
     ShardLogic,
     component_id,
+    from_key,
     key_getter,
     route_and_merge,
     shards_of,
@@ -122,6 +123,7 @@ class _AggregationOp:
         }
 
     def record(self, key: Any, group: list[Any]) -> dict[str, Any]:
+        key = from_key(key)
         out: dict[str, Any] = {}
         if len(self.group_by) == 1:
             set_path(out, self.group_by[0], key)

@@ -32,6 +32,7 @@ from dataflare.operators.keyed import (
     ShardLogic,
     component_id,
     duplicates_dropped,
+    from_key,
     iso_us,
     key_getter,
     route_and_merge,
@@ -139,9 +140,9 @@ class _DedupeShard(ShardLogic):
             if not paths:  # the whole record is the key
                 row["record"] = orjson.loads(k) if isinstance(k, bytes) else k
             elif len(paths) == 1:
-                set_path(row, paths[0], k)
+                set_path(row, paths[0], from_key(k))
             else:
-                for path, value in zip(paths, k, strict=True):
+                for path, value in zip(paths, from_key(k), strict=True):
                     set_path(row, path, value)
             row["first_seen"] = iso_us(t0)
             rows.append((k, row))

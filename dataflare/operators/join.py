@@ -53,6 +53,7 @@ from dataflare.operators.keyed import (
     HELD,
     LATE,
     SHARDS,
+    BoolKey,
     ShardLogic,
     component_id,
     extraction_code,
@@ -1009,7 +1010,7 @@ def _kind(key: Any) -> Any:
         return tuple(map(_kind, key))
     if isinstance(key, str):
         return "text"
-    if isinstance(key, bool):
+    if isinstance(key, bool | BoolKey):
         return "a boolean"
     if isinstance(key, int | float):
         return "a number"

@@ -135,28 +135,81 @@ def component_id(step_id: str) -> str:
     return step_id.rsplit(".", 1)[-1]
 
 
+class BoolKey:
+    """A boolean in a grouping key: unequal to 1 and 0, as JSON tells them apart.
+
+    Python holds ``True == 1``, so a dict of groups merged ``true`` with ``1`` (and a
+    dedupe dropped one as a repeat of the other). :func:`as_key` makes one of a value,
+    :func:`from_key` the value again for the output.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bool) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return other.__class__ is BoolKey and other.value is self.value
+
+    def __hash__(self) -> int:
+        return hash(("json boolean", self.value))
+
+    def __repr__(self) -> str:
+        return f"BoolKey({self.value})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BoolKey, (self.value,))
+
+
+TRUE_KEY, FALSE_KEY = BoolKey(True), BoolKey(False)
+
+
+def as_key(value: Any) -> Any:
+    """``value`` as a grouping key (a boolean as a :class:`BoolKey`)."""
+    if value.__class__ is bool:
+        return TRUE_KEY if value else FALSE_KEY
+    if value.__class__ is tuple and (True in value or False in value):  # 1 and 0 too
+        return tuple(map(as_key, value))
+    return value
+
+
+def from_key(key: Any) -> Any:
+    """The value of a grouping key (:func:`as_key` undone)."""
+    if key.__class__ is BoolKey:
+        return key.value
+    if key.__class__ is tuple:
+        return tuple(map(from_key, key))
+    return key
+
+
 def key_getter(paths: Sequence[str]) -> Callable[[Any], Any]:
     """The grouping key of a record: the value at one path, or a tuple for several.
 
     Records are dicts; a top-level field is read by ``methodcaller`` (no Python frame).
+    Booleans are :class:`BoolKey` (see :func:`as_key`).
     """
     if not paths:
         return lambda record: None
     if len(paths) == 1:
-        if "." not in paths[0]:
-            return methodcaller("get", paths[0])
-        return getter(paths[0])
+        read = methodcaller("get", paths[0]) if "." not in paths[0] else getter(paths[0])
+
+        def single(record: Any) -> Any:
+            v = read(record)
+            return v if v.__class__ is not bool else (TRUE_KEY if v else FALSE_KEY)
+
+        return single
     if all("." not in p for p in paths):  # a tuple of top-level fields, built in C
         return _fields_getter(tuple(paths))
     gets = tuple(getter(p) for p in paths)
-    return lambda record: tuple(g(record) for g in gets)
+    return lambda record: as_key(tuple(g(record) for g in gets))
 
 
 def _fields_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
     """The tuple of the values of top-level fields ``names`` (``None`` when missing)."""
-    env = {f"g{i}": methodcaller("get", name) for i, name in enumerate(names)}
+    env: dict[str, Any] = {f"g{i}": methodcaller("get", name) for i, name in enumerate(names)}
     body = ", ".join(f"{g}(record)" for g in env)
-    return eval(f"lambda record: ({body},)", env)  # noqa: S307 - our own code, no input
+    env["_as_key"] = as_key
+    return eval(f"lambda record: _as_key(({body},))", env)  # noqa: S307 - our own code
 
 
 def shard_of(key: Any, shards: int) -> int:
@@ -318,7 +371,11 @@ def extraction_code(
         lines.append("key = None")
     elif all("." not in k for k in key_paths):
         gets = [f"rec.get({k!r})" for k in key_paths]
-        lines.append("key = " + (gets[0] if len(gets) == 1 else f"({', '.join(gets)})"))
+        env["_as_key"] = as_key
+        if len(gets) == 1:  # a boolean is a BoolKey (see as_key)
+            lines += [f"key = {gets[0]}", "if key.__class__ is bool: key = _as_key(key)"]
+        else:
+            lines.append(f"key = _as_key(({', '.join(gets)},))")
     else:
         env["_key"] = key_getter(key_paths)
         lines.append("key = _key(rec)")

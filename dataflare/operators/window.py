@@ -49,9 +49,11 @@ from dataflare.operators.keyed import (
     LATE,
     SHARDS,
     US,
+    BoolKey,
     ShardLogic,
     component_id,
     extraction_code,
+    from_key,
     idle_timeout_of,
     indent_code,
     iso_us,
@@ -208,6 +210,7 @@ class _Output:
 
     def head(self, key: Any, start: int, end: int) -> dict[str, Any]:
         """The output record without its aggregates."""
+        key = from_key(key)
         if self.flat:
             return {
                 self.group_by[0]: key,
@@ -557,6 +560,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig, touching: bool = False) -> 
         _new=o.accs.new,
         _finish=o.accs.finish,
         _head=o.output.head,
+        _BoolKey=BoolKey,
         _iso=o.output.iso,
         _isoc=o.output.iso_cache,
         _failed=Failed.of,
@@ -572,7 +576,7 @@ def _compile_ingest(o: _WindowOp, cfg: WindowConfig, touching: bool = False) -> 
     def row(start: str, end: str) -> str:
         if o.output.flat:
             return (
-                f"{{{cfg.group_by[0]!r}: key, "
+                f"{{{cfg.group_by[0]!r}: key if key.__class__ is not _BoolKey else key.value, "
                 f"'window_start': _isoc.get({start}) or _iso({start}), "
                 f"'window_end': _isoc.get({end}) or _iso({end})}}"
             )
