@@ -215,7 +215,8 @@ def _fields_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
 def shard_of(key: Any, shards: int) -> int:
     """The shard of ``key``: a hash that is the same in every process and run.
 
-    Keys Python holds equal share a shard: ``1``, ``1.0`` and ``True`` meet in one.
+    Keys Python holds equal share a shard: ``1`` and ``1.0`` meet in one (a boolean is a
+    :class:`BoolKey`, apart).
     """
     return zlib.crc32(repr(_equal_form(key)).encode()) % shards
 
