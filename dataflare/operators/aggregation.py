@@ -34,6 +34,7 @@ from dataflare.operators.keyed import (
     component_id,
     from_key,
     key_getter,
+    key_problem,
     route_and_merge,
     shards_of,
     stateful_shards,
@@ -192,7 +193,7 @@ class _AggregationShard(ShardLogic):
                     if touched is not None:
                         touched[key] = g
                 except (RecordError, TypeError) as exc:
-                    errs.append(Failed.of(o.step_id, exc, rec))
+                    errs.append(Failed.of(o.step_id, key_problem(exc), rec))
         self.state["seq"] = seq
         if keep_history:
             for g in groups.values():

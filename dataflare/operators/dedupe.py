@@ -35,6 +35,7 @@ from dataflare.operators.keyed import (
     from_key,
     iso_us,
     key_getter,
+    key_problem,
     route_and_merge,
     shards_of,
     stateful_shards,
@@ -165,7 +166,7 @@ class _DedupeShard(ShardLogic):
                     key = keyf(rec)
                     t0 = seen.get(key)
                 except (RecordError, TypeError) as exc:
-                    errs.append(Failed.of(o.step_id, exc, rec))
+                    errs.append(Failed.of(o.step_id, key_problem(exc), rec))
                     continue
                 if t0 is not None and (ttl is None or t - t0 < ttl):
                     dropped += 1

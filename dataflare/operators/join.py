@@ -51,6 +51,7 @@ from dataflare.operators.keyed import (
     DOWN,
     ERRS,
     HELD,
+    KEY_KINDS,
     LATE,
     SHARDS,
     BoolKey,
@@ -562,7 +563,7 @@ class _RelationalShard(ShardLogic):
 
 
 def _unhashable(exc: BaseException) -> RecordError:
-    return RecordError(f"join key cannot be hashed ({exc})")
+    return RecordError(f"join key: {KEY_KINDS} ({exc})")
 
 
 # The windowed join's loop over one side's records, generated per step and side (like a

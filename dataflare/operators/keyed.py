@@ -182,6 +182,16 @@ def from_key(key: Any) -> Any:
     return key
 
 
+KEY_KINDS = "a key must be text, a number, a boolean or null, not an object or a list"
+
+
+def key_problem(exc: BaseException) -> BaseException:
+    """An unhashable key's TypeError as the record's error (saying why); others as they are."""
+    if isinstance(exc, TypeError) and str(exc).startswith("unhashable type"):
+        return RecordError(f"{KEY_KINDS} ({exc})")
+    return exc
+
+
 def key_getter(paths: Sequence[str]) -> Callable[[Any], Any]:
     """The grouping key of a record: the value at one path, or a tuple for several.
 

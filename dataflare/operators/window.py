@@ -46,6 +46,7 @@ from dataflare.operators.aggregates import (
 from dataflare.operators.keyed import (
     DOWN,
     ERRS,
+    KEY_KINDS,
     LATE,
     SHARDS,
     US,
@@ -354,7 +355,7 @@ def _compact(groups: dict[Any, list[Any]]) -> None:
 
 def _explain(exc: BaseException, step_id: str) -> BaseException:
     if isinstance(exc, TypeError):
-        return BadValue(f"step {step_id!r}: group key cannot be hashed ({exc})")
+        return BadValue(f"step {step_id!r}: {KEY_KINDS} ({exc})")
     if isinstance(exc, AttributeError):
         return not_an_object(exc)
     return exc

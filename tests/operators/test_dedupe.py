@@ -174,3 +174,13 @@ def test_records_without_the_key_dropped_as_repeats_are_warned_of(caplog):
     assert len(run_flow(dedupe_flow(cfg), [recs])["down"]) == 1
     assert caplog.text.count("step 'dd': the record at in.jsonl:2 has no 'kk' (or null): "
                              "records without the key are one key") == 1
+
+
+def test_an_object_key_fails_its_record_saying_what_a_key_may_be():
+    # It failed with a bare "unhashable type: 'dict'".
+    cfg = DedupeConfig.model_validate({"keys": ["k"]})
+    out = run_flow(dedupe_flow(cfg), [[{"k": {"a": 1}}, {"k": 1}]])
+    assert [r["k"] for r in out["down"]] == [1]
+    [bad] = out["errs"]
+    assert bad.message.startswith("a key must be text, a number, a boolean or null, not an "
+                                  "object or a list (unhashable type: 'dict')")
