@@ -197,9 +197,12 @@ def cmd_tap(args: argparse.Namespace) -> int:
     """Print the records leaving a step of a running workflow, one JSON object per line."""
     import httpx
 
+    from dataflare.live import auth_headers
+
     url = f"{args.url.rstrip('/')}/tap/{args.step}"
     try:
-        with httpx.stream("GET", url, params={"limit": args.limit}, timeout=None) as r:
+        with httpx.stream("GET", url, params={"limit": args.limit}, timeout=None,
+                          headers=auth_headers()) as r:
             if r.status_code != 200:
                 r.read()
                 print(f"error: {r.json().get('error', r.text)}", file=sys.stderr)

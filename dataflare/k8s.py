@@ -51,6 +51,7 @@ import yaml
 from dataflare import registry
 from dataflare.dsl_compiler import Validated, compile_file, validate_file
 from dataflare.dsl_compiler.models import Schedule
+from dataflare.live import TOKEN_ENV
 from dataflare.logs import say
 
 PORT = 9999
@@ -324,8 +325,9 @@ def render(path: str | Path, options: Options) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": md("-workflow"),
          "data": {"workflow.yaml": text}},
+        # DATAFLARE_HTTP_TOKEN: /tap and /views answer (on 0.0.0.0) only once it is filled
         {"apiVersion": "v1", "kind": "Secret", "metadata": md("-env"), "type": "Opaque",
-         "stringData": {n: "" for n in names}},
+         "stringData": {n: "" for n in [*names, TOKEN_ENV]}},
         {"apiVersion": "v1", "kind": "Service", "metadata": md(),
          "spec": {"clusterIP": "None", "selector": {"dataflare.io/workflow": name},
                   "publishNotReadyAddresses": True,

@@ -10,11 +10,18 @@
 - ``/views/<step>?key=K&where=EXPR&limit=N``: the state of a step with ``serve: true``
   (:mod:`dataflare.views`), masked: ``{"step", "rows"}``; with ``key`` that key's rows (404
   when it holds none).
+
+``/tap`` and ``/views`` serve records: with ``DATAFLARE_HTTP_TOKEN`` set they ask for it
+(``Authorization: Bearer <token>``); without it they answer only on a loopback address
+(403 elsewhere: a pod serves on 0.0.0.0, where any other pod could read the records).
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
+import os
 import queue
 import re
 import socket
@@ -27,6 +34,8 @@ from urllib.parse import parse_qs, urlparse
 
 from dataflare import metrics, views
 
+TOKEN_ENV = "DATAFLARE_HTTP_TOKEN"
+"""The token ``/tap`` and ``/views`` ask for (``dataflare tap`` and the peers send it)."""
 _TAPS: dict[str, list[queue.Queue[list[Any]]]] = {}
 _TAPS_LOCK = threading.Lock()
 _DEFAULT_PORTS = {"postgres": 5432, "postgresql": 5432, "mysql": 3306, "redis": 6379,
@@ -131,7 +140,8 @@ class Live:
         for peer in self.peers:
             url = f"{peer}/views/{step}?{urlencode(params)}"
             try:
-                with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - http
+                with urllib.request.urlopen(urllib.request.Request(  # noqa: S310 - http
+                        url, headers=auth_headers()), timeout=10) as answer:
                     body = json.loads(answer.read())
             except (OSError, ValueError) as exc:
                 msg = f"the process at {peer} did not answer for view {step!r}: {exc}"
@@ -175,6 +185,12 @@ class Live:
     def start(self, host: str, port: int) -> int:
         """Serve in a daemon thread; the port bound (``port`` 0 picks a free one)."""
         live = self
+        token = os.environ.get(TOKEN_ENV) or None
+        if token is not None:
+            from dataflare import secrets
+
+            secrets.register(token)
+        local = _loopback(host)
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
@@ -208,12 +224,30 @@ class Live:
                     self.wfile.write(data)
                 elif url.path == "/status":
                     self._json(200, live.status())
+                elif url.path.startswith(("/tap/", "/views/")) and not self._allowed():
+                    return
                 elif url.path.startswith("/tap/"):
                     self._tap(url.path[5:], parse_qs(url.query))
                 elif url.path.startswith("/views/"):
                     self._view(url.path[7:], parse_qs(url.query))
                 else:
                     self._json(404, {"error": f"no endpoint {url.path}"})
+
+            def _allowed(self) -> bool:
+                """Whether records may be served to this request (see the module docs)."""
+                if token is None:
+                    if local:
+                        return True
+                    self._json(403, {"error": f"records are served off the loopback address "
+                                     f"only with a token: set {TOKEN_ENV} where the run and "
+                                     "the client run"})
+                    return False
+                given = self.headers.get("authorization", "").removeprefix("Bearer ")
+                if hmac.compare_digest(given.encode(), token.encode()):
+                    return True
+                self._json(401, {"error": f"a valid token is needed ({TOKEN_ENV}, sent as "
+                                 "Authorization: Bearer)"})
+                return False
 
             def _view(self, step: str, query: dict[str, list[str]]) -> None:
                 served = live.served()
@@ -291,3 +325,19 @@ class Live:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def auth_headers() -> dict[str, str]:
+    """The headers a client of ``/tap`` and ``/views`` sends: the token, when set."""
+    token = os.environ.get(TOKEN_ENV)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (an address to bind) is reachable from this machine only."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -99,7 +99,7 @@ def test_a_streaming_workflow_is_a_statefulset_with_a_volume_per_pod() -> None:
     # The mirror reads its connection settings from variables without defaults.
     # the variables the pods need from outside: without a default (an empty one is none)
     # nor a value in the workflow's environment: block
-    assert set(kinds["Secret"]["stringData"]) == {"SOURCE_PG_PASSWORD"}
+    assert set(kinds["Secret"]["stringData"]) == {"SOURCE_PG_PASSWORD", "DATAFLARE_HTTP_TOKEN"}
 
 
 def _workflow_env(path: Path) -> dict[str, str]:
@@ -355,7 +355,7 @@ workflow:
 """)
     objects = _by_kind(k8s.render(flow, k8s.Options(replicas=2)))
     sts = objects["StatefulSet"]
-    assert set(objects["Secret"]["stringData"]) == {"KAFKA", "PG_DSN"}
+    assert set(objects["Secret"]["stringData"]) == {"KAFKA", "PG_DSN", "DATAFLARE_HTTP_TOKEN"}
     secrets = {"KAFKA": kafka_broker.bootstrap_servers, "PG_DSN": pg_schema.dsn}
     # Pods reach each other by DNS name; here both "pods" share loopback, on two ports.
     addresses = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
@@ -653,7 +653,7 @@ workflow:
     tmp: {type: duckdb, inputs: [src], config: {path: /tmp/w.duckdb, table: t}}
 """)
     secret = _by_kind(k8s.render(flow, k8s.Options()))["Secret"]
-    assert secret["stringData"] == {"DB_PASSWORD": ""}
+    assert secret["stringData"] == {"DB_PASSWORD": "", "DATAFLARE_HTTP_TOKEN": ""}
     said = capsys.readouterr().err
     assert "destination 'out' writes /etc/dataflare/out/o.jsonl, which the pods cannot " \
         "write" in said

@@ -130,3 +130,35 @@ def test_status_metrics_top_and_a_masked_tap(running: tuple[str, int, Path]) -> 
     missing = subprocess.run([sys.executable, "-m", "dataflare", "tap", url, "nope"],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "no step 'nope'" in missing.stderr
+
+
+def test_records_are_served_off_loopback_only_with_a_token(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pod served /tap and /views on 0.0.0.0 to anyone: every other pod could read the
+    # records of a run.
+    import httpx
+
+    from dataflare.dsl_compiler import validate_text
+    from dataflare.live import TOKEN_ENV, Live
+
+    wf = validate_text("workflow:\n  sources: {s: {type: file, config: {path: x.jsonl}}}\n"
+                       "  destinations: {o: {type: stdout, inputs: [s]}}\n").workflow
+    for token, headers, status in ((None, {}, 403), ("t0k-Xy12", {}, 401),
+                                   ("t0k-Xy12", {"Authorization": "Bearer t0k-Xy12"}, 404)):
+        if token:
+            monkeypatch.setenv(TOKEN_ENV, token)
+        live = Live(wf, None)
+        port = live.start("0.0.0.0", 0)  # noqa: S104 - what a pod binds
+        try:
+            url = f"http://127.0.0.1:{port}"
+            assert httpx.get(f"{url}/views/nope", headers=headers).status_code == status
+            assert httpx.get(f"{url}/health").status_code == 200  # probes need no token
+        finally:
+            live.stop()
+    monkeypatch.delenv(TOKEN_ENV)
+    local = Live(wf, None)
+    port = local.start("127.0.0.1", 0)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/views/nope").status_code == 404
+    finally:
+        local.stop()
