@@ -132,11 +132,18 @@ def _logical(data_type: str, scale: Any) -> str:
 class SnowflakeDialect(Dialect):
     """snowflake-connector-python: JSON staging, INSERT ... SELECT and MERGE."""
 
-    def __init__(self, cfg: SnowflakeConfig, step: str) -> None:
+    def __init__(self, cfg: SnowflakeConfig, step: str, patience: float | None = 60.0
+                 ) -> None:
+        """A dialect of ``cfg``; ``patience``: how long a statement may wait on the network.
+
+        It is ``config.retry``'s ``max_elapsed``: the connector's own retries of a query
+        whose answer is lost otherwise go on for many minutes.
+        """
         from snowflake.connector import errors
 
         self.cfg = cfg
         self.step = step
+        self.patience = patience
         self.transient = (errors.OperationalError, errors.InterfaceError)
         self.refusals = (SnowflakeDataError,)
         self.conn: Any = None
@@ -163,6 +170,7 @@ class SnowflakeDialect(Dialect):
         kwargs: dict[str, Any] = {
             "account": cfg.account, "user": cfg.username, "database": cfg.database,
             "autocommit": False, "paramstyle": "qmark", "login_timeout": cfg.login_timeout,
+            "network_timeout": self.patience,
             "protocol": cfg.protocol, "application": "DataFlare",
             "session_parameters": {"CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False},
         }
@@ -380,4 +388,5 @@ def build_snowflake_destination(
     cfg = ctx.config
     step = ctx.step_id
     check_connection(cfg, step)  # before the run starts, not at its first write
-    return table_destination(ctx, up, lambda: SnowflakeDialect(cfg, step))
+    patience = ctx.workflow.config.retry.max_elapsed
+    return table_destination(ctx, up, lambda: SnowflakeDialect(cfg, step, patience))

@@ -241,3 +241,25 @@ def test_a_cdc_truncate_empties_a_merged_table_before_what_follows(
     run(ctx, [[{"id": 1, "v": "a"}, {"id": 2, "v": "b"}]])
     run(ctx, [[{"id": 3, "v": "c"}, {"_meta": {"op": "truncate"}}, {"id": 4, "v": "d"}]])
     assert q(sf, 'SELECT "id", "v" FROM "EVENTS" ORDER BY 1') == [(4, "d")]
+
+
+def test_a_statement_waits_on_the_network_no_longer_than_the_retry_policy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the service gone mid-write, the connector retried its query for 13+ minutes,
+    # past config.retry.max_elapsed (10 s in the trial), and a graceful stop waited on it.
+    import snowflake.connector
+
+    from dataflare.connectors.snowflake import SnowflakeConfig, SnowflakeDialect
+
+    seen: dict[str, Any] = {}
+
+    def connect(**kwargs: Any) -> Any:
+        seen.update(kwargs)
+        raise snowflake.connector.errors.OperationalError("stop here")
+
+    monkeypatch.setattr(snowflake.connector, "connect", connect)
+    cfg = SnowflakeConfig.model_validate({"account": "a", "username": "u", "database": "d",
+                                          "table": "t"})
+    with pytest.raises(snowflake.connector.errors.OperationalError):
+        SnowflakeDialect(cfg, "sf", 10.0).connect()
+    assert seen["network_timeout"] == 10.0
