@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from dataflare.connectors.schema import json_loader
 from dataflare.operators.plugin import (
     DEFAULT_WASM_TIMEOUT,
     PluginSetupError,
@@ -26,6 +27,8 @@ from dataflare.operators.plugin import (
 )
 from dataflare.records import META, Failed, parse_duration, without_meta
 
+_LOADS = json_loader()
+
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The records of a JSON-lines file (with their line in ``_meta``) and its bad lines."""
@@ -35,7 +38,7 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         if not line.strip():
             continue
         try:
-            rec = orjson.loads(line)
+            rec = _LOADS(line)  # numbers as a file source reads them (exact text if need be)
         except orjson.JSONDecodeError as exc:
             problems.append(f"{path}:{n}: not JSON ({exc})")
             continue

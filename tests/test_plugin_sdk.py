@@ -142,3 +142,13 @@ workflow:
     result = run_cli("run", str(tmp_path / "flow.yaml"))
     assert result.code == 0, result.stderr
     assert read_jsonl(tmp_path / "out.jsonl") == [masked(r) for r in records]
+
+
+def test_records_are_read_as_a_workflows_file_source_reads_them(tmp_path):
+    # orjson alone read a 23-digit number as 1e+23: not what the plugin gets in a run.
+    from dataflare.plugin_sdk import read_records
+
+    (tmp_path / "in.jsonl").write_text('{"n": 99999999999999999999123, "f": 0.5}\n')
+    [record], problems = read_records(tmp_path / "in.jsonl")
+    assert problems == []
+    assert (record["n"], record["f"]) == ("99999999999999999999123", 0.5)
