@@ -331,6 +331,8 @@ def run_with(opts: RunOptions) -> RunResult:
         STOP.clear()
         stopping.REQUESTED.clear()
         stopping.SIGNAL.clear()
+        stopping.PEER.clear()
+        stopping.FAILED.clear()
         if saved is None:
             os.environ.pop(RUN_ID_ENV, None)
         else:
@@ -449,6 +451,7 @@ def _run(opts: RunOptions) -> RunResult:
         kwargs["process_id"] = opts.process_id or 0
         if len(addresses) > 1:
             stopping.spread(flow, opts.process_id or 0)  # a signal to one stops them all
+            stopping.agree(flow, opts.process_id or 0, _digest(v))
     if opts.workers_per_process:
         kwargs["workers_per_process"] = opts.workers_per_process
     wf = v.workflow
@@ -572,6 +575,9 @@ def _run(opts: RunOptions) -> RunResult:
 
         # Everything read was written when the run succeeded: the consumer groups may know.
         commit_ended(status == "succeeded" and not stopping.requested())
+    if status == "succeeded" and stopping.FAILED:  # stopped as one, to fail as one
+        code, status, error = 1, "failed", stopping.FAILED[0]
+        say(error, "error")
     if status == "succeeded" and stopping.requested():
         if timer is not None and timer.finished.is_set():
             code, status, error = 124, "failed", timeout_error
@@ -686,6 +692,14 @@ def _post_actions(opts: RunOptions, wf: Any, status: str,
         else:
             say(f"{what}: failed: {r.get('error') or r.get('result')}", "warning")
     return results
+
+
+def _digest(v: Validated) -> str:
+    """A digest of the workflow as this process runs it (variables resolved)."""
+    import hashlib
+
+    text = json.dumps(v.document.data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 _FLUSHED_AT_END = ("window", "aggregation", "join", "window_analytics")

@@ -41,6 +41,7 @@ PARENT_ENV = "DATAFLARE_STOP_WITH_PARENT"
 REQUESTED = threading.Event()
 SIGNAL: list[int] = []  # the signal that asked for the stop
 PEER: list[tuple[int, int]] = []  # (process, signal) when another process asked for it
+FAILED: list[str] = []  # why the whole run must fail (it stops as on a signal, then fails)
 _POLL = timedelta(milliseconds=500)  # how soon an idle source notices a stop
 
 
@@ -213,8 +214,8 @@ class _StopSignalPartition(StatelessSourcePartition[Any]):
                 if PEER or _TOLD.is_set():
                     raise StopIteration
                 _TOLD.set()
-            signum = SIGNAL[0] if SIGNAL else signal.SIGTERM
-            return [(f"stop-{self.process}-{i}", (self.process, signum))
+            why: int | str = FAILED[0] if FAILED else (SIGNAL[0] if SIGNAL else signal.SIGTERM)
+            return [(f"stop-{self.process}-{i}", (self.process, why))
                     for i in range(self.keys)]
         with _READING_LOCK:
             built, reading = _READING
@@ -235,12 +236,70 @@ class _StopSignal(DynamicSource[Any]):
         return _StopSignalPartition(self.process, _FAN_OUT * worker_count)
 
 
-def _told(_state: None, told: tuple[int, int]) -> tuple[None, None]:
-    """A process of the run was asked to stop: this one stops too."""
+def _told(_state: None, told: tuple[int, int | str]) -> tuple[None, None]:
+    """A process of the run was asked to stop (a signal, or why it fails): this one too."""
     if not REQUESTED.is_set():
-        PEER.append(told)
+        process, why = told
+        if isinstance(why, str):
+            FAILED.append(why)
+        else:
+            PEER.append((process, why))
         REQUESTED.set()
     return None, None
+
+
+class _DigestPartition(StatelessSourcePartition[Any]):
+    """Emits once the workflow this process runs, as ``("workflow", (process, digest))``."""
+
+    def __init__(self, told: tuple[int, str]) -> None:
+        self.items: list[Any] = [("workflow", told)]
+
+    def next_batch(self) -> list[Any]:
+        if not self.items:
+            raise StopIteration
+        out, self.items = self.items, []
+        return out
+
+
+class _Digest(DynamicSource[Any]):
+    def __init__(self, told: tuple[int, str]) -> None:
+        self.told = told
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DigestPartition:
+        return _DigestPartition(self.told)
+
+
+_FIRST: list[tuple[int, str]] = []  # the first workflow told, in the process that compares
+
+
+def _same(_state: None, told: tuple[int, str]) -> tuple[None, None]:
+    """Compare each process's workflow with the first told; one that differs fails the run.
+
+    Kept out of the step's state (a resume may run an edited workflow, which ``plan`` and
+    the resume checks judge): only this execution's processes are compared.
+    """
+    if not _FIRST:
+        _FIRST.append(told)
+    first = _FIRST[0]
+    if told[1] != first[1] and not FAILED:  # the run stops, then fails (see runner)
+        FAILED.append(f"process {told[0]} runs another workflow than process {first[0]} (a "
+                      "file edited between their starts, or other variables): every process "
+                      "of a run must run the same one")
+        REQUESTED.set()
+    return None, None
+
+
+def agree(flow: Any, process: int, digest: str) -> None:
+    """Add to ``flow`` the steps that stop a run whose processes run different workflows.
+
+    Two definitions would mix silently (half the windows of one size, half of another).
+    """
+    import bytewax.operators as op
+
+    _FIRST.clear()
+    FAILED.clear()
+    told = op.input("dataflare_workflow", flow, _Digest((process, digest)))
+    op.stateful_map("dataflare_same_workflow", told, _same)
 
 
 def spread(flow: Any, process: int) -> None:

@@ -193,3 +193,20 @@ def test_the_first_process_alone_carries_out_the_post_actions(tmp_path: Path) ->
         server.shutdown()
         server.server_close()
     assert calls == ["/done"]
+
+
+def test_processes_running_different_workflows_stop_the_run(tmp_path: Path) -> None:
+    # One process read an edited file: half the windows were of one size, half of another.
+    flows = [RESCALED, RESCALED.replace("rate: 600", "rate: 700")]
+    addresses = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
+    procs = []
+    for i, text in enumerate(flows):
+        (tmp_path / f"flow{i}.yaml").write_text(text)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "dataflare", "run", f"flow{i}.yaml", "-i", str(i), "-a",
+             addresses], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True))
+    _STARTED.extend(procs)
+    results = [finish(p) for p in procs]
+    assert all(code != 0 for code, _ in results), results
+    assert all("runs another workflow than process" in err for _, err in results), results
