@@ -95,13 +95,16 @@ class _Builder:
         self.doc.positions[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
+            merged_keys: set[Any] = set()  # from `<<: *anchor`: a key given here overrides
             for key_node, value_node in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     merged = self.build(value_node, loc)
                     for item in merged if isinstance(merged, list) else [merged]:
                         if isinstance(item, dict):
                             for k, v in item.items():
-                                out.setdefault(k, v)
+                                if k not in out:
+                                    out[k] = v
+                                    merged_keys.add(k)
                     continue
                 key = self.constructor.construct_object(key_node)
                 if not isinstance(key, str | int | float | bool) or key is None:
@@ -109,7 +112,9 @@ class _Builder:
                 key = str(key) if not isinstance(key, str) else key
                 child = (*loc, key)
                 key_pos = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                if key in out:
+                if key in merged_keys:  # YAML's merge: the key given here wins
+                    merged_keys.discard(key)
+                elif key in out:
                     first = self.doc.key_positions[child]
                     self.doc.key_positions[child] = key_pos
                     self.doc.problems.append(

@@ -64,6 +64,22 @@ def test_duplicate_keys_are_errors():
                for p in v.errors())
 
 
+def test_a_key_given_beside_a_merge_key_overrides_the_merged_one():
+    # `<<: *anchor` then `path: ...` (YAML's way to share a config) was a duplicate key.
+    v = validate_text("""\
+workflow:
+  sources:
+    src: {type: file, config: {path: in.jsonl}}
+  destinations:
+    a: {type: file, inputs: [src], config: &f {path: a.jsonl, format: jsonl}}
+    b: {type: file, inputs: [src], config: {<<: *f, path: b.jsonl}}
+    c: {type: file, inputs: [src], config: {path: b.jsonl, <<: *f}}
+""", "f.yaml", env={})
+    assert v.errors() == []
+    assert v.workflow.destinations["b"].config.path == "b.jsonl"
+    assert v.workflow.destinations["c"].config.path == "b.jsonl"
+
+
 def test_syntax_error_has_location():
     v = validate_text("workflow:\n  sources: [a\n", "f.yaml")
     [p] = v.errors()
