@@ -6,6 +6,7 @@ from the compiler: retry policies and HTTP credentials are shared by many connec
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -63,6 +64,22 @@ Paths = Annotated[
     WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
 ]
 """One dotted path or a list of them."""
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _header_names(value: Any) -> Any:
+    if isinstance(value, dict):
+        for name in value:
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+                msg = (f"header name {name!r} is not a valid HTTP header name (letters, digits "
+                       "and !#$%&'*+-.^_`|~; no spaces)")
+                raise ValueError(msg)
+    return value
+
+
+Headers = Annotated[dict[str, str], AfterValidator(_header_names)]
+"""HTTP request headers: values may be templates, names are fixed tokens (RFC 9110)."""
 
 Secret = SecretStr
 """A secret value: masked as ``**********`` whenever a model is printed or dumped."""

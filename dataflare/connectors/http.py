@@ -31,7 +31,7 @@ from bytewax.dataflow import Stream
 from pydantic import Field, field_validator
 
 from dataflare import secrets
-from dataflare.config import Duration, Strict
+from dataflare.config import Duration, Headers, Strict
 from dataflare.connectors.batching import Flush, Unwritten, buffered_output
 from dataflare.connectors.schema import json_bytes
 from dataflare.lineage import url_dataset
@@ -49,7 +49,7 @@ class HttpDestinationConfig(Strict):
     method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field(
         "POST", description="HTTP method."
     )
-    headers: dict[str, str] = Field(
+    headers: Headers = Field(
         default_factory=dict,
         repr=False,  # they often carry credentials
         description="Request headers; values may hold {{path}} templates.",

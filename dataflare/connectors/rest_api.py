@@ -43,7 +43,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from dataflare import secrets
-from dataflare.config import Auth, Duration, Strict
+from dataflare.config import Auth, Duration, Headers, Strict
 from dataflare.connectors.schema import (
     JSON_NUMBERS,
     DecimalHandling,
@@ -97,7 +97,7 @@ class RestApiSourceConfig(Strict):
 
     url: str = Field(description="Endpoint URL.")
     method: Literal["GET", "POST"] = Field("GET", description="HTTP method.")
-    headers: dict[str, str] = Field(default_factory=dict, description="Request headers.")
+    headers: Headers = Field(default_factory=dict, description="Request headers.")
     params: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Query parameters of every request."
     )

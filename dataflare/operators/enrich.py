@@ -42,7 +42,7 @@ from bytewax.dataflow import Stream
 from pydantic import Field, model_validator
 
 from dataflare import stopping
-from dataflare.config import Duration, Strict
+from dataflare.config import Duration, Headers, Strict
 from dataflare.connectors.schema import json_value
 from dataflare.expr import compile_expression
 from dataflare.metrics import ENRICH_CALLS
@@ -98,7 +98,7 @@ class Enrichment(Strict):
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = Field(
         "GET", description="http_api: method."
     )
-    headers: dict[str, str] = Field(default_factory=dict, description="http_api: headers.")
+    headers: Headers = Field(default_factory=dict, description="http_api: headers.")
     body_template: str | None = Field(None, description="http_api: body (a JSON template).")
     response_mapping: list[ResponseMapping] = Field(
         default_factory=list, description="http_api: response paths to record paths (a path "

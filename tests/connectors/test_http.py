@@ -303,6 +303,25 @@ def test_a_dot_segment_value_fails_its_record_instead_of_naming_another_path(
     assert [path for _, path, *_ in receiver.received] == ["/users/a.b/delete"]
 
 
+@pytest.mark.parametrize("config", [
+    "{type: http, inputs: [src], config: {url: 'http://h/', headers: {'Bad Header': x}}}",
+    "{type: rest_api, config: {url: 'http://h/', headers: {'X:Y': x}}}",
+])
+def test_a_header_name_http_cannot_send_is_refused_by_validate(config: str) -> None:
+    # Every record failed with LocalProtocolError("Illegal header name"), or went to
+    # dead letters one by one, for a mistake in the workflow.
+    from dataflare.dsl_compiler import validate_text
+
+    section = "sources" if "rest_api" in config else "destinations"
+    other = ("destinations: {o: {type: stdout, inputs: [src]}}" if section == "sources"
+             else "sources: {s0: {type: file, config: {path: in.jsonl}}}")
+    text = f"workflow:\n  {section}: {{src: {config}}}\n  {other}\n".replace(
+        "inputs: [src]", "inputs: [s0]")
+    v = validate_text(text, "w.yaml")
+    assert any("is not a valid HTTP header name" in p.message for p in v.errors()), \
+        [p.render() for p in v.problems]
+
+
 def test_concurrent_requests(receiver: Receiver) -> None:
     run([[{"id": i} for i in range(40)]], url=receiver.url, concurrency=8)
     assert sorted(json.loads(b)["id"] for *_, b in receiver.received) == list(range(40))
