@@ -131,3 +131,22 @@ workflow:
     said = json.loads(progress.read_text())
     assert said["status"] == "succeeded"
     assert said["total"] == 3
+
+
+def test_a_run_piped_into_head_stops_as_on_sigpipe(tmp_path: Path) -> None:
+    # `dataflare run ... | head` failed the run with "[Errno 32] Broken pipe", naming no step.
+    (tmp_path / "flow.yaml").write_text("""\
+workflow:
+  sources: {gen: {type: generator, config: {count: 200000, fields: {n: {type: sequence}}}}}
+  destinations: {so: {type: stdout, inputs: [gen]}}
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "dataflare", "run", "flow.yaml"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = [proc.stdout.readline() for _ in range(2)]
+    proc.stdout.close()  # what head does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + 13, err  # SIGPIPE, as CLI tools end
+    assert all(json.loads(line)["n"] is not None for line in first)
+    assert "step 'so': stdout was closed by its reader: the run stops" in err
+    assert "Broken pipe" not in err and "Traceback" not in err
