@@ -119,6 +119,7 @@ def validate_text(
                     f"{kind} type {spec.type!r} needs {', '.join(missing)}, not installed: "
                     f"pip install 'dataflare[{spec.extra}]'"))
             out.problems.extend(_blocks_without_effect(doc, loc, kind, spec, comp, config))
+            out.problems.extend(_blocks_of_other_modes(doc, loc, kind, spec, comp))
             out.problems.extend(_write_mode_fields(doc, loc, kind, spec, comp))
             out.problems.extend(_config_without_effect(doc, loc, spec, config))
             out.problems.extend(_written_secrets(doc, (*loc, "config"), config))
@@ -349,6 +350,24 @@ def _protection_problems(
             out.append(doc.problem(("workflow", *loc), "data_protection.encryption.in_transit "
                                    f"requires TLS: {reason}", severity="warning", at_run=True))
     return out
+
+
+# The source blocks each mode reads (hybrid: its first phase's and its second's).
+_MODE_BLOCKS = {"full": set(), "incremental": {"incremental"}, "cdc": {"cdc"},
+                "hybrid": {"hybrid", "cdc", "incremental"}}
+
+
+def _blocks_of_other_modes(doc: Document, loc: Loc, kind: str, spec: registry.ComponentSpec,
+                           comp: dict[str, Any]) -> list[Problem]:
+    """Warnings for a source's blocks its (given) mode does not read: `cdc` in full mode."""
+    mode = comp.get("mode")
+    blocks = spec.blocks or ()
+    if kind != "source" or "mode" not in blocks or mode not in _MODE_BLOCKS:
+        return []
+    return [doc.problem((*loc, block), f"{block!r} has no effect in mode {mode!r}", key=True,
+                        severity="warning")
+            for block in ("incremental", "cdc", "hybrid")
+            if block in comp and block in blocks and block not in _MODE_BLOCKS[mode]]
 
 
 def _blocks_without_effect(

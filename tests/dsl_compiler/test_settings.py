@@ -333,3 +333,23 @@ def test_settings_that_did_nothing_or_broke_every_record_are_refused(model, conf
         cls.model_validate(config)
     assert DataQualityConfig.model_validate(
         {"validations": [], "default_region": "gb"}).default_region == "GB"
+
+
+def test_a_sources_blocks_its_mode_does_not_read_are_warned():
+    # `mode: full` with `incremental:` and `cdc:` blocks read the table whole, silently.
+    v = validate_text("""\
+workflow:
+  sources:
+    src:
+      type: mysql
+      mode: full
+      incremental: {column: updated_at}
+      cdc: {server_id: 99}
+      config: {host: 127.0.0.1, database: d, table: t}
+  destinations:
+    out: {type: stdout, inputs: [src]}
+""", "w.yaml")
+    assert [p.render() for p in v.problems if "in mode" in p.message] == [
+        "w.yaml:6:7: sources.src.incremental: warning: 'incremental' has no effect in mode "
+        "'full'",
+        "w.yaml:7:7: sources.src.cdc: warning: 'cdc' has no effect in mode 'full'"]
