@@ -38,12 +38,12 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from bytewax.dataflow import Stream, operator
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from dataflare import metrics
 from dataflare.config import Duration, Retry, Strict
@@ -73,6 +73,10 @@ def _not_servers(properties: dict[str, PropertyValue]) -> dict[str, PropertyValu
             msg = f"{name!r} in properties: give the brokers as bootstrap_servers"
             raise ValueError(msg)
     return properties
+
+
+Properties = Annotated[dict[str, PropertyValue], AfterValidator(_not_servers)]
+"""librdkafka settings passed through, but for the brokers (``bootstrap_servers``)."""
 
 
 class KafkaSourceConfig(Strict):
@@ -113,17 +117,12 @@ class KafkaSourceConfig(Strict):
     idle_interval: Duration = Field(
         0.05, description="Wait before polling again when a poll returned nothing."
     )
-    properties: dict[str, PropertyValue] = Field(
+    properties: Properties = Field(
         default_factory=dict,
         repr=False,  # may carry sasl.password and other credentials
         description="librdkafka consumer settings passed through as they are "
         "(security.protocol, sasl.*, ssl.*, fetch sizes...).",
     )
-
-    @field_validator("properties")
-    @classmethod
-    def _brokers(cls, v: dict[str, PropertyValue]) -> dict[str, PropertyValue]:
-        return _not_servers(v)
 
     @model_validator(mode="after")
     def _check(self) -> KafkaSourceConfig:
@@ -172,17 +171,12 @@ class KafkaDestinationConfig(Strict):
     flush_timeout: Duration = Field(
         60.0, gt=0, description="Longest wait for the broker to acknowledge an epoch's records."
     )
-    properties: dict[str, PropertyValue] = Field(
+    properties: Properties = Field(
         default_factory=dict,
         repr=False,  # may carry sasl.password and other credentials
         description="librdkafka producer settings passed through as they are "
         "(compression.type, linger.ms, security.protocol, sasl.*, ssl.*...).",
     )
-
-    @field_validator("properties")
-    @classmethod
-    def _brokers(cls, v: dict[str, PropertyValue]) -> dict[str, PropertyValue]:
-        return _not_servers(v)
 
 
 # ---------------------------------------------------------------------------- source

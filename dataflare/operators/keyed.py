@@ -334,7 +334,8 @@ def time_reader(path: str, time_unit: str = "s", margin: int = 0) -> Callable[[A
                 return read_other(v)
             if dt.tzinfo is None:
                 dt = dt.replace(tzinfo=UTC)
-            return dated((dt - _EPOCH) // _US)
+            us = (dt - _EPOCH) // _US
+            return dated(us) if margin else us
         if v is None:
             msg = f"time field {path!r} is missing or null"
             raise RecordError(msg)
@@ -342,12 +343,11 @@ def time_reader(path: str, time_unit: str = "s", margin: int = 0) -> Callable[[A
 
     def read_other(v: Any) -> int:
         try:
-            return dated(round(to_epoch_seconds(v, time_unit) * US))
+            us = round(to_epoch_seconds(v, time_unit) * US)
         except RecordError as exc:
-            if str(exc).startswith("time field"):
-                raise
             msg = f"time field {path!r}: {exc}"
             raise RecordError(msg) from None
+        return dated(us) if margin else us
 
     return read
 
