@@ -80,10 +80,7 @@ class _Requests:
     """Renders records into requests; rejects those whose JSON body does not parse."""
 
     def __init__(self, step: str, cfg: HttpDestinationConfig) -> None:
-        import orjson
-
         self.step = step
-        self.dumps = orjson.dumps
         self.url = compile_template(cfg.url, url_escape=True)
         self.headers = [(k, compile_template(v)) for k, v in cfg.headers.items()]
         self.body = compile_template(cfg.body_template, json_escape=True) \
